@@ -1,0 +1,231 @@
+//! The `scrip` binary: parses the command line, dispatches to the library
+//! crates and maps their errors to exit codes. No logic lives here.
+//!
+//! Exit codes: 0 success, 1 failure (a refused configuration, a failed policy
+//! test, a server error), 2 a usage error (from clap).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use scrip_config::Config;
+use scrip_policy::PolicyEngine;
+
+/// scrip: a credential broker for AI agents.
+///
+/// Agents prove which workload they are with a federated identity, open a
+/// task, and exchange it (OAuth 2.0 Token Exchange) for access tokens that
+/// live minutes, name one tool and a narrow set of actions, and die when the
+/// task ends. A Cedar policy decides every exchange.
+#[derive(Debug, Parser)]
+#[command(name = "scrip", version, propagate_version = true)]
+struct Cli {
+    /// Log format on standard error.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SCRIP_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the token service.
+    ///
+    /// Without --config it runs on defaults: listens on 127.0.0.1:7070, keeps
+    /// its store and signing key in ./.scrip and reads policies from
+    /// ./policies. The signing key is created on first start (mode 0600).
+    /// SIGHUP, or a change in the policy directory, reloads the policies; an
+    /// invalid set is refused and the last good one kept. Log verbosity
+    /// follows SCRIP_LOG (for example `SCRIP_LOG=debug`).
+    Serve {
+        /// The configuration file (TOML). See docs/configuration.md.
+        #[arg(long, short, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Check and test Cedar policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate the policies and schema of a directory.
+    ///
+    /// Parses every *.cedar file and the *.cedarschema file (or the built-in
+    /// schema), validates the policies against the schema, and with --config
+    /// also checks that every configured tool action is declared.
+    Check {
+        /// The policy directory.
+        dir: PathBuf,
+        /// Also check the tools of this configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a file of request → expected decision cases.
+    ///
+    /// Exits 1 if any case gets another decision than expected. The file
+    /// format is described in docs/policy-tests.md.
+    Test {
+        /// The test file (TOML).
+        file: PathBuf,
+        /// The policy directory (default: the configuration's, else ./policies).
+        #[arg(long, short)]
+        policies: Option<PathBuf>,
+        /// A configuration whose tools the cases may name.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SCRIP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[expect(
+    clippy::print_stderr,
+    reason = "the binary reports fatal errors on stderr"
+)]
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("scrip: {message}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            init_logging(cli.log_format);
+            serve(config.as_deref())
+        }
+        Command::Policy { command } => policy(command),
+    }
+}
+
+fn serve(config: Option<&Path>) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async {
+        let server = match scrip_server::Server::bind(config).await {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        if let Ok(addr) = server.local_addr() {
+            tracing::info!(%addr, issuer = server.issuer(), "listening");
+        }
+        match server.run(shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[expect(clippy::print_stdout, reason = "policy commands report on stdout")]
+fn policy(command: PolicyCommand) -> ExitCode {
+    match command {
+        PolicyCommand::Check { dir, config } => {
+            let config = match config.as_deref().map(|c| Config::load(Some(c))).transpose() {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            if !dir.is_dir() {
+                return fail(format!("`{}` is not a directory", dir.display()));
+            }
+            let engine = match PolicyEngine::load(&dir) {
+                Ok(e) => e,
+                Err(e) => return fail(e),
+            };
+            if let Some(config) = &config {
+                if let Err(e) = engine.check_tools(&config.tools) {
+                    return fail(e);
+                }
+            }
+            println!(
+                "ok: {} policies in `{}` validate",
+                engine.len(),
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        PolicyCommand::Test {
+            file,
+            policies,
+            config,
+        } => {
+            let config = match config.as_deref().map(|c| Config::load(Some(c))).transpose() {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let dir = policies
+                .or_else(|| config.as_ref().map(|c| c.policy_dir.clone()))
+                .unwrap_or_else(|| PathBuf::from("policies"));
+            let engine = match PolicyEngine::load(&dir) {
+                Ok(e) => e,
+                Err(e) => return fail(e),
+            };
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => return fail(format!("cannot read `{}`: {e}", file.display())),
+            };
+            let tools = config.map(|c| c.tools).unwrap_or_default();
+            let results = match scrip_policy::run_test_file(&engine, &text, &tools) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for r in &results {
+                let mark = if r.passed { "ok  " } else { "FAIL" };
+                let got = if r.allowed { "allow" } else { "deny" };
+                println!("{mark} {} -> {got} ({})", r.name, r.reason);
+            }
+            println!("{} passed, {failed} failed", results.len() - failed);
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

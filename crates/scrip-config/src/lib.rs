@@ -1,0 +1,466 @@
+//! scrip's configuration: one TOML file, every key with a default, checked
+//! whole before anything starts.
+//!
+//! Relative paths in a configuration file are resolved against the file's own
+//! directory; without a file they are relative to the working directory.
+//!
+//! Architecture invariant: a [`Config`] value has passed [`Config::validate`];
+//! the rest of scrip never re-checks what is checked here (unique tool names,
+//! an asymmetric algorithm allow-list per issuer, ttl ordering, ...).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use scrip_jose::SigningAlgorithm;
+use scrip_token::{ActionName, ToolName};
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration `{path}`: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for scrip.
+    #[error("configuration `{path}` is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("configuration is invalid: {0}")]
+    Invalid(String),
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(msg.into()))
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// The `iss` of every token scrip signs. Defaults to `http://<listen>`.
+    pub issuer: Option<String>,
+    /// Embedded store, keys and local socket.
+    pub data_dir: PathBuf,
+    /// `*.cedar` policies and the Cedar schema.
+    pub policy_dir: PathBuf,
+    /// A shared store for several replicas (PostgreSQL).
+    pub database_url: Option<String>,
+    /// The algorithm of scrip's signing key.
+    pub signing_algorithm: SigningAlgorithm,
+    /// Default task lifetime, seconds.
+    pub task_ttl: u64,
+    /// Longest task lifetime a client may ask for, seconds.
+    pub max_task_ttl: u64,
+    /// Access token lifetime, seconds (never past the task's end).
+    pub access_token_ttl: u64,
+    /// Clock leeway when checking `exp`, `nbf` and `iat`, seconds.
+    pub clock_skew: u64,
+    /// Deepest delegation chain.
+    pub max_delegation_depth: u32,
+    /// Seconds between checks of `policy_dir` for changes (0: only SIGHUP).
+    pub policy_poll_interval: u64,
+    /// Federated workload identity issuers.
+    pub trusted_issuers: Vec<TrustedIssuer>,
+    /// Tools agents may get tokens for.
+    pub tools: Vec<Tool>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            issuer: None,
+            data_dir: PathBuf::from(".scrip"),
+            policy_dir: PathBuf::from("policies"),
+            database_url: None,
+            signing_algorithm: SigningAlgorithm::ES256,
+            task_ttl: 3600,
+            max_task_ttl: 8 * 3600,
+            access_token_ttl: 300,
+            clock_skew: 30,
+            max_delegation_depth: 3,
+            policy_poll_interval: 2,
+            trusted_issuers: Vec::new(),
+            tools: Vec::new(),
+        }
+    }
+}
+
+/// A federated identity issuer whose JWTs are accepted as workload identities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuer {
+    /// The exact `iss`.
+    pub issuer: String,
+    /// Where its JWKS is fetched from.
+    pub jwks_uri: Option<String>,
+    /// Or a local JWKS file.
+    pub jwks_file: Option<PathBuf>,
+    /// `aud` must contain one of these.
+    pub audiences: Vec<String>,
+    /// The `alg` allow-list (asymmetric algorithms only).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Accepted `typ` headers, besides none at all when `allow_untyped`.
+    #[serde(default = "default_token_types")]
+    pub token_types: Vec<String>,
+    /// Whether a token without `typ` is accepted.
+    #[serde(default = "yes")]
+    pub allow_untyped: bool,
+    /// Seconds between JWKS refreshes.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh: u64,
+    /// How long a cached JWKS is still used while the issuer is unreachable.
+    #[serde(default = "default_jwks_max_stale")]
+    pub jwks_max_stale: u64,
+    /// Least seconds between fetches triggered by an unknown `kid`.
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch: u64,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn default_token_types() -> Vec<String> {
+    vec!["JWT".into()]
+}
+fn yes() -> bool {
+    true
+}
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_jwks_max_stale() -> u64 {
+    3600
+}
+fn default_jwks_min_refetch() -> u64 {
+    10
+}
+
+/// The asymmetric algorithms a trusted issuer may use.
+pub const IDENTITY_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// A tool agents may get access tokens for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    /// The tool's name: the `aud` of its access tokens.
+    pub name: ToolName,
+    /// The tool's URI, accepted as the RFC 8707 `resource`.
+    pub resource: String,
+    /// The actions agents may ask for.
+    pub actions: Vec<ActionName>,
+    /// Free-form labels, visible to Cedar as the tool's tags.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file, or the defaults when `path`
+    /// is `None`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the file cannot be read or parsed or is invalid.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            let config = Self::default();
+            config.validate()?;
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation, paths unresolved).
+    ///
+    /// # Errors
+    /// The parser's message.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_owned() + &location(text, e.span()))
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.data_dir);
+        join(&mut self.policy_dir);
+        for ti in &mut self.trusted_issuers {
+            if let Some(f) = ti.jwks_file.as_mut() {
+                join(f);
+            }
+        }
+    }
+
+    /// The issuer: the configured one, else `http://<listen>`.
+    #[must_use]
+    pub fn issuer(&self) -> String {
+        self.issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// The tool with this name.
+    #[must_use]
+    pub fn tool(&self, name: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.name.as_str() == name)
+    }
+
+    /// The tool with this resource URI.
+    #[must_use]
+    pub fn tool_by_resource(&self, resource: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.resource == resource)
+    }
+
+    /// Checks every value and every relation between values.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let issuer = self.issuer();
+        check_url("issuer", &issuer, true)?;
+        if issuer.ends_with('/') {
+            return invalid(format!("issuer `{issuer}` must not end with `/`"));
+        }
+        if self.task_ttl == 0 || self.access_token_ttl == 0 {
+            return invalid("task_ttl and access_token_ttl must be positive");
+        }
+        if self.task_ttl > self.max_task_ttl {
+            return invalid("task_ttl must not exceed max_task_ttl");
+        }
+        if self.clock_skew > 300 {
+            return invalid("clock_skew must be at most 300 seconds");
+        }
+        if self.database_url.is_some() {
+            return invalid(
+                "database_url: this build has only the embedded SQLite store; remove database_url",
+            );
+        }
+        let mut issuers = HashSet::new();
+        for ti in &self.trusted_issuers {
+            ti.validate()?;
+            if ti.issuer == issuer {
+                return invalid(format!(
+                    "trusted issuer `{}` is scrip's own issuer: scrip's tokens are never workload identities",
+                    ti.issuer
+                ));
+            }
+            if !issuers.insert(ti.issuer.as_str()) {
+                return invalid(format!("trusted issuer `{}` is listed twice", ti.issuer));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut resources = HashSet::new();
+        for tool in &self.tools {
+            check_url(
+                &format!("tool `{}` resource", tool.name),
+                &tool.resource,
+                false,
+            )?;
+            if !names.insert(tool.name.as_str()) {
+                return invalid(format!("tool `{}` is listed twice", tool.name));
+            }
+            if !resources.insert(tool.resource.as_str()) {
+                return invalid(format!("tool resource `{}` is listed twice", tool.resource));
+            }
+            if tool.actions.is_empty() {
+                return invalid(format!("tool `{}` has no actions", tool.name));
+            }
+            let mut actions = HashSet::new();
+            if let Some(dup) = tool.actions.iter().find(|a| !actions.insert(a.as_str())) {
+                return invalid(format!("tool `{}` lists action `{dup}` twice", tool.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TrustedIssuer {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let who = format!("trusted issuer `{}`", self.issuer);
+        if self.issuer.is_empty() {
+            return invalid("a trusted issuer has an empty `issuer`");
+        }
+        match (&self.jwks_uri, &self.jwks_file) {
+            (Some(uri), None) => check_url(&format!("{who} jwks_uri"), uri, true)?,
+            (None, Some(_)) => {}
+            _ => return invalid(format!("{who} needs exactly one of jwks_uri and jwks_file")),
+        }
+        if self.audiences.is_empty() || self.audiences.iter().any(String::is_empty) {
+            return invalid(format!("{who} needs at least one non-empty audience"));
+        }
+        if self.algorithms.is_empty() {
+            return invalid(format!("{who} needs at least one algorithm"));
+        }
+        if let Some(bad) = self
+            .algorithms
+            .iter()
+            .find(|a| !IDENTITY_ALGORITHMS.contains(&a.as_str()))
+        {
+            return invalid(format!(
+                "{who} algorithm `{bad}` is not allowed; use one of {}",
+                IDENTITY_ALGORITHMS.join(", ")
+            ));
+        }
+        for typ in &self.token_types {
+            let t = typ.to_ascii_lowercase();
+            if t.ends_with("txntoken+jwt") {
+                return invalid(format!(
+                    "{who} token type `{typ}` is not a workload identity"
+                ));
+            }
+        }
+        if self.jwks_refresh == 0 || self.jwks_min_refetch == 0 {
+            return invalid(format!(
+                "{who} jwks_refresh and jwks_min_refetch must be positive"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An absolute http(s) URL; `https` unless the host is a loopback address
+/// when `require_https_off_loopback`.
+fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<(), ConfigError> {
+    let Ok(url) = url::Url::parse(s) else {
+        return invalid(format!("{what} `{s}` is not an absolute URL"));
+    };
+    if url.fragment().is_some() || url.query().is_some() {
+        return invalid(format!("{what} `{s}` must not have a query or fragment"));
+    }
+    if url.username() != "" || url.password().is_some() {
+        return invalid(format!("{what} must not carry credentials"));
+    }
+    if require_https_off_loopback {
+        let loopback = matches!(url.host(), Some(url::Host::Domain("localhost")))
+            || matches!(url.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
+            || matches!(url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback());
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            _ => {
+                return invalid(format!(
+                    "{what} `{s}` must use https (http only on loopback)"
+                ));
+            }
+        }
+    } else if !url.has_host() && url.scheme() != "urn" {
+        return invalid(format!("{what} `{s}` is not a URI with a host"));
+    }
+    Ok(())
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let line = text
+        .get(..span.start)
+        .map_or(0, |before| before.matches('\n').count() + 1);
+    format!(" (line {line})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml: &str, expected_error: Option<&str>) {
+        let result = Config::from_toml(toml)
+            .map_err(|e| e)
+            .and_then(|c| c.validate().map_err(|e| e.to_string()));
+        match (result, expected_error) {
+            (Ok(()), None) => {}
+            (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} does not contain {want:?}"),
+            (got, want) => panic!("for {toml:?}: got {got:?}, want error {want:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        check("", None);
+        let c = Config::default();
+        assert_eq!(c.issuer(), "http://127.0.0.1:7070");
+        assert_eq!(c.task_ttl, 3600);
+        assert_eq!(c.access_token_ttl, 300);
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        check("lisen = \"x\"", Some("unknown field `lisen`"));
+        check("task_ttl = 0", Some("positive"));
+        check("task_ttl = 100000", Some("max_task_ttl"));
+        check("issuer = \"ftp://x\"", Some("https"));
+        check("issuer = \"http://example.com\"", Some("https"));
+        check("issuer = \"https://scrip.example/\"", Some("must not end"));
+        check("database_url = \"postgres://x\"", Some("database_url"));
+        check(
+            "[[tools]]\nname = \"GitHub\"\nresource = \"https://x\"\nactions = [\"read\"]",
+            Some("tool name `GitHub`"),
+        );
+        check(
+            "[[tools]]\nname = \"gh\"\nresource = \"https://x\"\nactions = []",
+            Some("no actions"),
+        );
+        check(
+            "[[tools]]\nname = \"gh\"\nresource = \"https://x\"\nactions = [\"read\"]\n[[tools]]\nname = \"gh\"\nresource = \"https://y\"\nactions = [\"read\"]",
+            Some("listed twice"),
+        );
+        check(
+            "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_file = \"k.json\"\naudiences = [\"scrip\"]\nalgorithms = [\"HS256\"]",
+            Some("`HS256` is not allowed"),
+        );
+        check(
+            "[[trusted_issuers]]\nissuer = \"https://i\"\naudiences = [\"scrip\"]",
+            Some("exactly one of jwks_uri and jwks_file"),
+        );
+        check(
+            "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_file = \"k.json\"\naudiences = []",
+            Some("audience"),
+        );
+        check(
+            "[[trusted_issuers]]\nissuer = \"http://127.0.0.1:7070\"\njwks_file = \"k.json\"\naudiences = [\"a\"]",
+            Some("own issuer"),
+        );
+        check(
+            "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_uri = \"http://example.com/jwks\"\naudiences = [\"a\"]",
+            Some("https"),
+        );
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.toml");
+        std::fs::write(&path, "data_dir = \"state\"\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("state"));
+        assert_eq!(c.policy_dir, dir.path().join("policies"));
+    }
+}

@@ -1,0 +1,332 @@
+//! Federated workload identity: which issuers scrip trusts, their keys, and
+//! turning a presented JWT into a [`WorkloadIdentity`].
+//!
+//! Keys come only from configuration: a `jwks_uri` (fetched, cached,
+//! refreshed on schedule and on an unknown `kid` at a bounded rate, served
+//! from cache for at most `jwks_max_stale` while the issuer is unreachable,
+//! then refused) or a `jwks_file`. Nothing in a token (`jku`, `x5u`, `jwk`,
+//! `kid`) ever decides where keys come from.
+//!
+//! Architecture invariant: [`IdentityVerifier::verify`] is the only way to
+//! obtain a [`WorkloadIdentity`] from a token, and it fails closed: no keys,
+//! stale keys, an unknown issuer or any failed check is an error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use scrip_config::TrustedIssuer;
+use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, TypRule};
+use scrip_token::WorkloadIdentity;
+use serde_json::{Map, Value};
+
+/// The largest JWKS document fetched.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Timeout of one JWKS fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a workload identity was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The token failed a JOSE check.
+    #[error(transparent)]
+    Token(#[from] JoseError),
+    /// Its `iss` is not a trusted issuer.
+    #[error("token issuer is not a trusted workload identity issuer")]
+    UntrustedIssuer,
+    /// It is one of scrip's own tokens.
+    #[error("a scrip {0} token is not a workload identity")]
+    ScripToken(&'static str),
+    /// The issuer's keys are not available (never fetched, or stale past the
+    /// allowed time): fail closed.
+    #[error("keys of the token's issuer are unavailable; try again later")]
+    KeysUnavailable,
+    /// The claims lack a subject.
+    #[error("token has no subject")]
+    NoSubject,
+}
+
+/// A problem loading the trusted issuers at start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A `jwks_file` could not be read or parsed.
+    #[error("trusted issuer `{issuer}`: {message}")]
+    Jwks {
+        /// The issuer.
+        issuer: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+enum Source {
+    Uri(String),
+    File(std::path::PathBuf),
+}
+
+#[derive(Default)]
+struct Cache {
+    keys: Option<Arc<KeySet>>,
+    fetched_at: Option<Instant>,
+    attempted_at: Option<Instant>,
+}
+
+struct Issuer {
+    issuer: String,
+    audiences: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    typ: TypRule,
+    source: Source,
+    refresh: Duration,
+    max_stale: Duration,
+    min_refetch: Duration,
+    cache: RwLock<Cache>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// Verifies workload identities against the trusted issuers.
+pub struct IdentityVerifier {
+    issuers: HashMap<String, Issuer>,
+    own_issuer: String,
+    leeway: u64,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityVerifier")
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_algorithms(names: &[String]) -> Vec<Algorithm> {
+    // The configuration was validated against IDENTITY_ALGORITHMS.
+    names.iter().filter_map(|n| n.parse().ok()).collect()
+}
+
+impl IdentityVerifier {
+    /// Sets up the trusted issuers. `jwks_file` keys are read now (an
+    /// unreadable file is an error); `jwks_uri` keys are fetched on first use
+    /// and then kept fresh.
+    ///
+    /// # Errors
+    /// [`SetupError`] when a JWKS file is unusable.
+    pub fn new(
+        trusted: &[TrustedIssuer],
+        own_issuer: &str,
+        leeway: u64,
+    ) -> Result<Self, SetupError> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| SetupError::Http(e.to_string()))?;
+        let mut issuers = HashMap::new();
+        for ti in trusted {
+            let source = match (&ti.jwks_uri, &ti.jwks_file) {
+                (Some(uri), _) => Source::Uri(uri.clone()),
+                (None, Some(file)) => Source::File(file.clone()),
+                (None, None) => continue,
+            };
+            let issuer = Issuer {
+                issuer: ti.issuer.clone(),
+                audiences: ti.audiences.clone(),
+                algorithms: parse_algorithms(&ti.algorithms),
+                typ: TypRule {
+                    allow_absent: ti.allow_untyped,
+                    values: ti
+                        .token_types
+                        .iter()
+                        .map(|t| t.to_ascii_lowercase())
+                        .collect(),
+                },
+                source,
+                refresh: Duration::from_secs(ti.jwks_refresh),
+                max_stale: Duration::from_secs(ti.jwks_max_stale),
+                min_refetch: Duration::from_secs(ti.jwks_min_refetch),
+                cache: RwLock::new(Cache::default()),
+                fetching: tokio::sync::Mutex::new(()),
+            };
+            if let Source::File(path) = &issuer.source {
+                let keys = read_file(path).map_err(|message| SetupError::Jwks {
+                    issuer: ti.issuer.clone(),
+                    message,
+                })?;
+                issuer.store(keys, Instant::now());
+            }
+            issuers.insert(ti.issuer.clone(), issuer);
+        }
+        Ok(Self {
+            issuers,
+            own_issuer: own_issuer.to_owned(),
+            leeway,
+            http,
+        })
+    }
+
+    /// Verifies `token` as a workload identity.
+    ///
+    /// # Errors
+    /// [`IdentityError`] naming why it was refused.
+    pub async fn verify(&self, token: &str) -> Result<WorkloadIdentity, IdentityError> {
+        if token.len() > scrip_jose::MAX_TOKEN_BYTES {
+            return Err(JoseError::TooLarge.into());
+        }
+        let (typ, kid, iss) = peek(token)?;
+        if iss == self.own_issuer {
+            let kind = match typ.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                Some("txntoken+jwt") => "task",
+                Some("at+jwt") => "access",
+                _ => "issued",
+            };
+            return Err(IdentityError::ScripToken(kind));
+        }
+        let issuer = self
+            .issuers
+            .get(&iss)
+            .ok_or(IdentityError::UntrustedIssuer)?;
+        let keys = self.keys(issuer, kid.as_deref()).await?;
+        let expectations = Expectations {
+            issuer: &issuer.issuer,
+            audiences: &issuer.audiences,
+            algorithms: &issuer.algorithms,
+            typ: &issuer.typ,
+            leeway: self.leeway,
+        };
+        let verified = scrip_jose::verify::<Map<String, Value>>(token, &keys, &expectations)?;
+        WorkloadIdentity::from_claims(&issuer.issuer, &verified.claims)
+            .ok_or(IdentityError::NoSubject)
+    }
+
+    async fn keys(&self, issuer: &Issuer, kid: Option<&str>) -> Result<Arc<KeySet>, IdentityError> {
+        let now = Instant::now();
+        if issuer.needs_fetch(kid, now) {
+            let _guard = issuer.fetching.lock().await;
+            // Another request may have fetched while this one waited.
+            if issuer.needs_fetch(kid, Instant::now()) {
+                self.fetch(issuer).await;
+            }
+        }
+        let cache = issuer
+            .cache
+            .read()
+            .map_err(|_| IdentityError::KeysUnavailable)?;
+        match (&cache.keys, cache.fetched_at) {
+            (Some(keys), Some(at)) if at.elapsed() <= issuer.refresh + issuer.max_stale => {
+                Ok(keys.clone())
+            }
+            _ => Err(IdentityError::KeysUnavailable),
+        }
+    }
+
+    async fn fetch(&self, issuer: &Issuer) {
+        if let Ok(mut cache) = issuer.cache.write() {
+            cache.attempted_at = Some(Instant::now());
+        }
+        let result = match &issuer.source {
+            Source::Uri(uri) => fetch_uri(&self.http, uri).await,
+            Source::File(path) => read_file(path),
+        };
+        match result {
+            Ok(keys) => {
+                tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
+                issuer.store(keys, Instant::now());
+            }
+            Err(message) => {
+                tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
+            }
+        }
+    }
+}
+
+impl Issuer {
+    fn store(&self, keys: KeySet, at: Instant) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.keys = Some(Arc::new(keys));
+            cache.fetched_at = Some(at);
+        }
+    }
+
+    /// Whether to fetch now: never fetched, due for a refresh, or an unknown
+    /// `kid` — each bounded by `min_refetch` since the last attempt.
+    fn needs_fetch(&self, kid: Option<&str>, now: Instant) -> bool {
+        let Ok(cache) = self.cache.read() else {
+            return false;
+        };
+        let recently_tried = cache
+            .attempted_at
+            .is_some_and(|at| now.duration_since(at) < self.min_refetch);
+        if recently_tried {
+            return false;
+        }
+        match (&cache.keys, cache.fetched_at) {
+            (Some(keys), Some(at)) => {
+                now.duration_since(at) >= self.refresh || kid.is_some_and(|k| !keys.contains_kid(k))
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Reads `typ`, `kid` (header) and `iss` (payload) before verification, only
+/// to choose the issuer and its keys; everything is verified afterwards.
+fn peek(token: &str) -> Result<(Option<String>, Option<String>, String), IdentityError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        if token.split('.').count() == 5 {
+            return Err(JoseError::Encrypted.into());
+        }
+        return Err(JoseError::Malformed("not a compact JWS").into());
+    };
+    let decode = |s: &str| -> Result<Map<String, Value>, IdentityError> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| JoseError::Malformed("a part is not base64url"))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|_| JoseError::Malformed("a part is not a JSON object").into())
+    };
+    let header = decode(h)?;
+    let payload = decode(p)?;
+    let text =
+        |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+    let iss = text(&payload, "iss").ok_or_else(|| JoseError::MissingClaim("iss".into()))?;
+    Ok((text(&header, "typ"), text(&header, "kid"), iss))
+}
+
+fn read_file(path: &std::path::Path) -> Result<KeySet, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    KeySet::from_jwks_json(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))
+}
+
+async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<KeySet, String> {
+    let mut response = http
+        .get(uri)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| format!("fetch failed: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("fetch answered {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("fetch failed: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(format!("JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+        }
+    }
+    KeySet::from_jwks_json(&body).map_err(|e| e.to_string())
+}

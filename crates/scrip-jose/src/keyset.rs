@@ -1,0 +1,182 @@
+//! A set of public verification keys, read from a JWKS document or built from
+//! scrip's own signing keys.
+//!
+//! Each key is pinned to the algorithms it may verify: the JWK's `alg` when it
+//! names one, else what its type and curve allow. Symmetric (`oct`) keys and
+//! encryption keys are never loaded, which closes the HMAC-with-a-public-key
+//! confusion at the source.
+
+use std::collections::HashMap;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use crate::JoseError;
+
+/// The most keys a JWKS may hold.
+const MAX_KEYS: usize = 64;
+
+struct Entry {
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+/// Public keys by `kid`, each with the algorithms it may verify.
+#[derive(Default)]
+pub struct KeySet {
+    by_kid: HashMap<String, Entry>,
+    /// Keys without a `kid`: usable only when the set holds exactly one key.
+    anonymous: Vec<Entry>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("kids", &self.by_kid.keys().collect::<Vec<_>>())
+            .field("anonymous", &self.anonymous.len())
+            .finish()
+    }
+}
+
+fn algorithms_for(jwk: &Jwk) -> Vec<Algorithm> {
+    let from_type = match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => vec![Algorithm::ES256],
+            EllipticCurve::P384 => vec![Algorithm::ES384],
+            _ => vec![],
+        },
+        AlgorithmParameters::OctetKeyPair(p) => match p.curve {
+            EllipticCurve::Ed25519 => vec![Algorithm::EdDSA],
+            _ => vec![],
+        },
+        AlgorithmParameters::RSA(_) => vec![
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ],
+        // Symmetric and unknown key types are never usable for verification.
+        _ => vec![],
+    };
+    match jwk.common.key_algorithm {
+        None => from_type,
+        Some(named) => from_type
+            .into_iter()
+            .filter(|a| format!("{a:?}") == named.to_string())
+            .collect(),
+    }
+}
+
+impl KeySet {
+    /// Reads a JWKS document (`{"keys":[...]}`). Keys that cannot verify
+    /// signatures here (symmetric, encryption, unknown curve) are skipped.
+    ///
+    /// # Errors
+    /// [`JoseError::Key`] when the document is not a JWKS, holds too many keys,
+    /// repeats a `kid`, or holds no usable key.
+    pub fn from_jwks_json(bytes: &[u8]) -> Result<Self, JoseError> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            keys: Vec<serde_json::Value>,
+        }
+        let doc: Doc = serde_json::from_slice(bytes)
+            .map_err(|_| JoseError::Key("document is not a JWKS (`{\"keys\":[...]}`)".into()))?;
+        if doc.keys.len() > MAX_KEYS {
+            return Err(JoseError::Key(format!(
+                "JWKS holds more than {MAX_KEYS} keys"
+            )));
+        }
+        let mut set = Self::default();
+        for value in doc.keys {
+            // A key of a type jsonwebtoken does not know is skipped, not fatal.
+            let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
+                continue;
+            };
+            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+                continue;
+            }
+            let algorithms = algorithms_for(&jwk);
+            if algorithms.is_empty() {
+                continue;
+            }
+            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
+            set.insert(jwk.common.key_id, Entry { algorithms, key })?;
+        }
+        if set.is_empty() {
+            return Err(JoseError::Key("JWKS holds no usable signature key".into()));
+        }
+        Ok(set)
+    }
+
+    fn insert(&mut self, kid: Option<String>, entry: Entry) -> Result<(), JoseError> {
+        match kid {
+            Some(kid) => {
+                if self.by_kid.insert(kid, entry).is_some() {
+                    return Err(JoseError::Key("JWKS repeats a `kid`".into()));
+                }
+            }
+            None => self.anonymous.push(entry),
+        }
+        Ok(())
+    }
+
+    /// Builds a set from public JWKs that scrip itself produced.
+    ///
+    /// # Errors
+    /// [`JoseError::Key`] when a JWK is unusable.
+    pub fn from_public_jwks(jwks: &[serde_json::Value]) -> Result<Self, JoseError> {
+        let doc = serde_json::json!({ "keys": jwks });
+        let bytes = serde_json::to_vec(&doc).map_err(|_| JoseError::Key("unencodable".into()))?;
+        Self::from_jwks_json(&bytes)
+    }
+
+    /// The number of usable keys.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_kid.len() + self.anonymous.len()
+    }
+
+    /// Whether the set holds no usable key.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a key with this `kid` is present.
+    #[must_use]
+    pub fn contains_kid(&self, kid: &str) -> bool {
+        self.by_kid.contains_key(kid)
+    }
+
+    /// The key that may verify a token with this `kid` and `alg`.
+    ///
+    /// # Errors
+    /// [`JoseError::UnknownKey`] when no key matches;
+    /// [`JoseError::KeyAlgorithmMismatch`] when the key is pinned to another
+    /// algorithm.
+    pub(crate) fn find(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<&DecodingKey, JoseError> {
+        let entry = match kid {
+            Some(kid) => self.by_kid.get(kid),
+            // Without a `kid`, only an unambiguous set may be used.
+            None if self.len() == 1 => self
+                .anonymous
+                .first()
+                .or_else(|| self.by_kid.values().next()),
+            None => None,
+        }
+        .ok_or(JoseError::UnknownKey)?;
+        if entry.algorithms.contains(&alg) {
+            Ok(&entry.key)
+        } else {
+            Err(JoseError::KeyAlgorithmMismatch)
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The engine: a validated policy set and the decision function.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use scrip_config::Tool;
+use scrip_token::{ActionName, WorkloadIdentity};
+
+use crate::{DEFAULT_SCHEMA, PolicyError};
+
+/// Which exchange a decision is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Starting (or delegating) a task: one request per asked grant.
+    Task,
+    /// An access token for one tool: one request per asked action.
+    Token,
+}
+
+impl Stage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Task => "task",
+            Self::Token => "token",
+        }
+    }
+}
+
+/// The context of a request: the task and the moment.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Which exchange.
+    pub stage: Stage,
+    /// The task's purpose.
+    pub purpose: String,
+    /// The task's environment.
+    pub environment: String,
+    /// Delegation depth (0: the agent's own task).
+    pub delegation_depth: u32,
+    /// Subjects of the actors, current first.
+    pub delegation_chain: Vec<String>,
+    /// Seconds since the epoch.
+    pub now: u64,
+    /// Whether a person approved this step.
+    pub approved: bool,
+}
+
+/// One authorization question.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionRequest<'a> {
+    /// The agent.
+    pub agent: &'a WorkloadIdentity,
+    /// The action.
+    pub action: &'a ActionName,
+    /// The tool.
+    pub tool: &'a Tool,
+    /// The context.
+    pub context: &'a RequestContext,
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request is allowed.
+    pub allowed: bool,
+    /// The ids of the policies that decided (the permits that allowed it, or
+    /// the forbids that denied it; empty when nothing applied).
+    pub policies: Vec<String>,
+    /// A short reason for the audit trail and the client.
+    pub reason: String,
+}
+
+impl Decision {
+    fn deny(reason: impl Into<String>) -> Self {
+        Self {
+            allowed: false,
+            policies: Vec::new(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A validated policy set with its schema.
+pub struct PolicyEngine {
+    schema: Schema,
+    policies: PolicySet,
+    authorizer: Authorizer,
+    actions: HashSet<String>,
+    count: usize,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("policies", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_dir_files(
+    dir: &Path,
+) -> Result<(Vec<(String, String)>, Option<(String, String)>), PolicyError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PolicyError::Io { path, source }
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    let mut policies = Vec::new();
+    let mut schema = None;
+    for path in entries {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("cedar") => {
+                let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+                policies.push((name, text));
+            }
+            Some("cedarschema") => {
+                if schema.is_some() {
+                    return Err(PolicyError::SeveralSchemas(dir.to_owned()));
+                }
+                let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+                schema = Some((name, text));
+            }
+            _ => {}
+        }
+    }
+    Ok((policies, schema))
+}
+
+impl PolicyEngine {
+    /// Loads and validates `dir`. A missing directory yields the built-in
+    /// schema and no policies, which denies everything.
+    ///
+    /// # Errors
+    /// [`PolicyError`] on any unreadable, unparsable or invalid file.
+    pub fn load(dir: &Path) -> Result<Self, PolicyError> {
+        if !dir.exists() {
+            return Self::from_sources(None, &[]);
+        }
+        let (policies, schema) = read_dir_files(dir)?;
+        let schema = schema.as_ref().map(|(n, t)| (n.as_str(), t.as_str()));
+        Self::from_sources(schema, &policies)
+    }
+
+    /// Builds an engine from a schema (`(file name, text)`, or the built-in
+    /// one) and policy files (`(file name, text)`).
+    ///
+    /// # Errors
+    /// [`PolicyError`] on any parse or validation error.
+    pub fn from_sources(
+        schema: Option<(&str, &str)>,
+        files: &[(String, String)],
+    ) -> Result<Self, PolicyError> {
+        let (schema_name, schema_text) = schema.unwrap_or(("built-in schema", DEFAULT_SCHEMA));
+        let (schema, _warnings) =
+            Schema::from_cedarschema_str(schema_text).map_err(|e| PolicyError::Schema {
+                name: schema_name.to_owned(),
+                message: e.to_string(),
+            })?;
+        let mut set = PolicySet::new();
+        let mut count = 0;
+        for (name, text) in files {
+            let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+            if parsed.templates().next().is_some() {
+                return Err(PolicyError::Parse {
+                    name: name.clone(),
+                    message: "templates are not supported".into(),
+                });
+            }
+            let stem = name.strip_suffix(".cedar").unwrap_or(name);
+            for (n, policy) in parsed.policies().enumerate() {
+                let id = policy
+                    .annotation("id")
+                    .map_or_else(|| format!("{stem}:{n}"), str::to_owned);
+                let policy = policy.new_id(PolicyId::new(&id));
+                set.add(policy).map_err(|_| PolicyError::DuplicateId(id))?;
+                count += 1;
+            }
+        }
+        let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let messages: Vec<String> = result
+                .validation_errors()
+                .map(|e| format!("  - {e}"))
+                .collect();
+            return Err(PolicyError::Validation(messages.join("\n")));
+        }
+        let actions = schema
+            .actions()
+            .map(|a| a.id().unescaped().to_owned())
+            .collect();
+        Ok(Self {
+            schema,
+            policies: set,
+            authorizer: Authorizer::new(),
+            actions,
+            count,
+        })
+    }
+
+    /// The number of policies.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are no policies (everything is denied).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Checks that every configured tool action is a Cedar action.
+    ///
+    /// # Errors
+    /// [`PolicyError::UndeclaredAction`] for the first one that is not.
+    pub fn check_tools(&self, tools: &[Tool]) -> Result<(), PolicyError> {
+        for tool in tools {
+            for action in &tool.actions {
+                if !self.actions.contains(action.as_str()) {
+                    return Err(PolicyError::UndeclaredAction {
+                        tool: tool.name.to_string(),
+                        action: action.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides one request. Any failure to build it denies.
+    #[must_use]
+    pub fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
+        match self.try_decide(req) {
+            Ok(d) => d,
+            Err(reason) => {
+                tracing::warn!(%reason, "policy request could not be evaluated; denied");
+                Decision::deny(format!("policy request could not be evaluated: {reason}"))
+            }
+        }
+    }
+
+    fn try_decide(&self, req: &DecisionRequest<'_>) -> Result<Decision, String> {
+        if !self.actions.contains(req.action.as_str()) {
+            return Ok(Decision::deny(format!(
+                "action `{}` is not declared in the policy schema",
+                req.action
+            )));
+        }
+        let principal = uid("Agent", &req.agent.subject)?;
+        let resource = uid("Tool", req.tool.name.as_str())?;
+        let action = uid("Action", req.action.as_str())?;
+        let agent = agent_entity(principal.clone(), req.agent)?;
+        let tool = tool_entity(resource.clone(), req.tool)?;
+        let entities = Entities::from_entities([agent, tool], Some(&self.schema))
+            .map_err(|e| e.to_string())?;
+        let context = context(req.context)?;
+        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        let diagnostics = response.diagnostics();
+        if let Some(e) = diagnostics.errors().next() {
+            // An erroring policy is skipped by Cedar; scrip denies instead.
+            return Ok(Decision::deny(format!("policy evaluation error: {e}")));
+        }
+        let policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        let allowed = response.decision() == CedarDecision::Allow;
+        let reason = match (allowed, policies.is_empty()) {
+            (true, _) => format!("permitted by {}", policies.join(", ")),
+            (false, true) => "no policy permits it".to_owned(),
+            (false, false) => format!("forbidden by {}", policies.join(", ")),
+        };
+        Ok(Decision {
+            allowed,
+            policies,
+            reason,
+        })
+    }
+}
+
+fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
+    let ty = cedar_policy::EntityTypeName::from_str(ty).map_err(|e| e.to_string())?;
+    Ok(EntityUid::from_type_name_and_id(
+        ty,
+        cedar_policy::EntityId::new(id),
+    ))
+}
+
+fn text(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn agent_entity(uid: EntityUid, agent: &WorkloadIdentity) -> Result<Entity, String> {
+    let mut attrs = vec![
+        ("issuer".to_owned(), text(&agent.issuer)),
+        ("subject".to_owned(), text(&agent.subject)),
+        ("kind".to_owned(), text(agent.kind.as_str())),
+    ];
+    attrs.extend(agent.attributes.iter().map(|(k, v)| (k.clone(), text(v))));
+    let tags = agent.claims.iter().map(|(k, v)| (k.clone(), text(v)));
+    Entity::new_with_tags(uid, attrs, [], tags).map_err(|e| e.to_string())
+}
+
+fn tool_entity(uid: EntityUid, tool: &Tool) -> Result<Entity, String> {
+    let attrs = [
+        ("name".to_owned(), text(tool.name.as_str())),
+        ("resource".to_owned(), text(&tool.resource)),
+    ];
+    let tags = tool.labels.iter().map(|(k, v)| (k.clone(), text(v)));
+    Entity::new_with_tags(uid, attrs, [], tags).map_err(|e| e.to_string())
+}
+
+fn context(c: &RequestContext) -> Result<Context, String> {
+    let mut pairs = vec![
+        ("stage".to_owned(), text(c.stage.as_str())),
+        ("purpose".to_owned(), text(&c.purpose)),
+        ("environment".to_owned(), text(&c.environment)),
+        (
+            "delegation_depth".to_owned(),
+            RestrictedExpression::new_long(i64::from(c.delegation_depth)),
+        ),
+        (
+            "delegation_chain".to_owned(),
+            RestrictedExpression::new_set(c.delegation_chain.iter().map(|s| text(s))),
+        ),
+        (
+            "now".to_owned(),
+            RestrictedExpression::new_long(i64::try_from(c.now).unwrap_or(i64::MAX)),
+        ),
+        (
+            "approved".to_owned(),
+            RestrictedExpression::new_bool(c.approved),
+        ),
+    ];
+    if let Some(ticket) = find_ticket(&c.purpose) {
+        pairs.push(("ticket".to_owned(), text(ticket)));
+    }
+    Context::from_pairs(pairs).map_err(|e| e.to_string())
+}
+
+/// The first ticket id in `text`: a word of the form `ABC-123` (an
+/// uppercase letter, uppercase letters or digits, a hyphen, digits).
+#[must_use]
+pub fn find_ticket(text: &str) -> Option<&str> {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.split(|c: char| !is_word(c)).find(|word| {
+        let Some((project, number)) = word.split_once('-') else {
+            return false;
+        };
+        let mut p = project.chars();
+        p.next().is_some_and(|c| c.is_ascii_uppercase())
+            && project.len() >= 2
+            && p.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            && !number.is_empty()
+            && number.chars().all(|c| c.is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_ticket;
+
+    #[test]
+    fn tickets() {
+        let check =
+            |text: &str, want: Option<&str>| assert_eq!(find_ticket(text), want, "{text:?}");
+        check("fix JIRA-123 now", Some("JIRA-123"));
+        check("JIRA-123", Some("JIRA-123"));
+        check("(see OPS2-7)", Some("OPS2-7"));
+        check("jira-123", None);
+        check("JIRA-", None);
+        check("JIRA-12a", None);
+        check("J-12", None);
+        check("ab JIRA-1-2 PROJ-9", Some("PROJ-9"));
+        check("", None);
+    }
+}

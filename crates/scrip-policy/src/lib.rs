@@ -1,0 +1,70 @@
+//! Cedar at request time: loading and validating policies against the
+//! schema, and deciding one `(agent, action, tool, context)` request.
+//!
+//! Policies are the `*.cedar` files of `policy_dir`; the schema is its one
+//! `*.cedarschema` file, or scrip's built-in schema when there is none. A
+//! policy's id is its `@id("...")` annotation, else `<file>:<n>`, and that
+//! id is what decisions and the audit trail name.
+//!
+//! Architecture invariant: deny is the default. [`PolicyEngine::decide`]
+//! returns `allowed` only when Cedar answers `Allow` with no evaluation
+//! error; any failure to build the request denies.
+
+mod engine;
+mod testfile;
+
+pub use engine::{Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket};
+pub use testfile::{CaseResult, TestError, run_test_file};
+
+use std::path::PathBuf;
+
+/// The schema used when `policy_dir` has none.
+pub const DEFAULT_SCHEMA: &str = include_str!("default.cedarschema");
+
+/// Why a policy set was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A file or the directory could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// More than one schema file.
+    #[error("`{0}` holds more than one *.cedarschema file")]
+    SeveralSchemas(PathBuf),
+    /// The schema does not parse.
+    #[error("schema `{name}` is invalid: {message}")]
+    Schema {
+        /// The schema's file name.
+        name: String,
+        /// Cedar's message.
+        message: String,
+    },
+    /// A policy file does not parse.
+    #[error("policy file `{name}` is invalid: {message}")]
+    Parse {
+        /// The file name.
+        name: String,
+        /// Cedar's message.
+        message: String,
+    },
+    /// Two policies share an id.
+    #[error("policy id `{0}` is used twice")]
+    DuplicateId(String),
+    /// The policies do not validate against the schema.
+    #[error("policies do not validate against the schema:\n{0}")]
+    Validation(String),
+    /// A configured tool action is not a Cedar action of the schema.
+    #[error(
+        "tool `{tool}` action `{action}` is not declared in the Cedar schema; add it to an `action` line that appliesTo Agent and Tool"
+    )]
+    UndeclaredAction {
+        /// The tool.
+        tool: String,
+        /// The action.
+        action: String,
+    },
+}

@@ -1,0 +1,181 @@
+//! `scrip policy test`: a TOML file of requests and the decision each must
+//! get. The format is documented in `docs/policy-tests.md`.
+
+use std::collections::BTreeMap;
+
+use scrip_config::Tool;
+use scrip_token::{ActionName, ToolName, WorkloadIdentity};
+use serde::Deserialize;
+
+use crate::{DecisionRequest, PolicyEngine, RequestContext, Stage};
+
+/// Why a test file could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// Not valid TOML for a test file.
+    #[error("test file is invalid: {0}")]
+    Parse(String),
+    /// A case is inconsistent.
+    #[error("case `{case}`: {message}")]
+    Case {
+        /// The case name.
+        case: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    tools: Vec<Tool>,
+    #[serde(default, rename = "case")]
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Agent {
+    issuer: String,
+    subject: String,
+    #[serde(default)]
+    claims: toml::Table,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Expect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum CaseStage {
+    Task,
+    #[default]
+    Token,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    agent: Agent,
+    tool: ToolName,
+    action: ActionName,
+    environment: String,
+    #[serde(default)]
+    purpose: String,
+    #[serde(default)]
+    stage: CaseStage,
+    #[serde(default)]
+    depth: u32,
+    #[serde(default)]
+    chain: Vec<String>,
+    #[serde(default)]
+    approved: bool,
+    #[serde(default)]
+    now: Option<u64>,
+    expect: Expect,
+}
+
+/// The outcome of one case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseResult {
+    /// The case name.
+    pub name: String,
+    /// Whether the decision was the expected one.
+    pub passed: bool,
+    /// Whether the request was allowed.
+    pub allowed: bool,
+    /// The deciding policies and reason.
+    pub reason: String,
+}
+
+/// Runs every case of a test file. `tools` are the configured tools; the
+/// file's own `[[tools]]` add to them, and a tool named by a case but
+/// defined nowhere gets the resource `urn:scrip:tool:<name>`.
+///
+/// # Errors
+/// [`TestError`] when the file does not parse or a case is inconsistent.
+pub fn run_test_file(
+    engine: &PolicyEngine,
+    text: &str,
+    tools: &[Tool],
+) -> Result<Vec<CaseResult>, TestError> {
+    let file: File = toml::from_str(text).map_err(|e| TestError::Parse(e.message().to_owned()))?;
+    if file.cases.is_empty() {
+        return Err(TestError::Parse("the file has no [[case]]".into()));
+    }
+    let mut all_tools: BTreeMap<String, Tool> = tools
+        .iter()
+        .map(|t| (t.name.to_string(), t.clone()))
+        .collect();
+    for t in file.tools {
+        all_tools.insert(t.name.to_string(), t);
+    }
+    let mut results = Vec::new();
+    for case in file.cases {
+        let err = |message: String| TestError::Case {
+            case: case.name.clone(),
+            message,
+        };
+        let mut claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::to_value(&case.agent.claims)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default();
+        claims.insert("sub".into(), case.agent.subject.clone().into());
+        claims.insert("iss".into(), case.agent.issuer.clone().into());
+        let agent = WorkloadIdentity::from_claims(&case.agent.issuer, &claims)
+            .ok_or_else(|| err("agent subject is empty".into()))?;
+        let tool = all_tools
+            .get(case.tool.as_str())
+            .cloned()
+            .unwrap_or_else(|| Tool {
+                name: case.tool.clone(),
+                resource: format!("urn:scrip:tool:{}", case.tool),
+                actions: vec![case.action.clone()],
+                labels: BTreeMap::new(),
+            });
+        if !tool.actions.contains(&case.action) {
+            return Err(err(format!(
+                "tool `{}` has no action `{}`",
+                tool.name, case.action
+            )));
+        }
+        let context = RequestContext {
+            stage: match case.stage {
+                CaseStage::Task => Stage::Task,
+                CaseStage::Token => Stage::Token,
+            },
+            purpose: case.purpose,
+            environment: case.environment,
+            delegation_depth: case.depth,
+            delegation_chain: case.chain,
+            now: case.now.unwrap_or_else(now),
+            approved: case.approved,
+        };
+        let decision = engine.decide(&DecisionRequest {
+            agent: &agent,
+            action: &case.action,
+            tool: &tool,
+            context: &context,
+        });
+        results.push(CaseResult {
+            name: case.name,
+            passed: decision.allowed == (case.expect == Expect::Allow),
+            allowed: decision.allowed,
+            reason: decision.reason,
+        });
+    }
+    Ok(results)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

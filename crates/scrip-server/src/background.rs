@@ -1,0 +1,155 @@
+//! Work beside the requests: policy reload (on SIGHUP and when a file in
+//! `policy_dir` changes) and ending tasks at their deadline.
+//!
+//! A reload validates the new set (including that every tool action is
+//! declared) before swapping it in; an invalid set is rejected, audited and
+//! the last good one stays.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scrip_policy::PolicyEngine;
+use scrip_store::Write;
+
+use crate::state::{AppState, Inner, now};
+
+/// The handles of the background tasks.
+#[derive(Debug)]
+pub struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    /// Stops them.
+    pub fn abort(&self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Starts the background tasks.
+pub fn spawn(state: AppState) -> Background {
+    let reload = tokio::spawn(reload_loop(state.clone()));
+    let sweep = tokio::spawn(sweep_loop(state));
+    Background(vec![reload, sweep])
+}
+
+/// A fingerprint of the policy directory: names, sizes and modification
+/// times of its files.
+fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                meta.len(),
+                meta.modified().ok(),
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn reload_loop(state: AppState) {
+    let st = &state.0;
+    let dir = st.config.policy_dir.clone();
+    let mut last = fingerprint(&dir);
+    let interval = st.config.policy_poll_interval;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let by_signal = tokio::select! {
+            () = async {
+                match hup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+            () = async {
+                if interval == 0 {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_secs(interval)).await;
+            } => false,
+        };
+        let current = fingerprint(&dir);
+        if !by_signal && current == last {
+            continue;
+        }
+        last = current;
+        reload(st, if by_signal { "SIGHUP" } else { "file change" }).await;
+    }
+}
+
+/// Reloads the policies now. Returns whether the new set was accepted.
+pub(crate) async fn reload(st: &Inner, cause: &str) -> bool {
+    let result = PolicyEngine::load(&st.config.policy_dir).and_then(|p| {
+        p.check_tools(&st.config.tools)?;
+        Ok(p)
+    });
+    let (event, reason, accepted) = match result {
+        Ok(engine) => {
+            let n = engine.len();
+            match st.policy.write() {
+                Ok(mut slot) => *slot = Arc::new(engine),
+                Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
+            }
+            tracing::info!(policies = n, cause, "policies reloaded");
+            ("policy.reloaded", format!("{n} policies ({cause})"), true)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, cause, "policy reload rejected; keeping the last good policies");
+            ("policy.rejected", format!("{e} ({cause})"), false)
+        }
+    };
+    let mut a = st.audit(event);
+    a.reason = Some(reason);
+    if let Err(e) = st.store.commit(vec![Write::Audit(Box::new(a))]).await {
+        tracing::error!(error = %e, "could not record the policy reload");
+    }
+    accepted
+}
+
+async fn sweep_loop(state: AppState) {
+    let st = &state.0;
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ticks += 1;
+        let now = now();
+        match st.store.due_tasks(now, 500).await {
+            Ok(due) if !due.is_empty() => {
+                let mut writes = Vec::with_capacity(due.len() * 2);
+                for task in &due {
+                    writes.push(Write::EndTask {
+                        id: task.id.clone(),
+                        at: now,
+                        reason: "expired".into(),
+                    });
+                    let mut a = st.audit("task.expired");
+                    a.agent_iss = Some(task.agent.issuer.clone());
+                    a.agent_sub = Some(task.agent.subject.clone());
+                    a.task_id = Some(task.id.clone());
+                    a.parent_id.clone_from(&task.parent);
+                    a.environment = Some(task.environment.clone());
+                    a.purpose = Some(task.purpose.clone());
+                    writes.push(Write::Audit(Box::new(a)));
+                }
+                if let Err(e) = st.store.commit(writes).await {
+                    tracing::warn!(error = %e, "could not record expired tasks; will retry");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read due tasks; will retry"),
+        }
+        if ticks % 60 == 0 {
+            if let Err(e) = st.store.commit(vec![Write::PurgeRevocations { now }]).await {
+                tracing::warn!(error = %e, "could not purge expired revocations");
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! OAuth errors (RFC 6749 §5.2) as HTTP responses.
+//!
+//! The client sees a code and a lowercase description that says what to fix
+//! and never reveals internals; the detail of a server-side failure goes to
+//! the log only.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use scrip_store::StoreError;
+
+/// An OAuth error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The `error` code.
+    pub code: &'static str,
+    /// The `error_description`.
+    pub description: String,
+}
+
+fn lowercase_first(s: String) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) if c.is_uppercase() => c.to_lowercase().chain(chars).collect(),
+        _ => s,
+    }
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, code: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            description: lowercase_first(description.into()),
+        }
+    }
+
+    /// `invalid_request` (400).
+    pub fn invalid_request(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
+    }
+
+    /// `invalid_scope` (400).
+    pub fn invalid_scope(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)
+    }
+
+    /// `invalid_target` (400, RFC 8693 / RFC 8707).
+    pub fn invalid_target(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_target", d)
+    }
+
+    /// `access_denied` (400): policy refused.
+    pub fn access_denied(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "access_denied", d)
+    }
+
+    /// `unsupported_grant_type` (400).
+    pub fn unsupported_grant_type(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "unsupported_grant_type", d)
+    }
+
+    /// `invalid_token` (401), for a missing or bad caller credential.
+    pub fn invalid_token(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_token", d)
+    }
+
+    /// `temporarily_unavailable` (503): scrip fails closed.
+    pub fn temporarily_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the token service cannot record decisions right now; nothing was issued; try again shortly",
+        )
+    }
+
+    /// `server_error` (500): a fault of scrip's, never of the client's.
+    pub fn server_error() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the token service failed; nothing was issued",
+        )
+    }
+}
+
+impl From<StoreError> for OAuthError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store failure; refusing to issue");
+        match e {
+            StoreError::Unavailable(_) | StoreError::Open(_) => Self::temporarily_unavailable(),
+            StoreError::Corrupt(_) => Self::server_error(),
+        }
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": self.code,
+            "error_description": self.description,
+        });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            let value = format!("Bearer realm=\"scrip\", error=\"{}\"", self.code);
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,541 @@
+//! The token endpoint: RFC 8693 token exchange.
+//!
+//! Two exchanges are served here: a workload identity for a task token
+//! (starting a task) and a task token for an access token at one tool. Each
+//! is decided by Cedar, one request per grant or action; what policy refuses
+//! is left out, and nothing allowed is `access_denied`. A credential leaves
+//! only after its audit record is durable.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use scrip_config::Tool;
+use scrip_policy::{Decision, DecisionRequest, RequestContext, Stage};
+use scrip_store::{AuditEvent, TaskRecord, TaskState, Write};
+use scrip_token::{
+    AccessClaims, ActionSet, Grant, GrantSet, TOKEN_EXCHANGE_GRANT, TaskClaims, TaskContext,
+    TokenKind, WorkloadIdentity, derived_expiry, token_type,
+};
+use serde::Deserialize;
+
+use crate::error::OAuthError;
+use crate::form::{Form, short};
+use crate::state::{AppState, Inner, now};
+
+/// Longest task purpose, in characters.
+const MAX_PURPOSE: usize = 1024;
+/// Longest `request_details`, in bytes.
+const MAX_DETAILS: usize = 4096;
+
+/// `POST /token`.
+pub async fn token_endpoint(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let form = match Form::read(&headers, body).await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    match exchange(&state.0, &form, peer).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(error = e.code, description = %e.description, client = %peer, "token request refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn exchange(st: &Inner, form: &Form, peer: SocketAddr) -> Result<Response, OAuthError> {
+    let grant_type = form.require("grant_type")?;
+    if grant_type != TOKEN_EXCHANGE_GRANT {
+        return Err(OAuthError::unsupported_grant_type(format!(
+            "grant_type `{}` is not supported; use {TOKEN_EXCHANGE_GRANT}",
+            short(grant_type)
+        )));
+    }
+    let subject_token = form.require("subject_token")?;
+    let subject_type = form.require("subject_token_type")?;
+    let requested = form.get("requested_token_type");
+    if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
+        return Err(OAuthError::invalid_request(
+            "actor_token (delegation) is not supported by this server",
+        ));
+    }
+    match (subject_type, requested) {
+        (token_type::JWT, None | Some(token_type::TXN_TOKEN)) => {
+            start_task(st, form, subject_token, peer).await
+        }
+        (token_type::JWT, Some(other)) => Err(OAuthError::invalid_request(format!(
+            "a workload identity is exchanged for a task token; requested_token_type `{}` is not available for it",
+            short(other)
+        ))),
+        (token_type::TXN_TOKEN, None | Some(token_type::ACCESS_TOKEN)) => {
+            access_token(st, form, subject_token, peer).await
+        }
+        (token_type::TXN_TOKEN, Some(other)) => Err(OAuthError::invalid_request(format!(
+            "a task token is exchanged for an access token; requested_token_type `{}` is not available for it",
+            short(other)
+        ))),
+        (token_type::ACCESS_TOKEN, _) => Err(OAuthError::invalid_request(
+            "an access token cannot be exchanged; exchange the task token instead",
+        )),
+        (other, _) => Err(OAuthError::invalid_request(format!(
+            "subject_token_type `{}` is not supported; use {} or {}",
+            short(other),
+            token_type::JWT,
+            token_type::TXN_TOKEN
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestDetails {
+    purpose: String,
+    environment: String,
+    #[serde(default)]
+    ttl: Option<u64>,
+}
+
+fn parse_details(form: &Form) -> Result<RequestDetails, OAuthError> {
+    let raw = form.get("request_details").ok_or_else(|| {
+        OAuthError::invalid_request(
+            "parameter `request_details` is required: a JSON object with `purpose` and `environment`",
+        )
+    })?;
+    if raw.len() > MAX_DETAILS {
+        return Err(OAuthError::invalid_request(format!(
+            "request_details is larger than {MAX_DETAILS} bytes"
+        )));
+    }
+    let details: RequestDetails = serde_json::from_str(raw)
+        .map_err(|e| OAuthError::invalid_request(format!("request_details: {e}")))?;
+    let purpose = details.purpose.trim();
+    if purpose.is_empty()
+        || purpose.chars().count() > MAX_PURPOSE
+        || purpose.chars().any(char::is_control)
+    {
+        return Err(OAuthError::invalid_request(format!(
+            "request_details: `purpose` must be 1 to {MAX_PURPOSE} characters of text"
+        )));
+    }
+    let env_ok = !details.environment.is_empty()
+        && details.environment.len() <= 64
+        && details
+            .environment
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !env_ok {
+        return Err(OAuthError::invalid_request(
+            "request_details: `environment` must be 1 to 64 letters, digits, `-`, `_` or `.`",
+        ));
+    }
+    if details.ttl == Some(0) {
+        return Err(OAuthError::invalid_request(
+            "request_details: `ttl` must be positive",
+        ));
+    }
+    Ok(details)
+}
+
+fn no_store(body: serde_json::Value) -> Response {
+    let mut response = Json(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn decide(
+    st: &Inner,
+    agent: &WorkloadIdentity,
+    tool: &Tool,
+    action: &scrip_token::ActionName,
+    ctx: &RequestContext,
+) -> Decision {
+    st.policy().decide(&DecisionRequest {
+        agent,
+        action,
+        tool,
+        context: ctx,
+    })
+}
+
+fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEvent {
+    let mut a = st.audit(event);
+    a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
+    a.policies.clone_from(&d.policies);
+    a.reason = Some(d.reason.clone());
+    a
+}
+
+fn identity_error(e: scrip_identity::IdentityError) -> OAuthError {
+    match e {
+        scrip_identity::IdentityError::KeysUnavailable => {
+            tracing::warn!("workload identity refused: issuer keys unavailable");
+            let mut err = OAuthError::temporarily_unavailable();
+            err.description =
+                "the keys of the workload identity's issuer are unavailable; try again shortly"
+                    .into();
+            err
+        }
+        other => OAuthError::invalid_request(format!("subject_token: {other}")),
+    }
+}
+
+async fn start_task(
+    st: &Inner,
+    form: &Form,
+    subject_token: &str,
+    peer: SocketAddr,
+) -> Result<Response, OAuthError> {
+    if form.get("audience").is_some()
+        || form.get("resource").is_some()
+        || form.repeated_target().is_some()
+    {
+        return Err(OAuthError::invalid_request(
+            "audience and resource name a tool for an access token; a task asks for grants in `scope`",
+        ));
+    }
+    let scope = form.get("scope").ok_or_else(|| {
+        OAuthError::invalid_scope(
+            "parameter `scope` is required: the grants the task asks for, as `tool:action`",
+        )
+    })?;
+    let grants = GrantSet::parse(scope).map_err(|e| OAuthError::invalid_scope(e.to_string()))?;
+    for g in grants.iter() {
+        let tool = st
+            .config
+            .tool(g.tool.as_str())
+            .ok_or_else(|| OAuthError::invalid_scope(format!("unknown tool `{}`", g.tool)))?;
+        if !tool.actions.contains(&g.action) {
+            return Err(OAuthError::invalid_scope(format!(
+                "tool `{}` has no action `{}`",
+                g.tool, g.action
+            )));
+        }
+    }
+    let details = parse_details(form)?;
+    let agent = st
+        .identities
+        .verify(subject_token)
+        .await
+        .map_err(identity_error)?;
+
+    let now = now();
+    let ctx = RequestContext {
+        stage: Stage::Task,
+        purpose: details.purpose.trim().to_owned(),
+        environment: details.environment.clone(),
+        delegation_depth: 0,
+        delegation_chain: Vec::new(),
+        now,
+        approved: false,
+    };
+    let task_id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let client = peer.to_string();
+    let base = |mut a: AuditEvent| {
+        a.agent_iss = Some(agent.issuer.clone());
+        a.agent_sub = Some(agent.subject.clone());
+        a.task_id = Some(task_id.clone());
+        a.environment = Some(ctx.environment.clone());
+        a.purpose = Some(ctx.purpose.clone());
+        a.client = Some(client.clone());
+        a
+    };
+    let mut writes = Vec::new();
+    let mut allowed = Vec::new();
+    for g in grants.iter() {
+        let Some(tool) = st.config.tool(g.tool.as_str()) else {
+            continue;
+        };
+        let d = decide(st, &agent, tool, &g.action, &ctx);
+        let mut a = base(decision_event(st, "task.grant", &d));
+        a.tool = Some(g.tool.to_string());
+        a.actions = Some(g.action.to_string());
+        writes.push(Write::Audit(Box::new(a)));
+        if d.allowed {
+            allowed.push(g.clone());
+        }
+    }
+    if allowed.is_empty() {
+        st.store.commit(writes).await?;
+        return Err(OAuthError::access_denied(
+            "policy allows none of the requested grants",
+        ));
+    }
+    let allowed: GrantSet = allowed.into_iter().collect();
+    let ttl = details
+        .ttl
+        .unwrap_or(st.config.task_ttl)
+        .min(st.config.max_task_ttl);
+    let exp = now.saturating_add(ttl);
+    let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let claims = TaskClaims {
+        iss: st.issuer.clone(),
+        sub: agent.subject.clone(),
+        aud: st.issuer.clone(),
+        iat: now,
+        exp,
+        jti: jti.clone(),
+        txn: task_id.clone(),
+        scope: allowed.to_string(),
+        tctx: TaskContext {
+            purpose: ctx.purpose.clone(),
+            environment: ctx.environment.clone(),
+            depth: 0,
+            agent_iss: agent.issuer.clone(),
+            parent: None,
+        },
+        act: None,
+    };
+    let token = st
+        .signer
+        .sign_jwt(TokenKind::Task.typ(), &claims)
+        .map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            OAuthError::server_error()
+        })?;
+    let mut started = base(st.audit("task.started"));
+    started.decision = Some("allow".into());
+    started.actions = Some(claims.scope.clone());
+    started.jti = Some(jti.clone());
+    writes.push(Write::InsertTask(Box::new(TaskRecord {
+        id: task_id.clone(),
+        parent: None,
+        agent: agent.clone(),
+        actor: None,
+        grants: claims.scope.clone(),
+        purpose: ctx.purpose.clone(),
+        environment: ctx.environment.clone(),
+        depth: 0,
+        token_jti: jti.clone(),
+        created_at: now,
+        expires_at: exp,
+        ended_at: None,
+        end_reason: None,
+    })));
+    writes.push(Write::Audit(Box::new(started)));
+    st.store.commit(writes).await?;
+    tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
+    Ok(no_store(serde_json::json!({
+        "access_token": token,
+        "issued_token_type": token_type::TXN_TOKEN,
+        "token_type": "N_A",
+        "expires_in": exp.saturating_sub(now),
+        "scope": claims.scope,
+    })))
+}
+
+fn target_tool<'a>(st: &'a Inner, form: &Form) -> Result<&'a Tool, OAuthError> {
+    if let Some(which) = form.repeated_target() {
+        return Err(OAuthError::invalid_target(format!(
+            "an access token is for exactly one tool; give `{which}` once"
+        )));
+    }
+    let by_audience = form
+        .get("audience")
+        .map(|a| {
+            st.config
+                .tool(a)
+                .ok_or_else(|| OAuthError::invalid_target(format!("unknown tool `{}`", short(a))))
+        })
+        .transpose()?;
+    let by_resource = form
+        .get("resource")
+        .map(|r| {
+            st.config.tool_by_resource(r).ok_or_else(|| {
+                OAuthError::invalid_target(format!("no tool has resource `{}`", short(r)))
+            })
+        })
+        .transpose()?;
+    match (by_audience, by_resource) {
+        (Some(a), Some(r)) if a.name != r.name => Err(OAuthError::invalid_target(
+            "audience and resource name different tools",
+        )),
+        (Some(t), _) | (None, Some(t)) => Ok(t),
+        (None, None) => Err(OAuthError::invalid_target(
+            "name the tool with `audience` (its name) or `resource` (its URI)",
+        )),
+    }
+}
+
+/// The task behind a verified task token, if it is still active.
+pub(crate) async fn active_task(
+    st: &Inner,
+    claims: &TaskClaims,
+    now: u64,
+) -> Result<Option<TaskRecord>, OAuthError> {
+    let Some(task) = st.store.task(&claims.txn).await? else {
+        return Ok(None);
+    };
+    if task.token_jti != claims.jti || task.state(now) != TaskState::Active {
+        return Ok(None);
+    }
+    Ok(Some(task))
+}
+
+async fn access_token(
+    st: &Inner,
+    form: &Form,
+    subject_token: &str,
+    peer: SocketAddr,
+) -> Result<Response, OAuthError> {
+    let claims = st
+        .verify_own::<TaskClaims>(subject_token, TokenKind::Task)
+        .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?
+        .claims;
+    let now = now();
+    let task = active_task(st, &claims, now)
+        .await?
+        .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
+
+    let mut base = st.audit("token.decision");
+    base.agent_iss = Some(task.agent.issuer.clone());
+    base.agent_sub = Some(task.agent.subject.clone());
+    base.task_id = Some(task.id.clone());
+    base.parent_id.clone_from(&task.parent);
+    base.chain = task
+        .actor
+        .as_ref()
+        .map(scrip_token::Actor::chain)
+        .unwrap_or_default();
+    base.environment = Some(task.environment.clone());
+    base.purpose = Some(task.purpose.clone());
+    base.client = Some(peer.to_string());
+
+    let refuse = |st: &Inner,
+                  base: &AuditEvent,
+                  tool: Option<String>,
+                  actions: Option<String>,
+                  err: OAuthError| {
+        let mut a = base.clone();
+        a.event = "token.refused".into();
+        a.decision = Some("deny".into());
+        a.tool = tool;
+        a.actions = actions;
+        a.reason = Some(err.description.clone());
+        let store = st.store.clone();
+        async move {
+            store.commit(vec![Write::Audit(Box::new(a))]).await?;
+            Err::<Response, OAuthError>(err)
+        }
+    };
+
+    let tool = match target_tool(st, form) {
+        Ok(t) => t,
+        Err(e) => return refuse(st, &base, form.get("audience").map(short), None, e).await,
+    };
+    let held = task_grants.actions_at(&tool.name);
+    let actions = match form.get("scope") {
+        None if held.is_empty() => {
+            let e = OAuthError::invalid_scope(format!(
+                "the task holds no grant at tool `{}`",
+                tool.name
+            ));
+            return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+        }
+        None => held.clone(),
+        Some(s) => match ActionSet::parse(s) {
+            Ok(a) => a,
+            Err(e) => return Err(OAuthError::invalid_scope(e.to_string())),
+        },
+    };
+    if let Some(beyond) = actions.iter().find(|a| !held.contains(a)) {
+        let grant = Grant {
+            tool: tool.name.clone(),
+            action: beyond.clone(),
+        };
+        let e = OAuthError::invalid_scope(format!(
+            "scope exceeds the task's grants: the task does not hold `{grant}`"
+        ));
+        return refuse(
+            st,
+            &base,
+            Some(tool.name.to_string()),
+            Some(actions.to_string()),
+            e,
+        )
+        .await;
+    }
+
+    let ctx = RequestContext {
+        stage: Stage::Token,
+        purpose: task.purpose.clone(),
+        environment: task.environment.clone(),
+        delegation_depth: task.depth,
+        delegation_chain: base.chain.clone(),
+        now,
+        approved: false,
+    };
+    let mut writes = Vec::new();
+    let mut allowed = Vec::new();
+    for action in actions.iter() {
+        let d = decide(st, &task.agent, tool, action, &ctx);
+        let mut a = base.clone();
+        a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
+        a.policies.clone_from(&d.policies);
+        a.reason = Some(d.reason.clone());
+        a.tool = Some(tool.name.to_string());
+        a.actions = Some(action.to_string());
+        writes.push(Write::Audit(Box::new(a)));
+        if d.allowed {
+            allowed.push(action.clone());
+        }
+    }
+    if allowed.is_empty() {
+        st.store.commit(writes).await?;
+        return Err(OAuthError::access_denied(
+            "policy allows none of the requested actions",
+        ));
+    }
+    let allowed: ActionSet = allowed.into_iter().collect();
+    let exp = derived_expiry(now, st.config.access_token_ttl, task.expires_at);
+    let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let client_id = task
+        .actor
+        .as_ref()
+        .map_or_else(|| task.agent.subject.clone(), |a| a.sub.clone());
+    let access = AccessClaims {
+        iss: st.issuer.clone(),
+        sub: task.agent.subject.clone(),
+        aud: tool.name.to_string(),
+        iat: now,
+        exp,
+        jti: jti.clone(),
+        client_id,
+        scope: allowed.to_string(),
+        txn: task.id.clone(),
+        act: task.actor.clone(),
+    };
+    let token = st
+        .signer
+        .sign_jwt(TokenKind::Access.typ(), &access)
+        .map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            OAuthError::server_error()
+        })?;
+    let mut issued = base.clone();
+    issued.event = "token.issued".into();
+    issued.decision = Some("allow".into());
+    issued.tool = Some(tool.name.to_string());
+    issued.actions = Some(access.scope.clone());
+    issued.jti = Some(jti.clone());
+    writes.push(Write::Audit(Box::new(issued)));
+    st.store.commit(writes).await?;
+    tracing::info!(task = %task.id, jti = %jti, tool = %tool.name, scope = %access.scope, "access token issued");
+    Ok(no_store(serde_json::json!({
+        "access_token": token,
+        "issued_token_type": token_type::ACCESS_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": exp.saturating_sub(now),
+        "scope": access.scope,
+    })))
+}

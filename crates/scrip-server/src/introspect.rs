@@ -1,0 +1,126 @@
+//! `POST /introspect`: RFC 7662 token introspection.
+//!
+//! The caller authenticates with its own workload identity
+//! (`Authorization: Bearer <identity JWT>` from a trusted issuer); there is
+//! no shared secret. Inactive, unknown, expired, revoked and garbage tokens
+//! all answer exactly `{"active":false}`, so the answer tells nothing about
+//! why.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::error::OAuthError;
+use crate::exchange::active_task;
+use crate::form::Form;
+use crate::state::{AppState, Inner, OwnToken, now};
+
+/// `POST /introspect`.
+pub async fn introspect_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let st = &state.0;
+    let caller = match bearer(&headers) {
+        Some(token) => match st.identities.verify(token).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                return OAuthError::invalid_token(format!("caller identity: {e}")).into_response();
+            }
+        },
+        None => {
+            return OAuthError::invalid_token(
+                "authenticate with your workload identity: `Authorization: Bearer <identity JWT>`",
+            )
+            .into_response();
+        }
+    };
+    let result = async {
+        let form = Form::read(&headers, body).await?;
+        let token = form.require("token")?;
+        introspect(st, token).await
+    }
+    .await;
+    match result {
+        Ok(body) => {
+            let active = body
+                .get("active")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
+            tracing::debug!(caller = %caller.subject, active, "introspection");
+            let mut r = Json(body).into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn inactive() -> Value {
+    json!({ "active": false })
+}
+
+async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
+    let Ok(own) = st.verify_any_own(token) else {
+        return Ok(inactive());
+    };
+    let now = now();
+    match own {
+        OwnToken::Task(c) => {
+            if active_task(st, &c, now).await?.is_none() {
+                return Ok(inactive());
+            }
+            let mut body = json!({
+                "active": true,
+                "token_type": "N_A",
+                "iss": c.iss, "sub": c.sub, "aud": c.aud, "iat": c.iat, "exp": c.exp,
+                "jti": c.jti, "txn": c.txn, "scope": c.scope, "client_id": c.sub, "tctx": c.tctx,
+            });
+            if let (Some(act), Some(obj)) = (c.act.as_ref(), body.as_object_mut()) {
+                obj.insert(
+                    "act".into(),
+                    serde_json::to_value(act).unwrap_or(Value::Null),
+                );
+            }
+            Ok(body)
+        }
+        OwnToken::Access(c) => {
+            if st.store.token_revoked(&c.jti).await? {
+                return Ok(inactive());
+            }
+            let Some(task) = st.store.task(&c.txn).await? else {
+                return Ok(inactive());
+            };
+            if task.state(now) != scrip_store::TaskState::Active {
+                return Ok(inactive());
+            }
+            let mut body = json!({
+                "active": true,
+                "token_type": "Bearer",
+                "iss": c.iss, "sub": c.sub, "aud": c.aud, "iat": c.iat, "exp": c.exp,
+                "jti": c.jti, "txn": c.txn, "scope": c.scope, "client_id": c.client_id,
+            });
+            if let (Some(act), Some(obj)) = (c.act.as_ref(), body.as_object_mut()) {
+                obj.insert(
+                    "act".into(),
+                    serde_json::to_value(act).unwrap_or(Value::Null),
+                );
+            }
+            Ok(body)
+        }
+    }
+}

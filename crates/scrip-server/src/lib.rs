@@ -1,0 +1,297 @@
+//! The scrip token service: an axum application serving the OAuth token
+//! endpoint (RFC 8693), revocation (RFC 7009), introspection (RFC 7662),
+//! metadata (RFC 8414) and the JWKS, plus the background work that keeps it
+//! honest: policy reload and task expiry.
+//!
+//! [`router`] is separate from [`Server::run`] so that tests can drive the
+//! application in-process; [`Server::bind`] does every start-up check and
+//! refuses to start on any problem.
+//!
+//! Architecture invariant: no handler returns a credential before the
+//! store has durably committed the audit record of the decision that issued
+//! it; any store failure answers 503 `temporarily_unavailable`.
+
+mod background;
+mod error;
+mod exchange;
+mod form;
+mod introspect;
+pub mod keys;
+mod revoke;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use scrip_config::Config;
+use scrip_identity::IdentityVerifier;
+use scrip_jose::{KeySet, TypRule};
+use scrip_policy::PolicyEngine;
+use scrip_store::{SqliteStore, Store, Write};
+use scrip_token::{TOKEN_EXCHANGE_GRANT, typ};
+
+pub use error::OAuthError;
+pub use state::AppState;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] scrip_config::ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on `{addr}`: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The data directory or a key is unusable.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] scrip_store::StoreError),
+    /// The policies are invalid.
+    #[error(transparent)]
+    Policy(#[from] scrip_policy::PolicyError),
+    /// A trusted issuer is unusable.
+    #[error(transparent)]
+    Identity(#[from] scrip_identity::SetupError),
+    /// The server failed while running.
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Paths of the endpoints, relative to the issuer.
+pub mod paths {
+    /// RFC 8414 metadata.
+    pub const METADATA: &str = "/.well-known/oauth-authorization-server";
+    /// The token endpoint.
+    pub const TOKEN: &str = "/token";
+    /// The revocation endpoint.
+    pub const REVOKE: &str = "/revoke";
+    /// The introspection endpoint.
+    pub const INTROSPECT: &str = "/introspect";
+    /// The JWKS.
+    pub const JWKS: &str = "/jwks";
+}
+
+/// A bound, fully checked server, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+}
+
+fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
+    let scopes: Vec<String> = config
+        .tools
+        .iter()
+        .flat_map(|t| t.actions.iter().map(move |a| format!("{}:{a}", t.name)))
+        .collect();
+    serde_json::json!({
+        "issuer": issuer,
+        "token_endpoint": format!("{issuer}{}", paths::TOKEN),
+        "jwks_uri": format!("{issuer}{}", paths::JWKS),
+        "introspection_endpoint": format!("{issuer}{}", paths::INTROSPECT),
+        "revocation_endpoint": format!("{issuer}{}", paths::REVOKE),
+        "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
+        "response_types_supported": [],
+        "scopes_supported": scopes,
+        "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["bearer"],
+        "token_exchange_subject_token_types_supported": [
+            scrip_token::token_type::JWT,
+            scrip_token::token_type::TXN_TOKEN,
+        ],
+        "access_token_signing_alg_values_supported": [config.signing_algorithm.as_str()],
+    })
+}
+
+impl Server {
+    /// Checks everything and binds the listen address: configuration, data
+    /// directory, signing key (created on first start), store, policies
+    /// (validated, and every tool action declared), trusted issuers.
+    ///
+    /// # Errors
+    /// [`StartError`] naming the first problem.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        keys::ensure_private_dir(&config.data_dir)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let issuer = config
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}"));
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&config.data_dir.join("scrip.db")).await?);
+        let loaded =
+            keys::load_or_create(&config.data_dir, config.signing_algorithm, state::now())?;
+        let policy = PolicyEngine::load(&config.policy_dir)?;
+        policy.check_tools(&config.tools)?;
+        let identities =
+            IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
+
+        let jwk = loaded.key.public_jwk();
+        let own_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk)).map_err(|e| {
+            keys::KeyError::Invalid {
+                path: config.data_dir.join("keys"),
+                message: e.to_string(),
+            }
+        })?;
+        let jwks_body = serde_json::json!({ "keys": [jwk] }).to_string();
+        let metadata_body = metadata(&issuer, &config).to_string();
+        let replica = replica_name(local);
+
+        let mut startup = Vec::new();
+        if loaded.created {
+            let mut a = audit_record(&replica, "key.created");
+            a.jti = Some(loaded.key.kid().to_owned());
+            a.reason = Some(format!("{} signing key created", loaded.key.algorithm()));
+            startup.push(Write::Audit(Box::new(a)));
+        }
+        let mut a = audit_record(&replica, "policy.loaded");
+        a.reason = Some(format!(
+            "{} policies from `{}`",
+            policy.len(),
+            config.policy_dir.display()
+        ));
+        startup.push(Write::Audit(Box::new(a)));
+        store.commit(startup).await?;
+        if policy.is_empty() {
+            tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
+        }
+        tracing::info!(issuer = %issuer, kid = %loaded.key.kid(), policies = policy.len(), tools = config.tools.len(), "scrip ready");
+
+        let inner = state::Inner {
+            self_audience: vec![issuer.clone()],
+            own_algorithms: vec![config.signing_algorithm.to_jwt()],
+            signer: loaded.key,
+            own_keys,
+            jwks_body,
+            metadata_body,
+            identities,
+            policy: RwLock::new(Arc::new(policy)),
+            store,
+            replica,
+            task_typ: TypRule::exactly(typ::TASK),
+            access_typ: TypRule::exactly(typ::ACCESS),
+            issuer,
+            config,
+        };
+        Ok(Self {
+            listener,
+            state: AppState(Arc::new(inner)),
+        })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The issuer this server signs as.
+    #[must_use]
+    pub fn issuer(&self) -> &str {
+        &self.state.0.issuer
+    }
+
+    /// The policy directory.
+    #[must_use]
+    pub fn policy_dir(&self) -> PathBuf {
+        self.state.0.config.policy_dir.clone()
+    }
+
+    /// Serves until `shutdown` completes, with policy reload (SIGHUP and
+    /// file changes) and task expiry running beside.
+    ///
+    /// # Errors
+    /// [`StartError::Serve`] if the listener fails.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let background = background::spawn(self.state.clone());
+        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(StartError::Serve);
+        background.abort();
+        result
+    }
+}
+
+fn replica_name(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}:{}", addr.port(), std::process::id())
+}
+
+fn audit_record(replica: &str, event: &str) -> scrip_store::AuditEvent {
+    scrip_store::AuditEvent {
+        at_ms: state::now_ms(),
+        event: event.to_owned(),
+        replica: replica.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn json_body(body: String) -> axum::response::Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The HTTP application.
+pub fn router(state: AppState) -> Router {
+    let metadata = state.0.metadata_body.clone();
+    let jwks = state.0.jwks_body.clone();
+    Router::new()
+        .route(paths::METADATA, get(move || async move { json_body(metadata) }))
+        .route(paths::JWKS, get(move || async move { json_body(jwks) }))
+        .route(paths::TOKEN, post(exchange::token_endpoint))
+        .route(paths::REVOKE, post(revoke::revoke_endpoint))
+        .route(paths::INTROSPECT, post(introspect::introspect_endpoint))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({"error": "not_found", "error_description": "no such endpoint; see /.well-known/oauth-authorization-server"})),
+            )
+        })
+        .with_state(state)
+}

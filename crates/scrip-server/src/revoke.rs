@@ -1,0 +1,108 @@
+//! `POST /revoke`: RFC 7009 token revocation.
+//!
+//! Whoever holds a token may revoke it, so no client authentication is
+//! asked: proving possession of a validly signed scrip token is enough. A
+//! task token ends its task, its descendants and everything issued under
+//! them; an access token is revoked alone. Unknown, invalid and expired
+//! tokens answer 200, as RFC 7009 §2.2 asks.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use scrip_store::{TaskState, Write};
+
+use crate::error::OAuthError;
+use crate::form::Form;
+use crate::state::{AppState, Inner, OwnToken, now};
+
+/// `POST /revoke`.
+pub async fn revoke_endpoint(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let form = Form::read(&headers, body).await?;
+        let token = form.require("token")?;
+        revoke(&state.0, token, peer).await
+    }
+    .await;
+    match result {
+        Ok(()) => (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")]).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Revokes `token` if it is a valid scrip token.
+pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<(), OAuthError> {
+    let Ok(own) = st.verify_any_own(token) else {
+        tracing::debug!(client = %peer, "revocation of an unknown or invalid token ignored");
+        return Ok(());
+    };
+    let now = now();
+    match own {
+        OwnToken::Task(claims) => {
+            let Some(task) = st.store.task(&claims.txn).await? else {
+                return Ok(());
+            };
+            if task.state(now) == TaskState::Ended {
+                return Ok(());
+            }
+            let descendants = st.store.open_descendants(&task.id).await?;
+            let mut a = st.audit("task.ended");
+            a.agent_iss = Some(task.agent.issuer.clone());
+            a.agent_sub = Some(task.agent.subject.clone());
+            a.task_id = Some(task.id.clone());
+            a.parent_id.clone_from(&task.parent);
+            a.environment = Some(task.environment.clone());
+            a.purpose = Some(task.purpose.clone());
+            a.jti = Some(claims.jti.clone());
+            a.client = Some(peer.to_string());
+            a.reason = Some(if descendants.is_empty() {
+                "task token revoked".to_owned()
+            } else {
+                format!("task token revoked; also ended: {}", descendants.join(", "))
+            });
+            st.store
+                .commit(vec![
+                    Write::EndTask {
+                        id: task.id.clone(),
+                        at: now,
+                        reason: "revoked".into(),
+                    },
+                    Write::Audit(Box::new(a)),
+                ])
+                .await?;
+            tracing::info!(task = %task.id, jti = %claims.jti, "task ended by revocation");
+        }
+        OwnToken::Access(claims) => {
+            if st.store.token_revoked(&claims.jti).await? {
+                return Ok(());
+            }
+            let mut a = st.audit("token.revoked");
+            a.agent_sub = Some(claims.sub.clone());
+            a.task_id = Some(claims.txn.clone());
+            a.tool = Some(claims.aud.clone());
+            a.actions = Some(claims.scope.clone());
+            a.jti = Some(claims.jti.clone());
+            a.client = Some(peer.to_string());
+            st.store
+                .commit(vec![
+                    Write::RevokeToken {
+                        jti: claims.jti.clone(),
+                        task_id: claims.txn.clone(),
+                        expires_at: claims.exp.saturating_add(st.config.clock_skew),
+                        at: now,
+                    },
+                    Write::Audit(Box::new(a)),
+                ])
+                .await?;
+            tracing::info!(jti = %claims.jti, task = %claims.txn, "access token revoked");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The shared state of a running server, and the small helpers every
+//! endpoint uses: the clock, verifying scrip's own tokens, audit records.
+
+use std::sync::{Arc, RwLock};
+
+use scrip_config::Config;
+use scrip_identity::IdentityVerifier;
+use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, SigningKey, TypRule, Verified};
+use scrip_policy::PolicyEngine;
+use scrip_store::{AuditEvent, Store};
+use scrip_token::{AccessClaims, TaskClaims, TokenKind};
+use serde::de::DeserializeOwned;
+
+/// Seconds since the epoch.
+#[must_use]
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the epoch.
+#[must_use]
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Everything a request handler needs.
+#[derive(Clone, Debug)]
+pub struct AppState(pub(crate) Arc<Inner>);
+
+pub(crate) struct Inner {
+    pub config: Config,
+    pub issuer: String,
+    pub self_audience: Vec<String>,
+    pub signer: SigningKey,
+    pub own_keys: KeySet,
+    pub own_algorithms: Vec<Algorithm>,
+    pub jwks_body: String,
+    pub metadata_body: String,
+    pub identities: IdentityVerifier,
+    pub policy: RwLock<Arc<PolicyEngine>>,
+    pub store: Arc<dyn Store>,
+    pub replica: String,
+    pub task_typ: TypRule,
+    pub access_typ: TypRule,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("issuer", &self.issuer)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified token of scrip's own.
+#[derive(Debug, Clone)]
+pub enum OwnToken {
+    /// A task token.
+    Task(Box<TaskClaims>),
+    /// An access token.
+    Access(Box<AccessClaims>),
+}
+
+impl Inner {
+    /// The current policy set.
+    pub fn policy(&self) -> Arc<PolicyEngine> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Verifies one of scrip's own tokens of the given kind.
+    pub fn verify_own<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        kind: TokenKind,
+    ) -> Result<Verified<T>, JoseError> {
+        let (typ, audiences): (&TypRule, &[String]) = match kind {
+            TokenKind::Task => (&self.task_typ, &self.self_audience),
+            // An access token's audience is a tool; any configured tool is
+            // acceptable here, and the claims say which.
+            TokenKind::Access => (&self.access_typ, &[]),
+        };
+        let tool_audiences: Vec<String>;
+        let audiences = if kind == TokenKind::Access {
+            tool_audiences = self
+                .config
+                .tools
+                .iter()
+                .map(|t| t.name.to_string())
+                .collect();
+            &tool_audiences
+        } else {
+            audiences
+        };
+        scrip_jose::verify(
+            token,
+            &self.own_keys,
+            &Expectations {
+                issuer: &self.issuer,
+                audiences,
+                algorithms: &self.own_algorithms,
+                typ,
+                leeway: self.config.clock_skew,
+            },
+        )
+    }
+
+    /// Verifies a token of scrip's own, of whichever kind its `typ` says.
+    pub fn verify_any_own(&self, token: &str) -> Result<OwnToken, JoseError> {
+        match peek_typ(token).as_deref() {
+            Some("txntoken+jwt") => self
+                .verify_own::<TaskClaims>(token, TokenKind::Task)
+                .map(|v| OwnToken::Task(Box::new(v.claims))),
+            Some("at+jwt") => self
+                .verify_own::<AccessClaims>(token, TokenKind::Access)
+                .map(|v| OwnToken::Access(Box::new(v.claims))),
+            _ => Err(JoseError::WrongType {
+                expected: "a scrip task or access token".into(),
+                found: "other".into(),
+            }),
+        }
+    }
+
+    /// A fresh audit record written by this replica.
+    pub fn audit(&self, event: &str) -> AuditEvent {
+        AuditEvent {
+            at_ms: now_ms(),
+            event: event.to_owned(),
+            replica: self.replica.clone(),
+            ..AuditEvent::default()
+        }
+    }
+}
+
+/// The `typ` header of a token, lowercase without `application/`, read
+/// without verification (only to choose how to verify).
+fn peek_typ(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let header = token.split('.').next()?;
+    if header.len() > 4096 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let typ = value.get("typ")?.as_str()?.to_ascii_lowercase();
+    Some(typ.strip_prefix("application/").unwrap_or(&typ).to_owned())
+}

@@ -1,0 +1,457 @@
+//! Test harness: a test identity provider whose keys the test generates, and
+//! a real scrip server on an ephemeral port, spoken to over HTTP.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{EncodingKey, Header};
+use scrip_config::{Config, Tool, TrustedIssuer};
+use scrip_jose::{SigningAlgorithm, SigningKey};
+use serde_json::{Value, json};
+
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TXN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+pub const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+pub const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub const GITHUB_ISSUER: &str = "https://token.actions.githubusercontent.com";
+pub const SPIFFE_ISSUER: &str = "https://spire.acme.example";
+pub const AUDIENCE: &str = "scrip";
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A test identity provider: an ES256 key (signed through jsonwebtoken, an
+/// implementation independent of scrip's signer) and an EdDSA key.
+pub struct Idp {
+    pub issuer: String,
+    pub es_kid: String,
+    pub es_pkcs8: Vec<u8>,
+    pub ed_kid: String,
+    pub ed_pkcs8: Vec<u8>,
+    pub jwks: Value,
+}
+
+impl Idp {
+    pub fn new(issuer: &str) -> Self {
+        let (es, es_pkcs8) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+        let (ed, ed_pkcs8) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
+        let jwks = json!({ "keys": [es.public_jwk(), ed.public_jwk()] });
+        Self {
+            issuer: issuer.to_owned(),
+            es_kid: es.kid().to_owned(),
+            es_pkcs8,
+            ed_kid: ed.kid().to_owned(),
+            ed_pkcs8,
+            jwks,
+        }
+    }
+
+    /// Standard claims for `sub`, valid for 10 minutes, audience `scrip`.
+    pub fn claims(&self, sub: &str) -> Value {
+        let now = now();
+        json!({ "iss": self.issuer, "sub": sub, "aud": AUDIENCE, "iat": now, "nbf": now, "exp": now + 600 })
+    }
+
+    /// Signs `claims` with ES256 and a `JWT` typ.
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.es_kid.clone());
+        header.typ = Some("JWT".into());
+        self.sign_with(&header, claims)
+    }
+
+    /// Signs with a caller-built header (ES256 or EdDSA key chosen by `alg`).
+    pub fn sign_with(&self, header: &Header, claims: &Value) -> String {
+        let key = match header.alg {
+            jsonwebtoken::Algorithm::EdDSA => EncodingKey::from_ed_der(&self.ed_pkcs8),
+            _ => EncodingKey::from_ec_der(&self.es_pkcs8),
+        };
+        jsonwebtoken::encode(header, claims, &key).unwrap()
+    }
+
+    /// A Kubernetes service-account token for `namespace`/`name`.
+    pub fn kubernetes(&self, namespace: &str, name: &str) -> String {
+        let mut c = self.claims(&format!("system:serviceaccount:{namespace}:{name}"));
+        c["kubernetes.io"] = json!({
+            "namespace": namespace,
+            "serviceaccount": { "name": name, "uid": "4f1e6c52-0000-4000-8000-000000000001" },
+            "pod": { "name": format!("{name}-7d9f8"), "uid": "4f1e6c52-0000-4000-8000-000000000002" }
+        });
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.es_kid.clone());
+        self.sign_with(&header, &c)
+    }
+
+    /// A GitHub Actions OIDC token for `repository`.
+    pub fn github(&self, repository: &str) -> String {
+        let owner = repository.split('/').next().unwrap_or_default();
+        let mut c = self.claims(&format!("repo:{repository}:ref:refs/heads/main"));
+        for (k, v) in [
+            ("repository", repository.to_owned()),
+            ("repository_owner", owner.to_owned()),
+            ("ref", "refs/heads/main".to_owned()),
+            ("workflow", "agent".to_owned()),
+            ("actor", "octocat".to_owned()),
+            ("event_name", "workflow_dispatch".to_owned()),
+            (
+                "job_workflow_ref",
+                format!("{repository}/.github/workflows/agent.yml@refs/heads/main"),
+            ),
+        ] {
+            c[k] = json!(v);
+        }
+        c["run_id"] = json!("7312345678");
+        self.sign(&c)
+    }
+
+    /// A SPIFFE JWT-SVID (EdDSA) for `spiffe://<domain><path>`.
+    pub fn spiffe(&self, domain: &str, path: &str) -> String {
+        let now = now();
+        let c = json!({ "iss": self.issuer, "sub": format!("spiffe://{domain}{path}"), "aud": [AUDIENCE, "other"], "exp": now + 300, "iat": now });
+        let mut header = Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(self.ed_kid.clone());
+        header.typ = Some("JWT".into());
+        self.sign_with(&header, &c)
+    }
+}
+
+/// The tools every test server has.
+pub fn tools() -> Vec<Tool> {
+    let tool = |name: &str, resource: &str, actions: &[&str]| Tool {
+        name: scrip_token::ToolName::parse(name).unwrap(),
+        resource: resource.to_owned(),
+        actions: actions
+            .iter()
+            .map(|a| scrip_token::ActionName::parse(a).unwrap())
+            .collect(),
+        labels: Default::default(),
+    };
+    vec![
+        tool(
+            "github",
+            "https://api.github.com",
+            &["read", "write", "delete"],
+        ),
+        tool("jira", "https://acme.atlassian.net", &["read", "write"]),
+        tool(
+            "deploy",
+            "https://deploy.acme.example",
+            &["read", "execute", "delete"],
+        ),
+    ]
+}
+
+/// The repository's `policies/` directory.
+pub fn repo_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+/// A running scrip.
+pub struct TestServer {
+    pub url: String,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub k8s: Idp,
+    pub github: Idp,
+    pub spiffe: Idp,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How to build a test server.
+pub struct Options {
+    pub algorithm: SigningAlgorithm,
+    /// Extra policy files `(name, text)` next to the repository's policies.
+    pub extra_policies: Vec<(String, String)>,
+    pub task_ttl: u64,
+    pub access_token_ttl: u64,
+    pub edit: Option<Box<dyn FnOnce(&mut Config) + Send>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            algorithm: SigningAlgorithm::ES256,
+            extra_policies: Vec::new(),
+            task_ttl: 3600,
+            access_token_ttl: 300,
+            edit: None,
+        }
+    }
+}
+
+fn trusted(idp: &Idp, dir: &Path, name: &str, algorithms: &[&str]) -> TrustedIssuer {
+    let file = dir.join(format!("{name}-jwks.json"));
+    std::fs::write(&file, idp.jwks.to_string()).unwrap();
+    TrustedIssuer {
+        issuer: idp.issuer.clone(),
+        jwks_uri: None,
+        jwks_file: Some(file),
+        audiences: vec![AUDIENCE.to_owned()],
+        algorithms: algorithms.iter().map(|s| (*s).to_owned()).collect(),
+        token_types: vec!["JWT".into()],
+        allow_untyped: true,
+        jwks_refresh: 300,
+        jwks_max_stale: 3600,
+        jwks_min_refetch: 10,
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        for entry in std::fs::read_dir(repo_policies()).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .extension()
+                .is_some_and(|e| e == "cedar" || e == "cedarschema")
+            {
+                std::fs::copy(&path, policy_dir.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        for (name, text) in &opts.extra_policies {
+            std::fs::write(policy_dir.join(name), text).unwrap();
+        }
+        let k8s = Idp::new(K8S_ISSUER);
+        let github = Idp::new(GITHUB_ISSUER);
+        let spiffe = Idp::new(SPIFFE_ISSUER);
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            policy_dir,
+            signing_algorithm: opts.algorithm,
+            task_ttl: opts.task_ttl,
+            access_token_ttl: opts.access_token_ttl,
+            policy_poll_interval: 1,
+            trusted_issuers: vec![
+                trusted(&k8s, dir.path(), "k8s", &["ES256", "RS256"]),
+                trusted(&github, dir.path(), "github", &["ES256", "RS256"]),
+                trusted(&spiffe, dir.path(), "spiffe", &["EdDSA", "ES256"]),
+            ],
+            tools: tools(),
+            ..Config::default()
+        };
+        if let Some(edit) = opts.edit {
+            edit(&mut config);
+        }
+        let server = scrip_server::Server::bind(config).await.unwrap();
+        let url = server.issuer().to_owned();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            url,
+            http: reqwest::Client::new(),
+            dir,
+            k8s,
+            github,
+            spiffe,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+
+    /// POSTs a form to `path`; returns status, headers and JSON body
+    /// (`Null` when the body is empty or not JSON).
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Reply {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter())
+            .finish();
+        self.post_raw(
+            path,
+            "application/x-www-form-urlencoded",
+            body.into_bytes(),
+            None,
+        )
+        .await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        bearer: Option<&str>,
+    ) -> Reply {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    /// Starts a task; panics unless it succeeds.
+    pub async fn start_task(&self, identity: &str, scope: &str, env: &str, purpose: &str) -> Value {
+        let r = self
+            .try_start_task(identity, scope, env, purpose, None)
+            .await;
+        assert_eq!(r.status, 200, "start task failed: {}", r.body);
+        r.body
+    }
+
+    pub async fn try_start_task(
+        &self,
+        identity: &str,
+        scope: &str,
+        env: &str,
+        purpose: &str,
+        ttl: Option<u64>,
+    ) -> Reply {
+        let mut details = json!({ "purpose": purpose, "environment": env });
+        if let Some(ttl) = ttl {
+            details["ttl"] = json!(ttl);
+        }
+        let details = details.to_string();
+        self.post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", identity),
+                ("subject_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", scope),
+                ("request_details", &details),
+            ],
+        )
+        .await
+    }
+
+    /// Exchanges a task token for an access token at `tool`.
+    pub async fn access_token(&self, task_token: &str, tool: &str, scope: Option<&str>) -> Reply {
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", task_token),
+            ("subject_token_type", TXN),
+            ("requested_token_type", ACCESS),
+            ("audience", tool),
+        ];
+        if let Some(s) = scope {
+            form.push(("scope", s));
+        }
+        self.post_form("/token", &form).await
+    }
+
+    /// Introspects `token`, authenticated as a Kubernetes workload.
+    pub async fn introspect(&self, token: &str) -> Reply {
+        let caller = self.k8s.kubernetes("resource-servers", "github-proxy");
+        let body = format!("token={}", urlencode(token));
+        self.post_raw(
+            "/introspect",
+            "application/x-www-form-urlencoded",
+            body.into_bytes(),
+            Some(&caller),
+        )
+        .await
+    }
+
+    pub async fn revoke(&self, token: &str) -> Reply {
+        self.post_form("/revoke", &[("token", token)]).await
+    }
+
+    /// The audit records, read straight from the store file.
+    pub async fn audit(&self) -> Vec<scrip_store::AuditEvent> {
+        use scrip_store::Store as _;
+        let store = scrip_store::SqliteStore::open(&self.dir.path().join("data/scrip.db"))
+            .await
+            .unwrap();
+        store
+            .audit(&scrip_store::AuditFilter::default())
+            .await
+            .unwrap()
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    async fn from(r: reqwest::Response) -> Self {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    /// Asserts an OAuth error with this status and code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status, self.body["error"].as_str()),
+            (status, Some(code)),
+            "unexpected answer: {}",
+            self.text
+        );
+        let d = self.body["error_description"].as_str().unwrap_or_default();
+        assert!(!d.is_empty(), "no error_description");
+        assert!(
+            !d.starts_with(char::is_uppercase),
+            "description not lowercase: {d}"
+        );
+    }
+}
+
+/// Decodes a JWT's header and claims without verifying (for assertions).
+pub fn decode_parts(token: &str) -> (Value, Value) {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let dec = |p: &str| -> Value {
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    (dec(parts.next().unwrap()), dec(parts.next().unwrap()))
+}

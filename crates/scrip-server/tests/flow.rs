@@ -1,0 +1,103 @@
+//! The happy path, end to end over HTTP: a workload identity starts a task,
+//! the task token buys access tokens, revocation ends it all.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn task_then_access_token() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(
+            &identity,
+            "github:read jira:write github:write",
+            "dev",
+            "fix JIRA-42 flaky test",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.body["issued_token_type"], TXN);
+    assert_eq!(r.body["token_type"], "N_A");
+    assert_eq!(r.body["scope"], "github:read github:write jira:write");
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&expires_in), "{expires_in}");
+    let task_token = r.body["access_token"].as_str().unwrap().to_owned();
+    let (h, c) = decode_parts(&task_token);
+    assert_eq!(h["typ"], "txntoken+jwt");
+    assert_eq!(h["alg"], "ES256");
+    assert!(h["kid"].is_string());
+    assert_eq!(c["iss"], s.url);
+    assert_eq!(c["aud"], s.url);
+    assert_eq!(c["sub"], "system:serviceaccount:agents:coder");
+    assert_eq!(c["scope"], "github:read github:write jira:write");
+    assert_eq!(c["tctx"]["purpose"], "fix JIRA-42 flaky test");
+    assert_eq!(c["tctx"]["environment"], "dev");
+    assert_eq!(c["tctx"]["depth"], 0);
+    assert!(c["txn"].is_string() && c["jti"].is_string());
+
+    let r = s.access_token(&task_token, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.body["token_type"], "Bearer");
+    assert_eq!(r.body["issued_token_type"], ACCESS);
+    assert_eq!(r.body["scope"], "read");
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!((290..=300).contains(&expires_in), "{expires_in}");
+    let at = r.body["access_token"].as_str().unwrap().to_owned();
+    let (ah, ac) = decode_parts(&at);
+    assert_eq!(ah["typ"], "at+jwt");
+    assert_eq!(ah["kid"], h["kid"]);
+    assert_eq!(ac["aud"], "github");
+    assert_eq!(ac["sub"], c["sub"]);
+    assert_eq!(ac["txn"], c["txn"]);
+    assert_eq!(ac["client_id"], c["sub"]);
+    assert_eq!(ac["iss"], s.url);
+    assert!(ac["exp"].as_u64().unwrap() <= c["exp"].as_u64().unwrap());
+    assert_ne!(ac["jti"], c["jti"]);
+
+    // Without scope: every action the task holds at the tool.
+    let r = s.access_token(&task_token, "github", None).await;
+    assert_eq!(r.body["scope"], "read write", "{}", r.text);
+    // By resource URI (RFC 8707).
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &task_token),
+                ("subject_token_type", TXN),
+                ("resource", "https://acme.atlassian.net"),
+                ("scope", "write"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, jc) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(jc["aud"], "jira");
+
+    // Introspection shows the claims.
+    let r = s.introspect(&at).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["active"], true);
+    assert_eq!(r.body["scope"], "read");
+    assert_eq!(r.body["txn"], c["txn"]);
+    assert_eq!(r.body["aud"], "github");
+
+    // Ending the task revokes everything under it.
+    let r = s.revoke(&task_token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(s.introspect(&at).await.body, json!({"active": false}));
+    assert_eq!(
+        s.introspect(&task_token).await.body,
+        json!({"active": false})
+    );
+    s.access_token(&task_token, "github", Some("read"))
+        .await
+        .assert_error(400, "invalid_request");
+    s.stop().await;
+}

@@ -1,0 +1,49 @@
+-- Tasks: one row per task, delegated or not.
+CREATE TABLE tasks (
+    id           TEXT PRIMARY KEY NOT NULL,
+    parent_id    TEXT REFERENCES tasks(id),
+    agent        TEXT NOT NULL,      -- the workload identity, JSON
+    actor        TEXT,               -- the RFC 8693 act chain, JSON
+    agent_iss    TEXT NOT NULL,
+    agent_sub    TEXT NOT NULL,
+    grants       TEXT NOT NULL,      -- canonical space-separated tool:action
+    purpose      TEXT NOT NULL,
+    environment  TEXT NOT NULL,
+    depth        INTEGER NOT NULL,
+    token_jti    TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,   -- seconds since the epoch
+    expires_at   INTEGER NOT NULL,
+    ended_at     INTEGER,
+    end_reason   TEXT
+) STRICT;
+CREATE INDEX tasks_parent ON tasks(parent_id);
+CREATE INDEX tasks_agent ON tasks(agent_sub, created_at);
+CREATE INDEX tasks_open_expiry ON tasks(expires_at) WHERE ended_at IS NULL;
+
+-- Individually revoked tokens, kept until they would have expired anyway.
+CREATE TABLE revoked_tokens (
+    jti          TEXT PRIMARY KEY NOT NULL,
+    task_id      TEXT NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    revoked_at   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX revoked_tokens_expiry ON revoked_tokens(expires_at);
+
+-- The decision and event record.
+CREATE TABLE audit (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms        INTEGER NOT NULL,
+    event        TEXT NOT NULL,
+    decision     TEXT,
+    agent_iss    TEXT,
+    agent_sub    TEXT,
+    task_id      TEXT,
+    parent_id    TEXT,
+    tool         TEXT,
+    jti          TEXT,
+    replica      TEXT NOT NULL,
+    record       TEXT NOT NULL       -- the whole record, JSON
+) STRICT;
+CREATE INDEX audit_task ON audit(task_id, seq);
+CREATE INDEX audit_agent ON audit(agent_sub, seq);
+CREATE INDEX audit_time ON audit(at_ms);

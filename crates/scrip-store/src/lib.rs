@@ -1,0 +1,54 @@
+//! The store: tasks, revoked tokens and the audit record, behind one trait.
+//!
+//! Writes go through [`Store::commit`], which returns only once the batch is
+//! durable (fsync'd). Backends group concurrent commits into one transaction
+//! (group commit), so a busy server pays one flush for many requests.
+//!
+//! Architecture invariant: a commit that returned `Ok` survives a crash; a
+//! commit that returned `Err` changed nothing. Callers therefore release a
+//! credential only after `commit` of its audit record returned `Ok`
+//! (security invariant 4), and a store that cannot write makes them fail
+//! closed.
+
+mod model;
+mod sqlite;
+
+pub use model::{AuditEvent, AuditFilter, TaskRecord, TaskState, Write};
+pub use sqlite::SqliteStore;
+
+/// A store failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be read or written now (disk full, read-only,
+    /// database down). Callers answer 503 and retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored row could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Open(String),
+}
+
+/// The operations scrip needs from persistent state.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Applies `writes` atomically and durably.
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+
+    /// The task with this id.
+    async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Whether the token with this `jti` was revoked on its own.
+    async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError>;
+
+    /// Open tasks whose deadline is at or before `now`, oldest first.
+    async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Ids of the open descendants of a task (children, grandchildren, ...).
+    async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Audit records matching `filter`, in order.
+    async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError>;
+}

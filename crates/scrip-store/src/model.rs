@@ -1,0 +1,164 @@
+//! What the store holds.
+
+use scrip_token::{Actor, WorkloadIdentity};
+use serde::{Deserialize, Serialize};
+
+/// A task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The task id (`txn`).
+    pub id: String,
+    /// The parent task, for a delegated task.
+    pub parent: Option<String>,
+    /// The agent that started the (root) task.
+    pub agent: WorkloadIdentity,
+    /// The delegation chain, current actor outermost.
+    pub actor: Option<Actor>,
+    /// The grants, canonical `tool:action` list.
+    pub grants: String,
+    /// The purpose.
+    pub purpose: String,
+    /// The environment.
+    pub environment: String,
+    /// Delegation depth.
+    pub depth: u32,
+    /// The `jti` of the task token.
+    pub token_jti: String,
+    /// Started at (seconds).
+    pub created_at: u64,
+    /// Deadline (seconds).
+    pub expires_at: u64,
+    /// Ended at, if ended.
+    pub ended_at: Option<u64>,
+    /// Why it ended (`revoked`, `expired`, `parent ended`).
+    pub end_reason: Option<String>,
+}
+
+/// Where a task stands at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Usable.
+    Active,
+    /// Ended (revoked or swept).
+    Ended,
+    /// Past its deadline.
+    Expired,
+}
+
+impl TaskRecord {
+    /// The task's state at `now`.
+    #[must_use]
+    pub fn state(&self, now: u64) -> TaskState {
+        if self.ended_at.is_some() {
+            TaskState::Ended
+        } else if now >= self.expires_at {
+            TaskState::Expired
+        } else {
+            TaskState::Active
+        }
+    }
+}
+
+/// One audit record. Never holds a token, key or secret: tokens are named by
+/// their `jti`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AuditEvent {
+    /// Sequence number, assigned by the store.
+    #[serde(default)]
+    pub seq: i64,
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    /// What happened (`task.started`, `token.issued`, `exchange.denied`, ...).
+    pub event: String,
+    /// `allow` or `deny`, for decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// The agent's issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_iss: Option<String>,
+    /// The agent's subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_sub: Option<String>,
+    /// The task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// Its parent task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The delegation chain (actor subjects, current first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// The tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// The actions or grants asked or issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions: Option<String>,
+    /// The task's environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// The task's purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// Policies that decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The `jti` of the token concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// The replica that wrote the record.
+    pub replica: String,
+}
+
+/// Which audit records to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this task.
+    pub task_id: Option<String>,
+    /// Only this agent subject.
+    pub agent_sub: Option<String>,
+    /// Only records after this sequence number.
+    pub after_seq: Option<i64>,
+    /// At most this many.
+    pub limit: Option<u32>,
+}
+
+/// One change, applied inside a [`crate::Store::commit`].
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new task.
+    InsertTask(Box<TaskRecord>),
+    /// End a task and every open descendant.
+    EndTask {
+        /// The task.
+        id: String,
+        /// When (seconds).
+        at: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Revoke one token.
+    RevokeToken {
+        /// The token's `jti`.
+        jti: String,
+        /// Its task.
+        task_id: String,
+        /// Its expiry (the entry is dropped after).
+        expires_at: u64,
+        /// When revoked.
+        at: u64,
+    },
+    /// Drop revocation entries of tokens that expired at or before `now`.
+    PurgeRevocations {
+        /// Seconds since the epoch.
+        now: u64,
+    },
+    /// An audit record.
+    Audit(Box<AuditEvent>),
+}

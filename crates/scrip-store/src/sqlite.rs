@@ -1,0 +1,377 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! One writer task owns the only write connection and applies every pending
+//! commit that has queued up while the previous transaction was flushing as
+//! one transaction: concurrent requests share a single fsync. Reads use a
+//! small pool of read-only connections, which WAL lets run beside the writer.
+//! After a failed write the writer drops its connection and opens a new one
+//! for the next batch, so the store recovers by itself once the disk does.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions as _, Connection as _, Row as _};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{AuditEvent, AuditFilter, Store, StoreError, TaskRecord, Write};
+
+/// Most commits folded into one transaction.
+const MAX_BATCH: usize = 512;
+/// Commits that may wait for the writer before callers are slowed down.
+const QUEUE: usize = 8192;
+
+struct Pending {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The embedded SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    reads: SqlitePool,
+    writer: mpsc::Sender<Pending>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies the
+    /// migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the file cannot be opened or migrated.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let mut conn = options
+            .connect()
+            .await
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut conn)
+            .await
+            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options.clone().read_only(true))
+            .await
+            .map_err(|e| StoreError::Open(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(writer(Some(conn), options, rx));
+        Ok(Self { reads, writer: tx })
+    }
+
+    /// An in-memory-like store in a fresh file under `dir`, for tests.
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`].
+    pub async fn open_in(dir: &Path) -> Result<Self, StoreError> {
+        Self::open(&dir.join("scrip.db")).await
+    }
+}
+
+async fn writer(
+    mut conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let all: Vec<&Write> = batch.iter().flat_map(|p| p.writes.iter()).collect();
+        match apply(&mut conn, &options, &all).await {
+            Ok(()) => {
+                for p in batch.drain(..) {
+                    let _ = p.done.send(Ok(()));
+                }
+            }
+            Err(e) if batch.len() > 1 => {
+                // Isolate the failing commit: each gets its own transaction.
+                tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying one by one");
+                for p in batch.drain(..) {
+                    let writes: Vec<&Write> = p.writes.iter().collect();
+                    let result = apply(&mut conn, &options, &writes).await;
+                    let _ = p.done.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed");
+                for p in batch.drain(..) {
+                    let _ = p.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn apply(
+    conn: &mut Option<SqliteConnection>,
+    options: &SqliteConnectOptions,
+    writes: &[&Write],
+) -> Result<(), StoreError> {
+    if conn.is_none() {
+        *conn = Some(options.connect().await.map_err(unavailable)?);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err(StoreError::Unavailable("no connection".into()));
+    };
+    let result = apply_on(c, writes).await;
+    if result.is_err() {
+        // Start afresh next time: the connection may be what is broken.
+        if let Some(c) = conn.take() {
+            let _ = c.close().await;
+        }
+    }
+    result
+}
+
+async fn apply_on(conn: &mut SqliteConnection, writes: &[&Write]) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await.map_err(unavailable)?;
+    for write in writes {
+        match write {
+            Write::InsertTask(t) => {
+                let agent = serde_json::to_string(&t.agent).map_err(unavailable)?;
+                let actor = t
+                    .actor
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(unavailable)?;
+                sqlx::query(
+                    "INSERT INTO tasks (id, parent_id, agent, actor, agent_iss, agent_sub, grants, purpose, \
+                     environment, depth, token_jti, created_at, expires_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&t.id)
+                .bind(&t.parent)
+                .bind(agent)
+                .bind(actor)
+                .bind(&t.agent.issuer)
+                .bind(&t.agent.subject)
+                .bind(&t.grants)
+                .bind(&t.purpose)
+                .bind(&t.environment)
+                .bind(i64::from(t.depth))
+                .bind(&t.token_jti)
+                .bind(to_i64(t.created_at))
+                .bind(to_i64(t.expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            Write::EndTask { id, at, reason } => {
+                sqlx::query(
+                    "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                     UPDATE tasks SET ended_at = ?2, end_reason = CASE WHEN id = ?1 THEN ?3 ELSE 'parent ended' END \
+                     WHERE id IN sub AND ended_at IS NULL",
+                )
+                .bind(id)
+                .bind(to_i64(*at))
+                .bind(reason)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            Write::RevokeToken {
+                jti,
+                task_id,
+                expires_at,
+                at,
+            } => {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(jti)
+                .bind(task_id)
+                .bind(to_i64(*expires_at))
+                .bind(to_i64(*at))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            Write::PurgeRevocations { now } => {
+                sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= ?")
+                    .bind(to_i64(*now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            Write::Audit(a) => {
+                let record = serde_json::to_string(a).map_err(unavailable)?;
+                sqlx::query(
+                    "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, record) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(to_i64(a.at_ms))
+                .bind(&a.event)
+                .bind(&a.decision)
+                .bind(&a.agent_iss)
+                .bind(&a.agent_sub)
+                .bind(&a.task_id)
+                .bind(&a.parent_id)
+                .bind(&a.tool)
+                .bind(&a.jti)
+                .bind(&a.replica)
+                .bind(record)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+        }
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
+    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    let agent: String = row.try_get("agent").map_err(corrupt)?;
+    let actor: Option<String> = row.try_get("actor").map_err(corrupt)?;
+    let ended_at: Option<i64> = row.try_get("ended_at").map_err(corrupt)?;
+    let depth: i64 = row.try_get("depth").map_err(corrupt)?;
+    Ok(TaskRecord {
+        id: row.try_get("id").map_err(corrupt)?,
+        parent: row.try_get("parent_id").map_err(corrupt)?,
+        agent: serde_json::from_str(&agent).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        actor: actor
+            .map(|a| serde_json::from_str(&a))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        grants: row.try_get("grants").map_err(corrupt)?,
+        purpose: row.try_get("purpose").map_err(corrupt)?,
+        environment: row.try_get("environment").map_err(corrupt)?,
+        depth: u32::try_from(depth).unwrap_or(u32::MAX),
+        token_jti: row.try_get("token_jti").map_err(corrupt)?,
+        created_at: to_u64(row.try_get("created_at").map_err(corrupt)?),
+        expires_at: to_u64(row.try_get("expires_at").map_err(corrupt)?),
+        ended_at: ended_at.map(to_u64),
+        end_reason: row.try_get("end_reason").map_err(corrupt)?,
+    })
+}
+
+macro_rules! task_columns {
+    () => {
+        "id, parent_id, agent, actor, grants, purpose, environment, depth, token_jti, \
+         created_at, expires_at, ended_at, end_reason"
+    };
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(Pending { writes, done })
+            .await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        wait.await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = ?")
+            .bind(jti)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.is_some())
+    }
+
+    async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE ended_at IS NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+        ))
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(task_from_row).collect()
+    }
+
+    async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "WITH RECURSIVE sub(id) AS (SELECT id FROM tasks WHERE parent_id = ?1 \
+             UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+             SELECT tasks.id FROM tasks JOIN sub ON tasks.id = sub.id WHERE tasks.ended_at IS NULL",
+        )
+        .bind(id)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                r.try_get::<String, _>("id")
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, record FROM audit WHERE (?1 IS NULL OR task_id = ?1) AND (?2 IS NULL OR agent_sub = ?2) \
+             AND seq > ?3 ORDER BY seq LIMIT ?4",
+        )
+        .bind(&filter.task_id)
+        .bind(&filter.agent_sub)
+        .bind(filter.after_seq.unwrap_or(0))
+        .bind(i64::from(filter.limit.unwrap_or(10_000)))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r
+                    .try_get("seq")
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let record: String = r
+                    .try_get("record")
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let mut event: AuditEvent = serde_json::from_str(&record)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                event.seq = seq;
+                Ok(event)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,114 @@
+//! The claims of the tokens scrip signs.
+//!
+//! Task tokens are shaped like OAuth Transaction Tokens (`txn`, `tctx`);
+//! access tokens follow RFC 9068. The delegation chain is the RFC 8693 §4.1
+//! `act` claim: the outermost actor is the current one.
+
+use serde::{Deserialize, Serialize};
+
+/// An actor in a delegation chain (RFC 8693 §4.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The actor's subject.
+    pub sub: String,
+    /// The issuer of the actor's workload identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// The actor before this one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The number of actors in this chain.
+    #[must_use]
+    pub fn depth(&self) -> u32 {
+        let mut depth = 1;
+        let mut cur = self;
+        while let Some(next) = cur.act.as_deref() {
+            depth += 1;
+            cur = next;
+        }
+        depth
+    }
+
+    /// The actors' subjects, current first.
+    #[must_use]
+    pub fn chain(&self) -> Vec<String> {
+        let mut out = vec![self.sub.clone()];
+        let mut cur = self;
+        while let Some(next) = cur.act.as_deref() {
+            out.push(next.sub.clone());
+            cur = next;
+        }
+        out
+    }
+}
+
+/// The task context (`tctx`) of a task token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskContext {
+    /// Why the task exists, as the agent said.
+    pub purpose: String,
+    /// Where it runs (`dev`, `prod`, ...).
+    pub environment: String,
+    /// Delegation depth: 0 for a task started by the agent itself.
+    pub depth: u32,
+    /// The issuer of the agent's workload identity.
+    pub agent_iss: String,
+    /// The parent task, for a delegated task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// The claims of a task token (`typ` `txntoken+jwt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskClaims {
+    /// scrip's issuer.
+    pub iss: String,
+    /// The agent: the subject of its workload identity.
+    pub sub: String,
+    /// scrip's issuer: a task token is only ever presented back to scrip.
+    pub aud: String,
+    /// Issued at (seconds since the epoch).
+    pub iat: u64,
+    /// Expiry: the task's deadline.
+    pub exp: u64,
+    /// Unique token id.
+    pub jti: String,
+    /// The task id.
+    pub txn: String,
+    /// The grants the task holds, space-separated `tool:action`.
+    pub scope: String,
+    /// The task context.
+    pub tctx: TaskContext,
+    /// The delegation chain, for a delegated task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+}
+
+/// The claims of an RFC 9068 access token (`typ` `at+jwt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// scrip's issuer.
+    pub iss: String,
+    /// The agent.
+    pub sub: String,
+    /// Exactly one tool.
+    pub aud: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Expiry: never after the task's.
+    pub exp: u64,
+    /// Unique token id.
+    pub jti: String,
+    /// The party the token was issued to: the current actor, else the agent.
+    pub client_id: String,
+    /// The actions granted at the tool, space-separated.
+    pub scope: String,
+    /// The task the token belongs to.
+    pub txn: String,
+    /// The delegation chain, for a token of a delegated task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+}

@@ -1,0 +1,225 @@
+//! A verified workload identity: who the agent is.
+//!
+//! The claims are those of a JWT that already passed verification; this
+//! module only reads them. Three shapes are recognised so that policies can
+//! use plain attribute names: Kubernetes service-account tokens, GitHub
+//! Actions OIDC tokens and SPIFFE JWT-SVIDs. Every scalar claim is also kept
+//! as a flat `name -> text` map (nested objects joined with `.`), which the
+//! policy engine exposes as Cedar tags.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The deepest nesting of claim objects that is flattened.
+const MAX_DEPTH: usize = 4;
+/// The most flattened claims kept.
+const MAX_CLAIMS: usize = 128;
+
+/// The recognised shape of a workload identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityKind {
+    /// A Kubernetes service-account token (`kubernetes.io` claim).
+    Kubernetes,
+    /// A GitHub Actions OIDC token (`repository` and `workflow` claims).
+    GithubActions,
+    /// A SPIFFE JWT-SVID (`sub` is a `spiffe://` id).
+    Spiffe,
+    /// An identity scrip's local attestation issued.
+    Local,
+    /// Any other JWT.
+    Generic,
+}
+
+impl IdentityKind {
+    /// The lowercase name Cedar sees.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kubernetes => "kubernetes",
+            Self::GithubActions => "github_actions",
+            Self::Spiffe => "spiffe",
+            Self::Local => "local",
+            Self::Generic => "jwt",
+        }
+    }
+}
+
+/// A verified workload identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadIdentity {
+    /// The issuer that vouched for it.
+    pub issuer: String,
+    /// Its subject.
+    pub subject: String,
+    /// Its recognised shape.
+    pub kind: IdentityKind,
+    /// Well-known attributes drawn from the claims (`repository`,
+    /// `namespace`, `service_account`, `trust_domain`, ...).
+    pub attributes: BTreeMap<String, String>,
+    /// Every scalar claim, flattened.
+    pub claims: BTreeMap<String, String>,
+}
+
+impl WorkloadIdentity {
+    /// Reads an identity from verified claims. `None` when `sub` is missing
+    /// or empty: an identity must name a subject.
+    #[must_use]
+    pub fn from_claims(issuer: &str, claims: &Map<String, Value>) -> Option<Self> {
+        let subject = claims.get("sub")?.as_str()?;
+        if subject.is_empty() {
+            return None;
+        }
+        let mut flat = BTreeMap::new();
+        flatten("", claims, 0, &mut flat);
+        let kind = detect(subject, &flat);
+        let attributes = well_known(kind, subject, &flat);
+        Some(Self {
+            issuer: issuer.to_owned(),
+            subject: subject.to_owned(),
+            kind,
+            attributes,
+            claims: flat,
+        })
+    }
+}
+
+fn flatten(
+    prefix: &str,
+    obj: &Map<String, Value>,
+    depth: usize,
+    out: &mut BTreeMap<String, String>,
+) {
+    for (k, v) in obj {
+        if out.len() >= MAX_CLAIMS {
+            return;
+        }
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::String(s) => {
+                out.insert(key, s.clone());
+            }
+            Value::Number(n) => {
+                out.insert(key, n.to_string());
+            }
+            Value::Bool(b) => {
+                out.insert(key, b.to_string());
+            }
+            Value::Object(inner) if depth < MAX_DEPTH => flatten(&key, inner, depth + 1, out),
+            _ => {}
+        }
+    }
+}
+
+fn detect(subject: &str, claims: &BTreeMap<String, String>) -> IdentityKind {
+    if claims.contains_key("kubernetes.io.namespace") {
+        IdentityKind::Kubernetes
+    } else if claims.contains_key("repository") && claims.contains_key("workflow") {
+        IdentityKind::GithubActions
+    } else if subject.starts_with("spiffe://") {
+        IdentityKind::Spiffe
+    } else if claims.get("scrip_attestation").is_some() {
+        IdentityKind::Local
+    } else {
+        IdentityKind::Generic
+    }
+}
+
+fn well_known(
+    kind: IdentityKind,
+    subject: &str,
+    c: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut copy = |to: &str, from: &str| {
+        if let Some(v) = c.get(from) {
+            out.insert(to.to_owned(), v.clone());
+        }
+    };
+    match kind {
+        IdentityKind::Kubernetes => {
+            copy("namespace", "kubernetes.io.namespace");
+            copy("service_account", "kubernetes.io.serviceaccount.name");
+            copy("pod", "kubernetes.io.pod.name");
+        }
+        IdentityKind::GithubActions => {
+            copy("repository", "repository");
+            copy("repository_owner", "repository_owner");
+            copy("ref", "ref");
+            copy("workflow", "workflow");
+            copy("actor", "actor");
+        }
+        IdentityKind::Spiffe => {
+            if let Some(rest) = subject.strip_prefix("spiffe://") {
+                let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+                out.insert("trust_domain".into(), domain.to_owned());
+                out.insert("spiffe_path".into(), format!("/{path}"));
+            }
+        }
+        IdentityKind::Local | IdentityKind::Generic => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn identity(claims: Value) -> WorkloadIdentity {
+        let Value::Object(map) = claims else {
+            panic!("not an object")
+        };
+        WorkloadIdentity::from_claims("https://issuer", &map).unwrap()
+    }
+
+    #[test]
+    fn kubernetes() {
+        let id = identity(json!({
+            "sub": "system:serviceaccount:agents:coder",
+            "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "coder", "uid": "u1"},
+                              "pod": {"name": "coder-7d9", "uid": "p1"}}
+        }));
+        assert_eq!(id.kind, IdentityKind::Kubernetes);
+        assert_eq!(id.attributes["namespace"], "agents");
+        assert_eq!(id.attributes["service_account"], "coder");
+        assert_eq!(id.claims["kubernetes.io.pod.uid"], "p1");
+    }
+
+    #[test]
+    fn github_actions() {
+        let id = identity(json!({
+            "sub": "repo:acme/web:ref:refs/heads/main", "repository": "acme/web",
+            "repository_owner": "acme", "workflow": "ci", "ref": "refs/heads/main", "run_id": 42
+        }));
+        assert_eq!(id.kind, IdentityKind::GithubActions);
+        assert_eq!(id.attributes["repository"], "acme/web");
+        assert_eq!(id.claims["run_id"], "42");
+    }
+
+    #[test]
+    fn spiffe() {
+        let id = identity(json!({"sub": "spiffe://prod.acme.com/ns/agents/sa/coder"}));
+        assert_eq!(id.kind, IdentityKind::Spiffe);
+        assert_eq!(id.attributes["trust_domain"], "prod.acme.com");
+        assert_eq!(id.attributes["spiffe_path"], "/ns/agents/sa/coder");
+    }
+
+    #[test]
+    fn subject_is_required() {
+        let Value::Object(map) = json!({"sub": ""}) else {
+            panic!()
+        };
+        assert!(WorkloadIdentity::from_claims("i", &map).is_none());
+        let Value::Object(map) = json!({"iss": "i"}) else {
+            panic!()
+        };
+        assert!(WorkloadIdentity::from_claims("i", &map).is_none());
+    }
+}

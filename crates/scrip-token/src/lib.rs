@@ -1,0 +1,78 @@
+//! The token model: what a grant, a scope, a task token and an access token
+//! are, as plain data with the parsing that guards them.
+//!
+//! Everything here is pure (no I/O, no clock, no keys) so that the rules that
+//! keep credentials narrow — a derived credential never has more grants, a
+//! later expiry or a wider audience than its source — can be tested
+//! exhaustively and reused by the server, the verifier and the client.
+//!
+//! Architecture invariant: a [`Grant`], [`ToolName`] or [`ActionName`] value is
+//! always well-formed; the only way to build one from untrusted text is its
+//! `parse` function.
+
+mod claims;
+mod identity;
+mod names;
+mod scope;
+
+pub use claims::{AccessClaims, Actor, TaskClaims, TaskContext};
+pub use identity::{IdentityKind, WorkloadIdentity};
+pub use names::{ActionName, NameError, ToolName};
+pub use scope::{ActionSet, Grant, GrantSet, ScopeError};
+
+/// RFC 8693 token type URIs that scrip speaks.
+pub mod token_type {
+    /// A JWT: a workload identity (subject or actor token).
+    pub const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+    /// A transaction token: scrip's task token.
+    pub const TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+    /// An OAuth access token.
+    pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+}
+
+/// The RFC 8693 grant type.
+pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+/// JOSE `typ` header values of the tokens scrip signs.
+pub mod typ {
+    /// Task tokens (shaped like OAuth Transaction Tokens).
+    pub const TASK: &str = "txntoken+jwt";
+    /// RFC 9068 access tokens.
+    pub const ACCESS: &str = "at+jwt";
+}
+
+/// Which of scrip's own tokens a verified JWT is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    /// A task token (`typ` `txntoken+jwt`).
+    Task,
+    /// An access token (`typ` `at+jwt`).
+    Access,
+}
+
+impl TokenKind {
+    /// The JOSE `typ` header this kind of token carries.
+    #[must_use]
+    pub fn typ(self) -> &'static str {
+        match self {
+            Self::Task => typ::TASK,
+            Self::Access => typ::ACCESS,
+        }
+    }
+
+    /// A short lowercase name for logs and audit records.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Task => "task",
+            Self::Access => "access",
+        }
+    }
+}
+
+/// The expiry of a derived credential: `now + ttl`, but never after the
+/// expiry of what it is derived from (invariant 3).
+#[must_use]
+pub fn derived_expiry(now: u64, ttl: u64, ceiling: u64) -> u64 {
+    now.saturating_add(ttl).min(ceiling)
+}
