@@ -1,6 +1,14 @@
 //! The happy path, end to end over HTTP: a workload identity starts a task,
 //! the task token buys access tokens, revocation ends it all.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 mod common;
 
 use common::*;
