@@ -177,10 +177,10 @@ fn policy(command: PolicyCommand) -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return fail(e),
             };
-            if let Some(config) = &config {
-                if let Err(e) = engine.check_tools(&config.tools) {
-                    return fail(e);
-                }
+            if let Some(config) = &config
+                && let Err(e) = engine.check_tools(&config.tools)
+            {
+                return fail(e);
             }
             println!(
                 "ok: {} policies in `{}` validate",

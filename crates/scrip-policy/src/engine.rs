@@ -102,9 +102,10 @@ impl std::fmt::Debug for PolicyEngine {
     }
 }
 
-fn read_dir_files(
-    dir: &Path,
-) -> Result<(Vec<(String, String)>, Option<(String, String)>), PolicyError> {
+/// A file's name and text.
+type Source = (String, String);
+
+fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| PolicyError::Io { path, source }

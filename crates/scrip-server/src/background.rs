@@ -146,10 +146,10 @@ async fn sweep_loop(state: AppState) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read due tasks; will retry"),
         }
-        if ticks % 60 == 0 {
-            if let Err(e) = st.store.commit(vec![Write::PurgeRevocations { now }]).await {
-                tracing::warn!(error = %e, "could not purge expired revocations");
-            }
+        if ticks.is_multiple_of(60)
+            && let Err(e) = st.store.commit(vec![Write::PurgeRevocations { now }]).await
+        {
+            tracing::warn!(error = %e, "could not purge expired revocations");
         }
     }
 }

@@ -169,6 +169,9 @@ pub struct TestServer {
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A change to the test server's configuration.
+pub type ConfigEdit = Box<dyn FnOnce(&mut Config) + Send>;
+
 /// How to build a test server.
 pub struct Options {
     pub algorithm: SigningAlgorithm,
@@ -176,7 +179,7 @@ pub struct Options {
     pub extra_policies: Vec<(String, String)>,
     pub task_ttl: u64,
     pub access_token_ttl: u64,
-    pub edit: Option<Box<dyn FnOnce(&mut Config) + Send>>,
+    pub edit: Option<ConfigEdit>,
 }
 
 impl Default for Options {
