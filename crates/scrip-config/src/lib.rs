@@ -392,9 +392,7 @@ mod tests {
     use super::*;
 
     fn check(toml: &str, expected_error: Option<&str>) {
-        let result = Config::from_toml(toml)
-            .map_err(|e| e)
-            .and_then(|c| c.validate().map_err(|e| e.to_string()));
+        let result = Config::from_toml(toml).and_then(|c| c.validate().map_err(|e| e.to_string()));
         match (result, expected_error) {
             (Ok(()), None) => {}
             (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} does not contain {want:?}"),

@@ -250,6 +250,6 @@ mod tests {
             ActionSet::parse("write read").map(|s| s.to_string()),
             Ok("read write".to_owned())
         );
-        assert_eq!(ActionSet::parse("read\twrite").is_err(), true);
+        assert!(ActionSet::parse("read\twrite").is_err());
     }
 }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up and runs every test of scrip, on a fresh machine or a used one:
+# formatting, lints, unit and integration tests (which start real scrip
+# servers on ephemeral ports), and the shipped policy examples.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest" >&2
+  cargo install cargo-nextest --locked
+fi
+
+echo "== format" >&2
+cargo fmt --all --check
+echo "== lints" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests" >&2
+cargo nextest run --workspace --locked --no-fail-fast
+echo "== shipped policy examples" >&2
+cargo run -q -p scrip-cli --locked -- policy test policies/examples.test.toml --policies policies
