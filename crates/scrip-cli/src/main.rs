@@ -4,6 +4,8 @@
 //! Exit codes: 0 success, 1 failure (a refused configuration, a failed policy
 //! test, a server error), 2 a usage error (from clap).
 
+mod audit;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -59,6 +61,44 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Verify, query and export the audit trail.
+    ///
+    /// These read the store in the configuration's data_dir and work while
+    /// the server runs.
+    Audit {
+        /// The configuration file (to find the store).
+        #[arg(long, short, global = true, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chains and signed checkpoints of the audit trail.
+    ///
+    /// Detects an edited, deleted, inserted, reordered or truncated record
+    /// and names it. Exits 0 when everything verifies, 1 otherwise.
+    Verify {
+        /// The checkpoint public key (a JWK or JWKS, as served at
+        /// /audit/keys); default: derived from the key in data_dir.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Show audit records, filtered, as a table or JSON lines.
+    Query(audit::QueryArgs),
+    /// Stream audit records as JSON lines from a cursor, for a SIEM.
+    ///
+    /// Each line has a `seq`; pass the last one seen as --after to resume.
+    Export {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Keep waiting for new records.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,7 +147,7 @@ fn init_logging(format: LogFormat) {
     clippy::print_stderr,
     reason = "the binary reports fatal errors on stderr"
 )]
-fn fail(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("scrip: {message}");
     ExitCode::FAILURE
 }
@@ -120,6 +160,15 @@ fn main() -> ExitCode {
             serve(config.as_deref())
         }
         Command::Policy { command } => policy(command),
+        Command::Audit { config, command } => match command {
+            AuditCommand::Verify { public_key } => {
+                audit::verify(config.as_deref(), public_key.as_ref())
+            }
+            AuditCommand::Query(args) => audit::query(config.as_deref(), &args),
+            AuditCommand::Export { after, follow } => {
+                audit::export(config.as_deref(), after, follow)
+            }
+        },
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Config {
     pub max_delegation_depth: u32,
     /// Seconds between checks of `policy_dir` for changes (0: only SIGHUP).
     pub policy_poll_interval: u64,
+    /// Seconds between signed checkpoints of the audit chain.
+    pub audit_checkpoint_interval: u64,
     /// Federated workload identity issuers.
     pub trusted_issuers: Vec<TrustedIssuer>,
     /// Tools agents may get tokens for.
@@ -93,6 +95,7 @@ impl Default for Config {
             clock_skew: 30,
             max_delegation_depth: 3,
             policy_poll_interval: 2,
+            audit_checkpoint_interval: 5,
             trusted_issuers: Vec::new(),
             tools: Vec::new(),
         }
@@ -254,6 +257,9 @@ impl Config {
         }
         if self.task_ttl > self.max_task_ttl {
             return invalid("task_ttl must not exceed max_task_ttl");
+        }
+        if self.audit_checkpoint_interval == 0 {
+            return invalid("audit_checkpoint_interval must be positive");
         }
         if self.clock_skew > 300 {
             return invalid("clock_skew must be at most 300 seconds");

@@ -81,12 +81,20 @@ impl From<jsonwebtoken::errors::Error> for JoseError {
                 Self::AlgorithmNotAllowed("mismatch".into())
             }
             K::MissingRequiredClaim(c) => Self::MissingClaim(c.clone()),
+            K::InvalidClaimFormat(_) | K::InvalidSubject => Self::BadClaims,
             K::Json(_) | K::Utf8(_) | K::Base64(_) | K::InvalidToken => {
-                Self::Malformed("claims do not decode")
+                Self::Malformed("a part does not decode")
             }
-            K::InvalidEcdsaKey | K::InvalidRsaKey(_) | K::InvalidKeyFormat => {
-                Self::Key("key is not usable for this algorithm".into())
+            K::InvalidEcdsaKey
+            | K::InvalidEddsaKey
+            | K::InvalidRsaKey(_)
+            | K::InvalidKeyFormat
+            | K::UnsupportedAlgorithm
+            | K::MissingAlgorithm => Self::Key("key is not usable for this algorithm".into()),
+            K::Provider(_) | K::RsaFailedSigning | K::Signing(_) => {
+                Self::Crypto("verification failed")
             }
+            // ErrorKind is non-exhaustive: anything new refuses the token.
             _ => Self::BadSignature,
         }
     }

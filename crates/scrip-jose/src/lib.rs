@@ -22,7 +22,7 @@ mod verify;
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
 pub use keyset::KeySet;
-pub use sign::{SigningAlgorithm, SigningKey};
+pub use sign::{SigningAlgorithm, SigningKey, verify_detached};
 pub use verify::{Expectations, TypRule, Verified, verify};
 
 use base64::Engine as _;

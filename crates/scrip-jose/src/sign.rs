@@ -261,6 +261,15 @@ impl SigningKey {
         Ok(out)
     }
 
+    /// Signs `msg` itself (a detached signature, not a JWS): used for audit
+    /// checkpoints. Verify with [`verify_detached`].
+    ///
+    /// # Errors
+    /// [`JoseError::Crypto`] when signing fails.
+    pub fn sign_detached(&self, msg: &[u8]) -> Result<String, JoseError> {
+        self.sign_raw(msg).map(|s| b64(&s))
+    }
+
     fn sign_raw(&self, msg: &[u8]) -> Result<Vec<u8>, JoseError> {
         match &self.inner {
             Inner::Ec(k) => Ok(k
@@ -276,5 +285,48 @@ impl SigningKey {
                 Ok(sig)
             }
         }
+    }
+}
+
+/// Verifies a detached signature made by [`SigningKey::sign_detached`] with
+/// the key of public JWK `jwk` (Ed25519 or ES256).
+#[must_use]
+pub fn verify_detached(jwk: &serde_json::Value, msg: &[u8], signature_b64: &str) -> bool {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ED25519, UnparsedPublicKey};
+    use base64::Engine as _;
+    let dec = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str).and_then(|s| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .ok()
+        })
+    };
+    let Some(sig) = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(signature_b64)
+        .ok()
+    else {
+        return false;
+    };
+    match (
+        jwk.get("kty").and_then(|v| v.as_str()),
+        jwk.get("crv").and_then(|v| v.as_str()),
+    ) {
+        (Some("OKP"), Some("Ed25519")) => dec(jwk.get("x")).is_some_and(|x| {
+            UnparsedPublicKey::new(&ED25519, x)
+                .verify(msg, &sig)
+                .is_ok()
+        }),
+        (Some("EC"), Some("P-256")) => match (dec(jwk.get("x")), dec(jwk.get("y"))) {
+            (Some(x), Some(y)) => {
+                let mut point = vec![4u8];
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+                    .verify(msg, &sig)
+                    .is_ok()
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }

@@ -28,10 +28,11 @@ impl Background {
 }
 
 /// Starts the background tasks.
-pub fn spawn(state: AppState) -> Background {
-    let reload = tokio::spawn(reload_loop(state.clone()));
-    let sweep = tokio::spawn(sweep_loop(state));
-    Background(vec![reload, sweep])
+pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Background {
+    let reload = tokio::spawn(reload_loop(state.clone(), hangup));
+    let sweep = tokio::spawn(sweep_loop(state.clone()));
+    let seal = tokio::spawn(checkpoint_loop(state));
+    Background(vec![reload, sweep, seal])
 }
 
 /// A fingerprint of the policy directory: names, sizes and modification
@@ -55,12 +56,11 @@ fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> 
     out
 }
 
-async fn reload_loop(state: AppState) {
+async fn reload_loop(state: AppState, mut hup: Option<tokio::signal::unix::Signal>) {
     let st = &state.0;
     let dir = st.config.policy_dir.clone();
     let mut last = fingerprint(&dir);
     let interval = st.config.policy_poll_interval;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         let by_signal = tokio::select! {
             () = async {
@@ -151,5 +151,51 @@ async fn sweep_loop(state: AppState) {
         {
             tracing::warn!(error = %e, "could not purge expired revocations");
         }
+    }
+}
+
+async fn checkpoint_loop(state: AppState) {
+    let interval = Duration::from_secs(state.0.config.audit_checkpoint_interval);
+    loop {
+        tokio::time::sleep(interval).await;
+        checkpoint(&state.0).await;
+    }
+}
+
+/// Signs and stores a checkpoint of this writer's chain head, if it moved
+/// since the last one.
+pub(crate) async fn checkpoint(st: &Inner) {
+    let Some(head) = st.store.chain_head() else {
+        return;
+    };
+    let last = st.last_checkpoint.lock().ok().and_then(|l| *l);
+    if last == Some(head.chain_seq) {
+        return;
+    }
+    let at_ms = crate::state::now_ms();
+    let message =
+        scrip_store::Checkpoint::message(&head.chain_id, head.chain_seq, &head.hash, at_ms);
+    let signature = match st.checkpoint_key.sign_detached(&message) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign an audit checkpoint");
+            return;
+        }
+    };
+    let c = scrip_store::Checkpoint {
+        chain_id: head.chain_id,
+        chain_seq: head.chain_seq,
+        hash: head.hash,
+        at_ms,
+        signature,
+    };
+    let seq = c.chain_seq;
+    match st.store.commit(vec![Write::Checkpoint(Box::new(c))]).await {
+        Ok(()) => {
+            if let Ok(mut l) = st.last_checkpoint.lock() {
+                *l = Some(seq);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not store an audit checkpoint; will retry"),
     }
 }

@@ -8,7 +8,9 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -21,6 +23,7 @@ use crate::state::{AppState, Inner, OwnToken, now};
 /// `POST /introspect`.
 pub async fn introspect_endpoint(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -28,6 +31,9 @@ pub async fn introspect_endpoint(
     let caller = match bearer(&headers) {
         Some(token) => match st.identities.verify(token).await {
             Ok(identity) => identity,
+            Err(scrip_identity::IdentityError::KeysUnavailable) => {
+                return OAuthError::temporarily_unavailable().into_response();
+            }
             Err(e) => {
                 return OAuthError::invalid_token(format!("caller identity: {e}")).into_response();
             }
@@ -42,16 +48,13 @@ pub async fn introspect_endpoint(
     let result = async {
         let form = Form::read(&headers, body).await?;
         let token = form.require("token")?;
-        introspect(st, token).await
+        let body = introspect(st, token).await?;
+        record(st, &caller, &body, peer).await?;
+        Ok::<_, OAuthError>(body)
     }
     .await;
     match result {
         Ok(body) => {
-            let active = body
-                .get("active")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            tracing::debug!(caller = %caller.subject, active, "introspection");
             let mut r = Json(body).into_response();
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -59,6 +62,31 @@ pub async fn introspect_endpoint(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// Audits the introspection: who asked, about which token, and the answer.
+async fn record(
+    st: &Inner,
+    caller: &scrip_token::WorkloadIdentity,
+    body: &Value,
+    peer: SocketAddr,
+) -> Result<(), OAuthError> {
+    let active = body.get("active").and_then(Value::as_bool).unwrap_or(false);
+    let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
+    let mut a = st.audit("token.introspected");
+    a.agent_iss = Some(caller.issuer.clone());
+    a.agent_sub = Some(caller.subject.clone());
+    a.task_id = text("txn");
+    a.jti = text("jti");
+    a.tool = text("aud").filter(|aud| *aud != st.issuer);
+    a.actions = text("scope");
+    a.decision = Some(if active { "allow" } else { "deny" }.into());
+    a.reason = Some(if active { "active" } else { "inactive" }.into());
+    a.client = Some(peer.to_string());
+    st.store
+        .commit(vec![scrip_store::Write::Audit(Box::new(a))])
+        .await?;
+    Ok(())
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

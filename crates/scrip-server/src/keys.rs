@@ -100,12 +100,38 @@ pub fn load_or_create(
     alg: SigningAlgorithm,
     now: u64,
 ) -> Result<Loaded, KeyError> {
+    let name = format!("signing-{}", alg.as_str().to_ascii_lowercase());
+    load_or_create_named(data_dir, &name, alg, now)
+}
+
+/// The audit checkpoint key (Ed25519), `<data_dir>/keys/audit-checkpoint.json`.
+///
+/// # Errors
+/// As [`load_or_create`].
+pub fn load_or_create_checkpoint_key(data_dir: &Path, now: u64) -> Result<Loaded, KeyError> {
+    load_or_create_named(data_dir, "audit-checkpoint", SigningAlgorithm::EdDSA, now)
+}
+
+/// Reads the audit checkpoint key without creating it.
+///
+/// # Errors
+/// As [`load_or_create`]; a missing file is [`KeyError::Io`].
+pub fn read_checkpoint_key(data_dir: &Path) -> Result<SigningKey, KeyError> {
+    read_key(
+        &data_dir.join("keys/audit-checkpoint.json"),
+        SigningAlgorithm::EdDSA,
+    )
+}
+
+fn load_or_create_named(
+    data_dir: &Path,
+    name: &str,
+    alg: SigningAlgorithm,
+    now: u64,
+) -> Result<Loaded, KeyError> {
     let dir = data_dir.join("keys");
     ensure_private_dir(&dir)?;
-    let path = dir.join(format!(
-        "signing-{}.json",
-        alg.as_str().to_ascii_lowercase()
-    ));
+    let path = dir.join(format!("{name}.json"));
     if path.exists() {
         let key = read_key(&path, alg)?;
         return Ok(Loaded {

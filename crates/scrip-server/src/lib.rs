@@ -11,6 +11,7 @@
 //! store has durably committed the audit record of the decision that issued
 //! it; any store failure answers 503 `temporarily_unavailable`.
 
+pub mod audit;
 mod background;
 mod error;
 mod exchange;
@@ -82,6 +83,8 @@ pub mod paths {
     pub const INTROSPECT: &str = "/introspect";
     /// The JWKS.
     pub const JWKS: &str = "/jwks";
+    /// The public key of the audit checkpoints (a JWKS).
+    pub const AUDIT_KEYS: &str = "/audit/keys";
 }
 
 /// A bound, fully checked server, ready to [`run`](Server::run).
@@ -89,6 +92,9 @@ pub mod paths {
 pub struct Server {
     listener: tokio::net::TcpListener,
     state: AppState,
+    /// Installed at bind, so a SIGHUP during start-up reloads instead of
+    /// killing the process.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
@@ -114,6 +120,7 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
             scrip_token::token_type::TXN_TOKEN,
         ],
         "access_token_signing_alg_values_supported": [config.signing_algorithm.as_str()],
+        "scrip_audit_checkpoint_keys_uri": format!("{issuer}{}", paths::AUDIT_KEYS),
     })
 }
 
@@ -145,6 +152,7 @@ impl Server {
             Arc::new(SqliteStore::open(&config.data_dir.join("scrip.db")).await?);
         let loaded =
             keys::load_or_create(&config.data_dir, config.signing_algorithm, state::now())?;
+        let checkpoint = keys::load_or_create_checkpoint_key(&config.data_dir, state::now())?;
         let policy = PolicyEngine::load(&config.policy_dir)?;
         policy.check_tools(&config.tools)?;
         let identities =
@@ -168,6 +176,12 @@ impl Server {
             a.reason = Some(format!("{} signing key created", loaded.key.algorithm()));
             startup.push(Write::Audit(Box::new(a)));
         }
+        if checkpoint.created {
+            let mut a = audit_record(&replica, "key.created");
+            a.jti = Some(checkpoint.key.kid().to_owned());
+            a.reason = Some("audit checkpoint key created".into());
+            startup.push(Write::Audit(Box::new(a)));
+        }
         let mut a = audit_record(&replica, "policy.loaded");
         a.reason = Some(format!(
             "{} policies from `{}`",
@@ -185,6 +199,8 @@ impl Server {
             self_audience: vec![issuer.clone()],
             own_algorithms: vec![config.signing_algorithm.to_jwt()],
             signer: loaded.key,
+            checkpoint_key: checkpoint.key,
+            last_checkpoint: std::sync::Mutex::new(None),
             own_keys,
             jwks_body,
             metadata_body,
@@ -197,9 +213,11 @@ impl Server {
             issuer,
             config,
         };
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Self {
             listener,
             state: AppState(Arc::new(inner)),
+            hangup,
         })
     }
 
@@ -232,13 +250,16 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let background = background::spawn(self.state.clone());
+        let background = background::spawn(self.state.clone(), self.hangup);
+        let state = self.state.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(StartError::Serve);
         background.abort();
+        // Seal what this process wrote.
+        background::checkpoint(&state.0).await;
         result
     }
 }
@@ -280,9 +301,15 @@ fn json_body(body: String) -> axum::response::Response {
 pub fn router(state: AppState) -> Router {
     let metadata = state.0.metadata_body.clone();
     let jwks = state.0.jwks_body.clone();
+    let audit_keys =
+        serde_json::json!({ "keys": [state.0.checkpoint_key.public_jwk()] }).to_string();
     Router::new()
         .route(paths::METADATA, get(move || async move { json_body(metadata) }))
         .route(paths::JWKS, get(move || async move { json_body(jwks) }))
+        .route(
+            paths::AUDIT_KEYS,
+            get(move || async move { json_body(audit_keys) }),
+        )
         .route(paths::TOKEN, post(exchange::token_endpoint))
         .route(paths::REVOKE, post(revoke::revoke_endpoint))
         .route(paths::INTROSPECT, post(introspect::introspect_endpoint))

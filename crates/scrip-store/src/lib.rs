@@ -10,9 +10,11 @@
 //! (security invariant 4), and a store that cannot write makes them fail
 //! closed.
 
+mod chain;
 mod model;
 mod sqlite;
 
+pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
 pub use model::{AuditEvent, AuditFilter, TaskRecord, TaskState, Write};
 pub use sqlite::SqliteStore;
 
@@ -51,4 +53,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Audit records matching `filter`, in order.
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Raw audit rows after `after_seq`, in order, for verification.
+    async fn audit_rows(&self, after_seq: i64, limit: u32)
+    -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// The links of every chain's first record (`chain.started`).
+    async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError>;
+
+    /// Every signed checkpoint.
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// The head of this writer's chain, once it has written a record.
+    fn chain_head(&self) -> Option<ChainLink>;
 }

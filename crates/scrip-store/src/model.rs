@@ -63,9 +63,24 @@ impl TaskRecord {
 /// their `jti`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct AuditEvent {
-    /// Sequence number, assigned by the store.
-    #[serde(default)]
+    /// Sequence number, assigned by the store (not part of the hashed record).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub seq: i64,
+    /// The record's hash, filled in when read (not part of the hashed record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// The writer's chain, assigned by the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_id: Option<String>,
+    /// Position in the chain, assigned by the store.
+    #[serde(default)]
+    pub chain_seq: u64,
+    /// Hash of the record before it in the chain, assigned by the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_hash: Option<String>,
+    /// For a chain's first record: the heads of the chains already stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::ChainLink>,
     /// Milliseconds since the epoch.
     pub at_ms: u64,
     /// What happened (`task.started`, `token.issued`, `exchange.denied`, ...).
@@ -116,6 +131,14 @@ pub struct AuditEvent {
     pub replica: String,
 }
 
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
 /// Which audit records to read.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -123,6 +146,14 @@ pub struct AuditFilter {
     pub task_id: Option<String>,
     /// Only this agent subject.
     pub agent_sub: Option<String>,
+    /// Only this tool.
+    pub tool: Option<String>,
+    /// Only this decision (`allow` or `deny`).
+    pub decision: Option<String>,
+    /// Only records at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Only records before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
     /// Only records after this sequence number.
     pub after_seq: Option<i64>,
     /// At most this many.
@@ -159,6 +190,8 @@ pub enum Write {
         /// Seconds since the epoch.
         now: u64,
     },
-    /// An audit record.
+    /// An audit record; the store chains it.
     Audit(Box<AuditEvent>),
+    /// A signed checkpoint of a chain's head.
+    Checkpoint(Box<crate::Checkpoint>),
 }

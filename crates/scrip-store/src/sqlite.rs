@@ -17,7 +17,13 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions as _, Connection as _, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AuditEvent, AuditFilter, Store, StoreError, TaskRecord, Write};
+use std::sync::{Arc, Mutex};
+
+use crate::chain::ChainState;
+use crate::{
+    AuditEvent, AuditFilter, ChainLink, Checkpoint, Store, StoreError, StoredRecord, TaskRecord,
+    Write,
+};
 
 /// Most commits folded into one transaction.
 const MAX_BATCH: usize = 512;
@@ -34,6 +40,7 @@ struct Pending {
 pub struct SqliteStore {
     reads: SqlitePool,
     writer: mpsc::Sender<Pending>,
+    head: Arc<Mutex<Option<ChainLink>>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -77,8 +84,14 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(writer(Some(conn), options, rx));
-        Ok(Self { reads, writer: tx })
+        let chain = ChainState::new(new_chain_id()?);
+        let head = Arc::new(Mutex::new(None));
+        tokio::spawn(writer(Some(conn), options, rx, chain, head.clone()));
+        Ok(Self {
+            reads,
+            writer: tx,
+            head,
+        })
     }
 
     /// An in-memory-like store in a fresh file under `dir`, for tests.
@@ -90,10 +103,20 @@ impl SqliteStore {
     }
 }
 
+fn new_chain_id() -> Result<String, StoreError> {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| StoreError::Open("random generator failed".into()))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
 async fn writer(
     mut conn: Option<SqliteConnection>,
     options: SqliteConnectOptions,
     mut rx: mpsc::Receiver<Pending>,
+    mut chain: ChainState,
+    head: Arc<Mutex<Option<ChainLink>>>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
@@ -105,8 +128,9 @@ async fn writer(
             }
         }
         let all: Vec<&Write> = batch.iter().flat_map(|p| p.writes.iter()).collect();
-        match apply(&mut conn, &options, &all).await {
+        match apply(&mut conn, &options, &all, &mut chain).await {
             Ok(()) => {
+                publish(&head, &chain);
                 for p in batch.drain(..) {
                     let _ = p.done.send(Ok(()));
                 }
@@ -116,7 +140,8 @@ async fn writer(
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying one by one");
                 for p in batch.drain(..) {
                     let writes: Vec<&Write> = p.writes.iter().collect();
-                    let result = apply(&mut conn, &options, &writes).await;
+                    let result = apply(&mut conn, &options, &writes, &mut chain).await;
+                    publish(&head, &chain);
                     let _ = p.done.send(result);
                 }
             }
@@ -130,10 +155,19 @@ async fn writer(
     }
 }
 
+fn publish(head: &Mutex<Option<ChainLink>>, chain: &ChainState) {
+    if let Ok(mut h) = head.lock() {
+        *h = chain.link();
+    }
+}
+
+/// Applies `writes` in one transaction; `chain` advances only when it
+/// commits.
 async fn apply(
     conn: &mut Option<SqliteConnection>,
     options: &SqliteConnectOptions,
     writes: &[&Write],
+    chain: &mut ChainState,
 ) -> Result<(), StoreError> {
     if conn.is_none() {
         *conn = Some(options.connect().await.map_err(unavailable)?);
@@ -141,18 +175,102 @@ async fn apply(
     let Some(c) = conn.as_mut() else {
         return Err(StoreError::Unavailable("no connection".into()));
     };
-    let result = apply_on(c, writes).await;
-    if result.is_err() {
+    let mut working = chain.clone();
+    let result = apply_on(c, writes, &mut working).await;
+    if result.is_ok() {
+        *chain = working;
+    } else if let Some(c) = conn.take() {
         // Start afresh next time: the connection may be what is broken.
-        if let Some(c) = conn.take() {
-            let _ = c.close().await;
-        }
+        let _ = c.close().await;
     }
     result
 }
 
-async fn apply_on(conn: &mut SqliteConnection, writes: &[&Write]) -> Result<(), StoreError> {
+async fn insert_audit(
+    tx: &mut SqliteConnection,
+    event: &AuditEvent,
+    chain: &mut ChainState,
+) -> Result<(), StoreError> {
+    let (e, record, hash) = chain.append(event).map_err(unavailable)?;
+    sqlx::query(
+        "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, \
+         chain_id, chain_seq, hash, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(to_i64(e.at_ms))
+    .bind(&e.event)
+    .bind(&e.decision)
+    .bind(&e.agent_iss)
+    .bind(&e.agent_sub)
+    .bind(&e.task_id)
+    .bind(&e.parent_id)
+    .bind(&e.tool)
+    .bind(&e.jti)
+    .bind(&e.replica)
+    .bind(&chain.id)
+    .bind(to_i64(chain.seq))
+    .bind(hash)
+    .bind(record)
+    .execute(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// The head of every chain in the store.
+async fn chain_heads(tx: &mut SqliteConnection) -> Result<Vec<ChainLink>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT a.chain_id, a.chain_seq, a.hash FROM audit a \
+         JOIN (SELECT chain_id, MAX(chain_seq) AS m FROM audit GROUP BY chain_id) h \
+         ON a.chain_id = h.chain_id AND a.chain_seq = h.m ORDER BY a.seq",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    rows.iter()
+        .map(|r| {
+            Ok(ChainLink {
+                chain_id: r.try_get("chain_id").map_err(corrupt)?,
+                chain_seq: to_u64(r.try_get("chain_seq").map_err(corrupt)?),
+                hash: r.try_get("hash").map_err(corrupt)?,
+            })
+        })
+        .collect()
+}
+
+/// The first record of a chain: links to every chain already stored, so a
+/// truncated older chain is detected.
+async fn genesis(
+    tx: &mut SqliteConnection,
+    writes: &[&Write],
+    chain: &mut ChainState,
+) -> Result<(), StoreError> {
+    let Some(first) = writes.iter().find_map(|w| match w {
+        Write::Audit(a) => Some(a),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let links = chain_heads(tx).await?;
+    let event = AuditEvent {
+        event: "chain.started".into(),
+        at_ms: first.at_ms,
+        replica: first.replica.clone(),
+        links,
+        ..AuditEvent::default()
+    };
+    insert_audit(tx, &event, chain).await
+}
+
+async fn apply_on(
+    conn: &mut SqliteConnection,
+    writes: &[&Write],
+    chain: &mut ChainState,
+) -> Result<(), StoreError> {
     let mut tx = conn.begin().await.map_err(unavailable)?;
+    if chain.seq == 0 {
+        genesis(&mut tx, writes, chain).await?;
+    }
     for write in writes {
         match write {
             Write::InsertTask(t) => {
@@ -222,23 +340,16 @@ async fn apply_on(conn: &mut SqliteConnection, writes: &[&Write]) -> Result<(), 
                     .await
                     .map_err(unavailable)?;
             }
-            Write::Audit(a) => {
-                let record = serde_json::to_string(a).map_err(unavailable)?;
+            Write::Audit(a) => insert_audit(&mut tx, a, chain).await?,
+            Write::Checkpoint(c) => {
                 sqlx::query(
-                    "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, record) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) VALUES (?, ?, ?, ?, ?)",
                 )
-                .bind(to_i64(a.at_ms))
-                .bind(&a.event)
-                .bind(&a.decision)
-                .bind(&a.agent_iss)
-                .bind(&a.agent_sub)
-                .bind(&a.task_id)
-                .bind(&a.parent_id)
-                .bind(&a.tool)
-                .bind(&a.jti)
-                .bind(&a.replica)
-                .bind(record)
+                .bind(&c.chain_id)
+                .bind(to_i64(c.chain_seq))
+                .bind(&c.hash)
+                .bind(to_i64(c.at_ms))
+                .bind(&c.signature)
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
@@ -349,29 +460,106 @@ impl Store for SqliteStore {
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, record FROM audit WHERE (?1 IS NULL OR task_id = ?1) AND (?2 IS NULL OR agent_sub = ?2) \
-             AND seq > ?3 ORDER BY seq LIMIT ?4",
+            "SELECT seq, hash, record FROM audit WHERE seq > ?1 \
+             AND (?2 IS NULL OR task_id = ?2) AND (?3 IS NULL OR agent_sub = ?3) \
+             AND (?4 IS NULL OR tool = ?4) AND (?5 IS NULL OR decision = ?5) \
+             AND (?6 IS NULL OR at_ms >= ?6) AND (?7 IS NULL OR at_ms < ?7) \
+             ORDER BY seq LIMIT ?8",
         )
+        .bind(filter.after_seq.unwrap_or(0))
         .bind(&filter.task_id)
         .bind(&filter.agent_sub)
-        .bind(filter.after_seq.unwrap_or(0))
+        .bind(&filter.tool)
+        .bind(&filter.decision)
+        .bind(filter.since_ms.map(to_i64))
+        .bind(filter.until_ms.map(to_i64))
         .bind(i64::from(filter.limit.unwrap_or(10_000)))
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
+        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(e.to_string());
         rows.iter()
             .map(|r| {
-                let seq: i64 = r
-                    .try_get("seq")
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let record: String = r
-                    .try_get("record")
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let mut event: AuditEvent = serde_json::from_str(&record)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let seq: i64 = r.try_get("seq").map_err(|e| corrupt(&e))?;
+                let hash: String = r.try_get("hash").map_err(|e| corrupt(&e))?;
+                let record: String = r.try_get("record").map_err(|e| corrupt(&e))?;
+                let mut event: AuditEvent =
+                    serde_json::from_str(&record).map_err(|e| corrupt(&e))?;
                 event.seq = seq;
+                event.hash = Some(hash);
                 Ok(event)
             })
             .collect()
+    }
+
+    async fn audit_rows(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, chain_id, chain_seq, hash, record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+        rows.iter()
+            .map(|r| {
+                Ok(StoredRecord {
+                    seq: r.try_get("seq").map_err(corrupt)?,
+                    chain_id: r.try_get("chain_id").map_err(corrupt)?,
+                    chain_seq: to_u64(r.try_get("chain_seq").map_err(corrupt)?),
+                    hash: r.try_get("hash").map_err(corrupt)?,
+                    record: r.try_get("record").map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError> {
+        let rows =
+            sqlx::query("SELECT record FROM audit WHERE event = 'chain.started' ORDER BY seq")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(unavailable)?;
+        let mut links = Vec::new();
+        for r in &rows {
+            let record: String = r
+                .try_get("record")
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // An unreadable record is reported by the verification pass.
+            if let Ok(e) = serde_json::from_str::<AuditEvent>(&record) {
+                links.extend(e.links);
+            }
+        }
+        Ok(links)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT chain_id, chain_seq, hash, at_ms, signature FROM audit_checkpoints ORDER BY id",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+        rows.iter()
+            .map(|r| {
+                Ok(Checkpoint {
+                    chain_id: r.try_get("chain_id").map_err(corrupt)?,
+                    chain_seq: to_u64(r.try_get("chain_seq").map_err(corrupt)?),
+                    hash: r.try_get("hash").map_err(corrupt)?,
+                    at_ms: to_u64(r.try_get("at_ms").map_err(corrupt)?),
+                    signature: r.try_get("signature").map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    fn chain_head(&self) -> Option<ChainLink> {
+        self.head.lock().ok().and_then(|h| h.clone())
     }
 }

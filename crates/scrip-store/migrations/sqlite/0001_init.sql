@@ -29,7 +29,10 @@ CREATE TABLE revoked_tokens (
 ) STRICT;
 CREATE INDEX revoked_tokens_expiry ON revoked_tokens(expires_at);
 
--- The decision and event record.
+-- The decision and event record: one hash chain per writer (a chain starts
+-- each time a server process starts writing). `record` is the exact JSON that
+-- was hashed: hash = sha256(record), and record holds chain_id, chain_seq and
+-- prev_hash, so editing, deleting, inserting or reordering breaks a link.
 CREATE TABLE audit (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms        INTEGER NOT NULL,
@@ -42,8 +45,27 @@ CREATE TABLE audit (
     tool         TEXT,
     jti          TEXT,
     replica      TEXT NOT NULL,
-    record       TEXT NOT NULL       -- the whole record, JSON
+    chain_id     TEXT NOT NULL,
+    chain_seq    INTEGER NOT NULL,
+    hash         TEXT NOT NULL,
+    record       TEXT NOT NULL,
+    UNIQUE (chain_id, chain_seq)
 ) STRICT;
 CREATE INDEX audit_task ON audit(task_id, seq);
 CREATE INDEX audit_agent ON audit(agent_sub, seq);
+CREATE INDEX audit_tool ON audit(tool, seq);
+CREATE INDEX audit_jti ON audit(jti);
 CREATE INDEX audit_time ON audit(at_ms);
+CREATE INDEX audit_event ON audit(event);
+
+-- Signed checkpoints: "chain X had record N with hash H at time T", signed
+-- with the audit checkpoint key (a compact JWS in `signature`).
+CREATE TABLE audit_checkpoints (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    chain_id     TEXT NOT NULL,
+    chain_seq    INTEGER NOT NULL,
+    hash         TEXT NOT NULL,
+    at_ms        INTEGER NOT NULL,
+    signature    TEXT NOT NULL
+) STRICT;
+CREATE INDEX audit_checkpoints_chain ON audit_checkpoints(chain_id, chain_seq);

@@ -1,0 +1,243 @@
+//! `scrip audit`: verify, query and export the audit trail of a store.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use scrip_config::Config;
+use scrip_store::{AuditEvent, AuditFilter, SqliteStore, Store};
+
+use crate::fail;
+
+/// Which records `query` shows.
+#[derive(Debug, clap::Args)]
+pub struct QueryArgs {
+    /// Only this task id.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Only this agent (the subject of its workload identity).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only this tool.
+    #[arg(long)]
+    pub tool: Option<String>,
+    /// Only this decision.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    pub decision: Option<String>,
+    /// Only records at or after this time: RFC 3339 (`2026-11-24T10:00:00Z`)
+    /// or a duration ago (`15m`, `2h`, `3days`).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<u64>,
+    /// Only records before this time (same forms as --since).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<u64>,
+    /// At most this many records.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A time as milliseconds since the epoch.
+fn parse_time(s: &str) -> Result<u64, String> {
+    let now = SystemTime::now();
+    let at = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(_) => {
+            let ago = humantime::parse_duration(s).map_err(|_| {
+                format!("`{s}` is neither an RFC 3339 time nor a duration like `15m`")
+            })?;
+            now.checked_sub(ago)
+                .ok_or("duration reaches before the epoch")?
+        }
+    };
+    let ms = at
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| "time before the epoch")?
+        .as_millis();
+    u64::try_from(ms).map_err(|_| "time too far ahead".to_owned())
+}
+
+async fn open(config: Option<&Path>) -> Result<(Config, SqliteStore), String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let path = config.data_dir.join("scrip.db");
+    if !path.exists() {
+        return Err(format!(
+            "no store at `{}`: is data_dir right?",
+            path.display()
+        ));
+    }
+    let store = SqliteStore::open(&path).await.map_err(|e| e.to_string())?;
+    Ok((config, store))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// `scrip audit verify`.
+#[expect(clippy::print_stdout, reason = "the command's report")]
+pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (config, store) = open(config).await?;
+            let jwk = match public_key {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|_| format!("`{}` is not a JWK or JWKS", path.display()))?;
+                    v.get("keys").and_then(|k| k.get(0)).cloned().unwrap_or(v)
+                }
+                None => scrip_server::keys::read_checkpoint_key(&config.data_dir)
+                    .map_err(|e| e.to_string())?
+                    .public_jwk(),
+            };
+            scrip_server::audit::verify(&store, &jwk)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    });
+    match result {
+        Err(e) => fail(e),
+        Ok(report) if report.problems.is_empty() => {
+            println!(
+                "ok: {} records in {} chains verified; {} signed checkpoints match",
+                report.records, report.chains, report.checkpoints
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            for p in &report.problems {
+                println!("TAMPERED {p}");
+            }
+            println!(
+                "{} problems in {} records ({} chains)",
+                report.problems.len(),
+                report.records,
+                report.chains
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn when(ms: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn cell(s: Option<&str>, width: usize) -> String {
+    let s = s.unwrap_or("-");
+    if s.chars().count() > width {
+        let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    } else {
+        s.to_owned()
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "the command's output")]
+fn print_table(records: &[AuditEvent]) {
+    println!(
+        "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<22}  {:<10}  {:<16}  reason",
+        "seq", "time", "event", "dec", "agent", "task", "tool", "actions"
+    );
+    for r in records {
+        println!(
+            "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<22}  {:<10}  {:<16}  {}",
+            r.seq,
+            when(r.at_ms),
+            cell(Some(&r.event), 16),
+            cell(r.decision.as_deref(), 5),
+            cell(r.agent_sub.as_deref(), 28),
+            cell(r.task_id.as_deref(), 22),
+            cell(r.tool.as_deref(), 10),
+            cell(r.actions.as_deref(), 16),
+            cell(r.reason.as_deref(), 80),
+        );
+    }
+}
+
+/// `scrip audit query`.
+#[expect(clippy::print_stdout, reason = "the command's output")]
+pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
+    let filter = AuditFilter {
+        task_id: args.task.clone(),
+        agent_sub: args.agent.clone(),
+        tool: args.tool.clone(),
+        decision: args.decision.clone(),
+        since_ms: args.since,
+        until_ms: args.until,
+        after_seq: None,
+        limit: Some(args.limit),
+    };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (_, store) = open(config).await?;
+            store.audit(&filter).await.map_err(|e| e.to_string())
+        })
+    });
+    match result {
+        Err(e) => fail(e),
+        Ok(records) => {
+            if args.json {
+                for r in &records {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                }
+            } else {
+                print_table(&records);
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `scrip audit export`: JSON lines from a cursor, optionally following.
+#[expect(clippy::print_stdout, reason = "the command's output")]
+pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
+    use std::io::Write as _;
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (_, store) = open(config).await?;
+            let mut cursor = after;
+            let stdout = std::io::stdout();
+            loop {
+                let filter = AuditFilter {
+                    after_seq: Some(cursor),
+                    limit: Some(5000),
+                    ..AuditFilter::default()
+                };
+                let page = store.audit(&filter).await.map_err(|e| e.to_string())?;
+                let mut out = stdout.lock();
+                for r in &page {
+                    let line = serde_json::to_string(r).map_err(|e| e.to_string())?;
+                    // A closed pipe (`| head`) ends the export quietly.
+                    if writeln!(out, "{line}").is_err() {
+                        return Ok(());
+                    }
+                    cursor = r.seq;
+                }
+                if out.flush().is_err() {
+                    return Ok(());
+                }
+                drop(out);
+                if page.is_empty() {
+                    if !follow {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        })
+    });
+    match result {
+        Err(e) => fail(e),
+        Ok(()) => ExitCode::SUCCESS,
+    }
+}

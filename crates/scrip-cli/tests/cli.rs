@@ -1,0 +1,612 @@
+//! End-to-end tests of the `scrip` binary: the real executable, run as a
+//! child process, with its exit codes, its output and, for `serve`, its files,
+//! signals and HTTP answers.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const EXAMPLES: &str = "examples.test.toml";
+
+/// The repository's policy directory.
+fn repo_policies() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies"))
+}
+
+/// A `scrip` command with a clean environment for scrip's own variables.
+fn scrip() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scrip"));
+    cmd.env_remove("SCRIP_CONFIG")
+        .env_remove("SCRIP_LOG_FORMAT")
+        .env("SCRIP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    scrip().args(args).output().expect("run scrip")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Copies the `*.cedar` and `*.cedarschema` files of the repository's policy
+/// directory into `to` (created).
+fn copy_policies(to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(repo_policies()).unwrap() {
+        let path = entry.unwrap().path();
+        let ext = path.extension().and_then(|e| e.to_str());
+        if matches!(ext, Some("cedar" | "cedarschema")) {
+            fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.1 GET: the status and the body, or `None` when the server
+/// does not answer (yet).
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Waits at most `limit` for the child to exit.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A `scrip serve` child: killed when dropped, so a failing test leaves no
+/// server behind. Its stderr goes to a file the test can read.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `scrip serve --config <config>` in `dir`, listening on `addr`.
+    fn start(dir: &Path, config: &str, addr: SocketAddr, log_name: &str) -> Self {
+        let log = dir.join(log_name);
+        let stderr = fs::File::create(&log).unwrap();
+        let child = scrip()
+            .args(["serve", "--config", config])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("start scrip serve");
+        Self { child, addr, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the metadata endpoint answers 200; panics with the log if
+    /// the server exits or does not answer in time.
+    fn wait_ready(&mut self) -> serde_json::Value {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("scrip serve exited with {status}:\n{}", self.log());
+            }
+            if let Some((200, body)) =
+                http_get(self.addr, "/.well-known/oauth-authorization-server")
+            {
+                return serde_json::from_str(&body).expect("metadata is JSON");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("scrip serve did not answer in time:\n{}", self.log());
+    }
+
+    /// Waits until the log holds `needle`.
+    fn wait_log(&mut self, needle: &str) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "scrip serve exited with {status} before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("scrip serve did not log {needle:?}:\n{}", self.log());
+    }
+
+    /// The `kid` of the single key of the JWKS.
+    fn jwks_kid(&self) -> String {
+        let (status, body) = http_get(self.addr, "/jwks").expect("jwks answers");
+        assert_eq!(status, 200);
+        let jwks: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let keys = jwks["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 1, "{jwks}");
+        keys[0]["kid"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends SIGTERM and returns how the server exited.
+    fn terminate(&mut self) -> ExitStatus {
+        signal(self.pid(), "TERM");
+        wait_exit(&mut self.child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("scrip serve ignored SIGTERM:\n{}", self.log()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `<dir>/scrip.toml` listening on a free port, plus `extra` lines.
+fn write_config(dir: &Path, extra: &str) -> SocketAddr {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    fs::write(
+        dir.join("scrip.toml"),
+        format!("listen = \"{addr}\"\n{extra}"),
+    )
+    .unwrap();
+    addr
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+// --- help and usage --------------------------------------------------------
+
+#[test]
+fn help_describes_every_command() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--help"],
+            &["credential broker", "serve", "policy", "--log-format"],
+        ),
+        (
+            &["serve", "--help"],
+            &["Run the token service", "--config", "SIGHUP", "0600"],
+        ),
+        (
+            &["policy", "--help"],
+            &["Check and test Cedar policies", "check", "test"],
+        ),
+        (
+            &["policy", "check", "--help"],
+            &["Validate the policies", "<DIR>", "--config"],
+        ),
+        (
+            &["policy", "test", "--help"],
+            &[
+                "expected decision",
+                "docs/policy-tests.md",
+                "<FILE>",
+                "--policies",
+                "--config",
+            ],
+        ),
+    ];
+    for (args, needles) in cases {
+        let out = run(args);
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "scrip {args:?}: {out:?}");
+        for needle in *needles {
+            assert!(
+                stdout.contains(needle),
+                "`scrip {}` does not mention {needle:?}:\n{stdout}",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["frobnicate"][..],
+        &["policy", "frobnicate"],
+        &["policy", "check"],
+        &["serve", "--no-such-flag"],
+        &[],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "scrip {args:?}: {out:?}");
+        assert!(
+            text(&out.stderr).contains("Usage"),
+            "scrip {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+// --- policy check ----------------------------------------------------------
+
+#[test]
+fn policy_check_accepts_the_shipped_policies() {
+    let out = run(&["policy", "check", repo_policies().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    assert!(stdout.contains("validate"), "{stdout}");
+}
+
+#[test]
+fn policy_check_refuses_a_policy_that_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    fs::write(
+        dir.path().join("broken.cedar"),
+        "permit (principal, action, resource\nwhen { true };\n",
+    )
+    .unwrap();
+    let out = run(&["policy", "check", dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr.contains("broken.cedar"), "{stderr}");
+    assert!(stderr.contains("invalid"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+}
+
+#[test]
+fn policy_check_refuses_a_policy_the_schema_rejects() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    fs::write(
+        dir.path().join("typo.cedar"),
+        "permit (principal, action, resource)\nwhen { principal.nosuch == \"x\" };\n",
+    )
+    .unwrap();
+    let out = run(&["policy", "check", dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr.contains("schema"), "{stderr}");
+    assert!(stderr.contains("nosuch"), "{stderr}");
+}
+
+#[test]
+fn policy_check_refuses_a_missing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let out = run(&["policy", "check", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("not a directory"), "{out:?}");
+}
+
+// --- policy test -----------------------------------------------------------
+
+fn examples() -> PathBuf {
+    repo_policies().join(EXAMPLES)
+}
+
+#[test]
+fn policy_test_passes_the_shipped_examples() {
+    let file = examples();
+    let cases = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter(|l| l.trim() == "[[case]]")
+        .count();
+    assert!(cases >= 10, "only {cases} cases");
+    let out = run(&[
+        "policy",
+        "test",
+        file.to_str().unwrap(),
+        "--policies",
+        repo_policies().to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), cases + 1, "{stdout}");
+    for line in &lines[..cases] {
+        assert!(line.starts_with("ok "), "{line}");
+    }
+    assert_eq!(lines[cases], format!("{cases} passed, 0 failed"));
+}
+
+#[test]
+fn policy_test_defaults_to_the_policies_of_the_working_directory() {
+    let out = scrip()
+        .args(["policy", "test", EXAMPLES, "--policies", "."])
+        .current_dir(repo_policies())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let out = scrip()
+        .args(["policy", "test", examples().to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text(&out.stdout).contains(" passed, 0 failed"), "{out:?}");
+}
+
+#[test]
+fn policy_test_reports_a_wrong_expectation() {
+    const CASE: &str = "write-needs-ticket: a purpose naming JIRA-123 allows a write";
+    let original = fs::read_to_string(examples()).unwrap();
+    let at = original
+        .find(&format!("name = \"{CASE}\""))
+        .expect("the case is in the examples");
+    let (head, tail) = original.split_at(at);
+    let flipped = format!(
+        "{head}{}",
+        tail.replacen("expect = \"allow\"", "expect = \"deny\"", 1)
+    );
+    assert_ne!(flipped, original);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flipped.test.toml");
+    fs::write(&file, flipped).unwrap();
+
+    let out = run(&[
+        "policy",
+        "test",
+        file.to_str().unwrap(),
+        "--policies",
+        repo_policies().to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let failures: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failures.len(), 1, "{stdout}");
+    assert!(
+        failures[0].starts_with(&format!("FAIL {CASE} -> allow")),
+        "{}",
+        failures[0]
+    );
+    assert!(stdout.trim_end().ends_with(" passed, 1 failed"), "{stdout}");
+}
+
+#[test]
+fn policy_test_refuses_an_invalid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.test.toml");
+    fs::write(
+        &file,
+        "[[case]]\nname = \"typo\"\nagent = { issuer = \"i\", subject = \"s\" }\ntool = \"t\"\n\
+         action = \"read\"\nenvironment = \"dev\"\nexpekt = \"deny\"\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "policy",
+        "test",
+        file.to_str().unwrap(),
+        "--policies",
+        repo_policies().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("expekt"), "{out:?}");
+}
+
+/// A GitHub Actions OIDC token always carries `ref` (and many more claims):
+/// such an identity must reach Cedar, and acme/web may read in dev.
+#[test]
+fn policy_test_accepts_a_full_github_actions_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gha.test.toml");
+    fs::write(
+        &file,
+        r#"
+[[case]]
+name = "acme/web read dev, with the claims GitHub sends"
+tool = "github"
+action = "read"
+environment = "dev"
+expect = "allow"
+[case.agent]
+issuer = "https://token.actions.githubusercontent.com"
+subject = "repo:acme/web:ref:refs/heads/main"
+[case.agent.claims]
+aud = "scrip"
+repository = "acme/web"
+repository_owner = "acme"
+repository_id = "74"
+workflow = "ci"
+ref = "refs/heads/main"
+ref_type = "branch"
+sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4"
+actor = "octocat"
+event_name = "push"
+run_id = "5"
+job_workflow_ref = "acme/web/.github/workflows/ci.yml@refs/heads/main"
+"#,
+    )
+    .unwrap();
+    let out = run(&[
+        "policy",
+        "test",
+        file.to_str().unwrap(),
+        "--policies",
+        repo_policies().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+// --- serve -----------------------------------------------------------------
+
+#[test]
+fn serve_creates_a_private_key_keeps_it_and_refuses_an_exposed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_policies(&root.join("policies"));
+
+    // First start: the config only sets the address; everything else is a
+    // default, relative to the working directory.
+    let addr = write_config(root, "");
+    let mut server = Server::start(root, "scrip.toml", addr, "serve1.log");
+    let metadata = server.wait_ready();
+    assert_eq!(metadata["issuer"], format!("http://{addr}"), "{metadata}");
+    let kid = server.jwks_kid();
+
+    let data = root.join(".scrip");
+    let key = data.join("keys").join("signing-es256.json");
+    assert_eq!(mode(&data), 0o700, "{}", data.display());
+    assert_eq!(mode(&data.join("keys")), 0o700);
+    assert_eq!(mode(&key), 0o600, "{}", key.display());
+    assert!(data.join("scrip.db").exists());
+
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    drop(server);
+
+    // Restarted, it signs with the same key.
+    let addr = write_config(root, "");
+    let mut server = Server::start(root, "scrip.toml", addr, "serve2.log");
+    server.wait_ready();
+    assert_eq!(server.jwks_kid(), kid);
+    assert_eq!(server.terminate().code(), Some(0), "{}", server.log());
+    drop(server);
+
+    // A key file others can read is refused, naming the file and the fix.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let addr = write_config(root, "");
+    let mut server = Server::start(root, "scrip.toml", addr, "serve3.log");
+    let status = wait_exit(&mut server.child, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("scrip serve started with an exposed key:\n{}", server.log()));
+    let log = server.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("signing-es256.json"), "{log}");
+    assert!(log.contains("chmod 600"), "{log}");
+    assert!(http_get(addr, "/jwks").is_none(), "it must not serve");
+}
+
+#[test]
+fn sighup_reloads_valid_policies_and_rejects_invalid_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let policies = root.join("policies");
+    copy_policies(&policies);
+    let addr = write_config(root, "policy_poll_interval = 0\n");
+    let mut server = Server::start(root, "scrip.toml", addr, "serve.log");
+    server.wait_ready();
+    server.wait_log("scrip ready");
+
+    // An invalid file: the reload is refused and the server keeps serving.
+    fs::write(policies.join("broken.cedar"), "permit (principal,\n").unwrap();
+    signal(server.pid(), "HUP");
+    server.wait_log("policy reload rejected");
+    assert!(server.log().contains("broken.cedar"), "{}", server.log());
+    assert!(
+        !server.log().contains("policies reloaded"),
+        "{}",
+        server.log()
+    );
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "{}",
+        server.log()
+    );
+    let (status, _) = http_get(addr, "/.well-known/oauth-authorization-server")
+        .expect("the server still answers");
+    assert_eq!(status, 200);
+
+    // A valid change: accepted.
+    fs::remove_file(policies.join("broken.cedar")).unwrap();
+    fs::write(
+        policies.join("no-execute.cedar"),
+        "@id(\"no-execute\")\nforbid (principal, action == Action::\"execute\", resource);\n",
+    )
+    .unwrap();
+    signal(server.pid(), "HUP");
+    server.wait_log("policies reloaded");
+    let (status, _) = http_get(addr, "/.well-known/oauth-authorization-server")
+        .expect("the server still answers");
+    assert_eq!(status, 200);
+    assert_eq!(server.terminate().code(), Some(0), "{}", server.log());
+}
+
+#[test]
+fn serve_refuses_an_unknown_config_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("scrip.toml");
+    fs::write(&config, "lisen = \"127.0.0.1:0\"\n").unwrap();
+    let log = dir.path().join("serve.log");
+    let mut child = scrip()
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stderr = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert!(stderr.contains("lisen"), "{stderr}");
+    assert!(stderr.contains("scrip.toml"), "{stderr}");
+    assert!(
+        !dir.path().join(".scrip").exists(),
+        "nothing is created for a refused configuration"
+    );
+}

@@ -1,0 +1,36 @@
+//! Reading the audit trail: verification of its hash chains and signed
+//! checkpoints, and the queries behind `scrip audit`.
+
+use scrip_store::{Checkpoint, Report, Store, StoreError, Verifier};
+
+/// Records read per page when streaming the trail.
+const PAGE: u32 = 10_000;
+
+/// Verifies every chain and checkpoint in `store`, streaming the records.
+/// `checkpoint_jwk` is the public JWK of the audit checkpoint key.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be read.
+pub async fn verify(
+    store: &dyn Store,
+    checkpoint_jwk: &serde_json::Value,
+) -> Result<Report, StoreError> {
+    let checkpoints = store.checkpoints().await?;
+    let links = store.chain_links().await?;
+    let mut verifier = Verifier::new(&checkpoints, &links);
+    let mut after = 0;
+    loop {
+        let rows = store.audit_rows(after, PAGE).await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.seq;
+        for r in &rows {
+            verifier.push(r);
+        }
+    }
+    Ok(verifier.finish(&checkpoints, |c: &Checkpoint| {
+        let message = Checkpoint::message(&c.chain_id, c.chain_seq, &c.hash, c.at_ms);
+        scrip_jose::verify_detached(checkpoint_jwk, &message, &c.signature)
+    }))
+}

@@ -1,0 +1,1313 @@
+//! Every class of bad input, against the real server over HTTP: each test
+//! asserts the exact status and OAuth `error` code (SPEC §7), and a property
+//! test shows that no input yields a 5xx.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use base64::Engine as _;
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+const FORM: &str = "application/x-www-form-urlencoded";
+const PURPOSE: &str = "fix JIRA-1 flaky test";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Asserts an OAuth error and that its description contains `fragment`.
+fn assert_error_says(r: &Reply, status: u16, code: &str, fragment: &str) {
+    r.assert_error(status, code);
+    let d = r.body["error_description"].as_str().unwrap_or_default();
+    assert!(
+        d.contains(fragment),
+        "description `{d}` does not contain `{fragment}`"
+    );
+}
+
+/// The claims of a Kubernetes service account in namespace `agents`, which
+/// policy lets start a task in `dev`.
+fn k8s_claims(s: &TestServer) -> Value {
+    let mut c = s.k8s.claims("system:serviceaccount:agents:coder");
+    c["kubernetes.io"] = json!({
+        "namespace": "agents",
+        "serviceaccount": { "name": "coder", "uid": "4f1e6c52-0000-4000-8000-000000000001" }
+    });
+    c
+}
+
+/// Builds a compact JWS from a raw JSON header, signed with the k8s issuer's
+/// ES256 key: for headers `jsonwebtoken` would not write as given.
+fn sign_raw(s: &TestServer, header: &Value, claims: &Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let key = EncodingKey::from_ec_der(&s.k8s.es_pkcs8);
+    let sig = jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::ES256).unwrap();
+    format!("{input}.{sig}")
+}
+
+/// Starts a task with `identity` asking for `github:read` in `dev`.
+async fn start(s: &TestServer, identity: &str) -> Reply {
+    s.try_start_task(identity, "github:read", "dev", PURPOSE, None)
+        .await
+}
+
+/// Asserts that `identity` is refused as a workload identity.
+async fn refuse_identity(s: &TestServer, identity: &str, fragment: &str) {
+    let r = start(s, identity).await;
+    assert_error_says(&r, 400, "invalid_request", fragment);
+    let d = r.body["error_description"].as_str().unwrap_or_default();
+    assert!(
+        !d.contains(identity),
+        "the description repeats the token: {d}"
+    );
+}
+
+/// A task token holding `github:read` only.
+async fn task_token(s: &TestServer) -> String {
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let body = s.start_task(&identity, "github:read", "dev", PURPOSE).await;
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A start-task form with the given scope and raw `request_details`.
+fn task_form<'a>(identity: &'a str, scope: &'a str, details: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", identity),
+        ("subject_token_type", JWT),
+        ("requested_token_type", TXN),
+        ("scope", scope),
+        ("request_details", details),
+    ]
+}
+
+const DETAILS: &str = r#"{"purpose":"fix JIRA-1 flaky test","environment":"dev"}"#;
+
+// ---------------------------------------------------------------------------
+// The token endpoint: the request itself.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn token_wrong_content_type() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let body = json!({ "grant_type": TOKEN_EXCHANGE, "subject_token": identity });
+    let r = s
+        .post_raw(
+            "/token",
+            "application/json",
+            body.to_string().into_bytes(),
+            None,
+        )
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "x-www-form-urlencoded");
+    let r = s
+        .post_raw("/token", "text/plain", b"grant_type=x".to_vec(), None)
+        .await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_non_utf8_body() {
+    let s = TestServer::start().await;
+    let mut body = format!("grant_type={}&subject_token=", urlencode(TOKEN_EXCHANGE)).into_bytes();
+    body.extend_from_slice(&[0xff, 0xfe, 0x80]);
+    let r = s.post_raw("/token", FORM, body, None).await;
+    assert_error_says(&r, 400, "invalid_request", "not UTF-8");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_body_over_64_kib() {
+    let s = TestServer::start().await;
+    let mut body = format!("grant_type={}&pad=", urlencode(TOKEN_EXCHANGE)).into_bytes();
+    body.resize(64 * 1024 + 1, b'a');
+    let r = s.post_raw("/token", FORM, body, None).await;
+    assert_error_says(&r, 400, "invalid_request", "larger than 65536 bytes");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_missing_grant_type() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.retain(|(k, _)| *k != "grant_type");
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(&r, 400, "invalid_request", "`grant_type` is required");
+    // An empty value counts as absent.
+    form.push(("grant_type", ""));
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(&r, 400, "invalid_request", "`grant_type` is required");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_unknown_grant_type() {
+    let s = TestServer::start().await;
+    for grant in ["password", "client_credentials", "authorization_code"] {
+        let r = s
+            .post_form("/token", &[("grant_type", grant), ("username", "root")])
+            .await;
+        assert_error_says(&r, 400, "unsupported_grant_type", grant);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_missing_subject_token() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.retain(|(k, _)| *k != "subject_token");
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(&r, 400, "invalid_request", "`subject_token` is required");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_missing_subject_token_type() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.retain(|(k, _)| *k != "subject_token_type");
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(
+        &r,
+        400,
+        "invalid_request",
+        "`subject_token_type` is required",
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_repeated_parameter() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for name in ["grant_type", "subject_token", "scope", "request_details"] {
+        let mut form = task_form(&identity, "github:read", DETAILS);
+        let value = form.iter().find(|(k, _)| *k == name).unwrap().1;
+        form.push((name, value));
+        let r = s.post_form("/token", &form).await;
+        assert_error_says(&r, 400, "invalid_request", &format!("`{name}` is repeated"));
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_unknown_subject_token_type() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for t in [
+        "urn:ietf:params:oauth:token-type:id_token",
+        "urn:ietf:params:oauth:token-type:saml2",
+        "jwt",
+    ] {
+        let mut form = task_form(&identity, "github:read", DETAILS);
+        form.retain(|(k, _)| *k != "subject_token_type");
+        form.push(("subject_token_type", t));
+        let r = s.post_form("/token", &form).await;
+        assert_error_says(&r, 400, "invalid_request", "is not supported");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_requested_type_not_available_for_subject() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    // A workload identity buys a task token, not an access token.
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.retain(|(k, _)| *k != "requested_token_type");
+    form.push(("requested_token_type", ACCESS));
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(&r, 400, "invalid_request", "requested_token_type");
+    // A task token buys an access token, not another task token here.
+    let task = task_token(&s).await;
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &task),
+                ("subject_token_type", TXN),
+                ("requested_token_type", JWT),
+                ("audience", "github"),
+            ],
+        )
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "requested_token_type");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_subject_type_access_token() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let at = r.body["access_token"].as_str().unwrap();
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", at),
+                ("subject_token_type", ACCESS),
+                ("audience", "github"),
+            ],
+        )
+        .await;
+    assert_error_says(
+        &r,
+        400,
+        "invalid_request",
+        "access token cannot be exchanged",
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn token_actor_token_not_supported() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let actor = s.k8s.kubernetes("agents", "helper");
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.push(("actor_token", actor.as_str()));
+    form.push(("actor_token_type", JWT));
+    let r = s.post_form("/token", &form).await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Starting a task: scope and request_details.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn task_missing_scope() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.retain(|(k, _)| *k != "scope");
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(&r, 400, "invalid_scope", "`scope` is required");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_malformed_scope() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for (scope, fragment) in [
+        ("github", "`github` is not of the form `tool:action`"),
+        ("GitHub:read", "tool name `GitHub`"),
+        ("github:Read", "action name `Read`"),
+        ("github:read  jira:read", "empty item"),
+        (" github:read", "empty item"),
+        ("github:read:write", "name"),
+    ] {
+        let r = s
+            .try_start_task(&identity, scope, "dev", PURPOSE, None)
+            .await;
+        assert_error_says(&r, 400, "invalid_scope", fragment);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_unknown_tool_in_scope() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read slack:read", "dev", PURPOSE, None)
+        .await;
+    assert_error_says(&r, 400, "invalid_scope", "unknown tool `slack`");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_unknown_action_at_tool() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read jira:delete", "dev", PURPOSE, None)
+        .await;
+    assert_error_says(
+        &r,
+        400,
+        "invalid_scope",
+        "tool `jira` has no action `delete`",
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_missing_request_details() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let mut form = task_form(&identity, "github:read", DETAILS);
+    form.retain(|(k, _)| *k != "request_details");
+    let r = s.post_form("/token", &form).await;
+    assert_error_says(&r, 400, "invalid_request", "`request_details` is required");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_request_details_not_json() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for details in [
+        "purpose=x",
+        "{",
+        "[]",
+        "\"dev\"",
+        r#"{"purpose": 1, "environment": "dev"}"#,
+    ] {
+        let r = s
+            .post_form("/token", &task_form(&identity, "github:read", details))
+            .await;
+        assert_error_says(&r, 400, "invalid_request", "request_details");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_request_details_unknown_field() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let details = json!({ "purpose": PURPOSE, "environment": "dev", "approved": true }).to_string();
+    let r = s
+        .post_form("/token", &task_form(&identity, "github:read", &details))
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "approved");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_empty_purpose() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for purpose in ["", "   ", "line\nbreak"] {
+        let r = s
+            .try_start_task(&identity, "github:read", "dev", purpose, None)
+            .await;
+        assert_error_says(&r, 400, "invalid_request", "`purpose`");
+    }
+    let details = json!({ "environment": "dev" }).to_string();
+    let r = s
+        .post_form("/token", &task_form(&identity, "github:read", &details))
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "purpose");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_bad_environment() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let long = "d".repeat(65);
+    for env in ["", "dev prod", "../etc", "dév", long.as_str()] {
+        let r = s
+            .try_start_task(&identity, "github:read", env, PURPOSE, None)
+            .await;
+        assert_error_says(&r, 400, "invalid_request", "`environment`");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_ttl_zero() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", PURPOSE, Some(0))
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "`ttl`");
+    let details = json!({ "purpose": PURPOSE, "environment": "dev", "ttl": -5 }).to_string();
+    let r = s
+        .post_form("/token", &task_form(&identity, "github:read", &details))
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "request_details");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_audience_or_resource_given() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for (k, v) in [
+        ("audience", "github"),
+        ("resource", "https://api.github.com"),
+    ] {
+        let mut form = task_form(&identity, "github:read", DETAILS);
+        form.push((k, v));
+        let r = s.post_form("/token", &form).await;
+        assert_error_says(&r, 400, "invalid_request", "audience and resource");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn task_policy_allows_no_grant() {
+    let s = TestServer::start().await;
+    let identity = s.github.github("evil/x");
+    let r = s
+        .try_start_task(&identity, "github:read jira:read", "dev", PURPOSE, None)
+        .await;
+    assert_error_says(&r, 400, "access_denied", "none of the requested grants");
+    // The refusal is recorded.
+    let audit = s.audit().await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.event == "task.grant" && e.decision.as_deref() == Some("deny")),
+        "no denied decision in the audit log"
+    );
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Workload identity attacks (RFC 8725).
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn identity_raw_signed_control_is_accepted() {
+    // The control for the hand-built tokens below: a well-formed header and
+    // claims, signed the same way, start a task.
+    let s = TestServer::start().await;
+    let header = json!({ "alg": "ES256", "typ": "JWT", "kid": s.k8s.es_kid });
+    let token = sign_raw(&s, &header, &k8s_claims(&s));
+    let r = start(&s, &token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_malformed() {
+    let s = TestServer::start().await;
+    let claims = b64(k8s_claims(&s).to_string().as_bytes());
+    let cases = [
+        "not-a-jwt".to_owned(),
+        "a.b".to_owned(),
+        "a.b.c.d".to_owned(),
+        format!("e$30.{claims}.c2ln"),
+        format!("{}.{claims}.c2ln", b64(b"not json")),
+        format!("{}.{claims}.c2ln", b64(b"[1,2]")),
+        format!("{}.{}.c2ln", b64(br#"{"alg":"ES256"}"#), b64(b"{]")),
+    ];
+    for token in &cases {
+        refuse_identity(&s, token, "malformed").await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_oversized() {
+    let s = TestServer::start().await;
+    let mut claims = k8s_claims(&s);
+    claims["pad"] = json!("x".repeat(17 * 1024));
+    let token = s.k8s.sign(&claims);
+    assert!(token.len() > 16 * 1024);
+    refuse_identity(&s, &token, "larger than 16384 bytes").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_jwe_shaped() {
+    let s = TestServer::start().await;
+    let header = b64(br#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#);
+    let token = format!("{header}.a2V5.aXY.Y2lwaGVy.dGFn");
+    refuse_identity(&s, &token, "encrypted tokens are not accepted").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_expired() {
+    let s = TestServer::start().await;
+    let now = now();
+    let mut claims = k8s_claims(&s);
+    claims["iat"] = json!(now - 900);
+    claims["nbf"] = json!(now - 900);
+    claims["exp"] = json!(now - 120);
+    refuse_identity(&s, &s.k8s.sign(&claims), "expired").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_not_yet_valid() {
+    let s = TestServer::start().await;
+    let mut claims = k8s_claims(&s);
+    claims["nbf"] = json!(now() + 120);
+    refuse_identity(&s, &s.k8s.sign(&claims), "not yet valid").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_issued_in_future() {
+    let s = TestServer::start().await;
+    let mut claims = k8s_claims(&s);
+    claims["iat"] = json!(now() + 120);
+    refuse_identity(&s, &s.k8s.sign(&claims), "issued in the future").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_untrusted_issuer() {
+    let s = TestServer::start().await;
+    // An issuer scrip does not know, signed with a trusted issuer's key.
+    let mut claims = k8s_claims(&s);
+    claims["iss"] = json!("https://evil.example");
+    refuse_identity(&s, &s.k8s.sign(&claims), "not a trusted").await;
+    // A trusted issuer's name with another trusted issuer's key.
+    let mut claims = k8s_claims(&s);
+    claims["iss"] = json!(GITHUB_ISSUER);
+    let r = start(&s, &s.k8s.sign(&claims)).await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_wrong_audience() {
+    let s = TestServer::start().await;
+    for aud in [json!("someone-else"), json!(["a", "b"]), json!("SCRIP")] {
+        let mut claims = k8s_claims(&s);
+        claims["aud"] = aud;
+        refuse_identity(&s, &s.k8s.sign(&claims), "audience").await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_missing_aud() {
+    let s = TestServer::start().await;
+    let mut claims = k8s_claims(&s);
+    claims.as_object_mut().unwrap().remove("aud");
+    refuse_identity(&s, &s.k8s.sign(&claims), "`aud`").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_alg_none() {
+    let s = TestServer::start().await;
+    let claims = b64(k8s_claims(&s).to_string().as_bytes());
+    for header in [
+        json!({ "alg": "none" }),
+        json!({ "alg": "none", "typ": "JWT" }),
+        json!({ "alg": "None", "kid": s.k8s.es_kid }),
+    ] {
+        let token = format!("{}.{claims}.", b64(header.to_string().as_bytes()));
+        refuse_identity(&s, &token, "is not allowed").await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_hs256_with_public_key_as_secret() {
+    let s = TestServer::start().await;
+    let claims = k8s_claims(&s);
+    let jwk = s.k8s.jwks["keys"][0].clone();
+    assert_eq!(jwk["kid"], s.k8s.es_kid.as_str());
+    // The secret an attacker would try: the published JWK, or its raw point.
+    let dec = |v: &Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(v.as_str().unwrap())
+            .unwrap()
+    };
+    let mut point = vec![4u8];
+    point.extend(dec(&jwk["x"]));
+    point.extend(dec(&jwk["y"]));
+    for secret in [jwk.to_string().into_bytes(), point] {
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let mut header = Header::new(alg);
+            header.kid = Some(s.k8s.es_kid.clone());
+            header.typ = Some("JWT".into());
+            let token =
+                jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&secret)).unwrap();
+            refuse_identity(&s, &token, &format!("algorithm `{alg:?}` is not allowed")).await;
+        }
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_alg_not_on_issuer_allow_list() {
+    let s = TestServer::start().await;
+    // The k8s issuer allows ES256 and RS256; its JWKS holds an EdDSA key.
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(s.k8s.ed_kid.clone());
+    header.typ = Some("JWT".into());
+    let token = s.k8s.sign_with(&header, &k8s_claims(&s));
+    refuse_identity(&s, &token, "algorithm `EdDSA` is not allowed").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_crit_header() {
+    let s = TestServer::start().await;
+    let header = json!({ "alg": "ES256", "kid": s.k8s.es_kid, "crit": ["exp"], "exp": 1 });
+    let token = sign_raw(&s, &header, &k8s_claims(&s));
+    refuse_identity(&s, &token, "critical header").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_jku_header() {
+    let s = TestServer::start().await;
+    let header =
+        json!({ "alg": "ES256", "kid": s.k8s.es_kid, "jku": "https://evil.example/jwks.json" });
+    let token = sign_raw(&s, &header, &k8s_claims(&s));
+    refuse_identity(&s, &token, "header `jku` is not accepted").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_jwk_header() {
+    let s = TestServer::start().await;
+    // The embedded key is even the right one: it is still not trusted.
+    let header = json!({ "alg": "ES256", "kid": s.k8s.es_kid, "jwk": s.k8s.jwks["keys"][0] });
+    let token = sign_raw(&s, &header, &k8s_claims(&s));
+    refuse_identity(&s, &token, "header `jwk` is not accepted").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_x5u_header() {
+    let s = TestServer::start().await;
+    let header =
+        json!({ "alg": "ES256", "kid": s.k8s.es_kid, "x5u": "https://evil.example/cert.pem" });
+    let token = sign_raw(&s, &header, &k8s_claims(&s));
+    refuse_identity(&s, &token, "header `x5u` is not accepted").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_unknown_kid() {
+    let s = TestServer::start().await;
+    for kid in ["no-such-key", "../../etc/passwd", "https://evil.example/k"] {
+        let header = json!({ "alg": "ES256", "kid": kid });
+        let token = sign_raw(&s, &header, &k8s_claims(&s));
+        refuse_identity(&s, &token, "unknown key").await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_typ_at_jwt() {
+    let s = TestServer::start().await;
+    for typ in ["at+jwt", "application/at+jwt", "txntoken+jwt"] {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(s.k8s.es_kid.clone());
+        header.typ = Some(typ.into());
+        let token = s.k8s.sign_with(&header, &k8s_claims(&s));
+        refuse_identity(&s, &token, "is not accepted here").await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_missing_sub() {
+    let s = TestServer::start().await;
+    let mut claims = k8s_claims(&s);
+    claims.as_object_mut().unwrap().remove("sub");
+    refuse_identity(&s, &s.k8s.sign(&claims), "no subject").await;
+    let mut claims = k8s_claims(&s);
+    claims["sub"] = json!("");
+    refuse_identity(&s, &s.k8s.sign(&claims), "no subject").await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_scrip_task_token() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    refuse_identity(&s, &task, "not a workload identity").await;
+    let r = s.access_token(&task, "github", Some("read")).await;
+    let at = r.body["access_token"].as_str().unwrap().to_owned();
+    refuse_identity(&s, &at, "not a workload identity").await;
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Access token exchange.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn access_task_token_missing_or_garbage() {
+    let s = TestServer::start().await;
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token_type", TXN),
+                ("audience", "github"),
+            ],
+        )
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "`subject_token` is required");
+    for garbage in ["garbage", "a.b.c", "eyJ.eyJ.sig", "x.y.z.w.v"] {
+        let r = s.access_token(garbage, "github", Some("read")).await;
+        assert_error_says(&r, 400, "invalid_request", "subject_token");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_token_presented_as_task_token() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let at = r.body["access_token"].as_str().unwrap().to_owned();
+    let r = s.access_token(&at, "github", Some("read")).await;
+    assert_error_says(&r, 400, "invalid_request", "at+jwt");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn workload_identity_presented_as_task_token() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s.access_token(&identity, "github", Some("read")).await;
+    r.assert_error(400, "invalid_request");
+    let identity = s.spiffe.spiffe("acme.example", "/agents/coder");
+    let r = s.access_token(&identity, "github", Some("read")).await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_unknown_audience() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    for aud in ["slack", "GitHub", "https://api.github.com"] {
+        let r = s.access_token(&task, aud, Some("read")).await;
+        assert_error_says(&r, 400, "invalid_target", "unknown tool");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_unknown_resource() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    for resource in ["https://evil.example", "github"] {
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", &task),
+                    ("subject_token_type", TXN),
+                    ("resource", resource),
+                    ("scope", "read"),
+                ],
+            )
+            .await;
+        assert_error_says(&r, 400, "invalid_target", "no tool has resource");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_audience_and_resource_disagree() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &task),
+                ("subject_token_type", TXN),
+                ("audience", "github"),
+                ("resource", "https://acme.atlassian.net"),
+                ("scope", "read"),
+            ],
+        )
+        .await;
+    assert_error_says(&r, 400, "invalid_target", "different tools");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_audience_repeated() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    for (k, a, b) in [
+        ("audience", "github", "jira"),
+        ("audience", "github", "github"),
+        (
+            "resource",
+            "https://api.github.com",
+            "https://acme.atlassian.net",
+        ),
+    ] {
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", &task),
+                    ("subject_token_type", TXN),
+                    (k, a),
+                    (k, b),
+                    ("scope", "read"),
+                ],
+            )
+            .await;
+        assert_error_says(&r, 400, "invalid_target", &format!("give `{k}` once"));
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_no_audience_or_resource() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &task),
+                ("subject_token_type", TXN),
+                ("scope", "read"),
+            ],
+        )
+        .await;
+    assert_error_says(&r, 400, "invalid_target", "audience");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_scope_beyond_task() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    for scope in ["write", "read write", "delete"] {
+        let r = s.access_token(&task, "github", Some(scope)).await;
+        assert_error_says(&r, 400, "invalid_scope", "exceeds the task's grants");
+    }
+    // An action the tool does not even have.
+    let r = s.access_token(&task, "github", Some("execute")).await;
+    r.assert_error(400, "invalid_scope");
+    // Grants at another tool do not carry over.
+    let r = s.access_token(&task, "jira", Some("read")).await;
+    assert_error_says(&r, 400, "invalid_scope", "`jira:read`");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_malformed_scope() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    for scope in ["Read", "read  write", " read", "github:read", "re ad!"] {
+        let r = s.access_token(&task, "github", Some(scope)).await;
+        r.assert_error(400, "invalid_scope");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn access_no_grant_at_tool_without_scope() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let r = s.access_token(&task, "jira", None).await;
+    assert_error_says(&r, 400, "invalid_scope", "holds no grant at tool `jira`");
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Revocation and introspection.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn revoke_missing_token() {
+    let s = TestServer::start().await;
+    let r = s
+        .post_form("/revoke", &[("token_type_hint", "access_token")])
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "`token` is required");
+    let r = s
+        .post_raw("/revoke", "application/json", b"{}".to_vec(), None)
+        .await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_garbage_token() {
+    let s = TestServer::start().await;
+    for garbage in ["garbage", "a.b.c", "x.y.z.w.v", &"A".repeat(20_000)] {
+        let r = s.revoke(garbage).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    // A workload identity is not a scrip token either.
+    let r = s.revoke(&s.k8s.kubernetes("agents", "coder")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
+fn assert_unauthorized(r: &Reply) {
+    r.assert_error(401, "invalid_token");
+    let www = r
+        .headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        www.starts_with("Bearer") && www.contains("invalid_token"),
+        "WWW-Authenticate: {www:?}"
+    );
+}
+
+#[tokio::test]
+async fn introspect_without_authorization() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let body = format!("token={}", urlencode(&task));
+    let r = s
+        .post_raw("/introspect", FORM, body.clone().into_bytes(), None)
+        .await;
+    assert_unauthorized(&r);
+    assert!(r.body.get("active").is_none(), "{}", r.text);
+    // Another scheme is no credential either.
+    let r = s
+        .http
+        .post(format!("{}/introspect", s.url))
+        .header("content-type", FORM)
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn introspect_garbage_bearer() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let body = format!("token={}", urlencode(&task)).into_bytes();
+    for bearer in ["garbage", "a.b.c"] {
+        let r = s
+            .post_raw("/introspect", FORM, body.clone(), Some(bearer))
+            .await;
+        assert_unauthorized(&r);
+    }
+    // An expired caller identity.
+    let mut claims = k8s_claims(&s);
+    claims["exp"] = json!(now() - 120);
+    claims["nbf"] = json!(now() - 900);
+    claims["iat"] = json!(now() - 900);
+    let r = s
+        .post_raw("/introspect", FORM, body, Some(&s.k8s.sign(&claims)))
+        .await;
+    assert_unauthorized(&r);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn introspect_task_token_as_bearer() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let body = format!("token={}", urlencode(&task)).into_bytes();
+    let r = s
+        .post_raw("/introspect", FORM, body.clone(), Some(&task))
+        .await;
+    assert_unauthorized(&r);
+    assert!(
+        r.body["error_description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a workload identity"),
+        "{}",
+        r.text
+    );
+    let at = s.access_token(&task, "github", Some("read")).await.body["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.post_raw("/introspect", FORM, body, Some(&at)).await;
+    assert_unauthorized(&r);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn introspect_missing_token_param() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-proxy");
+    let r = s
+        .post_raw(
+            "/introspect",
+            FORM,
+            b"token_type_hint=access_token".to_vec(),
+            Some(&caller),
+        )
+        .await;
+    assert_error_says(&r, 400, "invalid_request", "`token` is required");
+    // And garbage in `token` is simply inactive.
+    let r = s
+        .post_raw(
+            "/introspect",
+            FORM,
+            b"token=garbage".to_vec(),
+            Some(&caller),
+        )
+        .await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"active": false})));
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// No input yields a 5xx.
+// ---------------------------------------------------------------------------
+
+mod no_5xx {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+
+    /// Placeholders replaced by real tokens at run time, so that random
+    /// requests reach past the first checks.
+    const IDENTITY: &str = "$IDENTITY";
+    const TASK: &str = "$TASK";
+    const ACCESS_TOKEN: &str = "$ACCESS";
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        Form {
+            path: &'static str,
+            pairs: Vec<(String, String)>,
+            bearer: Option<String>,
+        },
+        Raw {
+            path: &'static str,
+            content_type: String,
+            body: Vec<u8>,
+            bearer: Option<String>,
+        },
+    }
+
+    fn path() -> impl Strategy<Value = &'static str> {
+        prop_oneof![Just("/token"), Just("/revoke"), Just("/introspect")]
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec![
+                "grant_type",
+                "subject_token",
+                "subject_token_type",
+                "requested_token_type",
+                "actor_token",
+                "actor_token_type",
+                "scope",
+                "request_details",
+                "audience",
+                "resource",
+                "token",
+                "token_type_hint",
+            ])
+            .prop_map(str::to_owned),
+            1 => "\\PC{0,12}",
+            1 => any::<String>(),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec![
+                TOKEN_EXCHANGE,
+                JWT,
+                TXN,
+                ACCESS,
+                IDENTITY,
+                TASK,
+                ACCESS_TOKEN,
+                "github",
+                "jira",
+                "https://api.github.com",
+                "read",
+                "read write",
+                "github:read",
+                "github:read jira:write",
+                r#"{"purpose":"fix JIRA-1","environment":"dev"}"#,
+                r#"{"purpose":"fix JIRA-1","environment":"dev","ttl":18446744073709551615}"#,
+                r#"{"purpose":"x","environment":"prod","ttl":1}"#,
+            ])
+            .prop_map(str::to_owned),
+            2 => "\\PC{0,40}",
+            1 => any::<String>(),
+            1 => "[A-Za-z0-9_.-]{0,200}",
+        ]
+    }
+
+    fn bearer() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(IDENTITY.to_owned())),
+            Just(Some(TASK.to_owned())),
+            "[ -~]{0,60}".prop_map(Some),
+        ]
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        let form = (
+            path(),
+            prop::collection::vec((name(), value()), 0..8),
+            bearer(),
+        )
+            .prop_map(|(path, pairs, bearer)| Input::Form {
+                path,
+                pairs,
+                bearer,
+            });
+        let raw = (
+            path(),
+            prop_oneof![
+                Just(FORM.to_owned()),
+                Just(format!("{FORM}; charset=utf-8")),
+                Just("application/json".to_owned()),
+                "[ -~]{0,40}",
+            ],
+            prop::collection::vec(any::<u8>(), 0..512),
+            bearer(),
+        )
+            .prop_map(|(path, content_type, body, bearer)| Input::Raw {
+                path,
+                content_type,
+                body,
+                bearer,
+            });
+        prop_oneof![3 => form, 2 => raw]
+    }
+
+    struct Tokens {
+        identity: String,
+        task: String,
+        access: String,
+    }
+
+    impl Tokens {
+        fn fill(&self, s: &str) -> String {
+            s.replace(IDENTITY, &self.identity)
+                .replace(TASK, &self.task)
+                .replace(ACCESS_TOKEN, &self.access)
+        }
+    }
+
+    async fn send(s: &TestServer, t: &Tokens, input: &Input) -> (&'static str, Reply) {
+        match input {
+            Input::Form {
+                path,
+                pairs,
+                bearer,
+            } => {
+                let body = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(pairs.iter().map(|(k, v)| (t.fill(k), t.fill(v))))
+                    .finish();
+                let bearer = bearer.as_deref().map(|b| t.fill(b));
+                let r = s
+                    .post_raw(path, FORM, body.into_bytes(), bearer.as_deref())
+                    .await;
+                (*path, r)
+            }
+            Input::Raw {
+                path,
+                content_type,
+                body,
+                bearer,
+            } => {
+                let bearer = bearer.as_deref().map(|b| t.fill(b));
+                let r = s
+                    .post_raw(path, content_type, body.clone(), bearer.as_deref())
+                    .await;
+                (*path, r)
+            }
+        }
+    }
+
+    #[test]
+    fn random_requests_never_yield_5xx() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = rt.block_on(TestServer::start());
+        let tokens = rt.block_on(async {
+            let identity = s.k8s.kubernetes("agents", "coder");
+            let task = task_token(&s).await;
+            let r = s.access_token(&task, "github", Some("read")).await;
+            let access = r.body["access_token"].as_str().unwrap().to_owned();
+            Tokens {
+                identity,
+                task,
+                access,
+            }
+        });
+        let config = ProptestConfig {
+            cases: 64,
+            max_shrink_iters: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        let mut runner = TestRunner::new(config);
+        let result = runner.run(&input(), |input| {
+            let (path, r) = rt.block_on(send(&s, &tokens, &input));
+            prop_assert!(r.status < 500, "{path} answered {}: {}", r.status, r.text);
+            if r.status >= 400 {
+                let code = r.body["error"].as_str();
+                prop_assert!(
+                    code.is_some(),
+                    "{path} {}: not an OAuth error: {}",
+                    r.status,
+                    r.text
+                );
+                let d = r.body["error_description"].as_str().unwrap_or_default();
+                prop_assert!(
+                    !d.is_empty() && !d.starts_with(char::is_uppercase),
+                    "{path}: bad description {d:?}"
+                );
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+
+        // The server still answers, and still works.
+        rt.block_on(async {
+            let r = s
+                .http
+                .get(format!("{}/healthz", s.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let task = task_token(&s).await;
+            let r = s.access_token(&task, "github", Some("read")).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+        });
+        rt.block_on(s.stop());
+    }
+}

@@ -1,0 +1,828 @@
+//! The life of tasks and tokens, seen over HTTP: revocation, introspection,
+//! expiry, lifetimes, signing algorithms and keys, discovery, identity claims
+//! reaching Cedar, the audit trail, failing closed and policy reload.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use scrip_jose::SigningAlgorithm;
+use serde_json::{Value, json};
+
+fn token_of(r: &Reply) -> String {
+    assert_eq!(r.status, 200, "unexpected answer: {}", r.text);
+    r.body["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access_token in {}", r.text))
+        .to_owned()
+}
+
+fn claims_of(token: &str) -> Value {
+    decode_parts(token).1
+}
+
+fn inactive() -> Value {
+    json!({ "active": false })
+}
+
+/// Polls `check` every 200 ms until it answers true or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sleeps until the wall clock (in whole seconds) is past `exp`.
+async fn sleep_past(exp: u64) {
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn has_event(s: &TestServer, event: &str, task_id: Option<&str>) -> bool {
+    s.audit()
+        .await
+        .iter()
+        .any(|a| a.event == event && task_id.is_none_or(|id| a.task_id.as_deref() == Some(id)))
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn revoking_an_access_token_leaves_the_task_and_revoking_the_task_ends_it() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read jira:read", "dev", "triage", None)
+            .await,
+    );
+    let first = token_of(&s.access_token(&task, "github", Some("read")).await);
+    let second = token_of(&s.access_token(&task, "jira", Some("read")).await);
+    assert_eq!(s.introspect(&first).await.body["active"], true);
+
+    let r = s.revoke(&first).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = s.introspect(&first).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, inactive(), "a revoked access token: {}", r.text);
+    // The task and its other tokens are untouched.
+    assert_eq!(s.introspect(&second).await.body["active"], true);
+    assert_eq!(s.introspect(&task).await.body["active"], true);
+    let third = token_of(&s.access_token(&task, "github", Some("read")).await);
+    assert_eq!(s.introspect(&third).await.body["active"], true);
+    // Revoking twice is fine.
+    let r = s.revoke(&first).await;
+    assert_eq!(r.status, 200, "second revocation: {}", r.text);
+
+    // Revoking the task token ends the task.
+    let r = s.revoke(&task).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for t in [&second, &third] {
+        assert_eq!(s.introspect(t).await.body, inactive());
+    }
+    assert_eq!(s.introspect(&task).await.body, inactive());
+    s.access_token(&task, "github", Some("read"))
+        .await
+        .assert_error(400, "invalid_request");
+    s.access_token(&task, "jira", None)
+        .await
+        .assert_error(400, "invalid_request");
+    let r = s.revoke(&task).await;
+    assert_eq!(r.status, 200, "revoking an ended task: {}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn introspection_shows_active_tokens_and_nothing_about_others() {
+    let s = TestServer::start_with(Options {
+        access_token_ttl: 1,
+        ..Options::default()
+    })
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "triage the backlog", None)
+            .await,
+    );
+    let tc = claims_of(&task);
+    let r = s.introspect(&task).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.body["active"], true);
+    assert_eq!(r.body["txn"], tc["txn"]);
+    assert_eq!(r.body["scope"], "github:read");
+    assert_eq!(r.body["sub"], "system:serviceaccount:agents:coder");
+    assert_eq!(r.body["tctx"]["purpose"], "triage the backlog");
+    assert_eq!(r.body["tctx"]["environment"], "dev");
+    assert_eq!(r.body["tctx"]["depth"], 0);
+
+    // Garbage of several kinds.
+    for garbage in [
+        "garbage",
+        "a.b.c",
+        "eyJhbGciOiJub25lIn0.e30.",
+        &"x".repeat(10_000),
+    ] {
+        let r = s.introspect(garbage).await;
+        assert_eq!(
+            (r.status, &r.body),
+            (200, &inactive()),
+            "garbage {:?}: {}",
+            garbage.get(..20),
+            r.text
+        );
+    }
+
+    // A well-formed JWT from another issuer, shaped like an access token, and
+    // a workload identity.
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(s.github.es_kid.clone());
+    header.typ = Some("at+jwt".into());
+    let mut c = s.github.claims("repo:acme/web:ref:refs/heads/main");
+    c["aud"] = json!("github");
+    c["txn"] = tc["txn"].clone();
+    c["scope"] = json!("read");
+    c["jti"] = json!("forged-1");
+    c["client_id"] = json!("x");
+    let foreign = s.github.sign_with(&header, &c);
+    assert_eq!(s.introspect(&foreign).await.body, inactive());
+    header.typ = Some("txntoken+jwt".into());
+    let foreign_task = s.github.sign_with(&header, &tc);
+    assert_eq!(s.introspect(&foreign_task).await.body, inactive());
+    assert_eq!(s.introspect(&identity).await.body, inactive());
+
+    // An expired access token (access_token_ttl is 1 s) under a live task.
+    let at = token_of(&s.access_token(&task, "github", Some("read")).await);
+    let exp = claims_of(&at)["exp"].as_u64().unwrap();
+    sleep_past(exp).await;
+    let r = s.introspect(&at).await;
+    assert_eq!(
+        r.body,
+        inactive(),
+        "an access token past its exp ({exp}, now {}) must be inactive: {}",
+        now(),
+        r.text
+    );
+    assert_eq!(s.introspect(&task).await.body["active"], true);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn introspection_of_an_expired_task_token_is_inactive() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "short", Some(1))
+            .await,
+    );
+    let exp = claims_of(&task)["exp"].as_u64().unwrap();
+    sleep_past(exp).await;
+    assert_eq!(s.introspect(&task).await.body, inactive());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_ends_at_its_deadline() {
+    let s = TestServer::start_with(Options {
+        access_token_ttl: 300,
+        ..Options::default()
+    })
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "quick look", Some(2))
+        .await;
+    let task = token_of(&r);
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!((1..=2).contains(&expires_in), "{expires_in}");
+    let tc = claims_of(&task);
+    let task_exp = tc["exp"].as_u64().unwrap();
+    let txn = tc["txn"].as_str().unwrap().to_owned();
+
+    let r = s.access_token(&task, "github", Some("read")).await;
+    let at = token_of(&r);
+    let ac = claims_of(&at);
+    assert!(
+        ac["exp"].as_u64().unwrap() <= task_exp,
+        "access token exp {} after task exp {task_exp}",
+        ac["exp"]
+    );
+    assert!(r.body["expires_in"].as_u64().unwrap() <= 2, "{}", r.text);
+
+    sleep_past(task_exp).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.access_token(&task, "github", Some("read"))
+        .await
+        .assert_error(400, "invalid_request");
+    assert_eq!(s.introspect(&at).await.body, inactive());
+    assert_eq!(s.introspect(&task).await.body, inactive());
+
+    let recorded = eventually(Duration::from_secs(5), || {
+        has_event(&s, "task.expired", Some(&txn))
+    })
+    .await;
+    assert!(recorded, "no task.expired audit record for task {txn}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lifetimes_default_and_are_capped() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "default lifetimes", None)
+        .await;
+    let task = token_of(&r);
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&expires_in), "{expires_in}");
+    let tc = claims_of(&task);
+    assert_eq!(
+        tc["exp"].as_u64().unwrap() - tc["iat"].as_u64().unwrap(),
+        3600
+    );
+    let r = s.access_token(&task, "github", None).await;
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!((290..=300).contains(&expires_in), "{}", r.text);
+    let ac = claims_of(&token_of(&r));
+    assert_eq!(
+        ac["exp"].as_u64().unwrap() - ac["iat"].as_u64().unwrap(),
+        300
+    );
+    s.stop().await;
+
+    let s = TestServer::start_with(Options {
+        task_ttl: 300,
+        edit: Some(Box::new(|c| c.max_task_ttl = 600)),
+        ..Options::default()
+    })
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "too long", Some(100_000))
+        .await;
+    let task = token_of(&r);
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!(
+        (590..=600).contains(&expires_in),
+        "ttl above max_task_ttl must be capped: {expires_in}"
+    );
+    let tc = claims_of(&task);
+    assert!(tc["exp"].as_u64().unwrap() - tc["iat"].as_u64().unwrap() <= 600);
+    s.stop().await;
+}
+
+const PRIVATE_MEMBERS: &[&str] = &["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+#[tokio::test]
+async fn eddsa_and_rs256_tokens_verify_against_the_jwks() {
+    for (algorithm, alg, kty) in [
+        (
+            SigningAlgorithm::EdDSA,
+            jsonwebtoken::Algorithm::EdDSA,
+            "OKP",
+        ),
+        (
+            SigningAlgorithm::RS256,
+            jsonwebtoken::Algorithm::RS256,
+            "RSA",
+        ),
+        (
+            SigningAlgorithm::ES256,
+            jsonwebtoken::Algorithm::ES256,
+            "EC",
+        ),
+    ] {
+        let s = TestServer::start_with(Options {
+            algorithm,
+            ..Options::default()
+        })
+        .await;
+        let identity = s.k8s.kubernetes("agents", "coder");
+        let task = token_of(
+            &s.try_start_task(&identity, "github:read", "dev", "verify", None)
+                .await,
+        );
+        let at = token_of(&s.access_token(&task, "github", Some("read")).await);
+
+        let jwks: Value = s
+            .http
+            .get(format!("{}/jwks", s.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let keys = jwks["keys"].as_array().unwrap();
+        assert!(!keys.is_empty());
+        for k in keys {
+            assert_eq!(k["kty"], kty, "{algorithm:?}: {k}");
+            for m in PRIVATE_MEMBERS {
+                assert!(k.get(m).is_none(), "{algorithm:?}: JWKS has `{m}`: {k}");
+            }
+        }
+        for token in [&task, &at] {
+            let (h, _) = decode_parts(token);
+            assert_eq!(h["alg"], algorithm.as_str(), "{h}");
+            assert!(
+                keys.iter().any(|k| k["kid"] == h["kid"]),
+                "{algorithm:?}: kid {} not in the JWKS",
+                h["kid"]
+            );
+        }
+        let kid = decode_parts(&at).0["kid"].clone();
+        let jwk = keys.iter().find(|k| k["kid"] == kid).unwrap();
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(alg);
+        validation.set_issuer(&[&s.url]);
+        validation.set_audience(&["github"]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<Value>(&at, &key, &validation)
+            .unwrap_or_else(|e| panic!("{algorithm:?}: access token does not verify: {e}"));
+        assert_eq!(data.claims["scope"], "read");
+        // The same key does not accept it for another audience or issuer.
+        let mut wrong_aud = validation.clone();
+        wrong_aud.set_audience(&["jira"]);
+        assert!(jsonwebtoken::decode::<Value>(&at, &key, &wrong_aud).is_err());
+        let mut wrong_iss = validation.clone();
+        wrong_iss.set_issuer(&["https://evil.example"]);
+        assert!(jsonwebtoken::decode::<Value>(&at, &key, &wrong_iss).is_err());
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn metadata_names_every_endpoint_under_the_issuer() {
+    let s = TestServer::start().await;
+    let r = s
+        .http
+        .get(format!("{}/.well-known/oauth-authorization-server", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m: Value = r.json().await.unwrap();
+    let issuer = m["issuer"].as_str().unwrap();
+    assert_eq!(issuer, s.url);
+    for field in [
+        "token_endpoint",
+        "jwks_uri",
+        "introspection_endpoint",
+        "revocation_endpoint",
+    ] {
+        let url = m[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field}: {m}"));
+        assert!(
+            url.starts_with(issuer),
+            "{field} {url} is not under {issuer}"
+        );
+    }
+    let grants = m["grant_types_supported"].as_array().unwrap();
+    assert!(grants.iter().any(|g| g == TOKEN_EXCHANGE), "{m}");
+    // The advertised JWKS is reachable.
+    let jwks = s
+        .http
+        .get(m["jwks_uri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jwks.status(), 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identity_claims_reach_cedar() {
+    let extra = vec![
+        (
+            "spiffe-prod-read.cedar".to_owned(),
+            r#"@id("spiffe-prod-read")
+permit (principal, action == Action::"read", resource)
+when { principal has trust_domain && principal.trust_domain == "prod.acme.com" };
+"#
+            .to_owned(),
+        ),
+        (
+            "deployer-pods.cedar".to_owned(),
+            r#"@id("deployer-pods-execute")
+permit (principal, action == Action::"execute", resource)
+when {
+  principal.hasTag("kubernetes.io.pod.name") &&
+  principal.getTag("kubernetes.io.pod.name") like "deployer-*"
+};
+"#
+            .to_owned(),
+        ),
+    ];
+    let s = TestServer::start_with(Options {
+        extra_policies: extra,
+        ..Options::default()
+    })
+    .await;
+    let cases: Vec<(&str, String, &str, &str, Option<&str>)> = vec![
+        // SPIFFE: trust domain.
+        (
+            "spiffe prod",
+            s.spiffe.spiffe("prod.acme.com", "/ns/agents/sa/coder"),
+            "github:read",
+            "dev",
+            Some("spiffe-prod-read"),
+        ),
+        (
+            "spiffe staging",
+            s.spiffe.spiffe("staging.acme.com", "/ns/agents/sa/coder"),
+            "github:read",
+            "dev",
+            None,
+        ),
+        // GitHub Actions: repository, environment.
+        (
+            "github acme dev",
+            s.github.github("acme/web"),
+            "github:read",
+            "dev",
+            Some("acme-dev-read"),
+        ),
+        (
+            "github acme prod",
+            s.github.github("acme/web"),
+            "github:read",
+            "prod",
+            None,
+        ),
+        (
+            "github other org dev",
+            s.github.github("evil/web"),
+            "github:read",
+            "dev",
+            None,
+        ),
+        // Kubernetes: namespace.
+        (
+            "k8s agents",
+            s.k8s.kubernetes("agents", "coder"),
+            "github:read",
+            "dev",
+            Some("agents-namespace"),
+        ),
+        (
+            "k8s other",
+            s.k8s.kubernetes("other", "coder"),
+            "github:read",
+            "dev",
+            None,
+        ),
+        // Kubernetes: a tag from a nested claim.
+        (
+            "k8s deployer pod",
+            s.k8s.kubernetes("other", "deployer"),
+            "deploy:execute",
+            "prod",
+            Some("deployer-pods-execute"),
+        ),
+        (
+            "k8s coder pod",
+            s.k8s.kubernetes("other", "coder"),
+            "deploy:execute",
+            "prod",
+            None,
+        ),
+    ];
+    for (name, identity, scope, env, allowed_by) in cases {
+        let r = s
+            .try_start_task(&identity, scope, env, "claims reach cedar", None)
+            .await;
+        match allowed_by {
+            Some(policy) => {
+                if r.status != 200 {
+                    let audit = s.audit().await;
+                    let last = audit.iter().rev().find(|a| a.event == "task.grant");
+                    panic!("{name}: {} (decision: {last:?})", r.text);
+                }
+                assert_eq!(r.body["scope"], scope, "{name}");
+                let txn = claims_of(&token_of(&r))["txn"].as_str().unwrap().to_owned();
+                let audit = s.audit().await;
+                let grant = audit
+                    .iter()
+                    .find(|a| a.event == "task.grant" && a.task_id.as_deref() == Some(&txn))
+                    .unwrap_or_else(|| panic!("{name}: no task.grant record"));
+                assert_eq!(grant.decision.as_deref(), Some("allow"), "{name}");
+                assert!(
+                    grant.policies.iter().any(|p| p == policy),
+                    "{name}: expected {policy} among {:?}",
+                    grant.policies
+                );
+            }
+            None => r.assert_error(400, "access_denied"),
+        }
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn refused_grants_are_left_out() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(
+            &identity,
+            "github:read github:write",
+            "dev",
+            "tidy the readme",
+            None,
+        )
+        .await;
+    let task = token_of(&r);
+    assert_eq!(r.body["scope"], "github:read", "{}", r.text);
+    assert_eq!(claims_of(&task)["scope"], "github:read");
+    s.access_token(&task, "github", Some("write"))
+        .await
+        .assert_error(400, "invalid_scope");
+    let r = s.access_token(&task, "github", None).await;
+    assert_eq!(r.body["scope"], "read", "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_signing_key_is_private_and_kept() {
+    let keep = tempfile::tempdir().unwrap();
+    let data_dir = keep.path().join("data");
+    let kid_of = |s: &TestServer| {
+        let http = s.http.clone();
+        let url = format!("{}/jwks", s.url);
+        async move {
+            let jwks: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            jwks["keys"][0]["kid"].as_str().unwrap().to_owned()
+        }
+    };
+    let with_data_dir = |dir: std::path::PathBuf| Options {
+        edit: Some(Box::new(move |c: &mut scrip_config::Config| {
+            c.data_dir = dir
+        })),
+        ..Options::default()
+    };
+
+    let s = TestServer::start_with(with_data_dir(data_dir.clone())).await;
+    let kid = kid_of(&s).await;
+    let key_file = data_dir.join("keys/signing-es256.json");
+    assert!(key_file.is_file(), "no key file at {}", key_file.display());
+    assert_eq!(mode(&key_file), 0o600, "key file mode");
+    assert_eq!(mode(&data_dir), 0o700, "data dir mode");
+    assert_eq!(mode(&data_dir.join("keys")), 0o700, "keys dir mode");
+    s.stop().await;
+
+    let s = TestServer::start_with(with_data_dir(data_dir.clone())).await;
+    assert_eq!(kid_of(&s).await, kid, "the key changed across a restart");
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "after restart", None)
+            .await,
+    );
+    assert_eq!(decode_parts(&task).0["kid"], kid);
+    s.stop().await;
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.clone(),
+        policy_dir: repo_policies(),
+        tools: tools(),
+        ..scrip_config::Config::default()
+    };
+    let message = match scrip_server::Server::bind(config).await {
+        Ok(_) => panic!("a server started with a key file others can read"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        message.contains(&key_file.display().to_string()),
+        "the error does not name the file: {message}"
+    );
+    assert!(
+        message.contains("chmod 600"),
+        "the error does not say how to fix it: {message}"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_decisions_and_no_tokens() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read jira:read", "dev", "audit me", None)
+            .await,
+    );
+    let txn = claims_of(&task)["txn"].as_str().unwrap().to_owned();
+    let at = token_of(&s.access_token(&task, "github", Some("read")).await);
+    let at_jti = claims_of(&at)["jti"].as_str().unwrap().to_owned();
+    let at2 = token_of(&s.access_token(&task, "jira", Some("read")).await);
+    assert_eq!(s.revoke(&at2).await.status, 200);
+    assert_eq!(s.revoke(&task).await.status, 200);
+    // A refused exchange too, whose request carried the task token.
+    s.access_token(&task, "github", Some("read"))
+        .await
+        .assert_error(400, "invalid_request");
+
+    let audit = s.audit().await;
+    let of_task: Vec<_> = audit
+        .iter()
+        .filter(|a| a.task_id.as_deref() == Some(txn.as_str()))
+        .collect();
+    let find = |event: &str| {
+        of_task
+            .iter()
+            .find(|a| a.event == event)
+            .unwrap_or_else(|| panic!("no {event} record for the task in {of_task:#?}"))
+    };
+    let agent = "system:serviceaccount:agents:coder";
+
+    let started = find("task.started");
+    assert_eq!(started.agent_sub.as_deref(), Some(agent));
+    assert_eq!(started.decision.as_deref(), Some("allow"));
+
+    let grants: Vec<_> = of_task.iter().filter(|a| a.event == "task.grant").collect();
+    assert_eq!(grants.len(), 2, "one task.grant per grant: {grants:#?}");
+    for g in &grants {
+        assert_eq!(g.agent_sub.as_deref(), Some(agent));
+        assert_eq!(g.decision.as_deref(), Some("allow"));
+        assert!(
+            g.policies.iter().any(|p| p == "agents-namespace"),
+            "{:?}",
+            g.policies
+        );
+        assert!(
+            matches!(g.tool.as_deref(), Some("github" | "jira")),
+            "{g:?}"
+        );
+    }
+
+    let issued = find("token.issued");
+    assert_eq!(issued.agent_sub.as_deref(), Some(agent));
+    assert_eq!(issued.tool.as_deref(), Some("github"));
+    assert_eq!(issued.decision.as_deref(), Some("allow"));
+    assert_eq!(issued.jti.as_deref(), Some(at_jti.as_str()));
+    assert!(
+        of_task.iter().any(|a| a.tool.as_deref() == Some("github")
+            && a.decision.as_deref() == Some("allow")
+            && a.policies.iter().any(|p| p == "agents-namespace")
+            && a.event != "task.grant"),
+        "no token decision naming its policies: {of_task:#?}"
+    );
+
+    let ended = find("task.ended");
+    assert_eq!(ended.agent_sub.as_deref(), Some(agent));
+
+    // Invariant 1: no token in any record.
+    let secrets = [task.as_str(), at.as_str(), at2.as_str(), identity.as_str()];
+    for record in &audit {
+        let text = serde_json::to_string(record).unwrap();
+        for secret in secrets {
+            let signature = secret.rsplit('.').next().unwrap();
+            assert!(
+                !text.contains(secret) && !text.contains(signature),
+                "an audit record holds a token: {text}"
+            );
+        }
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_locked_store_fails_closed_and_recovers() {
+    use sqlx::ConnectOptions as _;
+    use sqlx::Connection as _;
+
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let started_before = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "task.started")
+        .count();
+
+    let db = s.dir.path().join("data/scrip.db");
+    let mut lock = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db)
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "while locked", None)
+        .await;
+    r.assert_error(503, "temporarily_unavailable");
+    assert!(
+        r.body.get("access_token").is_none() && !r.text.contains("eyJ"),
+        "something was issued: {}",
+        r.text
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "after the lock", None)
+        .await;
+    let task = token_of(&r);
+    assert_eq!(s.introspect(&task).await.body["active"], true);
+    token_of(&s.access_token(&task, "github", Some("read")).await);
+    let started_after = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "task.started")
+        .count();
+    assert_eq!(
+        started_after,
+        started_before + 1,
+        "only the task started after the lock may be recorded"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn policies_reload_on_file_change_and_keep_the_last_good_set() {
+    let s = TestServer::start().await;
+    let other = s.k8s.kubernetes("other", "coder");
+    let agents = s.k8s.kubernetes("agents", "coder");
+    let try_other = || s.try_start_task(&other, "github:read", "dev", "reload", None);
+    try_other().await.assert_error(400, "access_denied");
+
+    let file = s.dir.path().join("policies/zz-other.cedar");
+    std::fs::write(
+        &file,
+        "@id(\"broken\")\npermit (principal, action == Action::\"read\", resource)\nwhen { this is not cedar ;\n",
+    )
+    .unwrap();
+    let rejected = eventually(Duration::from_secs(5), || {
+        has_event(&s, "policy.rejected", None)
+    })
+    .await;
+    assert!(rejected, "no policy.rejected audit record");
+    // The last good set still decides.
+    try_other().await.assert_error(400, "access_denied");
+    let r = s
+        .try_start_task(&agents, "github:read", "dev", "reload", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    std::fs::write(
+        &file,
+        r#"@id("other-read")
+permit (principal, action == Action::"read", resource)
+when { principal has namespace && principal.namespace == "other" };
+"#,
+    )
+    .unwrap();
+    let allowed = eventually(Duration::from_secs(5), || async {
+        try_other().await.status == 200
+    })
+    .await;
+    assert!(allowed, "the new policy was not picked up");
+    let audit = s.audit().await;
+    let rejected_seq = audit
+        .iter()
+        .filter(|a| a.event == "policy.rejected")
+        .map(|a| a.seq)
+        .min()
+        .unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.event == "policy.reloaded" && a.seq > rejected_seq),
+        "no policy.reloaded audit record after the rejection"
+    );
+    let r = try_other().await;
+    assert_eq!(r.body["scope"], "github:read", "{}", r.text);
+    s.stop().await;
+}

@@ -1,0 +1,344 @@
+//! Tamper evidence for the audit record: hash chains and their verification.
+//!
+//! Each writer (one server process) appends to its own chain, so several
+//! replicas write at once without a global lock. A record's stored JSON
+//! holds its `chain_id`, `chain_seq` and `prev_hash`; its hash is the SHA-256
+//! of exactly that JSON. The first record of a chain (`chain.started`) links
+//! to the heads of the chains already in the store, and signed checkpoints
+//! pin a chain's head from time to time. Together these detect an edited,
+//! deleted, inserted, reordered or truncated record.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::AuditEvent;
+
+/// The `prev_hash` of a chain's first record.
+pub const GENESIS: &str = "";
+
+/// SHA-256 of `data`, base64url.
+#[must_use]
+pub fn hash(data: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
+}
+
+/// A reference to a record of a chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLink {
+    /// The chain.
+    pub chain_id: String,
+    /// The record's position in it (from 1).
+    pub chain_seq: u64,
+    /// The record's hash.
+    pub hash: String,
+}
+
+/// Where a writer's chain stands.
+#[derive(Debug, Clone)]
+pub(crate) struct ChainState {
+    pub id: String,
+    pub seq: u64,
+    pub head: String,
+}
+
+impl ChainState {
+    pub fn new(id: String) -> Self {
+        Self {
+            id,
+            seq: 0,
+            head: GENESIS.to_owned(),
+        }
+    }
+
+    /// Places `event` next in the chain; returns its JSON and hash.
+    pub fn append(
+        &mut self,
+        event: &AuditEvent,
+    ) -> Result<(AuditEvent, String, String), serde_json::Error> {
+        let mut e = event.clone();
+        e.seq = 0;
+        e.hash = None;
+        e.chain_id = Some(self.id.clone());
+        e.chain_seq = self.seq + 1;
+        e.prev_hash = Some(self.head.clone());
+        let json = serde_json::to_string(&e)?;
+        let h = hash(json.as_bytes());
+        self.seq += 1;
+        self.head.clone_from(&h);
+        Ok((e, json, h))
+    }
+
+    /// The head as a link, if the chain has a record.
+    pub fn link(&self) -> Option<ChainLink> {
+        (self.seq > 0).then(|| ChainLink {
+            chain_id: self.id.clone(),
+            chain_seq: self.seq,
+            hash: self.head.clone(),
+        })
+    }
+}
+
+/// An audit row as stored.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    /// Global sequence number.
+    pub seq: i64,
+    /// Chain columns.
+    pub chain_id: String,
+    /// Position in the chain.
+    pub chain_seq: u64,
+    /// Stored hash.
+    pub hash: String,
+    /// The exact JSON that was hashed.
+    pub record: String,
+}
+
+/// A signed checkpoint as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The chain.
+    pub chain_id: String,
+    /// The chain's head position.
+    pub chain_seq: u64,
+    /// The head's hash.
+    pub hash: String,
+    /// When it was taken.
+    pub at_ms: u64,
+    /// A compact JWS over the same fields, by the checkpoint key.
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The exact bytes the checkpoint key signs.
+    #[must_use]
+    pub fn message(chain_id: &str, chain_seq: u64, hash: &str, at_ms: u64) -> Vec<u8> {
+        format!("scrip-audit-checkpoint/v1\n{chain_id}\n{chain_seq}\n{hash}\n{at_ms}").into_bytes()
+    }
+}
+
+/// One problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The global sequence number of the record concerned, when there is one.
+    pub seq: Option<i64>,
+    /// The chain concerned.
+    pub chain_id: String,
+    /// The position in the chain concerned.
+    pub chain_seq: u64,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.seq {
+            Some(seq) => write!(
+                f,
+                "record {seq} (chain {} #{}): {}",
+                self.chain_id, self.chain_seq, self.what
+            ),
+            None => write!(
+                f,
+                "chain {} #{}: {}",
+                self.chain_id, self.chain_seq, self.what
+            ),
+        }
+    }
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Records checked.
+    pub records: usize,
+    /// Chains seen.
+    pub chains: usize,
+    /// Checkpoints whose signature verified and whose record matched.
+    pub checkpoints: usize,
+    /// Problems, in the order found.
+    pub problems: Vec<Problem>,
+}
+
+/// Where a chain stands during verification.
+#[derive(Debug, Default)]
+struct Cursor {
+    pos: u64,
+    hash: String,
+    seq: Option<i64>,
+}
+
+/// Streaming verification of the audit chains: memory grows with the number
+/// of chains and of checkpoints, not of records.
+///
+/// Feed every record in global order with [`Verifier::push`], then call
+/// [`Verifier::finish`]. `wanted` are the positions that checkpoints and
+/// chain links refer to (read them first: [`Checkpoint`]s and the `links` of
+/// `chain.started` records); their hashes are kept to be compared at the end.
+#[derive(Debug)]
+pub struct Verifier {
+    wanted: HashSet<(String, u64)>,
+    found: HashMap<(String, u64), String>,
+    chains: HashMap<String, Cursor>,
+    links: Vec<(i64, String, u64, ChainLink)>,
+    report: Report,
+}
+
+impl Verifier {
+    /// A verifier that will check `checkpoints` and `links`.
+    #[must_use]
+    pub fn new<'a>(
+        checkpoints: &[Checkpoint],
+        links: impl IntoIterator<Item = &'a ChainLink>,
+    ) -> Self {
+        let mut wanted: HashSet<(String, u64)> = checkpoints
+            .iter()
+            .map(|c| (c.chain_id.clone(), c.chain_seq))
+            .collect();
+        wanted.extend(links.into_iter().map(|l| (l.chain_id.clone(), l.chain_seq)));
+        Self {
+            wanted,
+            found: HashMap::new(),
+            chains: HashMap::new(),
+            links: Vec::new(),
+            report: Report::default(),
+        }
+    }
+
+    /// Checks one record, given in global order.
+    pub fn push(&mut self, r: &StoredRecord) {
+        self.report.records += 1;
+        let cursor = self.chains.entry(r.chain_id.clone()).or_default();
+        let problem = |what: String| Problem {
+            seq: Some(r.seq),
+            chain_id: r.chain_id.clone(),
+            chain_seq: r.chain_seq,
+            what,
+        };
+        let expected = cursor.pos + 1;
+        if r.chain_seq < expected {
+            self.report.problems.push(problem(format!(
+                "chain position {} repeats or goes back: inserted or reordered",
+                r.chain_seq
+            )));
+            return;
+        }
+        if r.chain_seq > expected {
+            self.report.problems.push(problem(format!(
+                "expected chain position {expected}: record(s) before it were deleted"
+            )));
+            // Resynchronise so that one deletion is reported once.
+            cursor.hash = r.hash.clone();
+        }
+        if hash(r.record.as_bytes()) != r.hash {
+            self.report
+                .problems
+                .push(problem("content does not match its hash: edited".into()));
+        }
+        match serde_json::from_str::<AuditEvent>(&r.record) {
+            Ok(e) => {
+                if e.chain_id.as_deref() != Some(r.chain_id.as_str()) || e.chain_seq != r.chain_seq
+                {
+                    self.report.problems.push(problem(
+                        "chain position in the record differs from the row: moved".into(),
+                    ));
+                }
+                if r.chain_seq == expected && e.prev_hash.as_deref() != Some(cursor.hash.as_str()) {
+                    self.report.problems.push(problem(
+                        "does not link to the record before it: inserted, reordered or edited"
+                            .into(),
+                    ));
+                }
+                for l in e.links {
+                    self.links.push((r.seq, r.chain_id.clone(), r.chain_seq, l));
+                }
+            }
+            Err(_) => self
+                .report
+                .problems
+                .push(problem("content is not a valid record: edited".into())),
+        }
+        if cursor.seq.is_some_and(|p| p >= r.seq) {
+            self.report.problems.push(problem(
+                "out of order with the record before it: reordered".into(),
+            ));
+        }
+        cursor.pos = r.chain_seq;
+        cursor.hash = r.hash.clone();
+        cursor.seq = Some(r.seq);
+        let key = (r.chain_id.clone(), r.chain_seq);
+        if self.wanted.contains(&key) {
+            self.found.insert(key, r.hash.clone());
+        }
+    }
+
+    /// Checks the links and the checkpoints (`signature_ok` verifies a
+    /// checkpoint's signature) and returns the report.
+    #[must_use]
+    pub fn finish(
+        mut self,
+        checkpoints: &[Checkpoint],
+        signature_ok: impl Fn(&Checkpoint) -> bool,
+    ) -> Report {
+        self.report.chains = self.chains.len();
+        for (seq, chain_id, chain_seq, l) in std::mem::take(&mut self.links) {
+            if self.found.get(&(l.chain_id.clone(), l.chain_seq)) != Some(&l.hash) {
+                self.report.problems.push(Problem {
+                    seq: Some(seq),
+                    chain_id,
+                    chain_seq,
+                    what: format!(
+                        "links to chain {} #{} which is missing or different: truncated or edited",
+                        l.chain_id, l.chain_seq
+                    ),
+                });
+            }
+        }
+        for c in checkpoints {
+            let problem = |what: &str| Problem {
+                seq: None,
+                chain_id: c.chain_id.clone(),
+                chain_seq: c.chain_seq,
+                what: what.to_owned(),
+            };
+            if !signature_ok(c) {
+                self.report
+                    .problems
+                    .push(problem("checkpoint signature is invalid"));
+                continue;
+            }
+            match self.found.get(&(c.chain_id.clone(), c.chain_seq)) {
+                Some(h) if *h == c.hash => self.report.checkpoints += 1,
+                Some(_) => self.report.problems.push(problem(
+                    "checkpointed record differs from the checkpoint: edited",
+                )),
+                None => self
+                    .report
+                    .problems
+                    .push(problem("checkpointed record is missing: truncated")),
+            }
+        }
+        self.report
+    }
+}
+
+/// Verifies `records` (in global order) in memory: both passes at once.
+#[must_use]
+pub fn verify(
+    records: &[StoredRecord],
+    checkpoints: &[Checkpoint],
+    signature_ok: impl Fn(&Checkpoint) -> bool,
+) -> Report {
+    let links: Vec<ChainLink> = records
+        .iter()
+        .filter_map(|r| serde_json::from_str::<AuditEvent>(&r.record).ok())
+        .flat_map(|e| e.links)
+        .collect();
+    let mut v = Verifier::new(checkpoints, &links);
+    for r in records {
+        v.push(r);
+    }
+    v.finish(checkpoints, signature_ok)
+}
