@@ -28,22 +28,9 @@ pub async fn introspect_endpoint(
     body: Body,
 ) -> Response {
     let st = &state.0;
-    let caller = match bearer(&headers) {
-        Some(token) => match st.identities.verify(token).await {
-            Ok(identity) => identity,
-            Err(scrip_identity::IdentityError::KeysUnavailable) => {
-                return OAuthError::temporarily_unavailable().into_response();
-            }
-            Err(e) => {
-                return OAuthError::invalid_token(format!("caller identity: {e}")).into_response();
-            }
-        },
-        None => {
-            return OAuthError::invalid_token(
-                "authenticate with your workload identity: `Authorization: Bearer <identity JWT>`",
-            )
-            .into_response();
-        }
+    let caller = match caller_identity(st, &headers).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
     };
     let result = async {
         let form = Form::read(&headers, body).await?;
@@ -61,6 +48,26 @@ pub async fn introspect_endpoint(
             r
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// Authenticates the caller of introspection and the revocation feed by its
+/// own workload identity (`Authorization: Bearer <identity JWT>`).
+pub(crate) async fn caller_identity(
+    st: &Inner,
+    headers: &HeaderMap,
+) -> Result<scrip_token::WorkloadIdentity, OAuthError> {
+    let Some(token) = bearer(headers) else {
+        return Err(OAuthError::invalid_token(
+            "authenticate with your workload identity: `Authorization: Bearer <identity JWT>`",
+        ));
+    };
+    match st.identities.verify(token).await {
+        Ok(identity) => Ok(identity),
+        Err(scrip_identity::IdentityError::KeysUnavailable) => {
+            Err(OAuthError::temporarily_unavailable())
+        }
+        Err(e) => Err(OAuthError::invalid_token(format!("caller identity: {e}"))),
     }
 }
 

@@ -11,10 +11,12 @@
 //! store has durably committed the audit record of the decision that issued
 //! it; any store failure answers 503 `temporarily_unavailable`.
 
+pub mod attest;
 pub mod audit;
 mod background;
 mod error;
 mod exchange;
+mod feed;
 mod form;
 mod introspect;
 pub mod keys;
@@ -66,6 +68,9 @@ pub enum StartError {
     /// A trusted issuer is unusable.
     #[error(transparent)]
     Identity(#[from] scrip_identity::SetupError),
+    /// The local attestation socket is unusable.
+    #[error(transparent)]
+    Socket(#[from] attest::SocketError),
     /// The server failed while running.
     #[error("server error: {0}")]
     Serve(std::io::Error),
@@ -83,6 +88,8 @@ pub mod paths {
     pub const INTROSPECT: &str = "/introspect";
     /// The JWKS.
     pub const JWKS: &str = "/jwks";
+    /// The revocation feed.
+    pub const REVOCATIONS: &str = "/revocations";
     /// The public key of the audit checkpoints (a JWKS).
     pub const AUDIT_KEYS: &str = "/audit/keys";
 }
@@ -91,6 +98,7 @@ pub mod paths {
 #[derive(Debug)]
 pub struct Server {
     listener: tokio::net::TcpListener,
+    attest: attest::Socket,
     state: AppState,
     /// Installed at bind, so a SIGHUP during start-up reloads instead of
     /// killing the process.
@@ -121,6 +129,7 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
         ],
         "access_token_signing_alg_values_supported": [config.signing_algorithm.as_str()],
         "scrip_audit_checkpoint_keys_uri": format!("{issuer}{}", paths::AUDIT_KEYS),
+        "scrip_revocation_feed_endpoint": format!("{issuer}{}", paths::REVOCATIONS),
     })
 }
 
@@ -157,6 +166,7 @@ impl Server {
         policy.check_tools(&config.tools)?;
         let identities =
             IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
+        let attest = attest::Socket::bind(&config)?;
 
         let jwk = loaded.key.public_jwk();
         let own_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk)).map_err(|e| {
@@ -165,6 +175,18 @@ impl Server {
                 message: e.to_string(),
             }
         })?;
+        // Local attestation identities are signed with the same key.
+        let local_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk))
+            .map_err(|e| keys::KeyError::Invalid {
+                path: config.data_dir.join("keys"),
+                message: e.to_string(),
+            })?;
+        let identities = identities.with_local(
+            &config.local_issuer(),
+            local_keys,
+            vec![config.signing_algorithm.to_jwt()],
+            &issuer,
+        );
         let jwks_body = serde_json::json!({ "keys": [jwk] }).to_string();
         let metadata_body = metadata(&issuer, &config).to_string();
         let replica = replica_name(local);
@@ -201,6 +223,7 @@ impl Server {
             signer: loaded.key,
             checkpoint_key: checkpoint.key,
             last_checkpoint: std::sync::Mutex::new(None),
+            revocation_notify: tokio::sync::Notify::new(),
             own_keys,
             jwks_body,
             metadata_body,
@@ -216,6 +239,7 @@ impl Server {
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Self {
             listener,
+            attest,
             state: AppState(Arc::new(inner)),
             hangup,
         })
@@ -251,6 +275,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let background = background::spawn(self.state.clone(), self.hangup);
+        let attest = attest::spawn(self.attest, self.state.clone());
         let state = self.state.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(self.listener, app)
@@ -258,6 +283,8 @@ impl Server {
             .await
             .map_err(StartError::Serve);
         background.abort();
+        attest.abort();
+        let _ = attest.await;
         // Seal what this process wrote.
         background::checkpoint(&state.0).await;
         result
@@ -312,6 +339,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(paths::TOKEN, post(exchange::token_endpoint))
         .route(paths::REVOKE, post(revoke::revoke_endpoint))
+        .route(paths::REVOCATIONS, get(feed::feed_endpoint))
         .route(paths::INTROSPECT, post(introspect::introspect_endpoint))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {

@@ -38,6 +38,8 @@ pub(crate) struct Inner {
     pub signer: SigningKey,
     pub checkpoint_key: SigningKey,
     pub last_checkpoint: std::sync::Mutex<Option<u64>>,
+    /// Woken after this replica commits a revocation.
+    pub revocation_notify: tokio::sync::Notify,
     pub own_keys: KeySet,
     pub own_algorithms: Vec<Algorithm>,
     pub jwks_body: String,

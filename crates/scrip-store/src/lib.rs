@@ -15,7 +15,7 @@ mod model;
 mod sqlite;
 
 pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
-pub use model::{AuditEvent, AuditFilter, TaskRecord, TaskState, Write};
+pub use model::{Revocation, RevocationKind, AuditEvent, AuditFilter, TaskRecord, TaskState, Write};
 pub use sqlite::SqliteStore;
 
 /// A store failure.
@@ -57,6 +57,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Raw audit rows after `after_seq`, in order, for verification.
     async fn audit_rows(&self, after_seq: i64, limit: u32)
     -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// Revocations after `after` that have not expired at `now`, in order.
+    async fn revocations(&self, after: i64, now: u64, limit: u32) -> Result<Vec<Revocation>, StoreError>;
+
+    /// The newest revocation's sequence number (0 when none).
+    async fn latest_revocation(&self) -> Result<i64, StoreError>;
 
     /// The links of every chain's first record (`chain.started`).
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError>;

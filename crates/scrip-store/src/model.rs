@@ -195,3 +195,28 @@ pub enum Write {
     /// A signed checkpoint of a chain's head.
     Checkpoint(Box<crate::Checkpoint>),
 }
+
+/// What a revocation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevocationKind {
+    /// Every token of a task.
+    Task,
+    /// One token.
+    Token,
+}
+
+/// One entry of the revocation feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Feed position.
+    pub seq: i64,
+    /// What it covers.
+    pub kind: RevocationKind,
+    /// The task.
+    pub txn: String,
+    /// The token, for a token revocation.
+    pub jti: Option<String>,
+    /// When it would have expired anyway.
+    pub exp: u64,
+}

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use std::sync::{Arc, Mutex};
 
 use crate::chain::ChainState;
+use crate::{Revocation, RevocationKind};
 use crate::{
     AuditEvent, AuditFilter, ChainLink, Checkpoint, Store, StoreError, StoredRecord, TaskRecord,
     Write,
@@ -306,6 +307,16 @@ async fn apply_on(
             Write::EndTask { id, at, reason } => {
                 sqlx::query(
                     "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                     INSERT INTO revocations (kind, txn, jti, exp, at) \
+                     SELECT 'task', id, NULL, expires_at, ?2 FROM tasks WHERE id IN sub AND ended_at IS NULL AND expires_at > ?2",
+                )
+                .bind(id)
+                .bind(to_i64(*at))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                      UPDATE tasks SET ended_at = ?2, end_reason = CASE WHEN id = ?1 THEN ?3 ELSE 'parent ended' END \
                      WHERE id IN sub AND ended_at IS NULL",
                 )
@@ -322,7 +333,7 @@ async fn apply_on(
                 expires_at,
                 at,
             } => {
-                sqlx::query(
+                let inserted = sqlx::query(
                     "INSERT OR IGNORE INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)",
                 )
                 .bind(jti)
@@ -332,9 +343,24 @@ async fn apply_on(
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
+                if inserted.rows_affected() > 0 {
+                    sqlx::query("INSERT INTO revocations (kind, txn, jti, exp, at) VALUES ('token', ?, ?, ?, ?)")
+                        .bind(task_id)
+                        .bind(jti)
+                        .bind(to_i64(*expires_at))
+                        .bind(to_i64(*at))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                }
             }
             Write::PurgeRevocations { now } => {
                 sqlx::query("DELETE FROM revoked_tokens WHERE expires_at <= ?")
+                    .bind(to_i64(*now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                sqlx::query("DELETE FROM revocations WHERE exp <= ?")
                     .bind(to_i64(*now))
                     .execute(&mut *tx)
                     .await
@@ -517,6 +543,39 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn revocations(&self, after: i64, now: u64, limit: u32) -> Result<Vec<Revocation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, txn, jti, exp FROM revocations WHERE seq > ? AND exp > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind").map_err(corrupt)?;
+                Ok(Revocation {
+                    seq: r.try_get("seq").map_err(corrupt)?,
+                    kind: if kind == "task" { RevocationKind::Task } else { RevocationKind::Token },
+                    txn: r.try_get("txn").map_err(corrupt)?,
+                    jti: r.try_get("jti").map_err(corrupt)?,
+                    exp: to_u64(r.try_get("exp").map_err(corrupt)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn latest_revocation(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM revocations")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        row.try_get("m").map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError> {

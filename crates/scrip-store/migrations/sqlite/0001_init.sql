@@ -29,6 +29,18 @@ CREATE TABLE revoked_tokens (
 ) STRICT;
 CREATE INDEX revoked_tokens_expiry ON revoked_tokens(expires_at);
 
+-- The revocation feed: what resource servers must stop accepting, in order,
+-- kept until it would have expired anyway.
+CREATE TABLE revocations (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT NOT NULL,      -- 'task' (every token of txn) or 'token' (one jti)
+    txn          TEXT NOT NULL,
+    jti          TEXT,
+    exp          INTEGER NOT NULL,
+    at           INTEGER NOT NULL
+) STRICT;
+CREATE INDEX revocations_exp ON revocations(exp);
+
 -- The decision and event record: one hash chain per writer (a chain starts
 -- each time a server process starts writing). `record` is the exact JSON that
 -- was hashed: hash = sha256(record), and record holds chain_id, chain_seq and

@@ -1,0 +1,664 @@
+//! Local workload attestation: a Unix socket in `data_dir` where a process
+//! on the same host obtains a short-lived workload identity JWT, without any
+//! identity provider.
+//!
+//! The kernel says who connected (`SO_PEERCRED`: uid, gid, pid at
+//! `connect(2)`); `/proc/<pid>` says what it runs (the executable's path and
+//! the SHA-256 of the file the process actually executes, read through
+//! `/proc/<pid>/exe`). The `[[local_workloads]]` selectors map that to a
+//! workload name; with none configured, a process of scrip's own user is
+//! identified by uid and executable. The identity is signed with scrip's own
+//! key (`typ` `wit+jwt`, `iss` `<issuer>/local`, `aud` the issuer, five
+//! minutes) and the decision is audited before the token leaves.
+//!
+//! Protocol: the client sends `ATTEST\n` and reads one JSON line, or sends
+//! `POST /attest HTTP/1.1` (so `curl --unix-socket` works) and reads an
+//! HTTP/1.1 answer. Either way the body is `{"identity_token", "expires_in"}`
+//! or `{"error", "error_description"}`.
+//!
+//! The pid-reuse race: the process is pinned by opening `/proc/<pid>` as a
+//! directory and reading everything through that descriptor (a reused pid
+//! is a different directory), its start time must precede the moment the
+//! connection was accepted (a process started afterwards cannot be the one
+//! that connected), and start time and executable are read again after
+//! hashing and must not have changed. docs/local-attestation.md says what
+//! remains.
+
+use std::fs::File;
+use std::io::Read as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use scrip_config::{Config, LocalWorkload};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::state::{AppState, Inner, now};
+
+/// Lifetime of a local workload identity, seconds.
+pub const IDENTITY_TTL: u64 = 300;
+/// The `typ` of a local workload identity.
+pub const IDENTITY_TYP: &str = scrip_identity::LOCAL_IDENTITY_TYP;
+/// The largest request read from the socket.
+const MAX_REQUEST: usize = 8 * 1024;
+/// How long a client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attestations hashed at once (each reads an executable).
+const CONCURRENCY: usize = 8;
+
+/// Why the attestation socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Binding or preparing the socket failed.
+    #[error("cannot listen on the local attestation socket `{path}`: {message}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The bound attestation socket. Dropping it removes the socket file.
+#[derive(Debug)]
+pub struct Socket {
+    listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Socket {
+    /// Binds the socket at the configured path with the configured mode.
+    /// A stale socket file (nobody listening) is replaced; a live one or
+    /// any other file is an error. The socket is created under a temporary
+    /// name, given its mode, then renamed into place, so it is never
+    /// reachable with a wider mode.
+    ///
+    /// # Errors
+    /// [`SocketError`] naming the problem.
+    pub fn bind(config: &Config) -> Result<Self, SocketError> {
+        let path = config.socket_path();
+        let fail = |message: String| SocketError::Bind {
+            path: path.clone(),
+            message,
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(fail(
+                        "another scrip is serving it; stop it or set `socket`".into(),
+                    ));
+                }
+                std::fs::remove_file(&path).map_err(|e| fail(e.to_string()))?;
+            }
+            Ok(_) => return Err(fail("a file that is not a socket is in the way".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| fail("not a file path".into()))?;
+        let mut tmp_name = name.to_owned();
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
+        let std_listener =
+            std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| fail(e.to_string()))?;
+        let prepared =
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))
+                .and_then(|()| std_listener.set_nonblocking(true))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail(e.to_string()));
+        }
+        let ino = std::fs::symlink_metadata(&path)
+            .map(|m| m.ino())
+            .map_err(|e| fail(e.to_string()))?;
+        let listener = UnixListener::from_std(std_listener).map_err(|e| fail(e.to_string()))?;
+        Ok(Self {
+            listener,
+            path,
+            ino,
+        })
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // Remove the file only if it is still this socket's.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves the socket until the returned task is aborted (which removes the
+/// socket file).
+pub fn spawn(socket: Socket, state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+        tracing::info!(socket = %socket.path.display(), "local attestation listening");
+        loop {
+            let stream = match socket.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "local attestation accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // The moment of acceptance bounds the start time of the process
+            // that connected (see `observe`).
+            let accepted = uptime_ticks();
+            let state = state.clone();
+            let limit = limit.clone();
+            tokio::spawn(async move {
+                let Ok(_permit) = limit.acquire().await else {
+                    return;
+                };
+                connection(&state.0, stream, accepted).await;
+            });
+        }
+    })
+}
+
+/// How the client spoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Line,
+    Http,
+}
+
+/// An answer: HTTP status and JSON body.
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+impl Answer {
+    fn error(status: u16, error: &str, description: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: json!({ "error": error, "error_description": description.into() }),
+        }
+    }
+}
+
+async fn connection(st: &Inner, mut stream: UnixStream, accepted: Option<u64>) {
+    let (dialect, answer) = match read_request(&mut stream).await {
+        Ok(dialect) => (dialect, attest(st, &stream, accepted).await),
+        Err(answer) => (Dialect::Line, answer),
+    };
+    let body = answer.body.to_string();
+    let bytes = match dialect {
+        Dialect::Line => format!("{body}\n"),
+        Dialect::Http => {
+            let reason = match answer.status {
+                200 => "OK",
+                400 => "Bad Request",
+                403 => "Forbidden",
+                _ => "Service Unavailable",
+            };
+            format!(
+                "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                answer.status,
+                body.len()
+            )
+        }
+    };
+    let _ = tokio::time::timeout(READ_TIMEOUT, stream.write_all(bytes.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads `ATTEST\n` or an HTTP request for `POST /attest`.
+async fn read_request(stream: &mut UnixStream) -> Result<Dialect, Answer> {
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            let text = String::from_utf8_lossy(&buf);
+            if text.starts_with("ATTEST\n") || text.starts_with("ATTEST\r\n") {
+                return Some(Dialect::Line);
+            }
+            if text.contains("\r\n\r\n") {
+                return Some(Dialect::Http);
+            }
+            if n == 0 || buf.len() > MAX_REQUEST || text.starts_with(|c| c != 'A' && c != 'P') {
+                return None;
+            }
+        }
+    };
+    let bad = || {
+        Answer::error(
+            400,
+            "invalid_request",
+            "send `ATTEST` and a newline (or `POST /attest` over HTTP/1.1)",
+        )
+    };
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Some(Dialect::Line)) => Ok(Dialect::Line),
+        Ok(Some(Dialect::Http)) => {
+            let text = String::from_utf8_lossy(&buf);
+            let line = text.lines().next().unwrap_or_default();
+            let mut parts = line.split(' ');
+            if parts.next() == Some("POST") && parts.next() == Some("/attest") {
+                Ok(Dialect::Http)
+            } else {
+                Err(Answer::error(
+                    404,
+                    "invalid_request",
+                    "the only endpoint on this socket is `POST /attest`",
+                ))
+            }
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// What was observed about the process that connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Observed {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    /// The executable's path, when readable (`" (deleted)"` appended by the
+    /// kernel when the file was removed or replaced).
+    pub exe: Option<String>,
+    /// The SHA-256 of the executed file, lowercase hex, when readable.
+    pub exe_sha256: Option<String>,
+}
+
+async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answer {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials on the attestation socket");
+            return Answer::error(400, "invalid_request", "peer credentials are unavailable");
+        }
+    };
+    let Some(pid) = cred.pid().filter(|p| *p > 0) else {
+        return Answer::error(
+            400,
+            "invalid_request",
+            "the connecting process has no pid visible to scrip (another pid namespace?)",
+        );
+    };
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let observed = tokio::task::spawn_blocking(move || observe(uid, gid, pid, accepted)).await;
+    let observed = match observed {
+        Ok(Ok(o)) => o,
+        Ok(Err(why)) => {
+            return refuse(st, None, uid, pid, &why).await;
+        }
+        Err(_) => return Answer::error(503, "temporarily_unavailable", "try again"),
+    };
+    let workload = match select(
+        &st.config.local_workloads,
+        &observed,
+        own_uid(),
+        &canonical_exes(&st.config.local_workloads),
+    ) {
+        Ok(w) => w,
+        Err(why) => return refuse(st, Some(&observed), uid, pid, &why).await,
+    };
+    issue(st, &observed, workload).await
+}
+
+/// The configured `exe` selectors, with symlinks resolved (the kernel
+/// reports the resolved path).
+fn canonical_exes(workloads: &[LocalWorkload]) -> Vec<Option<PathBuf>> {
+    workloads
+        .iter()
+        .map(|w| w.exe.as_ref().and_then(|e| std::fs::canonicalize(e).ok()))
+        .collect()
+}
+
+fn own_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// The workload `observed` is: the first entry whose selectors all match,
+/// or, with no entries, `None` for a process of scrip's own user.
+fn select<'a>(
+    workloads: &'a [LocalWorkload],
+    observed: &Observed,
+    own_uid: Option<u32>,
+    canonical: &[Option<PathBuf>],
+) -> Result<Option<&'a LocalWorkload>, String> {
+    if workloads.is_empty() {
+        return if Some(observed.uid) == own_uid {
+            Ok(None)
+        } else {
+            Err(format!(
+                "no [[local_workloads]] are configured, so only processes of scrip's own user (uid {}) may attest; this process runs as uid {}",
+                own_uid.map_or_else(|| "?".to_owned(), |u| u.to_string()),
+                observed.uid
+            ))
+        };
+    }
+    let found = workloads.iter().enumerate().find(|(i, w)| {
+        w.uid.is_none_or(|u| u == observed.uid)
+            && w.gid.is_none_or(|g| g == observed.gid)
+            && w.exe.as_ref().is_none_or(|e| {
+                observed.exe.as_deref().is_some_and(|o| {
+                    Path::new(o) == e
+                        || canonical
+                            .get(*i)
+                            .and_then(Option::as_deref)
+                            .is_some_and(|c| Path::new(o) == c)
+                })
+            })
+            && w.exe_sha256
+                .as_ref()
+                .is_none_or(|h| observed.exe_sha256.as_deref() == Some(h.as_str()))
+    });
+    match found {
+        Some((_, w)) => Ok(Some(w)),
+        None => Err(format!(
+            "no [[local_workloads]] entry matches this process (uid {}, gid {}, exe `{}`, sha256 {}); add one to scrip's configuration",
+            observed.uid,
+            observed.gid,
+            observed.exe.as_deref().unwrap_or("unknown"),
+            observed.exe_sha256.as_deref().unwrap_or("unknown"),
+        )),
+    }
+}
+
+async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why: &str) -> Answer {
+    let mut a = st.audit("identity.attest");
+    a.decision = Some("deny".into());
+    a.agent_iss = Some(st.config.local_issuer());
+    a.client = Some(format!("unix:pid={pid},uid={uid}"));
+    a.reason = Some(why.to_owned());
+    if let Some(o) = observed {
+        a.agent_sub = Some(format!("local:uid:{}", o.uid));
+    }
+    if st
+        .store
+        .commit(vec![scrip_store::Write::Audit(Box::new(a))])
+        .await
+        .is_err()
+    {
+        return Answer::error(
+            503,
+            "temporarily_unavailable",
+            "scrip cannot record the decision; try again later",
+        );
+    }
+    tracing::info!(pid, uid, reason = why, "local attestation refused");
+    Answer::error(403, "access_denied", why)
+}
+
+async fn issue(st: &Inner, o: &Observed, workload: Option<&LocalWorkload>) -> Answer {
+    let subject = match workload {
+        Some(w) => format!("local:{}", w.name),
+        None => format!("local:uid:{}", o.uid),
+    };
+    let Ok(jti) = scrip_jose::random_id() else {
+        return Answer::error(503, "temporarily_unavailable", "try again");
+    };
+    let iat = now();
+    let mut attestation = json!({ "uid": o.uid, "gid": o.gid, "pid": o.pid });
+    if let Some(w) = workload {
+        attestation["workload"] = json!(w.name);
+    }
+    if let Some(exe) = &o.exe {
+        attestation["exe"] = json!(exe);
+    }
+    if let Some(sha) = &o.exe_sha256 {
+        attestation["exe_sha256"] = json!(sha);
+    }
+    let local_issuer = st.config.local_issuer();
+    let claims = json!({
+        "iss": local_issuer,
+        "sub": subject,
+        "aud": st.issuer,
+        "iat": iat,
+        "nbf": iat,
+        "exp": iat + IDENTITY_TTL,
+        "jti": jti,
+        "scrip_attestation": attestation,
+    });
+    let token = match st.signer.sign_jwt(IDENTITY_TYP, &claims) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "signing failed");
+            return Answer::error(503, "temporarily_unavailable", "try again");
+        }
+    };
+    let mut a = st.audit("identity.attest");
+    a.decision = Some("allow".into());
+    a.agent_iss = Some(local_issuer);
+    a.agent_sub = Some(subject.clone());
+    a.jti = Some(jti.clone());
+    a.client = Some(format!("unix:pid={},uid={}", o.pid, o.uid));
+    a.reason = Some(format!(
+        "exe `{}` sha256 {}",
+        o.exe.as_deref().unwrap_or("unknown"),
+        o.exe_sha256.as_deref().unwrap_or("unknown")
+    ));
+    if st
+        .store
+        .commit(vec![scrip_store::Write::Audit(Box::new(a))])
+        .await
+        .is_err()
+    {
+        return Answer::error(
+            503,
+            "temporarily_unavailable",
+            "scrip cannot record the decision; try again later",
+        );
+    }
+    tracing::info!(sub = %subject, pid = o.pid, %jti, "local workload identity issued");
+    Answer {
+        status: 200,
+        body: json!({
+            "identity_token": token,
+            "token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "expires_in": IDENTITY_TTL,
+            "sub": subject,
+        }),
+    }
+}
+
+/// Reads what the process is, pinned to the process that connected.
+fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observed, String> {
+    let gone = "the connecting process is gone";
+    // A descriptor on the process's /proc directory: every later read goes
+    // through it, so a pid reused from here on is not read by mistake.
+    let dir = File::open(format!("/proc/{pid}")).map_err(|_| gone.to_owned())?;
+    let base = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let started = start_time(&base).ok_or_else(|| gone.to_owned())?;
+    // The pid could have been reused between connect and the open above;
+    // such a process started after the connection was accepted.
+    if let Some(accepted) = accepted
+        && started > accepted
+    {
+        return Err("the connecting process is gone (its pid was reused)".into());
+    }
+    let exe = std::fs::read_link(base.join("exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    // Hash the file the process executes (through /proc, even if the path
+    // was since replaced), not whatever the path names now.
+    let exe_sha256 = File::open(base.join("exe"))
+        .ok()
+        .and_then(|f| sha256_hex(f).ok());
+    let exe_after = std::fs::read_link(base.join("exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    if start_time(&base) != Some(started) {
+        return Err(gone.to_owned());
+    }
+    if exe_after != exe {
+        return Err(
+            "the connecting process changed its executable while being attested; try again".into(),
+        );
+    }
+    drop(dir);
+    Ok(Observed {
+        uid,
+        gid,
+        pid,
+        exe,
+        exe_sha256,
+    })
+}
+
+/// Field 22 of `stat` (start time, clock ticks since boot).
+fn start_time(proc_dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // `comm` (field 2) may hold spaces and parentheses: fields resume after
+    // the last `)`, at field 3.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// `/proc/uptime` in clock ticks (`USER_HZ`, 100 on Linux), the unit of
+/// `stat`'s start time.
+fn uptime_ticks() -> Option<u64> {
+    parse_uptime(&std::fs::read_to_string("/proc/uptime").ok()?)
+}
+
+fn parse_uptime(text: &str) -> Option<u64> {
+    let first = text.split_ascii_whitespace().next()?;
+    let (secs, frac) = first.split_once('.').unwrap_or((first, "0"));
+    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(2).collect();
+    Some(secs.parse::<u64>().ok()? * 100 + frac.parse::<u64>().ok()?)
+}
+
+fn sha256_hex(mut file: File) -> std::io::Result<String> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(
+        name: &str,
+        uid: Option<u32>,
+        exe: Option<&str>,
+        sha: Option<&str>,
+    ) -> LocalWorkload {
+        LocalWorkload {
+            name: name.into(),
+            uid,
+            gid: None,
+            exe: exe.map(PathBuf::from),
+            exe_sha256: sha.map(str::to_owned),
+        }
+    }
+
+    fn observed() -> Observed {
+        Observed {
+            uid: 1000,
+            gid: 100,
+            pid: 42,
+            exe: Some("/usr/bin/agent".into()),
+            exe_sha256: Some("ab".repeat(32)),
+        }
+    }
+
+    fn check(workloads: &[LocalWorkload], expected: Result<Option<&str>, &str>) {
+        let canonical = vec![None; workloads.len()];
+        let got = select(workloads, &observed(), Some(1000), &canonical);
+        match (got, expected) {
+            (Ok(w), Ok(want)) => assert_eq!(w.map(|w| w.name.as_str()), want),
+            (Err(e), Err(want)) => assert!(e.contains(want), "{e}"),
+            (got, want) => panic!("got {:?}, want {want:?}", got.map(|w| w.map(|w| &w.name))),
+        }
+    }
+
+    #[test]
+    fn selection() {
+        let sha = "ab".repeat(32);
+        check(&[], Ok(None));
+        check(&[workload("a", Some(1000), None, None)], Ok(Some("a")));
+        check(
+            &[workload("a", Some(1), None, None)],
+            Err(
+                "no [[local_workloads]] entry matches this process (uid 1000, gid 100, exe `/usr/bin/agent`",
+            ),
+        );
+        check(
+            &[
+                workload("a", Some(1000), Some("/usr/bin/other"), None),
+                workload("b", None, Some("/usr/bin/agent"), None),
+            ],
+            Ok(Some("b")),
+        );
+        check(&[workload("a", None, None, Some(&sha))], Ok(Some("a")));
+        check(
+            &[workload("a", Some(1000), None, Some(&"cd".repeat(32)))],
+            Err("no [[local_workloads]]"),
+        );
+        let other = select(&[], &observed(), Some(0), &[]);
+        assert!(other.is_err_and(|e| e.contains("only processes of scrip's own user (uid 0)")));
+        // A symlinked selector matches the resolved path the kernel reports.
+        let w = [workload("a", None, Some("/usr/local/bin/agent-link"), None)];
+        let got = select(
+            &w,
+            &observed(),
+            None,
+            &[Some(PathBuf::from("/usr/bin/agent"))],
+        );
+        assert!(got.is_ok_and(|w| w.is_some()));
+    }
+
+    #[test]
+    fn proc_parsing() {
+        assert_eq!(
+            parse_start_time("42 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 19"),
+            Some(777)
+        );
+        assert_eq!(parse_start_time("42 (x) S"), None);
+        assert_eq!(parse_uptime("3007.89 1580.32\n"), Some(300_789));
+        assert_eq!(parse_uptime("5.1 1.0"), Some(510));
+        assert_eq!(parse_uptime("12 1"), Some(1200));
+        assert_eq!(parse_uptime(""), None);
+    }
+
+    #[test]
+    fn observes_itself() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let o = observe(0, 0, me, uptime_ticks()).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(o.exe.as_deref(), exe.to_str());
+        let bytes = std::fs::read(&exe).unwrap();
+        let want: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(o.exe_sha256, Some(want));
+        // A connection accepted before this process started cannot be its.
+        assert!(observe(0, 0, me, Some(0)).is_err_and(|e| e.contains("reused")));
+    }
+}

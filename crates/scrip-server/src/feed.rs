@@ -1,0 +1,97 @@
+//! `GET /revocations`: the revocation feed resource servers follow so that a
+//! revoked task's tokens are refused without a call per request.
+//!
+//! Cursor-based long-poll: `after=<cursor>` lists revocations newer than the
+//! cursor that have not expired yet; with none, the request waits up to
+//! `wait` seconds (at most 30) for one. The caller authenticates with its
+//! own workload identity. Revocations written by another replica on the
+//! same store are seen within [`POLL`].
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use scrip_store::RevocationKind;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::OAuthError;
+use crate::introspect::caller_identity;
+use crate::state::{AppState, now};
+
+/// The longest a request may wait.
+const MAX_WAIT: u64 = 30;
+/// How often a waiting request re-reads the store (another replica may have
+/// written).
+const POLL: Duration = Duration::from_millis(200);
+/// The most events in one answer.
+const PAGE: u32 = 1000;
+
+/// The query of `GET /revocations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedQuery {
+    #[serde(default)]
+    after: Option<i64>,
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+/// `GET /revocations`.
+pub async fn feed_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let st = &state.0;
+    if let Err(e) = caller_identity(st, &headers).await {
+        return e.into_response();
+    }
+    let Ok(Query(q)) = query else {
+        return OAuthError::invalid_request(
+            "query must be `after=<cursor>` and `wait=<seconds>`, both non-negative integers",
+        )
+        .into_response();
+    };
+    let after = q.after.unwrap_or(0);
+    let wait = q.wait.unwrap_or(0);
+    if after < 0 || wait > MAX_WAIT {
+        return OAuthError::invalid_request(format!(
+            "`after` must be a cursor from this feed and `wait` at most {MAX_WAIT} seconds"
+        ))
+        .into_response();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        let notified = st.revocation_notify.notified();
+        let events = match st.store.revocations(after, now(), PAGE).await {
+            Ok(e) => e,
+            Err(e) => return OAuthError::from(e).into_response(),
+        };
+        if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+            let cursor = events.last().map_or(after, |e| e.seq);
+            let events: Vec<serde_json::Value> = events
+                .iter()
+                .map(|e| match e.kind {
+                    RevocationKind::Task => json!({"type": "task", "txn": e.txn, "exp": e.exp}),
+                    RevocationKind::Token => {
+                        json!({"type": "token", "jti": e.jti, "txn": e.txn, "exp": e.exp})
+                    }
+                })
+                .collect();
+            let mut r = Json(json!({ "cursor": cursor, "events": events })).into_response();
+            r.headers_mut().insert(
+                axum::http::header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("no-store"),
+            );
+            return r;
+        }
+        let slice = deadline.min(tokio::time::Instant::now() + POLL);
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(slice) => {}
+        }
+    }
+}

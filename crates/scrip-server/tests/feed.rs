@@ -1,0 +1,117 @@
+//! The revocation feed: cursor, long-poll, authentication.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn feed(s: &TestServer, query: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut req = s.http.get(format!("{}/revocations{query}", s.url));
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn feed_lists_revoked_tasks_and_tokens_after_a_cursor() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let (status, body) = feed(&s, "", Some(&caller)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"], json!([]));
+    let start = body["cursor"].as_i64().unwrap();
+
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task_token = task["access_token"].as_str().unwrap().to_owned();
+    let (_, tc) = decode_parts(&task_token);
+    let at = s.access_token(&task_token, "github", Some("read")).await.body["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, ac) = decode_parts(&at);
+
+    assert_eq!(s.revoke(&at).await.status, 200);
+    let (_, body) = feed(&s, &format!("?after={start}"), Some(&caller)).await;
+    assert_eq!(
+        body["events"],
+        json!([{"type": "token", "jti": ac["jti"], "txn": tc["txn"], "exp": ac["exp"].as_u64().unwrap() + 30}])
+    );
+    let cursor = body["cursor"].as_i64().unwrap();
+    assert!(cursor > start);
+
+    assert_eq!(s.revoke(&task_token).await.status, 200);
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(
+        body["events"],
+        json!([{"type": "task", "txn": tc["txn"], "exp": tc["exp"]}])
+    );
+    // From the start, both; revoking again adds nothing.
+    assert_eq!(s.revoke(&task_token).await.status, 200);
+    assert_eq!(s.revoke(&at).await.status, 200);
+    let (_, body) = feed(&s, "?after=0", Some(&caller)).await;
+    assert_eq!(body["events"].as_array().unwrap().len(), 2, "{body}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_poll_wakes_on_revocation() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task_token = task["access_token"].as_str().unwrap().to_owned();
+    let (_, body) = feed(&s, "", Some(&caller)).await;
+    let cursor = body["cursor"].as_i64().unwrap();
+
+    let url = format!("{}/revocations?after={cursor}&wait=20", s.url);
+    let http = s.http.clone();
+    let started = Instant::now();
+    let poll = tokio::spawn(async move {
+        let r = http.get(url).bearer_auth(caller).send().await.unwrap();
+        (Instant::now(), r.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.revoke(&task_token).await.status, 200);
+    let (answered, body) = poll.await.unwrap();
+    assert_eq!(body["events"][0]["type"], "task", "{body}");
+    // It answered because of the revocation, not because the wait ran out.
+    assert!(answered.duration_since(started) < Duration::from_secs(15));
+
+    // With nothing new, a short wait answers empty with the same cursor.
+    let next = body["cursor"].as_i64().unwrap();
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let (_, empty) = feed(&s, &format!("?after={next}&wait=1"), Some(&caller)).await;
+    assert_eq!(empty, json!({"cursor": next, "events": []}));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn feed_needs_a_workload_identity_and_valid_parameters() {
+    let s = TestServer::start().await;
+    let (status, body) = feed(&s, "", None).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_token")));
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let (status, _) = feed(&s, "", task["access_token"].as_str()).await;
+    assert_eq!(status, 401, "a task token is not a workload identity");
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    for bad in ["?after=-1", "?wait=31", "?after=x", "?nope=1"] {
+        let (status, body) = feed(&s, bad, Some(&caller)).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{bad}");
+    }
+    s.stop().await;
+}
