@@ -63,9 +63,15 @@ async fn exchange(st: &Inner, form: &Form, peer: SocketAddr) -> Result<Response,
     let subject_type = form.require("subject_token_type")?;
     let requested = form.get("requested_token_type");
     if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
-        return Err(OAuthError::invalid_request(
-            "actor_token (delegation) is not supported by this server",
-        ));
+        return match (subject_type, requested) {
+            (token_type::TXN_TOKEN, None | Some(token_type::TXN_TOKEN)) => {
+                crate::delegate::delegate(st, form, subject_token, peer).await
+            }
+            _ => Err(OAuthError::invalid_request(
+                "an actor_token delegates a task: give the parent's task token as subject_token \
+                 (subject_token_type txn_token) and ask for a txn_token",
+            )),
+        };
     }
     match (subject_type, requested) {
         (token_type::JWT, None | Some(token_type::TXN_TOKEN)) => {
@@ -94,57 +100,72 @@ async fn exchange(st: &Inner, form: &Form, peer: SocketAddr) -> Result<Response,
     }
 }
 
+/// The most `may_act` entries a task may list.
+const MAX_MAY_ACT: usize = 16;
+
+/// `request_details` of a task start or a delegation.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RequestDetails {
-    purpose: String,
-    environment: String,
+pub(crate) struct RequestDetails {
     #[serde(default)]
-    ttl: Option<u64>,
+    pub purpose: Option<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    #[serde(default)]
+    pub may_act: Vec<scrip_token::MayAct>,
 }
 
-fn parse_details(form: &Form) -> Result<RequestDetails, OAuthError> {
-    let raw = form.get("request_details").ok_or_else(|| {
-        OAuthError::invalid_request(
-            "parameter `request_details` is required: a JSON object with `purpose` and `environment`",
-        )
-    })?;
+/// Parses and checks `request_details`; `None` when absent.
+pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuthError> {
+    let Some(raw) = form.get("request_details") else {
+        return Ok(None);
+    };
     if raw.len() > MAX_DETAILS {
         return Err(OAuthError::invalid_request(format!(
             "request_details is larger than {MAX_DETAILS} bytes"
         )));
     }
-    let details: RequestDetails = serde_json::from_str(raw)
+    let mut details: RequestDetails = serde_json::from_str(raw)
         .map_err(|e| OAuthError::invalid_request(format!("request_details: {e}")))?;
-    let purpose = details.purpose.trim();
-    if purpose.is_empty()
-        || purpose.chars().count() > MAX_PURPOSE
-        || purpose.chars().any(char::is_control)
-    {
-        return Err(OAuthError::invalid_request(format!(
-            "request_details: `purpose` must be 1 to {MAX_PURPOSE} characters of text"
-        )));
+    if let Some(purpose) = details.purpose.as_mut() {
+        *purpose = purpose.trim().to_owned();
+        if purpose.is_empty()
+            || purpose.chars().count() > MAX_PURPOSE
+            || purpose.chars().any(char::is_control)
+        {
+            return Err(OAuthError::invalid_request(format!(
+                "request_details: `purpose` must be 1 to {MAX_PURPOSE} characters of text"
+            )));
+        }
     }
-    let env_ok = !details.environment.is_empty()
-        && details.environment.len() <= 64
-        && details
-            .environment
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !env_ok {
-        return Err(OAuthError::invalid_request(
-            "request_details: `environment` must be 1 to 64 letters, digits, `-`, `_` or `.`",
-        ));
+    if let Some(env) = &details.environment {
+        let env_ok = !env.is_empty()
+            && env.len() <= 64
+            && env
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !env_ok {
+            return Err(OAuthError::invalid_request(
+                "request_details: `environment` must be 1 to 64 letters, digits, `-`, `_` or `.`",
+            ));
+        }
     }
     if details.ttl == Some(0) {
         return Err(OAuthError::invalid_request(
             "request_details: `ttl` must be positive",
         ));
     }
-    Ok(details)
+    if details.may_act.len() > MAX_MAY_ACT || details.may_act.iter().any(|m| m.sub.is_empty()) {
+        return Err(OAuthError::invalid_request(format!(
+            "request_details: `may_act` must list at most {MAX_MAY_ACT} actors, each with a non-empty `sub`"
+        )));
+    }
+    Ok(Some(details))
 }
 
-fn no_store(body: serde_json::Value) -> Response {
+pub(crate) fn no_store(body: serde_json::Value) -> Response {
     let mut response = Json(body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -152,7 +173,7 @@ fn no_store(body: serde_json::Value) -> Response {
     response
 }
 
-fn decide(
+pub(crate) fn decide(
     st: &Inner,
     agent: &WorkloadIdentity,
     tool: &Tool,
@@ -167,7 +188,7 @@ fn decide(
     })
 }
 
-fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEvent {
+pub(crate) fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEvent {
     let mut a = st.audit(event);
     a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
     a.policies.clone_from(&d.policies);
@@ -175,7 +196,7 @@ fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEvent {
     a
 }
 
-fn identity_error(e: scrip_identity::IdentityError) -> OAuthError {
+pub(crate) fn identity_error(e: scrip_identity::IdentityError) -> OAuthError {
     match e {
         scrip_identity::IdentityError::KeysUnavailable => {
             tracing::warn!("workload identity refused: issuer keys unavailable");
@@ -221,7 +242,17 @@ async fn start_task(
             )));
         }
     }
-    let details = parse_details(form)?;
+    let details = parse_details(form)?.ok_or_else(|| {
+        OAuthError::invalid_request(
+            "parameter `request_details` is required: a JSON object with `purpose` and `environment`",
+        )
+    })?;
+    let (Some(purpose), Some(environment)) = (details.purpose.clone(), details.environment.clone())
+    else {
+        return Err(OAuthError::invalid_request(
+            "request_details: `purpose` and `environment` are required",
+        ));
+    };
     let agent = st
         .identities
         .verify(subject_token)
@@ -231,8 +262,8 @@ async fn start_task(
     let now = now();
     let ctx = RequestContext {
         stage: Stage::Task,
-        purpose: details.purpose.trim().to_owned(),
-        environment: details.environment.clone(),
+        purpose,
+        environment,
         delegation_depth: 0,
         delegation_chain: Vec::new(),
         now,
@@ -311,6 +342,7 @@ async fn start_task(
         parent: None,
         agent: agent.clone(),
         actor: None,
+        may_act: details.may_act.clone(),
         grants: claims.scope.clone(),
         purpose: ctx.purpose.clone(),
         environment: ctx.environment.clone(),

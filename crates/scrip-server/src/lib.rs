@@ -14,6 +14,7 @@
 pub mod attest;
 pub mod audit;
 mod background;
+mod delegate;
 mod error;
 mod exchange;
 mod feed;

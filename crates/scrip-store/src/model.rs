@@ -1,6 +1,6 @@
 //! What the store holds.
 
-use scrip_token::{Actor, WorkloadIdentity};
+use scrip_token::{Actor, MayAct, WorkloadIdentity};
 use serde::{Deserialize, Serialize};
 
 /// A task.
@@ -14,6 +14,9 @@ pub struct TaskRecord {
     pub agent: WorkloadIdentity,
     /// The delegation chain, current actor outermost.
     pub actor: Option<Actor>,
+    /// Who may act for the task (empty: anyone the policy allows).
+    #[serde(default)]
+    pub may_act: Vec<MayAct>,
     /// The grants, canonical `tool:action` list.
     pub grants: String,
     /// The purpose.

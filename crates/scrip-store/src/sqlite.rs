@@ -282,15 +282,20 @@ async fn apply_on(
                     .map(serde_json::to_string)
                     .transpose()
                     .map_err(unavailable)?;
+                let may_act = (!t.may_act.is_empty())
+                    .then(|| serde_json::to_string(&t.may_act))
+                    .transpose()
+                    .map_err(unavailable)?;
                 sqlx::query(
-                    "INSERT INTO tasks (id, parent_id, agent, actor, agent_iss, agent_sub, grants, purpose, \
+                    "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
                      environment, depth, token_jti, created_at, expires_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&t.id)
                 .bind(&t.parent)
                 .bind(agent)
                 .bind(actor)
+                .bind(may_act)
                 .bind(&t.agent.issuer)
                 .bind(&t.agent.subject)
                 .bind(&t.grants)
@@ -389,6 +394,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
     let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
     let agent: String = row.try_get("agent").map_err(corrupt)?;
     let actor: Option<String> = row.try_get("actor").map_err(corrupt)?;
+    let may_act: Option<String> = row.try_get("may_act").map_err(corrupt)?;
     let ended_at: Option<i64> = row.try_get("ended_at").map_err(corrupt)?;
     let depth: i64 = row.try_get("depth").map_err(corrupt)?;
     Ok(TaskRecord {
@@ -399,6 +405,11 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
             .map(|a| serde_json::from_str(&a))
             .transpose()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        may_act: may_act
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            .unwrap_or_default(),
         grants: row.try_get("grants").map_err(corrupt)?,
         purpose: row.try_get("purpose").map_err(corrupt)?,
         environment: row.try_get("environment").map_err(corrupt)?,
@@ -413,7 +424,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
 
 macro_rules! task_columns {
     () => {
-        "id, parent_id, agent, actor, grants, purpose, environment, depth, token_jti, \
+        "id, parent_id, agent, actor, may_act, grants, purpose, environment, depth, token_jti, \
          created_at, expires_at, ended_at, end_reason"
     };
 }

@@ -56,7 +56,10 @@ impl Db {
 
     async fn exec(&self, statement: &str) {
         let mut conn = self.sql().await;
-        sqlx::query(statement).execute(&mut conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         conn.close().await.unwrap();
     }
 

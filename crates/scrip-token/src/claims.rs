@@ -112,3 +112,24 @@ pub struct AccessClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Actor>,
 }
+
+/// Who may act for a task (RFC 8693 §4.4 `may_act`, as a list): an actor
+/// matches an entry when its subject is `sub` and, if `iss` is given, its
+/// identity's issuer is `iss`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MayAct {
+    /// The actor's subject.
+    pub sub: String,
+    /// The issuer of the actor's identity, when it matters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+}
+
+impl MayAct {
+    /// Whether an actor with this issuer and subject matches.
+    #[must_use]
+    pub fn matches(&self, issuer: &str, subject: &str) -> bool {
+        self.sub == subject && self.iss.as_deref().is_none_or(|i| i == issuer)
+    }
+}

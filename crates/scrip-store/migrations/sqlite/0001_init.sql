@@ -4,6 +4,7 @@ CREATE TABLE tasks (
     parent_id    TEXT REFERENCES tasks(id),
     agent        TEXT NOT NULL,      -- the workload identity, JSON
     actor        TEXT,               -- the RFC 8693 act chain, JSON
+    may_act      TEXT,               -- who may act for the task, JSON list
     agent_iss    TEXT NOT NULL,
     agent_sub    TEXT NOT NULL,
     grants       TEXT NOT NULL,      -- canonical space-separated tool:action

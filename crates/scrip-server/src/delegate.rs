@@ -1,0 +1,206 @@
+//! Delegation (RFC 8693 with an `actor_token`): a task's holder gives a
+//! sub-agent a child task.
+//!
+//! Attenuation is enforced here, whatever the policy says: the child's grants
+//! are a subset of the parent's, its deadline is not later, its depth is at
+//! most `max_delegation_depth`, and the actor must be one the parent allows
+//! (`may_act`). `sub` stays the original agent; `act` names the sub-agent,
+//! nested per RFC 8693 §4.1 with the parent's chain inside, so the chain is
+//! never dropped or rewritten. Ending the parent ends the child (the store
+//! ends descendants); ending the child leaves the parent.
+
+use std::net::SocketAddr;
+
+use axum::response::Response;
+use scrip_policy::{RequestContext, Stage};
+use scrip_store::{TaskRecord, Write};
+use scrip_token::{Actor, GrantSet, TaskClaims, TaskContext, TokenKind, token_type};
+
+use crate::error::OAuthError;
+use crate::exchange::{active_task, decide, decision_event, no_store, parse_details};
+use crate::form::{Form, short};
+use crate::state::{Inner, now};
+
+/// Issues a child task token for the sub-agent named by `actor_token`.
+pub(crate) async fn delegate(
+    st: &Inner,
+    form: &Form,
+    subject_token: &str,
+    peer: SocketAddr,
+) -> Result<Response, OAuthError> {
+    let actor_token = form.require("actor_token")?;
+    match form.require("actor_token_type")? {
+        token_type::JWT => {}
+        other => {
+            return Err(OAuthError::invalid_request(format!(
+                "actor_token_type `{}` is not supported; the actor is a workload identity ({})",
+                short(other),
+                token_type::JWT
+            )));
+        }
+    }
+    if form.get("audience").is_some() || form.get("resource").is_some() {
+        return Err(OAuthError::invalid_request(
+            "audience and resource name a tool for an access token; a delegation asks for grants in `scope`",
+        ));
+    }
+    let claims = st
+        .verify_own::<TaskClaims>(subject_token, TokenKind::Task)
+        .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?
+        .claims;
+    let now = now();
+    let parent = active_task(st, &claims, now)
+        .await?
+        .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    let actor = match st.identities.verify(actor_token).await {
+        Ok(a) => a,
+        Err(scrip_identity::IdentityError::KeysUnavailable) => {
+            return Err(OAuthError::temporarily_unavailable());
+        }
+        Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
+    };
+    let depth = parent.depth + 1;
+    if depth > st.config.max_delegation_depth {
+        return Err(OAuthError::invalid_request(format!(
+            "delegation deeper than {} is not allowed",
+            st.config.max_delegation_depth
+        )));
+    }
+    if !parent.may_act.is_empty()
+        && !parent
+            .may_act
+            .iter()
+            .any(|m| m.matches(&actor.issuer, &actor.subject))
+    {
+        return Err(OAuthError::invalid_request(
+            "actor_token: this actor is not one the task allows to act for it (may_act)",
+        ));
+    }
+    let parent_grants = GrantSet::parse(&parent.grants).map_err(|_| OAuthError::server_error())?;
+    let grants = match form.get("scope") {
+        None => parent_grants.clone(),
+        Some(s) => GrantSet::parse(s).map_err(|e| OAuthError::invalid_scope(e.to_string()))?,
+    };
+    if let Some(beyond) = grants.iter().find(|g| !parent_grants.contains(g)) {
+        return Err(OAuthError::invalid_scope(format!(
+            "scope exceeds the parent task's grants: the task does not hold `{beyond}`"
+        )));
+    }
+    let details = parse_details(form)?;
+    let (purpose, ttl, may_act) = match details {
+        Some(d) => {
+            if d.environment.as_ref().is_some_and(|e| *e != parent.environment) {
+                return Err(OAuthError::invalid_request(
+                    "request_details: a delegated task keeps its parent's environment",
+                ));
+            }
+            (d.purpose.unwrap_or_else(|| parent.purpose.clone()), d.ttl, d.may_act)
+        }
+        None => (parent.purpose.clone(), None, Vec::new()),
+    };
+
+    let act = Actor {
+        sub: actor.subject.clone(),
+        iss: Some(actor.issuer.clone()),
+        act: parent.actor.clone().map(Box::new),
+    };
+    let chain = act.chain();
+    let task_id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let ctx = RequestContext {
+        stage: Stage::Task,
+        purpose: purpose.clone(),
+        environment: parent.environment.clone(),
+        delegation_depth: depth,
+        delegation_chain: chain.clone(),
+        now,
+        approved: false,
+    };
+    let base = |mut a: scrip_store::AuditEvent| {
+        a.agent_iss = Some(parent.agent.issuer.clone());
+        a.agent_sub = Some(parent.agent.subject.clone());
+        a.task_id = Some(task_id.clone());
+        a.parent_id = Some(parent.id.clone());
+        a.chain.clone_from(&chain);
+        a.environment = Some(parent.environment.clone());
+        a.purpose = Some(purpose.clone());
+        a.client = Some(peer.to_string());
+        a
+    };
+    let mut writes = Vec::new();
+    let mut allowed = Vec::new();
+    for g in grants.iter() {
+        let Some(tool) = st.config.tool(g.tool.as_str()) else {
+            continue;
+        };
+        let d = decide(st, &parent.agent, tool, &g.action, &ctx);
+        let mut a = base(decision_event(st, "task.grant", &d));
+        a.tool = Some(g.tool.to_string());
+        a.actions = Some(g.action.to_string());
+        writes.push(Write::Audit(Box::new(a)));
+        if d.allowed {
+            allowed.push(g.clone());
+        }
+    }
+    if allowed.is_empty() {
+        st.store.commit(writes).await?;
+        return Err(OAuthError::access_denied(
+            "policy allows none of the requested grants to this sub-agent",
+        ));
+    }
+    let allowed: GrantSet = allowed.into_iter().collect();
+    let ttl = ttl.unwrap_or(st.config.task_ttl);
+    let exp = scrip_token::derived_expiry(now, ttl, parent.expires_at);
+    let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let child = TaskClaims {
+        iss: st.issuer.clone(),
+        sub: parent.agent.subject.clone(),
+        aud: st.issuer.clone(),
+        iat: now,
+        exp,
+        jti: jti.clone(),
+        txn: task_id.clone(),
+        scope: allowed.to_string(),
+        tctx: TaskContext {
+            purpose: purpose.clone(),
+            environment: parent.environment.clone(),
+            depth,
+            agent_iss: parent.agent.issuer.clone(),
+            parent: Some(parent.id.clone()),
+        },
+        act: Some(act.clone()),
+    };
+    let token = st.signer.sign_jwt(TokenKind::Task.typ(), &child).map_err(|e| {
+        tracing::error!(error = %e, "signing failed");
+        OAuthError::server_error()
+    })?;
+    let mut started = base(st.audit("task.delegated"));
+    started.decision = Some("allow".into());
+    started.actions = Some(child.scope.clone());
+    started.jti = Some(jti.clone());
+    writes.push(Write::InsertTask(Box::new(TaskRecord {
+        id: task_id.clone(),
+        parent: Some(parent.id.clone()),
+        agent: parent.agent.clone(),
+        actor: Some(act),
+        may_act,
+        grants: child.scope.clone(),
+        purpose,
+        environment: parent.environment.clone(),
+        depth,
+        token_jti: jti.clone(),
+        created_at: now,
+        expires_at: exp,
+        ended_at: None,
+        end_reason: None,
+    })));
+    writes.push(Write::Audit(Box::new(started)));
+    st.store.commit(writes).await?;
+    tracing::info!(task = %task_id, parent = %parent.id, jti = %jti, actor = %actor.subject, depth, "task delegated");
+    Ok(no_store(serde_json::json!({
+        "access_token": token,
+        "issued_token_type": token_type::TXN_TOKEN,
+        "token_type": "N_A",
+        "expires_in": exp.saturating_sub(now),
+        "scope": child.scope,
+    })))
+}
