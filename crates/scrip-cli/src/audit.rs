@@ -199,7 +199,6 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
 }
 
 /// `scrip audit export`: JSON lines from a cursor, optionally following.
-#[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
     use std::io::Write as _;
     let result = runtime().and_then(|rt| {

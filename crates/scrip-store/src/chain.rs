@@ -245,6 +245,11 @@ impl Verifier {
                         "chain position in the record differs from the row: moved".into(),
                     ));
                 }
+                if r.chain_seq == 1 && e.event != "chain.started" {
+                    self.report.problems.push(problem(
+                        "a chain that does not begin with `chain.started`: forged".into(),
+                    ));
+                }
                 if r.chain_seq == expected && e.prev_hash.as_deref() != Some(cursor.hash.as_str()) {
                     self.report.problems.push(problem(
                         "does not link to the record before it: inserted, reordered or edited"

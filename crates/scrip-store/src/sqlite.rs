@@ -268,7 +268,10 @@ async fn apply_on(
     writes: &[&Write],
     chain: &mut ChainState,
 ) -> Result<(), StoreError> {
-    let mut tx = conn.begin().await.map_err(unavailable)?;
+    // IMMEDIATE takes the write lock up front: a deferred transaction that
+    // reads (the chain heads) and then writes fails at once with "busy" when
+    // another connection wrote in between, instead of waiting for it.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
     if chain.seq == 0 {
         genesis(&mut tx, writes, chain).await?;
     }

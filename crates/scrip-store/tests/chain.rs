@@ -228,8 +228,7 @@ async fn an_untampered_trail_verifies() {
 async fn an_edited_record_is_named() {
     let db = one_chain().await;
     db.exec(
-        "UPDATE audit SET record = replace(record, '\"read\"', '\"write\"'), actions = 'write' \
-         WHERE seq = 6",
+        "UPDATE audit SET record = replace(record, '\"read\"', '\"write\"') WHERE seq = 6",
     )
     .await;
     let report = db.verify().await;

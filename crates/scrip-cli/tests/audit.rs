@@ -1,0 +1,855 @@
+//! End-to-end tests of the audit trail through the real `scrip` binary:
+//! `scrip serve` answers requests, `scrip audit verify|query|export` read
+//! what it recorded, a tampered database is caught, and a server killed with
+//! SIGKILL under load loses no record of a token a client received.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use jsonwebtoken::{EncodingKey, Header};
+use scrip_jose::{SigningAlgorithm, SigningKey};
+use serde_json::{Value, json};
+use sqlx::{ConnectOptions as _, Connection as _};
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const TXN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const CODER: &str = "system:serviceaccount:agents:coder";
+
+// --- the binary ------------------------------------------------------------
+
+/// A `scrip` command with a clean environment for scrip's own variables.
+fn scrip() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scrip"));
+    cmd.env_remove("SCRIP_CONFIG")
+        .env_remove("SCRIP_LOG_FORMAT")
+        .env("SCRIP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn repo_policies() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies"))
+}
+
+fn copy_policies(to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(repo_policies()).unwrap() {
+        let path = entry.unwrap().path();
+        let ext = path.extension().and_then(|e| e.to_str());
+        if matches!(ext, Some("cedar" | "cedarschema")) {
+            fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A test identity provider for Kubernetes service-account tokens, signed
+/// with jsonwebtoken (independent of scrip's signer).
+struct Idp {
+    kid: String,
+    pkcs8: Vec<u8>,
+    jwks: Value,
+}
+
+impl Idp {
+    fn new() -> Self {
+        let (key, pkcs8) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+        Self {
+            kid: key.kid().to_owned(),
+            pkcs8,
+            jwks: json!({ "keys": [key.public_jwk()] }),
+        }
+    }
+
+    fn kubernetes(&self, namespace: &str, name: &str) -> String {
+        let now = now();
+        let claims = json!({
+            "iss": K8S_ISSUER,
+            "sub": format!("system:serviceaccount:{namespace}:{name}"),
+            "aud": "scrip",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "kubernetes.io": { "namespace": namespace, "serviceaccount": { "name": name } },
+        });
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(&self.pkcs8)).unwrap()
+    }
+}
+
+/// A scrip installation in a temporary directory: config, policies, the
+/// identity provider's JWKS, and `data/`.
+struct Site {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    idp: Idp,
+}
+
+impl Site {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        copy_policies(&root.join("policies"));
+        let idp = Idp::new();
+        fs::write(root.join("k8s-jwks.json"), idp.jwks.to_string()).unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = format!(
+            r#"listen = "{addr}"
+data_dir = "{data}"
+policy_dir = "{policies}"
+audit_checkpoint_interval = 1
+
+[[trusted_issuers]]
+issuer = "{K8S_ISSUER}"
+jwks_file = "{jwks}"
+audiences = ["scrip"]
+algorithms = ["ES256"]
+
+[[tools]]
+name = "github"
+resource = "https://api.github.com"
+actions = ["read", "write", "delete"]
+
+[[tools]]
+name = "jira"
+resource = "https://acme.atlassian.net"
+actions = ["read", "write"]
+"#,
+            data = root.join("data").display(),
+            policies = root.join("policies").display(),
+            jwks = root.join("k8s-jwks.json").display(),
+        );
+        fs::write(root.join("scrip.toml"), config).unwrap();
+        Self { dir, addr, idp }
+    }
+
+    fn config(&self) -> String {
+        self.dir.path().join("scrip.toml").display().to_string()
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("data").join("scrip.db")
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Runs `scrip audit <args> --config <config>`.
+    fn audit(&self, args: &[&str]) -> Output {
+        let config = self.config();
+        scrip()
+            .arg("audit")
+            .args(args)
+            .args(["--config", &config])
+            .output()
+            .expect("run scrip audit")
+    }
+
+    /// `scrip audit export`: the JSON lines, parsed.
+    fn export(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["export"];
+        all.extend_from_slice(args);
+        let out = self.audit(&all);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        json_lines(&out.stdout)
+    }
+
+    /// `scrip audit query --json`: the JSON lines, parsed.
+    fn query(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["query", "--json"];
+        all.extend_from_slice(args);
+        let out = self.audit(&all);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        json_lines(&out.stdout)
+    }
+
+    /// `scrip audit verify`: asserts success and returns the report line.
+    fn assert_verifies(&self, extra: &[&str]) -> String {
+        let mut all = vec!["verify"];
+        all.extend_from_slice(extra);
+        let out = self.audit(&all);
+        let stdout = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "verify failed:\n{stdout}{}",
+            text(&out.stderr)
+        );
+        assert!(stdout.starts_with("ok: "), "{stdout}");
+        stdout
+    }
+
+    fn start(&self, log_name: &str) -> Server {
+        let log = self.dir.path().join(log_name);
+        let child = scrip()
+            .args(["serve", "--config", &self.config()])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("start scrip serve");
+        let mut server = Server { child, log };
+        server.wait_ready(&self.url());
+        server
+    }
+}
+
+fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    text(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// A `scrip serve` child, killed when dropped.
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, url: &str) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("scrip serve exited with {status}:\n{}", self.log());
+            }
+            if http_ok(&format!("{url}/.well-known/oauth-authorization-server")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("scrip serve did not answer in time:\n{}", self.log());
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn signal(&mut self, sig: &str) -> ExitStatus {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+        self.wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("scrip serve survived SIG{sig}:\n{}", self.log()))
+    }
+
+    /// SIGTERM: a graceful stop, which must succeed.
+    fn stop(mut self) {
+        let status = self.signal("TERM");
+        assert_eq!(status.code(), Some(0), "{}", self.log());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a plain HTTP/1.1 GET of `url` answers 200 (std only: no runtime).
+fn http_ok(url: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let Ok(addr) = host.parse::<SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    s.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200")
+}
+
+// --- HTTP client -------------------------------------------------------------
+
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    url: String,
+}
+
+/// An HTTP answer: the status and the JSON body (`Null` if none).
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Reply {
+    fn token(&self) -> Option<String> {
+        (self.status == 200)
+            .then(|| self.body["access_token"].as_str().map(str::to_owned))
+            .flatten()
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter())
+        .finish()
+}
+
+impl Client {
+    fn new(url: String) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        Self { http, url }
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        pairs: &[(&str, &str)],
+        bearer: Option<&str>,
+    ) -> reqwest::Result<Reply> {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(pairs));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok(Reply {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        })
+    }
+
+    async fn start_task(
+        &self,
+        identity: &str,
+        scope: &str,
+        purpose: &str,
+    ) -> reqwest::Result<Reply> {
+        let details = json!({ "purpose": purpose, "environment": "dev" }).to_string();
+        self.post(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", identity),
+                ("subject_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", scope),
+                ("request_details", &details),
+            ],
+            None,
+        )
+        .await
+    }
+
+    async fn access_token(
+        &self,
+        task_token: &str,
+        tool: &str,
+        scope: &str,
+    ) -> reqwest::Result<Reply> {
+        self.post(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", task_token),
+                ("subject_token_type", TXN),
+                ("audience", tool),
+                ("scope", scope),
+            ],
+            None,
+        )
+        .await
+    }
+}
+
+/// A JWT's claims, decoded without verification.
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a compact JWT");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn jti(token: &str) -> String {
+    claims(token)["jti"].as_str().expect("a jti").to_owned()
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn seqs(records: &[Value]) -> Vec<i64> {
+    records
+        .iter()
+        .map(|r| r["seq"].as_i64().expect("a seq"))
+        .collect()
+}
+
+/// Edits one record's JSON in the database file, as an attacker with file
+/// access would.
+async fn tamper(db: &Path, seq: i64, from: &str, to: &str) {
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .unwrap();
+    let done = sqlx::query("UPDATE audit SET record = replace(record, ?, ?) WHERE seq = ?")
+        .bind(from)
+        .bind(to)
+        .bind(seq)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    conn.close().await.unwrap();
+}
+
+// --- the tests -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_commands_read_what_the_server_recorded() {
+    let site = Site::new();
+    let server = site.start("serve.log");
+    let client = Client::new(site.url());
+    let identity = site.idp.kubernetes("agents", "coder");
+    let mut received: Vec<String> = vec![identity.clone()];
+
+    // Two tasks, each with an access token.
+    let mut tasks = Vec::new();
+    for purpose in ["fix JIRA-1", "fix JIRA-2"] {
+        let r = client
+            .start_task(&identity, "github:read jira:read", purpose)
+            .await
+            .unwrap();
+        let task = r.token().unwrap_or_else(|| panic!("{r:?}"));
+        let r = client.access_token(&task, "github", "read").await.unwrap();
+        let access = r.token().unwrap_or_else(|| panic!("{r:?}"));
+        received.push(task.clone());
+        received.push(access.clone());
+        tasks.push((task, access));
+    }
+    let (task_a, access_a) = tasks[0].clone();
+    let access_b = tasks[1].1.clone();
+    let id_a = claims(&task_a)["txn"].as_str().unwrap().to_owned();
+
+    // Denials: a write without a ticket, and a scope beyond the task's.
+    let r = client
+        .start_task(&identity, "github:write", "no ticket here")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, &r.body["error"]),
+        (400, &json!("access_denied")),
+        "{r:?}"
+    );
+    let r = client
+        .access_token(&task_a, "github", "write")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+
+    // A revocation and an introspection by a resource server.
+    let r = client
+        .post("/revoke", &[("token", &access_a)], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let proxy = site.idp.kubernetes("resource-servers", "github-proxy");
+    received.push(proxy.clone());
+    let r = client
+        .post("/introspect", &[("token", &access_b)], Some(&proxy))
+        .await
+        .unwrap();
+    assert_eq!((r.status, &r.body["active"]), (200, &json!(true)), "{r:?}");
+
+    // While the server runs: verify, query and export work.
+    site.assert_verifies(&[]);
+    let all = site.export(&[]);
+    assert!(all.len() >= 12, "{all:#?}");
+    let all_seqs = seqs(&all);
+    assert!(all_seqs.windows(2).all(|w| w[0] < w[1]), "{all_seqs:?}");
+
+    // Every token received has its record, by jti.
+    let has = |event: &str, jti: &str| {
+        all.iter()
+            .any(|r| str_of(r, "event") == Some(event) && str_of(r, "jti") == Some(jti))
+    };
+    for (task, access) in &tasks {
+        assert!(has("task.started", &self::jti(task)), "{all:#?}");
+        assert!(has("token.issued", &self::jti(access)), "{all:#?}");
+    }
+    assert!(has("token.revoked", &jti(&access_a)), "{all:#?}");
+    assert!(has("token.introspected", &jti(&access_b)), "{all:#?}");
+
+    // Security invariant 1: no token in any record, not even a signature.
+    for line in all.iter().map(Value::to_string) {
+        for token in &received {
+            let signature = token.rsplit('.').next().unwrap();
+            assert!(
+                !line.contains(token.as_str()) && !line.contains(signature),
+                "an audit record holds a token: {line}"
+            );
+        }
+    }
+
+    // --task: exactly that task's records.
+    let by_task = site.query(&["--task", &id_a]);
+    let expected: Vec<i64> = seqs(
+        &all.iter()
+            .filter(|r| str_of(r, "task_id") == Some(id_a.as_str()))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(seqs(&by_task), expected);
+    let events: BTreeSet<&str> = by_task.iter().filter_map(|r| str_of(r, "event")).collect();
+    for e in [
+        "task.started",
+        "token.issued",
+        "token.refused",
+        "token.revoked",
+    ] {
+        assert!(events.contains(e), "{e} missing from {events:?}");
+    }
+
+    // --decision deny: only denials, both of them.
+    let denied = site.query(&["--decision", "deny"]);
+    assert!(denied.len() >= 2, "{denied:#?}");
+    assert!(
+        denied.iter().all(|r| str_of(r, "decision") == Some("deny")),
+        "{denied:#?}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|r| str_of(r, "purpose") == Some("no ticket here")),
+        "{denied:#?}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|r| str_of(r, "task_id") == Some(id_a.as_str())),
+        "{denied:#?}"
+    );
+    let allowed = site.query(&["--decision", "allow"]);
+    assert!(!allowed.is_empty());
+    assert!(
+        allowed
+            .iter()
+            .all(|r| str_of(r, "decision") == Some("allow"))
+    );
+
+    // --agent: the coder's records, not the resource server's.
+    let coder = site.query(&["--agent", CODER]);
+    assert!(coder.len() >= 8, "{coder:#?}");
+    assert!(coder.iter().all(|r| str_of(r, "agent_sub") == Some(CODER)));
+    let proxy_sub = "system:serviceaccount:resource-servers:github-proxy";
+    let by_proxy = site.query(&["--agent", proxy_sub]);
+    assert_eq!(by_proxy.len(), 1, "{by_proxy:#?}");
+    assert_eq!(str_of(&by_proxy[0], "event"), Some("token.introspected"));
+
+    // --tool.
+    let github = site.query(&["--tool", "github"]);
+    assert!(github.len() >= 4, "{github:#?}");
+    assert!(github.iter().all(|r| str_of(r, "tool") == Some("github")));
+    let jira = site.query(&["--tool", "jira"]);
+    assert!(!jira.is_empty());
+    assert!(jira.iter().all(|r| str_of(r, "tool") == Some("jira")));
+    assert!(site.query(&["--tool", "nosuchtool"]).is_empty());
+
+    // Time ranges: everything happened within the last hour.
+    let recent = site.query(&["--since", "1h"]);
+    let before_all = site.query(&["--until", "1h"]);
+    assert!(before_all.is_empty(), "{before_all:#?}");
+    // Export is a snapshot taken earlier; query may see later records too.
+    assert!(recent.len() >= all.len());
+    assert_eq!(seqs(&recent)[..all.len()], all_seqs[..]);
+    let combined = site.query(&["--since", "1h", "--task", &id_a, "--decision", "deny"]);
+    assert!(!combined.is_empty());
+    assert!(combined.iter().all(|r| {
+        str_of(r, "task_id") == Some(id_a.as_str()) && str_of(r, "decision") == Some("deny")
+    }));
+    assert_eq!(site.query(&["--limit", "3"]).len(), 3);
+
+    // The table form: a header, then one line per record.
+    let out = site.audit(&["query", "--task", &id_a]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let table = text(&out.stdout);
+    let mut lines = table.lines();
+    let header = lines.next().unwrap_or_default();
+    for column in ["seq", "time", "event", "agent", "task", "tool"] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert_eq!(lines.count(), by_task.len(), "{table}");
+
+    // Export resumes after a cursor.
+    let cursor = all_seqs[4];
+    let rest = site.export(&["--after", &cursor.to_string()]);
+    assert_eq!(seqs(&rest)[..all.len() - 5], all_seqs[5..]);
+    assert!(seqs(&rest).iter().all(|s| *s > cursor));
+
+    // Usage errors.
+    let out = site.audit(&["query", "--decision", "maybe"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = site.audit(&["query", "--since", "yesterday-ish"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The published checkpoint key verifies the trail; another key does not.
+    let keys = client
+        .http
+        .get(format!("{}/audit/keys", site.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keys.status().as_u16(), 200);
+    let keys = keys.text().await.unwrap();
+    server.stop();
+
+    let jwks_file = site.dir.path().join("audit-keys.json");
+    fs::write(&jwks_file, &keys).unwrap();
+    let report = site.assert_verifies(&["--public-key", jwks_file.to_str().unwrap()]);
+    let matched: usize = report
+        .split("; ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(matched >= 1, "the graceful stop checkpoints: {report}");
+    assert!(report.contains(" in 1 chains "), "{report}");
+    site.assert_verifies(&[]);
+
+    let (other, _) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
+    let other_file = site.dir.path().join("other-keys.json");
+    fs::write(
+        &other_file,
+        json!({ "keys": [other.public_jwk()] }).to_string(),
+    )
+    .unwrap();
+    let out = site.audit(&["verify", "--public-key", other_file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stdout).contains("TAMPERED"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_record_fails_verification_naming_it() {
+    let site = Site::new();
+    let server = site.start("serve.log");
+    let client = Client::new(site.url());
+    let identity = site.idp.kubernetes("agents", "coder");
+    let r = client
+        .start_task(&identity, "github:read", "fix JIRA-1")
+        .await
+        .unwrap();
+    let task = r.token().unwrap_or_else(|| panic!("{r:?}"));
+    let r = client.access_token(&task, "github", "read").await.unwrap();
+    let access = r.token().unwrap_or_else(|| panic!("{r:?}"));
+    server.stop();
+    site.assert_verifies(&[]);
+
+    let all = site.export(&[]);
+    let issued = all
+        .iter()
+        .find(|r| str_of(r, "jti") == Some(jti(&access).as_str()))
+        .expect("the token.issued record");
+    let seq = issued["seq"].as_i64().unwrap();
+    // Not the last record: the graceful stop's checkpoint is not what catches
+    // it.
+    tamper(&site.db(), seq, "\"read\"", "\"write\"").await;
+
+    let out = site.audit(&["verify"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let tampered: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("TAMPERED"))
+        .collect();
+    assert!(
+        tampered
+            .iter()
+            .any(|l| l.starts_with(&format!("TAMPERED record {seq} (chain "))),
+        "{stdout}"
+    );
+    // Reading still works on a tampered trail.
+    assert_eq!(site.export(&[]).len(), all.len());
+}
+
+/// What the load clients received: the jti of every token.
+#[derive(Default)]
+struct Received {
+    jtis: Mutex<Vec<(String, &'static str)>>,
+}
+
+/// One load client: task start and access token, in a loop, until `stop` or
+/// a bounded number of rounds; returns how many tokens it received.
+async fn load(
+    client: Client,
+    identity: String,
+    stop: Arc<AtomicBool>,
+    got: Arc<Received>,
+) -> usize {
+    let mut count = 0;
+    for round in 0..5_000 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let purpose = format!("fix JIRA-{round}");
+        let Ok(r) = client.start_task(&identity, "github:read", &purpose).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let Some(task) = r.token() else {
+            continue;
+        };
+        got.jtis.lock().unwrap().push((jti(&task), "task.started"));
+        count += 1;
+        if let Ok(r) = client.access_token(&task, "github", "read").await
+            && let Some(access) = r.token()
+        {
+            got.jtis
+                .lock()
+                .unwrap()
+                .push((jti(&access), "token.issued"));
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_killed_under_load_loses_no_issued_token() {
+    let site = Site::new();
+    let identity = site.idp.kubernetes("agents", "coder");
+    let got = Arc::new(Received::default());
+    for round in 0..3 {
+        let mut server = site.start(&format!("serve{round}.log"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(load(
+                    Client::new(site.url()),
+                    identity.clone(),
+                    stop.clone(),
+                    got.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1_000 + 300 * round)).await;
+        let status = server.signal("KILL");
+        assert_eq!(status.code(), None, "killed by a signal");
+        stop.store(true, Ordering::Relaxed);
+        let mut received = 0;
+        for c in clients {
+            received += tokio::time::timeout(Duration::from_secs(30), c)
+                .await
+                .expect("clients stop")
+                .unwrap();
+        }
+        // Enough that the kill lands among requests in flight.
+        assert!(
+            received >= 16,
+            "round {round}: only {received} tokens received"
+        );
+        drop(server);
+    }
+
+    // A last, graceful run on the same data: it starts a new chain.
+    let server = site.start("serve-final.log");
+    let client = Client::new(site.url());
+    let r = client
+        .start_task(&identity, "github:read", "fix JIRA-9")
+        .await
+        .unwrap();
+    let task = r.token().unwrap_or_else(|| panic!("{r:?}"));
+    got.jtis.lock().unwrap().push((jti(&task), "task.started"));
+    server.stop();
+
+    let report = site.assert_verifies(&[]);
+    assert!(report.contains(" in 4 chains "), "{report}");
+    let records = site.export(&[]);
+    let recorded: HashSet<(String, String)> = records
+        .iter()
+        .filter_map(|r| Some((str_of(r, "jti")?.to_owned(), str_of(r, "event")?.to_owned())))
+        .collect();
+    let jtis = got.jtis.lock().unwrap();
+    let missing: Vec<_> = jtis
+        .iter()
+        .filter(|(j, e)| !recorded.contains(&(j.clone(), (*e).to_owned())))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} tokens received have no record: {missing:?}",
+        missing.len(),
+        jtis.len()
+    );
+}

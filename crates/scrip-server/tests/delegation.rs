@@ -1,0 +1,785 @@
+//! Delegation to sub-agents over HTTP (SPEC §3, issue 5): the `act` chain,
+//! attenuation whatever the policy says, `may_act`, bad input, and ending a
+//! parent ends its descendants.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// The agent that starts the root tasks.
+const AGENT: &str = "system:serviceaccount:agents:coder";
+/// The first sub-agent (a SPIFFE workload).
+const ACTOR1: &str = "spiffe://acme.example/reviewer";
+/// The second sub-agent (a GitHub Actions workflow).
+const ACTOR2: &str = "repo:acme/helper:ref:refs/heads/main";
+
+fn actor1(s: &TestServer) -> String {
+    s.spiffe.spiffe("acme.example", "/reviewer")
+}
+
+fn actor2(s: &TestServer) -> String {
+    s.github.github("acme/helper")
+}
+
+/// Starts a task with arbitrary `request_details`.
+async fn start(s: &TestServer, identity: &str, scope: &str, details: &Value) -> Reply {
+    let details = details.to_string();
+    s.post_form(
+        "/token",
+        &[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", identity),
+            ("subject_token_type", JWT),
+            ("requested_token_type", TXN),
+            ("scope", scope),
+            ("request_details", &details),
+        ],
+    )
+    .await
+}
+
+/// Starts the root task `coder` in `dev`; panics unless it succeeds.
+async fn root(s: &TestServer, scope: &str, ttl: Option<u64>) -> String {
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, scope, "dev", "fix JIRA-1 flaky build", ttl)
+        .await;
+    assert_eq!(r.status, 200, "start: {}", r.text);
+    token(&r)
+}
+
+/// Delegates `parent` to `actor`.
+async fn delegate(
+    s: &TestServer,
+    parent: &str,
+    actor: &str,
+    scope: Option<&str>,
+    details: Option<&Value>,
+) -> Reply {
+    let details = details.map(Value::to_string);
+    let mut form = vec![
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", parent),
+        ("subject_token_type", TXN),
+        ("actor_token", actor),
+        ("actor_token_type", JWT),
+        ("requested_token_type", TXN),
+    ];
+    if let Some(scope) = scope {
+        form.push(("scope", scope));
+    }
+    if let Some(d) = details.as_deref() {
+        form.push(("request_details", d));
+    }
+    s.post_form("/token", &form).await
+}
+
+/// Delegates; panics unless it succeeds; returns the child task token.
+async fn child_of(s: &TestServer, parent: &str, actor: &str, scope: Option<&str>) -> String {
+    let r = delegate(s, parent, actor, scope, None).await;
+    assert_eq!(r.status, 200, "delegate: {}", r.text);
+    token(&r)
+}
+
+fn token(r: &Reply) -> String {
+    r.body["access_token"].as_str().unwrap().to_owned()
+}
+
+fn claims(token: &str) -> Value {
+    decode_parts(token).1
+}
+
+fn set(s: &str) -> BTreeSet<&str> {
+    s.split_whitespace().collect()
+}
+
+/// An access token from `task` at `tool`; panics unless it succeeds.
+async fn access(s: &TestServer, task: &str, tool: &str, scope: Option<&str>) -> String {
+    let r = s.access_token(task, tool, scope).await;
+    assert_eq!(r.status, 200, "access token: {}", r.text);
+    token(&r)
+}
+
+fn act1() -> Value {
+    json!({"sub": ACTOR1, "iss": SPIFFE_ISSUER})
+}
+
+fn act21() -> Value {
+    json!({"sub": ACTOR2, "iss": GITHUB_ISSUER, "act": act1()})
+}
+
+#[tokio::test]
+async fn child_and_grandchild_tokens_carry_the_act_chain() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read github:write jira:read", Some(100)).await;
+    let pc = claims(&parent);
+
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        Some("github:read jira:read"),
+        Some(&json!({"ttl": 3600})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.body["issued_token_type"], TXN);
+    assert_eq!(r.body["token_type"], "N_A");
+    assert_eq!(r.body["scope"], "github:read jira:read");
+    assert!(r.body["expires_in"].as_u64().unwrap() <= 100, "{}", r.text);
+    let child = token(&r);
+    let (ch, cc) = decode_parts(&child);
+    assert_eq!(ch["typ"], "txntoken+jwt");
+    assert_eq!(cc["sub"], AGENT);
+    assert_eq!(cc["iss"], s.url);
+    assert_eq!(cc["aud"], s.url);
+    assert_eq!(cc["act"], act1());
+    assert_eq!(cc["tctx"]["depth"], 1);
+    assert_eq!(cc["tctx"]["parent"], pc["txn"]);
+    assert_eq!(cc["tctx"]["environment"], "dev");
+    assert_eq!(cc["tctx"]["purpose"], pc["tctx"]["purpose"]);
+    assert_ne!(cc["txn"], pc["txn"]);
+    assert!(set(cc["scope"].as_str().unwrap()).is_subset(&set(pc["scope"].as_str().unwrap())));
+    assert!(
+        cc["exp"].as_u64().unwrap() <= pc["exp"].as_u64().unwrap(),
+        "child exp {} after the parent's {}",
+        cc["exp"],
+        pc["exp"]
+    );
+
+    let grandchild = child_of(&s, &child, &actor2(&s), Some("github:read")).await;
+    let gc = claims(&grandchild);
+    assert_eq!(gc["sub"], AGENT);
+    assert_eq!(gc["act"], act21());
+    assert_eq!(gc["tctx"]["depth"], 2);
+    assert_eq!(gc["tctx"]["parent"], cc["txn"]);
+    assert_eq!(gc["scope"], "github:read");
+    assert!(gc["exp"].as_u64().unwrap() <= cc["exp"].as_u64().unwrap());
+
+    // Access tokens minted from the child and the grandchild.
+    let at = access(&s, &child, "jira", Some("read")).await;
+    let ac = claims(&at);
+    assert_eq!(ac["sub"], AGENT);
+    assert_eq!(ac["aud"], "jira");
+    assert_eq!(ac["act"], act1());
+    assert_eq!(ac["client_id"], ACTOR1);
+    assert_eq!(ac["txn"], cc["txn"]);
+    assert!(ac["exp"].as_u64().unwrap() <= cc["exp"].as_u64().unwrap());
+    let gat = access(&s, &grandchild, "github", None).await;
+    let gac = claims(&gat);
+    assert_eq!(gac["sub"], AGENT);
+    assert_eq!(gac["act"], act21());
+    assert_eq!(gac["client_id"], ACTOR2);
+    assert_eq!(gac["scope"], "read");
+    assert_eq!(gac["txn"], gc["txn"]);
+    // The root's access tokens have no `act`.
+    let rat = access(&s, &parent, "github", Some("read")).await;
+    assert!(claims(&rat).get("act").is_none(), "{}", claims(&rat));
+    assert_eq!(claims(&rat)["client_id"], AGENT);
+
+    // Introspection shows `act`.
+    let r = s.introspect(&child).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(r.body["act"], act1());
+    assert_eq!(r.body["tctx"]["depth"], 1);
+    let r = s.introspect(&grandchild).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(r.body["act"], act21());
+    let r = s.introspect(&at).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(r.body["act"], act1());
+    assert_eq!(r.body["client_id"], ACTOR1);
+    let r = s.introspect(&gat).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(r.body["act"], act21());
+    assert_eq!(r.body["client_id"], ACTOR2);
+    let r = s.introspect(&rat).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert!(r.body.get("act").is_none(), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn scope_defaults_to_the_parents_grants() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read jira:read", None).await;
+    let r = delegate(&s, &parent, &actor1(&s), None, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["scope"], "github:read jira:read");
+    assert_eq!(claims(&token(&r))["scope"], "github:read jira:read");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn re_exchanges_never_drop_or_rewrite_the_act_chain() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read jira:read", None).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let grandchild = child_of(&s, &child, &actor2(&s), None).await;
+    let mut jtis = BTreeSet::new();
+    for (tool, scope) in [
+        ("github", Some("read")),
+        ("github", None),
+        ("jira", Some("read")),
+        ("jira", None),
+        ("github", Some("read")),
+    ] {
+        let at = access(&s, &grandchild, tool, scope).await;
+        let c = claims(&at);
+        assert_eq!(c["act"], act21(), "{tool} {scope:?}");
+        assert_eq!(c["client_id"], ACTOR2);
+        assert_eq!(c["sub"], AGENT);
+        assert_eq!(c["aud"], tool);
+        assert!(jtis.insert(c["jti"].as_str().unwrap().to_owned()));
+        let r = s.introspect(&at).await;
+        assert_eq!(r.body["act"], act21(), "{}", r.text);
+    }
+    // The grandchild token itself is unchanged by the exchanges.
+    let r = s.introspect(&grandchild).await;
+    assert_eq!(r.body["act"], act21(), "{}", r.text);
+    // The child's tokens still carry only its own actor.
+    let c = claims(&access(&s, &child, "github", Some("read")).await);
+    assert_eq!(c["act"], act1());
+    s.stop().await;
+}
+
+const PERMIT_ALL: &str = "@id(\"permit-everything\")\npermit (principal, action, resource);\n";
+
+fn permissive(edit: Option<ConfigEdit>) -> Options {
+    Options {
+        extra_policies: vec![("permit-everything.cedar".into(), PERMIT_ALL.into())],
+        edit,
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn a_child_never_gets_a_grant_its_parent_lacks_whatever_the_policy() {
+    let s = TestServer::start_with(permissive(None)).await;
+    // An agent that only the permissive policy lets in.
+    let identity = s.github.github("other/bot");
+    let r = s
+        .try_start_task(
+            &identity,
+            "github:read jira:read",
+            "dev",
+            "JIRA-5 work",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let parent = token(&r);
+    for scope in [
+        "github:read github:write",
+        "github:write",
+        "deploy:read",
+        "jira:read jira:write",
+        "github:admin",
+    ] {
+        let r = delegate(&s, &parent, &actor1(&s), Some(scope), None).await;
+        r.assert_error(400, "invalid_scope");
+        assert!(
+            r.body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("parent"),
+            "{scope}: {}",
+            r.text
+        );
+    }
+    // Within the parent's grants: fine.
+    let r = delegate(&s, &parent, &actor1(&s), Some("jira:read"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["scope"], "jira:read");
+    // A grandchild cannot widen back to what the parent had.
+    let child = token(&r);
+    delegate(&s, &child, &actor2(&s), Some("github:read"), None)
+        .await
+        .assert_error(400, "invalid_scope");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_never_outlives_its_parent_whatever_the_policy() {
+    let s = TestServer::start_with(permissive(None)).await;
+    let parent = root(&s, "github:read", Some(100)).await;
+    let pexp = claims(&parent)["exp"].as_u64().unwrap();
+    let r = delegate(&s, &parent, &actor1(&s), None, Some(&json!({"ttl": 3600}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.body["expires_in"].as_u64().unwrap() <= 100, "{}", r.text);
+    let child = token(&r);
+    let cexp = claims(&child)["exp"].as_u64().unwrap();
+    assert!(cexp <= pexp, "child exp {cexp} after the parent's {pexp}");
+    // The grandchild, asking the server default, is bounded too.
+    let grandchild = child_of(&s, &child, &actor2(&s), None).await;
+    assert!(claims(&grandchild)["exp"].as_u64().unwrap() <= cexp);
+    // And so are the access tokens (server default 300 s > 100 s).
+    let at = access(&s, &grandchild, "github", None).await;
+    assert!(claims(&at)["exp"].as_u64().unwrap() <= cexp);
+    // A shorter ttl is honoured.
+    let r = delegate(&s, &parent, &actor1(&s), None, Some(&json!({"ttl": 10}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let c = claims(&token(&r));
+    assert!(c["exp"].as_u64().unwrap() <= c["iat"].as_u64().unwrap() + 10);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn delegation_depth_is_bounded_by_default_at_three() {
+    let s = TestServer::start_with(permissive(None)).await;
+    let mut task = root(&s, "github:read", None).await;
+    for depth in 1..=3 {
+        let actor = s.k8s.kubernetes("agents", &format!("sub{depth}"));
+        task = child_of(&s, &task, &actor, None).await;
+        assert_eq!(claims(&task)["tctx"]["depth"], depth);
+    }
+    let c = claims(&task);
+    assert_eq!(
+        c["act"]["act"]["act"]["sub"],
+        "system:serviceaccount:agents:sub1"
+    );
+    assert_eq!(c["act"]["sub"], "system:serviceaccount:agents:sub3");
+    let r = delegate(&s, &task, &actor1(&s), None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("deeper than 3"), "{}", r.text);
+    // The depth-3 task still works.
+    access(&s, &task, "github", None).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn delegation_depth_follows_the_configuration() {
+    let s = TestServer::start_with(permissive(Some(Box::new(|c| {
+        c.max_delegation_depth = 1;
+    }))))
+    .await;
+    let parent = root(&s, "github:read", None).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let r = delegate(&s, &child, &actor2(&s), None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("deeper than 1"), "{}", r.text);
+    // Siblings at depth 1 are fine.
+    child_of(&s, &parent, &actor2(&s), None).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn delegated_sub_agents_may_only_read() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read github:write", None).await;
+    // The parent itself may write (the purpose names a ticket).
+    access(&s, &parent, "github", Some("write")).await;
+
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        Some("github:read github:write"),
+        Some(&json!({"purpose": "review JIRA-1 fix"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["scope"], "github:read");
+    let child = token(&r);
+    let cc = claims(&child);
+    assert_eq!(cc["scope"], "github:read");
+    assert_eq!(cc["tctx"]["purpose"], "review JIRA-1 fix");
+    // The child cannot get a write token.
+    s.access_token(&child, "github", Some("write"))
+        .await
+        .assert_error(400, "invalid_scope");
+
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        Some("github:write"),
+        Some(&json!({"purpose": "push JIRA-1 fix"})),
+    )
+    .await;
+    r.assert_error(400, "access_denied");
+
+    let ptxn = claims(&parent)["txn"].as_str().unwrap().to_owned();
+    let audit = s.audit().await;
+    let denies: Vec<_> = audit
+        .iter()
+        .filter(|a| {
+            a.event == "task.grant"
+                && a.decision.as_deref() == Some("deny")
+                && a.parent_id.as_deref() == Some(ptxn.as_str())
+        })
+        .collect();
+    assert_eq!(denies.len(), 2, "{denies:#?}");
+    for a in &denies {
+        assert_eq!(a.tool.as_deref(), Some("github"));
+        assert_eq!(a.actions.as_deref(), Some("write"));
+        assert!(
+            a.policies.iter().any(|p| p == "delegated-read-only"),
+            "{a:#?}"
+        );
+        assert_eq!(a.chain, vec![ACTOR1.to_owned()]);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn may_act_restricts_who_acts_for_the_task() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = start(
+        &s,
+        &identity,
+        "github:read",
+        &json!({"purpose": "triage", "environment": "dev", "may_act": [{"sub": ACTOR1}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let parent = token(&r);
+    let r = delegate(&s, &parent, &actor2(&s), None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("may_act"), "{}", r.text);
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    assert_eq!(claims(&child)["act"], act1());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn may_act_checks_the_actors_issuer() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let details = |iss: &str| json!({"purpose": "triage", "environment": "dev", "may_act": [{"sub": ACTOR1, "iss": iss}]});
+    let r = start(&s, &identity, "github:read", &details(GITHUB_ISSUER)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = delegate(&s, &token(&r), &actor1(&s), None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("may_act"), "{}", r.text);
+
+    let r = start(&s, &identity, "github:read", &details(SPIFFE_ISSUER)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    child_of(&s, &token(&r), &actor1(&s), None).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_may_restrict_who_acts_for_it() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        None,
+        Some(&json!({"may_act": [{"sub": ACTOR2, "iss": GITHUB_ISSUER}]})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let child = token(&r);
+    let other = s.k8s.kubernetes("agents", "intruder");
+    delegate(&s, &child, &other, None, None)
+        .await
+        .assert_error(400, "invalid_request");
+    child_of(&s, &child, &actor2(&s), None).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_actor_token_that_is_a_task_token_is_refused() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let other = root(&s, "github:read", None).await;
+    let r = delegate(&s, &parent, &other, None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("not a workload identity"), "{}", r.text);
+    // Nor an access token.
+    let at = access(&s, &other, "github", None).await;
+    let r = delegate(&s, &parent, &at, None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("not a workload identity"), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_actor_identity_is_refused() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let mut c = s.k8s.claims("system:serviceaccount:agents:late");
+    let then = now() - 3600;
+    c["iat"] = json!(then - 600);
+    c["nbf"] = json!(then - 600);
+    c["exp"] = json!(then);
+    let expired = s.k8s.sign(&c);
+    delegate(&s, &parent, &expired, None, None)
+        .await
+        .assert_error(400, "invalid_request");
+    // The same identity, not expired, is fine.
+    let fresh = s
+        .k8s
+        .sign(&s.k8s.claims("system:serviceaccount:agents:late"));
+    child_of(&s, &parent, &fresh, None).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_actor_token_type_other_than_jwt_is_refused() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let actor = actor1(&s);
+    for ty in [
+        TXN,
+        ACCESS,
+        "urn:ietf:params:oauth:token-type:id_token",
+        "jwt",
+    ] {
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", &parent),
+                    ("subject_token_type", TXN),
+                    ("actor_token", &actor),
+                    ("actor_token_type", ty),
+                ],
+            )
+            .await;
+        r.assert_error(400, "invalid_request");
+        assert!(r.text.contains("actor_token_type"), "{ty}: {}", r.text);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_actor_token_without_its_type_is_refused() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let actor = actor1(&s);
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &parent),
+                ("subject_token_type", TXN),
+                ("actor_token", &actor),
+            ],
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("actor_token_type"), "{}", r.text);
+    // And a type without a token.
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &parent),
+                ("subject_token_type", TXN),
+                ("actor_token_type", JWT),
+            ],
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("actor_token"), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_actor_token_needs_a_task_token_subject_and_a_txn_token_request() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let actor = actor1(&s);
+    let details = json!({"purpose": "triage", "environment": "dev"}).to_string();
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &identity),
+                ("subject_token_type", JWT),
+                ("actor_token", &actor),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", "github:read"),
+                ("request_details", &details),
+            ],
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("actor_token"), "{}", r.text);
+    // A task token subject asking for an access token with an actor.
+    let parent = root(&s, "github:read", None).await;
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &parent),
+                ("subject_token_type", TXN),
+                ("actor_token", &actor),
+                ("actor_token_type", JWT),
+                ("requested_token_type", ACCESS),
+            ],
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_keeps_its_parents_environment() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        None,
+        Some(&json!({"environment": "prod"})),
+    )
+    .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("environment"), "{}", r.text);
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        None,
+        Some(&json!({"environment": "dev"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(claims(&token(&r))["tctx"]["environment"], "dev");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_ended_parent_cannot_delegate() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    assert_eq!(s.revoke(&parent).await.status, 200);
+    let r = delegate(&s, &parent, &actor1(&s), None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("ended"), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_delegation_names_no_audience_or_resource() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let actor = actor1(&s);
+    for (k, v) in [
+        ("audience", "github"),
+        ("resource", "https://api.github.com"),
+    ] {
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", &parent),
+                    ("subject_token_type", TXN),
+                    ("actor_token", &actor),
+                    ("actor_token_type", JWT),
+                    (k, v),
+                ],
+            )
+            .await;
+        r.assert_error(400, "invalid_request");
+    }
+    s.stop().await;
+}
+
+async fn feed(s: &TestServer, after: i64) -> Value {
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let r = s
+        .http
+        .get(format!("{}/revocations?after={after}", s.url))
+        .bearer_auth(caller)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn ending_the_parent_ends_the_child_and_the_grandchild() {
+    let s = TestServer::start().await;
+    let cursor = feed(&s, 0).await["cursor"].as_i64().unwrap();
+    let parent = root(&s, "github:read jira:read", None).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let grandchild = child_of(&s, &child, &actor2(&s), None).await;
+    let pat = access(&s, &parent, "github", None).await;
+    let cat = access(&s, &child, "jira", None).await;
+    let gat = access(&s, &grandchild, "github", None).await;
+    for t in [&parent, &child, &grandchild, &pat, &cat, &gat] {
+        assert_eq!(s.introspect(t).await.body["active"], true);
+    }
+
+    assert_eq!(s.revoke(&parent).await.status, 200);
+    for t in [&parent, &child, &grandchild, &pat, &cat, &gat] {
+        assert_eq!(s.introspect(t).await.body, json!({"active": false}));
+    }
+    for t in [&parent, &child, &grandchild] {
+        s.access_token(t, "github", Some("read"))
+            .await
+            .assert_error(400, "invalid_request");
+        delegate(&s, t, &actor1(&s), None, None)
+            .await
+            .assert_error(400, "invalid_request");
+    }
+
+    let body = feed(&s, cursor).await;
+    let tasks: BTreeSet<String> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "task")
+        .map(|e| e["txn"].as_str().unwrap().to_owned())
+        .collect();
+    let want: BTreeSet<String> = [&parent, &child, &grandchild]
+        .iter()
+        .map(|t| claims(t)["txn"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tasks, want, "{body}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ending_a_child_leaves_the_parent() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read jira:read", None).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let sibling = child_of(&s, &parent, &actor2(&s), None).await;
+    let grandchild = child_of(&s, &child, &actor2(&s), None).await;
+    let pat = access(&s, &parent, "github", None).await;
+    let sat = access(&s, &sibling, "github", None).await;
+    let cat = access(&s, &child, "jira", None).await;
+    let gat = access(&s, &grandchild, "jira", None).await;
+
+    assert_eq!(s.revoke(&child).await.status, 200);
+    for t in [&child, &grandchild, &cat, &gat] {
+        assert_eq!(s.introspect(t).await.body, json!({"active": false}));
+    }
+    for t in [&parent, &pat, &sibling, &sat] {
+        assert_eq!(s.introspect(t).await.body["active"], true);
+    }
+    // The parent goes on: new access tokens and new children.
+    access(&s, &parent, "jira", None).await;
+    child_of(&s, &parent, &actor1(&s), None).await;
+    access(&s, &sibling, "jira", None).await;
+    s.stop().await;
+}

@@ -1,0 +1,62 @@
+//! Why a token was refused, and why a verifier could not be set up. Messages
+//! are lowercase, name the failed check and never contain a token.
+
+use scrip_jose::JoseError;
+
+/// Why an access token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The token failed a JOSE or RFC 9068 check (signature, `typ`, `iss`,
+    /// `aud`, `exp`, algorithm, claims).
+    #[error(transparent)]
+    Token(#[from] JoseError),
+    /// Its `scope` claim is not a list of actions.
+    #[error("token scope is malformed")]
+    BadScope,
+    /// Its task or the token itself was revoked.
+    #[error("token has been revoked")]
+    Revoked,
+    /// The revocation feed has not answered for longer than the allowed
+    /// staleness (or never has): every token is refused until it does.
+    #[error("revocation state is stale; try again later")]
+    RevocationStale,
+    /// The token is valid but does not grant the action.
+    #[error("token scope does not include `{required}`")]
+    InsufficientScope {
+        /// The action that was required.
+        required: String,
+    },
+}
+
+impl VerifyError {
+    /// The RFC 6750 error code: `invalid_token` or `insufficient_scope`;
+    /// `None` when the fault is the verifier's, not the token's.
+    #[must_use]
+    pub fn rfc6750_code(&self) -> Option<&'static str> {
+        match self {
+            Self::Token(_) | Self::BadScope | Self::Revoked => Some("invalid_token"),
+            Self::InsufficientScope { .. } => Some("insufficient_scope"),
+            Self::RevocationStale => None,
+        }
+    }
+}
+
+/// Why a verifier could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The configuration is inconsistent.
+    #[error("verifier configuration: {0}")]
+    Config(String),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+    /// The issuer's metadata could not be fetched or is unusable.
+    #[error("issuer metadata: {0}")]
+    Metadata(String),
+    /// The issuer's JWKS could not be fetched or holds no usable key.
+    #[error("issuer keys: {0}")]
+    Jwks(String),
+    /// The first read of the revocation feed failed.
+    #[error("revocation feed: {0}")]
+    Feed(String),
+}

@@ -1,0 +1,347 @@
+//! Following scrip's revocation feed, so that a revoked task's tokens are
+//! refused without a network call per request.
+//!
+//! A background task long-polls `GET <feed>?after=<cursor>&wait=<s>` with the
+//! resource server's own workload identity as the bearer. Each answer adds
+//! its events to an in-memory set (task ids and token ids, each kept until
+//! its `exp`, after which the token is refused as expired anyway) and moves
+//! the cursor. After an error the loop retries with backoff and resumes from
+//! the last cursor, so nothing is missed. Every answer — even an empty one
+//! after a long-poll — proves the set current; once none has arrived for
+//! longer than `max_staleness`, [`Revocations::check`] refuses every token.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::VerifyError;
+use crate::fetch::get_bytes;
+
+/// The largest feed answer read.
+const MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How much longer than `wait` a poll may take before it counts as failed.
+const POLL_GRACE: Duration = Duration::from_secs(10);
+/// The longest `wait` scrip accepts.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A future returned by an [`IdentitySource`].
+pub type IdentityFuture<'a> = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
+
+/// Where the resource server's own workload identity JWT comes from; asked
+/// before every poll, so a rotating token (a Kubernetes projected token, a
+/// SPIFFE JWT-SVID) is always current.
+pub trait IdentitySource: Send + Sync + std::fmt::Debug {
+    /// The identity JWT to present, or why there is none.
+    fn identity(&self) -> IdentityFuture<'_>;
+}
+
+/// A fixed identity token (for tests and short-lived processes).
+#[derive(Clone)]
+pub struct StaticIdentity(String);
+
+impl StaticIdentity {
+    /// Wraps `token`.
+    #[must_use]
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+}
+
+impl std::fmt::Debug for StaticIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaticIdentity(..)")
+    }
+}
+
+impl IdentitySource for StaticIdentity {
+    fn identity(&self) -> IdentityFuture<'_> {
+        Box::pin(async move { Ok(self.0.clone()) })
+    }
+}
+
+/// An identity token read from a file before each use (a Kubernetes
+/// projected service-account token, a SPIFFE helper's output).
+#[derive(Debug, Clone)]
+pub struct FileIdentity(PathBuf);
+
+impl FileIdentity {
+    /// Reads from `path`.
+    #[must_use]
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+}
+
+impl IdentitySource for FileIdentity {
+    fn identity(&self) -> IdentityFuture<'_> {
+        Box::pin(async move {
+            let text = tokio::fs::read_to_string(&self.0)
+                .await
+                .map_err(|e| format!("cannot read `{}`: {e}", self.0.display()))?;
+            Ok(text.trim().to_owned())
+        })
+    }
+}
+
+/// How the feed is followed.
+#[derive(Debug, Clone)]
+pub struct FeedConfig {
+    /// The resource server's workload identity, presented to the feed.
+    pub identity: Arc<dyn IdentitySource>,
+    /// How long one poll may wait for news (at most 30 s).
+    pub wait: Duration,
+    /// How long the revocation set may go unconfirmed before every token is
+    /// refused. Must exceed `wait`.
+    pub max_staleness: Duration,
+    /// The first retry delay after an error; doubles up to `retry_max`.
+    pub retry_min: Duration,
+    /// The longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl FeedConfig {
+    /// Defaults: `wait` 20 s, `max_staleness` 60 s, retries 250 ms to 5 s.
+    #[must_use]
+    pub fn new(identity: Arc<dyn IdentitySource>) -> Self {
+        Self {
+            identity,
+            wait: Duration::from_secs(20),
+            max_staleness: Duration::from_secs(60),
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Revoked task ids, with the expiry after which they can be forgotten.
+    tasks: HashMap<String, u64>,
+    /// Revoked token ids, likewise.
+    tokens: HashMap<String, u64>,
+    cursor: u64,
+    synced_at: Option<Instant>,
+}
+
+/// One answer of the feed.
+#[derive(Debug, Deserialize)]
+struct Page {
+    cursor: u64,
+    events: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Event {
+    Task { txn: String, exp: u64 },
+    Token { jti: String, exp: u64 },
+}
+
+/// The revocations known to this verifier.
+#[derive(Debug)]
+pub(crate) struct Revocations {
+    state: RwLock<State>,
+    max_staleness: Duration,
+    /// Entries are kept this long past their `exp` (the verifier's leeway).
+    leeway: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Revocations {
+    pub(crate) fn new(max_staleness: Duration, leeway: u64) -> Self {
+        Self {
+            state: RwLock::new(State::default()),
+            max_staleness,
+            leeway,
+        }
+    }
+
+    /// Refuses a revoked token, and every token while the set is stale.
+    pub(crate) fn check(&self, txn: &str, jti: &str) -> Result<(), VerifyError> {
+        let state = self
+            .state
+            .read()
+            .map_err(|_| VerifyError::RevocationStale)?;
+        match state.synced_at {
+            Some(at) if at.elapsed() <= self.max_staleness => {}
+            _ => return Err(VerifyError::RevocationStale),
+        }
+        if state.tasks.contains_key(txn) || state.tokens.contains_key(jti) {
+            return Err(VerifyError::Revoked);
+        }
+        Ok(())
+    }
+
+    fn cursor(&self) -> u64 {
+        self.state.read().map_or(0, |s| s.cursor)
+    }
+
+    /// Parses and applies one page; nothing changes when it is malformed.
+    fn apply(&self, body: &[u8]) -> Result<usize, String> {
+        let page: Page =
+            serde_json::from_slice(body).map_err(|e| format!("malformed feed answer: {e}"))?;
+        let mut events = Vec::with_capacity(page.events.len());
+        for value in page.events {
+            let kind = value
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if !matches!(kind.as_str(), "task" | "token") {
+                tracing::warn!(%kind, "ignoring a revocation event of an unknown type");
+                continue;
+            }
+            let event: Event = serde_json::from_value(value)
+                .map_err(|e| format!("malformed `{kind}` revocation event: {e}"))?;
+            events.push(event);
+        }
+        let count = events.len();
+        let now = unix_now();
+        let mut state = self
+            .state
+            .write()
+            .map_err(|_| "revocation state poisoned".to_owned())?;
+        for event in events {
+            match event {
+                Event::Task { txn, exp } => state.tasks.insert(txn, exp),
+                Event::Token { jti, exp } => state.tokens.insert(jti, exp),
+            };
+        }
+        let keep = |exp: &mut u64| exp.saturating_add(self.leeway) >= now;
+        state.tasks.retain(|_, exp| keep(exp));
+        state.tokens.retain(|_, exp| keep(exp));
+        state.cursor = page.cursor;
+        state.synced_at = Some(Instant::now());
+        Ok(count)
+    }
+
+    /// Reads the feed once from the current cursor and applies the answer.
+    pub(crate) async fn poll(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &url::Url,
+        identity: &dyn IdentitySource,
+        wait: Duration,
+    ) -> Result<usize, String> {
+        let token = identity
+            .identity()
+            .await
+            .map_err(|e| format!("no workload identity for the feed: {e}"))?;
+        let mut url = endpoint.clone();
+        url.query_pairs_mut()
+            .append_pair("after", &self.cursor().to_string())
+            .append_pair("wait", &wait.as_secs().to_string());
+        let body = get_bytes(
+            http,
+            url.as_str(),
+            Some(&token),
+            wait + POLL_GRACE,
+            MAX_PAGE_BYTES,
+        )
+        .await?;
+        self.apply(&body)
+    }
+}
+
+/// Follows the feed until the task is aborted (when the verifier is dropped).
+pub(crate) async fn follow(
+    revocations: Arc<Revocations>,
+    http: reqwest::Client,
+    endpoint: url::Url,
+    config: FeedConfig,
+) {
+    let mut backoff = config.retry_min;
+    loop {
+        let started = Instant::now();
+        match revocations
+            .poll(&http, &endpoint, config.identity.as_ref(), config.wait)
+            .await
+        {
+            Ok(n) => {
+                backoff = config.retry_min;
+                if n > 0 {
+                    tracing::debug!(events = n, "revocations received");
+                } else if started.elapsed() < config.wait / 4 {
+                    // An empty answer long before `wait`: the feed does not
+                    // long-poll. Do not spin.
+                    tokio::time::sleep(config.retry_min).await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "revocation feed unavailable; will resume from the last cursor");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.retry_max);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(pages: &[&str], txn: &str, jti: &str, expected: Result<(), VerifyError>) {
+        let r = Revocations::new(Duration::from_secs(60), 0);
+        for page in pages {
+            r.apply(page.as_bytes()).unwrap();
+        }
+        assert_eq!(r.check(txn, jti), expected, "pages: {pages:?}");
+    }
+
+    #[test]
+    fn applies_events() {
+        let far = unix_now() + 600;
+        let task = format!(r#"{{"cursor":1,"events":[{{"type":"task","txn":"t1","exp":{far}}}]}}"#);
+        let token = format!(
+            r#"{{"cursor":2,"events":[{{"type":"token","jti":"j1","txn":"t2","exp":{far}}}]}}"#
+        );
+        let unknown = r#"{"cursor":3,"events":[{"type":"subject","sub":"x"}]}"#;
+        check(&[], "t1", "j0", Err(VerifyError::RevocationStale));
+        check(&[r#"{"cursor":0,"events":[]}"#], "t1", "j0", Ok(()));
+        check(&[&task], "t1", "j0", Err(VerifyError::Revoked));
+        check(&[&task], "t2", "j0", Ok(()));
+        check(&[&task, &token], "t2", "j1", Err(VerifyError::Revoked));
+        check(&[&token], "t2", "j2", Ok(()));
+        check(&[unknown], "t1", "j1", Ok(()));
+    }
+
+    #[test]
+    fn forgets_expired_entries_and_keeps_cursor_on_bad_pages() {
+        let r = Revocations::new(Duration::from_secs(60), 0);
+        let past = unix_now() - 10;
+        r.apply(
+            format!(r#"{{"cursor":7,"events":[{{"type":"task","txn":"old","exp":{past}}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.check("old", "j"), Ok(()));
+        assert_eq!(r.cursor(), 7);
+        for bad in [
+            "not json",
+            r#"{"events":[]}"#,
+            r#"{"cursor":9,"events":[{"type":"task","exp":1}]}"#,
+        ] {
+            assert!(r.apply(bad.as_bytes()).is_err(), "{bad}");
+            assert_eq!(r.cursor(), 7, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stale_state_refuses_everything() {
+        let r = Revocations::new(Duration::ZERO, 0);
+        r.apply(br#"{"cursor":1,"events":[]}"#).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(r.check("t", "j"), Err(VerifyError::RevocationStale));
+    }
+}

@@ -1,0 +1,39 @@
+//! Bounded HTTP GETs of JSON documents: a size cap, no redirects (set on the
+//! client), and errors that name the URL but never a credential.
+
+/// Fetches `url` and returns its body, refusing more than `max` bytes and any
+/// status but 200.
+pub(crate) async fn get_bytes(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+    timeout: std::time::Duration,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let mut req = http
+        .get(url)
+        .timeout(timeout)
+        .header(reqwest::header::ACCEPT, "application/json");
+    if let Some(token) = bearer {
+        req = req.bearer_auth(token);
+    }
+    let mut response = req
+        .send()
+        .await
+        .map_err(|e| format!("GET `{url}` failed: {e}"))?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(format!("GET `{url}` answered {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("GET `{url}` failed: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > max {
+            return Err(format!("GET `{url}` answered more than {max} bytes"));
+        }
+    }
+    Ok(body)
+}

@@ -1,0 +1,125 @@
+//! scrip's signing keys, fetched from its `jwks_uri` and cached.
+//!
+//! The cache is refreshed when it is older than the refresh interval and when
+//! a token names a `kid` it does not hold (scrip rotated its key); both are
+//! bounded to one attempt per `min_refetch`, so a flood of tokens with made-up
+//! `kid`s costs scrip at most one fetch per interval. A failed refresh keeps
+//! the keys already held. Keys never come from a token's own headers.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use scrip_jose::KeySet;
+
+use crate::fetch::get_bytes;
+
+/// The largest JWKS document fetched.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Timeout of one JWKS fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct State {
+    keys: Arc<KeySet>,
+    fetched_at: Instant,
+    attempted_at: Instant,
+}
+
+/// The cached JWKS of one issuer.
+pub(crate) struct JwksCache {
+    uri: String,
+    http: reqwest::Client,
+    refresh: Duration,
+    min_refetch: Duration,
+    state: RwLock<State>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for JwksCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksCache")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn fetch(http: &reqwest::Client, uri: &str) -> Result<KeySet, String> {
+    let body = get_bytes(http, uri, None, FETCH_TIMEOUT, MAX_JWKS_BYTES).await?;
+    KeySet::from_jwks_json(&body).map_err(|e| format!("`{uri}`: {e}"))
+}
+
+impl JwksCache {
+    /// Fetches the JWKS once; the verifier does not start without keys.
+    pub(crate) async fn new(
+        http: reqwest::Client,
+        uri: String,
+        refresh: Duration,
+        min_refetch: Duration,
+    ) -> Result<Self, String> {
+        let keys = fetch(&http, &uri).await?;
+        let now = Instant::now();
+        Ok(Self {
+            uri,
+            http,
+            refresh,
+            min_refetch,
+            state: RwLock::new(State {
+                keys: Arc::new(keys),
+                fetched_at: now,
+                attempted_at: now,
+            }),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn snapshot(&self) -> (Arc<KeySet>, Instant, Instant) {
+        match self.state.read() {
+            Ok(s) => (s.keys.clone(), s.fetched_at, s.attempted_at),
+            Err(poisoned) => {
+                let s = poisoned.into_inner();
+                (s.keys.clone(), s.fetched_at, s.attempted_at)
+            }
+        }
+    }
+
+    /// The keys to verify with, refreshed first when due.
+    pub(crate) async fn current(&self) -> Arc<KeySet> {
+        let (keys, fetched_at, attempted_at) = self.snapshot();
+        if fetched_at.elapsed() < self.refresh || attempted_at.elapsed() < self.min_refetch {
+            return keys;
+        }
+        self.refetch(&keys).await.unwrap_or(keys)
+    }
+
+    /// Called when `seen` lacks a token's `kid`: fetches again unless another
+    /// caller already did or the last attempt was too recent. Returns newer
+    /// keys, or `None` when there are none to try.
+    pub(crate) async fn refetch(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
+        let _guard = self.fetching.lock().await;
+        let (keys, _, attempted_at) = self.snapshot();
+        if !Arc::ptr_eq(&keys, seen) {
+            // Another caller fetched while this one waited.
+            return Some(keys);
+        }
+        if attempted_at.elapsed() < self.min_refetch {
+            return None;
+        }
+        if let Ok(mut s) = self.state.write() {
+            s.attempted_at = Instant::now();
+        }
+        match fetch(&self.http, &self.uri).await {
+            Ok(fresh) => {
+                tracing::info!(uri = %self.uri, keys = fresh.len(), "scrip keys refreshed");
+                let fresh = Arc::new(fresh);
+                if let Ok(mut s) = self.state.write() {
+                    s.keys = fresh.clone();
+                    s.fetched_at = Instant::now();
+                }
+                Some(fresh)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "scrip keys could not be refreshed; keeping the cached ones");
+                None
+            }
+        }
+    }
+}

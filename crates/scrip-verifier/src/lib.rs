@@ -1,0 +1,414 @@
+//! Verifies scrip access tokens in a Rust resource server.
+//!
+//! A [`Verifier`] is built from scrip's issuer URL and this server's tool
+//! name. [`Verifier::discover`] reads the RFC 8414 metadata, fetches the JWKS
+//! and reads the revocation feed once; from then on a background task follows
+//! the feed, and [`Verifier::verify`] checks a token without a network call
+//! (except a bounded JWKS refetch when scrip has rotated its key).
+//!
+//! What a token must satisfy (RFC 9068, RFC 8725), all through
+//! [`scrip_jose::verify`], the workspace's one JWT validation path: compact
+//! JWS, `alg` on the allow-list and matching its key, no `crit` or
+//! key-location headers, `typ` exactly `at+jwt`, the signature, `iss` exactly
+//! the issuer, `aud` this tool, `exp`/`nbf`/`iat` with the leeway, and every
+//! RFC 9068 claim present. Then its task and `jti` must not be revoked, and
+//! the revocation set must be fresh: past `max_staleness` without word from
+//! the feed, every token is refused ([`VerifyError::RevocationStale`]).
+//!
+//! [`VerifierLayer`] wraps an axum/hyper service: it reads
+//! `Authorization: Bearer`, answers RFC 6750 errors, and puts the
+//! [`AccessToken`] in the request extensions.
+//!
+//! Architecture invariant: an [`AccessToken`] value exists only for a token
+//! that passed every check above at the time it was built; it has no public
+//! constructor.
+
+mod error;
+mod feed;
+mod fetch;
+mod keys;
+mod layer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scrip_jose::{Algorithm, Expectations, JoseError, TypRule};
+use scrip_token::{AccessClaims, ActionName, ActionSet};
+
+pub use error::{SetupError, VerifyError};
+pub use feed::{FeedConfig, FileIdentity, IdentityFuture, IdentitySource, StaticIdentity};
+pub use layer::{Rejection, VerifierLayer, VerifierService};
+
+/// The largest metadata document fetched.
+const MAX_METADATA_BYTES: usize = 64 * 1024;
+/// The most feed pages read at start before following in the background.
+const MAX_INITIAL_PAGES: usize = 10_000;
+/// Timeout of the metadata fetch.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How revocation is learned.
+#[derive(Debug, Clone)]
+pub enum Revocation {
+    /// Follow scrip's revocation feed (the only safe choice).
+    Follow(FeedConfig),
+    /// Do not follow the feed: a revoked token stays accepted until it
+    /// expires. Only for tests and for issuers without a feed.
+    DangerIgnore,
+}
+
+/// What a verifier checks and how it keeps its state fresh.
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// scrip's issuer URL, exactly as in its tokens' `iss`.
+    pub issuer: String,
+    /// This resource server's tool name: the `aud` its tokens carry.
+    pub audience: String,
+    /// The `alg` allow-list (asymmetric algorithms only).
+    pub algorithms: Vec<Algorithm>,
+    /// Clock leeway for `exp`, `nbf` and `iat`, in seconds.
+    pub leeway: u64,
+    /// How often the JWKS is refreshed.
+    pub jwks_refresh: Duration,
+    /// Least time between JWKS fetches (bounds refetches on unknown `kid`s).
+    pub jwks_min_refetch: Duration,
+    /// How revocation is learned.
+    pub revocation: Revocation,
+}
+
+impl VerifierConfig {
+    /// A configuration that follows the revocation feed, presenting
+    /// `identity`; algorithms ES256, EdDSA and RS256, 30 s leeway, JWKS
+    /// refreshed every 5 min and refetched at most every 10 s.
+    #[must_use]
+    pub fn new(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        identity: Arc<dyn IdentitySource>,
+    ) -> Self {
+        Self::with_revocation(
+            issuer,
+            audience,
+            Revocation::Follow(FeedConfig::new(identity)),
+        )
+    }
+
+    /// As [`VerifierConfig::new`], without following revocations.
+    #[must_use]
+    pub fn danger_without_revocation(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Self {
+        Self::with_revocation(issuer, audience, Revocation::DangerIgnore)
+    }
+
+    fn with_revocation(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        revocation: Revocation,
+    ) -> Self {
+        Self {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            algorithms: vec![Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256],
+            leeway: 30,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_refetch: Duration::from_secs(10),
+            revocation,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SetupError> {
+        let bad = |m: &str| Err(SetupError::Config(m.to_owned()));
+        if self.issuer.is_empty() || self.issuer.ends_with('/') {
+            return bad("issuer must be non-empty and must not end with `/`");
+        }
+        if self.audience.is_empty() {
+            return bad("audience (the tool name) must be non-empty");
+        }
+        if self.algorithms.is_empty() {
+            return bad("the algorithm allow-list is empty");
+        }
+        if self
+            .algorithms
+            .iter()
+            .any(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+        {
+            return bad("symmetric algorithms are never accepted");
+        }
+        if let Revocation::Follow(feed) = &self.revocation {
+            if feed.wait > feed::MAX_WAIT {
+                return bad("feed wait must be at most 30 s");
+            }
+            if feed.max_staleness <= feed.wait {
+                return bad("max_staleness must exceed the feed wait");
+            }
+            if feed.retry_min.is_zero() || feed.retry_max < feed.retry_min {
+                return bad("feed retries need 0 < retry_min <= retry_max");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A verified scrip access token: the proof that every check passed.
+#[derive(Debug, Clone)]
+pub struct AccessToken {
+    claims: AccessClaims,
+    actions: ActionSet,
+    kid: Option<String>,
+    alg: Algorithm,
+}
+
+impl AccessToken {
+    /// The verified claims.
+    #[must_use]
+    pub fn claims(&self) -> &AccessClaims {
+        &self.claims
+    }
+
+    /// The actions the token grants at this tool.
+    #[must_use]
+    pub fn actions(&self) -> &ActionSet {
+        &self.actions
+    }
+
+    /// The task the token belongs to (`txn`).
+    #[must_use]
+    pub fn task(&self) -> &str {
+        &self.claims.txn
+    }
+
+    /// The `kid` of the key that verified it.
+    #[must_use]
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+
+    /// The algorithm that verified it.
+    #[must_use]
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+
+    /// Whether the scope covers `action`.
+    #[must_use]
+    pub fn allows(&self, action: &ActionName) -> bool {
+        self.actions.contains(action)
+    }
+
+    /// Requires `action`.
+    ///
+    /// # Errors
+    /// [`VerifyError::InsufficientScope`] when the scope lacks it.
+    pub fn require(&self, action: &ActionName) -> Result<(), VerifyError> {
+        if self.allows(action) {
+            Ok(())
+        } else {
+            Err(VerifyError::InsufficientScope {
+                required: action.to_string(),
+            })
+        }
+    }
+}
+
+struct Inner {
+    issuer: String,
+    audiences: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    typ: TypRule,
+    leeway: u64,
+    keys: keys::JwksCache,
+    revocations: Option<Arc<feed::Revocations>>,
+    feed_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = &self.feed_task {
+            task.abort();
+        }
+    }
+}
+
+/// Verifies scrip access tokens for one tool. Cheap to clone; the background
+/// feed task stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Verifier(Arc<Inner>);
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("issuer", &self.0.issuer)
+            .field("audience", &self.0.audiences)
+            .field("follows_revocations", &self.0.revocations.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The metadata members the verifier uses.
+#[derive(Debug, serde::Deserialize)]
+struct Metadata {
+    issuer: String,
+    jwks_uri: String,
+    #[serde(default)]
+    scrip_revocation_feed_endpoint: Option<String>,
+}
+
+/// An absolute URL, `https` unless on a loopback host.
+fn endpoint(what: &str, s: &str) -> Result<url::Url, SetupError> {
+    let url = url::Url::parse(s)
+        .map_err(|e| SetupError::Metadata(format!("{what} `{s}` is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(SetupError::Metadata(format!(
+            "{what} `{s}` must use https (http only on loopback)"
+        ))),
+    }
+}
+
+impl Verifier {
+    /// Discovers scrip at `config.issuer` and makes a verifier ready to use:
+    /// metadata read (its `issuer` must equal the configured one exactly,
+    /// RFC 8414 §3.3), JWKS fetched, and — when following revocations — the
+    /// feed read once, then followed by a background task (needs a Tokio
+    /// runtime).
+    ///
+    /// # Errors
+    /// [`SetupError`] naming what failed; nothing is retried here.
+    pub async fn discover(config: VerifierConfig) -> Result<Self, SetupError> {
+        config.validate()?;
+        endpoint("issuer", &config.issuer)?;
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| SetupError::Http(e.to_string()))?;
+        let metadata_url = format!("{}/.well-known/oauth-authorization-server", config.issuer);
+        let body = fetch::get_bytes(
+            &http,
+            &metadata_url,
+            None,
+            METADATA_TIMEOUT,
+            MAX_METADATA_BYTES,
+        )
+        .await
+        .map_err(SetupError::Metadata)?;
+        let metadata: Metadata = serde_json::from_slice(&body)
+            .map_err(|e| SetupError::Metadata(format!("`{metadata_url}`: {e}")))?;
+        if metadata.issuer != config.issuer {
+            return Err(SetupError::Metadata(format!(
+                "metadata names issuer `{}`, not `{}`",
+                metadata.issuer, config.issuer
+            )));
+        }
+        let jwks_uri = endpoint("jwks_uri", &metadata.jwks_uri)?;
+        let keys = keys::JwksCache::new(
+            http.clone(),
+            jwks_uri.to_string(),
+            config.jwks_refresh,
+            config.jwks_min_refetch,
+        )
+        .await
+        .map_err(SetupError::Jwks)?;
+
+        let (revocations, feed_task) = match config.revocation {
+            Revocation::DangerIgnore => {
+                tracing::warn!(issuer = %config.issuer, "not following revocations: revoked tokens stay valid until they expire");
+                (None, None)
+            }
+            Revocation::Follow(feed) => {
+                let url = metadata.scrip_revocation_feed_endpoint.ok_or_else(|| {
+                    SetupError::Metadata(
+                        "metadata lists no `scrip_revocation_feed_endpoint`".into(),
+                    )
+                })?;
+                let url = endpoint("scrip_revocation_feed_endpoint", &url)?;
+                let revocations =
+                    Arc::new(feed::Revocations::new(feed.max_staleness, config.leeway));
+                // Read every page of what is revoked now before accepting
+                // any token: the feed answers in pages; an empty one ends.
+                for _ in 0..MAX_INITIAL_PAGES {
+                    let n = revocations
+                        .poll(&http, &url, feed.identity.as_ref(), Duration::ZERO)
+                        .await
+                        .map_err(SetupError::Feed)?;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let task = tokio::spawn(feed::follow(revocations.clone(), http, url, feed));
+                (Some(revocations), Some(task))
+            }
+        };
+        Ok(Self(Arc::new(Inner {
+            issuer: config.issuer,
+            audiences: vec![config.audience],
+            algorithms: config.algorithms,
+            typ: TypRule::exactly(scrip_token::typ::ACCESS),
+            leeway: config.leeway,
+            keys,
+            revocations,
+            feed_task,
+        })))
+    }
+
+    /// The tool name this verifier accepts tokens for.
+    #[must_use]
+    pub fn audience(&self) -> &str {
+        self.0.audiences.first().map_or("", String::as_str)
+    }
+
+    /// Verifies an access token.
+    ///
+    /// # Errors
+    /// [`VerifyError`] naming the first check that failed.
+    pub async fn verify(&self, token: &str) -> Result<AccessToken, VerifyError> {
+        let inner = &self.0;
+        let expectations = Expectations {
+            issuer: &inner.issuer,
+            audiences: &inner.audiences,
+            algorithms: &inner.algorithms,
+            typ: &inner.typ,
+            leeway: inner.leeway,
+        };
+        let keys = inner.keys.current().await;
+        let verified = match scrip_jose::verify::<AccessClaims>(token, &keys, &expectations) {
+            Err(JoseError::UnknownKey) => match inner.keys.refetch(&keys).await {
+                Some(fresh) => scrip_jose::verify::<AccessClaims>(token, &fresh, &expectations)?,
+                None => return Err(JoseError::UnknownKey.into()),
+            },
+            other => other?,
+        };
+        let actions =
+            ActionSet::parse(&verified.claims.scope).map_err(|_| VerifyError::BadScope)?;
+        if let Some(revocations) = &inner.revocations {
+            revocations.check(&verified.claims.txn, &verified.claims.jti)?;
+        }
+        Ok(AccessToken {
+            claims: verified.claims,
+            actions,
+            kid: verified.kid,
+            alg: verified.alg,
+        })
+    }
+
+    /// Verifies an access token and requires `action` in its scope.
+    ///
+    /// # Errors
+    /// As [`Verifier::verify`], and [`VerifyError::InsufficientScope`].
+    pub async fn verify_for(
+        &self,
+        token: &str,
+        action: &ActionName,
+    ) -> Result<AccessToken, VerifyError> {
+        let token = self.verify(token).await?;
+        token.require(action)?;
+        Ok(token)
+    }
+}

@@ -1,0 +1,280 @@
+//! The verifier against a fake scrip whose keys and revocation feed the test
+//! controls: revocations reach the verifier through the long-poll, it catches
+//! up from its cursor after the feed fails, it fails closed past the allowed
+//! staleness, and it follows a key rotation at a bounded rate.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{FEED_IDENTITY, Fake, eventually, now};
+use scrip_jose::{JoseError, SigningAlgorithm, SigningKey};
+use scrip_verifier::{
+    FeedConfig, Revocation, SetupError, StaticIdentity, Verifier, VerifierConfig, VerifyError,
+};
+use serde_json::json;
+
+fn config(fake: &Fake, identity: &str, max_staleness: Duration) -> VerifierConfig {
+    let mut feed = FeedConfig::new(Arc::new(StaticIdentity::new(identity)));
+    feed.wait = Duration::from_secs(1);
+    feed.max_staleness = max_staleness;
+    feed.retry_min = Duration::from_millis(50);
+    feed.retry_max = Duration::from_millis(200);
+    let mut c = VerifierConfig::new(&fake.url, "github", Arc::new(StaticIdentity::new("unused")));
+    c.revocation = Revocation::Follow(feed);
+    c
+}
+
+async fn verifier(fake: &Fake) -> Verifier {
+    Verifier::discover(config(fake, FEED_IDENTITY, Duration::from_secs(30)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_revoked_task_is_refused_through_the_long_poll() {
+    let fake = Fake::start().await;
+    let v = verifier(&fake).await;
+    let t1 = fake.token("task-1", "jti-1");
+    let t1b = fake.token("task-1", "jti-1b");
+    let t2 = fake.token("task-2", "jti-2");
+    assert_eq!(v.verify(&t1).await.unwrap().task(), "task-1");
+
+    fake.push_event(json!({"type": "task", "txn": "task-1", "exp": now() + 300}));
+    assert!(
+        eventually(5, || async { v.verify(&t1).await.is_err() }).await,
+        "the revoked task's token stayed accepted"
+    );
+    assert_eq!(v.verify(&t1).await.unwrap_err(), VerifyError::Revoked);
+    assert_eq!(v.verify(&t1b).await.unwrap_err(), VerifyError::Revoked);
+    assert!(
+        v.verify(&t2).await.is_ok(),
+        "another task's token is refused"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_alone() {
+    let fake = Fake::start().await;
+    let v = verifier(&fake).await;
+    let a = fake.token("task-1", "jti-a");
+    let b = fake.token("task-1", "jti-b");
+    fake.push_event(json!({"type": "token", "jti": "jti-a", "txn": "task-1", "exp": now() + 300}));
+    assert!(eventually(5, || async { v.verify(&a).await.is_err() }).await);
+    assert_eq!(v.verify(&a).await.unwrap_err(), VerifyError::Revoked);
+    assert!(v.verify(&b).await.is_ok());
+}
+
+#[tokio::test]
+async fn revocations_listed_before_start_are_known_at_once() {
+    let fake = Fake::start().await;
+    fake.push_event(json!({"type": "task", "txn": "old-task", "exp": now() + 300}));
+    let v = verifier(&fake).await;
+    let t = fake.token("old-task", "jti-1");
+    assert_eq!(v.verify(&t).await.unwrap_err(), VerifyError::Revoked);
+}
+
+#[tokio::test]
+async fn catches_up_from_its_cursor_after_the_feed_fails() {
+    let fake = Fake::start().await;
+    fake.push_event(json!({"type": "task", "txn": "t0", "exp": now() + 300}));
+    let v = verifier(&fake).await;
+    fake.set_feed_down(true);
+    // Events arrive while the feed is failing.
+    fake.state.lock().unwrap().events.extend([
+        json!({"type": "task", "txn": "t1", "exp": now() + 300}),
+        json!({"type": "token", "jti": "j2", "txn": "t2", "exp": now() + 300}),
+    ]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.set_feed_down(false);
+    let t1 = fake.token("t1", "j1");
+    let t2 = fake.token("t2", "j2");
+    assert!(eventually(5, || async { v.verify(&t1).await.is_err() }).await);
+    assert_eq!(v.verify(&t1).await.unwrap_err(), VerifyError::Revoked);
+    assert_eq!(v.verify(&t2).await.unwrap_err(), VerifyError::Revoked);
+    // It resumed from its cursor (1), not from the start.
+    let afters = fake.state.lock().unwrap().afters.clone();
+    assert_eq!(afters.first(), Some(&0));
+    assert!(afters.iter().skip(1).all(|a| *a >= 1), "afters: {afters:?}");
+    assert!(
+        afters.contains(&1) && afters.contains(&3),
+        "afters: {afters:?}"
+    );
+}
+
+#[tokio::test]
+async fn past_the_staleness_every_token_is_refused_until_the_feed_answers() {
+    let fake = Fake::start().await;
+    let v = Verifier::discover(config(&fake, FEED_IDENTITY, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let t = fake.token("task-1", "jti-1");
+    assert!(v.verify(&t).await.is_ok());
+    fake.set_feed_down(true);
+    assert!(
+        eventually(10, || async {
+            matches!(v.verify(&t).await, Err(VerifyError::RevocationStale))
+        })
+        .await,
+        "a verifier without a feed kept accepting tokens"
+    );
+    fake.set_feed_down(false);
+    assert!(
+        eventually(10, || async { v.verify(&t).await.is_ok() }).await,
+        "the verifier did not recover when the feed came back"
+    );
+}
+
+#[tokio::test]
+async fn the_feed_is_read_with_the_workload_identity() {
+    let fake = Fake::start().await;
+    let err = Verifier::discover(config(&fake, "someone-else", Duration::from_secs(30)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SetupError::Feed(m) if m.contains("401")),
+        "{err}"
+    );
+    assert_eq!(fake.state.lock().unwrap().unauthorized, 1);
+}
+
+#[tokio::test]
+async fn follows_a_key_rotation_at_a_bounded_rate() {
+    let fake = Fake::start().await;
+    let mut c = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+    c.jwks_min_refetch = Duration::from_secs(3600);
+    let v = Verifier::discover(c).await.unwrap();
+    assert_eq!(fake.state.lock().unwrap().jwks_fetches, 1);
+
+    // scrip rotates: the new key is published beside the old one.
+    let (next, _) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
+    fake.state.lock().unwrap().jwks.push(next.public_jwk());
+    // The first fetch was "recent" (min_refetch is an hour): no refetch.
+    let t = fake.token_with(&next, "github", "task-1", "jti-1");
+    assert_eq!(
+        v.verify(&t).await.unwrap_err(),
+        VerifyError::Token(JoseError::UnknownKey)
+    );
+    assert_eq!(fake.state.lock().unwrap().jwks_fetches, 1);
+
+    // With refetches allowed, the unknown kid triggers one fetch.
+    let fake2 = Fake::start().await;
+    let mut c2 = config(&fake2, FEED_IDENTITY, Duration::from_secs(30));
+    c2.jwks_min_refetch = Duration::ZERO;
+    let v2 = Verifier::discover(c2).await.unwrap();
+    let (next, _) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
+    fake2.state.lock().unwrap().jwks.push(next.public_jwk());
+    let t = fake2.token_with(&next, "github", "task-1", "jti-1");
+    let verified = v2.verify(&t).await.unwrap();
+    assert_eq!(verified.kid(), Some(next.kid()));
+    // Known keys do not fetch again.
+    let before = fake2.state.lock().unwrap().jwks_fetches;
+    v2.verify(&t).await.unwrap();
+    v2.verify(&fake2.token("task-2", "jti-2")).await.unwrap();
+    assert_eq!(fake2.state.lock().unwrap().jwks_fetches, before);
+}
+
+#[tokio::test]
+async fn the_verifier_checks_rfc9068_and_rfc8725() {
+    let fake = Fake::start().await;
+    let v = verifier(&fake).await;
+    let now = now();
+    let good = json!({
+        "iss": fake.url, "sub": "agent", "aud": "github", "iat": now, "exp": now + 300,
+        "jti": "j", "client_id": "agent", "scope": "read write", "txn": "t",
+    });
+    let check = |typ: &str, claims: serde_json::Value, key: &SigningKey| {
+        let token = key.sign_jwt(typ, &claims).unwrap();
+        let v = v.clone();
+        async move { v.verify(&token).await.map(|t| t.actions().to_string()) }
+    };
+    assert_eq!(
+        check("at+jwt", good.clone(), &fake.key).await,
+        Ok("read write".into())
+    );
+    assert_eq!(
+        check("application/at+jwt", good.clone(), &fake.key).await,
+        Ok("read write".into())
+    );
+    let with = |k: &str, val: serde_json::Value| {
+        let mut c = good.clone();
+        c[k] = val;
+        c
+    };
+    let without = |k: &str| {
+        let mut c = good.clone();
+        c.as_object_mut().unwrap().remove(k);
+        c
+    };
+    let cases: Vec<(&str, serde_json::Value, VerifyError)> = vec![
+        (
+            "JWT",
+            good.clone(),
+            JoseError::WrongType {
+                expected: "`at+jwt`".into(),
+                found: "JWT".into(),
+            }
+            .into(),
+        ),
+        (
+            "txntoken+jwt",
+            good.clone(),
+            JoseError::WrongType {
+                expected: "`at+jwt`".into(),
+                found: "txntoken+jwt".into(),
+            }
+            .into(),
+        ),
+        (
+            "at+jwt",
+            with("aud", json!("jira")),
+            JoseError::WrongAudience.into(),
+        ),
+        (
+            "at+jwt",
+            with("iss", json!(format!("{}/", fake.url))),
+            JoseError::WrongIssuer.into(),
+        ),
+        (
+            "at+jwt",
+            with("exp", json!(now - 120)),
+            JoseError::Expired.into(),
+        ),
+        ("at+jwt", without("jti"), JoseError::BadClaims.into()),
+        ("at+jwt", without("txn"), JoseError::BadClaims.into()),
+        (
+            "at+jwt",
+            with("scope", json!("read  write")),
+            VerifyError::BadScope,
+        ),
+    ];
+    for (typ, claims, expected) in cases {
+        assert_eq!(
+            check(typ, claims.clone(), &fake.key).await,
+            Err(expected),
+            "{typ} {claims}"
+        );
+    }
+    // A key scrip does not publish.
+    let (other, _) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+    assert!(check("at+jwt", good.clone(), &other).await.is_err());
+    // alg none.
+    let none = format!(
+        "{}.{}.",
+        scrip_jose::b64(br#"{"alg":"none","typ":"at+jwt"}"#),
+        scrip_jose::b64(good.to_string().as_bytes())
+    );
+    assert_eq!(
+        v.verify(&none).await.unwrap_err(),
+        VerifyError::Token(JoseError::AlgorithmNotAllowed("none".into()))
+    );
+}
