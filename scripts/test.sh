@@ -18,3 +18,9 @@ echo "== tests" >&2
 cargo nextest run --workspace --locked --no-fail-fast
 echo "== shipped policy examples" >&2
 cargo run -q -p scrip-cli --locked -- policy test policies/examples.test.toml --policies policies
+echo "== load smoke (fails on request errors, never on timings)" >&2; cargo run -q -p scrip-bench --locked -- --smoke --scrip target/debug/scrip
+# The interoperability tests (crates/scrip-verifier/tests/interop.rs, run
+# above) install their third-party packages into interop/ (npm, a Python venv)
+# by running this same idempotent script; here it is checked on its own.
+echo "== interop packages" >&2
+bash interop/setup.sh

@@ -5,6 +5,8 @@
 //! test, a server error), 2 a usage error (from clap).
 
 mod audit;
+mod run;
+mod token;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +58,21 @@ enum Command {
         #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Run a command inside a task that ends when it exits.
+    ///
+    /// Obtains an identity (local attestation on scrip's socket, or a
+    /// federated identity from --identity-file or SCRIP_IDENTITY), starts a
+    /// task with the given grants, and runs COMMAND with SCRIP_URL and
+    /// SCRIP_TASK_TOKEN set (so `scrip token` works inside it). When COMMAND
+    /// exits, however it exits, the task is ended. SIGINT, SIGTERM and SIGHUP
+    /// are forwarded to it. The exit code is COMMAND's.
+    Run(run::RunArgs),
+    /// Print an access token of the current task (SCRIP_TASK_TOKEN).
+    ///
+    /// For shells and credential helpers: `curl -H "Authorization: Bearer
+    /// $(scrip token --tool github --action read)" ...`. Tokens are cached
+    /// privately and reused until shortly before they expire.
+    Token(token::TokenArgs),
     /// Check and test Cedar policies.
     Policy {
         #[command(subcommand)]
@@ -159,6 +176,8 @@ fn main() -> ExitCode {
             init_logging(cli.log_format);
             serve(config.as_deref())
         }
+        Command::Run(args) => run::run(args),
+        Command::Token(args) => token::token(&args),
         Command::Policy { command } => policy(command),
         Command::Audit { config, command } => match command {
             AuditCommand::Verify { public_key } => {

@@ -78,6 +78,24 @@ pub struct Config {
     pub trusted_issuers: Vec<TrustedIssuer>,
     /// Tools agents may get tokens for.
     pub tools: Vec<Tool>,
+    /// People who may approve steps that policy allows only with approval.
+    pub approvers: Vec<Approver>,
+    /// Seconds a pending approval waits for a decision.
+    pub approval_ttl: u64,
+    /// Least seconds between two polls of one approval (`slow_down` below).
+    pub approval_poll_interval: u64,
+    /// Lifetime of the single-use token of an approved step, seconds.
+    pub approved_token_ttl: u64,
+    /// Whether nobody may approve a step of a task they started or act in.
+    pub separation_of_duties: bool,
+    /// Called (JSON POST, with retries) when an approval is pending.
+    pub approval_webhook: Option<String>,
+    /// The local attestation socket. Defaults to `<data_dir>/scrip.sock`.
+    pub socket: Option<PathBuf>,
+    /// The socket's file mode (default `0o600`: only scrip's own user).
+    pub socket_mode: u32,
+    /// Local processes that may obtain a workload identity on the socket.
+    pub local_workloads: Vec<LocalWorkload>,
 }
 
 impl Default for Config {
@@ -98,7 +116,73 @@ impl Default for Config {
             audit_checkpoint_interval: 5,
             trusted_issuers: Vec::new(),
             tools: Vec::new(),
+            approvers: Vec::new(),
+            approval_ttl: 600,
+            approval_poll_interval: 2,
+            approved_token_ttl: 60,
+            separation_of_duties: true,
+            approval_webhook: None,
+            socket: None,
+            socket_mode: 0o600,
+            local_workloads: Vec::new(),
         }
+    }
+}
+
+/// A local workload: the processes that match every selector given receive
+/// a workload identity named `local:<name>` on the attestation socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalWorkload {
+    /// The workload's name (`sub` = `local:<name>`).
+    pub name: String,
+    /// The process's user id.
+    pub uid: Option<u32>,
+    /// The process's group id.
+    pub gid: Option<u32>,
+    /// The absolute path of the process's executable.
+    pub exe: Option<PathBuf>,
+    /// The SHA-256 of the executable, 64 lowercase hex digits.
+    pub exe_sha256: Option<String>,
+}
+
+impl LocalWorkload {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let who = format!("local workload `{}`", self.name);
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            return invalid(format!("{who}: a name is 1-64 of `A-Z a-z 0-9 - _ .`"));
+        }
+        if self.uid.is_none()
+            && self.gid.is_none()
+            && self.exe.is_none()
+            && self.exe_sha256.is_none()
+        {
+            return invalid(format!(
+                "{who} needs at least one selector: uid, gid, exe or exe_sha256"
+            ));
+        }
+        if let Some(exe) = &self.exe
+            && !exe.is_absolute()
+        {
+            return invalid(format!(
+                "{who}: exe `{}` must be an absolute path",
+                exe.display()
+            ));
+        }
+        if let Some(h) = &self.exe_sha256
+            && (h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        {
+            return invalid(format!(
+                "{who}: exe_sha256 must be 64 lowercase hex digits (as `sha256sum` prints)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -153,10 +237,29 @@ fn default_jwks_min_refetch() -> u64 {
     10
 }
 
+/// The file name of the local attestation socket in `data_dir`.
+pub const DEFAULT_SOCKET_NAME: &str = "scrip.sock";
+
 /// The asymmetric algorithms a trusted issuer may use.
 pub const IDENTITY_ALGORITHMS: &[&str] = &[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
 ];
+
+/// A person who may approve steps: matched by the identity they present
+/// (`issuer` + `subject` of a trusted issuer's token), or by the uid of a
+/// process attested over the local socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approver {
+    /// The person's name, recorded in audit records and tokens.
+    pub name: String,
+    /// The issuer of their identity token.
+    pub issuer: Option<String>,
+    /// Its subject.
+    pub subject: Option<String>,
+    /// Or: their local user id.
+    pub uid: Option<u32>,
+}
 
 /// A tool agents may get access tokens for.
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +318,9 @@ impl Config {
         };
         join(&mut self.data_dir);
         join(&mut self.policy_dir);
+        if let Some(socket) = self.socket.as_mut() {
+            join(socket);
+        }
         for ti in &mut self.trusted_issuers {
             if let Some(f) = ti.jwks_file.as_mut() {
                 join(f);
@@ -228,6 +334,20 @@ impl Config {
         self.issuer
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// The local attestation socket: `socket`, else `<data_dir>/scrip.sock`.
+    #[must_use]
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
+    }
+
+    /// The issuer of local workload identities: `<issuer>/local`.
+    #[must_use]
+    pub fn local_issuer(&self) -> String {
+        format!("{}/local", self.issuer())
     }
 
     /// The tool with this name.
@@ -270,8 +390,15 @@ impl Config {
             );
         }
         let mut issuers = HashSet::new();
+        let local_issuer = self.local_issuer();
         for ti in &self.trusted_issuers {
             ti.validate()?;
+            if ti.issuer == local_issuer {
+                return invalid(format!(
+                    "trusted issuer `{}` is scrip's local attestation issuer; local identities are trusted already",
+                    ti.issuer
+                ));
+            }
             if ti.issuer == issuer {
                 return invalid(format!(
                     "trusted issuer `{}` is scrip's own issuer: scrip's tokens are never workload identities",
@@ -281,6 +408,29 @@ impl Config {
             if !issuers.insert(ti.issuer.as_str()) {
                 return invalid(format!("trusted issuer `{}` is listed twice", ti.issuer));
             }
+        }
+        for a in &self.approvers {
+            let by_identity = a.issuer.is_some() && a.subject.is_some();
+            if a.name.is_empty()
+                || !(by_identity || a.uid.is_some())
+                || a.issuer.is_some() != a.subject.is_some()
+            {
+                return invalid(format!(
+                    "approver `{}` needs a name and either `issuer` with `subject`, or `uid`",
+                    a.name
+                ));
+            }
+        }
+        if self.approval_ttl == 0
+            || self.approved_token_ttl == 0
+            || self.approval_poll_interval == 0
+        {
+            return invalid(
+                "approval_ttl, approval_poll_interval and approved_token_ttl must be positive",
+            );
+        }
+        if let Some(url) = &self.approval_webhook {
+            check_url("approval_webhook", url, true)?;
         }
         let mut names = HashSet::new();
         let mut resources = HashSet::new();
@@ -302,6 +452,24 @@ impl Config {
             let mut actions = HashSet::new();
             if let Some(dup) = tool.actions.iter().find(|a| !actions.insert(a.as_str())) {
                 return invalid(format!("tool `{}` lists action `{dup}` twice", tool.name));
+            }
+        }
+        if self.socket_mode & !0o666 != 0 || self.socket_mode & 0o600 != 0o600 {
+            return invalid(format!(
+                "socket_mode `{:o}` must give the owner read and write and nobody execute (e.g. 0o600 or 0o660)",
+                self.socket_mode
+            ));
+        }
+        if let Some(socket) = &self.socket
+            && socket.as_os_str().is_empty()
+        {
+            return invalid("socket must be a path");
+        }
+        let mut workloads = HashSet::new();
+        for w in &self.local_workloads {
+            w.validate()?;
+            if !workloads.insert(w.name.as_str()) {
+                return invalid(format!("local workload `{}` is listed twice", w.name));
             }
         }
         Ok(())
@@ -456,6 +624,84 @@ mod tests {
             "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_uri = \"http://example.com/jwks\"\naudiences = [\"a\"]",
             Some("https"),
         );
+    }
+
+    #[test]
+    fn local_workloads() {
+        let sha = "a".repeat(64);
+        check("[[local_workloads]]\nname = \"coder\"\nuid = 1000", None);
+        check(
+            &format!(
+                "[[local_workloads]]\nname = \"c\"\nuid = 1\ngid = 2\nexe = \"/usr/bin/agent\"\nexe_sha256 = \"{sha}\""
+            ),
+            None,
+        );
+        check(
+            "[[local_workloads]]\nname = \"coder\"",
+            Some("at least one selector"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"\"\nuid = 1",
+            Some("a name is 1-64"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"a b\"\nuid = 1",
+            Some("a name is 1-64"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"c\"\nexe = \"bin/agent\"",
+            Some("absolute path"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"c\"\nexe_sha256 = \"ABC\"",
+            Some("64 lowercase hex"),
+        );
+        check(
+            &format!(
+                "[[local_workloads]]\nname = \"c\"\nexe_sha256 = \"{}\"",
+                "A".repeat(64)
+            ),
+            Some("64 lowercase hex"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"c\"\nuid = -1",
+            Some("expected u32"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"c\"\nuser = 1",
+            Some("unknown field `user`"),
+        );
+        check(
+            "[[local_workloads]]\nname = \"c\"\nuid = 1\n[[local_workloads]]\nname = \"c\"\ngid = 1",
+            Some("listed twice"),
+        );
+        check(
+            "[[trusted_issuers]]\nissuer = \"http://127.0.0.1:7070/local\"\njwks_file = \"k.json\"\naudiences = [\"a\"]",
+            Some("local attestation issuer"),
+        );
+    }
+
+    #[test]
+    fn socket() {
+        let c = Config::default();
+        assert_eq!(c.socket_path(), PathBuf::from(".scrip/scrip.sock"));
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.local_issuer(), "http://127.0.0.1:7070/local");
+        check("socket_mode = 0o660", None);
+        check("socket_mode = 0o666", None);
+        check("socket_mode = 0o700", Some("socket_mode `700`"));
+        check("socket_mode = 0o400", Some("socket_mode"));
+        check("socket_mode = 0o4600", Some("socket_mode"));
+        check("socket = \"\"", Some("socket must be a path"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.toml");
+        std::fs::write(&path, "data_dir = \"state\"\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.socket_path(), dir.path().join("state/scrip.sock"));
+        std::fs::write(&path, "socket = \"run/s.sock\"\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.socket_path(), dir.path().join("run/s.sock"));
     }
 
     #[test]

@@ -89,9 +89,23 @@ struct Issuer {
     fetching: tokio::sync::Mutex<()>,
 }
 
+/// scrip's own local attestation issuer: its tokens are signed with scrip's
+/// own keys, typed `wit+jwt`, and addressed to scrip.
+struct LocalIssuer {
+    issuer: String,
+    keys: Arc<KeySet>,
+    algorithms: Vec<Algorithm>,
+    audiences: Vec<String>,
+    typ: TypRule,
+}
+
+/// The `typ` of a workload identity issued by local attestation.
+pub const LOCAL_IDENTITY_TYP: &str = "wit+jwt";
+
 /// Verifies workload identities against the trusted issuers.
 pub struct IdentityVerifier {
     issuers: HashMap<String, Issuer>,
+    local: Option<LocalIssuer>,
     own_issuer: String,
     leeway: u64,
     http: reqwest::Client,
@@ -164,10 +178,34 @@ impl IdentityVerifier {
         }
         Ok(Self {
             issuers,
+            local: None,
             own_issuer: own_issuer.to_owned(),
             leeway,
             http,
         })
+    }
+
+    /// Also accepts the identities of scrip's local attestation: `iss`
+    /// exactly `issuer`, signed by one of `keys` (scrip's own public keys)
+    /// with one of `algorithms`, `typ` exactly `wit+jwt`, `aud` containing
+    /// `audience` (scrip's issuer). scrip's task and access tokens stay
+    /// refused: they have scrip's issuer itself, not this one.
+    #[must_use]
+    pub fn with_local(
+        mut self,
+        issuer: &str,
+        keys: KeySet,
+        algorithms: Vec<Algorithm>,
+        audience: &str,
+    ) -> Self {
+        self.local = Some(LocalIssuer {
+            issuer: issuer.to_owned(),
+            keys: Arc::new(keys),
+            algorithms,
+            audiences: vec![audience.to_owned()],
+            typ: TypRule::exactly(LOCAL_IDENTITY_TYP),
+        });
+        self
     }
 
     /// Verifies `token` as a workload identity.
@@ -186,6 +224,20 @@ impl IdentityVerifier {
                 _ => "issued",
             };
             return Err(IdentityError::ScripToken(kind));
+        }
+        if let Some(local) = self.local.as_ref().filter(|l| l.issuer == iss) {
+            let expectations = Expectations {
+                issuer: &local.issuer,
+                audiences: &local.audiences,
+                algorithms: &local.algorithms,
+                typ: &local.typ,
+                // scrip's own clock issued it.
+                leeway: 0,
+            };
+            let verified =
+                scrip_jose::verify::<Map<String, Value>>(token, &local.keys, &expectations)?;
+            return WorkloadIdentity::from_local_claims(&local.issuer, &verified.claims)
+                .ok_or(IdentityError::NoSubject);
         }
         let issuer = self
             .issuers

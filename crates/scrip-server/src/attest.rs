@@ -321,6 +321,12 @@ fn canonical_exes(workloads: &[LocalWorkload]) -> Vec<Option<PathBuf>> {
         .collect()
 }
 
+/// `<issuer>/local`, of the issuer actually served (the configured one, or
+/// the bound address).
+fn local_issuer(st: &Inner) -> String {
+    format!("{}/local", st.issuer)
+}
+
 fn own_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
@@ -375,7 +381,7 @@ fn select<'a>(
 async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why: &str) -> Answer {
     let mut a = st.audit("identity.attest");
     a.decision = Some("deny".into());
-    a.agent_iss = Some(st.config.local_issuer());
+    a.agent_iss = Some(local_issuer(st));
     a.client = Some(format!("unix:pid={pid},uid={uid}"));
     a.reason = Some(why.to_owned());
     if let Some(o) = observed {
@@ -406,17 +412,20 @@ async fn issue(st: &Inner, o: &Observed, workload: Option<&LocalWorkload>) -> An
         return Answer::error(503, "temporarily_unavailable", "try again");
     };
     let iat = now();
-    let mut attestation = json!({ "uid": o.uid, "gid": o.gid, "pid": o.pid });
+    let mut attestation = serde_json::Map::new();
+    attestation.insert("uid".into(), json!(o.uid));
+    attestation.insert("gid".into(), json!(o.gid));
+    attestation.insert("pid".into(), json!(o.pid));
     if let Some(w) = workload {
-        attestation["workload"] = json!(w.name);
+        attestation.insert("workload".into(), json!(w.name));
     }
     if let Some(exe) = &o.exe {
-        attestation["exe"] = json!(exe);
+        attestation.insert("exe".into(), json!(exe));
     }
     if let Some(sha) = &o.exe_sha256 {
-        attestation["exe_sha256"] = json!(sha);
+        attestation.insert("exe_sha256".into(), json!(sha));
     }
-    let local_issuer = st.config.local_issuer();
+    let local_issuer = local_issuer(st);
     let claims = json!({
         "iss": local_issuer,
         "sub": subject,

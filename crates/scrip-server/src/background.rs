@@ -121,6 +121,7 @@ async fn sweep_loop(state: AppState) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ticks += 1;
         let now = now();
+        crate::approval::expire(st, now).await;
         match st.store.due_tasks(now, 500).await {
             Ok(due) if !due.is_empty() => {
                 let mut writes = Vec::with_capacity(due.len() * 2);

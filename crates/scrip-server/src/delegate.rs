@@ -17,7 +17,7 @@ use scrip_store::{TaskRecord, Write};
 use scrip_token::{Actor, GrantSet, TaskClaims, TaskContext, TokenKind, token_type};
 
 use crate::error::OAuthError;
-use crate::exchange::{active_task, decide, decision_event, no_store, parse_details};
+use crate::exchange::{active_task, decision_event, no_store, parse_details};
 use crate::form::{Form, short};
 use crate::state::{Inner, now};
 
@@ -89,12 +89,19 @@ pub(crate) async fn delegate(
     let details = parse_details(form)?;
     let (purpose, ttl, may_act) = match details {
         Some(d) => {
-            if d.environment.as_ref().is_some_and(|e| *e != parent.environment) {
+            if d.environment
+                .as_ref()
+                .is_some_and(|e| *e != parent.environment)
+            {
                 return Err(OAuthError::invalid_request(
                     "request_details: a delegated task keeps its parent's environment",
                 ));
             }
-            (d.purpose.unwrap_or_else(|| parent.purpose.clone()), d.ttl, d.may_act)
+            (
+                d.purpose.unwrap_or_else(|| parent.purpose.clone()),
+                d.ttl,
+                d.may_act,
+            )
         }
         None => (parent.purpose.clone(), None, Vec::new()),
     };
@@ -132,12 +139,15 @@ pub(crate) async fn delegate(
         let Some(tool) = st.config.tool(g.tool.as_str()) else {
             continue;
         };
-        let d = decide(st, &parent.agent, tool, &g.action, &ctx);
+        let (d, approvable) = crate::approval::classify(st, &parent.agent, tool, &g.action, &ctx);
         let mut a = base(decision_event(st, "task.grant", &d));
+        if approvable {
+            a.reason = Some(format!("{}; each use needs a person's approval", d.reason));
+        }
         a.tool = Some(g.tool.to_string());
         a.actions = Some(g.action.to_string());
         writes.push(Write::Audit(Box::new(a)));
-        if d.allowed {
+        if d.allowed || approvable {
             allowed.push(g.clone());
         }
     }
@@ -169,10 +179,13 @@ pub(crate) async fn delegate(
         },
         act: Some(act.clone()),
     };
-    let token = st.signer.sign_jwt(TokenKind::Task.typ(), &child).map_err(|e| {
-        tracing::error!(error = %e, "signing failed");
-        OAuthError::server_error()
-    })?;
+    let token = st
+        .signer
+        .sign_jwt(TokenKind::Task.typ(), &child)
+        .map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            OAuthError::server_error()
+        })?;
     let mut started = base(st.audit("task.delegated"));
     started.decision = Some("allow".into());
     started.actions = Some(child.scope.clone());

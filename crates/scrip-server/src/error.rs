@@ -66,6 +66,53 @@ impl OAuthError {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_token", d)
     }
 
+    /// `invalid_grant` (400): an unknown, used or foreign `auth_req_id`.
+    pub fn invalid_grant(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d)
+    }
+
+    /// `authorization_pending` (400): nobody has decided yet.
+    pub fn authorization_pending() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "authorization_pending",
+            "waiting for a person's decision; poll again after the interval",
+        )
+    }
+
+    /// `slow_down` (400): polled sooner than the interval.
+    pub fn slow_down() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "slow_down",
+            "polled too soon; wait at least the interval between polls",
+        )
+    }
+
+    /// `expired_token` (400): the approval request expired undecided.
+    pub fn expired_token() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "expired_token",
+            "the approval request expired before anyone decided; ask again",
+        )
+    }
+
+    /// `access_denied` (403) for an authenticated caller without the right.
+    pub fn forbidden(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "access_denied", d)
+    }
+
+    /// `not_found` (404).
+    pub fn not_found(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", d)
+    }
+
+    /// `conflict` (409): the object is not in a state that allows this.
+    pub fn conflict(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", d)
+    }
+
     /// `temporarily_unavailable` (503): scrip fails closed.
     pub fn temporarily_unavailable() -> Self {
         Self::new(

@@ -53,6 +53,9 @@ pub async fn token_endpoint(
 
 async fn exchange(st: &Inner, form: &Form, peer: SocketAddr) -> Result<Response, OAuthError> {
     let grant_type = form.require("grant_type")?;
+    if grant_type == crate::approval::CIBA_GRANT {
+        return crate::approval::poll(st, form, peer).await;
+    }
     if grant_type != TOKEN_EXCHANGE_GRANT {
         return Err(OAuthError::unsupported_grant_type(format!(
             "grant_type `{}` is not supported; use {TOKEN_EXCHANGE_GRANT}",
@@ -286,12 +289,17 @@ async fn start_task(
         let Some(tool) = st.config.tool(g.tool.as_str()) else {
             continue;
         };
-        let d = decide(st, &agent, tool, &g.action, &ctx);
+        // A grant policy allows only with a person's approval is held by
+        // the task; each use of it then waits for that approval.
+        let (d, approvable) = crate::approval::classify(st, &agent, tool, &g.action, &ctx);
         let mut a = base(decision_event(st, "task.grant", &d));
+        if approvable {
+            a.reason = Some(format!("{}; each use needs a person's approval", d.reason));
+        }
         a.tool = Some(g.tool.to_string());
         a.actions = Some(g.action.to_string());
         writes.push(Write::Audit(Box::new(a)));
-        if d.allowed {
+        if d.allowed || approvable {
             allowed.push(g.clone());
         }
     }
@@ -509,18 +517,30 @@ async fn access_token(
     };
     let mut writes = Vec::new();
     let mut allowed = Vec::new();
+    let mut needs_approval = false;
     for action in actions.iter() {
-        let d = decide(st, &task.agent, tool, action, &ctx);
+        let (d, approvable) = crate::approval::classify(st, &task.agent, tool, action, &ctx);
         let mut a = base.clone();
         a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
         a.policies.clone_from(&d.policies);
-        a.reason = Some(d.reason.clone());
+        a.reason = Some(if approvable {
+            format!("{}; allowed with a person's approval", d.reason)
+        } else {
+            d.reason.clone()
+        });
         a.tool = Some(tool.name.to_string());
         a.actions = Some(action.to_string());
         writes.push(Write::Audit(Box::new(a)));
-        if d.allowed {
+        if d.allowed || approvable {
             allowed.push(action.clone());
         }
+        needs_approval |= approvable;
+    }
+    if needs_approval {
+        // The whole step waits for a person; what policy refuses outright
+        // is left out of it.
+        let step: ActionSet = allowed.into_iter().collect();
+        return crate::approval::request(st, &task, tool.name.as_str(), &step, writes, &base).await;
     }
     if allowed.is_empty() {
         st.store.commit(writes).await?;
@@ -546,6 +566,7 @@ async fn access_token(
         scope: allowed.to_string(),
         txn: task.id.clone(),
         act: task.actor.clone(),
+        approval: None,
     };
     let token = st
         .signer

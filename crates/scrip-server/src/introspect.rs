@@ -51,6 +51,43 @@ pub async fn introspect_endpoint(
     }
 }
 
+/// Marks a single-use token used; `false` when it already was. The first
+/// presentation is answered active, every later one inactive.
+async fn claim_once(
+    st: &Inner,
+    c: &scrip_token::AccessClaims,
+    now: u64,
+) -> Result<bool, OAuthError> {
+    {
+        let Ok(mut used) = st.used_once.lock() else {
+            return Ok(false);
+        };
+        if used.len() > 10_000 {
+            used.retain(|_, exp| *exp > now);
+        }
+        if used.insert(c.jti.clone(), c.exp).is_some() {
+            return Ok(false);
+        }
+    }
+    let mut a = st.audit("token.used");
+    a.task_id = Some(c.txn.clone());
+    a.jti = Some(c.jti.clone());
+    a.tool = Some(c.aud.clone());
+    a.reason = Some("single-use token presented".into());
+    st.store
+        .commit(vec![
+            scrip_store::Write::RevokeToken {
+                jti: c.jti.clone(),
+                task_id: c.txn.clone(),
+                expires_at: c.exp.saturating_add(st.config.clock_skew),
+                at: now,
+            },
+            scrip_store::Write::Audit(Box::new(a)),
+        ])
+        .await?;
+    Ok(true)
+}
+
 /// Authenticates the caller of introspection and the revocation feed by its
 /// own workload identity (`Authorization: Bearer <identity JWT>`).
 pub(crate) async fn caller_identity(
@@ -141,6 +178,10 @@ async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
                 return Ok(inactive());
             };
             if task.state(now) != scrip_store::TaskState::Active {
+                return Ok(inactive());
+            }
+            if c.approval.as_ref().is_some_and(|a| a.single_use) && !claim_once(st, &c, now).await?
+            {
                 return Ok(inactive());
             }
             let mut body = json!({

@@ -11,6 +11,7 @@
 //! store has durably committed the audit record of the decision that issued
 //! it; any store failure answers 503 `temporarily_unavailable`.
 
+mod approval;
 pub mod attest;
 pub mod audit;
 mod background;
@@ -89,6 +90,8 @@ pub mod paths {
     pub const INTROSPECT: &str = "/introspect";
     /// The JWKS.
     pub const JWKS: &str = "/jwks";
+    /// Pending approvals (for approvers).
+    pub const APPROVALS: &str = "/approvals";
     /// The revocation feed.
     pub const REVOCATIONS: &str = "/revocations";
     /// The public key of the audit checkpoints (a JWKS).
@@ -118,7 +121,7 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
         "jwks_uri": format!("{issuer}{}", paths::JWKS),
         "introspection_endpoint": format!("{issuer}{}", paths::INTROSPECT),
         "revocation_endpoint": format!("{issuer}{}", paths::REVOKE),
-        "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
+        "grant_types_supported": [TOKEN_EXCHANGE_GRANT, approval::CIBA_GRANT],
         "response_types_supported": [],
         "scopes_supported": scopes,
         "token_endpoint_auth_methods_supported": ["none"],
@@ -177,13 +180,14 @@ impl Server {
             }
         })?;
         // Local attestation identities are signed with the same key.
-        let local_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk))
-            .map_err(|e| keys::KeyError::Invalid {
+        let local_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk)).map_err(|e| {
+            keys::KeyError::Invalid {
                 path: config.data_dir.join("keys"),
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         let identities = identities.with_local(
-            &config.local_issuer(),
+            &format!("{issuer}/local"),
             local_keys,
             vec![config.signing_algorithm.to_jwt()],
             &issuer,
@@ -225,6 +229,13 @@ impl Server {
             checkpoint_key: checkpoint.key,
             last_checkpoint: std::sync::Mutex::new(None),
             revocation_notify: tokio::sync::Notify::new(),
+            polls: approval::Polls::default(),
+            used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?,
             own_keys,
             jwks_body,
             metadata_body,
@@ -341,6 +352,9 @@ pub fn router(state: AppState) -> Router {
         .route(paths::TOKEN, post(exchange::token_endpoint))
         .route(paths::REVOKE, post(revoke::revoke_endpoint))
         .route(paths::REVOCATIONS, get(feed::feed_endpoint))
+        .route(paths::APPROVALS, get(approval::list_endpoint))
+        .route("/approvals/{id}/approve", post(approval::approve_endpoint))
+        .route("/approvals/{id}/deny", post(approval::deny_endpoint))
         .route(paths::INTROSPECT, post(introspect::introspect_endpoint))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {

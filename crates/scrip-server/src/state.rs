@@ -38,6 +38,12 @@ pub(crate) struct Inner {
     pub signer: SigningKey,
     pub checkpoint_key: SigningKey,
     pub last_checkpoint: std::sync::Mutex<Option<u64>>,
+    /// Single-use tokens already presented to introspection (`jti` → exp).
+    pub used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Last poll per approval, for `slow_down`.
+    pub polls: crate::approval::Polls,
+    /// For the approval webhook.
+    pub http: reqwest::Client,
     /// Woken after this replica commits a revocation.
     pub revocation_notify: tokio::sync::Notify,
     pub own_keys: KeySet,

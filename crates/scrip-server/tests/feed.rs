@@ -35,10 +35,15 @@ async fn feed_lists_revoked_tasks_and_tokens_after_a_cursor() {
     let start = body["cursor"].as_i64().unwrap();
 
     let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task = s
+        .start_task(&identity, "github:read", "dev", "triage")
+        .await;
     let task_token = task["access_token"].as_str().unwrap().to_owned();
     let (_, tc) = decode_parts(&task_token);
-    let at = s.access_token(&task_token, "github", Some("read")).await.body["access_token"]
+    let at = s
+        .access_token(&task_token, "github", Some("read"))
+        .await
+        .body["access_token"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -72,7 +77,9 @@ async fn a_waiting_poll_wakes_on_revocation() {
     let s = TestServer::start().await;
     let caller = s.k8s.kubernetes("resource-servers", "github-api");
     let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task = s
+        .start_task(&identity, "github:read", "dev", "triage")
+        .await;
     let task_token = task["access_token"].as_str().unwrap().to_owned();
     let (_, body) = feed(&s, "", Some(&caller)).await;
     let cursor = body["cursor"].as_i64().unwrap();
@@ -103,15 +110,24 @@ async fn a_waiting_poll_wakes_on_revocation() {
 async fn feed_needs_a_workload_identity_and_valid_parameters() {
     let s = TestServer::start().await;
     let (status, body) = feed(&s, "", None).await;
-    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_token")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
     let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task = s
+        .start_task(&identity, "github:read", "dev", "triage")
+        .await;
     let (status, _) = feed(&s, "", task["access_token"].as_str()).await;
     assert_eq!(status, 401, "a task token is not a workload identity");
     let caller = s.k8s.kubernetes("resource-servers", "github-api");
     for bad in ["?after=-1", "?wait=31", "?after=x", "?nope=1"] {
         let (status, body) = feed(&s, bad, Some(&caller)).await;
-        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{bad}");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
     }
     s.stop().await;
 }

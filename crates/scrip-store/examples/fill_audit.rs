@@ -11,7 +11,8 @@ use scrip_store::{AuditEvent, SqliteStore, Store, Write};
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let (Some(dir), Some(n)) = (args.next(), args.next().and_then(|n| n.parse::<u64>().ok())) else {
+    let (Some(dir), Some(n)) = (args.next(), args.next().and_then(|n| n.parse::<u64>().ok()))
+    else {
         #[expect(clippy::print_stderr, reason = "usage")]
         {
             eprintln!("usage: fill_audit <data_dir> <records>");
@@ -42,7 +43,10 @@ async fn main() -> ExitCode {
                             event: "token.issued".into(),
                             decision: Some("allow".into()),
                             agent_iss: Some("https://kubernetes.default.svc".into()),
-                            agent_sub: Some(format!("system:serviceaccount:agents:agent-{}", i % 1000)),
+                            agent_sub: Some(format!(
+                                "system:serviceaccount:agents:agent-{}",
+                                i % 1000
+                            )),
                             task_id: Some(format!("task-{}", i / 10)),
                             tool: Some(match i % 3 {
                                 0 => "github".into(),

@@ -15,7 +15,10 @@ mod model;
 mod sqlite;
 
 pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
-pub use model::{Revocation, RevocationKind, AuditEvent, AuditFilter, TaskRecord, TaskState, Write};
+pub use model::{
+    Approval, ApprovalState, AuditEvent, AuditFilter, Revocation, RevocationKind, TaskRecord,
+    TaskState, Write,
+};
 pub use sqlite::SqliteStore;
 
 /// A store failure.
@@ -58,8 +61,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn audit_rows(&self, after_seq: i64, limit: u32)
     -> Result<Vec<StoredRecord>, StoreError>;
 
+    /// The approval with this `auth_req_id`.
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
+
+    /// Pending approvals that have not expired at `now`, oldest first.
+    async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
+
+    /// Pending approvals that expired at or before `now`.
+    async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
+
     /// Revocations after `after` that have not expired at `now`, in order.
-    async fn revocations(&self, after: i64, now: u64, limit: u32) -> Result<Vec<Revocation>, StoreError>;
+    async fn revocations(
+        &self,
+        after: i64,
+        now: u64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, StoreError>;
 
     /// The newest revocation's sequence number (0 when none).
     async fn latest_revocation(&self) -> Result<i64, StoreError>;

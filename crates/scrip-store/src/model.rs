@@ -188,6 +188,26 @@ pub enum Write {
         /// When revoked.
         at: u64,
     },
+    /// A new pending approval.
+    InsertApproval(Box<Approval>),
+    /// Move an approval from `from` to `to` (no change when it is not in
+    /// `from` any more: the first decision wins).
+    UpdateApproval {
+        /// The approval.
+        id: String,
+        /// The state it must be in.
+        from: ApprovalState,
+        /// The new state.
+        to: ApprovalState,
+        /// Who decided (for approve/deny).
+        by: Option<String>,
+        /// When (seconds).
+        at: u64,
+        /// Why.
+        reason: Option<String>,
+        /// The token issued (for `Used`).
+        token_jti: Option<String>,
+    },
     /// Drop revocation entries of tokens that expired at or before `now`.
     PurgeRevocations {
         /// Seconds since the epoch.
@@ -222,4 +242,80 @@ pub struct Revocation {
     pub jti: Option<String>,
     /// When it would have expired anyway.
     pub exp: u64,
+}
+
+/// Where an approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalState {
+    /// Waiting for a person.
+    Pending,
+    /// Approved, token not yet collected.
+    Approved,
+    /// Denied.
+    Denied,
+    /// Approved and its single token issued.
+    Used,
+    /// Not decided in time.
+    Expired,
+}
+
+impl ApprovalState {
+    /// The stored name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Used => "used",
+            Self::Expired => "expired",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "approved" => Some(Self::Approved),
+            "denied" => Some(Self::Denied),
+            "used" => Some(Self::Used),
+            "expired" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A step that needs, or had, a person's approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The `auth_req_id`.
+    pub id: String,
+    /// The task asking.
+    pub task_id: String,
+    /// The tool.
+    pub tool: String,
+    /// The actions, space-separated.
+    pub actions: String,
+    /// Where it stands.
+    pub state: ApprovalState,
+    /// Asked at (seconds).
+    pub created_at: u64,
+    /// A pending approval expires at (seconds).
+    pub expires_at: u64,
+    /// Who decided.
+    pub decided_by: Option<String>,
+    /// When.
+    pub decided_at: Option<u64>,
+    /// Why (a denial's reason).
+    pub reason: Option<String>,
+    /// The `jti` of the single token issued for it.
+    pub token_jti: Option<String>,
+}
+
+impl Approval {
+    /// Parses a stored state.
+    #[must_use]
+    pub fn parse_state(s: &str) -> Option<ApprovalState> {
+        ApprovalState::parse(s)
+    }
 }

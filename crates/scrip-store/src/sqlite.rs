@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use std::sync::{Arc, Mutex};
 
 use crate::chain::ChainState;
-use crate::{Revocation, RevocationKind};
+use crate::{Approval, Revocation, RevocationKind};
 use crate::{
     AuditEvent, AuditFilter, ChainLink, Checkpoint, Store, StoreError, StoredRecord, TaskRecord,
     Write,
@@ -271,7 +271,10 @@ async fn apply_on(
     // IMMEDIATE takes the write lock up front: a deferred transaction that
     // reads (the chain heads) and then writes fails at once with "busy" when
     // another connection wrote in between, instead of waiting for it.
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+    let mut tx = conn
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(unavailable)?;
     if chain.seq == 0 {
         genesis(&mut tx, writes, chain).await?;
     }
@@ -374,6 +377,48 @@ async fn apply_on(
                     .await
                     .map_err(unavailable)?;
             }
+            Write::InsertApproval(a) => {
+                sqlx::query(
+                    "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&a.id)
+                .bind(&a.task_id)
+                .bind(&a.tool)
+                .bind(&a.actions)
+                .bind(a.state.as_str())
+                .bind(to_i64(a.created_at))
+                .bind(to_i64(a.expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            Write::UpdateApproval {
+                id,
+                from,
+                to,
+                by,
+                at,
+                reason,
+                token_jti,
+            } => {
+                sqlx::query(
+                    "UPDATE approvals SET state = ?1, \
+                     decided_by = COALESCE(?2, decided_by), decided_at = CASE WHEN ?2 IS NULL THEN decided_at ELSE ?3 END, \
+                     reason = COALESCE(?4, reason), token_jti = COALESCE(?5, token_jti) \
+                     WHERE id = ?6 AND state = ?7",
+                )
+                .bind(to.as_str())
+                .bind(by)
+                .bind(to_i64(*at))
+                .bind(reason)
+                .bind(token_jti)
+                .bind(id)
+                .bind(from.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
             Write::Audit(a) => insert_audit(&mut tx, a, chain).await?,
             Write::Checkpoint(c) => {
                 sqlx::query(
@@ -391,6 +436,26 @@ async fn apply_on(
         }
     }
     tx.commit().await.map_err(unavailable)
+}
+
+fn approval_from_row(row: &SqliteRow) -> Result<Approval, StoreError> {
+    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    let state: String = row.try_get("state").map_err(corrupt)?;
+    let decided_at: Option<i64> = row.try_get("decided_at").map_err(corrupt)?;
+    Ok(Approval {
+        id: row.try_get("id").map_err(corrupt)?,
+        task_id: row.try_get("task_id").map_err(corrupt)?,
+        tool: row.try_get("tool").map_err(corrupt)?,
+        actions: row.try_get("actions").map_err(corrupt)?,
+        state: Approval::parse_state(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown approval state `{state}`")))?,
+        created_at: to_u64(row.try_get("created_at").map_err(corrupt)?),
+        expires_at: to_u64(row.try_get("expires_at").map_err(corrupt)?),
+        decided_by: row.try_get("decided_by").map_err(corrupt)?,
+        decided_at: decided_at.map(to_u64),
+        reason: row.try_get("reason").map_err(corrupt)?,
+        token_jti: row.try_get("token_jti").map_err(corrupt)?,
+    })
 }
 
 fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
@@ -559,7 +624,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn revocations(&self, after: i64, now: u64, limit: u32) -> Result<Vec<Revocation>, StoreError> {
+    async fn revocations(
+        &self,
+        after: i64,
+        now: u64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, kind, txn, jti, exp FROM revocations WHERE seq > ? AND exp > ? ORDER BY seq LIMIT ?",
         )
@@ -575,7 +645,11 @@ impl Store for SqliteStore {
                 let kind: String = r.try_get("kind").map_err(corrupt)?;
                 Ok(Revocation {
                     seq: r.try_get("seq").map_err(corrupt)?,
-                    kind: if kind == "task" { RevocationKind::Task } else { RevocationKind::Token },
+                    kind: if kind == "task" {
+                        RevocationKind::Task
+                    } else {
+                        RevocationKind::Token
+                    },
                     txn: r.try_get("txn").map_err(corrupt)?,
                     jti: r.try_get("jti").map_err(corrupt)?,
                     exp: to_u64(r.try_get("exp").map_err(corrupt)?),
@@ -589,7 +663,46 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await
             .map_err(unavailable)?;
-        row.try_get("m").map_err(|e| StoreError::Corrupt(e.to_string()))
+        row.try_get("m")
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti \
+             FROM approvals WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(approval_from_row).transpose()
+    }
+
+    async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti \
+             FROM approvals WHERE state = 'pending' AND expires_at > ? ORDER BY created_at LIMIT ?",
+        )
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti \
+             FROM approvals WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        )
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(approval_from_row).collect()
     }
 
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError> {

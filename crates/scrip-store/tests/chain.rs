@@ -227,10 +227,8 @@ async fn an_untampered_trail_verifies() {
 #[tokio::test]
 async fn an_edited_record_is_named() {
     let db = one_chain().await;
-    db.exec(
-        "UPDATE audit SET record = replace(record, '\"read\"', '\"write\"') WHERE seq = 6",
-    )
-    .await;
+    db.exec("UPDATE audit SET record = replace(record, '\"read\"', '\"write\"') WHERE seq = 6")
+        .await;
     let report = db.verify().await;
     assert_names(&report, 6, "edited");
     assert!(

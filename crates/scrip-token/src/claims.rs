@@ -111,6 +111,22 @@ pub struct AccessClaims {
     /// The delegation chain, for a token of a delegated task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Actor>,
+    /// For a token issued on a person's approval: which approval, who
+    /// approved. Such a token is single use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalClaim>,
+}
+
+/// The `approval` claim of a single-use access token issued on a person's
+/// approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalClaim {
+    /// The approval (`auth_req_id`).
+    pub id: String,
+    /// The approver's name.
+    pub approver: String,
+    /// Always true: the token may be presented once.
+    pub single_use: bool,
 }
 
 /// Who may act for a task (RFC 8693 §4.4 `may_act`, as a list): an actor

@@ -6,6 +6,11 @@
 //! Actions OIDC tokens and SPIFFE JWT-SVIDs. Every scalar claim is also kept
 //! as a flat `name -> text` map (nested objects joined with `.`), which the
 //! policy engine exposes as Cedar tags.
+//!
+//! An identity from scrip's own local attestation is built only by
+//! [`WorkloadIdentity::from_local_claims`], which the identity verifier calls
+//! for tokens of the local issuer: a federated token that happens to carry a
+//! `scrip_attestation` claim is never of kind [`IdentityKind::Local`].
 
 use std::collections::BTreeMap;
 
@@ -84,7 +89,33 @@ impl WorkloadIdentity {
             claims: flat,
         })
     }
+
+    /// Reads an identity that scrip's local attestation issued, from claims
+    /// verified against scrip's own keys and local issuer. Its kind is
+    /// [`IdentityKind::Local`] and the attributes are those of the
+    /// `scrip_attestation` claim (`workload`, `uid`, `gid`, `exe`,
+    /// `exe_sha256`). `None` without a subject or that claim.
+    #[must_use]
+    pub fn from_local_claims(issuer: &str, claims: &Map<String, Value>) -> Option<Self> {
+        let subject = claims.get("sub")?.as_str()?;
+        if subject.is_empty() || !claims.get(ATTESTATION_CLAIM)?.is_object() {
+            return None;
+        }
+        let mut flat = BTreeMap::new();
+        flatten("", claims, 0, &mut flat);
+        let attributes = well_known(IdentityKind::Local, subject, &flat);
+        Some(Self {
+            issuer: issuer.to_owned(),
+            subject: subject.to_owned(),
+            kind: IdentityKind::Local,
+            attributes,
+            claims: flat,
+        })
+    }
 }
+
+/// The claim of a local identity that holds what attestation observed.
+const ATTESTATION_CLAIM: &str = "scrip_attestation";
 
 fn flatten(
     prefix: &str,
@@ -124,9 +155,9 @@ fn detect(subject: &str, claims: &BTreeMap<String, String>) -> IdentityKind {
         IdentityKind::GithubActions
     } else if subject.starts_with("spiffe://") {
         IdentityKind::Spiffe
-    } else if claims.get("scrip_attestation").is_some() {
-        IdentityKind::Local
     } else {
+        // Local identities come only from `from_local_claims`: a claim in a
+        // federated token must not make it one.
         IdentityKind::Generic
     }
 }
@@ -162,7 +193,12 @@ fn well_known(
                 out.insert("spiffe_path".into(), format!("/{path}"));
             }
         }
-        IdentityKind::Local | IdentityKind::Generic => {}
+        IdentityKind::Local => {
+            for key in ["workload", "uid", "gid", "exe", "exe_sha256"] {
+                copy(key, &format!("{ATTESTATION_CLAIM}.{key}"));
+            }
+        }
+        IdentityKind::Generic => {}
     }
     out
 }
@@ -209,6 +245,40 @@ mod tests {
         assert_eq!(id.kind, IdentityKind::Spiffe);
         assert_eq!(id.attributes["trust_domain"], "prod.acme.com");
         assert_eq!(id.attributes["spiffe_path"], "/ns/agents/sa/coder");
+    }
+
+    #[test]
+    fn local_only_through_its_constructor() {
+        let claims = json!({
+            "sub": "local:coder",
+            "scrip_attestation": {"workload": "coder", "uid": 1000, "gid": 1000, "pid": 42,
+                                  "exe": "/usr/bin/agent", "exe_sha256": "ab12"}
+        });
+        // A federated token carrying the claim is not a local identity.
+        let federated = identity(claims.clone());
+        assert_eq!(federated.kind, IdentityKind::Generic);
+        assert!(federated.attributes.is_empty());
+
+        let Value::Object(map) = claims else { panic!() };
+        let id = WorkloadIdentity::from_local_claims("http://scrip/local", &map).unwrap();
+        assert_eq!(id.kind, IdentityKind::Local);
+        assert_eq!(id.kind.as_str(), "local");
+        for (k, v) in [
+            ("workload", "coder"),
+            ("uid", "1000"),
+            ("gid", "1000"),
+            ("exe", "/usr/bin/agent"),
+            ("exe_sha256", "ab12"),
+        ] {
+            assert_eq!(id.attributes[k], v, "{k}");
+        }
+        assert!(!id.attributes.contains_key("pid"));
+        assert_eq!(id.claims["scrip_attestation.pid"], "42");
+
+        let Value::Object(map) = json!({"sub": "local:x"}) else {
+            panic!()
+        };
+        assert!(WorkloadIdentity::from_local_claims("i", &map).is_none());
     }
 
     #[test]

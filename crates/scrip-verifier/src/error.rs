@@ -16,6 +16,9 @@ pub enum VerifyError {
     /// Its task or the token itself was revoked.
     #[error("token has been revoked")]
     Revoked,
+    /// A single-use token (issued on a person's approval) presented again.
+    #[error("single-use token was already presented")]
+    AlreadyUsed,
     /// The revocation feed has not answered for longer than the allowed
     /// staleness (or never has): every token is refused until it does.
     #[error("revocation state is stale; try again later")]
@@ -34,7 +37,9 @@ impl VerifyError {
     #[must_use]
     pub fn rfc6750_code(&self) -> Option<&'static str> {
         match self {
-            Self::Token(_) | Self::BadScope | Self::Revoked => Some("invalid_token"),
+            Self::Token(_) | Self::BadScope | Self::Revoked | Self::AlreadyUsed => {
+                Some("invalid_token")
+            }
             Self::InsufficientScope { .. } => Some("insufficient_scope"),
             Self::RevocationStale => None,
         }

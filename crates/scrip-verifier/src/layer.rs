@@ -128,7 +128,10 @@ impl Rejection {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 www_authenticate: None,
             },
-            VerifyError::Token(_) | VerifyError::BadScope | VerifyError::Revoked => Self {
+            VerifyError::Token(_)
+            | VerifyError::BadScope
+            | VerifyError::Revoked
+            | VerifyError::AlreadyUsed => Self {
                 status: StatusCode::UNAUTHORIZED,
                 www_authenticate: Some(format!(
                     "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{description}\""

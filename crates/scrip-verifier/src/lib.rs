@@ -220,6 +220,9 @@ struct Inner {
     keys: keys::JwksCache,
     revocations: Option<Arc<feed::Revocations>>,
     feed_task: Option<tokio::task::JoinHandle<()>>,
+    /// `jti`s of single-use tokens (issued on a person's approval) already
+    /// presented, with their expiry.
+    used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Drop for Inner {
@@ -355,6 +358,7 @@ impl Verifier {
             keys,
             revocations,
             feed_task,
+            used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
         })))
     }
 
@@ -389,6 +393,29 @@ impl Verifier {
             ActionSet::parse(&verified.claims.scope).map_err(|_| VerifyError::BadScope)?;
         if let Some(revocations) = &inner.revocations {
             revocations.check(&verified.claims.txn, &verified.claims.jti)?;
+        }
+        if verified
+            .claims
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.single_use)
+        {
+            let mut used = inner
+                .used_once
+                .lock()
+                .map_err(|_| VerifyError::AlreadyUsed)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if used.len() > 10_000 {
+                used.retain(|_, exp| *exp + inner.leeway > now);
+            }
+            if used
+                .insert(verified.claims.jti.clone(), verified.claims.exp)
+                .is_some()
+            {
+                return Err(VerifyError::AlreadyUsed);
+            }
         }
         Ok(AccessToken {
             claims: verified.claims,

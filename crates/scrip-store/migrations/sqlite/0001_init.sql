@@ -30,6 +30,22 @@ CREATE TABLE revoked_tokens (
 ) STRICT;
 CREATE INDEX revoked_tokens_expiry ON revoked_tokens(expires_at);
 
+-- Steps waiting for, or decided by, a person (CIBA-style approvals).
+CREATE TABLE approvals (
+    id           TEXT PRIMARY KEY NOT NULL,   -- the auth_req_id
+    task_id      TEXT NOT NULL REFERENCES tasks(id),
+    tool         TEXT NOT NULL,
+    actions      TEXT NOT NULL,
+    state        TEXT NOT NULL,               -- pending | approved | denied | used
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    decided_by   TEXT,
+    decided_at   INTEGER,
+    reason       TEXT,
+    token_jti    TEXT
+) STRICT;
+CREATE INDEX approvals_pending ON approvals(state, expires_at);
+
 -- The revocation feed: what resource servers must stop accepting, in order,
 -- kept until it would have expired anyway.
 CREATE TABLE revocations (

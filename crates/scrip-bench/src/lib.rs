@@ -1,0 +1,493 @@
+//! `scrip-bench`: a load generator for scrip.
+//!
+//! It starts a real scrip from its binary (a generated configuration in a
+//! temporary directory: a test identity provider whose ES256 key it
+//! generates, tools, the repository's policies plus fillers up to 20), or
+//! targets one already running on loopback (`--url`, with `--identity-key`),
+//! and drives it over keep-alive HTTP/1.1, one connection per worker. Each
+//! scenario prints one summary line: requests/s, latency p50/p90/p99/max,
+//! errors, and the server's peak RSS (`VmHWM`, for a server it started).
+//!
+//! Scenarios:
+//! - `task-start`: identities minted before the run, each starting a task
+//!   (`github:read github:write`, environment `dev`, purpose `fix JIRA-1`);
+//! - `exchange`: one task token exchanged for `github` `read` access tokens;
+//! - `introspect`: access tokens introspected, the caller authenticated with
+//!   a pre-minted identity in `Authorization: Bearer`;
+//! - `revoke`: access tokens issued before the run, each revoked once.
+//!
+//! Every request goes to 127.0.0.1 and the run is bounded in time (and, for
+//! `revoke`, in count). Any failed request makes the exit status 1.
+
+pub mod idp;
+pub mod load;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::HeaderValue;
+use serde_json::{Value, json};
+
+use crate::idp::{Idp, K8S_ISSUER};
+use crate::load::{Outcome, Target, Workload};
+
+/// Any failure of the benchmark itself (not of a request).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+/// A result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const TXN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// The purpose of every task: writes need a ticket.
+const PURPOSE: &str = "fix JIRA-1";
+/// The most time spent issuing tokens before a timed run.
+const SETUP_LIMIT: Duration = Duration::from_secs(120);
+
+/// A scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Start tasks with pre-minted federated ES256 identities.
+    TaskStart,
+    /// Exchange one task token for access tokens.
+    Exchange,
+    /// Introspect access tokens as an authenticated resource server.
+    Introspect,
+    /// Revoke pre-issued access tokens, each once.
+    Revoke,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Self::TaskStart => "task-start",
+            Self::Exchange => "exchange",
+            Self::Introspect => "introspect",
+            Self::Revoke => "revoke",
+        }
+    }
+}
+
+/// The command line.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "scrip-bench",
+    version,
+    about = "Drives a real scrip over keep-alive HTTP/1.1 and reports throughput, latency and memory per scenario"
+)]
+pub struct Args {
+    /// The scrip binary to start (default: target/release/scrip if present, else target/debug/scrip).
+    #[arg(long, value_name = "PATH", conflicts_with = "url")]
+    pub scrip: Option<PathBuf>,
+    /// Target a scrip already running on loopback instead (e.g. http://127.0.0.1:7070).
+    #[arg(long, requires = "identity_key")]
+    pub url: Option<url::Url>,
+    /// With --url: an ES256 PKCS#8 (DER) key whose public JWK the server trusts for --identity-issuer (kid = RFC 7638 thumbprint).
+    #[arg(long, value_name = "FILE")]
+    pub identity_key: Option<PathBuf>,
+    /// The issuer of the identities signed with --identity-key.
+    #[arg(long, default_value = K8S_ISSUER)]
+    pub identity_issuer: String,
+    /// Print the JWKS of --identity-key (for the server's `jwks_file`) and exit.
+    #[arg(long, requires = "identity_key")]
+    pub print_jwks: bool,
+    /// Scenarios to run, in order.
+    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "introspect", "revoke"])]
+    pub scenario: Vec<Scenario>,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Length of each timed run.
+    #[arg(long, default_value = "10s", value_parser = humantime_secs)]
+    pub duration: Duration,
+    /// Pre-minted identities cycled through by `task-start`.
+    #[arg(long, default_value_t = 1000)]
+    pub identities: usize,
+    /// Access tokens issued before `revoke` (each revoked once; the run ends early if they run out).
+    #[arg(long, default_value_t = 30_000)]
+    pub revoke_tokens: usize,
+    /// Cedar policies in the generated configuration: the repository's plus fillers.
+    #[arg(long, default_value_t = 20)]
+    pub policies: usize,
+    /// Where the repository's policies are.
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// Client runtime threads (the client shares the machine with the server).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Skip the restart on the existing store (time-to-ready, idle RSS) at the end.
+    #[arg(long)]
+    pub no_restart: bool,
+    /// A short run for CI: every scenario for 2 s on 8 connections, few tokens.
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+fn humantime_secs(s: &str) -> std::result::Result<Duration, String> {
+    let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
+        (ms, 0.001)
+    } else {
+        (s.strip_suffix('s').unwrap_or(s), 1.0)
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0 && *v * scale <= 600.0)
+        .map(|v| Duration::from_secs_f64(v * scale))
+        .ok_or_else(|| format!("`{s}` is not a duration such as 10s or 500ms (at most 600s)"))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn default_scrip() -> PathBuf {
+    let release = workspace_root().join("target/release/scrip");
+    if release.exists() {
+        release
+    } else {
+        workspace_root().join("target/debug/scrip")
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> Bytes {
+    Bytes::from(
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs.iter())
+            .finish(),
+    )
+}
+
+fn start_task_form(identity: &str, scope: &str) -> Bytes {
+    let details = json!({ "purpose": PURPOSE, "environment": "dev" }).to_string();
+    form(&[
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", identity),
+        ("subject_token_type", JWT),
+        ("requested_token_type", TXN),
+        ("scope", scope),
+        ("request_details", &details),
+    ])
+}
+
+fn exchange_form(task_token: &str) -> Bytes {
+    form(&[
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", task_token),
+        ("subject_token_type", TXN),
+        ("requested_token_type", ACCESS),
+        ("audience", "github"),
+        ("scope", "read"),
+    ])
+}
+
+fn access_token_of(answer: &[u8]) -> Result<String> {
+    let v: Value = serde_json::from_slice(answer)?;
+    v.get("access_token")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| Error::from("an answer without access_token"))
+}
+
+/// One summary line.
+#[derive(Debug)]
+pub struct Summary {
+    /// The scenario's name.
+    pub scenario: &'static str,
+    /// Connections used.
+    pub connections: usize,
+    /// What was measured.
+    pub outcome: Outcome,
+    /// The server's peak RSS so far, KiB (0 when unknown).
+    pub peak_rss_kib: u64,
+    /// CPU the server used during the run, clock ticks (`None`: unknown).
+    pub server_ticks: Option<u64>,
+    /// CPU this generator used during the run, clock ticks.
+    pub client_ticks: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.outcome;
+        let mut lat = o.latencies_us.clone();
+        let p = load::percentiles(&mut lat);
+        let secs = o.elapsed.as_secs_f64();
+        #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+        let rps = if secs > 0.0 {
+            o.sent as f64 / secs
+        } else {
+            0.0
+        };
+        write!(
+            f,
+            "{:<10} conns={:<3} secs={:5.2} requests={:<7} rps={:8.0} p50={:6.2}ms p90={:6.2}ms p99={:6.2}ms max={:7.2}ms errors={} peak_rss={}",
+            self.scenario,
+            self.connections,
+            secs,
+            o.sent,
+            rps,
+            p.p50,
+            p.p90,
+            p.p99,
+            p.max,
+            o.errors,
+            mib(self.peak_rss_kib),
+        )?;
+        let cores = |ticks: u64| {
+            #[expect(clippy::cast_precision_loss, reason = "a ratio for display")]
+            let c = ticks as f64 / server::TICKS_PER_SECOND / secs.max(1e-9);
+            c
+        };
+        if let Some(t) = self.server_ticks {
+            write!(f, " server_cpu={:.2}", cores(t))?;
+        }
+        write!(f, " client_cpu={:.2}", cores(self.client_ticks))?;
+        if o.exhausted {
+            write!(f, " (ran out of tokens)")?;
+        }
+        if let Some(e) = &o.first_error {
+            write!(f, " first_error={e:?}")?;
+        }
+        Ok(())
+    }
+}
+
+fn mib(kib: u64) -> String {
+    if kib == 0 {
+        "n/a".into()
+    } else {
+        #[expect(clippy::cast_precision_loss, reason = "a size for display")]
+        let m = kib as f64 / 1024.0;
+        format!("{m:.1}MiB")
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "the report is the program's output")]
+fn say(line: &str) {
+    println!("{line}");
+}
+
+/// Parses the command line's intent and runs the benchmark. Returns whether
+/// every request succeeded.
+///
+/// # Errors
+/// When the benchmark itself cannot run (no server, bad key, ...).
+pub fn main(mut args: Args) -> Result<bool> {
+    if args.smoke {
+        args.duration = Duration::from_secs(2);
+        args.connections = args.connections.min(8);
+        args.identities = args.identities.min(64);
+        args.revoke_tokens = args.revoke_tokens.min(400);
+    }
+    if args.print_jwks {
+        let idp = load_identity_key(&args)?;
+        say(&idp.jwks().to_string());
+        return Ok(true);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(&args))
+}
+
+fn load_identity_key(args: &Args) -> Result<Idp> {
+    let path = args
+        .identity_key
+        .as_ref()
+        .ok_or("--identity-key is needed")?;
+    let der = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Idp::from_pkcs8(&args.identity_issuer, &der)
+}
+
+/// A server this run started.
+#[derive(Debug)]
+struct Started {
+    setup: server::Setup,
+    running: server::Running,
+    scrip: PathBuf,
+}
+
+async fn run(args: &Args) -> Result<bool> {
+    let (idp, target, server) = if let Some(url) = &args.url {
+        let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost"));
+        if !loopback || url.scheme() != "http" {
+            return Err("--url must be http://127.0.0.1:<port>".into());
+        }
+        let port = url.port_or_known_default().ok_or("--url needs a port")?;
+        (load_identity_key(args)?, Target::loopback(port)?, None)
+    } else {
+        let (idp, _) = Idp::generate(K8S_ISSUER)?;
+        let policy_src = args
+            .policy_dir
+            .clone()
+            .unwrap_or_else(|| workspace_root().join("policies"));
+        let setup = server::prepare(&policy_src, args.policies, &idp)?;
+        let target = Target::loopback(setup.port)?;
+        let scrip = args.scrip.clone().unwrap_or_else(default_scrip);
+        let running = server::start(&scrip, &setup, &target).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mem = server::memory(running.pid);
+        say(&format!(
+            "# scrip {} pid {} | {} Cedar policies | store: new | ready after {:.1} ms | idle rss {}",
+            scrip.display(),
+            running.pid,
+            setup.policies,
+            running.ready_after.as_secs_f64() * 1000.0,
+            mib(mem.rss_kib)
+        ));
+        (
+            idp,
+            target,
+            Some(Started {
+                setup,
+                running,
+                scrip,
+            }),
+        )
+    };
+    let pid = server.as_ref().map(|s| s.running.pid);
+    let peak = || pid.map_or(0, |p| server::memory(p).peak_kib);
+
+    // Setup, before any timed run.
+    let mut identities = Vec::with_capacity(args.identities);
+    for i in 0..args.identities.max(1) {
+        identities.push(idp.kubernetes("agents", &format!("agent-{i}"))?);
+    }
+    let caller = idp.kubernetes("resource-servers", "github-proxy")?;
+    let first = identities.first().ok_or("no identities")?;
+    let (status, answer) = load::once(
+        &target,
+        "/token",
+        None,
+        start_task_form(first, "github:read github:write jira:read"),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!(
+            "starting the setup task answered {status}: {}",
+            String::from_utf8_lossy(&answer)
+        )
+        .into());
+    }
+    let task_token = access_token_of(&answer)?;
+
+    let mut ok = true;
+    for scenario in &args.scenario {
+        let workload = match scenario {
+            Scenario::TaskStart => Workload {
+                path: "/token",
+                authorization: None,
+                bodies: identities
+                    .iter()
+                    .map(|id| start_task_form(id, "github:read github:write"))
+                    .collect(),
+                once: false,
+            },
+            Scenario::Exchange => Workload {
+                path: "/token",
+                authorization: None,
+                bodies: vec![exchange_form(&task_token)],
+                once: false,
+            },
+            Scenario::Introspect => {
+                let tokens = issue(&target, &task_token, 64, args.connections).await?;
+                Workload {
+                    path: "/introspect",
+                    authorization: Some(HeaderValue::from_str(&format!("Bearer {caller}"))?),
+                    bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
+                    once: false,
+                }
+            }
+            Scenario::Revoke => {
+                let tokens =
+                    issue(&target, &task_token, args.revoke_tokens, args.connections).await?;
+                Workload {
+                    path: "/revoke",
+                    authorization: None,
+                    bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
+                    once: true,
+                }
+            }
+        };
+        let server_before = pid.map(|p| server::cpu_ticks(&p.to_string()));
+        let client_before = server::cpu_ticks("self");
+        let outcome =
+            load::drive(&target, workload, args.connections, args.duration, false).await?;
+        let server_ticks = pid
+            .zip(server_before)
+            .map(|(p, b)| server::cpu_ticks(&p.to_string()).saturating_sub(b));
+        let client_ticks = server::cpu_ticks("self").saturating_sub(client_before);
+        ok &= outcome.errors == 0;
+        say(&Summary {
+            scenario: scenario.name(),
+            connections: args.connections,
+            outcome,
+            peak_rss_kib: peak(),
+            server_ticks,
+            client_ticks,
+        }
+        .to_string());
+    }
+
+    if let Some(Started {
+        setup,
+        running,
+        scrip,
+    }) = server
+    {
+        running.stop().await?;
+        if !args.no_restart {
+            let size = dir_size(&setup.dir.path().join("data"));
+            let again = server::start(&scrip, &setup, &target).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mem = server::memory(again.pid);
+            say(&format!(
+                "# restart on the existing store ({:.1} MiB) | ready after {:.1} ms | idle rss {}",
+                size as f64 / 1_048_576.0,
+                again.ready_after.as_secs_f64() * 1000.0,
+                mib(mem.rss_kib)
+            ));
+            again.stop().await?;
+        }
+    }
+    Ok(ok)
+}
+
+/// Issues `n` access tokens from `task_token` (not timed).
+async fn issue(
+    target: &Target,
+    task_token: &str,
+    n: usize,
+    connections: usize,
+) -> Result<Vec<String>> {
+    let body = exchange_form(task_token);
+    let workload = Workload {
+        path: "/token",
+        authorization: None,
+        bodies: vec![body; n],
+        once: true,
+    };
+    let outcome = load::drive(target, workload, connections, SETUP_LIMIT, true).await?;
+    if outcome.errors > 0 {
+        return Err(format!(
+            "issuing tokens before the run failed: {}",
+            outcome.first_error.unwrap_or_default()
+        )
+        .into());
+    }
+    outcome.answers.iter().map(|a| access_token_of(a)).collect()
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(std::fs::Metadata::is_file)
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,314 @@
+//! The load: one keep-alive HTTP/1.1 connection per worker, each sending
+//! pre-built requests back to back until the deadline (or, for a feed used
+//! once, until the bodies run out).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::Result;
+
+/// Where requests go: a loopback address.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The server's address (always 127.0.0.1).
+    pub addr: SocketAddr,
+    host: HeaderValue,
+}
+
+impl Target {
+    /// `127.0.0.1:<port>`.
+    ///
+    /// # Errors
+    /// Never in practice (the host header is ASCII).
+    pub fn loopback(port: u16) -> Result<Self> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Ok(Self {
+            addr,
+            host: HeaderValue::from_str(&addr.to_string())?,
+        })
+    }
+}
+
+/// What one scenario sends.
+#[derive(Debug)]
+pub struct Workload {
+    /// The endpoint, e.g. `/token`.
+    pub path: &'static str,
+    /// An `Authorization` header value for every request.
+    pub authorization: Option<HeaderValue>,
+    /// Form-encoded bodies.
+    pub bodies: Vec<Bytes>,
+    /// Send each body once and stop when they run out (else cycle).
+    pub once: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Requests sent (answered or not).
+    pub sent: u64,
+    /// Latency of every answered request, microseconds.
+    pub latencies_us: Vec<u32>,
+    /// Requests that failed (transport error or a status other than 200).
+    pub errors: u64,
+    /// The first failure, for the report.
+    pub first_error: Option<String>,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Bodies of the successful answers, when asked for.
+    pub answers: Vec<Bytes>,
+    /// A feed used once ran out before the deadline.
+    pub exhausted: bool,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Self) {
+        self.sent += other.sent;
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.answers.extend(other.answers);
+        self.exhausted |= other.exhausted;
+    }
+
+    fn fail(&mut self, what: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(what);
+        }
+    }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+async fn connect(target: &Target) -> Result<Sender> {
+    let stream = TcpStream::connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> Result<(u16, Bytes)> {
+    sender.ready().await?;
+    let response = sender.send_request(req).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Whether the server answers its metadata endpoint with 200.
+pub async fn probe(target: &Target) -> bool {
+    let Ok(mut sender) = connect(target).await else {
+        return false;
+    };
+    let Ok(req) = Request::get("/.well-known/oauth-authorization-server")
+        .header(HOST, target.host.clone())
+        .body(Full::new(Bytes::new()))
+    else {
+        return false;
+    };
+    matches!(send(&mut sender, req).await, Ok((200, _)))
+}
+
+/// Sends one request on a fresh connection; returns the status and body.
+///
+/// # Errors
+/// On a transport failure.
+pub async fn once(
+    target: &Target,
+    path: &str,
+    authorization: Option<&HeaderValue>,
+    body: Bytes,
+) -> Result<(u16, Bytes)> {
+    let mut sender = connect(target).await?;
+    send(&mut sender, request(target, path, authorization, body)?).await
+}
+
+fn request(
+    target: &Target,
+    path: &str,
+    authorization: Option<&HeaderValue>,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>> {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(HOST, target.host.clone())
+        .header(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+    if let Some(a) = authorization {
+        b = b.header(AUTHORIZATION, a.clone());
+    }
+    Ok(b.body(Full::new(body))?)
+}
+
+struct Shared {
+    target: Target,
+    workload: Workload,
+    next: AtomicUsize,
+    deadline: Instant,
+    keep_answers: bool,
+}
+
+async fn worker(shared: Arc<Shared>) -> Outcome {
+    let mut out = Outcome::default();
+    let mut sender: Option<Sender> = None;
+    let wl = &shared.workload;
+    let len = wl.bodies.len().max(1);
+    while Instant::now() < shared.deadline {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        let i = if wl.once { i } else { i % len };
+        let Some(body) = wl.bodies.get(i).cloned() else {
+            out.exhausted = true;
+            break;
+        };
+        let conn = match sender.as_mut() {
+            Some(s) => s,
+            None => match connect(&shared.target).await {
+                Ok(s) => sender.insert(s),
+                Err(e) => {
+                    out.fail(format!("connect: {e}"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let req = match request(&shared.target, wl.path, wl.authorization.as_ref(), body) {
+            Ok(r) => r,
+            Err(e) => {
+                out.fail(format!("request: {e}"));
+                continue;
+            }
+        };
+        out.sent += 1;
+        let t0 = Instant::now();
+        match send(conn, req).await {
+            Ok((status, answer)) => {
+                let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
+                out.latencies_us.push(us);
+                if status == 200 {
+                    if shared.keep_answers {
+                        out.answers.push(answer);
+                    }
+                } else {
+                    out.fail(format!(
+                        "{} answered {status}: {}",
+                        wl.path,
+                        String::from_utf8_lossy(&answer)
+                    ));
+                }
+            }
+            Err(e) => {
+                out.fail(format!("{}: {e}", wl.path));
+                sender = None;
+            }
+        }
+    }
+    out
+}
+
+/// Runs `workload` on `connections` connections for `duration`.
+///
+/// # Errors
+/// When a worker task panics.
+pub async fn drive(
+    target: &Target,
+    workload: Workload,
+    connections: usize,
+    duration: Duration,
+    keep_answers: bool,
+) -> Result<Outcome> {
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        target: target.clone(),
+        workload,
+        next: AtomicUsize::new(0),
+        deadline: start + duration,
+        keep_answers,
+    });
+    let workers: Vec<_> = (0..connections.max(1))
+        .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
+        .collect();
+    let mut total = Outcome::default();
+    for w in workers {
+        total.merge(w.await?);
+    }
+    total.elapsed = start.elapsed();
+    Ok(total)
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+/// Nearest-rank percentiles of `latencies_us` (sorted in place).
+pub fn percentiles(latencies_us: &mut [u32]) -> Percentiles {
+    latencies_us.sort_unstable();
+    let n = latencies_us.len();
+    let at = |p: f64| {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "a rank within the slice length"
+        )]
+        let rank = ((p * n as f64).ceil() as usize).clamp(1, n.max(1)) - 1;
+        latencies_us
+            .get(rank)
+            .map_or(0.0, |&us| f64::from(us) / 1000.0)
+    };
+    Percentiles {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let mut v: Vec<u32> = (1..=100).map(|i| i * 1000).collect();
+        v.reverse();
+        let p = percentiles(&mut v);
+        assert_eq!(
+            p,
+            Percentiles {
+                p50: 50.0,
+                p90: 90.0,
+                p99: 99.0,
+                max: 100.0
+            }
+        );
+        assert_eq!(percentiles(&mut []), Percentiles::default());
+    }
+}

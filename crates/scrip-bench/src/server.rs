@@ -1,0 +1,315 @@
+//! A real scrip, started from its binary with a generated configuration in a
+//! temporary directory: a trusted test identity provider (`jwks_file`),
+//! three tools, the repository's policies plus filler policies up to a
+//! total, and an embedded store.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::idp::{AUDIENCE, Idp};
+use crate::load::Target;
+use crate::{Error, Result};
+
+/// The longest a server may take to answer after it is started.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a server may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A generated configuration in a temporary directory.
+#[derive(Debug)]
+pub struct Setup {
+    /// Holds the configuration, policies, store and log.
+    pub dir: tempfile::TempDir,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Where the server's output goes.
+    pub log: PathBuf,
+    /// The address the server listens on.
+    pub port: u16,
+    /// How many Cedar policies the configuration has.
+    pub policies: usize,
+}
+
+/// Counts the `permit`/`forbid` statements of a Cedar file.
+fn count_policies(text: &str) -> usize {
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("permit") || l.starts_with("forbid"))
+        .count()
+}
+
+/// A policy that never matches the benchmark's agents but that Cedar still
+/// evaluates on every request (nothing selects policies first).
+fn filler(i: usize) -> String {
+    match i % 3 {
+        0 => format!(
+            "@id(\"bench-team-{i}-read\")\npermit (principal, action == Action::\"read\", resource)\nwhen {{\n  principal has repository &&\n  principal.repository like \"team-{i}/*\" &&\n  context.environment == \"staging\"\n}};\n"
+        ),
+        1 => format!(
+            "@id(\"bench-freeze-{i}\")\nforbid (principal, action in [Action::\"write\", Action::\"delete\", Action::\"execute\"], resource)\nwhen {{ context.environment == \"freeze-{i}\" }};\n"
+        ),
+        _ => format!(
+            "@id(\"bench-ns-{i}\")\npermit (principal, action == Action::\"read\", resource)\nwhen {{\n  principal has namespace &&\n  principal.namespace == \"team-{i}\" &&\n  context.environment == \"dev\" &&\n  resource.hasTag(\"owner\") && resource.getTag(\"owner\") == \"team-{i}\"\n}};\n"
+        ),
+    }
+}
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Writes the configuration: the policies of `policy_src` (`*.cedar`,
+/// `*.cedarschema`) plus fillers up to `total_policies`, the identity
+/// provider's JWKS, and `scrip.toml`.
+///
+/// # Errors
+/// On any I/O failure.
+pub fn prepare(policy_src: &Path, total_policies: usize, idp: &Idp) -> Result<Setup> {
+    let dir = tempfile::Builder::new().prefix("scrip-bench-").tempdir()?;
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir)?;
+    let mut policies = 0;
+    for entry in std::fs::read_dir(policy_src)
+        .map_err(|e| format!("policies {}: {e}", policy_src.display()))?
+    {
+        let path = entry?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        if ext == "cedar" {
+            policies += count_policies(&std::fs::read_to_string(&path)?);
+        }
+        if ext == "cedar" || ext == "cedarschema" {
+            std::fs::copy(&path, policy_dir.join(name))?;
+        }
+    }
+    let mut fillers = String::new();
+    for i in policies..total_policies {
+        fillers.push_str(&filler(i));
+    }
+    if !fillers.is_empty() {
+        std::fs::write(policy_dir.join("bench-fillers.cedar"), &fillers)?;
+    }
+    let policies = policies.max(total_policies);
+    std::fs::write(dir.path().join("idp-jwks.json"), idp.jwks().to_string())?;
+    let port = free_port()?;
+    let mut toml = String::new();
+    writeln!(
+        toml,
+        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\npolicy_dir = \"policies\"\n\n\
+         [[trusted_issuers]]\nissuer = \"{}\"\njwks_file = \"idp-jwks.json\"\n\
+         audiences = [\"{AUDIENCE}\"]\nalgorithms = [\"ES256\"]\n",
+        idp.issuer()
+    )?;
+    for (name, resource, actions, owner) in [
+        (
+            "github",
+            "https://api.github.com",
+            "\"read\", \"write\", \"delete\"",
+            "platform",
+        ),
+        (
+            "jira",
+            "https://acme.atlassian.net",
+            "\"read\", \"write\"",
+            "team-2",
+        ),
+        (
+            "deploy",
+            "https://deploy.acme.example",
+            "\"read\", \"execute\", \"delete\"",
+            "team-5",
+        ),
+    ] {
+        writeln!(
+            toml,
+            "[[tools]]\nname = \"{name}\"\nresource = \"{resource}\"\nactions = [{actions}]\nlabels = {{ owner = \"{owner}\" }}\n"
+        )?;
+    }
+    let config = dir.path().join("scrip.toml");
+    std::fs::write(&config, toml)?;
+    let log = dir.path().join("scrip.log");
+    Ok(Setup {
+        dir,
+        config,
+        log,
+        port,
+        policies,
+    })
+}
+
+/// A running scrip process.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    /// Its process id.
+    pub pid: u32,
+    /// From spawning the process to its first answer.
+    pub ready_after: Duration,
+}
+
+/// The last lines of the server's log, for error messages.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(5);
+    lines.get(from..).unwrap_or_default().join("\n")
+}
+
+/// Starts `scrip serve --config <setup.config>` and waits until it answers
+/// its metadata endpoint.
+///
+/// # Errors
+/// When it cannot be spawned, exits, or does not answer in time.
+pub async fn start(scrip: &Path, setup: &Setup, target: &Target) -> Result<Running> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&setup.log)?;
+    let started = Instant::now();
+    let mut child = Command::new(scrip)
+        .arg("serve")
+        .arg("--config")
+        .arg(&setup.config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", scrip.display()))?;
+    let pid = child.id().ok_or("the server exited at once")?;
+    loop {
+        if crate::load::probe(target).await {
+            return Ok(Running {
+                child,
+                pid,
+                ready_after: started.elapsed(),
+            });
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(Error::from(format!(
+                "scrip exited ({status}) before it was ready:\n{}",
+                log_tail(&setup.log)
+            )));
+        }
+        if started.elapsed() > START_TIMEOUT {
+            return Err(Error::from(format!(
+                "scrip did not answer within {START_TIMEOUT:?}:\n{}",
+                log_tail(&setup.log)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+impl Running {
+    /// Stops the server with SIGTERM (SIGKILL if it does not exit in time).
+    ///
+    /// # Errors
+    /// When the process cannot be signalled or waited for.
+    pub async fn stop(mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status()
+            .await?;
+        if tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Memory of a process, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    /// Resident set size now, KiB (`VmRSS`).
+    pub rss_kib: u64,
+    /// Peak resident set size so far, KiB (`VmHWM`).
+    pub peak_kib: u64,
+}
+
+/// Reads the memory of `pid` (zeros when unavailable).
+pub fn memory(pid: u32) -> Memory {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Memory {
+        rss_kib: field("VmRSS:"),
+        peak_kib: field("VmHWM:"),
+    }
+}
+
+/// CPU time (user + system) of `pid` (or `self`) so far, in clock ticks
+/// (`/proc/<pid>/stat` fields 14 and 15); 0 when unavailable.
+pub fn cpu_ticks(pid: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: state is
+    // field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let after = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let mut fields = after.split_whitespace().skip(11);
+    let mut next = || {
+        fields
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    next() + next()
+}
+
+/// Clock ticks per second of `/proc` CPU times (USER_HZ, 100 on Linux).
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_cpu() {
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_ticks("self") > 0);
+    }
+
+    #[test]
+    fn counts_policies() {
+        assert_eq!(
+            count_policies("@id(\"a\")\npermit (p, a, r);\n  forbid (p, a, r);\n// permit\n"),
+            2
+        );
+    }
+
+    #[test]
+    fn fillers_reach_the_total() {
+        let (idp, _) = Idp::generate("https://idp.example").unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        let setup = prepare(&src, 20, &idp).unwrap();
+        let mut n = 0;
+        for e in std::fs::read_dir(setup.dir.path().join("policies")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "cedar") {
+                n += count_policies(&std::fs::read_to_string(p).unwrap());
+            }
+        }
+        assert_eq!(n, 20);
+        assert_eq!(setup.policies, 20);
+    }
+}

@@ -1,0 +1,317 @@
+//! `scrip run`: run a command inside a task that ends when it exits.
+//!
+//! Order matters here: signal handlers are installed first, so an
+//! interrupt at any point still ends whatever was started; the task is
+//! ended (revoked) after the child exits, however it exits; SIGINT, SIGTERM
+//! and SIGHUP are forwarded to the child, which gets [`GRACE`] to exit
+//! before it is killed, so nothing is left running.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use scrip_client::{Client, Error, FileCache, Identity, Task, TaskRequest};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::fail;
+
+/// How long an interrupted child has to exit before it is killed.
+const GRACE: Duration = Duration::from_secs(10);
+/// Attempts at ending the task.
+const END_ATTEMPTS: u32 = 3;
+
+/// Arguments of `scrip run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A grant the task asks for, `tool:action` (repeat, or separate with spaces).
+    #[arg(long = "grant", value_name = "TOOL:ACTION", required = true)]
+    grants: Vec<String>,
+    /// Why the task runs (default: the command line).
+    #[arg(long)]
+    purpose: Option<String>,
+    /// The environment the task runs in.
+    #[arg(long = "env", value_name = "ENV", default_value = "dev")]
+    environment: String,
+    /// The task's lifetime in seconds (default: the server's task_ttl).
+    #[arg(long, value_name = "SECONDS")]
+    ttl: Option<u64>,
+    /// A federated workload identity (a JWT) to use instead of local
+    /// attestation; SCRIP_IDENTITY may hold the token itself.
+    #[arg(long, value_name = "FILE")]
+    identity_file: Option<PathBuf>,
+    /// scrip's address.
+    #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
+    server: String,
+    /// scrip's local attestation socket.
+    #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// The signals `scrip run` handles.
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal.
+    async fn recv(&mut self) -> rustix::process::Signal {
+        use rustix::process::Signal as S;
+        tokio::select! {
+            _ = self.int.recv() => S::INT,
+            _ = self.term.recv() => S::TERM,
+            _ = self.hup.recv() => S::HUP,
+        }
+    }
+
+    /// A signal that already arrived, without waiting.
+    async fn pending(&mut self) -> Option<rustix::process::Signal> {
+        tokio::select! {
+            biased;
+            s = self.recv() => Some(s),
+            () = std::future::ready(()) => None,
+        }
+    }
+}
+
+/// The exit code of a process ended by `sig`, as shells report it.
+fn signal_code(sig: rustix::process::Signal) -> ExitCode {
+    ExitCode::from(u8::try_from(128 + sig.as_raw()).unwrap_or(1))
+}
+
+/// Runs `scrip run`.
+pub fn run(args: RunArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> ExitCode {
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot handle signals: {e}")),
+    };
+    let client = match Client::new(&args.server) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let grants: Vec<String> = args
+        .grants
+        .iter()
+        .flat_map(|g| g.split_whitespace())
+        .map(str::to_owned)
+        .collect();
+    let command_line = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let purpose = args.purpose.clone().unwrap_or_else(|| {
+        let mut p = format!("scrip run {command_line}");
+        if p.len() > 200 {
+            let mut end = 200;
+            while !p.is_char_boundary(end) {
+                end -= 1;
+            }
+            p.truncate(end);
+        }
+        p
+    });
+    let request = TaskRequest {
+        grants,
+        purpose,
+        environment: args.environment.clone(),
+        ttl: args.ttl,
+    };
+
+    // Nothing is started yet: an interrupt here just exits.
+    let identity = tokio::select! {
+        r = identity(&args) => match r {
+            Ok(i) => i,
+            Err(e) => return fail(e),
+        },
+        s = signals.recv() => return signal_code(s),
+    };
+    // Not cancelled by a signal: a task created server-side must be known
+    // here so that it can be ended.
+    let task = match client.start_task(&identity, &request).await {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot start the task: {}", explain(&e))),
+    };
+    let cache = FileCache::default_location();
+    if let Some(s) = signals.pending().await {
+        end_task(&client, task, cache.as_ref()).await;
+        return signal_code(s);
+    }
+
+    let Some((program, program_args)) = args.command.split_first() else {
+        end_task(&client, task, cache.as_ref()).await;
+        return fail("no command given after `--`");
+    };
+    let mut child = match tokio::process::Command::new(program)
+        .args(program_args)
+        .env("SCRIP_URL", client.url())
+        .env("SCRIP_TASK_TOKEN", task.token())
+        .env_remove("SCRIP_IDENTITY")
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            end_task(&client, task, cache.as_ref()).await;
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            let _ = fail(format!("cannot run `{}`: {e}", program.to_string_lossy()));
+            return ExitCode::from(code);
+        }
+    };
+
+    let status = supervise(&mut child, &mut signals).await;
+    let ended = end_task(&client, task, cache.as_ref()).await;
+    let code = match status {
+        Ok(status) => exit_code(status),
+        Err(e) => {
+            let _ = fail(format!("lost track of the command: {e}"));
+            ExitCode::FAILURE
+        }
+    };
+    if ended || code != ExitCode::SUCCESS {
+        code
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Waits for the child, forwarding signals; after the first, the child has
+/// [`GRACE`] to exit before it is killed.
+async fn supervise(
+    child: &mut tokio::process::Child,
+    signals: &mut Signals,
+) -> std::io::Result<std::process::ExitStatus> {
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let kill_at = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = child.wait() => return status,
+            sig = signals.recv() => {
+                if let Some(pid) = pid
+                    && !(sig == rustix::process::Signal::INT && terminal_delivered_it())
+                {
+                    let _ = rustix::process::kill_process(pid, sig);
+                }
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + GRACE);
+            }
+            () = kill_at => {
+                let _ = child.start_kill();
+                deadline = None;
+            }
+        }
+    }
+}
+
+/// Whether a SIGINT came from the terminal, which already sent it to the
+/// child too (same foreground process group): forwarding it again would
+/// deliver it twice.
+fn terminal_delivered_it() -> bool {
+    let stdin = std::io::stdin();
+    rustix::termios::tcgetpgrp(&stdin).is_ok_and(|fg| fg == rustix::process::getpgrp())
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt as _;
+    if let Some(code) = status.code() {
+        return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
+    }
+    match status.signal() {
+        Some(sig) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// Ends the task, retrying briefly; reports and returns `false` if it could
+/// not (the task then ends by itself at its deadline).
+async fn end_task(client: &Client, task: Task, cache: Option<&FileCache>) -> bool {
+    if let Some(c) = cache {
+        c.remove_task(task.token());
+    }
+    let token = task.into_token();
+    let mut last = None;
+    for attempt in 0..END_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
+        }
+        match client.revoke(&token).await {
+            Ok(()) => return true,
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
+        let _ = fail(format!(
+            "could not end the task ({e}); it ends by itself at its deadline"
+        ));
+    }
+    false
+}
+
+/// The identity: `--identity-file`, else `SCRIP_IDENTITY`, else local
+/// attestation on the socket.
+async fn identity(args: &RunArgs) -> Result<Identity, String> {
+    if let Some(file) = &args.identity_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read the identity file `{}`: {e}", file.display()))?;
+        return Identity::from_jwt(&text)
+            .map_err(|e| format!("identity file `{}`: {e}", file.display()));
+    }
+    if let Some(token) = std::env::var_os("SCRIP_IDENTITY").filter(|t| !t.is_empty()) {
+        return Identity::from_jwt(&token.to_string_lossy())
+            .map_err(|e| format!("SCRIP_IDENTITY: {e}"));
+    }
+    scrip_client::attest(&args.socket)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// An error, with what to do about the common refusals.
+fn explain(e: &Error) -> String {
+    let hint = match e.oauth_code() {
+        Some("invalid_scope") => {
+            "; check each --grant against the tools and actions in scrip's configuration"
+        }
+        Some("access_denied") => "; no policy allows these grants for this workload here",
+        Some("invalid_request") => {
+            "; check the identity (is it expired or from an untrusted issuer?)"
+        }
+        _ => "",
+    };
+    format!("{e}{hint}")
+}

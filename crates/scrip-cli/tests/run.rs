@@ -1,0 +1,429 @@
+//! `scrip run` and `scrip token` as a user runs them, against a real
+//! `scrip serve`: the quickstart flow, exit codes, signals, bad input.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LOCAL_POLICY: &str = r#"
+@id("local-dev")
+permit (principal, action, resource)
+when { principal.kind == "local" && context.environment == "dev" };
+"#;
+
+fn scrip_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_scrip"))
+}
+
+/// A running `scrip serve` in a temporary directory.
+struct Server {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let root = root.as_path();
+        let policies = root.join("policies");
+        fs::create_dir_all(&policies).unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        for entry in fs::read_dir(repo).unwrap() {
+            let path = entry.unwrap().path();
+            if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("cedar" | "cedarschema")
+            ) {
+                fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        fs::write(policies.join("local.cedar"), LOCAL_POLICY).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        fs::write(
+            root.join("scrip.toml"),
+            format!(
+                "listen = \"{addr}\"\ndata_dir = \"data\"\npolicy_dir = \"policies\"\n\
+                 [[tools]]\nname = \"github\"\nresource = \"https://api.github.com\"\nactions = [\"read\", \"write\"]\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(scrip_bin())
+            .args(["serve", "--config"])
+            .arg(root.join("scrip.toml"))
+            .env("SCRIP_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                fs::File::create(root.join("serve.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let server = Self { child, dir, addr };
+        let start = Instant::now();
+        while !(server.socket().exists() && TcpStream::connect(addr).is_ok()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "scrip serve did not start: {}",
+                fs::read_to_string(root.join("serve.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("data/scrip.sock")
+    }
+
+    /// `scrip <args>` pointed at this server, with a private token cache.
+    fn scrip(&self) -> Command {
+        let mut cmd = Command::new(scrip_bin());
+        let bin_dir = scrip_bin().parent().unwrap().to_owned();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let runtime = self.dir.path().join("runtime");
+        fs::create_dir_all(&runtime).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+        cmd.env("SCRIP_URL", self.url())
+            .env("SCRIP_SOCKET", self.socket())
+            .env("XDG_RUNTIME_DIR", runtime)
+            .env("PATH", path)
+            .env_remove("SCRIP_IDENTITY")
+            .env_remove("SCRIP_TASK_TOKEN")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// A local identity for this test process, from the socket.
+    fn attest(&self) -> String {
+        let mut s = UnixStream::connect(self.socket()).unwrap();
+        s.write_all(b"ATTEST\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let v: Value = serde_json::from_str(&answer).unwrap();
+        v["identity_token"].as_str().unwrap().to_owned()
+    }
+
+    /// A form POST: status and JSON body.
+    fn post(&self, path: &str, form: &[(&str, &str)], bearer: Option<&str>) -> (u16, Value) {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter())
+            .finish();
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        let auth = bearer.map_or_else(String::new, |b| format!("Authorization: Bearer {b}\r\n"));
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let json = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .and_then(|b| serde_json::from_str(b.trim()).ok())
+            .unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    fn introspect(&self, token: &str) -> Value {
+        let identity = self.attest();
+        let (status, body) = self.post("/introspect", &[("token", token)], Some(&identity));
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Whether the task token can still be exchanged.
+    fn exchange(&self, task_token: &str) -> (u16, Value) {
+        self.post(
+            "/token",
+            &[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", task_token),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:txn_token",
+                ),
+                ("audience", "github"),
+            ],
+            None,
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "did not exit in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts a failed run: the exit code and a one-line message with `want`.
+fn assert_refused(out: &Output, code: i32, want: &[&str]) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    for w in want {
+        assert!(err.contains(w), "{err:?} lacks {w:?}");
+    }
+}
+
+#[test]
+fn quickstart_run_a_command_get_a_token_and_it_is_dead_afterwards() {
+    let server = Server::start();
+    let script = "scrip token --tool github --action read && \
+                  scrip token --tool github --action read --json && \
+                  echo \"$SCRIP_TASK_TOKEN\"";
+    let out = server
+        .scrip()
+        .args(["run", "--purpose", "quickstart", "--grant", "github:read"])
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let token = lines[0];
+    let json: Value = serde_json::from_str(lines[1]).unwrap();
+    // The second call was served from the cache.
+    assert_eq!(json["access_token"], token);
+    assert_eq!(json["token_type"], "Bearer");
+    assert_eq!(json["scope"], "read");
+    assert!(json["expires_in"].as_u64().unwrap() > 200, "{json}");
+    let task_token = lines[2];
+
+    // After the command exits the token is refused by introspection and the
+    // task can no longer be exchanged.
+    assert_eq!(
+        server.introspect(token),
+        serde_json::json!({"active": false})
+    );
+    let (status, body) = server.exchange(task_token);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    // And the cached tokens are gone.
+    let cache = server.dir.path().join("runtime/scrip-tokens");
+    assert_eq!(fs::read_dir(cache).map(Iterator::count).unwrap_or(0), 0);
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    let server = Server::start();
+    let run = |script: &str| {
+        server
+            .scrip()
+            .args(["run", "--grant", "github:read", "--", "sh", "-c", script])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(run("exit 0"), Some(0));
+    assert_eq!(run("exit 7"), Some(7));
+    assert_eq!(run("kill -KILL $$"), Some(128 + 9));
+    // A command that cannot run: 127, as a shell says.
+    let out = server
+        .scrip()
+        .args(["run", "--grant", "github:read", "--", "no-such-command-xyz"])
+        .output()
+        .unwrap();
+    assert_refused(&out, 127, &["cannot run `no-such-command-xyz`"]);
+}
+
+#[test]
+fn sigterm_to_scrip_run_is_forwarded_and_ends_the_task() {
+    let server = Server::start();
+    let marker = server.dir.path().join("task-token");
+    let script = format!(
+        "trap 'exit 3' TERM; echo \"$SCRIP_TASK_TOKEN\" > {}.tmp; mv {0}.tmp {0}; while true; do sleep 0.05; done",
+        marker.display()
+    );
+    let mut child = server
+        .scrip()
+        .args(["run", "--grant", "github:read", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the command did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let task_token = fs::read_to_string(&marker).unwrap().trim().to_owned();
+    assert_eq!(
+        server.exchange(&task_token).0,
+        200,
+        "the task is live while it runs"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(3), "the child's own exit code");
+    let (status, body) = server.exchange(&task_token);
+    assert_eq!(status, 400, "the task ended: {body}");
+}
+
+#[test]
+fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
+    let server = Server::start();
+    let marker = server.dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    let run = |extra: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = server.scrip();
+        cmd.arg("run").args(extra).args(["--", "sh", "-c", &touch]);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+
+    let out = run(&["--grant", "gitlab:read"], &[]);
+    assert_refused(
+        &out,
+        1,
+        &["unknown tool `gitlab`", "invalid_scope", "--grant"],
+    );
+    let out = run(&["--grant", "github:admin"], &[]);
+    assert_refused(&out, 1, &["no action `admin`", "--grant"]);
+    let out = run(&["--grant", "github:read", "--env", "prod"], &[]);
+    assert_refused(&out, 1, &["access_denied"]);
+
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = run(
+        &[
+            "--grant",
+            "github:read",
+            "--server",
+            &format!("http://{free}"),
+        ],
+        &[],
+    );
+    assert_refused(&out, 1, &["cannot reach scrip", "scrip serve", "SCRIP_URL"]);
+
+    let out = run(
+        &[
+            "--grant",
+            "github:read",
+            "--socket",
+            "/nonexistent/scrip.sock",
+        ],
+        &[],
+    );
+    assert_refused(&out, 1, &["no scrip attestation socket", "SCRIP_SOCKET"]);
+
+    // An expired identity is reported before anything is asked.
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let expired = format!(
+        "{}.{}.c2ln",
+        b64("{\"alg\":\"ES256\"}"),
+        b64("{\"sub\":\"x\",\"exp\":1000}")
+    );
+    let out = run(&["--grant", "github:read"], &[("SCRIP_IDENTITY", &expired)]);
+    assert_refused(&out, 1, &["expired", "fresh identity"]);
+    let file = server.dir.path().join("identity.jwt");
+    fs::write(&file, &expired).unwrap();
+    let out = run(
+        &[
+            "--grant",
+            "github:read",
+            "--identity-file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_refused(&out, 1, &["identity file", "expired"]);
+
+    assert!(!marker.exists(), "the command never ran");
+
+    // No grant, or no command: usage errors.
+    let out = server.scrip().args(["run", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = server
+        .scrip()
+        .args(["run", "--grant", "github:read"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    // `scrip token` outside a task, and with a dead task.
+    let out = server
+        .scrip()
+        .args(["token", "--tool", "github"])
+        .output()
+        .unwrap();
+    assert_refused(&out, 1, &["SCRIP_TASK_TOKEN is not set", "scrip run"]);
+    let out = server
+        .scrip()
+        .args(["token", "--tool", "github"])
+        .env("SCRIP_TASK_TOKEN", "not-a-token")
+        .output()
+        .unwrap();
+    assert_refused(&out, 1, &["invalid_request", "start a new one"]);
+}

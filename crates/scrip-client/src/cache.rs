@@ -1,0 +1,159 @@
+//! A private on-disk cache of access tokens, so that successive processes
+//! of one task (each `scrip token` call) reuse a token until shortly before
+//! it expires.
+//!
+//! Layout: `<dir>/<sha256(task token)>/<sha256(tool, actions)>.json`, the
+//! directories `0700` and the files `0600`, written atomically. A directory
+//! not owned by this user, or open to others, is not used. The cache is
+//! best effort: any failure means a fresh exchange, never an error.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use crate::AccessToken;
+
+/// A directory of cached access tokens.
+#[derive(Debug, Clone)]
+pub struct FileCache {
+    dir: PathBuf,
+}
+
+fn hex_sha256(parts: &[&str]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for p in parts {
+        ctx.update(p.as_bytes());
+        ctx.update(b"\0");
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn own_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// A private directory: created `0700` if missing, refused when another
+/// user owns it or others may enter it.
+fn private_dir(dir: &Path) -> Option<()> {
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir);
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    (meta.is_dir() && Some(meta.uid()) == own_uid() && meta.mode() & 0o077 == 0).then_some(())
+}
+
+impl FileCache {
+    /// The cache in `dir`, or `None` when `dir` is not private to this user.
+    #[must_use]
+    pub fn new(dir: PathBuf) -> Option<Self> {
+        private_dir(&dir)?;
+        Some(Self { dir })
+    }
+
+    /// `$XDG_RUNTIME_DIR/scrip-tokens`, else `<temp dir>/scrip-tokens-<uid>`.
+    #[must_use]
+    pub fn default_location() -> Option<Self> {
+        let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d).join("scrip-tokens"),
+            None => std::env::temp_dir().join(format!("scrip-tokens-{}", own_uid()?)),
+        };
+        Self::new(dir)
+    }
+
+    fn task_dir(&self, task_token: &str) -> PathBuf {
+        self.dir.join(hex_sha256(&[task_token]))
+    }
+
+    fn entry(&self, task_token: &str, tool: &str, scope: &str) -> PathBuf {
+        self.task_dir(task_token)
+            .join(format!("{}.json", hex_sha256(&[tool, scope])))
+    }
+
+    /// The cached token, if any (fresh or not).
+    #[must_use]
+    pub fn get(&self, task_token: &str, tool: &str, scope: &str) -> Option<AccessToken> {
+        let path = self.entry(task_token, tool, scope);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        if !meta.is_file() || Some(meta.uid()) != own_uid() || meta.mode() & 0o077 != 0 {
+            return None;
+        }
+        serde_json::from_slice(&std::fs::read(&path).ok()?).ok()
+    }
+
+    /// Stores a token (best effort).
+    pub fn put(&self, task_token: &str, tool: &str, scope: &str, token: &AccessToken) {
+        let dir = self.task_dir(task_token);
+        if private_dir(&dir).is_none() {
+            return;
+        }
+        let Ok(bytes) = serde_json::to_vec(token) else {
+            return;
+        };
+        let path = self.entry(task_token, tool, scope);
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Forgets every token of a task.
+    pub fn remove_task(&self, task_token: &str) {
+        let _ = std::fs::remove_dir_all(self.task_dir(task_token));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn token() -> AccessToken {
+        AccessToken {
+            token: "t".into(),
+            token_type: "Bearer".into(),
+            scope: "read".into(),
+            expires_at: 10,
+            refresh_at: 5,
+        }
+    }
+
+    #[test]
+    fn round_trip_private_and_removable() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = FileCache::new(root.path().join("c")).unwrap();
+        assert_eq!(cache.get("task", "github", "read"), None);
+        cache.put("task", "github", "read", &token());
+        assert_eq!(cache.get("task", "github", "read"), Some(token()));
+        assert_eq!(cache.get("task", "github", "write"), None);
+        assert_eq!(cache.get("other", "github", "read"), None);
+        let entry = cache.entry("task", "github", "read");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&entry), 0o600);
+        assert_eq!(mode(&root.path().join("c")), 0o700);
+        // Nothing in a file name reveals the task token.
+        assert!(!entry.to_string_lossy().contains("task/"));
+        cache.remove_task("task");
+        assert_eq!(cache.get("task", "github", "read"), None);
+    }
+
+    #[test]
+    fn a_shared_directory_is_not_used() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("open");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(FileCache::new(dir).is_none());
+    }
+}

@@ -1,0 +1,641 @@
+//! A client for scrip, for agents written in Rust (and what `scrip run` and
+//! `scrip token` are built on).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), scrip_client::Error> {
+//! use scrip_client::{Client, TaskRequest, attest};
+//! let identity = attest(std::path::Path::new(".scrip/scrip.sock")).await?;
+//! let client = Client::new("http://127.0.0.1:7070")?;
+//! let task = client
+//!     .start_task(&identity, &TaskRequest::new(["github:read"], "fix JIRA-123", "dev"))
+//!     .await?;
+//! let token = task.access_token("github", &["read"]).await?;
+//! // ... call the tool with `token.token` ...
+//! task.end().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A [`Task`] started here is ended when dropped (best effort, on the
+//! current tokio runtime); call [`Task::end`] to know that it ended.
+//! Access tokens are cached per task, tool and actions, in memory and
+//! optionally in a private directory ([`Task::with_file_cache`]), and reused
+//! until shortly before they expire.
+//!
+//! Delegation to a sub-agent (`actor_token`) is not offered yet: the server
+//! does not accept it.
+
+mod attest;
+mod cache;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use attest::attest;
+pub use cache::FileCache;
+
+/// The address of a scrip started with the defaults.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+/// The attestation socket of a scrip started with the defaults, relative to
+/// its working directory.
+pub const DEFAULT_SOCKET: &str = ".scrip/scrip.sock";
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// Timeout of one request to scrip.
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a call failed. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// scrip's HTTP API did not answer.
+    #[error(
+        "cannot reach scrip at `{url}` ({message}); is `scrip serve` running? set --server or SCRIP_URL to its address"
+    )]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The attestation socket does not exist.
+    #[error(
+        "no scrip attestation socket at `{path}`; start `scrip serve`, or set --socket or SCRIP_SOCKET to its `socket`"
+    )]
+    SocketMissing {
+        /// The path tried.
+        path: PathBuf,
+    },
+    /// The attestation socket refused the connection for lack of permission.
+    #[error(
+        "permission denied on the scrip attestation socket `{path}`; run as a user scrip serves (see `socket_mode`), or use a federated identity (--identity-file or SCRIP_IDENTITY)"
+    )]
+    SocketPermission {
+        /// The path tried.
+        path: PathBuf,
+    },
+    /// The attestation socket failed otherwise.
+    #[error("scrip attestation socket `{path}`: {message}")]
+    Socket {
+        /// The path tried.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// scrip refused to identify this process.
+    #[error("local attestation refused: {description}")]
+    AttestationRefused {
+        /// The error code.
+        error: String,
+        /// scrip's explanation.
+        description: String,
+    },
+    /// The identity token is not a JWT.
+    #[error("the identity is not a JWT; pass the workload identity token itself")]
+    IdentityMalformed,
+    /// The identity token has expired.
+    #[error("the identity expired {ago} seconds ago; get a fresh identity token and retry")]
+    IdentityExpired {
+        /// How long ago.
+        ago: u64,
+    },
+    /// scrip answered with an OAuth error.
+    #[error("scrip refused: {description} ({error})")]
+    OAuth {
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth error code (`invalid_scope`, `access_denied`, ...).
+        error: String,
+        /// scrip's explanation.
+        description: String,
+    },
+    /// scrip answered something unexpected.
+    #[error("unexpected answer from scrip: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The OAuth error code, when scrip answered one.
+    #[must_use]
+    pub fn oauth_code(&self) -> Option<&str> {
+        match self {
+            Self::OAuth { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Seconds since the epoch.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A workload identity token (from local attestation or a federated
+/// issuer). Its `Debug` does not print the token.
+#[derive(Clone)]
+pub struct Identity {
+    token: String,
+    expires_at: Option<u64>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Wraps a workload identity JWT. Its `exp` is read (not verified: scrip
+    /// verifies) so that an expired identity is reported before any call.
+    ///
+    /// # Errors
+    /// [`Error::IdentityMalformed`] for something that is not a JWT,
+    /// [`Error::IdentityExpired`] for an expired one.
+    pub fn from_jwt(token: &str) -> Result<Self, Error> {
+        use base64::Engine as _;
+        let token = token.trim();
+        let mut parts = token.split('.');
+        let (Some(_), Some(payload), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Error::IdentityMalformed);
+        };
+        let claims: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(Error::IdentityMalformed)?;
+        let expires_at = claims.get("exp").and_then(serde_json::Value::as_u64);
+        if let Some(exp) = expires_at
+            && exp <= now()
+        {
+            return Err(Error::IdentityExpired { ago: now() - exp });
+        }
+        Ok(Self {
+            token: token.to_owned(),
+            expires_at,
+        })
+    }
+
+    /// The JWT.
+    #[must_use]
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Its `exp`, when it has one.
+    #[must_use]
+    pub fn expires_at(&self) -> Option<u64> {
+        self.expires_at
+    }
+}
+
+/// What a task asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRequest {
+    /// Grants, `tool:action`.
+    pub grants: Vec<String>,
+    /// Why (free text; policies may look for a ticket id).
+    pub purpose: String,
+    /// The environment (`dev`, `prod`, ...).
+    pub environment: String,
+    /// Lifetime in seconds (default: the server's `task_ttl`).
+    pub ttl: Option<u64>,
+}
+
+impl TaskRequest {
+    /// A request for `grants` with a purpose and environment.
+    pub fn new<I, S>(grants: I, purpose: &str, environment: &str) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            grants: grants.into_iter().map(Into::into).collect(),
+            purpose: purpose.to_owned(),
+            environment: environment.to_owned(),
+            ttl: None,
+        }
+    }
+}
+
+/// A connection to scrip's HTTP API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    token_type: String,
+    expires_in: u64,
+    #[serde(default)]
+    scope: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+impl Client {
+    /// A client of the scrip at `url` (its issuer URL).
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] when the HTTP client cannot be built.
+    pub fn new(url: &str) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            url: url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The server's URL.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Result<reqwest::Response, Error> {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter())
+            .finish();
+        self.http
+            .post(format!("{}{path}", self.url))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable {
+                url: self.url.clone(),
+                message: if e.is_timeout() {
+                    "timed out".to_owned()
+                } else {
+                    "connection failed".to_owned()
+                },
+            })
+    }
+
+    async fn token(&self, form: &[(&str, &str)]) -> Result<TokenResponse, Error> {
+        let response = self.post("/token", form).await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(|e| Error::Unreachable {
+            url: self.url.clone(),
+            message: e.to_string(),
+        })?;
+        if status == 200 {
+            return serde_json::from_slice(&bytes)
+                .map_err(|_| Error::Protocol("a token response that is not JSON".into()));
+        }
+        match serde_json::from_slice::<ErrorResponse>(&bytes) {
+            Ok(e) => Err(Error::OAuth {
+                status,
+                error: e.error,
+                description: e.error_description,
+            }),
+            Err(_) => Err(Error::Protocol(format!(
+                "HTTP {status} from `{}/token`; is SCRIP_URL a scrip server?",
+                self.url
+            ))),
+        }
+    }
+
+    /// Starts a task with `identity` as the subject (SPEC §1).
+    ///
+    /// # Errors
+    /// [`Error::OAuth`] when scrip refuses (`invalid_scope` for an unknown
+    /// tool or action, `access_denied` when policy allows nothing, ...),
+    /// [`Error::Unreachable`] when it does not answer.
+    pub async fn start_task(
+        &self,
+        identity: &Identity,
+        request: &TaskRequest,
+    ) -> Result<Task, Error> {
+        if let Some(exp) = identity.expires_at
+            && exp <= now()
+        {
+            return Err(Error::IdentityExpired { ago: now() - exp });
+        }
+        let mut details = serde_json::Map::new();
+        details.insert("purpose".into(), request.purpose.clone().into());
+        details.insert("environment".into(), request.environment.clone().into());
+        if let Some(ttl) = request.ttl {
+            details.insert("ttl".into(), ttl.into());
+        }
+        let details = serde_json::Value::Object(details).to_string();
+        let scope = request.grants.join(" ");
+        let answer = self
+            .token(&[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", identity.token()),
+                ("subject_token_type", JWT),
+                ("requested_token_type", TXN_TOKEN),
+                ("scope", &scope),
+                ("request_details", &details),
+            ])
+            .await?;
+        let mut task = Task::new(self.clone(), answer.access_token, true);
+        task.expires_at = Some(now() + answer.expires_in);
+        task.scope = Some(answer.scope);
+        Ok(task)
+    }
+
+    /// A task whose token was obtained elsewhere (e.g. `SCRIP_TASK_TOKEN`).
+    /// It is not ended on drop: whoever started it ends it.
+    #[must_use]
+    pub fn task_from_token(&self, task_token: &str) -> Task {
+        Task::new(self.clone(), task_token.trim().to_owned(), false)
+    }
+
+    /// Revokes a token (RFC 7009); a task token ends its task.
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`], or [`Error::Protocol`] on an unexpected status.
+    pub async fn revoke(&self, token: &str) -> Result<(), Error> {
+        let response = self.post("/revoke", &[("token", token)]).await?;
+        match response.status().as_u16() {
+            200 => Ok(()),
+            status => Err(Error::Protocol(format!(
+                "revocation answered HTTP {status}"
+            ))),
+        }
+    }
+}
+
+/// An access token for one tool. Its `Debug` does not print the token.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct AccessToken {
+    /// The JWT.
+    pub token: String,
+    /// `Bearer`.
+    pub token_type: String,
+    /// The actions it carries, space-separated.
+    pub scope: String,
+    /// When it expires, seconds since the epoch.
+    pub expires_at: u64,
+    /// After this it is not reused from a cache.
+    pub refresh_at: u64,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("scope", &self.scope)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessToken {
+    /// Seconds left.
+    #[must_use]
+    pub fn expires_in(&self) -> u64 {
+        self.expires_at.saturating_sub(now())
+    }
+
+    fn fresh(&self) -> bool {
+        now() < self.refresh_at
+    }
+}
+
+/// How long before expiry a cached token stops being reused: a quarter of
+/// its lifetime, at most 30 seconds.
+fn refresh_at(issued: u64, expires_in: u64) -> u64 {
+    issued + expires_in - (expires_in / 4).min(30)
+}
+
+/// A task: its token, and the access tokens obtained under it.
+pub struct Task {
+    client: Client,
+    token: String,
+    scope: Option<String>,
+    expires_at: Option<u64>,
+    /// Ended on drop unless ended already.
+    owned: bool,
+    cache: Mutex<HashMap<(String, String), AccessToken>>,
+    file_cache: Option<FileCache>,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task")
+            .field("url", &self.client.url)
+            .field("scope", &self.scope)
+            .field("expires_at", &self.expires_at)
+            .field("owned", &self.owned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Task {
+    fn new(client: Client, token: String, owned: bool) -> Self {
+        Self {
+            client,
+            token,
+            scope: None,
+            expires_at: None,
+            owned,
+            cache: Mutex::new(HashMap::new()),
+            file_cache: None,
+        }
+    }
+
+    /// Also caches access tokens in `cache` (shared between processes of
+    /// the same user, such as successive `scrip token` calls).
+    #[must_use]
+    pub fn with_file_cache(mut self, cache: FileCache) -> Self {
+        self.file_cache = Some(cache);
+        self
+    }
+
+    /// The task token (a credential: hand it only to what runs the task).
+    #[must_use]
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The grants scrip allowed, when this client started the task.
+    #[must_use]
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
+    }
+
+    /// When the task ends by itself, when this client started it.
+    #[must_use]
+    pub fn expires_at(&self) -> Option<u64> {
+        self.expires_at
+    }
+
+    /// An access token for `tool` carrying `actions` (none: every action
+    /// the task holds at the tool), from the cache while it is fresh.
+    ///
+    /// # Errors
+    /// [`Error::OAuth`] when scrip refuses (`invalid_target` for an unknown
+    /// tool, `invalid_scope` for actions beyond the task, `invalid_request`
+    /// for a task that ended), [`Error::Unreachable`].
+    pub async fn access_token(&self, tool: &str, actions: &[&str]) -> Result<AccessToken, Error> {
+        let mut sorted: Vec<&str> = actions.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let scope = sorted.join(" ");
+        let key = (tool.to_owned(), scope.clone());
+        if let Some(t) = self.cached(&key) {
+            return Ok(t);
+        }
+        if let Some(t) = self
+            .file_cache
+            .as_ref()
+            .and_then(|c| c.get(&self.token, tool, &scope))
+            .filter(AccessToken::fresh)
+        {
+            self.remember(key, &t);
+            return Ok(t);
+        }
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", self.token.as_str()),
+            ("subject_token_type", TXN_TOKEN),
+            ("requested_token_type", ACCESS_TOKEN),
+            ("audience", tool),
+        ];
+        if !scope.is_empty() {
+            form.push(("scope", &scope));
+        }
+        let issued = now();
+        let answer = self.client.token(&form).await?;
+        let token = AccessToken {
+            token: answer.access_token,
+            token_type: answer.token_type,
+            scope: answer.scope,
+            expires_at: issued + answer.expires_in,
+            refresh_at: refresh_at(issued, answer.expires_in),
+        };
+        if let Some(c) = &self.file_cache {
+            c.put(&self.token, tool, &scope, &token);
+        }
+        self.remember(key, &token);
+        Ok(token)
+    }
+
+    fn cached(&self, key: &(String, String)) -> Option<AccessToken> {
+        let cache = self.cache.lock().ok()?;
+        cache.get(key).filter(|t| t.fresh()).cloned()
+    }
+
+    fn remember(&self, key: (String, String), token: &AccessToken) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(key, token.clone());
+        }
+    }
+
+    /// Ends the task: scrip revokes it and everything issued under it, and
+    /// the cached tokens are forgotten.
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] when scrip does not answer (the task then
+    /// ends by itself at its deadline).
+    pub async fn end(mut self) -> Result<(), Error> {
+        self.owned = false;
+        self.forget();
+        self.client.revoke(&self.token).await
+    }
+
+    /// Keeps the task running past this value's life (not ended on drop).
+    #[must_use]
+    pub fn into_token(mut self) -> String {
+        self.owned = false;
+        std::mem::take(&mut self.token)
+    }
+
+    fn forget(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+        if let Some(c) = &self.file_cache {
+            c.remove_task(&self.token);
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        self.forget();
+        // Best effort: without a runtime the task ends at its deadline.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            let token = std::mem::take(&mut self.token);
+            handle.spawn(async move {
+                if let Err(e) = client.revoke(&token).await {
+                    tracing::warn!(error = %e, "could not end a dropped task");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &serde_json::Value) -> String {
+        use base64::Engine as _;
+        let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!("{}.{}.sig", b(b"{}"), b(claims.to_string().as_bytes()))
+    }
+
+    #[test]
+    fn identities() {
+        let future = jwt(&serde_json::json!({"exp": now() + 60}));
+        assert_eq!(
+            Identity::from_jwt(&format!(" {future}\n")).unwrap().token(),
+            future
+        );
+        let past = jwt(&serde_json::json!({"exp": now() - 60}));
+        let e = Identity::from_jwt(&past).unwrap_err();
+        assert!(
+            matches!(e, Error::IdentityExpired { ago } if ago >= 60),
+            "{e}"
+        );
+        assert!(e.to_string().contains("get a fresh identity token"));
+        for bad in ["", "abc", "a.b", "a.!!.c", "a.b.c.d.e"] {
+            assert!(
+                matches!(Identity::from_jwt(bad), Err(Error::IdentityMalformed)),
+                "{bad}"
+            );
+        }
+        assert!(!format!("{:?}", Identity::from_jwt(&future).unwrap()).contains(&future));
+    }
+
+    #[test]
+    fn refresh_margin() {
+        assert_eq!(refresh_at(1000, 300), 1270);
+        assert_eq!(refresh_at(1000, 40), 1030);
+        assert_eq!(refresh_at(1000, 3), 1003);
+        assert_eq!(refresh_at(1000, 0), 1000);
+    }
+}

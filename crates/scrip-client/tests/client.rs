@@ -1,0 +1,180 @@
+//! The client against a real scrip (in-process, over HTTP and the socket).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::path::{Path, PathBuf};
+
+use scrip_client::{Client, Error, FileCache, TaskRequest, attest};
+
+struct Running {
+    url: String,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for entry in std::fs::read_dir(repo).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_some_and(|e| e == "cedar" || e == "cedarschema")
+        {
+            std::fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        policies.join("local.cedar"),
+        "@id(\"local-read\")\npermit (principal, action == Action::\"read\", resource)\nwhen { principal.kind == \"local\" };\n",
+    )
+    .unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        policy_dir: policies,
+        tools: vec![scrip_config::Tool {
+            name: scrip_token::ToolName::parse("github").unwrap(),
+            resource: "https://api.github.com".into(),
+            actions: ["read", "write"]
+                .iter()
+                .map(|a| scrip_token::ActionName::parse(a).unwrap())
+                .collect(),
+            labels: Default::default(),
+        }],
+        ..scrip_config::Config::default()
+    };
+    let socket = config.socket_path();
+    let server = scrip_server::Server::bind(config).await.unwrap();
+    let url = server.issuer().to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    Running {
+        url,
+        socket,
+        _dir: dir,
+        stop: Some(tx),
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test]
+async fn attest_start_get_cached_tokens_and_end() {
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    assert!(identity.expires_at().is_some());
+    let client = Client::new(&server.url).unwrap();
+    let task = client
+        .start_task(
+            &identity,
+            &TaskRequest::new(["github:read", "github:write"], "client test", "dev"),
+        )
+        .await
+        .unwrap();
+    // The policy allows only reads.
+    assert_eq!(task.scope(), Some("github:read"));
+
+    let cache_dir = tempfile::tempdir().unwrap();
+    let task = task.with_file_cache(FileCache::new(cache_dir.path().join("c")).unwrap());
+    let first = task.access_token("github", &["read"]).await.unwrap();
+    let again = task.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(first.token, again.token, "served from the cache");
+    assert_eq!(first.scope, "read");
+    assert!(first.expires_in() > 200);
+    assert!(!format!("{first:?}").contains(&first.token));
+
+    // Another process (here: another Task value) reuses the file cache.
+    let other = client
+        .task_from_token(task.token())
+        .with_file_cache(FileCache::new(cache_dir.path().join("c")).unwrap());
+    assert_eq!(
+        other.access_token("github", &["read"]).await.unwrap().token,
+        first.token
+    );
+
+    // Beyond the task's grants.
+    let e = task.access_token("github", &["write"]).await.unwrap_err();
+    assert_eq!(e.oauth_code(), Some("invalid_scope"), "{e}");
+
+    let token = task.token().to_owned();
+    task.end().await.unwrap();
+    let e = client
+        .task_from_token(&token)
+        .access_token("github", &["read"])
+        .await
+        .unwrap_err();
+    assert_eq!(e.oauth_code(), Some("invalid_request"), "ended: {e}");
+}
+
+#[tokio::test]
+async fn a_dropped_task_is_ended() {
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let task = client
+        .start_task(
+            &identity,
+            &TaskRequest::new(["github:read"], "dropped", "dev"),
+        )
+        .await
+        .unwrap();
+    let token = task.token().to_owned();
+    drop(task);
+    let mut ended = false;
+    for _ in 0..100 {
+        // A fresh value each time: no in-memory cache.
+        let probe = client.task_from_token(&token);
+        if probe.access_token("github", &[]).await.is_err() {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ended, "the dropped task was ended");
+}
+
+#[tokio::test]
+async fn errors_say_what_happened() {
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let e = client
+        .start_task(&identity, &TaskRequest::new(["jira:read"], "p", "dev"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::OAuth { status: 400, error, .. } if error == "invalid_scope"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("unknown tool `jira`"), "{e}");
+
+    let down = Client::new("http://127.0.0.1:9").unwrap();
+    let e = down
+        .start_task(&identity, &TaskRequest::new(["github:read"], "p", "dev"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("is `scrip serve` running?"), "{e}");
+}

@@ -1,0 +1,567 @@
+//! Human approval (SPEC §5), modelled on OpenID CIBA.
+//!
+//! When policy would allow a step only with a person's approval (a request
+//! that Cedar denies with `context.approved == false` and allows with
+//! `true`), the exchange issues nothing and answers `authorization_pending`
+//! with an `auth_req_id`. A person authenticated by their own identity (an
+//! `[[approvers]]` entry: a trusted issuer's subject, or a local uid
+//! attested over the socket) sees exactly what is asked and approves or
+//! denies. The agent polls the token endpoint with the CIBA grant; on
+//! approval it receives one access token for exactly that step: single use,
+//! `approved_token_ttl` seconds, naming the approval and the approver.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use scrip_config::Approver;
+use scrip_policy::{RequestContext, Stage};
+use scrip_store::{Approval, ApprovalState, AuditEvent, TaskRecord, TaskState, Write};
+use scrip_token::{
+    AccessClaims, ActionName, ActionSet, ApprovalClaim, TaskClaims, TokenKind, WorkloadIdentity,
+    derived_expiry, token_type,
+};
+use serde_json::{Value, json};
+
+use crate::error::OAuthError;
+use crate::exchange::{decide, no_store};
+use crate::form::Form;
+use crate::introspect::caller_identity;
+use crate::state::{AppState, Inner, now};
+
+/// The CIBA grant type used to poll.
+pub const CIBA_GRANT: &str = "urn:openid:params:grant-type:ciba";
+
+/// Last poll per `auth_req_id`, for `slow_down`.
+#[derive(Debug, Default)]
+pub struct Polls(Mutex<HashMap<String, Instant>>);
+
+impl Polls {
+    /// Records a poll; `false` when it came sooner than `interval` after
+    /// the previous one.
+    fn allow(&self, id: &str, interval: Duration) -> bool {
+        let Ok(mut map) = self.0.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        if map.len() > 100_000 {
+            map.retain(|_, at| now.duration_since(*at) < Duration::from_secs(3600));
+        }
+        match map.insert(id.to_owned(), now) {
+            Some(prev) => now.duration_since(prev) >= interval,
+            None => true,
+        }
+    }
+}
+
+/// Opens an approval for `actions` at `tool` in `task`: commits it with its
+/// audit records, calls the webhook, and answers `authorization_pending`.
+pub(crate) async fn request(
+    st: &Inner,
+    task: &TaskRecord,
+    tool: &str,
+    actions: &ActionSet,
+    mut writes: Vec<Write>,
+    base: &AuditEvent,
+) -> Result<Response, OAuthError> {
+    let now = now();
+    let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let approval = Approval {
+        id: id.clone(),
+        task_id: task.id.clone(),
+        tool: tool.to_owned(),
+        actions: actions.to_string(),
+        state: ApprovalState::Pending,
+        created_at: now,
+        expires_at: now.saturating_add(st.config.approval_ttl),
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+        token_jti: None,
+    };
+    let mut a = base.clone();
+    a.event = "approval.requested".into();
+    a.tool = Some(tool.to_owned());
+    a.actions = Some(approval.actions.clone());
+    a.reason = Some(format!("auth_req_id {id}"));
+    writes.push(Write::InsertApproval(Box::new(approval.clone())));
+    writes.push(Write::Audit(Box::new(a)));
+    st.store.commit(writes).await?;
+    tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %approval.actions, "approval requested");
+    if let Some(url) = st.config.approval_webhook.clone() {
+        let body = describe(&approval, Some(task));
+        tokio::spawn(notify(st.http.clone(), url, body));
+    }
+    let mut response = (
+        StatusCode::BAD_REQUEST,
+        Json(json!({
+            "error": "authorization_pending",
+            "error_description": "this step needs a person's approval; poll with the auth_req_id",
+            "auth_req_id": id,
+            "interval": st.config.approval_poll_interval,
+            "expires_in": st.config.approval_ttl,
+        })),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+/// What a person sees about an approval.
+fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
+    let mut v = json!({
+        "auth_req_id": a.id,
+        "state": a.state.as_str(),
+        "tool": a.tool,
+        "actions": a.actions,
+        "task": a.task_id,
+        "created_at": a.created_at,
+        "expires_at": a.expires_at,
+    });
+    if let (Some(t), Some(obj)) = (task, v.as_object_mut()) {
+        obj.insert(
+            "agent".into(),
+            json!({"issuer": t.agent.issuer, "subject": t.agent.subject}),
+        );
+        obj.insert("purpose".into(), json!(t.purpose));
+        obj.insert("environment".into(), json!(t.environment));
+        obj.insert("delegation_depth".into(), json!(t.depth));
+        obj.insert(
+            "delegation_chain".into(),
+            json!(
+                t.actor
+                    .as_ref()
+                    .map(scrip_token::Actor::chain)
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    v
+}
+
+/// POSTs the pending approval to the webhook, retrying with backoff.
+async fn notify(http: reqwest::Client, url: String, body: Value) {
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=4 {
+        match http.post(&url).json(&body).send().await {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => tracing::warn!(attempt, status = %r.status(), "approval webhook refused"),
+            Err(e) => tracing::warn!(attempt, error = %e, "approval webhook failed"),
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
+    tracing::error!("approval webhook gave up after 4 attempts");
+}
+
+/// `grant_type=urn:openid:params:grant-type:ciba`: the agent polls.
+pub(crate) async fn poll(
+    st: &Inner,
+    form: &Form,
+    peer: SocketAddr,
+) -> Result<Response, OAuthError> {
+    let id = form.require("auth_req_id")?;
+    // The poller proves it holds the task: nobody polls someone else's request.
+    let subject = form.get("subject_token").ok_or_else(|| {
+        OAuthError::invalid_request(
+            "parameter `subject_token` is required: the task token that asked",
+        )
+    })?;
+    let claims = st
+        .verify_own::<TaskClaims>(subject, TokenKind::Task)
+        .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?
+        .claims;
+    let unknown =
+        || OAuthError::invalid_grant("auth_req_id is unknown, already used, or not this task's");
+    let approval = st.store.approval(id).await?.ok_or_else(unknown)?;
+    if approval.task_id != claims.txn {
+        return Err(unknown());
+    }
+    let now = now();
+    match approval.state {
+        ApprovalState::Pending if now >= approval.expires_at => Err(OAuthError::expired_token()),
+        ApprovalState::Expired => Err(OAuthError::expired_token()),
+        ApprovalState::Pending => {
+            if st
+                .polls
+                .allow(id, Duration::from_secs(st.config.approval_poll_interval))
+            {
+                Err(OAuthError::authorization_pending())
+            } else {
+                Err(OAuthError::slow_down())
+            }
+        }
+        ApprovalState::Denied => Err(OAuthError::access_denied(format!(
+            "a person denied this step: {}",
+            approval.reason.as_deref().unwrap_or("no reason given")
+        ))),
+        ApprovalState::Used => Err(unknown()),
+        ApprovalState::Approved => issue(st, &claims, &approval, peer).await,
+    }
+}
+
+/// Issues the single token of an approved step.
+async fn issue(
+    st: &Inner,
+    claims: &TaskClaims,
+    approval: &Approval,
+    peer: SocketAddr,
+) -> Result<Response, OAuthError> {
+    let now = now();
+    let task = crate::exchange::active_task(st, claims, now)
+        .await?
+        .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    let tool = st
+        .config
+        .tool(&approval.tool)
+        .ok_or_else(|| OAuthError::invalid_target("the approved tool is no longer configured"))?;
+    let actions = ActionSet::parse(&approval.actions).map_err(|_| OAuthError::server_error())?;
+    let approver = approval.decided_by.clone().unwrap_or_default();
+    // The policy is asked again, now with the approval: it may have changed.
+    let ctx = RequestContext {
+        stage: Stage::Token,
+        purpose: task.purpose.clone(),
+        environment: task.environment.clone(),
+        delegation_depth: task.depth,
+        delegation_chain: task
+            .actor
+            .as_ref()
+            .map(scrip_token::Actor::chain)
+            .unwrap_or_default(),
+        now,
+        approved: true,
+    };
+    let mut base = st.audit("approval.used");
+    base.agent_iss = Some(task.agent.issuer.clone());
+    base.agent_sub = Some(task.agent.subject.clone());
+    base.task_id = Some(task.id.clone());
+    base.parent_id.clone_from(&task.parent);
+    base.chain.clone_from(&ctx.delegation_chain);
+    base.environment = Some(task.environment.clone());
+    base.purpose = Some(task.purpose.clone());
+    base.tool = Some(tool.name.to_string());
+    base.actions = Some(actions.to_string());
+    base.client = Some(peer.to_string());
+    let mut policies = Vec::new();
+    for action in actions.iter() {
+        let d = decide(st, &task.agent, tool, action, &ctx);
+        if !d.allowed {
+            let mut a = base.clone();
+            a.event = "token.decision".into();
+            a.decision = Some("deny".into());
+            a.policies = d.policies;
+            a.reason = Some(d.reason);
+            st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
+            return Err(OAuthError::access_denied(
+                "policy no longer allows this step, even approved",
+            ));
+        }
+        policies.extend(d.policies);
+    }
+    let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let exp = derived_expiry(now, st.config.approved_token_ttl, task.expires_at);
+    let access = AccessClaims {
+        iss: st.issuer.clone(),
+        sub: task.agent.subject.clone(),
+        aud: tool.name.to_string(),
+        iat: now,
+        exp,
+        jti: jti.clone(),
+        client_id: task
+            .actor
+            .as_ref()
+            .map_or_else(|| task.agent.subject.clone(), |a| a.sub.clone()),
+        scope: actions.to_string(),
+        txn: task.id.clone(),
+        act: task.actor.clone(),
+        approval: Some(ApprovalClaim {
+            id: approval.id.clone(),
+            approver: approver.clone(),
+            single_use: true,
+        }),
+    };
+    let token = st
+        .signer
+        .sign_jwt(TokenKind::Access.typ(), &access)
+        .map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            OAuthError::server_error()
+        })?;
+    let mut a = base;
+    a.decision = Some("allow".into());
+    a.policies = policies;
+    a.jti = Some(jti.clone());
+    a.reason = Some(format!("approved by {approver}"));
+    st.store
+        .commit(vec![
+            Write::UpdateApproval {
+                id: approval.id.clone(),
+                from: ApprovalState::Approved,
+                to: ApprovalState::Used,
+                by: None,
+                at: now,
+                reason: None,
+                token_jti: Some(jti.clone()),
+            },
+            Write::Audit(Box::new(a)),
+        ])
+        .await?;
+    // Two polls racing for one approval: only the one whose update applied
+    // may hand out the token.
+    let after = st.store.approval(&approval.id).await?;
+    if after.and_then(|a| a.token_jti) != Some(jti.clone()) {
+        return Err(OAuthError::invalid_grant(
+            "auth_req_id is unknown, already used, or not this task's",
+        ));
+    }
+    tracing::info!(auth_req_id = %approval.id, jti = %jti, approver = %approver, "approved step issued");
+    Ok(no_store(json!({
+        "access_token": token,
+        "issued_token_type": token_type::ACCESS_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": exp.saturating_sub(now),
+        "scope": access.scope,
+    })))
+}
+
+/// Which approver, if any, this identity is.
+fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
+    let local_issuer = format!("{}/local", st.issuer);
+    st.config.approvers.iter().find(|a| {
+        let by_identity = a.issuer.as_deref() == Some(who.issuer.as_str())
+            && a.subject.as_deref() == Some(who.subject.as_str());
+        // Only scrip's own attestation makes a `Local` identity: the uid is
+        // the kernel's word for who connected to the socket.
+        let by_uid = a.uid.is_some_and(|uid| {
+            who.kind == scrip_token::IdentityKind::Local
+                && who.issuer == local_issuer
+                && who.claims.get("scrip_attestation.uid").map(String::as_str)
+                    == Some(uid.to_string().as_str())
+        });
+        by_identity || by_uid
+    })
+}
+
+async fn authenticate(
+    st: &Inner,
+    headers: &HeaderMap,
+) -> Result<(WorkloadIdentity, Approver), OAuthError> {
+    let who = caller_identity(st, headers).await?;
+    let Some(a) = approver(st, &who) else {
+        return Err(OAuthError::forbidden(format!(
+            "`{}` is not an approver; approvers are listed in the configuration's [[approvers]]",
+            who.subject
+        )));
+    };
+    Ok((who, a.clone()))
+}
+
+/// `GET /approvals`: the pending approvals, with everything asked.
+pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let st = &state.0;
+    let result = async {
+        authenticate(st, &headers).await?;
+        let pending = st.store.pending_approvals(now(), 1000).await?;
+        let mut out = Vec::with_capacity(pending.len());
+        for a in &pending {
+            let task = st.store.task(&a.task_id).await?;
+            out.push(describe(a, task.as_ref()));
+        }
+        Ok::<_, OAuthError>(json!({ "approvals": out }))
+    }
+    .await;
+    match result {
+        Ok(v) => no_store(v),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /approvals/{id}/approve`.
+pub async fn approve_endpoint(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    decide_endpoint(&state.0, &id, &headers, body, peer, true).await
+}
+
+/// `POST /approvals/{id}/deny` with `reason=...`.
+pub async fn deny_endpoint(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    decide_endpoint(&state.0, &id, &headers, body, peer, false).await
+}
+
+async fn decide_endpoint(
+    st: &Inner,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+    peer: SocketAddr,
+    approve: bool,
+) -> Response {
+    let result = async {
+        let (who, approver) = authenticate(st, headers).await?;
+        let reason = if approve {
+            None
+        } else {
+            let form = Form::read(headers, body).await?;
+            Some(form.require("reason")?.chars().take(500).collect::<String>())
+        };
+        let approval = st
+            .store
+            .approval(id)
+            .await?
+            .ok_or_else(|| OAuthError::not_found("no approval has this id"))?;
+        let now = now();
+        if approval.state != ApprovalState::Pending {
+            return Err(OAuthError::conflict(format!(
+                "this approval is already {}",
+                approval.state.as_str()
+            )));
+        }
+        if now >= approval.expires_at {
+            return Err(OAuthError::conflict("this approval has expired"));
+        }
+        let task = st
+            .store
+            .task(&approval.task_id)
+            .await?
+            .ok_or_else(OAuthError::server_error)?;
+        if st.config.separation_of_duties && started_by(&task, &who) {
+            return Err(OAuthError::forbidden(
+                "separation of duties: you may not approve a step of a task you started or act in",
+            ));
+        }
+        if task.state(now) != TaskState::Active {
+            return Err(OAuthError::conflict("the task has ended"));
+        }
+        let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
+        let mut a = st.audit(if approve { "approval.granted" } else { "approval.denied" });
+        a.decision = Some(if approve { "allow" } else { "deny" }.into());
+        a.agent_iss = Some(task.agent.issuer.clone());
+        a.agent_sub = Some(task.agent.subject.clone());
+        a.task_id = Some(task.id.clone());
+        a.tool = Some(approval.tool.clone());
+        a.actions = Some(approval.actions.clone());
+        a.environment = Some(task.environment.clone());
+        a.purpose = Some(task.purpose.clone());
+        a.reason = Some(format!(
+            "{} by {} ({} {}){}",
+            if approve { "approved" } else { "denied" },
+            approver.name,
+            who.issuer,
+            who.subject,
+            reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        ));
+        a.client = Some(peer.to_string());
+        st.store
+            .commit(vec![
+                Write::UpdateApproval {
+                    id: approval.id.clone(),
+                    from: ApprovalState::Pending,
+                    to,
+                    by: Some(approver.name.clone()),
+                    at: now,
+                    reason: reason.clone(),
+                    token_jti: None,
+                },
+                Write::Audit(Box::new(a)),
+            ])
+            .await?;
+        let after = st.store.approval(id).await?.ok_or_else(OAuthError::server_error)?;
+        if after.state != to || after.decided_by.as_deref() != Some(approver.name.as_str()) {
+            return Err(OAuthError::conflict(format!("this approval is already {}", after.state.as_str())));
+        }
+        tracing::info!(auth_req_id = %id, approver = %approver.name, approved = approve, "approval decided");
+        Ok(describe(&after, Some(&task)))
+    }
+    .await;
+    match result {
+        Ok(v) => no_store(v),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Whether `who` started `task` or acts in its delegation chain.
+fn started_by(task: &TaskRecord, who: &WorkloadIdentity) -> bool {
+    if task.agent.issuer == who.issuer && task.agent.subject == who.subject {
+        return true;
+    }
+    let mut actor = task.actor.as_ref();
+    while let Some(a) = actor {
+        if a.sub == who.subject && a.iss.as_deref().is_none_or(|i| i == who.issuer) {
+            return true;
+        }
+        actor = a.act.as_deref();
+    }
+    false
+}
+
+/// Marks expired pending approvals and audits them (run by the sweeper).
+pub(crate) async fn expire(st: &Inner, now: u64) {
+    let Ok(due) = st.store.expired_approvals(now, 500).await else {
+        return;
+    };
+    if due.is_empty() {
+        return;
+    }
+    let mut writes = Vec::new();
+    for ap in &due {
+        writes.push(Write::UpdateApproval {
+            id: ap.id.clone(),
+            from: ApprovalState::Pending,
+            to: ApprovalState::Expired,
+            by: None,
+            at: now,
+            reason: None,
+            token_jti: None,
+        });
+        let mut a = st.audit("approval.expired");
+        a.task_id = Some(ap.task_id.clone());
+        a.tool = Some(ap.tool.clone());
+        a.actions = Some(ap.actions.clone());
+        a.reason = Some(format!("auth_req_id {} was not decided in time", ap.id));
+        writes.push(Write::Audit(Box::new(a)));
+    }
+    if let Err(e) = st.store.commit(writes).await {
+        tracing::warn!(error = %e, "could not record expired approvals; will retry");
+    }
+}
+
+/// Which of `actions` need approval: policy denies them as they are and
+/// allows them approved. Returns the decision as asked and whether an
+/// approval would allow it.
+pub(crate) fn classify(
+    st: &Inner,
+    agent: &WorkloadIdentity,
+    tool: &scrip_config::Tool,
+    action: &ActionName,
+    ctx: &RequestContext,
+) -> (scrip_policy::Decision, bool) {
+    let d = decide(st, agent, tool, action, ctx);
+    if d.allowed || ctx.approved {
+        return (d, false);
+    }
+    let approved = RequestContext {
+        approved: true,
+        ..ctx.clone()
+    };
+    let with = decide(st, agent, tool, action, &approved);
+    (d, with.allowed)
+}

@@ -1,0 +1,325 @@
+//! Local workload attestation over the real Unix socket: who is identified,
+//! who is refused and why, and that the identity starts a task over HTTP
+//! with its attributes visible to Cedar.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+
+use common::{Options, TestServer, decode_parts};
+use scrip_config::LocalWorkload;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Lets local workloads named `tests` read and write anything in `dev`.
+const LOCAL_POLICY: &str = r#"
+@id("local-tests-dev")
+permit (principal, action in [Action::"read", Action::"write"], resource)
+when {
+  principal.kind == "local" &&
+  principal has workload && principal.workload == "tests" &&
+  principal has exe_sha256 &&
+  context.environment == "dev"
+};
+"#;
+
+fn socket(server: &TestServer) -> PathBuf {
+    server.dir.path().join("data/scrip.sock")
+}
+
+/// Sends `request` on the socket and returns the raw answer.
+async fn send(server: &TestServer, request: &[u8]) -> String {
+    let mut stream = tokio::net::UnixStream::connect(socket(server))
+        .await
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+async fn attest(server: &TestServer) -> Value {
+    let answer = send(server, b"ATTEST\n").await;
+    assert!(answer.ends_with('\n'), "{answer:?}");
+    serde_json::from_str(&answer).unwrap()
+}
+
+fn own_exe() -> (String, String) {
+    let exe = std::env::current_exe().unwrap();
+    let bytes = std::fs::read(&exe).unwrap();
+    let sha: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (exe.to_str().unwrap().to_owned(), sha)
+}
+
+fn workload(name: &str) -> LocalWorkload {
+    LocalWorkload {
+        name: name.into(),
+        uid: None,
+        gid: None,
+        exe: None,
+        exe_sha256: None,
+    }
+}
+
+async fn with_workloads(workloads: Vec<LocalWorkload>) -> TestServer {
+    TestServer::start_with(Options {
+        extra_policies: vec![("local.cedar".into(), LOCAL_POLICY.into())],
+        edit: Some(Box::new(move |c| c.local_workloads = workloads)),
+        ..Options::default()
+    })
+    .await
+}
+
+fn uid() -> u32 {
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+#[tokio::test]
+async fn without_workloads_a_process_of_the_same_user_is_identified_by_uid_and_exe() {
+    let server = TestServer::start().await;
+    let path = socket(&server);
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let answer = attest(&server).await;
+    assert_eq!(answer["expires_in"], 300, "{answer}");
+    let token = answer["identity_token"].as_str().unwrap();
+    let (header, claims) = decode_parts(token);
+    assert_eq!(header["typ"], "wit+jwt");
+    assert_eq!(claims["iss"], format!("{}/local", server.url));
+    assert_eq!(claims["aud"], server.url);
+    assert_eq!(claims["sub"], format!("local:uid:{}", uid()));
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        300
+    );
+    assert!(claims["jti"].is_string());
+    let (exe, sha) = own_exe();
+    let att = &claims["scrip_attestation"];
+    assert_eq!(att["uid"], uid());
+    assert_eq!(att["pid"], std::process::id());
+    assert_eq!(att["exe"], exe);
+    assert_eq!(att["exe_sha256"], sha);
+    assert!(att.get("workload").is_none());
+
+    // The same over HTTP/1.1, as `curl --unix-socket` sends it.
+    let http = send(
+        &server,
+        b"POST /attest HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(http.starts_with("HTTP/1.1 200 OK\r\n"), "{http}");
+    let body: Value = serde_json::from_str(http.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(body["identity_token"].is_string());
+
+    // The decision is audited, naming the token by jti.
+    let audit = server.audit().await;
+    let record = audit
+        .iter()
+        .find(|a| a.event == "identity.attest" && a.jti.as_deref() == claims["jti"].as_str())
+        .expect("an audit record of the attestation");
+    assert_eq!(record.decision.as_deref(), Some("allow"));
+    assert!(!format!("{record:?}").contains(token));
+
+    server.stop().await;
+    assert!(!path.exists(), "the socket file is removed at shutdown");
+}
+
+#[tokio::test]
+async fn selectors_name_the_workload_and_the_sha256_selector_is_checked() {
+    let (exe, sha) = own_exe();
+    let server = with_workloads(vec![
+        LocalWorkload {
+            uid: Some(uid().wrapping_add(1)),
+            ..workload("other-user")
+        },
+        LocalWorkload {
+            exe_sha256: Some("0".repeat(64)),
+            ..workload("other-binary")
+        },
+        LocalWorkload {
+            uid: Some(uid()),
+            exe: Some(PathBuf::from(&exe)),
+            exe_sha256: Some(sha.clone()),
+            ..workload("tests")
+        },
+    ])
+    .await;
+    let answer = attest(&server).await;
+    let (_, claims) = decode_parts(answer["identity_token"].as_str().unwrap());
+    assert_eq!(claims["sub"], "local:tests");
+    assert_eq!(claims["scrip_attestation"]["workload"], "tests");
+    assert_eq!(claims["scrip_attestation"]["exe_sha256"], sha);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_process_matching_nothing_is_refused_with_a_clear_message() {
+    let (exe, _) = own_exe();
+    let server = with_workloads(vec![
+        LocalWorkload {
+            exe_sha256: Some("0".repeat(64)),
+            ..workload("pinned")
+        },
+        LocalWorkload {
+            exe: Some(PathBuf::from("/usr/bin/true")),
+            ..workload("true")
+        },
+    ])
+    .await;
+    let answer = attest(&server).await;
+    assert_eq!(answer["error"], "access_denied", "{answer}");
+    let d = answer["error_description"].as_str().unwrap();
+    assert!(
+        d.starts_with("no [[local_workloads]] entry matches this process"),
+        "{d}"
+    );
+    assert!(d.contains(&exe), "{d}");
+    assert!(d.contains("add one to scrip's configuration"), "{d}");
+    assert!(answer.get("identity_token").is_none());
+
+    let http = send(&server, b"POST /attest HTTP/1.1\r\n\r\n").await;
+    assert!(http.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{http}");
+
+    let audit = server.audit().await;
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.event == "identity.attest" && a.decision.as_deref() == Some("deny")),
+        "the refusal is audited"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_on_the_socket_is_refused() {
+    let server = TestServer::start().await;
+    for request in [&b"HELLO\n"[..], b"GET /attest HTTP/1.1\r\n\r\n", b""] {
+        let answer = send(&server, request).await;
+        let answer = answer.split("\r\n\r\n").last().unwrap();
+        let body: Value = serde_json::from_str(answer.trim()).unwrap();
+        assert_eq!(body["error"], "invalid_request", "{request:?}: {body}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_local_identity_starts_a_task_and_cedar_sees_its_attributes() {
+    let (_, sha) = own_exe();
+    let server = with_workloads(vec![LocalWorkload {
+        exe_sha256: Some(sha),
+        ..workload("tests")
+    }])
+    .await;
+    let identity = attest(&server).await["identity_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let task = server
+        .start_task(&identity, "github:read github:delete", "dev", "local run")
+        .await;
+    assert_eq!(task["scope"], "github:read", "{task}");
+    let task_token = task["access_token"].as_str().unwrap();
+    let (_, claims) = decode_parts(task_token);
+    assert_eq!(claims["sub"], "local:tests");
+    assert_eq!(claims["tctx"]["agent_iss"], format!("{}/local", server.url));
+    let access = server.access_token(task_token, "github", None).await;
+    assert_eq!(access.status, 200, "{}", access.text);
+
+    // Outside `dev` the policy does not apply.
+    server
+        .try_start_task(&identity, "github:read", "prod", "local run", None)
+        .await
+        .assert_error(400, "access_denied");
+
+    // The local identity authenticates an introspection call too.
+    let at = access.body["access_token"].as_str().unwrap();
+    let r = server
+        .post_raw(
+            "/introspect",
+            "application/x-www-form-urlencoded",
+            format!("token={at}").into_bytes(),
+            Some(&identity),
+        )
+        .await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_federated_token_claiming_an_attestation_is_not_a_local_identity() {
+    let server = with_workloads(vec![LocalWorkload {
+        uid: Some(uid()),
+        ..workload("tests")
+    }])
+    .await;
+    let mut claims = server.k8s.claims("local:tests");
+    claims["scrip_attestation"] = serde_json::json!({
+        "workload": "tests", "uid": 0, "gid": 0, "pid": 1,
+        "exe": "/x", "exe_sha256": "0".repeat(64)
+    });
+    let forged = server.k8s.sign(&claims);
+    server
+        .try_start_task(&forged, "github:read", "dev", "forged", None)
+        .await
+        .assert_error(400, "access_denied");
+
+    // A token signed by another key under the local issuer is refused.
+    let mut claims = server.k8s.claims("local:tests");
+    claims["iss"] = format!("{}/local", server.url).into();
+    claims["aud"] = server.url.clone().into();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.typ = Some("wit+jwt".into());
+    header.kid = Some(server.k8s.es_kid.clone());
+    let forged = server.k8s.sign_with(&header, &claims);
+    server
+        .try_start_task(&forged, "github:read", "dev", "forged", None)
+        .await
+        .assert_error(400, "invalid_request");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
+    let server = TestServer::start().await;
+    let path = socket(&server);
+    let mut config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: server.dir.path().join("data"),
+        policy_dir: common::repo_policies(),
+        ..scrip_config::Config::default()
+    };
+    let err = scrip_server::Server::bind(config.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("another scrip is serving it"),
+        "{err}"
+    );
+    assert!(path.exists());
+    server.stop().await;
+
+    // A stale socket file (nobody listening) is replaced.
+    let dir = tempfile::tempdir().unwrap();
+    config.data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(config.data_dir.join("scrip.sock")).unwrap());
+    let second = scrip_server::Server::bind(config).await.unwrap();
+    drop(second);
+}
