@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 failure (a refused configuration, a failed policy
 //! test, a server error), 2 a usage error (from clap).
 
+mod approve;
 mod audit;
 mod run;
 mod token;
@@ -77,6 +78,48 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Ask scrip whether a token is active (RFC 7662 introspection).
+    ///
+    /// Prints scrip's answer: the token's claims with `"active": true`, or
+    /// exactly `{"active":false}`. You are identified as for `approvals`.
+    Introspect {
+        /// The token.
+        token: String,
+        #[command(flatten)]
+        approver: approve::ApproverArgs,
+    },
+    /// List the steps waiting for a person's approval.
+    ///
+    /// Shows, for each, everything asked: the agent, the task and its
+    /// purpose, the environment, the tool and actions, the delegation chain.
+    /// You are identified by your identity token (--identity-file or
+    /// SCRIP_IDENTITY) or, on scrip's host, by local attestation of your uid;
+    /// you must be one of the configuration's [[approvers]].
+    Approvals {
+        #[command(flatten)]
+        approver: approve::ApproverArgs,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending step: the agent then gets one single-use token for
+    /// exactly that step.
+    Approve {
+        /// The approval id (auth_req_id), from `scrip approvals`.
+        id: String,
+        #[command(flatten)]
+        approver: approve::ApproverArgs,
+    },
+    /// Deny a pending step.
+    Deny {
+        /// The approval id (auth_req_id), from `scrip approvals`.
+        id: String,
+        /// Why: the agent sees it.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        approver: approve::ApproverArgs,
     },
     /// Verify, query and export the audit trail.
     ///
@@ -179,6 +222,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Token(args) => token::token(&args),
         Command::Policy { command } => policy(command),
+        Command::Approvals { approver, json } => approve::list(&approver, json),
+        Command::Introspect { token, approver } => approve::introspect(&approver, &token),
+        Command::Approve { id, approver } => approve::decide(&approver, &id, None),
+        Command::Deny { id, reason, approver } => approve::decide(&approver, &id, Some(&reason)),
         Command::Audit { config, command } => match command {
             AuditCommand::Verify { public_key } => {
                 audit::verify(config.as_deref(), public_key.as_ref())

@@ -1,0 +1,164 @@
+//! `scrip approvals`, `scrip approve`, `scrip deny`: a person decides steps
+//! that policy allows only with approval.
+//!
+//! The approver is authenticated without a static secret: by their own
+//! identity token from a trusted issuer (`--identity-file` or
+//! `SCRIP_IDENTITY`), or by local attestation over scrip's socket, which
+//! identifies their uid.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use scrip_client::Identity;
+use serde_json::Value;
+
+use crate::fail;
+
+/// How the approver reaches scrip and proves who they are.
+#[derive(Debug, clap::Args)]
+pub struct ApproverArgs {
+    /// scrip's address.
+    #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
+    server: String,
+    /// A file holding your identity token (JWT) from a trusted issuer;
+    /// default: SCRIP_IDENTITY, else local attestation on the socket.
+    #[arg(long, value_name = "FILE")]
+    identity_file: Option<PathBuf>,
+    /// scrip's local attestation socket.
+    #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+async fn identity(args: &ApproverArgs) -> Result<Identity, String> {
+    if let Some(file) = &args.identity_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read the identity file `{}`: {e}", file.display()))?;
+        return Identity::from_jwt(&text).map_err(|e| format!("identity file `{}`: {e}", file.display()));
+    }
+    if let Some(token) = std::env::var_os("SCRIP_IDENTITY").filter(|t| !t.is_empty()) {
+        return Identity::from_jwt(&token.to_string_lossy()).map_err(|e| format!("SCRIP_IDENTITY: {e}"));
+    }
+    scrip_client::attest(&args.socket).await.map_err(|e| e.to_string())
+}
+
+/// Sends one request as the approver; returns the JSON answer or the
+/// server's error description.
+async fn call(args: &ApproverArgs, method: reqwest::Method, path: &str, form: Option<&[(&str, &str)]>) -> Result<Value, String> {
+    let who = identity(args).await?;
+    let http = reqwest::Client::new();
+    let url = format!("{}{path}", args.server.trim_end_matches('/'));
+    let mut req = http.request(method, &url).bearer_auth(who.token());
+    if let Some(form) = form {
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        req = req
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body);
+    }
+    let response = req
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach scrip at {}: {e}; is `scrip serve` running?", args.server))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let description = body
+            .get("error_description")
+            .and_then(Value::as_str)
+            .unwrap_or("no description");
+        Err(format!("scrip refused ({status}): {description}"))
+    }
+}
+
+fn block_on<T>(f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?
+        .block_on(f)
+}
+
+fn text(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// `scrip approvals`: what waits for a decision.
+#[expect(clippy::print_stdout, reason = "the command's output")]
+pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
+    match block_on(call(args, reqwest::Method::GET, "/approvals", None)) {
+        Err(e) => fail(e),
+        Ok(body) => {
+            let items = body.get("approvals").and_then(Value::as_array).cloned().unwrap_or_default();
+            if json {
+                for a in &items {
+                    println!("{a}");
+                }
+            } else if items.is_empty() {
+                println!("no pending approvals");
+            } else {
+                for a in &items {
+                    let agent = a.get("agent").map(|g| text(g, "subject")).unwrap_or_default();
+                    let chain = a
+                        .get("delegation_chain")
+                        .and_then(Value::as_array)
+                        .map(|c| c.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" <- "))
+                        .filter(|c| !c.is_empty())
+                        .unwrap_or_else(|| "none".into());
+                    println!("{}", text(a, "auth_req_id"));
+                    println!("  agent:       {agent}");
+                    println!("  task:        {} ({})", text(a, "task"), text(a, "purpose"));
+                    println!("  environment: {}", text(a, "environment"));
+                    println!("  asks:        {} at {}", text(a, "actions"), text(a, "tool"));
+                    println!("  delegation:  {chain}");
+                    println!("  expires at:  {}", text(a, "expires_at"));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `scrip approve ID` / `scrip deny ID --reason TEXT`.
+#[expect(clippy::print_stdout, reason = "the command's output")]
+pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitCode {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return fail(format!("`{id}` is not an approval id; see `scrip approvals`"));
+    }
+    let (path, form) = match deny_reason {
+        None => (format!("/approvals/{id}/approve"), None),
+        Some(reason) => (format!("/approvals/{id}/deny"), Some(vec![("reason", reason)])),
+    };
+    match block_on(call(args, reqwest::Method::POST, &path, form.as_deref())) {
+        Err(e) => fail(e),
+        Ok(body) => {
+            println!(
+                "{} {}: {} at {} for task {}",
+                text(&body, "state"),
+                id,
+                text(&body, "actions"),
+                text(&body, "tool"),
+                text(&body, "task")
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `scrip introspect TOKEN`: asks scrip whether a token is active,
+/// authenticated as you (RFC 7662).
+#[expect(clippy::print_stdout, reason = "the command's output")]
+pub fn introspect(args: &ApproverArgs, token: &str) -> ExitCode {
+    let token = token.trim();
+    match block_on(call(args, reqwest::Method::POST, "/introspect", Some(&[("token", token)]))) {
+        Err(e) => fail(e),
+        Ok(body) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,827 @@
+//! Human approval over HTTP (SPEC §5, issue 5): a step policy allows only
+//! with a person's approval goes pending; the agent polls with the CIBA
+//! grant; an approver decides; the approved step runs on a fresh,
+//! single-use, short-lived token naming the approval and the approver.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use scrip_config::{Approver, Config};
+use serde_json::{Value, json};
+
+const CIBA: &str = "urn:openid:params:grant-type:ciba";
+/// The agent that starts the tasks.
+const AGENT: &str = "system:serviceaccount:agents:coder";
+/// A person who approves.
+const ALICE: &str = "system:serviceaccount:people:alice";
+const PURPOSE: &str = "cleanup JIRA-9";
+
+fn approver(name: &str, issuer: &str, subject: &str) -> Approver {
+    Approver {
+        name: name.to_owned(),
+        issuer: Some(issuer.to_owned()),
+        subject: Some(subject.to_owned()),
+        uid: None,
+    }
+}
+
+fn alice() -> Approver {
+    approver("alice", K8S_ISSUER, ALICE)
+}
+
+/// Options with this configuration change.
+fn edit(f: impl FnOnce(&mut Config) + Send + 'static) -> Options {
+    Options {
+        edit: Some(Box::new(f)),
+        ..Options::default()
+    }
+}
+
+/// A server where alice approves.
+async fn server() -> TestServer {
+    TestServer::start_with(edit(|c| c.approvers = vec![alice()])).await
+}
+
+/// Alice's identity token.
+fn alice_id(s: &TestServer) -> String {
+    s.k8s.kubernetes("people", "alice")
+}
+
+/// A task of `coder` in prod holding `github:delete`.
+async fn prod_task(s: &TestServer) -> String {
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .start_task(&identity, "github:delete", "prod", PURPOSE)
+        .await;
+    r["access_token"].as_str().unwrap().to_owned()
+}
+
+/// Asks for `delete` at github; asserts it goes pending; the auth_req_id.
+async fn pending(s: &TestServer, task: &str) -> String {
+    let r = s.access_token(task, "github", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
+    r.body["auth_req_id"].as_str().unwrap().to_owned()
+}
+
+async fn poll(s: &TestServer, task: &str, id: &str) -> Reply {
+    s.post_form(
+        "/token",
+        &[
+            ("grant_type", CIBA),
+            ("auth_req_id", id),
+            ("subject_token", task),
+        ],
+    )
+    .await
+}
+
+async fn approve(s: &TestServer, id: &str, bearer: Option<&str>) -> Reply {
+    s.post_raw(
+        &format!("/approvals/{id}/approve"),
+        "application/x-www-form-urlencoded",
+        Vec::new(),
+        bearer,
+    )
+    .await
+}
+
+async fn deny(s: &TestServer, id: &str, bearer: Option<&str>, reason: &str) -> Reply {
+    let body = format!("reason={}", urlencode(reason));
+    s.post_raw(
+        &format!("/approvals/{id}/deny"),
+        "application/x-www-form-urlencoded",
+        body.into_bytes(),
+        bearer,
+    )
+    .await
+}
+
+async fn list(s: &TestServer, bearer: Option<&str>) -> Reply {
+    let mut req = s.http.get(format!("{}/approvals", s.url));
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+/// Approves `id` as alice and polls the token; panics unless issued.
+async fn approved_token(s: &TestServer, task: &str, id: &str) -> Reply {
+    let r = approve(s, id, Some(&alice_id(s))).await;
+    assert_eq!(r.status, 200, "approve: {}", r.text);
+    let r = poll(s, task, id).await;
+    assert_eq!(r.status, 200, "poll after approval: {}", r.text);
+    r
+}
+
+/// Waits up to `secs` seconds for `f` to hold.
+async fn eventually<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_step_needing_approval_answers_authorization_pending() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let id = r.body["auth_req_id"].as_str().unwrap();
+    assert!(id.len() >= 16, "{id}");
+    assert_eq!(r.body["interval"], 2, "{}", r.text);
+    assert_eq!(r.body["expires_in"], 600, "{}", r.text);
+    assert!(r.body.get("access_token").is_none(), "{}", r.text);
+    // Nothing was issued for it.
+    let audit = s.audit().await;
+    assert!(
+        !audit.iter().any(|e| e.event == "token.issued"),
+        "a pending step issued a token"
+    );
+    // Each request gets its own id.
+    let other = pending(&s, &task).await;
+    assert_ne!(other, id);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn polling_is_pending_then_slow_down_when_too_fast() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "authorization_pending");
+    poll(&s, &task, &id).await.assert_error(400, "slow_down");
+    // After the interval, pending again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "authorization_pending");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn approval_yields_one_token_for_exactly_the_step() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "authorization_pending");
+    let r = approve(&s, &id, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "approved", "{}", r.text);
+    let r = poll(&s, &task, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.body["token_type"], "Bearer");
+    assert_eq!(r.body["issued_token_type"], ACCESS);
+    assert_eq!(r.body["scope"], "delete");
+    let expires_in = r.body["expires_in"].as_u64().unwrap();
+    assert!((1..=60).contains(&expires_in), "{expires_in}");
+    let token = r.body["access_token"].as_str().unwrap();
+    let (h, c) = decode_parts(token);
+    let (_, tc) = decode_parts(&task);
+    assert_eq!(h["typ"], "at+jwt");
+    assert_eq!(c["aud"], "github");
+    assert_eq!(c["scope"], "delete");
+    assert_eq!(c["sub"], AGENT);
+    assert_eq!(c["txn"], tc["txn"]);
+    assert_eq!(
+        c["approval"],
+        json!({"id": id, "approver": "alice", "single_use": true})
+    );
+    let (iat, exp) = (c["iat"].as_u64().unwrap(), c["exp"].as_u64().unwrap());
+    assert!(exp <= iat + 60, "exp {exp} iat {iat}");
+    assert!(exp <= now() + 60);
+    assert!(exp <= tc["exp"].as_u64().unwrap());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_approved_token_never_outlives_its_task() {
+    let s = server().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:delete", "prod", PURPOSE, Some(20))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let task = r.body["access_token"].as_str().unwrap().to_owned();
+    let id = pending(&s, &task).await;
+    let r = approved_token(&s, &task, &id).await;
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    let (_, tc) = decode_parts(&task);
+    assert!(c["exp"].as_u64().unwrap() <= tc["exp"].as_u64().unwrap());
+    assert!(r.body["expires_in"].as_u64().unwrap() <= 20, "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_poll_after_the_token_is_invalid_grant() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    approved_token(&s, &task, &id).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "invalid_grant");
+    // Waiting does not help.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "invalid_grant");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_approved_token_introspects_active_once() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let r = approved_token(&s, &task, &id).await;
+    let token = r.body["access_token"].as_str().unwrap();
+    let r = s.introspect(token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(r.body["scope"], "delete");
+    assert_eq!(r.body["aud"], "github");
+    let r = s.introspect(token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, json!({"active": false}));
+    assert_eq!(s.introspect(token).await.body, json!({"active": false}));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_denial_answers_access_denied_with_the_reason() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let r = deny(&s, &id, Some(&alice_id(&s)), "not during the freeze").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "denied", "{}", r.text);
+    let r = poll(&s, &task, &id).await;
+    r.assert_error(400, "access_denied");
+    assert!(
+        r.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not during the freeze"),
+        "{}",
+        r.text
+    );
+    // It stays denied.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "access_denied");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_denial_needs_a_reason() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let r = s
+        .post_raw(
+            &format!("/approvals/{id}/deny"),
+            "application/x-www-form-urlencoded",
+            Vec::new(),
+            Some(&alice_id(&s)),
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    // Still pending.
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "authorization_pending");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn deciding_an_already_decided_approval_is_a_conflict() {
+    let s = server().await;
+    let alice = alice_id(&s);
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    assert_eq!(approve(&s, &id, Some(&alice)).await.status, 200);
+    approve(&s, &id, Some(&alice))
+        .await
+        .assert_error(409, "conflict");
+    deny(&s, &id, Some(&alice), "changed my mind")
+        .await
+        .assert_error(409, "conflict");
+    // Used: still a conflict.
+    assert_eq!(poll(&s, &task, &id).await.status, 200);
+    approve(&s, &id, Some(&alice))
+        .await
+        .assert_error(409, "conflict");
+
+    let id = pending(&s, &task).await;
+    assert_eq!(deny(&s, &id, Some(&alice), "no").await.status, 200);
+    approve(&s, &id, Some(&alice))
+        .await
+        .assert_error(409, "conflict");
+    deny(&s, &id, Some(&alice), "no again")
+        .await
+        .assert_error(409, "conflict");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_undecided_approval_expires() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        c.approval_ttl = 1;
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
+    assert_eq!(r.body["expires_in"], 1, "{}", r.text);
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "expired_token");
+    // The sweeper records the expiry.
+    let expired = eventually(5, || async {
+        s.audit().await.iter().any(|e| {
+            e.event == "approval.expired" && e.reason.as_deref().is_some_and(|r| r.contains(&id))
+        })
+    })
+    .await;
+    assert!(expired, "no approval.expired audit record");
+    let audit = s.audit().await;
+    let e = audit
+        .iter()
+        .find(|e| e.event == "approval.expired")
+        .unwrap();
+    let (_, tc) = decode_parts(&task);
+    assert_eq!(e.task_id.as_deref(), tc["txn"].as_str());
+    assert_eq!(e.tool.as_deref(), Some("github"));
+    assert_eq!(e.actions.as_deref(), Some("delete"));
+    // Marked expired: still expired_token, and not listed.
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "expired_token");
+    let r = list(&s, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["approvals"], json!([]), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn approving_an_expired_approval_is_a_conflict() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        c.approval_ttl = 1;
+    }))
+    .await;
+    let alice = alice_id(&s);
+    let task = prod_task(&s).await;
+    // Expired but maybe not yet swept.
+    let id = pending(&s, &task).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    approve(&s, &id, Some(&alice))
+        .await
+        .assert_error(409, "conflict");
+    // Swept.
+    let id2 = pending(&s, &task).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    approve(&s, &id2, Some(&alice))
+        .await
+        .assert_error(409, "conflict");
+    deny(&s, &id2, Some(&alice), "too late")
+        .await
+        .assert_error(409, "conflict");
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "expired_token");
+    poll(&s, &task, &id2)
+        .await
+        .assert_error(400, "expired_token");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_poll_with_another_tasks_token_is_invalid_grant() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let other = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    poll(&s, &other, &id)
+        .await
+        .assert_error(400, "invalid_grant");
+    // Even once approved, the other task gets nothing, and the owner still can.
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    poll(&s, &other, &id)
+        .await
+        .assert_error(400, "invalid_grant");
+    assert_eq!(poll(&s, &task, &id).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_poll_for_an_unknown_auth_req_id_is_invalid_grant() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    poll(&s, &task, "no-such-request")
+        .await
+        .assert_error(400, "invalid_grant");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_poll_needs_the_task_token() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    s.post_form("/token", &[("grant_type", CIBA), ("auth_req_id", &id)])
+        .await
+        .assert_error(400, "invalid_request");
+    s.post_form("/token", &[("grant_type", CIBA), ("subject_token", &task)])
+        .await
+        .assert_error(400, "invalid_request");
+    // An identity token is not a task token.
+    let identity = s.k8s.kubernetes("agents", "coder");
+    poll(&s, &identity, &id)
+        .await
+        .assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn approving_needs_an_approver_identity() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    // No identity, a bad one.
+    approve(&s, &id, None)
+        .await
+        .assert_error(401, "invalid_token");
+    approve(&s, &id, Some("not-a-jwt"))
+        .await
+        .assert_error(401, "invalid_token");
+    deny(&s, &id, None, "no")
+        .await
+        .assert_error(401, "invalid_token");
+    // An identity from an untrusted issuer.
+    let stranger = Idp::new("https://evil.example").kubernetes("people", "alice");
+    approve(&s, &id, Some(&stranger))
+        .await
+        .assert_error(401, "invalid_token");
+    // A trusted identity that is not an approver.
+    let bob = s.k8s.kubernetes("people", "bob");
+    let r = approve(&s, &id, Some(&bob)).await;
+    r.assert_error(403, "access_denied");
+    deny(&s, &id, Some(&bob), "no")
+        .await
+        .assert_error(403, "access_denied");
+    // Alice's subject from another issuer is not alice.
+    let fake = s.github.sign(&s.github.claims(ALICE));
+    approve(&s, &id, Some(&fake))
+        .await
+        .assert_error(403, "access_denied");
+    // Nothing was decided.
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "authorization_pending");
+    // An unknown id, for an approver.
+    approve(&s, "no-such-approval", Some(&alice_id(&s)))
+        .await
+        .assert_error(404, "not_found");
+    deny(&s, "no-such-approval", Some(&alice_id(&s)), "no")
+        .await
+        .assert_error(404, "not_found");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn separation_of_duties_refuses_the_agent_itself() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice(), approver("coder", K8S_ISSUER, AGENT)];
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let coder = s.k8s.kubernetes("agents", "coder");
+    let r = approve(&s, &id, Some(&coder)).await;
+    r.assert_error(403, "access_denied");
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    deny(&s, &id, Some(&coder), "no")
+        .await
+        .assert_error(403, "access_denied");
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "authorization_pending");
+    // Someone else may.
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn without_separation_of_duties_the_agent_may_approve() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![approver("coder", K8S_ISSUER, AGENT)];
+        c.separation_of_duties = false;
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let coder = s.k8s.kubernetes("agents", "coder");
+    let r = approve(&s, &id, Some(&coder)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = poll(&s, &task, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(c["approval"]["approver"], "coder");
+    s.stop().await;
+}
+
+/// Lets sub-agents do more than read, so a child can hold `delete`.
+fn delegation_allowed(f: impl FnOnce(&mut Config) + Send + 'static) -> Options {
+    Options {
+        extra_policies: vec![(
+            "delegated-read-only.cedar".into(),
+            "// replaced by the approval tests\n".into(),
+        )],
+        edit: Some(Box::new(f)),
+        ..Options::default()
+    }
+}
+
+const ACTOR: &str = "spiffe://acme.example/reviewer";
+
+/// A child of a prod task, acted by the SPIFFE reviewer, holding github:delete.
+async fn child_task(s: &TestServer) -> String {
+    let parent = prod_task(s).await;
+    let actor = s.spiffe.spiffe("acme.example", "/reviewer");
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &parent),
+                ("subject_token_type", TXN),
+                ("actor_token", &actor),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", "github:delete"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "delegate: {}", r.text);
+    r.body["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn separation_of_duties_refuses_an_actor_in_the_chain() {
+    let s = TestServer::start_with(delegation_allowed(|c| {
+        c.approvers = vec![alice(), approver("reviewer", SPIFFE_ISSUER, ACTOR)];
+    }))
+    .await;
+    let child = child_task(&s).await;
+    let id = pending(&s, &child).await;
+    let reviewer = s.spiffe.spiffe("acme.example", "/reviewer");
+    approve(&s, &id, Some(&reviewer))
+        .await
+        .assert_error(403, "access_denied");
+    // The agent that started the root is in the chain too.
+    let r = list(&s, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let a = &r.body["approvals"][0];
+    assert_eq!(a["auth_req_id"], id.as_str(), "{}", r.text);
+    assert_eq!(a["delegation_depth"], 1, "{}", r.text);
+    assert_eq!(a["delegation_chain"], json!([ACTOR]), "{}", r.text);
+    // Alice approves; the token carries the act chain.
+    let r = approved_token(&s, &child, &id).await;
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(c["act"]["sub"], ACTOR, "{c}");
+    assert_eq!(c["approval"]["approver"], "alice");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn approvers_list_the_pending_approvals_with_everything_asked() {
+    let s = server().await;
+    let alice = alice_id(&s);
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    // Only approvers see it.
+    list(&s, None).await.assert_error(401, "invalid_token");
+    list(&s, Some("not-a-jwt"))
+        .await
+        .assert_error(401, "invalid_token");
+    let bob = s.k8s.kubernetes("people", "bob");
+    list(&s, Some(&bob))
+        .await
+        .assert_error(403, "access_denied");
+    let coder = s.k8s.kubernetes("agents", "coder");
+    list(&s, Some(&coder))
+        .await
+        .assert_error(403, "access_denied");
+
+    let r = list(&s, Some(&alice)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let all = r.body["approvals"].as_array().unwrap();
+    assert_eq!(all.len(), 1, "{}", r.text);
+    let a = &all[0];
+    let (_, tc) = decode_parts(&task);
+    assert_eq!(a["auth_req_id"], id.as_str());
+    assert_eq!(a["state"], "pending");
+    assert_eq!(a["task"], tc["txn"]);
+    assert_eq!(a["agent"], json!({"issuer": K8S_ISSUER, "subject": AGENT}));
+    assert_eq!(a["purpose"], PURPOSE);
+    assert_eq!(a["environment"], "prod");
+    assert_eq!(a["tool"], "github");
+    assert_eq!(a["actions"], "delete");
+    assert_eq!(a["delegation_depth"], 0);
+    assert_eq!(a["delegation_chain"], json!([]));
+    let (created, expires) = (
+        a["created_at"].as_u64().unwrap(),
+        a["expires_at"].as_u64().unwrap(),
+    );
+    assert_eq!(expires, created + 600);
+
+    // Decided ones leave the list.
+    let id2 = pending(&s, &task).await;
+    assert_eq!(
+        list(&s, Some(&alice)).await.body["approvals"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(approve(&s, &id, Some(&alice)).await.status, 200);
+    assert_eq!(deny(&s, &id2, Some(&alice), "no").await.status, 200);
+    let r = list(&s, Some(&alice)).await;
+    assert_eq!(r.body["approvals"], json!([]), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn requests_decisions_and_uses_are_audited_with_the_approver() {
+    let s = server().await;
+    let alice = alice_id(&s);
+    let task = prod_task(&s).await;
+    let (_, tc) = decode_parts(&task);
+    let txn = tc["txn"].as_str().unwrap();
+    let id = pending(&s, &task).await;
+    let r = approved_token(&s, &task, &id).await;
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    let id2 = pending(&s, &task).await;
+    assert_eq!(deny(&s, &id2, Some(&alice), "not today").await.status, 200);
+
+    let audit = s.audit().await;
+    let requested: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event == "approval.requested")
+        .collect();
+    assert_eq!(requested.len(), 2);
+    for (e, id) in requested.iter().zip([&id, &id2]) {
+        assert!(e.reason.as_deref().unwrap().contains(id.as_str()), "{e:?}");
+        assert_eq!(e.task_id.as_deref(), Some(txn));
+        assert_eq!(e.agent_sub.as_deref(), Some(AGENT));
+        assert_eq!(e.tool.as_deref(), Some("github"));
+        assert_eq!(e.actions.as_deref(), Some("delete"));
+        assert_eq!(e.environment.as_deref(), Some("prod"));
+        assert_eq!(e.purpose.as_deref(), Some(PURPOSE));
+    }
+    let granted = audit
+        .iter()
+        .find(|e| e.event == "approval.granted")
+        .expect("approval.granted");
+    assert_eq!(granted.decision.as_deref(), Some("allow"));
+    assert_eq!(granted.task_id.as_deref(), Some(txn));
+    assert_eq!(granted.tool.as_deref(), Some("github"));
+    assert_eq!(granted.actions.as_deref(), Some("delete"));
+    let reason = granted.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("alice") && reason.contains(ALICE),
+        "{reason}"
+    );
+
+    let used = audit
+        .iter()
+        .find(|e| e.event == "approval.used")
+        .expect("approval.used");
+    assert_eq!(used.decision.as_deref(), Some("allow"));
+    assert_eq!(used.jti.as_deref(), c["jti"].as_str());
+    assert_eq!(used.task_id.as_deref(), Some(txn));
+    assert!(
+        used.reason.as_deref().unwrap().contains("alice"),
+        "{used:?}"
+    );
+
+    let denied = audit
+        .iter()
+        .find(|e| e.event == "approval.denied")
+        .expect("approval.denied");
+    assert_eq!(denied.decision.as_deref(), Some("deny"));
+    assert_eq!(denied.task_id.as_deref(), Some(txn));
+    let reason = denied.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("alice") && reason.contains("not today"),
+        "{reason}"
+    );
+    s.stop().await;
+}
+
+#[derive(Clone, Default)]
+struct Hook {
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+async fn hook(
+    axum::extract::State(h): axum::extract::State<Hook>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::http::StatusCode {
+    let mut bodies = h.bodies.lock().unwrap();
+    bodies.push(body);
+    if bodies.len() == 1 {
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        axum::http::StatusCode::OK
+    }
+}
+
+#[tokio::test]
+async fn the_webhook_hears_of_a_pending_approval_with_retries() {
+    let h = Hook::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(h.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    let url = format!("http://{addr}/hook");
+    let s = TestServer::start_with(edit(move |c| {
+        c.approvers = vec![alice()];
+        c.approval_webhook = Some(url);
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let count = || h.bodies.lock().unwrap().len();
+    assert!(
+        eventually(10, || async { count() >= 2 }).await,
+        "the webhook was not retried after a 500: {} calls",
+        count()
+    );
+    // Success ends the retries.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let bodies = h.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 2, "{bodies:#?}");
+    assert_eq!(bodies[0], bodies[1]);
+    let b = &bodies[1];
+    let (_, tc) = decode_parts(&task);
+    assert_eq!(b["auth_req_id"], id.as_str(), "{b}");
+    assert_eq!(b["state"], "pending");
+    assert_eq!(b["task"], tc["txn"]);
+    assert_eq!(b["agent"], json!({"issuer": K8S_ISSUER, "subject": AGENT}));
+    assert_eq!(b["purpose"], PURPOSE);
+    assert_eq!(b["environment"], "prod");
+    assert_eq!(b["tool"], "github");
+    assert_eq!(b["actions"], "delete");
+    assert_eq!(b["delegation_chain"], json!([]));
+    s.stop().await;
+    server.abort();
+}
