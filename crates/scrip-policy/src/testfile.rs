@@ -41,6 +41,10 @@ struct Agent {
     subject: String,
     #[serde(default)]
     claims: toml::Table,
+    /// An identity from scrip's local attestation (its claims must hold a
+    /// `scrip_attestation` table).
+    #[serde(default)]
+    local: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -129,8 +133,14 @@ pub fn run_test_file(
                 .unwrap_or_default();
         claims.insert("sub".into(), case.agent.subject.clone().into());
         claims.insert("iss".into(), case.agent.issuer.clone().into());
-        let agent = WorkloadIdentity::from_claims(&case.agent.issuer, &claims)
-            .ok_or_else(|| err("agent subject is empty".into()))?;
+        let agent = if case.agent.local {
+            WorkloadIdentity::from_local_claims(&case.agent.issuer, &claims).ok_or_else(|| {
+                err("a local agent needs a subject and a `scrip_attestation` table in its claims".into())
+            })?
+        } else {
+            WorkloadIdentity::from_claims(&case.agent.issuer, &claims)
+                .ok_or_else(|| err("agent subject is empty".into()))?
+        };
         let tool = all_tools
             .get(case.tool.as_str())
             .cloned()
