@@ -9,16 +9,80 @@
 use std::collections::HashMap;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
 
 use crate::JoseError;
 
 /// The most keys a JWKS may hold.
 const MAX_KEYS: usize = 64;
 
+/// One key, parsed once for each algorithm it may verify.
 struct Entry {
-    algorithms: Vec<Algorithm>,
-    key: DecodingKey,
+    keys: Vec<(Algorithm, ParsedPublicKey)>,
+}
+
+/// Parses the public key of `jwk` for each of `algorithms`; an empty list
+/// when the key material is unusable (bad encoding, point not on the curve,
+/// RSA modulus under 2048 bits).
+fn parse(jwk: &Jwk, algorithms: &[Algorithm]) -> Vec<(Algorithm, ParsedPublicKey)> {
+    let dec = |s: &str| URL_SAFE_NO_PAD.decode(s).ok();
+    let mut out = Vec::new();
+    for &alg in algorithms {
+        let parsed = match (&jwk.algorithm, alg) {
+            (AlgorithmParameters::EllipticCurve(p), Algorithm::ES256 | Algorithm::ES384) => {
+                let (Some(x), Some(y)) = (dec(&p.x), dec(&p.y)) else {
+                    continue;
+                };
+                let (verifier, size): (&'static sig::EcdsaVerificationAlgorithm, usize) =
+                    if alg == Algorithm::ES256 {
+                        (&sig::ECDSA_P256_SHA256_FIXED, 32)
+                    } else {
+                        (&sig::ECDSA_P384_SHA384_FIXED, 48)
+                    };
+                if x.len() != size || y.len() != size {
+                    continue;
+                }
+                let mut point = Vec::with_capacity(1 + 2 * size);
+                point.push(4);
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                ParsedPublicKey::new(verifier, point).ok()
+            }
+            (AlgorithmParameters::OctetKeyPair(p), Algorithm::EdDSA) => dec(&p.x)
+                .filter(|x| x.len() == 32)
+                .and_then(|x| ParsedPublicKey::new(&sig::ED25519, x).ok()),
+            (AlgorithmParameters::RSA(p), _) => {
+                let params: &'static sig::RsaParameters = match alg {
+                    Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+                    Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+                    Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+                    Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+                    Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+                    Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+                    _ => continue,
+                };
+                let (Some(n), Some(e)) = (dec(&p.n), dec(&p.e)) else {
+                    continue;
+                };
+                // Leading zero bytes do not count towards the key size.
+                let significant = n.iter().skip_while(|b| **b == 0).count();
+                if significant < 256 {
+                    continue;
+                }
+                RsaPublicKeyComponents { n: &n, e: &e }
+                    .to_parsed_public_key(params)
+                    .ok()
+            }
+            _ => None,
+        };
+        if let Some(k) = parsed {
+            out.push((alg, k));
+        }
+    }
+    out
 }
 
 /// Public keys by `kid`, each with the algorithms it may verify.
@@ -101,10 +165,11 @@ impl KeySet {
             if algorithms.is_empty() {
                 continue;
             }
-            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            let keys = parse(&jwk, &algorithms);
+            if keys.is_empty() {
                 continue;
-            };
-            set.insert(jwk.common.key_id, Entry { algorithms, key })?;
+            }
+            set.insert(jwk.common.key_id, Entry { keys })?;
         }
         if set.is_empty() {
             return Err(JoseError::Key("JWKS holds no usable signature key".into()));
@@ -158,11 +223,7 @@ impl KeySet {
     /// [`JoseError::UnknownKey`] when no key matches;
     /// [`JoseError::KeyAlgorithmMismatch`] when the key is pinned to another
     /// algorithm.
-    pub(crate) fn find(
-        &self,
-        kid: Option<&str>,
-        alg: Algorithm,
-    ) -> Result<&DecodingKey, JoseError> {
+    pub(crate) fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<&ParsedPublicKey, JoseError> {
         let entry = match kid {
             Some(kid) => self.by_kid.get(kid),
             // Without a `kid`, only an unambiguous set may be used.
@@ -173,10 +234,11 @@ impl KeySet {
             None => None,
         }
         .ok_or(JoseError::UnknownKey)?;
-        if entry.algorithms.contains(&alg) {
-            Ok(&entry.key)
-        } else {
-            Err(JoseError::KeyAlgorithmMismatch)
-        }
+        entry
+            .keys
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, k)| k)
+            .ok_or(JoseError::KeyAlgorithmMismatch)
     }
 }

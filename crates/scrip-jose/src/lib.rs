@@ -4,11 +4,14 @@
 //!
 //! Signing keeps a parsed key and assembles the compact JWS itself (the
 //! [`SigningKey`]), which is twice as fast as re-parsing a PKCS#8 document per
-//! token and leaves room for an HSM behind the same type. Verification uses
-//! `jsonwebtoken` for the signature and the registered claims, and adds the
-//! checks RFC 8725 asks for that it leaves out: an explicit `typ`, refusing
-//! `crit`, refusing key-location headers (`jku`, `x5u`, `jwk`, `x5c`), a size
-//! cap and compact serialization only.
+//! token and leaves room for an HSM behind the same type. Verification keeps
+//! each public key parsed once (aws-lc-rs) per algorithm it may verify,
+//! checks the signature over the signing input, decodes the claims once, and
+//! checks what RFC 7519 and RFC 8725 ask: an explicit `typ`, no `crit`, no
+//! key-location headers (`jku`, `x5u`, `jwk`, `x5c`), a size cap, compact
+//! serialization only, the algorithm allow-list, exact `iss`, a required
+//! `aud`, `exp`, `nbf` and `iat`. `jsonwebtoken` is used for its JWK and
+//! algorithm types.
 //!
 //! Architecture invariant: the only way to obtain claims from a JWT is
 //! [`verify`], and it never returns claims whose signature, `typ`, `iss`,

@@ -621,7 +621,7 @@ async fn separation_of_duties_refuses_an_actor_in_the_chain() {
     approve(&s, &id, Some(&reviewer))
         .await
         .assert_error(403, "access_denied");
-    // The agent that started the root is in the chain too.
+    // Approvers see the chain.
     let r = list(&s, Some(&alice_id(&s))).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let a = &r.body["approvals"][0];
@@ -824,4 +824,100 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
     assert_eq!(b["delegation_chain"], json!([]));
     s.stop().await;
     server.abort();
+}
+
+#[tokio::test]
+async fn racing_polls_get_one_token() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, url, task, id) = (s.http.clone(), s.url.clone(), task.clone(), id.clone());
+        set.spawn(async move {
+            let body = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs([
+                    ("grant_type", CIBA),
+                    ("auth_req_id", &id),
+                    ("subject_token", &task),
+                ])
+                .finish();
+            let r = http
+                .post(format!("{url}/token"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap();
+            (status, body)
+        });
+    }
+    let mut replies = Vec::new();
+    while let Some(r) = set.join_next().await {
+        replies.push(r.unwrap());
+    }
+    let ok = replies.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(ok, 1, "{replies:#?}");
+    for (status, body) in replies.iter().filter(|(status, _)| *status != 200) {
+        assert_eq!(
+            (*status, &body["error"]),
+            (400, &json!("invalid_grant")),
+            "{body}"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn racing_decisions_decide_once() {
+    let s = server().await;
+    let alice = alice_id(&s);
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let (a, d) = tokio::join!(
+        approve(&s, &id, Some(&alice)),
+        deny(&s, &id, Some(&alice), "no")
+    );
+    let mut statuses = [a.status, d.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "{a:?} {d:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_approved_step_is_the_whole_step_asked() {
+    let s = server().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .start_task(&identity, "github:read github:delete", "prod", PURPOSE)
+        .await;
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    let r = s.access_token(&task, "github", Some("read delete")).await;
+    r.assert_error(400, "authorization_pending");
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    let listed = list(&s, Some(&alice_id(&s))).await;
+    assert_eq!(listed.body["approvals"][0]["actions"], "delete read");
+    let r = approved_token(&s, &task, &id).await;
+    assert_eq!(r.body["scope"], "delete read", "{}", r.text);
+    // Reading alone needs no approval.
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert!(c.get("approval").is_none(), "{c}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn approving_a_step_of_an_ended_task_is_a_conflict() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    assert_eq!(s.revoke(&task).await.status, 200);
+    approve(&s, &id, Some(&alice_id(&s)))
+        .await
+        .assert_error(409, "conflict");
+    s.stop().await;
 }
