@@ -33,31 +33,47 @@ async fn identity(args: &ApproverArgs) -> Result<Identity, String> {
     if let Some(file) = &args.identity_file {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read the identity file `{}`: {e}", file.display()))?;
-        return Identity::from_jwt(&text).map_err(|e| format!("identity file `{}`: {e}", file.display()));
+        return Identity::from_jwt(&text)
+            .map_err(|e| format!("identity file `{}`: {e}", file.display()));
     }
     if let Some(token) = std::env::var_os("SCRIP_IDENTITY").filter(|t| !t.is_empty()) {
-        return Identity::from_jwt(&token.to_string_lossy()).map_err(|e| format!("SCRIP_IDENTITY: {e}"));
+        return Identity::from_jwt(&token.to_string_lossy())
+            .map_err(|e| format!("SCRIP_IDENTITY: {e}"));
     }
-    scrip_client::attest(&args.socket).await.map_err(|e| e.to_string())
+    scrip_client::attest(&args.socket)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Sends one request as the approver; returns the JSON answer or the
 /// server's error description.
-async fn call(args: &ApproverArgs, method: reqwest::Method, path: &str, form: Option<&[(&str, &str)]>) -> Result<Value, String> {
+async fn call(
+    args: &ApproverArgs,
+    method: reqwest::Method,
+    path: &str,
+    form: Option<&[(&str, &str)]>,
+) -> Result<Value, String> {
     let who = identity(args).await?;
     let http = reqwest::Client::new();
     let url = format!("{}{path}", args.server.trim_end_matches('/'));
     let mut req = http.request(method, &url).bearer_auth(who.token());
     if let Some(form) = form {
-        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
         req = req
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
             .body(body);
     }
-    let response = req
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach scrip at {}: {e}; is `scrip serve` running?", args.server))?;
+    let response = req.send().await.map_err(|e| {
+        format!(
+            "cannot reach scrip at {}: {e}; is `scrip serve` running?",
+            args.server
+        )
+    })?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if status.is_success() {
@@ -93,7 +109,11 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
     match block_on(call(args, reqwest::Method::GET, "/approvals", None)) {
         Err(e) => fail(e),
         Ok(body) => {
-            let items = body.get("approvals").and_then(Value::as_array).cloned().unwrap_or_default();
+            let items = body
+                .get("approvals")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if json {
                 for a in &items {
                     println!("{a}");
@@ -102,18 +122,34 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                 println!("no pending approvals");
             } else {
                 for a in &items {
-                    let agent = a.get("agent").map(|g| text(g, "subject")).unwrap_or_default();
+                    let agent = a
+                        .get("agent")
+                        .map(|g| text(g, "subject"))
+                        .unwrap_or_default();
                     let chain = a
                         .get("delegation_chain")
                         .and_then(Value::as_array)
-                        .map(|c| c.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" <- "))
+                        .map(|c| {
+                            c.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(" <- ")
+                        })
                         .filter(|c| !c.is_empty())
                         .unwrap_or_else(|| "none".into());
                     println!("{}", text(a, "auth_req_id"));
                     println!("  agent:       {agent}");
-                    println!("  task:        {} ({})", text(a, "task"), text(a, "purpose"));
+                    println!(
+                        "  task:        {} ({})",
+                        text(a, "task"),
+                        text(a, "purpose")
+                    );
                     println!("  environment: {}", text(a, "environment"));
-                    println!("  asks:        {} at {}", text(a, "actions"), text(a, "tool"));
+                    println!(
+                        "  asks:        {} at {}",
+                        text(a, "actions"),
+                        text(a, "tool")
+                    );
                     println!("  delegation:  {chain}");
                     println!("  expires at:  {}", text(a, "expires_at"));
                 }
@@ -126,12 +162,21 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
 /// `scrip approve ID` / `scrip deny ID --reason TEXT`.
 #[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitCode {
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return fail(format!("`{id}` is not an approval id; see `scrip approvals`"));
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return fail(format!(
+            "`{id}` is not an approval id; see `scrip approvals`"
+        ));
     }
     let (path, form) = match deny_reason {
         None => (format!("/approvals/{id}/approve"), None),
-        Some(reason) => (format!("/approvals/{id}/deny"), Some(vec![("reason", reason)])),
+        Some(reason) => (
+            format!("/approvals/{id}/deny"),
+            Some(vec![("reason", reason)]),
+        ),
     };
     match block_on(call(args, reqwest::Method::POST, &path, form.as_deref())) {
         Err(e) => fail(e),
@@ -154,7 +199,12 @@ pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitC
 #[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn introspect(args: &ApproverArgs, token: &str) -> ExitCode {
     let token = token.trim();
-    match block_on(call(args, reqwest::Method::POST, "/introspect", Some(&[("token", token)]))) {
+    match block_on(call(
+        args,
+        reqwest::Method::POST,
+        "/introspect",
+        Some(&[("token", token)]),
+    )) {
         Err(e) => fail(e),
         Ok(body) => {
             println!("{body}");

@@ -225,7 +225,11 @@ fn main() -> ExitCode {
         Command::Approvals { approver, json } => approve::list(&approver, json),
         Command::Introspect { token, approver } => approve::introspect(&approver, &token),
         Command::Approve { id, approver } => approve::decide(&approver, &id, None),
-        Command::Deny { id, reason, approver } => approve::decide(&approver, &id, Some(&reason)),
+        Command::Deny {
+            id,
+            reason,
+            approver,
+        } => approve::decide(&approver, &id, Some(&reason)),
         Command::Audit { config, command } => match command {
             AuditCommand::Verify { public_key } => {
                 audit::verify(config.as_deref(), public_key.as_ref())

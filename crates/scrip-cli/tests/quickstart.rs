@@ -31,7 +31,11 @@ fn repo() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn answers(port: u16) -> bool {
@@ -74,12 +78,19 @@ fn the_readme_quickstart_works() {
     );
     let started = Instant::now();
     while !answers(port) {
-        assert!(started.elapsed() < Duration::from_secs(30), "scrip did not start");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "scrip did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     let bin_dir = Path::new(SCRIP).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let scrip = |args: &[&str]| {
         Command::new(SCRIP)
             .args(args)
@@ -106,7 +117,11 @@ fn the_readme_quickstart_works() {
         "-c",
         "scrip token --tool github --action read > token.txt && scrip introspect \"$(cat token.txt)\" > during.json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = std::fs::read_to_string(root.join("token.txt")).unwrap();
     let during: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("during.json")).unwrap()).unwrap();
@@ -115,7 +130,11 @@ fn the_readme_quickstart_works() {
     assert_eq!(during["scope"], "read");
 
     let out = scrip(&["introspect", token.trim()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(after, serde_json::json!({"active": false}));
 }

@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 
 use crate::JoseError;
 
@@ -223,7 +223,11 @@ impl KeySet {
     /// [`JoseError::UnknownKey`] when no key matches;
     /// [`JoseError::KeyAlgorithmMismatch`] when the key is pinned to another
     /// algorithm.
-    pub(crate) fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<&ParsedPublicKey, JoseError> {
+    pub(crate) fn find(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<&ParsedPublicKey, JoseError> {
         let entry = match kid {
             Some(kid) => self.by_kid.get(kid),
             // Without a `kid`, only an unambiguous set may be used.

@@ -138,7 +138,10 @@ fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<(), JoseEr
     if r.iss.as_ref().and_then(Value::as_str) != Some(exp.issuer) {
         return Err(JoseError::WrongIssuer);
     }
-    let accepted = |a: &Value| a.as_str().is_some_and(|a| exp.audiences.iter().any(|e| e == a));
+    let accepted = |a: &Value| {
+        a.as_str()
+            .is_some_and(|a| exp.audiences.iter().any(|e| e == a))
+    };
     let audience_ok = match &r.aud {
         Some(Value::String(_)) => r.aud.as_ref().is_some_and(accepted),
         Some(Value::Array(list)) => list.iter().any(accepted),

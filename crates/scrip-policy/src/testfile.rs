@@ -135,7 +135,10 @@ pub fn run_test_file(
         claims.insert("iss".into(), case.agent.issuer.clone().into());
         let agent = if case.agent.local {
             WorkloadIdentity::from_local_claims(&case.agent.issuer, &claims).ok_or_else(|| {
-                err("a local agent needs a subject and a `scrip_attestation` table in its claims".into())
+                err(
+                    "a local agent needs a subject and a `scrip_attestation` table in its claims"
+                        .into(),
+                )
             })?
         } else {
             WorkloadIdentity::from_claims(&case.agent.issuer, &claims)

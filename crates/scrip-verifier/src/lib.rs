@@ -373,6 +373,14 @@ impl Verifier {
     /// # Errors
     /// [`VerifyError`] naming the first check that failed.
     pub async fn verify(&self, token: &str) -> Result<AccessToken, VerifyError> {
+        self.check(token, None).await
+    }
+
+    async fn check(
+        &self,
+        token: &str,
+        required: Option<&ActionName>,
+    ) -> Result<AccessToken, VerifyError> {
         let inner = &self.0;
         let expectations = Expectations {
             issuer: &inner.issuer,
@@ -393,6 +401,14 @@ impl Verifier {
             ActionSet::parse(&verified.claims.scope).map_err(|_| VerifyError::BadScope)?;
         if let Some(revocations) = &inner.revocations {
             revocations.check(&verified.claims.txn, &verified.claims.jti)?;
+        }
+        if let Some(action) = required
+            && !actions.contains(action)
+        {
+            // Checked before a single-use token is spent.
+            return Err(VerifyError::InsufficientScope {
+                required: action.to_string(),
+            });
         }
         if verified
             .claims
@@ -434,8 +450,6 @@ impl Verifier {
         token: &str,
         action: &ActionName,
     ) -> Result<AccessToken, VerifyError> {
-        let token = self.verify(token).await?;
-        token.require(action)?;
-        Ok(token)
+        self.check(token, Some(action)).await
     }
 }
