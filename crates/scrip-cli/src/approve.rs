@@ -30,19 +30,7 @@ pub struct ApproverArgs {
 }
 
 async fn identity(args: &ApproverArgs) -> Result<Identity, String> {
-    if let Some(file) = &args.identity_file {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read the identity file `{}`: {e}", file.display()))?;
-        return Identity::from_jwt(&text)
-            .map_err(|e| format!("identity file `{}`: {e}", file.display()));
-    }
-    if let Some(token) = std::env::var_os("SCRIP_IDENTITY").filter(|t| !t.is_empty()) {
-        return Identity::from_jwt(&token.to_string_lossy())
-            .map_err(|e| format!("SCRIP_IDENTITY: {e}"));
-    }
-    scrip_client::attest(&args.socket)
-        .await
-        .map_err(|e| e.to_string())
+    crate::run::load_identity(args.identity_file.as_deref(), &args.socket).await
 }
 
 /// Sends one request as the approver; returns the JSON answer or the

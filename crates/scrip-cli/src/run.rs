@@ -286,7 +286,17 @@ async fn end_task(client: &Client, task: Task, cache: Option<&FileCache>) -> boo
 /// The identity: `--identity-file`, else `SCRIP_IDENTITY`, else local
 /// attestation on the socket.
 async fn identity(args: &RunArgs) -> Result<Identity, String> {
-    if let Some(file) = &args.identity_file {
+    load_identity(args.identity_file.as_deref(), &args.socket).await
+}
+
+/// An identity from `file`, else from `SCRIP_IDENTITY`, else from local
+/// attestation on `socket`: how every command that acts as someone finds out
+/// who.
+pub(crate) async fn load_identity(
+    file: Option<&std::path::Path>,
+    socket: &std::path::Path,
+) -> Result<Identity, String> {
+    if let Some(file) = file {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read the identity file `{}`: {e}", file.display()))?;
         return Identity::from_jwt(&text)
@@ -296,7 +306,7 @@ async fn identity(args: &RunArgs) -> Result<Identity, String> {
         return Identity::from_jwt(&token.to_string_lossy())
             .map_err(|e| format!("SCRIP_IDENTITY: {e}"));
     }
-    scrip_client::attest(&args.socket)
+    scrip_client::attest(socket)
         .await
         .map_err(|e| e.to_string())
 }

@@ -17,7 +17,7 @@ use scrip_store::{TaskRecord, Write};
 use scrip_token::{Actor, GrantSet, TaskClaims, TaskContext, TokenKind, token_type};
 
 use crate::error::OAuthError;
-use crate::exchange::{active_task, decision_event, no_store, parse_details};
+use crate::exchange::{active_task, decide_grants, no_store, parse_details};
 use crate::form::{Form, short};
 use crate::state::{Inner, now};
 
@@ -133,31 +133,13 @@ pub(crate) async fn delegate(
         a.client = Some(peer.to_string());
         a
     };
-    let mut writes = Vec::new();
-    let mut allowed = Vec::new();
-    for g in grants.iter() {
-        let Some(tool) = st.config.tool(g.tool.as_str()) else {
-            continue;
-        };
-        let (d, approvable) = crate::approval::classify(st, &parent.agent, tool, &g.action, &ctx);
-        let mut a = base(decision_event(st, "task.grant", &d));
-        if approvable {
-            a.reason = Some(format!("{}; each use needs a person's approval", d.reason));
-        }
-        a.tool = Some(g.tool.to_string());
-        a.actions = Some(g.action.to_string());
-        writes.push(Write::Audit(Box::new(a)));
-        if d.allowed || approvable {
-            allowed.push(g.clone());
-        }
-    }
+    let (mut writes, allowed) = decide_grants(st, &parent.agent, &grants, &ctx, &base);
     if allowed.is_empty() {
         st.store.commit(writes).await?;
         return Err(OAuthError::access_denied(
             "policy allows none of the requested grants to this sub-agent",
         ));
     }
-    let allowed: GrantSet = allowed.into_iter().collect();
     let ttl = ttl.unwrap_or(st.config.task_ttl);
     let exp = scrip_token::derived_expiry(now, ttl, parent.expires_at);
     let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;

@@ -191,6 +191,38 @@ pub(crate) fn decide(
     })
 }
 
+/// Decides each grant of a task start or delegation: returns the audit
+/// records of the decisions and the grants the task may hold. A grant policy
+/// allows only with a person's approval is held; each use of it then waits
+/// for that approval.
+pub(crate) fn decide_grants(
+    st: &Inner,
+    agent: &WorkloadIdentity,
+    grants: &GrantSet,
+    ctx: &RequestContext,
+    base: &dyn Fn(AuditEvent) -> AuditEvent,
+) -> (Vec<Write>, GrantSet) {
+    let mut writes = Vec::new();
+    let mut allowed = Vec::new();
+    for g in grants.iter() {
+        let Some(tool) = st.config.tool(g.tool.as_str()) else {
+            continue;
+        };
+        let (d, approvable) = crate::approval::classify(st, agent, tool, &g.action, ctx);
+        let mut a = base(decision_event(st, "task.grant", &d));
+        if approvable {
+            a.reason = Some(format!("{}; each use needs a person's approval", d.reason));
+        }
+        a.tool = Some(g.tool.to_string());
+        a.actions = Some(g.action.to_string());
+        writes.push(Write::Audit(Box::new(a)));
+        if d.allowed || approvable {
+            allowed.push(g.clone());
+        }
+    }
+    (writes, allowed.into_iter().collect())
+}
+
 pub(crate) fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEvent {
     let mut a = st.audit(event);
     a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
@@ -283,33 +315,13 @@ async fn start_task(
         a.client = Some(client.clone());
         a
     };
-    let mut writes = Vec::new();
-    let mut allowed = Vec::new();
-    for g in grants.iter() {
-        let Some(tool) = st.config.tool(g.tool.as_str()) else {
-            continue;
-        };
-        // A grant policy allows only with a person's approval is held by
-        // the task; each use of it then waits for that approval.
-        let (d, approvable) = crate::approval::classify(st, &agent, tool, &g.action, &ctx);
-        let mut a = base(decision_event(st, "task.grant", &d));
-        if approvable {
-            a.reason = Some(format!("{}; each use needs a person's approval", d.reason));
-        }
-        a.tool = Some(g.tool.to_string());
-        a.actions = Some(g.action.to_string());
-        writes.push(Write::Audit(Box::new(a)));
-        if d.allowed || approvable {
-            allowed.push(g.clone());
-        }
-    }
+    let (mut writes, allowed) = decide_grants(st, &agent, &grants, &ctx, &base);
     if allowed.is_empty() {
         st.store.commit(writes).await?;
         return Err(OAuthError::access_denied(
             "policy allows none of the requested grants",
         ));
     }
-    let allowed: GrantSet = allowed.into_iter().collect();
     let ttl = details
         .ttl
         .unwrap_or(st.config.task_ttl)
