@@ -21,8 +21,8 @@
 //! optionally in a private directory ([`Task::with_file_cache`]), and reused
 //! until shortly before they expire.
 //!
-//! Delegation to a sub-agent (`actor_token`) is not offered yet: the server
-//! does not accept it.
+//! [`Task::delegate`] gives a sub-agent a child task (RFC 8693 with an
+//! `actor_token`): never more grants or a later end than its parent.
 
 mod attest;
 mod cache;
@@ -460,6 +460,40 @@ impl Task {
             cache: Mutex::new(HashMap::new()),
             file_cache: None,
         }
+    }
+
+    /// Delegates part of this task to a sub-agent (SPEC §3): the child task
+    /// holds `grants` (a subset of this task's; empty: all of them), ends
+    /// no later than this one, and names `actor` in its `act` claim. The
+    /// returned task is ended when dropped; ending this one ends it too.
+    ///
+    /// # Errors
+    /// [`Error::OAuth`] when scrip refuses (`invalid_scope` beyond this
+    /// task's grants, `invalid_request` for a delegation too deep or an
+    /// actor the task's `may_act` excludes, `access_denied` by policy).
+    pub async fn delegate(&self, actor: &Identity, grants: &[&str]) -> Result<Task, Error> {
+        if let Some(exp) = actor.expires_at
+            && exp <= now()
+        {
+            return Err(Error::IdentityExpired { ago: now() - exp });
+        }
+        let scope = grants.join(" ");
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", self.token.as_str()),
+            ("subject_token_type", TXN_TOKEN),
+            ("actor_token", actor.token()),
+            ("actor_token_type", JWT),
+            ("requested_token_type", TXN_TOKEN),
+        ];
+        if !scope.is_empty() {
+            form.push(("scope", &scope));
+        }
+        let answer = self.client.token(&form).await?;
+        let mut child = Task::new(self.client.clone(), answer.access_token, true);
+        child.expires_at = Some(now() + answer.expires_in);
+        child.scope = Some(answer.scope);
+        Ok(child)
     }
 
     /// Also caches access tokens in `cache` (shared between processes of

@@ -178,3 +178,53 @@ async fn errors_say_what_happened() {
     assert!(matches!(e, Error::Unreachable { .. }), "{e}");
     assert!(e.to_string().contains("is `scrip serve` running?"), "{e}");
 }
+
+#[tokio::test]
+async fn delegate_to_a_sub_agent() {
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let parent = client
+        .start_task(
+            &identity,
+            &TaskRequest::new(["github:read"], "client delegation", "dev"),
+        )
+        .await
+        .unwrap();
+    let sub_agent = attest(&server.socket).await.unwrap();
+    let child = parent.delegate(&sub_agent, &["github:read"]).await.unwrap();
+    assert_eq!(child.scope(), Some("github:read"));
+    assert!(child.expires_at() <= parent.expires_at());
+    // The child's token names the sub-agent as the current actor.
+    let payload = child.token().split('.').nth(1).unwrap();
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["act"]["sub"], "local:uid:0", "{claims}");
+    assert_eq!(claims["tctx"]["depth"], 1);
+    assert_eq!(
+        child.access_token("github", &["read"]).await.unwrap().scope,
+        "read"
+    );
+
+    // Never more than the parent holds.
+    let e = parent
+        .delegate(&sub_agent, &["github:write"])
+        .await
+        .unwrap_err();
+    assert_eq!(e.oauth_code(), Some("invalid_scope"), "{e}");
+
+    // Ending the parent ends the child.
+    let child_token = child.into_token();
+    parent.end().await.unwrap();
+    let e = client
+        .task_from_token(&child_token)
+        .access_token("github", &["read"])
+        .await
+        .unwrap_err();
+    assert_eq!(e.oauth_code(), Some("invalid_request"), "{e}");
+}
