@@ -1,0 +1,379 @@
+//! Human approval end to end through the real `scrip` binary: an agent's
+//! delete in prod waits for a person; `scrip approvals`, `scrip approve` and
+//! `scrip deny` decide it; the agent's CIBA poll sees the decision.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use scrip_jose::{SigningAlgorithm, SigningKey};
+use serde_json::{Value, json};
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const CIBA: &str = "urn:openid:params:grant-type:ciba";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const TXN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const AGENT: &str = "system:serviceaccount:agents:cleaner";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A JWT's payload, decoded.
+fn payload(jwt: &str) -> Value {
+    let part = jwt.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn copy_policies(to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for entry in fs::read_dir(repo).unwrap() {
+        let path = entry.unwrap().path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("cedar" | "cedarschema")
+        ) {
+            fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// A running `scrip serve` with a test Kubernetes identity provider and one
+/// approver (uid 0, by local attestation); killed when dropped.
+struct Server {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    idp: SigningKey,
+}
+
+impl Server {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        copy_policies(&root.join("policies"));
+        let (idp, _pkcs8) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+        fs::write(
+            root.join("k8s-jwks.json"),
+            json!({ "keys": [idp.public_jwk()] }).to_string(),
+        )
+        .unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = format!(
+            r#"listen = "{addr}"
+data_dir = "{data}"
+policy_dir = "{policies}"
+
+[[trusted_issuers]]
+issuer = "{K8S_ISSUER}"
+jwks_file = "{jwks}"
+audiences = ["scrip"]
+algorithms = ["ES256"]
+
+[[tools]]
+name = "github"
+resource = "https://api.github.com"
+actions = ["read", "write", "delete"]
+
+[[approvers]]
+name = "root-operator"
+uid = 0
+"#,
+            data = root.join("data").display(),
+            policies = root.join("policies").display(),
+            jwks = root.join("k8s-jwks.json").display(),
+        );
+        fs::write(root.join("scrip.toml"), config).unwrap();
+        let log = root.join("serve.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(["serve", "--config"])
+            .arg(root.join("scrip.toml"))
+            .env_remove("SCRIP_CONFIG")
+            .env("SCRIP_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        let mut server = Self {
+            child,
+            dir,
+            addr,
+            idp,
+        };
+        let start = Instant::now();
+        while !(server.socket().exists() && TcpStream::connect(addr).is_ok()) {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("scrip serve exited with {status}: {}", server.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "scrip serve did not start: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("data/scrip.sock")
+    }
+
+    /// The agent's Kubernetes service-account token.
+    fn agent_identity(&self) -> String {
+        let now = now();
+        let claims = json!({
+            "iss": K8S_ISSUER,
+            "sub": AGENT,
+            "aud": "scrip",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "kubernetes.io": { "namespace": "agents", "serviceaccount": { "name": "cleaner" } },
+        });
+        self.idp.sign_jwt("JWT", &claims).unwrap()
+    }
+
+    /// `scrip <args>` as the person on this host: SCRIP_URL and SCRIP_SOCKET
+    /// point at this server; no identity in the environment.
+    fn scrip(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(args)
+            .env("SCRIP_URL", format!("http://{}", self.addr))
+            .env("SCRIP_SOCKET", self.socket())
+            .env_remove("SCRIP_IDENTITY")
+            .env_remove("SCRIP_TASK_TOKEN")
+            .env_remove("SCRIP_CONFIG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// A form POST: status and JSON body.
+    fn post(&self, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter())
+            .finish();
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let json = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .and_then(|b| serde_json::from_str(b.trim()).ok())
+            .unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    /// The agent starts a task in prod that may delete at github.
+    fn start_task(&self) -> String {
+        let details = json!({"purpose": "cleanup JIRA-9", "environment": "prod"}).to_string();
+        let identity = self.agent_identity();
+        let (status, body) = self.post(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &identity),
+                ("subject_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", "github:delete"),
+                ("request_details", &details),
+            ],
+        );
+        assert_eq!(status, 200, "task start: {body}\n{}", self.log());
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The agent asks for a delete token: it must wait for a person.
+    fn ask_delete(&self, task: &str) -> String {
+        let (status, body) = self.post(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", task),
+                ("subject_token_type", TXN),
+                ("audience", "github"),
+                ("scope", "delete"),
+            ],
+        );
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"], "authorization_pending", "{body}");
+        body["auth_req_id"].as_str().unwrap().to_owned()
+    }
+
+    /// The agent's CIBA poll.
+    fn poll(&self, task: &str, id: &str) -> (u16, Value) {
+        self.post(
+            "/token",
+            &[
+                ("grant_type", CIBA),
+                ("auth_req_id", id),
+                ("subject_token", task),
+            ],
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts a failed command: its exit code and a one-line message on stderr
+/// that contains every one of `needles`.
+fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {stderr}",
+        text(&out.stdout)
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} not in {stderr:?}");
+    }
+}
+
+#[test]
+fn a_person_approves_and_denies_an_agents_delete_in_prod() {
+    let server = Server::start();
+    let task = server.start_task();
+
+    // The delete waits; nobody has decided yet.
+    let id = server.ask_delete(&task);
+    let (status, body) = server.poll(&task, &id);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "authorization_pending", "{body}");
+
+    // The person sees everything asked.
+    let out = server.scrip(&["approvals"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for needle in [
+        id.as_str(),
+        AGENT,
+        "cleanup JIRA-9",
+        "environment: prod",
+        "delete at github",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in:\n{stdout}");
+    }
+    let out = server.scrip(&["approvals", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["auth_req_id"], id.as_str());
+    assert_eq!(lines[0]["environment"], "prod");
+    assert_eq!(lines[0]["agent"]["subject"], AGENT);
+
+    // Refusals: an unknown id, someone who is not an approver, a deny
+    // without a reason.
+    let out = server.scrip(&["approve", "nosuchid"]);
+    assert_fails(&out, 1, &["no approval has this id"]);
+    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{out:?}");
+    let agent_file = server.dir.path().join("agent.jwt");
+    fs::write(&agent_file, server.agent_identity()).unwrap();
+    let out = server.scrip(&[
+        "approve",
+        &id,
+        "--identity-file",
+        agent_file.to_str().unwrap(),
+    ]);
+    assert_fails(&out, 1, &["not an approver"]);
+    let out = server.scrip(&["deny", &id]);
+    assert_fails(&out, 2, &["--reason"]);
+
+    // Approve: the agent's next poll gets one token for exactly that step.
+    let out = server.scrip(&["approve", &id]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("approved"), "{stdout}");
+    assert!(stdout.contains(&id), "{stdout}");
+    let (status, body) = server.poll(&task, &id);
+    assert_eq!(status, 200, "{body}");
+    let claims = payload(body["access_token"].as_str().unwrap());
+    assert_eq!(claims["approval"]["approver"], "root-operator", "{claims}");
+    assert_eq!(claims["approval"]["id"], id.as_str(), "{claims}");
+    assert_eq!(claims["scope"], "delete", "{claims}");
+    assert_eq!(claims["aud"], "github", "{claims}");
+
+    // Deciding twice is refused.
+    let out = server.scrip(&["approve", &id]);
+    assert_fails(&out, 1, &["409", "already"]);
+    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{out:?}");
+    let out = server.scrip(&["approvals"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stdout).contains("no pending approvals"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Deny: the agent's poll says so, with the person's reason.
+    let second = server.ask_delete(&task);
+    assert_ne!(second, id);
+    let out = server.scrip(&["deny", &second, "--reason", "not today"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("denied"), "{stdout}");
+    let (status, body) = server.poll(&task, &second);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "access_denied", "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not today"),
+        "{body}"
+    );
+    let out = server.scrip(&["approve", &second]);
+    assert_fails(&out, 1, &["409", "already denied"]);
+}
