@@ -289,13 +289,7 @@ async fn issue(
             single_use: true,
         }),
     };
-    let token = st
-        .signer
-        .sign_jwt(TokenKind::Access.typ(), &access)
-        .map_err(|e| {
-            tracing::error!(error = %e, "signing failed");
-            OAuthError::server_error()
-        })?;
+    let token = st.sign(TokenKind::Access, &access)?;
     let mut a = base;
     a.decision = Some("allow".into());
     a.policies = policies;

@@ -161,13 +161,7 @@ pub(crate) async fn delegate(
         },
         act: Some(act.clone()),
     };
-    let token = st
-        .signer
-        .sign_jwt(TokenKind::Task.typ(), &child)
-        .map_err(|e| {
-            tracing::error!(error = %e, "signing failed");
-            OAuthError::server_error()
-        })?;
+    let token = st.sign(TokenKind::Task, &child)?;
     let mut started = base(st.audit("task.delegated"));
     started.decision = Some("allow".into());
     started.actions = Some(child.scope.clone());

@@ -346,13 +346,7 @@ async fn start_task(
         },
         act: None,
     };
-    let token = st
-        .signer
-        .sign_jwt(TokenKind::Task.typ(), &claims)
-        .map_err(|e| {
-            tracing::error!(error = %e, "signing failed");
-            OAuthError::server_error()
-        })?;
+    let token = st.sign(TokenKind::Task, &claims)?;
     let mut started = base(st.audit("task.started"));
     started.decision = Some("allow".into());
     started.actions = Some(claims.scope.clone());
@@ -580,13 +574,7 @@ async fn access_token(
         act: task.actor.clone(),
         approval: None,
     };
-    let token = st
-        .signer
-        .sign_jwt(TokenKind::Access.typ(), &access)
-        .map_err(|e| {
-            tracing::error!(error = %e, "signing failed");
-            OAuthError::server_error()
-        })?;
+    let token = st.sign(TokenKind::Access, &access)?;
     let mut issued = base.clone();
     issued.event = "token.issued".into();
     issued.decision = Some("allow".into());

@@ -139,6 +139,18 @@ impl Inner {
         }
     }
 
+    /// Signs one of scrip's tokens; a failure is scrip's, never the client's.
+    pub fn sign<T: serde::Serialize>(
+        &self,
+        kind: TokenKind,
+        claims: &T,
+    ) -> Result<String, crate::OAuthError> {
+        self.signer.sign_jwt(kind.typ(), claims).map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            crate::OAuthError::server_error()
+        })
+    }
+
     /// A fresh audit record written by this replica.
     pub fn audit(&self, event: &str) -> AuditEvent {
         AuditEvent {

@@ -490,6 +490,12 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
     })
 }
 
+macro_rules! approval_columns {
+    () => {
+        "id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti"
+    };
+}
+
 macro_rules! task_columns {
     () => {
         "id, parent_id, agent, actor, may_act, grants, purpose, environment, depth, token_jti, \
@@ -668,10 +674,11 @@ impl Store for SqliteStore {
     }
 
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti \
-             FROM approvals WHERE id = ?",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE id = ?",
+        ))
         .bind(id)
         .fetch_optional(&self.reads)
         .await
@@ -681,9 +688,11 @@ impl Store for SqliteStore {
 
     async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti \
-             FROM approvals WHERE state = 'pending' AND expires_at > ? ORDER BY created_at LIMIT ?",
-        )
+            concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE state = 'pending' AND expires_at > ? ORDER BY created_at LIMIT ?",
+        ))
         .bind(to_i64(now))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
@@ -694,9 +703,11 @@ impl Store for SqliteStore {
 
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti \
-             FROM approvals WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
-        )
+            concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        ))
         .bind(to_i64(now))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
