@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use scrip_config::Config;
-use scrip_store::{AuditEvent, AuditFilter, SqliteStore, Store};
+use std::sync::Arc;
+
+use scrip_store::{AuditEvent, AuditFilter, Store};
 
 use crate::fail;
 
@@ -59,17 +61,25 @@ fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| "time too far ahead".to_owned())
 }
 
-async fn open(config: Option<&Path>) -> Result<(Config, SqliteStore), String> {
+async fn open(config: Option<&Path>) -> Result<(Config, Arc<dyn Store>), String> {
     let config = Config::load(config).map_err(|e| e.to_string())?;
     let path = config.data_dir.join("scrip.db");
-    if !path.exists() {
+    if config.database_url.is_none() && !path.exists() {
         return Err(format!(
             "no store at `{}`: is data_dir right?",
             path.display()
         ));
     }
-    let store = SqliteStore::open(&path).await.map_err(|e| e.to_string())?;
+    let store = scrip_store::open(config.database_url.as_deref(), &path)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok((config, store))
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -79,25 +89,65 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
+/// `scrip migrate`: opening the store applies its migrations.
+#[expect(clippy::print_stdout, reason = "the command's report")]
+pub fn migrate(config: Option<&Path>) -> ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let config = Config::load(config).map_err(|e| e.to_string())?;
+            if config.database_url.is_none() {
+                scrip_server::keys::ensure_private_dir(&config.data_dir)
+                    .map_err(|e| e.to_string())?;
+            }
+            let path = config.data_dir.join("scrip.db");
+            scrip_store::open(config.database_url.as_deref(), &path)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(if config.database_url.is_some() {
+                "the PostgreSQL store".to_owned()
+            } else {
+                format!("`{}`", path.display())
+            })
+        })
+    });
+    match result {
+        Ok(what) => {
+            println!("ok: {what} is migrated to the current schema");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 /// `scrip audit verify`.
 #[expect(clippy::print_stdout, reason = "the command's report")]
 pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let (config, store) = open(config).await?;
-            let jwk = match public_key {
+            let jwks = match public_key {
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
                         .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                     let v: serde_json::Value = serde_json::from_str(&text)
                         .map_err(|_| format!("`{}` is not a JWK or JWKS", path.display()))?;
-                    v.get("keys").and_then(|k| k.get(0)).cloned().unwrap_or(v)
+                    match v.get("keys").and_then(|k| k.as_array()) {
+                        Some(keys) => keys.clone(),
+                        None => vec![v],
+                    }
                 }
-                None => scrip_server::keys::read_checkpoint_key(&config.data_dir)
-                    .map_err(|e| e.to_string())?
-                    .public_jwk(),
+                None if config.database_url.is_some() => {
+                    scrip_server::keyring::shared_checkpoint_jwks(&config, store.as_ref(), now_s())
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
+                None => vec![
+                    scrip_server::keys::read_checkpoint_key(&config.data_dir)
+                        .map_err(|e| e.to_string())?
+                        .public_jwk(),
+                ],
             };
-            scrip_server::audit::verify(&store, &jwk)
+            scrip_server::audit::verify(store.as_ref(), &jwks)
                 .await
                 .map_err(|e| e.to_string())
         })

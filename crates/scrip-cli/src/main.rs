@@ -121,10 +121,21 @@ enum Command {
         #[command(flatten)]
         approver: approve::ApproverArgs,
     },
+    /// Apply the store's schema migrations and exit.
+    ///
+    /// `scrip serve` applies them too at start; run this first when
+    /// replicas on a shared PostgreSQL store (database_url) should start on
+    /// a schema that is already current. On the embedded store it creates
+    /// or upgrades `<data_dir>/scrip.db`.
+    Migrate {
+        /// The configuration file (to find the store).
+        #[arg(long, short, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Verify, query and export the audit trail.
     ///
-    /// These read the store in the configuration's data_dir and work while
-    /// the server runs.
+    /// These read the store of the configuration (database_url, else the
+    /// embedded store in data_dir) and work while the server runs.
     Audit {
         /// The configuration file (to find the store).
         #[arg(long, short, global = true, env = "SCRIP_CONFIG")]
@@ -230,6 +241,7 @@ fn main() -> ExitCode {
             reason,
             approver,
         } => approve::decide(&approver, &id, Some(&reason)),
+        Command::Migrate { config } => audit::migrate(config.as_deref()),
         Command::Audit { config, command } => match command {
             AuditCommand::Verify { public_key } => {
                 audit::verify(config.as_deref(), public_key.as_ref())

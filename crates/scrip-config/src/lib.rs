@@ -96,6 +96,17 @@ pub struct Config {
     pub socket_mode: u32,
     /// Local processes that may obtain a workload identity on the socket.
     pub local_workloads: Vec<LocalWorkload>,
+    /// With `database_url`: the file holding the key-encryption key that
+    /// seals the shared signing keys in the store (default
+    /// `<data_dir>/keys/key-encryption.key`; `SCRIP_KEY_ENCRYPTION_KEY`
+    /// overrides it). Every replica needs the same key.
+    pub key_encryption_key_file: Option<PathBuf>,
+    /// With `database_url`: seconds a shared signing key signs before the
+    /// next one takes over (0: never rotate).
+    pub signing_key_rotation: u64,
+    /// With `database_url`: seconds a new signing key is published before
+    /// any replica signs with it.
+    pub signing_key_lead: u64,
 }
 
 impl Default for Config {
@@ -125,6 +136,9 @@ impl Default for Config {
             socket: None,
             socket_mode: 0o600,
             local_workloads: Vec::new(),
+            key_encryption_key_file: None,
+            signing_key_rotation: 30 * 24 * 3600,
+            signing_key_lead: 60,
         }
     }
 }
@@ -321,6 +335,9 @@ impl Config {
         if let Some(socket) = self.socket.as_mut() {
             join(socket);
         }
+        if let Some(kek) = self.key_encryption_key_file.as_mut() {
+            join(kek);
+        }
         for ti in &mut self.trusted_issuers {
             if let Some(f) = ti.jwks_file.as_mut() {
                 join(f);
@@ -342,6 +359,25 @@ impl Config {
         self.socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
+    }
+
+    /// The key-encryption key file: `key_encryption_key_file`, else
+    /// `<data_dir>/keys/key-encryption.key`.
+    #[must_use]
+    pub fn key_encryption_key_path(&self) -> PathBuf {
+        self.key_encryption_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys/key-encryption.key"))
+    }
+
+    /// The longest any token scrip signs can live, with the clock leeway
+    /// verifiers allow: how long a retired signing key stays published.
+    #[must_use]
+    pub fn longest_token_life(&self) -> u64 {
+        self.max_task_ttl
+            .max(self.access_token_ttl)
+            .max(self.approved_token_ttl)
+            .saturating_add(self.clock_skew)
     }
 
     /// The issuer of local workload identities: `<issuer>/local`.
@@ -384,10 +420,16 @@ impl Config {
         if self.clock_skew > 300 {
             return invalid("clock_skew must be at most 300 seconds");
         }
-        if self.database_url.is_some() {
-            return invalid(
-                "database_url: this build has only the embedded SQLite store; remove database_url",
-            );
+        if let Some(url) = &self.database_url {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("postgres" | "postgresql")) {
+                return invalid(
+                    "database_url must be a PostgreSQL URL (`postgres://user@host:5432/database`)",
+                );
+            }
+        }
+        if self.signing_key_rotation != 0 && self.signing_key_rotation <= self.signing_key_lead {
+            return invalid("signing_key_rotation must be longer than signing_key_lead (or 0)");
         }
         let mut issuers = HashSet::new();
         let local_issuer = self.local_issuer();
@@ -591,7 +633,15 @@ mod tests {
         check("issuer = \"ftp://x\"", Some("https"));
         check("issuer = \"http://example.com\"", Some("https"));
         check("issuer = \"https://scrip.example/\"", Some("must not end"));
-        check("database_url = \"postgres://x\"", Some("database_url"));
+        check("database_url = \"mysql://x\"", Some("PostgreSQL URL"));
+        check("database_url = \"x\"", Some("PostgreSQL URL"));
+        check("database_url = \"postgres://scrip@db:5432/scrip\"", None);
+        check("database_url = \"postgresql://db/scrip\"", None);
+        check(
+            "signing_key_rotation = 60\nsigning_key_lead = 60",
+            Some("signing_key_rotation"),
+        );
+        check("signing_key_rotation = 0\nsigning_key_lead = 60", None);
         check(
             "[[tools]]\nname = \"GitHub\"\nresource = \"https://x\"\nactions = [\"read\"]",
             Some("tool name `GitHub`"),

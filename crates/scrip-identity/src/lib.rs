@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scrip_config::TrustedIssuer;
-use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, TypRule};
+use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, SharedKeySet, TypRule};
 use scrip_token::WorkloadIdentity;
 use serde_json::{Map, Value};
 
@@ -93,7 +93,7 @@ struct Issuer {
 /// own keys, typed `wit+jwt`, and addressed to scrip.
 struct LocalIssuer {
     issuer: String,
-    keys: Arc<KeySet>,
+    keys: SharedKeySet,
     algorithms: Vec<Algorithm>,
     audiences: Vec<String>,
     typ: TypRule,
@@ -186,7 +186,8 @@ impl IdentityVerifier {
     }
 
     /// Also accepts the identities of scrip's local attestation: `iss`
-    /// exactly `issuer`, signed by one of `keys` (scrip's own public keys)
+    /// exactly `issuer`, signed by one of `keys` (scrip's own public keys,
+    /// replaced as they rotate)
     /// with one of `algorithms`, `typ` exactly `wit+jwt`, `aud` containing
     /// `audience` (scrip's issuer). scrip's task and access tokens stay
     /// refused: they have scrip's issuer itself, not this one.
@@ -194,13 +195,13 @@ impl IdentityVerifier {
     pub fn with_local(
         mut self,
         issuer: &str,
-        keys: KeySet,
+        keys: SharedKeySet,
         algorithms: Vec<Algorithm>,
         audience: &str,
     ) -> Self {
         self.local = Some(LocalIssuer {
             issuer: issuer.to_owned(),
-            keys: Arc::new(keys),
+            keys,
             algorithms,
             audiences: vec![audience.to_owned()],
             typ: TypRule::exactly(LOCAL_IDENTITY_TYP),
@@ -234,8 +235,11 @@ impl IdentityVerifier {
                 // scrip's own clock issued it.
                 leeway: 0,
             };
-            let verified =
-                scrip_jose::verify::<Map<String, Value>>(token, &local.keys, &expectations)?;
+            let verified = scrip_jose::verify::<Map<String, Value>>(
+                token,
+                &local.keys.snapshot(),
+                &expectations,
+            )?;
             return WorkloadIdentity::from_local_claims(&local.issuer, &verified.claims)
                 .ok_or(IdentityError::NoSubject);
         }

@@ -85,6 +85,39 @@ fn parse(jwk: &Jwk, algorithms: &[Algorithm]) -> Vec<(Algorithm, ParsedPublicKey
     out
 }
 
+/// A [`KeySet`] that can be replaced while in use (key rotation): each
+/// verification takes a snapshot, so a replacement never tears one.
+#[derive(Clone, Debug, Default)]
+pub struct SharedKeySet(std::sync::Arc<std::sync::RwLock<std::sync::Arc<KeySet>>>);
+
+impl SharedKeySet {
+    /// A shared set holding `keys`.
+    #[must_use]
+    pub fn new(keys: KeySet) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(keys),
+        )))
+    }
+
+    /// The keys now.
+    #[must_use]
+    pub fn snapshot(&self) -> std::sync::Arc<KeySet> {
+        match self.0.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the keys.
+    pub fn replace(&self, keys: KeySet) {
+        let keys = std::sync::Arc::new(keys);
+        match self.0.write() {
+            Ok(mut k) => *k = keys,
+            Err(poisoned) => *poisoned.into_inner() = keys,
+        }
+    }
+}
+
 /// Public keys by `kid`, each with the algorithms it may verify.
 #[derive(Default)]
 pub struct KeySet {

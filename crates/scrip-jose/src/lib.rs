@@ -19,12 +19,14 @@
 
 mod error;
 mod keyset;
+mod seal;
 mod sign;
 mod verify;
 
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
-pub use keyset::KeySet;
+pub use keyset::{KeySet, SharedKeySet};
+pub use seal::{KEK_LEN, Kek};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};
 pub use verify::{Expectations, TypRule, Verified, verify};
 

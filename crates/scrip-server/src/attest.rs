@@ -436,7 +436,11 @@ async fn issue(st: &Inner, o: &Observed, workload: Option<&LocalWorkload>) -> An
         "jti": jti,
         "scrip_attestation": attestation,
     });
-    let token = match st.signer.sign_jwt(IDENTITY_TYP, &claims) {
+    let token = match st
+        .keyring
+        .signer(crate::state::now())
+        .sign_jwt(IDENTITY_TYP, &claims)
+    {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "signing failed");

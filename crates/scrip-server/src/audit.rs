@@ -7,13 +7,15 @@ use scrip_store::{Checkpoint, Report, Store, StoreError, Verifier};
 const PAGE: u32 = 10_000;
 
 /// Verifies every chain and checkpoint in `store`, streaming the records.
-/// `checkpoint_jwk` is the public JWK of the audit checkpoint key.
+/// `checkpoint_jwks` are the public JWKs of the audit checkpoint keys (one
+/// on the embedded store; every replica's on a shared one): a checkpoint
+/// counts when one of them verifies its signature.
 ///
 /// # Errors
 /// [`StoreError`] when the store cannot be read.
 pub async fn verify(
     store: &dyn Store,
-    checkpoint_jwk: &serde_json::Value,
+    checkpoint_jwks: &[serde_json::Value],
 ) -> Result<Report, StoreError> {
     let checkpoints = store.checkpoints().await?;
     let links = store.chain_links().await?;
@@ -31,6 +33,8 @@ pub async fn verify(
     }
     Ok(verifier.finish(&checkpoints, |c: &Checkpoint| {
         let message = Checkpoint::message(&c.chain_id, c.chain_seq, &c.hash, c.at_ms);
-        scrip_jose::verify_detached(checkpoint_jwk, &message, &c.signature)
+        checkpoint_jwks
+            .iter()
+            .any(|jwk| scrip_jose::verify_detached(jwk, &message, &c.signature))
     }))
 }

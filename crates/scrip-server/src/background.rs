@@ -31,8 +31,62 @@ impl Background {
 pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Background {
     let reload = tokio::spawn(reload_loop(state.clone(), hangup));
     let sweep = tokio::spawn(sweep_loop(state.clone()));
-    let seal = tokio::spawn(checkpoint_loop(state));
-    Background(vec![reload, sweep, seal])
+    let seal = tokio::spawn(checkpoint_loop(state.clone()));
+    let keys = tokio::spawn(keys_loop(state));
+    Background(vec![reload, sweep, seal, keys])
+}
+
+/// Follows the shared key set: re-reads it when the store signals a key
+/// change, when a rotation or a switch is due, and every
+/// [`crate::keyring::POLL`] in any case, rotating and retiring keys. Nothing to do for file keys.
+async fn keys_loop(state: AppState) {
+    let st = &state.0;
+    if !st.keyring.is_shared() {
+        return;
+    }
+    let mut changes = st.store.changes();
+    let mut seen = changes.borrow_and_update().keys;
+    loop {
+        let at = now();
+        let wait = st
+            .keyring
+            .next_due(at)
+            .map_or(crate::keyring::POLL, |due| {
+                Duration::from_secs(due.saturating_sub(at))
+            })
+            .clamp(Duration::from_millis(200), crate::keyring::POLL);
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    tokio::time::sleep(crate::keyring::POLL).await;
+                }
+                let now_seen = changes.borrow_and_update().keys;
+                if now_seen == seen {
+                    continue;
+                }
+                seen = now_seen;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        match st.keyring.sync(st.store.as_ref(), now()).await {
+            Ok(created) if !created.keys.is_empty() => {
+                for (kid, what) in &created.keys {
+                    tracing::info!(%kid, %what, "shared key set changed");
+                }
+                if let Err(e) = st
+                    .store
+                    .commit(crate::key_audit(&st.replica, created))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot audit a key change");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shared keys; keeping the keys in use")
+            }
+        }
+    }
 }
 
 /// A fingerprint of the policy directory: names, sizes and modification
@@ -176,7 +230,7 @@ pub(crate) async fn checkpoint(st: &Inner) {
     let at_ms = crate::state::now_ms();
     let message =
         scrip_store::Checkpoint::message(&head.chain_id, head.chain_seq, &head.hash, at_ms);
-    let signature = match st.checkpoint_key.sign_detached(&message) {
+    let signature = match st.keyring.checkpoint_key().sign_detached(&message) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot sign an audit checkpoint");

@@ -137,7 +137,7 @@ impl From<StoreError> for OAuthError {
         tracing::error!(error = %e, "store failure; refusing to issue");
         match e {
             StoreError::Unavailable(_) | StoreError::Open(_) => Self::temporarily_unavailable(),
-            StoreError::Corrupt(_) => Self::server_error(),
+            StoreError::Corrupt(_) | StoreError::Conflict(_) => Self::server_error(),
         }
     }
 }

@@ -4,8 +4,10 @@
 //! Cursor-based long-poll: `after=<cursor>` lists revocations newer than the
 //! cursor that have not expired yet; with none, the request waits up to
 //! `wait` seconds (at most 30) for one. The caller authenticates with its
-//! own workload identity. Revocations written by another replica on the
-//! same store are seen within [`POLL`].
+//! own workload identity. A waiting request wakes when the store signals a
+//! revocation (this replica's commits and, on a shared store, the other
+//! replicas' through its notifications) and re-reads the store every
+//! [`POLL`] in any case.
 
 use std::time::Duration;
 
@@ -64,8 +66,9 @@ pub async fn feed_endpoint(
         .into_response();
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut changes = st.store.changes();
     loop {
-        let notified = st.revocation_notify.notified();
+        changes.borrow_and_update();
         let events = match st.store.revocations(after, now(), PAGE).await {
             Ok(e) => e,
             Err(e) => return OAuthError::from(e).into_response(),
@@ -90,7 +93,7 @@ pub async fn feed_endpoint(
         }
         let slice = deadline.min(tokio::time::Instant::now() + POLL);
         tokio::select! {
-            () = notified => {}
+            _ = changes.changed() => {}
             () = tokio::time::sleep_until(slice) => {}
         }
     }

@@ -51,8 +51,9 @@ pub async fn introspect_endpoint(
     }
 }
 
-/// Marks a single-use token used; `false` when it already was. The first
-/// presentation is answered active, every later one inactive.
+/// Marks a single-use token used; `false` when it already was, here or on
+/// another replica. The first presentation is answered active, every later
+/// one inactive.
 async fn claim_once(
     st: &Inner,
     c: &scrip_token::AccessClaims,
@@ -74,9 +75,12 @@ async fn claim_once(
     a.jti = Some(c.jti.clone());
     a.tool = Some(c.aud.clone());
     a.reason = Some("single-use token presented".into());
-    st.store
+    // The store decides across replicas: of several concurrent
+    // presentations, on any replica, exactly one commit wins.
+    match st
+        .store
         .commit(vec![
-            scrip_store::Write::RevokeToken {
+            scrip_store::Write::ClaimToken {
                 jti: c.jti.clone(),
                 task_id: c.txn.clone(),
                 expires_at: c.exp.saturating_add(st.config.clock_skew),
@@ -84,8 +88,12 @@ async fn claim_once(
             },
             scrip_store::Write::Audit(Box::new(a)),
         ])
-        .await?;
-    Ok(true)
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(scrip_store::StoreError::Conflict(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Authenticates the caller of introspection and the revocation feed by its

@@ -157,7 +157,12 @@ fn load_or_create_named(
     Ok(Loaded { key, created: true })
 }
 
-fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> {
+/// Reads a private file, refusing one that group or others can read.
+///
+/// # Errors
+/// [`KeyError::Exposed`] for such a file, [`KeyError::Io`] when it cannot
+/// be read.
+pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
     let meta = fs::metadata(path).map_err(io(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -166,7 +171,11 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> 
             mode,
         });
     }
-    let bytes = fs::read(path).map_err(io(path))?;
+    fs::read(path).map_err(io(path))
+}
+
+fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> {
+    let bytes = read_private(path)?;
     let invalid = |message: String| KeyError::Invalid {
         path: path.to_owned(),
         message,

@@ -21,6 +21,7 @@ mod exchange;
 mod feed;
 mod form;
 mod introspect;
+pub mod keyring;
 pub mod keys;
 mod revoke;
 mod state;
@@ -31,14 +32,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use scrip_config::Config;
 use scrip_identity::IdentityVerifier;
-use scrip_jose::{KeySet, TypRule};
+use scrip_jose::TypRule;
 use scrip_policy::PolicyEngine;
-use scrip_store::{SqliteStore, Store, Write};
+use scrip_store::Write;
 use scrip_token::{TOKEN_EXCHANGE_GRANT, typ};
 
 pub use error::OAuthError;
@@ -161,54 +163,32 @@ impl Server {
             .issuer
             .clone()
             .unwrap_or_else(|| format!("http://{local}"));
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.data_dir.join("scrip.db")).await?);
-        let loaded =
-            keys::load_or_create(&config.data_dir, config.signing_algorithm, state::now())?;
-        let checkpoint = keys::load_or_create_checkpoint_key(&config.data_dir, state::now())?;
+        let store = scrip_store::open(
+            config.database_url.as_deref(),
+            &config.data_dir.join("scrip.db"),
+        )
+        .await?;
+        let (keyring, created) = if config.database_url.is_some() {
+            keyring::Keyring::shared(&config, store.as_ref(), state::now()).await?
+        } else {
+            keyring::Keyring::from_files(&config, state::now())?
+        };
         let policy = PolicyEngine::load(&config.policy_dir)?;
         policy.check_tools(&config.tools)?;
         let identities =
             IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
         let attest = attest::Socket::bind(&config)?;
-
-        let jwk = loaded.key.public_jwk();
-        let own_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk)).map_err(|e| {
-            keys::KeyError::Invalid {
-                path: config.data_dir.join("keys"),
-                message: e.to_string(),
-            }
-        })?;
-        // Local attestation identities are signed with the same key.
-        let local_keys = KeySet::from_public_jwks(std::slice::from_ref(&jwk)).map_err(|e| {
-            keys::KeyError::Invalid {
-                path: config.data_dir.join("keys"),
-                message: e.to_string(),
-            }
-        })?;
+        // Local attestation identities are signed with the same keys.
         let identities = identities.with_local(
             &format!("{issuer}/local"),
-            local_keys,
-            vec![config.signing_algorithm.to_jwt()],
+            keyring.verify_keys().clone(),
+            keyring.algorithms().to_vec(),
             &issuer,
         );
-        let jwks_body = serde_json::json!({ "keys": [jwk] }).to_string();
         let metadata_body = metadata(&issuer, &config).to_string();
         let replica = replica_name(local);
 
-        let mut startup = Vec::new();
-        if loaded.created {
-            let mut a = audit_record(&replica, "key.created");
-            a.jti = Some(loaded.key.kid().to_owned());
-            a.reason = Some(format!("{} signing key created", loaded.key.algorithm()));
-            startup.push(Write::Audit(Box::new(a)));
-        }
-        if checkpoint.created {
-            let mut a = audit_record(&replica, "key.created");
-            a.jti = Some(checkpoint.key.kid().to_owned());
-            a.reason = Some("audit checkpoint key created".into());
-            startup.push(Write::Audit(Box::new(a)));
-        }
+        let mut startup = key_audit(&replica, created);
         let mut a = audit_record(&replica, "policy.loaded");
         a.reason = Some(format!(
             "{} policies from `{}`",
@@ -220,15 +200,12 @@ impl Server {
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }
-        tracing::info!(issuer = %issuer, kid = %loaded.key.kid(), policies = policy.len(), tools = config.tools.len(), "scrip ready");
+        tracing::info!(issuer = %issuer, kid = %keyring.signer(state::now()).kid(), store = if keyring.is_shared() { "postgres" } else { "sqlite" }, policies = policy.len(), tools = config.tools.len(), "scrip ready");
 
         let inner = state::Inner {
             self_audience: vec![issuer.clone()],
-            own_algorithms: vec![config.signing_algorithm.to_jwt()],
-            signer: loaded.key,
-            checkpoint_key: checkpoint.key,
+            keyring,
             last_checkpoint: std::sync::Mutex::new(None),
-            revocation_notify: tokio::sync::Notify::new(),
             polls: approval::Polls::default(),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
             http: reqwest::Client::builder()
@@ -236,8 +213,6 @@ impl Server {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?,
-            own_keys,
-            jwks_body,
             metadata_body,
             identities,
             policy: RwLock::new(Arc::new(policy)),
@@ -310,6 +285,25 @@ fn replica_name(addr: SocketAddr) -> String {
     format!("{host}:{}:{}", addr.port(), std::process::id())
 }
 
+/// The audit records of keys created or retired.
+fn key_audit(replica: &str, created: keyring::Created) -> Vec<Write> {
+    created
+        .keys
+        .into_iter()
+        .map(|(kid, what)| {
+            let event = if what.contains("retired") {
+                "key.retired"
+            } else {
+                "key.created"
+            };
+            let mut a = audit_record(replica, event);
+            a.jti = Some(kid);
+            a.reason = Some(what);
+            Write::Audit(Box::new(a))
+        })
+        .collect()
+}
+
 fn audit_record(replica: &str, event: &str) -> scrip_store::AuditEvent {
     scrip_store::AuditEvent {
         at_ms: state::now_ms(),
@@ -339,15 +333,19 @@ fn json_body(body: String) -> axum::response::Response {
 /// The HTTP application.
 pub fn router(state: AppState) -> Router {
     let metadata = state.0.metadata_body.clone();
-    let jwks = state.0.jwks_body.clone();
-    let audit_keys =
-        serde_json::json!({ "keys": [state.0.checkpoint_key.public_jwk()] }).to_string();
     Router::new()
         .route(paths::METADATA, get(move || async move { json_body(metadata) }))
-        .route(paths::JWKS, get(move || async move { json_body(jwks) }))
+        .route(
+            paths::JWKS,
+            get(|State(st): State<AppState>| async move {
+                json_body(st.0.keyring.jwks_body().to_string())
+            }),
+        )
         .route(
             paths::AUDIT_KEYS,
-            get(move || async move { json_body(audit_keys) }),
+            get(|State(st): State<AppState>| async move {
+                json_body(st.0.keyring.audit_keys_body().to_string())
+            }),
         )
         .route(paths::TOKEN, post(exchange::token_endpoint))
         .route(paths::REVOKE, post(revoke::revoke_endpoint))

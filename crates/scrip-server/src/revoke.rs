@@ -77,7 +77,6 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                     Write::Audit(Box::new(a)),
                 ])
                 .await?;
-            st.revocation_notify.notify_waiters();
             tracing::info!(task = %task.id, jti = %claims.jti, "task ended by revocation");
         }
         OwnToken::Access(claims) => {
@@ -102,7 +101,6 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                     Write::Audit(Box::new(a)),
                 ])
                 .await?;
-            st.revocation_notify.notify_waiters();
             tracing::info!(jti = %claims.jti, task = %claims.txn, "access token revoked");
         }
     }

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use scrip_config::Config;
 use scrip_identity::IdentityVerifier;
-use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, SigningKey, TypRule, Verified};
+use scrip_jose::{Expectations, JoseError, TypRule, Verified};
 use scrip_policy::PolicyEngine;
 use scrip_store::{AuditEvent, Store};
 use scrip_token::{AccessClaims, TaskClaims, TokenKind};
@@ -35,8 +35,8 @@ pub(crate) struct Inner {
     pub config: Config,
     pub issuer: String,
     pub self_audience: Vec<String>,
-    pub signer: SigningKey,
-    pub checkpoint_key: SigningKey,
+    /// The keys scrip signs with and publishes (rotating on a shared store).
+    pub keyring: crate::keyring::Keyring,
     pub last_checkpoint: std::sync::Mutex<Option<u64>>,
     /// Single-use tokens already presented to introspection (`jti` → exp).
     pub used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -44,11 +44,6 @@ pub(crate) struct Inner {
     pub polls: crate::approval::Polls,
     /// For the approval webhook.
     pub http: reqwest::Client,
-    /// Woken after this replica commits a revocation.
-    pub revocation_notify: tokio::sync::Notify,
-    pub own_keys: KeySet,
-    pub own_algorithms: Vec<Algorithm>,
-    pub jwks_body: String,
     pub metadata_body: String,
     pub identities: IdentityVerifier,
     pub policy: RwLock<Arc<PolicyEngine>>,
@@ -111,11 +106,11 @@ impl Inner {
         };
         scrip_jose::verify(
             token,
-            &self.own_keys,
+            &self.keyring.verify_keys().snapshot(),
             &Expectations {
                 issuer: &self.issuer,
                 audiences,
-                algorithms: &self.own_algorithms,
+                algorithms: self.keyring.algorithms(),
                 typ,
                 // scrip's own clock issued these tokens: no skew to allow for.
                 leeway: 0,
@@ -145,10 +140,13 @@ impl Inner {
         kind: TokenKind,
         claims: &T,
     ) -> Result<String, crate::OAuthError> {
-        self.signer.sign_jwt(kind.typ(), claims).map_err(|e| {
-            tracing::error!(error = %e, "signing failed");
-            crate::OAuthError::server_error()
-        })
+        self.keyring
+            .signer(now())
+            .sign_jwt(kind.typ(), claims)
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing failed");
+                crate::OAuthError::server_error()
+            })
     }
 
     /// A fresh audit record written by this replica.

@@ -25,6 +25,14 @@ pub fn hash(data: &[u8]) -> String {
         .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
 }
 
+/// A fresh, random chain id.
+pub(crate) fn new_chain_id() -> Result<String, crate::StoreError> {
+    let mut bytes = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| crate::StoreError::Open("random generator failed".into()))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
 /// A reference to a record of a chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainLink {
@@ -69,6 +77,26 @@ impl ChainState {
         self.seq += 1;
         self.head.clone_from(&h);
         Ok((e, json, h))
+    }
+
+    /// The `chain.started` record this chain needs before `writes`, when
+    /// they hold its first audit record; the backend fills in `links` with
+    /// the heads of the chains already stored, read inside the same
+    /// transaction.
+    pub fn genesis_for(&self, writes: &[&crate::Write]) -> Option<AuditEvent> {
+        if self.seq > 0 {
+            return None;
+        }
+        let first = writes.iter().find_map(|w| match w {
+            crate::Write::Audit(a) => Some(a),
+            _ => None,
+        })?;
+        Some(AuditEvent {
+            event: "chain.started".into(),
+            at_ms: first.at_ms,
+            replica: first.replica.clone(),
+            ..AuditEvent::default()
+        })
     }
 
     /// The head as a link, if the chain has a record.

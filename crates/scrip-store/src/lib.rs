@@ -12,14 +12,35 @@
 
 mod chain;
 mod model;
+mod postgres;
+mod rows;
 mod sqlite;
+mod writer;
 
 pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
 pub use model::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, Revocation, RevocationKind, TaskRecord,
-    TaskState, Write,
+    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, Revocation, RevocationKind,
+    StoredKey, TaskRecord, TaskState, Write,
 };
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use writer::Changes;
+
+/// Opens the store a configuration names: PostgreSQL when `database_url`
+/// is set, else the embedded SQLite database at `sqlite_path`. Migrations
+/// are applied either way.
+///
+/// # Errors
+/// [`StoreError::Open`] when the store cannot be opened or migrated.
+pub async fn open(
+    database_url: Option<&str>,
+    sqlite_path: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match database_url {
+        Some(url) => std::sync::Arc::new(PgStore::connect(url).await?),
+        None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
+    })
+}
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,6 +55,11 @@ pub enum StoreError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Open(String),
+    /// The commit would have overwritten something that must be written
+    /// once (a single-use token already used, a key id taken); nothing
+    /// was changed.
+    #[error("already exists: {0}")]
+    Conflict(String),
 }
 
 /// The operations scrip needs from persistent state.
@@ -87,6 +113,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Every signed checkpoint.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
+    /// Every key of the shared key set that is still published at `now`
+    /// (retired keys included until their `publish_until`), oldest first.
+    async fn keys(&self, now: u64) -> Result<Vec<StoredKey>, StoreError>;
+
     /// The head of this writer's chain, once it has written a record.
     fn chain_head(&self) -> Option<ChainLink>;
+
+    /// What changed: bumped on this process's commits and, for a shared
+    /// store, on other replicas' (within milliseconds while the
+    /// notification channel is up, and conservatively whenever it
+    /// reconnects, since notifications may have been missed).
+    fn changes(&self) -> tokio::sync::watch::Receiver<Changes>;
 }

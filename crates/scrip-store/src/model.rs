@@ -188,6 +188,20 @@ pub enum Write {
         /// When revoked.
         at: u64,
     },
+    /// Mark a single-use token used: like [`Write::RevokeToken`], but the
+    /// commit fails with [`crate::StoreError::Conflict`] (changing nothing)
+    /// when the token was already used or revoked, so exactly one of
+    /// several concurrent presentations, on any replica, wins.
+    ClaimToken {
+        /// The token's `jti`.
+        jti: String,
+        /// Its task.
+        task_id: String,
+        /// Its expiry (the entry is dropped after).
+        expires_at: u64,
+        /// When presented.
+        at: u64,
+    },
     /// A new pending approval.
     InsertApproval(Box<Approval>),
     /// Move an approval from `from` to `to` (no change when it is not in
@@ -217,6 +231,100 @@ pub enum Write {
     Audit(Box<AuditEvent>),
     /// A signed checkpoint of a chain's head.
     Checkpoint(Box<crate::Checkpoint>),
+    /// A new key of the shared key set (fails with
+    /// [`crate::StoreError::Conflict`] when its `kid` exists).
+    InsertKey(Box<StoredKey>),
+    /// Stop signing with a key; it stays published until `publish_until`.
+    RetireKey {
+        /// The key.
+        kid: String,
+        /// When it stopped signing (seconds).
+        at: u64,
+        /// When it leaves the published key set (seconds): after the last
+        /// token it signed has expired.
+        publish_until: u64,
+    },
+}
+
+impl Write {
+    /// Whether this write adds to the revocation feed.
+    #[must_use]
+    pub fn revokes(&self) -> bool {
+        matches!(
+            self,
+            Self::EndTask { .. } | Self::RevokeToken { .. } | Self::ClaimToken { .. }
+        )
+    }
+}
+
+/// What a key of the shared key set is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyPurpose {
+    /// Signs scrip's tokens.
+    Signing,
+    /// Signs audit checkpoints.
+    Checkpoint,
+}
+
+impl KeyPurpose {
+    /// The stored name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signing => "signing",
+            Self::Checkpoint => "checkpoint",
+        }
+    }
+
+    /// Parses a stored name.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "signing" => Some(Self::Signing),
+            "checkpoint" => Some(Self::Checkpoint),
+            _ => None,
+        }
+    }
+}
+
+/// A key of the key set that replicas of a shared store sign with. The
+/// private half is stored only sealed (authenticated encryption under the
+/// key-encryption key, which never enters the store), so reading or writing
+/// the store alone neither reveals a key nor plants one.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKey {
+    /// The RFC 7638 thumbprint.
+    pub kid: String,
+    /// What it signs.
+    pub purpose: KeyPurpose,
+    /// The JOSE algorithm.
+    pub alg: String,
+    /// The public JWK, JSON.
+    pub public_jwk: String,
+    /// The sealed private key.
+    pub sealed: String,
+    /// Created at (seconds).
+    pub created_at: u64,
+    /// Replicas sign with it from then on (seconds); it is published from
+    /// creation, so verifiers know it before any token signed with it.
+    pub active_at: u64,
+    /// When it stopped signing.
+    pub retired_at: Option<u64>,
+    /// When it leaves the published key set.
+    pub publish_until: Option<u64>,
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("kid", &self.kid)
+            .field("purpose", &self.purpose)
+            .field("alg", &self.alg)
+            .field("active_at", &self.active_at)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a revocation covers.

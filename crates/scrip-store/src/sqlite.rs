@@ -1,59 +1,45 @@
 //! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
 //!
-//! One writer task owns the only write connection and applies every pending
-//! commit that has queued up while the previous transaction was flushing as
-//! one transaction: concurrent requests share a single fsync. Reads use a
-//! small pool of read-only connections, which WAL lets run beside the writer.
-//! After a failed write the writer drops its connection and opens a new one
-//! for the next batch, so the store recovers by itself once the disk does.
+//! The writer ([`crate::writer`]) owns the only write connection and group
+//! commits: concurrent requests share a single fsync. Reads use a small pool
+//! of read-only connections, which WAL lets run beside the writer. After a
+//! failed write the writer drops its connection and opens a new one for the
+//! next batch, so the store recovers by itself once the disk does.
 
 use std::path::Path;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
-use sqlx::{ConnectOptions as _, Connection as _, Row as _};
-use tokio::sync::{mpsc, oneshot};
-
-use std::sync::{Arc, Mutex};
+use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::chain::ChainState;
-use crate::{Approval, Revocation, RevocationKind};
+use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64};
+use crate::writer::{Apply, Changes, Writer};
 use crate::{
-    AuditEvent, AuditFilter, ChainLink, Checkpoint, Store, StoreError, StoredRecord, TaskRecord,
-    Write,
+    Approval, AuditEvent, AuditFilter, ChainLink, Checkpoint, Revocation, Store, StoreError,
+    StoredKey, StoredRecord, TaskRecord, Write,
 };
-
-/// Most commits folded into one transaction.
-const MAX_BATCH: usize = 512;
-/// Commits that may wait for the writer before callers are slowed down.
-const QUEUE: usize = 8192;
-
-struct Pending {
-    writes: Vec<Write>,
-    done: oneshot::Sender<Result<(), StoreError>>,
-}
 
 /// The embedded SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
     reads: SqlitePool,
-    writer: mpsc::Sender<Pending>,
-    head: Arc<Mutex<Option<ChainLink>>>,
+    writer: Writer,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
+/// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].
+fn failed(e: sqlx::Error) -> StoreError {
+    match e.as_database_error() {
+        Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_owned()),
+        _ => unavailable(e),
+    }
 }
 
 impl SqliteStore {
@@ -84,18 +70,17 @@ impl SqliteStore {
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let chain = ChainState::new(new_chain_id()?);
-        let head = Arc::new(Mutex::new(None));
-        tokio::spawn(writer(Some(conn), options, rx, chain, head.clone()));
-        Ok(Self {
-            reads,
-            writer: tx,
-            head,
-        })
+        let writer = Writer::spawn(
+            SqliteWriter {
+                conn: Some(conn),
+                options,
+            },
+            crate::chain::new_chain_id()?,
+        );
+        Ok(Self { reads, writer })
     }
 
-    /// An in-memory-like store in a fresh file under `dir`, for tests.
+    /// A store in a fresh file under `dir`, for tests.
     ///
     /// # Errors
     /// As [`SqliteStore::open`].
@@ -104,87 +89,29 @@ impl SqliteStore {
     }
 }
 
-fn new_chain_id() -> Result<String, StoreError> {
-    use base64::Engine as _;
-    let mut bytes = [0u8; 12];
-    aws_lc_rs::rand::fill(&mut bytes)
-        .map_err(|_| StoreError::Open("random generator failed".into()))?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-}
-
-async fn writer(
-    mut conn: Option<SqliteConnection>,
+struct SqliteWriter {
+    conn: Option<SqliteConnection>,
     options: SqliteConnectOptions,
-    mut rx: mpsc::Receiver<Pending>,
-    mut chain: ChainState,
-    head: Arc<Mutex<Option<ChainLink>>>,
-) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let all: Vec<&Write> = batch.iter().flat_map(|p| p.writes.iter()).collect();
-        match apply(&mut conn, &options, &all, &mut chain).await {
-            Ok(()) => {
-                publish(&head, &chain);
-                for p in batch.drain(..) {
-                    let _ = p.done.send(Ok(()));
-                }
-            }
-            Err(e) if batch.len() > 1 => {
-                // Isolate the failing commit: each gets its own transaction.
-                tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying one by one");
-                for p in batch.drain(..) {
-                    let writes: Vec<&Write> = p.writes.iter().collect();
-                    let result = apply(&mut conn, &options, &writes, &mut chain).await;
-                    publish(&head, &chain);
-                    let _ = p.done.send(result);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store write failed");
-                for p in batch.drain(..) {
-                    let _ = p.done.send(Err(e.clone()));
-                }
-            }
-        }
-    }
 }
 
-fn publish(head: &Mutex<Option<ChainLink>>, chain: &ChainState) {
-    if let Ok(mut h) = head.lock() {
-        *h = chain.link();
+#[async_trait::async_trait]
+impl Apply for SqliteWriter {
+    async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.options.connect().await.map_err(unavailable)?);
+        }
+        let Some(c) = self.conn.as_mut() else {
+            return Err(StoreError::Unavailable("no connection".into()));
+        };
+        let result = apply_on(c, writes, chain).await;
+        if matches!(result, Err(StoreError::Unavailable(_)))
+            && let Some(c) = self.conn.take()
+        {
+            // Start afresh next time: the connection may be what is broken.
+            let _ = c.close().await;
+        }
+        result
     }
-}
-
-/// Applies `writes` in one transaction; `chain` advances only when it
-/// commits.
-async fn apply(
-    conn: &mut Option<SqliteConnection>,
-    options: &SqliteConnectOptions,
-    writes: &[&Write],
-    chain: &mut ChainState,
-) -> Result<(), StoreError> {
-    if conn.is_none() {
-        *conn = Some(options.connect().await.map_err(unavailable)?);
-    }
-    let Some(c) = conn.as_mut() else {
-        return Err(StoreError::Unavailable("no connection".into()));
-    };
-    let mut working = chain.clone();
-    let result = apply_on(c, writes, &mut working).await;
-    if result.is_ok() {
-        *chain = working;
-    } else if let Some(c) = conn.take() {
-        // Start afresh next time: the connection may be what is broken.
-        let _ = c.close().await;
-    }
-    result
 }
 
 async fn insert_audit(
@@ -227,40 +154,7 @@ async fn chain_heads(tx: &mut SqliteConnection) -> Result<Vec<ChainLink>, StoreE
     .fetch_all(&mut *tx)
     .await
     .map_err(unavailable)?;
-    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-    rows.iter()
-        .map(|r| {
-            Ok(ChainLink {
-                chain_id: r.try_get("chain_id").map_err(corrupt)?,
-                chain_seq: to_u64(r.try_get("chain_seq").map_err(corrupt)?),
-                hash: r.try_get("hash").map_err(corrupt)?,
-            })
-        })
-        .collect()
-}
-
-/// The first record of a chain: links to every chain already stored, so a
-/// truncated older chain is detected.
-async fn genesis(
-    tx: &mut SqliteConnection,
-    writes: &[&Write],
-    chain: &mut ChainState,
-) -> Result<(), StoreError> {
-    let Some(first) = writes.iter().find_map(|w| match w {
-        Write::Audit(a) => Some(a),
-        _ => None,
-    }) else {
-        return Ok(());
-    };
-    let links = chain_heads(tx).await?;
-    let event = AuditEvent {
-        event: "chain.started".into(),
-        at_ms: first.at_ms,
-        replica: first.replica.clone(),
-        links,
-        ..AuditEvent::default()
-    };
-    insert_audit(tx, &event, chain).await
+    rows.iter().map(rows::chain_link).collect()
 }
 
 async fn apply_on(
@@ -275,23 +169,15 @@ async fn apply_on(
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(unavailable)?;
-    if chain.seq == 0 {
-        genesis(&mut tx, writes, chain).await?;
+    if let Some(event) = chain.genesis_for(writes) {
+        let mut event = event;
+        event.links = chain_heads(&mut tx).await?;
+        insert_audit(&mut tx, &event, chain).await?;
     }
     for write in writes {
         match write {
             Write::InsertTask(t) => {
-                let agent = serde_json::to_string(&t.agent).map_err(unavailable)?;
-                let actor = t
-                    .actor
-                    .as_ref()
-                    .map(serde_json::to_string)
-                    .transpose()
-                    .map_err(unavailable)?;
-                let may_act = (!t.may_act.is_empty())
-                    .then(|| serde_json::to_string(&t.may_act))
-                    .transpose()
-                    .map_err(unavailable)?;
+                let (agent, actor, may_act) = rows::task_json(t)?;
                 sqlx::query(
                     "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
                      environment, depth, token_jti, created_at, expires_at) \
@@ -313,7 +199,7 @@ async fn apply_on(
                 .bind(to_i64(t.expires_at))
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(failed)?;
             }
             Write::EndTask { id, at, reason } => {
                 sqlx::query(
@@ -343,17 +229,26 @@ async fn apply_on(
                 task_id,
                 expires_at,
                 at,
+            }
+            | Write::ClaimToken {
+                jti,
+                task_id,
+                expires_at,
+                at,
             } => {
-                let inserted = sqlx::query(
-                    "INSERT OR IGNORE INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)",
-                )
+                let once = matches!(write, Write::ClaimToken { .. });
+                let inserted = sqlx::query(if once {
+                    "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)"
+                } else {
+                    "INSERT OR IGNORE INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)"
+                })
                 .bind(jti)
                 .bind(task_id)
                 .bind(to_i64(*expires_at))
                 .bind(to_i64(*at))
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(failed)?;
                 if inserted.rows_affected() > 0 {
                     sqlx::query("INSERT INTO revocations (kind, txn, jti, exp, at) VALUES ('token', ?, ?, ?, ?)")
                         .bind(task_id)
@@ -376,6 +271,11 @@ async fn apply_on(
                     .execute(&mut *tx)
                     .await
                     .map_err(unavailable)?;
+                sqlx::query("DELETE FROM signing_keys WHERE publish_until <= ?")
+                    .bind(to_i64(*now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
             }
             Write::InsertApproval(a) => {
                 sqlx::query(
@@ -391,7 +291,7 @@ async fn apply_on(
                 .bind(to_i64(a.expires_at))
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(failed)?;
             }
             Write::UpdateApproval {
                 id,
@@ -433,86 +333,50 @@ async fn apply_on(
                 .await
                 .map_err(unavailable)?;
             }
+            Write::InsertKey(k) => {
+                sqlx::query(concat!(
+                    "INSERT INTO signing_keys (",
+                    key_columns!(),
+                    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ))
+                .bind(&k.kid)
+                .bind(k.purpose.as_str())
+                .bind(&k.alg)
+                .bind(&k.public_jwk)
+                .bind(&k.sealed)
+                .bind(to_i64(k.created_at))
+                .bind(to_i64(k.active_at))
+                .bind(k.retired_at.map(to_i64))
+                .bind(k.publish_until.map(to_i64))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            }
+            Write::RetireKey {
+                kid,
+                at,
+                publish_until,
+            } => {
+                sqlx::query(
+                    "UPDATE signing_keys SET retired_at = ?1, publish_until = ?2 \
+                     WHERE kid = ?3 AND retired_at IS NULL",
+                )
+                .bind(to_i64(*at))
+                .bind(to_i64(*publish_until))
+                .bind(kid)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
         }
     }
     tx.commit().await.map_err(unavailable)
 }
 
-fn approval_from_row(row: &SqliteRow) -> Result<Approval, StoreError> {
-    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-    let state: String = row.try_get("state").map_err(corrupt)?;
-    let decided_at: Option<i64> = row.try_get("decided_at").map_err(corrupt)?;
-    Ok(Approval {
-        id: row.try_get("id").map_err(corrupt)?,
-        task_id: row.try_get("task_id").map_err(corrupt)?,
-        tool: row.try_get("tool").map_err(corrupt)?,
-        actions: row.try_get("actions").map_err(corrupt)?,
-        state: Approval::parse_state(&state)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown approval state `{state}`")))?,
-        created_at: to_u64(row.try_get("created_at").map_err(corrupt)?),
-        expires_at: to_u64(row.try_get("expires_at").map_err(corrupt)?),
-        decided_by: row.try_get("decided_by").map_err(corrupt)?,
-        decided_at: decided_at.map(to_u64),
-        reason: row.try_get("reason").map_err(corrupt)?,
-        token_jti: row.try_get("token_jti").map_err(corrupt)?,
-    })
-}
-
-fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
-    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-    let agent: String = row.try_get("agent").map_err(corrupt)?;
-    let actor: Option<String> = row.try_get("actor").map_err(corrupt)?;
-    let may_act: Option<String> = row.try_get("may_act").map_err(corrupt)?;
-    let ended_at: Option<i64> = row.try_get("ended_at").map_err(corrupt)?;
-    let depth: i64 = row.try_get("depth").map_err(corrupt)?;
-    Ok(TaskRecord {
-        id: row.try_get("id").map_err(corrupt)?,
-        parent: row.try_get("parent_id").map_err(corrupt)?,
-        agent: serde_json::from_str(&agent).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        actor: actor
-            .map(|a| serde_json::from_str(&a))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        may_act: may_act
-            .map(|m| serde_json::from_str(&m))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?
-            .unwrap_or_default(),
-        grants: row.try_get("grants").map_err(corrupt)?,
-        purpose: row.try_get("purpose").map_err(corrupt)?,
-        environment: row.try_get("environment").map_err(corrupt)?,
-        depth: u32::try_from(depth).unwrap_or(u32::MAX),
-        token_jti: row.try_get("token_jti").map_err(corrupt)?,
-        created_at: to_u64(row.try_get("created_at").map_err(corrupt)?),
-        expires_at: to_u64(row.try_get("expires_at").map_err(corrupt)?),
-        ended_at: ended_at.map(to_u64),
-        end_reason: row.try_get("end_reason").map_err(corrupt)?,
-    })
-}
-
-macro_rules! approval_columns {
-    () => {
-        "id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti"
-    };
-}
-
-macro_rules! task_columns {
-    () => {
-        "id, parent_id, agent, actor, may_act, grants, purpose, environment, depth, token_jti, \
-         created_at, expires_at, ended_at, end_reason"
-    };
-}
-
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let (done, wait) = oneshot::channel();
-        self.writer
-            .send(Pending { writes, done })
-            .await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        wait.await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        self.writer.commit(writes).await
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -525,7 +389,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.reads)
         .await
         .map_err(unavailable)?;
-        row.as_ref().map(task_from_row).transpose()
+        row.as_ref().map(rows::task).transpose()
     }
 
     async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
@@ -548,25 +412,21 @@ impl Store for SqliteStore {
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(task_from_row).collect()
+        rows.iter().map(rows::task).collect()
     }
 
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "WITH RECURSIVE sub(id) AS (SELECT id FROM tasks WHERE parent_id = ?1 \
              UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
-             SELECT tasks.id FROM tasks JOIN sub ON tasks.id = sub.id WHERE tasks.ended_at IS NULL",
+             SELECT tasks.id FROM tasks JOIN sub ON tasks.id = sub.id WHERE tasks.ended_at IS NULL \
+             ORDER BY tasks.id",
         )
         .bind(id)
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| {
-                r.try_get::<String, _>("id")
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
-            .collect()
+        rows.iter().map(|r| rows::Cols::text(r, "id")).collect()
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
@@ -588,19 +448,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(e.to_string());
-        rows.iter()
-            .map(|r| {
-                let seq: i64 = r.try_get("seq").map_err(|e| corrupt(&e))?;
-                let hash: String = r.try_get("hash").map_err(|e| corrupt(&e))?;
-                let record: String = r.try_get("record").map_err(|e| corrupt(&e))?;
-                let mut event: AuditEvent =
-                    serde_json::from_str(&record).map_err(|e| corrupt(&e))?;
-                event.seq = seq;
-                event.hash = Some(hash);
-                Ok(event)
-            })
-            .collect()
+        rows.iter().map(rows::audit_event).collect()
     }
 
     async fn audit_rows(
@@ -616,18 +464,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-        rows.iter()
-            .map(|r| {
-                Ok(StoredRecord {
-                    seq: r.try_get("seq").map_err(corrupt)?,
-                    chain_id: r.try_get("chain_id").map_err(corrupt)?,
-                    chain_seq: to_u64(r.try_get("chain_seq").map_err(corrupt)?),
-                    hash: r.try_get("hash").map_err(corrupt)?,
-                    record: r.try_get("record").map_err(corrupt)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::stored_record).collect()
     }
 
     async fn revocations(
@@ -645,23 +482,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-        rows.iter()
-            .map(|r| {
-                let kind: String = r.try_get("kind").map_err(corrupt)?;
-                Ok(Revocation {
-                    seq: r.try_get("seq").map_err(corrupt)?,
-                    kind: if kind == "task" {
-                        RevocationKind::Task
-                    } else {
-                        RevocationKind::Token
-                    },
-                    txn: r.try_get("txn").map_err(corrupt)?,
-                    jti: r.try_get("jti").map_err(corrupt)?,
-                    exp: to_u64(r.try_get("exp").map_err(corrupt)?),
-                })
-            })
-            .collect()
+        rows.iter().map(rows::revocation).collect()
     }
 
     async fn latest_revocation(&self) -> Result<i64, StoreError> {
@@ -669,8 +490,7 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await
             .map_err(unavailable)?;
-        row.try_get("m")
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        rows::Cols::int(&row, "m")
     }
 
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
@@ -683,37 +503,35 @@ impl Store for SqliteStore {
         .fetch_optional(&self.reads)
         .await
         .map_err(unavailable)?;
-        row.as_ref().map(approval_from_row).transpose()
+        row.as_ref().map(rows::approval).transpose()
     }
 
     async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
-        let rows = sqlx::query(
-            concat!(
+        let rows = sqlx::query(concat!(
             "SELECT ",
             approval_columns!(),
-            " FROM approvals WHERE state = 'pending' AND expires_at > ? ORDER BY created_at LIMIT ?",
+            " FROM approvals WHERE state = 'pending' AND expires_at > ? ORDER BY created_at, id LIMIT ?",
         ))
         .bind(to_i64(now))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(approval_from_row).collect()
+        rows.iter().map(rows::approval).collect()
     }
 
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
-        let rows = sqlx::query(
-            concat!(
+        let rows = sqlx::query(concat!(
             "SELECT ",
             approval_columns!(),
-            " FROM approvals WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            " FROM approvals WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
         ))
         .bind(to_i64(now))
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(approval_from_row).collect()
+        rows.iter().map(rows::approval).collect()
     }
 
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError> {
@@ -724,13 +542,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
         let mut links = Vec::new();
         for r in &rows {
-            let record: String = r
-                .try_get("record")
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            // An unreadable record is reported by the verification pass.
-            if let Ok(e) = serde_json::from_str::<AuditEvent>(&record) {
-                links.extend(e.links);
-            }
+            links.extend(rows::genesis_links(r)?);
         }
         Ok(links)
     }
@@ -742,21 +554,28 @@ impl Store for SqliteStore {
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;
-        let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
-        rows.iter()
-            .map(|r| {
-                Ok(Checkpoint {
-                    chain_id: r.try_get("chain_id").map_err(corrupt)?,
-                    chain_seq: to_u64(r.try_get("chain_seq").map_err(corrupt)?),
-                    hash: r.try_get("hash").map_err(corrupt)?,
-                    at_ms: to_u64(r.try_get("at_ms").map_err(corrupt)?),
-                    signature: r.try_get("signature").map_err(corrupt)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::checkpoint).collect()
+    }
+
+    async fn keys(&self, now: u64) -> Result<Vec<StoredKey>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM signing_keys WHERE publish_until IS NULL OR publish_until > ? \
+             ORDER BY created_at, kid"
+        ))
+        .bind(to_i64(now))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::key).collect()
     }
 
     fn chain_head(&self) -> Option<ChainLink> {
-        self.head.lock().ok().and_then(|h| h.clone())
+        self.writer.head()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<Changes> {
+        self.writer.changes().subscribe()
     }
 }

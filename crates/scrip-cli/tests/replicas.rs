@@ -1,0 +1,560 @@
+//! Several `scrip serve` replicas on one real PostgreSQL database, with no
+//! leader: a task started on one is used, introspected, delegated and ended
+//! on the others; a revocation through one reaches the others within a
+//! second; a replica killed under load loses nothing while the others keep
+//! serving; the signing key rotates with every new key published before any
+//! replica signs with it; and a database that goes away makes every replica
+//! refuse to issue until it is back.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{
+    Client, Idp, JWT, K8S_ISSUER, Received, Server, TOKEN_EXCHANGE, TXN, claims, copy_policies,
+    free_port, load, scrip, str_of, text,
+};
+use scrip_testkit::{Gate, PgDatabase};
+use serde_json::{Value, json};
+
+const ISSUER: &str = "http://127.0.0.1:7999";
+
+/// A deployment: one database, one key-encryption key, one identity
+/// provider, and a configuration per replica.
+struct Cluster {
+    dir: tempfile::TempDir,
+    db: PgDatabase,
+    idp: Idp,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        copy_policies(&root.join("policies"));
+        let idp = Idp::new();
+        fs::write(root.join("k8s-jwks.json"), idp.jwks.to_string()).unwrap();
+        let (_, kek) = scrip_jose::Kek::generate().unwrap();
+        let kek_file = root.join("kek");
+        fs::write(&kek_file, kek).unwrap();
+        fs::set_permissions(&kek_file, fs::Permissions::from_mode(0o600)).unwrap();
+        Self {
+            dir,
+            db: PgDatabase::new(),
+            idp,
+        }
+    }
+
+    /// Writes replica `name`'s configuration; returns its address and file.
+    fn configure(&self, name: &str, database_url: &str, extra: &str) -> (SocketAddr, PathBuf) {
+        let root = self.dir.path();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = format!(
+            r#"listen = "{addr}"
+issuer = "{ISSUER}"
+data_dir = "{data}"
+policy_dir = "{policies}"
+database_url = "{database_url}"
+key_encryption_key_file = "{kek}"
+audit_checkpoint_interval = 1
+{extra}
+
+[[trusted_issuers]]
+issuer = "{K8S_ISSUER}"
+jwks_file = "{jwks}"
+audiences = ["scrip"]
+algorithms = ["ES256"]
+
+[[tools]]
+name = "github"
+resource = "https://api.github.com"
+actions = ["read", "write", "delete"]
+"#,
+            data = root.join(format!("data-{name}")).display(),
+            policies = root.join("policies").display(),
+            kek = root.join("kek").display(),
+            jwks = root.join("k8s-jwks.json").display(),
+        );
+        let file = root.join(format!("{name}.toml"));
+        fs::write(&file, config).unwrap();
+        (addr, file)
+    }
+
+    fn start(&self, name: &str, extra: &str) -> Replica {
+        self.start_on(name, self.db.url(), extra)
+    }
+
+    fn start_on(&self, name: &str, database_url: &str, extra: &str) -> Replica {
+        let (addr, config) = self.configure(name, database_url, extra);
+        let url = format!("http://{addr}");
+        let server = Server::spawn(
+            &config,
+            self.dir.path(),
+            self.dir.path().join(format!("{name}.log")),
+            &url,
+        );
+        Replica {
+            server,
+            client: Client::new(url),
+            config,
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.idp.kubernetes("agents", "coder")
+    }
+}
+
+struct Replica {
+    server: Server,
+    client: Client,
+    config: PathBuf,
+}
+
+impl Replica {
+    async fn introspect(&self, token: &str, caller: &str) -> Value {
+        let r = self
+            .client
+            .post("/introspect", &[("token", token)], Some(caller))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+    }
+
+    async fn jwks_kids(&self) -> BTreeSet<String> {
+        let body: Value = self
+            .client
+            .http
+            .get(format!("{}/jwks", self.client.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn audit(&self, args: &[&str]) -> std::process::Output {
+        scrip()
+            .arg("audit")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+}
+
+fn kid(token: &str) -> String {
+    use base64::Engine as _;
+    let header = token.split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_is_used_delegated_and_ended_across_replicas() {
+    let cluster = Cluster::new();
+    let r: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .map(|n| cluster.start(n, ""))
+        .collect();
+    let identity = cluster.identity();
+    let caller = cluster.idp.kubernetes("agents", "resource-server");
+
+    // Every replica publishes the same key set.
+    let kids = r[0].jwks_kids().await;
+    assert_eq!(kids.len(), 1);
+    assert_eq!(r[1].jwks_kids().await, kids);
+    assert_eq!(r[2].jwks_kids().await, kids);
+
+    // Started on a, exchanged on b, introspected on c.
+    let task = r[0]
+        .client
+        .start_task(&identity, "github:read github:write", "fix JIRA-7")
+        .await
+        .unwrap()
+        .token()
+        .unwrap();
+    let access = r[1]
+        .client
+        .access_token(&task, "github", "read")
+        .await
+        .unwrap();
+    let access = access.token().unwrap_or_else(|| panic!("{access:?}"));
+    let seen = r[2].introspect(&access, &caller).await;
+    assert_eq!(seen["active"], json!(true), "{seen}");
+    assert_eq!(seen["txn"], claims(&task)["txn"]);
+
+    // Delegated on c, the child used on a.
+    let reviewer = cluster.idp.kubernetes("agents", "reviewer");
+    let child = r[2]
+        .client
+        .post(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &task),
+                ("subject_token_type", TXN),
+                ("actor_token", &reviewer),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", "github:read"),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    let child = child.token().unwrap_or_else(|| panic!("{child:?}"));
+    let child_access = r[0]
+        .client
+        .access_token(&child, "github", "read")
+        .await
+        .unwrap()
+        .token()
+        .unwrap();
+    assert_eq!(
+        claims(&child_access)["act"]["sub"],
+        json!("system:serviceaccount:agents:reviewer")
+    );
+
+    // A verifier following c's feed; the task ended through b.
+    let cursor = r[2]
+        .client
+        .http
+        .get(format!("{}/revocations", r[2].client.url))
+        .bearer_auth(&caller)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["cursor"]
+        .as_i64()
+        .unwrap();
+    let feed = {
+        let http = r[2].client.http.clone();
+        let url = format!("{}/revocations?after={cursor}&wait=10", r[2].client.url);
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let body: Value = http
+                .get(url)
+                .bearer_auth(caller)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (Instant::now(), body)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let revoked_at = Instant::now();
+    let end = r[1]
+        .client
+        .post("/revoke", &[("token", &task)], None)
+        .await
+        .unwrap();
+    assert_eq!(end.status, 200, "{end:?}");
+    let (woke_at, body) = feed.await.unwrap();
+    let lag = woke_at.duration_since(revoked_at);
+    assert!(
+        lag < Duration::from_secs(1),
+        "feed on another replica took {lag:?}"
+    );
+    let txns: HashSet<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| str_of(e, "txn"))
+        .collect();
+    assert!(
+        txns.contains(claims(&task)["txn"].as_str().unwrap()),
+        "{body}"
+    );
+    assert!(
+        txns.contains(claims(&child)["txn"].as_str().unwrap()),
+        "{body}"
+    );
+    // Introspection on the other replicas refuses both at once.
+    for (i, replica) in r.iter().enumerate() {
+        for t in [&access, &child_access] {
+            let seen = replica.introspect(t, &caller).await;
+            assert_eq!(seen, json!({"active": false}), "replica {i}");
+        }
+    }
+    let again = r[0]
+        .client
+        .access_token(&task, "github", "read")
+        .await
+        .unwrap();
+    assert_eq!(again.status, 400, "{again:?}");
+
+    // One trail, one chain per replica, verified with the shared keys.
+    let config = r[0].config.clone();
+    for replica in r {
+        replica.server.stop();
+    }
+    let out = scrip()
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}{}", text(&out.stderr));
+    assert!(report.contains(" in 3 chains"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_under_load_loses_nothing_and_the_others_keep_serving() {
+    let cluster = Cluster::new();
+    let mut r: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .map(|n| cluster.start(n, ""))
+        .collect();
+    let identity = cluster.identity();
+    let got = Arc::new(Received::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for (i, replica) in r.iter().enumerate() {
+        for _ in 0..3 {
+            clients.push((
+                i,
+                tokio::spawn(load(
+                    replica.client.clone(),
+                    identity.clone(),
+                    stop.clone(),
+                    got.clone(),
+                )),
+            ));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = r[1].server.signal("KILL");
+    assert_eq!(status.code(), None, "killed by a signal");
+    let before = got.jtis.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = got.jtis.lock().unwrap().len();
+    stop.store(true, Ordering::Relaxed);
+    let mut per_replica = HashMap::new();
+    for (i, c) in clients {
+        let n = tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("clients stop")
+            .unwrap();
+        *per_replica.entry(i).or_insert(0) += n;
+    }
+    assert!(
+        after > before + 20,
+        "the others kept serving: {before} → {after}"
+    );
+    assert!(
+        per_replica[&0] > 0 && per_replica[&2] > 0,
+        "{per_replica:?}"
+    );
+
+    // Every token any client received, from any replica, is on record.
+    let out = r[0].audit(&["export"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let recorded: HashSet<(String, String)> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|r| {
+            Some((
+                str_of(&r, "jti")?.to_owned(),
+                str_of(&r, "event")?.to_owned(),
+            ))
+        })
+        .collect();
+    let jtis = got.jtis.lock().unwrap().clone();
+    let missing: Vec<_> = jtis
+        .iter()
+        .filter(|(j, e)| !recorded.contains(&(j.clone(), (*e).to_owned())))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} have no record",
+        missing.len(),
+        jtis.len()
+    );
+    // The trail of three writers (one killed) verifies.
+    r.remove(1);
+    for replica in r.drain(..) {
+        replica.server.stop();
+    }
+    let (_, config) = cluster.configure("verify", cluster.db.url(), "");
+    let out = scrip()
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}{}", text(&out.stderr));
+    assert!(report.contains(" in 3 chains"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_with_each_key_published_before_it_signs() {
+    let cluster = Cluster::new();
+    let extra = "signing_key_rotation = 3\nsigning_key_lead = 1";
+    let a = cluster.start("a", extra);
+    let b = cluster.start("b", extra);
+    let identity = cluster.identity();
+    let task = a
+        .client
+        .start_task(&identity, "github:read", "rotation")
+        .await
+        .unwrap()
+        .token()
+        .unwrap();
+    // When each key was first in both replicas' JWKS, and when a token
+    // signed with it was first seen.
+    let initial = a.jwks_kids().await;
+    let mut published: HashMap<String, Instant> = HashMap::new();
+    let mut first_signed: HashMap<String, Instant> = HashMap::new();
+    let mut signed_by: Vec<(String, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < deadline {
+        let on_a = a.jwks_kids().await;
+        let on_b = b.jwks_kids().await;
+        for k in on_a.intersection(&on_b) {
+            published.entry(k.clone()).or_insert_with(Instant::now);
+        }
+        for replica in [&a, &b] {
+            let t = replica
+                .client
+                .access_token(&task, "github", "read")
+                .await
+                .unwrap()
+                .token()
+                .unwrap();
+            let k = kid(&t);
+            assert!(
+                published.contains_key(&k),
+                "token signed with `{k}` before both replicas published it ({published:?})"
+            );
+            first_signed.entry(k.clone()).or_insert_with(Instant::now);
+            signed_by.push((k, t));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new key signs only after the lead (1 s) during which it was
+    // published and did not sign.
+    for (k, signed) in &first_signed {
+        if initial.contains(k) {
+            continue;
+        }
+        let lead = signed.duration_since(published[k]);
+        assert!(
+            lead >= Duration::from_millis(600),
+            "`{k}` signed {lead:?} after it was published"
+        );
+    }
+    let kids: BTreeSet<&String> = signed_by.iter().map(|(k, _)| k).collect();
+    assert!(kids.len() >= 3, "keys rotated: {kids:?}");
+    // Every key that signed a live token is still published, and every
+    // token still verifies at the other replica.
+    let now_published = a.jwks_kids().await;
+    let caller = cluster.idp.kubernetes("agents", "resource-server");
+    for (k, t) in signed_by.iter().step_by(7) {
+        assert!(
+            now_published.contains(k),
+            "`{k}` left while its tokens live"
+        );
+        assert_eq!(b.introspect(t, &caller).await["active"], json!(true));
+    }
+    let out = a.audit(&["query", "--json"]);
+    let created = text(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"key.created\""))
+        .count();
+    assert!(created >= 3, "rotations are audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_makes_every_replica_refuse_then_recover() {
+    let cluster = Cluster::new();
+    let gate = Gate::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = cluster
+        .db
+        .url()
+        .replace("127.0.0.1:5432", &gate.addr().to_string());
+    let r: Vec<Replica> = ["a", "b"]
+        .iter()
+        .map(|n| cluster.start_on(n, &url, ""))
+        .collect();
+    let identity = cluster.identity();
+    let task = r[0]
+        .client
+        .start_task(&identity, "github:read", "before")
+        .await
+        .unwrap()
+        .token()
+        .unwrap();
+
+    gate.shut();
+    for replica in &r {
+        let started = Instant::now();
+        let refused = replica
+            .client
+            .start_task(&identity, "github:read", "during")
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 503, "{refused:?}");
+        assert_eq!(refused.body["error"], json!("temporarily_unavailable"));
+        assert!(refused.token().is_none());
+        let refused = replica
+            .client
+            .access_token(&task, "github", "read")
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 503, "{refused:?}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+
+    gate.open();
+    for replica in &r {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = replica
+                .client
+                .access_token(&task, "github", "read")
+                .await
+                .unwrap();
+            if reply.status == 200 {
+                break;
+            }
+            assert_eq!(reply.status, 503, "{reply:?}");
+            assert!(Instant::now() < deadline, "did not recover: {reply:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! The keys this server signs with and publishes.
+//!
+//! On the embedded store they are files in `<data_dir>/keys` (see
+//! [`crate::keys`]) and never change while the server runs. On a shared
+//! store every replica signs with the same key set, kept in the store with
+//! the private halves sealed under the key-encryption key
+//! ([`scrip_jose::Kek`], which never enters the store):
+//!
+//! - the first replica to start on an empty store creates the first signing
+//!   key and the audit checkpoint key;
+//! - every `signing_key_rotation` a replica creates the next signing key,
+//!   `active_at` = now + `signing_key_lead`. It is published (JWKS, and every
+//!   replica's verification keys, which follow the store's change
+//!   notifications and re-read it every [`POLL`]) from then on, and replicas
+//!   switch to it at `active_at` by their own clocks, so no replica signs
+//!   with a key the others do not know yet;
+//! - once the successor is active the old key is retired: published until
+//!   the last token it can have signed has expired
+//!   ([`scrip_config::Config::longest_token_life`] after the switch), then
+//!   dropped.
+//!
+//! Architecture invariant: a token is signed only with a key that is in the
+//! published set, and a key leaves the set only after every token it signed
+//! has expired. A sealed key that does not open is never used.
+
+use std::sync::{Arc, RwLock};
+
+use scrip_config::Config;
+use scrip_jose::{Algorithm, Kek, KeySet, SharedKeySet, SigningAlgorithm, SigningKey};
+use scrip_store::{KeyPurpose, Store, StoreError, StoredKey, Write};
+
+use crate::keys::{self, KeyError};
+
+/// How often a replica re-reads the shared key set without being told.
+pub const POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The environment variable that holds the key-encryption key.
+pub const KEK_ENV: &str = "SCRIP_KEY_ENCRYPTION_KEY";
+
+/// The keys at one moment.
+#[derive(Debug)]
+struct Ring {
+    /// Signing keys by `(active_at, kid)`, oldest first.
+    signing: Vec<(u64, Arc<SigningKey>)>,
+    checkpoint: Arc<SigningKey>,
+    jwks_body: Arc<str>,
+    audit_keys_body: Arc<str>,
+    checkpoint_jwks: Vec<serde_json::Value>,
+}
+
+/// What a shared key set needs.
+#[derive(Debug)]
+struct Shared {
+    kek: Kek,
+    algorithm: SigningAlgorithm,
+    rotation: u64,
+    lead: u64,
+    keep: u64,
+}
+
+/// The server's keys.
+#[derive(Debug)]
+pub struct Keyring {
+    shared: Option<Shared>,
+    ring: RwLock<Arc<Ring>>,
+    verify: SharedKeySet,
+    algorithms: Vec<Algorithm>,
+}
+
+fn jwks(keys: &[serde_json::Value]) -> Arc<str> {
+    serde_json::json!({ "keys": keys }).to_string().into()
+}
+
+fn key_context(k: &StoredKey) -> String {
+    format!("scrip-key/v1\n{}\n{}\n{}", k.kid, k.purpose.as_str(), k.alg)
+}
+
+fn parse_alg(alg: &str) -> Option<SigningAlgorithm> {
+    [
+        SigningAlgorithm::ES256,
+        SigningAlgorithm::EdDSA,
+        SigningAlgorithm::RS256,
+    ]
+    .into_iter()
+    .find(|a| a.as_str() == alg)
+}
+
+/// What starting on the store created, for the audit.
+#[derive(Debug, Default)]
+pub struct Created {
+    /// `(kid, what)` of every key created.
+    pub keys: Vec<(String, String)>,
+}
+
+impl Keyring {
+    /// The keys in `<data_dir>/keys`, created on first start.
+    ///
+    /// # Errors
+    /// [`KeyError`] when a key file is unusable.
+    pub fn from_files(config: &Config, now: u64) -> Result<(Self, Created), KeyError> {
+        let loaded = keys::load_or_create(&config.data_dir, config.signing_algorithm, now)?;
+        let checkpoint = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
+        let mut created = Created::default();
+        if loaded.created {
+            created.keys.push((
+                loaded.key.kid().to_owned(),
+                format!("{} signing key created", loaded.key.algorithm()),
+            ));
+        }
+        if checkpoint.created {
+            created.keys.push((
+                checkpoint.key.kid().to_owned(),
+                "audit checkpoint key created".into(),
+            ));
+        }
+        let ring = Ring::new(
+            vec![(0, Arc::new(loaded.key))],
+            vec![Arc::new(checkpoint.key)],
+        )
+        .map_err(|message| KeyError::Invalid {
+            path: config.data_dir.join("keys"),
+            message,
+        })?;
+        Ok((
+            Self::with_ring(None, ring, config.signing_algorithm),
+            created,
+        ))
+    }
+
+    /// The shared key set of the store, creating the first keys on an empty
+    /// store.
+    ///
+    /// # Errors
+    /// [`KeyError`] when the key-encryption key is missing, exposed or does
+    /// not open the stored keys; [`StoreError`] (inside
+    /// [`KeyError::Invalid`]) when the store cannot be read or written.
+    pub async fn shared(
+        config: &Config,
+        store: &dyn Store,
+        now: u64,
+    ) -> Result<(Self, Created), KeyError> {
+        let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
+        let kek = load_kek(config, stored.is_empty())?;
+        let shared = Shared {
+            kek,
+            algorithm: config.signing_algorithm,
+            rotation: config.signing_key_rotation,
+            lead: config.signing_key_lead,
+            keep: config.longest_token_life(),
+        };
+        // Keys that do not open mean another key-encryption key: refuse to
+        // start rather than sign with a key set the others do not share.
+        for k in &stored {
+            shared.open(k).map_err(|message| KeyError::Invalid {
+                path: config.key_encryption_key_path(),
+                message: format!("stored key `{}`: {message}", k.kid),
+            })?;
+        }
+        let (writes, created) = shared.plan(&stored, now)?;
+        if !writes.is_empty() {
+            store
+                .commit(writes)
+                .await
+                .map_err(|e| store_error(config, &e))?;
+        }
+        let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
+        let ring = shared.ring(&stored).map_err(|message| KeyError::Invalid {
+            path: config.key_encryption_key_path(),
+            message,
+        })?;
+        Ok((
+            Self::with_ring(Some(shared), ring, config.signing_algorithm),
+            created,
+        ))
+    }
+
+    fn with_ring(shared: Option<Shared>, ring: Ring, alg: SigningAlgorithm) -> Self {
+        let verify = SharedKeySet::new(ring.verify_set());
+        let mut algorithms = vec![alg.to_jwt()];
+        for (_, k) in &ring.signing {
+            let a = k.algorithm().to_jwt();
+            if !algorithms.contains(&a) {
+                algorithms.push(a);
+            }
+        }
+        Self {
+            shared,
+            ring: RwLock::new(Arc::new(ring)),
+            verify,
+            algorithms,
+        }
+    }
+
+    fn ring(&self) -> Arc<Ring> {
+        match self.ring.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The key to sign with at `now`: the newest active one.
+    #[must_use]
+    pub fn signer(&self, now: u64) -> Arc<SigningKey> {
+        let ring = self.ring();
+        ring.signing
+            .iter()
+            .rev()
+            .find(|(active_at, _)| *active_at <= now)
+            .or_else(|| ring.signing.first())
+            .map_or_else(|| ring.checkpoint.clone(), |(_, k)| k.clone())
+    }
+
+    /// The key that signs audit checkpoints.
+    #[must_use]
+    pub fn checkpoint_key(&self) -> Arc<SigningKey> {
+        self.ring().checkpoint.clone()
+    }
+
+    /// Public keys that verify scrip's own tokens (follows rotation).
+    #[must_use]
+    pub fn verify_keys(&self) -> &SharedKeySet {
+        &self.verify
+    }
+
+    /// The algorithms scrip's own tokens may be signed with.
+    #[must_use]
+    pub fn algorithms(&self) -> &[Algorithm] {
+        &self.algorithms
+    }
+
+    /// The published JWKS document.
+    #[must_use]
+    pub fn jwks_body(&self) -> Arc<str> {
+        self.ring().jwks_body.clone()
+    }
+
+    /// The published audit checkpoint keys (a JWKS document).
+    #[must_use]
+    pub fn audit_keys_body(&self) -> Arc<str> {
+        self.ring().audit_keys_body.clone()
+    }
+
+    /// The public JWKs of every audit checkpoint key.
+    #[must_use]
+    pub fn checkpoint_jwks(&self) -> Vec<serde_json::Value> {
+        self.ring().checkpoint_jwks.clone()
+    }
+
+    /// When the shared key set next needs a [`Keyring::sync`] of its own
+    /// accord (a rotation due, a successor to switch to), in seconds.
+    #[must_use]
+    pub fn next_due(&self, now: u64) -> Option<u64> {
+        let shared = self.shared.as_ref()?;
+        let ring = self.ring();
+        let newest = ring.signing.last().map_or(now, |(at, _)| *at);
+        let rotation = (shared.rotation > 0).then(|| newest.saturating_add(shared.rotation));
+        let switch = ring.signing.iter().map(|(at, _)| *at).find(|at| *at > now);
+        rotation.into_iter().chain(switch).min()
+    }
+
+    /// Whether the keys live in a shared store.
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Re-reads a shared key set, rotating and retiring keys when due;
+    /// returns what it created or retired, for the audit. A file key set
+    /// never changes.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read or written; the keys in
+    /// use stay as they were.
+    pub async fn sync(&self, store: &dyn Store, now: u64) -> Result<Created, StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(Created::default());
+        };
+        let stored = store.keys(now).await?;
+        let (writes, created) = shared
+            .plan(&stored, now)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let stored = if writes.is_empty() {
+            stored
+        } else {
+            store.commit(writes).await?;
+            store.keys(now).await?
+        };
+        match shared.ring(&stored) {
+            Ok(ring) => {
+                self.verify.replace(ring.verify_set());
+                match self.ring.write() {
+                    Ok(mut r) => *r = Arc::new(ring),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(ring),
+                }
+            }
+            Err(message) => {
+                tracing::error!(%message, "shared keys unusable; keeping the keys in use")
+            }
+        }
+        Ok(created)
+    }
+}
+
+/// The public JWKs of a shared store's audit checkpoint keys, for
+/// verifying its trail. Each is opened with the key-encryption key first,
+/// so a key planted by someone who can write the store is not trusted.
+///
+/// # Errors
+/// [`KeyError`] when the key-encryption key is missing or does not open a
+/// stored checkpoint key, or the store cannot be read.
+pub async fn shared_checkpoint_jwks(
+    config: &Config,
+    store: &dyn Store,
+    now: u64,
+) -> Result<Vec<serde_json::Value>, KeyError> {
+    let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
+    let shared = Shared {
+        kek: load_kek(config, false)?,
+        algorithm: config.signing_algorithm,
+        rotation: 0,
+        lead: 0,
+        keep: 0,
+    };
+    stored
+        .iter()
+        .filter(|k| k.purpose == KeyPurpose::Checkpoint)
+        .map(|k| {
+            shared
+                .open(k)
+                .map(|key| key.public_jwk())
+                .map_err(|message| KeyError::Invalid {
+                    path: config.key_encryption_key_path(),
+                    message: format!("stored checkpoint key `{}`: {message}", k.kid),
+                })
+        })
+        .collect()
+}
+
+fn store_error(config: &Config, e: &StoreError) -> KeyError {
+    KeyError::Invalid {
+        path: config
+            .database_url
+            .as_deref()
+            .map_or_else(|| config.data_dir.clone(), |_| "database_url".into()),
+        message: format!("cannot read or write the shared keys: {e}"),
+    }
+}
+
+/// The key-encryption key: from the environment, else the file (created,
+/// 0600, only when the store holds no keys yet).
+fn load_kek(config: &Config, store_is_empty: bool) -> Result<Kek, KeyError> {
+    let path = config.key_encryption_key_path();
+    let invalid = |message: String| KeyError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    if let Ok(text) = std::env::var(KEK_ENV) {
+        return Kek::from_text(&text).map_err(|e| KeyError::Invalid {
+            path: KEK_ENV.into(),
+            message: e.to_string(),
+        });
+    }
+    if path.exists() {
+        let bytes = keys::read_private(&path)?;
+        let text = String::from_utf8(bytes).map_err(|_| invalid("not base64 text".into()))?;
+        return Kek::from_text(&text).map_err(|e| invalid(e.to_string()));
+    }
+    if !store_is_empty {
+        return Err(invalid(format!(
+            "missing: the shared store holds keys sealed under a key-encryption key; give this replica the same key (this file, or {KEK_ENV})"
+        )));
+    }
+    if let Some(dir) = path.parent() {
+        keys::ensure_private_dir(dir)?;
+    }
+    let (kek, text) = Kek::generate().map_err(|e| invalid(e.to_string()))?;
+    keys::write_private(&path, text.as_bytes())?;
+    tracing::warn!(path = %path.display(), "created the key-encryption key of the shared store; every replica needs this same file (or {KEK_ENV})");
+    Ok(kek)
+}
+
+impl Shared {
+    /// Opens a stored key, checking that it is the key its row says.
+    fn open(&self, k: &StoredKey) -> Result<SigningKey, String> {
+        let alg = parse_alg(&k.alg).ok_or_else(|| format!("unknown algorithm `{}`", k.alg))?;
+        let der = self
+            .kek
+            .open(&key_context(k), &k.sealed)
+            .map_err(|e| e.to_string())?;
+        let key = SigningKey::from_pkcs8(alg, &der).map_err(|e| e.to_string())?;
+        if key.kid() != k.kid {
+            return Err("the sealed key is not the key its row names".into());
+        }
+        Ok(key)
+    }
+
+    fn new_key(
+        &self,
+        purpose: KeyPurpose,
+        alg: SigningAlgorithm,
+        now: u64,
+        active_at: u64,
+    ) -> Result<StoredKey, KeyError> {
+        let invalid = |message: String| KeyError::Invalid {
+            path: "key-encryption key".into(),
+            message,
+        };
+        let (key, pkcs8) = SigningKey::generate(alg).map_err(|e| invalid(e.to_string()))?;
+        let mut stored = StoredKey {
+            kid: key.kid().to_owned(),
+            purpose,
+            alg: alg.as_str().to_owned(),
+            public_jwk: key.public_jwk().to_string(),
+            sealed: String::new(),
+            created_at: now,
+            active_at,
+            retired_at: None,
+            publish_until: None,
+        };
+        stored.sealed = self
+            .kek
+            .seal(&key_context(&stored), &pkcs8)
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(stored)
+    }
+
+    /// What to write so the key set is complete and current at `now`.
+    fn plan(&self, stored: &[StoredKey], now: u64) -> Result<(Vec<Write>, Created), KeyError> {
+        let mut writes = Vec::new();
+        let mut created = Created::default();
+        let signing: Vec<&StoredKey> = stored
+            .iter()
+            .filter(|k| k.purpose == KeyPurpose::Signing)
+            .collect();
+        if !stored.iter().any(|k| k.purpose == KeyPurpose::Checkpoint) {
+            let k = self.new_key(KeyPurpose::Checkpoint, SigningAlgorithm::EdDSA, now, now)?;
+            created
+                .keys
+                .push((k.kid.clone(), "audit checkpoint key created".into()));
+            writes.push(Write::InsertKey(Box::new(k)));
+        }
+        let newest = signing.iter().max_by_key(|k| (k.active_at, &k.kid));
+        match newest {
+            None => {
+                // Nothing can have been signed yet: active at once.
+                let k = self.new_key(KeyPurpose::Signing, self.algorithm, now, now)?;
+                created
+                    .keys
+                    .push((k.kid.clone(), format!("{} signing key created", k.alg)));
+                writes.push(Write::InsertKey(Box::new(k)));
+            }
+            Some(n)
+                if self.rotation > 0
+                    && n.active_at <= now
+                    && now >= n.active_at + self.rotation =>
+            {
+                // `now` is whole seconds: one more makes the lead at least
+                // `lead` seconds of real time.
+                let active_at = now.saturating_add(self.lead).saturating_add(1);
+                let k = self.new_key(KeyPurpose::Signing, self.algorithm, now, active_at)?;
+                created.keys.push((
+                    k.kid.clone(),
+                    format!("{} signing key created, signs from {}", k.alg, k.active_at),
+                ));
+                writes.push(Write::InsertKey(Box::new(k)));
+            }
+            Some(_) => {}
+        }
+        // Retire every key that an active successor replaced.
+        let current = signing
+            .iter()
+            .filter(|k| k.active_at <= now)
+            .max_by_key(|k| (k.active_at, &k.kid));
+        if let Some(current) = current {
+            for k in &signing {
+                if k.kid != current.kid
+                    && k.retired_at.is_none()
+                    && k.active_at <= current.active_at
+                {
+                    let publish_until = current.active_at.saturating_add(self.keep);
+                    created.keys.push((
+                        k.kid.clone(),
+                        format!("signing key retired, published until {publish_until}"),
+                    ));
+                    writes.push(Write::RetireKey {
+                        kid: k.kid.clone(),
+                        at: current.active_at,
+                        publish_until,
+                    });
+                }
+            }
+        }
+        Ok((writes, created))
+    }
+
+    /// The ring of the stored keys; keys that do not open are left out.
+    fn ring(&self, stored: &[StoredKey]) -> Result<Ring, String> {
+        let mut signing = Vec::new();
+        let mut checkpoints = Vec::new();
+        for k in stored {
+            match self.open(k) {
+                Ok(key) => match k.purpose {
+                    KeyPurpose::Signing => signing.push((k.active_at, &k.kid, Arc::new(key))),
+                    KeyPurpose::Checkpoint => {
+                        checkpoints.push((k.created_at, &k.kid, Arc::new(key)))
+                    }
+                },
+                Err(message) => {
+                    tracing::error!(kid = %k.kid, %message, "a stored key does not open; not using it");
+                }
+            }
+        }
+        signing.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        checkpoints.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        Ring::new(
+            signing.into_iter().map(|(at, _, k)| (at, k)).collect(),
+            checkpoints.into_iter().map(|(_, _, k)| k).collect(),
+        )
+    }
+}
+
+impl Ring {
+    /// `checkpoints` oldest first; the newest signs.
+    fn new(
+        signing: Vec<(u64, Arc<SigningKey>)>,
+        checkpoints: Vec<Arc<SigningKey>>,
+    ) -> Result<Self, String> {
+        if signing.is_empty() {
+            return Err("no usable signing key".into());
+        }
+        let checkpoint = checkpoints
+            .last()
+            .cloned()
+            .ok_or_else(|| "no usable audit checkpoint key".to_owned())?;
+        let published: Vec<serde_json::Value> =
+            signing.iter().map(|(_, k)| k.public_jwk()).collect();
+        let checkpoint_jwks: Vec<serde_json::Value> =
+            checkpoints.iter().map(|k| k.public_jwk()).collect();
+        Ok(Self {
+            jwks_body: jwks(&published),
+            audit_keys_body: jwks(&checkpoint_jwks),
+            checkpoint_jwks,
+            signing,
+            checkpoint,
+        })
+    }
+
+    fn verify_set(&self) -> KeySet {
+        let published: Vec<serde_json::Value> =
+            self.signing.iter().map(|(_, k)| k.public_jwk()).collect();
+        KeySet::from_public_jwks(&published).unwrap_or_default()
+    }
+}

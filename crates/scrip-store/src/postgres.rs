@@ -1,0 +1,754 @@
+//! The shared store: PostgreSQL, for several scrip replicas with no leader.
+//!
+//! It behaves exactly as the embedded store (one conformance suite runs
+//! against both). Each replica has one writer ([`crate::writer`]) doing
+//! group commit on its own connection and a small pool for reads. Writers
+//! of all replicas serialize on one transaction-scoped advisory lock, so
+//! the order of `seq` in the audit and revocation tables is commit order
+//! (a reader following a cursor never skips a row that commits late) and a
+//! new chain reads the other chains' heads consistently, as SQLite's
+//! `BEGIN IMMEDIATE` does. Each batch is still one commit, so the lock is
+//! held for one flush per batch, not per request.
+//!
+//! Replicas learn of each other's revocations and key changes through
+//! `LISTEN`/`NOTIFY` on [`CHANNEL`]; when the listening connection drops,
+//! every change counter is bumped (notifications may have been missed) and
+//! it reconnects by itself. A database that cannot be reached fails every
+//! read and commit with [`StoreError::Unavailable`] within
+//! [`TIMEOUT`], and the store recovers by itself when it comes back.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Connection as _};
+use tokio::sync::watch;
+
+use crate::chain::ChainState;
+use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64};
+use crate::writer::{Apply, Changes, Writer};
+use crate::{
+    Approval, AuditEvent, AuditFilter, ChainLink, Checkpoint, Revocation, Store, StoreError,
+    StoredKey, StoredRecord, TaskRecord, Write,
+};
+
+/// The notification channel replicas share.
+pub const CHANNEL: &str = "scrip_changes";
+/// The advisory lock every writer's transaction takes first.
+const WRITE_LOCK: i64 = 7_070_001;
+/// The longest a connection attempt, a read or a commit may take before the
+/// store counts as unavailable.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The PostgreSQL store.
+#[derive(Debug)]
+pub struct PgStore {
+    reads: PgPool,
+    writer: Writer,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].
+fn failed(e: sqlx::Error) -> StoreError {
+    match e.as_database_error() {
+        Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_owned()),
+        _ => unavailable(e),
+    }
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "the database_url".into(),
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL) and applies
+    /// the migrations (concurrent replicas serialize on sqlx's migration
+    /// lock).
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the database cannot be reached or migrated.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
+            .application_name("scrip");
+        let mut conn = tokio::time::timeout(TIMEOUT, options.connect())
+            .await
+            .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&mut conn)
+            .await
+            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        let reads = PgPoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .acquire_timeout(TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| StoreError::Open(e.to_string()))?;
+        let writer = Writer::spawn(
+            PgWriter {
+                conn: Some(conn),
+                options,
+            },
+            crate::chain::new_chain_id()?,
+        );
+        let listener = tokio::spawn(listen(reads.clone(), writer.changes().clone()));
+        Ok(Self {
+            reads,
+            writer,
+            listener,
+        })
+    }
+}
+
+/// Follows other replicas' changes; bumps every counter whenever the
+/// connection was lost, since notifications may have been missed then.
+async fn listen(pool: PgPool, changes: watch::Sender<Changes>) {
+    let bump_all = |changes: &watch::Sender<Changes>| {
+        changes.send_modify(|c| {
+            c.revocations += 1;
+            c.keys += 1;
+        });
+    };
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Anything may have happened while not listening.
+        bump_all(&changes);
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => changes.send_modify(|c| match n.payload() {
+                    "keys" => c.keys += 1,
+                    _ => c.revocations += 1,
+                }),
+                Ok(None) => {
+                    // Lost and reconnected: notifications may be lost.
+                    bump_all(&changes);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the change notifications; reconnecting");
+                    bump_all(&changes);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct PgWriter {
+    conn: Option<PgConnection>,
+    options: PgConnectOptions,
+}
+
+#[async_trait::async_trait]
+impl Apply for PgWriter {
+    async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
+        if self.conn.is_none() {
+            let conn = tokio::time::timeout(TIMEOUT, self.options.connect())
+                .await
+                .map_err(|_| unavailable("connecting to the database timed out"))?
+                .map_err(unavailable)?;
+            self.conn = Some(conn);
+        }
+        let Some(c) = self.conn.as_mut() else {
+            return Err(StoreError::Unavailable("no connection".into()));
+        };
+        let result = match tokio::time::timeout(TIMEOUT, apply_on(c, writes, chain)).await {
+            Ok(r) => r,
+            Err(_) => Err(unavailable("the database did not answer in time")),
+        };
+        if matches!(result, Err(StoreError::Unavailable(_))) {
+            // Start afresh next time: the connection may be what is broken.
+            if let Some(c) = self.conn.take() {
+                drop(tokio::time::timeout(Duration::from_millis(200), c.close()).await);
+            }
+        }
+        result
+    }
+}
+
+/// The audit rows of one batch, column by column, for one `UNNEST` insert.
+#[derive(Default)]
+struct AuditColumns {
+    at_ms: Vec<i64>,
+    event: Vec<String>,
+    decision: Vec<Option<String>>,
+    agent_iss: Vec<Option<String>>,
+    agent_sub: Vec<Option<String>>,
+    task_id: Vec<Option<String>>,
+    parent_id: Vec<Option<String>>,
+    tool: Vec<Option<String>>,
+    jti: Vec<Option<String>>,
+    replica: Vec<String>,
+    chain_id: Vec<String>,
+    chain_seq: Vec<i64>,
+    hash: Vec<String>,
+    record: Vec<String>,
+}
+
+impl AuditColumns {
+    fn push(&mut self, event: &AuditEvent, chain: &mut ChainState) -> Result<(), StoreError> {
+        let (e, record, hash) = chain.append(event).map_err(unavailable)?;
+        self.at_ms.push(to_i64(e.at_ms));
+        self.event.push(e.event);
+        self.decision.push(e.decision);
+        self.agent_iss.push(e.agent_iss);
+        self.agent_sub.push(e.agent_sub);
+        self.task_id.push(e.task_id);
+        self.parent_id.push(e.parent_id);
+        self.tool.push(e.tool);
+        self.jti.push(e.jti);
+        self.replica.push(e.replica);
+        self.chain_id.push(chain.id.clone());
+        self.chain_seq.push(to_i64(chain.seq));
+        self.hash.push(hash);
+        self.record.push(record);
+        Ok(())
+    }
+
+    async fn insert(self, tx: &mut PgConnection) -> Result<(), StoreError> {
+        if self.record.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
+             replica, chain_id, chain_seq, hash, record) \
+             SELECT at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
+             replica, chain_id, chain_seq, hash, record \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+             $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::text[], $14::text[]) \
+             WITH ORDINALITY AS u(at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
+             replica, chain_id, chain_seq, hash, record, n) ORDER BY n",
+        )
+        .bind(self.at_ms)
+        .bind(self.event)
+        .bind(self.decision)
+        .bind(self.agent_iss)
+        .bind(self.agent_sub)
+        .bind(self.task_id)
+        .bind(self.parent_id)
+        .bind(self.tool)
+        .bind(self.jti)
+        .bind(self.replica)
+        .bind(self.chain_id)
+        .bind(self.chain_seq)
+        .bind(self.hash)
+        .bind(self.record)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// The head of every chain in the store.
+async fn chain_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT a.chain_id, a.chain_seq, a.hash FROM audit a \
+         JOIN (SELECT chain_id, MAX(chain_seq) AS m FROM audit GROUP BY chain_id) h \
+         ON a.chain_id = h.chain_id AND a.chain_seq = h.m ORDER BY a.seq",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    rows.iter().map(rows::chain_link).collect()
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one arm per write, each a statement; splitting them scatters the SQL"
+)]
+async fn apply_on(
+    conn: &mut PgConnection,
+    writes: &[&Write],
+    chain: &mut ChainState,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await.map_err(unavailable)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(WRITE_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let mut audit = AuditColumns::default();
+    if let Some(mut event) = chain.genesis_for(writes) {
+        event.links = chain_heads(&mut tx).await?;
+        audit.push(&event, chain)?;
+    }
+    let mut revoked = false;
+    let mut keys = false;
+    for write in writes {
+        match write {
+            Write::InsertTask(t) => {
+                let (agent, actor, may_act) = rows::task_json(t)?;
+                sqlx::query(
+                    "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
+                     environment, depth, token_jti, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(&t.id)
+                .bind(&t.parent)
+                .bind(agent)
+                .bind(actor)
+                .bind(may_act)
+                .bind(&t.agent.issuer)
+                .bind(&t.agent.subject)
+                .bind(&t.grants)
+                .bind(&t.purpose)
+                .bind(&t.environment)
+                .bind(i64::from(t.depth))
+                .bind(&t.token_jti)
+                .bind(to_i64(t.created_at))
+                .bind(to_i64(t.expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            }
+            Write::EndTask { id, at, reason } => {
+                sqlx::query(
+                    "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                     INSERT INTO revocations (kind, txn, jti, exp, at) \
+                     SELECT 'task', id, NULL, expires_at, $2 FROM tasks \
+                     WHERE id IN (SELECT id FROM sub) AND ended_at IS NULL AND expires_at > $2 ORDER BY id",
+                )
+                .bind(id)
+                .bind(to_i64(*at))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                     UPDATE tasks SET ended_at = $2, end_reason = CASE WHEN id = $1 THEN $3 ELSE 'parent ended' END \
+                     WHERE id IN (SELECT id FROM sub) AND ended_at IS NULL",
+                )
+                .bind(id)
+                .bind(to_i64(*at))
+                .bind(reason)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                revoked = true;
+            }
+            Write::RevokeToken {
+                jti,
+                task_id,
+                expires_at,
+                at,
+            }
+            | Write::ClaimToken {
+                jti,
+                task_id,
+                expires_at,
+                at,
+            } => {
+                let once = matches!(write, Write::ClaimToken { .. });
+                let inserted = sqlx::query(if once {
+                    "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES ($1, $2, $3, $4)"
+                } else {
+                    "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (jti) DO NOTHING"
+                })
+                .bind(jti)
+                .bind(task_id)
+                .bind(to_i64(*expires_at))
+                .bind(to_i64(*at))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+                if inserted.rows_affected() > 0 {
+                    sqlx::query("INSERT INTO revocations (kind, txn, jti, exp, at) VALUES ('token', $1, $2, $3, $4)")
+                        .bind(task_id)
+                        .bind(jti)
+                        .bind(to_i64(*expires_at))
+                        .bind(to_i64(*at))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    revoked = true;
+                }
+            }
+            Write::PurgeRevocations { now } => {
+                for sql in [
+                    "DELETE FROM revoked_tokens WHERE expires_at <= $1",
+                    "DELETE FROM revocations WHERE exp <= $1",
+                    "DELETE FROM signing_keys WHERE publish_until <= $1",
+                ] {
+                    sqlx::query(sql)
+                        .bind(to_i64(*now))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+            Write::InsertApproval(a) => {
+                sqlx::query(
+                    "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&a.id)
+                .bind(&a.task_id)
+                .bind(&a.tool)
+                .bind(&a.actions)
+                .bind(a.state.as_str())
+                .bind(to_i64(a.created_at))
+                .bind(to_i64(a.expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            }
+            Write::UpdateApproval {
+                id,
+                from,
+                to,
+                by,
+                at,
+                reason,
+                token_jti,
+            } => {
+                sqlx::query(
+                    "UPDATE approvals SET state = $1, \
+                     decided_by = COALESCE($2::text, decided_by), \
+                     decided_at = CASE WHEN $2::text IS NULL THEN decided_at ELSE $3 END, \
+                     reason = COALESCE($4::text, reason), token_jti = COALESCE($5::text, token_jti) \
+                     WHERE id = $6 AND state = $7",
+                )
+                .bind(to.as_str())
+                .bind(by)
+                .bind(to_i64(*at))
+                .bind(reason)
+                .bind(token_jti)
+                .bind(id)
+                .bind(from.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            Write::Audit(a) => audit.push(a, chain)?,
+            Write::Checkpoint(c) => {
+                sqlx::query(
+                    "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&c.chain_id)
+                .bind(to_i64(c.chain_seq))
+                .bind(&c.hash)
+                .bind(to_i64(c.at_ms))
+                .bind(&c.signature)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            Write::InsertKey(k) => {
+                sqlx::query(concat!(
+                    "INSERT INTO signing_keys (",
+                    key_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                ))
+                .bind(&k.kid)
+                .bind(k.purpose.as_str())
+                .bind(&k.alg)
+                .bind(&k.public_jwk)
+                .bind(&k.sealed)
+                .bind(to_i64(k.created_at))
+                .bind(to_i64(k.active_at))
+                .bind(k.retired_at.map(to_i64))
+                .bind(k.publish_until.map(to_i64))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+                keys = true;
+            }
+            Write::RetireKey {
+                kid,
+                at,
+                publish_until,
+            } => {
+                sqlx::query(
+                    "UPDATE signing_keys SET retired_at = $1, publish_until = $2 \
+                     WHERE kid = $3 AND retired_at IS NULL",
+                )
+                .bind(to_i64(*at))
+                .bind(to_i64(*publish_until))
+                .bind(kid)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                keys = true;
+            }
+        }
+    }
+    audit.insert(&mut tx).await?;
+    // Delivered to the other replicas when (and only if) this commits.
+    for (changed, payload) in [(revoked, "revocations"), (keys, "keys")] {
+        if changed {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(payload)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+/// Bounds a read by [`TIMEOUT`].
+async fn read<T>(
+    query: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(TIMEOUT, query)
+        .await
+        .map_err(|_| unavailable("the database did not answer in time"))?
+        .map_err(unavailable)
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.writer.commit(writes).await
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let row = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&self.reads),
+        )
+        .await?;
+        row.as_ref().map(rows::task).transpose()
+    }
+
+    async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        let row = read(
+            sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = $1")
+                .bind(jti)
+                .fetch_optional(&self.reads),
+        )
+        .await?;
+        Ok(row.is_some())
+    }
+
+    async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE ended_at IS NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+            ))
+            .bind(to_i64(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::task).collect()
+    }
+
+    async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = read(
+            sqlx::query(
+                "WITH RECURSIVE sub(id) AS (SELECT id FROM tasks WHERE parent_id = $1 \
+                 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                 SELECT tasks.id FROM tasks JOIN sub ON tasks.id = sub.id WHERE tasks.ended_at IS NULL \
+                 ORDER BY tasks.id",
+            )
+            .bind(id)
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(|r| rows::Cols::text(r, "id")).collect()
+    }
+
+    async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = read(
+            sqlx::query(
+                "SELECT seq, hash, record FROM audit WHERE seq > $1 \
+                 AND ($2::text IS NULL OR task_id = $2) AND ($3::text IS NULL OR agent_sub = $3) \
+                 AND ($4::text IS NULL OR tool = $4) AND ($5::text IS NULL OR decision = $5) \
+                 AND ($6::bigint IS NULL OR at_ms >= $6) AND ($7::bigint IS NULL OR at_ms < $7) \
+                 ORDER BY seq LIMIT $8",
+            )
+            .bind(filter.after_seq.unwrap_or(0))
+            .bind(&filter.task_id)
+            .bind(&filter.agent_sub)
+            .bind(&filter.tool)
+            .bind(&filter.decision)
+            .bind(filter.since_ms.map(to_i64))
+            .bind(filter.until_ms.map(to_i64))
+            .bind(i64::from(filter.limit.unwrap_or(10_000)))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::audit_event).collect()
+    }
+
+    async fn audit_rows(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let rows = read(
+            sqlx::query(
+                "SELECT seq, chain_id, chain_seq, hash, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::stored_record).collect()
+    }
+
+    async fn revocations(
+        &self,
+        after: i64,
+        now: u64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        let rows = read(
+            sqlx::query(
+                "SELECT seq, kind, txn, jti, exp FROM revocations WHERE seq > $1 AND exp > $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(after)
+            .bind(to_i64(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::revocation).collect()
+    }
+
+    async fn latest_revocation(&self) -> Result<i64, StoreError> {
+        let row = read(
+            sqlx::query("SELECT COALESCE(MAX(seq), 0)::bigint AS m FROM revocations")
+                .fetch_one(&self.reads),
+        )
+        .await?;
+        rows::Cols::int(&row, "m")
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        let row = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                approval_columns!(),
+                " FROM approvals WHERE id = $1",
+            ))
+            .bind(id)
+            .fetch_optional(&self.reads),
+        )
+        .await?;
+        row.as_ref().map(rows::approval).transpose()
+    }
+
+    async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                approval_columns!(),
+                " FROM approvals WHERE state = 'pending' AND expires_at > $1 ORDER BY created_at, id LIMIT $2",
+            ))
+            .bind(to_i64(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
+    async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                approval_columns!(),
+                " FROM approvals WHERE state = 'pending' AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2",
+            ))
+            .bind(to_i64(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
+    async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError> {
+        let rows = read(
+            sqlx::query("SELECT record FROM audit WHERE event = 'chain.started' ORDER BY seq")
+                .fetch_all(&self.reads),
+        )
+        .await?;
+        let mut links = Vec::new();
+        for r in &rows {
+            links.extend(rows::genesis_links(r)?);
+        }
+        Ok(links)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = read(
+            sqlx::query(
+                "SELECT chain_id, chain_seq, hash, at_ms, signature FROM audit_checkpoints ORDER BY id",
+            )
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::checkpoint).collect()
+    }
+
+    async fn keys(&self, now: u64) -> Result<Vec<StoredKey>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM signing_keys WHERE publish_until IS NULL OR publish_until > $1 \
+                 ORDER BY created_at, kid"
+            ))
+            .bind(to_i64(now))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::key).collect()
+    }
+
+    fn chain_head(&self) -> Option<ChainLink> {
+        self.writer.head()
+    }
+
+    fn changes(&self) -> watch::Receiver<Changes> {
+        self.writer.changes().subscribe()
+    }
+}

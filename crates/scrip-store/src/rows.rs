@@ -1,0 +1,220 @@
+//! Decoding stored rows into the model, once for both backends.
+//!
+//! Both schemas store the same columns with the same names (text, and
+//! 64-bit integers), so a row of either backend is read through [`Cols`]
+//! and mapped here.
+
+use crate::{
+    Approval, AuditEvent, ChainLink, Checkpoint, KeyPurpose, Revocation, RevocationKind,
+    StoreError, StoredKey, StoredRecord, TaskRecord,
+};
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Typed column access, the same for a SQLite and a PostgreSQL row.
+pub(crate) trait Cols {
+    fn text(&self, col: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, col: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError>;
+
+    fn uint(&self, col: &str) -> Result<u64, StoreError> {
+        self.int(col).map(to_u64)
+    }
+    fn opt_uint(&self, col: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.opt_int(col)?.map(to_u64))
+    }
+}
+
+macro_rules! impl_cols {
+    ($row:ty) => {
+        impl Cols for $row {
+            fn text(&self, col: &str) -> Result<String, StoreError> {
+                sqlx::Row::try_get(self, col).map_err(corrupt)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+                sqlx::Row::try_get(self, col).map_err(corrupt)
+            }
+            fn int(&self, col: &str) -> Result<i64, StoreError> {
+                sqlx::Row::try_get(self, col).map_err(corrupt)
+            }
+            fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+                sqlx::Row::try_get(self, col).map_err(corrupt)
+            }
+        }
+    };
+}
+impl_cols!(sqlx::sqlite::SqliteRow);
+impl_cols!(sqlx::postgres::PgRow);
+
+/// The columns [`task`] reads.
+macro_rules! task_columns {
+    () => {
+        "id, parent_id, agent, actor, may_act, grants, purpose, environment, depth, token_jti, \
+         created_at, expires_at, ended_at, end_reason"
+    };
+}
+
+/// The columns [`approval`] reads.
+macro_rules! approval_columns {
+    () => {
+        "id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti"
+    };
+}
+
+/// The columns [`key`] reads.
+macro_rules! key_columns {
+    () => {
+        "kid, purpose, alg, public_jwk, sealed, created_at, active_at, retired_at, publish_until"
+    };
+}
+pub(crate) use {approval_columns, key_columns, task_columns};
+
+pub(crate) fn task(row: &impl Cols) -> Result<TaskRecord, StoreError> {
+    Ok(TaskRecord {
+        id: row.text("id")?,
+        parent: row.opt_text("parent_id")?,
+        agent: serde_json::from_str(&row.text("agent")?).map_err(corrupt)?,
+        actor: row
+            .opt_text("actor")?
+            .map(|a| serde_json::from_str(&a))
+            .transpose()
+            .map_err(corrupt)?,
+        may_act: row
+            .opt_text("may_act")?
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(corrupt)?
+            .unwrap_or_default(),
+        grants: row.text("grants")?,
+        purpose: row.text("purpose")?,
+        environment: row.text("environment")?,
+        depth: u32::try_from(row.int("depth")?).unwrap_or(u32::MAX),
+        token_jti: row.text("token_jti")?,
+        created_at: row.uint("created_at")?,
+        expires_at: row.uint("expires_at")?,
+        ended_at: row.opt_uint("ended_at")?,
+        end_reason: row.opt_text("end_reason")?,
+    })
+}
+
+pub(crate) fn approval(row: &impl Cols) -> Result<Approval, StoreError> {
+    let state = row.text("state")?;
+    Ok(Approval {
+        id: row.text("id")?,
+        task_id: row.text("task_id")?,
+        tool: row.text("tool")?,
+        actions: row.text("actions")?,
+        state: Approval::parse_state(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown approval state `{state}`")))?,
+        created_at: row.uint("created_at")?,
+        expires_at: row.uint("expires_at")?,
+        decided_by: row.opt_text("decided_by")?,
+        decided_at: row.opt_uint("decided_at")?,
+        reason: row.opt_text("reason")?,
+        token_jti: row.opt_text("token_jti")?,
+    })
+}
+
+/// An audit record from `seq, hash, record`.
+pub(crate) fn audit_event(row: &impl Cols) -> Result<AuditEvent, StoreError> {
+    let mut event: AuditEvent = serde_json::from_str(&row.text("record")?).map_err(corrupt)?;
+    event.seq = row.int("seq")?;
+    event.hash = Some(row.text("hash")?);
+    Ok(event)
+}
+
+pub(crate) fn stored_record(row: &impl Cols) -> Result<StoredRecord, StoreError> {
+    Ok(StoredRecord {
+        seq: row.int("seq")?,
+        chain_id: row.text("chain_id")?,
+        chain_seq: row.uint("chain_seq")?,
+        hash: row.text("hash")?,
+        record: row.text("record")?,
+    })
+}
+
+pub(crate) fn chain_link(row: &impl Cols) -> Result<ChainLink, StoreError> {
+    Ok(ChainLink {
+        chain_id: row.text("chain_id")?,
+        chain_seq: row.uint("chain_seq")?,
+        hash: row.text("hash")?,
+    })
+}
+
+/// The links of a `chain.started` record, from its `record` column. An
+/// unreadable record yields none: the verification pass reports it.
+pub(crate) fn genesis_links(row: &impl Cols) -> Result<Vec<ChainLink>, StoreError> {
+    Ok(serde_json::from_str::<AuditEvent>(&row.text("record")?)
+        .map(|e| e.links)
+        .unwrap_or_default())
+}
+
+pub(crate) fn revocation(row: &impl Cols) -> Result<Revocation, StoreError> {
+    Ok(Revocation {
+        seq: row.int("seq")?,
+        kind: if row.text("kind")? == "task" {
+            RevocationKind::Task
+        } else {
+            RevocationKind::Token
+        },
+        txn: row.text("txn")?,
+        jti: row.opt_text("jti")?,
+        exp: row.uint("exp")?,
+    })
+}
+
+pub(crate) fn checkpoint(row: &impl Cols) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        chain_id: row.text("chain_id")?,
+        chain_seq: row.uint("chain_seq")?,
+        hash: row.text("hash")?,
+        at_ms: row.uint("at_ms")?,
+        signature: row.text("signature")?,
+    })
+}
+
+pub(crate) fn key(row: &impl Cols) -> Result<StoredKey, StoreError> {
+    let purpose = row.text("purpose")?;
+    Ok(StoredKey {
+        kid: row.text("kid")?,
+        purpose: KeyPurpose::parse(&purpose)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown key purpose `{purpose}`")))?,
+        alg: row.text("alg")?,
+        public_jwk: row.text("public_jwk")?,
+        sealed: row.text("sealed")?,
+        created_at: row.uint("created_at")?,
+        active_at: row.uint("active_at")?,
+        retired_at: row.opt_uint("retired_at")?,
+        publish_until: row.opt_uint("publish_until")?,
+    })
+}
+
+/// The task's agent, actor and `may_act` as stored (JSON).
+pub(crate) fn task_json(
+    t: &TaskRecord,
+) -> Result<(String, Option<String>, Option<String>), StoreError> {
+    let unavailable = |e: serde_json::Error| StoreError::Unavailable(e.to_string());
+    let agent = serde_json::to_string(&t.agent).map_err(unavailable)?;
+    let actor = t
+        .actor
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(unavailable)?;
+    let may_act = (!t.may_act.is_empty())
+        .then(|| serde_json::to_string(&t.may_act))
+        .transpose()
+        .map_err(unavailable)?;
+    Ok((agent, actor, may_act))
+}

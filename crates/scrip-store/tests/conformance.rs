@@ -1,0 +1,708 @@
+//! One behaviour, two backends: every test here runs against the embedded
+//! SQLite store and against PostgreSQL (a fresh database of the test's own
+//! on the machine's server, started when it is not running). A difference
+//! between the backends is a failure of one of them.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use scrip_store::{
+    Approval, ApprovalState, AuditEvent, AuditFilter, Checkpoint, KeyPurpose, PgStore,
+    RevocationKind, SqliteStore, Store, StoreError, StoredKey, TaskRecord, Write,
+};
+use scrip_testkit::PgDatabase;
+use scrip_token::{Actor, IdentityKind, MayAct, WorkloadIdentity};
+
+/// A store and what keeps its database alive.
+struct Fixture {
+    store: Arc<dyn Store>,
+    place: Place,
+}
+
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgDatabase),
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in(dir.path()).await.unwrap();
+        Self {
+            store: Arc::new(store),
+            place: Place::Sqlite(dir),
+        }
+    }
+
+    async fn postgres() -> Self {
+        let db = PgDatabase::new();
+        let store = PgStore::connect(db.url()).await.unwrap();
+        Self {
+            store: Arc::new(store),
+            place: Place::Postgres(db),
+        }
+    }
+
+    /// A second writer on the same database, as another replica would be.
+    async fn replica(&self) -> Arc<dyn Store> {
+        match &self.place {
+            Place::Sqlite(dir) => Arc::new(SqliteStore::open_in(dir.path()).await.unwrap()),
+            Place::Postgres(db) => Arc::new(PgStore::connect(db.url()).await.unwrap()),
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Fixture::sqlite().await).await }) *
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Fixture::postgres().await).await }) *
+        }
+    };
+}
+
+conformance!(
+    a_task_reads_back_as_written,
+    a_failed_commit_changes_nothing,
+    ending_a_task_ends_its_descendants_and_feeds_revocations,
+    revoking_a_token_twice_feeds_it_once,
+    a_single_use_token_is_claimed_exactly_once,
+    expired_revocations_leave_the_feed_and_are_purged,
+    due_tasks_come_oldest_first,
+    the_first_decision_on_an_approval_wins,
+    concurrent_commits_chain_and_verify,
+    two_writers_chain_and_verify,
+    audit_queries_filter,
+    checkpoints_and_chain_links_read_back,
+    keys_are_published_until_their_time,
+    commits_signal_what_changed,
+);
+
+fn identity(sub: &str) -> WorkloadIdentity {
+    WorkloadIdentity {
+        issuer: "https://idp.test".into(),
+        subject: sub.into(),
+        kind: IdentityKind::Generic,
+        attributes: BTreeMap::from([("repository".into(), "acme/app".into())]),
+        claims: BTreeMap::from([("sub".into(), sub.into())]),
+    }
+}
+
+fn task(id: &str, parent: Option<&str>, expires_at: u64) -> TaskRecord {
+    TaskRecord {
+        id: id.into(),
+        parent: parent.map(Into::into),
+        agent: identity("agent-1"),
+        actor: parent.map(|_| Actor {
+            sub: "sub-agent".into(),
+            iss: Some("https://idp.test".into()),
+            act: None,
+        }),
+        may_act: vec![MayAct {
+            sub: "sub-agent".into(),
+            iss: None,
+        }],
+        grants: "github:read jira:write".into(),
+        purpose: "fix JIRA-1".into(),
+        environment: "dev".into(),
+        depth: u32::from(parent.is_some()),
+        token_jti: format!("jti-{id}"),
+        created_at: 1_000,
+        expires_at,
+        ended_at: None,
+        end_reason: None,
+    }
+}
+
+fn audit(event: &str, task: Option<&str>) -> Write {
+    Write::Audit(Box::new(AuditEvent {
+        at_ms: 1_000_000,
+        event: event.into(),
+        decision: Some("allow".into()),
+        agent_sub: Some("agent-1".into()),
+        task_id: task.map(Into::into),
+        tool: Some("github".into()),
+        replica: "test".into(),
+        ..AuditEvent::default()
+    }))
+}
+
+async fn all_audit(store: &dyn Store) -> Vec<AuditEvent> {
+    store.audit(&AuditFilter::default()).await.unwrap()
+}
+
+async fn verify(store: &dyn Store) -> scrip_store::Report {
+    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
+    let checkpoints = store.checkpoints().await.unwrap();
+    scrip_store::verify(&rows, &checkpoints, |_| true)
+}
+
+async fn a_task_reads_back_as_written(f: Fixture) {
+    let s = &f.store;
+    let parent = task("t1", None, 5_000);
+    let child = task("t2", Some("t1"), 4_000);
+    s.commit(vec![
+        Write::InsertTask(Box::new(parent.clone())),
+        Write::InsertTask(Box::new(child.clone())),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.task("t1").await.unwrap(), Some(parent));
+    assert_eq!(s.task("t2").await.unwrap(), Some(child));
+    assert_eq!(s.task("nope").await.unwrap(), None);
+    assert_eq!(s.open_descendants("t1").await.unwrap(), vec!["t2"]);
+}
+
+async fn a_failed_commit_changes_nothing(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t1", None, 5_000))),
+        audit("task.started", Some("t1")),
+    ])
+    .await
+    .unwrap();
+    let before = all_audit(s.as_ref()).await;
+    let head = s.chain_head();
+    // The audit record comes first: it must be rolled back with the rest.
+    let err = s
+        .commit(vec![
+            audit("task.started", Some("t1")),
+            Write::InsertTask(Box::new(task("t1", None, 6_000))),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(all_audit(s.as_ref()).await, before);
+    assert_eq!(s.chain_head(), head);
+    assert_eq!(s.task("t1").await.unwrap().unwrap().expires_at, 5_000);
+    // And the store goes on writing the same chain.
+    s.commit(vec![audit("token.issued", Some("t1"))])
+        .await
+        .unwrap();
+    assert!(verify(s.as_ref()).await.problems.is_empty());
+}
+
+async fn ending_a_task_ends_its_descendants_and_feeds_revocations(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("root", None, 9_000))),
+        Write::InsertTask(Box::new(task("child", Some("root"), 8_000))),
+        Write::InsertTask(Box::new(task("grandchild", Some("child"), 7_000))),
+        Write::InsertTask(Box::new(task("other", None, 9_000))),
+    ])
+    .await
+    .unwrap();
+    // Ending a child leaves its parent alone.
+    s.commit(vec![Write::EndTask {
+        id: "grandchild".into(),
+        at: 2_000,
+        reason: "revoked".into(),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.task("child").await.unwrap().unwrap().ended_at, None);
+    s.commit(vec![Write::EndTask {
+        id: "root".into(),
+        at: 2_100,
+        reason: "revoked".into(),
+    }])
+    .await
+    .unwrap();
+    let root = s.task("root").await.unwrap().unwrap();
+    let child = s.task("child").await.unwrap().unwrap();
+    let grandchild = s.task("grandchild").await.unwrap().unwrap();
+    assert_eq!(
+        (root.ended_at, root.end_reason.as_deref()),
+        (Some(2_100), Some("revoked"))
+    );
+    assert_eq!(
+        (child.ended_at, child.end_reason.as_deref()),
+        (Some(2_100), Some("parent ended"))
+    );
+    assert_eq!(grandchild.ended_at, Some(2_000), "ended once, first time");
+    assert_eq!(s.task("other").await.unwrap().unwrap().ended_at, None);
+    assert!(s.open_descendants("root").await.unwrap().is_empty());
+    let feed = s.revocations(0, 2_200, 100).await.unwrap();
+    let mut txns: Vec<(&str, RevocationKind)> =
+        feed.iter().map(|r| (r.txn.as_str(), r.kind)).collect();
+    assert_eq!(txns.remove(0), ("grandchild", RevocationKind::Task));
+    txns.sort_by_key(|t| t.0);
+    assert_eq!(
+        txns,
+        [
+            ("child", RevocationKind::Task),
+            ("root", RevocationKind::Task)
+        ]
+    );
+    assert!(feed.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(s.latest_revocation().await.unwrap(), feed[2].seq);
+    // Ending it again adds nothing.
+    s.commit(vec![Write::EndTask {
+        id: "root".into(),
+        at: 2_300,
+        reason: "revoked".into(),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.revocations(0, 2_300, 100).await.unwrap().len(), 3);
+}
+
+async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
+    let s = &f.store;
+    let revoke = || Write::RevokeToken {
+        jti: "j1".into(),
+        task_id: "t1".into(),
+        expires_at: 3_000,
+        at: 1_000,
+    };
+    assert!(!s.token_revoked("j1").await.unwrap());
+    s.commit(vec![revoke()]).await.unwrap();
+    s.commit(vec![revoke()]).await.unwrap();
+    assert!(s.token_revoked("j1").await.unwrap());
+    let feed = s.revocations(0, 1_000, 100).await.unwrap();
+    assert_eq!(feed.len(), 1);
+    assert_eq!(feed[0].kind, RevocationKind::Token);
+    assert_eq!(feed[0].jti.as_deref(), Some("j1"));
+    assert_eq!((feed[0].txn.as_str(), feed[0].exp), ("t1", 3_000));
+}
+
+async fn a_single_use_token_is_claimed_exactly_once(f: Fixture) {
+    let claim = |jti: &str| Write::ClaimToken {
+        jti: jti.into(),
+        task_id: "t1".into(),
+        expires_at: 3_000,
+        at: 1_000,
+    };
+    // Concurrent presentations, on two writers: exactly one wins.
+    let other = f.replica().await;
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            other.clone()
+        };
+        let w = claim("once");
+        handles.push(tokio::spawn(async move { store.commit(vec![w]).await }));
+    }
+    let mut won = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert!(f.store.token_revoked("once").await.unwrap());
+    // A revoked token cannot be claimed either.
+    f.store
+        .commit(vec![Write::RevokeToken {
+            jti: "revoked".into(),
+            task_id: "t1".into(),
+            expires_at: 3_000,
+            at: 1_000,
+        }])
+        .await
+        .unwrap();
+    let err = f.store.commit(vec![claim("revoked")]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(f.store.revocations(0, 1_000, 100).await.unwrap().len(), 2);
+}
+
+async fn expired_revocations_leave_the_feed_and_are_purged(f: Fixture) {
+    let s = &f.store;
+    for (jti, exp) in [("a", 1_500), ("b", 2_500)] {
+        s.commit(vec![Write::RevokeToken {
+            jti: jti.into(),
+            task_id: "t".into(),
+            expires_at: exp,
+            at: 1_000,
+        }])
+        .await
+        .unwrap();
+    }
+    let all = s.revocations(0, 1_000, 100).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let live = s.revocations(0, 2_000, 100).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].jti.as_deref(), Some("b"));
+    assert_eq!(
+        s.revocations(all[0].seq, 1_000, 100).await.unwrap(),
+        &all[1..]
+    );
+    assert_eq!(s.revocations(0, 1_000, 1).await.unwrap(), &all[..1]);
+    s.commit(vec![Write::PurgeRevocations { now: 2_000 }])
+        .await
+        .unwrap();
+    assert!(!s.token_revoked("a").await.unwrap());
+    assert!(s.token_revoked("b").await.unwrap());
+    assert_eq!(s.revocations(0, 0, 100).await.unwrap().len(), 1);
+}
+
+async fn due_tasks_come_oldest_first(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("late", None, 3_000))),
+        Write::InsertTask(Box::new(task("early", None, 2_000))),
+        Write::InsertTask(Box::new(task("future", None, 9_000))),
+        Write::InsertTask(Box::new(task("ended", None, 1_500))),
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![Write::EndTask {
+        id: "ended".into(),
+        at: 1_200,
+        reason: "revoked".into(),
+    }])
+    .await
+    .unwrap();
+    let due: Vec<String> = s
+        .due_tasks(3_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(due, ["early", "late"]);
+    assert_eq!(s.due_tasks(3_000, 1).await.unwrap()[0].id, "early");
+    assert!(s.due_tasks(1_999, 10).await.unwrap().is_empty());
+}
+
+async fn the_first_decision_on_an_approval_wins(f: Fixture) {
+    let s = &f.store;
+    let approval = |id: &str, created_at: u64, expires_at: u64| Approval {
+        id: id.into(),
+        task_id: "t1".into(),
+        tool: "github".into(),
+        actions: "delete".into(),
+        state: ApprovalState::Pending,
+        created_at,
+        expires_at,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+        token_jti: None,
+    };
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t1", None, 9_000))),
+        Write::InsertApproval(Box::new(approval("a2", 1_100, 2_000))),
+        Write::InsertApproval(Box::new(approval("a1", 1_000, 2_000))),
+        Write::InsertApproval(Box::new(approval("old", 900, 1_050))),
+    ])
+    .await
+    .unwrap();
+    let decide = |to: ApprovalState, by: &str| Write::UpdateApproval {
+        id: "a1".into(),
+        from: ApprovalState::Pending,
+        to,
+        by: Some(by.into()),
+        at: 1_200,
+        reason: Some(format!("by {by}")),
+        token_jti: None,
+    };
+    s.commit(vec![decide(ApprovalState::Approved, "alice")])
+        .await
+        .unwrap();
+    s.commit(vec![decide(ApprovalState::Denied, "bob")])
+        .await
+        .unwrap();
+    let a1 = s.approval("a1").await.unwrap().unwrap();
+    assert_eq!(a1.state, ApprovalState::Approved);
+    assert_eq!(a1.decided_by.as_deref(), Some("alice"));
+    assert_eq!(a1.decided_at, Some(1_200));
+    assert_eq!(a1.reason.as_deref(), Some("by alice"));
+    // Collecting the token keeps who decided and records the jti.
+    s.commit(vec![Write::UpdateApproval {
+        id: "a1".into(),
+        from: ApprovalState::Approved,
+        to: ApprovalState::Used,
+        by: None,
+        at: 1_300,
+        reason: None,
+        token_jti: Some("jti-x".into()),
+    }])
+    .await
+    .unwrap();
+    let a1 = s.approval("a1").await.unwrap().unwrap();
+    assert_eq!(a1.state, ApprovalState::Used);
+    assert_eq!(
+        (a1.decided_by.as_deref(), a1.decided_at),
+        (Some("alice"), Some(1_200))
+    );
+    assert_eq!(a1.token_jti.as_deref(), Some("jti-x"));
+    let pending: Vec<String> = s
+        .pending_approvals(1_060, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(pending, ["a2"]);
+    let expired: Vec<String> = s
+        .expired_approvals(1_060, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(expired, ["old"]);
+    assert_eq!(s.approval("nope").await.unwrap(), None);
+}
+
+async fn concurrent_commits_chain_and_verify(f: Fixture) {
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let store = f.store.clone();
+        handles.push(tokio::spawn(async move {
+            store
+                .commit(vec![audit("token.issued", Some(&format!("t{i}")))])
+                .await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let report = verify(f.store.as_ref()).await;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.records, 201, "200 records and the chain's start");
+    assert_eq!(report.chains, 1);
+    let head = f.store.chain_head().unwrap();
+    assert_eq!(head.chain_seq, 201);
+}
+
+async fn two_writers_chain_and_verify(f: Fixture) {
+    let other = f.replica().await;
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            other.clone()
+        };
+        handles.push(tokio::spawn(async move {
+            store.commit(vec![audit("token.issued", None)]).await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let report = verify(f.store.as_ref()).await;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!((report.records, report.chains), (102, 2));
+    // The second chain's start links to the first chain's head then.
+    let links = f.store.chain_links().await.unwrap();
+    assert_eq!(links.len(), 1);
+    // Sequence numbers are unique and increasing in the global order.
+    let rows = f.store.audit_rows(0, u32::MAX).await.unwrap();
+    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+async fn audit_queries_filter(f: Fixture) {
+    let s = &f.store;
+    let mut writes = Vec::new();
+    for (i, (task, tool, decision, agent)) in [
+        ("t1", "github", "allow", "a1"),
+        ("t1", "jira", "deny", "a1"),
+        ("t2", "github", "allow", "a2"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        writes.push(Write::Audit(Box::new(AuditEvent {
+            at_ms: 1_000 + 100 * i as u64,
+            event: "token.issued".into(),
+            decision: Some(decision.into()),
+            agent_sub: Some(agent.into()),
+            task_id: Some(task.into()),
+            tool: Some(tool.into()),
+            replica: "test".into(),
+            ..AuditEvent::default()
+        })));
+    }
+    s.commit(writes).await.unwrap();
+    let ask = |filter: AuditFilter| {
+        let s = s.clone();
+        async move {
+            s.audit(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.event != "chain.started")
+                .map(|e| e.at_ms)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        ask(AuditFilter {
+            task_id: Some("t1".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [1_000, 1_100]
+    );
+    assert_eq!(
+        ask(AuditFilter {
+            tool: Some("github".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [1_000, 1_200]
+    );
+    assert_eq!(
+        ask(AuditFilter {
+            decision: Some("deny".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [1_100]
+    );
+    assert_eq!(
+        ask(AuditFilter {
+            agent_sub: Some("a2".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [1_200]
+    );
+    assert_eq!(
+        ask(AuditFilter {
+            since_ms: Some(1_100),
+            until_ms: Some(1_200),
+            ..AuditFilter::default()
+        })
+        .await,
+        [1_100]
+    );
+    let all = s.audit(&AuditFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().all(|e| e.hash.is_some() && e.seq > 0));
+    let after = s
+        .audit(&AuditFilter {
+            after_seq: Some(all[1].seq),
+            limit: Some(1),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(after, &all[2..3]);
+}
+
+async fn checkpoints_and_chain_links_read_back(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let head = s.chain_head().unwrap();
+    let c = Checkpoint {
+        chain_id: head.chain_id.clone(),
+        chain_seq: head.chain_seq,
+        hash: head.hash.clone(),
+        at_ms: 5_000,
+        signature: "sig".into(),
+    };
+    s.commit(vec![Write::Checkpoint(Box::new(c.clone()))])
+        .await
+        .unwrap();
+    assert_eq!(s.checkpoints().await.unwrap(), vec![c]);
+    // A second writer links to the first one's head.
+    let other = f.replica().await;
+    other
+        .commit(vec![audit("token.issued", None)])
+        .await
+        .unwrap();
+    assert_eq!(s.chain_links().await.unwrap(), vec![head]);
+}
+
+async fn keys_are_published_until_their_time(f: Fixture) {
+    let s = &f.store;
+    let key = |kid: &str, created_at: u64| StoredKey {
+        kid: kid.into(),
+        purpose: KeyPurpose::Signing,
+        alg: "ES256".into(),
+        public_jwk: format!("{{\"kid\":\"{kid}\"}}"),
+        sealed: "sealed".into(),
+        created_at,
+        active_at: created_at + 10,
+        retired_at: None,
+        publish_until: None,
+    };
+    s.commit(vec![Write::InsertKey(Box::new(key("k1", 100)))])
+        .await
+        .unwrap();
+    let err = s
+        .commit(vec![Write::InsertKey(Box::new(key("k1", 200)))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    s.commit(vec![
+        Write::InsertKey(Box::new(key("k2", 200))),
+        Write::RetireKey {
+            kid: "k1".into(),
+            at: 210,
+            publish_until: 500,
+        },
+    ])
+    .await
+    .unwrap();
+    let keys = s.keys(499).await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0].kid, "k1");
+    assert_eq!(
+        (keys[0].retired_at, keys[0].publish_until),
+        (Some(210), Some(500))
+    );
+    assert_eq!(keys[1], key("k2", 200));
+    // Retiring twice keeps the first retirement.
+    s.commit(vec![Write::RetireKey {
+        kid: "k1".into(),
+        at: 300,
+        publish_until: 900,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.keys(499).await.unwrap()[0].publish_until, Some(500));
+    let now: Vec<String> = s
+        .keys(500)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(now, ["k2"]);
+    s.commit(vec![Write::PurgeRevocations { now: 500 }])
+        .await
+        .unwrap();
+    assert_eq!(s.keys(0).await.unwrap().len(), 1);
+}
+
+async fn commits_signal_what_changed(f: Fixture) {
+    let s = &f.store;
+    let mut changes = s.changes();
+    let seen = *changes.borrow_and_update();
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    s.commit(vec![Write::RevokeToken {
+        jti: "j".into(),
+        task_id: "t".into(),
+        expires_at: 9_000,
+        at: 1_000,
+    }])
+    .await
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let now = *changes.borrow_and_update();
+    assert!(now.revocations > seen.revocations);
+}
