@@ -14,7 +14,15 @@
 //! - `exchange`: one task token exchanged for `github` `read` access tokens;
 //! - `introspect`: access tokens introspected, the caller authenticated with
 //!   a pre-minted identity in `Authorization: Bearer`;
-//! - `revoke`: access tokens issued before the run, each revoked once.
+//! - `revoke`: access tokens issued before the run, each revoked once;
+//! - `propagation`: one task at a time started and revoked through the
+//!   first replica while a revocation-feed long-poll waits on the last one;
+//!   the latency is from sending the revocation to the feed answering it
+//!   (needs `--replicas` of 2 or more to cross replicas).
+//!
+//! With `--database-url` it starts `--replicas` scrip processes on that
+//! PostgreSQL database (one issuer, one key-encryption key) and spreads the
+//! connections evenly over them; peak RSS and server CPU are replica 0's.
 //!
 //! Every request goes to 127.0.0.1 and the run is bounded in time (and, for
 //! `revoke`, in count). Any failed request makes the exit status 1.
@@ -58,6 +66,8 @@ pub enum Scenario {
     Introspect,
     /// Revoke pre-issued access tokens, each once.
     Revoke,
+    /// Cross-replica revocation latency, through the revocation feed.
+    Propagation,
 }
 
 impl Scenario {
@@ -67,6 +77,7 @@ impl Scenario {
             Self::Exchange => "exchange",
             Self::Introspect => "introspect",
             Self::Revoke => "revoke",
+            Self::Propagation => "propagation",
         }
     }
 }
@@ -124,6 +135,15 @@ pub struct Args {
     /// A short run for CI: every scenario for 2 s on 8 connections, few tokens.
     #[arg(long)]
     pub smoke: bool,
+    /// Run the started scrip on this PostgreSQL database (shared store).
+    #[arg(long, value_name = "URL", conflicts_with = "url")]
+    pub database_url: Option<String>,
+    /// With --database-url: how many replicas to start.
+    #[arg(long, default_value_t = 1, requires = "database_url")]
+    pub replicas: usize,
+    /// Revocations timed by `propagation`.
+    #[arg(long, default_value_t = 200)]
+    pub propagations: usize,
 }
 
 fn humantime_secs(s: &str) -> std::result::Result<Duration, String> {
@@ -280,6 +300,7 @@ pub fn main(mut args: Args) -> Result<bool> {
         args.connections = args.connections.min(8);
         args.identities = args.identities.min(64);
         args.revoke_tokens = args.revoke_tokens.min(400);
+        args.propagations = args.propagations.min(20);
     }
     if args.print_jwks {
         let idp = load_identity_key(&args)?;
@@ -307,47 +328,68 @@ fn load_identity_key(args: &Args) -> Result<Idp> {
 struct Started {
     setup: server::Setup,
     running: server::Running,
+    /// Replicas 1.. on a shared store.
+    others: Vec<server::Running>,
     scrip: PathBuf,
 }
 
 async fn run(args: &Args) -> Result<bool> {
-    let (idp, target, server) = if let Some(url) = &args.url {
+    let (idp, targets, server) = if let Some(url) = &args.url {
         let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost"));
         if !loopback || url.scheme() != "http" {
             return Err("--url must be http://127.0.0.1:<port>".into());
         }
         let port = url.port_or_known_default().ok_or("--url needs a port")?;
-        (load_identity_key(args)?, Target::loopback(port)?, None)
+        (
+            load_identity_key(args)?,
+            vec![Target::loopback(port)?],
+            None,
+        )
     } else {
         let (idp, _) = Idp::generate(K8S_ISSUER)?;
         let policy_src = args
             .policy_dir
             .clone()
             .unwrap_or_else(|| workspace_root().join("policies"));
-        let setup = server::prepare(&policy_src, args.policies, &idp)?;
+        let shared = args.database_url.as_deref().map(|u| (u, args.replicas));
+        let setup = server::prepare(&policy_src, args.policies, &idp, shared)?;
         let target = Target::loopback(setup.port)?;
         let scrip = args.scrip.clone().unwrap_or_else(default_scrip);
         let running = server::start(&scrip, &setup, &target).await?;
+        let mut targets = vec![target];
+        let mut others = Vec::new();
+        for (config, port) in &setup.replicas {
+            let t = Target::loopback(*port)?;
+            others.push(server::start_with(&scrip, config, &setup, &t).await?);
+            targets.push(t);
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mem = server::memory(running.pid);
         say(&format!(
-            "# scrip {} pid {} | {} Cedar policies | store: new | ready after {:.1} ms | idle rss {}",
+            "# scrip {} pid {} | {} Cedar policies | store: new {} | ready after {:.1} ms | idle rss {}",
             scrip.display(),
             running.pid,
             setup.policies,
+            if args.database_url.is_some() {
+                format!("PostgreSQL, {} replicas", targets.len())
+            } else {
+                "SQLite".to_owned()
+            },
             running.ready_after.as_secs_f64() * 1000.0,
             mib(mem.rss_kib)
         ));
         (
             idp,
-            target,
+            targets,
             Some(Started {
                 setup,
                 running,
+                others,
                 scrip,
             }),
         )
     };
+    let target = targets.first().ok_or("no target")?.clone();
     let pid = server.as_ref().map(|s| s.running.pid);
     let peak = || pid.map_or(0, |p| server::memory(p).peak_kib);
 
@@ -376,6 +418,22 @@ async fn run(args: &Args) -> Result<bool> {
 
     let mut ok = true;
     for scenario in &args.scenario {
+        if *scenario == Scenario::Propagation {
+            let last = targets.last().unwrap_or(&target);
+            let outcome =
+                propagation(&target, last, &identities, &caller, args.propagations).await?;
+            ok &= outcome.errors == 0;
+            say(&Summary {
+                scenario: scenario.name(),
+                connections: 1,
+                outcome,
+                peak_rss_kib: peak(),
+                server_ticks: None,
+                client_ticks: 0,
+            }
+            .to_string());
+            continue;
+        }
         let workload = match scenario {
             Scenario::TaskStart => Workload {
                 path: "/token",
@@ -392,6 +450,7 @@ async fn run(args: &Args) -> Result<bool> {
                 bodies: vec![exchange_form(&task_token)],
                 once: false,
             },
+            Scenario::Propagation => continue,
             Scenario::Introspect => {
                 let tokens = issue(&target, &task_token, 64, args.connections).await?;
                 Workload {
@@ -415,7 +474,7 @@ async fn run(args: &Args) -> Result<bool> {
         let server_before = pid.map(|p| server::cpu_ticks(&p.to_string()));
         let client_before = server::cpu_ticks("self");
         let outcome =
-            load::drive(&target, workload, args.connections, args.duration, false).await?;
+            load::drive(&targets, workload, args.connections, args.duration, false).await?;
         let server_ticks = pid
             .zip(server_before)
             .map(|(p, b)| server::cpu_ticks(&p.to_string()).saturating_sub(b));
@@ -435,9 +494,13 @@ async fn run(args: &Args) -> Result<bool> {
     if let Some(Started {
         setup,
         running,
+        others,
         scrip,
     }) = server
     {
+        for other in others {
+            other.stop().await?;
+        }
         running.stop().await?;
         if !args.no_restart {
             let size = dir_size(&setup.dir.path().join("data"));
@@ -470,7 +533,14 @@ async fn issue(
         bodies: vec![body; n],
         once: true,
     };
-    let outcome = load::drive(target, workload, connections, SETUP_LIMIT, true).await?;
+    let outcome = load::drive(
+        std::slice::from_ref(target),
+        workload,
+        connections,
+        SETUP_LIMIT,
+        true,
+    )
+    .await?;
     if outcome.errors > 0 {
         return Err(format!(
             "issuing tokens before the run failed: {}",
@@ -479,6 +549,76 @@ async fn issue(
         .into());
     }
     outcome.answers.iter().map(|a| access_token_of(a)).collect()
+}
+
+/// `rounds` times: start a task on `first`, wait on `last`'s revocation
+/// feed, revoke the task through `first`, and time from sending the
+/// revocation until the feed on `last` answers with it.
+async fn propagation(
+    first: &Target,
+    last: &Target,
+    identities: &[String],
+    caller: &str,
+    rounds: usize,
+) -> Result<load::Outcome> {
+    let auth = HeaderValue::from_str(&format!("Bearer {caller}"))?;
+    let mut out = load::Outcome::default();
+    let started = std::time::Instant::now();
+    let (_, body) = load::get(last, "/revocations", Some(&auth)).await?;
+    let mut cursor = serde_json::from_slice::<Value>(&body)?
+        .get("cursor")
+        .and_then(Value::as_i64)
+        .ok_or("the feed answered without a cursor")?;
+    for round in 0..rounds {
+        let identity = identities
+            .get(round % identities.len().max(1))
+            .ok_or("no identities")?;
+        let (status, answer) = load::once(
+            first,
+            "/token",
+            None,
+            start_task_form(identity, "github:read"),
+        )
+        .await?;
+        if status != 200 {
+            out.fail(format!("task start answered {status}"));
+            continue;
+        }
+        let task = access_token_of(&answer)?;
+        let waiting = {
+            let last = last.clone();
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                let path = format!("/revocations?after={cursor}&wait=10");
+                let answer = load::get(&last, &path, Some(&auth)).await;
+                (std::time::Instant::now(), answer)
+            })
+        };
+        // Let the long-poll reach the server before the revocation.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = std::time::Instant::now();
+        out.sent += 1;
+        let (status, _) = load::once(first, "/revoke", None, form(&[("token", &task)])).await?;
+        if status != 200 {
+            out.fail(format!("revoke answered {status}"));
+        }
+        let (arrived, answer) = waiting.await?;
+        let (status, body) = answer?;
+        let feed: Value = serde_json::from_slice(&body)?;
+        let events = feed
+            .get("events")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        if status != 200 || events == 0 {
+            out.fail(format!("the feed answered {status} with {events} events"));
+            continue;
+        }
+        cursor = feed.get("cursor").and_then(Value::as_i64).unwrap_or(cursor);
+        let us = u32::try_from(arrived.duration_since(sent).as_micros()).unwrap_or(u32::MAX);
+        out.latencies_us.push(us);
+    }
+    out.elapsed = started.elapsed();
+    Ok(out)
 }
 
 fn dir_size(dir: &Path) -> u64 {

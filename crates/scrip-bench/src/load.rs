@@ -83,7 +83,7 @@ impl Outcome {
         self.exhausted |= other.exhausted;
     }
 
-    fn fail(&mut self, what: String) {
+    pub(crate) fn fail(&mut self, what: String) {
         self.errors += 1;
         if self.first_error.is_none() {
             self.first_error = Some(what);
@@ -139,6 +139,23 @@ pub async fn once(
     send(&mut sender, request(target, path, authorization, body)?).await
 }
 
+/// A GET on a fresh connection; returns the status and body.
+///
+/// # Errors
+/// On a transport failure.
+pub async fn get(
+    target: &Target,
+    path_and_query: &str,
+    authorization: Option<&HeaderValue>,
+) -> Result<(u16, Bytes)> {
+    let mut sender = connect(target).await?;
+    let mut b = Request::get(path_and_query).header(HOST, target.host.clone());
+    if let Some(a) = authorization {
+        b = b.header(AUTHORIZATION, a.clone());
+    }
+    send(&mut sender, b.body(Full::new(Bytes::new()))?).await
+}
+
 fn request(
     target: &Target,
     path: &str,
@@ -160,15 +177,18 @@ fn request(
 }
 
 struct Shared {
-    target: Target,
+    targets: Vec<Target>,
     workload: Workload,
     next: AtomicUsize,
     deadline: Instant,
     keep_answers: bool,
 }
 
-async fn worker(shared: Arc<Shared>) -> Outcome {
+async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
     let mut out = Outcome::default();
+    let Some(target) = shared.targets.get(n % shared.targets.len().max(1)) else {
+        return out;
+    };
     let mut sender: Option<Sender> = None;
     let wl = &shared.workload;
     let len = wl.bodies.len().max(1);
@@ -181,7 +201,7 @@ async fn worker(shared: Arc<Shared>) -> Outcome {
         };
         let conn = match sender.as_mut() {
             Some(s) => s,
-            None => match connect(&shared.target).await {
+            None => match connect(target).await {
                 Ok(s) => sender.insert(s),
                 Err(e) => {
                     out.fail(format!("connect: {e}"));
@@ -190,7 +210,7 @@ async fn worker(shared: Arc<Shared>) -> Outcome {
                 }
             },
         };
-        let req = match request(&shared.target, wl.path, wl.authorization.as_ref(), body) {
+        let req = match request(target, wl.path, wl.authorization.as_ref(), body) {
             Ok(r) => r,
             Err(e) => {
                 out.fail(format!("request: {e}"));
@@ -224,12 +244,13 @@ async fn worker(shared: Arc<Shared>) -> Outcome {
     out
 }
 
-/// Runs `workload` on `connections` connections for `duration`.
+/// Runs `workload` on `connections` connections for `duration`, the
+/// connections spread evenly over `targets` (several replicas).
 ///
 /// # Errors
 /// When a worker task panics.
 pub async fn drive(
-    target: &Target,
+    targets: &[Target],
     workload: Workload,
     connections: usize,
     duration: Duration,
@@ -237,14 +258,14 @@ pub async fn drive(
 ) -> Result<Outcome> {
     let start = Instant::now();
     let shared = Arc::new(Shared {
-        target: target.clone(),
+        targets: targets.to_vec(),
         workload,
         next: AtomicUsize::new(0),
         deadline: start + duration,
         keep_answers,
     });
     let workers: Vec<_> = (0..connections.max(1))
-        .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
+        .map(|n| tokio::spawn(worker(Arc::clone(&shared), n)))
         .collect();
     let mut total = Outcome::default();
     for w in workers {

@@ -32,6 +32,9 @@ pub struct Setup {
     pub port: u16,
     /// How many Cedar policies the configuration has.
     pub policies: usize,
+    /// With a shared store: the other replicas' configuration files and
+    /// ports (replica 0 is `config` and `port`).
+    pub replicas: Vec<(PathBuf, u16)>,
 }
 
 /// Counts the `permit`/`forbid` statements of a Cedar file.
@@ -70,7 +73,12 @@ fn free_port() -> Result<u16> {
 ///
 /// # Errors
 /// On any I/O failure.
-pub fn prepare(policy_src: &Path, total_policies: usize, idp: &Idp) -> Result<Setup> {
+pub fn prepare(
+    policy_src: &Path,
+    total_policies: usize,
+    idp: &Idp,
+    shared: Option<(&str, usize)>,
+) -> Result<Setup> {
     let dir = tempfile::Builder::new().prefix("scrip-bench-").tempdir()?;
     let policy_dir = dir.path().join("policies");
     std::fs::create_dir_all(&policy_dir)?;
@@ -101,9 +109,19 @@ pub fn prepare(policy_src: &Path, total_policies: usize, idp: &Idp) -> Result<Se
     std::fs::write(dir.path().join("idp-jwks.json"), idp.jwks().to_string())?;
     let port = free_port()?;
     let mut toml = String::new();
+    if let Some((database_url, _)) = shared {
+        // Every replica: one issuer, one database, one key-encryption key.
+        let (_, kek) = scrip_jose::Kek::generate()?;
+        crate::server::write_private(&dir.path().join("kek"), kek.as_bytes())?;
+        writeln!(
+            toml,
+            "issuer = \"http://127.0.0.1:{port}\"\ndatabase_url = \"{database_url}\"\n\
+             key_encryption_key_file = \"kek\""
+        )?;
+    }
     writeln!(
         toml,
-        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\npolicy_dir = \"policies\"\n\n\
+        "policy_dir = \"policies\"\n\n\
          [[trusted_issuers]]\nissuer = \"{}\"\njwks_file = \"idp-jwks.json\"\n\
          audiences = [\"{AUDIENCE}\"]\nalgorithms = [\"ES256\"]\n",
         idp.issuer()
@@ -134,7 +152,20 @@ pub fn prepare(policy_src: &Path, total_policies: usize, idp: &Idp) -> Result<Se
         )?;
     }
     let config = dir.path().join("scrip.toml");
-    std::fs::write(&config, toml)?;
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n{toml}"),
+    )?;
+    let mut replicas = Vec::new();
+    for i in 1..shared.map_or(1, |(_, n)| n.max(1)) {
+        let p = free_port()?;
+        let file = dir.path().join(format!("scrip-{i}.toml"));
+        std::fs::write(
+            &file,
+            format!("listen = \"127.0.0.1:{p}\"\ndata_dir = \"data-{i}\"\n{toml}"),
+        )?;
+        replicas.push((file, p));
+    }
     let log = dir.path().join("scrip.log");
     Ok(Setup {
         dir,
@@ -142,6 +173,7 @@ pub fn prepare(policy_src: &Path, total_policies: usize, idp: &Idp) -> Result<Se
         log,
         port,
         policies,
+        replicas,
     })
 }
 
@@ -169,6 +201,32 @@ fn log_tail(log: &Path) -> String {
 /// # Errors
 /// When it cannot be spawned, exits, or does not answer in time.
 pub async fn start(scrip: &Path, setup: &Setup, target: &Target) -> Result<Running> {
+    start_with(scrip, &setup.config, setup, target).await
+}
+
+/// Writes a private file (mode 0600).
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// Starts `scrip serve --config <config>` (one replica of `setup`).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(
+    scrip: &Path,
+    config: &Path,
+    setup: &Setup,
+    target: &Target,
+) -> Result<Running> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -177,7 +235,7 @@ pub async fn start(scrip: &Path, setup: &Setup, target: &Target) -> Result<Runni
     let mut child = Command::new(scrip)
         .arg("serve")
         .arg("--config")
-        .arg(&setup.config)
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
