@@ -10,6 +10,19 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# PostgreSQL: the shared store's tests (the conformance suite, replicas)
+# each create a database of their own on 127.0.0.1:5432 (trust auth).
+echo "== services" >&2
+if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+  echo "installing PostgreSQL" >&2
+  apt-get update -qq && apt-get install -y -qq postgresql
+fi
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  for v in /etc/postgresql/*; do
+    pg_ctlcluster --skip-systemctl-redirect "$(basename "$v")" main start
+  done
+fi
+
 echo "== format" >&2
 cargo fmt --all --check
 echo "== lints" >&2
@@ -18,7 +31,14 @@ echo "== tests" >&2
 cargo nextest run --workspace --locked --no-fail-fast
 echo "== shipped policy examples" >&2
 cargo run -q -p scrip-cli --locked -- policy test policies/examples.test.toml --policies policies
-echo "== load smoke (fails on request errors, never on timings)" >&2; cargo run -q -p scrip-bench --locked -- --smoke --scrip target/debug/scrip
+echo "== load smoke (fails on request errors, never on timings)" >&2
+cargo run -q -p scrip-bench --locked -- --smoke --scrip target/debug/scrip
+smoke_db="scrip_smoke_$$"
+psql -qX postgres://postgres@127.0.0.1:5432/test -c "CREATE DATABASE $smoke_db"
+trap 'psql -qX postgres://postgres@127.0.0.1:5432/test -c "DROP DATABASE IF EXISTS $smoke_db WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
+cargo run -q -p scrip-bench --locked -- --smoke --scrip target/debug/scrip \
+  --database-url "postgres://postgres@127.0.0.1:5432/$smoke_db" --replicas 2 \
+  --scenario task-start,exchange,introspect,revoke,propagation --no-restart
 # The interoperability tests (crates/scrip-verifier/tests/interop.rs, run
 # above) install their third-party packages into interop/ (npm, a Python venv)
 # by running this same idempotent script; here it is checked on its own.
