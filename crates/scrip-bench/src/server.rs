@@ -359,7 +359,7 @@ mod tests {
     fn fillers_reach_the_total() {
         let (idp, _) = Idp::generate("https://idp.example").unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-        let setup = prepare(&src, 20, &idp).unwrap();
+        let setup = prepare(&src, 20, &idp, None).unwrap();
         let mut n = 0;
         for e in std::fs::read_dir(setup.dir.path().join("policies")).unwrap() {
             let p = e.unwrap().path();

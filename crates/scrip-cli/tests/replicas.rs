@@ -424,7 +424,7 @@ async fn a_replica_killed_under_load_loses_nothing_and_the_others_keep_serving()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_keys_rotate_with_each_key_published_before_it_signs() {
     let cluster = Cluster::new();
-    let extra = "signing_key_rotation = 3\nsigning_key_lead = 1";
+    let extra = "signing_key_rotation = 2\nsigning_key_lead = 1";
     let a = cluster.start("a", extra);
     let b = cluster.start("b", extra);
     let identity = cluster.identity();
@@ -441,7 +441,7 @@ async fn signing_keys_rotate_with_each_key_published_before_it_signs() {
     let mut published: HashMap<String, Instant> = HashMap::new();
     let mut first_signed: HashMap<String, Instant> = HashMap::new();
     let mut signed_by: Vec<(String, String)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(9);
+    let deadline = Instant::now() + Duration::from_secs(12);
     while Instant::now() < deadline {
         let on_a = a.jwks_kids().await;
         let on_b = b.jwks_kids().await;
