@@ -71,12 +71,11 @@ impl Kek {
         Ok((Self::from_bytes(&bytes)?, text))
     }
 
-    /// Seals `plaintext`, bound to `context`; base64url of nonce, ciphertext
-    /// and tag.
+    /// Seals `plaintext`, bound to `context`: nonce, ciphertext and tag.
     ///
     /// # Errors
     /// [`JoseError::Crypto`] when the random generator or the cipher fails.
-    pub fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String, JoseError> {
+    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, JoseError> {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
             .map_err(|_| JoseError::Crypto("random generator failed"))?;
@@ -84,13 +83,13 @@ impl Kek {
         self.0
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(context.as_bytes()),
+                Aad::from(context),
                 &mut data,
             )
             .map_err(|_| JoseError::Crypto("sealing failed"))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&data);
-        Ok(URL_SAFE_NO_PAD.encode(out))
+        Ok(out)
     }
 
     /// Opens what [`Kek::seal`] sealed with the same `context`.
@@ -98,20 +97,19 @@ impl Kek {
     /// # Errors
     /// [`JoseError::Key`] when the value was not sealed under this
     /// key for this context, or was altered.
-    pub fn open(&self, context: &str, sealed: &str) -> Result<Vec<u8>, JoseError> {
+    pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, JoseError> {
         let refused = || {
             JoseError::Key(
                 "sealed value does not open with this key-encryption key (wrong key, or altered)"
                     .into(),
             )
         };
-        let bytes = URL_SAFE_NO_PAD.decode(sealed).map_err(|_| refused())?;
-        let (nonce, data) = bytes.split_at_checked(NONCE_LEN).ok_or_else(refused)?;
+        let (nonce, data) = sealed.split_at_checked(NONCE_LEN).ok_or_else(refused)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
         let mut data = data.to_vec();
         let plain = self
             .0
-            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut data)
+            .open_in_place(nonce, Aad::from(context), &mut data)
             .map_err(|_| refused())?;
         Ok(plain.to_vec())
     }
@@ -125,20 +123,24 @@ mod tests {
     #[test]
     fn seals_and_opens_only_in_its_context_and_key() {
         let (kek, text) = Kek::generate().unwrap();
-        let sealed = kek.seal("kid-1", b"secret").unwrap();
-        assert_eq!(kek.open("kid-1", &sealed).unwrap(), b"secret");
-        assert!(kek.open("kid-2", &sealed).is_err(), "moved to another row");
+        let sealed = kek.seal(b"kid-1", b"secret").unwrap();
+        assert_eq!(kek.open(b"kid-1", &sealed).unwrap(), b"secret");
+        assert!(kek.open(b"kid-2", &sealed).is_err(), "moved to another row");
         let (other, _) = Kek::generate().unwrap();
-        assert!(other.open("kid-1", &sealed).is_err(), "another key");
+        assert!(other.open(b"kid-1", &sealed).is_err(), "another key");
         let same = Kek::from_text(&format!(" {text}\n")).unwrap();
-        assert_eq!(same.open("kid-1", &sealed).unwrap(), b"secret");
-        let mut bytes = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
+        assert_eq!(same.open(b"kid-1", &sealed).unwrap(), b"secret");
+        let mut bytes = sealed.clone();
         if let Some(b) = bytes.last_mut() {
             *b ^= 1;
         }
-        assert!(kek.open("kid-1", &URL_SAFE_NO_PAD.encode(bytes)).is_err());
-        assert!(kek.open("kid-1", "AAAA").is_err(), "too short");
-        assert_ne!(kek.seal("kid-1", b"secret").unwrap(), sealed, "fresh nonce");
+        assert!(kek.open(b"kid-1", &bytes).is_err(), "altered");
+        assert!(kek.open(b"kid-1", b"short").is_err(), "too short");
+        assert_ne!(
+            kek.seal(b"kid-1", b"secret").unwrap(),
+            sealed,
+            "fresh nonce"
+        );
     }
 
     #[test]

@@ -383,9 +383,13 @@ impl Shared {
     /// Opens a stored key, checking that it is the key its row says.
     fn open(&self, k: &StoredKey) -> Result<SigningKey, String> {
         let alg = parse_alg(&k.alg).ok_or_else(|| format!("unknown algorithm `{}`", k.alg))?;
+        use base64::Engine as _;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&k.sealed)
+            .map_err(|_| "the sealed key is not base64url".to_owned())?;
         let der = self
             .kek
-            .open(&key_context(k), &k.sealed)
+            .open(key_context(k).as_bytes(), &sealed)
             .map_err(|e| e.to_string())?;
         let key = SigningKey::from_pkcs8(alg, &der).map_err(|e| e.to_string())?;
         if key.kid() != k.kid {
@@ -417,10 +421,12 @@ impl Shared {
             retired_at: None,
             publish_until: None,
         };
-        stored.sealed = self
-            .kek
-            .seal(&key_context(&stored), &pkcs8)
-            .map_err(|e| invalid(e.to_string()))?;
+        stored.sealed = scrip_jose::b64(
+            &self
+                .kek
+                .seal(key_context(&stored).as_bytes(), &pkcs8)
+                .map_err(|e| invalid(e.to_string()))?,
+        );
         Ok(stored)
     }
 
