@@ -24,6 +24,33 @@ struct State {
     attempted_at: Instant,
 }
 
+/// Where a verifier's keys come from.
+#[derive(Debug)]
+pub(crate) enum Keys {
+    /// Fetched from scrip's `jwks_uri` and cached.
+    Fetched(JwksCache),
+    /// Given once (inside scrip itself, which holds its own public keys).
+    Fixed(Arc<KeySet>),
+}
+
+impl Keys {
+    /// The keys to verify with.
+    pub(crate) async fn current(&self) -> Arc<KeySet> {
+        match self {
+            Self::Fetched(cache) => cache.current().await,
+            Self::Fixed(keys) => keys.clone(),
+        }
+    }
+
+    /// Newer keys than `seen`, when there are any to try.
+    pub(crate) async fn refetch(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
+        match self {
+            Self::Fetched(cache) => cache.refetch(seen).await,
+            Self::Fixed(_) => None,
+        }
+    }
+}
+
 /// The cached JWKS of one issuer.
 pub(crate) struct JwksCache {
     uri: String,
