@@ -8,6 +8,8 @@
 //! the rest of scrip never re-checks what is checked here (unique tool names,
 //! an asymmetric algorithm allow-list per issuer, ttl ordering, ...).
 
+mod upstream;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,10 @@ use std::path::{Path, PathBuf};
 use scrip_jose::SigningAlgorithm;
 use scrip_token::{ActionName, ToolName};
 use serde::Deserialize;
+
+pub use upstream::{
+    HOP_BY_HOP, Inject, Injection, ProxySettings, Route, SECRET_PLACEHOLDER, SecretSpec, Upstream,
+};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +102,10 @@ pub struct Config {
     pub socket_mode: u32,
     /// Local processes that may obtain a workload identity on the socket.
     pub local_workloads: Vec<LocalWorkload>,
+    /// Legacy APIs behind the proxy, with their static keys.
+    pub upstreams: Vec<Upstream>,
+    /// The standalone proxy (`scrip proxy`).
+    pub proxy: ProxySettings,
 }
 
 impl Default for Config {
@@ -125,6 +135,8 @@ impl Default for Config {
             socket: None,
             socket_mode: 0o600,
             local_workloads: Vec::new(),
+            upstreams: Vec::new(),
+            proxy: ProxySettings::default(),
         }
     }
 }
@@ -326,6 +338,9 @@ impl Config {
                 join(f);
             }
         }
+        if let Some(f) = self.proxy.identity_file.as_mut() {
+            join(f);
+        }
     }
 
     /// The issuer: the configured one, else `http://<listen>`.
@@ -354,6 +369,12 @@ impl Config {
     #[must_use]
     pub fn tool(&self, name: &str) -> Option<&Tool> {
         self.tools.iter().find(|t| t.name.as_str() == name)
+    }
+
+    /// The upstream with this name.
+    #[must_use]
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name.as_str() == name)
     }
 
     /// The tool with this resource URI.
@@ -472,6 +493,7 @@ impl Config {
                 return invalid(format!("local workload `{}` is listed twice", w.name));
             }
         }
+        upstream::validate(&self.upstreams, &self.proxy, &self.tools)?;
         Ok(())
     }
 }
