@@ -16,8 +16,8 @@ mod sqlite;
 
 pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
 pub use model::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, Revocation, RevocationKind, TaskRecord,
-    TaskState, Write,
+    Approval, ApprovalState, AuditEvent, AuditFilter, Revocation, RevocationKind, SecretRecord,
+    TaskRecord, TaskState, Write,
 };
 pub use sqlite::SqliteStore;
 
@@ -86,6 +86,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every signed checkpoint.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// Every stored version of every proxy secret, by name, action and
+    /// version (newest first).
+    async fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+
+    /// The stored versions of one secret, newest first.
+    async fn secret_versions(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<Vec<SecretRecord>, StoreError>;
 
     /// The head of this writer's chain, once it has written a record.
     fn chain_head(&self) -> Option<ChainLink>;

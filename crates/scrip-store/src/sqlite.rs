@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use std::sync::{Arc, Mutex};
 
 use crate::chain::ChainState;
-use crate::{Approval, Revocation, RevocationKind};
+use crate::{Approval, Revocation, RevocationKind, SecretRecord};
 use crate::{
     AuditEvent, AuditFilter, ChainLink, Checkpoint, Store, StoreError, StoredRecord, TaskRecord,
     Write,
@@ -420,6 +420,43 @@ async fn apply_on(
                 .map_err(unavailable)?;
             }
             Write::Audit(a) => insert_audit(&mut tx, a, chain).await?,
+            Write::PutSecret {
+                secret,
+                purge_retired_before,
+            } => {
+                sqlx::query(
+                    "UPDATE secrets SET retired_at = ? \
+                     WHERE name = ? AND action = ? AND retired_at IS NULL",
+                )
+                .bind(to_i64(secret.created_at))
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "DELETE FROM secrets WHERE name = ? AND action = ? \
+                     AND retired_at IS NOT NULL AND retired_at <= ?",
+                )
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .bind(to_i64(*purge_retired_before))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "INSERT INTO secrets (name, action, version, sealed, created_at) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .bind(i64::from(secret.version))
+                .bind(&secret.sealed)
+                .bind(to_i64(secret.created_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
             Write::Checkpoint(c) => {
                 sqlx::query(
                     "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) VALUES (?, ?, ?, ?, ?)",
@@ -436,6 +473,23 @@ async fn apply_on(
         }
     }
     tx.commit().await.map_err(unavailable)
+}
+
+fn secret_from_row(row: &SqliteRow) -> Result<SecretRecord, StoreError> {
+    let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    let version: i64 = row.try_get("version").map_err(corrupt)?;
+    Ok(SecretRecord {
+        name: row.try_get("name").map_err(corrupt)?,
+        action: row.try_get("action").map_err(corrupt)?,
+        version: u32::try_from(version)
+            .map_err(|_| StoreError::Corrupt(format!("secret version {version}")))?,
+        sealed: row.try_get("sealed").map_err(corrupt)?,
+        created_at: to_u64(row.try_get("created_at").map_err(corrupt)?),
+        retired_at: row
+            .try_get::<Option<i64>, _>("retired_at")
+            .map_err(corrupt)?
+            .map(to_u64),
+    })
 }
 
 fn approval_from_row(row: &SqliteRow) -> Result<Approval, StoreError> {
@@ -754,6 +808,34 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
+             ORDER BY name, action, version DESC",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(secret_from_row).collect()
+    }
+
+    async fn secret_versions(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<Vec<SecretRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
+             WHERE name = ? AND action = ? ORDER BY version DESC",
+        )
+        .bind(name)
+        .bind(action)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(secret_from_row).collect()
     }
 
     fn chain_head(&self) -> Option<ChainLink> {
