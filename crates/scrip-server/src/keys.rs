@@ -213,3 +213,75 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
         .map_err(io(dir))?;
     Ok(())
 }
+
+/// The environment variable that may hold the proxy secrets' key-encryption
+/// key (32 bytes, base64); it wins over the file.
+pub const SECRET_KEY_ENV: &str = "SCRIP_SECRET_KEY";
+
+/// The proxy secrets' key-encryption key: from [`SECRET_KEY_ENV`] when set,
+/// else `<data_dir>/keys/secrets.key` (32 random bytes, base64, mode 0600),
+/// created on first use when `create`. A file group or others can read is
+/// refused.
+///
+/// # Errors
+/// [`KeyError`] when the variable or the file does not hold 32 base64
+/// bytes, the file is exposed, or it cannot be created.
+pub fn load_secret_kek(
+    data_dir: &Path,
+    create: bool,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, KeyError> {
+    use base64::Engine as _;
+    let decode = |text: &str, path: &Path| {
+        let invalid = || KeyError::Invalid {
+            path: path.to_owned(),
+            message: "must hold 32 bytes, base64".into(),
+        };
+        let t = text.trim();
+        let bytes = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(t)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t))
+                .map_err(|_| invalid())?,
+        );
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        if bytes.len() != 32 {
+            return Err(invalid());
+        }
+        key.copy_from_slice(&bytes);
+        Ok(key)
+    };
+    if let Ok(text) = std::env::var(SECRET_KEY_ENV) {
+        let text = zeroize::Zeroizing::new(text);
+        return decode(&text, Path::new(SECRET_KEY_ENV));
+    }
+    let dir = data_dir.join("keys");
+    let path = dir.join("secrets.key");
+    if !path.exists() {
+        if !create {
+            return Err(KeyError::Io {
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no key-encryption key yet; `scrip secret set` creates it",
+                ),
+            });
+        }
+        ensure_private_dir(&dir)?;
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        aws_lc_rs::rand::fill(key.as_mut()).map_err(|_| KeyError::Invalid {
+            path: path.clone(),
+            message: "random generator failed".into(),
+        })?;
+        let text =
+            zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_ref()));
+        write_private(&path, text.as_bytes())?;
+        return Ok(key);
+    }
+    let meta = fs::metadata(&path).map_err(io(&path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Exposed { path, mode });
+    }
+    let text = zeroize::Zeroizing::new(fs::read_to_string(&path).map_err(io(&path))?);
+    decode(&text, &path)
+}
