@@ -46,7 +46,17 @@ struct Setup {
     dir: tempfile::TempDir,
     config: PathBuf,
     addr: SocketAddr,
+    proxy_addr: SocketAddr,
     idp: SigningKey,
+}
+
+fn free_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn setup(nginx: &nginx::Nginx) -> Setup {
@@ -70,12 +80,19 @@ fn setup(nginx: &nginx::Nginx) -> Setup {
         json!({ "keys": [idp.public_jwk()] }).to_string(),
     )
     .unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = free_addr();
+    let proxy_addr = free_addr();
+    let now = now();
+    let proxy_identity = idp
+        .sign_jwt(
+            "JWT",
+            &json!({
+                "iss": K8S_ISSUER, "sub": "system:serviceaccount:proxies:legacy", "aud": "scrip",
+                "iat": now, "nbf": now, "exp": now + 600,
+            }),
+        )
+        .unwrap();
+    fs::write(root.join("proxy-identity.jwt"), proxy_identity).unwrap();
     let config = format!(
         r#"listen = "{addr}"
 data_dir = "{data}"
@@ -102,7 +119,12 @@ max_age = 86400
 [upstreams.secrets.write]
 grace = 600
 mint_command = ["/bin/echo", "{MINTED_KEY}"]
+
+[proxy]
+listen = "{proxy_addr}"
+identity_file = "{identity}"
 "#,
+        identity = root.join("proxy-identity.jwt").display(),
         data = root.join("data").display(),
         policies = policies.display(),
         jwks = root.join("k8s-jwks.json").display(),
@@ -114,6 +136,7 @@ mint_command = ["/bin/echo", "{MINTED_KEY}"]
         dir,
         config: path,
         addr,
+        proxy_addr,
         idp,
     }
 }
@@ -434,7 +457,68 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     assert_eq!(done("/files/big.bin")["bytes_out"], BIG);
     assert_eq!(done("/files/big.bin")["status"], 200);
 
+    // `scrip proxy` on its own: discovers scrip, follows its revocation feed.
+    let proxy_log = s.dir.path().join("proxy.log");
+    let _proxy = Serve(
+        Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(["proxy", "--config"])
+            .arg(&s.config)
+            .env_remove("SCRIP_CONFIG")
+            .env("SCRIP_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(&proxy_log).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while TcpStream::connect(s.proxy_addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            fs::read_to_string(&proxy_log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let standalone = format!("http://{}/proxy/legacy/standalone", s.proxy_addr);
+    let get = || curl(&["-w", "%{http_code}", "-H", &read_h, &standalone]);
+    assert_eq!(get(), "200");
+    let post = curl(&[
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "-H",
+        &read_h,
+        &standalone,
+    ]);
+    assert_eq!(post, "403");
+    let revoke = curl(&[
+        "-w",
+        "%{http_code}",
+        "--data-urlencode",
+        &format!("token={task}"),
+        &format!("{base}/revoke"),
+    ]);
+    assert_eq!(revoke, "200");
+    let start = Instant::now();
+    while get() != "401" {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the standalone proxy still accepts a revoked task"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(_proxy);
+
     drop(serve);
+    let proxy_log = fs::read_to_string(&proxy_log).unwrap();
+    for secret in [READ_KEY, WRITE_KEY, MINTED_KEY, &read, &write, &task] {
+        assert!(
+            !proxy_log.contains(secret),
+            "a secret or token is in the proxy log"
+        );
+    }
     let log = fs::read_to_string(&log).unwrap();
     assert!(log.contains("proxy mounted"), "{log}");
     for secret in [READ_KEY, WRITE_KEY, MINTED_KEY, &read, &write, &task] {
