@@ -412,14 +412,20 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     ]);
     assert_eq!(up, format!("201 {BIG}"));
     assert_eq!(fs::metadata(nginx.uploaded("big.bin")).unwrap().len(), BIG);
-    assert!(
-        nginx
-            .log()
-            .iter()
-            .any(|l| l.starts_with("PUT /upload/big.bin write2 201")),
-        "{:?}",
-        nginx.log()
-    );
+    // nginx writes its log line after the response: wait for it.
+    let start = Instant::now();
+    while !nginx
+        .log()
+        .iter()
+        .any(|l| l.starts_with("PUT /upload/big.bin write2 201"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            nginx.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // 100 MB down.
     nginx.put_sparse_file("big.bin", BIG);
@@ -440,12 +446,26 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
 
     // The completion records name the bytes.
-    std::thread::sleep(Duration::from_millis(300));
-    let out = s.scrip(&["audit", "export"], None);
-    let records: Vec<Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let start = Instant::now();
+    let (out, records) = loop {
+        let out = s.scrip(&["audit", "export"], None);
+        let records: Vec<Value> = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ends = records
+            .iter()
+            .filter(|r| r["event"] == "proxy.response")
+            .count();
+        if ends >= 3 {
+            break (out, records);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "completion records missing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let done = |path: &str| {
         records
             .iter()

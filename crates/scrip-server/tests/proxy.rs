@@ -223,6 +223,19 @@ impl Env {
         text.split(' ').nth(1).unwrap().parse().unwrap()
     }
 
+    /// Waits until the upstream has logged `uri` (it logs after answering).
+    async fn wait_seen(&self, uri: &str) {
+        let start = Instant::now();
+        while self.seen(uri).is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                self.nginx.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Upstream log lines for `uri`.
     fn seen(&self, uri: &str) -> Vec<String> {
         self.nginx
@@ -274,6 +287,12 @@ async fn read_token_reads_with_the_read_key_and_cannot_write() {
             challenge(&headers)
         );
     }
+    // One more allowed request: once it is logged, so is everything before.
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, "legacy/after", Some(&read))
+        .await;
+    assert_eq!(status, 200);
+    env.wait_seen("/after").await;
     assert!(
         env.seen("/items").is_empty(),
         "the upstream saw a refused write: {:?}",
@@ -365,7 +384,6 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(challenge(r.headers()).contains("invalid_request"));
-    assert!(env.seen("/x").is_empty(), "{:?}", env.nginx.log());
 
     // Unknown upstream, and the verification of a good token still works.
     let (status, _, _) = env.send(reqwest::Method::GET, "nope/x", Some(&good)).await;
@@ -374,6 +392,9 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
         .send(reqwest::Method::GET, "legacy/x", Some(&good))
         .await;
     assert_eq!(status, 200);
+    // Only the good token's request reached the upstream.
+    env.wait_seen("/x").await;
+    assert_eq!(env.seen("/x").len(), 1, "{:?}", env.nginx.log());
     env.server.stop().await;
 }
 
@@ -418,7 +439,6 @@ async fn cedar_decides_the_concrete_request() {
     assert_eq!(status, 403);
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"], "access_denied");
-    assert!(env.seen("/admin/users").is_empty());
     // Paths that would reach another path upstream are refused outright
     // (sent raw: an HTTP client library would normalize them).
     for path in [
@@ -438,11 +458,24 @@ async fn cedar_decides_the_concrete_request() {
             .0,
         200
     );
-    let audit = env.server.audit().await;
-    let denied = audit
-        .iter()
-        .find(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/admin/users"))
-        .unwrap();
+    env.wait_seen("/public/x").await;
+    assert!(env.seen("/admin/users").is_empty(), "{:?}", env.nginx.log());
+    // Refusals are recorded in the background: wait for the record.
+    let start = Instant::now();
+    let denied = loop {
+        let audit = env.server.audit().await;
+        if let Some(d) = audit
+            .into_iter()
+            .find(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/admin/users"))
+        {
+            break d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no audit record of the denial"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(denied.decision.as_deref(), Some("deny"));
     assert_eq!(denied.policies, ["proxy-no-admin"]);
     env.server.stop().await;
@@ -493,7 +526,22 @@ async fn echoed_secrets_are_redacted_and_never_logged_or_audited() {
         .send(reqwest::Method::GET, "legacy/files/leaky.txt", Some("bad"))
         .await;
     assert_eq!(status, 401);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Completion records are written when the body ends: wait for them.
+    let start = Instant::now();
+    while !env
+        .server
+        .audit()
+        .await
+        .iter()
+        .any(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/files/leaky.txt"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no proxy.response record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let audit = serde_json::to_string(&env.server.audit().await).unwrap();
     let logs = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
