@@ -6,7 +6,9 @@
 
 mod approve;
 mod audit;
+mod proxy;
 mod run;
+mod secret;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -132,6 +134,32 @@ enum Command {
         #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Manage the static keys the proxy injects for legacy upstreams.
+    ///
+    /// These read and write the store in the configuration's data_dir and
+    /// work while the server runs.
+    Secret {
+        /// The configuration file (its [[upstreams]] and data_dir).
+        #[arg(long, short, global = true, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+    /// Run the legacy bridge on its own, in front of the configuration's
+    /// [[upstreams]].
+    ///
+    /// Listens on [proxy] listen (default 127.0.0.1:7071) for
+    /// /proxy/<upstream>/<path>; trusts the scrip at [proxy] issuer
+    /// (default: the configuration's issuer), discovered through its
+    /// metadata; follows its revocation feed presenting the workload
+    /// identity in [proxy] identity_file. Secrets, tasks and the audit
+    /// record are in data_dir's store. `scrip serve` mounts the same proxy
+    /// itself when [[upstreams]] are configured. See docs/proxy.md.
+    Proxy {
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Verify, query and export the audit trail.
     ///
     /// These read the store of the configuration (database_url, else the
@@ -142,6 +170,54 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Store the static key an upstream's proxied requests of one action
+    /// class carry.
+    ///
+    /// The value is read from standard input (typed without echo on a
+    /// terminal, or piped: `vault read ... | scrip secret set legacy --action
+    /// read`); there is no flag that takes it. One trailing newline is
+    /// dropped; an empty value is refused. It is sealed (AES-256-GCM) under
+    /// the key-encryption key: SCRIP_KEY_ENCRYPTION_KEY, else
+    /// key_encryption_key_file (default <data_dir>/keys/key-encryption.key,
+    /// created on first use, mode 0600). Setting
+    /// a secret that exists makes a new version, like `rotate`.
+    Set {
+        /// The upstream (its [[upstreams]] name).
+        name: String,
+        /// The action class this key serves (`read`, `write`, ...).
+        #[arg(long)]
+        action: String,
+    },
+    /// List the stored secrets: names, actions, versions, ages and state,
+    /// never values.
+    ///
+    /// A state is `current`, `retiring` (replaced, within its grace period),
+    /// or `retired`; `OVERDUE` marks a current version older than its
+    /// max_age.
+    List {
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Swap in a new version of a secret; the previous one stays stored for
+    /// the configured grace period.
+    ///
+    /// The new value comes from the secret's mint_command (run without a
+    /// shell; it prints the value on standard output) when one is
+    /// configured, else from standard input. Without --action, every action
+    /// of NAME is rotated, which needs a mint_command for each. The proxy
+    /// injects the new version within 2 seconds.
+    Rotate {
+        /// The upstream.
+        name: String,
+        /// Only this action class.
+        #[arg(long)]
+        action: Option<String>,
     },
 }
 
@@ -242,6 +318,17 @@ fn main() -> ExitCode {
             approver,
         } => approve::decide(&approver, &id, Some(&reason)),
         Command::Migrate { config } => audit::migrate(config.as_deref()),
+        Command::Secret { config, command } => match command {
+            SecretCommand::Set { name, action } => secret::set(config.as_deref(), &name, &action),
+            SecretCommand::List { json } => secret::list(config.as_deref(), json),
+            SecretCommand::Rotate { name, action } => {
+                secret::rotate(config.as_deref(), &name, action.as_deref())
+            }
+        },
+        Command::Proxy { config } => {
+            init_logging(cli.log_format);
+            proxy::proxy(config.as_deref())
+        }
         Command::Audit { config, command } => match command {
             AuditCommand::Verify { public_key } => {
                 audit::verify(config.as_deref(), public_key.as_ref())
@@ -281,7 +368,7 @@ fn serve(config: Option<&Path>) -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         return std::future::pending().await;

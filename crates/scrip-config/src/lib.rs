@@ -8,6 +8,8 @@
 //! the rest of scrip never re-checks what is checked here (unique tool names,
 //! an asymmetric algorithm allow-list per issuer, ttl ordering, ...).
 
+mod upstream;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,10 @@ use std::path::{Path, PathBuf};
 use scrip_jose::SigningAlgorithm;
 use scrip_token::{ActionName, ToolName};
 use serde::Deserialize;
+
+pub use upstream::{
+    HOP_BY_HOP, Inject, Injection, ProxySettings, Route, SECRET_PLACEHOLDER, SecretSpec, Upstream,
+};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +113,10 @@ pub struct Config {
     /// With `database_url`: seconds a new signing key is published before
     /// any replica signs with it.
     pub signing_key_lead: u64,
+    /// Legacy APIs behind the proxy, with their static keys.
+    pub upstreams: Vec<Upstream>,
+    /// The standalone proxy (`scrip proxy`).
+    pub proxy: ProxySettings,
 }
 
 impl Default for Config {
@@ -139,6 +149,8 @@ impl Default for Config {
             key_encryption_key_file: None,
             signing_key_rotation: 30 * 24 * 3600,
             signing_key_lead: 60,
+            upstreams: Vec::new(),
+            proxy: ProxySettings::default(),
         }
     }
 }
@@ -343,6 +355,9 @@ impl Config {
                 join(f);
             }
         }
+        if let Some(f) = self.proxy.identity_file.as_mut() {
+            join(f);
+        }
     }
 
     /// The issuer: the configured one, else `http://<listen>`.
@@ -390,6 +405,12 @@ impl Config {
     #[must_use]
     pub fn tool(&self, name: &str) -> Option<&Tool> {
         self.tools.iter().find(|t| t.name.as_str() == name)
+    }
+
+    /// The upstream with this name.
+    #[must_use]
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name.as_str() == name)
     }
 
     /// The tool with this resource URI.
@@ -514,6 +535,7 @@ impl Config {
                 return invalid(format!("local workload `{}` is listed twice", w.name));
             }
         }
+        upstream::validate(&self.upstreams, &self.proxy, &self.tools)?;
         Ok(())
     }
 }

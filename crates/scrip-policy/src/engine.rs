@@ -20,6 +20,9 @@ pub enum Stage {
     Task,
     /// An access token for one tool: one request per asked action.
     Token,
+    /// One request through the proxy: the mapped action, with the method
+    /// and path in the context.
+    Proxy,
 }
 
 impl Stage {
@@ -27,6 +30,7 @@ impl Stage {
         match self {
             Self::Task => "task",
             Self::Token => "token",
+            Self::Proxy => "proxy",
         }
     }
 }
@@ -48,6 +52,11 @@ pub struct RequestContext {
     pub now: u64,
     /// Whether a person approved this step.
     pub approved: bool,
+    /// A proxied request's HTTP method (`context.method`).
+    pub method: Option<String>,
+    /// A proxied request's path below the upstream, without the query
+    /// (`context.path`).
+    pub path: Option<String>,
 }
 
 /// One authorization question.
@@ -353,6 +362,12 @@ fn context(c: &RequestContext) -> Result<Context, String> {
     ];
     if let Some(ticket) = find_ticket(&c.purpose) {
         pairs.push(("ticket".to_owned(), text(ticket)));
+    }
+    if let Some(method) = &c.method {
+        pairs.push(("method".to_owned(), text(method)));
+    }
+    if let Some(path) = &c.path {
+        pairs.push(("path".to_owned(), text(path)));
     }
     Context::from_pairs(pairs).map_err(|e| e.to_string())
 }

@@ -60,6 +60,7 @@ enum CaseStage {
     Task,
     #[default]
     Token,
+    Proxy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +83,10 @@ struct Case {
     approved: bool,
     #[serde(default)]
     now: Option<u64>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
     expect: Expect,
 }
 
@@ -163,6 +168,7 @@ pub fn run_test_file(
             stage: match case.stage {
                 CaseStage::Task => Stage::Task,
                 CaseStage::Token => Stage::Token,
+                CaseStage::Proxy => Stage::Proxy,
             },
             purpose: case.purpose,
             environment: case.environment,
@@ -170,6 +176,8 @@ pub fn run_test_file(
             delegation_chain: case.chain,
             now: case.now.unwrap_or_else(now),
             approved: case.approved,
+            method: case.method,
+            path: case.path,
         };
         let decision = engine.decide(&DecisionRequest {
             agent: &agent,

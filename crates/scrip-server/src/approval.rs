@@ -239,6 +239,8 @@ async fn issue(
             .unwrap_or_default(),
         now,
         approved: true,
+        method: None,
+        path: None,
     };
     let mut base = st.audit("approval.used");
     base.agent_iss = Some(task.agent.issuer.clone());

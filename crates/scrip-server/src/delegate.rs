@@ -121,6 +121,8 @@ pub(crate) async fn delegate(
         delegation_chain: chain.clone(),
         now,
         approved: false,
+        method: None,
+        path: None,
     };
     let base = |mut a: scrip_store::AuditEvent| {
         a.agent_iss = Some(parent.agent.issuer.clone());

@@ -303,6 +303,8 @@ async fn start_task(
         delegation_chain: Vec::new(),
         now,
         approved: false,
+        method: None,
+        path: None,
     };
     let task_id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
     let client = peer.to_string();
@@ -520,6 +522,8 @@ async fn access_token(
         delegation_chain: base.chain.clone(),
         now,
         approved: false,
+        method: None,
+        path: None,
     };
     let mut writes = Vec::new();
     let mut allowed = Vec::new();

@@ -65,14 +65,31 @@ pub async fn feed_endpoint(
         ))
         .into_response();
     }
+    match page(st, after, wait).await {
+        Ok(body) => {
+            let mut r = Json(body).into_response();
+            r.headers_mut().insert(
+                axum::http::header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
+        Err(e) => OAuthError::from(e).into_response(),
+    }
+}
+
+/// One page of the feed after `after`, waiting up to `wait` seconds for an
+/// event: `{"cursor": .., "events": [..]}`.
+async fn page(
+    st: &crate::state::Inner,
+    after: i64,
+    wait: u64,
+) -> Result<serde_json::Value, scrip_store::StoreError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut changes = st.store.changes();
     loop {
         changes.borrow_and_update();
-        let events = match st.store.revocations(after, now(), PAGE).await {
-            Ok(e) => e,
-            Err(e) => return OAuthError::from(e).into_response(),
-        };
+        let events = st.store.revocations(after, now(), PAGE).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             let cursor = events.last().map_or(after, |e| e.seq);
             let events: Vec<serde_json::Value> = events
@@ -84,17 +101,29 @@ pub async fn feed_endpoint(
                     }
                 })
                 .collect();
-            let mut r = Json(json!({ "cursor": cursor, "events": events })).into_response();
-            r.headers_mut().insert(
-                axum::http::header::CACHE_CONTROL,
-                axum::http::HeaderValue::from_static("no-store"),
-            );
-            return r;
+            return Ok(json!({ "cursor": cursor, "events": events }));
         }
         let slice = deadline.min(tokio::time::Instant::now() + POLL);
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep_until(slice) => {}
         }
+    }
+}
+
+/// The feed read straight from the store, for the verifier of the proxy
+/// mounted in this server: the same pages `GET /revocations` answers.
+#[derive(Debug)]
+pub(crate) struct LocalFeed(pub AppState);
+
+impl scrip_verifier::FeedSource for LocalFeed {
+    fn page(&self, after: u64, wait: Duration) -> scrip_verifier::PageFuture<'_> {
+        Box::pin(async move {
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let body = page(&self.0.0, after, wait.as_secs().min(MAX_WAIT))
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::to_vec(&body).map_err(|e| e.to_string())
+        })
     }
 }

@@ -34,9 +34,6 @@ use crate::keys::{self, KeyError};
 /// How often a replica re-reads the shared key set without being told.
 pub const POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The environment variable that holds the key-encryption key.
-pub const KEK_ENV: &str = "SCRIP_KEY_ENCRYPTION_KEY";
-
 /// The keys at one moment.
 #[derive(Debug)]
 struct Ring {
@@ -140,7 +137,7 @@ impl Keyring {
         now: u64,
     ) -> Result<(Self, Created), KeyError> {
         let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
-        let kek = load_kek(config, stored.is_empty())?;
+        let kek = keys::load_kek(config, stored.is_empty())?;
         let shared = Shared {
             kek,
             algorithm: config.signing_algorithm,
@@ -315,7 +312,7 @@ pub async fn shared_checkpoint_jwks(
 ) -> Result<Vec<serde_json::Value>, KeyError> {
     let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
     let shared = Shared {
-        kek: load_kek(config, false)?,
+        kek: keys::load_kek(config, false)?,
         algorithm: config.signing_algorithm,
         rotation: 0,
         lead: 0,
@@ -344,39 +341,6 @@ fn store_error(config: &Config, e: &StoreError) -> KeyError {
             .map_or_else(|| config.data_dir.clone(), |_| "database_url".into()),
         message: format!("cannot read or write the shared keys: {e}"),
     }
-}
-
-/// The key-encryption key: from the environment, else the file (created,
-/// 0600, only when the store holds no keys yet).
-fn load_kek(config: &Config, store_is_empty: bool) -> Result<Kek, KeyError> {
-    let path = config.key_encryption_key_path();
-    let invalid = |message: String| KeyError::Invalid {
-        path: path.clone(),
-        message,
-    };
-    if let Ok(text) = std::env::var(KEK_ENV) {
-        return Kek::from_text(&text).map_err(|e| KeyError::Invalid {
-            path: KEK_ENV.into(),
-            message: e.to_string(),
-        });
-    }
-    if path.exists() {
-        let bytes = keys::read_private(&path)?;
-        let text = String::from_utf8(bytes).map_err(|_| invalid("not base64 text".into()))?;
-        return Kek::from_text(&text).map_err(|e| invalid(e.to_string()));
-    }
-    if !store_is_empty {
-        return Err(invalid(format!(
-            "missing: the shared store holds keys sealed under a key-encryption key; give this replica the same key (this file, or {KEK_ENV})"
-        )));
-    }
-    if let Some(dir) = path.parent() {
-        keys::ensure_private_dir(dir)?;
-    }
-    let (kek, text) = Kek::generate().map_err(|e| invalid(e.to_string()))?;
-    keys::write_private(&path, text.as_bytes())?;
-    tracing::warn!(path = %path.display(), "created the key-encryption key of the shared store; every replica needs this same file (or {KEK_ENV})");
-    Ok(kek)
 }
 
 impl Shared {

@@ -222,3 +222,48 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
         .map_err(io(dir))?;
     Ok(())
 }
+
+/// The environment variable that may hold the key-encryption key (the
+/// base64 of 32 random bytes); it wins over the file.
+pub const KEK_ENV: &str = "SCRIP_KEY_ENCRYPTION_KEY";
+
+/// scrip's one key-encryption key, which seals what scrip keeps secret in
+/// its store (the proxy's upstream keys; on a shared store, the signing
+/// keys): from [`KEK_ENV`] when set, else the file
+/// [`Config::key_encryption_key_path`] (mode 0600; one that group or others
+/// can read is refused), created when missing if `create`.
+///
+/// # Errors
+/// [`KeyError`] when the variable or file does not hold such a key, the
+/// file is exposed, missing (and not to be created), or cannot be written.
+pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jose::Kek, KeyError> {
+    let path = config.key_encryption_key_path();
+    let invalid = |path: PathBuf, message: String| KeyError::Invalid { path, message };
+    if let Ok(text) = std::env::var(KEK_ENV) {
+        let text = zeroize::Zeroizing::new(text);
+        return scrip_jose::Kek::from_text(&text)
+            .map_err(|e| invalid(KEK_ENV.into(), e.to_string()));
+    }
+    if path.exists() {
+        let bytes = zeroize::Zeroizing::new(read_private(&path)?);
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| invalid(path.clone(), "not base64 text".into()))?;
+        return scrip_jose::Kek::from_text(text).map_err(|e| invalid(path.clone(), e.to_string()));
+    }
+    if !create {
+        return Err(invalid(
+            path,
+            format!(
+                "missing: this store's secrets are sealed under a key-encryption key; give scrip the same key (this file, or {KEK_ENV})"
+            ),
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        ensure_private_dir(dir)?;
+    }
+    let (kek, text) =
+        scrip_jose::Kek::generate().map_err(|e| invalid(path.clone(), e.to_string()))?;
+    write_private(&path, zeroize::Zeroizing::new(text).as_bytes())?;
+    tracing::warn!(path = %path.display(), "created the key-encryption key; keep it out of the store's backups, and give every replica the same key");
+    Ok(kek)
+}

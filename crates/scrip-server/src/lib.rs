@@ -75,6 +75,9 @@ pub enum StartError {
     /// The local attestation socket is unusable.
     #[error(transparent)]
     Socket(#[from] attest::SocketError),
+    /// The proxy (`[[upstreams]]`) could not be set up.
+    #[error("proxy: {0}")]
+    Proxy(String),
     /// The server failed while running.
     #[error("server error: {0}")]
     Serve(std::io::Error),
@@ -106,6 +109,8 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     attest: attest::Socket,
     state: AppState,
+    /// The legacy bridge, when `[[upstreams]]` are configured.
+    proxy: Option<scrip_proxy::Proxy>,
     /// Installed at bind, so a SIGHUP during start-up reloads instead of
     /// killing the process.
     hangup: Option<tokio::signal::unix::Signal>,
@@ -223,11 +228,18 @@ impl Server {
             issuer,
             config,
         };
+        let state = AppState(Arc::new(inner));
+        let proxy = if state.0.config.upstreams.is_empty() {
+            None
+        } else {
+            Some(mount_proxy(&state).await?)
+        };
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Self {
             listener,
             attest,
-            state: AppState(Arc::new(inner)),
+            state,
+            proxy,
             hangup,
         })
     }
@@ -264,7 +276,11 @@ impl Server {
         let background = background::spawn(self.state.clone(), self.hangup);
         let attest = attest::spawn(self.attest, self.state.clone());
         let state = self.state.clone();
-        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let mut app = router(self.state);
+        if let Some(proxy) = &self.proxy {
+            app = app.merge(proxy.router());
+        }
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -276,6 +292,50 @@ impl Server {
         background::checkpoint(&state.0).await;
         result
     }
+}
+
+/// The proxy of `[[upstreams]]`, verifying tokens with scrip's own keys and
+/// following revocations straight from the store (the verifier's code path,
+/// without HTTP to itself).
+async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError> {
+    let st = &state.0;
+    let config = &st.config;
+    let kek = scrip_proxy::Kek::new(keys::load_kek(config, true)?);
+    let first = config
+        .upstreams
+        .first()
+        .map(|u| u.name.to_string())
+        .unwrap_or_default();
+    // The identity is not used: the feed is read from the store.
+    let identity = Arc::new(scrip_verifier::StaticIdentity::new(""));
+    let mut vc = scrip_verifier::VerifierConfig::new(st.issuer.clone(), first, identity);
+    vc.algorithms = st.keyring.algorithms().to_vec();
+    // scrip's own clock issued these tokens: no skew to allow for.
+    vc.leeway = 0;
+    let verifier = scrip_verifier::Verifier::local(
+        vc,
+        st.keyring.verify_keys().clone(),
+        Arc::new(feed::LocalFeed(state.clone())),
+    )
+    .await
+    .map_err(|e| StartError::Proxy(e.to_string()))?;
+    let policy_state = state.clone();
+    let proxy = scrip_proxy::Proxy::new(
+        config,
+        scrip_proxy::Parts {
+            store: st.store.clone(),
+            policy: Arc::new(move || policy_state.0.policy()),
+            verifier,
+            kek,
+            replica: st.replica.clone(),
+        },
+    )
+    .map_err(|e| StartError::Proxy(e.to_string()))?;
+    tracing::info!(
+        upstreams = config.upstreams.len(),
+        "proxy mounted at /proxy/<upstream>/"
+    );
+    Ok(proxy)
 }
 
 fn replica_name(addr: SocketAddr) -> String {

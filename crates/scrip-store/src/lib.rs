@@ -20,7 +20,7 @@ mod writer;
 pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, Revocation, RevocationKind,
-    StoredKey, TaskRecord, TaskState, Write,
+    SecretRecord, StoredKey, TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -116,6 +116,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Every key of the shared key set that is still published at `now`
     /// (retired keys included until their `publish_until`), oldest first.
     async fn keys(&self, now: u64) -> Result<Vec<StoredKey>, StoreError>;
+    /// Every stored version of every proxy secret, by name, action and
+    /// version (newest first).
+    async fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+
+    /// The stored versions of one secret, newest first.
+    async fn secret_versions(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<Vec<SecretRecord>, StoreError>;
 
     /// The head of this writer's chain, once it has written a record.
     fn chain_head(&self) -> Option<ChainLink>;

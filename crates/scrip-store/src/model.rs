@@ -130,6 +130,24 @@ pub struct AuditEvent {
     /// The client's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// A proxied request's HTTP method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// A proxied request's path below the upstream, without its query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The HTTP status answered to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Request body bytes forwarded upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    /// Response body bytes returned to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+    /// Microseconds from receiving the request to the end of the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
     /// The replica that wrote the record.
     pub replica: String,
 }
@@ -244,6 +262,15 @@ pub enum Write {
         /// token it signed has expired.
         publish_until: u64,
     },
+    /// A new version of a secret: retires the current version (at the new
+    /// one's `created_at`) and drops versions retired at or before
+    /// `purge_retired_before`.
+    PutSecret {
+        /// The new version (its `version` one above the newest stored).
+        secret: Box<SecretRecord>,
+        /// Seconds since the epoch: retired versions older than this go.
+        purge_retired_before: u64,
+    },
 }
 
 impl Write {
@@ -322,6 +349,36 @@ impl std::fmt::Debug for StoredKey {
             .field("purpose", &self.purpose)
             .field("alg", &self.alg)
             .field("active_at", &self.active_at)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One version of a proxy secret, sealed. Never holds the plaintext; its
+/// `Debug` prints no ciphertext either.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretRecord {
+    /// The upstream (tool) name.
+    pub name: String,
+    /// The action class.
+    pub action: String,
+    /// The version, from 1.
+    pub version: u32,
+    /// The AEAD output (nonce, ciphertext, tag).
+    pub sealed: Vec<u8>,
+    /// Created at (seconds).
+    pub created_at: u64,
+    /// When a newer version replaced it.
+    pub retired_at: Option<u64>,
+}
+
+impl std::fmt::Debug for SecretRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretRecord")
+            .field("name", &self.name)
+            .field("action", &self.action)
+            .field("version", &self.version)
+            .field("created_at", &self.created_at)
             .field("retired_at", &self.retired_at)
             .finish_non_exhaustive()
     }

@@ -6,7 +6,7 @@
 
 use crate::{
     Approval, AuditEvent, ChainLink, Checkpoint, KeyPurpose, Revocation, RevocationKind,
-    StoreError, StoredKey, StoredRecord, TaskRecord,
+    SecretRecord, StoreError, StoredKey, StoredRecord, TaskRecord,
 };
 
 pub(crate) fn to_i64(v: u64) -> i64 {
@@ -27,6 +27,7 @@ pub(crate) trait Cols {
     fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
     fn int(&self, col: &str) -> Result<i64, StoreError>;
     fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError>;
+    fn bytes(&self, col: &str) -> Result<Vec<u8>, StoreError>;
 
     fn uint(&self, col: &str) -> Result<u64, StoreError> {
         self.int(col).map(to_u64)
@@ -49,6 +50,9 @@ macro_rules! impl_cols {
                 sqlx::Row::try_get(self, col).map_err(corrupt)
             }
             fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+                sqlx::Row::try_get(self, col).map_err(corrupt)
+            }
+            fn bytes(&self, col: &str) -> Result<Vec<u8>, StoreError> {
                 sqlx::Row::try_get(self, col).map_err(corrupt)
             }
         }
@@ -197,6 +201,19 @@ pub(crate) fn key(row: &impl Cols) -> Result<StoredKey, StoreError> {
         active_at: row.uint("active_at")?,
         retired_at: row.opt_uint("retired_at")?,
         publish_until: row.opt_uint("publish_until")?,
+    })
+}
+
+pub(crate) fn secret(row: &impl Cols) -> Result<SecretRecord, StoreError> {
+    let version = row.int("version")?;
+    Ok(SecretRecord {
+        name: row.text("name")?,
+        action: row.text("action")?,
+        version: u32::try_from(version)
+            .map_err(|_| StoreError::Corrupt(format!("secret version {version}")))?,
+        sealed: row.bytes("sealed")?,
+        created_at: row.uint("created_at")?,
+        retired_at: row.opt_uint("retired_at")?,
     })
 }
 

@@ -19,8 +19,8 @@ use crate::chain::ChainState;
 use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64};
 use crate::writer::{Apply, Changes, Writer};
 use crate::{
-    Approval, AuditEvent, AuditFilter, ChainLink, Checkpoint, Revocation, Store, StoreError,
-    StoredKey, StoredRecord, TaskRecord, Write,
+    Approval, AuditEvent, AuditFilter, ChainLink, Checkpoint, Revocation, SecretRecord, Store,
+    StoreError, StoredKey, StoredRecord, TaskRecord, Write,
 };
 
 /// The embedded SQLite store.
@@ -320,6 +320,43 @@ async fn apply_on(
                 .map_err(unavailable)?;
             }
             Write::Audit(a) => insert_audit(&mut tx, a, chain).await?,
+            Write::PutSecret {
+                secret,
+                purge_retired_before,
+            } => {
+                sqlx::query(
+                    "UPDATE secrets SET retired_at = ? \
+                     WHERE name = ? AND action = ? AND retired_at IS NULL",
+                )
+                .bind(to_i64(secret.created_at))
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "DELETE FROM secrets WHERE name = ? AND action = ? \
+                     AND retired_at IS NOT NULL AND retired_at <= ?",
+                )
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .bind(to_i64(*purge_retired_before))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                sqlx::query(
+                    "INSERT INTO secrets (name, action, version, sealed, created_at) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .bind(i64::from(secret.version))
+                .bind(&secret.sealed)
+                .bind(to_i64(secret.created_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            }
             Write::Checkpoint(c) => {
                 sqlx::query(
                     "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) VALUES (?, ?, ?, ?, ?)",
@@ -569,6 +606,34 @@ impl Store for SqliteStore {
         .await
         .map_err(unavailable)?;
         rows.iter().map(rows::key).collect()
+    }
+
+    async fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
+             ORDER BY name, action, version DESC",
+        )
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::secret).collect()
+    }
+
+    async fn secret_versions(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<Vec<SecretRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
+             WHERE name = ? AND action = ? ORDER BY version DESC",
+        )
+        .bind(name)
+        .bind(action)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::secret).collect()
     }
 
     fn chain_head(&self) -> Option<ChainLink> {

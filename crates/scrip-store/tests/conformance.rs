@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use scrip_store::{
     Approval, ApprovalState, AuditEvent, AuditFilter, Checkpoint, KeyPurpose, PgStore,
-    RevocationKind, SqliteStore, Store, StoreError, StoredKey, TaskRecord, Write,
+    RevocationKind, SecretRecord, SqliteStore, Store, StoreError, StoredKey, TaskRecord, Write,
 };
 use scrip_testkit::PgDatabase;
 use scrip_token::{Actor, IdentityKind, MayAct, WorkloadIdentity};
@@ -88,6 +88,7 @@ conformance!(
     checkpoints_and_chain_links_read_back,
     keys_are_published_until_their_time,
     commits_signal_what_changed,
+    secrets_keep_their_versions,
 );
 
 fn identity(sub: &str) -> WorkloadIdentity {
@@ -705,4 +706,52 @@ async fn commits_signal_what_changed(f: Fixture) {
         .unwrap();
     let now = *changes.borrow_and_update();
     assert!(now.revocations > seen.revocations);
+}
+
+async fn secrets_keep_their_versions(f: Fixture) {
+    let s = &f.store;
+    let put = |name: &str, version: u32, created_at: u64, purge: u64| Write::PutSecret {
+        secret: Box::new(SecretRecord {
+            name: name.into(),
+            action: "read".into(),
+            version,
+            sealed: vec![0, 1, 2, 255, u8::try_from(version).unwrap()],
+            created_at,
+            retired_at: None,
+        }),
+        purge_retired_before: purge,
+    };
+    s.commit(vec![put("legacy", 1, 100, 0)]).await.unwrap();
+    s.commit(vec![put("legacy", 2, 200, 0)]).await.unwrap();
+    s.commit(vec![put("other", 1, 150, 0)]).await.unwrap();
+    let v = s.secret_versions("legacy", "read").await.unwrap();
+    assert_eq!(
+        v.iter()
+            .map(|r| (r.version, r.retired_at))
+            .collect::<Vec<_>>(),
+        [(2, None), (1, Some(200))]
+    );
+    assert_eq!(v[0].sealed, [0, 1, 2, 255, 2], "bytes round-trip");
+    // The same version twice is refused and changes nothing.
+    let err = s.commit(vec![put("legacy", 2, 250, 0)]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(s.secret_versions("legacy", "read").await.unwrap(), v);
+    // A third version purges versions retired before its purge time.
+    s.commit(vec![put("legacy", 3, 300, 250)]).await.unwrap();
+    let all: Vec<(String, u32)> = s
+        .secrets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, r.version))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            ("legacy".into(), 3),
+            ("legacy".into(), 2),
+            ("other".into(), 1)
+        ]
+    );
+    assert!(s.secret_versions("nope", "read").await.unwrap().is_empty());
 }

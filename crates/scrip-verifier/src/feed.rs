@@ -30,6 +30,52 @@ const POLL_GRACE: Duration = Duration::from_secs(10);
 /// The longest `wait` scrip accepts.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// A future returned by a [`FeedSource`]: one page of the feed as the JSON
+/// body `GET /revocations` answers.
+pub type PageFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
+
+/// Where pages of the revocation feed come from: scrip's `/revocations`
+/// endpoint over HTTP ([`Verifier::discover`](crate::Verifier::discover)), or,
+/// inside scrip itself, its store ([`Verifier::local`](crate::Verifier::local)).
+/// Either way the pages are applied by the same code.
+pub trait FeedSource: Send + Sync + std::fmt::Debug {
+    /// The revocations after cursor `after`, waiting up to `wait` for one;
+    /// the JSON body of `GET /revocations?after=<after>&wait=<wait>`.
+    fn page(&self, after: u64, wait: Duration) -> PageFuture<'_>;
+}
+
+/// The feed over HTTP, presenting the resource server's workload identity.
+#[derive(Debug)]
+pub(crate) struct HttpFeed {
+    pub(crate) http: reqwest::Client,
+    pub(crate) endpoint: url::Url,
+    pub(crate) identity: Arc<dyn IdentitySource>,
+}
+
+impl FeedSource for HttpFeed {
+    fn page(&self, after: u64, wait: Duration) -> PageFuture<'_> {
+        Box::pin(async move {
+            let token = self
+                .identity
+                .identity()
+                .await
+                .map_err(|e| format!("no workload identity for the feed: {e}"))?;
+            let mut url = self.endpoint.clone();
+            url.query_pairs_mut()
+                .append_pair("after", &after.to_string())
+                .append_pair("wait", &wait.as_secs().to_string());
+            get_bytes(
+                &self.http,
+                url.as_str(),
+                Some(&token),
+                wait + POLL_GRACE,
+                MAX_PAGE_BYTES,
+            )
+            .await
+        })
+    }
+}
+
 /// A future returned by an [`IdentitySource`].
 pub type IdentityFuture<'a> = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
 
@@ -229,27 +275,10 @@ impl Revocations {
     /// Reads the feed once from the current cursor and applies the answer.
     pub(crate) async fn poll(
         &self,
-        http: &reqwest::Client,
-        endpoint: &url::Url,
-        identity: &dyn IdentitySource,
+        source: &dyn FeedSource,
         wait: Duration,
     ) -> Result<usize, String> {
-        let token = identity
-            .identity()
-            .await
-            .map_err(|e| format!("no workload identity for the feed: {e}"))?;
-        let mut url = endpoint.clone();
-        url.query_pairs_mut()
-            .append_pair("after", &self.cursor().to_string())
-            .append_pair("wait", &wait.as_secs().to_string());
-        let body = get_bytes(
-            http,
-            url.as_str(),
-            Some(&token),
-            wait + POLL_GRACE,
-            MAX_PAGE_BYTES,
-        )
-        .await?;
+        let body = source.page(self.cursor(), wait).await?;
         self.apply(&body)
     }
 }
@@ -257,17 +286,13 @@ impl Revocations {
 /// Follows the feed until the task is aborted (when the verifier is dropped).
 pub(crate) async fn follow(
     revocations: Arc<Revocations>,
-    http: reqwest::Client,
-    endpoint: url::Url,
+    source: Arc<dyn FeedSource>,
     config: FeedConfig,
 ) {
     let mut backoff = config.retry_min;
     loop {
         let started = Instant::now();
-        match revocations
-            .poll(&http, &endpoint, config.identity.as_ref(), config.wait)
-            .await
-        {
+        match revocations.poll(source.as_ref(), config.wait).await {
             Ok(n) => {
                 backoff = config.retry_min;
                 if n > 0 {

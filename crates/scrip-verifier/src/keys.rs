@@ -24,6 +24,37 @@ struct State {
     attempted_at: Instant,
 }
 
+/// Where a verifier's keys come from.
+#[derive(Debug)]
+pub(crate) enum Keys {
+    /// Fetched from scrip's `jwks_uri` and cached.
+    Fetched(JwksCache),
+    /// Inside scrip itself, which holds its own public keys (replaced as
+    /// they rotate).
+    Local(scrip_jose::SharedKeySet),
+}
+
+impl Keys {
+    /// The keys to verify with.
+    pub(crate) async fn current(&self) -> Arc<KeySet> {
+        match self {
+            Self::Fetched(cache) => cache.current().await,
+            Self::Local(keys) => keys.snapshot(),
+        }
+    }
+
+    /// Newer keys than `seen`, when there are any to try.
+    pub(crate) async fn refetch(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
+        match self {
+            Self::Fetched(cache) => cache.refetch(seen).await,
+            Self::Local(keys) => {
+                let now = keys.snapshot();
+                (!Arc::ptr_eq(&now, seen)).then_some(now)
+            }
+        }
+    }
+}
+
 /// The cached JWKS of one issuer.
 pub(crate) struct JwksCache {
     uri: String,

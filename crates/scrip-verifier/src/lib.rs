@@ -36,7 +36,10 @@ use scrip_jose::{Algorithm, Expectations, JoseError, TypRule};
 use scrip_token::{AccessClaims, ActionName, ActionSet};
 
 pub use error::{SetupError, VerifyError};
-pub use feed::{FeedConfig, FileIdentity, IdentityFuture, IdentitySource, StaticIdentity};
+pub use feed::{
+    FeedConfig, FeedSource, FileIdentity, IdentityFuture, IdentitySource, PageFuture,
+    StaticIdentity,
+};
 pub use layer::{Rejection, VerifierLayer, VerifierService};
 
 /// The largest metadata document fetched.
@@ -211,30 +214,36 @@ impl AccessToken {
     }
 }
 
+/// Aborts the feed-following task when the last verifier sharing it is
+/// dropped.
+#[derive(Debug)]
+struct FeedTask(tokio::task::JoinHandle<()>);
+
+impl Drop for FeedTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `jti`s of single-use tokens (issued on a person's approval) already
+/// presented, with their expiry.
+type UsedOnce = std::sync::Mutex<std::collections::HashMap<String, u64>>;
+
 struct Inner {
     issuer: String,
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
     typ: TypRule,
     leeway: u64,
-    keys: keys::JwksCache,
+    keys: Arc<keys::Keys>,
     revocations: Option<Arc<feed::Revocations>>,
-    feed_task: Option<tokio::task::JoinHandle<()>>,
-    /// `jti`s of single-use tokens (issued on a person's approval) already
-    /// presented, with their expiry.
-    used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = &self.feed_task {
-            task.abort();
-        }
-    }
+    feed_task: Option<Arc<FeedTask>>,
+    used_once: Arc<UsedOnce>,
 }
 
 /// Verifies scrip access tokens for one tool. Cheap to clone; the background
-/// feed task stops when the last clone is dropped.
+/// feed task stops when the last clone (and the last verifier made by
+/// [`Verifier::for_audience`]) is dropped.
 #[derive(Clone)]
 pub struct Verifier(Arc<Inner>);
 
@@ -319,12 +328,8 @@ impl Verifier {
         )
         .await
         .map_err(SetupError::Jwks)?;
-
-        let (revocations, feed_task) = match config.revocation {
-            Revocation::DangerIgnore => {
-                tracing::warn!(issuer = %config.issuer, "not following revocations: revoked tokens stay valid until they expire");
-                (None, None)
-            }
+        let source = match &config.revocation {
+            Revocation::DangerIgnore => None,
             Revocation::Follow(feed) => {
                 let url = metadata.scrip_revocation_feed_endpoint.ok_or_else(|| {
                     SetupError::Metadata(
@@ -332,21 +337,66 @@ impl Verifier {
                     )
                 })?;
                 let url = endpoint("scrip_revocation_feed_endpoint", &url)?;
+                let source: Arc<dyn FeedSource> = Arc::new(feed::HttpFeed {
+                    http,
+                    endpoint: url,
+                    identity: feed.identity.clone(),
+                });
+                Some(source)
+            }
+        };
+        Self::assemble(config, keys::Keys::Fetched(keys), source).await
+    }
+
+    /// A verifier inside scrip itself: `keys` are scrip's own public keys
+    /// and `feed` reads revocations from its store. Everything else — the
+    /// checks, the revocation set, its staleness rule — is as with
+    /// [`Verifier::discover`]; `config.revocation`'s timings apply and its
+    /// identity is not used. The feed is read once before this returns,
+    /// then followed in the background (needs a Tokio runtime).
+    ///
+    /// # Errors
+    /// [`SetupError`] when the configuration is inconsistent or the first
+    /// read of the feed fails.
+    pub async fn local(
+        config: VerifierConfig,
+        keys: scrip_jose::SharedKeySet,
+        feed: Arc<dyn FeedSource>,
+    ) -> Result<Self, SetupError> {
+        config.validate()?;
+        let source = match config.revocation {
+            Revocation::DangerIgnore => None,
+            Revocation::Follow(_) => Some(feed),
+        };
+        Self::assemble(config, keys::Keys::Local(keys), source).await
+    }
+
+    async fn assemble(
+        config: VerifierConfig,
+        keys: keys::Keys,
+        source: Option<Arc<dyn FeedSource>>,
+    ) -> Result<Self, SetupError> {
+        let (revocations, feed_task) = match (config.revocation, source) {
+            (Revocation::Follow(feed), Some(source)) => {
                 let revocations =
                     Arc::new(feed::Revocations::new(feed.max_staleness, config.leeway));
                 // Read every page of what is revoked now before accepting
                 // any token: the feed answers in pages; an empty one ends.
                 for _ in 0..MAX_INITIAL_PAGES {
                     let n = revocations
-                        .poll(&http, &url, feed.identity.as_ref(), Duration::ZERO)
+                        .poll(source.as_ref(), Duration::ZERO)
                         .await
                         .map_err(SetupError::Feed)?;
                     if n == 0 {
                         break;
                     }
                 }
-                let task = tokio::spawn(feed::follow(revocations.clone(), http, url, feed));
-                (Some(revocations), Some(task))
+                let task = tokio::spawn(feed::follow(revocations.clone(), source, feed));
+                (Some(revocations), Some(Arc::new(FeedTask(task))))
+            }
+            _ => {
+                tracing::warn!(issuer = %config.issuer, "not following revocations: revoked tokens stay valid until they expire");
+                (None, None)
             }
         };
         Ok(Self(Arc::new(Inner {
@@ -355,11 +405,43 @@ impl Verifier {
             algorithms: config.algorithms,
             typ: TypRule::exactly(scrip_token::typ::ACCESS),
             leeway: config.leeway,
-            keys,
+            keys: Arc::new(keys),
             revocations,
             feed_task,
-            used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
+            used_once: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
         })))
+    }
+
+    /// A verifier for another tool of the same scrip, sharing this one's
+    /// keys, revocation set and feed task: one feed follower serves every
+    /// tool a process fronts (the proxy's upstreams).
+    #[must_use]
+    pub fn for_audience(&self, audience: impl Into<String>) -> Self {
+        let inner = &self.0;
+        Self(Arc::new(Inner {
+            issuer: inner.issuer.clone(),
+            audiences: vec![audience.into()],
+            algorithms: inner.algorithms.clone(),
+            typ: inner.typ.clone(),
+            leeway: inner.leeway,
+            keys: inner.keys.clone(),
+            revocations: inner.revocations.clone(),
+            feed_task: inner.feed_task.clone(),
+            used_once: inner.used_once.clone(),
+        }))
+    }
+
+    /// Verifies a request's `Authorization: Bearer` token as
+    /// [`VerifierLayer`] does, requiring `required` when given.
+    ///
+    /// # Errors
+    /// The RFC 6750 [`Rejection`] to answer.
+    pub async fn authorize(
+        &self,
+        headers: &http::HeaderMap,
+        required: Option<&ActionName>,
+    ) -> Result<AccessToken, Rejection> {
+        layer::authorize(self, required, headers).await
     }
 
     /// The tool name this verifier accepts tokens for.

@@ -1,0 +1,108 @@
+//! `scrip proxy`: the legacy bridge as its own process, in front of the
+//! upstreams of a configuration, trusting the scrip at `[proxy] issuer`
+//! (discovered through its metadata, tokens verified offline, revocations
+//! followed on its feed with the proxy's own workload identity).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scrip_config::Config;
+use scrip_policy::PolicyEngine;
+
+use scrip_verifier::{FileIdentity, Verifier, VerifierConfig};
+
+use crate::fail;
+
+async fn start(config: Config) -> Result<(tokio::net::TcpListener, scrip_proxy::Proxy), String> {
+    let first = config
+        .upstreams
+        .first()
+        .map(|u| u.name.to_string())
+        .ok_or("the configuration has no [[upstreams]] to proxy")?;
+    let identity = config.proxy.identity_file.clone().ok_or(
+        "[proxy] identity_file is required: the proxy presents that workload identity to scrip's revocation feed",
+    )?;
+    let issuer = config
+        .proxy
+        .issuer
+        .clone()
+        .unwrap_or_else(|| config.issuer());
+    let mut vc = VerifierConfig::new(issuer.clone(), first, Arc::new(FileIdentity::new(identity)));
+    if let scrip_verifier::Revocation::Follow(feed) = &mut vc.revocation {
+        feed.max_staleness = Duration::from_secs(config.proxy.max_staleness);
+        feed.wait = feed.wait.min(feed.max_staleness / 2);
+    }
+    vc.leeway = config.clock_skew;
+    let verifier = Verifier::discover(vc)
+        .await
+        .map_err(|e| format!("cannot trust `{issuer}`: {e}"))?;
+    let policy = PolicyEngine::load(&config.policy_dir).map_err(|e| e.to_string())?;
+    policy
+        .check_tools(&config.tools)
+        .map_err(|e| e.to_string())?;
+    let policy = Arc::new(policy);
+    scrip_server::keys::ensure_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
+    let kek = scrip_proxy::Kek::new(
+        scrip_server::keys::load_kek(&config, true).map_err(|e| e.to_string())?,
+    );
+    let store = scrip_store::open(
+        config.database_url.as_deref(),
+        &config.data_dir.join("scrip.db"),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.proxy.listen)
+        .await
+        .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let proxy = scrip_proxy::Proxy::new(
+        &config,
+        scrip_proxy::Parts {
+            store,
+            policy: Arc::new(move || policy.clone()),
+            verifier,
+            kek,
+            replica: format!("proxy:{}:{}", local.port(), std::process::id()),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((listener, proxy))
+}
+
+/// `scrip proxy [--config FILE]`.
+pub fn proxy(config: Option<&Path>) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async {
+        let (listener, proxy) = match start(config).await {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "proxy listening");
+        }
+        let app = proxy
+            .router()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .into_make_service_with_connect_info::<SocketAddr>();
+        match axum::serve(listener, app)
+            .with_graceful_shutdown(crate::shutdown_signal())
+            .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("proxy error: {e}")),
+        }
+    })
+}

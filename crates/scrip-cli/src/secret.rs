@@ -1,0 +1,350 @@
+//! `scrip secret set|list|rotate`: the upstreams' static keys, sealed in the
+//! store. A value is read from standard input (or from the configured mint
+//! command's output), never from the command line, and never printed.
+
+use std::io::Read as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scrip_config::{Config, SecretSpec, Upstream};
+use scrip_proxy::{Kek, SecretValue};
+use scrip_store::{AuditEvent, SecretRecord, Store, Write};
+
+use crate::fail;
+
+/// The longest a mint command may run.
+const MINT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a new value comes from.
+enum Source {
+    Stdin,
+    Mint(Vec<String>),
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn spec<'a>(
+    config: &'a Config,
+    name: &str,
+    action: &str,
+) -> Result<(&'a Upstream, &'a SecretSpec), String> {
+    let upstream = config.upstream(name).ok_or_else(|| {
+        format!("no upstream `{name}` in the configuration; add an [[upstreams]] entry")
+    })?;
+    let spec = upstream
+        .secrets
+        .iter()
+        .find(|(a, _)| a.as_str() == action)
+        .map(|(_, s)| s)
+        .ok_or_else(|| {
+            format!("upstream `{name}` has no secret for action `{action}`; add [upstreams.secrets.{action}]")
+        })?;
+    Ok((upstream, spec))
+}
+
+async fn open(config: &Config, create_key: bool) -> Result<(Arc<dyn Store>, Kek), String> {
+    scrip_server::keys::ensure_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
+    let kek =
+        Kek::new(scrip_server::keys::load_kek(config, create_key).map_err(|e| e.to_string())?);
+    let store = scrip_store::open(
+        config.database_url.as_deref(),
+        &config.data_dir.join("scrip.db"),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((store, kek))
+}
+
+/// Reads the value from standard input: a whole pipe, or one line typed
+/// without echo on a terminal.
+fn read_stdin(prompt: &str) -> Result<SecretValue, String> {
+    let stdin = std::io::stdin();
+    let mut buf = Vec::new();
+    if rustix::termios::isatty(&stdin) {
+        let old = rustix::termios::tcgetattr(&stdin).map_err(|e| format!("terminal: {e}"))?;
+        let mut quiet = old.clone();
+        quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &quiet)
+            .map_err(|e| format!("terminal: {e}"))?;
+        eprint_prompt(prompt);
+        let mut line = String::new();
+        let read = stdin.read_line(&mut line);
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &old);
+        eprint_prompt("\n");
+        read.map_err(|e| format!("cannot read standard input: {e}"))?;
+        buf = line.into_bytes();
+    } else {
+        stdin
+            .lock()
+            .take(u64::try_from(scrip_proxy::secrets::MAX_SECRET_BYTES + 3).unwrap_or(u64::MAX))
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+    }
+    SecretValue::from_input(buf).map_err(|e| format!("{e} (it is read from standard input)"))
+}
+
+#[expect(clippy::print_stderr, reason = "the prompt goes to the terminal")]
+fn eprint_prompt(text: &str) {
+    eprint!("{text}");
+}
+
+/// Runs the mint command and reads the new value from its standard output.
+async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, String> {
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| "mint_command is empty".to_owned())?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .env("SCRIP_SECRET_NAME", name)
+        .env("SCRIP_SECRET_ACTION", action)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run mint command `{program}`: {e}"))?;
+    let output = tokio::time::timeout(MINT_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("mint command `{program}` did not finish within 60 s"))?
+        .map_err(|e| format!("mint command `{program}` failed: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "mint command `{program}` exited with {}",
+            output.status
+        ));
+    }
+    SecretValue::from_input(output.stdout)
+        .map_err(|e| format!("mint command `{program}`'s output: {e}"))
+}
+
+/// Seals and stores a new version, with its audit record, in one commit.
+async fn put(
+    store: &dyn Store,
+    kek: &Kek,
+    name: &str,
+    action: &str,
+    grace: u64,
+    value: &SecretValue,
+    event: &str,
+) -> Result<u32, String> {
+    let versions = store
+        .secret_versions(name, action)
+        .await
+        .map_err(|e| e.to_string())?;
+    let version = versions.first().map_or(1, |r| r.version + 1);
+    let sealed = kek
+        .seal(name, action, version, value)
+        .map_err(|e| e.to_string())?;
+    let at = now();
+    let audit = AuditEvent {
+        at_ms: at * 1000,
+        event: event.to_owned(),
+        tool: Some(name.to_owned()),
+        actions: Some(action.to_owned()),
+        reason: Some(format!("version {version}")),
+        replica: format!("scrip-cli:{}", std::process::id()),
+        ..AuditEvent::default()
+    };
+    store
+        .commit(vec![
+            Write::PutSecret {
+                secret: Box::new(SecretRecord {
+                    name: name.to_owned(),
+                    action: action.to_owned(),
+                    version,
+                    sealed,
+                    created_at: at,
+                    retired_at: None,
+                }),
+                purge_retired_before: at.saturating_sub(grace),
+            },
+            Write::Audit(Box::new(audit)),
+        ])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(version)
+}
+
+/// `scrip secret set NAME --action A`.
+#[expect(clippy::print_stdout, reason = "the command reports on stdout")]
+pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
+    let result = (|| {
+        let config = Config::load(config).map_err(|e| e.to_string())?;
+        let (_, spec) = spec(&config, name, action)?;
+        let value = read_stdin(&format!("secret value for `{name}` `{action}`: "))?;
+        runtime()?.block_on(async {
+            let (store, kek) = open(&config, true).await?;
+            put(
+                store.as_ref(),
+                &kek,
+                name,
+                action,
+                spec.grace,
+                &value,
+                "secret.set",
+            )
+            .await
+        })
+    })();
+    match result {
+        Ok(version) => {
+            println!("set `{name}` `{action}` version {version}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `scrip secret rotate NAME [--action A]`.
+#[expect(clippy::print_stdout, reason = "the command reports on stdout")]
+pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCode {
+    let result = (|| {
+        let config = Config::load(config).map_err(|e| e.to_string())?;
+        let upstream = config.upstream(name).ok_or_else(|| {
+            format!("no upstream `{name}` in the configuration; add an [[upstreams]] entry")
+        })?;
+        let mut plan = Vec::new();
+        match action {
+            Some(a) => {
+                let (_, spec) = spec(&config, name, a)?;
+                let source = if spec.mint_command.is_empty() {
+                    Source::Stdin
+                } else {
+                    Source::Mint(spec.mint_command.clone())
+                };
+                plan.push((a.to_owned(), spec.grace, source));
+            }
+            None => {
+                for (a, spec) in &upstream.secrets {
+                    if spec.mint_command.is_empty() {
+                        return Err(format!(
+                            "secret `{name}` `{a}` has no mint_command; rotate it with --action {a}, the new value on standard input"
+                        ));
+                    }
+                    plan.push((
+                        a.to_string(),
+                        spec.grace,
+                        Source::Mint(spec.mint_command.clone()),
+                    ));
+                }
+            }
+        }
+        // Stdin is read before anything changes.
+        let mut values = Vec::new();
+        for (a, grace, source) in plan {
+            let value = match &source {
+                Source::Stdin => Some(read_stdin(&format!(
+                    "new secret value for `{name}` `{a}`: "
+                ))?),
+                Source::Mint(_) => None,
+            };
+            values.push((a, grace, source, value));
+        }
+        runtime()?.block_on(async {
+            let (store, kek) = open(&config, false).await?;
+            let mut done = Vec::new();
+            for (a, grace, source, value) in values {
+                if store
+                    .secret_versions(name, &a)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .is_empty()
+                {
+                    return Err(format!(
+                        "secret `{name}` `{a}` is not set yet; use `scrip secret set`"
+                    ));
+                }
+                let value = match (value, &source) {
+                    (Some(v), _) => v,
+                    (None, Source::Mint(argv)) => mint(argv, name, &a).await?,
+                    (None, Source::Stdin) => return Err("no value".into()),
+                };
+                let version = put(
+                    store.as_ref(),
+                    &kek,
+                    name,
+                    &a,
+                    grace,
+                    &value,
+                    "secret.rotated",
+                )
+                .await?;
+                done.push((a, version, grace));
+            }
+            Ok(done)
+        })
+    })();
+    match result {
+        Ok(done) => {
+            for (a, version, grace) in done {
+                println!(
+                    "rotated `{name}` `{a}` to version {version}; the previous version stays for {}",
+                    humantime::format_duration(Duration::from_secs(grace))
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `scrip secret list [--json]`.
+#[expect(clippy::print_stdout, reason = "the command reports on stdout")]
+pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
+    let result = (|| {
+        let config = Config::load(config).map_err(|e| e.to_string())?;
+        runtime()?.block_on(async {
+            let store = scrip_store::open(
+                config.database_url.as_deref(),
+                &config.data_dir.join("scrip.db"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let records = store.secrets().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(scrip_proxy::secrets::statuses(&records, now(), |n, a| {
+                spec(&config, n, a).ok().map(|(_, s)| (s.max_age, s.grace))
+            }))
+        })
+    })();
+    let statuses = match result {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if json {
+        for s in &statuses {
+            println!("{}", serde_json::to_string(s).unwrap_or_default());
+        }
+    } else {
+        println!(
+            "{:<20} {:<10} {:>7} {:>14}  STATE",
+            "NAME", "ACTION", "VERSION", "AGE"
+        );
+        for s in &statuses {
+            let age = humantime::format_duration(Duration::from_secs(s.age)).to_string();
+            let age = age.split(' ').take(2).collect::<Vec<_>>().join(" ");
+            let state = if s.overdue {
+                "current OVERDUE"
+            } else {
+                s.state
+            };
+            println!(
+                "{:<20} {:<10} {:>7} {:>14}  {state}",
+                s.name, s.action, s.version, age
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}

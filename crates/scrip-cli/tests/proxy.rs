@@ -1,0 +1,554 @@
+//! The legacy bridge through the real binary: `scrip secret set` reads only
+//! standard input, `list` and `rotate` (with a mint command) work, and
+//! `scrip serve` streams 100 MB up and 100 MB down through the proxy to a
+//! real nginx in bounded memory (the server's peak RSS, read from /proc),
+//! with no secret in its debug log.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+#[path = "../../scrip-proxy/tests/common/nginx.rs"]
+mod nginx;
+
+use std::fs;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use scrip_jose::{SigningAlgorithm, SigningKey};
+use serde_json::{Value, json};
+
+const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const READ_KEY: &str = "rk-Cq8Vb2Nx5Lm7Hz1P";
+const WRITE_KEY: &str = "wk-Ty3Fs9Dk4Jw6Ra0E";
+const MINTED_KEY: &str = "wk-minted-Gp2Xe7Uo5Ib3";
+const BIG: u64 = 100 * 1024 * 1024;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    addr: SocketAddr,
+    proxy_addr: SocketAddr,
+    idp: SigningKey,
+}
+
+fn free_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn setup(nginx: &nginx::Nginx) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let policies = root.join("policies");
+    fs::create_dir_all(&policies).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for entry in fs::read_dir(repo).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_some_and(|e| e == "cedar" || e == "cedarschema")
+        {
+            fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let (idp, _) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+    fs::write(
+        root.join("k8s-jwks.json"),
+        json!({ "keys": [idp.public_jwk()] }).to_string(),
+    )
+    .unwrap();
+    let addr = free_addr();
+    let proxy_addr = free_addr();
+    let now = now();
+    let proxy_identity = idp
+        .sign_jwt(
+            "JWT",
+            &json!({
+                "iss": K8S_ISSUER, "sub": "system:serviceaccount:proxies:legacy", "aud": "scrip",
+                "iat": now, "nbf": now, "exp": now + 600,
+            }),
+        )
+        .unwrap();
+    fs::write(root.join("proxy-identity.jwt"), proxy_identity).unwrap();
+    let config = format!(
+        r#"listen = "{addr}"
+data_dir = "{data}"
+policy_dir = "{policies}"
+
+[[trusted_issuers]]
+issuer = "{K8S_ISSUER}"
+jwks_file = "{jwks}"
+audiences = ["scrip"]
+algorithms = ["ES256"]
+
+[[tools]]
+name = "legacy"
+resource = "https://legacy.example"
+actions = ["read", "write"]
+
+[[upstreams]]
+name = "legacy"
+url = "{upstream}"
+
+[upstreams.secrets.read]
+max_age = 86400
+
+[upstreams.secrets.write]
+grace = 600
+mint_command = ["/bin/echo", "{MINTED_KEY}"]
+
+[proxy]
+listen = "{proxy_addr}"
+identity_file = "{identity}"
+"#,
+        identity = root.join("proxy-identity.jwt").display(),
+        data = root.join("data").display(),
+        policies = policies.display(),
+        jwks = root.join("k8s-jwks.json").display(),
+        upstream = nginx.url(),
+    );
+    let path = root.join("scrip.toml");
+    fs::write(&path, config).unwrap();
+    Setup {
+        dir,
+        config: path,
+        addr,
+        proxy_addr,
+        idp,
+    }
+}
+
+impl Setup {
+    fn scrip(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("SCRIP_CONFIG")
+            .env_remove("SCRIP_KEY_ENCRYPTION_KEY")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn identity(&self) -> String {
+        let now = now();
+        self.idp
+            .sign_jwt(
+                "JWT",
+                &json!({
+                    "iss": K8S_ISSUER, "sub": "system:serviceaccount:agents:mover", "aud": "scrip",
+                    "iat": now, "nbf": now, "exp": now + 600,
+                    "kubernetes.io": { "namespace": "agents", "serviceaccount": { "name": "mover" } },
+                }),
+            )
+            .unwrap()
+    }
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The peak resident set of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
+    let nginx = nginx::Nginx::start(
+        &[
+            ("read", READ_KEY),
+            ("write", WRITE_KEY),
+            ("write2", MINTED_KEY),
+        ],
+        READ_KEY,
+    );
+    let s = setup(&nginx);
+
+    // The value never comes from the command line.
+    let out = s.scrip(
+        &["secret", "set", "legacy", "--action", "read", READ_KEY],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = s.scrip(
+        &[
+            "secret", "set", "legacy", "--action", "read", "--value", READ_KEY,
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = s.scrip(&["secret", "set", "legacy", "--action", "read"], Some(b""));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "scrip: secret value is empty (it is read from standard input)\n"
+    );
+    let out = s.scrip(
+        &["secret", "set", "legacy", "--action", "delete"],
+        Some(b"x\n"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no secret for action `delete`"));
+    let out = s.scrip(
+        &["secret", "set", "legacy", "--action", "read"],
+        Some(format!("{READ_KEY}\n").as_bytes()),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "set `legacy` `read` version 1\n");
+    let out = s.scrip(
+        &["secret", "set", "legacy", "--action", "write"],
+        Some(WRITE_KEY.as_bytes()),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let key_file = s.dir.path().join("data/keys/key-encryption.key");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Rotation with the mint command; the old version stays, retiring.
+    let out = s.scrip(&["secret", "rotate", "legacy", "--action", "write"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("rotated `legacy` `write` to version 2"));
+    let out = s.scrip(&["secret", "list", "--json"], None);
+    assert_eq!(out.status.code(), Some(0));
+    let listed = text(&out.stdout);
+    for secret in [READ_KEY, WRITE_KEY, MINTED_KEY] {
+        assert!(!listed.contains(secret), "list shows a value");
+    }
+    let rows: Vec<Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary: Vec<(String, u64, String, bool)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["version"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_owned(),
+                r["overdue"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("read".into(), 1, "current".into(), false),
+            ("write".into(), 2, "current".into(), false),
+            ("write".into(), 1, "retiring".into(), false),
+        ]
+    );
+    let table = text(&s.scrip(&["secret", "list"], None).stdout);
+    assert!(table.starts_with("NAME"), "{table}");
+    // A key-encryption key others can read is refused.
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = s.scrip(&["secret", "set", "legacy", "--action", "read"], Some(b"x"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("group or others can read it"),
+        "{}",
+        text(&out.stderr)
+    );
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The server, as a real process.
+    let log = s.dir.path().join("serve.log");
+    let serve = Serve(
+        Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(["serve", "--config"])
+            .arg(&s.config)
+            .env_remove("SCRIP_CONFIG")
+            .env("SCRIP_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while TcpStream::connect(s.addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let base = format!("http://{}", s.addr);
+    let (read, write, task) = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |form: Vec<(&'static str, String)>| {
+            let http = http.clone();
+            let base = base.clone();
+            async move {
+                let body = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
+                    .finish();
+                let r = http
+                    .post(format!("{base}/token"))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let v: Value = r.json().await.unwrap();
+                v["access_token"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{v}"))
+                    .to_owned()
+            }
+        };
+        let ex = "urn:ietf:params:oauth:grant-type:token-exchange";
+        let task = post(vec![
+            ("grant_type", ex.into()),
+            ("subject_token", s.identity()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:jwt".into(),
+            ),
+            (
+                "requested_token_type",
+                "urn:ietf:params:oauth:token-type:txn_token".into(),
+            ),
+            ("scope", "legacy:read legacy:write".into()),
+            (
+                "request_details",
+                json!({"purpose": "move JIRA-9 data", "environment": "dev"}).to_string(),
+            ),
+        ])
+        .await;
+        let token = |scope: &'static str| {
+            post(vec![
+                ("grant_type", ex.into()),
+                ("subject_token", task.clone()),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:txn_token".into(),
+                ),
+                ("audience", "legacy".into()),
+                ("scope", scope.into()),
+            ])
+        };
+        (token("read").await, token("write").await, task.clone())
+    });
+    let url = |p: &str| format!("{base}/proxy/legacy{p}");
+    let read_h = format!("Authorization: Bearer {read}");
+    let write_h = format!("Authorization: Bearer {write}");
+    assert_eq!(
+        curl(&["-w", "%{http_code}", "-H", &read_h, &url("/warm")]),
+        "200"
+    );
+    let pid = serve.0.id();
+    let before = peak_rss(pid);
+
+    // 100 MB up (PUT, the write key: the minted version 2).
+    let body = s.dir.path().join("big.bin");
+    fs::File::create(&body).unwrap().set_len(BIG).unwrap();
+    let up = curl(&[
+        "-w",
+        "%{http_code} %{size_upload}",
+        "-T",
+        body.to_str().unwrap(),
+        "-H",
+        &write_h,
+        &url("/upload/big.bin"),
+    ]);
+    assert_eq!(up, format!("201 {BIG}"));
+    assert_eq!(fs::metadata(nginx.uploaded("big.bin")).unwrap().len(), BIG);
+    // nginx writes its log line after the response: wait for it.
+    let start = Instant::now();
+    while !nginx
+        .log()
+        .iter()
+        .any(|l| l.starts_with("PUT /upload/big.bin write2 201"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            nginx.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 100 MB down.
+    nginx.put_sparse_file("big.bin", BIG);
+    let down = curl(&[
+        "-w",
+        "%{http_code} %{size_download}",
+        "-H",
+        &read_h,
+        &url("/files/big.bin"),
+    ]);
+    assert_eq!(down, format!("200 {BIG}"));
+
+    let growth = peak_rss(pid).saturating_sub(before);
+    assert!(
+        growth < 64 * 1024 * 1024,
+        "peak RSS grew by {} MB",
+        growth / (1024 * 1024)
+    );
+
+    // The completion records name the bytes.
+    let start = Instant::now();
+    let (out, records) = loop {
+        let out = s.scrip(&["audit", "export"], None);
+        let records: Vec<Value> = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ends = records
+            .iter()
+            .filter(|r| r["event"] == "proxy.response")
+            .count();
+        if ends >= 3 {
+            break (out, records);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "completion records missing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let done = |path: &str| {
+        records
+            .iter()
+            .find(|r| r["event"] == "proxy.response" && r["path"] == path)
+            .unwrap_or_else(|| panic!("no proxy.response for {path}"))
+            .clone()
+    };
+    assert_eq!(done("/upload/big.bin")["bytes_in"], BIG);
+    assert_eq!(done("/files/big.bin")["bytes_out"], BIG);
+    assert_eq!(done("/files/big.bin")["status"], 200);
+
+    // `scrip proxy` on its own: discovers scrip, follows its revocation feed.
+    let proxy_log = s.dir.path().join("proxy.log");
+    let _proxy = Serve(
+        Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(["proxy", "--config"])
+            .arg(&s.config)
+            .env_remove("SCRIP_CONFIG")
+            .env("SCRIP_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(&proxy_log).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while TcpStream::connect(s.proxy_addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            fs::read_to_string(&proxy_log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let standalone = format!("http://{}/proxy/legacy/standalone", s.proxy_addr);
+    let get = || curl(&["-w", "%{http_code}", "-H", &read_h, &standalone]);
+    assert_eq!(get(), "200");
+    let post = curl(&[
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "-H",
+        &read_h,
+        &standalone,
+    ]);
+    assert_eq!(post, "403");
+    let revoke = curl(&[
+        "-w",
+        "%{http_code}",
+        "--data-urlencode",
+        &format!("token={task}"),
+        &format!("{base}/revoke"),
+    ]);
+    assert_eq!(revoke, "200");
+    let start = Instant::now();
+    while get() != "401" {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the standalone proxy still accepts a revoked task"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(_proxy);
+
+    drop(serve);
+    let proxy_log = fs::read_to_string(&proxy_log).unwrap();
+    for secret in [READ_KEY, WRITE_KEY, MINTED_KEY, &read, &write, &task] {
+        assert!(
+            !proxy_log.contains(secret),
+            "a secret or token is in the proxy log"
+        );
+    }
+    let log = fs::read_to_string(&log).unwrap();
+    assert!(log.contains("proxy mounted"), "{log}");
+    for secret in [READ_KEY, WRITE_KEY, MINTED_KEY, &read, &write, &task] {
+        assert!(
+            !log.contains(secret),
+            "a secret or token is in the server log"
+        );
+        assert!(
+            !text(&out.stdout).contains(secret),
+            "a secret or token is in the audit trail"
+        );
+    }
+}

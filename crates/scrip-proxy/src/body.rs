@@ -1,0 +1,209 @@
+//! The two streaming bodies: the agent's request body counted on its way
+//! up, and the upstream's response body redacted, counted and bounded by
+//! the read timeout on its way down. Neither is ever held whole; when the
+//! response ends (or the agent goes away) the completion audit record is
+//! written.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::redact::Redactor;
+
+/// The error type of both bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The agent's request body, counting the bytes that pass.
+pub struct CountingBody {
+    inner: axum::body::Body,
+    count: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for CountingBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingBody").finish_non_exhaustive()
+    }
+}
+
+impl CountingBody {
+    /// Wraps `inner`, adding to `count`.
+    #[must_use]
+    pub fn new(inner: axum::body::Body, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    self.count
+                        .fetch_add(u64::try_from(data.len()).unwrap_or(0), Ordering::Relaxed);
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                // Trailers are hop-by-hop here: not forwarded.
+                Err(_) => Poll::Ready(None),
+            },
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Called once when the response body ends, fails or is dropped, with the
+/// bytes sent to the agent and whether it completed.
+pub type OnDone = Box<dyn FnOnce(u64, bool) + Send>;
+
+/// The upstream's response body, redacted as it streams.
+pub struct ResponseBody {
+    inner: hyper::body::Incoming,
+    redactor: Redactor,
+    read_timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    sent: u64,
+    finished: bool,
+    on_done: Option<OnDone>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseBody {
+    /// Wraps the upstream body.
+    #[must_use]
+    pub fn new(
+        inner: hyper::body::Incoming,
+        redactor: Redactor,
+        read_timeout: Duration,
+        on_done: OnDone,
+    ) -> Self {
+        Self {
+            inner,
+            redactor,
+            read_timeout,
+            timer: None,
+            sent: 0,
+            finished: false,
+            on_done: Some(on_done),
+        }
+    }
+
+    fn done(&mut self, complete: bool) {
+        if let Some(f) = self.on_done.take() {
+            f(self.sent, complete);
+        }
+    }
+
+    fn emit(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.sent += u64::try_from(data.len()).unwrap_or(0);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.done(false);
+    }
+}
+
+/// The upstream stopped sending for longer than the read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream read timed out")]
+pub struct ReadTimeout;
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    let timeout = this.read_timeout;
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        this.finished = true;
+                        this.done(false);
+                        return Poll::Ready(Some(Err(Box::new(ReadTimeout))));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(next) => {
+                    this.timer = None;
+                    match next {
+                        Some(Ok(frame)) => {
+                            let Ok(data) = frame.into_data() else {
+                                // Trailers are not forwarded.
+                                continue;
+                            };
+                            let out = this.redactor.push(&data);
+                            if !out.is_empty() {
+                                return this.emit(out);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            this.finished = true;
+                            this.done(false);
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
+                        None => {
+                            this.finished = true;
+                            let tail = this.redactor.finish();
+                            let result = if tail.is_empty() {
+                                Poll::Ready(None)
+                            } else {
+                                this.emit(tail)
+                            };
+                            this.done(true);
+                            return result;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Redaction keeps lengths.
+        self.inner.size_hint()
+    }
+}

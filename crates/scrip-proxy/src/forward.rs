@@ -1,0 +1,419 @@
+//! One proxied request, start to end: refuse early and cheaply, decide,
+//! make the decision durable, then forward and stream back.
+//!
+//! Order (each step fails closed): upstream known → path unambiguous →
+//! method maps to an action → token valid for this upstream with that
+//! action in scope (RFC 6750 answers) → task active → Cedar allows the
+//! concrete request → the action's secret exists → the `proxy.request`
+//! audit record is durable (else 503, nothing forwarded) → forward. When the
+//! response body ends, a `proxy.response` record gives status, bytes and
+//! latency.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::response::{IntoResponse, Response};
+use http::{Method, Request, StatusCode};
+use scrip_policy::{DecisionRequest, RequestContext, Stage};
+use scrip_store::{AuditEvent, TaskState, Write};
+use scrip_token::ActionName;
+use serde_json::json;
+
+use crate::body::{CountingBody, ResponseBody};
+use crate::metrics::Outcome;
+use crate::redact::Redactor;
+use crate::{Proxy, Upstream, headers, now, now_ms, route};
+
+/// A JSON error answer; descriptions are lowercase and name no internals.
+fn error(status: StatusCode, code: &str, description: impl Into<String>) -> Response {
+    let mut r = (
+        status,
+        axum::Json(json!({ "error": code, "error_description": description.into() })),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// What the audit records of one request share.
+struct Draft {
+    record: AuditEvent,
+    started: Instant,
+}
+
+impl Draft {
+    fn finish(&self, event: &str) -> AuditEvent {
+        let mut r = self.record.clone();
+        r.event = event.to_owned();
+        r.at_ms = now_ms();
+        r.latency_us = Some(u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        r
+    }
+}
+
+impl Proxy {
+    /// Records a refusal (in the background: a refusal releases nothing)
+    /// and answers it.
+    fn deny(&self, draft: &Draft, upstream: &str, response: Response, reason: String) -> Response {
+        let mut r = draft.finish("proxy.request");
+        r.decision = Some("deny".into());
+        r.status = Some(response.status().as_u16());
+        r.reason = Some(reason);
+        self.0.metrics.count(upstream, Outcome::Denied);
+        self.commit_later(r);
+        response
+    }
+
+    fn commit_later(&self, record: AuditEvent) {
+        let store = self.0.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.commit(vec![Write::Audit(Box::new(record))]).await {
+                tracing::error!(error = %e, "proxy audit record could not be written");
+            }
+        });
+    }
+}
+
+/// The upstream name and the path below it.
+fn split(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(crate::PREFIX)?;
+    match rest.find('/') {
+        Some(i) => rest.split_at_checked(i),
+        None => Some((rest, "/")),
+    }
+}
+
+/// `ANY /proxy/{*rest}`.
+pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -> Response {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let Some((name, path)) = split(parts.uri.path()) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such upstream");
+    };
+    let Some(upstream) = proxy.0.upstreams.get(name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such upstream; proxied requests go to /proxy/<upstream>/<path>",
+        );
+    };
+    let client = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let mut draft = Draft {
+        record: AuditEvent {
+            event: "proxy.request".into(),
+            replica: proxy.0.replica.clone(),
+            tool: Some(upstream.name.clone()),
+            method: Some(parts.method.as_str().to_owned()),
+            path: Some(path.to_owned()),
+            client,
+            ..AuditEvent::default()
+        },
+        started,
+    };
+    if let Err(e) = route::check_path(path) {
+        let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
+        return proxy.deny(&draft, name, r, e.to_string());
+    }
+    let Some(action) = upstream.map.action(&parts.method, path).cloned() else {
+        let why = format!(
+            "method `{}` maps to no action of this upstream",
+            parts.method
+        );
+        let r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            why.clone(),
+        );
+        return proxy.deny(&draft, name, r, why);
+    };
+    draft.record.actions = Some(action.to_string());
+
+    let token = match upstream
+        .verifier
+        .authorize(&parts.headers, Some(&action))
+        .await
+    {
+        Ok(t) => t,
+        Err(rejection) => {
+            let why = rejection
+                .www_authenticate
+                .clone()
+                .unwrap_or_else(|| "revocation state is stale".into());
+            return proxy.deny(&draft, name, rejection.into_response::<Body>(), why);
+        }
+    };
+    draft.record.task_id = Some(token.task().to_owned());
+    draft.record.jti = Some(token.claims().jti.clone());
+    draft.record.agent_sub = Some(token.claims().sub.clone());
+    if let Some(act) = &token.claims().act {
+        draft.record.chain = act.chain();
+    }
+
+    let task = match proxy.task(token.task()).await {
+        Ok(Some(task)) if task.state(now()) == TaskState::Active => task,
+        Ok(_) => {
+            let r =
+                scrip_verifier::Rejection::from_error(name, &scrip_verifier::VerifyError::Revoked)
+                    .into_response::<Body>();
+            return proxy.deny(&draft, name, r, "the token's task is not active".into());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "proxy: cannot read the task");
+            return unavailable(&proxy, name);
+        }
+    };
+    draft.record.agent_iss = Some(task.agent.issuer.clone());
+    draft.record.environment = Some(task.environment.clone());
+
+    let decision = decide(
+        &proxy,
+        upstream,
+        &task,
+        &token,
+        &action,
+        &parts.method,
+        path,
+    );
+    draft.record.policies.clone_from(&decision.policies);
+    if !decision.allowed {
+        let r = error(
+            StatusCode::FORBIDDEN,
+            "access_denied",
+            format!(
+                "policy does not allow `{action}` {} {path} at `{name}`",
+                parts.method
+            ),
+        );
+        return proxy.deny(&draft, name, r, decision.reason);
+    }
+
+    if !upstream.secret_actions.contains(&action) {
+        let why = format!("upstream `{name}` has no secret for `{action}`");
+        let r = error(StatusCode::FORBIDDEN, "access_denied", why.clone());
+        return proxy.deny(&draft, name, r, why);
+    }
+    let secret = match proxy.0.secrets.current(name, action.as_str()).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::error!(upstream = %name, %action, "proxy: no secret is set; set one with `scrip secret set`");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                format!("no secret is set for `{name}` `{action}`"),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "proxy: cannot read the secret");
+            return unavailable(&proxy, name);
+        }
+    };
+
+    // The decision is durable before anything leaves (fail closed).
+    let mut allow = draft.finish("proxy.request");
+    allow.decision = Some("allow".into());
+    allow.reason = Some(decision.reason);
+    allow.latency_us = None;
+    if let Err(e) = proxy
+        .0
+        .store
+        .commit(vec![Write::Audit(Box::new(allow))])
+        .await
+    {
+        tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
+        return unavailable(&proxy, name);
+    }
+
+    forward(&proxy, upstream, parts, body, &secret, draft).await
+}
+
+fn unavailable(proxy: &Proxy, name: &str) -> Response {
+    proxy.0.metrics.count(name, Outcome::Failed);
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+        "scrip cannot record or authorize this request now; try again later",
+    );
+    r.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("5"),
+    );
+    r
+}
+
+fn decide(
+    proxy: &Proxy,
+    upstream: &Upstream,
+    task: &scrip_store::TaskRecord,
+    token: &scrip_verifier::AccessToken,
+    action: &ActionName,
+    method: &Method,
+    path: &str,
+) -> scrip_policy::Decision {
+    let chain = token
+        .claims()
+        .act
+        .as_ref()
+        .map(|a| a.chain())
+        .unwrap_or_default();
+    let context = RequestContext {
+        stage: Stage::Proxy,
+        purpose: task.purpose.clone(),
+        environment: task.environment.clone(),
+        delegation_depth: task.depth,
+        delegation_chain: chain,
+        now: now(),
+        approved: token.claims().approval.is_some(),
+        method: Some(method.as_str().to_owned()),
+        path: Some(path.to_owned()),
+    };
+    (proxy.0.policy)().decide(&DecisionRequest {
+        agent: &task.agent,
+        action,
+        tool: &upstream.tool,
+        context: &context,
+    })
+}
+
+async fn forward(
+    proxy: &Proxy,
+    upstream: &Upstream,
+    parts: http::request::Parts,
+    body: Body,
+    secret: &crate::SecretValue,
+    draft: Draft,
+) -> Response {
+    let name = upstream.name.as_str();
+    let path = draft.record.path.clone().unwrap_or_default();
+    let query = headers::upstream_query(parts.uri.query(), &upstream.injection, secret);
+    let uri = format!("{}{}{path}{query}", upstream.origin, upstream.base_path);
+    let failed = |status: StatusCode, code: &str, description: String, draft: &Draft| {
+        proxy.0.metrics.count(name, Outcome::Failed);
+        let mut r = draft.finish("proxy.response");
+        r.status = Some(status.as_u16());
+        r.reason = Some(description.clone());
+        proxy.commit_later(r);
+        error(status, code, description)
+    };
+    let Ok(uri) = uri.parse::<http::Uri>() else {
+        return failed(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the path or query is not a valid URI".into(),
+            &draft,
+        );
+    };
+    let headers = match headers::to_upstream(parts.headers, &upstream.injection, secret) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(upstream = %name, error = %e, "proxy: secret unusable");
+            return failed(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("upstream `{name}`: its secret cannot be injected"),
+                &draft,
+            );
+        }
+    };
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut out = Request::new(CountingBody::new(body, bytes_in.clone()));
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.headers_mut() = headers;
+
+    let answer = tokio::time::timeout(upstream.read_timeout, upstream.client.request(out)).await;
+    let response = match answer {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let what = if e.is_connect() {
+                "cannot connect to it"
+            } else {
+                "the connection failed before it answered"
+            };
+            tracing::warn!(upstream = %name, error = %e, "proxy: upstream failed");
+            return failed(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("upstream `{name}` failed: {what}"),
+                &draft,
+            );
+        }
+        Err(_) => {
+            return failed(
+                StatusCode::GATEWAY_TIMEOUT,
+                "gateway_timeout",
+                format!(
+                    "upstream `{name}` did not answer within {} s",
+                    upstream.read_timeout.as_secs()
+                ),
+                &draft,
+            );
+        }
+    };
+    let (mut head, incoming) = response.into_parts();
+    let encoded = head
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return failed(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!(
+                "upstream `{name}` sent an encoded body, which cannot be checked for its secret"
+            ),
+            &draft,
+        );
+    }
+    let patterns = headers::patterns(&upstream.injection, secret);
+    head.headers = headers::to_agent(std::mem::take(&mut head.headers), &patterns);
+    let status = head.status;
+    proxy.0.metrics.count(name, Outcome::Forwarded);
+
+    let store = proxy.0.store.clone();
+    let on_done = Box::new(move |sent: u64, complete: bool| {
+        let mut r = draft.finish("proxy.response");
+        r.status = Some(status.as_u16());
+        r.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
+        r.bytes_out = Some(sent);
+        if !complete {
+            r.reason = Some("response incomplete: the agent or the upstream went away".into());
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.commit(vec![Write::Audit(Box::new(r))]).await {
+                    tracing::error!(error = %e, "proxy audit record could not be written");
+                }
+            });
+        }
+    });
+    let body = ResponseBody::new(
+        incoming,
+        Redactor::new(patterns),
+        upstream.read_timeout,
+        on_done,
+    );
+    Response::from_parts(head, Body::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn splits() {
+        assert_eq!(split("/proxy/legacy/a/b"), Some(("legacy", "/a/b")));
+        assert_eq!(split("/proxy/legacy/"), Some(("legacy", "/")));
+        assert_eq!(split("/proxy/legacy"), Some(("legacy", "/")));
+        assert_eq!(split("/other/legacy"), None);
+    }
+}

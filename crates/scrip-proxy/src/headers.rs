@@ -1,0 +1,314 @@
+//! What crosses the proxy in each direction, header by header.
+//!
+//! Toward the upstream: the agent's credentials (`Authorization`,
+//! `Proxy-Authorization`, `Cookie`), forwarding headers a client could forge
+//! (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`), the header the secret goes
+//! into, `Host` (set from the upstream URL), `Expect`, and hop-by-hop headers
+//! (RFC 9110 §7.6.1: `Connection` and every header it names, `Keep-Alive`,
+//! `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`) are dropped;
+//! `Accept-Encoding` becomes `identity` so the response can be checked for
+//! the secret. Then the secret is injected.
+//!
+//! Toward the agent: hop-by-hop headers and `Set-Cookie` (an upstream
+//! session would be a credential the agent holds) are dropped, and any value
+//! holding the secret is redacted.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use scrip_config::{HOP_BY_HOP, Injection};
+
+use crate::redact::Patterns;
+use crate::secrets::SecretValue;
+
+/// Why a request cannot be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    /// The secret cannot be put in a header (checked at `secret set`; a
+    /// value stored otherwise is refused here).
+    #[error("the secret is not a valid header value")]
+    BadValue,
+}
+
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in named_by_connection(headers) {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The request headers as the upstream gets them, with the secret injected
+/// (header and basic injection; query injection is in the URI).
+///
+/// # Errors
+/// [`InjectError`] when the secret cannot be a header value.
+pub fn to_upstream(
+    mut headers: HeaderMap,
+    injection: &Injection,
+    secret: &SecretValue,
+) -> Result<HeaderMap, InjectError> {
+    strip_hop_by_hop(&mut headers);
+    for name in [
+        header::AUTHORIZATION,
+        header::PROXY_AUTHORIZATION,
+        header::COOKIE,
+        header::HOST,
+        header::EXPECT,
+        header::FORWARDED,
+        HeaderName::from_static("x-real-ip"),
+    ] {
+        headers.remove(name);
+    }
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    match injection {
+        Injection::Header {
+            name,
+            prefix,
+            suffix,
+        } => {
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| InjectError::BadValue)?;
+            let mut value = Vec::with_capacity(prefix.len() + secret.expose().len() + suffix.len());
+            value.extend_from_slice(prefix.as_bytes());
+            value.extend_from_slice(secret.expose());
+            value.extend_from_slice(suffix.as_bytes());
+            let mut value = HeaderValue::from_bytes(&value).map_err(|_| InjectError::BadValue)?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        Injection::Basic { username } => {
+            let mut value = HeaderValue::from_bytes(&basic_value(username, secret))
+                .map_err(|_| InjectError::BadValue)?;
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        Injection::Query { .. } => {}
+    }
+    Ok(headers)
+}
+
+/// `Basic base64(user:secret)`.
+fn basic_value(username: &str, secret: &SecretValue) -> Vec<u8> {
+    let mut out = b"Basic ".to_vec();
+    out.extend_from_slice(basic_token(username, secret).as_bytes());
+    out
+}
+
+fn basic_token(username: &str, secret: &SecretValue) -> String {
+    use base64::Engine as _;
+    let mut pair = zeroize::Zeroizing::new(username.as_bytes().to_vec());
+    pair.push(b':');
+    pair.extend_from_slice(secret.expose());
+    base64::engine::general_purpose::STANDARD.encode(pair.as_slice())
+}
+
+/// Percent-encodes a query component (RFC 3986 unreserved kept).
+#[must_use]
+pub fn query_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The agent's query with `param` removed and the secret appended as
+/// `param`, for query injection; the query unchanged otherwise.
+#[must_use]
+pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &SecretValue) -> String {
+    let Injection::Query { param } = injection else {
+        return query.map(|q| format!("?{q}")).unwrap_or_default();
+    };
+    let encoded_param = query_encode(param.as_bytes());
+    let mut out = String::from("?");
+    for pair in query.unwrap_or_default().split('&') {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if pair.is_empty() || key == param || key == encoded_param {
+            continue;
+        }
+        out.push_str(pair);
+        out.push('&');
+    }
+    out.push_str(&encoded_param);
+    out.push('=');
+    out.push_str(&query_encode(secret.expose()));
+    out
+}
+
+/// Every form of the secret that the injection puts on the wire.
+#[must_use]
+pub fn patterns(injection: &Injection, secret: &SecretValue) -> Patterns {
+    let raw = secret.expose().to_vec();
+    let mut forms = vec![raw];
+    match injection {
+        Injection::Basic { username } => forms.push(basic_token(username, secret).into_bytes()),
+        Injection::Query { .. } => forms.push(query_encode(secret.expose()).into_bytes()),
+        Injection::Header { .. } => {}
+    }
+    Patterns::new(forms)
+}
+
+/// The response headers as the agent gets them.
+#[must_use]
+pub fn to_agent(mut headers: HeaderMap, patterns: &Patterns) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::SET_COOKIE);
+    let mut redacted = Vec::new();
+    for (name, value) in &headers {
+        if let Some(clean) = patterns.redact_header(value.as_bytes()) {
+            redacted.push((name.clone(), clean));
+        }
+    }
+    for (name, clean) in redacted {
+        headers.remove(&name);
+        if let Ok(v) = HeaderValue::from_bytes(&clean) {
+            headers.insert(name, v);
+        }
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> SecretValue {
+        SecretValue::from_input(b"k3y/+=".to_vec()).unwrap()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn strips_and_injects_toward_the_upstream() {
+        let incoming = map(&[
+            ("authorization", "Bearer agent-token"),
+            ("proxy-authorization", "Basic x"),
+            ("cookie", "scrip=1"),
+            ("host", "evil"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil"),
+            ("x-real-ip", "1.2.3.4"),
+            ("accept-encoding", "gzip"),
+            ("content-type", "application/json"),
+            ("x-api-key", "agent-chosen"),
+        ]);
+        let injection = Injection::Header {
+            name: "x-api-key".into(),
+            prefix: "Key ".into(),
+            suffix: String::new(),
+        };
+        let out = to_upstream(incoming.clone(), &injection, &secret()).unwrap();
+        assert_eq!(
+            names(&out),
+            ["accept-encoding", "content-type", "x-api-key"]
+        );
+        assert_eq!(out["x-api-key"], "Key k3y/+=");
+        assert!(out["x-api-key"].is_sensitive());
+        assert_eq!(out["accept-encoding"], "identity");
+
+        let basic = Injection::Basic {
+            username: "svc".into(),
+        };
+        let out = to_upstream(incoming, &basic, &secret()).unwrap();
+        assert_eq!(out["authorization"], "Basic c3ZjOmszeS8rPQ==");
+        assert!(
+            out.get("x-api-key").is_some(),
+            "only the injection header is replaced"
+        );
+    }
+
+    #[test]
+    fn queries() {
+        let q = Injection::Query {
+            param: "api_key".into(),
+        };
+        let h = Injection::Header {
+            name: "authorization".into(),
+            prefix: "Bearer ".into(),
+            suffix: String::new(),
+        };
+        let check = |query: Option<&str>, inj: &Injection, want: &str| {
+            assert_eq!(upstream_query(query, inj, &secret()), want, "{query:?}");
+        };
+        check(None, &h, "");
+        check(Some("a=1"), &h, "?a=1");
+        check(None, &q, "?api_key=k3y%2F%2B%3D");
+        check(
+            Some("a=1&api_key=mine&b"),
+            &q,
+            "?a=1&b&api_key=k3y%2F%2B%3D",
+        );
+        check(Some("api_key"), &q, "?api_key=k3y%2F%2B%3D");
+    }
+
+    #[test]
+    fn response_headers() {
+        let injection = Injection::Basic {
+            username: "svc".into(),
+        };
+        let p = patterns(&injection, &secret());
+        let out = to_agent(
+            map(&[
+                ("connection", "close, x-hop"),
+                ("x-hop", "1"),
+                ("transfer-encoding", "chunked"),
+                ("set-cookie", "session=abc"),
+                ("x-echo", "got k3y/+= from you"),
+                ("x-echo-basic", "Basic c3ZjOmszeS8rPQ=="),
+                ("content-type", "text/plain"),
+            ]),
+            &p,
+        );
+        assert_eq!(names(&out), ["content-type", "x-echo", "x-echo-basic"]);
+        assert_eq!(out["x-echo"], "got [redacted] from you");
+        assert_eq!(out["x-echo-basic"], "Basic [redacted]");
+    }
+}

@@ -1,0 +1,289 @@
+//! scrip's legacy bridge: a reverse proxy in front of APIs that only take a
+//! static key. The agent calls `/proxy/<upstream>/<path>` with its scrip
+//! access token; the proxy verifies the token (through `scrip-verifier`,
+//! revocation included), maps the request to an action (GET → `read`, ...),
+//! requires that action in the token's scope, asks Cedar about the concrete
+//! request (method and path in the context), commits the audit record,
+//! swaps the agent's credentials for that action's secret and streams the
+//! request up and the response down, redacting any echo of the secret.
+//!
+//! [`Proxy::router`] is mounted by `scrip serve` and served alone by
+//! `scrip proxy`.
+//!
+//! Architecture invariant: a request reaches the upstream only with a
+//! verified token whose scope covers the mapped action, after Cedar allowed
+//! it and its audit record is durable; only that action's secret is ever
+//! injected; no byte of a secret reaches the agent, a log or the audit.
+
+mod body;
+mod forward;
+pub mod headers;
+pub mod metrics;
+pub mod redact;
+pub mod route;
+pub mod secrets;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{any, get};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use scrip_config::{Config, Injection, Tool};
+use scrip_policy::PolicyEngine;
+use scrip_store::{Store, TaskRecord};
+use scrip_token::ActionName;
+use scrip_verifier::Verifier;
+
+pub use secrets::{Kek, SecretCache, SecretError, SecretStatus, SecretValue};
+
+/// The path every proxied request starts with.
+pub const PREFIX: &str = "/proxy/";
+
+/// The current policy set (the server's, which reloads).
+pub type PolicySource = Arc<dyn Fn() -> Arc<PolicyEngine> + Send + Sync>;
+
+/// Why the proxy could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// An upstream's configuration is unusable.
+    #[error("upstream `{name}`: {message}")]
+    Upstream {
+        /// The upstream.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// The TLS client could not be built.
+    #[error("cannot build the upstream TLS client: {0}")]
+    Tls(String),
+}
+
+/// What the proxy is built from besides the configuration.
+pub struct Parts {
+    /// The store: secrets, tasks, and the audit record.
+    pub store: Arc<dyn Store>,
+    /// The policies.
+    pub policy: PolicySource,
+    /// A verifier of the trusted scrip (any audience; one per upstream is
+    /// derived from it).
+    pub verifier: Verifier,
+    /// Opens the stored secrets.
+    pub kek: Kek,
+    /// The name this process writes audit records as.
+    pub replica: String,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// One upstream, ready to forward to.
+struct Upstream {
+    name: String,
+    tool: Tool,
+    /// `scheme://authority` and the base path without a trailing `/`.
+    origin: String,
+    base_path: String,
+    injection: Injection,
+    map: route::ActionMap,
+    /// Actions with a configured secret.
+    secret_actions: Vec<ActionName>,
+    read_timeout: Duration,
+    verifier: Verifier,
+    client: Client<Https, body::CountingBody>,
+}
+
+/// Task records are reread at most this often (revocation is the
+/// verifier's feed; the record gives Cedar the agent and the task).
+const TASK_TTL: Duration = Duration::from_secs(1);
+/// The most task records cached.
+const TASK_CACHE: usize = 10_000;
+
+struct Inner {
+    upstreams: HashMap<String, Upstream>,
+    store: Arc<dyn Store>,
+    policy: PolicySource,
+    secrets: SecretCache,
+    replica: String,
+    metrics: metrics::Metrics,
+    /// `(max_age, grace)` per `(upstream, action)`.
+    limits: HashMap<(String, String), (u64, u64)>,
+    tasks: Mutex<HashMap<String, (Instant, Arc<TaskRecord>)>>,
+}
+
+/// The proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy(Arc<Inner>);
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.0.upstreams.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn https_connector(connect_timeout: Duration) -> Result<Https, SetupError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_platform_verifier(rustls::crypto::aws_lc_rs::default_provider())
+        .map_err(|e| SetupError::Tls(e.to_string()))?;
+    Ok(builder.https_or_http().enable_http1().wrap_connector(http))
+}
+
+impl Proxy {
+    /// Builds the proxy for every `[[upstreams]]` of a validated `config`.
+    ///
+    /// # Errors
+    /// [`SetupError`] when an upstream cannot be set up.
+    pub fn new(config: &Config, parts: Parts) -> Result<Self, SetupError> {
+        let mut upstreams = HashMap::new();
+        let mut limits = HashMap::new();
+        for u in &config.upstreams {
+            let name = u.name.to_string();
+            let fail = |message: String| SetupError::Upstream {
+                name: name.clone(),
+                message,
+            };
+            let tool = config
+                .tool(&name)
+                .cloned()
+                .ok_or_else(|| fail("is not a configured tool".into()))?;
+            let uri: http::Uri = u.url.parse().map_err(|e| fail(format!("url: {e}")))?;
+            let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+                return Err(fail("url needs a scheme and a host".into()));
+            };
+            let injection = u.inject.injection(&name).map_err(|e| fail(e.to_string()))?;
+            let map = route::ActionMap::new(&u.routes)
+                .ok_or_else(|| fail("cannot build the action mapping".into()))?;
+            for (action, spec) in &u.secrets {
+                limits.insert(
+                    (name.clone(), action.to_string()),
+                    (spec.max_age, spec.grace),
+                );
+            }
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(https_connector(Duration::from_secs(u.connect_timeout))?);
+            upstreams.insert(
+                name.clone(),
+                Upstream {
+                    origin: format!("{scheme}://{authority}"),
+                    base_path: uri.path().trim_end_matches('/').to_owned(),
+                    tool,
+                    injection,
+                    map,
+                    secret_actions: u.secrets.keys().cloned().collect(),
+                    read_timeout: Duration::from_secs(u.read_timeout),
+                    verifier: parts.verifier.for_audience(name.clone()),
+                    client,
+                    name,
+                },
+            );
+        }
+        Ok(Self(Arc::new(Inner {
+            upstreams,
+            secrets: SecretCache::new(parts.store.clone(), parts.kek),
+            store: parts.store,
+            policy: parts.policy,
+            replica: parts.replica,
+            metrics: metrics::Metrics::default(),
+            limits,
+            tasks: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    /// Whether any upstream is configured.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.upstreams.is_empty()
+    }
+
+    /// `/proxy/<upstream>/<path>` (every method) and `/metrics`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/proxy/{*rest}", any(forward::handle))
+            .route("/metrics", get(metrics_endpoint))
+            .with_state(self.clone())
+    }
+
+    /// The state of every stored secret version.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn secret_statuses(&self) -> Result<Vec<SecretStatus>, scrip_store::StoreError> {
+        let records = self.0.store.secrets().await?;
+        Ok(secrets::statuses(&records, now(), |n, a| {
+            self.0.limits.get(&(n.to_owned(), a.to_owned())).copied()
+        }))
+    }
+
+    /// The task record of `id`, from the cache when fresh.
+    async fn task(&self, id: &str) -> Result<Option<Arc<TaskRecord>>, scrip_store::StoreError> {
+        if let Ok(tasks) = self.0.tasks.lock()
+            && let Some((at, task)) = tasks.get(id)
+            && at.elapsed() < TASK_TTL
+        {
+            return Ok(Some(task.clone()));
+        }
+        let Some(task) = self.0.store.task(id).await? else {
+            return Ok(None);
+        };
+        let task = Arc::new(task);
+        if let Ok(mut tasks) = self.0.tasks.lock() {
+            if tasks.len() >= TASK_CACHE {
+                tasks.retain(|_, (at, _)| at.elapsed() < TASK_TTL);
+                if tasks.len() >= TASK_CACHE {
+                    tasks.clear();
+                }
+            }
+            tasks.insert(id.to_owned(), (Instant::now(), task.clone()));
+        }
+        Ok(Some(task))
+    }
+}
+
+async fn metrics_endpoint(
+    axum::extract::State(proxy): axum::extract::State<Proxy>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let statuses = match proxy.secret_statuses().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: cannot read secrets");
+            return http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    };
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        proxy.0.metrics.render(&statuses),
+    )
+        .into_response()
+}
+
+/// Seconds since the epoch.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,121 @@
+//! `GET /metrics`: a small Prometheus text exposition of what an operator
+//! must see: proxied requests by upstream and outcome, and secrets overdue
+//! for rotation (`scrip_secret_overdue{name,action} 1`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use crate::secrets::SecretStatus;
+
+/// What happened to a proxied request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Forwarded and answered by the upstream.
+    Forwarded,
+    /// Refused by scrip (token, scope, policy, path).
+    Denied,
+    /// The upstream failed or timed out, or scrip could not forward.
+    Failed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Denied => "denied",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Request counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, Outcome), u64>>,
+}
+
+impl Metrics {
+    /// Counts one request.
+    pub fn count(&self, upstream: &str, outcome: Outcome) {
+        if let Ok(mut m) = self.requests.lock() {
+            if let Some(n) = m.get_mut(&(upstream.to_owned(), outcome)) {
+                *n += 1;
+            } else {
+                m.insert((upstream.to_owned(), outcome), 1);
+            }
+        }
+    }
+
+    /// The exposition, with the secrets' state.
+    #[must_use]
+    pub fn render(&self, secrets: &[SecretStatus]) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP scrip_proxy_requests_total Requests to the proxy, by upstream and outcome.\n# TYPE scrip_proxy_requests_total counter\n");
+        if let Ok(m) = self.requests.lock() {
+            for ((upstream, outcome), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "scrip_proxy_requests_total{{upstream=\"{}\",outcome=\"{}\"}} {n}",
+                    label(upstream),
+                    outcome.as_str()
+                );
+            }
+        }
+        out.push_str("# HELP scrip_secret_overdue Whether a secret's current version is older than its max_age.\n# TYPE scrip_secret_overdue gauge\n");
+        out.push_str("# HELP scrip_secret_age_seconds Age of a secret's current version.\n# TYPE scrip_secret_age_seconds gauge\n");
+        for s in secrets.iter().filter(|s| s.state == "current") {
+            let labels = format!(
+                "name=\"{}\",action=\"{}\"",
+                label(&s.name),
+                label(&s.action)
+            );
+            let _ = writeln!(
+                out,
+                "scrip_secret_overdue{{{labels}}} {}",
+                u8::from(s.overdue)
+            );
+            let _ = writeln!(out, "scrip_secret_age_seconds{{{labels}}} {}", s.age);
+        }
+        out
+    }
+}
+
+/// A label value, escaped (names are tool and action names already).
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders() {
+        let m = Metrics::default();
+        m.count("legacy", Outcome::Forwarded);
+        m.count("legacy", Outcome::Forwarded);
+        m.count("legacy", Outcome::Denied);
+        let s = SecretStatus {
+            name: "legacy".into(),
+            action: "read".into(),
+            version: 2,
+            age: 99,
+            state: "current",
+            overdue: true,
+        };
+        let text = m.render(&[s]);
+        assert!(
+            text.contains(
+                "scrip_proxy_requests_total{upstream=\"legacy\",outcome=\"forwarded\"} 2\n"
+            )
+        );
+        assert!(
+            text.contains("scrip_proxy_requests_total{upstream=\"legacy\",outcome=\"denied\"} 1\n")
+        );
+        assert!(text.contains("scrip_secret_overdue{name=\"legacy\",action=\"read\"} 1\n"));
+        assert!(text.contains("scrip_secret_age_seconds{name=\"legacy\",action=\"read\"} 99\n"));
+    }
+}

@@ -1,0 +1,233 @@
+//! A real upstream that demands a static key: Debian's nginx, installed if
+//! missing, configured in a temporary directory, run in the foreground as a
+//! child process on ephemeral ports and killed on drop. Shared by the proxy
+//! tests (`crates/scrip-server/tests/proxy.rs`, `crates/scrip-cli/tests/
+//! proxy.rs`) and the benchmark, which include it with `#[path]`.
+//!
+//! The upstream (`port`) accepts `Authorization: Bearer <key>` for the keys
+//! it is given and answers 401 otherwise; its access log names which key
+//! (`read`, `read2`, `write`, ...) each request carried. A second server
+//! (`proxy_port`) is nginx as a plain reverse proxy in front of it, adding
+//! the read key, for the benchmark.
+
+#![allow(dead_code, reason = "each user takes a different part")]
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running nginx.
+pub struct Nginx {
+    pub port: u16,
+    pub proxy_port: u16,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Installs Debian's nginx when it is not there (CI machines are fresh).
+pub fn ensure_nginx() -> PathBuf {
+    let path = PathBuf::from("/usr/sbin/nginx");
+    if path.exists() {
+        return path;
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "nginx"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(Stdio::null())
+            .status();
+        assert!(install(), "cannot install nginx with apt-get");
+    }
+    assert!(path.exists(), "nginx installed but {path:?} is missing");
+    path
+}
+
+impl Nginx {
+    /// Starts nginx accepting `keys` (`(label, key)`); `read_key` is what
+    /// the reverse-proxy server adds.
+    pub fn start(keys: &[(&str, &str)], read_key: &str) -> Self {
+        let nginx = ensure_nginx();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for sub in ["www/upload", "tmp"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let port = free_port();
+        let proxy_port = free_port();
+        let map: String = keys
+            .iter()
+            .map(|(label, key)| format!("        \"Bearer {key}\" {label};\n"))
+            .collect();
+        let r = root.display();
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {r}/nginx.pid;
+error_log {r}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    map $http_authorization $key {{
+        default none;
+{map}    }}
+    log_format keys '$request_method $uri $key $status $request_length $bytes_sent';
+    access_log {r}/access.log keys;
+    client_body_temp_path {r}/tmp/body;
+    proxy_temp_path {r}/tmp/proxy;
+    fastcgi_temp_path {r}/tmp/fastcgi;
+    uwsgi_temp_path {r}/tmp/uwsgi;
+    scgi_temp_path {r}/tmp/scgi;
+    client_max_body_size 0;
+    keepalive_requests 1000000;
+    default_type text/plain;
+    server {{
+        listen 127.0.0.1:{port};
+        root {r}/www;
+        location = /health {{ access_log off; return 200 "ok\n"; }}
+        location / {{
+            if ($key = none) {{ return 401 "no valid key\n"; }}
+            return 200 "ok $key $request_method $uri\n";
+        }}
+        location = /echo-header {{
+            if ($key = none) {{ return 401; }}
+            add_header X-Echo $http_authorization;
+            add_header X-Echo-Query $args;
+            return 200 "echo\n";
+        }}
+        location = /echo-body {{
+            if ($key = none) {{ return 401; }}
+            return 200 "you sent: $http_authorization and ?$args\n";
+        }}
+        location = /headers {{
+            if ($key = none) {{ return 401; }}
+            return 200 "connection=[$http_connection] x-private=[$http_x_private] te=[$http_te] upgrade=[$http_upgrade] xff=[$http_x_forwarded_for] xfh=[$http_x_forwarded_host] forwarded=[$http_forwarded] cookie=[$http_cookie] proxy-authorization=[$http_proxy_authorization] accept-encoding=[$http_accept_encoding]\n";
+        }}
+        location /files/ {{
+            if ($key = none) {{ return 401; }}
+        }}
+        location /upload/ {{
+            if ($key = none) {{ return 401; }}
+            dav_methods PUT;
+            create_full_put_path on;
+            client_body_buffer_size 1m;
+        }}
+    }}
+    upstream backend {{
+        server 127.0.0.1:{port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        access_log off;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {read_key}";
+        }}
+    }}
+}}
+"#
+        );
+        fs::write(root.join("nginx.conf"), conf).unwrap();
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(root)
+            .arg("-c")
+            .arg(root.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                fs::File::create(root.join("stderr.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let mut n = Self {
+            port,
+            proxy_port,
+            dir,
+            child,
+        };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || TcpStream::connect(("127.0.0.1", proxy_port)).is_err()
+        {
+            if let Ok(Some(status)) = n.child.try_wait() {
+                panic!(
+                    "nginx exited with {status}: {}{}",
+                    fs::read_to_string(n.dir.path().join("stderr.log")).unwrap_or_default(),
+                    fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nginx did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    /// The upstream's base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A file served under `/files/<name>`.
+    pub fn put_file(&self, name: &str, bytes: &[u8]) {
+        let dir = self.dir.path().join("www/files");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(name), bytes).unwrap();
+    }
+
+    /// A sparse file of `len` zero bytes under `/files/<name>`.
+    pub fn put_sparse_file(&self, name: &str, len: u64) {
+        let dir = self.dir.path().join("www/files");
+        fs::create_dir_all(&dir).unwrap();
+        fs::File::create(dir.join(name))
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
+    /// Where PUT `/upload/<name>` stores the body.
+    pub fn uploaded(&self, name: &str) -> PathBuf {
+        self.dir.path().join("www/upload").join(name)
+    }
+
+    /// The access log lines: `METHOD URI KEY STATUS REQUEST_LENGTH BYTES_SENT`.
+    pub fn log(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,681 @@
+//! The legacy bridge against a real upstream that demands a static key
+//! (nginx, started by the test): scope and action mapping, RFC 6750
+//! refusals, revocation, Cedar on the concrete request, redaction of echoed
+//! secrets, header hygiene, upstream failure, rotation, and that no secret
+//! reaches the agent, the log or the audit trail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+#[path = "../../scrip-proxy/tests/common/nginx.rs"]
+mod nginx;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use scrip_config::{Inject, Route, SecretSpec, Tool, Upstream};
+use scrip_store::{SecretRecord, SqliteStore, Store as _, Write};
+use scrip_token::{ActionName, ToolName};
+use serde_json::{Value, json};
+
+const READ_KEY: &str = "rk-7Hq2Lw9Zp4Xv1Nc8";
+const READ_KEY_2: &str = "rk2-Bd5Tm3Qs6Yf0Ka2";
+const WRITE_KEY: &str = "wk-Ue4Gj8Rn1Wo7Ih5";
+const AGENT_NS: &str = "agents";
+
+/// Everything written through `tracing` in this process.
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || Capture(writer.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn action(a: &str) -> ActionName {
+    ActionName::parse(a).unwrap()
+}
+
+fn tool(name: &str) -> Tool {
+    Tool {
+        name: ToolName::parse(name).unwrap(),
+        resource: format!("https://{name}.legacy.example"),
+        actions: vec![action("read"), action("write"), action("delete")],
+        labels: Default::default(),
+    }
+}
+
+fn upstream(name: &str, url: &str) -> Upstream {
+    let spec = |max_age| SecretSpec {
+        max_age,
+        grace: 3600,
+        mint_command: Vec::new(),
+    };
+    Upstream {
+        name: ToolName::parse(name).unwrap(),
+        url: url.to_owned(),
+        inject: Inject::default(),
+        routes: vec![Route {
+            method: "POST".into(),
+            path: "/search*".into(),
+            action: action("read"),
+        }],
+        secrets: [(action("read"), spec(86_400)), (action("write"), spec(1))]
+            .into_iter()
+            .collect(),
+        connect_timeout: 1,
+        read_timeout: 5,
+    }
+}
+
+const NO_ADMIN: &str = r#"@id("proxy-no-admin")
+forbid (principal, action, resource)
+when { context.stage == "proxy" && context has path && context.path like "/admin*" };
+"#;
+
+struct Env {
+    server: TestServer,
+    nginx: nginx::Nginx,
+    http: reqwest::Client,
+}
+
+async fn setup() -> Env {
+    logs();
+    let nginx = nginx::Nginx::start(
+        &[
+            ("read", READ_KEY),
+            ("read2", READ_KEY_2),
+            ("write", WRITE_KEY),
+        ],
+        READ_KEY,
+    );
+    let url = nginx.url();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = TestServer::start_with(Options {
+        extra_policies: vec![("proxy-no-admin.cedar".into(), NO_ADMIN.into())],
+        edit: Some(Box::new(move |c| {
+            c.tools.push(tool("legacy"));
+            c.tools.push(tool("down"));
+            c.upstreams.push(upstream("legacy", &url));
+            c.upstreams
+                .push(upstream("down", &format!("http://{closed}")));
+        })),
+        ..Options::default()
+    })
+    .await;
+    set_secret(&server, "legacy", "read", READ_KEY).await;
+    set_secret(&server, "legacy", "write", WRITE_KEY).await;
+    set_secret(&server, "down", "read", READ_KEY).await;
+    Env {
+        server,
+        nginx,
+        http: reqwest::Client::new(),
+    }
+}
+
+/// Stores a new version of a secret, as `scrip secret set` does.
+async fn set_secret(server: &TestServer, name: &str, action: &str, value: &str) {
+    let data = server.dir.path().join("data");
+    let config = scrip_config::Config {
+        data_dir: data.clone(),
+        ..scrip_config::Config::default()
+    };
+    let kek = scrip_proxy::Kek::new(scrip_server::keys::load_kek(&config, false).unwrap());
+    let store = SqliteStore::open(&data.join("scrip.db")).await.unwrap();
+    let version = store
+        .secret_versions(name, action)
+        .await
+        .unwrap()
+        .first()
+        .map_or(1, |r| r.version + 1);
+    let value = scrip_proxy::SecretValue::from_input(value.as_bytes().to_vec()).unwrap();
+    let sealed = kek.seal(name, action, version, &value).unwrap();
+    store
+        .commit(vec![Write::PutSecret {
+            secret: Box::new(SecretRecord {
+                name: name.into(),
+                action: action.into(),
+                version,
+                sealed,
+                created_at: now(),
+                retired_at: None,
+            }),
+            purge_retired_before: 0,
+        }])
+        .await
+        .unwrap();
+}
+
+impl Env {
+    async fn task(&self, scope: &str) -> String {
+        let identity = self.server.k8s.kubernetes(AGENT_NS, "legacy-agent");
+        let t = self
+            .server
+            .start_task(&identity, scope, "dev", "fix JIRA-7 in the legacy system")
+            .await;
+        t["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn token(&self, task: &str, tool: &str, scope: &str) -> String {
+        let r = self.server.access_token(task, tool, Some(scope)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    fn url(&self, rest: &str) -> String {
+        format!("{}/proxy/{rest}", self.server.url)
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        rest: &str,
+        token: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let mut req = self.http.request(method, self.url(rest));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.text().await.unwrap())
+    }
+
+    /// A GET written byte for byte; the status.
+    async fn raw_get(&self, target: &str, token: &str) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = self.server.url.trim_start_matches("http://");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out);
+        text.split(' ').nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Waits until the upstream has logged `uri` (it logs after answering).
+    async fn wait_seen(&self, uri: &str) {
+        let start = Instant::now();
+        while self.seen(uri).is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                self.nginx.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Upstream log lines for `uri`.
+    fn seen(&self, uri: &str) -> Vec<String> {
+        self.nginx
+            .log()
+            .into_iter()
+            .filter(|l| l.split(' ').nth(1) == Some(uri))
+            .collect()
+    }
+}
+
+fn challenge(headers: &reqwest::header::HeaderMap) -> String {
+    headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn read_token_reads_with_the_read_key_and_cannot_write() {
+    let env = setup().await;
+    let task = env.task("legacy:read legacy:write").await;
+    let read = env.token(&task, "legacy", "read").await;
+
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/items/1?x=1", Some(&read))
+        .await;
+    assert_eq!((status, body.as_str()), (200, "ok read GET /items/1\n"));
+    // A POST mapped to `read` by a route override uses the read key too.
+    let (status, _, body) = env
+        .send(reqwest::Method::POST, "legacy/search/users", Some(&read))
+        .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok read POST /search/users\n")
+    );
+
+    for (method, path) in [
+        (reqwest::Method::POST, "items"),
+        (reqwest::Method::PUT, "items/1"),
+        (reqwest::Method::DELETE, "items/1"),
+    ] {
+        let (status, headers, _) = env
+            .send(method.clone(), &format!("legacy/{path}"), Some(&read))
+            .await;
+        assert_eq!(status, 403, "{method} with a read token");
+        assert!(
+            challenge(&headers).contains("error=\"insufficient_scope\""),
+            "{}",
+            challenge(&headers)
+        );
+    }
+    // One more allowed request: once it is logged, so is everything before.
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, "legacy/after", Some(&read))
+        .await;
+    assert_eq!(status, 200);
+    env.wait_seen("/after").await;
+    assert!(
+        env.seen("/items").is_empty(),
+        "the upstream saw a refused write: {:?}",
+        env.nginx.log()
+    );
+    assert_eq!(env.seen("/items/1").len(), 1, "{:?}", env.nginx.log());
+
+    let write = env.token(&task, "legacy", "write").await;
+    let (status, _, body) = env
+        .send(reqwest::Method::POST, "legacy/items", Some(&write))
+        .await;
+    assert_eq!((status, body.as_str()), (200, "ok write POST /items\n"));
+    // A write token cannot read: the read key is only ever behind `read`.
+    let (status, headers, _) = env
+        .send(reqwest::Method::GET, "legacy/items", Some(&write))
+        .await;
+    assert_eq!(status, 403);
+    assert!(challenge(&headers).contains("scope=\"read\""));
+    let (status, _, _) = env
+        .send(reqwest::Method::OPTIONS, "legacy/items", Some(&write))
+        .await;
+    assert_eq!(status, 405);
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
+    let env = setup().await;
+    let task = env.task("legacy:read github:read").await;
+    let good = env.token(&task, "legacy", "read").await;
+    let github = env.token(&task, "github", "read").await;
+
+    // Missing: a bare challenge.
+    let (status, headers, _) = env.send(reqwest::Method::GET, "legacy/x", None).await;
+    assert_eq!(
+        (status, challenge(&headers).as_str()),
+        (401, "Bearer realm=\"legacy\"")
+    );
+
+    // A token signed by scrip's key but expired.
+    let key_file: Value = serde_json::from_str(
+        &std::fs::read_to_string(env.server.dir.path().join("data/keys/signing-es256.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(key_file["pkcs8"].as_str().unwrap())
+        .unwrap();
+    let key =
+        scrip_jose::SigningKey::from_pkcs8(scrip_jose::SigningAlgorithm::ES256, &der).unwrap();
+    let (_, mut claims) = decode_parts(&good);
+    claims["iat"] = json!(now() - 900);
+    claims["exp"] = json!(now() - 300);
+    let expired = key.sign_jwt("at+jwt", &claims).unwrap();
+    // The same claims, signed by another key.
+    let (other, _) = scrip_jose::SigningKey::generate(scrip_jose::SigningAlgorithm::ES256).unwrap();
+    let (_, claims) = decode_parts(&good);
+    let forged = other.sign_jwt("at+jwt", &claims).unwrap();
+    let mut tampered = good.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+
+    for (what, token) in [
+        ("garbage", "not-a-jwt"),
+        ("expired", expired.as_str()),
+        ("another key", forged.as_str()),
+        ("tampered signature", tampered.as_str()),
+        ("foreign audience", github.as_str()),
+        ("task token", task.as_str()),
+    ] {
+        let (status, headers, _) = env
+            .send(reqwest::Method::GET, "legacy/x", Some(token))
+            .await;
+        assert_eq!(status, 401, "{what}");
+        assert!(
+            challenge(&headers).starts_with("Bearer realm=\"legacy\", error=\"invalid_token\""),
+            "{what}: {}",
+            challenge(&headers)
+        );
+    }
+    // Malformed credentials: 400 invalid_request.
+    let r = env
+        .http
+        .get(env.url("legacy/x"))
+        .header("authorization", "Bearer a b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(challenge(r.headers()).contains("invalid_request"));
+
+    // Unknown upstream, and the verification of a good token still works.
+    let (status, _, _) = env.send(reqwest::Method::GET, "nope/x", Some(&good)).await;
+    assert_eq!(status, 404);
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, "legacy/x", Some(&good))
+        .await;
+    assert_eq!(status, 200);
+    // Only the good token's request reached the upstream.
+    env.wait_seen("/x").await;
+    assert_eq!(env.seen("/x").len(), 1, "{:?}", env.nginx.log());
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_task_is_refused() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    assert_eq!(
+        env.send(reqwest::Method::GET, "legacy/a", Some(&read))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(env.server.revoke(&task).await.status, 200);
+    let start = Instant::now();
+    loop {
+        let (status, headers, _) = env
+            .send(reqwest::Method::GET, "legacy/b", Some(&read))
+            .await;
+        if status == 401 {
+            assert!(challenge(&headers).contains("invalid_token"));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "still accepted after revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn cedar_decides_the_concrete_request() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/admin/users", Some(&read))
+        .await;
+    assert_eq!(status, 403);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "access_denied");
+    // Paths that would reach another path upstream are refused outright
+    // (sent raw: an HTTP client library would normalize them).
+    for path in [
+        "legacy/public/../admin/users",
+        "legacy/public/%2e%2e/admin",
+        "legacy/a%2fb",
+    ] {
+        assert_eq!(
+            env.raw_get(&format!("/proxy/{path}"), &read).await,
+            400,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        env.send(reqwest::Method::GET, "legacy/public/x", Some(&read))
+            .await
+            .0,
+        200
+    );
+    env.wait_seen("/public/x").await;
+    assert!(env.seen("/admin/users").is_empty(), "{:?}", env.nginx.log());
+    // Refusals are recorded in the background: wait for the record.
+    let start = Instant::now();
+    let denied = loop {
+        let audit = env.server.audit().await;
+        if let Some(d) = audit
+            .into_iter()
+            .find(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/admin/users"))
+        {
+            break d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no audit record of the denial"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(denied.decision.as_deref(), Some("deny"));
+    assert_eq!(denied.policies, ["proxy-no-admin"]);
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn echoed_secrets_are_redacted_and_never_logged_or_audited() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+
+    let (status, headers, body) = env
+        .send(reqwest::Method::GET, "legacy/echo-header", Some(&read))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-echo"], "Bearer [redacted]");
+    assert_eq!(body, "echo\n");
+    let (_, _, body) = env
+        .send(reqwest::Method::GET, "legacy/echo-body", Some(&read))
+        .await;
+    assert_eq!(
+        body,
+        format!("you sent: Bearer {} and ?\n", "*".repeat(READ_KEY.len()))
+    );
+
+    // A large file holding the key at many offsets, so that some copies
+    // straddle the chunks the body arrives in.
+    let mut file = Vec::new();
+    let mut i = 0usize;
+    while file.len() < 1 << 20 {
+        file.extend(std::iter::repeat_n(b'.', 1000 + i % 4093));
+        file.extend_from_slice(READ_KEY.as_bytes());
+        i += 7919;
+    }
+    env.nginx.put_file("leaky.txt", &file);
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/files/leaky.txt", Some(&read))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), file.len());
+    assert!(!body.contains(READ_KEY));
+    let masked = String::from_utf8(file.clone())
+        .unwrap()
+        .replace(READ_KEY, &"*".repeat(READ_KEY.len()));
+    assert!(body == masked, "the body differs from the masked file");
+
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, "legacy/files/leaky.txt", Some("bad"))
+        .await;
+    assert_eq!(status, 401);
+    // Completion records are written when the body ends: wait for them.
+    let start = Instant::now();
+    while !env
+        .server
+        .audit()
+        .await
+        .iter()
+        .any(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/files/leaky.txt"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no proxy.response record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let audit = serde_json::to_string(&env.server.audit().await).unwrap();
+    let logs = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    for secret in [READ_KEY, WRITE_KEY, &read, &task] {
+        assert!(
+            !audit.contains(secret),
+            "a secret or token is in the audit trail"
+        );
+        assert!(!logs.contains(secret), "a secret or token is in the log");
+    }
+    assert!(logs.contains("proxy mounted"), "the log was not captured");
+
+    let records = env.server.audit().await;
+    let done: Vec<_> = records
+        .iter()
+        .filter(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/files/leaky.txt"))
+        .collect();
+    assert_eq!(done.len(), 1, "{done:?}");
+    let r = done[0];
+    assert_eq!(r.status, Some(200));
+    assert_eq!(r.bytes_out, Some(u64::try_from(file.len()).unwrap()));
+    assert_eq!(r.method.as_deref(), Some("GET"));
+    assert_eq!(r.actions.as_deref(), Some("read"));
+    assert_eq!(r.tool.as_deref(), Some("legacy"));
+    assert!(r.task_id.is_some() && r.agent_sub.is_some() && r.latency_us.is_some());
+    let allow = records
+        .iter()
+        .find(|a| a.event == "proxy.request" && a.decision.as_deref() == Some("allow"))
+        .unwrap();
+    assert_eq!(
+        allow.agent_sub.as_deref(),
+        Some("system:serviceaccount:agents:legacy-agent")
+    );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let r = env
+        .http
+        .get(env.url("legacy/headers"))
+        .bearer_auth(&read)
+        .header("connection", "x-private")
+        .header("x-private", "secret-hop")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .header("cookie", "scrip_session=abc")
+        .header("proxy-authorization", "Basic eDp5")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert_eq!(
+        body,
+        "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity]\n"
+    );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_is_a_502_with_a_clear_body() {
+    let env = setup().await;
+    let task = env.task("down:read").await;
+    let read = env.token(&task, "down", "read").await;
+    let (status, _, body) = env.send(reqwest::Method::GET, "down/x", Some(&read)).await;
+    assert_eq!(status, 502, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "bad_gateway");
+    assert_eq!(
+        body["error_description"],
+        "upstream `down` failed: cannot connect to it"
+    );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_swaps_the_key_and_overdue_secrets_show() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    assert_eq!(
+        env.send(reqwest::Method::GET, "legacy/r1", Some(&read))
+            .await
+            .2,
+        "ok read GET /r1\n"
+    );
+    set_secret(&env.server, "legacy", "read", READ_KEY_2).await;
+    tokio::time::sleep(scrip_proxy::secrets::CACHE_TTL + Duration::from_millis(200)).await;
+    assert_eq!(
+        env.send(reqwest::Method::GET, "legacy/r2", Some(&read))
+            .await
+            .2,
+        "ok read2 GET /r2\n"
+    );
+    let r = env
+        .http
+        .get(format!("{}/metrics", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    let metrics = r.text().await.unwrap();
+    assert!(
+        metrics.contains("scrip_secret_overdue{name=\"legacy\",action=\"write\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("scrip_secret_overdue{name=\"legacy\",action=\"read\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("scrip_proxy_requests_total{upstream=\"legacy\",outcome=\"forwarded\"} 2"),
+        "{metrics}"
+    );
+    for secret in [READ_KEY, READ_KEY_2, WRITE_KEY] {
+        assert!(!metrics.contains(secret));
+    }
+    let store = SqliteStore::open(&env.server.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    let versions = store.secret_versions("legacy", "read").await.unwrap();
+    let s = scrip_proxy::secrets::statuses(&versions, now(), |_, _| Some((86_400, 3600)));
+    assert_eq!(
+        s.iter().map(|s| (s.version, s.state)).collect::<Vec<_>>(),
+        [(2, "current"), (1, "retiring")]
+    );
+    env.server.stop().await;
+}
