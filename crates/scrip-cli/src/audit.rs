@@ -76,13 +76,15 @@ async fn open(config: Option<&Path>) -> Result<(Config, Arc<dyn Store>), String>
     Ok((config, store))
 }
 
-fn now_s() -> u64 {
+/// Seconds since the epoch.
+pub(crate) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+/// A single-threaded runtime for a command that talks to the store.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -23,18 +23,7 @@ enum Source {
     Mint(Vec<String>),
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
-}
+use crate::audit::{now_s as now, runtime};
 
 fn spec<'a>(
     config: &'a Config,
