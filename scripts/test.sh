@@ -29,14 +29,17 @@ echo "== lints" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests" >&2
 cargo nextest run --workspace --locked --no-fail-fast
+# The binaries, built with the test build's features: only scrip-bench's is
+# left to link (`cargo run -p` would compile dependencies again).
+cargo build -q --workspace --all-targets --locked
 echo "== shipped policy examples" >&2
-cargo run -q -p scrip-cli --locked -- policy test policies/examples.test.toml --policies policies
+target/debug/scrip policy test policies/examples.test.toml --policies policies
 echo "== load smoke (fails on request errors, never on timings)" >&2
-cargo run -q -p scrip-bench --locked -- --smoke --scrip target/debug/scrip
+target/debug/scrip-bench --smoke --scrip target/debug/scrip
 smoke_db="scrip_smoke_$$"
 psql -qX postgres://postgres@127.0.0.1:5432/test -c "CREATE DATABASE $smoke_db"
 trap 'psql -qX postgres://postgres@127.0.0.1:5432/test -c "DROP DATABASE IF EXISTS $smoke_db WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
-cargo run -q -p scrip-bench --locked -- --smoke --scrip target/debug/scrip \
+target/debug/scrip-bench --smoke --scrip target/debug/scrip \
   --database-url "postgres://postgres@127.0.0.1:5432/$smoke_db" --replicas 2 \
   --scenario task-start,exchange,introspect,revoke,propagation --no-restart
 # The interoperability tests (crates/scrip-verifier/tests/interop.rs, run
