@@ -341,17 +341,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Option<&Path>) -> ExitCode {
-    let config = match Config::load(config) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// The configuration and a multi-threaded runtime, for the commands that
+/// serve until stopped (`serve`, `proxy`).
+pub(crate) fn server_setup(
+    config: Option<&Path>,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::load(config).map_err(fail)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+        .map_err(|e| fail(format!("cannot start the runtime: {e}")))?;
+    Ok((config, runtime))
+}
+
+fn serve(config: Option<&Path>) -> ExitCode {
+    let (config, runtime) = match server_setup(config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let server = match scrip_server::Server::bind(config).await {

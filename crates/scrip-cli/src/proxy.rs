@@ -74,16 +74,9 @@ async fn start(config: Config) -> Result<(tokio::net::TcpListener, scrip_proxy::
 
 /// `scrip proxy [--config FILE]`.
 pub fn proxy(config: Option<&Path>) -> ExitCode {
-    let config = match Config::load(config) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    let (config, runtime) = match crate::server_setup(config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let (listener, proxy) = match start(config).await {
