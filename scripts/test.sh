@@ -23,6 +23,14 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   done
 fi
 
+# nginx: the legacy-bridge proxy tests start their own nginx as the upstream
+# that demands a static key (they install it too, but one install here
+# spares the parallel tests from queueing on apt's lock).
+if [ ! -x /usr/sbin/nginx ]; then
+  echo "installing nginx" >&2
+  apt-get install -y -qq nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+fi
+
 echo "== format" >&2
 cargo fmt --all --check
 echo "== lints" >&2

@@ -34,25 +34,34 @@ fn free_port() -> u16 {
 }
 
 /// Installs Debian's nginx when it is not there (CI machines are fresh).
+/// Test processes run in parallel: one installs while the others wait on a
+/// file lock, and apt itself waits for its own lock.
 pub fn ensure_nginx() -> PathBuf {
     let path = PathBuf::from("/usr/sbin/nginx");
     if path.exists() {
         return path;
     }
-    let install = || {
+    let lock = fs::File::create(std::env::temp_dir().join("scrip-test-nginx-install.lock"))
+        .expect("install lock file");
+    lock.lock().expect("install lock");
+    if path.exists() {
+        return path;
+    }
+    let apt = |args: &[&str]| {
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "nginx"])
+            .args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !install() {
-        let _ = Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(Stdio::null())
-            .status();
-        assert!(install(), "cannot install nginx with apt-get");
+    if !apt(&["install", "-y", "-q", "nginx"]) {
+        apt(&["update", "-q"]);
+        assert!(
+            apt(&["install", "-y", "-q", "nginx"]),
+            "cannot install nginx with apt-get"
+        );
     }
     assert!(path.exists(), "nginx installed but {path:?} is missing");
     path
