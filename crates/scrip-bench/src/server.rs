@@ -45,18 +45,21 @@ fn count_policies(text: &str) -> usize {
         .count()
 }
 
-/// A policy that never matches the benchmark's agents but that Cedar still
-/// evaluates on every request (nothing selects policies first).
+/// A policy that never matches the benchmark's agents: team policies that
+/// name one of 100 other tools (which the policy selection skips for the
+/// benchmark's tools), and freeze forbids that name no tool (which Cedar
+/// evaluates on every `write`, `delete` or `execute`).
 fn filler(i: usize) -> String {
+    let tool = i % 100;
     match i % 3 {
         0 => format!(
-            "@id(\"bench-team-{i}-read\")\npermit (principal, action == Action::\"read\", resource)\nwhen {{\n  principal has repository &&\n  principal.repository like \"team-{i}/*\" &&\n  context.environment == \"staging\"\n}};\n"
+            "@id(\"bench-team-{i}-read\")\npermit (principal, action == Action::\"read\", resource == Tool::\"tool-{tool}\")\nwhen {{\n  principal has repository &&\n  principal.repository like \"team-{i}/*\" &&\n  context.environment == \"staging\"\n}};\n"
         ),
         1 => format!(
             "@id(\"bench-freeze-{i}\")\nforbid (principal, action in [Action::\"write\", Action::\"delete\", Action::\"execute\"], resource)\nwhen {{ context.environment == \"freeze-{i}\" }};\n"
         ),
         _ => format!(
-            "@id(\"bench-ns-{i}\")\npermit (principal, action == Action::\"read\", resource)\nwhen {{\n  principal has namespace &&\n  principal.namespace == \"team-{i}\" &&\n  context.environment == \"dev\" &&\n  resource.hasTag(\"owner\") && resource.getTag(\"owner\") == \"team-{i}\"\n}};\n"
+            "@id(\"bench-ns-{i}\")\npermit (principal, action == Action::\"read\", resource == Tool::\"tool-{tool}\")\nwhen {{\n  principal has namespace &&\n  principal.namespace == \"team-{i}\" &&\n  context.environment == \"dev\" &&\n  resource.hasTag(\"owner\") && resource.getTag(\"owner\") == \"team-{i}\"\n}};\n"
         ),
     }
 }

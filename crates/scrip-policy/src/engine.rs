@@ -1,12 +1,13 @@
 //! The engine: a validated policy set and the decision function.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid,
+    Policy, PolicyId, PolicySet, Request, ResourceConstraint, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use scrip_config::Tool;
 use scrip_token::{ActionName, WorkloadIdentity};
@@ -95,12 +96,101 @@ impl Decision {
 }
 
 /// A validated policy set with its schema.
+///
+/// A decision evaluates only the policies whose scope can match its action
+/// and tool (see [`Selection`]); the result is the same as evaluating the
+/// whole set, because Cedar never evaluates the condition of a policy whose
+/// scope does not match.
 pub struct PolicyEngine {
     schema: Schema,
     policies: PolicySet,
+    selections: HashMap<String, Selection>,
     authorizer: Authorizer,
     actions: HashSet<String>,
     count: usize,
+}
+
+/// The policies that can apply to one action, by tool.
+///
+/// A policy can apply to action `a` when its action scope is unconstrained,
+/// is `a`, or is `in` a group that `a` belongs to (per the schema). It can
+/// apply to tool `t` when its resource scope is unconstrained, an `is`
+/// constraint, or names `Tool::"t"` with `==` or `in` (scrip's tool entities
+/// have no parents, so `in Tool::"t"` holds for `t` alone). Anything else
+/// scrip cannot rule out is kept, so the selection only ever drops policies
+/// that could not have matched.
+#[derive(Default)]
+struct Selection {
+    /// For each tool some policy names: those policies and the ones that
+    /// name no tool.
+    by_tool: HashMap<String, PolicySet>,
+    /// For every other tool: the policies that name no tool.
+    other: PolicySet,
+}
+
+/// Which tools a policy's resource scope can match.
+enum ToolScope {
+    Any,
+    One(String),
+}
+
+fn tool_scope(policy: &Policy) -> ToolScope {
+    let named = |uid: &EntityUid| {
+        (uid.type_name().to_string() == "Tool").then(|| uid.id().unescaped().to_owned())
+    };
+    match policy.resource_constraint() {
+        ResourceConstraint::Eq(uid) | ResourceConstraint::In(uid) => {
+            named(&uid).map_or(ToolScope::Any, ToolScope::One)
+        }
+        ResourceConstraint::Any | ResourceConstraint::Is(_) | ResourceConstraint::IsIn(..) => {
+            ToolScope::Any
+        }
+    }
+}
+
+/// Builds the selections: for each action of the schema, the policies whose
+/// scope can match it, split by the tool they name.
+fn select(schema: &Schema, set: &PolicySet) -> Result<HashMap<String, Selection>, PolicyError> {
+    let groups = schema
+        .action_entities()
+        .map_err(|e| PolicyError::Validation(format!("  - action hierarchy: {e}")))?;
+    let mut selections = HashMap::new();
+    for action in schema.actions() {
+        // The action itself and every group it is in.
+        let mut lineage: HashSet<&EntityUid> = HashSet::from([action]);
+        lineage.extend(groups.ancestors(action).into_iter().flatten());
+        let applies = |policy: &Policy| match policy.action_constraint() {
+            ActionConstraint::Any => true,
+            ActionConstraint::Eq(uid) => &uid == action,
+            ActionConstraint::In(uids) => uids.iter().any(|uid| lineage.contains(uid)),
+        };
+        let mut any_tool = Vec::new();
+        let mut named: HashMap<String, Vec<&Policy>> = HashMap::new();
+        for policy in set.policies().filter(|p| applies(p)) {
+            match tool_scope(policy) {
+                ToolScope::Any => any_tool.push(policy),
+                ToolScope::One(tool) => named.entry(tool).or_default().push(policy),
+            }
+        }
+        let build = |policies: &[&Policy]| -> Result<PolicySet, PolicyError> {
+            let mut out = PolicySet::new();
+            for policy in policies {
+                out.add((*policy).clone())
+                    .map_err(|_| PolicyError::DuplicateId(policy.id().to_string()))?;
+            }
+            Ok(out)
+        };
+        let mut selection = Selection {
+            by_tool: HashMap::new(),
+            other: build(&any_tool)?,
+        };
+        for (tool, mut policies) in named {
+            policies.extend(any_tool.iter().copied());
+            selection.by_tool.insert(tool, build(&policies)?);
+        }
+        selections.insert(action.id().unescaped().to_owned(), selection);
+    }
+    Ok(selections)
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -215,9 +305,11 @@ impl PolicyEngine {
             .actions()
             .map(|a| a.id().unescaped().to_owned())
             .collect();
+        let selections = select(&schema, &set)?;
         Ok(Self {
             schema,
             policies: set,
+            selections,
             authorizer: Authorizer::new(),
             actions,
             count,
@@ -254,10 +346,29 @@ impl PolicyEngine {
         Ok(())
     }
 
-    /// Decides one request. Any failure to build it denies.
+    /// Decides one request, evaluating only the policies that can apply to
+    /// its action and tool. Any failure to build it denies.
     #[must_use]
     pub fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
-        match self.try_decide(req) {
+        let selected = self
+            .selections
+            .get(req.action.as_str())
+            .map(|s| s.by_tool.get(req.tool.name.as_str()).unwrap_or(&s.other));
+        // An action the schema does not declare has no selection; the full
+        // set is passed and `try_decide` denies it before evaluating.
+        self.decide_with(req, selected.unwrap_or(&self.policies))
+    }
+
+    /// Decides one request by evaluating every policy, without the
+    /// selection by action and tool: the reference that [`Self::decide`]
+    /// must agree with, for tests and benchmarks.
+    #[must_use]
+    pub fn decide_evaluating_all(&self, req: &DecisionRequest<'_>) -> Decision {
+        self.decide_with(req, &self.policies)
+    }
+
+    fn decide_with(&self, req: &DecisionRequest<'_>, policies: &PolicySet) -> Decision {
+        match self.try_decide(req, policies) {
             Ok(d) => d,
             Err(reason) => {
                 tracing::warn!(%reason, "policy request could not be evaluated; denied");
@@ -266,7 +377,11 @@ impl PolicyEngine {
         }
     }
 
-    fn try_decide(&self, req: &DecisionRequest<'_>) -> Result<Decision, String> {
+    fn try_decide(
+        &self,
+        req: &DecisionRequest<'_>,
+        policies: &PolicySet,
+    ) -> Result<Decision, String> {
         if !self.actions.contains(req.action.as_str()) {
             return Ok(Decision::deny(format!(
                 "action `{}` is not declared in the policy schema",
@@ -283,15 +398,14 @@ impl PolicyEngine {
         let context = context(req.context)?;
         let request = Request::new(principal, action, resource, context, Some(&self.schema))
             .map_err(|e| e.to_string())?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &entities);
+        let response = self.authorizer.is_authorized(&request, policies, &entities);
         let diagnostics = response.diagnostics();
         if let Some(e) = diagnostics.errors().next() {
             // An erroring policy is skipped by Cedar; scrip denies instead.
             return Ok(Decision::deny(format!("policy evaluation error: {e}")));
         }
-        let policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        let mut policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        policies.sort_unstable();
         let allowed = response.decision() == CedarDecision::Allow;
         let reason = match (allowed, policies.is_empty()) {
             (true, _) => format!("permitted by {}", policies.join(", ")),
@@ -392,7 +506,43 @@ pub fn find_ticket(text: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::find_ticket;
+    use super::{PolicyEngine, find_ticket};
+
+    /// The ids of the policies a decision for `action` at `tool` evaluates.
+    fn selected(engine: &PolicyEngine, action: &str, tool: &str) -> Vec<String> {
+        let selection = &engine.selections[action];
+        let set = selection.by_tool.get(tool).unwrap_or(&selection.other);
+        let mut ids: Vec<String> = set.policies().map(|p| p.id().to_string()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn selection_keeps_only_the_policies_that_can_apply() {
+        let text = r#"
+            @id("any") permit (principal, action, resource);
+            @id("read-github") permit (principal, action == Action::"read", resource == Tool::"github");
+            @id("write-anywhere") permit (principal, action == Action::"write", resource is Tool);
+            @id("jira-read-delete") forbid (principal, action in [Action::"read", Action::"delete"], resource in Tool::"jira");
+        "#;
+        let engine = PolicyEngine::from_sources(None, &[("t.cedar".into(), text.into())])
+            .expect("valid policies");
+        assert_eq!(selected(&engine, "read", "github"), ["any", "read-github"]);
+        assert_eq!(
+            selected(&engine, "read", "jira"),
+            ["any", "jira-read-delete"]
+        );
+        assert_eq!(selected(&engine, "read", "slack"), ["any"]);
+        assert_eq!(
+            selected(&engine, "write", "github"),
+            ["any", "write-anywhere"]
+        );
+        assert_eq!(
+            selected(&engine, "delete", "jira"),
+            ["any", "jira-read-delete"]
+        );
+        assert_eq!(selected(&engine, "execute", "jira"), ["any"]);
+    }
 
     #[test]
     fn tickets() {

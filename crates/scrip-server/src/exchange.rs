@@ -7,6 +7,7 @@
 //! only after its audit record is durable.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
@@ -414,14 +415,24 @@ fn target_tool<'a>(st: &'a Inner, form: &Form) -> Result<&'a Tool, OAuthError> {
     }
 }
 
-/// The task behind a verified task token, if it is still active.
+/// The task behind a verified task token, if it is still active; the
+/// record comes from the exchange cache while no revocation has been
+/// committed since it was read.
 pub(crate) async fn active_task(
     st: &Inner,
     claims: &TaskClaims,
     now: u64,
-) -> Result<Option<TaskRecord>, OAuthError> {
-    let Some(task) = st.store.task(&claims.txn).await? else {
-        return Ok(None);
+) -> Result<Option<Arc<TaskRecord>>, OAuthError> {
+    let task = match st.cache.task(&claims.txn) {
+        Ok(task) => task,
+        Err(stamp) => {
+            let Some(task) = st.store.task(&claims.txn).await? else {
+                return Ok(None);
+            };
+            let task = Arc::new(task);
+            st.cache.put_task(stamp, task.clone());
+            task
+        }
     };
     if task.token_jti != claims.jti || task.state(now) != TaskState::Active {
         return Ok(None);
@@ -436,9 +447,8 @@ async fn access_token(
     peer: SocketAddr,
 ) -> Result<Response, OAuthError> {
     let claims = st
-        .verify_own::<TaskClaims>(subject_token, TokenKind::Task)
-        .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?
-        .claims;
+        .verify_task(subject_token)
+        .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?;
     let now = now();
     let task = active_task(st, &claims, now)
         .await?

@@ -15,6 +15,7 @@ mod approval;
 pub mod attest;
 pub mod audit;
 mod background;
+mod cache;
 mod delegate;
 mod error;
 mod exchange;
@@ -221,10 +222,11 @@ impl Server {
             metadata_body,
             identities,
             policy: RwLock::new(Arc::new(policy)),
-            store,
             replica,
             task_typ: TypRule::exactly(typ::TASK),
             access_typ: TypRule::exactly(typ::ACCESS),
+            cache: cache::ExchangeCache::new(store.changes()),
+            store,
             issuer,
             config,
         };

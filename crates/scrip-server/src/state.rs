@@ -51,6 +51,8 @@ pub(crate) struct Inner {
     pub replica: String,
     pub task_typ: TypRule,
     pub access_typ: TypRule,
+    /// Verified task tokens and task records, for the exchange path.
+    pub cache: crate::cache::ExchangeCache,
 }
 
 impl std::fmt::Debug for Inner {
@@ -116,6 +118,22 @@ impl Inner {
                 leeway: 0,
             },
         )
+    }
+
+    /// Verifies a task token of scrip's own, from the cache when this exact
+    /// token was verified before under the current keys.
+    pub fn verify_task(&self, token: &str) -> Result<Arc<TaskClaims>, JoseError> {
+        match self.cache.token(token, now()) {
+            Ok(claims) => Ok(claims),
+            Err(stamp) => {
+                let claims = Arc::new(
+                    self.verify_own::<TaskClaims>(token, TokenKind::Task)?
+                        .claims,
+                );
+                self.cache.put_token(token, stamp, claims.clone());
+                Ok(claims)
+            }
+        }
     }
 
     /// Verifies a token of scrip's own, of whichever kind its `typ` says.

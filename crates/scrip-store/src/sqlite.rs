@@ -114,33 +114,78 @@ impl Apply for SqliteWriter {
     }
 }
 
-async fn insert_audit(
-    tx: &mut SqliteConnection,
-    event: &AuditEvent,
-    chain: &mut ChainState,
-) -> Result<(), StoreError> {
-    let (e, record, hash) = chain.append(event).map_err(unavailable)?;
-    sqlx::query(
-        "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, \
-         chain_id, chain_seq, hash, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(to_i64(e.at_ms))
-    .bind(&e.event)
-    .bind(&e.decision)
-    .bind(&e.agent_iss)
-    .bind(&e.agent_sub)
-    .bind(&e.task_id)
-    .bind(&e.parent_id)
-    .bind(&e.tool)
-    .bind(&e.jti)
-    .bind(&e.replica)
-    .bind(&chain.id)
-    .bind(to_i64(chain.seq))
-    .bind(hash)
-    .bind(record)
-    .execute(&mut *tx)
-    .await
-    .map_err(unavailable)?;
+/// Audit rows per `INSERT` statement at most: a batch is inserted in chunks
+/// of 32, 16, 8, 4, 2 and 1 rows, so at most six statements are prepared
+/// (14 parameters a row, far below SQLite's limit).
+const AUDIT_CHUNK: usize = 32;
+
+/// One chained audit row, ready to bind.
+struct AuditRow {
+    event: AuditEvent,
+    chain_id: String,
+    chain_seq: i64,
+    hash: String,
+    record: String,
+}
+
+/// Chains `event` onto `chain` and returns its row.
+fn audit_row(event: &AuditEvent, chain: &mut ChainState) -> Result<AuditRow, StoreError> {
+    let (event, record, hash) = chain.append(event).map_err(unavailable)?;
+    Ok(AuditRow {
+        event,
+        chain_id: chain.id.clone(),
+        chain_seq: to_i64(chain.seq),
+        hash,
+        record,
+    })
+}
+
+/// The audit `INSERT` for 2^k rows, at index k (k = 0..=5).
+static AUDIT_INSERTS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    (0..=AUDIT_CHUNK.ilog2())
+        .map(|k| {
+            format!(
+                "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, \
+                 parent_id, tool, jti, replica, chain_id, chain_seq, hash, record) VALUES {}",
+                vec![ROW; 1 << k].join(", ")
+            )
+        })
+        .collect()
+});
+
+/// Inserts `rows` in order, several to a statement.
+async fn insert_audit(tx: &mut SqliteConnection, rows: &[AuditRow]) -> Result<(), StoreError> {
+    let mut rest = rows;
+    while !rest.is_empty() {
+        // The largest power of two that fits, up to the chunk size.
+        let k = rest.len().min(AUDIT_CHUNK).ilog2();
+        let (chunk, tail) = rest.split_at(1 << k);
+        rest = tail;
+        let Some(sql) = usize::try_from(k).ok().and_then(|k| AUDIT_INSERTS.get(k)) else {
+            return Err(StoreError::Unavailable("audit statement missing".into()));
+        };
+        let mut q = sqlx::query(sql.as_str());
+        for r in chunk {
+            let e = &r.event;
+            q = q
+                .bind(to_i64(e.at_ms))
+                .bind(&e.event)
+                .bind(&e.decision)
+                .bind(&e.agent_iss)
+                .bind(&e.agent_sub)
+                .bind(&e.task_id)
+                .bind(&e.parent_id)
+                .bind(&e.tool)
+                .bind(&e.jti)
+                .bind(&e.replica)
+                .bind(&r.chain_id)
+                .bind(r.chain_seq)
+                .bind(&r.hash)
+                .bind(&r.record);
+        }
+        q.execute(&mut *tx).await.map_err(unavailable)?;
+    }
     Ok(())
 }
 
@@ -169,10 +214,13 @@ async fn apply_on(
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(unavailable)?;
+    // Audit rows are chained in the order of `writes` and inserted together
+    // at the end of the transaction.
+    let mut audit = Vec::new();
     if let Some(event) = chain.genesis_for(writes) {
         let mut event = event;
         event.links = chain_heads(&mut tx).await?;
-        insert_audit(&mut tx, &event, chain).await?;
+        audit.push(audit_row(&event, chain)?);
     }
     for write in writes {
         match write {
@@ -319,7 +367,7 @@ async fn apply_on(
                 .await
                 .map_err(unavailable)?;
             }
-            Write::Audit(a) => insert_audit(&mut tx, a, chain).await?,
+            Write::Audit(a) => audit.push(audit_row(a, chain)?),
             Write::PutSecret {
                 secret,
                 purge_retired_before,
@@ -407,6 +455,7 @@ async fn apply_on(
             }
         }
     }
+    insert_audit(&mut tx, &audit).await?;
     tx.commit().await.map_err(unavailable)
 }
 
