@@ -15,6 +15,9 @@
 //! - `introspect`: access tokens introspected, the caller authenticated with
 //!   a pre-minted identity in `Authorization: Bearer`;
 //! - `revoke`: access tokens issued before the run, each revoked once;
+//! - `proxy`: one `legacy` read token, each request a `GET` through scrip's
+//!   proxy to a loopback upstream that demands its static key (which scrip
+//!   injects); not with `--url`;
 //! - `propagation`: one task at a time started and revoked through the
 //!   first replica while a revocation-feed long-poll waits on the last one;
 //!   the latency is from sending the revocation to the feed answering it
@@ -30,11 +33,13 @@
 pub mod idp;
 pub mod load;
 pub mod server;
+pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper::Method;
 use hyper::header::HeaderValue;
 use serde_json::{Value, json};
 
@@ -68,6 +73,8 @@ pub enum Scenario {
     Revoke,
     /// Cross-replica revocation latency, through the revocation feed.
     Propagation,
+    /// GET requests through the legacy-bridge proxy with one access token.
+    Proxy,
 }
 
 impl Scenario {
@@ -78,6 +85,7 @@ impl Scenario {
             Self::Introspect => "introspect",
             Self::Revoke => "revoke",
             Self::Propagation => "propagation",
+            Self::Proxy => "proxy",
         }
     }
 }
@@ -106,7 +114,7 @@ pub struct Args {
     #[arg(long, requires = "identity_key")]
     pub print_jwks: bool,
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "introspect", "revoke"])]
+    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "introspect", "revoke", "proxy"])]
     pub scenario: Vec<Scenario>,
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
@@ -193,12 +201,16 @@ fn start_task_form(identity: &str, scope: &str) -> Bytes {
 }
 
 fn exchange_form(task_token: &str) -> Bytes {
+    exchange_form_for(task_token, "github")
+}
+
+fn exchange_form_for(task_token: &str, tool: &str) -> Bytes {
     form(&[
         ("grant_type", TOKEN_EXCHANGE),
         ("subject_token", task_token),
         ("subject_token_type", TXN),
         ("requested_token_type", ACCESS),
-        ("audience", "github"),
+        ("audience", tool),
         ("scope", "read"),
     ])
 }
@@ -334,6 +346,7 @@ struct Started {
 }
 
 async fn run(args: &Args) -> Result<bool> {
+    let mut upstream = None;
     let (idp, targets, server) = if let Some(url) = &args.url {
         let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost"));
         if !loopback || url.scheme() != "http" {
@@ -352,9 +365,14 @@ async fn run(args: &Args) -> Result<bool> {
             .clone()
             .unwrap_or_else(|| workspace_root().join("policies"));
         let shared = args.database_url.as_deref().map(|u| (u, args.replicas));
-        let setup = server::prepare(&policy_src, args.policies, &idp, shared)?;
+        // The proxy scenario's upstream and the key it demands.
+        let key = scrip_jose::random_id()?;
+        let legacy = upstream::start(key.clone()).await?;
+        let setup = server::prepare(&policy_src, args.policies, &idp, shared, legacy.port)?;
+        upstream = Some(legacy);
         let target = Target::loopback(setup.port)?;
         let scrip = args.scrip.clone().unwrap_or_else(default_scrip);
+        server::set_secret(&scrip, &setup, &key)?;
         let running = server::start(&scrip, &setup, &target).await?;
         let mut targets = vec![target];
         let mut others = Vec::new();
@@ -404,7 +422,14 @@ async fn run(args: &Args) -> Result<bool> {
         &target,
         "/token",
         None,
-        start_task_form(first, "github:read github:write jira:read"),
+        start_task_form(
+            first,
+            if upstream.is_some() {
+                "github:read github:write jira:read legacy:read"
+            } else {
+                "github:read github:write jira:read"
+            },
+        ),
     )
     .await?;
     if status != 200 {
@@ -436,6 +461,7 @@ async fn run(args: &Args) -> Result<bool> {
         }
         let workload = match scenario {
             Scenario::TaskStart => Workload {
+                method: Method::POST,
                 path: "/token",
                 authorization: None,
                 bodies: identities
@@ -445,6 +471,7 @@ async fn run(args: &Args) -> Result<bool> {
                 once: false,
             },
             Scenario::Exchange => Workload {
+                method: Method::POST,
                 path: "/token",
                 authorization: None,
                 bodies: vec![exchange_form(&task_token)],
@@ -454,9 +481,39 @@ async fn run(args: &Args) -> Result<bool> {
             Scenario::Introspect => {
                 let tokens = issue(&target, &task_token, 64, args.connections).await?;
                 Workload {
+                    method: Method::POST,
                     path: "/introspect",
                     authorization: Some(HeaderValue::from_str(&format!("Bearer {caller}"))?),
                     bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
+                    once: false,
+                }
+            }
+            Scenario::Proxy => {
+                if upstream.is_none() {
+                    say("# proxy: skipped (it needs a scrip that scrip-bench starts, not --url)");
+                    continue;
+                }
+                let (status, answer) = load::once(
+                    &target,
+                    "/token",
+                    None,
+                    exchange_form_for(&task_token, server::UPSTREAM),
+                )
+                .await?;
+                if status != 200 {
+                    return Err(format!(
+                        "a {} token: {status} {}",
+                        server::UPSTREAM,
+                        String::from_utf8_lossy(&answer)
+                    )
+                    .into());
+                }
+                let token = access_token_of(&answer)?;
+                Workload {
+                    method: Method::GET,
+                    path: "/proxy/legacy/bench",
+                    authorization: Some(HeaderValue::from_str(&format!("Bearer {token}"))?),
+                    bodies: vec![Bytes::new()],
                     once: false,
                 }
             }
@@ -464,6 +521,7 @@ async fn run(args: &Args) -> Result<bool> {
                 let tokens =
                     issue(&target, &task_token, args.revoke_tokens, args.connections).await?;
                 Workload {
+                    method: Method::POST,
                     path: "/revoke",
                     authorization: None,
                     bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
@@ -528,6 +586,7 @@ async fn issue(
 ) -> Result<Vec<String>> {
     let body = exchange_form(task_token);
     let workload = Workload {
+        method: Method::POST,
         path: "/token",
         authorization: None,
         bodies: vec![body; n],

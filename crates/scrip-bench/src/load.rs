@@ -42,6 +42,8 @@ impl Target {
 /// What one scenario sends.
 #[derive(Debug)]
 pub struct Workload {
+    /// `POST` (a form body) or `GET` (the body is ignored).
+    pub method: Method,
     /// The endpoint, e.g. `/token`.
     pub path: &'static str,
     /// An `Authorization` header value for every request.
@@ -136,7 +138,11 @@ pub async fn once(
     body: Bytes,
 ) -> Result<(u16, Bytes)> {
     let mut sender = connect(target).await?;
-    send(&mut sender, request(target, path, authorization, body)?).await
+    send(
+        &mut sender,
+        request(target, &Method::POST, path, authorization, body)?,
+    )
+    .await
 }
 
 /// A GET on a fresh connection; returns the status and body.
@@ -158,21 +164,25 @@ pub async fn get(
 
 fn request(
     target: &Target,
+    method: &Method,
     path: &str,
     authorization: Option<&HeaderValue>,
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>> {
     let mut b = Request::builder()
-        .method(Method::POST)
+        .method(method.clone())
         .uri(path)
-        .header(HOST, target.host.clone())
-        .header(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
+        .header(HOST, target.host.clone());
     if let Some(a) = authorization {
         b = b.header(AUTHORIZATION, a.clone());
     }
+    if *method == Method::GET {
+        return Ok(b.body(Full::new(Bytes::new()))?);
+    }
+    b = b.header(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
     Ok(b.body(Full::new(body))?)
 }
 
@@ -210,7 +220,7 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
                 }
             },
         };
-        let req = match request(target, wl.path, wl.authorization.as_ref(), body) {
+        let req = match request(target, &wl.method, wl.path, wl.authorization.as_ref(), body) {
             Ok(r) => r,
             Err(e) => {
                 out.fail(format!("request: {e}"));

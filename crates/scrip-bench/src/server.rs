@@ -1,7 +1,7 @@
 //! A real scrip, started from its binary with a generated configuration in a
 //! temporary directory: a trusted test identity provider (`jwks_file`),
-//! three tools, the repository's policies plus filler policies up to a
-//! total, and an embedded store.
+//! three tools and a legacy upstream behind the proxy, the repository's
+//! policies plus filler policies up to a total, and an embedded store.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,9 @@ use tokio::process::{Child, Command};
 use crate::idp::{AUDIENCE, Idp};
 use crate::load::Target;
 use crate::{Error, Result};
+
+/// The tool and upstream of the `proxy` scenario.
+pub const UPSTREAM: &str = "legacy";
 
 /// The longest a server may take to answer after it is started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +84,7 @@ pub fn prepare(
     total_policies: usize,
     idp: &Idp,
     shared: Option<(&str, usize)>,
+    upstream_port: u16,
 ) -> Result<Setup> {
     let dir = tempfile::Builder::new().prefix("scrip-bench-").tempdir()?;
     let policy_dir = dir.path().join("policies");
@@ -154,6 +158,14 @@ pub fn prepare(
             "[[tools]]\nname = \"{name}\"\nresource = \"{resource}\"\nactions = [{actions}]\nlabels = {{ owner = \"{owner}\" }}\n"
         )?;
     }
+    // The `proxy` scenario's upstream: a tool of its own, its key injected
+    // as `X-Api-Key` (set with `set_secret` before the server starts).
+    writeln!(
+        toml,
+        "[[tools]]\nname = \"{UPSTREAM}\"\nresource = \"https://legacy.acme.example\"\nactions = [\"read\"]\n\n\
+         [[upstreams]]\nname = \"{UPSTREAM}\"\nurl = \"http://127.0.0.1:{upstream_port}\"\n\
+         inject = {{ header = \"X-Api-Key\" }}\n\n[upstreams.secrets.read]\nmax_age = 86400\n"
+    )?;
     let config = dir.path().join("scrip.toml");
     std::fs::write(
         &config,
@@ -205,6 +217,35 @@ fn log_tail(log: &Path) -> String {
 /// When it cannot be spawned, exits, or does not answer in time.
 pub async fn start(scrip: &Path, setup: &Setup, target: &Target) -> Result<Running> {
     start_with(scrip, &setup.config, setup, target).await
+}
+
+/// Stores the upstream's `read` key with `scrip secret set`, the value on
+/// standard input.
+///
+/// # Errors
+/// When the command cannot run or fails.
+pub fn set_secret(scrip: &Path, setup: &Setup, key: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(scrip)
+        .args(["secret", "set", UPSTREAM, "--action", "read", "--config"])
+        .arg(&setup.config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", scrip.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(key.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "scrip secret set failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Writes a private file (mode 0600).
@@ -362,7 +403,7 @@ mod tests {
     fn fillers_reach_the_total() {
         let (idp, _) = Idp::generate("https://idp.example").unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-        let setup = prepare(&src, 20, &idp, None).unwrap();
+        let setup = prepare(&src, 20, &idp, None, 1).unwrap();
         let mut n = 0;
         for e in std::fs::read_dir(setup.dir.path().join("policies")).unwrap() {
             let p = e.unwrap().path();

@@ -192,9 +192,15 @@ async fn insert_audit(tx: &mut SqliteConnection, rows: &[AuditRow]) -> Result<()
 /// The head of every chain in the store.
 async fn chain_heads(tx: &mut SqliteConnection) -> Result<Vec<ChainLink>, StoreError> {
     let rows = sqlx::query(
-        "SELECT a.chain_id, a.chain_seq, a.hash FROM audit a \
-         JOIN (SELECT chain_id, MAX(chain_seq) AS m FROM audit GROUP BY chain_id) h \
-         ON a.chain_id = h.chain_id AND a.chain_seq = h.m ORDER BY a.seq",
+        // A skip scan over the (chain_id, chain_seq) index: one index probe per
+        // chain instead of reading every record (a GROUP BY takes ~0.1 s per
+        // million records, and this runs at every start).
+        "WITH RECURSIVE chains(id) AS (SELECT MIN(chain_id) FROM audit \
+         UNION ALL SELECT (SELECT MIN(chain_id) FROM audit WHERE chain_id > chains.id) \
+         FROM chains WHERE chains.id IS NOT NULL) \
+         SELECT a.chain_id, a.chain_seq, a.hash FROM chains JOIN audit a ON a.chain_id = chains.id \
+         AND a.chain_seq = (SELECT MAX(chain_seq) FROM audit WHERE chain_id = chains.id) \
+         ORDER BY a.seq",
     )
     .fetch_all(&mut *tx)
     .await

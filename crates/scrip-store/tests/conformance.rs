@@ -622,7 +622,20 @@ async fn checkpoints_and_chain_links_read_back(f: Fixture) {
         .commit(vec![audit("token.issued", None)])
         .await
         .unwrap();
-    assert_eq!(s.chain_links().await.unwrap(), vec![head]);
+    assert_eq!(s.chain_links().await.unwrap(), vec![head.clone()]);
+    // A third writer links to both other heads, in the order they were written.
+    let other_head = other.chain_head().unwrap();
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let s_head = s.chain_head().unwrap();
+    let third = f.replica().await;
+    third
+        .commit(vec![audit("token.issued", None)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.chain_links().await.unwrap(),
+        vec![head, other_head, s_head]
+    );
 }
 
 async fn keys_are_published_until_their_time(f: Fixture) {
