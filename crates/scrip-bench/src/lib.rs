@@ -32,9 +32,11 @@
 
 pub mod idp;
 pub mod load;
+pub mod prefill;
 pub mod server;
 pub mod upstream;
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -152,6 +154,22 @@ pub struct Args {
     /// Revocations timed by `propagation`.
     #[arg(long, default_value_t = 200)]
     pub propagations: usize,
+    /// Send at this many requests per second in all, on a fixed schedule (open loop), instead of back to back; latency then counts from when each request was due.
+    #[arg(long, value_name = "PER_SECOND", value_parser = positive_rate)]
+    pub rate: Option<f64>,
+    /// Before starting scrip, write this many past (ended) tasks into its new store.
+    #[arg(long, default_value_t = 0, conflicts_with = "url")]
+    pub prefill_tasks: u64,
+    /// With --prefill-tasks: about this many audit records in all (at least two per task).
+    #[arg(long, default_value_t = 0, requires = "prefill_tasks")]
+    pub prefill_records: u64,
+}
+
+fn positive_rate(s: &str) -> std::result::Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r >= 1.0)
+        .ok_or_else(|| format!("`{s}` is not a rate of at least 1 request per second"))
 }
 
 fn humantime_secs(s: &str) -> std::result::Result<Duration, String> {
@@ -238,6 +256,8 @@ pub struct Summary {
     pub server_ticks: Option<u64>,
     /// CPU this generator used during the run, clock ticks.
     pub client_ticks: u64,
+    /// The fixed rate offered, requests/s (`None`: back to back).
+    pub rate: Option<f64>,
 }
 
 impl std::fmt::Display for Summary {
@@ -276,6 +296,9 @@ impl std::fmt::Display for Summary {
             write!(f, " server_cpu={:.2}", cores(t))?;
         }
         write!(f, " client_cpu={:.2}", cores(self.client_ticks))?;
+        if let Some(r) = self.rate {
+            write!(f, " offered={r:.0}/s")?;
+        }
         if o.exhausted {
             write!(f, " (ran out of tokens)")?;
         }
@@ -372,6 +395,29 @@ async fn run(args: &Args) -> Result<bool> {
         upstream = Some(legacy);
         let target = Target::loopback(setup.port)?;
         let scrip = args.scrip.clone().unwrap_or_else(default_scrip);
+        if args.prefill_tasks > 0 {
+            let data = setup.dir.path().join("data");
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&data)?;
+            let started = std::time::Instant::now();
+            let written = prefill::fill(
+                args.database_url.as_deref(),
+                &data.join("scrip.db"),
+                args.prefill_tasks,
+                args.prefill_records,
+                |n, secs| say(&format!("# prefill: {n} writes after {secs} s")),
+            )
+            .await?;
+            let size = std::fs::metadata(data.join("scrip.db")).map_or(0, |m| m.len());
+            say(&format!(
+                "# prefilled {} tasks, {written} writes in {:.0} s; store {:.1} MiB",
+                args.prefill_tasks,
+                started.elapsed().as_secs_f64(),
+                size as f64 / (1024.0 * 1024.0)
+            ));
+        }
         server::set_secret(&scrip, &setup, &key)?;
         let running = server::start(&scrip, &setup, &target).await?;
         let mut targets = vec![target];
@@ -455,6 +501,7 @@ async fn run(args: &Args) -> Result<bool> {
                 peak_rss_kib: peak(),
                 server_ticks: None,
                 client_ticks: 0,
+                rate: None,
             }
             .to_string());
             continue;
@@ -531,8 +578,15 @@ async fn run(args: &Args) -> Result<bool> {
         };
         let server_before = pid.map(|p| server::cpu_ticks(&p.to_string()));
         let client_before = server::cpu_ticks("self");
-        let outcome =
-            load::drive(&targets, workload, args.connections, args.duration, false).await?;
+        let outcome = load::drive(
+            &targets,
+            workload,
+            args.connections,
+            args.duration,
+            false,
+            args.rate,
+        )
+        .await?;
         let server_ticks = pid
             .zip(server_before)
             .map(|(p, b)| server::cpu_ticks(&p.to_string()).saturating_sub(b));
@@ -545,6 +599,7 @@ async fn run(args: &Args) -> Result<bool> {
             peak_rss_kib: peak(),
             server_ticks,
             client_ticks,
+            rate: args.rate,
         }
         .to_string());
     }
@@ -598,6 +653,7 @@ async fn issue(
         connections,
         SETUP_LIMIT,
         true,
+        None,
     )
     .await?;
     if outcome.errors > 0 {

@@ -1,6 +1,7 @@
 //! The load: one keep-alive HTTP/1.1 connection per worker, each sending
-//! pre-built requests back to back until the deadline (or, for a feed used
-//! once, until the bodies run out).
+//! pre-built requests until the deadline (or, for a feed used once, until
+//! the bodies run out): back to back (closed loop), or at a fixed total
+//! rate (open loop, see [`drive`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -190,8 +191,12 @@ struct Shared {
     targets: Vec<Target>,
     workload: Workload,
     next: AtomicUsize,
+    start: Instant,
     deadline: Instant,
     keep_answers: bool,
+    /// With a fixed rate: the time between one connection's sends.
+    interval: Option<Duration>,
+    connections: usize,
 }
 
 async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
@@ -202,7 +207,18 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
     let mut sender: Option<Sender> = None;
     let wl = &shared.workload;
     let len = wl.bodies.len().max(1);
+    // With a fixed rate, this connection's k-th request is due at
+    // start + (n / connections + k) * interval.
+    let mut due = shared.interval.map(|i| {
+        #[expect(clippy::cast_precision_loss, reason = "a fraction of the interval")]
+        let stagger = i.mul_f64(n as f64 / shared.connections as f64);
+        shared.start + stagger
+    });
+    let mut last_answer = shared.start;
     while Instant::now() < shared.deadline {
+        if let Some(at) = due {
+            tokio::time::sleep_until(at.into()).await;
+        }
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
         let i = if wl.once { i } else { i % len };
         let Some(body) = wl.bodies.get(i).cloned() else {
@@ -228,10 +244,24 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
             }
         };
         out.sent += 1;
-        let t0 = Instant::now();
-        match send(conn, req).await {
+        let sent_at = Instant::now();
+        // Latency counts from when the request was due if the previous
+        // answer came after that (the server held it up: no coordinated
+        // omission), else from when it was sent (a late timer here is not
+        // the server's time).
+        let t0 = match due {
+            Some(at) if last_answer > at => at,
+            _ => sent_at,
+        };
+        if let (Some(at), Some(interval)) = (due.as_mut(), shared.interval) {
+            *at += interval;
+        }
+        let result = send(conn, req).await;
+        last_answer = Instant::now();
+        match result {
             Ok((status, answer)) => {
-                let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
+                let us =
+                    u32::try_from(last_answer.duration_since(t0).as_micros()).unwrap_or(u32::MAX);
                 out.latencies_us.push(us);
                 if status == 200 {
                     if shared.keep_answers {
@@ -257,6 +287,12 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
 /// Runs `workload` on `connections` connections for `duration`, the
 /// connections spread evenly over `targets` (several replicas).
 ///
+/// Without `rate`, each connection sends its next request as soon as the
+/// last is answered, so latency is measured at saturation. With `rate`
+/// (requests per second in all), each connection sends on a fixed
+/// schedule, staggered across connections, and a request held up by a slow
+/// answer before it counts from when it was due.
+///
 /// # Errors
 /// When a worker task panics.
 pub async fn drive(
@@ -265,16 +301,25 @@ pub async fn drive(
     connections: usize,
     duration: Duration,
     keep_answers: bool,
+    rate: Option<f64>,
 ) -> Result<Outcome> {
     let start = Instant::now();
+    let connections = connections.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "a connection count")]
+    let interval = rate
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .map(|r| Duration::from_secs_f64(connections as f64 / r));
     let shared = Arc::new(Shared {
         targets: targets.to_vec(),
         workload,
         next: AtomicUsize::new(0),
+        start,
         deadline: start + duration,
         keep_answers,
+        interval,
+        connections,
     });
-    let workers: Vec<_> = (0..connections.max(1))
+    let workers: Vec<_> = (0..connections)
         .map(|n| tokio::spawn(worker(Arc::clone(&shared), n)))
         .collect();
     let mut total = Outcome::default();

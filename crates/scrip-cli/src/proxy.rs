@@ -1,7 +1,8 @@
 //! `scrip proxy`: the legacy bridge as its own process, in front of the
 //! upstreams of a configuration, trusting the scrip at `[proxy] issuer`
 //! (discovered through its metadata, tokens verified offline, revocations
-//! followed on its feed with the proxy's own workload identity).
+//! followed on its feed with the proxy's own workload identity). Policies
+//! reload as in `scrip serve`: on SIGHUP and when `policy_dir` changes.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,12 +12,15 @@ use std::time::Duration;
 
 use scrip_config::Config;
 use scrip_policy::PolicyEngine;
+use scrip_server::policies::Policies;
 
 use scrip_verifier::{FileIdentity, Verifier, VerifierConfig};
 
 use crate::fail;
 
-async fn start(config: Config) -> Result<(tokio::net::TcpListener, scrip_proxy::Proxy), String> {
+async fn start(
+    config: Config,
+) -> Result<(tokio::net::TcpListener, scrip_proxy::Proxy, Policies), String> {
     let first = config
         .upstreams
         .first()
@@ -43,7 +47,6 @@ async fn start(config: Config) -> Result<(tokio::net::TcpListener, scrip_proxy::
     policy
         .check_tools(&config.tools)
         .map_err(|e| e.to_string())?;
-    let policy = Arc::new(policy);
     scrip_server::keys::ensure_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
     let kek = scrip_proxy::Kek::new(
         scrip_server::keys::load_kek(&config, true).map_err(|e| e.to_string())?,
@@ -58,18 +61,21 @@ async fn start(config: Config) -> Result<(tokio::net::TcpListener, scrip_proxy::
         .await
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let replica = format!("proxy:{}:{}", local.port(), std::process::id());
+    let policies = Policies::new(policy, &config, store.clone(), replica.clone());
+    let current = policies.clone();
     let proxy = scrip_proxy::Proxy::new(
         &config,
         scrip_proxy::Parts {
             store,
-            policy: Arc::new(move || policy.clone()),
+            policy: Arc::new(move || current.current()),
             verifier,
             kek,
-            replica: format!("proxy:{}:{}", local.port(), std::process::id()),
+            replica,
         },
     )
     .map_err(|e| e.to_string())?;
-    Ok((listener, proxy))
+    Ok((listener, proxy, policies))
 }
 
 /// `scrip proxy [--config FILE]`.
@@ -79,21 +85,33 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
-        let (listener, proxy) = match start(config).await {
+        let (listener, proxy, policies) = match start(config).await {
             Ok(p) => p,
             Err(e) => return fail(e),
         };
+        // The same reload as `scrip serve`: SIGHUP and policy file changes.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let reloader = policies.spawn_reloader(hangup);
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "proxy listening");
         }
+        let ready = proxy.clone();
         let app = proxy
             .router()
             .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let ready = ready.is_ready();
+                    async move { scrip_server::readiness(ready) }
+                }),
+            )
             .into_make_service_with_connect_info::<SocketAddr>();
-        match axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(crate::shutdown_signal())
-            .await
-        {
+            .await;
+        reloader.abort();
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("proxy error: {e}")),
         }

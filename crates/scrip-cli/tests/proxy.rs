@@ -159,7 +159,15 @@ impl Setup {
             .spawn()
             .unwrap();
         if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input).unwrap();
+            // A command that exits before reading says why on stderr.
+            let written = child.stdin.take().unwrap().write_all(input);
+            if let Err(e) = written {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "scrip {args:?} did not read its input ({e}): {out:?}\n{}",
+                    text(&out.stderr)
+                );
+            }
         }
         child.wait_with_output().unwrap()
     }
@@ -513,6 +521,56 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         &standalone,
     ]);
     assert_eq!(post, "403");
+
+    // Its policies reload as `scrip serve`'s do: on SIGHUP, audited.
+    let forbid = s.dir.path().join("policies/no-standalone.cedar");
+    let hangup = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let until = |want: &str, what: &str| {
+        let start = Instant::now();
+        while get() != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{what}:\n{}",
+                fs::read_to_string(&proxy_log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    fs::write(
+        &forbid,
+        r#"@id("no-standalone")
+forbid (principal, action, resource)
+when { context.stage == "proxy" && context has path && context.path like "/standalone*" };
+"#,
+    )
+    .unwrap();
+    hangup(_proxy.0.id());
+    until("403", "the standalone proxy did not reload a new forbid");
+    fs::remove_file(&forbid).unwrap();
+    hangup(_proxy.0.id());
+    until("200", "the standalone proxy kept a removed forbid");
+    let export = text(&s.scrip(&["audit", "export"], None).stdout);
+    let reloads = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| {
+            r["event"] == "policy.reloaded"
+                && r["replica"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("proxy:"))
+        })
+        .count();
+    assert!(
+        reloads >= 2,
+        "the standalone proxy's reloads are not audited"
+    );
+
     let revoke = curl(&[
         "-w",
         "%{http_code}",

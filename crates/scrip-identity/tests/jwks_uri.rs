@@ -547,3 +547,48 @@ async fn kubernetes_claims_surface_as_attributes_and_flat_claims() {
     );
     assert_eq!(id.claims["jti"], "3f1c2b4a");
 }
+
+// ------------------------------------------------------------ re-presented tokens
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_presented_again_is_refused_once_its_key_is_gone() {
+    let old = es256();
+    let new = es256();
+    let idp = Idp::start(&[&old]).await;
+    let v = verifier(&[trusted(&idp.jwks_uri, 60, 60, 1)]);
+    let kept = token(&old);
+    for _ in 0..3 {
+        assert_eq!(v.verify(&kept).await.unwrap().subject, "agent");
+    }
+    idp.rotate(&[&new]);
+    sleep_ms(1_200).await;
+    // A new kid makes the verifier fetch the new set, without the old key.
+    v.verify(&token(&new)).await.unwrap();
+    assert_eq!(idp.fetches(), 2);
+    assert_eq!(v.verify(&kept).await.unwrap_err(), unknown_key());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_presented_again_is_refused_once_it_expires() {
+    let key = es256();
+    let idp = Idp::start(&[&key]).await;
+    // No leeway, so the test waits seconds, not minutes.
+    let v = IdentityVerifier::new(&[trusted(&idp.jwks_uri, 60, 60, 1)], OWN, 0).unwrap();
+    let now = now();
+    let short = key
+        .sign_jwt(
+            "JWT",
+            &json!({"iss": ISS, "sub": "agent", "aud": AUD, "iat": now, "exp": now + 1}),
+        )
+        .unwrap();
+    assert_eq!(v.verify(&short).await.unwrap().subject, "agent");
+    assert_eq!(v.verify(&short).await.unwrap().subject, "agent");
+    sleep_ms(2_100).await;
+    assert!(
+        matches!(
+            v.verify(&short).await.unwrap_err(),
+            IdentityError::Token(JoseError::Expired)
+        ),
+        "an expired token was accepted again"
+    );
+}

@@ -1,8 +1,9 @@
 //! The engine: a validated policy set and the decision function.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid,
@@ -106,8 +107,76 @@ pub struct PolicyEngine {
     policies: PolicySet,
     selections: HashMap<String, Selection>,
     authorizer: Authorizer,
-    actions: HashSet<String>,
+    /// The schema's actions, by name.
+    actions: HashMap<String, EntityUid>,
     count: usize,
+    entities: EntityCache,
+}
+
+/// The most agent-and-tool entity sets an engine keeps (it forgets them
+/// all when full; an engine is replaced, and its cache with it, on reload).
+const ENTITY_CACHE: usize = 4096;
+
+/// A decision's principal and resource with their schema-checked entities.
+/// Building and checking them against the schema is most of a decision's
+/// cost, and they are the same for every request of one agent at one tool,
+/// so the engine keeps them, keyed by the whole identity and the whole tool
+/// entity (never by a hash that two agents could share).
+struct Prepared {
+    principal: EntityUid,
+    resource: EntityUid,
+    entities: Entities,
+}
+
+/// The tool entity's inputs: a cached entry is used only for the same ones.
+#[derive(PartialEq, Eq)]
+struct ToolKey {
+    resource: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// One tool's kept entities, by agent identity.
+type ByAgent = HashMap<WorkloadIdentity, Arc<Prepared>>;
+
+#[derive(Default)]
+struct EntityCache {
+    /// By tool name: the tool entity's inputs and its agents.
+    by_tool: Mutex<HashMap<String, (ToolKey, ByAgent)>>,
+}
+
+impl EntityCache {
+    fn get(&self, agent: &WorkloadIdentity, tool: &Tool) -> Option<Arc<Prepared>> {
+        let by_tool = self.by_tool.lock().ok()?;
+        let (key, agents) = by_tool.get(tool.name.as_str())?;
+        if key.resource != tool.resource || key.labels != tool.labels {
+            return None;
+        }
+        agents.get(agent).cloned()
+    }
+
+    fn put(&self, agent: &WorkloadIdentity, tool: &Tool, prepared: Arc<Prepared>) {
+        let Ok(mut by_tool) = self.by_tool.lock() else {
+            return;
+        };
+        if by_tool.values().map(|(_, a)| a.len()).sum::<usize>() >= ENTITY_CACHE {
+            by_tool.clear();
+        }
+        let key = ToolKey {
+            resource: tool.resource.clone(),
+            labels: tool.labels.clone(),
+        };
+        match by_tool.get_mut(tool.name.as_str()) {
+            Some((k, agents)) if *k == key => {
+                agents.insert(agent.clone(), prepared);
+            }
+            _ => {
+                by_tool.insert(
+                    tool.name.to_string(),
+                    (key, HashMap::from([(agent.clone(), prepared)])),
+                );
+            }
+        }
+    }
 }
 
 /// The policies that can apply to one action, by tool.
@@ -303,7 +372,7 @@ impl PolicyEngine {
         }
         let actions = schema
             .actions()
-            .map(|a| a.id().unescaped().to_owned())
+            .map(|a| (a.id().unescaped().to_owned(), a.clone()))
             .collect();
         let selections = select(&schema, &set)?;
         Ok(Self {
@@ -313,6 +382,7 @@ impl PolicyEngine {
             authorizer: Authorizer::new(),
             actions,
             count,
+            entities: EntityCache::default(),
         })
     }
 
@@ -335,7 +405,7 @@ impl PolicyEngine {
     pub fn check_tools(&self, tools: &[Tool]) -> Result<(), PolicyError> {
         for tool in tools {
             for action in &tool.actions {
-                if !self.actions.contains(action.as_str()) {
+                if !self.actions.contains_key(action.as_str()) {
                     return Err(PolicyError::UndeclaredAction {
                         tool: tool.name.to_string(),
                         action: action.to_string(),
@@ -382,23 +452,25 @@ impl PolicyEngine {
         req: &DecisionRequest<'_>,
         policies: &PolicySet,
     ) -> Result<Decision, String> {
-        if !self.actions.contains(req.action.as_str()) {
+        let Some(action) = self.actions.get(req.action.as_str()) else {
             return Ok(Decision::deny(format!(
                 "action `{}` is not declared in the policy schema",
                 req.action
             )));
-        }
-        let principal = uid("Agent", &req.agent.subject)?;
-        let resource = uid("Tool", req.tool.name.as_str())?;
-        let action = uid("Action", req.action.as_str())?;
-        let agent = agent_entity(principal.clone(), req.agent)?;
-        let tool = tool_entity(resource.clone(), req.tool)?;
-        let entities = Entities::from_entities([agent, tool], Some(&self.schema))
-            .map_err(|e| e.to_string())?;
+        };
+        let prepared = self.prepared(req.agent, req.tool)?;
         let context = context(req.context)?;
-        let request = Request::new(principal, action, resource, context, Some(&self.schema))
-            .map_err(|e| e.to_string())?;
-        let response = self.authorizer.is_authorized(&request, policies, &entities);
+        let request = Request::new(
+            prepared.principal.clone(),
+            action.clone(),
+            prepared.resource.clone(),
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, policies, &prepared.entities);
         let diagnostics = response.diagnostics();
         if let Some(e) = diagnostics.errors().next() {
             // An erroring policy is skipped by Cedar; scrip denies instead.
@@ -417,6 +489,33 @@ impl PolicyEngine {
             policies,
             reason,
         })
+    }
+}
+
+impl PolicyEngine {
+    /// The agent's and tool's entities, from the cache or built and checked
+    /// against the schema now.
+    fn prepared(&self, agent: &WorkloadIdentity, tool: &Tool) -> Result<Arc<Prepared>, String> {
+        if let Some(p) = self.entities.get(agent, tool) {
+            return Ok(p);
+        }
+        let principal = uid("Agent", &agent.subject)?;
+        let resource = uid("Tool", tool.name.as_str())?;
+        let entities = Entities::from_entities(
+            [
+                agent_entity(principal.clone(), agent)?,
+                tool_entity(resource.clone(), tool)?,
+            ],
+            Some(&self.schema),
+        )
+        .map_err(|e| e.to_string())?;
+        let prepared = Arc::new(Prepared {
+            principal,
+            resource,
+            entities,
+        });
+        self.entities.put(agent, tool, prepared.clone());
+        Ok(prepared)
     }
 }
 

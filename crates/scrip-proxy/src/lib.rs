@@ -206,6 +206,14 @@ impl Proxy {
         })))
     }
 
+    /// Whether tokens can be checked: the verifier has read every
+    /// revocation listed when it started. Until then every proxied request
+    /// is refused with 503 and `Retry-After`.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.0.upstreams.values().all(|u| u.verifier.is_ready())
+    }
+
     /// Whether any upstream is configured.
     #[must_use]
     pub fn is_empty(&self) -> bool {

@@ -1,15 +1,8 @@
-//! Work beside the requests: policy reload (on SIGHUP and when a file in
-//! `policy_dir` changes) and ending tasks at their deadline.
-//!
-//! A reload validates the new set (including that every tool action is
-//! declared) before swapping it in; an invalid set is rejected, audited and
-//! the last good one stays.
+//! Work beside the requests: policy reload ([`crate::policies`]), ending
+//! tasks at their deadline, audit checkpoints and the shared key set.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use scrip_policy::PolicyEngine;
 use scrip_store::Write;
 
 use crate::state::{AppState, Inner, now};
@@ -29,7 +22,7 @@ impl Background {
 
 /// Starts the background tasks.
 pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Background {
-    let reload = tokio::spawn(reload_loop(state.clone(), hangup));
+    let reload = state.0.policy.spawn_reloader(hangup);
     let sweep = tokio::spawn(sweep_loop(state.clone()));
     let seal = tokio::spawn(checkpoint_loop(state.clone()));
     let keys = tokio::spawn(keys_loop(state));
@@ -87,85 +80,6 @@ async fn keys_loop(state: AppState) {
             }
         }
     }
-}
-
-/// A fingerprint of the policy directory: names, sizes and modification
-/// times of its files.
-fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<_> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                meta.len(),
-                meta.modified().ok(),
-            ))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-async fn reload_loop(state: AppState, mut hup: Option<tokio::signal::unix::Signal>) {
-    let st = &state.0;
-    let dir = st.config.policy_dir.clone();
-    let mut last = fingerprint(&dir);
-    let interval = st.config.policy_poll_interval;
-    loop {
-        let by_signal = tokio::select! {
-            () = async {
-                match hup.as_mut() {
-                    Some(h) => { h.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => true,
-            () = async {
-                if interval == 0 {
-                    std::future::pending::<()>().await;
-                }
-                tokio::time::sleep(Duration::from_secs(interval)).await;
-            } => false,
-        };
-        let current = fingerprint(&dir);
-        if !by_signal && current == last {
-            continue;
-        }
-        last = current;
-        reload(st, if by_signal { "SIGHUP" } else { "file change" }).await;
-    }
-}
-
-/// Reloads the policies now. Returns whether the new set was accepted.
-pub(crate) async fn reload(st: &Inner, cause: &str) -> bool {
-    let result = PolicyEngine::load(&st.config.policy_dir).and_then(|p| {
-        p.check_tools(&st.config.tools)?;
-        Ok(p)
-    });
-    let (event, reason, accepted) = match result {
-        Ok(engine) => {
-            let n = engine.len();
-            match st.policy.write() {
-                Ok(mut slot) => *slot = Arc::new(engine),
-                Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
-            }
-            tracing::info!(policies = n, cause, "policies reloaded");
-            ("policy.reloaded", format!("{n} policies ({cause})"), true)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, cause, "policy reload rejected; keeping the last good policies");
-            ("policy.rejected", format!("{e} ({cause})"), false)
-        }
-    };
-    let mut a = st.audit(event);
-    a.reason = Some(reason);
-    if let Err(e) = st.store.commit(vec![Write::Audit(Box::new(a))]).await {
-        tracing::error!(error = %e, "could not record the policy reload");
-    }
-    accepted
 }
 
 async fn sweep_loop(state: AppState) {

@@ -112,7 +112,7 @@ pub(crate) async fn delegate(
         act: parent.actor.clone().map(Box::new),
     };
     let chain = act.chain();
-    let task_id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let task_id = scrip_jose::time_ordered_id().map_err(|_| OAuthError::server_error())?;
     let ctx = RequestContext {
         stage: Stage::Task,
         purpose: purpose.clone(),

@@ -307,7 +307,7 @@ async fn start_task(
         method: None,
         path: None,
     };
-    let task_id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let task_id = scrip_jose::time_ordered_id().map_err(|_| OAuthError::server_error())?;
     let client = peer.to_string();
     let base = |mut a: AuditEvent| {
         a.agent_iss = Some(agent.issuer.clone());
@@ -535,26 +535,38 @@ async fn access_token(
         method: None,
         path: None,
     };
+    let decisions: Vec<_> = actions
+        .iter()
+        .map(|action| {
+            let (d, approvable) = crate::approval::classify(st, &task.agent, tool, action, &ctx);
+            (action, d, approvable)
+        })
+        .collect();
+    // When policy allows every action outright, the `token.issued` record
+    // below carries the decisions (one record per exchange, the hot path);
+    // otherwise each action's decision is a record of its own.
+    let all_allowed = decisions.iter().all(|(_, d, _)| d.allowed);
     let mut writes = Vec::new();
     let mut allowed = Vec::new();
     let mut needs_approval = false;
-    for action in actions.iter() {
-        let (d, approvable) = crate::approval::classify(st, &task.agent, tool, action, &ctx);
-        let mut a = base.clone();
-        a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
-        a.policies.clone_from(&d.policies);
-        a.reason = Some(if approvable {
-            format!("{}; allowed with a person's approval", d.reason)
-        } else {
-            d.reason.clone()
-        });
-        a.tool = Some(tool.name.to_string());
-        a.actions = Some(action.to_string());
-        writes.push(Write::Audit(Box::new(a)));
-        if d.allowed || approvable {
-            allowed.push(action.clone());
+    for (action, d, approvable) in &decisions {
+        if !all_allowed {
+            let mut a = base.clone();
+            a.decision = Some(if d.allowed { "allow" } else { "deny" }.into());
+            a.policies.clone_from(&d.policies);
+            a.reason = Some(if *approvable {
+                format!("{}; allowed with a person's approval", d.reason)
+            } else {
+                d.reason.clone()
+            });
+            a.tool = Some(tool.name.to_string());
+            a.actions = Some(action.to_string());
+            writes.push(Write::Audit(Box::new(a)));
         }
-        needs_approval |= approvable;
+        if d.allowed || *approvable {
+            allowed.push((*action).clone());
+        }
+        needs_approval |= *approvable;
     }
     if needs_approval {
         // The whole step waits for a person; what policy refuses outright
@@ -595,9 +607,27 @@ async fn access_token(
     issued.tool = Some(tool.name.to_string());
     issued.actions = Some(access.scope.clone());
     issued.jti = Some(jti.clone());
+    if all_allowed {
+        let mut policies: Vec<String> = decisions
+            .iter()
+            .flat_map(|(_, d, _)| d.policies.iter().cloned())
+            .collect();
+        policies.sort_unstable();
+        policies.dedup();
+        issued.policies = policies;
+        issued.reason = Some(match decisions.as_slice() {
+            [(_, d, _)] => d.reason.clone(),
+            many => many
+                .iter()
+                .map(|(action, d, _)| format!("{action}: {}", d.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
     writes.push(Write::Audit(Box::new(issued)));
     st.store.commit(writes).await?;
-    tracing::info!(task = %task.id, jti = %jti, tool = %tool.name, scope = %access.scope, "access token issued");
+    // Per request, so at debug: the audit trail has every issuance.
+    tracing::debug!(task = %task.id, jti = %jti, tool = %tool.name, scope = %access.scope, "access token issued");
     Ok(no_store(serde_json::json!({
         "access_token": token,
         "issued_token_type": token_type::ACCESS_TOKEN,

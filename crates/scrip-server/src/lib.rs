@@ -24,13 +24,14 @@ mod form;
 mod introspect;
 pub mod keyring;
 pub mod keys;
+pub mod policies;
 mod revoke;
 mod state;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
@@ -221,7 +222,7 @@ impl Server {
                 .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?,
             metadata_body,
             identities,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: policies::Policies::new(policy, &config, store.clone(), replica.clone()),
             replica,
             task_typ: TypRule::exactly(typ::TASK),
             access_typ: TypRule::exactly(typ::ACCESS),
@@ -279,6 +280,14 @@ impl Server {
         let attest = attest::spawn(self.attest, self.state.clone());
         let state = self.state.clone();
         let mut app = router(self.state);
+        let proxy = self.proxy.clone();
+        app = app.route(
+            "/readyz",
+            get(move || {
+                let ready = proxy.as_ref().is_none_or(scrip_proxy::Proxy::is_ready);
+                async move { readiness(ready) }
+            }),
+        );
         if let Some(proxy) = &self.proxy {
             app = app.merge(proxy.router());
         }
@@ -338,6 +347,23 @@ async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError>
         "proxy mounted at /proxy/<upstream>/"
     );
     Ok(proxy)
+}
+
+/// `GET /readyz`: 200 once every part of this process serves (the token
+/// endpoints do from the start; a mounted proxy once its revocation set is
+/// loaded), 503 with `Retry-After` before. `/healthz` only says it is alive.
+#[must_use]
+pub fn readiness(ready: bool) -> axum::response::Response {
+    if ready {
+        (axum::http::StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            "loading the revocation set",
+        )
+            .into_response()
+    }
 }
 
 fn replica_name(addr: SocketAddr) -> String {

@@ -1,7 +1,7 @@
 //! The shared state of a running server, and the small helpers every
 //! endpoint uses: the clock, verifying scrip's own tokens, audit records.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use scrip_config::Config;
 use scrip_identity::IdentityVerifier;
@@ -46,7 +46,7 @@ pub(crate) struct Inner {
     pub http: reqwest::Client,
     pub metadata_body: String,
     pub identities: IdentityVerifier,
-    pub policy: RwLock<Arc<PolicyEngine>>,
+    pub policy: crate::policies::Policies,
     pub store: Arc<dyn Store>,
     pub replica: String,
     pub task_typ: TypRule,
@@ -76,10 +76,7 @@ pub enum OwnToken {
 impl Inner {
     /// The current policy set.
     pub fn policy(&self) -> Arc<PolicyEngine> {
-        match self.policy.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.policy.current()
     }
 
     /// Verifies one of scrip's own tokens of the given kind.

@@ -1,7 +1,8 @@
 //! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
 //!
 //! The writer ([`crate::writer`]) owns the only write connection and group
-//! commits: concurrent requests share a single fsync. Reads use a small pool
+//! commits: concurrent requests share a single fsync, and checkpoints the
+//! WAL between commits. Reads use a small pool
 //! of read-only connections, which WAL lets run beside the writer. After a
 //! failed write the writer drops its connection and opens a new one for the
 //! next batch, so the store recovers by itself once the disk does.
@@ -30,6 +31,11 @@ pub struct SqliteStore {
     writer: Writer,
 }
 
+/// How often, at most, the writer checkpoints the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// The WAL file is truncated back to this size after a checkpoint.
+const WAL_SIZE_LIMIT: &str = "67108864";
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -55,7 +61,9 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT);
+        let options = options.pragma("wal_autocheckpoint", "0");
         let mut conn = options
             .connect()
             .await
@@ -70,13 +78,14 @@ impl SqliteStore {
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
-        let writer = Writer::spawn(
+        let writer = Writer::spawn_on_own_thread(
             SqliteWriter {
                 conn: Some(conn),
                 options,
+                checkpointed: std::time::Instant::now(),
             },
             crate::chain::new_chain_id()?,
-        );
+        )?;
         Ok(Self { reads, writer })
     }
 
@@ -92,6 +101,7 @@ impl SqliteStore {
 struct SqliteWriter {
     conn: Option<SqliteConnection>,
     options: SqliteConnectOptions,
+    checkpointed: std::time::Instant,
 }
 
 #[async_trait::async_trait]
@@ -111,6 +121,30 @@ impl Apply for SqliteWriter {
             let _ = c.close().await;
         }
         result
+    }
+
+    /// Checkpoints the WAL into the database file, at most every
+    /// [`CHECKPOINT_EVERY`], once the batch's callers have their answers.
+    /// The writer connection does not checkpoint inside a commit
+    /// (`wal_autocheckpoint = 0`): SQLite's automatic checkpoint runs in the
+    /// commit that crosses its threshold and adds its writes and fsyncs to
+    /// that group commit's wait. Here no commit is in flight, so the
+    /// checkpoint copies every frame and the next commit starts the WAL
+    /// over (truncated to `journal_size_limit`), keeping it small.
+    /// Durability is the WAL's (`synchronous=FULL`); a failed checkpoint
+    /// is retried next time.
+    async fn after_commit(&mut self) {
+        if self.checkpointed.elapsed() < CHECKPOINT_EVERY {
+            return;
+        }
+        self.checkpointed = std::time::Instant::now();
+        if let Some(c) = self.conn.as_mut()
+            && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&mut *c)
+                .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
     }
 }
 

@@ -51,6 +51,10 @@ pub(crate) trait Apply: Send + 'static {
     /// onto `chain`. On `Err` nothing was changed; the caller restores
     /// `chain`. A backend whose connection broke reconnects on the next call.
     async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError>;
+
+    /// Housekeeping after a batch's callers were answered (SQLite
+    /// checkpoints its WAL here).
+    async fn after_commit(&mut self) {}
 }
 
 struct Pending {
@@ -67,23 +71,57 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task over `backend`, appending to a new chain.
+    /// Starts the writer task over `backend` on the current runtime,
+    /// appending to a new chain.
     pub fn spawn(backend: impl Apply, chain_id: String) -> Self {
+        let (writer, run) = Self::new(backend, chain_id);
+        tokio::spawn(run);
+        writer
+    }
+
+    /// Starts the writer on a thread of its own, with its own
+    /// single-threaded runtime, for a backend that needs no I/O of the
+    /// caller's runtime (SQLite): between the statements of a commit the
+    /// writer never waits in the request handlers' run queue. The thread
+    /// ends when the last handle is dropped.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the thread or its runtime cannot start.
+    pub fn spawn_on_own_thread(backend: impl Apply, chain_id: String) -> Result<Self, StoreError> {
+        let (writer, run) = Self::new(backend, chain_id);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
+        std::thread::Builder::new()
+            .name("scrip-store-writer".into())
+            .spawn(move || runtime.block_on(run))
+            .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
+        Ok(writer)
+    }
+
+    fn new(
+        backend: impl Apply,
+        chain_id: String,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (queue, rx) = mpsc::channel(QUEUE);
         let head = Arc::new(Mutex::new(None));
         let (changes, _) = watch::channel(Changes::default());
-        tokio::spawn(run(
+        let run = run(
             backend,
             rx,
             ChainState::new(chain_id),
             head.clone(),
             changes.clone(),
-        ));
-        Self {
-            queue,
-            head,
-            changes,
-        }
+        );
+        (
+            Self {
+                queue,
+                head,
+                changes,
+            },
+            run,
+        )
     }
 
     /// Applies `writes` atomically and durably.
@@ -132,6 +170,7 @@ async fn run(
                 for p in batch.drain(..) {
                     let _ = p.done.send(Ok(()));
                 }
+                backend.after_commit().await;
             }
             Err(e) if batch.len() > 1 => {
                 // Isolate the failing commit: each gets its own transaction.

@@ -23,7 +23,7 @@ const MAX_DEPTH: usize = 4;
 const MAX_CLAIMS: usize = 128;
 
 /// The recognised shape of a workload identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityKind {
     /// A Kubernetes service-account token (`kubernetes.io` claim).
@@ -53,7 +53,7 @@ impl IdentityKind {
 }
 
 /// A verified workload identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WorkloadIdentity {
     /// The issuer that vouched for it.
     pub issuer: String,

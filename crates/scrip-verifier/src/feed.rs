@@ -173,6 +173,10 @@ struct State {
     tokens: HashMap<String, u64>,
     cursor: u64,
     synced_at: Option<Instant>,
+    /// Set once the feed answered an empty page: every revocation listed
+    /// when the verifier started has been read. Until then every token is
+    /// refused, however fresh the pages read so far.
+    caught_up: bool,
 }
 
 /// One answer of the feed.
@@ -220,7 +224,7 @@ impl Revocations {
             .read()
             .map_err(|_| VerifyError::RevocationStale)?;
         match state.synced_at {
-            Some(at) if at.elapsed() <= self.max_staleness => {}
+            Some(at) if state.caught_up && at.elapsed() <= self.max_staleness => {}
             _ => return Err(VerifyError::RevocationStale),
         }
         if state.tasks.contains_key(txn) || state.tokens.contains_key(jti) {
@@ -269,7 +273,28 @@ impl Revocations {
         state.tokens.retain(|_, exp| keep(exp));
         state.cursor = page.cursor;
         state.synced_at = Some(Instant::now());
+        state.caught_up |= count == 0;
         Ok(count)
+    }
+
+    /// Whether every revocation listed at start has been read.
+    pub(crate) fn caught_up(&self) -> bool {
+        self.state.read().is_ok_and(|s| s.caught_up)
+    }
+
+    /// Reads page after page without waiting until an empty one, at most
+    /// `max_pages`. Returns whether it caught up.
+    pub(crate) async fn catch_up(
+        &self,
+        source: &dyn FeedSource,
+        max_pages: usize,
+    ) -> Result<bool, String> {
+        for _ in 0..max_pages {
+            if self.poll(source, Duration::ZERO).await? == 0 {
+                return Ok(true);
+            }
+        }
+        Ok(self.caught_up())
     }
 
     /// Reads the feed once from the current cursor and applies the answer.
@@ -292,11 +317,19 @@ pub(crate) async fn follow(
     let mut backoff = config.retry_min;
     loop {
         let started = Instant::now();
-        match revocations.poll(source.as_ref(), config.wait).await {
+        // Until the first empty page, read without long-polling.
+        let wait = if revocations.caught_up() {
+            config.wait
+        } else {
+            Duration::ZERO
+        };
+        match revocations.poll(source.as_ref(), wait).await {
             Ok(n) => {
                 backoff = config.retry_min;
                 if n > 0 {
                     tracing::debug!(events = n, "revocations received");
+                } else if wait.is_zero() {
+                    tracing::info!("revocation set loaded");
                 } else if started.elapsed() < config.wait / 4 {
                     // An empty answer long before `wait`: the feed does not
                     // long-poll. Do not spin.
@@ -321,7 +354,36 @@ mod tests {
         for page in pages {
             r.apply(page.as_bytes()).unwrap();
         }
+        if !pages.is_empty() {
+            // The empty page that ends the initial read.
+            r.apply(br#"{"cursor":99,"events":[]}"#).unwrap();
+        }
         assert_eq!(r.check(txn, jti), expected, "pages: {pages:?}");
+    }
+
+    #[test]
+    fn refuses_everything_until_the_first_empty_page() {
+        let r = Revocations::new(Duration::from_secs(60), 0);
+        let far = unix_now() + 600;
+        r.apply(
+            format!(r#"{{"cursor":1,"events":[{{"type":"task","txn":"t1","exp":{far}}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        // Fresh, but later pages may revoke any task: not yet trusted.
+        assert_eq!(r.check("t2", "j"), Err(VerifyError::RevocationStale));
+        assert!(!r.caught_up());
+        r.apply(br#"{"cursor":1,"events":[]}"#).unwrap();
+        assert!(r.caught_up());
+        assert_eq!(r.check("t2", "j"), Ok(()));
+        assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+        // Later pages with events do not undo it.
+        r.apply(
+            format!(r#"{{"cursor":2,"events":[{{"type":"token","jti":"j9","exp":{far}}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.check("t2", "j"), Ok(()));
     }
 
     #[test]
@@ -350,6 +412,7 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
+        r.apply(br#"{"cursor":7,"events":[]}"#).unwrap();
         assert_eq!(r.check("old", "j"), Ok(()));
         assert_eq!(r.cursor(), 7);
         for bad in [

@@ -49,6 +49,15 @@ const MAX_INITIAL_PAGES: usize = 10_000;
 /// Timeout of the metadata fetch.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When a new verifier reads the revocations listed at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstRead {
+    /// Before it is returned: a failed read is a setup error.
+    Before,
+    /// In the background, refusing every token until it is done.
+    Background,
+}
+
 /// How revocation is learned.
 #[derive(Debug, Clone)]
 pub enum Revocation {
@@ -345,19 +354,21 @@ impl Verifier {
                 Some(source)
             }
         };
-        Self::assemble(config, keys::Keys::Fetched(keys), source).await
+        Self::assemble(config, keys::Keys::Fetched(keys), source, FirstRead::Before).await
     }
 
     /// A verifier inside scrip itself: `keys` are scrip's own public keys
     /// and `feed` reads revocations from its store. Everything else — the
     /// checks, the revocation set, its staleness rule — is as with
     /// [`Verifier::discover`]; `config.revocation`'s timings apply and its
-    /// identity is not used. The feed is read once before this returns,
-    /// then followed in the background (needs a Tokio runtime).
+    /// identity is not used. It returns at once: the feed is read and then
+    /// followed in the background (needs a Tokio runtime), and until every
+    /// page listed at start has been read, every token is refused with
+    /// [`VerifyError::RevocationStale`]. So a store with many revocations
+    /// does not delay the start of the process around it.
     ///
     /// # Errors
-    /// [`SetupError`] when the configuration is inconsistent or the first
-    /// read of the feed fails.
+    /// [`SetupError`] when the configuration is inconsistent.
     pub async fn local(
         config: VerifierConfig,
         keys: scrip_jose::SharedKeySet,
@@ -368,28 +379,34 @@ impl Verifier {
             Revocation::DangerIgnore => None,
             Revocation::Follow(_) => Some(feed),
         };
-        Self::assemble(config, keys::Keys::Local(keys), source).await
+        Self::assemble(
+            config,
+            keys::Keys::Local(keys),
+            source,
+            FirstRead::Background,
+        )
+        .await
     }
 
     async fn assemble(
         config: VerifierConfig,
         keys: keys::Keys,
         source: Option<Arc<dyn FeedSource>>,
+        first_read: FirstRead,
     ) -> Result<Self, SetupError> {
         let (revocations, feed_task) = match (config.revocation, source) {
             (Revocation::Follow(feed), Some(source)) => {
                 let revocations =
                     Arc::new(feed::Revocations::new(feed.max_staleness, config.leeway));
-                // Read every page of what is revoked now before accepting
-                // any token: the feed answers in pages; an empty one ends.
-                for _ in 0..MAX_INITIAL_PAGES {
-                    let n = revocations
-                        .poll(source.as_ref(), Duration::ZERO)
+                // Every token is refused until every page of what is revoked
+                // now has been read (the feed answers in pages; an empty one
+                // ends). A discovered verifier reads them before it is
+                // returned; a local one leaves that to the follower.
+                if first_read == FirstRead::Before {
+                    revocations
+                        .catch_up(source.as_ref(), MAX_INITIAL_PAGES)
                         .await
                         .map_err(SetupError::Feed)?;
-                    if n == 0 {
-                        break;
-                    }
                 }
                 let task = tokio::spawn(feed::follow(revocations.clone(), source, feed));
                 (Some(revocations), Some(Arc::new(FeedTask(task))))
@@ -442,6 +459,14 @@ impl Verifier {
         required: Option<&ActionName>,
     ) -> Result<AccessToken, Rejection> {
         layer::authorize(self, required, headers).await
+    }
+
+    /// Whether this verifier can accept tokens: it does not follow
+    /// revocations, or it has read every revocation listed when it started
+    /// (see [`Verifier::local`]). Staleness later on is checked per token.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.0.revocations.as_ref().is_none_or(|r| r.caught_up())
     }
 
     /// The tool name this verifier accepts tokens for.

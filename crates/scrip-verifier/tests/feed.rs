@@ -278,3 +278,91 @@ async fn the_verifier_checks_rfc9068_and_rfc8725() {
         VerifyError::Token(JoseError::AlgorithmNotAllowed("none".into()))
     );
 }
+
+/// A feed whose pages are released one at a time by the test.
+#[derive(Debug)]
+struct GatedFeed {
+    pages: Vec<serde_json::Value>,
+    gate: tokio::sync::Semaphore,
+    served: std::sync::atomic::AtomicUsize,
+}
+
+impl scrip_verifier::FeedSource for GatedFeed {
+    fn page(&self, after: u64, _wait: Duration) -> scrip_verifier::PageFuture<'_> {
+        Box::pin(async move {
+            self.gate
+                .acquire()
+                .await
+                .map_err(|e| e.to_string())?
+                .forget();
+            self.served
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Page i has cursor i + 1; past the last, an empty page.
+            let i = usize::try_from(after).unwrap();
+            let page = self
+                .pages
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| json!({"cursor": after, "events": []}));
+            Ok(serde_json::to_vec(&page).unwrap())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_local_verifier_returns_at_once_and_refuses_until_every_page_is_read() {
+    let fake = Fake::start().await;
+    let far = now() + 300;
+    let feed = Arc::new(GatedFeed {
+        pages: vec![
+            json!({"cursor": 1, "events": [{"type": "task", "txn": "task-1", "exp": far}]}),
+            json!({"cursor": 2, "events": [{"type": "task", "txn": "task-2", "exp": far}]}),
+        ],
+        gate: tokio::sync::Semaphore::new(0),
+        served: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let keys = scrip_jose::SharedKeySet::new(
+        scrip_jose::KeySet::from_public_jwks(&[fake.key.public_jwk()]).unwrap(),
+    );
+    let mut config = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+    config.leeway = 0;
+    // Returns with no page read: a big revocation set does not hold up start.
+    let v = Verifier::local(config, keys, feed.clone()).await.unwrap();
+    assert!(!v.is_ready());
+    let t2 = fake.token("task-2", "jti-2");
+    let t3 = fake.token("task-3", "jti-3");
+    assert_eq!(
+        v.verify(&t3).await.unwrap_err(),
+        VerifyError::RevocationStale
+    );
+
+    // The first page is fresh, but task-2 is revoked on the next one: still
+    // nothing is accepted.
+    feed.gate.add_permits(1);
+    assert!(
+        eventually(5, || async {
+            feed.served.load(std::sync::atomic::Ordering::SeqCst) >= 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!v.is_ready());
+    assert_eq!(
+        v.verify(&t2).await.unwrap_err(),
+        VerifyError::RevocationStale
+    );
+    assert_eq!(
+        v.verify(&t3).await.unwrap_err(),
+        VerifyError::RevocationStale
+    );
+
+    // The second page, then the empty one that ends the first read.
+    feed.gate.add_permits(2);
+    assert!(
+        eventually(5, || async { v.is_ready() }).await,
+        "never caught up"
+    );
+    assert_eq!(v.verify(&t2).await.unwrap_err(), VerifyError::Revoked);
+    assert_eq!(v.verify(&t3).await.unwrap().task(), "task-3");
+    feed.gate.close();
+}

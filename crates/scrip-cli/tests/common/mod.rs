@@ -130,7 +130,8 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("scrip serve exited with {status}:\n{}", self.log());
             }
-            if http_ok(&format!("{url}/.well-known/oauth-authorization-server")) {
+            // `/readyz`: the token endpoints and any mounted proxy serve.
+            if http_ok(&format!("{url}/readyz")) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -7,7 +7,7 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{EncodingKey, Header};
 use scrip_config::{Config, Tool, TrustedIssuer};
@@ -265,9 +265,18 @@ impl TestServer {
                 .await
                 .unwrap();
         });
+        let http = reqwest::Client::new();
+        // A mounted proxy refuses requests until its revocation set is read.
+        let ready = format!("{url}/readyz");
+        for _ in 0..500 {
+            match http.get(&ready).send().await {
+                Ok(r) if r.status() == 200 => break,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
         Self {
             url,
-            http: reqwest::Client::new(),
+            http,
             dir,
             k8s,
             github,

@@ -1,0 +1,162 @@
+//! The live Cedar policy set of a process, and its reload: on SIGHUP and
+//! when a file in `policy_dir` changes (checked every
+//! `policy_poll_interval` seconds). `scrip serve` and `scrip proxy` share it.
+//!
+//! A reload validates the new set (including that every tool action is
+//! declared) before swapping it in; an invalid set is rejected, audited and
+//! the last good one stays. Every reload, accepted or not, is audited
+//! (`policy.reloaded`, `policy.rejected`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use scrip_config::{Config, Tool};
+use scrip_policy::PolicyEngine;
+use scrip_store::{AuditEvent, Store, Write};
+
+/// The current policy set. Cheap to clone; every clone sees reloads.
+#[derive(Clone)]
+pub struct Policies(Arc<Inner>);
+
+struct Inner {
+    current: RwLock<Arc<PolicyEngine>>,
+    dir: PathBuf,
+    tools: Vec<Tool>,
+    poll_interval: u64,
+    store: Arc<dyn Store>,
+    replica: String,
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policies")
+            .field("dir", &self.0.dir)
+            .field("policies", &self.current().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policies {
+    /// Starts from `engine`, already loaded from `config.policy_dir` and
+    /// checked against its tools; reloads are audited in `store` as
+    /// `replica`.
+    #[must_use]
+    pub fn new(
+        engine: PolicyEngine,
+        config: &Config,
+        store: Arc<dyn Store>,
+        replica: impl Into<String>,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            current: RwLock::new(Arc::new(engine)),
+            dir: config.policy_dir.clone(),
+            tools: config.tools.clone(),
+            poll_interval: config.policy_poll_interval,
+            store,
+            replica: replica.into(),
+        }))
+    }
+
+    /// The policy set in force now.
+    #[must_use]
+    pub fn current(&self) -> Arc<PolicyEngine> {
+        match self.0.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reloads the policies now. Returns whether the new set was accepted.
+    pub async fn reload(&self, cause: &str) -> bool {
+        let inner = &self.0;
+        let result = PolicyEngine::load(&inner.dir).and_then(|p| {
+            p.check_tools(&inner.tools)?;
+            Ok(p)
+        });
+        let (event, reason, accepted) = match result {
+            Ok(engine) => {
+                let n = engine.len();
+                match inner.current.write() {
+                    Ok(mut slot) => *slot = Arc::new(engine),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
+                }
+                tracing::info!(policies = n, cause, "policies reloaded");
+                ("policy.reloaded", format!("{n} policies ({cause})"), true)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, cause, "policy reload rejected; keeping the last good policies");
+                ("policy.rejected", format!("{e} ({cause})"), false)
+            }
+        };
+        let a = AuditEvent {
+            at_ms: crate::state::now_ms(),
+            event: event.to_owned(),
+            replica: inner.replica.clone(),
+            reason: Some(reason),
+            ..AuditEvent::default()
+        };
+        if let Err(e) = inner.store.commit(vec![Write::Audit(Box::new(a))]).await {
+            tracing::error!(error = %e, "could not record the policy reload");
+        }
+        accepted
+    }
+
+    /// Reloads on every `hangup` signal and whenever the directory's files
+    /// change, until the task is aborted.
+    pub fn spawn_reloader(
+        &self,
+        hangup: Option<tokio::signal::unix::Signal>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.clone().reload_loop(hangup))
+    }
+
+    async fn reload_loop(self, mut hup: Option<tokio::signal::unix::Signal>) {
+        let mut last = fingerprint(&self.0.dir);
+        let interval = self.0.poll_interval;
+        loop {
+            let by_signal = tokio::select! {
+                () = async {
+                    match hup.as_mut() {
+                        Some(h) => { h.recv().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => true,
+                () = async {
+                    if interval == 0 {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(interval)).await;
+                } => false,
+            };
+            let current = fingerprint(&self.0.dir);
+            if !by_signal && current == last {
+                continue;
+            }
+            last = current;
+            self.reload(if by_signal { "SIGHUP" } else { "file change" })
+                .await;
+        }
+    }
+}
+
+/// A fingerprint of the policy directory: names, sizes and modification
+/// times of its files.
+fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                meta.len(),
+                meta.modified().ok(),
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
