@@ -1,18 +1,18 @@
 //! The engine: a validated policy set and the decision function.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid,
-    Policy, PolicyId, PolicySet, Request, ResourceConstraint, RestrictedExpression, Schema,
-    ValidationMode, Validator,
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use scrip_config::Tool;
 use scrip_token::{ActionName, WorkloadIdentity};
 
+use crate::selection::{Guards, Selected, Selection, select};
 use crate::{DEFAULT_SCHEMA, PolicyError};
 
 /// Which exchange a decision is for.
@@ -99,13 +99,16 @@ impl Decision {
 /// A validated policy set with its schema.
 ///
 /// A decision evaluates only the policies whose scope can match its action
-/// and tool (see [`Selection`]); the result is the same as evaluating the
-/// whole set, because Cedar never evaluates the condition of a policy whose
-/// scope does not match.
+/// and tool, less those whose condition starts by testing an attribute the
+/// agent lacks (see [`Selection`] and [`Selected`]); the result is the same
+/// as evaluating the whole set, because Cedar never evaluates the condition
+/// of a policy whose scope does not match, and such a condition is false
+/// before anything in it could fail.
 pub struct PolicyEngine {
     schema: Schema,
     policies: PolicySet,
     selections: HashMap<String, Selection>,
+    guards: Guards,
     authorizer: Authorizer,
     /// The schema's actions, by name.
     actions: HashMap<String, EntityUid>,
@@ -126,6 +129,9 @@ struct Prepared {
     principal: EntityUid,
     resource: EntityUid,
     entities: Entities,
+    /// The agent's attributes among those policies test first
+    /// ([`Guards::bits`]).
+    has: u64,
 }
 
 /// The tool entity's inputs: a cached entry is used only for the same ones.
@@ -177,89 +183,6 @@ impl EntityCache {
             }
         }
     }
-}
-
-/// The policies that can apply to one action, by tool.
-///
-/// A policy can apply to action `a` when its action scope is unconstrained,
-/// is `a`, or is `in` a group that `a` belongs to (per the schema). It can
-/// apply to tool `t` when its resource scope is unconstrained, an `is`
-/// constraint, or names `Tool::"t"` with `==` or `in` (scrip's tool entities
-/// have no parents, so `in Tool::"t"` holds for `t` alone). Anything else
-/// scrip cannot rule out is kept, so the selection only ever drops policies
-/// that could not have matched.
-#[derive(Default)]
-struct Selection {
-    /// For each tool some policy names: those policies and the ones that
-    /// name no tool.
-    by_tool: HashMap<String, PolicySet>,
-    /// For every other tool: the policies that name no tool.
-    other: PolicySet,
-}
-
-/// Which tools a policy's resource scope can match.
-enum ToolScope {
-    Any,
-    One(String),
-}
-
-fn tool_scope(policy: &Policy) -> ToolScope {
-    let named = |uid: &EntityUid| {
-        (uid.type_name().to_string() == "Tool").then(|| uid.id().unescaped().to_owned())
-    };
-    match policy.resource_constraint() {
-        ResourceConstraint::Eq(uid) | ResourceConstraint::In(uid) => {
-            named(&uid).map_or(ToolScope::Any, ToolScope::One)
-        }
-        ResourceConstraint::Any | ResourceConstraint::Is(_) | ResourceConstraint::IsIn(..) => {
-            ToolScope::Any
-        }
-    }
-}
-
-/// Builds the selections: for each action of the schema, the policies whose
-/// scope can match it, split by the tool they name.
-fn select(schema: &Schema, set: &PolicySet) -> Result<HashMap<String, Selection>, PolicyError> {
-    let groups = schema
-        .action_entities()
-        .map_err(|e| PolicyError::Validation(format!("  - action hierarchy: {e}")))?;
-    let mut selections = HashMap::new();
-    for action in schema.actions() {
-        // The action itself and every group it is in.
-        let mut lineage: HashSet<&EntityUid> = HashSet::from([action]);
-        lineage.extend(groups.ancestors(action).into_iter().flatten());
-        let applies = |policy: &Policy| match policy.action_constraint() {
-            ActionConstraint::Any => true,
-            ActionConstraint::Eq(uid) => &uid == action,
-            ActionConstraint::In(uids) => uids.iter().any(|uid| lineage.contains(uid)),
-        };
-        let mut any_tool = Vec::new();
-        let mut named: HashMap<String, Vec<&Policy>> = HashMap::new();
-        for policy in set.policies().filter(|p| applies(p)) {
-            match tool_scope(policy) {
-                ToolScope::Any => any_tool.push(policy),
-                ToolScope::One(tool) => named.entry(tool).or_default().push(policy),
-            }
-        }
-        let build = |policies: &[&Policy]| -> Result<PolicySet, PolicyError> {
-            let mut out = PolicySet::new();
-            for policy in policies {
-                out.add((*policy).clone())
-                    .map_err(|_| PolicyError::DuplicateId(policy.id().to_string()))?;
-            }
-            Ok(out)
-        };
-        let mut selection = Selection {
-            by_tool: HashMap::new(),
-            other: build(&any_tool)?,
-        };
-        for (tool, mut policies) in named {
-            policies.extend(any_tool.iter().copied());
-            selection.by_tool.insert(tool, build(&policies)?);
-        }
-        selections.insert(action.id().unescaped().to_owned(), selection);
-    }
-    Ok(selections)
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -374,11 +297,13 @@ impl PolicyEngine {
             .actions()
             .map(|a| (a.id().unescaped().to_owned(), a.clone()))
             .collect();
-        let selections = select(&schema, &set)?;
+        let guards = Guards::new(&set);
+        let selections = select(&schema, &set, &guards)?;
         Ok(Self {
             schema,
             policies: set,
             selections,
+            guards,
             authorizer: Authorizer::new(),
             actions,
             count,
@@ -426,7 +351,7 @@ impl PolicyEngine {
             .map(|s| s.by_tool.get(req.tool.name.as_str()).unwrap_or(&s.other));
         // An action the schema does not declare has no selection; the full
         // set is passed and `try_decide` denies it before evaluating.
-        self.decide_with(req, selected.unwrap_or(&self.policies))
+        self.decide_with(req, selected)
     }
 
     /// Decides one request by evaluating every policy, without the
@@ -434,11 +359,12 @@ impl PolicyEngine {
     /// must agree with, for tests and benchmarks.
     #[must_use]
     pub fn decide_evaluating_all(&self, req: &DecisionRequest<'_>) -> Decision {
-        self.decide_with(req, &self.policies)
+        self.decide_with(req, None)
     }
 
-    fn decide_with(&self, req: &DecisionRequest<'_>, policies: &PolicySet) -> Decision {
-        match self.try_decide(req, policies) {
+    /// Decides over `selected`, or over every policy when `None`.
+    fn decide_with(&self, req: &DecisionRequest<'_>, selected: Option<&Selected>) -> Decision {
+        match self.try_decide(req, selected) {
             Ok(d) => d,
             Err(reason) => {
                 tracing::warn!(%reason, "policy request could not be evaluated; denied");
@@ -450,7 +376,7 @@ impl PolicyEngine {
     fn try_decide(
         &self,
         req: &DecisionRequest<'_>,
-        policies: &PolicySet,
+        selected: Option<&Selected>,
     ) -> Result<Decision, String> {
         let Some(action) = self.actions.get(req.action.as_str()) else {
             return Ok(Decision::deny(format!(
@@ -459,6 +385,15 @@ impl PolicyEngine {
             )));
         };
         let prepared = self.prepared(req.agent, req.tool)?;
+        let narrowed = selected
+            .map(|s| s.for_agent(prepared.has))
+            .transpose()?
+            .flatten();
+        let policies = match (&narrowed, selected) {
+            (Some(narrowed), _) => narrowed.as_ref(),
+            (None, Some(s)) => &s.all,
+            (None, None) => &self.policies,
+        };
         let context = context(req.context)?;
         let request = Request::new(
             prepared.principal.clone(),
@@ -509,10 +444,17 @@ impl PolicyEngine {
             Some(&self.schema),
         )
         .map_err(|e| e.to_string())?;
+        // Read from the entity Cedar evaluates, so the bits cannot disagree
+        // with what `principal has` finds.
+        let agent_entity = entities.get(&principal);
+        let has = self
+            .guards
+            .bits(|name| agent_entity.is_some_and(|e| e.attr(name).is_some()));
         let prepared = Arc::new(Prepared {
             principal,
             resource,
             entities,
+            has,
         });
         self.entities.put(agent, tool, prepared.clone());
         Ok(prepared)
@@ -611,7 +553,7 @@ mod tests {
     fn selected(engine: &PolicyEngine, action: &str, tool: &str) -> Vec<String> {
         let selection = &engine.selections[action];
         let set = selection.by_tool.get(tool).unwrap_or(&selection.other);
-        let mut ids: Vec<String> = set.policies().map(|p| p.id().to_string()).collect();
+        let mut ids: Vec<String> = set.all.policies().map(|p| p.id().to_string()).collect();
         ids.sort_unstable();
         ids
     }
@@ -641,6 +583,44 @@ mod tests {
             ["any", "jira-read-delete"]
         );
         assert_eq!(selected(&engine, "execute", "jira"), ["any"]);
+    }
+
+    #[test]
+    fn an_agent_without_a_tested_attribute_skips_the_policies_that_test_it() {
+        let text = r#"
+            @id("any") permit (principal, action == Action::"read", resource);
+            @id("ns") permit (principal, action == Action::"read", resource)
+              when { principal has namespace && principal.namespace == "agents" };
+        "#;
+        let engine = PolicyEngine::from_sources(None, &[("t.cedar".into(), text.into())])
+            .expect("valid policies");
+        let tool = scrip_config::Tool {
+            name: scrip_token::ToolName::parse("github").expect("tool name"),
+            resource: "https://api.github.com".into(),
+            actions: vec![scrip_token::ActionName::parse("read").expect("action")],
+            labels: std::collections::BTreeMap::new(),
+        };
+        let agent = |claims: serde_json::Value| {
+            let claims = claims.as_object().cloned().unwrap_or_default();
+            scrip_token::WorkloadIdentity::from_claims("https://idp", &claims).expect("identity")
+        };
+        let k8s = agent(serde_json::json!({"sub": "k", "kubernetes.io": {"namespace": "agents"}}));
+        let github = agent(serde_json::json!({"sub": "g", "repository": "a/b", "workflow": "ci"}));
+        let selected = &engine.selections["read"].other;
+        let evaluated = |who: &scrip_token::WorkloadIdentity| {
+            let prepared = engine.prepared(who, &tool).expect("entities");
+            let set = selected.for_agent(prepared.has).expect("narrowed");
+            let mut ids: Vec<String> = set
+                .as_deref()
+                .unwrap_or(&selected.all)
+                .policies()
+                .map(|p| p.id().to_string())
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(evaluated(&k8s), ["any", "ns"]);
+        assert_eq!(evaluated(&github), ["any"]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! error; any failure to build the request denies.
 
 mod engine;
+mod selection;
 mod testfile;
 
 pub use engine::{Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket};

@@ -1,9 +1,11 @@
 //! The selection of policies by action and tool changes no decision: for a
 //! generated policy set with every kind of scope (actions `==`, `in` a list,
 //! `in` an action group, unconstrained; tools `==`, `in`, `is`,
-//! unconstrained, named but not configured), permits, forbids and
-//! conditions that error, `decide` agrees with evaluating every policy on
-//! every request.
+//! unconstrained, named but not configured), permits, forbids, conditions
+//! that error, and conditions that test agent attributes with `has` (leading
+//! the condition, after something else, in an `unless`, before an error),
+//! `decide` agrees with evaluating every policy on every request, for
+//! agents with and without those attributes.
 
 #![allow(
     clippy::unwrap_used,
@@ -43,6 +45,7 @@ impl Rng {
 }
 
 const ACTIONS: [&str; 5] = ["read", "list", "write", "delete", "execute"];
+const AGENTS: usize = 8;
 const TOOLS: usize = 6; // tools t0..t5 are configured; policies also name t6, t7
 
 fn policy(i: usize, rng: &mut Rng) -> String {
@@ -70,9 +73,9 @@ fn policy(i: usize, rng: &mut Rng) -> String {
     };
     // A forbid always has a narrow condition, or few requests would be allowed.
     let when = match if forbid {
-        1 + rng.below(2)
+        [1, 2, 6][rng.below(3)]
     } else {
-        rng.below(6)
+        rng.below(11)
     } {
         0 => String::new(),
         1 => format!(" when {{ context.environment == \"env{}\" }}", rng.below(3)),
@@ -86,17 +89,50 @@ fn policy(i: usize, rng: &mut Rng) -> String {
         ),
         4 => " when { context.approved }".to_owned(),
         // Overflows, for two of the agents: Cedar skips the policy, scrip denies.
-        _ => format!(
+        5 => format!(
             " when {{ (principal.subject == \"agent-1\" || principal.subject == \"agent-{}\") && context.now * 10000000000 > 0 }}",
             1 + 2 * rng.below(2)
+        ),
+        6 => format!(
+            " when {{ principal has namespace && principal.namespace == \"ns{}\" }}",
+            rng.below(2)
+        ),
+        // Errors for the Kubernetes agents with a pod, is false for the others.
+        7 => " when { principal has namespace && principal has pod && context.now * 10000000000 > 0 }"
+            .to_owned(),
+        // The test comes after the error: it must not leave the policy out.
+        8 => " when { principal.subject == \"agent-4\" && context.now * 10000000000 > 0 && principal has repository }"
+            .to_owned(),
+        // True for the agents without the attribute.
+        9 => " unless { principal has namespace }".to_owned(),
+        _ => format!(
+            " when {{ principal has repository }} when {{ principal.repository like \"team{}/*\" }}",
+            rng.below(2)
         ),
     };
     format!("@id(\"p{i}\")\n{effect} (principal, {action}, {resource}){when};\n")
 }
 
+/// Agent `n`: without optional attributes (n % 3 = 0), a Kubernetes one
+/// with a `namespace` and for odd n a `pod` (n % 3 = 1), a GitHub Actions
+/// one with a `repository` (n % 3 = 2).
 fn agent(n: usize) -> WorkloadIdentity {
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), format!("agent-{n}").into());
+    match n % 3 {
+        1 => {
+            let mut k8s = serde_json::json!({"namespace": format!("ns{}", n % 2)});
+            if n % 2 == 1 {
+                k8s["pod"] = serde_json::json!({"name": format!("pod-{n}")});
+            }
+            claims.insert("kubernetes.io".into(), k8s);
+        }
+        2 => {
+            claims.insert("repository".into(), format!("team{}/r{n}", n % 2).into());
+            claims.insert("workflow".into(), "ci".into());
+        }
+        _ => {}
+    }
     WorkloadIdentity::from_claims("https://idp.test", &claims).expect("identity")
 }
 
@@ -128,7 +164,7 @@ fn selection_agrees_with_evaluating_every_policy() {
     .expect("generated policies validate");
     assert_eq!(engine.len(), 240);
 
-    let agents: Vec<_> = (0..5).map(agent).collect();
+    let agents: Vec<_> = (0..AGENTS).map(agent).collect();
     let tools: Vec<_> = (0..TOOLS).map(tool).collect();
     let actions: Vec<_> = ACTIONS
         .iter()
@@ -189,7 +225,7 @@ fn selection_agrees_with_evaluating_every_policy() {
         }
     }
     // The generated set exercises every outcome, or the comparison says little.
-    assert_eq!(compared, 5 * TOOLS * 6 * 3 * 2);
+    assert_eq!(compared, AGENTS * TOOLS * 6 * 3 * 2);
     assert!(
         allowed > 50 && forbidden > 50 && errors > 50,
         "allowed {allowed}, forbidden {forbidden}, errors {errors}"

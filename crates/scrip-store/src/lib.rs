@@ -15,6 +15,7 @@ mod model;
 mod postgres;
 mod rows;
 mod sqlite;
+mod sqlite_writer;
 mod writer;
 
 pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};

@@ -38,28 +38,29 @@ pub(crate) trait Cols {
 }
 
 macro_rules! impl_cols {
-    ($row:ty) => {
+    ($row:ty, $get:path) => {
         impl Cols for $row {
             fn text(&self, col: &str) -> Result<String, StoreError> {
-                sqlx::Row::try_get(self, col).map_err(corrupt)
+                $get(self, col).map_err(corrupt)
             }
             fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
-                sqlx::Row::try_get(self, col).map_err(corrupt)
+                $get(self, col).map_err(corrupt)
             }
             fn int(&self, col: &str) -> Result<i64, StoreError> {
-                sqlx::Row::try_get(self, col).map_err(corrupt)
+                $get(self, col).map_err(corrupt)
             }
             fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
-                sqlx::Row::try_get(self, col).map_err(corrupt)
+                $get(self, col).map_err(corrupt)
             }
             fn bytes(&self, col: &str) -> Result<Vec<u8>, StoreError> {
-                sqlx::Row::try_get(self, col).map_err(corrupt)
+                $get(self, col).map_err(corrupt)
             }
         }
     };
 }
-impl_cols!(sqlx::sqlite::SqliteRow);
-impl_cols!(sqlx::postgres::PgRow);
+impl_cols!(sqlx::sqlite::SqliteRow, sqlx::Row::try_get);
+impl_cols!(sqlx::postgres::PgRow, sqlx::Row::try_get);
+impl_cols!(rusqlite::Row<'_>, rusqlite::Row::get);
 
 /// The columns [`task`] reads.
 macro_rules! task_columns {

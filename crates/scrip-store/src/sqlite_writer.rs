@@ -1,0 +1,481 @@
+//! The embedded store's one write connection, driven synchronously on the
+//! writer's own thread ([`crate::writer::Writer::spawn_on_own_thread`]).
+//!
+//! Reads go through sqlx's pool ([`crate::sqlite`]); writes do not. sqlx
+//! runs every SQLite connection on a worker thread of its own and sends
+//! each statement there and each result back, two thread switches per
+//! statement, and a group commit is several statements (`BEGIN`, the
+//! inserts, `COMMIT`). Measured on the exchange path, that worker thread
+//! spent most of its time in the scheduler, not in SQLite (BENCHMARKS.md).
+//! Here the writer thread runs the statements itself, through rusqlite,
+//! which links the same SQLite library as sqlx.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
+
+use crate::chain::ChainState;
+use crate::rows::{self, key_columns, to_i64};
+use crate::writer::Apply;
+use crate::{AuditEvent, ChainLink, StoreError, Write};
+
+/// How often, at most, the writer checkpoints the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// The WAL file is truncated back to this size (bytes) after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+/// How long a write waits for a lock another process holds.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].
+fn failed(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, message) = &e
+        && matches!(
+            f.extended_code,
+            rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+        )
+    {
+        return StoreError::Conflict(message.clone().unwrap_or_else(|| e.to_string()));
+    }
+    unavailable(e)
+}
+
+/// Opens the write connection on a database the migrations already set up.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // `synchronous=FULL`: a commit returns once the WAL is fsync'd.
+    // `wal_autocheckpoint=0`: see `after_commit`.
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}; PRAGMA wal_autocheckpoint = 0;"
+    ))?;
+    Ok(conn)
+}
+
+/// The writer's connection; [`Apply`] for the SQLite store.
+pub(crate) struct SqliteWriter {
+    conn: Option<Connection>,
+    path: PathBuf,
+    checkpointed: Instant,
+}
+
+impl SqliteWriter {
+    /// Opens the write connection to the database at `path`.
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn =
+            connect(path).map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
+        Ok(Self {
+            conn: Some(conn),
+            path: path.to_path_buf(),
+            checkpointed: Instant::now(),
+        })
+    }
+
+    fn apply_now(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            empty => empty.insert(connect(&self.path).map_err(unavailable)?),
+        };
+        let result = apply_on(conn, writes, chain);
+        if matches!(result, Err(StoreError::Unavailable(_))) {
+            // Start afresh next time: the connection may be what is broken.
+            self.conn = None;
+        }
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Apply for SqliteWriter {
+    async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
+        self.apply_now(writes, chain)
+    }
+
+    /// Checkpoints the WAL into the database file, at most every
+    /// [`CHECKPOINT_EVERY`], once the batch's callers have their answers.
+    /// The writer connection does not checkpoint inside a commit
+    /// (`wal_autocheckpoint = 0`): SQLite's automatic checkpoint runs in the
+    /// commit that crosses its threshold and adds its writes and fsyncs to
+    /// that group commit's wait. Here no commit is in flight, so the
+    /// checkpoint copies every frame and the next commit starts the WAL
+    /// over (truncated to `journal_size_limit`), keeping it small.
+    /// Durability is the WAL's (`synchronous=FULL`); a failed checkpoint
+    /// is retried next time.
+    async fn after_commit(&mut self) {
+        if self.checkpointed.elapsed() < CHECKPOINT_EVERY {
+            return;
+        }
+        self.checkpointed = Instant::now();
+        if let Some(c) = &self.conn
+            && let Err(e) = c.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
+    }
+}
+
+/// Audit rows per `INSERT` statement at most: a batch is inserted in chunks
+/// of 32, 16, 8, 4, 2 and 1 rows, so at most six statements are prepared
+/// (14 parameters a row, far below SQLite's limit).
+const AUDIT_CHUNK: usize = 32;
+
+/// One chained audit row, ready to bind.
+struct AuditRow {
+    event: AuditEvent,
+    at_ms: i64,
+    chain_id: String,
+    chain_seq: i64,
+    hash: String,
+    record: String,
+}
+
+/// Chains `event` onto `chain` and returns its row.
+fn audit_row(event: &AuditEvent, chain: &mut ChainState) -> Result<AuditRow, StoreError> {
+    let (event, record, hash) = chain.append(event).map_err(unavailable)?;
+    Ok(AuditRow {
+        at_ms: to_i64(event.at_ms),
+        event,
+        chain_id: chain.id.clone(),
+        chain_seq: to_i64(chain.seq),
+        hash,
+        record,
+    })
+}
+
+/// The audit `INSERT` for 2^k rows, at index k (k = 0..=5).
+static AUDIT_INSERTS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    (0..=AUDIT_CHUNK.ilog2())
+        .map(|k| {
+            format!(
+                "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, \
+                 parent_id, tool, jti, replica, chain_id, chain_seq, hash, record) VALUES {}",
+                vec![ROW; 1 << k].join(", ")
+            )
+        })
+        .collect()
+});
+
+/// Inserts `rows` in order, several to a statement.
+fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRow]) -> Result<(), StoreError> {
+    let mut rest = rows;
+    while !rest.is_empty() {
+        // The largest power of two that fits, up to the chunk size.
+        let k = rest.len().min(AUDIT_CHUNK).ilog2();
+        let (chunk, tail) = rest.split_at(1 << k);
+        rest = tail;
+        let Some(sql) = usize::try_from(k).ok().and_then(|k| AUDIT_INSERTS.get(k)) else {
+            return Err(StoreError::Unavailable("audit statement missing".into()));
+        };
+        let values = chunk.iter().flat_map(|r| {
+            let e = &r.event;
+            [
+                &r.at_ms as &dyn rusqlite::ToSql,
+                &e.event,
+                &e.decision,
+                &e.agent_iss,
+                &e.agent_sub,
+                &e.task_id,
+                &e.parent_id,
+                &e.tool,
+                &e.jti,
+                &e.replica,
+                &r.chain_id,
+                &r.chain_seq,
+                &r.hash,
+                &r.record,
+            ]
+        });
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(values)))
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// The head of every chain in the store.
+fn chain_heads(tx: &Transaction<'_>) -> Result<Vec<ChainLink>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            // A skip scan over the (chain_id, chain_seq) index: one index probe
+            // per chain instead of reading every record (a GROUP BY takes ~0.1 s
+            // per million records, and this runs at every start).
+            "WITH RECURSIVE chains(id) AS (SELECT MIN(chain_id) FROM audit \
+             UNION ALL SELECT (SELECT MIN(chain_id) FROM audit WHERE chain_id > chains.id) \
+             FROM chains WHERE chains.id IS NOT NULL) \
+             SELECT a.chain_id, a.chain_seq, a.hash FROM chains JOIN audit a ON a.chain_id = chains.id \
+             AND a.chain_seq = (SELECT MAX(chain_seq) FROM audit WHERE chain_id = chains.id) \
+             ORDER BY a.seq",
+        )
+        .map_err(unavailable)?;
+    let links = stmt
+        .query_map([], |row| Ok(rows::chain_link(row)))
+        .map_err(unavailable)?;
+    links
+        .map(|l| l.map_err(unavailable).and_then(|r| r))
+        .collect()
+}
+
+/// Runs one statement of the transaction.
+fn run(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
+}
+
+fn apply_on(
+    conn: &mut Connection,
+    writes: &[&Write],
+    chain: &mut ChainState,
+) -> Result<(), StoreError> {
+    // IMMEDIATE takes the write lock up front: a deferred transaction that
+    // reads (the chain heads) and then writes fails at once with "busy" when
+    // another connection wrote in between, instead of waiting for it.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    // Audit rows are chained in the order of `writes` and inserted together
+    // at the end of the transaction.
+    let mut audit = Vec::new();
+    if let Some(event) = chain.genesis_for(writes) {
+        let mut event = event;
+        event.links = chain_heads(&tx)?;
+        audit.push(audit_row(&event, chain)?);
+    }
+    for write in writes {
+        apply_one(&tx, write)?;
+        if let Write::Audit(a) = write {
+            audit.push(audit_row(a, chain)?);
+        }
+    }
+    insert_audit(&tx, &audit)?;
+    tx.commit().map_err(unavailable)
+}
+
+/// Applies one write other than an audit record (those are chained and
+/// inserted together by [`apply_on`]).
+fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
+    match write {
+        Write::Audit(_) => {}
+        Write::InsertTask(t) => {
+            let (agent, actor, may_act) = rows::task_json(t)?;
+            run(
+                tx,
+                "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
+                 environment, depth, token_jti, created_at, expires_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    t.id,
+                    t.parent,
+                    agent,
+                    actor,
+                    may_act,
+                    t.agent.issuer,
+                    t.agent.subject,
+                    t.grants,
+                    t.purpose,
+                    t.environment,
+                    i64::from(t.depth),
+                    t.token_jti,
+                    to_i64(t.created_at),
+                    to_i64(t.expires_at),
+                ],
+            )
+            .map_err(failed)?;
+        }
+        Write::EndTask { id, at, reason } => {
+            let at = to_i64(*at);
+            run(
+                tx,
+                "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                 INSERT INTO revocations (kind, txn, jti, exp, at) \
+                 SELECT 'task', id, NULL, expires_at, ?2 FROM tasks WHERE id IN sub AND ended_at IS NULL AND expires_at > ?2",
+                params![id, at],
+            )
+            .map_err(unavailable)?;
+            run(
+                tx,
+                "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                 UPDATE tasks SET ended_at = ?2, end_reason = CASE WHEN id = ?1 THEN ?3 ELSE 'parent ended' END \
+                 WHERE id IN sub AND ended_at IS NULL",
+                params![id, at, reason],
+            )
+            .map_err(unavailable)?;
+        }
+        Write::RevokeToken {
+            jti,
+            task_id,
+            expires_at,
+            at,
+        }
+        | Write::ClaimToken {
+            jti,
+            task_id,
+            expires_at,
+            at,
+        } => {
+            let once = matches!(write, Write::ClaimToken { .. });
+            let (expires_at, at) = (to_i64(*expires_at), to_i64(*at));
+            let inserted = run(
+                tx,
+                if once {
+                    "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)"
+                } else {
+                    "INSERT OR IGNORE INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)"
+                },
+                params![jti, task_id, expires_at, at],
+            )
+            .map_err(failed)?;
+            if inserted > 0 {
+                run(
+                    tx,
+                    "INSERT INTO revocations (kind, txn, jti, exp, at) VALUES ('token', ?, ?, ?, ?)",
+                    params![task_id, jti, expires_at, at],
+                )
+                .map_err(unavailable)?;
+            }
+        }
+        Write::PurgeRevocations { now } => {
+            let now = to_i64(*now);
+            for sql in [
+                "DELETE FROM revoked_tokens WHERE expires_at <= ?",
+                "DELETE FROM revocations WHERE exp <= ?",
+                "DELETE FROM signing_keys WHERE publish_until <= ?",
+            ] {
+                run(tx, sql, [now]).map_err(unavailable)?;
+            }
+        }
+        Write::InsertApproval(a) => {
+            run(
+                tx,
+                "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    a.id,
+                    a.task_id,
+                    a.tool,
+                    a.actions,
+                    a.state.as_str(),
+                    to_i64(a.created_at),
+                    to_i64(a.expires_at),
+                ],
+            )
+            .map_err(failed)?;
+        }
+        Write::UpdateApproval {
+            id,
+            from,
+            to,
+            by,
+            at,
+            reason,
+            token_jti,
+        } => {
+            run(
+                tx,
+                "UPDATE approvals SET state = ?1, \
+                 decided_by = COALESCE(?2, decided_by), decided_at = CASE WHEN ?2 IS NULL THEN decided_at ELSE ?3 END, \
+                 reason = COALESCE(?4, reason), token_jti = COALESCE(?5, token_jti) \
+                 WHERE id = ?6 AND state = ?7",
+                params![
+                    to.as_str(),
+                    by,
+                    to_i64(*at),
+                    reason,
+                    token_jti,
+                    id,
+                    from.as_str(),
+                ],
+            )
+            .map_err(unavailable)?;
+        }
+        Write::PutSecret {
+            secret,
+            purge_retired_before,
+        } => {
+            run(
+                tx,
+                "UPDATE secrets SET retired_at = ? \
+                 WHERE name = ? AND action = ? AND retired_at IS NULL",
+                params![to_i64(secret.created_at), secret.name, secret.action],
+            )
+            .map_err(unavailable)?;
+            run(
+                tx,
+                "DELETE FROM secrets WHERE name = ? AND action = ? \
+                 AND retired_at IS NOT NULL AND retired_at <= ?",
+                params![secret.name, secret.action, to_i64(*purge_retired_before)],
+            )
+            .map_err(unavailable)?;
+            run(
+                tx,
+                "INSERT INTO secrets (name, action, version, sealed, created_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+                params![
+                    secret.name,
+                    secret.action,
+                    i64::from(secret.version),
+                    secret.sealed,
+                    to_i64(secret.created_at),
+                ],
+            )
+            .map_err(failed)?;
+        }
+        Write::Checkpoint(c) => {
+            run(
+                tx,
+                "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) VALUES (?, ?, ?, ?, ?)",
+                params![
+                    c.chain_id,
+                    to_i64(c.chain_seq),
+                    c.hash,
+                    to_i64(c.at_ms),
+                    c.signature
+                ],
+            )
+            .map_err(unavailable)?;
+        }
+        Write::InsertKey(k) => {
+            run(
+                tx,
+                concat!(
+                    "INSERT INTO signing_keys (",
+                    key_columns!(),
+                    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                params![
+                    k.kid,
+                    k.purpose.as_str(),
+                    k.alg,
+                    k.public_jwk,
+                    k.sealed,
+                    to_i64(k.created_at),
+                    to_i64(k.active_at),
+                    k.retired_at.map(to_i64),
+                    k.publish_until.map(to_i64),
+                ],
+            )
+            .map_err(failed)?;
+        }
+        Write::RetireKey {
+            kid,
+            at,
+            publish_until,
+        } => {
+            run(
+                tx,
+                "UPDATE signing_keys SET retired_at = ?1, publish_until = ?2 \
+                 WHERE kid = ?3 AND retired_at IS NULL",
+                params![to_i64(*at), to_i64(*publish_until), kid],
+            )
+            .map_err(unavailable)?;
+        }
+    }
+    Ok(())
+}
