@@ -117,14 +117,18 @@ enum Command {
     /// Approve a pending step: the agent then gets one single-use token for
     /// exactly that step.
     Approve {
-        /// The approval id (auth_req_id), from `scrip approvals`.
+        /// The approval id (auth_req_id), from `scrip approvals` (it may
+        /// start with `-`).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         #[command(flatten)]
         approver: approve::ApproverArgs,
     },
     /// Deny a pending step.
     Deny {
-        /// The approval id (auth_req_id), from `scrip approvals`.
+        /// The approval id (auth_req_id), from `scrip approvals` (it may
+        /// start with `-`).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Why: the agent sees it.
         #[arg(long)]

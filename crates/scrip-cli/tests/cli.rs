@@ -216,6 +216,31 @@ fn mode(path: &Path) -> u32 {
 
 // --- help and usage --------------------------------------------------------
 
+/// Approval ids are base64url and start with `-` one time in 64: `approve`
+/// and `deny` take such an id as the id, not as an unknown flag, and still
+/// answer `--help`.
+#[test]
+fn an_approval_id_may_start_with_a_hyphen() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let socket = socket.to_str().unwrap();
+    for args in [
+        &["approve", "-dXYZ", "--socket", socket][..],
+        &["deny", "-dXYZ", "--reason", "no", "--socket", socket][..],
+    ] {
+        let out = run(args);
+        let stderr = text(&out.stderr);
+        // Past the argument parser: it fails on the missing socket instead.
+        assert_ne!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("socket"), "{args:?}: {stderr}");
+    }
+    for command in ["approve", "deny"] {
+        let out = run(&[command, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("<ID>"), "{}", text(&out.stdout));
+    }
+}
+
 #[test]
 fn help_describes_every_command() {
     let cases: &[(&[&str], &[&str])] = &[
