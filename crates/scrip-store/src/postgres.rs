@@ -25,7 +25,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::watch;
 
 use crate::chain::ChainState;
-use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64};
+use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
 use crate::writer::{Apply, Changes, Writer};
 use crate::{
     Approval, AuditEvent, AuditFilter, ChainLink, Checkpoint, Revocation, SecretRecord, Store,
@@ -52,10 +52,6 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         self.listener.abort();
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 /// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].

@@ -21,6 +21,11 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
+/// A store that could not be read or written (the same for every backend).
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
 /// Typed column access, the same for a SQLite and a PostgreSQL row.
 pub(crate) trait Cols {
     fn text(&self, col: &str) -> Result<String, StoreError>;

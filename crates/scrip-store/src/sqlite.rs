@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions as _, Connection as _};
 
-use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64};
+use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
 use crate::sqlite_writer::SqliteWriter;
 use crate::writer::{Changes, Writer};
 use crate::{
@@ -29,10 +29,6 @@ use crate::{
 pub struct SqliteStore {
     reads: SqlitePool,
     writer: Writer,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 impl SqliteStore {

@@ -5,10 +5,10 @@
 //! runs every SQLite connection on a worker thread of its own and sends
 //! each statement there and each result back, two thread switches per
 //! statement, and a group commit is several statements (`BEGIN`, the
-//! inserts, `COMMIT`). Measured on the exchange path, that worker thread
-//! spent most of its time in the scheduler, not in SQLite (BENCHMARKS.md).
-//! Here the writer thread runs the statements itself, through rusqlite,
-//! which links the same SQLite library as sqlx.
+//! inserts, `COMMIT`). Profiled, that worker thread spent most of its time
+//! in the scheduler, not in SQLite; running the statements on the writer
+//! thread itself, through rusqlite (which links the same SQLite library as
+//! sqlx), made task starts 23 % faster (BENCHMARKS.md, "Fourth pass").
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 
 use crate::chain::ChainState;
-use crate::rows::{self, key_columns, to_i64};
+use crate::rows::{self, key_columns, to_i64, unavailable};
 use crate::writer::Apply;
 use crate::{AuditEvent, ChainLink, StoreError, Write};
 
@@ -26,10 +26,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// How long a write waits for a lock another process holds.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
 
 /// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].
 fn failed(e: rusqlite::Error) -> StoreError {
