@@ -2,8 +2,8 @@
 //!
 //! The writer ([`crate::writer`]) owns the only write connection
 //! ([`crate::sqlite_writer`], run on the writer's own thread) and group
-//! commits: concurrent requests share a single fsync, and it checkpoints the
-//! WAL between commits. Reads use a small sqlx pool of read-only
+//! commits: concurrent requests share a single fsync. A checkpointer thread
+//! beside it copies the WAL into the database. Reads use a small sqlx pool of read-only
 //! connections, which WAL lets run beside the writer. After a failed write
 //! the writer drops its connection and opens a new one for the next batch,
 //! so the store recovers by itself once the disk does.

@@ -11,6 +11,8 @@
 //! sqlx), made task starts 23 % faster (BENCHMARKS.md, "Fourth pass").
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
@@ -20,8 +22,11 @@ use crate::rows::{self, key_columns, to_i64, unavailable};
 use crate::writer::Apply;
 use crate::{AuditEvent, ChainLink, StoreError, Write};
 
-/// How often, at most, the writer checkpoints the WAL into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How often, at most, the writer wakes the checkpointer.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL frames (pages) past which the writer finishes a checkpoint itself,
+/// so that the WAL starts over (16 MiB with 4 KiB pages).
+const CATCH_UP_FRAMES: i64 = 4096;
 /// The WAL file is truncated back to this size (bytes) after a checkpoint.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// How long a write waits for a lock another process holds.
@@ -49,9 +54,15 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // `synchronous=FULL`: a commit returns once the WAL is fsync'd.
     // `wal_autocheckpoint=0`: see `after_commit`.
+    // `temp_store=MEMORY`: a multi-row `INSERT` keeps a statement journal
+    // (the pages it changed, to undo just that statement), and past 64 KiB
+    // SQLite spills it to a new file in the temporary directory: a file
+    // created, written and unlinked for each group commit. In memory it is
+    // never spilled. It is not needed to recover after a crash (the WAL is).
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}; PRAGMA wal_autocheckpoint = 0;"
+         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}; PRAGMA wal_autocheckpoint = 0; \
+         PRAGMA temp_store = MEMORY;"
     ))?;
     Ok(conn)
 }
@@ -60,18 +71,27 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 pub(crate) struct SqliteWriter {
     conn: Option<Connection>,
     path: PathBuf,
-    checkpointed: Instant,
+    checkpointer: Checkpointer,
+    woke: Instant,
+    /// [`CHECKPOINT_EVERY`] and [`CATCH_UP_FRAMES`] (smaller in tests).
+    wake_every: Duration,
+    catch_up_frames: i64,
 }
 
 impl SqliteWriter {
-    /// Opens the write connection to the database at `path`.
+    /// Opens the write connection to the database at `path`, and starts
+    /// the checkpointer beside it.
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn =
-            connect(path).map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
+        let open = |e: rusqlite::Error| StoreError::Open(format!("`{}`: {e}", path.display()));
+        let conn = connect(path).map_err(open)?;
+        let checkpointer = Checkpointer::start(connect(path).map_err(open)?, path)?;
         Ok(Self {
             conn: Some(conn),
             path: path.to_path_buf(),
-            checkpointed: Instant::now(),
+            checkpointer,
+            woke: Instant::now(),
+            wake_every: CHECKPOINT_EVERY,
+            catch_up_frames: CATCH_UP_FRAMES,
         })
     }
 
@@ -95,26 +115,110 @@ impl Apply for SqliteWriter {
         self.apply_now(writes, chain)
     }
 
-    /// Checkpoints the WAL into the database file, at most every
-    /// [`CHECKPOINT_EVERY`], once the batch's callers have their answers.
-    /// The writer connection does not checkpoint inside a commit
-    /// (`wal_autocheckpoint = 0`): SQLite's automatic checkpoint runs in the
-    /// commit that crosses its threshold and adds its writes and fsyncs to
-    /// that group commit's wait. Here no commit is in flight, so the
-    /// checkpoint copies every frame and the next commit starts the WAL
-    /// over (truncated to `journal_size_limit`), keeping it small.
-    /// Durability is the WAL's (`synchronous=FULL`); a failed checkpoint
-    /// is retried next time.
+    /// Keeps the WAL short without holding up commits. The writer
+    /// connection never checkpoints inside a commit (`wal_autocheckpoint =
+    /// 0`: SQLite's automatic checkpoint would run in the commit that
+    /// crosses its threshold, and add its writes and the database file's
+    /// sync to that group commit's wait). Instead, at most every
+    /// [`CHECKPOINT_EVERY`], the writer wakes the [`Checkpointer`], which
+    /// copies the WAL into the database on its own thread while commits go
+    /// on. Frames committed during its pass stay in the WAL; when it reports
+    /// [`CATCH_UP_FRAMES`] or more, the writer copies those few itself,
+    /// between two commits, so the next commit starts the WAL over
+    /// (truncated to `journal_size_limit`). Durability is the WAL's
+    /// (`synchronous=FULL`); a checkpoint that fails is retried later.
     async fn after_commit(&mut self) {
-        if self.checkpointed.elapsed() < CHECKPOINT_EVERY {
-            return;
+        if self.woke.elapsed() >= self.wake_every {
+            self.woke = Instant::now();
+            self.checkpointer.wake();
         }
-        self.checkpointed = Instant::now();
-        if let Some(c) = &self.conn
-            && let Err(e) = c.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+        if self.checkpointer.frames() >= self.catch_up_frames
+            && let Some(c) = &self.conn
         {
-            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+            match checkpoint(c) {
+                // Busy: the checkpointer is in a pass; try after the next commit.
+                Ok(report) if !report.busy => self.checkpointer.caught_up(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
+            }
         }
+    }
+}
+
+/// What `PRAGMA wal_checkpoint` reports.
+struct CheckpointReport {
+    /// Another connection held a lock the checkpoint needed (in `PASSIVE`
+    /// mode it then did what it could without waiting).
+    busy: bool,
+    /// Frames in the WAL.
+    frames: i64,
+}
+
+/// A `PASSIVE` checkpoint: copies what it can of the WAL into the database
+/// without waiting for, or blocking, readers and the writer.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<CheckpointReport> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok(CheckpointReport {
+            busy: row.get::<_, i64>(0)? != 0,
+            frames: row.get(1)?,
+        })
+    })
+}
+
+/// Copies the WAL into the database file on a thread of its own, each time
+/// the writer wakes it: a pass writes the pages changed since the last one
+/// and syncs the database file, which would otherwise hold up the next
+/// group commit (SQLite lets a checkpoint run beside the writer). It
+/// reports how long the WAL has grown, and stops when the writer is dropped.
+struct Checkpointer {
+    wake: std::sync::mpsc::SyncSender<()>,
+    frames: Arc<AtomicI64>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection, path: &Path) -> Result<Self, StoreError> {
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let frames = Arc::new(AtomicI64::new(0));
+        let reported = frames.clone();
+        let path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("scrip-checkpoint".into())
+            .spawn(move || {
+                let mut conn = Some(conn);
+                while woken.recv().is_ok() {
+                    let c = match conn.take().map_or_else(|| connect(&path), Ok) {
+                        Ok(c) => conn.insert(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot open the checkpoint connection; will retry");
+                            continue;
+                        }
+                    };
+                    match checkpoint(c) {
+                        Ok(report) => reported.store(report.frames, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                            conn = None;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Open(format!("cannot start the WAL checkpointer: {e}")))?;
+        Ok(Self { wake, frames })
+    }
+
+    /// Asks for a pass, unless one is already asked for.
+    fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Frames in the WAL after the checkpointer's last pass.
+    fn frames(&self) -> i64 {
+        self.frames.load(Ordering::Relaxed)
+    }
+
+    /// The writer checkpointed the rest; the WAL starts over.
+    fn caught_up(&self) {
+        self.frames.store(0, Ordering::Relaxed);
     }
 }
 
@@ -474,4 +578,62 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SqliteStore;
+
+    /// Under a steady stream of commits the WAL is copied into the database
+    /// beside the writer and still starts over, so it stays short.
+    #[tokio::test]
+    async fn the_wal_stays_short_while_commits_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.db");
+        drop(SqliteStore::open(&path).await.unwrap()); // migrations
+        let mut writer = SqliteWriter::open(&path).unwrap();
+        writer.wake_every = Duration::ZERO;
+        writer.catch_up_frames = 128;
+        let mut chain = ChainState::new(crate::chain::new_chain_id().unwrap());
+        // Each record is about a page, so 300 commits of 8 write more than
+        // 2,400 frames.
+        let (commits, rows) = (300, 8);
+        for i in 0..commits {
+            let batch: Vec<Write> = (0..rows)
+                .map(|j| {
+                    Write::Audit(Box::new(AuditEvent {
+                        event: "test.record".into(),
+                        reason: Some(format!("{i}.{j} {}", "x".repeat(3000))),
+                        ..AuditEvent::default()
+                    }))
+                })
+                .collect();
+            let refs: Vec<&Write> = batch.iter().collect();
+            writer.apply(&refs, &mut chain).await.unwrap();
+            writer.after_commit().await;
+        }
+        let written = u64::try_from(commits * rows).unwrap() * 4096;
+        let wal = std::fs::metadata(dir.path().join("scrip.db-wal"))
+            .unwrap()
+            .len();
+        let db = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            wal < written / 2,
+            "the WAL grew to {wal} bytes for {written} bytes of records: it never started over"
+        );
+        assert!(
+            db > written / 2,
+            "the database file is {db} bytes for {written} bytes of records: the WAL was not copied into it"
+        );
+        let read = Connection::open(&path).unwrap();
+        let n: i64 = read
+            .query_row(
+                "SELECT count(*) FROM audit WHERE event = 'test.record'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, i64::from(commits * rows));
+    }
 }
