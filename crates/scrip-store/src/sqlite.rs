@@ -1,12 +1,13 @@
 //! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
 //!
-//! The writer ([`crate::writer`]) owns the only write connection
-//! ([`crate::sqlite_writer`], run on the writer's own thread) and group
-//! commits: concurrent requests share a single fsync. A checkpointer thread
-//! beside it copies the WAL into the database. Reads use a small sqlx pool of read-only
-//! connections, which WAL lets run beside the writer. After a failed write
-//! the writer drops its connection and opens a new one for the next batch,
-//! so the store recovers by itself once the disk does.
+//! The writer ([`crate::writer`]) owns the only connection that changes
+//! data ([`crate::sqlite_writer`], run on the writer's own thread) and
+//! group commits: concurrent requests share a single fsync. A checkpointer
+//! thread beside it copies the WAL into the database file. Reads use a
+//! small sqlx pool of read-only connections, which WAL lets run beside the
+//! writer. After a failed write the writer drops its connection and opens a
+//! new one for the next batch, so the store recovers by itself once the
+//! disk does.
 
 use std::path::Path;
 use std::time::Duration;
