@@ -53,7 +53,7 @@ pub(crate) trait Apply: Send + 'static {
     async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError>;
 
     /// Housekeeping after a batch's callers were answered (SQLite
-    /// checkpoints its WAL here).
+    /// wakes its WAL checkpointer here, and copies what the checkpointer left).
     async fn after_commit(&mut self) {}
 }
 
