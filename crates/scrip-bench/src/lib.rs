@@ -23,6 +23,11 @@
 //!   the latency is from sending the revocation to the feed answering it
 //!   (needs `--replicas` of 2 or more to cross replicas).
 //!
+//! `--sched` adds a line per scenario: for each thread name of the server
+//! and of this generator, the cores spent on a CPU and the cores spent
+//! runnable but waiting for one ([`sched`]). `--signing-algorithm` sets the
+//! started scrip's `signing_algorithm`.
+//!
 //! With `--database-url` it starts `--replicas` scrip processes on that
 //! PostgreSQL database (one issuer, one key-encryption key) and spreads the
 //! connections evenly over them; peak RSS and server CPU are replica 0's.
@@ -33,6 +38,7 @@
 pub mod idp;
 pub mod load;
 pub mod prefill;
+pub mod sched;
 pub mod server;
 pub mod upstream;
 
@@ -88,6 +94,32 @@ impl Scenario {
             Self::Revoke => "revoke",
             Self::Propagation => "propagation",
             Self::Proxy => "proxy",
+        }
+    }
+}
+
+/// The algorithm the started scrip signs its tokens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SigningAlgorithm {
+    /// ECDSA P-256 (scrip's default).
+    #[value(name = "ES256")]
+    Es256,
+    /// Ed25519.
+    #[value(name = "EdDSA")]
+    EdDsa,
+    /// RSA 2048 with SHA-256.
+    #[value(name = "RS256")]
+    Rs256,
+}
+
+impl SigningAlgorithm {
+    /// Its name in scrip's configuration.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Es256 => "ES256",
+            Self::EdDsa => "EdDSA",
+            Self::Rs256 => "RS256",
         }
     }
 }
@@ -163,6 +195,12 @@ pub struct Args {
     /// With --prefill-tasks: about this many audit records in all (at least two per task).
     #[arg(long, default_value_t = 0, requires = "prefill_tasks")]
     pub prefill_records: u64,
+    /// The started scrip's `signing_algorithm` (default: scrip's own, ES256).
+    #[arg(long, value_name = "ALG", conflicts_with = "url")]
+    pub signing_algorithm: Option<SigningAlgorithm>,
+    /// After each scenario, print where each thread's time went: cores on a CPU and cores runnable but waiting for one, per thread name, for the server (replica 0) and this generator (from /proc/<pid>/task/*/schedstat).
+    #[arg(long)]
+    pub sched: bool,
 }
 
 fn positive_rate(s: &str) -> std::result::Result<f64, String> {
@@ -391,7 +429,14 @@ async fn run(args: &Args) -> Result<bool> {
         // The proxy scenario's upstream and the key it demands.
         let key = scrip_jose::random_id()?;
         let legacy = upstream::start(key.clone()).await?;
-        let setup = server::prepare(&policy_src, args.policies, &idp, shared, legacy.port)?;
+        let setup = server::prepare(
+            &policy_src,
+            args.policies,
+            &idp,
+            shared,
+            legacy.port,
+            args.signing_algorithm.map(SigningAlgorithm::name),
+        )?;
         upstream = Some(legacy);
         let target = Target::loopback(setup.port)?;
         let scrip = args.scrip.clone().unwrap_or_else(default_scrip);
@@ -441,10 +486,13 @@ async fn run(args: &Args) -> Result<bool> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mem = server::memory(running.pid);
         say(&format!(
-            "# scrip {} pid {} | {} Cedar policies | store: new {} | ready after {:.1} ms | idle rss {}",
+            "# scrip {} pid {} | {} Cedar policies | signs {} | store: new {} | ready after {:.1} ms | idle rss {}",
             scrip.display(),
             running.pid,
             setup.policies,
+            args.signing_algorithm
+                .unwrap_or(SigningAlgorithm::Es256)
+                .name(),
             if args.database_url.is_some() {
                 format!("PostgreSQL, {} replicas", targets.len())
             } else {
@@ -589,6 +637,8 @@ async fn run(args: &Args) -> Result<bool> {
         };
         let server_before = pid.map(|p| server::cpu_ticks(&p.to_string()));
         let client_before = server::cpu_ticks("self");
+        let sched_before = args.sched.then(|| sched_snapshots(pid));
+        let started = std::time::Instant::now();
         let outcome = load::drive(
             &targets,
             workload,
@@ -602,6 +652,8 @@ async fn run(args: &Args) -> Result<bool> {
             .zip(server_before)
             .map(|(p, b)| server::cpu_ticks(&p.to_string()).saturating_sub(b));
         let client_ticks = server::cpu_ticks("self").saturating_sub(client_before);
+        let sched_after = args.sched.then(|| sched_snapshots(pid));
+        let secs = started.elapsed().as_secs_f64();
         ok &= outcome.errors == 0;
         say(&Summary {
             scenario: scenario.name(),
@@ -613,6 +665,18 @@ async fn run(args: &Args) -> Result<bool> {
             rate: args.rate,
         }
         .to_string());
+        if let (Some((sb, cb)), Some((sa, ca))) = (sched_before, sched_after) {
+            let server = if pid.is_some() {
+                sched::describe(&sched::groups(&sb, &sa, secs))
+            } else {
+                "not started here".to_owned()
+            };
+            say(&format!(
+                "# sched {}: server {server} || generator {} (cores; wait = runnable, not running)",
+                scenario.name(),
+                sched::describe(&sched::groups(&cb, &ca, secs)),
+            ));
+        }
     }
 
     if let Some(Started {
@@ -641,6 +705,15 @@ async fn run(args: &Args) -> Result<bool> {
         }
     }
     Ok(ok)
+}
+
+/// The server's (when this run started it) and this generator's threads.
+fn sched_snapshots(pid: Option<u32>) -> (sched::Snapshot, sched::Snapshot) {
+    (
+        pid.map(|p| sched::snapshot(&p.to_string()))
+            .unwrap_or_default(),
+        sched::snapshot("self"),
+    )
 }
 
 /// Issues `n` access tokens from `task_token` (not timed).

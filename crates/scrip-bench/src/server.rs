@@ -75,7 +75,8 @@ fn free_port() -> Result<u16> {
 
 /// Writes the configuration: the policies of `policy_src` (`*.cedar`,
 /// `*.cedarschema`) plus fillers up to `total_policies`, the identity
-/// provider's JWKS, and `scrip.toml`.
+/// provider's JWKS, and `scrip.toml` (with `signing_algorithm` when one
+/// is given).
 ///
 /// # Errors
 /// On any I/O failure.
@@ -85,6 +86,7 @@ pub fn prepare(
     idp: &Idp,
     shared: Option<(&str, usize)>,
     upstream_port: u16,
+    signing_algorithm: Option<&str>,
 ) -> Result<Setup> {
     let dir = tempfile::Builder::new().prefix("scrip-bench-").tempdir()?;
     let policy_dir = dir.path().join("policies");
@@ -116,6 +118,9 @@ pub fn prepare(
     std::fs::write(dir.path().join("idp-jwks.json"), idp.jwks().to_string())?;
     let port = free_port()?;
     let mut toml = String::new();
+    if let Some(alg) = signing_algorithm {
+        writeln!(toml, "signing_algorithm = \"{alg}\"")?;
+    }
     if let Some((database_url, _)) = shared {
         // Every replica: one issuer, one database, one key-encryption key.
         let (_, kek) = scrip_jose::Kek::generate()?;
@@ -403,7 +408,7 @@ mod tests {
     fn fillers_reach_the_total() {
         let (idp, _) = Idp::generate("https://idp.example").unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-        let setup = prepare(&src, 20, &idp, None, 1).unwrap();
+        let setup = prepare(&src, 20, &idp, None, 1, Some("EdDSA")).unwrap();
         let mut n = 0;
         for e in std::fs::read_dir(setup.dir.path().join("policies")).unwrap() {
             let p = e.unwrap().path();
@@ -413,5 +418,7 @@ mod tests {
         }
         assert_eq!(n, 20);
         assert_eq!(setup.policies, 20);
+        let toml = std::fs::read_to_string(&setup.config).unwrap();
+        assert!(toml.contains("\nsigning_algorithm = \"EdDSA\"\n"), "{toml}");
     }
 }

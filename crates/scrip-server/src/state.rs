@@ -11,6 +11,8 @@ use scrip_store::{AuditEvent, Store};
 use scrip_token::{AccessClaims, TaskClaims, TokenKind};
 use serde::de::DeserializeOwned;
 
+use crate::cache::Kept;
+
 /// Seconds since the epoch.
 #[must_use]
 pub fn now() -> u64 {
@@ -68,9 +70,9 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug, Clone)]
 pub enum OwnToken {
     /// A task token.
-    Task(Box<TaskClaims>),
+    Task(Arc<TaskClaims>),
     /// An access token.
-    Access(Box<AccessClaims>),
+    Access(Arc<AccessClaims>),
 }
 
 impl Inner {
@@ -120,28 +122,37 @@ impl Inner {
     /// Verifies a task token of scrip's own, from the cache when this exact
     /// token was verified before under the current keys.
     pub fn verify_task(&self, token: &str) -> Result<Arc<TaskClaims>, JoseError> {
-        match self.cache.token(token, now()) {
+        self.verify_kept(token, TokenKind::Task)
+    }
+
+    /// Verifies an access token of scrip's own, from the cache when this
+    /// exact token was verified before under the current keys. Whether it
+    /// was revoked is the store's to say.
+    pub fn verify_access(&self, token: &str) -> Result<Arc<AccessClaims>, JoseError> {
+        self.verify_kept(token, TokenKind::Access)
+    }
+
+    fn verify_kept<C: Kept + DeserializeOwned>(
+        &self,
+        token: &str,
+        kind: TokenKind,
+    ) -> Result<Arc<C>, JoseError> {
+        match self.cache.verified::<C>(token, now()) {
             Ok(claims) => Ok(claims),
             Err(stamp) => {
-                let claims = Arc::new(
-                    self.verify_own::<TaskClaims>(token, TokenKind::Task)?
-                        .claims,
-                );
-                self.cache.put_token(token, stamp, claims.clone());
+                let claims = Arc::new(self.verify_own::<C>(token, kind)?.claims);
+                self.cache.put_verified(token, stamp, claims.clone());
                 Ok(claims)
             }
         }
     }
 
-    /// Verifies a token of scrip's own, of whichever kind its `typ` says.
+    /// Verifies a token of scrip's own, of whichever kind its `typ` says
+    /// (each from the cache when verified before under the current keys).
     pub fn verify_any_own(&self, token: &str) -> Result<OwnToken, JoseError> {
         match peek_typ(token).as_deref() {
-            Some("txntoken+jwt") => self
-                .verify_own::<TaskClaims>(token, TokenKind::Task)
-                .map(|v| OwnToken::Task(Box::new(v.claims))),
-            Some("at+jwt") => self
-                .verify_own::<AccessClaims>(token, TokenKind::Access)
-                .map(|v| OwnToken::Access(Box::new(v.claims))),
+            Some("txntoken+jwt") => self.verify_task(token).map(OwnToken::Task),
+            Some("at+jwt") => self.verify_access(token).map(OwnToken::Access),
             _ => Err(JoseError::WrongType {
                 expected: "a scrip task or access token".into(),
                 found: "other".into(),
