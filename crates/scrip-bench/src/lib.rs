@@ -49,6 +49,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::Method;
 use hyper::header::HeaderValue;
+use scrip_jose::SigningAlgorithm;
 use serde_json::{Value, json};
 
 use crate::idp::{Idp, K8S_ISSUER};
@@ -94,32 +95,6 @@ impl Scenario {
             Self::Revoke => "revoke",
             Self::Propagation => "propagation",
             Self::Proxy => "proxy",
-        }
-    }
-}
-
-/// The algorithm the started scrip signs its tokens with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SigningAlgorithm {
-    /// ECDSA P-256 (scrip's default).
-    #[value(name = "ES256")]
-    Es256,
-    /// Ed25519.
-    #[value(name = "EdDSA")]
-    EdDsa,
-    /// RSA 2048 with SHA-256.
-    #[value(name = "RS256")]
-    Rs256,
-}
-
-impl SigningAlgorithm {
-    /// Its name in scrip's configuration.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Es256 => "ES256",
-            Self::EdDsa => "EdDSA",
-            Self::Rs256 => "RS256",
         }
     }
 }
@@ -195,12 +170,17 @@ pub struct Args {
     /// With --prefill-tasks: about this many audit records in all (at least two per task).
     #[arg(long, default_value_t = 0, requires = "prefill_tasks")]
     pub prefill_records: u64,
-    /// The started scrip's `signing_algorithm` (default: scrip's own, ES256).
-    #[arg(long, value_name = "ALG", conflicts_with = "url")]
+    /// The started scrip's `signing_algorithm`: ES256 (scrip's default), EdDSA or RS256.
+    #[arg(long, value_name = "ALG", conflicts_with = "url", value_parser = signing_algorithm)]
     pub signing_algorithm: Option<SigningAlgorithm>,
     /// After each scenario, print where each thread's time went: cores on a CPU and cores runnable but waiting for one, per thread name, for the server (replica 0) and this generator (from /proc/<pid>/task/*/schedstat).
     #[arg(long)]
     pub sched: bool,
+}
+
+fn signing_algorithm(s: &str) -> std::result::Result<SigningAlgorithm, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not ES256, EdDSA or RS256"))
 }
 
 fn positive_rate(s: &str) -> std::result::Result<f64, String> {
@@ -435,7 +415,7 @@ async fn run(args: &Args) -> Result<bool> {
             &idp,
             shared,
             legacy.port,
-            args.signing_algorithm.map(SigningAlgorithm::name),
+            args.signing_algorithm.map(SigningAlgorithm::as_str),
         )?;
         upstream = Some(legacy);
         let target = Target::loopback(setup.port)?;
@@ -490,9 +470,7 @@ async fn run(args: &Args) -> Result<bool> {
             scrip.display(),
             running.pid,
             setup.policies,
-            args.signing_algorithm
-                .unwrap_or(SigningAlgorithm::Es256)
-                .name(),
+            args.signing_algorithm.unwrap_or_default(),
             if args.database_url.is_some() {
                 format!("PostgreSQL, {} replicas", targets.len())
             } else {
