@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cedar_policy::{
@@ -111,9 +112,52 @@ pub struct PolicyEngine {
     guards: Guards,
     authorizer: Authorizer,
     /// The schema's actions, by name.
-    actions: HashMap<String, EntityUid>,
+    actions: HashMap<String, SchemaAction>,
     count: usize,
     entities: EntityCache,
+}
+
+/// An action of the schema, and the context shapes already checked
+/// against the schema for it.
+struct SchemaAction {
+    uid: EntityUid,
+    /// Bit [`ContextShape::bit`] is set once a request of this action with
+    /// a context of that shape passed the schema check.
+    checked: AtomicU32,
+}
+
+/// What the schema check of a request's context depends on: which optional
+/// attributes it has, and whether its one set is empty (an empty set
+/// conforms to a set of any element type; a set of strings only to
+/// `Set<String>`). Every other attribute is always present with the same
+/// Cedar type, and the principal and resource are always an `Agent` and a
+/// `Tool`; string, long and boolean values conform by type alone. So two
+/// requests of one action whose contexts have the same shape pass or fail
+/// the check alike, and the engine checks each shape once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ContextShape {
+    ticket: bool,
+    method: bool,
+    path: bool,
+    chain: bool,
+}
+
+impl ContextShape {
+    fn of(c: &RequestContext, ticket: bool) -> Self {
+        Self {
+            ticket,
+            method: c.method.is_some(),
+            path: c.path.is_some(),
+            chain: !c.delegation_chain.is_empty(),
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << (u32::from(self.ticket)
+            | u32::from(self.method) << 1
+            | u32::from(self.path) << 2
+            | u32::from(self.chain) << 3)
+    }
 }
 
 /// The most agent-and-tool entity sets an engine keeps (it forgets them
@@ -295,7 +339,13 @@ impl PolicyEngine {
         }
         let actions = schema
             .actions()
-            .map(|a| (a.id().unescaped().to_owned(), a.clone()))
+            .map(|a| {
+                let action = SchemaAction {
+                    uid: a.clone(),
+                    checked: AtomicU32::new(0),
+                };
+                (a.id().unescaped().to_owned(), action)
+            })
             .collect();
         let guards = Guards::new(&set);
         let selections = select(&schema, &set, &guards)?;
@@ -394,15 +444,22 @@ impl PolicyEngine {
             (None, Some(s)) => &s.all,
             (None, None) => &self.policies,
         };
-        let context = context(req.context)?;
+        let ticket = find_ticket(&req.context.purpose);
+        let shape = ContextShape::of(req.context, ticket.is_some()).bit();
+        let checked = action.checked.load(Ordering::Relaxed) & shape != 0;
         let request = Request::new(
             prepared.principal.clone(),
-            action.clone(),
+            action.uid.clone(),
             prepared.resource.clone(),
-            context,
-            Some(&self.schema),
+            context(req.context, ticket)?,
+            // Checked against the schema the first time this shape comes
+            // up; a shape that failed is checked (and denied) every time.
+            (!checked).then_some(&self.schema),
         )
         .map_err(|e| e.to_string())?;
+        if !checked {
+            action.checked.fetch_or(shape, Ordering::Relaxed);
+        }
         let response = self
             .authorizer
             .is_authorized(&request, policies, &prepared.entities);
@@ -493,7 +550,7 @@ fn tool_entity(uid: EntityUid, tool: &Tool) -> Result<Entity, String> {
     Entity::new_with_tags(uid, attrs, [], tags).map_err(|e| e.to_string())
 }
 
-fn context(c: &RequestContext) -> Result<Context, String> {
+fn context(c: &RequestContext, ticket: Option<&str>) -> Result<Context, String> {
     let mut pairs = vec![
         ("stage".to_owned(), text(c.stage.as_str())),
         ("purpose".to_owned(), text(&c.purpose)),
@@ -515,7 +572,7 @@ fn context(c: &RequestContext) -> Result<Context, String> {
             RestrictedExpression::new_bool(c.approved),
         ),
     ];
-    if let Some(ticket) = find_ticket(&c.purpose) {
+    if let Some(ticket) = ticket {
         pairs.push(("ticket".to_owned(), text(ticket)));
     }
     if let Some(method) = &c.method {

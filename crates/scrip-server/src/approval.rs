@@ -25,12 +25,12 @@ use scrip_policy::{RequestContext, Stage};
 use scrip_store::{Approval, ApprovalState, AuditEvent, TaskRecord, TaskState, Write};
 use scrip_token::{
     AccessClaims, ActionName, ActionSet, ApprovalClaim, TaskClaims, TokenKind, WorkloadIdentity,
-    derived_expiry, token_type,
+    derived_expiry,
 };
 use serde_json::{Value, json};
 
 use crate::error::OAuthError;
-use crate::exchange::{decide, no_store};
+use crate::exchange::{Issued, decide, no_store};
 use crate::form::Form;
 use crate::introspect::caller_identity;
 use crate::state::{AppState, Inner, now};
@@ -320,13 +320,11 @@ async fn issue(
         ));
     }
     tracing::info!(auth_req_id = %approval.id, jti = %jti, approver = %approver, "approved step issued");
-    Ok(no_store(json!({
-        "access_token": token,
-        "issued_token_type": token_type::ACCESS_TOKEN,
-        "token_type": "Bearer",
-        "expires_in": exp.saturating_sub(now),
-        "scope": access.scope,
-    })))
+    Ok(Issued::access_token(
+        &token,
+        exp.saturating_sub(now),
+        &access.scope,
+    ))
 }
 
 /// Which approver, if any, this identity is.

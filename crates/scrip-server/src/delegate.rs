@@ -17,7 +17,7 @@ use scrip_store::{TaskRecord, Write};
 use scrip_token::{Actor, GrantSet, TaskClaims, TaskContext, TokenKind, token_type};
 
 use crate::error::OAuthError;
-use crate::exchange::{active_task, decide_grants, no_store, parse_details};
+use crate::exchange::{Issued, active_task, decide_grants, parse_details};
 use crate::form::{Form, short};
 use crate::state::{Inner, now};
 
@@ -187,11 +187,9 @@ pub(crate) async fn delegate(
     writes.push(Write::Audit(Box::new(started)));
     st.store.commit(writes).await?;
     tracing::info!(task = %task_id, parent = %parent.id, jti = %jti, actor = %actor.subject, depth, "task delegated");
-    Ok(no_store(serde_json::json!({
-        "access_token": token,
-        "issued_token_type": token_type::TXN_TOKEN,
-        "token_type": "N_A",
-        "expires_in": exp.saturating_sub(now),
-        "scope": child.scope,
-    })))
+    Ok(Issued::task_token(
+        &token,
+        exp.saturating_sub(now),
+        &child.scope,
+    ))
 }

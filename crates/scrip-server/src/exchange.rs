@@ -169,12 +169,47 @@ pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuth
     Ok(Some(details))
 }
 
-pub(crate) fn no_store(body: serde_json::Value) -> Response {
+pub(crate) fn no_store(body: impl serde::Serialize) -> Response {
     let mut response = Json(body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// The body of a successful token exchange (RFC 8693 §2.2.1).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Issued<'a> {
+    access_token: &'a str,
+    issued_token_type: &'static str,
+    token_type: &'static str,
+    expires_in: u64,
+    scope: &'a str,
+}
+
+impl<'a> Issued<'a> {
+    /// A task token (`token_type` `N_A`: it is not a bearer credential for
+    /// any resource server).
+    pub(crate) fn task_token(token: &'a str, expires_in: u64, scope: &'a str) -> Response {
+        no_store(Self {
+            access_token: token,
+            issued_token_type: token_type::TXN_TOKEN,
+            token_type: "N_A",
+            expires_in,
+            scope,
+        })
+    }
+
+    /// An access token for one tool.
+    pub(crate) fn access_token(token: &'a str, expires_in: u64, scope: &'a str) -> Response {
+        no_store(Self {
+            access_token: token,
+            issued_token_type: token_type::ACCESS_TOKEN,
+            token_type: "Bearer",
+            expires_in,
+            scope,
+        })
+    }
 }
 
 pub(crate) fn decide(
@@ -373,13 +408,11 @@ async fn start_task(
     writes.push(Write::Audit(Box::new(started)));
     st.store.commit(writes).await?;
     tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
-    Ok(no_store(serde_json::json!({
-        "access_token": token,
-        "issued_token_type": token_type::TXN_TOKEN,
-        "token_type": "N_A",
-        "expires_in": exp.saturating_sub(now),
-        "scope": claims.scope,
-    })))
+    Ok(Issued::task_token(
+        &token,
+        exp.saturating_sub(now),
+        &claims.scope,
+    ))
 }
 
 fn target_tool<'a>(st: &'a Inner, form: &Form) -> Result<&'a Tool, OAuthError> {
@@ -628,11 +661,9 @@ async fn access_token(
     st.store.commit(writes).await?;
     // Per request, so at debug: the audit trail has every issuance.
     tracing::debug!(task = %task.id, jti = %jti, tool = %tool.name, scope = %access.scope, "access token issued");
-    Ok(no_store(serde_json::json!({
-        "access_token": token,
-        "issued_token_type": token_type::ACCESS_TOKEN,
-        "token_type": "Bearer",
-        "expires_in": exp.saturating_sub(now),
-        "scope": access.scope,
-    })))
+    Ok(Issued::access_token(
+        &token,
+        exp.saturating_sub(now),
+        &access.scope,
+    ))
 }

@@ -179,13 +179,12 @@ async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
             Ok(body)
         }
         OwnToken::Access(c) => {
-            if st.store.token_revoked(&c.jti).await? {
-                return Ok(inactive());
-            }
-            let Some(task) = st.store.task(&c.txn).await? else {
+            // Revocation and the task's state are read from the store
+            // every time (never from the cache), in one read.
+            let Some((task, revoked)) = st.store.token_task(&c.jti, &c.txn).await? else {
                 return Ok(inactive());
             };
-            if task.state(now) != scrip_store::TaskState::Active {
+            if revoked || task.state(now) != scrip_store::TaskState::Active {
                 return Ok(inactive());
             }
             if c.approval.as_ref().is_some_and(|a| a.single_use) && !claim_once(st, &c, now).await?

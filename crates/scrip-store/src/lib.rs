@@ -75,6 +75,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Whether the token with this `jti` was revoked on its own.
     async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError>;
 
+    /// Task `task_id`, and whether the token with this `jti` was revoked on
+    /// its own, in one read (what introspecting an access token asks);
+    /// `None` when there is no such task.
+    async fn token_task(
+        &self,
+        jti: &str,
+        task_id: &str,
+    ) -> Result<Option<(TaskRecord, bool)>, StoreError>;
+
     /// Open tasks whose deadline is at or before `now`, oldest first.
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError>;
 

@@ -592,6 +592,26 @@ impl Store for PgStore {
         row.as_ref().map(rows::task).transpose()
     }
 
+    async fn token_task(
+        &self,
+        jti: &str,
+        task_id: &str,
+    ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
+        let row = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                ", (CASE WHEN EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $1) THEN 1 ELSE 0 END)::int8 \
+                 AS revoked FROM tasks WHERE id = $2"
+            ))
+            .bind(jti)
+            .bind(task_id)
+            .fetch_optional(&self.reads),
+        )
+        .await?;
+        row.as_ref().map(rows::token_task).transpose()
+    }
+
     async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
         let row = read(
             sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = $1")

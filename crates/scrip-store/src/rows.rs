@@ -118,6 +118,12 @@ pub(crate) fn task(row: &impl Cols) -> Result<TaskRecord, StoreError> {
     })
 }
 
+/// The columns [`task`] reads and `revoked`, an integer that is 0 when
+/// the token was not revoked on its own ([`crate::Store::token_task`]).
+pub(crate) fn token_task(row: &impl Cols) -> Result<(TaskRecord, bool), StoreError> {
+    Ok((task(row)?, row.int("revoked")? != 0))
+}
+
 pub(crate) fn approval(row: &impl Cols) -> Result<Approval, StoreError> {
     let state = row.text("state")?;
     Ok(Approval {

@@ -107,6 +107,24 @@ impl Store for SqliteStore {
         Ok(row.is_some())
     }
 
+    async fn token_task(
+        &self,
+        jti: &str,
+        task_id: &str,
+    ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            ", EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ?1) AS revoked FROM tasks WHERE id = ?2"
+        ))
+        .bind(jti)
+        .bind(task_id)
+        .fetch_optional(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(rows::token_task).transpose()
+    }
+
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",

@@ -78,6 +78,7 @@ conformance!(
     a_failed_commit_changes_nothing,
     ending_a_task_ends_its_descendants_and_feeds_revocations,
     revoking_a_token_twice_feeds_it_once,
+    a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
     expired_revocations_leave_the_feed_and_are_purged,
     due_tasks_come_oldest_first,
@@ -277,6 +278,52 @@ async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
     assert_eq!(feed[0].kind, RevocationKind::Token);
     assert_eq!(feed[0].jti.as_deref(), Some("j1"));
     assert_eq!((feed[0].txn.as_str(), feed[0].exp), ("t1", 3_000));
+}
+
+async fn a_token_reads_with_its_task_and_its_revocation(f: Fixture) {
+    let s = &f.store;
+    let t1 = task("t1", None, 5_000);
+    s.commit(vec![
+        Write::InsertTask(Box::new(t1.clone())),
+        Write::InsertTask(Box::new(task("t2", None, 5_000))),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.token_task("j1", "nope").await.unwrap(), None);
+    assert_eq!(
+        s.token_task("j1", "t1").await.unwrap(),
+        Some((t1.clone(), false))
+    );
+    s.commit(vec![Write::RevokeToken {
+        jti: "j1".into(),
+        task_id: "t1".into(),
+        expires_at: 3_000,
+        at: 1_000,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        s.token_task("j1", "t1").await.unwrap(),
+        Some((t1.clone(), true))
+    );
+    // The revocation is the token's, whichever task is asked with it; other
+    // tokens of the task are not revoked by it.
+    assert!(s.token_task("j1", "t2").await.unwrap().unwrap().1);
+    assert_eq!(
+        s.token_task("j2", "t1").await.unwrap(),
+        Some((t1.clone(), false))
+    );
+    // An ended task reads back ended.
+    s.commit(vec![Write::EndTask {
+        id: "t1".into(),
+        at: 1_500,
+        reason: "done".into(),
+    }])
+    .await
+    .unwrap();
+    let (ended, revoked) = s.token_task("j2", "t1").await.unwrap().unwrap();
+    assert_eq!((ended.ended_at, revoked), (Some(1_500), false));
+    assert_eq!(ended.state(1_600), scrip_store::TaskState::Ended);
 }
 
 async fn a_single_use_token_is_claimed_exactly_once(f: Fixture) {

@@ -1,0 +1,203 @@
+//! A request's context is checked against the schema once for each action
+//! and shape of context (which optional attributes it has, whether its set
+//! is empty); the check's answer must not depend on whether it ran before.
+//! Each case decides the same request repeatedly, and alternates shapes, on
+//! a schema that accepts some shapes and refuses others: a refused shape is
+//! denied every time, however many accepted requests came before it, and an
+//! accepted one is allowed every time, however many refused ones did.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::collections::BTreeMap;
+
+use scrip_config::Tool;
+use scrip_policy::{DEFAULT_SCHEMA, DecisionRequest, PolicyEngine, RequestContext, Stage};
+use scrip_token::{ActionName, ToolName, WorkloadIdentity};
+
+const ALLOW_ALL: &str = r#"
+@id("anything")
+permit (principal, action, resource);
+"#;
+
+fn engine(schema: &str) -> PolicyEngine {
+    PolicyEngine::from_sources(
+        Some(("test.cedarschema", schema)),
+        &[("p.cedar".into(), ALLOW_ALL.into())],
+    )
+    .unwrap()
+}
+
+/// The default schema with one line of it replaced.
+fn schema_with(line: &str, replacement: &str) -> String {
+    assert!(DEFAULT_SCHEMA.contains(line), "{line}");
+    DEFAULT_SCHEMA.replacen(line, replacement, 1)
+}
+
+fn agent() -> WorkloadIdentity {
+    let mut claims = serde_json::Map::new();
+    claims.insert("sub".into(), "system:serviceaccount:ci:agent".into());
+    WorkloadIdentity::from_claims("https://k8s.example", &claims).unwrap()
+}
+
+fn tool() -> Tool {
+    Tool {
+        name: ToolName::parse("github").unwrap(),
+        resource: "https://api.github.com".into(),
+        actions: vec![ActionName::parse("read").unwrap()],
+        labels: BTreeMap::new(),
+    }
+}
+
+/// A context of each shape the cases use.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Plain,
+    Ticket,
+    Chain,
+    Proxy,
+}
+
+fn context(shape: Shape) -> RequestContext {
+    RequestContext {
+        stage: if matches!(shape, Shape::Proxy) {
+            Stage::Proxy
+        } else {
+            Stage::Token
+        },
+        purpose: if matches!(shape, Shape::Ticket) {
+            "fix JIRA-7".into()
+        } else {
+            "refactor".into()
+        },
+        environment: "dev".into(),
+        delegation_depth: u32::from(matches!(shape, Shape::Chain)),
+        delegation_chain: if matches!(shape, Shape::Chain) {
+            vec!["sub-agent".into()]
+        } else {
+            Vec::new()
+        },
+        now: 1_800_000_000,
+        approved: false,
+        method: matches!(shape, Shape::Proxy).then(|| "GET".into()),
+        path: matches!(shape, Shape::Proxy).then(|| "/repos".into()),
+    }
+}
+
+/// Decides `shapes` in order, each with and without the selection, and
+/// returns whether each was allowed.
+fn decide(engine: &PolicyEngine, action: &str, shapes: &[Shape]) -> Vec<bool> {
+    let (agent, tool) = (agent(), tool());
+    let action = ActionName::parse(action).unwrap();
+    shapes
+        .iter()
+        .map(|shape| {
+            let context = context(*shape);
+            let req = DecisionRequest {
+                agent: &agent,
+                action: &action,
+                tool: &tool,
+                context: &context,
+            };
+            let d = engine.decide(&req);
+            assert_eq!(d, engine.decide_evaluating_all(&req), "{shape:?}");
+            if !d.allowed {
+                assert!(
+                    d.reason
+                        .starts_with("policy request could not be evaluated"),
+                    "{shape:?}: {}",
+                    d.reason
+                );
+            }
+            d.allowed
+        })
+        .collect()
+}
+
+fn check(schema: &str, action: &str, shapes: &[Shape], expected: &[bool]) {
+    // A new engine per order, so that each order starts with nothing checked.
+    let forward = decide(&engine(schema), action, shapes);
+    assert_eq!(forward, expected, "{shapes:?}");
+    let reversed: Vec<Shape> = shapes.iter().rev().copied().collect();
+    let expected_reversed: Vec<bool> = expected.iter().rev().copied().collect();
+    assert_eq!(
+        decide(&engine(schema), action, &reversed),
+        expected_reversed,
+        "{reversed:?}"
+    );
+}
+
+#[test]
+fn every_shape_passes_the_default_schema() {
+    use Shape::{Chain, Plain, Proxy, Ticket};
+    check(
+        DEFAULT_SCHEMA,
+        "read",
+        &[Plain, Ticket, Chain, Proxy, Plain, Ticket, Chain, Proxy],
+        &[true; 8],
+    );
+}
+
+#[test]
+fn a_context_attribute_the_schema_lacks_denies_only_its_shape() {
+    use Shape::{Plain, Ticket};
+    let schema = schema_with(
+        "  ticket?: String,            // the first ticket id in the purpose (JIRA-123)\n",
+        "",
+    );
+    check(
+        &schema,
+        "read",
+        &[Plain, Plain, Ticket, Ticket, Plain, Ticket],
+        &[true, true, false, false, true, false],
+    );
+}
+
+#[test]
+fn a_set_is_checked_by_its_element_type_once_it_has_elements() {
+    use Shape::{Chain, Plain};
+    let schema = schema_with(
+        "  delegation_chain: Set<String>, // subjects of the actors\n",
+        "  delegation_chain: Set<Long>,\n",
+    );
+    check(
+        &schema,
+        "read",
+        &[Plain, Plain, Chain, Chain, Plain],
+        &[true, true, false, false, true],
+    );
+}
+
+#[test]
+fn an_attribute_of_another_type_denies_every_shape() {
+    use Shape::{Chain, Plain, Proxy, Ticket};
+    let schema = schema_with(
+        "  purpose: String,            // the task's purpose\n",
+        "  purpose: Long,\n",
+    );
+    check(
+        &schema,
+        "read",
+        &[Plain, Plain, Ticket, Chain, Proxy],
+        &[false; 5],
+    );
+}
+
+#[test]
+fn an_action_that_does_not_apply_to_agents_and_tools_is_denied_every_time() {
+    use Shape::{Plain, Ticket};
+    let schema = format!(
+        "{DEFAULT_SCHEMA}\nentity Robot;\naction scan appliesTo {{ principal: [Robot], resource: [Tool], context: Request }};\n"
+    );
+    check(&schema, "scan", &[Plain, Plain, Ticket, Plain], &[false; 4]);
+    // The same engine still allows the actions that do apply.
+    let engine = engine(&schema);
+    assert_eq!(decide(&engine, "scan", &[Plain]), [false]);
+    assert_eq!(decide(&engine, "read", &[Plain, Ticket]), [true, true]);
+    assert_eq!(decide(&engine, "scan", &[Plain]), [false]);
+}
