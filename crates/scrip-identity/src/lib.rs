@@ -65,7 +65,9 @@ pub enum SetupError {
 }
 
 enum Source {
-    Uri(String),
+    /// Fetched with the client (built only when an issuer needs one:
+    /// building it reads the system's trusted certificates).
+    Uri(String, reqwest::Client),
     File(std::path::PathBuf),
 }
 
@@ -108,7 +110,6 @@ pub struct IdentityVerifier {
     local: Option<LocalIssuer>,
     own_issuer: String,
     leeway: u64,
-    http: reqwest::Client,
     verified: Mutex<HashMap<[u8; 32], Arc<Recent>>>,
 }
 
@@ -168,15 +169,23 @@ impl IdentityVerifier {
         own_issuer: &str,
         leeway: u64,
     ) -> Result<Self, SetupError> {
-        let http = reqwest::Client::builder()
-            .timeout(FETCH_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| SetupError::Http(e.to_string()))?;
+        let mut http = None;
         let mut issuers = HashMap::new();
         for ti in trusted {
             let source = match (&ti.jwks_uri, &ti.jwks_file) {
-                (Some(uri), _) => Source::Uri(uri.clone()),
+                (Some(uri), _) => {
+                    let client = match &http {
+                        Some(client) => client,
+                        None => http.insert(
+                            reqwest::Client::builder()
+                                .timeout(FETCH_TIMEOUT)
+                                .redirect(reqwest::redirect::Policy::none())
+                                .build()
+                                .map_err(|e| SetupError::Http(e.to_string()))?,
+                        ),
+                    };
+                    Source::Uri(uri.clone(), client.clone())
+                }
                 (None, Some(file)) => Source::File(file.clone()),
                 (None, None) => continue,
             };
@@ -213,7 +222,6 @@ impl IdentityVerifier {
             local: None,
             own_issuer: own_issuer.to_owned(),
             leeway,
-            http,
             verified: Mutex::new(HashMap::new()),
         })
     }
@@ -362,7 +370,7 @@ impl IdentityVerifier {
             cache.attempted_at = Some(Instant::now());
         }
         let result = match &issuer.source {
-            Source::Uri(uri) => fetch_uri(&self.http, uri).await,
+            Source::Uri(uri, http) => fetch_uri(http, uri).await,
             Source::File(path) => read_file(path),
         };
         match result {

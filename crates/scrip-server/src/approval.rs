@@ -94,9 +94,9 @@ pub(crate) async fn request(
     writes.push(Write::Audit(Box::new(a)));
     st.store.commit(writes).await?;
     tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %approval.actions, "approval requested");
-    if let Some(url) = st.config.approval_webhook.clone() {
+    if let Some(webhook) = &st.webhook {
         let body = describe(&approval, Some(task));
-        tokio::spawn(notify(st.http.clone(), url, body));
+        tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
     }
     let mut response = (
         StatusCode::BAD_REQUEST,

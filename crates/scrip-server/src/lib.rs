@@ -215,11 +215,18 @@ impl Server {
             last_checkpoint: std::sync::Mutex::new(None),
             polls: approval::Polls::default(),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
-            http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(5))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?,
+            webhook: config
+                .approval_webhook
+                .clone()
+                .map(|url| {
+                    let http = reqwest::Client::builder()
+                        .timeout(std::time::Duration::from_secs(5))
+                        .redirect(reqwest::redirect::Policy::none())
+                        .build()
+                        .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?;
+                    Ok::<_, StartError>(state::Webhook { url, http })
+                })
+                .transpose()?,
             metadata_body,
             identities,
             policy: policies::Policies::new(policy, &config, store.clone(), replica.clone()),

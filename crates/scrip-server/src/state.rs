@@ -44,8 +44,8 @@ pub(crate) struct Inner {
     pub used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Last poll per approval, for `slow_down`.
     pub polls: crate::approval::Polls,
-    /// For the approval webhook.
-    pub http: reqwest::Client,
+    /// The approval webhook, when one is configured.
+    pub webhook: Option<Webhook>,
     pub metadata_body: String,
     pub identities: IdentityVerifier,
     pub policy: crate::policies::Policies,
@@ -64,6 +64,15 @@ impl std::fmt::Debug for Inner {
             .field("replica", &self.replica)
             .finish_non_exhaustive()
     }
+}
+
+/// Where pending approvals are announced (`approval_webhook`), with its
+/// client: built only when a webhook is configured, since building one reads
+/// the system's trusted certificates (a few milliseconds of every start).
+#[derive(Debug)]
+pub(crate) struct Webhook {
+    pub url: String,
+    pub http: reqwest::Client,
 }
 
 /// A verified token of scrip's own.

@@ -15,6 +15,7 @@ mod model;
 mod postgres;
 mod rows;
 mod sqlite;
+mod sqlite_reads;
 mod sqlite_writer;
 mod writer;
 

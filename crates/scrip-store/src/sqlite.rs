@@ -5,9 +5,10 @@
 //! group commits: concurrent requests share a single fsync. A checkpointer
 //! thread beside it copies the WAL into the database file. Reads use a
 //! small sqlx pool of read-only connections, which WAL lets run beside the
-//! writer. After a failed write the writer drops its connection and opens a
-//! new one for the next batch, so the store recovers by itself once the
-//! disk does.
+//! writer; the point reads on request paths go through read-only rusqlite
+//! connections on the caller's thread instead ([`crate::sqlite_reads`]).
+//! After a failed write the writer drops its connection and opens a new one
+//! for the next batch, so the store recovers by itself once the disk does.
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
+use crate::sqlite_reads::PointReads;
 use crate::sqlite_writer::SqliteWriter;
 use crate::writer::{Changes, Writer};
 use crate::{
@@ -29,6 +31,7 @@ use crate::{
 #[derive(Debug)]
 pub struct SqliteStore {
     reads: SqlitePool,
+    points: PointReads,
     writer: Writer,
 }
 
@@ -67,7 +70,11 @@ impl SqliteStore {
         conn.close()
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
-        Ok(Self { reads, writer })
+        Ok(Self {
+            reads,
+            points: PointReads::new(path),
+            writer,
+        })
     }
 
     /// A store in a fresh file under `dir`, for tests.
@@ -86,25 +93,11 @@ impl Store for SqliteStore {
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.reads)
-        .await
-        .map_err(unavailable)?;
-        row.as_ref().map(rows::task).transpose()
+        self.points.task(id)
     }
 
     async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = ?")
-            .bind(jti)
-            .fetch_optional(&self.reads)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.is_some())
+        self.points.token_revoked(jti)
     }
 
     async fn token_task(
@@ -112,17 +105,7 @@ impl Store for SqliteStore {
         jti: &str,
         task_id: &str,
     ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            ", EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ?1) AS revoked FROM tasks WHERE id = ?2"
-        ))
-        .bind(jti)
-        .bind(task_id)
-        .fetch_optional(&self.reads)
-        .await
-        .map_err(unavailable)?;
-        row.as_ref().map(rows::token_task).transpose()
+        self.points.token_task(jti, task_id)
     }
 
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError> {
