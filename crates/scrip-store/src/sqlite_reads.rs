@@ -25,8 +25,8 @@ use crate::{StoreError, TaskRecord};
 
 /// Idle connections kept at most (one per thread that reads at once).
 const IDLE: usize = 8;
-/// How long a read waits for a lock (only a WAL recovery takes one readers
-/// wait for).
+/// How long a read waits when SQLite answers busy (a reader waits only
+/// while another connection recovers or resets the WAL index).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Read-only connections, opened on first use and kept while idle.
