@@ -130,10 +130,13 @@ struct SchemaAction {
 /// attributes it has, and whether its one set is empty (an empty set
 /// conforms to a set of any element type; a set of strings only to
 /// `Set<String>`). Every other attribute is always present with the same
-/// Cedar type, and the principal and resource are always an `Agent` and a
-/// `Tool`; string, long and boolean values conform by type alone. So two
-/// requests of one action whose contexts have the same shape pass or fail
-/// the check alike, and the engine checks each shape once.
+/// Cedar type, and string, long and boolean values conform by type alone.
+/// The principal and resource are always an `Agent` and a `Tool`; their ids
+/// would matter only if the schema enumerated them, and an enumerated type
+/// cannot hold the attributes scrip gives both, so their entities fail
+/// before any request is built. So two requests of one action whose
+/// contexts have the same shape pass or fail the check alike, and the
+/// engine checks each shape once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ContextShape {
     ticket: bool,

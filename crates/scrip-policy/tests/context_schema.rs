@@ -201,3 +201,22 @@ fn an_action_that_does_not_apply_to_agents_and_tools_is_denied_every_time() {
     assert_eq!(decide(&engine, "read", &[Plain, Ticket]), [true, true]);
     assert_eq!(decide(&engine, "scan", &[Plain]), [false]);
 }
+
+#[test]
+fn an_enumerated_tool_type_is_denied_every_time() {
+    use Shape::{Plain, Ticket};
+    // The request's scope check would depend on the ids of an enumerated
+    // type; such entities cannot be built, whatever the id.
+    for schema in [
+        schema_with(
+            "entity Tool {\n  name: String,\n  resource: String,\n} tags String;",
+            "entity Tool enum [\"github\"];",
+        ),
+        schema_with(
+            "entity Tool {\n  name: String,\n  resource: String,\n} tags String;",
+            "entity Tool enum [\"jira\"];",
+        ),
+    ] {
+        check(&schema, "read", &[Plain, Plain, Ticket], &[false; 3]);
+    }
+}
