@@ -12,7 +12,7 @@
 //! stale keys, an unknown issuer or any failed check is an error.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -110,39 +110,17 @@ pub struct IdentityVerifier {
     local: Option<LocalIssuer>,
     own_issuer: String,
     leeway: u64,
-    verified: Mutex<HashMap<[u8; 32], Arc<Recent>>>,
+    /// Federated identity tokens that passed every check: presented again
+    /// (an agent starts several tasks with one service-account token), one
+    /// is accepted without verifying its signature again while its issuer's
+    /// key set is the very one that verified it and it is within its
+    /// validity (see [`scrip_jose::Recent`]).
+    verified: scrip_jose::Recent<WorkloadIdentity>,
 }
 
 /// The most recently verified identity tokens kept (all are forgotten when
 /// full).
 const RECENT: usize = 10_000;
-
-/// A federated identity token that passed every check: presented again
-/// (an agent starts several tasks with one service-account token), it is
-/// accepted without verifying its signature again while the issuer's key
-/// set is the very one that verified it and the token is within its
-/// validity (`exp`, `nbf`, `iat`, with the same leeway).
-struct Recent {
-    identity: WorkloadIdentity,
-    keys: Arc<KeySet>,
-    /// `exp`, seconds.
-    expiry: f64,
-    /// The later of `nbf` and `iat`, seconds (`-inf` when neither is set).
-    earliest: f64,
-}
-
-fn token_digest(token: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let mut out = [0; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-fn unix_now_f64() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 impl std::fmt::Debug for IdentityVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -222,7 +200,7 @@ impl IdentityVerifier {
             local: None,
             own_issuer: own_issuer.to_owned(),
             leeway,
-            verified: Mutex::new(HashMap::new()),
+            verified: scrip_jose::Recent::new(RECENT),
         })
     }
 
@@ -289,8 +267,8 @@ impl IdentityVerifier {
             .get(&iss)
             .ok_or(IdentityError::UntrustedIssuer)?;
         let keys = self.keys(issuer, kid.as_deref()).await?;
-        let digest = token_digest(token);
-        if let Some(identity) = self.recent(&digest, &keys) {
+        let digest = scrip_jose::token_digest(token);
+        if let Some(identity) = self.verified.get(&digest, &keys, self.leeway) {
             return Ok(identity);
         }
         let expectations = Expectations {
@@ -303,45 +281,9 @@ impl IdentityVerifier {
         let verified = scrip_jose::verify::<Map<String, Value>>(token, &keys, &expectations)?;
         let identity = WorkloadIdentity::from_claims(&issuer.issuer, &verified.claims)
             .ok_or(IdentityError::NoSubject)?;
-        let time = |name: &str| verified.claims.get(name).and_then(Value::as_f64);
-        if let Some(expiry) = time("exp") {
-            let earliest = time("nbf")
-                .into_iter()
-                .chain(time("iat"))
-                .fold(f64::NEG_INFINITY, f64::max);
-            self.remember(
-                digest,
-                Recent {
-                    identity: identity.clone(),
-                    keys,
-                    expiry,
-                    earliest,
-                },
-            );
-        }
+        self.verified
+            .put(digest, keys, verified.validity, identity.clone());
         Ok(identity)
-    }
-
-    /// The identity of a token verified before with this very key set, if
-    /// it is still within its validity.
-    fn recent(&self, digest: &[u8; 32], keys: &Arc<KeySet>) -> Option<WorkloadIdentity> {
-        let recent = self.verified.lock().ok()?.get(digest).cloned()?;
-        #[expect(clippy::cast_precision_loss, reason = "a leeway of seconds")]
-        let leeway = self.leeway as f64;
-        let now = unix_now_f64();
-        (Arc::ptr_eq(&recent.keys, keys)
-            && recent.expiry >= now - leeway
-            && recent.earliest <= now + leeway)
-            .then(|| recent.identity.clone())
-    }
-
-    fn remember(&self, digest: [u8; 32], recent: Recent) {
-        if let Ok(mut verified) = self.verified.lock() {
-            if verified.len() >= RECENT {
-                verified.clear();
-            }
-            verified.insert(digest, Arc::new(recent));
-        }
     }
 
     async fn keys(&self, issuer: &Issuer, kid: Option<&str>) -> Result<Arc<KeySet>, IdentityError> {

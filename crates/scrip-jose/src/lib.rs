@@ -19,6 +19,7 @@
 
 mod error;
 mod keyset;
+mod recent;
 mod seal;
 mod sign;
 mod verify;
@@ -26,9 +27,10 @@ mod verify;
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
 pub use keyset::{KeySet, SharedKeySet};
+pub use recent::{Recent, TokenDigest, token_digest};
 pub use seal::{KEK_LEN, Kek};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};
-pub use verify::{Expectations, TypRule, Verified, verify};
+pub use verify::{Expectations, TypRule, Validity, Verified, verify};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -100,7 +100,7 @@ struct Registered {
 }
 
 /// Checks `exp`, `nbf`, `iat`, `iss` and `aud` (RFC 7519 §4.1, RFC 8725).
-fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<(), JoseError> {
+fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<Validity, JoseError> {
     let now = now() as f64;
     let leeway = exp.leeway as f64;
     let Some(expiry) = r.exp.as_ref().and_then(Value::as_f64) else {
@@ -115,6 +115,7 @@ fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<(), JoseEr
     if expiry < now - leeway {
         return Err(JoseError::Expired);
     }
+    let mut earliest = f64::NEG_INFINITY;
     match &r.nbf {
         None => {}
         Some(Value::Number(n)) => {
@@ -122,6 +123,7 @@ fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<(), JoseEr
             if nbf > now + leeway {
                 return Err(JoseError::NotYetValid);
             }
+            earliest = earliest.max(nbf);
         }
         Some(_) => return Err(JoseError::BadClaims),
     }
@@ -132,6 +134,7 @@ fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<(), JoseEr
             if iat > now + leeway {
                 return Err(JoseError::IssuedInFuture);
             }
+            earliest = earliest.max(iat);
         }
         Some(_) => return Err(JoseError::BadClaims),
     }
@@ -150,7 +153,29 @@ fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<(), JoseEr
     if !audience_ok {
         return Err(JoseError::WrongAudience);
     }
-    Ok(())
+    Ok(Validity { expiry, earliest })
+}
+
+/// When a verified token is valid: its `exp`, and the later of its `nbf`
+/// and `iat`, in seconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Validity {
+    pub(crate) expiry: f64,
+    pub(crate) earliest: f64,
+}
+
+impl Validity {
+    /// Whether the token is still valid now, with `leeway` seconds: the
+    /// same test [`verify`] applies to `exp`, `nbf` and `iat`.
+    #[must_use]
+    pub fn holds(&self, leeway: u64) -> bool {
+        self.holds_at(now(), leeway)
+    }
+
+    pub(crate) fn holds_at(&self, now: u64, leeway: u64) -> bool {
+        let (now, leeway) = (now as f64, leeway as f64);
+        self.expiry >= now - leeway && self.earliest <= now + leeway
+    }
 }
 
 /// A verified token's claims and the header facts worth logging.
@@ -162,6 +187,8 @@ pub struct Verified<T> {
     pub kid: Option<String>,
     /// The algorithm that verified it.
     pub alg: Algorithm,
+    /// When it is valid, as checked.
+    pub validity: Validity,
 }
 
 fn decode_part(part: &str) -> Result<Vec<u8>, JoseError> {
@@ -260,7 +287,12 @@ pub fn verify<T: DeserializeOwned>(
     }
     let registered: Registered = serde_json::from_slice(&payload)
         .map_err(|_| JoseError::Malformed("claims are not a JSON object"))?;
-    check_registered(&registered, exp)?;
+    let validity = check_registered(&registered, exp)?;
     let claims = serde_json::from_slice(&payload).map_err(|_| JoseError::BadClaims)?;
-    Ok(Verified { claims, kid, alg })
+    Ok(Verified {
+        claims,
+        kid,
+        alg,
+        validity,
+    })
 }

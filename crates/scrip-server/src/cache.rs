@@ -29,7 +29,7 @@ use tokio::sync::watch;
 const CAPACITY: usize = 20_000;
 
 /// Token digest: SHA-256 of the compact token.
-type Digest = [u8; 32];
+type Digest = scrip_jose::TokenDigest;
 
 pub(crate) struct ExchangeCache {
     changes: watch::Receiver<Changes>,
@@ -69,13 +69,6 @@ impl Kept for AccessClaims {
 #[derive(Clone, Copy)]
 pub(crate) struct Stamp(u64);
 
-fn digest(token: &str) -> Digest {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
 fn insert<K: std::hash::Hash + Eq, V>(map: &Mutex<HashMap<K, (u64, V)>>, key: K, stamp: u64, v: V) {
     if let Ok(mut m) = map.lock() {
         if m.len() >= CAPACITY {
@@ -108,7 +101,7 @@ impl ExchangeCache {
     /// an access token this says nothing of revocation.
     pub(crate) fn verified<C: Kept>(&self, token: &str, now: u64) -> Result<Arc<C>, Stamp> {
         let stamp = self.keys_stamp();
-        let key = digest(token);
+        let key = scrip_jose::token_digest(token);
         if let Ok(m) = C::map(self).lock()
             && let Some((at, claims)) = m.get(&key)
             && *at == stamp
@@ -121,7 +114,12 @@ impl ExchangeCache {
 
     /// Remembers the claims of a verified token.
     pub(crate) fn put_verified<C: Kept>(&self, token: &str, stamp: Stamp, claims: Arc<C>) {
-        insert(C::map(self), digest(token), stamp.0, claims);
+        insert(
+            C::map(self),
+            scrip_jose::token_digest(token),
+            stamp.0,
+            claims,
+        );
     }
 
     /// The record of task `id` if no revocation was committed since it was

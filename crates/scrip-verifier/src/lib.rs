@@ -4,7 +4,11 @@
 //! name. [`Verifier::discover`] reads the RFC 8414 metadata, fetches the JWKS
 //! and reads the revocation feed once; from then on a background task follows
 //! the feed, and [`Verifier::verify`] checks a token without a network call
-//! (except a bounded JWKS refetch when scrip has rotated its key).
+//! (except a bounded JWKS refetch when scrip has rotated its key). A token
+//! presented again (each call an agent makes with it) skips the signature
+//! check while the key set that verified it is current and it is within its
+//! `exp`, `nbf` and `iat` ([`scrip_jose::Recent`]); revocation, scope and
+//! single use are checked on every call.
 //!
 //! What a token must satisfy (RFC 9068, RFC 8725), all through
 //! [`scrip_jose::verify`], the workspace's one JWT validation path: compact
@@ -21,7 +25,9 @@
 //!
 //! Architecture invariant: an [`AccessToken`] value exists only for a token
 //! that passed every check above at the time it was built; it has no public
-//! constructor.
+//! constructor. For a token verified before, the one kept then is returned
+//! only after its time, key set, revocation, scope and single use are
+//! checked again.
 
 mod error;
 mod feed;
@@ -248,7 +254,17 @@ struct Inner {
     revocations: Option<Arc<feed::Revocations>>,
     feed_task: Option<Arc<FeedTask>>,
     used_once: Arc<UsedOnce>,
+    /// Tokens that passed every check of [`scrip_jose::verify`] and their
+    /// scope parse, kept so that a token presented again (each call an agent
+    /// makes with it) is not verified again while the key set that verified
+    /// it is current and it is within its validity. Revocation, scope and
+    /// single use are still checked on every use. One per audience: never
+    /// shared by [`Verifier::for_audience`].
+    recent: scrip_jose::Recent<AccessToken>,
 }
+
+/// The most verified tokens a verifier keeps (all are forgotten when full).
+const RECENT: usize = 10_000;
 
 /// Verifies scrip access tokens for one tool. Cheap to clone; the background
 /// feed task stops when the last clone (and the last verifier made by
@@ -426,6 +442,7 @@ impl Verifier {
             revocations,
             feed_task,
             used_once: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
+            recent: scrip_jose::Recent::new(RECENT),
         })))
     }
 
@@ -445,6 +462,7 @@ impl Verifier {
             revocations: inner.revocations.clone(),
             feed_task: inner.feed_task.clone(),
             used_once: inner.used_once.clone(),
+            recent: scrip_jose::Recent::new(RECENT),
         }))
     }
 
@@ -497,32 +515,47 @@ impl Verifier {
             leeway: inner.leeway,
         };
         let keys = inner.keys.current().await;
-        let verified = match scrip_jose::verify::<AccessClaims>(token, &keys, &expectations) {
-            Err(JoseError::UnknownKey) => match inner.keys.refetch(&keys).await {
-                Some(fresh) => scrip_jose::verify::<AccessClaims>(token, &fresh, &expectations)?,
-                None => return Err(JoseError::UnknownKey.into()),
-            },
-            other => other?,
+        let digest = scrip_jose::token_digest(token);
+        let token = match inner.recent.get(&digest, &keys, inner.leeway) {
+            Some(kept) => kept,
+            None => {
+                let (verified, keys) =
+                    match scrip_jose::verify::<AccessClaims>(token, &keys, &expectations) {
+                        Err(JoseError::UnknownKey) => match inner.keys.refetch(&keys).await {
+                            Some(fresh) => (
+                                scrip_jose::verify::<AccessClaims>(token, &fresh, &expectations)?,
+                                fresh,
+                            ),
+                            None => return Err(JoseError::UnknownKey.into()),
+                        },
+                        other => (other?, keys),
+                    };
+                let actions =
+                    ActionSet::parse(&verified.claims.scope).map_err(|_| VerifyError::BadScope)?;
+                let token = AccessToken {
+                    claims: verified.claims,
+                    actions,
+                    kid: verified.kid,
+                    alg: verified.alg,
+                };
+                inner
+                    .recent
+                    .put(digest, keys, verified.validity, token.clone());
+                token
+            }
         };
-        let actions =
-            ActionSet::parse(&verified.claims.scope).map_err(|_| VerifyError::BadScope)?;
         if let Some(revocations) = &inner.revocations {
-            revocations.check(&verified.claims.txn, &verified.claims.jti)?;
+            revocations.check(&token.claims.txn, &token.claims.jti)?;
         }
         if let Some(action) = required
-            && !actions.contains(action)
+            && !token.actions.contains(action)
         {
             // Checked before a single-use token is spent.
             return Err(VerifyError::InsufficientScope {
                 required: action.to_string(),
             });
         }
-        if verified
-            .claims
-            .approval
-            .as_ref()
-            .is_some_and(|a| a.single_use)
-        {
+        if token.claims.approval.as_ref().is_some_and(|a| a.single_use) {
             let mut used = inner
                 .used_once
                 .lock()
@@ -534,18 +567,13 @@ impl Verifier {
                 used.retain(|_, exp| *exp + inner.leeway > now);
             }
             if used
-                .insert(verified.claims.jti.clone(), verified.claims.exp)
+                .insert(token.claims.jti.clone(), token.claims.exp)
                 .is_some()
             {
                 return Err(VerifyError::AlreadyUsed);
             }
         }
-        Ok(AccessToken {
-            claims: verified.claims,
-            actions,
-            kid: verified.kid,
-            alg: verified.alg,
-        })
+        Ok(token)
     }
 
     /// Verifies an access token and requires `action` in its scope.
