@@ -516,7 +516,7 @@ impl Verifier {
         };
         let keys = inner.keys.current().await;
         let digest = scrip_jose::token_digest(token);
-        let token = match inner.recent.get(&digest, &keys, inner.leeway) {
+        let accepted = match inner.recent.get(&digest, &keys, inner.leeway) {
             Some(kept) => kept,
             None => {
                 let (verified, keys) =
@@ -532,7 +532,7 @@ impl Verifier {
                     };
                 let actions =
                     ActionSet::parse(&verified.claims.scope).map_err(|_| VerifyError::BadScope)?;
-                let token = AccessToken {
+                let accepted = AccessToken {
                     claims: verified.claims,
                     actions,
                     kid: verified.kid,
@@ -540,22 +540,27 @@ impl Verifier {
                 };
                 inner
                     .recent
-                    .put(digest, keys, verified.validity, token.clone());
-                token
+                    .put(digest, keys, verified.validity, accepted.clone());
+                accepted
             }
         };
         if let Some(revocations) = &inner.revocations {
-            revocations.check(&token.claims.txn, &token.claims.jti)?;
+            revocations.check(&accepted.claims.txn, &accepted.claims.jti)?;
         }
         if let Some(action) = required
-            && !token.actions.contains(action)
+            && !accepted.actions.contains(action)
         {
             // Checked before a single-use token is spent.
             return Err(VerifyError::InsufficientScope {
                 required: action.to_string(),
             });
         }
-        if token.claims.approval.as_ref().is_some_and(|a| a.single_use) {
+        if accepted
+            .claims
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.single_use)
+        {
             let mut used = inner
                 .used_once
                 .lock()
@@ -564,16 +569,18 @@ impl Verifier {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             if used.len() > 10_000 {
-                used.retain(|_, exp| *exp + inner.leeway > now);
+                // Kept while `verify` would still accept the token
+                // (`exp + leeway >= now`), so it cannot be presented again.
+                used.retain(|_, exp| exp.saturating_add(inner.leeway) >= now);
             }
             if used
-                .insert(token.claims.jti.clone(), token.claims.exp)
+                .insert(accepted.claims.jti.clone(), accepted.claims.exp)
                 .is_some()
             {
                 return Err(VerifyError::AlreadyUsed);
             }
         }
-        Ok(token)
+        Ok(accepted)
     }
 
     /// Verifies an access token and requires `action` in its scope.
