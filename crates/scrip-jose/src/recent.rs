@@ -93,15 +93,9 @@ impl<T: Clone> Recent<T> {
     }
 
     /// How many tokens are kept.
-    #[must_use]
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.lock().map_or(0, |m| m.len())
-    }
-
-    /// Whether none is.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
