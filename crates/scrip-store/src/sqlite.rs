@@ -5,8 +5,9 @@
 //! group commits: concurrent requests share a single fsync. A checkpointer
 //! thread beside it copies the WAL into the database file. Reads use a
 //! small sqlx pool of read-only connections, which WAL lets run beside the
-//! writer; the point reads on request paths go through read-only rusqlite
-//! connections on the caller's thread instead ([`crate::sqlite_reads`]).
+//! writer; the point reads on request paths, and the revocation feed's
+//! pages, go through read-only rusqlite connections on the caller's thread
+//! instead ([`crate::sqlite_reads`]).
 //! After a failed write the writer drops its connection and opens a new one
 //! for the next batch, so the store recovers by itself once the disk does.
 
@@ -180,16 +181,7 @@ impl Store for SqliteStore {
         now: u64,
         limit: u32,
     ) -> Result<Vec<Revocation>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, txn, jti, exp FROM revocations WHERE seq > ? AND exp > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(after)
-        .bind(to_i64(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(rows::revocation).collect()
+        self.points.revocations(after, to_i64(now), limit)
     }
 
     async fn latest_revocation(&self) -> Result<i64, StoreError> {

@@ -1,5 +1,6 @@
 //! The embedded store's point reads on request paths (a task by id, whether
-//! a token was revoked), run on the caller's own thread.
+//! a token was revoked), and the revocation feed's pages, run on the
+//! caller's own thread.
 //!
 //! sqlx runs each SQLite connection on a worker thread of its own, so every
 //! query is a round trip between threads: sent, woken, answered, woken
@@ -10,9 +11,17 @@
 //! These reads go through read-only rusqlite connections kept here instead,
 //! and run where they are called. A read never waits for the writer (WAL
 //! readers see the last commit without taking its lock), so a call blocks
-//! only for SQLite's own work, or for the disk on a cold page cache. The
-//! other reads (audit queries, the revocation feed, approvals, keys) are
-//! rarer and longer, and stay on sqlx's pool.
+//! only for SQLite's own work, or for the disk on a cold page cache.
+//!
+//! The revocation feed's pages are read here too, though a full page (1,000
+//! revocations) takes a fraction of a millisecond. Through sqlx, each row
+//! was built on sqlx's connection thread and freed on the caller's. The
+//! allocator gives memory freed that way back to the thread that allocated
+//! it only when that thread allocates again, and sqlx's threads sit idle
+//! once a verifier has read the feed at start. With 100,000 revocations
+//! outstanding that left about 17 MiB of garbage in an idle server
+//! (BENCHMARKS.md, "Ninth pass"). The other reads (audit queries,
+//! approvals, keys) are rarer, and stay on sqlx's pool.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -21,7 +30,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
 
 use crate::rows::{self, task_columns, unavailable};
-use crate::{StoreError, TaskRecord};
+use crate::{Revocation, StoreError, TaskRecord};
 
 /// Idle connections kept at most (one per thread that reads at once).
 const IDLE: usize = 8;
@@ -112,5 +121,26 @@ impl PointReads {
             c.prepare_cached("SELECT 1 FROM revoked_tokens WHERE jti = ?")?
                 .exists([jti])
         })
+    }
+
+    /// [`crate::Store::revocations`].
+    pub(crate) fn revocations(
+        &self,
+        after: i64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT seq, kind, txn, jti, exp FROM revocations \
+                 WHERE seq > ? AND exp > ? ORDER BY seq LIMIT ?",
+            )?
+            .query_map(rusqlite::params![after, now, limit], |row| {
+                Ok(rows::revocation(row))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?
+        .into_iter()
+        .collect()
     }
 }

@@ -165,12 +165,31 @@ impl FeedConfig {
     }
 }
 
+/// How often, at most, expired entries are dropped from the set.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// A revoked id as the set keeps it: the first 128 bits of its SHA-256.
+/// Fixed-size keys keep the set to one allocation, its table, however many
+/// ids it holds: 24 bytes a slot, where a `String` key took 32 and an
+/// allocation of its own. Two ids sharing a key could only make a token
+/// refused, never accepted, and by chance that takes about 2^64 ids.
+type IdKey = [u8; 16];
+
+fn id_key(id: &str) -> IdKey {
+    let digest = scrip_jose::token_digest(id);
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Revoked task ids, with the expiry after which they can be forgotten.
-    tasks: HashMap<String, u64>,
+    tasks: HashMap<IdKey, u64>,
     /// Revoked token ids, likewise.
-    tokens: HashMap<String, u64>,
+    tokens: HashMap<IdKey, u64>,
+    /// When expired entries were last dropped.
+    pruned_at: Option<Instant>,
     cursor: u64,
     synced_at: Option<Instant>,
     /// Set once the feed answered an empty page: every revocation listed
@@ -227,7 +246,7 @@ impl Revocations {
             Some(at) if state.caught_up && at.elapsed() <= self.max_staleness => {}
             _ => return Err(VerifyError::RevocationStale),
         }
-        if state.tasks.contains_key(txn) || state.tokens.contains_key(jti) {
+        if state.tasks.contains_key(&id_key(txn)) || state.tokens.contains_key(&id_key(jti)) {
             return Err(VerifyError::Revoked);
         }
         Ok(())
@@ -262,15 +281,21 @@ impl Revocations {
             .state
             .write()
             .map_err(|_| "revocation state poisoned".to_owned())?;
+        // An entry is kept while a token it names could still pass `verify`
+        // (`exp` plus the leeway); past that the token is refused as expired.
+        let live = |exp: u64| exp.saturating_add(self.leeway) >= now;
         for event in events {
             match event {
-                Event::Task { txn, exp } => state.tasks.insert(txn, exp),
-                Event::Token { jti, exp } => state.tokens.insert(jti, exp),
+                Event::Task { txn, exp } if live(exp) => state.tasks.insert(id_key(&txn), exp),
+                Event::Token { jti, exp } if live(exp) => state.tokens.insert(id_key(&jti), exp),
+                _ => None,
             };
         }
-        let keep = |exp: &mut u64| exp.saturating_add(self.leeway) >= now;
-        state.tasks.retain(|_, exp| keep(exp));
-        state.tokens.retain(|_, exp| keep(exp));
+        if state.pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            state.tasks.retain(|_, exp| live(*exp));
+            state.tokens.retain(|_, exp| live(*exp));
+            state.pruned_at = Some(Instant::now());
+        }
         state.cursor = page.cursor;
         state.synced_at = Some(Instant::now());
         state.caught_up |= count == 0;
