@@ -29,6 +29,9 @@ use crate::{
 };
 
 /// The embedded SQLite store.
+/// Most revocations the feed reads in one blocking call.
+const FEED_CHUNK: usize = 250;
+
 #[derive(Debug)]
 pub struct SqliteStore {
     reads: SqlitePool,
@@ -181,7 +184,28 @@ impl Store for SqliteStore {
         now: u64,
         limit: u32,
     ) -> Result<Vec<Revocation>, StoreError> {
-        self.points.revocations(after, to_i64(now), limit)
+        // In chunks, yielding between them: a full page of the feed read in
+        // one call would hold the request thread for about a millisecond.
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut page: Vec<Revocation> = Vec::new();
+        let mut cursor = after;
+        loop {
+            let want = (limit - page.len()).min(FEED_CHUNK);
+            let chunk = self.points.revocations(
+                cursor,
+                to_i64(now),
+                u32::try_from(want).unwrap_or(u32::MAX),
+            )?;
+            let more = chunk.len() == want;
+            if let Some(last) = chunk.last() {
+                cursor = last.seq;
+            }
+            page.extend(chunk);
+            if !more || page.len() >= limit {
+                return Ok(page);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     async fn latest_revocation(&self) -> Result<i64, StoreError> {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use scrip_store::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, Checkpoint, KeyPurpose, PgStore,
+    Approval, ApprovalState, AuditEvent, AuditFilter, Checkpoint, KeyPurpose, PgStore, Revocation,
     RevocationKind, SecretRecord, SqliteStore, Store, StoreError, StoredKey, TaskRecord, Write,
 };
 use scrip_testkit::PgDatabase;
@@ -81,6 +81,7 @@ conformance!(
     a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
     expired_revocations_leave_the_feed_and_are_purged,
+    a_long_feed_reads_back_in_order,
     due_tasks_come_oldest_first,
     the_first_decision_on_an_approval_wins,
     concurrent_commits_chain_and_verify,
@@ -398,6 +399,39 @@ async fn expired_revocations_leave_the_feed_and_are_purged(f: Fixture) {
     assert!(!s.token_revoked("a").await.unwrap());
     assert!(s.token_revoked("b").await.unwrap());
     assert_eq!(s.revocations(0, 0, 100).await.unwrap().len(), 1);
+}
+
+async fn a_long_feed_reads_back_in_order(f: Fixture) {
+    let s = &f.store;
+    // More than the SQLite store reads at once, in one commit and with
+    // every other one already expired at `now` 2_000.
+    let writes = (0..1_203)
+        .map(|i| Write::RevokeToken {
+            jti: format!("j{i}"),
+            task_id: "t".into(),
+            expires_at: if i % 2 == 0 { 3_000 } else { 1_500 },
+            at: 1_000,
+        })
+        .collect();
+    s.commit(writes).await.unwrap();
+    let all = s.revocations(0, 1_000, 5_000).await.unwrap();
+    let jtis: Vec<String> = all.iter().filter_map(|r| r.jti.clone()).collect();
+    let expected: Vec<String> = (0..1_203).map(|i| format!("j{i}")).collect();
+    assert_eq!(jtis, expected);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    // A page stops at its limit; the next one starts after its last.
+    let first = s.revocations(0, 1_000, 1_000).await.unwrap();
+    assert_eq!(first, &all[..1_000]);
+    let rest = s.revocations(first[999].seq, 1_000, 1_000).await.unwrap();
+    assert_eq!(rest, &all[1_000..]);
+    let page = s.revocations(all[99].seq, 1_000, 260).await.unwrap();
+    assert_eq!(page, &all[100..360]);
+    // Past the expired ones' `exp`, only the live half.
+    let live = s.revocations(0, 2_000, 5_000).await.unwrap();
+    let expected: Vec<&Revocation> = all.iter().filter(|r| r.exp == 3_000).collect();
+    assert_eq!(live.iter().collect::<Vec<_>>(), expected);
+    assert_eq!(live.len(), 602);
+    assert!(s.revocations(0, 1_000, 0).await.unwrap().is_empty());
 }
 
 async fn due_tasks_come_oldest_first(f: Fixture) {
