@@ -28,10 +28,10 @@ use crate::{
     StoreError, StoredKey, StoredRecord, TaskRecord, Write,
 };
 
-/// The embedded SQLite store.
 /// Most revocations the feed reads in one blocking call.
 const FEED_CHUNK: usize = 250;
 
+/// The embedded SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
     reads: SqlitePool,
