@@ -124,7 +124,8 @@ impl PointReads {
         })
     }
 
-    /// [`crate::Store::revocations`].
+    /// At most `limit` revocations after `after` that have not expired at
+    /// `now`, in feed order: one chunk of [`crate::Store::revocations`].
     pub(crate) fn revocations(
         &self,
         after: i64,
