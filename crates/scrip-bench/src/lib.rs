@@ -18,6 +18,9 @@
 //! - `proxy`: one `legacy` read token, each request a `GET` through scrip's
 //!   proxy to a loopback upstream that demands its static key (which scrip
 //!   injects); not with `--url`;
+//! - `metadata`: `GET /.well-known/oauth-authorization-server`, which
+//!   neither signs, verifies, decides nor writes: the floor that HTTP, the
+//!   loopback and this generator set under every other scenario;
 //! - `propagation`: one task at a time started and revoked through the
 //!   first replica while a revocation-feed long-poll waits on the last one;
 //!   the latency is from sending the revocation to the feed answering it
@@ -64,6 +67,8 @@ const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const TXN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// What `metadata` asks for (RFC 8414).
+pub(crate) const METADATA: &str = "/.well-known/oauth-authorization-server";
 /// The purpose of every task: writes need a ticket.
 const PURPOSE: &str = "fix JIRA-1";
 /// The most time spent issuing tokens before a timed run.
@@ -84,6 +89,8 @@ pub enum Scenario {
     Propagation,
     /// GET requests through the legacy-bridge proxy with one access token.
     Proxy,
+    /// GET the authorization-server metadata: no signature, policy or store, the floor under the others.
+    Metadata,
 }
 
 impl Scenario {
@@ -95,6 +102,7 @@ impl Scenario {
             Self::Revoke => "revoke",
             Self::Propagation => "propagation",
             Self::Proxy => "proxy",
+            Self::Metadata => "metadata",
         }
     }
 }
@@ -123,7 +131,7 @@ pub struct Args {
     #[arg(long, requires = "identity_key")]
     pub print_jwks: bool,
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "introspect", "revoke", "proxy"])]
+    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "introspect", "revoke", "proxy", "metadata"])]
     pub scenario: Vec<Scenario>,
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
@@ -276,6 +284,8 @@ pub struct Summary {
     pub client_ticks: u64,
     /// The fixed rate offered, requests/s (`None`: back to back).
     pub rate: Option<f64>,
+    /// The whole machine's CPU time during the run (`None`: not measured).
+    pub machine: Option<server::MachineTicks>,
 }
 
 impl std::fmt::Display for Summary {
@@ -314,6 +324,16 @@ impl std::fmt::Display for Summary {
             write!(f, " server_cpu={:.2}", cores(t))?;
         }
         write!(f, " client_cpu={:.2}", cores(self.client_ticks))?;
+        if let Some(m) = self.machine.filter(|m| m.total > 0) {
+            #[expect(clippy::cast_precision_loss, reason = "a share for display")]
+            let share = |t: u64| 100.0 * t as f64 / m.total as f64;
+            write!(
+                f,
+                " idle={:.0}% steal={:.0}%",
+                share(m.idle),
+                share(m.steal)
+            )?;
+        }
         if let Some(r) = self.rate {
             write!(f, " offered={r:.0}/s")?;
         }
@@ -528,6 +548,7 @@ async fn run(args: &Args) -> Result<bool> {
     for scenario in &args.scenario {
         if *scenario == Scenario::Propagation {
             let last = targets.last().unwrap_or(&target);
+            let machine_before = server::MachineTicks::now();
             let outcome =
                 propagation(&target, last, &identities, &caller, args.propagations).await?;
             ok &= outcome.errors == 0;
@@ -539,6 +560,7 @@ async fn run(args: &Args) -> Result<bool> {
                 server_ticks: None,
                 client_ticks: 0,
                 rate: None,
+                machine: Some(machine_before.until(server::MachineTicks::now())),
             }
             .to_string());
             continue;
@@ -601,6 +623,13 @@ async fn run(args: &Args) -> Result<bool> {
                     once: false,
                 }
             }
+            Scenario::Metadata => Workload {
+                method: Method::GET,
+                path: METADATA,
+                authorization: None,
+                bodies: vec![Bytes::new()],
+                once: false,
+            },
             Scenario::Revoke => {
                 let tokens =
                     issue(&target, &task_token, args.revoke_tokens, args.connections).await?;
@@ -615,6 +644,7 @@ async fn run(args: &Args) -> Result<bool> {
         };
         let server_before = pid.map(|p| server::cpu_ticks(&p.to_string()));
         let client_before = server::cpu_ticks("self");
+        let machine_before = server::MachineTicks::now();
         let sched_before = args.sched.then(|| sched_snapshots(pid));
         let started = std::time::Instant::now();
         let outcome = load::drive(
@@ -630,6 +660,7 @@ async fn run(args: &Args) -> Result<bool> {
             .zip(server_before)
             .map(|(p, b)| server::cpu_ticks(&p.to_string()).saturating_sub(b));
         let client_ticks = server::cpu_ticks("self").saturating_sub(client_before);
+        let machine = machine_before.until(server::MachineTicks::now());
         let sched_after = args.sched.then(|| sched_snapshots(pid));
         let secs = started.elapsed().as_secs_f64();
         ok &= outcome.errors == 0;
@@ -641,6 +672,7 @@ async fn run(args: &Args) -> Result<bool> {
             server_ticks,
             client_ticks,
             rate: args.rate,
+            machine: Some(machine),
         }
         .to_string());
         if let (Some((sb, cb)), Some((sa, ca))) = (sched_before, sched_after) {

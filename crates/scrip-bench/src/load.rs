@@ -119,7 +119,7 @@ pub async fn probe(target: &Target) -> bool {
     let Ok(mut sender) = connect(target).await else {
         return false;
     };
-    let Ok(req) = Request::get("/.well-known/oauth-authorization-server")
+    let Ok(req) = Request::get(crate::METADATA)
         .header(HOST, target.host.clone())
         .body(Full::new(Bytes::new()))
     else {

@@ -379,6 +379,60 @@ pub fn cpu_ticks(pid: &str) -> u64 {
     next() + next()
 }
 
+/// The whole machine's CPU time so far, from the first line of
+/// `/proc/stat`, in clock ticks summed over every CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Waiting for nothing (`idle` + `iowait`).
+    pub idle: u64,
+    /// Taken by the hypervisor while this guest had work (`steal`): a
+    /// host shared with other guests.
+    pub steal: u64,
+    /// Everything: user, nice, system, idle, iowait, irq, softirq, steal.
+    pub total: u64,
+}
+
+impl MachineTicks {
+    /// Reads `/proc/stat` (zeros when unavailable).
+    pub fn now() -> Self {
+        Self::parse(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+    }
+
+    /// The `cpu` line of a `/proc/stat` text (zeros when absent).
+    pub fn parse(stat: &str) -> Self {
+        let Some(line) = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("cpu"))
+        else {
+            return Self::default();
+        };
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already in user and nice).
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        Self {
+            idle: at(3) + at(4),
+            steal: at(7),
+            total: v.iter().sum(),
+        }
+    }
+
+    /// What passed between `self` and `later`.
+    #[must_use]
+    pub fn until(self, later: Self) -> Self {
+        Self {
+            idle: later.idle.saturating_sub(self.idle),
+            steal: later.steal.saturating_sub(self.steal),
+            total: later.total.saturating_sub(self.total),
+        }
+    }
+}
+
 /// Clock ticks per second of `/proc` CPU times (USER_HZ, 100 on Linux).
 pub const TICKS_PER_SECOND: f64 = 100.0;
 
@@ -394,6 +448,31 @@ mod tests {
         }
         assert!(x != 1);
         assert!(cpu_ticks("self") > 0);
+    }
+
+    #[test]
+    fn reads_the_machine_line() {
+        let stat = "cpu  100 5 40 300 20 0 10 25 7 0\ncpu0 50 2 20 150 10 0 5 12 3 0\nintr 1\n";
+        let m = MachineTicks::parse(stat);
+        assert_eq!(
+            m,
+            MachineTicks {
+                idle: 320,
+                steal: 25,
+                total: 500
+            }
+        );
+        let later = MachineTicks::parse("cpu  110 5 45 330 25 0 10 35 7 0\n");
+        assert_eq!(
+            m.until(later),
+            MachineTicks {
+                idle: 35,
+                steal: 10,
+                total: 60
+            }
+        );
+        assert_eq!(MachineTicks::parse("cpu0 1 2 3\n"), MachineTicks::default());
+        assert!(MachineTicks::now().total > 0);
     }
 
     #[test]
