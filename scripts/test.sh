@@ -55,3 +55,8 @@ target/debug/scrip-bench --smoke --scrip target/debug/scrip \
 # by running this same idempotent script; here it is checked on its own.
 echo "== interop packages" >&2
 bash interop/setup.sh
+# The same scrip driven by a third-party load generator (wrk), as
+# BENCHMARKS.md's cross-check runs it: fails on request errors, never on
+# timings.
+echo "== load smoke with wrk" >&2
+bash scripts/wrk-crosscheck.sh target/debug/scrip target/debug/scrip-bench 8 2 1
