@@ -4,16 +4,19 @@
 // scripts/wrk-crosscheck.sh.
 //
 //   node interop/mint-k8s-identity.mjs KEY.pem ISSUER NAMESPACE NAME
+import { createPublicKey } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { importPKCS8, exportJWK, calculateJwkThumbprint, SignJWT } from "jose";
+import { importPKCS8, calculateJwkThumbprint, SignJWT } from "jose";
 
 const [keyFile, issuer, namespace, name] = process.argv.slice(2);
 if (!name) {
   console.error("usage: mint-k8s-identity.mjs KEY.pem ISSUER NAMESPACE NAME");
   process.exit(2);
 }
-const key = await importPKCS8(readFileSync(keyFile, "utf8"), "ES256", { extractable: true });
-const kid = await calculateJwkThumbprint(await exportJWK(key));
+const pem = readFileSync(keyFile, "utf8");
+const key = await importPKCS8(pem, "ES256");
+// The thumbprint of the public half only: the private key is never exported.
+const kid = await calculateJwkThumbprint(createPublicKey(pem).export({ format: "jwk" }));
 const now = Math.floor(Date.now() / 1000);
 process.stdout.write(
   await new SignJWT({
