@@ -15,13 +15,26 @@
 # Exits non-zero if any request failed (an answer other than 2xx or 3xx, or
 # a socket error). Installs wrk and GNU time with apt-get, and the interop
 # packages, if they are missing.
+#
+# SIGNING_ALGORITHM=ES256|EdDSA|RS256 sets the server's `signing_algorithm`
+# (default ES256, scrip's). The server's store is in a `mktemp -d` directory,
+# so TMPDIR=/dev/shm puts it in memory, where fdatasync costs nothing
+# (BENCHMARKS.md, "Twelfth pass").
 set -euo pipefail
 if [ $# -lt 2 ] || [ $# -gt 5 ]; then
-  sed -n '2,17p' "$0" >&2
+  sed -n '2,22p' "$0" >&2
   exit 2
 fi
 scrip=$(realpath "$1") bench=$(realpath "$2")
 connections=${3:-64} secs=${4:-6} rounds=${5:-2}
+algorithm=${SIGNING_ALGORITHM:-ES256}
+case $algorithm in
+  ES256 | EdDSA | RS256) ;;
+  *)
+    echo "SIGNING_ALGORITHM must be ES256, EdDSA or RS256, not \`$algorithm'" >&2
+    exit 2
+    ;;
+esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null ||
@@ -55,6 +68,7 @@ cat >scrip.toml <<EOF
 listen = "127.0.0.1:$port"
 data_dir = "data"
 policy_dir = "policies"
+signing_algorithm = "$algorithm"
 
 [[trusted_issuers]]
 issuer = "$issuer"
