@@ -31,6 +31,14 @@
 //! runnable but waiting for one ([`sched`]). `--signing-algorithm` sets the
 //! started scrip's `signing_algorithm`.
 //!
+//! `--rate` sends on a fixed schedule instead (open loop): each connection
+//! sends every `connections / rate` seconds, and a request that could not
+//! go out when due, because its connection was still waiting for an earlier
+//! answer, counts from when it was due. The line then adds `rtt_p50`,
+//! `rtt_p99` and `rtt_max`: the round trip of each request from when it
+//! was sent. Where the two disagree, requests waited behind their
+//! connection's earlier ones.
+//!
 //! With `--database-url` it starts `--replicas` scrip processes on that
 //! PostgreSQL database (one issuer, one key-encryption key) and spreads the
 //! connections evenly over them; peak RSS and server CPU are replica 0's.
@@ -169,7 +177,7 @@ pub struct Args {
     /// Revocations timed by `propagation`.
     #[arg(long, default_value_t = 200)]
     pub propagations: usize,
-    /// Send at this many requests per second in all, on a fixed schedule (open loop), instead of back to back; latency then counts from when each request was due.
+    /// Send at this many requests per second in all, on a fixed schedule (open loop), instead of back to back; latency then counts from when each request was due if it went out late behind an earlier answer, and rtt_p50, rtt_p99 and rtt_max give the same requests' round trips from when each was sent.
     #[arg(long, value_name = "PER_SECOND", value_parser = positive_rate)]
     pub rate: Option<f64>,
     /// Before starting scrip, write this many past (ended) tasks into its new store.
@@ -336,6 +344,13 @@ impl std::fmt::Display for Summary {
         }
         if let Some(r) = self.rate {
             write!(f, " offered={r:.0}/s")?;
+            let mut rtt = o.round_trips_us.clone();
+            let p = load::percentiles(&mut rtt);
+            write!(
+                f,
+                " rtt_p50={:.2}ms rtt_p99={:.2}ms rtt_max={:.2}ms",
+                p.p50, p.p99, p.max
+            )?;
         }
         if o.exhausted {
             write!(f, " (ran out of tokens)")?;

@@ -60,8 +60,15 @@ pub struct Workload {
 pub struct Outcome {
     /// Requests sent (answered or not).
     pub sent: u64,
-    /// Latency of every answered request, microseconds.
+    /// Latency of every answered request, microseconds: from when it was
+    /// sent, or at a fixed rate from when it was due if it went out late
+    /// because the connection's previous answer came after that.
     pub latencies_us: Vec<u32>,
+    /// At a fixed rate only: the same requests' round trips, from when each
+    /// was sent to its answer, microseconds. Where these are short and
+    /// `latencies_us` long, requests waited behind their connection's
+    /// earlier ones (one request at a time per HTTP/1.1 connection).
+    pub round_trips_us: Vec<u32>,
     /// Requests that failed (transport error or a status other than 200).
     pub errors: u64,
     /// The first failure, for the report.
@@ -78,6 +85,7 @@ impl Outcome {
     fn merge(&mut self, other: Self) {
         self.sent += other.sent;
         self.latencies_us.extend(other.latencies_us);
+        self.round_trips_us.extend(other.round_trips_us);
         self.errors += other.errors;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
@@ -260,9 +268,12 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
         last_answer = Instant::now();
         match result {
             Ok((status, answer)) => {
-                let us =
-                    u32::try_from(last_answer.duration_since(t0).as_micros()).unwrap_or(u32::MAX);
-                out.latencies_us.push(us);
+                out.latencies_us
+                    .push(micros(last_answer.duration_since(t0)));
+                if due.is_some() {
+                    out.round_trips_us
+                        .push(micros(last_answer.duration_since(sent_at)));
+                }
                 if status == 200 {
                     if shared.keep_answers {
                         out.answers.push(answer);
@@ -282,6 +293,10 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
         }
     }
     out
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// Runs `workload` on `connections` connections for `duration`, the
@@ -386,5 +401,99 @@ mod tests {
             }
         );
         assert_eq!(percentiles(&mut []), Percentiles::default());
+    }
+
+    /// A loopback HTTP/1.1 server that answers every request after `delay`.
+    async fn slow_server(delay: Duration) -> (Target, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let target = Target::loopback(listener.local_addr().unwrap().port()).unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |_: Request<hyper::body::Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(b"ok"),
+                            )))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (target, task)
+    }
+
+    fn get_root() -> Workload {
+        Workload {
+            method: Method::GET,
+            path: "/",
+            authorization: None,
+            bodies: vec![Bytes::new()],
+            once: false,
+        }
+    }
+
+    /// One connection due every 5 ms, answered 20 ms after each request at
+    /// the earliest: the k-th request (from 0) was due 5k ms after the start
+    /// but could go out only after the k answers before it, 20k ms at the
+    /// earliest. Its latency counts that wait and its round trip does not.
+    /// Closed loop has no schedule, so no round trips of its own.
+    #[tokio::test]
+    async fn open_loop_latency_counts_the_wait_behind_earlier_requests() {
+        let (target, server) = slow_server(Duration::from_millis(20)).await;
+        let targets = [target];
+        let open = drive(
+            &targets,
+            get_root(),
+            1,
+            Duration::from_millis(400),
+            false,
+            Some(200.0),
+        )
+        .await
+        .unwrap();
+        let closed = drive(
+            &targets,
+            get_root(),
+            1,
+            Duration::from_millis(100),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        server.abort();
+
+        assert_eq!(open.errors, 0, "{:?}", open.first_error);
+        assert!(
+            open.latencies_us.len() >= 3,
+            "{} answers",
+            open.latencies_us.len()
+        );
+        assert_eq!(open.round_trips_us.len(), open.latencies_us.len());
+        for (k, (&latency, &rtt)) in open
+            .latencies_us
+            .iter()
+            .zip(&open.round_trips_us)
+            .enumerate()
+        {
+            let k = u32::try_from(k).unwrap();
+            assert!(rtt >= 20_000, "request {k}: round trip {rtt} µs");
+            assert!(
+                latency >= rtt + 15_000 * k,
+                "request {k}: latency {latency} µs, round trip {rtt} µs"
+            );
+        }
+
+        assert_eq!(closed.errors, 0, "{:?}", closed.first_error);
+        assert!(!closed.latencies_us.is_empty());
+        assert!(closed.round_trips_us.is_empty());
+        assert!(closed.latencies_us.iter().all(|&us| us >= 20_000));
     }
 }
