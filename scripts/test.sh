@@ -44,6 +44,12 @@ echo "== shipped policy examples" >&2
 target/debug/scrip policy test policies/examples.test.toml --policies policies
 echo "== load smoke (fails on request errors, never on timings)" >&2
 target/debug/scrip-bench --smoke --scrip target/debug/scrip
+echo "== open-loop smoke (--rate; fails on request errors, never on timings)" >&2
+open_loop=$(target/debug/scrip-bench --smoke --scrip target/debug/scrip \
+  --scenario exchange,metadata --rate 2000 --no-restart)
+echo "$open_loop"
+# Open loop reports each request's round trip beside its latency from due.
+[ "$(grep -c ' offered=2000/s rtt_p50=' <<<"$open_loop")" -eq 2 ]
 smoke_db="scrip_smoke_$$"
 psql -qX postgres://postgres@127.0.0.1:5432/test -c "CREATE DATABASE $smoke_db"
 trap 'psql -qX postgres://postgres@127.0.0.1:5432/test -c "DROP DATABASE IF EXISTS $smoke_db WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
