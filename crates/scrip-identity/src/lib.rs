@@ -171,14 +171,7 @@ impl IdentityVerifier {
                 issuer: ti.issuer.clone(),
                 audiences: ti.audiences.clone(),
                 algorithms: parse_algorithms(&ti.algorithms),
-                typ: TypRule {
-                    allow_absent: ti.allow_untyped,
-                    values: ti
-                        .token_types
-                        .iter()
-                        .map(|t| t.to_ascii_lowercase())
-                        .collect(),
-                },
+                typ: TypRule::any_of(ti.allow_untyped, ti.token_types.iter().map(String::as_str)),
                 source,
                 refresh: Duration::from_secs(ti.jwks_refresh),
                 max_stale: Duration::from_secs(ti.jwks_max_stale),

@@ -12,7 +12,7 @@ use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents}
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
 
 use crate::JoseError;
 
@@ -135,6 +135,23 @@ impl std::fmt::Debug for KeySet {
     }
 }
 
+/// Whether a JWK may verify signatures (RFC 7517 §4.2, §4.3): its `use`,
+/// if any, is `sig` (or SPIFFE's `jwt-svid`, the use of a trust bundle's
+/// JWT-SVID keys), and its `key_ops`, if any, include `verify`.
+fn for_signatures(jwk: &Jwk) -> bool {
+    let use_ok = match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => true,
+        Some(PublicKeyUse::Other(other)) => other == "jwt-svid",
+        Some(PublicKeyUse::Encryption) => false,
+    };
+    let ops_ok = jwk
+        .common
+        .key_operations
+        .as_ref()
+        .is_none_or(|ops| ops.iter().any(|op| matches!(op, KeyOperations::Verify)));
+    use_ok && ops_ok
+}
+
 fn algorithms_for(jwk: &Jwk) -> Vec<Algorithm> {
     let from_type = match &jwk.algorithm {
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
@@ -191,7 +208,7 @@ impl KeySet {
             let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
                 continue;
             };
-            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            if !for_signatures(&jwk) {
                 continue;
             }
             let algorithms = algorithms_for(&jwk);
@@ -250,16 +267,20 @@ impl KeySet {
         self.by_kid.contains_key(kid)
     }
 
-    /// The key that may verify a token with this `kid` and `alg`.
+    /// The key that may verify a token with this `kid` and `alg`. A key is
+    /// used with exactly one algorithm (RFC 8725 §3.1): its JWK's `alg`, or
+    /// else the first of `allowed` that fits its type, so that an RSA key
+    /// without `alg` never verifies both RS256 and PS256.
     ///
     /// # Errors
     /// [`JoseError::UnknownKey`] when no key matches;
-    /// [`JoseError::KeyAlgorithmMismatch`] when the key is pinned to another
+    /// [`JoseError::KeyAlgorithmMismatch`] when the key is used with another
     /// algorithm.
     pub(crate) fn find(
         &self,
         kid: Option<&str>,
         alg: Algorithm,
+        allowed: &[Algorithm],
     ) -> Result<&ParsedPublicKey, JoseError> {
         let entry = match kid {
             Some(kid) => self.by_kid.get(kid),
@@ -271,6 +292,12 @@ impl KeySet {
             None => None,
         }
         .ok_or(JoseError::UnknownKey)?;
+        let its_algorithm = allowed
+            .iter()
+            .find(|a| entry.keys.iter().any(|(k, _)| k == *a));
+        if its_algorithm != Some(&alg) {
+            return Err(JoseError::KeyAlgorithmMismatch);
+        }
         entry
             .keys
             .iter()

@@ -169,12 +169,13 @@ mod tests {
         #[expect(clippy::cast_precision_loss, reason = "a small whole number")]
         let t = at as f64;
         let v = |expiry: f64, earliest: f64| Validity { expiry, earliest };
-        // verify refuses `exp < now - leeway`, `nbf > now + leeway` and
-        // `iat > now + leeway`: the bounds themselves are valid.
-        assert!(v(t - 30.0, t + 30.0).holds_at(at, 30));
-        assert!(!v(t - 31.0, t).holds_at(at, 30));
+        // verify refuses `exp <= now - leeway` (the current time must be
+        // before `exp`), `nbf > now + leeway` and `iat > now + leeway`.
+        assert!(v(t - 29.0, t + 30.0).holds_at(at, 30));
+        assert!(!v(t - 30.0, t).holds_at(at, 30));
         assert!(!v(t + 60.0, t + 31.0).holds_at(at, 30));
-        assert!(v(t, f64::NEG_INFINITY).holds_at(at, 0));
+        assert!(v(t + 1.0, f64::NEG_INFINITY).holds_at(at, 0));
+        assert!(!v(t, f64::NEG_INFINITY).holds_at(at, 0));
     }
 
     #[test]

@@ -29,7 +29,17 @@ impl TypRule {
     pub fn exactly(typ: &str) -> Self {
         Self {
             allow_absent: false,
-            values: vec![typ.to_ascii_lowercase()],
+            values: vec![normalise_typ(typ)],
+        }
+    }
+
+    /// Any of these `typ` values, written with or without `application/`
+    /// and in any case, and none at all when `allow_absent`.
+    #[must_use]
+    pub fn any_of<'a>(allow_absent: bool, values: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            allow_absent,
+            values: values.into_iter().map(normalise_typ).collect(),
         }
     }
 
@@ -45,9 +55,8 @@ impl TypRule {
         let ok = match typ {
             None => self.allow_absent,
             Some(t) => {
-                let t = t.to_ascii_lowercase();
-                let t = t.strip_prefix("application/").unwrap_or(&t);
-                self.values.iter().any(|v| v == t)
+                let t = normalise_typ(t);
+                self.values.contains(&t)
             }
         };
         if ok {
@@ -58,6 +67,15 @@ impl TypRule {
                 found: typ.map_or_else(|| "none".to_owned(), sanitise),
             })
         }
+    }
+}
+
+/// A `typ` value as compared: lowercase, without `application/`.
+fn normalise_typ(typ: &str) -> String {
+    let t = typ.to_ascii_lowercase();
+    match t.strip_prefix("application/") {
+        Some(rest) => rest.to_owned(),
+        None => t,
     }
 }
 
@@ -87,16 +105,22 @@ pub struct Expectations<'a> {
 /// such rather than as an unreadable token.
 #[derive(serde::Deserialize)]
 struct Registered {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     iss: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     aud: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     exp: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     nbf: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     iat: Option<Value>,
+}
+
+/// A claim that is present, even as `null`: serde's `Option` would read
+/// `"nbf": null` as absent, and RFC 7519 §4.1 wants a NumericDate there.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
 }
 
 /// Checks `exp`, `nbf`, `iat`, `iss` and `aud` (RFC 7519 §4.1, RFC 8725).
@@ -112,7 +136,9 @@ fn check_registered(r: &Registered, exp: &Expectations<'_>) -> Result<Validity, 
     if r.aud.is_none() {
         return Err(JoseError::MissingClaim("aud".into()));
     }
-    if expiry < now - leeway {
+    // RFC 7519 §4.1.4: the current time must be before `exp`. `now` is
+    // rounded down, so at `now == exp` the true time is already past it.
+    if expiry <= now - leeway {
         return Err(JoseError::Expired);
     }
     let mut earliest = f64::NEG_INFINITY;
@@ -174,7 +200,7 @@ impl Validity {
 
     pub(crate) fn holds_at(&self, now: u64, leeway: u64) -> bool {
         let (now, leeway) = (now as f64, leeway as f64);
-        self.expiry >= now - leeway && self.earliest <= now + leeway
+        self.expiry > now - leeway && self.earliest <= now + leeway
     }
 }
 
@@ -269,7 +295,7 @@ pub fn verify<T: DeserializeOwned>(
     let header: Map<String, Value> = serde_json::from_slice(&decode_part(header_part)?)
         .map_err(|_| JoseError::Malformed("header is not a JSON object"))?;
     let (alg, kid) = check_header(&header, exp)?;
-    let key = keys.find(kid.as_deref(), alg)?;
+    let key = keys.find(kid.as_deref(), alg, exp.algorithms)?;
     if exp.audiences.is_empty() {
         return Err(JoseError::WrongAudience);
     }

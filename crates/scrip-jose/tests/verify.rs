@@ -751,6 +751,79 @@ fn malformed_nbf_is_bad_claims_not_bad_signature() {
     );
 }
 
+#[test]
+fn null_time_claims_are_bad_claims_not_absent() {
+    // RFC 7519 §4.1.5/§4.1.6: a present `nbf` or `iat` must be a
+    // NumericDate; serde's `Option` alone would read `null` as absent.
+    let k = keys();
+    for name in ["nbf", "iat"] {
+        let token =
+            k.ec.sign_jwt("JWT", &with(claims(), name, Value::Null))
+                .unwrap();
+        assert_eq!(
+            check(&token, &all_keys(), &Rule::default().expectations()).unwrap_err(),
+            JoseError::BadClaims,
+            "{name}: null"
+        );
+    }
+    let token =
+        k.ec.sign_jwt("JWT", &with(claims(), "exp", Value::Null))
+            .unwrap();
+    assert!(check(&token, &all_keys(), &Rule::default().expectations()).is_err());
+}
+
+#[test]
+fn a_token_is_expired_at_its_exp_second() {
+    // RFC 7519 §4.1.4: the current time must be before `exp`. Signed in a
+    // loop so that the second cannot change between signing and checking.
+    let k = keys();
+    let rule = Rule {
+        leeway: 0,
+        ..Rule::default()
+    };
+    loop {
+        let at = now();
+        let expired =
+            k.ec.sign_jwt("JWT", &with(claims(), "exp", json!(at)))
+                .unwrap();
+        let live =
+            k.ec.sign_jwt("JWT", &with(claims(), "exp", json!(at + 1)))
+                .unwrap();
+        let (expired, live) = (
+            check(&expired, &all_keys(), &rule.expectations()),
+            check(&live, &all_keys(), &rule.expectations()),
+        );
+        if now() != at {
+            continue;
+        }
+        assert_eq!(expired.unwrap_err(), JoseError::Expired);
+        assert!(live.is_ok(), "{live:?}");
+        break;
+    }
+}
+
+#[test]
+fn configured_types_may_be_written_with_application_prefix() {
+    // RFC 7515 §4.1.9: `application/` may be left out, on either side.
+    let k = keys();
+    let rule = Rule {
+        typ: TypRule::any_of(false, ["application/JWT"]),
+        ..Rule::default()
+    };
+    for typ in ["JWT", "jwt", "application/jwt", "Application/JWT"] {
+        let token = k.ec.sign_jwt(typ, &claims()).unwrap();
+        assert!(
+            check(&token, &all_keys(), &rule.expectations()).is_ok(),
+            "{typ}"
+        );
+    }
+    let token = k.ec.sign_jwt("at+jwt", &claims()).unwrap();
+    assert!(matches!(
+        check(&token, &all_keys(), &rule.expectations()).unwrap_err(),
+        JoseError::WrongType { .. }
+    ));
+}
+
 // ----------------------------------------------------- claims and interop
 
 #[test]
@@ -925,6 +998,67 @@ fn keyset_skips_symmetric_and_encryption_keys() {
         ec,
     ];
     assert_eq!(KeySet::from_jwks_json(&jwks_bytes(&odd)).unwrap().len(), 1);
+}
+
+#[test]
+fn an_unpinned_rsa_key_verifies_one_algorithm_only() {
+    // RFC 8725 §3.1: each key is used with exactly one algorithm. An RSA
+    // JWK without `alg` takes the first RSA algorithm of the allow-list.
+    let (rsa, pkcs8) = SigningKey::generate(SigningAlgorithm::RS256).unwrap();
+    let set = key_set(json!({"keys": [without(rsa.public_jwk(), "alg")]}));
+    let pair = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&pkcs8).unwrap();
+    let sign = |alg: &str| {
+        let header = json!({"alg": alg, "typ": "JWT", "kid": rsa.kid()});
+        let input = format!("{}.{}", b64_json(&header), b64_json(&claims()));
+        let padding: &'static dyn aws_lc_rs::signature::RsaEncoding = match alg {
+            "RS256" => &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+            _ => &aws_lc_rs::signature::RSA_PSS_SHA256,
+        };
+        let mut signature = vec![0; pair.public_modulus_len()];
+        pair.sign(
+            padding,
+            &aws_lc_rs::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut signature,
+        )
+        .unwrap();
+        format!("{input}.{}", b64(&signature))
+    };
+    let (rs256, ps256) = (sign("RS256"), sign("PS256"));
+    let rs_first = Rule::algorithms(&[Algorithm::ES256, Algorithm::RS256, Algorithm::PS256]);
+    assert!(check(&rs256, &set, &rs_first.expectations()).is_ok());
+    assert_eq!(
+        check(&ps256, &set, &rs_first.expectations()).unwrap_err(),
+        JoseError::KeyAlgorithmMismatch
+    );
+    let ps_first = Rule::algorithms(&[Algorithm::PS256, Algorithm::RS256]);
+    assert!(check(&ps256, &set, &ps_first.expectations()).is_ok());
+    assert_eq!(
+        check(&rs256, &set, &ps_first.expectations()).unwrap_err(),
+        JoseError::KeyAlgorithmMismatch
+    );
+}
+
+#[test]
+fn keyset_keeps_only_keys_meant_for_verifying() {
+    // RFC 7517 §4.2/§4.3: `use` other than `sig` (SPIFFE's `jwt-svid`
+    // aside) and `key_ops` without `verify` are not signature keys.
+    let k = keys();
+    let with_member = |name: &str, value: Value| {
+        let mut jwk = k.ed.public_jwk();
+        jwk[name] = value;
+        KeySet::from_jwks_json(&jwks_bytes(&[jwk, k.ec.public_jwk()]))
+            .unwrap()
+            .contains_kid(k.ed.kid())
+    };
+    assert!(with_member("use", json!("sig")));
+    assert!(with_member("use", json!("jwt-svid")));
+    assert!(with_member("key_ops", json!(["verify"])));
+    assert!(with_member("key_ops", json!(["sign", "verify"])));
+    assert!(!with_member("use", json!("x509-svid")));
+    assert!(!with_member("use", json!("foo")));
+    assert!(!with_member("key_ops", json!(["encrypt"])));
+    assert!(!with_member("key_ops", json!([])));
 }
 
 #[test]

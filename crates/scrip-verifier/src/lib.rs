@@ -64,6 +64,9 @@ enum FirstRead {
     Background,
 }
 
+/// The least [`VerifierConfig::jwks_min_refetch`] accepted.
+pub const MIN_JWKS_REFETCH: Duration = Duration::from_secs(1);
+
 /// How revocation is learned.
 #[derive(Debug, Clone)]
 pub enum Revocation {
@@ -87,7 +90,9 @@ pub struct VerifierConfig {
     pub leeway: u64,
     /// How often the JWKS is refreshed.
     pub jwks_refresh: Duration,
-    /// Least time between JWKS fetches (bounds refetches on unknown `kid`s).
+    /// Least time between JWKS fetches (bounds refetches on unknown `kid`s);
+    /// at least [`MIN_JWKS_REFETCH`], so that tokens with made-up `kid`s
+    /// cannot make a fetch per request.
     pub jwks_min_refetch: Duration,
     /// How revocation is learned.
     pub revocation: Revocation,
@@ -145,6 +150,9 @@ impl VerifierConfig {
         }
         if self.algorithms.is_empty() {
             return bad("the algorithm allow-list is empty");
+        }
+        if self.jwks_min_refetch < MIN_JWKS_REFETCH {
+            return bad("jwks_min_refetch must be at least 1 s");
         }
         if self
             .algorithms

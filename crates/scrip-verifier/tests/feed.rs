@@ -166,11 +166,20 @@ async fn follows_a_key_rotation_at_a_bounded_rate() {
     );
     assert_eq!(fake.state.lock().unwrap().jwks_fetches, 1);
 
-    // With refetches allowed, the unknown kid triggers one fetch.
+    // A refetch is not allowed more often than once a second.
+    let mut c0 = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+    c0.jwks_min_refetch = Duration::from_millis(999);
+    assert!(matches!(
+        Verifier::discover(c0).await.unwrap_err(),
+        SetupError::Config(m) if m.contains("jwks_min_refetch")
+    ));
+
+    // Past the least interval, the unknown kid triggers one fetch.
     let fake2 = Fake::start().await;
     let mut c2 = config(&fake2, FEED_IDENTITY, Duration::from_secs(30));
-    c2.jwks_min_refetch = Duration::ZERO;
+    c2.jwks_min_refetch = scrip_verifier::MIN_JWKS_REFETCH;
     let v2 = Verifier::discover(c2).await.unwrap();
+    tokio::time::sleep(scrip_verifier::MIN_JWKS_REFETCH + Duration::from_millis(100)).await;
     let (next, _) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
     fake2.state.lock().unwrap().jwks.push(next.public_jwk());
     let t = fake2.token_with(&next, "github", "task-1", "jti-1");

@@ -30,7 +30,7 @@ async fn a_token_verified_before_is_refused_once_its_key_is_withdrawn() {
     let fake = Fake::start().await;
     let mut c = config(&fake);
     c.jwks_refresh = Duration::from_millis(200);
-    c.jwks_min_refetch = Duration::ZERO;
+    c.jwks_min_refetch = scrip_verifier::MIN_JWKS_REFETCH;
     let v = Verifier::discover(c).await.unwrap();
     let t = fake.token("task-1", "jti-1");
     for _ in 0..3 {
