@@ -154,6 +154,8 @@ fn batch(range: std::ops::Range<u64>, per_task: u64, now: u64, total: u64) -> Re
             id,
             at: expires,
             reason: "expired".into(),
+            // A history, not a live store: no feed events for old tasks.
+            grace: 0,
         });
         writes.push(Write::Audit(Box::new(end)));
     }

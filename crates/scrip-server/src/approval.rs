@@ -170,6 +170,11 @@ pub(crate) async fn poll(
     peer: SocketAddr,
 ) -> Result<Response, OAuthError> {
     let id = form.require("auth_req_id")?;
+    let unknown =
+        || OAuthError::invalid_grant("auth_req_id is unknown, already used, or not this task's");
+    if !plausible_id(id) {
+        return Err(unknown());
+    }
     // The poller proves it holds the task: nobody polls someone else's request.
     let subject = form.get("subject_token").ok_or_else(|| {
         OAuthError::invalid_request(
@@ -180,15 +185,17 @@ pub(crate) async fn poll(
         .verify_own::<TaskClaims>(subject, TokenKind::Task)
         .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?
         .claims;
-    let unknown =
-        || OAuthError::invalid_grant("auth_req_id is unknown, already used, or not this task's");
     let approval = st.store.approval(id).await?.ok_or_else(unknown)?;
     if approval.task_id != claims.txn {
         return Err(unknown());
     }
     let now = now();
     match approval.state {
-        ApprovalState::Pending if now >= approval.expires_at => Err(OAuthError::expired_token()),
+        // CIBA Core §11: past `expires_in` the request is gone, decided
+        // or not; an approval is redeemed within it or not at all.
+        ApprovalState::Pending | ApprovalState::Approved if now >= approval.expires_at => {
+            Err(OAuthError::expired_token())
+        }
         ApprovalState::Expired => Err(OAuthError::expired_token()),
         ApprovalState::Pending => {
             if st
@@ -297,7 +304,10 @@ async fn issue(
     a.policies = policies;
     a.jti = Some(jti.clone());
     a.reason = Some(format!("approved by {approver}"));
-    st.store
+    // Two polls racing for one approval: only the one whose update applies
+    // commits (its audit record with it) and hands out the token.
+    match st
+        .store
         .commit(vec![
             Write::UpdateApproval {
                 id: approval.id.clone(),
@@ -310,14 +320,15 @@ async fn issue(
             },
             Write::Audit(Box::new(a)),
         ])
-        .await?;
-    // Two polls racing for one approval: only the one whose update applied
-    // may hand out the token.
-    let after = st.store.approval(&approval.id).await?;
-    if after.and_then(|a| a.token_jti) != Some(jti.clone()) {
-        return Err(OAuthError::invalid_grant(
-            "auth_req_id is unknown, already used, or not this task's",
-        ));
+        .await
+    {
+        Ok(()) => {}
+        Err(scrip_store::StoreError::Conflict(_)) => {
+            return Err(OAuthError::invalid_grant(
+                "auth_req_id is unknown, already used, or not this task's",
+            ));
+        }
+        Err(e) => return Err(e.into()),
     }
     tracing::info!(auth_req_id = %approval.id, jti = %jti, approver = %approver, "approved step issued");
     Ok(Issued::access_token(
@@ -415,13 +426,24 @@ async fn decide_endpoint(
             None
         } else {
             let form = Form::read(headers, body).await?;
-            Some(form.require("reason")?.chars().take(500).collect::<String>())
+            let reason: String = form
+                .require("reason")?
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(500)
+                .collect();
+            if reason.trim().is_empty() {
+                return Err(OAuthError::invalid_request(
+                    "parameter `reason` must be text, not only control characters",
+                ));
+            }
+            Some(reason)
         };
-        let approval = st
-            .store
-            .approval(id)
-            .await?
-            .ok_or_else(|| OAuthError::not_found("no approval has this id"))?;
+        let not_found = || OAuthError::not_found("no approval has this id");
+        if !plausible_id(id) {
+            return Err(not_found());
+        }
+        let approval = st.store.approval(id).await?.ok_or_else(not_found)?;
         let now = now();
         if approval.state != ApprovalState::Pending {
             return Err(OAuthError::conflict(format!(
@@ -464,7 +486,9 @@ async fn decide_endpoint(
             reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
         ));
         a.client = Some(peer.to_string());
-        st.store
+        // Racing decisions: only the first commits, its audit record with it.
+        let committed = st
+            .store
             .commit(vec![
                 Write::UpdateApproval {
                     id: approval.id.clone(),
@@ -477,10 +501,18 @@ async fn decide_endpoint(
                 },
                 Write::Audit(Box::new(a)),
             ])
-            .await?;
-        let after = st.store.approval(id).await?.ok_or_else(OAuthError::server_error)?;
-        if after.state != to || after.decided_by.as_deref() != Some(approver.name.as_str()) {
-            return Err(OAuthError::conflict(format!("this approval is already {}", after.state.as_str())));
+            .await;
+        let after = match committed {
+            Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {
+                st.store.approval(id).await?.ok_or_else(OAuthError::server_error)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if committed.is_err() {
+            return Err(OAuthError::conflict(format!(
+                "this approval is already {}",
+                after.state.as_str()
+            )));
         }
         tracing::info!(auth_req_id = %id, approver = %approver.name, approved = approve, "approval decided");
         Ok(describe(&after, Some(&task)))
@@ -515,8 +547,9 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
     if due.is_empty() {
         return;
     }
-    let mut writes = Vec::new();
+    let mut pairs = Vec::with_capacity(due.len());
     for ap in &due {
+        let mut writes = Vec::with_capacity(2);
         writes.push(Write::UpdateApproval {
             id: ap.id.clone(),
             from: ApprovalState::Pending,
@@ -532,10 +565,36 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
         a.actions = Some(ap.actions.clone());
         a.reason = Some(format!("auth_req_id {} was not decided in time", ap.id));
         writes.push(Write::Audit(Box::new(a)));
+        pairs.push(writes);
     }
-    if let Err(e) = st.store.commit(writes).await {
-        tracing::warn!(error = %e, "could not record expired approvals; will retry");
+    let all: Vec<Write> = pairs.iter().flatten().cloned().collect();
+    match st.store.commit(all).await {
+        Ok(()) => {}
+        // One was decided since it was read: expire the others one by one,
+        // so that the one decided gets no `approval.expired` record.
+        Err(scrip_store::StoreError::Conflict(_)) => {
+            for writes in pairs {
+                match st.store.commit(writes).await {
+                    Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record expired approvals; will retry");
+                        return;
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not record expired approvals; will retry"),
     }
+}
+
+/// Whether `id` could be an approval id ([`scrip_jose::random_id`]'s
+/// base64url): anything else is unknown without asking the store, which
+/// may refuse bytes such as NUL with an error that is not the caller's.
+fn plausible_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 /// Which of `actions` need approval: policy denies them as they are and

@@ -98,6 +98,7 @@ async fn sweep_loop(state: AppState) {
                         id: task.id.clone(),
                         at: now,
                         reason: "expired".into(),
+                        grace: st.config.clock_skew,
                     });
                     let mut a = st.audit("task.expired");
                     a.agent_iss = Some(task.agent.issuer.clone());

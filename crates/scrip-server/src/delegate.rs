@@ -185,7 +185,17 @@ pub(crate) async fn delegate(
         end_reason: None,
     })));
     writes.push(Write::Audit(Box::new(started)));
-    st.store.commit(writes).await?;
+    match st.store.commit(writes).await {
+        Ok(()) => {}
+        // The parent ended after it was read: the store refuses the child
+        // (and its records), so ending a task always ends its children.
+        Err(scrip_store::StoreError::Conflict(_)) => {
+            return Err(OAuthError::invalid_request(
+                "subject_token: the task has ended",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(task = %task_id, parent = %parent.id, jti = %jti, actor = %actor.subject, depth, "task delegated");
     Ok(Issued::task_token(
         &token,

@@ -73,6 +73,9 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                         id: task.id.clone(),
                         at: now,
                         reason: "revoked".into(),
+                        // Verifiers accept a token up to their leeway past
+                        // its `exp`: the task's event outlives it as long.
+                        grace: st.config.clock_skew,
                     },
                     Write::Audit(Box::new(a)),
                 ])

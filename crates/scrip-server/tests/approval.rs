@@ -868,6 +868,20 @@ async fn racing_polls_get_one_token() {
             "{body}"
         );
     }
+    // The audit records the one token handed out, and no other.
+    let (_, issued) = replies
+        .iter()
+        .find(|(status, _)| *status == 200)
+        .map(|(_, b)| decode_parts(b["access_token"].as_str().unwrap()))
+        .unwrap();
+    let used: Vec<_> = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "approval.used")
+        .collect();
+    assert_eq!(used.len(), 1, "{used:#?}");
+    assert_eq!(used[0].jti.as_deref(), issued["jti"].as_str());
     s.stop().await;
 }
 
@@ -884,6 +898,97 @@ async fn racing_decisions_decide_once() {
     let mut statuses = [a.status, d.status];
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 409], "{a:?} {d:?}");
+    // Only the decision that applied is audited.
+    let decided: Vec<String> = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event == "approval.granted" || e.event == "approval.denied")
+        .map(|e| e.event)
+        .collect();
+    let won = if a.status == 200 {
+        "approval.granted"
+    } else {
+        "approval.denied"
+    };
+    assert_eq!(decided, [won], "{a:?} {d:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_approved_step_not_collected_in_time_expires() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        c.approval_ttl = 2;
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "expired_token");
+    assert!(
+        !s.audit().await.iter().any(|e| e.event == "approval.used"),
+        "an expired approval issued a token"
+    );
+    s.stop().await;
+}
+
+/// Ids no approval can have are unknown, never a store error: PostgreSQL
+/// refuses a NUL in text, which must not become a 503.
+async fn odd_ids_are_unknown(s: &TestServer, task: &str) {
+    let alice = alice_id(s);
+    for id in ["a\0b", "a b", "../x", &"a".repeat(65)] {
+        poll(s, task, id).await.assert_error(400, "invalid_grant");
+        let path = form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>();
+        let r = s
+            .http
+            .post(format!("{}/approvals/{path}/approve", s.url))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{id:?}");
+    }
+    let id = pending(s, task).await;
+    deny(s, &id, Some(&alice), "\0\u{7}")
+        .await
+        .assert_error(400, "invalid_request");
+    assert_eq!(deny(s, &id, Some(&alice), "no\0pe").await.status, 200);
+    poll(s, task, &id).await.assert_error(400, "access_denied");
+}
+
+#[tokio::test]
+async fn odd_approval_ids_are_unknown_on_postgres() {
+    let db = scrip_testkit::PgDatabase::new();
+    let url = db.url().to_owned();
+    let s = TestServer::start_with(edit(move |c| {
+        c.approvers = vec![alice()];
+        c.database_url = Some(url);
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    odd_ids_are_unknown(&s, &task).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn odd_approval_ids_are_unknown_not_errors() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    odd_ids_are_unknown(&s, &task).await;
+    // A reason is text: control characters are dropped, none at all refused.
+    let denied = s.audit().await;
+    let denied = denied
+        .iter()
+        .find(|e| e.event == "approval.denied")
+        .unwrap();
+    assert!(
+        denied.reason.as_deref().unwrap().ends_with(": nope"),
+        "{denied:?}"
+    );
     s.stop().await;
 }
 

@@ -783,3 +783,74 @@ async fn ending_a_child_leaves_the_parent() {
     access(&s, &sibling, "jira", None).await;
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegation_racing_the_parents_end_leaves_no_live_child() {
+    let s = TestServer::start().await;
+    for round in 0..8 {
+        let parent = root(&s, "github:read", None).await;
+        let actor = actor1(&s);
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..30 {
+            let (http, url, parent, actor) =
+                (s.http.clone(), s.url.clone(), parent.clone(), actor.clone());
+            set.spawn(async move {
+                let body = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs([
+                        ("grant_type", TOKEN_EXCHANGE),
+                        ("subject_token", parent.as_str()),
+                        ("subject_token_type", TXN),
+                        ("actor_token", actor.as_str()),
+                        ("actor_token_type", JWT),
+                        ("requested_token_type", TXN),
+                        ("scope", "github:read"),
+                    ])
+                    .finish();
+                let r = http
+                    .post(format!("{url}/token"))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                (i, status, r.json::<Value>().await.unwrap())
+            });
+        }
+        // End the parent while the delegations are in flight: once the
+        // first has been answered, or at once in even rounds.
+        let mut answered = Vec::new();
+        if round % 2 == 1 {
+            answered.push(set.join_next().await.unwrap());
+        }
+        assert_eq!(s.revoke(&parent).await.status, 200);
+        let mut children = Vec::new();
+        while let Some(r) = match answered.pop() {
+            Some(r) => Some(r),
+            None => set.join_next().await,
+        } {
+            let (i, status, body) = r.unwrap();
+            match status {
+                200 => children.push(body["access_token"].as_str().unwrap().to_owned()),
+                400 => assert_eq!(
+                    body["error_description"], "subject_token: the task has ended",
+                    "delegation {i}: {body}"
+                ),
+                _ => panic!("delegation {i}: {status} {body}"),
+            }
+        }
+        // Whatever was delegated before the end, ended with it.
+        for child in &children {
+            let r = s.introspect(child).await;
+            assert_eq!(
+                r.body,
+                json!({"active": false}),
+                "round {round}: {}",
+                r.text
+            );
+            let r = s.access_token(child, "github", Some("read")).await;
+            assert_ne!(r.status, 200, "round {round}: {}", r.text);
+        }
+    }
+    s.stop().await;
+}

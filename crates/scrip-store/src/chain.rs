@@ -122,6 +122,75 @@ pub struct StoredRecord {
     pub hash: String,
     /// The exact JSON that was hashed.
     pub record: String,
+    /// The columns beside it that queries filter on.
+    pub columns: IndexedColumns,
+}
+
+/// The columns of an audit row that repeat fields of its record so that
+/// queries can filter on them. They are not hashed: verification checks
+/// that they say what the hashed record says, so that editing one cannot
+/// hide a record from `audit query` or show it where it does not belong.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexedColumns {
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    /// The event.
+    pub event: String,
+    /// `allow` or `deny`.
+    pub decision: Option<String>,
+    /// The agent's issuer.
+    pub agent_iss: Option<String>,
+    /// The agent's subject.
+    pub agent_sub: Option<String>,
+    /// The task.
+    pub task_id: Option<String>,
+    /// The parent task.
+    pub parent_id: Option<String>,
+    /// The tool.
+    pub tool: Option<String>,
+    /// The token's `jti`.
+    pub jti: Option<String>,
+    /// The replica that wrote it.
+    pub replica: String,
+}
+
+impl IndexedColumns {
+    /// The columns a record should have been stored with.
+    #[must_use]
+    pub fn of(e: &AuditEvent) -> Self {
+        Self {
+            at_ms: e.at_ms,
+            event: e.event.clone(),
+            decision: e.decision.clone(),
+            agent_iss: e.agent_iss.clone(),
+            agent_sub: e.agent_sub.clone(),
+            task_id: e.task_id.clone(),
+            parent_id: e.parent_id.clone(),
+            tool: e.tool.clone(),
+            jti: e.jti.clone(),
+            replica: e.replica.clone(),
+        }
+    }
+
+    /// The names of the columns that differ from `other`'s.
+    fn differing(&self, other: &Self) -> Vec<&'static str> {
+        [
+            ("at_ms", self.at_ms == other.at_ms),
+            ("event", self.event == other.event),
+            ("decision", self.decision == other.decision),
+            ("agent_iss", self.agent_iss == other.agent_iss),
+            ("agent_sub", self.agent_sub == other.agent_sub),
+            ("task_id", self.task_id == other.task_id),
+            ("parent_id", self.parent_id == other.parent_id),
+            ("tool", self.tool == other.tool),
+            ("jti", self.jti == other.jti),
+            ("replica", self.replica == other.replica),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name)
+        .collect()
+    }
 }
 
 /// A signed checkpoint as stored.
@@ -272,6 +341,13 @@ impl Verifier {
                     self.report.problems.push(problem(
                         "chain position in the record differs from the row: moved".into(),
                     ));
+                }
+                let differing = IndexedColumns::of(&e).differing(&r.columns);
+                if !differing.is_empty() {
+                    self.report.problems.push(problem(format!(
+                        "column(s) {} differ from the record: edited",
+                        differing.join(", ")
+                    )));
                 }
                 if r.chain_seq == 1 && e.event != "chain.started" {
                     self.report.problems.push(problem(

@@ -19,7 +19,9 @@ mod sqlite_reads;
 mod sqlite_writer;
 mod writer;
 
-pub use chain::{ChainLink, Checkpoint, Problem, Report, StoredRecord, Verifier, hash, verify};
+pub use chain::{
+    ChainLink, Checkpoint, IndexedColumns, Problem, Report, StoredRecord, Verifier, hash, verify,
+};
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, Revocation, RevocationKind,
     SecretRecord, StoredKey, TaskRecord, TaskState, Write,

@@ -184,7 +184,9 @@ pub struct AuditFilter {
 /// One change, applied inside a [`crate::Store::commit`].
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// A new task.
+    /// A new task. A child task's commit fails with
+    /// [`crate::StoreError::Conflict`] (changing nothing) when its parent
+    /// has ended, so that ending a task always ends every child of it.
     InsertTask(Box<TaskRecord>),
     /// End a task and every open descendant.
     EndTask {
@@ -194,6 +196,11 @@ pub enum Write {
         at: u64,
         /// Why.
         reason: String,
+        /// Seconds past each task's deadline that its revocation stays in
+        /// the feed: the clock leeway with which verifiers still accept a
+        /// token after its `exp`. Also ends tasks past their deadline by
+        /// less than this, with an event.
+        grace: u64,
     },
     /// Revoke one token.
     RevokeToken {
@@ -222,8 +229,10 @@ pub enum Write {
     },
     /// A new pending approval.
     InsertApproval(Box<Approval>),
-    /// Move an approval from `from` to `to` (no change when it is not in
-    /// `from` any more: the first decision wins).
+    /// Move an approval from `from` to `to`. The commit fails with
+    /// [`crate::StoreError::Conflict`] (changing nothing, its audit record
+    /// included) when the approval is not in `from` any more: the first
+    /// decision wins, and the audit never records one that did not apply.
     UpdateApproval {
         /// The approval.
         id: String,

@@ -313,6 +313,23 @@ async fn apply_on(
     for write in writes {
         match write {
             Write::InsertTask(t) => {
+                // As in SQLite: the write lock above serialises commits across
+                // replicas, so a parent ended before this commit is seen here,
+                // and one ended after it finds the child.
+                if let Some(parent) = &t.parent {
+                    let open: Option<i32> = sqlx::query_scalar(
+                        "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NULL",
+                    )
+                    .bind(parent)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    if open.is_none() {
+                        return Err(StoreError::Conflict(format!(
+                            "parent task {parent} has ended"
+                        )));
+                    }
+                }
                 let (agent, actor, may_act) = rows::task_json(t)?;
                 sqlx::query(
                     "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
@@ -337,15 +354,21 @@ async fn apply_on(
                 .await
                 .map_err(failed)?;
             }
-            Write::EndTask { id, at, reason } => {
+            Write::EndTask {
+                id,
+                at,
+                reason,
+                grace,
+            } => {
                 sqlx::query(
                     "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                      INSERT INTO revocations (kind, txn, jti, exp, at) \
-                     SELECT 'task', id, NULL, expires_at, $2 FROM tasks \
-                     WHERE id IN (SELECT id FROM sub) AND ended_at IS NULL AND expires_at > $2 ORDER BY id",
+                     SELECT 'task', id, NULL, expires_at + $3, $2 FROM tasks \
+                     WHERE id IN (SELECT id FROM sub) AND ended_at IS NULL AND expires_at + $3 > $2 ORDER BY id",
                 )
                 .bind(id)
                 .bind(to_i64(*at))
+                .bind(to_i64(*grace))
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
@@ -438,7 +461,7 @@ async fn apply_on(
                 reason,
                 token_jti,
             } => {
-                sqlx::query(
+                let changed = sqlx::query(
                     "UPDATE approvals SET state = $1, \
                      decided_by = COALESCE($2::text, decided_by), \
                      decided_at = CASE WHEN $2::text IS NULL THEN decided_at ELSE $3 END, \
@@ -455,6 +478,12 @@ async fn apply_on(
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
+                if changed.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "approval {id} is not {} any more",
+                        from.as_str()
+                    )));
+                }
             }
             Write::Audit(a) => audit.push(a, chain)?,
             Write::PutSecret {
@@ -682,7 +711,7 @@ impl Store for PgStore {
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let rows = read(
             sqlx::query(
-                "SELECT seq, chain_id, chain_seq, hash, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                "SELECT seq, at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, chain_id, chain_seq, hash, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
             )
             .bind(after_seq)
             .bind(i64::from(limit))

@@ -157,6 +157,18 @@ pub(crate) fn stored_record(row: &impl Cols) -> Result<StoredRecord, StoreError>
         chain_seq: row.uint("chain_seq")?,
         hash: row.text("hash")?,
         record: row.text("record")?,
+        columns: crate::IndexedColumns {
+            at_ms: row.uint("at_ms")?,
+            event: row.text("event")?,
+            decision: row.opt_text("decision")?,
+            agent_iss: row.opt_text("agent_iss")?,
+            agent_sub: row.opt_text("agent_sub")?,
+            task_id: row.opt_text("task_id")?,
+            parent_id: row.opt_text("parent_id")?,
+            tool: row.opt_text("tool")?,
+            jti: row.opt_text("jti")?,
+            replica: row.text("replica")?,
+        },
     })
 }
 

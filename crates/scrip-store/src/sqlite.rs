@@ -168,7 +168,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, chain_id, chain_seq, hash, record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, chain_id, chain_seq, hash, record FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(after_seq)
         .bind(i64::from(limit))

@@ -364,6 +364,21 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Audit(_) => {}
         Write::InsertTask(t) => {
+            // A child only of a parent that has not ended: checked inside the
+            // transaction, so a revocation committed after the server read the
+            // parent cannot leave the child behind (the writer serialises
+            // commits, and an `EndTask` later in this one sees the child).
+            if let Some(parent) = &t.parent {
+                let open = tx
+                    .prepare_cached("SELECT 1 FROM tasks WHERE id = ? AND ended_at IS NULL")
+                    .and_then(|mut s| s.exists([parent]))
+                    .map_err(unavailable)?;
+                if !open {
+                    return Err(StoreError::Conflict(format!(
+                        "parent task {parent} has ended"
+                    )));
+                }
+            }
             let (agent, actor, may_act) = rows::task_json(t)?;
             run(
                 tx,
@@ -389,14 +404,20 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             )
             .map_err(failed)?;
         }
-        Write::EndTask { id, at, reason } => {
+        Write::EndTask {
+            id,
+            at,
+            reason,
+            grace,
+        } => {
             let at = to_i64(*at);
             run(
                 tx,
                 "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                  INSERT INTO revocations (kind, txn, jti, exp, at) \
-                 SELECT 'task', id, NULL, expires_at, ?2 FROM tasks WHERE id IN sub AND ended_at IS NULL AND expires_at > ?2",
-                params![id, at],
+                 SELECT 'task', id, NULL, expires_at + ?3, ?2 FROM tasks \
+                 WHERE id IN sub AND ended_at IS NULL AND expires_at + ?3 > ?2",
+                params![id, at, to_i64(*grace)],
             )
             .map_err(unavailable)?;
             run(
@@ -477,7 +498,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             reason,
             token_jti,
         } => {
-            run(
+            let changed = run(
                 tx,
                 "UPDATE approvals SET state = ?1, \
                  decided_by = COALESCE(?2, decided_by), decided_at = CASE WHEN ?2 IS NULL THEN decided_at ELSE ?3 END, \
@@ -494,6 +515,12 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                 ],
             )
             .map_err(unavailable)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "approval {id} is not {} any more",
+                    from.as_str()
+                )));
+            }
         }
         Write::PutSecret {
             secret,

@@ -239,6 +239,37 @@ async fn an_edited_record_is_named() {
 }
 
 #[tokio::test]
+async fn an_edited_query_column_is_named() {
+    // The columns `audit query` filters on are not hashed: moving a record
+    // to another task, or turning a decision, must still be reported.
+    for (column, value) in [
+        ("task_id", "'other-task'"),
+        ("decision", "'deny'"),
+        ("agent_sub", "NULL"),
+        ("tool", "'jira'"),
+        ("at_ms", "0"),
+    ] {
+        let db = one_chain().await;
+        db.exec(&format!(
+            "UPDATE audit SET {column} = {value} WHERE seq = 6"
+        ))
+        .await;
+        let report = db.verify().await;
+        assert_names(&report, 6, "edited");
+        assert!(
+            report.problems.iter().any(|p| p.what.contains(column)),
+            "{column}: {:#?}",
+            report.problems
+        );
+        assert!(
+            report.problems.iter().all(|p| p.seq == Some(6)),
+            "{column}: {:#?}",
+            report.problems
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_edited_record_with_a_recomputed_hash_is_detected() {
     let db = one_chain().await;
     let rows = db.rows().await;

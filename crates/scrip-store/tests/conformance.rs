@@ -77,6 +77,8 @@ conformance!(
     a_task_reads_back_as_written,
     a_failed_commit_changes_nothing,
     ending_a_task_ends_its_descendants_and_feeds_revocations,
+    a_child_never_outlives_its_ended_parent,
+    a_task_event_outlasts_the_deadline_by_the_grace,
     revoking_a_token_twice_feeds_it_once,
     a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
@@ -212,6 +214,7 @@ async fn ending_a_task_ends_its_descendants_and_feeds_revocations(f: Fixture) {
         id: "grandchild".into(),
         at: 2_000,
         reason: "revoked".into(),
+        grace: 0,
     }])
     .await
     .unwrap();
@@ -220,6 +223,7 @@ async fn ending_a_task_ends_its_descendants_and_feeds_revocations(f: Fixture) {
         id: "root".into(),
         at: 2_100,
         reason: "revoked".into(),
+        grace: 0,
     }])
     .await
     .unwrap();
@@ -256,10 +260,132 @@ async fn ending_a_task_ends_its_descendants_and_feeds_revocations(f: Fixture) {
         id: "root".into(),
         at: 2_300,
         reason: "revoked".into(),
+        grace: 0,
     }])
     .await
     .unwrap();
     assert_eq!(s.revocations(0, 2_300, 100).await.unwrap().len(), 3);
+}
+
+async fn a_child_never_outlives_its_ended_parent(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("root", None, 9_000))),
+        Write::InsertTask(Box::new(task("child", Some("root"), 8_000))),
+    ])
+    .await
+    .unwrap();
+    // Delegations racing the end of the parent: each commits only if the
+    // parent is still open then, and the end finds every one that did.
+    let mut handles = Vec::new();
+    for i in 0..40 {
+        let store = f.store.clone();
+        handles.push(tokio::spawn(async move {
+            let parent = if i % 2 == 0 { "root" } else { "child" };
+            let id = format!("sub-{i}");
+            let r = store
+                .commit(vec![
+                    Write::InsertTask(Box::new(task(&id, Some(parent), 7_000))),
+                    audit("task.delegated", Some(&id)),
+                ])
+                .await;
+            (id, r)
+        }));
+        if i == 20 {
+            let store = f.store.clone();
+            handles.push(tokio::spawn(async move {
+                let r = store
+                    .commit(vec![Write::EndTask {
+                        id: "root".into(),
+                        at: 2_000,
+                        reason: "revoked".into(),
+                        grace: 0,
+                    }])
+                    .await;
+                ("end".to_owned(), r)
+            }));
+        }
+    }
+    let mut refused = 0;
+    for h in handles {
+        let (id, r) = h.await.unwrap();
+        match r {
+            Ok(()) => {}
+            Err(StoreError::Conflict(_)) if id != "end" => {
+                refused += 1;
+                assert_eq!(s.task(&id).await.unwrap(), None, "{id}");
+            }
+            Err(e) => panic!("{id}: {e:?}"),
+        }
+    }
+    for i in 0..40 {
+        if let Some(t) = s.task(&format!("sub-{i}")).await.unwrap() {
+            assert_eq!(t.ended_at, Some(2_000), "sub-{i} outlived its parent");
+        }
+    }
+    assert!(s.open_descendants("root").await.unwrap().is_empty());
+    // Refused delegations left no audit record.
+    let delegated = all_audit(s.as_ref())
+        .await
+        .iter()
+        .filter(|a| a.event == "task.delegated")
+        .count();
+    assert_eq!(delegated + refused, 40);
+    // After the end, a new child of either is refused, and nothing lands.
+    for parent in ["root", "child"] {
+        let err = s
+            .commit(vec![
+                audit("task.delegated", Some("late")),
+                Write::InsertTask(Box::new(task("late", Some(parent), 7_000))),
+            ])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+    assert_eq!(s.task("late").await.unwrap(), None);
+    assert!(verify(s.as_ref()).await.problems.is_empty());
+}
+
+async fn a_task_event_outlasts_the_deadline_by_the_grace(f: Fixture) {
+    // Verifiers accept a token up to their leeway past its `exp`: a task
+    // ended near its deadline stays in the feed that much longer, and one
+    // ended just past its deadline still gets an event.
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("before", None, 3_000))),
+        Write::InsertTask(Box::new(task("after", None, 3_000))),
+        Write::InsertTask(Box::new(task("long-past", None, 3_000))),
+    ])
+    .await
+    .unwrap();
+    for (id, at) in [("before", 2_990), ("after", 3_010), ("long-past", 3_030)] {
+        s.commit(vec![Write::EndTask {
+            id: id.into(),
+            at,
+            reason: "revoked".into(),
+            grace: 30,
+        }])
+        .await
+        .unwrap();
+    }
+    let listed = |now: u64| async move {
+        s.revocations(0, now, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.txn, r.exp))
+            .collect::<Vec<_>>()
+    };
+    let both = vec![("before".to_owned(), 3_030), ("after".to_owned(), 3_030)];
+    assert_eq!(listed(3_010).await, both);
+    assert_eq!(listed(3_029).await, both);
+    assert!(listed(3_030).await.is_empty());
+    for id in ["before", "after", "long-past"] {
+        assert!(
+            s.task(id).await.unwrap().unwrap().ended_at.is_some(),
+            "{id}"
+        );
+    }
 }
 
 async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
@@ -319,6 +445,7 @@ async fn a_token_reads_with_its_task_and_its_revocation(f: Fixture) {
         id: "t1".into(),
         at: 1_500,
         reason: "done".into(),
+        grace: 0,
     }])
     .await
     .unwrap();
@@ -448,6 +575,7 @@ async fn due_tasks_come_oldest_first(f: Fixture) {
         id: "ended".into(),
         at: 1_200,
         reason: "revoked".into(),
+        grace: 0,
     }])
     .await
     .unwrap();
@@ -498,9 +626,17 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
     s.commit(vec![decide(ApprovalState::Approved, "alice")])
         .await
         .unwrap();
-    s.commit(vec![decide(ApprovalState::Denied, "bob")])
+    // The second decision conflicts, and its audit record is not written.
+    let audited = all_audit(s.as_ref()).await.len();
+    let err = s
+        .commit(vec![
+            decide(ApprovalState::Denied, "bob"),
+            audit("approval.denied", Some("t1")),
+        ])
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(all_audit(s.as_ref()).await.len(), audited);
     let a1 = s.approval("a1").await.unwrap().unwrap();
     assert_eq!(a1.state, ApprovalState::Approved);
     assert_eq!(a1.decided_by.as_deref(), Some("alice"));
@@ -525,6 +661,29 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         (Some("alice"), Some(1_200))
     );
     assert_eq!(a1.token_jti.as_deref(), Some("jti-x"));
+    // A second collection conflicts: one token per approval.
+    let err = s
+        .commit(vec![Write::UpdateApproval {
+            id: "a1".into(),
+            from: ApprovalState::Approved,
+            to: ApprovalState::Used,
+            by: None,
+            at: 1_301,
+            reason: None,
+            token_jti: Some("jti-y".into()),
+        }])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        s.approval("a1")
+            .await
+            .unwrap()
+            .unwrap()
+            .token_jti
+            .as_deref(),
+        Some("jti-x")
+    );
     let pending: Vec<String> = s
         .pending_approvals(1_060, 10)
         .await
