@@ -120,10 +120,16 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         },
         started,
     };
-    if let Err(e) = route::check_path(path) {
-        let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
-        return proxy.deny(&draft, name, r, e.to_string());
-    }
+    // From here on every check, the audit and the upstream see one path.
+    let path = match route::normalize(path) {
+        Ok(p) => p,
+        Err(e) => {
+            let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
+            return proxy.deny(&draft, name, r, e.to_string());
+        }
+    };
+    draft.record.path = Some(path.clone());
+    let path = path.as_str();
     let Some(action) = upstream.map.action(&parts.method, path).cloned() else {
         let why = format!(
             "method `{}` maps to no action of this upstream",
@@ -206,11 +212,13 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         Ok(Some(s)) => s,
         Ok(None) => {
             tracing::error!(upstream = %name, %action, "proxy: no secret is set; set one with `scrip secret set`");
-            return error(
+            let why = format!("no secret is set for `{name}` `{action}`");
+            let r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
-                format!("no secret is set for `{name}` `{action}`"),
+                why.clone(),
             );
+            return proxy.deny(&draft, name, r, why);
         }
         Err(e) => {
             tracing::error!(error = %e, "proxy: cannot read the secret");
@@ -360,10 +368,18 @@ async fn forward(
         }
     };
     let (mut head, incoming) = response.into_parts();
-    let encoded = head
-        .headers
-        .get(http::header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    // Every field line counts (RFC 9110 §5.3): `identity` on one line and
+    // `gzip` on the next is a gzip body. A transfer coding other than
+    // `chunked` (which hyper undoes) would reach the agent still encoded.
+    let codings = |name: http::header::HeaderName, plain: &'static [u8]| {
+        head.headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(plain))
+    };
+    let encoded = codings(http::header::CONTENT_ENCODING, b"identity")
+        || codings(http::header::TRANSFER_ENCODING, b"chunked");
     if encoded {
         return failed(
             StatusCode::BAD_GATEWAY,

@@ -32,9 +32,10 @@ fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // Split the raw bytes: one odd byte in the value must not hide the
+        // names beside it (RFC 9110 §7.6.1: every one named is removed).
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect()
 }
 
@@ -66,6 +67,15 @@ pub fn to_upstream(
         header::EXPECT,
         header::FORWARDED,
         HeaderName::from_static("x-real-ip"),
+        // The agent's proof of possession is for scrip, not the upstream.
+        HeaderName::from_static("dpop"),
+        // The action is what the request does, never what it claims: no
+        // header may make the upstream run another method or path.
+        HeaderName::from_static("x-http-method-override"),
+        HeaderName::from_static("x-http-method"),
+        HeaderName::from_static("x-method-override"),
+        HeaderName::from_static("x-original-url"),
+        HeaderName::from_static("x-rewrite-url"),
     ] {
         headers.remove(name);
     }
@@ -147,8 +157,13 @@ pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &Secre
     let encoded_param = query_encode(param.as_bytes());
     let mut out = String::from("?");
     for pair in query.unwrap_or_default().split('&') {
+        // Compared decoded, as the upstream reads it: `api%5Fkey` and
+        // `api_key` are one parameter, and the injected one replaces both.
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        if pair.is_empty() || key == param || key == encoded_param {
+        let same = form_urlencoded::parse(key.as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == param.as_str());
+        if pair.is_empty() || same {
             continue;
         }
         out.push_str(pair);
@@ -239,7 +254,20 @@ mod tests {
             ("accept-encoding", "gzip"),
             ("content-type", "application/json"),
             ("x-api-key", "agent-chosen"),
+            ("dpop", "eyJ.proof.sig"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-other-private", "1"),
         ]);
+        // A name beside a byte that is not visible ASCII is still removed.
+        let mut incoming = incoming;
+        incoming.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-other-private, \x80").unwrap(),
+        );
         let injection = Injection::Header {
             name: "x-api-key".into(),
             prefix: "Key ".into(),
@@ -287,6 +315,11 @@ mod tests {
             "?a=1&b&api_key=k3y%2F%2B%3D",
         );
         check(Some("api_key"), &q, "?api_key=k3y%2F%2B%3D");
+        check(
+            Some("api%5Fkey=mine&api%5fkey=m2&%61pi_key=m3&api_keys=1"),
+            &q,
+            "?api_keys=1&api_key=k3y%2F%2B%3D",
+        );
     }
 
     #[test]

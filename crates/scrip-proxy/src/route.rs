@@ -8,9 +8,12 @@
 //! DELETE `delete`; any other method (OPTIONS, TRACE, CONNECT, ...) maps to
 //! nothing and is refused.
 //!
-//! Paths are checked before mapping ([`check_path`]): a dot segment or an
-//! encoded slash could make the upstream see another path than the one the
-//! mapping and Cedar saw, so such a path is refused.
+//! Paths are normalised and checked before mapping ([`normalize`]): a
+//! percent-encoded letter is the same URI as the letter (RFC 3986
+//! §6.2.2.2), so it is decoded before routes and Cedar see the path; a dot
+//! segment, an encoded slash or an empty segment could make the upstream
+//! see another path than the one the mapping and Cedar saw, so such a path
+//! is refused.
 
 use http::Method;
 use scrip_config::Route;
@@ -40,9 +43,54 @@ pub enum PathError {
     /// A `.` or `..` segment, plain or percent-encoded.
     #[error("path must not contain `.` or `..` segments")]
     DotSegment,
-    /// An encoded `/` or `\`, a backslash, or a control character.
-    #[error("path must not contain encoded slashes, backslashes or control characters")]
+    /// An encoded `/` or `\`, a backslash, a control character, or a `%`
+    /// not followed by two hex digits.
+    #[error("path must not contain encoded slashes, backslashes, control characters or stray `%`")]
     Ambiguous,
+    /// An empty segment (`//`), which some servers merge with its neighbour.
+    #[error("path must not contain empty segments (`//`)")]
+    EmptySegment,
+}
+
+/// The path in the form the action mapping, Cedar, the audit and the
+/// upstream all see: percent-encoded unreserved characters decoded and the
+/// remaining escapes in uppercase (RFC 3986 §6.2.2.1, §6.2.2.2), so that
+/// `/%61dmin` is `/admin` to the routes as it is to the upstream.
+///
+/// # Errors
+/// [`PathError`] for a path the upstream might read differently from scrip
+/// (see [`check_path`]) or one with an empty segment.
+pub fn normalize(path: &str) -> Result<String, PathError> {
+    if !path.is_ascii() {
+        return Err(PathError::Ambiguous);
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b != b'%' {
+            out.push(char::from(b));
+            i += 1;
+            continue;
+        }
+        let hex = |j: usize| bytes.get(j).and_then(|h| char::from(*h).to_digit(16));
+        let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+            return Err(PathError::Ambiguous);
+        };
+        let value = u8::try_from(hi * 16 + lo).map_err(|_| PathError::Ambiguous)?;
+        if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(value));
+        } else {
+            out.push('%');
+            out.push_str(&format!("{value:02X}"));
+        }
+        i += 3;
+    }
+    check_path(&out)?;
+    if out.contains("//") {
+        return Err(PathError::EmptySegment);
+    }
+    Ok(out)
 }
 
 /// Refuses a path the upstream might read differently from scrip.
@@ -184,5 +232,28 @@ mod tests {
         c("/a%5Cb", Err(PathError::Ambiguous));
         c("/a\\b", Err(PathError::Ambiguous));
         c("/a%00", Err(PathError::Ambiguous));
+    }
+
+    #[test]
+    fn normalised_paths() {
+        let n = |p: &str| normalize(p);
+        // Encoded unreserved characters are the characters themselves.
+        assert_eq!(n("/%61dmin/users"), Ok("/admin/users".into()));
+        assert_eq!(n("/%41%2d%5F%7e%30"), Ok("/A-_~0".into()));
+        // Other escapes stay, in uppercase; nothing is decoded twice.
+        assert_eq!(n("/a%20b%3f"), Ok("/a%20b%3F".into()));
+        assert_eq!(n("/%2561dmin"), Ok("/%2561dmin".into()));
+        assert_eq!(n("/a/b/"), Ok("/a/b/".into()));
+        // An encoded dot makes a dot segment; `//` is refused.
+        assert_eq!(n("/a/%2E%2e/admin"), Err(PathError::DotSegment));
+        assert_eq!(n("/%2e"), Err(PathError::DotSegment));
+        assert_eq!(n("//admin"), Err(PathError::EmptySegment));
+        assert_eq!(n("/a//b"), Err(PathError::EmptySegment));
+        // Stray or broken escapes, encoded slashes, non-ASCII.
+        assert_eq!(n("/a%"), Err(PathError::Ambiguous));
+        assert_eq!(n("/a%4"), Err(PathError::Ambiguous));
+        assert_eq!(n("/a%zz"), Err(PathError::Ambiguous));
+        assert_eq!(n("/a%2Fb"), Err(PathError::Ambiguous));
+        assert_eq!(n("/é"), Err(PathError::Ambiguous));
     }
 }

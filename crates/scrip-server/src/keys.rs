@@ -34,6 +34,16 @@ pub enum KeyError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A key directory others can write: they could swap its files.
+    #[error(
+        "directory `{path}` has mode {mode:o}: group or others can write it; fix it with `chmod 700 {path}`"
+    )]
+    ExposedDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The file does not hold a usable key.
     #[error("key file `{path}` is invalid: {message}")]
     Invalid {
@@ -77,7 +87,15 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(io(dir))
+        .map_err(io(dir))?;
+    let mode = fs::metadata(dir).map_err(io(dir))?.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(KeyError::ExposedDir {
+            path: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// The outcome of [`load_or_create`].
@@ -266,4 +284,33 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     write_private(&path, zeroize::Zeroizing::new(text).as_bytes())?;
     tracing::warn!(path = %path.display(), "created the key-encryption key; keep it out of the store's backups, and give every replica the same key");
     Ok(kek)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let new = root.path().join("a/keys");
+        ensure_private_dir(&new).unwrap();
+        assert_eq!(
+            fs::metadata(&new).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for mode in [0o777, 0o770, 0o702] {
+            fs::set_permissions(&new, fs::Permissions::from_mode(mode)).unwrap();
+            assert!(
+                matches!(ensure_private_dir(&new), Err(KeyError::ExposedDir { mode: m, .. }) if m == mode),
+                "{mode:o}"
+            );
+        }
+        // Readable by others is the operator's choice for a directory; the
+        // key files themselves are checked for that.
+        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&new).unwrap();
+    }
 }

@@ -448,6 +448,8 @@ async fn cedar_decides_the_concrete_request() {
         "legacy/public/../admin/users",
         "legacy/public/%2e%2e/admin",
         "legacy/a%2fb",
+        "legacy//admin/users",
+        "legacy/admin%",
     ] {
         assert_eq!(
             env.raw_get(&format!("/proxy/{path}"), &read).await,
@@ -455,6 +457,9 @@ async fn cedar_decides_the_concrete_request() {
             "{path}"
         );
     }
+    // An encoded letter is the letter (RFC 3986 §6.2.2.2): policy sees
+    // `/admin/users` as the upstream would.
+    assert_eq!(env.raw_get("/proxy/legacy/%61dmin/users", &read).await, 403);
     assert_eq!(
         env.send(reqwest::Method::GET, "legacy/public/x", Some(&read))
             .await
@@ -608,6 +613,20 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
         body,
         "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity]\n"
     );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_content_encoding_line_is_an_encoded_body() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/two-encodings", Some(&read))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "bad_gateway");
     env.server.stop().await;
 }
 

@@ -119,6 +119,11 @@ http {{
             add_header X-Echo-Query $args;
             return 200 "echo\n";
         }}
+        location = /two-encodings {{
+            add_header Content-Encoding identity;
+            add_header Content-Encoding gzip;
+            return 200 "labelled gzip on a second line\n";
+        }}
         location = /echo-body {{
             if ($key = none) {{ return 401; }}
             return 200 "you sent: $http_authorization and ?$args\n";
