@@ -49,6 +49,10 @@ const MAX_REQUEST: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attestations hashed at once (each reads an executable).
 const CONCURRENCY: usize = 8;
+/// Connections open at once (reading their request or waiting their turn);
+/// past this a new one is closed at once, so idle connections cannot use up
+/// scrip's file descriptors.
+const MAX_OPEN: usize = 256;
 
 /// Why the attestation socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +147,7 @@ impl Drop for Socket {
 pub fn spawn(socket: Socket, state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
         tracing::info!(socket = %socket.path.display(), "local attestation listening");
         loop {
             let stream = match socket.listener.accept().await {
@@ -156,13 +161,15 @@ pub fn spawn(socket: Socket, state: AppState) -> tokio::task::JoinHandle<()> {
             // The moment of acceptance bounds the start time of the process
             // that connected (see `observe`).
             let accepted = uptime_ticks();
+            let Ok(slot) = open.clone().try_acquire_owned() else {
+                tracing::warn!("local attestation: too many open connections; closing a new one");
+                continue;
+            };
             let state = state.clone();
             let limit = limit.clone();
             tokio::spawn(async move {
-                let Ok(_permit) = limit.acquire().await else {
-                    return;
-                };
-                connection(&state.0, stream, accepted).await;
+                connection(&state.0, stream, accepted, &limit).await;
+                drop(slot);
             });
         }
     })
@@ -190,9 +197,19 @@ impl Answer {
     }
 }
 
-async fn connection(st: &Inner, mut stream: UnixStream, accepted: Option<u64>) {
+async fn connection(
+    st: &Inner,
+    mut stream: UnixStream,
+    accepted: Option<u64>,
+    limit: &tokio::sync::Semaphore,
+) {
+    // The request is read before a turn is taken: a client that connects and
+    // says nothing holds no turn, only its own connection, until the timeout.
     let (dialect, answer) = match read_request(&mut stream).await {
-        Ok(dialect) => (dialect, attest(st, &stream, accepted).await),
+        Ok(dialect) => match limit.acquire().await {
+            Ok(_turn) => (dialect, attest(st, &stream, accepted).await),
+            Err(_) => return,
+        },
         Err(answer) => (Dialect::Line, answer),
     };
     let body = answer.body.to_string();
@@ -274,6 +291,10 @@ pub(crate) struct Observed {
     pub exe: Option<String>,
     /// The SHA-256 of the executed file, lowercase hex, when readable.
     pub exe_sha256: Option<String>,
+    /// The executed file itself (device, inode), when readable: the path
+    /// above is as the process's mount namespace names it, which the
+    /// process may have arranged, so an `exe` selector matches this.
+    pub exe_file: Option<(u64, u64)>,
 }
 
 async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answer {
@@ -304,7 +325,7 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
         &st.config.local_workloads,
         &observed,
         own_uid(),
-        &canonical_exes(&st.config.local_workloads),
+        &configured_files(&st.config.local_workloads),
     ) {
         Ok(w) => w,
         Err(why) => return refuse(st, Some(&observed), uid, pid, &why).await,
@@ -312,12 +333,18 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
     issue(st, &observed, workload).await
 }
 
-/// The configured `exe` selectors, with symlinks resolved (the kernel
-/// reports the resolved path).
-fn canonical_exes(workloads: &[LocalWorkload]) -> Vec<Option<PathBuf>> {
+/// The files the configured `exe` selectors name, as scrip sees them
+/// (symlinks followed): (device, inode), read at each attestation so that
+/// an upgraded binary is the one matched.
+fn configured_files(workloads: &[LocalWorkload]) -> Vec<Option<(u64, u64)>> {
     workloads
         .iter()
-        .map(|w| w.exe.as_ref().and_then(|e| std::fs::canonicalize(e).ok()))
+        .map(|w| {
+            w.exe
+                .as_ref()
+                .and_then(|e| std::fs::metadata(e).ok())
+                .map(|m| (m.dev(), m.ino()))
+        })
         .collect()
 }
 
@@ -332,12 +359,16 @@ fn own_uid() -> Option<u32> {
 }
 
 /// The workload `observed` is: the first entry whose selectors all match,
-/// or, with no entries, `None` for a process of scrip's own user.
+/// or, with no entries, `None` for a process of scrip's own user. `files`
+/// are the (device, inode) of each entry's `exe` as scrip sees it: an
+/// `exe` selector matches the file the process executes, not the path its
+/// own mount namespace reports (a user namespace can bind-mount any
+/// binary over the configured path).
 fn select<'a>(
     workloads: &'a [LocalWorkload],
     observed: &Observed,
     own_uid: Option<u32>,
-    canonical: &[Option<PathBuf>],
+    files: &[Option<(u64, u64)>],
 ) -> Result<Option<&'a LocalWorkload>, String> {
     if workloads.is_empty() {
         return if Some(observed.uid) == own_uid {
@@ -353,14 +384,8 @@ fn select<'a>(
     let found = workloads.iter().enumerate().find(|(i, w)| {
         w.uid.is_none_or(|u| u == observed.uid)
             && w.gid.is_none_or(|g| g == observed.gid)
-            && w.exe.as_ref().is_none_or(|e| {
-                observed.exe.as_deref().is_some_and(|o| {
-                    Path::new(o) == e
-                        || canonical
-                            .get(*i)
-                            .and_then(Option::as_deref)
-                            .is_some_and(|c| Path::new(o) == c)
-                })
+            && w.exe.as_ref().is_none_or(|_| {
+                observed.exe_file.is_some() && files.get(*i).copied().flatten() == observed.exe_file
             })
             && w.exe_sha256
                 .as_ref()
@@ -491,20 +516,25 @@ fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observ
     let base = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     let started = start_time(&base).ok_or_else(|| gone.to_owned())?;
     // The pid could have been reused between connect and the open above;
-    // such a process started after the connection was accepted.
-    if let Some(accepted) = accepted
-        && started > accepted
-    {
+    // such a process started after the connection was accepted. Without
+    // the time of acceptance that cannot be ruled out: refuse.
+    let Some(accepted) = accepted else {
+        return Err("scrip cannot read /proc/uptime to pin the connecting process".into());
+    };
+    if started > accepted {
         return Err("the connecting process is gone (its pid was reused)".into());
     }
     let exe = std::fs::read_link(base.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
-    // Hash the file the process executes (through /proc, even if the path
-    // was since replaced), not whatever the path names now.
-    let exe_sha256 = File::open(base.join("exe"))
-        .ok()
-        .and_then(|f| sha256_hex(f).ok());
+    // Identify and hash the file the process executes (through /proc, even
+    // if the path was since replaced), not whatever the path names now.
+    let file = File::open(base.join("exe")).ok();
+    let exe_file = file
+        .as_ref()
+        .and_then(|f| f.metadata().ok())
+        .map(|m| (m.dev(), m.ino()));
+    let exe_sha256 = file.and_then(|f| sha256_hex(f).ok());
     let exe_after = std::fs::read_link(base.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
@@ -523,6 +553,7 @@ fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observ
         pid,
         exe,
         exe_sha256,
+        exe_file,
     })
 }
 
@@ -596,12 +627,32 @@ mod tests {
             pid: 42,
             exe: Some("/usr/bin/agent".into()),
             exe_sha256: Some("ab".repeat(32)),
+            exe_file: Some(AGENT_FILE),
         }
     }
 
+    /// The (device, inode) of `/usr/bin/agent` in these tests.
+    const AGENT_FILE: (u64, u64) = (8, 4242);
+
+    /// What scrip sees at each entry's `exe`: the agent's file for
+    /// `/usr/bin/agent`, another file elsewhere.
+    fn files(workloads: &[LocalWorkload]) -> Vec<Option<(u64, u64)>> {
+        workloads
+            .iter()
+            .map(|w| {
+                w.exe.as_ref().map(|e| {
+                    if e == Path::new("/usr/bin/agent") {
+                        AGENT_FILE
+                    } else {
+                        (8, 1)
+                    }
+                })
+            })
+            .collect()
+    }
+
     fn check(workloads: &[LocalWorkload], expected: Result<Option<&str>, &str>) {
-        let canonical = vec![None; workloads.len()];
-        let got = select(workloads, &observed(), Some(1000), &canonical);
+        let got = select(workloads, &observed(), Some(1000), &files(workloads));
         match (got, expected) {
             (Ok(w), Ok(want)) => assert_eq!(w.map(|w| w.name.as_str()), want),
             (Err(e), Err(want)) => assert!(e.contains(want), "{e}"),
@@ -634,15 +685,25 @@ mod tests {
         );
         let other = select(&[], &observed(), Some(0), &[]);
         assert!(other.is_err_and(|e| e.contains("only processes of scrip's own user (uid 0)")));
-        // A symlinked selector matches the resolved path the kernel reports.
+        // A symlinked selector matches the file it resolves to.
         let w = [workload("a", None, Some("/usr/local/bin/agent-link"), None)];
-        let got = select(
-            &w,
-            &observed(),
-            None,
-            &[Some(PathBuf::from("/usr/bin/agent"))],
-        );
+        let got = select(&w, &observed(), None, &[Some(AGENT_FILE)]);
         assert!(got.is_ok_and(|w| w.is_some()));
+        // The path the process reports is not enough: another file mounted
+        // over it (in the process's own mount namespace) does not match,
+        // and neither does a path scrip cannot read.
+        let w = [workload("a", None, Some("/usr/bin/agent"), None)];
+        let other_file = Observed {
+            exe_file: Some((8, 1)),
+            ..observed()
+        };
+        assert!(select(&w, &other_file, None, &[Some(AGENT_FILE)]).is_err());
+        assert!(select(&w, &observed(), None, &[None]).is_err());
+        let unreadable = Observed {
+            exe_file: None,
+            ..observed()
+        };
+        assert!(select(&w, &unreadable, None, &[None]).is_err());
     }
 
     #[test]
@@ -671,6 +732,11 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(o.exe_sha256, Some(want));
+        let meta = std::fs::metadata(&exe).unwrap();
+        assert_eq!(o.exe_file, Some((meta.dev(), meta.ino())));
+        let w = [workload("self", None, exe.to_str(), None)];
+        let got = select(&w, &o, None, &configured_files(&w));
+        assert!(got.is_ok_and(|w| w.is_some()));
         // A connection accepted before this process started cannot be its.
         assert!(observe(0, 0, me, Some(0)).is_err_and(|e| e.contains("reused")));
     }

@@ -218,6 +218,28 @@ async fn garbage_on_the_socket_is_refused() {
 }
 
 #[tokio::test]
+async fn idle_connections_do_not_hold_up_an_attestation() {
+    let server = TestServer::start().await;
+    // More silent clients than attestations run at once (8): each holds
+    // only its connection while scrip waits 5 s for its request.
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        idle.push(
+            tokio::net::UnixStream::connect(socket(&server))
+                .await
+                .unwrap(),
+        );
+    }
+    // Answered while they are all still open, well before their timeout.
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(3), attest(&server))
+        .await
+        .expect("an attestation waited behind idle connections");
+    assert!(answer["identity_token"].is_string(), "{answer}");
+    drop(idle);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_local_identity_starts_a_task_and_cedar_sees_its_attributes() {
     let (_, sha) = own_exe();
     let server = with_workloads(vec![LocalWorkload {
