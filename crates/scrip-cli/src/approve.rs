@@ -185,8 +185,15 @@ pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitC
 /// `scrip introspect TOKEN`: asks scrip whether a token is active,
 /// authenticated as you (RFC 7662).
 #[expect(clippy::print_stdout, reason = "the command's output")]
-pub fn introspect(args: &ApproverArgs, token: &str) -> ExitCode {
-    let token = token.trim();
+pub fn introspect(args: &ApproverArgs) -> ExitCode {
+    let mut from_stdin = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut from_stdin) {
+        return fail(format!("cannot read the token from standard input: {e}"));
+    }
+    let token = from_stdin.trim();
+    if token.is_empty() {
+        return fail("no token: pipe one in (`scrip introspect < token.txt`)".to_owned());
+    }
     match block_on(call(
         args,
         reqwest::Method::POST,

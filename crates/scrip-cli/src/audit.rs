@@ -61,7 +61,7 @@ fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| "time too far ahead".to_owned())
 }
 
-async fn open(config: Option<&Path>) -> Result<(Config, Arc<dyn Store>), String> {
+pub(crate) async fn open(config: Option<&Path>) -> Result<(Config, Arc<dyn Store>), String> {
     let config = Config::load(config).map_err(|e| e.to_string())?;
     let path = config.data_dir.join("scrip.db");
     if config.database_url.is_none() && !path.exists() {
@@ -178,12 +178,12 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
     }
 }
 
-fn when(ms: u64) -> String {
+pub(crate) fn when(ms: u64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn cell(s: Option<&str>, width: usize) -> String {
+pub(crate) fn cell(s: Option<&str>, width: usize) -> String {
     let s = s.unwrap_or("-");
     if s.chars().count() > width {
         let mut out: String = s.chars().take(width.saturating_sub(1)).collect();

@@ -9,6 +9,7 @@ mod audit;
 mod proxy;
 mod run;
 mod secret;
+mod task;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +86,12 @@ enum Command {
     /// $(scrip token --tool github --action read)" ...`. Tokens are cached
     /// privately and reused until shortly before they expire.
     Token(token::TokenArgs),
+    /// Start, end and list tasks (`scrip run` starts and ends one around a
+    /// command).
+    Task {
+        #[command(subcommand)]
+        command: task::TaskCommand,
+    },
     /// Check and test Cedar policies.
     Policy {
         #[command(subcommand)]
@@ -92,11 +99,14 @@ enum Command {
     },
     /// Ask scrip whether a token is active (RFC 7662 introspection).
     ///
-    /// Prints scrip's answer: the token's claims with `"active": true`, or
-    /// exactly `{"active":false}`. You are identified as for `approvals`.
+    /// Reads the token from standard input (`scrip introspect < token.txt`)
+    /// and prints scrip's answer: the token's claims with `"active": true`,
+    /// or exactly `{"active":false}`. You are identified as for `approvals`.
+    ///
+    /// There is no argument that takes the token: on the command line it
+    /// would be visible to every local user in the process list, and stay
+    /// in shell history.
     Introspect {
-        /// The token.
-        token: String,
         #[command(flatten)]
         approver: approve::ApproverArgs,
     },
@@ -324,7 +334,8 @@ fn main() -> ExitCode {
         Command::Token(args) => token::token(&args),
         Command::Policy { command } => policy(command),
         Command::Approvals { approver, json } => approve::list(&approver, json),
-        Command::Introspect { token, approver } => approve::introspect(&approver, &token),
+        Command::Task { command } => task::task(command),
+        Command::Introspect { approver } => approve::introspect(&approver),
         Command::Approve { id, approver } => approve::decide(&approver, &id, None),
         Command::Deny {
             id,

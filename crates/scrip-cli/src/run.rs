@@ -126,7 +126,12 @@ async fn run_async(args: RunArgs) -> ExitCode {
         .collect::<Vec<_>>()
         .join(" ");
     let purpose = args.purpose.clone().unwrap_or_else(|| {
-        let mut p = format!("scrip run {command_line}");
+        // A purpose is one line of text: newlines and tabs in the arguments
+        // (`sh -c $'a\nb'`) become spaces.
+        let mut p: String = format!("scrip run {command_line}")
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         if p.len() > 200 {
             let mut end = 200;
             while !p.is_char_boundary(end) {
@@ -312,7 +317,7 @@ pub(crate) async fn load_identity(
 }
 
 /// An error, with what to do about the common refusals.
-fn explain(e: &Error) -> String {
+pub(crate) fn explain(e: &Error) -> String {
     let hint = match e.oauth_code() {
         Some("invalid_scope") => {
             "; check each --grant against the tools and actions in scrip's configuration"

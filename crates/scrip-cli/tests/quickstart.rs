@@ -115,7 +115,7 @@ fn the_readme_quickstart_works() {
         "--",
         "sh",
         "-c",
-        "scrip token --tool github --action read > token.txt && scrip introspect \"$(cat token.txt)\" > during.json",
+        "scrip token --tool github --action read > token.txt && scrip introspect < token.txt > during.json",
     ]);
     assert!(
         out.status.success(),
@@ -129,7 +129,20 @@ fn the_readme_quickstart_works() {
     assert_eq!(during["aud"], "github");
     assert_eq!(during["scope"], "read");
 
-    let out = scrip(&["introspect", token.trim()]);
+    let mut introspect = Command::new(SCRIP)
+        .arg("introspect")
+        .current_dir(root)
+        .env("SCRIP_URL", format!("http://127.0.0.1:{port}"))
+        .env("SCRIP_SOCKET", ".scrip/scrip.sock")
+        .env("XDG_RUNTIME_DIR", root)
+        .env_remove("SCRIP_IDENTITY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut introspect.stdin.take().unwrap(), token.as_bytes()).unwrap();
+    let out = introspect.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -137,4 +150,7 @@ fn the_readme_quickstart_works() {
     );
     let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(after, serde_json::json!({"active": false}));
+    // A token on the command line is refused: it would be in the process list.
+    let out = scrip(&["introspect", token.trim()]);
+    assert_eq!(out.status.code(), Some(2));
 }

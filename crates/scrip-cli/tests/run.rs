@@ -275,6 +275,9 @@ fn exit_codes_pass_through() {
     };
     assert_eq!(run("exit 0"), Some(0));
     assert_eq!(run("exit 7"), Some(7));
+    // A command line with a newline and a tab still makes a purpose (the
+    // default purpose is the command line, on one line).
+    assert_eq!(run("true\n\texit 3"), Some(3));
     assert_eq!(run("kill -KILL $$"), Some(128 + 9));
     // A command that cannot run: 127, as a shell says.
     let out = server
@@ -426,4 +429,113 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
         .output()
         .unwrap();
     assert_refused(&out, 1, &["invalid_request", "start a new one"]);
+}
+
+#[test]
+fn task_start_list_and_end() {
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let out = server
+        .scrip()
+        .args([
+            "task",
+            "start",
+            "--grant",
+            "github:read",
+            "--purpose",
+            "triage JIRA-7",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let task = text(&out.stdout).trim().to_owned();
+    assert_eq!(server.introspect(&task)["active"], true);
+    assert_eq!(server.exchange(&task).0, 200);
+
+    // Listed from the store while it runs, as a table and as JSON lines.
+    let list = |json: bool| {
+        let mut cmd = server.scrip();
+        cmd.args(["task", "list", "--config"]).arg(&config);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let claims: Value = {
+        use base64::Engine as _;
+        let payload = task.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let id = claims["txn"].as_str().unwrap();
+    let table = list(false);
+    assert!(
+        table.contains(id) && table.contains("triage JIRA-7"),
+        "{table}"
+    );
+    let line: Value = serde_json::from_str(list(true).trim()).unwrap();
+    assert_eq!(line["id"], id);
+    assert_eq!(line["grants"], "github:read");
+    assert_eq!(line["expires_at"], claims["exp"]);
+    assert!(!list(true).contains(&task), "the list never shows a token");
+
+    // Without a token, `end` says how to give one and ends nothing.
+    let out = server.scrip().args(["task", "end"]).output().unwrap();
+    assert_refused(&out, 1, &["SCRIP_TASK_TOKEN"]);
+    assert_eq!(server.introspect(&task)["active"], true);
+
+    // Ended from SCRIP_TASK_TOKEN: revoked, and no longer listed.
+    let out = server
+        .scrip()
+        .args(["task", "end"])
+        .env("SCRIP_TASK_TOKEN", &task)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        server.introspect(&task),
+        serde_json::json!({"active": false})
+    );
+    assert_eq!(list(true).trim(), "");
+
+    // From standard input, with --json.
+    let out = server
+        .scrip()
+        .args([
+            "task",
+            "start",
+            "--json",
+            "--grant",
+            "github:read",
+            "--purpose",
+            "p",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let task = started["task_token"].as_str().unwrap().to_owned();
+    assert_eq!(started["scope"], "github:read");
+    let mut end = server
+        .scrip()
+        .args(["task", "end"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    end.stdin
+        .take()
+        .unwrap()
+        .write_all(task.as_bytes())
+        .unwrap();
+    let out = end.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.introspect(&task)["active"], false);
 }

@@ -357,7 +357,7 @@ impl Client {
             ])
             .await?;
         let mut task = Task::new(self.clone(), answer.access_token, true);
-        task.expires_at = Some(now() + answer.expires_in);
+        task.expires_at = Some(now().saturating_add(answer.expires_in));
         task.scope = Some(answer.scope);
         Ok(task)
     }
@@ -423,7 +423,7 @@ impl AccessToken {
 /// How long before expiry a cached token stops being reused: a quarter of
 /// its lifetime, at most 30 seconds.
 fn refresh_at(issued: u64, expires_in: u64) -> u64 {
-    issued + expires_in - (expires_in / 4).min(30)
+    issued.saturating_add(expires_in) - (expires_in / 4).min(30)
 }
 
 /// A task: its token, and the access tokens obtained under it.
@@ -491,7 +491,7 @@ impl Task {
         }
         let answer = self.client.token(&form).await?;
         let mut child = Task::new(self.client.clone(), answer.access_token, true);
-        child.expires_at = Some(now() + answer.expires_in);
+        child.expires_at = Some(now().saturating_add(answer.expires_in));
         child.scope = Some(answer.scope);
         Ok(child)
     }
@@ -563,7 +563,7 @@ impl Task {
             token: answer.access_token,
             token_type: answer.token_type,
             scope: answer.scope,
-            expires_at: issued + answer.expires_in,
+            expires_at: issued.saturating_add(answer.expires_in),
             refresh_at: refresh_at(issued, answer.expires_in),
         };
         if let Some(c) = &self.file_cache {

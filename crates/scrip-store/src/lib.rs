@@ -90,6 +90,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Open tasks whose deadline is at or before `now`, oldest first.
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError>;
 
+    /// Tasks still running at `now` (not ended, deadline after it), of one
+    /// agent subject if given, the soonest to end first.
+    async fn open_tasks(
+        &self,
+        now: u64,
+        agent_sub: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
+
     /// Ids of the open descendants of a task (children, grandchildren, ...).
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError>;
 

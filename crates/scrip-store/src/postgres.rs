@@ -666,6 +666,28 @@ impl Store for PgStore {
         rows.iter().map(rows::task).collect()
     }
 
+    async fn open_tasks(
+        &self,
+        now: u64,
+        agent_sub: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE ended_at IS NULL AND expires_at > $1 \
+                 AND ($2::text IS NULL OR agent_sub = $2) ORDER BY expires_at, id LIMIT $3"
+            ))
+            .bind(to_i64(now))
+            .bind(agent_sub)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::task).collect()
+    }
+
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = read(
             sqlx::query(

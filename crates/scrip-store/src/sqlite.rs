@@ -126,6 +126,27 @@ impl Store for SqliteStore {
         rows.iter().map(rows::task).collect()
     }
 
+    async fn open_tasks(
+        &self,
+        now: u64,
+        agent_sub: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE ended_at IS NULL AND expires_at > ?1 AND (?2 IS NULL OR agent_sub = ?2) \
+             ORDER BY expires_at, id LIMIT ?3"
+        ))
+        .bind(to_i64(now))
+        .bind(agent_sub)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::task).collect()
+    }
+
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "WITH RECURSIVE sub(id) AS (SELECT id FROM tasks WHERE parent_id = ?1 \

@@ -85,6 +85,7 @@ conformance!(
     expired_revocations_leave_the_feed_and_are_purged,
     a_long_feed_reads_back_in_order,
     due_tasks_come_oldest_first,
+    open_tasks_list_what_still_runs,
     the_first_decision_on_an_approval_wins,
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
@@ -559,6 +560,50 @@ async fn a_long_feed_reads_back_in_order(f: Fixture) {
     assert_eq!(live.iter().collect::<Vec<_>>(), expected);
     assert_eq!(live.len(), 602);
     assert!(s.revocations(0, 1_000, 0).await.unwrap().is_empty());
+}
+
+async fn open_tasks_list_what_still_runs(f: Fixture) {
+    let s = &f.store;
+    let mut other = task("other-agent", None, 4_000);
+    other.agent = identity("agent-2");
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("late", None, 5_000))),
+        Write::InsertTask(Box::new(task("soon", None, 3_000))),
+        Write::InsertTask(Box::new(task("child", Some("late"), 2_500))),
+        Write::InsertTask(Box::new(task("past", None, 1_500))),
+        Write::InsertTask(Box::new(task("ended", None, 9_000))),
+        Write::InsertTask(Box::new(other)),
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![Write::EndTask {
+        id: "ended".into(),
+        at: 1_200,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    let ids = |tasks: Vec<TaskRecord>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.open_tasks(2_000, None, 10).await.unwrap()),
+        ["child", "soon", "other-agent", "late"]
+    );
+    assert_eq!(
+        ids(s.open_tasks(2_000, Some("agent-1"), 2).await.unwrap()),
+        ["child", "soon"]
+    );
+    assert_eq!(
+        ids(s.open_tasks(2_000, Some("agent-2"), 10).await.unwrap()),
+        ["other-agent"]
+    );
+    // At the deadline a task no longer runs.
+    assert_eq!(
+        ids(s.open_tasks(3_000, None, 10).await.unwrap()),
+        ["other-agent", "late"]
+    );
+    let late = s.open_tasks(4_500, None, 10).await.unwrap();
+    assert_eq!(late, [s.task("late").await.unwrap().unwrap()]);
 }
 
 async fn due_tasks_come_oldest_first(f: Fixture) {

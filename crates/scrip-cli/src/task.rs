@@ -1,0 +1,237 @@
+//! `scrip task`: start, end and list tasks outside `scrip run`.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use scrip_client::{Client, FileCache, TaskRequest};
+
+use crate::audit::{cell, open, runtime, when};
+use crate::fail;
+use crate::run::{explain, load_identity};
+
+/// What `scrip task` does.
+#[derive(Debug, clap::Subcommand)]
+pub enum TaskCommand {
+    /// Start a task and print its task token.
+    ///
+    /// Obtains an identity as `scrip run` does (--identity-file,
+    /// SCRIP_IDENTITY, else local attestation on scrip's socket) and prints
+    /// the task token on one line, for `export SCRIP_TASK_TOKEN=$(scrip
+    /// task start ...)`. The task runs until `scrip task end` or its
+    /// deadline; prefer `scrip run`, which ends it when the command exits.
+    Start(StartArgs),
+    /// End a task: revoke its task token, which ends the task, its
+    /// sub-tasks and every token issued under them.
+    ///
+    /// The task token comes from SCRIP_TASK_TOKEN when set, else from
+    /// standard input (`scrip task end < task.txt`); never from the command
+    /// line, where other local users could read it.
+    End {
+        /// scrip's address.
+        #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
+        server: String,
+    },
+    /// List the tasks still running, the soonest to end first.
+    ///
+    /// Reads the store of the configuration (database_url, else the embedded
+    /// store in data_dir), like `scrip audit`, and works while the server
+    /// runs.
+    List {
+        /// The configuration file (to find the store).
+        #[arg(long, short, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only this agent (the subject of its workload identity).
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many tasks.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Arguments of `scrip task start`.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// A grant the task asks for, `tool:action` (repeat, or separate with spaces).
+    #[arg(long = "grant", value_name = "TOOL:ACTION", required = true)]
+    grants: Vec<String>,
+    /// Why the task runs: a person approving a step sees it.
+    #[arg(long)]
+    purpose: String,
+    /// The environment the task runs in.
+    #[arg(long = "env", value_name = "ENV", default_value = "dev")]
+    environment: String,
+    /// The task's lifetime in seconds (default: the server's task_ttl).
+    #[arg(long, value_name = "SECONDS")]
+    ttl: Option<u64>,
+    /// A federated workload identity (a JWT) to use instead of local
+    /// attestation; SCRIP_IDENTITY may hold the token itself.
+    #[arg(long, value_name = "FILE")]
+    identity_file: Option<PathBuf>,
+    /// scrip's address.
+    #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
+    server: String,
+    /// scrip's local attestation socket.
+    #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print a JSON object (task_token, scope, expires_at) instead of the
+    /// bare token.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `scrip task`.
+pub fn task(command: TaskCommand) -> ExitCode {
+    match command {
+        TaskCommand::Start(args) => start(&args),
+        TaskCommand::End { server } => end(&server),
+        TaskCommand::List {
+            config,
+            agent,
+            limit,
+            json,
+        } => list(config.as_deref(), agent.as_deref(), limit, json),
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "the command's output")]
+fn start(args: &StartArgs) -> ExitCode {
+    let grants: Vec<String> = args
+        .grants
+        .iter()
+        .flat_map(|g| g.split_whitespace())
+        .map(str::to_owned)
+        .collect();
+    let request = TaskRequest {
+        grants,
+        purpose: args.purpose.clone(),
+        environment: args.environment.clone(),
+        ttl: args.ttl,
+    };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let client = Client::new(&args.server).map_err(|e| e.to_string())?;
+            let identity = load_identity(args.identity_file.as_deref(), &args.socket).await?;
+            client
+                .start_task(&identity, &request)
+                .await
+                .map_err(|e| format!("cannot start the task: {}", explain(&e)))
+        })
+    });
+    match result {
+        Err(e) => fail(e),
+        Ok(task) => {
+            let (scope, expires_at) = (task.scope().map(str::to_owned), task.expires_at());
+            // Printed, not ended: the task outlives this command.
+            let token = task.into_token();
+            if args.json {
+                let body = serde_json::json!({
+                    "task_token": token,
+                    "scope": scope,
+                    "expires_at": expires_at,
+                });
+                println!("{body}");
+            } else {
+                println!("{token}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn end(server: &str) -> ExitCode {
+    let token = match std::env::var("SCRIP_TASK_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => t,
+        _ => {
+            let mut text = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+                return fail(format!(
+                    "cannot read the task token from standard input: {e}"
+                ));
+            }
+            text
+        }
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return fail(
+            "no task token: set SCRIP_TASK_TOKEN or pipe one in (`scrip task end < task.txt`)",
+        );
+    }
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let client = Client::new(server).map_err(|e| e.to_string())?;
+            client
+                .revoke(token)
+                .await
+                .map_err(|e| format!("cannot end the task: {e}"))
+        })
+    });
+    if let Some(cache) = FileCache::default_location() {
+        cache.remove_task(token);
+    }
+    match result {
+        Err(e) => fail(e),
+        Ok(()) => ExitCode::SUCCESS,
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "the command's output")]
+fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (_, store) = open(config).await?;
+            store
+                .open_tasks(now, agent, limit)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    });
+    let tasks = match result {
+        Err(e) => return fail(e),
+        Ok(t) => t,
+    };
+    if json {
+        for t in &tasks {
+            let line = serde_json::json!({
+                "id": t.id,
+                "parent": t.parent,
+                "agent": {"iss": t.agent.issuer, "sub": t.agent.subject},
+                "actor": t.actor.as_ref().map(|a| a.sub.clone()),
+                "grants": t.grants,
+                "purpose": t.purpose,
+                "environment": t.environment,
+                "depth": t.depth,
+                "jti": t.token_jti,
+                "created_at": t.created_at,
+                "expires_at": t.expires_at,
+            });
+            println!("{line}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  purpose",
+        "task", "ends", "agent", "parent", "env", "grants"
+    );
+    for t in &tasks {
+        println!(
+            "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  {}",
+            t.id,
+            when(t.expires_at.saturating_mul(1000)),
+            cell(Some(&t.agent.subject), 28),
+            cell(t.parent.as_deref(), 22),
+            cell(Some(&t.environment), 6),
+            cell(Some(&t.grants), 24),
+            cell(Some(&t.purpose), 80),
+        );
+    }
+    ExitCode::SUCCESS
+}
