@@ -21,15 +21,13 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Attempts at ending the task.
 const END_ATTEMPTS: u32 = 3;
 
-/// Arguments of `scrip run`.
+/// What a new task asks for and who asks: shared by `scrip run` and
+/// `scrip task start` (each adds its own `--purpose`).
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {
+pub struct TaskArgs {
     /// A grant the task asks for, `tool:action` (repeat, or separate with spaces).
     #[arg(long = "grant", value_name = "TOOL:ACTION", required = true)]
     grants: Vec<String>,
-    /// Why the task runs (default: the command line).
-    #[arg(long)]
-    purpose: Option<String>,
     /// The environment the task runs in.
     #[arg(long = "env", value_name = "ENV", default_value = "dev")]
     environment: String,
@@ -42,10 +40,43 @@ pub struct RunArgs {
     identity_file: Option<PathBuf>,
     /// scrip's address.
     #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
-    server: String,
+    pub(crate) server: String,
     /// scrip's local attestation socket.
     #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
     socket: PathBuf,
+}
+
+impl TaskArgs {
+    /// The request, with `purpose`.
+    pub(crate) fn request(&self, purpose: String) -> TaskRequest {
+        TaskRequest {
+            grants: self
+                .grants
+                .iter()
+                .flat_map(|g| g.split_whitespace())
+                .map(str::to_owned)
+                .collect(),
+            purpose,
+            environment: self.environment.clone(),
+            ttl: self.ttl,
+        }
+    }
+
+    /// The identity: `--identity-file`, else `SCRIP_IDENTITY`, else local
+    /// attestation on the socket.
+    pub(crate) async fn identity(&self) -> Result<Identity, String> {
+        load_identity(self.identity_file.as_deref(), &self.socket).await
+    }
+}
+
+/// Arguments of `scrip run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    task: TaskArgs,
+    /// Why the task runs (default: the command line).
+    #[arg(long)]
+    purpose: Option<String>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -109,16 +140,10 @@ async fn run_async(args: RunArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot handle signals: {e}")),
     };
-    let client = match Client::new(&args.server) {
+    let client = match Client::new(&args.task.server) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let grants: Vec<String> = args
-        .grants
-        .iter()
-        .flat_map(|g| g.split_whitespace())
-        .map(str::to_owned)
-        .collect();
     let command_line = args
         .command
         .iter()
@@ -141,16 +166,11 @@ async fn run_async(args: RunArgs) -> ExitCode {
         }
         p
     });
-    let request = TaskRequest {
-        grants,
-        purpose,
-        environment: args.environment.clone(),
-        ttl: args.ttl,
-    };
+    let request = args.task.request(purpose);
 
     // Nothing is started yet: an interrupt here just exits.
     let identity = tokio::select! {
-        r = identity(&args) => match r {
+        r = args.task.identity() => match r {
             Ok(i) => i,
             Err(e) => return fail(e),
         },
@@ -286,12 +306,6 @@ async fn end_task(client: &Client, task: Task, cache: Option<&FileCache>) -> boo
         ));
     }
     false
-}
-
-/// The identity: `--identity-file`, else `SCRIP_IDENTITY`, else local
-/// attestation on the socket.
-async fn identity(args: &RunArgs) -> Result<Identity, String> {
-    load_identity(args.identity_file.as_deref(), &args.socket).await
 }
 
 /// An identity from `file`, else from `SCRIP_IDENTITY`, else from local

@@ -4,11 +4,11 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use scrip_client::{Client, FileCache, TaskRequest};
+use scrip_client::{Client, FileCache};
 
 use crate::audit::{cell, open, runtime, when};
 use crate::fail;
-use crate::run::{explain, load_identity};
+use crate::run::{TaskArgs, explain};
 
 /// What `scrip task` does.
 #[derive(Debug, clap::Subcommand)]
@@ -56,28 +56,11 @@ pub enum TaskCommand {
 /// Arguments of `scrip task start`.
 #[derive(Debug, clap::Args)]
 pub struct StartArgs {
-    /// A grant the task asks for, `tool:action` (repeat, or separate with spaces).
-    #[arg(long = "grant", value_name = "TOOL:ACTION", required = true)]
-    grants: Vec<String>,
+    #[command(flatten)]
+    task: TaskArgs,
     /// Why the task runs: a person approving a step sees it.
     #[arg(long)]
     purpose: String,
-    /// The environment the task runs in.
-    #[arg(long = "env", value_name = "ENV", default_value = "dev")]
-    environment: String,
-    /// The task's lifetime in seconds (default: the server's task_ttl).
-    #[arg(long, value_name = "SECONDS")]
-    ttl: Option<u64>,
-    /// A federated workload identity (a JWT) to use instead of local
-    /// attestation; SCRIP_IDENTITY may hold the token itself.
-    #[arg(long, value_name = "FILE")]
-    identity_file: Option<PathBuf>,
-    /// scrip's address.
-    #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
-    server: String,
-    /// scrip's local attestation socket.
-    #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
-    socket: PathBuf,
     /// Print a JSON object (task_token, scope, expires_at) instead of the
     /// bare token.
     #[arg(long)]
@@ -100,22 +83,11 @@ pub fn task(command: TaskCommand) -> ExitCode {
 
 #[expect(clippy::print_stdout, reason = "the command's output")]
 fn start(args: &StartArgs) -> ExitCode {
-    let grants: Vec<String> = args
-        .grants
-        .iter()
-        .flat_map(|g| g.split_whitespace())
-        .map(str::to_owned)
-        .collect();
-    let request = TaskRequest {
-        grants,
-        purpose: args.purpose.clone(),
-        environment: args.environment.clone(),
-        ttl: args.ttl,
-    };
+    let request = args.task.request(args.purpose.clone());
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
-            let client = Client::new(&args.server).map_err(|e| e.to_string())?;
-            let identity = load_identity(args.identity_file.as_deref(), &args.socket).await?;
+            let client = Client::new(&args.task.server).map_err(|e| e.to_string())?;
+            let identity = args.task.identity().await?;
             client
                 .start_task(&identity, &request)
                 .await

@@ -50,6 +50,10 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid(msg.into()))
 }
 
+/// How long a local workload identity (scrip's own attestation) lives, in
+/// seconds.
+pub const LOCAL_IDENTITY_TTL: u64 = 300;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -387,11 +391,14 @@ impl Config {
 
     /// The longest any token scrip signs can live, with the clock leeway
     /// verifiers allow: how long a retired signing key stays published.
+    /// Local workload identities count too: scrip signs them with the same
+    /// key.
     #[must_use]
     pub fn longest_token_life(&self) -> u64 {
         self.max_task_ttl
             .max(self.access_token_ttl)
             .max(self.approved_token_ttl)
+            .max(LOCAL_IDENTITY_TTL)
             .saturating_add(self.clock_skew)
     }
 
@@ -645,6 +652,16 @@ mod tests {
         assert_eq!(c.issuer(), "http://127.0.0.1:7070");
         assert_eq!(c.task_ttl, 3600);
         assert_eq!(c.access_token_ttl, 300);
+    }
+
+    #[test]
+    fn a_retired_key_outlives_every_token_it_signed() {
+        let mut c = Config::default();
+        (c.max_task_ttl, c.access_token_ttl, c.approved_token_ttl) = (60, 60, 60);
+        // Local identities (300 s) are signed with the same key.
+        assert_eq!(c.longest_token_life(), LOCAL_IDENTITY_TTL + c.clock_skew);
+        c.max_task_ttl = 7200;
+        assert_eq!(c.longest_token_life(), 7200 + c.clock_skew);
     }
 
     #[test]

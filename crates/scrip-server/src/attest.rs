@@ -40,7 +40,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::state::{AppState, Inner, now};
 
 /// Lifetime of a local workload identity, seconds.
-pub const IDENTITY_TTL: u64 = 300;
+pub const IDENTITY_TTL: u64 = scrip_config::LOCAL_IDENTITY_TTL;
 /// The `typ` of a local workload identity.
 pub const IDENTITY_TYP: &str = scrip_identity::LOCAL_IDENTITY_TYP;
 /// The largest request read from the socket.
