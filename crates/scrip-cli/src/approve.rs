@@ -42,7 +42,13 @@ async fn call(
     form: Option<&[(&str, &str)]>,
 ) -> Result<Value, String> {
     let who = identity(args).await?;
-    let http = reqwest::Client::new();
+    // As scrip-client's: a bounded wait, and no redirect (which could take
+    // the identity token elsewhere).
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let url = format!("{}{path}", args.server.trim_end_matches('/'));
     let mut req = http.request(method, &url).bearer_auth(who.token());
     if let Some(form) = form {

@@ -377,3 +377,53 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     let out = server.scrip(&["approve", &second]);
     assert_fails(&out, 1, &["409", "already denied"]);
 }
+
+#[test]
+fn the_approver_follows_no_redirect_with_its_identity() {
+    // A server that answers every request with a redirect and records the
+    // paths asked: the approver's identity token must not be sent on.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut paths = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = text(&head);
+                paths.push(head.split(' ').nth(1).unwrap_or("").to_owned());
+                let _ = s.write_all(
+                    b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+            paths
+        })
+    };
+    let claims = json!({"iss": K8S_ISSUER, "sub": "people:alice", "exp": now() + 600});
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let identity = format!("{}.{}.c2ln", b64(&json!({"alg": "ES256"})), b64(&claims));
+    let out = Command::new(env!("CARGO_BIN_EXE_scrip"))
+        .arg("approvals")
+        .env("SCRIP_URL", format!("http://{addr}"))
+        .env("SCRIP_IDENTITY", &identity)
+        .env_remove("SCRIP_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let paths = server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(paths, ["/approvals"], "followed a redirect");
+}
