@@ -74,7 +74,9 @@ impl TaskArgs {
 pub struct RunArgs {
     #[command(flatten)]
     task: TaskArgs,
-    /// Why the task runs (default: the command line).
+    /// Why the task runs (default: the command line, which the audit
+    /// records and approvers see: give --purpose when the arguments hold
+    /// anything secret).
     #[arg(long)]
     purpose: Option<String>,
     /// The command and its arguments, after `--`.

@@ -198,8 +198,9 @@ pub enum Write {
         reason: String,
         /// Seconds past each task's deadline that its revocation stays in
         /// the feed: the clock leeway with which verifiers still accept a
-        /// token after its `exp`. Also ends tasks past their deadline by
-        /// less than this, with an event.
+        /// token after its `exp` (0: no event for a task already at its
+        /// deadline, as when it expires by itself). A task past its
+        /// deadline by less than this still gets an event.
         grace: u64,
     },
     /// Revoke one token.
