@@ -671,5 +671,7 @@ mod tests {
         assert_eq!(refresh_at(1000, 40), 1030);
         assert_eq!(refresh_at(1000, 3), 1003);
         assert_eq!(refresh_at(1000, 0), 1000);
+        // A hostile `expires_in` does not overflow.
+        assert_eq!(refresh_at(1000, u64::MAX), u64::MAX - 30);
     }
 }

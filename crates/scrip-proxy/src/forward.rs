@@ -368,19 +368,7 @@ async fn forward(
         }
     };
     let (mut head, incoming) = response.into_parts();
-    // Every field line counts (RFC 9110 §5.3): `identity` on one line and
-    // `gzip` on the next is a gzip body. A transfer coding other than
-    // `chunked` (which hyper undoes) would reach the agent still encoded.
-    let codings = |name: http::header::HeaderName, plain: &'static [u8]| {
-        head.headers
-            .get_all(name)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(plain))
-    };
-    let encoded = codings(http::header::CONTENT_ENCODING, b"identity")
-        || codings(http::header::TRANSFER_ENCODING, b"chunked");
-    if encoded {
+    if encoded(&head.headers) {
         return failed(
             StatusCode::BAD_GATEWAY,
             "bad_gateway",
@@ -421,9 +409,56 @@ async fn forward(
     Response::from_parts(head, Body::new(body))
 }
 
+/// Whether a response body would reach the agent encoded, where it cannot
+/// be checked for the secret. Every field line counts (RFC 9110 §5.3):
+/// `identity` on one line and `gzip` on the next is a gzip body. A transfer
+/// coding other than `chunked` (which hyper undoes) would pass still
+/// encoded.
+fn encoded(headers: &http::HeaderMap) -> bool {
+    let codings = |name: http::header::HeaderName, plain: &'static [u8]| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(plain))
+    };
+    codings(http::header::CONTENT_ENCODING, b"identity")
+        || codings(http::header::TRANSFER_ENCODING, b"chunked")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::split;
+    use super::{encoded, split};
+
+    #[test]
+    fn encodings() {
+        let headers = |lines: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (name, value) in lines {
+                h.append(
+                    http::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            h
+        };
+        assert!(!encoded(&headers(&[])));
+        assert!(!encoded(&headers(&[
+            ("content-encoding", "identity"),
+            ("transfer-encoding", "chunked"),
+        ])));
+        assert!(!encoded(&headers(&[(
+            "content-encoding",
+            "Identity, identity"
+        )])));
+        assert!(encoded(&headers(&[("content-encoding", "gzip")])));
+        assert!(encoded(&headers(&[("content-encoding", "identity, br")])));
+        assert!(encoded(&headers(&[
+            ("content-encoding", "identity"),
+            ("content-encoding", "gzip"),
+        ])));
+        assert!(encoded(&headers(&[("transfer-encoding", "gzip, chunked")])));
+    }
 
     #[test]
     fn splits() {

@@ -739,5 +739,7 @@ mod tests {
         assert!(got.is_ok_and(|w| w.is_some()));
         // A connection accepted before this process started cannot be its.
         assert!(observe(0, 0, me, Some(0)).is_err_and(|e| e.contains("reused")));
+        // Without the time of acceptance, that cannot be ruled out.
+        assert!(observe(0, 0, me, None).is_err_and(|e| e.contains("/proc/uptime")));
     }
 }

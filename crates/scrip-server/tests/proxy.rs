@@ -617,6 +617,45 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
 }
 
 #[tokio::test]
+async fn a_request_whose_secret_is_not_set_is_refused_and_audited() {
+    let env = setup().await;
+    // `down` has a `write` secret configured but none stored.
+    let task = env.task("down:write").await;
+    let write = env.token(&task, "down", "write").await;
+    let (status, _, body) = env
+        .send(reqwest::Method::POST, "down/x", Some(&write))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable");
+    let start = Instant::now();
+    loop {
+        let audit = env.server.audit().await;
+        if let Some(r) = audit.iter().find(|a| {
+            a.event == "proxy.request"
+                && a.tool.as_deref() == Some("down")
+                && a.path.as_deref() == Some("/x")
+        }) {
+            assert_eq!(r.decision.as_deref(), Some("deny"), "{r:?}");
+            assert_eq!(r.status, Some(503), "{r:?}");
+            assert!(
+                r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains("no secret is set")),
+                "{r:?}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no audit record of the refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.server.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_content_encoding_line_is_an_encoded_body() {
     let env = setup().await;
     let task = env.task("legacy:read").await;
