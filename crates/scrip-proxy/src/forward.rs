@@ -338,7 +338,24 @@ async fn forward(
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
 
-    let answer = tokio::time::timeout(upstream.read_timeout, upstream.client.request(out)).await;
+    // `read_timeout` is silence: while the agent's body is still going up,
+    // the wait goes on; once it stops moving, the upstream has that long to
+    // answer (a stall is found within one to two `read_timeout`s).
+    let request = upstream.client.request(out);
+    tokio::pin!(request);
+    let mut sent = bytes_in.load(Ordering::Relaxed);
+    let answer = loop {
+        match tokio::time::timeout(upstream.read_timeout, &mut request).await {
+            Ok(r) => break Ok(r),
+            Err(elapsed) => {
+                let now_sent = bytes_in.load(Ordering::Relaxed);
+                if now_sent == sent {
+                    break Err(elapsed);
+                }
+                sent = now_sent;
+            }
+        }
+    };
     let response = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

@@ -103,6 +103,8 @@ struct Env {
     server: TestServer,
     nginx: nginx::Nginx,
     http: reqwest::Client,
+    /// An upstream that takes connections and never answers.
+    _mute: std::net::TcpListener,
 }
 
 async fn setup() -> Env {
@@ -120,12 +122,26 @@ async fn setup() -> Env {
         .unwrap()
         .local_addr()
         .unwrap();
+    // The kernel completes connections to it; nobody reads or answers.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap();
     let server = TestServer::start_with(Options {
         extra_policies: vec![("proxy-no-admin.cedar".into(), NO_ADMIN.into())],
         edit: Some(Box::new(move |c| {
             c.tools.push(tool("legacy"));
             c.tools.push(tool("down"));
+            c.tools.push(tool("slow"));
+            c.tools.push(tool("mute"));
+            c.upstreams.push(Upstream {
+                read_timeout: 1,
+                ..upstream("mute", &format!("http://{mute_addr}"))
+            });
             c.upstreams.push(upstream("legacy", &url));
+            // The same nginx, allowed one second of silence.
+            c.upstreams.push(Upstream {
+                read_timeout: 1,
+                ..upstream("slow", &url)
+            });
             c.upstreams
                 .push(upstream("down", &format!("http://{closed}")));
         })),
@@ -135,10 +151,13 @@ async fn setup() -> Env {
     set_secret(&server, "legacy", "read", READ_KEY).await;
     set_secret(&server, "legacy", "write", WRITE_KEY).await;
     set_secret(&server, "down", "read", READ_KEY).await;
+    set_secret(&server, "slow", "write", WRITE_KEY).await;
+    set_secret(&server, "mute", "read", READ_KEY).await;
     Env {
         server,
         nginx,
         http: reqwest::Client::new(),
+        _mute: mute,
     }
 }
 
@@ -612,6 +631,54 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
     assert_eq!(
         body,
         "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity]\n"
+    );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = setup().await;
+    let task = env.task("slow:write").await;
+    let write = env.token(&task, "slow", "write").await;
+    // 12 KiB in 12 pieces, 250 ms apart: 3 s of upload against a read
+    // timeout of 1 s, with the body moving all along.
+    let addr = env.server.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PUT /proxy/slow/upload/slow.bin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {write}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        12 * 1024
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(&[b'x'; 1024]).await.unwrap();
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split(' ').nth(1).unwrap_or_default();
+    assert_eq!(status, "201", "{answer}");
+    assert_eq!(
+        std::fs::metadata(env.nginx.uploaded("slow.bin"))
+            .unwrap()
+            .len(),
+        12 * 1024
+    );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_silent_past_the_read_timeout_is_a_504() {
+    let env = setup().await;
+    let task = env.task("mute:read").await;
+    let read = env.token(&task, "mute", "read").await;
+    let (status, _, body) = env.send(reqwest::Method::GET, "mute/x", Some(&read)).await;
+    assert_eq!(status, 504, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "gateway_timeout");
+    assert_eq!(
+        body["error_description"],
+        "upstream `mute` did not answer within 1 s"
     );
     env.server.stop().await;
 }
