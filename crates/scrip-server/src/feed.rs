@@ -87,18 +87,19 @@ async fn page(
 ) -> Result<serde_json::Value, scrip_store::StoreError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut changes = st.store.changes();
-    let mut after = after;
+    // A cursor past the newest event: the store numbers events anew
+    // (restored from a backup, a new data directory), or the newest ones
+    // were purged. Start the follower over from the first event rather than
+    // let it wait for numbers it has already passed. Checked once a page:
+    // later events only move the newest number up.
+    let after = if after > 0 && st.store.latest_revocation().await? < after {
+        0
+    } else {
+        after
+    };
     loop {
         changes.borrow_and_update();
-        let mut events = st.store.revocations(after, now(), PAGE).await?;
-        if events.is_empty() && after > 0 && st.store.latest_revocation().await? < after {
-            // A cursor past the newest event: the store numbers events anew
-            // (restored from a backup, a new data directory), or the newest
-            // ones expired. Start the follower over from the first event
-            // rather than let it wait for numbers it has already passed.
-            after = 0;
-            events = st.store.revocations(0, now(), PAGE).await?;
-        }
+        let events = st.store.revocations(after, now(), PAGE).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             let cursor = events.last().map_or(after, |e| e.seq);
             let events: Vec<serde_json::Value> = events

@@ -834,25 +834,19 @@ async fn racing_polls_get_one_token() {
     assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..8 {
-        let (http, url, task, id) = (s.http.clone(), s.url.clone(), task.clone(), id.clone());
+        let (caller, task, id) = (s.caller(), task.clone(), id.clone());
         set.spawn(async move {
-            let body = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs([
-                    ("grant_type", CIBA),
-                    ("auth_req_id", &id),
-                    ("subject_token", &task),
-                ])
-                .finish();
-            let r = http
-                .post(format!("{url}/token"))
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let body: Value = r.json().await.unwrap();
-            (status, body)
+            let r = caller
+                .post_form(
+                    "/token",
+                    &[
+                        ("grant_type", CIBA),
+                        ("auth_req_id", &id),
+                        ("subject_token", &task),
+                    ],
+                )
+                .await;
+            (r.status, r.body)
         });
     }
     let mut replies = Vec::new();

@@ -792,43 +792,37 @@ async fn a_delegation_racing_the_parents_end_leaves_no_live_child() {
         let actor = actor1(&s);
         let mut set = tokio::task::JoinSet::new();
         for i in 0..30 {
-            let (http, url, parent, actor) =
-                (s.http.clone(), s.url.clone(), parent.clone(), actor.clone());
+            let (caller, parent, actor) = (s.caller(), parent.clone(), actor.clone());
             set.spawn(async move {
-                let body = form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs([
-                        ("grant_type", TOKEN_EXCHANGE),
-                        ("subject_token", parent.as_str()),
-                        ("subject_token_type", TXN),
-                        ("actor_token", actor.as_str()),
-                        ("actor_token_type", JWT),
-                        ("requested_token_type", TXN),
-                        ("scope", "github:read"),
-                    ])
-                    .finish();
-                let r = http
-                    .post(format!("{url}/token"))
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                (i, status, r.json::<Value>().await.unwrap())
+                let r = caller
+                    .post_form(
+                        "/token",
+                        &[
+                            ("grant_type", TOKEN_EXCHANGE),
+                            ("subject_token", parent.as_str()),
+                            ("subject_token_type", TXN),
+                            ("actor_token", actor.as_str()),
+                            ("actor_token_type", JWT),
+                            ("requested_token_type", TXN),
+                            ("scope", "github:read"),
+                        ],
+                    )
+                    .await;
+                (i, r.status, r.body)
             });
         }
         // End the parent while the delegations are in flight: once the
         // first has been answered, or at once in even rounds.
-        let mut answered = Vec::new();
+        let mut answers = Vec::new();
         if round % 2 == 1 {
-            answered.push(set.join_next().await.unwrap());
+            answers.push(set.join_next().await.unwrap());
         }
         assert_eq!(s.revoke(&parent).await.status, 200);
+        while let Some(r) = set.join_next().await {
+            answers.push(r);
+        }
         let mut children = Vec::new();
-        while let Some(r) = match answered.pop() {
-            Some(r) => Some(r),
-            None => set.join_next().await,
-        } {
+        for r in answers {
             let (i, status, body) = r.unwrap();
             match status {
                 200 => children.push(body["access_token"].as_str().unwrap().to_owned()),

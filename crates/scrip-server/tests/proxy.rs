@@ -245,6 +245,25 @@ impl Env {
         text.split(' ').nth(1).unwrap().parse().unwrap()
     }
 
+    /// Waits up to 5 s for an audit record that `matches` (refusals are
+    /// recorded in the background) and returns it.
+    async fn wait_audit(
+        &self,
+        matches: impl Fn(&scrip_store::AuditEvent) -> bool,
+    ) -> scrip_store::AuditEvent {
+        let start = Instant::now();
+        loop {
+            if let Some(r) = self.server.audit().await.into_iter().find(|a| matches(a)) {
+                return r;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no such audit record"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the upstream has logged `uri` (it logs after answering).
     async fn wait_seen(&self, uri: &str) {
         let start = Instant::now();
@@ -487,22 +506,9 @@ async fn cedar_decides_the_concrete_request() {
     );
     env.wait_seen("/public/x").await;
     assert!(env.seen("/admin/users").is_empty(), "{:?}", env.nginx.log());
-    // Refusals are recorded in the background: wait for the record.
-    let start = Instant::now();
-    let denied = loop {
-        let audit = env.server.audit().await;
-        if let Some(d) = audit
-            .into_iter()
-            .find(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/admin/users"))
-        {
-            break d;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no audit record of the denial"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let denied = env
+        .wait_audit(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/admin/users"))
+        .await;
     assert_eq!(denied.decision.as_deref(), Some("deny"));
     assert_eq!(denied.policies, ["proxy-no-admin"]);
     env.server.stop().await;
@@ -695,30 +701,21 @@ async fn a_request_whose_secret_is_not_set_is_refused_and_audited() {
     assert_eq!(status, 503, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"], "temporarily_unavailable");
-    let start = Instant::now();
-    loop {
-        let audit = env.server.audit().await;
-        if let Some(r) = audit.iter().find(|a| {
+    let r = env
+        .wait_audit(|a| {
             a.event == "proxy.request"
                 && a.tool.as_deref() == Some("down")
                 && a.path.as_deref() == Some("/x")
-        }) {
-            assert_eq!(r.decision.as_deref(), Some("deny"), "{r:?}");
-            assert_eq!(r.status, Some(503), "{r:?}");
-            assert!(
-                r.reason
-                    .as_deref()
-                    .is_some_and(|x| x.contains("no secret is set")),
-                "{r:?}"
-            );
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no audit record of the refusal"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        })
+        .await;
+    assert_eq!(r.decision.as_deref(), Some("deny"), "{r:?}");
+    assert_eq!(r.status, Some(503), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("no secret is set")),
+        "{r:?}"
+    );
     env.server.stop().await;
 }
 

@@ -298,16 +298,15 @@ impl TestServer {
     /// POSTs a form to `path`; returns status, headers and JSON body
     /// (`Null` when the body is empty or not JSON).
     pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Reply {
-        let body = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form.iter())
-            .finish();
-        self.post_raw(
-            path,
-            "application/x-www-form-urlencoded",
-            body.into_bytes(),
-            None,
-        )
-        .await
+        self.caller().post_form(path, form).await
+    }
+
+    /// A handle that spawned tasks can own, for concurrent requests.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            http: self.http.clone(),
+            url: self.url.clone(),
+        }
     }
 
     pub async fn post_raw(
@@ -411,6 +410,31 @@ impl TestServer {
 
 pub fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The server's address and an HTTP client: cheap to clone into tasks.
+#[derive(Clone)]
+pub struct Caller {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Caller {
+    /// As [`TestServer::post_form`].
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Reply {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter())
+            .finish();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        Reply::from(r).await
+    }
 }
 
 /// An HTTP answer.
