@@ -1,6 +1,8 @@
 //! The live Cedar policy set of a process, and its reload: on SIGHUP and
 //! when a file in `policy_dir` changes (checked every
-//! `policy_poll_interval` seconds). `scrip serve` and `scrip proxy` share it.
+//! `policy_poll_interval` seconds, and read once it has stayed unchanged
+//! for half a second, so a file being written is not read half-way).
+//! `scrip serve` and `scrip proxy` share it.
 //!
 //! A reload validates the new set (including that every tool action is
 //! declared) before swapping it in; an invalid set is rejected, audited and
@@ -112,9 +114,14 @@ impl Policies {
     }
 
     async fn reload_loop(self, mut hup: Option<tokio::signal::unix::Signal>) {
-        let mut last = fingerprint(&self.0.dir);
+        let mut watch = Watch::new(fingerprint(&self.0.dir));
         let interval = self.0.poll_interval;
         loop {
+            let wait = if watch.settling() {
+                SETTLE
+            } else {
+                Duration::from_secs(interval)
+            };
             let by_signal = tokio::select! {
                 () = async {
                     match hup.as_mut() {
@@ -126,23 +133,74 @@ impl Policies {
                     if interval == 0 {
                         std::future::pending::<()>().await;
                     }
-                    tokio::time::sleep(Duration::from_secs(interval)).await;
+                    tokio::time::sleep(wait).await;
                 } => false,
             };
             let current = fingerprint(&self.0.dir);
-            if !by_signal && current == last {
-                continue;
+            if by_signal {
+                watch.loaded(current);
+                self.reload("SIGHUP").await;
+            } else if watch.observe(current) {
+                self.reload("file change").await;
             }
-            last = current;
-            self.reload(if by_signal { "SIGHUP" } else { "file change" })
-                .await;
         }
+    }
+}
+
+/// How long the policy files must stay unchanged after a change is seen
+/// before they are read: a file caught half-written can parse (a cut
+/// between two policies) and would drop the `forbid` rules after the cut.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The reload decision: a change is loaded once two looks at the
+/// directory, [`SETTLE`] apart, agree on it.
+#[derive(Debug)]
+struct Watch {
+    /// What was loaded last.
+    loaded: Fingerprint,
+    /// A change seen but not yet loaded.
+    pending: Option<Fingerprint>,
+}
+
+type Fingerprint = Vec<(String, u64, Option<std::time::SystemTime>)>;
+
+impl Watch {
+    fn new(loaded: Fingerprint) -> Self {
+        Self {
+            loaded,
+            pending: None,
+        }
+    }
+
+    /// Whether a change is waiting to settle.
+    fn settling(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Records a load of `current` made for another reason (SIGHUP).
+    fn loaded(&mut self, current: Fingerprint) {
+        self.loaded = current;
+        self.pending = None;
+    }
+
+    /// Takes a look at the directory; returns whether to reload now.
+    fn observe(&mut self, current: Fingerprint) -> bool {
+        if current == self.loaded {
+            self.pending = None;
+            return false;
+        }
+        if self.pending.as_ref() == Some(&current) {
+            self.loaded(current);
+            return true;
+        }
+        self.pending = Some(current);
+        false
     }
 }
 
 /// A fingerprint of the policy directory: names, sizes and modification
 /// times of its files.
-fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+fn fingerprint(dir: &Path) -> Fingerprint {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -159,4 +217,41 @@ fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> 
         .collect();
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(name: &str, len: u64) -> Fingerprint {
+        vec![(name.to_owned(), len, None)]
+    }
+
+    #[test]
+    fn a_change_is_loaded_only_once_two_looks_agree() {
+        let mut w = Watch::new(fp("a.cedar", 10));
+        assert!(!w.observe(fp("a.cedar", 10)), "nothing changed");
+        assert!(!w.settling());
+
+        // Half-written, then complete: neither look agrees with the one before.
+        assert!(!w.observe(fp("a.cedar", 4)));
+        assert!(w.settling());
+        assert!(!w.observe(fp("a.cedar", 25)));
+        assert!(w.settling());
+        assert!(w.observe(fp("a.cedar", 25)), "a settled change is loaded");
+        assert!(!w.settling());
+        assert!(!w.observe(fp("a.cedar", 25)), "and loaded once");
+
+        // A change undone before it settled needs no reload.
+        assert!(!w.observe(fp("a.cedar", 3)));
+        assert!(!w.observe(fp("a.cedar", 25)));
+        assert!(!w.settling());
+        assert!(!w.observe(fp("a.cedar", 25)));
+
+        // SIGHUP loads whatever is there and drops a pending change.
+        assert!(!w.observe(fp("b.cedar", 1)));
+        w.loaded(fp("b.cedar", 1));
+        assert!(!w.settling());
+        assert!(!w.observe(fp("b.cedar", 1)));
+    }
 }
