@@ -50,6 +50,11 @@ pub enum PathError {
     /// An empty segment (`//`), which some servers merge with its neighbour.
     #[error("path must not contain empty segments (`//`)")]
     EmptySegment,
+    /// An encoded `%` before two hex digits (`%2561`): an upstream that
+    /// decodes twice reads a different path (`%2561dmin` as `admin`,
+    /// `%252e%252e` as `..`) from the one the routes and Cedar decided on.
+    #[error("path must not contain double-encoded characters (`%25` before two hex digits)")]
+    DoubleEncoded,
 }
 
 /// The path in the form the action mapping, Cedar, the audit and the
@@ -78,6 +83,9 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             return Err(PathError::Ambiguous);
         };
         let value = u8::try_from(hi * 16 + lo).map_err(|_| PathError::Ambiguous)?;
+        if value == b'%' && hex(i + 3).is_some() && hex(i + 4).is_some() {
+            return Err(PathError::DoubleEncoded);
+        }
         if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(value));
         } else {
@@ -240,9 +248,15 @@ mod tests {
         // Encoded unreserved characters are the characters themselves.
         assert_eq!(n("/%61dmin/users"), Ok("/admin/users".into()));
         assert_eq!(n("/%41%2d%5F%7e%30"), Ok("/A-_~0".into()));
-        // Other escapes stay, in uppercase; nothing is decoded twice.
+        // Other escapes stay, in uppercase; nothing is decoded twice, and
+        // what a second decoding would change is refused.
         assert_eq!(n("/a%20b%3f"), Ok("/a%20b%3F".into()));
-        assert_eq!(n("/%2561dmin"), Ok("/%2561dmin".into()));
+        assert_eq!(n("/%2561dmin"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/%252e%252E/admin"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/a%252fb"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/100%25"), Ok("/100%25".into()));
+        assert_eq!(n("/100%25off"), Ok("/100%25off".into()));
+        assert_eq!(n("/%25z1"), Ok("/%25z1".into()));
         assert_eq!(n("/a/b/"), Ok("/a/b/".into()));
         // An encoded dot makes a dot segment; `//` is refused.
         assert_eq!(n("/a/%2E%2e/admin"), Err(PathError::DotSegment));

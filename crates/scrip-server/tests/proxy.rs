@@ -488,6 +488,8 @@ async fn cedar_decides_the_concrete_request() {
         "legacy/a%2fb",
         "legacy//admin/users",
         "legacy/admin%",
+        "legacy/%2561dmin/users",
+        "legacy/public/%252e%252e/admin",
     ] {
         assert_eq!(
             env.raw_get(&format!("/proxy/{path}"), &read).await,
