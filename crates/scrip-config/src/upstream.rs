@@ -241,6 +241,10 @@ pub struct ProxySettings {
     /// Seconds without word from the revocation feed after which every token
     /// is refused.
     pub max_staleness: u64,
+    /// The URL agents reach `scrip proxy` at (`https://proxy.example`): a
+    /// DPoP proof's `htu` is this URL followed by `/proxy/<upstream>/...`.
+    /// Without it, DPoP-bound tokens are refused.
+    pub public_url: Option<String>,
 }
 
 impl Default for ProxySettings {
@@ -250,6 +254,7 @@ impl Default for ProxySettings {
             issuer: None,
             identity_file: None,
             max_staleness: 60,
+            public_url: None,
         }
     }
 }
@@ -344,6 +349,17 @@ pub fn validate(
     }
     if let Some(issuer) = &proxy.issuer {
         check_url("proxy.issuer", issuer, true)?;
+    }
+    if let Some(u) = &proxy.public_url {
+        let rest = u
+            .strip_prefix("https://")
+            .or_else(|| u.strip_prefix("http://"))
+            .unwrap_or("");
+        if rest.is_empty() || u.ends_with('/') || u.contains(['?', '#', '@']) {
+            return invalid(
+                "proxy.public_url must be an http(s) URL such as `https://proxy.example`, without a final `/`, query or credentials",
+            );
+        }
     }
     if proxy.max_staleness == 0 {
         return invalid("proxy.max_staleness must be positive");
@@ -494,6 +510,12 @@ mod tests {
             Some("maps to `delete`"),
         );
         check("[proxy]\nmax_staleness = 0\n", Some("max_staleness"));
+        check(
+            "[proxy]\npublic_url = \"https://p.example/\"\n",
+            Some("public_url"),
+        );
+        check("[proxy]\npublic_url = \"p.example\"\n", Some("public_url"));
+        check("[proxy]\npublic_url = \"https://p.example\"\n", None);
         check(
             "[proxy]\nissuer = \"http://scrip.example\"\n",
             Some("https"),

@@ -27,7 +27,7 @@ struct Entry {
 /// Parses the public key of `jwk` for each of `algorithms`; an empty list
 /// when the key material is unusable (bad encoding, point not on the curve,
 /// RSA modulus under 2048 bits).
-fn parse(jwk: &Jwk, algorithms: &[Algorithm]) -> Vec<(Algorithm, ParsedPublicKey)> {
+pub(crate) fn parse(jwk: &Jwk, algorithms: &[Algorithm]) -> Vec<(Algorithm, ParsedPublicKey)> {
     let dec = |s: &str| URL_SAFE_NO_PAD.decode(s).ok();
     let mut out = Vec::new();
     for &alg in algorithms {

@@ -13,10 +13,15 @@
 //! `aud`, `exp`, `nbf` and `iat`. `jsonwebtoken` is used for its JWK and
 //! algorithm types.
 //!
+//! DPoP proofs (RFC 9449), the one kind of JWT that carries its own key,
+//! are checked apart, by [`dpop::verify_proof`].
+//!
 //! Architecture invariant: the only way to obtain claims from a JWT is
 //! [`verify`], and it never returns claims whose signature, `typ`, `iss`,
-//! `aud`, `exp` and `nbf` were not checked against explicit expectations.
+//! `aud`, `exp` and `nbf` were not checked against explicit expectations;
+//! the only way to accept a DPoP proof is [`dpop::verify_proof`].
 
+pub mod dpop;
 mod error;
 mod keyset;
 mod recent;

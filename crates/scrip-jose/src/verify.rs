@@ -79,7 +79,7 @@ fn normalise_typ(typ: &str) -> String {
     }
 }
 
-fn sanitise(s: &str) -> String {
+pub(crate) fn sanitise(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_graphic())
         .take(32)
@@ -217,7 +217,7 @@ pub struct Verified<T> {
     pub validity: Validity,
 }
 
-fn decode_part(part: &str) -> Result<Vec<u8>, JoseError> {
+pub(crate) fn decode_part(part: &str) -> Result<Vec<u8>, JoseError> {
     URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| JoseError::Malformed("a part is not base64url"))

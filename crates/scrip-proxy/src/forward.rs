@@ -146,7 +146,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
 
     let token = match upstream
         .verifier
-        .authorize(&parts.headers, Some(&action))
+        .authorize(&parts.method, &parts.uri, &parts.headers, Some(&action))
         .await
     {
         Ok(t) => t,

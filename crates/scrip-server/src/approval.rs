@@ -168,6 +168,7 @@ pub(crate) async fn poll(
     st: &Inner,
     form: &Form,
     peer: SocketAddr,
+    cnf: Option<&scrip_token::Confirmation>,
 ) -> Result<Response, OAuthError> {
     let id = form.require("auth_req_id")?;
     let unknown =
@@ -212,7 +213,7 @@ pub(crate) async fn poll(
             approval.reason.as_deref().unwrap_or("no reason given")
         ))),
         ApprovalState::Used => Err(unknown()),
-        ApprovalState::Approved => issue(st, &claims, &approval, peer).await,
+        ApprovalState::Approved => issue(st, &claims, &approval, peer, cnf).await,
     }
 }
 
@@ -222,6 +223,7 @@ async fn issue(
     claims: &TaskClaims,
     approval: &Approval,
     peer: SocketAddr,
+    cnf: Option<&scrip_token::Confirmation>,
 ) -> Result<Response, OAuthError> {
     let now = now();
     let task = crate::exchange::active_task(st, claims, now)
@@ -297,6 +299,7 @@ async fn issue(
             approver: approver.clone(),
             single_use: true,
         }),
+        cnf: cnf.cloned(),
     };
     let token = st.sign(TokenKind::Access, &access)?;
     let mut a = base;
@@ -335,6 +338,7 @@ async fn issue(
         &token,
         exp.saturating_sub(now),
         &access.scope,
+        access.cnf.is_some(),
     ))
 }
 

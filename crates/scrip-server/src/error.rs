@@ -66,6 +66,12 @@ impl OAuthError {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_token", d)
     }
 
+    /// `invalid_dpop_proof` (400, RFC 9449 §5): the token request's DPoP
+    /// proof was refused.
+    pub fn invalid_dpop_proof(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_dpop_proof", d)
+    }
+
     /// `invalid_grant` (400): an unknown, used or foreign `auth_req_id`.
     pub fn invalid_grant(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d)

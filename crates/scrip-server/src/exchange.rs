@@ -5,6 +5,10 @@
 //! is decided by Cedar, one request per grant or action; what policy refuses
 //! is left out, and nothing allowed is `access_denied`. A credential leaves
 //! only after its audit record is durable.
+//!
+//! A token request with a `DPoP` proof (RFC 9449 §5) gets an access token
+//! bound to the proof's key (`cnf.jkt`, `token_type` `DPoP`); a bad proof is
+//! `invalid_dpop_proof`, whatever the grant.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,11 +19,12 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use scrip_config::Tool;
+use scrip_jose::dpop::{self, ProofCheck};
 use scrip_policy::{Decision, DecisionRequest, RequestContext, Stage};
 use scrip_store::{AuditEvent, TaskRecord, TaskState, Write};
 use scrip_token::{
-    AccessClaims, ActionSet, Grant, GrantSet, TOKEN_EXCHANGE_GRANT, TaskClaims, TaskContext,
-    TokenKind, WorkloadIdentity, derived_expiry, token_type,
+    AccessClaims, ActionSet, Confirmation, Grant, GrantSet, TOKEN_EXCHANGE_GRANT, TaskClaims,
+    TaskContext, TokenKind, WorkloadIdentity, derived_expiry, token_type,
 };
 use serde::Deserialize;
 
@@ -31,6 +36,9 @@ use crate::state::{AppState, Inner, now};
 const MAX_PURPOSE: usize = 1024;
 /// Longest `request_details`, in bytes.
 const MAX_DETAILS: usize = 4096;
+/// The most DPoP proofs the token endpoint remembers (each is accepted
+/// once); past that, proofs are refused until old ones expire.
+pub(crate) const DPOP_PROOFS: usize = 1 << 20;
 
 /// `POST /token`.
 pub async fn token_endpoint(
@@ -43,7 +51,11 @@ pub async fn token_endpoint(
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };
-    match exchange(&state.0, &form, peer).await {
+    let result = match dpop_binding(&state.0, &headers) {
+        Ok(cnf) => exchange(&state.0, &form, peer, cnf.as_ref()).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(error = e.code, description = %e.description, client = %peer, "token request refused");
@@ -52,10 +64,47 @@ pub async fn token_endpoint(
     }
 }
 
-async fn exchange(st: &Inner, form: &Form, peer: SocketAddr) -> Result<Response, OAuthError> {
+/// The key a token request's DPoP proof binds its access token to, if it
+/// has one (RFC 9449 §4.3, §5).
+fn dpop_binding(st: &Inner, headers: &HeaderMap) -> Result<Option<Confirmation>, OAuthError> {
+    let mut values = headers.get_all("dpop").iter();
+    let proof = match (values.next(), values.next()) {
+        (None, _) => return Ok(None),
+        (Some(v), None) => v
+            .to_str()
+            .map_err(|_| OAuthError::invalid_dpop_proof("the DPoP header is not ascii"))?,
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::invalid_dpop_proof(
+                "a token request carries at most one DPoP header",
+            ));
+        }
+    };
+    let url = format!("{}{}", st.issuer, crate::paths::TOKEN);
+    let check = ProofCheck {
+        method: "POST",
+        url: &url,
+        access_token: None,
+        now: now(),
+        max_age: dpop::MAX_PROOF_AGE,
+        leeway: st.config.clock_skew,
+    };
+    let proof = dpop::verify_proof(proof, &check)
+        .map_err(|e| OAuthError::invalid_dpop_proof(format!("the {e}")))?;
+    st.dpop_proofs
+        .first_use(&proof, &check)
+        .map_err(|e| OAuthError::invalid_dpop_proof(format!("the {e}")))?;
+    Ok(Some(Confirmation { jkt: proof.jkt }))
+}
+
+async fn exchange(
+    st: &Inner,
+    form: &Form,
+    peer: SocketAddr,
+    cnf: Option<&Confirmation>,
+) -> Result<Response, OAuthError> {
     let grant_type = form.require("grant_type")?;
     if grant_type == crate::approval::CIBA_GRANT {
-        return crate::approval::poll(st, form, peer).await;
+        return crate::approval::poll(st, form, peer, cnf).await;
     }
     if grant_type != TOKEN_EXCHANGE_GRANT {
         return Err(OAuthError::unsupported_grant_type(format!(
@@ -86,7 +135,7 @@ async fn exchange(st: &Inner, form: &Form, peer: SocketAddr) -> Result<Response,
             short(other)
         ))),
         (token_type::TXN_TOKEN, None | Some(token_type::ACCESS_TOKEN)) => {
-            access_token(st, form, subject_token, peer).await
+            access_token(st, form, subject_token, peer, cnf).await
         }
         (token_type::TXN_TOKEN, Some(other)) => Err(OAuthError::invalid_request(format!(
             "a task token is exchanged for an access token; requested_token_type `{}` is not available for it",
@@ -200,12 +249,18 @@ impl<'a> Issued<'a> {
         })
     }
 
-    /// An access token for one tool.
-    pub(crate) fn access_token(token: &'a str, expires_in: u64, scope: &'a str) -> Response {
+    /// An access token for one tool: `DPoP` when bound to a key (RFC 9449
+    /// §5), else `Bearer`.
+    pub(crate) fn access_token(
+        token: &'a str,
+        expires_in: u64,
+        scope: &'a str,
+        bound: bool,
+    ) -> Response {
         no_store(Self {
             access_token: token,
             issued_token_type: token_type::ACCESS_TOKEN,
-            token_type: "Bearer",
+            token_type: if bound { "DPoP" } else { "Bearer" },
             expires_in,
             scope,
         })
@@ -478,6 +533,7 @@ async fn access_token(
     form: &Form,
     subject_token: &str,
     peer: SocketAddr,
+    cnf: Option<&Confirmation>,
 ) -> Result<Response, OAuthError> {
     let claims = st
         .verify_task(subject_token)
@@ -632,6 +688,7 @@ async fn access_token(
         txn: task.id.clone(),
         act: task.actor.clone(),
         approval: None,
+        cnf: cnf.cloned(),
     };
     let token = st.sign(TokenKind::Access, &access)?;
     let mut issued = base.clone();
@@ -665,5 +722,6 @@ async fn access_token(
         &token,
         exp.saturating_sub(now),
         &access.scope,
+        access.cnf.is_some(),
     ))
 }

@@ -193,10 +193,15 @@ async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
             }
             let mut body = json!({
                 "active": true,
-                "token_type": "Bearer",
+                "token_type": if c.cnf.is_some() { "DPoP" } else { "Bearer" },
                 "iss": c.iss, "sub": c.sub, "aud": c.aud, "iat": c.iat, "exp": c.exp,
                 "jti": c.jti, "txn": c.txn, "scope": c.scope, "client_id": c.client_id,
             });
+            // RFC 9449 §6.2: a bound token's key, so the caller can check
+            // the proof that came with it.
+            if let (Some(cnf), Some(obj)) = (c.cnf.as_ref(), body.as_object_mut()) {
+                obj.insert("cnf".into(), json!({ "jkt": cnf.jkt }));
+            }
             if let (Some(act), Some(obj)) = (c.act.as_ref(), body.as_object_mut()) {
                 obj.insert(
                     "act".into(),

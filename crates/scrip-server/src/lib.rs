@@ -141,6 +141,10 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
             scrip_token::token_type::TXN_TOKEN,
         ],
         "access_token_signing_alg_values_supported": [config.signing_algorithm.as_str()],
+        "dpop_signing_alg_values_supported": scrip_jose::dpop::DPOP_ALGORITHMS
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>(),
         "scrip_audit_checkpoint_keys_uri": format!("{issuer}{}", paths::AUDIT_KEYS),
         "scrip_revocation_feed_endpoint": format!("{issuer}{}", paths::REVOCATIONS),
     })
@@ -214,6 +218,7 @@ impl Server {
             keyring,
             last_checkpoint: std::sync::Mutex::new(None),
             polls: approval::Polls::default(),
+            dpop_proofs: scrip_jose::dpop::ReplayCache::new(exchange::DPOP_PROOFS),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
             webhook: config
                 .approval_webhook
@@ -330,6 +335,8 @@ async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError>
     vc.algorithms = st.keyring.algorithms().to_vec();
     // scrip's own clock issued these tokens: no skew to allow for.
     vc.leeway = 0;
+    // The proxy is at `<issuer>/proxy/...`: DPoP proofs name that URL.
+    vc.public_url = Some(st.issuer.clone());
     let verifier = scrip_verifier::Verifier::local(
         vc,
         st.keyring.verify_keys().clone(),

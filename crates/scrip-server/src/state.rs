@@ -44,6 +44,8 @@ pub(crate) struct Inner {
     pub used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Last poll per approval, for `slow_down`.
     pub polls: crate::approval::Polls,
+    /// DPoP proofs accepted at the token endpoint, each accepted once.
+    pub dpop_proofs: scrip_jose::dpop::ReplayCache,
     /// The approval webhook, when one is configured.
     pub webhook: Option<Webhook>,
     pub metadata_body: String,

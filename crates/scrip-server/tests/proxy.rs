@@ -803,3 +803,99 @@ async fn rotation_swaps_the_key_and_overdue_secrets_show() {
     );
     env.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
+    use scrip_testkit::dpop::DpopKey;
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let key = DpopKey::new();
+    let token_url = format!("{}/token", env.server.url);
+    let r = env
+        .server
+        .access_token_dpop(
+            &task,
+            "legacy",
+            Some("read"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.body["token_type"], "DPoP", "{}", r.text);
+    let bound = r.body["access_token"].as_str().unwrap().to_owned();
+    let plain = env.token(&task, "legacy", "read").await;
+
+    let get = |auth: String, proofs: Vec<String>, rest: &'static str| {
+        let req = env.http.get(env.url(rest)).header("authorization", auth);
+        let req = proofs.into_iter().fold(req, |r, p| r.header("DPoP", p));
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), challenge(r.headers()))
+        }
+    };
+    let url = env.url("legacy/public/dpop");
+    let proof = key.proof("GET", &url, Some(&bound));
+
+    // As a bearer token, a bound token is refused: it would be a stolen one.
+    let (status, c) = get(format!("Bearer {bound}"), vec![], "legacy/public/dpop").await;
+    assert_eq!(status, 401);
+    assert!(c.starts_with("DPoP ") && c.contains("invalid_token"), "{c}");
+    // With its proof it goes through, once.
+    let (status, c) = get(
+        format!("DPoP {bound}"),
+        vec![proof.clone()],
+        "legacy/public/dpop",
+    )
+    .await;
+    assert_eq!(status, 200, "{c}");
+    let (status, c) = get(format!("DPoP {bound}"), vec![proof], "legacy/public/dpop").await;
+    assert_eq!(status, 401);
+    assert!(
+        c.contains("invalid_dpop_proof") && c.contains("used before"),
+        "{c}"
+    );
+
+    let other = DpopKey::new();
+    for (proofs, why) in [
+        // Made for another path, or another method.
+        (
+            vec![key.proof("GET", &env.url("legacy/public/other"), Some(&bound))],
+            "`htu`",
+        ),
+        (vec![key.proof("POST", &url, Some(&bound))], "`htm`"),
+        // Without the token's hash, or with another token's.
+        (vec![key.proof("GET", &url, None)], "`ath`"),
+        (vec![key.proof("GET", &url, Some(&plain))], "`ath`"),
+        // By another key than the token's.
+        (vec![other.proof("GET", &url, Some(&bound))], "another key"),
+        (vec![], "missing"),
+        (
+            vec![
+                key.proof("GET", &url, Some(&bound)),
+                key.proof("GET", &url, Some(&bound)),
+            ],
+            "more than one",
+        ),
+    ] {
+        let (status, c) = get(format!("DPoP {bound}"), proofs, "legacy/public/dpop").await;
+        assert_eq!(status, 401, "{why}: {c}");
+        assert!(
+            c.contains("invalid_dpop_proof") && c.contains(why),
+            "{why}: {c}"
+        );
+    }
+    // An unbound token cannot be dressed up as a bound one.
+    let (status, c) = get(
+        format!("DPoP {plain}"),
+        vec![key.proof("GET", &url, Some(&plain))],
+        "legacy/public/dpop",
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(c.contains("not bound"), "{c}");
+
+    // The upstream saw the one good request.
+    env.wait_seen("/public/dpop").await;
+    assert_eq!(env.seen("/public/dpop").len(), 1, "{:?}", env.nginx.log());
+    assert!(env.seen("/public/other").is_empty());
+    env.server.stop().await;
+}

@@ -5,12 +5,14 @@
 //! when it is not running, and drops the database afterwards. Tests never
 //! skip for want of PostgreSQL: a server that cannot be started fails them.
 //! [`Gate`] stands between a client and a real service to cut it off.
+//! [`dpop::DpopKey`] makes RFC 9449 proofs.
 #![expect(
     clippy::panic,
     clippy::expect_used,
     reason = "test support: a failed setup fails the test loudly"
 )]
 
+pub mod dpop;
 mod gate;
 
 pub use gate::Gate;

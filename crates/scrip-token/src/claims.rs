@@ -115,6 +115,17 @@ pub struct AccessClaims {
     /// approved. Such a token is single use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalClaim>,
+    /// For a token bound to a DPoP key (RFC 9449 §6.1): the key's
+    /// thumbprint. Such a token is accepted only with a proof by that key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The confirmation claim (RFC 7800) of a DPoP-bound access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// The RFC 7638 SHA-256 thumbprint of the DPoP key, base64url.
+    pub jkt: String,
 }
 
 /// The `approval` claim of a single-use access token issued on a person's

@@ -15,7 +15,9 @@ mod identity;
 mod names;
 mod scope;
 
-pub use claims::{AccessClaims, Actor, ApprovalClaim, MayAct, TaskClaims, TaskContext};
+pub use claims::{
+    AccessClaims, Actor, ApprovalClaim, Confirmation, MayAct, TaskClaims, TaskContext,
+};
 pub use identity::{IdentityKind, WorkloadIdentity};
 pub use names::{ActionName, NameError, ToolName};
 pub use scope::{ActionSet, Grant, GrantSet, ScopeError};

@@ -29,6 +29,21 @@ pub enum VerifyError {
         /// The action that was required.
         required: String,
     },
+    /// A token bound to a DPoP key (`cnf.jkt`) presented without a proof,
+    /// as a bearer token.
+    #[error("token is bound to a DPoP key: present it with `Authorization: DPoP` and a DPoP proof")]
+    ProofRequired,
+    /// A DPoP proof with a token that is not bound to a key.
+    #[error("token is not bound to a DPoP key: present it with `Authorization: Bearer`")]
+    NotBound,
+    /// The DPoP proof failed a check of RFC 9449 §4.3, was used before, or
+    /// is signed by another key than the token's.
+    #[error("{0}")]
+    Proof(String),
+    /// This resource server cannot check DPoP proofs: it does not know the
+    /// URL clients reach it at ([`crate::VerifierConfig::public_url`]).
+    #[error("this resource server does not accept DPoP-bound tokens (it has no public_url)")]
+    ProofUnchecked,
 }
 
 impl VerifyError {
@@ -37,9 +52,14 @@ impl VerifyError {
     #[must_use]
     pub fn rfc6750_code(&self) -> Option<&'static str> {
         match self {
-            Self::Token(_) | Self::BadScope | Self::Revoked | Self::AlreadyUsed => {
-                Some("invalid_token")
-            }
+            Self::Token(_)
+            | Self::BadScope
+            | Self::Revoked
+            | Self::AlreadyUsed
+            | Self::ProofRequired
+            | Self::NotBound
+            | Self::ProofUnchecked => Some("invalid_token"),
+            Self::Proof(_) => Some("invalid_dpop_proof"),
             Self::InsufficientScope { .. } => Some("insufficient_scope"),
             Self::RevocationStale => None,
         }

@@ -1,23 +1,30 @@
 //! A tower layer that admits only requests with a valid scrip access token.
 //!
 //! It reads `Authorization: Bearer <token>` (RFC 6750 §2.1; the form-body and
-//! query forms are not accepted), verifies the token, requires an action when
-//! configured, and puts the [`AccessToken`] in the request extensions. A
-//! refused request never reaches the inner service; it is answered with:
+//! query forms are not accepted) or `Authorization: DPoP <token>` with one
+//! `DPoP` proof header (RFC 9449 §7.1), verifies the token (and the proof,
+//! for the request's method and [`crate::VerifierConfig::public_url`] plus
+//! its path), requires an action when configured, and puts the
+//! [`AccessToken`] in the request extensions. A refused request never
+//! reaches the inner service; it is answered with:
 //!
 //! | case | status | `WWW-Authenticate` |
 //! |---|---|---|
-//! | no bearer credentials | 401 | `Bearer realm="<tool>"` |
+//! | no credentials | 401 | `Bearer realm="<tool>"` |
 //! | a malformed `Authorization` header | 400 | `error="invalid_request"` |
 //! | a refused token | 401 | `error="invalid_token"` |
+//! | a refused DPoP proof | 401 | `DPoP ... error="invalid_dpop_proof"` |
 //! | the scope lacks the action | 403 | `error="insufficient_scope", scope="<action>"` |
 //! | revocation state stale | 503 | none; `Retry-After` |
+//!
+//! The challenge's scheme is `DPoP` (with `algs`) when the request used
+//! DPoP or the token needs it, else `Bearer`.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use scrip_token::ActionName;
 
 use crate::{AccessToken, Verifier, VerifyError};
@@ -114,13 +121,25 @@ impl Rejection {
     /// The answer to a refused token.
     #[must_use]
     pub fn from_error(realm: &str, error: &VerifyError) -> Self {
-        let realm = quoted(realm);
+        Self::challenge(realm, error, Scheme::Bearer)
+    }
+
+    /// The answer to a refused token presented with `scheme`.
+    fn challenge(realm: &str, error: &VerifyError, scheme: Scheme) -> Self {
+        let scheme = match error {
+            VerifyError::ProofRequired | VerifyError::Proof(_) => Scheme::Dpop,
+            _ => scheme,
+        };
+        let prefix = match scheme {
+            Scheme::Bearer => format!("Bearer realm=\"{}\"", quoted(realm)),
+            Scheme::Dpop => format!("DPoP realm=\"{}\", algs=\"{}\"", quoted(realm), dpop_algs()),
+        };
         let description = quoted(&error.to_string());
         match error {
             VerifyError::InsufficientScope { required } => Self {
                 status: StatusCode::FORBIDDEN,
                 www_authenticate: Some(format!(
-                    "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{description}\", scope=\"{}\"",
+                    "{prefix}, error=\"insufficient_scope\", error_description=\"{description}\", scope=\"{}\"",
                     quoted(required)
                 )),
             },
@@ -131,10 +150,15 @@ impl Rejection {
             VerifyError::Token(_)
             | VerifyError::BadScope
             | VerifyError::Revoked
-            | VerifyError::AlreadyUsed => Self {
+            | VerifyError::AlreadyUsed
+            | VerifyError::ProofRequired
+            | VerifyError::NotBound
+            | VerifyError::ProofUnchecked
+            | VerifyError::Proof(_) => Self {
                 status: StatusCode::UNAUTHORIZED,
                 www_authenticate: Some(format!(
-                    "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{description}\""
+                    "{prefix}, error=\"{}\", error_description=\"{description}\"",
+                    error.rfc6750_code().unwrap_or("invalid_token")
                 )),
             },
         }
@@ -163,9 +187,27 @@ impl Rejection {
     }
 }
 
-/// The bearer token of a request: `Ok(None)` when there are no bearer
-/// credentials, `Err` when the header is malformed.
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
+/// How a token was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    /// `Authorization: Bearer` (RFC 6750).
+    Bearer,
+    /// `Authorization: DPoP`, with a `DPoP` proof (RFC 9449).
+    Dpop,
+}
+
+/// The algorithms a DPoP proof may use, for a challenge's `algs`.
+fn dpop_algs() -> String {
+    scrip_jose::dpop::DPOP_ALGORITHMS
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The token of a request and how it was presented: `Ok(None)` when there
+/// are no bearer or DPoP credentials, `Err` when the header is malformed.
+fn credentials(headers: &HeaderMap) -> Result<Option<(Scheme, &str)>, &'static str> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -177,45 +219,75 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
         .to_str()
         .map_err(|_| "authorization header is not ascii")?;
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        // Another scheme: no bearer credentials at all (RFC 6750 §3.1).
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
+        // Another scheme: no credentials of ours at all (RFC 6750 §3.1).
         return Ok(None);
-    }
+    };
     let token = token.trim_start_matches(' ');
-    // b64token (RFC 6750 §2.1).
+    // b64token (RFC 6750 §2.1, RFC 9449 §7.1).
     let ok = !token.is_empty()
         && token.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
         });
     if ok {
-        Ok(Some(token))
+        Ok(Some((scheme, token)))
     } else {
-        Err("bearer token is malformed")
+        Err("access token is malformed")
     }
 }
 
-/// Verifies a request's bearer token and requires `required`.
+/// The one `DPoP` header of a request (RFC 9449 §4.3 step 1).
+fn proof_header(headers: &HeaderMap) -> Result<&str, VerifyError> {
+    let mut values = headers.get_all("dpop").iter();
+    let proof = match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().ok(),
+        (None, _) => return Err(VerifyError::Proof("DPoP proof header is missing".into())),
+        (Some(_), Some(_)) => {
+            return Err(VerifyError::Proof("more than one DPoP proof header".into()));
+        }
+    };
+    proof.ok_or_else(|| VerifyError::Proof("DPoP proof header is not ascii".into()))
+}
+
+/// Verifies a request's token (and DPoP proof) and requires `required`.
 ///
 /// # Errors
-/// The RFC 6750 [`Rejection`] to send.
+/// The RFC 6750 (RFC 9449) [`Rejection`] to send.
 pub(crate) async fn authorize(
     verifier: &Verifier,
     required: Option<&ActionName>,
+    method: &Method,
+    uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<AccessToken, Rejection> {
     let realm = verifier.audience();
-    let token = match bearer(headers) {
-        Ok(Some(token)) => token,
+    let (scheme, token) = match credentials(headers) {
+        Ok(Some(found)) => found,
         Ok(None) => return Err(Rejection::missing(realm)),
         Err(why) => return Err(Rejection::invalid_request(realm, why)),
     };
-    let result = match required {
-        Some(action) => verifier.verify_for(token, action).await,
-        None => verifier.verify(token).await,
+    let result = match scheme {
+        Scheme::Bearer => match required {
+            Some(action) => verifier.verify_for(token, action).await,
+            None => verifier.verify(token).await,
+        },
+        Scheme::Dpop => match (proof_header(headers), verifier.request_url(uri.path())) {
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err(VerifyError::ProofUnchecked),
+            (Ok(proof), Some(url)) => {
+                verifier
+                    .verify_dpop(token, proof, method.as_str(), &url, required)
+                    .await
+            }
+        },
     };
     result.map_err(|error| {
         tracing::debug!(%error, "request refused");
-        Rejection::from_error(realm, &error)
+        Rejection::challenge(realm, &error, scheme)
     })
 }
 
@@ -241,7 +313,15 @@ where
         let verifier = self.verifier.clone();
         let required = self.required.clone();
         Box::pin(async move {
-            match authorize(&verifier, required.as_ref(), request.headers()).await {
+            let found = authorize(
+                &verifier,
+                required.as_ref(),
+                request.method(),
+                request.uri(),
+                request.headers(),
+            )
+            .await;
+            match found {
                 Ok(token) => {
                     request.extensions_mut().insert(token);
                     inner.call(request).await
@@ -261,7 +341,13 @@ mod tests {
         for v in values {
             headers.append(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
         }
-        assert_eq!(bearer(&headers), expected, "{values:?}");
+        let found = credentials(&headers).map(|c| {
+            c.map(|(scheme, token)| {
+                assert_eq!(scheme, Scheme::Bearer, "{values:?}");
+                token
+            })
+        });
+        assert_eq!(found, expected, "{values:?}");
     }
 
     #[test]
@@ -270,9 +356,9 @@ mod tests {
         check_bearer(&["Bearer abc.def-ghi_"], Ok(Some("abc.def-ghi_")));
         check_bearer(&["bearer abc"], Ok(Some("abc")));
         check_bearer(&["Basic dXNlcjpwYXNz"], Ok(None));
-        check_bearer(&["Bearer"], Err("bearer token is malformed"));
-        check_bearer(&["Bearer a b"], Err("bearer token is malformed"));
-        check_bearer(&["Bearer a\"b"], Err("bearer token is malformed"));
+        check_bearer(&["Bearer"], Err("access token is malformed"));
+        check_bearer(&["Bearer a b"], Err("access token is malformed"));
+        check_bearer(&["Bearer a\"b"], Err("access token is malformed"));
         check_bearer(
             &["Bearer a", "Bearer b"],
             Err("more than one authorization header"),

@@ -38,6 +38,7 @@ mod layer;
 use std::sync::Arc;
 use std::time::Duration;
 
+use scrip_jose::dpop::{self, ProofCheck, ReplayCache};
 use scrip_jose::{Algorithm, Expectations, JoseError, TypRule};
 use scrip_token::{AccessClaims, ActionName, ActionSet};
 
@@ -96,6 +97,12 @@ pub struct VerifierConfig {
     pub jwks_min_refetch: Duration,
     /// How revocation is learned.
     pub revocation: Revocation,
+    /// The URL this resource server is reached at, as clients name it
+    /// (`https://api.example`, with a path prefix if a gateway routes by
+    /// one): a DPoP proof's `htu` must be this URL followed by the
+    /// request's path. Without it, DPoP-bound tokens are refused by
+    /// [`VerifierLayer`] and [`Verifier::authorize`].
+    pub public_url: Option<String>,
 }
 
 impl VerifierConfig {
@@ -137,6 +144,7 @@ impl VerifierConfig {
             jwks_refresh: Duration::from_secs(300),
             jwks_min_refetch: Duration::from_secs(10),
             revocation,
+            public_url: None,
         }
     }
 
@@ -150,6 +158,21 @@ impl VerifierConfig {
         }
         if self.algorithms.is_empty() {
             return bad("the algorithm allow-list is empty");
+        }
+        if let Some(u) = &self.public_url {
+            let ok = url::Url::parse(u).is_ok_and(|p| {
+                matches!(p.scheme(), "http" | "https")
+                    && p.host_str().is_some()
+                    && p.query().is_none()
+                    && p.fragment().is_none()
+                    && p.username().is_empty()
+                    && p.password().is_none()
+            });
+            if !ok || u.ends_with('/') {
+                return bad(
+                    "public_url must be an http(s) URL without query, fragment, credentials or a final `/`",
+                );
+            }
         }
         if self.jwks_min_refetch < MIN_JWKS_REFETCH {
             return bad("jwks_min_refetch must be at least 1 s");
@@ -269,7 +292,15 @@ struct Inner {
     /// single use are still checked on every use. One per audience: never
     /// shared by [`Verifier::for_audience`].
     recent: scrip_jose::Recent<AccessToken>,
+    public_url: Option<String>,
+    /// DPoP proofs accepted, so each is accepted once; shared by
+    /// [`Verifier::for_audience`].
+    proofs: Arc<ReplayCache>,
 }
+
+/// The most DPoP proofs a verifier remembers; past that, proofs are
+/// refused until old ones expire.
+const PROOFS: usize = 1 << 20;
 
 /// The most verified tokens a verifier keeps (all are forgotten when full).
 const RECENT: usize = 10_000;
@@ -451,6 +482,8 @@ impl Verifier {
             feed_task,
             used_once: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             recent: scrip_jose::Recent::new(RECENT),
+            public_url: config.public_url,
+            proofs: Arc::new(ReplayCache::new(PROOFS)),
         })))
     }
 
@@ -471,20 +504,34 @@ impl Verifier {
             feed_task: inner.feed_task.clone(),
             used_once: inner.used_once.clone(),
             recent: scrip_jose::Recent::new(RECENT),
+            public_url: inner.public_url.clone(),
+            proofs: inner.proofs.clone(),
         }))
     }
 
-    /// Verifies a request's `Authorization: Bearer` token as
-    /// [`VerifierLayer`] does, requiring `required` when given.
+    /// Verifies a request's token as [`VerifierLayer`] does, requiring
+    /// `required` when given: `Authorization: Bearer`, or `Authorization:
+    /// DPoP` with its `DPoP` proof for this `method` and `uri`.
     ///
     /// # Errors
-    /// The RFC 6750 [`Rejection`] to answer.
+    /// The RFC 6750 (or RFC 9449 §7.1) [`Rejection`] to answer.
     pub async fn authorize(
         &self,
+        method: &http::Method,
+        uri: &http::Uri,
         headers: &http::HeaderMap,
         required: Option<&ActionName>,
     ) -> Result<AccessToken, Rejection> {
-        layer::authorize(self, required, headers).await
+        layer::authorize(self, required, method, uri, headers).await
+    }
+
+    /// The URL a request for `path` is made to, as a DPoP proof names it;
+    /// `None` without [`VerifierConfig::public_url`].
+    pub(crate) fn request_url(&self, path: &str) -> Option<String> {
+        self.0
+            .public_url
+            .as_ref()
+            .map(|base| format!("{base}{path}"))
     }
 
     /// Whether this verifier can accept tokens: it does not follow
@@ -506,13 +553,36 @@ impl Verifier {
     /// # Errors
     /// [`VerifyError`] naming the first check that failed.
     pub async fn verify(&self, token: &str) -> Result<AccessToken, VerifyError> {
-        self.check(token, None).await
+        self.check(token, None, None).await
+    }
+
+    /// Verifies a DPoP-bound access token (RFC 9449 §7) with the request's
+    /// `DPoP` proof: every check of [`Verifier::verify`], then the proof's
+    /// signature, `htm` (`method`), `htu` (`url`, the request's URL as the
+    /// client named it), `iat`, `ath`, that its key is the one the token is
+    /// bound to, and that the proof was not presented before. `required`,
+    /// when given, must be in the token's scope.
+    ///
+    /// # Errors
+    /// As [`Verifier::verify`]; [`VerifyError::Proof`] for a bad proof and
+    /// [`VerifyError::NotBound`] for a token not bound to a key.
+    pub async fn verify_dpop(
+        &self,
+        token: &str,
+        proof: &str,
+        method: &str,
+        url: &str,
+        required: Option<&ActionName>,
+    ) -> Result<AccessToken, VerifyError> {
+        self.check(token, required, Some((proof, method, url)))
+            .await
     }
 
     async fn check(
         &self,
         token: &str,
         required: Option<&ActionName>,
+        dpop: Option<(&str, &str, &str)>,
     ) -> Result<AccessToken, VerifyError> {
         let inner = &self.0;
         let expectations = Expectations {
@@ -563,6 +633,7 @@ impl Verifier {
                 required: action.to_string(),
             });
         }
+        self.check_binding(token, &accepted, dpop)?;
         if accepted
             .claims
             .approval
@@ -600,6 +671,45 @@ impl Verifier {
         token: &str,
         action: &ActionName,
     ) -> Result<AccessToken, VerifyError> {
-        self.check(token, Some(action)).await
+        self.check(token, Some(action), None).await
+    }
+
+    /// A DPoP-bound token needs a proof by its key; a proof needs a bound
+    /// token.
+    fn check_binding(
+        &self,
+        token: &str,
+        accepted: &AccessToken,
+        dpop: Option<(&str, &str, &str)>,
+    ) -> Result<(), VerifyError> {
+        let inner = &self.0;
+        let (cnf, (proof, method, url)) = match (&accepted.claims.cnf, dpop) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => return Err(VerifyError::ProofRequired),
+            (None, Some(_)) => return Err(VerifyError::NotBound),
+            (Some(cnf), Some(dpop)) => (cnf, dpop),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let check = ProofCheck {
+            method,
+            url,
+            access_token: Some(token),
+            now,
+            max_age: dpop::MAX_PROOF_AGE,
+            leeway: inner.leeway,
+        };
+        let proof =
+            dpop::verify_proof(proof, &check).map_err(|e| VerifyError::Proof(e.to_string()))?;
+        if proof.jkt != cnf.jkt {
+            return Err(VerifyError::Proof(
+                "DPoP proof is signed by another key than the token is bound to".into(),
+            ));
+        }
+        inner
+            .proofs
+            .first_use(&proof, &check)
+            .map_err(|e| VerifyError::Proof(e.to_string()))
     }
 }

@@ -157,6 +157,84 @@ async fn openid_client_discovers_scrip_and_exchanges_tokens() {
     scrip.stop().await;
 }
 
+#[tokio::test]
+async fn openid_client_binds_tokens_with_its_own_dpop_and_the_layer_checks_its_proofs() {
+    use scrip_verifier::{AccessToken, VerifierLayer};
+    setup();
+    let scrip = Scrip::start().await;
+    // A resource server on a port of its own, behind the verifier layer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = VerifierConfig::danger_without_revocation(&scrip.url, "github");
+    config.public_url = Some(base.clone());
+    let verifier = Verifier::discover(config).await.unwrap();
+    let whoami = |axum::Extension(t): axum::Extension<AccessToken>| async move {
+        format!(
+            "{} {} {}",
+            t.claims().sub,
+            t.actions(),
+            t.claims()
+                .cnf
+                .as_ref()
+                .map_or("unbound", |c| c.jkt.as_str())
+        )
+    };
+    let app = axum::Router::new()
+        .route("/repos", axum::routing::get(whoami))
+        .layer(VerifierLayer::new(verifier));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let identity = scrip.k8s.kubernetes("agents", "coder");
+    let resource = format!("{base}/repos");
+    let (ok, out, err) = run(
+        "node",
+        "openid-dpop.mjs",
+        &[&scrip.url, &identity, "github:read", "github", &resource],
+    )
+    .await;
+    assert!(ok, "openid-client's DPoP failed against scrip: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["access"]["token_type"]
+            .as_str()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("dpop"),
+        "{out}"
+    );
+    // openid-client's proofs were accepted; the key the layer saw is the
+    // one scrip bound the token to.
+    assert_eq!(v["with_proof"], 200, "{out}");
+    let jkt = {
+        use base64::Engine as _;
+        let token = v["access"]["access_token"].as_str().unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(token.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        claims["cnf"]["jkt"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        v["body"],
+        format!("system:serviceaccount:agents:coder read {jkt}"),
+        "{out}"
+    );
+    // Without a proof, or with another key's, the token is refused.
+    assert_eq!(v["replayed_as_bearer"], 401, "{out}");
+    assert_eq!(v["other_key"], 401, "{out}");
+    assert!(
+        v["other_key_challenge"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_dpop_proof"),
+        "{out}"
+    );
+    server.abort();
+    scrip.stop().await;
+}
+
 /// A running node-oidc-provider.
 struct Provider {
     child: tokio::process::Child,

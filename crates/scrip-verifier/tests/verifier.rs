@@ -139,9 +139,21 @@ async fn call(
     path: &str,
     auth: Option<&str>,
 ) -> (StatusCode, Option<String>, String) {
+    call_with(app, path, auth, None).await
+}
+
+async fn call_with(
+    app: &axum::Router,
+    path: &str,
+    auth: Option<&str>,
+    proof: Option<&str>,
+) -> (StatusCode, Option<String>, String) {
     let mut req = Request::get(path);
     if let Some(a) = auth {
         req = req.header(header::AUTHORIZATION, a);
+    }
+    if let Some(p) = proof {
+        req = req.header("DPoP", p);
     }
     let res = app
         .clone()
@@ -219,5 +231,89 @@ async fn the_layer_answers_rfc6750() {
     );
     let (_, challenge, _) = call(&app, "/read", Some(&bearer)).await;
     assert!(challenge.unwrap().contains("token has been revoked"));
+    scrip.stop().await;
+}
+
+#[tokio::test]
+async fn dpop_bound_tokens_need_a_proof_and_a_public_url() {
+    use scrip_testkit::dpop::DpopKey;
+    let scrip = Scrip::start().await;
+    let key = DpopKey::new();
+    let bound = scrip.github_dpop_token("read", &key).await;
+    let identity = scrip.k8s.kubernetes("resource-servers", "github-api");
+    let mut config = VerifierConfig::new(
+        &scrip.url,
+        "github",
+        Arc::new(StaticIdentity::new(identity)),
+    );
+    config.public_url = Some("https://rs.example/api".into());
+    if let scrip_verifier::Revocation::Follow(feed) = &mut config.revocation {
+        feed.wait = std::time::Duration::from_secs(2);
+    }
+    let v = Verifier::discover(config).await.unwrap();
+
+    // `verify` is for bearer tokens: a bound one needs its proof.
+    assert_eq!(
+        v.verify(&bound).await.unwrap_err(),
+        VerifyError::ProofRequired
+    );
+    let url = "https://rs.example/api/read";
+    let token = v
+        .verify_dpop(
+            &bound,
+            &key.proof("GET", url, Some(&bound)),
+            "GET",
+            url,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(token.claims().cnf.as_ref().unwrap().jkt, key.jkt());
+
+    // The layer: the proof names the public URL and the request's path.
+    let routes = app(v.clone());
+    let auth = format!("DPoP {bound}");
+    let (status, challenge, body) = call_with(
+        &routes,
+        "/read",
+        Some(&auth),
+        Some(&key.proof("GET", url, Some(&bound))),
+    )
+    .await;
+    assert_eq!((status, challenge), (StatusCode::OK, None), "{body}");
+    let (status, challenge, _) = call_with(
+        &routes,
+        "/write",
+        Some(&auth),
+        Some(&key.proof("GET", "https://rs.example/api/write", Some(&bound))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let c = challenge.unwrap();
+    assert!(
+        c.starts_with("DPoP realm=\"github\", algs=\"ES256") && c.contains("insufficient_scope"),
+        "{c}"
+    );
+    let (status, challenge, _) = call_with(
+        &routes,
+        "/read",
+        Some(&auth),
+        Some(&key.proof("GET", "https://rs.example/read", Some(&bound))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(challenge.unwrap().contains("invalid_dpop_proof"));
+
+    // A verifier that does not know its public URL cannot check a proof.
+    let blind = verifier(&scrip, "github").await;
+    let (status, challenge, _) = call_with(
+        &app(blind),
+        "/read",
+        Some(&auth),
+        Some(&key.proof("GET", url, Some(&bound))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(challenge.unwrap().contains("public_url"));
     scrip.stop().await;
 }

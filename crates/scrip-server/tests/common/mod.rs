@@ -365,6 +365,17 @@ impl TestServer {
 
     /// Exchanges a task token for an access token at `tool`.
     pub async fn access_token(&self, task_token: &str, tool: &str, scope: Option<&str>) -> Reply {
+        self.access_token_dpop(task_token, tool, scope, &[]).await
+    }
+
+    /// As [`TestServer::access_token`], with these `DPoP` headers.
+    pub async fn access_token_dpop(
+        &self,
+        task_token: &str,
+        tool: &str,
+        scope: Option<&str>,
+        proofs: &[&str],
+    ) -> Reply {
         let mut form = vec![
             ("grant_type", TOKEN_EXCHANGE),
             ("subject_token", task_token),
@@ -375,7 +386,10 @@ impl TestServer {
         if let Some(s) = scope {
             form.push(("scope", s));
         }
-        self.post_form("/token", &form).await
+        let headers: Vec<(&str, &str)> = proofs.iter().map(|p| ("DPoP", *p)).collect();
+        self.caller()
+            .post_form_with("/token", &form, &headers)
+            .await
     }
 
     /// Introspects `token`, authenticated as a Kubernetes workload.
@@ -422,18 +436,28 @@ pub struct Caller {
 impl Caller {
     /// As [`TestServer::post_form`].
     pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Reply {
+        self.post_form_with(path, form, &[]).await
+    }
+
+    /// As [`Caller::post_form`], with extra request headers.
+    pub async fn post_form_with(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form.iter())
             .finish();
-        let r = self
+        let mut req = self
             .http
             .post(format!("{}{path}", self.url))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        Reply::from(r).await
+            .body(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        Reply::from(req.send().await.unwrap()).await
     }
 }
 

@@ -188,17 +188,28 @@ impl Scrip {
     }
 
     pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
+        self.post_form_with(path, form, &[]).await
+    }
+
+    /// As [`Scrip::post_form`], with extra request headers.
+    pub async fn post_form_with(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form.iter())
             .finish();
-        let r = self
+        let mut req = self
             .http
             .post(format!("{}{path}", self.url))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+            .body(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -226,6 +237,20 @@ impl Scrip {
 
     /// Exchanges a task token for an access token at `tool`.
     pub async fn access_token(&self, task: &str, tool: &str, scope: Option<&str>) -> String {
+        let (status, body) = self.exchange_for_access(task, tool, scope, &[]).await;
+        assert_eq!(status, 200, "access token failed: {body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The token endpoint's answer to an exchange of `task` for an access
+    /// token at `tool`, sent with `headers`.
+    pub async fn exchange_for_access(
+        &self,
+        task: &str,
+        tool: &str,
+        scope: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut form = vec![
             ("grant_type", TOKEN_EXCHANGE),
             ("subject_token", task),
@@ -236,9 +261,7 @@ impl Scrip {
         if let Some(s) = scope {
             form.push(("scope", s));
         }
-        let (status, body) = self.post_form("/token", &form).await;
-        assert_eq!(status, 200, "access token failed: {body}");
-        body["access_token"].as_str().unwrap().to_owned()
+        self.post_form_with("/token", &form, headers).await
     }
 
     /// A task for an agent in namespace `agents` and an access token at
@@ -249,6 +272,24 @@ impl Scrip {
         let task = self.start_task(&identity, &grants.join(" ")).await;
         let access = self.access_token(&task, "github", Some(scope)).await;
         (task, access)
+    }
+
+    /// An access token at `github` with `scope`, bound to `key` (RFC 9449).
+    pub async fn github_dpop_token(
+        &self,
+        scope: &str,
+        key: &scrip_testkit::dpop::DpopKey,
+    ) -> String {
+        let identity = self.k8s.kubernetes("agents", "coder");
+        let grants: Vec<String> = scope.split(' ').map(|a| format!("github:{a}")).collect();
+        let task = self.start_task(&identity, &grants.join(" ")).await;
+        let proof = key.proof("POST", &format!("{}/token", self.url), None);
+        let (status, body) = self
+            .exchange_for_access(&task, "github", Some(scope), &[("DPoP", &proof)])
+            .await;
+        assert_eq!(status, 200, "access token failed: {body}");
+        assert_eq!(body["token_type"], "DPoP", "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
     }
 
     pub async fn revoke(&self, token: &str) {

@@ -1,0 +1,711 @@
+//! DPoP proofs (RFC 9449): a JWT the client signs with a key it holds,
+//! naming the request it goes with. scrip binds an access token to the
+//! proof key's thumbprint (`cnf.jkt`, RFC 7638) when the token request
+//! carries a proof, and a resource server then accepts that token only with
+//! a fresh proof by the same key for the very request.
+//!
+//! [`verify_proof`] makes the checks of RFC 9449 §4.3: a compact JWS whose
+//! header has `typ` `dpop+jwt`, an asymmetric `alg` on the allow-list and a
+//! public `jwk` (no private members) that fits it, no `crit`; a signature by
+//! that key; `jti`, `htm`, `htu` and `iat` present; `htm` the request's
+//! method, `htu` its URL (query and fragment aside, scheme and host compared
+//! without case, default ports dropped); `iat` within the accepted window;
+//! and with an access token, `ath` its SHA-256. [`ReplayCache`] refuses a
+//! proof seen before in its window (§11.1).
+//!
+//! Architecture invariant: a [`Proof`] exists only for a proof JWT that
+//! passed every check above; its `jkt` is the thumbprint of the key that
+//! signed it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use aws_lc_rs::digest::{SHA256, digest};
+use jsonwebtoken::Algorithm;
+use jsonwebtoken::jwk::Jwk;
+use serde_json::{Map, Value};
+
+use crate::verify::{decode_part, sanitise};
+use crate::{JoseError, b64};
+
+/// The `typ` of a DPoP proof.
+pub const DPOP_TYP: &str = "dpop+jwt";
+
+/// The algorithms a proof may be signed with, as published in the
+/// authorization server's metadata (`dpop_signing_alg_values_supported`).
+pub const DPOP_ALGORITHMS: [Algorithm; 5] = [
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+    Algorithm::PS256,
+    Algorithm::RS256,
+];
+
+/// How old a proof may be, in seconds, besides the clock leeway. A client
+/// makes a proof per request, so a minute is room for a slow queue, not a
+/// reuse window: each proof is accepted once ([`ReplayCache`]).
+pub const MAX_PROOF_AGE: u64 = 60;
+
+/// The largest proof accepted, in bytes (an RSA-4096 `jwk` fits).
+pub const MAX_PROOF_BYTES: usize = 8 * 1024;
+
+/// The longest `jti` accepted.
+const MAX_JTI_LEN: usize = 256;
+
+/// JWK members that hold private key material (RFC 7518 §6, RFC 8037).
+const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+/// What a proof must match.
+#[derive(Debug, Clone, Copy)]
+pub struct ProofCheck<'a> {
+    /// The request's method, as sent (`POST`).
+    pub method: &'a str,
+    /// The request's URL as this server is reached (`https://host/token`);
+    /// a query, if any, is ignored.
+    pub url: &'a str,
+    /// The access token the proof comes with, at a resource server; `None`
+    /// at the token endpoint.
+    pub access_token: Option<&'a str>,
+    /// Now, in seconds since the epoch.
+    pub now: u64,
+    /// How old a proof may be, in seconds.
+    pub max_age: u64,
+    /// Allowed clock difference, in seconds.
+    pub leeway: u64,
+}
+
+/// A verified proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    /// The RFC 7638 SHA-256 thumbprint of the proof's key, base64url.
+    pub jkt: String,
+    /// The proof's unique id.
+    pub jti: String,
+    /// When it was made.
+    pub iat: u64,
+}
+
+/// Why a proof was refused. Messages name the failed check and never hold
+/// the proof.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("DPoP proof {0}")]
+pub struct ProofError(pub String);
+
+fn refuse(why: impl Into<String>) -> ProofError {
+    ProofError(why.into())
+}
+
+impl From<JoseError> for ProofError {
+    fn from(e: JoseError) -> Self {
+        Self(format!("is refused: {e}"))
+    }
+}
+
+/// The RFC 7638 thumbprint of a public JWK: SHA-256 over its required
+/// members in lexicographic order, base64url.
+///
+/// # Errors
+/// [`ProofError`] when the key type is not `EC`, `OKP` or `RSA`, or a
+/// required member is missing or not a string.
+pub fn thumbprint(jwk: &Map<String, Value>) -> Result<String, ProofError> {
+    let kty = jwk
+        .get("kty")
+        .and_then(Value::as_str)
+        .ok_or_else(|| refuse("key has no `kty`"))?;
+    let members: &[&str] = match kty {
+        "EC" => &["crv", "kty", "x", "y"],
+        "OKP" => &["crv", "kty", "x"],
+        "RSA" => &["e", "kty", "n"],
+        _ => return Err(refuse("key type is not EC, OKP or RSA")),
+    };
+    let mut canonical = Map::new();
+    for m in members {
+        let value = jwk
+            .get(*m)
+            .filter(|v| v.is_string())
+            .ok_or_else(|| refuse(format!("key has no `{m}`")))?;
+        canonical.insert((*m).to_owned(), value.clone());
+    }
+    // serde_json's map is ordered by key, and writes no whitespace.
+    let text = Value::Object(canonical).to_string();
+    Ok(b64(digest(&SHA256, text.as_bytes()).as_ref()))
+}
+
+/// The `ath` of an access token: SHA-256 of its ASCII, base64url.
+#[must_use]
+pub fn access_token_hash(token: &str) -> String {
+    b64(digest(&SHA256, token.as_bytes()).as_ref())
+}
+
+/// Verifies a DPoP proof for the request described by `check`.
+///
+/// # Errors
+/// [`ProofError`] naming the first check that failed.
+pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofError> {
+    if proof.len() > MAX_PROOF_BYTES {
+        return Err(refuse(format!("is larger than {MAX_PROOF_BYTES} bytes")));
+    }
+    if !proof
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(refuse("is not a compact JWS"));
+    }
+    let [header_part, payload_part, signature_part] = proof
+        .split('.')
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| refuse("is not a compact JWS"))?;
+    let header: Map<String, Value> = serde_json::from_slice(&decode_part(header_part)?)
+        .map_err(|_| refuse("header is not a JSON object"))?;
+
+    match header.get("typ").and_then(Value::as_str) {
+        Some(t) if t.eq_ignore_ascii_case(DPOP_TYP) => {}
+        Some(t) => {
+            return Err(refuse(format!(
+                "has `typ` `{}`; expected `{DPOP_TYP}`",
+                sanitise(t)
+            )));
+        }
+        None => return Err(refuse(format!("has no `typ`; expected `{DPOP_TYP}`"))),
+    }
+    let alg_name = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or_else(|| refuse("header has no `alg`"))?;
+    let alg = alg_name
+        .parse::<Algorithm>()
+        .ok()
+        .filter(|a| DPOP_ALGORITHMS.contains(a))
+        .ok_or_else(|| refuse(format!("algorithm `{}` is not allowed", sanitise(alg_name))))?;
+    if header.contains_key("crit") {
+        return Err(refuse("has a critical header extension"));
+    }
+    for name in ["jku", "x5u", "x5c"] {
+        if header.contains_key(name) {
+            return Err(refuse(format!("header `{name}` is not accepted")));
+        }
+    }
+    let jwk_value = header
+        .get("jwk")
+        .and_then(Value::as_object)
+        .ok_or_else(|| refuse("header has no `jwk` object"))?;
+    if let Some(m) = PRIVATE_MEMBERS.iter().find(|m| jwk_value.contains_key(**m)) {
+        return Err(refuse(format!("key holds the private member `{m}`")));
+    }
+    let jkt = thumbprint(jwk_value)?;
+    let jwk: Jwk = serde_json::from_value(Value::Object(jwk_value.clone()))
+        .map_err(|_| refuse("header `jwk` is not a JWK"))?;
+    let parsed = crate::keyset::parse(&jwk, &[alg]);
+    let key = parsed
+        .first()
+        .map(|(_, k)| k)
+        .ok_or_else(|| refuse("key does not fit its algorithm"))?;
+    let signing_input = proof
+        .get(..header_part.len() + 1 + payload_part.len())
+        .ok_or_else(|| refuse("is not a compact JWS"))?;
+    key.verify_sig(signing_input.as_bytes(), &decode_part(signature_part)?)
+        .map_err(|_| refuse("signature is invalid"))?;
+
+    let payload = decode_part(payload_part)?;
+    let claims: Map<String, Value> =
+        serde_json::from_slice(&payload).map_err(|_| refuse("claims are not a JSON object"))?;
+    let text = |name: &str| {
+        claims
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| refuse(format!("has no `{name}` string")))
+    };
+    let jti = text("jti")?;
+    if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+        return Err(refuse(format!("`jti` must be 1 to {MAX_JTI_LEN} bytes")));
+    }
+    if text("htm")? != check.method {
+        return Err(refuse(format!("`htm` is not `{}`", check.method)));
+    }
+    if !same_target(text("htu")?, check.url) {
+        return Err(refuse(format!("`htu` is not `{}`", strip_query(check.url))));
+    }
+    let iat = claims
+        .get("iat")
+        .and_then(Value::as_f64)
+        .filter(|t| t.is_finite() && *t >= 0.0)
+        .ok_or_else(|| refuse("has no numeric `iat`"))?;
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "seconds since the epoch fit an f64's 53 bits"
+    )]
+    let (now, max_age, leeway) = (check.now as f64, check.max_age as f64, check.leeway as f64);
+    if iat > now + leeway {
+        return Err(refuse("was made in the future"));
+    }
+    if iat < now - max_age - leeway {
+        return Err(refuse(format!(
+            "is too old (more than {} s)",
+            check.max_age
+        )));
+    }
+    if let Some(token) = check.access_token {
+        let ath = text("ath")?;
+        if ath != access_token_hash(token) {
+            return Err(refuse("`ath` is not the access token's hash"));
+        }
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "iat is finite, non-negative and at most now + leeway"
+    )]
+    let iat = iat as u64;
+    Ok(Proof {
+        jkt,
+        jti: jti.to_owned(),
+        iat,
+    })
+}
+
+fn strip_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
+}
+
+/// Whether two URLs name the same target (RFC 9449 §4.3 step 9): the same
+/// scheme, host and port (scheme and host without case, default ports
+/// dropped) and path; query and fragment ignored.
+fn same_target(htu: &str, url: &str) -> bool {
+    let (Ok(a), Ok(b)) = (url::Url::parse(htu), url::Url::parse(url)) else {
+        return false;
+    };
+    matches!(a.scheme(), "http" | "https")
+        && a.scheme() == b.scheme()
+        && a.host_str().is_some()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+        && a.path() == b.path()
+        && a.username().is_empty()
+        && a.password().is_none()
+}
+
+/// Proofs seen recently (RFC 9449 §11.1): one proof is accepted once.
+///
+/// Each entry is kept until the proof could no longer pass
+/// [`verify_proof`]'s `iat` check, so a proof is refused the second time
+/// for as long as it could be accepted at all. Entries are keyed by key
+/// and `jti`, so one client cannot spend another's. At most `capacity`
+/// are kept; when expired entries cannot make room, proofs are refused
+/// (fail closed) until they can.
+#[derive(Debug)]
+pub struct ReplayCache {
+    seen: Mutex<Seen>,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// Until when each proof is kept, by a digest of its key and `jti`.
+    until: HashMap<u128, u64>,
+    /// When expired entries were last dropped: at most once a second, so a
+    /// full cache does not cost a sweep per request.
+    swept_at: u64,
+}
+
+/// Why [`ReplayCache::first_use`] refused a proof.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Replay {
+    /// The proof was presented before.
+    #[error("DPoP proof was used before")]
+    Used,
+    /// Too many recent proofs are held to check this one.
+    #[error("DPoP proof cannot be checked for reuse now (too many recent proofs); retry shortly")]
+    Full,
+}
+
+impl ReplayCache {
+    /// A cache of at most `capacity` proofs.
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            seen: Mutex::new(Seen::default()),
+            capacity,
+        }
+    }
+
+    /// Records `proof` and says whether this is its first use. `check` is
+    /// what it was verified with: the entry lasts as long as the proof
+    /// could pass the `iat` window.
+    ///
+    /// # Errors
+    /// [`Replay::Used`] for a proof seen before; [`Replay::Full`] when the
+    /// cache cannot take another.
+    pub fn first_use(&self, proof: &Proof, check: &ProofCheck<'_>) -> Result<(), Replay> {
+        let key = {
+            let mut input = Vec::with_capacity(proof.jkt.len() + 1 + proof.jti.len());
+            input.extend_from_slice(proof.jkt.as_bytes());
+            input.push(0);
+            input.extend_from_slice(proof.jti.as_bytes());
+            let d = digest(&SHA256, &input);
+            let mut first = [0u8; 16];
+            first.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0; 16]));
+            u128::from_be_bytes(first)
+        };
+        let until = proof
+            .iat
+            .saturating_add(check.max_age)
+            .saturating_add(check.leeway.saturating_mul(2))
+            .saturating_add(1);
+        let mut seen = match self.seen.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(&kept_until) = seen.until.get(&key)
+            && kept_until >= check.now
+        {
+            return Err(Replay::Used);
+        }
+        if seen.until.len() >= self.capacity {
+            if seen.swept_at < check.now {
+                seen.swept_at = check.now;
+                seen.until.retain(|_, until| *until >= check.now);
+            }
+            if seen.until.len() >= self.capacity {
+                return Err(Replay::Full);
+            }
+        }
+        seen.until.insert(key, until);
+        Ok(())
+    }
+
+    /// How many proofs are held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self.seen.lock() {
+            Ok(s) => s.until.len(),
+            Err(poisoned) => poisoned.into_inner().until.len(),
+        }
+    }
+
+    /// Whether none is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+    const URL: &str = "https://scrip.example/token";
+
+    /// A client's proof key.
+    enum Key {
+        Es(EcdsaKeyPair),
+        Ed(Ed25519KeyPair),
+    }
+
+    impl Key {
+        fn es256() -> Self {
+            Self::Es(EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap())
+        }
+
+        fn ed25519() -> Self {
+            Self::Ed(Ed25519KeyPair::generate().unwrap())
+        }
+
+        fn alg(&self) -> &'static str {
+            match self {
+                Self::Es(_) => "ES256",
+                Self::Ed(_) => "EdDSA",
+            }
+        }
+
+        fn jwk(&self) -> Value {
+            match self {
+                Self::Es(k) => {
+                    let point = k.public_key().as_ref();
+                    json!({"kty": "EC", "crv": "P-256",
+                        "x": b64(&point[1..33]), "y": b64(&point[33..65])})
+                }
+                Self::Ed(k) => {
+                    json!({"kty": "OKP", "crv": "Ed25519", "x": b64(k.public_key().as_ref())})
+                }
+            }
+        }
+
+        fn sign_jws(&self, header: &Value, claims: &Value) -> String {
+            let input = format!(
+                "{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(claims.to_string().as_bytes())
+            );
+            let sig = match self {
+                Self::Es(k) => k
+                    .sign(&SystemRandom::new(), input.as_bytes())
+                    .unwrap()
+                    .as_ref()
+                    .to_vec(),
+                Self::Ed(k) => k.sign(input.as_bytes()).as_ref().to_vec(),
+            };
+            format!("{input}.{}", b64(&sig))
+        }
+
+        fn proof(&self, claims: &Value) -> String {
+            let header = json!({"typ": "dpop+jwt", "alg": self.alg(), "jwk": self.jwk()});
+            self.sign_jws(&header, claims)
+        }
+    }
+
+    fn claims() -> Value {
+        json!({"jti": "j-1", "htm": "POST", "htu": URL, "iat": NOW})
+    }
+
+    fn check() -> ProofCheck<'static> {
+        ProofCheck {
+            method: "POST",
+            url: URL,
+            access_token: None,
+            now: NOW,
+            max_age: 60,
+            leeway: 5,
+        }
+    }
+
+    fn refused(proof: &str, check: &ProofCheck<'_>, why: &str) {
+        let e = verify_proof(proof, check).expect_err(why);
+        assert!(e.to_string().contains(why), "{e} (expected: {why})");
+    }
+
+    #[test]
+    fn rfc7638_thumbprint() {
+        // RFC 7638 §3.1.
+        let jwk = json!({
+            "kty": "RSA",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+            "e": "AQAB",
+            "alg": "RS256",
+            "kid": "2011-04-29"
+        });
+        assert_eq!(
+            thumbprint(jwk.as_object().unwrap()).unwrap(),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
+        assert!(thumbprint(json!({"kty": "oct", "k": "AAAA"}).as_object().unwrap()).is_err());
+        assert!(
+            thumbprint(
+                json!({"kty": "EC", "crv": "P-256", "x": "AA"})
+                    .as_object()
+                    .unwrap()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_good_proof_names_its_key() {
+        for key in [Key::es256(), Key::ed25519()] {
+            let p = verify_proof(&key.proof(&claims()), &check()).unwrap();
+            assert_eq!(p.jkt, thumbprint(key.jwk().as_object().unwrap()).unwrap());
+            assert_eq!((p.jti.as_str(), p.iat), ("j-1", NOW));
+        }
+        // Query, fragment, case of scheme and host, and a default port do
+        // not matter; a fractional iat is a time.
+        let key = Key::es256();
+        let mut c = claims();
+        c["htu"] = json!("HTTPS://Scrip.Example:443/token?x=1#f");
+        c["iat"] = json!(1_799_999_990.5);
+        verify_proof(&key.proof(&c), &check()).unwrap();
+        let at = ProofCheck {
+            url: "https://scrip.example/token?y=2",
+            ..check()
+        };
+        verify_proof(&key.proof(&claims()), &at).unwrap();
+    }
+
+    #[test]
+    fn a_proof_for_another_request_is_refused() {
+        let key = Key::es256();
+        let mut c = claims();
+        c["htm"] = json!("GET");
+        refused(&key.proof(&c), &check(), "`htm` is not `POST`");
+        for htu in [
+            "https://scrip.example/token/",
+            "https://scrip.example/Token",
+            "http://scrip.example/token",
+            "https://scrip.example:8443/token",
+            "https://other.example/token",
+            "https://user@scrip.example/token",
+            "/token",
+            "",
+        ] {
+            let mut c = claims();
+            c["htu"] = json!(htu);
+            refused(&key.proof(&c), &check(), "`htu` is not");
+        }
+    }
+
+    #[test]
+    fn a_proof_outside_its_window_is_refused() {
+        let key = Key::es256();
+        let mut c = claims();
+        c["iat"] = json!(NOW + 6);
+        refused(&key.proof(&c), &check(), "in the future");
+        c["iat"] = json!(NOW + 5);
+        verify_proof(&key.proof(&c), &check()).unwrap();
+        c["iat"] = json!(NOW - 66);
+        refused(&key.proof(&c), &check(), "too old");
+        c["iat"] = json!(NOW - 65);
+        verify_proof(&key.proof(&c), &check()).unwrap();
+        for bad in [json!("1800000000"), json!(null), json!(-1)] {
+            c["iat"] = bad;
+            refused(&key.proof(&c), &check(), "numeric `iat`");
+        }
+    }
+
+    #[test]
+    fn missing_claims_are_refused() {
+        let key = Key::es256();
+        for name in ["jti", "htm", "htu"] {
+            let mut c = claims();
+            c.as_object_mut().unwrap().remove(name);
+            refused(&key.proof(&c), &check(), &format!("no `{name}`"));
+        }
+        let mut c = claims();
+        c["jti"] = json!("");
+        refused(&key.proof(&c), &check(), "`jti` must be");
+        c["jti"] = json!("x".repeat(257));
+        refused(&key.proof(&c), &check(), "`jti` must be");
+    }
+
+    #[test]
+    fn the_access_token_hash_must_match() {
+        let key = Key::es256();
+        let with = ProofCheck {
+            method: "GET",
+            url: "https://rs.example/repos",
+            access_token: Some("the.access.token"),
+            ..check()
+        };
+        let mut c =
+            json!({"jti": "j", "htm": "GET", "htu": "https://rs.example/repos", "iat": NOW});
+        refused(&key.proof(&c), &with, "no `ath`");
+        c["ath"] = json!(access_token_hash("another.access.token"));
+        refused(&key.proof(&c), &with, "`ath` is not");
+        c["ath"] = json!(access_token_hash("the.access.token"));
+        verify_proof(&key.proof(&c), &with).unwrap();
+    }
+
+    #[test]
+    fn bad_headers_and_signatures_are_refused() {
+        let key = Key::es256();
+        let jwk = key.jwk();
+        let sign = |h: Value| key.sign_jws(&h, &claims());
+        refused(
+            &sign(json!({"typ": "JWT", "alg": "ES256", "jwk": jwk})),
+            &check(),
+            "`typ` `JWT`",
+        );
+        refused(
+            &sign(json!({"alg": "ES256", "jwk": jwk})),
+            &check(),
+            "no `typ`",
+        );
+        for alg in ["none", "HS256", "ES512"] {
+            refused(
+                &sign(json!({"typ": "dpop+jwt", "alg": alg, "jwk": jwk})),
+                &check(),
+                "is not allowed",
+            );
+        }
+        // The key must fit the algorithm it signs with.
+        refused(
+            &sign(json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk})),
+            &check(),
+            "does not fit",
+        );
+        refused(
+            &sign(json!({"typ": "dpop+jwt", "alg": "ES256"})),
+            &check(),
+            "no `jwk`",
+        );
+        let mut private = jwk.clone();
+        private["d"] = json!("AAAA");
+        refused(
+            &sign(json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": private})),
+            &check(),
+            "private member `d`",
+        );
+        refused(
+            &sign(json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk, "crit": ["x"]})),
+            &check(),
+            "critical",
+        );
+        refused(
+            &sign(json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk, "x5c": ["MII"]})),
+            &check(),
+            "`x5c`",
+        );
+        // Signed by another key than the one it names.
+        let other = Key::es256();
+        let lie = other.sign_jws(
+            &json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}),
+            &claims(),
+        );
+        refused(&lie, &check(), "signature is invalid");
+        // Claims changed after signing.
+        let good = key.proof(&claims());
+        let mut parts: Vec<&str> = good.split('.').collect();
+        let mut c = claims();
+        c["htu"] = json!("https://evil.example/token");
+        let forged = b64(c.to_string().as_bytes());
+        parts[1] = &forged;
+        refused(&parts.join("."), &check(), "signature is invalid");
+        refused("a.b", &check(), "compact");
+        refused(&"a".repeat(MAX_PROOF_BYTES + 1), &check(), "larger");
+    }
+
+    #[test]
+    fn a_proof_is_used_once() {
+        let cache = ReplayCache::new(2);
+        let key = Key::es256();
+        let p = verify_proof(&key.proof(&claims()), &check()).unwrap();
+        cache.first_use(&p, &check()).unwrap();
+        assert_eq!(cache.first_use(&p, &check()), Err(Replay::Used));
+        // The same jti under another key is another proof.
+        let q = verify_proof(&Key::es256().proof(&claims()), &check()).unwrap();
+        cache.first_use(&q, &check()).unwrap();
+        // Full of live proofs: refused, not forgotten.
+        let mut c = claims();
+        c["jti"] = json!("j-2");
+        let r = verify_proof(&key.proof(&c), &check()).unwrap();
+        assert_eq!(cache.first_use(&r, &check()), Err(Replay::Full));
+        assert_eq!(cache.first_use(&p, &check()), Err(Replay::Used));
+        // Once the first proofs are past their window they make room, and
+        // the proof is still refused while it could pass the window.
+        let later = ProofCheck {
+            now: NOW + 60 + 10 + 2,
+            ..check()
+        };
+        assert_eq!(
+            cache.first_use(
+                &p,
+                &ProofCheck {
+                    now: NOW + 70,
+                    ..check()
+                }
+            ),
+            Err(Replay::Used)
+        );
+        let mut c = claims();
+        c["jti"] = json!("j-3");
+        c["iat"] = json!(later.now);
+        let s = verify_proof(&key.proof(&c), &later).unwrap();
+        cache.first_use(&s, &later).unwrap();
+        assert_eq!(cache.len(), 1);
+    }
+}

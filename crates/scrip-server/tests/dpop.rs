@@ -1,0 +1,182 @@
+//! DPoP (RFC 9449) at the token endpoint: a token request with a proof gets
+//! an access token bound to the proof's key, and a bad, replayed or
+//! misdirected proof gets `invalid_dpop_proof` and no token.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use common::*;
+use scrip_testkit::dpop::DpopKey;
+use serde_json::json;
+
+async fn task_token(s: &TestServer) -> String {
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let t = s.start_task(&identity, "github:read", "dev", "dpop").await;
+    t["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_proof_binds_the_access_token_to_its_key() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let token_url = format!("{}/token", s.url);
+    let key = DpopKey::new();
+
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "DPoP", "{}", r.text);
+    let token = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, claims) = decode_parts(&token);
+    assert_eq!(claims["cnf"], json!({ "jkt": key.jkt() }));
+
+    // Introspection names the key (RFC 9449 §6.2).
+    let i = s.introspect(&token).await;
+    assert_eq!(i.body["active"], true, "{}", i.text);
+    assert_eq!(i.body["token_type"], "DPoP");
+    assert_eq!(i.body["cnf"]["jkt"], key.jkt());
+
+    // Without a proof, the token is a bearer token, as before.
+    let plain = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(plain.body["token_type"], "Bearer", "{}", plain.text);
+    let (_, claims) = decode_parts(plain.body["access_token"].as_str().unwrap());
+    assert!(claims.get("cnf").is_none(), "{claims}");
+    let i = s
+        .introspect(plain.body["access_token"].as_str().unwrap())
+        .await;
+    assert_eq!(i.body["token_type"], "Bearer");
+    assert!(i.body.get("cnf").is_none(), "{}", i.text);
+
+    // The metadata says which algorithms a proof may use (RFC 9449 §5.1).
+    let meta: serde_json::Value = s
+        .http
+        .get(format!("{}/.well-known/oauth-authorization-server", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let algs = meta["dpop_signing_alg_values_supported"]
+        .as_array()
+        .unwrap();
+    assert!(
+        algs.contains(&json!("ES256")) && algs.contains(&json!("EdDSA")),
+        "{algs:?}"
+    );
+    assert!(
+        !algs.iter().any(|a| a.as_str().unwrap().starts_with("HS")),
+        "{algs:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_proof_gets_no_token() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let token_url = format!("{}/token", s.url);
+    let key = DpopKey::new();
+    let issued_before = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "token.issued")
+        .count();
+
+    let refused = |r: &Reply, why: &str| {
+        r.assert_error(400, "invalid_dpop_proof");
+        assert!(r.body.get("access_token").is_none(), "{}", r.text);
+        let d = r.body["error_description"].as_str().unwrap();
+        assert!(d.contains(why), "{d} (expected: {why})");
+    };
+
+    // A proof is accepted once.
+    let proof = key.proof("POST", &token_url, None);
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&proof])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let again = s
+        .access_token_dpop(&task, "github", Some("read"), &[&proof])
+        .await;
+    refused(&again, "used before");
+
+    // A proof made for another request.
+    let other_url = format!("{}/introspect", s.url);
+    for (proof, why) in [
+        (key.proof("POST", &other_url, None), "`htu`"),
+        (key.proof("GET", &token_url, None), "`htm`"),
+        (
+            key.sign(&json!({"jti": "old", "htm": "POST", "htu": token_url, "iat": 1_000_000_000})),
+            "too old",
+        ),
+        ("not-a-proof".to_owned(), "compact"),
+    ] {
+        let r = s
+            .access_token_dpop(&task, "github", Some("read"), &[&proof])
+            .await;
+        refused(&r, why);
+    }
+    // Two proofs: which one would bind?
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[
+                &key.proof("POST", &token_url, None),
+                &key.proof("POST", &token_url, None),
+            ],
+        )
+        .await;
+    refused(&r, "at most one");
+
+    // A bad proof is refused whatever the grant, a task start included.
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let details = json!({ "purpose": "dpop", "environment": "dev" }).to_string();
+    let r = s
+        .caller()
+        .post_form_with(
+            "/token",
+            &[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", &identity),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("scope", "github:read"),
+                ("request_details", &details),
+            ],
+            &[("DPoP", &key.proof("GET", &token_url, None))],
+        )
+        .await;
+    refused(&r, "`htm`");
+
+    let issued_after = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "token.issued")
+        .count();
+    assert_eq!(
+        issued_after,
+        issued_before + 1,
+        "only the first exchange issued a token"
+    );
+    s.stop().await;
+}
