@@ -203,8 +203,8 @@ enum SecretCommand {
     /// class carry.
     ///
     /// The value is read from standard input (typed without echo on a
-    /// terminal, or piped: `vault read ... | scrip secret set legacy --action
-    /// read`); there is no flag that takes it. One trailing newline is
+    /// terminal, where Ctrl-C cancels, or piped: `vault read ... | scrip
+    /// secret set legacy --action read`); there is no flag that takes it. One trailing newline is
     /// dropped; an empty value is refused. It is sealed (AES-256-GCM) under
     /// the key-encryption key: SCRIP_KEY_ENCRYPTION_KEY, else
     /// key_encryption_key_file (default <data_dir>/keys/key-encryption.key,

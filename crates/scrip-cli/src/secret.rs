@@ -61,28 +61,65 @@ async fn open(config: &Config, create_key: bool) -> Result<(Arc<dyn Store>, Kek)
 /// without echo on a terminal.
 fn read_stdin(prompt: &str) -> Result<SecretValue, String> {
     let stdin = std::io::stdin();
-    let mut buf = Vec::new();
-    if rustix::termios::isatty(&stdin) {
-        let old = rustix::termios::tcgetattr(&stdin).map_err(|e| format!("terminal: {e}"))?;
-        let mut quiet = old.clone();
-        quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
-        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &quiet)
-            .map_err(|e| format!("terminal: {e}"))?;
-        eprint_prompt(prompt);
-        let mut line = String::new();
-        let read = stdin.read_line(&mut line);
-        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &old);
-        eprint_prompt("\n");
-        read.map_err(|e| format!("cannot read standard input: {e}"))?;
-        buf = line.into_bytes();
+    let limit = scrip_proxy::secrets::MAX_SECRET_BYTES + 3;
+    let buf = if rustix::termios::isatty(&stdin) {
+        read_typed(&stdin, prompt, limit)?
     } else {
+        let mut buf = Vec::new();
         stdin
             .lock()
-            .take(u64::try_from(scrip_proxy::secrets::MAX_SECRET_BYTES + 3).unwrap_or(u64::MAX))
+            .take(u64::try_from(limit).unwrap_or(u64::MAX))
             .read_to_end(&mut buf)
             .map_err(|e| format!("cannot read standard input: {e}"))?;
-    }
+        buf
+    };
     SecretValue::from_input(buf).map_err(|e| format!("{e} (it is read from standard input)"))
+}
+
+/// Reads one line typed on the terminal, without echo, as `getpass(3)` does.
+/// Signals from the keyboard are off while it reads, so Ctrl-C cannot kill
+/// the process with echo still off: the interrupt character ends the line
+/// instead (it is made an end-of-line character) and cancels. The terminal
+/// is restored whatever happens.
+fn read_typed(stdin: &std::io::Stdin, prompt: &str, limit: usize) -> Result<Vec<u8>, String> {
+    use rustix::termios::{LocalModes, OptionalActions, SpecialCodeIndex, tcgetattr, tcsetattr};
+    let old = tcgetattr(stdin).map_err(|e| format!("terminal: {e}"))?;
+    let mut quiet = old.clone();
+    quiet
+        .local_modes
+        .remove(LocalModes::ECHO | LocalModes::ISIG);
+    quiet.local_modes.insert(LocalModes::ICANON);
+    // 0 is "disabled" on Linux; Ctrl-C (ETX) then.
+    let interrupt = match old.special_codes[SpecialCodeIndex::VINTR] {
+        0 => 0x03,
+        c => c,
+    };
+    quiet.special_codes[SpecialCodeIndex::VEOL] = interrupt;
+    tcsetattr(stdin, OptionalActions::Now, &quiet).map_err(|e| format!("terminal: {e}"))?;
+    eprint_prompt(prompt);
+    // Sized once, so the value is never copied by a reallocation.
+    let mut buf = Vec::with_capacity(limit + 4096);
+    let read = loop {
+        let start = buf.len();
+        buf.resize(start + 4096, 0);
+        match stdin.lock().read(buf.get_mut(start..).unwrap_or_default()) {
+            Ok(n) => {
+                buf.truncate(start + n);
+                let last = buf.last().copied();
+                if n == 0 || last == Some(b'\n') || buf.len() > limit {
+                    break Ok(());
+                }
+                if last == Some(interrupt) {
+                    break Err("cancelled; nothing was stored".to_owned());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) => break Err(format!("cannot read standard input: {e}")),
+        }
+    };
+    let _ = tcsetattr(stdin, OptionalActions::Now, &old);
+    eprint_prompt("\n");
+    read.map(|()| buf)
 }
 
 #[expect(clippy::print_stderr, reason = "the prompt goes to the terminal")]

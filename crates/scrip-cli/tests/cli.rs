@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -633,5 +633,202 @@ fn serve_refuses_an_unknown_config_key() {
     assert!(
         !dir.path().join(".scrip").exists(),
         "nothing is created for a refused configuration"
+    );
+}
+
+// --- a secret typed on a terminal ------------------------------------------
+
+/// A pseudo-terminal: the master side the test types on and reads from, and
+/// the path of the slave side the command gets as its terminal.
+struct Pty {
+    master: fs::File,
+    slave: PathBuf,
+    /// Held open, so that reading the master waits for output instead of
+    /// failing (EIO) while no process has the terminal open.
+    _held: fs::File,
+    /// Everything the command wrote to the terminal.
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Pty {
+    fn open() -> Self {
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let slave = PathBuf::from(ptsname(&master, Vec::new()).unwrap().into_string().unwrap());
+        let master = fs::File::from(master);
+        let held = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOCTTY.bits().cast_signed())
+            .open(&slave)
+            .unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().unwrap();
+        let sink = screen.clone();
+        // Reads until every slave side is closed (then EIO).
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = reader.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self {
+            master,
+            slave,
+            _held: held,
+            screen,
+        }
+    }
+
+    fn slave_file(&self) -> fs::File {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOCTTY.bits().cast_signed())
+            .open(&self.slave)
+            .unwrap()
+    }
+
+    /// Runs `scrip args` as the session leader of this terminal (its
+    /// controlling terminal, as in a shell), stdin and stderr on it.
+    fn spawn(&self, args: &[&str]) -> Killed {
+        let tty = self.slave_file();
+        let child = Command::new("setsid")
+            .args(["--ctty", "--wait"])
+            .arg(env!("CARGO_BIN_EXE_scrip"))
+            .args(args)
+            .env_remove("SCRIP_CONFIG")
+            .env_remove("SCRIP_KEY_ENCRYPTION_KEY")
+            .stdin(tty.try_clone().unwrap())
+            .stdout(Stdio::piped())
+            .stderr(tty)
+            .spawn()
+            .unwrap();
+        Killed(child)
+    }
+
+    fn screen(&self) -> String {
+        text(&self.screen.lock().unwrap())
+    }
+
+    fn wait_for(&self, what: &str) {
+        let start = Instant::now();
+        while !self.screen().contains(what) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "`{what}` never appeared: {:?}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_in(&mut self, bytes: &[u8]) {
+        self.master.write_all(bytes).unwrap();
+    }
+
+    /// Whether the terminal echoes and turns Ctrl-C into a signal, as a
+    /// shell expects it to.
+    fn is_restored(&self) -> bool {
+        use rustix::termios::{LocalModes, tcgetattr};
+        let modes = tcgetattr(self.slave_file()).unwrap().local_modes;
+        modes.contains(LocalModes::ECHO | LocalModes::ISIG)
+    }
+}
+
+/// A child killed when dropped, so a failed test leaves nothing waiting on
+/// a terminal.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_secret_typed_on_a_terminal_is_not_echoed_and_ctrl_c_cancels_with_the_terminal_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fs::create_dir(root.join("policies")).unwrap();
+    write_config(
+        root,
+        &format!(
+            r#"data_dir = "{data}"
+policy_dir = "{policies}"
+
+[[tools]]
+name = "legacy"
+resource = "https://legacy.example"
+actions = ["read"]
+
+[[upstreams]]
+name = "legacy"
+url = "http://127.0.0.1:9"
+
+[upstreams.secrets.read]
+max_age = 86400
+"#,
+            data = root.join("data").display(),
+            policies = root.join("policies").display(),
+        ),
+    );
+    let config = root.join("scrip.toml");
+    let args = [
+        "secret",
+        "set",
+        "legacy",
+        "--action",
+        "read",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+
+    // Ctrl-C at the prompt: cancelled, nothing stored, the terminal as it was.
+    let mut pty = Pty::open();
+    assert!(pty.is_restored(), "a new terminal echoes");
+    let mut child = pty.spawn(&args);
+    pty.wait_for("secret value for `legacy` `read`: ");
+    pty.type_in(b"half-typ\x03");
+    let status = wait_exit(&mut child.0, Duration::from_secs(20)).expect("scrip did not exit");
+    assert!(
+        pty.is_restored(),
+        "echo or signals left off: {}",
+        pty.screen()
+    );
+    assert_eq!(status.code(), Some(1), "{}", pty.screen());
+    pty.wait_for("cancelled");
+    assert!(!pty.screen().contains("half-typ"), "{}", pty.screen());
+
+    // Typed and Enter: stored, never echoed.
+    let mut pty = Pty::open();
+    let mut child = pty.spawn(&args);
+    pty.wait_for("secret value for `legacy` `read`: ");
+    pty.type_in(b"typed-Zx81Kq\n");
+    let status = wait_exit(&mut child.0, Duration::from_secs(20)).expect("scrip did not exit");
+    assert_eq!(status.code(), Some(0), "{}", pty.screen());
+    let mut stdout = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert_eq!(stdout, "set `legacy` `read` version 1\n");
+    assert!(pty.is_restored(), "{}", pty.screen());
+    assert!(!pty.screen().contains("typed-Zx81Kq"), "{}", pty.screen());
+    let out = run(&["secret", "list", "--config", config.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains("legacy"),
+        "{}",
+        text(&out.stdout)
     );
 }
