@@ -40,6 +40,7 @@ async fn start(
         feed.wait = feed.wait.min(feed.max_staleness / 2);
     }
     vc.leeway = config.clock_skew;
+    vc.dpop_leeway = config.clock_skew;
     vc.public_url.clone_from(&config.proxy.public_url);
     let verifier = Verifier::discover(vc)
         .await

@@ -193,6 +193,23 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofE
     if let Some(m) = PRIVATE_MEMBERS.iter().find(|m| jwk_value.contains_key(**m)) {
         return Err(refuse(format!("key holds the private member `{m}`")));
     }
+    // RFC 7518 §6.2.1.1, RFC 8037 §2: the curve a key names is the one its
+    // algorithm uses, so one key has one thumbprint.
+    let (kty, crv) = match alg {
+        Algorithm::ES256 => ("EC", Some("P-256")),
+        Algorithm::ES384 => ("EC", Some("P-384")),
+        Algorithm::EdDSA => ("OKP", Some("Ed25519")),
+        _ => ("RSA", None),
+    };
+    if jwk_value.get("kty").and_then(Value::as_str) != Some(kty)
+        || jwk_value.get("crv").and_then(Value::as_str) != crv
+    {
+        return Err(refuse(format!(
+            "key is not {} as `{}` requires",
+            crv.unwrap_or(kty),
+            sanitise(alg_name)
+        )));
+    }
     let jkt = thumbprint(jwk_value)?;
     let jwk: Jwk = serde_json::from_value(Value::Object(jwk_value.clone()))
         .map_err(|_| refuse("header `jwk` is not a JWK"))?;
@@ -285,6 +302,27 @@ fn same_target(htu: &str, url: &str) -> bool {
         && a.password().is_none()
 }
 
+/// Whether `url` is in the form a proof's `htu` can be compared with: it
+/// parses, and parsing changes nothing in its path. A request path with
+/// `\`, `.` or `..` segments (plain or percent-encoded) is not: URL
+/// parsing would resolve them, so a proof for `/api/admin` would count for
+/// `/api/x/%2e%2e/admin`, which the server may route elsewhere.
+#[must_use]
+pub fn plain_target(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    let Some(after_scheme) = url.split_once("://").map(|(_, rest)| rest) else {
+        return false;
+    };
+    let raw_path = after_scheme
+        .find('/')
+        .map_or("", |i| after_scheme.get(i..).unwrap_or(""));
+    let raw_path = strip_query(raw_path);
+    let raw_path = if raw_path.is_empty() { "/" } else { raw_path };
+    parsed.path() == raw_path
+}
+
 /// Proofs seen recently (RFC 9449 §11.1): one proof is accepted once.
 ///
 /// Each entry is kept until the proof could no longer pass
@@ -365,6 +403,11 @@ impl ReplayCache {
             if seen.swept_at < check.now {
                 seen.swept_at = check.now;
                 seen.until.retain(|_, until| *until >= check.now);
+                // Give back what a burst took.
+                let live = seen.until.len();
+                if live < self.capacity / 4 {
+                    seen.until.shrink_to(live.saturating_mul(2));
+                }
             }
             if seen.until.len() >= self.capacity {
                 return Err(Replay::Full);
@@ -626,6 +669,13 @@ mod tests {
         refused(
             &sign(json!({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk})),
             &check(),
+            "key is not Ed25519",
+        );
+        let mut short = jwk.clone();
+        short["x"] = json!("AAAA");
+        refused(
+            &sign(json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": short})),
+            &check(),
             "does not fit",
         );
         refused(
@@ -667,6 +717,25 @@ mod tests {
         refused(&parts.join("."), &check(), "signature is invalid");
         refused("a.b", &check(), "compact");
         refused(&"a".repeat(MAX_PROOF_BYTES + 1), &check(), "larger");
+    }
+
+    #[test]
+    fn only_a_plain_target_is_compared() {
+        assert!(plain_target("https://rs.example/api/read"));
+        assert!(plain_target("https://rs.example/api/read?x=/../y"));
+        assert!(plain_target("https://rs.example"));
+        assert!(plain_target("https://rs.example/a%20b/%41"));
+        for aliased in [
+            "https://rs.example/api/x/../admin",
+            "https://rs.example/api/x/%2e%2e/admin",
+            "https://rs.example/api/x/%2E./admin",
+            "https://rs.example/api/x\\..\\admin",
+            "https://rs.example/api/./admin",
+            "https://rs.example/api/a b",
+            "not a url",
+        ] {
+            assert!(!plain_target(aliased), "{aliased}");
+        }
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub(crate) async fn poll(
     st: &Inner,
     form: &Form,
     peer: SocketAddr,
-    cnf: Option<&scrip_token::Confirmation>,
+    binding: Option<&crate::exchange::Binding>,
 ) -> Result<Response, OAuthError> {
     let id = form.require("auth_req_id")?;
     let unknown =
@@ -190,6 +190,8 @@ pub(crate) async fn poll(
     if approval.task_id != claims.txn {
         return Err(unknown());
     }
+    // The poller is authenticated: its proof may now be recorded.
+    let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let now = now();
     match approval.state {
         // CIBA Core §11: past `expires_in` the request is gone, decided
@@ -223,7 +225,7 @@ async fn issue(
     claims: &TaskClaims,
     approval: &Approval,
     peer: SocketAddr,
-    cnf: Option<&scrip_token::Confirmation>,
+    cnf: Option<scrip_token::Confirmation>,
 ) -> Result<Response, OAuthError> {
     let now = now();
     let task = crate::exchange::active_task(st, claims, now)
@@ -299,7 +301,7 @@ async fn issue(
             approver: approver.clone(),
             single_use: true,
         }),
-        cnf: cnf.cloned(),
+        cnf,
     };
     let token = st.sign(TokenKind::Access, &access)?;
     let mut a = base;

@@ -52,7 +52,7 @@ pub async fn token_endpoint(
         Err(e) => return e.into_response(),
     };
     let result = match dpop_binding(&state.0, &headers) {
-        Ok(cnf) => exchange(&state.0, &form, peer, cnf.as_ref()).await,
+        Ok(binding) => exchange(&state.0, &form, peer, binding.as_ref()).await,
         Err(e) => Err(e),
     };
     match result {
@@ -64,9 +64,50 @@ pub async fn token_endpoint(
     }
 }
 
-/// The key a token request's DPoP proof binds its access token to, if it
-/// has one (RFC 9449 §4.3, §5).
-fn dpop_binding(st: &Inner, headers: &HeaderMap) -> Result<Option<Confirmation>, OAuthError> {
+/// A token request's verified DPoP proof (RFC 9449 §4.3, §5): the key an
+/// access token issued for it is bound to.
+///
+/// The proof is checked before anything else, but recorded as used
+/// ([`Binding::spend`]) only once the request's subject token is verified,
+/// so that strangers cannot fill the replay memory with proofs of their own.
+pub(crate) struct Binding {
+    proof: dpop::Proof,
+    url: String,
+    now: u64,
+    leeway: u64,
+}
+
+/// What a proof at the token endpoint must match.
+fn token_check(url: &str, now: u64, leeway: u64) -> ProofCheck<'_> {
+    ProofCheck {
+        method: "POST",
+        url,
+        access_token: None,
+        now,
+        max_age: dpop::MAX_PROOF_AGE,
+        leeway,
+    }
+}
+
+impl Binding {
+    fn check(&self) -> ProofCheck<'_> {
+        token_check(&self.url, self.now, self.leeway)
+    }
+
+    /// Records the proof as used, refusing one seen before, and gives the
+    /// confirmation claim of the token it binds.
+    pub(crate) fn spend(&self, st: &Inner) -> Result<Confirmation, OAuthError> {
+        st.dpop_proofs
+            .first_use(&self.proof, &self.check())
+            .map_err(|e| OAuthError::invalid_dpop_proof(format!("the {e}")))?;
+        Ok(Confirmation {
+            jkt: self.proof.jkt.clone(),
+        })
+    }
+}
+
+/// The token request's DPoP proof, checked, if it has one.
+fn dpop_binding(st: &Inner, headers: &HeaderMap) -> Result<Option<Binding>, OAuthError> {
     let mut values = headers.get_all("dpop").iter();
     let proof = match (values.next(), values.next()) {
         (None, _) => return Ok(None),
@@ -80,31 +121,26 @@ fn dpop_binding(st: &Inner, headers: &HeaderMap) -> Result<Option<Confirmation>,
         }
     };
     let url = format!("{}{}", st.issuer, crate::paths::TOKEN);
-    let check = ProofCheck {
-        method: "POST",
-        url: &url,
-        access_token: None,
-        now: now(),
-        max_age: dpop::MAX_PROOF_AGE,
-        leeway: st.config.clock_skew,
-    };
-    let proof = dpop::verify_proof(proof, &check)
+    let (now, leeway) = (now(), st.config.clock_skew);
+    let proof = dpop::verify_proof(proof, &token_check(&url, now, leeway))
         .map_err(|e| OAuthError::invalid_dpop_proof(format!("the {e}")))?;
-    st.dpop_proofs
-        .first_use(&proof, &check)
-        .map_err(|e| OAuthError::invalid_dpop_proof(format!("the {e}")))?;
-    Ok(Some(Confirmation { jkt: proof.jkt }))
+    Ok(Some(Binding {
+        proof,
+        url,
+        now,
+        leeway,
+    }))
 }
 
 async fn exchange(
     st: &Inner,
     form: &Form,
     peer: SocketAddr,
-    cnf: Option<&Confirmation>,
+    binding: Option<&Binding>,
 ) -> Result<Response, OAuthError> {
     let grant_type = form.require("grant_type")?;
     if grant_type == crate::approval::CIBA_GRANT {
-        return crate::approval::poll(st, form, peer, cnf).await;
+        return crate::approval::poll(st, form, peer, binding).await;
     }
     if grant_type != TOKEN_EXCHANGE_GRANT {
         return Err(OAuthError::unsupported_grant_type(format!(
@@ -135,7 +171,7 @@ async fn exchange(
             short(other)
         ))),
         (token_type::TXN_TOKEN, None | Some(token_type::ACCESS_TOKEN)) => {
-            access_token(st, form, subject_token, peer, cnf).await
+            access_token(st, form, subject_token, peer, binding).await
         }
         (token_type::TXN_TOKEN, Some(other)) => Err(OAuthError::invalid_request(format!(
             "a task token is exchanged for an access token; requested_token_type `{}` is not available for it",
@@ -533,7 +569,7 @@ async fn access_token(
     form: &Form,
     subject_token: &str,
     peer: SocketAddr,
-    cnf: Option<&Confirmation>,
+    binding: Option<&Binding>,
 ) -> Result<Response, OAuthError> {
     let claims = st
         .verify_task(subject_token)
@@ -542,6 +578,7 @@ async fn access_token(
     let task = active_task(st, &claims, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
 
     let mut base = st.audit("token.decision");
@@ -688,7 +725,7 @@ async fn access_token(
         txn: task.id.clone(),
         act: task.actor.clone(),
         approval: None,
-        cnf: cnf.cloned(),
+        cnf,
     };
     let token = st.sign(TokenKind::Access, &access)?;
     let mut issued = base.clone();

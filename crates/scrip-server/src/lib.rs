@@ -337,6 +337,8 @@ async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError>
     vc.leeway = 0;
     // The proxy is at `<issuer>/proxy/...`: DPoP proofs name that URL.
     vc.public_url = Some(st.issuer.clone());
+    // A DPoP proof comes from the agent's clock.
+    vc.dpop_leeway = config.clock_skew;
     let verifier = scrip_verifier::Verifier::local(
         vc,
         st.keyring.verify_keys().clone(),

@@ -1020,3 +1020,40 @@ async fn approving_a_step_of_an_ended_task_is_a_conflict() {
         .assert_error(409, "conflict");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_approved_token_is_bound_to_the_key_of_the_polls_proof() {
+    use scrip_testkit::dpop::DpopKey;
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let r = approve(&s, &id, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let key = DpopKey::new();
+    let form = [
+        ("grant_type", CIBA),
+        ("auth_req_id", id.as_str()),
+        ("subject_token", task.as_str()),
+    ];
+    // A bad proof gets nothing, and leaves the approval to be collected.
+    let r = s
+        .caller()
+        .post_form_with(
+            "/token",
+            &form,
+            &[("DPoP", &key.proof("GET", &format!("{}/token", s.url), None))],
+        )
+        .await;
+    r.assert_error(400, "invalid_dpop_proof");
+    let proof = key.proof("POST", &format!("{}/token", s.url), None);
+    let r = s
+        .caller()
+        .post_form_with("/token", &form, &[("DPoP", &proof)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "DPoP");
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(c["cnf"]["jkt"], key.jkt());
+    assert_eq!(c["approval"]["single_use"], true);
+    s.stop().await;
+}

@@ -49,6 +49,27 @@ async fn a_proof_binds_the_access_token_to_its_key() {
     assert_eq!(i.body["token_type"], "DPoP");
     assert_eq!(i.body["cnf"]["jkt"], key.jkt());
 
+    // A proof that came with a request whose subject token is no good is
+    // not spent: strangers cannot fill the memory of used proofs.
+    let proof = key.proof("POST", &token_url, None);
+    let r = s
+        .access_token_dpop("not-a-task-token", "github", Some("read"), &[&proof])
+        .await;
+    r.assert_error(400, "invalid_request");
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&proof])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // A client clock a little ahead is within `clock_skew`.
+    let ahead = key.sign(&json!({
+        "jti": "ahead", "htm": "POST", "htu": token_url, "iat": now() + 20,
+    }));
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&ahead])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
     // Without a proof, the token is a bearer token, as before.
     let plain = s.access_token(&task, "github", Some("read")).await;
     assert_eq!(plain.body["token_type"], "Bearer", "{}", plain.text);

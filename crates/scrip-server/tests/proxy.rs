@@ -853,6 +853,14 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
         c.contains("invalid_dpop_proof") && c.contains("used before"),
         "{c}"
     );
+    // The proxy checks its own tokens with no leeway, but a proof comes from
+    // the agent's clock: 20 s ahead is within `clock_skew`.
+    let ahead = key.sign(&json!({
+        "jti": "ahead", "htm": "GET", "htu": env.url("legacy/public/ahead"), "iat": now() + 20,
+        "ath": scrip_jose::dpop::access_token_hash(&bound),
+    }));
+    let (status, c) = get(format!("DPoP {bound}"), vec![ahead], "legacy/public/ahead").await;
+    assert_eq!(status, 200, "{c}");
 
     let other = DpopKey::new();
     for (proofs, why) in [
@@ -896,6 +904,7 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
     // The upstream saw the one good request.
     env.wait_seen("/public/dpop").await;
     assert_eq!(env.seen("/public/dpop").len(), 1, "{:?}", env.nginx.log());
+    env.wait_seen("/public/ahead").await;
     assert!(env.seen("/public/other").is_empty());
     env.server.stop().await;
 }

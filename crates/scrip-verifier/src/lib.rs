@@ -20,8 +20,9 @@
 //! the feed, every token is refused ([`VerifyError::RevocationStale`]).
 //!
 //! [`VerifierLayer`] wraps an axum/hyper service: it reads
-//! `Authorization: Bearer`, answers RFC 6750 errors, and puts the
-//! [`AccessToken`] in the request extensions.
+//! `Authorization: Bearer`, or `Authorization: DPoP` with a `DPoP` proof
+//! (RFC 9449) for a token bound to a key, answers RFC 6750 (RFC 9449 §7.1)
+//! errors, and puts the [`AccessToken`] in the request extensions.
 //!
 //! Architecture invariant: an [`AccessToken`] value exists only for a token
 //! that passed every check above at the time it was built; it has no public
@@ -103,6 +104,10 @@ pub struct VerifierConfig {
     /// request's path. Without it, DPoP-bound tokens are refused by
     /// [`VerifierLayer`] and [`Verifier::authorize`].
     pub public_url: Option<String>,
+    /// Clock leeway for a DPoP proof's `iat`, in seconds. The proof comes
+    /// from the client's clock, so this stays when `leeway` is 0 for tokens
+    /// of the verifier's own process.
+    pub dpop_leeway: u64,
 }
 
 impl VerifierConfig {
@@ -145,6 +150,7 @@ impl VerifierConfig {
             jwks_min_refetch: Duration::from_secs(10),
             revocation,
             public_url: None,
+            dpop_leeway: 30,
         }
     }
 
@@ -293,6 +299,7 @@ struct Inner {
     /// shared by [`Verifier::for_audience`].
     recent: scrip_jose::Recent<AccessToken>,
     public_url: Option<String>,
+    dpop_leeway: u64,
     /// DPoP proofs accepted, so each is accepted once; shared by
     /// [`Verifier::for_audience`].
     proofs: Arc<ReplayCache>,
@@ -483,6 +490,7 @@ impl Verifier {
             used_once: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             recent: scrip_jose::Recent::new(RECENT),
             public_url: config.public_url,
+            dpop_leeway: config.dpop_leeway,
             proofs: Arc::new(ReplayCache::new(PROOFS)),
         })))
     }
@@ -505,6 +513,7 @@ impl Verifier {
             used_once: inner.used_once.clone(),
             recent: scrip_jose::Recent::new(RECENT),
             public_url: inner.public_url.clone(),
+            dpop_leeway: inner.dpop_leeway,
             proofs: inner.proofs.clone(),
         }))
     }
@@ -622,6 +631,13 @@ impl Verifier {
                 accepted
             }
         };
+        // How the token is presented must fit it before anything else is
+        // said about it: a bound token as a bearer token is a stolen one.
+        match (&accepted.claims.cnf, dpop) {
+            (Some(_), None) => return Err(VerifyError::ProofRequired),
+            (None, Some(_)) => return Err(VerifyError::NotBound),
+            _ => {}
+        }
         if let Some(revocations) = &inner.revocations {
             revocations.check(&accepted.claims.txn, &accepted.claims.jti)?;
         }
@@ -674,8 +690,7 @@ impl Verifier {
         self.check(token, Some(action), None).await
     }
 
-    /// A DPoP-bound token needs a proof by its key; a proof needs a bound
-    /// token.
+    /// A DPoP-bound token's proof: by its key, for this request, once.
     fn check_binding(
         &self,
         token: &str,
@@ -689,6 +704,11 @@ impl Verifier {
             (None, Some(_)) => return Err(VerifyError::NotBound),
             (Some(cnf), Some(dpop)) => (cnf, dpop),
         };
+        if !dpop::plain_target(url) {
+            return Err(VerifyError::Proof(
+                "DPoP proof cannot name this request: its path is not in normal form (`\\`, `.` or `..` segments)".into(),
+            ));
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -698,7 +718,7 @@ impl Verifier {
             access_token: Some(token),
             now,
             max_age: dpop::MAX_PROOF_AGE,
-            leeway: inner.leeway,
+            leeway: inner.dpop_leeway,
         };
         let proof =
             dpop::verify_proof(proof, &check).map_err(|e| VerifyError::Proof(e.to_string()))?;

@@ -304,6 +304,33 @@ async fn dpop_bound_tokens_need_a_proof_and_a_public_url() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(challenge.unwrap().contains("invalid_dpop_proof"));
 
+    // A bound token as a bearer token is refused as such, before its scope
+    // is looked at.
+    let (status, challenge, _) = call(&routes, "/write", Some(&format!("Bearer {bound}"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let c = challenge.unwrap();
+    assert!(c.starts_with("DPoP ") && c.contains("invalid_token"), "{c}");
+
+    // A path that URL parsing would resolve cannot be matched to a proof:
+    // the proof names `/api/read`, the server would see `/x/../read`.
+    for aliased in [
+        "/x/%2e%2e/read",
+        "/x/%2E./read",
+        "/x/../read",
+        "/x\\..\\read",
+    ] {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, auth.parse().unwrap());
+        headers.insert("dpop", key.proof("GET", url, Some(&bound)).parse().unwrap());
+        let uri: http::Uri = aliased.parse().unwrap();
+        let r = v
+            .authorize(&http::Method::GET, &uri, &headers, None)
+            .await
+            .unwrap_err();
+        let c = r.www_authenticate.unwrap();
+        assert!(c.contains("normal form"), "{aliased}: {c}");
+    }
+
     // A verifier that does not know its public URL cannot check a proof.
     let blind = verifier(&scrip, "github").await;
     let (status, challenge, _) = call_with(
