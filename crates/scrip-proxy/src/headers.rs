@@ -158,11 +158,20 @@ pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &Secre
     let mut out = String::from("?");
     for pair in query.unwrap_or_default().split('&') {
         // Compared decoded, as the upstream reads it: `api%5Fkey` and
-        // `api_key` are one parameter, and the injected one replaces both.
+        // `api_key` are one parameter, and the injected one replaces both;
+        // so does `api%255Fkey`, for an upstream that decodes twice.
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        let same = form_urlencoded::parse(key.as_bytes())
-            .next()
-            .is_some_and(|(k, _)| k == param.as_str());
+        let decoded = |k: &str| {
+            form_urlencoded::parse(k.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+        };
+        let once = decoded(key);
+        let twice = once
+            .as_deref()
+            .filter(|k| k.contains('%'))
+            .and_then(decoded);
+        let same = [once, twice].iter().flatten().any(|k| k == param.as_str());
         if pair.is_empty() || same {
             continue;
         }
@@ -319,6 +328,12 @@ mod tests {
             Some("api%5Fkey=mine&api%5fkey=m2&%61pi_key=m3&api_keys=1"),
             &q,
             "?api_keys=1&api_key=k3y%2F%2B%3D",
+        );
+        // Encoded twice, for an upstream that decodes twice.
+        check(
+            Some("api%255Fkey=mine&%2561pi%255fkey=m2&api%2525key=x"),
+            &q,
+            "?api%2525key=x&api_key=k3y%2F%2B%3D",
         );
     }
 

@@ -83,9 +83,6 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             return Err(PathError::Ambiguous);
         };
         let value = u8::try_from(hi * 16 + lo).map_err(|_| PathError::Ambiguous)?;
-        if value == b'%' && hex(i + 3).is_some() && hex(i + 4).is_some() {
-            return Err(PathError::DoubleEncoded);
-        }
         if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(value));
         } else {
@@ -93,6 +90,15 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             out.push_str(&format!("{value:02X}"));
         }
         i += 3;
+    }
+    // Checked on the result, where encoded hex digits are digits again:
+    // `%25%36%31` is `%2561` to the upstream.
+    let canonical = out.as_bytes();
+    let double = canonical.windows(5).any(
+        |w| matches!(w, [b'%', b'2', b'5', a, b] if a.is_ascii_hexdigit() && b.is_ascii_hexdigit()),
+    );
+    if double {
+        return Err(PathError::DoubleEncoded);
     }
     check_path(&out)?;
     if out.contains("//") {
@@ -254,6 +260,11 @@ mod tests {
         assert_eq!(n("/%2561dmin"), Err(PathError::DoubleEncoded));
         assert_eq!(n("/%252e%252E/admin"), Err(PathError::DoubleEncoded));
         assert_eq!(n("/a%252fb"), Err(PathError::DoubleEncoded));
+        // The hex digits themselves encoded: decoded here, so refused too.
+        assert_eq!(n("/%25%36%31dmin"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/%256%31dmin"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/p/%25%32e%25%32e/admin"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/a%25%32fb"), Err(PathError::DoubleEncoded));
         assert_eq!(n("/100%25"), Ok("/100%25".into()));
         assert_eq!(n("/100%25off"), Ok("/100%25off".into()));
         assert_eq!(n("/%25z1"), Ok("/%25z1".into()));
