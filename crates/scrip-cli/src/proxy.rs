@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use scrip_config::Config;
 use scrip_policy::PolicyEngine;
-use scrip_server::policies::Policies;
+use scrip_server::policies::{DirState, Policies};
 
 use scrip_verifier::{FileIdentity, Verifier, VerifierConfig};
 
@@ -45,6 +45,7 @@ async fn start(
     let verifier = Verifier::discover(vc)
         .await
         .map_err(|e| format!("cannot trust `{issuer}`: {e}"))?;
+    let policy_seen = DirState::now(&config.policy_dir);
     let policy = PolicyEngine::load(&config.policy_dir).map_err(|e| e.to_string())?;
     policy
         .check_tools(&config.tools)
@@ -64,7 +65,7 @@ async fn start(
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let replica = format!("proxy:{}:{}", local.port(), std::process::id());
-    let policies = Policies::new(policy, &config, store.clone(), replica.clone());
+    let policies = Policies::new(policy, policy_seen, &config, store.clone(), replica.clone());
     let current = policies.clone();
     let proxy = scrip_proxy::Proxy::new(
         &config,

@@ -184,6 +184,7 @@ impl Server {
         } else {
             keyring::Keyring::from_files(&config, state::now())?
         };
+        let policy_seen = policies::DirState::now(&config.policy_dir);
         let policy = PolicyEngine::load(&config.policy_dir)?;
         policy.check_tools(&config.tools)?;
         let identities =
@@ -234,7 +235,13 @@ impl Server {
                 .transpose()?,
             metadata_body,
             identities,
-            policy: policies::Policies::new(policy, &config, store.clone(), replica.clone()),
+            policy: policies::Policies::new(
+                policy,
+                policy_seen,
+                &config,
+                store.clone(),
+                replica.clone(),
+            ),
             replica,
             task_typ: TypRule::exactly(typ::TASK),
             access_typ: TypRule::exactly(typ::ACCESS),

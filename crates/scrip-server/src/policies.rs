@@ -23,6 +23,8 @@ pub struct Policies(Arc<Inner>);
 
 struct Inner {
     current: RwLock<Arc<PolicyEngine>>,
+    /// The directory as it was just before `current` was first read.
+    first_seen: DirState,
     dir: PathBuf,
     tools: Vec<Tool>,
     poll_interval: u64,
@@ -41,17 +43,20 @@ impl std::fmt::Debug for Policies {
 
 impl Policies {
     /// Starts from `engine`, already loaded from `config.policy_dir` and
-    /// checked against its tools; reloads are audited in `store` as
-    /// `replica`.
+    /// checked against its tools, after `seen` was taken
+    /// ([`DirState::now`]): a file that changed while it was read is read
+    /// again once it settles. Reloads are audited in `store` as `replica`.
     #[must_use]
     pub fn new(
         engine: PolicyEngine,
+        seen: DirState,
         config: &Config,
         store: Arc<dyn Store>,
         replica: impl Into<String>,
     ) -> Self {
         Self(Arc::new(Inner {
             current: RwLock::new(Arc::new(engine)),
+            first_seen: seen,
             dir: config.policy_dir.clone(),
             tools: config.tools.clone(),
             poll_interval: config.policy_poll_interval,
@@ -114,7 +119,7 @@ impl Policies {
     }
 
     async fn reload_loop(self, mut hup: Option<tokio::signal::unix::Signal>) {
-        let mut watch = Watch::new(fingerprint(&self.0.dir));
+        let mut watch = Watch::new(self.0.first_seen.clone());
         let interval = self.0.poll_interval;
         loop {
             let wait = if watch.settling() {
@@ -136,7 +141,7 @@ impl Policies {
                     tokio::time::sleep(wait).await;
                 } => false,
             };
-            let current = fingerprint(&self.0.dir);
+            let current = DirState::now(&self.0.dir);
             if by_signal {
                 watch.loaded(current);
                 self.reload("SIGHUP").await;
@@ -156,16 +161,14 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// directory, [`SETTLE`] apart, agree on it.
 #[derive(Debug)]
 struct Watch {
-    /// What was loaded last.
-    loaded: Fingerprint,
+    /// The directory as it was just before the last load.
+    loaded: DirState,
     /// A change seen but not yet loaded.
-    pending: Option<Fingerprint>,
+    pending: Option<DirState>,
 }
 
-type Fingerprint = Vec<(String, u64, Option<std::time::SystemTime>)>;
-
 impl Watch {
-    fn new(loaded: Fingerprint) -> Self {
+    fn new(loaded: DirState) -> Self {
         Self {
             loaded,
             pending: None,
@@ -178,13 +181,13 @@ impl Watch {
     }
 
     /// Records a load of `current` made for another reason (SIGHUP).
-    fn loaded(&mut self, current: Fingerprint) {
+    fn loaded(&mut self, current: DirState) {
         self.loaded = current;
         self.pending = None;
     }
 
     /// Takes a look at the directory; returns whether to reload now.
-    fn observe(&mut self, current: Fingerprint) -> bool {
+    fn observe(&mut self, current: DirState) -> bool {
         if current == self.loaded {
             self.pending = None;
             return false;
@@ -198,33 +201,47 @@ impl Watch {
     }
 }
 
-/// A fingerprint of the policy directory: names, sizes and modification
-/// times of its files.
-fn fingerprint(dir: &Path) -> Fingerprint {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<_> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                meta.len(),
-                meta.modified().ok(),
-            ))
-        })
-        .collect();
-    out.sort();
-    out
+/// What the policy directory holds, as far as a change to it shows: each
+/// file's name, and of what it names (symbolic links followed, as the loader
+/// follows them) its size, modification and change times and inode. A copy
+/// that keeps the modification time (`cp -p`, `rsync -a`) still changes the
+/// change time or the inode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirState(Vec<(String, u64, Option<std::time::SystemTime>, i64, i64, u64)>);
+
+impl DirState {
+    /// The directory now. Take it before reading the policies.
+    #[must_use]
+    pub fn now(dir: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Self::default();
+        };
+        let mut out: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let meta = std::fs::metadata(e.path()).ok()?;
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    meta.len(),
+                    meta.modified().ok(),
+                    meta.ctime(),
+                    meta.ctime_nsec(),
+                    meta.ino(),
+                ))
+            })
+            .collect();
+        out.sort();
+        Self(out)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fp(name: &str, len: u64) -> Fingerprint {
-        vec![(name.to_owned(), len, None)]
+    fn fp(name: &str, len: u64) -> DirState {
+        DirState(vec![(name.to_owned(), len, None, 0, 0, 0)])
     }
 
     #[test]
@@ -253,5 +270,38 @@ mod tests {
         w.loaded(fp("b.cedar", 1));
         assert!(!w.settling());
         assert!(!w.observe(fp("b.cedar", 1)));
+    }
+
+    #[test]
+    fn the_state_sees_a_copy_that_keeps_the_modification_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.cedar");
+        std::fs::write(&file, "one").unwrap();
+        let before = DirState::now(dir.path());
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        // Same size, same modification time: a restore or `cp -p`.
+        let other = dir.path().join("a.cedar.tmp");
+        std::fs::write(&other, "two").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::rename(&other, &file).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), mtime);
+        assert_ne!(DirState::now(dir.path()), before);
+    }
+
+    #[test]
+    fn the_state_follows_symbolic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join("real.cedar");
+        std::fs::write(&target, "one").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("a.cedar")).unwrap();
+        let before = DirState::now(dir.path());
+        std::fs::write(&target, "three").unwrap();
+        assert_ne!(DirState::now(dir.path()), before);
     }
 }
