@@ -2,7 +2,7 @@
 //! store. A value is read from standard input (or from the configured mint
 //! command's output), never from the command line, and never printed.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use scrip_config::{Config, SecretSpec, Upstream};
 use scrip_proxy::{Kek, SecretValue};
 use scrip_store::{AuditEvent, SecretRecord, Store, Write};
+use zeroize::Zeroizing;
 
 use crate::fail;
 
@@ -61,10 +62,10 @@ async fn open(config: &Config, create_key: bool) -> Result<(Arc<dyn Store>, Kek)
 /// without echo on a terminal.
 fn read_stdin(prompt: &str) -> Result<SecretValue, String> {
     let stdin = std::io::stdin();
-    let limit = scrip_proxy::secrets::MAX_SECRET_BYTES + 3;
     let buf = if rustix::termios::isatty(&stdin) {
-        read_typed(&stdin, prompt, limit)?
+        read_typed(&stdin, prompt)?.to_vec()
     } else {
+        let limit = scrip_proxy::secrets::MAX_SECRET_BYTES + 3;
         let mut buf = Vec::new();
         stdin
             .lock()
@@ -76,12 +77,36 @@ fn read_stdin(prompt: &str) -> Result<SecretValue, String> {
     SecretValue::from_input(buf).map_err(|e| format!("{e} (it is read from standard input)"))
 }
 
+/// The longest line a terminal passes on in canonical mode (Linux keeps
+/// 4096 bytes, one of them for the newline); a longer paste is cut there
+/// without a word, so a line this long may not be what was pasted.
+const MAX_TYPED_LINE: usize = 4095;
+
+/// Puts the terminal back as it was when dropped, discarding what was typed
+/// and not read (the rest of a multi-line paste stays out of the shell).
+struct RestoreTerminal<'a> {
+    tty: &'a std::io::Stdin,
+    old: rustix::termios::Termios,
+}
+
+impl Drop for RestoreTerminal<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            self.tty,
+            rustix::termios::OptionalActions::Flush,
+            &self.old,
+        );
+        let _ = std::io::stderr().write_all(b"\n");
+    }
+}
+
 /// Reads one line typed on the terminal, without echo, as `getpass(3)` does.
 /// Signals from the keyboard are off while it reads, so Ctrl-C cannot kill
 /// the process with echo still off: the interrupt character ends the line
 /// instead (it is made an end-of-line character) and cancels. The terminal
-/// is restored whatever happens.
-fn read_typed(stdin: &std::io::Stdin, prompt: &str, limit: usize) -> Result<Vec<u8>, String> {
+/// is restored whatever happens, a panic included; the line is read
+/// straight from the descriptor into a buffer wiped when dropped.
+fn read_typed(stdin: &std::io::Stdin, prompt: &str) -> Result<Zeroizing<Vec<u8>>, String> {
     use rustix::termios::{LocalModes, OptionalActions, SpecialCodeIndex, tcgetattr, tcsetattr};
     let old = tcgetattr(stdin).map_err(|e| format!("terminal: {e}"))?;
     let mut quiet = old.clone();
@@ -95,36 +120,42 @@ fn read_typed(stdin: &std::io::Stdin, prompt: &str, limit: usize) -> Result<Vec<
         c => c,
     };
     quiet.special_codes[SpecialCodeIndex::VEOL] = interrupt;
+    let restore = RestoreTerminal { tty: stdin, old };
     tcsetattr(stdin, OptionalActions::Now, &quiet).map_err(|e| format!("terminal: {e}"))?;
-    eprint_prompt(prompt);
-    // Sized once, so the value is never copied by a reallocation.
-    let mut buf = Vec::with_capacity(limit + 4096);
+    let _ = std::io::stderr().write_all(prompt.as_bytes());
+    let mut buf = Zeroizing::new(vec![0u8; MAX_TYPED_LINE + 1]);
+    let mut len = 0;
     let read = loop {
-        let start = buf.len();
-        buf.resize(start + 4096, 0);
-        match stdin.lock().read(buf.get_mut(start..).unwrap_or_default()) {
+        let Some(room) = buf.get_mut(len..).filter(|r| !r.is_empty()) else {
+            break Ok(());
+        };
+        match rustix::io::read(stdin, room) {
+            Ok(0) => break Ok(()),
             Ok(n) => {
-                buf.truncate(start + n);
-                let last = buf.last().copied();
-                if n == 0 || last == Some(b'\n') || buf.len() > limit {
-                    break Ok(());
-                }
-                if last == Some(interrupt) {
-                    break Err("cancelled; nothing was stored".to_owned());
+                len += n;
+                match len.checked_sub(1).and_then(|i| buf.get(i)) {
+                    Some(b'\n') => break Ok(()),
+                    Some(&c) if c == interrupt => {
+                        break Err("cancelled; nothing was stored".to_owned());
+                    }
+                    _ => {}
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(rustix::io::Errno::INTR) => {}
             Err(e) => break Err(format!("cannot read standard input: {e}")),
         }
     };
-    let _ = tcsetattr(stdin, OptionalActions::Now, &old);
-    eprint_prompt("\n");
-    read.map(|()| buf)
-}
-
-#[expect(clippy::print_stderr, reason = "the prompt goes to the terminal")]
-fn eprint_prompt(text: &str) {
-    eprint!("{text}");
+    drop(restore);
+    read?;
+    buf.truncate(len);
+    let typed = buf.strip_suffix(b"\n").map_or(buf.len(), <[u8]>::len);
+    if typed >= MAX_TYPED_LINE {
+        return Err(format!(
+            "a value typed on a terminal is at most {} characters (a longer paste is cut); pipe it on standard input instead",
+            MAX_TYPED_LINE - 1
+        ));
+    }
+    Ok(buf)
 }
 
 /// Runs the mint command and reads the new value from its standard output.

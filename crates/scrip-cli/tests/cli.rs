@@ -733,6 +733,11 @@ impl Pty {
         self.master.write_all(bytes).unwrap();
     }
 
+    /// How many typed bytes wait to be read.
+    fn unread(&self) -> usize {
+        usize::try_from(rustix::io::ioctl_fionread(&self._held).unwrap()).unwrap()
+    }
+
     /// Whether the terminal echoes and turns Ctrl-C into a signal, as a
     /// shell expects it to.
     fn is_restored(&self) -> bool {
@@ -796,7 +801,9 @@ max_age = 86400
     assert!(pty.is_restored(), "a new terminal echoes");
     let mut child = pty.spawn(&args);
     pty.wait_for("secret value for `legacy` `read`: ");
-    pty.type_in(b"half-typ\x03");
+    // The rest of the paste after the Ctrl-C is thrown away, not left for
+    // the shell to run.
+    pty.type_in(b"half-typ\x03rest-of-paste\n");
     let status = wait_exit(&mut child.0, Duration::from_secs(20)).expect("scrip did not exit");
     assert!(
         pty.is_restored(),
@@ -806,6 +813,20 @@ max_age = 86400
     assert_eq!(status.code(), Some(1), "{}", pty.screen());
     pty.wait_for("cancelled");
     assert!(!pty.screen().contains("half-typ"), "{}", pty.screen());
+    assert_eq!(pty.unread(), 0, "typed input left for the next reader");
+
+    // A paste longer than a terminal line is cut by the terminal: refused,
+    // not stored cut short.
+    let mut pty = Pty::open();
+    let mut child = pty.spawn(&args);
+    pty.wait_for("secret value for `legacy` `read`: ");
+    let mut long = vec![b'k'; 5000];
+    long.push(b'\n');
+    pty.type_in(&long);
+    let status = wait_exit(&mut child.0, Duration::from_secs(20)).expect("scrip did not exit");
+    assert_eq!(status.code(), Some(1), "{}", pty.screen());
+    pty.wait_for("pipe it on standard input");
+    assert!(pty.is_restored(), "{}", pty.screen());
 
     // Typed and Enter: stored, never echoed.
     let mut pty = Pty::open();
