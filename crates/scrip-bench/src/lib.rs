@@ -65,6 +65,7 @@ use serde_json::{Value, json};
 
 use crate::idp::{Idp, K8S_ISSUER};
 use crate::load::{Outcome, Target, Workload};
+use scrip_testkit::dpop::DpopKey;
 
 /// Any failure of the benchmark itself (not of a request).
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -99,6 +100,10 @@ pub enum Scenario {
     Proxy,
     /// GET the authorization-server metadata: no signature, policy or store, the floor under the others.
     Metadata,
+    /// As `exchange`, each request with a fresh DPoP proof (RFC 9449): tokens bound to a key.
+    ExchangeDpop,
+    /// As `proxy`, with a DPoP-bound token and a fresh proof per request.
+    ProxyDpop,
 }
 
 impl Scenario {
@@ -111,6 +116,8 @@ impl Scenario {
             Self::Propagation => "propagation",
             Self::Proxy => "proxy",
             Self::Metadata => "metadata",
+            Self::ExchangeDpop => "exchange-dpop",
+            Self::ProxyDpop => "proxy-dpop",
         }
     }
 }
@@ -139,7 +146,7 @@ pub struct Args {
     #[arg(long, requires = "identity_key")]
     pub print_jwks: bool,
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "introspect", "revoke", "proxy", "metadata"])]
+    #[arg(long, value_delimiter = ',', default_values = ["task-start", "exchange", "exchange-dpop", "introspect", "revoke", "proxy", "proxy-dpop", "metadata"])]
     pub scenario: Vec<Scenario>,
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
@@ -192,6 +199,9 @@ pub struct Args {
     /// After each scenario, print where each thread's time went: cores on a CPU and cores runnable but waiting for one, per thread name, for the server (replica 0) and this generator (from /proc/<pid>/task/*/schedstat).
     #[arg(long)]
     pub sched: bool,
+    /// For exchange-dpop and proxy-dpop: DPoP proofs made before the run (each is used once; the run stops when they run out, and they are good for 60 s).
+    #[arg(long, default_value_t = 150_000)]
+    pub dpop_proofs: usize,
 }
 
 fn signing_algorithm(s: &str) -> std::result::Result<SigningAlgorithm, String> {
@@ -250,6 +260,62 @@ fn start_task_form(identity: &str, scope: &str) -> Bytes {
         ("scope", scope),
         ("request_details", &details),
     ])
+}
+
+/// The token endpoint, as the metadata names it: a DPoP proof's `htu`.
+async fn token_endpoint(target: &Target) -> Result<String> {
+    let (status, body) = load::get(target, METADATA, None).await?;
+    if status != 200 {
+        return Err(format!("metadata answered {status}").into());
+    }
+    let v: Value = serde_json::from_slice(&body)?;
+    v.get("token_endpoint")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| "metadata has no token_endpoint".into())
+}
+
+/// `n` DPoP proofs by `key` for `method` `url` (with the access token's
+/// hash when given), made on every core before the run.
+fn mint_proofs(
+    key: &DpopKey,
+    n: usize,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+) -> Result<Vec<HeaderValue>> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let per = n.div_ceil(threads);
+    let started = std::time::Instant::now();
+    let parts: Vec<Vec<String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let count = per.min(n.saturating_sub(t * per));
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| key.proof(method, url, token))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let proofs = parts
+        .into_iter()
+        .flatten()
+        .map(|p| HeaderValue::from_str(&p))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if proofs.len() != n {
+        return Err("minting DPoP proofs failed".into());
+    }
+    say(&format!(
+        "# {n} DPoP proofs made in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(proofs)
 }
 
 fn exchange_form(task_token: &str) -> Bytes {
@@ -353,7 +419,7 @@ impl std::fmt::Display for Summary {
             )?;
         }
         if o.exhausted {
-            write!(f, " (ran out of tokens)")?;
+            write!(f, " (ran out of single-use tokens or proofs)")?;
         }
         if let Some(e) = &o.first_error {
             write!(f, " first_error={e:?}")?;
@@ -389,6 +455,7 @@ pub fn main(mut args: Args) -> Result<bool> {
         args.identities = args.identities.min(64);
         args.revoke_tokens = args.revoke_tokens.min(400);
         args.propagations = args.propagations.min(20);
+        args.dpop_proofs = args.dpop_proofs.min(4_000);
     }
     if args.print_jwks {
         let idp = load_identity_key(&args)?;
@@ -590,6 +657,7 @@ async fn run(args: &Args) -> Result<bool> {
                     .map(|id| start_task_form(id, "github:read github:write"))
                     .collect(),
                 once: false,
+                proofs: Vec::new(),
             },
             Scenario::Exchange => Workload {
                 method: Method::POST,
@@ -597,6 +665,7 @@ async fn run(args: &Args) -> Result<bool> {
                 authorization: None,
                 bodies: vec![exchange_form(&task_token)],
                 once: false,
+                proofs: Vec::new(),
             },
             Scenario::Propagation => continue,
             Scenario::Introspect => {
@@ -607,6 +676,7 @@ async fn run(args: &Args) -> Result<bool> {
                     authorization: Some(HeaderValue::from_str(&format!("Bearer {caller}"))?),
                     bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
                     once: false,
+                    proofs: Vec::new(),
                 }
             }
             Scenario::Proxy => {
@@ -636,6 +706,56 @@ async fn run(args: &Args) -> Result<bool> {
                     authorization: Some(HeaderValue::from_str(&format!("Bearer {token}"))?),
                     bodies: vec![Bytes::new()],
                     once: false,
+                    proofs: Vec::new(),
+                }
+            }
+            Scenario::ExchangeDpop => {
+                let endpoint = token_endpoint(&target).await?;
+                let key = DpopKey::new();
+                Workload {
+                    method: Method::POST,
+                    path: "/token",
+                    authorization: None,
+                    bodies: vec![exchange_form(&task_token)],
+                    once: false,
+                    proofs: mint_proofs(&key, args.dpop_proofs, "POST", &endpoint, None)?,
+                }
+            }
+            Scenario::ProxyDpop => {
+                if upstream.is_none() {
+                    say(
+                        "# proxy-dpop: skipped (it needs a scrip that scrip-bench starts, not --url)",
+                    );
+                    continue;
+                }
+                let endpoint = token_endpoint(&target).await?;
+                let key = DpopKey::new();
+                let proof = key.proof("POST", &endpoint, None);
+                let (status, answer) = load::once_with_proof(
+                    &target,
+                    "/token",
+                    exchange_form_for(&task_token, server::UPSTREAM),
+                    &HeaderValue::from_str(&proof)?,
+                )
+                .await?;
+                if status != 200 {
+                    return Err(format!(
+                        "a DPoP-bound {} token: {status} {}",
+                        server::UPSTREAM,
+                        String::from_utf8_lossy(&answer)
+                    )
+                    .into());
+                }
+                let token = access_token_of(&answer)?;
+                let issuer = endpoint.trim_end_matches("/token");
+                let url = format!("{issuer}/proxy/legacy/bench");
+                Workload {
+                    method: Method::GET,
+                    path: "/proxy/legacy/bench",
+                    authorization: Some(HeaderValue::from_str(&format!("DPoP {token}"))?),
+                    bodies: vec![Bytes::new()],
+                    once: false,
+                    proofs: mint_proofs(&key, args.dpop_proofs, "GET", &url, Some(&token))?,
                 }
             }
             Scenario::Metadata => Workload {
@@ -644,6 +764,7 @@ async fn run(args: &Args) -> Result<bool> {
                 authorization: None,
                 bodies: vec![Bytes::new()],
                 once: false,
+                proofs: Vec::new(),
             },
             Scenario::Revoke => {
                 let tokens =
@@ -654,6 +775,7 @@ async fn run(args: &Args) -> Result<bool> {
                     authorization: None,
                     bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
                     once: true,
+                    proofs: Vec::new(),
                 }
             }
         };
@@ -755,6 +877,7 @@ async fn issue(
         authorization: None,
         bodies: vec![body; n],
         once: true,
+        proofs: Vec::new(),
     };
     let outcome = load::drive(
         std::slice::from_ref(target),

@@ -53,6 +53,9 @@ pub struct Workload {
     pub bodies: Vec<Bytes>,
     /// Send each body once and stop when they run out (else cycle).
     pub once: bool,
+    /// A `DPoP` proof header per request, each used once (a proof is
+    /// single-use); when there are any, the run stops when they run out.
+    pub proofs: Vec<HeaderValue>,
 }
 
 /// What a run measured.
@@ -149,7 +152,25 @@ pub async fn once(
     let mut sender = connect(target).await?;
     send(
         &mut sender,
-        request(target, &Method::POST, path, authorization, body)?,
+        request(target, &Method::POST, path, authorization, None, body)?,
+    )
+    .await
+}
+
+/// As [`once`], with a `DPoP` proof header.
+///
+/// # Errors
+/// On a transport failure.
+pub async fn once_with_proof(
+    target: &Target,
+    path: &str,
+    body: Bytes,
+    proof: &HeaderValue,
+) -> Result<(u16, Bytes)> {
+    let mut sender = connect(target).await?;
+    send(
+        &mut sender,
+        request(target, &Method::POST, path, None, Some(proof), body)?,
     )
     .await
 }
@@ -176,6 +197,7 @@ fn request(
     method: &Method,
     path: &str,
     authorization: Option<&HeaderValue>,
+    proof: Option<&HeaderValue>,
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>> {
     let mut b = Request::builder()
@@ -184,6 +206,9 @@ fn request(
         .header(HOST, target.host.clone());
     if let Some(a) = authorization {
         b = b.header(AUTHORIZATION, a.clone());
+    }
+    if let Some(p) = proof {
+        b = b.header("dpop", p.clone());
     }
     if *method == Method::GET {
         return Ok(b.body(Full::new(Bytes::new()))?);
@@ -227,9 +252,17 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
         if let Some(at) = due {
             tokio::time::sleep_until(at.into()).await;
         }
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        let i = if wl.once { i } else { i % len };
+        let n = shared.next.fetch_add(1, Ordering::Relaxed);
+        let i = if wl.once { n } else { n % len };
         let Some(body) = wl.bodies.get(i).cloned() else {
+            out.exhausted = true;
+            break;
+        };
+        let proof = if wl.proofs.is_empty() {
+            None
+        } else if let Some(p) = wl.proofs.get(n) {
+            Some(p)
+        } else {
             out.exhausted = true;
             break;
         };
@@ -244,7 +277,14 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
                 }
             },
         };
-        let req = match request(target, &wl.method, wl.path, wl.authorization.as_ref(), body) {
+        let req = match request(
+            target,
+            &wl.method,
+            wl.path,
+            wl.authorization.as_ref(),
+            proof,
+            body,
+        ) {
             Ok(r) => r,
             Err(e) => {
                 out.fail(format!("request: {e}"));
@@ -436,6 +476,7 @@ mod tests {
             authorization: None,
             bodies: vec![Bytes::new()],
             once: false,
+            proofs: Vec::new(),
         }
     }
 
