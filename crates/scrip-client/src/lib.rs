@@ -23,9 +23,14 @@
 //!
 //! [`Task::delegate`] gives a sub-agent a child task (RFC 8693 with an
 //! `actor_token`): never more grants or a later end than its parent.
+//!
+//! [`Task::with_dpop`] binds the task's access tokens to a [`DpopKey`]
+//! held in memory (RFC 9449); [`Task::request_headers`] then gives each
+//! call its `Authorization: DPoP` and a fresh proof.
 
 mod attest;
 mod cache;
+mod dpop;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,6 +41,7 @@ use serde::Deserialize;
 
 pub use attest::attest;
 pub use cache::FileCache;
+pub use dpop::DpopKey;
 
 /// The address of a scrip started with the defaults.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
@@ -233,6 +239,9 @@ impl TaskRequest {
 pub struct Client {
     http: reqwest::Client,
     url: String,
+    /// The token endpoint as scrip's metadata names it (a DPoP proof's
+    /// `htu`), read once when first needed.
+    token_endpoint: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +275,7 @@ impl Client {
         Ok(Self {
             http,
             url: url.trim_end_matches('/').to_owned(),
+            token_endpoint: std::sync::Arc::default(),
         })
     }
 
@@ -276,30 +286,77 @@ impl Client {
     }
 
     async fn post(&self, path: &str, form: &[(&str, &str)]) -> Result<reqwest::Response, Error> {
+        self.post_with(path, form, None).await
+    }
+
+    async fn post_with(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        proof: Option<&str>,
+    ) -> Result<reqwest::Response, Error> {
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form.iter())
             .finish();
-        self.http
+        let mut request = self
+            .http
             .post(format!("{}{path}", self.url))
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| Error::Unreachable {
-                url: self.url.clone(),
-                message: if e.is_timeout() {
-                    "timed out".to_owned()
-                } else {
-                    "connection failed".to_owned()
-                },
-            })
+            .body(body);
+        if let Some(p) = proof {
+            request = request.header("DPoP", p);
+        }
+        request.send().await.map_err(|e| Error::Unreachable {
+            url: self.url.clone(),
+            message: if e.is_timeout() {
+                "timed out".to_owned()
+            } else {
+                "connection failed".to_owned()
+            },
+        })
     }
 
     async fn token(&self, form: &[(&str, &str)]) -> Result<TokenResponse, Error> {
-        let response = self.post("/token", form).await?;
+        self.token_with(form, None).await
+    }
+
+    /// The token endpoint's URL from scrip's RFC 8414 metadata.
+    async fn token_endpoint(&self) -> Result<&str, Error> {
+        self.token_endpoint
+            .get_or_try_init(|| async {
+                let url = format!("{}/.well-known/oauth-authorization-server", self.url);
+                let unreachable = |message: String| Error::Unreachable {
+                    url: self.url.clone(),
+                    message,
+                };
+                let response = self
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let meta: serde_json::Value = response
+                    .json()
+                    .await
+                    .map_err(|_| Error::Protocol(format!("`{url}` is not JSON metadata")))?;
+                meta.get("token_endpoint")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| Error::Protocol(format!("`{url}` names no token_endpoint")))
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    async fn token_with(
+        &self,
+        form: &[(&str, &str)],
+        proof: Option<&str>,
+    ) -> Result<TokenResponse, Error> {
+        let response = self.post_with("/token", form, proof).await?;
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(|e| Error::Unreachable {
             url: self.url.clone(),
@@ -389,7 +446,7 @@ impl Client {
 pub struct AccessToken {
     /// The JWT.
     pub token: String,
-    /// `Bearer`.
+    /// `Bearer`, or `DPoP` for a token bound to the task's DPoP key.
     pub token_type: String,
     /// The actions it carries, space-separated.
     pub scope: String,
@@ -436,6 +493,8 @@ pub struct Task {
     owned: bool,
     cache: Mutex<HashMap<(String, String), AccessToken>>,
     file_cache: Option<FileCache>,
+    /// The key the access tokens are bound to, if any (DPoP).
+    dpop: Option<std::sync::Arc<DpopKey>>,
 }
 
 impl std::fmt::Debug for Task {
@@ -459,6 +518,7 @@ impl Task {
             owned,
             cache: Mutex::new(HashMap::new()),
             file_cache: None,
+            dpop: None,
         }
     }
 
@@ -538,9 +598,8 @@ impl Task {
         if let Some(t) = self.cached(&key) {
             return Ok(t);
         }
-        if let Some(t) = self
-            .file_cache
-            .as_ref()
+        let file_cache = self.file_cache.as_ref().filter(|_| self.dpop.is_none());
+        if let Some(t) = file_cache
             .and_then(|c| c.get(&self.token, tool, &scope))
             .filter(AccessToken::fresh)
         {
@@ -557,8 +616,18 @@ impl Task {
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
+        let proof = match &self.dpop {
+            Some(key) => Some(key.proof("POST", self.client.token_endpoint().await?, None)?),
+            None => None,
+        };
         let issued = now();
-        let answer = self.client.token(&form).await?;
+        let answer = self.client.token_with(&form, proof.as_deref()).await?;
+        if proof.is_some() && !answer.token_type.eq_ignore_ascii_case("dpop") {
+            return Err(Error::Protocol(format!(
+                "asked for a DPoP-bound token, got token_type `{}`",
+                answer.token_type
+            )));
+        }
         let token = AccessToken {
             token: answer.access_token,
             token_type: answer.token_type,
@@ -566,11 +635,52 @@ impl Task {
             expires_at: issued.saturating_add(answer.expires_in),
             refresh_at: refresh_at(issued, answer.expires_in),
         };
-        if let Some(c) = &self.file_cache {
+        if let Some(c) = file_cache {
             c.put(&self.token, tool, &scope, &token);
         }
         self.remember(key, &token);
         Ok(token)
+    }
+
+    /// Binds the access tokens this task gets from now on to `key` (DPoP,
+    /// RFC 9449): scrip issues them as `DPoP` tokens that a resource server
+    /// accepts only with a fresh proof by the key for each call
+    /// ([`Task::request_headers`]). They are cached in memory only: another
+    /// process would not hold the key. Bearer tokens cached in memory
+    /// before are forgotten.
+    #[must_use]
+    pub fn with_dpop(mut self, key: std::sync::Arc<DpopKey>) -> Self {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+        self.dpop = Some(key);
+        self
+    }
+
+    /// The headers that present `token` on a call of `method` to `url`:
+    /// `Authorization: Bearer <token>`, or for a DPoP-bound token
+    /// `Authorization: DPoP <token>` and a `DPoP` proof by this task's key,
+    /// made now for this one call.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] for a bound token when this task has no DPoP key,
+    /// or when the proof cannot be signed.
+    pub fn request_headers(
+        &self,
+        token: &AccessToken,
+        method: &str,
+        url: &str,
+    ) -> Result<Vec<(&'static str, String)>, Error> {
+        if !token.token_type.eq_ignore_ascii_case("dpop") {
+            return Ok(vec![("Authorization", format!("Bearer {}", token.token))]);
+        }
+        let key = self.dpop.as_ref().ok_or_else(|| {
+            Error::Protocol("the token is DPoP-bound, and this task has no DPoP key".into())
+        })?;
+        Ok(vec![
+            ("Authorization", format!("DPoP {}", token.token)),
+            ("DPoP", key.proof(method, url, Some(&token.token))?),
+        ])
     }
 
     fn cached(&self, key: &(String, String)) -> Option<AccessToken> {

@@ -228,3 +228,88 @@ async fn delegate_to_a_sub_agent() {
         .unwrap_err();
     assert_eq!(e.oauth_code(), Some("invalid_request"), "{e}");
 }
+
+#[tokio::test]
+async fn dpop_bound_tokens_and_the_headers_that_present_them() {
+    use std::sync::Arc;
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let key = Arc::new(scrip_client::DpopKey::generate().unwrap());
+    assert!(!format!("{key:?}").contains("\"d\""), "{key:?}");
+    let task = client
+        .start_task(&identity, &TaskRequest::new(["github:read"], "dpop", "dev"))
+        .await
+        .unwrap()
+        .with_file_cache(FileCache::new(cache_dir.path().join("c")).unwrap())
+        .with_dpop(key.clone());
+    let token = task.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(token.token_type, "DPoP");
+    let again = task.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(token.token, again.token, "served from the memory cache");
+    let claims: serde_json::Value = {
+        use base64::Engine as _;
+        let payload = token.token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(claims["cnf"]["jkt"], key.thumbprint());
+    // A bound token is not written where another process would find it.
+    let other = client
+        .task_from_token(task.token())
+        .with_file_cache(FileCache::new(cache_dir.path().join("c")).unwrap());
+    let theirs = other.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(theirs.token_type, "Bearer");
+    assert_ne!(theirs.token, token.token);
+    let _ = other.into_token();
+
+    // The headers: a resource server's verifier accepts them, once.
+    let mut config =
+        scrip_verifier::VerifierConfig::danger_without_revocation(&server.url, "github");
+    config.public_url = Some("https://rs.example".into());
+    let verifier = scrip_verifier::Verifier::discover(config).await.unwrap();
+    let url = "https://rs.example/repos?page=2";
+    let headers = task.request_headers(&token, "GET", url).unwrap();
+    assert_eq!(
+        headers[0],
+        ("Authorization", format!("DPoP {}", token.token))
+    );
+    let (name, proof) = &headers[1];
+    assert_eq!(*name, "DPoP");
+    let accepted = verifier
+        .verify_dpop(&token.token, proof, "GET", url, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted.claims().cnf.as_ref().unwrap().jkt,
+        key.thumbprint()
+    );
+    assert!(
+        verifier
+            .verify_dpop(&token.token, proof, "GET", url, None)
+            .await
+            .is_err(),
+        "a proof is good once"
+    );
+    // Each call gets its own proof.
+    let next = task.request_headers(&token, "GET", url).unwrap();
+    assert_ne!(next[1].1, *proof);
+    verifier
+        .verify_dpop(&token.token, &next[1].1, "GET", url, None)
+        .await
+        .unwrap();
+    // A bearer token is presented as one; a bound token needs the key.
+    assert_eq!(
+        task.request_headers(&theirs, "GET", url).unwrap(),
+        vec![("Authorization", format!("Bearer {}", theirs.token))]
+    );
+    let keyless = client.task_from_token(task.token());
+    assert!(keyless.request_headers(&token, "GET", url).is_err());
+    let _ = keyless.into_token();
+    task.end().await.unwrap();
+}
