@@ -78,14 +78,23 @@ impl DpopKey {
         url: &str,
         access_token: Option<&str>,
     ) -> Result<String, Error> {
-        let failed = || Error::Protocol("cannot sign a DPoP proof".into());
         let mut jti = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut jti).map_err(|_| failed())?;
+        aws_lc_rs::rand::fill(&mut jti)
+            .map_err(|_| Error::Protocol("cannot make a DPoP proof's jti".into()))?;
         let htu = url.split(['?', '#']).next().unwrap_or(url);
         let mut claims = json!({"jti": b64(&jti), "htm": method, "htu": htu, "iat": now()});
         if let (Some(token), Some(obj)) = (access_token, claims.as_object_mut()) {
             obj.insert("ath".into(), json!(sha256_b64(token.as_bytes())));
         }
+        self.sign_claims(&claims)
+    }
+
+    /// A proof with exactly these claims, for a request [`DpopKey::proof`]
+    /// does not describe (a server that asks for a `nonce`, RFC 9449 §8).
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] if the signature fails.
+    pub fn sign_claims(&self, claims: &serde_json::Value) -> Result<String, Error> {
         let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk});
         let input = format!(
             "{}.{}",
@@ -95,7 +104,7 @@ impl DpopKey {
         let signature = self
             .pair
             .sign(&SystemRandom::new(), input.as_bytes())
-            .map_err(|_| failed())?;
+            .map_err(|_| Error::Protocol("cannot sign a DPoP proof".into()))?;
         Ok(format!("{input}.{}", b64(signature.as_ref())))
     }
 }

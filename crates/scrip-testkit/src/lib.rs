@@ -5,7 +5,7 @@
 //! when it is not running, and drops the database afterwards. Tests never
 //! skip for want of PostgreSQL: a server that cannot be started fails them.
 //! [`Gate`] stands between a client and a real service to cut it off.
-//! [`dpop::DpopKey`] makes RFC 9449 proofs.
+//! [`dpop::DpopKey`] makes RFC 9449 proofs (with `scrip-client`'s key).
 #![expect(
     clippy::panic,
     clippy::expect_used,
