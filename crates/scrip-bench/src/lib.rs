@@ -199,8 +199,8 @@ pub struct Args {
     /// After each scenario, print where each thread's time went: cores on a CPU and cores runnable but waiting for one, per thread name, for the server (replica 0) and this generator (from /proc/<pid>/task/*/schedstat).
     #[arg(long)]
     pub sched: bool,
-    /// For exchange-dpop and proxy-dpop: DPoP proofs made before the run (each is used once; the run stops when they run out, and they are good for 60 s).
-    #[arg(long, default_value_t = 150_000)]
+    /// For exchange-dpop and proxy-dpop: DPoP proofs made before the run (each is used once; the run stops when they run out, and they are good for 60 s, so these scenarios run at most 50 s).
+    #[arg(long, default_value_t = 150_000, value_parser = at_least_one)]
     pub dpop_proofs: usize,
 }
 
@@ -208,6 +208,17 @@ fn signing_algorithm(s: &str) -> std::result::Result<SigningAlgorithm, String> {
     s.parse()
         .map_err(|_| format!("`{s}` is not ES256, EdDSA or RS256"))
 }
+
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("`{s}` is not a count of at least 1"))
+}
+
+/// The longest run of a scenario whose DPoP proofs are made before it: a
+/// proof is good for `MAX_PROOF_AGE` (60 s) after it is made.
+const MAX_DPOP_RUN: Duration = Duration::from_secs(50);
 
 fn positive_rate(s: &str) -> std::result::Result<f64, String> {
     s.parse::<f64>()
@@ -456,6 +467,17 @@ pub fn main(mut args: Args) -> Result<bool> {
         args.revoke_tokens = args.revoke_tokens.min(400);
         args.propagations = args.propagations.min(20);
         args.dpop_proofs = args.dpop_proofs.min(4_000);
+    }
+    let dpop = args
+        .scenario
+        .iter()
+        .any(|s| matches!(s, Scenario::ExchangeDpop | Scenario::ProxyDpop));
+    if dpop && args.duration > MAX_DPOP_RUN {
+        return Err(format!(
+            "exchange-dpop and proxy-dpop make their proofs before the run, and a proof is good for 60 s: use --duration {}s or less for them",
+            MAX_DPOP_RUN.as_secs()
+        )
+        .into());
     }
     if args.print_jwks {
         let idp = load_identity_key(&args)?;
