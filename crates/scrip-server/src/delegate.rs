@@ -3,8 +3,9 @@
 //!
 //! Attenuation is enforced here, whatever the policy says: the child's grants
 //! are a subset of the parent's, its deadline is not later, its depth is at
-//! most `max_delegation_depth`, and the actor must be one the parent allows
-//! (`may_act`). `sub` stays the original agent; `act` names the sub-agent,
+//! most `max_delegation_depth`, the actor must be one the parent allows
+//! (`may_act`, which binds the parent's whole subtree), and a refusal is
+//! audited (`task.refused`). `sub` stays the original agent; `act` names the sub-agent,
 //! nested per RFC 8693 §4.1 with the parent's chain inside, so the chain is
 //! never dropped or rewritten. Ending the parent ends the child (the store
 //! ends descendants); ending the child leaves the parent.
@@ -14,7 +15,9 @@ use std::net::SocketAddr;
 use axum::response::Response;
 use scrip_policy::{RequestContext, Stage};
 use scrip_store::{TaskRecord, Write};
-use scrip_token::{Actor, GrantSet, TaskClaims, TaskContext, TokenKind, token_type};
+use scrip_token::{
+    Actor, GrantSet, MayAct, TaskClaims, TaskContext, TokenKind, WorkloadIdentity, token_type,
+};
 
 use crate::error::OAuthError;
 use crate::exchange::{Issued, active_task, decide_grants, parse_details};
@@ -59,51 +62,38 @@ pub(crate) async fn delegate(
         }
         Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
     };
-    let depth = parent.depth + 1;
-    if depth > st.config.max_delegation_depth {
-        return Err(OAuthError::invalid_request(format!(
-            "delegation deeper than {} is not allowed",
-            st.config.max_delegation_depth
-        )));
-    }
-    if !parent.may_act.is_empty()
-        && !parent
-            .may_act
-            .iter()
-            .any(|m| m.matches(&actor.issuer, &actor.subject))
-    {
-        return Err(OAuthError::invalid_request(
-            "actor_token: this actor is not one the task allows to act for it (may_act)",
-        ));
-    }
-    let parent_grants = GrantSet::parse(&parent.grants).map_err(|_| OAuthError::server_error())?;
-    let grants = match form.get("scope") {
-        None => parent_grants.clone(),
-        Some(s) => GrantSet::parse(s).map_err(|e| OAuthError::invalid_scope(e.to_string()))?,
-    };
-    if let Some(beyond) = grants.iter().find(|g| !parent_grants.contains(g)) {
-        return Err(OAuthError::invalid_scope(format!(
-            "scope exceeds the parent task's grants: the task does not hold `{beyond}`"
-        )));
-    }
-    let details = parse_details(form)?;
-    let (purpose, ttl, may_act) = match details {
-        Some(d) => {
-            if d.environment
-                .as_ref()
-                .is_some_and(|e| *e != parent.environment)
-            {
-                return Err(OAuthError::invalid_request(
-                    "request_details: a delegated task keeps its parent's environment",
-                ));
-            }
-            (
-                d.purpose.unwrap_or_else(|| parent.purpose.clone()),
-                d.ttl,
-                d.may_act,
-            )
+    let Asked {
+        depth,
+        grants,
+        purpose,
+        ttl,
+        may_act,
+    } = match attenuate(st, form, &parent, &actor) {
+        Ok(asked) => asked,
+        Err(e) if e.status.is_server_error() => return Err(e),
+        Err(e) => {
+            // An identified task asked for more than it holds: audited like
+            // an access-token request beyond the task (`token.refused`).
+            let mut a = st.audit("task.refused");
+            a.decision = Some("deny".into());
+            a.agent_iss = Some(parent.agent.issuer.clone());
+            a.agent_sub = Some(parent.agent.subject.clone());
+            a.task_id = Some(parent.id.clone());
+            a.parent_id.clone_from(&parent.parent);
+            a.chain = parent.actor.as_ref().map(Actor::chain).unwrap_or_default();
+            a.environment = Some(parent.environment.clone());
+            a.purpose = Some(parent.purpose.clone());
+            a.actions = form.get("scope").map(short);
+            a.reason = Some(format!(
+                "delegation to {} ({}): {}",
+                short(&actor.subject),
+                short(&actor.issuer),
+                e.description
+            ));
+            a.client = Some(peer.to_string());
+            st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
+            return Err(e);
         }
-        None => (parent.purpose.clone(), None, Vec::new()),
     };
 
     let act = Actor {
@@ -202,4 +192,114 @@ pub(crate) async fn delegate(
         exp.saturating_sub(now),
         &child.scope,
     ))
+}
+
+/// What a delegation asks for, once it is shown to be within the parent.
+struct Asked {
+    depth: u32,
+    grants: GrantSet,
+    purpose: String,
+    ttl: Option<u64>,
+    may_act: Vec<MayAct>,
+}
+
+/// Attenuation, whatever the policy says: depth, `may_act`, grants and
+/// environment within the parent's.
+fn attenuate(
+    st: &Inner,
+    form: &Form,
+    parent: &TaskRecord,
+    actor: &WorkloadIdentity,
+) -> Result<Asked, OAuthError> {
+    let depth = parent.depth.saturating_add(1);
+    if depth > st.config.max_delegation_depth {
+        return Err(OAuthError::invalid_request(format!(
+            "delegation deeper than {} is not allowed",
+            st.config.max_delegation_depth
+        )));
+    }
+    if !parent.may_act.is_empty()
+        && !parent
+            .may_act
+            .iter()
+            .any(|m| m.matches(&actor.issuer, &actor.subject))
+    {
+        return Err(OAuthError::invalid_request(
+            "actor_token: this actor is not one the task allows to act for it (may_act)",
+        ));
+    }
+    let parent_grants = GrantSet::parse(&parent.grants).map_err(|_| OAuthError::server_error())?;
+    let grants = match form.get("scope") {
+        None => parent_grants.clone(),
+        Some(s) => GrantSet::parse(s).map_err(|e| OAuthError::invalid_scope(e.to_string()))?,
+    };
+    if let Some(beyond) = grants.iter().find(|g| !parent_grants.contains(g)) {
+        return Err(OAuthError::invalid_scope(format!(
+            "scope exceeds the parent task's grants: the task does not hold `{beyond}`"
+        )));
+    }
+    let details = parse_details(form)?;
+    let (purpose, ttl, may_act) = match details {
+        Some(d) => {
+            if d.environment
+                .as_ref()
+                .is_some_and(|e| *e != parent.environment)
+            {
+                return Err(OAuthError::invalid_request(
+                    "request_details: a delegated task keeps its parent's environment",
+                ));
+            }
+            (
+                d.purpose.unwrap_or_else(|| parent.purpose.clone()),
+                d.ttl,
+                d.may_act,
+            )
+        }
+        None => (parent.purpose.clone(), None, Vec::new()),
+    };
+    let may_act = attenuate_may_act(&parent.may_act, may_act)?;
+    Ok(Asked {
+        depth,
+        grants,
+        purpose,
+        ttl,
+        may_act,
+    })
+}
+
+/// The `may_act` of a child task: never wider than its parent's. A parent
+/// that names who may act for it names them for its whole subtree: a child
+/// that names nobody inherits the parent's list, and every entry a child
+/// names must be one the parent's list covers (the same `sub`, and the same
+/// `iss` unless the parent's entry leaves it open). Otherwise a sub-agent
+/// the root allowed could hand the task on to anyone.
+fn attenuate_may_act(parent: &[MayAct], asked: Vec<MayAct>) -> Result<Vec<MayAct>, OAuthError> {
+    if parent.is_empty() {
+        return Ok(asked);
+    }
+    if asked.is_empty() {
+        return Ok(parent.to_vec());
+    }
+    let covered = |m: &MayAct| {
+        parent.iter().any(|p| {
+            p.sub == m.sub
+                && match (&p.iss, &m.iss) {
+                    (None, _) => true,
+                    (Some(pi), Some(mi)) => pi == mi,
+                    (Some(_), None) => false,
+                }
+        })
+    };
+    match asked.iter().find(|m| !covered(m)) {
+        None => Ok(asked),
+        Some(m) => Err(OAuthError::invalid_request(format!(
+            "request_details: `may_act` may only narrow the parent task's; it does not allow `{}`{}",
+            short(&m.sub),
+            if m.iss.is_none() {
+                " from any issuer"
+            } else {
+                ""
+            }
+        ))),
+    }
 }

@@ -495,6 +495,85 @@ async fn a_child_may_restrict_who_acts_for_it() {
 }
 
 #[tokio::test]
+async fn a_parents_may_act_binds_its_whole_subtree() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = start(
+        &s,
+        &identity,
+        "github:read",
+        &json!({"purpose": "triage", "environment": "dev", "may_act": [{"sub": ACTOR1}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let parent = token(&r);
+
+    // The allowed sub-agent names nobody: it inherits the root's list, so
+    // it cannot hand the task on to an actor the root did not allow.
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let r = delegate(&s, &child, &actor2(&s), None, None).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("may_act"), "{}", r.text);
+    // The attempt is audited, against the task that made it.
+    let child_id = claims(&child)["txn"].as_str().unwrap().to_owned();
+    let audit = s.audit().await;
+    let refused: Vec<_> = audit.iter().filter(|e| e.event == "task.refused").collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].decision.as_deref(), Some("deny"));
+    assert_eq!(refused[0].task_id.as_deref(), Some(child_id.as_str()));
+    assert_eq!(refused[0].chain, vec![ACTOR1.to_owned()]);
+    let reason = refused[0].reason.as_deref().unwrap();
+    assert!(
+        reason.contains(ACTOR2) && reason.contains("may_act"),
+        "{reason}"
+    );
+    let grandchild = child_of(&s, &child, &actor1(&s), None).await;
+    assert_eq!(claims(&grandchild)["tctx"]["depth"], 2);
+
+    // Nor can it widen the list for its own children.
+    for wider in [
+        json!([{"sub": ACTOR2}]),
+        json!([{"sub": ACTOR1}, {"sub": ACTOR2, "iss": GITHUB_ISSUER}]),
+    ] {
+        let r = delegate(
+            &s,
+            &parent,
+            &actor1(&s),
+            None,
+            Some(&json!({ "may_act": wider })),
+        )
+        .await;
+        r.assert_error(400, "invalid_request");
+        assert!(r.text.contains("may only narrow"), "{}", r.text);
+    }
+    // Narrowing is fine: the same actor, from one issuer only.
+    let r = delegate(
+        &s,
+        &parent,
+        &actor1(&s),
+        None,
+        Some(&json!({"may_act": [{"sub": ACTOR1, "iss": SPIFFE_ISSUER}]})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let narrow = token(&r);
+    child_of(&s, &narrow, &actor1(&s), None).await;
+
+    // An entry pinned to an issuer cannot be reopened to any issuer.
+    let r = delegate(
+        &s,
+        &narrow,
+        &actor1(&s),
+        None,
+        Some(&json!({"may_act": [{"sub": ACTOR1}]})),
+    )
+    .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("from any issuer"), "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn an_actor_token_that_is_a_task_token_is_refused() {
     let s = TestServer::start().await;
     let parent = root(&s, "github:read", None).await;
