@@ -73,9 +73,18 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::start_with("", "")
+    }
+
+    /// With `extra` appended to the configuration and `extra_policy` beside
+    /// the repository's policies.
+    fn start_with(extra: &str, extra_policy: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         copy_policies(&root.join("policies"));
+        if !extra_policy.is_empty() {
+            fs::write(root.join("policies/extra.cedar"), extra_policy).unwrap();
+        }
         let (idp, _pkcs8) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
         fs::write(
             root.join("k8s-jwks.json"),
@@ -107,7 +116,7 @@ actions = ["read", "write", "delete"]
 [[approvers]]
 name = "root-operator"
 uid = 0
-"#,
+{extra}"#,
             data = root.join("data").display(),
             policies = root.join("policies").display(),
             jwks = root.join("k8s-jwks.json").display(),
@@ -208,15 +217,20 @@ uid = 0
         (status, json)
     }
 
-    /// The agent starts a task in prod that may delete at github.
+    /// The Kubernetes agent starts a task in prod that may delete at github.
     fn start_task(&self) -> String {
+        self.start_task_as(&self.agent_identity())
+    }
+
+    /// The agent starts a task in prod that may delete at github, with
+    /// `identity`.
+    fn start_task_as(&self, identity: &str) -> String {
         let details = json!({"purpose": "cleanup JIRA-9", "environment": "prod"}).to_string();
-        let identity = self.agent_identity();
         let (status, body) = self.post(
             "/token",
             &[
                 ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", &identity),
+                ("subject_token", identity),
                 ("subject_token_type", JWT),
                 ("requested_token_type", TXN),
                 ("scope", "github:delete"),
@@ -376,6 +390,43 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     );
     let out = server.scrip(&["approve", &second]);
     assert_fails(&out, 1, &["409", "already denied"]);
+}
+
+#[test]
+fn a_person_known_by_uid_may_not_approve_a_local_agent_of_that_uid() {
+    // This test's process is the agent, `local:agent` by its executable;
+    // `scrip approve`, another executable of the same uid, attests as
+    // `local:person` and is the approver `root-operator` (uid 0). Any
+    // process of that uid could attest so, the agent included.
+    let me = std::env::current_exe().unwrap();
+    let server = Server::start_with(
+        &format!(
+            "\n[[local_workloads]]\nname = \"agent\"\nexe = \"{}\"\n\n[[local_workloads]]\nname = \"person\"\nuid = 0\n",
+            me.display()
+        ),
+        "permit (principal, action == Action::\"delete\", resource)\nwhen { principal.kind == \"local\" && context.environment == \"prod\" };\n",
+    );
+    let identity = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(scrip_client::attest(&server.socket()))
+        .unwrap();
+    assert_eq!(payload(identity.token())["sub"], "local:agent");
+    let task = server.start_task_as(identity.token());
+    let id = server.ask_delete(&task);
+    let out = server.scrip(&["approve", &id]);
+    assert_fails(&out, 1, &["separation of duties", "uid"]);
+    // Still pending: the agent's poll says so.
+    let (status, body) = server.poll(&task, &id);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "authorization_pending", "{body}");
+
+    // The Kubernetes agent's step is the person's to approve.
+    let other = server.start_task();
+    let id = server.ask_delete(&other);
+    let out = server.scrip(&["approve", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -355,8 +355,7 @@ fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
         let by_uid = a.uid.is_some_and(|uid| {
             who.kind == scrip_token::IdentityKind::Local
                 && who.issuer == local_issuer
-                && who.claims.get("scrip_attestation.uid").map(String::as_str)
-                    == Some(uid.to_string().as_str())
+                && who.claims.get(LOCAL_UID).map(String::as_str) == Some(uid.to_string().as_str())
         });
         by_identity || by_uid
     })
@@ -465,9 +464,9 @@ async fn decide_endpoint(
             .task(&approval.task_id)
             .await?
             .ok_or_else(OAuthError::server_error)?;
-        if st.config.separation_of_duties && started_by(&task, &who) {
+        if st.config.separation_of_duties && started_by(st, &task, &who) {
             return Err(OAuthError::forbidden(
-                "separation of duties: you may not approve a step of a task you started or act in",
+                "separation of duties: you may not approve a step of a task you started or act in (a local agent of your uid counts as you: any process of a uid attests as that uid)",
             ));
         }
         if task.state(now) != TaskState::Active {
@@ -531,8 +530,36 @@ async fn decide_endpoint(
 }
 
 /// Whether `who` started `task` or acts in its delegation chain.
-fn started_by(task: &TaskRecord, who: &WorkloadIdentity) -> bool {
+///
+/// A person known by local attestation is known only by uid: any process of
+/// that uid attests as that uid, and as any `[[local_workloads]]` entry it
+/// matches, so it could approve for a local agent of the same uid. A local
+/// agent or actor of `who`'s uid therefore counts as `who`, and so does one
+/// whose uid is not known (a workload entry that pins no uid).
+fn started_by(st: &Inner, task: &TaskRecord, who: &WorkloadIdentity) -> bool {
     if task.agent.issuer == who.issuer && task.agent.subject == who.subject {
+        return true;
+    }
+    let local_issuer = format!("{}/local", st.issuer);
+    let who_uid = (who.issuer == local_issuer)
+        .then(|| who.claims.get(LOCAL_UID))
+        .flatten();
+    let same_local_user = |issuer: &str, subject: &str, uid: Option<&String>| {
+        let Some(mine) = who_uid else {
+            return false;
+        };
+        if issuer != local_issuer {
+            return false;
+        }
+        uid.cloned()
+            .or_else(|| local_uid(st, subject))
+            .is_none_or(|theirs| theirs == *mine)
+    };
+    if same_local_user(
+        &task.agent.issuer,
+        &task.agent.subject,
+        task.agent.claims.get(LOCAL_UID),
+    ) {
         return true;
     }
     let mut actor = task.actor.as_ref();
@@ -540,9 +567,33 @@ fn started_by(task: &TaskRecord, who: &WorkloadIdentity) -> bool {
         if a.sub == who.subject && a.iss.as_deref().is_none_or(|i| i == who.issuer) {
             return true;
         }
+        if a.iss
+            .as_deref()
+            .is_some_and(|i| same_local_user(i, &a.sub, None))
+        {
+            return true;
+        }
         actor = a.act.as_deref();
     }
     false
+}
+
+/// The attested uid of a local identity, among its flattened claims.
+const LOCAL_UID: &str = "scrip_attestation.uid";
+
+/// The uid a local subject stands for, when it is known: `local:uid:<n>`,
+/// or `local:<name>` for a `[[local_workloads]]` entry that pins a uid.
+fn local_uid(st: &Inner, subject: &str) -> Option<String> {
+    if let Some(uid) = subject.strip_prefix("local:uid:") {
+        return Some(uid.to_owned());
+    }
+    let name = subject.strip_prefix("local:")?;
+    st.config
+        .local_workloads
+        .iter()
+        .find(|w| w.name == name)
+        .and_then(|w| w.uid)
+        .map(|u| u.to_string())
 }
 
 /// Marks expired pending approvals and audits them (run by the sweeper).
