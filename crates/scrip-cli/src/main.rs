@@ -85,6 +85,12 @@ enum Command {
     /// For shells and credential helpers: `curl -H "Authorization: Bearer
     /// $(scrip token --tool github --action read)" ...`. Tokens are cached
     /// privately and reused until shortly before they expire.
+    ///
+    /// When policy says a person must approve the step, it waits for their
+    /// decision (an approver runs `scrip approve <auth_req_id>`) and prints
+    /// the step's single-use token. Exit codes: 0 a token was printed; 75 the
+    /// step waits for a person and --no-wait was given; 1 anything else
+    /// (refused, denied, expired, scrip unreachable).
     Token(token::TokenArgs),
     /// Start, end and list tasks (`scrip run` starts and ends one around a
     /// command).

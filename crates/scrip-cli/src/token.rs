@@ -1,20 +1,34 @@
 //! `scrip token`: print an access token of the current task, for shells and
 //! credential helpers. The task comes from `SCRIP_TASK_TOKEN` (set by
 //! `scrip run`); tokens are cached privately and reused until shortly
-//! before they expire.
+//! before they expire. A step that a person must approve is waited for
+//! (OpenID CIBA's poll), unless `--no-wait` says to print its id and stop.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use scrip_client::{Client, FileCache};
+use scrip_client::{Client, Error, FileCache};
 
 use crate::fail;
+
+/// The exit code when a step waits for a person and `--no-wait` was given
+/// (`EX_TEMPFAIL`: try again later).
+const PENDING: u8 = 75;
+
+/// Seconds between polls for `--approval` (scrip's default; it answers
+/// `slow_down` when that is too often, and the wait lengthens).
+const DEFAULT_INTERVAL: u64 = 2;
+
+/// How long `--approval` waits at most; scrip ends the request sooner, at
+/// its `approval_ttl`.
+const APPROVAL_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Arguments of `scrip token`.
 #[derive(Debug, clap::Args)]
 pub struct TokenArgs {
     /// The tool the token is for (its `aud`).
-    #[arg(long)]
-    tool: String,
+    #[arg(long, required_unless_present = "approval")]
+    tool: Option<String>,
     /// An action the token carries (repeat; default: every action the task
     /// holds at the tool).
     #[arg(long = "action", value_name = "ACTION")]
@@ -26,13 +40,26 @@ pub struct TokenArgs {
     /// Always ask scrip, ignoring and bypassing the cache.
     #[arg(long)]
     no_cache: bool,
+    /// When policy says a person must approve this step, print its
+    /// auth_req_id on stderr and exit with 75 instead of waiting for the
+    /// decision (collect the token later with --approval).
+    #[arg(long, conflicts_with = "approval")]
+    no_wait: bool,
+    /// Collect the token of a step already waiting for a person, by its
+    /// auth_req_id: waits for the decision. The token is single use.
+    #[arg(long, value_name = "AUTH_REQ_ID")]
+    approval: Option<String>,
     /// scrip's address.
     #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
     server: String,
 }
 
 /// Runs `scrip token`.
-#[expect(clippy::print_stdout, reason = "the token is the command's output")]
+#[expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the token is the command's output; the wait for a person is said on stderr"
+)]
 pub fn token(args: &TokenArgs) -> ExitCode {
     let Some(task_token) = std::env::var("SCRIP_TASK_TOKEN")
         .ok()
@@ -52,13 +79,37 @@ pub fn token(args: &TokenArgs) -> ExitCode {
     let result = runtime.block_on(async {
         let client = Client::new(&args.server)?;
         let mut task = client.task_from_token(&task_token);
+        if let Some(id) = &args.approval {
+            return match task.poll_approval(id).await {
+                Err(e) if matches!(e.oauth_code(), Some("authorization_pending" | "slow_down")) => {
+                    eprintln!("scrip: nobody has decided yet; waiting (auth_req_id {id})");
+                    task.wait_for_approval(id, DEFAULT_INTERVAL, APPROVAL_WAIT)
+                        .await
+                }
+                other => other,
+            };
+        }
         if !args.no_cache
             && let Some(cache) = FileCache::default_location()
         {
             task = task.with_file_cache(cache);
         }
         let actions: Vec<&str> = args.actions.iter().map(String::as_str).collect();
-        task.access_token(&args.tool, &actions).await
+        let tool = args.tool.as_deref().unwrap_or_default();
+        match task.access_token(tool, &actions).await {
+            Err(Error::ApprovalPending {
+                auth_req_id,
+                interval,
+                expires_in,
+            }) if !args.no_wait => {
+                eprintln!(
+                    "scrip: a person must approve this step; waiting up to {expires_in} s (auth_req_id {auth_req_id}: an approver runs `scrip approve {auth_req_id}`)"
+                );
+                task.wait_for_approval(&auth_req_id, interval, Duration::from_secs(expires_in))
+                    .await
+            }
+            other => other,
+        }
     });
     match result {
         Ok(t) if args.json => {
@@ -76,11 +127,20 @@ pub fn token(args: &TokenArgs) -> ExitCode {
             println!("{}", t.token);
             ExitCode::SUCCESS
         }
+        Err(e @ Error::ApprovalPending { .. }) => {
+            eprintln!("scrip: {e}; collect the token with --approval once approved");
+            ExitCode::from(PENDING)
+        }
         Err(e) => {
             let hint = match e.oauth_code() {
                 Some("invalid_target") => "; --tool must name a tool in scrip's configuration",
                 Some("invalid_scope") => "; ask only for actions the task was granted",
                 Some("invalid_request") => "; the task may have ended: start a new one",
+                Some("expired_token") => "; nobody decided in time: ask again",
+                Some("authorization_pending" | "slow_down") => {
+                    "; nobody has decided yet: try again later"
+                }
+                Some("invalid_grant") => "; no step of this task waits under that auth_req_id",
                 _ => "",
             };
             fail(format!("{e}{hint}"))

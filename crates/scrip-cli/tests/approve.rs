@@ -193,6 +193,41 @@ uid = 0
             .unwrap()
     }
 
+    /// `scrip <args>` as the agent inside its task: SCRIP_TASK_TOKEN is
+    /// `task`, and no token cache is shared with other tests.
+    fn agent(&self, task: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_scrip"));
+        c.args(args)
+            .env("SCRIP_URL", format!("http://{}", self.addr))
+            .env("SCRIP_TASK_TOKEN", task)
+            .env("XDG_RUNTIME_DIR", self.dir.path())
+            // A proxy in the environment is not used for a scrip on this
+            // machine: it would see every token (this one answers nothing).
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("http_proxy", "http://127.0.0.1:9")
+            .env("ALL_PROXY", "http://127.0.0.1:9")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("SCRIP_CONFIG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// The auth_req_ids waiting for a person.
+    fn pending_ids(&self) -> Vec<String> {
+        let out = self.scrip(&["approvals", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["auth_req_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// A form POST: status and JSON body.
     fn post(&self, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
         let body = form_urlencoded::Serializer::new(String::new())
@@ -390,6 +425,96 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     );
     let out = server.scrip(&["approve", &second]);
     assert_fails(&out, 1, &["409", "already denied"]);
+}
+
+#[test]
+fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
+    let server = Server::start();
+    let task = server.start_task();
+    let delete = ["token", "--tool", "github", "--action", "delete"];
+
+    // --no-wait: the id on stderr, exit 75, nothing on stdout.
+    let out = server
+        .agent(&task, &[&delete[..], &["--no-wait"]].concat())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    let first = server.pending_ids();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let first = first[0].clone();
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&first)
+            && stderr.contains("scrip approve")
+            && stderr.contains("--approval"),
+        "{stderr}"
+    );
+
+    // Waiting: a person approves while it waits, and it prints the token.
+    let waiting = server
+        .agent(&task, &[&delete[..], &["--json"]].concat())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let second = loop {
+        if let Some(id) = server.pending_ids().into_iter().find(|i| *i != first) {
+            break id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no second approval"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = server.scrip(&["approve", &second]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("waiting") && stderr.contains(&second),
+        "{stderr}"
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["token_type"], "Bearer", "{answer}");
+    let claims = payload(answer["access_token"].as_str().unwrap());
+    assert_eq!(claims["approval"]["id"], second.as_str(), "{claims}");
+    assert_eq!(claims["approval"]["approver"], "root-operator", "{claims}");
+    assert_eq!(claims["scope"], "delete", "{claims}");
+
+    // --approval collects the first step once it is approved; only once.
+    let out = server.scrip(&["approve", &first]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = server
+        .agent(&task, &["token", "--approval", &first])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let claims = payload(text(&out.stdout).trim());
+    assert_eq!(claims["approval"]["id"], first.as_str(), "{claims}");
+    let out = server
+        .agent(&task, &["token", "--approval", &first])
+        .output()
+        .unwrap();
+    assert_fails(&out, 1, &["invalid_grant"]);
+
+    // Denied: the person's reason reaches the agent.
+    let out = server
+        .agent(&task, &[&delete[..], &["--no-wait"]].concat())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    let third = server.pending_ids().pop().unwrap();
+    let out = server.scrip(&["deny", &third, "--reason", "not on a friday"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = server
+        .agent(&task, &["token", "--approval", &third])
+        .output()
+        .unwrap();
+    assert_fails(&out, 1, &["access_denied", "not on a friday"]);
 }
 
 #[test]

@@ -95,13 +95,27 @@ impl FileCache {
             return;
         };
         let path = self.entry(task_token, tool, scope);
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-        let written = std::fs::OpenOptions::new()
+        // A name no other writer uses, in this process or another: only
+        // the file this call created is renamed into place or removed.
+        let mut nonce = [0u8; 8];
+        if aws_lc_rs::rand::fill(&mut nonce).is_err() {
+            return;
+        }
+        let tmp = path.with_extension(format!(
+            "{}.{}.tmp",
+            std::process::id(),
+            nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+        let Ok(mut file) = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .and_then(|mut f| f.write_all(&bytes))
+        else {
+            return;
+        };
+        let written = file
+            .write_all(&bytes)
             .and_then(|()| std::fs::rename(&tmp, &path));
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);

@@ -27,6 +27,11 @@
 //! [`Task::with_dpop`] binds the task's access tokens to a [`DpopKey`]
 //! held in memory (RFC 9449); [`Task::request_headers`] then gives each
 //! call its `Authorization: DPoP` and a fresh proof.
+//!
+//! A step that policy says a person must approve answers
+//! [`Error::ApprovalPending`] with its `auth_req_id`;
+//! [`Task::wait_for_approval`] (or one [`Task::poll_approval`]) then gets the
+//! step's single-use token once a person approves it (OpenID CIBA's poll).
 
 mod attest;
 mod cache;
@@ -55,6 +60,11 @@ const TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// Timeout of one request to scrip.
 const TIMEOUT: Duration = Duration::from_secs(15);
+/// The grant that polls for an approved step (OpenID CIBA Core §10.1).
+const CIBA_GRANT: &str = "urn:openid:params:grant-type:ciba";
+/// The most bytes read of one answer from scrip (a token answer is a few
+/// KiB); a larger one is not scrip's.
+const MAX_ANSWER: usize = 64 * 1024;
 
 /// Why a call failed. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +130,19 @@ pub enum Error {
         /// scrip's explanation.
         description: String,
     },
+    /// The step needs a person's approval (SPEC §5): nothing was issued.
+    /// Poll with `auth_req_id` ([`Task::wait_for_approval`]).
+    #[error(
+        "a person must approve this step: auth_req_id {auth_req_id}, for an approver's `scrip approve {auth_req_id}`; it waits {expires_in} s"
+    )]
+    ApprovalPending {
+        /// The id to poll with and to approve.
+        auth_req_id: String,
+        /// Seconds to wait between polls.
+        interval: u64,
+        /// Seconds the request waits for a decision.
+        expires_in: u64,
+    },
     /// scrip answered something unexpected.
     #[error("unexpected answer from scrip: {0}")]
     Protocol(String),
@@ -131,6 +154,7 @@ impl Error {
     pub fn oauth_code(&self) -> Option<&str> {
         match self {
             Self::OAuth { error, .. } => Some(error),
+            Self::ApprovalPending { .. } => Some("authorization_pending"),
             _ => None,
         }
     }
@@ -184,7 +208,9 @@ impl Identity {
         if let Some(exp) = expires_at
             && exp <= now()
         {
-            return Err(Error::IdentityExpired { ago: now() - exp });
+            return Err(Error::IdentityExpired {
+                ago: now().saturating_sub(exp),
+            });
         }
         Ok(Self {
             token: token.to_owned(),
@@ -249,9 +275,36 @@ struct TokenResponse {
     access_token: String,
     #[serde(default)]
     token_type: String,
+    #[serde(default)]
+    issued_token_type: String,
     expires_in: u64,
     #[serde(default)]
     scope: String,
+}
+
+impl TokenResponse {
+    /// Refuses an answer that is not the kind of token asked for (RFC 8693
+    /// §2.2.1 `issued_token_type`, RFC 6749 §5.1 `token_type`): a task
+    /// token taken for an access token would be sent to a tool.
+    fn expect(&self, issued: &str, token_types: &[&str]) -> Result<(), Error> {
+        if self.issued_token_type != issued {
+            return Err(Error::Protocol(format!(
+                "asked for `{issued}`, got issued_token_type `{}`",
+                self.issued_token_type.chars().take(80).collect::<String>()
+            )));
+        }
+        if !token_types
+            .iter()
+            .any(|t| self.token_type.eq_ignore_ascii_case(t))
+        {
+            return Err(Error::Protocol(format!(
+                "got token_type `{}`, expected {}",
+                self.token_type.chars().take(20).collect::<String>(),
+                token_types.join(" or ")
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -259,6 +312,22 @@ struct ErrorResponse {
     error: String,
     #[serde(default)]
     error_description: String,
+    /// With `authorization_pending` for a step that now waits for a person.
+    auth_req_id: Option<String>,
+    interval: Option<u64>,
+    expires_in: Option<u64>,
+}
+
+/// Whether `url`'s host is this machine: its traffic never goes through a
+/// proxy named in the environment (`HTTP_PROXY`, `ALL_PROXY`), which would
+/// otherwise see every token sent over plain HTTP to a local scrip.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 impl Client {
@@ -267,9 +336,17 @@ impl Client {
     /// # Errors
     /// [`Error::Protocol`] when the HTTP client cannot be built.
     pub fn new(url: &str) -> Result<Self, Error> {
-        let http = reqwest::Client::builder()
+        let parsed = reqwest::Url::parse(url).map_err(|_| Error::Unreachable {
+            url: url.to_owned(),
+            message: "not a URL".into(),
+        })?;
+        let mut builder = reqwest::Client::builder()
             .timeout(TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if is_loopback(&parsed) {
+            builder = builder.no_proxy();
+        }
+        let http = builder
             .build()
             .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
@@ -323,6 +400,34 @@ impl Client {
         self.token_with(form, None).await
     }
 
+    /// An answer's body, at most [`MAX_ANSWER`] bytes.
+    async fn read(&self, mut response: reqwest::Response) -> Result<Vec<u8>, Error> {
+        let too_large = || {
+            Error::Protocol(format!(
+                "an answer from `{}` larger than {} KiB; is SCRIP_URL a scrip server?",
+                self.url,
+                MAX_ANSWER / 1024
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_ANSWER as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| Error::Unreachable {
+            url: self.url.clone(),
+            message: e.to_string(),
+        })? {
+            if body.len().saturating_add(chunk.len()) > MAX_ANSWER {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
     /// The token endpoint's URL from scrip's RFC 8414 metadata.
     async fn token_endpoint(&self) -> Result<&str, Error> {
         self.token_endpoint
@@ -338,10 +443,9 @@ impl Client {
                     .send()
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
-                let meta: serde_json::Value = response
-                    .json()
-                    .await
-                    .map_err(|_| Error::Protocol(format!("`{url}` is not JSON metadata")))?;
+                let meta: serde_json::Value =
+                    serde_json::from_slice(&self.read(response).await?)
+                        .map_err(|_| Error::Protocol(format!("`{url}` is not JSON metadata")))?;
                 meta.get("token_endpoint")
                     .and_then(serde_json::Value::as_str)
                     .map(str::to_owned)
@@ -358,15 +462,23 @@ impl Client {
     ) -> Result<TokenResponse, Error> {
         let response = self.post_with("/token", form, proof).await?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.map_err(|e| Error::Unreachable {
-            url: self.url.clone(),
-            message: e.to_string(),
-        })?;
+        let bytes = self.read(response).await?;
         if status == 200 {
             return serde_json::from_slice(&bytes)
                 .map_err(|_| Error::Protocol("a token response that is not JSON".into()));
         }
         match serde_json::from_slice::<ErrorResponse>(&bytes) {
+            Ok(ErrorResponse {
+                error,
+                auth_req_id: Some(auth_req_id),
+                interval,
+                expires_in,
+                ..
+            }) if error == "authorization_pending" => Err(Error::ApprovalPending {
+                auth_req_id,
+                interval: interval.unwrap_or(DEFAULT_POLL_INTERVAL).max(1),
+                expires_in: expires_in.unwrap_or(0),
+            }),
             Ok(e) => Err(Error::OAuth {
                 status,
                 error: e.error,
@@ -393,7 +505,9 @@ impl Client {
         if let Some(exp) = identity.expires_at
             && exp <= now()
         {
-            return Err(Error::IdentityExpired { ago: now() - exp });
+            return Err(Error::IdentityExpired {
+                ago: now().saturating_sub(exp),
+            });
         }
         let mut details = serde_json::Map::new();
         details.insert("purpose".into(), request.purpose.clone().into());
@@ -413,6 +527,7 @@ impl Client {
                 ("request_details", &details),
             ])
             .await?;
+        answer.expect(TXN_TOKEN, &["N_A"])?;
         let mut task = Task::new(self.clone(), answer.access_token, true);
         task.expires_at = Some(now().saturating_add(answer.expires_in));
         task.scope = Some(answer.scope);
@@ -477,6 +592,9 @@ impl AccessToken {
     }
 }
 
+/// Seconds between polls when scrip did not say (its default).
+const DEFAULT_POLL_INTERVAL: u64 = 2;
+
 /// How long before expiry a cached token stops being reused: a quarter of
 /// its lifetime, at most 30 seconds.
 fn refresh_at(issued: u64, expires_in: u64) -> u64 {
@@ -535,7 +653,9 @@ impl Task {
         if let Some(exp) = actor.expires_at
             && exp <= now()
         {
-            return Err(Error::IdentityExpired { ago: now() - exp });
+            return Err(Error::IdentityExpired {
+                ago: now().saturating_sub(exp),
+            });
         }
         let scope = grants.join(" ");
         let mut form = vec![
@@ -550,6 +670,7 @@ impl Task {
             form.push(("scope", &scope));
         }
         let answer = self.client.token(&form).await?;
+        answer.expect(TXN_TOKEN, &["N_A"])?;
         let mut child = Task::new(self.client.clone(), answer.access_token, true);
         child.expires_at = Some(now().saturating_add(answer.expires_in));
         child.scope = Some(answer.scope);
@@ -622,24 +743,98 @@ impl Task {
         };
         let issued = now();
         let answer = self.client.token_with(&form, proof.as_deref()).await?;
-        if proof.is_some() && !answer.token_type.eq_ignore_ascii_case("dpop") {
-            return Err(Error::Protocol(format!(
-                "asked for a DPoP-bound token, got token_type `{}`",
-                answer.token_type
-            )));
-        }
-        let token = AccessToken {
-            token: answer.access_token,
-            token_type: answer.token_type,
-            scope: answer.scope,
-            expires_at: issued.saturating_add(answer.expires_in),
-            refresh_at: refresh_at(issued, answer.expires_in),
-        };
+        let token = self.accept_access(answer, issued).await?;
         if let Some(c) = file_cache {
             c.put(&self.token, tool, &scope, &token);
         }
         self.remember(key, &token);
         Ok(token)
+    }
+
+    /// Checks an answer that should be an access token: the kind asked for,
+    /// and bound when this task has a DPoP key. A bearer token that came
+    /// back for a bound one is revoked, not just dropped.
+    async fn accept_access(
+        &self,
+        answer: TokenResponse,
+        issued: u64,
+    ) -> Result<AccessToken, Error> {
+        answer.expect(ACCESS_TOKEN, &["Bearer", "DPoP"])?;
+        let bound = answer.token_type.eq_ignore_ascii_case("dpop");
+        if self.dpop.is_some() && !bound {
+            let _ = self.client.revoke(&answer.access_token).await;
+            return Err(Error::Protocol(format!(
+                "asked for a DPoP-bound token, got token_type `{}`",
+                answer.token_type
+            )));
+        }
+        Ok(AccessToken {
+            token: answer.access_token,
+            token_type: answer.token_type,
+            scope: answer.scope,
+            expires_at: issued.saturating_add(answer.expires_in),
+            refresh_at: refresh_at(issued, answer.expires_in),
+        })
+    }
+
+    /// One poll for the token of a step that waits for a person's approval
+    /// ([`Error::ApprovalPending`]), with this task's token (OpenID CIBA
+    /// Core §10.1). The token is single use and seconds long, so it is not
+    /// cached; with a DPoP key it is bound to it.
+    ///
+    /// # Errors
+    /// [`Error::OAuth`] with `authorization_pending` while nobody has
+    /// decided, `slow_down` when polled too often, `access_denied` when a
+    /// person denied the step, `expired_token` when nobody decided in time,
+    /// `invalid_grant` for an id that is unknown, used, or another task's.
+    pub async fn poll_approval(&self, auth_req_id: &str) -> Result<AccessToken, Error> {
+        let form = [
+            ("grant_type", CIBA_GRANT),
+            ("auth_req_id", auth_req_id),
+            ("subject_token", self.token.as_str()),
+        ];
+        let proof = match &self.dpop {
+            Some(key) => Some(key.proof("POST", self.client.token_endpoint().await?, None)?),
+            None => None,
+        };
+        let issued = now();
+        let answer = self.client.token_with(&form, proof.as_deref()).await?;
+        self.accept_access(answer, issued).await
+    }
+
+    /// Waits for a person's decision on the step `auth_req_id` names:
+    /// polls every `interval` seconds (five more after each `slow_down`),
+    /// and answers the step's token once it is approved.
+    ///
+    /// # Errors
+    /// As [`Task::poll_approval`], except that `authorization_pending` and
+    /// `slow_down` are waited out until `timeout` has passed; after it, the
+    /// last of them is the answer.
+    pub async fn wait_for_approval(
+        &self,
+        auth_req_id: &str,
+        interval: u64,
+        timeout: Duration,
+    ) -> Result<AccessToken, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut interval = interval.max(1);
+        loop {
+            tokio::time::sleep_until(
+                (tokio::time::Instant::now() + Duration::from_secs(interval)).min(deadline),
+            )
+            .await;
+            match self.poll_approval(auth_req_id).await {
+                Err(e)
+                    if matches!(e.oauth_code(), Some("authorization_pending" | "slow_down"))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    if e.oauth_code() == Some("slow_down") {
+                        interval = interval.saturating_add(5);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Binds the access tokens this task gets from now on to `key` (DPoP,

@@ -1,0 +1,200 @@
+//! What the client makes of answers that are not scrip's: the wrong kind of
+//! token, an answer too large, a step that waits for a person. A loopback
+//! server answers every request with one fixed response.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+
+use base64::Engine as _;
+use scrip_client::{Client, Error, Identity, TaskRequest};
+use serde_json::json;
+
+/// A server on 127.0.0.1 that answers every request with `response` (the
+/// whole HTTP response) and closes the connection.
+fn answering(response: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            // The request: its head, then its Content-Length of body.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let body_at = loop {
+                let Ok(n) = s.read(&mut buf) else { break None };
+                if n == 0 {
+                    break None;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(body_at) = body_at else { continue };
+            let head = String::from_utf8_lossy(&got[..body_at]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while got.len() < body_at + length {
+                let Ok(n) = s.read(&mut buf) else { break };
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let _ = s.write_all(&response);
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn json_response(status: &str, body: &serde_json::Value) -> Vec<u8> {
+    let body = body.to_string();
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// An unsigned JWT-shaped identity, good for an hour.
+fn identity() -> Identity {
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let jwt = format!(
+        "{}.{}.sig",
+        b64(&json!({"alg": "ES256"})),
+        b64(&json!({"sub": "agent", "exp": exp}))
+    );
+    Identity::from_jwt(&jwt).unwrap()
+}
+
+fn protocol(e: &Error) -> &str {
+    match e {
+        Error::Protocol(m) => m,
+        other => panic!("not a protocol error: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_task_token_is_never_taken_for_an_access_token() {
+    let url = answering(json_response(
+        "200 OK",
+        &json!({
+            "access_token": "a.task.token",
+            "issued_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "token_type": "N_A",
+            "expires_in": 600,
+        }),
+    ));
+    let client = Client::new(&url).unwrap();
+    let task = client.task_from_token("t");
+    let e = task.access_token("github", &["read"]).await.unwrap_err();
+    assert!(protocol(&e).contains("issued_token_type"), "{e}");
+    let _ = task.into_token();
+    // It is a task token, so a task start takes it.
+    let started = client
+        .start_task(&identity(), &TaskRequest::new(["github:read"], "p", "dev"))
+        .await
+        .unwrap();
+    assert_eq!(started.token(), "a.task.token");
+    let _ = started.into_token();
+}
+
+#[tokio::test]
+async fn an_access_token_is_never_taken_for_a_task_token() {
+    for (issued, token_type) in [
+        ("urn:ietf:params:oauth:token-type:access_token", "Bearer"),
+        ("", "N_A"),
+        ("urn:ietf:params:oauth:token-type:txn_token", "Bearer"),
+    ] {
+        let url = answering(json_response(
+            "200 OK",
+            &json!({
+                "access_token": "x.y.z",
+                "issued_token_type": issued,
+                "token_type": token_type,
+                "expires_in": 600,
+            }),
+        ));
+        let client = Client::new(&url).unwrap();
+        let e = client
+            .start_task(&identity(), &TaskRequest::new(["github:read"], "p", "dev"))
+            .await
+            .unwrap_err();
+        assert!(protocol(&e).contains("got"), "{issued} {token_type}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_64_kib_is_refused() {
+    let big = "x".repeat(70 * 1024);
+    let body = json!({"error": "invalid_request", "error_description": big});
+    // With a Content-Length, and without one (read until the server closes).
+    let framed = json_response("400 Bad Request", &body);
+    let unframed = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{body}"
+    )
+    .into_bytes();
+    for response in [framed, unframed] {
+        let client = Client::new(&answering(response)).unwrap();
+        let task = client.task_from_token("t");
+        let e = task.access_token("github", &["read"]).await.unwrap_err();
+        assert!(protocol(&e).contains("larger than 64 KiB"), "{e}");
+        let _ = task.into_token();
+    }
+}
+
+#[tokio::test]
+async fn a_step_that_waits_for_a_person_says_how_to_poll() {
+    let url = answering(json_response(
+        "400 Bad Request",
+        &json!({
+            "error": "authorization_pending",
+            "error_description": "this step needs a person's approval",
+            "auth_req_id": "req-1",
+            "interval": 3,
+            "expires_in": 600,
+        }),
+    ));
+    let client = Client::new(&url).unwrap();
+    let task = client.task_from_token("t");
+    let e = task.access_token("github", &["delete"]).await.unwrap_err();
+    match &e {
+        Error::ApprovalPending {
+            auth_req_id,
+            interval,
+            expires_in,
+        } => {
+            assert_eq!(
+                (auth_req_id.as_str(), *interval, *expires_in),
+                ("req-1", 3, 600)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.oauth_code(), Some("authorization_pending"));
+    assert!(e.to_string().contains("scrip approve req-1"), "{e}");
+    let _ = task.into_token();
+}
+
+#[test]
+fn a_url_that_is_not_one_is_refused_at_once() {
+    let e = Client::new("127.0.0.1:7070").unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+}
