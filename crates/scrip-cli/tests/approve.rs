@@ -451,55 +451,55 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
         "{stderr}"
     );
 
-    // Waiting: a person approves while it waits, and it prints the token.
-    let waiting = server
+    // Waiting: asking for the same step again waits on the same request;
+    // a person approves it meanwhile, and the token is printed.
+    let mut waiting = server
         .agent(&task, &[&delete[..], &["--json"]].concat())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let second = loop {
-        if let Some(id) = server.pending_ids().into_iter().find(|i| *i != first) {
-            break id;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no second approval"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let out = server.scrip(&["approve", &second]);
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(waiting.stderr.as_mut().unwrap()),
+        &mut said,
+    )
+    .unwrap();
+    assert!(said.contains("waiting") && said.contains(&first), "{said}");
+    let out = server.scrip(&["approve", &first]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = waiting.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("waiting") && stderr.contains(&second),
-        "{stderr}"
-    );
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["token_type"], "Bearer", "{answer}");
     let claims = payload(answer["access_token"].as_str().unwrap());
-    assert_eq!(claims["approval"]["id"], second.as_str(), "{claims}");
+    assert_eq!(claims["approval"]["id"], first.as_str(), "{claims}");
     assert_eq!(claims["approval"]["approver"], "root-operator", "{claims}");
     assert_eq!(claims["scope"], "delete", "{claims}");
-
-    // --approval collects the first step once it is approved; only once.
-    let out = server.scrip(&["approve", &first]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let out = server
-        .agent(&task, &["token", "--approval", &first])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let claims = payload(text(&out.stdout).trim());
-    assert_eq!(claims["approval"]["id"], first.as_str(), "{claims}");
+    // Its token is single use: --approval finds nothing left to collect.
     let out = server
         .agent(&task, &["token", "--approval", &first])
         .output()
         .unwrap();
     assert_fails(&out, 1, &["invalid_grant"]);
+
+    // --approval collects a step approved after its asker stopped waiting.
+    let out = server
+        .agent(&task, &[&delete[..], &["--no-wait"]].concat())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    let second = server.pending_ids().pop().unwrap();
+    assert_ne!(second, first);
+    let out = server.scrip(&["approve", &second]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = server
+        .agent(&task, &["token", "--approval", &second])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let claims = payload(text(&out.stdout).trim());
+    assert_eq!(claims["approval"]["id"], second.as_str(), "{claims}");
 
     // Denied: the person's reason reaches the agent.
     let out = server

@@ -71,6 +71,27 @@ pub(crate) async fn request(
     base: &AuditEvent,
 ) -> Result<Response, OAuthError> {
     let now = now();
+    let waiting = st.store.task_pending_approvals(&task.id, now).await?;
+    let asked = actions.to_string();
+    if let Some(same) = waiting
+        .iter()
+        .find(|a| a.tool == tool && a.actions == asked)
+    {
+        // The same step already waits for a person: asking again is the
+        // same request, not another one for the approvers and the webhook.
+        if !writes.is_empty() {
+            st.store.commit(writes).await?;
+        }
+        return Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
+    }
+    if waiting.len() >= MAX_PENDING_PER_TASK {
+        if !writes.is_empty() {
+            st.store.commit(writes).await?;
+        }
+        return Err(OAuthError::invalid_request(format!(
+            "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
+        )));
+    }
     let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
     let approval = Approval {
         id: id.clone(),
@@ -98,6 +119,16 @@ pub(crate) async fn request(
         let body = describe(&approval, Some(task));
         tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
     }
+    Ok(pending(st, &id, st.config.approval_ttl))
+}
+
+/// The most steps of one task that may wait for a person at once: an agent
+/// cannot bury the approvers' queue (and the webhook) under its requests.
+pub(crate) const MAX_PENDING_PER_TASK: usize = 10;
+
+/// `authorization_pending` for the approval `id`, which waits `expires_in`
+/// more seconds.
+fn pending(st: &Inner, id: &str, expires_in: u64) -> Response {
     let mut response = (
         StatusCode::BAD_REQUEST,
         Json(json!({
@@ -105,7 +136,7 @@ pub(crate) async fn request(
             "error_description": "this step needs a person's approval; poll with the auth_req_id",
             "auth_req_id": id,
             "interval": st.config.approval_poll_interval,
-            "expires_in": st.config.approval_ttl,
+            "expires_in": expires_in,
         })),
     )
         .into_response();
@@ -113,7 +144,7 @@ pub(crate) async fn request(
         axum::http::header::CACHE_CONTROL,
         axum::http::HeaderValue::from_static("no-store"),
     );
-    Ok(response)
+    response
 }
 
 /// What a person sees about an approval.

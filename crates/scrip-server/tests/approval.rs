@@ -170,9 +170,69 @@ async fn a_step_needing_approval_answers_authorization_pending() {
         !audit.iter().any(|e| e.event == "token.issued"),
         "a pending step issued a token"
     );
-    // Each request gets its own id.
+    // Asking again for the same step is the same request: one approval,
+    // one entry in the approvers' list, its time running on.
+    let again = s.access_token(&task, "github", Some("delete")).await;
+    again.assert_error(400, "authorization_pending");
+    assert_eq!(again.body["auth_req_id"], id);
+    assert!(
+        again.body["expires_in"].as_u64().unwrap() <= 600,
+        "{}",
+        again.text
+    );
+    let requested = s
+        .audit()
+        .await
+        .iter()
+        .filter(|e| e.event == "approval.requested")
+        .count();
+    assert_eq!(requested, 1);
+    // Once it is decided, the next ask is a new request.
+    let r = approve(&s, id, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
     let other = pending(&s, &task).await;
     assert_ne!(other, id);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
+    use scrip_config::Tool;
+    use scrip_token::{ActionName, ToolName};
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        for i in 0..11 {
+            c.tools.push(Tool {
+                name: ToolName::parse(&format!("db{i}")).unwrap(),
+                resource: format!("https://db{i}.example"),
+                actions: vec![ActionName::parse("delete").unwrap()],
+                labels: Default::default(),
+            });
+        }
+    }))
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
+    let r = s
+        .start_task(&identity, &grants.join(" "), "prod", PURPOSE)
+        .await;
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let r = s
+            .access_token(&task, &format!("db{i}"), Some("delete"))
+            .await;
+        r.assert_error(400, "authorization_pending");
+        ids.push(r.body["auth_req_id"].as_str().unwrap().to_owned());
+    }
+    let r = s.access_token(&task, "db10", Some("delete")).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("already wait for a person"), "{}", r.text);
+    // A decision makes room.
+    let r = deny(&s, &ids[0], Some(&alice_id(&s)), "no").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = s.access_token(&task, "db10", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
     s.stop().await;
 }
 
@@ -679,8 +739,8 @@ async fn approvers_list_the_pending_approvals_with_everything_asked() {
     );
     assert_eq!(expires, created + 600);
 
-    // Decided ones leave the list.
-    let id2 = pending(&s, &task).await;
+    // Decided ones leave the list (another task's step waits beside it).
+    let id2 = pending(&s, &prod_task(&s).await).await;
     assert_eq!(
         list(&s, Some(&alice)).await.body["approvals"]
             .as_array()

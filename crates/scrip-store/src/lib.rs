@@ -115,6 +115,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Pending approvals that have not expired at `now`, oldest first.
     async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
 
+    /// One task's pending approvals that have not expired at `now`, oldest
+    /// first.
+    async fn task_pending_approvals(
+        &self,
+        task_id: &str,
+        now: u64,
+    ) -> Result<Vec<Approval>, StoreError>;
+
     /// Pending approvals that expired at or before `now`.
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
 

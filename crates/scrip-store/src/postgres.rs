@@ -800,6 +800,25 @@ impl Store for PgStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn task_pending_approvals(
+        &self,
+        task_id: &str,
+        now: u64,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                approval_columns!(),
+                " FROM approvals WHERE state = 'pending' AND expires_at > $1 AND task_id = $2 ORDER BY created_at, id",
+            ))
+            .bind(to_i64(now))
+            .bind(task_id)
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = read(
             sqlx::query(concat!(

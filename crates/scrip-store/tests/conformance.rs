@@ -737,6 +737,33 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         .map(|a| a.id)
         .collect();
     assert_eq!(pending, ["a2"]);
+    // One task's: another task's pending approval is not among them.
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t2", None, 9_000))),
+        Write::InsertApproval(Box::new(Approval {
+            task_id: "t2".into(),
+            ..approval("b1", 1_010, 2_000)
+        })),
+    ])
+    .await
+    .unwrap();
+    let of = |task: &'static str| async move {
+        s.task_pending_approvals(task, 1_060)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("t1").await, ["a2"]);
+    assert_eq!(of("t2").await, ["b1"]);
+    assert!(of("t3").await.is_empty());
+    assert!(
+        s.task_pending_approvals("t2", 2_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let expired: Vec<String> = s
         .expired_approvals(1_060, 10)
         .await
