@@ -257,6 +257,16 @@ fn attenuate(
         }
         None => (parent.purpose.clone(), None, Vec::new()),
     };
+    // The ticket a purpose names is what policies trust it for: a
+    // sub-agent may drop its parent's, never claim one the parent did not.
+    if let Some(ticket) = scrip_policy::find_ticket(&purpose)
+        && scrip_policy::find_ticket(&parent.purpose) != Some(ticket)
+    {
+        return Err(OAuthError::invalid_request(format!(
+            "request_details: a delegated task's purpose may not name a ticket its parent's does not (`{}`)",
+            short(ticket)
+        )));
+    }
     let may_act = attenuate_may_act(&parent.may_act, may_act)?;
     Ok(Asked {
         depth,

@@ -717,6 +717,51 @@ async fn an_actor_token_needs_a_task_token_subject_and_a_txn_token_request() {
 }
 
 #[tokio::test]
+async fn a_child_never_names_a_ticket_its_parent_does_not() {
+    let s = TestServer::start().await;
+    // The root's purpose names JIRA-1.
+    let parent = root(&s, "github:read", None).await;
+    for (purpose, ok) in [
+        ("review JIRA-1 again", true),
+        ("review the build", true),
+        ("hotfix OPS-7", false),
+        ("JIRA-2 then JIRA-1", false),
+    ] {
+        let r = delegate(
+            &s,
+            &parent,
+            &actor1(&s),
+            None,
+            Some(&json!({ "purpose": purpose })),
+        )
+        .await;
+        if ok {
+            assert_eq!(r.status, 200, "{purpose}: {}", r.text);
+            assert_eq!(claims(&token(&r))["tctx"]["purpose"], purpose);
+        } else {
+            r.assert_error(400, "invalid_request");
+            assert!(r.text.contains("ticket"), "{purpose}: {}", r.text);
+        }
+    }
+    // A root without a ticket: its children name none either.
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "tidy the docs", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = delegate(
+        &s,
+        &token(&r),
+        &actor1(&s),
+        None,
+        Some(&json!({"purpose": "tidy the docs for JIRA-9"})),
+    )
+    .await;
+    r.assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_child_keeps_its_parents_environment() {
     let s = TestServer::start().await;
     let parent = root(&s, "github:read", None).await;
