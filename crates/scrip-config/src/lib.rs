@@ -538,6 +538,18 @@ impl Config {
         let mut workloads = HashSet::new();
         for w in &self.local_workloads {
             w.validate()?;
+            // With the socket open to other users, an executable is no
+            // proof across uids: anyone who can run it can connect, exec it
+            // (or run it under LD_PRELOAD) and read the answer.
+            if self.socket_mode & 0o066 != 0
+                && w.uid.is_none()
+                && (w.exe.is_some() || w.exe_sha256.is_some())
+            {
+                return invalid(format!(
+                    "local workload `{}` names an executable but no uid, and socket_mode `{:o}` lets other users connect: any of them could run that executable under their own control and take its identity; add `uid`",
+                    w.name, self.socket_mode
+                ));
+            }
             if !workloads.insert(w.name.as_str()) {
                 return invalid(format!("local workload `{}` is listed twice", w.name));
             }
@@ -781,6 +793,25 @@ mod tests {
         check("socket_mode = 0o700", Some("socket_mode `700`"));
         check("socket_mode = 0o400", Some("socket_mode"));
         check("socket_mode = 0o4600", Some("socket_mode"));
+        // Open to other users, an executable alone is no proof.
+        let exe_only = "[[local_workloads]]\nname = \"coder\"\nexe = \"/usr/bin/agent\"\n";
+        check(exe_only, None);
+        check(
+            &format!("socket_mode = 0o660\n{exe_only}"),
+            Some("names an executable but no uid"),
+        );
+        check(
+            &format!("socket_mode = 0o666\n{exe_only}gid = 100\n"),
+            Some("add `uid`"),
+        );
+        check(
+            &format!("socket_mode = 0o660\n{exe_only}uid = 1000\n"),
+            None,
+        );
+        check(
+            "socket_mode = 0o660\n[[local_workloads]]\nname = \"team\"\ngid = 100\n",
+            None,
+        );
         check("socket = \"\"", Some("socket must be a path"));
 
         let dir = tempfile::tempdir().unwrap();

@@ -27,7 +27,9 @@
 use std::fs::File;
 use std::io::Read as _;
 use std::os::fd::AsRawFd as _;
-use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,20 +109,33 @@ impl Socket {
         let name = path
             .file_name()
             .ok_or_else(|| fail("not a file path".into()))?;
-        let mut tmp_name = name.to_owned();
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let _ = std::fs::remove_file(&tmp);
-        let std_listener =
-            std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| fail(e.to_string()))?;
-        let prepared =
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))
-                .and_then(|()| std_listener.set_nonblocking(true))
-                .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = prepared {
+        // Bound and given its mode inside a new directory only scrip may
+        // enter, then renamed into place: nobody connects before the mode is
+        // set (whatever the umask), and nobody can swap the file for a
+        // symlink that the chmod would follow.
+        let mut staging_name = std::ffi::OsString::from(".");
+        staging_name.push(name);
+        staging_name.push(format!(
+            ".{}.d",
+            scrip_jose::random_id().map_err(|_| fail("no randomness".into()))?
+        ));
+        let staging = dir.join(staging_name);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| fail(format!("cannot create `{}`: {e}", staging.display())))?;
+        let tmp = staging.join("scrip.sock");
+        let prepared = std::os::unix::net::UnixListener::bind(&tmp).and_then(|listener| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))?;
+            listener.set_nonblocking(true)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(listener)
+        });
+        if prepared.is_err() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(fail(e.to_string()));
         }
+        let _ = std::fs::remove_dir(&staging);
+        let std_listener = prepared.map_err(|e| fail(e.to_string()))?;
         let ino = std::fs::symlink_metadata(&path)
             .map(|m| m.ino())
             .map_err(|e| fail(e.to_string()))?;
@@ -354,8 +369,10 @@ fn local_issuer(st: &Inner) -> String {
     format!("{}/local", st.issuer)
 }
 
+/// scrip's effective uid, from the kernel (the owner of `/proc/self` is
+/// root when the process is not dumpable, as with file capabilities).
 fn own_uid() -> Option<u32> {
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+    Some(rustix::process::geteuid().as_raw())
 }
 
 /// The workload `observed` is: the first entry whose selectors all match,
@@ -534,7 +551,7 @@ fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observ
         .as_ref()
         .and_then(|f| f.metadata().ok())
         .map(|m| (m.dev(), m.ino()));
-    let exe_sha256 = file.and_then(|f| sha256_hex(f).ok());
+    let exe_sha256 = file.and_then(|f| sha256_hex(f, MAX_HASHED));
     let exe_after = std::fs::read_link(base.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
@@ -583,22 +600,36 @@ fn parse_uptime(text: &str) -> Option<u64> {
     Some(secs.parse::<u64>().ok()? * 100 + frac.parse::<u64>().ok()?)
 }
 
-fn sha256_hex(mut file: File) -> std::io::Result<String> {
+/// The largest executable scrip hashes: a bigger one (a sparse file, say)
+/// would hold one of the few attestation turns for seconds. It gets no
+/// `exe_sha256`, so no `exe_sha256` selector matches it.
+const MAX_HASHED: u64 = 512 * 1024 * 1024;
+
+/// The SHA-256 of `file`, or `None` if it cannot be read or holds more than
+/// `limit` bytes.
+fn sha256_hex(file: File, limit: u64) -> Option<String> {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut file = file.take(limit.saturating_add(1));
+    let mut total: u64 = 0;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read(&mut buf).ok()?;
         if n == 0 {
             break;
         }
+        total = total.saturating_add(n as u64);
+        if total > limit {
+            return None;
+        }
         ctx.update(buf.get(..n).unwrap_or_default());
     }
-    Ok(ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Some(
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -741,5 +772,26 @@ mod tests {
         assert!(observe(0, 0, me, Some(0)).is_err_and(|e| e.contains("reused")));
         // Without the time of acceptance, that cannot be ruled out.
         assert!(observe(0, 0, me, None).is_err_and(|e| e.contains("/proc/uptime")));
+    }
+
+    #[test]
+    fn a_file_larger_than_the_limit_is_not_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exe");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let open = || File::open(&path).unwrap();
+        // sha256("0123456789")
+        let want = "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882";
+        assert_eq!(sha256_hex(open(), 10).as_deref(), Some(want));
+        assert_eq!(sha256_hex(open(), 9), None);
+        // A sparse file far past the limit is refused after reading only
+        // the limit's worth.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert_eq!(sha256_hex(open(), 1 << 20), None);
     }
 }
