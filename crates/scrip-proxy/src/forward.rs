@@ -154,7 +154,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             let why = rejection
                 .www_authenticate
                 .clone()
-                .unwrap_or_else(|| "revocation state is stale".into());
+                .unwrap_or_else(|| {
+                    "scrip could not confirm the token's state (revocations stale, or a single use unconfirmed)".into()
+                });
             return proxy.deny(&draft, name, rejection.into_response::<Body>(), why);
         }
     };

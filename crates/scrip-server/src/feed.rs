@@ -136,4 +136,17 @@ impl scrip_verifier::FeedSource for LocalFeed {
             serde_json::to_vec(&body).map_err(|e| e.to_string())
         })
     }
+
+    fn claim_once<'a>(&'a self, token: &'a str) -> scrip_verifier::ClaimFuture<'a> {
+        Box::pin(async move {
+            let st = &self.0.0;
+            let claims = st
+                .verify_own::<scrip_token::AccessClaims>(token, scrip_token::TokenKind::Access)
+                .map_err(|e| e.to_string())?
+                .claims;
+            crate::introspect::claim_once(st, &claims, crate::state::now())
+                .await
+                .map_err(|e| e.description)
+        })
+    }
 }

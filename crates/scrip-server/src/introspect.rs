@@ -54,7 +54,7 @@ pub async fn introspect_endpoint(
 /// Marks a single-use token used; `false` when it already was, here or on
 /// another replica. The first presentation is answered active, every later
 /// one inactive.
-async fn claim_once(
+pub(crate) async fn claim_once(
     st: &Inner,
     c: &scrip_token::AccessClaims,
     now: u64,

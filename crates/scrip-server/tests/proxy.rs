@@ -908,3 +908,87 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
     assert!(env.seen("/public/other").is_empty());
     env.server.stop().await;
 }
+
+#[tokio::test]
+async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
+    logs();
+    let nginx = nginx::Nginx::start(&[("write", WRITE_KEY)], READ_KEY);
+    let url = nginx.url();
+    let alice = scrip_config::Approver {
+        name: "alice".into(),
+        issuer: Some(K8S_ISSUER.into()),
+        subject: Some("system:serviceaccount:people:alice".into()),
+        uid: None,
+    };
+    let server = TestServer::start_with(Options {
+        extra_policies: vec![(
+            "legacy-write-needs-approval.cedar".into(),
+            "forbid (principal, action == Action::\"write\", resource) when { resource.name == \"legacy\" } unless { context.approved };\n".into(),
+        )],
+        edit: Some(Box::new(move |c| {
+            c.approvers = vec![alice];
+            c.tools.push(tool("legacy"));
+            c.upstreams.push(upstream("legacy", &url));
+        })),
+        ..Options::default()
+    })
+    .await;
+    set_secret(&server, "legacy", "write", WRITE_KEY).await;
+    let identity = server.k8s.kubernetes(AGENT_NS, "legacy-agent");
+    let task = server
+        .start_task(&identity, "legacy:write", "dev", "fix JIRA-7")
+        .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = server.access_token(&task, "legacy", Some("write")).await;
+    r.assert_error(400, "authorization_pending");
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    let alice_id = server.k8s.kubernetes("people", "alice");
+    let r = server
+        .post_raw(
+            &format!("/approvals/{id}/approve"),
+            "application/x-www-form-urlencoded",
+            Vec::new(),
+            Some(&alice_id),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = server
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", "urn:openid:params:grant-type:ciba"),
+                ("auth_req_id", &id),
+                ("subject_token", &task),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let token = r.body["access_token"].as_str().unwrap().to_owned();
+
+    let http = reqwest::Client::new();
+    let send = || {
+        http.post(format!("{}/proxy/legacy/items", server.url))
+            .bearer_auth(&token)
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.text().await.unwrap(), "ok write POST /items\n");
+    // The proxy claimed the one use at the store, where every replica and
+    // every resource server's verifier (through introspection) sees it.
+    let r = server.introspect(&token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, json!({"active": false}));
+    assert!(
+        server
+            .audit()
+            .await
+            .iter()
+            .any(|a| a.event == "token.used" && a.jti.is_some()),
+        "the use is audited"
+    );
+    assert_eq!(send().await.unwrap().status(), 401);
+    server.stop().await;
+}

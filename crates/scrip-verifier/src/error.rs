@@ -19,6 +19,13 @@ pub enum VerifyError {
     /// A single-use token (issued on a person's approval) presented again.
     #[error("single-use token was already presented")]
     AlreadyUsed,
+    /// A single-use token whose first use scrip could not confirm (its
+    /// introspection did not answer): refused, and it may be presented
+    /// again.
+    #[error(
+        "cannot confirm with scrip that this single-use token is used for the first time; try again later"
+    )]
+    UseUnconfirmed,
     /// The revocation feed has not answered for longer than the allowed
     /// staleness (or never has): every token is refused until it does.
     #[error("revocation state is stale; try again later")]
@@ -61,7 +68,7 @@ impl VerifyError {
             | Self::ProofUnchecked => Some("invalid_token"),
             Self::Proof(_) => Some("invalid_dpop_proof"),
             Self::InsufficientScope { .. } => Some("insufficient_scope"),
-            Self::RevocationStale => None,
+            Self::RevocationStale | Self::UseUnconfirmed => None,
         }
     }
 }

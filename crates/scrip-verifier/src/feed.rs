@@ -34,6 +34,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// body `GET /revocations` answers.
 pub type PageFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
 
+/// A future returned by [`FeedSource::claim_once`]: whether this is the
+/// token's first use anywhere.
+pub type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
+
 /// Where pages of the revocation feed come from: scrip's `/revocations`
 /// endpoint over HTTP ([`Verifier::discover`](crate::Verifier::discover)), or,
 /// inside scrip itself, its store ([`Verifier::local`](crate::Verifier::local)).
@@ -42,6 +46,13 @@ pub trait FeedSource: Send + Sync + std::fmt::Debug {
     /// The revocations after cursor `after`, waiting up to `wait` for one;
     /// the JSON body of `GET /revocations?after=<after>&wait=<wait>`.
     fn page(&self, after: u64, wait: Duration) -> PageFuture<'_>;
+
+    /// Records the one use of a single-use token (a step a person
+    /// approved) where every verifier of this scrip sees it: `true` the
+    /// first time, on any verifier, process or replica; `false` after. Over
+    /// HTTP this is scrip's introspection, which answers such a token
+    /// active once.
+    fn claim_once<'a>(&'a self, token: &'a str) -> ClaimFuture<'a>;
 }
 
 /// The feed over HTTP, presenting the resource server's workload identity.
@@ -49,8 +60,15 @@ pub trait FeedSource: Send + Sync + std::fmt::Debug {
 pub(crate) struct HttpFeed {
     pub(crate) http: reqwest::Client,
     pub(crate) endpoint: url::Url,
+    /// scrip's RFC 7662 introspection endpoint, which claims single use.
+    pub(crate) introspection: url::Url,
     pub(crate) identity: Arc<dyn IdentitySource>,
 }
+
+/// How long an introspection that claims a single use may take.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest introspection answer read.
+const MAX_CLAIM_BYTES: usize = 64 * 1024;
 
 impl FeedSource for HttpFeed {
     fn page(&self, after: u64, wait: Duration) -> PageFuture<'_> {
@@ -72,6 +90,31 @@ impl FeedSource for HttpFeed {
                 MAX_PAGE_BYTES,
             )
             .await
+        })
+    }
+
+    fn claim_once<'a>(&'a self, token: &'a str) -> ClaimFuture<'a> {
+        Box::pin(async move {
+            let identity = self
+                .identity
+                .identity()
+                .await
+                .map_err(|e| format!("no workload identity for introspection: {e}"))?;
+            let body = crate::fetch::post_form_bytes(
+                &self.http,
+                self.introspection.as_str(),
+                &identity,
+                &[("token", token)],
+                CLAIM_TIMEOUT,
+                MAX_CLAIM_BYTES,
+            )
+            .await?;
+            let answer: Value = serde_json::from_slice(&body)
+                .map_err(|_| "introspection answered no JSON".to_owned())?;
+            answer
+                .get("active")
+                .and_then(Value::as_bool)
+                .ok_or_else(|| "introspection answered no `active`".to_owned())
         })
     }
 }

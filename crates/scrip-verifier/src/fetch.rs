@@ -37,3 +37,46 @@ pub(crate) async fn get_bytes(
     }
     Ok(body)
 }
+
+/// POSTs a form with a bearer token and reads a 200 answer of at most
+/// `max` bytes.
+pub(crate) async fn post_form_bytes(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    form: &[(&str, &str)],
+    timeout: std::time::Duration,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form.iter())
+        .finish();
+    let mut response = http
+        .post(url)
+        .timeout(timeout)
+        .bearer_auth(bearer)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("POST `{url}` failed: {e}"))?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(format!("POST `{url}` answered {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("POST `{url}` failed: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > max {
+            return Err(format!("POST `{url}` answered more than {max} bytes"));
+        }
+    }
+    Ok(body)
+}

@@ -143,7 +143,7 @@ impl Rejection {
                     quoted(required)
                 )),
             },
-            VerifyError::RevocationStale => Self {
+            VerifyError::RevocationStale | VerifyError::UseUnconfirmed => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 www_authenticate: None,
             },

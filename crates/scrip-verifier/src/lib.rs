@@ -45,7 +45,7 @@ use scrip_token::{AccessClaims, ActionName, ActionSet};
 
 pub use error::{SetupError, VerifyError};
 pub use feed::{
-    FeedConfig, FeedSource, FileIdentity, IdentityFuture, IdentitySource, PageFuture,
+    ClaimFuture, FeedConfig, FeedSource, FileIdentity, IdentityFuture, IdentitySource, PageFuture,
     StaticIdentity,
 };
 pub use layer::{Rejection, VerifierLayer, VerifierService};
@@ -291,6 +291,9 @@ struct Inner {
     revocations: Option<Arc<feed::Revocations>>,
     feed_task: Option<Arc<FeedTask>>,
     used_once: Arc<UsedOnce>,
+    /// Where a single-use token's one use is claimed for every verifier of
+    /// the issuer (the feed's source); without it, per process only.
+    claims: Option<Arc<dyn FeedSource>>,
     /// Tokens that passed every check of [`scrip_jose::verify`] and their
     /// scope parse, kept so that a token presented again (each call an agent
     /// makes with it) is not verified again while the key set that verified
@@ -335,6 +338,8 @@ struct Metadata {
     jwks_uri: String,
     #[serde(default)]
     scrip_revocation_feed_endpoint: Option<String>,
+    #[serde(default)]
+    introspection_endpoint: Option<String>,
 }
 
 /// An absolute URL, `https` unless on a loopback host.
@@ -408,9 +413,14 @@ impl Verifier {
                     )
                 })?;
                 let url = endpoint("scrip_revocation_feed_endpoint", &url)?;
+                let introspection = metadata.introspection_endpoint.ok_or_else(|| {
+                    SetupError::Metadata("metadata lists no `introspection_endpoint`".into())
+                })?;
+                let introspection = endpoint("introspection_endpoint", &introspection)?;
                 let source: Arc<dyn FeedSource> = Arc::new(feed::HttpFeed {
                     http,
                     endpoint: url,
+                    introspection,
                     identity: feed.identity.clone(),
                 });
                 Some(source)
@@ -456,6 +466,7 @@ impl Verifier {
         source: Option<Arc<dyn FeedSource>>,
         first_read: FirstRead,
     ) -> Result<Self, SetupError> {
+        let claims = source.clone();
         let (revocations, feed_task) = match (config.revocation, source) {
             (Revocation::Follow(feed), Some(source)) => {
                 let revocations =
@@ -488,6 +499,7 @@ impl Verifier {
             revocations,
             feed_task,
             used_once: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
+            claims,
             recent: scrip_jose::Recent::new(RECENT),
             public_url: config.public_url,
             dpop_leeway: config.dpop_leeway,
@@ -511,6 +523,7 @@ impl Verifier {
             revocations: inner.revocations.clone(),
             feed_task: inner.feed_task.clone(),
             used_once: inner.used_once.clone(),
+            claims: inner.claims.clone(),
             recent: scrip_jose::Recent::new(RECENT),
             public_url: inner.public_url.clone(),
             dpop_leeway: inner.dpop_leeway,
@@ -656,23 +669,40 @@ impl Verifier {
             .as_ref()
             .is_some_and(|a| a.single_use)
         {
-            let mut used = inner
-                .used_once
-                .lock()
-                .map_err(|_| VerifyError::AlreadyUsed)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            if used.len() > 10_000 {
-                // Kept while `verify` would still accept the token
-                // (`exp + leeway >= now`), so it cannot be presented again.
-                used.retain(|_, exp| exp.saturating_add(inner.leeway) >= now);
-            }
-            if used
-                .insert(accepted.claims.jti.clone(), accepted.claims.exp)
-                .is_some()
             {
-                return Err(VerifyError::AlreadyUsed);
+                let mut used = inner
+                    .used_once
+                    .lock()
+                    .map_err(|_| VerifyError::AlreadyUsed)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if used.len() > 10_000 {
+                    // Kept while `verify` would still accept the token
+                    // (`exp + leeway >= now`), so it cannot be presented again.
+                    used.retain(|_, exp| exp.saturating_add(inner.leeway) >= now);
+                }
+                if used
+                    .insert(accepted.claims.jti.clone(), accepted.claims.exp)
+                    .is_some()
+                {
+                    return Err(VerifyError::AlreadyUsed);
+                }
+            }
+            // This process has not seen it; scrip says whether another has
+            // (another replica of this resource server, or of the proxy).
+            if let Some(source) = &inner.claims {
+                match source.claim_once(token).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(VerifyError::AlreadyUsed),
+                    Err(e) => {
+                        tracing::warn!(jti = %accepted.claims.jti, error = %e, "cannot claim a single-use token's use");
+                        if let Ok(mut used) = inner.used_once.lock() {
+                            used.remove(&accepted.claims.jti);
+                        }
+                        return Err(VerifyError::UseUnconfirmed);
+                    }
+                }
             }
         }
         Ok(accepted)

@@ -316,6 +316,10 @@ impl scrip_verifier::FeedSource for GatedFeed {
             Ok(serde_json::to_vec(&page).unwrap())
         })
     }
+
+    fn claim_once<'a>(&'a self, _token: &'a str) -> scrip_verifier::ClaimFuture<'a> {
+        Box::pin(async { Err("this feed claims nothing".to_owned()) })
+    }
 }
 
 #[tokio::test]

@@ -202,6 +202,7 @@ async fn verifier(s: &Server) -> Verifier {
 async fn the_verifier_accepts_an_approved_token_once() {
     let s = Server::start().await;
     let v = verifier(&s).await;
+    let other = verifier(&s).await;
     let task = s.prod_task().await;
     let token = s.approved_token(&task).await;
 
@@ -214,16 +215,32 @@ async fn the_verifier_accepts_an_approved_token_once() {
     assert_eq!(approval.approver, "alice");
     assert!(approval.single_use);
 
-    assert_eq!(
-        v.verify(&token).await.unwrap_err(),
-        VerifyError::AlreadyUsed
-    );
-    assert_eq!(
+    // Presented again it is refused: this verifier remembers its use, and
+    // scrip's feed soon lists the used token (so the refusal may say it is
+    // revoked).
+    let spent = |e: VerifyError| {
+        assert!(
+            matches!(e, VerifyError::AlreadyUsed | VerifyError::Revoked),
+            "{e:?}"
+        );
+    };
+    spent(v.verify(&token).await.unwrap_err());
+    spent(
         v.verify_for(&token, &ActionName::parse("delete").unwrap())
             .await
             .unwrap_err(),
-        VerifyError::AlreadyUsed
     );
+    // Another verifier of the same tool (another pod behind the same load
+    // balancer) refuses it too: the one use was claimed at scrip.
+    spent(other.verify(&token).await.unwrap_err());
+    spent(verifier(&s).await.verify(&token).await.unwrap_err());
+    // And introspection, which answers a single-use token active once.
+    let identity = s.k8s.kubernetes("resource-servers", "github-api");
+    let (status, body) = s
+        .post("/introspect", &[("token", &token)], Some(&identity))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"active": false}));
 
     // An ordinary token of the same task is not single use.
     let (status, body) = s.exchange(&task, "read").await;

@@ -431,6 +431,7 @@ impl Fake {
                         "issuer": ctx.issuer,
                         "jwks_uri": format!("{}/jwks", ctx.issuer),
                         "scrip_revocation_feed_endpoint": format!("{}/revocations", ctx.issuer),
+                        "introspection_endpoint": format!("{}/introspect", ctx.issuer),
                     }))
                 }),
             )
