@@ -79,7 +79,9 @@ pub async fn feed_endpoint(
 }
 
 /// One page of the feed after `after`, waiting up to `wait` seconds for an
-/// event: `{"cursor": .., "events": [..]}`.
+/// event: `{"cursor": .., "events": [..], "more": ..}`. `more` is false when
+/// the page holds every event there was when it was read, so a follower
+/// knows it has caught up even while new revocations keep coming.
 async fn page(
     st: &crate::state::Inner,
     after: i64,
@@ -101,6 +103,7 @@ async fn page(
         changes.borrow_and_update();
         let events = st.store.revocations(after, now(), PAGE).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+            let more = events.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
             let cursor = events.last().map_or(after, |e| e.seq);
             let events: Vec<serde_json::Value> = events
                 .iter()
@@ -111,7 +114,7 @@ async fn page(
                     }
                 })
                 .collect();
-            return Ok(json!({ "cursor": cursor, "events": events }));
+            return Ok(json!({ "cursor": cursor, "events": events, "more": more }));
         }
         let slice = deadline.min(tokio::time::Instant::now() + POLL);
         tokio::select! {

@@ -82,7 +82,7 @@ async fn feed_lists_revoked_tasks_and_tokens_after_a_cursor() {
     assert!(started.elapsed() < Duration::from_secs(4));
     // The newest cursor itself is current: it waits, then answers nothing new.
     let (_, body) = feed(&s, &format!("?after={last}&wait=1"), Some(&caller)).await;
-    assert_eq!(body, json!({"cursor": last, "events": []}));
+    assert_eq!(body, json!({"cursor": last, "events": [], "more": false}));
     s.stop().await;
 }
 
@@ -116,7 +116,7 @@ async fn a_waiting_poll_wakes_on_revocation() {
     let next = body["cursor"].as_i64().unwrap();
     let caller = s.k8s.kubernetes("resource-servers", "github-api");
     let (_, empty) = feed(&s, &format!("?after={next}&wait=1"), Some(&caller)).await;
-    assert_eq!(empty, json!({"cursor": next, "events": []}));
+    assert_eq!(empty, json!({"cursor": next, "events": [], "more": false}));
     s.stop().await;
 }
 
@@ -143,5 +143,43 @@ async fn feed_needs_a_workload_identity_and_valid_parameters() {
             "{bad}"
         );
     }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_page_says_whether_it_left_events_out() {
+    use scrip_store::{SqliteStore, Store as _, Write};
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    // 1,001 revoked tokens, one more than a page holds.
+    let store = SqliteStore::open(&s.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    let exp = now() + 600;
+    store
+        .commit(
+            (0..1_001)
+                .map(|i| Write::RevokeToken {
+                    jti: format!("jti-{i}"),
+                    task_id: "t".into(),
+                    expires_at: exp,
+                    at: now(),
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = feed(&s, "?after=0", Some(&caller)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"].as_array().unwrap().len(), 1_000);
+    assert_eq!(body["more"], true);
+    let cursor = body["cursor"].as_i64().unwrap();
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(body["events"].as_array().unwrap().len(), 1);
+    assert_eq!(body["more"], false);
+    let cursor = body["cursor"].as_i64().unwrap();
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(body["events"], json!([]));
+    assert_eq!(body["more"], false);
     s.stop().await;
 }

@@ -246,6 +246,10 @@ struct State {
 struct Page {
     cursor: u64,
     events: Vec<Value>,
+    /// Whether events were left out of this page (a full one); without it
+    /// (an older scrip), only an empty page says the follower caught up.
+    #[serde(default)]
+    more: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,7 +345,9 @@ impl Revocations {
         }
         state.cursor = page.cursor;
         state.synced_at = Some(Instant::now());
-        state.caught_up |= count == 0;
+        // Caught up once a page held everything there was: under a steady
+        // stream of revocations an empty page may never come.
+        state.caught_up |= count == 0 || page.more == Some(false);
         Ok(count)
     }
 
@@ -350,15 +356,16 @@ impl Revocations {
         self.state.read().is_ok_and(|s| s.caught_up)
     }
 
-    /// Reads page after page without waiting until an empty one, at most
-    /// `max_pages`. Returns whether it caught up.
+    /// Reads page after page without waiting until one holds every event
+    /// there was, at most `max_pages`. Returns whether it caught up.
     pub(crate) async fn catch_up(
         &self,
         source: &dyn FeedSource,
         max_pages: usize,
     ) -> Result<bool, String> {
         for _ in 0..max_pages {
-            if self.poll(source, Duration::ZERO).await? == 0 {
+            self.poll(source, Duration::ZERO).await?;
+            if self.caught_up() {
                 return Ok(true);
             }
         }
@@ -394,10 +401,10 @@ pub(crate) async fn follow(
         match revocations.poll(source.as_ref(), wait).await {
             Ok(n) => {
                 backoff = config.retry_min;
-                if n > 0 {
-                    tracing::debug!(events = n, "revocations received");
-                } else if wait.is_zero() {
+                if wait.is_zero() && revocations.caught_up() {
                     tracing::info!("revocation set loaded");
+                } else if n > 0 {
+                    tracing::debug!(events = n, "revocations received");
                 } else if started.elapsed() < config.wait / 4 {
                     // An empty answer long before `wait`: the feed does not
                     // long-poll. Do not spin.
@@ -427,6 +434,34 @@ mod tests {
             r.apply(br#"{"cursor":99,"events":[]}"#).unwrap();
         }
         assert_eq!(r.check(txn, jti), expected, "pages: {pages:?}");
+    }
+
+    #[test]
+    fn a_page_that_holds_everything_catches_up_without_an_empty_one() {
+        // Under a steady stream of revocations every page has events; a
+        // page that left none out says the follower has caught up.
+        let r = Revocations::new(Duration::from_secs(60), 0);
+        let far = unix_now() + 600;
+        let page = |cursor: u64, more: bool| {
+            format!(
+                r#"{{"cursor":{cursor},"events":[{{"type":"task","txn":"t{cursor}","exp":{far}}}],"more":{more}}}"#
+            )
+        };
+        r.apply(page(1, true).as_bytes()).unwrap();
+        assert!(!r.caught_up());
+        assert_eq!(r.check("t9", "j"), Err(VerifyError::RevocationStale));
+        r.apply(page(2, false).as_bytes()).unwrap();
+        assert!(r.caught_up());
+        assert_eq!(r.check("t9", "j"), Ok(()));
+        assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+        // A page without `more` (an older scrip) catches up only when empty.
+        let old = Revocations::new(Duration::from_secs(60), 0);
+        old.apply(
+            format!(r#"{{"cursor":1,"events":[{{"type":"task","txn":"t1","exp":{far}}}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(!old.caught_up());
     }
 
     #[test]
