@@ -77,7 +77,7 @@ enum Command {
     /// federated identity from --identity-file or SCRIP_IDENTITY), starts a
     /// task with the given grants, and runs COMMAND with SCRIP_URL and
     /// SCRIP_TASK_TOKEN set (so `scrip token` works inside it). When COMMAND
-    /// exits, however it exits, the task is ended. SIGINT, SIGTERM and SIGHUP
+    /// exits, however it exits, the task is ended. SIGINT, SIGTERM, SIGHUP and SIGQUIT
     /// are forwarded to it. The exit code is COMMAND's.
     Run(run::RunArgs),
     /// Print an access token of the current task (SCRIP_TASK_TOKEN).

@@ -89,6 +89,7 @@ struct Signals {
     int: Signal,
     term: Signal,
     hup: Signal,
+    quit: Signal,
 }
 
 impl Signals {
@@ -97,6 +98,7 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
         })
     }
 
@@ -107,6 +109,7 @@ impl Signals {
             _ = self.int.recv() => S::INT,
             _ = self.term.recv() => S::TERM,
             _ = self.hup.recv() => S::HUP,
+            _ = self.quit.recv() => S::QUIT,
         }
     }
 
@@ -252,7 +255,8 @@ async fn supervise(
             status = child.wait() => return status,
             sig = signals.recv() => {
                 if let Some(pid) = pid
-                    && !(sig == rustix::process::Signal::INT && terminal_delivered_it())
+                    && !(matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT)
+                        && terminal_delivered_it())
                 {
                     let _ = rustix::process::kill_process(pid, sig);
                 }
@@ -266,7 +270,7 @@ async fn supervise(
     }
 }
 
-/// Whether a SIGINT came from the terminal, which already sent it to the
+/// Whether a SIGINT (or SIGQUIT) came from the terminal, which already sent it to the
 /// child too (same foreground process group): forwarding it again would
 /// deliver it twice.
 fn terminal_delivered_it() -> bool {

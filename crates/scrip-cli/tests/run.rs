@@ -290,10 +290,21 @@ fn exit_codes_pass_through() {
 
 #[test]
 fn sigterm_to_scrip_run_is_forwarded_and_ends_the_task() {
+    a_signal_to_scrip_run_is_forwarded_and_ends_the_task("TERM", 3);
+}
+
+#[test]
+fn sigquit_to_scrip_run_is_forwarded_and_ends_the_task() {
+    // Ctrl-\ (or a kill): scrip run must not die of it and leave the task
+    // and the command running.
+    a_signal_to_scrip_run_is_forwarded_and_ends_the_task("QUIT", 4);
+}
+
+fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32) {
     let server = Server::start();
     let marker = server.dir.path().join("task-token");
     let script = format!(
-        "trap 'exit 3' TERM; echo \"$SCRIP_TASK_TOKEN\" > {}.tmp; mv {0}.tmp {0}; while true; do sleep 0.05; done",
+        "trap 'exit {code}' {signal}; echo \"$SCRIP_TASK_TOKEN\" > {}.tmp; mv {0}.tmp {0}; while true; do sleep 0.05; done",
         marker.display()
     );
     let mut child = server
@@ -319,12 +330,12 @@ fn sigterm_to_scrip_run_is_forwarded_and_ends_the_task() {
     );
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let status = wait_exit(&mut child, Duration::from_secs(20));
-    assert_eq!(status.code(), Some(3), "the child's own exit code");
+    assert_eq!(status.code(), Some(code), "the child's own exit code");
     let (status, body) = server.exchange(&task_token);
     assert_eq!(status, 400, "the task ended: {body}");
 }
