@@ -44,6 +44,9 @@ echo "== shipped policy examples" >&2
 target/debug/scrip policy test policies/examples.test.toml --policies policies
 echo "== load smoke (fails on request errors, never on timings)" >&2
 target/debug/scrip-bench --smoke --scrip target/debug/scrip
+echo "== DPoP smoke with EdDSA proofs (fails on request errors, never on timings)" >&2
+target/debug/scrip-bench --smoke --scrip target/debug/scrip \
+  --scenario exchange-dpop,proxy-dpop --dpop-algorithm EdDSA --no-restart
 echo "== open-loop smoke (--rate; fails on request errors, never on timings)" >&2
 open_loop=$(target/debug/scrip-bench --smoke --scrip target/debug/scrip \
   --scenario exchange,metadata --rate 2000 --no-restart)

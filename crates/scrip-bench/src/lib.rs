@@ -65,7 +65,7 @@ use serde_json::{Value, json};
 
 use crate::idp::{Idp, K8S_ISSUER};
 use crate::load::{Outcome, Target, Workload};
-use scrip_testkit::dpop::DpopKey;
+use scrip_testkit::dpop::{DpopAlgorithm, DpopKey};
 
 /// Any failure of the benchmark itself (not of a request).
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -202,6 +202,17 @@ pub struct Args {
     /// For exchange-dpop and proxy-dpop: DPoP proofs made before the run (each is used once; the run stops when they run out, and they are good for 60 s, so these scenarios run at most 50 s).
     #[arg(long, default_value_t = 150_000, value_parser = at_least_one)]
     pub dpop_proofs: usize,
+    /// For exchange-dpop and proxy-dpop: the proofs' algorithm, ES256 or EdDSA.
+    #[arg(long, value_name = "ALG", default_value = "ES256", value_parser = dpop_algorithm)]
+    pub dpop_algorithm: DpopAlgorithm,
+}
+
+fn dpop_algorithm(s: &str) -> std::result::Result<DpopAlgorithm, String> {
+    match s {
+        "ES256" => Ok(DpopAlgorithm::Es256),
+        "EdDSA" => Ok(DpopAlgorithm::EdDsa),
+        _ => Err(format!("`{s}` is not ES256 or EdDSA")),
+    }
 }
 
 fn signing_algorithm(s: &str) -> std::result::Result<SigningAlgorithm, String> {
@@ -323,7 +334,8 @@ fn mint_proofs(
         return Err("minting DPoP proofs failed".into());
     }
     say(&format!(
-        "# {n} DPoP proofs made in {:.1} s",
+        "# {n} DPoP proofs ({}) made in {:.1} s",
+        key.algorithm().name(),
         started.elapsed().as_secs_f64()
     ));
     Ok(proofs)
@@ -733,7 +745,7 @@ async fn run(args: &Args) -> Result<bool> {
             }
             Scenario::ExchangeDpop => {
                 let endpoint = token_endpoint(&target).await?;
-                let key = DpopKey::new();
+                let key = DpopKey::with(args.dpop_algorithm);
                 Workload {
                     method: Method::POST,
                     path: "/token",
@@ -751,7 +763,7 @@ async fn run(args: &Args) -> Result<bool> {
                     continue;
                 }
                 let endpoint = token_endpoint(&target).await?;
-                let key = DpopKey::new();
+                let key = DpopKey::with(args.dpop_algorithm);
                 let proof = key.proof("POST", &endpoint, None);
                 let (status, answer) = load::once_with_proof(
                     &target,

@@ -4,7 +4,9 @@
 //! calls nothing without the key.
 
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
+};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
@@ -19,9 +21,36 @@ fn sha256_b64(data: &[u8]) -> String {
     b64(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
 }
 
-/// An ES256 DPoP key. Its `Debug` shows only the thumbprint.
+/// The signature algorithm of a [`DpopKey`]: both are in scrip's
+/// `dpop_signing_alg_values_supported`. An EdDSA proof costs scrip (and a
+/// resource server) less to verify than an ES256 one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpopAlgorithm {
+    /// ECDSA on P-256 with SHA-256 (RFC 7518), the default.
+    Es256,
+    /// Ed25519 (RFC 8037).
+    EdDsa,
+}
+
+impl DpopAlgorithm {
+    /// The JOSE `alg` name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Es256 => "ES256",
+            Self::EdDsa => "EdDSA",
+        }
+    }
+}
+
+enum Pair {
+    Es256(EcdsaKeyPair),
+    Ed25519(Ed25519KeyPair),
+}
+
+/// A DPoP key (ES256 or EdDSA). Its `Debug` shows only the thumbprint.
 pub struct DpopKey {
-    pair: EcdsaKeyPair,
+    pair: Pair,
     /// The public JWK, as the proofs' header carries it.
     jwk: serde_json::Value,
     /// Its RFC 7638 thumbprint: the `cnf.jkt` of the tokens bound to it.
@@ -37,13 +66,33 @@ impl std::fmt::Debug for DpopKey {
 }
 
 impl DpopKey {
-    /// A fresh key from the system's random generator.
+    /// A fresh ES256 key from the system's random generator.
     ///
     /// # Errors
     /// [`Error::Protocol`] if the key cannot be made.
     pub fn generate() -> Result<Self, Error> {
-        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
-            .map_err(|_| Error::Protocol("cannot make a DPoP key".into()))?;
+        Self::generate_with(DpopAlgorithm::Es256)
+    }
+
+    /// A fresh key for `algorithm` from the system's random generator.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] if the key cannot be made.
+    pub fn generate_with(algorithm: DpopAlgorithm) -> Result<Self, Error> {
+        let cannot = || Error::Protocol("cannot make a DPoP key".into());
+        match algorithm {
+            DpopAlgorithm::Es256 => {
+                let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+                    .map_err(|_| cannot())?;
+                Self::es256(pair)
+            }
+            DpopAlgorithm::EdDsa => {
+                Self::ed25519(Ed25519KeyPair::generate().map_err(|_| cannot())?)
+            }
+        }
+    }
+
+    fn es256(pair: EcdsaKeyPair) -> Result<Self, Error> {
         let point = pair.public_key().as_ref();
         let (Some(x), Some(y)) = (point.get(1..33), point.get(33..65)) else {
             return Err(Error::Protocol("cannot read the DPoP public key".into()));
@@ -53,10 +102,30 @@ impl DpopKey {
         let jkt =
             sha256_b64(format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#).as_bytes());
         Ok(Self {
-            pair,
+            pair: Pair::Es256(pair),
             jwk: json!({"kty": "EC", "crv": "P-256", "x": x, "y": y}),
             jkt,
         })
+    }
+
+    fn ed25519(pair: Ed25519KeyPair) -> Result<Self, Error> {
+        let x = b64(pair.public_key().as_ref());
+        // RFC 8037 §2 and RFC 7638: crv, kty, x, in that order.
+        let jkt = sha256_b64(format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#).as_bytes());
+        Ok(Self {
+            pair: Pair::Ed25519(pair),
+            jwk: json!({"kty": "OKP", "crv": "Ed25519", "x": x}),
+            jkt,
+        })
+    }
+
+    /// The key's algorithm.
+    #[must_use]
+    pub fn algorithm(&self) -> DpopAlgorithm {
+        match self.pair {
+            Pair::Es256(_) => DpopAlgorithm::Es256,
+            Pair::Ed25519(_) => DpopAlgorithm::EdDsa,
+        }
     }
 
     /// The key's RFC 7638 thumbprint (base64url SHA-256).
@@ -95,16 +164,73 @@ impl DpopKey {
     /// # Errors
     /// [`Error::Protocol`] if the signature fails.
     pub fn sign_claims(&self, claims: &serde_json::Value) -> Result<String, Error> {
-        let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk});
+        let header = json!({"typ": "dpop+jwt", "alg": self.algorithm().name(), "jwk": self.jwk});
         let input = format!(
             "{}.{}",
             b64(header.to_string().as_bytes()),
             b64(claims.to_string().as_bytes())
         );
-        let signature = self
-            .pair
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .map_err(|_| Error::Protocol("cannot sign a DPoP proof".into()))?;
-        Ok(format!("{input}.{}", b64(signature.as_ref())))
+        let signature = match &self.pair {
+            Pair::Es256(pair) => pair
+                .sign(&SystemRandom::new(), input.as_bytes())
+                .map_err(|_| Error::Protocol("cannot sign a DPoP proof".into()))?
+                .as_ref()
+                .to_vec(),
+            Pair::Ed25519(pair) => pair.sign(input.as_bytes()).as_ref().to_vec(),
+        };
+        Ok(format!("{input}.{}", b64(&signature)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ed25519_key_has_the_rfc_8037_jwk_and_thumbprint() {
+        // RFC 8037 A.1 (the key) and A.3 (its thumbprint).
+        let seed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
+            .unwrap();
+        let key = DpopKey::ed25519(Ed25519KeyPair::from_seed_unchecked(&seed).unwrap()).unwrap();
+        assert_eq!(key.algorithm(), DpopAlgorithm::EdDsa);
+        assert_eq!(
+            key.jwk,
+            json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"})
+        );
+        assert_eq!(
+            key.thumbprint(),
+            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+        );
+        // RFC 8037 A.4: Ed25519 is deterministic, so the signature over
+        // the example's input is the example's.
+        let Pair::Ed25519(pair) = &key.pair else {
+            panic!("not Ed25519")
+        };
+        assert_eq!(
+            b64(pair
+                .sign(b"eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc")
+                .as_ref()),
+            "hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg"
+        );
+    }
+
+    #[test]
+    fn a_proof_names_its_algorithm_and_key() {
+        for alg in [DpopAlgorithm::Es256, DpopAlgorithm::EdDsa] {
+            let key = DpopKey::generate_with(alg).unwrap();
+            let proof = key
+                .proof("POST", "https://scrip.example/token?x=1", None)
+                .unwrap();
+            let header: serde_json::Value = serde_json::from_slice(
+                &URL_SAFE_NO_PAD
+                    .decode(proof.split('.').next().unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(header["alg"], alg.name());
+            assert_eq!(header["typ"], "dpop+jwt");
+            assert_eq!(header["jwk"], key.jwk);
+        }
     }
 }

@@ -46,7 +46,7 @@ use serde::Deserialize;
 
 pub use attest::attest;
 pub use cache::FileCache;
-pub use dpop::DpopKey;
+pub use dpop::{DpopAlgorithm, DpopKey};
 
 /// The address of a scrip started with the defaults.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";

@@ -317,3 +317,35 @@ async fn dpop_bound_tokens_and_the_headers_that_present_them() {
     let _ = keyless.into_token();
     task.end().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_eddsa_dpop_key_binds_tokens_too() {
+    use std::sync::Arc;
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let key =
+        Arc::new(scrip_client::DpopKey::generate_with(scrip_client::DpopAlgorithm::EdDsa).unwrap());
+    let task = client
+        .start_task(&identity, &TaskRequest::new(["github:read"], "dpop", "dev"))
+        .await
+        .unwrap()
+        .with_dpop(key.clone());
+    let token = task.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(token.token_type, "DPoP");
+    let mut config =
+        scrip_verifier::VerifierConfig::danger_without_revocation(&server.url, "github");
+    config.public_url = Some("https://rs.example".into());
+    let verifier = scrip_verifier::Verifier::discover(config).await.unwrap();
+    let url = "https://rs.example/repos";
+    let headers = task.request_headers(&token, "GET", url).unwrap();
+    let accepted = verifier
+        .verify_dpop(&token.token, &headers[1].1, "GET", url, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted.claims().cnf.as_ref().unwrap().jkt,
+        key.thumbprint()
+    );
+    task.end().await.unwrap();
+}

@@ -1,21 +1,37 @@
 //! A DPoP client key (RFC 9449) for tests and the load generator:
 //! `scrip-client`'s key, whose failures here are the test's.
 
+pub use scrip_client::DpopAlgorithm;
 use serde_json::Value;
 
-/// An ES256 DPoP key.
+/// A DPoP key, ES256 unless made with [`DpopKey::with`].
 #[derive(Debug)]
 pub struct DpopKey(scrip_client::DpopKey);
 
 impl DpopKey {
-    /// A fresh key.
+    /// A fresh ES256 key.
+    ///
+    /// # Panics
+    /// If the system random generator fails.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with(scrip_client::DpopAlgorithm::Es256)
+    }
+
+    /// A fresh key for `algorithm`.
     ///
     /// # Panics
     /// If the system random generator fails.
     #[must_use]
     #[expect(clippy::expect_used, reason = "test support")]
-    pub fn new() -> Self {
-        Self(scrip_client::DpopKey::generate().expect("make a DPoP key"))
+    pub fn with(algorithm: scrip_client::DpopAlgorithm) -> Self {
+        Self(scrip_client::DpopKey::generate_with(algorithm).expect("make a DPoP key"))
+    }
+
+    /// The key's algorithm.
+    #[must_use]
+    pub fn algorithm(&self) -> DpopAlgorithm {
+        self.0.algorithm()
     }
 
     /// The RFC 7638 thumbprint: the `cnf.jkt` of tokens bound to the key.
