@@ -141,8 +141,10 @@ pub(crate) async fn checkpoint(st: &Inner) {
     let Some(head) = st.store.chain_head() else {
         return;
     };
-    let last = st.last_checkpoint.lock().ok().and_then(|l| *l);
-    if last == Some(head.chain_seq) {
+    // The position alone is not the head: after a store failure the writer
+    // goes on with a fresh chain, whose records reach the same positions.
+    let last = st.last_checkpoint.lock().ok().and_then(|l| l.clone());
+    if last.as_ref() == Some(&(head.chain_id.clone(), head.chain_seq)) {
         return;
     }
     let at_ms = crate::state::now_ms();
@@ -162,11 +164,11 @@ pub(crate) async fn checkpoint(st: &Inner) {
         at_ms,
         signature,
     };
-    let seq = c.chain_seq;
+    let signed = (c.chain_id.clone(), c.chain_seq);
     match st.store.commit(vec![Write::Checkpoint(Box::new(c))]).await {
         Ok(()) => {
             if let Ok(mut l) = st.last_checkpoint.lock() {
-                *l = Some(seq);
+                *l = Some(signed);
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not store an audit checkpoint; will retry"),

@@ -307,6 +307,7 @@ impl Verifier {
     /// Checks one record, given in global order.
     pub fn push(&mut self, r: &StoredRecord) {
         self.report.records += 1;
+        let mut links = Vec::new();
         let cursor = self.chains.entry(r.chain_id.clone()).or_default();
         let problem = |what: String| Problem {
             seq: Some(r.seq),
@@ -360,9 +361,7 @@ impl Verifier {
                             .into(),
                     ));
                 }
-                for l in e.links {
-                    self.links.push((r.seq, r.chain_id.clone(), r.chain_seq, l));
-                }
+                links = e.links;
             }
             Err(_) => self
                 .report
@@ -380,6 +379,29 @@ impl Verifier {
         let key = (r.chain_id.clone(), r.chain_seq);
         if self.wanted.contains(&key) {
             self.found.insert(key, r.hash.clone());
+        }
+        // A new chain links to the heads of the others when it started,
+        // which are the records of those chains just before it: compared
+        // now, so a chain started after the links were first read (a replica
+        // starting while `scrip audit verify` runs) is checked too. A link
+        // to an older position is checked at the end, against what was kept.
+        for l in links {
+            match self.chains.get(&l.chain_id) {
+                Some(c) if c.pos == l.chain_seq => {
+                    if c.hash != l.hash {
+                        self.report.problems.push(Problem {
+                            seq: Some(r.seq),
+                            chain_id: r.chain_id.clone(),
+                            chain_seq: r.chain_seq,
+                            what: format!(
+                                "links to chain {} #{} which is different: edited",
+                                l.chain_id, l.chain_seq
+                            ),
+                        });
+                    }
+                }
+                _ => self.links.push((r.seq, r.chain_id.clone(), r.chain_seq, l)),
+            }
         }
     }
 

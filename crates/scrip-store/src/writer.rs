@@ -172,8 +172,13 @@ async fn run(
                 }
                 backend.after_commit().await;
             }
-            Err(e) if batch.len() > 1 => {
-                // Isolate the failing commit: each gets its own transaction.
+            // A conflict is one commit's (a task whose parent ended, a token
+            // already used): the transaction rolled back, so isolate it, each
+            // commit in its own transaction. Any other failure is the store's:
+            // every commit of the batch gets it at once (retrying each one
+            // would make them wait a timeout apiece), and none is replayed,
+            // since whether the batch took effect may be unknown.
+            Err(e @ StoreError::Conflict(_)) if batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying one by one");
                 for p in batch.drain(..) {
                     let writes: Vec<&Write> = p.writes.iter().collect();
@@ -216,7 +221,6 @@ async fn apply(
         }
         Err(e) => {
             if matches!(e, StoreError::Unavailable(_))
-                && chain.seq > 0
                 && let Ok(id) = crate::chain::new_chain_id()
             {
                 *chain = ChainState::new(id);
@@ -236,4 +240,111 @@ fn publish(
         *h = chain.link();
     }
     changes.send_if_modified(|c| c.record(writes));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A backend that holds its first batch until `release` is notified (so
+    /// later commits queue up into one batch), counts batches, and fails a
+    /// batch with `Conflict` when it holds a revocation of `poison`, or with
+    /// `Unavailable` when `down`.
+    struct Fake {
+        calls: Arc<AtomicUsize>,
+        release: Arc<tokio::sync::Notify>,
+        down: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Apply for Fake {
+        async fn apply(&mut self, writes: &[&Write], _: &mut ChainState) -> Result<(), StoreError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.release.notified().await;
+            }
+            if self.down {
+                return Err(StoreError::Unavailable("the disk is gone".into()));
+            }
+            let poisoned = writes
+                .iter()
+                .any(|w| matches!(w, Write::RevokeToken { jti, .. } if jti == "poison"));
+            if poisoned {
+                return Err(StoreError::Conflict("poison".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn revoke(jti: &str) -> Write {
+        Write::RevokeToken {
+            jti: jti.into(),
+            task_id: "t".into(),
+            expires_at: 1,
+            at: 1,
+        }
+    }
+
+    /// Commits `jtis` concurrently behind a first commit the backend
+    /// holds; the results in order, and how many batches were applied.
+    async fn run_with(down: bool, jtis: &[&str]) -> (Vec<Result<(), StoreError>>, usize) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let writer = Arc::new(Writer::spawn(
+            Fake {
+                calls: calls.clone(),
+                release: release.clone(),
+                down,
+            },
+            "c".into(),
+        ));
+        let first = {
+            let w = writer.clone();
+            tokio::spawn(async move { w.commit(vec![revoke("first")]).await })
+        };
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let rest: Vec<_> = jtis
+            .iter()
+            .map(|j| {
+                let (w, j) = (writer.clone(), (*j).to_owned());
+                tokio::spawn(async move { w.commit(vec![revoke(&j)]).await })
+            })
+            .collect();
+        // Let every commit reach the queue before the first batch ends.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        release.notify_one();
+        let _ = first.await.unwrap();
+        let mut results = Vec::new();
+        for r in rest {
+            results.push(r.await.unwrap());
+        }
+        (results, calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_isolated_to_its_own_commit() {
+        let (results, calls) = run_with(false, &["a", "poison", "b"]).await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(StoreError::Conflict(_))));
+        // The first batch, the batch of three, then each of the three.
+        assert_eq!(calls, 5);
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_fails_the_whole_batch_at_once() {
+        let (results, calls) = run_with(true, &["a", "b", "c", "d"]).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Unavailable(_)))),
+            "{results:?}"
+        );
+        // The first batch and the batch of four: no retry one by one, each
+        // of which would wait out a timeout of its own on a real store.
+        assert_eq!(calls, 2);
+    }
 }

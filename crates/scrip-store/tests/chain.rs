@@ -595,3 +595,59 @@ async fn concurrent_commits_all_land_once() {
     assert_clean(&report);
     assert_eq!(report.records, 201);
 }
+
+#[tokio::test]
+async fn a_chain_started_while_verification_runs_is_no_false_alarm() {
+    let db = Db::new();
+    let a = db.open().await;
+    for n in 0..5 {
+        a.commit(vec![Write::Audit(Box::new(event(n, "a")))])
+            .await
+            .unwrap();
+    }
+    // Verification reads the checkpoints and links first ...
+    let checkpoints = a.checkpoints().await.unwrap();
+    let links = a.chain_links().await.unwrap();
+    let mut verifier = Verifier::new(&checkpoints, &links);
+    // ... and meanwhile another writer starts a chain linking to a's head.
+    let b = db.open().await;
+    b.commit(vec![Write::Audit(Box::new(event(0, "b")))])
+        .await
+        .unwrap();
+    a.commit(vec![Write::Audit(Box::new(event(5, "a")))])
+        .await
+        .unwrap();
+    for r in &a.audit_rows(0, u32::MAX).await.unwrap() {
+        verifier.push(r);
+    }
+    let report = verifier.finish(&checkpoints, |_| true);
+    assert_clean(&report);
+    assert_eq!(report.chains, 2);
+
+    // A link to an edited head is still found, in the same situation.
+    let rows = a.audit_rows(0, u32::MAX).await.unwrap();
+    let started = rows
+        .iter()
+        .find(|r| r.chain_id != rows[0].chain_id)
+        .unwrap()
+        .clone();
+    let mut verifier = Verifier::new(&checkpoints, &links);
+    for r in &rows {
+        let mut r = r.clone();
+        if r.seq < started.seq && r.chain_seq == 6 {
+            // a's head when b started, rewritten with a consistent hash.
+            r.record = r.record.replace("jti-a-4", "jti-a-X");
+            r.hash = hash(r.record.as_bytes());
+        }
+        verifier.push(&r);
+    }
+    let report = verifier.finish(&checkpoints, |_| true);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains("which is different")),
+        "{:#?}",
+        report.problems
+    );
+}
