@@ -399,6 +399,10 @@ async fn forward(
     }
     let patterns = headers::patterns(&upstream.injection, secret);
     head.headers = headers::to_agent(std::mem::take(&mut head.headers), &patterns);
+    // Nothing of the upstream's response head but its status and the
+    // headers above: hyper keeps a non-standard reason phrase (`401 bad key
+    // <the key>`) in the extensions and would write it to the agent.
+    head.extensions.clear();
     let status = head.status;
     proxy.0.metrics.count(name, Outcome::Forwarded);
 

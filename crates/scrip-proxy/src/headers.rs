@@ -147,32 +147,61 @@ pub fn query_encode(bytes: &[u8]) -> String {
     out
 }
 
-/// The agent's query with `param` removed and the secret appended as
-/// `param`, for query injection; the query unchanged otherwise.
+/// Query parameters that make some frameworks run another method than the
+/// request's (Rails, Laravel and Symfony read `_method`): dropped, as the
+/// method-override headers are, so the upstream runs the method the action
+/// was decided on.
+const METHOD_OVERRIDES: [&str; 1] = ["_method"];
+
+/// Whether the query pair `pair` names one of `names`, compared decoded as
+/// the upstream reads it: `api%5Fkey` is `api_key`, and so is `api%255Fkey`
+/// for an upstream that decodes twice.
+fn names_one_of(pair: &str, names: &[&str]) -> bool {
+    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+    let decoded = |k: &str| {
+        form_urlencoded::parse(k.as_bytes())
+            .next()
+            .map(|(k, _)| k.into_owned())
+    };
+    let once = decoded(key);
+    let twice = once
+        .as_deref()
+        .filter(|k| k.contains('%'))
+        .and_then(decoded);
+    [once, twice]
+        .iter()
+        .flatten()
+        .any(|k| names.contains(&k.as_str()))
+}
+
+/// The agent's query as the upstream gets it: without method overrides
+/// (`_method`), and for query injection without `param` and with the secret
+/// appended as `param`; otherwise unchanged.
 #[must_use]
 pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &SecretValue) -> String {
     let Injection::Query { param } = injection else {
-        return query.map(|q| format!("?{q}")).unwrap_or_default();
+        let Some(q) = query else {
+            return String::new();
+        };
+        if !q.split('&').any(|p| names_one_of(p, &METHOD_OVERRIDES)) {
+            return format!("?{q}");
+        }
+        let kept: Vec<&str> = q
+            .split('&')
+            .filter(|p| !p.is_empty() && !names_one_of(p, &METHOD_OVERRIDES))
+            .collect();
+        return if kept.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", kept.join("&"))
+        };
     };
     let encoded_param = query_encode(param.as_bytes());
+    let dropped = [param.as_str(), METHOD_OVERRIDES[0]];
     let mut out = String::from("?");
     for pair in query.unwrap_or_default().split('&') {
-        // Compared decoded, as the upstream reads it: `api%5Fkey` and
-        // `api_key` are one parameter, and the injected one replaces both;
-        // so does `api%255Fkey`, for an upstream that decodes twice.
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        let decoded = |k: &str| {
-            form_urlencoded::parse(k.as_bytes())
-                .next()
-                .map(|(k, _)| k.into_owned())
-        };
-        let once = decoded(key);
-        let twice = once
-            .as_deref()
-            .filter(|k| k.contains('%'))
-            .and_then(decoded);
-        let same = [once, twice].iter().flatten().any(|k| k == param.as_str());
-        if pair.is_empty() || same {
+        // The injected parameter replaces every form of the agent's.
+        if pair.is_empty() || names_one_of(pair, &dropped) {
             continue;
         }
         out.push_str(pair);
@@ -191,10 +220,34 @@ pub fn patterns(injection: &Injection, secret: &SecretValue) -> Patterns {
     let mut forms = vec![raw];
     match injection {
         Injection::Basic { username } => forms.push(basic_token(username, secret).into_bytes()),
-        Injection::Query { .. } => forms.push(query_encode(secret.expose()).into_bytes()),
+        Injection::Query { .. } => {
+            let encoded = query_encode(secret.expose());
+            // An upstream that reflects the URL may re-encode it with
+            // lowercase escapes.
+            forms.push(lowercase_escapes(&encoded).into_bytes());
+            forms.push(encoded.into_bytes());
+        }
         Injection::Header { .. } => {}
     }
     Patterns::new(forms)
+}
+
+/// `encoded` with the hex digits of its `%XX` escapes in lowercase.
+fn lowercase_escapes(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut hex_left = 0;
+    for c in encoded.chars() {
+        if hex_left > 0 {
+            out.push(c.to_ascii_lowercase());
+            hex_left -= 1;
+        } else {
+            if c == '%' {
+                hex_left = 2;
+            }
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The response headers as the agent gets them.
@@ -202,16 +255,24 @@ pub fn patterns(injection: &Injection, secret: &SecretValue) -> Patterns {
 pub fn to_agent(mut headers: HeaderMap, patterns: &Patterns) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::SET_COOKIE);
-    let mut redacted = Vec::new();
-    for (name, value) in &headers {
-        if let Some(clean) = patterns.redact_header(value.as_bytes()) {
-            redacted.push((name.clone(), clean));
+    let names: Vec<header::HeaderName> = headers.keys().cloned().collect();
+    for name in names {
+        let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        if !values
+            .iter()
+            .any(|v| patterns.redact_header(v.as_bytes()).is_some())
+        {
+            continue;
         }
-    }
-    for (name, clean) in redacted {
+        // Every value of the header, each redacted as needed, in order.
         headers.remove(&name);
-        if let Ok(v) = HeaderValue::from_bytes(&clean) {
-            headers.insert(name, v);
+        for value in values {
+            let clean = patterns
+                .redact_header(value.as_bytes())
+                .map_or(Some(value), |c| HeaderValue::from_bytes(&c).ok());
+            if let Some(v) = clean {
+                headers.append(name.clone(), v);
+            }
         }
     }
     headers
@@ -317,6 +378,16 @@ mod tests {
         };
         check(None, &h, "");
         check(Some("a=1"), &h, "?a=1");
+        // A method override is dropped, in any encoding.
+        check(Some("a=1&_method=DELETE&b=2"), &h, "?a=1&b=2");
+        check(Some("%5Fmethod=DELETE"), &h, "");
+        check(Some("%255Fmethod=PUT&x"), &h, "?x");
+        check(Some("_methods=1"), &h, "?_methods=1");
+        check(
+            Some("_method=DELETE&api_key=mine"),
+            &q,
+            "?api_key=k3y%2F%2B%3D",
+        );
         check(None, &q, "?api_key=k3y%2F%2B%3D");
         check(
             Some("a=1&api_key=mine&b"),
@@ -358,5 +429,35 @@ mod tests {
         assert_eq!(names(&out), ["content-type", "x-echo", "x-echo-basic"]);
         assert_eq!(out["x-echo"], "got [redacted] from you");
         assert_eq!(out["x-echo-basic"], "Basic [redacted]");
+
+        // A header with several values keeps them all, each redacted alone.
+        let mut h = HeaderMap::new();
+        for v in ["<a>", "<b> k3y/+=", "<c>"] {
+            h.append("link", HeaderValue::from_static(v));
+        }
+        let out = to_agent(h, &p);
+        let links: Vec<&str> = out
+            .get_all("link")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(links, ["<a>", "<b> [redacted]", "<c>"]);
+
+        // A query key reflected with lowercase escapes is redacted too.
+        let q = patterns(
+            &Injection::Query {
+                param: "api_key".into(),
+            },
+            &secret(),
+        );
+        let out = to_agent(
+            map(&[
+                ("location", "/next?api_key=k3y%2f%2b%3d"),
+                ("x-upper", "k3y%2F%2B%3D"),
+            ]),
+            &q,
+        );
+        assert_eq!(out["location"], "/next?api_key=[redacted]");
+        assert_eq!(out["x-upper"], "[redacted]");
     }
 }

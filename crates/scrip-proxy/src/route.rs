@@ -55,6 +55,12 @@ pub enum PathError {
     /// `%252e%252e` as `..`) from the one the routes and Cedar decided on.
     #[error("path must not contain double-encoded characters (`%25` before two hex digits)")]
     DoubleEncoded,
+    /// A `;`, plain or encoded: servers that take path parameters strip
+    /// `;...` from a segment (`/..;/admin` becomes `/../admin`, `/admin;x`
+    /// becomes `/admin`), so the upstream would run another path than the
+    /// one the routes and Cedar decided on.
+    #[error("path must not contain `;` (path parameters), which servers strip differently")]
+    Parameter,
 }
 
 /// The path in the form the action mapping, Cedar, the audit and the
@@ -118,6 +124,9 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
     let lower = path.to_ascii_lowercase();
     if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
         return Err(PathError::Ambiguous);
+    }
+    if lower.contains(';') || lower.contains("%3b") {
+        return Err(PathError::Parameter);
     }
     for segment in lower.split('/') {
         let decoded = segment.replace("%2e", ".");
@@ -246,6 +255,10 @@ mod tests {
         c("/a%5Cb", Err(PathError::Ambiguous));
         c("/a\\b", Err(PathError::Ambiguous));
         c("/a%00", Err(PathError::Ambiguous));
+        c("/search/..;/admin", Err(PathError::Parameter));
+        c("/admin;x=1", Err(PathError::Parameter));
+        c("/admin%3bx", Err(PathError::Parameter));
+        c("/a.b-c_d~e", Ok(()));
     }
 
     #[test]

@@ -992,3 +992,76 @@ async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
     assert_eq!(send().await.unwrap().status(), 401);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_key_in_an_upstream_reason_phrase_never_reaches_the_agent() {
+    logs();
+    // An upstream that answers every request with its key in the status
+    // line (`401 invalid key <key>`), as some legacy error paths do.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 401 invalid key {READ_KEY}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let server = TestServer::start_with(Options {
+        edit: Some(Box::new(move |c| {
+            c.tools.push(tool("echo"));
+            c.upstreams
+                .push(upstream("echo", &format!("http://{addr}")));
+        })),
+        ..Options::default()
+    })
+    .await;
+    set_secret(&server, "echo", "read", READ_KEY).await;
+    let identity = server.k8s.kubernetes(AGENT_NS, "legacy-agent");
+    let task = server
+        .start_task(&identity, "echo:read", "dev", "fix JIRA-7")
+        .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = server.access_token(&task, "echo", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let token = r.body["access_token"].as_str().unwrap().to_owned();
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = server.url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /proxy/echo/items HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status_line = text.lines().next().unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        !text.contains(READ_KEY),
+        "the key reached the agent: {text}"
+    );
+    server.stop().await;
+}
