@@ -4,7 +4,6 @@
 //! followed on its feed with the proxy's own workload identity). Policies
 //! reload as in `scrip serve`: on SIGHUP and when `policy_dir` changes.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -87,6 +86,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let limits = scrip_server::http::Limits::new(config.http_header_timeout);
     runtime.block_on(async {
         let (listener, proxy, policies) = match start(config).await {
             Ok(p) => p,
@@ -108,11 +108,9 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
                     let ready = ready.is_ready();
                     async move { scrip_server::readiness(ready) }
                 }),
-            )
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(crate::shutdown_signal())
-            .await;
+            );
+        let served =
+            scrip_server::http::serve(listener, app, limits, crate::shutdown_signal()).await;
         reloader.abort();
         match served {
             Ok(()) => ExitCode::SUCCESS,

@@ -60,6 +60,9 @@ pub const LOCAL_IDENTITY_TTL: u64 = 300;
 pub struct Config {
     /// Address of the HTTP API.
     pub listen: SocketAddr,
+    /// Seconds a client has to send a request head, counted from when its
+    /// connection is ready for one (so also the idle time between requests).
+    pub http_header_timeout: u64,
     /// The `iss` of every token scrip signs. Defaults to `http://<listen>`.
     pub issuer: Option<String>,
     /// Embedded store, keys and local socket.
@@ -127,6 +130,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            http_header_timeout: 30,
             issuer: None,
             data_dir: PathBuf::from(".scrip"),
             policy_dir: PathBuf::from("policies"),
@@ -490,6 +494,9 @@ impl Config {
                     a.name
                 ));
             }
+        }
+        if !(1..=600).contains(&self.http_header_timeout) {
+            return invalid("http_header_timeout must be 1 to 600 seconds");
         }
         if self.approval_ttl == 0
             || self.approved_token_ttl == 0

@@ -21,6 +21,7 @@ mod error;
 mod exchange;
 mod feed;
 mod form;
+pub mod http;
 mod introspect;
 pub mod keyring;
 pub mod keys;
@@ -310,9 +311,8 @@ impl Server {
         if let Some(proxy) = &self.proxy {
             app = app.merge(proxy.router());
         }
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+        let limits = http::Limits::new(state.0.config.http_header_timeout);
+        let result = http::serve(self.listener, app, limits, shutdown)
             .await
             .map_err(StartError::Serve);
         background.abort();
