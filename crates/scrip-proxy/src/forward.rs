@@ -81,6 +81,38 @@ impl Proxy {
     }
 }
 
+/// The `proxy.response` record of a request whose handler is dropped while
+/// it waits for the upstream: the agent went away, and the upstream may
+/// still act on what it was sent, so the trail says so (the `allow` record
+/// alone would not). Disarmed once the upstream answered or failed.
+struct Unanswered {
+    proxy: Proxy,
+    upstream: String,
+    record: Option<AuditEvent>,
+    started: Instant,
+}
+
+impl Unanswered {
+    fn disarm(mut self) {
+        self.record = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(mut r) = self.record.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        r.at_ms = now_ms();
+        r.latency_us = Some(u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        self.proxy.0.metrics.count(&self.upstream, Outcome::Failed);
+        self.proxy.commit_later(r);
+    }
+}
+
 /// The upstream name and the path below it.
 fn split(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix(crate::PREFIX)?;
@@ -345,6 +377,19 @@ async fn forward(
     // answer (a stall is found within one to two `read_timeout`s).
     let request = upstream.client.request(out);
     tokio::pin!(request);
+    let unanswered = Unanswered {
+        proxy: proxy.clone(),
+        upstream: name.to_owned(),
+        record: Some({
+            let mut r = draft.finish("proxy.response");
+            r.reason = Some(
+                "the agent went away before the upstream answered; the upstream may have acted on the request"
+                    .into(),
+            );
+            r
+        }),
+        started: draft.started,
+    };
     let mut sent = bytes_in.load(Ordering::Relaxed);
     let answer = loop {
         match tokio::time::timeout(upstream.read_timeout, &mut request).await {
@@ -358,6 +403,7 @@ async fn forward(
             }
         }
     };
+    unanswered.disarm();
     let response = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

@@ -692,6 +692,39 @@ async fn an_upstream_silent_past_the_read_timeout_is_a_504() {
 }
 
 #[tokio::test]
+async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
+    use tokio::io::AsyncWriteExt as _;
+    let env = setup().await;
+    let task = env.task("mute:read").await;
+    let read = env.token(&task, "mute", "read").await;
+    // The request reaches the upstream (which never answers); the agent
+    // hangs up long before the proxy's 1 s read timeout.
+    let host = env.server.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /proxy/mute/gone HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {read}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let r = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/gone"))
+        .await;
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("the agent went away before the upstream answered")),
+        "{r:?}"
+    );
+    assert_eq!(r.status, None, "{r:?}");
+    env.server.stop().await;
+}
+
+#[tokio::test]
 async fn a_request_whose_secret_is_not_set_is_refused_and_audited() {
     let env = setup().await;
     // `down` has a `write` secret configured but none stored.
