@@ -1,5 +1,5 @@
-//! Bounded HTTP GETs of JSON documents: a size cap, no redirects (set on the
-//! client), and errors that name the URL but never a credential.
+//! Bounded HTTP requests for JSON documents: a size cap, no redirects (set
+//! on the client), and errors that name the URL but never a credential.
 
 /// Fetches `url` and returns its body, refusing more than `max` bytes and any
 /// status but 200.
@@ -17,25 +17,7 @@ pub(crate) async fn get_bytes(
     if let Some(token) = bearer {
         req = req.bearer_auth(token);
     }
-    let mut response = req
-        .send()
-        .await
-        .map_err(|e| format!("GET `{url}` failed: {e}"))?;
-    if response.status() != reqwest::StatusCode::OK {
-        return Err(format!("GET `{url}` answered {}", response.status()));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("GET `{url}` failed: {e}"))?
-    {
-        body.extend_from_slice(&chunk);
-        if body.len() > max {
-            return Err(format!("GET `{url}` answered more than {max} bytes"));
-        }
-    }
-    Ok(body)
+    answer(req, "GET", url, max).await
 }
 
 /// POSTs a form with a bearer token and reads a 200 answer of at most
@@ -51,7 +33,7 @@ pub(crate) async fn post_form_bytes(
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter())
         .finish();
-    let mut response = http
+    let req = http
         .post(url)
         .timeout(timeout)
         .bearer_auth(bearer)
@@ -60,22 +42,33 @@ pub(crate) async fn post_form_bytes(
             reqwest::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
         )
-        .body(body)
+        .body(body);
+    answer(req, "POST", url, max).await
+}
+
+/// Sends `req` and reads its answer: status 200 and at most `max` bytes.
+async fn answer(
+    req: reqwest::RequestBuilder,
+    method: &str,
+    url: &str,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let mut response = req
         .send()
         .await
-        .map_err(|e| format!("POST `{url}` failed: {e}"))?;
+        .map_err(|e| format!("{method} `{url}` failed: {e}"))?;
     if response.status() != reqwest::StatusCode::OK {
-        return Err(format!("POST `{url}` answered {}", response.status()));
+        return Err(format!("{method} `{url}` answered {}", response.status()));
     }
     let mut body = Vec::new();
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| format!("POST `{url}` failed: {e}"))?
+        .map_err(|e| format!("{method} `{url}` failed: {e}"))?
     {
         body.extend_from_slice(&chunk);
         if body.len() > max {
-            return Err(format!("POST `{url}` answered more than {max} bytes"));
+            return Err(format!("{method} `{url}` answered more than {max} bytes"));
         }
     }
     Ok(body)
