@@ -42,13 +42,10 @@ async fn call(
     form: Option<&[(&str, &str)]>,
 ) -> Result<Value, String> {
     let who = identity(args).await?;
-    // As scrip-client's: a bounded wait, and no redirect (which could take
-    // the identity token elsewhere).
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    // As scrip-client's: a bounded wait, no redirect (which could take the
+    // identity token elsewhere), no environment proxy for a local scrip.
+    let http = scrip_client::http_client(&args.server, std::time::Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
     let url = format!("{}{path}", args.server.trim_end_matches('/'));
     let mut req = http.request(method, &url).bearer_auth(who.token());
     if let Some(form) = form {

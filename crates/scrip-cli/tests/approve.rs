@@ -187,6 +187,11 @@ uid = 0
             .env_remove("SCRIP_IDENTITY")
             .env_remove("SCRIP_TASK_TOKEN")
             .env_remove("SCRIP_CONFIG")
+            // Nothing reaches a local scrip through an environment proxy
+            // (this one answers nothing).
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("ALL_PROXY", "http://127.0.0.1:9")
+            .env_remove("NO_PROXY")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()

@@ -330,25 +330,37 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
+/// An HTTP client for the scrip at `url` that carries tokens safely: it
+/// follows no redirect (which could take a token elsewhere), gives up after
+/// `timeout`, and never goes through a proxy named in the environment when
+/// scrip is on this machine.
+///
+/// # Errors
+/// [`Error::Unreachable`] when `url` is not a URL, [`Error::Protocol`] when
+/// the client cannot be built.
+pub fn http_client(url: &str, timeout: Duration) -> Result<reqwest::Client, Error> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| Error::Unreachable {
+        url: url.to_owned(),
+        message: "not a URL".into(),
+    })?;
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    if is_loopback(&parsed) {
+        builder = builder.no_proxy();
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))
+}
+
 impl Client {
     /// A client of the scrip at `url` (its issuer URL).
     ///
     /// # Errors
     /// [`Error::Protocol`] when the HTTP client cannot be built.
     pub fn new(url: &str) -> Result<Self, Error> {
-        let parsed = reqwest::Url::parse(url).map_err(|_| Error::Unreachable {
-            url: url.to_owned(),
-            message: "not a URL".into(),
-        })?;
-        let mut builder = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none());
-        if is_loopback(&parsed) {
-            builder = builder.no_proxy();
-        }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        let http = http_client(url, TIMEOUT)?;
         Ok(Self {
             http,
             url: url.trim_end_matches('/').to_owned(),

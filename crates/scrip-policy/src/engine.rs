@@ -591,8 +591,13 @@ fn context(c: &RequestContext, ticket: Option<&str>) -> Result<Context, String> 
 /// uppercase letter, uppercase letters or digits, a hyphen, digits).
 #[must_use]
 pub fn find_ticket(text: &str) -> Option<&str> {
+    tickets(text).next()
+}
+
+/// Every ticket id in `text`, in order (see [`find_ticket`]).
+pub fn tickets(text: &str) -> impl Iterator<Item = &str> {
     let is_word = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
-    text.split(|c: char| !is_word(c)).find(|word| {
+    text.split(move |c: char| !is_word(c)).filter(|word| {
         let Some((project, number)) = word.split_once('-') else {
             return false;
         };

@@ -14,7 +14,9 @@ mod engine;
 mod selection;
 mod testfile;
 
-pub use engine::{Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket};
+pub use engine::{
+    Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket, tickets,
+};
 pub use testfile::{CaseResult, TestError, run_test_file};
 
 use std::path::PathBuf;

@@ -257,10 +257,10 @@ fn attenuate(
         }
         None => (parent.purpose.clone(), None, Vec::new()),
     };
-    // The ticket a purpose names is what policies trust it for: a
-    // sub-agent may drop its parent's, never claim one the parent did not.
-    if let Some(ticket) = scrip_policy::find_ticket(&purpose)
-        && scrip_policy::find_ticket(&parent.purpose) != Some(ticket)
+    // The tickets a purpose names are what policies trust it for: a
+    // sub-agent may drop its parent's, never name one the parent did not.
+    if let Some(ticket) = scrip_policy::tickets(&purpose)
+        .find(|t| !scrip_policy::tickets(&parent.purpose).any(|p| p == *t))
     {
         return Err(OAuthError::invalid_request(format!(
             "request_details: a delegated task's purpose may not name a ticket its parent's does not (`{}`)",

@@ -726,6 +726,7 @@ async fn a_child_never_names_a_ticket_its_parent_does_not() {
         ("review the build", true),
         ("hotfix OPS-7", false),
         ("JIRA-2 then JIRA-1", false),
+        ("JIRA-1, then OPS-7", false),
     ] {
         let r = delegate(
             &s,
