@@ -488,8 +488,9 @@ impl Client {
                 ..
             }) if error == "authorization_pending" => Err(Error::ApprovalPending {
                 auth_req_id,
-                interval: interval.unwrap_or(DEFAULT_POLL_INTERVAL).max(1),
-                expires_in: expires_in.unwrap_or(0),
+                // Bounded, whatever the server says: they become durations.
+                interval: interval.unwrap_or(DEFAULT_POLL_INTERVAL).clamp(1, 300),
+                expires_in: expires_in.unwrap_or(0).min(MAX_APPROVAL_WAIT),
             }),
             Ok(e) => Err(Error::OAuth {
                 status,
@@ -606,6 +607,9 @@ impl AccessToken {
 
 /// Seconds between polls when scrip did not say (its default).
 const DEFAULT_POLL_INTERVAL: u64 = 2;
+
+/// The longest wait for a person the client takes from scrip's answer.
+const MAX_APPROVAL_WAIT: u64 = 7 * 24 * 3600;
 
 /// How long before expiry a cached token stops being reused: a quarter of
 /// its lifetime, at most 30 seconds.
@@ -828,8 +832,11 @@ impl Task {
         interval: u64,
         timeout: Duration,
     ) -> Result<AccessToken, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut interval = interval.max(1);
+        let start = tokio::time::Instant::now();
+        let deadline = start
+            .checked_add(timeout)
+            .unwrap_or_else(|| start + Duration::from_secs(MAX_APPROVAL_WAIT));
+        let mut interval = interval.clamp(1, 300);
         loop {
             tokio::time::sleep_until(
                 (tokio::time::Instant::now() + Duration::from_secs(interval)).min(deadline),
@@ -841,7 +848,7 @@ impl Task {
                         && tokio::time::Instant::now() < deadline =>
                 {
                     if e.oauth_code() == Some("slow_down") {
-                        interval = interval.saturating_add(5);
+                        interval = (interval + 5).min(300);
                     }
                 }
                 other => return other,

@@ -198,3 +198,38 @@ fn a_url_that_is_not_one_is_refused_at_once() {
     let e = Client::new("127.0.0.1:7070").unwrap_err();
     assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
 }
+
+#[tokio::test]
+async fn huge_numbers_in_a_pending_answer_are_bounded() {
+    let url = answering(json_response(
+        "400 Bad Request",
+        &json!({
+            "error": "authorization_pending",
+            "auth_req_id": "req-2",
+            "interval": u64::MAX,
+            "expires_in": u64::MAX,
+        }),
+    ));
+    let client = Client::new(&url).unwrap();
+    let task = client.task_from_token("t");
+    match task.access_token("github", &["delete"]).await.unwrap_err() {
+        Error::ApprovalPending {
+            interval,
+            expires_in,
+            ..
+        } => {
+            assert_eq!(interval, 300);
+            assert_eq!(expires_in, 7 * 24 * 3600);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A wait with an unbounded timeout does not overflow either; this
+    // server answers every poll `authorization_pending` with an id.
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        task.wait_for_approval("req-2", u64::MAX, std::time::Duration::MAX),
+    )
+    .await;
+    assert!(waited.is_err(), "it waits");
+    let _ = task.into_token();
+}

@@ -171,7 +171,21 @@ fn names_one_of(pair: &str, names: &[&str]) -> bool {
     [once, twice]
         .iter()
         .flatten()
-        .any(|k| names.contains(&k.as_str()))
+        .any(|k| names.contains(&k.as_str()) || names.contains(&php_name(k).as_str()))
+}
+
+/// A parameter name as PHP reads it: leading spaces dropped, and `.`, ` `
+/// and `[` (one without its `]`) made `_`, so `.method` is `_method` there.
+fn php_name(name: &str) -> String {
+    let name = name.trim_start_matches(' ');
+    let closed = name.find('[').is_some_and(|i| name[i..].contains(']'));
+    name.chars()
+        .map(|c| match c {
+            '.' | ' ' => '_',
+            '[' if !closed => '_',
+            other => other,
+        })
+        .collect()
 }
 
 /// The agent's query as the upstream gets it: without method overrides
@@ -383,6 +397,12 @@ mod tests {
         check(Some("%5Fmethod=DELETE"), &h, "");
         check(Some("%255Fmethod=PUT&x"), &h, "?x");
         check(Some("_methods=1"), &h, "?_methods=1");
+        // As PHP reads names: `.method`, `[method` and ` _method` are `_method`.
+        check(Some(".method=DELETE&a=1"), &h, "?a=1");
+        check(Some("%2Emethod=DELETE"), &h, "");
+        check(Some("%20_method=PUT&b"), &h, "?b");
+        check(Some("[method=DELETE"), &h, "");
+        check(Some("x[method]=1"), &h, "?x[method]=1");
         check(
             Some("_method=DELETE&api_key=mine"),
             &q,

@@ -13,6 +13,11 @@ use crate::error::OAuthError;
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// How long a request body may take to arrive: a form is a few hundred
+/// bytes, and a client that trickles one would hold its connection (and a
+/// place under the connection cap) for good.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Parameters that RFC 8693 allows to repeat; scrip still accepts only one
 /// and says so precisely.
 const MULTI: &[&str] = &["audience", "resource"];
@@ -41,9 +46,19 @@ impl Form {
                 "the request body must be application/x-www-form-urlencoded",
             ));
         }
-        let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-            OAuthError::invalid_request(format!("the request body is larger than {MAX_BODY} bytes"))
-        })?;
+        let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
+            .await
+            .map_err(|_| {
+                OAuthError::invalid_request(format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|_| {
+                OAuthError::invalid_request(format!(
+                    "the request body is larger than {MAX_BODY} bytes"
+                ))
+            })?;
         Self::parse(&bytes)
     }
 

@@ -92,7 +92,13 @@ pub(crate) async fn claim_once(
     {
         Ok(()) => Ok(true),
         Err(scrip_store::StoreError::Conflict(_)) => Ok(false),
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            // Not claimed: the token may be presented again.
+            if let Ok(mut used) = st.used_once.lock() {
+                used.remove(&c.jti);
+            }
+            Err(e.into())
+        }
     }
 }
 

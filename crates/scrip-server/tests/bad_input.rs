@@ -1311,3 +1311,30 @@ mod no_5xx {
         rt.block_on(s.stop());
     }
 }
+
+#[tokio::test]
+async fn a_form_body_that_trickles_is_refused_within_its_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = TestServer::start().await;
+    let host = s.url.trim_start_matches("http://").to_owned();
+    let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\nConnection: close\r\n\r\ngrant_type="
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), c.read_to_end(&mut out))
+        .await
+        .expect("the server never answered a trickling body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("did not arrive within 10 s"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    s.stop().await;
+}
