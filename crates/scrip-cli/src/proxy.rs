@@ -41,6 +41,8 @@ async fn start(
     vc.leeway = config.clock_skew;
     vc.dpop_leeway = config.clock_skew;
     vc.public_url.clone_from(&config.proxy.public_url);
+    // The proxy claims a single use itself, with its `allow` record.
+    vc.claim_single_use = false;
     let verifier = Verifier::discover(vc)
         .await
         .map_err(|e| format!("cannot trust `{issuer}`: {e}"))?;

@@ -260,19 +260,48 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         }
     };
 
-    // The decision is durable before anything leaves (fail closed).
+    // The decision is durable before anything leaves (fail closed). A
+    // single-use token (a step a person approved) is spent here, in the same
+    // commit, once every check has passed: the store decides across
+    // replicas and resource servers which presentation is the one.
     let mut allow = draft.finish("proxy.request");
     allow.decision = Some("allow".into());
     allow.reason = Some(decision.reason);
     allow.latency_us = None;
-    if let Err(e) = proxy
-        .0
-        .store
-        .commit(vec![Write::Audit(Box::new(allow))])
-        .await
-    {
-        tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
-        return unavailable(&proxy, name);
+    let mut writes = Vec::with_capacity(2);
+    let claims = token.claims();
+    if claims.approval.as_ref().is_some_and(|a| a.single_use) {
+        writes.push(Write::ClaimToken {
+            jti: claims.jti.clone(),
+            task_id: claims.txn.clone(),
+            expires_at: claims.exp.saturating_add(proxy.0.clock_skew),
+            at: now(),
+        });
+        let mut used = draft.finish("token.used");
+        used.reason = Some("single-use token presented to the proxy".into());
+        used.latency_us = None;
+        writes.push(Write::Audit(Box::new(used)));
+    }
+    writes.push(Write::Audit(Box::new(allow)));
+    match proxy.0.store.commit(writes).await {
+        Ok(()) => {}
+        Err(scrip_store::StoreError::Conflict(_)) => {
+            let r = scrip_verifier::Rejection::from_error(
+                name,
+                &scrip_verifier::VerifyError::AlreadyUsed,
+            )
+            .into_response::<Body>();
+            return proxy.deny(
+                &draft,
+                name,
+                r,
+                "single-use token was already presented".into(),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
+            return unavailable(&proxy, name);
+        }
     }
 
     forward(&proxy, upstream, parts, body, &secret, draft).await

@@ -119,6 +119,9 @@ struct Inner {
     /// `(max_age, grace)` per `(upstream, action)`.
     limits: HashMap<(String, String), (u64, u64)>,
     tasks: Mutex<HashMap<String, (Instant, Arc<TaskRecord>)>>,
+    /// How long past its `exp` a token may still pass a verifier: a claimed
+    /// single use is kept that long.
+    clock_skew: u64,
 }
 
 /// The proxy. Cheap to clone.
@@ -203,6 +206,7 @@ impl Proxy {
             metrics: metrics::Metrics::default(),
             limits,
             tasks: Mutex::new(HashMap::new()),
+            clock_skew: config.clock_skew,
         })))
     }
 

@@ -346,6 +346,8 @@ async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError>
     vc.public_url = Some(st.issuer.clone());
     // A DPoP proof comes from the agent's clock.
     vc.dpop_leeway = config.clock_skew;
+    // The proxy claims a single use itself, with its `allow` record.
+    vc.claim_single_use = false;
     let verifier = scrip_verifier::Verifier::local(
         vc,
         st.keyring.verify_keys().clone(),

@@ -954,10 +954,13 @@ async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
         uid: None,
     };
     let server = TestServer::start_with(Options {
-        extra_policies: vec![(
-            "legacy-write-needs-approval.cedar".into(),
-            "forbid (principal, action == Action::\"write\", resource) when { resource.name == \"legacy\" } unless { context.approved };\n".into(),
-        )],
+        extra_policies: vec![
+            (
+                "legacy-write-needs-approval.cedar".into(),
+                "forbid (principal, action == Action::\"write\", resource) when { resource.name == \"legacy\" } unless { context.approved };\n".into(),
+            ),
+            ("proxy-no-admin.cedar".into(), NO_ADMIN.into()),
+        ],
         edit: Some(Box::new(move |c| {
             c.approvers = vec![alice];
             c.tools.push(tool("legacy"));
@@ -1006,6 +1009,14 @@ async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
             .bearer_auth(&token)
             .send()
     };
+    // A request the proxy's policy refuses does not spend the approval.
+    let refused = http
+        .post(format!("{}/proxy/legacy/admin/purge", server.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
     let first = send().await.unwrap();
     assert_eq!(first.status(), 200);
     assert_eq!(first.text().await.unwrap(), "ok write POST /items\n");

@@ -108,6 +108,12 @@ pub struct VerifierConfig {
     /// from the client's clock, so this stays when `leeway` is 0 for tokens
     /// of the verifier's own process.
     pub dpop_leeway: u64,
+    /// Whether the verifier claims a single-use token's one use itself
+    /// (the default). Turn it off only in a caller that claims it after its
+    /// own later checks, atomically with what it records (scrip's proxy
+    /// claims it in the commit of its `allow` record, so a request its
+    /// policy refuses does not spend a person's approval).
+    pub claim_single_use: bool,
 }
 
 impl VerifierConfig {
@@ -151,6 +157,7 @@ impl VerifierConfig {
             revocation,
             public_url: None,
             dpop_leeway: 30,
+            claim_single_use: true,
         }
     }
 
@@ -303,6 +310,7 @@ struct Inner {
     recent: scrip_jose::Recent<AccessToken>,
     public_url: Option<String>,
     dpop_leeway: u64,
+    claim_single_use: bool,
     /// DPoP proofs accepted, so each is accepted once; shared by
     /// [`Verifier::for_audience`].
     proofs: Arc<ReplayCache>,
@@ -503,6 +511,7 @@ impl Verifier {
             recent: scrip_jose::Recent::new(RECENT),
             public_url: config.public_url,
             dpop_leeway: config.dpop_leeway,
+            claim_single_use: config.claim_single_use,
             proofs: Arc::new(ReplayCache::new(PROOFS)),
         })))
     }
@@ -527,6 +536,7 @@ impl Verifier {
             recent: scrip_jose::Recent::new(RECENT),
             public_url: inner.public_url.clone(),
             dpop_leeway: inner.dpop_leeway,
+            claim_single_use: inner.claim_single_use,
             proofs: inner.proofs.clone(),
         }))
     }
@@ -663,11 +673,12 @@ impl Verifier {
             });
         }
         self.check_binding(token, &accepted, dpop)?;
-        if accepted
-            .claims
-            .approval
-            .as_ref()
-            .is_some_and(|a| a.single_use)
+        if inner.claim_single_use
+            && accepted
+                .claims
+                .approval
+                .as_ref()
+                .is_some_and(|a| a.single_use)
         {
             {
                 let mut used = inner
