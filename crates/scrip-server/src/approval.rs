@@ -377,7 +377,7 @@ async fn issue(
 
 /// Which approver, if any, this identity is.
 fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
-    let local_issuer = format!("{}/local", st.issuer);
+    let local_issuer = crate::attest::local_issuer(st);
     st.config.approvers.iter().find(|a| {
         let by_identity = a.issuer.as_deref() == Some(who.issuer.as_str())
             && a.subject.as_deref() == Some(who.subject.as_str());
@@ -571,7 +571,7 @@ fn started_by(st: &Inner, task: &TaskRecord, who: &WorkloadIdentity) -> bool {
     if task.agent.issuer == who.issuer && task.agent.subject == who.subject {
         return true;
     }
-    let local_issuer = format!("{}/local", st.issuer);
+    let local_issuer = crate::attest::local_issuer(st);
     let who_uid = (who.issuer == local_issuer)
         .then(|| who.claims.get(LOCAL_UID))
         .flatten();

@@ -365,7 +365,7 @@ fn configured_files(workloads: &[LocalWorkload]) -> Vec<Option<(u64, u64)>> {
 
 /// `<issuer>/local`, of the issuer actually served (the configured one, or
 /// the bound address).
-fn local_issuer(st: &Inner) -> String {
+pub(crate) fn local_issuer(st: &Inner) -> String {
     format!("{}/local", st.issuer)
 }
 
