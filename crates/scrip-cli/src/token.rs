@@ -46,8 +46,9 @@ pub struct TokenArgs {
     #[arg(long, conflicts_with = "approval")]
     no_wait: bool,
     /// Collect the token of a step already waiting for a person, by its
-    /// auth_req_id: waits for the decision. The token is single use.
-    #[arg(long, value_name = "AUTH_REQ_ID")]
+    /// auth_req_id (it may start with `-`): waits for the decision. The
+    /// token is single use.
+    #[arg(long, value_name = "AUTH_REQ_ID", allow_hyphen_values = true)]
     approval: Option<String>,
     /// scrip's address.
     #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]

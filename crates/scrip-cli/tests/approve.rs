@@ -520,6 +520,14 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
         .output()
         .unwrap();
     assert_fails(&out, 1, &["access_denied", "not on a friday"]);
+
+    // An id may start with `-` (base64url): it is taken as the id, not as
+    // an option, and scrip answers for it.
+    let out = server
+        .agent(&task, &["token", "--approval", "-Xnosuchid00000000000"])
+        .output()
+        .unwrap();
+    assert_fails(&out, 1, &["invalid_grant"]);
 }
 
 #[test]
