@@ -22,7 +22,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use scrip_config::Approver;
 use scrip_policy::{RequestContext, Stage};
-use scrip_store::{Approval, ApprovalState, AuditEvent, TaskRecord, TaskState, Write};
+use scrip_store::{
+    Approval, ApprovalState, AuditEvent, MAX_PENDING_PER_TASK, TaskRecord, TaskState, Write,
+};
 use scrip_token::{
     AccessClaims, ActionName, ActionSet, ApprovalClaim, TaskClaims, TokenKind, WorkloadIdentity,
     derived_expiry,
@@ -62,69 +64,85 @@ impl Polls {
 
 /// Opens an approval for `actions` at `tool` in `task`: commits it with its
 /// audit records, calls the webhook, and answers `authorization_pending`.
+///
+/// Asking again for a step that already waits answers that approval's
+/// `auth_req_id`; a task may have [`MAX_PENDING_PER_TASK`] steps waiting.
+/// The store enforces both inside the commit, so concurrent requests (on
+/// any replica) for one step open one approval between them.
 pub(crate) async fn request(
     st: &Inner,
     task: &TaskRecord,
     tool: &str,
     actions: &ActionSet,
-    mut writes: Vec<Write>,
+    writes: Vec<Write>,
     base: &AuditEvent,
 ) -> Result<Response, OAuthError> {
-    let now = now();
-    let waiting = st.store.task_pending_approvals(&task.id, now).await?;
     let asked = actions.to_string();
-    if let Some(same) = waiting
-        .iter()
-        .find(|a| a.tool == tool && a.actions == asked)
-    {
-        // The same step already waits for a person: asking again is the
-        // same request, not another one for the approvers and the webhook.
-        if !writes.is_empty() {
-            st.store.commit(writes).await?;
+    // A conflict means another request of this task opened an approval
+    // after the read below: read again, and find it or the cap.
+    for _ in 0..3 {
+        let now = now();
+        let waiting = st.store.task_pending_approvals(&task.id, now).await?;
+        if let Some(same) = waiting
+            .iter()
+            .find(|a| a.tool == tool && a.actions == asked)
+        {
+            // The same step already waits for a person: asking again is the
+            // same request, not another one for the approvers and the webhook.
+            if !writes.is_empty() {
+                st.store.commit(writes).await?;
+            }
+            return Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
         }
-        return Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
-    }
-    if waiting.len() >= MAX_PENDING_PER_TASK {
-        if !writes.is_empty() {
-            st.store.commit(writes).await?;
+        if waiting.len() >= MAX_PENDING_PER_TASK {
+            if !writes.is_empty() {
+                st.store.commit(writes).await?;
+            }
+            return Err(OAuthError::invalid_request(format!(
+                "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
+            )));
         }
-        return Err(OAuthError::invalid_request(format!(
-            "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
-        )));
+        let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+        let approval = Approval {
+            id: id.clone(),
+            task_id: task.id.clone(),
+            tool: tool.to_owned(),
+            actions: asked.clone(),
+            state: ApprovalState::Pending,
+            created_at: now,
+            expires_at: now.saturating_add(st.config.approval_ttl),
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+            token_jti: None,
+        };
+        let mut a = base.clone();
+        a.event = "approval.requested".into();
+        a.tool = Some(tool.to_owned());
+        a.actions = Some(asked.clone());
+        a.reason = Some(format!("auth_req_id {id}"));
+        let mut all = writes.clone();
+        all.push(Write::InsertApproval(Box::new(approval.clone())));
+        all.push(Write::Audit(Box::new(a)));
+        match st.store.commit(all).await {
+            Ok(()) => {}
+            Err(scrip_store::StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %asked, "approval requested");
+        if let Some(webhook) = &st.webhook {
+            let body = describe(&approval, Some(task));
+            tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
+        }
+        return Ok(pending(st, &id, st.config.approval_ttl));
     }
-    let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
-    let approval = Approval {
-        id: id.clone(),
-        task_id: task.id.clone(),
-        tool: tool.to_owned(),
-        actions: actions.to_string(),
-        state: ApprovalState::Pending,
-        created_at: now,
-        expires_at: now.saturating_add(st.config.approval_ttl),
-        decided_by: None,
-        decided_at: None,
-        reason: None,
-        token_jti: None,
-    };
-    let mut a = base.clone();
-    a.event = "approval.requested".into();
-    a.tool = Some(tool.to_owned());
-    a.actions = Some(approval.actions.clone());
-    a.reason = Some(format!("auth_req_id {id}"));
-    writes.push(Write::InsertApproval(Box::new(approval.clone())));
-    writes.push(Write::Audit(Box::new(a)));
-    st.store.commit(writes).await?;
-    tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %approval.actions, "approval requested");
-    if let Some(webhook) = &st.webhook {
-        let body = describe(&approval, Some(task));
-        tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
+    // Three conflicts in a row: approvals of this task are being opened and
+    // decided faster than this request can read them.
+    if !writes.is_empty() {
+        st.store.commit(writes).await?;
     }
-    Ok(pending(st, &id, st.config.approval_ttl))
+    Err(OAuthError::temporarily_unavailable())
 }
-
-/// The most steps of one task that may wait for a person at once: an agent
-/// cannot bury the approvers' queue (and the webhook) under its requests.
-pub(crate) const MAX_PENDING_PER_TASK: usize = 10;
 
 /// `authorization_pending` for the approval `id`, which waits `expires_in`
 /// more seconds.

@@ -23,8 +23,8 @@ pub use chain::{
     ChainLink, Checkpoint, IndexedColumns, Problem, Report, StoredRecord, Verifier, hash, verify,
 };
 pub use model::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, Revocation, RevocationKind,
-    SecretRecord, StoredKey, TaskRecord, TaskState, Write,
+    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_TASK, Revocation,
+    RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

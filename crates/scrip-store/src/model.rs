@@ -181,6 +181,11 @@ pub struct AuditFilter {
     pub limit: Option<u32>,
 }
 
+/// The most approvals of one task that may wait for a person at once: an
+/// agent cannot bury the approvers' queue (and the webhook) under its
+/// requests. [`Write::InsertApproval`] enforces it.
+pub const MAX_PENDING_PER_TASK: usize = 10;
+
 /// One change, applied inside a [`crate::Store::commit`].
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -228,7 +233,13 @@ pub enum Write {
         /// When presented.
         at: u64,
     },
-    /// A new pending approval.
+    /// A new pending approval. The commit fails with
+    /// [`crate::StoreError::Conflict`] (changing nothing) when the same step
+    /// (task, tool and actions) already waits for a person, or when
+    /// [`MAX_PENDING_PER_TASK`] steps of the task already wait, counting
+    /// the approvals unexpired at the new one's `created_at`. The check runs
+    /// inside the commit, under the write lock every replica takes, so two
+    /// replicas asked at once cannot both open one.
     InsertApproval(Box<Approval>),
     /// Move an approval from `from` to `to`. The commit fails with
     /// [`crate::StoreError::Conflict`] (changing nothing, its audit record

@@ -40,6 +40,22 @@ const WRITE_LOCK: i64 = 7_070_001;
 /// store counts as unavailable.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the database enforces on every session of scrip's but the one that
+/// migrates (which may wait for another replica's migration, and take long).
+///
+/// - A replica that stops in the middle of a commit (frozen, or cut off
+///   without a reset) holds the write lock every replica needs; the database
+///   ends its session once it has sat in the transaction as long as a commit
+///   may take, and the other replicas write again.
+/// - A writer waiting for that lock gives up on the server before its client
+///   gives up at [`TIMEOUT`], so no wait outlives the commit that asked.
+/// - A statement no client waits for any more stops too.
+const SESSION: [(&str, &str); 3] = [
+    ("idle_in_transaction_session_timeout", "5s"),
+    ("lock_timeout", "4s"),
+    ("statement_timeout", "5s"),
+];
+
 /// The PostgreSQL store.
 #[derive(Debug)]
 pub struct PgStore {
@@ -83,10 +99,11 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Open`] when the database cannot be reached or migrated.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
+        let migrating = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
             .application_name("scrip");
-        let mut conn = tokio::time::timeout(TIMEOUT, options.connect())
+        let options = migrating.clone().options(SESSION);
+        let mut conn = tokio::time::timeout(TIMEOUT, migrating.connect())
             .await
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
@@ -94,6 +111,11 @@ impl PgStore {
             .run(&mut conn)
             .await
             .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        drop(tokio::time::timeout(Duration::from_millis(200), conn.close()).await);
+        let conn = tokio::time::timeout(TIMEOUT, options.connect())
+            .await
+            .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let reads = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -288,16 +310,35 @@ async fn chain_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError
     rows.iter().map(rows::chain_link).collect()
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "one arm per write, each a statement; splitting them scatters the SQL"
-)]
+/// Applies `writes` in one transaction, committed when every write applied
+/// and rolled back at once otherwise.
 async fn apply_on(
     conn: &mut PgConnection,
     writes: &[&Write],
     chain: &mut ChainState,
 ) -> Result<(), StoreError> {
     let mut tx = conn.begin().await.map_err(unavailable)?;
+    match apply_in(&mut tx, writes, chain).await {
+        Ok(()) => tx.commit().await.map_err(unavailable),
+        Err(e) => {
+            // Now, not when the connection is next used (as dropping `tx`
+            // would): until then the transaction would hold the write lock
+            // every replica needs.
+            drop(tx.rollback().await);
+            Err(e)
+        }
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one arm per write, each a statement; splitting them scatters the SQL"
+)]
+async fn apply_in(
+    tx: &mut PgConnection,
+    writes: &[&Write],
+    chain: &mut ChainState,
+) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(WRITE_LOCK)
         .execute(&mut *tx)
@@ -305,7 +346,7 @@ async fn apply_on(
         .map_err(unavailable)?;
     let mut audit = AuditColumns::default();
     if let Some(mut event) = chain.genesis_for(writes) {
-        event.links = chain_heads(&mut tx).await?;
+        event.links = chain_heads(tx).await?;
         audit.push(&event, chain)?;
     }
     let mut revoked = false;
@@ -437,6 +478,18 @@ async fn apply_on(
                 }
             }
             Write::InsertApproval(a) => {
+                let (waiting, same): (i64, i64) = sqlx::query_as(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE tool = $3 AND actions = $4) \
+                     FROM approvals WHERE task_id = $1 AND state = 'pending' AND expires_at > $2",
+                )
+                .bind(&a.task_id)
+                .bind(to_i64(a.created_at))
+                .bind(&a.tool)
+                .bind(&a.actions)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                rows::check_pending(a, waiting, same)?;
                 sqlx::query(
                     "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -576,7 +629,7 @@ async fn apply_on(
             }
         }
     }
-    audit.insert(&mut tx).await?;
+    audit.insert(tx).await?;
     // Delivered to the other replicas when (and only if) this commits.
     for (changed, payload) in [(revoked, "revocations"), (keys, "keys")] {
         if changed {
@@ -588,7 +641,7 @@ async fn apply_on(
                 .map_err(unavailable)?;
         }
     }
-    tx.commit().await.map_err(unavailable)
+    Ok(())
 }
 
 /// Bounds a read by [`TIMEOUT`].
@@ -909,5 +962,94 @@ impl Store for PgStore {
 
     fn changes(&self) -> watch::Receiver<Changes> {
         self.writer.changes().subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AuditEvent;
+
+    fn record() -> Vec<Write> {
+        vec![Write::Audit(Box::new(AuditEvent {
+            event: "test.record".into(),
+            ..AuditEvent::default()
+        }))]
+    }
+
+    /// A commit that conflicts gives the write lock back at once, not when
+    /// its replica next commits: another replica writes straight after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflict_releases_the_write_lock_at_once() {
+        let db = scrip_testkit::PgDatabase::new();
+        let a = PgStore::connect(db.url()).await.unwrap();
+        let b = PgStore::connect(db.url()).await.unwrap();
+        let claim = || {
+            vec![Write::ClaimToken {
+                jti: "j1".into(),
+                task_id: "t1".into(),
+                expires_at: u64::MAX / 4,
+                at: 1,
+            }]
+        };
+        a.commit(claim()).await.unwrap();
+        let err = a.commit(claim()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        b.commit(record()).await.unwrap();
+        assert_eq!(
+            db.execute(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+            ),
+            "0"
+        );
+    }
+
+    /// A replica stopped in the middle of a commit, holding the write lock,
+    /// holds the others up for seconds, not until its host comes back; and
+    /// a writer that gave up waiting for the lock leaves no wait behind on
+    /// the server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_frozen_in_a_commit_does_not_hold_the_others_up() {
+        let db = scrip_testkit::PgDatabase::new();
+        let store = PgStore::connect(db.url()).await.unwrap();
+        store.commit(record()).await.unwrap();
+        // The frozen replica: one of scrip's sessions, in a commit, idle.
+        let mut frozen = PgConnectOptions::from_str(db.url())
+            .unwrap()
+            .options(SESSION)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_LOCK)
+            .execute(&mut frozen)
+            .await
+            .unwrap();
+        let err = store.commit(record()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert_eq!(
+            db.execute(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ),
+            "0",
+            "the writer's wait for the lock outlived its commit"
+        );
+        // Without the session limits, every attempt here fails, for good.
+        let mut attempts = 1;
+        while let Err(e) = store.commit(record()).await {
+            assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+            attempts += 1;
+            assert!(
+                attempts <= 4,
+                "the frozen replica still holds the write lock"
+            );
+        }
+        assert!(
+            sqlx::query("SELECT 1").execute(&mut frozen).await.is_err(),
+            "the frozen replica's session was not ended"
+        );
     }
 }

@@ -26,6 +26,29 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Refuses a new approval when `same` approvals of its task already wait for
+/// its step, or `waiting` approvals of its task wait in all (see
+/// [`crate::Write::InsertApproval`]).
+pub(crate) fn check_pending(a: &Approval, waiting: i64, same: i64) -> Result<(), StoreError> {
+    if a.state != crate::ApprovalState::Pending {
+        return Ok(());
+    }
+    if same > 0 {
+        return Err(StoreError::Conflict(format!(
+            "a step of task {} for these actions at {} already waits for a person",
+            a.task_id, a.tool
+        )));
+    }
+    if usize::try_from(waiting).unwrap_or(usize::MAX) >= crate::MAX_PENDING_PER_TASK {
+        return Err(StoreError::Conflict(format!(
+            "{} steps of task {} already wait for a person",
+            crate::MAX_PENDING_PER_TASK,
+            a.task_id
+        )));
+    }
+    Ok(())
+}
+
 /// Typed column access, the same for a SQLite and a PostgreSQL row.
 pub(crate) trait Cols {
     fn text(&self, col: &str) -> Result<String, StoreError>;

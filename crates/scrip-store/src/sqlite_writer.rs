@@ -325,6 +325,11 @@ fn chain_heads(tx: &Transaction<'_>) -> Result<Vec<ChainLink>, StoreError> {
 }
 
 /// Runs one statement of the transaction.
+/// How many approvals of a task wait at a time, and how many of them are for
+/// one tool and actions.
+const PENDING_OF_TASK: &str = "SELECT COUNT(*), COALESCE(SUM(tool = ?3 AND actions = ?4), 0) \
+     FROM approvals WHERE task_id = ?1 AND state = 'pending' AND expires_at > ?2";
+
 fn run(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
     tx.prepare_cached(sql)?.execute(params)
 }
@@ -473,6 +478,16 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             }
         }
         Write::InsertApproval(a) => {
+            let (waiting, same): (i64, i64) = tx
+                .prepare_cached(PENDING_OF_TASK)
+                .and_then(|mut q| {
+                    q.query_row(
+                        params![a.task_id, to_i64(a.created_at), a.tool, a.actions],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                })
+                .map_err(unavailable)?;
+            rows::check_pending(a, waiting, same)?;
             run(
                 tx,
                 "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \

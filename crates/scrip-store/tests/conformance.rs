@@ -87,6 +87,8 @@ conformance!(
     due_tasks_come_oldest_first,
     open_tasks_list_what_still_runs,
     the_first_decision_on_an_approval_wins,
+    a_step_waits_for_a_person_once,
+    a_task_has_at_most_ten_steps_waiting,
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
     audit_queries_filter,
@@ -642,7 +644,8 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         id: id.into(),
         task_id: "t1".into(),
         tool: "github".into(),
-        actions: "delete".into(),
+        // One step each: the same step may not wait twice.
+        actions: format!("delete-{id}"),
         state: ApprovalState::Pending,
         created_at,
         expires_at,
@@ -773,6 +776,178 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         .collect();
     assert_eq!(expired, ["old"]);
     assert_eq!(s.approval("nope").await.unwrap(), None);
+}
+
+fn pending(id: &str, task_id: &str, actions: &str, created_at: u64) -> Approval {
+    Approval {
+        id: id.into(),
+        task_id: task_id.into(),
+        tool: "github".into(),
+        actions: actions.into(),
+        state: ApprovalState::Pending,
+        created_at,
+        expires_at: created_at + 600,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+        token_jti: None,
+    }
+}
+
+async fn a_step_waits_for_a_person_once(f: Fixture) {
+    let s = &f.store;
+    let insert = |a: Approval| {
+        vec![
+            Write::InsertApproval(Box::new(a)),
+            audit("approval.requested", None),
+        ]
+    };
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t1", None, 9_000))),
+        Write::InsertTask(Box::new(task("t2", None, 9_000))),
+    ])
+    .await
+    .unwrap();
+    s.commit(insert(pending("a1", "t1", "delete", 1_000)))
+        .await
+        .unwrap();
+    let audited = all_audit(s.as_ref()).await.len();
+    // The same step again, while the first waits: refused with its record.
+    let err = s
+        .commit(insert(pending("a2", "t1", "delete", 1_100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(all_audit(s.as_ref()).await.len(), audited);
+    assert_eq!(s.approval("a2").await.unwrap(), None);
+    // Another step, the same step of another task, another tool: each waits.
+    s.commit(insert(pending("a3", "t1", "delete,write", 1_100)))
+        .await
+        .unwrap();
+    s.commit(insert(pending("b1", "t2", "delete", 1_100)))
+        .await
+        .unwrap();
+    s.commit(insert(Approval {
+        tool: "jira".into(),
+        ..pending("a4", "t1", "delete", 1_100)
+    }))
+    .await
+    .unwrap();
+    // Once the first is decided, or has expired, the step may wait again.
+    s.commit(vec![Write::UpdateApproval {
+        id: "a3".into(),
+        from: ApprovalState::Pending,
+        to: ApprovalState::Denied,
+        by: Some("alice".into()),
+        at: 1_200,
+        reason: None,
+        token_jti: None,
+    }])
+    .await
+    .unwrap();
+    s.commit(insert(pending("a5", "t1", "delete,write", 1_300)))
+        .await
+        .unwrap();
+    s.commit(insert(pending("a6", "t1", "delete", 1_600)))
+        .await
+        .unwrap();
+    // Two replicas asked for one step at once open one approval between them.
+    let other = f.replica().await;
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { s.clone() } else { other.clone() };
+        let a = pending(&format!("r{i}"), "t2", "admin", 1_300);
+        handles.push(tokio::spawn(async move {
+            store.commit(vec![Write::InsertApproval(Box::new(a))]).await
+        }));
+    }
+    let mut opened = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(()) => opened += 1,
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(opened, 1);
+    let waiting = s.task_pending_approvals("t2", 1_300).await.unwrap();
+    assert_eq!(waiting.iter().filter(|a| a.actions == "admin").count(), 1);
+}
+
+async fn a_task_has_at_most_ten_steps_waiting(f: Fixture) {
+    let s = &f.store;
+    assert_eq!(scrip_store::MAX_PENDING_PER_TASK, 10);
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t1", None, 9_000))),
+        Write::InsertTask(Box::new(task("t2", None, 9_000))),
+        // Expired by 1,000: it does not count.
+        Write::InsertApproval(Box::new(pending("old", "t1", "old", 300))),
+    ])
+    .await
+    .unwrap();
+    for i in 0..9 {
+        s.commit(vec![Write::InsertApproval(Box::new(pending(
+            &format!("a{i}"),
+            "t1",
+            &format!("step{i}"),
+            1_000,
+        )))])
+        .await
+        .unwrap();
+    }
+    // The tenth and eleventh in one commit: the eleventh sees the tenth.
+    let err = s
+        .commit(vec![
+            Write::InsertApproval(Box::new(pending("a9", "t1", "step9", 1_000))),
+            Write::InsertApproval(Box::new(pending("a10", "t1", "step10", 1_000))),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        s.approval("a9").await.unwrap(),
+        None,
+        "nothing of it applied"
+    );
+    s.commit(vec![Write::InsertApproval(Box::new(pending(
+        "a9", "t1", "step9", 1_000,
+    )))])
+    .await
+    .unwrap();
+    let err = s
+        .commit(vec![Write::InsertApproval(Box::new(pending(
+            "a10", "t1", "step10", 1_000,
+        )))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        s.task_pending_approvals("t1", 1_000).await.unwrap().len(),
+        10
+    );
+    // Another task is not held back by this one's.
+    s.commit(vec![Write::InsertApproval(Box::new(pending(
+        "b0", "t2", "step0", 1_000,
+    )))])
+    .await
+    .unwrap();
+    // A decision makes room.
+    s.commit(vec![Write::UpdateApproval {
+        id: "a0".into(),
+        from: ApprovalState::Pending,
+        to: ApprovalState::Approved,
+        by: Some("alice".into()),
+        at: 1_100,
+        reason: None,
+        token_jti: None,
+    }])
+    .await
+    .unwrap();
+    s.commit(vec![Write::InsertApproval(Box::new(pending(
+        "a10", "t1", "step10", 1_100,
+    )))])
+    .await
+    .unwrap();
 }
 
 async fn concurrent_commits_chain_and_verify(f: Fixture) {
