@@ -52,15 +52,17 @@ async fn start(
         .check_tools(&config.tools)
         .map_err(|e| e.to_string())?;
     scrip_server::keys::ensure_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
-    let kek = scrip_proxy::Kek::new(
-        scrip_server::keys::load_kek(&config, true).map_err(|e| e.to_string())?,
-    );
     let store = scrip_store::open(
         config.database_url.as_deref(),
         &config.data_dir.join("scrip.db"),
     )
     .await
     .map_err(|e| e.to_string())?;
+    let kek = scrip_proxy::Kek::new(
+        scrip_server::keys::store_kek(&config, store.as_ref())
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let listener = tokio::net::TcpListener::bind(config.proxy.listen)
         .await
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;

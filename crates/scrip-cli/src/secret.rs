@@ -45,17 +45,22 @@ fn spec<'a>(
     Ok((upstream, spec))
 }
 
+/// The store and the key-encryption key; `create_key` allows creating the
+/// key, and then only while the store holds nothing sealed under one.
 async fn open(config: &Config, create_key: bool) -> Result<(Arc<dyn Store>, Kek), String> {
     scrip_server::keys::ensure_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
-    let kek =
-        Kek::new(scrip_server::keys::load_kek(config, create_key).map_err(|e| e.to_string())?);
     let store = scrip_store::open(
         config.database_url.as_deref(),
         &config.data_dir.join("scrip.db"),
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok((store, kek))
+    let kek = if create_key {
+        scrip_server::keys::store_kek(config, store.as_ref()).await
+    } else {
+        scrip_server::keys::load_kek(config, false)
+    };
+    Ok((store, Kek::new(kek.map_err(|e| e.to_string())?)))
 }
 
 /// Reads the value from standard input: a whole pipe, or one line typed

@@ -314,6 +314,19 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         text(&out.stderr)
     );
     fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    // A missing key-encryption key is not made afresh while the store holds
+    // secrets sealed under the old one: they would no longer open.
+    let moved = s.dir.path().join("key-encryption.key.away");
+    fs::rename(&key_file, &moved).unwrap();
+    let out = s.scrip(&["secret", "set", "legacy", "--action", "read"], Some(b"x"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("missing: this store's secrets are sealed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!key_file.exists(), "a new key-encryption key was made");
+    fs::rename(&moved, &key_file).unwrap();
 
     // The server, as a real process.
     let log = s.dir.path().join("serve.log");

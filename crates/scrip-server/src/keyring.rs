@@ -137,7 +137,7 @@ impl Keyring {
         now: u64,
     ) -> Result<(Self, Created), KeyError> {
         let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
-        let kek = keys::load_kek(config, stored.is_empty())?;
+        let kek = keys::store_kek(config, store).await?;
         let shared = Shared {
             kek,
             algorithm: config.signing_algorithm,

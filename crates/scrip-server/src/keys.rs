@@ -286,6 +286,27 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     Ok(kek)
 }
 
+/// [`load_kek`] for a store: the key is created only while `store` holds
+/// nothing sealed (no shared signing key, no proxy secret), so a missing key
+/// file never has scrip seal new secrets under a key that opens none of the
+/// old ones (and that no other replica has).
+///
+/// # Errors
+/// As [`load_kek`], and [`KeyError::Invalid`] when the store cannot be read.
+pub async fn store_kek(
+    config: &scrip_config::Config,
+    store: &dyn scrip_store::Store,
+) -> Result<scrip_jose::Kek, KeyError> {
+    let unreadable = |e: scrip_store::StoreError| KeyError::Invalid {
+        path: config.key_encryption_key_path(),
+        message: format!("cannot tell whether the store holds secrets sealed under it: {e}"),
+    };
+    // Every key row still kept, retired ones included.
+    let sealed = !store.keys(0).await.map_err(unreadable)?.is_empty()
+        || !store.secrets().await.map_err(unreadable)?.is_empty();
+    load_kek(config, !sealed)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]

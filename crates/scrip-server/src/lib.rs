@@ -330,7 +330,7 @@ impl Server {
 async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError> {
     let st = &state.0;
     let config = &st.config;
-    let kek = scrip_proxy::Kek::new(keys::load_kek(config, true)?);
+    let kek = scrip_proxy::Kek::new(keys::store_kek(config, st.store.as_ref()).await?);
     let first = config
         .upstreams
         .first()
