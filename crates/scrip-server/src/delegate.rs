@@ -30,6 +30,7 @@ pub(crate) async fn delegate(
     form: &Form,
     subject_token: &str,
     peer: SocketAddr,
+    binding: Option<&crate::exchange::Binding>,
 ) -> Result<Response, OAuthError> {
     let actor_token = form.require("actor_token")?;
     match form.require("actor_token_type")? {
@@ -62,6 +63,11 @@ pub(crate) async fn delegate(
         }
         Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
     };
+    // The child's token is never bound, but the proof is spent: a proof is
+    // accepted once, whatever the grant.
+    if let Some(b) = binding {
+        b.spend(st)?;
+    }
     let Asked {
         depth,
         grants,

@@ -154,7 +154,7 @@ async fn exchange(
     if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
         return match (subject_type, requested) {
             (token_type::TXN_TOKEN, None | Some(token_type::TXN_TOKEN)) => {
-                crate::delegate::delegate(st, form, subject_token, peer).await
+                crate::delegate::delegate(st, form, subject_token, peer, binding).await
             }
             _ => Err(OAuthError::invalid_request(
                 "an actor_token delegates a task: give the parent's task token as subject_token \
@@ -164,7 +164,7 @@ async fn exchange(
     }
     match (subject_type, requested) {
         (token_type::JWT, None | Some(token_type::TXN_TOKEN)) => {
-            start_task(st, form, subject_token, peer).await
+            start_task(st, form, subject_token, peer, binding).await
         }
         (token_type::JWT, Some(other)) => Err(OAuthError::invalid_request(format!(
             "a workload identity is exchanged for a task token; requested_token_type `{}` is not available for it",
@@ -377,6 +377,7 @@ async fn start_task(
     form: &Form,
     subject_token: &str,
     peer: SocketAddr,
+    binding: Option<&Binding>,
 ) -> Result<Response, OAuthError> {
     if form.get("audience").is_some()
         || form.get("resource").is_some()
@@ -420,6 +421,11 @@ async fn start_task(
         .verify(subject_token)
         .await
         .map_err(identity_error)?;
+    // A task token is never bound, but its proof is spent all the same: a
+    // proof is accepted once, whatever the grant.
+    if let Some(b) = binding {
+        b.spend(st)?;
+    }
 
     let now = now();
     let ctx = RequestContext {
