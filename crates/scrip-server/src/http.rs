@@ -70,6 +70,7 @@ pub async fn serve(
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut at_cap = Throttle::new(WARN_EVERY);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -82,7 +83,15 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "too many open connections; closing a new one");
+            // A flood of connections must not become a flood of log lines.
+            if let Some(closed) = at_cap.note(std::time::Instant::now()) {
+                tracing::warn!(
+                    %peer,
+                    max = limits.max_connections,
+                    closed,
+                    "too many open connections; closing new ones ({closed} since the last warning)"
+                );
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -116,6 +125,43 @@ pub async fn serve(
     Ok(())
 }
 
+/// The least time between two warnings that connections were closed at the
+/// cap.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts events and says when one should be logged: the first, then at
+/// most one each `every`, with how many happened since the last one logged.
+#[derive(Debug)]
+struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl Throttle {
+    const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Notes one event at `now`; `Some(events since the last log line,
+    /// this one included)` when this one is to be logged.
+    fn note(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.count = self.count.saturating_add(1);
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 /// A failed accept: a connection that went away is nothing; anything else
 /// (out of file descriptors) is logged and waited out.
 async fn accept_failed(e: &std::io::Error) {
@@ -128,4 +174,24 @@ async fn accept_failed(e: &std::io::Error) {
     }
     tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");
     tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_events_logs_one_line_each_period_with_its_count() {
+        let mut t = Throttle::new(Duration::from_secs(10));
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(t.note(at(0)), Some(1));
+        for _ in 0..999 {
+            assert_eq!(t.note(at(5)), None);
+        }
+        assert_eq!(t.note(at(10)), Some(1_000));
+        assert_eq!(t.note(at(19)), None);
+        assert_eq!(t.note(at(25)), Some(2));
+        assert_eq!(t.note(at(100)), Some(1));
+    }
 }
