@@ -78,7 +78,9 @@ enum Command {
     /// task with the given grants, and runs COMMAND with SCRIP_URL and
     /// SCRIP_TASK_TOKEN set (so `scrip token` works inside it). When COMMAND
     /// exits, however it exits, the task is ended. SIGINT, SIGTERM, SIGHUP and SIGQUIT
-    /// are forwarded to it. The exit code is COMMAND's.
+    /// are forwarded to it. The exit code is COMMAND's (128+signal when a
+    /// signal killed it), 127 when COMMAND is not found, 126 when it cannot
+    /// be run, and 1 when COMMAND succeeded but the task could not be ended.
     Run(run::RunArgs),
     /// Print an access token of the current task (SCRIP_TASK_TOKEN).
     ///
@@ -165,8 +167,9 @@ enum Command {
     },
     /// Manage the static keys the proxy injects for legacy upstreams.
     ///
-    /// These read and write the store in the configuration's data_dir and
-    /// work while the server runs.
+    /// These read and write the configuration's store (PostgreSQL with
+    /// database_url, else the one in data_dir) and work while the server
+    /// runs.
     Secret {
         /// The configuration file (its [[upstreams]] and data_dir).
         #[arg(long, short, global = true, env = "SCRIP_CONFIG")]
@@ -259,7 +262,8 @@ enum AuditCommand {
     /// and names it. Exits 0 when everything verifies, 1 otherwise.
     Verify {
         /// The checkpoint public key (a JWK or JWKS, as served at
-        /// /audit/keys); default: derived from the key in data_dir.
+        /// /audit/keys); default: with database_url, the shared checkpoint
+        /// keys in the store, else derived from the key in data_dir.
         #[arg(long)]
         public_key: Option<PathBuf>,
     },
