@@ -250,6 +250,30 @@ pub struct TrustedIssuer {
     /// Least seconds between fetches triggered by an unknown `kid`.
     #[serde(default = "default_jwks_min_refetch")]
     pub jwks_min_refetch: u64,
+    /// What the issuer is. Set, its identities are of this kind whatever
+    /// their claims look like, and draw only this kind's attributes; unset,
+    /// the claims' shape decides, so another trusted issuer's tokens could
+    /// carry the attributes policies test (a `namespace`, a `repository`).
+    #[serde(default)]
+    pub kind: Option<IssuerKind>,
+    /// With `kind = "spiffe"`: the one trust domain the issuer's keys speak
+    /// for; an SVID of another trust domain is refused.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+}
+
+/// The kinds of federated issuer, as Cedar names their identities' `kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerKind {
+    /// A Kubernetes cluster's service-account token issuer.
+    Kubernetes,
+    /// GitHub Actions' OIDC issuer.
+    GithubActions,
+    /// A SPIFFE JWT-SVID issuer.
+    Spiffe,
+    /// Any other issuer: its identities get no well-known attributes.
+    Jwt,
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -606,6 +630,24 @@ impl TrustedIssuer {
                 "{who} jwks_refresh and jwks_min_refetch must be positive"
             ));
         }
+        if let Some(domain) = &self.trust_domain {
+            if self.kind != Some(IssuerKind::Spiffe) {
+                return invalid(format!(
+                    "{who} trust_domain is for a SPIFFE issuer; add kind = \"spiffe\""
+                ));
+            }
+            // SPIFFE ID standard §2.1: lowercase letters, digits, `.`, `-`, `_`.
+            if domain.is_empty()
+                || domain.len() > 255
+                || !domain
+                    .bytes()
+                    .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'))
+            {
+                return invalid(format!(
+                    "{who} trust_domain `{domain}` is not a SPIFFE trust domain (lowercase letters, digits, `.`, `-` and `_`, without `spiffe://`)"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -662,6 +704,50 @@ mod tests {
             (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} does not contain {want:?}"),
             (got, want) => panic!("for {toml:?}: got {got:?}, want error {want:?}"),
         }
+    }
+
+    #[test]
+    fn an_issuer_may_declare_its_kind_and_a_spiffe_one_its_trust_domain() {
+        let issuer = |extra: &str| {
+            format!(
+                "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_file = \"k.json\"\naudiences = [\"scrip\"]\n{extra}"
+            )
+        };
+        for kind in ["kubernetes", "github_actions", "spiffe", "jwt"] {
+            check(&issuer(&format!("kind = \"{kind}\"")), None);
+        }
+        check(&issuer("kind = \"local\""), Some("unknown variant `local`"));
+        check(
+            &issuer("kind = \"spiffe\"\ntrust_domain = \"prod.acme-1.example_x\""),
+            None,
+        );
+        check(
+            &issuer("trust_domain = \"prod.acme.com\""),
+            Some("add kind = \"spiffe\""),
+        );
+        check(
+            &issuer("kind = \"kubernetes\"\ntrust_domain = \"prod.acme.com\""),
+            Some("add kind = \"spiffe\""),
+        );
+        for bad in [
+            "",
+            "spiffe://prod.acme.com",
+            "Prod.acme.com",
+            "prod.acme.com/x",
+        ] {
+            check(
+                &issuer(&format!("kind = \"spiffe\"\ntrust_domain = \"{bad}\"")),
+                Some("is not a SPIFFE trust domain"),
+            );
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_declares_its_issuers() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/scrip.toml");
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.trusted_issuers.len(), 2);
+        assert!(c.trusted_issuers.iter().all(|t| t.kind.is_some()));
     }
 
     #[test]

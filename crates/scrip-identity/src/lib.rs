@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use scrip_config::TrustedIssuer;
+use scrip_config::{IssuerKind, TrustedIssuer};
 use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, SharedKeySet, TypRule};
-use scrip_token::WorkloadIdentity;
+use scrip_token::{IdentityKind, WorkloadIdentity};
 use serde_json::{Map, Value};
 
 /// The largest JWKS document fetched.
@@ -46,6 +46,9 @@ pub enum IdentityError {
     /// The claims lack a subject.
     #[error("token has no subject")]
     NoSubject,
+    /// The claims are not an identity of their issuer's declared kind.
+    #[error(transparent)]
+    Shape(#[from] scrip_token::ShapeError),
 }
 
 /// A problem loading the trusted issuers at start.
@@ -80,6 +83,9 @@ struct Cache {
 
 struct Issuer {
     issuer: String,
+    /// The declared kind of its identities; `None`: their shape decides.
+    kind: Option<IdentityKind>,
+    trust_domain: Option<String>,
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
     typ: TypRule,
@@ -169,6 +175,13 @@ impl IdentityVerifier {
             };
             let issuer = Issuer {
                 issuer: ti.issuer.clone(),
+                kind: ti.kind.map(|k| match k {
+                    IssuerKind::Kubernetes => IdentityKind::Kubernetes,
+                    IssuerKind::GithubActions => IdentityKind::GithubActions,
+                    IssuerKind::Spiffe => IdentityKind::Spiffe,
+                    IssuerKind::Jwt => IdentityKind::Generic,
+                }),
+                trust_domain: ti.trust_domain.clone(),
                 audiences: ti.audiences.clone(),
                 algorithms: parse_algorithms(&ti.algorithms),
                 typ: TypRule::any_of(ti.allow_untyped, ti.token_types.iter().map(String::as_str)),
@@ -187,6 +200,17 @@ impl IdentityVerifier {
                 issuer.store(keys, Instant::now());
             }
             issuers.insert(ti.issuer.clone(), issuer);
+        }
+        let undeclared: Vec<&str> = trusted
+            .iter()
+            .filter(|ti| ti.kind.is_none())
+            .map(|ti| ti.issuer.as_str())
+            .collect();
+        if trusted.len() > 1 && !undeclared.is_empty() {
+            tracing::warn!(
+                issuers = ?undeclared,
+                "several issuers are trusted and these have no `kind`: the shape of their tokens' claims decides which attributes policies see, so one issuer's tokens could carry what policies expect of another (a Kubernetes `namespace`, a GitHub `repository`); set `kind` on each"
+            );
         }
         Ok(Self {
             issuers,
@@ -272,8 +296,12 @@ impl IdentityVerifier {
             leeway: self.leeway,
         };
         let verified = scrip_jose::verify::<Map<String, Value>>(token, &keys, &expectations)?;
-        let identity = WorkloadIdentity::from_claims(&issuer.issuer, &verified.claims)
-            .ok_or(IdentityError::NoSubject)?;
+        let identity = WorkloadIdentity::from_claims_of(
+            &issuer.issuer,
+            &verified.claims,
+            issuer.kind,
+            issuer.trust_domain.as_deref(),
+        )?;
         self.verified
             .put(digest, keys, verified.validity, identity.clone());
         Ok(identity)

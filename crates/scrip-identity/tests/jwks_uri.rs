@@ -138,6 +138,8 @@ fn trusted(jwks_uri: &str, refresh: u64, max_stale: u64, min_refetch: u64) -> Tr
         jwks_refresh: refresh,
         jwks_max_stale: max_stale,
         jwks_min_refetch: min_refetch,
+        kind: None,
+        trust_domain: None,
     }
 }
 

@@ -421,6 +421,66 @@ async fn metadata_names_every_endpoint_under_the_issuer() {
     s.stop().await;
 }
 
+/// An issuer declared of a kind gives identities of that kind only: another
+/// trusted issuer's token shaped like a Kubernetes one gets no `namespace`,
+/// and a SPIFFE issuer speaks for its own trust domain only.
+#[tokio::test]
+async fn a_declared_issuer_kind_decides_the_attributes() {
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(|c: &mut scrip_config::Config| {
+            use scrip_config::IssuerKind;
+            for (ti, kind) in c.trusted_issuers.iter_mut().zip([
+                IssuerKind::Kubernetes,
+                IssuerKind::GithubActions,
+                IssuerKind::Spiffe,
+            ]) {
+                ti.kind = Some(kind);
+            }
+            c.trusted_issuers[2].trust_domain = Some("acme.example".into());
+        })),
+        ..Options::default()
+    })
+    .await;
+    let start = |identity: String| {
+        let s = &s;
+        async move {
+            s.try_start_task(&identity, "github:read", "dev", "kinds", None)
+                .await
+        }
+    };
+    // The cluster's own token: `agents-namespace` permits it.
+    let r = start(s.k8s.kubernetes("agents", "coder")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // The same claims signed by the GitHub issuer: no namespace, no grant.
+    let r = start(s.github.kubernetes("agents", "coder")).await;
+    r.assert_error(400, "access_denied");
+    // A SPIFFE ID of another trust domain is no identity of this issuer.
+    let r = start(s.spiffe.spiffe("acme.example.evil", "/agents/coder")).await;
+    r.assert_error(400, "invalid_request");
+    assert!(
+        r.text
+            .contains("not a SPIFFE ID in trust domain `acme.example`"),
+        "{}",
+        r.text
+    );
+    s.stop().await;
+
+    // Undeclared, the shape decides: the GitHub issuer's Kubernetes-shaped
+    // token passes for the cluster's (what declaring a kind prevents).
+    let s = TestServer::start().await;
+    let r = s
+        .try_start_task(
+            &s.github.kubernetes("agents", "coder"),
+            "github:read",
+            "dev",
+            "kinds",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn identity_claims_reach_cedar() {
     let extra = vec![

@@ -68,20 +68,72 @@ pub struct WorkloadIdentity {
     pub claims: BTreeMap<String, String>,
 }
 
+/// Why verified claims are not an identity of their issuer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// `sub` is missing, not a string, or empty.
+    #[error("token has no subject")]
+    NoSubject,
+    /// The issuer is a SPIFFE issuer and `sub` is no SPIFFE ID of its trust
+    /// domain.
+    #[error("token subject is not a SPIFFE ID{}", .0.as_deref().map(|d| format!(" in trust domain `{d}`")).unwrap_or_default())]
+    NotSpiffe(Option<String>),
+}
+
 impl WorkloadIdentity {
-    /// Reads an identity from verified claims. `None` when `sub` is missing
-    /// or empty: an identity must name a subject.
+    /// Reads an identity from verified claims, its kind told by their shape.
+    /// `None` when `sub` is missing or empty: an identity must name a
+    /// subject.
     #[must_use]
     pub fn from_claims(issuer: &str, claims: &Map<String, Value>) -> Option<Self> {
-        let subject = claims.get("sub")?.as_str()?;
-        if subject.is_empty() {
-            return None;
-        }
+        Self::from_claims_of(issuer, claims, None, None).ok()
+    }
+
+    /// Reads an identity from claims verified for an issuer declared to be
+    /// of `kind`: the identity is of that kind whatever the claims look
+    /// like, and draws only that kind's attributes, so one issuer's tokens
+    /// never pass for another kind's. With `kind` `None` the shape decides,
+    /// as [`Self::from_claims`]. A SPIFFE issuer's subject must be a SPIFFE
+    /// ID, in `trust_domain` when one is given. [`IdentityKind::Local`] is
+    /// never declared: it is read as [`IdentityKind::Generic`].
+    ///
+    /// # Errors
+    /// [`ShapeError`] when `sub` is missing or empty, or not the SPIFFE ID a
+    /// SPIFFE issuer must give.
+    pub fn from_claims_of(
+        issuer: &str,
+        claims: &Map<String, Value>,
+        kind: Option<IdentityKind>,
+        trust_domain: Option<&str>,
+    ) -> Result<Self, ShapeError> {
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or(ShapeError::NoSubject)?;
         let mut flat = BTreeMap::new();
         flatten("", claims, 0, &mut flat);
-        let kind = detect(subject, &flat);
+        let declared = kind.is_some();
+        let kind = match kind {
+            None => detect(subject, &flat),
+            Some(IdentityKind::Local) => IdentityKind::Generic,
+            Some(k) => k,
+        };
+        if declared && kind == IdentityKind::Spiffe {
+            let domain = subject
+                .strip_prefix("spiffe://")
+                .map(|rest| rest.split_once('/').map_or(rest, |(d, _)| d));
+            let fits = match (domain, trust_domain) {
+                (Some(d), Some(want)) => d == want,
+                (Some(d), None) => !d.is_empty(),
+                (None, _) => false,
+            };
+            if !fits {
+                return Err(ShapeError::NotSpiffe(trust_domain.map(str::to_owned)));
+            }
+        }
         let attributes = well_known(kind, subject, &flat);
-        Some(Self {
+        Ok(Self {
             issuer: issuer.to_owned(),
             subject: subject.to_owned(),
             kind,
@@ -279,6 +331,90 @@ mod tests {
             panic!()
         };
         assert!(WorkloadIdentity::from_local_claims("i", &map).is_none());
+    }
+
+    fn of(
+        claims: Value,
+        kind: IdentityKind,
+        trust_domain: Option<&str>,
+    ) -> Result<WorkloadIdentity, ShapeError> {
+        let Value::Object(map) = claims else {
+            panic!("not an object")
+        };
+        WorkloadIdentity::from_claims_of("https://issuer", &map, Some(kind), trust_domain)
+    }
+
+    #[test]
+    fn a_declared_kind_wins_over_the_claims_shape() {
+        let kube_shaped = json!({
+            "sub": "system:serviceaccount:agents:coder",
+            "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "coder"}},
+            "repository": "acme/web", "workflow": "ci"
+        });
+        // An issuer of any other kind never yields a namespace.
+        let generic = of(kube_shaped.clone(), IdentityKind::Generic, None).unwrap();
+        assert_eq!(generic.kind, IdentityKind::Generic);
+        assert!(generic.attributes.is_empty(), "{:?}", generic.attributes);
+        assert_eq!(generic.claims["kubernetes.io.namespace"], "agents");
+        let github = of(kube_shaped.clone(), IdentityKind::GithubActions, None).unwrap();
+        assert_eq!(github.kind, IdentityKind::GithubActions);
+        assert_eq!(github.attributes["repository"], "acme/web");
+        assert!(!github.attributes.contains_key("namespace"));
+        // A GitHub-shaped token from a Kubernetes issuer has no repository.
+        let kube = of(kube_shaped, IdentityKind::Kubernetes, None).unwrap();
+        assert_eq!(kube.attributes["namespace"], "agents");
+        assert!(!kube.attributes.contains_key("repository"));
+        // A SPIFFE-shaped subject from a generic issuer is no SVID.
+        let svid = json!({"sub": "spiffe://prod.acme.com/ns/agents"});
+        let generic = of(svid.clone(), IdentityKind::Generic, None).unwrap();
+        assert_eq!(generic.kind, IdentityKind::Generic);
+        assert!(!generic.attributes.contains_key("trust_domain"));
+        // Local is never declared: it reads as a plain JWT.
+        let local = of(
+            json!({"sub": "local:coder", "scrip_attestation": {"uid": 0}}),
+            IdentityKind::Local,
+            None,
+        )
+        .unwrap();
+        assert_eq!(local.kind, IdentityKind::Generic);
+        assert!(local.attributes.is_empty());
+    }
+
+    #[test]
+    fn a_spiffe_issuer_speaks_for_its_trust_domain_only() {
+        let svid = |sub: &str| json!({ "sub": sub });
+        let id = of(
+            svid("spiffe://prod.acme.com/ns/agents"),
+            IdentityKind::Spiffe,
+            Some("prod.acme.com"),
+        )
+        .unwrap();
+        assert_eq!(id.attributes["trust_domain"], "prod.acme.com");
+        for sub in [
+            "spiffe://dev.acme.com/ns/agents",
+            "spiffe://prod.acme.com.evil.example/ns/agents",
+            "spiffe://prod.acme.co/ns/agents",
+            "system:serviceaccount:agents:coder",
+        ] {
+            assert_eq!(
+                of(svid(sub), IdentityKind::Spiffe, Some("prod.acme.com")).unwrap_err(),
+                ShapeError::NotSpiffe(Some("prod.acme.com".into())),
+                "{sub}"
+            );
+        }
+        // Without a trust domain any SPIFFE ID passes, and nothing else.
+        assert!(of(svid("spiffe://dev.acme.com/x"), IdentityKind::Spiffe, None).is_ok());
+        for sub in ["spiffe:///x", "https://dev.acme.com/x"] {
+            assert_eq!(
+                of(svid(sub), IdentityKind::Spiffe, None).unwrap_err(),
+                ShapeError::NotSpiffe(None),
+                "{sub}"
+            );
+        }
+        assert_eq!(
+            of(svid(""), IdentityKind::Spiffe, None).unwrap_err(),
+            ShapeError::NoSubject
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod scope;
 pub use claims::{
     AccessClaims, Actor, ApprovalClaim, Confirmation, MayAct, TaskClaims, TaskContext,
 };
-pub use identity::{IdentityKind, WorkloadIdentity};
+pub use identity::{IdentityKind, ShapeError, WorkloadIdentity};
 pub use names::{ActionName, NameError, ToolName};
 pub use scope::{ActionSet, Grant, GrantSet, ScopeError};
 

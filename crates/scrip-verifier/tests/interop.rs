@@ -292,6 +292,8 @@ async fn oidc_provider_tokens_are_workload_identities_and_key_rotation_is_follow
             jwks_refresh: 300,
             jwks_max_stale: 3600,
             jwks_min_refetch: 1,
+            kind: None,
+            trust_domain: None,
         }],
     })
     .await;

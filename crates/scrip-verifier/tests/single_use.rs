@@ -67,6 +67,8 @@ impl Server {
                 jwks_refresh: 300,
                 jwks_max_stale: 3600,
                 jwks_min_refetch: 10,
+                kind: None,
+                trust_domain: None,
             }],
             tools: tools(),
             approvers: vec![Approver {

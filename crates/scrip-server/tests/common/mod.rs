@@ -208,6 +208,8 @@ fn trusted(idp: &Idp, dir: &Path, name: &str, algorithms: &[&str]) -> TrustedIss
         jwks_refresh: 300,
         jwks_max_stale: 3600,
         jwks_min_refetch: 10,
+        kind: None,
+        trust_domain: None,
     }
 }
 

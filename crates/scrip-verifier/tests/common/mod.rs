@@ -143,6 +143,8 @@ impl Scrip {
             jwks_refresh: 300,
             jwks_max_stale: 3600,
             jwks_min_refetch: 10,
+            kind: None,
+            trust_domain: None,
         }];
         trusted.extend(extra.issuers);
         let config = Config {
