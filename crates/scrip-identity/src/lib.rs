@@ -48,7 +48,7 @@ pub enum IdentityError {
     NoSubject,
     /// The claims are not an identity of their issuer's declared kind.
     #[error(transparent)]
-    Shape(#[from] scrip_token::ShapeError),
+    Shape(scrip_token::ShapeError),
 }
 
 /// A problem loading the trusted issuers at start.
@@ -301,7 +301,11 @@ impl IdentityVerifier {
             &verified.claims,
             issuer.kind,
             issuer.trust_domain.as_deref(),
-        )?;
+        )
+        .map_err(|e| match e {
+            scrip_token::ShapeError::NoSubject => IdentityError::NoSubject,
+            other => IdentityError::Shape(other),
+        })?;
         self.verified
             .put(digest, keys, verified.validity, identity.clone());
         Ok(identity)
