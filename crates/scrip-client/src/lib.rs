@@ -27,6 +27,8 @@
 //! [`Task::with_dpop`] binds the task's access tokens to a [`DpopKey`]
 //! held in memory (RFC 9449); [`Task::request_headers`] then gives each
 //! call its `Authorization: DPoP` and a fresh proof.
+//! [`Client::start_bound_task`] binds the task token itself to the key, so
+//! that it is no use to whoever steals it.
 //!
 //! A step that policy says a person must approve answers
 //! [`Error::ApprovalPending`] with its `auth_req_id`;
@@ -408,10 +410,6 @@ impl Client {
         })
     }
 
-    async fn token(&self, form: &[(&str, &str)]) -> Result<TokenResponse, Error> {
-        self.token_with(form, None).await
-    }
-
     /// An answer's body, at most [`MAX_ANSWER`] bytes.
     async fn read(&self, mut response: reqwest::Response) -> Result<Vec<u8>, Error> {
         let too_large = || {
@@ -515,6 +513,33 @@ impl Client {
         identity: &Identity,
         request: &TaskRequest,
     ) -> Result<Task, Error> {
+        self.start(identity, request, None).await
+    }
+
+    /// Starts a task bound to `key` (RFC 9449 §5): the start carries a DPoP
+    /// proof by the key, and scrip then exchanges the task token only with
+    /// proofs by it, so a stolen task token is no use without the key. The
+    /// task's access tokens are bound to the key too, as with
+    /// [`Task::with_dpop`], and so is a sub-agent's delegation.
+    ///
+    /// # Errors
+    /// As [`Client::start_task`]; [`Error::OAuth`] `invalid_dpop_proof` when
+    /// scrip refuses the proof.
+    pub async fn start_bound_task(
+        &self,
+        identity: &Identity,
+        request: &TaskRequest,
+        key: std::sync::Arc<DpopKey>,
+    ) -> Result<Task, Error> {
+        self.start(identity, request, Some(key)).await
+    }
+
+    async fn start(
+        &self,
+        identity: &Identity,
+        request: &TaskRequest,
+        key: Option<std::sync::Arc<DpopKey>>,
+    ) -> Result<Task, Error> {
         if let Some(exp) = identity.expires_at
             && exp <= now()
         {
@@ -530,21 +555,27 @@ impl Client {
         }
         let details = serde_json::Value::Object(details).to_string();
         let scope = request.grants.join(" ");
-        let answer = self
-            .token(&[
-                ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", identity.token()),
-                ("subject_token_type", JWT),
-                ("requested_token_type", TXN_TOKEN),
-                ("scope", &scope),
-                ("request_details", &details),
-            ])
-            .await?;
+        let form = [
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", identity.token()),
+            ("subject_token_type", JWT),
+            ("requested_token_type", TXN_TOKEN),
+            ("scope", &scope),
+            ("request_details", &details),
+        ];
+        let proof = match &key {
+            Some(key) => Some(key.proof("POST", self.token_endpoint().await?, None)?),
+            None => None,
+        };
+        let answer = self.token_with(&form, proof.as_deref()).await?;
         answer.expect(TXN_TOKEN, &["N_A"])?;
         let mut task = Task::new(self.clone(), answer.access_token, true);
         task.expires_at = Some(now().saturating_add(answer.expires_in));
         task.scope = Some(answer.scope);
-        Ok(task)
+        Ok(match key {
+            Some(key) => task.with_dpop(key),
+            None => task,
+        })
     }
 
     /// A task whose token was obtained elsewhere (e.g. `SCRIP_TASK_TOKEN`).
@@ -685,7 +716,12 @@ impl Task {
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        let answer = self.client.token(&form).await?;
+        // A task bound to its key delegates only with a proof by it.
+        let proof = match &self.dpop {
+            Some(key) => Some(key.proof("POST", self.client.token_endpoint().await?, None)?),
+            None => None,
+        };
+        let answer = self.client.token_with(&form, proof.as_deref()).await?;
         answer.expect(TXN_TOKEN, &["N_A"])?;
         let mut child = Task::new(self.client.clone(), answer.access_token, true);
         child.expires_at = Some(now().saturating_add(answer.expires_in));

@@ -349,3 +349,40 @@ async fn an_eddsa_dpop_key_binds_tokens_too() {
     );
     task.end().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_bound_task_is_no_use_without_its_key() {
+    use std::sync::Arc;
+    let server = start().await;
+    let identity = attest(&server.socket).await.unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let key = Arc::new(scrip_client::DpopKey::generate().unwrap());
+    let task = client
+        .start_bound_task(
+            &identity,
+            &TaskRequest::new(["github:read"], "bound", "dev"),
+            key.clone(),
+        )
+        .await
+        .unwrap();
+    let token = task.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(token.token_type, "DPoP");
+    // Its sub-agents are delegated with a proof by the key.
+    let sub_agent = attest(&server.socket).await.unwrap();
+    let child = task.delegate(&sub_agent, &["github:read"]).await.unwrap();
+    assert_eq!(child.scope(), Some("github:read"));
+    // The task token alone, as a thief would hold it, gets nothing.
+    let stolen = client.task_from_token(task.token());
+    let err = stolen.access_token("github", &["read"]).await.unwrap_err();
+    assert_eq!(err.oauth_code(), Some("invalid_dpop_proof"), "{err}");
+    let other = Arc::new(scrip_client::DpopKey::generate().unwrap());
+    let err = client
+        .task_from_token(task.token())
+        .with_dpop(other)
+        .access_token("github", &["read"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.oauth_code(), Some("invalid_dpop_proof"), "{err}");
+    let _ = stolen.into_token();
+    task.end().await.unwrap();
+}

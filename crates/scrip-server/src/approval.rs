@@ -239,6 +239,7 @@ pub(crate) async fn poll(
     if approval.task_id != claims.txn {
         return Err(unknown());
     }
+    crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)?;
     // The poller is authenticated: its proof may now be recorded.
     let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let now = now();

@@ -63,8 +63,10 @@ pub(crate) async fn delegate(
         }
         Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
     };
-    // The child's token is never bound, but the proof is spent: a proof is
-    // accepted once, whatever the grant.
+    // A bound parent delegates only with a proof by its key. The child's
+    // token is not bound (the sub-agent's key is not known here), but the
+    // proof is spent: a proof is accepted once, whatever the grant.
+    crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)?;
     if let Some(b) = binding {
         b.spend(st)?;
     }
@@ -158,6 +160,7 @@ pub(crate) async fn delegate(
             parent: Some(parent.id.clone()),
         },
         act: Some(act.clone()),
+        cnf: None,
     };
     let token = st.sign(TokenKind::Task, &child)?;
     let mut started = base(st.audit("task.delegated"));

@@ -106,6 +106,24 @@ impl Binding {
     }
 }
 
+/// A task token bound to a DPoP key is exchanged (for an access token, a
+/// child task or an approved step) only with a proof signed by that key.
+pub(crate) fn check_task_binding(
+    bound: Option<&Confirmation>,
+    binding: Option<&Binding>,
+) -> Result<(), OAuthError> {
+    match (bound, binding) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(OAuthError::invalid_dpop_proof(
+            "the task token is bound to a DPoP key: send a DPoP proof signed with that key",
+        )),
+        (Some(c), Some(b)) if b.proof.jkt == c.jkt => Ok(()),
+        (Some(_), Some(_)) => Err(OAuthError::invalid_dpop_proof(
+            "the DPoP proof is not signed with the key the task token is bound to",
+        )),
+    }
+}
+
 /// The token request's DPoP proof, checked, if it has one.
 fn dpop_binding(st: &Inner, headers: &HeaderMap) -> Result<Option<Binding>, OAuthError> {
     let mut values = headers.get_all("dpop").iter();
@@ -421,11 +439,9 @@ async fn start_task(
         .verify(subject_token)
         .await
         .map_err(identity_error)?;
-    // A task token is never bound, but its proof is spent all the same: a
-    // proof is accepted once, whatever the grant.
-    if let Some(b) = binding {
-        b.spend(st)?;
-    }
+    // A task started with a proof is bound to its key (RFC 9449 §5, as a
+    // refresh token is): a stolen task token is no use without the key.
+    let cnf = binding.map(|b| b.spend(st)).transpose()?;
 
     let now = now();
     let ctx = RequestContext {
@@ -480,12 +496,17 @@ async fn start_task(
             parent: None,
         },
         act: None,
+        cnf,
     };
     let token = st.sign(TokenKind::Task, &claims)?;
     let mut started = base(st.audit("task.started"));
     started.decision = Some("allow".into());
     started.actions = Some(claims.scope.clone());
     started.jti = Some(jti.clone());
+    started.reason = claims
+        .cnf
+        .as_ref()
+        .map(|c| format!("bound to DPoP key {}", c.jkt));
     writes.push(Write::InsertTask(Box::new(TaskRecord {
         id: task_id.clone(),
         parent: None,
@@ -584,6 +605,7 @@ async fn access_token(
     let task = active_task(st, &claims, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    check_task_binding(claims.cnf.as_ref(), binding)?;
     let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
 

@@ -262,3 +262,128 @@ async fn a_bad_proof_gets_no_token() {
     );
     s.stop().await;
 }
+
+/// A token request to `/token` with these fields and DPoP proofs.
+async fn post(s: &TestServer, form: &[(&str, &str)], proofs: &[&str]) -> Reply {
+    let headers: Vec<(&str, &str)> = proofs.iter().map(|p| ("DPoP", *p)).collect();
+    s.caller().post_form_with("/token", form, &headers).await
+}
+
+/// A task started with a proof is bound to its key (RFC 9449 §5, as a
+/// refresh token is): its token, stolen, gets nothing without that key, for
+/// an access token, a sub-agent's task, or an approved step.
+#[tokio::test]
+async fn a_task_started_with_a_proof_is_bound_to_its_key() {
+    let s = TestServer::start().await;
+    let token_url = format!("{}/token", s.url);
+    let (key, thief) = (DpopKey::new(), DpopKey::new());
+    let details = json!({ "purpose": "bound", "environment": "prod" }).to_string();
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let start = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", identity.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "github:read github:delete"),
+        ("request_details", details.as_str()),
+    ];
+    let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "N_A");
+    let task = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, claims) = decode_parts(&task);
+    assert_eq!(claims["cnf"], json!({ "jkt": key.jkt() }));
+    let started = s.audit().await;
+    let started = started.iter().find(|a| a.event == "task.started").unwrap();
+    assert_eq!(
+        started.reason.as_deref(),
+        Some(format!("bound to DPoP key {}", key.jkt()).as_str())
+    );
+    let refused = |r: &Reply, why: &str| {
+        r.assert_error(400, "invalid_dpop_proof");
+        assert!(r.body.get("access_token").is_none(), "{}", r.text);
+        assert!(r.text.contains(why), "{} (expected: {why})", r.text);
+    };
+
+    // An access token: not without a proof, not with another key's.
+    let r = s.access_token(&task, "github", Some("read")).await;
+    refused(&r, "bound to a DPoP key");
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[&thief.proof("POST", &token_url, None)],
+        )
+        .await;
+    refused(&r, "not signed with the key");
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "DPoP");
+
+    // A sub-agent's task: the same.
+    let helper = s.k8s.kubernetes("agents", "helper");
+    let delegate = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", task.as_str()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:txn_token",
+        ),
+        ("actor_token", helper.as_str()),
+        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "github:read"),
+    ];
+    refused(&post(&s, &delegate, &[]).await, "bound to a DPoP key");
+    let thiefs = thief.proof("POST", &token_url, None);
+    refused(
+        &post(&s, &delegate, &[&thiefs]).await,
+        "not signed with the key",
+    );
+    let r = post(&s, &delegate, &[&key.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // A step waiting for a person: polled with the key only.
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("delete"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    r.assert_error(400, "authorization_pending");
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    let poll = [
+        ("grant_type", "urn:openid:params:grant-type:ciba"),
+        ("auth_req_id", id.as_str()),
+        ("subject_token", task.as_str()),
+    ];
+    refused(&post(&s, &poll, &[]).await, "bound to a DPoP key");
+    let thiefs = thief.proof("POST", &token_url, None);
+    refused(
+        &post(&s, &poll, &[&thiefs]).await,
+        "not signed with the key",
+    );
+    let r = post(&s, &poll, &[&key.proof("POST", &token_url, None)]).await;
+    r.assert_error(400, "authorization_pending");
+
+    // A task started without a proof stays a bearer task.
+    let r = post(&s, &start, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, claims) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert!(claims.get("cnf").is_none(), "{claims}");
+    s.stop().await;
+}

@@ -85,6 +85,11 @@ pub struct TaskClaims {
     /// The delegation chain, for a delegated task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Actor>,
+    /// The DPoP key the task token is bound to (RFC 9449 §5, as a refresh
+    /// token is), when its task was started with a proof: every exchange
+    /// of it must then come with a proof by that key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
 }
 
 /// The claims of an RFC 9068 access token (`typ` `at+jwt`).
@@ -121,7 +126,7 @@ pub struct AccessClaims {
     pub cnf: Option<Confirmation>,
 }
 
-/// The confirmation claim (RFC 7800) of a DPoP-bound access token.
+/// The confirmation claim (RFC 7800) of a DPoP-bound token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
     /// The RFC 7638 SHA-256 thumbprint of the DPoP key, base64url.
