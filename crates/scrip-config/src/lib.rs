@@ -276,6 +276,20 @@ pub enum IssuerKind {
     Jwt,
 }
 
+impl IssuerKind {
+    /// The kind of the identities such an issuer vouches for.
+    #[must_use]
+    pub fn identity_kind(self) -> scrip_token::IdentityKind {
+        use scrip_token::IdentityKind;
+        match self {
+            Self::Kubernetes => IdentityKind::Kubernetes,
+            Self::GithubActions => IdentityKind::GithubActions,
+            Self::Spiffe => IdentityKind::Spiffe,
+            Self::Jwt => IdentityKind::Generic,
+        }
+    }
+}
+
 fn default_algorithms() -> Vec<String> {
     vec!["RS256".into(), "ES256".into()]
 }

@@ -175,12 +175,7 @@ impl IdentityVerifier {
             };
             let issuer = Issuer {
                 issuer: ti.issuer.clone(),
-                kind: ti.kind.map(|k| match k {
-                    IssuerKind::Kubernetes => IdentityKind::Kubernetes,
-                    IssuerKind::GithubActions => IdentityKind::GithubActions,
-                    IssuerKind::Spiffe => IdentityKind::Spiffe,
-                    IssuerKind::Jwt => IdentityKind::Generic,
-                }),
+                kind: ti.kind.map(IssuerKind::identity_kind),
                 trust_domain: ti.trust_domain.clone(),
                 audiences: ti.audiences.clone(),
                 algorithms: parse_algorithms(&ti.algorithms),

@@ -45,6 +45,13 @@ struct Agent {
     /// `scrip_attestation` table).
     #[serde(default)]
     local: bool,
+    /// The `kind` its issuer is declared with in scrip's configuration;
+    /// unset, the claims' shape decides, as for an issuer without one.
+    #[serde(default)]
+    kind: Option<scrip_config::IssuerKind>,
+    /// The `trust_domain` of a SPIFFE issuer.
+    #[serde(default)]
+    trust_domain: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +145,12 @@ pub fn run_test_file(
                 .unwrap_or_default();
         claims.insert("sub".into(), case.agent.subject.clone().into());
         claims.insert("iss".into(), case.agent.issuer.clone().into());
+        if case.agent.local && (case.agent.kind.is_some() || case.agent.trust_domain.is_some()) {
+            return Err(err(
+                "a local agent has no issuer `kind` or `trust_domain`: those are for federated issuers"
+                    .into(),
+            ));
+        }
         let agent = if case.agent.local {
             WorkloadIdentity::from_local_claims(&case.agent.issuer, &claims).ok_or_else(|| {
                 err(
@@ -146,8 +159,13 @@ pub fn run_test_file(
                 )
             })?
         } else {
-            WorkloadIdentity::from_claims(&case.agent.issuer, &claims)
-                .ok_or_else(|| err("agent subject is empty".into()))?
+            WorkloadIdentity::from_claims_of(
+                &case.agent.issuer,
+                &claims,
+                case.agent.kind.map(scrip_config::IssuerKind::identity_kind),
+                case.agent.trust_domain.as_deref(),
+            )
+            .map_err(|e| err(format!("agent: {e}")))?
         };
         let tool = all_tools
             .get(case.tool.as_str())
