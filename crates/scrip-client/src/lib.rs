@@ -518,9 +518,10 @@ impl Client {
 
     /// Starts a task bound to `key` (RFC 9449 §5): the start carries a DPoP
     /// proof by the key, and scrip then exchanges the task token only with
-    /// proofs by it, so a stolen task token is no use without the key. The
-    /// task's access tokens are bound to the key too, as with
-    /// [`Task::with_dpop`], and so is a sub-agent's delegation.
+    /// proofs by it, so a stolen task token cannot be exchanged for anything
+    /// without the key. The task's access tokens are bound to the key too,
+    /// as with [`Task::with_dpop`], and its delegations carry a proof by it
+    /// (the sub-agent's task itself is a bearer task).
     ///
     /// # Errors
     /// As [`Client::start_task`]; [`Error::OAuth`] `invalid_dpop_proof` when

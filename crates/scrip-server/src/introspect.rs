@@ -182,6 +182,10 @@ async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
                     serde_json::to_value(act).unwrap_or(Value::Null),
                 );
             }
+            // A bound task names its key (RFC 9449 §6.2).
+            if let (Some(cnf), Some(obj)) = (c.cnf.as_ref(), body.as_object_mut()) {
+                obj.insert("cnf".into(), json!({ "jkt": cnf.jkt }));
+            }
             Ok(body)
         }
         OwnToken::Access(c) => {

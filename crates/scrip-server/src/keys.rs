@@ -171,7 +171,13 @@ fn load_or_create_named(
         path: path.clone(),
         message: e.to_string(),
     })?;
-    write_private(&path, &json)?;
+    if !create_private(&path, &json)? {
+        // Another process created it first: use that one.
+        return Ok(Loaded {
+            key: read_key(&path, alg)?,
+            created: false,
+        });
+    }
     Ok(Loaded { key, created: true })
 }
 
@@ -217,28 +223,40 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> 
     Ok(key)
 }
 
-/// Writes `data` to `path` with mode 0600, atomically and durably.
+/// Creates `path` holding `data`, mode 0600, atomically and durably, unless
+/// it exists: `Ok(false)` then, and the file is left as it is. Two processes
+/// creating the same key at once therefore agree on one (the first to link
+/// its file), and neither replaces a key the other already uses.
 ///
 /// # Errors
 /// [`KeyError::Io`] on failure.
-pub fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
+pub fn create_private(path: &Path, data: &[u8]) -> Result<bool, KeyError> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
+    let suffix = scrip_jose::random_id().map_err(|e| KeyError::Invalid {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let tmp = path.with_extension(format!("{suffix}.tmp"));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
+    let written = f.write_all(data).and_then(|()| f.sync_all());
     drop(f);
-    fs::rename(&tmp, path).map_err(io(path))?;
+    // A hard link fails on an existing name where a rename would replace it.
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(io(path)(e)),
+    }
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))?;
-    Ok(())
+    Ok(true)
 }
 
 /// The environment variable that may hold the key-encryption key (the
@@ -281,7 +299,10 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     }
     let (kek, text) =
         scrip_jose::Kek::generate().map_err(|e| invalid(path.clone(), e.to_string()))?;
-    write_private(&path, zeroize::Zeroizing::new(text).as_bytes())?;
+    if !create_private(&path, zeroize::Zeroizing::new(text).as_bytes())? {
+        // Another process created it first: use that one.
+        return load_kek(config, false);
+    }
     tracing::warn!(path = %path.display(), "created the key-encryption key; keep it out of the store's backups, and give every replica the same key");
     Ok(kek)
 }
@@ -333,5 +354,43 @@ mod tests {
         // key files themselves are checked for that.
         fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&new).unwrap();
+    }
+
+    /// Processes creating the key-encryption key at once end up with one
+    /// key between them: none seals under a key another has replaced.
+    #[test]
+    fn concurrent_creators_agree_on_one_key_encryption_key() {
+        let root = tempfile::tempdir().unwrap();
+        let config = scrip_config::Config {
+            data_dir: root.path().join("data"),
+            ..scrip_config::Config::default()
+        };
+        ensure_private_dir(&root.path().join("data/keys")).unwrap();
+        for _ in 0..20 {
+            let _ = fs::remove_file(config.key_encryption_key_path());
+            let barrier = std::sync::Barrier::new(8);
+            let keks: Vec<scrip_jose::Kek> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            load_kek(&config, true).unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let on_disk = load_kek(&config, false).unwrap();
+            let sealed = on_disk.seal(b"ctx", b"secret").unwrap();
+            for kek in &keks {
+                assert_eq!(kek.open(b"ctx", &sealed).unwrap(), b"secret");
+            }
+        }
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(root.path().join("data/keys"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["key-encryption.key"]);
     }
 }

@@ -295,6 +295,9 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     let task = r.body["access_token"].as_str().unwrap().to_owned();
     let (_, claims) = decode_parts(&task);
     assert_eq!(claims["cnf"], json!({ "jkt": key.jkt() }));
+    let i = s.introspect(&task).await;
+    assert_eq!(i.body["active"], true, "{}", i.text);
+    assert_eq!(i.body["cnf"], json!({ "jkt": key.jkt() }));
     let started = s.audit().await;
     let started = started.iter().find(|a| a.event == "task.started").unwrap();
     assert_eq!(

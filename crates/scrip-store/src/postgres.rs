@@ -40,8 +40,9 @@ const WRITE_LOCK: i64 = 7_070_001;
 /// store counts as unavailable.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the database enforces on every session of scrip's but the one that
-/// migrates (which may wait for another replica's migration, and take long).
+/// What the database enforces on each of the writer's transactions (set
+/// with `SET LOCAL`, so it holds through any connection pooler and leaves
+/// the session's own settings alone):
 ///
 /// - A replica that stops in the middle of a commit (frozen, or cut off
 ///   without a reset) holds the write lock every replica needs; the database
@@ -50,11 +51,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// - A writer waiting for that lock gives up on the server before its client
 ///   gives up at [`TIMEOUT`], so no wait outlives the commit that asked.
 /// - A statement no client waits for any more stops too.
-const SESSION: [(&str, &str); 3] = [
-    ("idle_in_transaction_session_timeout", "5s"),
-    ("lock_timeout", "4s"),
-    ("statement_timeout", "5s"),
-];
+const LIMITS: &str = "SELECT set_config('idle_in_transaction_session_timeout', '5s', true), \
+     set_config('lock_timeout', '4s', true), set_config('statement_timeout', '5s', true)";
 
 /// The PostgreSQL store.
 #[derive(Debug)]
@@ -99,11 +97,10 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Open`] when the database cannot be reached or migrated.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let migrating = PgConnectOptions::from_str(url)
+        let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
             .application_name("scrip");
-        let options = migrating.clone().options(SESSION);
-        let mut conn = tokio::time::timeout(TIMEOUT, migrating.connect())
+        let mut conn = tokio::time::timeout(TIMEOUT, options.connect())
             .await
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
@@ -111,11 +108,6 @@ impl PgStore {
             .run(&mut conn)
             .await
             .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
-        drop(tokio::time::timeout(Duration::from_millis(200), conn.close()).await);
-        let conn = tokio::time::timeout(TIMEOUT, options.connect())
-            .await
-            .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
-            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let reads = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -339,6 +331,10 @@ async fn apply_in(
     writes: &[&Write],
     chain: &mut ChainState,
 ) -> Result<(), StoreError> {
+    sqlx::query(LIMITS)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(WRITE_LOCK)
         .execute(&mut *tx)
@@ -1014,19 +1010,30 @@ mod tests {
         let db = scrip_testkit::PgDatabase::new();
         let store = PgStore::connect(db.url()).await.unwrap();
         store.commit(record()).await.unwrap();
-        // The frozen replica: one of scrip's sessions, in a commit, idle.
-        let mut frozen = PgConnectOptions::from_str(db.url())
-            .unwrap()
-            .options(SESSION)
-            .connect()
-            .await
-            .unwrap();
-        sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(WRITE_LOCK)
-            .execute(&mut frozen)
-            .await
-            .unwrap();
+        let url = db.url().to_owned();
+        let hold = |limits: bool| {
+            let url = url.clone();
+            async move {
+                let mut conn = PgConnectOptions::from_str(&url)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+                if limits {
+                    sqlx::query(LIMITS).execute(&mut conn).await.unwrap();
+                }
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                conn
+            }
+        };
+        // Whoever holds the lock, a commit waiting for it gives up on the
+        // server too: no wait of scrip's is left behind.
+        let holder = hold(false).await;
         let err = store.commit(record()).await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         assert_eq!(
@@ -1037,13 +1044,18 @@ mod tests {
             "0",
             "the writer's wait for the lock outlived its commit"
         );
-        // Without the session limits, every attempt here fails, for good.
-        let mut attempts = 1;
+        drop(holder);
+        store.commit(record()).await.unwrap();
+        // The frozen replica: a writer's transaction (with the limits every
+        // writer's has), stopped holding the lock. Without the limits, every
+        // attempt here fails, for good.
+        let mut frozen = hold(true).await;
+        let mut attempts = 0;
         while let Err(e) = store.commit(record()).await {
             assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
             attempts += 1;
             assert!(
-                attempts <= 4,
+                attempts < 4,
                 "the frozen replica still holds the write lock"
             );
         }

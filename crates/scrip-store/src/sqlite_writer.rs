@@ -324,12 +324,12 @@ fn chain_heads(tx: &Transaction<'_>) -> Result<Vec<ChainLink>, StoreError> {
         .collect()
 }
 
-/// Runs one statement of the transaction.
 /// How many approvals of a task wait at a time, and how many of them are for
 /// one tool and actions.
 const PENDING_OF_TASK: &str = "SELECT COUNT(*), COALESCE(SUM(tool = ?3 AND actions = ?4), 0) \
      FROM approvals WHERE task_id = ?1 AND state = 'pending' AND expires_at > ?2";
 
+/// Runs one statement of the transaction.
 fn run(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
     tx.prepare_cached(sql)?.execute(params)
 }
