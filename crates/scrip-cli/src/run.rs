@@ -28,7 +28,8 @@ pub struct TaskArgs {
     /// A grant the task asks for, `tool:action` (repeat, or separate with spaces).
     #[arg(long = "grant", value_name = "TOOL:ACTION", required = true)]
     grants: Vec<String>,
-    /// The environment the task runs in.
+    /// The environment the task runs in: one of scrip's configured
+    /// `environments` (by default dev, staging, prod).
     #[arg(long = "env", value_name = "ENV", default_value = "dev")]
     environment: String,
     /// The task's lifetime in seconds (default: the server's task_ttl).

@@ -83,6 +83,10 @@ pub struct Config {
     pub clock_skew: u64,
     /// Deepest delegation chain.
     pub max_delegation_depth: u32,
+    /// The environments a task may name: an agent claims its task's
+    /// environment, so a name outside this list (`production`, `Prod`)
+    /// cannot slip past a policy written for `prod`.
+    pub environments: Vec<String>,
     /// Seconds between checks of `policy_dir` for changes (0: only SIGHUP).
     pub policy_poll_interval: u64,
     /// Seconds between signed checkpoints of the audit chain.
@@ -141,6 +145,7 @@ impl Default for Config {
             access_token_ttl: 300,
             clock_skew: 30,
             max_delegation_depth: 3,
+            environments: vec!["dev".into(), "staging".into(), "prod".into()],
             policy_poll_interval: 2,
             audit_checkpoint_interval: 5,
             trusted_issuers: Vec::new(),
@@ -490,6 +495,20 @@ impl Config {
         if self.clock_skew > 300 {
             return invalid("clock_skew must be at most 300 seconds");
         }
+        if self.environments.is_empty() {
+            return invalid("environments must name at least one environment");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for env in &self.environments {
+            if !is_environment(env) {
+                return invalid(format!(
+                    "environment `{env}` must be 1 to 64 letters, digits, `-`, `_` or `.`"
+                ));
+            }
+            if !seen.insert(env.as_str()) {
+                return invalid(format!("environment `{env}` is listed twice"));
+            }
+        }
         if let Some(url) = &self.database_url {
             let scheme = url.split_once("://").map(|(s, _)| s);
             if !matches!(scheme, Some("postgres" | "postgresql")) {
@@ -666,6 +685,17 @@ impl TrustedIssuer {
     }
 }
 
+/// Whether `name` is a well-formed environment name: 1 to 64 ASCII letters,
+/// digits, `-`, `_` or `.`.
+#[must_use]
+pub fn is_environment(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// An absolute http(s) URL; `https` unless the host is a loopback address
 /// when `require_https_off_loopback`.
 fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<(), ConfigError> {
@@ -762,6 +792,20 @@ mod tests {
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.trusted_issuers.len(), 2);
         assert!(c.trusted_issuers.iter().all(|t| t.kind.is_some()));
+    }
+
+    #[test]
+    fn environments_are_a_non_empty_list_of_names() {
+        assert_eq!(Config::default().environments, ["dev", "staging", "prod"]);
+        check("environments = [\"dev\", \"qa-1\", \"eu.prod_2\"]", None);
+        check("environments = []", Some("at least one environment"));
+        check("environments = [\"dev\", \"dev\"]", Some("listed twice"));
+        for bad in ["", "pro d", "dév", "../x"] {
+            check(
+                &format!("environments = [\"{bad}\"]"),
+                Some("must be 1 to 64 letters"),
+            );
+        }
     }
 
     #[test]

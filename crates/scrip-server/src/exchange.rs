@@ -247,17 +247,12 @@ pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuth
             )));
         }
     }
-    if let Some(env) = &details.environment {
-        let env_ok = !env.is_empty()
-            && env.len() <= 64
-            && env
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !env_ok {
-            return Err(OAuthError::invalid_request(
-                "request_details: `environment` must be 1 to 64 letters, digits, `-`, `_` or `.`",
-            ));
-        }
+    if let Some(env) = &details.environment
+        && !scrip_config::is_environment(env)
+    {
+        return Err(OAuthError::invalid_request(
+            "request_details: `environment` must be 1 to 64 letters, digits, `-`, `_` or `.`",
+        ));
     }
     if details.ttl == Some(0) {
         return Err(OAuthError::invalid_request(
@@ -434,6 +429,14 @@ async fn start_task(
             "request_details: `purpose` and `environment` are required",
         ));
     };
+    // The agent names its environment: only the configured names are
+    // accepted, so `production` cannot slip past a policy on `prod`.
+    if !st.config.environments.contains(&environment) {
+        return Err(OAuthError::invalid_request(format!(
+            "request_details: `environment` `{environment}` is not one of {} (the configured `environments`)",
+            st.config.environments.join(", ")
+        )));
+    }
     let agent = st
         .identities
         .verify(subject_token)

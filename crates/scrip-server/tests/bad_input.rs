@@ -428,6 +428,19 @@ async fn task_bad_environment() {
             .await;
         assert_error_says(&r, 400, "invalid_request", "`environment`");
     }
+    // Well formed, but not one of the configured environments: a policy on
+    // `prod` must not be slipped past with another spelling.
+    for env in ["production", "Prod", "prod.", "qa"] {
+        let r = s
+            .try_start_task(&identity, "github:delete", env, PURPOSE, None)
+            .await;
+        assert_error_says(
+            &r,
+            400,
+            "invalid_request",
+            "is not one of dev, staging, prod",
+        );
+    }
     s.stop().await;
 }
 
