@@ -309,6 +309,21 @@ impl PolicyEngine {
                 name: schema_name.to_owned(),
                 message: e.to_string(),
             })?;
+        // Requests name an action by its id alone, so two namespaces'
+        // actions of one id would be one action here, which of them
+        // depending on the order they are listed in.
+        let mut ids = std::collections::BTreeSet::new();
+        for action in schema.actions() {
+            let id = action.id().unescaped();
+            if !ids.insert(id.to_owned()) {
+                return Err(PolicyError::Schema {
+                    name: schema_name.to_owned(),
+                    message: format!(
+                        "action `{id}` is declared in more than one namespace; scrip names actions by id alone, so give each a name of its own"
+                    ),
+                });
+            }
+        }
         let mut set = PolicySet::new();
         let mut count = 0;
         for (name, text) in files {

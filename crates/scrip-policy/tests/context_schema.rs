@@ -220,3 +220,25 @@ fn an_enumerated_tool_type_is_denied_every_time() {
         check(&schema, "read", &[Plain, Plain, Ticket], &[false; 3]);
     }
 }
+
+#[test]
+fn an_action_id_in_two_namespaces_is_refused() {
+    let base = schema_with(
+        "action read, write, delete, execute appliesTo",
+        "action read, write, execute appliesTo",
+    );
+    let schema = format!(
+        "{base}\nnamespace Ops {{\n  action delete appliesTo {{ principal: [Agent], resource: [Tool], context: Request }};\n}}\nnamespace Dev {{\n  action delete appliesTo {{ principal: [Agent], resource: [Tool], context: Request }};\n}}\n"
+    );
+    let Err(err) = PolicyEngine::from_sources(
+        Some(("test.cedarschema", &schema)),
+        &[("p.cedar".into(), ALLOW_ALL.into())],
+    ) else {
+        panic!("a schema with one action id in two namespaces was accepted")
+    };
+    assert!(
+        err.to_string()
+            .contains("action `delete` is declared in more than one namespace"),
+        "{err}"
+    );
+}

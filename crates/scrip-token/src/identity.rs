@@ -78,6 +78,12 @@ pub enum ShapeError {
     /// domain.
     #[error("token subject is not a SPIFFE ID{}", .0.as_deref().map(|d| format!(" in trust domain `{d}`")).unwrap_or_default())]
     NotSpiffe(Option<String>),
+    /// More scalar claims than policies are given.
+    #[error("token has more than {MAX_CLAIMS} claims")]
+    TooManyClaims,
+    /// Two claims under one dotted name (`"a.b"` beside `{"a": {"b": ..}}`).
+    #[error("token has two claims under one name (a dotted claim name beside a nested claim)")]
+    ClaimShadowed,
 }
 
 impl WorkloadIdentity {
@@ -112,7 +118,7 @@ impl WorkloadIdentity {
             .filter(|s| !s.is_empty())
             .ok_or(ShapeError::NoSubject)?;
         let mut flat = BTreeMap::new();
-        flatten("", claims, 0, &mut flat);
+        flatten("", claims, 0, &mut flat)?;
         let declared = kind.is_some();
         let kind = match kind {
             None => detect(subject, &flat),
@@ -154,7 +160,7 @@ impl WorkloadIdentity {
             return None;
         }
         let mut flat = BTreeMap::new();
-        flatten("", claims, 0, &mut flat);
+        flatten("", claims, 0, &mut flat).ok()?;
         let attributes = well_known(IdentityKind::Local, subject, &flat);
         Some(Self {
             issuer: issuer.to_owned(),
@@ -169,35 +175,42 @@ impl WorkloadIdentity {
 /// The claim of a local identity that holds what attestation observed.
 const ATTESTATION_CLAIM: &str = "scrip_attestation";
 
+/// Flattens `obj` into `out`: every scalar claim under its dotted name.
+/// Nothing is dropped silently where a policy could miss it: more than
+/// [`MAX_CLAIMS`] scalars, or two claims under one dotted name (`"a.b"`
+/// beside `{"a": {"b": ..}}`), refuse the identity, since a `forbid` on a
+/// tag must not be escaped by padding or shadowing claims. Arrays, nulls
+/// and objects nested deeper than [`MAX_DEPTH`] are not tags at all.
 fn flatten(
     prefix: &str,
     obj: &Map<String, Value>,
     depth: usize,
     out: &mut BTreeMap<String, String>,
-) {
+) -> Result<(), ShapeError> {
     for (k, v) in obj {
-        if out.len() >= MAX_CLAIMS {
-            return;
-        }
         let key = if prefix.is_empty() {
             k.clone()
         } else {
             format!("{prefix}.{k}")
         };
-        match v {
-            Value::String(s) => {
-                out.insert(key, s.clone());
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Object(inner) if depth < MAX_DEPTH => {
+                flatten(&key, inner, depth + 1, out)?;
+                continue;
             }
-            Value::Number(n) => {
-                out.insert(key, n.to_string());
-            }
-            Value::Bool(b) => {
-                out.insert(key, b.to_string());
-            }
-            Value::Object(inner) if depth < MAX_DEPTH => flatten(&key, inner, depth + 1, out),
-            _ => {}
+            _ => continue,
+        };
+        if out.len() >= MAX_CLAIMS {
+            return Err(ShapeError::TooManyClaims);
+        }
+        if out.insert(key, text).is_some() {
+            return Err(ShapeError::ClaimShadowed);
         }
     }
+    Ok(())
 }
 
 fn detect(subject: &str, claims: &BTreeMap<String, String>) -> IdentityKind {
@@ -415,6 +428,42 @@ mod tests {
             of(svid(""), IdentityKind::Spiffe, None).unwrap_err(),
             ShapeError::NoSubject
         );
+    }
+
+    #[test]
+    fn claims_are_never_dropped_or_shadowed_silently() {
+        let shape = |claims: Value| {
+            let Value::Object(map) = claims else {
+                panic!("not an object")
+            };
+            WorkloadIdentity::from_claims_of("https://issuer", &map, None, None)
+        };
+        // A dotted claim beside the nested one of the same name.
+        let shadowed = json!({
+            "sub": "s", "kubernetes.io": {"namespace": "agents"}, "kubernetes.io.namespace": "x"
+        });
+        assert_eq!(shape(shadowed).unwrap_err(), ShapeError::ClaimShadowed);
+        // Padding past the limit, which would push a tag out.
+        let mut padded = serde_json::Map::new();
+        padded.insert("sub".into(), json!("s"));
+        for i in 0..MAX_CLAIMS {
+            padded.insert(format!("pad{i:03}"), json!(i));
+        }
+        assert_eq!(
+            shape(Value::Object(padded.clone())).unwrap_err(),
+            ShapeError::TooManyClaims
+        );
+        padded.remove("pad000");
+        let id = shape(Value::Object(padded)).unwrap();
+        assert_eq!(id.claims.len(), MAX_CLAIMS);
+        // Arrays, nulls and deep objects are no tags, and refuse nothing.
+        let id = shape(json!({
+            "sub": "s", "groups": ["a", "b"], "none": null,
+            "a": {"b": {"c": {"d": {"e": {"f": "deep"}}}, "x": "shallow"}}
+        }))
+        .unwrap();
+        assert_eq!(id.claims["a.b.x"], "shallow");
+        assert!(!id.claims.keys().any(|k| k.ends_with(".f") || k == "groups"));
     }
 
     #[test]
