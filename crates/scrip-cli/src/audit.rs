@@ -83,6 +83,13 @@ pub(crate) fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A single-threaded runtime for a command that talks to the store.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
@@ -149,7 +156,9 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
                         .public_jwk(),
                 ],
             };
-            scrip_server::audit::verify(store.as_ref(), &jwks)
+            let signed_before =
+                now_ms().saturating_sub(scrip_server::audit::signature_grace_ms(&config));
+            scrip_server::audit::verify(store.as_ref(), &jwks, signed_before)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -161,6 +170,12 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
                 "ok: {} records in {} chains verified; {} signed checkpoints match",
                 report.records, report.chains, report.checkpoints
             );
+            if report.unsigned > 0 {
+                println!(
+                    "{} recent records wait for their writers' next signed checkpoint",
+                    report.unsigned
+                );
+            }
             ExitCode::SUCCESS
         }
         Ok(report) => {

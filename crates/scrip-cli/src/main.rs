@@ -259,7 +259,10 @@ enum AuditCommand {
     /// Check the hash chains and signed checkpoints of the audit trail.
     ///
     /// Detects an edited, deleted, inserted, reordered or truncated record
-    /// and names it. Exits 0 when everything verifies, 1 otherwise.
+    /// and names it, and records older than a few checkpoint intervals that
+    /// no signed checkpoint covers (rewritten with their checkpoints
+    /// deleted, or left unsigned by a writer that was killed). Exits 0 when
+    /// everything verifies, 1 otherwise.
     Verify {
         /// The checkpoint public key (a JWK or JWKS, as served at
         /// /audit/keys); default: with database_url, the shared checkpoint

@@ -15,11 +15,45 @@ use scrip_server::policies::{DirState, Policies};
 
 use scrip_verifier::{FileIdentity, Verifier, VerifierConfig};
 
+use crate::audit::now_s;
 use crate::fail;
 
-async fn start(
-    config: Config,
-) -> Result<(tokio::net::TcpListener, scrip_proxy::Proxy, Policies), String> {
+/// What a started proxy runs with.
+struct Started {
+    listener: tokio::net::TcpListener,
+    proxy: scrip_proxy::Proxy,
+    policies: Policies,
+    /// Its audit chain's head is signed with this every
+    /// `audit_checkpoint_interval` and when it stops.
+    checkpoints: Checkpoints,
+}
+
+/// Signing this process's audit chain head.
+#[derive(Clone)]
+struct Checkpoints {
+    store: Arc<dyn scrip_store::Store>,
+    key: Arc<scrip_jose::SigningKey>,
+    last: Arc<scrip_server::LastCheckpoint>,
+    every: Duration,
+}
+
+impl Checkpoints {
+    async fn sign(&self) {
+        scrip_server::sign_checkpoint(self.store.as_ref(), &self.key, &self.last).await;
+    }
+
+    fn spawn(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(this.every).await;
+                this.sign().await;
+            }
+        })
+    }
+}
+
+async fn start(config: Config) -> Result<Started, String> {
     let first = config
         .upstreams
         .first()
@@ -67,6 +101,14 @@ async fn start(
         .await
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let checkpoints = Checkpoints {
+        store: store.clone(),
+        key: scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now_s())
+            .await
+            .map_err(|e| format!("cannot sign audit checkpoints: {e}"))?,
+        last: Arc::new(std::sync::Mutex::new(None)),
+        every: Duration::from_secs(config.audit_checkpoint_interval),
+    };
     let replica = format!("proxy:{}:{}", local.port(), std::process::id());
     let policies = Policies::new(policy, policy_seen, &config, store.clone(), replica.clone());
     let current = policies.clone();
@@ -81,7 +123,12 @@ async fn start(
         },
     )
     .map_err(|e| e.to_string())?;
-    Ok((listener, proxy, policies))
+    Ok(Started {
+        listener,
+        proxy,
+        policies,
+        checkpoints,
+    })
 }
 
 /// `scrip proxy [--config FILE]`.
@@ -92,10 +139,16 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
     };
     let limits = scrip_server::http::Limits::new(config.http_header_timeout);
     runtime.block_on(async {
-        let (listener, proxy, policies) = match start(config).await {
+        let Started {
+            listener,
+            proxy,
+            policies,
+            checkpoints,
+        } = match start(config).await {
             Ok(p) => p,
             Err(e) => return fail(e),
         };
+        let signer = checkpoints.spawn();
         // The same reload as `scrip serve`: SIGHUP and policy file changes.
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let reloader = policies.spawn_reloader(hangup);
@@ -103,6 +156,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
             tracing::info!(%addr, "proxy listening");
         }
         let ready = proxy.clone();
+        let writes = proxy.clone();
         let app = proxy
             .router()
             .route("/healthz", axum::routing::get(|| async { "ok" }))
@@ -116,6 +170,11 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         let served =
             scrip_server::http::serve(listener, app, limits, crate::shutdown_signal()).await;
         reloader.abort();
+        signer.abort();
+        // Sign what this process wrote, once what it writes in the
+        // background is stored.
+        let _ = tokio::time::timeout(Duration::from_secs(5), writes.flush()).await;
+        checkpoints.sign().await;
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("proxy error: {e}")),

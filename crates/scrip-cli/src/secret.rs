@@ -193,6 +193,28 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
 }
 
 /// Seals and stores a new version, with its audit record, in one commit.
+/// Signs the audit records this command wrote (its own chain), as
+/// `scrip serve` signs its own: `scrip audit verify` requires records older
+/// than a few checkpoint intervals to be signed. The secret is stored
+/// either way; a failure is reported on stderr.
+#[expect(
+    clippy::print_stderr,
+    reason = "a warning for the person running the command"
+)]
+async fn sign(config: &Config, store: &dyn Store) {
+    let key = match scrip_server::keyring::checkpoint_signer(config, store, now()).await {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!(
+                "scrip: warning: the audit record of this change could not be signed ({e}); `scrip audit verify` will report it"
+            );
+            return;
+        }
+    };
+    let last = std::sync::Mutex::new(None);
+    scrip_server::sign_checkpoint(store, &key, &last).await;
+}
+
 async fn put(
     store: &dyn Store,
     kek: &Kek,
@@ -249,7 +271,7 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
         let value = read_stdin(&format!("secret value for `{name}` `{action}`: "))?;
         runtime()?.block_on(async {
             let (store, kek) = open(&config, true).await?;
-            put(
+            let version = put(
                 store.as_ref(),
                 &kek,
                 name,
@@ -258,7 +280,9 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
                 &value,
                 "secret.set",
             )
-            .await
+            .await?;
+            sign(&config, store.as_ref()).await;
+            Ok::<u32, String>(version)
         })
     })();
     match result {
@@ -346,6 +370,7 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
                 .await?;
                 done.push((a, version, grace));
             }
+            sign(&config, store.as_ref()).await;
             Ok(done)
         })
     })();

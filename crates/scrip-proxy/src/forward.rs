@@ -72,12 +72,7 @@ impl Proxy {
     }
 
     fn commit_later(&self, record: AuditEvent) {
-        let store = self.0.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.commit(vec![Write::Audit(Box::new(record))]).await {
-                tracing::error!(error = %e, "proxy audit record could not be written");
-            }
-        });
+        self.0.pending.commit(self.0.store.clone(), record);
     }
 }
 
@@ -481,7 +476,7 @@ async fn forward(
     let status = head.status;
     proxy.0.metrics.count(name, Outcome::Forwarded);
 
-    let store = proxy.0.store.clone();
+    let (store, pending) = (proxy.0.store.clone(), proxy.0.pending.clone());
     let on_done = Box::new(move |sent: u64, complete: bool| {
         let mut r = draft.finish("proxy.response");
         r.status = Some(status.as_u16());
@@ -490,13 +485,7 @@ async fn forward(
         if !complete {
             r.reason = Some("response incomplete: the agent or the upstream went away".into());
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = store.commit(vec![Write::Audit(Box::new(r))]).await {
-                    tracing::error!(error = %e, "proxy audit record could not be written");
-                }
-            });
-        }
+        pending.commit(store, r);
     });
     let body = ResponseBody::new(
         incoming,

@@ -122,6 +122,49 @@ struct Inner {
     /// How long past its `exp` a token may still pass a verifier: a claimed
     /// single use is kept that long.
     clock_skew: u64,
+    /// Audit records being written in the background.
+    pending: Arc<Pending>,
+}
+
+/// Background audit writes still running, so that [`Proxy::flush`] can
+/// wait for them before the process signs its chain and exits.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    count: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl Pending {
+    /// Commits `record` in the background, counted until it is written.
+    pub(crate) fn commit(self: &Arc<Self>, store: Arc<dyn Store>, record: scrip_store::AuditEvent) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.count.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        runtime.spawn(async move {
+            if let Err(e) = store
+                .commit(vec![scrip_store::Write::Audit(Box::new(record))])
+                .await
+            {
+                tracing::error!(error = %e, "proxy audit record could not be written");
+            }
+            this.count.fetch_sub(1, Ordering::SeqCst);
+            this.ended.notify_waiters();
+        });
+    }
+
+    async fn flush(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let ended = self.ended.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
 }
 
 /// The proxy. Cheap to clone.
@@ -207,7 +250,15 @@ impl Proxy {
             limits,
             tasks: Mutex::new(HashMap::new()),
             clock_skew: config.clock_skew,
+            pending: Arc::new(Pending::default()),
         })))
+    }
+
+    /// Waits until the audit records written in the background (refusals,
+    /// completed responses) are stored: call it once the server stopped
+    /// taking requests, before signing the chain and exiting.
+    pub async fn flush(&self) {
+        self.0.pending.flush().await;
     }
 
     /// Whether tokens can be checked: the verifier has read every

@@ -6,20 +6,35 @@ use scrip_store::{Checkpoint, Report, Store, StoreError, Verifier};
 /// Records read per page when streaming the trail.
 const PAGE: u32 = 10_000;
 
+/// How long after it was written a record may still wait for its writer's
+/// signature: two checkpoint intervals and a minute, in milliseconds.
+#[must_use]
+pub fn signature_grace_ms(config: &scrip_config::Config) -> u64 {
+    config
+        .audit_checkpoint_interval
+        .saturating_mul(2)
+        .saturating_add(60)
+        .saturating_mul(1000)
+}
+
 /// Verifies every chain and checkpoint in `store`, streaming the records.
 /// `checkpoint_jwks` are the public JWKs of the audit checkpoint keys (one
 /// on the embedded store; every replica's on a shared one): a checkpoint
-/// counts when one of them verifies its signature.
+/// counts when one of them verifies its signature. Every record written
+/// before `signed_before_ms` must be covered by one (see
+/// [`Verifier::require_signed_before`]).
 ///
 /// # Errors
 /// [`StoreError`] when the store cannot be read.
 pub async fn verify(
     store: &dyn Store,
     checkpoint_jwks: &[serde_json::Value],
+    signed_before_ms: u64,
 ) -> Result<Report, StoreError> {
     let checkpoints = store.checkpoints().await?;
     let links = store.chain_links().await?;
     let mut verifier = Verifier::new(&checkpoints, &links);
+    verifier.require_signed_before(signed_before_ms);
     let mut after = 0;
     loop {
         let rows = store.audit_rows(after, PAGE).await?;

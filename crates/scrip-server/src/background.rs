@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use scrip_jose::SigningKey;
 use scrip_store::Write;
 
 use crate::state::{AppState, Inner, now};
@@ -138,19 +139,37 @@ async fn checkpoint_loop(state: AppState) {
 /// Signs and stores a checkpoint of this writer's chain head, if it moved
 /// since the last one.
 pub(crate) async fn checkpoint(st: &Inner) {
-    let Some(head) = st.store.chain_head() else {
+    let key = st.keyring.checkpoint_key();
+    sign_checkpoint(st.store.as_ref(), &key, &st.last_checkpoint).await;
+}
+
+/// The head of this process's chain in `store` last signed.
+pub type LastCheckpoint = std::sync::Mutex<Option<(String, u64)>>;
+
+/// Signs with `key` and stores a checkpoint of this process's chain head in
+/// `store`, unless `last` says it is signed already. Every process that
+/// writes audit records signs its head this way (`scrip serve` and
+/// `scrip proxy` every `audit_checkpoint_interval` and when they stop, the
+/// `scrip secret` commands once): `scrip audit verify` requires a record
+/// older than a few intervals to be covered by a signature.
+pub async fn sign_checkpoint(
+    store: &dyn scrip_store::Store,
+    key: &SigningKey,
+    last: &LastCheckpoint,
+) {
+    let Some(head) = store.chain_head() else {
         return;
     };
     // The position alone is not the head: after a store failure the writer
     // goes on with a fresh chain, whose records reach the same positions.
-    let last = st.last_checkpoint.lock().ok().and_then(|l| l.clone());
-    if last.as_ref() == Some(&(head.chain_id.clone(), head.chain_seq)) {
+    let done = last.lock().ok().and_then(|l| l.clone());
+    if done.as_ref() == Some(&(head.chain_id.clone(), head.chain_seq)) {
         return;
     }
     let at_ms = crate::state::now_ms();
     let message =
         scrip_store::Checkpoint::message(&head.chain_id, head.chain_seq, &head.hash, at_ms);
-    let signature = match st.keyring.checkpoint_key().sign_detached(&message) {
+    let signature = match key.sign_detached(&message) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot sign an audit checkpoint");
@@ -165,9 +184,9 @@ pub(crate) async fn checkpoint(st: &Inner) {
         signature,
     };
     let signed = (c.chain_id.clone(), c.chain_seq);
-    match st.store.commit(vec![Write::Checkpoint(Box::new(c))]).await {
+    match store.commit(vec![Write::Checkpoint(Box::new(c))]).await {
         Ok(()) => {
-            if let Ok(mut l) = st.last_checkpoint.lock() {
+            if let Ok(mut l) = last.lock() {
                 *l = Some(signed);
             }
         }

@@ -333,6 +333,50 @@ pub async fn shared_checkpoint_jwks(
         .collect()
 }
 
+/// The key this process signs audit checkpoints with, for the processes
+/// that write to the store beside `scrip serve` (`scrip proxy`, the
+/// `scrip secret` commands): on the embedded store the key file in
+/// `data_dir` (created if `scrip serve` never ran), on a shared store the
+/// newest stored checkpoint key, opened with the key-encryption key.
+///
+/// # Errors
+/// [`KeyError`] when the key cannot be read, opened, or (shared) there is
+/// none yet.
+pub async fn checkpoint_signer(
+    config: &Config,
+    store: &dyn Store,
+    now: u64,
+) -> Result<Arc<SigningKey>, KeyError> {
+    if config.database_url.is_none() {
+        return Ok(Arc::new(
+            keys::load_or_create_checkpoint_key(&config.data_dir, now)?.key,
+        ));
+    }
+    let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
+    let shared = Shared {
+        kek: keys::load_kek(config, false)?,
+        algorithm: config.signing_algorithm,
+        rotation: 0,
+        lead: 0,
+        keep: 0,
+    };
+    let newest = stored
+        .iter()
+        .rfind(|k| k.purpose == KeyPurpose::Checkpoint)
+        .ok_or_else(|| KeyError::Invalid {
+            path: "database_url".into(),
+            message: "the store holds no audit checkpoint key yet; start `scrip serve` on it first"
+                .into(),
+        })?;
+    shared
+        .open(newest)
+        .map(Arc::new)
+        .map_err(|message| KeyError::Invalid {
+            path: config.key_encryption_key_path(),
+            message: format!("stored checkpoint key `{}`: {message}", newest.kid),
+        })
+}
+
 fn store_error(config: &Config, e: &StoreError) -> KeyError {
     KeyError::Invalid {
         path: config

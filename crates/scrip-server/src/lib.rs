@@ -29,6 +29,8 @@ pub mod policies;
 mod revoke;
 mod state;
 
+pub use background::{LastCheckpoint, sign_checkpoint};
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -318,7 +320,11 @@ impl Server {
         background.abort();
         attest.abort();
         let _ = attest.await;
-        // Seal what this process wrote.
+        // Seal what this process wrote, once what the proxy writes in the
+        // background is stored.
+        if let Some(proxy) = &self.proxy {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.flush()).await;
+        }
         background::checkpoint(&state.0).await;
         result
     }

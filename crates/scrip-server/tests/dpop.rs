@@ -169,85 +169,46 @@ async fn a_bad_proof_gets_no_token() {
     // A bad proof is refused whatever the grant, a task start included.
     let identity = s.k8s.kubernetes("agents", "coder");
     let details = json!({ "purpose": "dpop", "environment": "dev" }).to_string();
-    let r = s
-        .caller()
-        .post_form_with(
-            "/token",
-            &[
-                (
-                    "grant_type",
-                    "urn:ietf:params:oauth:grant-type:token-exchange",
-                ),
-                ("subject_token", &identity),
-                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                ("scope", "github:read"),
-                ("request_details", &details),
-            ],
-            &[("DPoP", &key.proof("GET", &token_url, None))],
-        )
-        .await;
+    let start = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", identity.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "github:read"),
+        ("request_details", details.as_str()),
+    ];
+    let r = post(&s, &start, &[&key.proof("GET", &token_url, None)]).await;
     refused(&r, "`htm`");
     // A good one is spent by the task start it came with: a second task
     // start with it is refused.
-    let start = |proof: String| {
-        let caller = s.caller();
-        let (identity, details) = (identity.clone(), details.clone());
-        async move {
-            caller
-                .post_form_with(
-                    "/token",
-                    &[
-                        (
-                            "grant_type",
-                            "urn:ietf:params:oauth:grant-type:token-exchange",
-                        ),
-                        ("subject_token", &identity),
-                        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                        ("scope", "github:read"),
-                        ("request_details", &details),
-                    ],
-                    &[("DPoP", &proof)],
-                )
-                .await
-        }
-    };
     let proof = key.proof("POST", &token_url, None);
-    let r = start(proof.clone()).await;
+    let r = post(&s, &start, &[&proof]).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    refused(&start(proof).await, "used before");
-    // And so is a delegation's.
+    refused(&post(&s, &start, &[&proof]).await, "used before");
+    // And so is a delegation's (the task is bound to `key`, so it takes
+    // `key`'s proofs).
     let parent = r.body["access_token"].as_str().unwrap().to_owned();
     let helper = s.k8s.kubernetes("agents", "helper");
-    let delegate = |proof: String| {
-        let caller = s.caller();
-        let (parent, helper) = (parent.clone(), helper.clone());
-        async move {
-            caller
-                .post_form_with(
-                    "/token",
-                    &[
-                        (
-                            "grant_type",
-                            "urn:ietf:params:oauth:grant-type:token-exchange",
-                        ),
-                        ("subject_token", &parent),
-                        (
-                            "subject_token_type",
-                            "urn:ietf:params:oauth:token-type:txn_token",
-                        ),
-                        ("actor_token", &helper),
-                        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                        ("scope", "github:read"),
-                    ],
-                    &[("DPoP", &proof)],
-                )
-                .await
-        }
-    };
+    let delegate = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", parent.as_str()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:txn_token",
+        ),
+        ("actor_token", helper.as_str()),
+        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "github:read"),
+    ];
     let proof = key.proof("POST", &token_url, None);
-    let r = delegate(proof.clone()).await;
+    let r = post(&s, &delegate, &[&proof]).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    refused(&delegate(proof).await, "used before");
+    refused(&post(&s, &delegate, &[&proof]).await, "used before");
 
     let issued_after = s
         .audit()

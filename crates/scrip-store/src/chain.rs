@@ -255,6 +255,11 @@ pub struct Report {
     pub chains: usize,
     /// Checkpoints whose signature verified and whose record matched.
     pub checkpoints: usize,
+    /// Records no signed checkpoint covers yet (directly, or through a later
+    /// chain's start that one covers), all written after the time given to
+    /// [`Verifier::require_signed_before`]: the heads their writers have not
+    /// signed yet. Older ones are problems.
+    pub unsigned: u64,
     /// Problems, in the order found.
     pub problems: Vec<Problem>,
 }
@@ -265,6 +270,8 @@ struct Cursor {
     pos: u64,
     hash: String,
     seq: Option<i64>,
+    /// The time of the chain's first record.
+    first_at_ms: Option<u64>,
 }
 
 /// Streaming verification of the audit chains: memory grows with the number
@@ -280,6 +287,13 @@ pub struct Verifier {
     found: HashMap<(String, u64), String>,
     chains: HashMap<String, Cursor>,
     links: Vec<(i64, String, u64, ChainLink)>,
+    /// Every link of a `chain.started` record: (its chain, its position,
+    /// the head it names), for what a checkpoint covers through it.
+    all_links: Vec<(String, u64, ChainLink)>,
+    /// The time of the record right after each wanted position.
+    after_wanted: HashMap<(String, u64), u64>,
+    /// Records written before this (ms) must be covered by a signature.
+    signed_before_ms: Option<u64>,
     report: Report,
 }
 
@@ -300,8 +314,22 @@ impl Verifier {
             found: HashMap::new(),
             chains: HashMap::new(),
             links: Vec::new(),
+            all_links: Vec::new(),
+            after_wanted: HashMap::new(),
+            signed_before_ms: None,
             report: Report::default(),
         }
+    }
+
+    /// Also requires every record written before `at_ms` to be covered by a
+    /// signed checkpoint: of its own chain at or past it, or of a later
+    /// chain whose start links to a head at or past it. Without this, whoever
+    /// can write the store could delete the checkpoints, rewrite records and
+    /// recompute every hash (which needs no key) unnoticed. Records written
+    /// since are counted in [`Report::unsigned`]: their writers sign their
+    /// heads every `audit_checkpoint_interval`.
+    pub fn require_signed_before(&mut self, at_ms: u64) {
+        self.signed_before_ms = Some(at_ms);
     }
 
     /// Checks one record, given in global order.
@@ -361,6 +389,13 @@ impl Verifier {
                             .into(),
                     ));
                 }
+                if cursor.first_at_ms.is_none() {
+                    cursor.first_at_ms = Some(e.at_ms);
+                }
+                let before = (r.chain_id.clone(), r.chain_seq.saturating_sub(1));
+                if self.wanted.contains(&before) {
+                    self.after_wanted.insert(before, e.at_ms);
+                }
                 links = e.links;
             }
             Err(_) => self
@@ -386,9 +421,17 @@ impl Verifier {
         // starting while `scrip audit verify` runs) is checked too. A link
         // to an older position is checked at the end, against what was kept.
         for l in links {
+            self.all_links
+                .push((r.chain_id.clone(), r.chain_seq, l.clone()));
             match self.chains.get(&l.chain_id) {
                 Some(c) if c.pos == l.chain_seq => {
-                    if c.hash != l.hash {
+                    let key = (l.chain_id.clone(), l.chain_seq);
+                    if c.hash == l.hash {
+                        // Kept for what a checkpoint covers through it, and
+                        // the time of the record after it.
+                        self.found.insert(key.clone(), c.hash.clone());
+                        self.wanted.insert(key);
+                    } else {
                         self.report.problems.push(Problem {
                             seq: Some(r.seq),
                             chain_id: r.chain_id.clone(),
@@ -427,6 +470,8 @@ impl Verifier {
                 });
             }
         }
+        // How far each chain is covered by a valid signature.
+        let mut signed: HashMap<String, u64> = HashMap::new();
         for c in checkpoints {
             let problem = |what: &str| Problem {
                 seq: None,
@@ -441,7 +486,11 @@ impl Verifier {
                 continue;
             }
             match self.found.get(&(c.chain_id.clone(), c.chain_seq)) {
-                Some(h) if *h == c.hash => self.report.checkpoints += 1,
+                Some(h) if *h == c.hash => {
+                    self.report.checkpoints += 1;
+                    let covered = signed.entry(c.chain_id.clone()).or_insert(0);
+                    *covered = (*covered).max(c.chain_seq);
+                }
                 Some(_) => self.report.problems.push(problem(
                     "checkpointed record differs from the checkpoint: edited",
                 )),
@@ -451,7 +500,64 @@ impl Verifier {
                     .push(problem("checkpointed record is missing: truncated")),
             }
         }
+        if let Some(before) = self.signed_before_ms {
+            self.check_coverage(signed, before);
+        }
         self.report
+    }
+
+    /// Extends `signed` through the links of covered chain starts, then
+    /// reports each chain's uncovered records: problems when written before
+    /// `before` ms, else counted as [`Report::unsigned`].
+    fn check_coverage(&mut self, mut signed: HashMap<String, u64>, before: u64) {
+        // A covered chain start vouches for the heads it links to (each
+        // link was checked above); repeat until nothing more is covered.
+        loop {
+            let mut grew = false;
+            for (chain, pos, l) in &self.all_links {
+                let vouched = signed.get(chain).is_some_and(|s| *s >= *pos)
+                    && self.found.get(&(l.chain_id.clone(), l.chain_seq)) == Some(&l.hash);
+                if vouched {
+                    let covered = signed.entry(l.chain_id.clone()).or_insert(0);
+                    if *covered < l.chain_seq {
+                        *covered = l.chain_seq;
+                        grew = true;
+                    }
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        let mut chains: Vec<(&String, &Cursor)> = self.chains.iter().collect();
+        chains.sort_by_key(|(_, c)| c.seq);
+        for (id, cursor) in chains {
+            let covered = signed.get(id).copied().unwrap_or(0);
+            if cursor.pos <= covered {
+                continue;
+            }
+            let first = if covered == 0 {
+                cursor.first_at_ms
+            } else {
+                self.after_wanted.get(&(id.clone(), covered)).copied()
+            };
+            // A first uncovered record whose time is unknown (its content was
+            // unreadable, reported above) counts as old.
+            if first.is_none_or(|at| at < before) {
+                self.report.problems.push(Problem {
+                    seq: None,
+                    chain_id: id.clone(),
+                    chain_seq: covered + 1,
+                    what: format!(
+                        "records #{} to #{} are covered by no signed checkpoint: rewritten with its checkpoints deleted, or written by a process that stopped before it signed them",
+                        covered + 1,
+                        cursor.pos
+                    ),
+                });
+            } else {
+                self.report.unsigned += cursor.pos - covered;
+            }
+        }
     }
 }
 

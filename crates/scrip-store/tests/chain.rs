@@ -72,10 +72,19 @@ impl Db {
     /// Verifies the file as `scrip audit verify` does, with the store's
     /// streaming verifier, in pages of 3 rows so that paging is exercised.
     async fn verify(&self) -> Report {
+        self.verify_signed_before(None).await
+    }
+
+    /// As [`Db::verify`], also requiring records written before `before`
+    /// (ms) to be covered by a signed checkpoint.
+    async fn verify_signed_before(&self, before: Option<u64>) -> Report {
         let store = self.open().await;
         let checkpoints = store.checkpoints().await.unwrap();
         let links = store.chain_links().await.unwrap();
         let mut verifier = Verifier::new(&checkpoints, &links);
+        if let Some(before) = before {
+            verifier.require_signed_before(before);
+        }
         let mut after = 0;
         loop {
             let page = store.audit_rows(after, 3).await.unwrap();
@@ -650,4 +659,87 @@ async fn a_chain_started_while_verification_runs_is_no_false_alarm() {
         "{:#?}",
         report.problems
     );
+}
+
+/// Whoever can write the store can delete the checkpoints, rewrite records
+/// and recompute every hash (no key needed): what is left covered by no
+/// signature is reported once it is older than the writers' signing period.
+#[tokio::test]
+async fn records_left_without_a_signature_are_reported() {
+    let db = one_chain().await;
+    assert_clean(&db.verify_signed_before(Some(u64::MAX)).await);
+    // An edit, every hash recomputed, the checkpoint deleted: every link
+    // holds, and only the missing signature tells.
+    let rows = db.rows().await;
+    let mut conn = db.sql().await;
+    let mut prev: Option<String> = None;
+    for r in &rows {
+        let mut e: AuditEvent = serde_json::from_str(&r.record).unwrap();
+        if r.chain_seq == 5 {
+            e.decision = Some("deny".into());
+        }
+        if prev.is_some() {
+            e.prev_hash.clone_from(&prev);
+        }
+        let text = serde_json::to_string(&e).unwrap();
+        let h = hash(text.as_bytes());
+        sqlx::query("UPDATE audit SET record = ?, hash = ?, decision = ? WHERE seq = ?")
+            .bind(&text)
+            .bind(&h)
+            .bind(&e.decision)
+            .bind(r.seq)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        prev = Some(h);
+    }
+    sqlx::query("DELETE FROM audit_checkpoints")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    assert_clean(&db.verify().await);
+    let report = db.verify_signed_before(Some(u64::MAX)).await;
+    assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
+    assert!(
+        report.problems[0]
+            .what
+            .contains("records #1 to #11 are covered by no signed checkpoint"),
+        "{:#?}",
+        report.problems
+    );
+    // Records newer than the limit are counted, not reported.
+    let report = db.verify_signed_before(Some(0)).await;
+    assert_clean(&report);
+    assert_eq!(report.unsigned, 11);
+}
+
+/// A chain's records after its last checkpoint are covered by a later
+/// chain's start that links to them, once that start is signed.
+#[tokio::test]
+async fn a_signed_chain_start_covers_the_heads_it_links_to() {
+    let db = Db::new();
+    let first = db.open().await;
+    commit_events(&first, "r1", 1, 3).await;
+    db.checkpoint(&first).await;
+    commit_events(&first, "r1", 4, 3).await;
+    // The first writer stops before signing #5 to #7.
+    let report = db.verify_signed_before(Some(u64::MAX)).await;
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains("records #5 to #7")),
+        "{:#?}",
+        report.problems
+    );
+    let second = db.open().await;
+    commit_events(&second, "r2", 1, 2).await;
+    db.checkpoint(&second).await;
+    assert_clean(&db.verify_signed_before(Some(u64::MAX)).await);
+    // What the first writer adds after the second chain started is not.
+    commit_events(&first, "r1", 7, 2).await;
+    let report = db.verify_signed_before(Some(u64::MAX)).await;
+    assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
+    assert!(report.problems[0].what.contains("records #8 to #9"));
 }
