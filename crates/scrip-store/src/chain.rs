@@ -204,7 +204,8 @@ pub struct Checkpoint {
     pub hash: String,
     /// When it was taken.
     pub at_ms: u64,
-    /// A compact JWS over the same fields, by the checkpoint key.
+    /// The checkpoint key's detached signature of [`Checkpoint::message`]
+    /// (base64url), over the fields above.
     pub signature: String,
 }
 
