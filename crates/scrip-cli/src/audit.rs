@@ -156,9 +156,8 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
                         .public_jwk(),
                 ],
             };
-            let signed_before =
-                now_ms().saturating_sub(scrip_server::audit::signature_grace_ms(&config));
-            scrip_server::audit::verify(store.as_ref(), &jwks, signed_before)
+            let grace = scrip_server::audit::signature_grace_ms(&config);
+            scrip_server::audit::verify(store.as_ref(), &jwks, now_ms(), grace)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -21,20 +21,21 @@ pub fn signature_grace_ms(config: &scrip_config::Config) -> u64 {
 /// `checkpoint_jwks` are the public JWKs of the audit checkpoint keys (one
 /// on the embedded store; every replica's on a shared one): a checkpoint
 /// counts when one of them verifies its signature. Every record written
-/// before `signed_before_ms` must be covered by one (see
-/// [`Verifier::require_signed_before`]).
+/// more than `grace_ms` before `now_ms` must be covered by one (see
+/// [`Verifier::require_signed`]).
 ///
 /// # Errors
 /// [`StoreError`] when the store cannot be read.
 pub async fn verify(
     store: &dyn Store,
     checkpoint_jwks: &[serde_json::Value],
-    signed_before_ms: u64,
+    now_ms: u64,
+    grace_ms: u64,
 ) -> Result<Report, StoreError> {
     let checkpoints = store.checkpoints().await?;
     let links = store.chain_links().await?;
     let mut verifier = Verifier::new(&checkpoints, &links);
-    verifier.require_signed_before(signed_before_ms);
+    verifier.require_signed(now_ms, grace_ms);
     let mut after = 0;
     loop {
         let rows = store.audit_rows(after, PAGE).await?;

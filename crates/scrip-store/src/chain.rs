@@ -258,7 +258,7 @@ pub struct Report {
     pub checkpoints: usize,
     /// Records no signed checkpoint covers yet (directly, or through a later
     /// chain's start that one covers), all written after the time given to
-    /// [`Verifier::require_signed_before`]: the heads their writers have not
+    /// [`Verifier::require_signed`]: the heads their writers have not
     /// signed yet. Older ones are problems.
     pub unsigned: u64,
     /// Problems, in the order found.
@@ -271,8 +271,14 @@ struct Cursor {
     pos: u64,
     hash: String,
     seq: Option<i64>,
-    /// The time of the chain's first record.
-    first_at_ms: Option<u64>,
+}
+
+/// The times of a run of a chain's records: those after one position a
+/// checkpoint or link may cover, up to the next such position.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    earliest: u64,
+    latest: u64,
 }
 
 /// Streaming verification of the audit chains: memory grows with the number
@@ -291,10 +297,13 @@ pub struct Verifier {
     /// Every link of a `chain.started` record: (its chain, its position,
     /// the head it names), for what a checkpoint covers through it.
     all_links: Vec<(String, u64, ChainLink)>,
-    /// The time of the record right after each wanted position.
-    after_wanted: HashMap<(String, u64), u64>,
-    /// Records written before this (ms) must be covered by a signature.
-    signed_before_ms: Option<u64>,
+    /// Per chain, the times of its records after each position a checkpoint
+    /// or link may cover (0: from the chain's start), for which records a
+    /// coverage leaves out: memory grows with those positions, not records.
+    spans: HashMap<String, std::collections::BTreeMap<u64, Span>>,
+    /// Records must be covered by a signature once older than this (ms):
+    /// `(now, grace)`.
+    signed: Option<(u64, u64)>,
     report: Report,
 }
 
@@ -316,27 +325,30 @@ impl Verifier {
             chains: HashMap::new(),
             links: Vec::new(),
             all_links: Vec::new(),
-            after_wanted: HashMap::new(),
-            signed_before_ms: None,
+            spans: HashMap::new(),
+            signed: None,
             report: Report::default(),
         }
     }
 
-    /// Also requires every record written before `at_ms` to be covered by a
-    /// signed checkpoint: of its own chain at or past it, or of a later
-    /// chain whose start links to a head at or past it. Without this, whoever
-    /// can write the store could delete the checkpoints, rewrite records and
-    /// recompute every hash (which needs no key) unnoticed. Records written
-    /// since are counted in [`Report::unsigned`]: their writers sign their
-    /// heads every `audit_checkpoint_interval`.
-    pub fn require_signed_before(&mut self, at_ms: u64) {
-        self.signed_before_ms = Some(at_ms);
+    /// Also requires every record written more than `grace_ms` before
+    /// `now_ms` to be covered by a signed checkpoint: of its own chain at or
+    /// past it, or of a later chain whose start links to a head at or past
+    /// it. Without this, whoever can write the store could delete the
+    /// checkpoints, rewrite records and recompute every hash (which needs no
+    /// key) unnoticed. Uncovered records written since are counted in
+    /// [`Report::unsigned`] (their writers sign their heads every
+    /// `audit_checkpoint_interval`); an uncovered record that claims to be
+    /// written more than `grace_ms` after `now_ms` is a problem too.
+    pub fn require_signed(&mut self, now_ms: u64, grace_ms: u64) {
+        self.signed = Some((now_ms, grace_ms));
     }
 
     /// Checks one record, given in global order.
     pub fn push(&mut self, r: &StoredRecord) {
         self.report.records += 1;
         let mut links = Vec::new();
+        let mut at_ms = None;
         let cursor = self.chains.entry(r.chain_id.clone()).or_default();
         let problem = |what: String| Problem {
             seq: Some(r.seq),
@@ -390,13 +402,7 @@ impl Verifier {
                             .into(),
                     ));
                 }
-                if cursor.first_at_ms.is_none() {
-                    cursor.first_at_ms = Some(e.at_ms);
-                }
-                let before = (r.chain_id.clone(), r.chain_seq.saturating_sub(1));
-                if self.wanted.contains(&before) {
-                    self.after_wanted.insert(before, e.at_ms);
-                }
+                at_ms = Some(e.at_ms);
                 links = e.links;
             }
             Err(_) => self
@@ -412,9 +418,34 @@ impl Verifier {
         cursor.pos = r.chain_seq;
         cursor.hash = r.hash.clone();
         cursor.seq = Some(r.seq);
+        // The record's time joins the span after the nearest position
+        // before it that a checkpoint or link may cover; an unreadable record
+        // (reported above) counts as written at 0, so it is never taken
+        // for one waiting for its signature.
+        let at = at_ms.unwrap_or(0);
+        let spans = self.spans.entry(r.chain_id.clone()).or_default();
+        let start = spans
+            .range(..r.chain_seq)
+            .next_back()
+            .map_or(0, |(p, _)| *p);
+        let span = spans.entry(start).or_insert(Span {
+            earliest: at,
+            latest: at,
+        });
+        span.earliest = span.earliest.min(at);
+        span.latest = span.latest.max(at);
         let key = (r.chain_id.clone(), r.chain_seq);
         if self.wanted.contains(&key) {
             self.found.insert(key, r.hash.clone());
+            // Later records of the chain start a span of their own.
+            self.spans
+                .entry(r.chain_id.clone())
+                .or_default()
+                .entry(r.chain_seq)
+                .or_insert(Span {
+                    earliest: u64::MAX,
+                    latest: 0,
+                });
         }
         // A new chain links to the heads of the others when it started,
         // which are the records of those chains just before it: compared
@@ -428,9 +459,17 @@ impl Verifier {
                 Some(c) if c.pos == l.chain_seq => {
                     let key = (l.chain_id.clone(), l.chain_seq);
                     if c.hash == l.hash {
-                        // Kept for what a checkpoint covers through it, and
-                        // the time of the record after it.
+                        // Kept for what a checkpoint covers through it;
+                        // the linked chain's later records start a span.
                         self.found.insert(key.clone(), c.hash.clone());
+                        self.spans
+                            .entry(l.chain_id.clone())
+                            .or_default()
+                            .entry(l.chain_seq)
+                            .or_insert(Span {
+                                earliest: u64::MAX,
+                                latest: 0,
+                            });
                         self.wanted.insert(key);
                     } else {
                         self.report.problems.push(Problem {
@@ -501,16 +540,17 @@ impl Verifier {
                     .push(problem("checkpointed record is missing: truncated")),
             }
         }
-        if let Some(before) = self.signed_before_ms {
-            self.check_coverage(signed, before);
+        if let Some((now, grace)) = self.signed {
+            self.check_coverage(signed, now, grace);
         }
         self.report
     }
 
     /// Extends `signed` through the links of covered chain starts, then
-    /// reports each chain's uncovered records: problems when written before
-    /// `before` ms, else counted as [`Report::unsigned`].
-    fn check_coverage(&mut self, mut signed: HashMap<String, u64>, before: u64) {
+    /// reports each chain's uncovered records: problems when one was
+    /// written more than `grace` ms before `now` (or claims to be written
+    /// more than `grace` after it), else counted as [`Report::unsigned`].
+    fn check_coverage(&mut self, mut signed: HashMap<String, u64>, now: u64, grace: u64) {
         // A covered chain start vouches for the heads it links to (each
         // link was checked above); repeat until nothing more is covered.
         loop {
@@ -537,22 +577,31 @@ impl Verifier {
             if cursor.pos <= covered {
                 continue;
             }
-            let first = if covered == 0 {
-                cursor.first_at_ms
-            } else {
-                self.after_wanted.get(&(id.clone(), covered)).copied()
-            };
-            // A first uncovered record whose time is unknown (its content was
-            // unreadable, reported above) counts as old.
-            if first.is_none_or(|at| at < before) {
+            // Every record past `covered` is in the spans from it on.
+            let (earliest, latest) = self
+                .spans
+                .get(id)
+                .map(|spans| {
+                    spans
+                        .range(covered..)
+                        .filter(|(_, s)| s.earliest <= s.latest)
+                        .fold((u64::MAX, 0), |(e, l), (_, s)| {
+                            (e.min(s.earliest), l.max(s.latest))
+                        })
+                })
+                .unwrap_or((0, 0));
+            let old = earliest < now.saturating_sub(grace);
+            let future = latest > now.saturating_add(grace);
+            if old || future {
                 self.report.problems.push(Problem {
                     seq: None,
                     chain_id: id.clone(),
                     chain_seq: covered + 1,
                     what: format!(
-                        "records #{} to #{} are covered by no signed checkpoint: rewritten with its checkpoints deleted, or written by a process that stopped before it signed them",
+                        "records #{} to #{} are covered by no signed checkpoint{}: rewritten with its checkpoints deleted, or written by a process that stopped before it signed them",
                         covered + 1,
-                        cursor.pos
+                        cursor.pos,
+                        if future { " and claim a time to come" } else { "" }
                     ),
                 });
             } else {

@@ -72,18 +72,18 @@ impl Db {
     /// Verifies the file as `scrip audit verify` does, with the store's
     /// streaming verifier, in pages of 3 rows so that paging is exercised.
     async fn verify(&self) -> Report {
-        self.verify_signed_before(None).await
+        self.verify_signed(None).await
     }
 
-    /// As [`Db::verify`], also requiring records written before `before`
-    /// (ms) to be covered by a signed checkpoint.
-    async fn verify_signed_before(&self, before: Option<u64>) -> Report {
+    /// As [`Db::verify`], also requiring records written more than `grace`
+    /// ms away from `now` to be covered by a signed checkpoint.
+    async fn verify_signed(&self, signed: Option<(u64, u64)>) -> Report {
         let store = self.open().await;
         let checkpoints = store.checkpoints().await.unwrap();
         let links = store.chain_links().await.unwrap();
         let mut verifier = Verifier::new(&checkpoints, &links);
-        if let Some(before) = before {
-            verifier.require_signed_before(before);
+        if let Some((now, grace)) = signed {
+            verifier.require_signed(now, grace);
         }
         let mut after = 0;
         loop {
@@ -661,13 +661,18 @@ async fn a_chain_started_while_verification_runs_is_no_false_alarm() {
     );
 }
 
+/// Verification at a time after every record, which makes them all old.
+const ALL_OLD: Option<(u64, u64)> = Some((u64::MAX, 0));
+/// Verification now, with a grace that makes every record recent.
+const ALL_RECENT: Option<(u64, u64)> = Some((1_800_000_000_000, 1_000_000_000_000));
+
 /// Whoever can write the store can delete the checkpoints, rewrite records
 /// and recompute every hash (no key needed): what is left covered by no
 /// signature is reported once it is older than the writers' signing period.
 #[tokio::test]
 async fn records_left_without_a_signature_are_reported() {
     let db = one_chain().await;
-    assert_clean(&db.verify_signed_before(Some(u64::MAX)).await);
+    assert_clean(&db.verify_signed(ALL_OLD).await);
     // An edit, every hash recomputed, the checkpoint deleted: every link
     // holds, and only the missing signature tells.
     let rows = db.rows().await;
@@ -699,7 +704,7 @@ async fn records_left_without_a_signature_are_reported() {
         .unwrap();
     conn.close().await.unwrap();
     assert_clean(&db.verify().await);
-    let report = db.verify_signed_before(Some(u64::MAX)).await;
+    let report = db.verify_signed(ALL_OLD).await;
     assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
     assert!(
         report.problems[0]
@@ -709,7 +714,7 @@ async fn records_left_without_a_signature_are_reported() {
         report.problems
     );
     // Records newer than the limit are counted, not reported.
-    let report = db.verify_signed_before(Some(0)).await;
+    let report = db.verify_signed(ALL_RECENT).await;
     assert_clean(&report);
     assert_eq!(report.unsigned, 11);
 }
@@ -724,7 +729,7 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     db.checkpoint(&first).await;
     commit_events(&first, "r1", 4, 3).await;
     // The first writer stops before signing #5 to #7.
-    let report = db.verify_signed_before(Some(u64::MAX)).await;
+    let report = db.verify_signed(ALL_OLD).await;
     assert!(
         report
             .problems
@@ -736,10 +741,48 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     let second = db.open().await;
     commit_events(&second, "r2", 1, 2).await;
     db.checkpoint(&second).await;
-    assert_clean(&db.verify_signed_before(Some(u64::MAX)).await);
+    assert_clean(&db.verify_signed(ALL_OLD).await);
     // What the first writer adds after the second chain started is not.
     commit_events(&first, "r1", 7, 2).await;
-    let report = db.verify_signed_before(Some(u64::MAX)).await;
+    let report = db.verify_signed(ALL_OLD).await;
     assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
     assert!(report.problems[0].what.contains("records #8 to #9"));
+}
+
+/// Rewritten records cannot escape the rule by claiming a time to come.
+#[tokio::test]
+async fn unsigned_records_from_the_future_are_reported() {
+    let db = one_chain().await;
+    db.exec("DELETE FROM audit_checkpoints").await;
+    let rows = db.rows().await;
+    let mut conn = db.sql().await;
+    let mut prev: Option<String> = None;
+    for r in &rows {
+        let mut e: AuditEvent = serde_json::from_str(&r.record).unwrap();
+        e.at_ms = 4_000_000_000_000;
+        if prev.is_some() {
+            e.prev_hash.clone_from(&prev);
+        }
+        let text = serde_json::to_string(&e).unwrap();
+        let h = hash(text.as_bytes());
+        sqlx::query("UPDATE audit SET record = ?, hash = ?, at_ms = ? WHERE seq = ?")
+            .bind(&text)
+            .bind(&h)
+            .bind(4_000_000_000_000_i64)
+            .bind(r.seq)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        prev = Some(h);
+    }
+    conn.close().await.unwrap();
+    assert_clean(&db.verify().await);
+    let now = 1_800_000_000_000;
+    let report = db.verify_signed(Some((now, 600_000))).await;
+    assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
+    assert!(
+        report.problems[0].what.contains("claim a time to come"),
+        "{:#?}",
+        report.problems
+    );
 }
