@@ -174,6 +174,8 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         // Sign what this process wrote, once what it writes in the
         // background is stored.
         let _ = tokio::time::timeout(Duration::from_secs(5), writes.flush()).await;
+        // An empty commit waits for the batches queued before it.
+        let _ = checkpoints.store.commit(Vec::new()).await;
         checkpoints.sign().await;
         match served {
             Ok(()) => ExitCode::SUCCESS,

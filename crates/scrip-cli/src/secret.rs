@@ -193,6 +193,37 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
 }
 
 /// Seals and stores a new version, with its audit record, in one commit.
+/// Rotates each planned secret in turn, pushing what was rotated to `done`;
+/// stops at the first failure.
+async fn rotate_each(
+    store: &dyn Store,
+    kek: &Kek,
+    name: &str,
+    values: Vec<(String, u64, Source, Option<SecretValue>)>,
+    done: &mut Vec<(String, u32, u64)>,
+) -> Result<(), String> {
+    for (a, grace, source, value) in values {
+        if store
+            .secret_versions(name, &a)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_empty()
+        {
+            return Err(format!(
+                "secret `{name}` `{a}` is not set yet; use `scrip secret set`"
+            ));
+        }
+        let value = match (value, &source) {
+            (Some(v), _) => v,
+            (None, Source::Mint(argv)) => mint(argv, name, &a).await?,
+            (None, Source::Stdin) => return Err("no value".into()),
+        };
+        let version = put(store, kek, name, &a, grace, &value, "secret.rotated").await?;
+        done.push((a, version, grace));
+    }
+    Ok(())
+}
+
 /// Signs the audit records this command wrote (its own chain), as
 /// `scrip serve` signs its own: `scrip audit verify` requires records older
 /// than a few checkpoint intervals to be signed. The secret is stored
@@ -342,36 +373,12 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
         runtime()?.block_on(async {
             let (store, kek) = open(&config, false).await?;
             let mut done = Vec::new();
-            for (a, grace, source, value) in values {
-                if store
-                    .secret_versions(name, &a)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .is_empty()
-                {
-                    return Err(format!(
-                        "secret `{name}` `{a}` is not set yet; use `scrip secret set`"
-                    ));
-                }
-                let value = match (value, &source) {
-                    (Some(v), _) => v,
-                    (None, Source::Mint(argv)) => mint(argv, name, &a).await?,
-                    (None, Source::Stdin) => return Err("no value".into()),
-                };
-                let version = put(
-                    store.as_ref(),
-                    &kek,
-                    name,
-                    &a,
-                    grace,
-                    &value,
-                    "secret.rotated",
-                )
-                .await?;
-                done.push((a, version, grace));
+            let rotated = rotate_each(store.as_ref(), &kek, name, values, &mut done).await;
+            // Whatever was rotated before a failure is signed too.
+            if !done.is_empty() {
+                sign(&config, store.as_ref()).await;
             }
-            sign(&config, store.as_ref()).await;
-            Ok(done)
+            rotated.map(|()| done)
         })
     })();
     match result {

@@ -212,6 +212,11 @@ impl Server {
         ));
         startup.push(Write::Audit(Box::new(a)));
         store.commit(startup).await?;
+        // Signed at once, so that a start failing after this point leaves no
+        // unsigned records behind.
+        let last_checkpoint = std::sync::Mutex::new(None);
+        background::sign_checkpoint(store.as_ref(), &keyring.checkpoint_key(), &last_checkpoint)
+            .await;
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }
@@ -220,7 +225,7 @@ impl Server {
         let inner = state::Inner {
             self_audience: vec![issuer.clone()],
             keyring,
-            last_checkpoint: std::sync::Mutex::new(None),
+            last_checkpoint,
             polls: approval::Polls::default(),
             dpop_proofs: scrip_jose::dpop::ReplayCache::new(exchange::DPOP_PROOFS),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -325,6 +330,8 @@ impl Server {
         if let Some(proxy) = &self.proxy {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.flush()).await;
         }
+        // An empty commit waits for the batches queued before it.
+        let _ = state.0.store.commit(Vec::new()).await;
         background::checkpoint(&state.0).await;
         result
     }
