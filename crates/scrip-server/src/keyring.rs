@@ -298,18 +298,14 @@ impl Keyring {
     }
 }
 
-/// The public JWKs of a shared store's audit checkpoint keys, for
-/// verifying its trail. Each is opened with the key-encryption key first,
-/// so a key planted by someone who can write the store is not trusted.
-///
-/// # Errors
-/// [`KeyError`] when the key-encryption key is missing or does not open a
-/// stored checkpoint key, or the store cannot be read.
-pub async fn shared_checkpoint_jwks(
+/// A shared store's audit checkpoint keys, oldest first, each opened with
+/// the key-encryption key, so a key planted by someone who can write the
+/// store is not trusted.
+async fn stored_checkpoint_keys(
     config: &Config,
     store: &dyn Store,
     now: u64,
-) -> Result<Vec<serde_json::Value>, KeyError> {
+) -> Result<Vec<SigningKey>, KeyError> {
     let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
     let shared = Shared {
         kek: keys::load_kek(config, false)?,
@@ -322,15 +318,30 @@ pub async fn shared_checkpoint_jwks(
         .iter()
         .filter(|k| k.purpose == KeyPurpose::Checkpoint)
         .map(|k| {
-            shared
-                .open(k)
-                .map(|key| key.public_jwk())
-                .map_err(|message| KeyError::Invalid {
-                    path: config.key_encryption_key_path(),
-                    message: format!("stored checkpoint key `{}`: {message}", k.kid),
-                })
+            shared.open(k).map_err(|message| KeyError::Invalid {
+                path: config.key_encryption_key_path(),
+                message: format!("stored checkpoint key `{}`: {message}", k.kid),
+            })
         })
         .collect()
+}
+
+/// The public JWKs of a shared store's audit checkpoint keys, for
+/// verifying its trail (see [`stored_checkpoint_keys`]).
+///
+/// # Errors
+/// [`KeyError`] when the key-encryption key is missing or does not open a
+/// stored checkpoint key, or the store cannot be read.
+pub async fn shared_checkpoint_jwks(
+    config: &Config,
+    store: &dyn Store,
+    now: u64,
+) -> Result<Vec<serde_json::Value>, KeyError> {
+    Ok(stored_checkpoint_keys(config, store, now)
+        .await?
+        .iter()
+        .map(SigningKey::public_jwk)
+        .collect())
 }
 
 /// The key this process signs audit checkpoints with, for the processes
@@ -352,28 +363,14 @@ pub async fn checkpoint_signer(
             keys::load_or_create_checkpoint_key(&config.data_dir, now)?.key,
         ));
     }
-    let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
-    let shared = Shared {
-        kek: keys::load_kek(config, false)?,
-        algorithm: config.signing_algorithm,
-        rotation: 0,
-        lead: 0,
-        keep: 0,
-    };
-    let newest = stored
-        .iter()
-        .rfind(|k| k.purpose == KeyPurpose::Checkpoint)
+    stored_checkpoint_keys(config, store, now)
+        .await?
+        .pop()
+        .map(Arc::new)
         .ok_or_else(|| KeyError::Invalid {
             path: "database_url".into(),
             message: "the store holds no audit checkpoint key yet; start `scrip serve` on it first"
                 .into(),
-        })?;
-    shared
-        .open(newest)
-        .map(Arc::new)
-        .map_err(|message| KeyError::Invalid {
-            path: config.key_encryption_key_path(),
-            message: format!("stored checkpoint key `{}`: {message}", newest.kid),
         })
 }
 

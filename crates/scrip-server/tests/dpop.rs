@@ -169,16 +169,7 @@ async fn a_bad_proof_gets_no_token() {
     // A bad proof is refused whatever the grant, a task start included.
     let identity = s.k8s.kubernetes("agents", "coder");
     let details = json!({ "purpose": "dpop", "environment": "dev" }).to_string();
-    let start = [
-        (
-            "grant_type",
-            "urn:ietf:params:oauth:grant-type:token-exchange",
-        ),
-        ("subject_token", identity.as_str()),
-        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-        ("scope", "github:read"),
-        ("request_details", details.as_str()),
-    ];
+    let start = start_form(&identity, "github:read", &details);
     let r = post(&s, &start, &[&key.proof("GET", &token_url, None)]).await;
     refused(&r, "`htm`");
     // A good one is spent by the task start it came with: a second task
@@ -191,20 +182,7 @@ async fn a_bad_proof_gets_no_token() {
     // `key`'s proofs).
     let parent = r.body["access_token"].as_str().unwrap().to_owned();
     let helper = s.k8s.kubernetes("agents", "helper");
-    let delegate = [
-        (
-            "grant_type",
-            "urn:ietf:params:oauth:grant-type:token-exchange",
-        ),
-        ("subject_token", parent.as_str()),
-        (
-            "subject_token_type",
-            "urn:ietf:params:oauth:token-type:txn_token",
-        ),
-        ("actor_token", helper.as_str()),
-        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-        ("scope", "github:read"),
-    ];
+    let delegate = delegate_form(&parent, &helper);
     let proof = key.proof("POST", &token_url, None);
     let r = post(&s, &delegate, &[&proof]).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -230,6 +208,38 @@ async fn post(s: &TestServer, form: &[(&str, &str)], proofs: &[&str]) -> Reply {
     s.caller().post_form_with("/token", form, &headers).await
 }
 
+/// The form of a task start with `identity`, asking `scope`.
+fn start_form<'a>(identity: &'a str, scope: &'a str, details: &'a str) -> [(&'a str, &'a str); 5] {
+    [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", identity),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", scope),
+        ("request_details", details),
+    ]
+}
+
+/// The form of a delegation of `parent`'s task to `actor`, for `github:read`.
+fn delegate_form<'a>(parent: &'a str, actor: &'a str) -> [(&'a str, &'a str); 6] {
+    [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", parent),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:txn_token",
+        ),
+        ("actor_token", actor),
+        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "github:read"),
+    ]
+}
+
 /// A task started with a proof is bound to its key (RFC 9449 §5, as a
 /// refresh token is): its token, stolen, gets nothing without that key, for
 /// an access token, a sub-agent's task, or an approved step.
@@ -240,16 +250,7 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     let (key, thief) = (DpopKey::new(), DpopKey::new());
     let details = json!({ "purpose": "bound", "environment": "prod" }).to_string();
     let identity = s.k8s.kubernetes("agents", "coder");
-    let start = [
-        (
-            "grant_type",
-            "urn:ietf:params:oauth:grant-type:token-exchange",
-        ),
-        ("subject_token", identity.as_str()),
-        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-        ("scope", "github:read github:delete"),
-        ("request_details", details.as_str()),
-    ];
+    let start = start_form(&identity, "github:read github:delete", &details);
     let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["token_type"], "N_A");
@@ -296,20 +297,7 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
 
     // A sub-agent's task: the same.
     let helper = s.k8s.kubernetes("agents", "helper");
-    let delegate = [
-        (
-            "grant_type",
-            "urn:ietf:params:oauth:grant-type:token-exchange",
-        ),
-        ("subject_token", task.as_str()),
-        (
-            "subject_token_type",
-            "urn:ietf:params:oauth:token-type:txn_token",
-        ),
-        ("actor_token", helper.as_str()),
-        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-        ("scope", "github:read"),
-    ];
+    let delegate = delegate_form(&task, &helper);
     refused(&post(&s, &delegate, &[]).await, "bound to a DPoP key");
     let thiefs = thief.proof("POST", &token_url, None);
     refused(

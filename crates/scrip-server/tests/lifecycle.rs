@@ -891,3 +891,52 @@ when { principal has namespace && principal.namespace == "other" };
     assert_eq!(r.body["scope"], "github:read", "{}", r.text);
     s.stop().await;
 }
+
+/// A process writing beside `scrip serve` on a shared store (`scrip proxy`,
+/// `scrip secret`) signs its audit chain with the store's checkpoint key,
+/// the one `scrip audit verify` and `/audit/keys` trust.
+#[tokio::test]
+async fn other_writers_sign_with_the_shared_checkpoint_key() {
+    let db = scrip_testkit::PgDatabase::new();
+    let url = db.url().to_owned();
+    let database_url = url.clone();
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(move |c: &mut scrip_config::Config| {
+            c.database_url = Some(database_url);
+        })),
+        ..Options::default()
+    })
+    .await;
+    let config = scrip_config::Config {
+        data_dir: s.dir.path().join("data"),
+        database_url: Some(url.clone()),
+        ..scrip_config::Config::default()
+    };
+    let store = scrip_store::open(Some(&url), &config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now())
+        .await
+        .unwrap();
+    let trusted = scrip_server::keyring::shared_checkpoint_jwks(&config, store.as_ref(), now())
+        .await
+        .unwrap();
+    assert!(trusted.contains(&key.public_jwk()), "{trusted:?}");
+    let served: Value = s
+        .http
+        .get(format!("{}/audit/keys", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        served["keys"]
+            .as_array()
+            .unwrap()
+            .contains(&key.public_jwk()),
+        "{served}"
+    );
+    s.stop().await;
+}
