@@ -32,7 +32,7 @@ pub async fn verify(
     now_ms: u64,
     grace_ms: u64,
 ) -> Result<Report, StoreError> {
-    let checkpoints = store.checkpoints().await?;
+    let checkpoints = store.latest_checkpoints().await?;
     let links = store.chain_links().await?;
     let mut verifier = Verifier::new(&checkpoints, &links);
     verifier.require_signed(now_ms, grace_ms);

@@ -140,8 +140,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The links of every chain's first record (`chain.started`).
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError>;
 
-    /// Every signed checkpoint.
-    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+    /// The newest signed checkpoint of each chain (every one at its newest
+    /// position, should there be several). A hash chain makes the newest
+    /// signature vouch for every record before it, so verification needs
+    /// no other; reading every checkpoint would grow without bound (one per
+    /// interval per writer). Read with a skip scan: one index probe a chain.
+    async fn latest_checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
     /// Every key of the shared key set that is still published at `now`
     /// (retired keys included until their `publish_until`), oldest first.

@@ -896,14 +896,8 @@ impl Store for PgStore {
         Ok(links)
     }
 
-    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
-        let rows = read(
-            sqlx::query(
-                "SELECT chain_id, chain_seq, hash, at_ms, signature FROM audit_checkpoints ORDER BY id",
-            )
-            .fetch_all(&self.reads),
-        )
-        .await?;
+    async fn latest_checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = read(sqlx::query(rows::LATEST_CHECKPOINTS).fetch_all(&self.reads)).await?;
         rows.iter().map(rows::checkpoint).collect()
     }
 

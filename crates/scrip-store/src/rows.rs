@@ -225,6 +225,17 @@ pub(crate) fn revocation(row: &impl Cols) -> Result<Revocation, StoreError> {
     })
 }
 
+/// The newest checkpoint of each chain, the same SQL for both backends: a
+/// skip scan over the `(chain_id, chain_seq)` index, one probe a chain.
+pub(crate) const LATEST_CHECKPOINTS: &str = "WITH RECURSIVE chains(id) AS \
+     (SELECT MIN(chain_id) FROM audit_checkpoints \
+     UNION ALL SELECT (SELECT MIN(chain_id) FROM audit_checkpoints WHERE chain_id > chains.id) \
+     FROM chains WHERE chains.id IS NOT NULL) \
+     SELECT c.chain_id, c.chain_seq, c.hash, c.at_ms, c.signature FROM chains \
+     JOIN audit_checkpoints c ON c.chain_id = chains.id \
+     AND c.chain_seq = (SELECT MAX(chain_seq) FROM audit_checkpoints WHERE chain_id = chains.id) \
+     ORDER BY c.id";
+
 pub(crate) fn checkpoint(row: &impl Cols) -> Result<Checkpoint, StoreError> {
     Ok(Checkpoint {
         chain_id: row.text("chain_id")?,

@@ -309,13 +309,11 @@ impl Store for SqliteStore {
         Ok(links)
     }
 
-    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT chain_id, chain_seq, hash, at_ms, signature FROM audit_checkpoints ORDER BY id",
-        )
-        .fetch_all(&self.reads)
-        .await
-        .map_err(unavailable)?;
+    async fn latest_checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = sqlx::query(crate::rows::LATEST_CHECKPOINTS)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(unavailable)?;
         rows.iter().map(rows::checkpoint).collect()
     }
 

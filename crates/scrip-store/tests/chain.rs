@@ -79,7 +79,7 @@ impl Db {
     /// ms away from `now` to be covered by a signed checkpoint.
     async fn verify_signed(&self, signed: Option<(u64, u64)>) -> Report {
         let store = self.open().await;
-        let checkpoints = store.checkpoints().await.unwrap();
+        let checkpoints = store.latest_checkpoints().await.unwrap();
         let links = store.chain_links().await.unwrap();
         let mut verifier = Verifier::new(&checkpoints, &links);
         if let Some((now, grace)) = signed {
@@ -516,7 +516,7 @@ async fn a_tampered_checkpoint_is_detected() {
     let db = one_chain().await;
     let (other, _) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
     let store = db.open().await;
-    let checkpoints = store.checkpoints().await.unwrap();
+    let checkpoints = store.latest_checkpoints().await.unwrap();
     let links = store.chain_links().await.unwrap();
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();
     let mut v = Verifier::new(&checkpoints, &links);
@@ -615,7 +615,7 @@ async fn a_chain_started_while_verification_runs_is_no_false_alarm() {
             .unwrap();
     }
     // Verification reads the checkpoints and links first ...
-    let checkpoints = a.checkpoints().await.unwrap();
+    let checkpoints = a.latest_checkpoints().await.unwrap();
     let links = a.chain_links().await.unwrap();
     let mut verifier = Verifier::new(&checkpoints, &links);
     // ... and meanwhile another writer starts a chain linking to a's head.

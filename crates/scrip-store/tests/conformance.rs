@@ -153,7 +153,7 @@ async fn all_audit(store: &dyn Store) -> Vec<AuditEvent> {
 
 async fn verify(store: &dyn Store) -> scrip_store::Report {
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();
-    let checkpoints = store.checkpoints().await.unwrap();
+    let checkpoints = store.latest_checkpoints().await.unwrap();
     scrip_store::verify(&rows, &checkpoints, |_| true)
 }
 
@@ -1102,7 +1102,20 @@ async fn checkpoints_and_chain_links_read_back(f: Fixture) {
     s.commit(vec![Write::Checkpoint(Box::new(c.clone()))])
         .await
         .unwrap();
-    assert_eq!(s.checkpoints().await.unwrap(), vec![c]);
+    assert_eq!(s.latest_checkpoints().await.unwrap(), vec![c.clone()]);
+    // A newer checkpoint of the chain replaces it among the latest.
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let head = s.chain_head().unwrap();
+    let newer = Checkpoint {
+        chain_seq: head.chain_seq,
+        hash: head.hash.clone(),
+        at_ms: 6_000,
+        ..c.clone()
+    };
+    s.commit(vec![Write::Checkpoint(Box::new(newer.clone()))])
+        .await
+        .unwrap();
+    assert_eq!(s.latest_checkpoints().await.unwrap(), vec![newer]);
     // A second writer links to the first one's head.
     let other = f.replica().await;
     other

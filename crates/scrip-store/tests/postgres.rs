@@ -116,7 +116,7 @@ async fn an_unreachable_database_fails_closed_and_recovers_by_itself() {
     );
     assert!(store.token_revoked("after").await.unwrap());
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();
-    let checkpoints = store.checkpoints().await.unwrap();
+    let checkpoints = store.latest_checkpoints().await.unwrap();
     let report = scrip_store::verify(&rows, &checkpoints, |_| true);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
