@@ -79,69 +79,67 @@ pub(crate) async fn request(
 ) -> Result<Response, OAuthError> {
     let asked = actions.to_string();
     // A conflict means another request of this task opened an approval
-    // after the read below: read again, and find it or the cap.
-    for _ in 0..3 {
-        let now = now();
-        let waiting = st.store.task_pending_approvals(&task.id, now).await?;
-        if let Some(same) = waiting
-            .iter()
-            .find(|a| a.tool == tool && a.actions == asked)
-        {
-            // The same step already waits for a person: asking again is the
-            // same request, not another one for the approvers and the webhook.
-            if !writes.is_empty() {
-                st.store.commit(writes).await?;
+    // after the read below: read again, and find it or the cap. Every way
+    // out but opening one ends here, with the decisions' records written.
+    let answer = 'asked: {
+        for _ in 0..3 {
+            let now = now();
+            let waiting = st.store.task_pending_approvals(&task.id, now).await?;
+            if let Some(same) = waiting
+                .iter()
+                .find(|a| a.tool == tool && a.actions == asked)
+            {
+                // The same step already waits for a person: asking again is the
+                // same request, not another one for the approvers and the webhook.
+                break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
             }
-            return Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
-        }
-        if waiting.len() >= MAX_PENDING_PER_TASK {
-            if !writes.is_empty() {
-                st.store.commit(writes).await?;
+            if waiting.len() >= MAX_PENDING_PER_TASK {
+                break 'asked Err(OAuthError::invalid_request(format!(
+                    "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
+                )));
             }
-            return Err(OAuthError::invalid_request(format!(
-                "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
-            )));
+            let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+            let approval = Approval {
+                id: id.clone(),
+                task_id: task.id.clone(),
+                tool: tool.to_owned(),
+                actions: asked.clone(),
+                state: ApprovalState::Pending,
+                created_at: now,
+                expires_at: now.saturating_add(st.config.approval_ttl),
+                decided_by: None,
+                decided_at: None,
+                reason: None,
+                token_jti: None,
+            };
+            let mut a = base.clone();
+            a.event = "approval.requested".into();
+            a.tool = Some(tool.to_owned());
+            a.actions = Some(asked.clone());
+            a.reason = Some(format!("auth_req_id {id}"));
+            let mut all = writes.clone();
+            all.push(Write::InsertApproval(Box::new(approval.clone())));
+            all.push(Write::Audit(Box::new(a)));
+            match st.store.commit(all).await {
+                Ok(()) => {}
+                Err(scrip_store::StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %asked, "approval requested");
+            if let Some(webhook) = &st.webhook {
+                let body = describe(&approval, Some(task));
+                tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
+            }
+            return Ok(pending(st, &id, st.config.approval_ttl));
         }
-        let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
-        let approval = Approval {
-            id: id.clone(),
-            task_id: task.id.clone(),
-            tool: tool.to_owned(),
-            actions: asked.clone(),
-            state: ApprovalState::Pending,
-            created_at: now,
-            expires_at: now.saturating_add(st.config.approval_ttl),
-            decided_by: None,
-            decided_at: None,
-            reason: None,
-            token_jti: None,
-        };
-        let mut a = base.clone();
-        a.event = "approval.requested".into();
-        a.tool = Some(tool.to_owned());
-        a.actions = Some(asked.clone());
-        a.reason = Some(format!("auth_req_id {id}"));
-        let mut all = writes.clone();
-        all.push(Write::InsertApproval(Box::new(approval.clone())));
-        all.push(Write::Audit(Box::new(a)));
-        match st.store.commit(all).await {
-            Ok(()) => {}
-            Err(scrip_store::StoreError::Conflict(_)) => continue,
-            Err(e) => return Err(e.into()),
-        }
-        tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %asked, "approval requested");
-        if let Some(webhook) = &st.webhook {
-            let body = describe(&approval, Some(task));
-            tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
-        }
-        return Ok(pending(st, &id, st.config.approval_ttl));
-    }
-    // Three conflicts in a row: approvals of this task are being opened and
-    // decided faster than this request can read them.
+        // Three conflicts in a row: approvals of this task are being opened and
+        // decided faster than this request can read them.
+        Err(OAuthError::temporarily_unavailable())
+    };
     if !writes.is_empty() {
         st.store.commit(writes).await?;
     }
-    Err(OAuthError::temporarily_unavailable())
+    answer
 }
 
 /// `authorization_pending` for the approval `id`, which waits `expires_in`

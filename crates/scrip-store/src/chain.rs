@@ -344,6 +344,19 @@ impl Verifier {
         self.signed = Some((now_ms, grace_ms));
     }
 
+    /// Records of `chain` after `pos`, a position a checkpoint or link may
+    /// cover, start a span of their own (empty until one comes).
+    fn start_span(&mut self, chain: &str, pos: u64) {
+        self.spans
+            .entry(chain.to_owned())
+            .or_default()
+            .entry(pos)
+            .or_insert(Span {
+                earliest: u64::MAX,
+                latest: 0,
+            });
+    }
+
     /// Checks one record, given in global order.
     pub fn push(&mut self, r: &StoredRecord) {
         self.report.records += 1;
@@ -437,15 +450,7 @@ impl Verifier {
         let key = (r.chain_id.clone(), r.chain_seq);
         if self.wanted.contains(&key) {
             self.found.insert(key, r.hash.clone());
-            // Later records of the chain start a span of their own.
-            self.spans
-                .entry(r.chain_id.clone())
-                .or_default()
-                .entry(r.chain_seq)
-                .or_insert(Span {
-                    earliest: u64::MAX,
-                    latest: 0,
-                });
+            self.start_span(&r.chain_id, r.chain_seq);
         }
         // A new chain links to the heads of the others when it started,
         // which are the records of those chains just before it: compared
@@ -459,17 +464,9 @@ impl Verifier {
                 Some(c) if c.pos == l.chain_seq => {
                     let key = (l.chain_id.clone(), l.chain_seq);
                     if c.hash == l.hash {
-                        // Kept for what a checkpoint covers through it;
-                        // the linked chain's later records start a span.
+                        // Kept for what a checkpoint covers through it.
                         self.found.insert(key.clone(), c.hash.clone());
-                        self.spans
-                            .entry(l.chain_id.clone())
-                            .or_default()
-                            .entry(l.chain_seq)
-                            .or_insert(Span {
-                                earliest: u64::MAX,
-                                latest: 0,
-                            });
+                        self.start_span(&l.chain_id, l.chain_seq);
                         self.wanted.insert(key);
                     } else {
                         self.report.problems.push(Problem {
