@@ -119,6 +119,7 @@ impl PgStore {
             PgWriter {
                 conn: Some(conn),
                 options,
+                commit_sent: false,
             },
             crate::chain::new_chain_id()?,
         );
@@ -180,6 +181,9 @@ async fn listen(pool: PgPool, changes: watch::Sender<Changes>) {
 struct PgWriter {
     conn: Option<PgConnection>,
     options: PgConnectOptions,
+    /// Whether the last batch's `COMMIT` was sent: after a failure, only
+    /// then may it have taken effect.
+    commit_sent: bool,
 }
 
 #[async_trait::async_trait]
@@ -192,10 +196,12 @@ impl Apply for PgWriter {
                 .map_err(unavailable)?;
             self.conn = Some(conn);
         }
+        self.commit_sent = false;
         let Some(c) = self.conn.as_mut() else {
             return Err(StoreError::Unavailable("no connection".into()));
         };
-        let result = match tokio::time::timeout(TIMEOUT, apply_on(c, writes, chain)).await {
+        let sent = &mut self.commit_sent;
+        let result = match tokio::time::timeout(TIMEOUT, apply_on(c, writes, chain, sent)).await {
             Ok(r) => r,
             Err(_) => Err(unavailable("the database did not answer in time")),
         };
@@ -206,6 +212,12 @@ impl Apply for PgWriter {
             }
         }
         result
+    }
+
+    fn may_have_committed(&self) -> bool {
+        // Before the `COMMIT`, a failure rolled the transaction back, or the
+        // connection was closed, which rolls it back on the server.
+        self.commit_sent
     }
 }
 
@@ -303,15 +315,20 @@ async fn chain_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError
 }
 
 /// Applies `writes` in one transaction, committed when every write applied
-/// and rolled back at once otherwise.
+/// and rolled back at once otherwise; `commit_sent` is set just before the
+/// `COMMIT` goes out.
 async fn apply_on(
     conn: &mut PgConnection,
     writes: &[&Write],
     chain: &mut ChainState,
+    commit_sent: &mut bool,
 ) -> Result<(), StoreError> {
     let mut tx = conn.begin().await.map_err(unavailable)?;
     match apply_in(&mut tx, writes, chain).await {
-        Ok(()) => tx.commit().await.map_err(unavailable),
+        Ok(()) => {
+            *commit_sent = true;
+            tx.commit().await.map_err(unavailable)
+        }
         Err(e) => {
             // Now, not when the connection is next used (as dropping `tx`
             // would): until then the transaction would hold the write lock
@@ -1040,6 +1057,13 @@ mod tests {
         );
         drop(holder);
         store.commit(record()).await.unwrap();
+        // The lock wait failed before the commit was sent, so nothing of it
+        // was written: the writer's chain goes on rather than starting anew.
+        assert_eq!(
+            db.execute("SELECT count(DISTINCT chain_id) || ' ' || max(chain_seq) FROM audit"),
+            "1 3",
+            "a commit known to have changed nothing started a new chain"
+        );
         // The frozen replica: a writer's transaction (with the limits every
         // writer's has), stopped holding the lock. Without the limits, every
         // attempt here fails, for good.

@@ -76,6 +76,9 @@ pub(crate) struct SqliteWriter {
     /// [`CHECKPOINT_EVERY`] and [`CATCH_UP_FRAMES`] (smaller in tests).
     wake_every: Duration,
     catch_up_frames: i64,
+    /// Whether the last batch's `COMMIT` was attempted: after a failure,
+    /// only then may it have taken effect.
+    commit_sent: bool,
 }
 
 impl SqliteWriter {
@@ -92,15 +95,17 @@ impl SqliteWriter {
             woke: Instant::now(),
             wake_every: CHECKPOINT_EVERY,
             catch_up_frames: CATCH_UP_FRAMES,
+            commit_sent: false,
         })
     }
 
     fn apply_now(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
+        self.commit_sent = false;
         let conn = match &mut self.conn {
             Some(c) => c,
             empty => empty.insert(connect(&self.path).map_err(unavailable)?),
         };
-        let result = apply_on(conn, writes, chain);
+        let result = apply_on(conn, writes, chain, &mut self.commit_sent);
         if matches!(result, Err(StoreError::Unavailable(_))) {
             // Start afresh next time: the connection may be what is broken.
             self.conn = None;
@@ -113,6 +118,12 @@ impl SqliteWriter {
 impl Apply for SqliteWriter {
     async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
         self.apply_now(writes, chain)
+    }
+
+    fn may_have_committed(&self) -> bool {
+        // Before the `COMMIT`, a failure rolled the transaction back; a WAL
+        // transaction that never committed is not recovered on reopening.
+        self.commit_sent
     }
 
     /// Keeps the WAL short without holding up commits. The writer
@@ -338,6 +349,7 @@ fn apply_on(
     conn: &mut Connection,
     writes: &[&Write],
     chain: &mut ChainState,
+    commit_sent: &mut bool,
 ) -> Result<(), StoreError> {
     // IMMEDIATE takes the write lock up front: a deferred transaction that
     // reads (the chain heads) and then writes fails at once with "busy" when
@@ -360,6 +372,7 @@ fn apply_on(
         }
     }
     insert_audit(&tx, &audit)?;
+    *commit_sent = true;
     tx.commit().map_err(unavailable)
 }
 
@@ -626,6 +639,47 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
 mod tests {
     use super::*;
     use crate::SqliteStore;
+
+    /// A commit that failed before its `COMMIT` (another connection held
+    /// the write lock past the busy timeout) changed nothing, so the
+    /// writer's chain goes on instead of starting anew.
+    #[tokio::test]
+    async fn a_commit_that_changed_nothing_keeps_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.db");
+        drop(SqliteStore::open(&path).await.unwrap()); // migrations
+        let backend = SqliteWriter::open(&path).unwrap();
+        if let Some(c) = &backend.conn {
+            c.busy_timeout(Duration::from_millis(50)).unwrap();
+        }
+        let writer = crate::writer::Writer::spawn(backend, "first".into());
+        let record = || {
+            vec![Write::Audit(Box::new(AuditEvent {
+                event: "test.record".into(),
+                ..AuditEvent::default()
+            }))]
+        };
+        writer.commit(record()).await.unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let err = writer.commit(record()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        writer.commit(record()).await.unwrap();
+        let chains: (i64, i64) = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT count(DISTINCT chain_id), max(chain_seq) FROM audit",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            chains,
+            (1, 3),
+            "a commit known to have changed nothing started a new chain"
+        );
+    }
 
     /// Under a steady stream of commits the WAL is copied into the database
     /// beside the writer and still starts over, so it stays short.

@@ -55,6 +55,14 @@ pub(crate) trait Apply: Send + 'static {
     /// Housekeeping after a batch's callers were answered (SQLite
     /// wakes its WAL checkpointer here, and copies what the checkpointer left).
     async fn after_commit(&mut self) {}
+
+    /// After [`StoreError::Unavailable`] from [`apply`](Self::apply):
+    /// whether that batch may have taken effect anyway, as when the
+    /// connection broke after the commit was sent. A backend that cannot
+    /// tell says yes.
+    fn may_have_committed(&self) -> bool {
+        true
+    }
 }
 
 struct Pending {
@@ -204,10 +212,12 @@ async fn run(
 /// Applies on a copy of the chain state, so the chain advances only when
 /// the transaction committed.
 ///
-/// When the store became unavailable mid-commit, whether the commit took
-/// effect is unknown (the connection may have broken after the database
-/// committed), so this writer goes on with a fresh chain: its first record
-/// links to every chain head then stored, whichever way it went.
+/// When the store became unavailable mid-commit and the backend cannot say
+/// the commit did not take effect (the connection may have broken after the
+/// database committed), this writer goes on with a fresh chain: its first
+/// record links to every chain head then stored, whichever way it went. A
+/// failure known to have changed nothing (a lock wait that timed out before
+/// the commit was sent) leaves the chain where it was.
 async fn apply(
     backend: &mut impl Apply,
     writes: &[&Write],
@@ -221,6 +231,7 @@ async fn apply(
         }
         Err(e) => {
             if matches!(e, StoreError::Unavailable(_))
+                && backend.may_have_committed()
                 && let Ok(id) = crate::chain::new_chain_id()
             {
                 *chain = ChainState::new(id);
