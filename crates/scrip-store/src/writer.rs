@@ -181,21 +181,23 @@ async fn run(
                 backend.after_commit().await;
             }
             // A conflict is one commit's (a task whose parent ended, a token
-            // already used): the transaction rolled back, so isolate it, each
-            // commit in its own transaction. Any other failure is the store's:
-            // every commit of the batch gets it at once (retrying each one
-            // would make them wait a timeout apiece), and none is replayed,
-            // since whether the batch took effect may be unknown.
+            // already used): the transaction rolled back, so find it by
+            // halving the batch until each conflicting commit is alone; the
+            // others commit in a few transactions, in their order. Replaying
+            // every commit on its own would let anyone who can cause a
+            // conflict (a single-use token presented twice) turn each batch
+            // into as many flushes as it holds commits. Any other failure is
+            // the store's: every commit of the batch gets it at once
+            // (retrying each one would make them wait a timeout apiece), and
+            // none is replayed, since whether the batch took effect may be
+            // unknown.
             Err(e @ StoreError::Conflict(_)) if batch.len() > 1 => {
-                tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying one by one");
-                for p in batch.drain(..) {
-                    let writes: Vec<&Write> = p.writes.iter().collect();
-                    let result = apply(&mut backend, &writes, &mut chain).await;
-                    if result.is_ok() {
-                        publish(&head, &chain, &changes, &writes);
-                    }
+                tracing::warn!(error = %e, size = batch.len(), "group commit failed; isolating the conflict");
+                let results = isolate(&mut backend, &batch, &mut chain, &head, &changes).await;
+                for (p, result) in batch.drain(..).zip(results) {
                     let _ = p.done.send(result);
                 }
+                backend.after_commit().await;
             }
             Err(e) => {
                 if !matches!(e, StoreError::Conflict(_)) {
@@ -207,6 +209,57 @@ async fn run(
             }
         }
     }
+}
+
+/// Applies a batch that conflicted as a whole in halves, and halves of
+/// those that conflict, in order, until each conflicting commit is alone:
+/// with one conflict among `n` commits, about `2 log2 n` transactions. The
+/// result of each commit of `batch`, in order. A failure other than a
+/// conflict fails that part and every part not yet applied.
+async fn isolate(
+    backend: &mut impl Apply,
+    batch: &[Pending],
+    chain: &mut ChainState,
+    head: &Mutex<Option<ChainLink>>,
+    changes: &watch::Sender<Changes>,
+) -> Vec<Result<(), StoreError>> {
+    let mut results: Vec<Option<Result<(), StoreError>>> = vec![None; batch.len()];
+    // Parts still to apply, the next one last.
+    let mut parts = vec![(batch.len() / 2, batch.len()), (0, batch.len() / 2)];
+    while let Some((lo, hi)) = parts.pop() {
+        let Some(part) = batch.get(lo..hi).filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        let writes: Vec<&Write> = part.iter().flat_map(|p| p.writes.iter()).collect();
+        match apply(backend, &writes, chain).await {
+            Ok(()) => {
+                publish(head, chain, changes, &writes);
+                if let Some(done) = results.get_mut(lo..hi) {
+                    done.fill(Some(Ok(())));
+                }
+            }
+            Err(StoreError::Conflict(_)) if hi - lo > 1 => {
+                let mid = lo + (hi - lo) / 2;
+                parts.push((mid, hi));
+                parts.push((lo, mid));
+            }
+            Err(e @ StoreError::Conflict(_)) => {
+                if let Some(r) = results.get_mut(lo) {
+                    *r = Some(Err(e));
+                }
+            }
+            Err(e) => {
+                for r in results.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(Err(e.clone()));
+                }
+                break;
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("not applied".into()))))
+        .collect()
 }
 
 /// Applies on a copy of the chain state, so the chain advances only when
@@ -259,22 +312,25 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A backend that holds its first batch until `release` is notified (so
-    /// later commits queue up into one batch), counts batches, and fails a
+    /// later commits queue up into one batch), counts batches, fails a
     /// batch with `Conflict` when it holds a revocation of `poison`, or with
-    /// `Unavailable` when `down`.
+    /// `Unavailable` from the call numbered `down` on (the first is 0), and
+    /// records what it committed, in order.
     struct Fake {
         calls: Arc<AtomicUsize>,
         release: Arc<tokio::sync::Notify>,
-        down: bool,
+        down: Option<usize>,
+        committed: Arc<Mutex<Vec<String>>>,
     }
 
     #[async_trait::async_trait]
     impl Apply for Fake {
         async fn apply(&mut self, writes: &[&Write], _: &mut ChainState) -> Result<(), StoreError> {
-            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call == 0 {
                 self.release.notified().await;
             }
-            if self.down {
+            if self.down.is_some_and(|d| call >= d) {
                 return Err(StoreError::Unavailable("the disk is gone".into()));
             }
             let poisoned = writes
@@ -282,6 +338,12 @@ mod tests {
                 .any(|w| matches!(w, Write::RevokeToken { jti, .. } if jti == "poison"));
             if poisoned {
                 return Err(StoreError::Conflict("poison".into()));
+            }
+            let mut committed = self.committed.lock().unwrap();
+            for w in writes {
+                if let Write::RevokeToken { jti, .. } = w {
+                    committed.push(jti.clone());
+                }
             }
             Ok(())
         }
@@ -296,16 +358,22 @@ mod tests {
         }
     }
 
+    /// What [`run_with`] saw: each commit's result in order, how many
+    /// batches were applied, and the jtis committed, in commit order.
+    type Outcome = (Vec<Result<(), StoreError>>, usize, Vec<String>);
+
     /// Commits `jtis` concurrently behind a first commit the backend
-    /// holds; the results in order, and how many batches were applied.
-    async fn run_with(down: bool, jtis: &[&str]) -> (Vec<Result<(), StoreError>>, usize) {
+    /// holds.
+    async fn run_with(down: Option<usize>, jtis: &[&str]) -> Outcome {
         let calls = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(tokio::sync::Notify::new());
+        let committed = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::new(Writer::spawn(
             Fake {
                 calls: calls.clone(),
                 release: release.clone(),
                 down,
+                committed: committed.clone(),
             },
             "c".into(),
         ));
@@ -333,21 +401,49 @@ mod tests {
         for r in rest {
             results.push(r.await.unwrap());
         }
-        (results, calls.load(Ordering::SeqCst))
+        let committed = committed.lock().unwrap().clone();
+        (results, calls.load(Ordering::SeqCst), committed)
     }
 
     #[tokio::test]
     async fn a_conflict_is_isolated_to_its_own_commit() {
-        let (results, calls) = run_with(false, &["a", "poison", "b"]).await;
+        let (results, calls, committed) = run_with(None, &["a", "poison", "b"]).await;
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
         assert!(matches!(results[1], Err(StoreError::Conflict(_))));
-        // The first batch, the batch of three, then each of the three.
-        assert_eq!(calls, 5);
+        assert_eq!(committed, ["first", "a", "b"]);
+        // The first batch, the batch of three, `a`, `poison b`, `poison`, `b`.
+        assert_eq!(calls, 6);
+    }
+
+    /// One conflict in a large batch costs a few transactions, not one per
+    /// commit, and the others still commit in their order.
+    #[tokio::test]
+    async fn a_conflict_in_a_large_batch_costs_a_few_transactions() {
+        let jtis: Vec<String> = (0..64)
+            .map(|i| {
+                if i == 41 {
+                    "poison".into()
+                } else {
+                    format!("j{i}")
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = jtis.iter().map(String::as_str).collect();
+        let (results, calls, committed) = run_with(None, &refs).await;
+        for (jti, r) in jtis.iter().zip(&results) {
+            assert_eq!(jti == "poison", r.is_err(), "{jti}: {r:?}");
+        }
+        let mut expected = vec!["first".to_owned()];
+        expected.extend(jtis.iter().filter(|j| *j != "poison").cloned());
+        assert_eq!(committed, expected);
+        // The first batch and the batch of 64, then two halves at each of
+        // six levels: 14, where replaying each commit took 66.
+        assert_eq!(calls, 14);
     }
 
     #[tokio::test]
     async fn a_store_failure_fails_the_whole_batch_at_once() {
-        let (results, calls) = run_with(true, &["a", "b", "c", "d"]).await;
+        let (results, calls, _) = run_with(Some(0), &["a", "b", "c", "d"]).await;
         assert!(
             results
                 .iter()
@@ -357,5 +453,24 @@ mod tests {
         // The first batch and the batch of four: no retry one by one, each
         // of which would wait out a timeout of its own on a real store.
         assert_eq!(calls, 2);
+    }
+
+    /// The store fails while a conflict is being isolated: the commits not
+    /// yet applied get the failure at once, and those applied keep theirs.
+    #[tokio::test]
+    async fn a_store_failure_while_isolating_fails_the_rest_at_once() {
+        let (results, calls, committed) =
+            run_with(Some(4), &["a", "b", "c", "poison", "d", "e"]).await;
+        assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+        assert!(
+            results[3..]
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Unavailable(_)))),
+            "{results:?}"
+        );
+        assert_eq!(committed, ["first", "a", "b", "c"]);
+        // The first batch, the batch of six, `a b c`, `poison d e` and
+        // `poison`, which met the failure: `d e` is not tried after it.
+        assert_eq!(calls, 5);
     }
 }
