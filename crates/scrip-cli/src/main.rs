@@ -2,7 +2,9 @@
 //! crates and maps their errors to exit codes. No logic lives here.
 //!
 //! Exit codes: 0 success, 1 failure (a refused configuration, a failed policy
-//! test, a server error), 2 a usage error (from clap).
+//! test, a server error), 2 a usage error (from clap); `scrip token
+//! --no-wait` exits 75 while a step waits for a person, and `scrip run` with
+//! its command's code (128 + a signal, 126 cannot run, 127 not found).
 
 mod approve;
 mod audit;

@@ -242,8 +242,9 @@ pub(crate) async fn poll(
     let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let now = now();
     match approval.state {
-        // CIBA Core §11: past `expires_in` the request is gone, decided
-        // or not; an approval is redeemed within it or not at all.
+        // CIBA Core §11: past `expires_in` an undecided or approved
+        // request is gone: an approval is redeemed within it or not at all.
+        // A denial keeps answering `access_denied`, with its reason.
         ApprovalState::Pending | ApprovalState::Approved if now >= approval.expires_at => {
             Err(OAuthError::expired_token())
         }

@@ -9,7 +9,8 @@
 //!
 //! Architecture invariant: no handler returns a credential before the
 //! store has durably committed the audit record of the decision that issued
-//! it; any store failure answers 503 `temporarily_unavailable`.
+//! it; an unavailable store answers 503 `temporarily_unavailable`, and
+//! stored data that cannot be read back 500 `server_error`.
 
 mod approval;
 pub mod attest;
