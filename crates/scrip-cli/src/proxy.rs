@@ -70,7 +70,10 @@ async fn start(config: Config) -> Result<Started, String> {
     let mut vc = VerifierConfig::new(issuer.clone(), first, Arc::new(FileIdentity::new(identity)));
     if let scrip_verifier::Revocation::Follow(feed) = &mut vc.revocation {
         feed.max_staleness = Duration::from_secs(config.proxy.max_staleness);
-        feed.wait = feed.wait.min(feed.max_staleness / 2);
+        feed.wait = feed
+            .wait
+            .min(feed.max_staleness / 2)
+            .max(Duration::from_secs(1));
     }
     vc.leeway = config.clock_skew;
     vc.dpop_leeway = config.clock_skew;

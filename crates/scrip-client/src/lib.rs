@@ -81,6 +81,14 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// scrip's URL would carry tokens in the clear across a network.
+    #[error(
+        "scrip's address `{url}` must use https (http only to a loopback address such as 127.0.0.1): identities and tokens sent to it would cross the network in the clear"
+    )]
+    Insecure {
+        /// The URL refused.
+        url: String,
+    },
     /// The attestation socket does not exist.
     #[error(
         "no scrip attestation socket at `{path}`; start `scrip serve`, or set --socket or SCRIP_SOCKET to its `socket`"
@@ -333,18 +341,28 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 }
 
 /// An HTTP client for the scrip at `url` that carries tokens safely: it
-/// follows no redirect (which could take a token elsewhere), gives up after
-/// `timeout`, and never goes through a proxy named in the environment when
-/// scrip is on this machine.
+/// speaks https unless scrip is on this machine, follows no redirect (which
+/// could take a token elsewhere), gives up after `timeout`, and never goes
+/// through a proxy named in the environment when scrip is on this machine.
 ///
 /// # Errors
-/// [`Error::Unreachable`] when `url` is not a URL, [`Error::Protocol`] when
-/// the client cannot be built.
+/// [`Error::Unreachable`] when `url` is not a URL, [`Error::Insecure`] when
+/// it is `http` to a host other than a loopback address, [`Error::Protocol`]
+/// when the client cannot be built.
 pub fn http_client(url: &str, timeout: Duration) -> Result<reqwest::Client, Error> {
     let parsed = reqwest::Url::parse(url).map_err(|_| Error::Unreachable {
         url: url.to_owned(),
         message: "not a URL".into(),
     })?;
+    match parsed.scheme() {
+        "https" => {}
+        "http" if is_loopback(&parsed) => {}
+        _ => {
+            return Err(Error::Insecure {
+                url: url.to_owned(),
+            });
+        }
+    }
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none());
@@ -360,7 +378,8 @@ impl Client {
     /// A client of the scrip at `url` (its issuer URL).
     ///
     /// # Errors
-    /// [`Error::Protocol`] when the HTTP client cannot be built.
+    /// As [`http_client`]: `url` must be `https`, or `http` to a loopback
+    /// address.
     pub fn new(url: &str) -> Result<Self, Error> {
         let http = http_client(url, TIMEOUT)?;
         Ok(Self {
@@ -1024,6 +1043,32 @@ mod tests {
             );
         }
         assert!(!format!("{:?}", Identity::from_jwt(&future).unwrap()).contains(&future));
+    }
+
+    /// Identities and tokens never go to scrip in the clear across a
+    /// network: plain http only to this machine.
+    #[test]
+    fn scrip_is_reached_over_https_unless_on_this_machine() {
+        for ok in [
+            "https://scrip.example",
+            "https://10.0.0.5:7070",
+            "http://127.0.0.1:7070",
+            "http://[::1]:7070",
+            "http://localhost:7070",
+            "http://LOCALHOST",
+        ] {
+            assert!(Client::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://scrip.example",
+            "http://10.0.0.5:7070",
+            "http://localhost.evil.example",
+            "http://127.0.0.1.nip.io",
+            "ftp://127.0.0.1",
+        ] {
+            let e = Client::new(bad).err();
+            assert!(matches!(e, Some(Error::Insecure { .. })), "{bad}: {e:?}");
+        }
     }
 
     #[test]

@@ -361,8 +361,10 @@ pub fn validate(
             );
         }
     }
-    if proxy.max_staleness == 0 {
-        return invalid("proxy.max_staleness must be positive");
+    // The proxy long-polls the feed for at least a second, and must hear
+    // from it more often than this.
+    if proxy.max_staleness < 2 {
+        return invalid("proxy.max_staleness must be at least 2 seconds");
     }
     Ok(())
 }
@@ -510,6 +512,8 @@ mod tests {
             Some("maps to `delete`"),
         );
         check("[proxy]\nmax_staleness = 0\n", Some("max_staleness"));
+        check("[proxy]\nmax_staleness = 1\n", Some("at least 2"));
+        check("[proxy]\nmax_staleness = 2\n", None);
         check(
             "[proxy]\npublic_url = \"https://p.example/\"\n",
             Some("public_url"),

@@ -307,7 +307,8 @@ impl Revocations {
     fn apply(&self, body: &[u8]) -> Result<usize, String> {
         let page: Page =
             serde_json::from_slice(body).map_err(|e| format!("malformed feed answer: {e}"))?;
-        let mut events = Vec::with_capacity(page.events.len());
+        let listed = page.events.len();
+        let mut events = Vec::with_capacity(listed);
         for value in page.events {
             let kind = value
                 .get("type")
@@ -346,8 +347,13 @@ impl Revocations {
         state.cursor = page.cursor;
         state.synced_at = Some(Instant::now());
         // Caught up once a page held everything there was: under a steady
-        // stream of revocations an empty page may never come.
-        state.caught_up |= count == 0 || page.more == Some(false);
+        // stream of revocations an empty page may never come. A page that
+        // says there is more is never the last, whatever it held (events of
+        // a type this verifier does not know are still events).
+        state.caught_up |= match page.more {
+            Some(more) => !more,
+            None => listed == 0,
+        };
         Ok(count)
     }
 
@@ -392,17 +398,16 @@ pub(crate) async fn follow(
     let mut backoff = config.retry_min;
     loop {
         let started = Instant::now();
-        // Until the first empty page, read without long-polling.
-        let wait = if revocations.caught_up() {
-            config.wait
-        } else {
-            Duration::ZERO
-        };
+        // Until the last page of the set, read without long-polling.
+        let loading = !revocations.caught_up();
+        let wait = if loading { Duration::ZERO } else { config.wait };
         match revocations.poll(source.as_ref(), wait).await {
             Ok(n) => {
                 backoff = config.retry_min;
-                if wait.is_zero() && revocations.caught_up() {
-                    tracing::info!("revocation set loaded");
+                if loading {
+                    if revocations.caught_up() {
+                        tracing::info!("revocation set loaded");
+                    }
                 } else if n > 0 {
                     tracing::debug!(events = n, "revocations received");
                 } else if started.elapsed() < config.wait / 4 {
@@ -442,6 +447,11 @@ mod tests {
         // page that left none out says the follower has caught up.
         let r = Revocations::new(Duration::from_secs(60), 0);
         let far = unix_now() + 600;
+        // A page of events of a type this verifier does not know (a newer
+        // scrip's) that says there is more is not the last one either.
+        r.apply(br#"{"cursor":1,"events":[{"type":"subject","sub":"x"}],"more":true}"#)
+            .unwrap();
+        assert!(!r.caught_up());
         let page = |cursor: u64, more: bool| {
             format!(
                 r#"{{"cursor":{cursor},"events":[{{"type":"task","txn":"t{cursor}","exp":{far}}}],"more":{more}}}"#

@@ -198,8 +198,10 @@ impl VerifierConfig {
             return bad("symmetric algorithms are never accepted");
         }
         if let Revocation::Follow(feed) = &self.revocation {
-            if feed.wait > feed::MAX_WAIT {
-                return bad("feed wait must be at most 30 s");
+            // Under a second the feed would answer at once (`wait` is sent
+            // in whole seconds), and the follower would poll without pause.
+            if feed.wait < Duration::from_secs(1) || feed.wait > feed::MAX_WAIT {
+                return bad("feed wait must be 1 to 30 s");
             }
             if feed.max_staleness <= feed.wait {
                 return bad("max_staleness must exceed the feed wait");

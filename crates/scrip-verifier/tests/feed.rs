@@ -379,3 +379,24 @@ async fn a_local_verifier_returns_at_once_and_refuses_until_every_page_is_read()
     assert_eq!(v.verify(&t3).await.unwrap().task(), "task-3");
     feed.gate.close();
 }
+
+/// A long-poll under a second would be answered at once (the feed takes
+/// whole seconds), and a follower that had caught up would poll without
+/// pause: such a wait is refused.
+#[tokio::test]
+async fn a_feed_wait_under_a_second_is_refused() {
+    let fake = Fake::start().await;
+    for (wait, ok) in [(0, false), (999, false), (1000, true)] {
+        let mut c = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+        if let Revocation::Follow(feed) = &mut c.revocation {
+            feed.wait = Duration::from_millis(wait);
+        }
+        match Verifier::discover(c).await {
+            Ok(_) => assert!(ok, "a wait of {wait} ms was accepted"),
+            Err(e) => assert!(
+                !ok && matches!(&e, SetupError::Config(m) if m.contains("1 to 30 s")),
+                "{wait} ms: {e:?}"
+            ),
+        }
+    }
+}
