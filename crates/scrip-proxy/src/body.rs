@@ -128,7 +128,10 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        self.done(false);
+        // The server drops a body it may not send (HEAD, 204, 304) or that
+        // is empty without reading it: complete, when nothing was left.
+        let complete = self.inner.is_end_stream() && self.redactor.holds_nothing();
+        self.done(complete);
     }
 }
 

@@ -457,6 +457,18 @@ async fn forward(
         }
     };
     let (mut head, incoming) = response.into_parts();
+    // `Range` never goes up, so a part is the upstream's own doing; it could
+    // cut the secret into pieces redaction does not know.
+    if head.status == StatusCode::PARTIAL_CONTENT {
+        return failed(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!(
+                "upstream `{name}` sent part of a representation, which cannot be checked for its secret"
+            ),
+            &draft,
+        );
+    }
     if encoded(&head.headers) {
         return failed(
             StatusCode::BAD_GATEWAY,

@@ -127,6 +127,12 @@ impl Redactor {
         self.carry.split_to(send).freeze()
     }
 
+    /// Whether nothing is held back for the next chunk.
+    #[must_use]
+    pub fn holds_nothing(&self) -> bool {
+        self.carry.is_empty()
+    }
+
     /// The end of the body: what is still held, a secret's beginning masked.
     pub fn finish(&mut self) -> Bytes {
         let mut tail = std::mem::take(&mut self.carry);

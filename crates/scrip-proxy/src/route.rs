@@ -169,8 +169,19 @@ impl ActionMap {
     /// `None` when nothing maps it.
     #[must_use]
     pub fn action(&self, method: &Method, path: &str) -> Option<&ActionName> {
+        // CONNECT asks for a tunnel (the client drops the path, and logs it
+        // with the injected query) and TRACE echoes the request, secret
+        // included: neither is a call of the upstream's API, whatever a
+        // route for any method says.
+        if matches!(*method, Method::CONNECT | Method::TRACE) {
+            return None;
+        }
         let matched = self.rules.iter().find(|r| {
-            r.method.as_ref().is_none_or(|m| m == method)
+            // HEAD is GET without the body (RFC 9110 §9.3.2): servers run
+            // the GET handler for it, so a GET rule decides it too.
+            r.method
+                .as_ref()
+                .is_none_or(|m| m == method || (*m == Method::GET && *method == Method::HEAD))
                 && if r.prefix {
                     path.starts_with(&r.path)
                 } else {
@@ -238,6 +249,24 @@ mod tests {
         check(&routes, "GET", "/admin/x", Some("delete"));
         check(&routes, "GET", "/administrator", Some("read"));
         check(&routes, "OPTIONS", "/admin", Some("delete"));
+        // A route for any method still leaves no way to a tunnel or an echo.
+        check(&routes, "CONNECT", "/admin", None);
+        check(&routes, "TRACE", "/admin/x", None);
+    }
+
+    /// A HEAD runs the upstream's GET handler: a GET rule decides it, so
+    /// a read token cannot set off what a GET rule makes a `delete`.
+    #[test]
+    fn a_get_rule_decides_head() {
+        let routes = [
+            route("GET", "/admin/purge*", "delete"),
+            route("HEAD", "/status", "write"),
+        ];
+        check(&routes, "HEAD", "/admin/purge", Some("delete"));
+        check(&routes, "GET", "/admin/purge/all", Some("delete"));
+        check(&routes, "HEAD", "/status", Some("write"));
+        check(&routes, "GET", "/status", Some("read"));
+        check(&routes, "HEAD", "/other", Some("read"));
     }
 
     #[test]

@@ -124,6 +124,10 @@ http {{
             add_header Content-Encoding gzip;
             return 200 "labelled gzip on a second line\n";
         }}
+        location = /partial {{
+            if ($key = none) {{ return 401; }}
+            return 206 "a part nobody asked for\n";
+        }}
         location = /echo-body {{
             if ($key = none) {{ return 401; }}
             return 200 "you sent: $http_authorization and ?$args\n";
