@@ -254,6 +254,21 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             return unavailable(&proxy, name);
         }
     };
+    // The upstream's keys for its other actions are redacted too: a read
+    // answer that shows the write key (a settings page) would undo the
+    // split of power between the actions. A key that cannot be read cannot
+    // be looked for, so the request is not forwarded.
+    let mut others = Vec::new();
+    for other in upstream.secret_actions.iter().filter(|a| **a != action) {
+        match proxy.0.secrets.current(name, other.as_str()).await {
+            Ok(Some(s)) => others.push(s),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "proxy: cannot read the secret");
+                return unavailable(&proxy, name);
+            }
+        }
+    }
 
     // The decision is durable before anything leaves (fail closed). A
     // single-use token (a step a person approved) is spent here, in the same
@@ -299,7 +314,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         }
     }
 
-    forward(&proxy, upstream, parts, body, &secret, draft).await
+    forward(&proxy, upstream, parts, body, &secret, &others, draft).await
 }
 
 fn unavailable(proxy: &Proxy, name: &str) -> Response {
@@ -356,6 +371,7 @@ async fn forward(
     parts: http::request::Parts,
     body: Body,
     secret: &crate::SecretValue,
+    others: &[Arc<crate::SecretValue>],
     draft: Draft,
 ) -> Response {
     let name = upstream.name.as_str();
@@ -479,7 +495,9 @@ async fn forward(
             &draft,
         );
     }
-    let patterns = headers::patterns(&upstream.injection, secret);
+    let mut keys: Vec<&crate::SecretValue> = vec![secret];
+    keys.extend(others.iter().map(AsRef::as_ref));
+    let patterns = headers::patterns(&upstream.injection, &keys);
     head.headers = headers::to_agent(std::mem::take(&mut head.headers), &patterns);
     // Nothing of the upstream's response head but its status and the
     // headers above: hyper keeps a non-standard reason phrase (`401 bad key

@@ -232,23 +232,62 @@ pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &Secre
     out
 }
 
-/// Every form of the secret that the injection puts on the wire.
+/// The forms redaction looks for, for each of `secrets` (the one injected
+/// first, then the upstream's keys for its other actions, which a response
+/// may show as well): the form the injection puts on the wire, and the
+/// escapings upstreams commonly echo text in: percent-encoding (escapes in
+/// either case), JSON (`\/`, `\"`, `\\`) and HTML (`&amp;`, `&lt;`, `&gt;`,
+/// `&quot;`, `&#39;`, `&#x27;`).
 #[must_use]
-pub fn patterns(injection: &Injection, secret: &SecretValue) -> Patterns {
-    let raw = secret.expose().to_vec();
-    let mut forms = vec![raw];
-    match injection {
-        Injection::Basic { username } => forms.push(basic_token(username, secret).into_bytes()),
-        Injection::Query { .. } => {
-            let encoded = query_encode(secret.expose());
-            // An upstream that reflects the URL may re-encode it with
-            // lowercase escapes.
-            forms.push(lowercase_escapes(&encoded).into_bytes());
-            forms.push(encoded.into_bytes());
+pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
+    let mut forms = Vec::new();
+    for secret in secrets {
+        let raw = secret.expose();
+        forms.push(raw.to_vec());
+        if let Injection::Basic { username } = injection {
+            forms.push(basic_token(username, secret).into_bytes());
         }
-        Injection::Header { .. } => {}
+        let encoded = query_encode(raw);
+        forms.push(lowercase_escapes(&encoded).into_bytes());
+        forms.push(encoded.into_bytes());
+        for table in ESCAPINGS {
+            forms.push(escape(raw, table));
+        }
     }
     Patterns::new(forms)
+}
+
+/// Byte → escape tables of the escapings redaction looks for (besides
+/// percent-encoding); JSON with and without the optional `\/`.
+const ESCAPINGS: [&[(u8, &[u8])]; 4] = [
+    &[(b'"', b"\\\""), (b'\\', b"\\\\"), (b'/', b"\\/")],
+    &[(b'"', b"\\\""), (b'\\', b"\\\\")],
+    &[
+        (b'&', b"&amp;"),
+        (b'<', b"&lt;"),
+        (b'>', b"&gt;"),
+        (b'"', b"&quot;"),
+        (b'\'', b"&#39;"),
+    ],
+    &[
+        (b'&', b"&amp;"),
+        (b'<', b"&lt;"),
+        (b'>', b"&gt;"),
+        (b'"', b"&quot;"),
+        (b'\'', b"&#x27;"),
+    ],
+];
+
+/// `raw` with each byte `table` names replaced by its escape.
+fn escape(raw: &[u8], table: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for &b in raw {
+        match table.iter().find(|(from, _)| *from == b) {
+            Some((_, to)) => out.extend_from_slice(to),
+            None => out.push(b),
+        }
+    }
+    out
 }
 
 /// `encoded` with the hex digits of its `%XX` escapes in lowercase.
@@ -438,7 +477,8 @@ mod tests {
         let injection = Injection::Basic {
             username: "svc".into(),
         };
-        let p = patterns(&injection, &secret());
+        let s = secret();
+        let p = patterns(&injection, &[&s]);
         let out = to_agent(
             map(&[
                 ("connection", "close, x-hop"),
@@ -473,7 +513,7 @@ mod tests {
             &Injection::Query {
                 param: "api_key".into(),
             },
-            &secret(),
+            &[&s],
         );
         let out = to_agent(
             map(&[
@@ -484,5 +524,33 @@ mod tests {
         );
         assert_eq!(out["location"], "/next?api_key=[redacted]");
         assert_eq!(out["x-upper"], "[redacted]");
+    }
+
+    /// A key echoed the way upstreams escape text (JSON, HTML, a URL), and
+    /// the upstream's other keys, are found whatever the injection.
+    #[test]
+    fn escaped_forms_and_other_keys() {
+        let key = SecretValue::from_input(b"k3y/+=&<'\"".to_vec()).unwrap();
+        let other = SecretValue::from_input(b"wr1te-k3y".to_vec()).unwrap();
+        let p = patterns(
+            &Injection::Header {
+                name: "x-api-key".into(),
+                prefix: String::new(),
+                suffix: String::new(),
+            },
+            &[&key, &other],
+        );
+        for echoed in [
+            r#"{"key":"k3y\/+=&<'\""}"#,
+            r#"{"key":"k3y/+=&<'\""}"#,
+            "<td>k3y/+=&amp;&lt;&#39;&quot;</td>",
+            "<td>k3y/+=&amp;&lt;&#x27;&quot;</td>",
+            "next=k3y%2F%2B%3D%26%3C%27%22",
+            "next=k3y%2f%2b%3d%26%3c%27%22",
+            "wr1te-k3y",
+        ] {
+            assert!(p.found_in(echoed.as_bytes()), "{echoed}");
+        }
+        assert!(!p.found_in(b"k3y/+= alone"));
     }
 }

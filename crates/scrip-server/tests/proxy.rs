@@ -613,6 +613,36 @@ async fn echoed_secrets_are_redacted_and_never_logged_or_audited() {
     env.server.stop().await;
 }
 
+/// The upstream's other keys are redacted too: a read answer that shows
+/// the write key (a settings page) would undo the split between the
+/// actions.
+#[tokio::test]
+async fn a_read_answer_never_shows_the_write_key() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let page = format!("read_key={READ_KEY}\nwrite_key={WRITE_KEY}\n");
+    env.nginx.put_file("settings.txt", page.as_bytes());
+    let (status, _, body) = env
+        .send(
+            reqwest::Method::GET,
+            "legacy/files/settings.txt",
+            Some(&read),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let stars = |k: &str| "*".repeat(k.len());
+    assert_eq!(
+        body,
+        format!(
+            "read_key={}\nwrite_key={}\n",
+            stars(READ_KEY),
+            stars(WRITE_KEY)
+        )
+    );
+    env.server.stop().await;
+}
+
 /// A range of a file could cut the key into pieces that redaction, which
 /// looks for whole forms, does not know: `Range` never reaches the
 /// upstream, the whole body comes back redacted, and a part the upstream
