@@ -170,6 +170,22 @@ impl Error {
     }
 }
 
+/// The claims of a compact JWS, its signature not checked: for what the
+/// client only reads of its own tokens (`exp`, `cnf`), never to trust them.
+fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
 /// Seconds since the epoch.
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -201,19 +217,8 @@ impl Identity {
     /// [`Error::IdentityMalformed`] for something that is not a JWT,
     /// [`Error::IdentityExpired`] for an expired one.
     pub fn from_jwt(token: &str) -> Result<Self, Error> {
-        use base64::Engine as _;
         let token = token.trim();
-        let mut parts = token.split('.');
-        let (Some(_), Some(payload), Some(_), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(Error::IdentityMalformed);
-        };
-        let claims: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(Error::IdentityMalformed)?;
+        let claims = unverified_claims(token).ok_or(Error::IdentityMalformed)?;
         let expires_at = claims.get("exp").and_then(serde_json::Value::as_u64);
         if let Some(exp) = expires_at
             && exp <= now()
@@ -589,6 +594,21 @@ impl Client {
         };
         let answer = self.token_with(&form, proof.as_deref()).await?;
         answer.expect(TXN_TOKEN, &["N_A"])?;
+        // A task token asked for bound must be bound to this key: one that
+        // is not (an older scrip, or something in between that dropped the
+        // `DPoP` header) would work for whoever stole it. It is revoked, not
+        // just dropped.
+        if let Some(key) = &key {
+            let bound_to = unverified_claims(&answer.access_token)
+                .and_then(|c| c.get("cnf")?.get("jkt")?.as_str().map(str::to_owned));
+            if bound_to.as_deref() != Some(key.thumbprint()) {
+                let _ = self.revoke(&answer.access_token).await;
+                return Err(Error::Protocol(
+                    "asked for a task bound to a DPoP key, got a task token that is not bound to it; was the `DPoP` header dropped on the way?"
+                        .into(),
+                ));
+            }
+        }
         let mut task = Task::new(self.clone(), answer.access_token, true);
         task.expires_at = Some(now().saturating_add(answer.expires_in));
         task.scope = Some(answer.scope);

@@ -20,8 +20,14 @@ use serde_json::json;
 /// A server on 127.0.0.1 that answers every request with `response` (the
 /// whole HTTP response) and closes the connection.
 fn answering(response: Vec<u8>) -> String {
+    answering_made(|_| response)
+}
+
+/// As [`answering`], with the response made from the server's URL.
+fn answering_made(make: impl FnOnce(&str) -> Vec<u8>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let response = make(&url);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
@@ -54,7 +60,7 @@ fn answering(response: Vec<u8>) -> String {
             let _ = s.write_all(&response);
         }
     });
-    format!("http://{addr}")
+    url
 }
 
 fn json_response(status: &str, body: &serde_json::Value) -> Vec<u8> {
@@ -88,6 +94,60 @@ fn protocol(e: &Error) -> &str {
     match e {
         Error::Protocol(m) => m,
         other => panic!("not a protocol error: {other:?}"),
+    }
+}
+
+/// A task asked for bound to a DPoP key whose token is not bound to it
+/// (something on the way dropped the `DPoP` header) is refused; one bound
+/// to the key is taken.
+#[tokio::test]
+async fn a_bound_task_must_come_back_bound_to_its_key() {
+    let key = std::sync::Arc::new(scrip_client::DpopKey::generate().unwrap());
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    for (cnf, ok) in [
+        (None, false),
+        (Some(json!({"jkt": "some-other-key"})), false),
+        (Some(json!({"jkt": key.thumbprint()})), true),
+    ] {
+        let mut claims = json!({"sub": "agent", "txn": "t1"});
+        if let Some(cnf) = cnf {
+            claims["cnf"] = cnf;
+        }
+        let token = format!("{}.{}.sig", b64(&json!({"alg": "ES256"})), b64(&claims));
+        // One answer for every request: the metadata and the token.
+        let url = answering_made(|url| {
+            json_response(
+                "200 OK",
+                &json!({
+                    "token_endpoint": format!("{url}/token"),
+                    "access_token": token,
+                    "issued_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+                    "token_type": "N_A",
+                    "expires_in": 300,
+                    "scope": "github:read",
+                }),
+            )
+        });
+        let client = Client::new(&url).unwrap();
+        let started = client
+            .start_bound_task(
+                &identity(),
+                &TaskRequest::new(["github:read"], "p", "dev"),
+                key.clone(),
+            )
+            .await;
+        match started {
+            Ok(task) => {
+                assert!(ok, "an unbound task token was taken");
+                let _ = task.into_token();
+            }
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert!(protocol(&e).contains("not bound"), "{e}");
+            }
+        }
     }
 }
 

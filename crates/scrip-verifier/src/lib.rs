@@ -68,6 +68,9 @@ enum FirstRead {
 
 /// The least [`VerifierConfig::jwks_min_refetch`] accepted.
 pub const MIN_JWKS_REFETCH: Duration = Duration::from_secs(1);
+/// The largest `leeway` and `dpop_leeway`, in seconds: scrip's largest
+/// `clock_skew`, past which it stops listing a revoked token.
+pub const MAX_LEEWAY: u64 = 300;
 
 /// How revocation is learned.
 #[derive(Debug, Clone)]
@@ -171,6 +174,14 @@ impl VerifierConfig {
         }
         if self.algorithms.is_empty() {
             return bad("the algorithm allow-list is empty");
+        }
+        // scrip lists a revocation until `exp` plus its `clock_skew` (at
+        // most 300 s): a verifier accepting tokens longer than that would
+        // take a revoked one it no longer hears about.
+        if self.leeway > MAX_LEEWAY || self.dpop_leeway > MAX_LEEWAY {
+            return bad(
+                "leeway and dpop_leeway must be at most 300 s (scrip's largest clock_skew)",
+            );
         }
         if let Some(u) = &self.public_url {
             let ok = url::Url::parse(u).is_ok_and(|p| {

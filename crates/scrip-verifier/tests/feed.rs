@@ -380,6 +380,25 @@ async fn a_local_verifier_returns_at_once_and_refuses_until_every_page_is_read()
     feed.gate.close();
 }
 
+/// A leeway past scrip's largest `clock_skew` would accept a revoked token
+/// scrip no longer lists: refused.
+#[tokio::test]
+async fn a_leeway_past_the_largest_clock_skew_is_refused() {
+    let fake = Fake::start().await;
+    for (leeway, dpop_leeway, ok) in [(300, 300, true), (301, 30, false), (30, 301, false)] {
+        let mut c = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+        c.leeway = leeway;
+        c.dpop_leeway = dpop_leeway;
+        match Verifier::discover(c).await {
+            Ok(_) => assert!(ok, "{leeway}/{dpop_leeway} accepted"),
+            Err(e) => assert!(
+                !ok && matches!(&e, SetupError::Config(m) if m.contains("at most 300 s")),
+                "{leeway}/{dpop_leeway}: {e:?}"
+            ),
+        }
+    }
+}
+
 /// A long-poll under a second would be answered at once (the feed takes
 /// whole seconds), and a follower that had caught up would poll without
 /// pause: such a wait is refused.
