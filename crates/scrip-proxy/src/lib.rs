@@ -108,6 +108,8 @@ struct Upstream {
 const TASK_TTL: Duration = Duration::from_secs(1);
 /// The most task records cached.
 const TASK_CACHE: usize = 10_000;
+/// `/metrics` rereads the secrets at most this often.
+const METRICS_TTL: Duration = Duration::from_secs(5);
 
 struct Inner {
     upstreams: HashMap<String, Upstream>,
@@ -124,6 +126,10 @@ struct Inner {
     clock_skew: u64,
     /// Audit records being written in the background.
     pending: Arc<Pending>,
+    /// The secret records `/metrics` last read, and when. `/metrics` needs
+    /// no credentials, so scrapes read the store at most once per
+    /// [`METRICS_TTL`], one at a time, however many come.
+    metrics_records: tokio::sync::Mutex<Option<(Instant, Arc<Vec<scrip_store::SecretRecord>>)>>,
 }
 
 /// Background audit writes still running, so that [`Proxy::flush`] can
@@ -251,6 +257,7 @@ impl Proxy {
             tasks: Mutex::new(HashMap::new()),
             clock_skew: config.clock_skew,
             pending: Arc::new(Pending::default()),
+            metrics_records: tokio::sync::Mutex::new(None),
         })))
     }
 
@@ -289,9 +296,29 @@ impl Proxy {
     /// The store's error.
     pub async fn secret_statuses(&self) -> Result<Vec<SecretStatus>, scrip_store::StoreError> {
         let records = self.0.store.secrets().await?;
-        Ok(secrets::statuses(&records, now(), |n, a| {
+        Ok(self.statuses_of(&records))
+    }
+
+    fn statuses_of(&self, records: &[scrip_store::SecretRecord]) -> Vec<SecretStatus> {
+        secrets::statuses(records, now(), |n, a| {
             self.0.limits.get(&(n.to_owned(), a.to_owned())).copied()
-        }))
+        })
+    }
+
+    /// The secret records for `/metrics`, reread at most every
+    /// [`METRICS_TTL`].
+    async fn metrics_records(
+        &self,
+    ) -> Result<Arc<Vec<scrip_store::SecretRecord>>, scrip_store::StoreError> {
+        let mut cached = self.0.metrics_records.lock().await;
+        if let Some((at, records)) = cached.as_ref()
+            && at.elapsed() < METRICS_TTL
+        {
+            return Ok(records.clone());
+        }
+        let records = Arc::new(self.0.store.secrets().await?);
+        *cached = Some((Instant::now(), records.clone()));
+        Ok(records)
     }
 
     /// The task record of `id`, from the cache when fresh.
@@ -323,8 +350,8 @@ async fn metrics_endpoint(
     axum::extract::State(proxy): axum::extract::State<Proxy>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let statuses = match proxy.secret_statuses().await {
-        Ok(s) => s,
+    let statuses = match proxy.metrics_records().await {
+        Ok(records) => proxy.statuses_of(&records),
         Err(e) => {
             tracing::error!(error = %e, "metrics: cannot read secrets");
             return http::StatusCode::SERVICE_UNAVAILABLE.into_response();

@@ -889,13 +889,17 @@ async fn rotation_swaps_the_key_and_overdue_secrets_show() {
             .2,
         "ok read2 GET /r2\n"
     );
-    let r = env
-        .http
-        .get(format!("{}/metrics", env.server.url))
-        .send()
-        .await
-        .unwrap();
-    let metrics = r.text().await.unwrap();
+    let scrape = || async {
+        let r = env
+            .http
+            .get(format!("{}/metrics", env.server.url))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    };
+    let scraped = Instant::now();
+    let metrics = scrape().await;
     assert!(
         metrics.contains("scrip_secret_overdue{name=\"legacy\",action=\"write\"} 1"),
         "{metrics}"
@@ -920,6 +924,18 @@ async fn rotation_swaps_the_key_and_overdue_secrets_show() {
         s.iter().map(|s| (s.version, s.state)).collect::<Vec<_>>(),
         [(2, "current"), (1, "retiring")]
     );
+
+    // `/metrics` needs no credentials, so it rereads the store at most every
+    // 5 s however often it is asked; then it shows a secret set since.
+    set_secret(&env.server, "slow", "read", "rk-slow").await;
+    let slow_read = "scrip_secret_overdue{name=\"slow\",action=\"read\"}";
+    let again = scrape().await;
+    if scraped.elapsed() < Duration::from_secs(5) {
+        assert!(!again.contains(slow_read), "reread at once: {again}");
+    }
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(scraped.elapsed())).await;
+    let later = scrape().await;
+    assert!(later.contains(slow_read), "never reread: {later}");
     env.server.stop().await;
 }
 

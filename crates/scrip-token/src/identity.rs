@@ -121,7 +121,7 @@ impl WorkloadIdentity {
         flatten("", claims, 0, &mut flat)?;
         let declared = kind.is_some();
         let kind = match kind {
-            None => detect(subject, &flat),
+            None => detect(subject, claims, &flat),
             Some(IdentityKind::Local) => IdentityKind::Generic,
             Some(k) => k,
         };
@@ -138,7 +138,7 @@ impl WorkloadIdentity {
                 return Err(ShapeError::NotSpiffe(trust_domain.map(str::to_owned)));
             }
         }
-        let attributes = well_known(kind, subject, &flat);
+        let attributes = well_known(kind, subject, claims, &flat);
         Ok(Self {
             issuer: issuer.to_owned(),
             subject: subject.to_owned(),
@@ -161,7 +161,7 @@ impl WorkloadIdentity {
         }
         let mut flat = BTreeMap::new();
         flatten("", claims, 0, &mut flat).ok()?;
-        let attributes = well_known(IdentityKind::Local, subject, &flat);
+        let attributes = well_known(IdentityKind::Local, subject, claims, &flat);
         Some(Self {
             issuer: issuer.to_owned(),
             subject: subject.to_owned(),
@@ -213,8 +213,24 @@ fn flatten(
     Ok(())
 }
 
-fn detect(subject: &str, claims: &BTreeMap<String, String>) -> IdentityKind {
-    if claims.contains_key("kubernetes.io.namespace") {
+/// A Kubernetes claim at `path` inside the `kubernetes.io` object, as
+/// Kubernetes nests it. Never a top-level claim whose dotted name flattens
+/// to the same tag (`"kubernetes.io.namespace": "agents"`), which a user of
+/// another issuer may be able to choose.
+fn kubernetes_claim(claims: &Map<String, Value>, path: &[&str]) -> Option<String> {
+    let mut at = claims.get("kubernetes.io")?;
+    for key in path {
+        at = at.as_object()?.get(*key)?;
+    }
+    at.as_str().map(str::to_owned)
+}
+
+fn detect(
+    subject: &str,
+    raw: &Map<String, Value>,
+    claims: &BTreeMap<String, String>,
+) -> IdentityKind {
+    if kubernetes_claim(raw, &["namespace"]).is_some() {
         IdentityKind::Kubernetes
     } else if claims.contains_key("repository") && claims.contains_key("workflow") {
         IdentityKind::GithubActions
@@ -230,6 +246,7 @@ fn detect(subject: &str, claims: &BTreeMap<String, String>) -> IdentityKind {
 fn well_known(
     kind: IdentityKind,
     subject: &str,
+    raw: &Map<String, Value>,
     c: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -240,9 +257,15 @@ fn well_known(
     };
     match kind {
         IdentityKind::Kubernetes => {
-            copy("namespace", "kubernetes.io.namespace");
-            copy("service_account", "kubernetes.io.serviceaccount.name");
-            copy("pod", "kubernetes.io.pod.name");
+            for (to, path) in [
+                ("namespace", &["namespace"][..]),
+                ("service_account", &["serviceaccount", "name"][..]),
+                ("pod", &["pod", "name"][..]),
+            ] {
+                if let Some(v) = kubernetes_claim(raw, path) {
+                    out.insert(to.to_owned(), v);
+                }
+            }
         }
         IdentityKind::GithubActions => {
             copy("repository", "repository");
@@ -428,6 +451,30 @@ mod tests {
             of(svid(""), IdentityKind::Spiffe, None).unwrap_err(),
             ShapeError::NoSubject
         );
+    }
+
+    /// A top-level claim named like a nested Kubernetes one (which a user of
+    /// a generic issuer may choose) makes no Kubernetes identity and gives
+    /// no namespace, whether the issuer's kind is declared or not.
+    #[test]
+    fn a_dotted_claim_name_is_not_a_kubernetes_claim() {
+        let Value::Object(map) = json!({
+            "sub": "alice",
+            "kubernetes.io.namespace": "agents",
+            "kubernetes.io.serviceaccount.name": "deployer",
+        }) else {
+            panic!("not an object")
+        };
+        for kind in [None, Some(IdentityKind::Kubernetes)] {
+            let id = WorkloadIdentity::from_claims_of("https://issuer", &map, kind, None).unwrap();
+            assert_eq!(id.kind, kind.unwrap_or(IdentityKind::Generic));
+            assert!(id.attributes.is_empty(), "{:?}", id.attributes);
+            // Still a tag, under its own name, for a policy that asks.
+            assert_eq!(
+                id.claims.get("kubernetes.io.namespace").map(String::as_str),
+                Some("agents")
+            );
+        }
     }
 
     #[test]
