@@ -118,17 +118,15 @@ pub fn thumbprint(jwk: &Map<String, Value>) -> Result<String, ProofError> {
         "RSA" => &["e", "kty", "n"],
         _ => return Err(refuse("key type is not EC, OKP or RSA")),
     };
-    let mut canonical = Map::new();
+    let mut canonical = Vec::with_capacity(members.len());
     for m in members {
         let value = jwk
             .get(*m)
-            .filter(|v| v.is_string())
+            .and_then(Value::as_str)
             .ok_or_else(|| refuse(format!("key has no `{m}`")))?;
-        canonical.insert((*m).to_owned(), value.clone());
+        canonical.push((*m, value));
     }
-    // serde_json's map is ordered by key, and writes no whitespace.
-    let text = Value::Object(canonical).to_string();
-    Ok(b64(digest(&SHA256, text.as_bytes()).as_ref()))
+    Ok(crate::jwk_thumbprint(&canonical))
 }
 
 /// The `ath` of an access token: SHA-256 of its ASCII, base64url.

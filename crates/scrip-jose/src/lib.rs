@@ -89,9 +89,47 @@ pub fn sha256_b64(data: &[u8]) -> String {
     b64(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
 }
 
+/// The RFC 7638 thumbprint of a JWK's required members: SHA-256 of the
+/// JSON object of `members` in lexicographic order of their names, without
+/// whitespace, base64url. Written out here rather than left to a JSON map,
+/// whose order depends on the build's serde_json features (`preserve_order`
+/// keeps insertion order, and another crate in the build turns it on).
+pub(crate) fn jwk_thumbprint(members: &[(&str, &str)]) -> String {
+    let mut sorted: Vec<&(&str, &str)> = members.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut text = String::from("{");
+    for (i, (name, value)) in sorted.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&serde_json::Value::from(*name).to_string());
+        text.push(':');
+        text.push_str(&serde_json::Value::from(*value).to_string());
+    }
+    text.push('}');
+    sha256_b64(text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 7638 §3.1's example, its members given in any order: the
+    /// thumbprint does not depend on how a JSON map orders keys.
+    #[test]
+    fn a_jwk_thumbprint_sorts_its_members_itself() {
+        let n = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
+        for members in [
+            [("e", "AQAB"), ("kty", "RSA"), ("n", n)],
+            [("n", n), ("kty", "RSA"), ("e", "AQAB")],
+            [("kty", "RSA"), ("n", n), ("e", "AQAB")],
+        ] {
+            assert_eq!(
+                jwk_thumbprint(&members),
+                "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+            );
+        }
+    }
 
     #[test]
     fn time_ordered_ids_start_with_the_time_and_differ() {

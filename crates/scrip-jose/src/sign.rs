@@ -207,14 +207,9 @@ impl SigningKey {
     }
 
     fn thumbprint(&self) -> String {
-        let members: serde_json::Map<String, serde_json::Value> = self
-            .required_members()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-            .collect();
-        // serde_json's map is ordered by key, which is RFC 7638's order.
-        let canonical = serde_json::Value::Object(members).to_string();
-        crate::sha256_b64(canonical.as_bytes())
+        let members = self.required_members();
+        let members: Vec<(&str, &str)> = members.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        crate::jwk_thumbprint(&members)
     }
 
     /// The public JWK: key type, public parameters, `kid`, `alg`, `use`.
