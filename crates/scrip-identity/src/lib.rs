@@ -403,10 +403,40 @@ fn peek(token: &str) -> Result<(Option<String>, Option<String>, String), Identit
     Ok((text(&header, "typ"), text(&header, "kid"), iss))
 }
 
+/// The largest `jwks_file` read, as for a fetched key set.
+const MAX_JWKS_FILE: u64 = 256 * 1024;
+
+/// Reads a `jwks_file`. It is a trust anchor: whoever can write it can put
+/// in a key and sign any identity, so a file that group or others may
+/// write, or that belongs to a user other than scrip's or root, is refused.
 fn read_file(path: &std::path::Path) -> Result<KeySet, String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    KeySet::from_jwks_json(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "`{shown}` may be written by group or others, who could add a key and sign any identity; `chmod go-w` it"
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "`{shown}` belongs to uid {}, neither scrip's user nor root, who could add a key and sign any identity",
+            meta.uid()
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_JWKS_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_JWKS_FILE {
+        return Err(format!("`{shown}` is larger than {MAX_JWKS_FILE} bytes"));
+    }
+    KeySet::from_jwks_json(&bytes).map_err(|e| format!("`{shown}`: {e}"))
 }
 
 async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<KeySet, String> {

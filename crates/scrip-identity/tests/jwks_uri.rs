@@ -428,15 +428,34 @@ fn unusable_jwks_file_is_a_setup_error() {
     std::fs::write(&path, b"{\"keys\": []}").unwrap();
     let issuer = TrustedIssuer {
         jwks_uri: None,
-        jwks_file: Some(path),
+        jwks_file: Some(path.clone()),
         ..trusted("unused", 60, 60, 1)
     };
     assert!(IdentityVerifier::new(std::slice::from_ref(&issuer), OWN, 30).is_err());
     let missing = TrustedIssuer {
         jwks_file: Some(dir.path().join("absent.json")),
-        ..issuer
+        ..issuer.clone()
     };
     assert!(IdentityVerifier::new(&[missing], OWN, 30).is_err());
+
+    // A trust anchor others may write is refused, however good its keys.
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = es256();
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&json!({"keys": [key.public_jwk()]})).unwrap(),
+    )
+    .unwrap();
+    for (mode, ok) in [(0o644, true), (0o600, true), (0o664, false), (0o646, false)] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        match IdentityVerifier::new(std::slice::from_ref(&issuer), OWN, 30) {
+            Ok(_) => assert!(ok, "mode {mode:o} was accepted"),
+            Err(e) => assert!(
+                !ok && e.to_string().contains("group or others"),
+                "mode {mode:o}: {e}"
+            ),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
