@@ -86,11 +86,13 @@ fn block_on<T>(f: impl Future<Output = Result<T, String>>) -> Result<T, String> 
         .block_on(f)
 }
 
+/// A member of the server's answer, safe to print (see
+/// [`crate::audit::printable`]).
 fn text(v: &Value, k: &str) -> String {
     match v.get(k) {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => crate::audit::printable(s),
         Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
+        Some(other) => crate::audit::printable(&other.to_string()),
     }
 }
 
@@ -123,6 +125,7 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                         .map(|c| {
                             c.iter()
                                 .filter_map(Value::as_str)
+                                .map(crate::audit::printable)
                                 .collect::<Vec<_>>()
                                 .join(" <- ")
                         })

@@ -192,13 +192,39 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
     }
 }
 
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// `ms` since the epoch in RFC 3339, or as the number when past what RFC
+/// 3339 can write (a stored time is not trusted to be sane).
 pub(crate) fn when(ms: u64) -> String {
+    if ms > LAST_RFC3339_MS {
+        return format!("{ms} ms");
+    }
     let t = UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// `s` safe to print on a terminal: control characters (newlines, escape
+/// sequences) and bidirectional-format characters (which reorder what
+/// follows) are written as `\u{..}` escapes, so a value from an agent or a
+/// token cannot forge or hide a line of what a person reads.
+pub(crate) fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub(crate) fn cell(s: Option<&str>, width: usize) -> String {
-    let s = s.unwrap_or("-");
+    let s = printable(s.unwrap_or("-"));
+    let s = s.as_str();
     if s.chars().count() > width {
         let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
         out.push('…');
@@ -304,5 +330,27 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
     match result {
         Err(e) => fail(e),
         Ok(()) => ExitCode::SUCCESS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_person_reads_cannot_be_forged() {
+        assert_eq!(printable("a\nb"), "a\\u{a}b");
+        assert_eq!(printable("x\u{1b}[2Jy"), "x\\u{1b}[2Jy");
+        assert_eq!(printable("ab\u{202e}cd"), "ab\\u{202e}cd");
+        assert_eq!(printable("système:agents"), "système:agents");
+        assert_eq!(cell(Some("a\r\nb"), 80), "a\\u{d}\\u{a}b");
+    }
+
+    #[test]
+    fn times_past_rfc3339_are_numbers() {
+        assert_eq!(when(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(when(LAST_RFC3339_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(when(LAST_RFC3339_MS + 1), "253402300800000 ms");
+        assert_eq!(when(u64::MAX), format!("{} ms", u64::MAX));
     }
 }

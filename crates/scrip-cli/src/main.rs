@@ -83,6 +83,7 @@ enum Command {
     /// are forwarded to it. The exit code is COMMAND's (128+signal when a
     /// signal killed it), 127 when COMMAND is not found, 126 when it cannot
     /// be run, and 1 when COMMAND succeeded but the task could not be ended.
+    /// COMMAND never inherits SCRIP_IDENTITY or SCRIP_KEY_ENCRYPTION_KEY.
     Run(run::RunArgs),
     /// Print an access token of the current task (SCRIP_TASK_TOKEN).
     ///
@@ -327,6 +328,26 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Credentials of scrip's own that a program scrip starts (a `scrip run`
+/// command, a `mint_command`) never inherits: the key-encryption key that
+/// opens every stored secret, and the identity and task tokens of the
+/// process that started scrip.
+const NOT_INHERITED: [&str; 3] = [
+    scrip_server::keys::KEK_ENV,
+    "SCRIP_IDENTITY",
+    "SCRIP_TASK_TOKEN",
+];
+
+/// A command for `program` with the rest of scrip's environment but
+/// [`NOT_INHERITED`].
+pub(crate) fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    for name in NOT_INHERITED {
+        cmd.env_remove(name);
+    }
+    cmd
 }
 
 #[expect(

@@ -198,11 +198,10 @@ async fn run_async(args: RunArgs) -> ExitCode {
         end_task(&client, task, cache.as_ref()).await;
         return fail("no command given after `--`");
     };
-    let mut child = match tokio::process::Command::new(program)
+    let mut child = match crate::child_command(program)
         .args(program_args)
         .env("SCRIP_URL", client.url())
         .env("SCRIP_TASK_TOKEN", task.token())
-        .env_remove("SCRIP_IDENTITY")
         .spawn()
     {
         Ok(c) => c,

@@ -168,7 +168,7 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| "mint_command is empty".to_owned())?;
-    let child = tokio::process::Command::new(program)
+    let child = crate::child_command(program)
         .args(args)
         .env("SCRIP_SECRET_NAME", name)
         .env("SCRIP_SECRET_ACTION", action)

@@ -118,7 +118,8 @@ max_age = 86400
 
 [upstreams.secrets.write]
 grace = 600
-mint_command = ["/bin/echo", "{MINTED_KEY}"]
+# Mints only when it inherited none of scrip's credentials.
+mint_command = ["/bin/sh", "-c", "[ -z \"${{SCRIP_TASK_TOKEN+set}}${{SCRIP_IDENTITY+set}}\" ] && echo {MINTED_KEY}"]
 
 [proxy]
 listen = "{proxy_addr}"
@@ -143,12 +144,18 @@ identity_file = "{identity}"
 
 impl Setup {
     fn scrip(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.scrip_with(args, stdin, &[])
+    }
+
+    /// As [`Setup::scrip`], with `env` set for scrip.
+    fn scrip_with(&self, args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_scrip"))
             .args(args)
             .arg("--config")
             .arg(&self.config)
             .env_remove("SCRIP_CONFIG")
             .env_remove("SCRIP_KEY_ENCRYPTION_KEY")
+            .envs(env.iter().copied())
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -273,8 +280,17 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         0o600
     );
 
-    // Rotation with the mint command; the old version stays, retiring.
-    let out = s.scrip(&["secret", "rotate", "legacy", "--action", "write"], None);
+    // Rotation with the mint command; the old version stays, retiring. The
+    // command inherits none of scrip's credentials (it refuses to mint if
+    // it does).
+    let out = s.scrip_with(
+        &["secret", "rotate", "legacy", "--action", "write"],
+        None,
+        &[
+            ("SCRIP_TASK_TOKEN", "a-task-token"),
+            ("SCRIP_IDENTITY", "an-identity"),
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("rotated `legacy` `write` to version 2"));
     let out = s.scrip(&["secret", "list", "--json"], None);

@@ -261,6 +261,28 @@ fn quickstart_run_a_command_get_a_token_and_it_is_dead_afterwards() {
     assert_eq!(fs::read_dir(cache).map(Iterator::count).unwrap_or(0), 0);
 }
 
+/// The command gets its task and scrip's address, and none of the
+/// credentials of whoever started `scrip run`: not the key-encryption key
+/// that opens every stored secret, not the identity.
+#[test]
+fn the_command_inherits_no_key_of_scrips() {
+    let server = Server::start();
+    let out = server
+        .scrip()
+        .env("SCRIP_KEY_ENCRYPTION_KEY", "the-kek")
+        .args(["run", "--purpose", "inherit", "--grant", "github:read"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "printf '%s|%s|%s' \"${SCRIP_KEY_ENCRYPTION_KEY-absent}\" \"${SCRIP_IDENTITY-absent}\" \"${SCRIP_TASK_TOKEN:+task}\"",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "absent|absent|task");
+}
+
 #[test]
 fn exit_codes_pass_through() {
     let server = Server::start();

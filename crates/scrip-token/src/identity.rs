@@ -74,6 +74,10 @@ pub enum ShapeError {
     /// `sub` is missing, not a string, or empty.
     #[error("token has no subject")]
     NoSubject,
+    /// `sub` holds control or bidirectional-format characters, which could
+    /// forge or hide a line of what an approver or auditor reads.
+    #[error("token subject holds control or bidirectional-format characters")]
+    SubjectNotText,
     /// The issuer is a SPIFFE issuer and `sub` is no SPIFFE ID of its trust
     /// domain.
     #[error("token subject is not a SPIFFE ID{}", .0.as_deref().map(|d| format!(" in trust domain `{d}`")).unwrap_or_default())]
@@ -117,6 +121,12 @@ impl WorkloadIdentity {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or(ShapeError::NoSubject)?;
+        if subject.chars().any(|c| {
+            c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        }) {
+            return Err(ShapeError::SubjectNotText);
+        }
         let mut flat = BTreeMap::new();
         flatten("", claims, 0, &mut flat)?;
         let declared = kind.is_some();
@@ -475,6 +485,26 @@ mod tests {
                 Some("agents")
             );
         }
+    }
+
+    /// A subject that could forge or hide a line of what a person reads is
+    /// no identity.
+    #[test]
+    fn a_subject_with_control_or_bidi_characters_is_refused() {
+        for sub in ["a\nb", "x\u{1b}[2Jy", "ab\u{202e}cd", "tab\there"] {
+            let Value::Object(map) = json!({ "sub": sub }) else {
+                panic!("not an object")
+            };
+            assert_eq!(
+                WorkloadIdentity::from_claims_of("https://issuer", &map, None, None).unwrap_err(),
+                ShapeError::SubjectNotText,
+                "{sub:?}"
+            );
+        }
+        let Value::Object(map) = json!({ "sub": "système:agents:é" }) else {
+            panic!("not an object")
+        };
+        assert!(WorkloadIdentity::from_claims_of("https://issuer", &map, None, None).is_ok());
     }
 
     #[test]
