@@ -33,7 +33,8 @@ pub struct QueryArgs {
     /// Only records before this time (same forms as --since).
     #[arg(long, value_parser = parse_time)]
     pub until: Option<u64>,
-    /// At most this many records.
+    /// At most this many records, the oldest first (a note on stderr says
+    /// when more matched).
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
     /// Print JSON lines instead of a table.
@@ -284,6 +285,16 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
                 }
             } else {
                 print_table(&records);
+            }
+            // Records come oldest first: say when newer ones were left out.
+            if u64::try_from(records.len()).unwrap_or(u64::MAX) >= u64::from(args.limit) {
+                #[expect(clippy::print_stderr, reason = "a note beside the output")]
+                {
+                    eprintln!(
+                        "scrip: showing the oldest {} matching records; later ones may exist (narrow with --since, or raise --limit)",
+                        records.len()
+                    );
+                }
             }
             ExitCode::SUCCESS
         }

@@ -399,14 +399,10 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
 #[expect(clippy::print_stdout, reason = "the command reports on stdout")]
 pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
     let result = (|| {
-        let config = Config::load(config).map_err(|e| e.to_string())?;
         runtime()?.block_on(async {
-            let store = scrip_store::open(
-                config.database_url.as_deref(),
-                &config.data_dir.join("scrip.db"),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            // Never creates a store: an empty list from a wrong `data_dir`
+            // would mislead.
+            let (config, store) = crate::audit::open(config).await?;
             let records = store.secrets().await.map_err(|e| e.to_string())?;
             Ok::<_, String>(scrip_proxy::secrets::statuses(&records, now(), |n, a| {
                 spec(&config, n, a).ok().map(|(_, s)| (s.max_age, s.grace))

@@ -343,6 +343,14 @@ async fn audit_commands_read_what_the_server_recorded() {
         str_of(r, "task_id") == Some(id_a.as_str()) && str_of(r, "decision") == Some("deny")
     }));
     assert_eq!(site.query(&["--limit", "3"]).len(), 3);
+    // The oldest come first: a full page says later ones may exist.
+    let out = site.audit(&["query", "--json", "--limit", "3"]);
+    assert!(
+        text(&out.stderr).contains("later ones may exist"),
+        "{out:?}"
+    );
+    let out = site.audit(&["query", "--json", "--task", &id_a]);
+    assert!(text(&out.stderr).is_empty(), "{out:?}");
 
     // The table form: a header, then one line per record.
     let out = site.audit(&["query", "--task", &id_a]);
