@@ -2,9 +2,10 @@
 //!
 //! Order matters here: signal handlers are installed first, so an
 //! interrupt at any point still ends whatever was started; the task is
-//! ended (revoked) after the child exits, however it exits; SIGINT, SIGTERM
-//! and SIGHUP are forwarded to the child, which gets [`GRACE`] to exit
-//! before it is killed, so nothing is left running.
+//! ended (revoked) after the child exits, however it exits; SIGINT, SIGTERM,
+//! SIGHUP and SIGQUIT are forwarded to the child, which gets [`GRACE`] to
+//! exit before it is killed, so nothing is left running (a Ctrl-C at the
+//! terminal reached the child already, and is the child's to handle).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -233,8 +234,11 @@ async fn run_async(args: RunArgs) -> ExitCode {
     }
 }
 
-/// Waits for the child, forwarding signals; after the first, the child has
-/// [`GRACE`] to exit before it is killed.
+/// Waits for the child, forwarding signals; after the first forwarded one,
+/// the child has [`GRACE`] to exit before it is killed. A Ctrl-C (or
+/// Ctrl-\\) at the terminal reached the child already, from the terminal:
+/// it is neither forwarded nor timed, since an interactive command (a shell,
+/// a REPL) may take it as "stop this step", not "exit".
 async fn supervise(
     child: &mut tokio::process::Child,
     signals: &mut Signals,
@@ -254,10 +258,12 @@ async fn supervise(
         tokio::select! {
             status = child.wait() => return status,
             sig = signals.recv() => {
-                if let Some(pid) = pid
-                    && !(matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT)
-                        && terminal_delivered_it())
+                if matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT)
+                    && terminal_delivered_it()
                 {
+                    continue;
+                }
+                if let Some(pid) = pid {
                     let _ = rustix::process::kill_process(pid, sig);
                 }
                 deadline.get_or_insert_with(|| tokio::time::Instant::now() + GRACE);

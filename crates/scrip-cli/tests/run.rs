@@ -362,6 +362,81 @@ fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32)
     assert_eq!(status, 400, "the task ended: {body}");
 }
 
+/// A Ctrl-C at the terminal reaches an interactive command directly; a
+/// command that takes it as "stop this step" (a shell, a REPL) goes on,
+/// and is not killed `GRACE` later. scrip runs in a pseudo-terminal made
+/// by Python's `pty`, as the foreground process group.
+#[test]
+fn ctrl_c_at_the_terminal_is_the_commands_to_handle() {
+    let server = Server::start();
+    let scrip = server.scrip();
+    let driver = r#"
+import os, pty, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+out = b""
+def read_for(seconds):
+    global out
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return False
+        if not data:
+            return False
+        out += data
+        if b"started" in out and not b"\x03sent" in out:
+            return True
+    return True
+read_for(30)
+os.write(fd, b"\x03")
+out += b"\x03sent"
+while True:
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        break
+    if not data:
+        break
+    out += data
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.stdout.write("\nexit=%d\n" % os.waitstatus_to_exitcode(status))
+"#;
+    // The command traps SIGINT, then works on for 12 s: past the 10 s a
+    // forwarded signal would give it.
+    let script = "trap 'echo caught' INT; echo started; i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done; echo finished";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", driver]).arg(scrip.get_program()).args([
+        "run",
+        "--purpose",
+        "tty",
+        "--grant",
+        "github:read",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    for (k, v) in scrip.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{shown}{}", text(&out.stderr));
+    assert!(shown.contains("caught"), "{shown}");
+    assert!(
+        shown.contains("finished"),
+        "the command was killed: {shown}"
+    );
+    assert!(shown.trim_end().ends_with("exit=0"), "{shown}");
+}
+
 #[test]
 fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     let server = Server::start();
