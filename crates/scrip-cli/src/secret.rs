@@ -168,27 +168,86 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| "mint_command is empty".to_owned())?;
-    let child = crate::child_command(program)
+    use tokio::io::AsyncReadExt as _;
+    // Its own process group, so that what it started goes with it.
+    let mut child = crate::child_command(program)
         .args(args)
         .env("SCRIP_SECRET_NAME", name)
         .env("SCRIP_SECRET_ACTION", action)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run mint command `{program}`: {e}"))?;
-    let output = tokio::time::timeout(MINT_TIMEOUT, child.wait_with_output())
-        .await
-        .map_err(|_| format!("mint command `{program}` did not finish within 60 s"))?
-        .map_err(|e| format!("mint command `{program}` failed: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "mint command `{program}` exited with {}",
-            output.status
-        ));
-    }
-    SecretValue::from_input(output.stdout)
+    let group = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    let kill_group = || {
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    };
+    let failed = |e: std::io::Error| format!("mint command `{program}` failed: {e}");
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| format!("mint command `{program}`: no output"))?;
+    // A value and its newline at most: more is read no further.
+    let limit = u64::try_from(scrip_proxy::secrets::MAX_SECRET_BYTES + 2).unwrap_or(u64::MAX);
+    let mut reader = stdout.take(limit + 1);
+    let run = async {
+        let mut out = Zeroizing::new(Vec::new());
+        let exited = {
+            let read = reader.read_to_end(&mut out);
+            tokio::select! {
+                r = read => {
+                    r.map_err(failed)?;
+                    None
+                }
+                s = child.wait() => Some(s.map_err(failed)?),
+            }
+        };
+        let status = match exited {
+            // It exited: what it left running (and holding its output
+            // open) goes, and the rest of its output is read.
+            Some(status) => {
+                kill_group();
+                reader.read_to_end(&mut out).await.map_err(failed)?;
+                status
+            }
+            None => {
+                if u64::try_from(out.len()).unwrap_or(u64::MAX) > limit {
+                    return Err(format!(
+                        "mint command `{program}` printed more than a secret (8 KiB)"
+                    ));
+                }
+                child.wait().await.map_err(failed)?
+            }
+        };
+        if u64::try_from(out.len()).unwrap_or(u64::MAX) > limit {
+            return Err(format!(
+                "mint command `{program}` printed more than a secret (8 KiB)"
+            ));
+        }
+        if !status.success() {
+            return Err(format!("mint command `{program}` exited with {status}"));
+        }
+        Ok(out)
+    };
+    let result = match tokio::time::timeout(MINT_TIMEOUT, run).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "mint command `{program}` did not finish within 60 s"
+        )),
+    };
+    // Whatever it left running goes (the command itself has exited, or is
+    // killed on drop).
+    kill_group();
+    let out = result?;
+    SecretValue::from_input(out.to_vec())
         .map_err(|e| format!("mint command `{program}`'s output: {e}"))
 }
 

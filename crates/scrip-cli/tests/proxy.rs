@@ -109,6 +109,11 @@ name = "legacy"
 resource = "https://legacy.example"
 actions = ["read", "write"]
 
+[[tools]]
+name = "mintly"
+resource = "https://mintly.example"
+actions = ["read", "write"]
+
 [[upstreams]]
 name = "legacy"
 url = "{upstream}"
@@ -121,6 +126,18 @@ grace = 600
 # Mints only when it inherited none of scrip's credentials.
 mint_command = ["/bin/sh", "-c", "[ -z \"${{SCRIP_TASK_TOKEN+set}}${{SCRIP_IDENTITY+set}}\" ] && echo {MINTED_KEY}"]
 
+# Mint commands that misbehave: one prints far more than a secret, one
+# leaves a process behind (its pid in a file).
+[[upstreams]]
+name = "mintly"
+url = "{upstream}"
+
+[upstreams.secrets.read]
+mint_command = ["/bin/sh", "-c", "yes wk-too-long | head -c 100000"]
+
+[upstreams.secrets.write]
+mint_command = ["/bin/sh", "-c", "sleep 300 & echo $! > {leftover}; echo wk-minted-with-a-leftover"]
+
 [proxy]
 listen = "{proxy_addr}"
 identity_file = "{identity}"
@@ -130,6 +147,7 @@ identity_file = "{identity}"
         policies = policies.display(),
         jwks = root.join("k8s-jwks.json").display(),
         upstream = nginx.url(),
+        leftover = root.join("leftover.pid").display(),
     );
     let path = root.join("scrip.toml");
     fs::write(&path, config).unwrap();
@@ -293,6 +311,39 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("rotated `legacy` `write` to version 2"));
+    // A mint command's output is read no further than a secret can be,
+    // and what it leaves running is killed with it.
+    for action in ["read", "write"] {
+        let out = s.scrip(
+            &["secret", "set", "mintly", "--action", action],
+            Some(b"first-value\n"),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let out = s.scrip(&["secret", "rotate", "mintly", "--action", "read"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("printed more than a secret"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s.scrip(&["secret", "rotate", "mintly", "--action", "write"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let leftover = fs::read_to_string(s.dir.path().join("leftover.pid")).unwrap();
+    let proc_dir = Path::new("/proc").join(leftover.trim());
+    let start = std::time::Instant::now();
+    while proc_dir.exists()
+        && !fs::read_to_string(proc_dir.join("stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "the mint command's leftover process {} still runs",
+            leftover.trim()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let out = s.scrip(&["secret", "list", "--json"], None);
     assert_eq!(out.status.code(), Some(0));
     let listed = text(&out.stdout);
@@ -305,6 +356,7 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         .collect();
     let summary: Vec<(String, u64, String, bool)> = rows
         .iter()
+        .filter(|r| r["name"] == "legacy")
         .map(|r| {
             (
                 r["action"].as_str().unwrap().to_owned(),
