@@ -513,7 +513,7 @@ async fn decide_endpoint(
             .task(&approval.task_id)
             .await?
             .ok_or_else(OAuthError::server_error)?;
-        if st.config.separation_of_duties && started_by(st, &task, &who) {
+        if st.config.separation_of_duties && started_by(st, &task, &Person::of(st, &who, &approver)) {
             return Err(OAuthError::forbidden(
                 "separation of duties: you may not approve a step of a task you started or act in (a local agent of your uid counts as you: any process of a uid attests as that uid)",
             ));
@@ -578,31 +578,70 @@ async fn decide_endpoint(
     }
 }
 
-/// Whether `who` started `task` or acts in its delegation chain.
+/// Every identity a person is known by: the one they presented, and each
+/// that the configuration gives their name (every `[[approvers]]` entry of
+/// it: an issuer and subject, a local uid). Signing in with one must not
+/// let a person approve for an agent started with another.
+struct Person {
+    /// `(issuer, subject)` pairs.
+    ids: Vec<(String, String)>,
+    /// Local uids.
+    uids: Vec<String>,
+}
+
+impl Person {
+    fn of(st: &Inner, who: &WorkloadIdentity, approver: &Approver) -> Self {
+        let local_issuer = crate::attest::local_issuer(st);
+        let mut person = Self {
+            ids: vec![(who.issuer.clone(), who.subject.clone())],
+            uids: Vec::new(),
+        };
+        if who.issuer == local_issuer
+            && let Some(uid) = who.claims.get(LOCAL_UID)
+        {
+            person.uids.push(uid.clone());
+        }
+        for entry in st
+            .config
+            .approvers
+            .iter()
+            .filter(|a| a.name == approver.name)
+        {
+            if let (Some(issuer), Some(subject)) = (&entry.issuer, &entry.subject) {
+                person.ids.push((issuer.clone(), subject.clone()));
+            }
+            if let Some(uid) = entry.uid {
+                person.uids.push(uid.to_string());
+            }
+        }
+        person
+    }
+
+    fn is(&self, issuer: &str, subject: &str) -> bool {
+        self.ids.iter().any(|(i, s)| i == issuer && s == subject)
+    }
+}
+
+/// Whether `person` started `task` or acts in its delegation chain, by any
+/// identity they are known by.
 ///
 /// A person known by local attestation is known only by uid: any process of
 /// that uid attests as that uid, and as any `[[local_workloads]]` entry it
 /// matches, so it could approve for a local agent of the same uid. A local
-/// agent or actor of `who`'s uid therefore counts as `who`, and so does one
-/// whose uid is not known (a workload entry that pins no uid).
-fn started_by(st: &Inner, task: &TaskRecord, who: &WorkloadIdentity) -> bool {
-    if task.agent.issuer == who.issuer && task.agent.subject == who.subject {
+/// agent or actor of one of the person's uids therefore counts as them, and
+/// so does one whose uid is not known (a workload entry that pins no uid).
+fn started_by(st: &Inner, task: &TaskRecord, person: &Person) -> bool {
+    if person.is(&task.agent.issuer, &task.agent.subject) {
         return true;
     }
     let local_issuer = crate::attest::local_issuer(st);
-    let who_uid = (who.issuer == local_issuer)
-        .then(|| who.claims.get(LOCAL_UID))
-        .flatten();
     let same_local_user = |issuer: &str, subject: &str, uid: Option<&String>| {
-        let Some(mine) = who_uid else {
-            return false;
-        };
-        if issuer != local_issuer {
+        if person.uids.is_empty() || issuer != local_issuer {
             return false;
         }
         uid.cloned()
             .or_else(|| local_uid(st, subject))
-            .is_none_or(|theirs| theirs == *mine)
+            .is_none_or(|theirs| person.uids.contains(&theirs))
     };
     if same_local_user(
         &task.agent.issuer,
@@ -613,7 +652,11 @@ fn started_by(st: &Inner, task: &TaskRecord, who: &WorkloadIdentity) -> bool {
     }
     let mut actor = task.actor.as_ref();
     while let Some(a) = actor {
-        if a.sub == who.subject && a.iss.as_deref().is_none_or(|i| i == who.issuer) {
+        let by_id = match a.iss.as_deref() {
+            Some(iss) => person.is(iss, &a.sub),
+            None => person.ids.iter().any(|(_, s)| *s == a.sub),
+        };
+        if by_id {
             return true;
         }
         if a.iss

@@ -614,6 +614,28 @@ async fn separation_of_duties_refuses_the_agent_itself() {
     s.stop().await;
 }
 
+/// A person known by several identities (entries of one name) may not
+/// approve, signed in with one, a step of a task started with another.
+#[tokio::test]
+async fn separation_of_duties_covers_every_identity_of_a_person() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![
+            alice(),
+            approver("carol", K8S_ISSUER, AGENT),
+            approver("carol", K8S_ISSUER, "system:serviceaccount:people:carol"),
+        ];
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let carol = s.k8s.kubernetes("people", "carol");
+    let r = approve(&s, &id, Some(&carol)).await;
+    r.assert_error(403, "access_denied");
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn without_separation_of_duties_the_agent_may_approve() {
     let s = TestServer::start_with(edit(|c| {
