@@ -63,10 +63,36 @@ pub(crate) async fn delegate(
         }
         Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
     };
+    // An identified task refused (without its DPoP key, or asking for more
+    // than it holds) is audited like an access-token request beyond the
+    // task (`token.refused`).
+    let refuse = |e: OAuthError| async {
+        let mut a = st.audit("task.refused");
+        a.decision = Some("deny".into());
+        a.agent_iss = Some(parent.agent.issuer.clone());
+        a.agent_sub = Some(parent.agent.subject.clone());
+        a.task_id = Some(parent.id.clone());
+        a.parent_id.clone_from(&parent.parent);
+        a.chain = parent.actor.as_ref().map(Actor::chain).unwrap_or_default();
+        a.environment = Some(parent.environment.clone());
+        a.purpose = Some(parent.purpose.clone());
+        a.actions = form.get("scope").map(short);
+        a.reason = Some(format!(
+            "delegation to {} ({}): {}",
+            short(&actor.subject),
+            short(&actor.issuer),
+            e.description
+        ));
+        a.client = Some(peer.to_string());
+        st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
+        Err::<Response, OAuthError>(e)
+    };
     // A bound parent delegates only with a proof by its key. The child's
     // token is not bound (the sub-agent's key is not known here), but the
     // proof is spent: a proof is accepted once, whatever the grant.
-    crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)?;
+    if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding) {
+        return refuse(e).await;
+    }
     if let Some(b) = binding {
         b.spend(st)?;
     }
@@ -79,29 +105,7 @@ pub(crate) async fn delegate(
     } = match attenuate(st, form, &parent, &actor) {
         Ok(asked) => asked,
         Err(e) if e.status.is_server_error() => return Err(e),
-        Err(e) => {
-            // An identified task asked for more than it holds: audited like
-            // an access-token request beyond the task (`token.refused`).
-            let mut a = st.audit("task.refused");
-            a.decision = Some("deny".into());
-            a.agent_iss = Some(parent.agent.issuer.clone());
-            a.agent_sub = Some(parent.agent.subject.clone());
-            a.task_id = Some(parent.id.clone());
-            a.parent_id.clone_from(&parent.parent);
-            a.chain = parent.actor.as_ref().map(Actor::chain).unwrap_or_default();
-            a.environment = Some(parent.environment.clone());
-            a.purpose = Some(parent.purpose.clone());
-            a.actions = form.get("scope").map(short);
-            a.reason = Some(format!(
-                "delegation to {} ({}): {}",
-                short(&actor.subject),
-                short(&actor.issuer),
-                e.description
-            ));
-            a.client = Some(peer.to_string());
-            st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
-            return Err(e);
-        }
+        Err(e) => return refuse(e).await,
     };
 
     let act = Actor {

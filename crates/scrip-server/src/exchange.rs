@@ -608,8 +608,6 @@ async fn access_token(
     let task = active_task(st, &claims, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
-    check_task_binding(claims.cnf.as_ref(), binding)?;
-    let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
 
     let mut base = st.audit("token.decision");
@@ -644,6 +642,12 @@ async fn access_token(
         }
     };
 
+    // A bound task's token without its key is most likely stolen: refused,
+    // and on the record.
+    if let Err(e) = check_task_binding(claims.cnf.as_ref(), binding) {
+        return refuse(st, &base, form.get("audience").map(short), None, e).await;
+    }
+    let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let tool = match target_tool(st, form) {
         Ok(t) => t,
         Err(e) => return refuse(st, &base, form.get("audience").map(short), None, e).await,
@@ -660,7 +664,10 @@ async fn access_token(
         None => held.clone(),
         Some(s) => match ActionSet::parse(s) {
             Ok(a) => a,
-            Err(e) => return Err(OAuthError::invalid_scope(e.to_string())),
+            Err(e) => {
+                let e = OAuthError::invalid_scope(e.to_string());
+                return refuse(st, &base, Some(tool.name.to_string()), Some(short(s)), e).await;
+            }
         },
     };
     if let Some(beyond) = actions.iter().find(|a| !held.contains(a)) {

@@ -306,6 +306,22 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     );
     let r = post(&s, &delegate, &[&key.proof("POST", &token_url, None)]).await;
     assert_eq!(r.status, 200, "{}", r.text);
+    // Each use without the key, most likely a stolen token, is on the record.
+    let audit = s.audit().await;
+    for (event, why) in [
+        ("token.refused", "bound to a DPoP key"),
+        ("token.refused", "not signed with the key"),
+        ("task.refused", "bound to a DPoP key"),
+        ("task.refused", "not signed with the key"),
+    ] {
+        assert!(
+            audit.iter().any(|a| a.event == event
+                && a.decision.as_deref() == Some("deny")
+                && a.task_id.is_some()
+                && a.reason.as_deref().is_some_and(|r| r.contains(why))),
+            "no {event} record for: {why}"
+        );
+    }
 
     // A step waiting for a person: polled with the key only.
     let r = s
