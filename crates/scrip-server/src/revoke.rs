@@ -39,7 +39,7 @@ pub async fn revoke_endpoint(
 
 /// Revokes `token` if it is a valid scrip token.
 pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<(), OAuthError> {
-    let Ok(own) = st.verify_any_own(token) else {
+    let Ok(own) = st.verify_any_own_for_revocation(token) else {
         tracing::debug!(client = %peer, "revocation of an unknown or invalid token ignored");
         return Ok(());
     };

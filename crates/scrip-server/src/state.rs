@@ -98,6 +98,17 @@ impl Inner {
         token: &str,
         kind: TokenKind,
     ) -> Result<Verified<T>, JoseError> {
+        // scrip's own clock issued these tokens: no skew to allow for.
+        self.verify_own_with(token, kind, 0)
+    }
+
+    /// [`Self::verify_own`], accepting `exp` up to `leeway` seconds past.
+    fn verify_own_with<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        kind: TokenKind,
+        leeway: u64,
+    ) -> Result<Verified<T>, JoseError> {
         let (typ, audiences): (&TypRule, &[String]) = match kind {
             TokenKind::Task => (&self.task_typ, &self.self_audience),
             // An access token's audience is a tool; any configured tool is
@@ -124,8 +135,7 @@ impl Inner {
                 audiences,
                 algorithms: self.keyring.algorithms(),
                 typ,
-                // scrip's own clock issued these tokens: no skew to allow for.
-                leeway: 0,
+                leeway,
             },
         )
     }
@@ -168,6 +178,26 @@ impl Inner {
                 expected: "a scrip task or access token".into(),
                 found: "other".into(),
             }),
+        }
+    }
+
+    /// A token of scrip's own, of whichever kind, up to `clock_skew` past its
+    /// `exp`: verifiers accept it that long, so it can still be revoked.
+    pub fn verify_any_own_for_revocation(&self, token: &str) -> Result<OwnToken, JoseError> {
+        match self.verify_any_own(token) {
+            Err(JoseError::Expired) => {
+                let leeway = self.config.clock_skew;
+                match peek_typ(token).as_deref() {
+                    Some("txntoken+jwt") => self
+                        .verify_own_with(token, TokenKind::Task, leeway)
+                        .map(|v| OwnToken::Task(Arc::new(v.claims))),
+                    Some("at+jwt") => self
+                        .verify_own_with(token, TokenKind::Access, leeway)
+                        .map(|v| OwnToken::Access(Arc::new(v.claims))),
+                    _ => Err(JoseError::Expired),
+                }
+            }
+            other => other,
         }
     }
 

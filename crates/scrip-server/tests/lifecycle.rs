@@ -116,6 +116,41 @@ async fn revoking_an_access_token_leaves_the_task_and_revoking_the_task_ends_it(
     s.stop().await;
 }
 
+/// A token just past its `exp` still passes a resource server with some
+/// leeway, so it can still be revoked: up to `clock_skew` past `exp` the
+/// revocation is recorded and published.
+#[tokio::test]
+async fn a_token_just_past_its_expiry_can_still_be_revoked() {
+    let s = TestServer::start_with(Options {
+        access_token_ttl: 1,
+        ..Options::default()
+    })
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "triage the backlog", None)
+            .await,
+    );
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let token = r.body["access_token"].as_str().unwrap().to_owned();
+    let jti = claims_of(&token)["jti"].as_str().unwrap().to_owned();
+    let exp = claims_of(&token)["exp"].as_u64().unwrap();
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = s.revoke(&token).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let audit = s.audit().await;
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.event == "token.revoked" && a.jti.as_deref() == Some(jti.as_str())),
+        "the revocation of a token past its exp was dropped"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn introspection_shows_active_tokens_and_nothing_about_others() {
     let s = TestServer::start_with(Options {
