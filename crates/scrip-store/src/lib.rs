@@ -112,7 +112,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The approval with this `auth_req_id`.
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
 
-    /// Pending approvals that have not expired at `now`, oldest first.
+    /// Pending approvals that have not expired at `now`, of tasks still open
+    /// then (a step of a task that ended is nobody's to decide), oldest
+    /// first.
     async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
 
     /// One task's pending approvals that have not expired at `now`, oldest

@@ -254,7 +254,9 @@ impl Store for SqliteStore {
         let rows = sqlx::query(concat!(
             "SELECT ",
             approval_columns!(),
-            " FROM approvals WHERE state = 'pending' AND expires_at > ? ORDER BY created_at, id LIMIT ?",
+            " FROM approvals WHERE state = 'pending' AND expires_at > ?1 \
+             AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = approvals.task_id AND t.ended_at IS NULL AND t.expires_at > ?1) \
+             ORDER BY created_at, id LIMIT ?2",
         ))
         .bind(to_i64(now))
         .bind(i64::from(limit))

@@ -761,6 +761,25 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
     assert_eq!(of("t1").await, ["a2"]);
     assert_eq!(of("t2").await, ["b1"]);
     assert!(of("t3").await.is_empty());
+    // A task that ended takes its waiting steps off the approvers' list.
+    let listed = |at: u64| async move {
+        s.pending_approvals(at, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(1_060).await, ["b1", "a2"]);
+    s.commit(vec![Write::EndTask {
+        id: "t2".into(),
+        at: 1_061,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(listed(1_062).await, ["a2"]);
     assert!(
         s.task_pending_approvals("t2", 2_000)
             .await
