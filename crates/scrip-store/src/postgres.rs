@@ -51,8 +51,34 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// - A writer waiting for that lock gives up on the server before its client
 ///   gives up at [`TIMEOUT`], so no wait outlives the commit that asked.
 /// - A statement no client waits for any more stops too.
+/// - A commit is durable when it returns: `synchronous_commit = off` (a
+///   common tuning of the database or role) would let it return before the
+///   WAL is flushed, and a crash then loses the audit record of a credential
+///   already handed out. Any other setting (`local`, `on`, or one that also
+///   waits for standbys) is kept.
 const LIMITS: &str = "SELECT set_config('idle_in_transaction_session_timeout', '5s', true), \
-     set_config('lock_timeout', '4s', true), set_config('statement_timeout', '5s', true)";
+     set_config('lock_timeout', '4s', true), set_config('statement_timeout', '5s', true), \
+     set_config('synchronous_commit', \
+       CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)";
+
+/// Begins one of the writer's transactions: READ COMMITTED whatever the
+/// database's default, so that every statement after the write lock sees
+/// what the previous holder committed (under REPEATABLE READ the snapshot
+/// would predate the lock wait, and a child task could be inserted under a
+/// parent ended meanwhile), and with [`LIMITS`].
+async fn begin_write(
+    conn: &mut PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, StoreError> {
+    let mut tx = conn
+        .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await
+        .map_err(unavailable)?;
+    sqlx::query(LIMITS)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    Ok(tx)
+}
 
 /// The PostgreSQL store.
 #[derive(Debug)]
@@ -323,7 +349,7 @@ async fn apply_on(
     chain: &mut ChainState,
     commit_sent: &mut bool,
 ) -> Result<(), StoreError> {
-    let mut tx = conn.begin().await.map_err(unavailable)?;
+    let mut tx = begin_write(conn).await?;
     match apply_in(&mut tx, writes, chain).await {
         Ok(()) => {
             *commit_sent = true;
@@ -348,10 +374,6 @@ async fn apply_in(
     writes: &[&Write],
     chain: &mut ChainState,
 ) -> Result<(), StoreError> {
-    sqlx::query(LIMITS)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(WRITE_LOCK)
         .execute(&mut *tx)
@@ -984,6 +1006,43 @@ mod tests {
             event: "test.record".into(),
             ..AuditEvent::default()
         }))]
+    }
+
+    /// Whatever the database's defaults, a writer's transaction is READ
+    /// COMMITTED (it must see what the previous holder of the write lock
+    /// committed) and its commit waits for the WAL flush.
+    #[tokio::test]
+    async fn a_write_is_read_committed_and_durable_whatever_the_defaults() {
+        let db = scrip_testkit::PgDatabase::new();
+        db.execute(
+            "DO $$ BEGIN \
+             EXECUTE format('ALTER DATABASE %I SET synchronous_commit = off', current_database()); \
+             EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), 'repeatable read'); \
+             END $$",
+        );
+        let mut conn = PgConnectOptions::from_str(db.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        async fn setting(c: &mut PgConnection, what: &str) -> String {
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {what}")))
+                .fetch_one(c)
+                .await
+                .unwrap()
+        }
+        // The database's defaults took.
+        assert_eq!(setting(&mut conn, "synchronous_commit").await, "off");
+        let mut tx = begin_write(&mut conn).await.unwrap();
+        assert_eq!(setting(&mut tx, "synchronous_commit").await, "on");
+        assert_eq!(
+            setting(&mut tx, "transaction_isolation").await,
+            "read committed"
+        );
+        tx.rollback().await.unwrap();
+        // And the store writes through them.
+        let store = PgStore::connect(db.url()).await.unwrap();
+        store.commit(record()).await.unwrap();
     }
 
     /// A commit that conflicts gives the write lock back at once, not when
