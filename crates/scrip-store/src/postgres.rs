@@ -321,23 +321,26 @@ impl AuditColumns {
     }
 }
 
-/// The head of every chain in the store.
-async fn chain_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError> {
-    let rows = sqlx::query(
-        // A skip scan over the (chain_id, chain_seq) index: one index probe per
-        // chain instead of reading every record (a GROUP BY takes ~0.1 s per
-        // million records, and this runs at every start).
-        "WITH RECURSIVE chains(id) AS (SELECT MIN(chain_id) FROM audit \
-         UNION ALL SELECT (SELECT MIN(chain_id) FROM audit WHERE chain_id > chains.id) \
-         FROM chains WHERE chains.id IS NOT NULL) \
-         SELECT a.chain_id, a.chain_seq, a.hash FROM chains JOIN audit a ON a.chain_id = chains.id \
-         AND a.chain_seq = (SELECT MAX(chain_seq) FROM audit WHERE chain_id = chains.id) \
-         ORDER BY a.seq",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(unavailable)?;
-    rows.iter().map(rows::chain_link).collect()
+/// The heads a new chain links ([`rows::UNLINKED_HEADS`]), recorded as
+/// linked.
+async fn link_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError> {
+    let rows = sqlx::query(rows::UNLINKED_HEADS)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let links = rows
+        .iter()
+        .map(rows::chain_link)
+        .collect::<Result<Vec<_>, _>>()?;
+    for l in &links {
+        sqlx::query(rows::LINKED)
+            .bind(&l.chain_id)
+            .bind(to_i64(l.chain_seq))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(links)
 }
 
 /// Applies `writes` in one transaction, committed when every write applied
@@ -381,7 +384,7 @@ async fn apply_in(
         .map_err(unavailable)?;
     let mut audit = AuditColumns::default();
     if let Some(mut event) = chain.genesis_for(writes) {
-        event.links = chain_heads(tx).await?;
+        event.links = link_heads(tx).await?;
         audit.push(&event, chain)?;
     }
     let mut revoked = false;

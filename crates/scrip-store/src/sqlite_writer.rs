@@ -312,27 +312,23 @@ fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRow]) -> Result<(), StoreErro
     Ok(())
 }
 
-/// The head of every chain in the store.
-fn chain_heads(tx: &Transaction<'_>) -> Result<Vec<ChainLink>, StoreError> {
-    let mut stmt = tx
-        .prepare_cached(
-            // A skip scan over the (chain_id, chain_seq) index: one index probe
-            // per chain instead of reading every record (a GROUP BY takes ~0.1 s
-            // per million records, and this runs at every start).
-            "WITH RECURSIVE chains(id) AS (SELECT MIN(chain_id) FROM audit \
-             UNION ALL SELECT (SELECT MIN(chain_id) FROM audit WHERE chain_id > chains.id) \
-             FROM chains WHERE chains.id IS NOT NULL) \
-             SELECT a.chain_id, a.chain_seq, a.hash FROM chains JOIN audit a ON a.chain_id = chains.id \
-             AND a.chain_seq = (SELECT MAX(chain_seq) FROM audit WHERE chain_id = chains.id) \
-             ORDER BY a.seq",
-        )
-        .map_err(unavailable)?;
-    let links = stmt
-        .query_map([], |row| Ok(rows::chain_link(row)))
-        .map_err(unavailable)?;
-    links
-        .map(|l| l.map_err(unavailable).and_then(|r| r))
-        .collect()
+/// The heads a new chain links ([`rows::UNLINKED_HEADS`]), recorded as
+/// linked.
+fn link_heads(tx: &Transaction<'_>) -> Result<Vec<ChainLink>, StoreError> {
+    let links: Vec<ChainLink> = {
+        let mut stmt = tx
+            .prepare_cached(rows::UNLINKED_HEADS)
+            .map_err(unavailable)?;
+        let rows = stmt
+            .query_map([], |row| Ok(rows::chain_link(row)))
+            .map_err(unavailable)?;
+        rows.map(|l| l.map_err(unavailable).and_then(|r| r))
+            .collect::<Result<_, _>>()?
+    };
+    for l in &links {
+        run(tx, rows::LINKED, params![l.chain_id, to_i64(l.chain_seq)]).map_err(unavailable)?;
+    }
+    Ok(links)
 }
 
 /// How many approvals of a task wait at a time, and how many of them are for
@@ -362,7 +358,7 @@ fn apply_on(
     let mut audit = Vec::new();
     if let Some(event) = chain.genesis_for(writes) {
         let mut event = event;
-        event.links = chain_heads(&tx)?;
+        event.links = link_heads(&tx)?;
         audit.push(audit_row(&event, chain)?);
     }
     for write in writes {
