@@ -795,25 +795,15 @@ impl Store for PgStore {
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let rows = read(
-            sqlx::query(
-                "SELECT seq, hash, record FROM audit WHERE seq > $1 \
-                 AND ($2::text IS NULL OR task_id = $2) AND ($3::text IS NULL OR agent_sub = $3) \
-                 AND ($4::text IS NULL OR tool = $4) AND ($5::text IS NULL OR decision = $5) \
-                 AND ($6::bigint IS NULL OR at_ms >= $6) AND ($7::bigint IS NULL OR at_ms < $7) \
-                 ORDER BY seq LIMIT $8",
-            )
-            .bind(filter.after_seq.unwrap_or(0))
-            .bind(&filter.task_id)
-            .bind(&filter.agent_sub)
-            .bind(&filter.tool)
-            .bind(&filter.decision)
-            .bind(filter.since_ms.map(to_i64))
-            .bind(filter.until_ms.map(to_i64))
-            .bind(i64::from(filter.limit.unwrap_or(10_000)))
-            .fetch_all(&self.reads),
-        )
-        .await?;
+        let (sql, args) = rows::audit_query(filter, |n| format!("${n}"));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for arg in args {
+            query = match arg {
+                rows::Arg::Text(t) => query.bind(t),
+                rows::Arg::Int(i) => query.bind(i),
+            };
+        }
+        let rows = read(query.fetch_all(&self.reads)).await?;
         rows.iter().map(rows::audit_event).collect()
     }
 

@@ -225,6 +225,53 @@ pub(crate) fn revocation(row: &impl Cols) -> Result<Revocation, StoreError> {
     })
 }
 
+/// A value bound to a statement built at run time.
+pub(crate) enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// The audit query for `filter`, with only the conditions it sets, so that
+/// each can use its index (`audit_task`, `audit_agent` and `audit_tool` are
+/// `(column, seq)`): a condition written `(? IS NULL OR task_id = ?)` is
+/// planned once for every value, and then reads the table in `seq` order,
+/// all of it when matches are rare. `param(n)` writes the n-th placeholder
+/// (`?n`, `$n`); the values come back in their order. Nothing of the filter
+/// goes into the SQL itself.
+pub(crate) fn audit_query(
+    filter: &crate::AuditFilter,
+    param: impl Fn(usize) -> String,
+) -> (String, Vec<Arg>) {
+    let mut args = vec![Arg::Int(filter.after_seq.unwrap_or(0))];
+    let mut sql = format!(
+        "SELECT seq, hash, record FROM audit WHERE seq > {}",
+        param(1)
+    );
+    let mut and = |condition: &str, arg: Arg| {
+        args.push(arg);
+        sql.push_str(&format!(" AND {condition} {}", param(args.len())));
+    };
+    for (column, value) in [
+        ("task_id =", &filter.task_id),
+        ("agent_sub =", &filter.agent_sub),
+        ("tool =", &filter.tool),
+        ("decision =", &filter.decision),
+    ] {
+        if let Some(v) = value {
+            and(column, Arg::Text(v.clone()));
+        }
+    }
+    if let Some(since) = filter.since_ms {
+        and("at_ms >=", Arg::Int(to_i64(since)));
+    }
+    if let Some(until) = filter.until_ms {
+        and("at_ms <", Arg::Int(to_i64(until)));
+    }
+    args.push(Arg::Int(i64::from(filter.limit.unwrap_or(10_000))));
+    sql.push_str(&format!(" ORDER BY seq LIMIT {}", param(args.len())));
+    (sql, args)
+}
+
 /// The head of every chain not yet linked as far as it has gone, for a new
 /// chain's `chain.started` to link, the same SQL for both backends: a skip
 /// scan over the `(chain_id, chain_seq)` index, one probe a chain (a GROUP

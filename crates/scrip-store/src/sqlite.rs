@@ -162,24 +162,15 @@ impl Store for SqliteStore {
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, record FROM audit WHERE seq > ?1 \
-             AND (?2 IS NULL OR task_id = ?2) AND (?3 IS NULL OR agent_sub = ?3) \
-             AND (?4 IS NULL OR tool = ?4) AND (?5 IS NULL OR decision = ?5) \
-             AND (?6 IS NULL OR at_ms >= ?6) AND (?7 IS NULL OR at_ms < ?7) \
-             ORDER BY seq LIMIT ?8",
-        )
-        .bind(filter.after_seq.unwrap_or(0))
-        .bind(&filter.task_id)
-        .bind(&filter.agent_sub)
-        .bind(&filter.tool)
-        .bind(&filter.decision)
-        .bind(filter.since_ms.map(to_i64))
-        .bind(filter.until_ms.map(to_i64))
-        .bind(i64::from(filter.limit.unwrap_or(10_000)))
-        .fetch_all(&self.reads)
-        .await
-        .map_err(unavailable)?;
+        let (sql, args) = rows::audit_query(filter, |n| format!("?{n}"));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for arg in args {
+            query = match arg {
+                rows::Arg::Text(t) => query.bind(t),
+                rows::Arg::Int(i) => query.bind(i),
+            };
+        }
+        let rows = query.fetch_all(&self.reads).await.map_err(unavailable)?;
         rows.iter().map(rows::audit_event).collect()
     }
 
@@ -367,5 +358,65 @@ impl Store for SqliteStore {
 
     fn changes(&self) -> tokio::sync::watch::Receiver<Changes> {
         self.writer.changes().subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each filter of `scrip audit query` reads through its own index, not
+    /// the whole table in `seq` order.
+    #[tokio::test]
+    async fn an_audit_query_uses_the_index_of_its_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("scrip.db"))
+            .await
+            .unwrap();
+        let plan = |filter: AuditFilter| {
+            let reads = store.reads.clone();
+            async move {
+                let (sql, args) = rows::audit_query(&filter, |n| format!("?{n}"));
+                let mut query =
+                    sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+                for arg in args {
+                    query = match arg {
+                        rows::Arg::Text(t) => query.bind(t),
+                        rows::Arg::Int(i) => query.bind(i),
+                    };
+                }
+                let rows = query.fetch_all(&reads).await.unwrap();
+                rows.iter()
+                    .map(|r| rows::Cols::text(r, "detail").unwrap())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        for (filter, index) in [
+            (
+                AuditFilter {
+                    task_id: Some("t1".into()),
+                    ..AuditFilter::default()
+                },
+                "audit_task",
+            ),
+            (
+                AuditFilter {
+                    agent_sub: Some("a".into()),
+                    ..AuditFilter::default()
+                },
+                "audit_agent",
+            ),
+            (
+                AuditFilter {
+                    tool: Some("github".into()),
+                    ..AuditFilter::default()
+                },
+                "audit_tool",
+            ),
+        ] {
+            let plan = plan(filter).await;
+            assert!(plan.contains(index), "{plan}");
+        }
     }
 }
