@@ -57,10 +57,21 @@ impl SqliteStore {
             .connect()
             .await
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&mut conn)
-            .await
-            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        // sqlx's SQLite migrator takes no lock: processes started together on
+        // a new or upgraded store (`scrip serve` beside `scrip proxy`) race
+        // to apply one migration, and the losers fail on what the winner
+        // created. A loser tries again and finds it applied.
+        let mut attempt = 0_u64;
+        loop {
+            match sqlx::migrate!("./migrations/sqlite").run(&mut conn).await {
+                Ok(()) => break,
+                Err(_) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(StoreError::Open(format!("migration failed: {e}"))),
+            }
+        }
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
@@ -364,6 +375,25 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Processes started together on one new or upgraded store (`scrip
+    /// serve` beside `scrip proxy`, or `scrip secret`) all open it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn stores_opened_together_all_migrate() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("scrip.db");
+            let (a, b, c, d) = tokio::join!(
+                SqliteStore::open(&path),
+                SqliteStore::open(&path),
+                SqliteStore::open(&path),
+                SqliteStore::open(&path),
+            );
+            for open in [a, b, c, d] {
+                open.unwrap();
+            }
+        }
+    }
 
     /// Each filter of `scrip audit query` reads through its own index, not
     /// the whole table in `seq` order.
