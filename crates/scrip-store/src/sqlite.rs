@@ -46,6 +46,24 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::Open`] when the file cannot be opened or migrated.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        // Processes started together on a new or upgraded store (`scrip
+        // serve` beside `scrip proxy`) race to create it, switch it to WAL
+        // and apply each migration (sqlx's SQLite migrator takes no lock):
+        // the losers fail on a lock or on what the winner created. A loser
+        // tries again, and finds the store ready.
+        let mut attempt = 0_u64;
+        loop {
+            match Self::open_once(path).await {
+                Err(_) if attempt < 6 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn open_once(path: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -57,21 +75,10 @@ impl SqliteStore {
             .connect()
             .await
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
-        // sqlx's SQLite migrator takes no lock: processes started together on
-        // a new or upgraded store (`scrip serve` beside `scrip proxy`) race
-        // to apply one migration, and the losers fail on what the winner
-        // created. A loser tries again and finds it applied.
-        let mut attempt = 0_u64;
-        loop {
-            match sqlx::migrate!("./migrations/sqlite").run(&mut conn).await {
-                Ok(()) => break,
-                Err(_) if attempt < 5 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                Err(e) => return Err(StoreError::Open(format!("migration failed: {e}"))),
-            }
-        }
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut conn)
+            .await
+            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
