@@ -219,7 +219,15 @@ async fn run_async(args: RunArgs) -> ExitCode {
     };
 
     let status = supervise(&mut child, &mut signals).await;
-    let ended = end_task(&client, task, cache.as_ref()).await;
+    // Ending the task retries for a while against a scrip that does not
+    // answer; a signal then (Ctrl-C, a stop) gives up at once.
+    let ended = tokio::select! {
+        ended = end_task(&client, task, cache.as_ref()) => ended,
+        _ = signals.recv() => {
+            let _ = fail("interrupted while ending the task; it ends by itself at its deadline");
+            false
+        }
+    };
     let code = match status {
         Ok(status) => exit_code(status),
         Err(e) => {

@@ -283,6 +283,59 @@ fn the_command_inherits_no_key_of_scrips() {
     assert_eq!(text(&out.stdout), "absent|absent|task");
 }
 
+/// Ending the task retries for a while against a scrip that does not
+/// answer; a signal then gives up at once, saying the task ends at its
+/// deadline, instead of holding the terminal for the retries.
+#[test]
+fn a_signal_while_the_task_is_ending_gives_up_at_once() {
+    let server = Server::start();
+    let frozen = server.dir.path().join("frozen");
+    // The command freezes scrip serve, then exits: the task cannot be ended.
+    let script = format!(
+        "kill -STOP {} && touch {}",
+        server.child.id(),
+        frozen.display()
+    );
+    let mut child = server
+        .scrip()
+        .args(["run", "--grant", "github:read", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !frozen.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the command did not run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    // The retries alone would take about 46 s.
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    Command::new("kill")
+        .args(["-CONT", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted while ending the task"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn exit_codes_pass_through() {
     let server = Server::start();
