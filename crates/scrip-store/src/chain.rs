@@ -44,12 +44,25 @@ pub struct ChainLink {
     pub hash: String,
 }
 
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Where a writer's chain stands.
 #[derive(Debug, Clone)]
 pub(crate) struct ChainState {
     pub id: String,
     pub seq: u64,
     pub head: String,
+    /// The `replica` of the last record appended, carried into a chain
+    /// that replaces this one.
+    replica: String,
+    /// Replaces a chain whose last commit may or may not have taken effect:
+    /// it starts at the next commit of any kind (see [`Self::genesis_for`]).
+    replaces: bool,
 }
 
 impl ChainState {
@@ -58,6 +71,18 @@ impl ChainState {
             id,
             seq: 0,
             head: GENESIS.to_owned(),
+            replica: String::new(),
+            replaces: false,
+        }
+    }
+
+    /// A new chain `id` replacing this one after a commit whose outcome is
+    /// unknown.
+    pub fn replaced_by(&self, id: String) -> Self {
+        Self {
+            replica: self.replica.clone(),
+            replaces: true,
+            ..Self::new(id)
         }
     }
 
@@ -76,6 +101,7 @@ impl ChainState {
         let h = hash(json.as_bytes());
         self.seq += 1;
         self.head.clone_from(&h);
+        self.replica.clone_from(&e.replica);
         Ok((e, json, h))
     }
 
@@ -83,6 +109,12 @@ impl ChainState {
     /// they hold its first audit record; the backend fills in `links` with
     /// the heads of the chains already stored, read inside the same
     /// transaction.
+    ///
+    /// A chain that replaces one whose last commit may have taken effect
+    /// starts at the next commit even without an audit record (an empty
+    /// commit, a checkpoint): its start links the old chain's true head, so
+    /// what that commit wrote is covered once this chain is signed, even if
+    /// the process writes nothing more.
     pub fn genesis_for(&self, writes: &[&crate::Write]) -> Option<AuditEvent> {
         if self.seq > 0 {
             return None;
@@ -90,11 +122,16 @@ impl ChainState {
         let first = writes.iter().find_map(|w| match w {
             crate::Write::Audit(a) => Some(a),
             _ => None,
-        })?;
+        });
+        let (at_ms, replica) = match first {
+            Some(a) => (a.at_ms, a.replica.clone()),
+            None if self.replaces => (now_ms(), self.replica.clone()),
+            None => return None,
+        };
         Some(AuditEvent {
             event: "chain.started".into(),
-            at_ms: first.at_ms,
-            replica: first.replica.clone(),
+            at_ms,
+            replica,
             ..AuditEvent::default()
         })
     }

@@ -267,8 +267,9 @@ async fn isolate(
 ///
 /// When the store became unavailable mid-commit and the backend cannot say
 /// the commit did not take effect (the connection may have broken after the
-/// database committed), this writer goes on with a fresh chain: its first
-/// record links to every chain head then stored, whichever way it went. A
+/// database committed), this writer goes on with a fresh chain that starts
+/// at its next commit of any kind: its first record links to the chain
+/// heads then stored, whichever way it went. A
 /// failure known to have changed nothing (a lock wait that timed out before
 /// the commit was sent) leaves the chain where it was.
 async fn apply(
@@ -287,7 +288,7 @@ async fn apply(
                 && backend.may_have_committed()
                 && let Ok(id) = crate::chain::new_chain_id()
             {
-                *chain = ChainState::new(id);
+                *chain = chain.replaced_by(id);
             }
             Err(e)
         }
@@ -439,6 +440,72 @@ mod tests {
         // The first batch and the batch of 64, then two halves at each of
         // six levels: 14, where replaying each commit took 66.
         assert_eq!(calls, 14);
+    }
+
+    /// After a commit whose outcome is unknown, the replacing chain starts
+    /// at the next commit even when it carries no audit record (the empty
+    /// commit before a final checkpoint, a checkpoint): its start links the
+    /// old chain's true head, so what that commit may have written is
+    /// covered once the new chain is signed, though nothing more is written.
+    #[tokio::test]
+    async fn a_replacing_chain_starts_at_the_next_commit_of_any_kind() {
+        struct Flaky {
+            calls: usize,
+            starts: Arc<Mutex<Vec<(String, String)>>>,
+        }
+        #[async_trait::async_trait]
+        impl Apply for Flaky {
+            async fn apply(
+                &mut self,
+                writes: &[&Write],
+                chain: &mut ChainState,
+            ) -> Result<(), StoreError> {
+                self.calls += 1;
+                if let Some(start) = chain.genesis_for(writes) {
+                    chain.append(&start).unwrap();
+                    self.starts
+                        .lock()
+                        .unwrap()
+                        .push((chain.id.clone(), start.replica));
+                }
+                for w in writes {
+                    if let Write::Audit(a) = w {
+                        chain.append(a).unwrap();
+                    }
+                }
+                if self.calls == 2 {
+                    return Err(StoreError::Unavailable(
+                        "connection lost during COMMIT".into(),
+                    ));
+                }
+                Ok(())
+            }
+        }
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let writer = Writer::spawn(
+            Flaky {
+                calls: 0,
+                starts: starts.clone(),
+            },
+            "first".into(),
+        );
+        let record = || {
+            vec![Write::Audit(Box::new(crate::AuditEvent {
+                event: "test.record".into(),
+                replica: "r1".into(),
+                ..crate::AuditEvent::default()
+            }))]
+        };
+        writer.commit(record()).await.unwrap();
+        writer.commit(record()).await.unwrap_err();
+        // Nothing but an empty commit follows (a process shutting down).
+        writer.commit(Vec::new()).await.unwrap();
+        let starts = starts.lock().unwrap().clone();
+        assert_eq!(starts.len(), 2, "{starts:?}");
+        assert_eq!(starts[0], ("first".to_owned(), "r1".to_owned()));
+        assert_ne!(starts[1].0, "first", "{starts:?}");
+        assert_eq!(starts[1].1, "r1", "the replica is carried over");
+        assert_eq!(writer.head().map(|h| h.chain_seq), Some(1));
     }
 
     #[tokio::test]
