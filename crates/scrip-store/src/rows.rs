@@ -289,7 +289,8 @@ pub(crate) const UNLINKED_HEADS: &str = "WITH RECURSIVE chains(id) AS (SELECT MI
      ORDER BY a.seq";
 
 /// Records how far a chain start links a chain (`$1` the chain, `$2` the
-/// position), the same SQL for both backends.
+/// position); SQLite's, run in process once a link (PostgreSQL writes them
+/// all in one statement).
 pub(crate) const LINKED: &str = "INSERT INTO chain_links (chain_id, chain_seq) VALUES ($1, $2) \
      ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq \
      WHERE chain_links.chain_seq < excluded.chain_seq";
