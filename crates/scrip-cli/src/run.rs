@@ -219,15 +219,7 @@ async fn run_async(args: RunArgs) -> ExitCode {
     };
 
     let status = supervise(&mut child, &mut signals).await;
-    // Ending the task retries for a while against a scrip that does not
-    // answer; a signal then (Ctrl-C, a stop) gives up at once.
-    let ended = tokio::select! {
-        ended = end_task(&client, task, cache.as_ref()) => ended,
-        _ = signals.recv() => {
-            let _ = fail("interrupted while ending the task; it ends by itself at its deadline");
-            false
-        }
-    };
+    let ended = end_task_unless_interrupted(&client, task, cache.as_ref(), &mut signals).await;
     let code = match status {
         Ok(status) => exit_code(status),
         Err(e) => {
@@ -300,6 +292,35 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     match status.signal() {
         Some(sig) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
         None => ExitCode::FAILURE,
+    }
+}
+
+/// How long after the command's end a signal is taken for the one it ended
+/// with (a Ctrl-C reaches scrip too, and may be seen just after the
+/// command's exit), not for a request to stop ending the task.
+const SAME_SIGNAL: Duration = Duration::from_secs(1);
+
+/// [`end_task`], which retries for a while against a scrip that does not
+/// answer; a signal then (a second Ctrl-C, a stop) gives up at once.
+async fn end_task_unless_interrupted(
+    client: &Client,
+    task: Task,
+    cache: Option<&FileCache>,
+    signals: &mut Signals,
+) -> bool {
+    let started = tokio::time::Instant::now();
+    let ending = end_task(client, task, cache);
+    tokio::pin!(ending);
+    loop {
+        tokio::select! {
+            ended = &mut ending => return ended,
+            _ = signals.recv() => {
+                if started.elapsed() >= SAME_SIGNAL {
+                    let _ = fail("interrupted while ending the task; it ends by itself at its deadline");
+                    return false;
+                }
+            }
+        }
     }
 }
 

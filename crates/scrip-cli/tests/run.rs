@@ -311,7 +311,8 @@ fn a_signal_while_the_task_is_ending_gives_up_at_once() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Past the second in which a signal is taken for the command's own.
+    std::thread::sleep(Duration::from_millis(1500));
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
