@@ -237,10 +237,30 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
         }
         Ok(out)
     };
-    let result = match tokio::time::timeout(MINT_TIMEOUT, run).await {
-        Ok(r) => r,
-        Err(_) => Err(format!(
-            "mint command `{program}` did not finish within 60 s"
+    // In a process group of its own the command gets no Ctrl-C from the
+    // terminal: scrip takes it (and a stop, a hangup), and the group goes.
+    let interrupted = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(MINT_TIMEOUT, run) => match r {
+            Ok(r) => r,
+            Err(_) => Err(format!("mint command `{program}` did not finish within 60 s")),
+        },
+        () = interrupted => Err(format!(
+            "interrupted: mint command `{program}` was stopped; a key it may have minted at the provider was not stored"
         )),
     };
     // Whatever it left running goes (the command itself has exited, or is

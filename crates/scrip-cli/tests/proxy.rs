@@ -114,6 +114,11 @@ name = "mintly"
 resource = "https://mintly.example"
 actions = ["read", "write"]
 
+[[tools]]
+name = "mintslow"
+resource = "https://mintslow.example"
+actions = ["read"]
+
 [[upstreams]]
 name = "legacy"
 url = "{upstream}"
@@ -138,6 +143,14 @@ mint_command = ["/bin/sh", "-c", "yes wk-too-long | head -c 100000"]
 [upstreams.secrets.write]
 mint_command = ["/bin/sh", "-c", "sleep 300 & echo $! > {leftover}; echo wk-minted-with-a-leftover"]
 
+# A mint command that takes its time (its pid in a file).
+[[upstreams]]
+name = "mintslow"
+url = "{upstream}"
+
+[upstreams.secrets.read]
+mint_command = ["/bin/sh", "-c", "echo $$ > {slow}; exec sleep 300"]
+
 [proxy]
 listen = "{proxy_addr}"
 identity_file = "{identity}"
@@ -148,6 +161,7 @@ identity_file = "{identity}"
         jwks = root.join("k8s-jwks.json").display(),
         upstream = nginx.url(),
         leftover = root.join("leftover.pid").display(),
+        slow = root.join("slow.pid").display(),
     );
     let path = root.join("scrip.toml");
     fs::write(&path, config).unwrap();
@@ -344,6 +358,60 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // Stopping `scrip secret rotate` stops its mint command too, though it
+    // runs in a process group of its own (out of the terminal's reach).
+    let out = s.scrip(
+        &["secret", "set", "mintslow", "--action", "read"],
+        Some(b"first-value\n"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut rotating = Command::new(env!("CARGO_BIN_EXE_scrip"))
+        .args([
+            "secret", "rotate", "mintslow", "--action", "read", "--config",
+        ])
+        .arg(&s.config)
+        .env_remove("SCRIP_CONFIG")
+        .env_remove("SCRIP_KEY_ENCRYPTION_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid_file = s.dir.path().join("slow.pid");
+    let start = std::time::Instant::now();
+    while fs::read_to_string(&pid_file).map_or(true, |p| p.trim().is_empty()) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the mint command did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let minting = fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+    Command::new("kill")
+        .args(["-INT", &rotating.id().to_string()])
+        .status()
+        .unwrap();
+    let out = rotating.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("interrupted"),
+        "{}",
+        text(&out.stderr)
+    );
+    let proc_dir = Path::new("/proc").join(&minting);
+    let start = std::time::Instant::now();
+    while proc_dir.exists()
+        && !fs::read_to_string(proc_dir.join("stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "the mint command {minting} outlived scrip"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
     let out = s.scrip(&["secret", "list", "--json"], None);
     assert_eq!(out.status.code(), Some(0));
     let listed = text(&out.stdout);
