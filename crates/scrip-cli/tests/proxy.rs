@@ -365,7 +365,7 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         Some(b"first-value\n"),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let mut rotating = Command::new(env!("CARGO_BIN_EXE_scrip"))
+    let rotating = Command::new(env!("CARGO_BIN_EXE_scrip"))
         .args([
             "secret", "rotate", "mintslow", "--action", "read", "--config",
         ])
