@@ -176,18 +176,34 @@ impl ActionMap {
         if matches!(*method, Method::CONNECT | Method::TRACE) {
             return None;
         }
-        let matched = self.rules.iter().find(|r| {
-            // HEAD is GET without the body (RFC 9110 §9.3.2): servers run
-            // the GET handler for it, so a GET rule decides it too.
-            r.method
-                .as_ref()
-                .is_none_or(|m| m == method || (*m == Method::GET && *method == Method::HEAD))
-                && if r.prefix {
-                    path.starts_with(&r.path)
-                } else {
-                    path == r.path
-                }
-        });
+        let at = |r: &&Rule| {
+            if r.prefix {
+                path.starts_with(&r.path)
+            } else {
+                path == r.path
+            }
+        };
+        // HEAD is GET without the body (RFC 9110 §9.3.2), and servers run
+        // the GET handler for it: a rule naming HEAD decides it, and
+        // otherwise it is mapped as the GET it stands for.
+        let method = if *method == Method::HEAD {
+            let named = self
+                .rules
+                .iter()
+                .filter(at)
+                .find(|r| r.method.as_ref() == Some(&Method::HEAD));
+            if let Some(rule) = named {
+                return Some(&rule.action);
+            }
+            &Method::GET
+        } else {
+            method
+        };
+        let matched = self
+            .rules
+            .iter()
+            .filter(at)
+            .find(|r| r.method.as_ref().is_none_or(|m| m == method));
         if let Some(rule) = matched {
             return Some(&rule.action);
         }
@@ -254,19 +270,33 @@ mod tests {
         check(&routes, "TRACE", "/admin/x", None);
     }
 
-    /// A HEAD runs the upstream's GET handler: a GET rule decides it, so
-    /// a read token cannot set off what a GET rule makes a `delete`.
+    /// A HEAD runs the upstream's GET handler: a rule naming HEAD decides
+    /// it, and otherwise it maps as a GET, so a read token cannot set off
+    /// what a GET rule makes a `delete`.
     #[test]
     fn a_get_rule_decides_head() {
         let routes = [
             route("GET", "/admin/purge*", "delete"),
             route("HEAD", "/status", "write"),
+            route("GET", "/*", "read"),
+            route("HEAD", "/secret*", "delete"),
+            route("*", "/any*", "write"),
         ];
         check(&routes, "HEAD", "/admin/purge", Some("delete"));
         check(&routes, "GET", "/admin/purge/all", Some("delete"));
         check(&routes, "HEAD", "/status", Some("write"));
         check(&routes, "GET", "/status", Some("read"));
         check(&routes, "HEAD", "/other", Some("read"));
+        // A rule naming HEAD is not shadowed by a broader GET rule before it.
+        check(&routes, "HEAD", "/secret/x", Some("delete"));
+        check(&routes, "GET", "/secret/x", Some("read"));
+        // With no rule for HEAD or GET there, one for any method applies.
+        check(
+            &[route("*", "/any*", "write")],
+            "HEAD",
+            "/anything",
+            Some("write"),
+        );
     }
 
     #[test]
