@@ -177,10 +177,11 @@ impl VerifierConfig {
         }
         // scrip lists a revocation until `exp` plus its `clock_skew` (at
         // most 300 s): a verifier accepting tokens longer than that would
-        // take a revoked one it no longer hears about.
+        // take a revoked one it no longer hears about. (Within the bound,
+        // the leeway should still not pass the `clock_skew` scrip runs with.)
         if self.leeway > MAX_LEEWAY || self.dpop_leeway > MAX_LEEWAY {
             return bad(
-                "leeway and dpop_leeway must be at most 300 s (scrip's largest clock_skew)",
+                "leeway and dpop_leeway must be at most 300 s, scrip's largest clock_skew (and should not pass the clock_skew scrip runs with)",
             );
         }
         if let Some(u) = &self.public_url {
