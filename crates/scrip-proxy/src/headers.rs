@@ -243,25 +243,50 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
     let mut forms = Vec::new();
     for secret in secrets {
         let raw = secret.expose();
-        forms.push(raw.to_vec());
+        // What goes on the wire, and what an upstream may echo of it...
+        let mut wire = vec![raw.to_vec()];
         if let Injection::Basic { username } = injection {
-            forms.push(basic_token(username, secret).into_bytes());
+            wire.push(basic_token(username, secret).into_bytes());
         }
         let encoded = query_encode(raw);
-        forms.push(lowercase_escapes(&encoded).into_bytes());
-        forms.push(encoded.into_bytes());
-        for table in ESCAPINGS {
-            forms.push(escape(raw, table));
+        wire.push(lowercase_escapes(&encoded).into_bytes());
+        wire.push(encoded.into_bytes());
+        // ...each also as a JSON or HTML encoder escapes it.
+        for form in wire {
+            for table in ESCAPINGS {
+                forms.push(escape(&form, table));
+            }
+            forms.push(form);
         }
     }
     Patterns::new(forms)
 }
 
 /// Byte → escape tables of the escapings redaction looks for (besides
-/// percent-encoding); JSON with and without the optional `\/`.
-const ESCAPINGS: [&[(u8, &[u8])]; 4] = [
+/// percent-encoding): JSON with and without the optional `\/` (PHP writes
+/// it), JSON as Go's encoder writes it (`<`, `>`, `&` as lowercase `\u00xx`)
+/// and as .NET's does (`"`, `&`, `'`, `+`, `<`, `>`, `` ` `` as uppercase
+/// `\u00XX`), and HTML with either escape of `'`.
+const ESCAPINGS: [&[(u8, &[u8])]; 6] = [
     &[(b'"', b"\\\""), (b'\\', b"\\\\"), (b'/', b"\\/")],
     &[(b'"', b"\\\""), (b'\\', b"\\\\")],
+    &[
+        (b'"', b"\\\""),
+        (b'\\', b"\\\\"),
+        (b'<', b"\\u003c"),
+        (b'>', b"\\u003e"),
+        (b'&', b"\\u0026"),
+    ],
+    &[
+        (b'"', b"\\u0022"),
+        (b'\\', b"\\\\"),
+        (b'&', b"\\u0026"),
+        (b'\'', b"\\u0027"),
+        (b'+', b"\\u002B"),
+        (b'<', b"\\u003C"),
+        (b'>', b"\\u003E"),
+        (b'`', b"\\u0060"),
+    ],
     &[
         (b'&', b"&amp;"),
         (b'<', b"&lt;"),
@@ -547,10 +572,29 @@ mod tests {
             "<td>k3y/+=&amp;&lt;&#x27;&quot;</td>",
             "next=k3y%2F%2B%3D%26%3C%27%22",
             "next=k3y%2f%2b%3d%26%3c%27%22",
+            // Go's encoder, and .NET's.
+            r#"{"key":"k3y/+=\u0026\u003c'\""}"#,
+            r#"{"key":"k3y/\u002B=\u0026\u003C\u0027\u0022"}"#,
             "wr1te-k3y",
         ] {
             assert!(p.found_in(echoed.as_bytes()), "{echoed}");
         }
         assert!(!p.found_in(b"k3y/+= alone"));
+
+        // Basic auth's token as PHP echoes the Authorization header in JSON.
+        let basic = SecretValue::from_input(b"k3ya?~~".to_vec()).unwrap();
+        let token = basic_token("svc", &basic);
+        assert!(token.contains('/'), "{token}");
+        let p = patterns(
+            &Injection::Basic {
+                username: "svc".into(),
+            },
+            &[&basic],
+        );
+        let echoed = format!(
+            r#"{{"authorization":"Basic {}"}}"#,
+            token.replace('/', "\\/")
+        );
+        assert!(p.found_in(echoed.as_bytes()), "{echoed}");
     }
 }
