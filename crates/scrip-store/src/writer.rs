@@ -211,6 +211,10 @@ async fn run(
     }
 }
 
+/// Conflicting commits found in one batch after which its rest is applied
+/// one commit at a time.
+const DENSE: usize = 2;
+
 /// Applies a batch that conflicted as a whole in halves, and halves of
 /// those that conflict, in order, until each conflicting commit is alone:
 /// with one conflict among `n` commits, about `2 log2 n` transactions. The
@@ -226,7 +230,16 @@ async fn isolate(
     let mut results: Vec<Option<Result<(), StoreError>>> = vec![None; batch.len()];
     // Parts still to apply, the next one last.
     let mut parts = vec![(batch.len() / 2, batch.len()), (0, batch.len() / 2)];
+    // Conflicting commits found. Halving pays when conflicts are few; once
+    // several are found they may be many (every other commit, say), where
+    // halving would cost twice as many transactions as commits: the rest is
+    // applied one commit at a time, at most one transaction a commit.
+    let mut conflicts = 0;
     while let Some((lo, hi)) = parts.pop() {
+        if conflicts >= DENSE && hi - lo > 1 {
+            parts.extend((lo..hi).rev().map(|i| (i, i + 1)));
+            continue;
+        }
         let Some(part) = batch.get(lo..hi).filter(|p| !p.is_empty()) else {
             continue;
         };
@@ -244,6 +257,7 @@ async fn isolate(
                 parts.push((lo, mid));
             }
             Err(e @ StoreError::Conflict(_)) => {
+                conflicts += 1;
                 if let Some(r) = results.get_mut(lo) {
                     *r = Some(Err(e));
                 }
@@ -520,6 +534,33 @@ mod tests {
         // The first batch and the batch of four: no retry one by one, each
         // of which would wait out a timeout of its own on a real store.
         assert_eq!(calls, 2);
+    }
+
+    /// Many conflicts (every other commit): once a few are found the rest
+    /// goes one commit at a time, so the batch costs about one transaction a
+    /// commit, not the two a commit halving alone would take.
+    #[tokio::test]
+    async fn many_conflicts_cost_about_one_transaction_a_commit() {
+        let jtis: Vec<String> = (0..64)
+            .map(|i| {
+                if i % 2 == 1 {
+                    "poison".into()
+                } else {
+                    format!("j{i}")
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = jtis.iter().map(String::as_str).collect();
+        let (results, calls, committed) = run_with(None, &refs).await;
+        for (jti, r) in jtis.iter().zip(&results) {
+            assert_eq!(jti == "poison", r.is_err(), "{jti}: {r:?}");
+        }
+        let mut expected = vec!["first".to_owned()];
+        expected.extend(jtis.iter().filter(|j| *j != "poison").cloned());
+        assert_eq!(committed, expected);
+        // The first batch, the batch of 64, the halvings that found the
+        // first two conflicts, then at most one a commit.
+        assert!(calls <= 2 + 12 + 64, "{calls} transactions for 64 commits");
     }
 
     /// The store fails while a conflict is being isolated: the commits not
