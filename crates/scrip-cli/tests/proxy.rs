@@ -269,6 +269,16 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     let s = setup(&nginx);
 
+    // Listing before anything was stored says so, rather than create an
+    // empty store at a `data_dir` that may be wrong.
+    let out = s.scrip(&["secret", "list"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("no store at"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // The value never comes from the command line.
     let out = s.scrip(
         &["secret", "set", "legacy", "--action", "read", READ_KEY],
