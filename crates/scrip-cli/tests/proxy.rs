@@ -257,6 +257,23 @@ fn curl(args: &[&str]) -> String {
     text(&out.stdout)
 }
 
+/// Waits up to 5 s for process `pid` to be gone (or a zombie).
+fn wait_gone(pid: &str, what: &str) {
+    let proc_dir = Path::new("/proc").join(pid);
+    let start = std::time::Instant::now();
+    while proc_dir.exists()
+        && !fs::read_to_string(proc_dir.join("stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{what} {pid} still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     let nginx = nginx::Nginx::start(
@@ -354,20 +371,7 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     let out = s.scrip(&["secret", "rotate", "mintly", "--action", "write"], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let leftover = fs::read_to_string(s.dir.path().join("leftover.pid")).unwrap();
-    let proc_dir = Path::new("/proc").join(leftover.trim());
-    let start = std::time::Instant::now();
-    while proc_dir.exists()
-        && !fs::read_to_string(proc_dir.join("stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-    {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(5),
-            "the mint command's leftover process {} still runs",
-            leftover.trim()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_gone(leftover.trim(), "the mint command's leftover process");
     // Stopping `scrip secret rotate` stops its mint command too, though it
     // runs in a process group of its own (out of the terminal's reach).
     let out = s.scrip(
@@ -408,19 +412,7 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         "{}",
         text(&out.stderr)
     );
-    let proc_dir = Path::new("/proc").join(&minting);
-    let start = std::time::Instant::now();
-    while proc_dir.exists()
-        && !fs::read_to_string(proc_dir.join("stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-    {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(5),
-            "the mint command {minting} outlived scrip"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_gone(&minting, "the mint command, after scrip was stopped,");
 
     let out = s.scrip(&["secret", "list", "--json"], None);
     assert_eq!(out.status.code(), Some(0));

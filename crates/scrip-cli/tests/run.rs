@@ -123,6 +123,27 @@ impl Server {
         cmd
     }
 
+    /// `scrip run -- sh -c <script>` in the background, once the script
+    /// has made `marker`.
+    fn run_until(&self, script: &str, marker: &Path) -> Child {
+        let child = self
+            .scrip()
+            .args(["run", "--grant", "github:read", "--", "sh", "-c", script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !marker.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the command did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
     /// A local identity for this test process, from the socket.
     fn attest(&self) -> String {
         let mut s = UnixStream::connect(self.socket()).unwrap();
@@ -296,21 +317,7 @@ fn a_signal_while_the_task_is_ending_gives_up_at_once() {
         server.child.id(),
         frozen.display()
     );
-    let mut child = server
-        .scrip()
-        .args(["run", "--grant", "github:read", "--", "sh", "-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !frozen.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the command did not run"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = server.run_until(&script, &frozen);
     // Past the second in which a signal is taken for the command's own.
     std::thread::sleep(Duration::from_millis(1500));
     Command::new("kill")
@@ -383,21 +390,7 @@ fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32)
         "trap 'exit {code}' {signal}; echo \"$SCRIP_TASK_TOKEN\" > {}.tmp; mv {0}.tmp {0}; while true; do sleep 0.05; done",
         marker.display()
     );
-    let mut child = server
-        .scrip()
-        .args(["run", "--grant", "github:read", "--", "sh", "-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !marker.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the command did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = server.run_until(&script, &marker);
     let task_token = fs::read_to_string(&marker).unwrap().trim().to_owned();
     assert_eq!(
         server.exchange(&task_token).0,

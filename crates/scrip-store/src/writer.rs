@@ -420,23 +420,13 @@ mod tests {
         (results, calls.load(Ordering::SeqCst), committed)
     }
 
-    #[tokio::test]
-    async fn a_conflict_is_isolated_to_its_own_commit() {
-        let (results, calls, committed) = run_with(None, &["a", "poison", "b"]).await;
-        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
-        assert!(matches!(results[1], Err(StoreError::Conflict(_))));
-        assert_eq!(committed, ["first", "a", "b"]);
-        // The first batch, the batch of three, `a`, `poison b`, `poison`, `b`.
-        assert_eq!(calls, 6);
-    }
-
-    /// One conflict in a large batch costs a few transactions, not one per
-    /// commit, and the others still commit in their order.
-    #[tokio::test]
-    async fn a_conflict_in_a_large_batch_costs_a_few_transactions() {
+    /// Commits 64 revocations, those at the positions `poisoned` names
+    /// conflicting: asserts that exactly those fail and the others commit in
+    /// their order; returns how many transactions were tried.
+    async fn run_poisoned(poisoned: impl Fn(usize) -> bool) -> usize {
         let jtis: Vec<String> = (0..64)
             .map(|i| {
-                if i == 41 {
+                if poisoned(i) {
                     "poison".into()
                 } else {
                     format!("j{i}")
@@ -451,6 +441,24 @@ mod tests {
         let mut expected = vec!["first".to_owned()];
         expected.extend(jtis.iter().filter(|j| *j != "poison").cloned());
         assert_eq!(committed, expected);
+        calls
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_isolated_to_its_own_commit() {
+        let (results, calls, committed) = run_with(None, &["a", "poison", "b"]).await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(StoreError::Conflict(_))));
+        assert_eq!(committed, ["first", "a", "b"]);
+        // The first batch, the batch of three, `a`, `poison b`, `poison`, `b`.
+        assert_eq!(calls, 6);
+    }
+
+    /// One conflict in a large batch costs a few transactions, not one per
+    /// commit, and the others still commit in their order.
+    #[tokio::test]
+    async fn a_conflict_in_a_large_batch_costs_a_few_transactions() {
+        let calls = run_poisoned(|i| i == 41).await;
         // The first batch and the batch of 64, then two halves at each of
         // six levels: 14, where replaying each commit took 66.
         assert_eq!(calls, 14);
@@ -541,23 +549,7 @@ mod tests {
     /// commit, not the two a commit halving alone would take.
     #[tokio::test]
     async fn many_conflicts_cost_about_one_transaction_a_commit() {
-        let jtis: Vec<String> = (0..64)
-            .map(|i| {
-                if i % 2 == 1 {
-                    "poison".into()
-                } else {
-                    format!("j{i}")
-                }
-            })
-            .collect();
-        let refs: Vec<&str> = jtis.iter().map(String::as_str).collect();
-        let (results, calls, committed) = run_with(None, &refs).await;
-        for (jti, r) in jtis.iter().zip(&results) {
-            assert_eq!(jti == "poison", r.is_err(), "{jti}: {r:?}");
-        }
-        let mut expected = vec!["first".to_owned()];
-        expected.extend(jtis.iter().filter(|j| *j != "poison").cloned());
-        assert_eq!(committed, expected);
+        let calls = run_poisoned(|i| i % 2 == 1).await;
         // The first batch, the batch of 64, the halvings that found the
         // first two conflicts, then at most one a commit.
         assert!(calls <= 2 + 12 + 64, "{calls} transactions for 64 commits");
