@@ -2,14 +2,16 @@
 //! up, and the upstream's response body redacted, counted and bounded by
 //! the read timeout on its way down. Neither is ever held whole; when the
 //! response ends (or the agent goes away) the completion audit record is
-//! written.
+//! written. While either streams, the request's token is checked again
+//! ([`Standing`]): a token revoked mid-request, or its task ended, cuts the
+//! request off at the next chunk.
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -19,10 +21,85 @@ use crate::redact::Redactor;
 /// The error type of both bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How often, at most, a streaming request's token is checked again.
+const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// A request's token while its bodies stream: allowed when the request
+/// began, it must still stand (not revoked, its task not ended, the
+/// revocation set fresh) for each chunk to pass, checked at most every
+/// [`RECHECK_EVERY`]. Revocation ends what a token does, a download or
+/// upload under way included. Its `exp` is not checked again: a request
+/// allowed in time may finish.
+pub struct Standing {
+    verifier: scrip_verifier::Verifier,
+    token: scrip_verifier::AccessToken,
+    since: Instant,
+    /// Milliseconds after `since` of the last check.
+    checked_ms: AtomicU64,
+    /// Why the request was cut off, once it is.
+    cut: OnceLock<scrip_verifier::VerifyError>,
+}
+
+impl std::fmt::Debug for Standing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standing")
+            .field("jti", &self.token.claims().jti)
+            .field("cut", &self.cut.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Standing {
+    /// The token `verifier` allowed the request with, just checked.
+    #[must_use]
+    pub fn new(verifier: scrip_verifier::Verifier, token: scrip_verifier::AccessToken) -> Self {
+        Self {
+            verifier,
+            token,
+            since: Instant::now(),
+            checked_ms: AtomicU64::new(0),
+            cut: OnceLock::new(),
+        }
+    }
+
+    /// Whether the token still stands; once it does not, never again.
+    fn holds(&self) -> bool {
+        if self.cut.get().is_some() {
+            return false;
+        }
+        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.checked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < u64::try_from(RECHECK_EVERY.as_millis()).unwrap_or(0) {
+            return true;
+        }
+        self.checked_ms.store(now, Ordering::Relaxed);
+        match self.verifier.recheck(&self.token) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(jti = %self.token.claims().jti, task = %self.token.task(), reason = %e, "proxy: request cut off mid-stream");
+                let _ = self.cut.set(e);
+                false
+            }
+        }
+    }
+
+    /// Why the request was cut off, if it was.
+    #[must_use]
+    pub fn cut(&self) -> Option<&scrip_verifier::VerifyError> {
+        self.cut.get()
+    }
+}
+
+/// The request was cut off mid-stream: its token no longer stands.
+#[derive(Debug, thiserror::Error)]
+#[error("the request's token no longer stands: {0}")]
+pub struct Cut(scrip_verifier::VerifyError);
+
 /// The agent's request body, counting the bytes that pass.
 pub struct CountingBody {
     inner: axum::body::Body,
     count: Arc<AtomicU64>,
+    standing: Arc<Standing>,
 }
 
 impl std::fmt::Debug for CountingBody {
@@ -32,10 +109,14 @@ impl std::fmt::Debug for CountingBody {
 }
 
 impl CountingBody {
-    /// Wraps `inner`, adding to `count`.
+    /// Wraps `inner`, adding to `count`, while `standing` holds.
     #[must_use]
-    pub fn new(inner: axum::body::Body, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+    pub fn new(inner: axum::body::Body, count: Arc<AtomicU64>, standing: Arc<Standing>) -> Self {
+        Self {
+            inner,
+            count,
+            standing,
+        }
     }
 }
 
@@ -50,6 +131,14 @@ impl Body for CountingBody {
         match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
+                    if !self.standing.holds() {
+                        let why = self
+                            .standing
+                            .cut()
+                            .cloned()
+                            .unwrap_or(scrip_verifier::VerifyError::Revoked);
+                        return Poll::Ready(Some(Err(Box::new(Cut(why)))));
+                    }
                     self.count
                         .fetch_add(u64::try_from(data.len()).unwrap_or(0), Ordering::Relaxed);
                     Poll::Ready(Some(Ok(Frame::data(data))))
@@ -80,6 +169,7 @@ pub struct ResponseBody {
     inner: hyper::body::Incoming,
     redactor: Redactor,
     read_timeout: Duration,
+    standing: Arc<Standing>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     sent: u64,
     finished: bool,
@@ -95,18 +185,20 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
-    /// Wraps the upstream body.
+    /// Wraps the upstream body, passed on while `standing` holds.
     #[must_use]
     pub fn new(
         inner: hyper::body::Incoming,
         redactor: Redactor,
         read_timeout: Duration,
+        standing: Arc<Standing>,
         on_done: OnDone,
     ) -> Self {
         Self {
             inner,
             redactor,
             read_timeout,
+            standing,
             timer: None,
             sent: 0,
             finished: false,
@@ -174,6 +266,16 @@ impl Body for ResponseBody {
                                 // Trailers are not forwarded.
                                 continue;
                             };
+                            if !this.standing.holds() {
+                                this.finished = true;
+                                this.done(false);
+                                let why = this
+                                    .standing
+                                    .cut()
+                                    .cloned()
+                                    .unwrap_or(scrip_verifier::VerifyError::Revoked);
+                                return Poll::Ready(Some(Err(Box::new(Cut(why)))));
+                            }
                             let out = this.redactor.push(&data);
                             if !out.is_empty() {
                                 return this.emit(out);

@@ -23,7 +23,7 @@ use scrip_store::{AuditEvent, TaskState, Write};
 use scrip_token::ActionName;
 use serde_json::json;
 
-use crate::body::{CountingBody, ResponseBody};
+use crate::body::{CountingBody, ResponseBody, Standing};
 use crate::metrics::Outcome;
 use crate::redact::Redactor;
 use crate::{Proxy, Upstream, headers, now, now_ms, route};
@@ -314,7 +314,11 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         }
     }
 
-    forward(&proxy, upstream, parts, body, &secret, &others, draft).await
+    let standing = Arc::new(Standing::new(upstream.verifier.clone(), token));
+    forward(
+        &proxy, upstream, parts, body, &secret, &others, draft, standing,
+    )
+    .await
 }
 
 fn unavailable(proxy: &Proxy, name: &str) -> Response {
@@ -365,6 +369,7 @@ fn decide(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     proxy: &Proxy,
     upstream: &Upstream,
@@ -373,6 +378,7 @@ async fn forward(
     secret: &crate::SecretValue,
     others: &[Arc<crate::SecretValue>],
     draft: Draft,
+    standing: Arc<Standing>,
 ) -> Response {
     let name = upstream.name.as_str();
     let path = draft.record.path.clone().unwrap_or_default();
@@ -407,7 +413,7 @@ async fn forward(
         }
     };
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let mut out = Request::new(CountingBody::new(body, bytes_in.clone()));
+    let mut out = Request::new(CountingBody::new(body, bytes_in.clone(), standing.clone()));
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
@@ -446,6 +452,23 @@ async fn forward(
     unanswered.disarm();
     let response = match answer {
         Ok(Ok(r)) => r,
+        Ok(Err(_)) if standing.cut().is_some() => {
+            // The agent's body stopped going up when its token was revoked
+            // (or its task ended); the upstream may have acted on part of it.
+            let why = standing
+                .cut()
+                .cloned()
+                .unwrap_or(scrip_verifier::VerifyError::Revoked);
+            proxy.0.metrics.count(name, Outcome::Failed);
+            let mut r = draft.finish("proxy.response");
+            r.status = Some(StatusCode::UNAUTHORIZED.as_u16());
+            r.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
+            r.reason = Some(format!(
+                "cut off while the request body was going up: {why}; the upstream may have acted on part of it"
+            ));
+            proxy.commit_later(r);
+            return scrip_verifier::Rejection::from_error(name, &why).into_response::<Body>();
+        }
         Ok(Err(e)) => {
             let what = if e.is_connect() {
                 "cannot connect to it"
@@ -507,13 +530,17 @@ async fn forward(
     proxy.0.metrics.count(name, Outcome::Forwarded);
 
     let (store, pending) = (proxy.0.store.clone(), proxy.0.pending.clone());
+    let cut = standing.clone();
     let on_done = Box::new(move |sent: u64, complete: bool| {
         let mut r = draft.finish("proxy.response");
         r.status = Some(status.as_u16());
         r.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
         r.bytes_out = Some(sent);
         if !complete {
-            r.reason = Some("response incomplete: the agent or the upstream went away".into());
+            r.reason = Some(match cut.cut() {
+                Some(why) => format!("response cut off: {why}"),
+                None => "response incomplete: the agent or the upstream went away".into(),
+            });
         }
         pending.commit(store, r);
     });
@@ -521,6 +548,7 @@ async fn forward(
         incoming,
         Redactor::new(patterns),
         upstream.read_timeout,
+        standing,
         on_done,
     );
     Response::from_parts(head, Body::new(body))

@@ -571,6 +571,23 @@ impl Verifier {
         layer::authorize(self, required, method, uri, headers).await
     }
 
+    /// Checks again, while a request it allowed is still going on (a long
+    /// upload, a streamed answer), that `token` has not been revoked since,
+    /// its task included, and that the revocation set is still fresh: what
+    /// [`Verifier::verify`] would say of it now, but for `exp` (a request
+    /// allowed before the token expired may finish) and single use (spent
+    /// by that request). Cheap: no network call, one read lock.
+    ///
+    /// # Errors
+    /// [`VerifyError::Revoked`], or [`VerifyError::RevocationStale`] when
+    /// the feed has not answered within `max_staleness`.
+    pub fn recheck(&self, token: &AccessToken) -> Result<(), VerifyError> {
+        match &self.0.revocations {
+            Some(revocations) => revocations.check(&token.claims.txn, &token.claims.jti),
+            None => Ok(()),
+        }
+    }
+
     /// The URL a request for `path` is made to, as a DPoP proof names it;
     /// `None` without [`VerifierConfig::public_url`].
     pub(crate) fn request_url(&self, path: &str) -> Option<String> {

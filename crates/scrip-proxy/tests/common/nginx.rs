@@ -139,6 +139,11 @@ http {{
         location /files/ {{
             if ($key = none) {{ return 401; }}
         }}
+        location /trickle/ {{
+            if ($key = none) {{ return 401; }}
+            alias {r}/www/files/;
+            limit_rate 64k;
+        }}
         location /upload/ {{
             if ($key = none) {{ return 401; }}
             dav_methods PUT;
