@@ -258,19 +258,27 @@ impl IdentityVerifier {
             return Err(IdentityError::ScripToken(kind));
         }
         if let Some(local) = self.local.as_ref().filter(|l| l.issuer == iss) {
-            let expectations = Expectations {
-                issuer: &local.issuer,
-                audiences: &local.audiences,
-                algorithms: &local.algorithms,
-                typ: &local.typ,
-                // scrip's own clock issued it.
-                leeway: 0,
+            let keys = local.keys.snapshot();
+            let verify = |leeway| {
+                scrip_jose::verify::<Map<String, Value>>(
+                    token,
+                    &keys,
+                    &Expectations {
+                        issuer: &local.issuer,
+                        audiences: &local.audiences,
+                        algorithms: &local.algorithms,
+                        typ: &local.typ,
+                        leeway,
+                    },
+                )
             };
-            let verified = scrip_jose::verify::<Map<String, Value>>(
-                token,
-                &local.keys.snapshot(),
-                &expectations,
-            )?;
+            // No leeway on `exp`: scrip issued it. But another replica,
+            // whose clock runs ahead of this one's, may have: its `iat` and
+            // `nbf` get the leeway (`exp`, checked first, passed without).
+            let verified = match verify(0) {
+                Err(JoseError::IssuedInFuture | JoseError::NotYetValid) => verify(self.leeway),
+                other => other,
+            }?;
             return WorkloadIdentity::from_local_claims(&local.issuer, &verified.claims)
                 .ok_or(IdentityError::NoSubject);
         }

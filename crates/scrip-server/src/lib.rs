@@ -354,8 +354,10 @@ async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError>
     let identity = Arc::new(scrip_verifier::StaticIdentity::new(""));
     let mut vc = scrip_verifier::VerifierConfig::new(st.issuer.clone(), first, identity);
     vc.algorithms = st.keyring.algorithms().to_vec();
-    // scrip's own clock issued these tokens: no skew to allow for.
-    vc.leeway = 0;
+    // Another replica's clock issued some of these tokens: allow the skew
+    // between clocks, as resource servers do. (The task must still be
+    // active, which is checked against this replica's clock.)
+    vc.leeway = config.clock_skew;
     // The proxy is at `<issuer>/proxy/...`: DPoP proofs name that URL.
     vc.public_url = Some(st.issuer.clone());
     // A DPoP proof comes from the agent's clock.

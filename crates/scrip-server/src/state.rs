@@ -98,8 +98,17 @@ impl Inner {
         token: &str,
         kind: TokenKind,
     ) -> Result<Verified<T>, JoseError> {
-        // scrip's own clock issued these tokens: no skew to allow for.
-        self.verify_own_with(token, kind, 0)
+        // No leeway on `exp`: scrip issued these tokens. But replicas have
+        // clocks of their own, and one running ahead issues tokens whose
+        // `iat` (or `nbf`) is in this replica's future; those are checked
+        // again with `clock_skew`. `exp` came first in the check that
+        // failed and passed without leeway, so only `iat` and `nbf` gain it.
+        match self.verify_own_with(token, kind, 0) {
+            Err(JoseError::IssuedInFuture | JoseError::NotYetValid) => {
+                self.verify_own_with(token, kind, self.config.clock_skew)
+            }
+            other => other,
+        }
     }
 
     /// [`Self::verify_own`], accepting `exp` up to `leeway` seconds past.

@@ -269,6 +269,26 @@ async fn a_local_identity_starts_a_task_and_cedar_sees_its_attributes() {
         .await
         .assert_error(400, "access_denied");
 
+    // Attested by another replica, sharing the key, whose clock runs 5 s
+    // ahead (within `clock_skew`): accepted. Two minutes ahead: refused.
+    let ahead = |by: u64| {
+        server.resign(&identity, |c| {
+            for claim in ["iat", "nbf"] {
+                if let Some(v) = c[claim].as_u64() {
+                    c[claim] = serde_json::json!(v + by);
+                }
+            }
+        })
+    };
+    let r = server
+        .try_start_task(&ahead(5), "github:read", "dev", "local run", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    server
+        .try_start_task(&ahead(120), "github:read", "dev", "local run", None)
+        .await
+        .assert_error(400, "invalid_request");
+
     // The local identity authenticates an introspection call too.
     let at = access.body["access_token"].as_str().unwrap();
     let r = server

@@ -73,6 +73,44 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[tokio::test]
+async fn tokens_from_a_replica_whose_clock_runs_ahead_work_and_can_be_revoked() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "triage", None)
+            .await,
+    );
+    // Another replica, sharing the key, whose clock is 5 s ahead (within
+    // `clock_skew`, 30 s): its tokens are issued in this one's future.
+    let ahead = |t: &str, by: u64| {
+        s.resign(t, |c| {
+            for claim in ["iat", "nbf"] {
+                if let Some(v) = c[claim].as_u64() {
+                    c[claim] = json!(v + by);
+                }
+            }
+        })
+    };
+    let task_ahead = ahead(&task, 5);
+    let access = token_of(&s.access_token(&task_ahead, "github", Some("read")).await);
+    let access_ahead = ahead(&access, 5);
+    assert_eq!(s.introspect(&access_ahead).await.body["active"], true);
+    // Past the skew it is refused, as before.
+    let too_far = ahead(&task, 120);
+    let r = s.access_token(&too_far, "github", Some("read")).await;
+    r.assert_error(400, "invalid_request");
+    assert_eq!(s.introspect(&ahead(&access, 120)).await.body, inactive());
+    // Revoking with the token issued ahead ends the task.
+    assert_eq!(s.revoke(&task_ahead).await.status, 200);
+    assert_eq!(s.introspect(&task).await.body, inactive());
+    assert_eq!(s.introspect(&access).await.body, inactive());
+    s.access_token(&task, "github", Some("read"))
+        .await
+        .assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn revoking_an_access_token_leaves_the_task_and_revoking_the_task_ends_it() {
     let s = TestServer::start().await;
     let identity = s.k8s.kubernetes("agents", "coder");

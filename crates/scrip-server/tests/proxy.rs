@@ -374,21 +374,10 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     );
 
     // A token signed by scrip's key but expired.
-    let key_file: Value = serde_json::from_str(
-        &std::fs::read_to_string(env.server.dir.path().join("data/keys/signing-es256.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    use base64::Engine as _;
-    let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(key_file["pkcs8"].as_str().unwrap())
-        .unwrap();
-    let key =
-        scrip_jose::SigningKey::from_pkcs8(scrip_jose::SigningAlgorithm::ES256, &der).unwrap();
-    let (_, mut claims) = decode_parts(&good);
-    claims["iat"] = json!(now() - 900);
-    claims["exp"] = json!(now() - 300);
-    let expired = key.sign_jwt("at+jwt", &claims).unwrap();
+    let expired = env.server.resign(&good, |c| {
+        c["iat"] = json!(now() - 900);
+        c["exp"] = json!(now() - 300);
+    });
     // The same claims, signed by another key.
     let (other, _) = scrip_jose::SigningKey::generate(scrip_jose::SigningAlgorithm::ES256).unwrap();
     let (_, claims) = decode_parts(&good);
@@ -425,6 +414,18 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(challenge(r.headers()).contains("invalid_request"));
+
+    // Issued by a replica whose clock runs 5 s ahead (within `clock_skew`):
+    // accepted.
+    let ahead = env.server.resign(&good, |c| {
+        c["iat"] = json!(c["iat"].as_u64().unwrap() + 5);
+    });
+    assert_eq!(
+        env.send(reqwest::Method::GET, "legacy/ahead", Some(&ahead))
+            .await
+            .0,
+        200
+    );
 
     // Unknown upstream, and the verification of a good token still works.
     let (status, _, _) = env.send(reqwest::Method::GET, "nope/x", Some(&good)).await;
@@ -758,6 +759,96 @@ async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
             .len(),
         12 * 1024
     );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_download_under_way_stops_when_its_task_is_ended() {
+    let env = setup().await;
+    // 1 MiB, which the upstream sends at 64 KiB/s: 16 s in all.
+    let len = 1024 * 1024;
+    env.nginx.put_file("long.bin", &vec![b'x'; len]);
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let mut r = env
+        .http
+        .get(env.url("legacy/trickle/long.bin"))
+        .bearer_auth(&read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut got = 0;
+    while got < 64 * 1024 {
+        got += r.chunk().await.unwrap().unwrap().len();
+    }
+    assert_eq!(env.server.revoke(&task).await.status, 200);
+    let ended = Instant::now();
+    let cut = loop {
+        match tokio::time::timeout(Duration::from_secs(5), r.chunk()).await {
+            Ok(Ok(Some(c))) => got += c.len(),
+            Ok(Ok(None)) => panic!("the whole body came after the task ended"),
+            Ok(Err(_)) => break ended.elapsed(),
+            Err(_) => panic!("still streaming 5 s after the task ended"),
+        }
+    };
+    assert!(got < len / 2, "{got} bytes, {cut:?} after the end");
+    let record = env
+        .wait_audit(|a| {
+            a.event == "proxy.response" && a.path.as_deref() == Some("/trickle/long.bin")
+        })
+        .await;
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("response cut off: token has been revoked"),
+        "{record:?}"
+    );
+    assert!(
+        record.bytes_out.is_some_and(|b| b < 1024 * 1024 / 2),
+        "{record:?}"
+    );
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_under_way_stops_when_its_token_is_revoked() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = setup().await;
+    let task = env.task("slow:write").await;
+    let write = env.token(&task, "slow", "write").await;
+    let addr = env.server.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PUT /proxy/slow/upload/cut.bin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {write}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        40 * 1024
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // 40 pieces 100 ms apart; the access token alone is revoked after 10.
+    for i in 0..40 {
+        if i == 10 {
+            assert_eq!(env.server.revoke(&write).await.status, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(&[b'x'; 1024]).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(answer.split(' ').nth(1), Some("401"), "{answer}");
+    assert!(answer.contains("invalid_token"), "{answer}");
+    assert!(!env.nginx.uploaded("cut.bin").exists());
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/upload/cut.bin"))
+        .await;
+    assert_eq!(record.status, Some(401), "{record:?}");
+    assert!(
+        record.reason.as_deref().is_some_and(|r| r
+            .starts_with("cut off while the request body was going up: token has been revoked")),
+        "{record:?}"
+    );
+    assert!(record.bytes_in.is_some_and(|b| b < 40 * 1024), "{record:?}");
     env.server.stop().await;
 }
 

@@ -411,6 +411,25 @@ impl TestServer {
         self.post_form("/revoke", &[("token", token)]).await
     }
 
+    /// `token` with its claims changed by `edit`, signed again with the
+    /// server's own ES256 key (as another replica sharing it would sign).
+    #[allow(dead_code, reason = "not every test binary resigns tokens")]
+    pub fn resign(&self, token: &str, edit: impl FnOnce(&mut Value)) -> String {
+        use base64::Engine as _;
+        let key_file: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.dir.path().join("data/keys/signing-es256.json")).unwrap(),
+        )
+        .unwrap();
+        let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(key_file["pkcs8"].as_str().unwrap())
+            .unwrap();
+        let key = SigningKey::from_pkcs8(SigningAlgorithm::ES256, &der).unwrap();
+        let (header, mut claims) = decode_parts(token);
+        edit(&mut claims);
+        key.sign_jwt(header["typ"].as_str().unwrap(), &claims)
+            .unwrap()
+    }
+
     /// The audit records, read straight from the store file.
     pub async fn audit(&self) -> Vec<scrip_store::AuditEvent> {
         use scrip_store::Store as _;
