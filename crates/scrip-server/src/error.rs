@@ -27,12 +27,37 @@ fn lowercase_first(s: String) -> String {
     }
 }
 
+/// `s` in the characters RFC 6749 §5.2 allows in an `error_description`
+/// (`%x20-21 / %x23-5B / %x5D-7E`): a description often quotes what the
+/// client sent, and a control character in it would reach the client's
+/// parser and scrip's log lines as it came (a forged line, a terminal
+/// escape). `"` becomes `'`, `\` becomes `/`, `…` becomes `...`, and any
+/// other character outside the set `?`.
+fn printable(s: &str) -> String {
+    if s.bytes()
+        .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+    {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            ' '..='!' | '#'..='[' | ']'..='~' => out.push(c),
+            '"' => out.push('\''),
+            '\\' => out.push('/'),
+            '…' => out.push_str("..."),
+            _ => out.push('?'),
+        }
+    }
+    out
+}
+
 impl OAuthError {
     fn new(status: StatusCode, code: &'static str, description: impl Into<String>) -> Self {
         Self {
             status,
             code,
-            description: lowercase_first(description.into()),
+            description: printable(&lowercase_first(description.into())),
         }
     }
 
@@ -165,5 +190,29 @@ impl IntoResponse for OAuthError {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OAuthError;
+
+    #[test]
+    fn a_description_holds_only_what_rfc_6749_allows() {
+        let e = OAuthError::invalid_scope(
+            "`\u{1b}[2J\nINFO scrip: forged` is not a grant \"quoted\" \\ \u{202e}é…",
+        );
+        assert_eq!(
+            e.description,
+            "`?[2J?INFO scrip: forged` is not a grant 'quoted' / ??..."
+        );
+        assert!(
+            e.description
+                .bytes()
+                .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+        );
+        // Text already in the set is kept as it is.
+        let plain = "subject_token: token has expired; `scope` must name `tool:action`";
+        assert_eq!(OAuthError::invalid_request(plain).description, plain);
     }
 }
