@@ -102,12 +102,26 @@ fn failed(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// The URL without its password, for messages.
+/// The URL without its passwords, for messages: the one in its user info
+/// and any query parameter libpq takes one in (`password`, `sslpassword`).
 fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let secret = k.to_ascii_lowercase().contains("password");
+                        (
+                            k.into_owned(),
+                            if secret { "***".into() } else { v.into_owned() },
+                        )
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
             }
             u.to_string()
         }
@@ -1003,6 +1017,31 @@ impl Store for PgStore {
 mod tests {
     use super::*;
     use crate::AuditEvent;
+
+    #[test]
+    fn messages_never_show_a_password() {
+        let shown = redacted(
+            "postgres://scrip:Userinfo9@db/scrip?sslmode=require&password=Query7&SSLPassword=Key5",
+        );
+        for secret in ["Userinfo9", "Query7", "Key5"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("sslmode=require"), "{shown}");
+        assert_eq!(redacted("not a url"), "the database_url");
+    }
+
+    /// An unreachable database with a password in the query: the error
+    /// says where, not with what.
+    #[tokio::test]
+    async fn an_open_error_never_shows_a_password() {
+        let Err(e) = PgStore::connect("postgres://scrip@127.0.0.1:1/scrip?password=Query7").await
+        else {
+            panic!("connected to nothing");
+        };
+        let text = e.to_string();
+        assert!(text.contains("127.0.0.1:1"), "{text}");
+        assert!(!text.contains("Query7"), "{text}");
+    }
 
     fn record() -> Vec<Write> {
         vec![Write::Audit(Box::new(AuditEvent {
