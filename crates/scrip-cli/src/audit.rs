@@ -207,14 +207,15 @@ pub(crate) fn when(ms: u64) -> String {
 }
 
 /// `s` safe to print on a terminal: control characters (newlines, escape
-/// sequences) and bidirectional-format characters (which reorder what
-/// follows) are written as `\u{..}` escapes, so a value from an agent or a
-/// token cannot forge or hide a line of what a person reads.
+/// sequences), line separators, bidirectional-format characters (which
+/// reorder what follows) and invisible ones
+/// ([`scrip_token::is_deceptive`]) are written as `\u{..}` escapes, so a
+/// value from an agent or a token cannot forge or hide a line of what a
+/// person reads.
 pub(crate) fn printable(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
+        if scrip_token::is_deceptive(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);

@@ -26,7 +26,11 @@ pub enum TaskCommand {
     ///
     /// The task token comes from SCRIP_TASK_TOKEN when set, else from
     /// standard input (`scrip task end < task.txt`); never from the command
-    /// line, where other local users could read it.
+    /// line, where other local users could read it. Revocation answers the
+    /// same for any token, so the token is read first: anything but a task
+    /// token of the scrip at --server is refused (exit 1) rather than ended
+    /// silently. Says on stderr which task it ended, and where the token
+    /// came from.
     End {
         /// scrip's address.
         #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
@@ -115,9 +119,10 @@ fn start(args: &StartArgs) -> ExitCode {
     }
 }
 
+#[expect(clippy::print_stderr, reason = "what was ended")]
 fn end(server: &str) -> ExitCode {
-    let token = match std::env::var("SCRIP_TASK_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => t,
+    let (token, from) = match std::env::var("SCRIP_TASK_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => (t, "SCRIP_TASK_TOKEN"),
         _ => {
             let mut text = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut text) {
@@ -125,7 +130,7 @@ fn end(server: &str) -> ExitCode {
                     "cannot read the task token from standard input: {e}"
                 ));
             }
-            text
+            (text, "standard input")
         }
     };
     let token = token.trim();
@@ -138,17 +143,30 @@ fn end(server: &str) -> ExitCode {
         rt.block_on(async {
             let client = Client::new(server).map_err(|e| e.to_string())?;
             client
-                .revoke(token)
+                .end_task(token)
                 .await
-                .map_err(|e| format!("cannot end the task: {e}"))
+                .map_err(|e| format!("cannot end the task (token from {from}): {e}"))
         })
     });
-    if let Some(cache) = FileCache::default_location() {
-        cache.remove_task(token);
-    }
     match result {
         Err(e) => fail(e),
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(ended) => {
+            if let Some(cache) = FileCache::default_location() {
+                cache.remove_task(token);
+            }
+            if ended.had_expired {
+                eprintln!(
+                    "task {} had already ended at its deadline (token from {from})",
+                    ended.task
+                );
+            } else {
+                eprintln!(
+                    "ended task {} and every task and token under it (token from {from})",
+                    ended.task
+                );
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -645,6 +645,42 @@ fn task_start_list_and_end() {
     assert_refused(&out, 1, &["SCRIP_TASK_TOKEN"]);
     assert_eq!(server.introspect(&task)["active"], true);
 
+    // Revocation answers 200 to any token, so `end` reads it first: what
+    // is not a task token of this scrip ends nothing and exits 1.
+    let (status, access) = server.exchange(&task);
+    assert_eq!(status, 200, "{access}");
+    let access = access["access_token"].as_str().unwrap().to_owned();
+    let foreign = {
+        let mut parts: Vec<String> = task.split('.').map(str::to_owned).collect();
+        let mut c = claims.clone();
+        c["iss"] = "https://another-scrip.example".into();
+        use base64::Engine as _;
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&c).unwrap());
+        parts.join(".")
+    };
+    for (token, says) in [
+        (
+            "not-a-token",
+            "not a task token (its typ is `none: it is not a JWT`)",
+        ),
+        (access.as_str(), "not a task token (its typ is `at+jwt`)"),
+        (
+            foreign.as_str(),
+            "issued by `https://another-scrip.example`, not by the scrip at this address",
+        ),
+    ] {
+        let out = server
+            .scrip()
+            .args(["task", "end"])
+            .env("SCRIP_TASK_TOKEN", token)
+            .output()
+            .unwrap();
+        assert_refused(&out, 1, &[says, "token from SCRIP_TASK_TOKEN"]);
+    }
+    assert_eq!(server.introspect(&task)["active"], true);
+    assert_eq!(server.introspect(&access)["active"], true);
+
     // Ended from SCRIP_TASK_TOKEN: revoked, and no longer listed.
     let out = server
         .scrip()
@@ -653,6 +689,10 @@ fn task_start_list_and_end() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr).trim(),
+        format!("ended task {id} and every task and token under it (token from SCRIP_TASK_TOKEN)")
+    );
     assert_eq!(
         server.introspect(&task),
         serde_json::json!({"active": false})

@@ -153,6 +153,24 @@ pub enum Error {
         /// Seconds the request waits for a decision.
         expires_in: u64,
     },
+    /// A token given to end a task is not a task token.
+    #[error(
+        "this is not a task token (its typ is `{typ}`); ending a task takes the task token it was started with"
+    )]
+    NotATaskToken {
+        /// The token's `typ` header, or `none`.
+        typ: String,
+    },
+    /// A task token from another scrip than the one at the URL.
+    #[error(
+        "the task token was issued by `{token_issuer}`, not by the scrip at this address (`{issuer}`); set --server or SCRIP_URL to its scrip"
+    )]
+    ForeignToken {
+        /// The token's `iss`.
+        token_issuer: String,
+        /// The issuer of the scrip asked.
+        issuer: String,
+    },
     /// scrip answered something unexpected.
     #[error("unexpected answer from scrip: {0}")]
     Protocol(String),
@@ -173,17 +191,52 @@ impl Error {
 /// The claims of a compact JWS, its signature not checked: for what the
 /// client only reads of its own tokens (`exp`, `cnf`), never to trust them.
 fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    unverified_parts(token).map(|(_, claims)| claims)
+}
+
+/// The header and claims of a compact JWS, its signature not checked.
+fn unverified_parts(token: &str) -> Option<(serde_json::Value, serde_json::Value)> {
     use base64::Engine as _;
     let mut parts = token.split('.');
-    let (Some(_), Some(payload), Some(_), None) =
+    let (Some(header), Some(payload), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return None;
     };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(serde_json::Value::is_object)
+    };
+    Some((decode(header)?, decode(payload)?))
+}
+
+/// A task that [`Client::end_task`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedTask {
+    /// The task's id (`txn`).
+    pub task: String,
+    /// Whether its token had expired already: the task had ended at its
+    /// deadline before it was asked to.
+    pub had_expired: bool,
+}
+
+/// Text read from an unverified token, safe to print: control and
+/// bidirectional characters escaped, at most 200 characters.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(200)
+        .flat_map(|c| {
+            let shown: Vec<char> = if scrip_token::is_deceptive(c) {
+                c.escape_unicode().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect()
 }
 
 /// Seconds since the epoch.
@@ -280,9 +333,18 @@ impl TaskRequest {
 pub struct Client {
     http: reqwest::Client,
     url: String,
-    /// The token endpoint as scrip's metadata names it (a DPoP proof's
-    /// `htu`), read once when first needed.
-    token_endpoint: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    /// What the client uses of scrip's RFC 8414 metadata, read once when
+    /// first needed.
+    metadata: std::sync::Arc<tokio::sync::OnceCell<Metadata>>,
+}
+
+/// The members of scrip's metadata the client uses.
+#[derive(Debug)]
+struct Metadata {
+    /// scrip's `iss`.
+    issuer: String,
+    /// The token endpoint (a DPoP proof's `htu`).
+    token_endpoint: String,
 }
 
 #[derive(Deserialize)]
@@ -390,7 +452,7 @@ impl Client {
         Ok(Self {
             http,
             url: url.trim_end_matches('/').to_owned(),
-            token_endpoint: std::sync::Arc::default(),
+            metadata: std::sync::Arc::default(),
         })
     }
 
@@ -464,7 +526,12 @@ impl Client {
 
     /// The token endpoint's URL from scrip's RFC 8414 metadata.
     async fn token_endpoint(&self) -> Result<&str, Error> {
-        self.token_endpoint
+        Ok(&self.metadata().await?.token_endpoint)
+    }
+
+    /// scrip's RFC 8414 metadata, read once.
+    async fn metadata(&self) -> Result<&Metadata, Error> {
+        self.metadata
             .get_or_try_init(|| async {
                 let url = format!("{}/.well-known/oauth-authorization-server", self.url);
                 let unreachable = |message: String| Error::Unreachable {
@@ -480,13 +547,18 @@ impl Client {
                 let meta: serde_json::Value =
                     serde_json::from_slice(&self.read(response).await?)
                         .map_err(|_| Error::Protocol(format!("`{url}` is not JSON metadata")))?;
-                meta.get("token_endpoint")
-                    .and_then(serde_json::Value::as_str)
-                    .map(str::to_owned)
-                    .ok_or_else(|| Error::Protocol(format!("`{url}` names no token_endpoint")))
+                let member = |name: &str| {
+                    meta.get(name)
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(|| Error::Protocol(format!("`{url}` names no {name}")))
+                };
+                Ok(Metadata {
+                    issuer: member("issuer")?,
+                    token_endpoint: member("token_endpoint")?,
+                })
             })
             .await
-            .map(String::as_str)
     }
 
     async fn token_with(
@@ -623,6 +695,55 @@ impl Client {
     #[must_use]
     pub fn task_from_token(&self, task_token: &str) -> Task {
         Task::new(self.clone(), task_token.trim().to_owned(), false)
+    }
+
+    /// Ends the task of `task_token`, its sub-tasks and every token issued
+    /// under them. Revocation (RFC 7009) answers the same for any token, so
+    /// that nothing is ended silently, the token is read first (not
+    /// verified; scrip does that): it must be a task token of this scrip.
+    ///
+    /// # Errors
+    /// [`Error::NotATaskToken`] for anything else than a task token (an
+    /// access token would be revoked alone, its task left running),
+    /// [`Error::ForeignToken`] for one of another scrip, and the errors of
+    /// [`Client::revoke`].
+    pub async fn end_task(&self, task_token: &str) -> Result<EndedTask, Error> {
+        let token = task_token.trim();
+        let Some((header, claims)) = unverified_parts(token) else {
+            return Err(Error::NotATaskToken {
+                typ: "none: it is not a JWT".into(),
+            });
+        };
+        let typ = header.get("typ").and_then(serde_json::Value::as_str);
+        if typ != Some(scrip_token::typ::TASK) {
+            return Err(Error::NotATaskToken {
+                typ: typ.map_or_else(|| "none".into(), printable),
+            });
+        }
+        let text = |name: &str| {
+            claims
+                .get(name)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let issuer = &self.metadata().await?.issuer;
+        let token_issuer = text("iss");
+        if token_issuer != *issuer {
+            return Err(Error::ForeignToken {
+                token_issuer: printable(&token_issuer),
+                issuer: issuer.clone(),
+            });
+        }
+        self.revoke(token).await?;
+        let had_expired = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|exp| exp <= now());
+        Ok(EndedTask {
+            task: printable(&text("txn")),
+            had_expired,
+        })
     }
 
     /// Revokes a token (RFC 7009); a task token ends its task.

@@ -74,9 +74,10 @@ pub enum ShapeError {
     /// `sub` is missing, not a string, or empty.
     #[error("token has no subject")]
     NoSubject,
-    /// `sub` holds control or bidirectional-format characters, which could
-    /// forge or hide a line of what an approver or auditor reads.
-    #[error("token subject holds control or bidirectional-format characters")]
+    /// `sub` holds control, line-separating, bidirectional-format or
+    /// invisible characters ([`crate::is_deceptive`]), which could forge or
+    /// hide a line of what an approver or auditor reads.
+    #[error("token subject holds control, bidirectional-format or invisible characters")]
     SubjectNotText,
     /// The issuer is a SPIFFE issuer and `sub` is no SPIFFE ID of its trust
     /// domain.
@@ -121,10 +122,7 @@ impl WorkloadIdentity {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or(ShapeError::NoSubject)?;
-        if subject.chars().any(|c| {
-            c.is_control()
-                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-        }) {
+        if subject.chars().any(crate::is_deceptive) {
             return Err(ShapeError::SubjectNotText);
         }
         let mut flat = BTreeMap::new();
@@ -491,7 +489,18 @@ mod tests {
     /// no identity.
     #[test]
     fn a_subject_with_control_or_bidi_characters_is_refused() {
-        for sub in ["a\nb", "x\u{1b}[2Jy", "ab\u{202e}cd", "tab\there"] {
+        for sub in [
+            "a\nb",
+            "x\u{1b}[2Jy",
+            "ab\u{202e}cd",
+            "tab\there",
+            "ara\u{061c}bic",
+            "line\u{2028}sep",
+            "para\u{2029}sep",
+            "zero\u{200b}width",
+            "bom\u{feff}",
+            "word\u{2060}joiner",
+        ] {
             let Value::Object(map) = json!({ "sub": sub }) else {
                 panic!("not an object")
             };

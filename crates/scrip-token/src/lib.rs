@@ -72,6 +72,30 @@ impl TokenKind {
     }
 }
 
+/// Whether `c` changes how the text around it reads on a screen without
+/// showing itself: control characters (newlines, escape sequences), the
+/// line and paragraph separators, bidirectional-format characters (which
+/// reorder what follows, U+061C included) and invisible format characters
+/// (zero-width spaces and joiners, the word joiner and invisible operators,
+/// the byte-order mark, the soft hyphen, annotation marks). Text from an
+/// agent or a token holding one could forge or hide a line of what a person
+/// reads; such text is refused as an identity and escaped when printed.
+#[must_use]
+pub fn is_deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
+}
+
 /// The expiry of a derived credential: `now + ttl`, but never after the
 /// expiry of what it is derived from (invariant 3).
 #[must_use]
