@@ -356,7 +356,7 @@ async fn link_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError>
             "INSERT INTO chain_links (chain_id, chain_seq) \
              SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
              ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq \
-             WHERE chain_links.chain_seq < excluded.chain_seq",
+             WHERE chain_links.chain_seq <> excluded.chain_seq",
         )
         .bind(ids)
         .bind(seqs)

@@ -279,13 +279,18 @@ pub(crate) fn audit_query(
 /// head some earlier chain start links already is covered through that
 /// chain, so linking every head every time would only make each first
 /// record, and all of them together, grow with the square of the chains.
+/// The table is bookkeeping that verification never reads (it reads the
+/// links in the records): a value other than the head, which only an edit
+/// of the table makes (one past the head would otherwise stop every later
+/// start from linking the chain, leaving its tail open to truncation for
+/// good), links the head again.
 pub(crate) const UNLINKED_HEADS: &str = "WITH RECURSIVE chains(id) AS (SELECT MIN(chain_id) FROM audit \
      UNION ALL SELECT (SELECT MIN(chain_id) FROM audit WHERE chain_id > chains.id) \
      FROM chains WHERE chains.id IS NOT NULL) \
      SELECT a.chain_id, a.chain_seq, a.hash FROM chains JOIN audit a ON a.chain_id = chains.id \
      AND a.chain_seq = (SELECT MAX(chain_seq) FROM audit WHERE chain_id = chains.id) \
      LEFT JOIN chain_links l ON l.chain_id = a.chain_id \
-     WHERE l.chain_seq IS NULL OR l.chain_seq < a.chain_seq \
+     WHERE l.chain_seq IS NULL OR l.chain_seq <> a.chain_seq \
      ORDER BY a.seq";
 
 /// Records how far a chain start links a chain (`$1` the chain, `$2` the
@@ -293,7 +298,7 @@ pub(crate) const UNLINKED_HEADS: &str = "WITH RECURSIVE chains(id) AS (SELECT MI
 /// all in one statement).
 pub(crate) const LINKED: &str = "INSERT INTO chain_links (chain_id, chain_seq) VALUES ($1, $2) \
      ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq \
-     WHERE chain_links.chain_seq < excluded.chain_seq";
+     WHERE chain_links.chain_seq <> excluded.chain_seq";
 
 /// The newest checkpoint of each chain, the same SQL for both backends: a
 /// skip scan over the `(chain_id, chain_seq)` index, one probe a chain.

@@ -749,6 +749,41 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     assert!(report.problems[0].what.contains("records #8 to #9"));
 }
 
+/// `chain_links` is bookkeeping verification does not read: a value set
+/// past a chain's head must not stop the next chain start from linking it,
+/// or the chain's unsigned tail could be cut long after.
+#[tokio::test]
+async fn a_link_marked_past_a_head_is_linked_again() {
+    let db = Db::new();
+    let first = db.open().await;
+    commit_events(&first, "r1", 1, 3).await;
+    db.checkpoint(&first).await;
+    commit_events(&first, "r1", 4, 3).await;
+    drop(first);
+    let older = db.rows().await[0].chain_id.clone();
+    db.exec(&format!(
+        "INSERT OR REPLACE INTO chain_links (chain_id, chain_seq) VALUES ('{older}', {})",
+        1_i64 << 62
+    ))
+    .await;
+    let second = db.open().await;
+    commit_events(&second, "r2", 1, 2).await;
+    db.checkpoint(&second).await;
+    assert_clean(&db.verify_signed(ALL_OLD).await);
+    // The first chain's records past its checkpoint, cut: the second
+    // chain's start linked them.
+    db.exec(&format!(
+        "DELETE FROM audit WHERE chain_id = '{older}' AND chain_seq >= 5"
+    ))
+    .await;
+    let report = db.verify_signed(ALL_OLD).await;
+    assert!(
+        report.problems.iter().any(|p| p.what.contains("truncated")),
+        "{:#?}",
+        report.problems
+    );
+}
+
 /// Rewritten records cannot escape the rule by claiming a time to come.
 #[tokio::test]
 async fn unsigned_records_from_the_future_are_reported() {
