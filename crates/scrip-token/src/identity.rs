@@ -68,6 +68,11 @@ pub struct WorkloadIdentity {
     pub claims: BTreeMap<String, String>,
 }
 
+/// The longest subject an identity may have, in bytes: the longest SPIFFE
+/// ID (SPIFFE-ID §2.3). Subjects are indexed in the store, and a longer one
+/// would not fit an index row of PostgreSQL's (about 2.7 KB).
+pub const MAX_SUBJECT_BYTES: usize = 2048;
+
 /// Why verified claims are not an identity of their issuer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShapeError {
@@ -79,6 +84,9 @@ pub enum ShapeError {
     /// hide a line of what an approver or auditor reads.
     #[error("token subject holds control, bidirectional-format or invisible characters")]
     SubjectNotText,
+    /// `sub` is longer than [`MAX_SUBJECT_BYTES`].
+    #[error("token subject is longer than {MAX_SUBJECT_BYTES} bytes")]
+    SubjectTooLong,
     /// The issuer is a SPIFFE issuer and `sub` is no SPIFFE ID of its trust
     /// domain.
     #[error("token subject is not a SPIFFE ID{}", .0.as_deref().map(|d| format!(" in trust domain `{d}`")).unwrap_or_default())]
@@ -125,6 +133,9 @@ impl WorkloadIdentity {
         if subject.chars().any(crate::is_deceptive) {
             return Err(ShapeError::SubjectNotText);
         }
+        if subject.len() > MAX_SUBJECT_BYTES {
+            return Err(ShapeError::SubjectTooLong);
+        }
         let mut flat = BTreeMap::new();
         flatten("", claims, 0, &mut flat)?;
         let declared = kind.is_some();
@@ -134,12 +145,9 @@ impl WorkloadIdentity {
             Some(k) => k,
         };
         if declared && kind == IdentityKind::Spiffe {
-            let domain = subject
-                .strip_prefix("spiffe://")
-                .map(|rest| rest.split_once('/').map_or(rest, |(d, _)| d));
-            let fits = match (domain, trust_domain) {
-                (Some(d), Some(want)) => d == want,
-                (Some(d), None) => !d.is_empty(),
+            let fits = match (spiffe_id(subject), trust_domain) {
+                (Some((d, _)), Some(want)) => d == want,
+                (Some(_), None) => true,
                 (None, _) => false,
             };
             if !fits {
@@ -233,6 +241,31 @@ fn kubernetes_claim(claims: &Map<String, Value>, path: &[&str]) -> Option<String
     at.as_str().map(str::to_owned)
 }
 
+/// The trust domain and path of a workload's SPIFFE ID, `None` for anything
+/// else (SPIFFE-ID §2): `spiffe://`, a trust domain of lowercase letters,
+/// digits, `.`, `-` and `_` (no port, no user info), and a path of one or
+/// more segments of letters, digits, `.`, `-` and `_`, none empty, `.` or
+/// `..` (no trailing `/`, no percent-encoding, query or fragment). A
+/// workload's ID has a path: one without names the trust domain itself.
+fn spiffe_id(subject: &str) -> Option<(&str, &str)> {
+    let rest = subject.strip_prefix("spiffe://")?;
+    let slash = rest.find('/')?;
+    let (domain, path) = rest.split_at(slash);
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    let path_ok = path.split('/').skip(1).all(|segment| {
+        !segment.is_empty()
+            && segment != "."
+            && segment != ".."
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    });
+    (domain_ok && path_ok).then_some((domain, path))
+}
+
 fn detect(
     subject: &str,
     raw: &Map<String, Value>,
@@ -242,7 +275,7 @@ fn detect(
         IdentityKind::Kubernetes
     } else if claims.contains_key("repository") && claims.contains_key("workflow") {
         IdentityKind::GithubActions
-    } else if subject.starts_with("spiffe://") {
+    } else if spiffe_id(subject).is_some() {
         IdentityKind::Spiffe
     } else {
         // Local identities come only from `from_local_claims`: a claim in a
@@ -283,10 +316,9 @@ fn well_known(
             copy("actor", "actor");
         }
         IdentityKind::Spiffe => {
-            if let Some(rest) = subject.strip_prefix("spiffe://") {
-                let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if let Some((domain, path)) = spiffe_id(subject) {
                 out.insert("trust_domain".into(), domain.to_owned());
-                out.insert("spiffe_path".into(), format!("/{path}"));
+                out.insert("spiffe_path".into(), path.to_owned());
             }
         }
         IdentityKind::Local => {
@@ -448,7 +480,24 @@ mod tests {
         }
         // Without a trust domain any SPIFFE ID passes, and nothing else.
         assert!(of(svid("spiffe://dev.acme.com/x"), IdentityKind::Spiffe, None).is_ok());
-        for sub in ["spiffe:///x", "https://dev.acme.com/x"] {
+        // Only a workload's well-formed SPIFFE ID (SPIFFE-ID §2).
+        for sub in [
+            "spiffe:///x",
+            "https://dev.acme.com/x",
+            "spiffe://dev.acme.com",
+            "spiffe://dev.acme.com/",
+            "spiffe://dev.acme.com/ns/a/../b",
+            "spiffe://dev.acme.com/ns/./b",
+            "spiffe://dev.acme.com/ns//b",
+            "spiffe://dev.acme.com/ns/b/",
+            "spiffe://dev.acme.com/a%2Fb",
+            "spiffe://dev.acme.com/a?x=1",
+            "spiffe://dev.acme.com/a#f",
+            "spiffe://Dev.acme.com/a",
+            "spiffe://dev.acme.com:443/a",
+            "spiffe://user@dev.acme.com/a",
+            "SPIFFE://dev.acme.com/a",
+        ] {
             assert_eq!(
                 of(svid(sub), IdentityKind::Spiffe, None).unwrap_err(),
                 ShapeError::NotSpiffe(None),
@@ -458,6 +507,43 @@ mod tests {
         assert_eq!(
             of(svid(""), IdentityKind::Spiffe, None).unwrap_err(),
             ShapeError::NoSubject
+        );
+        let id = of(
+            svid("spiffe://dev.acme.com/ns/a_b/sa.x-1"),
+            IdentityKind::Spiffe,
+            None,
+        )
+        .unwrap();
+        assert_eq!(id.attributes["spiffe_path"], "/ns/a_b/sa.x-1");
+        // From an issuer of no declared kind, a malformed one is no SPIFFE
+        // identity: no trust domain or path for a policy to match.
+        let undeclared = |sub: &str| {
+            let Value::Object(map) = svid(sub) else {
+                panic!("not an object")
+            };
+            WorkloadIdentity::from_claims_of("https://issuer", &map, None, None).unwrap()
+        };
+        let id = undeclared("spiffe://dev.acme.com/ns/a/../b");
+        assert_eq!(id.kind, IdentityKind::Generic);
+        assert!(id.attributes.is_empty(), "{:?}", id.attributes);
+        assert_eq!(
+            undeclared("spiffe://dev.acme.com/ns/a").kind,
+            IdentityKind::Spiffe
+        );
+    }
+
+    #[test]
+    fn a_subject_past_the_longest_spiffe_id_is_refused() {
+        let sub = |len: usize| {
+            let Value::Object(map) = json!({ "sub": "s".repeat(len) }) else {
+                panic!("not an object")
+            };
+            WorkloadIdentity::from_claims_of("https://issuer", &map, None, None)
+        };
+        assert!(sub(MAX_SUBJECT_BYTES).is_ok());
+        assert_eq!(
+            sub(MAX_SUBJECT_BYTES + 1).unwrap_err(),
+            ShapeError::SubjectTooLong
         );
     }
 
