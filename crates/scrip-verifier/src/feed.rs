@@ -316,8 +316,14 @@ impl Revocations {
                 .unwrap_or("")
                 .to_owned();
             if !matches!(kind.as_str(), "task" | "token") {
-                tracing::warn!(%kind, "ignoring a revocation event of an unknown type");
-                continue;
+                // It revokes something this verifier cannot tell: taking the
+                // page would accept what it revokes (fail open). The page is
+                // refused, the cursor stays, and past `max_staleness` every
+                // token is refused until the verifier is upgraded.
+                let shown: String = kind.chars().take(32).flat_map(char::escape_debug).collect();
+                return Err(format!(
+                    "revocation event of unknown type `{shown}`: this verifier is older than the scrip it follows; upgrade it (until then, tokens are refused once the revocation set is stale)"
+                ));
             }
             let event: Event = serde_json::from_value(value)
                 .map_err(|e| format!("malformed `{kind}` revocation event: {e}"))?;
@@ -448,9 +454,9 @@ mod tests {
         let r = Revocations::new(Duration::from_secs(60), 0);
         let far = unix_now() + 600;
         // A page of events of a type this verifier does not know (a newer
-        // scrip's) that says there is more is not the last one either.
-        r.apply(br#"{"cursor":1,"events":[{"type":"subject","sub":"x"}],"more":true}"#)
-            .unwrap();
+        // scrip's) is refused whole, and is not the last one either.
+        r.apply(br#"{"cursor":1,"events":[{"type":"subject","sub":"x"}],"more":false}"#)
+            .unwrap_err();
         assert!(!r.caught_up());
         let page = |cursor: u64, more: bool| {
             format!(
@@ -506,14 +512,32 @@ mod tests {
         let token = format!(
             r#"{{"cursor":2,"events":[{{"type":"token","jti":"j1","txn":"t2","exp":{far}}}]}}"#
         );
-        let unknown = r#"{"cursor":3,"events":[{"type":"subject","sub":"x"}]}"#;
         check(&[], "t1", "j0", Err(VerifyError::RevocationStale));
         check(&[r#"{"cursor":0,"events":[]}"#], "t1", "j0", Ok(()));
         check(&[&task], "t1", "j0", Err(VerifyError::Revoked));
         check(&[&task], "t2", "j0", Ok(()));
         check(&[&task, &token], "t2", "j1", Err(VerifyError::Revoked));
         check(&[&token], "t2", "j2", Ok(()));
-        check(&[unknown], "t1", "j1", Ok(()));
+    }
+
+    /// An event of a type this verifier does not know revokes something it
+    /// cannot tell: the page is refused, the cursor stays where it was, and
+    /// once the set goes stale every token is refused.
+    #[test]
+    fn an_event_of_an_unknown_type_is_never_skipped() {
+        let r = Revocations::new(Duration::from_millis(50), 0);
+        let far = unix_now() + 600;
+        r.apply(br#"{"cursor":2,"events":[]}"#).unwrap();
+        let page = format!(
+            r#"{{"cursor":4,"events":[{{"type":"task","txn":"t1","exp":{far}}},{{"type":"subject","sub":"x"}}],"more":false}}"#
+        );
+        let e = r.apply(page.as_bytes()).unwrap_err();
+        assert!(e.contains("unknown type `subject`"), "{e}");
+        assert_eq!(r.cursor(), 2);
+        // Nothing of the page was taken, the task event before it included.
+        assert_eq!(r.check("t1", "j"), Ok(()));
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(r.check("t2", "j"), Err(VerifyError::RevocationStale));
     }
 
     #[test]
