@@ -329,6 +329,13 @@ pub fn plain_target(url: &str) -> bool {
 /// and `jti`, so one client cannot spend another's. At most `capacity`
 /// are kept; when expired entries cannot make room, proofs are refused
 /// (fail closed) until they can.
+///
+/// No key may hold more live proofs than there are free places: one
+/// client sending proofs as fast as it can takes at most half the cache,
+/// and `k` such clients leave `1 / (k + 1)` of it to everyone else, so
+/// filling it takes about as many keys (each bound to a token from an
+/// audited exchange) as it has places. A key over its share is refused
+/// ([`Replay::Full`]); other keys go on.
 #[derive(Debug)]
 pub struct ReplayCache {
     seen: Mutex<Seen>,
@@ -337,11 +344,40 @@ pub struct ReplayCache {
 
 #[derive(Debug, Default)]
 struct Seen {
-    /// Until when each proof is kept, by a digest of its key and `jti`.
-    until: HashMap<u128, u64>,
+    /// Until when each proof is kept, and the key that signed it (a digest
+    /// of its thumbprint), by a digest of its key and `jti`.
+    until: HashMap<u128, (u64, u64)>,
+    /// How many proofs each key holds (expired ones included until the
+    /// next sweep).
+    per_key: HashMap<u64, usize>,
     /// When expired entries were last dropped: at most once a second, so a
     /// full cache does not cost a sweep per request.
     swept_at: u64,
+}
+
+impl Seen {
+    /// Whether a proof of `owner` cannot be taken: the cache is full, or
+    /// the key holds as many proofs as there are free places.
+    fn refuses(&self, owner: u64, capacity: usize) -> bool {
+        let free = capacity.saturating_sub(self.until.len());
+        free == 0 || self.per_key.get(&owner).is_some_and(|held| *held >= free)
+    }
+
+    /// Drops expired entries and recounts what each key holds.
+    fn sweep(&mut self, now: u64, capacity: usize) {
+        self.swept_at = now;
+        self.until.retain(|_, (until, _)| *until >= now);
+        self.per_key.clear();
+        for (_, owner) in self.until.values() {
+            *self.per_key.entry(*owner).or_default() += 1;
+        }
+        // Give back what a burst took.
+        let live = self.until.len();
+        if live < capacity / 4 {
+            self.until.shrink_to(live.saturating_mul(2));
+            self.per_key.shrink_to_fit();
+        }
+    }
 }
 
 /// Why [`ReplayCache::first_use`] refused a proof.
@@ -383,6 +419,14 @@ impl ReplayCache {
             first.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0; 16]));
             u128::from_be_bytes(first)
         };
+        // The thumbprint is itself a SHA-256, base64url: its first 64 bits.
+        let owner = {
+            let mut first = [0u8; 8];
+            for (to, from) in first.iter_mut().zip(proof.jkt.bytes()) {
+                *to = from;
+            }
+            u64::from_be_bytes(first)
+        };
         let until = proof
             .iat
             .saturating_add(check.max_age)
@@ -392,26 +436,26 @@ impl ReplayCache {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(&kept_until) = seen.until.get(&key)
+        if let Some(&(kept_until, _)) = seen.until.get(&key)
             && kept_until >= check.now
         {
             return Err(Replay::Used);
         }
-        if seen.until.len() >= self.capacity {
+        if seen.refuses(owner, self.capacity) {
             if seen.swept_at < check.now {
-                seen.swept_at = check.now;
-                seen.until.retain(|_, until| *until >= check.now);
-                // Give back what a burst took.
-                let live = seen.until.len();
-                if live < self.capacity / 4 {
-                    seen.until.shrink_to(live.saturating_mul(2));
-                }
+                seen.sweep(check.now, self.capacity);
             }
-            if seen.until.len() >= self.capacity {
+            if seen.refuses(owner, self.capacity) {
                 return Err(Replay::Full);
             }
         }
-        seen.until.insert(key, until);
+        if let Some((_, previous)) = seen.until.insert(key, (until, owner)) {
+            // An expired entry of the same proof, replaced.
+            if let Some(held) = seen.per_key.get_mut(&previous) {
+                *held = held.saturating_sub(1);
+            }
+        }
+        *seen.per_key.entry(owner).or_default() += 1;
         Ok(())
     }
 
@@ -774,5 +818,40 @@ mod tests {
         let s = verify_proof(&key.proof(&c), &later).unwrap();
         cache.first_use(&s, &later).unwrap();
         assert_eq!(cache.len(), 1);
+    }
+
+    /// One client sending proofs as fast as it can cannot lock every other
+    /// client out: no key holds more proofs than there are free places.
+    #[test]
+    fn one_key_cannot_fill_the_cache_for_everyone() {
+        let cache = ReplayCache::new(8);
+        let proofs = |key: &Key, n: usize, tag: &str| -> Vec<Proof> {
+            (0..n)
+                .map(|i| {
+                    let mut c = claims();
+                    c["jti"] = json!(format!("{tag}-{i}"));
+                    verify_proof(&key.proof(&c), &check()).unwrap()
+                })
+                .collect()
+        };
+        let (a, b, c) = (Key::es256(), Key::es256(), Key::es256());
+        let from_a = proofs(&a, 5, "a");
+        for p in &from_a[..4] {
+            cache.first_use(p, &check()).unwrap();
+        }
+        // Half the cache: `a` is refused from here on, and nobody else is.
+        assert_eq!(cache.first_use(&from_a[4], &check()), Err(Replay::Full));
+        let from_b = proofs(&b, 3, "b");
+        cache.first_use(&from_b[0], &check()).unwrap();
+        cache.first_use(&from_b[1], &check()).unwrap();
+        assert_eq!(cache.first_use(&from_b[2], &check()), Err(Replay::Full));
+        for p in proofs(&c, 1, "c") {
+            cache.first_use(&p, &check()).unwrap();
+        }
+        // Every proof taken is still refused a second time.
+        for p in from_a[..4].iter().chain(&from_b[..2]) {
+            assert_eq!(cache.first_use(p, &check()), Err(Replay::Used));
+        }
+        assert_eq!(cache.len(), 7);
     }
 }
