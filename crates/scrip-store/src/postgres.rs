@@ -501,6 +501,21 @@ async fn apply_in(
                 at,
             } => {
                 let once = matches!(write, Write::ClaimToken { .. });
+                if once {
+                    // As in SQLite: a use claimed after the task ended (the
+                    // write lock orders this commit after the ending) is no
+                    // use.
+                    let ended: Option<i32> = sqlx::query_scalar(
+                        "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL",
+                    )
+                    .bind(task_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    if ended.is_some() {
+                        return Err(StoreError::Conflict(format!("task {task_id} has ended")));
+                    }
+                }
                 let inserted = sqlx::query(if once {
                     "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES ($1, $2, $3, $4)"
                 } else {

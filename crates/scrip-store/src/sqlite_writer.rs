@@ -456,6 +456,17 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             at,
         } => {
             let once = matches!(write, Write::ClaimToken { .. });
+            if once {
+                // A use claimed after the task ended (a revocation committed
+                // between the caller's read and this commit) is no use.
+                let ended = tx
+                    .prepare_cached("SELECT 1 FROM tasks WHERE id = ? AND ended_at IS NOT NULL")
+                    .and_then(|mut s| s.exists([task_id]))
+                    .map_err(unavailable)?;
+                if ended {
+                    return Err(StoreError::Conflict(format!("task {task_id} has ended")));
+                }
+            }
             let (expires_at, at) = (to_i64(*expires_at), to_i64(*at));
             let inserted = run(
                 tx,

@@ -499,6 +499,32 @@ async fn a_single_use_token_is_claimed_exactly_once(f: Fixture) {
     let err = f.store.commit(vec![claim("revoked")]).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(f.store.revocations(0, 1_000, 100).await.unwrap().len(), 2);
+    // Nor can a token of a task that has ended (its ending committed
+    // between the caller's read and the claim).
+    f.store
+        .commit(vec![
+            Write::InsertTask(Box::new(task("t-ended", None, 5_000))),
+            Write::EndTask {
+                id: "t-ended".into(),
+                at: 1_000,
+                reason: "done".into(),
+                grace: 0,
+            },
+        ])
+        .await
+        .unwrap();
+    let err = f
+        .store
+        .commit(vec![Write::ClaimToken {
+            jti: "of-ended".into(),
+            task_id: "t-ended".into(),
+            expires_at: 3_000,
+            at: 1_100,
+        }])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(!f.store.token_revoked("of-ended").await.unwrap());
 }
 
 async fn expired_revocations_leave_the_feed_and_are_purged(f: Fixture) {
