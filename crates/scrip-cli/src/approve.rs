@@ -97,7 +97,6 @@ fn text(v: &Value, k: &str) -> String {
 }
 
 /// `scrip approvals`: what waits for a decision.
-#[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
     match block_on(call(args, reqwest::Method::GET, "/approvals", None)) {
         Err(e) => fail(e),
@@ -109,10 +108,10 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                 .unwrap_or_default();
             if json {
                 for a in &items {
-                    println!("{a}");
+                    out!("{a}");
                 }
             } else if items.is_empty() {
-                println!("no pending approvals");
+                out!("no pending approvals");
             } else {
                 for a in &items {
                     let agent = a
@@ -131,21 +130,21 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                         })
                         .filter(|c| !c.is_empty())
                         .unwrap_or_else(|| "none".into());
-                    println!("{}", text(a, "auth_req_id"));
-                    println!("  agent:       {agent}");
-                    println!(
+                    out!("{}", text(a, "auth_req_id"));
+                    out!("  agent:       {agent}");
+                    out!(
                         "  task:        {} ({})",
                         text(a, "task"),
                         text(a, "purpose")
                     );
-                    println!("  environment: {}", text(a, "environment"));
-                    println!(
+                    out!("  environment: {}", text(a, "environment"));
+                    out!(
                         "  asks:        {} at {}",
                         text(a, "actions"),
                         text(a, "tool")
                     );
-                    println!("  delegation:  {chain}");
-                    println!("  expires at:  {}", text(a, "expires_at"));
+                    out!("  delegation:  {chain}");
+                    out!("  expires at:  {}", text(a, "expires_at"));
                 }
             }
             ExitCode::SUCCESS
@@ -154,7 +153,6 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
 }
 
 /// `scrip approve ID` / `scrip deny ID --reason TEXT`.
-#[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitCode {
     if id.is_empty()
         || !id
@@ -175,7 +173,7 @@ pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitC
     match block_on(call(args, reqwest::Method::POST, &path, form.as_deref())) {
         Err(e) => fail(e),
         Ok(body) => {
-            println!(
+            out!(
                 "{} {}: {} at {} for task {}",
                 text(&body, "state"),
                 id,
@@ -190,7 +188,6 @@ pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitC
 
 /// `scrip introspect TOKEN`: asks scrip whether a token is active,
 /// authenticated as you (RFC 7662).
-#[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn introspect(args: &ApproverArgs) -> ExitCode {
     let mut from_stdin = String::new();
     if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut from_stdin) {
@@ -208,7 +205,7 @@ pub fn introspect(args: &ApproverArgs) -> ExitCode {
     )) {
         Err(e) => fail(e),
         Ok(body) => {
-            println!("{body}");
+            out!("{body}");
             ExitCode::SUCCESS
         }
     }

@@ -100,7 +100,6 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// `scrip migrate`: opening the store applies its migrations.
-#[expect(clippy::print_stdout, reason = "the command's report")]
 pub fn migrate(config: Option<&Path>) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
@@ -122,7 +121,7 @@ pub fn migrate(config: Option<&Path>) -> ExitCode {
     });
     match result {
         Ok(what) => {
-            println!("ok: {what} is migrated to the current schema");
+            out!("ok: {what} is migrated to the current schema");
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
@@ -130,7 +129,6 @@ pub fn migrate(config: Option<&Path>) -> ExitCode {
 }
 
 /// `scrip audit verify`.
-#[expect(clippy::print_stdout, reason = "the command's report")]
 pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
@@ -166,12 +164,14 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
     match result {
         Err(e) => fail(e),
         Ok(report) if report.problems.is_empty() => {
-            println!(
+            out!(
                 "ok: {} records in {} chains verified; {} signed checkpoints match",
-                report.records, report.chains, report.checkpoints
+                report.records,
+                report.chains,
+                report.checkpoints
             );
             if report.unsigned > 0 {
-                println!(
+                out!(
                     "{} recent records wait for their writers' next signed checkpoint",
                     report.unsigned
                 );
@@ -180,9 +180,9 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
         }
         Ok(report) => {
             for p in &report.problems {
-                println!("TAMPERED {p}");
+                out!("TAMPERED {p}");
             }
-            println!(
+            out!(
                 "{} problems in {} records ({} chains)",
                 report.problems.len(),
                 report.records,
@@ -236,14 +236,20 @@ pub(crate) fn cell(s: Option<&str>, width: usize) -> String {
     }
 }
 
-#[expect(clippy::print_stdout, reason = "the command's output")]
 fn print_table(records: &[AuditEvent]) {
-    println!(
+    out!(
         "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<22}  {:<10}  {:<16}  reason",
-        "seq", "time", "event", "dec", "agent", "task", "tool", "actions"
+        "seq",
+        "time",
+        "event",
+        "dec",
+        "agent",
+        "task",
+        "tool",
+        "actions"
     );
     for r in records {
-        println!(
+        out!(
             "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<22}  {:<10}  {:<16}  {}",
             r.seq,
             when(r.at_ms),
@@ -259,7 +265,6 @@ fn print_table(records: &[AuditEvent]) {
 }
 
 /// `scrip audit query`.
-#[expect(clippy::print_stdout, reason = "the command's output")]
 pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
     let filter = AuditFilter {
         task_id: args.task.clone(),
@@ -282,7 +287,7 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
         Ok(records) => {
             if args.json {
                 for r in &records {
-                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                    out!("{}", serde_json::to_string(r).unwrap_or_default());
                 }
             } else {
                 print_table(&records);
@@ -304,12 +309,10 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
 
 /// `scrip audit export`: JSON lines from a cursor, optionally following.
 pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
-    use std::io::Write as _;
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let (_, store) = open(config).await?;
             let mut cursor = after;
-            let stdout = std::io::stdout();
             loop {
                 let filter = AuditFilter {
                     after_seq: Some(cursor),
@@ -317,19 +320,15 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
                     ..AuditFilter::default()
                 };
                 let page = store.audit(&filter).await.map_err(|e| e.to_string())?;
-                let mut out = stdout.lock();
                 for r in &page {
                     let line = serde_json::to_string(r).map_err(|e| e.to_string())?;
-                    // A closed pipe (`| head`) ends the export quietly.
-                    if writeln!(out, "{line}").is_err() {
+                    out!("{line}");
+                    // A closed pipe (`| head`) ends the export (exit 141).
+                    if crate::stdout_gone() {
                         return Ok(());
                     }
                     cursor = r.seq;
                 }
-                if out.flush().is_err() {
-                    return Ok(());
-                }
-                drop(out);
                 if page.is_empty() {
                     if !follow {
                         return Ok(());

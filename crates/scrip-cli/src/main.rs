@@ -6,6 +6,16 @@
 //! --no-wait` exits 75 while a step waits for a person, and `scrip run` with
 //! its command's code (128 + a signal, 126 cannot run, 127 not found).
 
+/// Prints a line on standard output, as `println!` does, but never panics:
+/// once standard output is closed (`| head`) the rest is dropped, and the
+/// command exits 141, as one killed by SIGPIPE would (Rust ignores SIGPIPE,
+/// so the write fails instead).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
 mod approve;
 mod audit;
 mod proxy;
@@ -39,7 +49,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "scrip", version, propagate_version = true)]
 struct Cli {
-    /// Log format on standard error.
+    /// Log format on standard error. `serve` and `proxy` log from `info`
+    /// up, every other command its warnings only; SCRIP_LOG sets the level
+    /// (for example `SCRIP_LOG=debug`).
     #[arg(
         long,
         global = true,
@@ -300,7 +312,7 @@ enum PolicyCommand {
         /// The policy directory.
         dir: PathBuf,
         /// Also check the tools of this configuration.
-        #[arg(long, short)]
+        #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Run a file of request → expected decision cases.
@@ -314,14 +326,18 @@ enum PolicyCommand {
         #[arg(long, short)]
         policies: Option<PathBuf>,
         /// A configuration whose tools the cases may name.
-        #[arg(long, short)]
+        #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to standard error from `level` up (SCRIP_LOG overrides it): the
+/// servers log what they do, the other commands warn (a checkpoint that
+/// could not be signed, a key-encryption key just created) and say nothing
+/// else.
+fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCRIP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -351,6 +367,40 @@ pub(crate) fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::proc
     cmd
 }
 
+/// Set once a write to standard output failed: later lines are dropped and
+/// the command exits [`STDOUT_GONE_EXIT`].
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The exit status once standard output failed: 128 + SIGPIPE, what a shell
+/// reports for a command a closed pipe killed.
+const STDOUT_GONE_EXIT: u8 = 141;
+
+/// Whether a write to standard output has failed.
+pub(crate) fn stdout_gone() -> bool {
+    STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One line on standard output (see `out!`).
+#[expect(
+    clippy::print_stderr,
+    reason = "standard output failed: said on stderr"
+)]
+pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    use std::sync::atomic::Ordering;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        // A closed pipe is the reader's choice (`| head`): nothing to say.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("scrip: cannot write to standard output: {e}");
+        }
+    }
+}
+
 #[expect(
     clippy::print_stderr,
     reason = "the binary reports fatal errors on stderr"
@@ -362,11 +412,19 @@ pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve { config } => {
-            init_logging(cli.log_format);
-            serve(config.as_deref())
-        }
+    let serves = matches!(cli.command, Command::Serve { .. } | Command::Proxy { .. });
+    init_logging(cli.log_format, if serves { "info" } else { "warn" });
+    let code = command(cli.command);
+    if stdout_gone() {
+        ExitCode::from(STDOUT_GONE_EXIT)
+    } else {
+        code
+    }
+}
+
+fn command(command: Command) -> ExitCode {
+    match command {
+        Command::Serve { config } => serve(config.as_deref()),
         Command::Run(args) => run::run(args),
         Command::Token(args) => token::token(&args),
         Command::Policy { command } => policy(command),
@@ -387,10 +445,7 @@ fn main() -> ExitCode {
                 secret::rotate(config.as_deref(), &name, action.as_deref())
             }
         },
-        Command::Proxy { config } => {
-            init_logging(cli.log_format);
-            proxy::proxy(config.as_deref())
-        }
+        Command::Proxy { config } => proxy::proxy(config.as_deref()),
         Command::Audit { config, command } => match command {
             AuditCommand::Verify { public_key } => {
                 audit::verify(config.as_deref(), public_key.as_ref())
@@ -448,7 +503,6 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-#[expect(clippy::print_stdout, reason = "policy commands report on stdout")]
 fn policy(command: PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Check { dir, config } => {
@@ -468,7 +522,7 @@ fn policy(command: PolicyCommand) -> ExitCode {
             {
                 return fail(e);
             }
-            println!(
+            out!(
                 "ok: {} policies in `{}` validate",
                 engine.len(),
                 dir.display()
@@ -504,9 +558,9 @@ fn policy(command: PolicyCommand) -> ExitCode {
             for r in &results {
                 let mark = if r.passed { "ok  " } else { "FAIL" };
                 let got = if r.allowed { "allow" } else { "deny" };
-                println!("{mark} {} -> {got} ({})", r.name, r.reason);
+                out!("{mark} {} -> {got} ({})", r.name, r.reason);
             }
-            println!("{} passed, {failed} failed", results.len() - failed);
+            out!("{} passed, {failed} failed", results.len() - failed);
             if failed == 0 {
                 ExitCode::SUCCESS
             } else {

@@ -373,7 +373,6 @@ async fn put(
 }
 
 /// `scrip secret set NAME --action A`.
-#[expect(clippy::print_stdout, reason = "the command reports on stdout")]
 pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
     let result = (|| {
         let config = Config::load(config).map_err(|e| e.to_string())?;
@@ -397,7 +396,7 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
     })();
     match result {
         Ok(version) => {
-            println!("set `{name}` `{action}` version {version}");
+            out!("set `{name}` `{action}` version {version}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
@@ -405,7 +404,6 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
 }
 
 /// `scrip secret rotate NAME [--action A]`.
-#[expect(clippy::print_stdout, reason = "the command reports on stdout")]
 pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCode {
     let result = (|| {
         let config = Config::load(config).map_err(|e| e.to_string())?;
@@ -463,7 +461,7 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
     match result {
         Ok(done) => {
             for (a, version, grace) in done {
-                println!(
+                out!(
                     "rotated `{name}` `{a}` to version {version}; the previous version stays for {}",
                     humantime::format_duration(Duration::from_secs(grace))
                 );
@@ -475,7 +473,6 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
 }
 
 /// `scrip secret list [--json]`.
-#[expect(clippy::print_stdout, reason = "the command reports on stdout")]
 pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
     let result = (|| {
         runtime()?.block_on(async {
@@ -494,12 +491,15 @@ pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
     };
     if json {
         for s in &statuses {
-            println!("{}", serde_json::to_string(s).unwrap_or_default());
+            out!("{}", serde_json::to_string(s).unwrap_or_default());
         }
     } else {
-        println!(
+        out!(
             "{:<20} {:<10} {:>7} {:>14}  STATE",
-            "NAME", "ACTION", "VERSION", "AGE"
+            "NAME",
+            "ACTION",
+            "VERSION",
+            "AGE"
         );
         for s in &statuses {
             let age = humantime::format_duration(Duration::from_secs(s.age)).to_string();
@@ -509,9 +509,12 @@ pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
             } else {
                 s.state
             };
-            println!(
+            out!(
                 "{:<20} {:<10} {:>7} {:>14}  {state}",
-                s.name, s.action, s.version, age
+                s.name,
+                s.action,
+                s.version,
+                age
             );
         }
     }

@@ -85,7 +85,6 @@ pub fn task(command: TaskCommand) -> ExitCode {
     }
 }
 
-#[expect(clippy::print_stdout, reason = "the command's output")]
 fn start(args: &StartArgs) -> ExitCode {
     let request = args.task.request(args.purpose.clone());
     let result = runtime().and_then(|rt| {
@@ -110,9 +109,9 @@ fn start(args: &StartArgs) -> ExitCode {
                     "scope": scope,
                     "expires_at": expires_at,
                 });
-                println!("{body}");
+                out!("{body}");
             } else {
-                println!("{token}");
+                out!("{token}");
             }
             ExitCode::SUCCESS
         }
@@ -170,7 +169,6 @@ fn end(server: &str) -> ExitCode {
     }
 }
 
-#[expect(clippy::print_stdout, reason = "the command's output")]
 fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -203,16 +201,21 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
                 "created_at": t.created_at,
                 "expires_at": t.expires_at,
             });
-            println!("{line}");
+            out!("{line}");
         }
         return ExitCode::SUCCESS;
     }
-    println!(
+    out!(
         "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  purpose",
-        "task", "ends", "agent", "parent", "env", "grants"
+        "task",
+        "ends",
+        "agent",
+        "parent",
+        "env",
+        "grants"
     );
     for t in &tasks {
-        println!(
+        out!(
             "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  {}",
             t.id,
             when(t.expires_at.saturating_mul(1000)),

@@ -57,9 +57,8 @@ pub struct TokenArgs {
 
 /// Runs `scrip token`.
 #[expect(
-    clippy::print_stdout,
     clippy::print_stderr,
-    reason = "the token is the command's output; the wait for a person is said on stderr"
+    reason = "the wait for a person is said on stderr"
 )]
 pub fn token(args: &TokenArgs) -> ExitCode {
     let Some(task_token) = std::env::var("SCRIP_TASK_TOKEN")
@@ -121,11 +120,11 @@ pub fn token(args: &TokenArgs) -> ExitCode {
                 "expires_at": t.expires_at,
                 "scope": t.scope,
             });
-            println!("{value}");
+            out!("{value}");
             ExitCode::SUCCESS
         }
         Ok(t) => {
-            println!("{}", t.token);
+            out!("{}", t.token);
             ExitCode::SUCCESS
         }
         Err(e @ Error::ApprovalPending { .. }) => {

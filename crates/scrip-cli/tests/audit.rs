@@ -363,6 +363,28 @@ async fn audit_commands_read_what_the_server_recorded() {
     }
     assert_eq!(lines.count(), by_task.len(), "{table}");
 
+    // A reader that went away (`| head`): no panic, the rest dropped, and
+    // the status a closed pipe gives, for the query, the table and export.
+    for args in [
+        &["query", "--json"][..],
+        &["query"][..],
+        &["export"][..],
+        &["verify"][..],
+    ] {
+        let mut child = scrip()
+            .arg("audit")
+            .args(args)
+            .args(["--config", &site.config()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {out:?}");
+        assert!(text(&out.stderr).is_empty(), "{args:?}: {out:?}");
+    }
+
     // Export resumes after a cursor.
     let cursor = all_seqs[4];
     let rest = site.export(&["--after", &cursor.to_string()]);

@@ -327,11 +327,19 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "set `legacy` `read` version 1\n");
+    // The key-encryption key it had to create is a warning on stderr: it
+    // must be kept apart from the store's backups.
+    assert!(
+        text(&out.stderr).contains("created the key-encryption key"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = s.scrip(
         &["secret", "set", "legacy", "--action", "write"],
         Some(WRITE_KEY.as_bytes()),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "nothing to warn of");
     let key_file = s.dir.path().join("data/keys/key-encryption.key");
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(

@@ -409,6 +409,20 @@ impl Config {
         if let Some(f) = self.proxy.identity_file.as_mut() {
             join(f);
         }
+        // A mint command's program named by a relative path (`./mint.sh`,
+        // `bin/mint`) is the configuration's, not whatever the current
+        // directory of `scrip secret rotate` holds; a bare name is looked
+        // up in PATH, as the shell would.
+        for upstream in &mut self.upstreams {
+            for spec in upstream.secrets.values_mut() {
+                if let Some(program) = spec.mint_command.first_mut()
+                    && program.contains('/')
+                    && Path::new(program.as_str()).is_relative()
+                {
+                    *program = base.join(program.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
     }
 
     /// The issuer: the configured one, else `http://<listen>`.
@@ -983,5 +997,37 @@ mod tests {
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.data_dir, dir.path().join("state"));
         assert_eq!(c.policy_dir, dir.path().join("policies"));
+    }
+
+    /// A mint command's program given by a relative path is the one beside
+    /// the configuration, not the one in the current directory; a bare name
+    /// stays for PATH, and an absolute path as it is.
+    #[test]
+    fn a_mint_programs_relative_path_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.toml");
+        let mint = |program: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    "[[tools]]\nname = \"legacy\"\nresource = \"http://127.0.0.1:8080\"\nactions = [\"read\"]\n\
+                     [[upstreams]]\nname = \"legacy\"\nurl = \"http://127.0.0.1:8080\"\n\
+                     [upstreams.secrets.read]\nmint_command = [\"{program}\", \"./arg\"]\n"
+                ),
+            )
+            .unwrap();
+            let c = Config::load(Some(&path)).unwrap();
+            c.upstreams[0]
+                .secrets
+                .values()
+                .next()
+                .unwrap()
+                .mint_command
+                .clone()
+        };
+        let beside = dir.path().join("./mint.sh").to_string_lossy().into_owned();
+        assert_eq!(mint("./mint.sh"), [beside.as_str(), "./arg"]);
+        assert_eq!(mint("mint-key"), ["mint-key", "./arg"]);
+        assert_eq!(mint("/usr/bin/mint"), ["/usr/bin/mint", "./arg"]);
     }
 }
