@@ -219,6 +219,22 @@ impl Proxy {
                 return Err(fail("url needs a scheme and a host".into()));
             };
             let injection = u.inject.injection(&name).map_err(|e| fail(e.to_string()))?;
+            // Requests are normalised before they are matched: a route
+            // path that normalising would change (`/%61dmin`, `/a/../b`,
+            // `/a;b`) could never match, and the override it was meant to
+            // be would silently not apply.
+            for r in &u.routes {
+                let path = r.path.trim_end_matches('*');
+                let canonical = route::normalize(path)
+                    .map_err(|e| fail(format!("route path `{}`: {e}", r.path)))?;
+                if canonical != path {
+                    let star = if r.path.ends_with('*') { "*" } else { "" };
+                    return Err(fail(format!(
+                        "route path `{}` would never match: requests are normalised before they are matched, and it reads `{canonical}{star}` once normalised; write that",
+                        r.path
+                    )));
+                }
+            }
             let map = route::ActionMap::new(&u.routes)
                 .ok_or_else(|| fail("cannot build the action mapping".into()))?;
             for (action, spec) in &u.secrets {

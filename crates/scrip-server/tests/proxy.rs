@@ -762,6 +762,36 @@ async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
     env.server.stop().await;
 }
 
+/// Requests are normalised before they are matched, so a route written in
+/// another form would never match: scrip refuses to start with it.
+#[tokio::test]
+async fn a_route_path_that_could_never_match_is_refused_at_start() {
+    for (path, says) in [
+        ("/%61dmin*", "reads `/admin*` once normalised"),
+        ("/a/../admin", "`.` or `..` segments"),
+        ("/a;b", "path parameters"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut legacy = upstream("legacy", "http://127.0.0.1:1");
+        legacy.routes[0].path = path.into();
+        let config = scrip_config::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            policy_dir: common::repo_policies(),
+            tools: vec![tool("legacy")],
+            upstreams: vec![legacy],
+            ..scrip_config::Config::default()
+        };
+        let err = scrip_server::Server::bind(config)
+            .await
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("route path `{path}`")), "{err}");
+        assert!(err.contains(says), "{path}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn a_download_under_way_stops_when_its_task_is_ended() {
     let env = setup().await;
