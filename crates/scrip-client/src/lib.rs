@@ -341,8 +341,8 @@ pub struct Client {
 /// The members of scrip's metadata the client uses.
 #[derive(Debug)]
 struct Metadata {
-    /// scrip's `iss`.
-    issuer: String,
+    /// scrip's `iss` (RFC 8414 requires it; only ending a task needs it).
+    issuer: Option<String>,
     /// The token endpoint (a DPoP proof's `htu`).
     token_endpoint: String,
 }
@@ -554,7 +554,7 @@ impl Client {
                         .ok_or_else(|| Error::Protocol(format!("`{url}` names no {name}")))
                 };
                 Ok(Metadata {
-                    issuer: member("issuer")?,
+                    issuer: member("issuer").ok(),
                     token_endpoint: member("token_endpoint")?,
                 })
             })
@@ -727,7 +727,13 @@ impl Client {
                 .unwrap_or("")
                 .to_owned()
         };
-        let issuer = &self.metadata().await?.issuer;
+        let metadata = self.metadata().await?;
+        let Some(issuer) = &metadata.issuer else {
+            return Err(Error::Protocol(format!(
+                "`{}/.well-known/oauth-authorization-server` names no issuer",
+                self.url
+            )));
+        };
         let token_issuer = text("iss");
         if token_issuer != *issuer {
             return Err(Error::ForeignToken {
