@@ -114,9 +114,11 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                 out!("no pending approvals");
             } else {
                 for a in &items {
+                    // The issuer too: two issuers may name different
+                    // workloads alike.
                     let agent = a
                         .get("agent")
-                        .map(|g| text(g, "subject"))
+                        .map(|g| format!("{} (from {})", text(g, "subject"), text(g, "issuer")))
                         .unwrap_or_default();
                     let chain = a
                         .get("delegation_chain")

@@ -367,12 +367,16 @@ pub(crate) fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::proc
     cmd
 }
 
-/// Set once a write to standard output failed: later lines are dropped and
-/// the command exits [`STDOUT_GONE_EXIT`].
+/// Set once a write to standard output failed: later lines are dropped.
 static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The exit status once standard output failed: 128 + SIGPIPE, what a shell
-/// reports for a command a closed pipe killed.
+/// Set when that failure was anything but a closed pipe (a full disk, an
+/// I/O error): the command fails with 1, whatever it did.
+static STDOUT_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The exit status of a command that succeeded but whose reader closed
+/// standard output: 128 + SIGPIPE, what a shell reports for a command a
+/// closed pipe killed.
 const STDOUT_GONE_EXIT: u8 = 141;
 
 /// Whether a write to standard output has failed.
@@ -396,6 +400,7 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
         STDOUT_GONE.store(true, Ordering::Relaxed);
         // A closed pipe is the reader's choice (`| head`): nothing to say.
         if e.kind() != std::io::ErrorKind::BrokenPipe {
+            STDOUT_BROKEN.store(true, Ordering::Relaxed);
             eprintln!("scrip: cannot write to standard output: {e}");
         }
     }
@@ -415,7 +420,12 @@ fn main() -> ExitCode {
     let serves = matches!(cli.command, Command::Serve { .. } | Command::Proxy { .. });
     init_logging(cli.log_format, if serves { "info" } else { "warn" });
     let code = command(cli.command);
-    if stdout_gone() {
+    // A failure the command found (a tampered trail) is said as such; a
+    // write that failed (a full disk under `> file`) fails the command; a
+    // reader that went away (`| head`) is 141.
+    if STDOUT_BROKEN.load(std::sync::atomic::Ordering::Relaxed) {
+        ExitCode::FAILURE
+    } else if stdout_gone() && code == ExitCode::SUCCESS {
         ExitCode::from(STDOUT_GONE_EXIT)
     } else {
         code

@@ -384,6 +384,18 @@ async fn audit_commands_read_what_the_server_recorded() {
         assert_eq!(out.status.code(), Some(141), "{args:?}: {out:?}");
         assert!(text(&out.stderr).is_empty(), "{args:?}: {out:?}");
     }
+    // A write that fails otherwise (a full disk) fails the command, saying
+    // so: an export cut short must not pass for a reader's choice.
+    let out = scrip()
+        .args(["audit", "export", "--config", &site.config()])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("cannot write to standard output"),
+        "{out:?}"
+    );
 
     // Export resumes after a cursor.
     let cursor = all_seqs[4];

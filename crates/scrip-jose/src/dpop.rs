@@ -332,10 +332,11 @@ pub fn plain_target(url: &str) -> bool {
 ///
 /// No key may hold more live proofs than there are free places: one
 /// client sending proofs as fast as it can takes at most half the cache,
-/// and `k` such clients leave `1 / (k + 1)` of it to everyone else, so
-/// filling it takes about as many keys (each bound to a token from an
-/// audited exchange) as it has places. A key over its share is refused
-/// ([`Replay::Full`]); other keys go on.
+/// and a key over its share is refused ([`Replay::Full`]) while other keys
+/// go on. This bounds one client, not many: keys filling it one after the
+/// other each take half of what is left, so about `log2(capacity)` keys
+/// (20 for a million places), each bound to an access token from an
+/// audited exchange, can still fill it until their proofs expire.
 #[derive(Debug)]
 pub struct ReplayCache {
     seen: Mutex<Seen>,
@@ -419,12 +420,10 @@ impl ReplayCache {
             first.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0; 16]));
             u128::from_be_bytes(first)
         };
-        // The thumbprint is itself a SHA-256, base64url: its first 64 bits.
         let owner = {
+            let d = digest(&SHA256, proof.jkt.as_bytes());
             let mut first = [0u8; 8];
-            for (to, from) in first.iter_mut().zip(proof.jkt.bytes()) {
-                *to = from;
-            }
+            first.copy_from_slice(d.as_ref().get(..8).unwrap_or(&[0; 8]));
             u64::from_be_bytes(first)
         };
         let until = proof

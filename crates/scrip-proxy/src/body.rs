@@ -4,7 +4,8 @@
 //! response ends (or the agent goes away) the completion audit record is
 //! written. While either streams, the request's token is checked again
 //! ([`Standing`]): a token revoked mid-request, or its task ended, cuts the
-//! request off at the next chunk.
+//! request off at the next chunk (a single-use token's use is its
+//! revocation: for one, only its task's end counts).
 
 use std::future::Future as _;
 use std::pin::Pin;

@@ -305,7 +305,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 &draft,
                 name,
                 r,
-                "single-use token was already presented".into(),
+                "single-use token was already presented, or its task ended meanwhile".into(),
             );
         }
         Err(e) => {

@@ -48,6 +48,34 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The agent's headers that never go up, besides hop-by-hop ones,
+/// `x-forwarded-*` and the injection header.
+const STRIPPED_UP: [&str; 16] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "expect",
+    "forwarded",
+    // A part of a representation can hold a piece of the secret that
+    // redaction, which looks for whole forms, would not know: pieces
+    // fetched one range at a time would spell the key out.
+    "range",
+    "if-range",
+    "x-real-ip",
+    // The agent's proof of possession is for scrip, not the upstream.
+    "dpop",
+    // The action is what the request does, never what it claims: no
+    // header may make the upstream run another method or path.
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    // Replaced by `identity` below.
+    "accept-encoding",
+];
+
 /// The request headers as the upstream gets them, with the secret injected
 /// (header and basic injection; query injection is in the URI).
 ///
@@ -59,37 +87,24 @@ pub fn to_upstream(
     secret: &SecretValue,
 ) -> Result<HeaderMap, InjectError> {
     strip_hop_by_hop(&mut headers);
-    for name in [
-        header::AUTHORIZATION,
-        header::PROXY_AUTHORIZATION,
-        header::COOKIE,
-        header::HOST,
-        header::EXPECT,
-        header::FORWARDED,
-        // A part of a representation can hold a piece of the secret that
-        // redaction, which looks for whole forms, would not know: pieces
-        // fetched one range at a time would spell the key out.
-        header::RANGE,
-        header::IF_RANGE,
-        HeaderName::from_static("x-real-ip"),
-        // The agent's proof of possession is for scrip, not the upstream.
-        HeaderName::from_static("dpop"),
-        // The action is what the request does, never what it claims: no
-        // header may make the upstream run another method or path.
-        HeaderName::from_static("x-http-method-override"),
-        HeaderName::from_static("x-http-method"),
-        HeaderName::from_static("x-method-override"),
-        HeaderName::from_static("x-original-url"),
-        HeaderName::from_static("x-rewrite-url"),
-    ] {
-        headers.remove(name);
-    }
-    let forwarded: Vec<HeaderName> = headers
+    // Compared with `_` read as `-`: CGI-style servers (Rack, PHP) turn
+    // `X-HTTP-Method_Override` and `X-HTTP-Method-Override` alike into
+    // `HTTP_X_HTTP_METHOD_OVERRIDE`.
+    let injected = match injection {
+        Injection::Header { name, .. } => Some(name.to_ascii_lowercase().replace('_', "-")),
+        Injection::Basic { .. } | Injection::Query { .. } => None,
+    };
+    let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .filter(|k| {
+            let name = k.as_str().replace('_', "-");
+            STRIPPED_UP.contains(&name.as_str())
+                || name.starts_with("x-forwarded-")
+                || injected.as_deref() == Some(name.as_str())
+        })
         .cloned()
         .collect();
-    for name in forwarded {
+    for name in doomed {
         headers.remove(name);
     }
     headers.insert(
@@ -250,6 +265,9 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
         }
         let encoded = query_encode(raw);
         wire.push(lowercase_escapes(&encoded).into_bytes());
+        // Form encoders write a space as `+`; Python's `quote` leaves `/`.
+        wire.push(encoded.replace("%20", "+").into_bytes());
+        wire.push(encoded.replace("%2F", "/").into_bytes());
         wire.push(encoded.into_bytes());
         // ...each also as a JSON or HTML encoder escapes it.
         for form in wire {
@@ -266,8 +284,9 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
 /// percent-encoding): JSON with and without the optional `\/` (PHP writes
 /// it), JSON as Go's encoder writes it (`<`, `>`, `&` as lowercase `\u00xx`)
 /// and as .NET's does (`"`, `&`, `'`, `+`, `<`, `>`, `` ` `` as uppercase
-/// `\u00XX`), and HTML with either escape of `'`.
-const ESCAPINGS: [&[(u8, &[u8])]; 6] = [
+/// `\u00XX`), HTML with either escape of `'`, and HTML as Go's
+/// `html/template` writes it (`"`, `'`, `+` as decimal references).
+const ESCAPINGS: [&[(u8, &[u8])]; 7] = [
     &[(b'"', b"\\\""), (b'\\', b"\\\\"), (b'/', b"\\/")],
     &[(b'"', b"\\\""), (b'\\', b"\\\\")],
     &[
@@ -300,6 +319,14 @@ const ESCAPINGS: [&[(u8, &[u8])]; 6] = [
         (b'>', b"&gt;"),
         (b'"', b"&quot;"),
         (b'\'', b"&#x27;"),
+    ],
+    &[
+        (b'&', b"&amp;"),
+        (b'<', b"&lt;"),
+        (b'>', b"&gt;"),
+        (b'"', b"&#34;"),
+        (b'\'', b"&#39;"),
+        (b'+', b"&#43;"),
     ],
 ];
 
@@ -414,6 +441,13 @@ mod tests {
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
             ("x-other-private", "1"),
+            // The same names as CGI-style servers read them.
+            ("x-http-method_override", "DELETE"),
+            ("x_original_url", "/admin"),
+            ("x-forwarded_host", "evil"),
+            ("proxy_authorization", "Basic x"),
+            ("x_api_key", "agent-chosen"),
+            ("accept_encoding", "gzip"),
         ]);
         // A name beside a byte that is not visible ASCII is still removed.
         let mut incoming = incoming;
@@ -575,10 +609,24 @@ mod tests {
             // Go's encoder, and .NET's.
             r#"{"key":"k3y/+=\u0026\u003c'\""}"#,
             r#"{"key":"k3y/\u002B=\u0026\u003C\u0027\u0022"}"#,
+            // Go's html/template; Python's quote, which leaves `/`.
+            "<td>k3y/&#43;=&amp;&lt;&#39;&#34;</td>",
+            "next=k3y/%2B%3D%26%3C%27%22",
             "wr1te-k3y",
         ] {
             assert!(p.found_in(echoed.as_bytes()), "{echoed}");
         }
+        // A space as form encoders write it.
+        let spaced = SecretValue::from_input(b"ab c".to_vec()).unwrap();
+        let p = patterns(
+            &Injection::Header {
+                name: "x-api-key".into(),
+                prefix: String::new(),
+                suffix: String::new(),
+            },
+            &[&spaced],
+        );
+        assert!(p.found_in(b"key=ab+c&x=1"));
         assert!(!p.found_in(b"k3y/+= alone"));
 
         // Basic auth's token as PHP echoes the Authorization header in JSON.

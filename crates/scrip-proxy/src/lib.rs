@@ -224,11 +224,20 @@ impl Proxy {
             // `/a;b`) could never match, and the override it was meant to
             // be would silently not apply.
             for r in &u.routes {
-                let path = r.path.trim_end_matches('*');
-                let canonical = route::normalize(path)
+                // A prefix (`/.*`, for `/.env`) ends in an unfinished segment:
+                // checked as the paths it matches would be, with a character
+                // after it.
+                let path = match r.path.strip_suffix('*') {
+                    Some(prefix) => format!("{prefix}x"),
+                    None => r.path.clone(),
+                };
+                let canonical = route::normalize(&path)
                     .map_err(|e| fail(format!("route path `{}`: {e}", r.path)))?;
                 if canonical != path {
-                    let star = if r.path.ends_with('*') { "*" } else { "" };
+                    let (canonical, star) = match r.path.strip_suffix('*') {
+                        Some(_) => (canonical.strip_suffix('x').unwrap_or(&canonical), "*"),
+                        None => (canonical.as_str(), ""),
+                    };
                     return Err(fail(format!(
                         "route path `{}` would never match: requests are normalised before they are matched, and it reads `{canonical}{star}` once normalised; write that",
                         r.path

@@ -66,7 +66,11 @@ pub enum PathError {
 /// The path in the form the action mapping, Cedar, the audit and the
 /// upstream all see: percent-encoded unreserved characters decoded and the
 /// remaining escapes in uppercase (RFC 3986 §6.2.2.1, §6.2.2.2), so that
-/// `/%61dmin` is `/admin` to the routes as it is to the upstream.
+/// `/%61dmin` is `/admin` to the routes as it is to the upstream. Escapes
+/// of the other characters a segment may hold as they are (`:`, `@` and
+/// the sub-delimiters but `;`, RFC 3986 §3.3) are decoded too: servers
+/// decode them before routing, so `/v1/items%3Apurge` is the
+/// `/v1/items:purge` a route or policy names.
 ///
 /// # Errors
 /// [`PathError`] for a path the upstream might read differently from scrip
@@ -89,7 +93,26 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             return Err(PathError::Ambiguous);
         };
         let value = u8::try_from(hi * 16 + lo).map_err(|_| PathError::Ambiguous)?;
-        if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+        if value.is_ascii_alphanumeric()
+            || matches!(
+                value,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b':'
+                    | b'@'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+            )
+        {
             out.push(char::from(value));
         } else {
             out.push('%');
@@ -172,8 +195,10 @@ impl ActionMap {
         // CONNECT asks for a tunnel (the client drops the path, and logs it
         // with the injected query) and TRACE echoes the request, secret
         // included: neither is a call of the upstream's API, whatever a
-        // route for any method says.
-        if matches!(*method, Method::CONNECT | Method::TRACE) {
+        // route for any method says, in any case (`trace` is another
+        // method to HTTP, not to every server).
+        let name = method.as_str();
+        if name.eq_ignore_ascii_case("CONNECT") || name.eq_ignore_ascii_case("TRACE") {
             return None;
         }
         let at = |r: &&Rule| {
@@ -268,6 +293,8 @@ mod tests {
         // A route for any method still leaves no way to a tunnel or an echo.
         check(&routes, "CONNECT", "/admin", None);
         check(&routes, "TRACE", "/admin/x", None);
+        check(&routes, "trace", "/admin/x", None);
+        check(&routes, "Connect", "/admin", None);
     }
 
     /// A HEAD runs the upstream's GET handler: a rule naming HEAD decides
@@ -326,6 +353,14 @@ mod tests {
         // Encoded unreserved characters are the characters themselves.
         assert_eq!(n("/%61dmin/users"), Ok("/admin/users".into()));
         assert_eq!(n("/%41%2d%5F%7e%30"), Ok("/A-_~0".into()));
+        // So are the other characters a segment holds as they are: servers
+        // decode them before routing (`:verb` custom methods).
+        assert_eq!(n("/v1/items%3Apurge"), Ok("/v1/items:purge".into()));
+        assert_eq!(
+            n("/%40%21%24%26%27%28%29%2A%2B%2C%3D"),
+            Ok("/@!$&'()*+,=".into())
+        );
+        assert_eq!(n("/a%3bb"), Err(PathError::Parameter));
         // Other escapes stay, in uppercase; nothing is decoded twice, and
         // what a second decoding would change is refused.
         assert_eq!(n("/a%20b%3f"), Ok("/a%20b%3F".into()));

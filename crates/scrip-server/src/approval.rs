@@ -202,7 +202,9 @@ async fn notify(http: reqwest::Client, url: String, body: Value) {
         match http.post(&url).json(&body).send().await {
             Ok(r) if r.status().is_success() => return,
             Ok(r) => tracing::warn!(attempt, status = %r.status(), "approval webhook refused"),
-            Err(e) => tracing::warn!(attempt, error = %e, "approval webhook failed"),
+            // Without the URL: a webhook's secret is often in its path
+            // (Slack, Teams), and reqwest's errors end with the whole URL.
+            Err(e) => tracing::warn!(attempt, error = %e.without_url(), "approval webhook failed"),
         }
         tokio::time::sleep(delay).await;
         delay *= 2;
@@ -249,6 +251,17 @@ pub(crate) async fn poll(
             Err(OAuthError::expired_token())
         }
         ApprovalState::Expired => Err(OAuthError::expired_token()),
+        // Nobody can approve a step of an ended task: say so, rather than
+        // have the agent wait out the approval.
+        ApprovalState::Pending
+            if crate::exchange::active_task(st, &claims, now)
+                .await?
+                .is_none() =>
+        {
+            Err(OAuthError::invalid_grant(
+                "the task that asked has ended; nothing will be issued for this step",
+            ))
+        }
         ApprovalState::Pending => {
             if st
                 .polls

@@ -863,6 +863,33 @@ async fn hook(
     }
 }
 
+/// A webhook's secret is often in its path (Slack, Teams): a failed call
+/// is logged without the URL.
+#[tokio::test]
+async fn a_failing_webhook_is_logged_without_its_url() {
+    let logs = captured_logs();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{closed}/services/T0/B0/hook-secret-Zq81");
+    let s = TestServer::start_with(edit(move |c| {
+        c.approvers = vec![alice()];
+        c.approval_webhook = Some(url);
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    pending(&s, &task).await;
+    let text = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        eventually(5, || async { text().contains("approval webhook failed") }).await,
+        "{}",
+        text()
+    );
+    assert!(!text().contains("hook-secret-Zq81"), "{}", text());
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn the_webhook_hears_of_a_pending_approval_with_retries() {
     let h = Hook::default();
@@ -1100,6 +1127,11 @@ async fn approving_a_step_of_an_ended_task_is_a_conflict() {
     approve(&s, &id, Some(&alice_id(&s)))
         .await
         .assert_error(409, "conflict");
+    // The agent polling for it hears that its task ended, rather than
+    // `authorization_pending` until the approval expires.
+    let r = poll(&s, &task, &id).await;
+    r.assert_error(400, "invalid_grant");
+    assert!(r.text.contains("has ended"), "{}", r.text);
     s.stop().await;
 }
 

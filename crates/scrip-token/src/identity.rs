@@ -586,6 +586,9 @@ mod tests {
             "zero\u{200b}width",
             "bom\u{feff}",
             "word\u{2060}joiner",
+            "tag\u{e0041}chars",
+            "variation\u{fe0f}",
+            "filler\u{3164}",
         ] {
             let Value::Object(map) = json!({ "sub": sub }) else {
                 panic!("not an object")

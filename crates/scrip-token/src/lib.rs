@@ -77,7 +77,9 @@ impl TokenKind {
 /// line and paragraph separators, bidirectional-format characters (which
 /// reorder what follows, U+061C included) and invisible format characters
 /// (zero-width spaces and joiners, the word joiner and invisible operators,
-/// the byte-order mark, the soft hyphen, annotation marks). Text from an
+/// the byte-order mark, the soft hyphen, annotation marks, variation
+/// selectors, the Hangul fillers, the tag characters that can spell hidden
+/// text). Text from an
 /// agent or a token holding one could forge or hide a line of what a person
 /// reads; such text is refused as an identity and escaped when printed.
 #[must_use]
@@ -86,13 +88,22 @@ pub fn is_deceptive(c: char) -> bool {
         || matches!(
             c,
             '\u{00ad}'
+                | '\u{034f}'
                 | '\u{061c}'
-                | '\u{180e}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{17b4}'
+                | '\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
                 | '\u{200b}'..='\u{200f}'
                 | '\u{2028}'..='\u{202e}'
                 | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
                 | '\u{feff}'
+                | '\u{ffa0}'
                 | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e0fff}'
         )
 }
 

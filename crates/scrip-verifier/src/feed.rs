@@ -285,6 +285,17 @@ impl Revocations {
 
     /// Refuses a revoked token, and every token while the set is stale.
     pub(crate) fn check(&self, txn: &str, jti: &str) -> Result<(), VerifyError> {
+        self.check_ids(txn, Some(jti))
+    }
+
+    /// Refuses a token of a revoked task, and every token while the set is
+    /// stale; the token's own `jti` is not looked up (a single-use token's
+    /// use is a revocation of it, and the request that used it may go on).
+    pub(crate) fn check_task(&self, txn: &str) -> Result<(), VerifyError> {
+        self.check_ids(txn, None)
+    }
+
+    fn check_ids(&self, txn: &str, jti: Option<&str>) -> Result<(), VerifyError> {
         let state = self
             .state
             .read()
@@ -293,7 +304,9 @@ impl Revocations {
             Some(at) if state.caught_up && at.elapsed() <= self.max_staleness => {}
             _ => return Err(VerifyError::RevocationStale),
         }
-        if state.tasks.contains_key(&id_key(txn)) || state.tokens.contains_key(&id_key(jti)) {
+        if state.tasks.contains_key(&id_key(txn))
+            || jti.is_some_and(|jti| state.tokens.contains_key(&id_key(jti)))
+        {
             return Err(VerifyError::Revoked);
         }
         Ok(())

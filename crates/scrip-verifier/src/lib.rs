@@ -576,15 +576,22 @@ impl Verifier {
     /// its task included, and that the revocation set is still fresh: what
     /// [`Verifier::verify`] would say of it now, but for `exp` (a request
     /// allowed before the token expired may finish) and single use (spent
-    /// by that request). Cheap: no network call, one read lock.
+    /// by that request). A single-use token's use is published as a
+    /// revocation of its `jti`, so for one only its task is looked up.
+    /// Cheap: no network call, one read lock.
     ///
     /// # Errors
     /// [`VerifyError::Revoked`], or [`VerifyError::RevocationStale`] when
     /// the feed has not answered within `max_staleness`.
     pub fn recheck(&self, token: &AccessToken) -> Result<(), VerifyError> {
-        match &self.0.revocations {
-            Some(revocations) => revocations.check(&token.claims.txn, &token.claims.jti),
-            None => Ok(()),
+        let Some(revocations) = &self.0.revocations else {
+            return Ok(());
+        };
+        let single_use = token.claims.approval.as_ref().is_some_and(|a| a.single_use);
+        if single_use {
+            revocations.check_task(&token.claims.txn)
+        } else {
+            revocations.check(&token.claims.txn, &token.claims.jti)
         }
     }
 
