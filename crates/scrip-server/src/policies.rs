@@ -76,11 +76,28 @@ impl Policies {
 
     /// Reloads the policies now. Returns whether the new set was accepted.
     pub async fn reload(&self, cause: &str) -> bool {
+        self.reload_as_seen(cause, None).await.unwrap_or(false)
+    }
+
+    /// [`Self::reload`]; with `seen`, the directory as it was looked at
+    /// before: if it is not so once the files have been read, a file
+    /// changed while it was read (one caught half-written can parse, a cut
+    /// between two policies dropping the `forbid` rules after it), so what
+    /// was read is dropped, nothing is installed or audited, and `None` says
+    /// to read again once the files settle.
+    async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>) -> Option<bool> {
         let inner = &self.0;
         let result = PolicyEngine::load(&inner.dir).and_then(|p| {
             p.check_tools(&inner.tools)?;
             Ok(p)
         });
+        if seen.is_some_and(|seen| DirState::now(&inner.dir) != *seen) {
+            tracing::info!(
+                cause,
+                "policy files changed while they were read; reading them again once they settle"
+            );
+            return None;
+        }
         let (event, reason, accepted) = match result {
             Ok(engine) => {
                 let n = engine.len();
@@ -106,7 +123,7 @@ impl Policies {
         if let Err(e) = inner.store.commit(vec![Write::Audit(Box::new(a))]).await {
             tracing::error!(error = %e, "could not record the policy reload");
         }
-        accepted
+        Some(accepted)
     }
 
     /// Reloads on every `hangup` signal and whenever the directory's files
@@ -145,8 +162,13 @@ impl Policies {
             if by_signal {
                 watch.loaded(current);
                 self.reload("SIGHUP").await;
-            } else if watch.observe(current) {
-                self.reload("file change").await;
+            } else if watch.observe(current.clone())
+                && self
+                    .reload_as_seen("file change", Some(&current))
+                    .await
+                    .is_none()
+            {
+                watch.unread();
             }
         }
     }
@@ -161,8 +183,10 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// directory, [`SETTLE`] apart, agree on it.
 #[derive(Debug)]
 struct Watch {
-    /// The directory as it was just before the last load.
-    loaded: DirState,
+    /// The directory as it was just before the last load; `None` when a
+    /// load was dropped (a file changed while it was read), so whatever
+    /// the directory holds next is read.
+    loaded: Option<DirState>,
     /// A change seen but not yet loaded.
     pending: Option<DirState>,
 }
@@ -170,9 +194,15 @@ struct Watch {
 impl Watch {
     fn new(loaded: DirState) -> Self {
         Self {
-            loaded,
+            loaded: Some(loaded),
             pending: None,
         }
+    }
+
+    /// The last load was dropped: read the directory again once it settles.
+    fn unread(&mut self) {
+        self.loaded = None;
+        self.pending = None;
     }
 
     /// Whether a change is waiting to settle.
@@ -182,13 +212,13 @@ impl Watch {
 
     /// Records a load of `current` made for another reason (SIGHUP).
     fn loaded(&mut self, current: DirState) {
-        self.loaded = current;
+        self.loaded = Some(current);
         self.pending = None;
     }
 
     /// Takes a look at the directory; returns whether to reload now.
     fn observe(&mut self, current: DirState) -> bool {
-        if current == self.loaded {
+        if self.loaded.as_ref() == Some(&current) {
             self.pending = None;
             return false;
         }
@@ -270,6 +300,56 @@ mod tests {
         w.loaded(fp("b.cedar", 1));
         assert!(!w.settling());
         assert!(!w.observe(fp("b.cedar", 1)));
+
+        // A load dropped because a file changed while it was read: the
+        // directory is read again once it settles, even as it was before.
+        assert!(!w.observe(fp("b.cedar", 7)));
+        assert!(w.observe(fp("b.cedar", 7)));
+        w.unread();
+        assert!(!w.observe(fp("b.cedar", 1)));
+        assert!(w.observe(fp("b.cedar", 1)));
+    }
+
+    /// What was read is installed only if the directory is still as it was
+    /// seen before the read.
+    #[tokio::test]
+    async fn a_reload_of_files_changed_while_read_installs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).unwrap();
+        std::fs::write(
+            policies.join("a.cedar"),
+            "permit (principal, action, resource);\n",
+        )
+        .unwrap();
+        let config = Config {
+            policy_dir: policies.clone(),
+            tools: Vec::new(),
+            ..Config::default()
+        };
+        let store: Arc<dyn Store> = Arc::new(
+            scrip_store::SqliteStore::open(&dir.path().join("scrip.db"))
+                .await
+                .unwrap(),
+        );
+        let seen = DirState::now(&policies);
+        let engine = PolicyEngine::load(&policies).unwrap();
+        let p = Policies::new(engine, seen.clone(), &config, store, "r1");
+        assert_eq!(p.current().len(), 1);
+        std::fs::write(
+            policies.join("b.cedar"),
+            "forbid (principal, action, resource);\n",
+        )
+        .unwrap();
+        // Seen before `b.cedar` came: dropped.
+        assert_eq!(p.reload_as_seen("file change", Some(&seen)).await, None);
+        assert_eq!(p.current().len(), 1);
+        let now = DirState::now(&policies);
+        assert_eq!(
+            p.reload_as_seen("file change", Some(&now)).await,
+            Some(true)
+        );
+        assert_eq!(p.current().len(), 2);
     }
 
     #[test]
