@@ -382,8 +382,18 @@ async fn forward(
 ) -> Response {
     let name = upstream.name.as_str();
     let path = draft.record.path.clone().unwrap_or_default();
-    let query = headers::upstream_query(parts.uri.query(), &upstream.injection, secret);
-    let uri = format!("{}{}{path}{query}", upstream.origin, upstream.base_path);
+    // With query injection both hold the secret: zeroed when dropped.
+    let query = zeroize::Zeroizing::new(headers::upstream_query(
+        parts.uri.query(),
+        &upstream.injection,
+        secret,
+    ));
+    let uri = zeroize::Zeroizing::new(format!(
+        "{}{}{path}{}",
+        upstream.origin,
+        upstream.base_path,
+        query.as_str()
+    ));
     let failed = |status: StatusCode, code: &str, description: String, draft: &Draft| {
         proxy.0.metrics.count(name, Outcome::Failed);
         let mut r = draft.finish("proxy.response");

@@ -119,7 +119,9 @@ pub fn to_upstream(
         } => {
             let name =
                 HeaderName::from_bytes(name.as_bytes()).map_err(|_| InjectError::BadValue)?;
-            let mut value = Vec::with_capacity(prefix.len() + secret.expose().len() + suffix.len());
+            let mut value = zeroize::Zeroizing::new(Vec::with_capacity(
+                prefix.len() + secret.expose().len() + suffix.len(),
+            ));
             value.extend_from_slice(prefix.as_bytes());
             value.extend_from_slice(secret.expose());
             value.extend_from_slice(suffix.as_bytes());
@@ -139,9 +141,9 @@ pub fn to_upstream(
 }
 
 /// `Basic base64(user:secret)`.
-fn basic_value(username: &str, secret: &SecretValue) -> Vec<u8> {
-    let mut out = b"Basic ".to_vec();
-    out.extend_from_slice(basic_token(username, secret).as_bytes());
+fn basic_value(username: &str, secret: &SecretValue) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut out = zeroize::Zeroizing::new(b"Basic ".to_vec());
+    out.extend_from_slice(zeroize::Zeroizing::new(basic_token(username, secret)).as_bytes());
     out
 }
 

@@ -33,14 +33,25 @@ impl std::fmt::Debug for Patterns {
     }
 }
 
+/// Every form is a secret in some encoding: zeroed when dropped.
+impl Drop for Patterns {
+    fn drop(&mut self) {
+        for form in &mut self.forms {
+            zeroize::Zeroize::zeroize(form);
+        }
+    }
+}
+
 impl Patterns {
     /// The patterns for these forms (empty ones ignored, duplicates once).
     #[must_use]
     pub fn new(forms: impl IntoIterator<Item = Vec<u8>>) -> Self {
         let mut out: Vec<Vec<u8>> = Vec::new();
-        for f in forms {
+        for mut f in forms {
             if !f.is_empty() && !out.contains(&f) {
                 out.push(f);
+            } else {
+                zeroize::Zeroize::zeroize(&mut f);
             }
         }
         let longest = out.iter().map(Vec::len).max().unwrap_or(0);
