@@ -259,7 +259,7 @@ async fn supervise(
             status = child.wait() => return status,
             sig = signals.recv() => {
                 if matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT)
-                    && terminal_delivered_it()
+                    && terminal_delivered_it(pid)
                 {
                     continue;
                 }
@@ -276,12 +276,17 @@ async fn supervise(
     }
 }
 
-/// Whether a SIGINT (or SIGQUIT) came from the terminal, which already sent it to the
-/// child too (same foreground process group): forwarding it again would
-/// deliver it twice.
-fn terminal_delivered_it() -> bool {
+/// Whether a SIGINT (or SIGQUIT) came from the terminal, which already sent
+/// it to the child too (same foreground process group): forwarding it again
+/// would deliver it twice. A child that left the group (`setsid`,
+/// `setpgid`) did not get it, and is sent it.
+fn terminal_delivered_it(child: Option<rustix::process::Pid>) -> bool {
     let stdin = std::io::stdin();
-    rustix::termios::tcgetpgrp(&stdin).is_ok_and(|fg| fg == rustix::process::getpgrp())
+    let Ok(fg) = rustix::termios::tcgetpgrp(&stdin) else {
+        return false;
+    };
+    fg == rustix::process::getpgrp()
+        && child.is_none_or(|pid| rustix::process::getpgid(Some(pid)).is_ok_and(|g| g == fg))
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {

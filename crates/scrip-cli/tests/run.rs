@@ -409,13 +409,10 @@ fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32)
     assert_eq!(status, 400, "the task ended: {body}");
 }
 
-/// A Ctrl-C at the terminal reaches an interactive command directly; a
-/// command that takes it as "stop this step" (a shell, a REPL) goes on,
-/// and is not killed `GRACE` later. scrip runs in a pseudo-terminal made
-/// by Python's `pty`, as the foreground process group.
-#[test]
-fn ctrl_c_at_the_terminal_is_the_commands_to_handle() {
-    let server = Server::start();
+/// `scrip run ... -- COMMAND...` in a pseudo-terminal made by Python's
+/// `pty`, as its foreground process group; a Ctrl-C is typed once the
+/// command prints `started`. Everything shown, then `exit=<status>`.
+fn run_in_a_terminal(server: &Server, command: &[&str]) -> String {
     let scrip = server.scrip();
     let driver = r#"
 import os, pty, sys, time
@@ -452,21 +449,11 @@ _, status = os.waitpid(pid, 0)
 sys.stdout.write(out.decode(errors="replace"))
 sys.stdout.write("\nexit=%d\n" % os.waitstatus_to_exitcode(status))
 "#;
-    // The command traps SIGINT, then works on for 12 s: past the 10 s a
-    // forwarded signal would give it.
-    let script = "trap 'echo caught' INT; echo started; i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done; echo finished";
     let mut cmd = Command::new("python3");
-    cmd.args(["-c", driver]).arg(scrip.get_program()).args([
-        "run",
-        "--purpose",
-        "tty",
-        "--grant",
-        "github:read",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    cmd.args(["-c", driver])
+        .arg(scrip.get_program())
+        .args(["run", "--purpose", "tty", "--grant", "github:read", "--"])
+        .args(command);
     for (k, v) in scrip.get_envs() {
         match v {
             Some(v) => cmd.env(k, v),
@@ -476,12 +463,37 @@ sys.stdout.write("\nexit=%d\n" % os.waitstatus_to_exitcode(status))
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     let shown = text(&out.stdout);
     assert!(out.status.success(), "{shown}{}", text(&out.stderr));
+    shown
+}
+
+/// A Ctrl-C at the terminal reaches an interactive command directly; a
+/// command that takes it as "stop this step" (a shell, a REPL) goes on,
+/// and is not killed `GRACE` later.
+#[test]
+fn ctrl_c_at_the_terminal_is_the_commands_to_handle() {
+    let server = Server::start();
+    // The command traps SIGINT, then works on for 12 s: past the 10 s a
+    // forwarded signal would give it.
+    let script = "trap 'echo caught' INT; echo started; i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done; echo finished";
+    let shown = run_in_a_terminal(&server, &["sh", "-c", script]);
     assert!(shown.contains("caught"), "{shown}");
     assert!(
         shown.contains("finished"),
         "the command was killed: {shown}"
     );
     assert!(shown.trim_end().ends_with("exit=0"), "{shown}");
+}
+
+/// A command that left the terminal's process group (`setsid`) does not
+/// get the terminal's Ctrl-C: scrip, which does, passes it on.
+#[test]
+fn ctrl_c_reaches_a_command_that_left_the_terminals_group() {
+    let server = Server::start();
+    let script = "trap 'echo caught; exit 3' INT; echo started; i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done; echo finished";
+    let shown = run_in_a_terminal(&server, &["setsid", "sh", "-c", script]);
+    assert!(shown.contains("caught"), "{shown}");
+    assert!(!shown.contains("finished"), "{shown}");
+    assert!(shown.trim_end().ends_with("exit=3"), "{shown}");
 }
 
 #[test]
