@@ -95,7 +95,7 @@ async fn sweep_loop(state: AppState) {
             Ok(due) if !due.is_empty() => {
                 let mut writes = Vec::with_capacity(due.len() * 2);
                 for task in &due {
-                    writes.push(Write::EndTask {
+                    writes.push(Write::EndOpenTask {
                         id: task.id.clone(),
                         at: now,
                         reason: "expired".into(),
@@ -113,8 +113,16 @@ async fn sweep_loop(state: AppState) {
                     a.purpose = Some(task.purpose.clone());
                     writes.push(Write::Audit(Box::new(a)));
                 }
-                if let Err(e) = st.store.commit(writes).await {
-                    tracing::warn!(error = %e, "could not record expired tasks; will retry");
+                match st.store.commit(writes).await {
+                    Ok(()) => {}
+                    // One of them was ended meanwhile (a revocation, another
+                    // replica's sweep): read again at the next tick.
+                    Err(scrip_store::StoreError::Conflict(e)) => {
+                        tracing::debug!(error = %e, "an expiring task ended meanwhile; sweeping again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record expired tasks; will retry");
+                    }
                 }
             }
             Ok(_) => {}

@@ -67,9 +67,10 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             } else {
                 format!("task token revoked; also ended: {}", descendants.join(", "))
             });
-            st.store
+            let ended = st
+                .store
                 .commit(vec![
-                    Write::EndTask {
+                    Write::EndOpenTask {
                         id: task.id.clone(),
                         at: now,
                         reason: "revoked".into(),
@@ -79,7 +80,14 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                     },
                     Write::Audit(Box::new(a)),
                 ])
-                .await?;
+                .await;
+            match ended {
+                Ok(()) => {}
+                // Ended meanwhile (another revocation, its expiry): that
+                // ending is the one recorded.
+                Err(scrip_store::StoreError::Conflict(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(task = %task.id, jti = %claims.jti, "task ended by revocation");
         }
         OwnToken::Access(claims) => {

@@ -208,6 +208,21 @@ pub enum Write {
         /// deadline by less than this still gets an event.
         grace: u64,
     },
+    /// End a task that has not ended, and every open descendant: like
+    /// [`Write::EndTask`], but the commit fails with
+    /// [`crate::StoreError::Conflict`] (changing nothing) when the task has
+    /// ended already, so that of several endings racing (a revocation and
+    /// the expiry sweep, two replicas' sweeps) exactly one is recorded.
+    EndOpenTask {
+        /// The task.
+        id: String,
+        /// When (seconds).
+        at: u64,
+        /// Why.
+        reason: String,
+        /// As in [`Write::EndTask`].
+        grace: u64,
+    },
     /// Revoke one token.
     RevokeToken {
         /// The token's `jti`.
@@ -300,7 +315,10 @@ impl Write {
     pub fn revokes(&self) -> bool {
         matches!(
             self,
-            Self::EndTask { .. } | Self::RevokeToken { .. } | Self::ClaimToken { .. }
+            Self::EndTask { .. }
+                | Self::EndOpenTask { .. }
+                | Self::RevokeToken { .. }
+                | Self::ClaimToken { .. }
         )
     }
 }

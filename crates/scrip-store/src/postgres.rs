@@ -462,7 +462,27 @@ async fn apply_in(
                 at,
                 reason,
                 grace,
+            }
+            | Write::EndOpenTask {
+                id,
+                at,
+                reason,
+                grace,
             } => {
+                if matches!(write, Write::EndOpenTask { .. }) {
+                    // The write lock orders this commit after any other
+                    // ending of the task.
+                    let ended: Option<i32> = sqlx::query_scalar(
+                        "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL",
+                    )
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    if ended.is_some() {
+                        return Err(StoreError::Conflict(format!("task {id} has ended already")));
+                    }
+                }
                 sqlx::query(
                     "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                      INSERT INTO revocations (kind, txn, jti, exp, at) \

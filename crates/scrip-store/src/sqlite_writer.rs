@@ -423,7 +423,22 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             at,
             reason,
             grace,
+        }
+        | Write::EndOpenTask {
+            id,
+            at,
+            reason,
+            grace,
         } => {
+            if matches!(write, Write::EndOpenTask { .. }) {
+                let ended = tx
+                    .prepare_cached("SELECT 1 FROM tasks WHERE id = ? AND ended_at IS NOT NULL")
+                    .and_then(|mut s| s.exists([id]))
+                    .map_err(unavailable)?;
+                if ended {
+                    return Err(StoreError::Conflict(format!("task {id} has ended already")));
+                }
+            }
             let at = to_i64(*at);
             run(
                 tx,

@@ -268,6 +268,43 @@ async fn ending_a_task_ends_its_descendants_and_feeds_revocations(f: Fixture) {
     .await
     .unwrap();
     assert_eq!(s.revocations(0, 2_300, 100).await.unwrap().len(), 3);
+    // Ending it only if open: a conflict that changes nothing, audit record
+    // included, so that of two endings racing one is recorded.
+    let err = s
+        .commit(vec![
+            Write::EndOpenTask {
+                id: "root".into(),
+                at: 2_400,
+                reason: "expired".into(),
+                grace: 0,
+            },
+            audit("task.expired", Some("root")),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        s.task("root").await.unwrap().unwrap().end_reason.as_deref(),
+        Some("revoked")
+    );
+    assert!(
+        !s.audit(&AuditFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .any(|a| a.event == "task.expired"),
+        "the refused ending left no record"
+    );
+    // An open one ends as with `EndTask`.
+    s.commit(vec![Write::EndOpenTask {
+        id: "other".into(),
+        at: 2_400,
+        reason: "expired".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    assert!(s.task("other").await.unwrap().unwrap().ended_at.is_some());
 }
 
 async fn a_child_never_outlives_its_ended_parent(f: Fixture) {
