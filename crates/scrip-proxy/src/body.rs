@@ -89,6 +89,15 @@ impl Standing {
     pub fn cut(&self) -> Option<&scrip_verifier::VerifyError> {
         self.cut.get()
     }
+
+    /// The error a body ends with once the request is cut off.
+    fn cut_off(&self) -> BoxError {
+        let why = self
+            .cut()
+            .cloned()
+            .unwrap_or(scrip_verifier::VerifyError::Revoked);
+        Box::new(Cut(why))
+    }
 }
 
 /// The request was cut off mid-stream: its token no longer stands.
@@ -133,12 +142,7 @@ impl Body for CountingBody {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     if !self.standing.holds() {
-                        let why = self
-                            .standing
-                            .cut()
-                            .cloned()
-                            .unwrap_or(scrip_verifier::VerifyError::Revoked);
-                        return Poll::Ready(Some(Err(Box::new(Cut(why)))));
+                        return Poll::Ready(Some(Err(self.standing.cut_off())));
                     }
                     self.count
                         .fetch_add(u64::try_from(data.len()).unwrap_or(0), Ordering::Relaxed);
@@ -270,12 +274,7 @@ impl Body for ResponseBody {
                             if !this.standing.holds() {
                                 this.finished = true;
                                 this.done(false);
-                                let why = this
-                                    .standing
-                                    .cut()
-                                    .cloned()
-                                    .unwrap_or(scrip_verifier::VerifyError::Revoked);
-                                return Poll::Ready(Some(Err(Box::new(Cut(why)))));
+                                return Poll::Ready(Some(Err(this.standing.cut_off())));
                             }
                             let out = this.redactor.push(&data);
                             if !out.is_empty() {

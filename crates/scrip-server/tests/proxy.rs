@@ -264,6 +264,27 @@ impl Env {
     }
 }
 
+/// A `PUT` of `len` bytes to `path` (below the server) with `token`: the
+/// head is sent and the connection returned for the body to follow.
+async fn put_head(server_url: &str, path: &str, token: &str, len: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let addr = server_url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Everything the server answers on `s` until it closes.
+async fn answer_of(mut s: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 fn challenge(headers: &reqwest::header::HeaderMap) -> String {
     headers
         .get("www-authenticate")
@@ -709,25 +730,24 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
 
 #[tokio::test]
 async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let env = setup().await;
     let task = env.task("slow:write").await;
     let write = env.token(&task, "slow", "write").await;
     // 12 KiB in 12 pieces, 250 ms apart: 3 s of upload against a read
     // timeout of 1 s, with the body moving all along.
-    let addr = env.server.url.trim_start_matches("http://").to_owned();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "PUT /proxy/slow/upload/slow.bin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {write}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        12 * 1024
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut s = put_head(
+        &env.server.url,
+        "/proxy/slow/upload/slow.bin",
+        &write,
+        12 * 1024,
+    )
+    .await;
     for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         s.write_all(&[b'x'; 1024]).await.unwrap();
     }
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
+    let answer = answer_of(s).await;
     let status = answer.split(' ').nth(1).unwrap_or_default();
     assert_eq!(status, "201", "{answer}");
     assert_eq!(
@@ -833,17 +853,17 @@ async fn a_download_under_way_stops_when_its_task_is_ended() {
 
 #[tokio::test]
 async fn an_upload_under_way_stops_when_its_token_is_revoked() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let env = setup().await;
     let task = env.task("slow:write").await;
     let write = env.token(&task, "slow", "write").await;
-    let addr = env.server.url.trim_start_matches("http://").to_owned();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "PUT /proxy/slow/upload/cut.bin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {write}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        40 * 1024
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut s = put_head(
+        &env.server.url,
+        "/proxy/slow/upload/cut.bin",
+        &write,
+        40 * 1024,
+    )
+    .await;
     // 40 pieces 100 ms apart; the access token alone is revoked after 10.
     for i in 0..40 {
         if i == 10 {
@@ -854,9 +874,7 @@ async fn an_upload_under_way_stops_when_its_token_is_revoked() {
             break;
         }
     }
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_of(s).await;
     assert_eq!(answer.split(' ').nth(1), Some("401"), "{answer}");
     assert!(answer.contains("invalid_token"), "{answer}");
     assert!(!env.nginx.uploaded("cut.bin").exists());
@@ -1234,20 +1252,19 @@ async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
     // The one use is an upload that goes on for 2 s: spending the token
     // (published as a revocation of its jti) does not cut it off.
     {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let addr = server.url.trim_start_matches("http://").to_owned();
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let head = format!(
-            "PUT /proxy/legacy/upload/approved.bin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            20 * 1024
-        );
-        s.write_all(head.as_bytes()).await.unwrap();
+        use tokio::io::AsyncWriteExt as _;
+        let mut s = put_head(
+            &server.url,
+            "/proxy/legacy/upload/approved.bin",
+            &token,
+            20 * 1024,
+        )
+        .await;
         for _ in 0..20 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             s.write_all(&[b'x'; 1024]).await.unwrap();
         }
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await.unwrap();
+        let answer = answer_of(s).await;
         assert_eq!(answer.split(' ').nth(1), Some("201"), "{answer}");
         assert_eq!(
             std::fs::metadata(nginx.uploaded("approved.bin"))

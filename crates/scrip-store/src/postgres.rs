@@ -370,6 +370,20 @@ async fn link_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError>
 /// Applies `writes` in one transaction, committed when every write applied
 /// and rolled back at once otherwise; `commit_sent` is set just before the
 /// `COMMIT` goes out.
+/// [`StoreError::Conflict`] saying `what` when task `id` has ended (the
+/// write lock orders this commit after any other ending of it).
+async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<(), StoreError> {
+    let ended: Option<i32> = sqlx::query_scalar(crate::rows::TASK_ENDED)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    if ended.is_some() {
+        return Err(StoreError::Conflict(format!("task {id} has ended: {what}")));
+    }
+    Ok(())
+}
+
 async fn apply_on(
     conn: &mut PgConnection,
     writes: &[&Write],
@@ -470,18 +484,7 @@ async fn apply_in(
                 grace,
             } => {
                 if matches!(write, Write::EndOpenTask { .. }) {
-                    // The write lock orders this commit after any other
-                    // ending of the task.
-                    let ended: Option<i32> = sqlx::query_scalar(
-                        "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL",
-                    )
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-                    if ended.is_some() {
-                        return Err(StoreError::Conflict(format!("task {id} has ended already")));
-                    }
+                    refuse_if_ended(&mut *tx, id, "it is not ended again").await?;
                 }
                 sqlx::query(
                     "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
@@ -522,19 +525,9 @@ async fn apply_in(
             } => {
                 let once = matches!(write, Write::ClaimToken { .. });
                 if once {
-                    // As in SQLite: a use claimed after the task ended (the
-                    // write lock orders this commit after the ending) is no
+                    // As in SQLite: a use claimed after the task ended is no
                     // use.
-                    let ended: Option<i32> = sqlx::query_scalar(
-                        "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL",
-                    )
-                    .bind(task_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-                    if ended.is_some() {
-                        return Err(StoreError::Conflict(format!("task {task_id} has ended")));
-                    }
+                    refuse_if_ended(&mut *tx, task_id, "its token's use is not claimed").await?;
                 }
                 let inserted = sqlx::query(if once {
                     "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES ($1, $2, $3, $4)"

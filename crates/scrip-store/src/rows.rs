@@ -293,6 +293,11 @@ pub(crate) const UNLINKED_HEADS: &str = "WITH RECURSIVE chains(id) AS (SELECT MI
      WHERE l.chain_seq IS NULL OR l.chain_seq <> a.chain_seq \
      ORDER BY a.seq";
 
+/// A row when task `$1` has ended: a single use claimed, or an ending made,
+/// after another ending committed is refused (the writers serialise
+/// commits, so this sees every earlier one).
+pub(crate) const TASK_ENDED: &str = "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL";
+
 /// Records how far a chain start links a chain (`$1` the chain, `$2` the
 /// position); SQLite's, run in process once a link (PostgreSQL writes them
 /// all in one statement).

@@ -337,6 +337,18 @@ const PENDING_OF_TASK: &str = "SELECT COUNT(*), COALESCE(SUM(tool = ?3 AND actio
      FROM approvals WHERE task_id = ?1 AND state = 'pending' AND expires_at > ?2";
 
 /// Runs one statement of the transaction.
+/// [`StoreError::Conflict`] saying `what` when task `id` has ended.
+fn refuse_if_ended(tx: &Transaction<'_>, id: &str, what: &str) -> Result<(), StoreError> {
+    let ended = tx
+        .prepare_cached(rows::TASK_ENDED)
+        .and_then(|mut s| s.exists([id]))
+        .map_err(unavailable)?;
+    if ended {
+        return Err(StoreError::Conflict(format!("task {id} has ended: {what}")));
+    }
+    Ok(())
+}
+
 fn run(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
     tx.prepare_cached(sql)?.execute(params)
 }
@@ -431,13 +443,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             grace,
         } => {
             if matches!(write, Write::EndOpenTask { .. }) {
-                let ended = tx
-                    .prepare_cached("SELECT 1 FROM tasks WHERE id = ? AND ended_at IS NOT NULL")
-                    .and_then(|mut s| s.exists([id]))
-                    .map_err(unavailable)?;
-                if ended {
-                    return Err(StoreError::Conflict(format!("task {id} has ended already")));
-                }
+                refuse_if_ended(tx, id, "it is not ended again")?;
             }
             let at = to_i64(*at);
             run(
@@ -474,13 +480,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             if once {
                 // A use claimed after the task ended (a revocation committed
                 // between the caller's read and this commit) is no use.
-                let ended = tx
-                    .prepare_cached("SELECT 1 FROM tasks WHERE id = ? AND ended_at IS NOT NULL")
-                    .and_then(|mut s| s.exists([task_id]))
-                    .map_err(unavailable)?;
-                if ended {
-                    return Err(StoreError::Conflict(format!("task {task_id} has ended")));
-                }
+                refuse_if_ended(tx, task_id, "its token's use is not claimed")?;
             }
             let (expires_at, at) = (to_i64(*expires_at), to_i64(*at));
             let inserted = run(
