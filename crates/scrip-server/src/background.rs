@@ -92,7 +92,13 @@ async fn sweep_loop(state: AppState) {
         let now = now();
         crate::approval::expire(st, now).await;
         match st.store.due_tasks(now, 500).await {
-            Ok(due) if !due.is_empty() => {
+            Ok(mut due) if !due.is_empty() => {
+                // Children first: a parent's ending ends its open
+                // descendants, so a child after it in the one commit would
+                // find itself ended and refuse the commit, every tick (a
+                // child's deadline is its parent's at the latest, so both
+                // are often due together).
+                due.sort_by_key(|t| std::cmp::Reverse(t.depth));
                 let mut writes = Vec::with_capacity(due.len() * 2);
                 for task in &due {
                     writes.push(Write::EndOpenTask {

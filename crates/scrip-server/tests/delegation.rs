@@ -211,6 +211,43 @@ async fn child_and_grandchild_tokens_carry_the_act_chain() {
     s.stop().await;
 }
 
+/// A child's deadline is its parent's at the latest, so both often expire
+/// in the same sweep: each is recorded expired, and the sweep goes on.
+#[tokio::test]
+async fn a_parent_and_child_expiring_together_are_both_recorded() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", Some(2)).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let grandchild = child_of(&s, &child, &actor2(&s), None).await;
+    let exp = claims(&parent)["exp"].as_u64().unwrap();
+    assert_eq!(claims(&grandchild)["exp"].as_u64().unwrap(), exp);
+    let txns: Vec<String> = [&parent, &child, &grandchild]
+        .iter()
+        .map(|t| claims(t)["txn"].as_str().unwrap().to_owned())
+        .collect();
+    // A later task, due after them, is swept too.
+    let later = root(&s, "github:read", Some(4)).await;
+    let later_txn = claims(&later)["txn"].as_str().unwrap().to_owned();
+    let start = std::time::Instant::now();
+    loop {
+        let audit = s.audit().await;
+        let expired = |id: &str| {
+            audit
+                .iter()
+                .any(|a| a.event == "task.expired" && a.task_id.as_deref() == Some(id))
+        };
+        if txns.iter().all(|t| expired(t)) && expired(&later_txn) {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "not every task was recorded expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn scope_defaults_to_the_parents_grants() {
     let s = TestServer::start().await;
