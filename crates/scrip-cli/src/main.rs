@@ -311,8 +311,9 @@ enum PolicyCommand {
     Check {
         /// The policy directory.
         dir: PathBuf,
-        /// Also check the tools of this configuration.
-        #[arg(long, short, env = "SCRIP_CONFIG")]
+        /// Also check the tools of this configuration (never taken from
+        /// SCRIP_CONFIG: what is checked is the directory named).
+        #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Run a file of request → expected decision cases.
@@ -325,8 +326,10 @@ enum PolicyCommand {
         /// The policy directory (default: the configuration's, else ./policies).
         #[arg(long, short)]
         policies: Option<PathBuf>,
-        /// A configuration whose tools the cases may name.
-        #[arg(long, short, env = "SCRIP_CONFIG")]
+        /// A configuration whose tools the cases may name (never taken from
+        /// SCRIP_CONFIG, whose policy directory would replace ./policies
+        /// unnoticed).
+        #[arg(long, short)]
         config: Option<PathBuf>,
     },
 }

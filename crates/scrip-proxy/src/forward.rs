@@ -156,8 +156,10 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         }
     };
     draft.record.path = Some(path.clone());
-    let path = path.as_str();
-    let Some(action) = upstream.map.action(&parts.method, path).cloned() else {
+    // Routes and Cedar see escapes the upstream decodes before routing
+    // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
+    let matched = route::match_form(&path);
+    let Some(action) = upstream.map.action(&parts.method, &matched).cloned() else {
         let why = format!(
             "method `{}` maps to no action of this upstream",
             parts.method
@@ -217,7 +219,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         &token,
         &action,
         &parts.method,
-        path,
+        &matched,
     );
     draft.record.policies.clone_from(&decision.policies);
     if !decision.allowed {
@@ -369,7 +371,10 @@ fn decide(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, as the handler took them apart"
+)]
 async fn forward(
     proxy: &Proxy,
     upstream: &Upstream,

@@ -158,7 +158,9 @@ fn basic_token(username: &str, secret: &SecretValue) -> String {
 /// Percent-encodes a query component (RFC 3986 unreserved kept).
 #[must_use]
 pub fn query_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
+    // Sized for the worst case: growing would free a buffer that holds part
+    // of what is encoded (a secret), unzeroed.
+    let mut out = String::with_capacity(bytes.len().saturating_mul(3));
     for &b in bytes {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(b));
@@ -245,7 +247,9 @@ pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &Secre
     }
     out.push_str(&encoded_param);
     out.push('=');
-    out.push_str(&query_encode(secret.expose()));
+    // Appended last: `out` may grow here, but what it frees then holds no
+    // part of the secret; the encoded copy is zeroed.
+    out.push_str(&zeroize::Zeroizing::new(query_encode(secret.expose())));
     out
 }
 
@@ -334,7 +338,10 @@ const ESCAPINGS: [&[(u8, &[u8])]; 7] = [
 
 /// `raw` with each byte `table` names replaced by its escape.
 fn escape(raw: &[u8], table: &[(u8, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
+    // Sized for the longest escape (`\u002B`, `&quot;`): never grown, so no
+    // freed buffer holds part of a secret.
+    let longest = table.iter().map(|(_, to)| to.len()).max().unwrap_or(1);
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(longest));
     for &b in raw {
         match table.iter().find(|(from, _)| *from == b) {
             Some((_, to)) => out.extend_from_slice(to),

@@ -233,6 +233,7 @@ impl Proxy {
                 };
                 let canonical = route::normalize(&path)
                     .map_err(|e| fail(format!("route path `{}`: {e}", r.path)))?;
+                let canonical = route::match_form(&canonical).into_owned();
                 if canonical != path {
                     let (canonical, star) = match r.path.strip_suffix('*') {
                         Some(_) => (canonical.strip_suffix('x').unwrap_or(&canonical), "*"),

@@ -66,11 +66,9 @@ pub enum PathError {
 /// The path in the form the action mapping, Cedar, the audit and the
 /// upstream all see: percent-encoded unreserved characters decoded and the
 /// remaining escapes in uppercase (RFC 3986 §6.2.2.1, §6.2.2.2), so that
-/// `/%61dmin` is `/admin` to the routes as it is to the upstream. Escapes
-/// of the other characters a segment may hold as they are (`:`, `@` and
-/// the sub-delimiters but `;`, RFC 3986 §3.3) are decoded too: servers
-/// decode them before routing, so `/v1/items%3Apurge` is the
-/// `/v1/items:purge` a route or policy names.
+/// `/%61dmin` is `/admin` to the routes as it is to the upstream. Other
+/// escapes are kept (an escaped reserved character is another URI, RFC 3986
+/// §6.2.2.2); routes and Cedar compare [`match_form`].
 ///
 /// # Errors
 /// [`PathError`] for a path the upstream might read differently from scrip
@@ -93,26 +91,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             return Err(PathError::Ambiguous);
         };
         let value = u8::try_from(hi * 16 + lo).map_err(|_| PathError::Ambiguous)?;
-        if value.is_ascii_alphanumeric()
-            || matches!(
-                value,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b':'
-                    | b'@'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b'='
-            )
-        {
+        if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(value));
         } else {
             out.push('%');
@@ -134,6 +113,41 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         return Err(PathError::EmptySegment);
     }
     Ok(out)
+}
+
+/// The characters whose escapes [`match_form`] decodes: those a segment
+/// may hold as they are (RFC 3986 §3.3) and that servers decode to the same
+/// character before they route. Not `+` (form decoders read a plain `+` as
+/// a space, `%2B` as `+`), `*` (a route's wildcard), `;` (refused) or `/`.
+const DECODED_FOR_MATCHING: [(&str, char); 10] = [
+    ("%3A", ':'),
+    ("%40", '@'),
+    ("%21", '!'),
+    ("%24", '$'),
+    ("%26", '&'),
+    ("%27", '\''),
+    ("%28", '('),
+    ("%29", ')'),
+    ("%2C", ','),
+    ("%3D", '='),
+];
+
+/// A [`normalize`]d path as routes and Cedar compare it: also the escapes
+/// of [`DECODED_FOR_MATCHING`] decoded, since the upstream decodes them
+/// before it routes (`/v1/items%3Apurge` runs the `/v1/items:purge` a route
+/// or policy names). The upstream itself gets the normalised path.
+#[must_use]
+pub fn match_form(canonical: &str) -> std::borrow::Cow<'_, str> {
+    if !canonical.contains('%') {
+        return std::borrow::Cow::Borrowed(canonical);
+    }
+    let mut out = canonical.to_owned();
+    for (escape, c) in DECODED_FOR_MATCHING {
+        if out.contains(escape) {
+            out = out.replace(escape, c.encode_utf8(&mut [0; 4]));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Refuses a path the upstream might read differently from scrip.
@@ -353,13 +367,20 @@ mod tests {
         // Encoded unreserved characters are the characters themselves.
         assert_eq!(n("/%61dmin/users"), Ok("/admin/users".into()));
         assert_eq!(n("/%41%2d%5F%7e%30"), Ok("/A-_~0".into()));
-        // So are the other characters a segment holds as they are: servers
-        // decode them before routing (`:verb` custom methods).
-        assert_eq!(n("/v1/items%3Apurge"), Ok("/v1/items:purge".into()));
+        // Escaped reserved characters are kept for the upstream; routes and
+        // Cedar see those a server decodes before routing decoded (`:verb`
+        // custom methods), but not `+` or `*`.
+        assert_eq!(n("/v1/items%3apurge"), Ok("/v1/items%3Apurge".into()));
+        assert_eq!(match_form("/v1/items%3Apurge"), "/v1/items:purge");
         assert_eq!(
-            n("/%40%21%24%26%27%28%29%2A%2B%2C%3D"),
-            Ok("/@!$&'()*+,=".into())
+            match_form(&n("/%40%21%24%26%27%28%29%2A%2B%2C%3D").unwrap()),
+            "/@!$&'()%2A%2B,="
         );
+        assert_eq!(match_form("/100%25%3A"), "/100%25:");
+        // A route naming `:purge` decides the escaped spelling too.
+        let routes = [route("POST", "/v1/items:purge", "delete")];
+        let canonical = n("/v1/items%3Apurge").unwrap();
+        check(&routes, "POST", &match_form(&canonical), Some("delete"));
         assert_eq!(n("/a%3bb"), Err(PathError::Parameter));
         // Other escapes stay, in uppercase; nothing is decoded twice, and
         // what a second decoding would change is refused.

@@ -765,6 +765,10 @@ async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
 async fn a_route_path_that_could_never_match_is_refused_at_start() {
     for (path, says) in [
         ("/%61dmin*", "reads `/admin*` once normalised"),
+        (
+            "/v1/items%3Apurge",
+            "reads `/v1/items:purge` once normalised",
+        ),
         ("/a/../admin", "`.` or `..` segments"),
         ("/a;b", "path parameters"),
     ] {
@@ -788,19 +792,21 @@ async fn a_route_path_that_could_never_match_is_refused_at_start() {
         assert!(err.contains(says), "{path}: {err}");
     }
     // A prefix ending in an unfinished segment is a prefix: `/.*` catches
-    // `/.env`.
-    let dir = tempfile::tempdir().unwrap();
-    let mut legacy = upstream("legacy", "http://127.0.0.1:1");
-    legacy.routes[0].path = "/.*".into();
-    let config = scrip_config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
-        policy_dir: common::repo_policies(),
-        tools: vec![tool("legacy")],
-        upstreams: vec![legacy],
-        ..scrip_config::Config::default()
-    };
-    drop(scrip_server::Server::bind(config).await.unwrap());
+    // `/.env`. An escaped `*` is a literal star, kept as it is.
+    for path in ["/.*", "/logs-%2A/_search"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut legacy = upstream("legacy", "http://127.0.0.1:1");
+        legacy.routes[0].path = path.into();
+        let config = scrip_config::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            policy_dir: common::repo_policies(),
+            tools: vec![tool("legacy")],
+            upstreams: vec![legacy],
+            ..scrip_config::Config::default()
+        };
+        drop(scrip_server::Server::bind(config).await.unwrap());
+    }
 }
 
 #[tokio::test]

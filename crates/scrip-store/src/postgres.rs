@@ -367,9 +367,6 @@ async fn link_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError>
     Ok(links)
 }
 
-/// Applies `writes` in one transaction, committed when every write applied
-/// and rolled back at once otherwise; `commit_sent` is set just before the
-/// `COMMIT` goes out.
 /// [`StoreError::Conflict`] saying `what` when task `id` has ended (the
 /// write lock orders this commit after any other ending of it).
 async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<(), StoreError> {
@@ -384,6 +381,9 @@ async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<
     Ok(())
 }
 
+/// Applies `writes` in one transaction, committed when every write applied
+/// and rolled back at once otherwise; `commit_sent` is set just before the
+/// `COMMIT` goes out.
 async fn apply_on(
     conn: &mut PgConnection,
     writes: &[&Write],

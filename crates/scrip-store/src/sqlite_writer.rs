@@ -336,7 +336,6 @@ fn link_heads(tx: &Transaction<'_>) -> Result<Vec<ChainLink>, StoreError> {
 const PENDING_OF_TASK: &str = "SELECT COUNT(*), COALESCE(SUM(tool = ?3 AND actions = ?4), 0) \
      FROM approvals WHERE task_id = ?1 AND state = 'pending' AND expires_at > ?2";
 
-/// Runs one statement of the transaction.
 /// [`StoreError::Conflict`] saying `what` when task `id` has ended.
 fn refuse_if_ended(tx: &Transaction<'_>, id: &str, what: &str) -> Result<(), StoreError> {
     let ended = tx
@@ -349,6 +348,7 @@ fn refuse_if_ended(tx: &Transaction<'_>, id: &str, what: &str) -> Result<(), Sto
     Ok(())
 }
 
+/// Runs one statement of the transaction.
 fn run(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
     tx.prepare_cached(sql)?.execute(params)
 }
