@@ -98,6 +98,27 @@ pub(crate) async fn request(
                     "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
                 )));
             }
+            // A step a person denied is not put to the approvers again for
+            // `approval_ttl`, nor any step holding every action it asked
+            // (asking again and again until someone gives in is a known
+            // way to get a yes).
+            let since = now.saturating_sub(st.config.approval_ttl);
+            let denied = st.store.task_denials(&task.id, since).await?;
+            if let Some(d) = denied.iter().find(|d| {
+                d.tool == tool
+                    && ActionSet::parse(&d.actions)
+                        .is_ok_and(|denied| denied.iter().all(|a| actions.contains(a)))
+            }) {
+                let at = d.decided_at.unwrap_or(now);
+                break 'asked Err(OAuthError::access_denied(format!(
+                    "a person denied `{}` at `{tool}` in this task {} s ago ({}); it is not asked again for {} s",
+                    d.actions,
+                    now.saturating_sub(at),
+                    d.reason.as_deref().unwrap_or("no reason given"),
+                    at.saturating_add(st.config.approval_ttl)
+                        .saturating_sub(now)
+                )));
+            }
             let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
             let approval = Approval {
                 id: id.clone(),

@@ -368,6 +368,27 @@ async fn a_denial_answers_access_denied_with_the_reason() {
     poll(&s, &task, &id)
         .await
         .assert_error(400, "access_denied");
+    // Asking again is refused at once, rather than put to the approvers
+    // again until someone gives in.
+    let before = list(&s, Some(&alice_id(&s))).await.text;
+    for _ in 0..2 {
+        let r = s.access_token(&task, "github", Some("delete")).await;
+        r.assert_error(400, "access_denied");
+        assert!(
+            r.text.contains("a person denied `delete` at `github`")
+                && r.text.contains("not during the freeze"),
+            "{}",
+            r.text
+        );
+    }
+    assert_eq!(list(&s, Some(&alice_id(&s))).await.text, before);
+    let asked = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "approval.requested")
+        .count();
+    assert_eq!(asked, 1, "the denied step was asked once");
     s.stop().await;
 }
 

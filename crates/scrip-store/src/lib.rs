@@ -125,6 +125,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: u64,
     ) -> Result<Vec<Approval>, StoreError>;
 
+    /// One task's approvals a person denied at or after `since`, the latest
+    /// decision first.
+    async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError>;
+
     /// Pending approvals that expired at or before `now`.
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
 

@@ -954,6 +954,21 @@ impl Store for PgStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError> {
+        let rows = read(
+            sqlx::query(concat!(
+                "SELECT ",
+                approval_columns!(),
+                " FROM approvals WHERE state = 'denied' AND task_id = $1 AND decided_at >= $2 ORDER BY decided_at DESC, id",
+            ))
+            .bind(task_id)
+            .bind(to_i64(since))
+            .fetch_all(&self.reads),
+        )
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = read(
             sqlx::query(concat!(

@@ -293,6 +293,20 @@ impl Store for SqliteStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE state = 'denied' AND task_id = ? AND decided_at >= ? ORDER BY decided_at DESC, id",
+        ))
+        .bind(task_id)
+        .bind(to_i64(since))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",

@@ -858,6 +858,26 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         .collect();
     assert_eq!(expired, ["old"]);
     assert_eq!(s.approval("nope").await.unwrap(), None);
+    // A task's denials since a time, the latest first.
+    s.commit(vec![Write::UpdateApproval {
+        id: "a2".into(),
+        from: ApprovalState::Pending,
+        to: ApprovalState::Denied,
+        by: Some("bob".into()),
+        at: 1_100,
+        reason: Some("not now".into()),
+        token_jti: None,
+    }])
+    .await
+    .unwrap();
+    let denied = s.task_denials("t1", 1_000).await.unwrap();
+    assert_eq!(
+        denied.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        ["a2"]
+    );
+    assert_eq!(denied[0].reason.as_deref(), Some("not now"));
+    assert!(s.task_denials("t1", 1_101).await.unwrap().is_empty());
+    assert!(s.task_denials("t2", 0).await.unwrap().is_empty());
 }
 
 fn pending(id: &str, task_id: &str, actions: &str, created_at: u64) -> Approval {
