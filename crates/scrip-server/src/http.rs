@@ -57,6 +57,11 @@ impl Limits {
 /// # Errors
 /// Never on a failed accept (logged and retried); the result is for the
 /// callers' signature.
+/// The largest request head read, in bytes: a 16 KiB token, an 8 KiB DPoP
+/// proof and the rest with room to spare. With `max_connections` (16,384 at
+/// most) this bounds what unfinished heads can hold to 1 GiB.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -66,7 +71,11 @@ pub async fn serve(
     let mut builder = Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        // A request head larger than this is refused (431): hyper's own
+        // bound is about 400 KiB, which a client holding every allowed
+        // connection with an unfinished head would pin in memory.
+        .max_buf_size(MAX_HEAD_BYTES);
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);

@@ -81,6 +81,38 @@ async fn a_slow_request_head_is_cut_off_and_requests_know_their_peer() {
     assert!(closed && answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// A request head past the bound is refused, not read whole.
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    let (addr, _stop) = server(Limits {
+        header_timeout: Duration::from_secs(30),
+        max_connections: 4,
+    })
+    .await;
+    // A head of 48 KiB, within the bound, is served.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let big = format!(
+        "GET /peer HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(48 * 1024)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    let (answer, _) = until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // One of 100 KiB that never ends is cut short at once.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let huge = format!(
+        "GET /peer HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = s.write_all(huge.as_bytes()).await;
+    let (answer, closed) = until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(closed, "the oversized head was still being read");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn connections_past_the_limit_are_closed_at_once() {
     let (addr, _stop) = server(Limits {
