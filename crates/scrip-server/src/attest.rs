@@ -310,6 +310,17 @@ pub(crate) struct Observed {
     /// above is as the process's mount namespace names it, which the
     /// process may have arranged, so an `exe` selector matches this.
     pub exe_file: Option<(u64, u64)>,
+    /// Whether `exe` names, in scrip's own mount namespace, the very file
+    /// the process runs. Only then is the path put in the identity, where
+    /// policies read it as `principal.exe`: a process in a namespace of its
+    /// own could otherwise claim any path by mounting its binary there.
+    pub exe_verified: bool,
+}
+
+/// Whether `path`, as scrip's own mount namespace names it, is `file`
+/// (device, inode).
+fn names_file(path: &str, file: Option<(u64, u64)>) -> bool {
+    file.is_some() && std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino())) == file
 }
 
 async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answer {
@@ -461,7 +472,7 @@ async fn issue(st: &Inner, o: &Observed, workload: Option<&LocalWorkload>) -> An
     if let Some(w) = workload {
         attestation.insert("workload".into(), json!(w.name));
     }
-    if let Some(exe) = &o.exe {
+    if let Some(exe) = o.exe.as_ref().filter(|_| o.exe_verified) {
         attestation.insert("exe".into(), json!(exe));
     }
     if let Some(sha) = &o.exe_sha256 {
@@ -555,15 +566,22 @@ fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observ
     let exe_after = std::fs::read_link(base.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
+    // The file itself, not only its name: a process that execs another
+    // binary while it is hashed and then the first one again keeps its path.
+    let file_after = File::open(base.join("exe"))
+        .and_then(|f| f.metadata())
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
     if start_time(&base) != Some(started) {
         return Err(gone.to_owned());
     }
-    if exe_after != exe {
+    if exe_after != exe || file_after != exe_file {
         return Err(
             "the connecting process changed its executable while being attested; try again".into(),
         );
     }
     drop(dir);
+    let exe_verified = exe.as_deref().is_some_and(|p| names_file(p, exe_file));
     Ok(Observed {
         uid,
         gid,
@@ -571,6 +589,7 @@ fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observ
         exe,
         exe_sha256,
         exe_file,
+        exe_verified,
     })
 }
 
@@ -659,7 +678,27 @@ mod tests {
             exe: Some("/usr/bin/agent".into()),
             exe_sha256: Some("ab".repeat(32)),
             exe_file: Some(AGENT_FILE),
+            exe_verified: true,
         }
+    }
+
+    /// A path names the executed file only if, in scrip's own namespace, it
+    /// is that very file.
+    #[test]
+    fn an_exe_path_names_the_file_only_if_it_is_that_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let id = |p: &std::path::Path| {
+            let m = std::fs::metadata(p).unwrap();
+            Some((m.dev(), m.ino()))
+        };
+        let a_path = a.to_str().unwrap();
+        assert!(names_file(a_path, id(&a)));
+        assert!(!names_file(a_path, id(&b)));
+        assert!(!names_file(a_path, None));
+        assert!(!names_file("/no/such/file", id(&a)));
     }
 
     /// The (device, inode) of `/usr/bin/agent` in these tests.
