@@ -340,6 +340,39 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "", "nothing to warn of");
+    // A key-encryption key in the environment that is not text is refused,
+    // never taken for an unset variable (which would fall back to the file).
+    {
+        use std::io::Write as _;
+        use std::os::unix::ffi::OsStrExt as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scrip"))
+            .args(["secret", "set", "legacy", "--action", "write", "--config"])
+            .arg(&s.config)
+            .env_remove("SCRIP_CONFIG")
+            .env(
+                "SCRIP_KEY_ENCRYPTION_KEY",
+                std::ffi::OsStr::from_bytes(b"\xff\xfe"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(WRITE_KEY.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("SCRIP_KEY_ENCRYPTION_KEY")
+                && text(&out.stderr).contains("is not text"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     let key_file = s.dir.path().join("data/keys/key-encryption.key");
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(

@@ -7,7 +7,9 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 
 use scrip_jose::{SigningAlgorithm, SigningKey, b64};
@@ -33,6 +35,19 @@ pub enum KeyError {
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+    },
+    /// A key file owned by another user (not root): its owner can read it
+    /// or choose what it holds.
+    #[error(
+        "key file `{path}` is owned by uid {owner}, not by the user scrip runs as (uid {euid}) or root: its owner can read it or choose the key; `chown` it to scrip's user"
+    )]
+    ForeignOwner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The user scrip runs as.
+        euid: u32,
     },
     /// A key directory others can write: they could swap its files.
     #[error(
@@ -187,7 +202,11 @@ fn load_or_create_named(
 /// [`KeyError::Exposed`] for such a file, [`KeyError::Io`] when it cannot
 /// be read.
 pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let meta = fs::metadata(path).map_err(io(path))?;
+    use std::io::Read as _;
+    // The checks are of the file opened, which is the file read: a file
+    // swapped for another between a check by name and the read would pass.
+    let mut file = fs::File::open(path).map_err(io(path))?;
+    let meta = file.metadata().map_err(io(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::Exposed {
@@ -195,7 +214,17 @@ pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
             mode,
         });
     }
-    fs::read(path).map_err(io(path))
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(KeyError::ForeignOwner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(io(path))?;
+    Ok(bytes)
 }
 
 fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> {
@@ -275,10 +304,21 @@ pub const KEK_ENV: &str = "SCRIP_KEY_ENCRYPTION_KEY";
 pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jose::Kek, KeyError> {
     let path = config.key_encryption_key_path();
     let invalid = |path: PathBuf, message: String| KeyError::Invalid { path, message };
-    if let Ok(text) = std::env::var(KEK_ENV) {
-        let text = zeroize::Zeroizing::new(text);
-        return scrip_jose::Kek::from_text(&text)
-            .map_err(|e| invalid(KEK_ENV.into(), e.to_string()));
+    match std::env::var(KEK_ENV) {
+        Ok(text) => {
+            let text = zeroize::Zeroizing::new(text);
+            return scrip_jose::Kek::from_text(&text)
+                .map_err(|e| invalid(KEK_ENV.into(), e.to_string()));
+        }
+        // Set, but not text: never taken for "not set", which would fall
+        // back to (or create) the file.
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(invalid(
+                KEK_ENV.into(),
+                "is not text (a key-encryption key is base64)".into(),
+            ));
+        }
+        Err(std::env::VarError::NotPresent) => {}
     }
     if path.exists() {
         let bytes = zeroize::Zeroizing::new(read_private(&path)?);
@@ -354,6 +394,39 @@ mod tests {
         // key files themselves are checked for that.
         fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&new).unwrap();
+    }
+
+    /// A key file is read only if scrip's user (or root) owns it and nobody
+    /// else can read it, as the file opened, not as a name checked before.
+    #[test]
+    fn a_key_file_of_another_user_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("k");
+        fs::write(&path, "key").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_private(&path).unwrap(), b"key");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            read_private(&path),
+            Err(KeyError::Exposed { mode: 0o640, .. })
+        ));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        // Giving a file away takes root, which is how these tests and CI
+        // run; as another user only the owner's own file can be made.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(12_345), None).unwrap();
+            assert!(matches!(
+                read_private(&path),
+                Err(KeyError::ForeignOwner {
+                    owner: 12_345,
+                    euid: 0,
+                    ..
+                })
+            ));
+            // Root's own files stay readable.
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+            assert_eq!(read_private(&path).unwrap(), b"key");
+        }
     }
 
     /// Processes creating the key-encryption key at once end up with one
