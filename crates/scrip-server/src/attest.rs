@@ -339,6 +339,12 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
         );
     };
     let (uid, gid) = (cred.uid(), cred.gid());
+    // Refused before its executable is read or hashed (up to 512 MiB) when
+    // no entry could match its uid and gid: a user scrip does not serve
+    // cannot make it hash files over and over.
+    if let Err(why) = could_match(&st.config.local_workloads, uid, gid, own_uid()) {
+        return refuse(st, None, uid, pid, &why).await;
+    }
     let observed = tokio::task::spawn_blocking(move || observe(uid, gid, pid, accepted)).await;
     let observed = match observed {
         Ok(Ok(o)) => o,
@@ -392,6 +398,41 @@ fn own_uid() -> Option<u32> {
 /// `exe` selector matches the file the process executes, not the path its
 /// own mount namespace reports (a user namespace can bind-mount any
 /// binary over the configured path).
+/// Whether any entry could match a process of `uid` and `gid`, whatever
+/// it runs (with no entries: whether it is scrip's own user).
+fn could_match(
+    workloads: &[LocalWorkload],
+    uid: u32,
+    gid: u32,
+    own_uid: Option<u32>,
+) -> Result<(), String> {
+    if workloads.is_empty() {
+        return if Some(uid) == own_uid {
+            Ok(())
+        } else {
+            Err(not_served(own_uid, uid))
+        };
+    }
+    if workloads
+        .iter()
+        .any(|w| w.uid.is_none_or(|u| u == uid) && w.gid.is_none_or(|g| g == gid))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "no [[local_workloads]] entry matches this process (uid {uid}, gid {gid}); add one to scrip's configuration"
+        ))
+    }
+}
+
+/// Why a process of `uid` is refused when no `[[local_workloads]]` are set.
+fn not_served(own_uid: Option<u32>, uid: u32) -> String {
+    format!(
+        "no [[local_workloads]] are configured, so only processes of scrip's own user (uid {}) may attest; this process runs as uid {uid}",
+        own_uid.map_or_else(|| "?".to_owned(), |u| u.to_string()),
+    )
+}
+
 fn select<'a>(
     workloads: &'a [LocalWorkload],
     observed: &Observed,
@@ -402,11 +443,7 @@ fn select<'a>(
         return if Some(observed.uid) == own_uid {
             Ok(None)
         } else {
-            Err(format!(
-                "no [[local_workloads]] are configured, so only processes of scrip's own user (uid {}) may attest; this process runs as uid {}",
-                own_uid.map_or_else(|| "?".to_owned(), |u| u.to_string()),
-                observed.uid
-            ))
+            Err(not_served(own_uid, observed.uid))
         };
     }
     let found = workloads.iter().enumerate().find(|(i, w)| {
@@ -680,6 +717,24 @@ mod tests {
             exe_file: Some(AGENT_FILE),
             exe_verified: true,
         }
+    }
+
+    /// A process no entry could match by uid and gid is refused before its
+    /// executable is read or hashed.
+    #[test]
+    fn who_could_match_is_known_before_anything_is_hashed() {
+        let w = [
+            workload("a", Some(1000), Some("/usr/bin/agent"), None),
+            workload("b", None, None, Some(&"ab".repeat(32))),
+        ];
+        assert!(could_match(&w[..1], 1000, 100, None).is_ok());
+        let err = could_match(&w[..1], 1001, 100, None).unwrap_err();
+        assert!(err.contains("uid 1001, gid 100"), "{err}");
+        // An entry without uid or gid could match anyone.
+        assert!(could_match(&w, 1001, 100, None).is_ok());
+        // Without entries, scrip's own user only.
+        assert!(could_match(&[], 7, 7, Some(7)).is_ok());
+        assert!(could_match(&[], 8, 7, Some(7)).is_err());
     }
 
     /// A path names the executed file only if, in scrip's own namespace, it
