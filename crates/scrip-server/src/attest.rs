@@ -392,12 +392,6 @@ fn own_uid() -> Option<u32> {
     Some(rustix::process::geteuid().as_raw())
 }
 
-/// The workload `observed` is: the first entry whose selectors all match,
-/// or, with no entries, `None` for a process of scrip's own user. `files`
-/// are the (device, inode) of each entry's `exe` as scrip sees it: an
-/// `exe` selector matches the file the process executes, not the path its
-/// own mount namespace reports (a user namespace can bind-mount any
-/// binary over the configured path).
 /// Whether any entry could match a process of `uid` and `gid`, whatever
 /// it runs (with no entries: whether it is scrip's own user).
 fn could_match(
@@ -433,6 +427,12 @@ fn not_served(own_uid: Option<u32>, uid: u32) -> String {
     )
 }
 
+/// The workload `observed` is: the first entry whose selectors all match,
+/// or, with no entries, `None` for a process of scrip's own user. `files`
+/// are the (device, inode) of each entry's `exe` as scrip sees it: an
+/// `exe` selector matches the file the process executes, not the path its
+/// own mount namespace reports (a user namespace can bind-mount any
+/// binary over the configured path).
 fn select<'a>(
     workloads: &'a [LocalWorkload],
     observed: &Observed,
