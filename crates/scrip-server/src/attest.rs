@@ -225,7 +225,7 @@ async fn connection(
             Ok(_turn) => (dialect, attest(st, &stream, accepted).await),
             Err(_) => return,
         },
-        Err(answer) => (Dialect::Line, answer),
+        Err(refused) => refused,
     };
     let body = answer.body.to_string();
     let bytes = match dialect {
@@ -235,6 +235,8 @@ async fn connection(
                 200 => "OK",
                 400 => "Bad Request",
                 403 => "Forbidden",
+                404 => "Not Found",
+                500 => "Internal Server Error",
                 _ => "Service Unavailable",
             };
             format!(
@@ -248,8 +250,10 @@ async fn connection(
     let _ = stream.shutdown().await;
 }
 
-/// Reads `ATTEST\n` or an HTTP request for `POST /attest`.
-async fn read_request(stream: &mut UnixStream) -> Result<Dialect, Answer> {
+/// Reads `ATTEST\n` or an HTTP request for `POST /attest`; a refusal is
+/// answered in the dialect the client spoke (an HTTP request for another
+/// path gets an HTTP 404, which `curl` can read).
+async fn read_request(stream: &mut UnixStream) -> Result<Dialect, (Dialect, Answer)> {
     let mut buf = Vec::new();
     let read = async {
         let mut chunk = [0u8; 512];
@@ -284,14 +288,17 @@ async fn read_request(stream: &mut UnixStream) -> Result<Dialect, Answer> {
             if parts.next() == Some("POST") && parts.next() == Some("/attest") {
                 Ok(Dialect::Http)
             } else {
-                Err(Answer::error(
-                    404,
-                    "invalid_request",
-                    "the only endpoint on this socket is `POST /attest`",
+                Err((
+                    Dialect::Http,
+                    Answer::error(
+                        404,
+                        "invalid_request",
+                        "the only endpoint on this socket is `POST /attest`",
+                    ),
                 ))
             }
         }
-        _ => Err(bad()),
+        _ => Err((Dialect::Line, bad())),
     }
 }
 

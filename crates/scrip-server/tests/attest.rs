@@ -208,8 +208,24 @@ async fn a_process_matching_nothing_is_refused_with_a_clear_message() {
 #[tokio::test]
 async fn garbage_on_the_socket_is_refused() {
     let server = TestServer::start().await;
-    for request in [&b"HELLO\n"[..], b"GET /attest HTTP/1.1\r\n\r\n", b""] {
+    // Answered in the dialect spoken: a line, or HTTP that `curl` reads.
+    for (request, http) in [
+        (&b"HELLO\n"[..], None),
+        (
+            b"GET /attest HTTP/1.1\r\n\r\n",
+            Some("HTTP/1.1 404 Not Found\r\n"),
+        ),
+        (
+            b"POST /other HTTP/1.1\r\nHost: x\r\n\r\n",
+            Some("HTTP/1.1 404 Not Found\r\n"),
+        ),
+        (b"", None),
+    ] {
         let answer = send(&server, request).await;
+        match http {
+            Some(status) => assert!(answer.starts_with(status), "{request:?}: {answer}"),
+            None => assert!(answer.starts_with('{'), "{request:?}: {answer}"),
+        }
         let answer = answer.split("\r\n\r\n").last().unwrap();
         let body: Value = serde_json::from_str(answer.trim()).unwrap();
         assert_eq!(body["error"], "invalid_request", "{request:?}: {body}");
