@@ -490,6 +490,7 @@ fn serve(config: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
+        let stop = shutdown_signal();
         let server = match scrip_server::Server::bind(config).await {
             Ok(s) => s,
             Err(e) => return fail(e),
@@ -497,23 +498,31 @@ fn serve(config: Option<&Path>) -> ExitCode {
         if let Ok(addr) = server.local_addr() {
             tracing::info!(%addr, issuer = server.issuer(), "listening");
         }
-        match server.run(shutdown_signal()).await {
+        match server.run(stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         }
     })
 }
 
-pub(crate) async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. Both are taken over when this is called,
+/// not when the future is first polled: called before the server listens,
+/// a SIGTERM that comes as soon as it answers stops it gracefully (final
+/// audit checkpoint) rather than killing it.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
 
 fn policy(command: PolicyCommand) -> ExitCode {

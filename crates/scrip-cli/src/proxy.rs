@@ -142,6 +142,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
     };
     let limits = scrip_server::http::Limits::new(config.http_header_timeout);
     runtime.block_on(async {
+        let stop = crate::shutdown_signal();
         let Started {
             listener,
             proxy,
@@ -170,8 +171,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
                     async move { scrip_server::readiness(ready) }
                 }),
             );
-        let served =
-            scrip_server::http::serve(listener, app, limits, crate::shutdown_signal()).await;
+        let served = scrip_server::http::serve(listener, app, limits, stop).await;
         reloader.abort();
         signer.abort();
         // Sign what this process wrote, once what it writes in the
