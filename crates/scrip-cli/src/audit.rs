@@ -62,6 +62,8 @@ fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| "time too far ahead".to_owned())
 }
 
+/// The store, for a command that only reads it: never created or migrated
+/// (see [`scrip_store::open_existing`]).
 pub(crate) async fn open(config: Option<&Path>) -> Result<(Config, Arc<dyn Store>), String> {
     let config = Config::load(config).map_err(|e| e.to_string())?;
     let path = config.data_dir.join("scrip.db");
@@ -71,7 +73,7 @@ pub(crate) async fn open(config: Option<&Path>) -> Result<(Config, Arc<dyn Store
             path.display()
         ));
     }
-    let store = scrip_store::open(config.database_url.as_deref(), &path)
+    let store = scrip_store::open_existing(config.database_url.as_deref(), &path)
         .await
         .map_err(|e| e.to_string())?;
     Ok((config, store))

@@ -488,6 +488,82 @@ async fn a_tampered_record_fails_verification_naming_it() {
     assert_eq!(site.export(&[]).len(), all.len());
 }
 
+/// The audit commands only read: a store an older scrip left is refused,
+/// not migrated under the replicas still running that scrip, until
+/// `scrip migrate` is run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_commands_never_migrate_the_store() {
+    let site = Site::new();
+    let config = site.config();
+    let migrate = || {
+        scrip()
+            .args(["migrate", "--config", &config])
+            .output()
+            .expect("run scrip migrate")
+    };
+    site.start("serve.log").stop();
+    site.assert_verifies(&[]);
+    // As an older scrip left it: its newest migration not applied.
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(site.db())
+        .connect()
+        .await
+        .unwrap();
+    let older = "DROP INDEX approvals_task_denied; \
+                 DELETE FROM _sqlx_migrations WHERE version = 7";
+    sqlx::raw_sql(older).execute(&mut conn).await.unwrap();
+    for args in [&["verify"][..], &["query"], &["export"]] {
+        let out = site.audit(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("migration 7 `approvals denied` is not applied")
+                && stderr.contains("run `scrip migrate` first"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let applied: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = 7")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(applied, 0, "an audit command migrated the store");
+    conn.close().await.unwrap();
+    let out = migrate();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    site.assert_verifies(&[]);
+}
+
+/// A SIGTERM that reaches `scrip serve` while it starts (its store already
+/// open, its listener not yet served) stops it gracefully once started,
+/// with a final checkpoint; it never kills it.
+#[test]
+fn a_sigterm_during_start_up_stops_the_server_gracefully() {
+    let site = Site::new();
+    let log = site.dir.path().join("serve.log");
+    let child = scrip()
+        .args(["serve", "--config", &site.config()])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server { child, log };
+    // The store is created early in start-up.
+    let start = std::time::Instant::now();
+    while !site.db().exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let status = server.signal("TERM");
+    assert_eq!(status.code(), Some(0), "{status}: {}", server.log());
+    assert!(server.log().contains("shutting down"), "{}", server.log());
+    site.assert_verifies(&[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_killed_under_load_loses_no_issued_token() {
     let site = Site::new();

@@ -7,7 +7,10 @@
 //! ([`scrip_jose::Kek`], which never enters the store):
 //!
 //! - the first replica to start on an empty store creates the first signing
-//!   key and the audit checkpoint key;
+//!   key and the audit checkpoint key. The store adds a key only after the
+//!   newest key of its purpose its writer saw, so replicas that start (or
+//!   rotate) together add one between them, and a replica whose
+//!   key-encryption key does not open the keys that won refuses to start;
 //! - every `signing_key_rotation` a replica creates the next signing key,
 //!   `active_at` = now + `signing_key_lead`. It is published (JWKS, and every
 //!   replica's verification keys, which follow the store's change
@@ -145,22 +148,24 @@ impl Keyring {
             lead: config.signing_key_lead,
             keep: config.longest_token_life(),
         };
-        // Keys that do not open mean another key-encryption key: refuse to
-        // start rather than sign with a key set the others do not share.
-        for k in &stored {
-            shared.open(k).map_err(|message| KeyError::Invalid {
-                path: config.key_encryption_key_path(),
-                message: format!("stored key `{}`: {message}", k.kid),
-            })?;
-        }
-        let (writes, created) = shared.plan(&stored, now)?;
+        shared.open_all(config, &stored)?;
+        let (writes, mut created) = shared.plan(&stored, now)?;
         if !writes.is_empty() {
-            store
-                .commit(writes)
-                .await
-                .map_err(|e| store_error(config, &e))?;
+            match store.commit(writes).await {
+                Ok(()) => {}
+                // Another replica wrote these keys first (the store refuses
+                // a key that does not follow the newest it holds): use its.
+                Err(StoreError::Conflict(message)) => {
+                    tracing::info!(%message, "another replica changed the shared keys first; using its");
+                    created = Created::default();
+                }
+                Err(e) => return Err(store_error(config, &e)),
+            }
         }
         let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
+        // Again: a replica that started at the same moment, with a
+        // key-encryption key of its own, may have created them.
+        shared.open_all(config, &stored)?;
         let ring = shared.ring(&stored).map_err(|message| KeyError::Invalid {
             path: config.key_encryption_key_path(),
             message,
@@ -273,13 +278,22 @@ impl Keyring {
             return Ok(Created::default());
         };
         let stored = store.keys(now).await?;
-        let (writes, created) = shared
+        let (writes, mut created) = shared
             .plan(&stored, now)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let stored = if writes.is_empty() {
             stored
         } else {
-            store.commit(writes).await?;
+            match store.commit(writes).await {
+                Ok(()) => {}
+                // Another replica rotated or retired first: its keys are
+                // read next.
+                Err(StoreError::Conflict(message)) => {
+                    tracing::info!(%message, "another replica changed the shared keys first; using its");
+                    created = Created::default();
+                }
+                Err(e) => return Err(e),
+            }
             store.keys(now).await?
         };
         match shared.ring(&stored) {
@@ -385,6 +399,23 @@ fn store_error(config: &Config, e: &StoreError) -> KeyError {
 }
 
 impl Shared {
+    /// Refuses a key set with a key that does not open: it was sealed under
+    /// another key-encryption key, and signing with a key set the other
+    /// replicas do not share would split them.
+    fn open_all(&self, config: &Config, stored: &[StoredKey]) -> Result<(), KeyError> {
+        for k in stored {
+            self.open(k).map_err(|message| KeyError::Invalid {
+                path: config.key_encryption_key_path(),
+                message: format!(
+                    "stored key `{}` does not open ({message}): the store's keys were sealed under another key-encryption key (a replica that started at the same time may have made its own); give every replica the same key: this file, or {}",
+                    k.kid,
+                    keys::KEK_ENV
+                ),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Opens a stored key, checking that it is the key its row says.
     fn open(&self, k: &StoredKey) -> Result<SigningKey, String> {
         let alg = parse_alg(&k.alg).ok_or_else(|| format!("unknown algorithm `{}`", k.alg))?;
@@ -448,7 +479,10 @@ impl Shared {
             created
                 .keys
                 .push((k.kid.clone(), "audit checkpoint key created".into()));
-            writes.push(Write::InsertKey(Box::new(k)));
+            writes.push(Write::InsertKey {
+                key: Box::new(k),
+                after: None,
+            });
         }
         let newest = signing.iter().max_by_key(|k| (k.active_at, &k.kid));
         match newest {
@@ -458,7 +492,10 @@ impl Shared {
                 created
                     .keys
                     .push((k.kid.clone(), format!("{} signing key created", k.alg)));
-                writes.push(Write::InsertKey(Box::new(k)));
+                writes.push(Write::InsertKey {
+                    key: Box::new(k),
+                    after: None,
+                });
             }
             Some(n)
                 if self.rotation > 0
@@ -473,7 +510,10 @@ impl Shared {
                     k.kid.clone(),
                     format!("{} signing key created, signs from {}", k.alg, k.active_at),
                 ));
-                writes.push(Write::InsertKey(Box::new(k)));
+                writes.push(Write::InsertKey {
+                    key: Box::new(k),
+                    after: Some(n.kid.clone()),
+                });
             }
             Some(_) => {}
         }

@@ -1013,3 +1013,132 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
     );
     s.stop().await;
 }
+
+/// Replicas that start at the same moment on an empty shared store agree
+/// on one key set: the store takes one replica's first keys and refuses
+/// the others'. One whose key-encryption key does not open that set (it
+/// made its own, having none) refuses to start and says why, rather than
+/// signing with keys the others cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_on_an_empty_store_share_one_key_set() {
+    use scrip_server::keyring::Keyring;
+    use scrip_store::KeyPurpose;
+    for _ in 0..3 {
+        let db = scrip_testkit::PgDatabase::new();
+        let dir = tempfile::tempdir().unwrap();
+        let config = |name: &str, kek: &str| scrip_config::Config {
+            data_dir: dir.path().join(name),
+            database_url: Some(db.url().to_owned()),
+            key_encryption_key_file: Some(dir.path().join(kek)),
+            ..scrip_config::Config::default()
+        };
+        // `a` and `b` are given one key-encryption key; `c` has none and
+        // makes its own.
+        let configs = [config("a", "kek"), config("b", "kek"), config("c", "kek-c")];
+        scrip_server::keys::load_kek(&configs[0], true).unwrap();
+        let mut stores = Vec::new();
+        for c in &configs {
+            stores.push(
+                scrip_store::open(c.database_url.as_deref(), &c.data_dir.join("scrip.db"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let at = now();
+        let (a, b, c) = tokio::join!(
+            Keyring::shared(&configs[0], stores[0].as_ref(), at),
+            Keyring::shared(&configs[1], stores[1].as_ref(), at),
+            Keyring::shared(&configs[2], stores[2].as_ref(), at),
+        );
+        let kept = stores[0].keys(at).await.unwrap();
+        for purpose in [KeyPurpose::Signing, KeyPurpose::Checkpoint] {
+            assert_eq!(
+                kept.iter().filter(|k| k.purpose == purpose).count(),
+                1,
+                "{purpose:?} keys: {kept:?}"
+            );
+        }
+        let published = serde_json::json!({ "keys": kept.iter().filter(|k| k.purpose == KeyPurpose::Signing).map(|k| serde_json::from_str::<Value>(&k.public_jwk).unwrap()).collect::<Vec<_>>() });
+        let started = [a.is_ok(), b.is_ok(), c.is_ok()];
+        // Whichever key-encryption key won, exactly the replicas holding it
+        // start.
+        assert!(
+            started == [true, true, false] || started == [false, false, true],
+            "{started:?}"
+        );
+        for (name, outcome) in [("a", a), ("b", b), ("c", c)] {
+            match outcome {
+                Ok((ring, _)) => {
+                    let served: Value = serde_json::from_str(&ring.jwks_body()).unwrap();
+                    assert_eq!(served, published, "{name} publishes the store's key");
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    assert!(
+                        message.contains("sealed under another key-encryption key"),
+                        "{name}: {message}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Replicas whose rotation falls due together add one key between them,
+/// and each then publishes it; the one that lost the race reports nothing
+/// created (nothing for it to audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_rotating_together_add_one_key() {
+    use scrip_server::keyring::Keyring;
+    use scrip_store::KeyPurpose;
+    let db = scrip_testkit::PgDatabase::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| scrip_config::Config {
+        data_dir: dir.path().join(name),
+        database_url: Some(db.url().to_owned()),
+        key_encryption_key_file: Some(dir.path().join("kek")),
+        signing_key_rotation: 10,
+        signing_key_lead: 1,
+        ..scrip_config::Config::default()
+    };
+    let (ca, cb) = (config("a"), config("b"));
+    let sa = scrip_store::open(ca.database_url.as_deref(), &ca.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let sb = scrip_store::open(cb.database_url.as_deref(), &cb.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let at = now();
+    let (a, _) = Keyring::shared(&ca, sa.as_ref(), at).await.unwrap();
+    let (b, _) = Keyring::shared(&cb, sb.as_ref(), at).await.unwrap();
+    // The first key signs from `at`; each successor from 2 s (the lead,
+    // plus one) after it was made.
+    let mut due = at + 10;
+    for round in 1..=3 {
+        let (made_a, made_b) = tokio::join!(a.sync(sa.as_ref(), due), b.sync(sb.as_ref(), due));
+        let (made_a, made_b) = (made_a.unwrap(), made_b.unwrap());
+        let signing = sa
+            .keys(due)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.purpose == KeyPurpose::Signing && k.retired_at.is_none())
+            .count();
+        assert_eq!(
+            signing, 2,
+            "round {round}: the current key and one successor"
+        );
+        let created = |c: &scrip_server::keyring::Created| {
+            c.keys
+                .iter()
+                .filter(|(_, what)| what.contains("created"))
+                .count()
+        };
+        assert_eq!(created(&made_a) + created(&made_b), 1, "round {round}");
+        assert_eq!(a.jwks_body(), b.jwks_body(), "round {round}");
+        // The successor signs from its `active_at`, and the next rotation
+        // retires the key it replaced.
+        let (_, _) = tokio::join!(a.sync(sa.as_ref(), due + 2), b.sync(sb.as_ref(), due + 2));
+        due += 12;
+    }
+}

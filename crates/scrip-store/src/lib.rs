@@ -14,6 +14,7 @@ mod chain;
 mod model;
 mod postgres;
 mod rows;
+mod schema;
 mod sqlite;
 mod sqlite_reads;
 mod sqlite_writer;
@@ -27,6 +28,7 @@ pub use model::{
     RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
+pub use schema::Schema;
 pub use sqlite::SqliteStore;
 pub use writer::Changes;
 
@@ -43,6 +45,23 @@ pub async fn open(
     Ok(match database_url {
         Some(url) => std::sync::Arc::new(PgStore::connect(url).await?),
         None => std::sync::Arc::new(SqliteStore::open(sqlite_path).await?),
+    })
+}
+
+/// Opens the store a configuration names for a command that only reads it
+/// (`scrip audit`, the listings): as [`open`], but nothing is created or
+/// migrated, and a store whose schema is not this scrip's is refused.
+///
+/// # Errors
+/// [`StoreError::Open`] when the store cannot be opened or holds another
+/// schema.
+pub async fn open_existing(
+    database_url: Option<&str>,
+    sqlite_path: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match database_url {
+        Some(url) => std::sync::Arc::new(PgStore::connect_as(url, Schema::Require).await?),
+        None => std::sync::Arc::new(SqliteStore::open_as(sqlite_path, Schema::Require).await?),
     })
 }
 

@@ -285,9 +285,17 @@ pub enum Write {
     Audit(Box<AuditEvent>),
     /// A signed checkpoint of a chain's head.
     Checkpoint(Box<crate::Checkpoint>),
-    /// A new key of the shared key set (fails with
-    /// [`crate::StoreError::Conflict`] when its `kid` exists).
-    InsertKey(Box<StoredKey>),
+    /// A new key of the shared key set. Fails with
+    /// [`crate::StoreError::Conflict`] when its `kid` exists, or when the
+    /// newest key of its purpose (by `active_at`, then `kid`) is not
+    /// `after` (`None`: when the store holds a key of its purpose), so
+    /// replicas that plan the same key at once add one between them.
+    InsertKey {
+        /// The key.
+        key: Box<StoredKey>,
+        /// The `kid` of the newest key of its purpose the writer saw.
+        after: Option<String>,
+    },
     /// Stop signing with a key; it stays published until `publish_until`.
     RetireKey {
         /// The key.

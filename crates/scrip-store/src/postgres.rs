@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::chain::ChainState;
 use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
+use crate::schema::Schema;
 use crate::writer::{Apply, Changes, Writer};
 use crate::{
     Approval, AuditEvent, AuditFilter, ChainLink, Checkpoint, Revocation, SecretRecord, Store,
@@ -129,6 +130,9 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// The shared store's migrations.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
 impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL) and applies
     /// the migrations (concurrent replicas serialize on sqlx's migration
@@ -137,6 +141,17 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Open`] when the database cannot be reached or migrated.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_as(url, Schema::Migrate).await
+    }
+
+    /// Connects to the database at `url`: as [`PgStore::connect`] with
+    /// [`Schema::Migrate`]; with [`Schema::Require`] nothing is migrated,
+    /// and a database whose schema is not this scrip's is refused.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the database cannot be reached, migrated,
+    /// or (`Require`) holds another schema.
+    pub async fn connect_as(url: &str, schema: Schema) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
             .application_name("scrip");
@@ -144,10 +159,13 @@ impl PgStore {
             .await
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
-        sqlx::migrate!("./migrations/postgres")
-            .run(&mut conn)
-            .await
-            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        match schema {
+            Schema::Migrate => MIGRATOR
+                .run(&mut conn)
+                .await
+                .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?,
+            Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,
+        }
         let reads = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -680,7 +698,13 @@ async fn apply_in(
                 .await
                 .map_err(unavailable)?;
             }
-            Write::InsertKey(k) => {
+            Write::InsertKey { key: k, after } => {
+                let kept: Vec<(String, i64)> = sqlx::query_as(crate::rows::KEYS_OF_PURPOSE)
+                    .bind(k.purpose.as_str())
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                crate::rows::refuse_unless_newest(&kept, after.as_deref())?;
                 sqlx::query(concat!(
                     "INSERT INTO signing_keys (",
                     key_columns!(),

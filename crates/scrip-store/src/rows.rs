@@ -113,6 +113,34 @@ macro_rules! key_columns {
 }
 pub(crate) use {approval_columns, key_columns, task_columns};
 
+/// The `(kid, active_at)` of every key of one purpose, for
+/// [`refuse_unless_newest`].
+pub(crate) const KEYS_OF_PURPOSE: &str =
+    "SELECT kid, active_at FROM signing_keys WHERE purpose = $1";
+
+/// [`StoreError::Conflict`] unless the newest of `keys` (`(kid,
+/// active_at)`, newest by `active_at` then `kid`, compared here so no
+/// collation decides it) is `after`, or, with `after` `None`, unless there
+/// are none.
+pub(crate) fn refuse_unless_newest(
+    keys: &[(String, i64)],
+    after: Option<&str>,
+) -> Result<(), StoreError> {
+    let newest = keys
+        .iter()
+        .max_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)))
+        .map(|(kid, _)| kid.as_str());
+    if newest == after {
+        return Ok(());
+    }
+    Err(StoreError::Conflict(match newest {
+        Some(kid) => {
+            format!("the newest key of its purpose is now `{kid}`: another writer added it")
+        }
+        None => "the key it follows is gone".to_owned(),
+    }))
+}
+
 pub(crate) fn task(row: &impl Cols) -> Result<TaskRecord, StoreError> {
     Ok(TaskRecord {
         id: row.text("id")?,

@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
+use crate::schema::Schema;
 use crate::sqlite_reads::PointReads;
 use crate::sqlite_writer::SqliteWriter;
 use crate::writer::{Changes, Writer};
@@ -39,6 +40,9 @@ pub struct SqliteStore {
     writer: Writer,
 }
 
+/// The embedded store's migrations.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies the
     /// migrations.
@@ -46,6 +50,17 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::Open`] when the file cannot be opened or migrated.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_as(path, Schema::Migrate).await
+    }
+
+    /// Opens the database at `path`: as [`SqliteStore::open`] with
+    /// [`Schema::Migrate`]; with [`Schema::Require`] it is neither created
+    /// nor migrated, and refused unless its schema is this scrip's.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the file cannot be opened, migrated, or
+    /// (`Require`) holds another schema.
+    pub async fn open_as(path: &Path, schema: Schema) -> Result<Self, StoreError> {
         // Processes started together on a new or upgraded store (`scrip
         // serve` beside `scrip proxy`) race to create it, switch it to WAL
         // and apply each migration (sqlx's SQLite migrator takes no lock):
@@ -53,8 +68,10 @@ impl SqliteStore {
         // tries again, and finds the store ready.
         let mut attempt = 0_u64;
         loop {
-            match Self::open_once(path).await {
-                Err(_) if attempt < 6 => {
+            match Self::open_once(path, schema).await {
+                // A store that is only read is never created or migrated:
+                // nothing to wait for.
+                Err(_) if schema == Schema::Migrate && attempt < 6 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
                 }
@@ -63,10 +80,10 @@ impl SqliteStore {
         }
     }
 
-    async fn open_once(path: &Path) -> Result<Self, StoreError> {
+    async fn open_once(path: &Path, schema: Schema) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(schema == Schema::Migrate)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
@@ -75,10 +92,13 @@ impl SqliteStore {
             .connect()
             .await
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&mut conn)
-            .await
-            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        match schema {
+            Schema::Migrate => MIGRATOR
+                .run(&mut conn)
+                .await
+                .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?,
+            Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,
+        }
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)

@@ -618,7 +618,15 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             )
             .map_err(unavailable)?;
         }
-        Write::InsertKey(k) => {
+        Write::InsertKey { key: k, after } => {
+            let keys = tx
+                .prepare_cached(rows::KEYS_OF_PURPOSE)
+                .and_then(|mut st| {
+                    st.query_map([k.purpose.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<(String, i64)>>>()
+                })
+                .map_err(unavailable)?;
+            rows::refuse_unless_newest(&keys, after.as_deref())?;
             run(
                 tx,
                 concat!(

@@ -37,7 +37,7 @@ impl Changes {
         let revokes = writes.iter().any(|w| w.revokes());
         let keys = writes
             .iter()
-            .any(|w| matches!(w, Write::InsertKey(_) | Write::RetireKey { .. }));
+            .any(|w| matches!(w, Write::InsertKey { .. } | Write::RetireKey { .. }));
         self.revocations += u64::from(revokes);
         self.keys += u64::from(keys);
         revokes || keys

@@ -94,6 +94,7 @@ conformance!(
     audit_queries_filter,
     checkpoints_and_chain_links_read_back,
     keys_are_published_until_their_time,
+    a_key_is_added_only_after_the_newest_its_writer_saw,
     commits_signal_what_changed,
     secrets_keep_their_versions,
 );
@@ -1267,16 +1268,19 @@ async fn keys_are_published_until_their_time(f: Fixture) {
         retired_at: None,
         publish_until: None,
     };
-    s.commit(vec![Write::InsertKey(Box::new(key("k1", 100)))])
-        .await
-        .unwrap();
+    let insert = |k: StoredKey, after: Option<&str>| Write::InsertKey {
+        key: Box::new(k),
+        after: after.map(str::to_owned),
+    };
+    s.commit(vec![insert(key("k1", 100), None)]).await.unwrap();
+    // A kid that exists.
     let err = s
-        .commit(vec![Write::InsertKey(Box::new(key("k1", 200)))])
+        .commit(vec![insert(key("k1", 200), Some("k1"))])
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     s.commit(vec![
-        Write::InsertKey(Box::new(key("k2", 200))),
+        insert(key("k2", 200), Some("k1")),
         Write::RetireKey {
             kid: "k1".into(),
             at: 210,
@@ -1314,6 +1318,84 @@ async fn keys_are_published_until_their_time(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(s.keys(0).await.unwrap().len(), 1);
+}
+
+/// Writers that plan the same key at once (replicas starting on an empty
+/// store, or rotating together) add one between them: a key is added only
+/// after the newest of its purpose its writer saw.
+async fn a_key_is_added_only_after_the_newest_its_writer_saw(f: Fixture) {
+    let s = &f.store;
+    let key = |kid: &str, purpose: KeyPurpose, active_at: u64| StoredKey {
+        kid: kid.into(),
+        purpose,
+        alg: "ES256".into(),
+        public_jwk: format!("{{\"kid\":\"{kid}\"}}"),
+        sealed: "sealed".into(),
+        created_at: 100,
+        active_at,
+        retired_at: None,
+        publish_until: None,
+    };
+    let insert = |k: StoredKey, after: Option<&str>| Write::InsertKey {
+        key: Box::new(k),
+        after: after.map(str::to_owned),
+    };
+    let kids = |keys: Vec<StoredKey>| keys.into_iter().map(|k| k.kid).collect::<Vec<_>>();
+    s.commit(vec![insert(key("a", KeyPurpose::Signing, 100), None)])
+        .await
+        .unwrap();
+    // A second first key, from a writer that saw none: refused, and the
+    // whole batch with it.
+    let err = s
+        .commit(vec![
+            insert(key("c1", KeyPurpose::Checkpoint, 100), None),
+            insert(key("b", KeyPurpose::Signing, 100), None),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(kids(s.keys(0).await.unwrap()), ["a"]);
+    // Each purpose has its own newest.
+    s.commit(vec![insert(key("c1", KeyPurpose::Checkpoint, 100), None)])
+        .await
+        .unwrap();
+    s.commit(vec![insert(key("m", KeyPurpose::Signing, 200), Some("a"))])
+        .await
+        .unwrap();
+    // Two rotations planned from `m`: the second is refused.
+    let err = s
+        .commit(vec![insert(key("n", KeyPurpose::Signing, 300), Some("a"))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    // The newest is by `active_at`, then by `kid` as bytes: `Z` comes
+    // before `n`, which a locale's collation would not say.
+    s.commit(vec![insert(key("n", KeyPurpose::Signing, 300), Some("m"))])
+        .await
+        .unwrap();
+    s.commit(vec![insert(key("Z", KeyPurpose::Signing, 300), Some("n"))])
+        .await
+        .unwrap();
+    let err = s
+        .commit(vec![insert(key("o", KeyPurpose::Signing, 400), Some("Z"))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    s.commit(vec![insert(key("o", KeyPurpose::Signing, 400), Some("n"))])
+        .await
+        .unwrap();
+    // A key it follows that is not there.
+    let err = s
+        .commit(vec![insert(
+            key("p", KeyPurpose::Checkpoint, 500),
+            Some("nope"),
+        )])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let mut all = kids(s.keys(0).await.unwrap());
+    all.sort();
+    assert_eq!(all, ["Z", "a", "c1", "m", "n", "o"]);
 }
 
 async fn commits_signal_what_changed(f: Fixture) {
