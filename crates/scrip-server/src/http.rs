@@ -21,6 +21,11 @@ use tower::ServiceExt as _;
 /// revocation-feed long poll waits at most 30 s).
 const DRAIN: Duration = Duration::from_secs(35);
 
+/// The largest request head read, in bytes: a 16 KiB token, an 8 KiB DPoP
+/// proof and the rest with room to spare. With `max_connections` (16,384 at
+/// most) this bounds what unfinished heads can hold to 1 GiB.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// The limits of [`serve`].
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -29,6 +34,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
+    /// How long open connections get to finish once shutdown begins.
+    pub drain: Duration,
 }
 
 impl Limits {
@@ -46,22 +53,20 @@ impl Limits {
         Self {
             header_timeout: Duration::from_secs(header_timeout),
             max_connections,
+            drain: DRAIN,
         }
     }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open
-/// connections finish (for at most 35 s). Each request carries the peer's
-/// address as [`ConnectInfo`].
+/// connections finish for at most [`Limits::drain`]; those still open then
+/// are stopped, and have stopped when this returns, so nothing they do
+/// reaches the store after the caller's final audit checkpoint. Each
+/// request carries the peer's address as [`ConnectInfo`].
 ///
 /// # Errors
 /// Never on a failed accept (logged and retried); the result is for the
 /// callers' signature.
-/// The largest request head read, in bytes: a 16 KiB token, an 8 KiB DPoP
-/// proof and the rest with room to spare. With `max_connections` (16,384 at
-/// most) this bounds what unfinished heads can hold to 1 GiB.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -80,7 +85,10 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut at_cap = Throttle::new(WARN_EVERY);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Finished connections leave the set as new ones come.
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -114,7 +122,7 @@ pub async fn serve(
             |request: hyper::Request<hyper::body::Incoming>| request.map(axum::body::Body::new),
         ));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -122,15 +130,19 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
+            open = connections.len(),
             "connections still open {} s after shutdown began; closing them",
-            DRAIN.as_secs()
+            limits.drain.as_secs()
         );
     }
+    // Stopped, not left to run on: a request still at work could otherwise
+    // commit after the final checkpoint.
+    connections.shutdown().await;
     Ok(())
 }
 

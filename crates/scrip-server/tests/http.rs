@@ -50,6 +50,7 @@ async fn a_slow_request_head_is_cut_off_and_requests_know_their_peer() {
     let (addr, _stop) = server(Limits {
         header_timeout: Duration::from_secs(1),
         max_connections: 16,
+        drain: Duration::from_secs(35),
     })
     .await;
     // A whole request is answered, with the peer's address.
@@ -87,6 +88,7 @@ async fn an_oversized_request_head_is_refused() {
     let (addr, _stop) = server(Limits {
         header_timeout: Duration::from_secs(30),
         max_connections: 4,
+        drain: Duration::from_secs(35),
     })
     .await;
     // A head of 48 KiB, within the bound, is served.
@@ -118,6 +120,7 @@ async fn connections_past_the_limit_are_closed_at_once() {
     let (addr, _stop) = server(Limits {
         header_timeout: Duration::from_secs(30),
         max_connections: 2,
+        drain: Duration::from_secs(35),
     })
     .await;
     let mut held = Vec::new();
@@ -142,4 +145,56 @@ async fn connections_past_the_limit_are_closed_at_once() {
         .unwrap();
     let (answer, _) = until_closed(&mut next, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// A request still at work when the drain time is up is stopped before
+/// `serve` returns: nothing it would do (a store commit, say) comes after
+/// what the caller does next (the final audit checkpoint).
+#[tokio::test]
+async fn a_request_still_at_work_after_the_drain_is_stopped_before_serve_returns() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let app = Router::new().route(
+        "/slow",
+        get(move || {
+            let flag = flag.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                flag.store(true, Ordering::SeqCst);
+                "late"
+            }
+        }),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve(
+        listener,
+        app,
+        Limits {
+            header_timeout: Duration::from_secs(30),
+            max_connections: 16,
+            drain: Duration::from_millis(200),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    served.await.unwrap().unwrap();
+    // Past when the handler would have finished: it never did.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the request ran on after serve returned"
+    );
+    let (answer, closed) = until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(closed && answer.is_empty(), "{answer}");
 }
