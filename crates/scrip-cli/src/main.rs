@@ -490,36 +490,90 @@ fn serve(config: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
-        let stop = shutdown_signal();
-        let server = match scrip_server::Server::bind(config).await {
-            Ok(s) => s,
-            Err(e) => return fail(e),
+        let mut stop = Stop::new();
+        let server = match stop.starting(scrip_server::Server::bind(config)).await {
+            None => return fail("stopped during start-up"),
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return fail(e),
         };
         if let Ok(addr) = server.local_addr() {
             tracing::info!(%addr, issuer = server.issuer(), "listening");
         }
-        match server.run(stop).await {
+        match server.run(stop.stopped()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         }
     })
 }
 
-/// Resolves on SIGTERM or SIGINT. Both are taken over when this is called,
-/// not when the future is first polled: called before the server listens,
-/// a SIGTERM that comes as soon as it answers stops it gracefully (final
-/// audit checkpoint) rather than killing it.
-pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        let (Ok(mut term), Ok(mut int)) = (term, int) else {
-            return std::future::pending().await;
+/// SIGTERM and SIGINT, taken over when made, not when first awaited: made
+/// before start-up, a stop that comes during it (or as soon as the server
+/// answers) is graceful, with a final audit checkpoint, rather than a kill.
+pub(crate) struct Stop {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    /// A signal came during start-up.
+    pending: bool,
+}
+
+impl Stop {
+    pub(crate) fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            pending: false,
+        }
+    }
+
+    /// The next SIGTERM or SIGINT (never, for one that could not be taken
+    /// over: it keeps its default, which ends the process).
+    async fn next(&mut self) {
+        let term = async {
+            match &mut self.term {
+                Some(s) => drop(s.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        let int = async {
+            match &mut self.int {
+                Some(s) => drop(s.recv().await),
+                None => std::future::pending().await,
+            }
         };
         tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+            () = term => {}
+            () = int => {}
+        }
+    }
+
+    /// Runs `start` to its end even when a signal comes (the server then
+    /// stops as soon as it has started); a second signal abandons it
+    /// (`None`), for a start-up that waits on something that never comes,
+    /// such as another process's migration lock.
+    pub(crate) async fn starting<T>(
+        &mut self,
+        start: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let mut start = std::pin::pin!(start);
+        loop {
+            tokio::select! {
+                out = &mut start => return Some(out),
+                () = self.next() => {
+                    if self.pending {
+                        return None;
+                    }
+                    self.pending = true;
+                    tracing::warn!("stopping once start-up is done; signal again to stop at once");
+                }
+            }
+        }
+    }
+
+    /// Resolves on the first signal (at once if one came during start-up).
+    pub(crate) async fn stopped(mut self) {
+        if !self.pending {
+            self.next().await;
         }
         tracing::info!("shutting down");
     }

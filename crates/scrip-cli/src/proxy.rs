@@ -142,15 +142,16 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
     };
     let limits = scrip_server::http::Limits::new(config.http_header_timeout);
     runtime.block_on(async {
-        let stop = crate::shutdown_signal();
+        let mut stop = crate::Stop::new();
         let Started {
             listener,
             proxy,
             policies,
             checkpoints,
-        } = match start(config).await {
-            Ok(p) => p,
-            Err(e) => return fail(e),
+        } = match stop.starting(start(config)).await {
+            None => return fail("stopped during start-up"),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => return fail(e),
         };
         let signer = checkpoints.spawn();
         // The same reload as `scrip serve`: SIGHUP and policy file changes.
@@ -171,7 +172,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
                     async move { scrip_server::readiness(ready) }
                 }),
             );
-        let served = scrip_server::http::serve(listener, app, limits, stop).await;
+        let served = scrip_server::http::serve(listener, app, limits, stop.stopped()).await;
         reloader.abort();
         signer.abort();
         // Sign what this process wrote, once what it writes in the

@@ -853,3 +853,38 @@ max_age = 86400
         text(&out.stdout)
     );
 }
+
+/// A stop signal during start-up waits for start-up to end (the stop is
+/// then graceful); a second one abandons a start-up that hangs, here on a
+/// database that accepts the connection and never answers.
+#[test]
+fn a_second_signal_abandons_a_start_up_that_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let db = silent.local_addr().unwrap();
+    let addr = write_config(
+        root,
+        &format!("database_url = \"postgres://scrip@{db}/scrip\"\n"),
+    );
+    let mut server = Server::start(root, "scrip.toml", addr, "serve.log");
+    // scrip is waiting on the database once it has connected.
+    let (_held, _) = silent.accept().unwrap();
+    signal(server.pid(), "TERM");
+    server.wait_log("stopping once start-up is done");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "{}",
+        server.log()
+    );
+    signal(server.pid(), "INT");
+    // Well before the store's own 5 s connection timeout.
+    let status = wait_exit(&mut server.child, Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("scrip serve ignored the second signal:\n{}", server.log()));
+    assert_eq!(status.code(), Some(1), "{}", server.log());
+    assert!(
+        server.log().contains("stopped during start-up"),
+        "{}",
+        server.log()
+    );
+}

@@ -398,38 +398,62 @@ fn store_error(config: &Config, e: &StoreError) -> KeyError {
     }
 }
 
+/// Why a stored key does not open.
+#[derive(Debug)]
+enum Unopened {
+    /// The key-encryption key does not open its seal.
+    Seal(String),
+    /// Anything else: an unknown algorithm, a malformed row, or a sealed key
+    /// that is not the key its row names.
+    Row(String),
+}
+
+impl std::fmt::Display for Unopened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Seal(why) | Self::Row(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Shared {
     /// Refuses a key set with a key that does not open: it was sealed under
     /// another key-encryption key, and signing with a key set the other
     /// replicas do not share would split them.
     fn open_all(&self, config: &Config, stored: &[StoredKey]) -> Result<(), KeyError> {
         for k in stored {
-            self.open(k).map_err(|message| KeyError::Invalid {
+            self.open(k).map_err(|e| KeyError::Invalid {
                 path: config.key_encryption_key_path(),
-                message: format!(
-                    "stored key `{}` does not open ({message}): the store's keys were sealed under another key-encryption key (a replica that started at the same time may have made its own); give every replica the same key: this file, or {}",
-                    k.kid,
-                    keys::KEK_ENV
-                ),
+                message: match e {
+                    Unopened::Seal(why) => format!(
+                        "stored key `{}` does not open ({why}): the store's keys were sealed under another key-encryption key (a replica that started at the same time may have made its own); give every replica the same key: this file, or {}",
+                        k.kid,
+                        keys::KEK_ENV
+                    ),
+                    Unopened::Row(why) => format!("stored key `{}`: {why}", k.kid),
+                },
             })?;
         }
         Ok(())
     }
 
     /// Opens a stored key, checking that it is the key its row says.
-    fn open(&self, k: &StoredKey) -> Result<SigningKey, String> {
-        let alg = parse_alg(&k.alg).ok_or_else(|| format!("unknown algorithm `{}`", k.alg))?;
+    fn open(&self, k: &StoredKey) -> Result<SigningKey, Unopened> {
+        let alg = parse_alg(&k.alg)
+            .ok_or_else(|| Unopened::Row(format!("unknown algorithm `{}`", k.alg)))?;
         use base64::Engine as _;
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(&k.sealed)
-            .map_err(|_| "the sealed key is not base64url".to_owned())?;
+            .map_err(|_| Unopened::Row("the sealed key is not base64url".to_owned()))?;
         let der = self
             .kek
             .open(key_context(k).as_bytes(), &sealed)
-            .map_err(|e| e.to_string())?;
-        let key = SigningKey::from_pkcs8(alg, &der).map_err(|e| e.to_string())?;
+            .map_err(|e| Unopened::Seal(e.to_string()))?;
+        let key = SigningKey::from_pkcs8(alg, &der).map_err(|e| Unopened::Row(e.to_string()))?;
         if key.kid() != k.kid {
-            return Err("the sealed key is not the key its row names".into());
+            return Err(Unopened::Row(
+                "the sealed key is not the key its row names".into(),
+            ));
         }
         Ok(key)
     }
@@ -600,5 +624,60 @@ impl Ring {
         let published: Vec<serde_json::Value> =
             self.signing.iter().map(|(_, k)| k.public_jwk()).collect();
         KeySet::from_public_jwks(&published).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            kek: Kek::generate().unwrap().0,
+            algorithm: SigningAlgorithm::ES256,
+            rotation: 0,
+            lead: 0,
+            keep: 0,
+        }
+    }
+
+    /// Only a seal that does not open is blamed on another key-encryption
+    /// key; a row that is wrong in itself says what is wrong with it.
+    #[test]
+    fn a_stored_key_that_does_not_open_says_why() {
+        let ours = shared();
+        let config = Config::default();
+        let key = ours
+            .new_key(KeyPurpose::Signing, SigningAlgorithm::ES256, 1, 1)
+            .unwrap();
+        ours.open_all(&config, std::slice::from_ref(&key)).unwrap();
+        let theirs = shared().open_all(&config, std::slice::from_ref(&key));
+        let message = theirs.unwrap_err().to_string();
+        assert!(
+            message.contains("sealed under another key-encryption key"),
+            "{message}"
+        );
+        for (row, says) in [
+            (
+                StoredKey {
+                    alg: "XS999".into(),
+                    ..key.clone()
+                },
+                "unknown algorithm `XS999`",
+            ),
+            (
+                StoredKey {
+                    sealed: "%%".into(),
+                    ..key.clone()
+                },
+                "not base64url",
+            ),
+        ] {
+            let message = ours.open_all(&config, &[row]).unwrap_err().to_string();
+            assert!(message.contains(says), "{message}");
+            assert!(!message.contains("another key-encryption key"), "{message}");
+        }
     }
 }

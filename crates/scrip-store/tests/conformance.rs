@@ -1362,7 +1362,7 @@ async fn a_key_is_added_only_after_the_newest_its_writer_saw(f: Fixture) {
     s.commit(vec![insert(key("m", KeyPurpose::Signing, 200), Some("a"))])
         .await
         .unwrap();
-    // Two rotations planned from `m`: the second is refused.
+    // A rotation planned from `a`, which `m` has replaced: refused.
     let err = s
         .commit(vec![insert(key("n", KeyPurpose::Signing, 300), Some("a"))])
         .await
