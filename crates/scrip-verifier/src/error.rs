@@ -30,6 +30,11 @@ pub enum VerifyError {
     /// staleness (or never has): every token is refused until it does.
     #[error("revocation state is stale; try again later")]
     RevocationStale,
+    /// scrip's keys could not be fetched for longer than
+    /// [`crate::VerifierConfig::jwks_max_age`]: every token is refused
+    /// until they are.
+    #[error("scrip's signing keys could not be refreshed for too long; try again later")]
+    KeysStale,
     /// The token is valid but does not grant the action.
     #[error("token scope does not include `{required}`")]
     InsufficientScope {
@@ -68,7 +73,7 @@ impl VerifyError {
             | Self::ProofUnchecked => Some("invalid_token"),
             Self::Proof(_) => Some("invalid_dpop_proof"),
             Self::InsufficientScope { .. } => Some("insufficient_scope"),
-            Self::RevocationStale | Self::UseUnconfirmed => None,
+            Self::RevocationStale | Self::KeysStale | Self::UseUnconfirmed => None,
         }
     }
 }

@@ -438,7 +438,7 @@ pub(crate) async fn follow(
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "revocation feed unavailable; will resume from the last cursor");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.retry_max);
+                backoff = backoff.saturating_mul(2).min(config.retry_max);
             }
         }
     }

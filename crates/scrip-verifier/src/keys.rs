@@ -4,13 +4,17 @@
 //! a token names a `kid` it does not hold (scrip rotated its key); both are
 //! bounded to one attempt per `min_refetch`, so a flood of tokens with made-up
 //! `kid`s costs scrip at most one fetch per interval. A failed refresh keeps
-//! the keys already held. Keys never come from a token's own headers.
+//! the keys already held, for at most `max_age` since the last fetch that
+//! succeeded; after that every token is refused until one does. A fetch that
+//! returns the same document keeps the key set (and so every token verified
+//! with it stays cached). Keys never come from a token's own headers.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use scrip_jose::KeySet;
 
+use crate::VerifyError;
 use crate::fetch::get_bytes;
 
 /// The largest JWKS document fetched.
@@ -20,6 +24,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct State {
     keys: Arc<KeySet>,
+    /// The document `keys` came from.
+    body: Vec<u8>,
     fetched_at: Instant,
     attempted_at: Instant,
 }
@@ -36,10 +42,10 @@ pub(crate) enum Keys {
 
 impl Keys {
     /// The keys to verify with.
-    pub(crate) async fn current(&self) -> Arc<KeySet> {
+    pub(crate) async fn current(&self) -> Result<Arc<KeySet>, VerifyError> {
         match self {
             Self::Fetched(cache) => cache.current().await,
-            Self::Local(keys) => keys.snapshot(),
+            Self::Local(keys) => Ok(keys.snapshot()),
         }
     }
 
@@ -61,6 +67,7 @@ pub(crate) struct JwksCache {
     http: reqwest::Client,
     refresh: Duration,
     min_refetch: Duration,
+    max_age: Duration,
     state: RwLock<State>,
     fetching: tokio::sync::Mutex<()>,
 }
@@ -73,9 +80,12 @@ impl std::fmt::Debug for JwksCache {
     }
 }
 
-async fn fetch(http: &reqwest::Client, uri: &str) -> Result<KeySet, String> {
-    let body = get_bytes(http, uri, None, FETCH_TIMEOUT, MAX_JWKS_BYTES).await?;
-    KeySet::from_jwks_json(&body).map_err(|e| format!("`{uri}`: {e}"))
+async fn fetch(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
+    get_bytes(http, uri, None, FETCH_TIMEOUT, MAX_JWKS_BYTES).await
+}
+
+fn parse(uri: &str, body: &[u8]) -> Result<KeySet, String> {
+    KeySet::from_jwks_json(body).map_err(|e| format!("`{uri}`: {e}"))
 }
 
 impl JwksCache {
@@ -85,16 +95,20 @@ impl JwksCache {
         uri: String,
         refresh: Duration,
         min_refetch: Duration,
+        max_age: Duration,
     ) -> Result<Self, String> {
-        let keys = fetch(&http, &uri).await?;
+        let body = fetch(&http, &uri).await?;
+        let keys = parse(&uri, &body)?;
         let now = Instant::now();
         Ok(Self {
             uri,
             http,
             refresh,
             min_refetch,
+            max_age,
             state: RwLock::new(State {
                 keys: Arc::new(keys),
+                body,
                 fetched_at: now,
                 attempted_at: now,
             }),
@@ -113,12 +127,25 @@ impl JwksCache {
     }
 
     /// The keys to verify with, refreshed first when due.
-    pub(crate) async fn current(&self) -> Arc<KeySet> {
+    pub(crate) async fn current(&self) -> Result<Arc<KeySet>, VerifyError> {
         let (keys, fetched_at, attempted_at) = self.snapshot();
         if fetched_at.elapsed() < self.refresh || attempted_at.elapsed() < self.min_refetch {
-            return keys;
+            return self.within_age(keys, fetched_at);
         }
-        self.refetch(&keys).await.unwrap_or(keys)
+        self.refetch(&keys).await;
+        let (keys, fetched_at, _) = self.snapshot();
+        self.within_age(keys, fetched_at)
+    }
+
+    fn within_age(
+        &self,
+        keys: Arc<KeySet>,
+        fetched_at: Instant,
+    ) -> Result<Arc<KeySet>, VerifyError> {
+        if fetched_at.elapsed() > self.max_age {
+            return Err(VerifyError::KeysStale);
+        }
+        Ok(keys)
     }
 
     /// Called when `seen` lacks a token's `kid`: fetches again unless another
@@ -137,14 +164,24 @@ impl JwksCache {
         if let Ok(mut s) = self.state.write() {
             s.attempted_at = Instant::now();
         }
-        match fetch(&self.http, &self.uri).await {
-            Ok(fresh) => {
+        match fetch(&self.http, &self.uri)
+            .await
+            .and_then(|body| Ok((parse(&self.uri, &body)?, body)))
+        {
+            Ok((fresh, body)) => {
+                let Ok(mut s) = self.state.write() else {
+                    return None;
+                };
+                s.fetched_at = Instant::now();
+                if s.body == body {
+                    // The same keys: nothing newer to try, and the tokens
+                    // verified with them stay cached.
+                    return None;
+                }
                 tracing::info!(uri = %self.uri, keys = fresh.len(), "scrip keys refreshed");
                 let fresh = Arc::new(fresh);
-                if let Ok(mut s) = self.state.write() {
-                    s.keys = fresh.clone();
-                    s.fetched_at = Instant::now();
-                }
+                s.keys = fresh.clone();
+                s.body = body;
                 Some(fresh)
             }
             Err(error) => {

@@ -143,10 +143,12 @@ impl Rejection {
                     quoted(required)
                 )),
             },
-            VerifyError::RevocationStale | VerifyError::UseUnconfirmed => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                www_authenticate: None,
-            },
+            VerifyError::RevocationStale | VerifyError::KeysStale | VerifyError::UseUnconfirmed => {
+                Self {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    www_authenticate: None,
+                }
+            }
             VerifyError::Token(_)
             | VerifyError::BadScope
             | VerifyError::Revoked

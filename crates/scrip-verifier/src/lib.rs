@@ -99,6 +99,11 @@ pub struct VerifierConfig {
     /// at least [`MIN_JWKS_REFETCH`], so that tokens with made-up `kid`s
     /// cannot make a fetch per request.
     pub jwks_min_refetch: Duration,
+    /// How long the keys last fetched are trusted while refreshing them
+    /// fails; past it every token is refused ([`VerifyError::KeysStale`])
+    /// until a fetch succeeds, so a key scrip withdrew does not verify for
+    /// as long as its JWKS cannot be read. At least `jwks_refresh`.
+    pub jwks_max_age: Duration,
     /// How revocation is learned.
     pub revocation: Revocation,
     /// The URL this resource server is reached at, as clients name it
@@ -157,6 +162,7 @@ impl VerifierConfig {
             leeway: 30,
             jwks_refresh: Duration::from_secs(300),
             jwks_min_refetch: Duration::from_secs(10),
+            jwks_max_age: Duration::from_secs(3600),
             revocation,
             public_url: None,
             dpop_leeway: 30,
@@ -201,6 +207,9 @@ impl VerifierConfig {
         }
         if self.jwks_min_refetch < MIN_JWKS_REFETCH {
             return bad("jwks_min_refetch must be at least 1 s");
+        }
+        if self.jwks_max_age < self.jwks_refresh {
+            return bad("jwks_max_age must be at least jwks_refresh");
         }
         if self
             .algorithms
@@ -301,6 +310,24 @@ impl Drop for FeedTask {
 /// `jti`s of single-use tokens (issued on a person's approval) already
 /// presented, with their expiry.
 type UsedOnce = std::sync::Mutex<std::collections::HashMap<String, u64>>;
+
+/// Takes a single-use token's `jti` out of [`UsedOnce`] when dropped armed:
+/// its use was marked here but never confirmed by scrip.
+struct Unmark<'a> {
+    used: &'a UsedOnce,
+    jti: &'a str,
+    armed: bool,
+}
+
+impl Drop for Unmark<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut used) = self.used.lock()
+        {
+            used.remove(self.jti);
+        }
+    }
+}
 
 struct Inner {
     issuer: String,
@@ -423,6 +450,7 @@ impl Verifier {
             jwks_uri.to_string(),
             config.jwks_refresh,
             config.jwks_min_refetch,
+            config.jwks_max_age,
         )
         .await
         .map_err(SetupError::Jwks)?;
@@ -662,7 +690,7 @@ impl Verifier {
             typ: &inner.typ,
             leeway: inner.leeway,
         };
-        let keys = inner.keys.current().await;
+        let keys = inner.keys.current().await?;
         let digest = scrip_jose::token_digest(token);
         let accepted = match inner.recent.get(&digest, &keys, inner.leeway) {
             Some(kept) => kept,
@@ -699,6 +727,10 @@ impl Verifier {
             (None, Some(_)) => return Err(VerifyError::NotBound),
             _ => {}
         }
+        // Then the proof of its key: one who cannot prove it learns
+        // nothing more of the token, not even that it was revoked or what
+        // it may not do (RFC 9449 §7.1).
+        self.check_binding(token, &accepted, dpop)?;
         if let Some(revocations) = &inner.revocations {
             revocations.check(&accepted.claims.txn, &accepted.claims.jti)?;
         }
@@ -710,7 +742,6 @@ impl Verifier {
                 required: action.to_string(),
             });
         }
-        self.check_binding(token, &accepted, dpop)?;
         if inner.claim_single_use
             && accepted
                 .claims
@@ -741,14 +772,22 @@ impl Verifier {
             // This process has not seen it; scrip says whether another has
             // (another replica of this resource server, or of the proxy).
             if let Some(source) = &inner.claims {
+                // Unmarked unless scrip answered: on a failure, or when
+                // this request is dropped while it waits (its client went
+                // away), the use was not confirmed and may be tried again.
+                let mut mark = Unmark {
+                    used: &inner.used_once,
+                    jti: &accepted.claims.jti,
+                    armed: true,
+                };
                 match source.claim_once(token).await {
-                    Ok(true) => {}
-                    Ok(false) => return Err(VerifyError::AlreadyUsed),
+                    Ok(true) => mark.armed = false,
+                    Ok(false) => {
+                        mark.armed = false;
+                        return Err(VerifyError::AlreadyUsed);
+                    }
                     Err(e) => {
                         tracing::warn!(jti = %accepted.claims.jti, error = %e, "cannot claim a single-use token's use");
-                        if let Ok(mut used) = inner.used_once.lock() {
-                            used.remove(&accepted.claims.jti);
-                        }
                         return Err(VerifyError::UseUnconfirmed);
                     }
                 }

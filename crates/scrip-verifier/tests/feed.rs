@@ -192,6 +192,44 @@ async fn follows_a_key_rotation_at_a_bounded_rate() {
     assert_eq!(fake2.state.lock().unwrap().jwks_fetches, before);
 }
 
+/// Keys whose JWKS cannot be fetched again are trusted for `jwks_max_age`
+/// only: past it every token is refused, as the verifier's fault (503),
+/// until a fetch succeeds. A key scrip withdrew does not verify for as long
+/// as its JWKS is unreachable.
+#[tokio::test]
+async fn keys_that_cannot_be_refreshed_are_trusted_for_their_max_age_only() {
+    let fake = Fake::start().await;
+    let mut c = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+    c.jwks_refresh = Duration::from_secs(1);
+    c.jwks_min_refetch = Duration::from_secs(1);
+    c.jwks_max_age = Duration::from_secs(2);
+    let v = Verifier::discover(c.clone()).await.unwrap();
+    let t = fake.token("task-1", "jti-1");
+    v.verify(&t).await.unwrap();
+    fake.state.lock().unwrap().jwks_down = true;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    v.verify(&t).await.unwrap();
+    let fetches = fake.state.lock().unwrap().jwks_fetches;
+    assert!(fetches >= 2, "no refresh was tried: {fetches}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let err = v.verify(&t).await.unwrap_err();
+    assert_eq!(err, VerifyError::KeysStale);
+    assert_eq!(
+        err.rfc6750_code(),
+        None,
+        "the verifier's fault, not the token's"
+    );
+    fake.state.lock().unwrap().jwks_down = false;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    v.verify(&t).await.unwrap();
+    // A max age under the refresh interval would never be met.
+    c.jwks_max_age = Duration::from_millis(999);
+    assert!(matches!(
+        Verifier::discover(c).await.unwrap_err(),
+        SetupError::Config(m) if m.contains("jwks_max_age")
+    ));
+}
+
 #[tokio::test]
 async fn the_verifier_checks_rfc9068_and_rfc8725() {
     let fake = Fake::start().await;

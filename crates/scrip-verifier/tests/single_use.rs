@@ -252,3 +252,55 @@ async fn the_verifier_accepts_an_approved_token_once() {
     assert!(v.verify(read).await.is_ok());
     s.stop().await;
 }
+
+/// An identity that can be made to hang, as a slow workload-identity
+/// helper would.
+#[derive(Debug)]
+struct Stalling {
+    token: String,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl scrip_verifier::IdentitySource for Stalling {
+    fn identity(&self) -> scrip_verifier::IdentityFuture<'_> {
+        Box::pin(async move {
+            while self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Ok(self.token.clone())
+        })
+    }
+}
+
+/// A presentation dropped while its use is being claimed at scrip (its
+/// client went away) leaves no mark: the use was never confirmed, and the
+/// token is accepted when presented again.
+#[tokio::test]
+async fn a_presentation_dropped_before_its_use_is_confirmed_leaves_no_mark() {
+    let s = Server::start().await;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let identity = Stalling {
+        token: s.k8s.kubernetes("resource-servers", "github-api"),
+        hang: hang.clone(),
+    };
+    let mut config = VerifierConfig::new(&s.url, "github", Arc::new(identity));
+    if let scrip_verifier::Revocation::Follow(feed) = &mut config.revocation {
+        feed.wait = std::time::Duration::from_secs(2);
+    }
+    let v = Verifier::discover(config).await.unwrap();
+    let task = s.prod_task().await;
+    let token = s.approved_token(&task).await;
+
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dropped =
+        tokio::time::timeout(std::time::Duration::from_millis(300), v.verify(&token)).await;
+    assert!(dropped.is_err(), "the claim did not wait: {dropped:?}");
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let t = v.verify(&token).await.unwrap();
+    assert!(t.claims().approval.as_ref().unwrap().single_use);
+    assert!(matches!(
+        v.verify(&token).await.unwrap_err(),
+        VerifyError::AlreadyUsed | VerifyError::Revoked
+    ));
+    s.stop().await;
+}

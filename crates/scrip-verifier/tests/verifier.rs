@@ -303,6 +303,22 @@ async fn dpop_bound_tokens_need_a_proof_and_a_public_url() {
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(challenge.unwrap().contains("invalid_dpop_proof"));
+    // Without a proof of the key, nothing more is said of the token: not
+    // that it lacks the scope (RFC 9449 §7.1), nor that it is revoked.
+    let thief = DpopKey::new();
+    let (status, challenge, _) = call_with(
+        &routes,
+        "/write",
+        Some(&auth),
+        Some(&thief.proof("GET", "https://rs.example/api/write", Some(&bound))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let c = challenge.unwrap();
+    assert!(
+        c.contains("invalid_dpop_proof") && c.contains("another key"),
+        "{c}"
+    );
 
     // A bound token as a bearer token is refused as such, before its scope
     // is looked at.

@@ -348,6 +348,8 @@ pub struct FakeState {
     pub feed_down: bool,
     /// How many times /jwks was fetched.
     pub jwks_fetches: usize,
+    /// While set, /jwks answers 500.
+    pub jwks_down: bool,
     /// Every `after` asked of /revocations.
     pub afters: Vec<u64>,
     /// How many /revocations calls were refused for a bad identity.
@@ -442,7 +444,10 @@ impl Fake {
                 axum::routing::get(|State(ctx): State<FakeCtx>| async move {
                     let mut s = ctx.state.lock().unwrap();
                     s.jwks_fetches += 1;
-                    axum::Json(json!({ "keys": s.jwks }))
+                    if s.jwks_down {
+                        return Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+                    }
+                    Ok(axum::Json(json!({ "keys": s.jwks })))
                 }),
             )
             .route("/revocations", axum::routing::get(revocations))
