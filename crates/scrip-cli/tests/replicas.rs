@@ -422,7 +422,10 @@ async fn a_replica_killed_under_load_loses_nothing_and_the_others_keep_serving()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_keys_rotate_with_each_key_published_before_it_signs() {
     let cluster = Cluster::new();
-    let extra = "signing_key_rotation = 2\nsigning_key_lead = 1";
+    // As short a rotation as short lifetimes allow: a replaced key stays
+    // published 300 s (the local identity's life), and 5 s rotations keep
+    // 62 keys published, within the 64 a verifier loads.
+    let extra = "signing_key_rotation = 5\nsigning_key_lead = 1\ntask_ttl = 60\nmax_task_ttl = 60\nclock_skew = 0";
     let a = cluster.start("a", extra);
     let b = cluster.start("b", extra);
     let identity = cluster.identity();
@@ -439,7 +442,9 @@ async fn signing_keys_rotate_with_each_key_published_before_it_signs() {
     let mut published: HashMap<String, Instant> = HashMap::new();
     let mut first_signed: HashMap<String, Instant> = HashMap::new();
     let mut signed_by: Vec<(String, String)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(12);
+    // Two rotations: each key signs 5 s, and its successor from 2 s after
+    // it is made.
+    let deadline = Instant::now() + Duration::from_secs(17);
     while Instant::now() < deadline {
         let on_a = a.jwks_kids().await;
         let on_b = b.jwks_kids().await;

@@ -534,6 +534,21 @@ impl Config {
         if self.signing_key_rotation != 0 && self.signing_key_rotation <= self.signing_key_lead {
             return invalid("signing_key_rotation must be longer than signing_key_lead (or 0)");
         }
+        if self.signing_key_rotation != 0 {
+            // A replaced key stays published for the longest token life;
+            // with the key signing now and its successor, the JWKS must stay
+            // within what verifiers load.
+            let keep = self.longest_token_life();
+            let published = keep.div_ceil(self.signing_key_rotation).saturating_add(2);
+            let most = u64::try_from(scrip_jose::MAX_JWKS_KEYS).unwrap_or(u64::MAX);
+            if published > most {
+                return invalid(format!(
+                    "signing_key_rotation = {} would keep about {published} signing keys published (each stays {keep} s after it is replaced: the longest token life plus clock_skew), more than the {most} a verifier loads; rotate every {} s or more, or shorten the token lifetimes",
+                    self.signing_key_rotation,
+                    keep.div_ceil(most - 2)
+                ));
+            }
+        }
         let mut issuers = HashSet::new();
         let local_issuer = self.local_issuer();
         for ti in &self.trusted_issuers {
@@ -858,6 +873,13 @@ mod tests {
             Some("signing_key_rotation"),
         );
         check("signing_key_rotation = 0\nsigning_key_lead = 60", None);
+        // The default lifetimes keep a replaced key 28,830 s: 62 of them
+        // (and the current key and its successor) fill a verifier's JWKS.
+        check(
+            "signing_key_rotation = 464\nsigning_key_lead = 60",
+            Some("rotate every 465 s or more"),
+        );
+        check("signing_key_rotation = 465\nsigning_key_lead = 60", None);
         check(
             "[[tools]]\nname = \"GitHub\"\nresource = \"https://x\"\nactions = [\"read\"]",
             Some("tool name `GitHub`"),

@@ -16,8 +16,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, 
 
 use crate::JoseError;
 
-/// The most keys a JWKS may hold.
-const MAX_KEYS: usize = 64;
+/// The most keys a JWKS may hold: a verifier refuses a larger document.
+pub const MAX_KEYS: usize = 64;
 
 /// One key, parsed once for each algorithm it may verify.
 struct Entry {

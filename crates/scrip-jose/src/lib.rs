@@ -31,7 +31,7 @@ mod verify;
 
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
-pub use keyset::{KeySet, SharedKeySet};
+pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet};
 pub use recent::{Recent, TokenDigest, token_digest};
 pub use seal::{KEK_LEN, Kek};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};
