@@ -576,6 +576,20 @@ mod tests {
             .collect();
         assert_eq!(links, ["<a>", "<b> [redacted]", "<c>"]);
 
+        // A value that ends with the key's beginning (an echo cut short)
+        // loses that end; fewer than four bytes of it are left alone.
+        let out = to_agent(
+            map(&[
+                ("x-cut", "key k3y/"),
+                ("x-cut-escaped", "key=k3y%2F%2"),
+                ("x-short", "key k3y"),
+            ]),
+            &p,
+        );
+        assert_eq!(out["x-cut"], "key [redacted]");
+        assert_eq!(out["x-cut-escaped"], "key=[redacted]");
+        assert_eq!(out["x-short"], "key k3y");
+
         // A query key reflected with lowercase escapes is redacted too.
         let q = patterns(
             &Injection::Query {

@@ -19,10 +19,12 @@ pub const HEADER_MASK: &str = "[redacted]";
 const MIN_TAIL: usize = 4;
 
 /// The byte strings that must not reach the agent.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Patterns {
     forms: Vec<Vec<u8>>,
     longest: usize,
+    /// The bytes some form starts with.
+    firsts: [bool; 256],
 }
 
 impl std::fmt::Debug for Patterns {
@@ -42,6 +44,12 @@ impl Drop for Patterns {
     }
 }
 
+impl Default for Patterns {
+    fn default() -> Self {
+        Self::new([])
+    }
+}
+
 impl Patterns {
     /// The patterns for these forms (empty ones ignored, duplicates once).
     #[must_use]
@@ -55,10 +63,32 @@ impl Patterns {
             }
         }
         let longest = out.iter().map(Vec::len).max().unwrap_or(0);
+        let mut firsts = [false; 256];
+        for f in &out {
+            if let Some(seen) = f.first().and_then(|&b| firsts.get_mut(usize::from(b))) {
+                *seen = true;
+            }
+        }
         Self {
             forms: out,
             longest,
+            firsts,
         }
+    }
+
+    /// Where `buf` ends with the beginning of a form, at least [`MIN_TAIL`]
+    /// bytes of it (an echo cut short, or the end of a body mid-secret).
+    fn tail_start(&self, buf: &[u8]) -> Option<usize> {
+        // Shorter than the longest form, or it would be a whole one.
+        let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
+        let to = buf.len().saturating_sub(MIN_TAIL - 1);
+        (from..to).find(|&start| {
+            buf.get(start..).is_some_and(|t| {
+                t.first()
+                    .is_some_and(|&b| self.firsts.get(usize::from(b)) == Some(&true))
+                    && self.forms.iter().any(|f| f.starts_with(t))
+            })
+        })
     }
 
     /// Whether `haystack` holds any form.
@@ -86,11 +116,11 @@ impl Patterns {
         }
     }
 
-    /// A header value with every form replaced, or `None` when it holds
-    /// none.
+    /// A header value with every form replaced, and an end that begins one
+    /// (at least [`MIN_TAIL`] bytes of it), or `None` when it holds none.
     #[must_use]
     pub fn redact_header(&self, value: &[u8]) -> Option<Vec<u8>> {
-        if !self.found_in(value) {
+        if !self.found_in(value) && self.tail_start(value).is_none() {
             return None;
         }
         let mut out = value.to_vec();
@@ -104,6 +134,10 @@ impl Patterns {
             }
             replaced.extend_from_slice(rest);
             out = replaced;
+        }
+        if let Some(start) = self.tail_start(&out) {
+            out.truncate(start);
+            out.extend_from_slice(HEADER_MASK.as_bytes());
         }
         Some(out)
     }
@@ -149,18 +183,11 @@ impl Redactor {
         let mut tail = std::mem::take(&mut self.carry);
         // A tail that is the start of a form (the upstream cut the echo
         // short, or the body ends mid-secret) is masked as well.
-        let len = tail.len();
-        let mut masked_from = len;
-        for form in &self.patterns.forms {
-            for start in 0..len {
-                let Some(t) = tail.get(start..) else { break };
-                if t.len() >= MIN_TAIL && form.starts_with(t) {
-                    masked_from = masked_from.min(start);
-                    break;
-                }
-            }
-        }
-        if let Some(t) = tail.get_mut(masked_from..) {
+        if let Some(t) = self
+            .patterns
+            .tail_start(&tail)
+            .and_then(|start| tail.get_mut(start..))
+        {
             t.fill(b'*');
         }
         tail.freeze()
