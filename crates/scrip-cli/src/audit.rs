@@ -131,7 +131,7 @@ pub fn migrate(config: Option<&Path>) -> ExitCode {
 }
 
 /// `scrip audit verify`.
-pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
+pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let (config, store) = open(config).await?;
@@ -158,29 +158,48 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>) -> ExitCode {
                 ],
             };
             let grace = scrip_server::audit::signature_grace_ms(&config);
-            scrip_server::audit::verify(store.as_ref(), &jwks, now_ms(), grace)
+            let kids: Vec<String> = jwks
+                .iter()
+                .map(|k| printable(k.get("kid").and_then(|v| v.as_str()).unwrap_or("(no kid)")))
+                .collect();
+            let report = scrip_server::audit::verify(store.as_ref(), &jwks, now_ms(), grace)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((report, kids))
         })
     });
     match result {
         Err(e) => fail(e),
-        Ok(report) if report.problems.is_empty() => {
+        Ok((report, kids)) if report.problems.is_empty() => {
             out!(
                 "ok: {} records in {} chains verified; {} signed checkpoints match",
                 report.records,
                 report.chains,
                 report.checkpoints
             );
+            out!("checkpoint keys trusted: {}", kids.join(", "));
             if report.unsigned > 0 {
                 out!(
                     "{} recent records wait for their writers' next signed checkpoint",
                     report.unsigned
                 );
             }
+            if !report.vouched.is_empty() {
+                let records: u64 = report.vouched.iter().map(|(_, a, b)| b + 1 - a).sum();
+                out!(
+                    "{}: {records} records were never signed by the process that wrote them (it stopped first: a crash or a kill); a later process's signed start proves they existed then, not who wrote them:",
+                    if strict { "FAILED" } else { "note" }
+                );
+                for (chain, from, to) in &report.vouched {
+                    out!("  chain {chain} #{from} to #{to}");
+                }
+                if strict {
+                    return ExitCode::FAILURE;
+                }
+            }
             ExitCode::SUCCESS
         }
-        Ok(report) => {
+        Ok((report, _)) => {
             for p in &report.problems {
                 out!("TAMPERED {p}");
             }

@@ -279,12 +279,22 @@ enum AuditCommand {
     /// no signed checkpoint covers (rewritten with their checkpoints
     /// deleted, or left unsigned by a writer that was killed). Exits 0 when
     /// everything verifies, 1 otherwise.
+    ///
+    /// Records whose writer stopped before it signed them (a crash) are
+    /// vouched for only by a later process's signed start, which proves they
+    /// existed then, not who wrote them: they are listed, and fail the
+    /// check with --strict. The report names the checkpoint keys it
+    /// trusted; compare them with a copy of /audit/keys kept elsewhere, or
+    /// pass that copy as --public-key.
     Verify {
         /// The checkpoint public key (a JWK or JWKS, as served at
         /// /audit/keys); default: with database_url, the shared checkpoint
         /// keys in the store, else derived from the key in data_dir.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// Also fail (exit 1) on records their own writer never signed.
+        #[arg(long)]
+        strict: bool,
     },
     /// Show audit records, filtered, as a table or JSON lines.
     Query(audit::QueryArgs),
@@ -460,8 +470,8 @@ fn command(command: Command) -> ExitCode {
         },
         Command::Proxy { config } => proxy::proxy(config.as_deref()),
         Command::Audit { config, command } => match command {
-            AuditCommand::Verify { public_key } => {
-                audit::verify(config.as_deref(), public_key.as_ref())
+            AuditCommand::Verify { public_key, strict } => {
+                audit::verify(config.as_deref(), public_key.as_ref(), strict)
             }
             AuditCommand::Query(args) => audit::query(config.as_deref(), &args),
             AuditCommand::Export { after, follow } => {

@@ -614,6 +614,15 @@ async fn a_server_killed_under_load_loses_no_issued_token() {
 
     let report = site.assert_verifies(&[]);
     assert!(report.contains(" in 4 chains "), "{report}");
+    // What each killed server had not signed yet is said apart, and fails
+    // the check with --strict.
+    assert!(
+        report.contains("note: ") && report.contains("never signed by the process that wrote them"),
+        "{report}"
+    );
+    let strict = site.audit(&["verify", "--strict"]);
+    assert_eq!(strict.status.code(), Some(1), "{strict:?}");
+    assert!(text(&strict.stdout).contains("FAILED: "), "{strict:?}");
     let records = site.export(&[]);
     let recorded: HashSet<(String, String)> = records
         .iter()

@@ -298,6 +298,13 @@ pub struct Report {
     /// [`Verifier::require_signed`]: the heads their writers have not
     /// signed yet. Older ones are problems.
     pub unsigned: u64,
+    /// Runs of records (`chain`, first and last position) that no
+    /// checkpoint of their own chain covers, only a link from a later
+    /// chain's signed start: their writer stopped before it signed them (a
+    /// crash or a kill). The link proves they existed when that chain
+    /// started, not that scrip wrote them: someone who can write the store
+    /// could have put them there.
+    pub vouched: Vec<(String, u64, u64)>,
     /// Problems, in the order found.
     pub problems: Vec<Problem>,
 }
@@ -585,6 +592,7 @@ impl Verifier {
     /// written more than `grace` ms before `now` (or claims to be written
     /// more than `grace` after it), else counted as [`Report::unsigned`].
     fn check_coverage(&mut self, mut signed: HashMap<String, u64>, now: u64, grace: u64) {
+        let own = signed.clone();
         // A covered chain start vouches for the heads it links to (each
         // link was checked above); repeat until nothing more is covered.
         loop {
@@ -608,6 +616,12 @@ impl Verifier {
         chains.sort_by_key(|(_, c)| c.seq);
         for (id, cursor) in chains {
             let covered = signed.get(id).copied().unwrap_or(0);
+            let by_itself = own.get(id).copied().unwrap_or(0);
+            if covered > by_itself {
+                self.report
+                    .vouched
+                    .push((id.clone(), by_itself + 1, covered.min(cursor.pos)));
+            }
             if cursor.pos <= covered {
                 continue;
             }

@@ -741,7 +741,12 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     let second = db.open().await;
     commit_events(&second, "r2", 1, 2).await;
     db.checkpoint(&second).await;
-    assert_clean(&db.verify_signed(ALL_OLD).await);
+    let report = db.verify_signed(ALL_OLD).await;
+    assert_clean(&report);
+    // Said apart from what their own writer signed: the link proves they
+    // existed when the second chain started, not who wrote them.
+    let first_chain = db.rows().await[0].chain_id.clone();
+    assert_eq!(report.vouched, [(first_chain, 5, 7)]);
     // What the first writer adds after the second chain started is not.
     commit_events(&first, "r1", 7, 2).await;
     let report = db.verify_signed(ALL_OLD).await;
