@@ -261,7 +261,7 @@ pub struct TrustedIssuer {
     /// carry the attributes policies test (a `namespace`, a `repository`).
     #[serde(default)]
     pub kind: Option<IssuerKind>,
-    /// With `kind = "spiffe"`: the one trust domain the issuer's keys speak
+    /// Required with `kind = "spiffe"`: the one trust domain the issuer's keys speak
     /// for; an SVID of another trust domain is refused.
     #[serde(default)]
     pub trust_domain: Option<String>,
@@ -692,6 +692,11 @@ impl TrustedIssuer {
                 "{who} jwks_refresh and jwks_min_refetch must be positive"
             ));
         }
+        if self.kind == Some(IssuerKind::Spiffe) && self.trust_domain.is_none() {
+            return invalid(format!(
+                "{who} kind = \"spiffe\" needs trust_domain: the issuer's keys speak for one trust domain (a SPIFFE bundle is one trust domain's), and without it an SVID of any domain it signed would pass"
+            ));
+        }
         if let Some(domain) = &self.trust_domain {
             if self.kind != Some(IssuerKind::Spiffe) {
                 return invalid(format!(
@@ -786,9 +791,12 @@ mod tests {
                 "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_file = \"k.json\"\naudiences = [\"scrip\"]\n{extra}"
             )
         };
-        for kind in ["kubernetes", "github_actions", "spiffe", "jwt"] {
+        for kind in ["kubernetes", "github_actions", "jwt"] {
             check(&issuer(&format!("kind = \"{kind}\"")), None);
         }
+        // A SPIFFE issuer's keys speak for one trust domain: it must be
+        // named, or any SVID it signs, of any domain, would pass.
+        check(&issuer("kind = \"spiffe\""), Some("needs trust_domain"));
         check(&issuer("kind = \"local\""), Some("unknown variant `local`"));
         check(
             &issuer("kind = \"spiffe\"\ntrust_domain = \"prod.acme-1.example_x\""),
