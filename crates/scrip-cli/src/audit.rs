@@ -170,48 +170,71 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool)
     });
     match result {
         Err(e) => fail(e),
-        Ok((report, kids)) if report.problems.is_empty() => {
-            out!(
-                "ok: {} records in {} chains verified; {} signed checkpoints match",
-                report.records,
-                report.chains,
-                report.checkpoints
-            );
-            out!("checkpoint keys trusted: {}", kids.join(", "));
-            if report.unsigned > 0 {
-                out!(
-                    "{} recent records wait for their writers' next signed checkpoint",
-                    report.unsigned
-                );
+        Ok((report, kids)) => {
+            let (lines, passed) = verify_report(&report, &kids, strict);
+            for line in lines {
+                out!("{line}");
             }
-            if !report.vouched.is_empty() {
-                let records: u64 = report.vouched.iter().map(|(_, a, b)| b + 1 - a).sum();
-                out!(
-                    "{}: {records} records were never signed by the process that wrote them (it stopped first: a crash or a kill); a later process's signed start proves they existed then, not who wrote them:",
-                    if strict { "FAILED" } else { "note" }
-                );
-                for (chain, from, to) in &report.vouched {
-                    out!("  chain {chain} #{from} to #{to}");
-                }
-                if strict {
-                    return ExitCode::FAILURE;
-                }
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
-        }
-        Ok((report, _)) => {
-            for p in &report.problems {
-                out!("TAMPERED {p}");
-            }
-            out!(
-                "{} problems in {} records ({} chains)",
-                report.problems.len(),
-                report.records,
-                report.chains
-            );
-            ExitCode::FAILURE
         }
     }
+}
+
+/// What `scrip audit verify` prints of `report`, and whether it passed.
+fn verify_report(
+    report: &scrip_store::Report,
+    kids: &[String],
+    strict: bool,
+) -> (Vec<String>, bool) {
+    let trusted = format!("checkpoint keys trusted: {}", kids.join(", "));
+    if !report.problems.is_empty() {
+        let mut lines: Vec<String> = report
+            .problems
+            .iter()
+            .map(|p| format!("TAMPERED {p}"))
+            .collect();
+        lines.push(trusted);
+        lines.push(format!(
+            "{} problems in {} records ({} chains)",
+            report.problems.len(),
+            report.records,
+            report.chains
+        ));
+        return (lines, false);
+    }
+    let mut lines = vec![
+        format!(
+            "ok: {} records in {} chains verified; {} signed checkpoints match",
+            report.records, report.chains, report.checkpoints
+        ),
+        trusted,
+    ];
+    if report.unsigned > 0 {
+        lines.push(format!(
+            "{} recent records wait for their writers' next signed checkpoint",
+            report.unsigned
+        ));
+    }
+    if report.vouched.is_empty() {
+        return (lines, true);
+    }
+    let records: u64 = report
+        .vouched
+        .iter()
+        .map(|(_, a, b)| b.saturating_add(1).saturating_sub(*a))
+        .sum();
+    lines.push(format!(
+        "{}: {records} records were never signed by the process that wrote them (it stopped first: a crash or a kill); a later process's signed start proves they existed then, not who wrote them:",
+        if strict { "FAILED" } else { "note" }
+    ));
+    for (chain, from, to) in &report.vouched {
+        lines.push(format!("  chain {} #{from} to #{to}", printable(chain)));
+    }
+    (lines, !strict)
 }
 
 /// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
@@ -368,6 +391,41 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records only a later start vouches for are listed apart, and fail
+    /// the check with --strict only; the trusted keys are named either way.
+    #[test]
+    fn the_report_lists_what_its_writer_never_signed() {
+        let kids = ["k1".to_owned(), "k2".to_owned()];
+        let mut report = scrip_store::Report {
+            records: 10,
+            chains: 2,
+            checkpoints: 2,
+            unsigned: 4,
+            ..scrip_store::Report::default()
+        };
+        let (lines, passed) = verify_report(&report, &kids, true);
+        assert!(passed);
+        assert_eq!(
+            lines,
+            [
+                "ok: 10 records in 2 chains verified; 2 signed checkpoints match",
+                "checkpoint keys trusted: k1, k2",
+                "4 recent records wait for their writers' next signed checkpoint",
+            ]
+        );
+        report.vouched = vec![("c1".into(), 5, 7), ("c2".into(), 1, 1)];
+        let (lines, passed) = verify_report(&report, &kids, false);
+        assert!(passed);
+        assert!(
+            lines[3].starts_with("note: 4 records were never signed"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[4..], ["  chain c1 #5 to #7", "  chain c2 #1 to #1"]);
+        let (lines, passed) = verify_report(&report, &kids, true);
+        assert!(!passed);
+        assert!(lines[3].starts_with("FAILED: 4 records"), "{lines:?}");
+    }
 
     #[test]
     fn what_a_person_reads_cannot_be_forged() {

@@ -614,15 +614,14 @@ async fn a_server_killed_under_load_loses_no_issued_token() {
 
     let report = site.assert_verifies(&[]);
     assert!(report.contains(" in 4 chains "), "{report}");
-    // What each killed server had not signed yet is said apart, and fails
-    // the check with --strict.
-    assert!(
-        report.contains("note: ") && report.contains("never signed by the process that wrote them"),
-        "{report}"
-    );
+    // What each killed server had not signed is recent: it waits (a
+    // writer could still be running), and --strict passes. Once older than
+    // the signing grace it is listed apart (the store's chain tests, and
+    // the report's unit test).
+    assert!(report.contains("recent records wait"), "{report}");
+    assert!(!report.contains("never signed"), "{report}");
     let strict = site.audit(&["verify", "--strict"]);
-    assert_eq!(strict.status.code(), Some(1), "{strict:?}");
-    assert!(text(&strict.stdout).contains("FAILED: "), "{strict:?}");
+    assert_eq!(strict.status.code(), Some(0), "{strict:?}");
     let records = site.export(&[]);
     let recorded: HashSet<(String, String)> = records
         .iter()

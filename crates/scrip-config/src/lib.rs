@@ -534,7 +534,7 @@ impl Config {
         if self.signing_key_rotation != 0 && self.signing_key_rotation <= self.signing_key_lead {
             return invalid("signing_key_rotation must be longer than signing_key_lead (or 0)");
         }
-        if self.signing_key_rotation != 0 {
+        if self.database_url.is_some() && self.signing_key_rotation != 0 {
             // A replaced key stays published for the longest token life;
             // with the key signing now and its successor, the JWKS must stay
             // within what verifiers load.
@@ -883,11 +883,14 @@ mod tests {
         check("signing_key_rotation = 0\nsigning_key_lead = 60", None);
         // The default lifetimes keep a replaced key 28,830 s: 62 of them
         // (and the current key and its successor) fill a verifier's JWKS.
+        let shared = "database_url = \"postgres://db/scrip\"\nsigning_key_lead = 60\n";
         check(
-            "signing_key_rotation = 464\nsigning_key_lead = 60",
+            &format!("{shared}signing_key_rotation = 464"),
             Some("rotate every 465 s or more"),
         );
-        check("signing_key_rotation = 465\nsigning_key_lead = 60", None);
+        check(&format!("{shared}signing_key_rotation = 465"), None);
+        // Without a shared store no key rotates.
+        check("signing_key_rotation = 464\nsigning_key_lead = 60", None);
         check(
             "[[tools]]\nname = \"GitHub\"\nresource = \"https://x\"\nactions = [\"read\"]",
             Some("tool name `GitHub`"),

@@ -157,15 +157,37 @@ impl Drop for Socket {
     }
 }
 
-/// Serves the socket until the returned task is aborted (which removes the
-/// socket file).
-pub fn spawn(socket: Socket, state: AppState) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// The socket being served: [`Serving::stop`] ends it.
+#[derive(Debug)]
+pub struct Serving {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Stops accepting, stops the connections still open, and removes the
+    /// socket file; once this returns, nothing served here commits again.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the socket until [`Serving::stop`].
+pub fn spawn(socket: Socket, state: AppState) -> Serving {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
+        let mut connections = tokio::task::JoinSet::new();
         tracing::info!(socket = %socket.path.display(), "local attestation listening");
         loop {
-            let stream = match socket.listener.accept().await {
+            while connections.try_join_next().is_some() {}
+            let next = tokio::select! {
+                next = socket.listener.accept() => next,
+                _ = &mut stopped => break,
+            };
+            let stream = match next {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "local attestation accept failed");
@@ -182,12 +204,17 @@ pub fn spawn(socket: Socket, state: AppState) -> tokio::task::JoinHandle<()> {
             };
             let state = state.clone();
             let limit = limit.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 connection(&state.0, stream, accepted, &limit).await;
                 drop(slot);
             });
         }
-    })
+        // Stopped, and waited for: none of them commits after the caller's
+        // final checkpoint.
+        connections.shutdown().await;
+        drop(socket);
+    });
+    Serving { stop, task }
 }
 
 /// How the client spoke.

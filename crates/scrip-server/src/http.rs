@@ -134,6 +134,7 @@ pub async fn serve(
         .await
         .is_err()
     {
+        while connections.try_join_next().is_some() {}
         tracing::warn!(
             open = connections.len(),
             "connections still open {} s after shutdown began; closing them",

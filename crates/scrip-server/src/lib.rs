@@ -324,8 +324,7 @@ impl Server {
             .await
             .map_err(StartError::Serve);
         background.abort();
-        attest.abort();
-        let _ = attest.await;
+        attest.stop().await;
         // Seal what this process wrote, once what the proxy writes in the
         // background is stored.
         if let Some(proxy) = &self.proxy {

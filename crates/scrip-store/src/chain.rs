@@ -300,8 +300,9 @@ pub struct Report {
     pub unsigned: u64,
     /// Runs of records (`chain`, first and last position) that no
     /// checkpoint of their own chain covers, only a link from a later
-    /// chain's signed start: their writer stopped before it signed them (a
-    /// crash or a kill). The link proves they existed when that chain
+    /// chain's signed start, and written longer than the grace ago: their
+    /// writer stopped before it signed them (a crash or a kill). Recent ones
+    /// count in [`Report::unsigned`]: their writer may still be running. The link proves they existed when that chain
     /// started, not that scrip wrote them: someone who can write the store
     /// could have put them there.
     pub vouched: Vec<(String, u64, u64)>,
@@ -618,9 +619,26 @@ impl Verifier {
             let covered = signed.get(id).copied().unwrap_or(0);
             let by_itself = own.get(id).copied().unwrap_or(0);
             if covered > by_itself {
-                self.report
-                    .vouched
-                    .push((id.clone(), by_itself + 1, covered.min(cursor.pos)));
+                let last = covered.min(cursor.pos);
+                // The newest of them, from the spans after each position a
+                // checkpoint or link covers.
+                let newest = self
+                    .spans
+                    .get(id)
+                    .map(|spans| {
+                        spans
+                            .range(by_itself..covered)
+                            .filter(|(_, s)| s.earliest <= s.latest)
+                            .fold(0, |l, (_, s)| l.max(s.latest))
+                    })
+                    .unwrap_or(0);
+                if newest < now.saturating_sub(grace) {
+                    self.report.vouched.push((id.clone(), by_itself + 1, last));
+                } else {
+                    // Recent: a replica that started since linked a writer
+                    // that is still running, and will sign them.
+                    self.report.unsigned += last.saturating_sub(by_itself);
+                }
             }
             if cursor.pos <= covered {
                 continue;

@@ -747,6 +747,12 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     // existed when the second chain started, not who wrote them.
     let first_chain = db.rows().await[0].chain_id.clone();
     assert_eq!(report.vouched, [(first_chain, 5, 7)]);
+    // Within the grace their writer may still be running, to sign them:
+    // counted as waiting for it, not listed.
+    let report = db.verify_signed(ALL_RECENT).await;
+    assert_clean(&report);
+    assert!(report.vouched.is_empty(), "{:?}", report.vouched);
+    assert_eq!(report.unsigned, 3);
     // What the first writer adds after the second chain started is not.
     commit_events(&first, "r1", 7, 2).await;
     let report = db.verify_signed(ALL_OLD).await;

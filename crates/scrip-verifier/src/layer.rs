@@ -15,7 +15,7 @@
 //! | a refused token | 401 | `error="invalid_token"` |
 //! | a refused DPoP proof | 401 | `DPoP ... error="invalid_dpop_proof"` |
 //! | the scope lacks the action | 403 | `error="insufficient_scope", scope="<action>"` |
-//! | revocation state stale | 503 | none; `Retry-After` |
+//! | revocation state stale, or keys older than `jwks_max_age` | 503 | none; `Retry-After` |
 //!
 //! The challenge's scheme is `DPoP` (with `algs`) when the request used
 //! DPoP or the token needs it, else `Bearer`.

@@ -102,7 +102,8 @@ pub struct VerifierConfig {
     /// How long the keys last fetched are trusted while refreshing them
     /// fails; past it every token is refused ([`VerifyError::KeysStale`])
     /// until a fetch succeeds, so a key scrip withdrew does not verify for
-    /// as long as its JWKS cannot be read. At least `jwks_refresh`.
+    /// as long as its JWKS cannot be read. At least `jwks_refresh` plus
+    /// `jwks_min_refetch`.
     pub jwks_max_age: Duration,
     /// How revocation is learned.
     pub revocation: Revocation,
@@ -208,8 +209,9 @@ impl VerifierConfig {
         if self.jwks_min_refetch < MIN_JWKS_REFETCH {
             return bad("jwks_min_refetch must be at least 1 s");
         }
-        if self.jwks_max_age < self.jwks_refresh {
-            return bad("jwks_max_age must be at least jwks_refresh");
+        // One failed refresh must not make the keys stale at once.
+        if self.jwks_max_age < self.jwks_refresh.saturating_add(self.jwks_min_refetch) {
+            return bad("jwks_max_age must be at least jwks_refresh plus jwks_min_refetch");
         }
         if self
             .algorithms

@@ -152,6 +152,7 @@ async fn follows_a_key_rotation_at_a_bounded_rate() {
     let fake = Fake::start().await;
     let mut c = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
     c.jwks_min_refetch = Duration::from_secs(3600);
+    c.jwks_max_age = Duration::from_secs(7200);
     let v = Verifier::discover(c).await.unwrap();
     assert_eq!(fake.state.lock().unwrap().jwks_fetches, 1);
 
@@ -222,8 +223,8 @@ async fn keys_that_cannot_be_refreshed_are_trusted_for_their_max_age_only() {
     fake.state.lock().unwrap().jwks_down = false;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     v.verify(&t).await.unwrap();
-    // A max age under the refresh interval would never be met.
-    c.jwks_max_age = Duration::from_millis(999);
+    // A max age that one failed refresh would pass is refused.
+    c.jwks_max_age = Duration::from_millis(1999);
     assert!(matches!(
         Verifier::discover(c).await.unwrap_err(),
         SetupError::Config(m) if m.contains("jwks_max_age")
