@@ -87,10 +87,23 @@ impl Policies {
     /// to read again once the files settle.
     async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>) -> Option<bool> {
         let inner = &self.0;
-        let result = PolicyEngine::load(&inner.dir).and_then(|p| {
-            p.check_tools(&inner.tools)?;
-            Ok(p)
-        });
+        // A directory that is gone (moved, an unmounted volume) is not an
+        // empty policy set: the last good set stays. (At start a missing
+        // directory denies everything.)
+        let result = if inner.dir.is_dir() {
+            PolicyEngine::load(&inner.dir).and_then(|p| {
+                p.check_tools(&inner.tools)?;
+                Ok(p)
+            })
+        } else {
+            Err(scrip_policy::PolicyError::Io {
+                path: inner.dir.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the policy directory is gone (to deny everything, leave it empty of policies)",
+                ),
+            })
+        };
         if seen.is_some_and(|seen| DirState::now(&inner.dir) != *seen) {
             tracing::info!(
                 cause,

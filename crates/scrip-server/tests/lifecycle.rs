@@ -962,6 +962,35 @@ when { principal has namespace && principal.namespace == "other" };
     );
     let r = try_other().await;
     assert_eq!(r.body["scope"], "github:read", "{}", r.text);
+
+    // The directory gone (moved, a volume unmounted): refused, the last
+    // good set still decides.
+    let before = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "policy.rejected")
+        .count();
+    std::fs::rename(
+        s.dir.path().join("policies"),
+        s.dir.path().join("policies-moved"),
+    )
+    .unwrap();
+    let rejected = eventually(Duration::from_secs(5), || async {
+        s.audit()
+            .await
+            .iter()
+            .filter(|a| a.event == "policy.rejected")
+            .count()
+            > before
+    })
+    .await;
+    assert!(
+        rejected,
+        "no policy.rejected audit record for the directory gone"
+    );
+    let r = try_other().await;
+    assert_eq!(r.status, 200, "{}", r.text);
     s.stop().await;
 }
 
