@@ -763,6 +763,25 @@ async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
 /// another form would never match: scrip refuses to start with it.
 #[tokio::test]
 async fn a_route_path_that_could_never_match_is_refused_at_start() {
+    // Starts a server whose one upstream route is `path`.
+    let bind = |path: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut legacy = upstream("legacy", "http://127.0.0.1:1");
+        legacy.routes[0].path = path.into();
+        let config = scrip_config::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            policy_dir: common::repo_policies(),
+            tools: vec![tool("legacy")],
+            upstreams: vec![legacy],
+            ..scrip_config::Config::default()
+        };
+        async move {
+            let bound = scrip_server::Server::bind(config).await.map(drop);
+            drop(dir);
+            bound
+        }
+    };
     for (path, says) in [
         ("/%61dmin*", "reads `/admin*` once normalised"),
         (
@@ -772,40 +791,14 @@ async fn a_route_path_that_could_never_match_is_refused_at_start() {
         ("/a/../admin", "`.` or `..` segments"),
         ("/a;b", "path parameters"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut legacy = upstream("legacy", "http://127.0.0.1:1");
-        legacy.routes[0].path = path.into();
-        let config = scrip_config::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("data"),
-            policy_dir: common::repo_policies(),
-            tools: vec![tool("legacy")],
-            upstreams: vec![legacy],
-            ..scrip_config::Config::default()
-        };
-        let err = scrip_server::Server::bind(config)
-            .await
-            .map(drop)
-            .unwrap_err()
-            .to_string();
+        let err = bind(path).await.unwrap_err().to_string();
         assert!(err.contains(&format!("route path `{path}`")), "{err}");
         assert!(err.contains(says), "{path}: {err}");
     }
     // A prefix ending in an unfinished segment is a prefix: `/.*` catches
     // `/.env`. An escaped `*` is a literal star, kept as it is.
     for path in ["/.*", "/logs-%2A/_search"] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut legacy = upstream("legacy", "http://127.0.0.1:1");
-        legacy.routes[0].path = path.into();
-        let config = scrip_config::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("data"),
-            policy_dir: common::repo_policies(),
-            tools: vec![tool("legacy")],
-            upstreams: vec![legacy],
-            ..scrip_config::Config::default()
-        };
-        drop(scrip_server::Server::bind(config).await.unwrap());
+        bind(path).await.unwrap();
     }
 }
 
