@@ -276,13 +276,14 @@ enum AuditCommand {
     ///
     /// Detects an edited, deleted, inserted, reordered or truncated record
     /// and names it, and records older than a few checkpoint intervals that
-    /// no signed checkpoint covers (rewritten with their checkpoints
-    /// deleted, or left unsigned by a writer that was killed). Exits 0 when
-    /// everything verifies, 1 otherwise.
+    /// no signature covers (rewritten with their signatures deleted). Exits
+    /// 0 when everything verifies, 1 otherwise.
     ///
-    /// Records whose writer stopped before it signed them (a crash) are
-    /// vouched for only by a later process's signed start, which proves they
-    /// existed then, not who wrote them: they are listed, and fail the
+    /// scrip signs each commit's records as it writes them. Records their
+    /// writer never signed (an older scrip that crashed before signing, or
+    /// records someone else added to the store) but that a later process's
+    /// signed start links are vouched for only by that start, which proves
+    /// they existed then, not who wrote them: they are listed, and fail the
     /// check with --strict. The report names the checkpoint keys it
     /// trusted; compare them with a copy of /audit/keys kept elsewhere, or
     /// pass that copy as --public-key.

@@ -104,11 +104,14 @@ async fn start(config: Config) -> Result<Started, String> {
         .await
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now_s())
+        .await
+        .map_err(|e| format!("cannot sign audit checkpoints: {e}"))?;
+    // Every commit signs this process's chain head in its transaction.
+    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key.clone())));
     let checkpoints = Checkpoints {
         store: store.clone(),
-        key: scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now_s())
-            .await
-            .map_err(|e| format!("cannot sign audit checkpoints: {e}"))?,
+        key,
         last: Arc::new(std::sync::Mutex::new(None)),
         every: Duration::from_secs(config.audit_checkpoint_interval),
     };

@@ -303,26 +303,24 @@ async fn rotate_each(
     Ok(())
 }
 
-/// Signs the audit records this command wrote (its own chain), as
-/// `scrip serve` signs its own: `scrip audit verify` requires records older
-/// than a few checkpoint intervals to be signed. The secret is stored
-/// either way; a failure is reported on stderr.
+/// Has the store sign the audit records this command writes (its own
+/// chain) in the commits that write them, as `scrip serve` does:
+/// `scrip audit verify` requires records older than a few checkpoint
+/// intervals to be signed. The secret is stored either way; a missing key
+/// is reported on stderr.
 #[expect(
     clippy::print_stderr,
     reason = "a warning for the person running the command"
 )]
-async fn sign(config: &Config, store: &dyn Store) {
-    let key = match scrip_server::keyring::checkpoint_signer(config, store, now()).await {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!(
-                "scrip: warning: the audit record of this change could not be signed ({e}); `scrip audit verify` will report it"
-            );
-            return;
+async fn sign_heads(config: &Config, store: &dyn Store) {
+    match scrip_server::keyring::checkpoint_signer(config, store, now()).await {
+        Ok(key) => {
+            store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
         }
-    };
-    let last = std::sync::Mutex::new(None);
-    scrip_server::sign_checkpoint(store, &key, &last).await;
+        Err(e) => eprintln!(
+            "scrip: warning: the audit record of this change cannot be signed ({e}); `scrip audit verify` will report it"
+        ),
+    }
 }
 
 async fn put(
@@ -380,6 +378,7 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
         let value = read_stdin(&format!("secret value for `{name}` `{action}`: "))?;
         runtime()?.block_on(async {
             let (store, kek) = open(&config, true).await?;
+            sign_heads(&config, store.as_ref()).await;
             let version = put(
                 store.as_ref(),
                 &kek,
@@ -390,7 +389,6 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
                 "secret.set",
             )
             .await?;
-            sign(&config, store.as_ref()).await;
             Ok::<u32, String>(version)
         })
     })();
@@ -449,13 +447,11 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
         }
         runtime()?.block_on(async {
             let (store, kek) = open(&config, false).await?;
+            sign_heads(&config, store.as_ref()).await;
             let mut done = Vec::new();
-            let rotated = rotate_each(store.as_ref(), &kek, name, values, &mut done).await;
-            // Whatever was rotated before a failure is signed too.
-            if !done.is_empty() {
-                sign(&config, store.as_ref()).await;
-            }
-            rotated.map(|()| done)
+            rotate_each(store.as_ref(), &kek, name, values, &mut done)
+                .await
+                .map(|()| done)
         })
     })();
     match result {

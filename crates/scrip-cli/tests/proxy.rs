@@ -789,14 +789,14 @@ when { context.stage == "proxy" && context has path && context.path like "/stand
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Stopped, the proxy and the server sign what they wrote, as the
-    // `scrip secret` commands did: the whole trail verifies, with no record
-    // left waiting for a signature.
+    // The proxy, killed, and the server, stopped, signed what they wrote
+    // in each commit, as the `scrip secret` commands did: the whole trail
+    // verifies, with no record left waiting for a signature.
     let mut proxy = _proxy;
     let mut serve = serve;
-    for child in [&mut proxy.0, &mut serve.0] {
+    for (child, signal) in [(&mut proxy.0, "-KILL"), (&mut serve.0, "-TERM")] {
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());

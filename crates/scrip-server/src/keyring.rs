@@ -312,6 +312,26 @@ impl Keyring {
     }
 }
 
+/// The store signs this process's chain head with the current checkpoint
+/// key in every commit (see [`Store::sign_heads_with`]).
+impl scrip_store::HeadSigner for Keyring {
+    fn sign(&self, message: &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.checkpoint_key().sign_detached(message)?)
+    }
+}
+
+/// Signs a store's chain heads with one checkpoint key, for the processes
+/// other than `scrip serve` that write audit records (`scrip proxy`, the
+/// `scrip secret` commands): see [`checkpoint_signer`].
+#[derive(Debug)]
+pub struct HeadKey(pub Arc<SigningKey>);
+
+impl scrip_store::HeadSigner for HeadKey {
+    fn sign(&self, message: &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.0.sign_detached(message)?)
+    }
+}
+
 /// A shared store's audit checkpoint keys, oldest first, each opened with
 /// the key-encryption key, so a key planted by someone who can write the
 /// store is not trusted.

@@ -203,6 +203,10 @@ impl Server {
         );
         let metadata_body = metadata(&issuer, &config).to_string();
         let replica = replica_name(local);
+        // Every commit from here on signs this process's chain head in the
+        // same transaction, the start-up records' included.
+        let keyring = std::sync::Arc::new(keyring);
+        store.sign_heads_with(keyring.clone());
 
         let mut startup = key_audit(&replica, created);
         let mut a = audit_record(&replica, "policy.loaded");
@@ -213,11 +217,7 @@ impl Server {
         ));
         startup.push(Write::Audit(Box::new(a)));
         store.commit(startup).await?;
-        // Signed at once, so that a start failing after this point leaves no
-        // unsigned records behind.
         let last_checkpoint = std::sync::Mutex::new(None);
-        background::sign_checkpoint(store.as_ref(), &keyring.checkpoint_key(), &last_checkpoint)
-            .await;
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }

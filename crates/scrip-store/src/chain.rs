@@ -9,6 +9,7 @@
 //! deleted, inserted, reordered or truncated record.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,21 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Signs a writer's chain head inside every commit that moves it, so that
+/// no committed audit record waits for a signature: see
+/// [`Store::sign_heads_with`](crate::Store::sign_heads_with).
+pub trait HeadSigner: Send + Sync + std::fmt::Debug + 'static {
+    /// The detached signature (base64url) of `message`, a
+    /// [`Checkpoint::message`], as [`Checkpoint::signature`] holds it.
+    ///
+    /// # Errors
+    /// Why it cannot sign; the commit then fails and changes nothing.
+    fn sign(&self, message: &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// The signer a writer's chains share, set once.
+pub(crate) type Signer = Arc<OnceLock<Arc<dyn HeadSigner>>>;
+
 /// Where a writer's chain stands.
 #[derive(Debug, Clone)]
 pub(crate) struct ChainState {
@@ -63,16 +79,19 @@ pub(crate) struct ChainState {
     /// Replaces a chain whose last commit may or may not have taken effect:
     /// it starts at the next commit of any kind (see [`Self::genesis_for`]).
     replaces: bool,
+    /// Signs the head in each commit that moves it, once set.
+    signer: Signer,
 }
 
 impl ChainState {
-    pub fn new(id: String) -> Self {
+    pub fn new(id: String, signer: Signer) -> Self {
         Self {
             id,
             seq: 0,
             head: GENESIS.to_owned(),
             replica: String::new(),
             replaces: false,
+            signer,
         }
     }
 
@@ -82,7 +101,7 @@ impl ChainState {
         Self {
             replica: self.replica.clone(),
             replaces: true,
-            ..Self::new(id)
+            ..Self::new(id, self.signer.clone())
         }
     }
 
@@ -134,6 +153,36 @@ impl ChainState {
             replica,
             ..AuditEvent::default()
         })
+    }
+
+    /// The signed head a commit stores when it moved the chain past
+    /// position `before` (where the chain stood when the commit began),
+    /// once a signer is set: the backend writes it in the same transaction,
+    /// so every committed record is signed by its writer.
+    ///
+    /// # Errors
+    /// [`crate::StoreError::Unavailable`] when the signer fails: the commit
+    /// must fail, rather than store records its writer did not sign.
+    pub fn signed_head(&self, before: u64) -> Result<Option<Checkpoint>, crate::StoreError> {
+        let Some(signer) = self.signer.get() else {
+            return Ok(None);
+        };
+        if self.seq == before {
+            return Ok(None);
+        }
+        let at_ms = now_ms();
+        let signature = signer
+            .sign(&Checkpoint::message(&self.id, self.seq, &self.head, at_ms))
+            .map_err(|e| {
+                crate::StoreError::Unavailable(format!("cannot sign the audit chain head: {e}"))
+            })?;
+        Ok(Some(Checkpoint {
+            chain_id: self.id.clone(),
+            chain_seq: self.seq,
+            hash: self.head.clone(),
+            at_ms,
+            signature,
+        }))
     }
 
     /// The head as a link, if the chain has a record.
@@ -301,8 +350,10 @@ pub struct Report {
     /// Runs of records (`chain`, first and last position) that no
     /// checkpoint of their own chain covers, only a link from a later
     /// chain's signed start, and written longer than the grace ago: their
-    /// writer stopped before it signed them (a crash or a kill). Recent ones
-    /// count in [`Report::unsigned`]: their writer may still be running. The link proves they existed when that chain
+    /// writer did not sign them (a writer signing only from time to time
+    /// that stopped first; writers with a [`HeadSigner`] sign every
+    /// commit). Recent ones count in [`Report::unsigned`]: their writer may
+    /// still be running. The link proves they existed when that chain
     /// started, not that scrip wrote them: someone who can write the store
     /// could have put them there.
     pub vouched: Vec<(String, u64, u64)>,

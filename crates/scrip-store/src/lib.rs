@@ -21,7 +21,8 @@ mod sqlite_writer;
 mod writer;
 
 pub use chain::{
-    ChainLink, Checkpoint, IndexedColumns, Problem, Report, StoredRecord, Verifier, hash, verify,
+    ChainLink, Checkpoint, HeadSigner, IndexedColumns, Problem, Report, StoredRecord, Verifier,
+    hash, verify,
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_TASK, Revocation,
@@ -188,6 +189,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The head of this writer's chain, once it has written a record.
     fn chain_head(&self) -> Option<ChainLink>;
+
+    /// Signs this writer's chain head with `signer` in every commit that
+    /// appends audit records, from the next commit on, in the same
+    /// transaction: a committed record is signed by its writer, so a crash
+    /// or a kill leaves nothing unsigned, and records cannot be rewritten
+    /// after the fact without the key. A signer that fails fails the commit.
+    /// The first signer set stays; returns whether this one was set.
+    fn sign_heads_with(&self, signer: std::sync::Arc<dyn HeadSigner>) -> bool;
 
     /// What changed: bumped on this process's commits and, for a shared
     /// store, on other replicas' (within milliseconds while the

@@ -439,6 +439,7 @@ async fn apply_in(
         .await
         .map_err(unavailable)?;
     let mut audit = AuditColumns::default();
+    let before = chain.seq;
     if let Some(mut event) = chain.genesis_for(writes) {
         event.links = link_heads(tx).await?;
         audit.push(&event, chain)?;
@@ -744,6 +745,17 @@ async fn apply_in(
         }
     }
     audit.insert(tx).await?;
+    if let Some(c) = chain.signed_head(before)? {
+        sqlx::query(rows::SIGNED_HEAD)
+            .bind(&c.chain_id)
+            .bind(to_i64(c.chain_seq))
+            .bind(&c.hash)
+            .bind(to_i64(c.at_ms))
+            .bind(&c.signature)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    }
     // Delivered to the other replicas when (and only if) this commits.
     for (changed, payload) in [(revoked, "revocations"), (keys, "keys")] {
         if changed {
@@ -1073,6 +1085,10 @@ impl Store for PgStore {
 
     fn chain_head(&self) -> Option<ChainLink> {
         self.writer.head()
+    }
+
+    fn sign_heads_with(&self, signer: std::sync::Arc<dyn crate::HeadSigner>) -> bool {
+        self.writer.sign_heads_with(signer)
     }
 
     fn changes(&self) -> watch::Receiver<Changes> {

@@ -333,8 +333,18 @@ pub(crate) const LINKED: &str = "INSERT INTO chain_links (chain_id, chain_seq) V
      ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq \
      WHERE chain_links.chain_seq <> excluded.chain_seq";
 
+/// Stores a writer's signed chain head (`$1`..`$5`: chain, position, hash,
+/// time, signature) in the commit that moved it: one row a chain, replaced
+/// each time.
+pub(crate) const SIGNED_HEAD: &str = "INSERT INTO audit_heads (chain_id, chain_seq, hash, at_ms, signature) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq, hash = excluded.hash, \
+     at_ms = excluded.at_ms, signature = excluded.signature";
+
 /// The newest checkpoint of each chain, the same SQL for both backends: a
-/// skip scan over the `(chain_id, chain_seq)` index, one probe a chain.
+/// skip scan over the `(chain_id, chain_seq)` index, one probe a chain;
+/// then every signed head (a chain may appear twice: the verifier checks
+/// both).
 pub(crate) const LATEST_CHECKPOINTS: &str = "WITH RECURSIVE chains(id) AS \
      (SELECT MIN(chain_id) FROM audit_checkpoints \
      UNION ALL SELECT (SELECT MIN(chain_id) FROM audit_checkpoints WHERE chain_id > chains.id) \
@@ -342,7 +352,8 @@ pub(crate) const LATEST_CHECKPOINTS: &str = "WITH RECURSIVE chains(id) AS \
      SELECT c.chain_id, c.chain_seq, c.hash, c.at_ms, c.signature FROM chains \
      JOIN audit_checkpoints c ON c.chain_id = chains.id \
      AND c.chain_seq = (SELECT MAX(chain_seq) FROM audit_checkpoints WHERE chain_id = chains.id) \
-     ORDER BY c.id";
+     UNION ALL SELECT chain_id, chain_seq, hash, at_ms, signature FROM audit_heads \
+     ORDER BY 1, 2";
 
 pub(crate) fn checkpoint(row: &impl Cols) -> Result<Checkpoint, StoreError> {
     Ok(Checkpoint {

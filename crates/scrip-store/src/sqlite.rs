@@ -408,6 +408,10 @@ impl Store for SqliteStore {
         self.writer.head()
     }
 
+    fn sign_heads_with(&self, signer: std::sync::Arc<dyn crate::HeadSigner>) -> bool {
+        self.writer.sign_heads_with(signer)
+    }
+
     fn changes(&self) -> tokio::sync::watch::Receiver<Changes> {
         self.writer.changes().subscribe()
     }

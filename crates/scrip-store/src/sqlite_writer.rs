@@ -368,6 +368,7 @@ fn apply_on(
     // Audit rows are chained in the order of `writes` and inserted together
     // at the end of the transaction.
     let mut audit = Vec::new();
+    let before = chain.seq;
     if let Some(event) = chain.genesis_for(writes) {
         let mut event = event;
         event.links = link_heads(&tx)?;
@@ -380,6 +381,20 @@ fn apply_on(
         }
     }
     insert_audit(&tx, &audit)?;
+    if let Some(c) = chain.signed_head(before)? {
+        run(
+            &tx,
+            crate::rows::SIGNED_HEAD,
+            params![
+                c.chain_id,
+                to_i64(c.chain_seq),
+                c.hash,
+                to_i64(c.at_ms),
+                c.signature
+            ],
+        )
+        .map_err(unavailable)?;
+    }
     *commit_sent = true;
     tx.commit().map_err(unavailable)
 }
@@ -721,7 +736,10 @@ mod tests {
         let mut writer = SqliteWriter::open(&path).unwrap();
         writer.wake_every = Duration::ZERO;
         writer.catch_up_frames = 128;
-        let mut chain = ChainState::new(crate::chain::new_chain_id().unwrap());
+        let mut chain = ChainState::new(
+            crate::chain::new_chain_id().unwrap(),
+            crate::chain::Signer::default(),
+        );
         // Each record is about a page, so 300 commits of 8 write more than
         // 2,400 frames.
         let (commits, rows) = (300, 8);

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::chain::ChainState;
+use crate::chain::{ChainState, HeadSigner, Signer};
 use crate::{ChainLink, StoreError, Write};
 
 /// Most commits folded into one transaction.
@@ -76,6 +76,7 @@ pub(crate) struct Writer {
     queue: mpsc::Sender<Pending>,
     head: Arc<Mutex<Option<ChainLink>>>,
     changes: watch::Sender<Changes>,
+    signer: Signer,
 }
 
 impl Writer {
@@ -115,10 +116,11 @@ impl Writer {
         let (queue, rx) = mpsc::channel(QUEUE);
         let head = Arc::new(Mutex::new(None));
         let (changes, _) = watch::channel(Changes::default());
+        let signer = Signer::default();
         let run = run(
             backend,
             rx,
-            ChainState::new(chain_id),
+            ChainState::new(chain_id, signer.clone()),
             head.clone(),
             changes.clone(),
         );
@@ -127,6 +129,7 @@ impl Writer {
                 queue,
                 head,
                 changes,
+                signer,
             },
             run,
         )
@@ -141,6 +144,12 @@ impl Writer {
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
         wait.await
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Signs the chain head in every commit from the next one on; the
+    /// first signer set stays. Returns whether this one was set.
+    pub fn sign_heads_with(&self, signer: Arc<dyn HeadSigner>) -> bool {
+        self.signer.set(signer).is_ok()
     }
 
     /// The head of this writer's chain.

@@ -93,6 +93,7 @@ conformance!(
     two_writers_chain_and_verify,
     audit_queries_filter,
     checkpoints_and_chain_links_read_back,
+    every_commit_signs_its_head_once_a_signer_is_set,
     keys_are_published_until_their_time,
     a_key_is_added_only_after_the_newest_its_writer_saw,
     commits_signal_what_changed,
@@ -1189,6 +1190,157 @@ async fn audit_queries_filter(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(after, &all[2..3]);
+}
+
+/// Signs with a key only the test knows (an HMAC would do as well: the
+/// store only carries what the signer returns).
+#[derive(Debug)]
+struct TestSigner {
+    fail: bool,
+}
+
+impl TestSigner {
+    fn signature(message: &[u8]) -> String {
+        scrip_store::hash(&[b"test-key\n".as_slice(), message].concat())
+    }
+}
+
+impl scrip_store::HeadSigner for TestSigner {
+    fn sign(&self, message: &[u8]) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        if self.fail {
+            return Err("the key is gone".into());
+        }
+        Ok(Self::signature(message))
+    }
+}
+
+/// Verifies everything `store` holds, requiring every record to be signed
+/// (no grace) with [`TestSigner`]'s key.
+async fn verify_signed(store: &dyn Store) -> scrip_store::Report {
+    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
+    let checkpoints = store.latest_checkpoints().await.unwrap();
+    let links: Vec<scrip_store::ChainLink> = rows
+        .iter()
+        .filter_map(|r| serde_json::from_str::<AuditEvent>(&r.record).ok())
+        .flat_map(|e| e.links)
+        .collect();
+    let mut v = scrip_store::Verifier::new(&checkpoints, &links);
+    v.require_signed(u64::MAX / 2, 0);
+    for r in &rows {
+        v.push(r);
+    }
+    v.finish(&checkpoints, |c| {
+        c.signature
+            == TestSigner::signature(&Checkpoint::message(
+                &c.chain_id,
+                c.chain_seq,
+                &c.hash,
+                c.at_ms,
+            ))
+    })
+}
+
+/// With a signer, each commit that appends audit records stores its
+/// chain's head signed, in the same transaction: nothing a writer
+/// committed waits for a later checkpoint, so a writer killed at any point
+/// leaves no unsigned record.
+async fn every_commit_signs_its_head_once_a_signer_is_set(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    assert!(s.latest_checkpoints().await.unwrap().is_empty());
+    let unsigned = verify_signed(s.as_ref()).await;
+    assert_eq!(unsigned.problems.len(), 1, "{unsigned:?}");
+    assert!(
+        unsigned.problems[0]
+            .what
+            .contains("covered by no signed checkpoint"),
+        "{unsigned:?}"
+    );
+
+    assert!(s.sign_heads_with(Arc::new(TestSigner { fail: false })));
+    assert!(
+        !s.sign_heads_with(Arc::new(TestSigner { fail: true })),
+        "the first signer stays"
+    );
+    for n in 1..=3 {
+        s.commit(vec![
+            audit("token.issued", None),
+            audit("token.issued", None),
+        ])
+        .await
+        .unwrap();
+        let head = s.chain_head().unwrap();
+        let signed = s.latest_checkpoints().await.unwrap();
+        assert_eq!(signed.len(), 1, "one row a chain: {signed:?}");
+        assert_eq!(
+            (
+                signed[0].chain_id.as_str(),
+                signed[0].chain_seq,
+                signed[0].hash.as_str()
+            ),
+            (head.chain_id.as_str(), head.chain_seq, head.hash.as_str()),
+            "commit {n}"
+        );
+        let report = verify_signed(s.as_ref()).await;
+        assert!(report.problems.is_empty(), "{report:?}");
+        assert_eq!(report.unsigned, 0);
+        assert!(report.vouched.is_empty(), "{report:?}");
+    }
+    // A commit without an audit record leaves the signed head alone.
+    let before = s.latest_checkpoints().await.unwrap();
+    s.commit(vec![Write::InsertTask(Box::new(task("t1", None, 5_000)))])
+        .await
+        .unwrap();
+    assert_eq!(s.latest_checkpoints().await.unwrap(), before);
+
+    // Another writer signs its own chain; its start links this one's head.
+    let other = f.replica().await;
+    other.sign_heads_with(Arc::new(TestSigner { fail: false }));
+    other
+        .commit(vec![audit("token.issued", None)])
+        .await
+        .unwrap();
+    assert_eq!(s.latest_checkpoints().await.unwrap().len(), 2);
+    let report = verify_signed(s.as_ref()).await;
+    assert!(report.problems.is_empty(), "{report:?}");
+
+    // A signer that fails fails the commit, which changes nothing: no
+    // record is stored that its writer did not sign.
+    let failing = f.replica().await;
+    failing.sign_heads_with(Arc::new(TestSigner { fail: true }));
+    let records = s.audit_rows(0, u32::MAX).await.unwrap().len();
+    let err = failing
+        .commit(vec![
+            audit("token.issued", None),
+            Write::InsertTask(Box::new(task("t2", None, 5_000))),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("cannot sign the audit chain head")),
+        "{err:?}"
+    );
+    assert_eq!(s.audit_rows(0, u32::MAX).await.unwrap().len(), records);
+    assert_eq!(s.task("t2").await.unwrap(), None);
+
+    // Cutting the newest records is seen: the signed head names a record
+    // that is gone.
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let head = s.chain_head().unwrap();
+    let rows = s.audit_rows(0, u32::MAX).await.unwrap();
+    let kept: Vec<_> = rows
+        .into_iter()
+        .filter(|r| !(r.chain_id == head.chain_id && r.chain_seq == head.chain_seq))
+        .collect();
+    let checkpoints = s.latest_checkpoints().await.unwrap();
+    let report = scrip_store::verify(&kept, &checkpoints, |_| true);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains("checkpointed record is missing")),
+        "{report:?}"
+    );
 }
 
 async fn checkpoints_and_chain_links_read_back(f: Fixture) {
