@@ -275,8 +275,8 @@ enum AuditCommand {
     /// Check the hash chains and signed checkpoints of the audit trail.
     ///
     /// Detects an edited, deleted, inserted, reordered or truncated record
-    /// and names it, and records older than a few checkpoint intervals that
-    /// no signature covers (rewritten with their signatures deleted). Exits
+    /// and names it, and records older than the signing grace (two
+    /// audit_checkpoint_interval and a minute) that no signature covers (rewritten with their signatures deleted). Exits
     /// 0 when everything verifies, 1 otherwise.
     ///
     /// scrip signs each commit's records as it writes them. Records their
@@ -519,7 +519,7 @@ fn serve(config: Option<&Path>) -> ExitCode {
 
 /// SIGTERM and SIGINT, taken over when made, not when first awaited: made
 /// before start-up, a stop that comes during it (or as soon as the server
-/// answers) is graceful, with a final audit checkpoint, rather than a kill.
+/// answers) is graceful (requests drained, the store closed), rather than a kill.
 pub(crate) struct Stop {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,

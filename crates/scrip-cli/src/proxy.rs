@@ -23,34 +23,9 @@ struct Started {
     listener: tokio::net::TcpListener,
     proxy: scrip_proxy::Proxy,
     policies: Policies,
-    /// Its audit chain's head is signed with this every
-    /// `audit_checkpoint_interval` and when it stops.
-    checkpoints: Checkpoints,
-}
-
-/// Signing this process's audit chain head.
-#[derive(Clone)]
-struct Checkpoints {
+    /// The store, which signs this process's audit chain head in every
+    /// commit.
     store: Arc<dyn scrip_store::Store>,
-    key: Arc<scrip_jose::SigningKey>,
-    last: Arc<scrip_server::LastCheckpoint>,
-    every: Duration,
-}
-
-impl Checkpoints {
-    async fn sign(&self) {
-        scrip_server::sign_checkpoint(self.store.as_ref(), &self.key, &self.last).await;
-    }
-
-    fn spawn(&self) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(this.every).await;
-                this.sign().await;
-            }
-        })
-    }
 }
 
 async fn start(config: Config) -> Result<Started, String> {
@@ -108,20 +83,14 @@ async fn start(config: Config) -> Result<Started, String> {
         .await
         .map_err(|e| format!("cannot sign audit checkpoints: {e}"))?;
     // Every commit signs this process's chain head in its transaction.
-    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key.clone())));
-    let checkpoints = Checkpoints {
-        store: store.clone(),
-        key,
-        last: Arc::new(std::sync::Mutex::new(None)),
-        every: Duration::from_secs(config.audit_checkpoint_interval),
-    };
+    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
     let replica = format!("proxy:{}:{}", local.port(), std::process::id());
     let policies = Policies::new(policy, policy_seen, &config, store.clone(), replica.clone());
     let current = policies.clone();
     let proxy = scrip_proxy::Proxy::new(
         &config,
         scrip_proxy::Parts {
-            store,
+            store: store.clone(),
             policy: Arc::new(move || current.current()),
             verifier,
             kek,
@@ -133,7 +102,7 @@ async fn start(config: Config) -> Result<Started, String> {
         listener,
         proxy,
         policies,
-        checkpoints,
+        store,
     })
 }
 
@@ -150,13 +119,12 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
             listener,
             proxy,
             policies,
-            checkpoints,
+            store,
         } = match stop.starting(start(config)).await {
             None => return fail("stopped during start-up"),
             Some(Ok(p)) => p,
             Some(Err(e)) => return fail(e),
         };
-        let signer = checkpoints.spawn();
         // The same reload as `scrip serve`: SIGHUP and policy file changes.
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let reloader = policies.spawn_reloader(hangup);
@@ -177,13 +145,10 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
             );
         let served = scrip_server::http::serve(listener, app, limits, stop.stopped()).await;
         reloader.abort();
-        signer.abort();
-        // Sign what this process wrote, once what it writes in the
-        // background is stored.
+        // Store what it writes in the background.
         let _ = tokio::time::timeout(Duration::from_secs(5), writes.flush()).await;
         // An empty commit waits for the batches queued before it.
-        let _ = checkpoints.store.commit(Vec::new()).await;
-        checkpoints.sign().await;
+        let _ = store.commit(Vec::new()).await;
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("proxy error: {e}")),

@@ -305,8 +305,8 @@ async fn rotate_each(
 
 /// Has the store sign the audit records this command writes (its own
 /// chain) in the commits that write them, as `scrip serve` does:
-/// `scrip audit verify` requires records older than a few checkpoint
-/// intervals to be signed. The secret is stored either way; a missing key
+/// `scrip audit verify` requires records older than its signing grace to
+/// be signed. The secret is stored either way; a missing key
 /// is reported on stderr.
 #[expect(
     clippy::print_stderr,

@@ -429,7 +429,7 @@ async fn audit_commands_read_what_the_server_recorded() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{report}"));
-    assert!(matched >= 1, "the graceful stop checkpoints: {report}");
+    assert!(matched >= 1, "the chain's head is signed: {report}");
     assert!(report.contains(" in 1 chains "), "{report}");
     site.assert_verifies(&[]);
 
@@ -460,6 +460,24 @@ async fn a_tampered_record_fails_verification_naming_it() {
     let access = r.token().unwrap_or_else(|| panic!("{r:?}"));
     server.stop();
     site.assert_verifies(&[]);
+    // The chain's one signed head, and no list of older signed positions
+    // that a chain could be cut back to.
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(site.db())
+        .connect()
+        .await
+        .unwrap();
+    for (count, rows) in [
+        ("SELECT COUNT(*) FROM audit_heads", 1),
+        ("SELECT COUNT(*) FROM audit_checkpoints", 0),
+    ] {
+        let n: i64 = sqlx::query_scalar(count)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, rows, "{count}");
+    }
+    drop(conn);
 
     let all = site.export(&[]);
     let issued = all
@@ -467,8 +485,7 @@ async fn a_tampered_record_fails_verification_naming_it() {
         .find(|r| str_of(r, "jti") == Some(jti(&access).as_str()))
         .expect("the token.issued record");
     let seq = issued["seq"].as_i64().unwrap();
-    // Not the last record: the graceful stop's checkpoint is not what catches
-    // it.
+    // Not the last record: the signed head is not what catches it.
     tamper(&site.db(), seq, "\"read\"", "\"write\"").await;
 
     let out = site.audit(&["verify"]);
@@ -535,8 +552,8 @@ async fn audit_commands_never_migrate_the_store() {
 }
 
 /// A SIGTERM that reaches `scrip serve` while it starts (its store already
-/// open, its listener not yet served) stops it gracefully once started,
-/// with a final checkpoint; it never kills it.
+/// open, its listener not yet served) stops it gracefully once started;
+/// it never kills it.
 #[test]
 fn a_sigterm_during_start_up_stops_the_server_gracefully() {
     let site = Site::new();

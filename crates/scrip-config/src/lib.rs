@@ -89,7 +89,10 @@ pub struct Config {
     pub environments: Vec<String>,
     /// Seconds between checks of `policy_dir` for changes (0: only SIGHUP).
     pub policy_poll_interval: u64,
-    /// Seconds between signed checkpoints of the audit chain.
+    /// The signing grace of `scrip audit verify`, in seconds: a record no
+    /// signature covers is reported once older than two of these and a
+    /// minute. (scrip signs each commit's records as it writes them;
+    /// earlier versions signed every this many seconds.)
     pub audit_checkpoint_interval: u64,
     /// Federated workload identity issuers.
     pub trusted_issuers: Vec<TrustedIssuer>,

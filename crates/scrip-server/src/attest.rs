@@ -210,7 +210,7 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
             });
         }
         // Stopped, and waited for: none of them commits after the caller's
-        // final checkpoint.
+        // final commit.
         connections.shutdown().await;
         drop(socket);
     });

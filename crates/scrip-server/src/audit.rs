@@ -7,7 +7,10 @@ use scrip_store::{Checkpoint, Report, Store, StoreError, Verifier};
 const PAGE: u32 = 10_000;
 
 /// How long after it was written a record may still wait for its writer's
-/// signature: two checkpoint intervals and a minute, in milliseconds.
+/// signature: two `audit_checkpoint_interval`s and a minute, in
+/// milliseconds. scrip signs each commit's records as it writes them; the
+/// grace is for records committed while a verification reads, and for
+/// writers of earlier scrip versions, which signed every interval.
 #[must_use]
 pub fn signature_grace_ms(config: &scrip_config::Config) -> u64 {
     config

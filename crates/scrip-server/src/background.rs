@@ -1,12 +1,12 @@
 //! Work beside the requests: policy reload ([`crate::policies`]), ending
-//! tasks at their deadline, audit checkpoints and the shared key set.
+//! tasks at their deadline and the shared key set. (Audit records need no
+//! work here: the store signs the chain head in every commit.)
 
 use std::time::Duration;
 
-use scrip_jose::SigningKey;
 use scrip_store::Write;
 
-use crate::state::{AppState, Inner, now};
+use crate::state::{AppState, now};
 
 /// The handles of the background tasks.
 #[derive(Debug)]
@@ -25,9 +25,8 @@ impl Background {
 pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Background {
     let reload = state.0.policy.spawn_reloader(hangup);
     let sweep = tokio::spawn(sweep_loop(state.clone()));
-    let seal = tokio::spawn(checkpoint_loop(state.clone()));
     let keys = tokio::spawn(keys_loop(state));
-    Background(vec![reload, sweep, seal, keys])
+    Background(vec![reload, sweep, keys])
 }
 
 /// Follows the shared key set: re-reads it when the store signals a key
@@ -139,71 +138,5 @@ async fn sweep_loop(state: AppState) {
         {
             tracing::warn!(error = %e, "could not purge expired revocations");
         }
-    }
-}
-
-async fn checkpoint_loop(state: AppState) {
-    let interval = Duration::from_secs(state.0.config.audit_checkpoint_interval);
-    loop {
-        tokio::time::sleep(interval).await;
-        checkpoint(&state.0).await;
-    }
-}
-
-/// Signs and stores a checkpoint of this writer's chain head, if it moved
-/// since the last one.
-pub(crate) async fn checkpoint(st: &Inner) {
-    let key = st.keyring.checkpoint_key();
-    sign_checkpoint(st.store.as_ref(), &key, &st.last_checkpoint).await;
-}
-
-/// The head of this process's chain in `store` last signed.
-pub type LastCheckpoint = std::sync::Mutex<Option<(String, u64)>>;
-
-/// Signs with `key` and stores a checkpoint of this process's chain head in
-/// `store`, unless `last` says it is signed already. Every process that
-/// writes audit records signs its head this way (`scrip serve` and
-/// `scrip proxy` every `audit_checkpoint_interval` and when they stop, the
-/// `scrip secret` commands once): `scrip audit verify` requires a record
-/// older than a few intervals to be covered by a signature.
-pub async fn sign_checkpoint(
-    store: &dyn scrip_store::Store,
-    key: &SigningKey,
-    last: &LastCheckpoint,
-) {
-    let Some(head) = store.chain_head() else {
-        return;
-    };
-    // The position alone is not the head: after a store failure the writer
-    // goes on with a fresh chain, whose records reach the same positions.
-    let done = last.lock().ok().and_then(|l| l.clone());
-    if done.as_ref() == Some(&(head.chain_id.clone(), head.chain_seq)) {
-        return;
-    }
-    let at_ms = crate::state::now_ms();
-    let message =
-        scrip_store::Checkpoint::message(&head.chain_id, head.chain_seq, &head.hash, at_ms);
-    let signature = match key.sign_detached(&message) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot sign an audit checkpoint");
-            return;
-        }
-    };
-    let c = scrip_store::Checkpoint {
-        chain_id: head.chain_id,
-        chain_seq: head.chain_seq,
-        hash: head.hash,
-        at_ms,
-        signature,
-    };
-    let signed = (c.chain_id.clone(), c.chain_seq);
-    match store.commit(vec![Write::Checkpoint(Box::new(c))]).await {
-        Ok(()) => {
-            if let Ok(mut l) = last.lock() {
-                *l = Some(signed);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not store an audit checkpoint; will retry"),
     }
 }

@@ -61,7 +61,7 @@ impl Limits {
 /// Serves `app` on `listener` until `shutdown` completes, then lets open
 /// connections finish for at most [`Limits::drain`]; those still open then
 /// are stopped, and have stopped when this returns, so nothing they do
-/// reaches the store after the caller's final audit checkpoint. Each
+/// reaches the store after the caller's final commit. Each
 /// request carries the peer's address as [`ConnectInfo`].
 ///
 /// # Errors
@@ -142,7 +142,7 @@ pub async fn serve(
         );
     }
     // Stopped, not left to run on: a request still at work could otherwise
-    // commit after the final checkpoint.
+    // commit after the final commit, or be cut off mid-answer by the exit.
     connections.shutdown().await;
     Ok(())
 }

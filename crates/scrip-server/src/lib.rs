@@ -30,8 +30,6 @@ pub mod policies;
 mod revoke;
 mod state;
 
-pub use background::{LastCheckpoint, sign_checkpoint};
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -217,7 +215,6 @@ impl Server {
         ));
         startup.push(Write::Audit(Box::new(a)));
         store.commit(startup).await?;
-        let last_checkpoint = std::sync::Mutex::new(None);
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }
@@ -226,7 +223,6 @@ impl Server {
         let inner = state::Inner {
             self_audience: vec![issuer.clone()],
             keyring,
-            last_checkpoint,
             polls: approval::Polls::default(),
             dpop_proofs: scrip_jose::dpop::ReplayCache::new(exchange::DPOP_PROOFS),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -325,14 +321,15 @@ impl Server {
             .map_err(StartError::Serve);
         background.abort();
         attest.stop().await;
-        // Seal what this process wrote, once what the proxy writes in the
-        // background is stored.
+        // Store what the proxy writes in the background (each commit signs
+        // this process's chain head).
         if let Some(proxy) = &self.proxy {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.flush()).await;
         }
-        // An empty commit waits for the batches queued before it.
+        // An empty commit waits for the batches queued before it (and
+        // starts and signs a replacing chain after a commit whose outcome
+        // was unknown, linking what that commit left).
         let _ = state.0.store.commit(Vec::new()).await;
-        background::checkpoint(&state.0).await;
         result
     }
 }

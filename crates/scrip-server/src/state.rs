@@ -39,7 +39,6 @@ pub(crate) struct Inner {
     pub self_audience: Vec<String>,
     /// The keys scrip signs with and publishes (rotating on a shared store).
     pub keyring: std::sync::Arc<crate::keyring::Keyring>,
-    pub last_checkpoint: std::sync::Mutex<Option<(String, u64)>>,
     /// Single-use tokens already presented to introspection (`jti` → exp).
     pub used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Last poll per approval, for `slow_down`.

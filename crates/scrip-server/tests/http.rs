@@ -149,7 +149,7 @@ async fn connections_past_the_limit_are_closed_at_once() {
 
 /// A request still at work when the drain time is up is stopped before
 /// `serve` returns: nothing it would do (a store commit, say) comes after
-/// what the caller does next (the final audit checkpoint).
+/// what the caller does next (the final commit before the process exits).
 #[tokio::test]
 async fn a_request_still_at_work_after_the_drain_is_stopped_before_serve_returns() {
     use std::sync::Arc;

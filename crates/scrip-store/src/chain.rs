@@ -4,8 +4,9 @@
 //! replicas write at once without a global lock. A record's stored JSON
 //! holds its `chain_id`, `chain_seq` and `prev_hash`; its hash is the SHA-256
 //! of exactly that JSON. The first record of a chain (`chain.started`) links
-//! to the heads of the chains already in the store, and signed checkpoints
-//! pin a chain's head from time to time. Together these detect an edited,
+//! to the heads of the chains already in the store, and each commit stores
+//! its chain's head signed by the writer ([`HeadSigner`]; earlier versions
+//! signed checkpoints from time to time). Together these detect an edited,
 //! deleted, inserted, reordered or truncated record.
 
 use std::collections::{HashMap, HashSet};
@@ -433,8 +434,8 @@ impl Verifier {
     /// it. Without this, whoever can write the store could delete the
     /// checkpoints, rewrite records and recompute every hash (which needs no
     /// key) unnoticed. Uncovered records written since are counted in
-    /// [`Report::unsigned`] (their writers sign their heads every
-    /// `audit_checkpoint_interval`); an uncovered record that claims to be
+    /// [`Report::unsigned`] (committed after the signatures were read, or
+    /// by a writer that signs only from time to time); an uncovered record that claims to be
     /// written more than `grace_ms` after `now_ms` is a problem too.
     pub fn require_signed(&mut self, now_ms: u64, grace_ms: u64) {
         self.signed = Some((now_ms, grace_ms));

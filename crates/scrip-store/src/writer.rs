@@ -475,7 +475,7 @@ mod tests {
 
     /// After a commit whose outcome is unknown, the replacing chain starts
     /// at the next commit even when it carries no audit record (the empty
-    /// commit before a final checkpoint, a checkpoint): its start links the
+    /// commit at shutdown, a checkpoint): its start links the
     /// old chain's true head, so what that commit may have written is
     /// covered once the new chain is signed, though nothing more is written.
     #[tokio::test]
