@@ -517,12 +517,14 @@ async fn decide_endpoint(
             let reason: String = form
                 .require("reason")?
                 .chars()
-                .filter(|c| !c.is_control())
+                // Control, bidirectional and invisible characters could
+                // forge or reorder what the agent's side shows.
+                .filter(|c| !scrip_token::is_deceptive(*c))
                 .take(500)
                 .collect();
             if reason.trim().is_empty() {
                 return Err(OAuthError::invalid_request(
-                    "parameter `reason` must be text, not only control characters",
+                    "parameter `reason` must be text, not only control or invisible characters",
                 ));
             }
             Some(reason)

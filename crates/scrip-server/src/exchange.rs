@@ -210,6 +210,9 @@ async fn exchange(
 /// The most `may_act` entries a task may list.
 const MAX_MAY_ACT: usize = 16;
 
+/// The members of `request_details`.
+const DETAILS_MEMBERS: [&str; 4] = ["purpose", "environment", "ttl", "may_act"];
+
 /// `request_details` of a task start or a delegation.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,16 +237,50 @@ pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuth
             "request_details is larger than {MAX_DETAILS} bytes"
         )));
     }
-    let mut details: RequestDetails = serde_json::from_str(raw)
-        .map_err(|e| OAuthError::invalid_request(format!("request_details: {e}")))?;
+    // The parser's messages quote the offending value, which may be
+    // anything the agent put there (a credential in the wrong member): what
+    // is wrong is said without echoing it.
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(raw).map_err(|e| {
+            OAuthError::invalid_request(format!(
+                "request_details must be a JSON object (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !DETAILS_MEMBERS.contains(&k.as_str()))
+    {
+        let named = unknown.len() <= 32
+            && unknown
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        return Err(OAuthError::invalid_request(format!(
+            "request_details: unknown member{}; the members are `purpose`, `environment`, `ttl` and `may_act`",
+            if named {
+                format!(" `{unknown}`")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    let mut details: RequestDetails = serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|_| {
+            OAuthError::invalid_request(
+                "request_details: a member has the wrong type (`purpose` and `environment` are strings, `ttl` a whole number of seconds, `may_act` a list of objects with `sub` and optional `iss`)",
+            )
+        })?;
     if let Some(purpose) = details.purpose.as_mut() {
         *purpose = purpose.trim().to_owned();
         if purpose.is_empty()
             || purpose.chars().count() > MAX_PURPOSE
-            || purpose.chars().any(char::is_control)
+            || purpose.chars().any(scrip_token::is_deceptive)
         {
+            // Bidirectional and invisible characters too: the purpose is
+            // what a person approving a step reads.
             return Err(OAuthError::invalid_request(format!(
-                "request_details: `purpose` must be 1 to {MAX_PURPOSE} characters of text"
+                "request_details: `purpose` must be 1 to {MAX_PURPOSE} characters of visible text"
             )));
         }
     }
@@ -400,6 +437,13 @@ async fn start_task(
             "audience and resource name a tool for an access token; a task asks for grants in `scope`",
         ));
     }
+    // Who asks comes first: the answers below name the configured tools,
+    // actions and environments, which only a trusted workload may learn.
+    let agent = st
+        .identities
+        .verify(subject_token)
+        .await
+        .map_err(identity_error)?;
     let scope = form.get("scope").ok_or_else(|| {
         OAuthError::invalid_scope(
             "parameter `scope` is required: the grants the task asks for, as `tool:action`",
@@ -437,11 +481,6 @@ async fn start_task(
             st.config.environments.join(", ")
         )));
     }
-    let agent = st
-        .identities
-        .verify(subject_token)
-        .await
-        .map_err(identity_error)?;
     // A task started with a proof is bound to its key (RFC 9449 §5, as a
     // refresh token is): a stolen task token is no use without the key.
     let cnf = binding.map(|b| b.spend(st)).transpose()?;

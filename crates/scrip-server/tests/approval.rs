@@ -1077,10 +1077,15 @@ async fn odd_ids_are_unknown(s: &TestServer, task: &str) {
         assert_eq!(r.status().as_u16(), 404, "{id:?}");
     }
     let id = pending(s, task).await;
-    deny(s, &id, Some(&alice), "\0\u{7}")
+    deny(s, &id, Some(&alice), "\0\u{7}\u{202e}\u{2028}")
         .await
         .assert_error(400, "invalid_request");
-    assert_eq!(deny(s, &id, Some(&alice), "no\0pe").await.status, 200);
+    assert_eq!(
+        deny(s, &id, Some(&alice), "no\0\u{202e}\u{200b}pe")
+            .await
+            .status,
+        200
+    );
     poll(s, task, &id).await.assert_error(400, "access_denied");
 }
 
@@ -1103,7 +1108,8 @@ async fn odd_approval_ids_are_unknown_not_errors() {
     let s = server().await;
     let task = prod_task(&s).await;
     odd_ids_are_unknown(&s, &task).await;
-    // A reason is text: control characters are dropped, none at all refused.
+    // A reason is text: control, bidirectional and invisible characters are
+    // dropped, none at all refused.
     let denied = s.audit().await;
     let denied = denied
         .iter()

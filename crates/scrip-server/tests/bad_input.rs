@@ -341,6 +341,34 @@ async fn task_unknown_tool_in_scope() {
     s.stop().await;
 }
 
+/// Without a valid identity, a task start learns nothing of the
+/// configuration: not which tools, actions or environments exist.
+#[tokio::test]
+async fn an_unidentified_caller_learns_no_tool_action_or_environment() {
+    let s = TestServer::start().await;
+    let other = s.k8s.kubernetes("agents", "coder");
+    let forged = format!("{}x", &other[..other.len() - 1]);
+    for identity in ["garbage", forged.as_str()] {
+        for (scope, details) in [
+            ("slack:read", DETAILS),
+            ("jira:delete", DETAILS),
+            (
+                "github:read",
+                r#"{"purpose":"fix JIRA-1","environment":"production"}"#,
+            ),
+        ] {
+            let r = s
+                .post_form("/token", &task_form(identity, scope, details))
+                .await;
+            r.assert_error(400, "invalid_request");
+            for told in ["slack", "jira", "github", "dev", "prod", "action"] {
+                assert!(!r.text.contains(told), "{scope}: {}", r.text);
+            }
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn task_unknown_action_at_tool() {
     let s = TestServer::start().await;
@@ -378,11 +406,18 @@ async fn task_request_details_not_json() {
         "[]",
         "\"dev\"",
         r#"{"purpose": 1, "environment": "dev"}"#,
+        r#"{"purpose": "x", "environment": "dev", "ttl": "ghp_SECRETVALUE"}"#,
+        r#"{"purpose": "x", "environment": "dev", "may_act": "ghp_SECRETVALUE"}"#,
+        r#"{"purpose": "x", "environment": "dev", "ghp_SECRETVALUE!": 1}"#,
+        r#"{"purpose": "x", "environment": "dev", "ttl": 1} ghp_SECRETVALUE"#,
     ] {
         let r = s
             .post_form("/token", &task_form(&identity, "github:read", details))
             .await;
         assert_error_says(&r, 400, "invalid_request", "request_details");
+        // What the agent sent is never echoed: it could be a credential in
+        // the wrong member, and the message reaches logs and the audit.
+        assert!(!r.text.contains("SECRETVALUE"), "{}", r.text);
     }
     s.stop().await;
 }
@@ -403,7 +438,16 @@ async fn task_request_details_unknown_field() {
 async fn task_empty_purpose() {
     let s = TestServer::start().await;
     let identity = s.k8s.kubernetes("agents", "coder");
-    for purpose in ["", "   ", "line\nbreak"] {
+    // Bidirectional overrides, line separators and invisible characters
+    // could forge what a person approving a step reads.
+    for purpose in [
+        "",
+        "   ",
+        "line\nbreak",
+        "fix \u{202e}ved\u{202c} JIRA-1",
+        "fix\u{2028}environment: dev",
+        "fix\u{200b}JIRA-1",
+    ] {
         let r = s
             .try_start_task(&identity, "github:read", "dev", purpose, None)
             .await;
