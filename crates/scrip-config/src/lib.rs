@@ -596,7 +596,7 @@ impl Config {
             );
         }
         if let Some(url) = &self.approval_webhook {
-            check_url("approval_webhook", url, true)?;
+            check_webhook_url("approval_webhook", url)?;
         }
         let mut names = HashSet::new();
         let mut resources = HashSet::new();
@@ -736,11 +736,46 @@ pub fn is_environment(name: &str) -> bool {
 /// An absolute http(s) URL; `https` unless the host is a loopback address
 /// when `require_https_off_loopback`.
 fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<(), ConfigError> {
+    check_url_as(
+        what,
+        s,
+        &format!(" `{s}`"),
+        false,
+        require_https_off_loopback,
+    )
+}
+
+/// A webhook URL: as [`check_url`] with https required off loopback, but
+/// its path and query may hold the secret the receiver checks (Slack puts
+/// it in the path, Google Chat in the query): a query is allowed, and a
+/// message names the scheme and host only.
+fn check_webhook_url(what: &str, s: &str) -> Result<(), ConfigError> {
+    let shown = url::Url::parse(s).ok().map_or_else(String::new, |u| {
+        format!(" `{}://{}/…`", u.scheme(), u.host_str().unwrap_or(""))
+    });
+    check_url_as(what, s, &shown, true, true)
+}
+
+/// [`check_url`], showing the URL as `shown` in a message.
+fn check_url_as(
+    what: &str,
+    s: &str,
+    shown: &str,
+    allow_query: bool,
+    require_https_off_loopback: bool,
+) -> Result<(), ConfigError> {
     let Ok(url) = url::Url::parse(s) else {
-        return invalid(format!("{what} `{s}` is not an absolute URL"));
+        return invalid(format!("{what}{shown} is not an absolute URL"));
     };
-    if url.fragment().is_some() || url.query().is_some() {
-        return invalid(format!("{what} `{s}` must not have a query or fragment"));
+    if url.fragment().is_some() || (url.query().is_some() && !allow_query) {
+        return invalid(format!(
+            "{what}{shown} must not have a {}",
+            if allow_query {
+                "fragment"
+            } else {
+                "query or fragment"
+            }
+        ));
     }
     if url.username() != "" || url.password().is_some() {
         return invalid(format!("{what} must not carry credentials"));
@@ -754,12 +789,12 @@ fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<()
             "http" if loopback => {}
             _ => {
                 return invalid(format!(
-                    "{what} `{s}` must use https (http only on loopback)"
+                    "{what}{shown} must use https (http only on loopback)"
                 ));
             }
         }
     } else if !url.has_host() && url.scheme() != "urn" {
-        return invalid(format!("{what} `{s}` is not a URI with a host"));
+        return invalid(format!("{what}{shown} is not a URI with a host"));
     }
     Ok(())
 }
@@ -865,6 +900,35 @@ mod tests {
         assert_eq!(c.longest_token_life(), LOCAL_IDENTITY_TTL + c.clock_skew);
         c.max_task_ttl = 7200;
         assert_eq!(c.longest_token_life(), 7200 + c.clock_skew);
+    }
+
+    /// A webhook's path or query often is its secret: it may have a query,
+    /// and a refusal names its scheme and host only.
+    #[test]
+    fn a_webhook_url_is_checked_without_being_shown() {
+        check(
+            "approval_webhook = \"https://chat.example/v1/spaces/X/messages?key=K&token=T\"",
+            None,
+        );
+        for (url, want) in [
+            (
+                "http://hooks.example/services/T0/B0/SECRETPATH",
+                "must use https",
+            ),
+            (
+                "https://hooks.example/services/SECRETPATH#SECRETFRAG",
+                "fragment",
+            ),
+            ("https://u:SECRETPASS@hooks.example/x", "credentials"),
+            ("hooks.example/SECRETPATH", "not an absolute URL"),
+        ] {
+            let toml = format!("approval_webhook = \"{url}\"");
+            let e = Config::from_toml(&toml)
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
     }
 
     #[test]
