@@ -59,20 +59,29 @@ impl Draft {
 }
 
 impl Proxy {
-    /// Records a refusal (in the background: a refusal releases nothing)
-    /// and answers it.
-    fn deny(&self, draft: &Draft, upstream: &str, response: Response, reason: String) -> Response {
+    /// Records a refusal and answers it: in the background (a refusal
+    /// releases nothing), unless too many records are being written
+    /// already, when the refusal waits for its own: a client sending
+    /// refusals faster than the store takes them is slowed down rather
+    /// than left to grow the backlog without bound.
+    async fn deny(
+        &self,
+        draft: &Draft,
+        upstream: &str,
+        response: Response,
+        reason: String,
+    ) -> Response {
         let mut r = draft.finish("proxy.request");
         r.decision = Some("deny".into());
         r.status = Some(response.status().as_u16());
         r.reason = Some(reason);
         self.0.metrics.count(upstream, Outcome::Denied);
-        self.commit_later(r);
+        self.0.pending.commit_or_wait(self.0.store.clone(), r).await;
         response
     }
 
     fn commit_later(&self, record: AuditEvent) {
-        self.0.pending.commit(self.0.store.clone(), record);
+        drop(self.0.pending.commit(self.0.store.clone(), record));
     }
 }
 
@@ -108,6 +117,24 @@ impl Drop for Unanswered {
     }
 }
 
+/// The most bytes of a method or path an audit record keeps: a request
+/// head may be 64 KiB, and a refused request (anyone may send one) should
+/// not cost the store that much.
+const AUDIT_TEXT: usize = 1024;
+
+/// `s` as an audit record keeps it: cut at [`AUDIT_TEXT`] bytes, saying
+/// how long it was.
+fn for_audit(s: &str) -> String {
+    if s.len() <= AUDIT_TEXT {
+        return s.to_owned();
+    }
+    let mut end = AUDIT_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", s.get(..end).unwrap_or_default(), s.len())
+}
+
 /// The upstream name and the path below it.
 fn split(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix(crate::PREFIX)?;
@@ -140,8 +167,8 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             event: "proxy.request".into(),
             replica: proxy.0.replica.clone(),
             tool: Some(upstream.name.clone()),
-            method: Some(parts.method.as_str().to_owned()),
-            path: Some(path.to_owned()),
+            method: Some(for_audit(parts.method.as_str())),
+            path: Some(for_audit(path)),
             client,
             ..AuditEvent::default()
         },
@@ -152,24 +179,24 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         Ok(p) => p,
         Err(e) => {
             let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
-            return proxy.deny(&draft, name, r, e.to_string());
+            return proxy.deny(&draft, name, r, e.to_string()).await;
         }
     };
-    draft.record.path = Some(path.clone());
+    draft.record.path = Some(for_audit(&path));
     // Routes and Cedar see escapes the upstream decodes before routing
     // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
     let matched = route::match_form(&path);
     let Some(action) = upstream.map.action(&parts.method, &matched).cloned() else {
         let why = format!(
             "method `{}` maps to no action of this upstream",
-            parts.method
+            for_audit(parts.method.as_str())
         );
         let r = error(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request",
             why.clone(),
         );
-        return proxy.deny(&draft, name, r, why);
+        return proxy.deny(&draft, name, r, why).await;
     };
     draft.record.actions = Some(action.to_string());
 
@@ -186,7 +213,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 .unwrap_or_else(|| {
                     "scrip could not confirm the token's state (revocations stale, or a single use unconfirmed)".into()
                 });
-            return proxy.deny(&draft, name, rejection.into_response::<Body>(), why);
+            return proxy
+                .deny(&draft, name, rejection.into_response::<Body>(), why)
+                .await;
         }
     };
     draft.record.task_id = Some(token.task().to_owned());
@@ -202,7 +231,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             let r =
                 scrip_verifier::Rejection::from_error(name, &scrip_verifier::VerifyError::Revoked)
                     .into_response::<Body>();
-            return proxy.deny(&draft, name, r, "the token's task is not active".into());
+            return proxy
+                .deny(&draft, name, r, "the token's task is not active".into())
+                .await;
         }
         Err(e) => {
             tracing::error!(error = %e, "proxy: cannot read the task");
@@ -231,13 +262,13 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 parts.method
             ),
         );
-        return proxy.deny(&draft, name, r, decision.reason);
+        return proxy.deny(&draft, name, r, decision.reason).await;
     }
 
     if !upstream.secret_actions.contains(&action) {
         let why = format!("upstream `{name}` has no secret for `{action}`");
         let r = error(StatusCode::FORBIDDEN, "access_denied", why.clone());
-        return proxy.deny(&draft, name, r, why);
+        return proxy.deny(&draft, name, r, why).await;
     }
     let secret = match proxy.0.secrets.current(name, action.as_str()).await {
         Ok(Some(s)) => s,
@@ -249,7 +280,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 "temporarily_unavailable",
                 why.clone(),
             );
-            return proxy.deny(&draft, name, r, why);
+            return proxy.deny(&draft, name, r, why).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "proxy: cannot read the secret");
@@ -303,12 +334,14 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 &scrip_verifier::VerifyError::AlreadyUsed,
             )
             .into_response::<Body>();
-            return proxy.deny(
-                &draft,
-                name,
-                r,
-                "single-use token was already presented, or its task ended meanwhile".into(),
-            );
+            return proxy
+                .deny(
+                    &draft,
+                    name,
+                    r,
+                    "single-use token was already presented, or its task ended meanwhile".into(),
+                )
+                .await;
         }
         Err(e) => {
             tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
@@ -557,7 +590,7 @@ async fn forward(
                 None => "response incomplete: the agent or the upstream went away".into(),
             });
         }
-        pending.commit(store, r);
+        drop(pending.commit(store, r));
     });
     let body = ResponseBody::new(
         incoming,
@@ -588,7 +621,25 @@ fn encoded(headers: &http::HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{encoded, split};
+    use super::{AUDIT_TEXT, encoded, for_audit, split};
+
+    #[test]
+    fn audit_text_is_cut_on_a_character() {
+        assert_eq!(for_audit("/a/b"), "/a/b");
+        let exact = "a".repeat(AUDIT_TEXT);
+        assert_eq!(for_audit(&exact), exact);
+        // A two-byte character straddles the limit: cut before it.
+        let straddling = format!("{}é{}", "a".repeat(AUDIT_TEXT - 1), "b".repeat(10));
+        let kept = for_audit(&straddling);
+        assert_eq!(
+            kept,
+            format!(
+                "{}… ({} bytes)",
+                "a".repeat(AUDIT_TEXT - 1),
+                straddling.len()
+            )
+        );
+    }
 
     #[test]
     fn encodings() {

@@ -132,6 +132,10 @@ struct Inner {
     metrics_records: tokio::sync::Mutex<Option<(Instant, Arc<Vec<scrip_store::SecretRecord>>)>>,
 }
 
+/// Refusal records written in the background at most at once (see
+/// [`Pending::commit_or_wait`]).
+const PENDING: usize = 1024;
+
 /// Background audit writes still running, so that [`Proxy::flush`] can
 /// wait for them before the process signs its chain and exits.
 #[derive(Debug, Default)]
@@ -142,14 +146,18 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// Commits `record` in the background, counted until it is written.
-    pub(crate) fn commit(self: &Arc<Self>, store: Arc<dyn Store>, record: scrip_store::AuditEvent) {
+    pub(crate) fn commit(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        record: scrip_store::AuditEvent,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+            return None;
         };
         self.count.fetch_add(1, Ordering::SeqCst);
         let this = self.clone();
-        runtime.spawn(async move {
+        Some(runtime.spawn(async move {
             if let Err(e) = store
                 .commit(vec![scrip_store::Write::Audit(Box::new(record))])
                 .await
@@ -158,7 +166,24 @@ impl Pending {
             }
             this.count.fetch_sub(1, Ordering::SeqCst);
             this.ended.notify_waiters();
-        });
+        }))
+    }
+
+    /// As [`Self::commit`], but once [`PENDING`] records are being
+    /// written, returns only when `record` is (the write goes on if the
+    /// caller goes away): the backlog stays within [`PENDING`] and one
+    /// record for each request being answered.
+    pub(crate) async fn commit_or_wait(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        record: scrip_store::AuditEvent,
+    ) {
+        let busy = self.count.load(std::sync::atomic::Ordering::SeqCst) >= PENDING;
+        if let Some(written) = self.commit(store, record)
+            && busy
+        {
+            let _ = written.await;
+        }
     }
 
     async fn flush(&self) {
@@ -402,4 +427,41 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::{Arc, PENDING, Pending, Store};
+
+    /// Past [`PENDING`] records being written, a refusal returns only once
+    /// its own record is stored: the backlog cannot grow without bound.
+    #[tokio::test]
+    async fn past_the_bound_a_record_is_written_before_the_refusal_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(scrip_store::SqliteStore::open_in(dir.path()).await.unwrap());
+        let pending = Arc::new(Pending::default());
+        let record = scrip_store::AuditEvent {
+            event: "proxy.request".into(),
+            reason: Some("waited for".into()),
+            replica: "test".into(),
+            ..scrip_store::AuditEvent::default()
+        };
+        // As if that many were being written.
+        pending.count.store(PENDING, Ordering::SeqCst);
+        pending.commit_or_wait(store.clone(), record).await;
+        let written = store
+            .audit(&scrip_store::AuditFilter::default())
+            .await
+            .unwrap();
+        assert!(
+            written
+                .iter()
+                .any(|a| a.reason.as_deref() == Some("waited for")),
+            "{written:?}"
+        );
+        assert_eq!(pending.count.load(Ordering::SeqCst), PENDING);
+    }
 }

@@ -55,6 +55,16 @@ pub enum PathError {
     /// `%252e%252e` as `..`) from the one the routes and Cedar decided on.
     #[error("path must not contain double-encoded characters (`%25` before two hex digits)")]
     DoubleEncoded,
+    /// An escaped control character (`%0A`, `%7F`), escaped bytes that are
+    /// not UTF-8 (an overlong `%C0%AE` reads as `.` to a lenient decoder),
+    /// or an escaped space at either end of a segment: servers that trim
+    /// or decode leniently would route another path (`/admin%0A`,
+    /// `/admin%20/users` as `/admin/users`) than the one routes and Cedar
+    /// decided on.
+    #[error(
+        "path must not contain escaped control characters, escapes that are not UTF-8, or an escaped space at either end of a segment"
+    )]
+    Escape,
     /// A `;`, plain or encoded: servers that take path parameters strip
     /// `;...` from a segment (`/..;/admin` becomes `/../admin`, `/admin;x`
     /// becomes `/admin`), so the upstream would run another path than the
@@ -80,8 +90,12 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
+    // The escaped bytes of 0x80 and above seen in a row: they must spell
+    // UTF-8, checked when the run ends.
+    let mut high = Vec::new();
     while let Some(&b) = bytes.get(i) {
         if b != b'%' {
+            utf8_run(&mut high)?;
             out.push(char::from(b));
             i += 1;
             continue;
@@ -91,6 +105,14 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             return Err(PathError::Ambiguous);
         };
         let value = u8::try_from(hi * 16 + lo).map_err(|_| PathError::Ambiguous)?;
+        if value.is_ascii_control() {
+            return Err(PathError::Escape);
+        }
+        if value >= 0x80 {
+            high.push(value);
+        } else {
+            utf8_run(&mut high)?;
+        }
         if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(value));
         } else {
@@ -98,6 +120,13 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
             out.push_str(&format!("{value:02X}"));
         }
         i += 3;
+    }
+    utf8_run(&mut high)?;
+    if out
+        .split('/')
+        .any(|s| s.starts_with("%20") || s.ends_with("%20"))
+    {
+        return Err(PathError::Escape);
     }
     // Checked on the result, where encoded hex digits are digits again:
     // `%25%36%31` is `%2561` to the upstream.
@@ -113,6 +142,17 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         return Err(PathError::EmptySegment);
     }
     Ok(out)
+}
+
+/// Refuses a run of escaped bytes that is not UTF-8 (strictly: no
+/// overlong forms, no surrogates), and empties it.
+fn utf8_run(run: &mut Vec<u8>) -> Result<(), PathError> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let ok = std::str::from_utf8(run).is_ok();
+    run.clear();
+    if ok { Ok(()) } else { Err(PathError::Escape) }
 }
 
 /// The characters whose escapes [`match_form`] decodes: those a segment
@@ -408,5 +448,28 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(PathError::Ambiguous));
         assert_eq!(n("/a%2Fb"), Err(PathError::Ambiguous));
         assert_eq!(n("/é"), Err(PathError::Ambiguous));
+        // Escaped controls, escapes that are not UTF-8, and escaped spaces
+        // at a segment's end, which servers trim or decode leniently.
+        for p in [
+            "/admin%0A",
+            "/admin%0d%0a",
+            "/admin%09",
+            "/admin%7F",
+            "/a%00",
+            "/%C0%AE%C0%AE/admin",
+            "/%E0%80%AE",
+            "/%ED%A0%80",
+            "/a%C3",
+            "/a%C3%41",
+            "/a%C3/b",
+            "/%FF",
+            "/admin%20/users",
+            "/%20admin",
+            "/admin%20",
+        ] {
+            assert_eq!(n(p), Err(PathError::Escape), "{p}");
+        }
+        assert_eq!(n("/caf%C3%A9/%E2%82%AC"), Ok("/caf%C3%A9/%E2%82%AC".into()));
+        assert_eq!(n("/my%20file.txt"), Ok("/my%20file.txt".into()));
     }
 }

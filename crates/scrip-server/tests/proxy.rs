@@ -435,6 +435,33 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     // Only the good token's request reached the upstream.
     env.wait_seen("/x").await;
     assert_eq!(env.seen("/x").len(), 1, "{:?}", env.nginx.log());
+
+    // Anyone may send a refused request: its record keeps 1 KiB of a long
+    // path, and says how long it was.
+    let long = format!("legacy/{}", "a".repeat(20_000));
+    let (status, _, _) = env.send(reqwest::Method::GET, &long, None).await;
+    assert_eq!(status, 401);
+    let refused = env
+        .wait_audit(|a| {
+            a.decision.as_deref() == Some("deny")
+                && a.path.as_deref().is_some_and(|p| p.starts_with("/aaaa"))
+        })
+        .await;
+    let path = refused.path.unwrap();
+    assert!(path.len() < 1_100, "{} bytes kept", path.len());
+    assert!(path.ends_with("… (20001 bytes)"), "{path}");
+    // The same for a path refused before it is normalised.
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, &format!("{long}%0A"), None)
+        .await;
+    assert_eq!(status, 400);
+    let refused = env
+        .wait_audit(|a| {
+            a.status == Some(400) && a.path.as_deref().is_some_and(|p| p.starts_with("/aaaa"))
+        })
+        .await;
+    let path = refused.path.unwrap();
+    assert!(path.ends_with("… (20004 bytes)"), "{path}");
     env.server.stop().await;
 }
 
