@@ -114,39 +114,7 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                 out!("no pending approvals");
             } else {
                 for a in &items {
-                    // The issuer too: two issuers may name different
-                    // workloads alike.
-                    let agent = a
-                        .get("agent")
-                        .map(|g| format!("{} (from {})", text(g, "subject"), text(g, "issuer")))
-                        .unwrap_or_default();
-                    let chain = a
-                        .get("delegation_chain")
-                        .and_then(Value::as_array)
-                        .map(|c| {
-                            c.iter()
-                                .filter_map(Value::as_str)
-                                .map(crate::audit::printable)
-                                .collect::<Vec<_>>()
-                                .join(" <- ")
-                        })
-                        .filter(|c| !c.is_empty())
-                        .unwrap_or_else(|| "none".into());
-                    out!("{}", text(a, "auth_req_id"));
-                    out!("  agent:       {agent}");
-                    out!(
-                        "  task:        {} ({})",
-                        text(a, "task"),
-                        text(a, "purpose")
-                    );
-                    out!("  environment: {}", text(a, "environment"));
-                    out!(
-                        "  asks:        {} at {}",
-                        text(a, "actions"),
-                        text(a, "tool")
-                    );
-                    out!("  delegation:  {chain}");
-                    out!("  expires at:  {}", text(a, "expires_at"));
+                    show(a);
                 }
             }
             ExitCode::SUCCESS
@@ -154,25 +122,148 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
     }
 }
 
-/// `scrip approve ID` / `scrip deny ID --reason TEXT`.
-pub fn decide(args: &ApproverArgs, id: &str, deny_reason: Option<&str>) -> ExitCode {
+/// Refuses what cannot be an approval id.
+fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty()
         || !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return fail(format!(
-            "`{id}` is not an approval id; see `scrip approvals`"
+        return Err(format!(
+            "`{}` is not an approval id; see `scrip approvals`",
+            crate::audit::printable(id)
         ));
     }
-    let (path, form) = match deny_reason {
-        None => (format!("/approvals/{id}/approve"), None),
-        Some(reason) => (
-            format!("/approvals/{id}/deny"),
-            Some(vec![("reason", reason)]),
-        ),
+    Ok(())
+}
+
+/// Prints one approval as `scrip approvals` lists it.
+fn show(a: &Value) {
+    // The issuer too: two issuers may name different workloads alike.
+    let agent = a
+        .get("agent")
+        .map(|g| format!("{} (from {})", text(g, "subject"), text(g, "issuer")))
+        .unwrap_or_default();
+    let chain = a
+        .get("delegation_chain")
+        .and_then(Value::as_array)
+        .map(|c| {
+            c.iter()
+                .filter_map(Value::as_str)
+                .map(crate::audit::printable)
+                .collect::<Vec<_>>()
+                .join(" <- ")
+        })
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "none".into());
+    out!("{}", text(a, "auth_req_id"));
+    out!("  agent:       {agent}");
+    out!(
+        "  task:        {} ({})",
+        text(a, "task"),
+        text(a, "purpose")
+    );
+    out!("  environment: {}", text(a, "environment"));
+    out!(
+        "  asks:        {} at {}",
+        text(a, "actions"),
+        text(a, "tool")
+    );
+    out!("  delegation:  {chain}");
+    out!("  expires at:  {}", text(a, "expires_at"));
+}
+
+/// Asks the person at the terminal to confirm; `Err` when there is none.
+#[expect(
+    clippy::print_stderr,
+    reason = "the question goes where a person reads it, apart from the output"
+)]
+fn confirm(question: &str) -> Result<bool, String> {
+    let stdin = std::io::stdin();
+    if !rustix::termios::isatty(&stdin) {
+        return Err(
+            "not approved: confirm in a terminal, or pass --yes once you have read the step above"
+                .into(),
+        );
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    stdin
+        .read_line(&mut answer)
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+/// `scrip approve ID [--yes]`: shows the step, asks, and approves exactly
+/// that step.
+pub fn approve(args: &ApproverArgs, id: &str, yes: bool) -> ExitCode {
+    if let Err(e) = check_id(id) {
+        return fail(e);
+    }
+    let step = match block_on(call(
+        args,
+        reqwest::Method::GET,
+        &format!("/approvals/{id}"),
+        None,
+    )) {
+        Ok(step) => step,
+        Err(e) => return fail(e),
     };
-    match block_on(call(args, reqwest::Method::POST, &path, form.as_deref())) {
+    let pending = step.get("state").and_then(Value::as_str) == Some("pending");
+    if pending {
+        show(&step);
+        if !yes {
+            match confirm("Approve this step?") {
+                Ok(true) => {}
+                Ok(false) => return fail("not approved".to_owned()),
+                Err(e) => return fail(e),
+            }
+        }
+    }
+    // The step shown goes with the decision: if the id named another step,
+    // scrip decides nothing (and a decided one answers that it is).
+    let shown = |k: &str| {
+        step.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (task, tool, actions) = (shown("task"), shown("tool"), shown("actions"));
+    let form = [
+        ("task", task.as_str()),
+        ("tool", tool.as_str()),
+        ("actions", actions.as_str()),
+    ];
+    decided(
+        id,
+        block_on(call(
+            args,
+            reqwest::Method::POST,
+            &format!("/approvals/{id}/approve"),
+            Some(&form),
+        )),
+    )
+}
+
+/// `scrip deny ID --reason TEXT`.
+pub fn deny(args: &ApproverArgs, id: &str, reason: &str) -> ExitCode {
+    if let Err(e) = check_id(id) {
+        return fail(e);
+    }
+    decided(
+        id,
+        block_on(call(
+            args,
+            reqwest::Method::POST,
+            &format!("/approvals/{id}/deny"),
+            Some(&[("reason", reason)]),
+        )),
+    )
+}
+
+/// Reports a decision's answer.
+fn decided(id: &str, answer: Result<Value, String>) -> ExitCode {
+    match answer {
         Err(e) => fail(e),
         Ok(body) => {
             out!(

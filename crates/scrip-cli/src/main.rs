@@ -150,11 +150,20 @@ enum Command {
     },
     /// Approve a pending step: the agent then gets one single-use token for
     /// exactly that step.
+    ///
+    /// Shows the step (agent, task purpose, environment, tool, actions,
+    /// delegation chain) and asks you to confirm it in the terminal; the
+    /// approval applies only to the step shown. The id usually reaches you
+    /// through the agent that asks: read what it is for before approving.
     Approve {
         /// The approval id (auth_req_id), from `scrip approvals` (it may
         /// start with `-`).
         #[arg(allow_hyphen_values = true)]
         id: String,
+        /// Approve without asking (for scripts): the step is still shown,
+        /// and the approval still applies only to it.
+        #[arg(long)]
+        yes: bool,
         #[command(flatten)]
         approver: approve::ApproverArgs,
     },
@@ -455,12 +464,12 @@ fn command(command: Command) -> ExitCode {
         Command::Approvals { approver, json } => approve::list(&approver, json),
         Command::Task { command } => task::task(command),
         Command::Introspect { approver } => approve::introspect(&approver),
-        Command::Approve { id, approver } => approve::decide(&approver, &id, None),
+        Command::Approve { id, yes, approver } => approve::approve(&approver, &id, yes),
         Command::Deny {
             id,
             reason,
             approver,
-        } => approve::decide(&approver, &id, Some(&reason)),
+        } => approve::deny(&approver, &id, &reason),
         Command::Migrate { config } => audit::migrate(config.as_deref()),
         Command::Secret { config, command } => match command {
             SecretCommand::Set { name, action } => secret::set(config.as_deref(), &name, &action),

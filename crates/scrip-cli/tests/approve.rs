@@ -386,12 +386,28 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     let out = server.scrip(&["deny", &id]);
     assert_fails(&out, 2, &["--reason"]);
 
-    // Approve: the agent's next poll gets one token for exactly that step.
+    // Approve shows the step and asks: with no terminal to ask in and no
+    // --yes, nothing is decided.
     let out = server.scrip(&["approve", &id]);
+    assert_fails(&out, 1, &["confirm in a terminal", "--yes"]);
+    assert!(
+        text(&out.stdout).contains("asks:        delete at github"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = server.scrip(&["approvals", "--json"]);
+    assert!(text(&out.stdout).contains(&id), "still pending: {out:?}");
+
+    // Approve: the agent's next poll gets one token for exactly that step.
+    let out = server.scrip(&["approve", &id, "--yes"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.starts_with("approved"), "{stdout}");
-    assert!(stdout.contains(&id), "{stdout}");
+    assert!(stdout.starts_with(&id), "the step is shown first: {stdout}");
+    assert!(stdout.contains("  environment: prod"), "{stdout}");
+    assert!(
+        stdout.lines().last().unwrap().starts_with("approved"),
+        "{stdout}"
+    );
     let (status, body) = server.poll(&task, &id);
     assert_eq!(status, 200, "{body}");
     let claims = payload(body["access_token"].as_str().unwrap());
@@ -472,7 +488,7 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
     )
     .unwrap();
     assert!(said.contains("waiting") && said.contains(&first), "{said}");
-    let out = server.scrip(&["approve", &first]);
+    let out = server.scrip(&["approve", &first, "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = waiting.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -497,7 +513,7 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
     assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
     let second = server.pending_ids().pop().unwrap();
     assert_ne!(second, first);
-    let out = server.scrip(&["approve", &second]);
+    let out = server.scrip(&["approve", &second, "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = server
         .agent(&task, &["token", "--approval", &second])
@@ -554,7 +570,7 @@ fn a_person_known_by_uid_may_not_approve_a_local_agent_of_that_uid() {
     assert_eq!(payload(identity.token())["sub"], "local:agent");
     let task = server.start_task_as(identity.token());
     let id = server.ask_delete(&task);
-    let out = server.scrip(&["approve", &id]);
+    let out = server.scrip(&["approve", &id, "--yes"]);
     assert_fails(&out, 1, &["separation of duties", "uid"]);
     // Still pending: the agent's poll says so.
     let (status, body) = server.poll(&task, &id);
@@ -564,7 +580,7 @@ fn a_person_known_by_uid_may_not_approve_a_local_agent_of_that_uid() {
     // The Kubernetes agent's step is the person's to approve.
     let other = server.start_task();
     let id = server.ask_delete(&other);
-    let out = server.scrip(&["approve", &id]);
+    let out = server.scrip(&["approve", &id, "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 

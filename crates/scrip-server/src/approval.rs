@@ -478,7 +478,34 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
     }
 }
 
-/// `POST /approvals/{id}/approve`.
+/// `GET /approvals/{id}`: one approval as a person decides it (whatever
+/// its state), for an approver to read before deciding.
+pub async fn show_endpoint(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let st = &state.0;
+    let result = async {
+        authenticate(st, &headers).await?;
+        let not_found = || OAuthError::not_found("no approval has this id");
+        if !plausible_id(&id) {
+            return Err(not_found());
+        }
+        let approval = st.store.approval(&id).await?.ok_or_else(not_found)?;
+        let task = st.store.task(&approval.task_id).await?;
+        Ok::<_, OAuthError>(describe(&approval, task.as_ref()))
+    }
+    .await;
+    match result {
+        Ok(v) => no_store(v),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /approvals/{id}/approve`, optionally with the `task`, `tool` and
+/// `actions` the person was shown: the approval then applies only if they
+/// are this approval's.
 pub async fn approve_endpoint(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -510,7 +537,13 @@ async fn decide_endpoint(
 ) -> Response {
     let result = async {
         let (who, approver) = authenticate(st, headers).await?;
+        // What the person was shown, when the client says (`scrip approve`
+        // does): approving applies to that step only.
+        let mut shown = None;
         let reason = if approve {
+            if headers.contains_key(axum::http::header::CONTENT_TYPE) {
+                shown = Some(Form::read(headers, body).await?);
+            }
             None
         } else {
             let form = Form::read(headers, body).await?;
@@ -534,6 +567,19 @@ async fn decide_endpoint(
             return Err(not_found());
         }
         let approval = st.store.approval(id).await?.ok_or_else(not_found)?;
+        if let Some(form) = &shown {
+            for (name, is) in [
+                ("task", approval.task_id.as_str()),
+                ("tool", approval.tool.as_str()),
+                ("actions", approval.actions.as_str()),
+            ] {
+                if form.get(name).is_some_and(|v| v != is) {
+                    return Err(OAuthError::conflict(format!(
+                        "this approval's {name} is not the one you were shown; nothing was decided: look again with `scrip approvals`"
+                    )));
+                }
+            }
+        }
         let now = now();
         if approval.state != ApprovalState::Pending {
             return Err(OAuthError::conflict(format!(

@@ -476,6 +476,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::REVOKE, post(revoke::revoke_endpoint))
         .route(paths::REVOCATIONS, get(feed::feed_endpoint))
         .route(paths::APPROVALS, get(approval::list_endpoint))
+        .route("/approvals/{id}", get(approval::show_endpoint))
         .route("/approvals/{id}/approve", post(approval::approve_endpoint))
         .route("/approvals/{id}/deny", post(approval::deny_endpoint))
         .route(paths::INTROSPECT, post(introspect::introspect_endpoint))

@@ -1145,6 +1145,80 @@ async fn the_approved_step_is_the_whole_step_asked() {
     s.stop().await;
 }
 
+/// An approver reads one step before deciding, and an approval sent with
+/// the step the person was shown applies only if it is this one: an id
+/// the agent passed on for another step decides nothing.
+#[tokio::test]
+async fn an_approval_applies_only_to_the_step_the_person_was_shown() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let alice = alice_id(&s);
+    let get = |bearer: Option<String>, id: String| {
+        let mut req = s.http.get(format!("{}/approvals/{id}", s.url));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, step) = get(Some(alice.clone()), id.clone()).await;
+    assert_eq!(status, 200, "{step}");
+    assert_eq!(step["state"], "pending");
+    assert_eq!(step["tool"], "github");
+    assert_eq!(step["actions"], "delete");
+    assert_eq!(step["environment"], "prod");
+    assert_eq!(get(None, id.clone()).await.0, 401);
+    assert_eq!(get(Some(alice.clone()), "nosuchid".into()).await.0, 404);
+
+    let task_id = step["task"].as_str().unwrap().to_owned();
+    let path = format!("/approvals/{id}/approve");
+    let send = |form: Vec<(&'static str, String)>| {
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        s.post_raw(
+            &path,
+            "application/x-www-form-urlencoded",
+            body.into_bytes(),
+            Some(&alice),
+        )
+    };
+    for wrong in [
+        vec![("tool", "jira".to_owned())],
+        vec![("actions", "read".to_owned())],
+        vec![("task", "another-task".to_owned())],
+        vec![
+            ("task", task_id.clone()),
+            ("tool", "github".to_owned()),
+            ("actions", "delete write".to_owned()),
+        ],
+    ] {
+        let r = send(wrong.clone()).await;
+        r.assert_error(409, "conflict");
+        assert!(r.text.contains("not the one you were shown"), "{}", r.text);
+    }
+    let (_, still) = get(Some(alice.clone()), id.clone()).await;
+    assert_eq!(still["state"], "pending", "{still}");
+    let r = send(vec![
+        ("task", task_id),
+        ("tool", "github".to_owned()),
+        ("actions", "delete".to_owned()),
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, decided) = get(Some(alice), id.clone()).await;
+    assert_eq!(decided["state"], "approved", "{decided}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn approving_a_step_of_an_ended_task_is_a_conflict() {
     let s = server().await;
