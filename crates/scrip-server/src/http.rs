@@ -38,15 +38,38 @@ pub struct Limits {
     pub drain: Duration,
 }
 
+/// Raises this process's soft limit on open files to its hard limit and
+/// returns it: the soft limit is often 1,024 (a shell's, systemd's
+/// default) where the hard one is far higher, and the connection cap
+/// follows it, so one client holding a few hundred idle connections could
+/// otherwise take every slot.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // Linux refuses an unlimited number of open files; 2^20 is its default
+    // ceiling (`fs.nr_open`).
+    let hard = limit.maximum.unwrap_or(1 << 20);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft < hard {
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return hard,
+            Err(e) => tracing::debug!(error = %e, soft, hard, "cannot raise the open-file limit"),
+        }
+    }
+    soft
+}
+
 impl Limits {
     /// `header_timeout` seconds for a request head, and as many connections
     /// as three quarters of this process's file descriptor limit allow (at
-    /// most 16,384).
+    /// most 16,384), once that limit is raised to its hard limit.
     #[must_use]
     pub fn new(header_timeout: u64) -> Self {
-        let fds = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .current
-            .unwrap_or(u64::MAX);
+        let fds = raise_fd_limit();
         let max_connections = usize::try_from((fds / 4).saturating_mul(3))
             .unwrap_or(usize::MAX)
             .clamp(16, 16_384);
@@ -201,6 +224,30 @@ async fn accept_failed(e: &std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Started under a low soft limit (a shell's 1,024), the server takes
+    /// the hard limit, and its connection cap follows.
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        let hard = before.maximum.unwrap_or(1 << 20);
+        assert!(hard > 256, "hard limit {hard}");
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(256),
+                maximum: before.maximum,
+            },
+        )
+        .unwrap();
+        let limits = Limits::new(30);
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
+        assert_eq!(
+            limits.max_connections,
+            usize::try_from(hard / 4 * 3).unwrap().clamp(16, 16_384)
+        );
+    }
 
     #[test]
     fn a_flood_of_events_logs_one_line_each_period_with_its_count() {
