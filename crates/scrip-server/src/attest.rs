@@ -55,6 +55,38 @@ const CONCURRENCY: usize = 8;
 /// past this a new one is closed at once, so idle connections cannot use up
 /// scrip's file descriptors.
 const MAX_OPEN: usize = 256;
+/// How long reading and hashing a process's executable may take: a file
+/// system that does not answer (a FUSE mount whose daemon stalls) would
+/// otherwise hold a turn for ever.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Readings of executables still running, those given up on included, past
+/// which attestation answers 503: one stalled file system cannot take every
+/// thread of the blocking pool, which other work needs.
+const MAX_OBSERVING: usize = 32;
+
+/// Readings of executables running now (see [`MAX_OBSERVING`]).
+static OBSERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one reading while it runs, on its thread.
+struct Observing;
+
+impl Observing {
+    fn start() -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let before = OBSERVING.fetch_add(1, Ordering::SeqCst);
+        if before >= MAX_OBSERVING {
+            OBSERVING.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for Observing {
+    fn drop(&mut self) {
+        OBSERVING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// Why the attestation socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -379,13 +411,33 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
     if let Err(why) = could_match(&st.config.local_workloads, uid, gid, own_uid()) {
         return refuse(st, None, uid, pid, &why).await;
     }
-    let observed = tokio::task::spawn_blocking(move || observe(uid, gid, pid, accepted)).await;
+    let Some(observing) = Observing::start() else {
+        tracing::warn!(
+            "attestation: too many executables still being read (a file system that does not answer?)"
+        );
+        return Answer::error(503, "temporarily_unavailable", "try again");
+    };
+    let observed = tokio::time::timeout(
+        OBSERVE_TIMEOUT,
+        tokio::task::spawn_blocking(move || {
+            let _observing = observing;
+            observe(uid, gid, pid, accepted)
+        }),
+    )
+    .await;
     let observed = match observed {
-        Ok(Ok(o)) => o,
-        Ok(Err(why)) => {
+        Ok(Ok(Ok(o))) => o,
+        Ok(Ok(Err(why))) => {
             return refuse(st, None, uid, pid, &why).await;
         }
-        Err(_) => return Answer::error(503, "temporarily_unavailable", "try again"),
+        Ok(Err(_)) => return Answer::error(503, "temporarily_unavailable", "try again"),
+        Err(_) => {
+            let why = format!(
+                "its executable could not be read within {} s (a file system that does not answer?)",
+                OBSERVE_TIMEOUT.as_secs()
+            );
+            return refuse(st, None, uid, pid, &why).await;
+        }
     };
     let workload = match select(
         &st.config.local_workloads,
@@ -725,6 +777,22 @@ fn sha256_hex(file: File, limit: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Readings of executables still running, stalled ones included, are
+    /// bounded: past the bound an attestation is answered 503 at once
+    /// rather than taking another blocking thread.
+    #[test]
+    fn readings_still_running_are_bounded() {
+        let mut held = Vec::new();
+        while let Some(o) = Observing::start() {
+            held.push(o);
+            assert!(held.len() <= MAX_OBSERVING, "{} readings", held.len());
+        }
+        assert!(!held.is_empty());
+        assert!(Observing::start().is_none());
+        held.pop();
+        assert!(Observing::start().is_some(), "one ended: one may start");
+    }
 
     fn workload(
         name: &str,
