@@ -105,6 +105,27 @@ impl Standing {
 #[error("the request's token no longer stands: {0}")]
 pub struct Cut(scrip_verifier::VerifyError);
 
+/// The agent's request body failed (cut short, or its chunked framing
+/// broken): the agent's doing, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent's request body failed: {0}")]
+pub struct AgentBody(BoxError);
+
+impl AgentBody {
+    /// Whether `e`, or an error it wraps, is the agent's body failing.
+    #[must_use]
+    pub fn caused(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut next = Some(e);
+        while let Some(e) = next {
+            if e.is::<Self>() {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+}
+
 /// The agent's request body, counting the bytes that pass.
 pub struct CountingBody {
     inner: axum::body::Body,
@@ -151,7 +172,7 @@ impl Body for CountingBody {
                 // Trailers are hop-by-hop here: not forwarded.
                 Err(_) => Poll::Ready(None),
             },
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(AgentBody(Box::new(e)))))),
             None => Poll::Ready(None),
         }
     }

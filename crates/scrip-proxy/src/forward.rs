@@ -517,6 +517,15 @@ async fn forward(
             proxy.commit_later(r);
             return scrip_verifier::Rejection::from_error(name, &why).into_response::<Body>();
         }
+        Ok(Err(e)) if crate::body::AgentBody::caused(&e) => {
+            // A client's mistake is not a 5xx, nor the upstream's failure.
+            return failed(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body was cut short or malformed; the upstream may have acted on part of it".into(),
+                &draft,
+            );
+        }
         Ok(Err(e)) => {
             let what = if e.is_connect() {
                 "cannot connect to it"

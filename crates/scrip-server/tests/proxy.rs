@@ -917,6 +917,42 @@ async fn an_upload_under_way_stops_when_its_token_is_revoked() {
     env.server.stop().await;
 }
 
+/// A request body whose chunked framing breaks midway is the agent's
+/// mistake: a 400, audited as such, not a 502 blamed on the upstream.
+#[tokio::test]
+async fn a_malformed_request_body_is_the_agents_mistake_not_a_502() {
+    use tokio::io::AsyncWriteExt as _;
+    let env = setup().await;
+    let task = env.task("slow:write").await;
+    let write = env.token(&task, "slow", "write").await;
+    let addr = env.server.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PUT /proxy/slow/upload/broken.bin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {write}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(b"400\r\n").await.unwrap();
+    s.write_all(&[b'x'; 1024]).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    // Let the request go up, then break the framing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"zz\r\n").await.unwrap();
+    let answer = answer_of(s).await;
+    assert_eq!(answer.split(' ').nth(1), Some("400"), "{answer}");
+    assert!(answer.contains("cut short or malformed"), "{answer}");
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.status == Some(400))
+        .await;
+    assert!(
+        record
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("cut short or malformed")),
+        "{record:?}"
+    );
+    env.server.stop().await;
+}
+
 #[tokio::test]
 async fn an_upstream_silent_past_the_read_timeout_is_a_504() {
     let env = setup().await;
