@@ -304,23 +304,16 @@ async fn rotate_each(
 }
 
 /// Has the store sign the audit records this command writes (its own
-/// chain) in the commits that write them, as `scrip serve` does:
-/// `scrip audit verify` requires records older than its signing grace to
-/// be signed. The secret is stored either way; a missing key
-/// is reported on stderr.
-#[expect(
-    clippy::print_stderr,
-    reason = "a warning for the person running the command"
-)]
-async fn sign_heads(config: &Config, store: &dyn Store) {
-    match scrip_server::keyring::checkpoint_signer(config, store, now()).await {
-        Ok(key) => {
-            store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
-        }
-        Err(e) => eprintln!(
-            "scrip: warning: the audit record of this change cannot be signed ({e}); `scrip audit verify` will report it"
-        ),
-    }
+/// chain) in the commits that write them, as `scrip serve` does: no record
+/// is stored unsigned, so without the checkpoint key nothing is changed.
+async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
+    let key = scrip_server::keyring::checkpoint_signer(config, store, now())
+        .await
+        .map_err(|e| {
+            format!("cannot sign the audit record of this change ({e}); nothing was changed")
+        })?;
+    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+    Ok(())
 }
 
 async fn put(
@@ -378,7 +371,7 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
         let value = read_stdin(&format!("secret value for `{name}` `{action}`: "))?;
         runtime()?.block_on(async {
             let (store, kek) = open(&config, true).await?;
-            sign_heads(&config, store.as_ref()).await;
+            sign_heads(&config, store.as_ref()).await?;
             let version = put(
                 store.as_ref(),
                 &kek,
@@ -447,7 +440,7 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
         }
         runtime()?.block_on(async {
             let (store, kek) = open(&config, false).await?;
-            sign_heads(&config, store.as_ref()).await;
+            sign_heads(&config, store.as_ref()).await?;
             let mut done = Vec::new();
             rotate_each(store.as_ref(), &kek, name, values, &mut done)
                 .await

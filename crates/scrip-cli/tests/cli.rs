@@ -852,6 +852,46 @@ max_age = 86400
         "{}",
         text(&out.stdout)
     );
+
+    // Without a usable checkpoint key the change's audit record could not
+    // be signed: nothing is stored.
+    fs::write(root.join("data/keys/audit-checkpoint.json"), "{}").unwrap();
+    let mut child = scrip()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-Qw93Lm")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot sign the audit record of this change"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&[
+        "secret",
+        "list",
+        "--json",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let versions: Vec<u64> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["version"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(versions, [1], "{}", text(&out.stdout));
 }
 
 /// A stop signal during start-up waits for start-up to end (the stop is

@@ -60,10 +60,10 @@ impl Draft {
 
 impl Proxy {
     /// Records a refusal and answers it: in the background (a refusal
-    /// releases nothing), unless too many records are being written
-    /// already, when the refusal waits for its own: a client sending
-    /// refusals faster than the store takes them is slowed down rather
-    /// than left to grow the backlog without bound.
+    /// releases nothing), once there is room among the refusal records
+    /// being written (see [`crate::Pending::commit_refusal`]): a client
+    /// sending refusals faster than the store takes them is slowed down
+    /// rather than left to grow the backlog without bound.
     async fn deny(
         &self,
         draft: &Draft,
@@ -76,12 +76,12 @@ impl Proxy {
         r.status = Some(response.status().as_u16());
         r.reason = Some(reason);
         self.0.metrics.count(upstream, Outcome::Denied);
-        self.0.pending.commit_or_wait(self.0.store.clone(), r).await;
+        self.0.pending.commit_refusal(self.0.store.clone(), r).await;
         response
     }
 
     fn commit_later(&self, record: AuditEvent) {
-        drop(self.0.pending.commit(self.0.store.clone(), record));
+        self.0.pending.commit(self.0.store.clone(), record);
     }
 }
 
@@ -599,7 +599,7 @@ async fn forward(
                 None => "response incomplete: the agent or the upstream went away".into(),
             });
         }
-        drop(pending.commit(store, r));
+        pending.commit(store, r);
     });
     let body = ResponseBody::new(
         incoming,

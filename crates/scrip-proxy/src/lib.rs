@@ -133,57 +133,107 @@ struct Inner {
 }
 
 /// Refusal records written in the background at most at once (see
-/// [`Pending::commit_or_wait`]).
+/// [`Pending::commit_refusal`]).
 const PENDING: usize = 1024;
 
 /// Background audit writes still running, so that [`Proxy::flush`] can
-/// wait for them before the process signs its chain and exits.
-#[derive(Debug, Default)]
+/// wait for them before the process exits.
+#[derive(Debug)]
 pub(crate) struct Pending {
     count: std::sync::atomic::AtomicUsize,
     ended: tokio::sync::Notify,
+    /// Room for refusal records being written: anyone may send a refused
+    /// request, so their records may not pile up without bound.
+    refusals: Arc<tokio::sync::Semaphore>,
+    /// Refusal records not written because the client went away while
+    /// its refusal waited for room.
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self {
+            count: std::sync::atomic::AtomicUsize::new(0),
+            ended: tokio::sync::Notify::new(),
+            refusals: Arc::new(tokio::sync::Semaphore::new(PENDING)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counts a refusal record given up while it waited for room, unless
+/// disarmed; logs the count at each power of two (a flood logs a few
+/// lines, not one a request).
+struct Lost<'a>(Option<&'a Pending>);
+
+impl Drop for Lost<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let n = p.dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    total = n,
+                    "proxy: refusal records not written: their clients went away while the store was behind"
+                );
+            }
+        }
+    }
 }
 
 impl Pending {
     /// Commits `record` in the background, counted until it is written.
-    pub(crate) fn commit(
+    pub(crate) fn commit(self: &Arc<Self>, store: Arc<dyn Store>, record: scrip_store::AuditEvent) {
+        self.commit_in(store, record, None);
+    }
+
+    /// [`Self::commit`], releasing `room` once the record is written.
+    fn commit_in(
         self: &Arc<Self>,
         store: Arc<dyn Store>,
         record: scrip_store::AuditEvent,
-    ) -> Option<tokio::task::JoinHandle<()>> {
+        room: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return None;
+            return;
         };
         self.count.fetch_add(1, Ordering::SeqCst);
         let this = self.clone();
-        Some(runtime.spawn(async move {
+        runtime.spawn(async move {
             if let Err(e) = store
                 .commit(vec![scrip_store::Write::Audit(Box::new(record))])
                 .await
             {
                 tracing::error!(error = %e, "proxy audit record could not be written");
             }
+            drop(room);
             this.count.fetch_sub(1, Ordering::SeqCst);
             this.ended.notify_waiters();
-        }))
+        });
     }
 
-    /// As [`Self::commit`], but once [`PENDING`] records are being
-    /// written, returns only when `record` is (the write goes on if the
-    /// caller goes away): the backlog stays within [`PENDING`] and one
-    /// record for each request being answered.
-    pub(crate) async fn commit_or_wait(
+    /// Commits a refusal's `record` in the background once there is room:
+    /// at most [`PENDING`] are written at once, and past that the refusal
+    /// waits (a client sending refusals faster than the store takes them
+    /// is slowed down). A client that goes away while it waits leaves no
+    /// record (counted and logged).
+    pub(crate) async fn commit_refusal(
         self: &Arc<Self>,
         store: Arc<dyn Store>,
         record: scrip_store::AuditEvent,
     ) {
-        let busy = self.count.load(std::sync::atomic::Ordering::SeqCst) >= PENDING;
-        if let Some(written) = self.commit(store, record)
-            && busy
-        {
-            let _ = written.await;
-        }
+        let room = match self.refusals.clone().try_acquire_owned() {
+            Ok(room) => room,
+            Err(_) => {
+                let mut lost = Lost(Some(self));
+                let Ok(room) = self.refusals.clone().acquire_owned().await else {
+                    return;
+                };
+                lost.0 = None;
+                room
+            }
+        };
+        self.commit_in(store, record, Some(room));
     }
 
     async fn flush(&self) {
@@ -433,35 +483,61 @@ fn now_ms() -> u64 {
 mod tests {
     use std::sync::atomic::Ordering;
 
+    use std::time::Duration;
+
     use super::{Arc, PENDING, Pending, Store};
 
-    /// Past [`PENDING`] records being written, a refusal returns only once
-    /// its own record is stored: the backlog cannot grow without bound.
+    /// Past [`PENDING`] refusal records being written, a refusal waits for
+    /// room before it is answered, and one whose client goes away while it
+    /// waits leaves nothing queued (counted).
     #[tokio::test]
-    async fn past_the_bound_a_record_is_written_before_the_refusal_returns() {
+    async fn past_the_bound_a_refusal_waits_for_room() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(scrip_store::SqliteStore::open_in(dir.path()).await.unwrap());
         let pending = Arc::new(Pending::default());
-        let record = scrip_store::AuditEvent {
+        let record = |reason: &str| scrip_store::AuditEvent {
             event: "proxy.request".into(),
-            reason: Some("waited for".into()),
+            reason: Some(reason.into()),
             replica: "test".into(),
             ..scrip_store::AuditEvent::default()
         };
         // As if that many were being written.
-        pending.count.store(PENDING, Ordering::SeqCst);
-        pending.commit_or_wait(store.clone(), record).await;
-        let written = store
-            .audit(&scrip_store::AuditFilter::default())
+        let full = pending
+            .refusals
+            .clone()
+            .acquire_many_owned(u32::try_from(PENDING).unwrap())
             .await
             .unwrap();
-        assert!(
-            written
-                .iter()
-                .any(|a| a.reason.as_deref() == Some("waited for")),
-            "{written:?}"
-        );
-        assert_eq!(pending.count.load(Ordering::SeqCst), PENDING);
+        let waiting = tokio::spawn({
+            let (pending, store) = (pending.clone(), store.clone());
+            let r = record("waited for room");
+            async move { pending.commit_refusal(store, r).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a refusal past the bound waits");
+        // One whose client goes away meanwhile is dropped, and counted.
+        let gone = tokio::spawn({
+            let (pending, store) = (pending.clone(), store.clone());
+            let r = record("gone");
+            async move { pending.commit_refusal(store, r).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(pending.dropped.load(Ordering::SeqCst), 1);
+        drop(full);
+        waiting.await.unwrap();
+        pending.flush().await;
+        let written: Vec<_> = store
+            .audit(&scrip_store::AuditFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|a| a.reason)
+            .collect();
+        assert_eq!(written, ["waited for room"]);
+        assert_eq!(pending.count.load(Ordering::SeqCst), 0);
+        assert_eq!(pending.refusals.available_permits(), PENDING);
     }
 }

@@ -541,7 +541,14 @@ async fn decide_endpoint(
         // does): approving applies to that step only.
         let mut shown = None;
         let reason = if approve {
-            if headers.contains_key(axum::http::header::CONTENT_TYPE) {
+            let form = headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| {
+                    v.to_ascii_lowercase()
+                        .starts_with("application/x-www-form-urlencoded")
+                });
+            if form {
                 shown = Some(Form::read(headers, body).await?);
             }
             None

@@ -227,6 +227,44 @@ pub(crate) struct RequestDetails {
     pub may_act: Vec<scrip_token::MayAct>,
 }
 
+/// What is wrong with `request_details` that did not parse as
+/// [`RequestDetails`], without quoting what was sent.
+fn details_error(raw: &str, e: &serde_json::Error) -> OAuthError {
+    use serde_json::error::Category;
+    let object = match e.classify() {
+        Category::Data => {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw).ok()
+        }
+        Category::Syntax | Category::Eof | Category::Io => None,
+    };
+    let Some(object) = object else {
+        return OAuthError::invalid_request(format!(
+            "request_details must be a JSON object (line {}, column {})",
+            e.line(),
+            e.column()
+        ));
+    };
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !DETAILS_MEMBERS.contains(&k.as_str()))
+    {
+        // Named only when it cannot be a credential put there by mistake.
+        let named =
+            unknown.len() <= 24 && unknown.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        return OAuthError::invalid_request(format!(
+            "request_details: unknown member{}; the members are `purpose`, `environment`, `ttl` and `may_act`",
+            if named {
+                format!(" `{unknown}`")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    OAuthError::invalid_request(
+        "request_details: a member is repeated or has the wrong type (`purpose` and `environment` are strings, `ttl` a whole number of seconds, `may_act` a list of objects with `sub` and optional `iss`)",
+    )
+}
+
 /// Parses and checks `request_details`; `None` when absent.
 pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuthError> {
     let Some(raw) = form.get("request_details") else {
@@ -239,38 +277,10 @@ pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuth
     }
     // The parser's messages quote the offending value, which may be
     // anything the agent put there (a credential in the wrong member): what
-    // is wrong is said without echoing it.
-    let object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(raw).map_err(|e| {
-            OAuthError::invalid_request(format!(
-                "request_details must be a JSON object (line {}, column {})",
-                e.line(),
-                e.column()
-            ))
-        })?;
-    if let Some(unknown) = object
-        .keys()
-        .find(|k| !DETAILS_MEMBERS.contains(&k.as_str()))
-    {
-        let named = unknown.len() <= 32
-            && unknown
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        return Err(OAuthError::invalid_request(format!(
-            "request_details: unknown member{}; the members are `purpose`, `environment`, `ttl` and `may_act`",
-            if named {
-                format!(" `{unknown}`")
-            } else {
-                String::new()
-            }
-        )));
-    }
-    let mut details: RequestDetails = serde_json::from_value(serde_json::Value::Object(object))
-        .map_err(|_| {
-            OAuthError::invalid_request(
-                "request_details: a member has the wrong type (`purpose` and `environment` are strings, `ttl` a whole number of seconds, `may_act` a list of objects with `sub` and optional `iss`)",
-            )
-        })?;
+    // is wrong is said without echoing it. Parsed into the struct first,
+    // which refuses a repeated member as it does an unknown one.
+    let mut details: RequestDetails =
+        serde_json::from_str(raw).map_err(|e| details_error(raw, &e))?;
     if let Some(purpose) = details.purpose.as_mut() {
         *purpose = purpose.trim().to_owned();
         if purpose.is_empty()
@@ -477,7 +487,7 @@ async fn start_task(
     // accepted, so `production` cannot slip past a policy on `prod`.
     if !st.config.environments.contains(&environment) {
         return Err(OAuthError::invalid_request(format!(
-            "request_details: `environment` `{environment}` is not one of {} (the configured `environments`)",
+            "request_details: `environment` is not one of {} (the configured `environments`)",
             st.config.environments.join(", ")
         )));
     }

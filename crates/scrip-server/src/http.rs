@@ -46,9 +46,14 @@ pub struct Limits {
 fn raise_fd_limit() -> u64 {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
-    // Linux refuses an unlimited number of open files; 2^20 is its default
-    // ceiling (`fs.nr_open`).
-    let hard = limit.maximum.unwrap_or(1 << 20);
+    // Linux refuses an unlimited number of open files: an unlimited hard
+    // limit means its ceiling, `fs.nr_open` (2^20 by default).
+    let hard = limit.maximum.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    });
     let soft = limit.current.unwrap_or(u64::MAX);
     if soft < hard {
         let raised = Rlimit {

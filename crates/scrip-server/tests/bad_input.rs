@@ -410,6 +410,9 @@ async fn task_request_details_not_json() {
         r#"{"purpose": "x", "environment": "dev", "may_act": "ghp_SECRETVALUE"}"#,
         r#"{"purpose": "x", "environment": "dev", "ghp_SECRETVALUE!": 1}"#,
         r#"{"purpose": "x", "environment": "dev", "ttl": 1} ghp_SECRETVALUE"#,
+        r#"{"purpose": "x", "environment": "SECRETVALUE"}"#,
+        // A repeated member is refused, not read as its last value.
+        r#"{"purpose": "x", "environment": "dev", "environment": "prod"}"#,
     ] {
         let r = s
             .post_form("/token", &task_form(&identity, "github:read", details))

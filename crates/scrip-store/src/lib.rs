@@ -129,6 +129,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn audit_rows(&self, after_seq: i64, limit: u32)
     -> Result<Vec<StoredRecord>, StoreError>;
 
+    /// The newest audit record's sequence number (0 when none). Writers
+    /// commit in sequence order, so every record at or below it is stored.
+    async fn latest_audit_seq(&self) -> Result<i64, StoreError>;
+
     /// The approval with this `auth_req_id`.
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
 
@@ -167,10 +171,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError>;
 
     /// The newest signed checkpoint of each chain (every one at its newest
-    /// position, should there be several). A hash chain makes the newest
+    /// position, should there be several), and each chain's signed head
+    /// (see [`Store::sign_heads_with`]). A hash chain makes the newest
     /// signature vouch for every record before it, so verification needs
-    /// no other; reading every checkpoint would grow without bound (one per
-    /// interval per writer). Read with a skip scan: one index probe a chain.
+    /// no other; reading every checkpoint would grow without bound (earlier
+    /// versions stored one per interval per writer). Read with a skip scan:
+    /// one index probe a chain.
     async fn latest_checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
     /// Every key of the shared key set that is still published at `now`

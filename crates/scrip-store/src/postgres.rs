@@ -318,40 +318,84 @@ impl AuditColumns {
         Ok(())
     }
 
-    async fn insert(self, tx: &mut PgConnection) -> Result<(), StoreError> {
+    /// Inserts the rows and, when `head` is given, the chain's signed head
+    /// in the same statement (no round trip of its own while the write
+    /// lock is held).
+    async fn insert(
+        self,
+        tx: &mut PgConnection,
+        head: Option<&crate::Checkpoint>,
+    ) -> Result<(), StoreError> {
         if self.record.is_empty() {
+            if let Some(c) = head {
+                sqlx::query(rows::SIGNED_HEAD)
+                    .bind(&c.chain_id)
+                    .bind(to_i64(c.chain_seq))
+                    .bind(&c.hash)
+                    .bind(to_i64(c.at_ms))
+                    .bind(&c.signature)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
             return Ok(());
         }
-        sqlx::query(
-            "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
-             replica, chain_id, chain_seq, hash, record) \
-             SELECT at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
-             replica, chain_id, chain_seq, hash, record \
-             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-             $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::text[], $14::text[]) \
-             WITH ORDINALITY AS u(at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
-             replica, chain_id, chain_seq, hash, record, n) ORDER BY n",
-        )
-        .bind(self.at_ms)
-        .bind(self.event)
-        .bind(self.decision)
-        .bind(self.agent_iss)
-        .bind(self.agent_sub)
-        .bind(self.task_id)
-        .bind(self.parent_id)
-        .bind(self.tool)
-        .bind(self.jti)
-        .bind(self.replica)
-        .bind(self.chain_id)
-        .bind(self.chain_seq)
-        .bind(self.hash)
-        .bind(self.record)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let query = sqlx::query(if head.is_some() {
+            concat!(
+                "WITH rows AS (",
+                audit_insert!(),
+                ") INSERT INTO audit_heads (chain_id, chain_seq, hash, at_ms, signature) \
+                 VALUES ($15, $16, $17, $18, $19) \
+                 ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq, \
+                 hash = excluded.hash, at_ms = excluded.at_ms, signature = excluded.signature"
+            )
+        } else {
+            audit_insert!()
+        });
+        let query = query
+            .bind(self.at_ms)
+            .bind(self.event)
+            .bind(self.decision)
+            .bind(self.agent_iss)
+            .bind(self.agent_sub)
+            .bind(self.task_id)
+            .bind(self.parent_id)
+            .bind(self.tool)
+            .bind(self.jti)
+            .bind(self.replica)
+            .bind(self.chain_id)
+            .bind(self.chain_seq)
+            .bind(self.hash)
+            .bind(self.record);
+        let query = match head {
+            Some(c) => query
+                .bind(&c.chain_id)
+                .bind(to_i64(c.chain_seq))
+                .bind(&c.hash)
+                .bind(to_i64(c.at_ms))
+                .bind(&c.signature),
+            None => query,
+        };
+        query.execute(&mut *tx).await.map_err(unavailable)?;
         Ok(())
     }
 }
+
+/// The statement inserting a batch's audit rows, column by column, in the
+/// order they were chained.
+macro_rules! audit_insert {
+    () => {
+        "INSERT INTO audit (at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
+         replica, chain_id, chain_seq, hash, record) \
+         SELECT at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
+         replica, chain_id, chain_seq, hash, record \
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+         $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::text[], $14::text[]) \
+         WITH ORDINALITY AS u(at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, \
+         replica, chain_id, chain_seq, hash, record, n) ORDER BY n"
+    };
+}
+use audit_insert;
 
 /// The heads a new chain links ([`rows::UNLINKED_HEADS`]), recorded as
 /// linked.
@@ -744,18 +788,8 @@ async fn apply_in(
             }
         }
     }
-    audit.insert(tx).await?;
-    if let Some(c) = chain.signed_head(before)? {
-        sqlx::query(rows::SIGNED_HEAD)
-            .bind(&c.chain_id)
-            .bind(to_i64(c.chain_seq))
-            .bind(&c.hash)
-            .bind(to_i64(c.at_ms))
-            .bind(&c.signature)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-    }
+    let head = chain.signed_head(before)?;
+    audit.insert(tx, head.as_ref()).await?;
     // Delivered to the other replicas when (and only if) this commits.
     for (changed, payload) in [(revoked, "revocations"), (keys, "keys")] {
         if changed {
@@ -929,6 +963,15 @@ impl Store for PgStore {
         )
         .await?;
         rows.iter().map(rows::revocation).collect()
+    }
+
+    async fn latest_audit_seq(&self) -> Result<i64, StoreError> {
+        let row = read(
+            sqlx::query("SELECT COALESCE(MAX(seq), 0)::bigint AS m FROM audit")
+                .fetch_one(&self.reads),
+        )
+        .await?;
+        rows::Cols::int(&row, "m")
     }
 
     async fn latest_revocation(&self) -> Result<i64, StoreError> {

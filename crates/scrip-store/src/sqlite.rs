@@ -258,6 +258,14 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn latest_audit_seq(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM audit")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        rows::Cols::int(&row, "m")
+    }
+
     async fn latest_revocation(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM revocations")
             .fetch_one(&self.reads)

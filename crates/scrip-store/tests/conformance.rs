@@ -1246,8 +1246,15 @@ async fn verify_signed(store: &dyn Store) -> scrip_store::Report {
 /// leaves no unsigned record.
 async fn every_commit_signs_its_head_once_a_signer_is_set(f: Fixture) {
     let s = &f.store;
+    assert_eq!(s.latest_audit_seq().await.unwrap(), 0);
     s.commit(vec![audit("token.issued", None)]).await.unwrap();
     assert!(s.latest_checkpoints().await.unwrap().is_empty());
+    let rows = s.audit_rows(0, u32::MAX).await.unwrap();
+    assert_eq!(
+        s.latest_audit_seq().await.unwrap(),
+        rows.last().unwrap().seq,
+        "the newest record's position"
+    );
     let unsigned = verify_signed(s.as_ref()).await;
     assert_eq!(unsigned.problems.len(), 1, "{unsigned:?}");
     assert!(
