@@ -228,7 +228,7 @@ fn verify_report(
         .map(|(_, a, b)| b.saturating_add(1).saturating_sub(*a))
         .sum();
     lines.push(format!(
-        "{}: {records} records were never signed by the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, or someone else, wrote these); a later process's signed start proves they existed then, not who wrote them:",
+        "{}: {records} records were never signed by the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, a `scrip secret` command that warned it could not sign, or someone else wrote these); a later process's signed start proves they existed then, not who wrote them:",
         if strict { "FAILED" } else { "note" }
     ));
     for (chain, from, to) in &report.vouched {

@@ -304,16 +304,23 @@ async fn rotate_each(
 }
 
 /// Has the store sign the audit records this command writes (its own
-/// chain) in the commits that write them, as `scrip serve` does: no record
-/// is stored unsigned, so without the checkpoint key nothing is changed.
-async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
-    let key = scrip_server::keyring::checkpoint_signer(config, store, now())
-        .await
-        .map_err(|e| {
-            format!("cannot sign the audit record of this change ({e}); nothing was changed")
-        })?;
-    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
-    Ok(())
+/// chain) in the commits that write them, as `scrip serve` does. Without
+/// the checkpoint key (a shared store no `scrip serve` has started on yet)
+/// the change is still made, its record unsigned, and a warning says so:
+/// `scrip audit verify` reports such records.
+#[expect(
+    clippy::print_stderr,
+    reason = "a warning for the person running the command"
+)]
+async fn sign_heads(config: &Config, store: &dyn Store) {
+    match scrip_server::keyring::checkpoint_signer(config, store, now()).await {
+        Ok(key) => {
+            store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+        }
+        Err(e) => eprintln!(
+            "scrip: warning: the audit record of this change cannot be signed ({e}); `scrip audit verify` will report it"
+        ),
+    }
 }
 
 async fn put(
@@ -371,7 +378,7 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
         let value = read_stdin(&format!("secret value for `{name}` `{action}`: "))?;
         runtime()?.block_on(async {
             let (store, kek) = open(&config, true).await?;
-            sign_heads(&config, store.as_ref()).await?;
+            sign_heads(&config, store.as_ref()).await;
             let version = put(
                 store.as_ref(),
                 &kek,
@@ -440,7 +447,7 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
         }
         runtime()?.block_on(async {
             let (store, kek) = open(&config, false).await?;
-            sign_heads(&config, store.as_ref()).await?;
+            sign_heads(&config, store.as_ref()).await;
             let mut done = Vec::new();
             rotate_each(store.as_ref(), &kek, name, values, &mut done)
                 .await

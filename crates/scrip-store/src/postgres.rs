@@ -326,18 +326,8 @@ impl AuditColumns {
         tx: &mut PgConnection,
         head: Option<&crate::Checkpoint>,
     ) -> Result<(), StoreError> {
+        // A head moves only when a record is appended: no rows, no head.
         if self.record.is_empty() {
-            if let Some(c) = head {
-                sqlx::query(rows::SIGNED_HEAD)
-                    .bind(&c.chain_id)
-                    .bind(to_i64(c.chain_seq))
-                    .bind(&c.hash)
-                    .bind(to_i64(c.at_ms))
-                    .bind(&c.signature)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-            }
             return Ok(());
         }
         let query = sqlx::query(if head.is_some() {

@@ -382,21 +382,32 @@ fn apply_on(
     }
     insert_audit(&tx, &audit)?;
     if let Some(c) = chain.signed_head(before)? {
-        run(
-            &tx,
-            crate::rows::SIGNED_HEAD,
-            params![
-                c.chain_id,
-                to_i64(c.chain_seq),
-                c.hash,
-                to_i64(c.at_ms),
-                c.signature
-            ],
-        )
-        .map_err(unavailable)?;
+        put_checkpoint(&tx, crate::rows::SIGNED_HEAD, &c)?;
     }
     *commit_sent = true;
     tx.commit().map_err(unavailable)
+}
+
+/// Runs `sql` with a signed checkpoint's five columns (chain, position,
+/// hash, time, signature), in that order.
+fn put_checkpoint(
+    tx: &Transaction<'_>,
+    sql: &str,
+    c: &crate::Checkpoint,
+) -> Result<(), StoreError> {
+    run(
+        tx,
+        sql,
+        params![
+            c.chain_id,
+            to_i64(c.chain_seq),
+            c.hash,
+            to_i64(c.at_ms),
+            c.signature
+        ],
+    )
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Applies one write other than an audit record (those are chained and
@@ -619,20 +630,11 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             )
             .map_err(failed)?;
         }
-        Write::Checkpoint(c) => {
-            run(
-                tx,
-                "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) VALUES (?, ?, ?, ?, ?)",
-                params![
-                    c.chain_id,
-                    to_i64(c.chain_seq),
-                    c.hash,
-                    to_i64(c.at_ms),
-                    c.signature
-                ],
-            )
-            .map_err(unavailable)?;
-        }
+        Write::Checkpoint(c) => put_checkpoint(
+            tx,
+            "INSERT INTO audit_checkpoints (chain_id, chain_seq, hash, at_ms, signature) VALUES (?, ?, ?, ?, ?)",
+            c,
+        )?,
         Write::InsertKey { key: k, after } => {
             let keys = tx
                 .prepare_cached(rows::KEYS_OF_PURPOSE)
