@@ -1214,8 +1214,21 @@ async fn an_approval_applies_only_to_the_step_the_person_was_shown() {
     ])
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let (_, decided) = get(Some(alice), id.clone()).await;
+    let (_, decided) = get(Some(alice.clone()), id.clone()).await;
     assert_eq!(decided["state"], "approved", "{decided}");
+
+    // A body that is not a form says nothing of the step: it approves, as
+    // it did before the step could be sent.
+    let other = pending(&s, &task).await;
+    let r = s
+        .post_raw(
+            &format!("/approvals/{other}/approve"),
+            "application/json",
+            b"{}".to_vec(),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
     s.stop().await;
 }
 
