@@ -538,17 +538,13 @@ async fn decide_endpoint(
     let result = async {
         let (who, approver) = authenticate(st, headers).await?;
         // What the person was shown, when the client says (`scrip approve`
-        // does): approving applies to that step only.
+        // does): approving applies to that step only. Any body is read as
+        // that form (a body of another type is refused rather than
+        // ignored); without one, the approval applies to the step the id
+        // names.
         let mut shown = None;
         let reason = if approve {
-            let form = headers
-                .get(axum::http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| {
-                    v.to_ascii_lowercase()
-                        .starts_with("application/x-www-form-urlencoded")
-                });
-            if form {
+            if headers.contains_key(axum::http::header::CONTENT_TYPE) {
                 shown = Some(Form::read(headers, body).await?);
             }
             None

@@ -37,10 +37,11 @@ pub async fn verify(
 ) -> Result<Report, StoreError> {
     let checkpoints = store.latest_checkpoints().await?;
     let links = store.chain_links().await?;
-    // The trail as it stood once the signatures were read: records
+    // The trail as it stood just after the signatures were read: records
     // committed while this runs (however long it takes on a large store) are
     // left to the next verification, rather than read unsigned, or past
-    // `now_ms` and its grace.
+    // `now_ms` and its grace. (Read after the signatures, so that none names
+    // a record past it; those committed in between count as recent.)
     let until = store.latest_audit_seq().await?;
     let mut verifier = Verifier::new(&checkpoints, &links);
     verifier.require_signed(now_ms, grace_ms);

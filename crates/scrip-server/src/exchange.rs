@@ -278,7 +278,13 @@ pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuth
     // The parser's messages quote the offending value, which may be
     // anything the agent put there (a credential in the wrong member): what
     // is wrong is said without echoing it. Parsed into the struct first,
-    // which refuses a repeated member as it does an unknown one.
+    // which refuses a repeated member as it does an unknown one; an object
+    // only (serde would also read a struct from a positional array).
+    if !raw.trim_start().starts_with('{') {
+        return Err(OAuthError::invalid_request(
+            "request_details must be a JSON object",
+        ));
+    }
     let mut details: RequestDetails =
         serde_json::from_str(raw).map_err(|e| details_error(raw, &e))?;
     if let Some(purpose) = details.purpose.as_mut() {

@@ -1217,18 +1217,20 @@ async fn an_approval_applies_only_to_the_step_the_person_was_shown() {
     let (_, decided) = get(Some(alice.clone()), id.clone()).await;
     assert_eq!(decided["state"], "approved", "{decided}");
 
-    // A body that is not a form says nothing of the step: it approves, as
-    // it did before the step could be sent.
+    // A body of another type is refused, not ignored: it may hold a step
+    // the person was shown, which must not go unchecked.
     let other = pending(&s, &task).await;
     let r = s
         .post_raw(
             &format!("/approvals/{other}/approve"),
             "application/json",
-            b"{}".to_vec(),
+            br#"{"tool":"jira"}"#.to_vec(),
             Some(&alice),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    r.assert_error(400, "invalid_request");
+    let (_, still) = get(Some(alice.clone()), other.clone()).await;
+    assert_eq!(still["state"], "pending", "{still}");
     s.stop().await;
 }
 

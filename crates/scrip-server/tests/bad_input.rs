@@ -413,6 +413,9 @@ async fn task_request_details_not_json() {
         r#"{"purpose": "x", "environment": "SECRETVALUE"}"#,
         // A repeated member is refused, not read as its last value.
         r#"{"purpose": "x", "environment": "dev", "environment": "prod"}"#,
+        // A struct could be read from a positional array: only an object is.
+        r#"["fix JIRA-1", "dev"]"#,
+        r#"  ["fix JIRA-1", "dev", 60, []]"#,
     ] {
         let r = s
             .post_form("/token", &task_form(&identity, "github:read", details))
