@@ -4,8 +4,10 @@
 //! interrupt at any point still ends whatever was started; the task is
 //! ended (revoked) after the child exits, however it exits; SIGINT, SIGTERM,
 //! SIGHUP and SIGQUIT are forwarded to the child, which gets [`GRACE`] to
-//! exit before it is killed, so nothing is left running (a Ctrl-C at the
-//! terminal reached the child already, and is the child's to handle).
+//! exit before it is killed (a Ctrl-C at the terminal reached the child
+//! already, and is the child's to handle). Only the child itself is
+//! signalled and killed: processes it started and left running are its to
+//! stop (their task token dies with the task all the same).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -190,13 +192,14 @@ async fn run_async(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the task: {}", explain(&e))),
     };
     let cache = FileCache::default_location();
+    // On every way out, a signal stops the retries of ending the task.
     if let Some(s) = signals.pending().await {
-        end_task(&client, task, cache.as_ref()).await;
+        end_task_unless_interrupted(&client, task, cache.as_ref(), &mut signals).await;
         return signal_code(s);
     }
 
     let Some((program, program_args)) = args.command.split_first() else {
-        end_task(&client, task, cache.as_ref()).await;
+        end_task_unless_interrupted(&client, task, cache.as_ref(), &mut signals).await;
         return fail("no command given after `--`");
     };
     let mut child = match crate::child_command(program)
@@ -207,7 +210,7 @@ async fn run_async(args: RunArgs) -> ExitCode {
     {
         Ok(c) => c,
         Err(e) => {
-            end_task(&client, task, cache.as_ref()).await;
+            end_task_unless_interrupted(&client, task, cache.as_ref(), &mut signals).await;
             let code = if e.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {

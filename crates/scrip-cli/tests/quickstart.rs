@@ -115,7 +115,7 @@ fn the_readme_quickstart_works() {
         "--",
         "sh",
         "-c",
-        "scrip token --tool github --action read > token.txt && scrip introspect < token.txt > during.json",
+        "umask 077; scrip token --tool github --action read > token.txt && scrip introspect < token.txt > during.json",
     ]);
     assert!(
         out.status.success(),
@@ -123,6 +123,15 @@ fn the_readme_quickstart_works() {
         String::from_utf8_lossy(&out.stderr)
     );
     let token = std::fs::read_to_string(root.join("token.txt")).unwrap();
+    // The README writes the token where only its user can read it.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(root.join("token.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "token.txt mode {mode:o}");
+    }
     let during: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("during.json")).unwrap()).unwrap();
     assert_eq!(during["active"], true, "{during}");
