@@ -351,7 +351,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
 
     let standing = Arc::new(Standing::new(upstream.verifier.clone(), token));
     forward(
-        &proxy, upstream, parts, body, &secret, &others, draft, standing,
+        &proxy, upstream, &action, parts, body, &secret, &others, draft, standing,
     )
     .await
 }
@@ -411,9 +411,10 @@ fn decide(
 async fn forward(
     proxy: &Proxy,
     upstream: &Upstream,
+    action: &ActionName,
     parts: http::request::Parts,
     body: Body,
-    secret: &crate::SecretValue,
+    secret: &Arc<crate::SecretValue>,
     others: &[Arc<crate::SecretValue>],
     draft: Draft,
     standing: Arc<Standing>,
@@ -575,9 +576,10 @@ async fn forward(
             &draft,
         );
     }
-    let mut keys: Vec<&crate::SecretValue> = vec![secret];
-    keys.extend(others.iter().map(AsRef::as_ref));
-    let patterns = headers::patterns(&upstream.injection, &keys);
+    let patterns = proxy
+        .0
+        .patterns
+        .get(name, action.as_str(), &upstream.injection, secret, others);
     head.headers = headers::to_agent(std::mem::take(&mut head.headers), &patterns);
     // Nothing of the upstream's response head but its status and the
     // headers above: hyper keeps a non-standard reason phrase (`401 bad key

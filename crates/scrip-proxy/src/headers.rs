@@ -13,6 +13,9 @@
 //! session would be a credential the agent holds) are dropped, and any value
 //! holding the secret is redacted.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use scrip_config::{HOP_BY_HOP, Injection};
 
@@ -286,6 +289,57 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
     Patterns::new(forms)
 }
 
+/// The redaction patterns last built for each `(upstream, action)`, with
+/// the very secret values they were built from. With a long key the patterns
+/// are hundreds of kilobytes: every response in flight shares one set, and
+/// CPU goes into building them only when a value changed (a new version, or
+/// [`crate::SecretCache`]'s reread, which opens new values).
+#[derive(Default)]
+pub struct PatternCache(Mutex<HashMap<(String, String), CachedPatterns>>);
+
+struct CachedPatterns {
+    keys: Vec<Arc<SecretValue>>,
+    patterns: Arc<Patterns>,
+}
+
+impl std::fmt::Debug for PatternCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatternCache").finish_non_exhaustive()
+    }
+}
+
+impl PatternCache {
+    /// [`patterns`] for a response to `action` at `upstream`, whose injected
+    /// key is `secret` and whose keys for its other actions are `others`.
+    pub fn get(
+        &self,
+        upstream: &str,
+        action: &str,
+        injection: &Injection,
+        secret: &Arc<SecretValue>,
+        others: &[Arc<SecretValue>],
+    ) -> Arc<Patterns> {
+        let keys = || std::iter::once(secret).chain(others);
+        let same = |c: &CachedPatterns| {
+            c.keys.len() == others.len() + 1 && keys().zip(&c.keys).all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        let key = (upstream.to_owned(), action.to_owned());
+        if let Ok(cache) = self.0.lock()
+            && let Some(c) = cache.get(&key).filter(|c| same(c))
+        {
+            return c.patterns.clone();
+        }
+        let values: Vec<&SecretValue> = keys().map(AsRef::as_ref).collect();
+        let patterns = Arc::new(self::patterns(injection, &values));
+        if let Ok(mut cache) = self.0.lock() {
+            let keys = keys().cloned().collect();
+            let patterns = patterns.clone();
+            cache.insert(key, CachedPatterns { keys, patterns });
+        }
+        patterns
+    }
+}
+
 /// Byte → escape tables of the escapings redaction looks for (besides
 /// percent-encoding): JSON with and without the optional `\/` (PHP writes
 /// it), JSON as Go's encoder writes it (`<`, `>`, `&` as lowercase `\u00xx`)
@@ -538,6 +592,58 @@ mod tests {
             &q,
             "?api%2525key=x&api_key=k3y%2F%2B%3D",
         );
+    }
+
+    #[test]
+    fn patterns_are_built_once_for_the_same_keys() {
+        let injection = Injection::Header {
+            name: "x-api-key".into(),
+            prefix: String::new(),
+            suffix: String::new(),
+        };
+        let cache = PatternCache::default();
+        let read = Arc::new(secret());
+        let write = Arc::new(SecretValue::from_input(b"wr1te-k3y".to_vec()).unwrap());
+        let first = cache.get(
+            "legacy",
+            "read",
+            &injection,
+            &read,
+            std::slice::from_ref(&write),
+        );
+        assert!(first.found_in(b"x wr1te-k3y y") && first.found_in(b"k3y%2F%2B%3D"));
+        // The same values: the same patterns, shared.
+        let again = cache.get(
+            "legacy",
+            "read",
+            &injection,
+            &read,
+            std::slice::from_ref(&write),
+        );
+        assert!(Arc::ptr_eq(&first, &again));
+        // Another action has patterns of its own.
+        let other = cache.get(
+            "legacy",
+            "write",
+            &injection,
+            &write,
+            std::slice::from_ref(&read),
+        );
+        assert!(!Arc::ptr_eq(&first, &other));
+        // A new version of either key (or the same value opened again)
+        // builds them anew, and they look for the new value.
+        let rotated = Arc::new(SecretValue::from_input(b"n3w-wr1te".to_vec()).unwrap());
+        let after = cache.get("legacy", "read", &injection, &read, &[rotated]);
+        assert!(!Arc::ptr_eq(&first, &after));
+        assert!(after.found_in(b"n3w-wr1te") && !after.found_in(b"wr1te-k3y"));
+        let reopened = Arc::new(secret());
+        let fresh = cache.get("legacy", "read", &injection, &reopened, &[]);
+        assert!(!Arc::ptr_eq(&after, &fresh));
+        assert!(fresh.found_in(b"k3y/+=") && !fresh.found_in(b"n3w-wr1te"));
+        assert!(Arc::ptr_eq(
+            &fresh,
+            &cache.get("legacy", "read", &injection, &reopened, &[])
+        ));
     }
 
     #[test]

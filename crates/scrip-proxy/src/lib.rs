@@ -130,6 +130,8 @@ struct Inner {
     /// no credentials, so scrapes read the store at most once per
     /// [`METRICS_TTL`], one at a time, however many come.
     metrics_records: tokio::sync::Mutex<Option<(Instant, Arc<Vec<scrip_store::SecretRecord>>)>>,
+    /// The redaction patterns last built for each upstream and action.
+    patterns: headers::PatternCache,
 }
 
 /// Refusal records written in the background at most at once (see
@@ -359,6 +361,7 @@ impl Proxy {
             clock_skew: config.clock_skew,
             pending: Arc::new(Pending::default()),
             metrics_records: tokio::sync::Mutex::new(None),
+            patterns: headers::PatternCache::default(),
         })))
     }
 
