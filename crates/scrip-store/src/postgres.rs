@@ -176,12 +176,12 @@ impl PgStore {
         let writer = Writer::spawn(
             PgWriter {
                 conn: Some(conn),
-                options,
+                options: options.clone(),
                 commit_sent: false,
             },
             crate::chain::new_chain_id()?,
         );
-        let listener = tokio::spawn(listen(reads.clone(), writer.changes().clone()));
+        let listener = tokio::spawn(listen(options, writer.changes().clone()));
         Ok(Self {
             reads,
             writer,
@@ -190,9 +190,20 @@ impl PgStore {
     }
 }
 
+/// How long the listener waits for a notification before it checks that
+/// its connection still answers. A connection that died without a word (a
+/// NAT's or firewall's idle timeout, a host gone) would otherwise leave it
+/// waiting for ever, deaf to other replicas' revocations, while this
+/// replica's caches take its silence for "nothing changed".
+const LISTEN_QUIET: Duration = Duration::from_secs(5);
+
+/// How long that check may take.
+const LISTEN_CHECK: Duration = Duration::from_secs(2);
+
 /// Follows other replicas' changes; bumps every counter whenever the
-/// connection was lost, since notifications may have been missed then.
-async fn listen(pool: PgPool, changes: watch::Sender<Changes>) {
+/// connection was or may have been lost, since notifications may have been
+/// missed then, and every second until it listens again.
+async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
     let bump_all = |changes: &watch::Sender<Changes>| {
         changes.send_modify(|c| {
             c.revocations += 1;
@@ -200,23 +211,50 @@ async fn listen(pool: PgPool, changes: watch::Sender<Changes>) {
         });
     };
     loop {
+        // A pool of its own, never the reads': a connection given up on
+        // here may hang until TCP gives up on it, and must not be handed
+        // to a read.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(TIMEOUT)
+            .connect_lazy_with(options.clone());
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
+                bump_all(&changes);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
         if let Err(e) = listener.listen(CHANNEL).await {
             tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
+            bump_all(&changes);
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         // Anything may have happened while not listening.
         bump_all(&changes);
         loop {
-            match listener.try_recv().await {
+            // `try_recv` is cancel-safe: a notification half read when the
+            // wait ends is read whole by the next call.
+            let Ok(next) = tokio::time::timeout(LISTEN_QUIET, listener.try_recv()).await else {
+                let check = sqlx::query("SELECT 1").execute(&mut listener);
+                match tokio::time::timeout(LISTEN_CHECK, check).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the change notifications' connection failed its check; reconnecting");
+                    }
+                    Err(_) => tracing::warn!(
+                        "the change notifications' connection did not answer within {} s; reconnecting",
+                        LISTEN_CHECK.as_secs()
+                    ),
+                }
+                bump_all(&changes);
+                break;
+            };
+            match next {
                 Ok(Some(n)) => changes.send_modify(|c| match n.payload() {
                     "keys" => c.keys += 1,
                     _ => c.revocations += 1,

@@ -48,6 +48,58 @@ async fn another_replicas_revocation_reaches_this_one_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_connection_gone_silent_is_noticed_and_replaced() {
+    let db = PgDatabase::new();
+    let gate = Gate::start("127.0.0.1:5432".parse().unwrap()).await;
+    let a = PgStore::connect(db.url()).await.unwrap();
+    let b = PgStore::connect(&db.url().replace("127.0.0.1:5432", &gate.addr().to_string()))
+        .await
+        .unwrap();
+    let mut changes = b.changes();
+    let heard = |changes: &mut tokio::sync::watch::Receiver<scrip_store::Changes>, within| {
+        let mut changes = changes.clone();
+        async move {
+            tokio::time::timeout(within, changes.changed())
+                .await
+                .is_ok()
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    changes.borrow_and_update();
+    a.commit(vec![revoke("before")]).await.unwrap();
+    assert!(
+        heard(&mut changes, Duration::from_secs(1)).await,
+        "not listening"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    changes.borrow_and_update();
+
+    // The connection B listens on goes silent, as behind a NAT that forgot
+    // it: no reset, nothing arrives. A's revocations no longer reach B, so
+    // B must notice and drop what it cached: every counter moves.
+    gate.stall();
+    a.commit(vec![revoke("unheard")]).await.unwrap();
+    let started = Instant::now();
+    assert!(
+        heard(&mut changes, Duration::from_secs(15)).await,
+        "a silent notification connection went unnoticed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // And B listens again, on a new connection.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    changes.borrow_and_update();
+    a.commit(vec![revoke("after")]).await.unwrap();
+    assert!(
+        heard(&mut changes, Duration::from_secs(2)).await,
+        "not listening again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_cursor_skips_nothing_with_several_writers() {
     let db = PgDatabase::new();
     let writers: Vec<Arc<PgStore>> = vec![

@@ -1,6 +1,9 @@
 //! A TCP gate: forwards connections to a real service and can be shut, as
 //! a network partition or a dead database looks to a client (open
-//! connections reset, new ones refused), then opened again.
+//! connections reset, new ones refused), then opened again; or can stall
+//! the connections open at the time, as a NAT or firewall that dropped
+//! their state does (nothing passes, nothing is reset), while new ones
+//! pass.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ pub struct Gate {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    stalls: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -30,11 +34,19 @@ impl Gate {
         let addr = listener.local_addr().expect("gate address");
         let open = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
-        let task = tokio::spawn(accept(listener, target, open.clone(), generation.clone()));
+        let (stalls, _) = watch::channel(0u64);
+        let task = tokio::spawn(accept(
+            listener,
+            target,
+            open.clone(),
+            generation.clone(),
+            stalls.clone(),
+        ));
         Self {
             addr,
             open,
             generation,
+            stalls,
             task,
         }
     }
@@ -49,6 +61,12 @@ impl Gate {
     pub fn shut(&self) {
         self.open.store(false, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Stops every connection open now without a word: they stay open,
+    /// and nothing more passes either way. Connections made later pass.
+    pub fn stall(&self) {
+        self.stalls.send_modify(|g| *g += 1);
     }
 
     /// Lets connections through again.
@@ -69,6 +87,7 @@ async fn accept(
     target: SocketAddr,
     open: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    stalls: watch::Sender<u64>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
         if !open.load(Ordering::SeqCst) {
@@ -78,6 +97,7 @@ async fn accept(
             continue;
         }
         let mut shut = generation.subscribe();
+        let mut stall = stalls.subscribe();
         tokio::spawn(async move {
             let Ok(mut upstream) = TcpStream::connect(target).await else {
                 return;
@@ -87,6 +107,11 @@ async fn accept(
                 _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
                 _ = shut.changed() => {
                     drop(client.set_nodelay(true));
+                }
+                _ = stall.changed() => {
+                    // Both ends stay open, and nothing is read or written
+                    // until the gate is shut or dropped.
+                    let _ = shut.changed().await;
                 }
             }
         });
