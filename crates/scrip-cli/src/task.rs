@@ -27,9 +27,9 @@ pub enum TaskCommand {
     /// The task token comes from SCRIP_TASK_TOKEN when set, else from
     /// standard input (`scrip task end < task.txt`); never from the command
     /// line, where other local users could read it. Revocation answers the
-    /// same for any token, so the token is read first: anything but a task
-    /// token of the scrip at --server is refused (exit 1) rather than ended
-    /// silently. Says on stderr which task it ended, and where the token
+    /// same for any token, so the token is checked first: anything but a
+    /// task token signed by the scrip at --server (with a key it publishes
+    /// at its jwks_uri) is refused (exit 1) rather than ended silently. Says on stderr which task it ended, and where the token
     /// came from.
     End {
         /// scrip's address.

@@ -671,7 +671,33 @@ fn task_start_list_and_end() {
             .encode(serde_json::to_vec(&c).unwrap());
         parts.join(".")
     };
+    // Revocation of these answers 200 and changes nothing, so `end` checks
+    // the signature with the keys this scrip publishes: a damaged copy, and
+    // claims someone rewrote (another task's id, the same issuer).
+    let damaged = {
+        let (head, signature) = task.rsplit_once('.').unwrap();
+        let mut signature = signature.as_bytes().to_vec();
+        signature[10] = if signature[10] == b'A' { b'B' } else { b'A' };
+        format!("{head}.{}", String::from_utf8(signature).unwrap())
+    };
+    let rewritten = {
+        let mut parts: Vec<String> = task.split('.').map(str::to_owned).collect();
+        let mut c = claims.clone();
+        c["txn"] = "another-task".into();
+        use base64::Engine as _;
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&c).unwrap());
+        parts.join(".")
+    };
     for (token, says) in [
+        (
+            damaged.as_str(),
+            "does not verify with the keys of the scrip at this address (token signature is invalid)",
+        ),
+        (
+            rewritten.as_str(),
+            "does not verify with the keys of the scrip at this address",
+        ),
         (
             "not-a-token",
             "not a task token (its typ is `none: it is not a JWT`)",

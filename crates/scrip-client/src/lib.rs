@@ -171,6 +171,15 @@ pub enum Error {
         /// The issuer of the scrip asked.
         issuer: String,
     },
+    /// A task token given to end a task that the scrip at the URL did not
+    /// sign: revoking it would change nothing, and say so to no one.
+    #[error(
+        "the task token does not verify with the keys of the scrip at this address ({reason}): it was damaged (copied in part?), or issued by another scrip with the same issuer; nothing was ended"
+    )]
+    UnverifiedToken {
+        /// Why verification failed.
+        reason: String,
+    },
     /// scrip answered something unexpected.
     #[error("unexpected answer from scrip: {0}")]
     Protocol(String),
@@ -345,6 +354,8 @@ struct Metadata {
     issuer: Option<String>,
     /// The token endpoint (a DPoP proof's `htu`).
     token_endpoint: String,
+    /// scrip's public keys (only ending a task needs them).
+    jwks_uri: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -556,6 +567,7 @@ impl Client {
                 Ok(Metadata {
                     issuer: member("issuer").ok(),
                     token_endpoint: member("token_endpoint")?,
+                    jwks_uri: member("jwks_uri").ok(),
                 })
             })
             .await
@@ -699,13 +711,17 @@ impl Client {
 
     /// Ends the task of `task_token`, its sub-tasks and every token issued
     /// under them. Revocation (RFC 7009) answers the same for any token, so
-    /// that nothing is ended silently, the token is read first (not
-    /// verified; scrip does that): it must be a task token of this scrip.
+    /// that nothing is ended silently, the token is checked first: it must
+    /// be a task token of this scrip, signed with one of the keys it
+    /// publishes (an expired one too: its task may still be running within
+    /// scrip's clock skew).
     ///
     /// # Errors
     /// [`Error::NotATaskToken`] for anything else than a task token (an
     /// access token would be revoked alone, its task left running),
-    /// [`Error::ForeignToken`] for one of another scrip, and the errors of
+    /// [`Error::ForeignToken`] for one of another scrip,
+    /// [`Error::UnverifiedToken`] for one this scrip did not sign (damaged,
+    /// or of another scrip with the same issuer), and the errors of
     /// [`Client::revoke`].
     pub async fn end_task(&self, task_token: &str) -> Result<EndedTask, Error> {
         let token = task_token.trim();
@@ -741,6 +757,44 @@ impl Client {
                 issuer: issuer.clone(),
             });
         }
+        let Some(jwks_uri) = &metadata.jwks_uri else {
+            return Err(Error::Protocol(format!(
+                "`{}/.well-known/oauth-authorization-server` names no jwks_uri",
+                self.url
+            )));
+        };
+        let keys = self.key_set(jwks_uri).await?;
+        let checked = scrip_jose::verify::<serde_json::Value>(
+            token,
+            &keys,
+            &scrip_jose::Expectations {
+                issuer,
+                audiences: std::slice::from_ref(issuer),
+                algorithms: &[
+                    scrip_jose::Algorithm::ES256,
+                    scrip_jose::Algorithm::EdDSA,
+                    scrip_jose::Algorithm::RS256,
+                ],
+                typ: &scrip_jose::TypRule::exactly(scrip_token::typ::TASK),
+                leeway: 0,
+            },
+        );
+        match checked {
+            // The signature is checked before the times: these are scrip's
+            // (a token past its `exp`, or from a replica whose clock runs
+            // ahead of this machine's).
+            Ok(_)
+            | Err(
+                scrip_jose::JoseError::Expired
+                | scrip_jose::JoseError::IssuedInFuture
+                | scrip_jose::JoseError::NotYetValid,
+            ) => {}
+            Err(e) => {
+                return Err(Error::UnverifiedToken {
+                    reason: e.to_string(),
+                });
+            }
+        }
         self.revoke(token).await?;
         let had_expired = claims
             .get("exp")
@@ -750,6 +804,29 @@ impl Client {
             task: printable(&text("txn")),
             had_expired,
         })
+    }
+
+    /// The key set at `jwks_uri`.
+    async fn key_set(&self, jwks_uri: &str) -> Result<scrip_jose::KeySet, Error> {
+        let response = self
+            .http
+            .get(jwks_uri)
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
+        let status = response.status();
+        let body = self.read(response).await?;
+        if !status.is_success() {
+            return Err(Error::Protocol(format!(
+                "`{jwks_uri}` answered {}",
+                status.as_u16()
+            )));
+        }
+        scrip_jose::KeySet::from_jwks_json(&body)
+            .map_err(|e| Error::Protocol(format!("`{jwks_uri}` is not a usable key set: {e}")))
     }
 
     /// Revokes a token (RFC 7009); a task token ends its task.
