@@ -736,13 +736,27 @@ pub fn is_environment(name: &str) -> bool {
 /// An absolute http(s) URL; `https` unless the host is a loopback address
 /// when `require_https_off_loopback`.
 fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<(), ConfigError> {
-    check_url_as(
-        what,
-        s,
-        &format!(" `{s}`"),
-        false,
-        require_https_off_loopback,
-    )
+    check_url_as(what, s, &shown_url(s), false, require_https_off_loopback)
+}
+
+/// A URL as an error message may show it. Credentials (`user:key@`) and a
+/// query (`?api_key=...`) are refused in most URLs here, and are exactly
+/// what a mistake puts there: the URL is then shown by scheme and host only,
+/// and text that is not a URL only when it has none of `@`, `?`, `#`.
+fn shown_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(u)
+            if u.username().is_empty()
+                && u.password().is_none()
+                && u.query().is_none()
+                && u.fragment().is_none() =>
+        {
+            format!(" `{s}`")
+        }
+        Ok(u) => format!(" `{}://{}/…`", u.scheme(), u.host_str().unwrap_or("")),
+        Err(_) if s.len() <= 200 && !s.contains(['@', '?', '#']) => format!(" `{s}`"),
+        Err(_) => String::new(),
+    }
 }
 
 /// A webhook URL: as [`check_url`] with https required off loopback, but

@@ -407,6 +407,24 @@ mod tests {
             "[[upstreams]]\nname = \"legacy\"\nurl = \"http://127.0.0.1:1/?a=b\"\n[upstreams.secrets.read]\n",
             Some("query"),
         );
+        // A key put in the URL, the natural mistake with a legacy API, is
+        // never repeated in the error.
+        for (url, want) in [
+            ("https://legacy.example/api?api_key=SECRET", "query"),
+            ("https://svc:SECRET@legacy.example/api?fmt=json", "query"),
+            ("https://svc:SECRET@legacy.example/api", "credentials"),
+            ("legacy.example/api?api_key=SECRET", "not an absolute URL"),
+            ("https://legacy.example/api#SECRET", "fragment"),
+        ] {
+            let toml = format!(
+                "[[tools]]\nname = \"legacy\"\nresource = \"https://legacy.example\"\nactions = [\"read\"]\n[[upstreams]]\nname = \"legacy\"\nurl = \"{url}\"\n[upstreams.secrets.read]\n"
+            );
+            let e = crate::Config::from_toml(&toml)
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(e.contains(want) && e.contains("legacy"), "{url}: {e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
         check(
             "[[upstreams]]\nname = \"legacy\"\nurl = \"http://127.0.0.1:1\"\n",
             Some("missing field `secrets`"),
