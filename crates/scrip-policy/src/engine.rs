@@ -248,11 +248,13 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyErr
         let path = path.to_owned();
         move |source| PolicyError::Io { path, source }
     };
+    // An entry that cannot be listed (EIO on a network file system) fails
+    // the load: skipping it could drop the file of `forbid` rules.
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io(dir))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
     entries.sort();
     let mut policies = Vec::new();
     let mut schema = None;
@@ -320,6 +322,25 @@ impl PolicyEngine {
                     name: schema_name.to_owned(),
                     message: format!(
                         "action `{id}` is declared in more than one namespace; scrip names actions by id alone, so give each a name of its own"
+                    ),
+                });
+            }
+        }
+        // scrip builds agents and tools without parents. A schema that
+        // declares some would validate `principal in Team::"x"` (or
+        // `resource in ...`), which then never holds: a `forbid` scoped so
+        // would silently never apply.
+        for ty in ["Agent", "Tool"] {
+            let name =
+                cedar_policy::EntityTypeName::from_str(ty).map_err(|e| PolicyError::Schema {
+                    name: schema_name.to_owned(),
+                    message: e.to_string(),
+                })?;
+            if let Some(parent) = schema.ancestors(&name).and_then(|mut a| a.next()) {
+                return Err(PolicyError::Schema {
+                    name: schema_name.to_owned(),
+                    message: format!(
+                        "entity {ty} is declared `in [{parent}]`, but scrip gives every {ty} no parents, so `in {parent}::\"...\"` would never hold (a `forbid` scoped so would never apply); match on the agent's attributes and tags or the tool's labels instead"
                     ),
                 });
             }

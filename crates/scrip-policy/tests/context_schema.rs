@@ -242,3 +242,33 @@ fn an_action_id_in_two_namespaces_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_schema_giving_agents_or_tools_parents_is_refused() {
+    // scrip builds agents and tools without parents, so `principal in
+    // Team::"..."` would never hold and this `forbid` would never apply,
+    // though the schema makes it valid.
+    let forbid = format!(
+        "{ALLOW_ALL}\nforbid (principal in Team::\"contractors\", action, resource in Project::\"prod\");\n"
+    );
+    for (line, replacement, parent) in [
+        ("entity Agent {", "entity Agent in [Team] {", "Team"),
+        ("entity Tool {", "entity Tool in [Project] {", "Project"),
+    ] {
+        let schema = format!(
+            "entity Team;\nentity Project;\n{}",
+            schema_with(line, replacement)
+        );
+        let Err(err) = PolicyEngine::from_sources(
+            Some(("test.cedarschema", &schema)),
+            &[("p.cedar".into(), forbid.clone())],
+        ) else {
+            panic!("a schema giving {parent} children was accepted")
+        };
+        assert!(
+            err.to_string()
+                .contains(&format!("is declared `in [{parent}]`")),
+            "{err}"
+        );
+    }
+}

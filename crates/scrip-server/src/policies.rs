@@ -171,11 +171,26 @@ impl Policies {
                     tokio::time::sleep(wait).await;
                 } => false,
             };
-            let current = DirState::now(&self.0.dir);
             if by_signal {
-                watch.loaded(current);
-                self.reload("SIGHUP").await;
-            } else if watch.observe(current.clone())
+                // Read now; a read that a change raced (a file caught
+                // half-written can parse, and lose the `forbid` rules after
+                // the cut) is dropped and read again once the files settle.
+                loop {
+                    let current = DirState::now(&self.0.dir);
+                    if self
+                        .reload_as_seen("SIGHUP", Some(&current))
+                        .await
+                        .is_some()
+                    {
+                        watch.loaded(current);
+                        break;
+                    }
+                    tokio::time::sleep(SETTLE).await;
+                }
+                continue;
+            }
+            let current = DirState::now(&self.0.dir);
+            if watch.observe(current.clone())
                 && self
                     .reload_as_seen("file change", Some(&current))
                     .await
