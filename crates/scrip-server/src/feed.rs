@@ -147,7 +147,7 @@ impl scrip_verifier::FeedSource for LocalFeed {
                 .verify_own::<scrip_token::AccessClaims>(token, scrip_token::TokenKind::Access)
                 .map_err(|e| e.to_string())?
                 .claims;
-            crate::introspect::claim_once(st, &claims, crate::state::now())
+            crate::introspect::claim_once(st, &claims, crate::state::now(), Vec::new())
                 .await
                 .map_err(|e| e.description)
         })

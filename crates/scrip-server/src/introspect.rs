@@ -35,8 +35,18 @@ pub async fn introspect_endpoint(
     let result = async {
         let form = Form::read(&headers, body).await?;
         let token = form.require("token")?;
-        let body = introspect(st, token).await?;
-        record(st, &caller, &body, peer).await?;
+        let asked = Asked {
+            caller: &caller,
+            peer,
+        };
+        let (body, recorded) = introspect(st, token, &asked).await?;
+        if !recorded {
+            st.store
+                .commit(vec![scrip_store::Write::Audit(Box::new(
+                    asked.record(st, &body),
+                ))])
+                .await?;
+        }
         Ok::<_, OAuthError>(body)
     }
     .await;
@@ -53,11 +63,14 @@ pub async fn introspect_endpoint(
 
 /// Marks a single-use token used; `false` when it already was, here or on
 /// another replica. The first presentation is answered active, every later
-/// one inactive.
+/// one inactive. `also` is committed with the claim (and only with it): the
+/// record of the answer that spends the use, so that the use is never spent
+/// by a commit whose answer could not be recorded.
 pub(crate) async fn claim_once(
     st: &Inner,
     c: &scrip_token::AccessClaims,
     now: u64,
+    also: Vec<scrip_store::Write>,
 ) -> Result<bool, OAuthError> {
     {
         let Ok(mut used) = st.used_once.lock() else {
@@ -77,19 +90,17 @@ pub(crate) async fn claim_once(
     a.reason = Some("single-use token presented".into());
     // The store decides across replicas: of several concurrent
     // presentations, on any replica, exactly one commit wins.
-    match st
-        .store
-        .commit(vec![
-            scrip_store::Write::ClaimToken {
-                jti: c.jti.clone(),
-                task_id: c.txn.clone(),
-                expires_at: c.exp.saturating_add(st.config.clock_skew),
-                at: now,
-            },
-            scrip_store::Write::Audit(Box::new(a)),
-        ])
-        .await
-    {
+    let mut writes = vec![
+        scrip_store::Write::ClaimToken {
+            jti: c.jti.clone(),
+            task_id: c.txn.clone(),
+            expires_at: c.exp.saturating_add(st.config.clock_skew),
+            at: now,
+        },
+        scrip_store::Write::Audit(Box::new(a)),
+    ];
+    writes.extend(also);
+    match st.store.commit(writes).await {
         Ok(()) => Ok(true),
         Err(scrip_store::StoreError::Conflict(_)) => Ok(false),
         Err(e) => {
@@ -122,29 +133,30 @@ pub(crate) async fn caller_identity(
     }
 }
 
-/// Audits the introspection: who asked, about which token, and the answer.
-async fn record(
-    st: &Inner,
-    caller: &scrip_token::WorkloadIdentity,
-    body: &Value,
+/// Who asked for an introspection.
+struct Asked<'a> {
+    caller: &'a scrip_token::WorkloadIdentity,
     peer: SocketAddr,
-) -> Result<(), OAuthError> {
-    let active = body.get("active").and_then(Value::as_bool).unwrap_or(false);
-    let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
-    let mut a = st.audit("token.introspected");
-    a.agent_iss = Some(caller.issuer.clone());
-    a.agent_sub = Some(caller.subject.clone());
-    a.task_id = text("txn");
-    a.jti = text("jti");
-    a.tool = text("aud").filter(|aud| *aud != st.issuer);
-    a.actions = text("scope");
-    a.decision = Some(if active { "allow" } else { "deny" }.into());
-    a.reason = Some(if active { "active" } else { "inactive" }.into());
-    a.client = Some(peer.to_string());
-    st.store
-        .commit(vec![scrip_store::Write::Audit(Box::new(a))])
-        .await?;
-    Ok(())
+}
+
+impl Asked<'_> {
+    /// The introspection's audit record: who asked, about which token, and
+    /// the answer.
+    fn record(&self, st: &Inner, body: &Value) -> scrip_store::AuditEvent {
+        let active = body.get("active").and_then(Value::as_bool).unwrap_or(false);
+        let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
+        let mut a = st.audit("token.introspected");
+        a.agent_iss = Some(self.caller.issuer.clone());
+        a.agent_sub = Some(self.caller.subject.clone());
+        a.task_id = text("txn");
+        a.jti = text("jti");
+        a.tool = text("aud").filter(|aud| *aud != st.issuer);
+        a.actions = text("scope");
+        a.decision = Some(if active { "allow" } else { "deny" }.into());
+        a.reason = Some(if active { "active" } else { "inactive" }.into());
+        a.client = Some(self.peer.to_string());
+        a
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -160,15 +172,21 @@ fn inactive() -> Value {
     json!({ "active": false })
 }
 
-async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
+/// The answer, and whether its audit record was committed already (with
+/// the claim of a single use, which it spends).
+async fn introspect(
+    st: &Inner,
+    token: &str,
+    asked: &Asked<'_>,
+) -> Result<(Value, bool), OAuthError> {
     let Ok(own) = st.verify_any_own(token) else {
-        return Ok(inactive());
+        return Ok((inactive(), false));
     };
     let now = now();
     match own {
         OwnToken::Task(c) => {
             if active_task(st, &c, now).await?.is_none() {
-                return Ok(inactive());
+                return Ok((inactive(), false));
             }
             let mut body = json!({
                 "active": true,
@@ -186,20 +204,16 @@ async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
             if let (Some(cnf), Some(obj)) = (c.cnf.as_ref(), body.as_object_mut()) {
                 obj.insert("cnf".into(), json!({ "jkt": cnf.jkt }));
             }
-            Ok(body)
+            Ok((body, false))
         }
         OwnToken::Access(c) => {
             // Revocation and the task's state are read from the store
             // every time (never from the cache), in one read.
             let Some((task, revoked)) = st.store.token_task(&c.jti, &c.txn).await? else {
-                return Ok(inactive());
+                return Ok((inactive(), false));
             };
             if revoked || task.state(now) != scrip_store::TaskState::Active {
-                return Ok(inactive());
-            }
-            if c.approval.as_ref().is_some_and(|a| a.single_use) && !claim_once(st, &c, now).await?
-            {
-                return Ok(inactive());
+                return Ok((inactive(), false));
             }
             let mut body = json!({
                 "active": true,
@@ -218,7 +232,16 @@ async fn introspect(st: &Inner, token: &str) -> Result<Value, OAuthError> {
                     serde_json::to_value(act).unwrap_or(Value::Null),
                 );
             }
-            Ok(body)
+            if c.approval.as_ref().is_some_and(|a| a.single_use) {
+                // The one use is spent in the commit that records this
+                // answer, or not at all.
+                let record = scrip_store::Write::Audit(Box::new(asked.record(st, &body)));
+                if !claim_once(st, &c, now, vec![record]).await? {
+                    return Ok((inactive(), false));
+                }
+                return Ok((body, true));
+            }
+            Ok((body, false))
         }
     }
 }

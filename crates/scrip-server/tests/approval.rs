@@ -342,7 +342,38 @@ async fn the_approved_token_introspects_active_once() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body, json!({"active": false}));
     assert_eq!(s.introspect(token).await.body, json!({"active": false}));
+    // The use is spent with the record of the answer that spent it, next to
+    // it in the trail (the inactive answers name no token).
+    let jti = r_jti(token);
+    let trail: Vec<(String, Option<String>)> = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| a.jti.as_deref() == Some(jti.as_str()) && a.event != "token.issued")
+        .map(|a| (a.event, a.decision))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            ("approval.used".to_owned(), Some("allow".to_owned())),
+            ("token.used".to_owned(), None),
+            ("token.introspected".to_owned(), Some("allow".to_owned())),
+        ]
+    );
     s.stop().await;
+}
+
+/// The `jti` of a token (its claims read, not verified).
+fn r_jti(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["jti"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test]
