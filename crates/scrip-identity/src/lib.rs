@@ -74,9 +74,23 @@ enum Source {
     File(std::path::PathBuf),
 }
 
+impl Source {
+    /// Where keys come from, as messages name it: a `jwks_file`'s path (a
+    /// `jwks_uri`'s errors come from the fetch, which names it).
+    fn shown(&self) -> String {
+        match self {
+            Self::Uri(..) => "JWKS".into(),
+            Self::File(path) => format!("`{}`", path.display()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Cache {
     keys: Option<Arc<KeySet>>,
+    /// The document `keys` were read from: a refresh that reads the same
+    /// keeps the very `keys` (and so what `Recent` verified with them).
+    document: Vec<u8>,
     fetched_at: Option<Instant>,
     attempted_at: Option<Instant>,
 }
@@ -188,11 +202,14 @@ impl IdentityVerifier {
                 fetching: tokio::sync::Mutex::new(()),
             };
             if let Source::File(path) = &issuer.source {
-                let keys = read_file(path).map_err(|message| SetupError::Jwks {
+                let jwks = |message: String| SetupError::Jwks {
                     issuer: ti.issuer.clone(),
                     message,
-                })?;
-                issuer.store(keys, Instant::now());
+                };
+                let document = read_file(path).map_err(jwks)?;
+                let keys = KeySet::from_jwks_json(&document)
+                    .map_err(|e| jwks(format!("{}: {e}", issuer.source.shown())))?;
+                issuer.store(keys, document, Instant::now());
             }
             issuers.insert(ti.issuer.clone(), issuer);
         }
@@ -344,10 +361,18 @@ impl IdentityVerifier {
             Source::File(path) => read_file(path),
         };
         match result {
-            Ok(keys) => {
-                tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
-                issuer.store(keys, Instant::now());
+            Ok(document) if issuer.refreshed_unchanged(&document, Instant::now()) => {
+                tracing::debug!(issuer = %issuer.issuer, "trusted issuer keys unchanged");
             }
+            Ok(document) => match KeySet::from_jwks_json(&document) {
+                Ok(keys) => {
+                    tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
+                    issuer.store(keys, document, Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %issuer.issuer, error = %format!("{}: {e}", issuer.source.shown()), "trusted issuer keys could not be refreshed");
+                }
+            },
             Err(message) => {
                 tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
             }
@@ -356,11 +381,25 @@ impl IdentityVerifier {
 }
 
 impl Issuer {
-    fn store(&self, keys: KeySet, at: Instant) {
+    fn store(&self, keys: KeySet, document: Vec<u8>, at: Instant) {
         if let Ok(mut cache) = self.cache.write() {
             cache.keys = Some(Arc::new(keys));
+            cache.document = document;
             cache.fetched_at = Some(at);
         }
+    }
+
+    /// When `document` is the one the keys in use were read from: counts it
+    /// as a refresh and returns `true`.
+    fn refreshed_unchanged(&self, document: &[u8], at: Instant) -> bool {
+        let Ok(mut cache) = self.cache.write() else {
+            return false;
+        };
+        if cache.keys.is_none() || cache.document != document {
+            return false;
+        }
+        cache.fetched_at = Some(at);
+        true
     }
 
     /// Whether to fetch now: never fetched, due for a refresh, or an unknown
@@ -417,7 +456,7 @@ const MAX_JWKS_FILE: u64 = 256 * 1024;
 /// Reads a `jwks_file`. It is a trust anchor: whoever can write it can put
 /// in a key and sign any identity, so a file that group or others may
 /// write, or that belongs to a user other than scrip's or root, is refused.
-fn read_file(path: &std::path::Path) -> Result<KeySet, String> {
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     use std::io::Read as _;
     use std::os::unix::fs::MetadataExt as _;
     let shown = path.display();
@@ -444,10 +483,10 @@ fn read_file(path: &std::path::Path) -> Result<KeySet, String> {
     if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_JWKS_FILE {
         return Err(format!("`{shown}` is larger than {MAX_JWKS_FILE} bytes"));
     }
-    KeySet::from_jwks_json(&bytes).map_err(|e| format!("`{shown}`: {e}"))
+    Ok(bytes)
 }
 
-async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<KeySet, String> {
+async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
     let mut response = http
         .get(uri)
         .header(reqwest::header::ACCEPT, "application/json")
@@ -468,5 +507,56 @@ async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<KeySet, String> 
             return Err(format!("JWKS is larger than {MAX_JWKS_BYTES} bytes"));
         }
     }
-    KeySet::from_jwks_json(&body).map_err(|e| e.to_string())
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+    use scrip_jose::{SigningAlgorithm, SigningKey};
+
+    /// A refresh that reads the same document keeps the very key set, so
+    /// what `Recent` verified with it stays answered from memory: anyone may
+    /// cause a refetch (a token naming an unknown `kid`, at a bounded rate).
+    #[tokio::test]
+    async fn a_refresh_that_reads_the_same_keys_keeps_them() {
+        let key = SigningKey::generate(SigningAlgorithm::ES256).unwrap().0;
+        let added = SigningKey::generate(SigningAlgorithm::ES256).unwrap().0;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let write = |keys: &[&SigningKey]| {
+            let keys: Vec<Value> = keys.iter().map(|k| k.public_jwk()).collect();
+            std::fs::write(
+                &path,
+                serde_json::to_vec(&serde_json::json!({"keys": keys})).unwrap(),
+            )
+            .unwrap();
+        };
+        write(&[&key]);
+        let trusted = TrustedIssuer {
+            issuer: "https://idp.example".into(),
+            jwks_uri: None,
+            jwks_file: Some(path.clone()),
+            audiences: vec!["scrip".into()],
+            algorithms: vec!["ES256".into()],
+            token_types: vec!["JWT".into()],
+            allow_untyped: true,
+            jwks_refresh: 60,
+            jwks_max_stale: 60,
+            jwks_min_refetch: 1,
+            kind: None,
+            trust_domain: None,
+        };
+        let v = IdentityVerifier::new(&[trusted], "https://scrip.example", 30).unwrap();
+        let issuer = v.issuers.get("https://idp.example").unwrap();
+        let first = v.keys(issuer, None).await.unwrap();
+        v.fetch(issuer).await;
+        assert!(Arc::ptr_eq(&first, &v.keys(issuer, None).await.unwrap()));
+        write(&[&key, &added]);
+        v.fetch(issuer).await;
+        let changed = v.keys(issuer, None).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert_eq!(changed.len(), 2);
+    }
 }
