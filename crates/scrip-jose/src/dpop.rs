@@ -208,6 +208,23 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofE
             sanitise(alg_name)
         )));
     }
+    // RFC 7518 §2, §6.3.1: `n` and `e` take the fewest octets their value
+    // needs. With a leading zero octet, one RSA key would have many
+    // thumbprints (RFC 7638 §3.2), and pass for many keys.
+    if kty == "RSA" {
+        for m in ["n", "e"] {
+            let minimal = jwk_value
+                .get(m)
+                .and_then(Value::as_str)
+                .and_then(|v| decode_part(v).ok())
+                .is_some_and(|v| v.first().is_some_and(|b| *b != 0));
+            if !minimal {
+                return Err(refuse(format!(
+                    "key's `{m}` is not an integer in its fewest octets"
+                )));
+            }
+        }
+    }
     let jkt = thumbprint(jwk_value)?;
     let jwk: Jwk = serde_json::from_value(Value::Object(jwk_value.clone()))
         .map_err(|_| refuse("header `jwk` is not a JWK"))?;
@@ -587,6 +604,36 @@ mod tests {
                     .unwrap()
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn an_rsa_key_has_one_form() {
+        // RFC 7638 §3.1's key; the proofs' signatures are not RS256 ones, so
+        // a key in its one form is refused for the signature, after the
+        // form is checked.
+        let n = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
+        let padded = |v: &str| {
+            let mut bytes = vec![0];
+            bytes.extend(decode_part(v).unwrap());
+            b64(&bytes)
+        };
+        let signer = Key::es256();
+        let proof = |n: &str, e: &str| {
+            let header = json!({"typ": "dpop+jwt", "alg": "RS256",
+                "jwk": {"kty": "RSA", "n": n, "e": e}});
+            signer.sign_jws(&header, &claims())
+        };
+        refused(&proof(n, "AQAB"), &check(), "signature");
+        refused(
+            &proof(&padded(n), "AQAB"),
+            &check(),
+            "key's `n` is not an integer in its fewest octets",
+        );
+        refused(
+            &proof(n, &padded("AQAB")),
+            &check(),
+            "key's `e` is not an integer in its fewest octets",
         );
     }
 
