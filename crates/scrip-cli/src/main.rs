@@ -127,6 +127,10 @@ enum Command {
     /// and prints scrip's answer: the token's claims with `"active": true`,
     /// or exactly `{"active":false}`. You are identified as for `approvals`.
     ///
+    /// A single-use token (an approved step's) is spent by its first
+    /// introspection, as by its first use: introspecting it yourself leaves
+    /// the resource server an inactive token, and the step to approve again.
+    ///
     /// There is no argument that takes the token: on the command line it
     /// would be visible to every local user in the process list, and stay
     /// in shell history.
@@ -638,6 +642,11 @@ fn policy(command: PolicyCommand) -> ExitCode {
             let dir = policies
                 .or_else(|| config.as_ref().map(|c| c.policy_dir.clone()))
                 .unwrap_or_else(|| PathBuf::from("policies"));
+            // No directory would be no policies, which deny everything: a
+            // suite of cases that must be denied would pass on a typo.
+            if !dir.is_dir() {
+                return fail(format!("`{}` is not a directory", dir.display()));
+            }
             let engine = match PolicyEngine::load(&dir) {
                 Ok(e) => e,
                 Err(e) => return fail(e),

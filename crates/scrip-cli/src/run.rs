@@ -386,7 +386,10 @@ pub(crate) fn explain(e: &Error) -> String {
             "; check each --grant against the tools and actions in scrip's configuration"
         }
         Some("access_denied") => "; no policy allows these grants for this workload here",
-        Some("invalid_request") => {
+        // The identity is the subject token; other invalid requests (an
+        // environment not configured, a purpose scrip refuses) say what
+        // is wrong themselves.
+        Some("invalid_request") if matches!(e, Error::OAuth { description, .. } if description.starts_with("subject_token")) => {
             "; check the identity (is it expired or from an untrusted issuer?)"
         }
         _ => "",

@@ -355,6 +355,23 @@ fn policy_check_refuses_a_missing_directory() {
     let out = run(&["policy", "check", missing.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("not a directory"), "{out:?}");
+    // `policy test` too: with no policies, a suite of cases that must be
+    // denied would pass.
+    let cases = dir.path().join("deny.toml");
+    fs::write(
+        &cases,
+        "[[case]]\nname = \"no delete in prod\"\nagent = { issuer = \"https://k8s.example\", subject = \"system:serviceaccount:agents:a\" }\ntool = \"github\"\naction = \"delete\"\nenvironment = \"prod\"\nexpect = \"deny\"\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "policy",
+        "test",
+        cases.to_str().unwrap(),
+        "--policies",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("not a directory"), "{out:?}");
 }
 
 // --- policy test -----------------------------------------------------------

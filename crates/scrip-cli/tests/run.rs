@@ -570,6 +570,26 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     );
     assert_refused(&out, 1, &["identity file", "expired"]);
 
+    // The hint to check the identity comes with the identity's refusals
+    // only, not with another invalid request.
+    let unsigned = format!(
+        "{}.{}.c2ln",
+        b64("{\"alg\":\"ES256\"}"),
+        b64("{\"iss\":\"https://nowhere.example\",\"sub\":\"x\",\"exp\":4000000000}")
+    );
+    let out = run(
+        &["--grant", "github:read"],
+        &[("SCRIP_IDENTITY", &unsigned)],
+    );
+    assert_refused(
+        &out,
+        1,
+        &["invalid_request", "subject_token", "check the identity"],
+    );
+    let out = run(&["--grant", "github:read", "--env", "production"], &[]);
+    assert_refused(&out, 1, &["invalid_request", "environment"]);
+    assert!(!text(&out.stderr).contains("identity"), "{out:?}");
+
     assert!(!marker.exists(), "the command never ran");
 
     // No grant, or no command: usage errors.

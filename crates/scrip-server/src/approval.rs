@@ -144,6 +144,14 @@ pub(crate) async fn request(
             match st.store.commit(all).await {
                 Ok(()) => {}
                 Err(scrip_store::StoreError::Conflict(_)) => continue,
+                // The store went away after the commit was sent: it may have
+                // taken effect. If so, the approvers are told now, since the
+                // agent's next request finds the step waiting and asks no one.
+                Err(e @ scrip_store::StoreError::Unavailable(_))
+                    if matches!(st.store.approval(&id).await, Ok(Some(_))) =>
+                {
+                    tracing::warn!(error = %e, auth_req_id = %id, "the approval's commit failed but it was stored");
+                }
                 Err(e) => return Err(e.into()),
             }
             tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %asked, "approval requested");

@@ -62,10 +62,15 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             a.purpose = Some(task.purpose.clone());
             a.jti = Some(claims.jti.clone());
             a.client = Some(peer.to_string());
+            // The commit ends every sub-task open then, including one
+            // delegated after this read; the list names those read.
             a.reason = Some(if descendants.is_empty() {
-                "task token revoked".to_owned()
+                "task token revoked; every open sub-task ended with it".to_owned()
             } else {
-                format!("task token revoked; also ended: {}", descendants.join(", "))
+                format!(
+                    "task token revoked; every open sub-task ended with it (open when asked: {})",
+                    descendants.join(", ")
+                )
             });
             let ended = st
                 .store

@@ -5,7 +5,10 @@
 //! (group commit), so a busy server pays one flush for many requests.
 //!
 //! Architecture invariant: a commit that returned `Ok` survives a crash; a
-//! commit that returned `Err` changed nothing. Callers therefore release a
+//! commit that returned `Err` changed nothing, except an
+//! [`StoreError::Unavailable`] when the store went away after the commit was
+//! sent (a connection lost during `COMMIT`, a client timeout while it ran),
+//! whose outcome is unknown. Callers therefore release a
 //! credential only after `commit` of its audit record returned `Ok`
 //! (security invariant 4), and a store that cannot write makes them fail
 //! closed.
@@ -89,7 +92,9 @@ pub enum StoreError {
 /// The operations scrip needs from persistent state.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Applies `writes` atomically and durably.
+    /// Applies `writes` atomically and durably. An `Err` changed nothing,
+    /// but an [`StoreError::Unavailable`] whose outcome is unknown (see the
+    /// crate's documentation): read the state again before relying on it.
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError>;
 
     /// The task with this id.
