@@ -30,6 +30,9 @@ pub enum SigningAlgorithm {
 }
 
 impl SigningAlgorithm {
+    /// Every algorithm scrip signs with.
+    pub const ALL: [Self; 3] = [Self::ES256, Self::EdDSA, Self::RS256];
+
     /// The JOSE `alg` name.
     #[must_use]
     pub fn as_str(self) -> &'static str {

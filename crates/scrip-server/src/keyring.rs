@@ -178,9 +178,13 @@ impl Keyring {
 
     fn with_ring(shared: Option<Shared>, ring: Ring, alg: SigningAlgorithm) -> Self {
         let verify = SharedKeySet::new(ring.verify_set());
+        // Every algorithm scrip signs with, the configured one first: a
+        // shared key set can change algorithm while this replica runs (one
+        // restarted with another `signing_algorithm` rotates), and its keys
+        // must verify here too. Each key verifies with its own algorithm
+        // only, so the wider list admits no other algorithm for a key.
         let mut algorithms = vec![alg.to_jwt()];
-        for (_, k) in &ring.signing {
-            let a = k.algorithm().to_jwt();
+        for a in SigningAlgorithm::ALL.map(SigningAlgorithm::to_jwt) {
             if !algorithms.contains(&a) {
                 algorithms.push(a);
             }

@@ -1118,6 +1118,52 @@ async fn replicas_starting_together_on_an_empty_store_share_one_key_set() {
     }
 }
 
+/// A replica restarted with another `signing_algorithm` rotates the shared
+/// key set to it; the replicas still running the old setting sign with the
+/// new key once it is active, and must accept what it signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_accepts_keys_of_another_algorithm_in_the_shared_set() {
+    use scrip_server::keyring::Keyring;
+    let db = scrip_testkit::PgDatabase::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str, alg: scrip_jose::SigningAlgorithm| scrip_config::Config {
+        data_dir: dir.path().join(name),
+        database_url: Some(db.url().to_owned()),
+        key_encryption_key_file: Some(dir.path().join("kek")),
+        signing_algorithm: alg,
+        signing_key_rotation: 10,
+        signing_key_lead: 1,
+        ..scrip_config::Config::default()
+    };
+    let ca = config("a", scrip_jose::SigningAlgorithm::ES256);
+    let cb = config("b", scrip_jose::SigningAlgorithm::EdDSA);
+    let sa = scrip_store::open(ca.database_url.as_deref(), &ca.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let sb = scrip_store::open(cb.database_url.as_deref(), &cb.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let at = now();
+    let (a, _) = Keyring::shared(&ca, sa.as_ref(), at).await.unwrap();
+    assert_eq!(
+        a.signer(at).algorithm(),
+        scrip_jose::SigningAlgorithm::ES256
+    );
+    let (b, _) = Keyring::shared(&cb, sb.as_ref(), at).await.unwrap();
+    // B's rotation adds its successor in its own algorithm; A reads it.
+    b.sync(sb.as_ref(), at + 10).await.unwrap();
+    a.sync(sa.as_ref(), at + 12).await.unwrap();
+    let signer = a.signer(at + 12);
+    assert_eq!(signer.algorithm(), scrip_jose::SigningAlgorithm::EdDSA);
+    for keyring in [&a, &b] {
+        assert!(
+            keyring.algorithms().contains(&signer.algorithm().to_jwt()),
+            "{:?} lacks the algorithm of a key it signs with",
+            keyring.algorithms()
+        );
+    }
+}
+
 /// Replicas whose rotation falls due together add one key between them,
 /// and each then publishes it; the one that lost the race reports nothing
 /// created (nothing for it to audit).
