@@ -213,8 +213,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// A revoked id as the set keeps it: the first 128 bits of its SHA-256.
 /// Fixed-size keys keep the set to one allocation, its table, however many
-/// ids it holds: 24 bytes a slot, where a `String` key took 32 and an
-/// allocation of its own. Two ids sharing a key could only make a token
+/// ids it holds: 32 bytes a slot (the key and a [`Keep`]), where a `String`
+/// key took 32 and an allocation of its own. Two ids sharing a key could only make a token
 /// refused, never accepted, and by chance that takes about 2^64 ids.
 type IdKey = [u8; 16];
 
@@ -225,16 +225,38 @@ fn id_key(id: &str) -> IdKey {
     key
 }
 
+/// How long an entry is kept: until its `exp` plus the leeway has passed by
+/// the wall clock (which `verify` judges `exp` by) and by the monotonic
+/// clock. A wall clock stepped forward (a bad NTP answer, `date -s`) and
+/// back would otherwise have dropped revocations whose tokens pass again
+/// once it is back.
+#[derive(Debug, Clone, Copy)]
+struct Keep {
+    /// The event's `exp` (seconds since the epoch).
+    exp: u64,
+    /// Seconds since [`Revocations::base`] until which the monotonic clock
+    /// keeps the entry: its `exp` plus the leeway as the wall clock read
+    /// when it arrived, at least [`KEEP_ARRIVED_EXPIRED`].
+    until: u64,
+}
+
+/// How long an event that looked expired when it arrived is kept: scrip
+/// sends only live ones, so this verifier's clock may be running ahead.
+const KEEP_ARRIVED_EXPIRED: u64 = 600;
+
 #[derive(Debug, Default)]
 struct State {
-    /// Revoked task ids, with the expiry after which they can be forgotten.
-    tasks: HashMap<IdKey, u64>,
+    /// Revoked task ids, with how long they must be kept.
+    tasks: HashMap<IdKey, Keep>,
     /// Revoked token ids, likewise.
-    tokens: HashMap<IdKey, u64>,
+    tokens: HashMap<IdKey, Keep>,
     /// When expired entries were last dropped.
     pruned_at: Option<Instant>,
     cursor: u64,
     synced_at: Option<Instant>,
+    /// `synced_at` by the wall clock: the monotonic clock stops while the
+    /// machine is suspended, and staleness is real time.
+    synced_wall: Option<std::time::SystemTime>,
     /// Set once the feed answered an empty page: every revocation listed
     /// when the verifier started has been read. Until then every token is
     /// refused, however fresh the pages read so far.
@@ -263,6 +285,8 @@ enum Event {
 #[derive(Debug)]
 pub(crate) struct Revocations {
     state: RwLock<State>,
+    /// What [`Keep::until`] counts from.
+    base: Instant,
     max_staleness: Duration,
     /// Entries are kept this long past their `exp` (the verifier's leeway).
     leeway: u64,
@@ -278,6 +302,7 @@ impl Revocations {
     pub(crate) fn new(max_staleness: Duration, leeway: u64) -> Self {
         Self {
             state: RwLock::new(State::default()),
+            base: Instant::now(),
             max_staleness,
             leeway,
         }
@@ -300,8 +325,14 @@ impl Revocations {
             .state
             .read()
             .map_err(|_| VerifyError::RevocationStale)?;
+        // Fresh by both clocks (a wall clock that went back says nothing).
+        let wall_fresh = state.synced_wall.is_some_and(|at| {
+            std::time::SystemTime::now()
+                .duration_since(at)
+                .map_or(true, |d| d <= self.max_staleness)
+        });
         match state.synced_at {
-            Some(at) if state.caught_up && at.elapsed() <= self.max_staleness => {}
+            Some(at) if state.caught_up && wall_fresh && at.elapsed() <= self.max_staleness => {}
             _ => return Err(VerifyError::RevocationStale),
         }
         if state.tasks.contains_key(&id_key(txn))
@@ -343,37 +374,72 @@ impl Revocations {
             events.push(event);
         }
         let count = events.len();
-        let now = unix_now();
+        // Caught up once a page held everything there was: under a steady
+        // stream of revocations an empty page may never come. A page that
+        // says there is more is never the last, whatever it held (events of
+        // a type this verifier does not know are still events).
+        let done = match page.more {
+            Some(more) => !more,
+            None => listed == 0,
+        };
+        self.take(
+            events,
+            page.cursor,
+            done,
+            unix_now(),
+            self.base.elapsed().as_secs(),
+        )?;
+        Ok(count)
+    }
+
+    /// Takes a page's events, at `now` by the wall clock and `mono` seconds
+    /// after [`Self::base`], and moves the cursor; `done` when the page held
+    /// everything there was.
+    fn take(
+        &self,
+        events: Vec<Event>,
+        cursor: u64,
+        done: bool,
+        now: u64,
+        mono: u64,
+    ) -> Result<(), String> {
         let mut state = self
             .state
             .write()
             .map_err(|_| "revocation state poisoned".to_owned())?;
         // An entry is kept while a token it names could still pass `verify`
-        // (`exp` plus the leeway); past that the token is refused as expired.
-        let live = |exp: u64| exp.saturating_add(self.leeway) >= now;
+        // (`exp` plus the leeway), by either clock; past that the token is
+        // refused as expired.
+        let leeway = self.leeway;
+        let keep = |exp: u64| {
+            let left = exp.saturating_add(leeway).saturating_sub(now);
+            let left = if left == 0 {
+                KEEP_ARRIVED_EXPIRED
+            } else {
+                left
+            };
+            Keep {
+                exp,
+                until: mono.saturating_add(left),
+            }
+        };
         for event in events {
             match event {
-                Event::Task { txn, exp } if live(exp) => state.tasks.insert(id_key(&txn), exp),
-                Event::Token { jti, exp } if live(exp) => state.tokens.insert(id_key(&jti), exp),
-                _ => None,
+                Event::Task { txn, exp } => state.tasks.insert(id_key(&txn), keep(exp)),
+                Event::Token { jti, exp } => state.tokens.insert(id_key(&jti), keep(exp)),
             };
         }
         if state.pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-            state.tasks.retain(|_, exp| live(*exp));
-            state.tokens.retain(|_, exp| live(*exp));
+            let live = |k: &Keep| k.exp.saturating_add(leeway) >= now || k.until >= mono;
+            state.tasks.retain(|_, k| live(k));
+            state.tokens.retain(|_, k| live(k));
             state.pruned_at = Some(Instant::now());
         }
-        state.cursor = page.cursor;
+        state.cursor = cursor;
         state.synced_at = Some(Instant::now());
-        // Caught up once a page held everything there was: under a steady
-        // stream of revocations an empty page may never come. A page that
-        // says there is more is never the last, whatever it held (events of
-        // a type this verifier does not know are still events).
-        state.caught_up |= match page.more {
-            Some(more) => !more,
-            None => listed == 0,
-        };
-        Ok(count)
+        state.synced_wall = Some(std::time::SystemTime::now());
+        state.caught_up |= done;
+        Ok(())
     }
 
     /// Whether every revocation listed at start has been read.
@@ -494,6 +560,40 @@ mod tests {
     }
 
     #[test]
+    fn a_wall_clock_stepped_forward_and_back_forgets_no_revocation() {
+        let r = Revocations::new(Duration::from_secs(60), 30);
+        let task = |txn: &str, exp: u64| Event::Task {
+            txn: txn.into(),
+            exp,
+        };
+        let prune_next = || r.state.write().unwrap().pruned_at = None;
+        let w = unix_now();
+        r.take(vec![task("t1", w + 600)], 1, true, w, 0).unwrap();
+        // The wall clock jumps 10,000 s ahead, 5 s later: by it, t1's tokens
+        // are long expired, but they pass again once it is set back.
+        prune_next();
+        r.take(vec![task("t2", w + 600)], 2, true, w + 10_000, 5)
+            .unwrap();
+        assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+        // An event that arrived while it was ahead is kept as well.
+        assert_eq!(r.check("t2", "j"), Err(VerifyError::Revoked));
+        // Past `exp` plus the leeway by both clocks, entries go: t2 600 s
+        // after it came, t1 630 s after (its `exp` plus the leeway).
+        prune_next();
+        r.take(Vec::new(), 3, true, w + 700, 620).unwrap();
+        assert_eq!(r.check("t2", "j"), Ok(()));
+        assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+        prune_next();
+        r.take(Vec::new(), 4, true, w + 700, 700).unwrap();
+        assert_eq!(r.check("t1", "j"), Ok(()));
+        // Staleness is real time: the monotonic clock stops while the
+        // machine sleeps, the wall clock does not.
+        r.state.write().unwrap().synced_wall =
+            Some(std::time::SystemTime::now() - Duration::from_secs(120));
+        assert_eq!(r.check("t9", "j"), Err(VerifyError::RevocationStale));
+    }
+
+    #[test]
     fn refuses_everything_until_the_first_empty_page() {
         let r = Revocations::new(Duration::from_secs(60), 0);
         let far = unix_now() + 600;
@@ -563,6 +663,12 @@ mod tests {
         )
         .unwrap();
         r.apply(br#"{"cursor":7,"events":[]}"#).unwrap();
+        // scrip sends live events only: one that looks expired here says
+        // this clock may run ahead, and it is kept a while by the other.
+        assert_eq!(r.check("old", "j"), Err(VerifyError::Revoked));
+        r.state.write().unwrap().pruned_at = None;
+        r.take(Vec::new(), 7, true, unix_now(), KEEP_ARRIVED_EXPIRED + 1)
+            .unwrap();
         assert_eq!(r.check("old", "j"), Ok(()));
         assert_eq!(r.cursor(), 7);
         for bad in [
