@@ -48,8 +48,10 @@ echo "== DPoP smoke with EdDSA proofs (fails on request errors, never on timings
 target/debug/scrip-bench --smoke --scrip target/debug/scrip \
   --scenario exchange-dpop,proxy-dpop --dpop-algorithm EdDSA --no-restart
 echo "== open-loop smoke (--rate; fails on request errors, never on timings)" >&2
+# (Captured, so shown before failing: under `set -e` a failed capture would
+# end the script with the lines that say why unseen.)
 open_loop=$(target/debug/scrip-bench --smoke --scrip target/debug/scrip \
-  --scenario exchange,metadata --rate 2000 --no-restart)
+  --scenario exchange,metadata --rate 2000 --no-restart) || { echo "$open_loop"; exit 1; }
 echo "$open_loop"
 # Open loop reports each request's round trip beside its latency from due.
 [ "$(grep -c ' offered=2000/s rtt_p50=' <<<"$open_loop")" -eq 2 ]

@@ -76,6 +76,9 @@ const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const TXN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// What an answer that issued a token holds.
+const ISSUED: &str = "\"access_token\"";
+
 /// What `metadata` asks for (RFC 8414).
 pub(crate) const METADATA: &str = "/.well-known/oauth-authorization-server";
 /// The purpose of every task: writes need a ticket.
@@ -154,7 +157,10 @@ pub struct Args {
     /// Length of each timed run.
     #[arg(long, default_value = "10s", value_parser = humantime_secs)]
     pub duration: Duration,
-    /// Pre-minted identities cycled through by `task-start`.
+    /// Pre-minted identities cycled through by `task-start`. scrip keeps
+    /// the last 10,000 identities it verified, so with fewer only each one's
+    /// first start verifies its ES256 signature (as an agent reusing its
+    /// identity token); with more than 10,000, every start does.
     #[arg(long, default_value_t = 1000)]
     pub identities: usize,
     /// Access tokens issued before `revoke` (each revoked once; the run ends early if they run out).
@@ -437,8 +443,8 @@ impl std::fmt::Display for Summary {
             let p = load::percentiles(&mut rtt);
             write!(
                 f,
-                " rtt_p50={:.2}ms rtt_p99={:.2}ms rtt_max={:.2}ms",
-                p.p50, p.p99, p.max
+                " rtt_p50={:.2}ms rtt_p99={:.2}ms rtt_max={:.2}ms behind={}",
+                p.p50, p.p99, p.max, o.behind
             )?;
         }
         if o.exhausted {
@@ -665,6 +671,7 @@ async fn run(args: &Args) -> Result<bool> {
         if *scenario == Scenario::Propagation {
             let last = targets.last().unwrap_or(&target);
             let machine_before = server::MachineTicks::now();
+            let client_before = server::cpu_ticks("self");
             let outcome =
                 propagation(&target, last, &identities, &caller, args.propagations).await?;
             ok &= outcome.errors == 0;
@@ -674,13 +681,15 @@ async fn run(args: &Args) -> Result<bool> {
                 outcome,
                 peak_rss_kib: peak(),
                 server_ticks: None,
-                client_ticks: 0,
+                client_ticks: server::cpu_ticks("self").saturating_sub(client_before),
                 rate: None,
                 machine: Some(machine_before.until(server::MachineTicks::now())),
             }
             .to_string());
             continue;
         }
+        // The revoke scenario's tokens, checked after the run.
+        let mut revoked = Vec::new();
         let workload = match scenario {
             Scenario::TaskStart => Workload {
                 method: Method::POST,
@@ -692,6 +701,7 @@ async fn run(args: &Args) -> Result<bool> {
                     .collect(),
                 once: false,
                 proofs: Vec::new(),
+                expect: Some(ISSUED),
             },
             Scenario::Exchange => Workload {
                 method: Method::POST,
@@ -700,6 +710,7 @@ async fn run(args: &Args) -> Result<bool> {
                 bodies: vec![exchange_form(&task_token)],
                 once: false,
                 proofs: Vec::new(),
+                expect: Some(ISSUED),
             },
             Scenario::Propagation => continue,
             Scenario::Introspect => {
@@ -711,6 +722,8 @@ async fn run(args: &Args) -> Result<bool> {
                     bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
                     once: false,
                     proofs: Vec::new(),
+                    // Inactive is a 200 too: the tokens are live.
+                    expect: Some("\"active\":true"),
                 }
             }
             Scenario::Proxy => {
@@ -741,6 +754,8 @@ async fn run(args: &Args) -> Result<bool> {
                     bodies: vec![Bytes::new()],
                     once: false,
                     proofs: Vec::new(),
+                    // The upstream's own answer, which needs its key.
+                    expect: Some("ok"),
                 }
             }
             Scenario::ExchangeDpop => {
@@ -753,6 +768,8 @@ async fn run(args: &Args) -> Result<bool> {
                     bodies: vec![exchange_form(&task_token)],
                     once: false,
                     proofs: mint_proofs(&key, args.dpop_proofs, "POST", &endpoint, None)?,
+                    // A server that ignored the proof would answer a bearer token.
+                    expect: Some("\"token_type\":\"DPoP\""),
                 }
             }
             Scenario::ProxyDpop => {
@@ -790,6 +807,7 @@ async fn run(args: &Args) -> Result<bool> {
                     bodies: vec![Bytes::new()],
                     once: false,
                     proofs: mint_proofs(&key, args.dpop_proofs, "GET", &url, Some(&token))?,
+                    expect: Some("ok"),
                 }
             }
             Scenario::Metadata => Workload {
@@ -799,17 +817,20 @@ async fn run(args: &Args) -> Result<bool> {
                 bodies: vec![Bytes::new()],
                 once: false,
                 proofs: Vec::new(),
+                expect: Some("\"issuer\""),
             },
             Scenario::Revoke => {
-                let tokens =
-                    issue(&target, &task_token, args.revoke_tokens, args.connections).await?;
+                revoked = issue(&target, &task_token, args.revoke_tokens, args.connections).await?;
                 Workload {
                     method: Method::POST,
                     path: "/revoke",
                     authorization: None,
-                    bodies: tokens.iter().map(|t| form(&[("token", t)])).collect(),
+                    bodies: revoked.iter().map(|t| form(&[("token", t)])).collect(),
                     once: true,
                     proofs: Vec::new(),
+                    // Revocation answers 200 with nothing whatever it did:
+                    // checked after the run.
+                    expect: None,
                 }
             }
         };
@@ -818,7 +839,7 @@ async fn run(args: &Args) -> Result<bool> {
         let machine_before = server::MachineTicks::now();
         let sched_before = args.sched.then(|| sched_snapshots(pid));
         let started = std::time::Instant::now();
-        let outcome = load::drive(
+        let mut outcome = load::drive(
             &targets,
             workload,
             args.connections,
@@ -827,6 +848,16 @@ async fn run(args: &Args) -> Result<bool> {
             args.rate,
         )
         .await?;
+        if !revoked.is_empty() {
+            let sent = usize::try_from(outcome.sent).unwrap_or(usize::MAX);
+            check_revoked(
+                &target,
+                &caller,
+                revoked.get(..sent).unwrap_or(&revoked),
+                &mut outcome,
+            )
+            .await?;
+        }
         let server_ticks = pid
             .zip(server_before)
             .map(|(p, b)| server::cpu_ticks(&p.to_string()).saturating_sub(b));
@@ -897,6 +928,35 @@ fn sched_snapshots(pid: Option<u32>) -> (sched::Snapshot, sched::Snapshot) {
     )
 }
 
+/// Introspects up to 16 of the `revoked` tokens, spread over them, after
+/// the run (not timed): each must be inactive, since revocation answers 200
+/// whatever it did. A token still active counts as an error of the run.
+async fn check_revoked(
+    target: &Target,
+    caller: &str,
+    revoked: &[String],
+    outcome: &mut load::Outcome,
+) -> Result<()> {
+    let auth = HeaderValue::from_str(&format!("Bearer {caller}"))?;
+    let step = revoked.len().div_ceil(16).max(1);
+    for token in revoked.iter().step_by(step) {
+        let (status, answer) = load::once(
+            target,
+            "/introspect",
+            Some(&auth),
+            form(&[("token", token)]),
+        )
+        .await?;
+        if status != 200 || answer.as_ref() != br#"{"active":false}"# {
+            outcome.fail(format!(
+                "a revoked token introspected as {status} {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Issues `n` access tokens from `task_token` (not timed).
 async fn issue(
     target: &Target,
@@ -912,6 +972,7 @@ async fn issue(
         bodies: vec![body; n],
         once: true,
         proofs: Vec::new(),
+        expect: Some(ISSUED),
     };
     let outcome = load::drive(
         std::slice::from_ref(target),

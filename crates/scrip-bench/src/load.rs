@@ -56,6 +56,10 @@ pub struct Workload {
     /// A `DPoP` proof header per request, each used once (a proof is
     /// single-use); when there are any, the run stops when they run out.
     pub proofs: Vec<HeaderValue>,
+    /// What a 200 answer's body must contain to count as a success:
+    /// introspection and revocation answer 200 whatever happened, and an
+    /// exchange that ignored a DPoP proof still answers 200.
+    pub expect: Option<&'static str>,
 }
 
 /// What a run measured.
@@ -82,6 +86,10 @@ pub struct Outcome {
     pub answers: Vec<Bytes>,
     /// A feed used once ran out before the deadline.
     pub exhausted: bool,
+    /// With a fixed rate: requests that were due before the deadline but
+    /// not sent, because their connection was still waiting for earlier
+    /// answers when the run ended.
+    pub behind: u64,
 }
 
 impl Outcome {
@@ -95,6 +103,7 @@ impl Outcome {
         }
         self.answers.extend(other.answers);
         self.exhausted |= other.exhausted;
+        self.behind += other.behind;
     }
 
     pub(crate) fn fail(&mut self, what: String) {
@@ -117,12 +126,26 @@ async fn connect(target: &Target) -> Result<Sender> {
     Ok(sender)
 }
 
+/// How long a request may go unanswered before it counts as failed (and
+/// its connection is dropped): the run stays bounded in time whatever the
+/// server does. (The unit tests wait less.)
+const REQUEST_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(30)
+};
+
 async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> Result<(u16, Bytes)> {
-    sender.ready().await?;
-    let response = sender.send_request(req).await?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
+    let answer = async {
+        sender.ready().await?;
+        let response = sender.send_request(req).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, answer)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()).into()))
 }
 
 /// Whether the server answers its metadata endpoint with 200.
@@ -250,6 +273,9 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
     let mut last_answer = shared.start;
     while Instant::now() < shared.deadline {
         if let Some(at) = due {
+            if at >= shared.deadline {
+                break;
+            }
             tokio::time::sleep_until(at.into()).await;
         }
         let n = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +340,14 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
                     out.round_trips_us
                         .push(micros(last_answer.duration_since(sent_at)));
                 }
-                if status == 200 {
+                let unexpected = wl.expect.filter(|x| !contains(&answer, x.as_bytes()));
+                if let (200, Some(x)) = (status, unexpected) {
+                    out.fail(format!(
+                        "{} answered 200 without `{x}`: {}",
+                        wl.path,
+                        String::from_utf8_lossy(answer.get(..200).unwrap_or(&answer))
+                    ));
+                } else if status == 200 {
                     if shared.keep_answers {
                         out.answers.push(answer);
                     }
@@ -332,7 +365,20 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
             }
         }
     }
+    // At a fixed rate, what was due before the deadline and not sent: the
+    // connection was still waiting for earlier answers.
+    if let (Some(at), Some(interval)) = (due, shared.interval)
+        && at < shared.deadline
+        && !out.exhausted
+    {
+        let left = (shared.deadline - at).as_nanos();
+        out.behind = u64::try_from(left.div_ceil(interval.as_nanos().max(1))).unwrap_or(u64::MAX);
+    }
     out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn micros(d: Duration) -> u32 {
@@ -477,7 +523,81 @@ mod tests {
             bodies: vec![Bytes::new()],
             once: false,
             proofs: Vec::new(),
+            expect: None,
         }
+    }
+
+    /// A 200 without what the workload expects is an error (introspection
+    /// and revocation answer 200 whatever they did), and so is an answer
+    /// that does not come: the run ends anyway.
+    #[tokio::test]
+    async fn unexpected_and_missing_answers_are_errors() {
+        let (target, server) = slow_server(Duration::ZERO).await;
+        let targets = [target];
+        let expecting = |x| Workload {
+            expect: Some(x),
+            ..get_root()
+        };
+        let ok = drive(
+            &targets,
+            expecting("ok"),
+            2,
+            Duration::from_millis(100),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(ok.sent > 0);
+        assert_eq!(ok.errors, 0, "{:?}", ok.first_error);
+        let wrong = drive(
+            &targets,
+            expecting("\"active\":true"),
+            2,
+            Duration::from_millis(100),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(wrong.errors, wrong.sent);
+        assert!(
+            wrong
+                .first_error
+                .as_deref()
+                .is_some_and(|e| e.contains("answered 200 without")),
+            "{:?}",
+            wrong.first_error
+        );
+        server.abort();
+
+        let (target, server) = slow_server(Duration::from_secs(600)).await;
+        let started = Instant::now();
+        let stuck = drive(
+            &[target],
+            get_root(),
+            1,
+            Duration::from_millis(100),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        server.abort();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!((stuck.sent, stuck.errors), (1, 1));
+        assert!(
+            stuck
+                .first_error
+                .as_deref()
+                .is_some_and(|e| e.contains("no answer within")),
+            "{:?}",
+            stuck.first_error
+        );
     }
 
     /// One connection due every 5 ms, answered 20 ms after each request at
@@ -532,7 +652,19 @@ mod tests {
             );
         }
 
+        // 80 requests were due in 400 ms: what was not sent by the end is
+        // reported, not dropped.
+        let due = open.sent + open.behind;
+        assert!(
+            (79..=81).contains(&due),
+            "sent {} behind {}",
+            open.sent,
+            open.behind
+        );
+        assert!(open.behind > 0);
+
         assert_eq!(closed.errors, 0, "{:?}", closed.first_error);
+        assert_eq!(closed.behind, 0);
         assert!(!closed.latencies_us.is_empty());
         assert!(closed.round_trips_us.is_empty());
         assert!(closed.latencies_us.iter().all(|&us| us >= 20_000));
