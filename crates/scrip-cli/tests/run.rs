@@ -709,7 +709,39 @@ fn task_start_list_and_end() {
             .encode(serde_json::to_vec(&c).unwrap());
         parts.join(".")
     };
+    // A key no longer published: a token of it whose deadline passed has no
+    // task left to end (keys are published until every token they signed
+    // expired); one whose deadline has not is no token of this scrip.
+    let of_gone_key = |exp: u64| {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts: Vec<String> = task.split('.').map(str::to_owned).collect();
+        let mut header: Value = serde_json::from_slice(&b64.decode(&parts[0]).unwrap()).unwrap();
+        header["kid"] = "retired-long-ago".into();
+        parts[0] = b64.encode(serde_json::to_vec(&header).unwrap());
+        let mut c = claims.clone();
+        c["exp"] = exp.into();
+        parts[1] = b64.encode(serde_json::to_vec(&c).unwrap());
+        parts.join(".")
+    };
+    let out = server
+        .scrip()
+        .args(["task", "end"])
+        .env("SCRIP_TASK_TOKEN", of_gone_key(1_000_000))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("task {id} had already ended at its deadline")),
+        "{}",
+        text(&out.stderr)
+    );
+    let live_of_gone_key = of_gone_key(4_000_000_000);
     for (token, says) in [
+        (
+            live_of_gone_key.as_str(),
+            "does not verify with the keys of the scrip at this address",
+        ),
         (
             damaged.as_str(),
             "does not verify with the keys of the scrip at this address (token signature is invalid)",

@@ -354,8 +354,6 @@ struct Metadata {
     issuer: Option<String>,
     /// The token endpoint (a DPoP proof's `htu`).
     token_endpoint: String,
-    /// scrip's public keys (only ending a task needs them).
-    jwks_uri: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -567,7 +565,6 @@ impl Client {
                 Ok(Metadata {
                     issuer: member("issuer").ok(),
                     token_endpoint: member("token_endpoint")?,
-                    jwks_uri: member("jwks_uri").ok(),
                 })
             })
             .await
@@ -713,8 +710,9 @@ impl Client {
     /// under them. Revocation (RFC 7009) answers the same for any token, so
     /// that nothing is ended silently, the token is checked first: it must
     /// be a task token of this scrip, signed with one of the keys it
-    /// publishes (an expired one too: its task may still be running within
-    /// scrip's clock skew).
+    /// publishes at this address (an expired one too: its task may still be
+    /// running within scrip's clock skew; one past its deadline whose key is
+    /// no longer published is reported ended by its deadline).
     ///
     /// # Errors
     /// [`Error::NotATaskToken`] for anything else than a task token (an
@@ -757,13 +755,13 @@ impl Client {
                 issuer: issuer.clone(),
             });
         }
-        let Some(jwks_uri) = &metadata.jwks_uri else {
-            return Err(Error::Protocol(format!(
-                "`{}/.well-known/oauth-authorization-server` names no jwks_uri",
-                self.url
-            )));
-        };
-        let keys = self.key_set(jwks_uri).await?;
+        // From this address, as every other request (the issuer's may not
+        // be reachable from here: a port forward, an internal address).
+        let keys = self.key_set(&format!("{}/jwks", self.url)).await?;
+        let had_expired = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|exp| exp <= now());
         let checked = scrip_jose::verify::<serde_json::Value>(
             token,
             &keys,
@@ -789,6 +787,15 @@ impl Client {
                 | scrip_jose::JoseError::IssuedInFuture
                 | scrip_jose::JoseError::NotYetValid,
             ) => {}
+            // Keys stop being published once every token they signed has
+            // expired: a token past its deadline, signed by one of them, has
+            // no task left to end.
+            Err(scrip_jose::JoseError::UnknownKey) if had_expired => {
+                return Ok(EndedTask {
+                    task: printable(&text("txn")),
+                    had_expired,
+                });
+            }
             Err(e) => {
                 return Err(Error::UnverifiedToken {
                     reason: e.to_string(),
@@ -796,10 +803,6 @@ impl Client {
             }
         }
         self.revoke(token).await?;
-        let had_expired = claims
-            .get("exp")
-            .and_then(serde_json::Value::as_u64)
-            .is_some_and(|exp| exp <= now());
         Ok(EndedTask {
             task: printable(&text("txn")),
             had_expired,

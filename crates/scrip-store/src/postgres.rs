@@ -219,8 +219,25 @@ async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
             .min_connections(0)
             .acquire_timeout(TIMEOUT)
             .connect_lazy_with(options.clone());
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
+        // While no connection listens, the caches are dropped every second.
+        let connect = PgListener::connect_with(&pool);
+        tokio::pin!(connect);
+        let mut every_second = tokio::time::interval(Duration::from_secs(1));
+        let connected = loop {
+            tokio::select! {
+                c = &mut connect => break c,
+                _ = every_second.tick() => bump_all(&changes),
+            }
+        };
+        let mut listener = match connected {
+            // Reconnecting is this loop's, which bumps the counters once it
+            // listens again: sqlx's own reconnect happens inside `try_recv`,
+            // where the wait below can cut it short and lose its `Ok(None)`,
+            // and the check's query would reconnect without a word.
+            Ok(mut l) => {
+                l.eager_reconnect(false);
+                l
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
                 bump_all(&changes);
@@ -260,8 +277,10 @@ async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
                     _ => c.revocations += 1,
                 }),
                 Ok(None) => {
-                    // Lost and reconnected: notifications may be lost.
+                    // Lost: notifications may have been missed.
+                    tracing::warn!("lost the change notifications' connection; reconnecting");
                     bump_all(&changes);
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "lost the change notifications; reconnecting");
