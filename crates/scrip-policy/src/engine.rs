@@ -376,6 +376,28 @@ impl PolicyEngine {
                 .collect();
             return Err(PolicyError::Validation(messages.join("\n")));
         }
+        // A `forbid` the validator finds can never apply (its condition is
+        // always false for these types: `principal in Team::"..."` when
+        // agents have no parents; no action of its scope applies to its
+        // principal and resource) would be a rule that silently does
+        // nothing: refused. (A `permit` so is only a permit that never
+        // allows.)
+        let dead: Vec<String> = result
+            .validation_warnings()
+            .filter(|w| {
+                matches!(
+                    w,
+                    cedar_policy::ValidationWarning::ImpossiblePolicy(_)
+                        | cedar_policy::ValidationWarning::InvalidActionApplication(_)
+                ) && set
+                    .policy(w.policy_id())
+                    .is_some_and(|p| p.effect() == cedar_policy::Effect::Forbid)
+            })
+            .map(|w| format!("  - {w} (a `forbid` that can never apply would deny nothing)"))
+            .collect();
+        if !dead.is_empty() {
+            return Err(PolicyError::Validation(dead.join("\n")));
+        }
         let actions = schema
             .actions()
             .map(|a| {

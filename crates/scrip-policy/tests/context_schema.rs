@@ -271,4 +271,34 @@ fn a_schema_giving_agents_or_tools_parents_is_refused() {
             "{err}"
         );
     }
+    // Without parents, the same `forbid` can never apply either: the
+    // validator says so, and the set is refused rather than loaded with a
+    // rule that denies nothing.
+    for (schema, policy) in [
+        (
+            format!("entity Team;\n{DEFAULT_SCHEMA}"),
+            "forbid (principal in Team::\"contractors\", action, resource);",
+        ),
+        (
+            DEFAULT_SCHEMA.to_owned(),
+            "forbid (principal, action, resource in Agent::\"x\");",
+        ),
+    ] {
+        let Err(err) = PolicyEngine::from_sources(
+            Some(("test.cedarschema", &schema)),
+            &[("p.cedar".into(), format!("{ALLOW_ALL}\n{policy}\n"))],
+        ) else {
+            panic!("a forbid that can never apply was loaded: {policy}")
+        };
+        assert!(err.to_string().contains("can never apply"), "{err}");
+    }
+    // A permit that can never apply only never allows: loaded.
+    PolicyEngine::from_sources(
+        Some(("test.cedarschema", DEFAULT_SCHEMA)),
+        &[(
+            "p.cedar".into(),
+            "permit (principal, action, resource in Agent::\"x\");".into(),
+        )],
+    )
+    .unwrap();
 }
