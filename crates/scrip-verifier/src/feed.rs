@@ -236,13 +236,15 @@ struct Keep {
     exp: u64,
     /// Seconds since [`Revocations::base`] until which the monotonic clock
     /// keeps the entry: its `exp` plus the leeway as the wall clock read
-    /// when it arrived, at least [`KEEP_ARRIVED_EXPIRED`].
+    /// when it arrived, and at least [`KEEP_AT_LEAST`].
     until: u64,
 }
 
-/// How long an event that looked expired when it arrived is kept: scrip
-/// sends only live ones, so this verifier's clock may be running ahead.
-const KEEP_ARRIVED_EXPIRED: u64 = 600;
+/// How long, at least, the monotonic clock keeps an entry after it arrived,
+/// whatever the wall clock said then (it may have been running ahead): a
+/// revoked access token lives 5 minutes by default, so its revocation
+/// outlasts it.
+const KEEP_AT_LEAST: u64 = 600;
 
 #[derive(Debug, Default)]
 struct State {
@@ -412,12 +414,10 @@ impl Revocations {
         // refused as expired.
         let leeway = self.leeway;
         let keep = |exp: u64| {
-            let left = exp.saturating_add(leeway).saturating_sub(now);
-            let left = if left == 0 {
-                KEEP_ARRIVED_EXPIRED
-            } else {
-                left
-            };
+            let left = exp
+                .saturating_add(leeway)
+                .saturating_sub(now)
+                .max(KEEP_AT_LEAST);
             Keep {
                 exp,
                 until: mono.saturating_add(left),
@@ -586,6 +586,13 @@ mod tests {
         prune_next();
         r.take(Vec::new(), 4, true, w + 700, 700).unwrap();
         assert_eq!(r.check("t1", "j"), Ok(()));
+        // A clock already 580 s ahead when an event came: by it the event
+        // has 40 s to live, but it is kept 600 s, past the correction.
+        r.take(vec![task("t3", w + 600)], 5, true, w + 590, 2_000)
+            .unwrap();
+        prune_next();
+        r.take(Vec::new(), 6, true, w + 700, 2_100).unwrap();
+        assert_eq!(r.check("t3", "j"), Err(VerifyError::Revoked));
         // Staleness is real time: the monotonic clock stops while the
         // machine sleeps, the wall clock does not.
         r.state.write().unwrap().synced_wall =
@@ -667,7 +674,7 @@ mod tests {
         // this clock may run ahead, and it is kept a while by the other.
         assert_eq!(r.check("old", "j"), Err(VerifyError::Revoked));
         r.state.write().unwrap().pruned_at = None;
-        r.take(Vec::new(), 7, true, unix_now(), KEEP_ARRIVED_EXPIRED + 1)
+        r.take(Vec::new(), 7, true, unix_now(), KEEP_AT_LEAST + 1)
             .unwrap();
         assert_eq!(r.check("old", "j"), Ok(()));
         assert_eq!(r.cursor(), 7);
