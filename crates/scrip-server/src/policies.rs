@@ -174,19 +174,24 @@ impl Policies {
             if by_signal {
                 // Read now; a read that a change raced (a file caught
                 // half-written can parse, and lose the `forbid` rules after
-                // the cut) is dropped and read again once the files settle.
-                loop {
-                    let current = DirState::now(&self.0.dir);
-                    if self
-                        .reload_as_seen("SIGHUP", Some(&current))
-                        .await
-                        .is_some()
-                    {
-                        watch.loaded(current);
-                        break;
+                // the cut) is dropped and read again once two looks at the
+                // directory, `SETTLE` apart, agree.
+                let mut current = DirState::now(&self.0.dir);
+                while self
+                    .reload_as_seen("SIGHUP", Some(&current))
+                    .await
+                    .is_none()
+                {
+                    loop {
+                        tokio::time::sleep(SETTLE).await;
+                        let again = DirState::now(&self.0.dir);
+                        if again == current {
+                            break;
+                        }
+                        current = again;
                     }
-                    tokio::time::sleep(SETTLE).await;
                 }
+                watch.loaded(current);
                 continue;
             }
             let current = DirState::now(&self.0.dir);
