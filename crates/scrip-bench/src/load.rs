@@ -534,32 +534,24 @@ mod tests {
     async fn unexpected_and_missing_answers_are_errors() {
         let (target, server) = slow_server(Duration::ZERO).await;
         let targets = [target];
-        let expecting = |x| Workload {
-            expect: Some(x),
-            ..get_root()
+        let expecting = |x| {
+            let workload = Workload {
+                expect: Some(x),
+                ..get_root()
+            };
+            drive(
+                &targets,
+                workload,
+                2,
+                Duration::from_millis(100),
+                false,
+                None,
+            )
         };
-        let ok = drive(
-            &targets,
-            expecting("ok"),
-            2,
-            Duration::from_millis(100),
-            false,
-            None,
-        )
-        .await
-        .unwrap();
+        let ok = expecting("ok").await.unwrap();
         assert!(ok.sent > 0);
         assert_eq!(ok.errors, 0, "{:?}", ok.first_error);
-        let wrong = drive(
-            &targets,
-            expecting("\"active\":true"),
-            2,
-            Duration::from_millis(100),
-            false,
-            None,
-        )
-        .await
-        .unwrap();
+        let wrong = expecting("\"active\":true").await.unwrap();
         assert_eq!(wrong.errors, wrong.sent);
         assert!(
             wrong

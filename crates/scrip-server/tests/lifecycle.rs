@@ -1118,6 +1118,13 @@ async fn replicas_starting_together_on_an_empty_store_share_one_key_set() {
     }
 }
 
+/// The store a replica with configuration `c` opens.
+async fn store_of(c: &scrip_config::Config) -> std::sync::Arc<dyn scrip_store::Store> {
+    scrip_store::open(c.database_url.as_deref(), &c.data_dir.join("scrip.db"))
+        .await
+        .unwrap()
+}
+
 /// A replica restarted with another `signing_algorithm` rotates the shared
 /// key set to it; the replicas still running the old setting sign with the
 /// new key once it is active, and must accept what it signs.
@@ -1137,12 +1144,7 @@ async fn a_replica_accepts_keys_of_another_algorithm_in_the_shared_set() {
     };
     let ca = config("a", scrip_jose::SigningAlgorithm::ES256);
     let cb = config("b", scrip_jose::SigningAlgorithm::EdDSA);
-    let sa = scrip_store::open(ca.database_url.as_deref(), &ca.data_dir.join("scrip.db"))
-        .await
-        .unwrap();
-    let sb = scrip_store::open(cb.database_url.as_deref(), &cb.data_dir.join("scrip.db"))
-        .await
-        .unwrap();
+    let (sa, sb) = (store_of(&ca).await, store_of(&cb).await);
     let at = now();
     let (a, _) = Keyring::shared(&ca, sa.as_ref(), at).await.unwrap();
     assert_eq!(
@@ -1182,12 +1184,7 @@ async fn replicas_rotating_together_add_one_key() {
         ..scrip_config::Config::default()
     };
     let (ca, cb) = (config("a"), config("b"));
-    let sa = scrip_store::open(ca.database_url.as_deref(), &ca.data_dir.join("scrip.db"))
-        .await
-        .unwrap();
-    let sb = scrip_store::open(cb.database_url.as_deref(), &cb.data_dir.join("scrip.db"))
-        .await
-        .unwrap();
+    let (sa, sb) = (store_of(&ca).await, store_of(&cb).await);
     let at = now();
     let (a, _) = Keyring::shared(&ca, sa.as_ref(), at).await.unwrap();
     let (b, _) = Keyring::shared(&cb, sb.as_ref(), at).await.unwrap();
