@@ -50,6 +50,33 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 return Ok(());
             };
             if task.state(now) == TaskState::Ended {
+                // Ended at its deadline, its tokens expiring with it, so
+                // the sweep published nothing. Verifiers accept a token up
+                // to their leeway past its `exp`: within that, whoever
+                // revokes the task token still reaches them.
+                let published = task.end_reason.as_deref() == Some("revoked");
+                if !published && now < task.expires_at.saturating_add(st.config.clock_skew) {
+                    let mut a = st.audit("task.end_published");
+                    a.agent_iss = Some(task.agent.issuer.clone());
+                    a.agent_sub = Some(task.agent.subject.clone());
+                    a.task_id = Some(task.id.clone());
+                    a.jti = Some(claims.jti.clone());
+                    a.client = Some(peer.to_string());
+                    a.reason = Some(
+                        "task token revoked just after the task ended; its end and its sub-tasks' are published to the revocation feed"
+                            .into(),
+                    );
+                    st.store
+                        .commit(vec![
+                            Write::AnnounceEnded {
+                                id: task.id.clone(),
+                                at: now,
+                                grace: st.config.clock_skew,
+                            },
+                            Write::Audit(Box::new(a)),
+                        ])
+                        .await?;
+                }
                 return Ok(());
             }
             let descendants = st.store.open_descendants(&task.id).await?;

@@ -86,6 +86,50 @@ async fn feed_lists_revoked_tasks_and_tokens_after_a_cursor() {
     s.stop().await;
 }
 
+/// A task that reached its deadline ends without an event (its tokens
+/// expire with it), but verifiers accept a token up to their leeway past
+/// `exp`: a revocation of its token within that still reaches them.
+#[tokio::test]
+async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "triage", Some(1))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let task_token = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, tc) = decode_parts(&task_token);
+    let (_, body) = feed(&s, "", Some(&caller)).await;
+    let cursor = body["cursor"].as_i64().unwrap();
+    // The sweep ends it at its deadline, and publishes nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .audit()
+        .await
+        .iter()
+        .any(|a| a.event == "task.expired" && a.task_id.as_deref() == tc["txn"].as_str())
+    {
+        assert!(Instant::now() < deadline, "the task was not swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(body["events"], json!([]));
+    assert_eq!(s.revoke(&task_token).await.status, 200);
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(
+        body["events"],
+        json!([{"type": "task", "txn": tc["txn"], "exp": tc["exp"].as_u64().unwrap() + 30}])
+    );
+    assert!(
+        s.audit()
+            .await
+            .iter()
+            .any(|a| a.event == "task.end_published" && a.task_id.as_deref() == tc["txn"].as_str())
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_waiting_poll_wakes_on_revocation() {
     let s = TestServer::start().await;

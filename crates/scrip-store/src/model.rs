@@ -223,6 +223,20 @@ pub enum Write {
         /// As in [`Write::EndTask`].
         grace: u64,
     },
+    /// Publish the end of a task that has ended, and of its descendants: a
+    /// `task` event for each whose deadline plus `grace` is still ahead and
+    /// that has none yet. A task that reached its deadline ended without
+    /// one (its tokens expire with it), but verifiers accept a token up to
+    /// their leeway past its `exp`: a revocation of its token in that time
+    /// still reaches them. Changes nothing else.
+    AnnounceEnded {
+        /// The task.
+        id: String,
+        /// When (seconds).
+        at: u64,
+        /// As in [`Write::EndTask`].
+        grace: u64,
+    },
     /// Revoke one token.
     RevokeToken {
         /// The token's `jti`.
@@ -325,6 +339,7 @@ impl Write {
             self,
             Self::EndTask { .. }
                 | Self::EndOpenTask { .. }
+                | Self::AnnounceEnded { .. }
                 | Self::RevokeToken { .. }
                 | Self::ClaimToken { .. }
         )

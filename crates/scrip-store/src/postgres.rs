@@ -621,6 +621,22 @@ async fn apply_in(
                 .map_err(unavailable)?;
                 revoked = true;
             }
+            Write::AnnounceEnded { id, at, grace } => {
+                sqlx::query(
+                    "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                     INSERT INTO revocations (kind, txn, jti, exp, at) \
+                     SELECT 'task', id, NULL, expires_at + $3, $2 FROM tasks \
+                     WHERE id IN (SELECT id FROM sub) AND ended_at IS NOT NULL AND expires_at + $3 > $2 \
+                     AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.kind = 'task' AND r.txn = tasks.id) ORDER BY id",
+                )
+                .bind(id)
+                .bind(to_i64(*at))
+                .bind(to_i64(*grace))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                revoked = true;
+            }
             Write::RevokeToken {
                 jti,
                 task_id,

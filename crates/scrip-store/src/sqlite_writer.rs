@@ -490,6 +490,18 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             )
             .map_err(unavailable)?;
         }
+        Write::AnnounceEnded { id, at, grace } => {
+            run(
+                tx,
+                "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
+                 INSERT INTO revocations (kind, txn, jti, exp, at) \
+                 SELECT 'task', id, NULL, expires_at + ?3, ?2 FROM tasks \
+                 WHERE id IN sub AND ended_at IS NOT NULL AND expires_at + ?3 > ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.kind = 'task' AND r.txn = tasks.id)",
+                params![id, to_i64(*at), to_i64(*grace)],
+            )
+            .map_err(unavailable)?;
+        }
         Write::RevokeToken {
             jti,
             task_id,

@@ -79,6 +79,7 @@ conformance!(
     ending_a_task_ends_its_descendants_and_feeds_revocations,
     a_child_never_outlives_its_ended_parent,
     a_task_event_outlasts_the_deadline_by_the_grace,
+    the_end_of_an_expired_task_is_announced_once_within_the_grace,
     revoking_a_token_twice_feeds_it_once,
     a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
@@ -428,6 +429,70 @@ async fn a_task_event_outlasts_the_deadline_by_the_grace(f: Fixture) {
             "{id}"
         );
     }
+}
+
+async fn the_end_of_an_expired_task_is_announced_once_within_the_grace(f: Fixture) {
+    // The sweep ends a task at its deadline without an event (its tokens
+    // expire with it); a revocation of its token within the verifiers'
+    // leeway publishes its end, and its child's, once.
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("swept", None, 3_000))),
+        Write::InsertTask(Box::new(task("swept-child", Some("swept"), 3_000))),
+        Write::InsertTask(Box::new(task("open", None, 9_000))),
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![Write::EndOpenTask {
+        id: "swept".into(),
+        at: 3_001,
+        reason: "expired".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    let listed = || async move {
+        s.revocations(0, 3_005, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.txn, r.exp))
+            .collect::<Vec<_>>()
+    };
+    assert!(listed().await.is_empty());
+    let mut changes = s.changes();
+    changes.borrow_and_update();
+    let announce = |id: &str, at| Write::AnnounceEnded {
+        id: id.into(),
+        at,
+        grace: 30,
+    };
+    s.commit(vec![announce("swept", 3_005)]).await.unwrap();
+    assert!(changes.has_changed().unwrap(), "followers are woken");
+    let both = vec![
+        ("swept".to_owned(), 3_030),
+        ("swept-child".to_owned(), 3_030),
+    ];
+    assert_eq!(listed().await, both);
+    // Once: a second announcement adds nothing.
+    s.commit(vec![announce("swept", 3_006)]).await.unwrap();
+    assert_eq!(listed().await, both);
+    // Nothing for a task still open, and nothing past the grace.
+    s.commit(vec![announce("open", 3_007)]).await.unwrap();
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("late", None, 3_000))),
+        Write::EndOpenTask {
+            id: "late".into(),
+            at: 3_001,
+            reason: "expired".into(),
+            grace: 0,
+        },
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![announce("late", 3_030)]).await.unwrap();
+    assert_eq!(listed().await, both);
+    assert!(s.task("open").await.unwrap().unwrap().ended_at.is_none());
 }
 
 async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
