@@ -195,7 +195,10 @@ fn verify_report(
         let mut lines: Vec<String> = report
             .problems
             .iter()
-            .map(|p| format!("TAMPERED {p}"))
+            // A problem quotes what the store holds (a chain id), which
+            // whoever tampered with it chose: escaped, so that it cannot
+            // clear the screen and print an "ok" over the report.
+            .map(|p| format!("TAMPERED {}", printable(&p.to_string())))
             .collect();
         lines.push(trusted);
         lines.push(format!(
@@ -425,6 +428,27 @@ mod tests {
         let (lines, passed) = verify_report(&report, &kids, true);
         assert!(!passed);
         assert!(lines[3].starts_with("FAILED: 4 records"), "{lines:?}");
+    }
+
+    #[test]
+    fn a_tampered_report_shows_no_control_character_the_store_held() {
+        let report = scrip_store::Report {
+            records: 3,
+            chains: 1,
+            problems: vec![scrip_store::Problem {
+                seq: Some(1),
+                chain_id: "\u{1b}[2J\u{1b}[Hok: 3 records in 1 chains verified\n\u{1b}[8m".into(),
+                chain_seq: 1,
+                what: "the row's chain is not the record's".into(),
+            }],
+            ..scrip_store::Report::default()
+        };
+        let (lines, passed) = verify_report(&report, &[], false);
+        assert!(!passed);
+        assert!(lines[0].starts_with("TAMPERED "), "{lines:?}");
+        for line in &lines {
+            assert!(!line.chars().any(char::is_control), "{line:?}");
+        }
     }
 
     #[test]

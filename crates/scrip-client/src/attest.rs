@@ -48,10 +48,8 @@ pub async fn attest(socket: &Path) -> Result<Identity, Error> {
         return Identity::from_jwt(token);
     }
     Err(Error::AttestationRefused {
-        error: text("error").unwrap_or("unknown").to_owned(),
-        description: text("error_description")
-            .unwrap_or("no reason given")
-            .to_owned(),
+        error: crate::printable(text("error").unwrap_or("unknown")),
+        description: crate::printable(text("error_description").unwrap_or("no reason given")),
     })
 }
 

@@ -445,6 +445,19 @@ pub fn http_client(url: &str, timeout: Duration) -> Result<reqwest::Client, Erro
     if is_loopback(&parsed) {
         builder = builder.no_proxy();
     }
+    // `localhost` is 127.0.0.1 here, never what the resolver lists first:
+    // most hosts files also map it to ::1, tried first, where another local
+    // user may listen on the same port while scrip listens on 127.0.0.1
+    // only (its default), and would receive every token sent.
+    if let (Some(url::Host::Domain(name)), Some(port)) =
+        (parsed.host(), parsed.port_or_known_default())
+        && name.eq_ignore_ascii_case("localhost")
+    {
+        builder = builder.resolve(
+            name,
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+        );
+    }
     builder
         .build()
         .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))

@@ -17,6 +17,9 @@ pub struct OAuthError {
     pub code: &'static str,
     /// The `error_description`.
     pub description: String,
+    /// Whether a 401's `WWW-Authenticate` challenge names the error: not
+    /// when the request carried no credentials (RFC 6750 §3.1).
+    pub challenge_names_error: bool,
 }
 
 fn lowercase_first(s: String) -> String {
@@ -58,6 +61,16 @@ impl OAuthError {
             status,
             code,
             description: printable(&lowercase_first(description.into())),
+            challenge_names_error: true,
+        }
+    }
+
+    /// `invalid_token` (401) for a request that carried no credentials:
+    /// its challenge names no error (RFC 6750 §3.1).
+    pub fn no_credentials(d: impl Into<String>) -> Self {
+        Self {
+            challenge_names_error: false,
+            ..Self::invalid_token(d)
         }
     }
 
@@ -184,7 +197,11 @@ impl IntoResponse for OAuthError {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
         if self.status == StatusCode::UNAUTHORIZED {
-            let value = format!("Bearer realm=\"scrip\", error=\"{}\"", self.code);
+            let value = if self.challenge_names_error {
+                format!("Bearer realm=\"scrip\", error=\"{}\"", self.code)
+            } else {
+                "Bearer realm=\"scrip\"".to_owned()
+            };
             if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert(header::WWW_AUTHENTICATE, v);
             }

@@ -120,7 +120,7 @@ pub(crate) async fn caller_identity(
     headers: &HeaderMap,
 ) -> Result<scrip_token::WorkloadIdentity, OAuthError> {
     let Some(token) = bearer(headers) else {
-        return Err(OAuthError::invalid_token(
+        return Err(OAuthError::no_credentials(
             "authenticate with your workload identity: `Authorization: Bearer <identity JWT>`",
         ));
     };

@@ -142,7 +142,22 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
             scrip_token::token_type::JWT,
             scrip_token::token_type::TXN_TOKEN,
         ],
-        "access_token_signing_alg_values_supported": [config.signing_algorithm.as_str()],
+        // On a shared store the key set rotates to the algorithm of the
+        // replica that rotates it, so any of them may sign.
+        "access_token_signing_alg_values_supported": if config.database_url.is_some() {
+            let mut algs = vec![config.signing_algorithm.as_str()];
+            algs.extend(
+                scrip_jose::SigningAlgorithm::ALL
+                    .iter()
+                    .map(|a| a.as_str())
+                    .filter(|a| *a != config.signing_algorithm.as_str()),
+            );
+            algs
+        } else {
+            vec![config.signing_algorithm.as_str()]
+        },
+        // CIBA's token is collected by polling the token endpoint.
+        "backchannel_token_delivery_modes_supported": ["poll"],
         "dpop_signing_alg_values_supported": scrip_jose::dpop::DPOP_ALGORITHMS
             .iter()
             .map(|a| format!("{a:?}"))
@@ -438,38 +453,58 @@ fn audit_record(replica: &str, event: &str) -> scrip_store::AuditEvent {
     }
 }
 
-fn json_body(body: String) -> axum::response::Response {
+/// A JSON document that caches (an HTTP cache in front of scrip, a client
+/// that honours `Cache-Control`) may keep `max_age` seconds.
+fn json_body(body: String, max_age: u64) -> axum::response::Response {
+    let cache = HeaderValue::from_str(&format!("max-age={max_age}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("no-cache"));
     (
         [
             (
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ),
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("max-age=300"),
-            ),
+            (header::CACHE_CONTROL, cache),
         ],
         body,
     )
         .into_response()
 }
 
+/// How long the metadata may be cached.
+const METADATA_MAX_AGE: u64 = 300;
+
+/// How long key sets may be cached: no longer than a new key is published
+/// before it signs (`signing_key_lead`), or a cache would still serve the
+/// set without it when tokens signed by it arrive.
+fn keys_max_age(config: &Config) -> u64 {
+    config.signing_key_lead.min(METADATA_MAX_AGE)
+}
+
 /// The HTTP application.
 pub fn router(state: AppState) -> Router {
     let metadata = state.0.metadata_body.clone();
     Router::new()
-        .route(paths::METADATA, get(move || async move { json_body(metadata) }))
+        .route(
+            paths::METADATA,
+            get(move || async move { json_body(metadata, METADATA_MAX_AGE) }),
+        )
         .route(
             paths::JWKS,
             get(|State(st): State<AppState>| async move {
-                json_body(st.0.keyring.jwks_body().to_string())
+                json_body(
+                    st.0.keyring.jwks_body().to_string(),
+                    keys_max_age(&st.0.config),
+                )
             }),
         )
         .route(
             paths::AUDIT_KEYS,
             get(|State(st): State<AppState>| async move {
-                json_body(st.0.keyring.audit_keys_body().to_string())
+                json_body(
+                    st.0.keyring.audit_keys_body().to_string(),
+                    keys_max_age(&st.0.config),
+                )
             }),
         )
         .route(paths::TOKEN, post(exchange::token_endpoint))

@@ -1048,7 +1048,9 @@ async fn introspect_without_authorization() {
     let r = s
         .post_raw("/introspect", FORM, body.clone().into_bytes(), None)
         .await;
-    assert_unauthorized(&r);
+    r.assert_error(401, "invalid_token");
+    // No credentials at all: the challenge names no error (RFC 6750 §3.1).
+    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"scrip\"");
     assert!(r.body.get("active").is_none(), "{}", r.text);
     // Another scheme is no credential either.
     let r = s

@@ -483,7 +483,16 @@ async fn metadata_names_every_endpoint_under_the_issuer() {
     }
     let grants = m["grant_types_supported"].as_array().unwrap();
     assert!(grants.iter().any(|g| g == TOKEN_EXCHANGE), "{m}");
-    // The advertised JWKS is reachable.
+    assert_eq!(
+        m["access_token_signing_alg_values_supported"],
+        json!(["ES256"])
+    );
+    assert_eq!(
+        m["backchannel_token_delivery_modes_supported"],
+        json!(["poll"])
+    );
+    // The advertised JWKS is reachable, and caches may keep it no longer
+    // than a new key is published before it signs (`signing_key_lead`).
     let jwks = s
         .http
         .get(m["jwks_uri"].as_str().unwrap())
@@ -491,6 +500,7 @@ async fn metadata_names_every_endpoint_under_the_issuer() {
         .await
         .unwrap();
     assert_eq!(jwks.status(), 200);
+    assert_eq!(jwks.headers()["cache-control"], "max-age=60");
     s.stop().await;
 }
 
