@@ -5,7 +5,11 @@
 //! Layout: `<dir>/<sha256(task token)>/<sha256(tool, actions)>.json`, the
 //! directories `0700` and the files `0600`, written atomically. A directory
 //! not owned by this user, or open to others, is not used. The cache is
-//! best effort: any failure means a fresh exchange, never an error.
+//! best effort: any failure means a fresh exchange, never an error. When a
+//! task's first token is stored, the tokens of other tasks that have
+//! expired are removed (tasks this user's scrip never saw end: left to
+//! their deadline, their `scrip run` killed), so the cache does not grow
+//! without bound.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
@@ -88,6 +92,9 @@ impl FileCache {
     /// Stores a token (best effort).
     pub fn put(&self, task_token: &str, tool: &str, scope: &str, token: &AccessToken) {
         let dir = self.task_dir(task_token);
+        if std::fs::symlink_metadata(&dir).is_err() {
+            self.sweep(crate::now());
+        }
         if private_dir(&dir).is_none() {
             return;
         }
@@ -126,6 +133,57 @@ impl FileCache {
     pub fn remove_task(&self, task_token: &str) {
         let _ = std::fs::remove_dir_all(self.task_dir(task_token));
     }
+
+    /// Removes the tokens that expired by `now`, files left half-written
+    /// over a minute ago, and the task directories this empties. Only this
+    /// user's regular files and directories are touched; a symbolic link is
+    /// never followed.
+    fn sweep(&self, now: u64) {
+        let Some(me) = own_uid() else {
+            return;
+        };
+        let Ok(tasks) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+                continue;
+            };
+            if !meta.is_dir() || meta.uid() != me {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if !meta.is_file() || meta.uid() != me {
+                    continue;
+                }
+                let stale = if path.extension().is_some_and(|e| e == "json") {
+                    std::fs::read(&path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<AccessToken>(&b).ok())
+                        .is_none_or(|t| t.expires_at <= now)
+                } else {
+                    // A temporary file (`….tmp`): a writer that died.
+                    meta.modified()
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() > 60)
+                };
+                if stale {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            // Only when nothing is left in it.
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +218,41 @@ mod tests {
         assert!(!entry.to_string_lossy().contains("task/"));
         cache.remove_task("task");
         assert_eq!(cache.get("task", "github", "read"), None);
+    }
+
+    /// A task's first token sweeps out the expired tokens of tasks whose
+    /// end this cache never saw, and keeps the live ones.
+    #[test]
+    fn expired_tokens_of_other_tasks_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = FileCache::new(root.path().join("c")).unwrap();
+        let now = crate::now();
+        let at = |expires_at| AccessToken {
+            expires_at,
+            refresh_at: expires_at,
+            ..token()
+        };
+        cache.put("ended", "github", "read", &at(now - 1));
+        cache.put("live", "github", "read", &at(now + 600));
+        cache.put("live", "github", "write", &at(now - 1));
+        let left = cache.task_dir("live").join("left.1.00.tmp");
+        std::fs::write(&left, b"").unwrap();
+        cache.put("new", "github", "read", &at(now + 600));
+        assert!(
+            !cache.task_dir("ended").exists(),
+            "an expired task's tokens went"
+        );
+        assert_eq!(cache.get("live", "github", "read"), Some(at(now + 600)));
+        assert_eq!(cache.get("live", "github", "write"), None);
+        assert!(
+            left.exists(),
+            "a recent temporary file may still be written"
+        );
+        assert_eq!(cache.get("new", "github", "read"), Some(at(now + 600)));
+        // A token of a task seen before adds without a sweep.
+        cache.put("ended", "github", "read", &at(now - 1));
+        cache.put("new", "github", "write", &at(now + 600));
+        assert!(cache.task_dir("ended").exists());
     }
 
     #[test]
