@@ -4,7 +4,9 @@
 //! `max_connections` connections are open at once (the rest are closed as
 //! they are accepted, so file descriptors stay for the store and the
 //! upstreams). `axum::serve` sets no timer, so hyper's header read timeout
-//! never fires there.
+//! never fires there. A client that stops reading answers (hyper's header
+//! timer runs only while it waits for a request) is cut off once a write
+//! has made no progress for `header_timeout` ([`WriteDeadline`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +151,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(service.map_request(
             |request: hyper::Request<hyper::body::Incoming>| request.map(axum::body::Body::new),
         ));
+        let stream = WriteDeadline::new(stream, limits.header_timeout);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         connections.spawn(async move {
             if let Err(e) = connection.await {
@@ -173,6 +176,102 @@ pub async fn serve(
     // commit after the final commit, or be cut off mid-answer by the exit.
     connections.shutdown().await;
     Ok(())
+}
+
+/// A connection whose writes fail once one has made no progress for
+/// `limit`: a client that stops reading (a zero TCP window, which the
+/// kernel keeps probing for ever) would otherwise hold its connection, and
+/// a slot of the cap, for as long as it likes.
+struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    /// Armed when a write could not proceed; dropped when one does.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// What a write that returned `poll` means: progress disarms the timer;
+    /// no progress arms it, and past `limit` is an error.
+    fn watch<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        use std::future::Future as _;
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {} s", limit.as_secs()),
+            )));
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
+    }
 }
 
 /// The least time between two warnings that connections were closed at the
@@ -229,6 +328,37 @@ async fn accept_failed(e: &std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes that make no progress fail once `limit` has passed; a reader
+    /// that keeps reading, however slowly, keeps the connection.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (server, mut client) = tokio::io::duplex(64);
+        let limit = Duration::from_millis(400);
+        let mut server = WriteDeadline::new(server, limit);
+        let answer = vec![b'x'; 1024];
+        // A slow reader: 64 bytes every 100 ms, 1.6 s in all, never the
+        // limit without one.
+        let slow = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut read = 0;
+            while read < 1024 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                read += client.read(&mut buf).await.unwrap();
+            }
+            client
+        });
+        server.write_all(&answer).await.unwrap();
+        let mut client = slow.await.unwrap();
+        // Now one that reads nothing.
+        let started = std::time::Instant::now();
+        let e = server.write_all(&answer).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= limit, "{:?}", started.elapsed());
+        let mut buf = [0u8; 64];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 64);
+    }
 
     /// Started under a low soft limit (a shell's 1,024), the server takes
     /// the hard limit, and its connection cap follows.
