@@ -36,14 +36,28 @@ impl Form {
     /// `invalid_request` on a wrong media type, an oversized or non-UTF-8
     /// body, or a repeated parameter.
     pub async fn read(headers: &HeaderMap, body: Body) -> Result<Self, OAuthError> {
-        let media = headers
+        let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(|v| v.trim().to_ascii_lowercase());
+            .unwrap_or("");
+        let mut parts = content_type.split(';');
+        let media = parts.next().map(|v| v.trim().to_ascii_lowercase());
         if media.as_deref() != Some("application/x-www-form-urlencoded") {
             return Err(OAuthError::invalid_request(
                 "the request body must be application/x-www-form-urlencoded",
+            ));
+        }
+        // RFC 6749 Appendix B: the form is UTF-8. Another charset would be
+        // read as UTF-8, giving other text than the client meant.
+        let charset = parts.find_map(|p| {
+            let (name, value) = p.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("charset")
+                .then(|| value.trim().trim_matches('"').to_ascii_lowercase())
+        });
+        if charset.is_some_and(|c| c != "utf-8" && c != "utf8") {
+            return Err(OAuthError::invalid_request(
+                "the request body must be UTF-8 (charset=utf-8, or no charset)",
             ));
         }
         let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
@@ -71,7 +85,16 @@ impl Form {
             return Err(OAuthError::invalid_request("the request body is not UTF-8"));
         };
         let mut form = Self::default();
+        // The decoder replaces escapes that are not UTF-8 (`%FF`) with
+        // U+FFFD: text the client never sent, which would reach the audit
+        // trail and the approvers' screens.
+        let literal_replacement = body.contains('\u{fffd}');
         for (k, v) in pairs(body) {
+            if !literal_replacement && (k.contains('\u{fffd}') || v.contains('\u{fffd}')) {
+                return Err(OAuthError::invalid_request(
+                    "the request body is not UTF-8 once percent-decoded",
+                ));
+            }
             if v.is_empty() {
                 continue;
             }
@@ -147,6 +170,43 @@ pub fn short(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A charset other than UTF-8 is refused, not read as UTF-8.
+    #[tokio::test]
+    async fn the_form_is_utf8() {
+        let read = |content_type: &'static str| async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static(content_type),
+            );
+            Form::read(&headers, Body::from("a=caf%E9")).await
+        };
+        for ok in [
+            "application/x-www-form-urlencoded",
+            "application/x-www-form-urlencoded; charset=UTF-8",
+            "Application/X-WWW-Form-Urlencoded;charset=\"utf-8\"",
+        ] {
+            // Parsed as UTF-8, where `%E9` alone is not.
+            let e = read(ok).await.unwrap_err();
+            assert!(
+                e.description.contains("once percent-decoded"),
+                "{ok}: {}",
+                e.description
+            );
+        }
+        for refused in [
+            "application/x-www-form-urlencoded; charset=iso-8859-1",
+            "application/x-www-form-urlencoded; charset=utf-16",
+        ] {
+            let e = read(refused).await.unwrap_err();
+            assert!(
+                e.description.contains("must be UTF-8"),
+                "{refused}: {}",
+                e.description
+            );
+        }
+    }
+
     #[test]
     fn parses_strictly() {
         let f = Form::parse(b"a=1&b=&c=x%20y").unwrap();
@@ -158,9 +218,13 @@ mod tests {
         assert!(e.description.contains("`a` is repeated"));
         let f = Form::parse(b"audience=x&audience=y").unwrap();
         assert_eq!(f.repeated_target(), Some("audience"));
-        assert!(
-            Form::parse(b"a=%FF").is_ok(),
-            "percent-decoding is lossy, not an error"
+        // Escapes must decode to UTF-8 (RFC 6749 Appendix B).
+        let e = Form::parse(b"purpose=caf%E9").unwrap_err();
+        assert!(e.description.contains("not UTF-8"), "{}", e.description);
+        assert!(Form::parse(b"a%FF=1").is_err());
+        assert_eq!(
+            Form::parse(b"purpose=caf%C3%A9").unwrap().get("purpose"),
+            Some("café")
         );
         assert!(Form::parse(&[0x61, 0x3d, 0xff]).is_err());
     }
