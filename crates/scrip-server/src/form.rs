@@ -87,10 +87,11 @@ impl Form {
         let mut form = Self::default();
         // The decoder replaces escapes that are not UTF-8 (`%FF`) with
         // U+FFFD: text the client never sent, which would reach the audit
-        // trail and the approvers' screens.
-        let literal_replacement = body.contains('\u{fffd}');
+        // trail and the approvers' screens. Only a decoded pair (owned) can
+        // hold one the body did not.
+        let replaced = |s: &Cow<'_, str>| matches!(s, Cow::Owned(_)) && s.contains('\u{fffd}');
         for (k, v) in pairs(body) {
-            if !literal_replacement && (k.contains('\u{fffd}') || v.contains('\u{fffd}')) {
+            if (replaced(&k) || replaced(&v)) && !body.contains('\u{fffd}') {
                 return Err(OAuthError::invalid_request(
                     "the request body is not UTF-8 once percent-decoded",
                 ));
