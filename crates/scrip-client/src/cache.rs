@@ -36,6 +36,11 @@ fn hex_sha256(parts: &[&str]) -> String {
         .collect()
 }
 
+/// Whether `name` is a name the cache gives: a SHA-256 in lowercase hex.
+fn is_digest(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn own_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
@@ -135,9 +140,10 @@ impl FileCache {
     }
 
     /// Removes the tokens that expired by `now`, files left half-written
-    /// over a minute ago, and the task directories this empties. Only this
-    /// user's regular files and directories are touched; a symbolic link is
-    /// never followed.
+    /// over a minute ago, and the task directories this empties. Only names
+    /// of the cache's own layout are touched (the directory may be one the
+    /// caller shares with other things), only this user's regular files and
+    /// directories, and a symbolic link is never followed.
     fn sweep(&self, now: u64) {
         let Some(me) = own_uid() else {
             return;
@@ -146,6 +152,9 @@ impl FileCache {
             return;
         };
         for task in tasks.flatten() {
+            if !is_digest(&task.file_name().to_string_lossy()) {
+                continue;
+            }
             let dir = task.path();
             let Ok(meta) = std::fs::symlink_metadata(&dir) else {
                 continue;
@@ -157,6 +166,23 @@ impl FileCache {
                 continue;
             };
             for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let token = name.strip_suffix(".json").is_some_and(is_digest);
+                // `<digest>.<pid>.<nonce>.tmp`, as `put` names them.
+                let temporary = name.strip_suffix(".tmp").is_some_and(|n| {
+                    let mut parts = n.split('.');
+                    parts.next().is_some_and(is_digest)
+                        && parts
+                            .next()
+                            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                        && parts.next().is_some_and(|n| {
+                            n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit())
+                        })
+                        && parts.next().is_none()
+                });
+                if !token && !temporary {
+                    continue;
+                }
                 let path = entry.path();
                 let Ok(meta) = std::fs::symlink_metadata(&path) else {
                     continue;
@@ -164,7 +190,7 @@ impl FileCache {
                 if !meta.is_file() || meta.uid() != me {
                     continue;
                 }
-                let stale = if path.extension().is_some_and(|e| e == "json") {
+                let stale = if token {
                     std::fs::read(&path)
                         .ok()
                         .and_then(|b| serde_json::from_slice::<AccessToken>(&b).ok())
@@ -235,8 +261,19 @@ mod tests {
         cache.put("ended", "github", "read", &at(now - 1));
         cache.put("live", "github", "read", &at(now + 600));
         cache.put("live", "github", "write", &at(now - 1));
-        let left = cache.task_dir("live").join("left.1.00.tmp");
+        let left = cache
+            .task_dir("live")
+            .join(format!("{}.1.0011223344556677.tmp", hex_sha256(&["x"])));
         std::fs::write(&left, b"").unwrap();
+        // What is not the cache's own is never touched, whatever its age.
+        let other = root.path().join("c").join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("x.json"), b"{}").unwrap();
+        let old = std::fs::File::create(other.join("keep.txt")).unwrap();
+        old.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+            .unwrap();
+        let unrelated = cache.task_dir("live").join("notes.json");
+        std::fs::write(&unrelated, b"{}").unwrap();
         cache.put("new", "github", "read", &at(now + 600));
         assert!(
             !cache.task_dir("ended").exists(),
@@ -248,6 +285,8 @@ mod tests {
             left.exists(),
             "a recent temporary file may still be written"
         );
+        assert!(other.join("x.json").exists() && other.join("keep.txt").exists());
+        assert!(unrelated.exists());
         assert_eq!(cache.get("new", "github", "read"), Some(at(now + 600)));
         // A token of a task seen before adds without a sweep.
         cache.put("ended", "github", "read", &at(now - 1));
