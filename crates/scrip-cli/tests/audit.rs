@@ -526,21 +526,21 @@ async fn audit_commands_never_migrate_the_store() {
         .connect()
         .await
         .unwrap();
-    let older = "DROP TABLE audit_heads; \
-                 DELETE FROM _sqlx_migrations WHERE version = 8";
+    let older = "DROP INDEX revocations_task; \
+                 DELETE FROM _sqlx_migrations WHERE version = 9";
     sqlx::raw_sql(older).execute(&mut conn).await.unwrap();
     for args in [&["verify"][..], &["query"], &["export"]] {
         let out = site.audit(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
         let stderr = text(&out.stderr);
         assert!(
-            stderr.contains("migration 8 `audit heads` is not applied")
+            stderr.contains("migration 9 `revocations task` is not applied")
                 && stderr.contains("run `scrip migrate` first"),
             "{args:?}: {stderr}"
         );
     }
     let applied: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = 8")
+        sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = 9")
             .fetch_one(&mut conn)
             .await
             .unwrap();

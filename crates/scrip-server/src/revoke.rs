@@ -54,8 +54,11 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 // the sweep published nothing. Verifiers accept a token up
                 // to their leeway past its `exp`: within that, whoever
                 // revokes the task token still reaches them.
-                let published = task.end_reason.as_deref() == Some("revoked");
-                if !published && now < task.expires_at.saturating_add(st.config.clock_skew) {
+                // Only a task that ended at (or after) its deadline: one ended
+                // before it, by a revocation of it or of a parent, has its
+                // event. `AnnounceEnded` refuses a task that has one.
+                let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
+                if at_deadline && now < task.expires_at.saturating_add(st.config.clock_skew) {
                     let mut a = st.audit("task.end_published");
                     a.agent_iss = Some(task.agent.issuer.clone());
                     a.agent_sub = Some(task.agent.subject.clone());
@@ -66,7 +69,8 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                         "task token revoked just after the task ended; its end and its sub-tasks' are published to the revocation feed"
                             .into(),
                     );
-                    st.store
+                    let announced = st
+                        .store
                         .commit(vec![
                             Write::AnnounceEnded {
                                 id: task.id.clone(),
@@ -75,7 +79,12 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                             },
                             Write::Audit(Box::new(a)),
                         ])
-                        .await?;
+                        .await;
+                    match announced {
+                        // Published already (a revocation before this one).
+                        Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 return Ok(());
             }

@@ -121,11 +121,32 @@ async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers()
         body["events"],
         json!([{"type": "task", "txn": tc["txn"], "exp": tc["exp"].as_u64().unwrap() + 30}])
     );
-    assert!(
+    // Revoking it again publishes nothing more, and records nothing more.
+    assert_eq!(s.revoke(&task_token).await.status, 200);
+    let published = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "task.end_published" && a.task_id.as_deref() == tc["txn"].as_str())
+        .count();
+    assert_eq!(published, 1);
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(body["events"].as_array().unwrap().len(), 1, "{body}");
+    // A task ended before its deadline has its event: revoking its token
+    // again records nothing.
+    let other = s
+        .start_task(&identity, "github:read", "dev", "triage")
+        .await;
+    let other = other["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(s.revoke(&other).await.status, 200);
+    assert_eq!(s.revoke(&other).await.status, 200);
+    assert_eq!(
         s.audit()
             .await
             .iter()
-            .any(|a| a.event == "task.end_published" && a.task_id.as_deref() == tc["txn"].as_str())
+            .filter(|a| a.event == "task.end_published")
+            .count(),
+        1
     );
     s.stop().await;
 }

@@ -228,7 +228,9 @@ pub enum Write {
     /// that has none yet. A task that reached its deadline ended without
     /// one (its tokens expire with it), but verifiers accept a token up to
     /// their leeway past its `exp`: a revocation of its token in that time
-    /// still reaches them. Changes nothing else.
+    /// still reaches them. Changes nothing else. The commit fails with
+    /// [`crate::StoreError::Conflict`] (changing nothing, audit records
+    /// included) when the task has an event already.
     AnnounceEnded {
         /// The task.
         id: String,

@@ -622,6 +622,18 @@ async fn apply_in(
                 revoked = true;
             }
             Write::AnnounceEnded { id, at, grace } => {
+                let published: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE kind = 'task' AND txn = $1)",
+                )
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                if published {
+                    return Err(StoreError::Conflict(format!(
+                        "task {id}'s end is published already"
+                    )));
+                }
                 sqlx::query(
                     "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                      INSERT INTO revocations (kind, txn, jti, exp, at) \

@@ -491,6 +491,15 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             .map_err(unavailable)?;
         }
         Write::AnnounceEnded { id, at, grace } => {
+            let published = tx
+                .prepare_cached("SELECT 1 FROM revocations WHERE kind = 'task' AND txn = ?1")
+                .and_then(|mut s| s.exists([id]))
+                .map_err(unavailable)?;
+            if published {
+                return Err(StoreError::Conflict(format!(
+                    "task {id}'s end is published already"
+                )));
+            }
             run(
                 tx,
                 "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \

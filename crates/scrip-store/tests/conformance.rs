@@ -474,9 +474,24 @@ async fn the_end_of_an_expired_task_is_announced_once_within_the_grace(f: Fixtur
         ("swept-child".to_owned(), 3_030),
     ];
     assert_eq!(listed().await, both);
-    // Once: a second announcement adds nothing.
-    s.commit(vec![announce("swept", 3_006)]).await.unwrap();
+    // Once: a second announcement is a conflict that changes nothing, its
+    // audit record included.
+    let err = s
+        .commit(vec![
+            announce("swept", 3_006),
+            audit("task.end_published", Some("swept")),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(listed().await, both);
+    assert!(
+        !all_audit(s.as_ref())
+            .await
+            .iter()
+            .any(|a| a.event == "task.end_published"),
+        "the refused announcement left no record"
+    );
     // Nothing for a task still open, and nothing past the grace.
     s.commit(vec![announce("open", 3_007)]).await.unwrap();
     s.commit(vec![
