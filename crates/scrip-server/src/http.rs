@@ -6,7 +6,7 @@
 //! upstreams). `axum::serve` sets no timer, so hyper's header read timeout
 //! never fires there. A client that stops reading answers (hyper's header
 //! timer runs only while it waits for a request) is cut off once a write
-//! has made no progress for `header_timeout` ([`WriteDeadline`]).
+//! has made no progress for [`WRITE_STALL`] ([`WriteDeadline`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceExt as _;
+
+/// How long a write may make no progress before its connection is closed
+/// (`header_timeout` if longer). Progress shows only when the kernel has
+/// room for more, which for a large answer (a proxied download) can wait
+/// until a third of a send buffer of megabytes has drained: a client that
+/// reads slowly but steadily must not look like one that stopped.
+pub const WRITE_STALL: Duration = Duration::from_secs(300);
 
 /// How long open connections get to finish after shutdown begins (a
 /// revocation-feed long poll waits at most 30 s).
@@ -151,7 +158,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(service.map_request(
             |request: hyper::Request<hyper::body::Incoming>| request.map(axum::body::Body::new),
         ));
-        let stream = WriteDeadline::new(stream, limits.header_timeout);
+        let stream = WriteDeadline::new(stream, limits.header_timeout.max(WRITE_STALL));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         connections.spawn(async move {
             if let Err(e) = connection.await {
