@@ -47,19 +47,18 @@ impl Form {
                 "the request body must be application/x-www-form-urlencoded",
             ));
         }
-        // RFC 6749 Appendix B: the form is UTF-8. Another charset would be
-        // read as UTF-8, giving other text than the client meant.
-        let charset = parts.find_map(|p| {
-            let (name, value) = p.split_once('=')?;
-            name.trim()
-                .eq_ignore_ascii_case("charset")
-                .then(|| value.trim().trim_matches('"').to_ascii_lowercase())
-        });
-        if charset.is_some_and(|c| c != "utf-8" && c != "utf8") {
-            return Err(OAuthError::invalid_request(
-                "the request body must be UTF-8 (charset=utf-8, or no charset)",
-            ));
-        }
+        // RFC 6749 Appendix B: the form is UTF-8. Text in another charset
+        // would be read as UTF-8, other text than the client meant; ASCII
+        // reads the same in all (Java's `UrlEncodedFormEntity` labels its
+        // forms ISO-8859-1 by default), so only a body beyond it is refused.
+        let other_charset = parts
+            .find_map(|p| {
+                let (name, value) = p.split_once('=')?;
+                name.trim()
+                    .eq_ignore_ascii_case("charset")
+                    .then(|| value.trim().trim_matches('"').to_ascii_lowercase())
+            })
+            .is_some_and(|c| c != "utf-8" && c != "utf8");
         let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
             .await
             .map_err(|_| {
@@ -73,6 +72,11 @@ impl Form {
                     "the request body is larger than {MAX_BODY} bytes"
                 ))
             })?;
+        if other_charset && !decoded_bytes(&bytes).is_ascii() {
+            return Err(OAuthError::invalid_request(
+                "the request body must be UTF-8 (charset=utf-8, or no charset)",
+            ));
+        }
         Self::parse(&bytes)
     }
 
@@ -84,18 +88,16 @@ impl Form {
         let Ok(body) = std::str::from_utf8(bytes) else {
             return Err(OAuthError::invalid_request("the request body is not UTF-8"));
         };
-        let mut form = Self::default();
-        // The decoder replaces escapes that are not UTF-8 (`%FF`) with
+        // The decoder would replace escapes that are not UTF-8 (`%E9`) with
         // U+FFFD: text the client never sent, which would reach the audit
-        // trail and the approvers' screens. Only a decoded pair (owned) can
-        // hold one the body did not.
-        let replaced = |s: &Cow<'_, str>| matches!(s, Cow::Owned(_)) && s.contains('\u{fffd}');
+        // trail and the approvers' screens.
+        if body.contains('%') && std::str::from_utf8(&decoded_bytes(bytes)).is_err() {
+            return Err(OAuthError::invalid_request(
+                "the request body is not UTF-8 once percent-decoded",
+            ));
+        }
+        let mut form = Self::default();
         for (k, v) in pairs(body) {
-            if (replaced(&k) || replaced(&v)) && !body.contains('\u{fffd}') {
-                return Err(OAuthError::invalid_request(
-                    "the request body is not UTF-8 once percent-decoded",
-                ));
-            }
             if v.is_empty() {
                 continue;
             }
@@ -157,6 +159,12 @@ fn pairs(body: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
     })
 }
 
+/// `bytes` with every escape decoded (`&`, `=` and `+` are ASCII, so the
+/// result is UTF-8 exactly when each decoded name and value is).
+fn decoded_bytes(bytes: &[u8]) -> Cow<'_, [u8]> {
+    percent_encoding::percent_decode(bytes).into()
+}
+
 /// A parameter name or value shortened for an error message.
 #[must_use]
 pub fn short(s: &str) -> String {
@@ -182,6 +190,14 @@ mod tests {
             );
             Form::read(&headers, Body::from("a=caf%E9")).await
         };
+        let read_ascii = |content_type: &'static str| async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static(content_type),
+            );
+            Form::read(&headers, Body::from("a=cafe%21")).await
+        };
         for ok in [
             "application/x-www-form-urlencoded",
             "application/x-www-form-urlencoded; charset=UTF-8",
@@ -205,6 +221,9 @@ mod tests {
                 "{refused}: {}",
                 e.description
             );
+            // ASCII reads the same in every charset.
+            let form = read_ascii(refused).await.unwrap();
+            assert_eq!(form.get("a"), Some("cafe!"));
         }
     }
 
@@ -223,6 +242,19 @@ mod tests {
         let e = Form::parse(b"purpose=caf%E9").unwrap_err();
         assert!(e.description.contains("not UTF-8"), "{}", e.description);
         assert!(Form::parse(b"a%FF=1").is_err());
+        // A literal U+FFFD elsewhere does not hide one.
+        assert!(Form::parse("x=\u{fffd}&purpose=caf%E9".as_bytes()).is_err());
+        // U+FFFD itself, escaped as encoders send it, is text like any.
+        assert_eq!(
+            Form::parse(b"purpose=fix%20%EF%BF%BD")
+                .unwrap()
+                .get("purpose"),
+            Some("fix \u{fffd}")
+        );
+        assert_eq!(
+            Form::parse(b"a=100%25+sure").unwrap().get("a"),
+            Some("100% sure")
+        );
         assert_eq!(
             Form::parse(b"purpose=caf%C3%A9").unwrap().get("purpose"),
             Some("café")
