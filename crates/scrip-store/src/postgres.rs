@@ -245,7 +245,21 @@ async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
                 continue;
             }
         };
-        if let Err(e) = listener.listen(CHANNEL).await {
+        // `LISTEN` too, on a connection that may go silent meanwhile.
+        let listened = {
+            let listen = tokio::time::timeout(TIMEOUT, listener.listen(CHANNEL));
+            tokio::pin!(listen);
+            loop {
+                tokio::select! {
+                    l = &mut listen => break l,
+                    _ = every_second.tick() => bump_all(&changes),
+                }
+            }
+        };
+        if let Err(e) = listened
+            .map_err(|_| "no answer in time".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
             tracing::warn!(error = %e, "cannot listen for other replicas' changes; retrying");
             bump_all(&changes);
             tokio::time::sleep(Duration::from_secs(1)).await;
