@@ -48,17 +48,25 @@ impl Form {
             ));
         }
         // RFC 6749 Appendix B: the form is UTF-8. Text in another charset
-        // would be read as UTF-8, other text than the client meant; ASCII
-        // reads the same in all (Java's `UrlEncodedFormEntity` labels its
-        // forms ISO-8859-1 by default), so only a body beyond it is refused.
-        let other_charset = parts
-            .find_map(|p| {
-                let (name, value) = p.split_once('=')?;
-                name.trim()
-                    .eq_ignore_ascii_case("charset")
-                    .then(|| value.trim().trim_matches('"').to_ascii_lowercase())
-            })
+        // would be read as UTF-8, other text than the client meant. ASCII
+        // reads the same in the charsets built on it (Java's
+        // `UrlEncodedFormEntity` labels its forms ISO-8859-1 by default), so
+        // with those only a body beyond ASCII is refused; UTF-16 and UTF-32
+        // are not built on it, and are refused whatever the body.
+        let charset = parts.find_map(|p| {
+            let (name, value) = p.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("charset")
+                .then(|| value.trim().trim_matches('"').to_ascii_lowercase())
+        });
+        let other_charset = charset
+            .as_deref()
             .is_some_and(|c| c != "utf-8" && c != "utf8");
+        let not_ascii_based = charset.as_deref().is_some_and(|c| {
+            ["utf-16", "utf-32", "ucs-2", "ucs-4", "utf16", "utf32"]
+                .iter()
+                .any(|w| c.starts_with(w))
+        });
         let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
             .await
             .map_err(|_| {
@@ -72,7 +80,7 @@ impl Form {
                     "the request body is larger than {MAX_BODY} bytes"
                 ))
             })?;
-        if other_charset && !decoded_bytes(&bytes).is_ascii() {
+        if not_ascii_based || (other_charset && !decoded_bytes(&bytes).is_ascii()) {
             return Err(OAuthError::invalid_request(
                 "the request body must be UTF-8 (charset=utf-8, or no charset)",
             ));
@@ -221,10 +229,16 @@ mod tests {
                 "{refused}: {}",
                 e.description
             );
-            // ASCII reads the same in every charset.
-            let form = read_ascii(refused).await.unwrap();
-            assert_eq!(form.get("a"), Some("cafe!"));
         }
+        // ASCII reads the same in the charsets built on it; UTF-16 is not.
+        let form = read_ascii("application/x-www-form-urlencoded; charset=iso-8859-1")
+            .await
+            .unwrap();
+        assert_eq!(form.get("a"), Some("cafe!"));
+        let e = read_ascii("application/x-www-form-urlencoded; charset=utf-16")
+            .await
+            .unwrap_err();
+        assert!(e.description.contains("must be UTF-8"), "{}", e.description);
     }
 
     #[test]

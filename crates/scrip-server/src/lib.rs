@@ -241,6 +241,7 @@ impl Server {
             polls: approval::Polls::default(),
             dpop_proofs: scrip_jose::dpop::ReplayCache::new(exchange::DPOP_PROOFS),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
+            announced: std::sync::Mutex::new(std::collections::HashMap::new()),
             webhook: config
                 .approval_webhook
                 .clone()

@@ -58,7 +58,19 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 // before it, by a revocation of it or of a parent, has its
                 // event. `AnnounceEnded` refuses a task that has one.
                 let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
-                if at_deadline && now < task.expires_at.saturating_add(st.config.clock_skew) {
+                let until = task.expires_at.saturating_add(st.config.clock_skew);
+                // Once per task on this replica: a revocation repeated would
+                // otherwise reach the store as a conflict each time, and a
+                // conflict costs a batch its group commit.
+                let first = || {
+                    st.announced.lock().is_ok_and(|mut seen| {
+                        if seen.len() > 10_000 {
+                            seen.retain(|_, u| *u > now);
+                        }
+                        seen.insert(task.id.clone(), until).is_none()
+                    })
+                };
+                if at_deadline && now < until && first() {
                     let mut a = st.audit("task.end_published");
                     a.agent_iss = Some(task.agent.issuer.clone());
                     a.agent_sub = Some(task.agent.subject.clone());
@@ -81,9 +93,16 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                         ])
                         .await;
                     match announced {
-                        // Published already (a revocation before this one).
+                        // Published already (a revocation before this one,
+                        // on another replica).
                         Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
-                        Err(e) => return Err(e.into()),
+                        Err(e) => {
+                            // Not announced: a later revocation may.
+                            if let Ok(mut seen) = st.announced.lock() {
+                                seen.remove(&task.id);
+                            }
+                            return Err(e.into());
+                        }
                     }
                 }
                 return Ok(());

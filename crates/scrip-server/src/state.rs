@@ -41,6 +41,10 @@ pub(crate) struct Inner {
     pub keyring: std::sync::Arc<crate::keyring::Keyring>,
     /// Single-use tokens already presented to introspection (`jti` → exp).
     pub used_once: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Tasks whose end this replica announced, or found announced (task id
+    /// → until when a revocation could announce it), so a revocation
+    /// repeated does not reach the store as a conflict each time.
+    pub announced: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Last poll per approval, for `slow_down`.
     pub polls: crate::approval::Polls,
     /// DPoP proofs accepted at the token endpoint, each accepted once.
