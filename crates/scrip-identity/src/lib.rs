@@ -75,13 +75,14 @@ enum Source {
 }
 
 impl Source {
-    /// Where keys come from, as messages name it: a `jwks_file`'s path (a
-    /// `jwks_uri`'s errors come from the fetch, which names it).
-    fn shown(&self) -> String {
-        match self {
-            Self::Uri(..) => "JWKS".into(),
-            Self::File(path) => format!("`{}`", path.display()),
-        }
+    /// The key set in `document`, read from here; an error names a
+    /// `jwks_file`'s path (a `jwks_uri`'s errors come from the fetch, which
+    /// names it).
+    fn keys(&self, document: &[u8]) -> Result<KeySet, String> {
+        KeySet::from_jwks_json(document).map_err(|e| match self {
+            Self::Uri(..) => format!("JWKS: {e}"),
+            Self::File(path) => format!("`{}`: {e}", path.display()),
+        })
     }
 }
 
@@ -207,8 +208,7 @@ impl IdentityVerifier {
                     message,
                 };
                 let document = read_file(path).map_err(jwks)?;
-                let keys = KeySet::from_jwks_json(&document)
-                    .map_err(|e| jwks(format!("{}: {e}", issuer.source.shown())))?;
+                let keys = issuer.source.keys(&document).map_err(jwks)?;
                 issuer.store(keys, document, Instant::now());
             }
             issuers.insert(ti.issuer.clone(), issuer);
@@ -364,13 +364,13 @@ impl IdentityVerifier {
             Ok(document) if issuer.refreshed_unchanged(&document, Instant::now()) => {
                 tracing::debug!(issuer = %issuer.issuer, "trusted issuer keys unchanged");
             }
-            Ok(document) => match KeySet::from_jwks_json(&document) {
+            Ok(document) => match issuer.source.keys(&document) {
                 Ok(keys) => {
                     tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
                     issuer.store(keys, document, Instant::now());
                 }
-                Err(e) => {
-                    tracing::warn!(issuer = %issuer.issuer, error = %format!("{}: {e}", issuer.source.shown()), "trusted issuer keys could not be refreshed");
+                Err(message) => {
+                    tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
                 }
             },
             Err(message) => {
