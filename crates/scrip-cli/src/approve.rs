@@ -66,7 +66,16 @@ async fn call(
         )
     })?;
     let status = response.status();
-    let body: Value = serde_json::from_slice(&bounded(response).await?).unwrap_or(Value::Null);
+    let body = scrip_client::read_at_most(response, MAX_ANSWER)
+        .await
+        .map_err(|e| format!("cannot read scrip's answer: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "an answer larger than {} MiB; is --server a scrip?",
+                MAX_ANSWER >> 20
+            )
+        })?;
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if status.is_success() {
         Ok(body)
     } else {
@@ -84,26 +93,6 @@ async fn call(
 /// The most of an answer read: the list of waiting steps is the largest
 /// (at most ten a task), far below this.
 const MAX_ANSWER: usize = 4 << 20;
-
-/// The answer's body, refused past [`MAX_ANSWER`]: what answers at
-/// --server may not be scrip.
-async fn bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("cannot read scrip's answer: {e}"))?
-    {
-        if body.len().saturating_add(chunk.len()) > MAX_ANSWER {
-            return Err(format!(
-                "an answer larger than {} MiB; is --server a scrip?",
-                MAX_ANSWER >> 20
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
 
 fn block_on<T>(f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::runtime::Builder::new_current_thread()

@@ -404,6 +404,28 @@ struct ErrorResponse {
     expires_in: Option<u64>,
 }
 
+/// An answer's body, or `None` when it is larger than `max` bytes (what
+/// answers may not be scrip, and could send without end).
+///
+/// # Errors
+/// When the body cannot be read.
+pub async fn read_at_most(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len().saturating_add(chunk.len()) > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// Whether `url`'s host is this machine: its traffic never goes through a
 /// proxy named in the environment (`HTTP_PROXY`, `ALL_PROXY`), which would
 /// otherwise see every token sent over plain HTTP to a local scrip.
@@ -519,31 +541,20 @@ impl Client {
     }
 
     /// An answer's body, at most [`MAX_ANSWER`] bytes.
-    async fn read(&self, mut response: reqwest::Response) -> Result<Vec<u8>, Error> {
-        let too_large = || {
-            Error::Protocol(format!(
-                "an answer from `{}` larger than {} KiB; is SCRIP_URL a scrip server?",
-                self.url,
-                MAX_ANSWER / 1024
-            ))
-        };
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_ANSWER as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| Error::Unreachable {
-            url: self.url.clone(),
-            message: e.to_string(),
-        })? {
-            if body.len().saturating_add(chunk.len()) > MAX_ANSWER {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+    async fn read(&self, response: reqwest::Response) -> Result<Vec<u8>, Error> {
+        read_at_most(response, MAX_ANSWER)
+            .await
+            .map_err(|e| Error::Unreachable {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?
+            .ok_or_else(|| {
+                Error::Protocol(format!(
+                    "an answer from `{}` larger than {} KiB; is SCRIP_URL a scrip server?",
+                    self.url,
+                    MAX_ANSWER / 1024
+                ))
+            })
     }
 
     /// The token endpoint's URL from scrip's RFC 8414 metadata.
