@@ -10,9 +10,8 @@
 //! thread itself, through rusqlite (which links the same SQLite library as
 //! sqlx), made task starts 23 % faster (BENCHMARKS.md, "Fourth pass").
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
@@ -31,6 +30,20 @@ const CATCH_UP_FRAMES: i64 = 4096;
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// How long a write waits for a lock another process holds.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// Frames in the WAL after the last commit on this thread, as SQLite
+    /// reports them to [`wal_size`]. The write connection is used only on
+    /// the writer's thread, which reads this right after its commits.
+    static WAL_FRAMES: Cell<i64> = const { Cell::new(0) };
+}
+
+/// The write connection's WAL hook: SQLite calls it after each commit with
+/// the frames now in the WAL, those just committed included.
+fn wal_size(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(i64::from(frames));
+    Ok(())
+}
 
 /// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].
 fn failed(e: rusqlite::Error) -> StoreError {
@@ -67,15 +80,29 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// [`connect`], and the hook that tells the writer how long the WAL is
+/// (registered after the pragmas: `wal_autocheckpoint` replaces it).
+fn connect_writer(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = connect(path)?;
+    conn.wal_hook(Some(wal_size));
+    Ok(conn)
+}
+
 /// The writer's connection; [`Apply`] for the SQLite store.
 pub(crate) struct SqliteWriter {
     conn: Option<Connection>,
     path: PathBuf,
     checkpointer: Checkpointer,
     woke: Instant,
-    /// [`CHECKPOINT_EVERY`] and [`CATCH_UP_FRAMES`] (smaller in tests).
+    /// [`CHECKPOINT_EVERY`] and [`CATCH_UP_FRAMES`] (other values in tests).
     wake_every: Duration,
     catch_up_frames: i64,
+    /// WAL frames at which the writer next checkpoints: [`CATCH_UP_FRAMES`],
+    /// or more after a checkpoint that readers kept from finishing.
+    catch_up_at: i64,
+    /// Checkpoints the writer ran itself.
+    #[cfg(test)]
+    caught_up: usize,
     /// Whether the last batch's `COMMIT` was attempted: after a failure,
     /// only then may it have taken effect.
     commit_sent: bool,
@@ -86,7 +113,7 @@ impl SqliteWriter {
     /// the checkpointer beside it.
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         let open = |e: rusqlite::Error| StoreError::Open(format!("`{}`: {e}", path.display()));
-        let conn = connect(path).map_err(open)?;
+        let conn = connect_writer(path).map_err(open)?;
         let checkpointer = Checkpointer::start(connect(path).map_err(open)?, path)?;
         Ok(Self {
             conn: Some(conn),
@@ -95,6 +122,9 @@ impl SqliteWriter {
             woke: Instant::now(),
             wake_every: CHECKPOINT_EVERY,
             catch_up_frames: CATCH_UP_FRAMES,
+            catch_up_at: CATCH_UP_FRAMES,
+            #[cfg(test)]
+            caught_up: 0,
             commit_sent: false,
         })
     }
@@ -103,7 +133,7 @@ impl SqliteWriter {
         self.commit_sent = false;
         let conn = match &mut self.conn {
             Some(c) => c,
-            empty => empty.insert(connect(&self.path).map_err(unavailable)?),
+            empty => empty.insert(connect_writer(&self.path).map_err(unavailable)?),
         };
         let result = apply_on(conn, writes, chain, &mut self.commit_sent);
         if matches!(result, Err(StoreError::Unavailable(_))) {
@@ -133,25 +163,42 @@ impl Apply for SqliteWriter {
     /// sync to that group commit's wait). Instead, at most every
     /// [`CHECKPOINT_EVERY`], the writer wakes the [`Checkpointer`], which
     /// copies the WAL into the database on its own thread while commits go
-    /// on. Frames committed during its pass stay in the WAL; when it reports
-    /// [`CATCH_UP_FRAMES`] or more, the writer copies those few itself,
+    /// on. Frames committed during its pass stay in the WAL; once the WAL
+    /// holds [`CATCH_UP_FRAMES`], the writer copies what is left itself,
     /// between two commits, so the next commit starts the WAL over
-    /// (truncated to `journal_size_limit`). Durability is the WAL's
-    /// (`synchronous=FULL`); a checkpoint that fails is retried later.
+    /// (truncated to `journal_size_limit`). The WAL's length is SQLite's
+    /// own count ([`wal_size`]), not the checkpointer's, so a checkpointer
+    /// that is starved of CPU or cannot open its connection leaves the
+    /// writer more to copy, never a WAL that grows without end. Durability
+    /// is the WAL's (`synchronous=FULL`); a checkpoint that fails is
+    /// retried later.
     async fn after_commit(&mut self) {
         if self.woke.elapsed() >= self.wake_every {
             self.woke = Instant::now();
             self.checkpointer.wake();
         }
-        if self.checkpointer.frames() >= self.catch_up_frames
-            && let Some(c) = &self.conn
+        let frames = WAL_FRAMES.get();
+        if frames < self.catch_up_frames {
+            // The WAL started over, or is still short.
+            self.catch_up_at = self.catch_up_frames;
+        }
+        if frames < self.catch_up_at {
+            return;
+        }
+        let Some(c) = &self.conn else { return };
+        #[cfg(test)]
         {
-            match checkpoint(c) {
-                // Busy: the checkpointer is in a pass; try after the next commit.
-                Ok(report) if !report.busy => self.checkpointer.caught_up(),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
+            self.caught_up += 1;
+        }
+        match checkpoint(c) {
+            Ok(report) if report.busy => {} // The checkpointer is in a pass: after the next commit.
+            // A reader's snapshot kept some frames in the WAL: try again
+            // once as many more have been committed, not after every commit.
+            Ok(report) if report.copied < report.frames => {
+                self.catch_up_at = frames.saturating_add(self.catch_up_frames);
             }
+            Ok(_) => self.catch_up_at = self.catch_up_frames,
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
         }
     }
 }
@@ -163,6 +210,8 @@ struct CheckpointReport {
     busy: bool,
     /// Frames in the WAL.
     frames: i64,
+    /// Of those, frames now copied into the database file.
+    copied: i64,
 }
 
 /// A `PASSIVE` checkpoint: copies what it can of the WAL into the database
@@ -172,6 +221,7 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<CheckpointReport> {
         Ok(CheckpointReport {
             busy: row.get::<_, i64>(0)? != 0,
             frames: row.get(1)?,
+            copied: row.get(2)?,
         })
     })
 }
@@ -179,18 +229,15 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<CheckpointReport> {
 /// Copies the WAL into the database file on a thread of its own, each time
 /// the writer wakes it: a pass writes the pages changed since the last one
 /// and syncs the database file, which would otherwise hold up the next
-/// group commit (SQLite lets a checkpoint run beside the writer). It
-/// reports how long the WAL has grown, and stops when the writer is dropped.
+/// group commit (SQLite lets a checkpoint run beside the writer). It stops
+/// when the writer is dropped.
 struct Checkpointer {
     wake: std::sync::mpsc::SyncSender<()>,
-    frames: Arc<AtomicI64>,
 }
 
 impl Checkpointer {
     fn start(conn: Connection, path: &Path) -> Result<Self, StoreError> {
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-        let frames = Arc::new(AtomicI64::new(0));
-        let reported = frames.clone();
         let path = path.to_path_buf();
         std::thread::Builder::new()
             .name("scrip-checkpoint".into())
@@ -204,32 +251,19 @@ impl Checkpointer {
                             continue;
                         }
                     };
-                    match checkpoint(c) {
-                        Ok(report) => reported.store(report.frames, Ordering::Relaxed),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-                            conn = None;
-                        }
+                    if let Err(e) = checkpoint(c) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                        conn = None;
                     }
                 }
             })
             .map_err(|e| StoreError::Open(format!("cannot start the WAL checkpointer: {e}")))?;
-        Ok(Self { wake, frames })
+        Ok(Self { wake })
     }
 
     /// Asks for a pass, unless one is already asked for.
     fn wake(&self) {
         let _ = self.wake.try_send(());
-    }
-
-    /// Frames in the WAL after the checkpointer's last pass.
-    fn frames(&self) -> i64 {
-        self.frames.load(Ordering::Relaxed)
-    }
-
-    /// The writer checkpointed the rest; the WAL starts over.
-    fn caught_up(&self) {
-        self.frames.store(0, Ordering::Relaxed);
     }
 }
 
@@ -753,11 +787,26 @@ mod tests {
     /// beside the writer and still starts over, so it stays short.
     #[tokio::test]
     async fn the_wal_stays_short_while_commits_go_on() {
+        wal_stays_short(Duration::ZERO).await;
+    }
+
+    /// The writer counts the WAL itself: a checkpointer that never gets to
+    /// run (starved of CPU, or unable to open its connection) leaves it
+    /// more to copy, not a WAL that grows without end.
+    #[tokio::test]
+    async fn the_wal_stays_short_when_the_checkpointer_never_runs() {
+        wal_stays_short(Duration::from_secs(3600)).await;
+    }
+
+    /// Commits 300 batches of 8 records of about a page each, waking the
+    /// checkpointer at most every `wake_every`, and checks that the WAL
+    /// started over and its frames reached the database file.
+    async fn wal_stays_short(wake_every: Duration) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scrip.db");
         drop(SqliteStore::open(&path).await.unwrap()); // migrations
         let mut writer = SqliteWriter::open(&path).unwrap();
-        writer.wake_every = Duration::ZERO;
+        writer.wake_every = wake_every;
         writer.catch_up_frames = 128;
         let mut chain = ChainState::new(
             crate::chain::new_chain_id().unwrap(),
@@ -767,20 +816,9 @@ mod tests {
         // 2,400 frames.
         let (commits, rows) = (300, 8);
         for i in 0..commits {
-            let batch: Vec<Write> = (0..rows)
-                .map(|j| {
-                    Write::Audit(Box::new(AuditEvent {
-                        event: "test.record".into(),
-                        reason: Some(format!("{i}.{j} {}", "x".repeat(3000))),
-                        ..AuditEvent::default()
-                    }))
-                })
-                .collect();
-            let refs: Vec<&Write> = batch.iter().collect();
-            writer.apply(&refs, &mut chain).await.unwrap();
-            writer.after_commit().await;
+            commit_pages(&mut writer, &mut chain, i, rows).await;
         }
-        let written = u64::try_from(commits * rows).unwrap() * 4096;
+        let written = u64::from(commits * rows) * 4096;
         let wal = std::fs::metadata(dir.path().join("scrip.db-wal"))
             .unwrap()
             .len();
@@ -802,5 +840,69 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, i64::from(commits * rows));
+    }
+
+    /// Commits `rows` audit records of about a page each, then lets the
+    /// writer keep its WAL short.
+    async fn commit_pages(writer: &mut SqliteWriter, chain: &mut ChainState, i: u32, rows: u32) {
+        let batch: Vec<Write> = (0..rows)
+            .map(|j| {
+                Write::Audit(Box::new(AuditEvent {
+                    event: "test.record".into(),
+                    reason: Some(format!("{i}.{j} {}", "x".repeat(3000))),
+                    ..AuditEvent::default()
+                }))
+            })
+            .collect();
+        let refs: Vec<&Write> = batch.iter().collect();
+        writer.apply(&refs, chain).await.unwrap();
+        writer.after_commit().await;
+    }
+
+    /// A reader's snapshot keeps frames in the WAL, so the writer's
+    /// checkpoint cannot finish: it tries again once as many more frames
+    /// are in, not after every commit, and the WAL starts over once the
+    /// reader is done.
+    #[tokio::test]
+    async fn a_reader_holding_the_wal_does_not_make_every_commit_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.db");
+        drop(SqliteStore::open(&path).await.unwrap()); // migrations
+        let mut writer = SqliteWriter::open(&path).unwrap();
+        writer.wake_every = Duration::from_secs(3600);
+        writer.catch_up_frames = 128;
+        let mut chain = ChainState::new(
+            crate::chain::new_chain_id().unwrap(),
+            crate::chain::Signer::default(),
+        );
+        commit_pages(&mut writer, &mut chain, 0, 8).await;
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        // Well over a thousand frames past the reader's snapshot.
+        for i in 1..=120 {
+            commit_pages(&mut writer, &mut chain, i, 8).await;
+        }
+        let held = WAL_FRAMES.get();
+        assert!(held > 900, "the WAL holds {held} frames");
+        // One attempt each time another threshold's worth is in, where
+        // every commit would be more than a hundred.
+        let thresholds = usize::try_from(held / 128).unwrap();
+        assert!(
+            (1..=thresholds + 1).contains(&writer.caught_up),
+            "{} checkpoints while a reader held {held} frames",
+            writer.caught_up
+        );
+        reader.execute_batch("COMMIT").unwrap();
+        for i in 121..=150 {
+            commit_pages(&mut writer, &mut chain, i, 8).await;
+        }
+        let frames = WAL_FRAMES.get();
+        assert!(
+            frames < 128 + 64,
+            "the WAL holds {frames} frames after the reader is done"
+        );
     }
 }
