@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use aws_lc_rs::digest::{SHA256, digest};
 use jsonwebtoken::Algorithm;
@@ -342,7 +343,11 @@ pub fn plain_target(url: &str) -> bool {
 ///
 /// Each entry is kept until the proof could no longer pass
 /// [`verify_proof`]'s `iat` check, so a proof is refused the second time
-/// for as long as it could be accepted at all. Entries are keyed by key
+/// for as long as it could be accepted at all. That time is counted on the
+/// wall clock, which the `iat` check reads, and on the monotonic clock from
+/// when the proof was taken, and an entry is dropped only once both have
+/// passed it: a wall clock stepped ahead and back again forgets no proof.
+/// Entries are keyed by key
 /// and `jti`, so one client cannot spend another's. At most `capacity`
 /// are kept; when expired entries cannot make room, proofs are refused
 /// (fail closed) until they can.
@@ -358,18 +363,44 @@ pub fn plain_target(url: &str) -> bool {
 pub struct ReplayCache {
     seen: Mutex<Seen>,
     capacity: usize,
+    /// The origin of the monotonic clock's seconds.
+    started: Instant,
+}
+
+/// A proof taken.
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    /// Until when it is kept: a Unix time, and seconds after
+    /// [`ReplayCache::started`].
+    wall: u64,
+    mono: u64,
+    /// The key that signed it (a digest of its thumbprint).
+    owner: u64,
+}
+
+/// The time now on both clocks.
+#[derive(Debug, Clone, Copy)]
+struct Now {
+    wall: u64,
+    mono: u64,
+}
+
+impl Kept {
+    /// Whether either clock says the proof may still be presented.
+    fn live(&self, now: Now) -> bool {
+        self.wall >= now.wall || self.mono >= now.mono
+    }
 }
 
 #[derive(Debug, Default)]
 struct Seen {
-    /// Until when each proof is kept, and the key that signed it (a digest
-    /// of its thumbprint), by a digest of its key and `jti`.
-    until: HashMap<u128, (u64, u64)>,
+    /// Each proof taken, by a digest of its key and `jti`.
+    until: HashMap<u128, Kept>,
     /// How many proofs each key holds (expired ones included until the
     /// next sweep).
     per_key: HashMap<u64, usize>,
-    /// When expired entries were last dropped: at most once a second, so a
-    /// full cache does not cost a sweep per request.
+    /// When expired entries were last dropped (monotonic seconds): at most
+    /// once a second, so a full cache does not cost a sweep per request.
     swept_at: u64,
 }
 
@@ -382,12 +413,12 @@ impl Seen {
     }
 
     /// Drops expired entries and recounts what each key holds.
-    fn sweep(&mut self, now: u64, capacity: usize) {
-        self.swept_at = now;
-        self.until.retain(|_, (until, _)| *until >= now);
+    fn sweep(&mut self, now: Now, capacity: usize) {
+        self.swept_at = now.mono;
+        self.until.retain(|_, kept| kept.live(now));
         self.per_key.clear();
-        for (_, owner) in self.until.values() {
-            *self.per_key.entry(*owner).or_default() += 1;
+        for kept in self.until.values() {
+            *self.per_key.entry(kept.owner).or_default() += 1;
         }
         // Give back what a burst took.
         let live = self.until.len();
@@ -416,6 +447,7 @@ impl ReplayCache {
         Self {
             seen: Mutex::new(Seen::default()),
             capacity,
+            started: Instant::now(),
         }
     }
 
@@ -427,6 +459,16 @@ impl ReplayCache {
     /// [`Replay::Used`] for a proof seen before; [`Replay::Full`] when the
     /// cache cannot take another.
     pub fn first_use(&self, proof: &Proof, check: &ProofCheck<'_>) -> Result<(), Replay> {
+        let mono = self.started.elapsed().as_secs();
+        self.first_use_at(proof, check, mono)
+    }
+
+    /// [`Self::first_use`] at `mono` seconds after the cache started.
+    fn first_use_at(&self, proof: &Proof, check: &ProofCheck<'_>, mono: u64) -> Result<(), Replay> {
+        let now = Now {
+            wall: check.now,
+            mono,
+        };
         let key = {
             let mut input = Vec::with_capacity(proof.jkt.len() + 1 + proof.jti.len());
             input.extend_from_slice(proof.jkt.as_bytes());
@@ -448,26 +490,29 @@ impl ReplayCache {
             .saturating_add(check.max_age)
             .saturating_add(check.leeway.saturating_mul(2))
             .saturating_add(1);
+        let kept = Kept {
+            wall: until,
+            mono: mono.saturating_add(until.saturating_sub(check.now)),
+            owner,
+        };
         let mut seen = match self.seen.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(&(kept_until, _)) = seen.until.get(&key)
-            && kept_until >= check.now
-        {
+        if seen.until.get(&key).is_some_and(|k| k.live(now)) {
             return Err(Replay::Used);
         }
         if seen.refuses(owner, self.capacity) {
-            if seen.swept_at < check.now {
-                seen.sweep(check.now, self.capacity);
+            if seen.swept_at < now.mono {
+                seen.sweep(now, self.capacity);
             }
             if seen.refuses(owner, self.capacity) {
                 return Err(Replay::Full);
             }
         }
-        if let Some((_, previous)) = seen.until.insert(key, (until, owner)) {
+        if let Some(previous) = seen.until.insert(key, kept) {
             // An expired entry of the same proof, replaced.
-            if let Some(held) = seen.per_key.get_mut(&previous) {
+            if let Some(held) = seen.per_key.get_mut(&previous.owner) {
                 *held = held.saturating_sub(1);
             }
         }
@@ -849,12 +894,13 @@ mod tests {
             ..check()
         };
         assert_eq!(
-            cache.first_use(
+            cache.first_use_at(
                 &p,
                 &ProofCheck {
                     now: NOW + 70,
                     ..check()
-                }
+                },
+                70
             ),
             Err(Replay::Used)
         );
@@ -862,8 +908,33 @@ mod tests {
         c["jti"] = json!("j-3");
         c["iat"] = json!(later.now);
         let s = verify_proof(&key.proof(&c), &later).unwrap();
-        cache.first_use(&s, &later).unwrap();
+        cache.first_use_at(&s, &later, 72).unwrap();
         assert_eq!(cache.len(), 1);
+    }
+
+    /// A wall clock stepped ahead (a bad NTP source, a VM resumed) makes
+    /// every proof look expired; stepped back, those proofs pass the `iat`
+    /// check again. The monotonic clock did not move, so none was
+    /// forgotten while the wall clock was ahead.
+    #[test]
+    fn a_wall_clock_stepped_ahead_and_back_forgets_no_proof() {
+        let cache = ReplayCache::new(2);
+        let key = Key::es256();
+        let p = verify_proof(&key.proof(&claims()), &check()).unwrap();
+        cache.first_use_at(&p, &check(), 0).unwrap();
+        let ahead = ProofCheck {
+            now: NOW + 3600,
+            ..check()
+        };
+        let mut c = claims();
+        c["jti"] = json!("j-ahead");
+        c["iat"] = json!(ahead.now);
+        let q = verify_proof(&key.proof(&c), &ahead).unwrap();
+        // The cache is full for this key only if `p` is still held.
+        assert_eq!(cache.first_use_at(&q, &ahead, 5), Err(Replay::Full));
+        assert_eq!(cache.first_use_at(&p, &check(), 6), Err(Replay::Used));
+        // Once the monotonic clock too is past the window, it makes room.
+        cache.first_use_at(&q, &ahead, 73).unwrap();
     }
 
     /// One client sending proofs as fast as it can cannot lock every other
