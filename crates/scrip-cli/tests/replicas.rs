@@ -285,9 +285,11 @@ async fn a_task_is_used_delegated_and_ended_across_replicas() {
         .unwrap();
     assert_eq!(end.status, 200, "{end:?}");
     let (woke_at, body) = feed.await.unwrap();
+    // Woken by the revocation, not by the end of its 10 s wait: usually in
+    // milliseconds, though three servers and PostgreSQL share two cores.
     let lag = woke_at.duration_since(revoked_at);
     assert!(
-        lag < Duration::from_secs(1),
+        lag < Duration::from_secs(5),
         "feed on another replica took {lag:?}"
     );
     let txns: HashSet<&str> = body["events"]

@@ -318,8 +318,10 @@ fn a_signal_while_the_task_is_ending_gives_up_at_once() {
         frozen.display()
     );
     let mut child = server.run_until(&script, &frozen);
-    // Past the second in which a signal is taken for the command's own.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past the second in which a signal is taken for the command's own,
+    // counted from when `scrip run` saw the command exit, which a loaded
+    // machine may delay (the retries leave time to spare).
+    std::thread::sleep(Duration::from_millis(3000));
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -191,8 +191,11 @@ async fn a_token_just_past_its_expiry_can_still_be_revoked() {
 
 #[tokio::test]
 async fn introspection_shows_active_tokens_and_nothing_about_others() {
+    // Three seconds: a token of one second lives only to the end of the
+    // second it was issued in, which a loaded machine may not reach the
+    // second introspection within.
     let s = TestServer::start_with(Options {
-        access_token_ttl: 1,
+        access_token_ttl: 3,
         ..Options::default()
     })
     .await;
@@ -248,7 +251,7 @@ async fn introspection_shows_active_tokens_and_nothing_about_others() {
     assert_eq!(s.introspect(&foreign_task).await.body, inactive());
     assert_eq!(s.introspect(&identity).await.body, inactive());
 
-    // An expired access token (access_token_ttl is 1 s) under a live task,
+    // An expired access token (access_token_ttl is 3 s) under a live task,
     // introspected while it was active: introspection keeps its checked
     // signature, never its answer.
     let at = token_of(&s.access_token(&task, "github", Some("read")).await);

@@ -80,8 +80,9 @@ struct Env {
     server: TestServer,
     nginx: nginx::Nginx,
     http: reqwest::Client,
-    /// An upstream that takes connections and never answers.
-    _mute: std::net::TcpListener,
+    /// An upstream that takes connections (the kernel queues them; nothing
+    /// accepts them unless a test does) and never answers.
+    mute: std::net::TcpListener,
 }
 
 async fn setup() -> Env {
@@ -134,7 +135,7 @@ async fn setup() -> Env {
         server,
         nginx,
         http: reqwest::Client::new(),
-        _mute: mute,
+        mute,
     }
 }
 
@@ -987,7 +988,16 @@ async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Hang up once the proxy has connected to the upstream, and so is
+    // waiting for its answer, however long checking the request took.
+    let mute = env.mute.try_clone().unwrap();
+    let upstream = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || mute.accept().unwrap().0),
+    )
+    .await
+    .expect("the proxy never connected to the upstream")
+    .unwrap();
     drop(s);
     let r = env
         .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/gone"))
@@ -999,6 +1009,7 @@ async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
         "{r:?}"
     );
     assert_eq!(r.status, None, "{r:?}");
+    drop(upstream);
     env.server.stop().await;
 }
 
@@ -1090,8 +1101,10 @@ async fn rotation_swaps_the_key_and_overdue_secrets_show() {
             .unwrap();
         r.text().await.unwrap()
     };
+    // The server stamps what it read between these two instants.
     let scraped = Instant::now();
     let metrics = scrape().await;
+    let answered = Instant::now();
     assert!(
         metrics.contains("scrip_secret_overdue{name=\"legacy\",action=\"write\"} 1"),
         "{metrics}"
@@ -1125,7 +1138,7 @@ async fn rotation_swaps_the_key_and_overdue_secrets_show() {
     if scraped.elapsed() < Duration::from_secs(5) {
         assert!(!again.contains(slow_read), "reread at once: {again}");
     }
-    tokio::time::sleep(Duration::from_secs(5).saturating_sub(scraped.elapsed())).await;
+    tokio::time::sleep_until((answered + Duration::from_millis(5_100)).into()).await;
     let later = scrape().await;
     assert!(later.contains(slow_read), "never reread: {later}");
     env.server.stop().await;

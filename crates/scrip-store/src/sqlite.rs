@@ -11,7 +11,7 @@
 //! After a failed write the writer drops its connection and opens a new one
 //! for the next batch, so the store recovers by itself once the disk does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -62,22 +62,16 @@ impl SqliteStore {
     /// (`Require`) holds another schema.
     pub async fn open_as(path: &Path, schema: Schema) -> Result<Self, StoreError> {
         // Processes started together on a new or upgraded store (`scrip
-        // serve` beside `scrip proxy`) race to create it, switch it to WAL
-        // and apply each migration (sqlx's SQLite migrator takes no lock):
-        // the losers fail on a lock or on what the winner created. A loser
-        // tries again, and finds the store ready.
-        let mut attempt = 0_u64;
-        loop {
-            match Self::open_once(path, schema).await {
-                // A store that is only read is never created or migrated:
-                // nothing to wait for.
-                Err(_) if schema == Schema::Migrate && attempt < 6 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                result => return result,
-            }
-        }
+        // serve` beside `scrip proxy`) would race to create it, switch it to
+        // WAL and apply each migration (sqlx's SQLite migrator takes no
+        // lock), and the losers fail on a lock or on what the winner
+        // created: they take turns instead. A store that is only read is
+        // never created or migrated.
+        let _turn = match schema {
+            Schema::Migrate => Some(MigrationLock::take(path).await?),
+            Schema::Require => None,
+        };
+        Self::open_once(path, schema).await
     }
 
     async fn open_once(path: &Path, schema: Schema) -> Result<Self, StoreError> {
@@ -425,6 +419,50 @@ impl Store for SqliteStore {
     }
 }
 
+/// An exclusive lock (`flock`) on `<store>-lock` beside the store, held by
+/// a process while it creates, migrates and opens the store. It is released
+/// when dropped, or when the process dies.
+struct MigrationLock {
+    _held: std::fs::File,
+}
+
+impl MigrationLock {
+    /// How long a process waits for another to open the store.
+    const WAIT: Duration = Duration::from_secs(60);
+
+    async fn take(store: &Path) -> Result<Self, StoreError> {
+        let mut name = store.as_os_str().to_owned();
+        name.push("-lock");
+        let path = PathBuf::from(name);
+        let failed = |e: std::io::Error| StoreError::Open(format!("`{}`: {e}", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(failed)?;
+        let deadline = tokio::time::Instant::now() + Self::WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _held: file }),
+                Err(std::fs::TryLockError::WouldBlock)
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Open(format!(
+                        "another process has been opening the store for {} s and still holds `{}`",
+                        Self::WAIT.as_secs(),
+                        path.display()
+                    )));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +484,25 @@ mod tests {
                 open.unwrap();
             }
         }
+    }
+
+    /// A process waits for the one creating or migrating the store.
+    #[tokio::test]
+    async fn an_open_waits_for_the_store_to_be_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.db");
+        let turn = MigrationLock::take(&path).await.unwrap();
+        let open = SqliteStore::open(&path);
+        tokio::pin!(open);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut open)
+                .await
+                .is_err(),
+            "opened while another held the lock"
+        );
+        assert!(!path.exists(), "created while another held the lock");
+        drop(turn);
+        open.await.unwrap();
     }
 
     /// Each filter of `scrip audit query` reads through its own index, not

@@ -26,7 +26,7 @@ fn revoke(jti: &str) -> Write {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_replicas_revocation_reaches_this_one_within_a_second() {
+async fn another_replicas_revocation_reaches_this_one_by_notification() {
     let db = PgDatabase::new();
     let a = PgStore::connect(db.url()).await.unwrap();
     let b = PgStore::connect(db.url()).await.unwrap();
@@ -34,15 +34,16 @@ async fn another_replicas_revocation_reaches_this_one_within_a_second() {
     // Let the listener settle (its first connection bumps the counters).
     tokio::time::sleep(Duration::from_millis(300)).await;
     changes.borrow_and_update();
+    // Usually milliseconds; 3 s allows for a loaded machine and is still
+    // shorter than the listener's heartbeat (5 s quiet, then a 2 s check)
+    // would take to notice a lost connection and bump the caches.
     for i in 0..5 {
-        let started = Instant::now();
         a.commit(vec![revoke(&format!("j{i}"))]).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(1), changes.changed())
+        tokio::time::timeout(Duration::from_secs(3), changes.changed())
             .await
-            .expect("no notification within a second")
+            .expect("no notification within 3 s")
             .unwrap();
         changes.borrow_and_update();
-        assert!(started.elapsed() < Duration::from_secs(1));
         assert!(b.token_revoked(&format!("j{i}")).await.unwrap());
     }
 }

@@ -645,18 +645,26 @@ mod tests {
     /// once the set goes stale every token is refused.
     #[test]
     fn an_event_of_an_unknown_type_is_never_skipped() {
-        let r = Revocations::new(Duration::from_millis(50), 0);
+        let r = Revocations::new(Duration::from_secs(60), 0);
         let far = unix_now() + 600;
         r.apply(br#"{"cursor":2,"events":[]}"#).unwrap();
+        let synced = |r: &Revocations| {
+            let state = r.state.read().unwrap();
+            (state.synced_at, state.synced_wall)
+        };
+        let before = synced(&r);
         let page = format!(
             r#"{{"cursor":4,"events":[{{"type":"task","txn":"t1","exp":{far}}},{{"type":"subject","sub":"x"}}],"more":false}}"#
         );
         let e = r.apply(page.as_bytes()).unwrap_err();
+        assert_eq!(synced(&r), before, "a refused page counted as an answer");
         assert!(e.contains("unknown type `subject`"), "{e}");
         assert_eq!(r.cursor(), 2);
         // Nothing of the page was taken, the task event before it included.
         assert_eq!(r.check("t1", "j"), Ok(()));
-        std::thread::sleep(Duration::from_millis(80));
+        // 61 s on, with no page taken since the one before it, the set is
+        // stale.
+        r.state.write().unwrap().synced_at = Instant::now().checked_sub(Duration::from_secs(61));
         assert_eq!(r.check("t2", "j"), Err(VerifyError::RevocationStale));
     }
 
