@@ -46,6 +46,9 @@ fn error(status: StatusCode, code: &str, description: impl Into<String>) -> Resp
 struct Draft {
     record: AuditEvent,
     started: Instant,
+    /// The normalised path: what every check saw and what the upstream
+    /// gets (`record.path` is its audit copy, cut at 1 KiB).
+    path: String,
 }
 
 impl Draft {
@@ -173,6 +176,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             ..AuditEvent::default()
         },
         started,
+        path: String::new(),
     };
     // From here on every check, the audit and the upstream see one path.
     let path = match route::normalize(path) {
@@ -183,6 +187,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         }
     };
     draft.record.path = Some(for_audit(&path));
+    draft.path.clone_from(&path);
     // Routes and Cedar see escapes the upstream decodes before routing
     // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
     let matched = route::match_form(&path);
@@ -420,7 +425,7 @@ async fn forward(
     standing: Arc<Standing>,
 ) -> Response {
     let name = upstream.name.as_str();
-    let path = draft.record.path.clone().unwrap_or_default();
+    let path = draft.path.clone();
     // With query injection both hold the secret: zeroed when dropped.
     let query = zeroize::Zeroizing::new(headers::upstream_query(
         parts.uri.query(),

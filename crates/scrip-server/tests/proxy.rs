@@ -463,6 +463,23 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
         .await;
     let path = refused.path.unwrap();
     assert!(path.ends_with("… (20004 bytes)"), "{path}");
+    // An allowed request with a long path reaches the upstream whole: only
+    // its record is cut.
+    let long = format!("/{}", "b".repeat(2_000));
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, &format!("legacy{long}"), Some(&good))
+        .await;
+    assert_eq!((status, body), (200, format!("ok read GET {long}\n")));
+    let allowed = env
+        .wait_audit(|a| {
+            a.decision.as_deref() == Some("allow")
+                && a.path.as_deref().is_some_and(|p| p.starts_with("/bbbb"))
+        })
+        .await;
+    assert!(
+        allowed.path.unwrap().ends_with("… (2001 bytes)"),
+        "the record keeps the path whole"
+    );
     env.server.stop().await;
 }
 
