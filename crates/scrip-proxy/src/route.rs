@@ -246,13 +246,19 @@ impl ActionMap {
     /// `None` when nothing maps it.
     #[must_use]
     pub fn action(&self, method: &Method, path: &str) -> Option<&ActionName> {
+        // Methods are case-sensitive to HTTP (RFC 9110 §9.1), but not to
+        // every upstream: some frameworks uppercase them, and would run as
+        // `DELETE` a `delete` that routes and policies here took for another
+        // method. Every method in use is uppercase; others are refused.
+        let name = method.as_str();
+        if name.bytes().any(|b| b.is_ascii_lowercase()) {
+            return None;
+        }
         // CONNECT asks for a tunnel (the client drops the path, and logs it
         // with the injected query) and TRACE echoes the request, secret
         // included: neither is a call of the upstream's API, whatever a
-        // route for any method says, in any case (`trace` is another
-        // method to HTTP, not to every server).
-        let name = method.as_str();
-        if name.eq_ignore_ascii_case("CONNECT") || name.eq_ignore_ascii_case("TRACE") {
+        // route for any method says.
+        if name == "CONNECT" || name == "TRACE" {
             return None;
         }
         let at = |r: &&Rule| {
@@ -349,6 +355,20 @@ mod tests {
         check(&routes, "TRACE", "/admin/x", None);
         check(&routes, "trace", "/admin/x", None);
         check(&routes, "Connect", "/admin", None);
+    }
+
+    /// A `delete` is not a `DELETE` here, but an upstream that uppercases
+    /// methods runs it as one: whatever a route for any method says, a
+    /// method that is not uppercase maps to nothing.
+    #[test]
+    fn a_method_not_in_uppercase_maps_to_nothing() {
+        let routes = [route("*", "/items*", "write")];
+        check(&routes, "DELETE", "/items/1", Some("write"));
+        for method in ["delete", "Delete", "get", "pOST", "purge"] {
+            check(&routes, method, "/items/1", None);
+            check(&[], method, "/items/1", None);
+        }
+        check(&[], "PURGE", "/items/1", None);
     }
 
     /// A HEAD runs the upstream's GET handler: a rule naming HEAD decides
