@@ -72,13 +72,21 @@ struct Server {
 }
 
 impl Server {
+    /// Without separation of duties: the agent of these tests, this test
+    /// process, runs as the approver's uid, so with it no step of theirs
+    /// could be approved by uid (they could attest as the approver).
     fn start() -> Self {
-        Self::start_with("", "")
+        Self::configured("separation_of_duties = false\n", "", "")
     }
 
     /// With `extra` appended to the configuration and `extra_policy` beside
     /// the repository's policies.
     fn start_with(extra: &str, extra_policy: &str) -> Self {
+        Self::configured("", extra, extra_policy)
+    }
+
+    /// With `top` among the configuration's top-level keys.
+    fn configured(top: &str, extra: &str, extra_policy: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         copy_policies(&root.join("policies"));
@@ -101,6 +109,7 @@ impl Server {
             r#"listen = "{addr}"
 data_dir = "{data}"
 policy_dir = "{policies}"
+{top}
 
 [[trusted_issuers]]
 issuer = "{K8S_ISSUER}"
@@ -548,7 +557,7 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
 }
 
 #[test]
-fn a_person_known_by_uid_may_not_approve_a_local_agent_of_that_uid() {
+fn a_person_known_by_uid_may_not_approve_an_agent_that_may_run_as_that_uid() {
     // This test's process is the agent, `local:agent` by its executable;
     // `scrip approve`, another executable of the same uid, attests as
     // `local:person` and is the approver `root-operator` (uid 0). Any
@@ -577,11 +586,15 @@ fn a_person_known_by_uid_may_not_approve_a_local_agent_of_that_uid() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "authorization_pending", "{body}");
 
-    // The Kubernetes agent's step is the person's to approve.
+    // So does the Kubernetes agent, this process too: any process holding
+    // that token may run as the person's uid, and attest as them.
     let other = server.start_task();
     let id = server.ask_delete(&other);
     let out = server.scrip(&["approve", &id, "--yes"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_fails(&out, 1, &["separation of duties", "trusted issuer"]);
+    let (status, body) = server.poll(&other, &id);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "authorization_pending", "{body}");
 }
 
 #[test]

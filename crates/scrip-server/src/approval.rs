@@ -608,7 +608,7 @@ async fn decide_endpoint(
             .ok_or_else(OAuthError::server_error)?;
         if st.config.separation_of_duties && started_by(st, &task, &Person::of(st, &who, &approver)) {
             return Err(OAuthError::forbidden(
-                "separation of duties: you may not approve a step of a task you started or act in (a local agent of your uid counts as you: any process of a uid attests as that uid)",
+                "separation of duties: you may not approve a step of a task you started or act in (known by uid, you count as every agent that may run as your uid, as any process of a uid attests as that uid: every agent but a local one of another uid; approve with an identity from a trusted issuer instead)",
             ));
         }
         if task.state(now) != TaskState::Active {
@@ -720,24 +720,30 @@ impl Person {
 ///
 /// A person known by local attestation is known only by uid: any process of
 /// that uid attests as that uid, and as any `[[local_workloads]]` entry it
-/// matches, so it could approve for a local agent of the same uid. A local
-/// agent or actor of one of the person's uids therefore counts as them, and
-/// so does one whose uid is not known (a workload entry that pins no uid).
+/// matches, so it could approve for any agent that runs as that uid. Only
+/// a local identity says which uid holds it: for a person known by uid, a
+/// local agent or actor of another known uid is someone else; one of their
+/// uids, one whose uid is not known (a workload entry that pins no uid), and
+/// one with a federated identity (a process of their uid may hold that
+/// token, and attest as them) all count as them.
 fn started_by(st: &Inner, task: &TaskRecord, person: &Person) -> bool {
     if person.is(&task.agent.issuer, &task.agent.subject) {
         return true;
     }
     let local_issuer = crate::attest::local_issuer(st);
-    let same_local_user = |issuer: &str, subject: &str, uid: Option<&String>| {
-        if person.uids.is_empty() || issuer != local_issuer {
+    let same_local_user = |issuer: Option<&str>, subject: &str, uid: Option<&String>| {
+        if person.uids.is_empty() {
             return false;
+        }
+        if issuer != Some(local_issuer.as_str()) {
+            return true;
         }
         uid.cloned()
             .or_else(|| local_uid(st, subject))
             .is_none_or(|theirs| person.uids.contains(&theirs))
     };
     if same_local_user(
-        &task.agent.issuer,
+        Some(&task.agent.issuer),
         &task.agent.subject,
         task.agent.claims.get(LOCAL_UID),
     ) {
@@ -752,10 +758,7 @@ fn started_by(st: &Inner, task: &TaskRecord, person: &Person) -> bool {
         if by_id {
             return true;
         }
-        if a.iss
-            .as_deref()
-            .is_some_and(|i| same_local_user(i, &a.sub, None))
-        {
+        if same_local_user(a.iss.as_deref(), &a.sub, None) {
             return true;
         }
         actor = a.act.as_deref();
