@@ -62,7 +62,8 @@ impl Polls {
     }
 }
 
-/// Opens an approval for `actions` at `tool` in `task`: commits it with its
+/// Opens an approval for `actions` at `tool` in `task`, of which policy
+/// allows `approvable` only with a person's approval: commits it with its
 /// audit records, calls the webhook, and answers `authorization_pending`.
 ///
 /// Asking again for a step that already waits answers that approval's
@@ -73,7 +74,7 @@ pub(crate) async fn request(
     st: &Inner,
     task: &TaskRecord,
     tool: &str,
-    actions: &ActionSet,
+    (actions, approvable): (&ActionSet, &ActionSet),
     writes: Vec<Write>,
     base: &AuditEvent,
 ) -> Result<Response, OAuthError> {
@@ -99,15 +100,17 @@ pub(crate) async fn request(
                 )));
             }
             // A step a person denied is not put to the approvers again for
-            // `approval_ttl`, nor any step holding every action it asked
-            // (asking again and again until someone gives in is a known
-            // way to get a yes).
+            // `approval_ttl`, nor any step at that tool with an action that
+            // needs approval and was in it: not a larger step, and not a
+            // smaller one (asking again and again, a piece at a time, until
+            // someone gives in is a known way to get a yes). Actions that
+            // policy allows outright were in it only as company.
             let since = now.saturating_sub(st.config.approval_ttl);
             let denied = st.store.task_denials(&task.id, since).await?;
             if let Some(d) = denied.iter().find(|d| {
                 d.tool == tool
                     && ActionSet::parse(&d.actions)
-                        .is_ok_and(|denied| denied.iter().all(|a| actions.contains(a)))
+                        .is_ok_and(|denied| denied.iter().any(|a| approvable.contains(a)))
             }) {
                 let at = d.decided_at.unwrap_or(now);
                 break 'asked Err(OAuthError::access_denied(format!(

@@ -767,7 +767,7 @@ async fn access_token(
     let all_allowed = decisions.iter().all(|(_, d, _)| d.allowed);
     let mut writes = Vec::new();
     let mut allowed = Vec::new();
-    let mut needs_approval = false;
+    let mut needs_approval = Vec::new();
     for (action, d, approvable) in &decisions {
         if !all_allowed {
             let mut a = base.clone();
@@ -785,13 +785,24 @@ async fn access_token(
         if d.allowed || *approvable {
             allowed.push((*action).clone());
         }
-        needs_approval |= *approvable;
+        if *approvable {
+            needs_approval.push((*action).clone());
+        }
     }
-    if needs_approval {
+    if !needs_approval.is_empty() {
         // The whole step waits for a person; what policy refuses outright
         // is left out of it.
         let step: ActionSet = allowed.into_iter().collect();
-        return crate::approval::request(st, &task, tool.name.as_str(), &step, writes, &base).await;
+        let approvable: ActionSet = needs_approval.into_iter().collect();
+        return crate::approval::request(
+            st,
+            &task,
+            tool.name.as_str(),
+            (&step, &approvable),
+            writes,
+            &base,
+        )
+        .await;
     }
     if allowed.is_empty() {
         st.store.commit(writes).await?;

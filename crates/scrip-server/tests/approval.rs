@@ -423,6 +423,43 @@ async fn a_denial_answers_access_denied_with_the_reason() {
     s.stop().await;
 }
 
+/// A denied step is not asked again a piece at a time: a step with any
+/// action that needed approval in it is refused, while what policy allows
+/// outright is still issued.
+#[tokio::test]
+async fn a_denied_step_is_not_asked_again_in_pieces() {
+    let s = server().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s
+        .start_task(&identity, "github:read github:delete", "prod", PURPOSE)
+        .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.access_token(&task, "github", Some("read delete")).await;
+    r.assert_error(400, "authorization_pending");
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        deny(&s, &id, Some(&alice_id(&s)), "no deletes")
+            .await
+            .status,
+        200
+    );
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    r.assert_error(400, "access_denied");
+    assert!(r.text.contains("no deletes"), "{}", r.text);
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let asked = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "approval.requested")
+        .count();
+    assert_eq!(asked, 1, "the denied step was asked again");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;
