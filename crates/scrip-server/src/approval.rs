@@ -279,10 +279,16 @@ pub(crate) async fn poll(
         // CIBA Core §11: past `expires_in` an undecided or approved
         // request is gone: an approval is redeemed within it or not at all.
         // A denial keeps answering `access_denied`, with its reason.
-        ApprovalState::Pending | ApprovalState::Approved if now >= approval.expires_at => {
-            Err(OAuthError::expired_token())
+        ApprovalState::Approved if now >= approval.expires_at => {
+            Err(OAuthError::expired_token(UNCOLLECTED))
         }
-        ApprovalState::Expired => Err(OAuthError::expired_token()),
+        ApprovalState::Pending if now >= approval.expires_at => {
+            Err(OAuthError::expired_token(UNDECIDED))
+        }
+        ApprovalState::Expired if approval.decided_by.is_some() => {
+            Err(OAuthError::expired_token(UNCOLLECTED))
+        }
+        ApprovalState::Expired => Err(OAuthError::expired_token(UNDECIDED)),
         // Nobody can approve a step of an ended task: say so, rather than
         // have the agent wait out the approval.
         ApprovalState::Pending
@@ -787,7 +793,14 @@ fn local_uid(st: &Inner, subject: &str) -> Option<String> {
         .map(|u| u.to_string())
 }
 
-/// Marks expired pending approvals and audits them (run by the sweeper).
+/// What an agent polling an approval that expired undecided is told.
+const UNDECIDED: &str = "the approval request expired before anyone decided; ask again";
+/// What an agent polling an approved step it did not collect in time is
+/// told.
+const UNCOLLECTED: &str = "the step was approved, but its token was not collected before the approval request expired; ask again";
+
+/// Marks expired approvals, pending or approved and never collected, and
+/// audits them (run by the sweeper).
 pub(crate) async fn expire(st: &Inner, now: u64) {
     let Ok(due) = st.store.expired_approvals(now, 500).await else {
         return;
@@ -800,7 +813,7 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
         let mut writes = Vec::with_capacity(2);
         writes.push(Write::UpdateApproval {
             id: ap.id.clone(),
-            from: ApprovalState::Pending,
+            from: ap.state,
             to: ApprovalState::Expired,
             by: None,
             at: now,
@@ -811,7 +824,14 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
         a.task_id = Some(ap.task_id.clone());
         a.tool = Some(ap.tool.clone());
         a.actions = Some(ap.actions.clone());
-        a.reason = Some(format!("auth_req_id {} was not decided in time", ap.id));
+        a.reason = Some(if ap.state == ApprovalState::Approved {
+            format!(
+                "auth_req_id {} was approved, but its token was not collected in time",
+                ap.id
+            )
+        } else {
+            format!("auth_req_id {} was not decided in time", ap.id)
+        });
         writes.push(Write::Audit(Box::new(a)));
         pairs.push(writes);
     }

@@ -133,13 +133,9 @@ impl OAuthError {
         )
     }
 
-    /// `expired_token` (400): the approval request expired undecided.
-    pub fn expired_token() -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "expired_token",
-            "the approval request expired before anyone decided; ask again",
-        )
+    /// `expired_token` (400): the approval request expired, saying how.
+    pub fn expired_token(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "expired_token", d)
     }
 
     /// `access_denied` (403) for an authenticated caller without the right.

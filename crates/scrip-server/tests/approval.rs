@@ -1118,9 +1118,33 @@ async fn an_approved_step_not_collected_in_time_expires() {
     let id = pending(&s, &task).await;
     assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    poll(&s, &task, &id)
-        .await
-        .assert_error(400, "expired_token");
+    let r = poll(&s, &task, &id).await;
+    r.assert_error(400, "expired_token");
+    assert!(
+        r.text
+            .contains("was approved, but its token was not collected"),
+        "{}",
+        r.text
+    );
+    // The sweeper ends it, on the record.
+    let expired = eventually(5, || async {
+        s.audit().await.iter().any(|e| {
+            e.event == "approval.expired"
+                && e.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains(&id) && r.contains("not collected"))
+        })
+    })
+    .await;
+    assert!(expired, "no approval.expired audit record");
+    let r = poll(&s, &task, &id).await;
+    r.assert_error(400, "expired_token");
+    assert!(
+        r.text
+            .contains("was approved, but its token was not collected"),
+        "{}",
+        r.text
+    );
     assert!(
         !s.audit().await.iter().any(|e| e.event == "approval.used"),
         "an expired approval issued a token"

@@ -158,7 +158,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// decision first.
     async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError>;
 
-    /// Pending approvals that expired at or before `now`.
+    /// Approvals that expired at or before `now` still pending, or approved
+    /// and never collected.
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
 
     /// Revocations after `after` that have not expired at `now`, in order.

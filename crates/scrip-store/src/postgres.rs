@@ -1142,7 +1142,7 @@ impl Store for PgStore {
             sqlx::query(concat!(
                 "SELECT ",
                 approval_columns!(),
-                " FROM approvals WHERE state = 'pending' AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2",
+                " FROM approvals WHERE state IN ('pending', 'approved') AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2",
             ))
             .bind(to_i64(now))
             .bind(i64::from(limit))

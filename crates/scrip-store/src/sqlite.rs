@@ -333,7 +333,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(concat!(
             "SELECT ",
             approval_columns!(),
-            " FROM approvals WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+            " FROM approvals WHERE state IN ('pending', 'approved') AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
         ))
         .bind(to_i64(now))
         .bind(i64::from(limit))

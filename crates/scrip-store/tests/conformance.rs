@@ -960,6 +960,27 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
     assert_eq!(denied[0].reason.as_deref(), Some("not now"));
     assert!(s.task_denials("t1", 1_101).await.unwrap().is_empty());
     assert!(s.task_denials("t2", 0).await.unwrap().is_empty());
+    // An approved step whose token was never collected expires too; a
+    // denied or used one does not.
+    s.commit(vec![Write::UpdateApproval {
+        id: "b1".into(),
+        from: ApprovalState::Pending,
+        to: ApprovalState::Approved,
+        by: Some("bob".into()),
+        at: 1_100,
+        reason: None,
+        token_jti: None,
+    }])
+    .await
+    .unwrap();
+    let expired: Vec<String> = s
+        .expired_approvals(5_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(expired, ["old", "b1"]);
 }
 
 fn pending(id: &str, task_id: &str, actions: &str, created_at: u64) -> Approval {
