@@ -275,9 +275,13 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         let r = error(StatusCode::FORBIDDEN, "access_denied", why.clone());
         return proxy.deny(&draft, name, r, why).await;
     }
-    let secret = match proxy.0.secrets.current(name, action.as_str()).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
+    let at = crate::now();
+    let (secret, retiring) = match proxy.0.secrets.accepted(name, action.as_str(), at).await {
+        Ok(crate::secrets::Accepted {
+            current: Some(s),
+            retiring,
+        }) => (s, retiring),
+        Ok(_) => {
             tracing::error!(upstream = %name, %action, "proxy: no secret is set; set one with `scrip secret set`");
             let why = format!("no secret is set for `{name}` `{action}`");
             let r = error(
@@ -294,13 +298,16 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     };
     // The upstream's keys for its other actions are redacted too: a read
     // answer that shows the write key (a settings page) would undo the
-    // split of power between the actions. A key that cannot be read cannot
-    // be looked for, so the request is not forwarded.
-    let mut others = Vec::new();
+    // split of power between the actions. So are versions replaced less
+    // than their grace ago, which the upstream still accepts. A key that
+    // cannot be read cannot be looked for, so the request is not forwarded.
+    let mut others = retiring;
     for other in upstream.secret_actions.iter().filter(|a| **a != action) {
-        match proxy.0.secrets.current(name, other.as_str()).await {
-            Ok(Some(s)) => others.push(s),
-            Ok(None) => {}
+        match proxy.0.secrets.accepted(name, other.as_str(), at).await {
+            Ok(accepted) => {
+                others.extend(accepted.current);
+                others.extend(accepted.retiring);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "proxy: cannot read the secret");
                 return unavailable(&proxy, name);

@@ -351,7 +351,14 @@ impl Proxy {
         }
         Ok(Self(Arc::new(Inner {
             upstreams,
-            secrets: SecretCache::new(parts.store.clone(), parts.kek),
+            secrets: SecretCache::new(
+                parts.store.clone(),
+                parts.kek,
+                limits
+                    .iter()
+                    .map(|(key, (_, grace))| (key.clone(), *grace))
+                    .collect(),
+            ),
             store: parts.store,
             policy: parts.policy,
             replica: parts.replica,

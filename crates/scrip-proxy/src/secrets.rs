@@ -218,13 +218,27 @@ pub fn statuses(
 #[derive(Debug)]
 struct Cached {
     value: Option<Arc<SecretValue>>,
+    /// Versions replaced less than their grace ago, with when that ends.
+    retiring: Vec<(u64, Arc<SecretValue>)>,
     fetched: Instant,
 }
 
-/// Opened current secrets, reread from the store every [`CACHE_TTL`].
+/// The versions of one secret the upstream may accept.
+#[derive(Debug, Default)]
+pub struct Accepted {
+    /// The newest: the one injected.
+    pub current: Option<Arc<SecretValue>>,
+    /// Those replaced less than `grace` ago, which the upstream still
+    /// accepts by convention: never injected, but redacted like the current.
+    pub retiring: Vec<Arc<SecretValue>>,
+}
+
+/// Opened secrets, reread from the store every [`CACHE_TTL`].
 pub struct SecretCache {
     store: Arc<dyn Store>,
     kek: Kek,
+    /// The grace of each `(name, action)` (none: 0).
+    grace: HashMap<(String, String), u64>,
     entries: RwLock<HashMap<(String, String), Cached>>,
 }
 
@@ -235,12 +249,14 @@ impl std::fmt::Debug for SecretCache {
 }
 
 impl SecretCache {
-    /// A cache over `store`, opening with `kek`.
+    /// A cache over `store`, opening with `kek`; `grace` is each `(name,
+    /// action)`'s (`[upstreams.secrets.<action>] grace`).
     #[must_use]
-    pub fn new(store: Arc<dyn Store>, kek: Kek) -> Self {
+    pub fn new(store: Arc<dyn Store>, kek: Kek, grace: HashMap<(String, String), u64>) -> Self {
         Self {
             store,
             kek,
+            grace,
             entries: RwLock::new(HashMap::new()),
         }
     }
@@ -255,29 +271,61 @@ impl SecretCache {
         name: &str,
         action: &str,
     ) -> Result<Option<Arc<SecretValue>>, SecretError> {
+        Ok(self.accepted(name, action, crate::now()).await?.current)
+    }
+
+    /// The versions of `name`/`action` the upstream may accept at `now`
+    /// (Unix seconds).
+    ///
+    /// # Errors
+    /// [`SecretError`] when the store fails or a value does not open.
+    pub async fn accepted(
+        &self,
+        name: &str,
+        action: &str,
+        now: u64,
+    ) -> Result<Accepted, SecretError> {
+        let key = (name.to_owned(), action.to_owned());
+        let accepted = |c: &Cached| Accepted {
+            current: c.value.clone(),
+            retiring: c
+                .retiring
+                .iter()
+                .filter(|(until, _)| now < *until)
+                .map(|(_, v)| v.clone())
+                .collect(),
+        };
         if let Ok(entries) = self.entries.read()
-            && let Some(c) = entries.get(&(name.to_owned(), action.to_owned()))
+            && let Some(c) = entries.get(&key)
             && c.fetched.elapsed() < CACHE_TTL
         {
-            return Ok(c.value.clone());
+            return Ok(accepted(c));
         }
+        let grace = self.grace.get(&key).copied().unwrap_or(0);
         let versions = self.store.secret_versions(name, action).await?;
-        let value = versions
-            .iter()
-            .find(|r| r.retired_at.is_none())
-            .map(|r| self.kek.open(r))
-            .transpose()?
-            .map(Arc::new);
-        if let Ok(mut entries) = self.entries.write() {
-            entries.insert(
-                (name.to_owned(), action.to_owned()),
-                Cached {
-                    value: value.clone(),
-                    fetched: Instant::now(),
-                },
-            );
+        let mut cached = Cached {
+            value: None,
+            retiring: Vec::new(),
+            fetched: Instant::now(),
+        };
+        for r in &versions {
+            match r.retired_at {
+                None if cached.value.is_none() => {
+                    cached.value = Some(Arc::new(self.kek.open(r)?));
+                }
+                None => {}
+                Some(at) if now < at.saturating_add(grace) => {
+                    let value = Arc::new(self.kek.open(r)?);
+                    cached.retiring.push((at.saturating_add(grace), value));
+                }
+                Some(_) => {}
+            }
         }
-        Ok(value)
+        let answer = accepted(&cached);
+        if let Ok(mut entries) = self.entries.write() {
+            entries.insert(key, cached);
+        }
+        Ok(answer)
     }
 }
 

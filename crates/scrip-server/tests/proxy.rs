@@ -687,6 +687,44 @@ async fn a_read_answer_never_shows_the_write_key() {
     env.server.stop().await;
 }
 
+/// A rotation keeps the replaced key accepted by the upstream for its
+/// grace (an hour here): an answer that shows it must not hand it to the
+/// agent, which could use it directly until then.
+#[tokio::test]
+async fn keys_in_their_grace_period_are_redacted_too() {
+    const WRITE_KEY_2: &str = "wk-Zq3Lm9Tp5Vx2Bc8";
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    set_secret(&env.server, "legacy", "read", READ_KEY_2).await;
+    set_secret(&env.server, "legacy", "write", WRITE_KEY_2).await;
+    tokio::time::sleep(scrip_proxy::secrets::CACHE_TTL + Duration::from_millis(200)).await;
+    let page = format!(
+        "old_read={READ_KEY}\nold_write={WRITE_KEY}\nread={READ_KEY_2}\nwrite={WRITE_KEY_2}\n"
+    );
+    env.nginx.put_file("settings.txt", page.as_bytes());
+    let (status, _, body) = env
+        .send(
+            reqwest::Method::GET,
+            "legacy/files/settings.txt",
+            Some(&read),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let stars = |k: &str| "*".repeat(k.len());
+    assert_eq!(
+        body,
+        format!(
+            "old_read={}\nold_write={}\nread={}\nwrite={}\n",
+            stars(READ_KEY),
+            stars(WRITE_KEY),
+            stars(READ_KEY_2),
+            stars(WRITE_KEY_2)
+        )
+    );
+    env.server.stop().await;
+}
+
 /// A range of a file could cut the key into pieces that redaction, which
 /// looks for whole forms, does not know: `Range` never reaches the
 /// upstream, the whole body comes back redacted, and a part the upstream
