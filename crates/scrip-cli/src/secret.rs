@@ -46,7 +46,8 @@ fn spec<'a>(
 }
 
 /// The store and the key-encryption key; `create_key` allows creating the
-/// key, and then only while the store holds nothing sealed under one.
+/// key, and then only while the store holds nothing sealed under one. A
+/// key that opens nothing the store holds is refused either way.
 async fn open(config: &Config, create_key: bool) -> Result<(Arc<dyn Store>, Kek), String> {
     scrip_server::keys::ensure_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
     let store = scrip_store::open(
@@ -58,7 +59,12 @@ async fn open(config: &Config, create_key: bool) -> Result<(Arc<dyn Store>, Kek)
     let kek = if create_key {
         scrip_server::keys::store_kek(config, store.as_ref()).await
     } else {
-        scrip_server::keys::load_kek(config, false)
+        match scrip_server::keys::load_kek(config, false) {
+            Ok(kek) => scrip_server::keys::verify_kek(config, &kek, store.as_ref())
+                .await
+                .map(|()| kek),
+            Err(e) => Err(e),
+        }
     };
     Ok((store, Kek::new(kek.map_err(|e| e.to_string())?)))
 }
@@ -199,7 +205,11 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
     let limit = u64::try_from(scrip_proxy::secrets::MAX_SECRET_BYTES + 2).unwrap_or(u64::MAX);
     let mut reader = stdout.take(limit + 1);
     let run = async {
-        let mut out = Zeroizing::new(Vec::new());
+        // All it may read, at once: a buffer that grew would leave copies
+        // of the value behind.
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            usize::try_from(limit + 1).unwrap_or(usize::MAX),
+        ));
         let exited = {
             let read = reader.read_to_end(&mut out);
             tokio::select! {
@@ -260,16 +270,22 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
             Err(_) => Err(format!("mint command `{program}` did not finish within 60 s")),
         },
         () = interrupted => Err(format!(
-            "interrupted: mint command `{program}` was stopped; a key it may have minted at the provider was not stored"
+            "interrupted: mint command `{program}` was stopped"
         )),
     };
     // Whatever it left running goes (the command itself has exited, or is
     // killed on drop).
     kill_group();
-    let out = result?;
+    // Once it ran, it may have minted a key at the provider, whatever went
+    // wrong after.
+    let out = result.map_err(|e| format!("{e}; {NOT_STORED}"))?;
     SecretValue::from_input(out.to_vec())
-        .map_err(|e| format!("mint command `{program}`'s output: {e}"))
+        .map_err(|e| format!("mint command `{program}`'s output: {e}; {NOT_STORED}"))
 }
+
+/// Said of every failure once a mint command ran.
+const NOT_STORED: &str =
+    "a key it may have minted at the provider was not stored: revoke it there if it was";
 
 /// Seals and stores a new version, with its audit record, in one commit.
 /// Rotates each planned secret in turn, pushing what was rotated to `done`;
@@ -297,7 +313,14 @@ async fn rotate_each(
             (None, Source::Mint(argv)) => mint(argv, name, &a).await?,
             (None, Source::Stdin) => return Err("no value".into()),
         };
-        let version = put(store, kek, name, &a, grace, &value, "secret.rotated").await?;
+        let version = put(store, kek, name, &a, grace, &value, "secret.rotated")
+            .await
+            .map_err(|e| match source {
+                Source::Mint(_) => format!(
+                    "{e}; the key the mint command made at the provider was not stored: revoke it there"
+                ),
+                Source::Stdin => e,
+            })?;
         done.push((a, version, grace));
     }
     Ok(())
@@ -449,21 +472,23 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
             let (store, kek) = open(&config, false).await?;
             sign_heads(&config, store.as_ref()).await;
             let mut done = Vec::new();
-            rotate_each(store.as_ref(), &kek, name, values, &mut done)
-                .await
-                .map(|()| done)
+            let rotated = rotate_each(store.as_ref(), &kek, name, values, &mut done).await;
+            Ok((done, rotated))
         })
     })();
-    match result {
-        Ok(done) => {
-            for (a, version, grace) in done {
-                out!(
-                    "rotated `{name}` `{a}` to version {version}; the previous version stays for {}",
-                    humantime::format_duration(Duration::from_secs(grace))
-                );
-            }
-            ExitCode::SUCCESS
-        }
+    // What was rotated is said, even when a later action failed.
+    let (done, rotated) = match result {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    for (a, version, grace) in done {
+        out!(
+            "rotated `{name}` `{a}` to version {version}; the previous version stays for {}",
+            humantime::format_duration(Duration::from_secs(grace))
+        );
+    }
+    match rotated {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }

@@ -380,6 +380,33 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         0o600
     );
 
+    // Another installation's key-encryption key, left in the environment,
+    // opens nothing this store holds: refused, and nothing is sealed under
+    // it (the rotation below makes version 2, not 3).
+    let other_kek = "A".repeat(43);
+    let out = s.scrip_with(
+        &["secret", "set", "legacy", "--action", "write"],
+        Some(WRITE_KEY.as_bytes()),
+        &[("SCRIP_KEY_ENCRYPTION_KEY", &other_kek)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("opens nothing this store holds sealed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s.scrip_with(
+        &["secret", "rotate", "legacy", "--action", "write"],
+        None,
+        &[("SCRIP_KEY_ENCRYPTION_KEY", &other_kek)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("opens nothing this store holds sealed"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Rotation with the mint command; the old version stays, retiring. The
     // command inherits none of scrip's credentials (it refuses to mint if
     // it does).
@@ -405,7 +432,8 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     let out = s.scrip(&["secret", "rotate", "mintly", "--action", "read"], None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("printed more than a secret"),
+        text(&out.stderr).contains("printed more than a secret")
+            && text(&out.stderr).contains("was not stored: revoke it there"),
         "{}",
         text(&out.stderr)
     );

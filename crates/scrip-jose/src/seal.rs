@@ -12,6 +12,8 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKe
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use zeroize::Zeroizing;
+
 use crate::JoseError;
 
 /// The length of a key-encryption key, bytes.
@@ -50,12 +52,14 @@ impl Kek {
     /// [`JoseError::Key`] when the text is not such a key.
     pub fn from_text(text: &str) -> Result<Self, JoseError> {
         let text = text.trim();
-        let bytes = URL_SAFE_NO_PAD
-            .decode(text.trim_end_matches('='))
-            .or_else(|_| base64::engine::general_purpose::STANDARD.decode(text))
-            .map_err(|_| {
-                JoseError::Key("a key-encryption key is the base64 of 32 random bytes".into())
-            })?;
+        let bytes = Zeroizing::new(
+            URL_SAFE_NO_PAD
+                .decode(text.trim_end_matches('='))
+                .or_else(|_| base64::engine::general_purpose::STANDARD.decode(text))
+                .map_err(|_| {
+                    JoseError::Key("a key-encryption key is the base64 of 32 random bytes".into())
+                })?,
+        );
         Self::from_bytes(&bytes)
     }
 
@@ -64,11 +68,11 @@ impl Kek {
     /// # Errors
     /// [`JoseError::Crypto`] when the system random generator fails.
     pub fn generate() -> Result<(Self, String), JoseError> {
-        let mut bytes = [0u8; KEK_LEN];
-        aws_lc_rs::rand::fill(&mut bytes)
+        let mut bytes = Zeroizing::new([0u8; KEK_LEN]);
+        aws_lc_rs::rand::fill(bytes.as_mut())
             .map_err(|_| JoseError::Crypto("random generator failed"))?;
-        let text = URL_SAFE_NO_PAD.encode(bytes);
-        Ok((Self::from_bytes(&bytes)?, text))
+        let text = URL_SAFE_NO_PAD.encode(bytes.as_ref());
+        Ok((Self::from_bytes(bytes.as_ref())?, text))
     }
 
     /// Seals `plaintext`, bound to `context`: nonce, ciphertext and tag.
@@ -79,7 +83,10 @@ impl Kek {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
             .map_err(|_| JoseError::Crypto("random generator failed"))?;
-        let mut data = plaintext.to_vec();
+        // Room for the tag, so that no copy of the plaintext is left behind
+        // by a reallocation.
+        let mut data = Vec::with_capacity(plaintext.len() + self.0.algorithm().tag_len());
+        data.extend_from_slice(plaintext);
         self.0
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
@@ -92,12 +99,13 @@ impl Kek {
         Ok(out)
     }
 
-    /// Opens what [`Kek::seal`] sealed with the same `context`.
+    /// Opens what [`Kek::seal`] sealed with the same `context`; the
+    /// plaintext is zeroed when dropped.
     ///
     /// # Errors
     /// [`JoseError::Key`] when the value was not sealed under this
     /// key for this context, or was altered.
-    pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, JoseError> {
+    pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, JoseError> {
         let refused = || {
             JoseError::Key(
                 "sealed value does not open with this key-encryption key (wrong key, or altered)"
@@ -106,12 +114,14 @@ impl Kek {
         };
         let (nonce, data) = sealed.split_at_checked(NONCE_LEN).ok_or_else(refused)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
-        let mut data = data.to_vec();
-        let plain = self
+        let mut data = Zeroizing::new(data.to_vec());
+        let len = self
             .0
             .open_in_place(nonce, Aad::from(context), &mut data)
-            .map_err(|_| refused())?;
-        Ok(plain.to_vec())
+            .map_err(|_| refused())?
+            .len();
+        data.truncate(len);
+        Ok(data)
     }
 }
 
@@ -124,12 +134,12 @@ mod tests {
     fn seals_and_opens_only_in_its_context_and_key() {
         let (kek, text) = Kek::generate().unwrap();
         let sealed = kek.seal(b"kid-1", b"secret").unwrap();
-        assert_eq!(kek.open(b"kid-1", &sealed).unwrap(), b"secret");
+        assert_eq!(kek.open(b"kid-1", &sealed).unwrap().as_slice(), b"secret");
         assert!(kek.open(b"kid-2", &sealed).is_err(), "moved to another row");
         let (other, _) = Kek::generate().unwrap();
         assert!(other.open(b"kid-1", &sealed).is_err(), "another key");
         let same = Kek::from_text(&format!(" {text}\n")).unwrap();
-        assert_eq!(same.open(b"kid-1", &sealed).unwrap(), b"secret");
+        assert_eq!(same.open(b"kid-1", &sealed).unwrap().as_slice(), b"secret");
         let mut bytes = sealed.clone();
         if let Some(b) = bytes.last_mut() {
             *b ^= 1;

@@ -105,13 +105,23 @@ impl Kek {
                 &aad(&record.name, &record.action, record.version),
                 &record.sealed,
             )
-            .map(|plain| SecretValue(Zeroizing::new(plain)))
+            .map(SecretValue)
             .map_err(|_| SecretError::Open {
                 name: record.name.clone(),
                 action: record.action.clone(),
                 version: record.version,
             })
     }
+}
+
+/// Whether `record` was sealed under `kek`.
+#[must_use]
+pub fn sealed_under(kek: &scrip_jose::Kek, record: &SecretRecord) -> bool {
+    kek.open(
+        &aad(&record.name, &record.action, record.version),
+        &record.sealed,
+    )
+    .is_ok()
 }
 
 fn aad(name: &str, action: &str, version: u32) -> Vec<u8> {

@@ -71,7 +71,7 @@ fn jwks(keys: &[serde_json::Value]) -> Arc<str> {
     serde_json::json!({ "keys": keys }).to_string().into()
 }
 
-fn key_context(k: &StoredKey) -> String {
+pub(crate) fn key_context(k: &StoredKey) -> String {
     format!("scrip-key/v1\n{}\n{}\n{}", k.kid, k.purpose.as_str(), k.alg)
 }
 

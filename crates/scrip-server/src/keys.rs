@@ -320,7 +320,12 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
         }
         Err(std::env::VarError::NotPresent) => {}
     }
-    if path.exists() {
+    // A file that cannot be looked at (a directory this user may not
+    // search) is not a missing one.
+    let exists = path
+        .try_exists()
+        .map_err(|e| invalid(path.clone(), format!("cannot be looked at: {e}")))?;
+    if exists {
         let bytes = zeroize::Zeroizing::new(read_private(&path)?);
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| invalid(path.clone(), "not base64 text".into()))?;
@@ -350,22 +355,90 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
 /// [`load_kek`] for a store: the key is created only while `store` holds
 /// nothing sealed (no shared signing key, no proxy secret), so a missing key
 /// file never has scrip seal new secrets under a key that opens none of the
-/// old ones (and that no other replica has).
+/// old ones (and that no other replica has); and a key that opens nothing
+/// the store holds is refused ([`verify_kek`]).
 ///
 /// # Errors
-/// As [`load_kek`], and [`KeyError::Invalid`] when the store cannot be read.
+/// As [`load_kek`] and [`verify_kek`].
 pub async fn store_kek(
     config: &scrip_config::Config,
     store: &dyn scrip_store::Store,
 ) -> Result<scrip_jose::Kek, KeyError> {
+    let sealed = sealed_rows(config, store).await?;
+    if sealed.0.is_empty() && sealed.1.is_empty() {
+        return load_kek(config, true);
+    }
+    let kek = load_kek(config, false)?;
+    opens_any(config, &kek, &sealed)?;
+    Ok(kek)
+}
+
+/// Refuses `kek` when the store holds something sealed and it opens none of
+/// it: it is another key (a variable left from another installation), what
+/// it sealed no one else could open, and a proxy secret sealed under it
+/// would fail every request of its upstream. One row that opens is enough:
+/// a row a mistake sealed under another key must not stop the right key
+/// from sealing its successor.
+///
+/// # Errors
+/// [`KeyError::Invalid`] when `kek` opens nothing stored, or the store
+/// cannot be read.
+pub async fn verify_kek(
+    config: &scrip_config::Config,
+    kek: &scrip_jose::Kek,
+    store: &dyn scrip_store::Store,
+) -> Result<(), KeyError> {
+    opens_any(config, kek, &sealed_rows(config, store).await?)
+}
+
+/// Every sealed row the store keeps: keys (retired ones included) and
+/// secret versions.
+async fn sealed_rows(
+    config: &scrip_config::Config,
+    store: &dyn scrip_store::Store,
+) -> Result<(Vec<scrip_store::StoredKey>, Vec<scrip_store::SecretRecord>), KeyError> {
     let unreadable = |e: scrip_store::StoreError| KeyError::Invalid {
         path: config.key_encryption_key_path(),
         message: format!("cannot tell whether the store holds secrets sealed under it: {e}"),
     };
-    // Every key row still kept, retired ones included.
-    let sealed = !store.keys(0).await.map_err(unreadable)?.is_empty()
-        || !store.secrets().await.map_err(unreadable)?.is_empty();
-    load_kek(config, !sealed)
+    Ok((
+        store.keys(0).await.map_err(unreadable)?,
+        store.secrets().await.map_err(unreadable)?,
+    ))
+}
+
+fn opens_any(
+    config: &scrip_config::Config,
+    kek: &scrip_jose::Kek,
+    (keys, secrets): &(Vec<scrip_store::StoredKey>, Vec<scrip_store::SecretRecord>),
+) -> Result<(), KeyError> {
+    if keys.is_empty() && secrets.is_empty() {
+        return Ok(());
+    }
+    let opens_a_key = keys.iter().any(|k| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&k.sealed)
+            .is_ok_and(|sealed| {
+                kek.open(crate::keyring::key_context(k).as_bytes(), &sealed)
+                    .is_ok()
+            })
+    });
+    if opens_a_key
+        || secrets
+            .iter()
+            .any(|r| scrip_proxy::secrets::sealed_under(kek, r))
+    {
+        return Ok(());
+    }
+    Err(KeyError::Invalid {
+        path: config.key_encryption_key_path(),
+        message: format!(
+            "opens nothing this store holds sealed ({} keys, {} secret versions): it is not the key-encryption key they were sealed under; give scrip that key (this file, or {KEK_ENV})",
+            keys.len(),
+            secrets.len()
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -456,7 +529,7 @@ mod tests {
             let on_disk = load_kek(&config, false).unwrap();
             let sealed = on_disk.seal(b"ctx", b"secret").unwrap();
             for kek in &keks {
-                assert_eq!(kek.open(b"ctx", &sealed).unwrap(), b"secret");
+                assert_eq!(kek.open(b"ctx", &sealed).unwrap().as_slice(), b"secret");
             }
         }
         // No temporary file is left behind.
