@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use scrip_config::{Config, SecretSpec, Upstream};
 use scrip_proxy::{Kek, SecretValue};
-use scrip_store::{AuditEvent, SecretRecord, Store, Write};
+use scrip_store::{AuditEvent, SecretRecord, Store, StoreError, Write};
 use zeroize::Zeroizing;
 
 use crate::fail;
@@ -389,7 +389,12 @@ async fn put(
             Write::Audit(Box::new(audit)),
         ])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            StoreError::Conflict(why) => {
+                format!("{why}; nothing was stored: run the command again")
+            }
+            e => e.to_string(),
+        })?;
     Ok(version)
 }
 

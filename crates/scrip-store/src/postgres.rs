@@ -785,6 +785,20 @@ async fn apply_in(
                 secret,
                 purge_retired_before,
             } => {
+                // As in SQLite; a version stored by a transaction still
+                // running makes the insert below conflict instead.
+                let taken: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM secrets WHERE name = $1 AND action = $2 AND version >= $3)",
+                )
+                .bind(&secret.name)
+                .bind(&secret.action)
+                .bind(i64::from(secret.version))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                if taken {
+                    return Err(crate::rows::secret_version_taken(secret));
+                }
                 sqlx::query(
                     "UPDATE secrets SET retired_at = $1 \
                      WHERE name = $2 AND action = $3 AND retired_at IS NULL",

@@ -412,3 +412,12 @@ pub(crate) fn task_json(
         .map_err(unavailable)?;
     Ok((agent, actor, may_act))
 }
+
+/// The conflict of storing `secret` when its version, or a later one, is
+/// already stored: another process stored one since this one read.
+pub(crate) fn secret_version_taken(secret: &crate::SecretRecord) -> StoreError {
+    StoreError::Conflict(format!(
+        "secret `{}` `{}` version {} was stored by another process meanwhile",
+        secret.name, secret.action, secret.version
+    ))
+}

@@ -657,6 +657,19 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             secret,
             purge_retired_before,
         } => {
+            // Two processes that read the same newest version would both
+            // store the next: the second would retire (and, with no grace,
+            // delete) the first's, and say it stored it.
+            let taken: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM secrets WHERE name = ? AND action = ? AND version >= ?)",
+                    params![secret.name, secret.action, i64::from(secret.version)],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            if taken {
+                return Err(crate::rows::secret_version_taken(secret));
+            }
             run(
                 tx,
                 "UPDATE secrets SET retired_at = ? \

@@ -1707,6 +1707,17 @@ async fn secrets_keep_their_versions(f: Fixture) {
     let err = s.commit(vec![put("legacy", 2, 250, 0)]).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(s.secret_versions("legacy", "read").await.unwrap(), v);
+    // Also when its purge would take the version already stored (no
+    // grace), or the version is older than the newest: two processes that
+    // read the same newest version cannot both store the next.
+    for (version, purge) in [(2, 250), (1, 250), (1, 0)] {
+        let err = s
+            .commit(vec![put("legacy", version, 250, purge)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(s.secret_versions("legacy", "read").await.unwrap(), v);
+    }
     // A third version purges versions retired before its purge time.
     s.commit(vec![put("legacy", 3, 300, 250)]).await.unwrap();
     let all: Vec<(String, u32)> = s
