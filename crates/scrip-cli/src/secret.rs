@@ -317,7 +317,7 @@ async fn rotate_each(
             .await
             .map_err(|e| match source {
                 Source::Mint(_) => format!(
-                    "{e}; the key the mint command made at the provider was not stored: revoke it there"
+                    "{e}; the key the mint command made at the provider may not have been stored: if `scrip secret list` does not show a new version of `{name}` `{a}`, revoke it there"
                 ),
                 Source::Stdin => e,
             })?;

@@ -591,7 +591,11 @@ fn a_person_known_by_uid_may_not_approve_an_agent_that_may_run_as_that_uid() {
     let other = server.start_task();
     let id = server.ask_delete(&other);
     let out = server.scrip(&["approve", &id, "--yes"]);
-    assert_fails(&out, 1, &["separation of duties", "trusted issuer"]);
+    assert_fails(
+        &out,
+        1,
+        &["separation of duties", "issuer and subject alone"],
+    );
     let (status, body) = server.poll(&other, &id);
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "authorization_pending", "{body}");

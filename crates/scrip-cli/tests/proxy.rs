@@ -380,9 +380,10 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         0o600
     );
 
-    // Another installation's key-encryption key, left in the environment,
-    // opens nothing this store holds: refused, and nothing is sealed under
-    // it (the rotation below makes version 2, not 3).
+    // Another installation's key-encryption key, left in the environment
+    // beside this one's file: refused, and nothing is sealed under it (the
+    // rotation below makes version 2, not 3). The file's own key in the
+    // variable is taken.
     let other_kek = "A".repeat(43);
     let out = s.scrip_with(
         &["secret", "set", "legacy", "--action", "write"],
@@ -391,7 +392,7 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("opens nothing this store holds sealed"),
+        text(&out.stderr).contains("is not the key in"),
         "{}",
         text(&out.stderr)
     );
@@ -402,10 +403,17 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("opens nothing this store holds sealed"),
+        text(&out.stderr).contains("is not the key in"),
         "{}",
         text(&out.stderr)
     );
+    let own_kek = fs::read_to_string(s.dir.path().join("data/keys/key-encryption.key")).unwrap();
+    let out = s.scrip_with(
+        &["secret", "list"],
+        None,
+        &[("SCRIP_KEY_ENCRYPTION_KEY", own_kek.trim())],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
     // Rotation with the mint command; the old version stays, retiring. The
     // command inherits none of scrip's credentials (it refuses to mint if

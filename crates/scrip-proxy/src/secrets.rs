@@ -324,10 +324,20 @@ impl SecretCache {
                     cached.value = Some(Arc::new(self.kek.open(r)?));
                 }
                 None => {}
-                Some(at) if now < at.saturating_add(grace) => {
-                    let value = Arc::new(self.kek.open(r)?);
-                    cached.retiring.push((at.saturating_add(grace), value));
-                }
+                // One that does not open (sealed under another key, or
+                // altered) cannot be looked for; it was never injected, and
+                // failing every request of the upstream over it would make a
+                // rotation unable to mend a bad version until its grace ran
+                // out.
+                Some(at) if now < at.saturating_add(grace) => match self.kek.open(r) {
+                    Ok(value) => cached
+                        .retiring
+                        .push((at.saturating_add(grace), Arc::new(value))),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "a replaced secret version does not open; answers are not searched for it"
+                    ),
+                },
                 Some(_) => {}
             }
         }
@@ -342,6 +352,53 @@ impl SecretCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The versions the upstream may accept: the current one, and those
+    /// replaced less than their grace ago; one of those that does not open
+    /// is left out rather than failing every request.
+    #[tokio::test]
+    async fn replaced_versions_are_accepted_for_their_grace() {
+        use scrip_store::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(scrip_store::SqliteStore::open_in(dir.path()).await.unwrap());
+        let key = |k: u8| scrip_jose::Kek::from_bytes(&[k; 32]).unwrap();
+        let put = |k: u8, version: u32, at: u64, value: &str| {
+            let value = SecretValue::from_input(value.as_bytes().to_vec()).unwrap();
+            Write::PutSecret {
+                secret: Box::new(SecretRecord {
+                    sealed: Kek::new(key(k))
+                        .seal("legacy", "read", version, &value)
+                        .unwrap(),
+                    created_at: at,
+                    ..record("legacy", "read", version, Vec::new())
+                }),
+                purge_retired_before: 0,
+            }
+        };
+        // Version 2 was sealed under another key by mistake; 3 mends it.
+        store.commit(vec![put(1, 1, 1_000, "v1")]).await.unwrap();
+        store.commit(vec![put(2, 2, 2_000, "v2")]).await.unwrap();
+        store.commit(vec![put(1, 3, 3_000, "v3")]).await.unwrap();
+        let grace = HashMap::from([(("legacy".to_owned(), "read".to_owned()), 1_500)]);
+        let values = |a: &Accepted| {
+            a.retiring
+                .iter()
+                .map(|v| String::from_utf8(v.0.to_vec()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let fresh = || SecretCache::new(store.clone(), Kek::new(key(1)), grace.clone());
+        let a = fresh().accepted("legacy", "read", 3_100).await.unwrap();
+        assert_eq!(
+            a.current.as_ref().map(|v| v.0.to_vec()),
+            Some(b"v3".to_vec())
+        );
+        // v1 was replaced at 2,000, within its 1,500 s; v2 does not open.
+        assert_eq!(values(&a), ["v1"]);
+        // Past v1's grace, nothing but the current (v2, in its grace until
+        // 4,500, still does not open).
+        let a = fresh().accepted("legacy", "read", 3_600).await.unwrap();
+        assert!(values(&a).is_empty());
+    }
 
     fn record(name: &str, action: &str, version: u32, sealed: Vec<u8>) -> SecretRecord {
         SecretRecord {

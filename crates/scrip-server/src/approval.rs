@@ -617,7 +617,7 @@ async fn decide_endpoint(
             .ok_or_else(OAuthError::server_error)?;
         if st.config.separation_of_duties && started_by(st, &task, &Person::of(st, &who, &approver)) {
             return Err(OAuthError::forbidden(
-                "separation of duties: you may not approve a step of a task you started or act in (known by uid, you count as every agent that may run as your uid, as any process of a uid attests as that uid: every agent but a local one of another uid; approve with an identity from a trusted issuer instead)",
+                "separation of duties: you may not approve a step of a task you started or act in (known by uid, you count as every agent that may run as your uid, as any process of a uid attests as that uid: every agent but a local one of another uid; only an approver known by issuer and subject alone, with no uid entry, may approve the others)",
             ));
         }
         if task.state(now) != TaskState::Active {

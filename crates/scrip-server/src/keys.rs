@@ -307,8 +307,23 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     match std::env::var(KEK_ENV) {
         Ok(text) => {
             let text = zeroize::Zeroizing::new(text);
-            return scrip_jose::Kek::from_text(&text)
-                .map_err(|e| invalid(KEK_ENV.into(), e.to_string()));
+            let kek = scrip_jose::Kek::from_text(&text)
+                .map_err(|e| invalid(KEK_ENV.into(), e.to_string()))?;
+            // A variable left from another installation beside this one's
+            // file would seal what the servers reading the file cannot
+            // open. (A file this user cannot read says nothing either way.)
+            if let Ok(Some(file)) = read_kek_file(&path)
+                && !same_key(&kek, &file)
+            {
+                return Err(invalid(
+                    KEK_ENV.into(),
+                    format!(
+                        "is not the key in `{}`: scrip would seal under one what those reading the other cannot open; keep one (unset the variable, or remove the file)",
+                        path.display()
+                    ),
+                ));
+            }
+            return Ok(kek);
         }
         // Set, but not text: never taken for "not set", which would fall
         // back to (or create) the file.
@@ -322,14 +337,8 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     }
     // A file that cannot be looked at (a directory this user may not
     // search) is not a missing one.
-    let exists = path
-        .try_exists()
-        .map_err(|e| invalid(path.clone(), format!("cannot be looked at: {e}")))?;
-    if exists {
-        let bytes = zeroize::Zeroizing::new(read_private(&path)?);
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| invalid(path.clone(), "not base64 text".into()))?;
-        return scrip_jose::Kek::from_text(text).map_err(|e| invalid(path.clone(), e.to_string()));
+    if let Some(kek) = read_kek_file(&path)? {
+        return Ok(kek);
     }
     if !create {
         return Err(invalid(
@@ -350,6 +359,33 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     }
     tracing::warn!(path = %path.display(), "created the key-encryption key; keep it out of the store's backups, and give every replica the same key");
     Ok(kek)
+}
+
+/// The key in the file at `path`, `None` when there is none.
+fn read_kek_file(path: &Path) -> Result<Option<scrip_jose::Kek>, KeyError> {
+    let invalid = |message: String| KeyError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    // A file that cannot be looked at (a directory this user may not
+    // search) is not a missing one.
+    let exists = path
+        .try_exists()
+        .map_err(|e| invalid(format!("cannot be looked at: {e}")))?;
+    if !exists {
+        return Ok(None);
+    }
+    let bytes = zeroize::Zeroizing::new(read_private(path)?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not base64 text".into()))?;
+    scrip_jose::Kek::from_text(text)
+        .map(Some)
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// Whether `a` and `b` are one key: what one seals, the other opens.
+fn same_key(a: &scrip_jose::Kek, b: &scrip_jose::Kek) -> bool {
+    a.seal(b"scrip-kek-compare", b"")
+        .is_ok_and(|sealed| b.open(b"scrip-kek-compare", &sealed).is_ok())
 }
 
 /// [`load_kek`] for a store: the key is created only while `store` holds
@@ -446,6 +482,52 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    /// A key that opens nothing the store holds sealed is refused; one
+    /// that opens one row is taken, though another row does not open.
+    #[tokio::test]
+    async fn a_key_that_opens_nothing_stored_is_refused() {
+        use scrip_store::{SecretRecord, Store as _, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let store = scrip_store::SqliteStore::open_in(dir.path()).await.unwrap();
+        let config = scrip_config::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..scrip_config::Config::default()
+        };
+        let text = |k: u8| b64(&[k; 32]);
+        let key = |k: u8| scrip_jose::Kek::from_text(&text(k)).unwrap();
+        // Nothing sealed yet: any key.
+        verify_kek(&config, &key(1), &store).await.unwrap();
+        let put = |k: u8, version: u32| {
+            let value = scrip_proxy::SecretValue::from_input(b"rk-value".to_vec()).unwrap();
+            let sealed = scrip_proxy::Kek::new(key(k))
+                .seal("legacy", "read", version, &value)
+                .unwrap();
+            Write::PutSecret {
+                secret: Box::new(SecretRecord {
+                    name: "legacy".into(),
+                    action: "read".into(),
+                    version,
+                    sealed,
+                    created_at: 100 + u64::from(version),
+                    retired_at: None,
+                }),
+                purge_retired_before: 0,
+            }
+        };
+        store.commit(vec![put(1, 1)]).await.unwrap();
+        verify_kek(&config, &key(1), &store).await.unwrap();
+        let err = verify_kek(&config, &key(2), &store).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("opens nothing this store holds sealed"),
+            "{err}"
+        );
+        // A version a mistake sealed under another key does not lock out
+        // the right one.
+        store.commit(vec![put(2, 2)]).await.unwrap();
+        verify_kek(&config, &key(1), &store).await.unwrap();
+    }
 
     #[test]
     fn a_directory_others_can_write_is_refused() {

@@ -247,7 +247,8 @@ async fn idle_connections_do_not_hold_up_an_attestation() {
         );
     }
     // Answered while they are all still open: scrip has neither answered
-    // nor closed any of them, so it did not wait for them to time out.
+    // nor closed any of them, so it did not wait for their 5 s timeout
+    // (which is therefore the real bound; the 30 s only ends a hang).
     let answer = tokio::time::timeout(std::time::Duration::from_secs(30), attest(&server))
         .await
         .expect("an attestation waited behind idle connections");

@@ -435,12 +435,25 @@ impl MigrationLock {
         name.push("-lock");
         let path = PathBuf::from(name);
         let failed = |e: std::io::Error| StoreError::Open(format!("`{}`: {e}", path.display()));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(failed)?;
+        // `flock` needs no more than reading, and the file holds nothing:
+        // it is made readable by all, so that one made by root (`sudo scrip
+        // secret ...`) does not lock out the user scrip runs as.
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(failed)?;
+                file.set_permissions(std::fs::Permissions::from_mode(0o644))
+                    .map_err(failed)?;
+                file
+            }
+            Err(e) => return Err(failed(e)),
+        };
         let deadline = tokio::time::Instant::now() + Self::WAIT;
         loop {
             match file.try_lock() {
@@ -492,6 +505,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scrip.db");
         let turn = MigrationLock::take(&path).await.unwrap();
+        // Readable by all, whatever the umask: one root made must not lock
+        // out the user scrip runs as (the lock needs only reading).
+        use std::os::unix::fs::PermissionsExt as _;
+        let lock = dir.path().join("scrip.db-lock");
+        assert_eq!(
+            std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         let open = SqliteStore::open(&path);
         tokio::pin!(open);
         assert!(
