@@ -76,7 +76,11 @@ pub(crate) async fn delegate(
         a.chain = parent.actor.as_ref().map(Actor::chain).unwrap_or_default();
         a.environment = Some(parent.environment.clone());
         a.purpose = Some(parent.purpose.clone());
-        a.actions = form.get("scope").map(short);
+        // Only a scope that parses: text refused as one may be a secret.
+        a.actions = form
+            .get("scope")
+            .filter(|s| GrantSet::parse(s).is_ok())
+            .map(short);
         a.reason = Some(format!(
             "delegation to {} ({}): {}",
             short(&actor.subject),

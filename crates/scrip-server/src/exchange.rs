@@ -29,7 +29,7 @@ use scrip_token::{
 use serde::Deserialize;
 
 use crate::error::OAuthError;
-use crate::form::{Form, short};
+use crate::form::{Form, short, shown_name, shown_uri};
 use crate::state::{AppState, Inner, now};
 
 /// Longest task purpose, in characters.
@@ -467,14 +467,14 @@ async fn start_task(
     })?;
     let grants = GrantSet::parse(scope).map_err(|e| OAuthError::invalid_scope(e.to_string()))?;
     for g in grants.iter() {
-        let tool = st
-            .config
-            .tool(g.tool.as_str())
-            .ok_or_else(|| OAuthError::invalid_scope(format!("unknown tool `{}`", g.tool)))?;
+        let tool = st.config.tool(g.tool.as_str()).ok_or_else(|| {
+            OAuthError::invalid_scope(format!("unknown tool {}", shown_name(g.tool.as_str())))
+        })?;
         if !tool.actions.contains(&g.action) {
             return Err(OAuthError::invalid_scope(format!(
-                "tool `{}` has no action `{}`",
-                g.tool, g.action
+                "tool `{}` has no action {}",
+                g.tool,
+                shown_name(g.action.as_str())
             )));
         }
     }
@@ -600,16 +600,16 @@ fn target_tool<'a>(st: &'a Inner, form: &Form) -> Result<&'a Tool, OAuthError> {
     let by_audience = form
         .get("audience")
         .map(|a| {
-            st.config
-                .tool(a)
-                .ok_or_else(|| OAuthError::invalid_target(format!("unknown tool `{}`", short(a))))
+            st.config.tool(a).ok_or_else(|| {
+                OAuthError::invalid_target(format!("unknown tool {}", shown_name(a)))
+            })
         })
         .transpose()?;
     let by_resource = form
         .get("resource")
         .map(|r| {
             st.config.tool_by_resource(r).ok_or_else(|| {
-                OAuthError::invalid_target(format!("no tool has resource `{}`", short(r)))
+                OAuthError::invalid_target(format!("no tool has resource {}", shown_uri(r)))
             })
         })
         .transpose()?;
@@ -699,13 +699,20 @@ async fn access_token(
 
     // A bound task's token without its key is most likely stolen: refused,
     // and on the record.
+    // The audience asked for is recorded only when it is a tool's name: any
+    // other text may be a secret in the wrong place.
+    let asked_tool = || {
+        form.get("audience")
+            .filter(|a| st.config.tool(a).is_some())
+            .map(str::to_owned)
+    };
     if let Err(e) = check_task_binding(claims.cnf.as_ref(), binding) {
-        return refuse(st, &base, form.get("audience").map(short), None, e).await;
+        return refuse(st, &base, asked_tool(), None, e).await;
     }
     let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let tool = match target_tool(st, form) {
         Ok(t) => t,
-        Err(e) => return refuse(st, &base, form.get("audience").map(short), None, e).await,
+        Err(e) => return refuse(st, &base, asked_tool(), None, e).await,
     };
     let held = task_grants.actions_at(&tool.name);
     let actions = match form.get("scope") {
@@ -721,11 +728,21 @@ async fn access_token(
             Ok(a) => a,
             Err(e) => {
                 let e = OAuthError::invalid_scope(e.to_string());
-                return refuse(st, &base, Some(tool.name.to_string()), Some(short(s)), e).await;
+                // Not the text refused: it may be a secret in the wrong place.
+                return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
             }
         },
     };
     if let Some(beyond) = actions.iter().find(|a| !held.contains(a)) {
+        // An action the tool does not have is not quoted (nor recorded):
+        // it may be a secret in the wrong place.
+        if !tool.actions.contains(beyond) {
+            let e = OAuthError::invalid_scope(format!(
+                "scope names an action tool `{}` does not have",
+                tool.name
+            ));
+            return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+        }
         let grant = Grant {
             tool: tool.name.clone(),
             action: beyond.clone(),

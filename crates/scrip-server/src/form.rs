@@ -177,6 +177,45 @@ fn decoded_bytes(bytes: &[u8]) -> Cow<'_, [u8]> {
     percent_encoding::percent_decode(bytes).into()
 }
 
+/// A tool or action name a request gave, for an error message: a name as
+/// short as a tool's is quoted; anything else (a secret pasted into the
+/// wrong parameter) only counted.
+#[must_use]
+pub fn shown_name(s: &str) -> String {
+    if s.len() <= 24 && scrip_token::ToolName::parse(s).is_ok() {
+        format!("`{s}`")
+    } else {
+        format!("(a name of {} characters)", s.chars().count())
+    }
+}
+
+/// A `resource` for an error message: its scheme and host only, since its
+/// path or query may hold a secret.
+#[must_use]
+pub fn shown_uri(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return "(not an absolute URI)".into();
+    };
+    let host = rest
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("")
+        .rsplit('@')
+        .next()
+        .unwrap_or("");
+    let plain = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 255
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    };
+    if plain(scheme) && plain(host) {
+        format!("`{scheme}://{host}/…`")
+    } else {
+        "(not an absolute URI)".into()
+    }
+}
+
 /// A parameter name or value shortened for an error message.
 #[must_use]
 pub fn short(s: &str) -> String {

@@ -470,7 +470,7 @@ fn opens_any(
     Err(KeyError::Invalid {
         path: config.key_encryption_key_path(),
         message: format!(
-            "opens nothing this store holds sealed ({} keys, {} secret versions): it is not the key-encryption key they were sealed under; give scrip that key (this file, or {KEK_ENV})",
+            "opens nothing this store holds sealed ({} keys, {} secret versions): it is not the key-encryption key they were sealed under (a replica that started at the same time may have made its own); give scrip that key, which every replica shares (this file, or {KEK_ENV})",
             keys.len(),
             secrets.len()
         ),

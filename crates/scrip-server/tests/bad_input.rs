@@ -315,9 +315,16 @@ async fn task_malformed_scope() {
     let s = TestServer::start().await;
     let identity = s.k8s.kubernetes("agents", "coder");
     for (scope, fragment) in [
-        ("github", "`github` is not of the form `tool:action`"),
-        ("GitHub:read", "tool name `GitHub`"),
-        ("github:Read", "action name `Read`"),
+        ("github", "one has no `:`"),
+        (
+            "GitHub:read",
+            "tool name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is `G`)",
+        ),
+        (
+            "github:Read",
+            "action name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is `R`)",
+        ),
+        ("github:re\u{200b}ad", "(character 3 is U+200B)"),
         ("github:read  jira:read", "empty item"),
         (" github:read", "empty item"),
         ("github:read:write", "name"),
@@ -326,6 +333,81 @@ async fn task_malformed_scope() {
             .try_start_task(&identity, scope, "dev", PURPOSE, None)
             .await;
         assert_error_says(&r, 400, "invalid_scope", fragment);
+    }
+    s.stop().await;
+}
+
+/// A secret given in the wrong parameter (a key pasted as the scope, the
+/// audience or the resource) is not repeated back: not in the answer, not
+/// in the log, not in the audit record.
+#[tokio::test]
+async fn a_secret_in_the_wrong_parameter_is_not_repeated() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let key = "ghp_16C7e42F292c6912E7710c838347Ae178B4a";
+    let lower = "sk0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    for scope in [
+        key.to_owned(),
+        format!("github:{key}"),
+        format!("{key}:read"),
+    ] {
+        let r = s
+            .try_start_task(&identity, &scope, "dev", PURPOSE, None)
+            .await;
+        assert_eq!(r.body["error"], "invalid_scope", "{}", r.text);
+        assert!(!r.text.contains(&key[8..]), "{}", r.text);
+    }
+    let task = s
+        .try_start_task(&identity, "github:read", "dev", PURPOSE, None)
+        .await
+        .body["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for scope in [key, lower] {
+        let r = s.access_token(&task, "github", Some(scope)).await;
+        assert_eq!(r.body["error"], "invalid_scope", "{}", r.text);
+        assert!(!r.text.contains(&scope[8..]), "{}", r.text);
+    }
+    for (param, value) in [
+        ("audience", key.to_owned()),
+        ("audience", lower.to_owned()),
+        (
+            "resource",
+            format!("https://api.example.com/v1?key={lower}"),
+        ),
+        ("resource", format!("https://api.example.com/{lower}/x")),
+    ] {
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token", &task),
+                    (
+                        "subject_token_type",
+                        "urn:ietf:params:oauth:token-type:txn_token",
+                    ),
+                    (param, &value),
+                ],
+            )
+            .await;
+        assert_eq!(r.body["error"], "invalid_target", "{}", r.text);
+        assert!(
+            !r.text.contains(&lower[8..]) && !r.text.contains(&key[8..]),
+            "{}",
+            r.text
+        );
+    }
+    for record in s.audit().await {
+        let shown = format!("{record:?}");
+        assert!(
+            !shown.contains(&key[8..]) && !shown.contains(&lower[8..]),
+            "{shown}"
+        );
     }
     s.stop().await;
 }

@@ -20,15 +20,19 @@ pub enum NameError {
         kind: &'static str,
     },
     /// The name had a character outside `a-z 0-9 . _ -` or did not start
-    /// with a letter or digit.
+    /// with a letter or digit. The message names that character, not the
+    /// name: text refused here may be a secret given in the wrong place.
     #[error(
-        "{kind} name `{name}` must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-`"
+        "{kind} name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character {at} is {})",
+        shown_char(*found)
     )]
     BadChar {
         /// `tool` or `action`.
         kind: &'static str,
-        /// The refused name (already known to be short).
-        name: String,
+        /// Where the first bad character is (1 for the first).
+        at: usize,
+        /// That character.
+        found: char,
     },
 }
 
@@ -42,19 +46,29 @@ fn check(kind: &'static str, s: &str) -> Result<(), NameError> {
     if s.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong { kind });
     }
-    let mut chars = s.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok =
-        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-    if first_ok && rest_ok {
-        Ok(())
-    } else {
-        Err(NameError::BadChar {
+    let bad = s.chars().enumerate().find(|(i, c)| {
+        let allowed = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || (*i > 0 && matches!(c, '.' | '_' | '-'));
+        !allowed
+    });
+    match bad {
+        None => Ok(()),
+        Some((i, found)) => Err(NameError::BadChar {
             kind,
-            name: s.to_owned(),
-        })
+            at: i + 1,
+            found,
+        }),
+    }
+}
+
+/// A character as a message shows it: quoted when it is printable ASCII,
+/// else by its code point.
+fn shown_char(c: char) -> String {
+    if c.is_ascii_graphic() {
+        format!("`{c}`")
+    } else {
+        format!("U+{:04X}", u32::from(c))
     }
 }
 
