@@ -4,6 +4,8 @@
 # servers on ephemeral ports), and the shipped policy examples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Package installs below never stop to ask (tzdata, on a fresh container).
+export DEBIAN_FRONTEND=noninteractive
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
@@ -21,6 +23,28 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   for v in /etc/postgresql/*; do
     pg_ctlcluster --skip-systemctl-redirect "$(basename "$v")" main start
   done
+fi
+for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+# The tests log in as `postgres` without a password (trust) and create
+# their databases from `test`. Changing how PostgreSQL authenticates is
+# left to you; a missing `test` database is made here.
+if ! psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres -c 'SELECT 1' >/dev/null 2>&1; then
+  echo "PostgreSQL on 127.0.0.1:5432 does not let \`postgres\` in without a password; the tests need trust auth there: add \`host all all 127.0.0.1/32 trust\` first in pg_hba.conf and reload" >&2
+  exit 1
+fi
+if [ -z "$(psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres -c "SELECT 1 FROM pg_database WHERE datname = 'test'")" ]; then
+  psql -wqX postgres://postgres@127.0.0.1:5432/postgres -c 'CREATE DATABASE test'
+fi
+
+# The interoperability tests run third-party JOSE and OAuth libraries on
+# Node.js (20 or later) and Python (with venv).
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null || ! command -v npm >/dev/null; then
+  echo "the interoperability tests need Node.js 20 or later with npm (node --version: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
+fi
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  echo "installing python3-venv" >&2
+  apt-get install -y -qq python3-venv >/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null; }
 fi
 
 # nginx: the legacy-bridge proxy tests start their own nginx as the upstream

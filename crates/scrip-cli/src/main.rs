@@ -47,7 +47,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// live minutes, name one tool and a narrow set of actions, and die when the
 /// task ends. A Cedar policy decides every exchange.
 #[derive(Debug, Parser)]
-#[command(name = "scrip", version, propagate_version = true)]
+#[command(
+    name = "scrip",
+    version,
+    propagate_version = true,
+    after_long_help = "Exit status: 0 on success; 1 when the command failed (the reason is on standard error); 2 for a usage error; 141 when whatever read standard output closed it. Commands say in their own help when they use others (`scrip run`: the command's; `scrip token`: 75 when a step waits for a person)."
+)]
 struct Cli {
     /// Log format on standard error. `serve` and `proxy` log from `info`
     /// up, every other command its warnings only; SCRIP_LOG sets the level
@@ -125,7 +130,10 @@ enum Command {
     ///
     /// Reads the token from standard input (`scrip introspect < token.txt`)
     /// and prints scrip's answer: the token's claims with `"active": true`,
-    /// or exactly `{"active":false}`. You are identified as for `approvals`.
+    /// or exactly `{"active":false}`; both exit 0, so read the answer, not
+    /// the exit status. You are identified by your workload identity
+    /// (--identity-file or SCRIP_IDENTITY, or local attestation on scrip's
+    /// host); any identity from a trusted issuer may ask.
     ///
     /// A single-use token (an approved step's) is spent by its first
     /// introspection, as by its first use: introspecting it yourself leaves

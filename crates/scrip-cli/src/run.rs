@@ -160,11 +160,13 @@ async fn run_async(args: RunArgs) -> ExitCode {
         .collect::<Vec<_>>()
         .join(" ");
     let purpose = args.purpose.clone().unwrap_or_else(|| {
-        // A purpose is one line of text: newlines and tabs in the arguments
-        // (`sh -c $'a\nb'`) become spaces.
+        // A purpose is one line of visible text: newlines and tabs in the
+        // arguments (`sh -c $'a\nb'`) and invisible characters (the joiners
+        // and variation selectors of an emoji), which scrip refuses in a
+        // purpose, become spaces.
         let mut p: String = format!("scrip run {command_line}")
             .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
+            .map(|c| if scrip_token::is_deceptive(c) { ' ' } else { c })
             .collect();
         if p.len() > 200 {
             let mut end = 200;

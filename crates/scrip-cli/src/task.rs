@@ -26,7 +26,9 @@ pub enum TaskCommand {
     ///
     /// The task token comes from SCRIP_TASK_TOKEN when set, else from
     /// standard input (`scrip task end < task.txt`); never from the command
-    /// line, where other local users could read it. Revocation answers the
+    /// line, where other local users could read it. When both hold a token
+    /// and they differ (a token redirected in under `scrip run`, which sets
+    /// the variable), nothing is ended (exit 1). Revocation answers the
     /// same for any token, so the token is checked first: anything but a
     /// task token signed by the scrip at --server (with a key it publishes
     /// at its jwks_uri) is refused (exit 1) rather than ended silently. Says on stderr which task it ended, and where the token
@@ -118,10 +120,55 @@ fn start(args: &StartArgs) -> ExitCode {
     }
 }
 
+/// What standard input holds when it is a file, or a pipe with something
+/// (or its end) already written: never waits on a terminal, or on a pipe
+/// nobody writes to.
+fn redirected_token() -> std::io::Result<Option<String>> {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let stdin = std::io::stdin();
+    let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&stdin)?.st_mode);
+    let ready = match kind {
+        rustix::fs::FileType::RegularFile => true,
+        rustix::fs::FileType::Fifo | rustix::fs::FileType::Socket => {
+            let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            poll(&mut fds, Some(&zero))? > 0
+        }
+        _ => false,
+    };
+    if !ready {
+        return Ok(None);
+    }
+    let mut text = String::new();
+    std::io::Read::take(stdin.lock(), 64 * 1024).read_to_string(&mut text)?;
+    Ok(Some(text))
+}
+
 #[expect(clippy::print_stderr, reason = "what was ended")]
 fn end(server: &str) -> ExitCode {
     let (token, from) = match std::env::var("SCRIP_TASK_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => (t, "SCRIP_TASK_TOKEN"),
+        Ok(t) if !t.trim().is_empty() => {
+            // A token piped or redirected in on purpose while the variable
+            // holds another (inside `scrip run` it always does): ending the
+            // variable's task would leave the one meant running.
+            match redirected_token() {
+                Ok(Some(piped)) if !piped.trim().is_empty() && piped.trim() != t.trim() => {
+                    return fail(
+                        "both SCRIP_TASK_TOKEN and standard input hold a task token, and they differ: run `env -u SCRIP_TASK_TOKEN scrip task end` to end the one on standard input, or do not redirect it",
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return fail(format!(
+                        "cannot read the task token from standard input: {e}"
+                    ));
+                }
+            }
+            (t, "SCRIP_TASK_TOKEN")
+        }
         _ => {
             let mut text = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut text) {

@@ -47,8 +47,14 @@ pub struct TokenArgs {
     no_wait: bool,
     /// Collect the token of a step already waiting for a person, by its
     /// auth_req_id (it may start with `-`): waits for the decision. The
-    /// token is single use.
-    #[arg(long, value_name = "AUTH_REQ_ID", allow_hyphen_values = true)]
+    /// token is single use, and for the tool and actions of that step:
+    /// `--tool`, `--action` and `--no-cache` do not go with it.
+    #[arg(
+        long,
+        value_name = "AUTH_REQ_ID",
+        allow_hyphen_values = true,
+        conflicts_with_all = ["tool", "actions", "no_cache"]
+    )]
     approval: Option<String>,
     /// scrip's address.
     #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]

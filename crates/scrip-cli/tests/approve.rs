@@ -554,6 +554,28 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
         .output()
         .unwrap();
     assert_fails(&out, 1, &["invalid_grant"]);
+    // An approved step's token is for that step's tool and actions: asking
+    // for others beside it is a usage error, not silently ignored.
+    for extra in [
+        &["--tool", "github"][..],
+        &["--action", "read"],
+        &["--no-cache"],
+    ] {
+        let mut args = vec!["token", "--approval", "someid"];
+        args.extend_from_slice(extra);
+        let out = server.agent(&task, &args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{extra:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("cannot be used with"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]

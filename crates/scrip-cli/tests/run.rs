@@ -363,6 +363,12 @@ fn exit_codes_pass_through() {
     // A command line with a newline and a tab still makes a purpose (the
     // default purpose is the command line, on one line).
     assert_eq!(run("true\n\texit 3"), Some(3));
+    // So does one with an emoji's invisible joiners and selectors, which
+    // scrip refuses in a purpose.
+    assert_eq!(
+        run("exit 5 # ship it \u{2714}\u{fe0f} \u{1f468}\u{200d}\u{1f4bb}"),
+        Some(5)
+    );
     assert_eq!(run("kill -KILL $$"), Some(128 + 9));
     // A command that cannot run: 127, as a shell says.
     let out = server
@@ -536,7 +542,17 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
         ],
         &[],
     );
-    assert_refused(&out, 1, &["cannot reach scrip", "scrip serve", "SCRIP_URL"]);
+    // With the cause, not only that it failed.
+    assert_refused(
+        &out,
+        1,
+        &[
+            "cannot reach scrip",
+            "Connection refused",
+            "scrip serve",
+            "SCRIP_URL",
+        ],
+    );
 
     let out = run(
         &[
@@ -809,6 +825,53 @@ fn task_start_list_and_end() {
     let started: Value = serde_json::from_slice(&out.stdout).unwrap();
     let task = started["task_token"].as_str().unwrap().to_owned();
     assert_eq!(started["scope"], "github:read");
+    // Redirected in while SCRIP_TASK_TOKEN holds another task's token (as
+    // it always does under `scrip run`): nothing is ended. The same token
+    // in both is no ambiguity.
+    let file = server.dir.path().join("sub-task.txt");
+    std::fs::write(&file, format!("{task}\n")).unwrap();
+    let out = server
+        .scrip()
+        .args(["task", "end"])
+        .env("SCRIP_TASK_TOKEN", &access)
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_refused(&out, 1, &["both SCRIP_TASK_TOKEN and standard input"]);
+    assert_eq!(server.introspect(&task)["active"], true);
+    let mut end = server
+        .scrip()
+        .args(["task", "end"])
+        .env("SCRIP_TASK_TOKEN", &task)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    end.stdin
+        .take()
+        .unwrap()
+        .write_all(task.as_bytes())
+        .unwrap();
+    let out = end.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.introspect(&task)["active"], false);
+    let out = server
+        .scrip()
+        .args([
+            "task",
+            "start",
+            "--json",
+            "--grant",
+            "github:read",
+            "--purpose",
+            "p",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let task = started["task_token"].as_str().unwrap().to_owned();
     let mut end = server
         .scrip()
         .args(["task", "end"])

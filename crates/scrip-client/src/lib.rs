@@ -535,7 +535,7 @@ impl Client {
             message: if e.is_timeout() {
                 "timed out".to_owned()
             } else {
-                "connection failed".to_owned()
+                format!("connection failed: {}", innermost(&e))
             },
         })
     }
@@ -1261,6 +1261,17 @@ impl Drop for Task {
             });
         }
     }
+}
+
+/// The first cause of a failed request (connection refused, a name that
+/// does not resolve, a certificate not trusted): what to fix, where the
+/// outer messages only say that sending failed.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 #[cfg(test)]
