@@ -56,47 +56,45 @@ pub(crate) async fn delegate(
     let parent = active_task(st, &claims, now)
         .await?
         .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
-    let actor = match st.identities.verify(actor_token).await {
-        Ok(a) => a,
-        Err(scrip_identity::IdentityError::KeysUnavailable) => {
-            return Err(OAuthError::temporarily_unavailable());
-        }
-        Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
-    };
     // An identified task refused (without its DPoP key, or asking for more
     // than it holds) is audited like an access-token request beyond the
-    // task (`token.refused`).
-    let refuse = |e: OAuthError| async {
+    // task (`token.refused`), naming the actor once it is known.
+    let task: &TaskRecord = &parent;
+    let refuse = |e: OAuthError, to: String| async move {
         let mut a = st.audit("task.refused");
         a.decision = Some("deny".into());
-        a.agent_iss = Some(parent.agent.issuer.clone());
-        a.agent_sub = Some(parent.agent.subject.clone());
-        a.task_id = Some(parent.id.clone());
-        a.parent_id.clone_from(&parent.parent);
-        a.chain = parent.actor.as_ref().map(Actor::chain).unwrap_or_default();
-        a.environment = Some(parent.environment.clone());
-        a.purpose = Some(parent.purpose.clone());
+        a.agent_iss = Some(task.agent.issuer.clone());
+        a.agent_sub = Some(task.agent.subject.clone());
+        a.task_id = Some(task.id.clone());
+        a.parent_id.clone_from(&task.parent);
+        a.chain = task.actor.as_ref().map(Actor::chain).unwrap_or_default();
+        a.environment = Some(task.environment.clone());
+        a.purpose = Some(task.purpose.clone());
         // Only a scope that parses: text refused as one may be a secret.
         a.actions = form
             .get("scope")
             .filter(|s| GrantSet::parse(s).is_ok())
             .map(short);
-        a.reason = Some(format!(
-            "delegation to {} ({}): {}",
-            short(&actor.subject),
-            short(&actor.issuer),
-            e.description
-        ));
+        a.reason = Some(format!("delegation{to}: {}", e.description));
         a.client = Some(peer.to_string());
         st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
         Err::<Response, OAuthError>(e)
     };
-    // A bound parent delegates only with a proof by its key. The child's
+    // A bound parent delegates only with a proof by its key: its token
+    // without the key is most likely stolen, and is refused on the record
+    // before anything else the request holds is looked at. The child's
     // token is not bound (the sub-agent's key is not known here), but the
     // proof is spent: a proof is accepted once, whatever the grant.
     if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding) {
-        return refuse(e).await;
+        return refuse(e, String::new()).await;
     }
+    let actor = match st.identities.verify(actor_token).await {
+        Ok(a) => a,
+        Err(e @ scrip_identity::IdentityError::KeysUnavailable) => {
+            return Err(crate::exchange::identity_error(e));
+        }
+        Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
+    };
     if let Some(b) = binding {
         b.spend(st)?;
     }
@@ -109,7 +107,10 @@ pub(crate) async fn delegate(
     } = match attenuate(st, form, &parent, &actor) {
         Ok(asked) => asked,
         Err(e) if e.status.is_server_error() => return Err(e),
-        Err(e) => return refuse(e).await,
+        Err(e) => {
+            let to = format!(" to {} ({})", short(&actor.subject), short(&actor.issuer));
+            return refuse(e, to).await;
+        }
     };
 
     let act = Actor {

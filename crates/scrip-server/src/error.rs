@@ -79,6 +79,16 @@ impl OAuthError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
     }
 
+    /// `invalid_request` (405) for a method the endpoint does not take
+    /// (the `Allow` header names those it does).
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "this endpoint does not take this method; the Allow header says which it does",
+        )
+    }
+
     /// `invalid_scope` (400).
     pub fn invalid_scope(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)

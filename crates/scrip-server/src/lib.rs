@@ -517,6 +517,9 @@ pub fn router(state: AppState) -> Router {
         .route("/approvals/{id}/deny", post(approval::deny_endpoint))
         .route(paths::INTROSPECT, post(introspect::introspect_endpoint))
         .route("/healthz", get(|| async { "ok" }))
+        // Every error is RFC 6749 §5.2 JSON, not to be cached: a wrong
+        // method too (axum adds the `Allow` header).
+        .method_not_allowed_fallback(|| async { error::OAuthError::method_not_allowed() })
         .fallback(|| async {
             (
                 axum::http::StatusCode::NOT_FOUND,

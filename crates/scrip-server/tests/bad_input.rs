@@ -337,6 +337,31 @@ async fn task_malformed_scope() {
     s.stop().await;
 }
 
+/// A wrong method gets an RFC 6749 §5.2 answer, not to be cached, with
+/// the methods the endpoint takes.
+#[tokio::test]
+async fn a_wrong_method_gets_a_json_error() {
+    let s = TestServer::start().await;
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/token", "POST"),
+        (reqwest::Method::PUT, "/revoke", "POST"),
+        (reqwest::Method::POST, "/jwks", "GET,HEAD"),
+    ] {
+        let r = s
+            .http
+            .request(method.clone(), format!("{}{path}", s.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request", "{method} {path}");
+    }
+    s.stop().await;
+}
+
 /// A secret given in the wrong parameter (a key pasted as the scope, the
 /// audience or the resource) is not repeated back: not in the answer, not
 /// in the log, not in the audit record.

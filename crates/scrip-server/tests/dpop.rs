@@ -299,6 +299,9 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     let helper = s.k8s.kubernetes("agents", "helper");
     let delegate = delegate_form(&task, &helper);
     refused(&post(&s, &delegate, &[]).await, "bound to a DPoP key");
+    // Whatever else the request holds: the binding is checked first.
+    let garbage = delegate_form(&task, "not-an-identity");
+    refused(&post(&s, &garbage, &[]).await, "bound to a DPoP key");
     let thiefs = thief.proof("POST", &token_url, None);
     refused(
         &post(&s, &delegate, &[&thiefs]).await,
@@ -322,6 +325,19 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
             "no {event} record for: {why}"
         );
     }
+    let bound_refusals = audit
+        .iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("bound to a DPoP key"))
+        })
+        .count();
+    assert_eq!(
+        bound_refusals, 2,
+        "the delegation with a bad actor token too"
+    );
 
     // A step waiting for a person: polled with the key only.
     let r = s
