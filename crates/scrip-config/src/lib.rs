@@ -974,7 +974,9 @@ mod tests {
         check("signing_key_rotation = 464\nsigning_key_lead = 60", None);
         check(
             "[[tools]]\nname = \"GitHub\"\nresource = \"https://x\"\nactions = [\"read\"]",
-            Some("tool name `GitHub`"),
+            Some(
+                "tool name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is `G`) (line 2)",
+            ),
         );
         check(
             "[[tools]]\nname = \"gh\"\nresource = \"https://x\"\nactions = []",
