@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up and runs every test of scrip, on a fresh machine or a used one:
+# Sets up and runs every test of scrip, on a fresh machine of the kind CI
+# runs on (PostgreSQL with trust auth on 127.0.0.1, Node.js 20; it says so
+# and stops where one differs) or a used one:
 # formatting, lints, unit and integration tests (which start real scrip
 # servers on ephemeral ports), and the shipped policy examples.
 set -euo pipefail
@@ -25,6 +27,10 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   done
 fi
 for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "PostgreSQL does not answer on 127.0.0.1:5432 after 30 s" >&2
+  exit 1
+fi
 # The tests log in as `postgres` without a password (trust) and create
 # their databases from `test`. Changing how PostgreSQL authenticates is
 # left to you; a missing `test` database is made here.

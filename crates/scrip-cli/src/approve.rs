@@ -61,8 +61,9 @@ async fn call(
     }
     let response = req.send().await.map_err(|e| {
         format!(
-            "cannot reach scrip at {}: {e}; is `scrip serve` running?",
-            args.server
+            "cannot reach scrip at {} ({}); is `scrip serve` running?",
+            args.server,
+            scrip_client::why_unsent(&e)
         )
     })?;
     let status = response.status();

@@ -26,9 +26,10 @@ pub enum TaskCommand {
     ///
     /// The task token comes from SCRIP_TASK_TOKEN when set, else from
     /// standard input (`scrip task end < task.txt`); never from the command
-    /// line, where other local users could read it. When both hold a token
-    /// and they differ (a token redirected in under `scrip run`, which sets
-    /// the variable), nothing is ended (exit 1). Revocation answers the
+    /// line, where other local users could read it. When the variable is
+    /// set and standard input is a file holding another task token (`<
+    /// sub.txt` under `scrip run`, which sets the variable), nothing is
+    /// ended (exit 1); a pipe is not read then. Revocation answers the
     /// same for any token, so the token is checked first: anything but a
     /// task token signed by the scrip at --server (with a key it publishes
     /// at its jwks_uri) is refused (exit 1) rather than ended silently. Says on stderr which task it ended, and where the token
@@ -120,52 +121,43 @@ fn start(args: &StartArgs) -> ExitCode {
     }
 }
 
-/// What standard input holds when it is a file, or a pipe with something
-/// (or its end) already written: never waits on a terminal, or on a pipe
-/// nobody writes to.
-fn redirected_token() -> std::io::Result<Option<String>> {
-    use rustix::event::{PollFd, PollFlags, poll};
+/// The task token redirected in from a file (`scrip task end < sub.txt`),
+/// read without moving the file's offset (a loop reading the same file goes
+/// on as before): `None` for anything else (a terminal, a pipe, which could
+/// only be read by waiting on it or consuming it) or for a file that does
+/// not hold one token.
+fn redirected_token() -> Option<String> {
+    use std::os::unix::fs::FileExt as _;
     let stdin = std::io::stdin();
-    let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&stdin)?.st_mode);
-    let ready = match kind {
-        rustix::fs::FileType::RegularFile => true,
-        rustix::fs::FileType::Fifo | rustix::fs::FileType::Socket => {
-            let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
-            let zero = rustix::event::Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            poll(&mut fds, Some(&zero))? > 0
-        }
-        _ => false,
-    };
-    if !ready {
-        return Ok(None);
+    let stat = rustix::fs::fstat(&stdin).ok()?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return None;
     }
-    let mut text = String::new();
-    std::io::Read::take(stdin.lock(), 64 * 1024).read_to_string(&mut text)?;
-    Ok(Some(text))
+    let at = rustix::fs::seek(&stdin, rustix::fs::SeekFrom::Current(0)).ok()?;
+    let file = std::fs::File::from(rustix::io::dup(&stdin).ok()?);
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = file.read_at(&mut buf, at).ok()?;
+    let text = std::str::from_utf8(buf.get(..n)?).ok()?.trim();
+    // One compact JWT: three base64url parts.
+    let jwt = text.split('.').count() == 3
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    jwt.then(|| text.to_owned())
 }
 
 #[expect(clippy::print_stderr, reason = "what was ended")]
 fn end(server: &str) -> ExitCode {
     let (token, from) = match std::env::var("SCRIP_TASK_TOKEN") {
         Ok(t) if !t.trim().is_empty() => {
-            // A token piped or redirected in on purpose while the variable
-            // holds another (inside `scrip run` it always does): ending the
-            // variable's task would leave the one meant running.
-            match redirected_token() {
-                Ok(Some(piped)) if !piped.trim().is_empty() && piped.trim() != t.trim() => {
-                    return fail(
-                        "both SCRIP_TASK_TOKEN and standard input hold a task token, and they differ: run `env -u SCRIP_TASK_TOKEN scrip task end` to end the one on standard input, or do not redirect it",
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return fail(format!(
-                        "cannot read the task token from standard input: {e}"
-                    ));
-                }
+            // A token redirected in from a file on purpose while the
+            // variable holds another (inside `scrip run` it always does):
+            // ending the variable's task would leave the one meant running.
+            // (A pipe is not read: that would wait on it, or consume it.)
+            if redirected_token().is_some_and(|redirected| redirected != t.trim()) {
+                return fail(
+                    "both SCRIP_TASK_TOKEN and standard input hold a task token, and they differ: run `env -u SCRIP_TASK_TOKEN scrip task end` to end the one on standard input, or do not redirect it",
+                );
             }
             (t, "SCRIP_TASK_TOKEN")
         }

@@ -532,11 +532,7 @@ impl Client {
         }
         request.send().await.map_err(|e| Error::Unreachable {
             url: self.url.clone(),
-            message: if e.is_timeout() {
-                "timed out".to_owned()
-            } else {
-                format!("connection failed: {}", innermost(&e))
-            },
+            message: why_unsent(&e),
         })
     }
 
@@ -576,7 +572,7 @@ impl Client {
                     .get(&url)
                     .send()
                     .await
-                    .map_err(|e| unreachable(e.to_string()))?;
+                    .map_err(|e| unreachable(why_unsent(&e)))?;
                 let meta: serde_json::Value =
                     serde_json::from_slice(&self.read(response).await?)
                         .map_err(|_| Error::Protocol(format!("`{url}` is not JSON metadata")))?;
@@ -842,7 +838,7 @@ impl Client {
             .await
             .map_err(|e| Error::Unreachable {
                 url: self.url.clone(),
-                message: e.to_string(),
+                message: why_unsent(&e),
             })?;
         let status = response.status();
         let body = self.read(response).await?;
@@ -1263,9 +1259,19 @@ impl Drop for Task {
     }
 }
 
-/// The first cause of a failed request (connection refused, a name that
-/// does not resolve, a certificate not trusted): what to fix, where the
-/// outer messages only say that sending failed.
+/// Why a request could not be sent: "timed out", or its first cause
+/// (connection refused, a name that does not resolve, a certificate not
+/// trusted), where reqwest's own message only says that sending failed.
+#[must_use]
+pub fn why_unsent(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        format!("connection failed: {}", innermost(e))
+    }
+}
+
+/// The innermost of an error's causes.
 fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {

@@ -21,7 +21,7 @@ use scrip_token::{
 
 use crate::error::OAuthError;
 use crate::exchange::{Issued, active_task, decide_grants, parse_details};
-use crate::form::{Form, short};
+use crate::form::{Form, short, shown_value};
 use crate::state::{Inner, now};
 
 /// Issues a child task token for the sub-agent named by `actor_token`.
@@ -37,8 +37,8 @@ pub(crate) async fn delegate(
         token_type::JWT => {}
         other => {
             return Err(OAuthError::invalid_request(format!(
-                "actor_token_type `{}` is not supported; the actor is a workload identity ({})",
-                short(other),
+                "actor_token_type {} is not supported; the actor is a workload identity ({})",
+                shown_value(other),
                 token_type::JWT
             )));
         }
@@ -70,10 +70,18 @@ pub(crate) async fn delegate(
         a.chain = task.actor.as_ref().map(Actor::chain).unwrap_or_default();
         a.environment = Some(task.environment.clone());
         a.purpose = Some(task.purpose.clone());
-        // Only a scope that parses: text refused as one may be a secret.
+        // Only a scope of configured grants: other text may be a secret.
         a.actions = form
             .get("scope")
-            .filter(|s| GrantSet::parse(s).is_ok())
+            .filter(|s| {
+                GrantSet::parse(s).is_ok_and(|grants| {
+                    grants.iter().all(|g| {
+                        st.config
+                            .tool(g.tool.as_str())
+                            .is_some_and(|t| t.actions.contains(&g.action))
+                    })
+                })
+            })
             .map(short);
         a.reason = Some(format!("delegation{to}: {}", e.description));
         a.client = Some(peer.to_string());
@@ -252,9 +260,17 @@ fn attenuate(
         Some(s) => GrantSet::parse(s).map_err(|e| OAuthError::invalid_scope(e.to_string()))?,
     };
     if let Some(beyond) = grants.iter().find(|g| !parent_grants.contains(g)) {
-        return Err(OAuthError::invalid_scope(format!(
-            "scope exceeds the parent task's grants: the task does not hold `{beyond}`"
-        )));
+        // Quoted only when it is a configured grant: other text may be a
+        // secret in the wrong place.
+        let known = st
+            .config
+            .tool(beyond.tool.as_str())
+            .is_some_and(|t| t.actions.contains(&beyond.action));
+        return Err(OAuthError::invalid_scope(if known {
+            format!("scope exceeds the parent task's grants: the task does not hold `{beyond}`")
+        } else {
+            "scope exceeds the parent task's grants: it names a tool or action that is not configured".to_owned()
+        }));
     }
     let details = parse_details(form)?;
     let (purpose, ttl, may_act) = match details {

@@ -29,7 +29,7 @@ use scrip_token::{
 use serde::Deserialize;
 
 use crate::error::OAuthError;
-use crate::form::{Form, short, shown_name, shown_uri};
+use crate::form::{Form, shown_name, shown_uri, shown_value};
 use crate::state::{AppState, Inner, now};
 
 /// Longest task purpose, in characters.
@@ -162,8 +162,8 @@ async fn exchange(
     }
     if grant_type != TOKEN_EXCHANGE_GRANT {
         return Err(OAuthError::unsupported_grant_type(format!(
-            "grant_type `{}` is not supported; use {TOKEN_EXCHANGE_GRANT}",
-            short(grant_type)
+            "grant_type {} is not supported; use {TOKEN_EXCHANGE_GRANT}",
+            shown_value(grant_type)
         )));
     }
     let subject_token = form.require("subject_token")?;
@@ -185,22 +185,22 @@ async fn exchange(
             start_task(st, form, subject_token, peer, binding).await
         }
         (token_type::JWT, Some(other)) => Err(OAuthError::invalid_request(format!(
-            "a workload identity is exchanged for a task token; requested_token_type `{}` is not available for it",
-            short(other)
+            "a workload identity is exchanged for a task token; requested_token_type {} is not available for it",
+            shown_value(other)
         ))),
         (token_type::TXN_TOKEN, None | Some(token_type::ACCESS_TOKEN)) => {
             access_token(st, form, subject_token, peer, binding).await
         }
         (token_type::TXN_TOKEN, Some(other)) => Err(OAuthError::invalid_request(format!(
-            "a task token is exchanged for an access token; requested_token_type `{}` is not available for it",
-            short(other)
+            "a task token is exchanged for an access token; requested_token_type {} is not available for it",
+            shown_value(other)
         ))),
         (token_type::ACCESS_TOKEN, _) => Err(OAuthError::invalid_request(
             "an access token cannot be exchanged; exchange the task token instead",
         )),
         (other, _) => Err(OAuthError::invalid_request(format!(
-            "subject_token_type `{}` is not supported; use {} or {}",
-            short(other),
+            "subject_token_type {} is not supported; use {} or {}",
+            shown_value(other),
             token_type::JWT,
             token_type::TXN_TOKEN
         ))),
@@ -733,16 +733,16 @@ async fn access_token(
             }
         },
     };
+    // An action the tool does not have is not quoted (nor recorded): it may
+    // be a secret in the wrong place.
+    if actions.iter().any(|a| !tool.actions.contains(a)) {
+        let e = OAuthError::invalid_scope(format!(
+            "scope names an action tool `{}` does not have",
+            tool.name
+        ));
+        return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+    }
     if let Some(beyond) = actions.iter().find(|a| !held.contains(a)) {
-        // An action the tool does not have is not quoted (nor recorded):
-        // it may be a secret in the wrong place.
-        if !tool.actions.contains(beyond) {
-            let e = OAuthError::invalid_scope(format!(
-                "scope names an action tool `{}` does not have",
-                tool.name
-            ));
-            return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
-        }
         let grant = Grant {
             tool: tool.name.clone(),
             action: beyond.clone(),

@@ -196,6 +196,10 @@ pub fn shown_uri(s: &str) -> String {
     let Some((scheme, rest)) = s.split_once("://") else {
         return "(not an absolute URI)".into();
     };
+    // Credentials (`user:key@`), wherever the `@` is: none of it is shown.
+    if rest.contains('@') {
+        return "(a URI with credentials)".into();
+    }
     let host = rest
         .split(['/', '?', '#'])
         .next()
@@ -213,6 +217,25 @@ pub fn shown_uri(s: &str) -> String {
         format!("`{scheme}://{host}/…`")
     } else {
         "(not an absolute URI)".into()
+    }
+}
+
+/// A parameter value that names a kind of thing (`grant_type`, a token
+/// type) for an error message: a URN or a short word is quoted; anything
+/// else (a token or key given in the wrong parameter) only counted.
+#[must_use]
+pub fn shown_value(s: &str) -> String {
+    let urn = s.starts_with("urn:")
+        && s.len() <= 100
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b));
+    let word = s.len() <= 24
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b"_-".contains(&b));
+    if urn || word {
+        format!("`{s}`")
+    } else {
+        format!("(a value of {} characters)", s.chars().count())
     }
 }
 

@@ -394,6 +394,46 @@ async fn a_secret_in_the_wrong_parameter_is_not_repeated() {
         assert_eq!(r.body["error"], "invalid_scope", "{}", r.text);
         assert!(!r.text.contains(&scope[8..]), "{}", r.text);
     }
+    // An action the tool has but the task does not, beside the secret.
+    let mixed = format!("delete zz{lower}");
+    let r = s.access_token(&task, "github", Some(&mixed)).await;
+    assert_eq!(r.body["error"], "invalid_scope", "{}", r.text);
+    // A delegation asking for it, and a key given as a grant or token type.
+    let helper = s.k8s.kubernetes("agents", "helper");
+    let delegated = format!("github:{lower}");
+    for form in [
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", task.as_str()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:txn_token",
+            ),
+            ("actor_token", helper.as_str()),
+            ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("scope", delegated.as_str()),
+        ],
+        vec![("grant_type", key), ("subject_token", task.as_str())],
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", task.as_str()),
+            ("subject_token_type", lower),
+        ],
+    ] {
+        let r = s.post_form("/token", &form).await;
+        assert!(r.status >= 400, "{}", r.text);
+        assert!(
+            !r.text.contains(&lower[8..]) && !r.text.contains(&key[8..]),
+            "{}",
+            r.text
+        );
+    }
     for (param, value) in [
         ("audience", key.to_owned()),
         ("audience", lower.to_owned()),
@@ -402,6 +442,14 @@ async fn a_secret_in_the_wrong_parameter_is_not_repeated() {
             format!("https://api.example.com/v1?key={lower}"),
         ),
         ("resource", format!("https://api.example.com/{lower}/x")),
+        (
+            "resource",
+            format!("https://bot:{lower}#x@api.example.com/"),
+        ),
+        (
+            "resource",
+            format!("https://bot:a/{lower}@api.example.com/"),
+        ),
     ] {
         let r = s
             .post_form(
