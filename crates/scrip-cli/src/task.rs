@@ -51,7 +51,8 @@ pub enum TaskCommand {
         /// Only this agent (the subject of its workload identity).
         #[arg(long)]
         agent: Option<String>,
-        /// At most this many tasks.
+        /// At most this many tasks, those that end soonest (a note on
+        /// standard error says when more may be open).
         #[arg(long, default_value_t = 1000)]
         limit: u32,
         /// Print JSON lines instead of a table.
@@ -225,6 +226,16 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
         Err(e) => return fail(e),
         Ok(t) => t,
     };
+    // Tasks come soonest to end first: say when later ones were left out.
+    if u64::try_from(tasks.len()).unwrap_or(u64::MAX) >= u64::from(limit) {
+        #[expect(clippy::print_stderr, reason = "a note beside the output")]
+        {
+            eprintln!(
+                "scrip: showing the {} open tasks that end soonest; more may be open (narrow with --agent, or raise --limit)",
+                tasks.len()
+            );
+        }
+    }
     if json {
         for t in &tasks {
             let line = serde_json::json!({

@@ -689,6 +689,26 @@ fn task_start_list_and_end() {
     assert_eq!(line["grants"], "github:read");
     assert_eq!(line["expires_at"], claims["exp"]);
     assert!(!list(true).contains(&task), "the list never shows a token");
+    // At its limit, a note says more may be open; below it, none.
+    let out = server
+        .scrip()
+        .args(["task", "list", "--limit", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("more may be open"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = server
+        .scrip()
+        .args(["task", "list", "--limit", "2", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stderr), "", "no note below the limit");
 
     // Without a token, `end` says how to give one and ends nothing.
     let out = server.scrip().args(["task", "end"]).output().unwrap();

@@ -157,6 +157,8 @@ pub(crate) async fn delegate(
             "policy allows none of the requested grants to this sub-agent",
         ));
     }
+    // Kept for the record should the parent end before the commit.
+    let decisions = writes.clone();
     let ttl = ttl.unwrap_or(st.config.task_ttl);
     let exp = scrip_token::derived_expiry(now, ttl, parent.expires_at);
     let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
@@ -191,7 +193,7 @@ pub(crate) async fn delegate(
         actor: Some(act),
         may_act,
         grants: child.scope.clone(),
-        purpose,
+        purpose: purpose.clone(),
         environment: parent.environment.clone(),
         depth,
         token_jti: jti.clone(),
@@ -205,10 +207,21 @@ pub(crate) async fn delegate(
         Ok(()) => {}
         // The parent ended after it was read: the store refuses the child
         // (and its records), so ending a task always ends its children.
+        // The decisions, and the refusal, still go on the record.
         Err(scrip_store::StoreError::Conflict(_)) => {
-            return Err(OAuthError::invalid_request(
-                "subject_token: the task has ended",
+            let e = OAuthError::invalid_request("subject_token: the task has ended");
+            let mut refused = base(st.audit("task.refused"));
+            refused.decision = Some("deny".into());
+            refused.actions = Some(allowed.to_string());
+            refused.reason = Some(format!(
+                "delegation to {} ({}): the parent task ended before the sub-task was stored",
+                short(&actor.subject),
+                short(&actor.issuer)
             ));
+            let mut record = decisions;
+            record.push(Write::Audit(Box::new(refused)));
+            st.store.commit(record).await?;
+            return Err(e);
         }
         Err(e) => return Err(e.into()),
     }
