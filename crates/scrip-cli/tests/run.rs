@@ -828,21 +828,44 @@ fn task_start_list_and_end() {
     assert_eq!(list(true).trim(), "");
 
     // From standard input, with --json.
-    let out = server
-        .scrip()
-        .args([
-            "task",
-            "start",
-            "--json",
-            "--grant",
-            "github:read",
-            "--purpose",
-            "p",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let start_json = || {
+        let out = server
+            .scrip()
+            .args([
+                "task",
+                "start",
+                "--json",
+                "--grant",
+                "github:read",
+                "--purpose",
+                "p",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // `scrip task end` with `token` piped in, and SCRIP_TASK_TOKEN if given.
+    let end_piped = |token: &str, variable: Option<&str>| {
+        let mut cmd = server.scrip();
+        cmd.args(["task", "end"]);
+        if let Some(v) = variable {
+            cmd.env("SCRIP_TASK_TOKEN", v);
+        }
+        let mut end = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        end.stdin
+            .take()
+            .unwrap()
+            .write_all(token.as_bytes())
+            .unwrap();
+        end.wait_with_output().unwrap()
+    };
+    let started = start_json();
     let task = started["task_token"].as_str().unwrap().to_owned();
     assert_eq!(started["scope"], "github:read");
     // Redirected in while SCRIP_TASK_TOKEN holds another task's token (as
@@ -859,53 +882,11 @@ fn task_start_list_and_end() {
         .unwrap();
     assert_refused(&out, 1, &["both SCRIP_TASK_TOKEN and standard input"]);
     assert_eq!(server.introspect(&task)["active"], true);
-    let mut end = server
-        .scrip()
-        .args(["task", "end"])
-        .env("SCRIP_TASK_TOKEN", &task)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    end.stdin
-        .take()
-        .unwrap()
-        .write_all(task.as_bytes())
-        .unwrap();
-    let out = end.wait_with_output().unwrap();
+    let out = end_piped(&task, Some(&task));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(server.introspect(&task)["active"], false);
-    let out = server
-        .scrip()
-        .args([
-            "task",
-            "start",
-            "--json",
-            "--grant",
-            "github:read",
-            "--purpose",
-            "p",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let task = started["task_token"].as_str().unwrap().to_owned();
-    let mut end = server
-        .scrip()
-        .args(["task", "end"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    end.stdin
-        .take()
-        .unwrap()
-        .write_all(task.as_bytes())
-        .unwrap();
-    let out = end.wait_with_output().unwrap();
+    let task = start_json()["task_token"].as_str().unwrap().to_owned();
+    let out = end_piped(&task, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(server.introspect(&task)["active"], false);
 }

@@ -271,19 +271,6 @@ impl SecretCache {
         }
     }
 
-    /// The current (newest) version of `name`/`action`, `None` when none is
-    /// set.
-    ///
-    /// # Errors
-    /// [`SecretError`] when the store fails or the value does not open.
-    pub async fn current(
-        &self,
-        name: &str,
-        action: &str,
-    ) -> Result<Option<Arc<SecretValue>>, SecretError> {
-        Ok(self.accepted(name, action, crate::now()).await?.current)
-    }
-
     /// The versions of `name`/`action` the upstream may accept at `now`
     /// (Unix seconds).
     ///

@@ -733,16 +733,17 @@ async fn access_token(
             }
         },
     };
-    // An action the tool does not have is not quoted (nor recorded): it may
-    // be a secret in the wrong place.
-    if actions.iter().any(|a| !tool.actions.contains(a)) {
-        let e = OAuthError::invalid_scope(format!(
-            "scope names an action tool `{}` does not have",
-            tool.name
-        ));
-        return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
-    }
     if let Some(beyond) = actions.iter().find(|a| !held.contains(a)) {
+        // The task holds only actions the tool has, so only here can one be
+        // unknown; it is not quoted (nor recorded): it may be a secret in
+        // the wrong place.
+        if actions.iter().any(|a| !tool.actions.contains(a)) {
+            let e = OAuthError::invalid_scope(format!(
+                "scope names an action tool `{}` does not have",
+                tool.name
+            ));
+            return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+        }
         let grant = Grant {
             tool: tool.name.clone(),
             action: beyond.clone(),

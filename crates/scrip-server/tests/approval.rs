@@ -74,6 +74,15 @@ async fn pending(s: &TestServer, task: &str) -> String {
     r.body["auth_req_id"].as_str().unwrap().to_owned()
 }
 
+/// How many approvals were requested, by the audit record.
+async fn requested(s: &TestServer) -> usize {
+    s.audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "approval.requested")
+        .count()
+}
+
 async fn poll(s: &TestServer, task: &str, id: &str) -> Reply {
     s.post_form(
         "/token",
@@ -413,12 +422,7 @@ async fn a_denial_answers_access_denied_with_the_reason() {
         );
     }
     assert_eq!(list(&s, Some(&alice_id(&s))).await.text, before);
-    let asked = s
-        .audit()
-        .await
-        .iter()
-        .filter(|a| a.event == "approval.requested")
-        .count();
+    let asked = requested(&s).await;
     assert_eq!(asked, 1, "the denied step was asked once");
     s.stop().await;
 }
@@ -450,12 +454,7 @@ async fn a_denied_step_is_not_asked_again_in_pieces() {
     assert!(r.text.contains("no deletes"), "{}", r.text);
     let r = s.access_token(&task, "github", Some("read")).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let asked = s
-        .audit()
-        .await
-        .iter()
-        .filter(|a| a.event == "approval.requested")
-        .count();
+    let asked = requested(&s).await;
     assert_eq!(asked, 1, "the denied step was asked again");
     s.stop().await;
 }

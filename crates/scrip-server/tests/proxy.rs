@@ -657,6 +657,26 @@ async fn echoed_secrets_are_redacted_and_never_logged_or_audited() {
     env.server.stop().await;
 }
 
+/// Serves a page showing each `(label, key)`, fetches it with the read
+/// token `read`, and checks that every key came back masked.
+async fn assert_masked(env: &Env, read: &str, keys: &[(&str, &str)]) {
+    let page: String = keys.iter().map(|(l, k)| format!("{l}={k}\n")).collect();
+    env.nginx.put_file("settings.txt", page.as_bytes());
+    let (status, _, body) = env
+        .send(
+            reqwest::Method::GET,
+            "legacy/files/settings.txt",
+            Some(read),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let masked: String = keys
+        .iter()
+        .map(|(l, k)| format!("{l}={}\n", "*".repeat(k.len())))
+        .collect();
+    assert_eq!(body, masked);
+}
+
 /// The upstream's other keys are redacted too: a read answer that shows
 /// the write key (a settings page) would undo the split between the
 /// actions.
@@ -665,25 +685,12 @@ async fn a_read_answer_never_shows_the_write_key() {
     let env = setup().await;
     let task = env.task("legacy:read").await;
     let read = env.token(&task, "legacy", "read").await;
-    let page = format!("read_key={READ_KEY}\nwrite_key={WRITE_KEY}\n");
-    env.nginx.put_file("settings.txt", page.as_bytes());
-    let (status, _, body) = env
-        .send(
-            reqwest::Method::GET,
-            "legacy/files/settings.txt",
-            Some(&read),
-        )
-        .await;
-    assert_eq!(status, 200);
-    let stars = |k: &str| "*".repeat(k.len());
-    assert_eq!(
-        body,
-        format!(
-            "read_key={}\nwrite_key={}\n",
-            stars(READ_KEY),
-            stars(WRITE_KEY)
-        )
-    );
+    assert_masked(
+        &env,
+        &read,
+        &[("read_key", READ_KEY), ("write_key", WRITE_KEY)],
+    )
+    .await;
     env.server.stop().await;
 }
 
@@ -699,29 +706,17 @@ async fn keys_in_their_grace_period_are_redacted_too() {
     set_secret(&env.server, "legacy", "read", READ_KEY_2).await;
     set_secret(&env.server, "legacy", "write", WRITE_KEY_2).await;
     tokio::time::sleep(scrip_proxy::secrets::CACHE_TTL + Duration::from_millis(200)).await;
-    let page = format!(
-        "old_read={READ_KEY}\nold_write={WRITE_KEY}\nread={READ_KEY_2}\nwrite={WRITE_KEY_2}\n"
-    );
-    env.nginx.put_file("settings.txt", page.as_bytes());
-    let (status, _, body) = env
-        .send(
-            reqwest::Method::GET,
-            "legacy/files/settings.txt",
-            Some(&read),
-        )
-        .await;
-    assert_eq!(status, 200);
-    let stars = |k: &str| "*".repeat(k.len());
-    assert_eq!(
-        body,
-        format!(
-            "old_read={}\nold_write={}\nread={}\nwrite={}\n",
-            stars(READ_KEY),
-            stars(WRITE_KEY),
-            stars(READ_KEY_2),
-            stars(WRITE_KEY_2)
-        )
-    );
+    assert_masked(
+        &env,
+        &read,
+        &[
+            ("old_read", READ_KEY),
+            ("old_write", WRITE_KEY),
+            ("read", READ_KEY_2),
+            ("write", WRITE_KEY_2),
+        ],
+    )
+    .await;
     env.server.stop().await;
 }
 
