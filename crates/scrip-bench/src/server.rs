@@ -68,11 +68,6 @@ fn filler(i: usize) -> String {
 }
 
 /// A free loopback port (bound, read, released).
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Writes the configuration: the policies of `policy_src` (`*.cedar`,
 /// `*.cedarschema`) plus fillers up to `total_policies`, the identity
 /// provider's JWKS, and `scrip.toml` (with `signing_algorithm` when one
@@ -116,7 +111,7 @@ pub fn prepare(
     }
     let policies = policies.max(total_policies);
     std::fs::write(dir.path().join("idp-jwks.json"), idp.jwks().to_string())?;
-    let port = free_port()?;
+    let port = scrip_testkit::free_port();
     let mut toml = String::new();
     if let Some(alg) = signing_algorithm {
         writeln!(toml, "signing_algorithm = \"{alg}\"")?;
@@ -178,7 +173,7 @@ pub fn prepare(
     )?;
     let mut replicas = Vec::new();
     for i in 1..shared.map_or(1, |(_, n)| n.max(1)) {
-        let p = free_port()?;
+        let p = scrip_testkit::free_port();
         let file = dir.path().join(format!("scrip-{i}.toml"));
         std::fs::write(
             &file,

@@ -99,11 +99,7 @@ impl Server {
             json!({ "keys": [idp.public_jwk()] }).to_string(),
         )
         .unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = scrip_testkit::free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let config = format!(
             r#"listen = "{addr}"

@@ -12,7 +12,7 @@
 
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -58,11 +58,6 @@ fn copy_policies(to: &Path) {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// A plain HTTP/1.1 GET: the status and the body, or `None` when the server
 /// does not answer (yet).
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
@@ -197,7 +192,7 @@ impl Drop for Server {
 
 /// Writes `<dir>/scrip.toml` listening on a free port, plus `extra` lines.
 fn write_config(dir: &Path, extra: &str) -> SocketAddr {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = SocketAddr::from(([127, 0, 0, 1], scrip_testkit::free_port()));
     fs::write(
         dir.join("scrip.toml"),
         format!("listen = \"{addr}\"\n{extra}"),

@@ -30,14 +30,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn answers(port: u16) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -59,7 +51,7 @@ fn the_readme_quickstart_works() {
         std::fs::copy(&path, root.join("policies").join(path.file_name().unwrap())).unwrap();
     }
     // The shipped quickstart configuration, on a free port instead of 7070.
-    let port = free_port();
+    let port = scrip_testkit::free_port();
     let config = std::fs::read_to_string(repo().join("examples/quickstart.toml"))
         .unwrap()
         .replace("127.0.0.1:7070", &format!("127.0.0.1:{port}"));

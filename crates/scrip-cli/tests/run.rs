@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -54,11 +54,7 @@ impl Server {
             }
         }
         fs::write(policies.join("local.cedar"), LOCAL_POLICY).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = scrip_testkit::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         fs::write(
             root.join("scrip.toml"),
@@ -529,10 +525,7 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     let out = run(&["--grant", "github:read", "--env", "prod"], &[]);
     assert_refused(&out, 1, &["access_denied"]);
 
-    let free = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = SocketAddr::from(([127, 0, 0, 1], scrip_testkit::free_port()));
     let out = run(
         &[
             "--grant",

@@ -6,6 +6,7 @@
 //! skip for want of PostgreSQL: a server that cannot be started fails them.
 //! [`Gate`] stands between a client and a real service to cut it off.
 //! [`dpop::DpopKey`] makes RFC 9449 proofs (with `scrip-client`'s key).
+//! [`free_port`] gives a port for a server started as another process.
 #![expect(
     clippy::panic,
     clippy::expect_used,
@@ -20,6 +21,56 @@ pub use gate::Gate;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+/// The lowest port the kernel gives to outgoing connections and to binds of
+/// port 0 (`net.ipv4.ip_local_port_range`), or Linux's default.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on, for a server a test
+/// starts in another process, which must know its port before it starts
+/// (it goes into the configuration and the issuer).
+///
+/// A port from binding port 0 and closing it again is in the kernel's
+/// ephemeral range, where any connection the tests open in the meantime
+/// may take it. This one is drawn at random from the 10,000 ports below
+/// that range, which the kernel never hands out on its own; a port this
+/// process gave out before, or where something listens, is not given.
+/// Test processes running at once could still draw the same port, about
+/// one chance in 10,000 for each pair of servers starting together.
+///
+/// # Panics
+/// When no port is free after 1,000 draws.
+#[must_use]
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let high = ephemeral_low();
+    let low = high.saturating_sub(10_000).max(1_024);
+    let span = u64::from(high.saturating_sub(low).max(1));
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1_000 {
+        // Each `RandomState` has a new key, from a seed the system's
+        // randomness gave this thread.
+        let draw = std::hash::RandomState::new().build_hasher().finish() % span;
+        let port = low.saturating_add(u16::try_from(draw).unwrap_or(0));
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free TCP port in {low}..{high} after 1,000 draws");
+}
 
 /// Where the tests' PostgreSQL server listens; `SCRIP_TEST_PG` overrides.
 fn server() -> String {

@@ -262,18 +262,10 @@ async fn start_provider(port: u16) -> Provider {
     Provider { child, kid }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn oidc_provider_tokens_are_workload_identities_and_key_rotation_is_followed() {
     setup();
-    let port = free_port();
+    let port = scrip_testkit::free_port();
     let issuer = format!("http://127.0.0.1:{port}");
     let mut provider = start_provider(port).await;
     let policy = format!(

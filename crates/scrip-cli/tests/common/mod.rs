@@ -13,7 +13,7 @@
 )]
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,8 +48,7 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    scrip_testkit::free_port()
 }
 
 pub fn repo_policies() -> PathBuf {

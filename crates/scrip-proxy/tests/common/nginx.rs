@@ -13,7 +13,7 @@
 #![allow(dead_code, reason = "each user takes a different part")]
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,13 +24,6 @@ pub struct Nginx {
     pub proxy_port: u16,
     pub dir: tempfile::TempDir,
     child: Child,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 /// Installs Debian's nginx when it is not there (CI machines are fresh).
@@ -77,8 +70,8 @@ impl Nginx {
         for sub in ["www/upload", "tmp"] {
             fs::create_dir_all(root.join(sub)).unwrap();
         }
-        let port = free_port();
-        let proxy_port = free_port();
+        let port = scrip_testkit::free_port();
+        let proxy_port = scrip_testkit::free_port();
         let map: String = keys
             .iter()
             .map(|(label, key)| format!("        \"Bearer {key}\" {label};\n"))
