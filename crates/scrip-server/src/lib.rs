@@ -246,10 +246,9 @@ impl Server {
                 .approval_webhook
                 .clone()
                 .map(|url| {
-                    let http = reqwest::Client::builder()
-                        .timeout(std::time::Duration::from_secs(5))
-                        .redirect(reqwest::redirect::Policy::none())
-                        .build()
+                    // The URL's path or query may be the receiver's secret:
+                    // never through a proxy when it is on this machine.
+                    let http = scrip_identity::http_client(&url, std::time::Duration::from_secs(5))
                         .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?;
                     Ok::<_, StartError>(state::Webhook { url, http })
                 })
@@ -485,10 +484,34 @@ fn keys_max_age(config: &Config) -> u64 {
 /// The HTTP application.
 pub fn router(state: AppState) -> Router {
     let metadata = state.0.metadata_body.clone();
+    // RFC 8414 §3.1: an issuer with a path (`https://host/tenant`) has its
+    // metadata at `/.well-known/oauth-authorization-server/tenant`. A front
+    // proxy that strips the issuer's path sends the rest to the plain path;
+    // one that forwards the well-known path as it is, to this one. The raw
+    // path is compared, as a client builds it from the issuer's text.
+    let at_issuer_path = (
+        format!(
+            "{}{}",
+            paths::METADATA,
+            scrip_token::issuer_path(&state.0.issuer)
+        ),
+        metadata.clone(),
+    );
     Router::new()
         .route(
             paths::METADATA,
             get(move || async move { json_body(metadata, METADATA_MAX_AGE) }),
+        )
+        .route(
+            "/.well-known/oauth-authorization-server/{*path}",
+            get(move |uri: axum::http::Uri| async move {
+                let (path, body) = at_issuer_path;
+                if uri.path() == path {
+                    json_body(body, METADATA_MAX_AGE)
+                } else {
+                    not_found()
+                }
+            }),
         )
         .route(
             paths::JWKS,
@@ -520,11 +543,15 @@ pub fn router(state: AppState) -> Router {
         // Every error is RFC 6749 §5.2 JSON, not to be cached: a wrong
         // method too (axum adds the `Allow` header).
         .method_not_allowed_fallback(|| async { error::OAuthError::method_not_allowed() })
-        .fallback(|| async {
-            (
-                axum::http::StatusCode::NOT_FOUND,
-                axum::Json(serde_json::json!({"error": "not_found", "error_description": "no such endpoint; see /.well-known/oauth-authorization-server"})),
-            )
-        })
+        .fallback(|| async { not_found() })
         .with_state(state)
+}
+
+/// The answer for a path that is no endpoint.
+fn not_found() -> axum::response::Response {
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({"error": "not_found", "error_description": "no such endpoint; see /.well-known/oauth-authorization-server"})),
+    )
+        .into_response()
 }

@@ -458,6 +458,61 @@ async fn eddsa_and_rs256_tokens_verify_against_the_jwks() {
 }
 
 #[tokio::test]
+async fn an_issuer_with_a_path_has_its_metadata_where_rfc_8414_puts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        issuer: Some("http://127.0.0.1:7070/tenant".into()),
+        data_dir: dir.path().join("data"),
+        policy_dir: repo_policies(),
+        tools: tools(),
+        ..scrip_config::Config::default()
+    };
+    let server = scrip_server::Server::bind(config).await.unwrap();
+    let base = format!("http://{}", server.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let http = reqwest::Client::new();
+    // Where RFC 8414 §3.1 puts it, and where a front proxy that strips the
+    // issuer's path sends the appended form.
+    for path in [
+        "/.well-known/oauth-authorization-server/tenant",
+        "/.well-known/oauth-authorization-server",
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(
+            r.headers()["cache-control"],
+            "max-age=300",
+            "{path} is not the metadata"
+        );
+        let m: Value = r.json().await.unwrap();
+        assert_eq!(m["issuer"], "http://127.0.0.1:7070/tenant", "{path}");
+        assert_eq!(m["token_endpoint"], "http://127.0.0.1:7070/tenant/token");
+    }
+    // Another issuer's path is no endpoint.
+    for path in [
+        "/.well-known/oauth-authorization-server/other",
+        "/.well-known/oauth-authorization-server/tenant/x",
+        "/.well-known/oauth-authorization-server/",
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "not_found", "{path}");
+    }
+    let _ = tx.send(());
+    handle.await.unwrap();
+}
+
+#[tokio::test]
 async fn metadata_names_every_endpoint_under_the_issuer() {
     let s = TestServer::start().await;
     let r = s

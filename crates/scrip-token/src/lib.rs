@@ -35,6 +35,39 @@ pub mod token_type {
 /// The RFC 8693 grant type.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
+/// The well-known URI suffix of RFC 8414 authorization server metadata.
+pub const METADATA_SUFFIX: &str = "/.well-known/oauth-authorization-server";
+
+/// The path component of `issuer` (an absolute URL without query or
+/// fragment, as configuration checks it): `""` for `https://a.example`,
+/// `/tenant` for `https://a.example/tenant`. A trailing `/` is not part of
+/// it.
+#[must_use]
+pub fn issuer_path(issuer: &str) -> &str {
+    let after_scheme = issuer.find("://").map_or(0, |i| i + 3);
+    issuer
+        .get(after_scheme..)
+        .and_then(|rest| rest.find('/'))
+        .and_then(|i| issuer.get(after_scheme + i..))
+        .unwrap_or("")
+        .trim_end_matches('/')
+}
+
+/// Where RFC 8414 §3.1 puts `issuer`'s metadata: the well-known suffix
+/// inserted between the host and the issuer's path, so
+/// `https://a.example/tenant` has it at
+/// `https://a.example/.well-known/oauth-authorization-server/tenant`. For
+/// an issuer without a path this is the issuer with the suffix appended.
+#[must_use]
+pub fn metadata_url(issuer: &str) -> String {
+    let path = issuer_path(issuer);
+    let origin = issuer
+        .trim_end_matches('/')
+        .strip_suffix(path)
+        .unwrap_or(issuer);
+    format!("{origin}{METADATA_SUFFIX}{path}")
+}
+
 /// JOSE `typ` header values of the tokens scrip signs.
 pub mod typ {
     /// Task tokens (shaped like OAuth Transaction Tokens).
@@ -112,4 +145,48 @@ pub fn is_deceptive(c: char) -> bool {
 #[must_use]
 pub fn derived_expiry(now: u64, ttl: u64, ceiling: u64) -> u64 {
     now.saturating_add(ttl).min(ceiling)
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    use super::{issuer_path, metadata_url};
+
+    #[test]
+    fn the_suffix_goes_between_the_host_and_the_issuers_path() {
+        for (issuer, path, url) in [
+            (
+                "https://a.example",
+                "",
+                "https://a.example/.well-known/oauth-authorization-server",
+            ),
+            (
+                "http://127.0.0.1:7070",
+                "",
+                "http://127.0.0.1:7070/.well-known/oauth-authorization-server",
+            ),
+            (
+                "https://a.example/tenant",
+                "/tenant",
+                "https://a.example/.well-known/oauth-authorization-server/tenant",
+            ),
+            (
+                "https://a.example:8443/a/b",
+                "/a/b",
+                "https://a.example:8443/.well-known/oauth-authorization-server/a/b",
+            ),
+            (
+                "https://a.example/tenant/",
+                "/tenant",
+                "https://a.example/.well-known/oauth-authorization-server/tenant",
+            ),
+            (
+                "https://a.example/",
+                "",
+                "https://a.example/.well-known/oauth-authorization-server",
+            ),
+        ] {
+            assert_eq!(issuer_path(issuer), path, "{issuer}");
+            assert_eq!(metadata_url(issuer), url, "{issuer}");
+        }
+    }
 }

@@ -393,6 +393,47 @@ struct Metadata {
     introspection_endpoint: Option<String>,
 }
 
+/// Reads `issuer`'s metadata where RFC 8414 §3.1 puts it (the well-known
+/// suffix between the host and the issuer's path) and, for an issuer with a
+/// path, then where OpenID Connect Discovery puts its own (appended to the
+/// issuer), which a front proxy that strips the issuer's path serves. Either
+/// way the document must name `issuer` exactly (RFC 8414 §3.3).
+async fn read_metadata(http: &reqwest::Client, issuer: &str) -> Result<Metadata, SetupError> {
+    let rfc = scrip_token::metadata_url(issuer);
+    let appended = format!("{}{}", issuer, scrip_token::METADATA_SUFFIX);
+    let mut failures = Vec::new();
+    for url in [rfc, appended] {
+        if failures.iter().any(|(tried, _)| *tried == url) {
+            continue;
+        }
+        let read = async {
+            let body =
+                fetch::get_bytes(http, &url, None, METADATA_TIMEOUT, MAX_METADATA_BYTES).await?;
+            let metadata: Metadata =
+                serde_json::from_slice(&body).map_err(|e| format!("`{url}`: {e}"))?;
+            if metadata.issuer == issuer {
+                Ok(metadata)
+            } else {
+                Err(format!(
+                    "`{url}` names issuer `{}`, not `{issuer}`",
+                    metadata.issuer
+                ))
+            }
+        };
+        match read.await {
+            Ok(metadata) => return Ok(metadata),
+            Err(e) => failures.push((url, e)),
+        }
+    }
+    Err(SetupError::Metadata(
+        failures
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>()
+            .join("; then "),
+    ))
+}
+
 /// An absolute URL, `https` unless on a loopback host.
 fn endpoint(what: &str, s: &str) -> Result<url::Url, SetupError> {
     let url = url::Url::parse(s)
@@ -428,24 +469,7 @@ impl Verifier {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SetupError::Http(e.to_string()))?;
-        let metadata_url = format!("{}/.well-known/oauth-authorization-server", config.issuer);
-        let body = fetch::get_bytes(
-            &http,
-            &metadata_url,
-            None,
-            METADATA_TIMEOUT,
-            MAX_METADATA_BYTES,
-        )
-        .await
-        .map_err(SetupError::Metadata)?;
-        let metadata: Metadata = serde_json::from_slice(&body)
-            .map_err(|e| SetupError::Metadata(format!("`{metadata_url}`: {e}")))?;
-        if metadata.issuer != config.issuer {
-            return Err(SetupError::Metadata(format!(
-                "metadata names issuer `{}`, not `{}`",
-                metadata.issuer, config.issuer
-            )));
-        }
+        let metadata = read_metadata(&http, &config.issuer).await?;
         let jwks_uri = endpoint("jwks_uri", &metadata.jwks_uri)?;
         let keys = keys::JwksCache::new(
             http.clone(),
