@@ -54,7 +54,7 @@ pub const MAX_PROOF_BYTES: usize = 8 * 1024;
 const MAX_JTI_LEN: usize = 256;
 
 /// JWK members that hold private key material (RFC 7518 §6, RFC 8037).
-const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+pub(crate) const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
 
 /// What a proof must match.
 #[derive(Debug, Clone, Copy)]

@@ -189,7 +189,9 @@ impl KeySet {
     ///
     /// # Errors
     /// [`JoseError::Key`] when the document is not a JWKS, holds too many keys,
-    /// repeats a `kid`, or holds no usable key.
+    /// repeats a `kid`, publishes a private key (whoever read it can sign
+    /// as its issuer: none of the document's keys is trusted), or holds no
+    /// usable key.
     pub fn from_jwks_json(bytes: &[u8]) -> Result<Self, JoseError> {
         #[derive(serde::Deserialize)]
         struct Doc {
@@ -204,6 +206,16 @@ impl KeySet {
         }
         let mut set = Self::default();
         for value in doc.keys {
+            // A private member of an asymmetric key; symmetric keys (`k`)
+            // are never used, and skipped below.
+            if let Some(member) = crate::dpop::PRIVATE_MEMBERS
+                .iter()
+                .find(|m| **m != "k" && value.get(**m).is_some())
+            {
+                return Err(JoseError::Key(format!(
+                    "JWKS publishes private key material (member `{member}`): the issuer's key is exposed, and none of the document's keys is used"
+                )));
+            }
             // A key of a type jsonwebtoken does not know is skipped, not fatal.
             let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
                 continue;

@@ -1000,6 +1000,33 @@ fn keyset_skips_symmetric_and_encryption_keys() {
     assert_eq!(KeySet::from_jwks_json(&jwks_bytes(&odd)).unwrap().len(), 1);
 }
 
+/// A JWKS that publishes a private key is refused whole: whoever read it can
+/// sign as its issuer, so neither that key nor the others is trusted.
+#[test]
+fn a_key_set_publishing_a_private_key_is_refused() {
+    let k = keys();
+    let (ec, _) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+    let mut leaked = ec.public_jwk();
+    // What `d` holds does not matter: that it is published does.
+    leaked["d"] = json!(b64(&[7u8; 32]));
+    let e = KeySet::from_jwks_json(&jwks_bytes(&[k.ed.public_jwk(), leaked])).unwrap_err();
+    assert!(
+        e.to_string().contains("private key material (member `d`)"),
+        "{e}"
+    );
+    for member in ["p", "q", "dp", "dq", "qi", "oth"] {
+        let mut rsa = k.ec.public_jwk();
+        rsa[member] = json!("AQAB");
+        let e = KeySet::from_jwks_json(&jwks_bytes(&[rsa])).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("(member `{member}`)")),
+            "{e}"
+        );
+    }
+    // The public halves alone load.
+    KeySet::from_jwks_json(&jwks_bytes(&[k.ed.public_jwk(), ec.public_jwk()])).unwrap();
+}
+
 #[test]
 fn an_unpinned_rsa_key_verifies_one_algorithm_only() {
     // RFC 8725 §3.1: each key is used with exactly one algorithm. An RSA

@@ -13,7 +13,7 @@ use cedar_policy::{
 use scrip_config::Tool;
 use scrip_token::{ActionName, WorkloadIdentity};
 
-use crate::selection::{Guards, Selected, Selection, select};
+use crate::selection::{Guards, Selected, Selection, ToolScope, select, tool_scope};
 use crate::{DEFAULT_SCHEMA, PolicyError};
 
 /// Which exchange a decision is for.
@@ -434,10 +434,15 @@ impl PolicyEngine {
         self.count == 0
     }
 
-    /// Checks that every configured tool action is a Cedar action.
+    /// Checks that every configured tool action is a Cedar action, and that
+    /// no `forbid` is scoped to a tool that is not configured: a misspelt
+    /// tool name there (`Tool::"githib"`) would make the forbid apply to
+    /// nothing, without a word from Cedar's validator, which knows no tool
+    /// names.
     ///
     /// # Errors
-    /// [`PolicyError::UndeclaredAction`] for the first one that is not.
+    /// [`PolicyError::UndeclaredAction`] or [`PolicyError::UnknownTool`] for
+    /// the first problem.
     pub fn check_tools(&self, tools: &[Tool]) -> Result<(), PolicyError> {
         for tool in tools {
             for action in &tool.actions {
@@ -447,6 +452,17 @@ impl PolicyEngine {
                         action: action.to_string(),
                     });
                 }
+            }
+        }
+        for policy in self.policies.policies() {
+            if policy.effect() == cedar_policy::Effect::Forbid
+                && let ToolScope::One(tool) = tool_scope(policy)
+                && !tools.iter().any(|t| t.name.as_str() == tool)
+            {
+                return Err(PolicyError::UnknownTool {
+                    policy: policy.id().to_string(),
+                    tool: tool.chars().take(64).flat_map(char::escape_debug).collect(),
+                });
             }
         }
         Ok(())

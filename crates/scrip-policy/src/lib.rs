@@ -70,4 +70,15 @@ pub enum PolicyError {
         /// The action.
         action: String,
     },
+    /// A `forbid` is scoped to a tool that is not configured, so it would
+    /// never apply.
+    #[error(
+        "policy `{policy}` forbids only at tool `{tool}`, which is not configured: it would never apply; correct the tool's name, or remove the policy"
+    )]
+    UnknownTool {
+        /// The policy's id.
+        policy: String,
+        /// The tool it names.
+        tool: String,
+    },
 }

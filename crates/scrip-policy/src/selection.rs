@@ -211,12 +211,12 @@ fn principal_has(e: &Value) -> Option<&str> {
 }
 
 /// Which tools a policy's resource scope can match.
-enum ToolScope {
+pub(crate) enum ToolScope {
     Any,
     One(String),
 }
 
-fn tool_scope(policy: &Policy) -> ToolScope {
+pub(crate) fn tool_scope(policy: &Policy) -> ToolScope {
     let named = |uid: &EntityUid| {
         (uid.type_name().to_string() == "Tool").then(|| uid.id().unescaped().to_owned())
     };

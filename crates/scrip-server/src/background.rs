@@ -90,53 +90,77 @@ async fn sweep_loop(state: AppState) {
         ticks += 1;
         let now = now();
         crate::approval::expire(st, now).await;
-        match st.store.due_tasks(now, 500).await {
-            Ok(mut due) if !due.is_empty() => {
-                // Children first: a parent's ending ends its open
-                // descendants, so a child after it in the one commit would
-                // find itself ended and refuse the commit, every tick (a
-                // child's deadline is its parent's at the latest, so both
-                // are often due together).
-                due.sort_by_key(|t| std::cmp::Reverse(t.depth));
-                let mut writes = Vec::with_capacity(due.len() * 2);
-                for task in &due {
-                    writes.push(Write::EndOpenTask {
-                        id: task.id.clone(),
-                        at: now,
-                        reason: "expired".into(),
-                        // A task that reached its deadline needs no event:
-                        // its tokens expire with it. An event each would
-                        // send every follower one per expiring task.
-                        grace: 0,
-                    });
-                    let mut a = st.audit("task.expired");
-                    a.agent_iss = Some(task.agent.issuer.clone());
-                    a.agent_sub = Some(task.agent.subject.clone());
-                    a.task_id = Some(task.id.clone());
-                    a.parent_id.clone_from(&task.parent);
-                    a.environment = Some(task.environment.clone());
-                    a.purpose = Some(task.purpose.clone());
-                    writes.push(Write::Audit(Box::new(a)));
-                }
-                match st.store.commit(writes).await {
-                    Ok(()) => {}
-                    // One of them was ended meanwhile (a revocation, another
-                    // replica's sweep): read again at the next tick.
-                    Err(scrip_store::StoreError::Conflict(e)) => {
-                        tracing::debug!(error = %e, "an expiring task ended meanwhile; sweeping again");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not record expired tasks; will retry");
-                    }
-                }
+        // Small commits, a few a tick: on PostgreSQL each task ended is
+        // three round trips under the lock every replica's writes take, and
+        // a sweep shares its commit's fate with the requests batched beside
+        // it, so one sweep of hundreds of tasks would hold every replica up
+        // and could outrun the commit's time limit.
+        for _ in 0..SWEEPS_PER_TICK {
+            if !sweep_due(st, now).await {
+                break;
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read due tasks; will retry"),
         }
         if ticks.is_multiple_of(60)
             && let Err(e) = st.store.commit(vec![Write::PurgeRevocations { now }]).await
         {
             tracing::warn!(error = %e, "could not purge expired revocations");
+        }
+    }
+}
+
+/// Tasks ended per sweep commit, and sweeps per tick at most (a backlog of
+/// thousands ends over a few seconds).
+const SWEEP: u32 = 50;
+const SWEEPS_PER_TICK: usize = 20;
+
+/// Ends up to [`SWEEP`] tasks past their deadline in one commit; whether a
+/// full sweep was committed, so that more may be due.
+async fn sweep_due(st: &crate::state::Inner, now: u64) -> bool {
+    let mut due = match st.store.due_tasks(now, SWEEP).await {
+        Ok(due) if !due.is_empty() => due,
+        Ok(_) => return false,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read due tasks; will retry");
+            return false;
+        }
+    };
+    // Children first: a parent's ending ends its open descendants, so a
+    // child after it in the one commit would find itself ended and refuse
+    // the commit, every tick (a child's deadline is its parent's at the
+    // latest, so both are often due together).
+    due.sort_by_key(|t| std::cmp::Reverse(t.depth));
+    let full = due.len() >= usize::try_from(SWEEP).unwrap_or(usize::MAX);
+    let mut writes = Vec::with_capacity(due.len() * 2);
+    for task in &due {
+        writes.push(Write::EndOpenTask {
+            id: task.id.clone(),
+            at: now,
+            reason: "expired".into(),
+            // A task that reached its deadline needs no event: its tokens
+            // expire with it. An event each would send every follower one
+            // per expiring task.
+            grace: 0,
+        });
+        let mut a = st.audit("task.expired");
+        a.agent_iss = Some(task.agent.issuer.clone());
+        a.agent_sub = Some(task.agent.subject.clone());
+        a.task_id = Some(task.id.clone());
+        a.parent_id.clone_from(&task.parent);
+        a.environment = Some(task.environment.clone());
+        a.purpose = Some(task.purpose.clone());
+        writes.push(Write::Audit(Box::new(a)));
+    }
+    match st.store.commit(writes).await {
+        Ok(()) => full,
+        // One of them was ended meanwhile (a revocation, another replica's
+        // sweep): read again at the next tick.
+        Err(scrip_store::StoreError::Conflict(e)) => {
+            tracing::debug!(error = %e, "an expiring task ended meanwhile; sweeping again");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record expired tasks; will retry");
+            false
         }
     }
 }

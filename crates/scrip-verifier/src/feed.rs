@@ -73,10 +73,14 @@ const MAX_CLAIM_BYTES: usize = 64 * 1024;
 impl FeedSource for HttpFeed {
     fn page(&self, after: u64, wait: Duration) -> PageFuture<'_> {
         Box::pin(async move {
-            let token = self
-                .identity
-                .identity()
+            // The identity source is the resource server's (a file on a
+            // mount, a SPIFFE agent): it may stall too.
+            let token = tokio::time::timeout(wait + POLL_GRACE, self.identity.identity())
                 .await
+                .map_err(|_| {
+                    "no workload identity for the feed: its source did not answer in time"
+                        .to_owned()
+                })?
                 .map_err(|e| format!("no workload identity for the feed: {e}"))?;
             let mut url = self.endpoint.clone();
             url.query_pairs_mut()
@@ -95,17 +99,24 @@ impl FeedSource for HttpFeed {
 
     fn claim_once<'a>(&'a self, token: &'a str) -> ClaimFuture<'a> {
         Box::pin(async move {
-            let identity = self
-                .identity
-                .identity()
+            // The whole claim, the identity included, within its time limit:
+            // a presentation is answered (as unconfirmed) however the
+            // identity source stalls.
+            let started = tokio::time::Instant::now();
+            let identity = tokio::time::timeout(CLAIM_TIMEOUT, self.identity.identity())
                 .await
+                .map_err(|_| {
+                    "no workload identity for introspection: its source did not answer in time"
+                        .to_owned()
+                })?
                 .map_err(|e| format!("no workload identity for introspection: {e}"))?;
+            let left = CLAIM_TIMEOUT.saturating_sub(started.elapsed());
             let body = crate::fetch::post_form_bytes(
                 &self.http,
                 self.introspection.as_str(),
                 &identity,
                 &[("token", token)],
-                CLAIM_TIMEOUT,
+                left.max(Duration::from_millis(1)),
                 MAX_CLAIM_BYTES,
             )
             .await?;
@@ -436,9 +447,15 @@ impl Revocations {
             state.pruned_at = Some(Instant::now());
         }
         state.cursor = cursor;
-        state.synced_at = Some(Instant::now());
-        state.synced_wall = Some(std::time::SystemTime::now());
-        state.caught_up |= done;
+        // Only a page that held everything there was proves the set
+        // current: after one that says there is more, the events left for
+        // the next page are not applied yet, and if it cannot be read the
+        // staleness bound runs from the last complete answer.
+        if done {
+            state.synced_at = Some(Instant::now());
+            state.synced_wall = Some(std::time::SystemTime::now());
+            state.caught_up = true;
+        }
         Ok(())
     }
 
@@ -666,6 +683,39 @@ mod tests {
         // stale.
         r.state.write().unwrap().synced_at = Instant::now().checked_sub(Duration::from_secs(61));
         assert_eq!(r.check("t2", "j"), Err(VerifyError::RevocationStale));
+    }
+
+    /// A page that says there is more is applied, but it does not make the
+    /// set current: until a page that holds the rest is read, staleness
+    /// runs from the last page that held everything.
+    #[test]
+    fn a_page_with_more_to_come_proves_nothing_current() {
+        let r = Revocations::new(Duration::from_secs(60), 0);
+        let far = unix_now() + 600;
+        r.apply(br#"{"cursor":2,"events":[],"more":false}"#)
+            .unwrap();
+        let old = Instant::now().checked_sub(Duration::from_secs(50));
+        r.state.write().unwrap().synced_at = old;
+        let page = format!(
+            r#"{{"cursor":3,"events":[{{"type":"task","txn":"t1","exp":{far}}}],"more":true}}"#
+        );
+        r.apply(page.as_bytes()).unwrap();
+        assert_eq!(r.cursor(), 3);
+        assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+        assert_eq!(
+            r.state.read().unwrap().synced_at,
+            old,
+            "a partial page counted as current"
+        );
+        // 61 s after the last complete page, with only partial ones since,
+        // the set is stale.
+        r.state.write().unwrap().synced_at = Instant::now().checked_sub(Duration::from_secs(61));
+        r.apply(page.replace("\"cursor\":3", "\"cursor\":4").as_bytes())
+            .unwrap();
+        assert_eq!(r.check("t2", "j"), Err(VerifyError::RevocationStale));
+        r.apply(br#"{"cursor":4,"events":[],"more":false}"#)
+            .unwrap();
+        assert_eq!(r.check("t2", "j"), Ok(()));
     }
 
     #[test]

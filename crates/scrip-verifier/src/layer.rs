@@ -108,11 +108,21 @@ impl Rejection {
     /// The answer to a malformed `Authorization` header.
     #[must_use]
     pub fn invalid_request(realm: &str, description: &str) -> Self {
+        Self::invalid_request_as(realm, description, Scheme::Bearer)
+    }
+
+    /// As [`Rejection::invalid_request`], challenging with the scheme the
+    /// request used (RFC 9449 §7.1: `DPoP`, with its `algs`, for a `DPoP`
+    /// one).
+    fn invalid_request_as(realm: &str, description: &str, scheme: Scheme) -> Self {
+        let prefix = match scheme {
+            Scheme::Bearer => format!("Bearer realm=\"{}\"", quoted(realm)),
+            Scheme::Dpop => format!("DPoP realm=\"{}\", algs=\"{}\"", quoted(realm), dpop_algs()),
+        };
         Self {
             status: StatusCode::BAD_REQUEST,
             www_authenticate: Some(format!(
-                "Bearer realm=\"{}\", error=\"invalid_request\", error_description=\"{}\"",
-                quoted(realm),
+                "{prefix}, error=\"invalid_request\", error_description=\"{}\"",
                 quoted(description)
             )),
         }
@@ -209,17 +219,19 @@ fn dpop_algs() -> String {
 
 /// The token of a request and how it was presented: `Ok(None)` when there
 /// are no bearer or DPoP credentials, `Err` when the header is malformed.
-fn credentials(headers: &HeaderMap) -> Result<Option<(Scheme, &str)>, &'static str> {
+/// The credentials of a request; a malformed header is refused, with the
+/// scheme it used when that much could be read.
+fn credentials(headers: &HeaderMap) -> Result<Option<(Scheme, &str)>, (Scheme, &'static str)> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err("more than one authorization header");
+        return Err((Scheme::Bearer, "more than one authorization header"));
     }
     let value = value
         .to_str()
-        .map_err(|_| "authorization header is not ascii")?;
+        .map_err(|_| (Scheme::Bearer, "authorization header is not ascii"))?;
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     let scheme = if scheme.eq_ignore_ascii_case("bearer") {
         Scheme::Bearer
@@ -238,7 +250,7 @@ fn credentials(headers: &HeaderMap) -> Result<Option<(Scheme, &str)>, &'static s
     if ok {
         Ok(Some((scheme, token)))
     } else {
-        Err("access token is malformed")
+        Err((scheme, "access token is malformed"))
     }
 }
 
@@ -270,7 +282,7 @@ pub(crate) async fn authorize(
     let (scheme, token) = match credentials(headers) {
         Ok(Some(found)) => found,
         Ok(None) => return Err(Rejection::missing(realm)),
-        Err(why) => return Err(Rejection::invalid_request(realm, why)),
+        Err((scheme, why)) => return Err(Rejection::invalid_request_as(realm, why, scheme)),
     };
     let result = match scheme {
         Scheme::Bearer => match required {
@@ -343,12 +355,17 @@ mod tests {
         for v in values {
             headers.append(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
         }
-        let found = credentials(&headers).map(|c| {
-            c.map(|(scheme, token)| {
-                assert_eq!(scheme, Scheme::Bearer, "{values:?}");
-                token
+        let found = credentials(&headers)
+            .map(|c| {
+                c.map(|(scheme, token)| {
+                    assert_eq!(scheme, Scheme::Bearer, "{values:?}");
+                    token
+                })
             })
-        });
+            .map_err(|(scheme, why)| {
+                assert_eq!(scheme, Scheme::Bearer, "{values:?}");
+                why
+            });
         assert_eq!(found, expected, "{values:?}");
     }
 
@@ -365,6 +382,24 @@ mod tests {
             &["Bearer a", "Bearer b"],
             Err("more than one authorization header"),
         );
+    }
+
+    #[test]
+    fn a_malformed_dpop_request_is_challenged_with_dpop() {
+        for value in ["DPoP a b", "dpop a\"b", "DPoP"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            let (scheme, why) = credentials(&headers).unwrap_err();
+            assert_eq!(scheme, Scheme::Dpop, "{value}");
+            let r = Rejection::invalid_request_as("github", why, scheme);
+            assert_eq!(r.status, StatusCode::BAD_REQUEST);
+            let challenge = r.www_authenticate.unwrap();
+            assert!(
+                challenge.starts_with("DPoP realm=\"github\", algs=\"")
+                    && challenge.contains("error=\"invalid_request\""),
+                "{value}: {challenge}"
+            );
+        }
     }
 
     fn check_rejection(error: VerifyError, status: u16, challenge: Option<&str>) {

@@ -272,6 +272,38 @@ impl scrip_verifier::IdentitySource for Stalling {
     }
 }
 
+/// An identity source that never answers does not hold a presentation
+/// past the claim's time limit (10 s): the use is unconfirmed (503), and the
+/// token is accepted once the source answers again.
+#[tokio::test]
+async fn a_stalled_identity_source_gives_an_unconfirmed_use_in_time() {
+    let s = Server::start().await;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let identity = Stalling {
+        token: s.k8s.kubernetes("resource-servers", "github-api"),
+        hang: hang.clone(),
+    };
+    let mut config = VerifierConfig::new(&s.url, "github", Arc::new(identity));
+    if let scrip_verifier::Revocation::Follow(feed) = &mut config.revocation {
+        feed.wait = std::time::Duration::from_secs(2);
+    }
+    let v = Verifier::discover(config).await.unwrap();
+    let task = s.prod_task().await;
+    let token = s.approved_token(&task).await;
+
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), v.verify(&token))
+        .await
+        .expect("the claim waited for the identity source for ever");
+    assert!(
+        matches!(answer, Err(VerifyError::UseUnconfirmed)),
+        "{answer:?}"
+    );
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    v.verify(&token).await.unwrap();
+    s.stop().await;
+}
+
 /// A presentation dropped while its use is being claimed at scrip (its
 /// client went away) leaves no mark: the use was never confirmed, and the
 /// token is accepted when presented again.
