@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scrip_config::Config;
-use scrip_policy::PolicyEngine;
-use scrip_server::policies::{DirState, Policies};
+use scrip_server::policies::Policies;
 
 use scrip_verifier::{FileIdentity, Verifier, VerifierConfig};
 
@@ -58,8 +57,9 @@ async fn start(config: Config) -> Result<Started, String> {
     let verifier = Verifier::discover(vc)
         .await
         .map_err(|e| format!("cannot trust `{issuer}`: {e}"))?;
-    let policy_seen = DirState::now(&config.policy_dir);
-    let policy = PolicyEngine::load(&config.policy_dir).map_err(|e| e.to_string())?;
+    let (policy_seen, policy) = scrip_server::policies::load_at_start(&config.policy_dir)
+        .await
+        .map_err(|e| e.to_string())?;
     policy
         .check_tools(&config.tools)
         .map_err(|e| e.to_string())?;

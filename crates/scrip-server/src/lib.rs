@@ -43,7 +43,6 @@ use axum::routing::{get, post};
 use scrip_config::Config;
 use scrip_identity::IdentityVerifier;
 use scrip_jose::TypRule;
-use scrip_policy::PolicyEngine;
 use scrip_store::Write;
 use scrip_token::{TOKEN_EXCHANGE_GRANT, typ};
 
@@ -201,8 +200,7 @@ impl Server {
         } else {
             keyring::Keyring::from_files(&config, state::now())?
         };
-        let policy_seen = policies::DirState::now(&config.policy_dir);
-        let policy = PolicyEngine::load(&config.policy_dir)?;
+        let (policy_seen, policy) = policies::load_at_start(&config.policy_dir).await?;
         policy.check_tools(&config.tools)?;
         let identities =
             IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;

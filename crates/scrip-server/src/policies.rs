@@ -207,6 +207,52 @@ impl Policies {
     }
 }
 
+/// How many times the policies are read at start while their files keep
+/// changing, [`SETTLE`] apart, before start-up gives up.
+const START_READS: usize = 20;
+
+/// Reads the policy set at start (`scrip serve`, `scrip proxy`), and the
+/// directory as it was before the read. As with a reload, a file changed
+/// while it was read (a deploy rewriting it in place: one caught
+/// half-written can parse, a cut between two policies dropping the
+/// `forbid` rules after it) means what was read is dropped and read again
+/// once the files settle; otherwise, with polling off, a cut set would
+/// stay in force until a SIGHUP.
+///
+/// # Errors
+/// The read's own error once the files held still while they were read, or
+/// that they never did.
+pub async fn load_at_start(
+    dir: &Path,
+) -> Result<(DirState, PolicyEngine), scrip_policy::PolicyError> {
+    read_settled(dir, || PolicyEngine::load(dir)).await
+}
+
+async fn read_settled<T>(
+    dir: &Path,
+    mut read: impl FnMut() -> Result<T, scrip_policy::PolicyError>,
+) -> Result<(DirState, T), scrip_policy::PolicyError> {
+    for _ in 0..START_READS {
+        let seen = DirState::now(dir);
+        let read = read();
+        if DirState::now(dir) == seen {
+            return read.map(|r| (seen, r));
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            "policy files changed while they were read; reading them again once they settle"
+        );
+        tokio::time::sleep(SETTLE).await;
+    }
+    Err(scrip_policy::PolicyError::Io {
+        path: dir.to_owned(),
+        source: std::io::Error::other(format!(
+            "the policy files kept changing while they were read ({START_READS} reads, {} ms apart)",
+            SETTLE.as_millis()
+        )),
+    })
+}
+
 /// How long the policy files must stay unchanged after a change is seen
 /// before they are read: a file caught half-written can parse (a cut
 /// between two policies) and would drop the `forbid` rules after the cut.
@@ -345,6 +391,40 @@ mod tests {
 
     /// What was read is installed only if the directory is still as it was
     /// seen before the read.
+    /// A file rewritten while the start-up read ran: what was read is
+    /// dropped, and the files are read again once they held still.
+    #[tokio::test]
+    async fn a_start_up_read_that_a_change_raced_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.cedar");
+        std::fs::write(&file, "half").unwrap();
+        let mut reads = 0;
+        let (seen, got) = read_settled(dir.path(), || {
+            reads += 1;
+            if reads == 1 {
+                // Another writer finishes the file during the first read.
+                std::fs::write(&file, "the whole file").unwrap();
+            }
+            Ok(reads)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, 2, "the raced read was used");
+        assert_eq!(seen, DirState::now(dir.path()));
+
+        // Files that never hold still stop the start, rather than let a cut
+        // set through.
+        let mut n = 0u64;
+        let e = read_settled(dir.path(), || {
+            n += 1;
+            std::fs::write(&file, "x".repeat(usize::try_from(n).unwrap())).unwrap();
+            Ok(())
+        });
+        tokio::time::pause();
+        let e = e.await.unwrap_err();
+        assert!(e.to_string().contains("kept changing"), "{e}");
+    }
+
     #[tokio::test]
     async fn a_reload_of_files_changed_while_read_installs_nothing() {
         let dir = tempfile::tempdir().unwrap();

@@ -107,7 +107,10 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 }
                 return Ok(());
             }
-            let descendants = st.store.open_descendants(&task.id).await?;
+            // For the record only: the commit below ends every open
+            // sub-task whether or not they could be listed, so a tree too
+            // large to list in time still ends.
+            let descendants = st.store.open_descendants(&task.id).await;
             let mut a = st.audit("task.ended");
             a.agent_iss = Some(task.agent.issuer.clone());
             a.agent_sub = Some(task.agent.subject.clone());
@@ -118,14 +121,20 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             a.jti = Some(claims.jti.clone());
             a.client = Some(peer.to_string());
             // The commit ends every sub-task open then, including one
-            // delegated after this read; the list names those read.
-            a.reason = Some(if descendants.is_empty() {
-                "task token revoked; every open sub-task ended with it".to_owned()
-            } else {
-                format!(
+            // delegated after this read; the list names those read, the
+            // first few of a large tree.
+            a.reason = Some(match &descendants {
+                Ok(ids) if ids.is_empty() => {
+                    "task token revoked; every open sub-task ended with it".to_owned()
+                }
+                Ok(ids) => format!(
                     "task token revoked; every open sub-task ended with it (open when asked: {})",
-                    descendants.join(", ")
-                )
+                    listed(ids)
+                ),
+                Err(e) => {
+                    tracing::warn!(task = %task.id, error = %e, "could not list the open sub-tasks of a revoked task for its record");
+                    "task token revoked; every open sub-task ended with it (they could not be listed)".to_owned()
+                }
             });
             let ended = st
                 .store
@@ -176,4 +185,33 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
         }
     }
     Ok(())
+}
+
+/// The sub-tasks a record names: all of a few, the first [`LISTED`] of
+/// many and how many more.
+fn listed(ids: &[String]) -> String {
+    match ids.get(..LISTED) {
+        Some(first) if ids.len() > LISTED => {
+            format!("{} and {} more", first.join(", "), ids.len() - LISTED)
+        }
+        _ => ids.join(", "),
+    }
+}
+
+/// How many sub-task ids a revocation record names at most.
+const LISTED: usize = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::{LISTED, listed};
+
+    #[test]
+    fn a_large_tree_is_named_by_its_first_sub_tasks_and_a_count() {
+        let ids: Vec<String> = (0..LISTED + 5).map(|i| format!("t{i}")).collect();
+        assert_eq!(listed(&ids[..2]), "t0, t1");
+        assert_eq!(listed(&ids[..LISTED]), ids[..LISTED].join(", "));
+        let text = listed(&ids);
+        assert!(text.ends_with(", t19 and 5 more"), "{text}");
+        assert!(!text.contains("t20"), "{text}");
+    }
 }

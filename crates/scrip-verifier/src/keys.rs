@@ -5,7 +5,8 @@
 //! bounded to one attempt per `min_refetch`, so a flood of tokens with made-up
 //! `kid`s costs scrip at most one fetch per interval. A failed refresh keeps
 //! the keys already held, for at most `max_age` since the last fetch that
-//! succeeded; after that every token is refused until one does. A fetch that
+//! succeeded (by the wall clock as well, which runs on while the host
+//! sleeps); after that every token is refused until one does. A fetch that
 //! returns the same document keeps the key set (and so every token verified
 //! with it stays cached). Keys never come from a token's own headers.
 
@@ -26,15 +27,40 @@ struct State {
     keys: Arc<KeySet>,
     /// The document `keys` came from.
     body: Vec<u8>,
-    fetched_at: Instant,
-    attempted_at: Instant,
+    fetched_at: Stamp,
+    attempted_at: Stamp,
+}
+
+/// When something happened, by both clocks: the monotonic clock stops while
+/// the host sleeps (a laptop, a paused VM), so keys fetched before a long
+/// sleep would look fresh after it by that clock alone.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    mono: Instant,
+    wall: std::time::SystemTime,
+}
+
+impl Stamp {
+    fn now() -> Self {
+        Self {
+            mono: Instant::now(),
+            wall: std::time::SystemTime::now(),
+        }
+    }
+
+    /// The time since, by whichever clock says more (a wall clock set back
+    /// counts for nothing).
+    fn elapsed(&self) -> Duration {
+        let wall = self.wall.elapsed().unwrap_or(Duration::ZERO);
+        self.mono.elapsed().max(wall)
+    }
 }
 
 /// Where a verifier's keys come from.
 #[derive(Debug)]
 pub(crate) enum Keys {
     /// Fetched from scrip's `jwks_uri` and cached.
-    Fetched(JwksCache),
+    Fetched(Box<JwksCache>),
     /// Inside scrip itself, which holds its own public keys (replaced as
     /// they rotate).
     Local(scrip_jose::SharedKeySet),
@@ -99,7 +125,7 @@ impl JwksCache {
     ) -> Result<Self, String> {
         let body = fetch(&http, &uri).await?;
         let keys = parse(&uri, &body)?;
-        let now = Instant::now();
+        let now = Stamp::now();
         Ok(Self {
             uri,
             http,
@@ -116,7 +142,7 @@ impl JwksCache {
         })
     }
 
-    fn snapshot(&self) -> (Arc<KeySet>, Instant, Instant) {
+    fn snapshot(&self) -> (Arc<KeySet>, Stamp, Stamp) {
         match self.state.read() {
             Ok(s) => (s.keys.clone(), s.fetched_at, s.attempted_at),
             Err(poisoned) => {
@@ -137,11 +163,7 @@ impl JwksCache {
         self.within_age(keys, fetched_at)
     }
 
-    fn within_age(
-        &self,
-        keys: Arc<KeySet>,
-        fetched_at: Instant,
-    ) -> Result<Arc<KeySet>, VerifyError> {
+    fn within_age(&self, keys: Arc<KeySet>, fetched_at: Stamp) -> Result<Arc<KeySet>, VerifyError> {
         if fetched_at.elapsed() > self.max_age {
             return Err(VerifyError::KeysStale);
         }
@@ -162,7 +184,7 @@ impl JwksCache {
             return None;
         }
         if let Ok(mut s) = self.state.write() {
-            s.attempted_at = Instant::now();
+            s.attempted_at = Stamp::now();
         }
         match fetch(&self.http, &self.uri)
             .await
@@ -172,7 +194,7 @@ impl JwksCache {
                 let Ok(mut s) = self.state.write() else {
                     return None;
                 };
-                s.fetched_at = Instant::now();
+                s.fetched_at = Stamp::now();
                 if s.body == body {
                     // The same keys: nothing newer to try, and the tokens
                     // verified with them stay cached.
@@ -189,5 +211,31 @@ impl JwksCache {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use super::Stamp;
+
+    /// Keys fetched before the host slept are as old as the wall clock says,
+    /// though the monotonic clock stood still; a wall clock set back makes
+    /// them no younger.
+    #[test]
+    fn a_stamp_is_as_old_as_either_clock_says() {
+        let hour = Duration::from_secs(3600);
+        let slept = Stamp {
+            mono: Instant::now(),
+            wall: SystemTime::now().checked_sub(hour).unwrap(),
+        };
+        assert!(slept.elapsed() >= hour);
+        let set_back = Stamp {
+            mono: Instant::now().checked_sub(Duration::from_secs(5)).unwrap(),
+            wall: SystemTime::now().checked_add(hour).unwrap(),
+        };
+        let e = set_back.elapsed();
+        assert!(e >= Duration::from_secs(5) && e < hour, "{e:?}");
     }
 }

@@ -502,7 +502,13 @@ impl Verifier {
                 Some(source)
             }
         };
-        Self::assemble(config, keys::Keys::Fetched(keys), source, FirstRead::Before).await
+        Self::assemble(
+            config,
+            keys::Keys::Fetched(Box::new(keys)),
+            source,
+            FirstRead::Before,
+        )
+        .await
     }
 
     /// A verifier inside scrip itself: `keys` are scrip's own public keys
