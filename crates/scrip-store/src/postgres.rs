@@ -14,8 +14,10 @@
 //! `LISTEN`/`NOTIFY` on [`CHANNEL`]; when the listening connection drops,
 //! every change counter is bumped (notifications may have been missed) and
 //! it reconnects by itself. A database that cannot be reached fails every
-//! read and commit with [`StoreError::Unavailable`] within
-//! [`TIMEOUT`], and the store recovers by itself when it comes back.
+//! read with [`StoreError::Unavailable`] within [`TIMEOUT`], and every
+//! commit within twice that (one [`TIMEOUT`] for its batch, connecting
+//! included, after at most one for the batch before it); the store recovers
+//! by itself when it comes back.
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -318,8 +320,10 @@ struct PgWriter {
 #[async_trait::async_trait]
 impl Apply for PgWriter {
     async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
+        // One deadline for the batch, connecting included.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
         if self.conn.is_none() {
-            let conn = tokio::time::timeout(TIMEOUT, self.options.connect())
+            let conn = tokio::time::timeout_at(deadline, self.options.connect())
                 .await
                 .map_err(|_| unavailable("connecting to the database timed out"))?
                 .map_err(unavailable)?;
@@ -330,7 +334,8 @@ impl Apply for PgWriter {
             return Err(StoreError::Unavailable("no connection".into()));
         };
         let sent = &mut self.commit_sent;
-        let result = match tokio::time::timeout(TIMEOUT, apply_on(c, writes, chain, sent)).await {
+        let result = match tokio::time::timeout_at(deadline, apply_on(c, writes, chain, sent)).await
+        {
             Ok(r) => r,
             Err(_) => Err(unavailable("the database did not answer in time")),
         };

@@ -575,6 +575,13 @@ mod tests {
                 },
                 "audit_tool",
             ),
+            (
+                AuditFilter {
+                    decision: Some("deny".into()),
+                    ..AuditFilter::default()
+                },
+                "audit_denied",
+            ),
         ] {
             let plan = plan(filter).await;
             assert!(plan.contains(index), "{plan}");
