@@ -1027,6 +1027,45 @@ fn a_key_set_publishing_a_private_key_is_refused() {
     KeySet::from_jwks_json(&jwks_bytes(&[k.ed.public_jwk(), ec.public_jwk()])).unwrap();
 }
 
+/// An Ed25519 key of small order verifies signatures anyone can make (for
+/// the identity, `[S]B` with any `S` signs every message): it is skipped,
+/// whichever sign bit its encoding carries.
+#[test]
+fn ed25519_keys_of_small_order_are_skipped() {
+    let k = keys();
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut order_two = [0xffu8; 32];
+    order_two[0] = 0xec;
+    order_two[31] = 0x7f;
+    let mut order_two_signed = order_two;
+    order_two_signed[31] = 0xff;
+    for x in [identity, order_two, order_two_signed] {
+        let weak = json!({"kty": "OKP", "crv": "Ed25519", "kid": "weak", "x": b64(&x), "alg": "EdDSA"});
+        let set = KeySet::from_jwks_json(&jwks_bytes(&[weak, k.ed.public_jwk()])).unwrap();
+        assert!(!set.contains_kid("weak"), "{x:?}");
+        assert!(set.contains_kid(k.ed.kid()));
+    }
+    // With the identity as the key, a signature that anyone can make
+    // verifies: R = [1]B (the base point), S = 1. It finds no key here.
+    // The base point's encoding: y = 4/5.
+    let mut sig = vec![0x66u8; 32];
+    sig[0] = 0x58;
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    sig.extend_from_slice(&one);
+    let header = b64(br#"{"alg":"EdDSA","typ":"JWT","kid":"weak"}"#);
+    let payload = b64(serde_json::to_vec(&claims()).unwrap().as_slice());
+    let forged = format!("{header}.{payload}.{}", b64(&sig));
+    let weak = json!({"kty": "OKP", "crv": "Ed25519", "kid": "weak", "x": b64(&identity), "alg": "EdDSA"});
+    let set = KeySet::from_jwks_json(&jwks_bytes(&[weak, k.ed.public_jwk()])).unwrap();
+    let rule = Rule::algorithms(&[Algorithm::EdDSA]);
+    assert_eq!(
+        check(&forged, &set, &rule.expectations()).unwrap_err(),
+        JoseError::UnknownKey
+    );
+}
+
 #[test]
 fn an_unpinned_rsa_key_verifies_one_algorithm_only() {
     // RFC 8725 §3.1: each key is used with exactly one algorithm. An RSA
