@@ -67,7 +67,6 @@ fn filler(i: usize) -> String {
     }
 }
 
-/// A free loopback port (bound, read, released).
 /// Writes the configuration: the policies of `policy_src` (`*.cedar`,
 /// `*.cedarschema`) plus fillers up to `total_policies`, the identity
 /// provider's JWKS, and `scrip.toml` (with `signing_algorithm` when one

@@ -663,6 +663,14 @@ fn policy(command: PolicyCommand) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(format!("cannot read `{}`: {e}", file.display())),
             };
+            // With a configuration, the set must also be one `scrip serve`
+            // would load with it (a forbid at a tool it does not configure
+            // is refused there).
+            if let Some(config) = &config
+                && let Err(e) = engine.check_tools(&config.tools)
+            {
+                return fail(e);
+            }
             let tools = config.map(|c| c.tools).unwrap_or_default();
             let results = match scrip_policy::run_test_file(&engine, &text, &tools) {
                 Ok(r) => r,

@@ -57,7 +57,6 @@ fn copy_policies(to: &Path) {
     }
 }
 
-/// A port that was free a moment ago.
 /// A plain HTTP/1.1 GET: the status and the body, or `None` when the server
 /// does not answer (yet).
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
@@ -475,6 +474,61 @@ fn policy_test_refuses_an_invalid_file() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("expekt"), "{out:?}");
+}
+
+/// With `--config`, `policy test` refuses what `scrip serve` would refuse
+/// with it: here a `forbid` at a tool the configuration does not have
+/// (a misspelt name, which would never apply), before any case runs.
+#[test]
+fn policy_test_with_a_config_refuses_a_forbid_at_an_unconfigured_tool() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    copy_policies(&policies);
+    fs::write(
+        policies.join("typo.cedar"),
+        "@id(\"no-delete\")\nforbid (principal, action == Action::\"delete\", resource == Tool::\"githib\");\n",
+    )
+    .unwrap();
+    let config = dir.path().join("scrip.toml");
+    fs::write(
+        &config,
+        "[[tools]]\nname = \"github\"\nresource = \"https://api.github.com\"\nactions = [\"read\", \"delete\"]\n",
+    )
+    .unwrap();
+    let file = dir.path().join("t.test.toml");
+    fs::write(
+        &file,
+        "[[case]]\nname = \"read\"\nagent = { issuer = \"i\", subject = \"s\" }\ntool = \"github\"\n\
+         action = \"read\"\nenvironment = \"dev\"\nexpect = \"deny\"\n",
+    )
+    .unwrap();
+    let args = |with_config: bool| {
+        let mut a = vec![
+            "policy".to_owned(),
+            "test".to_owned(),
+            file.display().to_string(),
+            "--policies".to_owned(),
+            policies.display().to_string(),
+        ];
+        if with_config {
+            a.extend(["--config".to_owned(), config.display().to_string()]);
+        }
+        a
+    };
+    fn refs(a: &[String]) -> Vec<&str> {
+        a.iter().map(String::as_str).collect()
+    }
+    let with = args(true);
+    let out = run(&refs(&with));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("`no-delete` forbids only at tool `githib`"),
+        "{out:?}"
+    );
+    // Without a configuration there are no tools to check against.
+    let without = args(false);
+    let out = run(&refs(&without));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
 /// A GitHub Actions OIDC token always carries `ref` (and many more claims):

@@ -426,18 +426,6 @@ pub async fn read_at_most(
     Ok(Some(body))
 }
 
-/// Whether `url`'s host is this machine: its traffic never goes through a
-/// proxy named in the environment (`HTTP_PROXY`, `ALL_PROXY`), which would
-/// otherwise see every token sent over plain HTTP to a local scrip.
-fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
-}
-
 /// An HTTP client for the scrip at `url` that carries tokens safely: it
 /// speaks https unless scrip is on this machine, follows no redirect (which
 /// could take a token elsewhere), gives up after `timeout`, and never goes
@@ -454,34 +442,17 @@ pub fn http_client(url: &str, timeout: Duration) -> Result<reqwest::Client, Erro
     })?;
     match parsed.scheme() {
         "https" => {}
-        "http" if is_loopback(&parsed) => {}
+        "http" if scrip_verifier::net::is_local(url) => {}
         _ => {
             return Err(Error::Insecure {
                 url: url.to_owned(),
             });
         }
     }
-    let mut builder = reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none());
-    if is_loopback(&parsed) {
-        builder = builder.no_proxy();
-    }
-    // `localhost` is 127.0.0.1 here, never what the resolver lists first:
-    // most hosts files also map it to ::1, tried first, where another local
-    // user may listen on the same port while scrip listens on 127.0.0.1
-    // only (its default), and would receive every token sent.
-    if let (Some(url::Host::Domain(name)), Some(port)) =
-        (parsed.host(), parsed.port_or_known_default())
-        && name.eq_ignore_ascii_case("localhost")
-    {
-        builder = builder.resolve(
-            name,
-            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
-        );
-    }
-    builder
-        .build()
+    // Through no proxy of the environment when scrip is on this machine,
+    // and `localhost` as 127.0.0.1 (see `scrip_verifier::net`): otherwise a
+    // proxy, or another local user on `::1`, would see every token sent.
+    scrip_verifier::net::http_client(url, timeout)
         .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))
 }
 

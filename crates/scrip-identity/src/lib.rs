@@ -173,13 +173,14 @@ impl IdentityVerifier {
         for ti in trusted {
             let source = match (&ti.jwks_uri, &ti.jwks_file) {
                 (Some(uri), _) => {
-                    let client = if loopback(uri).is_some() {
-                        // Its own client: see `http_client`.
-                        http_client(uri, FETCH_TIMEOUT)
+                    let client = if scrip_verifier::net::is_local(uri) {
+                        // Its own client: see `scrip_verifier::net::http_client`.
+                        scrip_verifier::net::http_client(uri, FETCH_TIMEOUT)
                     } else {
                         match &http {
                             Some(client) => Ok(client.clone()),
-                            None => http_client(uri, FETCH_TIMEOUT).map(|c| http.insert(c).clone()),
+                            None => scrip_verifier::net::http_client(uri, FETCH_TIMEOUT)
+                                .map(|c| http.insert(c).clone()),
                         }
                     }
                     .map_err(|e| SetupError::Http(e.to_string()))?;
@@ -486,48 +487,6 @@ fn read_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Where a URL on this machine points: its host name, when it is
-/// `localhost`, and its port. `None` for any other URL.
-fn loopback(uri: &str) -> Option<(Option<String>, u16)> {
-    let url = url::Url::parse(uri).ok()?;
-    let port = url.port_or_known_default()?;
-    match url.host()? {
-        url::Host::Domain(d) if d.eq_ignore_ascii_case("localhost") => {
-            Some((Some(d.to_owned()), port))
-        }
-        url::Host::Ipv4(ip) if ip.is_loopback() => Some((None, port)),
-        url::Host::Ipv6(ip) if ip.is_loopback() => Some((None, port)),
-        _ => None,
-    }
-}
-
-/// A client for requests to `url` (key sets, scrip's approval webhook):
-/// no redirects, `timeout` for the whole request. For a `url` on this
-/// machine, which may be plain `http`, it also never goes through a proxy
-/// named in the environment (which would carry the request off the machine
-/// unprotected, and could answer with any keys), and `localhost` is
-/// 127.0.0.1, never what the resolver lists first: most hosts files also map
-/// it to `::1`, tried first, where another local user could answer on the
-/// same port while the real service listens on 127.0.0.1 only.
-///
-/// # Errors
-/// When the TLS backend cannot be set up.
-pub fn http_client(url: &str, timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    let mut builder = reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none());
-    if let Some((name, port)) = loopback(url) {
-        builder = builder.no_proxy();
-        if let Some(name) = name {
-            builder = builder.resolve(
-                &name,
-                std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
-            );
-        }
-    }
-    builder.build()
-}
-
 async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
     let mut response = http
         .get(uri)
@@ -600,28 +559,5 @@ mod tests {
         let changed = v.keys(issuer, None).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(changed.len(), 2);
-    }
-}
-
-#[cfg(test)]
-mod loopback_tests {
-    use super::loopback;
-
-    #[test]
-    fn urls_on_this_machine_are_told_apart() {
-        assert_eq!(
-            loopback("http://localhost:8080/jwks"),
-            Some((Some("localhost".to_owned()), 8080))
-        );
-        assert_eq!(
-            loopback("http://LocalHost/jwks"),
-            Some((Some("localhost".to_owned()), 80))
-        );
-        assert_eq!(loopback("http://127.0.0.2:9/k"), Some((None, 9)));
-        assert_eq!(loopback("https://[::1]/k"), Some((None, 443)));
-        assert_eq!(loopback("https://idp.example/jwks"), None);
-        assert_eq!(loopback("https://localhost.example/jwks"), None);
-        assert_eq!(loopback("http://10.0.0.1/jwks"), None);
-        assert_eq!(loopback("not a url"), None);
     }
 }

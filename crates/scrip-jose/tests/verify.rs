@@ -1041,7 +1041,8 @@ fn ed25519_keys_of_small_order_are_skipped() {
     let mut order_two_signed = order_two;
     order_two_signed[31] = 0xff;
     for x in [identity, order_two, order_two_signed] {
-        let weak = json!({"kty": "OKP", "crv": "Ed25519", "kid": "weak", "x": b64(&x), "alg": "EdDSA"});
+        let weak =
+            json!({"kty": "OKP", "crv": "Ed25519", "kid": "weak", "x": b64(&x), "alg": "EdDSA"});
         let set = KeySet::from_jwks_json(&jwks_bytes(&[weak, k.ed.public_jwk()])).unwrap();
         assert!(!set.contains_kid("weak"), "{x:?}");
         assert!(set.contains_kid(k.ed.kid()));
@@ -1057,7 +1058,8 @@ fn ed25519_keys_of_small_order_are_skipped() {
     let header = b64(br#"{"alg":"EdDSA","typ":"JWT","kid":"weak"}"#);
     let payload = b64(serde_json::to_vec(&claims()).unwrap().as_slice());
     let forged = format!("{header}.{payload}.{}", b64(&sig));
-    let weak = json!({"kty": "OKP", "crv": "Ed25519", "kid": "weak", "x": b64(&identity), "alg": "EdDSA"});
+    let weak =
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": "weak", "x": b64(&identity), "alg": "EdDSA"});
     let set = KeySet::from_jwks_json(&jwks_bytes(&[weak, k.ed.public_jwk()])).unwrap();
     let rule = Rule::algorithms(&[Algorithm::EdDSA]);
     assert_eq!(

@@ -101,9 +101,12 @@ async fn page(
     };
     loop {
         changes.borrow_and_update();
-        let events = st.store.revocations(after, now(), PAGE).await?;
+        // One more than a page: whether any was left for the next one.
+        let mut events = st.store.revocations(after, now(), PAGE + 1).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
-            let more = events.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
+            let page = usize::try_from(PAGE).unwrap_or(usize::MAX);
+            let more = events.len() > page;
+            events.truncate(page);
             let cursor = events.last().map_or(after, |e| e.seq);
             let events: Vec<serde_json::Value> = events
                 .iter()

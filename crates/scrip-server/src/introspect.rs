@@ -188,11 +188,13 @@ async fn introspect(
             if active_task(st, &c, now).await?.is_none() {
                 return Ok((inactive(), false));
             }
+            // The current actor, as in the task's access tokens.
+            let client_id = c.act.as_ref().map_or(&c.sub, |a| &a.sub);
             let mut body = json!({
                 "active": true,
                 "token_type": "N_A",
                 "iss": c.iss, "sub": c.sub, "aud": c.aud, "iat": c.iat, "exp": c.exp,
-                "jti": c.jti, "txn": c.txn, "scope": c.scope, "client_id": c.sub, "tctx": c.tctx,
+                "jti": c.jti, "txn": c.txn, "scope": c.scope, "client_id": client_id, "tctx": c.tctx,
             });
             if let (Some(act), Some(obj)) = (c.act.as_ref(), body.as_object_mut()) {
                 obj.insert(

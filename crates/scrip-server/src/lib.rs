@@ -246,8 +246,9 @@ impl Server {
                 .map(|url| {
                     // The URL's path or query may be the receiver's secret:
                     // never through a proxy when it is on this machine.
-                    let http = scrip_identity::http_client(&url, std::time::Duration::from_secs(5))
-                        .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?;
+                    let http =
+                        scrip_verifier::net::http_client(&url, std::time::Duration::from_secs(5))
+                            .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?;
                     Ok::<_, StartError>(state::Webhook { url, http })
                 })
                 .transpose()?,

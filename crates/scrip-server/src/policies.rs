@@ -310,11 +310,13 @@ impl Watch {
     }
 }
 
-/// What the policy directory holds, as far as a change to it shows: each
-/// file's name, and of what it names (symbolic links followed, as the loader
-/// follows them) its size, modification and change times and inode. A copy
-/// that keeps the modification time (`cp -p`, `rsync -a`) still changes the
-/// change time or the inode.
+/// What the policy directory holds, as far as a change to it shows: the
+/// name of each file the loader reads (`*.cedar`, `*.cedarschema`; a log or
+/// an editor's swap file beside them that keeps changing is no change), and
+/// of what it names (symbolic links followed, as the loader follows them) its
+/// size, modification and change times and inode. A copy that keeps the
+/// modification time (`cp -p`, `rsync -a`) still changes the change time or
+/// the inode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirState(Vec<(String, u64, Option<std::time::SystemTime>, i64, i64, u64)>);
 
@@ -328,6 +330,12 @@ impl DirState {
         };
         let mut out: Vec<_> = entries
             .filter_map(Result::ok)
+            .filter(|e| {
+                matches!(
+                    e.path().extension().and_then(|x| x.to_str()),
+                    Some("cedar" | "cedarschema")
+                )
+            })
             .filter_map(|e| {
                 let meta = std::fs::metadata(e.path()).ok()?;
                 Some((
@@ -389,8 +397,6 @@ mod tests {
         assert!(w.observe(fp("b.cedar", 1)));
     }
 
-    /// What was read is installed only if the directory is still as it was
-    /// seen before the read.
     /// A file rewritten while the start-up read ran: what was read is
     /// dropped, and the files are read again once they held still.
     #[tokio::test]
@@ -412,6 +418,18 @@ mod tests {
         assert_eq!(got, 2, "the raced read was used");
         assert_eq!(seen, DirState::now(dir.path()));
 
+        // Another file beside them changing is no change.
+        let log = dir.path().join("reload.log");
+        let mut reads = 0;
+        read_settled(dir.path(), || {
+            reads += 1;
+            std::fs::write(&log, "x".repeat(reads)).unwrap();
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(reads, 1);
+
         // Files that never hold still stop the start, rather than let a cut
         // set through.
         let mut n = 0u64;
@@ -425,6 +443,8 @@ mod tests {
         assert!(e.to_string().contains("kept changing"), "{e}");
     }
 
+    /// What was read is installed only if the directory is still as it was
+    /// seen before the read.
     #[tokio::test]
     async fn a_reload_of_files_changed_while_read_installs_nothing() {
         let dir = tempfile::tempdir().unwrap();

@@ -190,13 +190,19 @@ async fn child_and_grandchild_tokens_carry_the_act_chain() {
     assert_eq!(claims(&rat)["client_id"], AGENT);
 
     // Introspection shows `act`.
+    // A task token's `client_id` is its current actor, as in its access
+    // tokens.
     let r = s.introspect(&child).await;
     assert_eq!(r.body["active"], true, "{}", r.text);
     assert_eq!(r.body["act"], act1());
     assert_eq!(r.body["tctx"]["depth"], 1);
+    assert_eq!(r.body["client_id"], ACTOR1);
     let r = s.introspect(&grandchild).await;
     assert_eq!(r.body["active"], true, "{}", r.text);
     assert_eq!(r.body["act"], act21());
+    assert_eq!(r.body["client_id"], ACTOR2);
+    let r = s.introspect(&parent).await;
+    assert_eq!(r.body["client_id"], AGENT, "{}", r.text);
     let r = s.introspect(&at).await;
     assert_eq!(r.body["active"], true, "{}", r.text);
     assert_eq!(r.body["act"], act1());

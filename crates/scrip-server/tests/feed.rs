@@ -239,6 +239,13 @@ async fn a_page_says_whether_it_left_events_out() {
     assert_eq!(body["events"].as_array().unwrap().len(), 1_000);
     assert_eq!(body["more"], true);
     let cursor = body["cursor"].as_i64().unwrap();
+    // Exactly a page left: full, and nothing more.
+    let (_, body) = feed(&s, &format!("?after={}", cursor - 999), Some(&caller)).await;
+    assert_eq!(body["events"].as_array().unwrap().len(), 1_000);
+    assert_eq!(
+        body["more"], false,
+        "a page of exactly 1,000 said there was more"
+    );
     let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
     assert_eq!(body["events"].as_array().unwrap().len(), 1);
     assert_eq!(body["more"], false);

@@ -15,9 +15,9 @@
 //! every change counter is bumped (notifications may have been missed) and
 //! it reconnects by itself. A database that cannot be reached fails every
 //! read with [`StoreError::Unavailable`] within [`TIMEOUT`], and every
-//! commit within twice that (one [`TIMEOUT`] for its batch, connecting
-//! included, after at most one for the batch before it); the store recovers
-//! by itself when it comes back.
+//! batch of commits within [`TIMEOUT`] of its start, connecting included (a
+//! commit waits for the batches queued before it, usually one); the store
+//! recovers by itself when it comes back.
 
 use std::str::FromStr as _;
 use std::time::Duration;

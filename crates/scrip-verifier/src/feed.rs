@@ -395,10 +395,15 @@ impl Revocations {
             Some(more) => !more,
             None => listed == 0,
         };
+        // A page that says there is more does not make the set current; any
+        // other does, once caught up (an older scrip's pages carry no
+        // `more`: after the first empty one, each is all there was).
+        let current = done || page.more.is_none();
         self.take(
             events,
             page.cursor,
             done,
+            current,
             unix_now(),
             self.base.elapsed().as_secs(),
         )?;
@@ -407,12 +412,14 @@ impl Revocations {
 
     /// Takes a page's events, at `now` by the wall clock and `mono` seconds
     /// after [`Self::base`], and moves the cursor; `done` when the page held
-    /// everything there was.
+    /// everything there was, `current` when it proves the set current once
+    /// caught up.
     fn take(
         &self,
         events: Vec<Event>,
         cursor: u64,
         done: bool,
+        current: bool,
         now: u64,
         mono: u64,
     ) -> Result<(), String> {
@@ -447,14 +454,13 @@ impl Revocations {
             state.pruned_at = Some(Instant::now());
         }
         state.cursor = cursor;
-        // Only a page that held everything there was proves the set
-        // current: after one that says there is more, the events left for
-        // the next page are not applied yet, and if it cannot be read the
-        // staleness bound runs from the last complete answer.
-        if done {
+        // After a page that says there is more, the events left for the
+        // next page are not applied yet: if it cannot be read, the
+        // staleness bound runs from the last page that held everything.
+        state.caught_up |= done;
+        if state.caught_up && current {
             state.synced_at = Some(Instant::now());
             state.synced_wall = Some(std::time::SystemTime::now());
-            state.caught_up = true;
         }
         Ok(())
     }
@@ -585,11 +591,12 @@ mod tests {
         };
         let prune_next = || r.state.write().unwrap().pruned_at = None;
         let w = unix_now();
-        r.take(vec![task("t1", w + 600)], 1, true, w, 0).unwrap();
+        r.take(vec![task("t1", w + 600)], 1, true, true, w, 0)
+            .unwrap();
         // The wall clock jumps 10,000 s ahead, 5 s later: by it, t1's tokens
         // are long expired, but they pass again once it is set back.
         prune_next();
-        r.take(vec![task("t2", w + 600)], 2, true, w + 10_000, 5)
+        r.take(vec![task("t2", w + 600)], 2, true, true, w + 10_000, 5)
             .unwrap();
         assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
         // An event that arrived while it was ahead is kept as well.
@@ -597,18 +604,18 @@ mod tests {
         // Past `exp` plus the leeway by both clocks, entries go: t2 600 s
         // after it came, t1 630 s after (its `exp` plus the leeway).
         prune_next();
-        r.take(Vec::new(), 3, true, w + 700, 620).unwrap();
+        r.take(Vec::new(), 3, true, true, w + 700, 620).unwrap();
         assert_eq!(r.check("t2", "j"), Ok(()));
         assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
         prune_next();
-        r.take(Vec::new(), 4, true, w + 700, 700).unwrap();
+        r.take(Vec::new(), 4, true, true, w + 700, 700).unwrap();
         assert_eq!(r.check("t1", "j"), Ok(()));
         // A clock already 580 s ahead when an event came: by it the event
         // has 40 s to live, but it is kept 600 s, past the correction.
-        r.take(vec![task("t3", w + 600)], 5, true, w + 590, 2_000)
+        r.take(vec![task("t3", w + 600)], 5, true, true, w + 590, 2_000)
             .unwrap();
         prune_next();
-        r.take(Vec::new(), 6, true, w + 700, 2_100).unwrap();
+        r.take(Vec::new(), 6, true, true, w + 700, 2_100).unwrap();
         assert_eq!(r.check("t3", "j"), Err(VerifyError::Revoked));
         // Staleness is real time: the monotonic clock stops while the
         // machine sleeps, the wall clock does not.
@@ -718,6 +725,25 @@ mod tests {
         assert_eq!(r.check("t2", "j"), Ok(()));
     }
 
+    /// An older scrip's pages carry no `more`: once caught up, each of them
+    /// proves the set current, events or not (revocations that keep coming
+    /// must not make a current follower stale).
+    #[test]
+    fn pages_without_more_keep_a_caught_up_set_current() {
+        let r = Revocations::new(Duration::from_secs(60), 0);
+        let far = unix_now() + 600;
+        r.apply(br#"{"cursor":2,"events":[]}"#).unwrap();
+        let old = Instant::now().checked_sub(Duration::from_secs(59));
+        r.state.write().unwrap().synced_at = old;
+        let page = format!(r#"{{"cursor":3,"events":[{{"type":"task","txn":"t1","exp":{far}}}]}}"#);
+        r.apply(page.as_bytes()).unwrap();
+        assert!(
+            r.state.read().unwrap().synced_at > old,
+            "a caught-up page without `more` did not count as current"
+        );
+        assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+    }
+
     #[test]
     fn forgets_expired_entries_and_keeps_cursor_on_bad_pages() {
         let r = Revocations::new(Duration::from_secs(60), 0);
@@ -732,7 +758,7 @@ mod tests {
         // this clock may run ahead, and it is kept a while by the other.
         assert_eq!(r.check("old", "j"), Err(VerifyError::Revoked));
         r.state.write().unwrap().pruned_at = None;
-        r.take(Vec::new(), 7, true, unix_now(), KEEP_AT_LEAST + 1)
+        r.take(Vec::new(), 7, true, true, unix_now(), KEEP_AT_LEAST + 1)
             .unwrap();
         assert_eq!(r.check("old", "j"), Ok(()));
         assert_eq!(r.cursor(), 7);

@@ -218,9 +218,8 @@ fn dpop_algs() -> String {
 }
 
 /// The token of a request and how it was presented: `Ok(None)` when there
-/// are no bearer or DPoP credentials, `Err` when the header is malformed.
-/// The credentials of a request; a malformed header is refused, with the
-/// scheme it used when that much could be read.
+/// are no bearer or DPoP credentials, `Err` when the header is malformed,
+/// with the scheme it used when that much could be read.
 fn credentials(headers: &HeaderMap) -> Result<Option<(Scheme, &str)>, (Scheme, &'static str)> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {

@@ -35,6 +35,7 @@ mod feed;
 mod fetch;
 mod keys;
 mod layer;
+pub mod net;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -465,9 +466,9 @@ impl Verifier {
     pub async fn discover(config: VerifierConfig) -> Result<Self, SetupError> {
         config.validate()?;
         endpoint("issuer", &config.issuer)?;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        // Each request sets its own time limit; this one only bounds any
+        // that would not.
+        let http = net::http_client(&config.issuer, Duration::from_secs(300))
             .map_err(|e| SetupError::Http(e.to_string()))?;
         let metadata = read_metadata(&http, &config.issuer).await?;
         let jwks_uri = endpoint("jwks_uri", &metadata.jwks_uri)?;

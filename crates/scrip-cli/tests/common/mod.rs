@@ -47,6 +47,7 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A port for a `scrip serve` child (see [`scrip_testkit::free_port`]).
 pub fn free_port() -> u16 {
     scrip_testkit::free_port()
 }
