@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -499,10 +500,11 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
 /// its state), for an approver to read before deciding.
 pub async fn show_endpoint(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
     let st = &state.0;
+    let id = path_id(id);
     let result = async {
         authenticate(st, &headers).await?;
         let not_found = || OAuthError::not_found("no approval has this id");
@@ -520,28 +522,35 @@ pub async fn show_endpoint(
     }
 }
 
+/// The id in an approval's path; one axum cannot decode (not UTF-8) names
+/// no approval, and is answered as such, in JSON, after the caller's
+/// identity is checked, like any other.
+fn path_id(id: Result<Path<String>, PathRejection>) -> String {
+    id.map(|Path(id)| id).unwrap_or_default()
+}
+
 /// `POST /approvals/{id}/approve`, optionally with the `task`, `tool` and
 /// `actions` the person was shown: the approval then applies only if they
 /// are this approval's.
 pub async fn approve_endpoint(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    decide_endpoint(&state.0, &id, &headers, body, peer, true).await
+    decide_endpoint(&state.0, &path_id(id), &headers, body, peer, true).await
 }
 
 /// `POST /approvals/{id}/deny` with `reason=...`.
 pub async fn deny_endpoint(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    decide_endpoint(&state.0, &id, &headers, body, peer, false).await
+    decide_endpoint(&state.0, &path_id(id), &headers, body, peer, false).await
 }
 
 async fn decide_endpoint(

@@ -103,6 +103,12 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
+    check_private_dir(dir)
+}
+
+/// Refuses a directory of key files that group or others can write: they
+/// could remove a key file, or put a link to another file in its place.
+fn check_private_dir(dir: &Path) -> Result<(), KeyError> {
     let mode = fs::metadata(dir).map_err(io(dir))?.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(KeyError::ExposedDir {
@@ -338,6 +344,9 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     // A file that cannot be looked at (a directory this user may not
     // search) is not a missing one.
     if let Some(kek) = read_kek_file(&path)? {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            check_private_dir(dir)?;
+        }
         return Ok(kek);
     }
     if !create {
@@ -549,6 +558,28 @@ mod tests {
         // key files themselves are checked for that.
         fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&new).unwrap();
+    }
+
+    /// An existing key-encryption key in a directory others can write is
+    /// refused too, not only when scrip makes the directory.
+    #[test]
+    fn a_kek_in_a_directory_others_can_write_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let config = scrip_config::Config {
+            key_encryption_key_file: Some(root.path().join("shared/kek")),
+            ..scrip_config::Config::default()
+        };
+        load_kek(&config, true).unwrap();
+        load_kek(&config, false).unwrap();
+        let dir = root.path().join("shared");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(
+            matches!(
+                load_kek(&config, false),
+                Err(KeyError::ExposedDir { mode: 0o775, .. })
+            ),
+            "a KEK in a group-writable directory was read"
+        );
     }
 
     /// A key file is read only if scrip's user (or root) owns it and nobody

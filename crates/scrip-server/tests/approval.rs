@@ -1167,6 +1167,30 @@ async fn odd_ids_are_unknown(s: &TestServer, task: &str) {
             .unwrap();
         assert_eq!(r.status().as_u16(), 404, "{id:?}");
     }
+    // A path that does not decode to UTF-8 is answered like any unknown id,
+    // in JSON, and only after the caller is identified.
+    for (method, path) in [
+        (reqwest::Method::GET, "/approvals/%FF"),
+        (reqwest::Method::POST, "/approvals/%FF/approve"),
+        (reqwest::Method::POST, "/approvals/%FF/deny"),
+    ] {
+        for (bearer, status) in [(Some(alice.as_str()), 404), (None, 401)] {
+            let mut req = s.http.request(method.clone(), format!("{}{path}", s.url));
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            if path.ends_with("/deny") {
+                req = req
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body("reason=no");
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), status, "{method} {path}");
+            assert_eq!(r.headers()["cache-control"], "no-store", "{method} {path}");
+            let body: Value = r.json().await.unwrap();
+            assert!(body["error"].is_string(), "{method} {path}: {body}");
+        }
+    }
     let id = pending(s, task).await;
     deny(s, &id, Some(&alice), "\0\u{7}\u{202e}\u{2028}")
         .await
