@@ -17,9 +17,21 @@ fi
 # PostgreSQL: the shared store's tests (the conformance suite, replicas)
 # each create a database of their own on 127.0.0.1:5432 (trust auth).
 echo "== services" >&2
+installed_pg=
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
   echo "installing PostgreSQL" >&2
   apt-get update -qq && apt-get install -y -qq postgresql
+  installed_pg=1
+fi
+if [ -n "$installed_pg" ]; then
+  # A cluster installed here, for the tests only: trust on 127.0.0.1, as on
+  # the machines CI runs on (Debian's own default asks for a password).
+  for hba in /etc/postgresql/*/main/pg_hba.conf; do
+    sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  done
+  for v in /etc/postgresql/*; do
+    pg_ctlcluster --skip-systemctl-redirect "$(basename "$v")" main restart
+  done
 fi
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   for v in /etc/postgresql/*; do
@@ -32,8 +44,8 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   exit 1
 fi
 # The tests log in as `postgres` without a password (trust) and create
-# their databases from `test`. Changing how PostgreSQL authenticates is
-# left to you; a missing `test` database is made here.
+# their databases from `test`. Changing how a PostgreSQL that was already
+# there authenticates is left to you; a missing `test` database is made here.
 if ! psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres -c 'SELECT 1' >/dev/null 2>&1; then
   echo "PostgreSQL on 127.0.0.1:5432 does not let \`postgres\` in without a password; the tests need trust auth there: add \`host all all 127.0.0.1/32 trust\` first in pg_hba.conf and reload" >&2
   exit 1
