@@ -141,14 +141,7 @@ async fn sweep_due(st: &crate::state::Inner, now: u64) -> bool {
             // per expiring task.
             grace: 0,
         });
-        let mut a = st.audit("task.expired");
-        a.agent_iss = Some(task.agent.issuer.clone());
-        a.agent_sub = Some(task.agent.subject.clone());
-        a.task_id = Some(task.id.clone());
-        a.parent_id.clone_from(&task.parent);
-        a.environment = Some(task.environment.clone());
-        a.purpose = Some(task.purpose.clone());
-        writes.push(Write::Audit(Box::new(a)));
+        writes.push(Write::Audit(Box::new(st.task_audit("task.expired", task))));
     }
     match st.store.commit(writes).await {
         Ok(()) => full,

@@ -61,15 +61,9 @@ pub(crate) async fn delegate(
     // task (`token.refused`), naming the actor once it is known.
     let task: &TaskRecord = &parent;
     let refuse = |e: OAuthError, to: String| async move {
-        let mut a = st.audit("task.refused");
+        let mut a = st.task_audit("task.refused", task);
         a.decision = Some("deny".into());
-        a.agent_iss = Some(task.agent.issuer.clone());
-        a.agent_sub = Some(task.agent.subject.clone());
-        a.task_id = Some(task.id.clone());
-        a.parent_id.clone_from(&task.parent);
         a.chain = task.actor.as_ref().map(Actor::chain).unwrap_or_default();
-        a.environment = Some(task.environment.clone());
-        a.purpose = Some(task.purpose.clone());
         // Only a scope of configured grants: other text may be a secret.
         a.actions = form
             .get("scope")

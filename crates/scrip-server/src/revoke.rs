@@ -111,13 +111,7 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             // sub-task whether or not they could be listed, so a tree too
             // large to list in time still ends.
             let descendants = st.store.open_descendants(&task.id).await;
-            let mut a = st.audit("task.ended");
-            a.agent_iss = Some(task.agent.issuer.clone());
-            a.agent_sub = Some(task.agent.subject.clone());
-            a.task_id = Some(task.id.clone());
-            a.parent_id.clone_from(&task.parent);
-            a.environment = Some(task.environment.clone());
-            a.purpose = Some(task.purpose.clone());
+            let mut a = st.task_audit("task.ended", &task);
             a.jti = Some(claims.jti.clone());
             a.client = Some(peer.to_string());
             // The commit ends every sub-task open then, including one

@@ -237,6 +237,19 @@ impl Inner {
             ..AuditEvent::default()
         }
     }
+
+    /// An audit record of `event` about `task`: its agent, id, parent,
+    /// environment and purpose.
+    pub fn task_audit(&self, event: &str, task: &scrip_store::TaskRecord) -> AuditEvent {
+        let mut a = self.audit(event);
+        a.agent_iss = Some(task.agent.issuer.clone());
+        a.agent_sub = Some(task.agent.subject.clone());
+        a.task_id = Some(task.id.clone());
+        a.parent_id.clone_from(&task.parent);
+        a.environment = Some(task.environment.clone());
+        a.purpose = Some(task.purpose.clone());
+        a
+    }
 }
 
 /// The `typ` header of a token, lowercase without `application/`, read

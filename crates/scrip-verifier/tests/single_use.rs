@@ -272,11 +272,9 @@ impl scrip_verifier::IdentitySource for Stalling {
     }
 }
 
-/// An identity source that never answers does not hold a presentation
-/// past the claim's time limit (10 s): the use is unconfirmed (503), and the
-/// token is accepted once the source answers again.
-#[tokio::test]
-async fn a_stalled_identity_source_gives_an_unconfirmed_use_in_time() {
+/// A server, a verifier whose identity source stalls while `hang` is set,
+/// and an approved single-use token.
+async fn stalling() -> (Server, Verifier, Arc<std::sync::atomic::AtomicBool>, String) {
     let s = Server::start().await;
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let identity = Stalling {
@@ -290,6 +288,15 @@ async fn a_stalled_identity_source_gives_an_unconfirmed_use_in_time() {
     let v = Verifier::discover(config).await.unwrap();
     let task = s.prod_task().await;
     let token = s.approved_token(&task).await;
+    (s, v, hang, token)
+}
+
+/// An identity source that never answers does not hold a presentation
+/// past the claim's time limit (10 s): the use is unconfirmed (503), and the
+/// token is accepted once the source answers again.
+#[tokio::test]
+async fn a_stalled_identity_source_gives_an_unconfirmed_use_in_time() {
+    let (s, v, hang, token) = stalling().await;
 
     hang.store(true, std::sync::atomic::Ordering::SeqCst);
     let answer = tokio::time::timeout(std::time::Duration::from_secs(30), v.verify(&token))
@@ -309,19 +316,7 @@ async fn a_stalled_identity_source_gives_an_unconfirmed_use_in_time() {
 /// token is accepted when presented again.
 #[tokio::test]
 async fn a_presentation_dropped_before_its_use_is_confirmed_leaves_no_mark() {
-    let s = Server::start().await;
-    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let identity = Stalling {
-        token: s.k8s.kubernetes("resource-servers", "github-api"),
-        hang: hang.clone(),
-    };
-    let mut config = VerifierConfig::new(&s.url, "github", Arc::new(identity));
-    if let scrip_verifier::Revocation::Follow(feed) = &mut config.revocation {
-        feed.wait = std::time::Duration::from_secs(2);
-    }
-    let v = Verifier::discover(config).await.unwrap();
-    let task = s.prod_task().await;
-    let token = s.approved_token(&task).await;
+    let (s, v, hang, token) = stalling().await;
 
     hang.store(true, std::sync::atomic::Ordering::SeqCst);
     let dropped =
