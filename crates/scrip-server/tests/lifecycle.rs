@@ -459,27 +459,14 @@ async fn eddsa_and_rs256_tokens_verify_against_the_jwks() {
 
 #[tokio::test]
 async fn an_issuer_with_a_path_has_its_metadata_where_rfc_8414_puts_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = scrip_config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        issuer: Some("http://127.0.0.1:7070/tenant".into()),
-        data_dir: dir.path().join("data"),
-        policy_dir: repo_policies(),
-        tools: tools(),
-        ..scrip_config::Config::default()
-    };
-    let server = scrip_server::Server::bind(config).await.unwrap();
-    let base = format!("http://{}", server.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    let http = reqwest::Client::new();
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(|c| {
+            c.issuer = Some("http://127.0.0.1:7070/tenant".into());
+        })),
+        ..Options::default()
+    })
+    .await;
+    let (base, http) = (&s.url, &s.http);
     // Where RFC 8414 §3.1 puts it, and where a front proxy that strips the
     // issuer's path sends the appended form.
     for path in [
@@ -508,8 +495,7 @@ async fn an_issuer_with_a_path_has_its_metadata_where_rfc_8414_puts_it() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "not_found", "{path}");
     }
-    let _ = tx.send(());
-    handle.await.unwrap();
+    s.stop().await;
 }
 
 #[tokio::test]

@@ -257,7 +257,9 @@ impl TestServer {
             edit(&mut config);
         }
         let server = scrip_server::Server::bind(config).await.unwrap();
-        let url = server.issuer().to_owned();
+        // Where it listens: the issuer too, unless a test configured
+        // another one.
+        let url = format!("http://{}", server.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             server
