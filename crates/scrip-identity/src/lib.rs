@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scrip_config::{IssuerKind, TrustedIssuer};
-use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, SharedKeySet, TypRule};
+use scrip_jose::{Algorithm, Expectations, JoseError, KeySet, SharedKeySet, Stamp, TypRule};
 use scrip_token::{IdentityKind, WorkloadIdentity};
 use serde_json::{Map, Value};
 
@@ -92,8 +92,10 @@ struct Cache {
     /// The document `keys` were read from: a refresh that reads the same
     /// keeps the very `keys` (and so what `Recent` verified with them).
     document: Vec<u8>,
-    fetched_at: Option<Instant>,
-    attempted_at: Option<Instant>,
+    /// By both clocks: keys fetched before the host slept are as old as
+    /// the wall clock says.
+    fetched_at: Option<Stamp>,
+    attempted_at: Option<Stamp>,
 }
 
 struct Issuer {
@@ -210,7 +212,7 @@ impl IdentityVerifier {
                 };
                 let document = read_file(path).map_err(jwks)?;
                 let keys = issuer.source.keys(&document).map_err(jwks)?;
-                issuer.store(keys, document, Instant::now());
+                issuer.store(keys, document, Stamp::now());
             }
             issuers.insert(ti.issuer.clone(), issuer);
         }
@@ -333,11 +335,10 @@ impl IdentityVerifier {
     }
 
     async fn keys(&self, issuer: &Issuer, kid: Option<&str>) -> Result<Arc<KeySet>, IdentityError> {
-        let now = Instant::now();
-        if issuer.needs_fetch(kid, now) {
+        if issuer.needs_fetch(kid) {
             let _guard = issuer.fetching.lock().await;
             // Another request may have fetched while this one waited.
-            if issuer.needs_fetch(kid, Instant::now()) {
+            if issuer.needs_fetch(kid) {
                 self.fetch(issuer).await;
             }
         }
@@ -355,20 +356,20 @@ impl IdentityVerifier {
 
     async fn fetch(&self, issuer: &Issuer) {
         if let Ok(mut cache) = issuer.cache.write() {
-            cache.attempted_at = Some(Instant::now());
+            cache.attempted_at = Some(Stamp::now());
         }
         let result = match &issuer.source {
             Source::Uri(uri, http) => fetch_uri(http, uri).await,
             Source::File(path) => read_file(path),
         };
         match result {
-            Ok(document) if issuer.refreshed_unchanged(&document, Instant::now()) => {
+            Ok(document) if issuer.refreshed_unchanged(&document, Stamp::now()) => {
                 tracing::debug!(issuer = %issuer.issuer, "trusted issuer keys unchanged");
             }
             Ok(document) => match issuer.source.keys(&document) {
                 Ok(keys) => {
                     tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
-                    issuer.store(keys, document, Instant::now());
+                    issuer.store(keys, document, Stamp::now());
                 }
                 Err(message) => {
                     tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
@@ -382,7 +383,7 @@ impl IdentityVerifier {
 }
 
 impl Issuer {
-    fn store(&self, keys: KeySet, document: Vec<u8>, at: Instant) {
+    fn store(&self, keys: KeySet, document: Vec<u8>, at: Stamp) {
         if let Ok(mut cache) = self.cache.write() {
             cache.keys = Some(Arc::new(keys));
             cache.document = document;
@@ -392,7 +393,7 @@ impl Issuer {
 
     /// When `document` is the one the keys in use were read from: counts it
     /// as a refresh and returns `true`.
-    fn refreshed_unchanged(&self, document: &[u8], at: Instant) -> bool {
+    fn refreshed_unchanged(&self, document: &[u8], at: Stamp) -> bool {
         let Ok(mut cache) = self.cache.write() else {
             return false;
         };
@@ -405,19 +406,19 @@ impl Issuer {
 
     /// Whether to fetch now: never fetched, due for a refresh, or an unknown
     /// `kid` — each bounded by `min_refetch` since the last attempt.
-    fn needs_fetch(&self, kid: Option<&str>, now: Instant) -> bool {
+    fn needs_fetch(&self, kid: Option<&str>) -> bool {
         let Ok(cache) = self.cache.read() else {
             return false;
         };
         let recently_tried = cache
             .attempted_at
-            .is_some_and(|at| now.duration_since(at) < self.min_refetch);
+            .is_some_and(|at| at.elapsed() < self.min_refetch);
         if recently_tried {
             return false;
         }
         match (&cache.keys, cache.fetched_at) {
             (Some(keys), Some(at)) => {
-                now.duration_since(at) >= self.refresh || kid.is_some_and(|k| !keys.contains_kid(k))
+                at.elapsed() >= self.refresh || kid.is_some_and(|k| !keys.contains_kid(k))
             }
             _ => true,
         }
@@ -559,5 +560,27 @@ mod tests {
         let changed = v.keys(issuer, None).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(changed.len(), 2);
+
+        // Keys fetched before the host slept for two hours are as old as
+        // the wall clock says: due for a refresh, and past `refresh +
+        // max_stale` if it fails (here: the file is gone).
+        let slept = |at: Stamp| Stamp {
+            mono: at.mono,
+            wall: at.wall.checked_sub(Duration::from_secs(7200)).unwrap(),
+        };
+        {
+            let mut cache = issuer.cache.write().unwrap();
+            cache.fetched_at = cache.fetched_at.map(slept);
+            cache.attempted_at = cache.attempted_at.map(slept);
+        }
+        assert!(
+            issuer.needs_fetch(None),
+            "keys from before the sleep looked fresh"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            v.keys(issuer, None).await,
+            Err(IdentityError::KeysUnavailable)
+        ));
     }
 }

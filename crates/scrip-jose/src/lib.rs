@@ -21,6 +21,7 @@
 //! `aud`, `exp` and `nbf` were not checked against explicit expectations;
 //! the only way to accept a DPoP proof is [`dpop::verify_proof`].
 
+mod clock;
 pub mod dpop;
 mod error;
 mod keyset;
@@ -29,6 +30,7 @@ mod seal;
 mod sign;
 mod verify;
 
+pub use clock::Stamp;
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
 pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet};

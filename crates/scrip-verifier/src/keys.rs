@@ -11,9 +11,9 @@
 //! with it stays cached). Keys never come from a token's own headers.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use scrip_jose::KeySet;
+use scrip_jose::{KeySet, Stamp};
 
 use crate::VerifyError;
 use crate::fetch::get_bytes;
@@ -29,31 +29,6 @@ struct State {
     body: Vec<u8>,
     fetched_at: Stamp,
     attempted_at: Stamp,
-}
-
-/// When something happened, by both clocks: the monotonic clock stops while
-/// the host sleeps (a laptop, a paused VM), so keys fetched before a long
-/// sleep would look fresh after it by that clock alone.
-#[derive(Debug, Clone, Copy)]
-struct Stamp {
-    mono: Instant,
-    wall: std::time::SystemTime,
-}
-
-impl Stamp {
-    fn now() -> Self {
-        Self {
-            mono: Instant::now(),
-            wall: std::time::SystemTime::now(),
-        }
-    }
-
-    /// The time since, by whichever clock says more (a wall clock set back
-    /// counts for nothing).
-    fn elapsed(&self) -> Duration {
-        let wall = self.wall.elapsed().unwrap_or(Duration::ZERO);
-        self.mono.elapsed().max(wall)
-    }
 }
 
 /// Where a verifier's keys come from.
@@ -211,31 +186,5 @@ impl JwksCache {
                 None
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant, SystemTime};
-
-    use super::Stamp;
-
-    /// Keys fetched before the host slept are as old as the wall clock says,
-    /// though the monotonic clock stood still; a wall clock set back makes
-    /// them no younger.
-    #[test]
-    fn a_stamp_is_as_old_as_either_clock_says() {
-        let hour = Duration::from_secs(3600);
-        let slept = Stamp {
-            mono: Instant::now(),
-            wall: SystemTime::now().checked_sub(hour).unwrap(),
-        };
-        assert!(slept.elapsed() >= hour);
-        let set_back = Stamp {
-            mono: Instant::now().checked_sub(Duration::from_secs(5)).unwrap(),
-            wall: SystemTime::now().checked_add(hour).unwrap(),
-        };
-        let e = set_back.elapsed();
-        assert!(e >= Duration::from_secs(5) && e < hour, "{e:?}");
     }
 }
