@@ -50,62 +50,7 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 return Ok(());
             };
             if task.state(now) == TaskState::Ended {
-                // Ended at its deadline, its tokens expiring with it, so
-                // the sweep published nothing. Verifiers accept a token up
-                // to their leeway past its `exp`: within that, whoever
-                // revokes the task token still reaches them.
-                // Only a task that ended at (or after) its deadline: one ended
-                // before it, by a revocation of it or of a parent, has its
-                // event. `AnnounceEnded` refuses a task that has one.
-                let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
-                let until = task.expires_at.saturating_add(st.config.clock_skew);
-                // Once per task on this replica: a revocation repeated would
-                // otherwise reach the store as a conflict each time, and a
-                // conflict costs a batch its group commit.
-                let first = || {
-                    st.announced.lock().is_ok_and(|mut seen| {
-                        if seen.len() > 10_000 {
-                            seen.retain(|_, u| *u > now);
-                        }
-                        seen.insert(task.id.clone(), until).is_none()
-                    })
-                };
-                if at_deadline && now < until && first() {
-                    let mut a = st.audit("task.end_published");
-                    a.agent_iss = Some(task.agent.issuer.clone());
-                    a.agent_sub = Some(task.agent.subject.clone());
-                    a.task_id = Some(task.id.clone());
-                    a.jti = Some(claims.jti.clone());
-                    a.client = Some(peer.to_string());
-                    a.reason = Some(
-                        "task token revoked just after the task ended; its end and its sub-tasks' are published to the revocation feed"
-                            .into(),
-                    );
-                    let announced = st
-                        .store
-                        .commit(vec![
-                            Write::AnnounceEnded {
-                                id: task.id.clone(),
-                                at: now,
-                                grace: st.config.clock_skew,
-                            },
-                            Write::Audit(Box::new(a)),
-                        ])
-                        .await;
-                    match announced {
-                        // Published already (a revocation before this one,
-                        // on another replica).
-                        Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
-                        Err(e) => {
-                            // Not announced: a later revocation may.
-                            if let Ok(mut seen) = st.announced.lock() {
-                                seen.remove(&task.id);
-                            }
-                            return Err(e.into());
-                        }
-                    }
-                }
-                return Ok(());
+                return announce_ended(st, &task, &claims.jti, peer, now).await;
             }
             // For the record only: the commit below ends every open
             // sub-task whether or not they could be listed, so a tree too
@@ -147,8 +92,16 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             match ended {
                 Ok(()) => {}
                 // Ended meanwhile (another revocation, its expiry): that
-                // ending is the one recorded.
-                Err(scrip_store::StoreError::Conflict(_)) => return Ok(()),
+                // ending is the one recorded. One at its deadline, by the
+                // sweep, published nothing: this revocation still does.
+                Err(scrip_store::StoreError::Conflict(_)) => {
+                    return match st.store.task(&task.id).await? {
+                        Some(t) if t.state(now) == TaskState::Ended => {
+                            announce_ended(st, &t, &claims.jti, peer, now).await
+                        }
+                        _ => Ok(()),
+                    };
+                }
                 Err(e) => return Err(e.into()),
             }
             tracing::info!(task = %task.id, jti = %claims.jti, "task ended by revocation");
@@ -176,6 +129,73 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 ])
                 .await?;
             tracing::info!(jti = %claims.jti, task = %claims.txn, "access token revoked");
+        }
+    }
+    Ok(())
+}
+
+/// A task that ended at its deadline (its tokens expiring with it, so the
+/// sweep published nothing) whose task token is revoked now: within the
+/// leeway verifiers allow past `exp`, its end and its sub-tasks' are put in
+/// the revocation feed.
+async fn announce_ended(
+    st: &Inner,
+    task: &scrip_store::TaskRecord,
+    jti: &str,
+    peer: SocketAddr,
+    now: u64,
+) -> Result<(), OAuthError> {
+    // Verifiers accept a token up to their leeway past its `exp`: within
+    // that, whoever revokes the task token still reaches them. Only a task
+    // that ended at (or after) its deadline: one ended before it, by a
+    // revocation of it or of a parent, has its event. `AnnounceEnded`
+    // refuses a task that has one.
+    let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
+    let until = task.expires_at.saturating_add(st.config.clock_skew);
+    // Once per task on this replica: a revocation repeated would otherwise
+    // reach the store as a conflict each time, and a conflict costs a batch
+    // its group commit.
+    let first = || {
+        st.announced.lock().is_ok_and(|mut seen| {
+            if seen.len() > 10_000 {
+                seen.retain(|_, u| *u > now);
+            }
+            seen.insert(task.id.clone(), until).is_none()
+        })
+    };
+    if at_deadline && now < until && first() {
+        let mut a = st.audit("task.end_published");
+        a.agent_iss = Some(task.agent.issuer.clone());
+        a.agent_sub = Some(task.agent.subject.clone());
+        a.task_id = Some(task.id.clone());
+        a.jti = Some(jti.to_owned());
+        a.client = Some(peer.to_string());
+        a.reason = Some(
+            "task token revoked just after the task ended; its end and its sub-tasks' are published to the revocation feed"
+                .into(),
+        );
+        let announced = st
+            .store
+            .commit(vec![
+                Write::AnnounceEnded {
+                    id: task.id.clone(),
+                    at: now,
+                    grace: st.config.clock_skew,
+                },
+                Write::Audit(Box::new(a)),
+            ])
+            .await;
+        match announced {
+            // Published already (a revocation before this one, on another
+            // replica).
+            Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
+            Err(e) => {
+                // Not announced: a later revocation may.
+                if let Ok(mut seen) = st.announced.lock() {
+                    seen.remove(&task.id);
+                }
+                return Err(e.into());
+            }
         }
     }
     Ok(())

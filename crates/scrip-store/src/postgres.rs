@@ -619,7 +619,8 @@ async fn apply_in(
                     "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                      INSERT INTO revocations (kind, txn, jti, exp, at) \
                      SELECT 'task', id, NULL, expires_at + $3, $2 FROM tasks \
-                     WHERE id IN (SELECT id FROM sub) AND ended_at IS NULL AND expires_at + $3 > $2 ORDER BY id",
+                     WHERE id IN (SELECT id FROM sub) AND expires_at + $3 > $2 AND (ended_at IS NULL \
+                     OR (ended_at >= expires_at AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.kind = 'task' AND r.txn = tasks.id))) ORDER BY id",
                 )
                 .bind(id)
                 .bind(to_i64(*at))

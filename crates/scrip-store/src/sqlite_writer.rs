@@ -511,7 +511,8 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                 "WITH RECURSIVE sub(id) AS (SELECT ?1 UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                  INSERT INTO revocations (kind, txn, jti, exp, at) \
                  SELECT 'task', id, NULL, expires_at + ?3, ?2 FROM tasks \
-                 WHERE id IN sub AND ended_at IS NULL AND expires_at + ?3 > ?2",
+                 WHERE id IN sub AND expires_at + ?3 > ?2 AND (ended_at IS NULL \
+                 OR (ended_at >= expires_at AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.kind = 'task' AND r.txn = tasks.id)))",
                 params![id, at, to_i64(*grace)],
             )
             .map_err(unavailable)?;

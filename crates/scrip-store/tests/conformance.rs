@@ -80,6 +80,7 @@ conformance!(
     a_child_never_outlives_its_ended_parent,
     a_task_event_outlasts_the_deadline_by_the_grace,
     the_end_of_an_expired_task_is_announced_once_within_the_grace,
+    ending_a_task_announces_sub_tasks_that_just_reached_their_deadline,
     revoking_a_token_twice_feeds_it_once,
     a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
@@ -508,6 +509,50 @@ async fn the_end_of_an_expired_task_is_announced_once_within_the_grace(f: Fixtur
     s.commit(vec![announce("late", 3_030)]).await.unwrap();
     assert_eq!(listed().await, both);
     assert!(s.task("open").await.unwrap().unwrap().ended_at.is_none());
+}
+
+async fn ending_a_task_announces_sub_tasks_that_just_reached_their_deadline(f: Fixture) {
+    // A sub-task the sweep ended at its deadline (no event: its tokens
+    // expire with it), then its parent revoked within the verifiers'
+    // leeway: the sub-task's tokens must reach them too. One past the
+    // leeway, or with an event already, gets none.
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("parent", None, 9_000))),
+        Write::InsertTask(Box::new(task("just-swept", Some("parent"), 3_000))),
+        Write::InsertTask(Box::new(task("long-swept", Some("parent"), 2_000))),
+        Write::InsertTask(Box::new(task("revoked", Some("parent"), 3_000))),
+        Write::InsertTask(Box::new(task("open-child", Some("parent"), 9_000))),
+    ])
+    .await
+    .unwrap();
+    let end = |id: &str, at, grace| Write::EndOpenTask {
+        id: id.into(),
+        at,
+        reason: "expired".into(),
+        grace,
+    };
+    s.commit(vec![end("long-swept", 2_001, 0)]).await.unwrap();
+    s.commit(vec![end("just-swept", 3_001, 0)]).await.unwrap();
+    s.commit(vec![end("revoked", 2_500, 30)]).await.unwrap();
+    s.commit(vec![end("parent", 3_005, 30)]).await.unwrap();
+    let mut listed: Vec<(String, u64)> = s
+        .revocations(0, 3_005, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.txn, r.exp))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("just-swept".to_owned(), 3_030),
+            ("open-child".to_owned(), 9_030),
+            ("parent".to_owned(), 9_030),
+            ("revoked".to_owned(), 3_030),
+        ]
+    );
 }
 
 async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
