@@ -371,6 +371,15 @@ impl IdentityVerifier {
                     tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
                     issuer.store(keys, document, Stamp::now());
                 }
+                Err(message) if scrip_jose::publishes_private_key(&document) => {
+                    // The issuer's key is exposed: the keys held from before
+                    // are no more to be trusted than the new ones.
+                    tracing::error!(issuer = %issuer.issuer, error = %message, "trusted issuer published a private key; its tokens are refused");
+                    if let Ok(mut cache) = issuer.cache.write() {
+                        cache.keys = None;
+                        cache.document.clear();
+                    }
+                }
                 Err(message) => {
                     tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
                 }
@@ -560,6 +569,24 @@ mod tests {
         let changed = v.keys(issuer, None).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(changed.len(), 2);
+
+        // An issuer whose key set now publishes a private key: the keys held
+        // from before are dropped too, and its tokens refused.
+        let mut leaked = key.public_jwk();
+        leaked["d"] = Value::String("AAAA".into());
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&serde_json::json!({"keys": [leaked]})).unwrap(),
+        )
+        .unwrap();
+        v.fetch(issuer).await;
+        assert!(matches!(
+            v.keys(issuer, None).await,
+            Err(IdentityError::KeysUnavailable)
+        ));
+        write(&[&key, &added]);
+        v.fetch(issuer).await;
+        assert_eq!(v.keys(issuer, None).await.unwrap().len(), 2);
 
         // Keys fetched before the host slept for two hours are as old as
         // the wall clock says: due for a refresh, and past `refresh +

@@ -242,6 +242,29 @@ fn small_order(x: &[u8]) -> bool {
     })
 }
 
+/// The first private member of an asymmetric key among `keys`, if any;
+/// symmetric keys (`k`) are never used, and skipped.
+fn private_member(keys: &[serde_json::Value]) -> Option<&'static str> {
+    keys.iter().find_map(|value| {
+        crate::dpop::PRIVATE_MEMBERS
+            .iter()
+            .find(|m| **m != "k" && value.get(**m).is_some())
+            .copied()
+    })
+}
+
+/// Whether `bytes`, a JWKS document, publishes an asymmetric private key:
+/// whoever read it can sign as its issuer, so the keys a cache holds from
+/// an earlier document of that issuer are no longer to be trusted either.
+#[must_use]
+pub fn publishes_private_key(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        keys: Vec<serde_json::Value>,
+    }
+    serde_json::from_slice::<Doc>(bytes).is_ok_and(|doc| private_member(&doc.keys).is_some())
+}
+
 impl KeySet {
     /// Reads a JWKS document (`{"keys":[...]}`). Keys that cannot verify
     /// signatures here (symmetric, encryption, unknown curve) are skipped.
@@ -264,17 +287,12 @@ impl KeySet {
             )));
         }
         let mut set = Self::default();
+        if let Some(member) = private_member(&doc.keys) {
+            return Err(JoseError::Key(format!(
+                "JWKS publishes private key material (member `{member}`): the issuer's key is exposed, and none of the document's keys is used"
+            )));
+        }
         for value in doc.keys {
-            // A private member of an asymmetric key; symmetric keys (`k`)
-            // are never used, and skipped below.
-            if let Some(member) = crate::dpop::PRIVATE_MEMBERS
-                .iter()
-                .find(|m| **m != "k" && value.get(**m).is_some())
-            {
-                return Err(JoseError::Key(format!(
-                    "JWKS publishes private key material (member `{member}`): the issuer's key is exposed, and none of the document's keys is used"
-                )));
-            }
             // A key of a type jsonwebtoken does not know is skipped, not fatal.
             let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
                 continue;

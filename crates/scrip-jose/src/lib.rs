@@ -33,7 +33,7 @@ mod verify;
 pub use clock::Stamp;
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
-pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet};
+pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet, publishes_private_key};
 pub use recent::{Recent, TokenDigest, token_digest};
 pub use seal::{KEK_LEN, Kek};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};

@@ -161,10 +161,11 @@ impl JwksCache {
         if let Ok(mut s) = self.state.write() {
             s.attempted_at = Stamp::now();
         }
-        match fetch(&self.http, &self.uri)
-            .await
-            .and_then(|body| Ok((parse(&self.uri, &body)?, body)))
-        {
+        let mut exposed = false;
+        match fetch(&self.http, &self.uri).await.and_then(|body| {
+            exposed = scrip_jose::publishes_private_key(&body);
+            Ok((parse(&self.uri, &body)?, body))
+        }) {
             Ok((fresh, body)) => {
                 let Ok(mut s) = self.state.write() else {
                     return None;
@@ -180,6 +181,16 @@ impl JwksCache {
                 s.keys = fresh.clone();
                 s.body = body;
                 Some(fresh)
+            }
+            Err(error) if exposed => {
+                // scrip's key is exposed: the keys held from before are no
+                // more to be trusted than the new ones.
+                tracing::error!(%error, "scrip published a private key; every token is refused until it publishes public keys only");
+                if let Ok(mut s) = self.state.write() {
+                    s.keys = Arc::new(KeySet::default());
+                    s.body.clear();
+                }
+                None
             }
             Err(error) => {
                 tracing::warn!(%error, "scrip keys could not be refreshed; keeping the cached ones");
