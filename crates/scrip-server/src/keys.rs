@@ -119,6 +119,12 @@ fn check_private_dir(dir: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Whether `dir` has the sticky bit: only a file's owner (or root) may
+/// remove or rename it there.
+fn is_sticky(dir: &Path) -> bool {
+    fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o1000 != 0)
+}
+
 /// The outcome of [`load_or_create`].
 #[derive(Debug)]
 pub struct Loaded {
@@ -344,7 +350,12 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     // A file that cannot be looked at (a directory this user may not
     // search) is not a missing one.
     if let Some(kek) = read_kek_file(&path)? {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // A sticky directory (`/tmp`, or the root of a Kubernetes Secret
+        // volume) lets nobody else remove or replace the file, which
+        // `read_kek_file` found to be scrip's user's or root's.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !is_sticky(dir)
+        {
             check_private_dir(dir)?;
         }
         return Ok(kek);
@@ -580,6 +591,10 @@ mod tests {
             ),
             "a KEK in a group-writable directory was read"
         );
+        // Sticky (as `/tmp`, or a Kubernetes Secret volume's root): nobody
+        // else can remove or replace the file there.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        load_kek(&config, false).unwrap();
     }
 
     /// A key file is read only if scrip's user (or root) owns it and nobody

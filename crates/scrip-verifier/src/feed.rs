@@ -65,6 +65,10 @@ pub(crate) struct HttpFeed {
     pub(crate) identity: Arc<dyn IdentitySource>,
 }
 
+/// How many events an older scrip's page (without `more`) holds when full:
+/// a full one may have more behind it.
+const OLD_PAGE: usize = 1_000;
+
 /// How long an introspection that claims a single use may take.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest introspection answer read.
@@ -398,7 +402,7 @@ impl Revocations {
         // A page that says there is more does not make the set current; any
         // other does, once caught up (an older scrip's pages carry no
         // `more`: after the first empty one, each is all there was).
-        let current = done || page.more.is_none();
+        let current = done || (page.more.is_none() && listed < OLD_PAGE);
         self.take(
             events,
             page.cursor,
@@ -742,6 +746,23 @@ mod tests {
             "a caught-up page without `more` did not count as current"
         );
         assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
+        // A full one may have more behind it: it is applied, not current.
+        r.state.write().unwrap().synced_at = old;
+        let events: Vec<String> = (0..OLD_PAGE)
+            .map(|i| format!(r#"{{"type":"task","txn":"f{i}","exp":{far}}}"#))
+            .collect();
+        let full = format!(
+            r#"{{"cursor":{},"events":[{}]}}"#,
+            4 + OLD_PAGE,
+            events.join(",")
+        );
+        r.apply(full.as_bytes()).unwrap();
+        assert_eq!(
+            r.state.read().unwrap().synced_at,
+            old,
+            "a full page counted as current"
+        );
+        assert_eq!(r.check("f999", "j"), Err(VerifyError::Revoked));
     }
 
     #[test]

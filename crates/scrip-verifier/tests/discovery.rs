@@ -129,3 +129,72 @@ async fn an_issuer_without_a_path_is_asked_once() {
         ["/.well-known/oauth-authorization-server"]
     );
 }
+
+/// When scrip's key set starts publishing a private key, the verifier drops
+/// the keys it held too: a token signed by that key, accepted a moment
+/// before, is refused, until scrip publishes public keys only.
+#[tokio::test]
+async fn a_key_set_that_publishes_a_private_key_empties_the_cache() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let (key, _) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
+    let public = json!({ "keys": [key.public_jwk()] }).to_string();
+    let mut leaked = key.public_jwk();
+    leaked["d"] = json!("AAAA");
+    let exposed = json!({ "keys": [leaked] }).to_string();
+    let jwks = Arc::new(Mutex::new(public.clone()));
+    let metadata = json!({ "issuer": issuer, "jwks_uri": format!("{issuer}/jwks") }).to_string();
+    let served = jwks.clone();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let (served, metadata) = (served.clone(), metadata.clone());
+        async move {
+            if uri.path() == "/jwks" {
+                (StatusCode::OK, served.lock().unwrap().clone())
+            } else {
+                (StatusCode::OK, metadata)
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut c = config(&issuer);
+    c.jwks_min_refetch = scrip_verifier::MIN_JWKS_REFETCH;
+    c.jwks_refresh = std::time::Duration::from_secs(1);
+    let v = Verifier::discover(c).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = scrip_token::AccessClaims {
+        iss: issuer.clone(),
+        sub: "system:serviceaccount:agents:coder".into(),
+        aud: "github".into(),
+        iat: now,
+        exp: now + 300,
+        jti: "j1".into(),
+        client_id: "system:serviceaccount:agents:coder".into(),
+        scope: "read".into(),
+        txn: "t1".into(),
+        act: None,
+        approval: None,
+        cnf: None,
+    };
+    let token = key.sign_jwt("at+jwt", &claims).unwrap();
+    v.verify(&token).await.unwrap();
+
+    *jwks.lock().unwrap() = exposed;
+    // Past `jwks_refresh`, the next verification refreshes the keys.
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    let second = scrip_token::AccessClaims {
+        jti: "j2".into(),
+        ..claims.clone()
+    };
+    let token2 = key.sign_jwt("at+jwt", &second).unwrap();
+    assert!(
+        v.verify(&token2).await.is_err(),
+        "a key from a set that now publishes its private half still verified"
+    );
+
+    *jwks.lock().unwrap() = public;
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    v.verify(&token2).await.unwrap();
+}
