@@ -105,9 +105,11 @@ enum Command {
     Run(run::RunArgs),
     /// Print an access token of the current task (SCRIP_TASK_TOKEN).
     ///
-    /// For shells and credential helpers: `curl -H "Authorization: Bearer
-    /// $(scrip token --tool github --action read)" ...`. Tokens are cached
-    /// privately and reused until shortly before they expire.
+    /// For shells and credential helpers, keeping the token off any command
+    /// line (which other local users can read): `scrip token --tool github
+    /// --action read | sed 's/^/Authorization: Bearer /' | curl -H @- ...`.
+    /// Tokens are cached privately and reused until shortly before they
+    /// expire.
     ///
     /// When policy says a person must approve the step, it waits for their
     /// decision (an approver runs `scrip approve <auth_req_id>`) and prints

@@ -337,9 +337,6 @@ async fn end_task_unless_interrupted(
 /// Ends the task, retrying briefly; reports and returns `false` if it could
 /// not (the task then ends by itself at its deadline).
 async fn end_task(client: &Client, task: Task, cache: Option<&FileCache>) -> bool {
-    if let Some(c) = cache {
-        c.remove_task(task.token());
-    }
     let token = task.into_token();
     let mut last = None;
     for attempt in 0..END_ATTEMPTS {
@@ -347,16 +344,26 @@ async fn end_task(client: &Client, task: Task, cache: Option<&FileCache>) -> boo
             tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
         }
         match client.revoke(&token).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                last = None;
+                break;
+            }
             Err(e) => last = Some(e),
         }
+    }
+    // After the revocation, not before: a `scrip token` the command left
+    // running could otherwise put a fresh token back in the cache between
+    // the two, to be served after the task ended.
+    if let Some(c) = cache {
+        c.remove_task(&token);
     }
     if let Some(e) = last {
         let _ = fail(format!(
             "could not end the task ({e}); it ends by itself at its deadline"
         ));
+        return false;
     }
-    false
+    true
 }
 
 /// An identity from `file`, else from `SCRIP_IDENTITY`, else from local

@@ -284,8 +284,17 @@ fn quickstart_run_a_command_get_a_token_and_it_is_dead_afterwards() {
 #[test]
 fn the_command_inherits_no_key_of_scrips() {
     let server = Server::start();
+    // A real identity in `SCRIP_IDENTITY` (this user's, from the socket),
+    // which `scrip run` itself uses: the command must not see it.
+    let identity = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(scrip_client::attest(&server.socket()))
+        .unwrap();
     let out = server
         .scrip()
+        .env("SCRIP_IDENTITY", identity.token())
         .env("SCRIP_KEY_ENCRYPTION_KEY", "the-kek")
         .args(["run", "--purpose", "inherit", "--grant", "github:read"])
         .args([

@@ -65,11 +65,24 @@ impl FileCache {
     }
 
     /// `$XDG_RUNTIME_DIR/scrip-tokens`, else `<temp dir>/scrip-tokens-<uid>`.
+    /// A relative `XDG_RUNTIME_DIR` is ignored, as the XDG Base Directory
+    /// specification says, and a relative temp dir (`TMPDIR=tmp`) means no
+    /// cache: either would put tokens under the working directory, often a
+    /// repository.
     #[must_use]
     pub fn default_location() -> Option<Self> {
-        let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-            Some(d) => PathBuf::from(d).join("scrip-tokens"),
-            None => std::env::temp_dir().join(format!("scrip-tokens-{}", own_uid()?)),
+        let dir = match std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_absolute())
+        {
+            Some(d) => d.join("scrip-tokens"),
+            None => {
+                let tmp = std::env::temp_dir();
+                if !tmp.is_absolute() {
+                    return None;
+                }
+                tmp.join(format!("scrip-tokens-{}", own_uid()?))
+            }
         };
         Self::new(dir)
     }

@@ -1190,8 +1190,11 @@ impl Task {
     /// ends by itself at its deadline).
     pub async fn end(mut self) -> Result<(), Error> {
         self.owned = false;
+        // Revoked first: a token fetched meanwhile and cached would
+        // otherwise outlive the task in the cache.
+        let revoked = self.client.revoke(&self.token).await;
         self.forget();
-        self.client.revoke(&self.token).await
+        revoked
     }
 
     /// Keeps the task running past this value's life (not ended on drop).
@@ -1216,16 +1219,25 @@ impl Drop for Task {
         if !self.owned {
             return;
         }
-        self.forget();
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
         // Best effort: without a runtime the task ends at its deadline.
+        // The file cache is cleared after the revocation, as in `end`.
+        let file_cache = self.file_cache.clone();
+        let token = std::mem::take(&mut self.token);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
-            let token = std::mem::take(&mut self.token);
             handle.spawn(async move {
                 if let Err(e) = client.revoke(&token).await {
                     tracing::warn!(error = %e, "could not end a dropped task");
                 }
+                if let Some(c) = file_cache {
+                    c.remove_task(&token);
+                }
             });
+        } else if let Some(c) = file_cache {
+            c.remove_task(&token);
         }
     }
 }

@@ -48,18 +48,25 @@ async fn keys_loop(state: AppState) {
                 Duration::from_secs(due.saturating_sub(at))
             })
             .clamp(Duration::from_millis(200), crate::keyring::POLL);
-        tokio::select! {
-            r = changes.changed() => {
-                if r.is_err() {
-                    tokio::time::sleep(crate::keyring::POLL).await;
+        // One deadline for this wait: the store signals every revocation
+        // too, and restarting the timer at each would, under steady load,
+        // put off the re-read and any rotation for as long as it lasts.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        tokio::time::sleep_until(deadline).await;
+                        break;
+                    }
+                    let now_seen = changes.borrow_and_update().keys;
+                    if now_seen != seen {
+                        seen = now_seen;
+                        break;
+                    }
                 }
-                let now_seen = changes.borrow_and_update().keys;
-                if now_seen == seen {
-                    continue;
-                }
-                seen = now_seen;
+                () = tokio::time::sleep_until(deadline) => break,
             }
-            () = tokio::time::sleep(wait) => {}
         }
         match st.keyring.sync(st.store.as_ref(), now()).await {
             Ok(created) if !created.keys.is_empty() => {

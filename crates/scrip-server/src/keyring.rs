@@ -633,6 +633,12 @@ impl Ring {
             .ok_or_else(|| "no usable audit checkpoint key".to_owned())?;
         let published: Vec<serde_json::Value> =
             signing.iter().map(|(_, k)| k.public_jwk()).collect();
+        // A set verifiers cannot load (more than 64 keys, when replicas
+        // disagree on lifetimes or rotation) would verify nothing: refused
+        // here, so that a replica keeps the ring it has, and says why.
+        KeySet::from_public_jwks(&published).map_err(|e| {
+            format!("the published key set cannot be used to verify ({e}); every replica needs the same token lifetimes and signing_key_rotation")
+        })?;
         let checkpoint_jwks: Vec<serde_json::Value> =
             checkpoints.iter().map(|k| k.public_jwk()).collect();
         Ok(Self {
@@ -644,6 +650,7 @@ impl Ring {
         })
     }
 
+    /// The keys that verify: [`Ring::new`] checked that they load.
     fn verify_set(&self) -> KeySet {
         let published: Vec<serde_json::Value> =
             self.signing.iter().map(|(_, k)| k.public_jwk()).collect();
@@ -703,5 +710,20 @@ mod tests {
             assert!(message.contains(says), "{message}");
             assert!(!message.contains("another key-encryption key"), "{message}");
         }
+    }
+
+    /// A ring of more keys than a verifier loads is refused, not made into
+    /// one that verifies nothing.
+    #[test]
+    fn a_ring_too_large_to_verify_with_is_refused() {
+        let key = || Arc::new(SigningKey::generate(SigningAlgorithm::EdDSA).unwrap().0);
+        let many: Vec<(u64, Arc<SigningKey>)> = (0..=scrip_jose::MAX_JWKS_KEYS as u64)
+            .map(|i| (i, key()))
+            .collect();
+        let e = Ring::new(many.clone(), vec![key()]).err().unwrap();
+        assert!(e.contains("cannot be used to verify"), "{e}");
+        let fits = many[..scrip_jose::MAX_JWKS_KEYS].to_vec();
+        let ring = Ring::new(fits, vec![key()]).unwrap();
+        assert_eq!(ring.verify_set().len(), scrip_jose::MAX_JWKS_KEYS);
     }
 }
