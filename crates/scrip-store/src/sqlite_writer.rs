@@ -166,23 +166,28 @@ impl Apply for SqliteWriter {
     /// on. Frames committed during its pass stay in the WAL; once the WAL
     /// holds [`CATCH_UP_FRAMES`], the writer copies what is left itself,
     /// between two commits, so the next commit starts the WAL over
-    /// (truncated to `journal_size_limit`). The WAL's length is SQLite's
-    /// own count ([`wal_size`]), not the checkpointer's, so a checkpointer
-    /// that is starved of CPU or cannot open its connection leaves the
-    /// writer more to copy, never a WAL that grows without end. Durability
-    /// is the WAL's (`synchronous=FULL`); a checkpoint that fails is
-    /// retried later.
+    /// (truncated to `journal_size_limit`). While it catches up it does not
+    /// wake the checkpointer: a pass in progress holds the lock the
+    /// writer's checkpoint needs, and the WAL starts over only when no
+    /// other connection is reading it, so a checkpointer woken again and
+    /// again (its passes as long as the time between wakes, on a loaded
+    /// host) would keep the WAL from ever starting over. The WAL's length
+    /// is SQLite's own count ([`wal_size`]), not the checkpointer's, so a
+    /// checkpointer that is starved of CPU or cannot open its connection
+    /// leaves the writer more to copy, never a WAL that grows without end.
+    /// Durability is the WAL's (`synchronous=FULL`); a checkpoint that
+    /// fails is retried later.
     async fn after_commit(&mut self) {
-        if self.woke.elapsed() >= self.wake_every {
-            self.woke = Instant::now();
-            self.checkpointer.wake();
-        }
         let frames = WAL_FRAMES.get();
         if frames < self.catch_up_frames {
             // The WAL started over, or is still short.
             self.catch_up_at = self.catch_up_frames;
         }
         if frames < self.catch_up_at {
+            if self.woke.elapsed() >= self.wake_every {
+                self.woke = Instant::now();
+                self.checkpointer.wake();
+            }
             return;
         }
         let Some(c) = &self.conn else { return };
@@ -191,7 +196,9 @@ impl Apply for SqliteWriter {
             self.caught_up += 1;
         }
         match checkpoint(c) {
-            Ok(report) if report.busy => {} // The checkpointer is in a pass: after the next commit.
+            // The checkpointer is in a pass, and is not woken again until
+            // the writer has caught up: after the next commit.
+            Ok(report) if report.busy => {}
             // A reader's snapshot kept some frames in the WAL: try again
             // once as many more have been committed, not after every commit.
             Ok(report) if report.copied < report.frames => {
