@@ -77,13 +77,15 @@ fn read_stdin(prompt: &str) -> Result<SecretValue, String> {
         read_typed(&stdin, prompt)?.to_vec()
     } else {
         let limit = scrip_proxy::secrets::MAX_SECRET_BYTES + 3;
-        let mut buf = Vec::new();
+        // Sized for all that is read, so never grown: a grown buffer would
+        // free the one before it, holding part of the secret, unzeroed.
+        let mut buf = Zeroizing::new(Vec::with_capacity(limit));
         stdin
             .lock()
             .take(u64::try_from(limit).unwrap_or(u64::MAX))
             .read_to_end(&mut buf)
             .map_err(|e| format!("cannot read standard input: {e}"))?;
-        buf
+        std::mem::take(&mut *buf)
     };
     SecretValue::from_input(buf).map_err(|e| format!("{e} (it is read from standard input)"))
 }
@@ -175,6 +177,14 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
         .split_first()
         .ok_or_else(|| "mint_command is empty".to_owned())?;
     use tokio::io::AsyncReadExt as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    // Taken before the command starts: a Ctrl-C the moment it starts must
+    // be scrip's to handle, not kill scrip and leave the command running.
+    let signals = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    );
     // Its own process group, so that what it started goes with it.
     let mut child = crate::child_command(program)
         .args(args)
@@ -250,12 +260,7 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
     // In a process group of its own the command gets no Ctrl-C from the
     // terminal: scrip takes it (and a stop, a hangup), and the group goes.
     let interrupted = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) = signals else {
             return std::future::pending().await;
         };
         tokio::select! {

@@ -14,6 +14,7 @@
 //! holding the secret is redacted.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -168,7 +169,8 @@ pub fn query_encode(bytes: &[u8]) -> String {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            // Written in place: `format!` would leave a freed copy.
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -275,8 +277,8 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
         let encoded = query_encode(raw);
         wire.push(lowercase_escapes(&encoded).into_bytes());
         // Form encoders write a space as `+`; Python's `quote` leaves `/`.
-        wire.push(encoded.replace("%20", "+").into_bytes());
-        wire.push(encoded.replace("%2F", "/").into_bytes());
+        wire.push(shorter(&encoded, "%20", "+").into_bytes());
+        wire.push(shorter(&encoded, "%2F", "/").into_bytes());
         wire.push(encoded.into_bytes());
         // ...each also as a JSON or HTML encoder escapes it.
         for form in wire {
@@ -406,6 +408,22 @@ fn escape(raw: &[u8], table: &[(u8, &[u8])]) -> Vec<u8> {
 }
 
 /// `encoded` with the hex digits of its `%XX` escapes in lowercase.
+/// `s` with every `from` replaced by the shorter `to`, in one buffer of
+/// `s`'s length that is never grown (`str::replace` grows its result, and
+/// would free buffers holding part of a secret, unzeroed).
+fn shorter(s: &str, from: &str, to: &str) -> String {
+    debug_assert!(to.len() <= from.len());
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find(from) {
+        out.push_str(rest.get(..at).unwrap_or_default());
+        out.push_str(to);
+        rest = rest.get(at + from.len()..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
+}
+
 fn lowercase_escapes(encoded: &str) -> String {
     let mut out = String::with_capacity(encoded.len());
     let mut hex_left = 0;
@@ -682,8 +700,9 @@ mod tests {
             .collect();
         assert_eq!(links, ["<a>", "<b> [redacted]", "<c>"]);
 
-        // A value that ends with the key's beginning (an echo cut short)
-        // loses that end; fewer than four bytes of it are left alone.
+        // A value that ends with the key's beginning (an echo cut short,
+        // or the agent's own guess echoed back) is left as it is: masking
+        // it would tell the agent its guess was right so far.
         let out = to_agent(
             map(&[
                 ("x-cut", "key k3y/"),
@@ -692,8 +711,8 @@ mod tests {
             ]),
             &p,
         );
-        assert_eq!(out["x-cut"], "key [redacted]");
-        assert_eq!(out["x-cut-escaped"], "key=[redacted]");
+        assert_eq!(out["x-cut"], "key k3y/");
+        assert_eq!(out["x-cut-escaped"], "key=k3y%2F%2");
         assert_eq!(out["x-short"], "key k3y");
 
         // A query key reflected with lowercase escapes is redacted too.

@@ -62,20 +62,28 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP scrip_secret_overdue Whether a secret's current version is older than its max_age.\n# TYPE scrip_secret_overdue gauge\n");
-        out.push_str("# HELP scrip_secret_age_seconds Age of a secret's current version.\n# TYPE scrip_secret_age_seconds gauge\n");
-        for s in secrets.iter().filter(|s| s.state == "current") {
-            let labels = format!(
+        // Each family whole, its HELP and TYPE first, as the text format
+        // asks: all the overdue gauges, then all the ages.
+        let current = || secrets.iter().filter(|s| s.state == "current");
+        let labels = |s: &SecretStatus| {
+            format!(
                 "name=\"{}\",action=\"{}\"",
                 label(&s.name),
                 label(&s.action)
-            );
+            )
+        };
+        out.push_str("# HELP scrip_secret_overdue Whether a secret's current version is older than its max_age.\n# TYPE scrip_secret_overdue gauge\n");
+        for s in current() {
             let _ = writeln!(
                 out,
-                "scrip_secret_overdue{{{labels}}} {}",
+                "scrip_secret_overdue{{{}}} {}",
+                labels(s),
                 u8::from(s.overdue)
             );
-            let _ = writeln!(out, "scrip_secret_age_seconds{{{labels}}} {}", s.age);
+        }
+        out.push_str("# HELP scrip_secret_age_seconds Age of a secret's current version.\n# TYPE scrip_secret_age_seconds gauge\n");
+        for s in current() {
+            let _ = writeln!(out, "scrip_secret_age_seconds{{{}}} {}", labels(s), s.age);
         }
         out
     }
@@ -106,7 +114,38 @@ mod tests {
             state: "current",
             overdue: true,
         };
-        let text = m.render(&[s]);
+        let other = SecretStatus {
+            name: "legacy".into(),
+            action: "write".into(),
+            version: 1,
+            age: 5,
+            state: "current",
+            overdue: false,
+        };
+        let text = m.render(&[s, other]);
+        // Each family's lines together, after its own HELP and TYPE.
+        let families: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split('{').next())
+            .collect();
+        let mut grouped = families.clone();
+        grouped.dedup();
+        assert_eq!(
+            grouped,
+            [
+                "scrip_proxy_requests_total",
+                "scrip_secret_overdue",
+                "scrip_secret_age_seconds"
+            ],
+            "{text}"
+        );
+        for family in grouped {
+            let help = text.find(&format!("# HELP {family} ")).unwrap();
+            let kind = text.find(&format!("# TYPE {family} ")).unwrap();
+            let first = text.find(&format!("\n{family}{{")).unwrap();
+            assert!(help < kind && kind < first, "{text}");
+        }
         assert!(
             text.contains(
                 "scrip_proxy_requests_total{upstream=\"legacy\",outcome=\"forwarded\"} 2\n"

@@ -7,24 +7,25 @@
 //! chunk is scanned together with the last `longest - 1` bytes of the one
 //! before (the carry-over), so a secret split across chunks is still found,
 //! and nothing but that carry-over is ever held. Every match is overwritten
-//! with `*` of the same length, so `Content-Length` stays true. At the end
-//! of the body, a tail that begins a secret (4 bytes or more) is masked too.
+//! with `*` of the same length, so `Content-Length` stays true.
+//!
+//! Only whole forms are masked, never a part of one (an echo cut short, a
+//! body that ends mid-secret). Whether something is masked must tell the
+//! agent nothing it could not guess: masking a secret's first bytes would
+//! let an agent that gets its own input echoed back (a request id, an
+//! `Origin`, a `?next=`) try one more character at a time until the mask
+//! appears, and so read the secret off the proxy's answers.
 
 use bytes::{Bytes, BytesMut};
 
 /// What an echoed secret is replaced with in a header value.
 pub const HEADER_MASK: &str = "[redacted]";
 
-/// The shortest secret prefix masked at the end of a body.
-const MIN_TAIL: usize = 4;
-
 /// The byte strings that must not reach the agent.
 #[derive(Clone)]
 pub struct Patterns {
     forms: Vec<Vec<u8>>,
     longest: usize,
-    /// The bytes some form starts with.
-    firsts: [bool; 256],
 }
 
 impl std::fmt::Debug for Patterns {
@@ -63,32 +64,10 @@ impl Patterns {
             }
         }
         let longest = out.iter().map(Vec::len).max().unwrap_or(0);
-        let mut firsts = [false; 256];
-        for f in &out {
-            if let Some(seen) = f.first().and_then(|&b| firsts.get_mut(usize::from(b))) {
-                *seen = true;
-            }
-        }
         Self {
             forms: out,
             longest,
-            firsts,
         }
-    }
-
-    /// Where `buf` ends with the beginning of a form, at least [`MIN_TAIL`]
-    /// bytes of it (an echo cut short, or the end of a body mid-secret).
-    fn tail_start(&self, buf: &[u8]) -> Option<usize> {
-        // Shorter than the longest form, or it would be a whole one.
-        let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
-        let to = buf.len().saturating_sub(MIN_TAIL - 1);
-        (from..to).find(|&start| {
-            buf.get(start..).is_some_and(|t| {
-                t.first()
-                    .is_some_and(|&b| self.firsts.get(usize::from(b)) == Some(&true))
-                    && self.forms.iter().any(|f| f.starts_with(t))
-            })
-        })
     }
 
     /// Whether `haystack` holds any form.
@@ -116,11 +95,11 @@ impl Patterns {
         }
     }
 
-    /// A header value with every form replaced, and an end that begins one
-    /// (at least [`MIN_TAIL`] bytes of it), or `None` when it holds none.
+    /// A header value with every form replaced, or `None` when it holds
+    /// none.
     #[must_use]
     pub fn redact_header(&self, value: &[u8]) -> Option<Vec<u8>> {
-        if !self.found_in(value) && self.tail_start(value).is_none() {
+        if !self.found_in(value) {
             return None;
         }
         let mut out = value.to_vec();
@@ -134,10 +113,6 @@ impl Patterns {
             }
             replaced.extend_from_slice(rest);
             out = replaced;
-        }
-        if let Some(start) = self.tail_start(&out) {
-            out.truncate(start);
-            out.extend_from_slice(HEADER_MASK.as_bytes());
         }
         Some(out)
     }
@@ -178,19 +153,10 @@ impl Redactor {
         self.carry.is_empty()
     }
 
-    /// The end of the body: what is still held, a secret's beginning masked.
+    /// The end of the body: what is still held (too short to be a whole
+    /// form, so as it came).
     pub fn finish(&mut self) -> Bytes {
-        let mut tail = std::mem::take(&mut self.carry);
-        // A tail that is the start of a form (the upstream cut the echo
-        // short, or the body ends mid-secret) is masked as well.
-        if let Some(t) = self
-            .patterns
-            .tail_start(&tail)
-            .and_then(|start| tail.get_mut(start..))
-        {
-            t.fill(b'*');
-        }
-        tail.freeze()
+        std::mem::take(&mut self.carry).freeze()
     }
 }
 
@@ -241,9 +207,30 @@ mod tests {
         );
         check(&[b"Basic czNjcjN0", b"LUtFWQ=="], b"Basic ****************");
         check(&[b"", b"s3cr3t-KEY", b""], b"**********");
-        // The body ends with the start of the secret.
-        check(&[b"tail s3cr3t"], b"tail ******");
-        check(&[b"tail s3c"], b"tail s3c");
+        // The body ends with the start of the secret: left as it is (see
+        // the oracle test below).
+        check(&[b"tail s3cr3t"], b"tail s3cr3t");
+        check(&[b"tail s3cr3t-KE", b"Y"], b"tail **********");
+    }
+
+    /// An agent that gets its own input echoed (a request id, an `Origin`)
+    /// must not learn from the answer whether its guess begins the secret:
+    /// every guess short of a whole form comes back as it went, at the end
+    /// of a header value or of a body, in one chunk or split.
+    #[test]
+    fn no_part_of_a_secret_is_an_oracle() {
+        let p = patterns();
+        for form in [&b"s3cr3t-KEY"[..], b"czNjcjN0LUtFWQ=="] {
+            for len in 1..form.len() {
+                for guess in [form[..len].to_vec(), [&form[..len - 1], b"#"].concat()] {
+                    let value = [b"id=".as_slice(), &guess].concat();
+                    assert_eq!(p.redact_header(&value), None, "{value:?}");
+                    let at = value.len() / 2;
+                    check(&[&value], &value);
+                    check(&[&value[..at], &value[at..]], &value);
+                }
+            }
+        }
     }
 
     #[test]
