@@ -132,6 +132,55 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// Whether `options` reach the database only over a link nobody else can
+/// read or change, or by an explicit choice. The store carries approvals,
+/// revocations and the audit: whoever can rewrite the link can approve a
+/// step or hide a revocation. A database on this host (loopback, or a Unix
+/// socket) may be reached in any mode. Elsewhere, libpq's default
+/// (`prefer`) and `allow` would carry on without TLS, or with a server
+/// nobody checked, whenever the link says so, so they are refused:
+/// `verify-full` (or `verify-ca`) checks the server; `require` encrypts
+/// without checking who answers and `disable` encrypts nothing, so either
+/// is taken as a deliberate choice (another layer, such as a service
+/// mesh, protects the link) and logged as a warning.
+fn check_transport(options: &PgConnectOptions) -> Result<(), String> {
+    use sqlx::postgres::PgSslMode;
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if local {
+        return Ok(());
+    }
+    match options.get_ssl_mode() {
+        PgSslMode::VerifyFull | PgSslMode::VerifyCa => Ok(()),
+        mode @ (PgSslMode::Require | PgSslMode::Disable) => {
+            let mode = if matches!(mode, PgSslMode::Require) {
+                "require: encrypted, but the server's certificate is not checked"
+            } else {
+                "disable: not encrypted"
+            };
+            tracing::warn!(
+                host,
+                sslmode = mode,
+                "the link to the shared store is not protected by scrip; use sslmode=verify-full unless another layer protects it"
+            );
+            Ok(())
+        }
+        PgSslMode::Prefer | PgSslMode::Allow => Err(format!(
+            "the database at `{host}` is not on this host, and with sslmode `prefer` (the \
+             default) or `allow` the connection may go without TLS, or to a server nobody \
+             checked: set sslmode=verify-full (with sslrootcert=FILE for a private CA); \
+             sslmode=disable only if another layer (a service mesh) protects the link"
+        )),
+    }
+}
+
 /// The shared store's migrations.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -157,6 +206,8 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
             .application_name("scrip");
+        check_transport(&options)
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let mut conn = tokio::time::timeout(TIMEOUT, options.connect())
             .await
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?

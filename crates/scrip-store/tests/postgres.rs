@@ -57,32 +57,51 @@ async fn a_notification_connection_gone_silent_is_noticed_and_replaced() {
         .await
         .unwrap();
     let mut changes = b.changes();
-    let heard = |changes: &mut tokio::sync::watch::Receiver<scrip_store::Changes>, within| {
-        let mut changes = changes.clone();
-        async move {
-            tokio::time::timeout(within, changes.changed())
+    // B hears A's revocations: A commits until B sees the revocation
+    // counter alone move (a notification; while B's listener connects, or
+    // when it has lost its connection, every counter moves at once).
+    let listening = async |changes: &mut tokio::sync::watch::Receiver<scrip_store::Changes>,
+                           what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for i in 0.. {
+            assert!(Instant::now() < deadline, "B is not listening {what}");
+            let before = *changes.borrow_and_update();
+            a.commit(vec![revoke(&format!("{what}-{i}"))])
+                .await
+                .unwrap();
+            if tokio::time::timeout(Duration::from_secs(1), changes.changed())
                 .await
                 .is_ok()
+            {
+                let now = *changes.borrow_and_update();
+                if now.keys == before.keys && now.revocations > before.revocations {
+                    return;
+                }
+            }
         }
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    changes.borrow_and_update();
-    a.commit(vec![revoke("before")]).await.unwrap();
-    assert!(
-        heard(&mut changes, Duration::from_secs(1)).await,
-        "not listening"
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    changes.borrow_and_update();
+    listening(&mut changes, "at first").await;
 
     // The connection B listens on goes silent, as behind a NAT that forgot
     // it: no reset, nothing arrives. A's revocations no longer reach B, so
-    // B must notice and drop what it cached: every counter moves.
+    // B must notice and drop what it cached: every counter moves, the key
+    // counter too (which no notification of a revocation moves).
     gate.stall();
+    let seen = *changes.borrow_and_update();
     a.commit(vec![revoke("unheard")]).await.unwrap();
     let started = Instant::now();
-    assert!(
-        heard(&mut changes, Duration::from_secs(15)).await,
+    let noticed = tokio::time::timeout(Duration::from_secs(15), async {
+        while changes.changed().await.is_ok() {
+            if changes.borrow_and_update().keys > seen.keys {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        noticed,
+        Ok(true),
         "a silent notification connection went unnoticed"
     );
     assert!(
@@ -91,13 +110,7 @@ async fn a_notification_connection_gone_silent_is_noticed_and_replaced() {
         started.elapsed()
     );
     // And B listens again, on a new connection.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    changes.borrow_and_update();
-    a.commit(vec![revoke("after")]).await.unwrap();
-    assert!(
-        heard(&mut changes, Duration::from_secs(2)).await,
-        "not listening again"
-    );
+    listening(&mut changes, "again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,4 +185,67 @@ async fn an_unreachable_database_fails_closed_and_recovers_by_itself() {
     let checkpoints = store.latest_checkpoints().await.unwrap();
     let report = scrip_store::verify(&rows, &checkpoints, |_| true);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// The store's own connections to a database on another host must be
+/// checked TLS, or an explicit choice: libpq's default (`prefer`) and
+/// `allow` are refused before anything is sent, since whoever can rewrite
+/// the link could approve a step or hide a revocation.
+#[tokio::test]
+async fn a_database_elsewhere_needs_a_link_that_is_checked_or_chosen() {
+    for query in ["", "?sslmode=prefer", "?sslmode=allow"] {
+        let url = format!("postgres://scrip:hunter2@db.invalid:5432/scrip{query}");
+        let Err(StoreError::Open(e)) = PgStore::connect(&url).await else {
+            panic!("{url}: not refused");
+        };
+        assert!(e.contains("is not on this host"), "{e}");
+        assert!(e.contains("sslmode=verify-full"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    // Chosen modes go on to connect (and fail here only because nothing
+    // listens there: port 1 of this host, by an address that is not
+    // loopback).
+    for mode in ["verify-full", "verify-ca", "require", "disable"] {
+        let url = format!("postgres://scrip@0.0.0.0:1/scrip?sslmode={mode}");
+        let Err(StoreError::Open(e)) = PgStore::connect(&url).await else {
+            panic!("{url}: connected");
+        };
+        assert!(!e.contains("is not on this host"), "{mode}: {e}");
+        assert!(e.contains("Connection refused"), "{mode}: {e}");
+    }
+}
+
+/// scrip speaks TLS to PostgreSQL and checks the server's certificate:
+/// with the server's own certificate as the trusted root, every one of the
+/// store's connections is encrypted; without it (the public roots only),
+/// the server is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_store_checks_the_servers_certificate() {
+    let db = PgDatabase::new();
+    assert_eq!(
+        db.execute("SHOW ssl"),
+        "on",
+        "the tests' PostgreSQL must have ssl on (Debian's package does, with its snakeoil certificate)"
+    );
+    let cert = db.execute("SHOW ssl_cert_file");
+    let tls = |query: &str| format!("{}?{query}", db.url().replace("127.0.0.1", "localhost"));
+
+    let Err(err) = PgStore::connect(&tls("sslmode=verify-ca")).await else {
+        panic!("a server no trusted root vouches for was accepted");
+    };
+    assert!(matches!(err, StoreError::Open(_)), "{err:?}");
+
+    let store = PgStore::connect(&tls(&format!("sslmode=verify-ca&sslrootcert={cert}")))
+        .await
+        .unwrap();
+    store.commit(vec![revoke("over-tls")]).await.unwrap();
+    assert!(store.token_revoked("over-tls").await.unwrap());
+    let name = db.url().rsplit('/').next().unwrap().to_owned();
+    let links = db.execute(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.datname = '{name}' AND a.application_name = 'scrip'"
+    ));
+    let (all, encrypted) = links.split_once('|').unwrap();
+    assert!(all.parse::<u32>().unwrap() >= 2, "{links}");
+    assert_eq!(all, encrypted, "connections without TLS: {links}");
 }
