@@ -161,16 +161,36 @@ fn show(a: &Value) {
         .get("agent")
         .map(|g| format!("{} (from {})", text(g, "subject"), text(g, "issuer")))
         .unwrap_or_default();
-    let chain = a
-        .get("delegation_chain")
+    // Each sub-agent with its issuer too, for the same reason (an older
+    // scrip sends the subjects only).
+    let actors = a
+        .get("delegation_actors")
         .and_then(Value::as_array)
         .map(|c| {
             c.iter()
-                .filter_map(Value::as_str)
-                .map(crate::audit::printable)
+                .map(|g| match g.get("issuer").and_then(Value::as_str) {
+                    Some(iss) => format!(
+                        "{} (from {})",
+                        crate::audit::printable(&text(g, "subject")),
+                        crate::audit::printable(iss)
+                    ),
+                    None => crate::audit::printable(&text(g, "subject")),
+                })
                 .collect::<Vec<_>>()
-                .join(" <- ")
-        })
+        });
+    let subjects = || {
+        a.get("delegation_chain")
+            .and_then(Value::as_array)
+            .map(|c| {
+                c.iter()
+                    .filter_map(Value::as_str)
+                    .map(crate::audit::printable)
+                    .collect::<Vec<_>>()
+            })
+    };
+    let chain = actors
+        .or_else(subjects)
+        .map(|c| c.join(" <- "))
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "none".into());
     out!("{}", text(a, "auth_req_id"));

@@ -35,7 +35,7 @@ pub struct QueryArgs {
     pub until: Option<u64>,
     /// At most this many records, the oldest first (a note on stderr says
     /// when more matched).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: u32,
     /// Print JSON lines instead of a table.
     #[arg(long)]

@@ -32,7 +32,7 @@ pub enum TaskCommand {
     /// ended (exit 1); a pipe is not read then. Revocation answers the
     /// same for any token, so the token is checked first: anything but a
     /// task token signed by the scrip at --server (with a key it publishes
-    /// at its jwks_uri) is refused (exit 1) rather than ended silently. Says on stderr which task it ended, and where the token
+    /// at <server>/jwks) is refused (exit 1) rather than ended silently. Says on stderr which task it ended, and where the token
     /// came from.
     End {
         /// scrip's address.
@@ -53,7 +53,7 @@ pub enum TaskCommand {
         agent: Option<String>,
         /// At most this many tasks, those that end soonest (a note on
         /// standard error says when more may be open).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Print JSON lines instead of a table.
         #[arg(long)]

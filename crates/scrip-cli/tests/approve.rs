@@ -32,6 +32,13 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// This test process's uid: the approver's, as `scrip approve` (run by
+/// it) attests.
+fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata("/proc/self").unwrap().uid()
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -63,7 +70,7 @@ fn copy_policies(to: &Path) {
 }
 
 /// A running `scrip serve` with a test Kubernetes identity provider and one
-/// approver (uid 0, by local attestation); killed when dropped.
+/// approver (this test's uid, by local attestation); killed when dropped.
 struct Server {
     child: Child,
     dir: tempfile::TempDir,
@@ -120,8 +127,9 @@ actions = ["read", "write", "delete"]
 
 [[approvers]]
 name = "root-operator"
-uid = 0
+uid = {uid}
 {extra}"#,
+            uid = uid(),
             data = root.join("data").display(),
             policies = root.join("policies").display(),
             jwks = root.join("k8s-jwks.json").display(),
@@ -578,13 +586,14 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
 fn a_person_known_by_uid_may_not_approve_an_agent_that_may_run_as_that_uid() {
     // This test's process is the agent, `local:agent` by its executable;
     // `scrip approve`, another executable of the same uid, attests as
-    // `local:person` and is the approver `root-operator` (uid 0). Any
+    // `local:person` and is the approver `root-operator` (this uid). Any
     // process of that uid could attest so, the agent included.
     let me = std::env::current_exe().unwrap();
     let server = Server::start_with(
         &format!(
-            "\n[[local_workloads]]\nname = \"agent\"\nexe = \"{}\"\n\n[[local_workloads]]\nname = \"person\"\nuid = 0\n",
-            me.display()
+            "\n[[local_workloads]]\nname = \"agent\"\nexe = \"{}\"\n\n[[local_workloads]]\nname = \"person\"\nuid = {}\n",
+            me.display(),
+            uid()
         ),
         "permit (principal, action == Action::\"delete\", resource)\nwhen { principal.kind == \"local\" && context.environment == \"prod\" };\n",
     );

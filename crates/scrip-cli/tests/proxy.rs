@@ -805,8 +805,10 @@ when { context.stage == "proxy" && context has path && context.path like "/stand
     assert_eq!(revoke, "200");
     let start = Instant::now();
     while get() != "401" {
+        // Usually within a second; the bound only allows for a loaded
+        // machine.
         assert!(
-            start.elapsed() < Duration::from_secs(3),
+            start.elapsed() < Duration::from_secs(15),
             "the standalone proxy still accepts a revoked task"
         );
         std::thread::sleep(Duration::from_millis(50));

@@ -583,6 +583,25 @@ impl Config {
                     a.name
                 ));
             }
+            // An identity from any other issuer is never accepted, so such
+            // an approver could never approve, and every step put to them
+            // would wait until it expired.
+            if let Some(i) = &a.issuer
+                && !issuers.contains(i.as_str())
+                && *i != local_issuer
+            {
+                let mut trusted: Vec<String> = issuers.iter().map(|t| format!("`{t}`")).collect();
+                trusted.sort();
+                return invalid(format!(
+                    "approver `{}` has issuer `{i}`, which is neither a trusted issuer ({}) nor scrip's local issuer `{local_issuer}`; it must be one of them exactly",
+                    a.name,
+                    if trusted.is_empty() {
+                        "there are none".to_owned()
+                    } else {
+                        trusted.join(", ")
+                    }
+                ));
+            }
         }
         if !(1..=600).contains(&self.http_header_timeout) {
             return invalid("http_header_timeout must be 1 to 600 seconds");
@@ -1006,6 +1025,26 @@ mod tests {
             "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_uri = \"http://example.com/jwks\"\naudiences = [\"a\"]",
             Some("https"),
         );
+    }
+
+    /// An approver whose issuer nobody trusts could never approve: refused,
+    /// naming the issuers that are trusted.
+    #[test]
+    fn an_approvers_issuer_must_be_trusted() {
+        let issuer = "[[trusted_issuers]]\nissuer = \"https://id.example\"\njwks_file = \"k.json\"\naudiences = [\"scrip\"]\n";
+        let approver = |iss: &str| {
+            format!("[[approvers]]\nname = \"alice\"\nissuer = \"{iss}\"\nsubject = \"alice\"\n")
+        };
+        check(&format!("{issuer}{}", approver("https://id.example")), None);
+        check(
+            &format!("{issuer}{}", approver("https://id.example/")),
+            Some(
+                "approver `alice` has issuer `https://id.example/`, which is neither a trusted issuer (`https://id.example`) nor scrip's local issuer `http://127.0.0.1:7070/local`",
+            ),
+        );
+        check(&approver("https://id.example"), Some("(there are none)"));
+        check(&approver("http://127.0.0.1:7070/local"), None);
+        check("[[approvers]]\nname = \"bob\"\nuid = 1001\n", None);
     }
 
     #[test]

@@ -269,17 +269,18 @@ async fn burst_of_unknown_kids_refetches_at_a_bounded_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_issuer_served_from_cache_then_fails_closed_then_recovers() {
-    // refresh 1 s, max_stale 2 s: keys usable up to 3 s after the last
-    // successful fetch.
+    // refresh 2 s, max_stale 6 s: keys usable up to 8 s after the last
+    // successful fetch; min_refetch 2 s. Each step has seconds to spare
+    // on a loaded machine.
     let key = es256();
     let idp = Idp::start(&[&key]).await;
-    let v = verifier(&[trusted(&idp.jwks_uri, 1, 2, 1)]);
+    let v = verifier(&[trusted(&idp.jwks_uri, 2, 6, 2)]);
 
     v.verify(&token(&key)).await.unwrap(); // t = 0: fetched
     assert_eq!(idp.fetches(), 1);
     idp.fail(true);
 
-    sleep_ms(1_500).await; // t = 1.5: refresh due, fetch fails, cache serves
+    sleep_ms(2_500).await; // t = 2.5: refresh due, fetch fails, cache serves
     v.verify(&token(&key)).await.unwrap();
     assert_eq!(idp.fetches(), 2, "a refresh was attempted");
     // Within min_refetch of that attempt: no new fetch, still served.
@@ -288,7 +289,7 @@ async fn unreachable_issuer_served_from_cache_then_fails_closed_then_recovers() 
     // A new kid is not accepted from a stale cache.
     assert_eq!(v.verify(&token(&es256())).await.unwrap_err(), unknown_key());
 
-    sleep_ms(2_000).await; // t = 3.5: past refresh + max_stale
+    sleep_ms(6_500).await; // t = 9: past refresh + max_stale
     assert_eq!(
         v.verify(&token(&key)).await.unwrap_err(),
         IdentityError::KeysUnavailable
@@ -296,7 +297,7 @@ async fn unreachable_issuer_served_from_cache_then_fails_closed_then_recovers() 
     assert_eq!(idp.fetches(), 3);
 
     idp.fail(false);
-    sleep_ms(1_200).await; // t = 4.7: min_refetch after the last attempt
+    sleep_ms(2_200).await; // t = 11.2: min_refetch after the last attempt
     let id = v.verify(&token(&key)).await.unwrap();
     assert_eq!(id.subject, "agent");
     assert_eq!(idp.fetches(), 4);
@@ -306,14 +307,14 @@ async fn unreachable_issuer_served_from_cache_then_fails_closed_then_recovers() 
 async fn issuer_shut_down_served_from_cache_then_fails_closed() {
     let key = es256();
     let mut idp = Idp::start(&[&key]).await;
-    let v = verifier(&[trusted(&idp.jwks_uri, 1, 2, 1)]);
+    let v = verifier(&[trusted(&idp.jwks_uri, 2, 6, 2)]);
     v.verify(&token(&key)).await.unwrap(); // t = 0
     idp.shut_down().await;
 
-    sleep_ms(1_500).await; // t = 1.5: refresh fails (connection refused)
+    sleep_ms(2_500).await; // t = 2.5: refresh fails (connection refused)
     v.verify(&token(&key)).await.unwrap();
 
-    sleep_ms(2_000).await; // t = 3.5
+    sleep_ms(6_500).await; // t = 9: past refresh + max_stale
     assert_eq!(
         v.verify(&token(&key)).await.unwrap_err(),
         IdentityError::KeysUnavailable

@@ -224,6 +224,15 @@ fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
                     .unwrap_or_default()
             ),
         );
+        // With their issuers, as the agent's: two issuers may name
+        // different workloads alike, and the person must see which acts.
+        let actors: Vec<Value> = t
+            .actor
+            .iter()
+            .flat_map(|a| a.actors())
+            .map(|a| json!({"issuer": a.iss, "subject": a.sub}))
+            .collect();
+        obj.insert("delegation_actors".into(), Value::Array(actors));
     }
     v
 }
@@ -244,6 +253,9 @@ async fn notify(http: reqwest::Client, url: String, body: Value) {
     }
     tracing::error!("approval webhook gave up after 4 attempts");
 }
+
+/// Said of a step, pending or approved, whose task has ended.
+const TASK_ENDED: &str = "the task that asked has ended; nothing will be issued for this step";
 
 /// `grant_type=urn:openid:params:grant-type:ciba`: the agent polls.
 pub(crate) async fn poll(
@@ -272,7 +284,29 @@ pub(crate) async fn poll(
     if approval.task_id != claims.txn {
         return Err(unknown());
     }
-    crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)?;
+    if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding) {
+        // A bound task's token without its key is most likely stolen:
+        // refused, and on the record, as at the exchange.
+        let mut a = st.audit("token.refused");
+        a.decision = Some("deny".into());
+        a.agent_iss = Some(claims.tctx.agent_iss.clone());
+        a.agent_sub = Some(claims.sub.clone());
+        a.task_id = Some(claims.txn.clone());
+        a.parent_id.clone_from(&claims.tctx.parent);
+        a.chain = claims
+            .act
+            .as_ref()
+            .map(scrip_token::Actor::chain)
+            .unwrap_or_default();
+        a.environment = Some(claims.tctx.environment.clone());
+        a.purpose = Some(claims.tctx.purpose.clone());
+        a.tool = Some(approval.tool.clone());
+        a.actions = Some(approval.actions.clone());
+        a.client = Some(peer.to_string());
+        a.reason = Some(format!("auth_req_id {id}: {}", e.description));
+        st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
+        return Err(e);
+    }
     // The poller is authenticated: its proof may now be recorded.
     let cnf = binding.map(|b| b.spend(st)).transpose()?;
     let now = now();
@@ -297,9 +331,7 @@ pub(crate) async fn poll(
                 .await?
                 .is_none() =>
         {
-            Err(OAuthError::invalid_grant(
-                "the task that asked has ended; nothing will be issued for this step",
-            ))
+            Err(OAuthError::invalid_grant(TASK_ENDED))
         }
         ApprovalState::Pending => {
             if st
@@ -331,7 +363,7 @@ async fn issue(
     let now = now();
     let task = crate::exchange::active_task(st, claims, now)
         .await?
-        .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+        .ok_or_else(|| OAuthError::invalid_grant(TASK_ENDED))?;
     let tool = st
         .config
         .tool(&approval.tool)

@@ -101,6 +101,9 @@ pub enum SocketError {
     },
 }
 
+/// The longest path a Unix socket may have (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// The bound attestation socket. Dropping it removes the socket file.
 #[derive(Debug)]
 pub struct Socket {
@@ -124,6 +127,14 @@ impl Socket {
             path: path.clone(),
             message,
         };
+        // A client connects by the path itself, which must fit in a socket
+        // address (`sun_path`: 108 bytes with its terminating NUL).
+        let len = path.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(fail(format!(
+                "the path is {len} bytes, and a socket's may be {MAX_SOCKET_PATH} at most: set `socket` (or `data_dir`) to a shorter one"
+            )));
+        }
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_socket() => {
                 if std::os::unix::net::UnixStream::connect(&path).is_ok() {
@@ -157,7 +168,16 @@ impl Socket {
             .create(&staging)
             .map_err(|e| fail(format!("cannot create `{}`: {e}", staging.display())))?;
         let tmp = staging.join("scrip.sock");
-        let prepared = std::os::unix::net::UnixListener::bind(&tmp).and_then(|listener| {
+        // Bound through the directory's descriptor: the staging path is
+        // longer than the socket's own, and may not fit in a socket
+        // address where the final path does.
+        let bound = std::fs::File::open(&staging).and_then(|d| {
+            std::os::unix::net::UnixListener::bind(format!(
+                "/proc/self/fd/{}/scrip.sock",
+                d.as_raw_fd()
+            ))
+        });
+        let prepared = bound.and_then(|listener| {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))?;
             listener.set_nonblocking(true)?;
             std::fs::rename(&tmp, &path)?;
@@ -397,14 +417,13 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
             return Answer::error(400, "invalid_request", "peer credentials are unavailable");
         }
     };
-    let Some(pid) = cred.pid().filter(|p| *p > 0) else {
-        return Answer::error(
-            400,
-            "invalid_request",
-            "the connecting process has no pid visible to scrip (another pid namespace?)",
-        );
-    };
     let (uid, gid) = (cred.uid(), cred.gid());
+    let Some(pid) = cred.pid().filter(|p| *p > 0) else {
+        // On the record, with its uid: a process of another container or
+        // of the host reaching a shared socket.
+        let why = "the connecting process has no pid visible to scrip (another pid namespace?)";
+        return refuse(st, None, uid, 0, why).await;
+    };
     // Refused before its executable is read or hashed (up to 512 MiB) when
     // no entry could match its uid and gid: a user scrip does not serve
     // cannot make it hash files over and over.

@@ -75,10 +75,16 @@ impl Form {
                     BODY_TIMEOUT.as_secs()
                 ))
             })?
-            .map_err(|_| {
-                OAuthError::invalid_request(format!(
-                    "the request body is larger than {MAX_BODY} bytes"
-                ))
+            .map_err(|e| {
+                // The limit, or the body itself (its chunked framing
+                // broken, the connection gone mid-body).
+                let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                    .any(|s| s.is::<http_body_util::LengthLimitError>());
+                OAuthError::invalid_request(if too_large {
+                    format!("the request body is larger than {MAX_BODY} bytes")
+                } else {
+                    "the request body could not be read: it was cut short, or its chunked framing is broken".into()
+                })
             })?;
         if not_ascii_based || (other_charset && !decoded_bytes(&bytes).is_ascii()) {
             return Err(OAuthError::invalid_request(

@@ -126,8 +126,8 @@ pub(crate) async fn caller_identity(
     };
     match st.identities.verify(token).await {
         Ok(identity) => Ok(identity),
-        Err(scrip_identity::IdentityError::KeysUnavailable) => {
-            Err(OAuthError::temporarily_unavailable())
+        Err(e @ scrip_identity::IdentityError::KeysUnavailable) => {
+            Err(crate::exchange::identity_error(e))
         }
         Err(e) => Err(OAuthError::invalid_token(format!("caller identity: {e}"))),
     }

@@ -247,7 +247,12 @@ async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
 
 #[tokio::test]
 async fn polling_is_pending_then_slow_down_when_too_fast() {
-    let s = server().await;
+    // An interval the two polls below fall within even on a loaded machine.
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        c.approval_poll_interval = 5;
+    }))
+    .await;
     let task = prod_task(&s).await;
     let id = pending(&s, &task).await;
     poll(&s, &task, &id)
@@ -255,7 +260,7 @@ async fn polling_is_pending_then_slow_down_when_too_fast() {
         .assert_error(400, "authorization_pending");
     poll(&s, &task, &id).await.assert_error(400, "slow_down");
     // After the interval, pending again.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(5100)).await;
     poll(&s, &task, &id)
         .await
         .assert_error(400, "authorization_pending");
@@ -798,6 +803,13 @@ async fn separation_of_duties_refuses_an_actor_in_the_chain() {
     assert_eq!(a["auth_req_id"], id.as_str(), "{}", r.text);
     assert_eq!(a["delegation_depth"], 1, "{}", r.text);
     assert_eq!(a["delegation_chain"], json!([ACTOR]), "{}", r.text);
+    // With the issuer of each, as for the agent.
+    assert_eq!(
+        a["delegation_actors"],
+        json!([{"issuer": SPIFFE_ISSUER, "subject": ACTOR}]),
+        "{}",
+        r.text
+    );
     // Alice approves; the token carries the act chain.
     let r = approved_token(&s, &child, &id).await;
     let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
@@ -1110,13 +1122,14 @@ async fn racing_decisions_decide_once() {
 async fn an_approved_step_not_collected_in_time_expires() {
     let s = TestServer::start_with(edit(|c| {
         c.approvers = vec![alice()];
-        c.approval_ttl = 2;
+        // Whole seconds: 3 to 4 s left to approve, on a loaded machine.
+        c.approval_ttl = 4;
     }))
     .await;
     let task = prod_task(&s).await;
     let id = pending(&s, &task).await;
     assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    tokio::time::sleep(Duration::from_millis(5100)).await;
     // Told so when polled, before the sweeper ends it and after.
     let uncollected = || async {
         let r = poll(&s, &task, &id).await;
@@ -1360,6 +1373,25 @@ async fn approving_a_step_of_an_ended_task_is_a_conflict() {
     let r = poll(&s, &task, &id).await;
     r.assert_error(400, "invalid_grant");
     assert!(r.text.contains("has ended"), "{}", r.text);
+    s.stop().await;
+}
+
+/// A step approved before its task ended is not issued, and the poll says
+/// so as for a pending one.
+#[tokio::test]
+async fn an_approved_step_of_a_task_ended_since_is_not_issued() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    assert_eq!(s.revoke(&task).await.status, 200);
+    let r = poll(&s, &task, &id).await;
+    r.assert_error(400, "invalid_grant");
+    assert!(
+        r.text.contains("the task that asked has ended"),
+        "{}",
+        r.text
+    );
     s.stop().await;
 }
 

@@ -1558,3 +1558,31 @@ async fn a_form_body_that_trickles_is_refused_within_its_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
     s.stop().await;
 }
+
+/// A body whose chunked framing is broken is not "too large": the answer
+/// says it could not be read.
+#[tokio::test]
+async fn a_form_body_with_broken_framing_is_said_to_be_unreadable() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = TestServer::start().await;
+    let host = s.url.trim_start_matches("http://").to_owned();
+    let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\ngrant\r\nzz\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), c.read_to_end(&mut out))
+        .await
+        .expect("the server never answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("could not be read"), "{text}");
+    assert!(!text.contains("larger than"), "{text}");
+    s.stop().await;
+}

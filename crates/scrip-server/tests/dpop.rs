@@ -363,6 +363,18 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     );
     let r = post(&s, &poll, &[&key.proof("POST", &token_url, None)]).await;
     r.assert_error(400, "authorization_pending");
+    // Both polls without the key are on the record, naming the step.
+    let audit = s.audit().await;
+    for why in ["bound to a DPoP key", "not signed with the key"] {
+        assert!(
+            audit.iter().any(|a| a.event == "token.refused"
+                && a.decision.as_deref() == Some("deny")
+                && a.tool.as_deref() == Some("github")
+                && a.actions.as_deref() == Some("delete")
+                && a.reason.as_deref().is_some_and(|r| r.contains(&id) && r.contains(why))),
+            "no token.refused record of a poll for: {why}"
+        );
+    }
 
     // A task started without a proof stays a bearer task.
     let r = post(&s, &start, &[]).await;

@@ -504,8 +504,9 @@ async fn a_revoked_task_is_refused() {
             assert!(challenge(&headers).contains("invalid_token"));
             break;
         }
+        // Usually at once; the bound only allows for a loaded machine.
         assert!(
-            start.elapsed() < Duration::from_secs(2),
+            start.elapsed() < Duration::from_secs(10),
             "still accepted after revocation"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

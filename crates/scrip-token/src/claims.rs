@@ -32,6 +32,11 @@ impl Actor {
         depth
     }
 
+    /// The actors, current first.
+    pub fn actors(&self) -> impl Iterator<Item = &Actor> {
+        std::iter::successors(Some(self), |a| a.act.as_deref())
+    }
+
     /// The actors' subjects, current first.
     #[must_use]
     pub fn chain(&self) -> Vec<String> {

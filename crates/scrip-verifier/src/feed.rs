@@ -737,7 +737,8 @@ mod tests {
         let r = Revocations::new(Duration::from_secs(60), 0);
         let far = unix_now() + 600;
         r.apply(br#"{"cursor":2,"events":[]}"#).unwrap();
-        let old = Instant::now().checked_sub(Duration::from_secs(59));
+        // Well within the 60 s: the checks below have seconds to spare.
+        let old = Instant::now().checked_sub(Duration::from_secs(50));
         r.state.write().unwrap().synced_at = old;
         let page = format!(r#"{{"cursor":3,"events":[{{"type":"task","txn":"t1","exp":{far}}}]}}"#);
         r.apply(page.as_bytes()).unwrap();
