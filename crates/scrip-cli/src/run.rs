@@ -32,8 +32,10 @@ pub struct TaskArgs {
     #[arg(long = "grant", value_name = "TOOL:ACTION", required = true)]
     grants: Vec<String>,
     /// The environment the task runs in: one of scrip's configured
-    /// `environments` (by default dev, staging, prod).
-    #[arg(long = "env", value_name = "ENV", default_value = "dev")]
+    /// `environments` (by default dev, staging, prod). Required: policies
+    /// treat environments differently (the shipped ones ask a person
+    /// before a delete anywhere but dev), so none is assumed.
+    #[arg(long = "env", value_name = "ENV", required = true)]
     environment: String,
     /// The task's lifetime in seconds (default: the server's task_ttl).
     #[arg(long, value_name = "SECONDS")]

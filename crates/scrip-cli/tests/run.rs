@@ -124,7 +124,17 @@ impl Server {
     fn run_until(&self, script: &str, marker: &Path) -> Child {
         let child = self
             .scrip()
-            .args(["run", "--grant", "github:read", "--", "sh", "-c", script])
+            .args([
+                "run",
+                "--env",
+                "dev",
+                "--grant",
+                "github:read",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -244,7 +254,15 @@ fn quickstart_run_a_command_get_a_token_and_it_is_dead_afterwards() {
                   echo \"$SCRIP_TASK_TOKEN\"";
     let out = server
         .scrip()
-        .args(["run", "--purpose", "quickstart", "--grant", "github:read"])
+        .args([
+            "run",
+            "--purpose",
+            "quickstart",
+            "--env",
+            "dev",
+            "--grant",
+            "github:read",
+        ])
         .args(["--", "sh", "-c", script])
         .output()
         .unwrap();
@@ -296,7 +314,7 @@ fn the_command_inherits_no_key_of_scrips() {
         .scrip()
         .env("SCRIP_IDENTITY", identity.token())
         .env("SCRIP_KEY_ENCRYPTION_KEY", "the-kek")
-        .args(["run", "--purpose", "inherit", "--grant", "github:read"])
+        .args(["run", "--purpose", "inherit", "--env", "dev", "--grant", "github:read"])
         .args([
             "--",
             "sh",
@@ -357,7 +375,17 @@ fn exit_codes_pass_through() {
     let run = |script: &str| {
         server
             .scrip()
-            .args(["run", "--grant", "github:read", "--", "sh", "-c", script])
+            .args([
+                "run",
+                "--env",
+                "dev",
+                "--grant",
+                "github:read",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
             .output()
             .unwrap()
             .status
@@ -378,7 +406,15 @@ fn exit_codes_pass_through() {
     // A command that cannot run: 127, as a shell says.
     let out = server
         .scrip()
-        .args(["run", "--grant", "github:read", "--", "no-such-command-xyz"])
+        .args([
+            "run",
+            "--env",
+            "dev",
+            "--grant",
+            "github:read",
+            "--",
+            "no-such-command-xyz",
+        ])
         .output()
         .unwrap();
     assert_refused(&out, 127, &["cannot run `no-such-command-xyz`"]);
@@ -465,7 +501,16 @@ sys.stdout.write("\nexit=%d\n" % os.waitstatus_to_exitcode(status))
     let mut cmd = Command::new("python3");
     cmd.args(["-c", driver])
         .arg(scrip.get_program())
-        .args(["run", "--purpose", "tty", "--grant", "github:read", "--"])
+        .args([
+            "run",
+            "--purpose",
+            "tty",
+            "--env",
+            "dev",
+            "--grant",
+            "github:read",
+            "--",
+        ])
         .args(command);
     for (k, v) in scrip.get_envs() {
         match v {
@@ -516,7 +561,11 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     let touch = format!("touch {}", marker.display());
     let run = |extra: &[&str], envs: &[(&str, &str)]| {
         let mut cmd = server.scrip();
-        cmd.arg("run").args(extra).args(["--", "sh", "-c", &touch]);
+        cmd.arg("run").args(extra);
+        if !extra.contains(&"--env") {
+            cmd.args(["--env", "dev"]);
+        }
+        cmd.args(["--", "sh", "-c", &touch]);
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -612,12 +661,23 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
 
     assert!(!marker.exists(), "the command never ran");
 
-    // No grant, or no command: usage errors.
-    let out = server.scrip().args(["run", "--", "true"]).output().unwrap();
+    // No grant, no environment, or no command: usage errors.
+    let out = server
+        .scrip()
+        .args(["run", "--env", "dev", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = server
         .scrip()
-        .args(["run", "--grant", "github:read"])
+        .args(["run", "--grant", "github:read", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--env <ENV>"), "{out:?}");
+    let out = server
+        .scrip()
+        .args(["run", "--env", "dev", "--grant", "github:read"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -647,6 +707,8 @@ fn task_start_list_and_end() {
         .args([
             "task",
             "start",
+            "--env",
+            "dev",
             "--grant",
             "github:read",
             "--purpose",
@@ -837,6 +899,8 @@ fn task_start_list_and_end() {
                 "task",
                 "start",
                 "--json",
+                "--env",
+                "dev",
                 "--grant",
                 "github:read",
                 "--purpose",

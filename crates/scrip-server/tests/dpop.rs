@@ -371,7 +371,9 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
                 && a.decision.as_deref() == Some("deny")
                 && a.tool.as_deref() == Some("github")
                 && a.actions.as_deref() == Some("delete")
-                && a.reason.as_deref().is_some_and(|r| r.contains(&id) && r.contains(why))),
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains(&id) && r.contains(why))),
             "no token.refused record of a poll for: {why}"
         );
     }
