@@ -53,6 +53,12 @@ fi
 if [ -z "$(psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres -c "SELECT 1 FROM pg_database WHERE datname = 'test'")" ]; then
   psql -wqX postgres://postgres@127.0.0.1:5432/postgres -c 'CREATE DATABASE test'
 fi
+# The shared store's TLS test connects to it over TLS, trusting the
+# server's own certificate.
+if [ "$(psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres -c 'SHOW ssl')" != on ]; then
+  echo "PostgreSQL on 127.0.0.1:5432 has ssl off; the tests need it on (Debian's package turns it on with its snakeoil certificate): set ssl, ssl_cert_file and ssl_key_file in postgresql.conf and reload" >&2
+  exit 1
+fi
 
 # The interoperability tests run third-party JOSE and OAuth libraries on
 # Node.js (20 or later) and Python (with venv).

@@ -407,7 +407,6 @@ fn escape(raw: &[u8], table: &[(u8, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// `encoded` with the hex digits of its `%XX` escapes in lowercase.
 /// `s` with every `from` replaced by the shorter `to`, in one buffer of
 /// `s`'s length that is never grown (`str::replace` grows its result, and
 /// would free buffers holding part of a secret, unzeroed).
@@ -424,6 +423,7 @@ fn shorter(s: &str, from: &str, to: &str) -> String {
     out
 }
 
+/// `encoded` with the hex digits of its `%XX` escapes in lowercase.
 fn lowercase_escapes(encoded: &str) -> String {
     let mut out = String::with_capacity(encoded.len());
     let mut hex_left = 0;

@@ -132,6 +132,51 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// The URL parameters the PostgreSQL driver takes (sqlx's names and
+/// aliases). It logs any other, with its value, and ignores it: a value
+/// may be a secret (`sslpassword`), and an ignored one (`sslrootcert=
+/// system`, several hosts, `connect_timeout`) a setting the operator counts
+/// on, so both are refused before the driver sees them.
+const KNOWN_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Refuses a URL parameter the driver would ignore, naming it (never its
+/// value).
+fn check_parameters(url: &str) -> Result<(), String> {
+    let Ok(u) = url::Url::parse(url) else {
+        return Ok(()); // The driver says what is wrong with the URL itself.
+    };
+    for (key, _) in u.query_pairs() {
+        let known = KNOWN_PARAMETERS.contains(&key.as_ref())
+            || (key.starts_with("options[") && key.ends_with(']'));
+        if !known {
+            return Err(format!(
+                "the parameter `{key}` is not one scrip's PostgreSQL driver takes ({}, options[NAME]); it would be ignored",
+                KNOWN_PARAMETERS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `options` reach the database only over a link nobody else can
 /// read or change, or by an explicit choice. The store carries approvals,
 /// revocations and the audit: whoever can rewrite the link can approve a
@@ -139,10 +184,11 @@ fn redacted(url: &str) -> String {
 /// socket) may be reached in any mode. Elsewhere, libpq's default
 /// (`prefer`) and `allow` would carry on without TLS, or with a server
 /// nobody checked, whenever the link says so, so they are refused:
-/// `verify-full` (or `verify-ca`) checks the server; `require` encrypts
-/// without checking who answers and `disable` encrypts nothing, so either
-/// is taken as a deliberate choice (another layer, such as a service
-/// mesh, protects the link) and logged as a warning.
+/// `verify-full` checks the server; `verify-ca` checks only that some CA
+/// vouches for it (the public ones included), `require` encrypts without
+/// checking who answers and `disable` encrypts nothing, so each of those is
+/// taken as a deliberate choice (another layer, such as a service mesh,
+/// protects the link) and logged as a warning.
 fn check_transport(options: &PgConnectOptions) -> Result<(), String> {
     use sqlx::postgres::PgSslMode;
     let host = options.get_host();
@@ -158,12 +204,19 @@ fn check_transport(options: &PgConnectOptions) -> Result<(), String> {
         return Ok(());
     }
     match options.get_ssl_mode() {
-        PgSslMode::VerifyFull | PgSslMode::VerifyCa => Ok(()),
-        mode @ (PgSslMode::Require | PgSslMode::Disable) => {
-            let mode = if matches!(mode, PgSslMode::Require) {
-                "require: encrypted, but the server's certificate is not checked"
-            } else {
-                "disable: not encrypted"
+        PgSslMode::VerifyFull => Ok(()),
+        mode @ (PgSslMode::VerifyCa | PgSslMode::Require | PgSslMode::Disable) => {
+            let mode = match mode {
+                // The driver adds `sslrootcert` to the public roots rather
+                // than putting it in their place: without the name, any
+                // certificate a public CA issued, for any name, passes.
+                PgSslMode::VerifyCa => {
+                    "verify-ca: encrypted, but any certificate from a public CA is accepted, whatever its name"
+                }
+                PgSslMode::Require => {
+                    "require: encrypted, but the server's certificate is not checked"
+                }
+                _ => "disable: not encrypted",
             };
             tracing::warn!(
                 host,
@@ -203,6 +256,7 @@ impl PgStore {
     /// [`StoreError::Open`] when the database cannot be reached, migrated,
     /// or (`Require`) holds another schema.
     pub async fn connect_as(url: &str, schema: Schema) -> Result<Self, StoreError> {
+        check_parameters(url).map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
             .application_name("scrip");

@@ -202,6 +202,14 @@ async fn a_database_elsewhere_needs_a_link_that_is_checked_or_chosen() {
         assert!(e.contains("sslmode=verify-full"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
     }
+    // A parameter the driver would ignore is refused, named, its value
+    // never shown (the driver itself would log it).
+    let url = "postgres://scrip@127.0.0.1:5432/scrip?sslmode=verify-full&sslpassword=hunter2";
+    let Err(StoreError::Open(e)) = PgStore::connect(url).await else {
+        panic!("{url}: not refused");
+    };
+    assert!(e.contains("the parameter `sslpassword` is not one"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
     // Chosen modes go on to connect (and fail here only because nothing
     // listens there: port 1 of this host, by an address that is not
     // loopback).
