@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Package installs below never stop to ask (tzdata, on a fresh container).
 export DEBIAN_FRONTEND=noninteractive
+# The tests write trust anchors (JWKS files) and key files as the tests'
+# user; scrip refuses any that group or others may write, as it should, so
+# a umask of 002 (many desktops) would fail the tests, not the code.
+umask 022
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2

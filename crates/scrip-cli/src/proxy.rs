@@ -79,12 +79,12 @@ async fn start(config: Config) -> Result<Started, String> {
         .await
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now_s())
+    let replica = format!("proxy:{}:{}", local.port(), std::process::id());
+    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now_s(), &replica)
         .await
         .map_err(|e| format!("cannot sign audit checkpoints: {e}"))?;
     // Every commit signs this process's chain head in its transaction.
     store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
-    let replica = format!("proxy:{}:{}", local.port(), std::process::id());
     let policies = Policies::new(policy, policy_seen, &config, store.clone(), replica.clone());
     let current = policies.clone();
     let proxy = scrip_proxy::Proxy::new(
@@ -113,7 +113,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     let limits = scrip_server::http::Limits::new(config.http_header_timeout);
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let mut stop = crate::Stop::new();
         let Started {
             listener,
@@ -153,5 +153,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("proxy error: {e}")),
         }
-    })
+    });
+    crate::leave(runtime);
+    code
 }

@@ -288,6 +288,11 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
         .map_err(|e| format!("mint command `{program}`'s output: {e}; {NOT_STORED}"))
 }
 
+/// Who wrote this command's audit records.
+fn replica() -> String {
+    format!("scrip-cli:{}", std::process::id())
+}
+
 /// Said of every failure once a mint command ran.
 const NOT_STORED: &str =
     "a key it may have minted at the provider was not stored: revoke it there if it was";
@@ -341,7 +346,7 @@ async fn rotate_each(
     reason = "a warning for the person running the command"
 )]
 async fn sign_heads(config: &Config, store: &dyn Store) {
-    match scrip_server::keyring::checkpoint_signer(config, store, now()).await {
+    match scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await {
         Ok(key) => {
             store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
         }
@@ -375,7 +380,7 @@ async fn put(
         tool: Some(name.to_owned()),
         actions: Some(action.to_owned()),
         reason: Some(format!("version {version}")),
-        replica: format!("scrip-cli:{}", std::process::id()),
+        replica: replica(),
         ..AuditEvent::default()
     };
     store

@@ -68,20 +68,13 @@ async fn keys_loop(state: AppState) {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        match st.keyring.sync(st.store.as_ref(), now()).await {
-            Ok(created) if !created.keys.is_empty() => {
+        // Audited in the commit that changes the keys.
+        match st.keyring.sync(st.store.as_ref(), now(), &st.replica).await {
+            Ok(created) => {
                 for (kid, what) in &created.keys {
                     tracing::info!(%kid, %what, "shared key set changed");
                 }
-                if let Err(e) = st
-                    .store
-                    .commit(crate::key_audit(&st.replica, created))
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot audit a key change");
-                }
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the shared keys; keeping the keys in use")
             }

@@ -134,10 +134,15 @@ impl Keyring {
     /// [`KeyError`] when the key-encryption key is missing, exposed or does
     /// not open the stored keys; [`StoreError`] (inside
     /// [`KeyError::Invalid`]) when the store cannot be read or written.
+    ///
+    /// The audit records of the keys it creates or retires are committed
+    /// with them (named after `replica`): the returned [`Created`] is for
+    /// the log only.
     pub async fn shared(
         config: &Config,
         store: &dyn Store,
         now: u64,
+        replica: &str,
     ) -> Result<(Self, Created), KeyError> {
         let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
         let kek = keys::store_kek(config, store).await?;
@@ -149,8 +154,12 @@ impl Keyring {
             keep: config.longest_token_life(),
         };
         shared.open_all(config, &stored)?;
-        let (writes, mut created) = shared.plan(&stored, now)?;
+        let (mut writes, mut created) = shared.plan(&stored, now)?;
         if !writes.is_empty() {
+            // In the keys' own commit: audited in a second one, a crash or
+            // a failed start between the two would leave keys nobody
+            // recorded, and no later start would see them created.
+            writes.extend(crate::key_audit(replica, &created));
             match store.commit(writes).await {
                 Ok(()) => {}
                 // Another replica wrote these keys first (the store refuses
@@ -270,24 +279,30 @@ impl Keyring {
         self.shared.is_some()
     }
 
-    /// Re-reads a shared key set, rotating and retiring keys when due;
-    /// returns what it created or retired, for the audit. A file key set
-    /// never changes.
+    /// Re-reads a shared key set, rotating and retiring keys when due, and
+    /// audits what it created or retired in the same commit (named after
+    /// `replica`); returns that, for the log. A file key set never changes.
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read or written; the keys in
     /// use stay as they were.
-    pub async fn sync(&self, store: &dyn Store, now: u64) -> Result<Created, StoreError> {
+    pub async fn sync(
+        &self,
+        store: &dyn Store,
+        now: u64,
+        replica: &str,
+    ) -> Result<Created, StoreError> {
         let Some(shared) = &self.shared else {
             return Ok(Created::default());
         };
         let stored = store.keys(now).await?;
-        let (writes, mut created) = shared
+        let (mut writes, mut created) = shared
             .plan(&stored, now)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let stored = if writes.is_empty() {
             stored
         } else {
+            writes.extend(crate::key_audit(replica, &created));
             match store.commit(writes).await {
                 Ok(()) => {}
                 // Another replica rotated or retired first: its keys are
@@ -391,15 +406,29 @@ pub async fn shared_checkpoint_jwks(
 /// # Errors
 /// [`KeyError`] when the key cannot be read, opened, or (shared) there is
 /// none yet.
+///
+/// A key it creates is audited at once, named after `replica`.
 pub async fn checkpoint_signer(
     config: &Config,
     store: &dyn Store,
     now: u64,
+    replica: &str,
 ) -> Result<Arc<SigningKey>, KeyError> {
     if config.database_url.is_none() {
-        return Ok(Arc::new(
-            keys::load_or_create_checkpoint_key(&config.data_dir, now)?.key,
-        ));
+        let loaded = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
+        if loaded.created {
+            let created = Created {
+                keys: vec![(
+                    loaded.key.kid().to_owned(),
+                    "audit checkpoint key created".into(),
+                )],
+            };
+            store
+                .commit(crate::key_audit(replica, &created))
+                .await
+                .map_err(|e| store_error(config, &e))?;
+        }
+        return Ok(Arc::new(loaded.key));
     }
     stored_checkpoint_keys(config, store, now)
         .await?

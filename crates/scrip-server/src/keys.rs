@@ -98,11 +98,27 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> KeyError + '_ {
 /// # Errors
 /// [`KeyError::Io`] on failure.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
+    // The directories made here, innermost first: each new entry is made
+    // durable in its parent, or a crash soon after could lose a directory
+    // with the keys in it (a key-encryption key lost for good).
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && fs::symlink_metadata(d).is_err())
+        .collect();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
+    for made in missing.iter().rev() {
+        let parent = made
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(parent))?;
+    }
     check_private_dir(dir)
 }
 

@@ -195,10 +195,20 @@ impl Server {
             &config.data_dir.join("scrip.db"),
         )
         .await?;
-        let (keyring, created) = if config.database_url.is_some() {
-            keyring::Keyring::shared(&config, store.as_ref(), state::now()).await?
+        let replica = replica_name(local);
+        let keyring = if config.database_url.is_some() {
+            // Audited in the commit that stored them.
+            keyring::Keyring::shared(&config, store.as_ref(), state::now(), &replica)
+                .await?
+                .0
         } else {
-            keyring::Keyring::from_files(&config, state::now())?
+            let (keyring, created) = keyring::Keyring::from_files(&config, state::now())?;
+            // On the record before anything else can stop the start: the
+            // files stay, and the next start does not see them created.
+            if !created.keys.is_empty() {
+                store.commit(key_audit(&replica, &created)).await?;
+            }
+            keyring
         };
         let (policy_seen, policy) = policies::load_at_start(&config.policy_dir).await?;
         policy.check_tools(&config.tools)?;
@@ -213,21 +223,18 @@ impl Server {
             &issuer,
         );
         let metadata_body = metadata(&issuer, &config).to_string();
-        let replica = replica_name(local);
         // Every commit from here on signs this process's chain head in the
         // same transaction, the start-up records' included.
         let keyring = std::sync::Arc::new(keyring);
         store.sign_heads_with(keyring.clone());
 
-        let mut startup = key_audit(&replica, created);
         let mut a = audit_record(&replica, "policy.loaded");
         a.reason = Some(format!(
             "{} policies from `{}`",
             policy.len(),
             config.policy_dir.display()
         ));
-        startup.push(Write::Audit(Box::new(a)));
-        store.commit(startup).await?;
+        store.commit(vec![Write::Audit(Box::new(a))]).await?;
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }
@@ -425,10 +432,10 @@ fn replica_name(addr: SocketAddr) -> String {
 }
 
 /// The audit records of keys created or retired.
-fn key_audit(replica: &str, created: keyring::Created) -> Vec<Write> {
+fn key_audit(replica: &str, created: &keyring::Created) -> Vec<Write> {
     created
         .keys
-        .into_iter()
+        .iter()
         .map(|(kid, what)| {
             let event = if what.contains("retired") {
                 "key.retired"
@@ -436,8 +443,8 @@ fn key_audit(replica: &str, created: keyring::Created) -> Vec<Write> {
                 "key.created"
             };
             let mut a = audit_record(replica, event);
-            a.jti = Some(kid);
-            a.reason = Some(what);
+            a.jti = Some(kid.clone());
+            a.reason = Some(what.clone());
             Write::Audit(Box::new(a))
         })
         .collect()

@@ -1072,7 +1072,7 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
     let store = scrip_store::open(Some(&url), &config.data_dir.join("scrip.db"))
         .await
         .unwrap();
-    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now())
+    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "test")
         .await
         .unwrap();
     let trusted = scrip_server::keyring::shared_checkpoint_jwks(&config, store.as_ref(), now())
@@ -1130,9 +1130,9 @@ async fn replicas_starting_together_on_an_empty_store_share_one_key_set() {
         }
         let at = now();
         let (a, b, c) = tokio::join!(
-            Keyring::shared(&configs[0], stores[0].as_ref(), at),
-            Keyring::shared(&configs[1], stores[1].as_ref(), at),
-            Keyring::shared(&configs[2], stores[2].as_ref(), at),
+            Keyring::shared(&configs[0], stores[0].as_ref(), at, "a"),
+            Keyring::shared(&configs[1], stores[1].as_ref(), at, "b"),
+            Keyring::shared(&configs[2], stores[2].as_ref(), at, "c"),
         );
         let kept = stores[0].keys(at).await.unwrap();
         for purpose in [KeyPurpose::Signing, KeyPurpose::Checkpoint] {
@@ -1202,15 +1202,15 @@ async fn a_replica_accepts_keys_of_another_algorithm_in_the_shared_set() {
     let cb = config("b", scrip_jose::SigningAlgorithm::EdDSA);
     let (sa, sb) = (store_of(&ca).await, store_of(&cb).await);
     let at = now();
-    let (a, _) = Keyring::shared(&ca, sa.as_ref(), at).await.unwrap();
+    let (a, _) = Keyring::shared(&ca, sa.as_ref(), at, "a").await.unwrap();
     assert_eq!(
         a.signer(at).algorithm(),
         scrip_jose::SigningAlgorithm::ES256
     );
-    let (b, _) = Keyring::shared(&cb, sb.as_ref(), at).await.unwrap();
+    let (b, _) = Keyring::shared(&cb, sb.as_ref(), at, "b").await.unwrap();
     // B's rotation adds its successor in its own algorithm; A reads it.
-    b.sync(sb.as_ref(), at + 10).await.unwrap();
-    a.sync(sa.as_ref(), at + 12).await.unwrap();
+    b.sync(sb.as_ref(), at + 10, "b").await.unwrap();
+    a.sync(sa.as_ref(), at + 12, "a").await.unwrap();
     let signer = a.signer(at + 12);
     assert_eq!(signer.algorithm(), scrip_jose::SigningAlgorithm::EdDSA);
     for keyring in [&a, &b] {
@@ -1242,13 +1242,14 @@ async fn replicas_rotating_together_add_one_key() {
     let (ca, cb) = (config("a"), config("b"));
     let (sa, sb) = (store_of(&ca).await, store_of(&cb).await);
     let at = now();
-    let (a, _) = Keyring::shared(&ca, sa.as_ref(), at).await.unwrap();
-    let (b, _) = Keyring::shared(&cb, sb.as_ref(), at).await.unwrap();
+    let (a, _) = Keyring::shared(&ca, sa.as_ref(), at, "a").await.unwrap();
+    let (b, _) = Keyring::shared(&cb, sb.as_ref(), at, "b").await.unwrap();
     // The first key signs from `at`; each successor from 2 s (the lead,
     // plus one) after it was made.
     let mut due = at + 10;
     for round in 1..=3 {
-        let (made_a, made_b) = tokio::join!(a.sync(sa.as_ref(), due), b.sync(sb.as_ref(), due));
+        let (made_a, made_b) =
+            tokio::join!(a.sync(sa.as_ref(), due, "a"), b.sync(sb.as_ref(), due, "b"));
         let (made_a, made_b) = (made_a.unwrap(), made_b.unwrap());
         let signing = sa
             .keys(due)
@@ -1271,7 +1272,67 @@ async fn replicas_rotating_together_add_one_key() {
         assert_eq!(a.jwks_body(), b.jwks_body(), "round {round}");
         // The successor signs from its `active_at`, and the next rotation
         // retires the key it replaced.
-        let (_, _) = tokio::join!(a.sync(sa.as_ref(), due + 2), b.sync(sb.as_ref(), due + 2));
+        let (_, _) = tokio::join!(
+            a.sync(sa.as_ref(), due + 2, "a"),
+            b.sync(sb.as_ref(), due + 2, "b")
+        );
         due += 12;
     }
+    // Each key on the record once, by the replica that made it, in the
+    // commit that stored it.
+    let keys = sa.keys(0).await.unwrap();
+    let rows = sa.audit_rows(0, u32::MAX).await.unwrap();
+    let made: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.columns.event == "key.created")
+        .map(|r| r.record.as_str())
+        .collect();
+    assert_eq!(made.len(), keys.len(), "{made:?}");
+    for k in &keys {
+        assert_eq!(
+            made.iter().filter(|r| r.contains(&k.kid)).count(),
+            1,
+            "{}: {made:?}",
+            k.kid
+        );
+    }
+}
+
+/// Keys made by a start that then fails (a policy that does not parse) are
+/// on the record: the next start finds them made already, so it is the
+/// failed start that must have said so.
+#[tokio::test]
+async fn keys_made_by_a_start_that_fails_later_are_on_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("broken.cedar"), "permit (").unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        policy_dir: policies.clone(),
+        ..scrip_config::Config::default()
+    };
+    assert!(scrip_server::Server::bind(config.clone()).await.is_err());
+    std::fs::remove_file(policies.join("broken.cedar")).unwrap();
+    drop(scrip_server::Server::bind(config.clone()).await.unwrap());
+    let store = scrip_store::open(None, &config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
+    let made: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.columns.event == "key.created")
+        .map(|r| r.record.as_str())
+        .collect();
+    assert_eq!(made.len(), 2, "the signing and checkpoint keys: {made:?}");
+    assert!(
+        made.iter().any(|r| r.contains("signing key created")),
+        "{made:?}"
+    );
+    assert!(
+        made.iter()
+            .any(|r| r.contains("audit checkpoint key created")),
+        "{made:?}"
+    );
 }
