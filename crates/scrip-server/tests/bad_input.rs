@@ -1532,44 +1532,16 @@ mod no_5xx {
     }
 }
 
-#[tokio::test]
-async fn a_form_body_that_trickles_is_refused_within_its_timeout() {
+/// Sends a form POST to /token whose head carries `framing` and whose body
+/// starts `body`, and reads the answer until the server closes (20 s at
+/// most).
+async fn raw_token_post(s: &TestServer, framing: &str, body: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let s = TestServer::start().await;
     let host = s.url.trim_start_matches("http://").to_owned();
     let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
     c.write_all(
         format!(
-            "POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\nConnection: close\r\n\r\ngrant_type="
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let started = std::time::Instant::now();
-    let mut out = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(20), c.read_to_end(&mut out))
-        .await
-        .expect("the server never answered a trickling body")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
-    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
-    assert!(text.contains("did not arrive within 10 s"), "{text}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(15));
-    s.stop().await;
-}
-
-/// A body whose chunked framing is broken is not "too large": the answer
-/// says it could not be read.
-#[tokio::test]
-async fn a_form_body_with_broken_framing_is_said_to_be_unreadable() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let s = TestServer::start().await;
-    let host = s.url.trim_start_matches("http://").to_owned();
-    let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
-    c.write_all(
-        format!(
-            "POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\ngrant\r\nzz\r\n"
+            "POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n{framing}\r\nConnection: close\r\n\r\n{body}"
         )
         .as_bytes(),
     )
@@ -1580,7 +1552,26 @@ async fn a_form_body_with_broken_framing_is_said_to_be_unreadable() {
         .await
         .expect("the server never answered")
         .unwrap();
-    let text = String::from_utf8_lossy(&out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_form_body_that_trickles_is_refused_within_its_timeout() {
+    let s = TestServer::start().await;
+    let started = std::time::Instant::now();
+    let text = raw_token_post(&s, "Content-Length: 1000", "grant_type=").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("did not arrive within 10 s"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    s.stop().await;
+}
+
+/// A body whose chunked framing is broken is not "too large": the answer
+/// says it could not be read.
+#[tokio::test]
+async fn a_form_body_with_broken_framing_is_said_to_be_unreadable() {
+    let s = TestServer::start().await;
+    let text = raw_token_post(&s, "Transfer-Encoding: chunked", "5\r\ngrant\r\nzz\r\n").await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("could not be read"), "{text}");
     assert!(!text.contains("larger than"), "{text}");

@@ -1281,12 +1281,7 @@ async fn replicas_rotating_together_add_one_key() {
     // Each key on the record once, by the replica that made it, in the
     // commit that stored it.
     let keys = sa.keys(0).await.unwrap();
-    let rows = sa.audit_rows(0, u32::MAX).await.unwrap();
-    let made: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.columns.event == "key.created")
-        .map(|r| r.record.as_str())
-        .collect();
+    let made = key_created_records(sa.as_ref()).await;
     assert_eq!(made.len(), keys.len(), "{made:?}");
     for k in &keys {
         assert_eq!(
@@ -1319,12 +1314,7 @@ async fn keys_made_by_a_start_that_fails_later_are_on_the_record() {
     let store = scrip_store::open(None, &config.data_dir.join("scrip.db"))
         .await
         .unwrap();
-    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
-    let made: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.columns.event == "key.created")
-        .map(|r| r.record.as_str())
-        .collect();
+    let made = key_created_records(store.as_ref()).await;
     assert_eq!(made.len(), 2, "the signing and checkpoint keys: {made:?}");
     assert!(
         made.iter().any(|r| r.contains("signing key created")),
@@ -1335,4 +1325,13 @@ async fn keys_made_by_a_start_that_fails_later_are_on_the_record() {
             .any(|r| r.contains("audit checkpoint key created")),
         "{made:?}"
     );
+}
+
+/// The `key.created` audit records of `store`, as the JSON hashed.
+async fn key_created_records(store: &dyn scrip_store::Store) -> Vec<String> {
+    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
+    rows.into_iter()
+        .filter(|r| r.columns.event == "key.created")
+        .map(|r| r.record)
+        .collect()
 }
