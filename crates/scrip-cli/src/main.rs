@@ -84,7 +84,9 @@ enum Command {
     /// ./policies. The signing key is created on first start (mode 0600).
     /// SIGHUP, or a change in the policy directory, reloads the policies; an
     /// invalid set is refused and the last good one kept. Log verbosity
-    /// follows SCRIP_LOG (for example `SCRIP_LOG=debug`).
+    /// follows SCRIP_LOG (for example `SCRIP_LOG=debug`). SIGTERM or SIGINT
+    /// stops it: requests at work get up to 35 s to finish (a second signal
+    /// stops waiting for them), and what was committed stays.
     Serve {
         /// The configuration file (TOML). See docs/configuration.md.
         #[arg(long, short, env = "SCRIP_CONFIG")]
@@ -225,7 +227,8 @@ enum Command {
     /// metadata; follows its revocation feed presenting the workload
     /// identity in [proxy] identity_file. Secrets, tasks and the audit
     /// record are in the configuration's store. Policies reload on SIGHUP
-    /// and when a file in policy_dir changes. `scrip serve` mounts the same
+    /// and when a file in policy_dir changes. SIGTERM or SIGINT stops it as
+    /// it stops `scrip serve`. `scrip serve` mounts the same
     /// proxy itself when [[upstreams]] are configured. See docs/proxy.md.
     Proxy {
         /// The configuration file (TOML).
@@ -534,7 +537,8 @@ fn serve(config: Option<&Path>) -> ExitCode {
         if let Ok(addr) = server.local_addr() {
             tracing::info!(%addr, issuer = server.issuer(), "listening");
         }
-        match server.run(stop.stopped()).await {
+        let (stopped, hurry) = stop.stages();
+        match server.run_until(stopped, hurry).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         }
@@ -615,12 +619,43 @@ impl Stop {
         }
     }
 
-    /// Resolves on the first signal (at once if one came during start-up).
-    pub(crate) async fn stopped(mut self) {
-        if !self.pending {
-            self.next().await;
-        }
-        tracing::info!("shutting down");
+    /// Two futures: the first resolves on the first signal (at once if one
+    /// came during start-up), and shutdown begins; the second on the next,
+    /// which ends the wait for requests still at work (the store is still
+    /// closed properly: what was committed stays, and no credential left
+    /// without its record).
+    pub(crate) fn stages(
+        mut self,
+    ) -> (
+        impl Future<Output = ()> + Send + 'static,
+        impl Future<Output = ()> + Send + 'static,
+    ) {
+        let (count, seen) = tokio::sync::watch::channel(u8::from(self.pending));
+        tokio::spawn(async move {
+            while *count.borrow() < 2 {
+                self.next().await;
+                count.send_modify(|n| *n = n.saturating_add(1));
+            }
+        });
+        let after = move |n: u8| {
+            let mut seen = seen.clone();
+            async move {
+                // The sender goes only after the second signal.
+                let _ = seen.wait_for(|v| *v >= n).await;
+            }
+        };
+        let first = after(1);
+        let second = after(2);
+        (
+            async move {
+                first.await;
+                tracing::info!("shutting down; signal again to stop waiting for requests at work");
+            },
+            async move {
+                second.await;
+                tracing::warn!("stopping at once: requests still at work are cut off");
+            },
+        )
     }
 }
 

@@ -143,7 +143,8 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
                     async move { scrip_server::readiness(ready) }
                 }),
             );
-        let served = scrip_server::http::serve(listener, app, limits, stop.stopped()).await;
+        let (stopped, hurry) = stop.stages();
+        let served = scrip_server::http::serve_until(listener, app, limits, stopped, hurry).await;
         reloader.abort();
         // Store what it writes in the background.
         let _ = tokio::time::timeout(Duration::from_secs(5), writes.flush()).await;

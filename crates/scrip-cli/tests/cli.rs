@@ -994,3 +994,59 @@ fn a_second_signal_abandons_a_start_up_that_hangs() {
         server.log()
     );
 }
+
+/// SIGTERM waits for requests at work (up to the drain's 35 s); a second
+/// one stops waiting, and the server still shuts down cleanly (exit 0, its
+/// audit trail whole).
+#[test]
+fn a_second_sigterm_stops_waiting_for_requests_at_work() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_policies(&root.join("policies"));
+    let addr = write_config(root, "");
+    let mut server = Server::start(root, "scrip.toml", addr, "serve.log");
+    server.wait_ready();
+    // A request at work: a form body that is slow to come (the server
+    // waits 10 s for it).
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        slow,
+        "POST /token HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ngrant_type="
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    signal(server.pid(), "TERM");
+    server.wait_log("signal again");
+    // Still waiting for the slow request.
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "{}",
+        server.log()
+    );
+    let hurried = Instant::now();
+    signal(server.pid(), "TERM");
+    // Well before the 10 s the request would take (its answer cannot be
+    // sooner): only the second signal explains it.
+    let status = wait_exit(&mut server.child, Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("a second SIGTERM did not stop the wait:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(hurried.elapsed() < Duration::from_secs(8));
+    assert!(
+        server.log().contains("stopping at once"),
+        "{}",
+        server.log()
+    );
+    drop(slow);
+    let out = scrip()
+        .args(["audit", "verify", "--strict", "--config", "scrip.toml"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

@@ -110,6 +110,22 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_until(listener, app, limits, shutdown, std::future::pending()).await
+}
+
+/// [`serve`], with a second future that, once `shutdown` has begun, ends
+/// the wait for requests still at work before [`Limits::drain`] is up (a
+/// second Ctrl-C): they are stopped as at the end of the drain.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hurry: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let mut builder = Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -168,14 +184,15 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::select! {
+        r = tokio::time::timeout(limits.drain, graceful.shutdown()) => r.is_ok(),
+        () = hurry => false,
+    };
+    if !drained {
         while connections.try_join_next().is_some() {}
         tracing::warn!(
             open = connections.len(),
-            "connections still open {} s after shutdown began; closing them",
+            "connections still open after shutdown began ({} s at most); closing them",
             limits.drain.as_secs()
         );
     }

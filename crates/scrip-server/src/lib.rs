@@ -321,6 +321,20 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        self.run_until(shutdown, std::future::pending()).await
+    }
+
+    /// [`Server::run`], with a second future that, once `shutdown` has
+    /// begun, ends the wait for requests still at work (the rest of the
+    /// shutdown, the final commit included, still happens).
+    ///
+    /// # Errors
+    /// As [`Server::run`].
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        hurry: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         let background = background::spawn(self.state.clone(), self.hangup);
         let attest = attest::spawn(self.attest, self.state.clone());
         let state = self.state.clone();
@@ -337,7 +351,7 @@ impl Server {
             app = app.merge(proxy.router());
         }
         let limits = http::Limits::new(state.0.config.http_header_timeout);
-        let result = http::serve(self.listener, app, limits, shutdown)
+        let result = http::serve_until(self.listener, app, limits, shutdown, hurry)
             .await
             .map_err(StartError::Serve);
         background.abort();
