@@ -1015,7 +1015,9 @@ fn a_second_sigterm_stops_waiting_for_requests_at_work() {
         "POST /token HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ngrant_type="
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Connections are accepted in order: once a later one is answered, the
+    // slow one is in.
+    assert!(http_get(addr, "/readyz").is_some(), "{}", server.log());
     signal(server.pid(), "TERM");
     server.wait_log("signal again");
     // Still waiting for the slow request.

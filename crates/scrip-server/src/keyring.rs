@@ -416,19 +416,20 @@ pub async fn checkpoint_signer(
 ) -> Result<Arc<SigningKey>, KeyError> {
     if config.database_url.is_none() {
         let loaded = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
+        let key = Arc::new(loaded.key);
         if loaded.created {
             let created = Created {
-                keys: vec![(
-                    loaded.key.kid().to_owned(),
-                    "audit checkpoint key created".into(),
-                )],
+                keys: vec![(key.kid().to_owned(), "audit checkpoint key created".into())],
             };
+            // Its record signed in its own commit, as the caller's later
+            // commits will be.
+            store.sign_heads_with(Arc::new(HeadKey(key.clone())));
             store
                 .commit(crate::key_audit(replica, &created))
                 .await
                 .map_err(|e| store_error(config, &e))?;
         }
-        return Ok(Arc::new(loaded.key));
+        return Ok(key);
     }
     stored_checkpoint_keys(config, store, now)
         .await?

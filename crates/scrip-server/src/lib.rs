@@ -196,25 +196,35 @@ impl Server {
         )
         .await?;
         let replica = replica_name(local);
-        let keyring = if config.database_url.is_some() {
-            // Audited in the commit that stored them.
-            keyring::Keyring::shared(&config, store.as_ref(), state::now(), &replica)
-                .await?
-                .0
-        } else {
-            let (keyring, created) = keyring::Keyring::from_files(&config, state::now())?;
-            // On the record before anything else can stop the start: the
-            // files stay, and the next start does not see them created.
-            if !created.keys.is_empty() {
-                store.commit(key_audit(&replica, &created)).await?;
-            }
-            keyring
-        };
+        // What can refuse the start comes before the keys are made: keys
+        // made by a start that fails stay, and their records with them, in
+        // commits no later commit of that process signs.
         let (policy_seen, policy) = policies::load_at_start(&config.policy_dir).await?;
         policy.check_tools(&config.tools)?;
         let identities =
             IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
         let attest = attest::Socket::bind(&config)?;
+        // Every commit from here on signs this process's chain head in the
+        // same transaction (the shared keys' own commit is signed by the
+        // next one, as the key that signs comes out of it).
+        let keyring = if config.database_url.is_some() {
+            // Audited in the commit that stored them.
+            let (keyring, _) =
+                keyring::Keyring::shared(&config, store.as_ref(), state::now(), &replica).await?;
+            let keyring = std::sync::Arc::new(keyring);
+            store.sign_heads_with(keyring.clone());
+            keyring
+        } else {
+            let (keyring, created) = keyring::Keyring::from_files(&config, state::now())?;
+            let keyring = std::sync::Arc::new(keyring);
+            store.sign_heads_with(keyring.clone());
+            // On the record at once: the next start would find the files
+            // made already.
+            if !created.keys.is_empty() {
+                store.commit(key_audit(&replica, &created)).await?;
+            }
+            keyring
+        };
         // Local attestation identities are signed with the same keys.
         let identities = identities.with_local(
             &format!("{issuer}/local"),
@@ -223,10 +233,6 @@ impl Server {
             &issuer,
         );
         let metadata_body = metadata(&issuer, &config).to_string();
-        // Every commit from here on signs this process's chain head in the
-        // same transaction, the start-up records' included.
-        let keyring = std::sync::Arc::new(keyring);
-        store.sign_heads_with(keyring.clone());
 
         let mut a = audit_record(&replica, "policy.loaded");
         a.reason = Some(format!(

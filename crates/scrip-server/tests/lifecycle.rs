@@ -1281,8 +1281,9 @@ async fn replicas_rotating_together_add_one_key() {
     // Each key on the record once, by the replica that made it, in the
     // commit that stored it.
     let keys = sa.keys(0).await.unwrap();
-    let made = key_created_records(sa.as_ref()).await;
+    let made = key_records(sa.as_ref(), "key.created").await;
     assert_eq!(made.len(), keys.len(), "{made:?}");
+    let retired = key_records(sa.as_ref(), "key.retired").await;
     for k in &keys {
         assert_eq!(
             made.iter().filter(|r| r.contains(&k.kid)).count(),
@@ -1290,14 +1291,25 @@ async fn replicas_rotating_together_add_one_key() {
             "{}: {made:?}",
             k.kid
         );
+        // Both replicas retire the key a successor replaces, at the same
+        // moment: it is on the record once.
+        let times = retired.iter().filter(|r| r.contains(&k.kid)).count();
+        assert_eq!(
+            times,
+            usize::from(k.retired_at.is_some()),
+            "{}: {retired:?}",
+            k.kid
+        );
     }
+    assert!(!retired.is_empty(), "no key was retired");
 }
 
-/// Keys made by a start that then fails (a policy that does not parse) are
-/// on the record: the next start finds them made already, so it is the
-/// failed start that must have said so.
+/// A start refused for its configuration (a policy that does not parse)
+/// makes no keys: a key made by a start that then failed would stay, and
+/// the next start, finding it made, would not record it. The start that
+/// makes them records them, signed in their own commit.
 #[tokio::test]
-async fn keys_made_by_a_start_that_fails_later_are_on_the_record() {
+async fn a_refused_start_makes_no_keys_and_the_start_that_does_records_them() {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
@@ -1309,12 +1321,15 @@ async fn keys_made_by_a_start_that_fails_later_are_on_the_record() {
         ..scrip_config::Config::default()
     };
     assert!(scrip_server::Server::bind(config.clone()).await.is_err());
+    let keys = config.data_dir.join("keys");
+    let made = std::fs::read_dir(&keys).map_or(0, |d| d.count());
+    assert_eq!(made, 0, "a refused start made keys in {}", keys.display());
     std::fs::remove_file(policies.join("broken.cedar")).unwrap();
     drop(scrip_server::Server::bind(config.clone()).await.unwrap());
     let store = scrip_store::open(None, &config.data_dir.join("scrip.db"))
         .await
         .unwrap();
-    let made = key_created_records(store.as_ref()).await;
+    let made = key_records(store.as_ref(), "key.created").await;
     assert_eq!(made.len(), 2, "the signing and checkpoint keys: {made:?}");
     assert!(
         made.iter().any(|r| r.contains("signing key created")),
@@ -1325,13 +1340,21 @@ async fn keys_made_by_a_start_that_fails_later_are_on_the_record() {
             .any(|r| r.contains("audit checkpoint key created")),
         "{made:?}"
     );
+    // Signed: every record is covered by a checkpoint of its own chain.
+    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
+    let checkpoints = store.latest_checkpoints().await.unwrap();
+    let report = scrip_store::verify(&rows, &checkpoints, |_| true);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.chains, 1);
+    assert_eq!(report.unsigned, 0, "{report:?}");
+    assert!(report.vouched.is_empty(), "{report:?}");
 }
 
-/// The `key.created` audit records of `store`, as the JSON hashed.
-async fn key_created_records(store: &dyn scrip_store::Store) -> Vec<String> {
+/// The `event` audit records of `store`, as the JSON hashed.
+async fn key_records(store: &dyn scrip_store::Store, event: &str) -> Vec<String> {
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();
     rows.into_iter()
-        .filter(|r| r.columns.event == "key.created")
+        .filter(|r| r.columns.event == event)
         .map(|r| r.record)
         .collect()
 }

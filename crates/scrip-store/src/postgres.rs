@@ -134,9 +134,10 @@ fn redacted(url: &str) -> String {
 
 /// The URL parameters the PostgreSQL driver takes (sqlx's names and
 /// aliases). It logs any other, with its value, and ignores it: a value
-/// may be a secret (`sslpassword`), and an ignored one (`sslrootcert=
-/// system`, several hosts, `connect_timeout`) a setting the operator counts
-/// on, so both are refused before the driver sees them.
+/// may be a secret (`sslpassword`), and an ignored one (`connect_timeout`,
+/// `target_session_attrs`) a setting the operator counts on, so both are
+/// refused before the driver sees them. `application_name` is left out:
+/// scrip sets its own.
 const KNOWN_PARAMETERS: &[&str] = &[
     "sslmode",
     "ssl-mode",
@@ -154,9 +155,12 @@ const KNOWN_PARAMETERS: &[&str] = &[
     "dbname",
     "user",
     "password",
-    "application_name",
     "options",
 ];
+
+/// Parameters of which the driver keeps only the last: given twice (several
+/// hosts, as libpq takes them), all but one would be ignored.
+const SINGLE_PARAMETERS: &[&str] = &["host", "hostaddr", "port"];
 
 /// Refuses a URL parameter the driver would ignore, naming it (never its
 /// value).
@@ -164,13 +168,21 @@ fn check_parameters(url: &str) -> Result<(), String> {
     let Ok(u) = url::Url::parse(url) else {
         return Ok(()); // The driver says what is wrong with the URL itself.
     };
-    for (key, _) in u.query_pairs() {
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in u.query_pairs() {
         let known = KNOWN_PARAMETERS.contains(&key.as_ref())
             || (key.starts_with("options[") && key.ends_with(']'));
         if !known {
             return Err(format!(
                 "the parameter `{key}` is not one scrip's PostgreSQL driver takes ({}, options[NAME]); it would be ignored",
                 KNOWN_PARAMETERS.join(", ")
+            ));
+        }
+        if SINGLE_PARAMETERS.contains(&key.as_ref())
+            && (!seen.insert(key.clone()) || value.contains(','))
+        {
+            return Err(format!(
+                "`{key}` names one server: the driver does not try several in turn"
             ));
         }
     }
@@ -988,7 +1000,7 @@ async fn apply_in(
                 at,
                 publish_until,
             } => {
-                sqlx::query(
+                let retired = sqlx::query(
                     "UPDATE signing_keys SET retired_at = $1, publish_until = $2 \
                      WHERE kid = $3 AND retired_at IS NULL",
                 )
@@ -998,6 +1010,10 @@ async fn apply_in(
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
+                rows::retired_once(
+                    usize::try_from(retired.rows_affected()).unwrap_or(usize::MAX),
+                    kid,
+                )?;
                 keys = true;
             }
         }

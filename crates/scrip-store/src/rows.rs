@@ -118,6 +118,19 @@ pub(crate) use {approval_columns, key_columns, task_columns};
 pub(crate) const KEYS_OF_PURPOSE: &str =
     "SELECT kid, active_at FROM signing_keys WHERE purpose = $1";
 
+/// A [`crate::Write::RetireKey`] that retired nothing: another writer
+/// retired the key first, so this commit (with its audit record of the
+/// retirement) is a [`StoreError::Conflict`], and the key is recorded
+/// retired once.
+pub(crate) fn retired_once(rows: usize, kid: &str) -> Result<(), StoreError> {
+    if rows == 0 {
+        return Err(StoreError::Conflict(format!(
+            "signing key `{kid}` was retired already, or is unknown"
+        )));
+    }
+    Ok(())
+}
+
 /// [`StoreError::Conflict`] unless the newest of `keys` (`(kid,
 /// active_at)`, newest by `active_at` then `kid`, compared here so no
 /// collation decides it) is `after`, or, with `after` `None`, unless there

@@ -746,13 +746,14 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             at,
             publish_until,
         } => {
-            run(
+            let retired = run(
                 tx,
                 "UPDATE signing_keys SET retired_at = ?1, publish_until = ?2 \
                  WHERE kid = ?3 AND retired_at IS NULL",
                 params![to_i64(*at), to_i64(*publish_until), kid],
             )
             .map_err(unavailable)?;
+            rows::retired_once(retired, kid)?;
         }
     }
     Ok(())

@@ -1602,15 +1602,33 @@ async fn keys_are_published_until_their_time(f: Fixture) {
         (Some(210), Some(500))
     );
     assert_eq!(keys[1], key("k2", 200));
-    // Retiring twice keeps the first retirement.
-    s.commit(vec![Write::RetireKey {
-        kid: "k1".into(),
-        at: 300,
-        publish_until: 900,
-    }])
-    .await
-    .unwrap();
+    // Retiring twice keeps the first retirement: the second is a conflict,
+    // and what came with it (another writer's record of the retirement)
+    // is not committed either.
+    let err = s
+        .commit(vec![
+            Write::RetireKey {
+                kid: "k1".into(),
+                at: 300,
+                publish_until: 900,
+            },
+            Write::Audit(Box::new(AuditEvent {
+                event: "key.retired".into(),
+                ..AuditEvent::default()
+            })),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(s.keys(499).await.unwrap()[0].publish_until, Some(500));
+    assert!(
+        s.audit(&AuditFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.event != "key.retired"),
+        "the losing retirement's record was committed"
+    );
     let now: Vec<String> = s
         .keys(500)
         .await

@@ -210,6 +210,15 @@ async fn a_database_elsewhere_needs_a_link_that_is_checked_or_chosen() {
     };
     assert!(e.contains("the parameter `sslpassword` is not one"), "{e}");
     assert!(!e.contains("hunter2"), "{e}");
+    for url in [
+        "postgres://scrip@127.0.0.1:5432/scrip?host=a&host=b",
+        "postgres://scrip@127.0.0.1:5432/scrip?host=a,b",
+    ] {
+        let Err(StoreError::Open(e)) = PgStore::connect(url).await else {
+            panic!("{url}: not refused");
+        };
+        assert!(e.contains("names one server"), "{e}");
+    }
     // Chosen modes go on to connect (and fail here only because nothing
     // listens there: port 1 of this host, by an address that is not
     // loopback).
