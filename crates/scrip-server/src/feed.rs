@@ -65,7 +65,18 @@ pub async fn feed_endpoint(
         ))
         .into_response();
     }
-    match page(st, after, wait).await {
+    // A long poll answers what there is once shutdown begins, so that a
+    // follower does not hold up the drain (it polls again elsewhere).
+    let mut stopping = st.stopping.subscribe();
+    let stop = async move {
+        // (The guard `wait_for` returns is not `Send`: dropped at once.)
+        let _ = stopping.wait_for(|s| *s).await.map(drop);
+    };
+    let read = tokio::select! {
+        r = page(st, after, wait) => r,
+        () = stop => page(st, after, 0).await,
+    };
+    match read {
         Ok(body) => {
             let mut r = Json(body).into_response();
             r.headers_mut().insert(

@@ -247,6 +247,7 @@ impl Server {
         tracing::info!(issuer = %issuer, kid = %keyring.signer(state::now()).kid(), store = if keyring.is_shared() { "postgres" } else { "sqlite" }, policies = policy.len(), tools = config.tools.len(), "scrip ready");
 
         let inner = state::Inner {
+            stopping: tokio::sync::watch::Sender::new(false),
             self_audience: vec![issuer.clone()],
             keyring,
             polls: approval::Polls::default(),
@@ -357,6 +358,11 @@ impl Server {
             app = app.merge(proxy.router());
         }
         let limits = http::Limits::new(state.0.config.http_header_timeout);
+        let stopping = state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.0.stopping.send_replace(true);
+        };
         let result = http::serve_until(self.listener, app, limits, shutdown, hurry)
             .await
             .map_err(StartError::Serve);

@@ -60,6 +60,10 @@ pub(crate) struct Inner {
     pub access_typ: TypRule,
     /// Verified task tokens and task records, for the exchange path.
     pub cache: crate::cache::ExchangeCache,
+    /// Set once shutdown begins: requests that wait for something (the
+    /// revocation feed's long polls) answer at once rather than hold up
+    /// the drain.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Inner {

@@ -255,3 +255,33 @@ async fn a_page_says_whether_it_left_events_out() {
     assert_eq!(body["more"], false);
     s.stop().await;
 }
+
+/// A follower's long poll does not hold up shutdown: it is answered, with
+/// what there is, as soon as shutdown begins.
+#[tokio::test]
+async fn a_long_poll_is_answered_when_shutdown_begins() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let (_, body) = feed(&s, "", Some(&caller)).await;
+    let cursor = body["cursor"].as_i64().unwrap();
+    let url = format!("{}/revocations?after={cursor}&wait=30", s.url);
+    let http = s.http.clone();
+    let poll = tokio::spawn(async move {
+        let r = http.get(url).bearer_auth(caller).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    // Waiting: not answered yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!poll.is_finished());
+    let started = Instant::now();
+    s.stop().await;
+    // Without the early answer, the drain waits the poll's 30 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, body) = poll.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"cursor": cursor, "events": [], "more": false}));
+}
