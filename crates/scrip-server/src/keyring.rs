@@ -90,6 +90,21 @@ fn parse_alg(alg: &str) -> Option<SigningAlgorithm> {
 pub struct Created {
     /// `(kid, what)` of every key created.
     pub keys: Vec<(String, String)>,
+    /// The key files created (a file key set): removed again when their
+    /// audit record cannot be committed, as nothing has used them yet and
+    /// the next start would find them made and not record them.
+    pub files: Vec<std::path::PathBuf>,
+}
+
+impl Created {
+    /// Removes the key files created (see [`Created::files`]).
+    pub fn forget_files(&self) {
+        for f in &self.files {
+            if let Err(e) = std::fs::remove_file(f) {
+                tracing::warn!(path = %f.display(), error = %e, "cannot remove a key file whose creation was not recorded");
+            }
+        }
+    }
 }
 
 impl Keyring {
@@ -106,12 +121,14 @@ impl Keyring {
                 loaded.key.kid().to_owned(),
                 format!("{} signing key created", loaded.key.algorithm()),
             ));
+            created.files.push(loaded.path.clone());
         }
         if checkpoint.created {
             created.keys.push((
                 checkpoint.key.kid().to_owned(),
                 "audit checkpoint key created".into(),
             ));
+            created.files.push(checkpoint.path.clone());
         }
         let ring = Ring::new(
             vec![(0, Arc::new(loaded.key))],
@@ -420,14 +437,15 @@ pub async fn checkpoint_signer(
         if loaded.created {
             let created = Created {
                 keys: vec![(key.kid().to_owned(), "audit checkpoint key created".into())],
+                files: vec![loaded.path.clone()],
             };
             // Its record signed in its own commit, as the caller's later
             // commits will be.
             store.sign_heads_with(Arc::new(HeadKey(key.clone())));
-            store
-                .commit(crate::key_audit(replica, &created))
-                .await
-                .map_err(|e| store_error(config, &e))?;
+            if let Err(e) = store.commit(crate::key_audit(replica, &created)).await {
+                created.forget_files();
+                return Err(store_error(config, &e));
+            }
         }
         return Ok(key);
     }

@@ -148,6 +148,8 @@ pub struct Loaded {
     pub key: SigningKey,
     /// Whether it was created just now.
     pub created: bool,
+    /// Its file.
+    pub path: PathBuf,
 }
 
 /// Loads the signing key for `alg` from `<data_dir>/keys`, creating it on
@@ -198,6 +200,7 @@ fn load_or_create_named(
         return Ok(Loaded {
             key,
             created: false,
+            path,
         });
     }
     let (key, pkcs8) = SigningKey::generate(alg).map_err(|e| KeyError::Invalid {
@@ -219,9 +222,14 @@ fn load_or_create_named(
         return Ok(Loaded {
             key: read_key(&path, alg)?,
             created: false,
+            path,
         });
     }
-    Ok(Loaded { key, created: true })
+    Ok(Loaded {
+        key,
+        created: true,
+        path,
+    })
 }
 
 /// Reads a private file, refusing one that group or others can read.

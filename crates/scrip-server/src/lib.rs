@@ -220,8 +220,11 @@ impl Server {
             store.sign_heads_with(keyring.clone());
             // On the record at once: the next start would find the files
             // made already.
-            if !created.keys.is_empty() {
-                store.commit(key_audit(&replica, &created)).await?;
+            if !created.keys.is_empty()
+                && let Err(e) = store.commit(key_audit(&replica, &created)).await
+            {
+                created.forget_files();
+                return Err(e.into());
             }
             keyring
         };

@@ -1358,3 +1358,47 @@ async fn key_records(store: &dyn scrip_store::Store, event: &str) -> Vec<String>
         .map(|r| r.record)
         .collect()
 }
+
+/// Key files whose record cannot be committed (the store busy or full at
+/// that moment) are removed again: nothing has used them, and the next
+/// start, finding them made, would not record them.
+#[tokio::test]
+async fn keys_whose_record_cannot_be_committed_are_not_kept() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        policy_dir: repo_policies(),
+        ..scrip_config::Config::default()
+    };
+    let db = config.data_dir.join("scrip.db");
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    drop(scrip_store::open(None, &db).await.unwrap()); // made and migrated
+    // Another writer holds the store past the 5 s a commit waits.
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let err = scrip_server::Server::bind(config.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    let keys = config.data_dir.join("keys");
+    let left: Vec<_> = std::fs::read_dir(&keys)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    // Refused by the commit of the keys' record, after they were made.
+    assert!(err.contains("store unavailable"), "{err}");
+    assert!(left.is_empty(), "{left:?} kept after: {err}");
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    drop(holder);
+    drop(scrip_server::Server::bind(config.clone()).await.unwrap());
+    let store = scrip_store::open(None, &db).await.unwrap();
+    let made = key_records(store.as_ref(), "key.created").await;
+    assert_eq!(made.len(), 2, "{made:?}");
+}
