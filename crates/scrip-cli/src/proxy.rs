@@ -44,9 +44,11 @@ async fn start(config: Config) -> Result<Started, String> {
     let mut vc = VerifierConfig::new(issuer.clone(), first, Arc::new(FileIdentity::new(identity)));
     if let scrip_verifier::Revocation::Follow(feed) = &mut vc.revocation {
         feed.max_staleness = Duration::from_secs(config.proxy.max_staleness);
+        // Under a third: an idle long poll shows the set as it was when
+        // asked for, and the next answer comes one more `wait` later.
         feed.wait = feed
             .wait
-            .min(feed.max_staleness / 2)
+            .min(feed.max_staleness / 3)
             .max(Duration::from_secs(1));
     }
     vc.leeway = config.clock_skew;

@@ -338,21 +338,34 @@ async fn rotate_each(
 
 /// Has the store sign the audit records this command writes (its own
 /// chain) in the commits that write them, as `scrip serve` does. Without
-/// the checkpoint key (a shared store no `scrip serve` has started on yet)
-/// the change is still made, its record unsigned, and a warning says so:
-/// `scrip audit verify` reports such records.
+/// the checkpoint key on a shared store (one no `scrip serve` has started
+/// on yet) the change is still made, its record unsigned, and a warning
+/// says so: `scrip audit verify` reports such records.
+///
+/// # Errors
+/// On the embedded store, when the key file cannot be read or made, or the
+/// record of a key just made cannot be committed: nothing is changed then.
+/// (The store may already sign with that key, whose file is removed again,
+/// so nothing more may be written in this run.)
 #[expect(
     clippy::print_stderr,
     reason = "a warning for the person running the command"
 )]
-async fn sign_heads(config: &Config, store: &dyn Store) {
+async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
     match scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await {
         Ok(key) => {
             store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+            Ok(())
         }
-        Err(e) => eprintln!(
-            "scrip: warning: the audit record of this change cannot be signed ({e}); `scrip audit verify` will report it"
-        ),
+        Err(e) if config.database_url.is_none() => Err(format!(
+            "cannot sign the audit record of this change: {e}; nothing was changed"
+        )),
+        Err(e) => {
+            eprintln!(
+                "scrip: warning: the audit record of this change cannot be signed ({e}); `scrip audit verify` will report it"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -416,7 +429,7 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
         let value = read_stdin(&format!("secret value for `{name}` `{action}`: "))?;
         runtime()?.block_on(async {
             let (store, kek) = open(&config, true).await?;
-            sign_heads(&config, store.as_ref()).await;
+            sign_heads(&config, store.as_ref()).await?;
             let version = put(
                 store.as_ref(),
                 &kek,
@@ -485,7 +498,7 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
         }
         runtime()?.block_on(async {
             let (store, kek) = open(&config, false).await?;
-            sign_heads(&config, store.as_ref()).await;
+            sign_heads(&config, store.as_ref()).await?;
             let mut done = Vec::new();
             let rotated = rotate_each(store.as_ref(), &kek, name, values, &mut done).await;
             Ok((done, rotated))

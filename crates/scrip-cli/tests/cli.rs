@@ -919,45 +919,108 @@ max_age = 86400
         text(&out.stdout)
     );
 
-    // Without a usable checkpoint key the change is made, its audit record
-    // unsigned, and the person is told so.
-    fs::write(root.join("data/keys/audit-checkpoint.json"), "{}").unwrap();
-    let mut child = scrip()
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"piped-Qw93Lm")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Without a usable checkpoint key on the embedded store, nothing is
+    // changed: its audit record could not be signed.
+    let checkpoint_key = root.join("data/keys/audit-checkpoint.json");
+    let good_key = fs::read(&checkpoint_key).unwrap();
+    fs::write(&checkpoint_key, "{}").unwrap();
+    let set_piped = || {
+        let mut child = scrip()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"piped-Qw93Lm")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let versions = || {
+        let out = run(&[
+            "secret",
+            "list",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        text(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["version"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect::<Vec<u64>>()
+    };
+    let out = set_piped();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("the audit record of this change cannot be signed"),
+        text(&out.stderr).contains("cannot sign the audit record of this change")
+            && text(&out.stderr).contains("nothing was changed"),
         "{}",
         text(&out.stderr)
     );
+    assert_eq!(versions(), [1]);
+
+    // A checkpoint key made by the command whose record cannot be committed
+    // (the store held by another writer past the 5 s a commit waits) is
+    // removed again, and nothing more is written with it: the command stops.
+    fs::remove_file(&checkpoint_key).unwrap();
+    let db = root.join("data/scrip.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut holder = rt.block_on(async {
+        use sqlx::Connection as _;
+        let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    });
+    let out = set_piped();
+    rt.block_on(sqlx::query("ROLLBACK").execute(&mut holder))
+        .unwrap();
+    drop(holder);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot sign the audit record of this change"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!checkpoint_key.exists(), "{}", text(&out.stderr));
+    assert_eq!(versions(), [1]);
+
+    // With the key back, the change is made and its record signed.
+    fs::write(&checkpoint_key, good_key).unwrap();
+    fs::set_permissions(&checkpoint_key, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = set_piped();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+    assert_eq!(versions(), [2, 1]);
     let out = run(&[
-        "secret",
-        "list",
-        "--json",
+        "audit",
+        "verify",
+        "--strict",
         "--config",
         config.to_str().unwrap(),
     ]);
-    let versions: Vec<u64> = text(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["version"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(versions, [2, 1], "{}", text(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 /// A stop signal during start-up waits for start-up to end (the stop is

@@ -238,8 +238,8 @@ pub struct ProxySettings {
     /// A file holding the proxy's own workload identity JWT, presented to
     /// scrip's revocation feed; read before every poll.
     pub identity_file: Option<PathBuf>,
-    /// Seconds without word from the revocation feed after which every token
-    /// is refused.
+    /// How old, in seconds, the revocations the proxy knows may be (as of
+    /// when it last asked the feed) before every token is refused.
     pub max_staleness: u64,
     /// The URL agents reach `scrip proxy` at (`https://proxy.example`): a
     /// DPoP proof's `htu` is this URL followed by `/proxy/<upstream>/...`.
@@ -361,10 +361,11 @@ pub fn validate(
             );
         }
     }
-    // The proxy long-polls the feed for at least a second, and must hear
-    // from it more often than this.
-    if proxy.max_staleness < 2 {
-        return invalid("proxy.max_staleness must be at least 2 seconds");
+    // The proxy long-polls the feed for at least a second; an answer shows
+    // the revocations as of when it was asked for, and the next comes a
+    // poll later: twice the poll must fit, with room for the round trips.
+    if proxy.max_staleness < 3 {
+        return invalid("proxy.max_staleness must be at least 3 seconds");
     }
     Ok(())
 }
@@ -530,8 +531,8 @@ mod tests {
             Some("maps to `delete`"),
         );
         check("[proxy]\nmax_staleness = 0\n", Some("max_staleness"));
-        check("[proxy]\nmax_staleness = 1\n", Some("at least 2"));
-        check("[proxy]\nmax_staleness = 2\n", None);
+        check("[proxy]\nmax_staleness = 2\n", Some("at least 3"));
+        check("[proxy]\nmax_staleness = 3\n", None);
         check(
             "[proxy]\npublic_url = \"https://p.example/\"\n",
             Some("public_url"),

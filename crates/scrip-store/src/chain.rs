@@ -640,6 +640,23 @@ impl Verifier {
         self.report
     }
 
+    /// The earliest and latest time claimed by the records of chain `id` in
+    /// the spans starting at `positions` (each span runs from a position a
+    /// checkpoint or link covers to the next); `(0, 0)` when there are none.
+    fn times(&self, id: &str, positions: impl std::ops::RangeBounds<u64>) -> (u64, u64) {
+        self.spans
+            .get(id)
+            .map(|spans| {
+                spans
+                    .range(positions)
+                    .filter(|(_, s)| s.earliest <= s.latest)
+                    .fold((u64::MAX, 0), |(e, l), (_, s)| {
+                        (e.min(s.earliest), l.max(s.latest))
+                    })
+            })
+            .unwrap_or((0, 0))
+    }
+
     /// Extends `signed` through the links of covered chain starts, then
     /// reports each chain's uncovered records: problems when one was
     /// written more than `grace` ms before `now` (or claims to be written
@@ -672,19 +689,22 @@ impl Verifier {
             let by_itself = own.get(id).copied().unwrap_or(0);
             if covered > by_itself {
                 let last = covered.min(cursor.pos);
-                // The newest of them, from the spans after each position a
-                // checkpoint or link covers.
-                let newest = self
-                    .spans
-                    .get(id)
-                    .map(|spans| {
-                        spans
-                            .range(by_itself..covered)
-                            .filter(|(_, s)| s.earliest <= s.latest)
-                            .fold(0, |l, (_, s)| l.max(s.latest))
-                    })
-                    .unwrap_or(0);
-                if newest < now.saturating_sub(grace) {
+                // Their times, from the spans after each position a
+                // checkpoint or link covers: the times they claim, so one
+                // claimed to come must not make the others recent.
+                let (earliest, latest) = self.times(id, by_itself..covered);
+                if latest > now.saturating_add(grace) {
+                    self.report.problems.push(Problem {
+                        seq: None,
+                        chain_id: id.clone(),
+                        chain_seq: by_itself + 1,
+                        what: format!(
+                            "records #{} to #{} were never signed by the process that wrote them and claim a time to come: written by someone else",
+                            by_itself + 1,
+                            last
+                        ),
+                    });
+                } else if earliest < now.saturating_sub(grace) {
                     self.report.vouched.push((id.clone(), by_itself + 1, last));
                 } else {
                     // Recent: a replica that started since linked a writer
@@ -696,18 +716,7 @@ impl Verifier {
                 continue;
             }
             // Every record past `covered` is in the spans from it on.
-            let (earliest, latest) = self
-                .spans
-                .get(id)
-                .map(|spans| {
-                    spans
-                        .range(covered..)
-                        .filter(|(_, s)| s.earliest <= s.latest)
-                        .fold((u64::MAX, 0), |(e, l), (_, s)| {
-                            (e.min(s.earliest), l.max(s.latest))
-                        })
-                })
-                .unwrap_or((0, 0));
+            let (earliest, latest) = self.times(id, covered..);
             let old = earliest < now.saturating_sub(grace);
             let future = latest > now.saturating_add(grace);
             if old || future {

@@ -760,6 +760,48 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     assert!(report.problems[0].what.contains("records #8 to #9"));
 }
 
+/// Records a later chain's start covers, but their own writer never signed,
+/// cannot pass as recent (waiting for a writer still running) by claiming a
+/// time to come, or by having one of them claim a recent time.
+#[tokio::test]
+async fn records_only_a_link_covers_cannot_pass_as_recent() {
+    let db = Db::new();
+    let first = db.open().await;
+    commit_events(&first, "r1", 1, 3).await;
+    db.checkpoint(&first).await;
+    // Added after the checkpoint by someone without the key: two records of
+    // the past, and one claiming the year 2096.
+    commit_events(&first, "r1", 4, 2).await;
+    let mut future = event(6, "r1");
+    future.at_ms = 4_000_000_000_000;
+    first
+        .commit(vec![Write::Audit(Box::new(future))])
+        .await
+        .unwrap();
+    let second = db.open().await;
+    commit_events(&second, "r2", 1, 2).await;
+    db.checkpoint(&second).await;
+    let first_chain = db.rows().await[0].chain_id.clone();
+    // Verified now (1.8e12), with a grace of ten minutes.
+    let report = db.verify_signed(Some((1_800_000_000_000, 600_000))).await;
+    assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
+    assert!(
+        report.problems[0]
+            .what
+            .contains("records #5 to #7 were never signed by the process that wrote them and claim a time to come"),
+        "{:#?}",
+        report.problems
+    );
+    assert_eq!(report.problems[0].chain_id, first_chain);
+    assert_eq!(report.unsigned, 0, "{report:?}");
+    // Verified when the record of 2096 is recent but the others are old:
+    // listed as never signed, not counted as waiting for their writer.
+    let report = db.verify_signed(Some((4_000_000_000_000, 600_000))).await;
+    assert_clean(&report);
+    assert_eq!(report.vouched, [(first_chain, 5, 7)]);
+    assert_eq!(report.unsigned, 0, "{report:?}");
+}
+
 /// `chain_links` is bookkeeping verification does not read: a value set
 /// past a chain's head must not stop the next chain start from linking it,
 /// or the chain's unsigned tail could be cut long after.

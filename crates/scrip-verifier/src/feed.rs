@@ -7,8 +7,10 @@
 //! its `exp`, after which the token is refused as expired anyway) and moves
 //! the cursor. After an error the loop retries with backoff and resumes from
 //! the last cursor, so nothing is missed. Every answer — even an empty one
-//! after a long-poll — proves the set current; once none has arrived for
-//! longer than `max_staleness`, [`Revocations::check`] refuses every token.
+//! after a long-poll — proves the set current as of when it was asked for
+//! (scrip read its store after that; an answer held back on the way shows
+//! nothing newer); once the set is older than `max_staleness`,
+//! [`Revocations::check`] refuses every token.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -200,8 +202,10 @@ pub struct FeedConfig {
     pub identity: Arc<dyn IdentitySource>,
     /// How long one poll may wait for news (at most 30 s).
     pub wait: Duration,
-    /// How long the revocation set may go unconfirmed before every token is
-    /// refused. Must exceed `wait`.
+    /// How old the revocation set may be before every token is refused:
+    /// a page shows it as of when the page was asked for, so an idle long
+    /// poll leaves it up to `wait` old when it comes, and twice that before
+    /// the next one does. Must exceed twice `wait`.
     pub max_staleness: Duration,
     /// The first retry delay after an error; doubles up to `retry_max`.
     pub retry_min: Duration,
@@ -298,6 +302,19 @@ enum Event {
     Token { jti: String, exp: u64 },
 }
 
+/// The clocks a page is taken at.
+#[derive(Debug, Clone, Copy)]
+struct Clocks {
+    /// The wall clock, in seconds since the epoch.
+    now: u64,
+    /// Seconds since [`Revocations::base`].
+    mono: u64,
+    /// When the page was asked for: how current it proves the set.
+    asked: Instant,
+    /// The same by the wall clock.
+    asked_wall: std::time::SystemTime,
+}
+
 /// The revocations known to this verifier.
 #[derive(Debug)]
 pub(crate) struct Revocations {
@@ -364,8 +381,20 @@ impl Revocations {
         self.state.read().map_or(0, |s| s.cursor)
     }
 
-    /// Parses and applies one page; nothing changes when it is malformed.
+    /// As [`Self::apply_asked`], for a page asked for just now.
+    #[cfg(test)]
     fn apply(&self, body: &[u8]) -> Result<usize, String> {
+        self.apply_asked(body, Instant::now(), std::time::SystemTime::now())
+    }
+
+    /// Parses and applies one page, asked for at `asked` (and `asked_wall`
+    /// by the wall clock); nothing changes when it is malformed.
+    fn apply_asked(
+        &self,
+        body: &[u8],
+        asked: Instant,
+        asked_wall: std::time::SystemTime,
+    ) -> Result<usize, String> {
         let page: Page =
             serde_json::from_slice(body).map_err(|e| format!("malformed feed answer: {e}"))?;
         let listed = page.events.len();
@@ -408,25 +437,28 @@ impl Revocations {
             page.cursor,
             done,
             current,
-            unix_now(),
-            self.base.elapsed().as_secs(),
+            Clocks {
+                now: unix_now(),
+                mono: self.base.elapsed().as_secs(),
+                asked,
+                asked_wall,
+            },
         )?;
         Ok(count)
     }
 
-    /// Takes a page's events, at `now` by the wall clock and `mono` seconds
-    /// after [`Self::base`], and moves the cursor; `done` when the page held
-    /// everything there was, `current` when it proves the set current once
-    /// caught up.
+    /// Takes a page's events, at `clocks`, and moves the cursor; `done` when
+    /// the page held everything there was, `current` when it proves the set
+    /// current once caught up (as of when it was asked for).
     fn take(
         &self,
         events: Vec<Event>,
         cursor: u64,
         done: bool,
         current: bool,
-        now: u64,
-        mono: u64,
+        clocks: Clocks,
     ) -> Result<(), String> {
+        let Clocks { now, mono, .. } = clocks;
         let mut state = self
             .state
             .write()
@@ -462,9 +494,12 @@ impl Revocations {
         // next page are not applied yet: if it cannot be read, the
         // staleness bound runs from the last page that held everything.
         state.caught_up |= done;
+        // As of when it was asked for: scrip read its store after that, but
+        // an answer held back on the way (up to `wait` and the grace) shows
+        // nothing newer than the moment scrip sent it.
         if state.caught_up && current {
-            state.synced_at = Some(Instant::now());
-            state.synced_wall = Some(std::time::SystemTime::now());
+            state.synced_at = Some(clocks.asked);
+            state.synced_wall = Some(clocks.asked_wall);
         }
         Ok(())
     }
@@ -496,8 +531,9 @@ impl Revocations {
         source: &dyn FeedSource,
         wait: Duration,
     ) -> Result<usize, String> {
+        let asked = (Instant::now(), std::time::SystemTime::now());
         let body = source.page(self.cursor(), wait).await?;
-        self.apply(&body)
+        self.apply_asked(&body, asked.0, asked.1)
     }
 }
 
@@ -540,6 +576,16 @@ pub(crate) async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The clocks at `now` and `mono`, the page asked for just now.
+    fn clocks(now: u64, mono: u64) -> Clocks {
+        Clocks {
+            now,
+            mono,
+            asked: Instant::now(),
+            asked_wall: std::time::SystemTime::now(),
+        }
+    }
 
     fn check(pages: &[&str], txn: &str, jti: &str, expected: Result<(), VerifyError>) {
         let r = Revocations::new(Duration::from_secs(60), 0);
@@ -595,31 +641,46 @@ mod tests {
         };
         let prune_next = || r.state.write().unwrap().pruned_at = None;
         let w = unix_now();
-        r.take(vec![task("t1", w + 600)], 1, true, true, w, 0)
+        r.take(vec![task("t1", w + 600)], 1, true, true, clocks(w, 0))
             .unwrap();
         // The wall clock jumps 10,000 s ahead, 5 s later: by it, t1's tokens
         // are long expired, but they pass again once it is set back.
         prune_next();
-        r.take(vec![task("t2", w + 600)], 2, true, true, w + 10_000, 5)
-            .unwrap();
+        r.take(
+            vec![task("t2", w + 600)],
+            2,
+            true,
+            true,
+            clocks(w + 10_000, 5),
+        )
+        .unwrap();
         assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
         // An event that arrived while it was ahead is kept as well.
         assert_eq!(r.check("t2", "j"), Err(VerifyError::Revoked));
         // Past `exp` plus the leeway by both clocks, entries go: t2 600 s
         // after it came, t1 630 s after (its `exp` plus the leeway).
         prune_next();
-        r.take(Vec::new(), 3, true, true, w + 700, 620).unwrap();
+        r.take(Vec::new(), 3, true, true, clocks(w + 700, 620))
+            .unwrap();
         assert_eq!(r.check("t2", "j"), Ok(()));
         assert_eq!(r.check("t1", "j"), Err(VerifyError::Revoked));
         prune_next();
-        r.take(Vec::new(), 4, true, true, w + 700, 700).unwrap();
+        r.take(Vec::new(), 4, true, true, clocks(w + 700, 700))
+            .unwrap();
         assert_eq!(r.check("t1", "j"), Ok(()));
         // A clock already 580 s ahead when an event came: by it the event
         // has 40 s to live, but it is kept 600 s, past the correction.
-        r.take(vec![task("t3", w + 600)], 5, true, true, w + 590, 2_000)
-            .unwrap();
+        r.take(
+            vec![task("t3", w + 600)],
+            5,
+            true,
+            true,
+            clocks(w + 590, 2_000),
+        )
+        .unwrap();
         prune_next();
-        r.take(Vec::new(), 6, true, true, w + 700, 2_100).unwrap();
+        r.take(Vec::new(), 6, true, true, clocks(w + 700, 2_100))
+            .unwrap();
         assert_eq!(r.check("t3", "j"), Err(VerifyError::Revoked));
         // Staleness is real time: the monotonic clock stops while the
         // machine sleeps, the wall clock does not.
@@ -780,8 +841,14 @@ mod tests {
         // this clock may run ahead, and it is kept a while by the other.
         assert_eq!(r.check("old", "j"), Err(VerifyError::Revoked));
         r.state.write().unwrap().pruned_at = None;
-        r.take(Vec::new(), 7, true, true, unix_now(), KEEP_AT_LEAST + 1)
-            .unwrap();
+        r.take(
+            Vec::new(),
+            7,
+            true,
+            true,
+            clocks(unix_now(), KEEP_AT_LEAST + 1),
+        )
+        .unwrap();
         assert_eq!(r.check("old", "j"), Ok(()));
         assert_eq!(r.cursor(), 7);
         for bad in [
@@ -792,6 +859,44 @@ mod tests {
             assert!(r.apply(bad.as_bytes()).is_err(), "{bad}");
             assert_eq!(r.cursor(), 7, "{bad}");
         }
+    }
+
+    /// A feed whose every answer arrives `delay` after it was asked for.
+    #[derive(Debug)]
+    struct Slow {
+        delay: Duration,
+    }
+
+    impl FeedSource for Slow {
+        fn page(&self, after: u64, _wait: Duration) -> PageFuture<'_> {
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                Ok(format!(r#"{{"cursor":{after},"events":[],"more":false}}"#).into_bytes())
+            })
+        }
+
+        fn claim_once<'a>(&'a self, _token: &'a str) -> ClaimFuture<'a> {
+            Box::pin(async { Ok(false) })
+        }
+    }
+
+    /// A page proves the set current as of when it was asked for, not when
+    /// it arrived: an answer held back on the way (by the network, or by
+    /// whoever sits on it) shows nothing revoked since scrip sent it.
+    #[tokio::test]
+    async fn a_page_held_back_on_the_way_is_as_old_as_its_question() {
+        let r = Revocations::new(Duration::from_secs(1), 0);
+        let held = Slow {
+            delay: Duration::from_millis(1200),
+        };
+        r.poll(&held, Duration::ZERO).await.unwrap();
+        assert!(r.caught_up());
+        assert_eq!(r.check("t", "j"), Err(VerifyError::RevocationStale));
+        let prompt = Slow {
+            delay: Duration::ZERO,
+        };
+        r.poll(&prompt, Duration::ZERO).await.unwrap();
+        assert_eq!(r.check("t", "j"), Ok(()));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! A [`Verifier`] is built from scrip's issuer URL and this server's tool
 //! name. [`Verifier::discover`] reads the RFC 8414 metadata, fetches the JWKS
 //! and reads the revocation feed once; from then on a background task follows
-//! the feed, and [`Verifier::verify`] checks a token without a network call
-//! (except a bounded JWKS refetch when scrip has rotated its key). A token
+//! the feed, and [`Verifier::verify`] checks a token without a network call,
+//! except a bounded JWKS refetch (at most one a `jwks_min_refetch`, waited
+//! for by the call that makes it) when a token names a key not yet seen or
+//! the keys are older than `jwks_refresh`. A token
 //! presented again (each call an agent makes with it) skips the signature
 //! check while the key set that verified it is current and it is within its
 //! `exp`, `nbf` and `iat` ([`scrip_jose::Recent`]); revocation, scope and
@@ -16,8 +18,9 @@
 //! key-location headers, `typ` exactly `at+jwt`, the signature, `iss` exactly
 //! the issuer, `aud` this tool, `exp`/`nbf`/`iat` with the leeway, and every
 //! RFC 9068 claim present. Then its task and `jti` must not be revoked, and
-//! the revocation set must be fresh: past `max_staleness` without word from
-//! the feed, every token is refused ([`VerifyError::RevocationStale`]).
+//! the revocation set must be fresh: once it is older than `max_staleness`
+//! (as of when the feed was last asked), every token is refused
+//! ([`VerifyError::RevocationStale`]).
 //!
 //! [`VerifierLayer`] wraps an axum/hyper service: it reads
 //! `Authorization: Bearer`, or `Authorization: DPoP` with a `DPoP` proof
@@ -227,8 +230,10 @@ impl VerifierConfig {
             if feed.wait < Duration::from_secs(1) || feed.wait > feed::MAX_WAIT {
                 return bad("feed wait must be 1 to 30 s");
             }
-            if feed.max_staleness <= feed.wait {
-                return bad("max_staleness must exceed the feed wait");
+            // An idle long poll shows the set as of when it was asked for,
+            // `wait` before it came; the next comes `wait` later still.
+            if feed.max_staleness <= feed.wait.saturating_mul(2) {
+                return bad("max_staleness must exceed twice the feed wait");
             }
             if feed.retry_min.is_zero() || feed.retry_max < feed.retry_min {
                 return bad("feed retries need 0 < retry_min <= retry_max");
@@ -643,7 +648,7 @@ impl Verifier {
     ///
     /// # Errors
     /// [`VerifyError::Revoked`], or [`VerifyError::RevocationStale`] when
-    /// the feed has not answered within `max_staleness`.
+    /// the revocation set is older than `max_staleness`.
     pub fn recheck(&self, token: &AccessToken) -> Result<(), VerifyError> {
         let Some(revocations) = &self.0.revocations else {
             return Ok(());

@@ -114,7 +114,7 @@ async fn catches_up_from_its_cursor_after_the_feed_fails() {
 #[tokio::test]
 async fn past_the_staleness_every_token_is_refused_until_the_feed_answers() {
     let fake = Fake::start().await;
-    let v = Verifier::discover(config(&fake, FEED_IDENTITY, Duration::from_secs(2)))
+    let v = Verifier::discover(config(&fake, FEED_IDENTITY, Duration::from_secs(3)))
         .await
         .unwrap();
     let t = fake.token("task-1", "jti-1");
