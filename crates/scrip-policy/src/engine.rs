@@ -444,9 +444,22 @@ impl PolicyEngine {
     /// [`PolicyError::UndeclaredAction`] or [`PolicyError::UnknownTool`] for
     /// the first problem.
     pub fn check_tools(&self, tools: &[Tool]) -> Result<(), PolicyError> {
+        // Declared, and for an agent at a tool: a group, or an action for
+        // other types, would fail every request (denied, with a warning).
+        let requestable = |name: &str| {
+            self.actions.get(name).is_some_and(|a| {
+                self.schema
+                    .principals_for_action(&a.uid)
+                    .is_some_and(|mut p| p.any(|t| t.to_string() == "Agent"))
+                    && self
+                        .schema
+                        .resources_for_action(&a.uid)
+                        .is_some_and(|mut r| r.any(|t| t.to_string() == "Tool"))
+            })
+        };
         for tool in tools {
             for action in &tool.actions {
-                if !self.actions.contains_key(action.as_str()) {
+                if !requestable(action.as_str()) {
                     return Err(PolicyError::UndeclaredAction {
                         tool: tool.name.to_string(),
                         action: action.to_string(),

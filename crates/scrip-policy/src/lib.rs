@@ -62,7 +62,7 @@ pub enum PolicyError {
     Validation(String),
     /// A configured tool action is not a Cedar action of the schema.
     #[error(
-        "tool `{tool}` action `{action}` is not declared in the Cedar schema; add it to an `action` line that appliesTo Agent and Tool"
+        "tool `{tool}` action `{action}` is not declared in the Cedar schema as an action of an agent at a tool; add it to an `action` line that appliesTo Agent and Tool"
     )]
     UndeclaredAction {
         /// The tool.

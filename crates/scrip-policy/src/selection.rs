@@ -220,8 +220,13 @@ pub(crate) fn tool_scope(policy: &Policy) -> ToolScope {
     let named = |uid: &EntityUid| {
         (uid.type_name().to_string() == "Tool").then(|| uid.id().unescaped().to_owned())
     };
+    // A tool is in no other entity, so `in` a tool, with or without `is
+    // Tool`, is that tool alone.
     match policy.resource_constraint() {
         ResourceConstraint::Eq(uid) | ResourceConstraint::In(uid) => {
+            named(&uid).map_or(ToolScope::Any, ToolScope::One)
+        }
+        ResourceConstraint::IsIn(ty, uid) if ty.to_string() == "Tool" => {
             named(&uid).map_or(ToolScope::Any, ToolScope::One)
         }
         ResourceConstraint::Any | ResourceConstraint::Is(_) | ResourceConstraint::IsIn(..) => {

@@ -65,10 +65,11 @@ fn policy(i: usize, rng: &mut Rng) -> String {
             ACTIONS[rng.below(5)]
         ),
     };
-    let resource = match rng.below(5) {
+    let resource = match rng.below(6) {
         0 => "resource".to_owned(),
         1 | 2 => format!("resource == Tool::\"t{}\"", rng.below(TOOLS + 2)),
         3 => format!("resource in Tool::\"t{}\"", rng.below(TOOLS + 2)),
+        4 => format!("resource is Tool in Tool::\"t{}\"", rng.below(TOOLS + 2)),
         _ => "resource is Tool".to_owned(),
     };
     // A forbid always has a narrow condition, or few requests would be allowed.

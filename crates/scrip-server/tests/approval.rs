@@ -161,6 +161,31 @@ where
     }
 }
 
+/// A task's environment is the agent's word: naming `dev` spares a delete
+/// the approval only at a tool the operator labelled a development one.
+#[tokio::test]
+async fn naming_dev_does_not_spare_a_production_tool_the_approval() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        for t in &mut c.tools {
+            if t.name.as_str() == "github" {
+                t.labels.clear();
+            }
+        }
+    }))
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s
+        .start_task(&identity, "github:delete deploy:delete", "dev", PURPOSE)
+        .await;
+    let task = task["access_token"].as_str().unwrap();
+    let r = s.access_token(task, "github", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
+    // The development tool, in a task in dev, is spared.
+    let r = s.access_token(task, "deploy", Some("delete")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 #[tokio::test]
 async fn a_step_needing_approval_answers_authorization_pending() {
     let s = server().await;

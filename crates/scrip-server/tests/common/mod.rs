@@ -126,7 +126,9 @@ impl Idp {
     }
 }
 
-/// The tools every test server has.
+/// The tools every test server has: development ones (labelled
+/// `environment = "dev"`), where the shipped `delete-needs-approval` lets a
+/// task in dev delete without a person's approval.
 pub fn tools() -> Vec<Tool> {
     let tool = |name: &str, resource: &str, actions: &[&str]| Tool {
         name: scrip_token::ToolName::parse(name).unwrap(),
@@ -135,7 +137,7 @@ pub fn tools() -> Vec<Tool> {
             .iter()
             .map(|a| scrip_token::ActionName::parse(a).unwrap())
             .collect(),
-        labels: Default::default(),
+        labels: [("environment".to_owned(), "dev".to_owned())].into(),
     };
     vec![
         tool(
