@@ -341,6 +341,11 @@ impl IdentityVerifier {
             if issuer.needs_fetch(kid) {
                 self.fetch(issuer).await;
             }
+        } else if issuer.lacks(kid) {
+            // Not to be fetched again so soon, but a fetch may be under way
+            // (one that a token signed by the issuer's new key started):
+            // its answer, not the keys from before it, decides.
+            drop(issuer.fetching.lock().await);
         }
         let cache = issuer
             .cache
@@ -381,7 +386,24 @@ impl IdentityVerifier {
                     }
                 }
                 Err(message) => {
-                    tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
+                    // The issuer answered with a JWKS this verifier cannot
+                    // use: a key it no longer lists (withdrawn, perhaps
+                    // exposed) is not trusted on from before.
+                    let withdrawn = issuer.cache.read().is_ok_and(|cache| {
+                        cache
+                            .keys
+                            .as_ref()
+                            .is_some_and(|k| k.still_listed_in(&document) == Some(false))
+                    });
+                    if withdrawn {
+                        tracing::error!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed, and the issuer no longer lists keys held from before; its tokens are refused until it publishes a usable JWKS");
+                        if let Ok(mut cache) = issuer.cache.write() {
+                            cache.keys = None;
+                            cache.document.clear();
+                        }
+                    } else {
+                        tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
+                    }
                 }
             },
             Err(message) => {
@@ -411,6 +433,14 @@ impl Issuer {
         }
         cache.fetched_at = Some(at);
         true
+    }
+
+    /// Whether the keys held lack this `kid`, or there are none.
+    fn lacks(&self, kid: Option<&str>) -> bool {
+        self.cache.read().is_ok_and(|cache| match &cache.keys {
+            Some(keys) => kid.is_some_and(|k| !keys.contains_kid(k)),
+            None => true,
+        })
     }
 
     /// Whether to fetch now: never fetched, due for a refresh, or an unknown

@@ -42,10 +42,16 @@ struct IdpState {
     /// Requests for any other path (nothing should ever ask).
     other: AtomicUsize,
     failing: AtomicBool,
+    /// How long each JWKS answer is held back, in ms.
+    delay_ms: std::sync::atomic::AtomicU64,
 }
 
 async fn serve_jwks(State(state): State<Arc<IdpState>>) -> Response {
     state.fetches.fetch_add(1, Ordering::SeqCst);
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if state.failing.load(Ordering::SeqCst) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
@@ -345,10 +351,76 @@ async fn garbage_jwks_keeps_the_last_good_keys() {
     let idp = Idp::start(&[&key]).await;
     let v = verifier(&[trusted(&idp.jwks_uri, 1, 60, 1)]);
     v.verify(&token(&key)).await.unwrap();
-    *idp.state.jwks.lock().unwrap() = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
+    // No JWKS at all (an error page served with 200): the keys stay.
+    *idp.state.jwks.lock().unwrap() = json!({"error": "try later"});
     sleep_ms(1_200).await;
     v.verify(&token(&key)).await.unwrap();
     assert_eq!(idp.fetches(), 2);
+    // A JWKS that cannot be used (a repeated `kid`) but still lists the
+    // key: it stays.
+    let listed = key.public_jwk();
+    *idp.state.jwks.lock().unwrap() = json!({"keys": [listed, listed]});
+    sleep_ms(1_200).await;
+    v.verify(&token(&key)).await.unwrap();
+    assert_eq!(idp.fetches(), 3);
+}
+
+/// A JWKS that cannot be used and no longer lists a key held from before:
+/// the issuer withdrew it (perhaps exposed), so it is not trusted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_issuer_no_longer_lists_is_dropped_even_when_its_jwks_is_refused() {
+    let key = es256();
+    let idp = Idp::start(&[&key]).await;
+    let v = verifier(&[trusted(&idp.jwks_uri, 1, 60, 1)]);
+    v.verify(&token(&key)).await.unwrap();
+    // Its replacement is a key scrip cannot use.
+    *idp.state.jwks.lock().unwrap() =
+        json!({"keys": [{"kty": "oct", "kid": "new", "k": "c2VjcmV0"}]});
+    sleep_ms(1_200).await;
+    assert_eq!(
+        v.verify(&token(&key)).await.unwrap_err(),
+        IdentityError::KeysUnavailable
+    );
+    assert_eq!(idp.fetches(), 2);
+    // Trusted again once the issuer publishes it again.
+    idp.rotate(&[&key]);
+    sleep_ms(1_200).await;
+    v.verify(&token(&key)).await.unwrap();
+}
+
+/// Tokens signed by an issuer's new key that arrive while the fetch their
+/// first one started is under way wait for it, rather than being refused
+/// as signed by an unknown key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_arriving_during_a_fetch_wait_for_it() {
+    let old = es256();
+    let new = es256();
+    let idp = Idp::start(&[&old]).await;
+    let v = Arc::new(verifier(&[trusted(&idp.jwks_uri, 60, 60, 1)]));
+    v.verify(&token(&old)).await.unwrap();
+    sleep_ms(1_200).await;
+    idp.rotate(&[&old, &new]);
+    idp.state.delay_ms.store(800, Ordering::SeqCst);
+    let first = {
+        let v = v.clone();
+        let t = token(&new);
+        tokio::spawn(async move { v.verify(&t).await })
+    };
+    // The fetch has begun: the IdP counted the request.
+    while idp.fetches() < 2 {
+        sleep_ms(10).await;
+    }
+    let mut during = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let v = v.clone();
+        let t = token(&new);
+        during.spawn(async move { v.verify(&t).await });
+    }
+    first.await.unwrap().unwrap();
+    while let Some(result) = during.join_next().await {
+        result.unwrap().unwrap();
+    }
+    assert_eq!(idp.fetches(), 2, "one fetch for all of them");
 }
 
 // ------------------------------------------------ what a token may not steer

@@ -356,6 +356,29 @@ impl KeySet {
         self.by_kid.contains_key(kid)
     }
 
+    /// Whether every key of this set is still listed in `document`, a JWKS
+    /// that may itself be unusable (too many keys, a repeated `kid`, none
+    /// usable): each `kid` of the set is the `kid` of one of its keys, and a
+    /// key without a `kid` is held only if the document has one too.
+    /// `None` when `document` is no JWKS at all (`{"keys":[...]}`).
+    #[must_use]
+    pub fn still_listed_in(&self, document: &[u8]) -> Option<bool> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            keys: Vec<serde_json::Value>,
+        }
+        fn kid(k: &serde_json::Value) -> Option<&str> {
+            k.get("kid").and_then(serde_json::Value::as_str)
+        }
+        let doc: Doc = serde_json::from_slice(document).ok()?;
+        let listed: std::collections::HashSet<&str> = doc.keys.iter().filter_map(kid).collect();
+        let anonymous = doc.keys.iter().any(|k| kid(k).is_none());
+        Some(
+            self.by_kid.keys().all(|k| listed.contains(k.as_str()))
+                && (self.anonymous.is_empty() || anonymous),
+        )
+    }
+
     /// The key that may verify a token with this `kid` and `alg`. A key is
     /// used with exactly one algorithm (RFC 8725 §3.1): its JWK's `alg`, or
     /// else the first of `allowed` that fits its type, so that an RSA key
