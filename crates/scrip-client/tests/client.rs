@@ -50,6 +50,7 @@ async fn start() -> Running {
                 .map(|a| scrip_token::ActionName::parse(a).unwrap())
                 .collect(),
             labels: Default::default(),
+            introspectors: Vec::new(),
         }],
         ..scrip_config::Config::default()
     };

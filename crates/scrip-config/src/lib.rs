@@ -354,6 +354,21 @@ pub struct Tool {
     /// Free-form labels, visible to Cedar as the tool's tags.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The workload identities of the tool's resource servers: when any
+    /// are listed, introspection answers the tool's access tokens active to
+    /// them only (RFC 7662 §4), and `{"active":false}` to anyone else.
+    #[serde(default)]
+    pub introspectors: Vec<Introspector>,
+}
+
+/// A resource server, by the workload identity it introspects with.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspector {
+    /// The exact `iss` of its identity.
+    pub issuer: String,
+    /// The exact `sub` of its identity.
+    pub subject: String,
 }
 
 impl Config {
@@ -572,6 +587,22 @@ impl Config {
                 return invalid(format!("trusted issuer `{}` is listed twice", ti.issuer));
             }
         }
+        // An identity's issuer must be one whose identities are accepted.
+        let untrusted = |who: &str, i: &str| {
+            if issuers.contains(i) || i == local_issuer {
+                return Ok(());
+            }
+            let mut trusted: Vec<String> = issuers.iter().map(|t| format!("`{t}`")).collect();
+            trusted.sort();
+            invalid(format!(
+                "{who} has issuer `{i}`, which is neither a trusted issuer ({}) nor scrip's local issuer `{local_issuer}`; it must be one of them exactly",
+                if trusted.is_empty() {
+                    "there are none".to_owned()
+                } else {
+                    trusted.join(", ")
+                }
+            ))
+        };
         for a in &self.approvers {
             let by_identity = a.issuer.is_some() && a.subject.is_some();
             if a.name.is_empty()
@@ -586,21 +617,8 @@ impl Config {
             // An identity from any other issuer is never accepted, so such
             // an approver could never approve, and every step put to them
             // would wait until it expired.
-            if let Some(i) = &a.issuer
-                && !issuers.contains(i.as_str())
-                && *i != local_issuer
-            {
-                let mut trusted: Vec<String> = issuers.iter().map(|t| format!("`{t}`")).collect();
-                trusted.sort();
-                return invalid(format!(
-                    "approver `{}` has issuer `{i}`, which is neither a trusted issuer ({}) nor scrip's local issuer `{local_issuer}`; it must be one of them exactly",
-                    a.name,
-                    if trusted.is_empty() {
-                        "there are none".to_owned()
-                    } else {
-                        trusted.join(", ")
-                    }
-                ));
+            if let Some(i) = &a.issuer {
+                untrusted(&format!("approver `{}`", a.name), i)?;
             }
         }
         if !(1..=600).contains(&self.http_header_timeout) {
@@ -637,6 +655,16 @@ impl Config {
             let mut actions = HashSet::new();
             if let Some(dup) = tool.actions.iter().find(|a| !actions.insert(a.as_str())) {
                 return invalid(format!("tool `{}` lists action `{dup}` twice", tool.name));
+            }
+            for i in &tool.introspectors {
+                let who = format!("tool `{}` introspector `{}`", tool.name, i.subject);
+                if i.subject.is_empty() {
+                    return invalid(format!(
+                        "tool `{}` introspector needs a `subject`",
+                        tool.name
+                    ));
+                }
+                untrusted(&who, &i.issuer)?;
             }
         }
         if self.socket_mode & !0o666 != 0 || self.socket_mode & 0o600 != 0o600 {
@@ -1024,6 +1052,44 @@ mod tests {
         check(
             "[[trusted_issuers]]\nissuer = \"https://i\"\njwks_uri = \"http://example.com/jwks\"\naudiences = [\"a\"]",
             Some("https"),
+        );
+    }
+
+    /// A tool's introspector must be an identity scrip accepts.
+    #[test]
+    fn a_tools_introspectors_must_be_trusted_identities() {
+        let issuer = "[[trusted_issuers]]\nissuer = \"https://id.example\"\njwks_file = \"/dev/null\"\naudiences = [\"scrip\"]\n";
+        let tool = |introspector: &str| {
+            format!(
+                "[[tools]]\nname = \"github\"\nresource = \"https://api.github.com\"\nactions = [\"read\"]\nintrospectors = [{introspector}]\n"
+            )
+        };
+        check(
+            &format!(
+                "{issuer}{}",
+                tool(r#"{ issuer = "https://id.example", subject = "rs" }"#)
+            ),
+            None,
+        );
+        check(
+            &format!(
+                "{issuer}{}",
+                tool(r#"{ issuer = "https://other.example", subject = "rs" }"#)
+            ),
+            Some(
+                "tool `github` introspector `rs` has issuer `https://other.example`, which is neither a trusted issuer",
+            ),
+        );
+        check(
+            &format!(
+                "{issuer}{}",
+                tool(r#"{ issuer = "https://id.example", subject = "" }"#)
+            ),
+            Some("introspector needs a `subject`"),
+        );
+        check(
+            &format!("{issuer}{}", tool(r#"{ issuer = "https://id.example" }"#)),
+            Some("subject"),
         );
     }
 

@@ -63,6 +63,7 @@ fn tool(name: &str) -> Tool {
             .map(|a| ActionName::parse(a).expect("action"))
             .collect(),
         labels: BTreeMap::new(),
+        introspectors: Vec::new(),
     }
 }
 

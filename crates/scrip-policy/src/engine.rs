@@ -751,6 +751,7 @@ mod tests {
             resource: "https://api.github.com".into(),
             actions: vec![scrip_token::ActionName::parse("read").expect("action")],
             labels: std::collections::BTreeMap::new(),
+            introspectors: Vec::new(),
         };
         let agent = |claims: serde_json::Value| {
             let claims = claims.as_object().cloned().unwrap_or_default();

@@ -175,6 +175,7 @@ pub fn run_test_file(
                 resource: format!("urn:scrip:tool:{}", case.tool),
                 actions: vec![case.action.clone()],
                 labels: BTreeMap::new(),
+                introspectors: Vec::new(),
             });
         if !tool.actions.contains(&case.action) {
             return Err(err(format!(

@@ -51,6 +51,7 @@ fn tool() -> Tool {
         resource: "https://api.github.com".into(),
         actions: vec![ActionName::parse("read").unwrap()],
         labels: BTreeMap::new(),
+        introspectors: Vec::new(),
     }
 }
 

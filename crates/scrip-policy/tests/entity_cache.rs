@@ -44,6 +44,7 @@ fn tool(tier: &str) -> Tool {
             ActionName::parse("write").unwrap(),
         ],
         labels: BTreeMap::from([("tier".to_owned(), tier.to_owned())]),
+        introspectors: Vec::new(),
     }
 }
 

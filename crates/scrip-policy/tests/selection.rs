@@ -150,6 +150,7 @@ fn tool(n: usize) -> Tool {
             .map(|a| ActionName::parse(a).expect("action"))
             .collect(),
         labels,
+        introspectors: Vec::new(),
     }
 }
 

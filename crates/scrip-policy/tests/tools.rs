@@ -22,6 +22,7 @@ fn github() -> Tool {
             .map(|a| ActionName::parse(a).unwrap())
             .collect(),
         labels: std::collections::BTreeMap::new(),
+        introspectors: Vec::new(),
     }
 }
 

@@ -104,6 +104,7 @@ async fn main() {
                 resource: "https://legacy.example".into(),
                 actions: vec![action("read")],
                 labels: Default::default(),
+                introspectors: Vec::new(),
             });
             c.upstreams.push(Upstream {
                 name: ToolName::parse("legacy").unwrap(),

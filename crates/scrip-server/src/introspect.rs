@@ -209,6 +209,26 @@ async fn introspect(
             Ok((body, false))
         }
         OwnToken::Access(c) => {
+            // RFC 7662 §4: a token is active only to a resource server it
+            // can be used at, where the tool names its resource servers
+            // (and a single use is not spent by anyone else's question).
+            let tool = st.config.tools.iter().find(|t| t.name.as_str() == c.aud);
+            if let Some(tool) = tool.filter(|t| !t.introspectors.is_empty())
+                && !tool
+                    .introspectors
+                    .iter()
+                    .any(|i| i.issuer == asked.caller.issuer && i.subject == asked.caller.subject)
+            {
+                let mut a = asked.record(st, &inactive());
+                a.task_id = Some(c.txn.clone());
+                a.jti = Some(c.jti.clone());
+                a.tool = Some(c.aud.clone());
+                a.reason = Some("inactive: the caller is none of the tool's introspectors".into());
+                st.store
+                    .commit(vec![scrip_store::Write::Audit(Box::new(a))])
+                    .await?;
+                return Ok((inactive(), true));
+            }
             // Revocation and the task's state are read from the store
             // every time (never from the cache), in one read.
             let Some((task, revoked)) = st.store.token_task(&c.jti, &c.txn).await? else {

@@ -241,6 +241,7 @@ async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
                 resource: format!("https://db{i}.example"),
                 actions: vec![ActionName::parse("delete").unwrap()],
                 labels: Default::default(),
+                introspectors: Vec::new(),
             });
         }
     }))
@@ -363,6 +364,74 @@ async fn a_second_poll_after_the_token_is_invalid_grant() {
         .await
         .assert_error(400, "invalid_grant");
     s.stop().await;
+}
+
+/// Introspects `token` as the workload `namespace`/`name`.
+async fn introspect_as(s: &TestServer, token: &str, namespace: &str, name: &str) -> Reply {
+    let caller = s.k8s.kubernetes(namespace, name);
+    let body = format!("token={}", urlencode(token));
+    s.post_raw(
+        "/introspect",
+        "application/x-www-form-urlencoded",
+        body.into_bytes(),
+        Some(&caller),
+    )
+    .await
+}
+
+/// RFC 7662 §4: where a tool names its resource servers, its tokens are
+/// active to them only; another caller (an agent, or the resource server
+/// of another tool) gets `{"active":false}`, and spends no single use.
+#[tokio::test]
+async fn a_tools_tokens_are_active_only_to_its_introspectors() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        for t in &mut c.tools {
+            if t.name.as_str() == "github" {
+                t.introspectors = vec![scrip_config::Introspector {
+                    issuer: K8S_ISSUER.to_owned(),
+                    subject: "system:serviceaccount:resource-servers:github-proxy".to_owned(),
+                }];
+            }
+        }
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let r = approved_token(&s, &task, &id).await;
+    let once = r.body["access_token"].as_str().unwrap();
+    // Asked by others: inactive, the use not spent, the question recorded.
+    for (namespace, name) in [("agents", "coder"), ("resource-servers", "jira-proxy")] {
+        let r = introspect_as(&s, once, namespace, name).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body, json!({"active": false}), "{namespace}/{name}");
+    }
+    let refused = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| {
+            a.event == "token.introspected"
+                && a.jti.as_deref() == Some(r_jti(once).as_str())
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("introspectors"))
+        })
+        .count();
+    assert_eq!(refused, 2);
+    // github's resource server: active, once.
+    let r = s.introspect(once).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(s.introspect(once).await.body, json!({"active": false}));
+    // A tool naming none: any trusted caller, as before.
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let jira = s.start_task(&identity, "jira:read", "prod", PURPOSE).await;
+    let jira = s
+        .access_token(jira["access_token"].as_str().unwrap(), "jira", Some("read"))
+        .await;
+    let jira = jira.body["access_token"].as_str().unwrap();
+    let r = introspect_as(&s, jira, "agents", "coder").await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
 }
 
 #[tokio::test]

@@ -45,6 +45,7 @@ fn tool(name: &str) -> Tool {
         resource: format!("https://{name}.legacy.example"),
         actions: vec![action("read"), action("write"), action("delete")],
         labels: Default::default(),
+        introspectors: Vec::new(),
     }
 }
 

@@ -138,6 +138,7 @@ pub fn tools() -> Vec<Tool> {
             .map(|a| scrip_token::ActionName::parse(a).unwrap())
             .collect(),
         labels: [("environment".to_owned(), "dev".to_owned())].into(),
+        introspectors: Vec::new(),
     };
     vec![
         tool(

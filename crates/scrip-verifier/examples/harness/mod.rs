@@ -64,6 +64,7 @@ impl Scrip {
                 .map(|a| scrip_token::ActionName::parse(a))
                 .collect::<Result<_, _>>()?,
             labels: Default::default(),
+            introspectors: Vec::new(),
         };
         let config = Config {
             listen: "127.0.0.1:0".parse()?,

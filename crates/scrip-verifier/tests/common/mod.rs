@@ -76,6 +76,7 @@ pub fn tools() -> Vec<Tool> {
             .map(|a| scrip_token::ActionName::parse(a).unwrap())
             .collect(),
         labels: Default::default(),
+        introspectors: Vec::new(),
     };
     vec![
         tool(
