@@ -137,7 +137,9 @@ enum Command {
     /// or exactly `{"active":false}`; both exit 0, so read the answer, not
     /// the exit status. You are identified by your workload identity
     /// (--identity-file or SCRIP_IDENTITY, or local attestation on scrip's
-    /// host); any identity from a trusted issuer may ask.
+    /// host); any identity from a trusted issuer may ask, but a tool that
+    /// lists `introspectors` has its access tokens shown active to those
+    /// alone (to anyone else, `{"active":false}` whatever their state).
     ///
     /// A single-use token (an approved step's) is spent by its first
     /// introspection, as by its first use: introspecting it yourself leaves

@@ -344,7 +344,7 @@ async fn rotate_each(
 ///
 /// # Errors
 /// On the embedded store, when the key file cannot be read or made, or the
-/// record of a key just made cannot be committed: nothing is changed then.
+/// record of a key just made cannot be committed: no secret is changed then.
 /// (The store may already sign with that key, whose file is removed again,
 /// so nothing more may be written in this run.)
 #[expect(
@@ -358,7 +358,7 @@ async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
             Ok(())
         }
         Err(e) if config.database_url.is_none() => Err(format!(
-            "cannot sign the audit record of this change: {e}; nothing was changed"
+            "cannot sign the audit record of this change: {e}; no secret was changed"
         )),
         Err(e) => {
             eprintln!(

@@ -363,9 +363,10 @@ pub fn validate(
     }
     // The proxy long-polls the feed for at least a second; an answer shows
     // the revocations as of when it was asked for, and the next comes a
-    // poll later: twice the poll must fit, with room for the round trips.
-    if proxy.max_staleness < 3 {
-        return invalid("proxy.max_staleness must be at least 3 seconds");
+    // poll later: twice the poll must fit, with room for two round trips
+    // (at 5 s, polls of 1 s leave 1.5 s to each).
+    if proxy.max_staleness < 5 {
+        return invalid("proxy.max_staleness must be at least 5 seconds");
     }
     Ok(())
 }
@@ -531,8 +532,8 @@ mod tests {
             Some("maps to `delete`"),
         );
         check("[proxy]\nmax_staleness = 0\n", Some("max_staleness"));
-        check("[proxy]\nmax_staleness = 2\n", Some("at least 3"));
-        check("[proxy]\nmax_staleness = 3\n", None);
+        check("[proxy]\nmax_staleness = 4\n", Some("at least 5"));
+        check("[proxy]\nmax_staleness = 5\n", None);
         check(
             "[proxy]\npublic_url = \"https://p.example/\"\n",
             Some("public_url"),

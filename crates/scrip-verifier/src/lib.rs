@@ -233,7 +233,9 @@ impl VerifierConfig {
             // An idle long poll shows the set as of when it was asked for,
             // `wait` before it came; the next comes `wait` later still.
             if feed.max_staleness <= feed.wait.saturating_mul(2) {
-                return bad("max_staleness must exceed twice the feed wait");
+                return bad(
+                    "max_staleness must exceed twice the feed wait (a page shows the revocations as of when it was asked for, up to a wait before it comes): raise max_staleness or lower wait",
+                );
             }
             if feed.retry_min.is_zero() || feed.retry_max < feed.retry_min {
                 return bad("feed retries need 0 < retry_min <= retry_max");

@@ -449,6 +449,24 @@ async fn a_leeway_past_the_largest_clock_skew_is_refused() {
 /// A long-poll under a second would be answered at once (the feed takes
 /// whole seconds), and a follower that had caught up would poll without
 /// pause: such a wait is refused.
+/// A page shows the revocations as of when it was asked for, so an idle
+/// long poll leaves them `wait` old and the next answer up to twice that:
+/// a `max_staleness` that would not hold twice the wait is refused.
+#[tokio::test]
+async fn a_staleness_bound_under_twice_the_wait_is_refused() {
+    let fake = Fake::start().await;
+    for (secs, ok) in [(1, false), (2, false), (3, true)] {
+        let c = config(&fake, FEED_IDENTITY, Duration::from_secs(secs));
+        match Verifier::discover(c).await {
+            Ok(_) => assert!(ok, "max_staleness {secs} s with a 1 s wait was accepted"),
+            Err(e) => assert!(
+                !ok && matches!(&e, SetupError::Config(m) if m.contains("exceed twice the feed wait")),
+                "{secs} s: {e:?}"
+            ),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_feed_wait_under_a_second_is_refused() {
     let fake = Fake::start().await;
