@@ -22,7 +22,9 @@ fi
 # each create a database of their own on 127.0.0.1:5432 (trust auth).
 echo "== services" >&2
 installed_pg=
-if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+# One already answering (a container, another install) is used as it is.
+if ! pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1 \
+  && ! command -v pg_ctlcluster >/dev/null 2>&1; then
   echo "installing PostgreSQL" >&2
   apt-get update -qq && apt-get install -y -qq postgresql
   installed_pg=1
@@ -38,7 +40,14 @@ if [ -n "$installed_pg" ]; then
   done
 fi
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-  for v in /etc/postgresql/*; do
+  shopt -s nullglob
+  clusters=(/etc/postgresql/*)
+  shopt -u nullglob
+  if [ ${#clusters[@]} -eq 0 ]; then
+    echo "PostgreSQL is installed but has no cluster: create one (pg_createcluster <version> main --start) or start a server on 127.0.0.1:5432" >&2
+    exit 1
+  fi
+  for v in "${clusters[@]}"; do
     pg_ctlcluster --skip-systemctl-redirect "$(basename "$v")" main start
   done
 fi
@@ -89,6 +98,8 @@ echo "== lints" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests" >&2
 cargo nextest run --workspace --locked --no-fail-fast
+# nextest does not run doctests: the examples in the crates' docs compile.
+cargo test -q --workspace --doc --locked
 # The binaries, built with the test build's features: only scrip-bench's is
 # left to link (`cargo run -p` would compile dependencies again).
 cargo build -q --workspace --all-targets --locked

@@ -1022,7 +1022,7 @@ mod tests {
         check(
             "[[tools]]\nname = \"GitHub\"\nresource = \"https://x\"\nactions = [\"read\"]",
             Some(
-                "tool name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is `G`) (line 2)",
+                "tool name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is an uppercase letter) (line 2)",
             ),
         );
         check(

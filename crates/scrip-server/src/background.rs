@@ -100,8 +100,16 @@ async fn sweep_loop(state: AppState) {
                 break;
             }
         }
+        // Kept a while past their time (`clock_skew`, at least a minute):
+        // another replica, or `scrip proxy`, whose clock is behind this
+        // one's still accepts the tokens, and a single use claimed must
+        // not be forgotten before it stops doing so.
+        let purged_before = now.saturating_sub(st.config.clock_skew.max(60));
         if ticks.is_multiple_of(60)
-            && let Err(e) = st.store.commit(vec![Write::PurgeRevocations { now }]).await
+            && let Err(e) = st
+                .store
+                .commit(vec![Write::PurgeRevocations { now: purged_before }])
+                .await
         {
             tracing::warn!(error = %e, "could not purge expired revocations");
         }

@@ -318,13 +318,17 @@ async fn task_malformed_scope() {
         ("github", "one has no `:`"),
         (
             "GitHub:read",
-            "tool name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is `G`)",
+            "tool name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is an uppercase letter)",
         ),
         (
             "github:Read",
-            "action name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is `R`)",
+            "action name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character 1 is an uppercase letter)",
         ),
-        ("github:re\u{200b}ad", "(character 3 is U+200B)"),
+        (
+            "github:re\u{200b}ad",
+            "(character 3 is an invisible or direction-changing character)",
+        ),
+        ("git/hub:read", "(character 4 is a punctuation mark)"),
         ("github:read  jira:read", "empty item"),
         (" github:read", "empty item"),
         ("github:read:write", "name"),

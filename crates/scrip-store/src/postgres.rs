@@ -16,8 +16,11 @@
 //! it reconnects by itself. A database that cannot be reached fails every
 //! read with [`StoreError::Unavailable`] within [`TIMEOUT`], and every
 //! batch of commits within [`TIMEOUT`] of its start, connecting included (a
-//! commit waits for the batches queued before it, usually one); the store
-//! recovers by itself when it comes back.
+//! commit waits for the batches queued before it, usually one, and fails
+//! unapplied once it has waited 10 s; after a failed batch the next ones
+//! are smaller); the store recovers by itself when it comes back. A write
+//! connection the server closed since the last batch is replaced, and the
+//! batch tried again on the new one, when nothing was sent yet.
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -439,6 +442,42 @@ impl Apply for PgWriter {
     async fn apply(&mut self, writes: &[&Write], chain: &mut ChainState) -> Result<(), StoreError> {
         // One deadline for the batch, connecting included.
         let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let reused = self.conn.is_some();
+        let before = chain.clone();
+        let result = self.attempt(writes, chain, deadline).await;
+        // A connection kept from an earlier batch may have been closed by
+        // the server since (a restart, a failover, an idle timeout): when
+        // it failed before the `COMMIT` was sent, nothing took effect, and
+        // the batch is tried once more on a new connection, within the
+        // same deadline.
+        if reused
+            && matches!(result, Err(StoreError::Unavailable(_)))
+            && !self.commit_sent
+            && tokio::time::Instant::now() < deadline
+        {
+            tracing::debug!("the store's write connection failed; trying the batch on a new one");
+            *chain = before;
+            return self.attempt(writes, chain, deadline).await;
+        }
+        result
+    }
+
+    fn may_have_committed(&self) -> bool {
+        // Before the `COMMIT`, a failure rolled the transaction back, or the
+        // connection was closed, which rolls it back on the server.
+        self.commit_sent
+    }
+}
+
+impl PgWriter {
+    /// Applies `writes` on the connection (made first when there is none)
+    /// by `deadline`; a connection that failed is closed.
+    async fn attempt(
+        &mut self,
+        writes: &[&Write],
+        chain: &mut ChainState,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), StoreError> {
         if self.conn.is_none() {
             let conn = tokio::time::timeout_at(deadline, self.options.connect())
                 .await
@@ -463,12 +502,6 @@ impl Apply for PgWriter {
             }
         }
         result
-    }
-
-    fn may_have_committed(&self) -> bool {
-        // Before the `COMMIT`, a failure rolled the transaction back, or the
-        // connection was closed, which rolls it back on the server.
-        self.commit_sent
     }
 }
 

@@ -17,8 +17,17 @@ use crate::{ChainLink, StoreError, Write};
 
 /// Most commits folded into one transaction.
 const MAX_BATCH: usize = 512;
+/// Most commits folded into the transaction after one that failed: a
+/// database that could not take a full batch in time (slow, or shared
+/// with busy replicas) is given smaller ones, doubled after each that
+/// commits, rather than failing every full batch while the queue is long.
+const AFTER_FAILURE: usize = 16;
 /// Commits that may wait for the writer before callers are slowed down.
 const QUEUE: usize = 8192;
+/// The longest a commit waits in the queue: past it, it fails unapplied
+/// (the store is too slow or down), so that no caller waits for every
+/// batch queued before it to time out in turn.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What changed in a store, as counters that only grow: waiters compare
 /// the value they saw with the current one.
@@ -68,6 +77,7 @@ pub(crate) trait Apply: Send + 'static {
 struct Pending {
     writes: Vec<Write>,
     done: oneshot::Sender<Result<(), StoreError>>,
+    queued: tokio::time::Instant,
 }
 
 /// The handle callers commit through.
@@ -139,7 +149,11 @@ impl Writer {
     pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.queue
-            .send(Pending { writes, done })
+            .send(Pending {
+                writes,
+                done,
+                queued: tokio::time::Instant::now(),
+            })
             .await
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
         wait.await
@@ -172,17 +186,40 @@ async fn run(
     changes: watch::Sender<Changes>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    let mut limit = MAX_BATCH;
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        while batch.len() < limit {
             match rx.try_recv() {
                 Ok(p) => batch.push(p),
                 Err(_) => break,
             }
         }
+        // Commits that waited too long fail unapplied.
+        let now = tokio::time::Instant::now();
+        let is_stale = |p: &Pending| now.saturating_duration_since(p.queued) > MAX_WAIT;
+        if batch.iter().any(is_stale) {
+            let (stale, fresh): (Vec<Pending>, Vec<Pending>) = batch.drain(..).partition(is_stale);
+            batch = fresh;
+            tracing::error!(
+                commits = stale.len(),
+                "store writes are too slow: commits that waited over {} s fail unapplied",
+                MAX_WAIT.as_secs()
+            );
+            for p in stale {
+                let _ = p.done.send(Err(StoreError::Unavailable(
+                    "the store is too slow: the write waited too long, and nothing was written"
+                        .into(),
+                )));
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
         let all: Vec<&Write> = batch.iter().flat_map(|p| p.writes.iter()).collect();
         match apply(&mut backend, &all, &mut chain).await {
             Ok(()) => {
+                limit = limit.saturating_mul(2).min(MAX_BATCH);
                 publish(&head, &chain, &changes, &all);
                 for p in batch.drain(..) {
                     let _ = p.done.send(Ok(()));
@@ -210,7 +247,8 @@ async fn run(
             }
             Err(e) => {
                 if !matches!(e, StoreError::Conflict(_)) {
-                    tracing::error!(error = %e, "store write failed");
+                    tracing::error!(error = %e, size = batch.len(), "store write failed");
+                    limit = AFTER_FAILURE;
                 }
                 for p in batch.drain(..) {
                     let _ = p.done.send(Err(e.clone()));
@@ -581,5 +619,94 @@ mod tests {
         // The first batch, the batch of six, `a b c`, `poison d e` and
         // `poison`, which met the failure: `d e` is not tried after it.
         assert_eq!(calls, 5);
+    }
+
+    /// A backend that is slow or small: each batch takes `delay`, and one
+    /// of more than `most` writes (or any, when `down`) fails as a
+    /// database that did not answer in time.
+    struct Slow {
+        delay: std::time::Duration,
+        most: usize,
+        down: bool,
+        batches: Arc<Mutex<Vec<usize>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Apply for Slow {
+        async fn apply(&mut self, writes: &[&Write], _: &mut ChainState) -> Result<(), StoreError> {
+            self.batches.lock().unwrap().push(writes.len());
+            tokio::time::sleep(self.delay).await;
+            if self.down || writes.len() > self.most {
+                return Err(StoreError::Unavailable("timed out".into()));
+            }
+            Ok(())
+        }
+    }
+
+    /// Queues `n` commits on `backend` at once; each one's result and the
+    /// (paused) time it took.
+    async fn queue_on(
+        backend: Slow,
+        n: usize,
+    ) -> Vec<(Result<(), StoreError>, std::time::Duration)> {
+        let writer = Arc::new(Writer::spawn(backend, "c".into()));
+        let started = tokio::time::Instant::now();
+        let all: Vec<_> = (0..n)
+            .map(|i| {
+                let w = writer.clone();
+                tokio::spawn(async move {
+                    let r = w.commit(vec![revoke(&format!("j{i}"))]).await;
+                    (r, started.elapsed())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in all {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    /// A database that cannot take a full batch in time gets smaller ones
+    /// after a failure, so most commits still land; a full batch each time
+    /// would fail every one of them while the queue stays long.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failed_batch_smaller_ones_still_commit() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let backend = Slow {
+            delay: std::time::Duration::from_millis(5),
+            most: 64,
+            down: false,
+            batches: batches.clone(),
+        };
+        let results = queue_on(backend, 1000).await;
+        let ok = results.iter().filter(|(r, _)| r.is_ok()).count();
+        let sizes = batches.lock().unwrap().clone();
+        // The first batch (512) fails; of the rest, the batches that fit
+        // (16, 32, 64, then 16 again after each of 128) commit: 232. With
+        // full batches after a failure, all 1000 would fail.
+        assert!(ok >= 200, "{ok} of 1000 committed in batches {sizes:?}");
+        assert!(sizes.iter().any(|s| *s > 64), "{sizes:?}");
+    }
+
+    /// With the database down, every batch takes its whole timeout: a
+    /// commit fails once it has waited [`MAX_WAIT`], not after every batch
+    /// queued before it has timed out in turn.
+    #[tokio::test(start_paused = true)]
+    async fn with_the_store_down_no_commit_waits_for_every_batch_before_it() {
+        let backend = Slow {
+            delay: std::time::Duration::from_secs(5),
+            most: usize::MAX,
+            down: true,
+            batches: Arc::new(Mutex::new(Vec::new())),
+        };
+        let results = queue_on(backend, 3000).await;
+        assert!(results.iter().all(|(r, _)| r.is_err()));
+        let longest = results.iter().map(|(_, t)| *t).max().unwrap();
+        // At most MAX_WAIT in the queue, then one batch's timeout.
+        assert!(
+            longest <= MAX_WAIT + std::time::Duration::from_secs(5),
+            "a commit waited {longest:?}"
+        );
     }
 }

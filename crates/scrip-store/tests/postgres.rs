@@ -266,3 +266,46 @@ async fn the_shared_store_checks_the_servers_certificate() {
     assert!(all.parse::<u32>().unwrap() >= 2, "{links}");
     assert_eq!(all, encrypted, "connections without TLS: {links}");
 }
+
+/// The server closes the store's connections (a restart, a failover, an
+/// idle timeout): the next commit is not lost to the dead write
+/// connection, since nothing of it was sent there; it goes through a new
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_connection_the_server_closed_is_replaced_without_failing_a_commit() {
+    use sqlx::Connection as _;
+    let db = PgDatabase::new();
+    let store = PgStore::connect(db.url()).await.unwrap();
+    store.commit(vec![revoke("before")]).await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let closed: Vec<(i32, bool)> = sqlx::query_as(
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        !closed.is_empty() && closed.iter().all(|(_, c)| *c),
+        "{closed:?}"
+    );
+    // Those backends are gone once they no longer show (the store's
+    // listener may already have connected again).
+    let pids: Vec<i32> = closed.iter().map(|(p, _)| *p).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (left,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                .bind(&pids)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} connections still open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.commit(vec![revoke("after")]).await.unwrap();
+    assert!(store.token_revoked("after").await.unwrap());
+}

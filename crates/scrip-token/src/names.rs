@@ -20,11 +20,12 @@ pub enum NameError {
         kind: &'static str,
     },
     /// The name had a character outside `a-z 0-9 . _ -` or did not start
-    /// with a letter or digit. The message names that character, not the
-    /// name: text refused here may be a secret given in the wrong place.
+    /// with a letter or digit. The message names that character's position
+    /// and kind, neither the name nor the character: text refused here may
+    /// be a secret given in the wrong place.
     #[error(
         "{kind} name must start with a lowercase letter or digit and hold only a-z, 0-9, `.`, `_` and `-` (character {at} is {})",
-        shown_char(*found)
+        kind_of(*found)
     )]
     BadChar {
         /// `tool` or `action`.
@@ -62,13 +63,20 @@ fn check(kind: &'static str, s: &str) -> Result<(), NameError> {
     }
 }
 
-/// A character as a message shows it: quoted when it is printable ASCII,
-/// else by its code point.
-fn shown_char(c: char) -> String {
-    if c.is_ascii_graphic() {
-        format!("`{c}`")
+/// What kind of character `c` is, for a message that must not show it.
+fn kind_of(c: char) -> &'static str {
+    if c.is_ascii_uppercase() {
+        "an uppercase letter"
+    } else if c == ' ' {
+        "a space"
+    } else if c.is_ascii_punctuation() {
+        "a punctuation mark"
+    } else if c.is_control() {
+        "a control character"
+    } else if crate::is_deceptive(c) {
+        "an invisible or direction-changing character"
     } else {
-        format!("U+{:04X}", u32::from(c))
+        "a character outside ASCII"
     }
 }
 
