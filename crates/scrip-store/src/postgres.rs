@@ -300,6 +300,7 @@ impl PgStore {
                 conn: Some(conn),
                 options: options.clone(),
                 commit_sent: false,
+                began: false,
             },
             crate::chain::new_chain_id()?,
         );
@@ -435,6 +436,10 @@ struct PgWriter {
     /// Whether the last batch's `COMMIT` was sent: after a failure, only
     /// then may it have taken effect.
     commit_sent: bool,
+    /// Whether the last attempt's transaction began: a failure before
+    /// that, on a connection kept from an earlier batch, is the
+    /// connection's (closed by the server since), not the batch's.
+    began: bool,
 }
 
 #[async_trait::async_trait]
@@ -447,11 +452,13 @@ impl Apply for PgWriter {
         let result = self.attempt(writes, chain, deadline).await;
         // A connection kept from an earlier batch may have been closed by
         // the server since (a restart, a failover, an idle timeout): when
-        // it failed before the `COMMIT` was sent, nothing took effect, and
-        // the batch is tried once more on a new connection, within the
-        // same deadline.
+        // it failed before its transaction even began, nothing took
+        // effect, and the batch is tried once more on a new connection,
+        // within the same deadline. (A failure later, such as the wait for
+        // the write lock timing out, is the batch's, and is not retried.)
         if reused
             && matches!(result, Err(StoreError::Unavailable(_)))
+            && !self.began
             && !self.commit_sent
             && tokio::time::Instant::now() < deadline
         {
@@ -486,15 +493,19 @@ impl PgWriter {
             self.conn = Some(conn);
         }
         self.commit_sent = false;
+        self.began = false;
         let Some(c) = self.conn.as_mut() else {
             return Err(StoreError::Unavailable("no connection".into()));
         };
-        let sent = &mut self.commit_sent;
-        let result = match tokio::time::timeout_at(deadline, apply_on(c, writes, chain, sent)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(unavailable("the database did not answer in time")),
+        let progress = Progress {
+            began: &mut self.began,
+            commit_sent: &mut self.commit_sent,
         };
+        let result =
+            match tokio::time::timeout_at(deadline, apply_on(c, writes, chain, progress)).await {
+                Ok(r) => r,
+                Err(_) => Err(unavailable("the database did not answer in time")),
+            };
         if matches!(result, Err(StoreError::Unavailable(_))) {
             // Start afresh next time: the connection may be what is broken.
             if let Some(c) = self.conn.take() {
@@ -662,16 +673,25 @@ async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<
 /// Applies `writes` in one transaction, committed when every write applied
 /// and rolled back at once otherwise; `commit_sent` is set just before the
 /// `COMMIT` goes out.
+/// How far a batch's transaction got.
+struct Progress<'a> {
+    /// Set once it began.
+    began: &'a mut bool,
+    /// Set just before its `COMMIT` is sent.
+    commit_sent: &'a mut bool,
+}
+
 async fn apply_on(
     conn: &mut PgConnection,
     writes: &[&Write],
     chain: &mut ChainState,
-    commit_sent: &mut bool,
+    progress: Progress<'_>,
 ) -> Result<(), StoreError> {
     let mut tx = begin_write(conn).await?;
+    *progress.began = true;
     match apply_in(&mut tx, writes, chain).await {
         Ok(()) => {
-            *commit_sent = true;
+            *progress.commit_sent = true;
             tx.commit().await.map_err(unavailable)
         }
         Err(e) => {
