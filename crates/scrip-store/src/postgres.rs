@@ -16,9 +16,9 @@
 //! it reconnects by itself. A database that cannot be reached fails every
 //! read with [`StoreError::Unavailable`] within [`TIMEOUT`], and every
 //! batch of commits within [`TIMEOUT`] of its start, connecting included (a
-//! commit waits for the batches queued before it, usually one, and fails
-//! unapplied once it has waited 10 s; after a failed batch the next ones
-//! are smaller); the store recovers by itself when it comes back. A write
+//! commit waits for the batches queued before it, usually one; after a
+//! failed batch the next ones are smaller, and a commit that has waited
+//! 10 s fails unapplied); the store recovers by itself when it comes back. A write
 //! connection the server closed since the last batch is replaced, and the
 //! batch tried again on the new one, when nothing was sent yet.
 
@@ -45,6 +45,9 @@ const WRITE_LOCK: i64 = 7_070_001;
 /// The longest a connection attempt, a read or a commit may take before the
 /// store counts as unavailable.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The least time left before a batch's deadline for trying it again on a
+/// new connection: the `lock_timeout` of [`LIMITS`] and room to connect.
+const RETRY_LEFT: Duration = Duration::from_millis(4500);
 
 /// What the database enforces on each of the writer's transactions (set
 /// with `SET LOCAL`, so it holds through any connection pooler and leaves
@@ -456,11 +459,14 @@ impl Apply for PgWriter {
         // effect, and the batch is tried once more on a new connection,
         // within the same deadline. (A failure later, such as the wait for
         // the write lock timing out, is the batch's, and is not retried.)
+        // Only with the lock's own timeout (4 s) and a little left before
+        // the deadline, so that the server never waits for the lock after
+        // the batch gave up.
         if reused
             && matches!(result, Err(StoreError::Unavailable(_)))
             && !self.began
             && !self.commit_sent
-            && tokio::time::Instant::now() < deadline
+            && deadline.saturating_duration_since(tokio::time::Instant::now()) >= RETRY_LEFT
         {
             tracing::debug!("the store's write connection failed; trying the batch on a new one");
             *chain = before;
@@ -670,9 +676,6 @@ async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<
     Ok(())
 }
 
-/// Applies `writes` in one transaction, committed when every write applied
-/// and rolled back at once otherwise; `commit_sent` is set just before the
-/// `COMMIT` goes out.
 /// How far a batch's transaction got.
 struct Progress<'a> {
     /// Set once it began.
@@ -681,6 +684,9 @@ struct Progress<'a> {
     commit_sent: &'a mut bool,
 }
 
+/// Applies `writes` in one transaction, committed when every write applied
+/// and rolled back at once otherwise; `progress` says whether it began, and
+/// whether the `COMMIT` went out (set just before).
 async fn apply_on(
     conn: &mut PgConnection,
     writes: &[&Write],

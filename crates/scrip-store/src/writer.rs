@@ -24,9 +24,11 @@ const MAX_BATCH: usize = 512;
 const AFTER_FAILURE: usize = 16;
 /// Commits that may wait for the writer before callers are slowed down.
 const QUEUE: usize = 8192;
-/// The longest a commit waits in the queue: past it, it fails unapplied
-/// (the store is too slow or down), so that no caller waits for every
-/// batch queued before it to time out in turn.
+/// The longest a commit waits in the queue while the store is failing:
+/// past it, after a failed batch, it fails unapplied, so that no caller
+/// waits for every batch queued before it to time out in turn. (While
+/// batches commit, however slowly, every commit waits its turn: some have
+/// no caller waiting, as the proxy's records of responses already sent.)
 const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What changed in a store, as counters that only grow: waiters compare
@@ -187,6 +189,8 @@ async fn run(
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut limit = MAX_BATCH;
+    // Whether the last batch failed for the store's sake.
+    let mut failing = false;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < limit {
@@ -195,10 +199,10 @@ async fn run(
                 Err(_) => break,
             }
         }
-        // Commits that waited too long fail unapplied.
+        // While the store fails, commits that waited too long fail unapplied.
         let now = tokio::time::Instant::now();
         let is_stale = |p: &Pending| now.saturating_duration_since(p.queued) > MAX_WAIT;
-        if batch.iter().any(is_stale) {
+        if failing && batch.iter().any(is_stale) {
             let (stale, fresh): (Vec<Pending>, Vec<Pending>) = batch.drain(..).partition(is_stale);
             batch = fresh;
             tracing::error!(
@@ -220,6 +224,7 @@ async fn run(
         match apply(&mut backend, &all, &mut chain).await {
             Ok(()) => {
                 limit = limit.saturating_mul(2).min(MAX_BATCH);
+                failing = false;
                 publish(&head, &chain, &changes, &all);
                 for p in batch.drain(..) {
                     let _ = p.done.send(Ok(()));
@@ -240,6 +245,12 @@ async fn run(
             Err(e @ StoreError::Conflict(_)) if batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; isolating the conflict");
                 let results = isolate(&mut backend, &batch, &mut chain, &head, &changes).await;
+                failing = results
+                    .iter()
+                    .any(|r| matches!(r, Err(StoreError::Unavailable(_))));
+                if failing {
+                    limit = AFTER_FAILURE;
+                }
                 for (p, result) in batch.drain(..).zip(results) {
                     let _ = p.done.send(result);
                 }
@@ -249,6 +260,7 @@ async fn run(
                 if !matches!(e, StoreError::Conflict(_)) {
                     tracing::error!(error = %e, size = batch.len(), "store write failed");
                     limit = AFTER_FAILURE;
+                    failing = true;
                 }
                 for p in batch.drain(..) {
                     let _ = p.done.send(Err(e.clone()));
@@ -687,6 +699,25 @@ mod tests {
         // full batches after a failure, all 1000 would fail.
         assert!(ok >= 200, "{ok} of 1000 committed in batches {sizes:?}");
         assert!(sizes.iter().any(|s| *s > 64), "{sizes:?}");
+    }
+
+    /// A store that is slow but works loses nothing: every commit waits its
+    /// turn, however long (some have no caller waiting, as the proxy's
+    /// records of responses already sent).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_store_that_works_fails_no_commit_for_its_wait() {
+        let backend = Slow {
+            delay: std::time::Duration::from_secs(4),
+            most: usize::MAX,
+            down: false,
+            batches: Arc::new(Mutex::new(Vec::new())),
+        };
+        let results = queue_on(backend, 2000).await;
+        assert!(results.iter().all(|(r, _)| r.is_ok()));
+        // Four batches of 512 or fewer, four seconds each: the last waited
+        // past MAX_WAIT.
+        let longest = results.iter().map(|(_, t)| *t).max().unwrap();
+        assert!(longest > MAX_WAIT, "{longest:?}");
     }
 
     /// With the database down, every batch takes its whole timeout: a
