@@ -119,22 +119,20 @@ impl Server {
         cmd
     }
 
+    /// `scrip run --env dev --grant github:read --`, the command to run
+    /// still to be added.
+    fn run_dev(&self) -> Command {
+        let mut cmd = self.scrip();
+        cmd.args(["run", "--env", "dev", "--grant", "github:read", "--"]);
+        cmd
+    }
+
     /// `scrip run -- sh -c <script>` in the background, once the script
     /// has made `marker`.
     fn run_until(&self, script: &str, marker: &Path) -> Child {
         let child = self
-            .scrip()
-            .args([
-                "run",
-                "--env",
-                "dev",
-                "--grant",
-                "github:read",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ])
+            .run_dev()
+            .args(["sh", "-c", script])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -374,18 +372,8 @@ fn exit_codes_pass_through() {
     let server = Server::start();
     let run = |script: &str| {
         server
-            .scrip()
-            .args([
-                "run",
-                "--env",
-                "dev",
-                "--grant",
-                "github:read",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ])
+            .run_dev()
+            .args(["sh", "-c", script])
             .output()
             .unwrap()
             .status
@@ -405,16 +393,8 @@ fn exit_codes_pass_through() {
     assert_eq!(run("kill -KILL $$"), Some(128 + 9));
     // A command that cannot run: 127, as a shell says.
     let out = server
-        .scrip()
-        .args([
-            "run",
-            "--env",
-            "dev",
-            "--grant",
-            "github:read",
-            "--",
-            "no-such-command-xyz",
-        ])
+        .run_dev()
+        .arg("no-such-command-xyz")
         .output()
         .unwrap();
     assert_refused(&out, 127, &["cannot run `no-such-command-xyz`"]);

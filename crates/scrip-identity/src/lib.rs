@@ -380,10 +380,7 @@ impl IdentityVerifier {
                     // The issuer's key is exposed: the keys held from before
                     // are no more to be trusted than the new ones.
                     tracing::error!(issuer = %issuer.issuer, error = %message, "trusted issuer published a private key; its tokens are refused");
-                    if let Ok(mut cache) = issuer.cache.write() {
-                        cache.keys = None;
-                        cache.document.clear();
-                    }
+                    issuer.forget_keys();
                 }
                 Err(message) => {
                     // The issuer answered with a JWKS this verifier cannot
@@ -397,10 +394,7 @@ impl IdentityVerifier {
                     });
                     if withdrawn {
                         tracing::error!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed, and the issuer no longer lists keys held from before; its tokens are refused until it publishes a usable JWKS");
-                        if let Ok(mut cache) = issuer.cache.write() {
-                            cache.keys = None;
-                            cache.document.clear();
-                        }
+                        issuer.forget_keys();
                     } else {
                         tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
                     }
@@ -433,6 +427,15 @@ impl Issuer {
         }
         cache.fetched_at = Some(at);
         true
+    }
+
+    /// Drops the keys held: the issuer's tokens are refused until a fetch
+    /// brings keys that can be trusted.
+    fn forget_keys(&self) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.keys = None;
+            cache.document.clear();
+        }
     }
 
     /// Whether the keys held lack this `kid`, or there are none.

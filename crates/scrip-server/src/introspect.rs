@@ -212,8 +212,10 @@ async fn introspect(
             // RFC 7662 §4: a token is active only to a resource server it
             // can be used at, where the tool names its resource servers
             // (and a single use is not spent by anyone else's question).
-            let tool = st.config.tools.iter().find(|t| t.name.as_str() == c.aud);
-            if let Some(tool) = tool.filter(|t| !t.introspectors.is_empty())
+            if let Some(tool) = st
+                .config
+                .tool(&c.aud)
+                .filter(|t| !t.introspectors.is_empty())
                 && !tool
                     .introspectors
                     .iter()
