@@ -355,30 +355,43 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
 }
 
 /// `scrip audit export`: JSON lines from a cursor, optionally following.
+/// Each line is the record exactly as it was hashed, with `seq` and `hash`
+/// put first, so a copy kept elsewhere can be checked byte for byte; a
+/// record that is not a JSON object is exported as a string and the
+/// export goes on (a one-shot export then exits 1).
 pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let (_, store) = open(config).await?;
             let mut cursor = after;
+            let mut unreadable = 0_u64;
             loop {
-                let filter = AuditFilter {
-                    after_seq: Some(cursor),
-                    limit: Some(5000),
-                    ..AuditFilter::default()
-                };
-                let page = store.audit(&filter).await.map_err(|e| e.to_string())?;
+                let page = store
+                    .audit_rows(cursor, 5000)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 for r in &page {
-                    let line = serde_json::to_string(r).map_err(|e| e.to_string())?;
+                    let (line, readable) = export_line(r);
+                    if !readable {
+                        unreadable += 1;
+                        #[expect(clippy::print_stderr, reason = "a note beside the output")]
+                        {
+                            eprintln!(
+                                "scrip: record {} is not one JSON object as scrip writes them; exported as a string under `unreadable_record`",
+                                r.seq
+                            );
+                        }
+                    }
                     out!("{line}");
                     // A closed pipe (`| head`) ends the export (exit 141).
                     if crate::stdout_gone() {
-                        return Ok(());
+                        return Ok(0);
                     }
                     cursor = r.seq;
                 }
                 if page.is_empty() {
                     if !follow {
-                        return Ok(());
+                        return Ok(unreadable);
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -387,13 +400,99 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
     });
     match result {
         Err(e) => fail(e),
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => fail(format!(
+            "{n} records are not JSON objects as scrip writes them and were exported as strings under `unreadable_record`; run `scrip audit verify`"
+        )),
+    }
+}
+
+/// One line of `audit export` and whether the record was a JSON object:
+/// `{"seq":N,"hash":"…",` followed by the stored record after its `{`, so
+/// that removing those two members gives back the bytes that were hashed.
+/// A stored record that is not one JSON object on one line, or that has
+/// its own `seq` or `hash`, is put whole in a string instead, so that no
+/// line is malformed or says two things.
+fn export_line(r: &scrip_store::StoredRecord) -> (String, bool) {
+    let head = format!(
+        "{{\"seq\":{},\"hash\":{}",
+        r.seq,
+        serde_json::Value::from(r.hash.as_str())
+    );
+    let object = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&r.record);
+    let spliceable = matches!(&object, Ok(o) if !o.is_empty() && !o.contains_key("seq") && !o.contains_key("hash"))
+        && r.record.starts_with('{')
+        && !r.record.contains(['\n', '\r']);
+    match r.record.strip_prefix('{') {
+        Some(rest) if spliceable => (format!("{head},{rest}"), true),
+        _ => (
+            format!(
+                "{head},\"chain_id\":{},\"chain_seq\":{},\"unreadable_record\":{}}}",
+                serde_json::Value::from(r.chain_id.as_str()),
+                r.chain_seq,
+                serde_json::Value::from(r.record.as_str())
+            ),
+            false,
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(record: &str) -> scrip_store::StoredRecord {
+        scrip_store::StoredRecord {
+            seq: 7,
+            chain_id: "c1".into(),
+            chain_seq: 3,
+            hash: scrip_store::hash(record.as_bytes()),
+            record: record.into(),
+            columns: scrip_store::IndexedColumns::default(),
+        }
+    }
+
+    /// An exported line gives back the hashed bytes, including members
+    /// this scrip does not know, once `seq` and `hash` are taken off.
+    #[test]
+    fn an_exported_line_is_the_hashed_record() {
+        let record = r#"{"chain_id":"c1","chain_seq":3,"event":"task.started","from_a_later_scrip":[1.50,"\u00e9"]}"#;
+        let (line, readable) = export_line(&stored(record));
+        assert!(readable);
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["seq"], 7);
+        let hash = scrip_store::hash(record.as_bytes());
+        assert_eq!(parsed["hash"], hash.as_str());
+        let prefix = format!("{{\"seq\":7,\"hash\":\"{hash}\",");
+        let rest = line.strip_prefix(&prefix).expect(&line);
+        assert_eq!(format!("{{{rest}"), record);
+    }
+
+    /// What is not one JSON object on one line, or would say `seq` or
+    /// `hash` twice, is exported whole as a string, on one valid line.
+    #[test]
+    fn a_record_that_is_no_json_object_is_exported_as_a_string() {
+        for record in [
+            "garbage",
+            "",
+            "{}",
+            "[1,2]",
+            "{\"event\":\"x\"",
+            "{\"seq\":1,\"event\":\"x\"}",
+            "{\"hash\":\"h\",\"event\":\"x\"}",
+            "{\"event\":\n\"x\"}",
+            " {\"event\":\"x\"}",
+        ] {
+            let (line, readable) = export_line(&stored(record));
+            assert!(!readable, "{record:?}");
+            assert!(!line.contains('\n'), "{line:?}");
+            let parsed: serde_json::Value = serde_json::from_str(&line).expect(&line);
+            assert_eq!(parsed["seq"], 7);
+            assert_eq!(parsed["chain_id"], "c1");
+            assert_eq!(parsed["chain_seq"], 3);
+            assert_eq!(parsed["unreadable_record"], record, "{line}");
+        }
+    }
 
     /// Records only a later start vouches for are listed apart, and fail
     /// the check with --strict only; the trusted keys are named either way.

@@ -331,6 +331,10 @@ enum AuditCommand {
     /// Stream audit records as JSON lines from a cursor, for a SIEM.
     ///
     /// Each line has a `seq`; pass the last one seen as --after to resume.
+    /// A line is the record exactly as hashed with `seq` and `hash` put
+    /// first, so a copy kept elsewhere can be checked. A damaged record is
+    /// exported as a string under `unreadable_record`, noted on stderr, and
+    /// the export goes on (without --follow it then exits 1).
     Export {
         /// Only records after this sequence number.
         #[arg(long, default_value_t = 0)]

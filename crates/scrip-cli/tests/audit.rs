@@ -501,8 +501,53 @@ async fn a_tampered_record_fails_verification_naming_it() {
             .any(|l| l.starts_with(&format!("TAMPERED record {seq} (chain "))),
         "{stdout}"
     );
-    // Reading still works on a tampered trail.
-    assert_eq!(site.export(&[]).len(), all.len());
+    // Reading still works on a tampered trail, and the export carries the
+    // stored bytes: a copy checked outside the store shows the edit.
+    let out = site.audit(&["export"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), all.len());
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let head = format!("{{\"seq\":{},\"hash\":{},", v["seq"], v["hash"]);
+        let record = format!("{{{}", line.strip_prefix(&head).expect(line));
+        let matches = scrip_store::hash(record.as_bytes()) == v["hash"].as_str().unwrap();
+        assert_eq!(matches, v["seq"] != seq, "{line}");
+        assert_eq!(record.contains("\"write\""), v["seq"] == seq, "{line}");
+    }
+
+    // A record that is no JSON at all is exported as a string; the records
+    // after it still are, and the export then says so and fails.
+    let seq = all[0]["seq"].as_i64().unwrap();
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(site.db())
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit SET record = 'not json' WHERE seq = ?")
+        .bind(seq)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let out = site.audit(&["export"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), all.len());
+    let bad: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("unreadable_record").is_some())
+        .collect();
+    assert_eq!(bad.len(), 1, "{lines:?}");
+    assert_eq!(bad[0]["seq"], seq);
+    assert_eq!(bad[0]["unreadable_record"], "not json");
+    assert!(lines.last().unwrap()["seq"].as_i64().unwrap() > seq);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("record {seq} is not one JSON object"))
+            && stderr.contains("run `scrip audit verify`"),
+        "{stderr}"
+    );
 }
 
 /// The audit commands only read: a store an older scrip left is refused,
