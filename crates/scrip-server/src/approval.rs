@@ -86,20 +86,6 @@ pub(crate) async fn request(
     let answer = 'asked: {
         for _ in 0..3 {
             let now = now();
-            let waiting = st.store.task_pending_approvals(&task.id, now).await?;
-            if let Some(same) = waiting
-                .iter()
-                .find(|a| a.tool == tool && a.actions == asked)
-            {
-                // The same step already waits for a person: asking again is the
-                // same request, not another one for the approvers and the webhook.
-                break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
-            }
-            if waiting.len() >= MAX_PENDING_PER_TASK {
-                break 'asked Err(OAuthError::invalid_request(format!(
-                    "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
-                )));
-            }
             // A step a person denied is not put to the approvers again for
             // `approval_ttl`, nor any step at that tool with an action that
             // needs approval and was in it: not a larger step, and not a
@@ -121,6 +107,22 @@ pub(crate) async fn request(
                     d.reason.as_deref().unwrap_or("no reason given"),
                     at.saturating_add(st.config.approval_ttl)
                         .saturating_sub(now)
+                )));
+            }
+            // Only then a step that waits: one asked before a denial that
+            // covers it is not handed back as still pending.
+            let waiting = st.store.task_pending_approvals(&task.id, now).await?;
+            if let Some(same) = waiting
+                .iter()
+                .find(|a| a.tool == tool && a.actions == asked)
+            {
+                // The same step already waits for a person: asking again is the
+                // same request, not another one for the approvers and the webhook.
+                break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
+            }
+            if waiting.len() >= MAX_PENDING_PER_TASK {
+                break 'asked Err(OAuthError::invalid_request(format!(
+                    "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
                 )));
             }
             let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
@@ -334,13 +336,20 @@ pub(crate) async fn poll(
             Err(OAuthError::invalid_grant(TASK_ENDED))
         }
         ApprovalState::Pending => {
-            if st
+            if !st
                 .polls
                 .allow(id, Duration::from_secs(st.config.approval_poll_interval))
             {
-                Err(OAuthError::authorization_pending())
-            } else {
-                Err(OAuthError::slow_down())
+                return Err(OAuthError::slow_down());
+            }
+            match denied_since(st, &approval).await? {
+                Some(d) => Err(OAuthError::access_denied(format!(
+                    "a person denied `{}` at `{}` in this task after this step was asked: {}",
+                    d.actions,
+                    d.tool,
+                    d.reason.as_deref().unwrap_or("no reason given")
+                ))),
+                None => Err(OAuthError::authorization_pending()),
             }
         }
         ApprovalState::Denied => Err(OAuthError::access_denied(format!(
@@ -664,6 +673,12 @@ async fn decide_endpoint(
         if task.state(now) != TaskState::Active {
             return Err(OAuthError::conflict("the task has ended"));
         }
+        if approve && let Some(d) = denied_since(st, &approval).await? {
+            return Err(OAuthError::conflict(format!(
+                "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
+                d.actions, d.tool
+            )));
+        }
         let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
         let mut a = st.audit(if approve { "approval.granted" } else { "approval.denied" });
         a.decision = Some(if approve { "allow" } else { "deny" }.into());
@@ -719,6 +734,31 @@ async fn decide_endpoint(
         Ok(v) => no_store(v),
         Err(e) => e.into_response(),
     }
+}
+
+/// Whether two steps' action lists name an action in common.
+fn overlap(a: &str, b: &str) -> bool {
+    match (ActionSet::parse(a), ActionSet::parse(b)) {
+        (Ok(a), Ok(b)) => a.iter().any(|x| b.contains(x)),
+        // Lists the store holds were parsed when they were asked for; one
+        // that no longer parses is taken to overlap (refuse, not grant).
+        _ => true,
+    }
+}
+
+/// A denial of a step of `approval`'s task at its tool, decided after it
+/// was asked, that shares an action with it. A person's no answers the
+/// steps asked before it too: another person cannot grant what was just
+/// refused, and the agent's polls for them answer `access_denied`.
+async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval>, OAuthError> {
+    Ok(st
+        .store
+        .task_denials(&approval.task_id, approval.created_at)
+        .await?
+        .into_iter()
+        .find(|d| {
+            d.id != approval.id && d.tool == approval.tool && overlap(&d.actions, &approval.actions)
+        }))
 }
 
 /// Every identity a person is known by: the one they presented, and each

@@ -558,6 +558,72 @@ async fn a_denied_step_is_not_asked_again_in_pieces() {
     s.stop().await;
 }
 
+/// A denial also answers the steps asked before it that share an action
+/// with it: asking again for one answers the denial, not its waiting
+/// approval; no person can approve one; polling for one answers
+/// `access_denied`. Steps that share nothing with it go on waiting.
+#[tokio::test]
+async fn a_denial_answers_the_overlapping_steps_asked_before_it() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![
+            alice(),
+            approver("bob", K8S_ISSUER, "system:serviceaccount:people:bob"),
+        ];
+    }))
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s
+        .start_task(
+            &identity,
+            "github:read github:delete deploy:delete",
+            "prod",
+            PURPOSE,
+        )
+        .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ids = Vec::new();
+    for (tool, actions) in [
+        ("github", "read delete"),
+        ("github", "delete"),
+        ("deploy", "delete"),
+    ] {
+        let r = s.access_token(&task, tool, Some(actions)).await;
+        r.assert_error(400, "authorization_pending");
+        ids.push(r.body["auth_req_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(requested(&s).await, 3);
+    assert_eq!(
+        deny(&s, &ids[0], Some(&alice_id(&s)), "no deletes")
+            .await
+            .status,
+        200
+    );
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    r.assert_error(400, "access_denied");
+    assert!(r.text.contains("no deletes"), "{}", r.text);
+    let bob = s.k8s.kubernetes("people", "bob");
+    let r = approve(&s, &ids[1], Some(&bob)).await;
+    r.assert_error(409, "conflict");
+    assert!(
+        r.text.contains("a person denied `delete read` at `github`"),
+        "{}",
+        r.text
+    );
+    let r = poll(&s, &task, &ids[1]).await;
+    r.assert_error(400, "access_denied");
+    assert!(r.text.contains("no deletes"), "{}", r.text);
+    // Another tool's step is not the denied one's.
+    poll(&s, &task, &ids[2])
+        .await
+        .assert_error(400, "authorization_pending");
+    assert_eq!(approve(&s, &ids[2], Some(&bob)).await.status, 200);
+    assert_eq!(poll(&s, &task, &ids[2]).await.status, 200);
+    assert_eq!(requested(&s).await, 3);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;
