@@ -525,6 +525,10 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
         let pending = st.store.pending_approvals(now(), 1000).await?;
         let mut out = Vec::with_capacity(pending.len());
         for a in &pending {
+            // A step a later denial answers is no one's to decide.
+            if denied_since(st, a).await?.is_some() {
+                continue;
+            }
             let task = st.store.task(&a.task_id).await?;
             out.push(describe(a, task.as_ref()));
         }

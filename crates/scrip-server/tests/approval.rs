@@ -604,6 +604,12 @@ async fn a_denial_answers_the_overlapping_steps_asked_before_it() {
     r.assert_error(400, "access_denied");
     assert!(r.text.contains("no deletes"), "{}", r.text);
     let bob = s.k8s.kubernetes("people", "bob");
+    let listed = list(&s, Some(&bob)).await.text;
+    assert!(
+        !listed.contains(&ids[0]) && !listed.contains(&ids[1]),
+        "{listed}"
+    );
+    assert!(listed.contains(&ids[2]), "{listed}");
     let r = approve(&s, &ids[1], Some(&bob)).await;
     r.assert_error(409, "conflict");
     assert!(
