@@ -610,12 +610,18 @@ async fn decide_endpoint(
         let (who, approver) = authenticate(st, headers).await?;
         // What the person was shown, when the client says (`scrip approve`
         // does): approving applies to that step only. Any body is read as
-        // that form (a body of another type is refused rather than
-        // ignored); without one, the approval applies to the step the id
-        // names.
+        // that form (a body of another type, or of none, is refused rather
+        // than ignored); without one, the approval applies to the step the
+        // id names.
         let mut shown = None;
         let reason = if approve {
-            if headers.contains_key(axum::http::header::CONTENT_TYPE) {
+            use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+            let has_body = headers.contains_key(CONTENT_TYPE)
+                || headers.contains_key(TRANSFER_ENCODING)
+                || headers
+                    .get(CONTENT_LENGTH)
+                    .is_some_and(|n| n.as_bytes() != b"0");
+            if has_body {
                 shown = Some(Form::read(headers, body).await?);
             }
             None

@@ -1522,6 +1522,39 @@ async fn an_approval_applies_only_to_the_step_the_person_was_shown() {
     r.assert_error(400, "invalid_request");
     let (_, still) = get(Some(alice.clone()), other.clone()).await;
     assert_eq!(still["state"], "pending", "{still}");
+    // So is a body that says no type at all (a bare `requests.post(url,
+    // data=b"...")`), in one piece or in chunks.
+    let url = format!("{}/approvals/{other}/approve", s.url);
+    let form = "tool=jira&actions=delete";
+    let r = s
+        .http
+        .post(&url)
+        .bearer_auth(&alice)
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let mut conn = tokio::net::TcpStream::connect(s.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /approvals/{other}/approve HTTP/1.1\r\nhost: scrip\r\nauthorization: Bearer {alice}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{form}\r\n0\r\n\r\n",
+        form.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut conn, request.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let (_, still) = get(Some(alice.clone()), other.clone()).await;
+    assert_eq!(still["state"], "pending", "{still}");
+    // With no body at all the approval is of the step the id names.
+    let r = s.http.post(&url).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     s.stop().await;
 }
 
