@@ -119,12 +119,11 @@ pub struct Server {
     hangup: Option<tokio::signal::unix::Signal>,
 }
 
+/// RFC 8414 metadata. It names no tool or action (`scopes_supported` is
+/// left out, as RFC 8414 §2 allows): the configured tools, actions and
+/// environments are for trusted workloads only, whom the token endpoint
+/// tells what they may ask.
 fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
-    let scopes: Vec<String> = config
-        .tools
-        .iter()
-        .flat_map(|t| t.actions.iter().map(move |a| format!("{}:{a}", t.name)))
-        .collect();
     serde_json::json!({
         "issuer": issuer,
         "token_endpoint": format!("{issuer}{}", paths::TOKEN),
@@ -133,7 +132,6 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
         "revocation_endpoint": format!("{issuer}{}", paths::REVOKE),
         "grant_types_supported": [TOKEN_EXCHANGE_GRANT, approval::CIBA_GRANT],
         "response_types_supported": [],
-        "scopes_supported": scopes,
         "token_endpoint_auth_methods_supported": ["none"],
         "revocation_endpoint_auth_methods_supported": ["none"],
         "introspection_endpoint_auth_methods_supported": ["bearer"],

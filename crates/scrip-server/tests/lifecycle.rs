@@ -528,6 +528,12 @@ async fn metadata_names_every_endpoint_under_the_issuer() {
     }
     let grants = m["grant_types_supported"].as_array().unwrap();
     assert!(grants.iter().any(|g| g == TOKEN_EXCHANGE), "{m}");
+    // Unauthenticated: it names none of the tools, which only a trusted
+    // workload may learn.
+    let text = m.to_string();
+    for tool in ["github", "jira", "deploy"] {
+        assert!(!text.contains(tool), "{tool}: {m}");
+    }
     assert_eq!(
         m["access_token_signing_alg_values_supported"],
         json!(["ES256"])
