@@ -358,6 +358,7 @@ impl Server {
         if let Some(proxy) = &self.proxy {
             app = app.merge(proxy.router());
         }
+        let app = with_fallbacks(app);
         let limits = http::Limits::new(state.0.config.http_header_timeout);
         let stopping = state.clone();
         let shutdown = async move {
@@ -542,7 +543,7 @@ pub fn router(state: AppState) -> Router {
                 if uri.path() == path {
                     json_body(body, METADATA_MAX_AGE)
                 } else {
-                    not_found()
+                    not_found().into_response()
                 }
             }),
         )
@@ -573,18 +574,19 @@ pub fn router(state: AppState) -> Router {
         .route("/approvals/{id}/deny", post(approval::deny_endpoint))
         .route(paths::INTROSPECT, post(introspect::introspect_endpoint))
         .route("/healthz", get(|| async { "ok" }))
-        // Every error is RFC 6749 §5.2 JSON, not to be cached: a wrong
-        // method too (axum adds the `Allow` header).
-        .method_not_allowed_fallback(|| async { error::OAuthError::method_not_allowed() })
-        .fallback(|| async { not_found() })
         .with_state(state)
 }
 
+/// The answers for a wrong method and for a path that is no endpoint, for
+/// `app` once every route is in it (axum gives them only to the routes
+/// added before): RFC 6749 §5.2 JSON, not to be cached (axum adds the
+/// `Allow` header to the first).
+fn with_fallbacks(app: Router) -> Router {
+    app.method_not_allowed_fallback(|| async { error::OAuthError::method_not_allowed() })
+        .fallback(|| async { not_found() })
+}
+
 /// The answer for a path that is no endpoint.
-fn not_found() -> axum::response::Response {
-    (
-        axum::http::StatusCode::NOT_FOUND,
-        axum::Json(serde_json::json!({"error": "not_found", "error_description": "no such endpoint; see /.well-known/oauth-authorization-server"})),
-    )
-        .into_response()
+fn not_found() -> error::OAuthError {
+    error::OAuthError::not_found("no such endpoint; see /.well-known/oauth-authorization-server")
 }

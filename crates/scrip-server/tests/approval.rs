@@ -71,6 +71,9 @@ async fn prod_task(s: &TestServer) -> String {
 async fn pending(s: &TestServer, task: &str) -> String {
     let r = s.access_token(task, "github", Some("delete")).await;
     r.assert_error(400, "authorization_pending");
+    // It carries the `auth_req_id`: RFC 6749 §5.1's headers.
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.headers["pragma"], "no-cache");
     r.body["auth_req_id"].as_str().unwrap().to_owned()
 }
 

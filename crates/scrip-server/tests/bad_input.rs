@@ -350,6 +350,8 @@ async fn a_wrong_method_gets_a_json_error() {
         (reqwest::Method::GET, "/token", "POST"),
         (reqwest::Method::PUT, "/revoke", "POST"),
         (reqwest::Method::POST, "/jwks", "GET,HEAD"),
+        (reqwest::Method::POST, "/readyz", "GET,HEAD"),
+        (reqwest::Method::DELETE, "/healthz", "GET,HEAD"),
     ] {
         let r = s
             .http
@@ -362,6 +364,19 @@ async fn a_wrong_method_gets_a_json_error() {
         assert_eq!(r.headers()["allow"], allow, "{method} {path}");
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["error"], "invalid_request", "{method} {path}");
+    }
+    // A path that is no endpoint: the same kind of answer.
+    for path in [
+        "/nope",
+        "/.well-known/openid-configuration",
+        "/.well-known/oauth-authorization-server/tenant",
+    ] {
+        let r = s.http.get(format!("{}{path}", s.url)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+        assert_eq!(r.headers()["pragma"], "no-cache", "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "not_found", "{path}");
     }
     s.stop().await;
 }
