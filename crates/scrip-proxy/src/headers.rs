@@ -44,6 +44,13 @@ fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // RFC 9112 §6.3: a message with both is framed by Transfer-Encoding,
+    // and an intermediary must remove the Content-Length, or the next hop
+    // would cut the body at a length the sender never meant (hyper frames
+    // each hop itself from the body's size).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     for name in named_by_connection(headers) {
         headers.remove(name);
     }
@@ -506,6 +513,7 @@ mod tests {
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
             ("trailer", "x"),
+            ("content-length", "4"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("forwarded", "for=1.2.3.4"),
@@ -559,6 +567,11 @@ mod tests {
             out.get("x-api-key").is_some(),
             "only the injection header is replaced"
         );
+        // Without Transfer-Encoding the length is the message's own.
+        let out = to_upstream(map(&[("content-length", "4")]), &basic, &secret()).unwrap();
+        assert_eq!(out["content-length"], "4");
+        let out = to_agent(map(&[("content-length", "4")]), &Patterns::default());
+        assert_eq!(out["content-length"], "4");
     }
 
     #[test]
@@ -675,6 +688,7 @@ mod tests {
             map(&[
                 ("connection", "close, x-hop"),
                 ("x-hop", "1"),
+                ("content-length", "4"),
                 ("transfer-encoding", "chunked"),
                 ("set-cookie", "session=abc"),
                 ("x-echo", "got k3y/+= from you"),
