@@ -564,12 +564,24 @@ fn select<'a>(
     match found {
         Some((_, w)) => Ok(Some(w)),
         None => Err(format!(
-            "no [[local_workloads]] entry matches this process (uid {}, gid {}, exe `{}`, sha256 {}); add one to scrip's configuration",
+            "no [[local_workloads]] entry matches this process (uid {}, gid {}, {}, sha256 {}); add one to scrip's configuration",
             observed.uid,
             observed.gid,
-            observed.exe.as_deref().unwrap_or("unknown"),
+            exe_said(observed),
             observed.exe_sha256.as_deref().unwrap_or("unknown"),
         )),
+    }
+}
+
+/// The process's executable as a record names it: the path only as the
+/// process's own namespace names it, and said so, unless it is the file
+/// at that path in scrip's (a process that mounted its own binary over a
+/// trusted one's path must not read as that one in the trail).
+fn exe_said(o: &Observed) -> String {
+    match &o.exe {
+        Some(exe) if o.exe_verified => format!("exe `{exe}`"),
+        Some(exe) => format!("exe `{exe}` (unverified: not that file in scrip's namespace)"),
+        None => "exe unknown".to_owned(),
     }
 }
 
@@ -649,8 +661,8 @@ async fn issue(st: &Inner, o: &Observed, workload: Option<&LocalWorkload>) -> An
     a.jti = Some(jti.clone());
     a.client = Some(format!("unix:pid={},uid={}", o.pid, o.uid));
     a.reason = Some(format!(
-        "exe `{}` sha256 {}",
-        o.exe.as_deref().unwrap_or("unknown"),
+        "{} sha256 {}",
+        exe_said(o),
         o.exe_sha256.as_deref().unwrap_or("unknown")
     ));
     if st
@@ -941,9 +953,16 @@ mod tests {
         let w = [workload("a", None, Some("/usr/bin/agent"), None)];
         let other_file = Observed {
             exe_file: Some((8, 1)),
+            exe_verified: false,
             ..observed()
         };
-        assert!(select(&w, &other_file, None, &[Some(AGENT_FILE)]).is_err());
+        let err = select(&w, &other_file, None, &[Some(AGENT_FILE)]).unwrap_err();
+        // The refusal (and its audit record) does not vouch for the path.
+        assert!(
+            err.contains("exe `/usr/bin/agent` (unverified: not that file in scrip's namespace)"),
+            "{err}"
+        );
+        assert_eq!(exe_said(&observed()), "exe `/usr/bin/agent`");
         assert!(select(&w, &observed(), None, &[None]).is_err());
         let unreadable = Observed {
             exe_file: None,
