@@ -235,8 +235,15 @@ pub struct EndedTask {
 /// Text read from an unverified token, safe to print: control and
 /// bidirectional characters escaped, at most 200 characters.
 fn printable(s: &str) -> String {
+    printable_up_to(s, 200)
+}
+
+/// Text a server said, safe to print (whatever answers at the URL may not
+/// be scrip): control and bidirectional characters escaped, at most `n`
+/// characters.
+fn printable_up_to(s: &str, n: usize) -> String {
     s.chars()
-        .take(200)
+        .take(n)
         .flat_map(|c| {
             let shown: Vec<char> = if scrip_token::is_deceptive(c) {
                 c.escape_unicode().collect()
@@ -376,7 +383,7 @@ impl TokenResponse {
         if self.issued_token_type != issued {
             return Err(Error::Protocol(format!(
                 "asked for `{issued}`, got issued_token_type `{}`",
-                self.issued_token_type.chars().take(80).collect::<String>()
+                printable_up_to(&self.issued_token_type, 80)
             )));
         }
         if !token_types
@@ -385,7 +392,7 @@ impl TokenResponse {
         {
             return Err(Error::Protocol(format!(
                 "got token_type `{}`, expected {}",
-                self.token_type.chars().take(20).collect::<String>(),
+                printable_up_to(&self.token_type, 20),
                 token_types.join(" or ")
             )));
         }
@@ -580,16 +587,23 @@ impl Client {
                 interval,
                 expires_in,
                 ..
-            }) if error == "authorization_pending" => Err(Error::ApprovalPending {
-                auth_req_id,
-                // Bounded, whatever the server says: they become durations.
-                interval: interval.unwrap_or(DEFAULT_POLL_INTERVAL).clamp(1, 300),
-                expires_in: expires_in.unwrap_or(0).min(MAX_APPROVAL_WAIT),
-            }),
+            }) if error == "authorization_pending"
+                && (1..=64).contains(&auth_req_id.len())
+                && auth_req_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')) =>
+            {
+                Err(Error::ApprovalPending {
+                    auth_req_id,
+                    // Bounded, whatever the server says: they become durations.
+                    interval: interval.unwrap_or(DEFAULT_POLL_INTERVAL).clamp(1, 300),
+                    expires_in: expires_in.unwrap_or(0).min(MAX_APPROVAL_WAIT),
+                })
+            }
             Ok(e) => Err(Error::OAuth {
                 status,
-                error: e.error,
-                description: e.error_description,
+                error: printable_up_to(&e.error, 80),
+                description: printable_up_to(&e.error_description, 1000),
             }),
             Err(_) => Err(Error::Protocol(format!(
                 "HTTP {status} from `{}/token`; is SCRIP_URL a scrip server?",
@@ -1055,7 +1069,7 @@ impl Task {
             let _ = self.client.revoke(&answer.access_token).await;
             return Err(Error::Protocol(format!(
                 "asked for a DPoP-bound token, got token_type `{}`",
-                answer.token_type
+                printable_up_to(&answer.token_type, 20)
             )));
         }
         Ok(AccessToken {

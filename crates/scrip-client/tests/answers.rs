@@ -293,3 +293,36 @@ async fn huge_numbers_in_a_pending_answer_are_bounded() {
     assert!(waited.is_err(), "it waits");
     let _ = task.into_token();
 }
+
+/// What a server says in an error (whatever answers at the URL may not be
+/// scrip) reaches a terminal with no control or bidirectional character
+/// left to act on it, and an `auth_req_id` that could be one is not taken
+/// as a step to approve.
+#[tokio::test]
+async fn what_a_server_says_cannot_drive_the_terminal() {
+    for (error, auth_req_id) in [
+        ("invalid_scope\u{1b}]52;c;ZWNobyBoaQ==\u{7}", None),
+        ("authorization_pending", Some("req\u{1b}[2J")),
+        ("authorization_pending", Some("req-1 ; rm -rf ~")),
+    ] {
+        let url = answering(json_response(
+            "400 Bad Request",
+            &json!({
+                "error": error,
+                "error_description": "bad\u{1b}[2J\u{1b}[Hok: approved\u{202e}",
+                "auth_req_id": auth_req_id,
+            }),
+        ));
+        let client = Client::new(&url).unwrap();
+        let task = client.task_from_token("t");
+        let e = task.access_token("github", &["delete"]).await.unwrap_err();
+        assert!(matches!(e, Error::OAuth { .. }), "{e:?}");
+        let shown = e.to_string();
+        assert!(
+            !shown.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{shown:?}"
+        );
+        assert!(shown.contains("bad\\u{1b}[2J"), "{shown:?}");
+        let _ = task.into_token();
+    }
+}
