@@ -152,18 +152,17 @@ async fn announce_ended(
     // refuses a task that has one.
     let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
     let until = task.expires_at.saturating_add(st.config.clock_skew);
-    // Once per task on this replica: a revocation repeated would otherwise
-    // reach the store as a conflict each time, and a conflict costs a batch
-    // its group commit.
-    let first = || {
-        st.announced.lock().is_ok_and(|mut seen| {
-            if seen.len() > 10_000 {
-                seen.retain(|_, u| *u > now);
-            }
-            seen.insert(task.id.clone(), until).is_none()
-        })
+    // Once per task on this replica once published: a revocation repeated
+    // would otherwise reach the store as a conflict each time, and a
+    // conflict costs a batch its group commit. Marked only once the store
+    // has it, so that a revocation racing one whose commit fails is not
+    // answered 200 with nothing published.
+    let published = || {
+        st.announced
+            .lock()
+            .is_ok_and(|seen| seen.contains_key(&task.id))
     };
-    if at_deadline && now < until && first() {
+    if at_deadline && now < until && !published() {
         let mut a = st.audit("task.end_published");
         a.agent_iss = Some(task.agent.issuer.clone());
         a.agent_sub = Some(task.agent.subject.clone());
@@ -186,16 +185,18 @@ async fn announce_ended(
             ])
             .await;
         match announced {
-            // Published already (a revocation before this one, on another
-            // replica).
-            Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
-            Err(e) => {
-                // Not announced: a later revocation may.
+            // Published, now or already (by a revocation before this one,
+            // here or on another replica).
+            Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {
                 if let Ok(mut seen) = st.announced.lock() {
-                    seen.remove(&task.id);
+                    if seen.len() > 10_000 {
+                        seen.retain(|_, u| *u > now);
+                    }
+                    seen.insert(task.id.clone(), until);
                 }
-                return Err(e.into());
             }
+            // Not published: a later revocation may.
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
