@@ -1188,6 +1188,75 @@ async fn revoke_missing_token() {
     s.stop().await;
 }
 
+/// `/revoke` takes no client authentication and answers 200 whatever it is
+/// given (RFC 7009 §2.2), so only the signature stands between anyone who
+/// has seen a token's `txn` and `jti` (every resource server has) and the
+/// end of the task. Tokens that name a live task and token but are not
+/// scrip's, under scrip's own `kid`, expired within the leeway or not, end
+/// nothing; the same token signed by scrip does (so each forgery reached
+/// the path it would have opened).
+#[tokio::test]
+async fn a_forged_token_revokes_nothing() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s.start_task(&identity, "github:read", "dev", PURPOSE).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let access = s.access_token(&task, "github", Some("read")).await.body["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let forgeries = |token: &str| {
+        let (header, claims) = decode_parts(token);
+        let mut expired = claims.clone();
+        expired["exp"] = json!(now() - 5);
+        let mut forged = Vec::new();
+        for claims in [claims, expired] {
+            // Signed by a key that is not scrip's, under scrip's kid.
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = header["kid"].as_str().map(str::to_owned);
+            h.typ = header["typ"].as_str().map(str::to_owned);
+            forged.push(s.k8s.sign_with(&h, &claims));
+            // Not signed at all.
+            let none = json!({"alg": "none", "typ": header["typ"], "kid": header["kid"]});
+            forged.push(format!("{}.{}.", b64(&none), b64(&claims)));
+            forged.push(format!("{}.{}", b64(&none), b64(&claims)));
+        }
+        forged
+    };
+    for forged in forgeries(&access).iter().chain(&forgeries(&task)) {
+        assert_eq!(s.revoke(forged).await.status, 200);
+    }
+    let active = |r: Reply| r.body["active"] == json!(true);
+    assert!(
+        active(s.introspect(&access).await),
+        "a forgery revoked the access token"
+    );
+    assert!(
+        active(s.introspect(&task).await),
+        "a forgery ended the task"
+    );
+    let events: Vec<String> = s.audit().await.into_iter().map(|a| a.event).collect();
+    assert!(!events.iter().any(|e| e == "token.revoked"), "{events:?}");
+
+    // The control: the same expired token, signed by scrip, does.
+    let expired = s.resign(&access, |c| c["exp"] = json!(now() - 5));
+    assert_eq!(s.revoke(&expired).await.status, 200);
+    assert!(
+        !active(s.introspect(&access).await),
+        "the signed token revoked nothing"
+    );
+    let expired = s.resign(&task, |c| c["exp"] = json!(now() - 5));
+    assert_eq!(s.revoke(&expired).await.status, 200);
+    assert!(
+        !active(s.introspect(&task).await),
+        "the signed token ended nothing"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn revoke_garbage_token() {
     let s = TestServer::start().await;
