@@ -168,11 +168,16 @@ async fn a_request_still_at_work_after_the_drain_is_stopped_before_serve_returns
     let addr = listener.local_addr().unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let flag = done.clone();
+    // The handler says when it runs: the stop comes while it is at work,
+    // however slow the machine.
+    let (began, running) = tokio::sync::mpsc::unbounded_channel::<()>();
     let app = Router::new().route(
         "/slow",
         get(move || {
             let flag = flag.clone();
+            let began = began.clone();
             async move {
+                let _ = began.send(());
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 flag.store(true, Ordering::SeqCst);
                 "late"
@@ -196,7 +201,8 @@ async fn a_request_still_at_work_after_the_drain_is_stopped_before_serve_returns
     s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut running = running;
+    running.recv().await.unwrap();
     stop.send(()).unwrap();
     served.await.unwrap().unwrap();
     // Past when the handler would have finished: it never did.
