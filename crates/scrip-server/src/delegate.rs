@@ -308,6 +308,17 @@ fn attenuate(
             short(ticket)
         )));
     }
+    // Its first is the task's `context.ticket`: a sub-agent that names
+    // tickets keeps its parent's first one first, so that it cannot choose
+    // among its parent's the one a policy treats more kindly.
+    let first = scrip_policy::find_ticket(&parent.purpose);
+    if let Some(ticket) = scrip_policy::find_ticket(&purpose).filter(|t| Some(*t) != first) {
+        return Err(OAuthError::invalid_request(format!(
+            "request_details: a delegated task's purpose names its parent's first ticket (`{}`) first, or no ticket (it named `{}` first)",
+            first.map(short).unwrap_or_default(),
+            short(ticket)
+        )));
+    }
     let may_act = attenuate_may_act(&parent.may_act, may_act)?;
     Ok(Asked {
         depth,

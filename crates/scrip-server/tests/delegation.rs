@@ -804,6 +804,46 @@ async fn a_child_never_names_a_ticket_its_parent_does_not() {
     )
     .await;
     r.assert_error(400, "invalid_request");
+
+    // A root that names two: its children name its first first, or none.
+    // The first is the task's `context.ticket`, which a policy may trust.
+    let r = s
+        .try_start_task(
+            &identity,
+            "github:read",
+            "dev",
+            "OPS-7 cleanup, see JIRA-12",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let parent = token(&r);
+    for (purpose, ok) in [
+        ("OPS-7 cleanup", true),
+        ("OPS-7, JIRA-12", true),
+        ("the cleanup", true),
+        ("JIRA-12", false),
+        ("JIRA-12 and OPS-7", false),
+    ] {
+        let r = delegate(
+            &s,
+            &parent,
+            &actor1(&s),
+            None,
+            Some(&json!({ "purpose": purpose })),
+        )
+        .await;
+        if ok {
+            assert_eq!(r.status, 200, "{purpose}: {}", r.text);
+        } else {
+            r.assert_error(400, "invalid_request");
+            assert!(
+                r.text.contains("first ticket (`OPS-7`) first"),
+                "{purpose}: {}",
+                r.text
+            );
+        }
+    }
     s.stop().await;
 }
 
