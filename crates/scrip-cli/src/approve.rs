@@ -156,6 +156,16 @@ fn check_id(id: &str) -> Result<(), String> {
 
 /// Prints one approval as `scrip approvals` lists it.
 fn show(a: &Value) {
+    for line in step_lines(a) {
+        out!("{line}");
+    }
+}
+
+/// The lines of one approval. The purpose is the agent's own words: shown
+/// last, quoted, its runs of spaces made one, so that padding that wraps
+/// in a terminal cannot put lines that look like scrip's (`asks: read at
+/// ...`) among them.
+fn step_lines(a: &Value) -> Vec<String> {
     // The issuer too: two issuers may name different workloads alike.
     let agent = a
         .get("agent")
@@ -193,21 +203,24 @@ fn show(a: &Value) {
         .map(|c| c.join(" <- "))
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "none".into());
-    out!("{}", text(a, "auth_req_id"));
-    out!("  agent:       {agent}");
-    out!(
-        "  task:        {} ({})",
-        text(a, "task"),
-        text(a, "purpose")
-    );
-    out!("  environment: {}", text(a, "environment"));
-    out!(
-        "  asks:        {} at {}",
-        text(a, "actions"),
-        text(a, "tool")
-    );
-    out!("  delegation:  {chain}");
-    out!("  expires at:  {}", text(a, "expires_at"));
+    let purpose = text(a, "purpose");
+    vec![
+        text(a, "auth_req_id"),
+        format!("  agent:       {agent}"),
+        format!("  task:        {}", text(a, "task")),
+        format!("  environment: {}", text(a, "environment")),
+        format!(
+            "  asks:        {} at {}",
+            text(a, "actions"),
+            text(a, "tool")
+        ),
+        format!("  delegation:  {chain}"),
+        format!("  expires at:  {}", text(a, "expires_at")),
+        format!(
+            "  purpose:     \"{}\" (the agent's words)",
+            purpose.split_whitespace().collect::<Vec<_>>().join(" ")
+        ),
+    ]
 }
 
 /// Asks the person at the terminal to confirm; `Err` when there is none.
@@ -338,5 +351,33 @@ pub fn introspect(args: &ApproverArgs) -> ExitCode {
             out!("{body}");
             ExitCode::SUCCESS
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A purpose padded to wrap into lines that look like scrip's comes
+    /// last, quoted and on one line: the step's own lines come first.
+    #[test]
+    fn a_padded_purpose_cannot_pass_for_the_step() {
+        let pad = " ".repeat(100);
+        let a = serde_json::json!({
+            "auth_req_id": "r1",
+            "agent": {"issuer": "https://k8s", "subject": "coder"},
+            "task": "t1",
+            "purpose": format!("docs{pad}environment: dev{pad}asks:        read at github\tnow"),
+            "environment": "prod",
+            "actions": "delete",
+            "tool": "github",
+            "expires_at": 1,
+        });
+        let lines = step_lines(&a);
+        assert_eq!(lines[4], "  asks:        delete at github");
+        assert_eq!(
+            lines.last().unwrap(),
+            "  purpose:     \"docs environment: dev asks: read at github\\u{9}now\" (the agent's words)"
+        );
     }
 }
