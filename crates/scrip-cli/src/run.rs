@@ -286,14 +286,38 @@ async fn supervise(
 /// Whether a SIGINT (or SIGQUIT) came from the terminal, which already sent
 /// it to the child too (same foreground process group): forwarding it again
 /// would deliver it twice. A child that left the group (`setsid`,
-/// `setpgid`) did not get it, and is sent it.
+/// `setpgid`) did not get it, and is sent it. The terminal is found
+/// through whichever of standard input, output and error is one, else the
+/// controlling terminal itself (`scrip run ... < prompt.txt` still runs in
+/// one).
 fn terminal_delivered_it(child: Option<rustix::process::Pid>) -> bool {
-    let stdin = std::io::stdin();
-    let Ok(fg) = rustix::termios::tcgetpgrp(&stdin) else {
+    let Some(fg) = foreground_group() else {
         return false;
     };
     fg == rustix::process::getpgrp()
         && child.is_none_or(|pid| rustix::process::getpgid(Some(pid)).is_ok_and(|g| g == fg))
+}
+
+/// The foreground process group of this process's terminal, if it has one.
+fn foreground_group() -> Option<rustix::process::Pid> {
+    use rustix::fs::{Mode, OFlags};
+    if let Some(fg) = [
+        rustix::termios::tcgetpgrp(std::io::stdin()),
+        rustix::termios::tcgetpgrp(std::io::stdout()),
+        rustix::termios::tcgetpgrp(std::io::stderr()),
+    ]
+    .into_iter()
+    .find_map(Result::ok)
+    {
+        return Some(fg);
+    }
+    let tty = rustix::fs::open(
+        "/dev/tty",
+        OFlags::RDONLY | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    rustix::termios::tcgetpgrp(&tty).ok()
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {

@@ -442,6 +442,13 @@ fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32)
 /// `pty`, as its foreground process group; a Ctrl-C is typed once the
 /// command prints `started`. Everything shown, then `exit=<status>`.
 fn run_in_a_terminal(server: &Server, command: &[&str]) -> String {
+    run_in_a_terminal_with(server, command, false)
+}
+
+/// As [`run_in_a_terminal`]; with `redirected`, scrip's standard input,
+/// output and error are not the terminal (`< prompt.txt > log 2>&1`),
+/// which stays its controlling terminal.
+fn run_in_a_terminal_with(server: &Server, command: &[&str], redirected: bool) -> String {
     let scrip = server.scrip();
     let driver = r#"
 import os, pty, sys, time
@@ -479,8 +486,18 @@ sys.stdout.write(out.decode(errors="replace"))
 sys.stdout.write("\nexit=%d\n" % os.waitstatus_to_exitcode(status))
 "#;
     let mut cmd = Command::new("python3");
-    cmd.args(["-c", driver])
-        .arg(scrip.get_program())
+    cmd.args(["-c", driver]);
+    if redirected {
+        cmd.args([
+            "/bin/sh",
+            "-c",
+            // Fd 3 keeps the terminal open (a pty with no open end reads
+            // as closed) without being scrip's input, output or error.
+            "exec \"$@\" </dev/null >/dev/null 2>&1 3</dev/tty",
+            "sh",
+        ]);
+    }
+    cmd.arg(scrip.get_program())
         .args([
             "run",
             "--purpose",
@@ -524,6 +541,22 @@ fn ctrl_c_at_the_terminal_is_the_commands_to_handle() {
 
 /// A command that left the terminal's process group (`setsid`) does not
 /// get the terminal's Ctrl-C: scrip, which does, passes it on.
+/// The same when scrip's standard input, output and error are files: the
+/// terminal is still found (its controlling one), and a Ctrl-C typed there
+/// is not sent to the command a second time.
+#[test]
+fn ctrl_c_at_the_terminal_is_the_commands_to_handle_with_its_input_a_file() {
+    let server = Server::start();
+    let script = "trap 'echo caught >/dev/tty' INT; echo started >/dev/tty; i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done; echo finished >/dev/tty";
+    let shown = run_in_a_terminal_with(&server, &["sh", "-c", script], true);
+    assert_eq!(shown.matches("caught").count(), 1, "{shown}");
+    assert!(
+        shown.contains("finished"),
+        "the command was killed: {shown}"
+    );
+    assert!(shown.trim_end().ends_with("exit=0"), "{shown}");
+}
+
 #[test]
 fn ctrl_c_reaches_a_command_that_left_the_terminals_group() {
     let server = Server::start();
