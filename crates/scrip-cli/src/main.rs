@@ -99,7 +99,8 @@ enum Command {
     /// task with the given grants, and runs COMMAND with SCRIP_URL and
     /// SCRIP_TASK_TOKEN set (so `scrip token` works inside it). When COMMAND
     /// exits, however it exits, the task is ended. SIGINT, SIGTERM, SIGHUP and SIGQUIT
-    /// are forwarded to it, and it gets 10 s to exit; a Ctrl-C typed at the
+    /// are forwarded to it (one ignored when scrip run started, as under
+    /// nohup, stays ignored), and it gets 10 s to exit; a Ctrl-C typed at the
     /// terminal reaches it directly and is left to it. The exit code is COMMAND's (128+signal when a
     /// signal killed it), 127 when COMMAND is not found, 126 when it cannot
     /// be run, and 1 when COMMAND succeeded but the task could not be ended.

@@ -90,32 +90,55 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-/// The signals `scrip run` handles.
+/// The signals `scrip run` handles: each one that was not ignored when it
+/// started. One ignored then (`nohup scrip run ...`, or `scrip run ... &`
+/// in a script, where the shell ignores SIGINT and SIGQUIT) is left
+/// ignored, so the command inherits that as it would without scrip.
 struct Signals {
-    int: Signal,
-    term: Signal,
-    hup: Signal,
-    quit: Signal,
+    int: Option<Signal>,
+    term: Option<Signal>,
+    hup: Option<Signal>,
+    quit: Option<Signal>,
 }
 
 impl Signals {
     fn install() -> std::io::Result<Self> {
+        let ignored = ignored_at_start();
+        let handle = |kind: SignalKind| {
+            let bit = u32::try_from(kind.as_raw_value().saturating_sub(1))
+                .ok()
+                .and_then(|n| 1_u64.checked_shl(n))
+                .unwrap_or(0);
+            if ignored & bit != 0 {
+                Ok(None)
+            } else {
+                signal(kind).map(Some)
+            }
+        };
         Ok(Self {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-            quit: signal(SignalKind::quit())?,
+            int: handle(SignalKind::interrupt())?,
+            term: handle(SignalKind::terminate())?,
+            hup: handle(SignalKind::hangup())?,
+            quit: handle(SignalKind::quit())?,
         })
     }
 
     /// The next signal.
     async fn recv(&mut self) -> rustix::process::Signal {
         use rustix::process::Signal as S;
+        async fn next(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         tokio::select! {
-            _ = self.int.recv() => S::INT,
-            _ = self.term.recv() => S::TERM,
-            _ = self.hup.recv() => S::HUP,
-            _ = self.quit.recv() => S::QUIT,
+            () = next(&mut self.int) => S::INT,
+            () = next(&mut self.term) => S::TERM,
+            () = next(&mut self.hup) => S::HUP,
+            () = next(&mut self.quit) => S::QUIT,
         }
     }
 
@@ -127,6 +150,21 @@ impl Signals {
             () = std::future::ready(()) => None,
         }
     }
+}
+
+/// The signals this process ignores, as a mask (bit `n - 1` for signal
+/// `n`), read from `/proc/self/status` before any handler is installed;
+/// none when it cannot be read.
+fn ignored_at_start() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The exit code of a process ended by `sig`, as shells report it.

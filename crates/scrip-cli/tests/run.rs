@@ -412,6 +412,56 @@ fn sigquit_to_scrip_run_is_forwarded_and_ends_the_task() {
     a_signal_to_scrip_run_is_forwarded_and_ends_the_task("QUIT", 4);
 }
 
+/// A signal ignored when `scrip run` starts (`nohup`, or `&` in a script)
+/// stays ignored: the command inherits that, as it would without scrip,
+/// and a hangup ends neither it nor the task.
+#[test]
+fn a_signal_ignored_at_start_stays_ignored() {
+    let server = Server::start();
+    let marker = server.dir.path().join("task-token");
+    let done = server.dir.path().join("done");
+    let script = format!(
+        "echo \"$SCRIP_TASK_TOKEN\" > {m}.tmp; mv {m}.tmp {m}; i=0; while [ $i -lt 40 ]; do sleep 0.05; i=$((i+1)); done; touch {d}",
+        m = marker.display(),
+        d = done.display()
+    );
+    let inner = server.run_dev();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "trap '' HUP INT; exec \"$0\" \"$@\""])
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .args(["sh", "-c", &script]);
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the command did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for signal in ["-HUP", "-INT"] {
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(done.exists(), "the command was stopped");
+}
+
 fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32) {
     let server = Server::start();
     let marker = server.dir.path().join("task-token");
