@@ -714,19 +714,22 @@ mod tests {
             .collect();
         assert_eq!(links, ["<a>", "<b> [redacted]", "<c>"]);
 
-        // A value that ends with the key's beginning (an echo cut short,
-        // or the agent's own guess echoed back) is left as it is: masking
-        // it would tell the agent its guess was right so far.
+        // A value that ends with less than a form's first `threshold`
+        // bytes (an echo cut short, or the agent's own guess echoed back)
+        // is left as it is; one that ends with that many is masked, with
+        // whatever follows them up to a delimiter (see `redact`).
         let out = to_agent(
             map(&[
                 ("x-cut", "key k3y/"),
-                ("x-cut-escaped", "key=k3y%2F%2"),
+                ("x-cut-escaped", "key=k3y%2F%"),
+                ("x-cut-longer", "key=k3y%2F%2 and on"),
                 ("x-short", "key k3y"),
             ]),
             &p,
         );
         assert_eq!(out["x-cut"], "key k3y/");
-        assert_eq!(out["x-cut-escaped"], "key=k3y%2F%2");
+        assert_eq!(out["x-cut-escaped"], "key=k3y%2F%");
+        assert_eq!(out["x-cut-longer"], "key=[redacted] and on");
         assert_eq!(out["x-short"], "key k3y");
 
         // A query key reflected with lowercase escapes is redacted too.

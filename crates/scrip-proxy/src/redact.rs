@@ -9,17 +9,45 @@
 //! and nothing but that carry-over is ever held. Every match is overwritten
 //! with `*` of the same length, so `Content-Length` stays true.
 //!
-//! Only whole forms are masked, never a part of one (an echo cut short, a
-//! body that ends mid-secret). Whether something is masked must tell the
-//! agent nothing it could not guess: masking a secret's first bytes would
-//! let an agent that gets its own input echoed back (a request id, an
-//! `Origin`, a `?next=`) try one more character at a time until the mask
-//! appears, and so read the secret off the proxy's answers.
+//! A form's first [`threshold`] bytes (half of it, at least 8) are enough
+//! to be masked, with every byte after them up to a delimiter (a quote, `<`,
+//! `>`, `&`, a backslash, a backquote, a comma, a semicolon, a space or any
+//! byte that is not visible ASCII), whatever those bytes are. So:
+//!
+//! - an echo cut short shows at most the first `threshold - 1` bytes of a
+//!   form, wherever the agent makes the cut fall (an upstream that shows
+//!   the first 200 bytes of the request URL, after a path the agent chose);
+//! - an agent that gets its own input echoed back (a request id, an
+//!   `Origin`, a `?next=`) and guesses one more byte at a time learns one
+//!   byte more, and then nothing: past the first `threshold` bytes a right
+//!   guess and a wrong one are masked alike. A guess shorter than that is
+//!   never masked, so it tells nothing either, until the one byte before.
+//!
+//! What stays out of reach: a form holding a delimiter can show its part
+//! after the delimiter when it is echoed cut short.
 
 use bytes::{Bytes, BytesMut};
 
 /// What an echoed secret is replaced with in a header value.
 pub const HEADER_MASK: &str = "[redacted]";
+
+/// How many of a form's first bytes are masked wherever they appear: half
+/// of it, at least 8 (a whole form of 8 bytes or fewer).
+#[must_use]
+pub fn threshold(form_len: usize) -> usize {
+    form_len.min(form_len.div_ceil(2).max(8))
+}
+
+/// Whether a masked run goes on over `b`: visible ASCII but the quotes,
+/// `<`, `>`, `&`, backslash, backquote, comma and semicolon that end a
+/// value in the text an upstream writes (JSON, HTML, a query, a header).
+fn continues_run(b: u8) -> bool {
+    b.is_ascii_graphic()
+        && !matches!(
+            b,
+            b'"' | b'\'' | b'<' | b'>' | b'&' | b'\\' | b'`' | b',' | b';'
+        )
+}
 
 /// The byte strings that must not reach the agent.
 #[derive(Clone)]
@@ -70,59 +98,74 @@ impl Patterns {
         }
     }
 
-    /// Whether `haystack` holds any form.
+    /// Whether `haystack` holds any form's first [`threshold`] bytes.
     #[must_use]
     pub fn found_in(&self, haystack: &[u8]) -> bool {
         self.forms
             .iter()
-            .any(|f| memchr::memmem::find(haystack, f).is_some())
+            .any(|f| memchr::memmem::find(haystack, start_of(f)).is_some())
     }
 
-    /// Overwrites every occurrence of every form in `buf` with `*`.
-    fn mask(&self, buf: &mut [u8]) {
+    /// The spans of `buf` to mask, in order and apart: from each place a
+    /// form's first [`threshold`] bytes are, over the bytes after them up
+    /// to a delimiter, and at least over the whole form where it is whole.
+    fn spans(&self, buf: &[u8]) -> Vec<(usize, usize)> {
+        let mut spans = Vec::new();
         for form in &self.forms {
-            let mut from = 0;
-            while let Some(rest) = buf.get(from..) {
-                let Some(at) = memchr::memmem::find(rest, form) else {
-                    break;
-                };
-                let start = from + at;
-                if let Some(hit) = buf.get_mut(start..start + form.len()) {
-                    hit.fill(b'*');
+            let start = start_of(form);
+            let finder = memchr::memmem::Finder::new(start);
+            for at in finder.find_iter(buf) {
+                let mut end = at + start.len();
+                while buf.get(end).is_some_and(|b| continues_run(*b)) {
+                    end += 1;
                 }
-                from = start + 1;
+                if buf.get(at..).is_some_and(|rest| rest.starts_with(form)) {
+                    end = end.max(at + form.len());
+                }
+                spans.push((at, end));
             }
         }
+        merge(spans)
     }
 
-    /// A header value with every form replaced, or `None` when it holds
-    /// none.
+    /// A header value with every span to mask replaced, or `None` when it
+    /// has none.
     #[must_use]
     pub fn redact_header(&self, value: &[u8]) -> Option<Vec<u8>> {
-        if !self.found_in(value) {
+        let spans = self.spans(value);
+        if spans.is_empty() {
             return None;
         }
-        let mut out = value.to_vec();
-        for form in &self.forms {
-            let mut replaced = Vec::with_capacity(out.len());
-            let mut rest: &[u8] = &out;
-            while let Some(at) = memchr::memmem::find(rest, form) {
-                replaced.extend_from_slice(rest.get(..at).unwrap_or_default());
-                replaced.extend_from_slice(HEADER_MASK.as_bytes());
-                rest = rest.get(at + form.len()..).unwrap_or_default();
-            }
-            replaced.extend_from_slice(rest);
-            out = replaced;
+        let mut out = Vec::with_capacity(value.len());
+        let mut at = 0;
+        for (from, to) in spans {
+            out.extend_from_slice(value.get(at..from).unwrap_or_default());
+            out.extend_from_slice(HEADER_MASK.as_bytes());
+            at = to;
         }
+        out.extend_from_slice(value.get(at..).unwrap_or_default());
         Some(out)
     }
+}
+
+/// A form's first [`threshold`] bytes.
+fn start_of(form: &[u8]) -> &[u8] {
+    form.get(..threshold(form.len())).unwrap_or(form)
 }
 
 /// The streaming state of one body.
 #[derive(Debug)]
 pub struct Redactor {
     patterns: std::sync::Arc<Patterns>,
+    /// What came and is not sent yet, as it came: the last `longest - 1`
+    /// bytes, so that a form begun in them is still found whole.
     carry: BytesMut,
+    /// How many of `carry`'s first bytes a span begun in what was sent
+    /// covers.
+    lead: usize,
+    /// That span reached the end of what came: it goes on over the next
+    /// bytes up to a delimiter.
+    lead_open: bool,
 }
 
 impl Redactor {
@@ -132,7 +175,24 @@ impl Redactor {
         Self {
             patterns,
             carry: BytesMut::new(),
+            lead: 0,
+            lead_open: false,
         }
+    }
+
+    /// The spans to mask in `carry`: the one begun before it, and those
+    /// that begin in it.
+    fn spans(&mut self) -> Vec<(usize, usize)> {
+        if self.lead_open {
+            while self.carry.get(self.lead).is_some_and(|b| continues_run(*b)) {
+                self.lead += 1;
+            }
+        }
+        let mut spans = self.patterns.spans(&self.carry);
+        if self.lead > 0 {
+            spans.insert(0, (0, self.lead));
+        }
+        merge(spans)
     }
 
     /// Takes the next chunk; returns what may be sent now (possibly empty).
@@ -141,10 +201,26 @@ impl Redactor {
             return Bytes::copy_from_slice(chunk);
         }
         self.carry.extend_from_slice(chunk);
-        self.patterns.mask(&mut self.carry);
-        let keep = self.patterns.longest - 1;
-        let send = self.carry.len().saturating_sub(keep);
-        self.carry.split_to(send).freeze()
+        let had_lead = self.lead > 0 || self.lead_open;
+        let spans = self.spans();
+        let len = self.carry.len();
+        let send = len.saturating_sub(self.patterns.longest - 1);
+        let mut out = self.carry.split_to(send);
+        let (mut lead, mut open) = (0, false);
+        for (from, to) in spans {
+            if let Some(hit) = out.get_mut(from..to.min(send)) {
+                hit.fill(b'*');
+            }
+            // Goes on past what is sent now, and its start is not kept to
+            // be found again.
+            if (from < send || (from == 0 && had_lead)) && to >= send {
+                lead = to - send;
+                open = to == len;
+            }
+        }
+        self.lead = lead;
+        self.lead_open = open;
+        out.freeze()
     }
 
     /// Whether nothing is held back for the next chunk.
@@ -153,11 +229,31 @@ impl Redactor {
         self.carry.is_empty()
     }
 
-    /// The end of the body: what is still held (too short to be a whole
-    /// form, so as it came).
+    /// The end of the body: what is still held, masked.
     pub fn finish(&mut self) -> Bytes {
-        std::mem::take(&mut self.carry).freeze()
+        let spans = self.spans();
+        let mut out = std::mem::take(&mut self.carry);
+        for (from, to) in spans {
+            if let Some(hit) = out.get_mut(from..to) {
+                hit.fill(b'*');
+            }
+        }
+        (self.lead, self.lead_open) = (0, false);
+        out.freeze()
     }
+}
+
+/// `spans` sorted, overlapping or touching ones made one.
+fn merge(mut spans: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    spans.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(spans.len());
+    for (from, to) in spans {
+        match merged.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    merged
 }
 
 #[cfg(test)]
@@ -198,7 +294,8 @@ mod tests {
             &[
                 b"k", b"=", b"s", b"3", b"c", b"r", b"3", b"t", b"-", b"K", b"E", b"Y", b"!",
             ],
-            b"k=**********!",
+            // What follows up to a delimiter goes with it.
+            b"k=***********",
         );
         check(&[b"s3cr3t-KEYs3cr3t-KEY"], b"********************");
         check(
@@ -213,24 +310,102 @@ mod tests {
         check(&[b"tail s3cr3t-KE", b"Y"], b"tail **********");
     }
 
-    /// An agent that gets its own input echoed (a request id, an `Origin`)
-    /// must not learn from the answer whether its guess begins the secret:
-    /// every guess short of a whole form comes back as it went, at the end
-    /// of a header value or of a body, in one chunk or split.
+    /// `value` through a redactor in one chunk, at every split point, and
+    /// in one-byte chunks: each the same, which is returned.
+    fn streamed(value: &[u8]) -> Vec<u8> {
+        let whole = stream(&[value]);
+        for at in 0..=value.len() {
+            assert_eq!(
+                stream(&[&value[..at], &value[at..]]),
+                whole,
+                "split at {at}: {value:?}"
+            );
+        }
+        let bytes: Vec<&[u8]> = value.chunks(1).collect();
+        assert_eq!(stream(&bytes), whole, "bytewise: {value:?}");
+        whole
+    }
+
+    /// An echo cut short anywhere (an upstream that shows the first bytes
+    /// of the request, after a path or query the agent chose the length
+    /// of) shows at most a form's first `threshold - 1` bytes, in a header
+    /// or a body, whatever the chunks.
     #[test]
-    fn no_part_of_a_secret_is_an_oracle() {
+    fn an_echo_cut_short_shows_less_than_the_threshold() {
         let p = patterns();
         for form in [&b"s3cr3t-KEY"[..], b"czNjcjN0LUtFWQ=="] {
-            for len in 1..form.len() {
-                for guess in [form[..len].to_vec(), [&form[..len - 1], b"#"].concat()] {
-                    let value = [b"id=".as_slice(), &guess].concat();
-                    assert_eq!(p.redact_header(&value), None, "{value:?}");
-                    let at = value.len() / 2;
-                    check(&[&value], &value);
-                    check(&[&value[..at], &value[at..]], &value);
+            let t = threshold(form.len());
+            assert_eq!(t, 8);
+            for len in 1..=form.len() {
+                let value = [b"q=AAAA&key=".as_slice(), &form[..len]].concat();
+                let shown = if len < t {
+                    value.clone()
+                } else {
+                    [b"q=AAAA&key=".as_slice(), &vec![b'*'; len]].concat()
+                };
+                assert_eq!(streamed(&value), shown, "{len}");
+                let header = p.redact_header(&value);
+                if len < t {
+                    assert_eq!(header, None, "{len}");
+                } else {
+                    assert_eq!(header.as_deref(), Some(&b"q=AAAA&key=[redacted]"[..]));
                 }
             }
         }
+    }
+
+    /// An agent that gets its own input echoed (a request id, an `Origin`)
+    /// and guesses one byte more at a time: short of the threshold nothing
+    /// is masked, right or wrong; the byte that completes it is the one
+    /// answer; past it a right guess and a wrong one come back alike.
+    #[test]
+    fn guessing_on_tells_at_most_one_byte() {
+        let p = patterns();
+        for form in [&b"s3cr3t-KEY"[..], b"czNjcjN0LUtFWQ=="] {
+            let t = threshold(form.len());
+            for len in 1..=form.len() {
+                let right = [b"id=".as_slice(), &form[..len], b"\"}"].concat();
+                let mut wrong = right.clone();
+                wrong[2 + len] = if form[len - 1] == b'Z' { b'Y' } else { b'Z' };
+                let (r, w) = (streamed(&right), streamed(&wrong));
+                let (hr, hw) = (p.redact_header(&right), p.redact_header(&wrong));
+                match len.cmp(&t) {
+                    std::cmp::Ordering::Less => {
+                        assert_eq!((&r, &w), (&right, &wrong), "{len}");
+                        assert_eq!((hr, hw), (None, None), "{len}");
+                    }
+                    std::cmp::Ordering::Equal => assert_ne!(r, w, "{len}"),
+                    std::cmp::Ordering::Greater => {
+                        assert_eq!(r, w, "{len}");
+                        assert_eq!(hr, hw, "{len}");
+                        assert!(r.ends_with(b"*\"}"), "{len}: {r:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A form that holds a delimiter is still masked whole, however it is
+    /// split; a run goes on over any number of chunks, up to a delimiter.
+    #[test]
+    fn whole_forms_with_delimiters_and_long_runs() {
+        let p = Patterns::new([b"k3y/+=&<'\"x".to_vec()]);
+        let mut r = Redactor::new(std::sync::Arc::new(p));
+        let body = b"<b>k3y/+=&<'\"x</b>";
+        let mut out = Vec::new();
+        for b in body.chunks(1) {
+            out.extend_from_slice(&r.push(b));
+        }
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"<b>***********</b>");
+
+        let mut long = b"\"s3cr3t-KE".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 10_000));
+        long.extend_from_slice(b"\" visible");
+        let want = [b"\"".as_slice(), &vec![b'*'; 10_009], b"\" visible"].concat();
+        assert_eq!(stream(&[&long]), want);
+        let small: Vec<&[u8]> = long.chunks(7).collect();
+        assert_eq!(stream(&small), want);
     }
 
     #[test]
