@@ -303,7 +303,9 @@ fn strip_query(url: &str) -> &str {
 
 /// Whether two URLs name the same target (RFC 9449 §4.3 step 9): the same
 /// scheme, host and port (scheme and host without case, default ports
-/// dropped) and path; query and fragment ignored.
+/// dropped) and path (escapes of unreserved characters read as those
+/// characters, and hex digits without case: RFC 3986 §6.2.2.1-2); query
+/// and fragment ignored.
 fn same_target(htu: &str, url: &str) -> bool {
     let (Ok(a), Ok(b)) = (url::Url::parse(htu), url::Url::parse(url)) else {
         return false;
@@ -313,9 +315,37 @@ fn same_target(htu: &str, url: &str) -> bool {
         && a.host_str().is_some()
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()
-        && a.path() == b.path()
+        && normal_escapes(a.path()) == normal_escapes(b.path())
         && a.username().is_empty()
         && a.password().is_none()
+}
+
+/// `path` with each escape of an unreserved character (`A-Z a-z 0-9 - . _
+/// ~`) decoded and the hex digits of the others in upper case; an escaped
+/// reserved character stays escaped (another URI, RFC 3986 §6.2.2.2).
+fn normal_escapes(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = |j: usize| bytes.get(j).and_then(|h| char::from(*h).to_digit(16));
+        match (b, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                let value = u8::try_from(hi * 16 + lo).unwrap_or(0);
+                if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(value));
+                } else {
+                    out.push_str(&format!("%{value:02X}"));
+                }
+                i += 3;
+            }
+            _ => {
+                out.push(char::from(b));
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Whether `url` is in the form a proof's `htu` can be compared with: it
@@ -850,6 +880,33 @@ mod tests {
         refused(&parts.join("."), &check(), "signature is invalid");
         refused("a.b", &check(), "compact");
         refused(&"a".repeat(MAX_PROOF_BYTES + 1), &check(), "larger");
+    }
+
+    /// RFC 9449 §4.3 asks for syntax-based normalization before `htu` is
+    /// compared: an escaped unreserved character is that character, and hex
+    /// digits have no case; an escaped reserved character is another path.
+    #[test]
+    fn targets_are_compared_as_rfc_3986_normalizes_them() {
+        for (htu, url) in [
+            ("https://rs.example/a~b", "https://rs.example/a%7Eb"),
+            ("https://rs.example/a%7eb", "https://rs.example/a~b"),
+            ("https://rs.example/a%2fb", "https://rs.example/a%2Fb"),
+            ("https://rs.example/%41", "https://rs.example/A"),
+            ("HTTPS://RS.example:443/x?q=1", "https://rs.example/x"),
+        ] {
+            assert!(same_target(htu, url), "{htu} {url}");
+            assert!(same_target(url, htu), "{url} {htu}");
+        }
+        for (htu, url) in [
+            ("https://rs.example/a/b", "https://rs.example/a%2Fb"),
+            ("https://rs.example/a", "https://rs.example/A"),
+            ("https://rs.example/a", "https://rs.example:8443/a"),
+            ("http://rs.example/a", "https://rs.example/a"),
+            ("https://rs.example/a%25", "https://rs.example/a%"),
+        ] {
+            assert!(!same_target(htu, url), "{htu} {url}");
+        }
+        assert_eq!(normal_escapes("/a%zz%2"), "/a%zz%2");
     }
 
     #[test]
