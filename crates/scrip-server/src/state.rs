@@ -199,18 +199,35 @@ impl Inner {
 
     /// A token of scrip's own, of whichever kind, up to `clock_skew` past its
     /// `exp`: verifiers accept it that long, so it can still be revoked.
+    ///
+    /// An access token for a tool no longer configured is revocable too:
+    /// a resource server that verifies it offline would still take it, and
+    /// its holder must not be told it is revoked when it is not. Its
+    /// signature, issuer and type are what make it scrip's.
     pub fn verify_any_own_for_revocation(&self, token: &str) -> Result<OwnToken, JoseError> {
         match self.verify_any_own(token) {
-            Err(JoseError::Expired) => {
+            Err(e @ (JoseError::Expired | JoseError::WrongAudience)) => {
                 let leeway = self.config.clock_skew;
                 match peek_typ(token).as_deref() {
-                    Some("txntoken+jwt") => self
+                    Some("txntoken+jwt") if e == JoseError::Expired => self
                         .verify_own_with(token, TokenKind::Task, leeway)
                         .map(|v| OwnToken::Task(Arc::new(v.claims))),
-                    Some("at+jwt") => self
-                        .verify_own_with(token, TokenKind::Access, leeway)
-                        .map(|v| OwnToken::Access(Arc::new(v.claims))),
-                    _ => Err(JoseError::Expired),
+                    Some("at+jwt") => {
+                        let audience = [peek_aud(token).ok_or(JoseError::WrongAudience)?];
+                        scrip_jose::verify::<AccessClaims>(
+                            token,
+                            &self.keyring.verify_keys().snapshot(),
+                            &Expectations {
+                                issuer: &self.issuer,
+                                audiences: &audience,
+                                algorithms: self.keyring.algorithms(),
+                                typ: &self.access_typ,
+                                leeway,
+                            },
+                        )
+                        .map(|v| OwnToken::Access(Arc::new(v.claims)))
+                    }
+                    _ => Err(e),
                 }
             }
             other => other,
@@ -254,6 +271,21 @@ impl Inner {
         a.purpose = Some(task.purpose.clone());
         a
     }
+}
+
+/// The `aud` of a token when it is one string, read without verification
+/// (only to say which audience to verify it for).
+fn peek_aud(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    if payload.len() > 16 * 1024 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("aud")?.as_str().map(str::to_owned)
 }
 
 /// The `typ` header of a token, lowercase without `application/`, read

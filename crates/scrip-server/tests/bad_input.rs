@@ -1212,8 +1212,11 @@ async fn a_forged_token_revokes_nothing() {
         let (header, claims) = decode_parts(token);
         let mut expired = claims.clone();
         expired["exp"] = json!(now() - 5);
+        // For a tool no longer configured, which revocation still takes.
+        let mut elsewhere = claims.clone();
+        elsewhere["aud"] = json!("retired");
         let mut forged = Vec::new();
-        for claims in [claims, expired] {
+        for claims in [claims, expired, elsewhere] {
             // Signed by a key that is not scrip's, under scrip's kid.
             let mut h = Header::new(Algorithm::ES256);
             h.kid = header["kid"].as_str().map(str::to_owned);
@@ -1254,6 +1257,35 @@ async fn a_forged_token_revokes_nothing() {
         !active(s.introspect(&task).await),
         "the signed token ended nothing"
     );
+    s.stop().await;
+}
+
+/// An access token for a tool taken out of the configuration since (here
+/// one scrip signed for `retired`) is still revoked: a resource server
+/// that verifies offline would take it until it expires.
+#[tokio::test]
+async fn an_access_token_for_a_tool_no_longer_configured_is_revoked() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s.start_task(&identity, "github:read", "dev", PURPOSE).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let access = s.access_token(&task, "github", Some("read")).await.body["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let retired = s.resign(&access, |c| c["aud"] = json!("retired"));
+    let (_, claims) = decode_parts(&retired);
+    assert_eq!(s.revoke(&retired).await.status, 200);
+    let revoked = s
+        .audit()
+        .await
+        .into_iter()
+        .find(|a| a.event == "token.revoked")
+        .expect("a token.revoked record");
+    assert_eq!(revoked.jti.as_deref(), claims["jti"].as_str());
+    assert_eq!(revoked.tool.as_deref(), Some("retired"));
     s.stop().await;
 }
 
