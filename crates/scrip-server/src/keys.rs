@@ -195,6 +195,7 @@ fn load_or_create_named(
     let dir = data_dir.join("keys");
     ensure_private_dir(&dir)?;
     let path = dir.join(format!("{name}.json"));
+    remove_stale_temporaries(&path);
     if path.exists() {
         let key = read_key(&path, alg)?;
         return Ok(Loaded {
@@ -286,6 +287,48 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> 
         return Err(invalid("key id does not match the key".into()));
     }
     Ok(key)
+}
+
+/// Removes what a process stopped while [`create_private`] wrote `path`
+/// left behind: its `<stem>.<22 random characters>.tmp` files (a whole
+/// private key each) more than a minute old, a younger one being perhaps
+/// another process's at work. Failures are ignored: this only tidies.
+pub fn remove_stale_temporaries(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{stem}.");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(random) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let ours = random.len() == 22
+            && random
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(60))
+        });
+        if ours && stale && fs::remove_file(entry.path()).is_ok() {
+            tracing::warn!(path = %entry.path().display(), "removed a key file a stopped process left half made");
+        }
+    }
 }
 
 /// Creates `path` holding `data`, mode 0600, atomically and durably, unless
@@ -395,6 +438,7 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
     if let Some(dir) = path.parent() {
         ensure_private_dir(dir)?;
     }
+    remove_stale_temporaries(&path);
     let (kek, text) =
         scrip_jose::Kek::generate().map_err(|e| invalid(path.clone(), e.to_string()))?;
     if !create_private(&path, zeroize::Zeroizing::new(text).as_bytes())? {
@@ -690,5 +734,36 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["key-encryption.key"]);
+    }
+}
+
+#[cfg(test)]
+mod stale_temporaries {
+    use super::*;
+
+    /// Only this key's own half-made files, and only old ones, go.
+    #[test]
+    fn only_old_half_made_files_of_this_key_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+        let random = "A".repeat(22);
+        let make = |name: &str, aged: bool| {
+            let path = dir.path().join(name);
+            let f = fs::File::create(&path).unwrap();
+            if aged {
+                f.set_modified(old).unwrap();
+            }
+            path
+        };
+        let stale = make(&format!("signing-es256.{random}.tmp"), true);
+        let young = make(&format!("signing-es256.{}.tmp", "B".repeat(22)), false);
+        let not_ours = make("signing-es256.backup.tmp", true);
+        let other_key = make(&format!("signing-eddsa.{random}.tmp"), true);
+        let key = make("signing-es256.json", true);
+        remove_stale_temporaries(&dir.path().join("signing-es256.json"));
+        assert!(!stale.exists());
+        for kept in [young, not_ours, other_key, key] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
     }
 }
