@@ -41,7 +41,7 @@ impl Idp {
                 issuer: issuer.to_owned(),
                 key,
             },
-            pkcs8,
+            pkcs8.to_vec(),
         ))
     }
 

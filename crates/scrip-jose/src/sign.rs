@@ -102,11 +102,13 @@ fn crypto(what: &'static str) -> impl Fn(aws_lc_rs::error::Unspecified) -> JoseE
 
 impl SigningKey {
     /// Generates a new key; returns it with its PKCS#8 (v1) encoding for
-    /// storage.
+    /// storage, zeroed when dropped.
     ///
     /// # Errors
     /// [`JoseError::Crypto`] when key generation fails.
-    pub fn generate(alg: SigningAlgorithm) -> Result<(Self, Vec<u8>), JoseError> {
+    pub fn generate(
+        alg: SigningAlgorithm,
+    ) -> Result<(Self, zeroize::Zeroizing<Vec<u8>>), JoseError> {
         let rng = SystemRandom::new();
         let pkcs8 = match alg {
             SigningAlgorithm::ES256 => {
@@ -128,6 +130,7 @@ impl SigningKey {
                     .to_vec()
             }
         };
+        let pkcs8 = zeroize::Zeroizing::new(pkcs8);
         let key = Self::from_pkcs8(alg, &pkcs8)?;
         Ok((key, pkcs8))
     }

@@ -46,11 +46,11 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| {
     let (_, other_ec_pkcs8) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
     Keys {
         ec,
-        ec_pkcs8,
+        ec_pkcs8: ec_pkcs8.to_vec(),
         ed,
-        ed_pkcs8,
+        ed_pkcs8: ed_pkcs8.to_vec(),
         rsa,
-        other_ec_pkcs8,
+        other_ec_pkcs8: other_ec_pkcs8.to_vec(),
     }
 });
 

@@ -77,6 +77,13 @@ struct KeyFile {
     pkcs8: String,
 }
 
+/// The private key it holds is zeroed when it is dropped.
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.pkcs8);
+    }
+}
+
 impl std::fmt::Debug for KeyFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyFile")
@@ -214,10 +221,12 @@ fn load_or_create_named(
         created_at: now,
         pkcs8: b64(&pkcs8),
     };
-    let json = serde_json::to_vec_pretty(&file).map_err(|e| KeyError::Invalid {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let json = serde_json::to_vec_pretty(&file)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| KeyError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
     if !create_private(&path, &json)? {
         // Another process created it first: use that one.
         return Ok(Loaded {
@@ -265,7 +274,7 @@ pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
 }
 
 fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> {
-    let bytes = read_private(path)?;
+    let bytes = zeroize::Zeroizing::new(read_private(path)?);
     let invalid = |message: String| KeyError::Invalid {
         path: path.to_owned(),
         message,
@@ -281,6 +290,7 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> 
     use base64::Engine as _;
     let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(&file.pkcs8)
+        .map(zeroize::Zeroizing::new)
         .map_err(|_| invalid("key is not base64url".into()))?;
     let key = SigningKey::from_pkcs8(alg, &der).map_err(|e| invalid(e.to_string()))?;
     if key.kid() != file.kid {

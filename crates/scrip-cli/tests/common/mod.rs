@@ -87,7 +87,7 @@ impl Idp {
         let (key, pkcs8) = SigningKey::generate(SigningAlgorithm::ES256).unwrap();
         Self {
             kid: key.kid().to_owned(),
-            pkcs8,
+            pkcs8: pkcs8.to_vec(),
             jwks: json!({ "keys": [key.public_jwk()] }),
         }
     }

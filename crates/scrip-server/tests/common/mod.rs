@@ -50,9 +50,9 @@ impl Idp {
         Self {
             issuer: issuer.to_owned(),
             es_kid: es.kid().to_owned(),
-            es_pkcs8,
+            es_pkcs8: es_pkcs8.to_vec(),
             ed_kid: ed.kid().to_owned(),
-            ed_pkcs8,
+            ed_pkcs8: ed_pkcs8.to_vec(),
             jwks,
         }
     }
