@@ -116,6 +116,15 @@ pub(crate) async fn request(
                 .iter()
                 .find(|a| a.tool == tool && a.actions == asked)
             {
+                // A later denial answers it (its answer, not its id, for a
+                // step nobody may approve now).
+                if let Some(d) = denied_since(st, same).await? {
+                    break 'asked Err(OAuthError::access_denied(format!(
+                        "a person denied `{}` at `{tool}` in this task after this step was asked: {}",
+                        d.actions,
+                        d.reason.as_deref().unwrap_or("no reason given")
+                    )));
+                }
                 // The same step already waits for a person: asking again is the
                 // same request, not another one for the approvers and the webhook.
                 break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
@@ -131,6 +140,7 @@ pub(crate) async fn request(
                 task_id: task.id.clone(),
                 tool: tool.to_owned(),
                 actions: asked.clone(),
+                approvable: Some(approvable.to_string()),
                 state: ApprovalState::Pending,
                 created_at: now,
                 expires_at: now.saturating_add(st.config.approval_ttl),
@@ -762,17 +772,21 @@ fn overlap(a: &str, b: &str) -> bool {
 }
 
 /// A denial of a step of `approval`'s task at its tool, decided after it
-/// was asked, that shares an action with it. A person's no answers the
-/// steps asked before it too: another person cannot grant what was just
-/// refused, and the agent's polls for them answer `access_denied`.
+/// was asked, whose actions hold one that `approval` needs a person's
+/// approval for (as `request` refuses a step asked after a denial). A
+/// person's no answers the steps asked before it too: another person
+/// cannot grant what was just refused, and the agent's polls for them
+/// answer `access_denied`. Sharing only an action policy allowed outright
+/// answers nothing.
 async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval>, OAuthError> {
+    let approvable = approval.approvable.as_deref().unwrap_or(&approval.actions);
     Ok(st
         .store
         .task_denials(&approval.task_id, approval.created_at)
         .await?
         .into_iter()
         .find(|d| {
-            d.id != approval.id && d.tool == approval.tool && overlap(&d.actions, &approval.actions)
+            d.id != approval.id && d.tool == approval.tool && overlap(&d.actions, approvable)
         }))
 }
 

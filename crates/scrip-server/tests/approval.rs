@@ -633,6 +633,66 @@ async fn a_denial_answers_the_overlapping_steps_asked_before_it() {
     s.stop().await;
 }
 
+/// A denial answers only the waiting steps that need approval for one of
+/// its actions: one that shares with it only an action policy allows
+/// outright goes on waiting, and can be approved.
+#[tokio::test]
+async fn a_denial_leaves_a_step_that_shares_only_an_allowed_action() {
+    let s = TestServer::start_with(Options {
+        extra_policies: vec![(
+            "write-needs-approval.cedar".into(),
+            "forbid (principal, action == Action::\"write\", resource) unless { context.approved };\n"
+                .into(),
+        )],
+        edit: Some(Box::new(|c: &mut Config| {
+            c.approvers = vec![alice(), approver("bob", K8S_ISSUER, "system:serviceaccount:people:bob")];
+        })),
+        ..Options::default()
+    })
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s
+        .start_task(
+            &identity,
+            "github:read github:write github:delete",
+            "prod",
+            PURPOSE,
+        )
+        .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ids = Vec::new();
+    for actions in ["read delete", "read write"] {
+        let r = s.access_token(&task, "github", Some(actions)).await;
+        r.assert_error(400, "authorization_pending");
+        ids.push(r.body["auth_req_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        deny(&s, &ids[1], Some(&alice_id(&s)), "no writes")
+            .await
+            .status,
+        200
+    );
+    // Asking again for what was denied, or for a step holding `write`.
+    for actions in ["read write", "write delete"] {
+        let r = s.access_token(&task, "github", Some(actions)).await;
+        r.assert_error(400, "access_denied");
+        assert!(r.text.contains("no writes"), "{actions}: {}", r.text);
+    }
+    // `read delete` shares only `read`, which needs nobody's approval.
+    let r = s.access_token(&task, "github", Some("read delete")).await;
+    r.assert_error(400, "authorization_pending");
+    assert_eq!(r.body["auth_req_id"], ids[0].as_str());
+    let bob = s.k8s.kubernetes("people", "bob");
+    assert!(list(&s, Some(&bob)).await.text.contains(&ids[0]));
+    assert_eq!(approve(&s, &ids[0], Some(&bob)).await.status, 200);
+    let r = poll(&s, &task, &ids[0]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["scope"], "delete read");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;

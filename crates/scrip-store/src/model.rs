@@ -525,6 +525,10 @@ pub struct Approval {
     pub tool: String,
     /// The actions, space-separated.
     pub actions: String,
+    /// Those of `actions` that needed a person's approval when it was asked
+    /// (policy allowed the others outright), space-separated; `None` for
+    /// one an older scrip stored (take all of `actions` then).
+    pub approvable: Option<String>,
     /// Where it stands.
     pub state: ApprovalState,
     /// Asked at (seconds).

@@ -915,8 +915,8 @@ async fn apply_in(
                 .map_err(unavailable)?;
                 rows::check_pending(a, waiting, same)?;
                 sqlx::query(
-                    "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at, approvable) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(&a.id)
                 .bind(&a.task_id)
@@ -925,6 +925,7 @@ async fn apply_in(
                 .bind(a.state.as_str())
                 .bind(to_i64(a.created_at))
                 .bind(to_i64(a.expires_at))
+                .bind(&a.approvable)
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;

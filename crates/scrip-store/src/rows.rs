@@ -101,7 +101,7 @@ macro_rules! task_columns {
 /// The columns [`approval`] reads.
 macro_rules! approval_columns {
     () => {
-        "id, task_id, tool, actions, state, created_at, expires_at, decided_by, decided_at, reason, token_jti"
+        "id, task_id, tool, actions, approvable, state, created_at, expires_at, decided_by, decided_at, reason, token_jti"
     };
 }
 
@@ -195,6 +195,7 @@ pub(crate) fn approval(row: &impl Cols) -> Result<Approval, StoreError> {
         task_id: row.text("task_id")?,
         tool: row.text("tool")?,
         actions: row.text("actions")?,
+        approvable: row.opt_text("approvable")?,
         state: Approval::parse_state(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown approval state `{state}`")))?,
         created_at: row.uint("created_at")?,

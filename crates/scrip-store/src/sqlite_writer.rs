@@ -614,8 +614,8 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             rows::check_pending(a, waiting, same)?;
             run(
                 tx,
-                "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at, approvable) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     a.id,
                     a.task_id,
@@ -624,6 +624,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                     a.state.as_str(),
                     to_i64(a.created_at),
                     to_i64(a.expires_at),
+                    a.approvable,
                 ],
             )
             .map_err(failed)?;

@@ -836,6 +836,7 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         tool: "github".into(),
         // One step each: the same step may not wait twice.
         actions: format!("delete-{id}"),
+        approvable: None,
         state: ApprovalState::Pending,
         created_at,
         expires_at,
@@ -877,6 +878,8 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
     assert_eq!(all_audit(s.as_ref()).await.len(), audited);
     let a1 = s.approval("a1").await.unwrap().unwrap();
     assert_eq!(a1.state, ApprovalState::Approved);
+    // Stored by an older scrip: no approvable actions.
+    assert_eq!(a1.approvable, None);
     assert_eq!(a1.decided_by.as_deref(), Some("alice"));
     assert_eq!(a1.decided_at, Some(1_200));
     assert_eq!(a1.reason.as_deref(), Some("by alice"));
@@ -1034,6 +1037,7 @@ fn pending(id: &str, task_id: &str, actions: &str, created_at: u64) -> Approval 
         task_id: task_id.into(),
         tool: "github".into(),
         actions: actions.into(),
+        approvable: Some(actions.split(' ').next().unwrap_or_default().into()),
         state: ApprovalState::Pending,
         created_at,
         expires_at: created_at + 600,
@@ -1061,6 +1065,8 @@ async fn a_step_waits_for_a_person_once(f: Fixture) {
     s.commit(insert(pending("a1", "t1", "delete", 1_000)))
         .await
         .unwrap();
+    let a1 = s.approval("a1").await.unwrap().unwrap();
+    assert_eq!(a1.approvable.as_deref(), Some("delete"));
     let audited = all_audit(s.as_ref()).await.len();
     // The same step again, while the first waits: refused with its record.
     let err = s
