@@ -372,7 +372,23 @@ pub(crate) async fn poll(
             approval.reason.as_deref().unwrap_or("no reason given")
         ))),
         ApprovalState::Used => Err(unknown()),
-        ApprovalState::Approved => issue(st, &claims, &approval, peer, cnf).await,
+        ApprovalState::Approved => {
+            // An approval that raced a denial answering it (two people
+            // deciding at once, the check in `decide_endpoint` passed by
+            // both) is not redeemed: the denial, at or before it, stands.
+            if let Some(d) = denied_since(st, &approval)
+                .await?
+                .filter(|d| d.decided_at <= approval.decided_at)
+            {
+                return Err(OAuthError::access_denied(format!(
+                    "a person denied `{}` at `{}` in this task as this step was approved: {}",
+                    d.actions,
+                    d.tool,
+                    d.reason.as_deref().unwrap_or("no reason given")
+                )));
+            }
+            issue(st, &claims, &approval, peer, cnf).await
+        }
     }
 }
 

@@ -693,6 +693,61 @@ async fn a_denial_leaves_a_step_that_shares_only_an_allowed_action() {
     s.stop().await;
 }
 
+/// Two people deciding at once, each check passed before the other
+/// committed: an approval no later than a denial that answers its step is
+/// not redeemed; one before it is.
+#[tokio::test]
+async fn an_approval_that_raced_a_denial_is_not_redeemed() {
+    use scrip_store::{ApprovalState, SqliteStore, Store as _, Write};
+    let s = server().await;
+    let store = SqliteStore::open(&s.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    let t = now();
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for (denied_after, redeemed) in [(0, false), (1, true)] {
+        let task = s
+            .start_task(&identity, "github:read github:delete", "prod", PURPOSE)
+            .await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let approved = pending(&s, &task).await;
+        let r = s.access_token(&task, "github", Some("delete read")).await;
+        r.assert_error(400, "authorization_pending");
+        let denied = r.body["auth_req_id"].as_str().unwrap().to_owned();
+        let decide = |id: &str, to, at, reason: Option<&str>| Write::UpdateApproval {
+            id: id.to_owned(),
+            from: ApprovalState::Pending,
+            to,
+            by: Some("alice".into()),
+            at,
+            reason: reason.map(str::to_owned),
+            token_jti: None,
+        };
+        store
+            .commit(vec![
+                decide(&approved, ApprovalState::Approved, t, None),
+                decide(
+                    &denied,
+                    ApprovalState::Denied,
+                    t + denied_after,
+                    Some("raced"),
+                ),
+            ])
+            .await
+            .unwrap();
+        let r = poll(&s, &task, &approved).await;
+        if redeemed {
+            assert_eq!(r.status, 200, "{}", r.text);
+        } else {
+            r.assert_error(400, "access_denied");
+            assert!(r.text.contains("raced"), "{}", r.text);
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;
