@@ -107,22 +107,47 @@ impl Patterns {
     }
 
     /// The spans of `buf` to mask, in order and apart: from each place a
-    /// form's first [`threshold`] bytes are, over the bytes after them up
-    /// to a delimiter, and at least over the whole form where it is whole.
+    /// form's first [`threshold`] bytes are (overlapping places too), over
+    /// the bytes after them up to a delimiter, and at least over the whole
+    /// form where it is whole. Linear in `buf` for each form, whatever an
+    /// upstream sends: a run is scanned once however many places lead
+    /// into it.
     fn spans(&self, buf: &[u8]) -> Vec<(usize, usize)> {
-        let mut spans = Vec::new();
+        let mut spans: Vec<(usize, usize)> = Vec::new();
         for form in &self.forms {
             let start = start_of(form);
             let finder = memchr::memmem::Finder::new(start);
-            for at in finder.find_iter(buf) {
-                let mut end = at + start.len();
-                while buf.get(end).is_some_and(|b| continues_run(*b)) {
-                    end += 1;
+            let first = spans.len();
+            // The last run scanned: from where, and the delimiter (or the
+            // end of `buf`) that ends it.
+            let mut run: Option<(usize, usize)> = None;
+            let mut from = 0;
+            while let Some(found) = buf.get(from..).and_then(|rest| finder.find(rest)) {
+                let at = from + found;
+                let after = at + start.len();
+                let end = match run {
+                    Some((scanned, end)) if scanned <= after && after <= end => end,
+                    _ => {
+                        let mut end = after;
+                        while buf.get(end).is_some_and(|b| continues_run(*b)) {
+                            end += 1;
+                        }
+                        run = Some((after, end));
+                        end
+                    }
+                };
+                let whole = at + form.len();
+                let to = if end < whole && buf.get(at..).is_some_and(|r| r.starts_with(form)) {
+                    whole
+                } else {
+                    end
+                };
+                let this_form = spans.len() > first;
+                match spans.last_mut() {
+                    Some(last) if this_form && at <= last.1 => last.1 = last.1.max(to),
+                    _ => spans.push((at, to)),
                 }
-                if buf.get(at..).is_some_and(|rest| rest.starts_with(form)) {
-                    end = end.max(at + form.len());
-                }
-                spans.push((at, end));
+                from = at + 1;
             }
         }
         merge(spans)
@@ -383,6 +408,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Places that overlap are each found: a periodic form whose whole
+    /// begins inside an earlier place's start is still masked whole.
+    #[test]
+    fn overlapping_places_are_each_found() {
+        let p = Patterns::new([b"xyxyxyxyxy;Q".to_vec()]);
+        assert_eq!(
+            p.redact_header(b"xyxyxyxyxyxy;Q!").as_deref(),
+            Some(&b"[redacted]!"[..])
+        );
+        let mut r = Redactor::new(std::sync::Arc::new(p));
+        let mut out = r.push(b"<xyxyxyxyxyxy;Q>").to_vec();
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"<**************>");
+    }
+
+    /// A body that repeats a form's start with no delimiter (an agent can
+    /// know a start: Basic auth's begins with the username) is masked
+    /// whole, each run scanned once: this would take minutes if every
+    /// place scanned its run anew.
+    #[test]
+    fn a_repeated_start_is_masked_in_one_pass() {
+        let p = patterns();
+        let body = b"s3cr3t-K".repeat(64 * 1024);
+        let mut r = Redactor::new(std::sync::Arc::new(p.clone()));
+        let mut out = r.push(&body).to_vec();
+        out.extend_from_slice(&r.finish());
+        assert!(out.iter().all(|b| *b == b'*'));
+        assert_eq!(
+            p.redact_header(&body).as_deref(),
+            Some(HEADER_MASK.as_bytes())
+        );
     }
 
     /// A form that holds a delimiter is still masked whole, however it is
