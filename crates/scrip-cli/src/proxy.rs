@@ -135,16 +135,18 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         }
         let ready = proxy.clone();
         let writes = proxy.clone();
-        let app = proxy
-            .router()
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                axum::routing::get(move || {
-                    let ready = ready.is_ready();
-                    async move { scrip_server::readiness(ready) }
-                }),
-            );
+        let app = scrip_server::with_fallbacks(
+            proxy
+                .router()
+                .route("/healthz", axum::routing::get(|| async { "ok" }))
+                .route(
+                    "/readyz",
+                    axum::routing::get(move || {
+                        let ready = ready.is_ready();
+                        async move { scrip_server::readiness(ready) }
+                    }),
+                ),
+        );
         let (stopped, hurry) = stop.stages();
         let served = scrip_server::http::serve_until(listener, app, limits, stopped, hurry).await;
         reloader.abort();

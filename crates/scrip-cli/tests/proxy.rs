@@ -745,6 +745,16 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         &standalone,
     ]);
     assert_eq!(post, "403");
+    // Its other answers are JSON, not to be cached, as `scrip serve`'s.
+    for (method, path, code) in [("GET", "/nope", "404"), ("POST", "/readyz", "405")] {
+        let url = format!("http://{}{path}", s.proxy_addr);
+        let shown =
+            curl(&["-D", "-", "-w", "%{http_code}", "-X", method, &url]).to_ascii_lowercase();
+        assert!(shown.ends_with(code), "{method} {path}: {shown}");
+        for header in ["cache-control: no-store", "content-type: application/json"] {
+            assert!(shown.contains(header), "{method} {path}: {shown}");
+        }
+    }
 
     // Its policies reload as `scrip serve`'s do: on SIGHUP, audited.
     let forbid = s.dir.path().join("policies/no-standalone.cedar");

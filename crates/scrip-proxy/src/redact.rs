@@ -16,7 +16,9 @@
 //!
 //! - an echo cut short shows at most the first `threshold - 1` bytes of a
 //!   form, wherever the agent makes the cut fall (an upstream that shows
-//!   the first 200 bytes of the request URL, after a path the agent chose);
+//!   the first 200 bytes of the request URL, after a path the agent chose):
+//!   less than half of a form of 16 bytes or more, all but one byte of one
+//!   of 8 or fewer;
 //! - an agent that gets its own input echoed back (a request id, an
 //!   `Origin`, a `?next=`) and guesses one more byte at a time learns one
 //!   byte more, and then nothing: past the first `threshold` bytes a right

@@ -581,7 +581,7 @@ pub fn router(state: AppState) -> Router {
 /// `app` once every route is in it (axum gives them only to the routes
 /// added before): RFC 6749 §5.2 JSON, not to be cached (axum adds the
 /// `Allow` header to the first).
-fn with_fallbacks(app: Router) -> Router {
+pub fn with_fallbacks(app: Router) -> Router {
     app.method_not_allowed_fallback(|| async { error::OAuthError::method_not_allowed() })
         .fallback(|| async { not_found() })
 }
