@@ -373,22 +373,70 @@ pub(crate) async fn poll(
         ))),
         ApprovalState::Used => Err(unknown()),
         ApprovalState::Approved => {
-            // An approval that raced a denial answering it (two people
-            // deciding at once, the check in `decide_endpoint` passed by
-            // both) is not redeemed: the denial, at or before it, stands.
-            if let Some(d) = denied_since(st, &approval)
-                .await?
-                .filter(|d| d.decided_at <= approval.decided_at)
-            {
-                return Err(OAuthError::access_denied(format!(
-                    "a person denied `{}` at `{}` in this task as this step was approved: {}",
-                    d.actions,
-                    d.tool,
-                    d.reason.as_deref().unwrap_or("no reason given")
-                )));
+            // Two people deciding at once (each passed the check in
+            // `decide_endpoint` before the other committed), or a denial
+            // after the approval: until its token is collected, a denial
+            // that answers the step wins, and the step becomes denied.
+            match denied_since(st, &approval).await? {
+                Some(d) => Err(overruled(st, &claims, &approval, &d, peer).await?),
+                None => issue(st, &claims, &approval, peer, cnf).await,
             }
-            issue(st, &claims, &approval, peer, cnf).await
         }
+    }
+}
+
+/// An approved step whose token was not collected, answered by the denial
+/// `d`: made denied, on the record; the answer to give its poll.
+async fn overruled(
+    st: &Inner,
+    claims: &TaskClaims,
+    approval: &Approval,
+    d: &Approval,
+    peer: SocketAddr,
+) -> Result<OAuthError, OAuthError> {
+    let reason = format!(
+        "approved by {}, then answered by the denial of `{}` at `{}` ({}) before its token was collected: {}",
+        approval.decided_by.as_deref().unwrap_or("someone"),
+        d.actions,
+        d.tool,
+        d.id,
+        d.reason.as_deref().unwrap_or("no reason given")
+    );
+    let mut a = st.audit("approval.denied");
+    a.decision = Some("deny".into());
+    a.agent_iss = Some(claims.tctx.agent_iss.clone());
+    a.agent_sub = Some(claims.sub.clone());
+    a.task_id = Some(claims.txn.clone());
+    a.environment = Some(claims.tctx.environment.clone());
+    a.purpose = Some(claims.tctx.purpose.clone());
+    a.tool = Some(approval.tool.clone());
+    a.actions = Some(approval.actions.clone());
+    a.client = Some(peer.to_string());
+    a.reason = Some(format!("auth_req_id {}: {reason}", approval.id));
+    let committed = st
+        .store
+        .commit(vec![
+            Write::UpdateApproval {
+                id: approval.id.clone(),
+                from: ApprovalState::Approved,
+                to: ApprovalState::Denied,
+                by: d.decided_by.clone(),
+                at: now(),
+                reason: Some(reason.clone()),
+                token_jti: None,
+            },
+            Write::Audit(Box::new(a)),
+        ])
+        .await;
+    match committed {
+        Ok(()) => Ok(OAuthError::access_denied(format!(
+            "a person denied this step: {reason}"
+        ))),
+        // Collected, or overruled, by another poll meanwhile.
+        Err(scrip_store::StoreError::Conflict(_)) => Ok(OAuthError::invalid_grant(
+            "auth_req_id is unknown, already used, or not this task's",
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 

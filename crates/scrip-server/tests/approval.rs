@@ -694,8 +694,9 @@ async fn a_denial_leaves_a_step_that_shares_only_an_allowed_action() {
 }
 
 /// Two people deciding at once, each check passed before the other
-/// committed: an approval no later than a denial that answers its step is
-/// not redeemed; one before it is.
+/// committed, or a denial after the approval: until the token is
+/// collected, a denial that answers the step wins, and the step becomes
+/// denied, on the record. A step the denial does not answer is redeemed.
 #[tokio::test]
 async fn an_approval_that_raced_a_denial_is_not_redeemed() {
     use scrip_store::{ApprovalState, SqliteStore, Store as _, Write};
@@ -705,15 +706,24 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
         .unwrap();
     let t = now();
     let identity = s.k8s.kubernetes("agents", "coder");
-    for (denied_after, redeemed) in [(0, false), (1, true)] {
+    for (denied_after, other_tool) in [(0, false), (1, false), (0, true)] {
         let task = s
-            .start_task(&identity, "github:read github:delete", "prod", PURPOSE)
+            .start_task(
+                &identity,
+                "github:read github:delete deploy:delete",
+                "prod",
+                PURPOSE,
+            )
             .await["access_token"]
             .as_str()
             .unwrap()
             .to_owned();
         let approved = pending(&s, &task).await;
-        let r = s.access_token(&task, "github", Some("delete read")).await;
+        let r = if other_tool {
+            s.access_token(&task, "deploy", Some("delete")).await
+        } else {
+            s.access_token(&task, "github", Some("delete read")).await
+        };
         r.assert_error(400, "authorization_pending");
         let denied = r.body["auth_req_id"].as_str().unwrap().to_owned();
         let decide = |id: &str, to, at, reason: Option<&str>| Write::UpdateApproval {
@@ -738,12 +748,39 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
             .await
             .unwrap();
         let r = poll(&s, &task, &approved).await;
-        if redeemed {
+        if other_tool {
             assert_eq!(r.status, 200, "{}", r.text);
-        } else {
-            r.assert_error(400, "access_denied");
-            assert!(r.text.contains("raced"), "{}", r.text);
+            continue;
         }
+        r.assert_error(400, "access_denied");
+        assert!(r.text.contains("raced"), "{}", r.text);
+        let again = poll(&s, &task, &approved).await;
+        again.assert_error(400, "access_denied");
+        assert!(
+            again.text.contains("a person denied this step"),
+            "{}",
+            again.text
+        );
+        let shown: Value = s
+            .http
+            .get(format!("{}/approvals/{approved}", s.url))
+            .bearer_auth(alice_id(&s))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(shown["state"], "denied", "{shown}");
+        let recorded = s.audit().await.into_iter().any(|a| {
+            a.event == "approval.denied"
+                && a.reason.as_deref().is_some_and(|r| {
+                    r.starts_with(&format!(
+                        "auth_req_id {approved}: approved by alice, then answered"
+                    ))
+                })
+        });
+        assert!(recorded, "no record of the overruled approval");
     }
     s.stop().await;
 }
