@@ -130,22 +130,9 @@ impl Server {
     /// `scrip run -- sh -c <script>` in the background, once the script
     /// has made `marker`.
     fn run_until(&self, script: &str, marker: &Path) -> Child {
-        let child = self
-            .run_dev()
-            .args(["sh", "-c", script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !marker.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the command did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
+        let mut cmd = self.run_dev();
+        cmd.args(["sh", "-c", script]);
+        spawn_until(cmd, marker)
     }
 
     /// A local identity for this test process, from the socket.
@@ -437,19 +424,7 @@ fn a_signal_ignored_at_start_stays_ignored() {
             None => cmd.env_remove(k),
         };
     }
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !marker.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the command did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = spawn_until(cmd, &marker);
     for signal in ["-HUP", "-INT"] {
         let status = Command::new("kill")
             .args([signal, &child.id().to_string()])
@@ -1018,4 +993,23 @@ fn task_start_list_and_end() {
     let out = end_piped(&task, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(server.introspect(&task)["active"], false);
+}
+
+/// Spawns `cmd` (its output discarded, its errors kept) and waits up to
+/// 30 s for the command it runs to create `marker`.
+fn spawn_until(mut cmd: Command, marker: &Path) -> Child {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the command did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }

@@ -60,11 +60,19 @@ fn alice_id(s: &TestServer) -> String {
 
 /// A task of `coder` in prod holding `github:delete`.
 async fn prod_task(s: &TestServer) -> String {
+    prod_task_with(s, "github:delete").await
+}
+
+/// A task of `coder` in prod holding `scope`.
+async fn prod_task_with(s: &TestServer, scope: &str) -> String {
     let identity = s.k8s.kubernetes("agents", "coder");
-    let r = s
-        .start_task(&identity, "github:delete", "prod", PURPOSE)
-        .await;
+    let r = s.start_task(&identity, scope, "prod", PURPOSE).await;
     r["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A second person who approves.
+fn bob() -> Approver {
+    approver("bob", K8S_ISSUER, "system:serviceaccount:people:bob")
 }
 
 /// Asks for `delete` at github; asserts it goes pending; the auth_req_id.
@@ -535,13 +543,7 @@ async fn a_denial_answers_access_denied_with_the_reason() {
 #[tokio::test]
 async fn a_denied_step_is_not_asked_again_in_pieces() {
     let s = server().await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s
-        .start_task(&identity, "github:read github:delete", "prod", PURPOSE)
-        .await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let task = prod_task_with(&s, "github:read github:delete").await;
     let r = s.access_token(&task, "github", Some("read delete")).await;
     r.assert_error(400, "authorization_pending");
     let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
@@ -568,24 +570,10 @@ async fn a_denied_step_is_not_asked_again_in_pieces() {
 #[tokio::test]
 async fn a_denial_answers_the_overlapping_steps_asked_before_it() {
     let s = TestServer::start_with(edit(|c| {
-        c.approvers = vec![
-            alice(),
-            approver("bob", K8S_ISSUER, "system:serviceaccount:people:bob"),
-        ];
+        c.approvers = vec![alice(), bob()];
     }))
     .await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s
-        .start_task(
-            &identity,
-            "github:read github:delete deploy:delete",
-            "prod",
-            PURPOSE,
-        )
-        .await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let task = prod_task_with(&s, "github:read github:delete deploy:delete").await;
     let mut ids = Vec::new();
     for (tool, actions) in [
         ("github", "read delete"),
@@ -645,23 +633,12 @@ async fn a_denial_leaves_a_step_that_shares_only_an_allowed_action() {
                 .into(),
         )],
         edit: Some(Box::new(|c: &mut Config| {
-            c.approvers = vec![alice(), approver("bob", K8S_ISSUER, "system:serviceaccount:people:bob")];
+            c.approvers = vec![alice(), bob()];
         })),
         ..Options::default()
     })
     .await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s
-        .start_task(
-            &identity,
-            "github:read github:write github:delete",
-            "prod",
-            PURPOSE,
-        )
-        .await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let task = prod_task_with(&s, "github:read github:write github:delete").await;
     let mut ids = Vec::new();
     for actions in ["read delete", "read write"] {
         let r = s.access_token(&task, "github", Some(actions)).await;
@@ -705,19 +682,8 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
         .await
         .unwrap();
     let t = now();
-    let identity = s.k8s.kubernetes("agents", "coder");
     for (denied_after, other_tool) in [(0, false), (1, false), (0, true)] {
-        let task = s
-            .start_task(
-                &identity,
-                "github:read github:delete deploy:delete",
-                "prod",
-                PURPOSE,
-            )
-            .await["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let task = prod_task_with(&s, "github:read github:delete deploy:delete").await;
         let approved = pending(&s, &task).await;
         let r = if other_tool {
             s.access_token(&task, "deploy", Some("delete")).await
