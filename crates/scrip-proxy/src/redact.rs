@@ -100,12 +100,13 @@ impl Patterns {
         }
     }
 
-    /// Whether `haystack` holds any form's first [`threshold`] bytes.
-    #[must_use]
-    pub fn found_in(&self, haystack: &[u8]) -> bool {
+    /// Whether `haystack` holds any form whole: for tests of which forms
+    /// are looked for.
+    #[cfg(test)]
+    pub(crate) fn found_in(&self, haystack: &[u8]) -> bool {
         self.forms
             .iter()
-            .any(|f| memchr::memmem::find(haystack, start_of(f)).is_some())
+            .any(|f| memchr::memmem::find(haystack, f).is_some())
     }
 
     /// The spans of `buf` to mask, in order and apart: from each place a

@@ -77,7 +77,12 @@ fn bob() -> Approver {
 
 /// Asks for `delete` at github; asserts it goes pending; the auth_req_id.
 async fn pending(s: &TestServer, task: &str) -> String {
-    let r = s.access_token(task, "github", Some("delete")).await;
+    pending_step(s, task, "github", "delete").await
+}
+
+/// Asks for `actions` at `tool`; asserts it goes pending; the auth_req_id.
+async fn pending_step(s: &TestServer, task: &str, tool: &str, actions: &str) -> String {
+    let r = s.access_token(task, tool, Some(actions)).await;
     r.assert_error(400, "authorization_pending");
     // It carries the `auth_req_id`: RFC 6749 §5.1's headers.
     assert_eq!(r.headers["cache-control"], "no-store");
@@ -544,9 +549,7 @@ async fn a_denial_answers_access_denied_with_the_reason() {
 async fn a_denied_step_is_not_asked_again_in_pieces() {
     let s = server().await;
     let task = prod_task_with(&s, "github:read github:delete").await;
-    let r = s.access_token(&task, "github", Some("read delete")).await;
-    r.assert_error(400, "authorization_pending");
-    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    let id = pending_step(&s, &task, "github", "read delete").await;
     assert_eq!(
         deny(&s, &id, Some(&alice_id(&s)), "no deletes")
             .await
@@ -580,9 +583,7 @@ async fn a_denial_answers_the_overlapping_steps_asked_before_it() {
         ("github", "delete"),
         ("deploy", "delete"),
     ] {
-        let r = s.access_token(&task, tool, Some(actions)).await;
-        r.assert_error(400, "authorization_pending");
-        ids.push(r.body["auth_req_id"].as_str().unwrap().to_owned());
+        ids.push(pending_step(&s, &task, tool, actions).await);
     }
     assert_eq!(requested(&s).await, 3);
     assert_eq!(
@@ -641,9 +642,7 @@ async fn a_denial_leaves_a_step_that_shares_only_an_allowed_action() {
     let task = prod_task_with(&s, "github:read github:write github:delete").await;
     let mut ids = Vec::new();
     for actions in ["read delete", "read write"] {
-        let r = s.access_token(&task, "github", Some(actions)).await;
-        r.assert_error(400, "authorization_pending");
-        ids.push(r.body["auth_req_id"].as_str().unwrap().to_owned());
+        ids.push(pending_step(&s, &task, "github", actions).await);
     }
     assert_eq!(
         deny(&s, &ids[1], Some(&alice_id(&s)), "no writes")
@@ -685,13 +684,12 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
     for (denied_after, other_tool) in [(0, false), (1, false), (0, true)] {
         let task = prod_task_with(&s, "github:read github:delete deploy:delete").await;
         let approved = pending(&s, &task).await;
-        let r = if other_tool {
-            s.access_token(&task, "deploy", Some("delete")).await
+        let (tool, actions) = if other_tool {
+            ("deploy", "delete")
         } else {
-            s.access_token(&task, "github", Some("delete read")).await
+            ("github", "delete read")
         };
-        r.assert_error(400, "authorization_pending");
-        let denied = r.body["auth_req_id"].as_str().unwrap().to_owned();
+        let denied = pending_step(&s, &task, tool, actions).await;
         let decide = |id: &str, to, at, reason: Option<&str>| Write::UpdateApproval {
             id: id.to_owned(),
             from: ApprovalState::Pending,
@@ -1555,9 +1553,7 @@ async fn the_approved_step_is_the_whole_step_asked() {
         .start_task(&identity, "github:read github:delete", "prod", PURPOSE)
         .await;
     let task = r["access_token"].as_str().unwrap().to_owned();
-    let r = s.access_token(&task, "github", Some("read delete")).await;
-    r.assert_error(400, "authorization_pending");
-    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    let id = pending_step(&s, &task, "github", "read delete").await;
     let listed = list(&s, Some(&alice_id(&s))).await;
     assert_eq!(listed.body["approvals"][0]["actions"], "delete read");
     let r = approved_token(&s, &task, &id).await;

@@ -82,6 +82,15 @@ async fn task_token(s: &TestServer) -> String {
     body["access_token"].as_str().unwrap().to_owned()
 }
 
+/// A task token holding `github:read`, and an access token of it for
+/// `github` `read`.
+async fn task_and_access(s: &TestServer) -> (String, String) {
+    let task = task_token(s).await;
+    let r = s.access_token(&task, "github", Some("read")).await;
+    let access = r.body["access_token"].as_str().unwrap().to_owned();
+    (task, access)
+}
+
 /// A start-task form with the given scope and raw `request_details`.
 fn task_form<'a>(identity: &'a str, scope: &'a str, details: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
@@ -1198,15 +1207,7 @@ async fn revoke_missing_token() {
 #[tokio::test]
 async fn a_forged_token_revokes_nothing() {
     let s = TestServer::start().await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s.start_task(&identity, "github:read", "dev", PURPOSE).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let access = s.access_token(&task, "github", Some("read")).await.body["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (task, access) = task_and_access(&s).await;
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let forgeries = |token: &str| {
         let (header, claims) = decode_parts(token);
@@ -1266,15 +1267,7 @@ async fn a_forged_token_revokes_nothing() {
 #[tokio::test]
 async fn an_access_token_for_a_tool_no_longer_configured_is_revoked() {
     let s = TestServer::start().await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s.start_task(&identity, "github:read", "dev", PURPOSE).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let access = s.access_token(&task, "github", Some("read")).await.body["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, access) = task_and_access(&s).await;
     let retired = s.resign(&access, |c| c["aud"] = json!("retired"));
     let (_, claims) = decode_parts(&retired);
     assert_eq!(s.revoke(&retired).await.status, 200);
