@@ -98,6 +98,7 @@ fn batch(range: std::ops::Range<u64>, per_task: u64, now: u64, total: u64) -> Re
             actor: None,
             may_act: Vec::new(),
             grants: "github:read github:write jira:read".to_owned(),
+            held: String::new(),
             purpose: crate::PURPOSE.to_owned(),
             environment: "dev".to_owned(),
             depth: 0,

@@ -53,6 +53,16 @@ pub const MAX_PROOF_BYTES: usize = 8 * 1024;
 /// The longest `jti` accepted.
 const MAX_JTI_LEN: usize = 256;
 
+/// The largest RSA modulus a proof's key may have, in bytes (4096 bits).
+/// Anyone may send a proof, and its signature is checked before the
+/// request's other credentials: an 8192-bit key with a large exponent
+/// would cost many times a normal check, for nothing.
+const MAX_RSA_MODULUS: usize = 512;
+
+/// The one RSA public exponent a proof's key may have (65537, as every
+/// RSA key generator makes by default): a larger one costs more to check.
+const RSA_EXPONENT: [u8; 3] = [1, 0, 1];
+
 /// JWK members that hold private key material (RFC 7518 §6, RFC 8037).
 pub(crate) const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
 
@@ -224,6 +234,22 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofE
                     "key's `{m}` is not an integer in its fewest octets"
                 )));
             }
+        }
+        let octets = |m: &str| {
+            jwk_value
+                .get(m)
+                .and_then(Value::as_str)
+                .and_then(|v| decode_part(v).ok())
+                .unwrap_or_default()
+        };
+        if octets("n").len() > MAX_RSA_MODULUS {
+            return Err(refuse(format!(
+                "key's modulus is longer than {} bits",
+                MAX_RSA_MODULUS * 8
+            )));
+        }
+        if octets("e") != RSA_EXPONENT {
+            return Err(refuse("key's exponent is not 65537 (`AQAB`)"));
         }
     }
     let jkt = thumbprint(jwk_value)?;
@@ -710,6 +736,22 @@ mod tests {
             &check(),
             "key's `e` is not an integer in its fewest octets",
         );
+        // Keys that cost more to check than any client needs: refused
+        // before the signature is. A 4096-bit one is still checked.
+        refused(&proof(n, "AQAD"), &check(), "exponent is not 65537");
+        refused(&proof(n, "_____w"), &check(), "exponent is not 65537");
+        let bits = |octets: usize| b64(&[0xc5; 1024][..octets]);
+        refused(
+            &proof(&bits(513), "AQAB"),
+            &check(),
+            "longer than 4096 bits",
+        );
+        refused(
+            &proof(&bits(1024), "AQAB"),
+            &check(),
+            "longer than 4096 bits",
+        );
+        refused(&proof(&bits(512), "AQAB"), &check(), "signature");
     }
 
     #[test]

@@ -531,7 +531,8 @@ async fn issue(
     a.jti = Some(jti.clone());
     a.reason = Some(format!("approved by {approver}"));
     // Two polls racing for one approval: only the one whose update applies
-    // commits (its audit record with it) and hands out the token.
+    // commits (its audit record with it) and hands out the token; nothing
+    // once the task's end is committed.
     match st
         .store
         .commit(vec![
@@ -545,14 +546,21 @@ async fn issue(
                 token_jti: Some(jti.clone()),
             },
             Write::Audit(Box::new(a)),
+            Write::TaskOpen {
+                id: task.id.clone(),
+            },
         ])
         .await
     {
         Ok(()) => {}
         Err(scrip_store::StoreError::Conflict(_)) => {
-            return Err(OAuthError::invalid_grant(
-                "auth_req_id is unknown, already used, or not this task's",
-            ));
+            // Collected by another poll meanwhile, or the task ended.
+            return Err(match st.store.task(&task.id).await?.map(|t| t.state(now)) {
+                Some(TaskState::Active) => OAuthError::invalid_grant(
+                    "auth_req_id is unknown, already used, or not this task's",
+                ),
+                _ => OAuthError::invalid_grant(TASK_ENDED),
+            });
         }
         Err(e) => return Err(e.into()),
     }

@@ -144,7 +144,15 @@ pub(crate) async fn delegate(
         a.client = Some(peer.to_string());
         a
     };
-    let (mut writes, allowed) = decide_grants(st, &parent.agent, &grants, &ctx, &base);
+    let (mut writes, allowed, held) = decide_grants(st, &parent.agent, &grants, &ctx, &base);
+    // What the parent holds only with a person's approval, the child does
+    // too: delegating does not spare the person.
+    let parent_held = crate::exchange::held_grants(&parent)?;
+    let held: GrantSet = held
+        .iter()
+        .chain(parent_held.iter().filter(|g| allowed.contains(g)))
+        .cloned()
+        .collect();
     if allowed.is_empty() {
         st.store.commit(writes).await?;
         return Err(OAuthError::access_denied(
@@ -187,6 +195,7 @@ pub(crate) async fn delegate(
         actor: Some(act),
         may_act,
         grants: child.scope.clone(),
+        held: held.to_string(),
         purpose: purpose.clone(),
         environment: parent.environment.clone(),
         depth,

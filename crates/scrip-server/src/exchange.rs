@@ -385,18 +385,21 @@ pub(crate) fn decide(
 }
 
 /// Decides each grant of a task start or delegation: returns the audit
-/// records of the decisions and the grants the task may hold. A grant policy
-/// allows only with a person's approval is held; each use of it then waits
-/// for that approval.
+/// records of the decisions, the grants the task may hold, and those of
+/// them it holds only with a person's approval (policy allows them only
+/// so): each use of one of those then waits for that approval, whatever
+/// policy says at the time of the use (a rule may ask for a person at the
+/// task stage only, `context.stage == "task"`).
 pub(crate) fn decide_grants(
     st: &Inner,
     agent: &WorkloadIdentity,
     grants: &GrantSet,
     ctx: &RequestContext,
     base: &dyn Fn(AuditEvent) -> AuditEvent,
-) -> (Vec<Write>, GrantSet) {
+) -> (Vec<Write>, GrantSet, GrantSet) {
     let mut writes = Vec::new();
     let mut allowed = Vec::new();
+    let mut held = Vec::new();
     for g in grants.iter() {
         let Some(tool) = st.config.tool(g.tool.as_str()) else {
             continue;
@@ -412,8 +415,24 @@ pub(crate) fn decide_grants(
         if d.allowed || approvable {
             allowed.push(g.clone());
         }
+        if approvable {
+            held.push(g.clone());
+        }
     }
-    (writes, allowed.into_iter().collect())
+    (
+        writes,
+        allowed.into_iter().collect(),
+        held.into_iter().collect(),
+    )
+}
+
+/// The grants of `task` that each use of waits for a person's approval
+/// (see [`decide_grants`]).
+pub(crate) fn held_grants(task: &TaskRecord) -> Result<GrantSet, OAuthError> {
+    if task.held.is_empty() {
+        return Ok(GrantSet::default());
+    }
+    GrantSet::parse(&task.held).map_err(|_| OAuthError::server_error())
 }
 
 pub(crate) fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEvent {
@@ -524,7 +543,7 @@ async fn start_task(
         a.client = Some(client.clone());
         a
     };
-    let (mut writes, allowed) = decide_grants(st, &agent, &grants, &ctx, &base);
+    let (mut writes, allowed, held) = decide_grants(st, &agent, &grants, &ctx, &base);
     if allowed.is_empty() {
         st.store.commit(writes).await?;
         return Err(OAuthError::access_denied(
@@ -572,6 +591,7 @@ async fn start_task(
         actor: None,
         may_act: details.may_act.clone(),
         grants: claims.scope.clone(),
+        held: held.to_string(),
         purpose: ctx.purpose.clone(),
         environment: ctx.environment.clone(),
         depth: 0,
@@ -664,6 +684,7 @@ async fn access_token(
         .await?
         .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
     let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
+    let task_held = held_grants(&task)?;
 
     let mut base = st.audit("token.decision");
     base.agent_iss = Some(task.agent.issuer.clone());
@@ -775,7 +796,23 @@ async fn access_token(
     let decisions: Vec<_> = actions
         .iter()
         .map(|action| {
-            let (d, approvable) = crate::approval::classify(st, &task.agent, tool, action, &ctx);
+            let (mut d, approvable) =
+                crate::approval::classify(st, &task.agent, tool, action, &ctx);
+            // A grant the task holds only with a person's approval: policy
+            // allowing it now does not spare the person.
+            let grant = || Grant {
+                tool: tool.name.clone(),
+                action: action.clone(),
+            };
+            if d.allowed && !task_held.is_empty() && task_held.contains(&grant()) {
+                let grant = grant();
+                d.allowed = false;
+                d.reason = format!(
+                    "{}; the task holds `{grant}` only with a person's approval at each use",
+                    d.reason
+                );
+                return (action, d, true);
+            }
             (action, d, approvable)
         })
         .collect();
@@ -874,7 +911,25 @@ async fn access_token(
         });
     }
     writes.push(Write::Audit(Box::new(issued)));
-    st.store.commit(writes).await?;
+    // A task ended since it was read above (on any replica) gets nothing.
+    writes.push(Write::TaskOpen {
+        id: task.id.clone(),
+    });
+    match st.store.commit(writes).await {
+        Ok(()) => {}
+        Err(scrip_store::StoreError::Conflict(_)) => {
+            let e = OAuthError::invalid_request("subject_token: the task has ended");
+            return refuse(
+                st,
+                &base,
+                Some(tool.name.to_string()),
+                Some(access.scope.clone()),
+                e,
+            )
+            .await;
+        }
+        Err(e) => return Err(e.into()),
+    }
     // Per request, so at debug: the audit trail has every issuance.
     tracing::debug!(task = %task.id, jti = %jti, tool = %tool.name, scope = %access.scope, "access token issued");
     Ok(Issued::access_token(

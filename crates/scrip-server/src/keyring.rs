@@ -88,22 +88,40 @@ fn parse_alg(alg: &str) -> Option<SigningAlgorithm> {
 /// What starting on the store created, for the audit.
 #[derive(Debug, Default)]
 pub struct Created {
-    /// `(kid, what)` of every key created.
+    /// `(kid, what)` of every key created (or found not yet recorded).
     pub keys: Vec<(String, String)>,
-    /// The key files created (a file key set): removed again when their
-    /// audit record cannot be committed, as nothing has used them yet and
-    /// the next start would find them made and not record them.
+    /// The key files among them (a file key set), which say they are not
+    /// on the record until [`Created::recorded`] marks them. A start that
+    /// stops before (its commit refused, a crash) leaves them so, and the
+    /// next start records them. They are never removed: a commit that
+    /// failed may still have taken effect, signed by the checkpoint key.
     pub files: Vec<std::path::PathBuf>,
 }
 
 impl Created {
-    /// Removes the key files created (see [`Created::files`]).
-    pub fn forget_files(&self) {
+    /// Marks the key files as recorded, once their audit records are
+    /// committed. A file not marked is recorded again by the next start.
+    pub fn recorded(&self) {
         for f in &self.files {
-            if let Err(e) = std::fs::remove_file(f) {
-                tracing::warn!(path = %f.display(), error = %e, "cannot remove a key file whose creation was not recorded");
+            if let Err(e) = keys::mark_recorded(f) {
+                tracing::warn!(path = %f.display(), error = %e, "cannot note in a key file that it is recorded; the next start records it again");
             }
         }
+    }
+
+    /// Adds `loaded` if it is not on the record yet, as `what` created.
+    fn add(&mut self, loaded: &keys::Loaded, what: &str) {
+        if loaded.recorded {
+            return;
+        }
+        let what = if loaded.created {
+            format!("{what} created")
+        } else {
+            // Made by a start that stopped before it recorded it.
+            format!("{what} created by an earlier start, which stopped before recording it")
+        };
+        self.keys.push((loaded.key.kid().to_owned(), what));
+        self.files.push(loaded.path.clone());
     }
 }
 
@@ -116,20 +134,8 @@ impl Keyring {
         let loaded = keys::load_or_create(&config.data_dir, config.signing_algorithm, now)?;
         let checkpoint = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
         let mut created = Created::default();
-        if loaded.created {
-            created.keys.push((
-                loaded.key.kid().to_owned(),
-                format!("{} signing key created", loaded.key.algorithm()),
-            ));
-            created.files.push(loaded.path.clone());
-        }
-        if checkpoint.created {
-            created.keys.push((
-                checkpoint.key.kid().to_owned(),
-                "audit checkpoint key created".into(),
-            ));
-            created.files.push(checkpoint.path.clone());
-        }
+        created.add(&loaded, &format!("{} signing key", loaded.key.algorithm()));
+        created.add(&checkpoint, "audit checkpoint key");
         let ring = Ring::new(
             vec![(0, Arc::new(loaded.key))],
             vec![Arc::new(checkpoint.key)],
@@ -154,13 +160,15 @@ impl Keyring {
     ///
     /// The audit records of the keys it creates or retires are committed
     /// with them (named after `replica`): the returned [`Created`] is for
-    /// the log only.
+    /// the log only. The key set is `store`'s head signer from before that
+    /// commit on (see [`Store::sign_heads_with`]), so the commit's records
+    /// are signed in it: a crash right after leaves nothing unsigned.
     pub async fn shared(
         config: &Config,
         store: &dyn Store,
         now: u64,
         replica: &str,
-    ) -> Result<(Self, Created), KeyError> {
+    ) -> Result<(Arc<Self>, Created), KeyError> {
         let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
         let kek = keys::store_kek(config, store).await?;
         let shared = Shared {
@@ -172,6 +180,28 @@ impl Keyring {
         };
         shared.open_all(config, &stored)?;
         let (mut writes, mut created) = shared.plan(&stored, now)?;
+        // The keys as they are once the plan is committed: its newest
+        // checkpoint key signs that commit's chain head.
+        let mut planned = stored.clone();
+        planned.extend(writes.iter().filter_map(|w| match w {
+            Write::InsertKey { key, .. } => Some(StoredKey::clone(key)),
+            _ => None,
+        }));
+        let unusable = |message| KeyError::Invalid {
+            path: config.key_encryption_key_path(),
+            message,
+        };
+        let ring = shared.ring(&planned).map_err(unusable)?;
+        let keyring = Arc::new(Self::with_ring(
+            Some(shared),
+            ring,
+            config.signing_algorithm,
+        ));
+        store.sign_heads_with(keyring.clone());
+        let shared = keyring
+            .shared
+            .as_ref()
+            .ok_or_else(|| unusable("the shared key set is missing".into()))?;
         if !writes.is_empty() {
             // In the keys' own commit: audited in a second one, a crash or
             // a failed start between the two would leave keys nobody
@@ -190,16 +220,21 @@ impl Keyring {
         }
         let stored = store.keys(now).await.map_err(|e| store_error(config, &e))?;
         // Again: a replica that started at the same moment, with a
-        // key-encryption key of its own, may have created them.
+        // key-encryption key of its own, may have created them (and then
+        // this one's commit changed nothing: the keys it signs with from
+        // now on are that replica's).
         shared.open_all(config, &stored)?;
-        let ring = shared.ring(&stored).map_err(|message| KeyError::Invalid {
-            path: config.key_encryption_key_path(),
-            message,
-        })?;
-        Ok((
-            Self::with_ring(Some(shared), ring, config.signing_algorithm),
-            created,
-        ))
+        keyring.install(shared.ring(&stored).map_err(unusable)?);
+        Ok((keyring, created))
+    }
+
+    /// Puts `ring` in use.
+    fn install(&self, ring: Ring) {
+        self.verify.replace(ring.verify_set());
+        match self.ring.write() {
+            Ok(mut r) => *r = Arc::new(ring),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(ring),
+        }
     }
 
     fn with_ring(shared: Option<Shared>, ring: Ring, alg: SigningAlgorithm) -> Self {
@@ -333,13 +368,7 @@ impl Keyring {
             store.keys(now).await?
         };
         match shared.ring(&stored) {
-            Ok(ring) => {
-                self.verify.replace(ring.verify_set());
-                match self.ring.write() {
-                    Ok(mut r) => *r = Arc::new(ring),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(ring),
-                }
-            }
+            Ok(ring) => self.install(ring),
             Err(message) => {
                 tracing::error!(%message, "shared keys unusable; keeping the keys in use")
             }
@@ -433,19 +462,18 @@ pub async fn checkpoint_signer(
 ) -> Result<Arc<SigningKey>, KeyError> {
     if config.database_url.is_none() {
         let loaded = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
+        let mut created = Created::default();
+        created.add(&loaded, "audit checkpoint key");
         let key = Arc::new(loaded.key);
-        if loaded.created {
-            let created = Created {
-                keys: vec![(key.kid().to_owned(), "audit checkpoint key created".into())],
-                files: vec![loaded.path.clone()],
-            };
+        if !created.keys.is_empty() {
             // Its record signed in its own commit, as the caller's later
             // commits will be.
             store.sign_heads_with(Arc::new(HeadKey(key.clone())));
-            if let Err(e) = store.commit(crate::key_audit(replica, &created)).await {
-                created.forget_files();
-                return Err(store_error(config, &e));
-            }
+            store
+                .commit(crate::key_audit(replica, &created))
+                .await
+                .map_err(|e| store_error(config, &e))?;
+            created.recorded();
         }
         return Ok(key);
     }

@@ -75,6 +75,22 @@ struct KeyFile {
     kid: String,
     created_at: u64,
     pkcs8: String,
+    /// `false` from the key's creation until its `key.created` audit
+    /// record is committed ([`mark_recorded`]): a start that finds it
+    /// `false` records the key (the start that made it stopped first).
+    /// Absent in files that scrip wrote before it kept this, whose keys
+    /// were recorded as they were made.
+    #[serde(default = "recorded_before", skip_serializing_if = "is_recorded")]
+    recorded: bool,
+}
+
+fn recorded_before() -> bool {
+    true
+}
+
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's signature")]
+fn is_recorded(recorded: &bool) -> bool {
+    *recorded
 }
 
 /// The private key it holds is zeroed when it is dropped.
@@ -155,6 +171,11 @@ pub struct Loaded {
     pub key: SigningKey,
     /// Whether it was created just now.
     pub created: bool,
+    /// Whether its `key.created` audit record was committed: `false` for a
+    /// key created just now, and for one whose creator stopped before
+    /// recording it. Once the caller has committed the record, it calls
+    /// [`mark_recorded`].
+    pub recorded: bool,
     /// Its file.
     pub path: PathBuf,
 }
@@ -191,6 +212,7 @@ pub fn read_checkpoint_key(data_dir: &Path) -> Result<SigningKey, KeyError> {
         &data_dir.join("keys/audit-checkpoint.json"),
         SigningAlgorithm::EdDSA,
     )
+    .map(|(key, _)| key)
 }
 
 fn load_or_create_named(
@@ -204,10 +226,11 @@ fn load_or_create_named(
     let path = dir.join(format!("{name}.json"));
     remove_stale_temporaries(&path);
     if path.exists() {
-        let key = read_key(&path, alg)?;
+        let (key, recorded) = read_key(&path, alg)?;
         return Ok(Loaded {
             key,
             created: false,
+            recorded,
             path,
         });
     }
@@ -220,6 +243,7 @@ fn load_or_create_named(
         kid: key.kid().to_owned(),
         created_at: now,
         pkcs8: b64(&pkcs8),
+        recorded: false,
     };
     let json = serde_json::to_vec_pretty(&file)
         .map(zeroize::Zeroizing::new)
@@ -229,17 +253,54 @@ fn load_or_create_named(
         })?;
     if !create_private(&path, &json)? {
         // Another process created it first: use that one.
+        let (key, recorded) = read_key(&path, alg)?;
         return Ok(Loaded {
-            key: read_key(&path, alg)?,
+            key,
             created: false,
+            recorded,
             path,
         });
     }
     Ok(Loaded {
         key,
         created: true,
+        recorded: false,
         path,
     })
+}
+
+/// Notes in the key file at `path` that its `key.created` audit record is
+/// committed, so that later starts do not record it again. Until then the
+/// file says it is not, and each start that loads it records it: a key
+/// that signs is never off the record, at worst on it twice.
+///
+/// A file another user owns (a command run as root on scrip's files) is
+/// left as it is: replaced, it would be that user's, and scrip's own user
+/// could no longer read it. The next start as its owner marks it.
+///
+/// # Errors
+/// [`KeyError`] when the file cannot be read or replaced.
+pub fn mark_recorded(path: &Path) -> Result<(), KeyError> {
+    let owner = fs::metadata(path).map_err(io(path))?.uid();
+    if owner != rustix::process::geteuid().as_raw() {
+        return Ok(());
+    }
+    let bytes = zeroize::Zeroizing::new(read_private(path)?);
+    let mut file: KeyFile = serde_json::from_slice(&bytes).map_err(|_| KeyError::Invalid {
+        path: path.to_owned(),
+        message: "not a scrip key file".into(),
+    })?;
+    if file.recorded {
+        return Ok(());
+    }
+    file.recorded = true;
+    let json = serde_json::to_vec_pretty(&file)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| KeyError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    replace_private(path, &json)
 }
 
 /// Reads a private file, refusing one that group or others can read.
@@ -273,7 +334,9 @@ pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
     Ok(bytes)
 }
 
-fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> {
+/// The key in the file at `path`, and whether its creation is on the
+/// record.
+fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<(SigningKey, bool), KeyError> {
     let bytes = zeroize::Zeroizing::new(read_private(path)?);
     let invalid = |message: String| KeyError::Invalid {
         path: path.to_owned(),
@@ -296,7 +359,7 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<SigningKey, KeyError> 
     if key.kid() != file.kid {
         return Err(invalid("key id does not match the key".into()));
     }
-    Ok(key)
+    Ok((key, file.recorded))
 }
 
 /// Removes what a process stopped while [`create_private`] wrote `path`
@@ -349,7 +412,33 @@ pub fn remove_stale_temporaries(path: &Path) {
 /// # Errors
 /// [`KeyError::Io`] on failure.
 pub fn create_private(path: &Path, data: &[u8]) -> Result<bool, KeyError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let tmp = write_temporary(path, data)?;
+    // A hard link fails on an existing name where a rename would replace it.
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(io(path)(e)),
+    }
+    sync_parent(path)?;
+    Ok(true)
+}
+
+/// Replaces `path` with a file holding `data`, mode 0600, atomically and
+/// durably: a crash leaves the old file or the new one.
+fn replace_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
+    let tmp = write_temporary(path, data)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(path)(e));
+    }
+    sync_parent(path)
+}
+
+/// A new `<stem>.<random>.tmp` beside `path` holding `data`, mode 0600,
+/// on disk (see [`remove_stale_temporaries`] for what a crash leaves).
+fn write_temporary(path: &Path, data: &[u8]) -> Result<PathBuf, KeyError> {
     let suffix = scrip_jose::random_id().map_err(|e| KeyError::Invalid {
         path: path.to_owned(),
         message: e.to_string(),
@@ -363,18 +452,22 @@ pub fn create_private(path: &Path, data: &[u8]) -> Result<bool, KeyError> {
         .map_err(io(&tmp))?;
     let written = f.write_all(data).and_then(|()| f.sync_all());
     drop(f);
-    // A hard link fails on an existing name where a rename would replace it.
-    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(e) => return Err(io(path)(e)),
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
     }
+    Ok(tmp)
+}
+
+/// Makes the directory entries of `path`'s directory durable.
+fn sync_parent(path: &Path) -> Result<(), KeyError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(true)
+        .map_err(io(dir))
 }
 
 /// The environment variable that may hold the key-encryption key (the
@@ -775,5 +868,34 @@ mod stale_temporaries {
         for kept in [young, not_ours, other_key, key] {
             assert!(kept.exists(), "{}", kept.display());
         }
+    }
+
+    /// A new key says it is not on the record until marked, and stays so
+    /// for every later load; a file written before scrip kept the mark
+    /// reads as recorded. Marking keeps the key and the file's mode.
+    #[test]
+    fn a_key_is_unrecorded_until_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = load_or_create(dir.path(), SigningAlgorithm::ES256, 7).unwrap();
+        assert!(made.created && !made.recorded);
+        let again = load_or_create(dir.path(), SigningAlgorithm::ES256, 8).unwrap();
+        assert!(!again.created && !again.recorded);
+        assert_eq!(again.key.kid(), made.key.kid());
+        mark_recorded(&made.path).unwrap();
+        let marked = load_or_create(dir.path(), SigningAlgorithm::ES256, 9).unwrap();
+        assert!(!marked.created && marked.recorded);
+        assert_eq!(marked.key.kid(), made.key.kid());
+        let meta = fs::metadata(&made.path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // The form of older files, without the field.
+        let old: serde_json::Value =
+            serde_json::from_slice(&fs::read(&made.path).unwrap()).unwrap();
+        assert_eq!(old.get("recorded"), None, "{old}");
+        assert_eq!(old["created_at"], 7);
+        let unmarked = dir.path().join("keys/other.json");
+        let mut file: KeyFile = serde_json::from_value(old).unwrap();
+        file.recorded = false;
+        assert!(create_private(&unmarked, &serde_json::to_vec(&file).unwrap()).unwrap());
+        assert!(!read_key(&unmarked, SigningAlgorithm::ES256).unwrap().1);
     }
 }

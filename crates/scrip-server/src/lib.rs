@@ -203,26 +203,22 @@ impl Server {
             IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
         let attest = attest::Socket::bind(&config)?;
         // Every commit from here on signs this process's chain head in the
-        // same transaction (the shared keys' own commit is signed by the
-        // next one, as the key that signs comes out of it).
+        // same transaction (the shared keys' own commit too: the key set
+        // that signs is made ready to before it).
         let keyring = if config.database_url.is_some() {
             // Audited in the commit that stored them.
-            let (keyring, _) =
-                keyring::Keyring::shared(&config, store.as_ref(), state::now(), &replica).await?;
-            let keyring = std::sync::Arc::new(keyring);
-            store.sign_heads_with(keyring.clone());
-            keyring
+            keyring::Keyring::shared(&config, store.as_ref(), state::now(), &replica)
+                .await?
+                .0
         } else {
             let (keyring, created) = keyring::Keyring::from_files(&config, state::now())?;
             let keyring = std::sync::Arc::new(keyring);
             store.sign_heads_with(keyring.clone());
-            // On the record at once: the next start would find the files
-            // made already.
-            if !created.keys.is_empty()
-                && let Err(e) = store.commit(key_audit(&replica, &created)).await
-            {
-                created.forget_files();
-                return Err(e.into());
+            // On the record before they sign anything; until the files are
+            // marked, every start records them.
+            if !created.keys.is_empty() {
+                store.commit(key_audit(&replica, &created)).await?;
+                created.recorded();
             }
             keyring
         };

@@ -85,6 +85,11 @@ impl Policies {
     /// between two policies dropping the `forbid` rules after it), so what
     /// was read is dropped, nothing is installed or audited, and `None` says
     /// to read again once the files settle.
+    ///
+    /// A new set is put in force only once its `policy.reloaded` record is
+    /// committed: the decisions it makes name its policies, and the trail
+    /// must say where they came from. When the store cannot take the
+    /// record, the last good set stays and `None` says to read again.
     async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>) -> Option<bool> {
         let inner = &self.0;
         // A directory that is gone (moved, an unmounted volume) is not an
@@ -111,32 +116,39 @@ impl Policies {
             );
             return None;
         }
-        let (event, reason, accepted) = match result {
+        let record = |event: &str, reason: String| {
+            vec![Write::Audit(Box::new(AuditEvent {
+                at_ms: crate::state::now_ms(),
+                event: event.to_owned(),
+                replica: inner.replica.clone(),
+                reason: Some(reason),
+                ..AuditEvent::default()
+            }))]
+        };
+        match result {
             Ok(engine) => {
                 let n = engine.len();
+                let reloaded = record("policy.reloaded", format!("{n} policies ({cause})"));
+                if let Err(e) = inner.store.commit(reloaded).await {
+                    tracing::error!(error = %e, cause, "could not record the policy reload; keeping the last good policies until it can be");
+                    return None;
+                }
                 match inner.current.write() {
                     Ok(mut slot) => *slot = Arc::new(engine),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
                 }
                 tracing::info!(policies = n, cause, "policies reloaded");
-                ("policy.reloaded", format!("{n} policies ({cause})"), true)
+                Some(true)
             }
             Err(e) => {
                 tracing::error!(error = %e, cause, "policy reload rejected; keeping the last good policies");
-                ("policy.rejected", format!("{e} ({cause})"), false)
+                let rejected = record("policy.rejected", format!("{e} ({cause})"));
+                if let Err(e) = inner.store.commit(rejected).await {
+                    tracing::error!(error = %e, "could not record the rejected policy reload");
+                }
+                Some(false)
             }
-        };
-        let a = AuditEvent {
-            at_ms: crate::state::now_ms(),
-            event: event.to_owned(),
-            replica: inner.replica.clone(),
-            reason: Some(reason),
-            ..AuditEvent::default()
-        };
-        if let Err(e) = inner.store.commit(vec![Write::Audit(Box::new(a))]).await {
-            tracing::error!(error = %e, "could not record the policy reload");
         }
-        Some(accepted)
     }
 
     /// Reloads on every `hangup` signal and whenever the directory's files

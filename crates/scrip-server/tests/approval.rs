@@ -1071,6 +1071,80 @@ async fn child_task(s: &TestServer) -> String {
     r.body["access_token"].as_str().unwrap().to_owned()
 }
 
+/// A rule that asks for a person only when a task is started (its
+/// `context.stage` is `task`): the task holds the grant, and each use of
+/// it waits for a person, though at the token stage policy allows it
+/// outright. A sub-task holding the grant holds it so too, though the rule
+/// spares delegations.
+#[tokio::test]
+async fn a_grant_held_at_task_start_needs_a_person_at_each_use() {
+    let mut options = delegation_allowed(|c| c.approvers = vec![alice()]);
+    options.extra_policies.push((
+        "write-at-start-needs-approval.cedar".into(),
+        r#"@id("write-at-start-needs-approval")
+forbid (principal, action == Action::"write", resource)
+when { context.stage == "task" && context.delegation_depth == 0 && context.environment == "prod" }
+unless { context.approved };
+"#
+        .into(),
+    ));
+    let s = TestServer::start_with(options).await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .start_task(&identity, "github:read github:write", "prod", PURPOSE)
+        .await;
+    assert_eq!(r["scope"], "github:read github:write", "{r}");
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    // `read` was allowed outright: issued. `write` waits for a person.
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = pending_step(&s, &task, "github", "write").await;
+    let r = s.access_token(&task, "github", Some("read write")).await;
+    r.assert_error(400, "authorization_pending");
+    let record = s
+        .audit()
+        .await
+        .into_iter()
+        .find(|a| a.event == "token.decision" && a.actions.as_deref() == Some("write"))
+        .unwrap();
+    assert_eq!(record.decision.as_deref(), Some("deny"));
+    assert!(
+        record
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("holds `github:write` only with a person's approval"),
+        "{record:?}"
+    );
+    let r = approved_token(&s, &task, &id).await;
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(c["scope"], "write", "{c}");
+    assert_eq!(c["approval"]["approver"], "alice", "{c}");
+    // A sub-task: the rule spares the delegation, but the parent holds
+    // the grant only so.
+    let actor = s.spiffe.spiffe("acme.example", "/reviewer");
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &task),
+                ("subject_token_type", TXN),
+                ("actor_token", &actor),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", "github:read github:write"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "delegate: {}", r.text);
+    let child = r.body["access_token"].as_str().unwrap().to_owned();
+    let r = s.access_token(&child, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    pending_step(&s, &child, "github", "write").await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn separation_of_duties_refuses_an_actor_in_the_chain() {
     let s = TestServer::start_with(delegation_allowed(|c| {

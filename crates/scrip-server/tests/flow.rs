@@ -109,3 +109,52 @@ async fn task_then_access_token() {
         .assert_error(400, "invalid_request");
     s.stop().await;
 }
+
+/// A task ended by another writer of the store while this server still
+/// holds it as open (its cache not told yet, as a replica's in the
+/// milliseconds before the notification, or while its commit waited in a
+/// queue): the commit that would record the token finds the end, and
+/// nothing is issued.
+#[tokio::test]
+async fn an_exchange_racing_its_tasks_end_issues_nothing() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .start_task(&identity, "github:read", "dev", "race JIRA-1")
+        .await;
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    let txn = decode_parts(&task).1["txn"].as_str().unwrap().to_owned();
+    // Once, so the server holds the task as open.
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let other = scrip_store::open(None, &s.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    other
+        .commit(vec![scrip_store::Write::EndTask {
+            id: txn.clone(),
+            at: now(),
+            reason: "revoked".into(),
+            grace: 0,
+        }])
+        .await
+        .unwrap();
+    let r = s.access_token(&task, "github", Some("read")).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("the task has ended"), "{}", r.text);
+    let audit = s.audit().await;
+    let last = audit
+        .iter()
+        .rev()
+        .find(|a| a.task_id.as_deref() == Some(txn.as_str()))
+        .unwrap();
+    assert_eq!(last.event, "token.refused", "{last:?}");
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.event == "token.issued" && a.task_id.as_deref() == Some(txn.as_str()))
+            .count(),
+        1
+    );
+    s.stop().await;
+}

@@ -967,6 +967,65 @@ async fn a_locked_store_fails_closed_and_recovers() {
     s.stop().await;
 }
 
+/// A reload whose `policy.reloaded` record the store cannot take (its
+/// write lock held past a commit's wait) is not put in force: it is read
+/// again, and decides only once its record is committed, before any
+/// decision it makes.
+#[tokio::test]
+async fn a_reload_the_store_cannot_record_waits_for_its_record() {
+    use sqlx::Connection as _;
+    let logs = captured_logs();
+    let s = TestServer::start().await;
+    let other = s.k8s.kubernetes("other", "coder");
+    let try_other = || s.try_start_task(&other, "github:read", "dev", "reload", None);
+    try_other().await.assert_error(400, "access_denied");
+    let db = s.dir.path().join("data/scrip.db");
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    std::fs::write(
+        s.dir.path().join("policies/zz-other.cedar"),
+        r#"@id("other-read")
+permit (principal, action == Action::"read", resource)
+when { principal has namespace && principal.namespace == "other" };
+"#,
+    )
+    .unwrap();
+    let refused = eventually(Duration::from_secs(20), || async {
+        String::from_utf8_lossy(&logs.lock().unwrap())
+            .contains("could not record the policy reload")
+    })
+    .await;
+    assert!(refused, "the reload's commit did not fail");
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    drop(holder);
+    let allowed = eventually(Duration::from_secs(10), || async {
+        try_other().await.status == 200
+    })
+    .await;
+    assert!(
+        allowed,
+        "the new policy was not put in force once it could be recorded"
+    );
+    let audit = s.audit().await;
+    let seq = |event: &str| {
+        audit
+            .iter()
+            .find(|a| {
+                a.event == event && a.agent_sub.as_deref().is_none_or(|s| s.contains("other"))
+            })
+            .map(|a| a.seq)
+    };
+    let reloaded = seq("policy.reloaded").expect("no policy.reloaded record");
+    let started = seq("task.started").expect("no task.started record");
+    assert!(reloaded < started, "{reloaded} {started}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn policies_reload_on_file_change_and_keep_the_last_good_set() {
     let s = TestServer::start().await;
@@ -1100,6 +1159,60 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
         "{served}"
     );
     s.stop().await;
+}
+
+/// The first keys of a shared store are stored with their records, and
+/// that commit signs its chain head with the checkpoint key it stores: a
+/// replica stopped right after leaves nothing unsigned. So does a start
+/// that rotates.
+#[tokio::test]
+async fn the_commit_of_shared_keys_is_signed() {
+    use scrip_server::keyring::Keyring;
+    let db = scrip_testkit::PgDatabase::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = scrip_config::Config {
+        data_dir: dir.path().join("a"),
+        database_url: Some(db.url().to_owned()),
+        key_encryption_key_file: Some(dir.path().join("kek")),
+        signing_key_rotation: 100,
+        ..scrip_config::Config::default()
+    };
+    scrip_server::keys::load_kek(&config, true).unwrap();
+    let at = now();
+    for (start, at) in [(1, at), (2, at + 200)] {
+        let store = scrip_store::open(db.url().into(), &config.data_dir.join("scrip.db"))
+            .await
+            .unwrap();
+        let (_, made) = Keyring::shared(&config, store.as_ref(), at, "a")
+            .await
+            .unwrap();
+        assert!(!made.keys.is_empty(), "start {start}: nothing made");
+        // Stopped here: nothing more is committed.
+        drop(store);
+        let store = scrip_store::open(db.url().into(), &config.data_dir.join("scrip.db"))
+            .await
+            .unwrap();
+        let jwks = scrip_server::keyring::shared_checkpoint_jwks(&config, store.as_ref(), at)
+            .await
+            .unwrap();
+        let report = strictly_verified(store.as_ref(), &jwks).await;
+        assert_eq!(report.chains, start, "start {start}: {report:?}");
+    }
+}
+
+/// `store`'s trail verified as `scrip audit verify --strict` does it: no
+/// problem, and every record covered by a checkpoint that one of `jwks`
+/// signed.
+async fn strictly_verified(store: &dyn scrip_store::Store, jwks: &[Value]) -> scrip_store::Report {
+    let now_ms = now() * 1000 + 1000;
+    let report = scrip_server::audit::verify(store, jwks, now_ms, 0)
+        .await
+        .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.unsigned, 0, "{report:?}");
+    assert!(report.vouched.is_empty(), "{report:?}");
+    assert!(report.checkpoints > 0, "{report:?}");
+    report
 }
 
 /// Replicas that start at the same moment on an empty shared store agree
@@ -1345,13 +1458,9 @@ async fn a_refused_start_makes_no_keys_and_the_start_that_does_records_them() {
         "{made:?}"
     );
     // Signed: every record is covered by a checkpoint of its own chain.
-    let rows = store.audit_rows(0, u32::MAX).await.unwrap();
-    let checkpoints = store.latest_checkpoints().await.unwrap();
-    let report = scrip_store::verify(&rows, &checkpoints, |_| true);
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let key = scrip_server::keys::read_checkpoint_key(&config.data_dir).unwrap();
+    let report = strictly_verified(store.as_ref(), &[key.public_jwk()]).await;
     assert_eq!(report.chains, 1);
-    assert_eq!(report.unsigned, 0, "{report:?}");
-    assert!(report.vouched.is_empty(), "{report:?}");
 }
 
 /// The `event` audit records of `store`, as the JSON hashed.
@@ -1364,10 +1473,12 @@ async fn key_records(store: &dyn scrip_store::Store, event: &str) -> Vec<String>
 }
 
 /// Key files whose record cannot be committed (the store busy or full at
-/// that moment) are removed again: nothing has used them, and the next
-/// start, finding them made, would not record them.
+/// that moment, or a crash) stay, saying so, and the next start records
+/// them: no key signs off the record, and none that a commit which seemed
+/// to fail may have signed is removed. Once recorded, a key is not
+/// recorded again.
 #[tokio::test]
-async fn keys_whose_record_cannot_be_committed_are_not_kept() {
+async fn keys_whose_record_cannot_be_committed_are_recorded_by_the_next_start() {
     use sqlx::Connection as _;
     let dir = tempfile::tempdir().unwrap();
     let config = scrip_config::Config {
@@ -1392,15 +1503,40 @@ async fn keys_whose_record_cannot_be_committed_are_not_kept() {
         .await
         .unwrap_err()
         .to_string();
-    let keys = config.data_dir.join("keys");
-    let left: Vec<_> = std::fs::read_dir(&keys)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
     // Refused by the commit of the keys' record, after they were made.
     assert!(err.contains("store unavailable"), "{err}");
-    assert!(left.is_empty(), "{left:?} kept after: {err}");
+    let keys = config.data_dir.join("keys");
+    let kid = |name: &str| {
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(keys.join(name)).unwrap()).unwrap();
+        assert_eq!(file["recorded"], false, "{name}: {file}");
+        file["kid"].as_str().unwrap().to_owned()
+    };
+    let kids = [kid("signing-es256.json"), kid("audit-checkpoint.json")];
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     drop(holder);
+    drop(scrip_server::Server::bind(config.clone()).await.unwrap());
+    let store = scrip_store::open(None, &db).await.unwrap();
+    let made = key_records(store.as_ref(), "key.created").await;
+    assert_eq!(made.len(), 2, "{made:?}");
+    for kid in &kids {
+        let record = made.iter().find(|r| r.contains(kid.as_str()));
+        assert!(
+            record.is_some_and(|r| r.contains("created by an earlier start")),
+            "{kid}: {made:?}"
+        );
+    }
+    // Marked recorded (in the form older files have): not recorded again.
+    for name in ["signing-es256.json", "audit-checkpoint.json"] {
+        let file = std::fs::read_to_string(keys.join(name)).unwrap();
+        assert!(!file.contains("recorded"), "{name}: still unrecorded");
+        let mode = std::fs::metadata(keys.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    drop(store);
     drop(scrip_server::Server::bind(config.clone()).await.unwrap());
     let store = scrip_store::open(None, &db).await.unwrap();
     let made = key_records(store.as_ref(), "key.created").await;

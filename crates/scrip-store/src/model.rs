@@ -19,6 +19,12 @@ pub struct TaskRecord {
     pub may_act: Vec<MayAct>,
     /// The grants, canonical `tool:action` list.
     pub grants: String,
+    /// Those of `grants` that policy allowed, when the task was started or
+    /// delegated, only with a person's approval (canonical `tool:action`
+    /// list, empty for none): each use of one waits for a person, whatever
+    /// policy says at the time of the use.
+    #[serde(default)]
+    pub held: String,
     /// The purpose.
     pub purpose: String,
     /// The environment.
@@ -193,6 +199,16 @@ pub enum Write {
     /// [`crate::StoreError::Conflict`] (changing nothing) when its parent
     /// has ended, so that ending a task always ends every child of it.
     InsertTask(Box<TaskRecord>),
+    /// Changes nothing; fails the commit with
+    /// [`crate::StoreError::Conflict`] when the task `id` has ended. In the
+    /// commit that records a credential issued under the task, it makes
+    /// the end and the issue exclusive: a credential whose task's end was
+    /// committed first (on any replica, while this one decided) is not
+    /// recorded, and so not handed out.
+    TaskOpen {
+        /// The task.
+        id: String,
+    },
     /// End a task and every open descendant.
     EndTask {
         /// The task.

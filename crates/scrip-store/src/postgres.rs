@@ -732,8 +732,14 @@ async fn apply_in(
     }
     let mut revoked = false;
     let mut keys = false;
+    // The tasks that must still be open: checked in one statement once
+    // the batch's other writes are applied (an end earlier in the batch
+    // counts; one later in it makes a conflict that splitting the batch
+    // resolves), rather than a round trip for each exchange.
+    let mut open = Vec::new();
     for write in writes {
         match write {
+            Write::TaskOpen { id } => open.push(id.as_str()),
             Write::InsertTask(t) => {
                 // As in SQLite: the write lock above serialises commits across
                 // replicas, so a parent ended before this commit is seen here,
@@ -755,8 +761,8 @@ async fn apply_in(
                 let (agent, actor, may_act) = rows::task_json(t)?;
                 sqlx::query(
                     "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
-                     environment, depth, token_jti, created_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                     environment, depth, token_jti, created_at, expires_at, held) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                 )
                 .bind(&t.id)
                 .bind(&t.parent)
@@ -772,6 +778,7 @@ async fn apply_in(
                 .bind(&t.token_jti)
                 .bind(to_i64(t.created_at))
                 .bind(to_i64(t.expires_at))
+                .bind(&t.held)
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
@@ -1076,6 +1083,20 @@ async fn apply_in(
                 )?;
                 keys = true;
             }
+        }
+    }
+    if !open.is_empty() {
+        let ended: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE id = ANY($1) AND ended_at IS NOT NULL LIMIT 1",
+        )
+        .bind(&open)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if let Some(id) = ended {
+            return Err(StoreError::Conflict(format!(
+                "task {id} has ended: nothing is issued under it"
+            )));
         }
     }
     let head = chain.signed_head(before)?;

@@ -93,7 +93,7 @@ impl_cols!(rusqlite::Row<'_>, rusqlite::Row::get);
 /// The columns [`task`] reads.
 macro_rules! task_columns {
     () => {
-        "id, parent_id, agent, actor, may_act, grants, purpose, environment, depth, token_jti, \
+        "id, parent_id, agent, actor, may_act, grants, held, purpose, environment, depth, token_jti, \
          created_at, expires_at, ended_at, end_reason"
     };
 }
@@ -171,6 +171,7 @@ pub(crate) fn task(row: &impl Cols) -> Result<TaskRecord, StoreError> {
             .map_err(corrupt)?
             .unwrap_or_default(),
         grants: row.text("grants")?,
+        held: row.opt_text("held")?.unwrap_or_default(),
         purpose: row.text("purpose")?,
         environment: row.text("environment")?,
         depth: u32::try_from(row.int("depth")?).unwrap_or(u32::MAX),

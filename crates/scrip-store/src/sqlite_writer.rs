@@ -456,6 +456,7 @@ fn put_checkpoint(
 fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Audit(_) => {}
+        Write::TaskOpen { id } => refuse_if_ended(tx, id, "nothing is issued under it")?,
         Write::InsertTask(t) => {
             // A child only of a parent that has not ended: checked inside the
             // transaction, so a revocation committed after the server read the
@@ -476,8 +477,8 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             run(
                 tx,
                 "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
-                 environment, depth, token_jti, created_at, expires_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 environment, depth, token_jti, created_at, expires_at, held) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     t.id,
                     t.parent,
@@ -493,6 +494,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                     t.token_jti,
                     to_i64(t.created_at),
                     to_i64(t.expires_at),
+                    t.held,
                 ],
             )
             .map_err(failed)?;

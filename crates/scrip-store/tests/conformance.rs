@@ -78,6 +78,7 @@ conformance!(
     a_failed_commit_changes_nothing,
     ending_a_task_ends_its_descendants_and_feeds_revocations,
     a_child_never_outlives_its_ended_parent,
+    nothing_is_recorded_under_an_ended_task,
     a_task_event_outlasts_the_deadline_by_the_grace,
     the_end_of_an_expired_task_is_announced_once_within_the_grace,
     ending_a_task_announces_sub_tasks_that_just_reached_their_deadline,
@@ -127,6 +128,7 @@ fn task(id: &str, parent: Option<&str>, expires_at: u64) -> TaskRecord {
             iss: None,
         }],
         grants: "github:read jira:write".into(),
+        held: "jira:write".into(),
         purpose: "fix JIRA-1".into(),
         environment: "dev".into(),
         depth: u32::from(parent.is_some()),
@@ -203,6 +205,84 @@ async fn a_failed_commit_changes_nothing(f: Fixture) {
     s.commit(vec![audit("token.issued", Some("t1"))])
         .await
         .unwrap();
+    assert!(verify(s.as_ref()).await.problems.is_empty());
+}
+
+/// [`Write::TaskOpen`] refuses a commit once the task has ended, changing
+/// nothing; commits racing the end are each on one side of it, however
+/// the store batches them.
+async fn nothing_is_recorded_under_an_ended_task(f: Fixture) {
+    let s = &f.store;
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t1", None, 9_000))),
+        Write::InsertTask(Box::new(task("t2", None, 9_000))),
+    ])
+    .await
+    .unwrap();
+    let issue = |id: &str| {
+        vec![
+            audit("token.issued", Some(id)),
+            Write::TaskOpen { id: id.into() },
+        ]
+    };
+    s.commit(issue("t1")).await.unwrap();
+    // A task no store holds has not ended.
+    s.commit(issue("nope")).await.unwrap();
+    s.commit(vec![Write::EndTask {
+        id: "t1".into(),
+        at: 2_000,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    let before = all_audit(s.as_ref()).await;
+    let err = s.commit(issue("t1")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(all_audit(s.as_ref()).await, before);
+    // Racing: issues before and after the end, committed together.
+    let mut commits = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        let writes = if i == 20 {
+            vec![
+                audit("task.ended", Some("t2")),
+                Write::EndTask {
+                    id: "t2".into(),
+                    at: 2_100,
+                    reason: "revoked".into(),
+                    grace: 0,
+                },
+            ]
+        } else {
+            issue("t2")
+        };
+        commits.push(tokio::spawn(async move { s.commit(writes).await }));
+    }
+    let mut refused = 0;
+    for c in commits {
+        match c.await.unwrap() {
+            Ok(()) => {}
+            Err(StoreError::Conflict(_)) => refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let audit = all_audit(s.as_ref()).await;
+    let t2 = |event: &str| {
+        audit
+            .iter()
+            .filter(|a| a.event == event && a.task_id.as_deref() == Some("t2"))
+            .map(|a| a.seq)
+            .collect::<Vec<_>>()
+    };
+    let ended = t2("task.ended");
+    let issued = t2("token.issued");
+    assert_eq!(ended.len(), 1);
+    assert_eq!(issued.len() + refused, 39, "{issued:?}");
+    assert!(
+        issued.iter().all(|seq| *seq < ended[0]),
+        "{issued:?} {ended:?}"
+    );
     assert!(verify(s.as_ref()).await.problems.is_empty());
 }
 
