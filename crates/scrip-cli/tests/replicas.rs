@@ -245,6 +245,14 @@ async fn a_task_is_used_delegated_and_ended_across_replicas() {
         json!("system:serviceaccount:agents:reviewer")
     );
 
+    // Every replica holds the task as active: its task token introspects so
+    // (from the task records it keeps, which a revocation's notification
+    // drops).
+    for (i, replica) in r.iter().enumerate() {
+        let seen = replica.introspect(&task, &caller).await;
+        assert_eq!(seen["active"], json!(true), "replica {i}: {seen}");
+    }
+
     // A verifier following c's feed; the task ended through b.
     let cursor = r[2]
         .client
@@ -311,6 +319,20 @@ async fn a_task_is_used_delegated_and_ended_across_replicas() {
         for t in [&access, &child_access] {
             let seen = replica.introspect(t, &caller).await;
             assert_eq!(seen, json!({"active": false}), "replica {i}");
+        }
+    }
+    // The task token too, once each replica's notification arrived (the
+    // task records a replica keeps are dropped only by it, or within a
+    // second of a lost connection: never, for one deaf to them).
+    for (i, replica) in r.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let seen = replica.introspect(&task, &caller).await;
+            if seen == json!({"active": false}) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {i}: {seen}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     let again = r[0]

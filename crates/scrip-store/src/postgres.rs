@@ -255,6 +255,39 @@ fn check_transport(options: &PgConnectOptions) -> Result<(), String> {
 /// The shared store's migrations.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The longest a start waits for a lock while it migrates: the migration
+/// lock (sqlx's, held by a replica migrating, or by one frozen while it
+/// held it) or a table's. Past it the start fails and says why, rather
+/// than wait as long as that session lives.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Applies the migrations on `conn`, waiting at most `wait` for any lock.
+async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreError> {
+    sqlx::query("SELECT set_config('lock_timeout', $1, false)")
+        .bind(format!("{}ms", wait.as_millis()))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+    let migrated = MIGRATOR.run(&mut *conn).await.map_err(|e| {
+        let text = e.to_string();
+        StoreError::Open(if text.contains("lock timeout") {
+            format!(
+                "migration failed: waited {} s for a lock another session holds (a replica migrating, or one frozen while it held the migration lock); try again, or find the session in pg_stat_activity: {text}",
+                wait.as_secs()
+            )
+        } else {
+            format!("migration failed: {text}")
+        })
+    });
+    // The connection goes on to write: its own lock waits are set per
+    // transaction.
+    sqlx::query("RESET lock_timeout")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+    migrated
+}
+
 impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL) and applies
     /// the migrations (concurrent replicas serialize on sqlx's migration
@@ -285,10 +318,7 @@ impl PgStore {
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         match schema {
-            Schema::Migrate => MIGRATOR
-                .run(&mut conn)
-                .await
-                .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?,
+            Schema::Migrate => migrate(&mut conn, MIGRATION_LOCK_WAIT).await?,
             Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,
         }
         let reads = PgPoolOptions::new()
@@ -317,14 +347,71 @@ impl PgStore {
 }
 
 /// How long the listener waits for a notification before it checks that
-/// its connection still answers. A connection that died without a word (a
-/// NAT's or firewall's idle timeout, a host gone) would otherwise leave it
-/// waiting for ever, deaf to other replicas' revocations, while this
+/// its connection still hears them. A connection that died without a word
+/// (a NAT's or firewall's idle timeout, a host gone) would otherwise leave
+/// it waiting for ever, deaf to other replicas' revocations, while this
 /// replica's caches take its silence for "nothing changed".
 const LISTEN_QUIET: Duration = Duration::from_secs(5);
 
 /// How long that check may take.
 const LISTEN_CHECK: Duration = Duration::from_secs(2);
+
+/// What the payload of the listener's own check notifications starts with;
+/// every replica ignores them.
+const PING: &str = "ping:";
+
+/// Whether the listener hears notifications: it sends one to itself and
+/// waits for it (other replicas' notifications read meanwhile are counted
+/// in `changes`). A query that merely answers would not show it: through
+/// a pooler that hands each statement to any server connection (PgBouncer
+/// in transaction mode), `LISTEN` ran on a connection nobody reads, and
+/// every notification is lost while `SELECT 1` still answers.
+async fn hears_itself(
+    listener: &mut PgListener,
+    changes: &watch::Sender<Changes>,
+) -> Result<(), String> {
+    let mut nonce = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| "random generator failed".to_owned())?;
+    let ping = format!(
+        "{PING}{}",
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let deadline = tokio::time::Instant::now() + LISTEN_CHECK;
+    let sent = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(&ping)
+        .execute(&mut *listener);
+    match tokio::time::timeout_at(deadline, sent).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {} s", LISTEN_CHECK.as_secs())),
+    }
+    loop {
+        match tokio::time::timeout_at(deadline, listener.try_recv()).await {
+            Ok(Ok(Some(n))) if n.payload() == ping => return Ok(()),
+            Ok(Ok(Some(n))) => count(changes, n.payload()),
+            Ok(Ok(None)) => return Err("the connection was lost".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "its own notification did not come back within {} s (is `database_url` a pooler in transaction mode? it must reach PostgreSQL directly, or through a session-mode pool)",
+                    LISTEN_CHECK.as_secs()
+                ));
+            }
+        }
+    }
+}
+
+/// Counts a notification from another replica (or this one's writer).
+fn count(changes: &watch::Sender<Changes>, payload: &str) {
+    if payload.starts_with(PING) {
+        return;
+    }
+    changes.send_modify(|c| match payload {
+        "keys" => c.keys += 1,
+        _ => c.revocations += 1,
+    });
+}
 
 /// Follows other replicas' changes; bumps every counter whenever the
 /// connection was or may have been lost, since notifications may have been
@@ -391,31 +478,41 @@ async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
+        // Listening only once it hears itself; until then the caches are
+        // dropped every second, as while not connected.
+        let heard = {
+            let check = hears_itself(&mut listener, &changes);
+            tokio::pin!(check);
+            loop {
+                tokio::select! {
+                    h = &mut check => break h,
+                    _ = every_second.tick() => bump_all(&changes),
+                }
+            }
+        };
+        if let Err(e) = heard {
+            tracing::error!(error = %e, "the change notifications do not arrive: other replicas' revocations are seen only as caches are dropped, every second; retrying");
+            bump_all(&changes);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         // Anything may have happened while not listening.
         bump_all(&changes);
         loop {
             // `try_recv` is cancel-safe: a notification half read when the
             // wait ends is read whole by the next call.
             let Ok(next) = tokio::time::timeout(LISTEN_QUIET, listener.try_recv()).await else {
-                let check = sqlx::query("SELECT 1").execute(&mut listener);
-                match tokio::time::timeout(LISTEN_CHECK, check).await {
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(e)) => {
+                match hears_itself(&mut listener, &changes).await {
+                    Ok(()) => continue,
+                    Err(e) => {
                         tracing::warn!(error = %e, "the change notifications' connection failed its check; reconnecting");
                     }
-                    Err(_) => tracing::warn!(
-                        "the change notifications' connection did not answer within {} s; reconnecting",
-                        LISTEN_CHECK.as_secs()
-                    ),
                 }
                 bump_all(&changes);
                 break;
             };
             match next {
-                Ok(Some(n)) => changes.send_modify(|c| match n.payload() {
-                    "keys" => c.keys += 1,
-                    _ => c.revocations += 1,
-                }),
+                Ok(Some(n)) => count(&changes, n.payload()),
                 Ok(None) => {
                     // Lost: notifications may have been missed.
                     tracing::warn!("lost the change notifications' connection; reconnecting");
@@ -1490,6 +1587,72 @@ mod tests {
     /// A store upgraded with many chains (its `chain_links` empty): the
     /// first chain started after the upgrade links every head, in the one
     /// commit, and the next links only what moved since.
+    /// The listener's check is that it hears its own notification: a
+    /// session not listening on the channel (as `LISTEN` run through a
+    /// transaction-mode pooler leaves one) fails it, though it answers
+    /// queries; one that listens passes. Another replica's check counts as
+    /// no change; a real notification does.
+    #[tokio::test]
+    async fn the_listener_checks_that_it_hears_itself() {
+        let db = scrip_testkit::PgDatabase::new();
+        drop(PgStore::connect(db.url()).await.unwrap());
+        let (changes, seen) = watch::channel(Changes::default());
+        let options = PgConnectOptions::from_str(db.url()).unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        let mut deaf = PgListener::connect_with(&pool).await.unwrap();
+        deaf.listen("another_channel").await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut deaf).await.unwrap();
+        let e = hears_itself(&mut deaf, &changes).await.unwrap_err();
+        assert!(e.contains("did not come back"), "{e}");
+        drop(deaf);
+        let mut hearing = PgListener::connect_with(&pool).await.unwrap();
+        hearing.listen(CHANNEL).await.unwrap();
+        hears_itself(&mut hearing, &changes).await.unwrap();
+        // Another replica's check, then a revocation, then this one's check.
+        db.execute(&format!("SELECT pg_notify('{CHANNEL}', '{PING}0123')"));
+        hears_itself(&mut hearing, &changes).await.unwrap();
+        assert_eq!(*seen.borrow(), Changes::default());
+        db.execute(&format!("SELECT pg_notify('{CHANNEL}', 'revocations')"));
+        hears_itself(&mut hearing, &changes).await.unwrap();
+        assert_eq!(seen.borrow().revocations, 1);
+    }
+
+    /// A start waits for the locks of migrating only so long: a session
+    /// holding one (here a table the migrator reads) fails it, saying why,
+    /// rather than holding it up for ever.
+    #[tokio::test]
+    async fn a_start_waits_for_a_held_migration_lock_only_so_long() {
+        let db = scrip_testkit::PgDatabase::new();
+        drop(PgStore::connect(db.url()).await.unwrap());
+        let options = PgConnectOptions::from_str(db.url()).unwrap();
+        let mut holder = options.connect().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let mut conn = options.connect().await.unwrap();
+        let e = migrate(&mut conn, Duration::from_millis(500))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("waited 0 s for a lock another session holds"),
+            "{e}"
+        );
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        migrate(&mut conn, Duration::from_millis(500))
+            .await
+            .unwrap();
+        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(timeout, "0", "left set on the connection");
+    }
+
     #[tokio::test]
     async fn the_first_start_after_an_upgrade_links_every_chain_once() {
         let db = scrip_testkit::PgDatabase::new();
