@@ -54,6 +54,12 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 /// seconds.
 pub const LOCAL_IDENTITY_TTL: u64 = 300;
 
+/// The longest `access_token_ttl` accepted, in seconds.
+pub const MAX_ACCESS_TOKEN_TTL: u64 = 3600;
+
+/// The longest `approved_token_ttl` accepted, in seconds.
+pub const MAX_APPROVED_TOKEN_TTL: u64 = 300;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -521,6 +527,13 @@ impl Config {
         if self.task_ttl > self.max_task_ttl {
             return invalid("task_ttl must not exceed max_task_ttl");
         }
+        // Access tokens live minutes (SPEC): one that leaks is good for
+        // no longer, however its holder is verified.
+        if self.access_token_ttl > MAX_ACCESS_TOKEN_TTL {
+            return invalid(format!(
+                "access_token_ttl must be at most {MAX_ACCESS_TOKEN_TTL} seconds: access tokens live minutes"
+            ));
+        }
         if self.audit_checkpoint_interval == 0 {
             return invalid("audit_checkpoint_interval must be positive");
         }
@@ -631,6 +644,14 @@ impl Config {
             return invalid(
                 "approval_ttl, approval_poll_interval and approved_token_ttl must be positive",
             );
+        }
+        // Single use only where the use is claimed (a verifier, the proxy,
+        // introspection): an offline verifier takes it again until it
+        // expires, so it lives seconds (SPEC).
+        if self.approved_token_ttl > MAX_APPROVED_TOKEN_TTL {
+            return invalid(format!(
+                "approved_token_ttl must be at most {MAX_APPROVED_TOKEN_TTL} seconds: an approved step's token lives seconds"
+            ));
         }
         if let Some(url) = &self.approval_webhook {
             check_webhook_url("approval_webhook", url)?;
@@ -997,6 +1018,10 @@ mod tests {
         check("lisen = \"x\"", Some("unknown field `lisen`"));
         check("task_ttl = 0", Some("positive"));
         check("task_ttl = 100000", Some("max_task_ttl"));
+        check("access_token_ttl = 3600", None);
+        check("access_token_ttl = 3601", Some("at most 3600"));
+        check("approved_token_ttl = 300", None);
+        check("approved_token_ttl = 301", Some("at most 300"));
         check("issuer = \"ftp://x\"", Some("https"));
         check("issuer = \"http://example.com\"", Some("https"));
         check("issuer = \"https://scrip.example/\"", Some("must not end"));

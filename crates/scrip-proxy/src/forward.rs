@@ -74,13 +74,41 @@ impl Proxy {
         response: Response,
         reason: String,
     ) -> Response {
+        let r = self.refusal(draft, upstream, &response, reason);
+        self.0.pending.commit_refusal(self.0.store.clone(), r).await;
+        response
+    }
+
+    /// [`Self::deny`] for a request no verified token stands behind: past
+    /// [`crate::UNVERIFIED_PER_SECOND`] in a second, recorded as a count.
+    async fn deny_unverified(
+        &self,
+        draft: &Draft,
+        upstream: &str,
+        response: Response,
+        reason: String,
+    ) -> Response {
+        let r = self.refusal(draft, upstream, &response, reason);
+        self.0
+            .pending
+            .commit_unverified_refusal(self.0.store.clone(), r)
+            .await;
+        response
+    }
+
+    fn refusal(
+        &self,
+        draft: &Draft,
+        upstream: &str,
+        response: &Response,
+        reason: String,
+    ) -> AuditEvent {
         let mut r = draft.finish("proxy.request");
         r.decision = Some("deny".into());
         r.status = Some(response.status().as_u16());
         r.reason = Some(reason);
         self.0.metrics.count(upstream, Outcome::Denied);
-        self.0.pending.commit_refusal(self.0.store.clone(), r).await;
-        response
+        r
     }
 
     fn commit_later(&self, record: AuditEvent) {
@@ -183,7 +211,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         Ok(p) => p,
         Err(e) => {
             let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
-            return proxy.deny(&draft, name, r, e.to_string()).await;
+            return proxy.deny_unverified(&draft, name, r, e.to_string()).await;
         }
     };
     draft.record.path = Some(for_audit(&path));
@@ -201,7 +229,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             "invalid_request",
             why.clone(),
         );
-        return proxy.deny(&draft, name, r, why).await;
+        return proxy.deny_unverified(&draft, name, r, why).await;
     };
     draft.record.actions = Some(action.to_string());
 
@@ -219,7 +247,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                     "scrip could not confirm the token's state (revocations stale, or a single use unconfirmed)".into()
                 });
             return proxy
-                .deny(&draft, name, rejection.into_response::<Body>(), why)
+                .deny_unverified(&draft, name, rejection.into_response::<Body>(), why)
                 .await;
         }
     };

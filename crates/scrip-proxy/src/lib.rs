@@ -138,6 +138,26 @@ struct Inner {
 /// [`Pending::commit_refusal`]).
 const PENDING: usize = 1024;
 
+/// The refusals of requests no verified token stands behind (a bad path, a
+/// method no action maps to, a missing or invalid token) recorded one by
+/// one in a second, per process; the rest of that second's are counted,
+/// and recorded as one `proxy.refused` record per upstream. Anyone can
+/// send such a request: one by one, a flood of them would grow the trail
+/// without bound and hold up the store's commits of tokens.
+pub const UNVERIFIED_PER_SECOND: u32 = 100;
+
+/// This second's refusals of unverified requests (see
+/// [`UNVERIFIED_PER_SECOND`]).
+#[derive(Debug, Default)]
+struct Unverified {
+    /// The second (since the epoch) counted.
+    second: u64,
+    /// Recorded one by one in it.
+    recorded: u32,
+    /// Counted, per upstream: how many, and the first one's record.
+    counted: std::collections::BTreeMap<String, (u64, scrip_store::AuditEvent)>,
+}
+
 /// Background audit writes still running, so that [`Proxy::flush`] can
 /// wait for them before the process exits.
 #[derive(Debug)]
@@ -150,6 +170,8 @@ pub(crate) struct Pending {
     /// Refusal records not written because the client went away while
     /// its refusal waited for room.
     dropped: std::sync::atomic::AtomicU64,
+    /// Refusals of unverified requests this second.
+    unverified: std::sync::Mutex<Unverified>,
 }
 
 impl Default for Pending {
@@ -159,6 +181,7 @@ impl Default for Pending {
             ended: tokio::sync::Notify::new(),
             refusals: Arc::new(tokio::sync::Semaphore::new(PENDING)),
             dropped: std::sync::atomic::AtomicU64::new(0),
+            unverified: std::sync::Mutex::new(Unverified::default()),
         }
     }
 }
@@ -236,6 +259,89 @@ impl Pending {
             }
         };
         self.commit_in(store, record, Some(room));
+    }
+
+    /// Commits the refusal `record` of a request no verified token stands
+    /// behind as [`Self::commit_refusal`] does, unless
+    /// [`UNVERIFIED_PER_SECOND`] were recorded this second: then it is
+    /// counted, and the second's count is recorded once it ends.
+    pub(crate) async fn commit_unverified_refusal(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        record: scrip_store::AuditEvent,
+    ) {
+        let second = record.at_ms / 1000;
+        let first_counted = {
+            let mut u = match self.unverified.lock() {
+                Ok(u) => u,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if u.second != second {
+                u.second = second;
+                u.recorded = 0;
+            }
+            if u.recorded < UNVERIFIED_PER_SECOND {
+                u.recorded += 1;
+                None
+            } else {
+                let first = u.counted.is_empty();
+                let upstream = record.tool.clone().unwrap_or_default();
+                u.counted
+                    .entry(upstream)
+                    .or_insert_with(|| (0, record.clone()))
+                    .0 += 1;
+                Some(first)
+            }
+        };
+        match first_counted {
+            None => self.commit_refusal(store, record).await,
+            Some(true) => self.record_counted_later(store),
+            Some(false) => {}
+        }
+    }
+
+    /// Records the refusals counted this second once it ends: one
+    /// `proxy.refused` record per upstream, with how many. Counted until
+    /// written, so that [`Self::flush`] waits for it.
+    fn record_counted_later(self: &Arc<Self>, store: Arc<dyn Store>) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.count.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        runtime.spawn(async move {
+            let wait = 1000 - now_ms() % 1000;
+            tokio::time::sleep(std::time::Duration::from_millis(wait + 10)).await;
+            let counted = {
+                let mut u = match this.unverified.lock() {
+                    Ok(u) => u,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                std::mem::take(&mut u.counted)
+            };
+            let writes = counted
+                .into_values()
+                .map(|(n, first)| {
+                    let mut r = first;
+                    r.event = "proxy.refused".into();
+                    r.at_ms = now_ms();
+                    r.reason = Some(format!(
+                        "{n} more requests refused before a token was verified (a bad path, a method no action maps to, a missing or invalid token) in the second before, recorded as a count: over {UNVERIFIED_PER_SECOND} a second; the first of them is described here"
+                    ));
+                    scrip_store::Write::Audit(Box::new(r))
+                })
+                .collect::<Vec<_>>();
+            tracing::warn!(
+                upstreams = writes.len(),
+                "proxy: more than {UNVERIFIED_PER_SECOND} unverified requests refused in a second; recording the rest as counts"
+            );
+            if let Err(e) = store.commit(writes).await {
+                tracing::error!(error = %e, "proxy audit record could not be written");
+            }
+            this.count.fetch_sub(1, Ordering::SeqCst);
+            this.ended.notify_waiters();
+        });
     }
 
     async fn flush(&self) {

@@ -44,7 +44,8 @@ pub(crate) async fn delegate(
         }
     }
     if form.get("audience").is_some() || form.get("resource").is_some() {
-        return Err(OAuthError::invalid_request(
+        // RFC 8693 §2.2.2: no token is issued for a target named here.
+        return Err(OAuthError::invalid_target(
             "audience and resource name a tool for an access token; a delegation asks for grants in `scope`",
         ));
     }

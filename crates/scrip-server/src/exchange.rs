@@ -468,7 +468,8 @@ async fn start_task(
         || form.get("resource").is_some()
         || form.repeated_target().is_some()
     {
-        return Err(OAuthError::invalid_request(
+        // RFC 8693 §2.2.2: no token is issued for a target named here.
+        return Err(OAuthError::invalid_target(
             "audience and resource name a tool for an access token; a task asks for grants in `scope`",
         ));
     }

@@ -4,11 +4,15 @@
 //! Cursor-based long-poll: `after=<cursor>` lists revocations newer than the
 //! cursor that have not expired yet; with none, the request waits up to
 //! `wait` seconds (at most 30) for one. The caller authenticates with its
-//! own workload identity. A waiting request wakes when the store signals a
-//! revocation (this replica's commits and, on a shared store, the other
-//! replicas' through its notifications) and re-reads the store every
-//! [`POLL`] in any case.
+//! own workload identity. A waiting request wakes when the newest
+//! revocation's number changes, which one task per process follows
+//! ([`Head`]): at once when the store signals a revocation (this replica's
+//! commits and, on a shared store, the other replicas' through its
+//! notifications), and by reading it every [`POLL`] in any case. So many
+//! waiting requests cost the store no more reads than one.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
@@ -25,9 +29,74 @@ use crate::state::{AppState, now};
 
 /// The longest a request may wait.
 const MAX_WAIT: u64 = 30;
-/// How often a waiting request re-reads the store (another replica may have
-/// written).
+/// How often the newest revocation's number is read while requests wait
+/// (another replica, or another process on the embedded store, may have
+/// written without a signal reaching this one).
 const POLL: Duration = Duration::from_millis(200);
+
+/// The newest revocation's number, for the requests that wait for one:
+/// followed by one task, running while any request waits.
+#[derive(Debug)]
+pub(crate) struct Head {
+    newest: tokio::sync::watch::Sender<i64>,
+    following: std::sync::atomic::AtomicBool,
+}
+
+impl Head {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            newest: tokio::sync::watch::Sender::new(0),
+            following: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A receiver that changes when the newest number does; starts the
+    /// task that follows it if none runs.
+    fn subscribe(
+        self: &Arc<Self>,
+        store: &Arc<dyn scrip_store::Store>,
+    ) -> tokio::sync::watch::Receiver<i64> {
+        let receiver = self.newest.subscribe();
+        if !self.following.swap(true, Ordering::SeqCst) {
+            tokio::spawn(self.clone().follow(store.clone()));
+        }
+        receiver
+    }
+
+    /// Reads the newest number when the store signals a change and every
+    /// [`POLL`], while anyone waits; then stops.
+    async fn follow(self: Arc<Self>, store: Arc<dyn scrip_store::Store>) {
+        let mut changes = store.changes();
+        loop {
+            // Nobody waits: stop, unless a request began waiting as this
+            // task stopped and so did not start another.
+            if self.newest.receiver_count() == 0 {
+                self.following.store(false, Ordering::SeqCst);
+                if self.newest.receiver_count() == 0 || self.following.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
+            }
+            changes.borrow_and_update();
+            match store.latest_revocation().await {
+                Ok(n) => {
+                    self.newest.send_if_modified(|newest| {
+                        let changed = *newest != n;
+                        *newest = n;
+                        changed
+                    });
+                }
+                // The waiting requests read the store themselves when it
+                // changes, and answer its error then.
+                Err(e) => tracing::debug!(error = %e, "cannot read the newest revocation"),
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+}
 /// The most events in one answer.
 const PAGE: u32 = 1000;
 
@@ -99,7 +168,7 @@ async fn page(
     wait: u64,
 ) -> Result<serde_json::Value, scrip_store::StoreError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let mut changes = st.store.changes();
+    let mut newest = st.feed.subscribe(&st.store);
     // A cursor past the newest event: the store numbers events anew
     // (restored from a backup, a new data directory), or the newest ones
     // were purged. Start the follower over from the first event rather than
@@ -111,7 +180,7 @@ async fn page(
         after
     };
     loop {
-        changes.borrow_and_update();
+        newest.borrow_and_update();
         // One more than a page: whether any was left for the next one.
         let mut events = st.store.revocations(after, now(), PAGE + 1).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -130,10 +199,9 @@ async fn page(
                 .collect();
             return Ok(json!({ "cursor": cursor, "events": events, "more": more }));
         }
-        let slice = deadline.min(tokio::time::Instant::now() + POLL);
         tokio::select! {
-            _ = changes.changed() => {}
-            () = tokio::time::sleep_until(slice) => {}
+            _ = newest.changed() => {}
+            () = tokio::time::sleep_until(deadline) => {}
         }
     }
 }

@@ -245,6 +245,7 @@ impl Server {
 
         let inner = state::Inner {
             stopping: tokio::sync::watch::Sender::new(false),
+            feed: feed::Head::new(),
             self_audience: vec![issuer.clone()],
             keyring,
             polls: approval::Polls::default(),

@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     /// revocation feed's long polls) answer at once rather than hold up
     /// the drain.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// The newest revocation, for the feed's waiting requests.
+    pub feed: Arc<crate::feed::Head>,
 }
 
 impl std::fmt::Debug for Inner {

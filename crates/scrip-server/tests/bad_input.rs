@@ -704,7 +704,8 @@ async fn task_audience_or_resource_given() {
         let mut form = task_form(&identity, "github:read", DETAILS);
         form.push((k, v));
         let r = s.post_form("/token", &form).await;
-        assert_error_says(&r, 400, "invalid_request", "audience and resource");
+        // RFC 8693 §2.2.2.
+        assert_error_says(&r, 400, "invalid_target", "audience and resource");
     }
     s.stop().await;
 }

@@ -893,7 +893,9 @@ async fn a_delegation_names_no_audience_or_resource() {
                 ],
             )
             .await;
-        r.assert_error(400, "invalid_request");
+        // RFC 8693 §2.2.2.
+        r.assert_error(400, "invalid_target");
+        assert!(r.text.contains("audience and resource"), "{}", r.text);
     }
     s.stop().await;
 }

@@ -185,6 +185,55 @@ async fn a_waiting_poll_wakes_on_revocation() {
     s.stop().await;
 }
 
+/// Requests waiting together, and a revocation another process commits to
+/// the store (no signal reaches this one): the newest revocation is read
+/// every 200 ms while they wait, and each wakes with it.
+#[tokio::test]
+async fn waiting_polls_wake_on_a_revocation_written_by_another_process() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s
+        .start_task(&identity, "github:read", "dev", "triage")
+        .await;
+    let txn = decode_parts(task["access_token"].as_str().unwrap()).1["txn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, body) = feed(&s, "", Some(&caller)).await;
+    let cursor = body["cursor"].as_i64().unwrap();
+    let started = Instant::now();
+    let polls: Vec<_> = (0..8)
+        .map(|_| {
+            let url = format!("{}/revocations?after={cursor}&wait=20", s.url);
+            let (http, caller) = (s.http.clone(), caller.clone());
+            tokio::spawn(async move {
+                let r = http.get(url).bearer_auth(caller).send().await.unwrap();
+                (Instant::now(), r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = scrip_store::open(None, &s.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    other
+        .commit(vec![scrip_store::Write::EndTask {
+            id: txn.clone(),
+            at: now(),
+            reason: "revoked".into(),
+            grace: 0,
+        }])
+        .await
+        .unwrap();
+    for poll in polls {
+        let (answered, body) = poll.await.unwrap();
+        assert_eq!(body["events"][0]["txn"], txn.as_str(), "{body}");
+        assert!(answered.duration_since(started) < Duration::from_secs(10));
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn feed_needs_a_workload_identity_and_valid_parameters() {
     let s = TestServer::start().await;

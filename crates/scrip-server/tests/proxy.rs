@@ -484,6 +484,69 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     env.server.stop().await;
 }
 
+/// Anyone can send a request that is refused before a token is verified:
+/// past 100 in a second, such refusals are recorded as a count per
+/// upstream, not one by one. Every refusal is in the trail, one way or the
+/// other; refusals of verified requests are recorded one by one still.
+#[tokio::test]
+async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
+    let env = setup().await;
+    const SENT: usize = 1000;
+    let mut sends = tokio::task::JoinSet::new();
+    let (http, url) = (env.http.clone(), env.server.url.clone());
+    let mut next = 0;
+    while next < SENT || !sends.is_empty() {
+        while next < SENT && sends.len() < 16 {
+            let (http, url) = (http.clone(), url.clone());
+            sends.spawn(async move {
+                http.get(format!("{url}/proxy/legacy/x"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            next += 1;
+        }
+        if let Some(status) = sends.join_next().await {
+            assert_eq!(status.unwrap(), 401);
+        }
+    }
+    // A verified request refused by policy: recorded whatever the count.
+    let task = env.task("legacy:read").await;
+    let token = env.token(&task, "legacy", "read").await;
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, "legacy/admin/x", Some(&token))
+        .await;
+    assert_eq!(status, 403);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let audit = env.server.audit().await;
+    let one_by_one = audit
+        .iter()
+        .filter(|a| {
+            a.event == "proxy.request" && a.decision.as_deref() == Some("deny") && a.jti.is_none()
+        })
+        .count();
+    let counted: usize = audit
+        .iter()
+        .filter(|a| a.event == "proxy.refused")
+        .map(|a| {
+            assert_eq!(a.tool.as_deref(), Some("legacy"), "{a:?}");
+            let reason = a.reason.as_deref().unwrap();
+            reason.split(' ').next().unwrap().parse::<usize>().unwrap()
+        })
+        .sum();
+    assert_eq!(one_by_one + counted, SENT, "{one_by_one} + {counted}");
+    assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
+    assert!(
+        audit.iter().any(|a| a.event == "proxy.request"
+            && a.decision.as_deref() == Some("deny")
+            && a.jti.is_some()),
+        "the verified refusal is not on the record"
+    );
+    env.server.stop().await;
+}
+
 #[tokio::test]
 async fn a_revoked_task_is_refused() {
     let env = setup().await;
