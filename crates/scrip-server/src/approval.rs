@@ -172,8 +172,7 @@ pub(crate) async fn request(
             }
             tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %asked, "approval requested");
             if let Some(webhook) = &st.webhook {
-                let body = describe(&approval, Some(task));
-                tokio::spawn(notify(webhook.http.clone(), webhook.url.clone(), body));
+                webhook.send(describe(&approval, Some(task)));
             }
             return Ok(pending(st, &id, st.config.approval_ttl));
         }
@@ -255,7 +254,7 @@ fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
 }
 
 /// POSTs the pending approval to the webhook, retrying with backoff.
-async fn notify(http: reqwest::Client, url: String, body: Value) {
+pub(crate) async fn notify(http: reqwest::Client, url: String, body: Value) {
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=4 {
         match http.post(&url).json(&body).send().await {

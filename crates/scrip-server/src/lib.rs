@@ -261,7 +261,11 @@ impl Server {
                     let http =
                         scrip_verifier::net::http_client(&url, std::time::Duration::from_secs(5))
                             .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?;
-                    Ok::<_, StartError>(state::Webhook { url, http })
+                    Ok::<_, StartError>(state::Webhook {
+                        url,
+                        http,
+                        sending: Arc::new(tokio::sync::watch::Sender::new(0)),
+                    })
                 })
                 .transpose()?,
             metadata_body,
@@ -372,6 +376,12 @@ impl Server {
         if let Some(proxy) = &self.proxy {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.flush()).await;
         }
+        // Approvers told of a step just asked: a stop (a rolling deploy)
+        // would otherwise cut the call or its retries short, and nobody
+        // would call again.
+        if let Some(webhook) = &state.0.webhook {
+            webhook.finish(WEBHOOK_FINISH).await;
+        }
         // An empty commit waits for the batches queued before it (and
         // starts and signs a replacing chain after a commit whose outcome
         // was unknown, linking what that commit left).
@@ -379,6 +389,9 @@ impl Server {
         result
     }
 }
+
+/// How long a stop waits for approval webhook calls under way.
+const WEBHOOK_FINISH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The proxy of `[[upstreams]]`, verifying tokens with scrip's own keys and
 /// following revocations straight from the store (the verifier's code path,

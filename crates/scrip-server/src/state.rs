@@ -84,6 +84,36 @@ impl std::fmt::Debug for Inner {
 pub(crate) struct Webhook {
     pub url: String,
     pub http: reqwest::Client,
+    /// How many calls (with their retries) are under way: a stop waits a
+    /// little for them.
+    pub sending: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Webhook {
+    /// Calls it with `body` in the background, retrying, counted in
+    /// [`Self::sending`] until done.
+    pub fn send(&self, body: serde_json::Value) {
+        /// Uncounts its call when the task ends, however it ends.
+        struct Sent(Arc<tokio::sync::watch::Sender<usize>>);
+        impl Drop for Sent {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n = n.saturating_sub(1));
+            }
+        }
+        self.sending.send_modify(|n| *n += 1);
+        let sent = Sent(self.sending.clone());
+        let (http, url) = (self.http.clone(), self.url.clone());
+        tokio::spawn(async move {
+            crate::approval::notify(http, url, body).await;
+            drop(sent);
+        });
+    }
+
+    /// Waits until no call is under way, or `limit` passed.
+    pub async fn finish(&self, limit: std::time::Duration) {
+        let mut sending = self.sending.subscribe();
+        let _ = tokio::time::timeout(limit, sending.wait_for(|n| *n == 0)).await;
+    }
 }
 
 /// A verified token of scrip's own.

@@ -1407,6 +1407,35 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
     server.abort();
 }
 
+/// A stop right after a step was asked waits for the webhook's retries
+/// (a rolling deploy would otherwise cut them short, and nobody would call
+/// the approvers again).
+#[tokio::test]
+async fn a_stop_waits_for_the_webhooks_retries() {
+    let h = Hook::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(h.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    let url = format!("http://{addr}/hook");
+    let s = TestServer::start_with(edit(move |c| {
+        c.approvers = vec![alice()];
+        c.approval_webhook = Some(url);
+    }))
+    .await;
+    let task = prod_task(&s).await;
+    pending(&s, &task).await;
+    // The first call fails; the retry comes 0.5 s later.
+    s.stop().await;
+    let calls = h.bodies.lock().unwrap().len();
+    assert_eq!(calls, 2, "the stop did not wait for the retry");
+    server.abort();
+}
+
 #[tokio::test]
 async fn racing_polls_get_one_token() {
     let s = server().await;
