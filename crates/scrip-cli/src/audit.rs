@@ -26,8 +26,9 @@ pub struct QueryArgs {
     /// Only this decision.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub decision: Option<String>,
-    /// Only records at or after this time: RFC 3339 (`2026-11-24T10:00:00Z`)
-    /// or a duration ago (`15m`, `2h`, `3days`).
+    /// Only records at or after this time: RFC 3339 with its zone
+    /// (`2026-11-24T10:00:00Z`, `2026-11-24T11:00:00+01:00`) or a duration
+    /// ago (`15m`, `2h`, `3days`).
     #[arg(long, value_parser = parse_time)]
     pub since: Option<u64>,
     /// Only records before this time (same forms as --since).
@@ -44,22 +45,66 @@ pub struct QueryArgs {
 
 /// A time as milliseconds since the epoch.
 fn parse_time(s: &str) -> Result<u64, String> {
-    let now = SystemTime::now();
-    let at = match humantime::parse_rfc3339_weak(s) {
-        Ok(t) => t,
-        Err(_) => {
-            let ago = humantime::parse_duration(s).map_err(|_| {
-                format!("`{s}` is neither an RFC 3339 time nor a duration like `15m`")
-            })?;
-            now.checked_sub(ago)
-                .ok_or("duration reaches before the epoch")?
-        }
+    let at = match humantime::parse_duration(s) {
+        Ok(ago) => SystemTime::now()
+            .checked_sub(ago)
+            .ok_or("duration reaches before the epoch")?,
+        Err(_) => zoned_time(s)?,
     };
     let ms = at
         .duration_since(UNIX_EPOCH)
         .map_err(|_| "time before the epoch")?
         .as_millis();
     u64::try_from(ms).map_err(|_| "time too far ahead".to_owned())
+}
+
+/// An RFC 3339 time with its zone: `Z` or a numeric offset. One without a
+/// zone is refused rather than taken as UTC (or as local time): the window
+/// would be hours off without a word.
+fn zoned_time(s: &str) -> Result<SystemTime, String> {
+    let neither = || format!("`{s}` is neither an RFC 3339 time nor a duration like `15m`");
+    let offset = |tail: &str| -> Option<i64> {
+        let b = tail.as_bytes();
+        let digit = |i: usize| {
+            b.get(i)
+                .filter(|c| c.is_ascii_digit())
+                .map(|c| i64::from(c - b'0'))
+        };
+        let sign = match b.first() {
+            Some(b'+') => 1,
+            Some(b'-') => -1,
+            _ => return None,
+        };
+        if b.len() != 6 || b.get(3) != Some(&b':') {
+            return None;
+        }
+        let (hours, minutes) = (digit(1)? * 10 + digit(2)?, digit(4)? * 10 + digit(5)?);
+        (hours < 24 && minutes < 60).then_some(sign * (hours * 3600 + minutes * 60))
+    };
+    let (local, east) = if let Some(base) = s.strip_suffix(['Z', 'z']) {
+        (base, 0)
+    } else if let Some((base, east)) = s
+        .len()
+        .checked_sub(6)
+        .and_then(|at| Some((s.get(..at)?, offset(s.get(at..)?)?)))
+    {
+        (base, east)
+    } else if humantime::parse_rfc3339_weak(s).is_ok() {
+        return Err(format!(
+            "`{s}` has no time zone: end it with `Z` (UTC) or an offset such as `+01:00`"
+        ));
+    } else {
+        return Err(neither());
+    };
+    let t = humantime::parse_rfc3339_weak(local).map_err(|_| neither())?;
+    let shift = Duration::from_secs(east.unsigned_abs());
+    // The local time is `east` ahead of UTC.
+    if east >= 0 {
+        t.checked_sub(shift)
+    } else {
+        t.checked_add(shift)
+    }
+    .ok_or_else(neither)
 }
 
 /// The store, for a command that only reads it: never created or migrated
@@ -130,6 +175,31 @@ pub fn migrate(config: Option<&Path>) -> ExitCode {
     }
 }
 
+/// The audit checkpoint keys (Ed25519 public JWKs, as `/audit/keys`
+/// serves them) in `v`, a JWK or a JWKS. Anything else is refused: taken
+/// as keys, another document (scrip's token keys from `/jwks`, an empty
+/// set) would report every checkpoint as forged, a false alarm.
+fn checkpoint_keys(v: serde_json::Value) -> Result<Vec<serde_json::Value>, String> {
+    let keys = match v.get("keys") {
+        Some(serde_json::Value::Array(keys)) => keys.clone(),
+        Some(_) => return Err("is not a JWK or JWKS".into()),
+        None => vec![v],
+    };
+    let is_checkpoint_key = |k: &serde_json::Value| {
+        k.get("kty").and_then(|v| v.as_str()) == Some("OKP")
+            && k.get("crv").and_then(|v| v.as_str()) == Some("Ed25519")
+            && k.get("x").and_then(|v| v.as_str()).is_some()
+            && k.get("d").is_none()
+    };
+    if keys.is_empty() || !keys.iter().all(is_checkpoint_key) {
+        return Err(
+            "holds no audit checkpoint keys (Ed25519 public keys, as `/audit/keys` serves them; `/jwks` holds scrip's token keys, which sign no checkpoint)"
+                .into(),
+        );
+    }
+    Ok(keys)
+}
+
 /// `scrip audit verify`.
 pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool) -> ExitCode {
     let result = runtime().and_then(|rt| {
@@ -141,10 +211,7 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool)
                         .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                     let v: serde_json::Value = serde_json::from_str(&text)
                         .map_err(|_| format!("`{}` is not a JWK or JWKS", path.display()))?;
-                    match v.get("keys").and_then(|k| k.as_array()) {
-                        Some(keys) => keys.clone(),
-                        None => vec![v],
-                    }
+                    checkpoint_keys(v).map_err(|why| format!("`{}` {why}", path.display()))?
                 }
                 None if config.database_url.is_some() => {
                     scrip_server::keyring::shared_checkpoint_jwks(&config, store.as_ref(), now_s())
@@ -440,6 +507,57 @@ fn export_line(r: &scrip_store::StoredRecord) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Times carry their zone: an offset is applied, none is refused.
+    #[test]
+    fn times_are_read_with_their_zone() {
+        let utc = parse_time("2026-11-24T10:00:00Z").unwrap();
+        assert_eq!(utc, 1_795_514_400_000);
+        assert_eq!(parse_time("2026-11-24T11:00:00+01:00").unwrap(), utc);
+        assert_eq!(parse_time("2026-11-24T04:30:00-05:30").unwrap(), utc);
+        assert_eq!(parse_time("2026-11-24T10:00:00.250z").unwrap(), utc + 250);
+        let e = parse_time("2026-11-24T10:00:00").unwrap_err();
+        assert!(e.contains("no time zone"), "{e}");
+        let e = parse_time("2026-11-24 10:00:00").unwrap_err();
+        assert!(e.contains("no time zone"), "{e}");
+        for bad in [
+            "2026-11-24T10:00:00+25:00",
+            "yesterday",
+            "2026-11-24T10:00:00+1:00",
+        ] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.contains("neither"), "{bad}: {e}");
+        }
+        let ago = parse_time("15m").unwrap();
+        assert!(ago < now_ms() && ago > now_ms() - 16 * 60 * 1000);
+    }
+
+    /// Only checkpoint keys are trusted to verify checkpoints: any other
+    /// document is refused, not read as a set that forges every one.
+    #[test]
+    fn a_key_file_must_hold_checkpoint_keys() {
+        use serde_json::json;
+        let key = json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "k1"});
+        assert_eq!(checkpoint_keys(key.clone()).unwrap(), vec![key.clone()]);
+        let set = json!({"keys": [key.clone(), key.clone()]});
+        assert_eq!(checkpoint_keys(set).unwrap().len(), 2);
+        for wrong in [
+            json!({"keys": []}),
+            json!([]),
+            json!({"kty": "OKP"}),
+            json!({"keys": "x"}),
+            // scrip's token keys, from `/jwks`.
+            json!({"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "kid": "t"}]}),
+            json!({"keys": [key.clone(), {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": "AA", "d": "AA"}),
+        ] {
+            let e = checkpoint_keys(wrong.clone()).unwrap_err();
+            assert!(
+                e.contains("no audit checkpoint keys") || e.contains("not a JWK"),
+                "{wrong}: {e}"
+            );
+        }
+    }
 
     fn stored(record: &str) -> scrip_store::StoredRecord {
         scrip_store::StoredRecord {

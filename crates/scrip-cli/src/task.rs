@@ -32,7 +32,7 @@ pub enum TaskCommand {
     /// ended (exit 1); a pipe is not read then. Revocation answers the
     /// same for any token, so the token is checked first: anything but a
     /// task token signed by the scrip at --server (with a key it publishes
-    /// at <server>/jwks) is refused (exit 1) rather than ended silently. Says on stderr which task it ended, and where the token
+    /// at <server>/jwks) is refused (exit 1) rather than ended silently. Says on stderr which task is ended (whether by this command or before it), and where the token
     /// came from.
     End {
         /// scrip's address.
@@ -199,8 +199,10 @@ fn end(server: &str) -> ExitCode {
                     ended.task
                 );
             } else {
+                // Revocation answers alike whether the task was open
+                // (RFC 7009 §2.2): what holds either way is that it ended.
                 eprintln!(
-                    "ended task {} and every task and token under it (token from {from})",
+                    "task {} is ended, with every task and token under it, if it was not already (token from {from})",
                     ended.task
                 );
             }

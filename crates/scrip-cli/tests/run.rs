@@ -921,7 +921,9 @@ fn task_start_list_and_end() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stderr).trim(),
-        format!("ended task {id} and every task and token under it (token from SCRIP_TASK_TOKEN)")
+        format!(
+            "task {id} is ended, with every task and token under it, if it was not already (token from SCRIP_TASK_TOKEN)"
+        )
     );
     assert_eq!(
         server.introspect(&task),

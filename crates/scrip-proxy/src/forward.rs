@@ -246,9 +246,19 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 .unwrap_or_else(|| {
                     "scrip could not confirm the token's state (revocations stale, or a single use unconfirmed)".into()
                 });
-            return proxy
-                .deny_unverified(&draft, name, rejection.into_response::<Body>(), why)
-                .await;
+            // Refused after it verified (revoked, used, out of scope, its
+            // DPoP key missing): scrip issued it, and the attempt is
+            // recorded one by one whatever else comes. Before that, anyone
+            // can send the request.
+            return if rejection.token_verified {
+                proxy
+                    .deny(&draft, name, rejection.into_response::<Body>(), why)
+                    .await
+            } else {
+                proxy
+                    .deny_unverified(&draft, name, rejection.into_response::<Body>(), why)
+                    .await
+            };
         }
     };
     draft.record.task_id = Some(token.task().to_owned());

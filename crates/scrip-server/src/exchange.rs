@@ -911,6 +911,8 @@ async fn access_token(
                 .join("; "),
         });
     }
+    // The decisions' own records, kept should the task have ended.
+    let decided = writes.clone();
     writes.push(Write::Audit(Box::new(issued)));
     // A task ended since it was read above (on any replica) gets nothing.
     writes.push(Write::TaskOpen {
@@ -920,14 +922,16 @@ async fn access_token(
         Ok(()) => {}
         Err(scrip_store::StoreError::Conflict(_)) => {
             let e = OAuthError::invalid_request("subject_token: the task has ended");
-            return refuse(
-                st,
-                &base,
-                Some(tool.name.to_string()),
-                Some(access.scope.clone()),
-                e,
-            )
-            .await;
+            let mut a = base.clone();
+            a.event = "token.refused".into();
+            a.decision = Some("deny".into());
+            a.tool = Some(tool.name.to_string());
+            a.actions = Some(access.scope.clone());
+            a.reason = Some(e.description.clone());
+            let mut records = decided;
+            records.push(Write::Audit(Box::new(a)));
+            st.store.commit(records).await?;
+            return Err(e);
         }
         Err(e) => return Err(e.into()),
     }

@@ -12,7 +12,6 @@
 //! waiting requests cost the store no more reads than one.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
@@ -39,14 +38,16 @@ const POLL: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub(crate) struct Head {
     newest: tokio::sync::watch::Sender<i64>,
-    following: std::sync::atomic::AtomicBool,
+    /// Whether the task runs. Subscribing and the task's check that
+    /// nobody waits both hold it, so that neither misses the other.
+    following: std::sync::Mutex<bool>,
 }
 
 impl Head {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             newest: tokio::sync::watch::Sender::new(0),
-            following: std::sync::atomic::AtomicBool::new(false),
+            following: std::sync::Mutex::new(false),
         })
     }
 
@@ -56,11 +57,20 @@ impl Head {
         self: &Arc<Self>,
         store: &Arc<dyn scrip_store::Store>,
     ) -> tokio::sync::watch::Receiver<i64> {
+        let mut following = self.following();
         let receiver = self.newest.subscribe();
-        if !self.following.swap(true, Ordering::SeqCst) {
+        if !*following {
+            *following = true;
             tokio::spawn(self.clone().follow(store.clone()));
         }
         receiver
+    }
+
+    fn following(&self) -> std::sync::MutexGuard<'_, bool> {
+        match self.following.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// Reads the newest number when the store signals a change and every
@@ -68,12 +78,12 @@ impl Head {
     async fn follow(self: Arc<Self>, store: Arc<dyn scrip_store::Store>) {
         let mut changes = store.changes();
         loop {
-            // Nobody waits: stop, unless a request began waiting as this
-            // task stopped and so did not start another.
-            if self.newest.receiver_count() == 0 {
-                self.following.store(false, Ordering::SeqCst);
-                if self.newest.receiver_count() == 0 || self.following.swap(true, Ordering::SeqCst)
-                {
+            // Nobody waits: stop (a request that begins waiting after
+            // this starts another).
+            {
+                let mut following = self.following();
+                if self.newest.receiver_count() == 0 {
+                    *following = false;
                     return;
                 }
             }

@@ -773,6 +773,27 @@ async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<
     Ok(())
 }
 
+/// [`StoreError::Conflict`] when one of the tasks `ids` has ended (see
+/// [`Write::TaskOpen`]).
+async fn refuse_any_ended(tx: &mut PgConnection, ids: &[&str]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ended: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE id = ANY($1) AND ended_at IS NOT NULL LIMIT 1",
+    )
+    .bind(ids)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    match ended {
+        Some(id) => Err(StoreError::Conflict(format!(
+            "task {id} has ended: nothing is issued under it"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// How far a batch's transaction got.
 struct Progress<'a> {
     /// Set once it began.
@@ -829,14 +850,29 @@ async fn apply_in(
     }
     let mut revoked = false;
     let mut keys = false;
-    // The tasks that must still be open: checked in one statement once
-    // the batch's other writes are applied (an end earlier in the batch
-    // counts; one later in it makes a conflict that splitting the batch
-    // resolves), rather than a round trip for each exchange.
-    let mut open = Vec::new();
+    // The tasks that must still be open, checked in one statement for
+    // many (not a round trip for each exchange), in the batch's order:
+    // those before any end in the batch now, under the lock; those after
+    // one once the batch's other writes are applied.
+    let first_end = writes
+        .iter()
+        .position(|w| matches!(w, Write::EndTask { .. } | Write::EndOpenTask { .. }))
+        .unwrap_or(writes.len());
+    let open = |range: std::ops::Range<usize>| -> Vec<&str> {
+        writes
+            .get(range)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|w| match w {
+                Write::TaskOpen { id } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect()
+    };
+    refuse_any_ended(tx, &open(0..first_end)).await?;
     for write in writes {
         match write {
-            Write::TaskOpen { id } => open.push(id.as_str()),
+            Write::TaskOpen { .. } => {}
             Write::InsertTask(t) => {
                 // As in SQLite: the write lock above serialises commits across
                 // replicas, so a parent ended before this commit is seen here,
@@ -1182,20 +1218,7 @@ async fn apply_in(
             }
         }
     }
-    if !open.is_empty() {
-        let ended: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE id = ANY($1) AND ended_at IS NOT NULL LIMIT 1",
-        )
-        .bind(&open)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if let Some(id) = ended {
-            return Err(StoreError::Conflict(format!(
-                "task {id} has ended: nothing is issued under it"
-            )));
-        }
-    }
+    refuse_any_ended(tx, &open(first_end..writes.len())).await?;
     let head = chain.signed_head(before)?;
     audit.insert(tx, head.as_ref()).await?;
     // Delivered to the other replicas when (and only if) this commits.
@@ -1584,9 +1607,6 @@ mod tests {
         }))]
     }
 
-    /// A store upgraded with many chains (its `chain_links` empty): the
-    /// first chain started after the upgrade links every head, in the one
-    /// commit, and the next links only what moved since.
     /// The listener's check is that it hears its own notification: a
     /// session not listening on the channel (as `LISTEN` run through a
     /// transaction-mode pooler leaves one) fails it, though it answers
@@ -1653,6 +1673,9 @@ mod tests {
         assert_eq!(timeout, "0", "left set on the connection");
     }
 
+    /// A store upgraded with many chains (its `chain_links` empty): the
+    /// first chain started after the upgrade links every head, in the one
+    /// commit, and the next links only what moved since.
     #[tokio::test]
     async fn the_first_start_after_an_upgrade_links_every_chain_once() {
         let db = scrip_testkit::PgDatabase::new();

@@ -75,6 +75,9 @@ impl SqliteStore {
     }
 
     async fn open_once(path: &Path, schema: Schema) -> Result<Self, StoreError> {
+        if schema == Schema::Migrate {
+            keep_private(path)?;
+        }
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(schema == Schema::Migrate)
@@ -476,9 +479,83 @@ impl MigrationLock {
     }
 }
 
+/// Makes the database at `path` and its WAL and shared-memory files
+/// readable by scrip's user only: they hold the audit trail, the tasks'
+/// purposes and the agents' identities. A missing database is created
+/// mode 0600 (SQLite gives its WAL and shared-memory files the database's
+/// mode); an existing one that group or others may read is narrowed, as
+/// a data directory made by hand (`mkdir`, a mounted volume) under a 022
+/// umask would leave it.
+///
+/// # Errors
+/// [`StoreError::Open`] when the database cannot be created.
+fn keep_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::Open(format!("`{}`: {e}", path.display()))),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = PathBuf::from(file);
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700)) {
+                Ok(()) => tracing::warn!(
+                    path = %file.display(),
+                    "the store was readable by group or others (mode {mode:o}); it is now readable by scrip's user only"
+                ),
+                Err(e) => tracing::warn!(
+                    path = %file.display(),
+                    error = %e,
+                    "the store is readable by group or others (mode {mode:o}) and cannot be narrowed"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The store's files are scrip's user's alone, in a directory anyone
+    /// may read: made so, or narrowed when an older start left them open.
+    #[tokio::test]
+    async fn the_store_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("scrip.db");
+        let mode = |suffix: &str| {
+            let mut f = path.as_os_str().to_owned();
+            f.push(suffix);
+            std::fs::metadata(f).unwrap().permissions().mode() & 0o777
+        };
+        let store = SqliteStore::open(&path).await.unwrap();
+        store
+            .commit(vec![crate::Write::PurgeRevocations { now: 1 }])
+            .await
+            .unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            assert_eq!(mode(suffix), 0o600, "scrip.db{suffix}");
+        }
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(SqliteStore::open(&path).await.unwrap());
+        assert_eq!(mode(""), 0o600);
+    }
 
     /// Processes started together on one new or upgraded store (`scrip
     /// serve` beside `scrip proxy`, or `scrip secret`) all open it.

@@ -86,6 +86,12 @@ pub struct Rejection {
     pub status: StatusCode,
     /// The `WWW-Authenticate` challenge, if any.
     pub www_authenticate: Option<String>,
+    /// Whether the token was refused after its signature and claims
+    /// verified (revoked, used, out of scope, presented without its DPoP
+    /// key): scrip issued it. `false` when it never got that far (no or
+    /// malformed credentials, a bad signature or claim, keys unavailable),
+    /// which anyone can cause.
+    pub token_verified: bool,
 }
 
 /// Keeps only the characters RFC 6750 §3 allows in a quoted value.
@@ -102,6 +108,7 @@ impl Rejection {
         Self {
             status: StatusCode::UNAUTHORIZED,
             www_authenticate: Some(format!("Bearer realm=\"{}\"", quoted(realm))),
+            token_verified: false,
         }
     }
 
@@ -125,6 +132,7 @@ impl Rejection {
                 "{prefix}, error=\"invalid_request\", error_description=\"{}\"",
                 quoted(description)
             )),
+            token_verified: false,
         }
     }
 
@@ -145,6 +153,8 @@ impl Rejection {
             Scheme::Dpop => format!("DPoP realm=\"{}\", algs=\"{}\"", quoted(realm), dpop_algs()),
         };
         let description = quoted(&error.to_string());
+        // Every other check comes after the token's signature and claims.
+        let token_verified = !matches!(error, VerifyError::Token(_) | VerifyError::KeysStale);
         match error {
             VerifyError::InsufficientScope { required } => Self {
                 status: StatusCode::FORBIDDEN,
@@ -152,11 +162,13 @@ impl Rejection {
                     "{prefix}, error=\"insufficient_scope\", error_description=\"{description}\", scope=\"{}\"",
                     quoted(required)
                 )),
+                token_verified,
             },
             VerifyError::RevocationStale | VerifyError::KeysStale | VerifyError::UseUnconfirmed => {
                 Self {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     www_authenticate: None,
+                    token_verified,
                 }
             }
             VerifyError::Token(_)
@@ -172,6 +184,7 @@ impl Rejection {
                     "{prefix}, error=\"{}\", error_description=\"{description}\"",
                     error.rfc6750_code().unwrap_or("invalid_token")
                 )),
+                token_verified,
             },
         }
     }
@@ -283,14 +296,23 @@ pub(crate) async fn authorize(
         Ok(None) => return Err(Rejection::missing(realm)),
         Err((scheme, why)) => return Err(Rejection::invalid_request_as(realm, why, scheme)),
     };
+    // Whether the token was checked at all (a proof header refused, or
+    // one that cannot be checked here, stops the request before).
+    let mut checked = true;
     let result = match scheme {
         Scheme::Bearer => match required {
             Some(action) => verifier.verify_for(token, action).await,
             None => verifier.verify(token).await,
         },
         Scheme::Dpop => match (proof_header(headers), verifier.request_url(uri.path())) {
-            (Err(e), _) => Err(e),
-            (Ok(_), None) => Err(VerifyError::ProofUnchecked),
+            (Err(e), _) => {
+                checked = false;
+                Err(e)
+            }
+            (Ok(_), None) => {
+                checked = false;
+                Err(VerifyError::ProofUnchecked)
+            }
             (Ok(proof), Some(url)) => {
                 verifier
                     .verify_dpop(token, proof, method.as_str(), &url, required)
@@ -300,7 +322,9 @@ pub(crate) async fn authorize(
     };
     result.map_err(|error| {
         tracing::debug!(%error, "request refused");
-        Rejection::challenge(realm, &error, scheme)
+        let mut rejection = Rejection::challenge(realm, &error, scheme);
+        rejection.token_verified &= checked;
+        rejection
     })
 }
 
