@@ -96,7 +96,12 @@ fn zoned_time(s: &str) -> Result<SystemTime, String> {
     } else {
         return Err(neither());
     };
-    let t = humantime::parse_rfc3339_weak(local).map_err(|_| neither())?;
+    // RFC 3339 §5.6 allows a lowercase `t` between date and time.
+    let local = match (local.get(..10), local.get(10..11), local.get(11..)) {
+        (Some(date), Some("t"), Some(time)) => format!("{date}T{time}"),
+        _ => local.to_owned(),
+    };
+    let t = humantime::parse_rfc3339_weak(&local).map_err(|_| neither())?;
     let shift = Duration::from_secs(east.unsigned_abs());
     // The local time is `east` ahead of UTC.
     if east >= 0 {
@@ -241,6 +246,17 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool)
             let (lines, passed) = verify_report(&report, &kids, strict);
             for line in lines {
                 out!("{line}");
+            }
+            // Not one checkpoint verifies with the keys given: more likely
+            // the wrong file (with EdDSA signing, `/jwks` holds Ed25519
+            // keys too) than every checkpoint forged.
+            if public_key.is_some() && report.checkpoints == 0 && !report.problems.is_empty() {
+                #[expect(clippy::print_stderr, reason = "a note beside the report")]
+                {
+                    eprintln!(
+                        "scrip: no checkpoint verified with the keys in --public-key: check that it is a copy of `/audit/keys` (not of `/jwks`, scrip's token keys) before taking the trail for tampered"
+                    );
+                }
             }
             if passed {
                 ExitCode::SUCCESS
@@ -516,6 +532,10 @@ mod tests {
         assert_eq!(parse_time("2026-11-24T11:00:00+01:00").unwrap(), utc);
         assert_eq!(parse_time("2026-11-24T04:30:00-05:30").unwrap(), utc);
         assert_eq!(parse_time("2026-11-24T10:00:00.250z").unwrap(), utc + 250);
+        assert_eq!(
+            parse_time("2026-11-24t11:00:00.250+01:00").unwrap(),
+            utc + 250
+        );
         let e = parse_time("2026-11-24T10:00:00").unwrap_err();
         assert!(e.contains("no time zone"), "{e}");
         let e = parse_time("2026-11-24 10:00:00").unwrap_err();

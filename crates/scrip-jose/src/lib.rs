@@ -37,7 +37,7 @@ pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet, publishes_priv
 pub use recent::{Recent, TokenDigest, token_digest};
 pub use seal::{KEK_LEN, Kek};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};
-pub use verify::{Expectations, TypRule, Validity, Verified, verify};
+pub use verify::{Expectations, TypRule, Validity, Verified, claims_of_verified, verify};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -248,9 +248,17 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 });
             // Refused after it verified (revoked, used, out of scope, its
             // DPoP key missing): scrip issued it, and the attempt is
-            // recorded one by one whatever else comes. Before that, anyone
-            // can send the request.
+            // recorded one by one, naming whose it was, whatever else
+            // comes. Before that, anyone can send the request.
             return if rejection.token_verified {
+                if let Some(claims) = &rejection.claims {
+                    draft.record.task_id = Some(claims.txn.clone());
+                    draft.record.jti = Some(claims.jti.clone());
+                    draft.record.agent_sub = Some(claims.sub.clone());
+                    if let Some(act) = &claims.act {
+                        draft.record.chain = act.chain();
+                    }
+                }
                 proxy
                     .deny(&draft, name, rejection.into_response::<Body>(), why)
                     .await

@@ -559,6 +559,14 @@ async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
         })
         .collect();
     assert_eq!(verified_refusals.len(), 3, "{verified_refusals:#?}");
+    // Each names whose token it was.
+    let txn = decode_parts(&task).1["txn"].as_str().unwrap().to_owned();
+    for (r, t) in verified_refusals.iter().zip([&revoked, &token, &token]) {
+        assert_eq!(r.task_id.as_deref(), Some(txn.as_str()), "{r:?}");
+        let jti = decode_parts(t).1["jti"].as_str().unwrap().to_owned();
+        assert_eq!(r.jti.as_deref(), Some(jti.as_str()), "{r:?}");
+        assert!(r.agent_sub.is_some(), "{r:?}");
+    }
     env.server.stop().await;
 }
 

@@ -90,10 +90,13 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", path.display())))?;
         match schema {
-            Schema::Migrate => MIGRATOR
-                .run(&mut conn)
-                .await
-                .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?,
+            Schema::Migrate => {
+                MIGRATOR
+                    .run(&mut conn)
+                    .await
+                    .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+                keep_private(path)?;
+            }
             Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,
         }
         let reads = SqlitePoolOptions::new()
@@ -483,9 +486,11 @@ impl MigrationLock {
 /// readable by scrip's user only: they hold the audit trail, the tasks'
 /// purposes and the agents' identities. A missing database is created
 /// mode 0600 (SQLite gives its WAL and shared-memory files the database's
-/// mode); an existing one that group or others may read is narrowed, as
+/// mode); existing files that group or others may read are narrowed, as
 /// a data directory made by hand (`mkdir`, a mounted volume) under a 022
-/// umask would leave it.
+/// umask would leave them, where the database really is (a symbolic link
+/// followed, as SQLite follows it). Called before the store is opened
+/// and again once it is (its WAL and shared-memory files made).
 ///
 /// # Errors
 /// [`StoreError::Open`] when the database cannot be created.
@@ -497,12 +502,13 @@ fn keep_private(path: &Path) -> Result<(), StoreError> {
         .mode(0o600)
         .open(path)
     {
-        Ok(_) => return Ok(()),
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(StoreError::Open(format!("`{}`: {e}", path.display()))),
     }
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     for suffix in ["", "-wal", "-shm"] {
-        let mut file = path.as_os_str().to_owned();
+        let mut file = real.as_os_str().to_owned();
         file.push(suffix);
         let file = PathBuf::from(file);
         let Ok(meta) = std::fs::metadata(&file) else {
@@ -552,9 +558,24 @@ mod tests {
             assert_eq!(mode(suffix), 0o600, "scrip.db{suffix}");
         }
         drop(store);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut f = path.as_os_str().to_owned();
+            f.push(suffix);
+            if std::fs::metadata(&f).is_ok() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
         drop(SqliteStore::open(&path).await.unwrap());
         assert_eq!(mode(""), 0o600);
+        // Through a symbolic link, the files where they are.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let real = elsewhere.path().join("real.db");
+        std::fs::rename(&path, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &path).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(SqliteStore::open(&path).await.unwrap());
+        let real_mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+        assert_eq!(real_mode, 0o600);
     }
 
     /// Processes started together on one new or upgraded store (`scrip

@@ -92,6 +92,9 @@ pub struct Rejection {
     /// malformed credentials, a bad signature or claim, keys unavailable),
     /// which anyone can cause.
     pub token_verified: bool,
+    /// The claims of that verified token (with [`Rejection::token_verified`]),
+    /// to say whose attempt was refused.
+    pub claims: Option<Box<scrip_token::AccessClaims>>,
 }
 
 /// Keeps only the characters RFC 6750 §3 allows in a quoted value.
@@ -109,6 +112,7 @@ impl Rejection {
             status: StatusCode::UNAUTHORIZED,
             www_authenticate: Some(format!("Bearer realm=\"{}\"", quoted(realm))),
             token_verified: false,
+            claims: None,
         }
     }
 
@@ -133,6 +137,7 @@ impl Rejection {
                 quoted(description)
             )),
             token_verified: false,
+            claims: None,
         }
     }
 
@@ -163,12 +168,14 @@ impl Rejection {
                     quoted(required)
                 )),
                 token_verified,
+                claims: None,
             },
             VerifyError::RevocationStale | VerifyError::KeysStale | VerifyError::UseUnconfirmed => {
                 Self {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     www_authenticate: None,
                     token_verified,
+                    claims: None,
                 }
             }
             VerifyError::Token(_)
@@ -185,6 +192,7 @@ impl Rejection {
                     error.rfc6750_code().unwrap_or("invalid_token")
                 )),
                 token_verified,
+                claims: None,
             },
         }
     }
@@ -324,6 +332,9 @@ pub(crate) async fn authorize(
         tracing::debug!(%error, "request refused");
         let mut rejection = Rejection::challenge(realm, &error, scheme);
         rejection.token_verified &= checked;
+        if rejection.token_verified {
+            rejection.claims = scrip_jose::claims_of_verified(token).map(Box::new);
+        }
         rejection
     })
 }
@@ -372,6 +383,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only what anyone can cause without a token scrip issued (a bad
+    /// token, keys unavailable) is a refusal of an unverified token; every
+    /// other refusal comes after the token verified.
+    #[test]
+    fn which_refusals_come_after_the_token_verified() {
+        let unverified = [
+            VerifyError::Token(scrip_jose::JoseError::Malformed("x")),
+            VerifyError::KeysStale,
+        ];
+        let verified = [
+            VerifyError::BadScope,
+            VerifyError::Revoked,
+            VerifyError::AlreadyUsed,
+            VerifyError::UseUnconfirmed,
+            VerifyError::RevocationStale,
+            VerifyError::InsufficientScope {
+                required: "write".into(),
+            },
+            VerifyError::ProofRequired,
+            VerifyError::NotBound,
+            VerifyError::Proof("x".into()),
+            VerifyError::ProofUnchecked,
+        ];
+        for e in &unverified {
+            assert!(!Rejection::from_error("r", e).token_verified, "{e}");
+        }
+        for e in &verified {
+            assert!(Rejection::from_error("r", e).token_verified, "{e}");
+        }
+        assert!(!Rejection::missing("r").token_verified);
+        assert!(!Rejection::invalid_request("r", "x").token_verified);
+    }
 
     fn check_bearer(values: &[&str], expected: Result<Option<&str>, &str>) {
         let mut headers = HeaderMap::new();
