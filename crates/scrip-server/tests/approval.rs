@@ -1362,8 +1362,9 @@ async fn a_failing_webhook_is_logged_without_its_url() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn the_webhook_hears_of_a_pending_approval_with_retries() {
+/// A webhook receiver (failing its first call) and a server where alice
+/// approves that calls it.
+async fn with_hook() -> (Hook, tokio::task::JoinHandle<()>, TestServer) {
     let h = Hook::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1379,6 +1380,12 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
         c.approval_webhook = Some(url);
     }))
     .await;
+    (h, server, s)
+}
+
+#[tokio::test]
+async fn the_webhook_hears_of_a_pending_approval_with_retries() {
+    let (h, server, s) = with_hook().await;
     let task = prod_task(&s).await;
     let id = pending(&s, &task).await;
     let count = || h.bodies.lock().unwrap().len();
@@ -1412,21 +1419,7 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
 /// the approvers again).
 #[tokio::test]
 async fn a_stop_waits_for_the_webhooks_retries() {
-    let h = Hook::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new()
-        .route("/hook", axum::routing::post(hook))
-        .with_state(h.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    let url = format!("http://{addr}/hook");
-    let s = TestServer::start_with(edit(move |c| {
-        c.approvers = vec![alice()];
-        c.approval_webhook = Some(url);
-    }))
-    .await;
+    let (h, server, s) = with_hook().await;
     let task = prod_task(&s).await;
     pending(&s, &task).await;
     // The first call fails; the retry comes 0.5 s later.

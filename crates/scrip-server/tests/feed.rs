@@ -214,18 +214,7 @@ async fn waiting_polls_wake_on_a_revocation_written_by_another_process() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let other = scrip_store::open(None, &s.dir.path().join("data/scrip.db"))
-        .await
-        .unwrap();
-    other
-        .commit(vec![scrip_store::Write::EndTask {
-            id: txn.clone(),
-            at: now(),
-            reason: "revoked".into(),
-            grace: 0,
-        }])
-        .await
-        .unwrap();
+    s.end_elsewhere(&txn).await;
     for poll in polls {
         let (answered, body) = poll.await.unwrap();
         assert_eq!(body["events"][0]["txn"], txn.as_str(), "{body}");

@@ -127,18 +127,7 @@ async fn an_exchange_racing_its_tasks_end_issues_nothing() {
     // Once, so the server holds the task as open.
     let r = s.access_token(&task, "github", Some("read")).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let other = scrip_store::open(None, &s.dir.path().join("data/scrip.db"))
-        .await
-        .unwrap();
-    other
-        .commit(vec![scrip_store::Write::EndTask {
-            id: txn.clone(),
-            at: now(),
-            reason: "revoked".into(),
-            grace: 0,
-        }])
-        .await
-        .unwrap();
+    s.end_elsewhere(&txn).await;
     let r = s.access_token(&task, "github", Some("read")).await;
     r.assert_error(400, "invalid_request");
     assert!(r.text.contains("the task has ended"), "{}", r.text);

@@ -973,20 +973,13 @@ async fn a_locked_store_fails_closed_and_recovers() {
 /// decision it makes.
 #[tokio::test]
 async fn a_reload_the_store_cannot_record_waits_for_its_record() {
-    use sqlx::Connection as _;
     let logs = captured_logs();
     let s = TestServer::start().await;
     let other = s.k8s.kubernetes("other", "coder");
     let try_other = || s.try_start_task(&other, "github:read", "dev", "reload", None);
     try_other().await.assert_error(400, "access_denied");
     let db = s.dir.path().join("data/scrip.db");
-    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = hold_store(&db).await;
     std::fs::write(
         s.dir.path().join("policies/zz-other.cedar"),
         r#"@id("other-read")
@@ -1463,6 +1456,20 @@ async fn a_refused_start_makes_no_keys_and_the_start_that_does_records_them() {
     assert_eq!(report.chains, 1);
 }
 
+/// A connection holding the write lock of the SQLite store at `db` (until
+/// it rolls back), as another writer would.
+async fn hold_store(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection as _;
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// The `event` audit records of `store`, as the JSON hashed.
 async fn key_records(store: &dyn scrip_store::Store, event: &str) -> Vec<String> {
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();
@@ -1479,7 +1486,6 @@ async fn key_records(store: &dyn scrip_store::Store, event: &str) -> Vec<String>
 /// recorded again.
 #[tokio::test]
 async fn keys_whose_record_cannot_be_committed_are_recorded_by_the_next_start() {
-    use sqlx::Connection as _;
     let dir = tempfile::tempdir().unwrap();
     let config = scrip_config::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1492,13 +1498,7 @@ async fn keys_whose_record_cannot_be_committed_are_recorded_by_the_next_start() 
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     drop(scrip_store::open(None, &db).await.unwrap()); // made and migrated
     // Another writer holds the store past the 5 s a commit waits.
-    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = hold_store(&db).await;
     let err = scrip_server::Server::bind(config.clone())
         .await
         .unwrap_err()

@@ -436,6 +436,24 @@ impl TestServer {
     }
 
     /// The audit records, read straight from the store file.
+    /// Ends task `txn` through another handle on the store, as another
+    /// process would: no signal reaches this server.
+    #[allow(dead_code, reason = "not every test binary ends tasks so")]
+    pub async fn end_elsewhere(&self, txn: &str) {
+        let other = scrip_store::open(None, &self.dir.path().join("data/scrip.db"))
+            .await
+            .unwrap();
+        other
+            .commit(vec![scrip_store::Write::EndTask {
+                id: txn.to_owned(),
+                at: now(),
+                reason: "revoked".into(),
+                grace: 0,
+            }])
+            .await
+            .unwrap();
+    }
+
     pub async fn audit(&self) -> Vec<scrip_store::AuditEvent> {
         use scrip_store::Store as _;
         let store = scrip_store::SqliteStore::open(&self.dir.path().join("data/scrip.db"))
