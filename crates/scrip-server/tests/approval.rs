@@ -1052,18 +1052,23 @@ const ACTOR: &str = "spiffe://acme.example/reviewer";
 /// A child of a prod task, acted by the SPIFFE reviewer, holding github:delete.
 async fn child_task(s: &TestServer) -> String {
     let parent = prod_task(s).await;
+    delegate_to_reviewer(s, &parent, "github:delete").await
+}
+
+/// A child of `parent` holding `scope`, acted by the SPIFFE reviewer.
+async fn delegate_to_reviewer(s: &TestServer, parent: &str, scope: &str) -> String {
     let actor = s.spiffe.spiffe("acme.example", "/reviewer");
     let r = s
         .post_form(
             "/token",
             &[
                 ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", &parent),
+                ("subject_token", parent),
                 ("subject_token_type", TXN),
                 ("actor_token", &actor),
                 ("actor_token_type", JWT),
                 ("requested_token_type", TXN),
-                ("scope", "github:delete"),
+                ("scope", scope),
             ],
         )
         .await;
@@ -1122,23 +1127,7 @@ unless { context.approved };
     assert_eq!(c["approval"]["approver"], "alice", "{c}");
     // A sub-task: the rule spares the delegation, but the parent holds
     // the grant only so.
-    let actor = s.spiffe.spiffe("acme.example", "/reviewer");
-    let r = s
-        .post_form(
-            "/token",
-            &[
-                ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", &task),
-                ("subject_token_type", TXN),
-                ("actor_token", &actor),
-                ("actor_token_type", JWT),
-                ("requested_token_type", TXN),
-                ("scope", "github:read github:write"),
-            ],
-        )
-        .await;
-    assert_eq!(r.status, 200, "delegate: {}", r.text);
-    let child = r.body["access_token"].as_str().unwrap().to_owned();
+    let child = delegate_to_reviewer(&s, &task, "github:read github:write").await;
     let r = s.access_token(&child, "github", Some("read")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     pending_step(&s, &child, "github", "write").await;
