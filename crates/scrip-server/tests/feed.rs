@@ -151,6 +151,21 @@ async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers()
     s.stop().await;
 }
 
+/// A long poll after `cursor` waiting up to 20 s, as `caller`: when it
+/// was answered, and the answer.
+fn waiting_poll(
+    s: &TestServer,
+    cursor: i64,
+    caller: &str,
+) -> tokio::task::JoinHandle<(Instant, Value)> {
+    let url = format!("{}/revocations?after={cursor}&wait=20", s.url);
+    let (http, caller) = (s.http.clone(), caller.to_owned());
+    tokio::spawn(async move {
+        let r = http.get(url).bearer_auth(caller).send().await.unwrap();
+        (Instant::now(), r.json::<Value>().await.unwrap())
+    })
+}
+
 #[tokio::test]
 async fn a_waiting_poll_wakes_on_revocation() {
     let s = TestServer::start().await;
@@ -163,13 +178,8 @@ async fn a_waiting_poll_wakes_on_revocation() {
     let (_, body) = feed(&s, "", Some(&caller)).await;
     let cursor = body["cursor"].as_i64().unwrap();
 
-    let url = format!("{}/revocations?after={cursor}&wait=20", s.url);
-    let http = s.http.clone();
     let started = Instant::now();
-    let poll = tokio::spawn(async move {
-        let r = http.get(url).bearer_auth(caller).send().await.unwrap();
-        (Instant::now(), r.json::<Value>().await.unwrap())
-    });
+    let poll = waiting_poll(&s, cursor, &caller);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(s.revoke(&task_token).await.status, 200);
     let (answered, body) = poll.await.unwrap();
@@ -203,16 +213,7 @@ async fn waiting_polls_wake_on_a_revocation_written_by_another_process() {
     let (_, body) = feed(&s, "", Some(&caller)).await;
     let cursor = body["cursor"].as_i64().unwrap();
     let started = Instant::now();
-    let polls: Vec<_> = (0..8)
-        .map(|_| {
-            let url = format!("{}/revocations?after={cursor}&wait=20", s.url);
-            let (http, caller) = (s.http.clone(), caller.clone());
-            tokio::spawn(async move {
-                let r = http.get(url).bearer_auth(caller).send().await.unwrap();
-                (Instant::now(), r.json::<Value>().await.unwrap())
-            })
-        })
-        .collect();
+    let polls: Vec<_> = (0..8).map(|_| waiting_poll(&s, cursor, &caller)).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.end_elsewhere(&txn).await;
     for poll in polls {
