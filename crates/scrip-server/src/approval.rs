@@ -157,6 +157,13 @@ pub(crate) async fn request(
             let mut all = writes.clone();
             all.push(Write::InsertApproval(Box::new(approval.clone())));
             all.push(Write::Audit(Box::new(a)));
+            // A denial committed since the read above (on any replica)
+            // makes this a conflict: read again.
+            all.push(Write::NoNewDenial {
+                task: task.id.clone(),
+                since,
+                seen: denied.into_iter().map(|d| d.id).collect(),
+            });
             match st.store.commit(all).await {
                 Ok(()) => {}
                 Err(scrip_store::StoreError::Conflict(_)) => continue,
@@ -371,17 +378,41 @@ pub(crate) async fn poll(
             approval.reason.as_deref().unwrap_or("no reason given")
         ))),
         ApprovalState::Used => Err(unknown()),
-        ApprovalState::Approved => {
-            // Two people deciding at once (each passed the check in
-            // `decide_endpoint` before the other committed), or a denial
-            // after the approval: until its token is collected, a denial
-            // that answers the step wins, and the step becomes denied.
-            match denied_since(st, &approval).await? {
-                Some(d) => Err(overruled(st, &claims, &approval, &d, peer).await?),
-                None => issue(st, &claims, &approval, peer, cnf).await,
-            }
+        ApprovalState::Approved => collect(st, &claims, &approval, peer, cnf).await,
+    }
+}
+
+/// The token of an approved step, unless a denial answers the step first.
+/// Two people deciding at once (each passed the check in `decide_endpoint`
+/// before the other committed), or a denial after the approval: until its
+/// token is collected, a denial that answers the step wins, and the step
+/// becomes denied. A denial committed after the denials were read (by a
+/// person, on any replica) fails the token's commit, and they are read
+/// again.
+async fn collect(
+    st: &Inner,
+    claims: &TaskClaims,
+    approval: &Approval,
+    peer: SocketAddr,
+    cnf: Option<scrip_token::Confirmation>,
+) -> Result<Response, OAuthError> {
+    for _ in 0..3 {
+        let denials = st
+            .store
+            .task_denials(&approval.task_id, approval.created_at)
+            .await?;
+        if let Some(d) = answering(approval, &denials) {
+            return Err(overruled(st, claims, approval, d, peer).await?);
+        }
+        let seen = denials.into_iter().map(|d| d.id).collect();
+        if let Some(issued) = issue(st, claims, approval, peer, cnf.clone(), seen).await? {
+            return Ok(issued);
         }
     }
+    // People keep denying other steps of the task: the agent polls again.
+    Err(OAuthError::slow_down_for(
+        "other steps of this task were being denied while this one's token was issued; nothing was issued; poll again",
+    ))
 }
 
 /// An approved step whose token was not collected, answered by the denial
@@ -446,7 +477,8 @@ async fn issue(
     approval: &Approval,
     peer: SocketAddr,
     cnf: Option<scrip_token::Confirmation>,
-) -> Result<Response, OAuthError> {
+    seen: Vec<String>,
+) -> Result<Option<Response>, OAuthError> {
     let now = now();
     let task = crate::exchange::active_task(st, claims, now)
         .await?
@@ -548,28 +580,40 @@ async fn issue(
             Write::TaskOpen {
                 id: task.id.clone(),
             },
+            Write::NoNewDenial {
+                task: task.id.clone(),
+                since: approval.created_at,
+                seen,
+            },
         ])
         .await
     {
         Ok(()) => {}
         Err(scrip_store::StoreError::Conflict(_)) => {
-            // Collected by another poll meanwhile, or the task ended.
-            return Err(match st.store.task(&task.id).await?.map(|t| t.state(now)) {
-                Some(TaskState::Active) => OAuthError::invalid_grant(
+            // Collected or overruled by another poll meanwhile, the task
+            // ended, or a person denied a step since the denials were read.
+            if !matches!(
+                st.store.task(&task.id).await?.map(|t| t.state(now)),
+                Some(TaskState::Active)
+            ) {
+                return Err(OAuthError::invalid_grant(TASK_ENDED));
+            }
+            return match st.store.approval(&approval.id).await? {
+                Some(a) if a.state == ApprovalState::Approved => Ok(None),
+                _ => Err(OAuthError::invalid_grant(
                     "auth_req_id is unknown, already used, or not this task's",
-                ),
-                _ => OAuthError::invalid_grant(TASK_ENDED),
-            });
+                )),
+            };
         }
         Err(e) => return Err(e.into()),
     }
     tracing::info!(auth_req_id = %approval.id, jti = %jti, approver = %approver, "approved step issued");
-    Ok(Issued::access_token(
+    Ok(Some(Issued::access_token(
         &token,
         exp.saturating_sub(now),
         &access.scope,
         access.cnf.is_some(),
-    ))
+    )))
 }
 
 /// Which approver, if any, this identity is.
@@ -850,15 +894,20 @@ fn overlap(a: &str, b: &str) -> bool {
 /// answer `access_denied`. Sharing only an action policy allowed outright
 /// answers nothing.
 async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval>, OAuthError> {
-    let approvable = approval.approvable.as_deref().unwrap_or(&approval.actions);
-    Ok(st
+    let denials = st
         .store
         .task_denials(&approval.task_id, approval.created_at)
-        .await?
-        .into_iter()
-        .find(|d| {
-            d.id != approval.id && d.tool == approval.tool && overlap(&d.actions, approvable)
-        }))
+        .await?;
+    Ok(answering(approval, &denials).cloned())
+}
+
+/// The first of `denials` (of `approval`'s task, decided since it was
+/// asked) that answers `approval`, as [`denied_since`] says.
+fn answering<'a>(approval: &Approval, denials: &'a [Approval]) -> Option<&'a Approval> {
+    let approvable = approval.approvable.as_deref().unwrap_or(&approval.actions);
+    denials
+        .iter()
+        .find(|d| d.id != approval.id && d.tool == approval.tool && overlap(&d.actions, approvable))
 }
 
 /// Every identity a person is known by: the one they presented, and each

@@ -143,6 +143,11 @@ impl OAuthError {
         )
     }
 
+    /// `slow_down` (400) for a poll that must come again later, saying why.
+    pub fn slow_down_for(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "slow_down", d)
+    }
+
     /// `expired_token` (400): the approval request expired, saying how.
     pub fn expired_token(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "expired_token", d)

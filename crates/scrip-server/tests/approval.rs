@@ -749,6 +749,100 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
     s.stop().await;
 }
 
+/// A person's denial committed between a poll's read of the task's
+/// denials and its token's commit (by another replica, or another request
+/// here) stops the token: the commit refuses it and the step is read
+/// again. A trigger puts the denial into the token's very commit, ahead
+/// of its check, so every attempt sees one.
+#[tokio::test]
+async fn a_denial_committed_while_a_poll_issues_stops_its_token() {
+    use scrip_store::{ApprovalState, SqliteStore, Store as _};
+    let s = TestServer::start_with(edit(|c| c.approvers = vec![alice(), bob()])).await;
+    let task = prod_task_with(&s, "github:read github:delete").await;
+    let approved = pending(&s, &task).await;
+    let other = pending_step(&s, &task, "github", "delete read").await;
+    assert_eq!(
+        approve(&s, &approved, Some(&alice_id(&s))).await.status,
+        200
+    );
+    let path = s.dir.path().join("data/scrip.db");
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    // The ids are scrip's own random ones: nothing to escape.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TRIGGER deny_meanwhile AFTER UPDATE OF state ON approvals \
+         WHEN NEW.id = '{approved}' AND NEW.state = 'used' BEGIN \
+         UPDATE approvals SET state = 'denied', decided_by = 'bob', reason = 'raced', \
+         decided_at = CAST(strftime('%s', 'now') AS INTEGER) WHERE id = '{other}'; END"
+    )))
+    .execute(&db)
+    .await
+    .unwrap();
+    let r = poll(&s, &task, &approved).await;
+    r.assert_error(400, "slow_down");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let read = |id: String| {
+        let store = &store;
+        async move { store.approval(&id).await.unwrap().unwrap().state }
+    };
+    assert_eq!(read(approved.clone()).await, ApprovalState::Approved);
+    assert_eq!(read(other.clone()).await, ApprovalState::Pending);
+    assert!(
+        !s.audit().await.iter().any(|a| a.event == "approval.used"),
+        "a token was recorded"
+    );
+    sqlx::query("DROP TRIGGER deny_meanwhile")
+        .execute(&db)
+        .await
+        .unwrap();
+    // The denial, made for real now, answers the step at its next poll.
+    let bob = s.k8s.kubernetes("people", "bob");
+    assert_eq!(deny(&s, &other, Some(&bob), "no deletes").await.status, 200);
+    let r = poll(&s, &task, &approved).await;
+    r.assert_error(400, "access_denied");
+    assert!(r.text.contains("no deletes"), "{}", r.text);
+    assert_eq!(read(approved).await, ApprovalState::Denied);
+    s.stop().await;
+}
+
+/// Opening a step races a denial alike: one committed after the request
+/// read the task's denials fails the step's commit, and the request reads
+/// again (three times, then it says so).
+#[tokio::test]
+async fn a_denial_committed_while_a_step_opens_is_read_again() {
+    let s = TestServer::start_with(edit(|c| c.approvers = vec![alice(), bob()])).await;
+    let task = prod_task_with(&s, "github:read github:delete").await;
+    let other = pending(&s, &task).await;
+    let path = s.dir.path().join("data/scrip.db");
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    // The id is scrip's own random one: nothing to escape.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TRIGGER deny_meanwhile AFTER INSERT ON approvals \
+         WHEN NEW.id <> '{other}' BEGIN \
+         UPDATE approvals SET state = 'denied', decided_by = 'bob', reason = 'raced', \
+         decided_at = CAST(strftime('%s', 'now') AS INTEGER) WHERE id = '{other}'; END"
+    )))
+    .execute(&db)
+    .await
+    .unwrap();
+    let r = s.access_token(&task, "github", Some("delete read")).await;
+    r.assert_error(503, "temporarily_unavailable");
+    assert_eq!(requested(&s).await, 1);
+    sqlx::query("DROP TRIGGER deny_meanwhile")
+        .execute(&db)
+        .await
+        .unwrap();
+    let bob = s.k8s.kubernetes("people", "bob");
+    assert_eq!(deny(&s, &other, Some(&bob), "no deletes").await.status, 200);
+    let r = s.access_token(&task, "github", Some("delete read")).await;
+    r.assert_error(400, "access_denied");
+    assert!(r.text.contains("no deletes"), "{}", r.text);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;

@@ -209,6 +209,21 @@ pub enum Write {
         /// The task.
         id: String,
     },
+    /// Changes nothing; fails the commit with
+    /// [`crate::StoreError::Conflict`] when task `task` has a denied
+    /// approval decided at or after `since` that is not one of `seen` (the
+    /// denials the server read before deciding). In the commit that hands
+    /// out an approved step's token, or opens a step, it makes a person's
+    /// denial and that commit exclusive: a denial committed after the read
+    /// (on any replica) stops it, and the server reads again.
+    NoNewDenial {
+        /// The task.
+        task: String,
+        /// Seconds: denials decided before this do not count.
+        since: u64,
+        /// The ids of the denials the server read.
+        seen: Vec<String>,
+    },
     /// End a task and every open descendant.
     EndTask {
         /// The task.

@@ -873,6 +873,15 @@ async fn apply_in(
     for write in writes {
         match write {
             Write::TaskOpen { .. } => {}
+            Write::NoNewDenial { task, since, seen } => {
+                let denied: Vec<String> = sqlx::query_scalar(rows::TASK_DENIED_SINCE)
+                    .bind(task)
+                    .bind(to_i64(*since))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                rows::refuse_new_denial(task, &denied, seen)?;
+            }
             Write::InsertTask(t) => {
                 // As in SQLite: the write lock above serialises commits across
                 // replicas, so a parent ended before this commit is seen here,

@@ -341,6 +341,26 @@ pub(crate) const UNLINKED_HEADS: &str = "WITH RECURSIVE chains(id) AS (SELECT MI
 /// commits, so this sees every earlier one).
 pub(crate) const TASK_ENDED: &str = "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL";
 
+/// The ids of task `$1`'s denied approvals decided at or after `$2` (see
+/// [`crate::Write::NoNewDenial`]).
+pub(crate) const TASK_DENIED_SINCE: &str =
+    "SELECT id FROM approvals WHERE state = 'denied' AND task_id = $1 AND decided_at >= $2";
+
+/// [`StoreError::Conflict`] when `denied` (the ids [`TASK_DENIED_SINCE`]
+/// found) holds one not in `seen`.
+pub(crate) fn refuse_new_denial(
+    task: &str,
+    denied: &[String],
+    seen: &[String],
+) -> Result<(), StoreError> {
+    match denied.iter().find(|id| !seen.contains(id)) {
+        Some(id) => Err(StoreError::Conflict(format!(
+            "approval {id} of task {task} was denied after the denials were read"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Records how far a chain start links a chain (`$1` the chain, `$2` the
 /// position); SQLite's, run in process once a link (PostgreSQL writes them
 /// all in one statement).

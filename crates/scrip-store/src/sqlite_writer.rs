@@ -457,6 +457,16 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Audit(_) => {}
         Write::TaskOpen { id } => refuse_if_ended(tx, id, "nothing is issued under it")?,
+        Write::NoNewDenial { task, since, seen } => {
+            let denied = tx
+                .prepare_cached(rows::TASK_DENIED_SINCE)
+                .and_then(|mut s| {
+                    s.query_map(params![task, to_i64(*since)], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            crate::rows::refuse_new_denial(task, &denied, seen)?;
+        }
         Write::InsertTask(t) => {
             // A child only of a parent that has not ended: checked inside the
             // transaction, so a revocation committed after the server read the

@@ -91,6 +91,7 @@ conformance!(
     open_tasks_list_what_still_runs,
     the_first_decision_on_an_approval_wins,
     a_step_waits_for_a_person_once,
+    a_denial_since_the_read_refuses_the_commit,
     a_task_has_at_most_ten_steps_waiting,
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
@@ -1155,6 +1156,67 @@ fn pending(id: &str, task_id: &str, actions: &str, created_at: u64) -> Approval 
         reason: None,
         token_jti: None,
     }
+}
+
+/// [`Write::NoNewDenial`] refuses a commit, changing nothing, when the
+/// task has a denial since `since` that is not one of those `seen`,
+/// including one made earlier in the same commit; another task's denials
+/// and older ones do not count.
+async fn a_denial_since_the_read_refuses_the_commit(f: Fixture) {
+    let s = &f.store;
+    let deny = |id: &str, at: u64| Write::UpdateApproval {
+        id: id.into(),
+        from: ApprovalState::Pending,
+        to: ApprovalState::Denied,
+        by: Some("bob".into()),
+        at,
+        reason: Some("no".into()),
+        token_jti: None,
+    };
+    let guard = |since: u64, seen: &[&str]| Write::NoNewDenial {
+        task: "t1".into(),
+        since,
+        seen: seen.iter().map(|&id| id.to_owned()).collect(),
+    };
+    let mut other = pending("b1", "t2", "read", 1_000);
+    other.actions = "write".into();
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t1", None, 9_000))),
+        Write::InsertTask(Box::new(task("t2", None, 9_000))),
+        Write::InsertApproval(Box::new(pending("a1", "t1", "delete", 1_000))),
+        Write::InsertApproval(Box::new(pending("a2", "t1", "write", 1_000))),
+        Write::InsertApproval(Box::new(pending("a3", "t1", "read", 1_000))),
+        Write::InsertApproval(Box::new(other)),
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![deny("a1", 1_100)]).await.unwrap();
+    let used = || audit("approval.used", Some("t1"));
+    s.commit(vec![used(), guard(1_000, &["a1"])]).await.unwrap();
+    s.commit(vec![used(), guard(1_101, &[])]).await.unwrap();
+    let before = all_audit(s.as_ref()).await;
+    let err = s.commit(vec![used(), guard(1_100, &[])]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    // A denial earlier in the same commit counts, and is undone with it.
+    let err = s
+        .commit(vec![deny("a2", 1_200), used(), guard(1_000, &["a1"])])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(all_audit(s.as_ref()).await, before);
+    let state = |id: &'static str| async move { s.approval(id).await.unwrap().unwrap().state };
+    assert_eq!(state("a2").await, ApprovalState::Pending);
+    // One after the check does not.
+    s.commit(vec![used(), guard(1_000, &["a1"]), deny("a2", 1_200)])
+        .await
+        .unwrap();
+    assert_eq!(state("a2").await, ApprovalState::Denied);
+    s.commit(vec![deny("b1", 1_300)]).await.unwrap();
+    s.commit(vec![used(), guard(1_000, &["a1", "a2"])])
+        .await
+        .unwrap();
+    assert_eq!(state("a3").await, ApprovalState::Pending);
+    assert!(verify(s.as_ref()).await.problems.is_empty());
 }
 
 async fn a_step_waits_for_a_person_once(f: Fixture) {
