@@ -172,6 +172,34 @@ fn inactive() -> Value {
     json!({ "active": false })
 }
 
+/// A token of scrip's own whose signature verified: its inactive answer's
+/// record names it, and why (the answer itself says nothing).
+struct Known<'a> {
+    txn: &'a str,
+    jti: &'a str,
+    tool: Option<&'a str>,
+}
+
+impl Known<'_> {
+    /// `{"active":false}`, its record committed.
+    async fn inactive(
+        &self,
+        st: &Inner,
+        asked: &Asked<'_>,
+        why: &str,
+    ) -> Result<(Value, bool), OAuthError> {
+        let mut a = asked.record(st, &inactive());
+        a.task_id = Some(self.txn.to_owned());
+        a.jti = Some(self.jti.to_owned());
+        a.tool = self.tool.map(str::to_owned);
+        a.reason = Some(why.to_owned());
+        st.store
+            .commit(vec![scrip_store::Write::Audit(Box::new(a))])
+            .await?;
+        Ok((inactive(), true))
+    }
+}
+
 /// The answer, and whether its audit record was committed already (with
 /// the claim of a single use, which it spends).
 async fn introspect(
@@ -186,7 +214,14 @@ async fn introspect(
     match own {
         OwnToken::Task(c) => {
             if active_task(st, &c, now).await?.is_none() {
-                return Ok((inactive(), false));
+                let known = Known {
+                    txn: &c.txn,
+                    jti: &c.jti,
+                    tool: None,
+                };
+                return known
+                    .inactive(st, asked, "inactive: the task has ended")
+                    .await;
             }
             // The current actor, as in the task's access tokens.
             let client_id = c.act.as_ref().map_or(&c.sub, |a| &a.sub);
@@ -209,6 +244,11 @@ async fn introspect(
             Ok((body, false))
         }
         OwnToken::Access(c) => {
+            let known = Known {
+                txn: &c.txn,
+                jti: &c.jti,
+                tool: Some(&c.aud),
+            };
             // RFC 7662 §4: a token is active only to a resource server it
             // can be used at, where the tool names its resource servers
             // (and a single use is not spent by anyone else's question).
@@ -221,23 +261,35 @@ async fn introspect(
                     .iter()
                     .any(|i| i.issuer == asked.caller.issuer && i.subject == asked.caller.subject)
             {
-                let mut a = asked.record(st, &inactive());
-                a.task_id = Some(c.txn.clone());
-                a.jti = Some(c.jti.clone());
-                a.tool = Some(c.aud.clone());
-                a.reason = Some("inactive: the caller is none of the tool's introspectors".into());
-                st.store
-                    .commit(vec![scrip_store::Write::Audit(Box::new(a))])
-                    .await?;
-                return Ok((inactive(), true));
+                return known
+                    .inactive(
+                        st,
+                        asked,
+                        "inactive: the caller is none of the tool's introspectors",
+                    )
+                    .await;
             }
             // Revocation and the task's state are read from the store
             // every time (never from the cache), in one read.
             let Some((task, revoked)) = st.store.token_task(&c.jti, &c.txn).await? else {
-                return Ok((inactive(), false));
+                return known
+                    .inactive(st, asked, "inactive: its task is unknown")
+                    .await;
             };
-            if revoked || task.state(now) != scrip_store::TaskState::Active {
-                return Ok((inactive(), false));
+            let single_use = c.approval.as_ref().is_some_and(|a| a.single_use);
+            if revoked {
+                // A spent single use is kept as a revocation.
+                let why = if single_use {
+                    "inactive: its single use was spent, or it was revoked"
+                } else {
+                    "inactive: revoked"
+                };
+                return known.inactive(st, asked, why).await;
+            }
+            if task.state(now) != scrip_store::TaskState::Active {
+                return known
+                    .inactive(st, asked, "inactive: the task has ended")
+                    .await;
             }
             let mut body = json!({
                 "active": true,
@@ -256,12 +308,18 @@ async fn introspect(
                     serde_json::to_value(act).unwrap_or(Value::Null),
                 );
             }
-            if c.approval.as_ref().is_some_and(|a| a.single_use) {
+            if single_use {
                 // The one use is spent in the commit that records this
                 // answer, or not at all.
                 let record = scrip_store::Write::Audit(Box::new(asked.record(st, &body)));
                 if !claim_once(st, &c, now, vec![record]).await? {
-                    return Ok((inactive(), false));
+                    return known
+                        .inactive(
+                            st,
+                            asked,
+                            "inactive: its single use was spent, or it was revoked",
+                        )
+                        .await;
                 }
                 return Ok((body, true));
             }

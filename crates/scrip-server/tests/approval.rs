@@ -467,7 +467,7 @@ async fn the_approved_token_introspects_active_once() {
     assert_eq!(r.body, json!({"active": false}));
     assert_eq!(s.introspect(token).await.body, json!({"active": false}));
     // The use is spent with the record of the answer that spent it, next to
-    // it in the trail (the inactive answers name no token).
+    // it in the trail; the inactive answers after it name the token too.
     let jti = r_jti(token);
     let trail: Vec<(String, Option<String>)> = s
         .audit()
@@ -482,7 +482,17 @@ async fn the_approved_token_introspects_active_once() {
             ("approval.used".to_owned(), Some("allow".to_owned())),
             ("token.used".to_owned(), None),
             ("token.introspected".to_owned(), Some("allow".to_owned())),
+            ("token.introspected".to_owned(), Some("deny".to_owned())),
+            ("token.introspected".to_owned(), Some("deny".to_owned())),
         ]
+    );
+    assert!(
+        s.audit()
+            .await
+            .iter()
+            .any(|a| a.jti.as_deref() == Some(jti.as_str())
+                && a.reason.as_deref()
+                    == Some("inactive: its single use was spent, or it was revoked"))
     );
     s.stop().await;
 }

@@ -272,6 +272,69 @@ async fn introspection_shows_active_tokens_and_nothing_about_others() {
     s.stop().await;
 }
 
+/// An inactive answer says nothing about why, but for a token of scrip's
+/// own that verified, its record names the token, its task and why.
+#[tokio::test]
+async fn inactive_answers_about_verified_tokens_are_recorded_with_them() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "triage", None)
+            .await,
+    );
+    let txn = claims_of(&task)["txn"].as_str().unwrap().to_owned();
+    let revoked = token_of(&s.access_token(&task, "github", Some("read")).await);
+    let live = token_of(&s.access_token(&task, "github", Some("read")).await);
+    assert_eq!(s.revoke(&revoked).await.status, 200);
+    assert_eq!(s.introspect(&revoked).await.body, inactive());
+    assert_eq!(s.revoke(&task).await.status, 200);
+    assert_eq!(s.introspect(&live).await.body, inactive());
+    assert_eq!(s.introspect(&task).await.body, inactive());
+    assert_eq!(s.introspect("garbage").await.body, inactive());
+    let recorded: Vec<(
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    )> = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| a.event == "token.introspected")
+        .map(|a| {
+            assert_eq!(a.decision.as_deref(), Some("deny"));
+            (a.jti, a.task_id, a.tool, a.reason)
+        })
+        .collect();
+    let jti = |t: &str| Some(claims_of(t)["jti"].as_str().unwrap().to_owned());
+    let some = |s: &str| Some(s.to_owned());
+    assert_eq!(
+        recorded,
+        [
+            (
+                jti(&revoked),
+                some(&txn),
+                some("github"),
+                some("inactive: revoked")
+            ),
+            (
+                jti(&live),
+                some(&txn),
+                some("github"),
+                some("inactive: the task has ended")
+            ),
+            (
+                jti(&task),
+                some(&txn),
+                None,
+                some("inactive: the task has ended")
+            ),
+            (None, None, None, some("inactive")),
+        ]
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn introspection_of_an_expired_task_token_is_inactive() {
     let s = TestServer::start().await;
