@@ -314,7 +314,7 @@ fn verify_report(
         .map(|(_, a, b)| b.saturating_add(1).saturating_sub(*a))
         .sum();
     lines.push(format!(
-        "{}: {records} records were never signed by the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, a `scrip secret` command that warned it could not sign, or someone else wrote these); a later process's signed start proves they existed then, not who wrote them:",
+        "{}: {records} records carry no signature of the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, or a `scrip secret` command that warned it could not sign, wrote these; or someone else did, or deleted their signatures); a later process's signed start proves they existed then, not who wrote them; --strict fails on them:",
         if strict { "FAILED" } else { "note" }
     ));
     for (chain, from, to) in &report.vouched {
@@ -658,7 +658,8 @@ mod tests {
         let (lines, passed) = verify_report(&report, &kids, false);
         assert!(passed);
         assert!(
-            lines[3].starts_with("note: 4 records were never signed"),
+            lines[3]
+                .starts_with("note: 4 records carry no signature of the process that wrote them"),
             "{lines:?}"
         );
         assert_eq!(lines[4..], ["  chain c1 #5 to #7", "  chain c2 #1 to #1"]);

@@ -308,10 +308,11 @@ enum AuditCommand {
     /// audit_checkpoint_interval and a minute) that no signature covers (rewritten with their signatures deleted). Exits
     /// 0 when everything verifies, 1 otherwise.
     ///
-    /// scrip signs each commit's records as it writes them. Records their
-    /// writer never signed (an older scrip that crashed before signing, a
-    /// `scrip secret` command that warned it could not sign, or records
-    /// someone else added to the store) but that a later process's
+    /// scrip signs each commit's records as it writes them. Records that
+    /// carry no signature of their writer (an older scrip that crashed
+    /// before signing, a `scrip secret` command that warned it could not
+    /// sign, records someone else added, or whose signatures and the
+    /// records after them someone deleted) but that a later process's
     /// signed start links are vouched for only by that start, which proves
     /// they existed then, not who wrote them: they are listed, and fail the
     /// check with --strict. The report names the checkpoint keys it

@@ -291,12 +291,7 @@ async fn inactive_answers_about_verified_tokens_are_recorded_with_them() {
     assert_eq!(s.introspect(&live).await.body, inactive());
     assert_eq!(s.introspect(&task).await.body, inactive());
     assert_eq!(s.introspect("garbage").await.body, inactive());
-    let recorded: Vec<(
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    )> = s
+    let recorded: Vec<_> = s
         .audit()
         .await
         .into_iter()

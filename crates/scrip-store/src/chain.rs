@@ -657,31 +657,52 @@ impl Verifier {
             .unwrap_or((0, 0))
     }
 
+    /// Extends `signed` (how far each chain is covered) through the links
+    /// of covered chain starts: a covered start vouches for the heads it
+    /// links to (each link was checked in [`Self::finish`]), and so on
+    /// through theirs. Each link is visited once, whatever order the
+    /// chains vouch in (a store's records cannot make this quadratic).
+    fn spread(&self, signed: &mut HashMap<String, u64>) {
+        // Each chain's links, by the position of the start that holds them.
+        let mut by_chain: HashMap<&str, Vec<(u64, &ChainLink)>> = HashMap::new();
+        for (chain, pos, l) in &self.all_links {
+            by_chain.entry(chain.as_str()).or_default().push((*pos, l));
+        }
+        for links in by_chain.values_mut() {
+            links.sort_by_key(|(pos, _)| *pos);
+        }
+        // How many of each chain's links were visited.
+        let mut visited: HashMap<&str, usize> = HashMap::new();
+        let mut grown: Vec<String> = signed.keys().cloned().collect();
+        while let Some(chain) = grown.pop() {
+            let Some((id, links)) = by_chain.get_key_value(chain.as_str()) else {
+                continue;
+            };
+            let covered = signed.get(&chain).copied().unwrap_or(0);
+            let from = visited.get(id).copied().unwrap_or(0);
+            let rest = links.get(from..).unwrap_or_default();
+            let newly = rest.iter().take_while(|(pos, _)| *pos <= covered).count();
+            visited.insert(id, from.saturating_add(newly));
+            for (_, l) in rest.iter().take(newly) {
+                if self.found.get(&(l.chain_id.clone(), l.chain_seq)) != Some(&l.hash) {
+                    continue;
+                }
+                let reach = signed.entry(l.chain_id.clone()).or_insert(0);
+                if *reach < l.chain_seq {
+                    *reach = l.chain_seq;
+                    grown.push(l.chain_id.clone());
+                }
+            }
+        }
+    }
+
     /// Extends `signed` through the links of covered chain starts, then
     /// reports each chain's uncovered records: problems when one was
     /// written more than `grace` ms before `now` (or claims to be written
     /// more than `grace` after it), else counted as [`Report::unsigned`].
     fn check_coverage(&mut self, mut signed: HashMap<String, u64>, now: u64, grace: u64) {
         let own = signed.clone();
-        // A covered chain start vouches for the heads it links to (each
-        // link was checked above); repeat until nothing more is covered.
-        loop {
-            let mut grew = false;
-            for (chain, pos, l) in &self.all_links {
-                let vouched = signed.get(chain).is_some_and(|s| *s >= *pos)
-                    && self.found.get(&(l.chain_id.clone(), l.chain_seq)) == Some(&l.hash);
-                if vouched {
-                    let covered = signed.entry(l.chain_id.clone()).or_insert(0);
-                    if *covered < l.chain_seq {
-                        *covered = l.chain_seq;
-                        grew = true;
-                    }
-                }
-            }
-            if !grew {
-                break;
-            }
-        }
+        self.spread(&mut signed);
         let mut chains: Vec<(&String, &Cursor)> = self.chains.iter().collect();
         chains.sort_by_key(|(_, c)| c.seq);
         for (id, cursor) in chains {

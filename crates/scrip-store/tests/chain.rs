@@ -760,6 +760,52 @@ async fn a_signed_chain_start_covers_the_heads_it_links_to() {
     assert!(report.problems[0].what.contains("records #8 to #9"));
 }
 
+/// Vouching carries through chain starts, whatever order they come in: a
+/// signed start covers the head it links to, whose chain's start covers
+/// the head it links to in turn.
+#[tokio::test]
+async fn vouching_carries_through_chain_starts() {
+    let db = Db::new();
+    let first = db.open().await;
+    commit_events(&first, "r1", 1, 3).await;
+    db.checkpoint(&first).await;
+    commit_events(&first, "r1", 4, 2).await;
+    let second = db.open().await;
+    commit_events(&second, "r2", 1, 2).await;
+    let third = db.open().await;
+    commit_events(&third, "r3", 1, 1).await;
+    db.checkpoint(&third).await;
+    let rows = db.rows().await;
+    let mut chains: Vec<String> = Vec::new();
+    for r in &rows {
+        if !chains.contains(&r.chain_id) {
+            chains.push(r.chain_id.clone());
+        }
+    }
+    // The third start links only the second chain's head: the first's was
+    // linked by the second, and has not moved since.
+    let third_start = rows
+        .iter()
+        .find(|r| r.chain_id == chains[2] && r.chain_seq == 1)
+        .unwrap();
+    assert!(
+        !third_start.record.contains(&chains[0]),
+        "{}",
+        third_start.record
+    );
+    assert!(
+        third_start.record.contains(&chains[1]),
+        "{}",
+        third_start.record
+    );
+    let report = db.verify_signed(ALL_OLD).await;
+    assert_clean(&report);
+    assert_eq!(
+        report.vouched,
+        [(chains[0].clone(), 5, 6), (chains[1].clone(), 1, 3)]
+    );
+}
+
 /// Records a later chain's start covers, but their own writer never signed,
 /// cannot pass as recent (waiting for a writer still running) by claiming a
 /// time to come, or by having one of them claim a recent time.
