@@ -57,6 +57,11 @@ pub const LOCAL_IDENTITY_TTL: u64 = 300;
 /// The longest `access_token_ttl` accepted, in seconds.
 pub const MAX_ACCESS_TOKEN_TTL: u64 = 3600;
 
+/// The largest `max_delegation_depth` accepted: each level nests one more
+/// `act` claim in every token below it, and a token must stay well within
+/// the size verifiers take.
+pub const MAX_DELEGATION_DEPTH: u32 = 16;
+
 /// The longest `approved_token_ttl` accepted, in seconds.
 pub const MAX_APPROVED_TOKEN_TTL: u64 = 300;
 
@@ -532,6 +537,11 @@ impl Config {
         if self.access_token_ttl > MAX_ACCESS_TOKEN_TTL {
             return invalid(format!(
                 "access_token_ttl must be at most {MAX_ACCESS_TOKEN_TTL} seconds: access tokens live minutes"
+            ));
+        }
+        if self.max_delegation_depth > MAX_DELEGATION_DEPTH {
+            return invalid(format!(
+                "max_delegation_depth must be at most {MAX_DELEGATION_DEPTH}: each level nests one more `act` claim in every token below it"
             ));
         }
         if self.audit_checkpoint_interval == 0 {
@@ -1022,6 +1032,8 @@ mod tests {
         check("access_token_ttl = 3601", Some("at most 3600"));
         check("approved_token_ttl = 300", None);
         check("approved_token_ttl = 301", Some("at most 300"));
+        check("max_delegation_depth = 16", None);
+        check("max_delegation_depth = 17", Some("at most 16"));
         check("issuer = \"ftp://x\"", Some("https"));
         check("issuer = \"http://example.com\"", Some("https"));
         check("issuer = \"https://scrip.example/\"", Some("must not end"));

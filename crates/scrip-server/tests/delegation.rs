@@ -420,6 +420,31 @@ async fn delegation_depth_follows_the_configuration() {
     s.stop().await;
 }
 
+/// At the deepest chain the configuration allows, every token still
+/// verifies and works: the nested `act` claims stay within what verifiers
+/// take.
+#[tokio::test]
+async fn the_deepest_allowed_chain_still_works() {
+    let depth = scrip_config::MAX_DELEGATION_DEPTH;
+    let s = TestServer::start_with(permissive(Some(Box::new(move |c| {
+        c.max_delegation_depth = depth;
+    }))))
+    .await;
+    let mut task = root(&s, "github:read", None).await;
+    for n in 0..depth {
+        let actor = if n % 2 == 0 { actor1(&s) } else { actor2(&s) };
+        task = child_of(&s, &task, &actor, None).await;
+    }
+    assert_eq!(claims(&task)["tctx"]["depth"], depth);
+    let at = access(&s, &task, "github", None).await;
+    assert_eq!(s.introspect(&at).await.body["active"], true);
+    assert_eq!(s.introspect(&task).await.body["active"], true);
+    delegate(&s, &task, &actor1(&s), None, None)
+        .await
+        .assert_error(400, "invalid_request");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn delegated_sub_agents_may_only_read() {
     let s = TestServer::start().await;
