@@ -279,7 +279,17 @@ pub struct TrustedIssuer {
     /// for; an SVID of another trust domain is refused.
     #[serde(default)]
     pub trust_domain: Option<String>,
+    /// Claims each of the issuer's identities must carry, each with one of
+    /// the values listed (a string, or a number or boolean as written).
+    /// Where anyone may obtain a token for the audience (GitHub Actions:
+    /// any repository's workflow chooses its own `aud`), these say whose
+    /// tokens are trusted at all (`repository_owner_id = ["123"]`).
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, Vec<String>>,
 }
+
+/// GitHub Actions' OIDC issuer.
+pub const GITHUB_ACTIONS_ISSUER: &str = "https://token.actions.githubusercontent.com";
 
 /// The kinds of federated issuer, as Cedar names their identities' `kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -778,6 +788,13 @@ impl TrustedIssuer {
                 "{who} kind = \"spiffe\" needs trust_domain: the issuer's keys speak for one trust domain (a SPIFFE bundle is one trust domain's), and without it an SVID of any domain it signed would pass"
             ));
         }
+        for (claim, values) in &self.required_claims {
+            if claim.is_empty() || values.is_empty() {
+                return invalid(format!(
+                    "{who} required_claims: each entry names a claim and at least one value it may have"
+                ));
+            }
+        }
         if let Some(domain) = &self.trust_domain {
             if self.kind != Some(IssuerKind::Spiffe) {
                 return invalid(format!(
@@ -927,6 +944,18 @@ mod tests {
         // A SPIFFE issuer's keys speak for one trust domain: it must be
         // named, or any SVID it signs, of any domain, would pass.
         check(&issuer("kind = \"spiffe\""), Some("needs trust_domain"));
+        check(
+            &issuer("required_claims = { repository_owner_id = [\"123\"], ref = [\"a\", \"b\"] }"),
+            None,
+        );
+        check(
+            &issuer("required_claims = { repository_owner_id = [] }"),
+            Some("at least one value"),
+        );
+        check(
+            &issuer("required_claims = { repository_owner_id = \"123\" }"),
+            Some("invalid type"),
+        );
         check(&issuer("kind = \"local\""), Some("unknown variant `local`"));
         check(
             &issuer("kind = \"spiffe\"\ntrust_domain = \"prod.acme-1.example_x\""),

@@ -49,6 +49,12 @@ pub enum IdentityError {
     /// The claims are not an identity of their issuer's declared kind.
     #[error(transparent)]
     Shape(scrip_token::ShapeError),
+    /// A claim the issuer's `required_claims` names is missing, or has
+    /// none of the values listed.
+    #[error(
+        "claim `{0}` is missing or has a value this issuer's identities may not have (required_claims)"
+    )]
+    ClaimNotAllowed(String),
 }
 
 /// A problem loading the trusted issuers at start.
@@ -104,6 +110,8 @@ struct Issuer {
     kind: Option<IdentityKind>,
     trust_domain: Option<String>,
     audiences: Vec<String>,
+    /// Claims every identity must carry, with one of these values.
+    required: std::collections::BTreeMap<String, Vec<String>>,
     algorithms: Vec<Algorithm>,
     typ: TypRule,
     source: Source,
@@ -196,6 +204,7 @@ impl IdentityVerifier {
                 kind: ti.kind.map(IssuerKind::identity_kind),
                 trust_domain: ti.trust_domain.clone(),
                 audiences: ti.audiences.clone(),
+                required: ti.required_claims.clone(),
                 algorithms: parse_algorithms(&ti.algorithms),
                 typ: TypRule::any_of(ti.allow_untyped, ti.token_types.iter().map(String::as_str)),
                 source,
@@ -221,6 +230,16 @@ impl IdentityVerifier {
             .filter(|ti| ti.kind.is_none())
             .map(|ti| ti.issuer.as_str())
             .collect();
+        for ti in trusted.iter().filter(|ti| {
+            ti.required_claims.is_empty()
+                && (ti.kind == Some(scrip_config::IssuerKind::GithubActions)
+                    || ti.issuer == scrip_config::GITHUB_ACTIONS_ISSUER)
+        }) {
+            tracing::warn!(
+                issuer = %ti.issuer,
+                "any GitHub repository's workflow can obtain a token from this issuer for any audience, so every workflow on GitHub passes as a trusted workload (policy still decides what it gets); set `required_claims` (e.g. `repository_owner_id = [\"<your organisation's id>\"]`) to trust only yours"
+            );
+        }
         if trusted.len() > 1 && !undeclared.is_empty() {
             tracing::warn!(
                 issuers = ?undeclared,
@@ -319,6 +338,7 @@ impl IdentityVerifier {
             leeway: self.leeway,
         };
         let verified = scrip_jose::verify::<Map<String, Value>>(token, &keys, &expectations)?;
+        check_required(&issuer.required, &verified.claims)?;
         let identity = WorkloadIdentity::from_claims_of(
             &issuer.issuer,
             &verified.claims,
@@ -405,6 +425,25 @@ impl IdentityVerifier {
             }
         }
     }
+}
+
+/// Each claim `required` names is in `claims`, with one of its values (a
+/// number or boolean as written).
+fn check_required(
+    required: &std::collections::BTreeMap<String, Vec<String>>,
+    claims: &Map<String, Value>,
+) -> Result<(), IdentityError> {
+    for (claim, allowed) in required {
+        let ok = match claims.get(claim) {
+            Some(Value::String(s)) => allowed.iter().any(|a| a == s),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => allowed.contains(&v.to_string()),
+            _ => false,
+        };
+        if !ok {
+            return Err(IdentityError::ClaimNotAllowed(claim.clone()));
+        }
+    }
+    Ok(())
 }
 
 impl Issuer {
@@ -591,6 +630,7 @@ mod tests {
             jwks_min_refetch: 1,
             kind: None,
             trust_domain: None,
+            required_claims: Default::default(),
         };
         let v = IdentityVerifier::new(&[trusted], "https://scrip.example", 30).unwrap();
         let issuer = v.issuers.get("https://idp.example").unwrap();

@@ -146,6 +146,7 @@ fn trusted(jwks_uri: &str, refresh: u64, max_stale: u64, min_refetch: u64) -> Tr
         jwks_min_refetch: min_refetch,
         kind: None,
         trust_domain: None,
+        required_claims: Default::default(),
     }
 }
 

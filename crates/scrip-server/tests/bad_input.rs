@@ -729,6 +729,62 @@ async fn task_policy_allows_no_grant() {
     s.stop().await;
 }
 
+/// Any GitHub workflow can obtain a token for scrip's audience: an
+/// issuer's `required_claims` say whose are trusted at all. Another
+/// organisation's token, or one missing a claim, is refused as an
+/// identity, before any policy; a number is compared as written.
+#[tokio::test]
+async fn an_issuers_required_claims_refuse_other_workloads() {
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(|c: &mut scrip_config::Config| {
+            for ti in &mut c.trusted_issuers {
+                if ti.issuer == GITHUB_ISSUER {
+                    ti.required_claims = [
+                        ("repository_owner".to_owned(), vec!["acme".to_owned()]),
+                        ("run_id".to_owned(), vec!["7312345678".to_owned()]),
+                    ]
+                    .into();
+                }
+            }
+        })),
+        ..Options::default()
+    })
+    .await;
+    let start = |identity: String| {
+        let s = &s;
+        async move {
+            s.try_start_task(&identity, "github:read", "dev", PURPOSE, None)
+                .await
+        }
+    };
+    let r = start(s.github.github("acme/web")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = start(s.github.github("evil/web")).await;
+    assert_error_says(&r, 400, "invalid_request", "claim `repository_owner`");
+    // acme's token's claims, read back, without `run_id`.
+    let acme = s.github.github("acme/web");
+    let payload = acme.split('.').nth(1).unwrap();
+    let mut c: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    c.as_object_mut().unwrap().remove("run_id");
+    let r = start(s.github.sign(&c)).await;
+    assert_error_says(&r, 400, "invalid_request", "claim `run_id`");
+    c["run_id"] = json!(7_312_345_678_u64);
+    let r = start(s.github.sign(&c)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    c["run_id"] = json!(["7312345678"]);
+    let r = start(s.github.sign(&c)).await;
+    assert_error_says(&r, 400, "invalid_request", "claim `run_id`");
+    // Other issuers are not concerned.
+    let r = start(s.k8s.kubernetes("agents", "coder")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Workload identity attacks (RFC 8725).
 // ---------------------------------------------------------------------------

@@ -286,6 +286,7 @@ async fn oidc_provider_tokens_are_workload_identities_and_key_rotation_is_follow
             jwks_min_refetch: 1,
             kind: None,
             trust_domain: None,
+            required_claims: Default::default(),
         }],
     })
     .await;

@@ -69,6 +69,7 @@ impl Server {
                 jwks_min_refetch: 10,
                 kind: None,
                 trust_domain: None,
+                required_claims: Default::default(),
             }],
             tools: tools(),
             approvers: vec![Approver {

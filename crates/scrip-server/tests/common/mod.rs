@@ -213,6 +213,7 @@ fn trusted(idp: &Idp, dir: &Path, name: &str, algorithms: &[&str]) -> TrustedIss
         jwks_min_refetch: 10,
         kind: None,
         trust_domain: None,
+        required_claims: Default::default(),
     }
 }
 

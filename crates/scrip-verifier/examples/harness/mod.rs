@@ -87,6 +87,7 @@ impl Scrip {
                 jwks_min_refetch: 10,
                 kind: None,
                 trust_domain: None,
+                required_claims: Default::default(),
             }],
             tools: vec![tool],
             ..Config::default()

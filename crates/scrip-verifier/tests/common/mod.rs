@@ -146,6 +146,7 @@ impl Scrip {
             jwks_min_refetch: 10,
             kind: None,
             trust_domain: None,
+            required_claims: Default::default(),
         }];
         trusted.extend(extra.issuers);
         let config = Config {
