@@ -66,22 +66,11 @@ impl Proxy {
     /// releases nothing), once there is room among the refusal records
     /// being written (see [`crate::Pending::commit_refusal`]): a client
     /// sending refusals faster than the store takes them is slowed down
-    /// rather than left to grow the backlog without bound.
+    /// rather than left to grow the backlog without bound. Past
+    /// [`crate::UNVERIFIED_PER_SECOND`] refusals without a verified token
+    /// (the draft names no `jti`), or [`crate::PER_TOKEN_PER_SECOND`] of
+    /// one token, in a second, recorded as a count.
     async fn deny(
-        &self,
-        draft: &Draft,
-        upstream: &str,
-        response: Response,
-        reason: String,
-    ) -> Response {
-        let r = self.refusal(draft, upstream, &response, reason);
-        self.0.pending.commit_refusal(self.0.store.clone(), r).await;
-        response
-    }
-
-    /// [`Self::deny`] for a request no verified token stands behind: past
-    /// [`crate::UNVERIFIED_PER_SECOND`] in a second, recorded as a count.
-    async fn deny_unverified(
         &self,
         draft: &Draft,
         upstream: &str,
@@ -91,7 +80,7 @@ impl Proxy {
         let r = self.refusal(draft, upstream, &response, reason);
         self.0
             .pending
-            .commit_unverified_refusal(self.0.store.clone(), r)
+            .commit_limited_refusal(self.0.store.clone(), r)
             .await;
         response
     }
@@ -211,7 +200,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         Ok(p) => p,
         Err(e) => {
             let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
-            return proxy.deny_unverified(&draft, name, r, e.to_string()).await;
+            return proxy.deny(&draft, name, r, e.to_string()).await;
         }
     };
     draft.record.path = Some(for_audit(&path));
@@ -229,7 +218,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             "invalid_request",
             why.clone(),
         );
-        return proxy.deny_unverified(&draft, name, r, why).await;
+        return proxy.deny(&draft, name, r, why).await;
     };
     draft.record.actions = Some(action.to_string());
 
@@ -248,25 +237,21 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 });
             // Refused after it verified (revoked, used, out of scope, its
             // DPoP key missing): scrip issued it, and the attempt is
-            // recorded one by one, naming whose it was, whatever else
-            // comes. Before that, anyone can send the request.
-            return if rejection.token_verified {
-                if let Some(claims) = &rejection.claims {
-                    draft.record.task_id = Some(claims.txn.clone());
-                    draft.record.jti = Some(claims.jti.clone());
-                    draft.record.agent_sub = Some(claims.sub.clone());
-                    if let Some(act) = &claims.act {
-                        draft.record.chain = act.chain();
-                    }
+            // recorded naming whose it was, and limited per token. Before
+            // that, anyone can send the request: limited together.
+            if rejection.token_verified
+                && let Some(claims) = &rejection.claims
+            {
+                draft.record.task_id = Some(claims.txn.clone());
+                draft.record.jti = Some(claims.jti.clone());
+                draft.record.agent_sub = Some(claims.sub.clone());
+                if let Some(act) = &claims.act {
+                    draft.record.chain = act.chain();
                 }
-                proxy
-                    .deny(&draft, name, rejection.into_response::<Body>(), why)
-                    .await
-            } else {
-                proxy
-                    .deny_unverified(&draft, name, rejection.into_response::<Body>(), why)
-                    .await
-            };
+            }
+            return proxy
+                .deny(&draft, name, rejection.into_response::<Body>(), why)
+                .await;
         }
     };
     draft.record.task_id = Some(token.task().to_owned());

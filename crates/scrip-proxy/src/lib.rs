@@ -146,16 +146,27 @@ const PENDING: usize = 1024;
 /// without bound and hold up the store's commits of tokens.
 pub const UNVERIFIED_PER_SECOND: u32 = 100;
 
-/// This second's refusals of unverified requests (see
-/// [`UNVERIFIED_PER_SECOND`]).
+/// The refusals of one token that verified (revoked, used, out of scope,
+/// refused by policy) recorded one by one in a second, per process, each
+/// naming the token; the rest of that second's are counted, and recorded
+/// as one `proxy.refused` record naming it. Its holder could otherwise
+/// write attributed records as fast as the store takes them until the
+/// token expires.
+pub const PER_TOKEN_PER_SECOND: u32 = 10;
+
+/// This second's refusals (see [`UNVERIFIED_PER_SECOND`] and
+/// [`PER_TOKEN_PER_SECOND`]).
 #[derive(Debug, Default)]
 struct Unverified {
     /// The second (since the epoch) counted.
     second: u64,
-    /// Recorded one by one in it.
+    /// Unverified ones recorded one by one in it.
     recorded: u32,
-    /// Counted, per upstream: how many, and the first one's record.
-    counted: std::collections::BTreeMap<String, (u64, scrip_store::AuditEvent)>,
+    /// Those of each token (by `jti`) recorded one by one in it.
+    tokens: HashMap<String, u32>,
+    /// Counted, per upstream and token (`""`: unverified): how many, and
+    /// the first one's record.
+    counted: std::collections::BTreeMap<(String, String), (u64, scrip_store::AuditEvent)>,
 }
 
 /// Background audit writes still running, so that [`Proxy::flush`] can
@@ -261,11 +272,12 @@ impl Pending {
         self.commit_in(store, record, Some(room));
     }
 
-    /// Commits the refusal `record` of a request no verified token stands
-    /// behind as [`Self::commit_refusal`] does, unless
-    /// [`UNVERIFIED_PER_SECOND`] were recorded this second: then it is
-    /// counted, and the second's count is recorded once it ends.
-    pub(crate) async fn commit_unverified_refusal(
+    /// Commits the refusal `record` as [`Self::commit_refusal`] does,
+    /// unless this second already recorded [`UNVERIFIED_PER_SECOND`]
+    /// refusals no verified token stood behind (`record` names no `jti`),
+    /// or [`PER_TOKEN_PER_SECOND`] of its token: then it is counted, and
+    /// the second's counts are recorded once it ends.
+    pub(crate) async fn commit_limited_refusal(
         self: &Arc<Self>,
         store: Arc<dyn Store>,
         record: scrip_store::AuditEvent,
@@ -279,15 +291,31 @@ impl Pending {
             if u.second != second {
                 u.second = second;
                 u.recorded = 0;
+                u.tokens.clear();
             }
-            if u.recorded < UNVERIFIED_PER_SECOND {
-                u.recorded += 1;
+            let room = match &record.jti {
+                None => {
+                    let room = u.recorded < UNVERIFIED_PER_SECOND;
+                    u.recorded += u32::from(room);
+                    room
+                }
+                Some(jti) => {
+                    let n = u.tokens.entry(jti.clone()).or_insert(0);
+                    let room = *n < PER_TOKEN_PER_SECOND;
+                    *n += u32::from(room);
+                    room
+                }
+            };
+            if room {
                 None
             } else {
                 let first = u.counted.is_empty();
-                let upstream = record.tool.clone().unwrap_or_default();
+                let key = (
+                    record.tool.clone().unwrap_or_default(),
+                    record.jti.clone().unwrap_or_default(),
+                );
                 u.counted
-                    .entry(upstream)
+                    .entry(key)
                     .or_insert_with(|| (0, record.clone()))
                     .0 += 1;
                 Some(first)
@@ -301,8 +329,8 @@ impl Pending {
     }
 
     /// Records the refusals counted this second once it ends: one
-    /// `proxy.refused` record per upstream, with how many. Counted until
-    /// written, so that [`Self::flush`] waits for it.
+    /// `proxy.refused` record per upstream and token, with how many.
+    /// Counted until written, so that [`Self::flush`] waits for it.
     fn record_counted_later(self: &Arc<Self>, store: Arc<dyn Store>) {
         use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -326,15 +354,21 @@ impl Pending {
                     let mut r = first;
                     r.event = "proxy.refused".into();
                     r.at_ms = now_ms();
-                    r.reason = Some(format!(
-                        "{n} more requests refused before a token was verified (a bad path, a method no action maps to, a missing or invalid token) in the second before, recorded as a count: over {UNVERIFIED_PER_SECOND} a second; the first of them is described here"
-                    ));
+                    r.reason = Some(match &r.jti {
+                        None => format!(
+                            "{n} more requests refused before a token was verified (a bad path, a method no action maps to, a missing or invalid token) in the second before, recorded as a count: over {UNVERIFIED_PER_SECOND} a second; the first of them is described here"
+                        ),
+                        Some(jti) => format!(
+                            "{n} more requests with token {jti} refused in the second before, recorded as a count: over {PER_TOKEN_PER_SECOND} a second for one token; the first of them is described here: {}",
+                            r.reason.as_deref().unwrap_or("no reason given")
+                        ),
+                    });
                     scrip_store::Write::Audit(Box::new(r))
                 })
                 .collect::<Vec<_>>();
             tracing::warn!(
-                upstreams = writes.len(),
-                "proxy: more than {UNVERIFIED_PER_SECOND} unverified requests refused in a second; recording the rest as counts"
+                counts = writes.len(),
+                "proxy: more than {UNVERIFIED_PER_SECOND} unverified requests, or {PER_TOKEN_PER_SECOND} of one token, refused in a second; recording the rest as counts"
             );
             if let Err(e) = store.commit(writes).await {
                 tracing::error!(error = %e, "proxy audit record could not be written");

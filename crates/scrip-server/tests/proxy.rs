@@ -570,6 +570,56 @@ async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
     env.server.stop().await;
 }
 
+/// The holder of a revoked token cannot grow the trail with attributed
+/// records as fast as the store takes them: past 10 a second for one
+/// token, its refusals are counted, into records that still name it.
+#[tokio::test]
+async fn a_revoked_tokens_refusals_are_recorded_as_counts_past_ten_a_second() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let revoked = env.token(&task, "legacy", "read").await;
+    assert_eq!(env.server.revoke(&revoked).await.status, 200);
+    let jti = decode_parts(&revoked).1["jti"].as_str().unwrap().to_owned();
+    const SENT: usize = 200;
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..SENT {
+        let (http, url, token) = (env.http.clone(), env.server.url.clone(), revoked.clone());
+        sends.spawn(async move {
+            http.get(format!("{url}/proxy/legacy/r"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    while let Some(status) = sends.join_next().await {
+        assert_eq!(status.unwrap(), 401);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let audit = env.server.audit().await;
+    let one_by_one = audit
+        .iter()
+        .filter(|a| a.event == "proxy.request" && a.decision.as_deref() == Some("deny"))
+        .inspect(|a| assert_eq!(a.jti.as_deref(), Some(jti.as_str()), "{a:?}"))
+        .count();
+    let counted: usize = audit
+        .iter()
+        .filter(|a| a.event == "proxy.refused")
+        .map(|a| {
+            assert_eq!(a.jti.as_deref(), Some(jti.as_str()), "{a:?}");
+            assert!(a.task_id.is_some(), "{a:?}");
+            let reason = a.reason.as_deref().unwrap();
+            assert!(reason.contains("for one token"), "{reason}");
+            reason.split(' ').next().unwrap().parse::<usize>().unwrap()
+        })
+        .sum();
+    assert_eq!(one_by_one + counted, SENT, "{one_by_one} + {counted}");
+    assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
+    env.server.stop().await;
+}
+
 #[tokio::test]
 async fn a_revoked_task_is_refused() {
     let env = setup().await;
