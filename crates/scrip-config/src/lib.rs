@@ -58,8 +58,8 @@ pub const LOCAL_IDENTITY_TTL: u64 = 300;
 pub const MAX_ACCESS_TOKEN_TTL: u64 = 3600;
 
 /// The largest `max_delegation_depth` accepted: each level nests one more
-/// `act` claim in every token below it, and a token must stay well within
-/// the size verifiers take.
+/// `act` claim in every token below it (a delegation whose token would
+/// grow past what verifiers take is refused, whatever its depth).
 pub const MAX_DELEGATION_DEPTH: u32 = 16;
 
 /// The longest `approved_token_ttl` accepted, in seconds.

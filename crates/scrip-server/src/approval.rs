@@ -94,11 +94,11 @@ pub(crate) async fn request(
             // policy allows outright were in it only as company.
             let since = now.saturating_sub(st.config.approval_ttl);
             let denied = st.store.task_denials(&task.id, since).await?;
-            if let Some(d) = denied.iter().find(|d| {
-                d.tool == tool
-                    && ActionSet::parse(&d.actions)
-                        .is_ok_and(|denied| denied.iter().any(|a| approvable.contains(a)))
-            }) {
+            let approvable_list = approvable.to_string();
+            if let Some(d) = denied
+                .iter()
+                .find(|d| d.tool == tool && overlap(&d.actions, &approvable_list))
+            {
                 let at = d.decided_at.unwrap_or(now);
                 break 'asked Err(OAuthError::access_denied(format!(
                     "a person denied `{}` at `{tool}` in this task {} s ago ({}); it is not asked again for {} s",
@@ -409,9 +409,10 @@ async fn collect(
             return Ok(issued);
         }
     }
-    // People keep denying other steps of the task: the agent polls again.
-    Err(OAuthError::slow_down_for(
-        "other steps of this task were being denied while this one's token was issued; nothing was issued; poll again",
+    // People keep denying other steps of the task: the agent polls again
+    // at the interval (not `slow_down`, which would slow it for good).
+    Err(OAuthError::authorization_pending_for(
+        "other steps of this task were being denied while this one's token was issued; nothing was issued; poll again after the interval",
     ))
 }
 

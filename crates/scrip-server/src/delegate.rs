@@ -185,6 +185,24 @@ pub(crate) async fn delegate(
         cnf: None,
     };
     let token = st.sign(TokenKind::Task, &child)?;
+    // Every token below carries the whole `act` chain: one that verifiers
+    // would refuse as too large (with room for what an access token adds)
+    // is not issued.
+    if token.len().saturating_add(TOKEN_ROOM) > scrip_jose::MAX_TOKEN_BYTES {
+        let why = format!(
+            "the delegation chain is too long: the sub-task's token would be {} bytes, and tokens stay under {} with room for an access token's claims; delegate from a shallower task, or with identities of shorter subjects",
+            token.len(),
+            scrip_jose::MAX_TOKEN_BYTES.saturating_sub(TOKEN_ROOM)
+        );
+        let mut refused = base(st.audit("task.refused"));
+        refused.decision = Some("deny".into());
+        refused.actions = Some(allowed.to_string());
+        refused.reason = Some(why.clone());
+        let mut record = decisions;
+        record.push(Write::Audit(Box::new(refused)));
+        st.store.commit(record).await?;
+        return Err(OAuthError::invalid_request(why));
+    }
     let mut started = base(st.audit("task.delegated"));
     started.decision = Some("allow".into());
     started.actions = Some(child.scope.clone());
@@ -236,6 +254,11 @@ pub(crate) async fn delegate(
         &child.scope,
     ))
 }
+
+/// Bytes a sub-task's token leaves below [`scrip_jose::MAX_TOKEN_BYTES`]:
+/// its access tokens carry the same `act` chain, plus a `client_id` (a
+/// subject, up to 2 KiB), the approval and the key.
+const TOKEN_ROOM: usize = 4096;
 
 /// What a delegation asks for, once it is shown to be within the parent.
 struct Asked {

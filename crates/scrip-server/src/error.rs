@@ -127,11 +127,14 @@ impl OAuthError {
 
     /// `authorization_pending` (400): nobody has decided yet.
     pub fn authorization_pending() -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "authorization_pending",
+        Self::authorization_pending_for(
             "waiting for a person's decision; poll again after the interval",
         )
+    }
+
+    /// `authorization_pending` (400) saying why the poll is to come again.
+    pub fn authorization_pending_for(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "authorization_pending", d)
     }
 
     /// `slow_down` (400): polled sooner than the interval.
@@ -141,11 +144,6 @@ impl OAuthError {
             "slow_down",
             "polled too soon; wait at least the interval between polls",
         )
-    }
-
-    /// `slow_down` (400) for a poll that must come again later, saying why.
-    pub fn slow_down_for(d: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "slow_down", d)
     }
 
     /// `expired_token` (400): the approval request expired, saying how.

@@ -790,7 +790,8 @@ async fn a_denial_committed_while_a_poll_issues_stops_its_token() {
     .await
     .unwrap();
     let r = poll(&s, &task, &approved).await;
-    r.assert_error(400, "slow_down");
+    r.assert_error(400, "authorization_pending");
+    assert!(r.text.contains("being denied"), "{}", r.text);
     let store = SqliteStore::open(&path).await.unwrap();
     let read = |id: String| {
         let store = &store;

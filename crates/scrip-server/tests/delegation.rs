@@ -445,6 +445,44 @@ async fn the_deepest_allowed_chain_still_works() {
     s.stop().await;
 }
 
+/// Each level nests its actor in every token below: with long subjects a
+/// chain grows past what verifiers take well before the depth allowed.
+/// The delegation that would make such a token is refused, on the
+/// record; every token issued before it still works.
+#[tokio::test]
+async fn a_delegation_whose_token_would_be_too_large_is_refused() {
+    let depth = scrip_config::MAX_DELEGATION_DEPTH;
+    let s = TestServer::start_with(permissive(Some(Box::new(move |c| {
+        c.max_delegation_depth = depth;
+    }))))
+    .await;
+    let long = "a".repeat(1900);
+    let mut task = root(&s, "github:read", None).await;
+    let mut levels = 0;
+    let refused = loop {
+        let actor = s.k8s.kubernetes(&format!("n{levels}"), &long);
+        let r = delegate(&s, &task, &actor, None, None).await;
+        if r.status != 200 {
+            break r;
+        }
+        task = token(&r);
+        levels += 1;
+        assert!(levels < depth, "never refused");
+    };
+    refused.assert_error(400, "invalid_request");
+    assert!(refused.text.contains("too long"), "{}", refused.text);
+    assert!(levels >= 2, "refused at {levels}");
+    let at = access(&s, &task, "github", None).await;
+    assert!(at.len() <= scrip_jose::MAX_TOKEN_BYTES);
+    assert_eq!(s.introspect(&at).await.body["active"], true);
+    assert!(
+        s.audit().await.iter().any(|a| a.event == "task.refused"
+            && a.reason.as_deref().is_some_and(|r| r.contains("too long"))),
+        "the refusal is not on the record"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn delegated_sub_agents_may_only_read() {
     let s = TestServer::start().await;

@@ -162,9 +162,12 @@ impl JwksCache {
             s.attempted_at = Stamp::now();
         }
         let mut exposed = false;
+        let mut withdrawn = false;
         match fetch(&self.http, &self.uri).await.and_then(|body| {
             exposed = scrip_jose::publishes_private_key(&body);
-            Ok((parse(&self.uri, &body)?, body))
+            parse(&self.uri, &body)
+                .map(|fresh| (fresh, body.clone()))
+                .inspect_err(|_| withdrawn = keys.still_listed_in(&body) == Some(false))
         }) {
             Ok((fresh, body)) => {
                 let Ok(mut s) = self.state.write() else {
@@ -186,6 +189,17 @@ impl JwksCache {
                 // scrip's key is exposed: the keys held from before are no
                 // more to be trusted than the new ones.
                 tracing::error!(%error, "scrip published a private key; every token is refused until it publishes public keys only");
+                if let Ok(mut s) = self.state.write() {
+                    s.keys = Arc::new(KeySet::default());
+                    s.body.clear();
+                }
+                None
+            }
+            Err(error) if withdrawn => {
+                // A JWKS that cannot be used, and that no longer lists a key
+                // held from before (withdrawn, perhaps exposed): that key is
+                // not trusted on.
+                tracing::error!(%error, "scrip keys could not be refreshed, and scrip no longer lists keys held from before; every token is refused until it publishes a usable JWKS");
                 if let Ok(mut s) = self.state.write() {
                     s.keys = Arc::new(KeySet::default());
                     s.body.clear();

@@ -194,7 +194,30 @@ async fn a_key_set_that_publishes_a_private_key_empties_the_cache() {
         "a key from a set that now publishes its private half still verified"
     );
 
-    *jwks.lock().unwrap() = public;
+    *jwks.lock().unwrap() = public.clone();
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     v.verify(&token2).await.unwrap();
+
+    // A set that cannot be used but still lists the key (a repeated
+    // `kid`) keeps it; one that no longer lists it (withdrawn, perhaps
+    // exposed) drops it, as the identity verifier does.
+    let token = |jti: &str| {
+        let c = scrip_token::AccessClaims {
+            jti: jti.into(),
+            ..claims.clone()
+        };
+        key.sign_jwt("at+jwt", &c).unwrap()
+    };
+    *jwks.lock().unwrap() = json!({ "keys": [key.public_jwk(), key.public_jwk()] }).to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    v.verify(&token("j3")).await.unwrap();
+    *jwks.lock().unwrap() = json!({ "keys": [] }).to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert!(
+        v.verify(&token("j4")).await.is_err(),
+        "a key the set no longer lists still verified"
+    );
+    *jwks.lock().unwrap() = public;
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    v.verify(&token("j5")).await.unwrap();
 }
