@@ -6,7 +6,9 @@
 //! targets one already running on loopback (`--url`, with `--identity-key`),
 //! and drives it over keep-alive HTTP/1.1, one connection per worker. Each
 //! scenario prints one summary line: requests/s, latency p50/p90/p99/max,
-//! errors, and the server's peak RSS (`VmHWM`, for a server it started).
+//! errors, and the server's peak RSS during that scenario's run (`VmHWM`,
+//! reset before it, for a server it started; a `*` after the figure: it
+//! could not be reset, and is the peak since the start).
 //!
 //! Scenarios:
 //! - `task-start`: identities minted before the run, each starting a task
@@ -32,9 +34,10 @@
 //! started scrip's `signing_algorithm`.
 //!
 //! `--rate` sends on a fixed schedule instead (open loop): each connection
-//! sends every `connections / rate` seconds, and a request that could not
-//! go out when due, because its connection was still waiting for an earlier
-//! answer, counts from when it was due. The line then adds `rtt_p50`,
+//! sends every `connections / rate` seconds, and every request counts
+//! from when it was due (as wrk2 does), whether it went out late because
+//! its connection was still waiting for an earlier answer or because the
+//! generator's timer fired late on a busy machine. The line then adds `rtt_p50`,
 //! `rtt_p99` and `rtt_max`: the round trip of each request from when it
 //! was sent. Where the two disagree, requests waited behind their
 //! connection's earlier ones.
@@ -379,8 +382,11 @@ pub struct Summary {
     pub connections: usize,
     /// What was measured.
     pub outcome: Outcome,
-    /// The server's peak RSS so far, KiB (0 when unknown).
+    /// The server's peak RSS during the run, KiB (0 when unknown).
     pub peak_rss_kib: u64,
+    /// Whether the peak was reset before the run (else it is the peak
+    /// since the server started).
+    pub peak_reset: bool,
     /// CPU the server used during the run, clock ticks (`None`: unknown).
     pub server_ticks: Option<u64>,
     /// CPU this generator used during the run, clock ticks.
@@ -418,6 +424,9 @@ impl std::fmt::Display for Summary {
             o.errors,
             mib(self.peak_rss_kib),
         )?;
+        if self.peak_rss_kib > 0 && !self.peak_reset {
+            f.write_str("*")?;
+        }
         let cores = |ticks: u64| {
             #[expect(clippy::cast_precision_loss, reason = "a ratio for display")]
             let c = ticks as f64 / server::TICKS_PER_SECOND / secs.max(1e-9);
@@ -606,6 +615,15 @@ async fn run(args: &Args) -> Result<bool> {
             targets.push(t);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if args.database_url.is_none()
+            && server::filesystem(setup.dir.path())
+                .is_some_and(|fs| matches!(fs.as_str(), "tmpfs" | "ramfs"))
+        {
+            say(&format!(
+                "# warning: the store is in memory ({}): its fsyncs do nothing, so these figures are not those of a durable audit; set TMPDIR to a directory on disk",
+                setup.dir.path().display()
+            ));
+        }
         let mem = server::memory(running.pid);
         say(&format!(
             "# scrip {} pid {} | {} Cedar policies | signs {} | store: new {} | ready after {:.1} ms | idle rss {}",
@@ -616,7 +634,11 @@ async fn run(args: &Args) -> Result<bool> {
             if args.database_url.is_some() {
                 format!("PostgreSQL, {} replicas", targets.len())
             } else {
-                "SQLite".to_owned()
+                format!(
+                    "SQLite on {}",
+                    server::filesystem(setup.dir.path())
+                        .unwrap_or_else(|| "an unknown filesystem".into())
+                )
             },
             running.ready_after.as_secs_f64() * 1000.0,
             mib(mem.rss_kib)
@@ -635,6 +657,8 @@ async fn run(args: &Args) -> Result<bool> {
     let target = targets.first().ok_or("no target")?.clone();
     let pid = server.as_ref().map(|s| s.running.pid);
     let peak = || pid.map_or(0, |p| server::memory(p).peak_kib);
+    // The peak from here on: setup (identities, tokens) is not the run's.
+    let reset = || pid.is_some_and(server::reset_peak);
 
     // Setup, before any timed run.
     let mut identities = Vec::with_capacity(args.identities);
@@ -672,6 +696,7 @@ async fn run(args: &Args) -> Result<bool> {
             let last = targets.last().unwrap_or(&target);
             let machine_before = server::MachineTicks::now();
             let client_before = server::cpu_ticks("self");
+            let peak_reset = reset();
             let outcome =
                 propagation(&target, last, &identities, &caller, args.propagations).await?;
             ok &= outcome.errors == 0;
@@ -680,6 +705,7 @@ async fn run(args: &Args) -> Result<bool> {
                 connections: 1,
                 outcome,
                 peak_rss_kib: peak(),
+                peak_reset,
                 server_ticks: None,
                 client_ticks: server::cpu_ticks("self").saturating_sub(client_before),
                 rate: None,
@@ -834,6 +860,7 @@ async fn run(args: &Args) -> Result<bool> {
                 }
             }
         };
+        let peak_reset = reset();
         let server_before = pid.map(|p| server::cpu_ticks(&p.to_string()));
         let client_before = server::cpu_ticks("self");
         let machine_before = server::MachineTicks::now();
@@ -871,6 +898,7 @@ async fn run(args: &Args) -> Result<bool> {
             connections: args.connections,
             outcome,
             peak_rss_kib: peak(),
+            peak_reset,
             server_ticks,
             client_ticks,
             rate: args.rate,
@@ -1007,11 +1035,24 @@ async fn propagation(
     let mut out = load::Outcome::default();
     let mut revoke_us = Vec::with_capacity(rounds);
     let started = std::time::Instant::now();
-    let (_, body) = load::get(last, "/revocations", Some(&auth)).await?;
-    let mut cursor = serde_json::from_slice::<Value>(&body)?
-        .get("cursor")
-        .and_then(Value::as_i64)
-        .ok_or("the feed answered without a cursor")?;
+    // Followed to its end first (it answers a page at a time, oldest
+    // first): what comes after the cursor is then news.
+    let mut cursor = 0;
+    loop {
+        let (status, body) =
+            load::get(last, &format!("/revocations?after={cursor}"), Some(&auth)).await?;
+        let page: Value = serde_json::from_slice(&body)?;
+        if status != 200 {
+            return Err(format!("the feed answered {status}").into());
+        }
+        cursor = page
+            .get("cursor")
+            .and_then(Value::as_i64)
+            .ok_or("the feed answered without a cursor")?;
+        if page.get("more") != Some(&Value::Bool(true)) {
+            break;
+        }
+    }
     for round in 0..rounds {
         let identity = identities
             .get(round % identities.len().max(1))
@@ -1028,14 +1069,14 @@ async fn propagation(
             continue;
         }
         let task = access_token_of(&answer)?;
+        // scrip issued it just now: its claims are read, not verified.
+        let txn = scrip_jose::claims_of_verified::<Value>(&task)
+            .and_then(|c| c.get("txn").and_then(Value::as_str).map(str::to_owned))
+            .ok_or("a task token without `txn`")?;
         let waiting = {
             let last = last.clone();
             let auth = auth.clone();
-            tokio::spawn(async move {
-                let path = format!("/revocations?after={cursor}&wait=10");
-                let answer = load::get(&last, &path, Some(&auth)).await;
-                (std::time::Instant::now(), answer)
-            })
+            tokio::spawn(async move { revocation_of(&last, &auth, cursor, &txn).await })
         };
         // Let the long-poll reach the server before the revocation.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1046,20 +1087,20 @@ async fn propagation(
         if status != 200 {
             out.fail(format!("revoke answered {status}"));
         }
-        let (arrived, answer) = waiting.await?;
-        let (status, body) = answer?;
-        let feed: Value = serde_json::from_slice(&body)?;
-        let events = feed
-            .get("events")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        if status != 200 || events == 0 {
-            out.fail(format!("the feed answered {status} with {events} events"));
+        let (arrived, next) = match waiting.await? {
+            Ok(found) => found,
+            Err(e) => {
+                out.fail(e.to_string());
+                continue;
+            }
+        };
+        cursor = next;
+        let Some(took) = arrived.checked_duration_since(sent) else {
+            out.fail("the feed answered with the revocation before it was sent".into());
             continue;
-        }
-        cursor = feed.get("cursor").and_then(Value::as_i64).unwrap_or(cursor);
-        let us = u32::try_from(arrived.duration_since(sent).as_micros()).unwrap_or(u32::MAX);
-        out.latencies_us.push(us);
+        };
+        out.latencies_us
+            .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
     }
     out.elapsed = started.elapsed();
     let p = load::percentiles(&mut revoke_us);
@@ -1068,6 +1109,43 @@ async fn propagation(
         p.p50, p.p99
     ));
     Ok(out)
+}
+
+/// Long-polls `last`'s feed after `cursor` until it answers with the end
+/// of task `txn` (within 10 s): when that answer arrived, and the cursor
+/// after it.
+async fn revocation_of(
+    last: &Target,
+    auth: &HeaderValue,
+    mut cursor: i64,
+    txn: &str,
+) -> Result<(std::time::Instant, i64)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let path = format!("/revocations?after={cursor}&wait=10");
+        let (status, body) = load::get(last, &path, Some(auth)).await?;
+        let arrived = std::time::Instant::now();
+        if status != 200 {
+            return Err(format!("the feed answered {status}").into());
+        }
+        let feed: Value = serde_json::from_slice(&body)?;
+        cursor = feed.get("cursor").and_then(Value::as_i64).unwrap_or(cursor);
+        let found = feed
+            .get("events")
+            .and_then(Value::as_array)
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e.get("type").and_then(Value::as_str) == Some("task")
+                        && e.get("txn").and_then(Value::as_str) == Some(txn)
+                })
+            });
+        if found {
+            return Ok((arrived, cursor));
+        }
+        if arrived >= deadline {
+            return Err(format!("the end of task {txn} did not reach the feed within 10 s").into());
+        }
+    }
 }
 
 fn dir_size(dir: &Path) -> u64 {

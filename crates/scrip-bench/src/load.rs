@@ -270,7 +270,6 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
         let stagger = i.mul_f64(n as f64 / shared.connections as f64);
         shared.start + stagger
     });
-    let mut last_answer = shared.start;
     while Instant::now() < shared.deadline {
         if let Some(at) = due {
             if at >= shared.deadline {
@@ -319,19 +318,16 @@ async fn worker(shared: Arc<Shared>, n: usize) -> Outcome {
         };
         out.sent += 1;
         let sent_at = Instant::now();
-        // Latency counts from when the request was due if the previous
-        // answer came after that (the server held it up: no coordinated
-        // omission), else from when it was sent (a late timer here is not
-        // the server's time).
-        let t0 = match due {
-            Some(at) if last_answer > at => at,
-            _ => sent_at,
-        };
+        // Latency counts from when the request was due (as wrk2 does): a
+        // send held up behind the previous answer, or by a timer that
+        // fired late because the machine (which scrip shares) was busy,
+        // is time an agent would have waited. No coordinated omission.
+        let t0 = due.unwrap_or(sent_at);
         if let (Some(at), Some(interval)) = (due.as_mut(), shared.interval) {
             *at += interval;
         }
         let result = send(conn, req).await;
-        last_answer = Instant::now();
+        let last_answer = Instant::now();
         match result {
             Ok((status, answer)) => {
                 out.latencies_us

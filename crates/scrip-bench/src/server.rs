@@ -340,6 +340,32 @@ pub struct Memory {
     pub peak_kib: u64,
 }
 
+/// The type of the filesystem `path` is on (`ext4`, `tmpfs`), from the
+/// longest mount point above it in `/proc/self/mountinfo`.
+pub fn filesystem(path: &Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|line| {
+            // `id parent major:minor root mount-point options... - type ...`
+            let (left, right) = line.split_once(" - ")?;
+            let mount = left.split(' ').nth(4)?;
+            let fs = right.split(' ').next()?;
+            path.starts_with(mount)
+                .then(|| (mount.len(), fs.to_owned()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, fs)| fs)
+}
+
+/// Resets the peak resident set size (`VmHWM`) of `pid` to its current
+/// one (`clear_refs` 5), so that the next [`memory`] reads the peak since
+/// (each scenario's own, not the largest of those before it). Best effort:
+/// the peak read after a failed reset is the peak since the start.
+pub fn reset_peak(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
 /// Reads the memory of `pid` (zeros when unavailable).
 pub fn memory(pid: u32) -> Memory {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
