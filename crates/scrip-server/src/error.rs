@@ -187,7 +187,10 @@ impl OAuthError {
 
 impl From<StoreError> for OAuthError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store failure; refusing to issue");
+        static FAILED: crate::logs::Budget = crate::logs::Budget::new(10);
+        if FAILED.allow("store failure; refusing to issue") {
+            tracing::error!(error = %e, "store failure; refusing to issue");
+        }
         match e {
             StoreError::Unavailable(_) | StoreError::Open(_) => Self::temporarily_unavailable(),
             StoreError::Corrupt(_) | StoreError::Conflict(_) => Self::server_error(),

@@ -58,7 +58,10 @@ pub async fn token_endpoint(
     match result {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(error = e.code, description = %e.description, client = %peer, "token request refused");
+            static REFUSED: crate::logs::Budget = crate::logs::Budget::new(100);
+            if REFUSED.allow("token request refused") {
+                tracing::info!(error = e.code, description = %e.description, client = %peer, "token request refused");
+            }
             e.into_response()
         }
     }
@@ -446,7 +449,10 @@ pub(crate) fn decision_event(st: &Inner, event: &str, d: &Decision) -> AuditEven
 pub(crate) fn identity_error(e: scrip_identity::IdentityError) -> OAuthError {
     match e {
         scrip_identity::IdentityError::KeysUnavailable => {
-            tracing::warn!("workload identity refused: issuer keys unavailable");
+            static UNAVAILABLE: crate::logs::Budget = crate::logs::Budget::new(10);
+            if UNAVAILABLE.allow("workload identity refused: issuer keys unavailable") {
+                tracing::warn!("workload identity refused: issuer keys unavailable");
+            }
             let mut err = OAuthError::temporarily_unavailable();
             err.description =
                 "the keys of the workload identity's issuer are unavailable; try again shortly"

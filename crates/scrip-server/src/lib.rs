@@ -26,6 +26,7 @@ pub mod http;
 mod introspect;
 pub mod keyring;
 pub mod keys;
+mod logs;
 pub mod policies;
 mod revoke;
 mod state;

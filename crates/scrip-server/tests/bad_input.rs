@@ -710,6 +710,53 @@ async fn task_audience_or_resource_given() {
     s.stop().await;
 }
 
+/// Refused token requests, which anyone can send, are logged one by one up
+/// to 100 a second; the rest are counted, and the count is logged: a flood
+/// neither fills the disk nor buries the lines that matter.
+#[tokio::test]
+async fn a_flood_of_refused_token_requests_is_logged_as_counts() {
+    let logs = captured_logs();
+    let s = TestServer::start().await;
+    const SENT: usize = 600;
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..SENT {
+        let (http, url) = (s.http.clone(), s.url.clone());
+        sends.spawn(async move {
+            http.post(format!("{url}/token"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("grant_type=nope")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    while let Some(status) = sends.join_next().await {
+        assert_eq!(status.unwrap(), 400);
+    }
+    // One more in a later second logs the count of the last.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = s.post_form("/token", &[("grant_type", "nope")]).await;
+    r.assert_error(400, "unsupported_grant_type");
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let one_by_one = text
+        .lines()
+        .filter(|l| l.contains("token request refused") && !l.contains("more lines"))
+        .count();
+    let counted: usize = text
+        .lines()
+        .filter(|l| l.contains("token request refused: "))
+        .map(|l| {
+            let n = l.split("token request refused: ").nth(1).unwrap();
+            n.split(' ').next().unwrap().parse::<usize>().unwrap()
+        })
+        .sum();
+    assert_eq!(one_by_one + counted, SENT + 1, "{one_by_one} + {counted}");
+    assert!(counted > 0, "nothing was counted: {one_by_one} logged");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn task_policy_allows_no_grant() {
     let s = TestServer::start().await;
