@@ -854,6 +854,35 @@ async fn a_denial_committed_while_a_step_opens_is_read_again() {
     s.stop().await;
 }
 
+/// An approved step's single token is handed out only with its durable
+/// record (SPEC: fail closed): while the store cannot take it, the poll
+/// answers 503 and nothing is issued; once it can, exactly one token.
+#[tokio::test]
+async fn an_approved_steps_token_waits_for_a_store_that_can_record_it() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    let held = s.hold_writes().await;
+    let r = poll(&s, &task, &id).await;
+    r.assert_error(503, "temporarily_unavailable");
+    assert!(!r.text.contains("eyJ"), "{}", r.text);
+    release(held).await;
+    let r = poll(&s, &task, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    poll(&s, &task, &id)
+        .await
+        .assert_error(400, "invalid_grant");
+    let used = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "approval.used" && a.decision.as_deref() == Some("allow"))
+        .count();
+    assert_eq!(used, 1);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;

@@ -15,7 +15,7 @@ mod common;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 
-use common::{Options, TestServer, decode_parts};
+use common::{Options, TestServer, decode_parts, release};
 use scrip_config::LocalWorkload;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -202,6 +202,21 @@ async fn a_process_matching_nothing_is_refused_with_a_clear_message() {
             .any(|a| a.event == "identity.attest" && a.decision.as_deref() == Some("deny")),
         "the refusal is audited"
     );
+    server.stop().await;
+}
+
+/// A local identity is handed out only with its durable record (SPEC:
+/// fail closed): while the store cannot take it, 503 and no identity.
+#[tokio::test]
+async fn an_identity_waits_for_a_store_that_can_record_it() {
+    let server = with_workloads(Vec::new()).await;
+    let held = server.hold_writes().await;
+    let answer = attest(&server).await;
+    assert_eq!(answer["error"], "temporarily_unavailable", "{answer}");
+    assert!(answer.get("identity_token").is_none(), "{answer}");
+    release(held).await;
+    let answer = attest(&server).await;
+    assert!(answer["identity_token"].is_string(), "{answer}");
     server.stop().await;
 }
 

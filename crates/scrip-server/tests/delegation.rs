@@ -483,6 +483,29 @@ async fn a_delegation_whose_token_would_be_too_large_is_refused() {
     s.stop().await;
 }
 
+/// A sub-task's token is handed out only with its durable record (SPEC:
+/// fail closed): while the store cannot take it, 503 and nothing issued.
+#[tokio::test]
+async fn a_delegation_waits_for_a_store_that_can_record_it() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let held = s.hold_writes().await;
+    let r = delegate(&s, &parent, &actor1(&s), None, None).await;
+    r.assert_error(503, "temporarily_unavailable");
+    assert!(!r.text.contains("eyJ"), "{}", r.text);
+    release(held).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    let delegated = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "task.delegated")
+        .count();
+    assert_eq!(delegated, 1);
+    assert_eq!(s.introspect(&child).await.body["active"], true);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn delegated_sub_agents_may_only_read() {
     let s = TestServer::start().await;

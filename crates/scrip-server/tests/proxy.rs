@@ -1204,6 +1204,45 @@ async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
     env.server.stop().await;
 }
 
+/// The key is injected and the request forwarded only once its `allow`
+/// record is durable (SPEC: fail closed): while the store cannot take it,
+/// 503 and the upstream sees nothing; once it can, the request goes
+/// through, on the record.
+#[tokio::test]
+async fn nothing_is_forwarded_while_the_store_cannot_record_it() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let held = env.server.hold_writes().await;
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/held", Some(&read))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(env.seen("/held").is_empty(), "forwarded unrecorded");
+    release(held).await;
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/held", Some(&read))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The upstream logs after answering: once it logged this one, it
+    // would have logged the first, had that been forwarded.
+    env.wait_seen("/held").await;
+    assert_eq!(env.seen("/held").len(), 1, "{:?}", env.nginx.log());
+    let allowed = env
+        .server
+        .audit()
+        .await
+        .iter()
+        .filter(|a| {
+            a.event == "proxy.request"
+                && a.decision.as_deref() == Some("allow")
+                && a.path.as_deref() == Some("/held")
+        })
+        .count();
+    assert_eq!(allowed, 1);
+    env.server.stop().await;
+}
+
 #[tokio::test]
 async fn a_request_whose_secret_is_not_set_is_refused_and_audited() {
     let env = setup().await;

@@ -777,6 +777,26 @@ mod tests {
     use super::*;
     use crate::SqliteStore;
 
+    /// A commit returns once the WAL is fsync'd (`synchronous=FULL`, 2):
+    /// under `NORMAL` a power cut loses the record of a credential already
+    /// handed out, which no test that kills only the process would see.
+    #[tokio::test]
+    async fn the_writer_syncs_each_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.db");
+        drop(SqliteStore::open(&path).await.unwrap()); // migrations
+        let backend = SqliteWriter::open(&path).unwrap();
+        let conn = backend.conn.as_ref().unwrap();
+        let synchronous: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
     /// A commit that failed before its `COMMIT` (another connection held
     /// the write lock past the busy timeout) changed nothing, so the
     /// writer's chain goes on instead of starting anew.

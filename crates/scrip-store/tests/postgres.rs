@@ -25,6 +25,51 @@ fn revoke(jti: &str) -> Write {
     }
 }
 
+/// A commit is durable when it returns, whatever the database's default:
+/// with `synchronous_commit = off` set on the database (a common tuning),
+/// the writer's transactions still wait for the WAL flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_for_the_wal_flush_whatever_the_default() {
+    use sqlx::Connection as _;
+    let db = PgDatabase::new();
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = off', current_database()); END $$",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let store = PgStore::connect(db.url()).await.unwrap();
+    let mut other = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let default: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(default, "off", "the database's default was not changed");
+    sqlx::raw_sql(
+        "CREATE TABLE seen_sync (v text); \
+         CREATE FUNCTION note_sync() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO seen_sync VALUES (current_setting('synchronous_commit')); RETURN NULL; END $$; \
+         CREATE TRIGGER note_sync AFTER INSERT ON audit FOR EACH STATEMENT EXECUTE FUNCTION note_sync();",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    store
+        .commit(vec![Write::Audit(Box::new(scrip_store::AuditEvent {
+            event: "test.record".into(),
+            ..scrip_store::AuditEvent::default()
+        }))])
+        .await
+        .unwrap();
+    let seen: Vec<String> = sqlx::query_scalar("SELECT v FROM seen_sync")
+        .fetch_all(&mut other)
+        .await
+        .unwrap();
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|v| v == "on"), "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_replicas_revocation_reaches_this_one_by_notification() {
     let db = PgDatabase::new();

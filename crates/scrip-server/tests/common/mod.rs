@@ -440,6 +440,22 @@ impl TestServer {
     /// Ends task `txn` through another handle on the store, as another
     /// process would: no signal reaches this server.
     #[allow(dead_code, reason = "not every test binary ends tasks so")]
+    /// Takes the store's write lock, as another writer would, until
+    /// [`release`]: meanwhile every commit waits, then fails.
+    #[allow(dead_code, reason = "not every test binary holds the store")]
+    pub async fn hold_writes(&self) -> sqlx::SqliteConnection {
+        use sqlx::Connection as _;
+        let db = self.dir.path().join("data/scrip.db");
+        let mut held = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut held)
+            .await
+            .unwrap();
+        held
+    }
+
     pub async fn end_elsewhere(&self, txn: &str) {
         let other = scrip_store::open(None, &self.dir.path().join("data/scrip.db"))
             .await
@@ -559,6 +575,14 @@ pub fn decode_parts(token: &str) -> (Value, Value) {
         .unwrap()
     };
     (dec(parts.next().unwrap()), dec(parts.next().unwrap()))
+}
+
+/// Gives back the write lock [`TestServer::hold_writes`] took.
+#[allow(dead_code, reason = "not every test binary holds the store")]
+pub async fn release(mut held: sqlx::SqliteConnection) {
+    use sqlx::Connection as _;
+    sqlx::query("ROLLBACK").execute(&mut held).await.unwrap();
+    held.close().await.unwrap();
 }
 
 /// Everything written through `tracing` in this process.
