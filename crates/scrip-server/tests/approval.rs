@@ -883,6 +883,117 @@ async fn an_approved_steps_token_waits_for_a_store_that_can_record_it() {
     s.stop().await;
 }
 
+/// SPEC invariant 1 across the flows: no token presented or issued, no DPoP
+/// proof, nor a part of one that could be put back together (its claims,
+/// its signature), reaches the audit trail, the logs, or the description
+/// of a refusal: delegation, a DPoP-bound exchange, an approval and its
+/// poll, and refused requests included.
+#[tokio::test]
+async fn no_token_or_proof_leaks_into_the_trail_the_logs_or_a_refusal() {
+    use scrip_testkit::dpop::DpopKey;
+    let logs = captured_logs();
+    let s = server().await;
+    let token_url = format!("{}/token", s.url);
+    let mut secrets: Vec<String> = Vec::new();
+    let mut refusals: Vec<String> = Vec::new();
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let dev = s.start_task(&identity, "github:read", "dev", PURPOSE).await;
+    let dev = dev["access_token"].as_str().unwrap().to_owned();
+    // A delegation, its actor's identity and the child's token.
+    let actor = s.spiffe.spiffe("acme.example", "/reviewer");
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &dev),
+                ("subject_token_type", TXN),
+                ("actor_token", &actor),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    secrets.push(r.body["access_token"].as_str().unwrap().to_owned());
+    // A DPoP-bound exchange, and its proof replayed.
+    let key = DpopKey::new();
+    let proof = key.proof("POST", &token_url, None);
+    let r = s
+        .access_token_dpop(&dev, "github", Some("read"), &[&proof])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    secrets.push(r.body["access_token"].as_str().unwrap().to_owned());
+    let r = s
+        .access_token_dpop(&dev, "github", Some("read"), &[&proof])
+        .await;
+    refusals.push(r.text);
+    let wrong = key.proof("POST", "https://elsewhere.example/token", None);
+    refusals.push(
+        s.access_token_dpop(&dev, "github", Some("read"), &[&wrong])
+            .await
+            .text,
+    );
+    secrets.extend([proof, wrong]);
+    // An approval, its approver's identity, its poll and the token.
+    let prod = prod_task(&s).await;
+    let id = pending(&s, &prod).await;
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    refusals.push(poll(&s, &dev, &id).await.text);
+    let r = poll(&s, &prod, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    secrets.push(r.body["access_token"].as_str().unwrap().to_owned());
+    refusals.push(poll(&s, &prod, &id).await.text);
+    // An expired identity, and a task token presented as an identity.
+    let mut expired = s.k8s.claims("system:serviceaccount:agents:coder");
+    expired["exp"] = json!(now() - 3600);
+    let expired = s.k8s.sign(&expired);
+    refusals.push(
+        s.try_start_task(&expired, "github:read", "dev", PURPOSE, None)
+            .await
+            .text,
+    );
+    refusals.push(
+        s.try_start_task(&dev, "github:read", "dev", PURPOSE, None)
+            .await
+            .text,
+    );
+    secrets.extend([identity, dev, actor, prod, alice_id(&s), expired]);
+    assert!(
+        refusals.iter().all(|r| r.contains("\"error\"")),
+        "{refusals:#?}"
+    );
+    let trail: Vec<String> = s
+        .audit()
+        .await
+        .iter()
+        .map(|a| serde_json::to_string(a).unwrap())
+        .collect();
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    for secret in &secrets {
+        // A JWT's claims and signature; a part of another form whole.
+        let parts: Vec<&str> = secret
+            .split('.')
+            .skip(1)
+            .filter(|p| p.len() >= 16)
+            .collect();
+        for part in parts {
+            for (place, text) in trail
+                .iter()
+                .map(|t| ("the audit trail", t))
+                .chain(refusals.iter().map(|r| ("a refusal", r)))
+                .chain(std::iter::once(("the logs", &logged)))
+            {
+                assert!(
+                    !text.contains(part),
+                    "{place} holds part of a token: {text}"
+                );
+            }
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_denial_needs_a_reason() {
     let s = server().await;
