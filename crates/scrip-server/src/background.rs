@@ -104,7 +104,7 @@ async fn sweep_loop(state: AppState) {
         // another replica, or `scrip proxy`, whose clock is behind this
         // one's still accepts the tokens, and a single use claimed must
         // not be forgotten before it stops doing so.
-        let purged_before = now.saturating_sub(st.config.clock_skew.max(60));
+        let purged_before = now.saturating_sub(kept_past(st));
         if ticks.is_multiple_of(60)
             && let Err(e) = st
                 .store
@@ -164,4 +164,12 @@ async fn sweep_due(st: &crate::state::Inner, now: u64) -> bool {
             false
         }
     }
+}
+
+/// Seconds a revocation is kept, and served in the feed, past its `exp`
+/// (`clock_skew`, at least a minute): a replica, `scrip proxy` or a
+/// resource server whose clock is behind this one's still accepts the
+/// token, and one that starts reading the feed then must still learn of it.
+pub(crate) fn kept_past(st: &crate::state::Inner) -> u64 {
+    st.config.clock_skew.max(60)
 }

@@ -192,7 +192,10 @@ async fn page(
     loop {
         newest.borrow_and_update();
         // One more than a page: whether any was left for the next one.
-        let mut events = st.store.revocations(after, now(), PAGE + 1).await?;
+        // Served a while past their `exp` too (see `kept_past`): a
+        // follower starting now, whose clock is behind, still accepts them.
+        let shown_from = now().saturating_sub(crate::background::kept_past(st));
+        let mut events = st.store.revocations(after, shown_from, PAGE + 1).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             let page = usize::try_from(PAGE).unwrap_or(usize::MAX);
             let more = events.len() > page;

@@ -151,6 +151,39 @@ async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers()
     s.stop().await;
 }
 
+/// A revocation stays in the feed a while past its `exp` (a minute at
+/// least, as it stays in the store): a resource server that starts reading
+/// the feed then, whose clock is behind scrip's, still accepts the token
+/// within its leeway, and must learn that it was revoked.
+#[tokio::test]
+async fn a_revocation_is_served_a_while_past_its_exp() {
+    let s = TestServer::start_with(Options {
+        access_token_ttl: 1,
+        edit: Some(Box::new(|c| c.clock_skew = 0)),
+        ..Options::default()
+    })
+    .await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task = task["access_token"].as_str().unwrap().to_owned();
+    let r = s.access_token(&task, "github", Some("read")).await;
+    let at = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, claims) = decode_parts(&at);
+    assert_eq!(s.revoke(&at).await.status, 200);
+    let exp = claims["exp"].as_u64().unwrap();
+    while now() <= exp + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = feed(&s, "", Some(&caller)).await;
+    assert_eq!(
+        body["events"],
+        json!([{"type": "token", "jti": claims["jti"], "txn": claims["txn"], "exp": exp}]),
+        "{body}"
+    );
+    s.stop().await;
+}
+
 /// A long poll after `cursor` waiting up to 20 s, as `caller`: when it
 /// was answered, and the answer.
 fn waiting_poll(
