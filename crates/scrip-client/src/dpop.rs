@@ -150,7 +150,7 @@ impl DpopKey {
         let mut jti = [0u8; 16];
         aws_lc_rs::rand::fill(&mut jti)
             .map_err(|_| Error::Protocol("cannot make a DPoP proof's jti".into()))?;
-        let htu = url.split(['?', '#']).next().unwrap_or(url);
+        let htu = htu(url)?;
         let mut claims = json!({"jti": b64(&jti), "htm": method, "htu": htu, "iat": now()});
         if let (Some(token), Some(obj)) = (access_token, claims.as_object_mut()) {
             obj.insert("ath".into(), json!(sha256_b64(token.as_bytes())));
@@ -185,6 +185,23 @@ impl DpopKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proof's `htu` carries no query, fragment, user name or password;
+    /// a URL that is not http(s) gets no proof.
+    #[test]
+    fn htu_is_the_url_without_query_fragment_or_credentials() {
+        assert_eq!(
+            htu("https://user:pw@rs.example:8443/a/b?x=1#f").unwrap(),
+            "https://rs.example:8443/a/b"
+        );
+        assert_eq!(
+            htu("http://127.0.0.1:7070/token").unwrap(),
+            "http://127.0.0.1:7070/token"
+        );
+        for bad in ["ftp://rs.example/x", "not a url", "file:///etc/passwd"] {
+            assert!(htu(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn an_ed25519_key_has_the_rfc_8037_jwk_and_thumbprint() {
@@ -233,4 +250,23 @@ mod tests {
             assert_eq!(header["jwk"], key.jwk);
         }
     }
+}
+
+/// A proof's `htu` for `url` (RFC 9449 §4.2): the URL without its query and
+/// fragment, and without any user name or password (which a proof must
+/// not carry, and which the server refuses).
+fn htu(url: &str) -> Result<String, Error> {
+    let mut u = reqwest::Url::parse(url)
+        .map_err(|e| Error::Protocol(format!("`{url}` is not a URL for a DPoP proof: {e}")))?;
+    if !matches!(u.scheme(), "https" | "http") || u.host().is_none() {
+        return Err(Error::Protocol(format!(
+            "`{url}` is not an http(s) URL for a DPoP proof"
+        )));
+    }
+    u.set_query(None);
+    u.set_fragment(None);
+    // Only fails for URLs that cannot have them, refused above.
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    Ok(u.into())
 }

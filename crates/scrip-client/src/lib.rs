@@ -114,7 +114,7 @@ pub enum Error {
         message: String,
     },
     /// scrip refused to identify this process.
-    #[error("local attestation refused: {description}")]
+    #[error("local attestation refused ({error}): {description}")]
     AttestationRefused {
         /// The error code.
         error: String,
@@ -190,7 +190,7 @@ impl Error {
     #[must_use]
     pub fn oauth_code(&self) -> Option<&str> {
         match self {
-            Self::OAuth { error, .. } => Some(error),
+            Self::OAuth { error, .. } | Self::AttestationRefused { error, .. } => Some(error),
             Self::ApprovalPending { .. } => Some("authorization_pending"),
             _ => None,
         }
@@ -840,12 +840,23 @@ impl Client {
     /// Revokes a token (RFC 7009); a task token ends its task.
     ///
     /// # Errors
-    /// [`Error::Unreachable`], or [`Error::Protocol`] on an unexpected status.
+    /// [`Error::Unreachable`]; [`Error::OAuth`] when scrip refuses (503
+    /// `temporarily_unavailable` while it cannot record the revocation);
+    /// [`Error::Protocol`] on another answer.
     pub async fn revoke(&self, token: &str) -> Result<(), Error> {
         let response = self.post("/revoke", &[("token", token)]).await?;
-        match response.status().as_u16() {
-            200 => Ok(()),
-            status => Err(Error::Protocol(format!(
+        let status = response.status().as_u16();
+        if status == 200 {
+            return Ok(());
+        }
+        let bytes = self.read(response).await?;
+        match serde_json::from_slice::<ErrorResponse>(&bytes) {
+            Ok(e) => Err(Error::OAuth {
+                status,
+                error: printable_up_to(&e.error, 80),
+                description: printable_up_to(&e.error_description, 1000),
+            }),
+            Err(_) => Err(Error::Protocol(format!(
                 "revocation answered HTTP {status}"
             ))),
         }

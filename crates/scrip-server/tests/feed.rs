@@ -165,7 +165,9 @@ async fn a_revocation_is_served_a_while_past_its_exp() {
     .await;
     let caller = s.k8s.kubernetes("resource-servers", "github-api");
     let identity = s.k8s.kubernetes("agents", "coder");
-    let task = s.start_task(&identity, "github:read", "dev", "triage").await;
+    let task = s
+        .start_task(&identity, "github:read", "dev", "triage")
+        .await;
     let task = task["access_token"].as_str().unwrap().to_owned();
     let r = s.access_token(&task, "github", Some("read")).await;
     let at = r.body["access_token"].as_str().unwrap().to_owned();
