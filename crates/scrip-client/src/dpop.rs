@@ -182,6 +182,25 @@ impl DpopKey {
     }
 }
 
+/// A proof's `htu` for `url` (RFC 9449 §4.2): the URL without its query and
+/// fragment, and without any user name or password (which a proof must
+/// not carry, and which the server refuses).
+fn htu(url: &str) -> Result<String, Error> {
+    let mut u = reqwest::Url::parse(url)
+        .map_err(|e| Error::Protocol(format!("`{url}` is not a URL for a DPoP proof: {e}")))?;
+    if !matches!(u.scheme(), "https" | "http") || u.host().is_none() {
+        return Err(Error::Protocol(format!(
+            "`{url}` is not an http(s) URL for a DPoP proof"
+        )));
+    }
+    u.set_query(None);
+    u.set_fragment(None);
+    // Only fails for URLs that cannot have them, refused above.
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    Ok(u.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,23 +269,4 @@ mod tests {
             assert_eq!(header["jwk"], key.jwk);
         }
     }
-}
-
-/// A proof's `htu` for `url` (RFC 9449 §4.2): the URL without its query and
-/// fragment, and without any user name or password (which a proof must
-/// not carry, and which the server refuses).
-fn htu(url: &str) -> Result<String, Error> {
-    let mut u = reqwest::Url::parse(url)
-        .map_err(|e| Error::Protocol(format!("`{url}` is not a URL for a DPoP proof: {e}")))?;
-    if !matches!(u.scheme(), "https" | "http") || u.host().is_none() {
-        return Err(Error::Protocol(format!(
-            "`{url}` is not an http(s) URL for a DPoP proof"
-        )));
-    }
-    u.set_query(None);
-    u.set_fragment(None);
-    // Only fails for URLs that cannot have them, refused above.
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    Ok(u.into())
 }
