@@ -569,6 +569,11 @@ pub(crate) fn leave(runtime: tokio::runtime::Runtime) {
 pub(crate) struct Stop {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    /// Taken over from the start (never read): SIGHUP's default action
+    /// ends the process, and one during start-up (a reload while the
+    /// store or the revocation feed is slow to answer) must not. The
+    /// server's own handler, installed once it is up, reloads.
+    _hangup: Option<tokio::signal::unix::Signal>,
     /// A signal came during start-up.
     pending: bool,
 }
@@ -579,6 +584,7 @@ impl Stop {
         Self {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
+            _hangup: signal(SignalKind::hangup()).ok(),
             pending: false,
         }
     }

@@ -1060,6 +1060,36 @@ fn a_second_signal_abandons_a_start_up_that_hangs() {
     );
 }
 
+/// A SIGHUP during start-up (a `systemctl reload` while scrip waits on its
+/// store) does not end the process: SIGHUP's default action would.
+#[test]
+fn a_sighup_during_start_up_does_not_end_scrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let db = silent.local_addr().unwrap();
+    let addr = write_config(
+        root,
+        &format!("database_url = \"postgres://scrip@{db}/scrip\"\n"),
+    );
+    let mut server = Server::start(root, "scrip.toml", addr, "serve.log");
+    // scrip is waiting on the database once it has connected.
+    let (_held, _) = silent.accept().unwrap();
+    signal(server.pid(), "HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "a SIGHUP during start-up ended scrip:\n{}",
+        server.log()
+    );
+    signal(server.pid(), "TERM");
+    server.wait_log("stopping once start-up is done");
+    signal(server.pid(), "INT");
+    let status = wait_exit(&mut server.child, Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("scrip serve ignored the second signal:\n{}", server.log()));
+    assert_eq!(status.code(), Some(1), "{}", server.log());
+}
+
 /// SIGTERM waits for requests at work (up to the drain's 35 s); a second
 /// one stops waiting, and the server still shuts down cleanly (exit 0, its
 /// audit trail whole).

@@ -57,6 +57,12 @@ pub const LOCAL_IDENTITY_TTL: u64 = 300;
 /// The longest `access_token_ttl` accepted, in seconds.
 pub const MAX_ACCESS_TOKEN_TTL: u64 = 3600;
 
+/// The longest `max_task_ttl` accepted, in seconds (30 days).
+pub const MAX_TASK_TTL: u64 = 30 * 86_400;
+
+/// A year, in seconds: the longest key rotation period accepted.
+const ONE_YEAR: u64 = 365 * 86_400;
+
 /// The largest `max_delegation_depth` accepted: each level nests one more
 /// `act` claim in every token below it (a delegation whose token would
 /// grow past what verifiers take is refused, whatever its depth).
@@ -542,6 +548,11 @@ impl Config {
         if self.task_ttl > self.max_task_ttl {
             return invalid("task_ttl must not exceed max_task_ttl");
         }
+        if self.max_task_ttl > MAX_TASK_TTL {
+            return invalid(format!(
+                "max_task_ttl must be at most {MAX_TASK_TTL} seconds (30 days): a task is one piece of work"
+            ));
+        }
         // Access tokens live minutes (SPEC): one that leaks is good for
         // no longer, however its holder is verified.
         if self.access_token_ttl > MAX_ACCESS_TOKEN_TTL {
@@ -554,8 +565,11 @@ impl Config {
                 "max_delegation_depth must be at most {MAX_DELEGATION_DEPTH}: each level nests one more `act` claim in every token below it"
             ));
         }
-        if self.audit_checkpoint_interval == 0 {
-            return invalid("audit_checkpoint_interval must be positive");
+        // Records no signature covers are reported once two intervals and a
+        // minute old: a long interval would keep that check from ever
+        // reporting.
+        if !(1..=3600).contains(&self.audit_checkpoint_interval) {
+            return invalid("audit_checkpoint_interval must be 1 to 3600 seconds");
         }
         if self.clock_skew > 300 {
             return invalid("clock_skew must be at most 300 seconds");
@@ -584,6 +598,11 @@ impl Config {
         }
         if self.signing_key_rotation != 0 && self.signing_key_rotation <= self.signing_key_lead {
             return invalid("signing_key_rotation must be longer than signing_key_lead (or 0)");
+        }
+        if self.signing_key_rotation > ONE_YEAR {
+            return invalid(format!(
+                "signing_key_rotation must be at most {ONE_YEAR} seconds (a year), or 0"
+            ));
         }
         if self.database_url.is_some() && self.signing_key_rotation != 0 {
             // A replaced key stays published for the longest token life;
@@ -783,6 +802,14 @@ impl TrustedIssuer {
                 "{who} jwks_refresh and jwks_min_refetch must be positive"
             ));
         }
+        if self.jwks_refresh > 86_400
+            || self.jwks_min_refetch > 86_400
+            || self.jwks_max_stale > 86_400
+        {
+            return invalid(format!(
+                "{who} jwks_refresh, jwks_min_refetch and jwks_max_stale must be at most 86400 seconds (a day)"
+            ));
+        }
         if self.kind == Some(IssuerKind::Spiffe) && self.trust_domain.is_none() {
             return invalid(format!(
                 "{who} kind = \"spiffe\" needs trust_domain: the issuer's keys speak for one trust domain (a SPIFFE bundle is one trust domain's), and without it an SVID of any domain it signed would pass"
@@ -873,6 +900,13 @@ fn check_url_as(
     allow_query: bool,
     require_https_off_loopback: bool,
 ) -> Result<(), ConfigError> {
+    // The parser drops outer spaces and inner tabs and newlines; the URL
+    // is used as written (an issuer is every token's `iss`).
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return invalid(format!(
+            "{what} must not contain spaces or control characters"
+        ));
+    }
     let Ok(url) = url::Url::parse(s) else {
         return invalid(format!("{what}{shown} is not an absolute URL"));
     };
@@ -944,6 +978,13 @@ mod tests {
         // A SPIFFE issuer's keys speak for one trust domain: it must be
         // named, or any SVID it signs, of any domain, would pass.
         check(&issuer("kind = \"spiffe\""), Some("needs trust_domain"));
+        check(
+            &issuer("jwks_refresh = 86400\njwks_max_stale = 86400"),
+            None,
+        );
+        for key in ["jwks_refresh", "jwks_min_refetch", "jwks_max_stale"] {
+            check(&issuer(&format!("{key} = 86401")), Some("at most 86400"));
+        }
         check(
             &issuer("required_claims = { repository_owner_id = [\"123\"], ref = [\"a\", \"b\"] }"),
             None,
@@ -1062,6 +1103,13 @@ mod tests {
         check("approved_token_ttl = 300", None);
         check("approved_token_ttl = 301", Some("at most 300"));
         check("max_delegation_depth = 16", None);
+        check("max_task_ttl = 2592000", None);
+        check("max_task_ttl = 2592001", Some("at most 2592000"));
+        check("audit_checkpoint_interval = 3600", None);
+        check("audit_checkpoint_interval = 3601", Some("1 to 3600"));
+        check("signing_key_rotation = 31536001", Some("at most 31536000"));
+        check("issuer = \"https://scrip.example.com \"", Some("spaces"));
+        check("issuer = \"https://scrip.exam\tple.com\"", Some("spaces"));
         check("max_delegation_depth = 17", Some("at most 16"));
         check("issuer = \"ftp://x\"", Some("https"));
         check("issuer = \"http://example.com\"", Some("https"));

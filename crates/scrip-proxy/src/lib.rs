@@ -413,6 +413,52 @@ fn https_connector(connect_timeout: Duration) -> Result<Https, SetupError> {
     Ok(builder.https_or_http().enable_http1().wrap_connector(http))
 }
 
+/// Checks, of the configuration alone, what [`Proxy::new`] would refuse
+/// in its routes, so that a start refuses it before it changes anything
+/// (keys, records).
+///
+/// # Errors
+/// [`SetupError::Upstream`] naming the route at fault.
+pub fn check_routes(config: &Config) -> Result<(), SetupError> {
+    for u in &config.upstreams {
+        check_routes_of(u).map_err(|message| SetupError::Upstream {
+            name: u.name.to_string(),
+            message,
+        })?;
+    }
+    Ok(())
+}
+
+fn check_routes_of(u: &scrip_config::Upstream) -> Result<(), String> {
+    // Requests are normalised before they are matched: a route
+    // path that normalising would change (`/%61dmin`, `/a/../b`,
+    // `/a;b`) could never match, and the override it was meant to
+    // be would silently not apply.
+    for r in &u.routes {
+        // A prefix (`/.*`, for `/.env`) ends in an unfinished segment:
+        // checked as the paths it matches would be, with a character
+        // after it.
+        let path = match r.path.strip_suffix('*') {
+            Some(prefix) => format!("{prefix}x"),
+            None => r.path.clone(),
+        };
+        let canonical =
+            route::normalize(&path).map_err(|e| format!("route path `{}`: {e}", r.path))?;
+        let canonical = route::match_form(&canonical).into_owned();
+        if canonical != path {
+            let (canonical, star) = match r.path.strip_suffix('*') {
+                Some(_) => (canonical.strip_suffix('x').unwrap_or(&canonical), "*"),
+                None => (canonical.as_str(), ""),
+            };
+            return Err(format!(
+                "route path `{}` would never match: requests are normalised before they are matched, and it reads `{canonical}{star}` once normalised; write that",
+                r.path
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Proxy {
     /// Builds the proxy for every `[[upstreams]]` of a validated `config`.
     ///
@@ -436,32 +482,7 @@ impl Proxy {
                 return Err(fail("url needs a scheme and a host".into()));
             };
             let injection = u.inject.injection(&name).map_err(|e| fail(e.to_string()))?;
-            // Requests are normalised before they are matched: a route
-            // path that normalising would change (`/%61dmin`, `/a/../b`,
-            // `/a;b`) could never match, and the override it was meant to
-            // be would silently not apply.
-            for r in &u.routes {
-                // A prefix (`/.*`, for `/.env`) ends in an unfinished segment:
-                // checked as the paths it matches would be, with a character
-                // after it.
-                let path = match r.path.strip_suffix('*') {
-                    Some(prefix) => format!("{prefix}x"),
-                    None => r.path.clone(),
-                };
-                let canonical = route::normalize(&path)
-                    .map_err(|e| fail(format!("route path `{}`: {e}", r.path)))?;
-                let canonical = route::match_form(&canonical).into_owned();
-                if canonical != path {
-                    let (canonical, star) = match r.path.strip_suffix('*') {
-                        Some(_) => (canonical.strip_suffix('x').unwrap_or(&canonical), "*"),
-                        None => (canonical.as_str(), ""),
-                    };
-                    return Err(fail(format!(
-                        "route path `{}` would never match: requests are normalised before they are matched, and it reads `{canonical}{star}` once normalised; write that",
-                        r.path
-                    )));
-                }
-            }
+            check_routes_of(u).map_err(fail)?;
             let map = route::ActionMap::new(&u.routes)
                 .ok_or_else(|| fail("cannot build the action mapping".into()))?;
             for (action, spec) in &u.secrets {

@@ -115,8 +115,9 @@ pub struct Server {
     state: AppState,
     /// The legacy bridge, when `[[upstreams]]` are configured.
     proxy: Option<scrip_proxy::Proxy>,
-    /// Installed at bind, so a SIGHUP during start-up reloads instead of
-    /// killing the process.
+    /// The reload signal, taken at the end of bind (a SIGHUP before that
+    /// ends the process unless the caller took it over first, as the CLI
+    /// does from its start).
     hangup: Option<tokio::signal::unix::Signal>,
 }
 
@@ -174,6 +175,9 @@ impl Server {
     /// [`StartError`] naming the first problem.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
+        // What the proxy would refuse of the configuration alone, before
+        // anything (a key, a record) is written.
+        scrip_proxy::check_routes(&config).map_err(|e| StartError::Proxy(e.to_string()))?;
         keys::ensure_private_dir(&config.data_dir)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

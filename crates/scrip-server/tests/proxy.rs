@@ -979,7 +979,8 @@ async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
 }
 
 /// Requests are normalised before they are matched, so a route written in
-/// another form would never match: scrip refuses to start with it.
+/// another form would never match: scrip refuses to start with it, before
+/// it writes anything (a key, the store).
 #[tokio::test]
 async fn a_route_path_that_could_never_match_is_refused_at_start() {
     // Starts a server whose one upstream route is `path`.
@@ -997,6 +998,9 @@ async fn a_route_path_that_could_never_match_is_refused_at_start() {
         };
         async move {
             let bound = scrip_server::Server::bind(config).await.map(drop);
+            if bound.is_err() {
+                assert!(!dir.path().join("data").exists(), "written before refusing");
+            }
             drop(dir);
             bound
         }
