@@ -539,7 +539,7 @@ fn serve(config: Option<&Path>) -> ExitCode {
         let mut stop = Stop::new();
         let server = match stop.starting(scrip_server::Server::bind(config)).await {
             None => return fail("stopped during start-up"),
-            Some(Ok(s)) => s,
+            Some(Ok(s)) => s.reload_on(stop.take_hangup()),
             Some(Err(e)) => return fail(e),
         };
         if let Ok(addr) = server.local_addr() {
@@ -569,11 +569,12 @@ pub(crate) fn leave(runtime: tokio::runtime::Runtime) {
 pub(crate) struct Stop {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
-    /// Taken over from the start (never read): SIGHUP's default action
-    /// ends the process, and one during start-up (a reload while the
-    /// store or the revocation feed is slow to answer) must not. The
-    /// server's own handler, installed once it is up, reloads.
-    _hangup: Option<tokio::signal::unix::Signal>,
+    /// Taken over from the start: SIGHUP's default action ends the
+    /// process, and one during start-up (a reload while the store or the
+    /// revocation feed is slow to answer) must not. Handed to the policy
+    /// reloader once up ([`Stop::take_hangup`]), which then answers one
+    /// that came during start-up too.
+    hangup: Option<tokio::signal::unix::Signal>,
     /// A signal came during start-up.
     pending: bool,
 }
@@ -584,9 +585,14 @@ impl Stop {
         Self {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
-            _hangup: signal(SignalKind::hangup()).ok(),
+            hangup: signal(SignalKind::hangup()).ok(),
             pending: false,
         }
+    }
+
+    /// The SIGHUP listener, for the policy reloader.
+    pub(crate) fn take_hangup(&mut self) -> Option<tokio::signal::unix::Signal> {
+        self.hangup.take()
     }
 
     /// The next SIGTERM or SIGINT (never, for one that could not be taken

@@ -33,6 +33,9 @@ async fn start(config: Config) -> Result<Started, String> {
         .first()
         .map(|u| u.name.to_string())
         .ok_or("the configuration has no [[upstreams]] to proxy")?;
+    // What the proxy would refuse of the configuration alone, before
+    // anything (the store, a key, a record) is written.
+    scrip_proxy::check_routes(&config).map_err(|e| e.to_string())?;
     let identity = config.proxy.identity_file.clone().ok_or(
         "[proxy] identity_file is required: the proxy presents that workload identity to scrip's revocation feed",
     )?;
@@ -127,9 +130,9 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
             Some(Ok(p)) => p,
             Some(Err(e)) => return fail(e),
         };
-        // The same reload as `scrip serve`: SIGHUP and policy file changes.
-        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let reloader = policies.spawn_reloader(hangup);
+        // The same reload as `scrip serve`: SIGHUP (one during start-up
+        // included) and policy file changes.
+        let reloader = policies.spawn_reloader(stop.take_hangup());
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "proxy listening");
         }

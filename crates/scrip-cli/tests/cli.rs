@@ -1025,22 +1025,28 @@ max_age = 86400
     );
 }
 
-/// A stop signal during start-up waits for start-up to end (the stop is
-/// then graceful); a second one abandons a start-up that hangs, here on a
-/// database that accepts the connection and never answers.
-#[test]
-fn a_second_signal_abandons_a_start_up_that_hangs() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+/// `scrip serve` started on a database that accepts the connection and
+/// never answers, once it has connected: it waits there, in start-up. The
+/// connection, to keep open.
+fn waiting_on_a_silent_database(root: &Path) -> (Server, TcpStream) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let db = silent.local_addr().unwrap();
     let addr = write_config(
         root,
         &format!("database_url = \"postgres://scrip@{db}/scrip\"\n"),
     );
-    let mut server = Server::start(root, "scrip.toml", addr, "serve.log");
-    // scrip is waiting on the database once it has connected.
-    let (_held, _) = silent.accept().unwrap();
+    let server = Server::start(root, "scrip.toml", addr, "serve.log");
+    let (held, _) = silent.accept().unwrap();
+    (server, held)
+}
+
+/// A stop signal during start-up waits for start-up to end (the stop is
+/// then graceful); a second one abandons a start-up that hangs, here on a
+/// database that accepts the connection and never answers.
+#[test]
+fn a_second_signal_abandons_a_start_up_that_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, _held) = waiting_on_a_silent_database(dir.path());
     signal(server.pid(), "TERM");
     server.wait_log("stopping once start-up is done");
     assert!(
@@ -1065,16 +1071,7 @@ fn a_second_signal_abandons_a_start_up_that_hangs() {
 #[test]
 fn a_sighup_during_start_up_does_not_end_scrip() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let db = silent.local_addr().unwrap();
-    let addr = write_config(
-        root,
-        &format!("database_url = \"postgres://scrip@{db}/scrip\"\n"),
-    );
-    let mut server = Server::start(root, "scrip.toml", addr, "serve.log");
-    // scrip is waiting on the database once it has connected.
-    let (_held, _) = silent.accept().unwrap();
+    let (mut server, _held) = waiting_on_a_silent_database(dir.path());
     signal(server.pid(), "HUP");
     std::thread::sleep(Duration::from_millis(500));
     assert!(

@@ -306,6 +306,17 @@ impl Server {
         })
     }
 
+    /// Reloads on `hangup` rather than on the SIGHUP listener taken at the
+    /// end of bind: one taken before start-up began also answers a SIGHUP
+    /// that came during it (a listener remembers one signal).
+    #[must_use]
+    pub fn reload_on(mut self, hangup: Option<tokio::signal::unix::Signal>) -> Self {
+        if hangup.is_some() {
+            self.hangup = hangup;
+        }
+        self
+    }
+
     /// The bound address.
     ///
     /// # Errors

@@ -759,6 +759,27 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
     s.stop().await;
 }
 
+/// A trigger `deny_meanwhile` that, `when` (its event and condition), denies
+/// the waiting step `other` (bob: "raced") in the same transaction: a
+/// denial committed just before the check of whatever fired it. The pool
+/// it was made on, to drop it with.
+async fn deny_meanwhile(s: &TestServer, when: &str, other: &str) -> sqlx::SqlitePool {
+    let path = s.dir.path().join("data/scrip.db");
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    // The ids are scrip's own random ones: nothing to escape.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TRIGGER deny_meanwhile {when} BEGIN \
+         UPDATE approvals SET state = 'denied', decided_by = 'bob', reason = 'raced', \
+         decided_at = CAST(strftime('%s', 'now') AS INTEGER) WHERE id = '{other}'; END"
+    )))
+    .execute(&db)
+    .await
+    .unwrap();
+    db
+}
+
 /// A person's denial committed between a poll's read of the task's
 /// denials and its token's commit (by another replica, or another request
 /// here) stops the token: the commit refuses it and the step is read
@@ -776,19 +797,14 @@ async fn a_denial_committed_while_a_poll_issues_stops_its_token() {
         200
     );
     let path = s.dir.path().join("data/scrip.db");
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    // The ids are scrip's own random ones: nothing to escape.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TRIGGER deny_meanwhile AFTER UPDATE OF state ON approvals \
-         WHEN NEW.id = '{approved}' AND NEW.state = 'used' BEGIN \
-         UPDATE approvals SET state = 'denied', decided_by = 'bob', reason = 'raced', \
-         decided_at = CAST(strftime('%s', 'now') AS INTEGER) WHERE id = '{other}'; END"
-    )))
-    .execute(&db)
-    .await
-    .unwrap();
+    let db = deny_meanwhile(
+        &s,
+        &format!(
+            "AFTER UPDATE OF state ON approvals WHEN NEW.id = '{approved}' AND NEW.state = 'used'"
+        ),
+        &other,
+    )
+    .await;
     let r = poll(&s, &task, &approved).await;
     r.assert_error(400, "authorization_pending");
     assert!(r.text.contains("being denied"), "{}", r.text);
@@ -825,20 +841,12 @@ async fn a_denial_committed_while_a_step_opens_is_read_again() {
     let s = TestServer::start_with(edit(|c| c.approvers = vec![alice(), bob()])).await;
     let task = prod_task_with(&s, "github:read github:delete").await;
     let other = pending(&s, &task).await;
-    let path = s.dir.path().join("data/scrip.db");
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    // The id is scrip's own random one: nothing to escape.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TRIGGER deny_meanwhile AFTER INSERT ON approvals \
-         WHEN NEW.id <> '{other}' BEGIN \
-         UPDATE approvals SET state = 'denied', decided_by = 'bob', reason = 'raced', \
-         decided_at = CAST(strftime('%s', 'now') AS INTEGER) WHERE id = '{other}'; END"
-    )))
-    .execute(&db)
-    .await
-    .unwrap();
+    let db = deny_meanwhile(
+        &s,
+        &format!("AFTER INSERT ON approvals WHEN NEW.id <> '{other}'"),
+        &other,
+    )
+    .await;
     let r = s.access_token(&task, "github", Some("delete read")).await;
     r.assert_error(503, "temporarily_unavailable");
     assert_eq!(requested(&s).await, 1);
@@ -938,7 +946,8 @@ async fn no_token_or_proof_leaks_into_the_trail_the_logs_or_a_refusal() {
     // An approval, its approver's identity, its poll and the token.
     let prod = prod_task(&s).await;
     let id = pending(&s, &prod).await;
-    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    let alice = alice_id(&s);
+    assert_eq!(approve(&s, &id, Some(&alice)).await.status, 200);
     refusals.push(poll(&s, &dev, &id).await.text);
     let r = poll(&s, &prod, &id).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -958,7 +967,7 @@ async fn no_token_or_proof_leaks_into_the_trail_the_logs_or_a_refusal() {
             .await
             .text,
     );
-    secrets.extend([identity, dev, actor, prod, alice_id(&s), expired]);
+    secrets.extend([identity, dev, actor, prod, alice, expired]);
     assert!(
         refusals.iter().all(|r| r.contains("\"error\"")),
         "{refusals:#?}"

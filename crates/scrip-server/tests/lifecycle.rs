@@ -1514,20 +1514,6 @@ async fn a_refused_start_makes_no_keys_and_the_start_that_does_records_them() {
     assert_eq!(report.chains, 1);
 }
 
-/// A connection holding the write lock of the SQLite store at `db` (until
-/// it rolls back), as another writer would.
-async fn hold_store(db: &Path) -> sqlx::SqliteConnection {
-    use sqlx::Connection as _;
-    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
-    holder
-}
-
 /// The `event` audit records of `store`, as the JSON hashed.
 async fn key_records(store: &dyn scrip_store::Store, event: &str) -> Vec<String> {
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();

@@ -436,26 +436,16 @@ impl TestServer {
             .unwrap()
     }
 
-    /// The audit records, read straight from the store file.
-    /// Ends task `txn` through another handle on the store, as another
-    /// process would: no signal reaches this server.
-    #[allow(dead_code, reason = "not every test binary ends tasks so")]
     /// Takes the store's write lock, as another writer would, until
     /// [`release`]: meanwhile every commit waits, then fails.
     #[allow(dead_code, reason = "not every test binary holds the store")]
     pub async fn hold_writes(&self) -> sqlx::SqliteConnection {
-        use sqlx::Connection as _;
-        let db = self.dir.path().join("data/scrip.db");
-        let mut held = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut held)
-            .await
-            .unwrap();
-        held
+        hold_store(&self.dir.path().join("data/scrip.db")).await
     }
 
+    /// Ends task `txn` through another handle on the store, as another
+    /// process would: no signal reaches this server.
+    #[allow(dead_code, reason = "not every test binary ends tasks so")]
     pub async fn end_elsewhere(&self, txn: &str) {
         let other = scrip_store::open(None, &self.dir.path().join("data/scrip.db"))
             .await
@@ -471,6 +461,7 @@ impl TestServer {
             .unwrap();
     }
 
+    /// The audit records, read straight from the store file.
     pub async fn audit(&self) -> Vec<scrip_store::AuditEvent> {
         use scrip_store::Store as _;
         let store = scrip_store::SqliteStore::open(&self.dir.path().join("data/scrip.db"))
@@ -575,6 +566,21 @@ pub fn decode_parts(token: &str) -> (Value, Value) {
         .unwrap()
     };
     (dec(parts.next().unwrap()), dec(parts.next().unwrap()))
+}
+
+/// Takes the write lock of the SQLite store at `db`, as another writer
+/// would, until released.
+#[allow(dead_code, reason = "not every test binary holds the store")]
+pub async fn hold_store(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection as _;
+    let mut held = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut held)
+        .await
+        .unwrap();
+    held
 }
 
 /// Gives back the write lock [`TestServer::hold_writes`] took.
