@@ -420,7 +420,15 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         config.resolve_paths(base);
-        config.validate()?;
+        // Named by its file, whichever way it was found (`--config`,
+        // `SCRIP_CONFIG`).
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(message) => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -963,6 +971,17 @@ mod tests {
             (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} does not contain {want:?}"),
             (got, want) => panic!("for {toml:?}: got {got:?}, want error {want:?}"),
         }
+    }
+
+    /// A loaded file's invalid value names the file, as a parse error does.
+    #[test]
+    fn an_invalid_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.toml");
+        std::fs::write(&path, "task_ttl = 0\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("task_ttl"), "{e}");
     }
 
     #[test]
