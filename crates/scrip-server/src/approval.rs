@@ -343,6 +343,20 @@ pub(crate) async fn poll(
         ApprovalState::Pending if now >= approval.expires_at => {
             Err(OAuthError::expired_token(UNDECIDED))
         }
+        // Taken out of the waiting steps early by a denial that answers it
+        // (`expire_answered`): until its time it answers as a waiting step
+        // that denial answers would.
+        ApprovalState::Expired if approval.decided_by.is_none() && now < approval.expires_at => {
+            match denied_since(st, &approval).await? {
+                Some(d) => Err(OAuthError::access_denied(format!(
+                    "a person denied `{}` at `{}` in this task after this step was asked: {}",
+                    d.actions,
+                    d.tool,
+                    d.reason.as_deref().unwrap_or("no reason given")
+                ))),
+                None => Err(OAuthError::expired_token(UNDECIDED)),
+            }
+        }
         ApprovalState::Expired if approval.decided_by.is_some() => {
             Err(OAuthError::expired_token(UNCOLLECTED))
         }
@@ -793,6 +807,17 @@ async fn decide_endpoint(
         }
         let now = now();
         if approval.state != ApprovalState::Pending {
+            // One a denial took out of the waiting steps early says so.
+            if approval.state == ApprovalState::Expired
+                && approval.decided_by.is_none()
+                && now < approval.expires_at
+                && let Some(d) = denied_since(st, &approval).await?
+            {
+                return Err(OAuthError::conflict(format!(
+                    "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
+                    d.actions, d.tool
+                )));
+            }
             return Err(OAuthError::conflict(format!(
                 "this approval is already {}",
                 approval.state.as_str()
@@ -867,6 +892,9 @@ async fn decide_endpoint(
                 after.state.as_str()
             )));
         }
+        if !approve {
+            expire_answered(st, &task, &after, now).await;
+        }
         tracing::info!(auth_req_id = %id, approver = %approver.name, approved = approve, "approval decided");
         Ok(describe(&after, Some(&task)))
     }
@@ -874,6 +902,54 @@ async fn decide_endpoint(
     match result {
         Ok(v) => no_store(v),
         Err(e) => e.into_response(),
+    }
+}
+
+/// The waiting steps of `task` that `denial` answers (see [`denied_since`])
+/// stop waiting at once, as expired and saying why, rather than hold
+/// places among the [`scrip_store::MAX_PENDING_PER_TASK`] until they
+/// expire; their polls answer `access_denied` until then, as before. Best
+/// effort, after the denial committed: a step decided meanwhile is left as
+/// it is, and one left waiting still answers `access_denied`.
+async fn expire_answered(st: &Inner, task: &scrip_store::TaskRecord, denial: &Approval, now: u64) {
+    let Ok(waiting) = st.store.task_pending_approvals(&task.id, now).await else {
+        return;
+    };
+    let decided = denial.decided_at.unwrap_or(now);
+    for w in waiting
+        .iter()
+        .filter(|w| w.created_at <= decided && answering(w, std::slice::from_ref(denial)).is_some())
+    {
+        let mut a = st.audit("approval.expired");
+        a.task_id = Some(task.id.clone());
+        a.tool = Some(w.tool.clone());
+        a.actions = Some(w.actions.clone());
+        a.reason = Some(format!(
+            "auth_req_id {} was answered by the denial of `{}` at `{}` ({}): it no longer waits for a person",
+            w.id, denial.actions, denial.tool, denial.id
+        ));
+        let expired = st
+            .store
+            .commit(vec![
+                Write::UpdateApproval {
+                    id: w.id.clone(),
+                    from: ApprovalState::Pending,
+                    to: ApprovalState::Expired,
+                    by: None,
+                    at: now,
+                    reason: None,
+                    token_jti: None,
+                },
+                Write::Audit(Box::new(a)),
+            ])
+            .await;
+        match expired {
+            Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not mark the steps a denial answers; they wait until they expire");
+                return;
+            }
+        }
     }
 }
 

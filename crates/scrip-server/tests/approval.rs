@@ -287,6 +287,73 @@ async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
     s.stop().await;
 }
 
+/// Steps a denial answers stop waiting at once: they no longer hold places
+/// among a task's ten waiting steps (their polls still answer
+/// `access_denied`, and nobody may approve them).
+#[tokio::test]
+async fn steps_a_denial_answers_make_room_at_once() {
+    use scrip_config::Tool;
+    use scrip_token::{ActionName, ToolName};
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice()];
+        for i in 0..11 {
+            c.tools.push(Tool {
+                name: ToolName::parse(&format!("db{i}")).unwrap(),
+                resource: format!("https://db{i}.example"),
+                actions: vec![ActionName::parse("delete").unwrap()],
+                labels: Default::default(),
+                introspectors: Vec::new(),
+            });
+        }
+    }))
+    .await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let mut grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
+    grants.extend(["github:read".into(), "github:delete".into()]);
+    let r = s
+        .start_task(&identity, &grants.join(" "), "prod", PURPOSE)
+        .await;
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    let denied = pending_step(&s, &task, "github", "delete").await;
+    let answered = pending_step(&s, &task, "github", "delete read").await;
+    for i in 0..8 {
+        pending_step(&s, &task, &format!("db{i}"), "delete").await;
+    }
+    let r = s.access_token(&task, "db8", Some("delete")).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("already wait for a person"), "{}", r.text);
+    assert_eq!(
+        deny(&s, &denied, Some(&alice_id(&s)), "no").await.status,
+        200
+    );
+    // Two places free: the denied step's, and the one it answers.
+    pending_step(&s, &task, "db8", "delete").await;
+    pending_step(&s, &task, "db9", "delete").await;
+    s.access_token(&task, "db10", Some("delete"))
+        .await
+        .assert_error(400, "invalid_request");
+    let r = poll(&s, &task, &answered).await;
+    r.assert_error(400, "access_denied");
+    assert!(
+        r.text.contains("a person denied `delete` at `github`"),
+        "{}",
+        r.text
+    );
+    let r = approve(&s, &answered, Some(&alice_id(&s))).await;
+    r.assert_error(409, "conflict");
+    assert!(r.text.contains("a person denied `delete`"), "{}", r.text);
+    let recorded = s.audit().await.into_iter().any(|a| {
+        a.event == "approval.expired"
+            && a.reason.as_deref().is_some_and(|r| {
+                r.starts_with(&format!(
+                    "auth_req_id {answered} was answered by the denial"
+                ))
+            })
+    });
+    assert!(recorded, "no record of the step the denial answered");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn polling_is_pending_then_slow_down_when_too_fast() {
     // An interval the two polls below fall within even on a loaded machine.
