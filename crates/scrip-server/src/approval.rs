@@ -474,9 +474,20 @@ async fn overruled(
         ])
         .await;
     match committed {
-        Ok(()) => Ok(OAuthError::access_denied(format!(
-            "a person denied this step: {reason}"
-        ))),
+        Ok(()) => {
+            // Now a denial itself: the waiting steps it answers stop waiting.
+            let denied = Approval {
+                state: ApprovalState::Denied,
+                decided_by: d.decided_by.clone(),
+                decided_at: Some(now()),
+                reason: Some(reason.clone()),
+                ..approval.clone()
+            };
+            expire_answered(st, &approval.task_id, &denied, now()).await;
+            Ok(OAuthError::access_denied(format!(
+                "a person denied this step: {reason}"
+            )))
+        }
         // Collected, or overruled, by another poll meanwhile.
         Err(scrip_store::StoreError::Conflict(_)) => Ok(OAuthError::invalid_grant(
             "auth_req_id is unknown, already used, or not this task's",
@@ -806,13 +817,13 @@ async fn decide_endpoint(
             }
         }
         let now = now();
-        if approval.state != ApprovalState::Pending {
-            // One a denial took out of the waiting steps early says so.
-            if approval.state == ApprovalState::Expired
-                && approval.decided_by.is_none()
-                && now < approval.expires_at
-                && let Some(d) = denied_since(st, &approval).await?
-            {
+        // A step a denial took out of the waiting steps early
+        // (`expire_answered`) may still be denied (a wider no), not approved.
+        let answered = approval.state == ApprovalState::Expired
+            && approval.decided_by.is_none()
+            && now < approval.expires_at;
+        if approval.state != ApprovalState::Pending && !(answered && !approve) {
+            if answered && let Some(d) = denied_since(st, &approval).await? {
                 return Err(OAuthError::conflict(format!(
                     "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
                     d.actions, d.tool
@@ -870,7 +881,7 @@ async fn decide_endpoint(
             .commit(vec![
                 Write::UpdateApproval {
                     id: approval.id.clone(),
-                    from: ApprovalState::Pending,
+                    from: approval.state,
                     to,
                     by: Some(approver.name.clone()),
                     at: now,
@@ -893,7 +904,7 @@ async fn decide_endpoint(
             )));
         }
         if !approve {
-            expire_answered(st, &task, &after, now).await;
+            expire_answered(st, &task.id, &after, now).await;
         }
         tracing::info!(auth_req_id = %id, approver = %approver.name, approved = approve, "approval decided");
         Ok(describe(&after, Some(&task)))
@@ -911,8 +922,8 @@ async fn decide_endpoint(
 /// expire; their polls answer `access_denied` until then, as before. Best
 /// effort, after the denial committed: a step decided meanwhile is left as
 /// it is, and one left waiting still answers `access_denied`.
-async fn expire_answered(st: &Inner, task: &scrip_store::TaskRecord, denial: &Approval, now: u64) {
-    let Ok(waiting) = st.store.task_pending_approvals(&task.id, now).await else {
+async fn expire_answered(st: &Inner, task_id: &str, denial: &Approval, now: u64) {
+    let Ok(waiting) = st.store.task_pending_approvals(task_id, now).await else {
         return;
     };
     let decided = denial.decided_at.unwrap_or(now);
@@ -921,7 +932,7 @@ async fn expire_answered(st: &Inner, task: &scrip_store::TaskRecord, denial: &Ap
         .filter(|w| w.created_at <= decided && answering(w, std::slice::from_ref(denial)).is_some())
     {
         let mut a = st.audit("approval.expired");
-        a.task_id = Some(task.id.clone());
+        a.task_id = Some(task_id.to_owned());
         a.tool = Some(w.tool.clone());
         a.actions = Some(w.actions.clone());
         a.reason = Some(format!(

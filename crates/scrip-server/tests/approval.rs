@@ -351,6 +351,13 @@ async fn steps_a_denial_answers_make_room_at_once() {
             })
     });
     assert!(recorded, "no record of the step the denial answered");
+    // It may still be denied itself: a wider no.
+    let r = deny(&s, &answered, Some(&alice_id(&s)), "nor this").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["state"], "denied", "{}", r.text);
+    let r = poll(&s, &task, &answered).await;
+    r.assert_error(400, "access_denied");
+    assert!(r.text.contains("nor this"), "{}", r.text);
     s.stop().await;
 }
 
