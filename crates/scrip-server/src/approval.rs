@@ -822,7 +822,8 @@ async fn decide_endpoint(
         let answered = approval.state == ApprovalState::Expired
             && approval.decided_by.is_none()
             && now < approval.expires_at;
-        if approval.state != ApprovalState::Pending && !(answered && !approve) {
+        let deniable_again = answered && !approve;
+        if approval.state != ApprovalState::Pending && !deniable_again {
             if answered && let Some(d) = denied_since(st, &approval).await? {
                 return Err(OAuthError::conflict(format!(
                     "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
