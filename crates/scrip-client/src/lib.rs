@@ -919,7 +919,10 @@ pub struct Task {
     expires_at: Option<u64>,
     /// Ended on drop unless ended already.
     owned: bool,
-    cache: Mutex<HashMap<(String, String), AccessToken>>,
+    /// Each with when to refresh it by the monotonic clock too: a wall
+    /// clock stepped back (NTP, a VM resumed) must not keep an expired
+    /// token fresh.
+    cache: Mutex<HashMap<(String, String), (AccessToken, std::time::Instant)>>,
     file_cache: Option<FileCache>,
     /// The key the access tokens are bound to, if any (DPoP).
     dpop: Option<std::sync::Arc<DpopKey>>,
@@ -1198,12 +1201,19 @@ impl Task {
 
     fn cached(&self, key: &(String, String)) -> Option<AccessToken> {
         let cache = self.cache.lock().ok()?;
-        cache.get(key).filter(|t| t.fresh()).cloned()
+        cache
+            .get(key)
+            .filter(|(t, by)| t.fresh() && std::time::Instant::now() < *by)
+            .map(|(t, _)| t.clone())
     }
 
     fn remember(&self, key: (String, String), token: &AccessToken) {
+        let left = Duration::from_secs(token.refresh_at.saturating_sub(now()));
+        let Some(by) = std::time::Instant::now().checked_add(left) else {
+            return;
+        };
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(key, token.clone());
+            cache.insert(key, (token.clone(), by));
         }
     }
 
