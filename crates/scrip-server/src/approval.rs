@@ -119,11 +119,7 @@ pub(crate) async fn request(
                 // A later denial answers it (its answer, not its id, for a
                 // step nobody may approve now).
                 if let Some(d) = denied_since(st, same).await? {
-                    break 'asked Err(OAuthError::access_denied(format!(
-                        "a person denied `{}` at `{tool}` in this task after this step was asked: {}",
-                        d.actions,
-                        d.reason.as_deref().unwrap_or("no reason given")
-                    )));
+                    break 'asked Err(answered_by(&d));
                 }
                 // The same step already waits for a person: asking again is the
                 // same request, not another one for the approvers and the webhook.
@@ -348,12 +344,7 @@ pub(crate) async fn poll(
         // that denial answers would.
         ApprovalState::Expired if approval.decided_by.is_none() && now < approval.expires_at => {
             match denied_since(st, &approval).await? {
-                Some(d) => Err(OAuthError::access_denied(format!(
-                    "a person denied `{}` at `{}` in this task after this step was asked: {}",
-                    d.actions,
-                    d.tool,
-                    d.reason.as_deref().unwrap_or("no reason given")
-                ))),
+                Some(d) => Err(answered_by(&d)),
                 None => Err(OAuthError::expired_token(UNDECIDED)),
             }
         }
@@ -378,12 +369,7 @@ pub(crate) async fn poll(
                 return Err(OAuthError::slow_down());
             }
             match denied_since(st, &approval).await? {
-                Some(d) => Err(OAuthError::access_denied(format!(
-                    "a person denied `{}` at `{}` in this task after this step was asked: {}",
-                    d.actions,
-                    d.tool,
-                    d.reason.as_deref().unwrap_or("no reason given")
-                ))),
+                Some(d) => Err(answered_by(&d)),
                 None => Err(OAuthError::authorization_pending()),
             }
         }
@@ -822,18 +808,14 @@ async fn decide_endpoint(
         let answered = approval.state == ApprovalState::Expired
             && approval.decided_by.is_none()
             && now < approval.expires_at;
-        let deniable_again = answered && !approve;
-        if approval.state != ApprovalState::Pending && !deniable_again {
-            if answered && let Some(d) = denied_since(st, &approval).await? {
-                return Err(OAuthError::conflict(format!(
-                    "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
-                    d.actions, d.tool
-                )));
-            }
-            return Err(OAuthError::conflict(format!(
+        let already = || {
+            OAuthError::conflict(format!(
                 "this approval is already {}",
                 approval.state.as_str()
-            )));
+            ))
+        };
+        if approval.state != ApprovalState::Pending && !answered {
+            return Err(already());
         }
         if now >= approval.expires_at {
             return Err(OAuthError::conflict("this approval has expired"));
@@ -851,11 +833,16 @@ async fn decide_endpoint(
         if task.state(now) != TaskState::Active {
             return Err(OAuthError::conflict("the task has ended"));
         }
-        if approve && let Some(d) = denied_since(st, &approval).await? {
-            return Err(OAuthError::conflict(format!(
-                "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
-                d.actions, d.tool
-            )));
+        if approve {
+            if let Some(d) = denied_since(st, &approval).await? {
+                return Err(OAuthError::conflict(format!(
+                    "a person denied `{}` at `{}` in this task after this step was asked; nothing was decided",
+                    d.actions, d.tool
+                )));
+            }
+            if answered {
+                return Err(already());
+            }
         }
         let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
         let mut a = st.audit(if approve { "approval.granted" } else { "approval.denied" });
@@ -988,6 +975,16 @@ async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval
         .task_denials(&approval.task_id, approval.created_at)
         .await?;
     Ok(answering(approval, &denials).cloned())
+}
+
+/// The answer to a step the denial `d` answers.
+fn answered_by(d: &Approval) -> OAuthError {
+    OAuthError::access_denied(format!(
+        "a person denied `{}` at `{}` in this task after this step was asked: {}",
+        d.actions,
+        d.tool,
+        d.reason.as_deref().unwrap_or("no reason given")
+    ))
 }
 
 /// The first of `denials` (of `approval`'s task, decided since it was

@@ -245,8 +245,10 @@ async fn a_step_needing_approval_answers_authorization_pending() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
+/// A server where alice approves, with eleven more tools `db0`..`db10`
+/// (action `delete`), and a task of `coder` in prod holding `db*:delete`
+/// and `extra`.
+async fn eleven_dbs(extra: &[&str]) -> (TestServer, String) {
     use scrip_config::Tool;
     use scrip_token::{ActionName, ToolName};
     let s = TestServer::start_with(edit(|c| {
@@ -263,11 +265,18 @@ async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
     }))
     .await;
     let identity = s.k8s.kubernetes("agents", "coder");
-    let grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
+    let mut grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
+    grants.extend(extra.iter().map(|g| (*g).to_owned()));
     let r = s
         .start_task(&identity, &grants.join(" "), "prod", PURPOSE)
         .await;
     let task = r["access_token"].as_str().unwrap().to_owned();
+    (s, task)
+}
+
+#[tokio::test]
+async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
+    let (s, task) = eleven_dbs(&[]).await;
     let mut ids = Vec::new();
     for i in 0..10 {
         let r = s
@@ -292,28 +301,7 @@ async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
 /// `access_denied`, and nobody may approve them).
 #[tokio::test]
 async fn steps_a_denial_answers_make_room_at_once() {
-    use scrip_config::Tool;
-    use scrip_token::{ActionName, ToolName};
-    let s = TestServer::start_with(edit(|c| {
-        c.approvers = vec![alice()];
-        for i in 0..11 {
-            c.tools.push(Tool {
-                name: ToolName::parse(&format!("db{i}")).unwrap(),
-                resource: format!("https://db{i}.example"),
-                actions: vec![ActionName::parse("delete").unwrap()],
-                labels: Default::default(),
-                introspectors: Vec::new(),
-            });
-        }
-    }))
-    .await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let mut grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
-    grants.extend(["github:read".into(), "github:delete".into()]);
-    let r = s
-        .start_task(&identity, &grants.join(" "), "prod", PURPOSE)
-        .await;
-    let task = r["access_token"].as_str().unwrap().to_owned();
+    let (s, task) = eleven_dbs(&["github:read", "github:delete"]).await;
     let denied = pending_step(&s, &task, "github", "delete").await;
     let answered = pending_step(&s, &task, "github", "delete read").await;
     for i in 0..8 {
