@@ -49,6 +49,19 @@ pub enum KeyError {
         /// The user scrip runs as.
         euid: u32,
     },
+    /// A data or key directory another user (not root) owns: its owner
+    /// could swap the store or the keys in it.
+    #[error(
+        "directory `{path}` is owned by uid {owner}, not by the user scrip runs as (uid {euid}) or root: its owner could replace the store or the keys in it; run scrip as that user, or `chown` the directory to the user scrip runs as"
+    )]
+    ForeignDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The user scrip runs as.
+        euid: u32,
+    },
     /// A key directory others can write: they could swap its files.
     #[error(
         "directory `{path}` has mode {mode:o}: group or others can write it; fix it with `chmod 700 {path}`"
@@ -145,14 +158,24 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
     check_private_dir(dir)
 }
 
-/// Refuses a directory of key files that group or others can write: they
-/// could remove a key file, or put a link to another file in its place.
+/// Refuses a directory of key files or of the store that group or others
+/// can write, or that another user than scrip's or root owns: they could
+/// remove a file, or put another (or a link to one) in its place.
 fn check_private_dir(dir: &Path) -> Result<(), KeyError> {
-    let mode = fs::metadata(dir).map_err(io(dir))?.permissions().mode() & 0o7777;
+    let meta = fs::metadata(dir).map_err(io(dir))?;
+    let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(KeyError::ExposedDir {
             path: dir.to_owned(),
             mode,
+        });
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(KeyError::ForeignDir {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            euid,
         });
     }
     Ok(())
@@ -798,6 +821,44 @@ mod tests {
             // Root's own files stay readable.
             std::os::unix::fs::chown(&path, Some(0), None).unwrap();
             assert_eq!(read_private(&path).unwrap(), b"key");
+        }
+    }
+
+    /// A data or key directory another user (not root) owns is refused:
+    /// its owner could swap the store or the keys in it.
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        ensure_private_dir(&dir).unwrap();
+        // Giving a directory away takes root, which is how these tests and
+        // CI run.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&dir, Some(12_345), None).unwrap();
+            let err = ensure_private_dir(&dir).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    KeyError::ForeignDir {
+                        owner: 12_345,
+                        euid: 0,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+            ensure_private_dir(&dir).unwrap();
+            // The key directory likewise.
+            load_or_create(&dir, SigningAlgorithm::EdDSA, 1).unwrap();
+            std::os::unix::fs::chown(dir.join("keys"), Some(12_345), None).unwrap();
+            assert!(
+                matches!(
+                    load_or_create(&dir, SigningAlgorithm::EdDSA, 1),
+                    Err(KeyError::ForeignDir { owner: 12_345, .. })
+                ),
+                "a key was read from another user's directory"
+            );
         }
     }
 

@@ -490,12 +490,16 @@ impl MigrationLock {
 /// a data directory made by hand (`mkdir`, a mounted volume) under a 022
 /// umask would leave them, where the database really is (a symbolic link
 /// followed, as SQLite follows it). Called before the store is opened
-/// and again once it is (its WAL and shared-memory files made).
+/// for writing and again once it is (its WAL and shared-memory files
+/// made).
 ///
 /// # Errors
-/// [`StoreError::Open`] when the database cannot be created.
+/// [`StoreError::Open`] when the database cannot be created, when one of
+/// its files belongs to another user than scrip's or root (its owner
+/// could rewrite tasks, approvals and revocations), or when group or
+/// others may read one and it cannot be narrowed.
 fn keep_private(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -514,19 +518,27 @@ fn keep_private(path: &Path) -> Result<(), StoreError> {
         let Ok(meta) = std::fs::metadata(&file) else {
             continue;
         };
+        let euid = rustix::process::geteuid().as_raw();
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(StoreError::Open(format!(
+                "`{}` is owned by uid {}, not by the user scrip runs as (uid {euid}) or root: its owner could rewrite the store; run scrip as that user, or `chown` the store to the user scrip runs as",
+                file.display(),
+                meta.uid()
+            )));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700)) {
-                Ok(()) => tracing::warn!(
-                    path = %file.display(),
-                    "the store was readable by group or others (mode {mode:o}); it is now readable by scrip's user only"
-                ),
-                Err(e) => tracing::warn!(
-                    path = %file.display(),
-                    error = %e,
-                    "the store is readable by group or others (mode {mode:o}) and cannot be narrowed"
-                ),
-            }
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(|e| {
+                    StoreError::Open(format!(
+                        "`{}` is readable by group or others (mode {mode:o}) and cannot be narrowed: {e}",
+                        file.display()
+                    ))
+                })?;
+            tracing::warn!(
+                path = %file.display(),
+                "the store was readable by group or others (mode {mode:o}); it is now readable by scrip's user only"
+            );
         }
     }
     Ok(())
@@ -576,6 +588,22 @@ mod tests {
         drop(SqliteStore::open(&path).await.unwrap());
         let real_mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
         assert_eq!(real_mode, 0o600);
+        // A store file of another user (not root) is refused for writing:
+        // its owner could rewrite tasks, approvals and revocations. Giving
+        // a file away takes root, which is how these tests and CI run.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&real, Some(12_345), None).unwrap();
+            let Err(StoreError::Open(message)) = SqliteStore::open(&path).await else {
+                panic!("a store file of uid 12345 was opened for writing")
+            };
+            assert!(
+                message.contains("is owned by uid 12345, not by the user scrip runs as"),
+                "{message}"
+            );
+            // Root's own store stays usable.
+            std::os::unix::fs::chown(&real, Some(0), None).unwrap();
+            drop(SqliteStore::open(&path).await.unwrap());
+        }
     }
 
     /// Processes started together on one new or upgraded store (`scrip
