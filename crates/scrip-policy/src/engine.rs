@@ -345,6 +345,14 @@ impl PolicyEngine {
                 });
             }
         }
+        if schema_text != DEFAULT_SCHEMA
+            && let Some(extra) = unfilled_attribute(schema_text)
+        {
+            return Err(PolicyError::Schema {
+                name: schema_name.to_owned(),
+                message: extra,
+            });
+        }
         let mut set = PolicySet::new();
         let mut count = 0;
         for (name, text) in files {
@@ -695,6 +703,86 @@ pub fn tickets(text: &str) -> impl Iterator<Item = &str> {
             && !number.is_empty()
             && number.chars().all(|c| c.is_ascii_digit())
     })
+}
+
+/// The first attribute `schema_text` declares on an agent, a tool or an
+/// action's context that scrip never fills (the built-in schema declares
+/// every one it fills), as a message; `None` when there is none, or when
+/// the text does not parse (the schema's own parse reports that). A
+/// policy on such an attribute would validate and then never see it: `has`
+/// always false, so a `forbid` guarded by it would silently never apply.
+fn unfilled_attribute(schema_text: &str) -> Option<String> {
+    let declared = |text: &str| {
+        cedar_policy::SchemaFragment::from_cedarschema_str(text)
+            .ok()
+            .and_then(|(f, _)| f.to_json_value().ok())
+            .map(|json| declared_attributes(&json))
+    };
+    let filled = declared(DEFAULT_SCHEMA)?;
+    declared(schema_text)?
+        .into_iter()
+        .find(|(place, name)| !filled.contains(&(place.clone(), name.clone())))
+        .map(|(place, name)| {
+            format!(
+                "{place} declares attribute `{name}`, which scrip never fills, so `has {name}` would never hold (a `forbid` guarded by it would never apply); a claim is a tag (`principal.getTag(\"{name}\")`), a tool's labels are tags"
+            )
+        })
+}
+
+/// `(place, attribute)` for each top-level attribute of the `Agent` and
+/// `Tool` entity types (of the empty namespace, the ones scrip builds) and
+/// of every action's context, in a schema's JSON form. `place` names the
+/// entity type, or "the context of actions" for every action alike.
+fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(String, String)> {
+    use serde_json::Value;
+    let mut out = std::collections::BTreeSet::new();
+    let Some(namespaces) = json.as_object() else {
+        return out;
+    };
+    // A record's attribute names, the record given inline or as a common
+    // type (`R` in the namespace `ns` or the empty one, or `ns::R`).
+    let attributes = |ty: &Value, ns: &str| -> Vec<String> {
+        let record = match ty.get("type").and_then(Value::as_str) {
+            Some("Record") => Some(ty),
+            Some(_) => {
+                let name = ty
+                    .get("name")
+                    .or_else(|| ty.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let (space, local) = name.rsplit_once("::").unwrap_or((ns, name));
+                [space, ""]
+                    .iter()
+                    .find_map(|space| namespaces.get(*space)?.get("commonTypes")?.get(local))
+            }
+            None => None,
+        };
+        record
+            .and_then(|r| r.get("attributes"))
+            .and_then(Value::as_object)
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for (ns, body) in namespaces {
+        if ns.is_empty() {
+            for ty in ["Agent", "Tool"] {
+                if let Some(shape) = body.pointer(&format!("/entityTypes/{ty}/shape")) {
+                    for name in attributes(shape, ns) {
+                        out.insert((format!("entity {ty}"), name));
+                    }
+                }
+            }
+        }
+        let actions = body.get("actions").and_then(Value::as_object);
+        for action in actions.into_iter().flat_map(|a| a.values()) {
+            if let Some(context) = action.pointer("/appliesTo/context") {
+                for name in attributes(context, ns) {
+                    out.insert(("the context of actions".to_owned(), name));
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

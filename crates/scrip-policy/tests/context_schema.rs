@@ -303,3 +303,80 @@ fn a_schema_giving_agents_or_tools_parents_is_refused() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_schema_declaring_attributes_scrip_never_fills_is_refused() {
+    // scrip fills only the built-in schema's attributes; a claim is a tag.
+    // An attribute it never fills would validate `principal has email`,
+    // which then never holds: this `forbid` would never apply.
+    let forbid = format!(
+        "{ALLOW_ALL}\nforbid (principal, action, resource) when {{ principal has email && principal.email like \"*@contractor.example\" }};\n"
+    );
+    let inline_context = DEFAULT_SCHEMA.replace("context: Request,", "context: Request2,")
+        + "\ntype Request2 = { stage: String, purpose: String, environment: String, delegation_depth: Long, delegation_chain: Set<String>, now: Long, approved: Bool, vpn?: Bool };\n";
+    for (schema, place, name) in [
+        (
+            schema_with(
+                "  subject: String,",
+                "  subject: String,\n  email?: String,",
+            ),
+            "entity Agent",
+            "email",
+        ),
+        (
+            schema_with(
+                "  resource: String,\n}",
+                "  resource: String,\n  owner?: String,\n}",
+            ),
+            "entity Tool",
+            "owner",
+        ),
+        (
+            schema_with(
+                "  approved: Bool, ",
+                "  approved: Bool,\n  risk?: Long,\n  ",
+            ),
+            "the context of actions",
+            "risk",
+        ),
+        (inline_context, "the context of actions", "vpn"),
+        (
+            format!(
+                "{DEFAULT_SCHEMA}\nnamespace Ops {{ type Ctx = {{ shift?: String }}; action page appliesTo {{ principal: [Agent], resource: [Tool], context: Ctx }}; }}\n"
+            ),
+            "the context of actions",
+            "shift",
+        ),
+    ] {
+        let policy = if name == "email" {
+            forbid.clone()
+        } else {
+            ALLOW_ALL.to_owned()
+        };
+        let Err(err) = PolicyEngine::from_sources(
+            Some(("test.cedarschema", &schema)),
+            &[("p.cedar".into(), policy)],
+        ) else {
+            panic!("a schema declaring `{name}` was accepted")
+        };
+        assert!(
+            err.to_string()
+                .contains(&format!("{place} declares attribute `{name}`")),
+            "{err}"
+        );
+    }
+    // Declaring fewer than scrip fills is still accepted (requests whose
+    // entities carry an undeclared attribute are denied), and so are other
+    // entity types' attributes and the built-in schema itself.
+    for schema in [
+        schema_with("  pod?: String,              // Kubernetes\n", ""),
+        format!("entity Team {{ size?: Long }};\n{DEFAULT_SCHEMA}"),
+        DEFAULT_SCHEMA.to_owned(),
+    ] {
+        PolicyEngine::from_sources(
+            Some(("test.cedarschema", &schema)),
+            &[("p.cedar".into(), ALLOW_ALL.into())],
+        )
+        .unwrap();
+    }
+}
