@@ -224,6 +224,23 @@ impl Env {
         text.split(' ').nth(1).unwrap().parse().unwrap()
     }
 
+    /// The audit trail once `count` of it reaches `want` (records written
+    /// after the answers, counts a second later), or after 10 s.
+    async fn audit_reaching(
+        &self,
+        want: usize,
+        count: impl Fn(&[scrip_store::AuditEvent]) -> usize,
+    ) -> Vec<scrip_store::AuditEvent> {
+        let start = Instant::now();
+        loop {
+            let audit = self.server.audit().await;
+            if count(&audit) >= want || start.elapsed() > Duration::from_secs(10) {
+                return audit;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits up to 5 s for an audit record that `matches` (refusals are
     /// recorded in the background) and returns it.
     async fn wait_audit(
@@ -529,23 +546,31 @@ async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let audit = env.server.audit().await;
     let flood = |a: &&scrip_store::AuditEvent| a.path.as_deref().is_some_and(|p| p.ends_with("/x"));
-    let one_by_one = audit
-        .iter()
-        .filter(|a| a.event == "proxy.request" && a.decision.as_deref() == Some("deny"))
-        .filter(flood)
-        .count();
-    let counted: usize = audit
-        .iter()
-        .filter(|a| a.event == "proxy.refused")
-        .map(|a| {
-            assert_eq!(a.tool.as_deref(), Some("legacy"), "{a:?}");
-            let reason = a.reason.as_deref().unwrap();
-            reason.split(' ').next().unwrap().parse::<usize>().unwrap()
+    let tally = |audit: &[scrip_store::AuditEvent]| {
+        let one_by_one = audit
+            .iter()
+            .filter(|a| a.event == "proxy.request" && a.decision.as_deref() == Some("deny"))
+            .filter(flood)
+            .count();
+        let counted: usize = audit
+            .iter()
+            .filter(|a| a.event == "proxy.refused")
+            .map(|a| {
+                assert_eq!(a.tool.as_deref(), Some("legacy"), "{a:?}");
+                let reason = a.reason.as_deref().unwrap();
+                reason.split(' ').next().unwrap().parse::<usize>().unwrap()
+            })
+            .sum();
+        (one_by_one, counted)
+    };
+    let audit = env
+        .audit_reaching(SENT, |audit| {
+            let (one_by_one, counted) = tally(audit);
+            one_by_one + counted
         })
-        .sum();
+        .await;
+    let (one_by_one, counted) = tally(&audit);
     assert_eq!(one_by_one + counted, SENT, "{one_by_one} + {counted}");
     assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
     let verified_refusals: Vec<_> = audit
@@ -597,24 +622,32 @@ async fn a_revoked_tokens_refusals_are_recorded_as_counts_past_ten_a_second() {
     while let Some(status) = sends.join_next().await {
         assert_eq!(status.unwrap(), 401);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let audit = env.server.audit().await;
-    let one_by_one = audit
-        .iter()
-        .filter(|a| a.event == "proxy.request" && a.decision.as_deref() == Some("deny"))
-        .inspect(|a| assert_eq!(a.jti.as_deref(), Some(jti.as_str()), "{a:?}"))
-        .count();
-    let counted: usize = audit
-        .iter()
-        .filter(|a| a.event == "proxy.refused")
-        .map(|a| {
-            assert_eq!(a.jti.as_deref(), Some(jti.as_str()), "{a:?}");
-            assert!(a.task_id.is_some(), "{a:?}");
-            let reason = a.reason.as_deref().unwrap();
-            assert!(reason.contains("for one token"), "{reason}");
-            reason.split(' ').next().unwrap().parse::<usize>().unwrap()
+    let tally = |audit: &[scrip_store::AuditEvent]| {
+        let one_by_one = audit
+            .iter()
+            .filter(|a| a.event == "proxy.request" && a.decision.as_deref() == Some("deny"))
+            .inspect(|a| assert_eq!(a.jti.as_deref(), Some(jti.as_str()), "{a:?}"))
+            .count();
+        let counted: usize = audit
+            .iter()
+            .filter(|a| a.event == "proxy.refused")
+            .map(|a| {
+                assert_eq!(a.jti.as_deref(), Some(jti.as_str()), "{a:?}");
+                assert!(a.task_id.is_some(), "{a:?}");
+                let reason = a.reason.as_deref().unwrap();
+                assert!(reason.contains("for one token"), "{reason}");
+                reason.split(' ').next().unwrap().parse::<usize>().unwrap()
+            })
+            .sum();
+        (one_by_one, counted)
+    };
+    let audit = env
+        .audit_reaching(SENT, |audit| {
+            let (one_by_one, counted) = tally(audit);
+            one_by_one + counted
         })
-        .sum();
+        .await;
+    let (one_by_one, counted) = tally(&audit);
     assert_eq!(one_by_one + counted, SENT, "{one_by_one} + {counted}");
     assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
     env.server.stop().await;
