@@ -227,16 +227,33 @@ pub(crate) async fn delegate(
     writes.push(Write::Audit(Box::new(started)));
     match st.store.commit(writes).await {
         Ok(()) => {}
-        // The parent ended after it was read: the store refuses the child
-        // (and its records), so ending a task always ends its children.
-        // The decisions, and the refusal, still go on the record.
+        // The parent ended after it was read, or its tree is full: the
+        // store refuses the child (and its records), so ending a task
+        // always ends its children, in a transaction of bounded size. The
+        // decisions, and the refusal, still go on the record.
         Err(scrip_store::StoreError::Conflict(_)) => {
-            let e = OAuthError::invalid_request("subject_token: the task has ended");
+            let ended = st
+                .store
+                .task(&parent.id)
+                .await?
+                .is_none_or(|t| t.ended_at.is_some());
+            let (e, why) = if ended {
+                (
+                    OAuthError::invalid_request("subject_token: the task has ended"),
+                    "the parent task ended before the sub-task was stored".to_owned(),
+                )
+            } else {
+                let full = format!(
+                    "this task's tree holds {} sub-tasks, the most one tree may",
+                    scrip_store::MAX_SUBTASKS
+                );
+                (OAuthError::invalid_request(full.clone()), full)
+            };
             let mut refused = base(st.audit("task.refused"));
             refused.decision = Some("deny".into());
             refused.actions = Some(allowed.to_string());
             refused.reason = Some(format!(
-                "delegation to {} ({}): the parent task ended before the sub-task was stored",
+                "delegation to {} ({}): {why}",
                 short(&actor.subject),
                 short(&actor.issuer)
             ));

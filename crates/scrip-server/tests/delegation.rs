@@ -483,6 +483,59 @@ async fn a_delegation_whose_token_would_be_too_large_is_refused() {
     s.stop().await;
 }
 
+/// A task's tree holds at most `MAX_SUBTASKS` sub-tasks: past that a
+/// delegation anywhere in it is refused, saying why, and recorded (ending
+/// a task ends its tree in one transaction, which must stay bounded).
+#[tokio::test]
+async fn a_full_task_tree_refuses_more_sub_tasks() {
+    let s = TestServer::start().await;
+    let parent = root(&s, "github:read", None).await;
+    let child = child_of(&s, &parent, &actor1(&s), None).await;
+    // Filling a tree takes 10,000 delegations; the count at its root
+    // stands for them here.
+    let txn = claims(&parent)["txn"].as_str().unwrap().to_owned();
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        s.dir.path().join("data/scrip.db").display()
+    ))
+    .await
+    .unwrap();
+    let filled = sqlx::query("UPDATE tasks SET subtasks = ? WHERE id = ?")
+        .bind(i64::from(scrip_store::MAX_SUBTASKS))
+        .bind(&txn)
+        .execute(&db)
+        .await
+        .unwrap();
+    assert_eq!(filled.rows_affected(), 1);
+    db.close().await;
+    for from in [&parent, &child] {
+        let r = delegate(&s, from, &actor2(&s), None, None).await;
+        r.assert_error(400, "invalid_request");
+        assert!(
+            r.text.contains("this task's tree holds 10000 sub-tasks"),
+            "{}",
+            r.text
+        );
+    }
+    let refusals = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("tree holds 10000 sub-tasks"))
+        })
+        .count();
+    assert_eq!(refusals, 2);
+    // The tree still works, and still ends whole.
+    access(&s, &child, "github", None).await;
+    assert_eq!(s.revoke(&parent).await.status, 200);
+    assert_eq!(s.introspect(&child).await.body["active"], false);
+    s.stop().await;
+}
+
 /// A sub-task's token is handed out only with its durable record (SPEC:
 /// fail closed): while the store cannot take it, 503 and nothing issued.
 #[tokio::test]

@@ -28,8 +28,9 @@ pub use chain::{
     hash, verify,
 };
 pub use model::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_TASK, Revocation,
-    RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState, Write,
+    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_TASK,
+    MAX_SUBTASKS, Revocation, RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState,
+    Write,
 };
 pub use postgres::PgStore;
 pub use schema::Schema;

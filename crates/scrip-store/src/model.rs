@@ -192,12 +192,19 @@ pub struct AuditFilter {
 /// requests. [`Write::InsertApproval`] enforces it.
 pub const MAX_PENDING_PER_TASK: usize = 10;
 
+/// The most sub-tasks one task's tree may hold over its life (its
+/// delegations, theirs, and so on): ending a task ends its tree in one
+/// transaction, under the lock every replica writes with, which must stay
+/// well within a commit's time. [`Write::InsertTask`] enforces it.
+pub const MAX_SUBTASKS: u32 = 10_000;
+
 /// One change, applied inside a [`crate::Store::commit`].
 #[derive(Debug, Clone)]
 pub enum Write {
     /// A new task. A child task's commit fails with
     /// [`crate::StoreError::Conflict`] (changing nothing) when its parent
-    /// has ended, so that ending a task always ends every child of it.
+    /// has ended, so that ending a task always ends every child of it, or
+    /// when its tree already holds [`MAX_SUBTASKS`] sub-tasks.
     InsertTask(Box<TaskRecord>),
     /// Changes nothing; fails the commit with
     /// [`crate::StoreError::Conflict`] when the task `id` has ended. In the

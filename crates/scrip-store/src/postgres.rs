@@ -59,7 +59,11 @@ const RETRY_LEFT: Duration = Duration::from_millis(4500);
 ///   may take, and the other replicas write again.
 /// - A writer waiting for that lock gives up on the server before its client
 ///   gives up at [`TIMEOUT`], so no wait outlives the commit that asked.
-/// - A statement no client waits for any more stops too.
+/// - A statement stops after 5 s of its own, and within about a second of
+///   its client giving up on the commit (which closes the connection):
+///   without that check (PostgreSQL 14 and later) a statement begun late
+///   in a slow commit would run on, holding the write lock, for up to
+///   5 s past it.
 /// - A commit is durable when it returns: `synchronous_commit = off` (a
 ///   common tuning of the database or role) would let it return before the
 ///   WAL is flushed, and a crash then loses the audit record of a credential
@@ -67,6 +71,8 @@ const RETRY_LEFT: Duration = Duration::from_millis(4500);
 ///   waits for standbys) is kept.
 const LIMITS: &str = "SELECT set_config('idle_in_transaction_session_timeout', '5s', true), \
      set_config('lock_timeout', '4s', true), set_config('statement_timeout', '5s', true), \
+     (SELECT set_config('client_connection_check_interval', '1s', true) \
+       WHERE current_setting('server_version_num')::int >= 140000), \
      set_config('synchronous_commit', \
        CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)";
 
@@ -886,25 +892,35 @@ async fn apply_in(
                 // As in SQLite: the write lock above serialises commits across
                 // replicas, so a parent ended before this commit is seen here,
                 // and one ended after it finds the child.
+                // The tree's root counts the sub-task, up to MAX_SUBTASKS.
+                let mut root = None;
                 if let Some(parent) = &t.parent {
-                    let open: Option<i32> = sqlx::query_scalar(
-                        "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NULL",
-                    )
-                    .bind(parent)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-                    if open.is_none() {
+                    let found: Option<String> = sqlx::query_scalar(rows::TASK_OPEN_ROOT)
+                        .bind(parent)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    let Some(found) = found else {
                         return Err(StoreError::Conflict(format!(
                             "parent task {parent} has ended"
                         )));
+                    };
+                    let counted = sqlx::query(rows::COUNT_SUBTASK)
+                        .bind(&found)
+                        .bind(i64::from(crate::MAX_SUBTASKS))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    if counted.rows_affected() == 0 {
+                        return Err(rows::too_many_subtasks(&found));
                     }
+                    root = Some(found);
                 }
                 let (agent, actor, may_act) = rows::task_json(t)?;
                 sqlx::query(
                     "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
-                     environment, depth, token_jti, created_at, expires_at, held) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                     environment, depth, token_jti, created_at, expires_at, held, root_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
                 )
                 .bind(&t.id)
                 .bind(&t.parent)
@@ -921,6 +937,7 @@ async fn apply_in(
                 .bind(to_i64(t.created_at))
                 .bind(to_i64(t.expires_at))
                 .bind(&t.held)
+                .bind(root)
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
@@ -1741,6 +1758,11 @@ mod tests {
         assert_eq!(
             setting(&mut tx, "transaction_isolation").await,
             "read committed"
+        );
+        // A statement whose client has gone stops within a second.
+        assert_eq!(
+            setting(&mut tx, "client_connection_check_interval").await,
+            "1s"
         );
         tx.rollback().await.unwrap();
         // And the store writes through them.

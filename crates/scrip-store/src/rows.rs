@@ -339,6 +339,24 @@ pub(crate) const UNLINKED_HEADS: &str = "WITH RECURSIVE chains(id) AS (SELECT MI
 /// A row when task `$1` has ended: a single use claimed, or an ending made,
 /// after another ending committed is refused (the writers serialise
 /// commits, so this sees every earlier one).
+/// The root of the tree of task `$1` (itself for a root, or for a task an
+/// older scrip stored), when it has not ended.
+pub(crate) const TASK_OPEN_ROOT: &str =
+    "SELECT COALESCE(root_id, id) FROM tasks WHERE id = $1 AND ended_at IS NULL";
+
+/// Counts one more sub-task in root `$1`'s tree, unless it holds `$2`
+/// already: changes no row then.
+pub(crate) const COUNT_SUBTASK: &str =
+    "UPDATE tasks SET subtasks = subtasks + 1 WHERE id = $1 AND subtasks < $2";
+
+/// The conflict of a sub-task whose tree is full.
+pub(crate) fn too_many_subtasks(root: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "the tree of task {root} holds {} sub-tasks, the most it may",
+        crate::MAX_SUBTASKS
+    ))
+}
+
 pub(crate) const TASK_ENDED: &str = "SELECT 1 FROM tasks WHERE id = $1 AND ended_at IS NOT NULL";
 
 /// The ids of task `$1`'s denied approvals decided at or after `$2` (see

@@ -472,23 +472,34 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             // transaction, so a revocation committed after the server read the
             // parent cannot leave the child behind (the writer serialises
             // commits, and an `EndTask` later in this one sees the child).
+            // The tree's root counts the sub-task, up to MAX_SUBTASKS.
+            let mut root = None;
             if let Some(parent) = &t.parent {
-                let open = tx
-                    .prepare_cached("SELECT 1 FROM tasks WHERE id = ? AND ended_at IS NULL")
-                    .and_then(|mut s| s.exists([parent]))
+                use rusqlite::OptionalExtension as _;
+                let found: Option<String> = tx
+                    .prepare_cached(rows::TASK_OPEN_ROOT)
+                    .and_then(|mut s| s.query_row([parent], |r| r.get(0)).optional())
                     .map_err(unavailable)?;
-                if !open {
+                let Some(found) = found else {
                     return Err(StoreError::Conflict(format!(
                         "parent task {parent} has ended"
                     )));
+                };
+                let counted = tx
+                    .prepare_cached(rows::COUNT_SUBTASK)
+                    .and_then(|mut s| s.execute(params![found, i64::from(crate::MAX_SUBTASKS)]))
+                    .map_err(unavailable)?;
+                if counted == 0 {
+                    return Err(rows::too_many_subtasks(&found));
                 }
+                root = Some(found);
             }
             let (agent, actor, may_act) = rows::task_json(t)?;
             run(
                 tx,
                 "INSERT INTO tasks (id, parent_id, agent, actor, may_act, agent_iss, agent_sub, grants, purpose, \
-                 environment, depth, token_jti, created_at, expires_at, held) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 environment, depth, token_jti, created_at, expires_at, held, root_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     t.id,
                     t.parent,
@@ -505,6 +516,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                     to_i64(t.created_at),
                     to_i64(t.expires_at),
                     t.held,
+                    root,
                 ],
             )
             .map_err(failed)?;

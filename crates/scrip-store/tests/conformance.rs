@@ -78,6 +78,7 @@ conformance!(
     a_failed_commit_changes_nothing,
     ending_a_task_ends_its_descendants_and_feeds_revocations,
     a_child_never_outlives_its_ended_parent,
+    a_task_tree_holds_at_most_max_subtasks,
     nothing_is_recorded_under_an_ended_task,
     a_task_event_outlasts_the_deadline_by_the_grace,
     the_end_of_an_expired_task_is_announced_once_within_the_grace,
@@ -498,6 +499,92 @@ async fn a_child_never_outlives_its_ended_parent(f: Fixture) {
     }
     assert_eq!(s.task("late").await.unwrap(), None);
     assert!(verify(s.as_ref()).await.problems.is_empty());
+}
+
+/// A task's tree holds at most `MAX_SUBTASKS` sub-tasks over its life,
+/// counted at its root whatever their depth, and ended ones included:
+/// ending a task ends its tree in one transaction, which must stay
+/// bounded. Other trees are not affected.
+async fn a_task_tree_holds_at_most_max_subtasks(f: Fixture) {
+    let s = &f.store;
+    let max = scrip_store::MAX_SUBTASKS as usize;
+    assert_eq!(max, 10_000);
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("root", None, 9_000))),
+        Write::InsertTask(Box::new(task("other", None, 9_000))),
+        Write::InsertTask(Box::new(task("child", Some("root"), 9_000))),
+        Write::InsertTask(Box::new(task("grandchild", Some("child"), 9_000))),
+    ])
+    .await
+    .unwrap();
+    // Ended sub-tasks still count.
+    s.commit(vec![Write::EndTask {
+        id: "grandchild".into(),
+        at: 2_000,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    // Up to the limit, in a few large commits, at either depth.
+    let mut made = 2;
+    while made < max {
+        let writes = (made..max.min(made + 2_500))
+            .map(|i| {
+                let parent = if i % 2 == 0 { "root" } else { "child" };
+                Write::InsertTask(Box::new(task(&format!("sub-{i}"), Some(parent), 9_000)))
+            })
+            .collect::<Vec<_>>();
+        made += writes.len();
+        s.commit(writes).await.unwrap();
+    }
+    // One more, under the root or deeper, is refused, and nothing lands.
+    for parent in ["root", "child", "sub-5"] {
+        let err = s
+            .commit(vec![
+                audit("task.delegated", Some("late")),
+                Write::InsertTask(Box::new(task("late", Some(parent), 9_000))),
+            ])
+            .await
+            .unwrap_err();
+        let StoreError::Conflict(message) = err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            message.contains("the tree of task root holds 10000 sub-tasks"),
+            "{message}"
+        );
+    }
+    assert_eq!(s.task("late").await.unwrap(), None);
+    assert!(
+        !all_audit(s.as_ref())
+            .await
+            .iter()
+            .any(|a| a.event == "task.delegated"),
+        "a refused sub-task left its record"
+    );
+    // Another tree still takes sub-tasks.
+    s.commit(vec![Write::InsertTask(Box::new(task(
+        "its-own",
+        Some("other"),
+        9_000,
+    )))])
+    .await
+    .unwrap();
+    // The whole tree still ends at once.
+    s.commit(vec![Write::EndOpenTask {
+        id: "root".into(),
+        at: 3_000,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    assert!(s.open_descendants("root").await.unwrap().is_empty());
+    assert_eq!(
+        s.task("sub-9999").await.unwrap().unwrap().ended_at,
+        Some(3_000)
+    );
 }
 
 async fn a_task_event_outlasts_the_deadline_by_the_grace(f: Fixture) {
