@@ -383,12 +383,16 @@ enum PolicyCommand {
 /// Logs to standard error from `level` up (SCRIP_LOG overrides it): the
 /// servers log what they do, the other commands warn (a checkpoint that
 /// could not be signed, a key-encryption key just created) and say nothing
-/// else.
+/// else. A line that cannot be written (standard error on a full disk, or
+/// a pipe nobody reads) is dropped: the subscriber would otherwise report
+/// it with `eprintln!`, which panics when that write fails too, killing the
+/// thread that logged (the store's writer, on its first failed commit).
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCRIP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

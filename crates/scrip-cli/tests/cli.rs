@@ -1144,3 +1144,60 @@ fn a_second_sigterm_stops_waiting_for_requests_at_work() {
         text(&out.stderr)
     );
 }
+
+/// A log line that cannot be written (standard error on a full disk) is
+/// dropped, and the thread that logged goes on: the subscriber's own report
+/// of the failure would panic it (the listener at start, a handler, the
+/// store's writer on its first failed commit).
+#[test]
+fn a_full_disk_under_standard_error_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_policies(&root.join("policies"));
+    let addr = write_config(root, "");
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let child = scrip()
+        .args(["serve", "--config", "scrip.toml"])
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(full))
+        .spawn()
+        .expect("start scrip serve");
+    let mut server = Server {
+        child,
+        addr,
+        log: root.join("no.log"),
+    };
+    server.wait_ready();
+    // Each refused request logs a line; each is still answered.
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let body = "grant_type=nonsense";
+        write!(
+            stream,
+            "POST /token HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "a refused request went unanswered: {response:?}"
+        );
+    }
+    assert_eq!(
+        http_get(addr, "/readyz").map(|(status, _)| status),
+        Some(200)
+    );
+    signal(server.pid(), "TERM");
+    let status =
+        wait_exit(&mut server.child, Duration::from_secs(20)).expect("scrip serve ignored SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}

@@ -43,21 +43,47 @@ pub const CIBA_GRANT: &str = "urn:openid:params:grant-type:ciba";
 
 /// Last poll per `auth_req_id`, for `slow_down`.
 #[derive(Debug, Default)]
-pub struct Polls(Mutex<HashMap<String, Instant>>);
+pub struct Polls(Mutex<PollTimes>);
+
+/// The polls of the last interval, and the size at which to drop the older
+/// ones.
+#[derive(Debug, Default)]
+struct PollTimes {
+    last: HashMap<String, Instant>,
+    trim_at: usize,
+}
+
+/// The polls [`Polls`] keeps before dropping those older than the interval;
+/// past it even after that (a flood of ids in one interval), it forgets
+/// them all: `slow_down` only spares the store a read.
+const POLLS_KEPT: usize = 100_000;
 
 impl Polls {
     /// Records a poll; `false` when it came sooner than `interval` after
     /// the previous one.
     fn allow(&self, id: &str, interval: Duration) -> bool {
-        let Ok(mut map) = self.0.lock() else {
+        self.allow_at(id, interval, Instant::now())
+    }
+
+    /// [`Polls::allow`] at `now`. A poll older than `interval` no longer
+    /// matters, so those are dropped; the map is walked for that only when
+    /// it has doubled since the last walk, so a walk's cost is spread over
+    /// the polls that grew it, however many ids there are.
+    fn allow_at(&self, id: &str, interval: Duration, now: Instant) -> bool {
+        let Ok(mut times) = self.0.lock() else {
             return true;
         };
-        let now = Instant::now();
-        if map.len() > 100_000 {
-            map.retain(|_, at| now.duration_since(*at) < Duration::from_secs(3600));
+        if times.last.len() >= times.trim_at.max(POLLS_KEPT) {
+            times
+                .last
+                .retain(|_, at| now.saturating_duration_since(*at) < interval);
+            if times.last.len() >= POLLS_KEPT {
+                times.last.clear();
+            }
+            times.trim_at = times.last.len().saturating_mul(2);
         }
-        match map.insert(id.to_owned(), now) {
-            Some(prev) => now.duration_since(prev) >= interval,
+        match times.last.insert(id.to_owned(), now) {
+            Some(prev) => now.saturating_duration_since(prev) >= interval,
             None => true,
         }
     }
@@ -258,19 +284,28 @@ fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
 
 /// POSTs the pending approval to the webhook, retrying with backoff.
 pub(crate) async fn notify(http: reqwest::Client, url: String, body: Value) {
+    // A webhook that fails fails every call: its lines within a budget.
+    static FAILED: crate::logs::Budget = crate::logs::Budget::new(10);
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=4 {
         match http.post(&url).json(&body).send().await {
             Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::warn!(attempt, status = %r.status(), "approval webhook refused"),
+            Ok(r) if FAILED.allow("approval webhook") => {
+                tracing::warn!(attempt, status = %r.status(), "approval webhook refused");
+            }
             // Without the URL: a webhook's secret is often in its path
             // (Slack, Teams), and reqwest's errors end with the whole URL.
-            Err(e) => tracing::warn!(attempt, error = %e.without_url(), "approval webhook failed"),
+            Err(e) if FAILED.allow("approval webhook") => {
+                tracing::warn!(attempt, error = %e.without_url(), "approval webhook failed");
+            }
+            Ok(_) | Err(_) => {}
         }
         tokio::time::sleep(delay).await;
         delay *= 2;
     }
-    tracing::error!("approval webhook gave up after 4 attempts");
+    if FAILED.allow("approval webhook") {
+        tracing::error!("approval webhook gave up after 4 attempts");
+    }
 }
 
 /// Said of a step, pending or approved, whose task has ended.
@@ -1201,4 +1236,52 @@ pub(crate) fn classify(
     };
     let with = decide(st, agent, tool, action, &approved);
     (d, with.allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls older than the interval are dropped once the map is large,
+    /// and the map is not walked again until it has grown past what the
+    /// walk left (doubled, or [`POLLS_KEPT`]): a poll costs no walk of
+    /// the ids of the last hour, nor of a full map of recent ones.
+    #[test]
+    fn old_polls_are_dropped_and_the_map_walked_rarely() {
+        let polls = Polls::default();
+        let interval = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let later = t0 + interval + Duration::from_secs(1);
+        let recent = later - Duration::from_secs(1);
+        let len = |p: &Polls| p.0.lock().unwrap().last.len();
+        for i in 0..40_000 {
+            assert!(polls.allow_at(&format!("old-{i}"), interval, t0));
+        }
+        for i in 0..60_000 {
+            assert!(polls.allow_at(&format!("recent-{i}"), interval, recent));
+        }
+        assert_eq!(len(&polls), POLLS_KEPT);
+        // The next poll walks the map: the ones older than the interval
+        // go, the recent ones stay (still too soon to poll again).
+        assert!(polls.allow_at("new", interval, later));
+        assert_eq!(len(&polls), 60_001);
+        assert!(!polls.allow_at("recent-7", interval, later));
+        // The next walk waits until the map has doubled: past POLLS_KEPT
+        // recent polls, none is walked over or forgotten.
+        for i in 0..40_000 {
+            assert!(polls.allow_at(&format!("more-{i}"), interval, later));
+        }
+        assert_eq!(len(&polls), 100_001);
+        assert!(!polls.allow_at("recent-8", interval, later));
+        // Doubled, and all still recent: a flood of ids in one interval
+        // is forgotten whole.
+        let mut i = 40_000;
+        while len(&polls) > 1 {
+            assert!(polls.allow_at(&format!("more-{i}"), interval, later));
+            i += 1;
+            assert!(i < 100_000, "never walked");
+        }
+        // The walk came when the map held twice what the last one left.
+        assert_eq!(100_001 + (i - 40_000) - 1, 120_000);
+    }
 }

@@ -89,9 +89,16 @@ pub(crate) struct Webhook {
     pub sending: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
+/// The most webhook calls (with their retries, up to about 27 s each)
+/// under way at once: past it a call is dropped, and logged, rather than
+/// let an agent asking for steps as fast as the store takes them hold
+/// sockets and tasks without bound while the webhook hangs.
+pub(crate) const MAX_WEBHOOK_CALLS: usize = 256;
+
 impl Webhook {
     /// Calls it with `body` in the background, retrying, counted in
-    /// [`Self::sending`] until done.
+    /// [`Self::sending`] until done; drops the call when
+    /// [`MAX_WEBHOOK_CALLS`] are under way.
     pub fn send(&self, body: serde_json::Value) {
         /// Uncounts its call when the task ends, however it ends.
         struct Sent(Arc<tokio::sync::watch::Sender<usize>>);
@@ -100,7 +107,27 @@ impl Webhook {
                 self.0.send_modify(|n| *n = n.saturating_sub(1));
             }
         }
-        self.sending.send_modify(|n| *n += 1);
+        let mut taken = false;
+        self.sending.send_if_modified(|n| {
+            taken = *n < MAX_WEBHOOK_CALLS;
+            if taken {
+                *n += 1;
+            }
+            taken
+        });
+        if !taken {
+            static BUSY: crate::logs::Budget = crate::logs::Budget::new(10);
+            if BUSY.allow("approval webhook busy") {
+                tracing::warn!(
+                    auth_req_id = body
+                        .get("auth_req_id")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default(),
+                    "approval webhook busy ({MAX_WEBHOOK_CALLS} calls under way): this step is not announced; approvers still see it in `scrip approvals`"
+                );
+            }
+            return;
+        }
         let sent = Sent(self.sending.clone());
         let (http, url) = (self.http.clone(), self.url.clone());
         tokio::spawn(async move {
@@ -334,4 +361,37 @@ fn peek_typ(token: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let typ = value.get("typ")?.as_str()?.to_ascii_lowercase();
     Some(typ.strip_prefix("application/").unwrap_or(&typ).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At most [`MAX_WEBHOOK_CALLS`] calls are under way at once, against
+    /// a webhook that never answers: the rest are dropped, not queued.
+    #[tokio::test]
+    async fn webhook_calls_under_way_are_bounded() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", silent.local_addr().unwrap());
+        // Accepts every connection and never answers.
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let hook = Webhook {
+            url,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+                .unwrap(),
+            sending: Arc::new(tokio::sync::watch::channel(0).0),
+        };
+        for i in 0..MAX_WEBHOOK_CALLS + 50 {
+            hook.send(serde_json::json!({ "auth_req_id": i.to_string() }));
+        }
+        assert_eq!(*hook.sending.borrow(), MAX_WEBHOOK_CALLS);
+        held.abort();
+    }
 }
