@@ -117,7 +117,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let limits = scrip_server::http::Limits::new(config.http_header_timeout);
+    let limits = scrip_server::http::Limits::new(config.http_header_timeout).proxying();
     let code = runtime.block_on(async {
         let mut stop = crate::Stop::new();
         let Started {

@@ -491,8 +491,11 @@ impl Proxy {
                     (spec.max_age, spec.grace),
                 );
             }
+            // Idle upstream connections kept at most 64 per host: each is a
+            // descriptor the server's connection cap does not count.
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(64)
                 .build(https_connector(Duration::from_secs(u.connect_timeout))?);
             upstreams.insert(
                 name.clone(),

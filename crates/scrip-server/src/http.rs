@@ -3,7 +3,8 @@
 //! requests) is cut off after `header_timeout`, and at most
 //! `max_connections` connections are open at once (the rest are closed as
 //! they are accepted, so file descriptors stay for the store and the
-//! upstreams). `axum::serve` sets no timer, so hyper's header read timeout
+//! upstreams: half as many where each connection may hold an upstream
+//! socket too, [`Limits::proxying`]). `axum::serve` sets no timer, so hyper's header read timeout
 //! never fires there. A client that stops reading answers (hyper's header
 //! timer runs only while it waits for a request) is cut off once a write
 //! has made no progress for [`WRITE_STALL`] ([`WriteDeadline`]).
@@ -91,6 +92,17 @@ impl Limits {
             header_timeout: Duration::from_secs(header_timeout),
             max_connections,
             drain: DRAIN,
+        }
+    }
+
+    /// These limits for a server that proxies: each connection may hold
+    /// an upstream socket too while its request is forwarded, so half as
+    /// many connections (three eighths of the descriptors), at least 16.
+    #[must_use]
+    pub fn proxying(self) -> Self {
+        Self {
+            max_connections: (self.max_connections / 2).max(16),
+            ..self
         }
     }
 }
@@ -406,6 +418,11 @@ mod tests {
         assert_eq!(
             limits.max_connections,
             usize::try_from(hard / 4 * 3).unwrap().clamp(16, 16_384)
+        );
+        // A proxy's connections may each hold an upstream socket too.
+        assert_eq!(
+            limits.proxying().max_connections,
+            (usize::try_from(hard / 4 * 3).unwrap().clamp(16, 16_384) / 2).max(16)
         );
     }
 

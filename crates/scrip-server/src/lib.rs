@@ -376,7 +376,10 @@ impl Server {
             app = app.merge(proxy.router());
         }
         let app = with_fallbacks(app);
-        let limits = http::Limits::new(state.0.config.http_header_timeout);
+        let mut limits = http::Limits::new(state.0.config.http_header_timeout);
+        if self.proxy.is_some() {
+            limits = limits.proxying();
+        }
         let stopping = state.clone();
         let shutdown = async move {
             shutdown.await;
