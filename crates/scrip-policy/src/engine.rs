@@ -740,28 +740,39 @@ fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(
         return out;
     };
     // A record's attribute names, the record given inline or as a common
-    // type (`R` in the namespace `ns` or the empty one, or `ns::R`).
+    // type (`R` in the namespace `ns` or the empty one, or `ns::R`), which
+    // may itself name another (`type Request = Base;`).
     let attributes = |ty: &Value, ns: &str| -> Vec<String> {
-        let record = match ty.get("type").and_then(Value::as_str) {
-            Some("Record") => Some(ty),
-            Some(_) => {
-                let name = ty
-                    .get("name")
-                    .or_else(|| ty.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                let (space, local) = name.rsplit_once("::").unwrap_or((ns, name));
-                [space, ""]
-                    .iter()
-                    .find_map(|space| namespaces.get(*space)?.get("commonTypes")?.get(local))
-            }
-            None => None,
-        };
-        record
-            .and_then(|r| r.get("attributes"))
-            .and_then(Value::as_object)
-            .map(|a| a.keys().cloned().collect())
-            .unwrap_or_default()
+        let mut ty = ty;
+        let mut ns = ns.to_owned();
+        // Cedar refuses cycles among common types; the bound is for safety.
+        for _ in 0..32 {
+            let name = match ty.get("type").and_then(Value::as_str) {
+                Some("Record") => {
+                    return ty
+                        .get("attributes")
+                        .and_then(Value::as_object)
+                        .map(|a| a.keys().cloned().collect())
+                        .unwrap_or_default();
+                }
+                Some("EntityOrCommon" | "CommonType") => {
+                    ty.get("name").and_then(Value::as_str).unwrap_or_default()
+                }
+                Some(name) => name,
+                None => return Vec::new(),
+            };
+            let (space, local) = name.rsplit_once("::").unwrap_or((ns.as_str(), name));
+            let found = [space, ""].into_iter().find_map(|space| {
+                let t = namespaces.get(space)?.get("commonTypes")?.get(local)?;
+                Some((space.to_owned(), t))
+            });
+            let Some((space, next)) = found else {
+                return Vec::new();
+            };
+            ns = space;
+            ty = next;
+        }
+        Vec::new()
     };
     for (ns, body) in namespaces {
         if ns.is_empty() {

@@ -341,6 +341,12 @@ fn a_schema_declaring_attributes_scrip_never_fills_is_refused() {
         ),
         (inline_context, "the context of actions", "vpn"),
         (
+            DEFAULT_SCHEMA.replace("context: Request,", "context: Alias,")
+                + "\ntype Alias = Base;\ntype Base = { stage: String, purpose: String, environment: String, delegation_depth: Long, delegation_chain: Set<String>, now: Long, approved: Bool, shift?: String };\n",
+            "the context of actions",
+            "shift",
+        ),
+        (
             format!(
                 "{DEFAULT_SCHEMA}\nnamespace Ops {{ type Ctx = {{ shift?: String }}; action page appliesTo {{ principal: [Agent], resource: [Tool], context: Ctx }}; }}\n"
             ),

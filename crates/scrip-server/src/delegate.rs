@@ -115,6 +115,18 @@ pub(crate) async fn delegate(
             return refuse(e, to).await;
         }
     };
+    // A full tree is refused before anything is decided or signed (a
+    // commit the store refuses would cost every request batched with it
+    // its group commit); the store checks again, for delegations racing.
+    if st
+        .store
+        .tree_size(&parent.id)
+        .await?
+        .is_some_and(|n| n >= scrip_store::MAX_SUBTASKS)
+    {
+        let to = format!(" to {} ({})", short(&actor.subject), short(&actor.issuer));
+        return refuse(OAuthError::invalid_request(full_tree()), to).await;
+    }
 
     let act = Actor {
         sub: actor.subject.clone(),
@@ -243,11 +255,7 @@ pub(crate) async fn delegate(
                     "the parent task ended before the sub-task was stored".to_owned(),
                 )
             } else {
-                let full = format!(
-                    "this task's tree holds {} sub-tasks, the most one tree may",
-                    scrip_store::MAX_SUBTASKS
-                );
-                (OAuthError::invalid_request(full.clone()), full)
+                (OAuthError::invalid_request(full_tree()), full_tree())
             };
             let mut refused = base(st.audit("task.refused"));
             refused.decision = Some("deny".into());
@@ -270,6 +278,14 @@ pub(crate) async fn delegate(
         exp.saturating_sub(now),
         &child.scope,
     ))
+}
+
+/// Why a delegation into a tree of [`scrip_store::MAX_SUBTASKS`] is refused.
+fn full_tree() -> String {
+    format!(
+        "this task's tree holds {} sub-tasks, the most one tree may",
+        scrip_store::MAX_SUBTASKS
+    )
 }
 
 /// Bytes a sub-task's token leaves below [`scrip_jose::MAX_TOKEN_BYTES`]:

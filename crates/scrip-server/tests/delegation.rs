@@ -507,7 +507,6 @@ async fn a_full_task_tree_refuses_more_sub_tasks() {
         .await
         .unwrap();
     assert_eq!(filled.rows_affected(), 1);
-    db.close().await;
     for from in [&parent, &child] {
         let r = delegate(&s, from, &actor2(&s), None, None).await;
         r.assert_error(400, "invalid_request");
@@ -529,6 +528,62 @@ async fn a_full_task_tree_refuses_more_sub_tasks() {
         })
         .count();
     assert_eq!(refusals, 2);
+    // One place left and eight delegations racing for it: whether each
+    // is refused before it decides or by the store in its commit, one is
+    // stored and seven are refused, saying why, on the record.
+    sqlx::query("UPDATE tasks SET subtasks = ? WHERE id = ?")
+        .bind(i64::from(scrip_store::MAX_SUBTASKS) - 1)
+        .bind(&txn)
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (caller, child, actor) = (s.caller(), child.clone(), actor2(&s));
+        racing.spawn(async move {
+            caller
+                .post_form(
+                    "/token",
+                    &[
+                        ("grant_type", TOKEN_EXCHANGE),
+                        ("subject_token", &child),
+                        ("subject_token_type", TXN),
+                        ("actor_token", &actor),
+                        ("actor_token_type", JWT),
+                        ("requested_token_type", TXN),
+                    ],
+                )
+                .await
+        });
+    }
+    let mut stored = 0;
+    while let Some(r) = racing.join_next().await {
+        let r = r.unwrap();
+        if r.status == 200 {
+            stored += 1;
+        } else {
+            r.assert_error(400, "invalid_request");
+            assert!(
+                r.text.contains("this task's tree holds 10000 sub-tasks"),
+                "{}",
+                r.text
+            );
+        }
+    }
+    assert_eq!(stored, 1);
+    let refusals = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("tree holds 10000 sub-tasks"))
+        })
+        .count();
+    assert_eq!(refusals, 2 + 7);
     // The tree still works, and still ends whole.
     access(&s, &child, "github", None).await;
     assert_eq!(s.revoke(&parent).await.status, 200);

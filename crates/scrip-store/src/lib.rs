@@ -128,6 +128,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Ids of the open descendants of a task (children, grandchildren, ...).
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError>;
 
+    /// How many sub-tasks the tree of task `id` holds (counted at its root,
+    /// ended ones included; see [`MAX_SUBTASKS`]); `None` when there is no
+    /// such task.
+    async fn tree_size(&self, id: &str) -> Result<Option<u32>, StoreError>;
+
     /// Audit records matching `filter`, in order.
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError>;
 

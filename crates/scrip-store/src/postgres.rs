@@ -1358,6 +1358,16 @@ impl Store for PgStore {
         rows.iter().map(rows::task).collect()
     }
 
+    async fn tree_size(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        let size: Option<i64> = read(
+            sqlx::query_scalar(rows::TREE_SIZE)
+                .bind(id)
+                .fetch_optional(&self.reads),
+        )
+        .await?;
+        Ok(size.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = read(
             sqlx::query(

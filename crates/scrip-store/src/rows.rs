@@ -349,6 +349,10 @@ pub(crate) const TASK_OPEN_ROOT: &str =
 pub(crate) const COUNT_SUBTASK: &str =
     "UPDATE tasks SET subtasks = subtasks + 1 WHERE id = $1 AND subtasks < $2";
 
+/// The sub-tasks counted at the root of task `$1`'s tree.
+pub(crate) const TREE_SIZE: &str = "SELECT r.subtasks FROM tasks t \
+     JOIN tasks r ON r.id = COALESCE(t.root_id, t.id) WHERE t.id = $1";
+
 /// The conflict of a sub-task whose tree is full.
 pub(crate) fn too_many_subtasks(root: &str) -> StoreError {
     StoreError::Conflict(format!(

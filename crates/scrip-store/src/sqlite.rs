@@ -185,6 +185,15 @@ impl Store for SqliteStore {
         rows.iter().map(rows::task).collect()
     }
 
+    async fn tree_size(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        let size: Option<i64> = sqlx::query_scalar(rows::TREE_SIZE)
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        Ok(size.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "WITH RECURSIVE sub(id) AS (SELECT id FROM tasks WHERE parent_id = ?1 \
