@@ -571,6 +571,17 @@ async fn a_task_tree_holds_at_most_max_subtasks(f: Fixture) {
     )))])
     .await
     .unwrap();
+    // The count reads the same from anywhere in a tree.
+    for (id, size) in [
+        ("root", Some(10_000)),
+        ("grandchild", Some(10_000)),
+        ("sub-5", Some(10_000)),
+        ("other", Some(1)),
+        ("its-own", Some(1)),
+        ("nothing", None),
+    ] {
+        assert_eq!(s.tree_size(id).await.unwrap(), size, "{id}");
+    }
     // The whole tree still ends at once.
     s.commit(vec![Write::EndOpenTask {
         id: "root".into(),
