@@ -60,35 +60,72 @@ const RETRY_LEFT: Duration = Duration::from_millis(4500);
 /// - A writer waiting for that lock gives up on the server before its client
 ///   gives up at [`TIMEOUT`], so no wait outlives the commit that asked.
 /// - A statement stops after 5 s of its own, and within about a second of
-///   its client giving up on the commit (which closes the connection):
-///   without that check (PostgreSQL 14 and later) a statement begun late
-///   in a slow commit would run on, holding the write lock, for up to
-///   5 s past it.
+///   its client giving up on the commit (which closes the connection),
+///   where the database can check ([`LIMITS_CHECKING`]): without that
+///   check a statement begun late in a slow commit runs on, holding the
+///   write lock, for up to 5 s past it.
 /// - A commit is durable when it returns: `synchronous_commit = off` (a
 ///   common tuning of the database or role) would let it return before the
 ///   WAL is flushed, and a crash then loses the audit record of a credential
 ///   already handed out. Any other setting (`local`, `on`, or one that also
 ///   waits for standbys) is kept.
-const LIMITS: &str = "SELECT set_config('idle_in_transaction_session_timeout', '5s', true), \
-     set_config('lock_timeout', '4s', true), set_config('statement_timeout', '5s', true), \
-     (SELECT set_config('client_connection_check_interval', '1s', true) \
-       WHERE current_setting('server_version_num')::int >= 140000), \
-     set_config('synchronous_commit', \
-       CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)";
+macro_rules! limits {
+    ($($more:literal)?) => {
+        concat!(
+            "SELECT set_config('idle_in_transaction_session_timeout', '5s', true), \
+             set_config('lock_timeout', '4s', true), set_config('statement_timeout', '5s', true), \
+             set_config('synchronous_commit', \
+               CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)"
+            $(, $more)?
+        )
+    };
+}
+const LIMITS: &str = limits!();
+
+/// The client connection check of [`LIMITS_CHECKING`], alone.
+const CHECK_CLIENT: &str = "SELECT set_config('client_connection_check_interval', '1s', true)";
+
+/// [`LIMITS`] with the client connection check, on a server that takes it
+/// (PostgreSQL 14 and later on Linux, 15 and later on macOS and the BSDs;
+/// one that cannot check refuses the setting, and every commit with it).
+const LIMITS_CHECKING: &str =
+    limits!(", set_config('client_connection_check_interval', '1s', true)");
+
+/// [`LIMITS_CHECKING`] when the server on `conn` takes the client
+/// connection check, else [`LIMITS`]: tried once, in a transaction rolled
+/// back.
+async fn write_limits(conn: &mut PgConnection) -> &'static str {
+    use sqlx::Connection as _;
+    let taken = async {
+        let mut tx = conn.begin().await.ok()?;
+        let set = sqlx::query(CHECK_CLIENT).execute(&mut *tx).await;
+        tx.rollback().await.ok()?;
+        set.ok()
+    }
+    .await
+    .is_some();
+    if !taken {
+        tracing::info!(
+            "the database cannot check for a client gone mid-statement (client_connection_check_interval): a statement begun late in a slow commit may run up to 5 s past it"
+        );
+    }
+    if taken { LIMITS_CHECKING } else { LIMITS }
+}
 
 /// Begins one of the writer's transactions: READ COMMITTED whatever the
 /// database's default, so that every statement after the write lock sees
 /// what the previous holder committed (under REPEATABLE READ the snapshot
 /// would predate the lock wait, and a child task could be inserted under a
 /// parent ended meanwhile), and with [`LIMITS`].
-async fn begin_write(
-    conn: &mut PgConnection,
-) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, StoreError> {
+async fn begin_write<'c>(
+    conn: &'c mut PgConnection,
+    limits: &'static str,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, StoreError> {
     let mut tx = conn
         .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
         .await
         .map_err(unavailable)?;
-    sqlx::query(LIMITS)
+    sqlx::query(limits)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -327,6 +364,7 @@ impl PgStore {
             Schema::Migrate => migrate(&mut conn, MIGRATION_LOCK_WAIT).await?,
             Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,
         }
+        let limits = write_limits(&mut conn).await;
         let reads = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -337,6 +375,7 @@ impl PgStore {
         let writer = Writer::spawn(
             PgWriter {
                 conn: Some(conn),
+                limits,
                 options: options.clone(),
                 commit_sent: false,
                 began: false,
@@ -538,6 +577,8 @@ async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
 
 struct PgWriter {
     conn: Option<PgConnection>,
+    /// The transaction limits this database takes ([`write_limits`]).
+    limits: &'static str,
     options: PgConnectOptions,
     /// Whether the last batch's `COMMIT` was sent: after a failure, only
     /// then may it have taken effect.
@@ -610,11 +651,15 @@ impl PgWriter {
             began: &mut self.began,
             commit_sent: &mut self.commit_sent,
         };
-        let result =
-            match tokio::time::timeout_at(deadline, apply_on(c, writes, chain, progress)).await {
-                Ok(r) => r,
-                Err(_) => Err(unavailable("the database did not answer in time")),
-            };
+        let result = match tokio::time::timeout_at(
+            deadline,
+            apply_on(c, self.limits, writes, chain, progress),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(unavailable("the database did not answer in time")),
+        };
         if matches!(result, Err(StoreError::Unavailable(_))) {
             // Start afresh next time: the connection may be what is broken.
             if let Some(c) = self.conn.take() {
@@ -813,11 +858,12 @@ struct Progress<'a> {
 /// whether the `COMMIT` went out (set just before).
 async fn apply_on(
     conn: &mut PgConnection,
+    limits: &'static str,
     writes: &[&Write],
     chain: &mut ChainState,
     progress: Progress<'_>,
 ) -> Result<(), StoreError> {
-    let mut tx = begin_write(conn).await?;
+    let mut tx = begin_write(conn, limits).await?;
     *progress.began = true;
     match apply_in(&mut tx, writes, chain).await {
         Ok(()) => {
@@ -1763,7 +1809,14 @@ mod tests {
         }
         // The database's defaults took.
         assert_eq!(setting(&mut conn, "synchronous_commit").await, "off");
-        let mut tx = begin_write(&mut conn).await.unwrap();
+        let limits = write_limits(&mut conn).await;
+        assert_eq!(
+            limits,
+            LIMITS_CHECKING,
+            "PostgreSQL {} on Linux",
+            setting(&mut conn, "server_version").await
+        );
+        let mut tx = begin_write(&mut conn, limits).await.unwrap();
         assert_eq!(setting(&mut tx, "synchronous_commit").await, "on");
         assert_eq!(
             setting(&mut tx, "transaction_isolation").await,
