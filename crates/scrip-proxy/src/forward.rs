@@ -619,6 +619,16 @@ async fn forward(
             &draft,
         );
     }
+    if !headers::readable_charset(&head.headers) {
+        return failed(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!(
+                "upstream `{name}` answered in a character set in which its secret cannot be looked for"
+            ),
+            &draft,
+        );
+    }
     let patterns = proxy
         .0
         .patterns

@@ -61,7 +61,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The agent's headers that never go up, besides hop-by-hop ones,
 /// `x-forwarded-*` and the injection header.
-const STRIPPED_UP: [&str; 16] = [
+const STRIPPED_UP: [&str; 17] = [
     "authorization",
     "proxy-authorization",
     "cookie",
@@ -85,6 +85,9 @@ const STRIPPED_UP: [&str; 16] = [
     "x-rewrite-url",
     // Replaced by `identity` below.
     "accept-encoding",
+    // A body in a character set the agent chose (UTF-16, EBCDIC) would
+    // spell the secret in bytes redaction does not look for.
+    "accept-charset",
 ];
 
 /// The request headers as the upstream gets them, with the secret injected
@@ -287,6 +290,13 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
         wire.push(shorter(&encoded, "%20", "+").into_bytes());
         wire.push(shorter(&encoded, "%2F", "/").into_bytes());
         wire.push(encoded.into_bytes());
+        // ...in UTF-16 or UTF-32, from an upstream that answers so without
+        // saying it (a declared one is refused: `readable_charset`)...
+        let wide: Vec<Vec<u8>> = wire
+            .iter()
+            .filter_map(|form| std::str::from_utf8(form).ok())
+            .flat_map(wide_forms)
+            .collect();
         // ...each also as a JSON or HTML encoder escapes it.
         for form in wire {
             for table in ESCAPINGS {
@@ -294,8 +304,57 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
             }
             forms.push(form);
         }
+        forms.extend(wide);
     }
     Patterns::new(forms)
+}
+
+/// `text` in UTF-16 and UTF-32, each little- and big-endian.
+fn wide_forms(text: &str) -> [Vec<u8>; 4] {
+    let units = zeroize::Zeroizing::new(text.encode_utf16().collect::<Vec<u16>>());
+    let le16 = units.iter().flat_map(|u| u.to_le_bytes()).collect();
+    let be16 = units.iter().flat_map(|u| u.to_be_bytes()).collect();
+    let le32 = text
+        .chars()
+        .flat_map(|c| u32::from(c).to_le_bytes())
+        .collect();
+    let be32 = text
+        .chars()
+        .flat_map(|c| u32::from(c).to_be_bytes())
+        .collect();
+    [le16, be16, le32, be32]
+}
+
+/// Whether a response's `Content-Type` leaves its body in bytes redaction
+/// can read: no charset, or one where ASCII is itself (UTF-8, US-ASCII,
+/// ISO 8859, Windows 125x). In any other (UTF-16, UTF-32, UTF-7, EBCDIC)
+/// the secret is spelled in other bytes.
+#[must_use]
+pub fn readable_charset(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_TYPE).iter().all(|v| {
+        v.as_bytes()
+            .split(|b| *b == b';')
+            .skip(1)
+            .filter_map(|param| {
+                let (name, value) = param.split_at(param.iter().position(|b| *b == b'=')?);
+                name.trim_ascii()
+                    .eq_ignore_ascii_case(b"charset")
+                    .then(|| value.strip_prefix(b"=").unwrap_or(value).trim_ascii())
+            })
+            .all(|value| {
+                let value = value
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(value)
+                    .to_ascii_lowercase();
+                let value = value.as_slice();
+                matches!(
+                    value,
+                    b"utf-8" | b"utf8" | b"us-ascii" | b"ascii" | b"latin1"
+                ) || value.starts_with(b"iso-8859-")
+                    || value.starts_with(b"windows-125")
+            })
+    })
 }
 
 /// The redaction patterns last built for each `(upstream, action)`, with
@@ -809,5 +868,91 @@ mod tests {
             token.replace('/', "\\/")
         );
         assert!(p.found_in(echoed.as_bytes()), "{echoed}");
+    }
+}
+
+#[cfg(test)]
+mod charset_tests {
+    use super::*;
+    use crate::redact::Redactor;
+
+    /// A key echoed in UTF-16 or UTF-32 (an upstream answering so without
+    /// saying it) is masked too, whatever the injection.
+    #[test]
+    fn a_key_in_utf16_or_utf32_is_masked() {
+        let key = SecretValue::from_input(b"k3y-0123456789".to_vec()).unwrap();
+        let p = Arc::new(patterns(
+            &Injection::Basic {
+                username: "svc".into(),
+            },
+            &[&key],
+        ));
+        for (name, encode) in [
+            (
+                "utf-16le",
+                (|s: &str| s.encode_utf16().flat_map(u16::to_le_bytes).collect())
+                    as fn(&str) -> Vec<u8>,
+            ),
+            ("utf-16be", |s: &str| {
+                s.encode_utf16().flat_map(u16::to_be_bytes).collect()
+            }),
+            ("utf-32le", |s: &str| {
+                s.chars().flat_map(|c| u32::from(c).to_le_bytes()).collect()
+            }),
+            ("utf-32be", |s: &str| {
+                s.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect()
+            }),
+        ] {
+            for echoed in ["k3y-0123456789", "Basic c3ZjOmszeS0wMTIzNDU2Nzg5"] {
+                let body = encode(&format!("you sent {echoed} to us"));
+                let mut r = Redactor::new(p.clone());
+                let mut out = r.push(&body).to_vec();
+                out.extend_from_slice(&r.finish());
+                assert_eq!(out.len(), body.len(), "{name}");
+                let secret = encode(echoed.trim_start_matches("Basic "));
+                assert!(
+                    !out.windows(secret.len()).any(|w| w == secret.as_slice()),
+                    "{name}: {echoed} went through"
+                );
+                // The key's span, and at most a byte either side of it (a
+                // form in the other byte order is found one byte off).
+                assert!(
+                    out.starts_with(&encode("you sent")) && out.ends_with(&encode("to us")),
+                    "{name}: more than the key was masked: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_ascii_compatible_charsets_are_readable() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            readable_charset(&h)
+        };
+        assert!(readable_charset(&HeaderMap::new()));
+        for ok in [
+            "text/plain",
+            "application/json",
+            "text/html; charset=utf-8",
+            "text/html;charset=UTF-8",
+            "text/plain; charset=\"us-ascii\"",
+            "text/plain; format=flowed; charset=ISO-8859-15",
+            "text/plain; charset=windows-1252",
+        ] {
+            assert!(with(ok), "{ok}");
+        }
+        for refused in [
+            "text/plain; charset=utf-16",
+            "application/json;charset=UTF-16BE",
+            "text/plain; charset=\"utf-32le\"",
+            "text/plain; charset=utf-7",
+            "text/plain; charset=ibm037",
+            "text/plain; format=flowed; Charset = UCS-2",
+        ] {
+            assert!(!with(refused), "{refused}");
+        }
     }
 }

@@ -968,6 +968,7 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
         .header("cookie", "scrip_session=abc")
         .header("proxy-authorization", "Basic eDp5")
         .header("accept-encoding", "gzip")
+        .header("accept-charset", "utf-16")
         .send()
         .await
         .unwrap();
@@ -975,7 +976,7 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
     let body = r.text().await.unwrap();
     assert_eq!(
         body,
-        "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity]\n"
+        "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity] accept-charset=[]\n"
     );
     env.server.stop().await;
 }
@@ -1319,6 +1320,29 @@ async fn a_second_content_encoding_line_is_an_encoded_body() {
     assert_eq!(status, 502, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"], "bad_gateway");
+    env.server.stop().await;
+}
+
+/// A body in a character set where ASCII is not itself (UTF-16 here)
+/// would spell the key in bytes redaction does not look for: refused.
+#[tokio::test]
+async fn an_answer_in_utf16_is_refused() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/utf16", Some(&read))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "bad_gateway");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("character set"),
+        "{body}"
+    );
     env.server.stop().await;
 }
 

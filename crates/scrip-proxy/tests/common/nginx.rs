@@ -117,6 +117,11 @@ http {{
             add_header Content-Encoding gzip;
             return 200 "labelled gzip on a second line\n";
         }}
+        location = /utf16 {{
+            if ($key = none) {{ return 401; }}
+            default_type "text/plain; charset=UTF-16LE";
+            return 200 "labelled UTF-16\n";
+        }}
         location = /partial {{
             if ($key = none) {{ return 401; }}
             return 206 "a part nobody asked for\n";
@@ -127,7 +132,7 @@ http {{
         }}
         location = /headers {{
             if ($key = none) {{ return 401; }}
-            return 200 "connection=[$http_connection] x-private=[$http_x_private] te=[$http_te] upgrade=[$http_upgrade] xff=[$http_x_forwarded_for] xfh=[$http_x_forwarded_host] forwarded=[$http_forwarded] cookie=[$http_cookie] proxy-authorization=[$http_proxy_authorization] accept-encoding=[$http_accept_encoding]\n";
+            return 200 "connection=[$http_connection] x-private=[$http_x_private] te=[$http_te] upgrade=[$http_upgrade] xff=[$http_x_forwarded_for] xfh=[$http_x_forwarded_host] forwarded=[$http_forwarded] cookie=[$http_cookie] proxy-authorization=[$http_proxy_authorization] accept-encoding=[$http_accept_encoding] accept-charset=[$http_accept_charset]\n";
         }}
         location /files/ {{
             if ($key = none) {{ return 401; }}
