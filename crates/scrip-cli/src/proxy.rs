@@ -20,6 +20,8 @@ use crate::fail;
 /// What a started proxy runs with.
 struct Started {
     listener: tokio::net::TcpListener,
+    /// `metrics_listen`'s.
+    metrics: Option<tokio::net::TcpListener>,
     proxy: scrip_proxy::Proxy,
     policies: Policies,
     /// The store, which signs this process's audit chain head in every
@@ -83,6 +85,14 @@ async fn start(config: Config) -> Result<Started, String> {
     let listener = tokio::net::TcpListener::bind(config.proxy.listen)
         .await
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.proxy.listen))?;
+    let metrics = match config.proxy.metrics_listen {
+        Some(addr) => Some(
+            scrip_server::bind_metrics(addr)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let replica = format!("proxy:{}:{}", local.port(), std::process::id());
     let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now_s(), &replica)
@@ -105,6 +115,7 @@ async fn start(config: Config) -> Result<Started, String> {
     .map_err(|e| e.to_string())?;
     Ok(Started {
         listener,
+        metrics,
         proxy,
         policies,
         store,
@@ -118,10 +129,12 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     let limits = scrip_server::http::Limits::new(config.http_header_timeout).proxying();
+    let header_timeout = config.http_header_timeout;
     let code = runtime.block_on(async {
         let mut stop = crate::Stop::new();
         let Started {
             listener,
+            metrics,
             proxy,
             policies,
             store,
@@ -133,6 +146,8 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         // The same reload as `scrip serve`: SIGHUP (one during start-up
         // included) and policy file changes.
         let reloader = policies.spawn_reloader(stop.take_hangup());
+        let metrics =
+            metrics.map(|listener| scrip_server::serve_metrics(listener, &proxy, header_timeout));
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "proxy listening");
         }
@@ -153,6 +168,9 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         let (stopped, hurry) = stop.stages();
         let served = scrip_server::http::serve_until(listener, app, limits, stopped, hurry).await;
         reloader.abort();
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         // Store what it writes in the background.
         let _ = tokio::time::timeout(Duration::from_secs(5), writes.flush()).await;
         // An empty commit waits for the batches queued before it.

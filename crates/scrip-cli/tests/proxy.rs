@@ -47,6 +47,7 @@ struct Setup {
     config: PathBuf,
     addr: SocketAddr,
     proxy_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     idp: SigningKey,
 }
 
@@ -77,6 +78,7 @@ fn setup(nginx: &nginx::Nginx) -> Setup {
     .unwrap();
     let addr = free_addr();
     let proxy_addr = free_addr();
+    let metrics_addr = free_addr();
     let now = now();
     let proxy_identity = idp
         .sign_jwt(
@@ -149,7 +151,9 @@ mint_command = ["/bin/sh", "-c", "echo $$ > {slow}; exec sleep 300"]
 [proxy]
 listen = "{proxy_addr}"
 identity_file = "{identity}"
+metrics_listen = "{metrics_addr}"
 "#,
+        metrics_addr = metrics_addr,
         identity = root.join("proxy-identity.jwt").display(),
         data = root.join("data").display(),
         policies = policies.display(),
@@ -165,6 +169,7 @@ identity_file = "{identity}"
         config: path,
         addr,
         proxy_addr,
+        metrics_addr,
         idp,
     }
 }
@@ -745,6 +750,25 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         &standalone,
     ]);
     assert_eq!(post, "403");
+    // Its `/metrics` is at `[proxy] metrics_listen` only.
+    let scraped = Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", s.metrics_addr)])
+        .output()
+        .unwrap();
+    assert!(scraped.status.success(), "{}", text(&scraped.stderr));
+    let scraped = text(&scraped.stdout);
+    assert!(
+        scraped.contains("scrip_proxy_requests_total{upstream=\"legacy\",outcome=\"forwarded\"}"),
+        "{scraped}"
+    );
+    let beside = curl(&[
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &format!("http://{}/metrics", s.proxy_addr),
+    ]);
+    assert_eq!(beside, "404");
     // Its other answers are JSON, not to be cached, as `scrip serve`'s.
     for (method, path, code) in [("GET", "/nope", "404"), ("POST", "/readyz", "405")] {
         let url = format!("http://{}{path}", s.proxy_addr);

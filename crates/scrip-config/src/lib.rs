@@ -148,6 +148,11 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// The standalone proxy (`scrip proxy`).
     pub proxy: ProxySettings,
+    /// Where `scrip serve` with `[[upstreams]]` serves the proxy's
+    /// `/metrics` (`scrip proxy` at `[proxy] metrics_listen`): an address
+    /// of its own, kept off the API, since it names the tools behind the
+    /// proxy and the age of each of their keys. Unset: no `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -184,6 +189,7 @@ impl Default for Config {
             signing_key_lead: 60,
             upstreams: Vec::new(),
             proxy: ProxySettings::default(),
+            metrics_listen: None,
         }
     }
 }

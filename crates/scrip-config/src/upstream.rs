@@ -245,6 +245,10 @@ pub struct ProxySettings {
     /// DPoP proof's `htu` is this URL followed by `/proxy/<upstream>/...`.
     /// Without it, DPoP-bound tokens are refused.
     pub public_url: Option<String>,
+    /// Where `scrip proxy` serves `/metrics` (the top-level
+    /// `metrics_listen` is `scrip serve`'s, so both may share one file).
+    /// Unset: no `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ProxySettings {
@@ -255,6 +259,7 @@ impl Default for ProxySettings {
             identity_file: None,
             max_staleness: 60,
             public_url: None,
+            metrics_listen: None,
         }
     }
 }

@@ -557,10 +557,17 @@ impl Proxy {
         self.0.upstreams.is_empty()
     }
 
-    /// `/proxy/<upstream>/<path>` (every method) and `/metrics`.
+    /// `/proxy/<upstream>/<path>` (every method).
     pub fn router(&self) -> Router {
         Router::new()
             .route("/proxy/{*rest}", any(forward::handle))
+            .with_state(self.clone())
+    }
+
+    /// `/metrics`, for `metrics_listen`: it names the upstreams and the
+    /// age of their keys, so it is served apart from the API.
+    pub fn metrics_router(&self) -> Router {
+        Router::new()
             .route("/metrics", get(metrics_endpoint))
             .with_state(self.clone())
     }

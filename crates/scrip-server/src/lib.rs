@@ -111,6 +111,8 @@ pub mod paths {
 #[derive(Debug)]
 pub struct Server {
     listener: tokio::net::TcpListener,
+    /// `metrics_listen`'s, when a proxy is mounted.
+    metrics: Option<tokio::net::TcpListener>,
     attest: attest::Socket,
     state: AppState,
     /// The legacy bridge, when `[[upstreams]]` are configured.
@@ -296,9 +298,20 @@ impl Server {
         } else {
             Some(mount_proxy(&state).await?)
         };
+        let metrics = match (&proxy, state.0.config.metrics_listen) {
+            (Some(_), Some(addr)) => Some(bind_metrics(addr).await?),
+            (None, Some(_)) => {
+                tracing::warn!(
+                    "metrics_listen is set, but no [[upstreams]] are: there are no metrics to serve"
+                );
+                None
+            }
+            (_, None) => None,
+        };
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Self {
             listener,
+            metrics,
             attest,
             state,
             proxy,
@@ -361,6 +374,14 @@ impl Server {
         hurry: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let background = background::spawn(self.state.clone(), self.hangup);
+        let metrics = match (self.metrics, &self.proxy) {
+            (Some(listener), Some(proxy)) => Some(serve_metrics(
+                listener,
+                proxy,
+                self.state.0.config.http_header_timeout,
+            )),
+            _ => None,
+        };
         let attest = attest::spawn(self.attest, self.state.clone());
         let state = self.state.clone();
         let mut app = router(self.state);
@@ -389,6 +410,9 @@ impl Server {
             .await
             .map_err(StartError::Serve);
         background.abort();
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         attest.stop().await;
         // Store what the proxy writes in the background (each commit signs
         // this process's chain head).
@@ -407,6 +431,40 @@ impl Server {
         let _ = state.0.store.commit(Vec::new()).await;
         result
     }
+}
+
+/// Binds `metrics_listen`.
+///
+/// # Errors
+/// [`StartError::Bind`] when the address cannot be listened on.
+pub async fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Serves `proxy`'s `/metrics` on `listener` (with the API's limits) until
+/// the task is aborted: a scrape is only a read, so a stop need not wait.
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    proxy: &scrip_proxy::Proxy,
+    header_timeout: u64,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listening");
+    }
+    let app = with_fallbacks(proxy.metrics_router());
+    let limits = http::Limits::new(header_timeout);
+    tokio::spawn(async move {
+        let _ = http::serve_until(
+            listener,
+            app,
+            limits,
+            std::future::pending(),
+            std::future::pending(),
+        )
+        .await;
+    })
 }
 
 /// How long a stop waits for approval webhook calls under way.

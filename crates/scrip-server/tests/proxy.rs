@@ -84,6 +84,8 @@ struct Env {
     /// An upstream that takes connections (the kernel queues them; nothing
     /// accepts them unless a test does) and never answers.
     mute: std::net::TcpListener,
+    /// Where `/metrics` is served (`metrics_listen`).
+    metrics: std::net::SocketAddr,
 }
 
 async fn setup() -> Env {
@@ -104,6 +106,7 @@ async fn setup() -> Env {
     // The kernel completes connections to it; nobody reads or answers.
     let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mute_addr = mute.local_addr().unwrap();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], scrip_testkit::free_port()));
     let server = TestServer::start_with(Options {
         extra_policies: vec![("proxy-no-admin.cedar".into(), NO_ADMIN.into())],
         edit: Some(Box::new(move |c| {
@@ -123,6 +126,7 @@ async fn setup() -> Env {
             });
             c.upstreams
                 .push(upstream("down", &format!("http://{closed}")));
+            c.metrics_listen = Some(metrics);
         })),
         ..Options::default()
     })
@@ -137,6 +141,7 @@ async fn setup() -> Env {
         nginx,
         http: reqwest::Client::new(),
         mute,
+        metrics,
     }
 }
 
@@ -1381,10 +1386,19 @@ async fn rotation_swaps_the_key_and_overdue_secrets_show() {
             .2,
         "ok read2 GET /r2\n"
     );
+    // `/metrics` names the upstreams and their keys' ages: served at
+    // `metrics_listen` only, not beside the API.
+    let r = env
+        .http
+        .get(format!("{}/metrics", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     let scrape = || async {
         let r = env
             .http
-            .get(format!("{}/metrics", env.server.url))
+            .get(format!("http://{}/metrics", env.metrics))
             .send()
             .await
             .unwrap();
