@@ -309,20 +309,28 @@ pub fn patterns(injection: &Injection, secrets: &[&SecretValue]) -> Patterns {
     Patterns::new(forms)
 }
 
-/// `text` in UTF-16 and UTF-32, each little- and big-endian.
+/// `text` in UTF-16 and UTF-32, each little- and big-endian. Each buffer
+/// is sized for the worst case first: one that grew would free a copy of
+/// the secret without zeroing it.
 fn wide_forms(text: &str) -> [Vec<u8>; 4] {
-    let units = zeroize::Zeroizing::new(text.encode_utf16().collect::<Vec<u16>>());
-    let le16 = units.iter().flat_map(|u| u.to_le_bytes()).collect();
-    let be16 = units.iter().flat_map(|u| u.to_be_bytes()).collect();
-    let le32 = text
-        .chars()
-        .flat_map(|c| u32::from(c).to_le_bytes())
-        .collect();
-    let be32 = text
-        .chars()
-        .flat_map(|c| u32::from(c).to_be_bytes())
-        .collect();
-    [le16, be16, le32, be32]
+    let mut units = zeroize::Zeroizing::new(Vec::with_capacity(text.len()));
+    units.extend(text.encode_utf16());
+    let mut out: [Vec<u8>; 4] = [
+        Vec::with_capacity(units.len() * 2),
+        Vec::with_capacity(units.len() * 2),
+        Vec::with_capacity(text.len() * 4),
+        Vec::with_capacity(text.len() * 4),
+    ];
+    let [le16, be16, le32, be32] = &mut out;
+    for u in units.iter() {
+        le16.extend(u.to_le_bytes());
+        be16.extend(u.to_be_bytes());
+    }
+    for c in text.chars() {
+        le32.extend(u32::from(c).to_le_bytes());
+        be32.extend(u32::from(c).to_be_bytes());
+    }
+    out
 }
 
 /// Whether a response's `Content-Type` leaves its body in bytes redaction
@@ -903,6 +911,23 @@ mod charset_tests {
                 s.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect()
             }),
         ] {
+            // The agent's own guess echoed back: past the key's first
+            // half, a wrong guess is masked as a right one would be, up to
+            // a delimiter (over the NULs between its characters), so it
+            // tells nothing.
+            {
+                let body = encode("you sent k3y-0123X4Y5 to us");
+                let mut r = Redactor::new(p.clone());
+                let mut out = r.push(&body).to_vec();
+                out.extend_from_slice(&r.finish());
+                let rest = encode("Y5");
+                assert!(
+                    !out.windows(rest.len()).any(|w| w == rest.as_slice()),
+                    "{name}: a guess showed past the key's first half: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+                assert!(out.ends_with(&encode("to us")), "{name}");
+            }
             for echoed in ["k3y-0123456789", "Basic c3ZjOmszeS0wMTIzNDU2Nzg5"] {
                 let body = encode(&format!("you sent {echoed} to us"));
                 let mut r = Redactor::new(p.clone());

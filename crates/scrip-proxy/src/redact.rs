@@ -12,7 +12,7 @@
 //! A form's first [`threshold`] bytes (half of it, at least 8) are enough
 //! to be masked, with every byte after them up to a delimiter (a quote, `<`,
 //! `>`, `&`, a backslash, a backquote, a comma, a semicolon, a space or any
-//! byte that is not visible ASCII), whatever those bytes are. So:
+//! byte that is not visible ASCII or NUL), whatever those bytes are. So:
 //!
 //! - an echo cut short shows at most the first `threshold - 1` bytes of a
 //!   form, wherever the agent makes the cut fall (an upstream that shows
@@ -42,13 +42,16 @@ pub fn threshold(form_len: usize) -> usize {
 
 /// Whether a masked run goes on over `b`: visible ASCII but the quotes,
 /// `<`, `>`, `&`, backslash, backquote, comma and semicolon that end a
-/// value in the text an upstream writes (JSON, HTML, a query, a header).
+/// value in the text an upstream writes (JSON, HTML, a query, a header),
+/// and NUL, which in UTF-16 or UTF-32 text sits between the characters of
+/// a value (so an echo in those, cut short, is masked to its end too).
 fn continues_run(b: u8) -> bool {
-    b.is_ascii_graphic()
-        && !matches!(
-            b,
-            b'"' | b'\'' | b'<' | b'>' | b'&' | b'\\' | b'`' | b',' | b';'
-        )
+    b == 0
+        || b.is_ascii_graphic()
+            && !matches!(
+                b,
+                b'"' | b'\'' | b'<' | b'>' | b'&' | b'\\' | b'`' | b',' | b';'
+            )
 }
 
 /// The byte strings that must not reach the agent.

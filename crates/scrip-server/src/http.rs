@@ -95,6 +95,15 @@ impl Limits {
         }
     }
 
+    /// These limits with at most `n` connections open.
+    #[must_use]
+    pub fn at_most(self, n: usize) -> Self {
+        Self {
+            max_connections: self.max_connections.min(n),
+            ..self
+        }
+    }
+
     /// These limits for a server that proxies: each connection may hold
     /// an upstream socket too while its request is forwarded, so half as
     /// many connections (three eighths of the descriptors), at least 16.

@@ -433,6 +433,9 @@ impl Server {
     }
 }
 
+/// The most connections `metrics_listen` keeps open.
+const METRICS_CONNECTIONS: usize = 16;
+
 /// Binds `metrics_listen`.
 ///
 /// # Errors
@@ -443,7 +446,8 @@ pub async fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener, S
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Serves `proxy`'s `/metrics` on `listener` (with the API's limits) until
+/// Serves `proxy`'s `/metrics` on `listener` (with the API's limits, and
+/// [`METRICS_CONNECTIONS`] connections at most) until
 /// the task is aborted: a scrape is only a read, so a stop need not wait.
 pub fn serve_metrics(
     listener: tokio::net::TcpListener,
@@ -454,7 +458,8 @@ pub fn serve_metrics(
         tracing::info!(%addr, "metrics listening");
     }
     let app = with_fallbacks(proxy.metrics_router());
-    let limits = http::Limits::new(header_timeout);
+    // A scraper needs a connection or two: the descriptors stay the API's.
+    let limits = http::Limits::new(header_timeout).at_most(METRICS_CONNECTIONS);
     tokio::spawn(async move {
         let _ = http::serve_until(
             listener,

@@ -528,6 +528,17 @@ async fn a_full_task_tree_refuses_more_sub_tasks() {
         })
         .count();
     assert_eq!(refusals, 2);
+    // Refused before anything was decided: no grant was recorded as
+    // allowed (the store's own refusal, for a race, records what policy
+    // allowed).
+    assert!(
+        s.audit()
+            .await
+            .iter()
+            .filter(|a| a.event == "task.refused")
+            .all(|a| a.actions.is_none()),
+        "a full tree was refused only after deciding"
+    );
     // One place left and eight delegations racing for it: whether each
     // is refused before it decides or by the store in its commit, one is
     // stored and seven are refused, saying why, on the record.

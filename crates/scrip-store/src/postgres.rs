@@ -319,7 +319,7 @@ async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreErr
                 wait.as_secs()
             )
         } else {
-            format!("migration failed: {text}")
+            crate::schema::migration_failed(&e)
         })
     });
     // The connection goes on to write: its own lock waits are set per

@@ -20,6 +20,17 @@ pub enum Schema {
 /// The table sqlx records applied migrations in.
 const TABLE: &str = "_sqlx_migrations";
 
+/// What a failed migration says: a store a newer scrip migrated is named
+/// as such (sqlx says only that a migration is missing).
+pub(crate) fn migration_failed(e: &MigrateError) -> String {
+    match e {
+        MigrateError::VersionMissing(v) => format!(
+            "a newer scrip migrated the store (migration {v}, which this one does not know): use that version; a replica of this one cannot start on it (during a rolling upgrade, replicas still running go on)"
+        ),
+        e => format!("migration failed: {e}"),
+    }
+}
+
 /// Refuses a store whose applied migrations are not exactly `migrator`'s
 /// ([`Schema::Require`]); reads, never writes.
 pub(crate) async fn require(

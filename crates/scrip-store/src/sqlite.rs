@@ -94,7 +94,7 @@ impl SqliteStore {
                 MIGRATOR
                     .run(&mut conn)
                     .await
-                    .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+                    .map_err(|e| StoreError::Open(crate::schema::migration_failed(&e)))?;
                 keep_private(path)?;
             }
             Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,

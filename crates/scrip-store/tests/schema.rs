@@ -65,6 +65,11 @@ async fn an_embedded_store_of_another_schema_is_read_as_is_or_refused() {
         SqliteStore::open_as(&path, Schema::Require).await,
         "a newer scrip migrated the store (migration 99999",
     );
+    // And a command that migrates says the same, and why it cannot start.
+    refused(
+        SqliteStore::open(&path).await,
+        "a newer scrip migrated the store (migration 99999, which this one does not know): use that version; a replica of this one cannot start on it",
+    );
 }
 
 #[tokio::test]
@@ -111,5 +116,23 @@ async fn a_shared_store_of_another_schema_is_refused_and_left_as_it_is() {
     refused(
         PgStore::connect_as(db.url(), Schema::Require).await,
         "migration 1 is not this scrip's",
+    );
+    // A replica of an older scrip starting on a store a newer one migrated
+    // (during a rolling upgrade, or a roll-back) is told so.
+    let db2 = PgDatabase::new();
+    drop(PgStore::connect(db2.url()).await.unwrap());
+    let mut conn2 = <sqlx::PgConnection as sqlx::Connection>::connect(db2.url())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         SELECT 99999, 'future', true, checksum, 0 FROM _sqlx_migrations LIMIT 1",
+    )
+    .execute(&mut conn2)
+    .await
+    .unwrap();
+    refused(
+        PgStore::connect(db2.url()).await,
+        "a newer scrip migrated the store (migration 99999, which this one does not know): use that version; a replica of this one cannot start on it",
     );
 }
