@@ -91,7 +91,12 @@ async fn start(config: Config) -> Result<Started, String> {
                 .await
                 .map_err(|e| e.to_string())?,
         ),
-        None => None,
+        None => {
+            tracing::info!(
+                "/metrics is not served: set [proxy] metrics_listen to serve it (apart from the API)"
+            );
+            None
+        }
     };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let replica = format!("proxy:{}:{}", local.port(), std::process::id());

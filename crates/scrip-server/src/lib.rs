@@ -306,7 +306,13 @@ impl Server {
                 );
                 None
             }
-            (_, None) => None,
+            (Some(_), None) => {
+                tracing::info!(
+                    "the proxy's /metrics is not served: set metrics_listen to serve it (apart from the API)"
+                );
+                None
+            }
+            (None, None) => None,
         };
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Self {
