@@ -216,9 +216,14 @@ pub struct Serving {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How long a stop lets the socket's connections under way finish (their
+/// identity's commit, its answer) before it stops them.
+const DRAIN: Duration = Duration::from_secs(5);
+
 impl Serving {
-    /// Stops accepting, stops the connections still open, and removes the
-    /// socket file; once this returns, nothing served here commits again.
+    /// Stops accepting, lets the connections still open finish for up to
+    /// [`DRAIN`], stops those left, and removes the socket file; once this
+    /// returns, nothing served here commits again.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
@@ -261,8 +266,14 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
                 drop(slot);
             });
         }
-        // Stopped, and waited for: none of them commits after the caller's
-        // final commit.
+        // Those under way may finish (an identity being committed is
+        // answered rather than cut off, and the client need not ask again),
+        // for a while; the rest are stopped, and waited for: none of them
+        // commits after the caller's final commit.
+        let _ = tokio::time::timeout(DRAIN, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
         connections.shutdown().await;
         drop(socket);
     });

@@ -14,6 +14,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::{Options, TestServer, decode_parts, release};
 use scrip_config::LocalWorkload;
@@ -218,6 +219,37 @@ async fn an_identity_waits_for_a_store_that_can_record_it() {
     let answer = attest(&server).await;
     assert!(answer["identity_token"].is_string(), "{answer}");
     server.stop().await;
+}
+
+/// A stop lets an identity under way finish: one whose commit waits for
+/// the store when the stop comes is answered once it is recorded, not cut
+/// off (the client need not ask again).
+#[tokio::test]
+async fn a_stop_lets_an_identity_under_way_finish() {
+    let server = with_workloads(Vec::new()).await;
+    let held = server.hold_writes().await;
+    let path = socket(&server);
+    let asking = tokio::spawn(async move {
+        let mut stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        stream.write_all(b"ATTEST\n").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        answer
+    });
+    // The request is read and its commit waits for the store.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the stop did not wait for the identity"
+    );
+    release(held).await;
+    let answer = asking.await.unwrap();
+    let answer: Value = serde_json::from_str(&answer).unwrap_or_else(|_| panic!("{answer:?}"));
+    assert!(answer["identity_token"].is_string(), "{answer}");
+    stopping.await.unwrap();
 }
 
 #[tokio::test]
