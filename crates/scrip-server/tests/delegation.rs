@@ -483,6 +483,20 @@ async fn a_delegation_whose_token_would_be_too_large_is_refused() {
     s.stop().await;
 }
 
+/// The delegations refused on the record because their tree was full.
+async fn full_tree_refusals(s: &TestServer) -> usize {
+    s.audit()
+        .await
+        .into_iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("tree holds 10000 sub-tasks"))
+        })
+        .count()
+}
+
 /// A task's tree holds at most `MAX_SUBTASKS` sub-tasks: past that a
 /// delegation anywhere in it is refused, saying why, and recorded (ending
 /// a task ends its tree in one transaction, which must stay bounded).
@@ -516,17 +530,7 @@ async fn a_full_task_tree_refuses_more_sub_tasks() {
             r.text
         );
     }
-    let refusals = s
-        .audit()
-        .await
-        .into_iter()
-        .filter(|a| {
-            a.event == "task.refused"
-                && a.reason
-                    .as_deref()
-                    .is_some_and(|r| r.contains("tree holds 10000 sub-tasks"))
-        })
-        .count();
+    let refusals = full_tree_refusals(&s).await;
     assert_eq!(refusals, 2);
     // Refused before anything was decided: no grant was recorded as
     // allowed (the store's own refusal, for a race, records what policy
@@ -583,17 +587,7 @@ async fn a_full_task_tree_refuses_more_sub_tasks() {
         }
     }
     assert_eq!(stored, 1);
-    let refusals = s
-        .audit()
-        .await
-        .into_iter()
-        .filter(|a| {
-            a.event == "task.refused"
-                && a.reason
-                    .as_deref()
-                    .is_some_and(|r| r.contains("tree holds 10000 sub-tasks"))
-        })
-        .count();
+    let refusals = full_tree_refusals(&s).await;
     assert_eq!(refusals, 2 + 7);
     // The tree still works, and still ends whole.
     access(&s, &child, "github", None).await;

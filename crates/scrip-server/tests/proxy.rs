@@ -229,17 +229,22 @@ impl Env {
         text.split(' ').nth(1).unwrap().parse().unwrap()
     }
 
-    /// The audit trail once `count` of it reaches `want` (records written
-    /// after the answers, counts a second later), or after 10 s.
-    async fn audit_reaching(
+    /// The audit trail once the refusals `tally` finds (recorded one by
+    /// one, and counted) add up to `sent`, which they must exactly, with
+    /// some counted; waits up to 10 s (records are written after the
+    /// answers, counts a second later).
+    async fn refusals_adding_up(
         &self,
-        want: usize,
-        count: impl Fn(&[scrip_store::AuditEvent]) -> usize,
+        sent: usize,
+        tally: impl Fn(&[scrip_store::AuditEvent]) -> (usize, usize),
     ) -> Vec<scrip_store::AuditEvent> {
         let start = Instant::now();
         loop {
             let audit = self.server.audit().await;
-            if count(&audit) >= want || start.elapsed() > Duration::from_secs(10) {
+            let (one_by_one, counted) = tally(&audit);
+            if one_by_one + counted >= sent || start.elapsed() > Duration::from_secs(10) {
+                assert_eq!(one_by_one + counted, sent, "{one_by_one} + {counted}");
+                assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
                 return audit;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -569,15 +574,7 @@ async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
             .sum();
         (one_by_one, counted)
     };
-    let audit = env
-        .audit_reaching(SENT, |audit| {
-            let (one_by_one, counted) = tally(audit);
-            one_by_one + counted
-        })
-        .await;
-    let (one_by_one, counted) = tally(&audit);
-    assert_eq!(one_by_one + counted, SENT, "{one_by_one} + {counted}");
-    assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
+    let audit = env.refusals_adding_up(SENT, tally).await;
     let verified_refusals: Vec<_> = audit
         .iter()
         .filter(|a| {
@@ -646,15 +643,7 @@ async fn a_revoked_tokens_refusals_are_recorded_as_counts_past_ten_a_second() {
             .sum();
         (one_by_one, counted)
     };
-    let audit = env
-        .audit_reaching(SENT, |audit| {
-            let (one_by_one, counted) = tally(audit);
-            one_by_one + counted
-        })
-        .await;
-    let (one_by_one, counted) = tally(&audit);
-    assert_eq!(one_by_one + counted, SENT, "{one_by_one} + {counted}");
-    assert!(counted > 0, "nothing was counted: {one_by_one} one by one");
+    env.refusals_adding_up(SENT, tally).await;
     env.server.stop().await;
 }
 
