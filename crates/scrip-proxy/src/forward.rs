@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use http::{Method, Request, StatusCode};
 use scrip_policy::{DecisionRequest, RequestContext, Stage};
 use scrip_store::{AuditEvent, TaskState, Write};
-use scrip_token::ActionName;
+use scrip_token::{ActionName, MAX_NAME_LEN};
 use serde_json::json;
 
 use crate::body::{CountingBody, ResponseBody, Standing};
@@ -148,11 +148,16 @@ fn for_audit(s: &str) -> String {
     if s.len() <= AUDIT_TEXT {
         return s.to_owned();
     }
-    let mut end = AUDIT_TEXT;
+    format!("{}… ({} bytes)", cut(s, AUDIT_TEXT), s.len())
+}
+
+/// The first `max` bytes of `s`, or fewer to end on a character.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… ({} bytes)", s.get(..end).unwrap_or_default(), s.len())
+    s.get(..end).unwrap_or_default()
 }
 
 /// The upstream name and the path below it.
@@ -172,11 +177,21 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         return error(StatusCode::NOT_FOUND, "not_found", "no such upstream");
     };
     let Some(upstream) = proxy.0.upstreams.get(name) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such upstream; proxied requests go to /proxy/<upstream>/<path>",
-        );
+        // Answered as an upstream that is here answers a token issued for
+        // another (or none, or a bad one): a caller without a token for an
+        // upstream cannot tell whether it exists.
+        tracing::debug!(upstream = %cut(name, MAX_NAME_LEN), "proxy: a request for no upstream");
+        return proxy
+            .0
+            .no_upstream
+            .refuse_as(
+                cut(name, MAX_NAME_LEN),
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+            )
+            .await
+            .into_response();
     };
     let client = parts
         .extensions
@@ -196,37 +211,42 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         path: String::new(),
     };
     // From here on every check, the audit and the upstream see one path.
-    let path = match route::normalize(path) {
-        Ok(p) => p,
-        Err(e) => {
-            let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
-            return proxy.deny(&draft, name, r, e.to_string()).await;
-        }
-    };
-    draft.record.path = Some(for_audit(&path));
-    draft.path.clone_from(&path);
+    let normal = route::normalize(path);
     // Routes and Cedar see escapes the upstream decodes before routing
     // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
-    let matched = route::match_form(&path);
-    let Some(action) = upstream.map.action(&parts.method, &matched).cloned() else {
-        let why = format!(
-            "method `{}` maps to no action of this upstream",
-            for_audit(parts.method.as_str())
-        );
-        let r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request",
-            why.clone(),
-        );
-        return proxy.deny(&draft, name, r, why).await;
+    let (matched, action) = match &normal {
+        Ok(path) => {
+            draft.record.path = Some(for_audit(path));
+            draft.path.clone_from(path);
+            let matched = route::match_form(path);
+            let action = upstream.map.action(&parts.method, &matched).cloned();
+            (matched, action)
+        }
+        Err(_) => (std::borrow::Cow::Borrowed(""), None),
     };
-    draft.record.actions = Some(action.to_string());
+    if let Some(action) = &action {
+        draft.record.actions = Some(action.to_string());
+    }
 
-    let token = match upstream
-        .verifier
-        .authorize(&parts.method, &parts.uri, &parts.headers, Some(&action))
-        .await
-    {
+    // The token first: what else is wrong with a request (its path, its
+    // method) is said only to a caller holding a token for this upstream,
+    // so that others cannot map the routes. A request refused for its
+    // method or path does not spend a single-use token.
+    let checked = match &action {
+        Some(action) => {
+            upstream
+                .verifier
+                .authorize(&parts.method, &parts.uri, &parts.headers, Some(action))
+                .await
+        }
+        None => {
+            upstream
+                .verifier
+                .authenticate(&parts.method, &parts.uri, &parts.headers)
+                .await
+        }
+    };
+    let token = match checked {
         Ok(t) => t,
         Err(rejection) => {
             let why = rejection
@@ -260,6 +280,25 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     if let Some(act) = &token.claims().act {
         draft.record.chain = act.chain();
     }
+    let path = match &normal {
+        Ok(path) => path.as_str(),
+        Err(e) => {
+            let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
+            return proxy.deny(&draft, name, r, e.to_string()).await;
+        }
+    };
+    let Some(action) = action else {
+        let why = format!(
+            "method `{}` maps to no action of this upstream",
+            for_audit(parts.method.as_str())
+        );
+        let r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            why.clone(),
+        );
+        return proxy.deny(&draft, name, r, why).await;
+    };
 
     let task = match proxy.task(token.task()).await {
         Ok(Some(task)) if task.state(now()) == TaskState::Active => task,

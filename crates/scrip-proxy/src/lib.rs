@@ -113,6 +113,9 @@ const METRICS_TTL: Duration = Duration::from_secs(5);
 
 struct Inner {
     upstreams: HashMap<String, Upstream>,
+    /// Answers requests for an upstream that is not here as one that is
+    /// answers a token issued for another.
+    no_upstream: Verifier,
     store: Arc<dyn Store>,
     policy: PolicySource,
     secrets: SecretCache,
@@ -138,8 +141,8 @@ struct Inner {
 /// [`Pending::commit_refusal`]).
 const PENDING: usize = 1024;
 
-/// The refusals of requests no verified token stands behind (a bad path, a
-/// method no action maps to, a missing or invalid token) recorded one by
+/// The refusals of requests no verified token stands behind (a missing or
+/// invalid token, or one for another upstream) recorded one by
 /// one in a second, per process; the rest of that second's are counted,
 /// and recorded as one `proxy.refused` record per upstream. Anyone can
 /// send such a request: one by one, a flood of them would grow the trail
@@ -147,7 +150,8 @@ const PENDING: usize = 1024;
 pub const UNVERIFIED_PER_SECOND: u32 = 100;
 
 /// The refusals of one token that verified (revoked, used, out of scope,
-/// refused by policy) recorded one by one in a second, per process, each
+/// refused by policy, or sent with a bad path or a method no action maps
+/// to) recorded one by one in a second, per process, each
 /// naming the token; the rest of that second's are counted, and recorded
 /// as one `proxy.refused` record naming it. Its holder could otherwise
 /// write attributed records as fast as the store takes them until the
@@ -515,6 +519,7 @@ impl Proxy {
         }
         Ok(Self(Arc::new(Inner {
             upstreams,
+            no_upstream: parts.verifier.for_no_tool(),
             secrets: SecretCache::new(
                 parts.store.clone(),
                 parts.kek,

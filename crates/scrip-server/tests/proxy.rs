@@ -383,6 +383,17 @@ async fn read_token_reads_with_the_read_key_and_cannot_write() {
         .send(reqwest::Method::OPTIONS, "legacy/items", Some(&write))
         .await;
     assert_eq!(status, 405);
+    // Which methods map to actions is said only to a caller with a token
+    // for the upstream: the routes cannot be mapped without one.
+    let other = env.task("github:read").await;
+    let github = env.token(&other, "github", "read").await;
+    for token in [None, Some("not-a-jwt"), Some(github.as_str())] {
+        let (status, headers, _) = env
+            .send(reqwest::Method::OPTIONS, "legacy/items", token)
+            .await;
+        assert_eq!(status, 401, "{token:?}");
+        assert!(challenge(&headers).starts_with("Bearer realm=\"legacy\""));
+    }
     env.server.stop().await;
 }
 
@@ -454,9 +465,64 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
         200
     );
 
-    // Unknown upstream, and the verification of a good token still works.
-    let (status, _, _) = env.send(reqwest::Method::GET, "nope/x", Some(&good)).await;
-    assert_eq!(status, 404);
+    // An upstream that is not here answers every request as one that is
+    // answers a token not issued for it: without a token for an upstream,
+    // no one can tell whether it exists.
+    let answer = |(status, headers, body): (u16, reqwest::header::HeaderMap, String),
+                  realm: &str| {
+        let challenge = challenge(&headers).replacen(&format!("realm=\"{realm}\""), "realm=R", 1);
+        (status, challenge, body)
+    };
+    for (what, token) in [
+        ("none", None),
+        ("garbage", Some("not-a-jwt")),
+        ("expired", Some(expired.as_str())),
+        ("another key", Some(forged.as_str())),
+        ("tampered signature", Some(tampered.as_str())),
+        ("foreign audience", Some(github.as_str())),
+        ("task token", Some(task.as_str())),
+    ] {
+        let here = env.send(reqwest::Method::GET, "legacy/x", token).await;
+        let not_here = env.send(reqwest::Method::DELETE, "nope/x", token).await;
+        let here = answer(here, "legacy");
+        assert!(here.1.starts_with("Bearer realm=R"), "{what}: {here:?}");
+        assert_eq!(answer(not_here, "nope"), here, "{what}");
+    }
+    let here = env
+        .send(reqwest::Method::GET, "legacy/x", Some(&github))
+        .await;
+    let not_here = env.send(reqwest::Method::GET, "nope/x", Some(&good)).await;
+    assert_eq!(not_here.0, 401);
+    assert_eq!(answer(not_here, "nope"), answer(here, "legacy"));
+    // The realm is the name asked for, cut to a tool name's length.
+    let long = "n".repeat(100);
+    let (status, headers, _) = env
+        .send(reqwest::Method::GET, &format!("{long}/x"), None)
+        .await;
+    assert_eq!(
+        (status, challenge(&headers)),
+        (401, format!("Bearer realm=\"{}\"", &long[..64]))
+    );
+    // Malformed credentials, and a DPoP token without its proof.
+    for authorization in ["Bearer a b", "DPoP abc", "Basic abc"] {
+        let mut answers = Vec::new();
+        for (rest, realm) in [("legacy/x", "legacy"), ("nope/x", "nope")] {
+            let r = env
+                .http
+                .get(env.url(rest))
+                .header("authorization", authorization)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            answers.push(answer((status, headers, r.text().await.unwrap()), realm));
+        }
+        assert_ne!(answers[0].0, 200, "{authorization}");
+        assert_eq!(answers[0], answers[1], "{authorization}");
+    }
+
+    // The verification of a good token still works.
     let (status, _, _) = env
         .send(reqwest::Method::GET, "legacy/x", Some(&good))
         .await;
@@ -481,7 +547,7 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     assert!(path.ends_with("… (20001 bytes)"), "{path}");
     // The same for a path refused before it is normalised.
     let (status, _, _) = env
-        .send(reqwest::Method::GET, &format!("{long}%0A"), None)
+        .send(reqwest::Method::GET, &format!("{long}%0A"), Some(&good))
         .await;
     assert_eq!(status, 400);
     let refused = env
@@ -703,6 +769,12 @@ async fn cedar_decides_the_concrete_request() {
         assert_eq!(
             env.raw_get(&format!("/proxy/{path}"), &read).await,
             400,
+            "{path}"
+        );
+        // Said only to a caller with a token for the upstream.
+        assert_eq!(
+            env.raw_get(&format!("/proxy/{path}"), "not-a-jwt").await,
+            401,
             "{path}"
         );
     }

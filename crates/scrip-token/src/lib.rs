@@ -19,7 +19,7 @@ pub use claims::{
     AccessClaims, Actor, ApprovalClaim, Confirmation, MayAct, TaskClaims, TaskContext,
 };
 pub use identity::{IdentityKind, ShapeError, WorkloadIdentity};
-pub use names::{ActionName, NameError, ToolName};
+pub use names::{ActionName, MAX_NAME_LEN, NameError, ToolName};
 pub use scope::{ActionSet, Grant, GrantSet, ScopeError};
 
 /// RFC 8693 token type URIs that scrip speaks.

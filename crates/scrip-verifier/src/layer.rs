@@ -287,18 +287,32 @@ fn proof_header(headers: &HeaderMap) -> Result<&str, VerifyError> {
     proof.ok_or_else(|| VerifyError::Proof("DPoP proof header is not ascii".into()))
 }
 
-/// Verifies a request's token (and DPoP proof) and requires `required`.
+/// What a request's token must allow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Need<'a> {
+    /// Nothing in particular: any valid token for the tool (a single-use
+    /// one is spent).
+    Any,
+    /// This action in its scope (a single-use one is spent).
+    Action(&'a ActionName),
+    /// Nothing, and a single-use token is not spent: the request is
+    /// refused for another reason once its caller is known.
+    Unspent,
+}
+
+/// Verifies a request's token (and DPoP proof) and requires `need`,
+/// answering refusals for `realm`.
 ///
 /// # Errors
 /// The RFC 6750 (RFC 9449) [`Rejection`] to send.
 pub(crate) async fn authorize(
     verifier: &Verifier,
-    required: Option<&ActionName>,
+    realm: &str,
+    need: Need<'_>,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<AccessToken, Rejection> {
-    let realm = verifier.audience();
     let (scheme, token) = match credentials(headers) {
         Ok(Some(found)) => found,
         Ok(None) => return Err(Rejection::missing(realm)),
@@ -308,10 +322,7 @@ pub(crate) async fn authorize(
     // one that cannot be checked here, stops the request before).
     let mut checked = true;
     let result = match scheme {
-        Scheme::Bearer => match required {
-            Some(action) => verifier.verify_for(token, action).await,
-            None => verifier.verify(token).await,
-        },
+        Scheme::Bearer => verifier.check(token, need, None).await,
         Scheme::Dpop => match (proof_header(headers), verifier.request_url(uri.path())) {
             (Err(e), _) => {
                 checked = false;
@@ -323,7 +334,7 @@ pub(crate) async fn authorize(
             }
             (Ok(proof), Some(url)) => {
                 verifier
-                    .verify_dpop(token, proof, method.as_str(), &url, required)
+                    .check(token, need, Some((proof, method.as_str(), &url)))
                     .await
             }
         },
@@ -361,9 +372,11 @@ where
         let verifier = self.verifier.clone();
         let required = self.required.clone();
         Box::pin(async move {
+            let need = required.as_ref().map_or(Need::Any, Need::Action);
             let found = authorize(
                 &verifier,
-                required.as_ref(),
+                verifier.audience(),
+                need,
                 request.method(),
                 request.uri(),
                 request.headers(),

@@ -636,7 +636,60 @@ impl Verifier {
         headers: &http::HeaderMap,
         required: Option<&ActionName>,
     ) -> Result<AccessToken, Rejection> {
-        layer::authorize(self, required, method, uri, headers).await
+        let need = required.map_or(layer::Need::Any, layer::Need::Action);
+        layer::authorize(self, self.audience(), need, method, uri, headers).await
+    }
+
+    /// Verifies a request's token as [`Verifier::authorize`] does, requiring
+    /// no action and without spending a single-use token: for a request
+    /// that is refused for another reason (a method no action maps to),
+    /// once its caller is known to hold a token for this tool.
+    ///
+    /// # Errors
+    /// The RFC 6750 (or RFC 9449 §7.1) [`Rejection`] to answer.
+    pub async fn authenticate(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+    ) -> Result<AccessToken, Rejection> {
+        layer::authorize(
+            self,
+            self.audience(),
+            layer::Need::Unspent,
+            method,
+            uri,
+            headers,
+        )
+        .await
+    }
+
+    /// A verifier of this scrip's tokens for no tool: every token fails
+    /// its audience check, after its signature and every claim before, as
+    /// at a tool it was not issued for. See [`Verifier::refuse_as`].
+    #[must_use]
+    pub fn for_no_tool(&self) -> Self {
+        // No tool is named "": tool names are 1 to 64 characters.
+        self.for_audience(String::new())
+    }
+
+    /// The answer, under `realm`, to a request for a tool that is not
+    /// here, checked with a [`Verifier::for_no_tool`]: exactly what a tool
+    /// that is here answers a request whose token was issued for another
+    /// (or has none, or a bad one), so that callers without a token for a
+    /// tool cannot tell whether it exists.
+    pub async fn refuse_as(
+        &self,
+        realm: &str,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+    ) -> Rejection {
+        match layer::authorize(self, realm, layer::Need::Unspent, method, uri, headers).await {
+            Err(rejection) => rejection,
+            // Only a verifier with an audience accepts a token.
+            Ok(_) => Rejection::from_error(realm, &VerifyError::Token(JoseError::WrongAudience)),
+        }
     }
 
     /// Checks again, while a request it allowed is still going on (a long
@@ -691,7 +744,7 @@ impl Verifier {
     /// # Errors
     /// [`VerifyError`] naming the first check that failed.
     pub async fn verify(&self, token: &str) -> Result<AccessToken, VerifyError> {
-        self.check(token, None, None).await
+        self.check(token, layer::Need::Any, None).await
     }
 
     /// Verifies a DPoP-bound access token (RFC 9449 §7) with the request's
@@ -712,14 +765,14 @@ impl Verifier {
         url: &str,
         required: Option<&ActionName>,
     ) -> Result<AccessToken, VerifyError> {
-        self.check(token, required, Some((proof, method, url)))
-            .await
+        let need = required.map_or(layer::Need::Any, layer::Need::Action);
+        self.check(token, need, Some((proof, method, url))).await
     }
 
-    async fn check(
+    pub(crate) async fn check(
         &self,
         token: &str,
-        required: Option<&ActionName>,
+        need: layer::Need<'_>,
         dpop: Option<(&str, &str, &str)>,
     ) -> Result<AccessToken, VerifyError> {
         let inner = &self.0;
@@ -774,7 +827,7 @@ impl Verifier {
         if let Some(revocations) = &inner.revocations {
             revocations.check(&accepted.claims.txn, &accepted.claims.jti)?;
         }
-        if let Some(action) = required
+        if let layer::Need::Action(action) = need
             && !accepted.actions.contains(action)
         {
             // Checked before a single-use token is spent.
@@ -783,6 +836,7 @@ impl Verifier {
             });
         }
         if inner.claim_single_use
+            && !matches!(need, layer::Need::Unspent)
             && accepted
                 .claims
                 .approval
@@ -845,7 +899,7 @@ impl Verifier {
         token: &str,
         action: &ActionName,
     ) -> Result<AccessToken, VerifyError> {
-        self.check(token, Some(action), None).await
+        self.check(token, layer::Need::Action(action), None).await
     }
 
     /// A DPoP-bound token's proof: by its key, for this request, once.

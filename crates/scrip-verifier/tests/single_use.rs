@@ -209,6 +209,35 @@ async fn the_verifier_accepts_an_approved_token_once() {
     let task = s.prod_task().await;
     let token = s.approved_token(&task).await;
 
+    // A request refused for another reason once its caller is known (a
+    // method no action maps to) does not spend it, nor does a request for
+    // a tool that is not here.
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let uri: http::Uri = "/x".parse().unwrap();
+    for _ in 0..2 {
+        let t = v
+            .authenticate(&http::Method::OPTIONS, &uri, &headers)
+            .await
+            .unwrap();
+        assert!(t.claims().approval.as_ref().unwrap().single_use);
+        let r = v
+            .for_no_tool()
+            .refuse_as("nowhere", &http::Method::DELETE, &uri, &headers)
+            .await;
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.www_authenticate.as_deref(),
+            Some(
+                r#"Bearer realm="nowhere", error="invalid_token", error_description="token audience is not accepted""#
+            )
+        );
+        assert!(!r.token_verified);
+    }
+
     let t = v
         .verify_for(&token, &ActionName::parse("delete").unwrap())
         .await
