@@ -472,6 +472,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let serves = matches!(cli.command, Command::Serve { .. } | Command::Proxy { .. });
     init_logging(cli.log_format, if serves { "info" } else { "warn" });
+    if serves {
+        // A panic (a bug) is logged as the rest is, in the log's format,
+        // naming its thread; a request's fails that request, a long-lived
+        // task's stops the server (see `scrip-vital`).
+        std::panic::set_hook(Box::new(|info| {
+            let thread = std::thread::current();
+            tracing::error!(thread = thread.name().unwrap_or("unnamed"), "{info}");
+        }));
+    }
     let code = command(cli.command);
     // A failure the command found (a tampered trail) is said as such; a
     // write that failed (a full disk under `> file`) fails the command; a
@@ -551,12 +560,23 @@ fn serve(config: Option<&Path>) -> ExitCode {
         }
         let (stopped, hurry) = stop.stages();
         match server.run_until(stopped, hurry).await {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => stopped_whole(),
             Err(e) => fail(e),
         }
     });
     leave(runtime);
     code
+}
+
+/// The exit of a server that stopped without an error of its own: a
+/// failure when a long-lived task panicked (see `scrip-vital`).
+pub(crate) fn stopped_whole() -> ExitCode {
+    match scrip_vital::failed() {
+        None => ExitCode::SUCCESS,
+        Some(task) => fail(format!(
+            "stopped because its {task} task failed (a bug: please report it with the log)"
+        )),
+    }
 }
 
 /// Drops a server's runtime without waiting on its blocking pool: an
@@ -656,9 +676,21 @@ impl Stop {
     ) {
         let (count, seen) = tokio::sync::watch::channel(u8::from(self.pending));
         tokio::spawn(async move {
+            // A long-lived task that panicked (see `scrip-vital`) stops the
+            // process as a first signal does: it would otherwise go on
+            // answering half alive (every write refused, or revocations
+            // no longer followed).
+            let mut failure = std::pin::pin!(scrip_vital::failure());
+            let mut failed = false;
             while *count.borrow() < 2 {
-                self.next().await;
-                count.send_modify(|n| *n = n.saturating_add(1));
+                tokio::select! {
+                    () = self.next() => count.send_modify(|n| *n = n.saturating_add(1)),
+                    task = &mut failure, if !failed => {
+                        failed = true;
+                        tracing::error!(task, "stopping: a long-lived task failed");
+                        count.send_modify(|n| *n = (*n).max(1));
+                    }
+                }
             }
         });
         let after = move |n: u8| {
@@ -760,5 +792,32 @@ fn policy(command: PolicyCommand) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-lived task that panics stops a server as a first signal
+    /// does (requests drained), and its exit is a failure.
+    #[tokio::test]
+    async fn a_failed_long_lived_task_stops_the_server_with_a_failure() {
+        let (stopped, hurry) = Stop::new().stages();
+        let stopped = tokio::spawn(stopped);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!stopped.is_finished());
+        assert_eq!(stopped_whole(), ExitCode::SUCCESS);
+        // The real thing: a task of `scrip-vital` that panics.
+        #[allow(clippy::panic, reason = "the panic is what is tested")]
+        let task = scrip_vital::spawn("sweep", async { panic!("a bug") });
+        assert!(task.await.is_ok());
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), stopped).await;
+        assert!(matches!(done, Ok(Ok(()))), "{done:?}");
+        // The drain is not cut short: that takes a second signal.
+        let hurry = tokio::spawn(hurry);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!hurry.is_finished());
+        assert_eq!(stopped_whole(), ExitCode::FAILURE);
     }
 }

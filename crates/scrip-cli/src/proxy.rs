@@ -181,7 +181,7 @@ pub fn proxy(config: Option<&Path>) -> ExitCode {
         // An empty commit waits for the batches queued before it.
         let _ = store.commit(Vec::new()).await;
         match served {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => crate::stopped_whole(),
             Err(e) => fail(format!("proxy error: {e}")),
         }
     });

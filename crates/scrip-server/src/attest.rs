@@ -233,7 +233,7 @@ impl Serving {
 /// Serves the socket until [`Serving::stop`].
 pub fn spawn(socket: Socket, state: AppState) -> Serving {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    let task = scrip_vital::spawn("attestation socket", async move {
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
         let mut connections = tokio::task::JoinSet::new();

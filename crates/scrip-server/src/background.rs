@@ -24,8 +24,8 @@ impl Background {
 /// Starts the background tasks.
 pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Background {
     let reload = state.0.policy.spawn_reloader(hangup);
-    let sweep = tokio::spawn(sweep_loop(state.clone()));
-    let keys = tokio::spawn(keys_loop(state));
+    let sweep = scrip_vital::spawn("expiry sweep", sweep_loop(state.clone()));
+    let keys = scrip_vital::spawn("key ring", keys_loop(state));
     Background(vec![reload, sweep, keys])
 }
 

@@ -61,7 +61,7 @@ impl Head {
         let receiver = self.newest.subscribe();
         if !*following {
             *following = true;
-            tokio::spawn(self.clone().follow(store.clone()));
+            scrip_vital::spawn("revocation feed head", self.clone().follow(store.clone()));
         }
         receiver
     }

@@ -466,7 +466,7 @@ pub fn serve_metrics(
     let app = with_fallbacks(proxy.metrics_router());
     // A scraper needs a connection or two: the descriptors stay the API's.
     let limits = http::Limits::new(header_timeout).at_most(METRICS_CONNECTIONS);
-    tokio::spawn(async move {
+    scrip_vital::spawn("metrics listener", async move {
         let _ = http::serve_until(
             listener,
             app,

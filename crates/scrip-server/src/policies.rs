@@ -157,7 +157,7 @@ impl Policies {
         &self,
         hangup: Option<tokio::signal::unix::Signal>,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(self.clone().reload_loop(hangup))
+        scrip_vital::spawn("policy reloader", self.clone().reload_loop(hangup))
     }
 
     async fn reload_loop(self, mut hup: Option<tokio::signal::unix::Signal>) {

@@ -382,7 +382,10 @@ impl PgStore {
             },
             crate::chain::new_chain_id()?,
         );
-        let listener = tokio::spawn(listen(options, writer.changes().clone()));
+        let listener = scrip_vital::spawn(
+            "PostgreSQL listener",
+            listen(options, writer.changes().clone()),
+        );
         Ok(Self {
             reads,
             writer,

@@ -249,20 +249,7 @@ impl Checkpointer {
         std::thread::Builder::new()
             .name("scrip-checkpoint".into())
             .spawn(move || {
-                let mut conn = Some(conn);
-                while woken.recv().is_ok() {
-                    let c = match conn.take().map_or_else(|| connect(&path), Ok) {
-                        Ok(c) => conn.insert(c),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot open the checkpoint connection; will retry");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = checkpoint(c) {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-                        conn = None;
-                    }
-                }
+                scrip_vital::guarded("WAL checkpointer", move || checkpoints(conn, &path, &woken));
             })
             .map_err(|e| StoreError::Open(format!("cannot start the WAL checkpointer: {e}")))?;
         Ok(Self { wake })
@@ -271,6 +258,25 @@ impl Checkpointer {
     /// Asks for a pass, unless one is already asked for.
     fn wake(&self) {
         let _ = self.wake.try_send(());
+    }
+}
+
+/// The checkpointer's thread: a pass each time it is woken, until the
+/// writer is dropped.
+fn checkpoints(conn: Connection, path: &Path, woken: &std::sync::mpsc::Receiver<()>) {
+    let mut conn = Some(conn);
+    while woken.recv().is_ok() {
+        let c = match conn.take().map_or_else(|| connect(path), Ok) {
+            Ok(c) => conn.insert(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the checkpoint connection; will retry");
+                continue;
+            }
+        };
+        if let Err(e) = checkpoint(c) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+            conn = None;
+        }
     }
 }
 

@@ -96,7 +96,7 @@ impl Writer {
     /// appending to a new chain.
     pub fn spawn(backend: impl Apply, chain_id: String) -> Self {
         let (writer, run) = Self::new(backend, chain_id);
-        tokio::spawn(run);
+        scrip_vital::spawn("store writer", run);
         writer
     }
 
@@ -116,7 +116,7 @@ impl Writer {
             .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
         std::thread::Builder::new()
             .name("scrip-store-writer".into())
-            .spawn(move || runtime.block_on(run))
+            .spawn(move || scrip_vital::guarded("store writer", move || runtime.block_on(run)))
             .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
         Ok(writer)
     }

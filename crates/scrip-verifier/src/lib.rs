@@ -571,7 +571,10 @@ impl Verifier {
                         .await
                         .map_err(SetupError::Feed)?;
                 }
-                let task = tokio::spawn(feed::follow(revocations.clone(), source, feed));
+                let task = scrip_vital::spawn(
+                    "revocation feed follower",
+                    feed::follow(revocations.clone(), source, feed),
+                );
                 (Some(revocations), Some(Arc::new(FeedTask(task))))
             }
             _ => {
