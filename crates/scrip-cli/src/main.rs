@@ -18,6 +18,7 @@ macro_rules! out {
 
 mod approve;
 mod audit;
+mod log;
 mod proxy;
 mod run;
 mod secret;
@@ -387,17 +388,26 @@ enum PolicyCommand {
 /// a pipe nobody reads) is dropped: the subscriber would otherwise report
 /// it with `eprintln!`, which panics when that write fails too, killing the
 /// thread that logged (the store's writer, on its first failed commit).
-fn init_logging(format: LogFormat, level: &str) {
+/// Logs to standard error: for a server (`queued`), through a thread of
+/// its own, which the returned [`log::Lines`] waits for at exit.
+fn init_logging(format: LogFormat, level: &str, queued: bool) -> Option<log::Lines> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCRIP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .log_internal_errors(false)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        .log_internal_errors(false);
+    // Without its thread (it could not start), a server logs as the
+    // other commands do.
+    let lines = queued
+        .then(|| log::Lines::start(std::io::stderr(), log::QUEUED).ok())
+        .flatten();
+    match (format, lines.clone()) {
+        (LogFormat::Text, Some(lines)) => builder.with_writer(lines).init(),
+        (LogFormat::Json, Some(lines)) => builder.json().with_writer(lines).init(),
+        (LogFormat::Text, None) => builder.with_writer(std::io::stderr).init(),
+        (LogFormat::Json, None) => builder.json().with_writer(std::io::stderr).init(),
     }
+    lines
 }
 
 /// Credentials of scrip's own that a program scrip starts (a `scrip run`
@@ -471,17 +481,33 @@ pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serves = matches!(cli.command, Command::Serve { .. } | Command::Proxy { .. });
-    init_logging(cli.log_format, if serves { "info" } else { "warn" });
+    let lines = init_logging(cli.log_format, if serves { "info" } else { "warn" }, serves);
     if serves {
         // A panic (a bug) is logged as the rest is, in the log's format,
-        // naming its thread; a request's fails that request, a long-lived
-        // task's stops the server (see `scrip-vital`).
-        std::panic::set_hook(Box::new(|info| {
+        // naming its thread, with a backtrace when `RUST_BACKTRACE` asks
+        // for one; where the log's filter leaves errors out, as before. A
+        // request's panic fails that request; a long-lived task's stops
+        // the server (see `scrip-vital`).
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !tracing::enabled!(tracing::Level::ERROR) {
+                return before(info);
+            }
             let thread = std::thread::current();
-            tracing::error!(thread = thread.name().unwrap_or("unnamed"), "{info}");
+            let trace = std::backtrace::Backtrace::capture();
+            let trace = (trace.status() == std::backtrace::BacktraceStatus::Captured)
+                .then(|| trace.to_string());
+            tracing::error!(
+                thread = thread.name().unwrap_or("unnamed"),
+                backtrace = trace,
+                "{info}"
+            );
         }));
     }
     let code = command(cli.command);
+    if let Some(lines) = lines {
+        lines.finish(log::FINISH);
+    }
     // A failure the command found (a tampered trail) is said as such; a
     // write that failed (a full disk under `> file`) fails the command; a
     // reader that went away (`| head`) is 141.
@@ -675,7 +701,7 @@ impl Stop {
         impl Future<Output = ()> + Send + 'static,
     ) {
         let (count, seen) = tokio::sync::watch::channel(u8::from(self.pending));
-        tokio::spawn(async move {
+        scrip_vital::spawn("signal handler", async move {
             // A long-lived task that panicked (see `scrip-vital`) stops the
             // process as a first signal does: it would otherwise go on
             // answering half alive (every write refused, or revocations

@@ -1149,6 +1149,83 @@ fn a_second_sigterm_stops_waiting_for_requests_at_work() {
 /// dropped, and the thread that logged goes on: the subscriber's own report
 /// of the failure would panic it (the listener at start, a handler, the
 /// store's writer on its first failed commit).
+/// Sends a request scrip refuses, and logs; panics unless it is answered
+/// within 5 s.
+fn refuse_one(addr: SocketAddr) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let body = "grant_type=nonsense";
+    write!(
+        stream,
+        "POST /token HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(
+        response.starts_with("HTTP/1.1 400"),
+        "a refused request went unanswered: {response:?}"
+    );
+}
+
+/// Standard error that is not read (a stalled log collector) holds up no
+/// request, nor the stop.
+#[test]
+fn a_stalled_standard_error_holds_up_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_policies(&root.join("policies"));
+    let addr = write_config(root, "");
+    let mut child = scrip()
+        .args(["serve", "--config", "scrip.toml"])
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start scrip serve");
+    let mut unread = child.stderr.take().unwrap();
+    // Room for a few lines only (a page), so that it is full at once.
+    rustix::pipe::fcntl_setpipe_size(&unread, 4096).unwrap();
+    let mut server = Server {
+        child,
+        addr,
+        log: root.join("no.log"),
+    };
+    server.wait_ready();
+    // Each refused request logs a line (up to 100 a second): many pages.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        refuse_one(addr);
+    }
+    // Read again: the lines queued come out.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut chunk = [0u8; 65536];
+        while let Ok(n) = unread.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            let _ = tx.send(text.clone());
+        }
+    });
+    let mut text = String::new();
+    while !text.contains("more lines were not logged one by one") {
+        text = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("the queued lines did not come out: {text}"));
+    }
+    assert!(text.lines().count() > 100, "{text}");
+    signal(server.pid(), "TERM");
+    let status =
+        wait_exit(&mut server.child, Duration::from_secs(20)).expect("scrip serve ignored SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
 #[test]
 fn a_full_disk_under_standard_error_stops_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -1174,23 +1251,7 @@ fn a_full_disk_under_standard_error_stops_nothing() {
     server.wait_ready();
     // Each refused request logs a line; each is still answered.
     for _ in 0..5 {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let body = "grant_type=nonsense";
-        write!(
-            stream,
-            "POST /token HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        assert!(
-            response.starts_with("HTTP/1.1 400"),
-            "a refused request went unanswered: {response:?}"
-        );
+        refuse_one(addr);
     }
     assert_eq!(
         http_get(addr, "/readyz").map(|(status, _)| status),

@@ -407,6 +407,13 @@ mod tests {
             if self.down.is_some_and(|d| call >= d) {
                 return Err(StoreError::Unavailable("the disk is gone".into()));
             }
+            // A bug, as a backend could have one.
+            if writes
+                .iter()
+                .any(|w| matches!(w, Write::RevokeToken { jti, .. } if jti == "bug"))
+            {
+                panic!("a bug in the backend");
+            }
             let poisoned = writes
                 .iter()
                 .any(|w| matches!(w, Write::RevokeToken { jti, .. } if jti == "poison"));
@@ -501,6 +508,57 @@ mod tests {
         expected.extend(jtis.iter().filter(|j| *j != "poison").cloned());
         assert_eq!(committed, expected);
         calls
+    }
+
+    /// A writer that panics (on its own thread, or as a task) answers the
+    /// commit under way and every later one with an error, none waits for
+    /// ever, and the failure is reported (`scrip serve` stops on it). One
+    /// test each, so that each reports in a process of its own.
+    #[tokio::test]
+    async fn a_writer_thread_that_panics_fails_every_commit_and_is_reported() {
+        writer_that_panics(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_writer_task_that_panics_fails_every_commit_and_is_reported() {
+        writer_that_panics(false).await;
+    }
+
+    async fn writer_that_panics(own_thread: bool) {
+        {
+            let fake = Fake {
+                calls: Arc::new(AtomicUsize::new(1)),
+                release: Arc::new(tokio::sync::Notify::new()),
+                down: None,
+                committed: Arc::new(Mutex::new(Vec::new())),
+            };
+            let writer = if own_thread {
+                Writer::spawn_on_own_thread(fake, "c".into()).unwrap()
+            } else {
+                Writer::spawn(fake, "c".into())
+            };
+            writer.commit(vec![revoke("ok")]).await.unwrap();
+            let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                let bug = writer.commit(vec![revoke("bug")]).await;
+                let later = writer.commit(vec![revoke("later")]).await;
+                (bug, later)
+            })
+            .await;
+            let Ok((bug, later)) = answered else {
+                panic!("a commit waited for a writer that panicked (own thread: {own_thread})");
+            };
+            assert!(matches!(bug, Err(StoreError::Unavailable(_))), "{bug:?}");
+            assert!(
+                matches!(later, Err(StoreError::Unavailable(_))),
+                "{later:?}"
+            );
+            // Reported once the panic is caught, which may be just after
+            // the commits were answered.
+            let failure =
+                tokio::time::timeout(std::time::Duration::from_secs(10), scrip_vital::failure())
+                    .await;
+            assert_eq!(failure, Ok("store writer"));
+        }
     }
 
     #[tokio::test]
