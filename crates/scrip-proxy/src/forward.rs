@@ -1,9 +1,10 @@
 //! One proxied request, start to end: refuse early and cheaply, decide,
 //! make the decision durable, then forward and stream back.
 //!
-//! Order (each step fails closed): upstream known → path unambiguous →
-//! method maps to an action → token valid for this upstream with that
-//! action in scope (RFC 6750 answers) → task active → Cedar allows the
+//! Order (each step fails closed): token valid for this upstream (RFC 6750
+//! answers; an upstream that is not here answers as one that is answers a
+//! token issued for another) → path unambiguous → method maps to an action
+//! → that action in the token's scope → task active → Cedar allows the
 //! concrete request → the action's secret exists → the `proxy.request`
 //! audit record is durable (else 503, nothing forwarded) → forward. When the
 //! response body ends, a `proxy.response` record gives status, bytes and
@@ -210,43 +211,16 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         started,
         path: String::new(),
     };
-    // From here on every check, the audit and the upstream see one path.
-    let normal = route::normalize(path);
-    // Routes and Cedar see escapes the upstream decodes before routing
-    // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
-    let (matched, action) = match &normal {
-        Ok(path) => {
-            draft.record.path = Some(for_audit(path));
-            draft.path.clone_from(path);
-            let matched = route::match_form(path);
-            let action = upstream.map.action(&parts.method, &matched).cloned();
-            (matched, action)
-        }
-        Err(_) => (std::borrow::Cow::Borrowed(""), None),
-    };
-    if let Some(action) = &action {
-        draft.record.actions = Some(action.to_string());
-    }
-
-    // The token first: what else is wrong with a request (its path, its
-    // method) is said only to a caller holding a token for this upstream,
-    // so that others cannot map the routes. A request refused for its
-    // method or path does not spend a single-use token.
-    let checked = match &action {
-        Some(action) => {
-            upstream
-                .verifier
-                .authorize(&parts.method, &parts.uri, &parts.headers, Some(action))
-                .await
-        }
-        None => {
-            upstream
-                .verifier
-                .authenticate(&parts.method, &parts.uri, &parts.headers)
-                .await
-        }
-    };
-    let token = match checked {
+    // The token first, before anything is done with the path: what else is
+    // wrong with a request (its path, its method, its scope) is said only
+    // to a caller holding a token for this upstream, and takes only such a
+    // caller's time, so that others cannot map the routes. (The proxy
+    // spends a single-use token itself, once the request is allowed.)
+    let token = match upstream
+        .verifier
+        .authenticate(&parts.method, &parts.uri, &parts.headers)
+        .await
+    {
         Ok(t) => t,
         Err(rejection) => {
             let why = rejection
@@ -255,10 +229,10 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 .unwrap_or_else(|| {
                     "scrip could not confirm the token's state (revocations stale, or a single use unconfirmed)".into()
                 });
-            // Refused after it verified (revoked, used, out of scope, its
-            // DPoP key missing): scrip issued it, and the attempt is
-            // recorded naming whose it was, and limited per token. Before
-            // that, anyone can send the request: limited together.
+            // Refused after it verified (revoked, used, its DPoP key
+            // missing): scrip issued it, and the attempt is recorded naming
+            // whose it was, and limited per token. Before that, anyone can
+            // send the request: limited together.
             if rejection.token_verified
                 && let Some(claims) = &rejection.claims
             {
@@ -280,14 +254,21 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     if let Some(act) = &token.claims().act {
         draft.record.chain = act.chain();
     }
-    let path = match &normal {
-        Ok(path) => path.as_str(),
+
+    // From here on every check, the audit and the upstream see one path.
+    let path = match route::normalize(path) {
+        Ok(p) => p,
         Err(e) => {
             let r = error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
             return proxy.deny(&draft, name, r, e.to_string()).await;
         }
     };
-    let Some(action) = action else {
+    draft.record.path = Some(for_audit(&path));
+    draft.path.clone_from(&path);
+    // Routes and Cedar see escapes the upstream decodes before routing
+    // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
+    let matched = route::match_form(&path);
+    let Some(action) = upstream.map.action(&parts.method, &matched).cloned() else {
         let why = format!(
             "method `{}` maps to no action of this upstream",
             for_audit(parts.method.as_str())
@@ -299,6 +280,14 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         );
         return proxy.deny(&draft, name, r, why).await;
     };
+    draft.record.actions = Some(action.to_string());
+    if !token.actions().contains(&action) {
+        let rejection = scrip_verifier::Rejection::scope_lacks(name, &token, &action);
+        let why = rejection.www_authenticate.clone().unwrap_or_default();
+        return proxy
+            .deny(&draft, name, rejection.into_response::<Body>(), why)
+            .await;
+    }
 
     let task = match proxy.task(token.task()).await {
         Ok(Some(task)) if task.state(now()) == TaskState::Active => task,

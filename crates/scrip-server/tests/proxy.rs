@@ -468,10 +468,17 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     // An upstream that is not here answers every request as one that is
     // answers a token not issued for it: without a token for an upstream,
     // no one can tell whether it exists.
+    // Every header but the date, the realm put aside.
     let answer = |(status, headers, body): (u16, reqwest::header::HeaderMap, String),
                   realm: &str| {
         let challenge = challenge(&headers).replacen(&format!("realm=\"{realm}\""), "realm=R", 1);
-        (status, challenge, body)
+        let mut rest: Vec<String> = headers
+            .iter()
+            .filter(|(name, _)| *name != "date" && *name != "www-authenticate")
+            .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap()))
+            .collect();
+        rest.sort();
+        (status, challenge, rest, body)
     };
     for (what, token) in [
         ("none", None),
@@ -494,6 +501,27 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     let not_here = env.send(reqwest::Method::GET, "nope/x", Some(&good)).await;
     assert_eq!(not_here.0, 401);
     assert_eq!(answer(not_here, "nope"), answer(here, "legacy"));
+    // Whatever the method or path, even one the upstream would refuse.
+    for (method, rest) in [
+        (reqwest::Method::HEAD, "/x"),
+        (reqwest::Method::GET, ""),
+        (reqwest::Method::OPTIONS, "/items"),
+    ] {
+        let here = env
+            .send(method.clone(), &format!("legacy{rest}"), Some(&github))
+            .await;
+        let not_here = env
+            .send(method.clone(), &format!("nope{rest}"), Some(&good))
+            .await;
+        assert_eq!(here.0, 401, "{method} {rest}");
+        assert_eq!(
+            answer(not_here, "nope"),
+            answer(here, "legacy"),
+            "{method} {rest}"
+        );
+    }
+    assert_eq!(env.raw_get("/proxy/legacy/a%2fb", &github).await, 401);
+    assert_eq!(env.raw_get("/proxy/nope/a%2fb", &good).await, 401);
     // The realm is the name asked for, cut to a tool name's length.
     let long = "n".repeat(100);
     let (status, headers, _) = env
@@ -1595,6 +1623,41 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
             "{why}: {c}"
         );
     }
+    // Out of scope (a write with a read token), with its proof: refused
+    // with a DPoP challenge naming the action.
+    let items = env.url("legacy/items");
+    let r = env
+        .http
+        .post(&items)
+        .header("authorization", format!("DPoP {bound}"))
+        .header("DPoP", key.proof("POST", &items, Some(&bound)))
+        .send()
+        .await
+        .unwrap();
+    let c = challenge(r.headers());
+    assert_eq!(r.status(), 403, "{c}");
+    assert!(
+        c.starts_with("DPoP realm=\"legacy\", algs=\"")
+            && c.contains("error=\"insufficient_scope\"")
+            && c.ends_with("scope=\"write\""),
+        "{c}"
+    );
+    // At an upstream that is not here, with a good proof: as at one the
+    // token was not issued for.
+    let (status, c) = get(
+        format!("DPoP {bound}"),
+        vec![key.proof("GET", &env.url("nope/public/dpop"), Some(&bound))],
+        "nope/public/dpop",
+    )
+    .await;
+    assert_eq!(status, 401, "{c}");
+    assert!(
+        c.starts_with("DPoP realm=\"nope\", algs=\"")
+            && c.ends_with(
+                "error=\"invalid_token\", error_description=\"token audience is not accepted\""
+            ),
+        "{c}"
+    );
     // An unbound token cannot be dressed up as a bound one.
     let (status, c) = get(
         format!("DPoP {plain}"),

@@ -141,6 +141,27 @@ impl Rejection {
         }
     }
 
+    /// The answer to a request whose `token`, accepted by
+    /// [`Verifier::authenticate`], does not have `action` in its scope: what
+    /// [`Verifier::authorize`] answers then (403 `insufficient_scope`,
+    /// challenging with `DPoP` for a bound token), naming whose it is.
+    #[must_use]
+    pub fn scope_lacks(realm: &str, token: &AccessToken, action: &ActionName) -> Self {
+        // A bound token was accepted only with `Authorization: DPoP`, an
+        // unbound one only without.
+        let scheme = if token.claims().cnf.is_some() {
+            Scheme::Dpop
+        } else {
+            Scheme::Bearer
+        };
+        let error = VerifyError::InsufficientScope {
+            required: action.to_string(),
+        };
+        let mut rejection = Self::challenge(realm, &error, scheme);
+        rejection.claims = Some(Box::new(token.claims().clone()));
+        rejection
+    }
+
     /// The answer to a refused token.
     #[must_use]
     pub fn from_error(realm: &str, error: &VerifyError) -> Self {

@@ -644,9 +644,12 @@ impl Verifier {
     }
 
     /// Verifies a request's token as [`Verifier::authorize`] does, requiring
-    /// no action and without spending a single-use token: for a request
-    /// that is refused for another reason (a method no action maps to),
-    /// once its caller is known to hold a token for this tool.
+    /// no action and without spending a single-use token (one already
+    /// spent here is refused): to learn whose a request is before it is
+    /// refused for another reason (a method no action maps to), or before
+    /// the caller spends a single-use token itself, as the proxy does. It
+    /// must not be what admits a request to a resource server: that would
+    /// let a single-use token be presented many times.
     ///
     /// # Errors
     /// The RFC 6750 (or RFC 9449 §7.1) [`Rejection`] to answer.
@@ -838,14 +841,21 @@ impl Verifier {
                 required: action.to_string(),
             });
         }
-        if inner.claim_single_use
-            && !matches!(need, layer::Need::Unspent)
-            && accepted
-                .claims
-                .approval
-                .as_ref()
-                .is_some_and(|a| a.single_use)
-        {
+        let single_use = accepted
+            .claims
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.single_use);
+        if inner.claim_single_use && single_use && matches!(need, layer::Need::Unspent) {
+            // Not spent by this presentation, but refused once spent here.
+            let spent = inner
+                .used_once
+                .lock()
+                .map_or(true, |used| used.contains_key(&accepted.claims.jti));
+            if spent {
+                return Err(VerifyError::AlreadyUsed);
+            }
+        } else if inner.claim_single_use && single_use {
             {
                 let mut used = inner
                     .used_once

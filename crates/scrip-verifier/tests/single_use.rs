@@ -257,6 +257,23 @@ async fn the_verifier_accepts_an_approved_token_once() {
         );
     };
     spent(v.verify(&token).await.unwrap_err());
+    // Nor does a request that would not spend it pass once it is spent.
+    spent(
+        match v.authenticate(&http::Method::GET, &uri, &headers).await {
+            Err(r) => {
+                assert_eq!(r.status, 401);
+                if r.www_authenticate
+                    .as_deref()
+                    .is_some_and(|c| c.contains("already presented"))
+                {
+                    VerifyError::AlreadyUsed
+                } else {
+                    VerifyError::Revoked
+                }
+            }
+            Ok(_) => panic!("a spent single-use token was accepted"),
+        },
+    );
     spent(
         v.verify_for(&token, &ActionName::parse("delete").unwrap())
             .await
