@@ -204,7 +204,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             replica: proxy.0.replica.clone(),
             tool: Some(upstream.name.clone()),
             method: Some(for_audit(parts.method.as_str())),
-            path: Some(for_audit(path)),
+            // Set once a token scrip issued stands behind the request:
+            // what anyone may send is not kept.
+            path: None,
             client,
             ..AuditEvent::default()
         },
@@ -236,6 +238,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             if rejection.token_verified
                 && let Some(claims) = &rejection.claims
             {
+                draft.record.path = Some(for_audit(path));
                 draft.record.task_id = Some(claims.txn.clone());
                 draft.record.jti = Some(claims.jti.clone());
                 draft.record.agent_sub = Some(claims.sub.clone());
@@ -248,6 +251,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 .await;
         }
     };
+    draft.record.path = Some(for_audit(path));
     draft.record.task_id = Some(token.task().to_owned());
     draft.record.jti = Some(token.claims().jti.clone());
     draft.record.agent_sub = Some(token.claims().sub.clone());
