@@ -15,7 +15,7 @@ umask 022
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
-  cargo install cargo-nextest --locked
+  cargo install cargo-nextest --locked --version 0.9.143
 fi
 
 # PostgreSQL: the shared store's tests (the conformance suite, replicas)
@@ -92,6 +92,31 @@ if [ ! -x /usr/sbin/nginx ]; then
   apt-get install -y -qq nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 fi
 
+# curl and openssl: the CLI's proxy tests and the wrk cross-check use them.
+for tool in curl openssl; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "installing $tool" >&2
+    apt-get install -y -qq "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
+  fi
+done
+
+# Databases that tests of an earlier run left when they were killed (their
+# process is gone); those of a run still going are left alone.
+psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres \
+  -c "SELECT datname FROM pg_database WHERE datname ~ '^scrip_(t|smoke_)[0-9]+'" |
+  while read -r db; do
+    pid=$(sed -E 's/^scrip_(t|smoke_)([0-9]+).*/\2/' <<<"$db")
+    if [ ! -d "/proc/$pid" ]; then
+      psql -wqX postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
+    fi
+  done
+
+# The interoperability tests' third-party packages (npm, a Python venv) are
+# installed before the tests, so that the first of them does not hold the
+# others up (the tests run this same idempotent script too).
+echo "== interop packages" >&2
+bash interop/setup.sh
+
 echo "== format" >&2
 cargo fmt --all --check
 echo "== lints" >&2
@@ -124,11 +149,6 @@ trap 'psql -qX postgres://postgres@127.0.0.1:5432/test -c "DROP DATABASE IF EXIS
 target/debug/scrip-bench --smoke --scrip target/debug/scrip \
   --database-url "postgres://postgres@127.0.0.1:5432/$smoke_db" --replicas 2 \
   --scenario task-start,exchange,introspect,revoke,propagation --no-restart
-# The interoperability tests (crates/scrip-verifier/tests/interop.rs, run
-# above) install their third-party packages into interop/ (npm, a Python venv)
-# by running this same idempotent script; here it is checked on its own.
-echo "== interop packages" >&2
-bash interop/setup.sh
 # The same scrip driven by a third-party load generator (wrk), as
 # BENCHMARKS.md's cross-check runs it: fails on request errors, never on
 # timings.
