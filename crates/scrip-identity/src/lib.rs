@@ -55,6 +55,16 @@ pub enum IdentityError {
         "claim `{0}` is missing or has a value this issuer's identities may not have (required_claims)"
     )]
     ClaimNotAllowed(String),
+    /// A local identity whose `exp` is further than
+    /// [`scrip_config::LOCAL_IDENTITY_TTL`] from its `iat`, or that lacks
+    /// either: scrip never issues one, so its key signed what it did not
+    /// attest (a key that leaked would otherwise mint identities of any
+    /// lifetime).
+    #[error(
+        "a local identity lives at most {} s from its `iat`",
+        scrip_config::LOCAL_IDENTITY_TTL
+    )]
+    LocalLifetime,
 }
 
 /// A problem loading the trusted issuers at start.
@@ -318,6 +328,13 @@ impl IdentityVerifier {
                 Err(JoseError::IssuedInFuture | JoseError::NotYetValid) => verify(self.leeway),
                 other => other,
             }?;
+            let claim = |name| verified.claims.get(name).and_then(Value::as_u64);
+            let lifetime = claim("exp")
+                .zip(claim("iat"))
+                .map(|(exp, iat)| exp.saturating_sub(iat));
+            if lifetime.is_none_or(|l| l > scrip_config::LOCAL_IDENTITY_TTL) {
+                return Err(IdentityError::LocalLifetime);
+            }
             return WorkloadIdentity::from_local_claims(&local.issuer, &verified.claims)
                 .ok_or(IdentityError::NoSubject);
         }

@@ -369,6 +369,43 @@ async fn a_local_identity_starts_a_task_and_cedar_sees_its_attributes() {
         .await
         .assert_error(400, "invalid_request");
 
+    // Signed by scrip's key but living longer than scrip attests for (what
+    // a leaked key would mint), or without `iat`: refused.
+    let lifetime = |exp_after_iat: Option<u64>| {
+        server.resign(&identity, |c| {
+            let iat = c["iat"].as_u64().unwrap();
+            match exp_after_iat {
+                Some(l) => c["exp"] = serde_json::json!(iat + l),
+                None => drop(c.as_object_mut().unwrap().remove("iat")),
+            }
+        })
+    };
+    for long in [
+        Some(scrip_config::LOCAL_IDENTITY_TTL + 1),
+        Some(86_400),
+        None,
+    ] {
+        let r = server
+            .try_start_task(&lifetime(long), "github:read", "dev", "local run", None)
+            .await;
+        r.assert_error(400, "invalid_request");
+        assert!(
+            r.text.contains("a local identity lives at most 300 s"),
+            "{long:?}: {}",
+            r.text
+        );
+    }
+    let r = server
+        .try_start_task(
+            &lifetime(Some(scrip_config::LOCAL_IDENTITY_TTL)),
+            "github:read",
+            "dev",
+            "local run",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
     // The local identity authenticates an introspection call too.
     let at = access.body["access_token"].as_str().unwrap();
     let r = server

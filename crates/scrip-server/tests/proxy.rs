@@ -562,9 +562,7 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     // A refused request's record keeps 1 KiB of a long path, and says how
     // long it was (a write with a read token).
     let long = format!("legacy/{}", "a".repeat(20_000));
-    let (status, _, _) = env
-        .send(reqwest::Method::POST, &long, Some(&good))
-        .await;
+    let (status, _, _) = env.send(reqwest::Method::POST, &long, Some(&good)).await;
     assert_eq!(status, 403);
     let refused = env
         .wait_audit(|a| {
@@ -654,7 +652,8 @@ async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
     }
     // What anyone may send keeps nothing of the request's path: such
     // records name no token, and no path.
-    let flood = |a: &&scrip_store::AuditEvent| a.jti.is_none() && a.tool.as_deref() == Some("legacy");
+    let flood =
+        |a: &&scrip_store::AuditEvent| a.jti.is_none() && a.tool.as_deref() == Some("legacy");
     let tally = |audit: &[scrip_store::AuditEvent]| {
         let one_by_one = audit
             .iter()
@@ -673,7 +672,11 @@ async fn a_flood_of_unverified_requests_is_recorded_as_counts() {
         (one_by_one, counted)
     };
     let audit = env.refusals_adding_up(SENT, tally).await;
-    for a in audit.iter().filter(|a| a.event.starts_with("proxy.")).filter(flood) {
+    for a in audit
+        .iter()
+        .filter(|a| a.event.starts_with("proxy."))
+        .filter(flood)
+    {
         assert_eq!(a.path, None, "{a:?}");
     }
     let verified_refusals: Vec<_> = audit
