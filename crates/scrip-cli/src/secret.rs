@@ -289,7 +289,7 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
 }
 
 /// Who wrote this command's audit records.
-fn replica() -> String {
+pub(crate) fn replica() -> String {
     format!("scrip-cli:{}", std::process::id())
 }
 
@@ -351,14 +351,14 @@ async fn rotate_each(
     clippy::print_stderr,
     reason = "a warning for the person running the command"
 )]
-async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
+pub(crate) async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
     match scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await {
         Ok(key) => {
             store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
             Ok(())
         }
         Err(e) if config.database_url.is_none() => Err(format!(
-            "cannot sign the audit record of this change: {e}; no secret was changed"
+            "cannot sign the audit record of this change: {e}; nothing was changed"
         )),
         Err(e) => {
             eprintln!(

@@ -39,6 +39,21 @@ pub enum TaskCommand {
         #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
         server: String,
     },
+    /// End tasks as the operator: every open task of an agent (a
+    /// compromised workload), or tasks named by id.
+    ///
+    /// Needs no task token: it writes to the store of the configuration
+    /// directly (database_url, else the embedded store in data_dir), like
+    /// `scrip secret`, while scrip runs. Each task ends with its sub-tasks,
+    /// as when its task token is revoked: every scrip serving the store
+    /// stops exchanging it at once (an exchange is committed only while its
+    /// task is open), introspection calls its tokens inactive, and the
+    /// revocation feed lists it, so resource servers and proxies refuse its
+    /// access tokens within about a second. Each ending is recorded (`task.ended`, with
+    /// this command and --reason) in an audit chain of its own, signed as
+    /// `scrip secret`'s are. A task that has ended already is left as it
+    /// is. Prints each task ended, one per line.
+    Revoke(RevokeArgs),
     /// List the tasks still running, the soonest to end first.
     ///
     /// Reads the store of the configuration (database_url, else the embedded
@@ -61,6 +76,30 @@ pub enum TaskCommand {
     },
 }
 
+/// Arguments of `scrip task revoke`.
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    /// The configuration file (to find the store).
+    #[arg(long, short, env = "SCRIP_CONFIG")]
+    config: Option<PathBuf>,
+    /// A task to end, by id (as `scrip task list` and `scrip audit query`
+    /// show it); may be given more than once.
+    #[arg(long = "id", value_name = "TASK", required_unless_present = "agent")]
+    ids: Vec<String>,
+    /// End every open task of this agent: the subject of the workload
+    /// identity that started it (sub-tasks delegated from them end with
+    /// them).
+    #[arg(long, value_name = "SUBJECT", conflicts_with = "ids")]
+    agent: Option<String>,
+    /// With --agent: only its tasks started with an identity of this
+    /// issuer.
+    #[arg(long, value_name = "ISSUER", requires = "agent")]
+    issuer: Option<String>,
+    /// Why, for the audit trail (a ticket, an incident).
+    #[arg(long)]
+    reason: String,
+}
+
 /// Arguments of `scrip task start`.
 #[derive(Debug, clap::Args)]
 pub struct StartArgs {
@@ -80,6 +119,7 @@ pub fn task(command: TaskCommand) -> ExitCode {
     match command {
         TaskCommand::Start(args) => start(&args),
         TaskCommand::End { server } => end(&server),
+        TaskCommand::Revoke(args) => revoke(&args),
         TaskCommand::List {
             config,
             agent,
@@ -279,4 +319,147 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
         );
     }
     ExitCode::SUCCESS
+}
+
+/// Tasks ended at most in one run of `scrip task revoke --agent`: far more
+/// than one agent has open (each may hold 10,000 sub-tasks, which end with
+/// it and are not counted).
+const MOST_REVOKED: usize = 100_000;
+
+/// `scrip task revoke`.
+fn revoke(args: &RevokeArgs) -> ExitCode {
+    let result = (|| {
+        let config =
+            scrip_config::Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+        let reason = args.reason.trim();
+        if reason.is_empty() || reason.chars().any(char::is_control) || reason.len() > 500 {
+            return Err("--reason must be one line of text, at most 500 bytes".to_owned());
+        }
+        runtime()?.block_on(async {
+            let (_, store) = open(args.config.as_deref()).await?;
+            crate::secret::sign_heads(&config, store.as_ref()).await?;
+            let ended = match &args.agent {
+                Some(agent) => {
+                    revoke_agent(
+                        &config,
+                        store.as_ref(),
+                        agent,
+                        args.issuer.as_deref(),
+                        reason,
+                    )
+                    .await?
+                }
+                None => {
+                    let mut ended = 0;
+                    for id in &args.ids {
+                        match store.task(id).await.map_err(|e| e.to_string())? {
+                            None => return Err(format!("no task `{id}`; nothing more was ended")),
+                            Some(task) => {
+                                ended += usize::from(
+                                    end_one(&config, store.as_ref(), &task, reason).await?,
+                                );
+                            }
+                        }
+                    }
+                    ended
+                }
+            };
+            Ok(ended)
+        })
+    })();
+    match result {
+        Err(e) => fail(e),
+        Ok(0) => {
+            #[expect(clippy::print_stderr, reason = "what was done")]
+            {
+                eprintln!("scrip: no open task was found to end");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::SUCCESS,
+    }
+}
+
+/// Ends every open task of `agent` (of `issuer`, if given): how many.
+async fn revoke_agent(
+    config: &scrip_config::Config,
+    store: &dyn scrip_store::Store,
+    agent: &str,
+    issuer: Option<&str>,
+    reason: &str,
+) -> Result<usize, String> {
+    let mut ended = 0;
+    let mut passed = std::collections::HashSet::new();
+    loop {
+        let now = crate::audit::now_s();
+        let open = store
+            .open_tasks(now, Some(agent), 1000)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Those of another issuer, and those ended by the ending of their
+        // root this run, are passed over: each is looked at once.
+        let todo: Vec<_> = open
+            .into_iter()
+            .filter(|t| issuer.is_none_or(|i| t.agent.issuer == i))
+            .filter(|t| passed.insert(t.id.clone()))
+            .collect();
+        if todo.is_empty() || passed.len() > MOST_REVOKED {
+            return Ok(ended);
+        }
+        for task in &todo {
+            ended += usize::from(end_one(config, store, task, reason).await?);
+        }
+    }
+}
+
+/// Ends `task` and its open sub-tasks, recording why: whether it was open.
+async fn end_one(
+    config: &scrip_config::Config,
+    store: &dyn scrip_store::Store,
+    task: &scrip_store::TaskRecord,
+    reason: &str,
+) -> Result<bool, String> {
+    let now = crate::audit::now_s();
+    if task.state(now) == scrip_store::TaskState::Ended {
+        return Ok(false);
+    }
+    let user = rustix::process::geteuid().as_raw();
+    let record = scrip_store::AuditEvent {
+        at_ms: now.saturating_mul(1000),
+        event: "task.ended".into(),
+        agent_iss: Some(task.agent.issuer.clone()),
+        agent_sub: Some(task.agent.subject.clone()),
+        task_id: Some(task.id.clone()),
+        parent_id: task.parent.clone(),
+        environment: Some(task.environment.clone()),
+        purpose: Some(task.purpose.clone()),
+        client: Some(format!("local:uid:{user}")),
+        reason: Some(format!(
+            "ended by the operator (scrip task revoke): {reason}; every open sub-task ended with it"
+        )),
+        replica: crate::secret::replica(),
+        ..scrip_store::AuditEvent::default()
+    };
+    let ended = store
+        .commit(vec![
+            scrip_store::Write::EndOpenTask {
+                id: task.id.clone(),
+                at: now,
+                reason: "revoked".into(),
+                // Verifiers accept a token up to their leeway past its
+                // `exp`: the task's event outlives it as long.
+                grace: config.clock_skew,
+            },
+            scrip_store::Write::Audit(Box::new(record)),
+        ])
+        .await;
+    match ended {
+        Ok(()) => {
+            out!("{}", task.id);
+            Ok(true)
+        }
+        // Ended meanwhile (by its agent, its parent, its deadline).
+        Err(scrip_store::StoreError::Conflict(_)) => Ok(false),
+        Err(e) => Err(format!("cannot end task `{}`: {e}", task.id)),
+    }
 }

@@ -961,7 +961,7 @@ max_age = 86400
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("cannot sign the audit record of this change")
-            && text(&out.stderr).contains("no secret was changed"),
+            && text(&out.stderr).contains("nothing was changed"),
         "{}",
         text(&out.stderr)
     );

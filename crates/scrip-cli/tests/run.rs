@@ -736,6 +736,137 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     assert_refused(&out, 1, &["invalid_request", "start a new one"]);
 }
 
+/// The operator ends a compromised agent's tasks without their tokens,
+/// beside the running scrip, which stops exchanging them (an exchange is
+/// committed only while its task is open, whatever was kept in memory) and
+/// says so at introspection; each ending is in the audit trail.
+#[test]
+fn an_operator_revokes_tasks_while_scrip_runs() {
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let start = |purpose: &str| {
+        let out = server
+            .scrip()
+            .args(["task", "start", "--env", "dev", "--grant", "github:read"])
+            .args(["--purpose", purpose])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    let txn = |token: &str| -> String {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["txn"].as_str().unwrap().to_owned()
+    };
+    let (one, two) = (start("triage JIRA-7"), start("triage JIRA-8"));
+    // Exchanged once each: their records are now kept in memory.
+    let (status, access) = server.exchange(&one);
+    assert_eq!(status, 200, "{access}");
+    let access = access["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(server.exchange(&two).0, 200);
+    let revoke = |args: &[&str]| {
+        server
+            .scrip()
+            .args(["task", "revoke", "--config"])
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Ended for the server at once; allowing for a loaded machine.
+    let ended_soon = |token: &str| {
+        let started = std::time::Instant::now();
+        while server.exchange(token).0 == 200 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "still exchanged after its revocation"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+
+    let out = revoke(&["--id", &txn(&one), "--reason", "INC-42: leaked runner"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), txn(&one));
+    ended_soon(&one);
+    assert_eq!(server.introspect(&access)["active"], false);
+    assert_eq!(
+        server.exchange(&two).0,
+        200,
+        "another task of the agent goes on"
+    );
+
+    // Every open task of the agent, by its subject (as `task list` shows it).
+    let list = server
+        .scrip()
+        .args(["task", "list", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let line: Value = serde_json::from_str(text(&list.stdout).trim()).unwrap();
+    let agent = line["agent"]["sub"].as_str().unwrap().to_owned();
+    let issuer = line["agent"]["iss"].as_str().unwrap().to_owned();
+    // Of another issuer: none.
+    let out = revoke(&[
+        "--agent",
+        &agent,
+        "--issuer",
+        "https://elsewhere.example",
+        "--reason",
+        "INC-42",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("no open task"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(server.exchange(&two).0, 200);
+    let out = revoke(&["--agent", &agent, "--issuer", &issuer, "--reason", "INC-42"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), txn(&two));
+    ended_soon(&two);
+
+    // Recorded, naming the command and the reason, in a chain that verifies.
+    let out = server
+        .scrip()
+        .args(["audit", "query", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let records = text(&out.stdout);
+    for id in [txn(&one), txn(&two)] {
+        assert!(
+            records.lines().any(|l| l.contains(&id)
+                && l.contains("\"task.ended\"")
+                && l.contains("ended by the operator (scrip task revoke): INC-42")),
+            "{records}"
+        );
+    }
+
+    // Mistakes: an unknown id, no reason, neither --id nor --agent.
+    let out = revoke(&["--id", "nope", "--reason", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no task `nope`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(revoke(&["--id", "nope"]).status.code(), Some(2));
+    assert_eq!(revoke(&["--reason", "x"]).status.code(), Some(2));
+    let out = revoke(&["--id", &txn(&one), "--reason", "two\nlines"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
 #[test]
 fn task_start_list_and_end() {
     let server = Server::start();
