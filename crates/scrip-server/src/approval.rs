@@ -536,6 +536,13 @@ async fn issue(
         .ok_or_else(|| OAuthError::invalid_target("the approved tool is no longer configured"))?;
     let actions = ActionSet::parse(&approval.actions).map_err(|_| OAuthError::server_error())?;
     let approver = approval.decided_by.clone().unwrap_or_default();
+    // A person no longer among the approvers (removed, perhaps compromised,
+    // since they approved) approves nothing more: the step is asked again.
+    if !st.config.approvers.iter().any(|a| a.name == approver) {
+        return Err(OAuthError::access_denied(format!(
+            "`{approver}`, who approved this step, is no longer an approver; ask for the step again"
+        )));
+    }
     // The policy is asked again, now with the approval: it may have changed.
     let ctx = RequestContext {
         stage: Stage::Token,

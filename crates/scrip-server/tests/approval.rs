@@ -371,6 +371,50 @@ async fn polling_is_pending_then_slow_down_when_too_fast() {
     s.stop().await;
 }
 
+/// An approver removed from the configuration (perhaps compromised) after
+/// approving a step: the step's token is not handed out by a scrip
+/// restarted without them; with them still listed, it is.
+#[tokio::test]
+async fn a_step_approved_by_someone_no_longer_an_approver_is_not_collected() {
+    let keep = tempfile::tempdir().unwrap();
+    let data_dir = keep.path().join("data");
+    let with = move |approvers: Vec<Approver>| {
+        let data_dir = data_dir.clone();
+        edit(move |c| {
+            c.data_dir = data_dir;
+            // The same issuer across restarts, wherever each listens.
+            c.issuer = Some("https://scrip.test".into());
+            c.approvers = approvers;
+        })
+    };
+    let s = TestServer::start_with(with(vec![alice(), bob()])).await;
+    let (one, two) = (prod_task(&s).await, prod_task(&s).await);
+    let (a, b) = (pending(&s, &one).await, pending(&s, &two).await);
+    for id in [&a, &b] {
+        let r = approve(&s, id, Some(&alice_id(&s))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    s.stop().await;
+
+    // Alice is removed: her approval hands out nothing.
+    let s = TestServer::start_with(with(vec![bob()])).await;
+    let r = poll(&s, &one, &a).await;
+    r.assert_error(400, "access_denied");
+    assert!(
+        r.text
+            .contains("`alice`, who approved this step, is no longer an approver"),
+        "{}",
+        r.text
+    );
+    s.stop().await;
+
+    // Still listed: the other step's token is handed out.
+    let s = TestServer::start_with(with(vec![alice(), bob()])).await;
+    let r = poll(&s, &two, &b).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn approval_yields_one_token_for_exactly_the_step() {
     let s = server().await;
