@@ -18,6 +18,7 @@ macro_rules! out {
 
 mod approve;
 mod audit;
+mod key;
 mod log;
 mod proxy;
 mod run;
@@ -210,6 +211,27 @@ enum Command {
         #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Withdraw scrip's signing keys at once, for a key that leaked.
+    ///
+    /// With database_url (a shared key set): a new key signs from now on and
+    /// every other signing key leaves the published set at once, whatever
+    /// it signed, so every task and access token signed before is refused
+    /// (tasks must be started again). Every replica follows at once where
+    /// PostgreSQL's notification arrives, within 5 s otherwise;
+    /// scrip-verifier resource servers fetch the new key when they first
+    /// see it and drop the old ones at their next JWKS refresh (jwks_refresh,
+    /// 5 min by default). Audited (`key.created`, `key.withdrawn`, with
+    /// --reason). Prints the keys withdrawn and the one that signs. On the
+    /// embedded store the key is a file: it says which to move away before
+    /// a restart.
+    Key {
+        /// The configuration file (to find the store and the key-encryption
+        /// key).
+        #[arg(long, short, global = true, env = "SCRIP_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Manage the static keys the proxy injects for legacy upstreams.
     ///
     /// These read and write the configuration's store (PostgreSQL with
@@ -249,6 +271,17 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+/// What `scrip key` does.
+#[derive(Debug, clap::Subcommand)]
+enum KeyCommand {
+    /// Withdraw every signing key now; a new one signs.
+    Withdraw {
+        /// Why, for the audit trail (an incident).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -536,6 +569,9 @@ fn command(command: Command) -> ExitCode {
             approver,
         } => approve::deny(&approver, &id, &reason),
         Command::Migrate { config } => audit::migrate(config.as_deref()),
+        Command::Key { config, command } => match command {
+            KeyCommand::Withdraw { reason } => key::withdraw(config.as_deref(), &reason),
+        },
         Command::Secret { config, command } => match command {
             SecretCommand::Set { name, action } => secret::set(config.as_deref(), &name, &action),
             SecretCommand::List { json } => secret::list(config.as_deref(), json),

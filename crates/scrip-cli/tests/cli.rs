@@ -1226,6 +1226,40 @@ fn a_stalled_standard_error_holds_up_no_request() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `scrip key withdraw` on the embedded store withdraws nothing (its key
+/// is a file) and says which file to move away; it needs a reason.
+#[test]
+fn key_withdraw_on_the_embedded_store_names_the_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_policies(&root.join("policies"));
+    write_config(root, "");
+    let out = scrip()
+        .args([
+            "key",
+            "withdraw",
+            "--config",
+            "scrip.toml",
+            "--reason",
+            "INC-7",
+        ])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("move `.scrip/keys/signing-es256.json` away"),
+        "{err}"
+    );
+    let out = scrip()
+        .args(["key", "withdraw", "--config", "scrip.toml"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
 #[test]
 fn a_full_disk_under_standard_error_stops_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,9 +22,14 @@
 //!   ([`scrip_config::Config::longest_token_life`] after the switch), then
 //!   dropped.
 //!
+//! - an operator may withdraw the signing keys at once, for one that leaked
+//!   ([`withdraw_signing_keys`], `scrip key withdraw`): a new key signs
+//!   from then on, and the others leave the set whatever they signed.
+//!
 //! Architecture invariant: a token is signed only with a key that is in the
 //! published set, and a key leaves the set only after every token it signed
-//! has expired. A sealed key that does not open is never used.
+//! has expired, unless an operator withdrew it. A sealed key that does not
+//! open is never used.
 
 use std::sync::{Arc, RwLock};
 
@@ -375,6 +380,114 @@ impl Keyring {
         }
         Ok(created)
     }
+}
+
+/// Why [`withdraw_signing_keys`] withdrew nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum WithdrawError {
+    /// The embedded store's signing key is a file.
+    #[error(
+        "the embedded store's signing key is a file: stop scrip, move `{0}` away, and start it again (a new key signs, and only it is published)"
+    )]
+    Embedded(std::path::PathBuf),
+    /// The keys could not be read or opened.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The store could not be read or written.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// What [`withdraw_signing_keys`] did.
+#[derive(Debug)]
+pub struct Withdrawn {
+    /// The key that signs from now on.
+    pub signing: String,
+    /// The keys withdrawn.
+    pub withdrawn: Vec<String>,
+}
+
+/// Withdraws every signing key of a shared key set at once, for a key that
+/// leaked: a new key signs from `now`, and the others leave the published
+/// set now, whatever they signed. Tokens they signed are refused from then
+/// on (tasks must be started again), by every replica as soon as it reads
+/// the key set: at once where the store's notification arrives, within
+/// [`POLL`] otherwise (until then it may still sign with an old key).
+/// `scrip-verifier` resource servers fetch the new key when they first see
+/// it, and drop the old ones at their next JWKS refresh. Audited in the
+/// same commit (`key.created`, `key.withdrawn`, with `reason`), named after
+/// `replica`; the caller has the store sign that commit's head.
+///
+/// # Errors
+/// [`WithdrawError`].
+pub async fn withdraw_signing_keys(
+    config: &Config,
+    store: &dyn Store,
+    now: u64,
+    replica: &str,
+    reason: &str,
+) -> Result<Withdrawn, WithdrawError> {
+    if config.database_url.is_none() {
+        return Err(WithdrawError::Embedded(config.data_dir.join("keys").join(
+            format!(
+                "signing-{}.json",
+                config.signing_algorithm.as_str().to_ascii_lowercase()
+            ),
+        )));
+    }
+    let stored = store.keys(now).await?;
+    let shared = Shared {
+        kek: keys::store_kek(config, store).await?,
+        algorithm: config.signing_algorithm,
+        rotation: 0,
+        lead: 0,
+        keep: 0,
+    };
+    shared.open_all(config, &stored)?;
+    let signing: Vec<&StoredKey> = stored
+        .iter()
+        .filter(|k| k.purpose == KeyPurpose::Signing)
+        .collect();
+    // Every signing key goes, a rotation's key not active yet included: the
+    // new one signs from now.
+    let newest = signing.iter().max_by_key(|k| (k.active_at, &k.kid));
+    let key = shared.new_key(KeyPurpose::Signing, config.signing_algorithm, now, now)?;
+    let record = |event: &str, kid: &str, what: String| {
+        let mut a = crate::audit_record(replica, event);
+        a.jti = Some(kid.to_owned());
+        a.reason = Some(what);
+        Write::Audit(Box::new(a))
+    };
+    let mut writes = vec![record(
+        "key.created",
+        &key.kid,
+        format!(
+            "{} signing key created, signs at once, for a withdrawal: {reason}",
+            key.alg
+        ),
+    )];
+    let withdrawn: Vec<String> = signing.iter().map(|k| k.kid.clone()).collect();
+    for kid in &withdrawn {
+        writes.push(Write::WithdrawKey {
+            kid: kid.clone(),
+            at: now,
+        });
+        writes.push(record(
+            "key.withdrawn",
+            kid,
+            format!("signing key withdrawn: no longer published, its tokens refused: {reason}"),
+        ));
+    }
+    let signing_kid = key.kid.clone();
+    writes.push(Write::InsertKey {
+        key: Box::new(key),
+        after: newest.map(|k| k.kid.clone()),
+    });
+    store.commit(writes).await?;
+    Ok(Withdrawn {
+        signing: signing_kid,
+        withdrawn,
+    })
 }
 
 /// The store signs this process's chain head with the current checkpoint

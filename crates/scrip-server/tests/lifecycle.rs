@@ -1212,6 +1212,129 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
     s.stop().await;
 }
 
+/// A leaked shared signing key is withdrawn at once (`scrip key withdraw`):
+/// the running server stops accepting what it signed and publishing it,
+/// signs with the new key, and the trail says why; on the embedded store
+/// the command says which file to move away.
+#[tokio::test]
+async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
+    let db = scrip_testkit::PgDatabase::new();
+    let url = db.url().to_owned();
+    let database_url = url.clone();
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(move |c: &mut scrip_config::Config| {
+            c.database_url = Some(database_url);
+        })),
+        ..Options::default()
+    })
+    .await;
+    let kids = || async {
+        let jwks: Value = s
+            .http
+            .get(format!("{}/jwks", s.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let old_task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "before", None)
+            .await,
+    );
+    let old_kid = decode_parts(&old_task).0["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(s.access_token(&old_task, "github", None).await.status, 200);
+    assert_eq!(kids().await, [old_kid.as_str()]);
+
+    // As `scrip key withdraw` does it, from another process's store.
+    let config = scrip_config::Config {
+        data_dir: s.dir.path().join("data"),
+        database_url: Some(url.clone()),
+        ..scrip_config::Config::default()
+    };
+    let store = scrip_store::open(Some(&url), &config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "operator")
+        .await
+        .unwrap();
+    store.sign_heads_with(std::sync::Arc::new(scrip_server::keyring::HeadKey(key)));
+    let done = scrip_server::keyring::withdraw_signing_keys(
+        &config,
+        store.as_ref(),
+        now(),
+        "operator",
+        "INC-7: key leaked",
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.withdrawn, [old_kid.as_str()]);
+    assert_ne!(done.signing, old_kid);
+
+    // The server follows (told by PostgreSQL; at worst within 5 s).
+    let started = Instant::now();
+    while kids().await != [done.signing.clone()] {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            kids().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = s.access_token(&old_task, "github", None).await;
+    assert_eq!(r.status, 400, "a token of the withdrawn key: {}", r.text);
+    let new_task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "after", None)
+            .await,
+    );
+    assert_eq!(decode_parts(&new_task).0["kid"], done.signing.as_str());
+    assert_eq!(s.access_token(&new_task, "github", None).await.status, 200);
+    let audit = store
+        .audit(&scrip_store::AuditFilter::default())
+        .await
+        .unwrap();
+    let withdrawn = audit
+        .iter()
+        .find(|a| a.event == "key.withdrawn")
+        .expect("no key.withdrawn record");
+    assert_eq!(withdrawn.jti.as_deref(), Some(old_kid.as_str()));
+    assert!(
+        withdrawn
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("INC-7: key leaked")
+    );
+    s.stop().await;
+
+    // The embedded store: nothing withdrawn; the file to move is named.
+    let embedded = scrip_config::Config {
+        data_dir: "elsewhere".into(),
+        ..scrip_config::Config::default()
+    };
+    let e = scrip_server::keyring::withdraw_signing_keys(
+        &embedded,
+        store.as_ref(),
+        now(),
+        "operator",
+        "x",
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("keys/signing-es256.json"), "{e}");
+}
+
 /// The first keys of a shared store are stored with their records, and
 /// that commit signs its chain head with the checkpoint key it stores: a
 /// replica stopped right after leaves nothing unsigned. So does a start

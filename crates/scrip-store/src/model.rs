@@ -350,6 +350,16 @@ pub enum Write {
         /// The `kid` of the newest key of its purpose the writer saw.
         after: Option<String>,
     },
+    /// Withdraw a key at once, retired or not (one that leaked): it stops
+    /// signing and leaves the published key set at `at`, whatever tokens it
+    /// signed. Fails with [`crate::StoreError::Conflict`] when no key has
+    /// that `kid`.
+    WithdrawKey {
+        /// The key.
+        kid: String,
+        /// When (seconds).
+        at: u64,
+    },
     /// Stop signing with a key; it stays published until `publish_until`.
     RetireKey {
         /// The key.

@@ -1270,6 +1270,22 @@ async fn apply_in(
                 .map_err(failed)?;
                 keys = true;
             }
+            Write::WithdrawKey { kid, at } => {
+                let withdrawn = sqlx::query(
+                    "UPDATE signing_keys SET retired_at = LEAST(COALESCE(retired_at, $1), $1), \
+                     publish_until = $1 WHERE kid = $2",
+                )
+                .bind(to_i64(*at))
+                .bind(kid)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                rows::withdrawn(
+                    usize::try_from(withdrawn.rows_affected()).unwrap_or(usize::MAX),
+                    kid,
+                )?;
+                keys = true;
+            }
             Write::RetireKey {
                 kid,
                 at,

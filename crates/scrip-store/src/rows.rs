@@ -118,6 +118,15 @@ pub(crate) use {approval_columns, key_columns, task_columns};
 pub(crate) const KEYS_OF_PURPOSE: &str =
     "SELECT kid, active_at FROM signing_keys WHERE purpose = $1";
 
+/// A [`crate::Write::WithdrawKey`] that found no key: already purged, or
+/// never there.
+pub(crate) fn withdrawn(changed: usize, kid: &str) -> Result<(), StoreError> {
+    if changed == 0 {
+        return Err(StoreError::Conflict(format!("no key `{kid}` to withdraw")));
+    }
+    Ok(())
+}
+
 /// A [`crate::Write::RetireKey`] that retired nothing: another writer
 /// retired the key first, so this commit (with its audit record of the
 /// retirement) is a [`StoreError::Conflict`], and the key is recorded

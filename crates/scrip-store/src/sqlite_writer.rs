@@ -772,6 +772,16 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             )
             .map_err(failed)?;
         }
+        Write::WithdrawKey { kid, at } => {
+            let withdrawn = run(
+                tx,
+                "UPDATE signing_keys SET retired_at = MIN(COALESCE(retired_at, ?1), ?1), \
+                 publish_until = ?1 WHERE kid = ?2",
+                params![to_i64(*at), kid],
+            )
+            .map_err(unavailable)?;
+            rows::withdrawn(withdrawn, kid)?;
+        }
         Write::RetireKey {
             kid,
             at,

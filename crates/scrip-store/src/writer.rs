@@ -46,9 +46,12 @@ impl Changes {
     /// Bumps the counters of what `writes` change.
     pub(crate) fn record(&mut self, writes: &[&Write]) -> bool {
         let revokes = writes.iter().any(|w| w.revokes());
-        let keys = writes
-            .iter()
-            .any(|w| matches!(w, Write::InsertKey { .. } | Write::RetireKey { .. }));
+        let keys = writes.iter().any(|w| {
+            matches!(
+                w,
+                Write::InsertKey { .. } | Write::RetireKey { .. } | Write::WithdrawKey { .. }
+            )
+        });
         self.revocations += u64::from(revokes);
         self.keys += u64::from(keys);
         revokes || keys

@@ -1916,6 +1916,61 @@ async fn keys_are_published_until_their_time(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(s.keys(0).await.unwrap().len(), 1);
+
+    // Withdrawn (a key that leaked): unpublished at once, retired or not;
+    // an unknown kid is a conflict that commits nothing.
+    s.commit(vec![insert(key("k3", 600), Some("k2"))])
+        .await
+        .unwrap();
+    s.commit(vec![Write::WithdrawKey {
+        kid: "k2".into(),
+        at: 700,
+    }])
+    .await
+    .unwrap();
+    let left: Vec<(String, Option<u64>, Option<u64>)> = s
+        .keys(699)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.kid, k.retired_at, k.publish_until))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("k2".into(), Some(700), Some(700)),
+            ("k3".into(), None, None)
+        ]
+    );
+    let at_700: Vec<String> = s
+        .keys(700)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(at_700, ["k3"]);
+    let err = s
+        .commit(vec![
+            Write::WithdrawKey {
+                kid: "nope".into(),
+                at: 700,
+            },
+            Write::Audit(Box::new(AuditEvent {
+                event: "key.withdrawn".into(),
+                ..AuditEvent::default()
+            })),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(
+        s.audit(&AuditFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.event != "key.withdrawn")
+    );
 }
 
 /// Writers that plan the same key at once (replicas starting on an empty

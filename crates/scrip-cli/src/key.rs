@@ -1,0 +1,51 @@
+//! `scrip key`: scrip's own signing keys, for an operator.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::audit::{now_s, open, runtime};
+use crate::fail;
+
+/// `scrip key withdraw --reason TEXT`.
+pub fn withdraw(config: Option<&Path>, reason: &str) -> ExitCode {
+    let result = (|| {
+        let loaded = scrip_config::Config::load(config).map_err(|e| e.to_string())?;
+        let reason = reason.trim();
+        if reason.is_empty() || reason.chars().any(char::is_control) || reason.len() > 500 {
+            return Err("--reason must be one line of text, at most 500 bytes".to_owned());
+        }
+        if loaded.database_url.is_none() {
+            // Said before the store is opened: nothing to open it for.
+            return Err(scrip_server::keyring::WithdrawError::Embedded(
+                loaded.data_dir.join("keys").join(format!(
+                    "signing-{}.json",
+                    loaded.signing_algorithm.as_str().to_ascii_lowercase()
+                )),
+            )
+            .to_string());
+        }
+        runtime()?.block_on(async {
+            let (_, store) = open(config).await?;
+            crate::secret::sign_heads(&loaded, store.as_ref()).await?;
+            scrip_server::keyring::withdraw_signing_keys(
+                &loaded,
+                store.as_ref(),
+                now_s(),
+                &crate::secret::replica(),
+                reason,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        })
+    })();
+    match result {
+        Err(e) => fail(e),
+        Ok(done) => {
+            for kid in &done.withdrawn {
+                out!("withdrawn {kid}");
+            }
+            out!("signing {}", done.signing);
+            ExitCode::SUCCESS
+        }
+    }
+}
