@@ -25,8 +25,7 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 # Every package pinned with its hashes (requirements.txt is compiled from
-# requirements.in: `pip-compile --allow-unsafe --generate-hashes
-# --strip-extras`), wheels only.
+# requirements.in: `pip-compile --allow-unsafe --generate-hashes`), wheels only.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
   --require-hashes --only-binary=:all: -r requirements.txt
 

@@ -101,13 +101,15 @@ for tool in curl openssl; do
 done
 
 # Databases that tests of an earlier run left when they were killed (their
-# process is gone); those of a run still going are left alone.
+# process is gone). Those of a run still going are left alone: a process
+# that lives, or (a run in another PID namespace, sharing this PostgreSQL)
+# a database someone is connected to, which is not forced.
 psql -wqtAX postgres://postgres@127.0.0.1:5432/postgres \
   -c "SELECT datname FROM pg_database WHERE datname ~ '^scrip_(t|smoke_)[0-9]+'" |
   while read -r db; do
     pid=$(sed -E 's/^scrip_(t|smoke_)([0-9]+).*/\2/' <<<"$db")
     if [ ! -d "/proc/$pid" ]; then
-      psql -wqX postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
+      psql -wqX postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
     fi
   done
 

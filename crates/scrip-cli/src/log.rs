@@ -20,6 +20,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::Duration;
 
+/// The queue of this process's server, once logging is set up.
+static QUEUE: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
+
+/// Queues `text` (whole lines) after the log lines queued so far, when
+/// this process logs through a queue: whether it does.
+pub(crate) fn say(text: &str) -> bool {
+    let Some(lines) = QUEUE.get() else {
+        return false;
+    };
+    let mut w = lines;
+    let _ = w.write(text.as_bytes());
+    true
+}
+
 /// Lines queued at most: a few MB at the longest lines scrip logs.
 pub(crate) const QUEUED: usize = 8192;
 
@@ -54,6 +68,11 @@ impl Lines {
             .name("scrip-log".into())
             .spawn(move || write_lines(out, &lines, &counted))?;
         Ok(Self { queue, dropped })
+    }
+
+    /// Makes this the queue [`say`] writes to.
+    pub(crate) fn install(&self) {
+        let _ = QUEUE.set(self.clone());
     }
 
     /// Lines dropped so far, for want of room.
@@ -271,6 +290,7 @@ mod tests {
         // Read again, the queued lines come out, in order, and then
         // a later one.
         out.stall(false);
+        assert!(lines.finish(FINISH));
         log(&lines, "later\n");
         assert!(lines.finish(FINISH));
         let text = out.text();

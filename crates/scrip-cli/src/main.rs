@@ -434,6 +434,9 @@ fn init_logging(format: LogFormat, level: &str, queued: bool) -> Option<log::Lin
     let lines = queued
         .then(|| log::Lines::start(std::io::stderr(), log::QUEUED).ok())
         .flatten();
+    if let Some(lines) = &lines {
+        lines.install();
+    }
     match (format, lines.clone()) {
         (LogFormat::Text, Some(lines)) => builder.with_writer(lines).init(),
         (LogFormat::Json, Some(lines)) => builder.json().with_writer(lines).init(),
@@ -507,7 +510,12 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
     reason = "the binary reports fatal errors on stderr"
 )]
 pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("scrip: {message}");
+    let line = format!("scrip: {message}\n");
+    // A server's goes after its log lines, through their queue: a stalled
+    // standard error does not hold up its exit either.
+    if !log::say(&line) {
+        eprint!("{line}");
+    }
     ExitCode::FAILURE
 }
 
@@ -537,10 +545,13 @@ fn main() -> ExitCode {
             );
         }));
     }
-    let code = command(cli.command);
+    // What is queued is written (for up to a second) even when a bug
+    // panics out of the command.
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| command(cli.command)));
     if let Some(lines) = lines {
         lines.finish(log::FINISH);
     }
+    let code = code.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     // A failure the command found (a tampered trail) is said as such; a
     // write that failed (a full disk under `> file`) fails the command; a
     // reader that went away (`| head`) is 141.

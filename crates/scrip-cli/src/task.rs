@@ -47,8 +47,9 @@ pub enum TaskCommand {
     /// `scrip secret`, while scrip runs. Each task ends with its sub-tasks,
     /// as when its task token is revoked: every scrip serving the store
     /// stops exchanging it at once (an exchange is committed only while its
-    /// task is open), introspection calls its tokens inactive, and the
-    /// revocation feed lists it, so resource servers and proxies refuse its
+    /// task is open), introspection calls its access tokens inactive at
+    /// once and its task token within about a second, and the revocation
+    /// feed lists it, so resource servers and proxies refuse its
     /// access tokens within about a second. Each ending is recorded (`task.ended`, with
     /// this command and --reason) in an audit chain of its own, signed as
     /// `scrip secret`'s are. A task that has ended already is left as it
@@ -259,7 +260,7 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
         rt.block_on(async {
             let (_, store) = open(config).await?;
             store
-                .open_tasks(now, agent, limit)
+                .open_tasks(now, agent, None, limit)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -321,11 +322,6 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
     ExitCode::SUCCESS
 }
 
-/// Tasks ended at most in one run of `scrip task revoke --agent`: far more
-/// than one agent has open (each may hold 10,000 sub-tasks, which end with
-/// it and are not counted).
-const MOST_REVOKED: usize = 100_000;
-
 /// `scrip task revoke`.
 fn revoke(args: &RevokeArgs) -> ExitCode {
     let result = (|| {
@@ -381,6 +377,9 @@ fn revoke(args: &RevokeArgs) -> ExitCode {
 }
 
 /// Ends every open task of `agent` (of `issuer`, if given): how many.
+/// Its tasks are read a page at a time, the soonest to end first, and the
+/// roots among them ended: a sub-task (which names its root's agent) ends
+/// with its root.
 async fn revoke_agent(
     config: &scrip_config::Config,
     store: &dyn scrip_store::Store,
@@ -388,25 +387,27 @@ async fn revoke_agent(
     issuer: Option<&str>,
     reason: &str,
 ) -> Result<usize, String> {
+    let now = crate::audit::now_s();
     let mut ended = 0;
-    let mut passed = std::collections::HashSet::new();
+    let mut after: Option<(u64, String)> = None;
     loop {
-        let now = crate::audit::now_s();
-        let open = store
-            .open_tasks(now, Some(agent), 1000)
+        let page = store
+            .open_tasks(
+                now,
+                Some(agent),
+                after.as_ref().map(|(at, id)| (*at, id.as_str())),
+                1000,
+            )
             .await
             .map_err(|e| e.to_string())?;
-        // Those of another issuer, and those ended by the ending of their
-        // root this run, are passed over: each is looked at once.
-        let todo: Vec<_> = open
-            .into_iter()
-            .filter(|t| issuer.is_none_or(|i| t.agent.issuer == i))
-            .filter(|t| passed.insert(t.id.clone()))
-            .collect();
-        if todo.is_empty() || passed.len() > MOST_REVOKED {
+        let Some(last) = page.last() else {
             return Ok(ended);
-        }
-        for task in &todo {
+        };
+        after = Some((last.expires_at, last.id.clone()));
+        for task in page
+            .iter()
+            .filter(|t| t.parent.is_none() && issuer.is_none_or(|i| t.agent.issuer == i))
+        {
             ended += usize::from(end_one(config, store, task, reason).await?);
         }
     }
@@ -424,8 +425,11 @@ async fn end_one(
         return Ok(false);
     }
     let user = rustix::process::geteuid().as_raw();
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let record = scrip_store::AuditEvent {
-        at_ms: now.saturating_mul(1000),
+        at_ms,
         event: "task.ended".into(),
         agent_iss: Some(task.agent.issuer.clone()),
         agent_sub: Some(task.agent.subject.clone()),
@@ -433,9 +437,10 @@ async fn end_one(
         parent_id: task.parent.clone(),
         environment: Some(task.environment.clone()),
         purpose: Some(task.purpose.clone()),
-        client: Some(format!("local:uid:{user}")),
+        // The task's token, as when it is revoked.
+        jti: Some(task.token_jti.clone()),
         reason: Some(format!(
-            "ended by the operator (scrip task revoke): {reason}; every open sub-task ended with it"
+            "ended by the operator (scrip task revoke, uid {user}): {reason}; every open sub-task ended with it"
         )),
         replica: crate::secret::replica(),
         ..scrip_store::AuditEvent::default()
@@ -458,8 +463,16 @@ async fn end_one(
             out!("{}", task.id);
             Ok(true)
         }
-        // Ended meanwhile (by its agent, its parent, its deadline).
-        Err(scrip_store::StoreError::Conflict(_)) => Ok(false),
+        // Ended meanwhile (by its agent, its parent, its deadline), which
+        // is read again to be sure: a conflict means nothing else.
+        Err(scrip_store::StoreError::Conflict(why)) => {
+            match store.task(&task.id).await.map_err(|e| e.to_string())? {
+                Some(t) if t.state(crate::audit::now_s()) == scrip_store::TaskState::Ended => {
+                    Ok(false)
+                }
+                _ => Err(format!("cannot end task `{}`: {why}", task.id)),
+            }
+        }
         Err(e) => Err(format!("cannot end task `{}`: {e}", task.id)),
     }
 }

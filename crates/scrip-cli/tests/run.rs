@@ -766,6 +766,7 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
         claims["txn"].as_str().unwrap().to_owned()
     };
     let (one, two) = (start("triage JIRA-7"), start("triage JIRA-8"));
+    assert_eq!(server.introspect(&one)["active"], true);
     // Exchanged once each: their records are now kept in memory.
     let (status, access) = server.exchange(&one);
     assert_eq!(status, 200, "{access}");
@@ -797,6 +798,16 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
     assert_eq!(text(&out.stdout).trim(), txn(&one));
     ended_soon(&one);
     assert_eq!(server.introspect(&access)["active"], false);
+    // Its task token too, though the server kept its task in memory: the
+    // embedded store looks for other processes' revocations every second.
+    let started = std::time::Instant::now();
+    while server.introspect(&one)["active"] != false {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the task token is still active"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert_eq!(
         server.exchange(&two).0,
         200,
@@ -848,10 +859,29 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
         assert!(
             records.lines().any(|l| l.contains(&id)
                 && l.contains("\"task.ended\"")
-                && l.contains("ended by the operator (scrip task revoke): INC-42")),
+                && l.contains("ended by the operator (scrip task revoke, uid ")
+                && l.contains("INC-42")),
             "{records}"
         );
     }
+    let out = server
+        .scrip()
+        .args(["audit", "verify", "--strict", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // Signed in the commits that wrote them, as `scrip secret`'s are.
+    assert!(
+        !text(&out.stdout).contains("wait for their writers"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // Mistakes: an unknown id, no reason, neither --id nor --agent.
     let out = revoke(&["--id", "nope", "--reason", "x"]);

@@ -117,11 +117,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError>;
 
     /// Tasks still running at `now` (not ended, deadline after it), of one
-    /// agent subject if given, the soonest to end first.
+    /// agent subject if given, the soonest to end first (by deadline, then
+    /// id); with `after` (a deadline and an id), only those after it, to
+    /// read the next page.
     async fn open_tasks(
         &self,
         now: u64,
         agent_sub: Option<&str>,
+        after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError>;
 

@@ -1405,6 +1405,7 @@ impl Store for PgStore {
         &self,
         now: u64,
         agent_sub: Option<&str>,
+        after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = read(
@@ -1412,11 +1413,15 @@ impl Store for PgStore {
                 "SELECT ",
                 task_columns!(),
                 " FROM tasks WHERE ended_at IS NULL AND expires_at > $1 \
-                 AND ($2::text IS NULL OR agent_sub = $2) ORDER BY expires_at, id LIMIT $3"
+                 AND ($2::text IS NULL OR agent_sub = $2) \
+                 AND ($4::bigint IS NULL OR expires_at > $4 OR (expires_at = $4 AND id > $5::text)) \
+                 ORDER BY expires_at, id LIMIT $3"
             ))
             .bind(to_i64(now))
             .bind(agent_sub)
             .bind(i64::from(limit))
+            .bind(after.map(|(at, _)| to_i64(at)))
+            .bind(after.map(|(_, id)| id))
             .fetch_all(&self.reads),
         )
         .await?;

@@ -38,7 +38,22 @@ pub struct SqliteStore {
     reads: SqlitePool,
     points: PointReads,
     writer: Writer,
+    /// Looks for revocations another process committed (see [`OTHERS`]).
+    others: tokio::task::JoinHandle<()>,
 }
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.others.abort();
+    }
+}
+
+/// How often the embedded store looks for revocations that another process
+/// committed to its file (`scrip task revoke` beside `scrip serve`): its
+/// own writer signals its own at once, but nothing signals theirs. One
+/// found makes [`Store::changes`] signal a revocation, so that what was
+/// kept in memory of the store (a task record) is read again.
+pub(crate) const OTHERS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The embedded store's migrations.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -112,10 +127,15 @@ impl SqliteStore {
         conn.close()
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
+        let others = scrip_vital::spawn(
+            "revocations of other processes",
+            others(reads.clone(), writer.changes().clone()),
+        );
         Ok(Self {
             reads,
             points: PointReads::new(path),
             writer,
+            others,
         })
     }
 
@@ -125,6 +145,27 @@ impl SqliteStore {
     /// As [`SqliteStore::open`].
     pub async fn open_in(dir: &Path) -> Result<Self, StoreError> {
         Self::open(&dir.join("scrip.db")).await
+    }
+}
+
+/// Signals a revocation each time the newest one in the file changes, read
+/// every [`OTHERS`]: one another process committed (or one of this
+/// process's, signalled already: a second signal only has what was kept in
+/// memory read again).
+async fn others(reads: SqlitePool, changes: tokio::sync::watch::Sender<crate::Changes>) {
+    let mut seen = None;
+    loop {
+        let newest = sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(seq), 0) FROM revocations")
+            .fetch_one(&reads)
+            .await;
+        // Unreadable now (a busy disk): looked at again next time.
+        if let Ok(newest) = newest {
+            if seen.is_some_and(|s| s != newest) {
+                changes.send_modify(|c| c.revocations += 1);
+            }
+            seen = Some(newest);
+        }
+        tokio::time::sleep(OTHERS).await;
     }
 }
 
@@ -168,17 +209,21 @@ impl Store for SqliteStore {
         &self,
         now: u64,
         agent_sub: Option<&str>,
+        after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
             " FROM tasks WHERE ended_at IS NULL AND expires_at > ?1 AND (?2 IS NULL OR agent_sub = ?2) \
+             AND (?4 IS NULL OR expires_at > ?4 OR (expires_at = ?4 AND id > ?5)) \
              ORDER BY expires_at, id LIMIT ?3"
         ))
         .bind(to_i64(now))
         .bind(agent_sub)
         .bind(i64::from(limit))
+        .bind(after.map(|(at, _)| to_i64(at)))
+        .bind(after.map(|(_, id)| id))
         .fetch_all(&self.reads)
         .await
         .map_err(unavailable)?;

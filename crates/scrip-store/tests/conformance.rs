@@ -986,23 +986,55 @@ async fn open_tasks_list_what_still_runs(f: Fixture) {
     .unwrap();
     let ids = |tasks: Vec<TaskRecord>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
     assert_eq!(
-        ids(s.open_tasks(2_000, None, 10).await.unwrap()),
+        ids(s.open_tasks(2_000, None, None, 10).await.unwrap()),
         ["child", "soon", "other-agent", "late"]
     );
     assert_eq!(
-        ids(s.open_tasks(2_000, Some("agent-1"), 2).await.unwrap()),
+        ids(s.open_tasks(2_000, Some("agent-1"), None, 2).await.unwrap()),
         ["child", "soon"]
     );
     assert_eq!(
-        ids(s.open_tasks(2_000, Some("agent-2"), 10).await.unwrap()),
+        ids(s
+            .open_tasks(2_000, Some("agent-2"), None, 10)
+            .await
+            .unwrap()),
         ["other-agent"]
     );
+    // Page by page: after a deadline and an id (one deadline shared by two
+    // tasks orders them by id).
+    s.commit(vec![Write::InsertTask(Box::new(task(
+        "soon-b", None, 3_000,
+    )))])
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(s
+            .open_tasks(2_000, None, Some((3_000, "soon")), 10)
+            .await
+            .unwrap()),
+        ["soon-b", "other-agent", "late"]
+    );
+    assert_eq!(
+        ids(s
+            .open_tasks(2_000, Some("agent-1"), Some((2_500, "child")), 1)
+            .await
+            .unwrap()),
+        ["soon"]
+    );
+    s.commit(vec![Write::EndTask {
+        id: "soon-b".into(),
+        at: 1_300,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
     // At the deadline a task no longer runs.
     assert_eq!(
-        ids(s.open_tasks(3_000, None, 10).await.unwrap()),
+        ids(s.open_tasks(3_000, None, None, 10).await.unwrap()),
         ["other-agent", "late"]
     );
-    let late = s.open_tasks(4_500, None, 10).await.unwrap();
+    let late = s.open_tasks(4_500, None, None, 10).await.unwrap();
     assert_eq!(late, [s.task("late").await.unwrap().unwrap()]);
 }
 
