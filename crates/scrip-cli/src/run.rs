@@ -75,14 +75,109 @@ impl TaskArgs {
     }
 }
 
+/// Options whose value is a secret: the next argument, or what follows
+/// `=` (`--password=x`).
+const SECRET_OPTIONS: [&str; 12] = [
+    "--password",
+    "--passwd",
+    "--pass",
+    "--token",
+    "--secret",
+    "--api-key",
+    "--apikey",
+    "--key",
+    "--auth",
+    "--user",
+    "--client-secret",
+    "--private-key",
+];
+
+/// The command line as the default purpose shows it: what is plainly a
+/// secret masked (`***`), since the purpose is in the audit trail, the
+/// task token, and what an approver reads. The values of [`SECRET_OPTIONS`]
+/// (and `-p`, `-u`), `-pVALUE`, the password and query of a URL, the
+/// credentials of an `Authorization:` header, and `NAME=value` where NAME
+/// says password, secret, token or key. A purpose given with --purpose is
+/// taken as it is.
+pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
+    let mut shown = Vec::with_capacity(args.len());
+    let mut mask_next = false;
+    for arg in args {
+        let arg = arg.to_string_lossy();
+        if std::mem::take(&mut mask_next) {
+            shown.push("***".to_owned());
+            continue;
+        }
+        let lower = arg.to_ascii_lowercase();
+        if SECRET_OPTIONS.contains(&lower.as_str()) || matches!(arg.as_ref(), "-p" | "-u") {
+            mask_next = true;
+            shown.push(arg.into_owned());
+        } else if let Some((name, _)) = arg.split_once('=')
+            && (SECRET_OPTIONS.contains(&name.to_ascii_lowercase().as_str()) || secret_name(name))
+        {
+            shown.push(format!("{name}=***"));
+        } else if arg.len() > 2 && arg.starts_with("-p") && !arg.starts_with("--") {
+            // `mysql -pSECRET`.
+            shown.push("-p***".to_owned());
+        } else if lower.starts_with("authorization:") {
+            let scheme = arg
+                .get("authorization:".len()..)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or("");
+            shown.push(format!("Authorization: {scheme} ***"));
+        } else {
+            shown.push(shown_url(&arg));
+        }
+    }
+    shown.join(" ")
+}
+
+/// Whether an environment-style name (`DB_PASSWORD`) names a secret.
+fn secret_name(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL"]
+            .iter()
+            .any(|w| upper.contains(w))
+}
+
+/// `s` with a URL's password (`user:***@`) and query (`?***`) masked, if
+/// it holds one.
+fn shown_url(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return s.to_owned();
+    };
+    let (head, rest) = s.split_at(scheme_end + 3);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, _)) => format!("{path}?***"),
+        None => tail.to_owned(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
 /// Arguments of `scrip run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     #[command(flatten)]
     task: TaskArgs,
     /// Why the task runs (default: the command line, which the audit
-    /// records and approvers see: give --purpose when the arguments hold
-    /// anything secret).
+    /// records and approvers see, with what is plainly a secret masked: the
+    /// values of --password, --token, --secret, --key and the like, of -p
+    /// and -u, `-pVALUE`, a URL's password and query, an `Authorization:`
+    /// header's credentials, `DB_PASSWORD=...`; give --purpose when the
+    /// arguments hold any other secret).
     #[arg(long)]
     purpose: Option<String>,
     /// The command and its arguments, after `--`.
@@ -193,12 +288,7 @@ async fn run_async(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let command_line = args
-        .command
-        .iter()
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command_line = shown_command(&args.command);
     let purpose = args.purpose.clone().unwrap_or_else(|| {
         // A purpose is one line of visible text: newlines and tabs in the
         // arguments (`sh -c $'a\nb'`) and invisible characters (the joiners
@@ -468,4 +558,69 @@ pub(crate) fn explain(e: &Error) -> String {
         _ => "",
     };
     format!("{e}{hint}")
+}
+
+#[cfg(test)]
+mod purpose_tests {
+    use super::*;
+
+    fn shown(args: &[&str]) -> String {
+        let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        shown_command(&args)
+    }
+
+    #[test]
+    fn plain_secrets_in_the_command_line_are_masked() {
+        for (args, expected) in [
+            (&["git", "push"][..], "git push"),
+            (
+                &["psql", "postgres://app:S3cret@db:5432/x?sslmode=require"][..],
+                "psql postgres://app:***@db:5432/x?***",
+            ),
+            (
+                &["curl", "https://api.example/v1/items?api_key=abc&x=1"][..],
+                "curl https://api.example/v1/items?***",
+            ),
+            (
+                &["curl", "https://example.org/a#b"][..],
+                "curl https://example.org/a#b",
+            ),
+            (
+                &["mysql", "-pS3cret", "-u", "root"][..],
+                "mysql -p*** -u ***",
+            ),
+            (
+                &["tool", "--token", "abc", "--verbose"][..],
+                "tool --token *** --verbose",
+            ),
+            (&["tool", "--Password=abc"][..], "tool --Password=***"),
+            (
+                &["env", "DB_PASSWORD=abc", "GITHUB_TOKEN=x", "MODE=fast"][..],
+                "env DB_PASSWORD=*** GITHUB_TOKEN=*** MODE=fast",
+            ),
+            (
+                &[
+                    "curl",
+                    "-H",
+                    "Authorization: Bearer eyJabc",
+                    "-H",
+                    "Accept: text/plain",
+                ][..],
+                "curl -H Authorization: Bearer *** -H Accept: text/plain",
+            ),
+            (
+                &["curl", "-u", "alice:pw", "https://h"][..],
+                "curl -u *** https://h",
+            ),
+            (&["curl", "--user", "alice:pw"][..], "curl --user ***"),
+            // Options that only look alike are kept.
+            (
+                &["ls", "-p", "--keys-only", "--token"][..],
+                "ls -p *** --token",
+            ),
+            (&["grep", "-P", "x=1"][..], "grep -P x=1"),
+        ] {
+            assert_eq!(shown(args), expected, "{args:?}");
+        }
+    }
 }

@@ -897,6 +897,42 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// The default purpose is the command line with what is plainly a secret
+/// masked: the trail, the task token and approvers never see it.
+#[test]
+fn the_default_purpose_masks_secrets_on_the_command_line() {
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let out = server
+        .run_dev()
+        .args([
+            "sh",
+            "-c",
+            "exit 0",
+            "sh",
+            "--token",
+            "hunter2",
+            "https://u:pw1@h/?k=v2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = server
+        .scrip()
+        .args(["audit", "query", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let records = text(&out.stdout);
+    assert!(
+        records.contains("scrip run sh -c exit 0 sh --token *** https://u:***@h/?***"),
+        "{records}"
+    );
+    for secret in ["hunter2", "pw1", "v2"] {
+        assert!(!records.contains(secret), "{secret} in {records}");
+    }
+}
+
 #[test]
 fn task_start_list_and_end() {
     let server = Server::start();
