@@ -515,7 +515,18 @@ impl PolicyEngine {
         match self.try_decide(req, selected) {
             Ok(d) => d,
             Err(reason) => {
-                tracing::warn!(%reason, "policy request could not be evaluated; denied");
+                // Cedar's message may quote what the request holds (a
+                // claim, the purpose, a path): the audit record, which
+                // holds those anyway, keeps it; the log says it at `debug`
+                // only, and warns at most a few times a second.
+                tracing::debug!(%reason, "policy request could not be evaluated");
+                if warn_now() {
+                    tracing::warn!(
+                        action = req.action.as_str(),
+                        tool = req.tool.name.as_str(),
+                        "policy request could not be evaluated (the schema and the request differ; SCRIP_LOG=scrip_policy=debug says how); denied"
+                    );
+                }
                 Decision::deny(format!("policy request could not be evaluated: {reason}"))
             }
         }
@@ -682,6 +693,28 @@ fn context(c: &RequestContext, ticket: Option<&str>) -> Result<Context, String> 
     Context::from_pairs(pairs).map_err(|e| e.to_string())
 }
 
+/// Warnings that a request could not be evaluated logged at most in one
+/// second: every request of a kind fails alike, and the log must not grow
+/// with the traffic.
+const WARNINGS_PER_SECOND: u32 = 5;
+
+/// Whether one more such warning may be logged now.
+fn warn_now() -> bool {
+    static SECOND: std::sync::Mutex<(u64, u32)> = std::sync::Mutex::new((0, 0));
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut s = match SECOND.lock() {
+        Ok(s) => s,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if s.0 != second {
+        *s = (second, 0);
+    }
+    s.1 = s.1.saturating_add(1);
+    s.1 <= WARNINGS_PER_SECOND
+}
+
 /// The first ticket id in `text`: a word of the form `ABC-123` (an
 /// uppercase letter, uppercase letters or digits, a hyphen, digits).
 #[must_use]
@@ -798,7 +831,17 @@ fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(
 
 #[cfg(test)]
 mod tests {
-    use super::{PolicyEngine, find_ticket};
+    use super::{PolicyEngine, WARNINGS_PER_SECOND, find_ticket, warn_now};
+
+    /// A flood of requests that cannot be evaluated warns a few times a
+    /// second, not once each.
+    #[test]
+    fn warnings_of_unevaluable_requests_are_limited() {
+        let warned = (0..1000).filter(|_| warn_now()).count();
+        // Within one second, or across one boundary.
+        let most = usize::try_from(2 * WARNINGS_PER_SECOND).unwrap_or(usize::MAX);
+        assert!((1..=most).contains(&warned), "{warned}");
+    }
 
     /// The ids of the policies a decision for `action` at `tool` evaluates.
     fn selected(engine: &PolicyEngine, action: &str, tool: &str) -> Vec<String> {
