@@ -146,10 +146,18 @@ const AUDIT_TEXT: usize = 1024;
 /// `s` as an audit record keeps it: cut at [`AUDIT_TEXT`] bytes, saying
 /// how long it was.
 fn for_audit(s: &str) -> String {
-    if s.len() <= AUDIT_TEXT {
+    shortened(s, AUDIT_TEXT)
+}
+
+/// The most bytes of a method a refusal before any token verified keeps.
+const UNVERIFIED_TEXT: usize = 16;
+
+/// `s` cut at `max` bytes, saying how long it was.
+fn shortened(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    format!("{}… ({} bytes)", cut(s, AUDIT_TEXT), s.len())
+    format!("{}… ({} bytes)", cut(s, max), s.len())
 }
 
 /// The first `max` bytes of `s`, or fewer to end on a character.
@@ -203,9 +211,10 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             event: "proxy.request".into(),
             replica: proxy.0.replica.clone(),
             tool: Some(upstream.name.clone()),
-            method: Some(for_audit(parts.method.as_str())),
-            // Set once a token scrip issued stands behind the request:
-            // what anyone may send is not kept.
+            // What anyone may send is kept short, or not at all, until a
+            // token scrip issued stands behind the request: the method's
+            // first 16 bytes, no path.
+            method: Some(shortened(parts.method.as_str(), UNVERIFIED_TEXT)),
             path: None,
             client,
             ..AuditEvent::default()
@@ -238,6 +247,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             if rejection.token_verified
                 && let Some(claims) = &rejection.claims
             {
+                draft.record.method = Some(for_audit(parts.method.as_str()));
                 draft.record.path = Some(for_audit(path));
                 draft.record.task_id = Some(claims.txn.clone());
                 draft.record.jti = Some(claims.jti.clone());
@@ -251,6 +261,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 .await;
         }
     };
+    draft.record.method = Some(for_audit(parts.method.as_str()));
     draft.record.path = Some(for_audit(path));
     draft.record.task_id = Some(token.task().to_owned());
     draft.record.jti = Some(token.claims().jti.clone());

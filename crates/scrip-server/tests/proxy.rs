@@ -559,6 +559,20 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     env.wait_seen("/x").await;
     assert_eq!(env.seen("/x").len(), 1, "{:?}", env.nginx.log());
 
+    // Before a token verified, a refusal's record keeps 16 bytes of the
+    // method, and nothing of the path.
+    let method = reqwest::Method::from_bytes("M".repeat(100).as_bytes()).unwrap();
+    let (status, _, _) = env.send(method, "legacy/secret-ish", None).await;
+    assert_eq!(status, 401);
+    let refused = env
+        .wait_audit(|a| a.method.as_deref().is_some_and(|m| m.starts_with("MMMM")))
+        .await;
+    assert_eq!(
+        refused.method.as_deref(),
+        Some(format!("{}… (100 bytes)", "M".repeat(16)).as_str())
+    );
+    assert_eq!(refused.path, None);
+
     // A refused request's record keeps 1 KiB of a long path, and says how
     // long it was (a write with a read token).
     let long = format!("legacy/{}", "a".repeat(20_000));
