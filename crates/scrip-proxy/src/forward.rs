@@ -307,9 +307,12 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     let task = match proxy.task(token.task()).await {
         Ok(Some(task)) if task.state(now()) == TaskState::Active => task,
         Ok(_) => {
-            let r =
-                scrip_verifier::Rejection::from_error(name, &scrip_verifier::VerifyError::Revoked)
-                    .into_response::<Body>();
+            let r = scrip_verifier::Rejection::for_token(
+                name,
+                &token,
+                &scrip_verifier::VerifyError::Revoked,
+            )
+            .into_response::<Body>();
             return proxy
                 .deny(&draft, name, r, "the token's task is not active".into())
                 .await;
@@ -415,8 +418,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     match proxy.0.store.commit(writes).await {
         Ok(()) => {}
         Err(scrip_store::StoreError::Conflict(_)) => {
-            let r = scrip_verifier::Rejection::from_error(
+            let r = scrip_verifier::Rejection::for_token(
                 name,
+                &token,
                 &scrip_verifier::VerifyError::AlreadyUsed,
             )
             .into_response::<Body>();

@@ -147,6 +147,18 @@ impl Rejection {
     /// challenging with `DPoP` for a bound token), naming whose it is.
     #[must_use]
     pub fn scope_lacks(realm: &str, token: &AccessToken, action: &ActionName) -> Self {
+        let error = VerifyError::InsufficientScope {
+            required: action.to_string(),
+        };
+        Self::for_token(realm, token, &error)
+    }
+
+    /// The answer to a request whose `token` verified but is refused after
+    /// all (`error`: its task ended meanwhile, its single use spent),
+    /// challenging with the scheme it was presented with (`DPoP` for a
+    /// bound token), naming whose it is.
+    #[must_use]
+    pub fn for_token(realm: &str, token: &AccessToken, error: &VerifyError) -> Self {
         // A bound token was accepted only with `Authorization: DPoP`, an
         // unbound one only without.
         let scheme = if token.claims().cnf.is_some() {
@@ -154,10 +166,7 @@ impl Rejection {
         } else {
             Scheme::Bearer
         };
-        let error = VerifyError::InsufficientScope {
-            required: action.to_string(),
-        };
-        let mut rejection = Self::challenge(realm, &error, scheme);
+        let mut rejection = Self::challenge(realm, error, scheme);
         rejection.claims = Some(Box::new(token.claims().clone()));
         rejection
     }
