@@ -24,14 +24,27 @@ use std::time::Duration;
 static QUEUE: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
 
 /// Queues `text` (whole lines) after the log lines queued so far, when
-/// this process logs through a queue: whether it does.
+/// this process logs through a queue: whether it does. A full queue is
+/// waited on for up to [`FINISH`] (the line matters more than a log line).
 pub(crate) fn say(text: &str) -> bool {
     let Some(lines) = QUEUE.get() else {
         return false;
     };
-    let mut w = lines;
-    let _ = w.write(text.as_bytes());
-    true
+    let deadline = std::time::Instant::now() + FINISH;
+    let mut msg = Msg::Line(text.as_bytes().to_vec());
+    loop {
+        match lines.queue.try_send(msg) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => return true,
+            Err(TrySendError::Full(back)) => {
+                if std::time::Instant::now() >= deadline {
+                    lines.dropped.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                msg = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 /// Lines queued at most: a few MB at the longest lines scrip logs.

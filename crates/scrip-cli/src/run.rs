@@ -75,73 +75,126 @@ impl TaskArgs {
     }
 }
 
-/// Options whose value is a secret: the next argument, or what follows
-/// `=` (`--password=x`).
-const SECRET_OPTIONS: [&str; 12] = [
-    "--password",
-    "--passwd",
-    "--pass",
-    "--token",
-    "--secret",
-    "--api-key",
-    "--apikey",
-    "--key",
-    "--auth",
-    "--user",
-    "--client-secret",
-    "--private-key",
+/// Headers whose value is a credential.
+const SECRET_HEADERS: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "private-token",
+    "x-auth-token",
 ];
 
-/// The command line as the default purpose shows it: what is plainly a
-/// secret masked (`***`), since the purpose is in the audit trail, the
-/// task token, and what an approver reads. The values of [`SECRET_OPTIONS`]
-/// (and `-p`, `-u`), `-pVALUE`, the password and query of a URL, the
-/// credentials of an `Authorization:` header, and `NAME=value` where NAME
-/// says password, secret, token or key. A purpose given with --purpose is
-/// taken as it is.
+/// Schemes an `Authorization` value may start with, shown before its
+/// credentials.
+const SCHEMES: [&str; 6] = ["bearer", "basic", "token", "digest", "negotiate", "dpop"];
+
+/// The command line as the default purpose shows it, with common forms of
+/// secrets masked (`***`), since the purpose is in the audit trail, the
+/// task token, and what an approver reads: the value of an option named
+/// for a password, secret or token (`--password X`, `-token X`,
+/// `--api-key=X`), `NAME=value` where NAME says password, secret, token or
+/// key (`DB_PASSWORD=x`, `password=x` in a connection string), a URL's
+/// user information and query, and the credentials of an `Authorization`,
+/// `Cookie`, `X-Api-Key` or like header, in any argument, word by word
+/// (`sh -c "..."` included). Anything else shows as it is: a purpose given
+/// with --purpose is taken as it is.
 pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
     let mut shown = Vec::with_capacity(args.len());
     let mut mask_next = false;
     for arg in args {
         let arg = arg.to_string_lossy();
-        if std::mem::take(&mut mask_next) {
-            shown.push("***".to_owned());
-            continue;
+        let mut words = Vec::new();
+        let mut header = false;
+        let mut scheme_allowed = false;
+        for word in arg.split(' ') {
+            if header {
+                // After a credential header's name: its scheme, then the
+                // rest of the argument, masked.
+                if word.is_empty() {
+                    words.push(String::new());
+                } else if std::mem::take(&mut scheme_allowed)
+                    && SCHEMES.contains(&word.to_ascii_lowercase().as_str())
+                {
+                    words.push(word.to_owned());
+                } else {
+                    words.push("***".to_owned());
+                }
+                continue;
+            }
+            if std::mem::take(&mut mask_next) && !word.is_empty() {
+                words.push("***".to_owned());
+                continue;
+            }
+            let lower = word.to_ascii_lowercase();
+            let name = lower.trim_start_matches("-h");
+            if let Some(h) = name.strip_suffix(':')
+                && SECRET_HEADERS.contains(&h)
+            {
+                words.push(word.to_owned());
+                header = true;
+                scheme_allowed = true;
+            } else if let Some((h, value)) = name.split_once(':')
+                && SECRET_HEADERS.contains(&h)
+                && !value.is_empty()
+            {
+                // `Authorization:Bearer` written without a space.
+                let keep = word.len() - value.len();
+                words.push(format!("{}{}", word.get(..keep).unwrap_or_default(), "***"));
+                header = true;
+            } else if let Some((name, _)) = word.split_once('=')
+                && secret_name(name)
+            {
+                words.push(format!("{name}=***"));
+            } else if !word.contains('=') && secret_option(&lower) {
+                mask_next = true;
+                words.push(word.to_owned());
+            } else {
+                words.push(shown_url(word));
+            }
         }
-        let lower = arg.to_ascii_lowercase();
-        if SECRET_OPTIONS.contains(&lower.as_str()) || matches!(arg.as_ref(), "-p" | "-u") {
-            mask_next = true;
-            shown.push(arg.into_owned());
-        } else if let Some((name, _)) = arg.split_once('=')
-            && (SECRET_OPTIONS.contains(&name.to_ascii_lowercase().as_str()) || secret_name(name))
-        {
-            shown.push(format!("{name}=***"));
-        } else if arg.len() > 2 && arg.starts_with("-p") && !arg.starts_with("--") {
-            // `mysql -pSECRET`.
-            shown.push("-p***".to_owned());
-        } else if lower.starts_with("authorization:") {
-            let scheme = arg
-                .get("authorization:".len()..)
-                .and_then(|rest| rest.split_whitespace().next())
-                .unwrap_or("");
-            shown.push(format!("Authorization: {scheme} ***"));
-        } else {
-            shown.push(shown_url(&arg));
-        }
+        shown.push(words.join(" "));
     }
     shown.join(" ")
 }
 
-/// Whether an environment-style name (`DB_PASSWORD`) names a secret.
+/// Whether `lower` is an option whose value is a secret: named for a
+/// password, secret or token, not for where one is read from.
+fn secret_option(lower: &str) -> bool {
+    let Some(name) = lower.strip_prefix('-') else {
+        return false;
+    };
+    let name = name.trim_start_matches('-');
+    !name.is_empty()
+        && [
+            "password", "passwd", "secret", "token", "api-key", "apikey", "auth",
+        ]
+        .iter()
+        .any(|w| name.contains(w))
+        && !["file", "stdin", "env", "path", "cmd", "command", "helper"]
+            .iter()
+            .any(|w| name.ends_with(w))
+}
+
+/// Whether a name (`DB_PASSWORD`, `--api-key`, `password` in a connection
+/// string) names a secret.
 fn secret_name(name: &str) -> bool {
     let upper = name.to_ascii_uppercase();
     !name.is_empty()
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        && ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL"]
-            .iter()
-            .any(|w| upper.contains(w))
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && [
+            "PASSWORD",
+            "PASSWD",
+            "SECRET",
+            "TOKEN",
+            "KEY",
+            "CREDENTIAL",
+            "PWD",
+        ]
+        .iter()
+        .any(|w| upper.contains(w))
 }
 
 /// `s` with a URL's password (`user:***@`) and query (`?***`) masked, if
@@ -153,10 +206,11 @@ fn shown_url(s: &str) -> String {
     let (head, rest) = s.split_at(scheme_end + 3);
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
+    // A user and password, or a token alone (`https://ghp_x@github.com`).
     let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
+            None => format!("***@{host}"),
         },
         None => authority.to_owned(),
     };
@@ -173,11 +227,11 @@ pub struct RunArgs {
     #[command(flatten)]
     task: TaskArgs,
     /// Why the task runs (default: the command line, which the audit
-    /// records and approvers see, with what is plainly a secret masked: the
-    /// values of --password, --token, --secret, --key and the like, of -p
-    /// and -u, `-pVALUE`, a URL's password and query, an `Authorization:`
-    /// header's credentials, `DB_PASSWORD=...`; give --purpose when the
-    /// arguments hold any other secret).
+    /// records and approvers see, with common forms of secrets masked: the
+    /// values of options named for a password, secret or token, a URL's
+    /// user information and query, the credentials of an Authorization or
+    /// Cookie header, `DB_PASSWORD=...`; give --purpose whenever the
+    /// arguments hold a secret: masking cannot know every program's).
     #[arg(long)]
     purpose: Option<String>,
     /// The command and its arguments, after `--`.
@@ -578,25 +632,42 @@ mod purpose_tests {
                 "psql postgres://app:***@db:5432/x?***",
             ),
             (
+                &["psql", "host=db password=S3cret"][..],
+                "psql host=db password=***",
+            ),
+            (
                 &["curl", "https://api.example/v1/items?api_key=abc&x=1"][..],
                 "curl https://api.example/v1/items?***",
+            ),
+            (
+                &["git", "clone", "https://ghp_abc@github.com/o/r"][..],
+                "git clone https://***@github.com/o/r",
             ),
             (
                 &["curl", "https://example.org/a#b"][..],
                 "curl https://example.org/a#b",
             ),
             (
-                &["mysql", "-pS3cret", "-u", "root"][..],
-                "mysql -p*** -u ***",
-            ),
-            (
                 &["tool", "--token", "abc", "--verbose"][..],
                 "tool --token *** --verbose",
             ),
+            (&["tool", "-password", "abc"][..], "tool -password ***"),
+            (
+                &["tool", "--access-token", "abc"][..],
+                "tool --access-token ***",
+            ),
             (&["tool", "--Password=abc"][..], "tool --Password=***"),
+            (
+                &["tool", "--token-file", "/run/t"][..],
+                "tool --token-file /run/t",
+            ),
             (
                 &["env", "DB_PASSWORD=abc", "GITHUB_TOKEN=x", "MODE=fast"][..],
                 "env DB_PASSWORD=*** GITHUB_TOKEN=*** MODE=fast",
+            ),
+            (
+                &["sh", "-c", "mysql --password=x -u root db"][..],
+                "sh -c mysql --password=*** -u root db",
             ),
             (
                 &[
@@ -608,17 +679,29 @@ mod purpose_tests {
                 ][..],
                 "curl -H Authorization: Bearer *** -H Accept: text/plain",
             ),
+            (&["curl", "-HX-Api-Key: k1"][..], "curl -HX-Api-Key: ***"),
             (
-                &["curl", "-u", "alice:pw", "https://h"][..],
-                "curl -u *** https://h",
+                &["curl", "-H", "Cookie: a=1; b=2"][..],
+                "curl -H Cookie: *** ***",
             ),
-            (&["curl", "--user", "alice:pw"][..], "curl --user ***"),
-            // Options that only look alike are kept.
             (
-                &["ls", "-p", "--keys-only", "--token"][..],
-                "ls -p *** --token",
+                &["curl", "-H", "authorization:Basic abc"][..],
+                "curl -H authorization:*** ***",
             ),
-            (&["grep", "-P", "x=1"][..], "grep -P x=1"),
+            // What an approver must see is not masked.
+            (
+                &["sudo", "-u", "root", "rm", "-rf", "/x"][..],
+                "sudo -u root rm -rf /x",
+            ),
+            (
+                &["pip", "install", "--user", "pkg"][..],
+                "pip install --user pkg",
+            ),
+            (&["find", ".", "-print"][..], "find . -print"),
+            (
+                &["docker", "run", "-p", "22:22", "img"][..],
+                "docker run -p 22:22 img",
+            ),
         ] {
             assert_eq!(shown(args), expected, "{args:?}");
         }

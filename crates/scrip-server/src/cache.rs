@@ -8,12 +8,15 @@
 //! stamped with is unchanged. The writer bumps `revocations` when it commits
 //! an ended task or a revoked token, before it answers the commit, and a
 //! shared store bumps it when another replica's notification arrives (or
-//! when notifications may have been missed); `keys` is bumped when the
-//! signing keys change. An entry is stamped with the counter read *before*
+//! when notifications may have been missed). Verified tokens are stamped
+//! with the key ring's generation instead, raised once a changed key set
+//! is in use for verification (after the store said the keys changed, and
+//! after they were read): a token verified with a key in the moment before
+//! its withdrawal took effect is verified again after. An entry is stamped with the counter read *before*
 //! the store was read, so a revocation that lands in between makes it stale.
 //! A hit therefore never outlives a revocation on this replica, and lags one
 //! on another replica by no more than its notification (see
-//! docs/replicas.md). Verified tokens are stamped with `keys` only: whether
+//! docs/replicas.md). Whether
 //! a token is revoked, or its task ended, is never read from here for an
 //! access token (introspection asks the store each time). Expiry is checked
 //! on every hit. The maps are bounded: when one is full it is emptied.
@@ -33,6 +36,8 @@ type Digest = scrip_jose::TokenDigest;
 
 pub(crate) struct ExchangeCache {
     changes: watch::Receiver<Changes>,
+    /// The key ring's generation.
+    keys: Arc<std::sync::atomic::AtomicU64>,
     tokens: Mutex<HashMap<Digest, (u64, Arc<TaskClaims>)>>,
     access: Mutex<HashMap<Digest, (u64, Arc<AccessClaims>)>>,
     tasks: Mutex<HashMap<String, (u64, Arc<TaskRecord>)>>,
@@ -79,17 +84,24 @@ fn insert<K: std::hash::Hash + Eq, V>(map: &Mutex<HashMap<K, (u64, V)>>, key: K,
 }
 
 impl ExchangeCache {
-    pub(crate) fn new(changes: watch::Receiver<Changes>) -> Self {
+    pub(crate) fn new(
+        changes: watch::Receiver<Changes>,
+        keys: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Self {
             changes,
+            keys,
             tokens: Mutex::new(HashMap::new()),
             access: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The key ring's generation: raised once a new key set verifies
+    /// (see [`crate::keyring::Keyring::generation`]), not when the store
+    /// says the keys changed, which is before.
     fn keys_stamp(&self) -> u64 {
-        self.changes.borrow().keys
+        self.keys.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn revocations_stamp(&self) -> u64 {
@@ -138,5 +150,34 @@ impl ExchangeCache {
     /// Remembers a task record read from the store.
     pub(crate) fn put_task(&self, stamp: Stamp, task: Arc<TaskRecord>) {
         insert(&self.tasks, task.id.clone(), stamp.0, task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A token verified (and kept) under one key-set generation is verified
+    /// again under the next: one verified with a key in the moment before
+    /// its withdrawal took effect is not kept past it.
+    #[test]
+    fn verified_tokens_are_kept_for_one_key_set_generation() {
+        let (_changes, seen) = watch::channel(Changes::default());
+        let generation = Arc::new(AtomicU64::new(7));
+        let cache = ExchangeCache::new(seen, generation.clone());
+        let claims: AccessClaims = serde_json::from_value(serde_json::json!({
+            "iss": "https://scrip.test", "sub": "a", "aud": "github", "iat": 1, "exp": 100,
+            "jti": "j", "client_id": "a", "scope": "read", "txn": "t",
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let Err(stamp) = cache.verified::<AccessClaims>("token", 50) else {
+            unreachable!("nothing kept yet");
+        };
+        cache.put_verified("token", stamp, Arc::new(claims));
+        assert!(cache.verified::<AccessClaims>("token", 50).is_ok());
+        generation.fetch_add(1, Ordering::SeqCst);
+        assert!(cache.verified::<AccessClaims>("token", 50).is_err());
     }
 }

@@ -70,6 +70,10 @@ pub struct Keyring {
     ring: RwLock<Arc<Ring>>,
     verify: SharedKeySet,
     algorithms: Vec<Algorithm>,
+    /// Counts the key sets put in use, each after its verification keys
+    /// replaced the last: what was verified under an earlier count may have
+    /// been verified with a key since withdrawn or retired.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn jwks(keys: &[serde_json::Value]) -> Arc<str> {
@@ -233,13 +237,24 @@ impl Keyring {
         Ok((keyring, created))
     }
 
-    /// Puts `ring` in use.
+    /// Puts `ring` in use; then counts a new generation (see
+    /// [`Keyring::generation`]).
     fn install(&self, ring: Ring) {
         self.verify.replace(ring.verify_set());
         match self.ring.write() {
             Ok(mut r) => *r = Arc::new(ring),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(ring),
         }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The count of key sets put in use, raised only once the new set
+    /// verifies: a token verified (and kept) under one count is verified
+    /// again under the next, so none outlives a key's withdrawal in memory.
+    #[must_use]
+    pub fn generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.generation.clone()
     }
 
     fn with_ring(shared: Option<Shared>, ring: Ring, alg: SigningAlgorithm) -> Self {
@@ -260,6 +275,7 @@ impl Keyring {
             ring: RwLock::new(Arc::new(ring)),
             verify,
             algorithms,
+            generation: Arc::default(),
         }
     }
 
@@ -451,21 +467,38 @@ pub async fn withdraw_signing_keys(
     // Every signing key goes, a rotation's key not active yet included: the
     // new one signs from now.
     let newest = signing.iter().max_by_key(|k| (k.active_at, &k.kid));
-    let key = shared.new_key(KeyPurpose::Signing, config.signing_algorithm, now, now)?;
+    // Active from `clock_skew` ago: a replica whose clock is behind this
+    // one's by as much signs with it at once too (the withdrawn keys leave
+    // every replica's set at once, whatever its clock).
+    let key = shared.new_key(
+        KeyPurpose::Signing,
+        config.signing_algorithm,
+        now,
+        now.saturating_sub(config.clock_skew),
+    )?;
     let record = |event: &str, kid: &str, what: String| {
         let mut a = crate::audit_record(replica, event);
         a.jti = Some(kid.to_owned());
         a.reason = Some(what);
         Write::Audit(Box::new(a))
     };
-    let mut writes = vec![record(
+    let signing_kid = key.kid.clone();
+    let created = record(
         "key.created",
         &key.kid,
         format!(
             "{} signing key created, signs at once, for a withdrawal: {reason}",
             key.alg
         ),
-    )];
+    );
+    // Before the withdrawals: it follows the newest key still published.
+    let mut writes = vec![
+        Write::InsertKey {
+            key: Box::new(key),
+            after: newest.map(|k| k.kid.clone()),
+        },
+        created,
+    ];
     let withdrawn: Vec<String> = signing.iter().map(|k| k.kid.clone()).collect();
     for kid in &withdrawn {
         writes.push(Write::WithdrawKey {
@@ -478,11 +511,6 @@ pub async fn withdraw_signing_keys(
             format!("signing key withdrawn: no longer published, its tokens refused: {reason}"),
         ));
     }
-    let signing_kid = key.kid.clone();
-    writes.push(Write::InsertKey {
-        key: Box::new(key),
-        after: newest.map(|k| k.kid.clone()),
-    });
     store.commit(writes).await?;
     Ok(Withdrawn {
         signing: signing_kid,

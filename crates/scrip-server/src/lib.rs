@@ -250,6 +250,7 @@ impl Server {
         }
         tracing::info!(issuer = %issuer, kid = %keyring.signer(state::now()).kid(), store = if keyring.is_shared() { "postgres" } else { "sqlite" }, policies = policy.len(), tools = config.tools.len(), "scrip ready");
 
+        let generation = keyring.generation();
         let inner = state::Inner {
             stopping: tokio::sync::watch::Sender::new(false),
             feed: feed::Head::new(),
@@ -287,7 +288,7 @@ impl Server {
             replica,
             task_typ: TypRule::exactly(typ::TASK),
             access_typ: TypRule::exactly(typ::ACCESS),
-            cache: cache::ExchangeCache::new(store.changes()),
+            cache: cache::ExchangeCache::new(store.changes(), generation),
             store,
             issuer,
             config,

@@ -1335,6 +1335,61 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
     assert!(e.to_string().contains("keys/signing-es256.json"), "{e}");
 }
 
+/// A replica that reads a withdrawal puts the new key set in use, signs
+/// with the new key, and counts a new generation of keys (what it verified
+/// before is verified again), whatever its clock within `clock_skew`.
+#[tokio::test]
+async fn a_replica_follows_a_withdrawal_whatever_its_clock() {
+    use scrip_server::keyring::Keyring;
+    let db = scrip_testkit::PgDatabase::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = scrip_config::Config {
+        data_dir: dir.path().join("a"),
+        database_url: Some(db.url().to_owned()),
+        key_encryption_key_file: Some(dir.path().join("kek")),
+        ..scrip_config::Config::default()
+    };
+    scrip_server::keys::load_kek(&config, true).unwrap();
+    let at = now();
+    let store = scrip_store::open(db.url().into(), &config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let (keyring, _) = Keyring::shared(&config, store.as_ref(), at, "a")
+        .await
+        .unwrap();
+    let old = keyring.signer(at).kid().to_owned();
+    let before = keyring
+        .generation()
+        .load(std::sync::atomic::Ordering::SeqCst);
+    // Withdrawn from a host whose clock is 20 s ahead of this replica's.
+    let done = scrip_server::keyring::withdraw_signing_keys(
+        &config,
+        store.as_ref(),
+        at + 20,
+        "operator",
+        "INC-8",
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.withdrawn, [old.as_str()]);
+    keyring.sync(store.as_ref(), at, "a").await.unwrap();
+    assert_eq!(keyring.signer(at).kid(), done.signing);
+    assert!(
+        keyring
+            .generation()
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > before
+    );
+    let published: Value = serde_json::from_str(&keyring.jwks_body()).unwrap();
+    let kids: Vec<&str> = published["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, [done.signing.as_str()]);
+}
+
 /// The first keys of a shared store are stored with their records, and
 /// that commit signs its chain head with the checkpoint key it stores: a
 /// replica stopped right after leaves nothing unsigned. So does a start

@@ -351,9 +351,10 @@ pub enum Write {
         after: Option<String>,
     },
     /// Withdraw a key at once, retired or not (one that leaked): it stops
-    /// signing and leaves the published key set at `at`, whatever tokens it
-    /// signed. Fails with [`crate::StoreError::Conflict`] when no key has
-    /// that `kid`.
+    /// signing (retired at `at`, if not before) and leaves the published key
+    /// set whatever tokens it signed and whatever a reader's clock says
+    /// (`publish_until` 0). Fails with [`crate::StoreError::Conflict`] when
+    /// no key has that `kid`.
     WithdrawKey {
         /// The key.
         kid: String,

@@ -1245,8 +1245,11 @@ async fn apply_in(
                 .map_err(unavailable)?;
             }
             Write::InsertKey { key: k, after } => {
+                // Keys no longer published (withdrawn, or past their time
+                // and not purged yet) are not followed.
                 let kept: Vec<(String, i64)> = sqlx::query_as(crate::rows::KEYS_OF_PURPOSE)
                     .bind(k.purpose.as_str())
+                    .bind(to_i64(k.created_at))
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(unavailable)?;
@@ -1273,7 +1276,7 @@ async fn apply_in(
             Write::WithdrawKey { kid, at } => {
                 let withdrawn = sqlx::query(
                     "UPDATE signing_keys SET retired_at = LEAST(COALESCE(retired_at, $1), $1), \
-                     publish_until = $1 WHERE kid = $2",
+                     publish_until = 0 WHERE kid = $2",
                 )
                 .bind(to_i64(*at))
                 .bind(kid)

@@ -115,8 +115,8 @@ pub(crate) use {approval_columns, key_columns, task_columns};
 
 /// The `(kid, active_at)` of every key of one purpose, for
 /// [`refuse_unless_newest`].
-pub(crate) const KEYS_OF_PURPOSE: &str =
-    "SELECT kid, active_at FROM signing_keys WHERE purpose = $1";
+pub(crate) const KEYS_OF_PURPOSE: &str = "SELECT kid, active_at FROM signing_keys \
+     WHERE purpose = $1 AND (publish_until IS NULL OR publish_until > $2)";
 
 /// A [`crate::Write::WithdrawKey`] that found no key: already purged, or
 /// never there.

@@ -746,8 +746,12 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             let keys = tx
                 .prepare_cached(rows::KEYS_OF_PURPOSE)
                 .and_then(|mut st| {
-                    st.query_map([k.purpose.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<rusqlite::Result<Vec<(String, i64)>>>()
+                    // Keys no longer published (withdrawn, or past their
+                    // time and not purged yet) are not followed.
+                    st.query_map(params![k.purpose.as_str(), to_i64(k.created_at)], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<(String, i64)>>>()
                 })
                 .map_err(unavailable)?;
             rows::refuse_unless_newest(&keys, after.as_deref())?;
@@ -776,7 +780,7 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             let withdrawn = run(
                 tx,
                 "UPDATE signing_keys SET retired_at = MIN(COALESCE(retired_at, ?1), ?1), \
-                 publish_until = ?1 WHERE kid = ?2",
+                 publish_until = 0 WHERE kid = ?2",
                 params![to_i64(*at), kid],
             )
             .map_err(unavailable)?;
