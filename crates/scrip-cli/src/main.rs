@@ -218,9 +218,9 @@ enum Command {
     /// it signed, so every task and access token signed before is refused
     /// (tasks must be started again). Every replica follows at once where
     /// PostgreSQL's notification arrives, within 5 s otherwise;
-    /// scrip-verifier resource servers fetch the new key when they first
-    /// see it and drop the old ones at their next JWKS refresh (jwks_refresh,
-    /// 5 min by default). Audited (`key.created`, `key.withdrawn`, with
+    /// scrip-verifier resource servers drop the old keys when they fetch the
+    /// key set again: on the first token of the new key they see, or at
+    /// their next refresh (jwks_refresh, 5 min by default). Audited (`key.created`, `key.withdrawn`, with
     /// --reason). Prints the keys withdrawn and the one that signs. On the
     /// embedded store the key is a file: it says which to move away before
     /// a restart.

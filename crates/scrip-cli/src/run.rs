@@ -89,32 +89,56 @@ const SECRET_HEADERS: [&str; 6] = [
 /// credentials.
 const SCHEMES: [&str; 6] = ["bearer", "basic", "token", "digest", "negotiate", "dpop"];
 
+/// Programs whose `-pVALUE` (no space) is a password.
+const P_IS_PASSWORD: [&str; 5] = ["mysql", "mariadb", "mysqldump", "mysqladmin", "mysqlimport"];
+
 /// The command line as the default purpose shows it, with common forms of
 /// secrets masked (`***`), since the purpose is in the audit trail, the
 /// task token, and what an approver reads: the value of an option named
 /// for a password, secret or token (`--password X`, `-token X`,
-/// `--api-key=X`), `NAME=value` where NAME says password, secret, token or
-/// key (`DB_PASSWORD=x`, `password=x` in a connection string), a URL's
-/// user information and query, and the credentials of an `Authorization`,
-/// `Cookie`, `X-Api-Key` or like header, in any argument, word by word
-/// (`sh -c "..."` included). Anything else shows as it is: a purpose given
-/// with --purpose is taken as it is.
+/// `--api-key=X`), `NAME=value` where a part of NAME says password, secret,
+/// token or credential, or its last part key (`DB_PASSWORD=x`, `API_KEY=x`,
+/// `password=x` in a connection string), a `user:password` (`curl -u`), a
+/// URL's user information and query, `mysql -pX`, `sshpass -p X`, and the
+/// credentials of an `Authorization`, `Cookie`, `X-Api-Key` or like header,
+/// in any argument, word by word (`sh -c "..."` included). Anything else
+/// shows as it is: a purpose given with --purpose is taken as it is.
 pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
+    let program = args
+        .first()
+        .map(|a| {
+            a.to_string_lossy()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_default();
     let mut shown = Vec::with_capacity(args.len());
+    // The next word is a secret; or the whole next argument, when the
+    // option ended its own.
     let mut mask_next = false;
+    let mut mask_arg = false;
+    let mut user_next = false;
     for arg in args {
         let arg = arg.to_string_lossy();
+        if std::mem::take(&mut mask_arg) {
+            shown.push("***".to_owned());
+            continue;
+        }
         let mut words = Vec::new();
         let mut header = false;
         let mut scheme_allowed = false;
-        for word in arg.split(' ') {
+        let count = arg.split(' ').count();
+        for (i, word) in arg.split(' ').enumerate() {
+            let last = i + 1 == count;
             if header {
                 // After a credential header's name: its scheme, then the
                 // rest of the argument, masked.
                 if word.is_empty() {
                     words.push(String::new());
                 } else if std::mem::take(&mut scheme_allowed)
-                    && SCHEMES.contains(&word.to_ascii_lowercase().as_str())
+                    && SCHEMES.contains(&bare(word).to_ascii_lowercase().as_str())
                 {
                     words.push(word.to_owned());
                 } else {
@@ -122,12 +146,25 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
                 }
                 continue;
             }
-            if std::mem::take(&mut mask_next) && !word.is_empty() {
+            if word.is_empty() {
+                words.push(String::new());
+                continue;
+            }
+            if std::mem::take(&mut mask_next) {
                 words.push("***".to_owned());
                 continue;
             }
-            let lower = word.to_ascii_lowercase();
-            let name = lower.trim_start_matches("-h");
+            if std::mem::take(&mut user_next) {
+                // `-u alice:pw`: the password; `sudo -u root` stays.
+                words.push(shown_user(word));
+                continue;
+            }
+            let lower = bare(word).to_ascii_lowercase();
+            // `-H 'Authorization: ...'`, `--header=Authorization: ...`.
+            let name = lower
+                .strip_prefix("--header=")
+                .or_else(|| lower.strip_prefix("-h"))
+                .unwrap_or(&lower);
             if let Some(h) = name.strip_suffix(':')
                 && SECRET_HEADERS.contains(&h)
             {
@@ -139,15 +176,33 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
                 && !value.is_empty()
             {
                 // `Authorization:Bearer` written without a space.
-                let keep = word.len() - value.len();
-                words.push(format!("{}{}", word.get(..keep).unwrap_or_default(), "***"));
+                let keep = word.len().saturating_sub(value.len());
+                words.push(format!("{}***", word.get(..keep).unwrap_or_default()));
                 header = true;
-            } else if let Some((name, _)) = word.split_once('=')
-                && secret_name(name)
+            } else if let Some((name, value)) = word.split_once('=') {
+                if secret_name(bare(name)) {
+                    words.push(format!("{name}=***"));
+                } else if matches!(bare(name), "--user" | "-u") {
+                    words.push(format!("{name}={}", shown_user(value)));
+                } else {
+                    words.push(shown_url(word));
+                }
+            } else if matches!(lower.as_str(), "-u" | "--user") {
+                user_next = true;
+                words.push(word.to_owned());
+            } else if lower == "-p" && program == "sshpass" {
+                mask_next = !last;
+                mask_arg = last;
+                words.push(word.to_owned());
+            } else if lower.len() > 2
+                && lower.starts_with("-p")
+                && !lower.starts_with("--")
+                && P_IS_PASSWORD.contains(&program.as_str())
             {
-                words.push(format!("{name}=***"));
-            } else if !word.contains('=') && secret_option(&lower) {
-                mask_next = true;
+                words.push("-p***".to_owned());
+            } else if lower.starts_with('-') && secret_name(lower.trim_start_matches('-')) {
+                mask_next = !last;
+                mask_arg = last;
                 words.push(word.to_owned());
             } else {
                 words.push(shown_url(word));
@@ -158,43 +213,69 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
     shown.join(" ")
 }
 
-/// Whether `lower` is an option whose value is a secret: named for a
-/// password, secret or token, not for where one is read from.
-fn secret_option(lower: &str) -> bool {
-    let Some(name) = lower.strip_prefix('-') else {
-        return false;
-    };
-    let name = name.trim_start_matches('-');
-    !name.is_empty()
-        && [
-            "password", "passwd", "secret", "token", "api-key", "apikey", "auth",
-        ]
-        .iter()
-        .any(|w| name.contains(w))
-        && !["file", "stdin", "env", "path", "cmd", "command", "helper"]
-            .iter()
-            .any(|w| name.ends_with(w))
+/// `word` without the quotes a shell script around it leaves.
+fn bare(word: &str) -> &str {
+    word.trim_matches(|c| c == '\'' || c == '"')
 }
 
-/// Whether a name (`DB_PASSWORD`, `--api-key`, `password` in a connection
-/// string) names a secret.
+/// `user:password` with the password masked; a plain user as it is.
+fn shown_user(value: &str) -> String {
+    match value.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => value.to_owned(),
+    }
+}
+
+/// Whether a name (`DB_PASSWORD`, `api-key`, `apiKey`, `password` in a
+/// connection string) names a secret: a part of it (split at `_`, `-`, `.`)
+/// says password, secret, token, credential(s), auth or bearer, or its last
+/// part is key (or apikey); not one that names where a secret is (`-file`,
+/// `-id`, `-name`), nor a flag that turns one off (`--no-password`).
 fn secret_name(name: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    !name.is_empty()
-        && name
+    let name = name.trim_start_matches('-');
+    if name.is_empty()
+        || !name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
-        && [
-            "PASSWORD",
-            "PASSWD",
-            "SECRET",
-            "TOKEN",
-            "KEY",
-            "CREDENTIAL",
-            "PWD",
-        ]
-        .iter()
-        .any(|w| upper.contains(w))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return false;
+    }
+    let upper = name.to_ascii_uppercase();
+    let parts: Vec<&str> = upper.split(['_', '-', '.']).collect();
+    let secret = parts.iter().any(|p| {
+        matches!(
+            *p,
+            "PASSWORD"
+                | "PASSWD"
+                | "PWD"
+                | "PASS"
+                | "SECRET"
+                | "TOKEN"
+                | "CREDENTIAL"
+                | "CREDENTIALS"
+                | "AUTH"
+                | "BEARER"
+                | "APIKEY"
+        )
+    }) || parts.last().is_some_and(|p| matches!(*p, "KEY" | "APIKEY"));
+    let names_a_place = parts.last().is_some_and(|p| {
+        matches!(
+            *p,
+            "FILE"
+                | "PATH"
+                | "ENV"
+                | "STDIN"
+                | "ID"
+                | "NAME"
+                | "ARN"
+                | "REF"
+                | "CMD"
+                | "COMMAND"
+                | "HELPER"
+                | "URL"
+        )
+    });
+    secret && !names_a_place && parts.first() != Some(&"NO")
 }
 
 /// `s` with a URL's password (`user:***@`) and query (`?***`) masked, if
@@ -658,16 +739,38 @@ mod purpose_tests {
             ),
             (&["tool", "--Password=abc"][..], "tool --Password=***"),
             (
+                &["tool", "--password", "correct horse"][..],
+                "tool --password ***",
+            ),
+            (
                 &["tool", "--token-file", "/run/t"][..],
                 "tool --token-file /run/t",
             ),
             (
-                &["env", "DB_PASSWORD=abc", "GITHUB_TOKEN=x", "MODE=fast"][..],
-                "env DB_PASSWORD=*** GITHUB_TOKEN=*** MODE=fast",
+                &["tool", "--token-file=/run/t"][..],
+                "tool --token-file=/run/t",
+            ),
+            (
+                &["psql", "--no-password", "-h", "db"][..],
+                "psql --no-password -h db",
+            ),
+            (
+                &[
+                    "env",
+                    "DB_PASSWORD=abc",
+                    "GITHUB_TOKEN=x",
+                    "API_KEY=k",
+                    "MODE=fast",
+                ][..],
+                "env DB_PASSWORD=*** GITHUB_TOKEN=*** API_KEY=*** MODE=fast",
             ),
             (
                 &["sh", "-c", "mysql --password=x -u root db"][..],
                 "sh -c mysql --password=*** -u root db",
+            ),
+            (
+                &["sh", "-c", "curl -H 'Authorization: Bearer x' h"][..],
+                "sh -c curl -H 'Authorization: Bearer *** ***",
             ),
             (
                 &[
@@ -688,6 +791,20 @@ mod purpose_tests {
                 &["curl", "-H", "authorization:Basic abc"][..],
                 "curl -H authorization:*** ***",
             ),
+            (
+                &["wget", "--header=Authorization: Bearer sk-1", "u"][..],
+                "wget --header=Authorization: Bearer *** u",
+            ),
+            (
+                &["curl", "-u", "alice:pw", "https://h"][..],
+                "curl -u alice:*** https://h",
+            ),
+            (&["curl", "--user=alice:pw"][..], "curl --user=alice:***"),
+            (&["mysql", "-pS3cret", "db"][..], "mysql -p*** db"),
+            (
+                &["sshpass", "-p", "S3cret", "ssh", "h"][..],
+                "sshpass -p *** ssh h",
+            ),
             // What an approver must see is not masked.
             (
                 &["sudo", "-u", "root", "rm", "-rf", "/x"][..],
@@ -702,6 +819,25 @@ mod purpose_tests {
                 &["docker", "run", "-p", "22:22", "img"][..],
                 "docker run -p 22:22 img",
             ),
+            (
+                &["ssh", "-o", "StrictHostKeyChecking=no", "h"][..],
+                "ssh -o StrictHostKeyChecking=no h",
+            ),
+            (
+                &[
+                    "aws",
+                    "secretsmanager",
+                    "get-secret-value",
+                    "--secret-id",
+                    "prod/db",
+                ][..],
+                "aws secretsmanager get-secret-value --secret-id prod/db",
+            ),
+            (
+                &["git", "commit", "--author", "Eve <e@x>"][..],
+                "git commit --author Eve <e@x>",
+            ),
+            (&["llm", "--max-tokens=100"][..], "llm --max-tokens=100"),
         ] {
             assert_eq!(shown(args), expected, "{args:?}");
         }

@@ -70,9 +70,9 @@ pub struct Keyring {
     ring: RwLock<Arc<Ring>>,
     verify: SharedKeySet,
     algorithms: Vec<Algorithm>,
-    /// Counts the key sets put in use, each after its verification keys
-    /// replaced the last: what was verified under an earlier count may have
-    /// been verified with a key since withdrawn or retired.
+    /// Counts the changed key sets put in use, each after its verification
+    /// keys replaced the last: what was verified under an earlier count may
+    /// have been verified with a key since withdrawn or retired.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -237,20 +237,33 @@ impl Keyring {
         Ok((keyring, created))
     }
 
-    /// Puts `ring` in use; then counts a new generation (see
-    /// [`Keyring::generation`]).
+    /// Puts `ring` in use. When its signing keys differ from those in use,
+    /// the verification keys are replaced, and then a new generation is
+    /// counted (see [`Keyring::generation`]); a re-read that found the same
+    /// keys (every few seconds) changes neither.
     fn install(&self, ring: Ring) {
-        self.verify.replace(ring.verify_set());
+        let kids = |r: &Ring| {
+            r.signing
+                .iter()
+                .map(|(_, k)| k.kid().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let changed = kids(&self.ring()) != kids(&ring);
+        if changed {
+            self.verify.replace(ring.verify_set());
+        }
         match self.ring.write() {
             Ok(mut r) => *r = Arc::new(ring),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(ring),
         }
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if changed {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
-    /// The count of key sets put in use, raised only once the new set
-    /// verifies: a token verified (and kept) under one count is verified
+    /// The count of changed key sets put in use, raised only once the new
+    /// set verifies: a token verified (and kept) under one count is verified
     /// again under the next, so none outlives a key's withdrawal in memory.
     #[must_use]
     pub fn generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
@@ -424,13 +437,16 @@ pub struct Withdrawn {
 }
 
 /// Withdraws every signing key of a shared key set at once, for a key that
-/// leaked: a new key signs from `now`, and the others leave the published
-/// set now, whatever they signed. Tokens they signed are refused from then
-/// on (tasks must be started again), by every replica as soon as it reads
-/// the key set: at once where the store's notification arrives, within
-/// [`POLL`] otherwise (until then it may still sign with an old key).
-/// `scrip-verifier` resource servers fetch the new key when they first see
-/// it, and drop the old ones at their next JWKS refresh. Audited in the
+/// leaked: a new key (active from `clock_skew` before `now`, for replicas
+/// whose clocks are behind) signs, and the others leave the published set
+/// at once, whatever they signed and whatever a replica's clock says.
+/// Tokens they signed are refused from then on (tasks must be started
+/// again), by every replica once it reads the key set: at once where the
+/// store's notification arrives, within [`POLL`] otherwise (until then it
+/// may still sign with and accept an old key). `scrip-verifier` resource
+/// servers fetch the key set again when they first see a token of the new
+/// key, or at their next refresh, whichever comes first, and the old keys
+/// go with that fetch. Audited in the
 /// same commit (`key.created`, `key.withdrawn`, with `reason`), named after
 /// `replica`; the caller has the store sign that commit's head.
 ///
