@@ -10,17 +10,11 @@ use crate::fail;
 pub fn withdraw(config: Option<&Path>, reason: &str) -> ExitCode {
     let result = (|| {
         let loaded = scrip_config::Config::load(config).map_err(|e| e.to_string())?;
-        let reason = reason.trim();
-        if reason.is_empty() || reason.chars().any(char::is_control) || reason.len() > 500 {
-            return Err("--reason must be one line of text, at most 500 bytes".to_owned());
-        }
+        let reason = crate::task::reason(reason)?;
         if loaded.database_url.is_none() {
             // Said before the store is opened: nothing to open it for.
             return Err(scrip_server::keyring::WithdrawError::Embedded(
-                loaded.data_dir.join("keys").join(format!(
-                    "signing-{}.json",
-                    loaded.signing_algorithm.as_str().to_ascii_lowercase()
-                )),
+                scrip_server::keys::signing_key_file(&loaded.data_dir, loaded.signing_algorithm),
             )
             .to_string());
         }

@@ -327,10 +327,7 @@ fn revoke(args: &RevokeArgs) -> ExitCode {
     let result = (|| {
         let config =
             scrip_config::Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
-        let reason = args.reason.trim();
-        if reason.is_empty() || reason.chars().any(char::is_control) || reason.len() > 500 {
-            return Err("--reason must be one line of text, at most 500 bytes".to_owned());
-        }
+        let reason = reason(&args.reason)?;
         runtime()?.block_on(async {
             let (_, store) = open(args.config.as_deref()).await?;
             crate::secret::sign_heads(&config, store.as_ref()).await?;
@@ -374,6 +371,16 @@ fn revoke(args: &RevokeArgs) -> ExitCode {
         }
         Ok(_) => ExitCode::SUCCESS,
     }
+}
+
+/// An operator's `--reason`, for the audit trail: one line of text, at
+/// most 500 bytes (as a person's reason for a denial).
+pub(crate) fn reason(text: &str) -> Result<&str, String> {
+    let text = text.trim();
+    if text.is_empty() || text.chars().any(char::is_control) || text.len() > 500 {
+        return Err("--reason must be one line of text, at most 500 bytes".to_owned());
+    }
+    Ok(text)
 }
 
 /// Ends every open task of `agent` (of `issuer`, if given): how many.

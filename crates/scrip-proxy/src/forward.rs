@@ -189,7 +189,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         // Answered as an upstream that is here answers a token issued for
         // another (or none, or a bad one): a caller without a token for an
         // upstream cannot tell whether it exists.
-        tracing::debug!(upstream = %cut(name, MAX_NAME_LEN), "proxy: a request for no upstream");
+        tracing::debug!(upstream = ?cut(name, MAX_NAME_LEN), "proxy: a request for no upstream");
         return proxy
             .0
             .no_upstream

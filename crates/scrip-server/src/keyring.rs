@@ -460,11 +460,9 @@ pub async fn withdraw_signing_keys(
     reason: &str,
 ) -> Result<Withdrawn, WithdrawError> {
     if config.database_url.is_none() {
-        return Err(WithdrawError::Embedded(config.data_dir.join("keys").join(
-            format!(
-                "signing-{}.json",
-                config.signing_algorithm.as_str().to_ascii_lowercase()
-            ),
+        return Err(WithdrawError::Embedded(keys::signing_key_file(
+            &config.data_dir,
+            config.signing_algorithm,
         )));
     }
     let stored = store.keys(now).await?;

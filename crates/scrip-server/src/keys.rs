@@ -214,8 +214,20 @@ pub fn load_or_create(
     alg: SigningAlgorithm,
     now: u64,
 ) -> Result<Loaded, KeyError> {
-    let name = format!("signing-{}", alg.as_str().to_ascii_lowercase());
-    load_or_create_named(data_dir, &name, alg, now)
+    load_or_create_named(data_dir, &signing_key_name(alg), alg, now)
+}
+
+/// The embedded store's signing key file for `alg`:
+/// `<data_dir>/keys/signing-<alg>.json` (`signing-es256.json`).
+#[must_use]
+pub fn signing_key_file(data_dir: &Path, alg: SigningAlgorithm) -> std::path::PathBuf {
+    data_dir
+        .join("keys")
+        .join(format!("{}.json", signing_key_name(alg)))
+}
+
+fn signing_key_name(alg: SigningAlgorithm) -> String {
+    format!("signing-{}", alg.as_str().to_ascii_lowercase())
 }
 
 /// The audit checkpoint key (Ed25519), `<data_dir>/keys/audit-checkpoint.json`.

@@ -1163,12 +1163,16 @@ when { principal has namespace && principal.namespace == "other" };
     s.stop().await;
 }
 
-/// A process writing beside `scrip serve` on a shared store (`scrip proxy`,
-/// `scrip secret`) signs its audit chain with the store's checkpoint key,
-/// the one `scrip audit verify` and `/audit/keys` trust.
-#[tokio::test]
-async fn other_writers_sign_with_the_shared_checkpoint_key() {
-    let db = scrip_testkit::PgDatabase::new();
+/// A server on `db`'s shared store, and the configuration and store
+/// another process on the same host would use beside it (`scrip proxy`,
+/// `scrip secret`, `scrip key`).
+async fn beside_a_shared_server(
+    db: &scrip_testkit::PgDatabase,
+) -> (
+    TestServer,
+    scrip_config::Config,
+    std::sync::Arc<dyn scrip_store::Store>,
+) {
     let url = db.url().to_owned();
     let database_url = url.clone();
     let s = TestServer::start_with(Options {
@@ -1186,6 +1190,16 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
     let store = scrip_store::open(Some(&url), &config.data_dir.join("scrip.db"))
         .await
         .unwrap();
+    (s, config, store)
+}
+
+/// A process writing beside `scrip serve` on a shared store (`scrip proxy`,
+/// `scrip secret`) signs its audit chain with the store's checkpoint key,
+/// the one `scrip audit verify` and `/audit/keys` trust.
+#[tokio::test]
+async fn other_writers_sign_with_the_shared_checkpoint_key() {
+    let db = scrip_testkit::PgDatabase::new();
+    let (s, config, store) = beside_a_shared_server(&db).await;
     let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "test")
         .await
         .unwrap();
@@ -1219,15 +1233,7 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
 #[tokio::test]
 async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
     let db = scrip_testkit::PgDatabase::new();
-    let url = db.url().to_owned();
-    let database_url = url.clone();
-    let s = TestServer::start_with(Options {
-        edit: Some(Box::new(move |c: &mut scrip_config::Config| {
-            c.database_url = Some(database_url);
-        })),
-        ..Options::default()
-    })
-    .await;
+    let (s, config, store) = beside_a_shared_server(&db).await;
     let kids = || async {
         let jwks: Value = s
             .http
@@ -1258,14 +1264,6 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
     assert_eq!(kids().await, [old_kid.as_str()]);
 
     // As `scrip key withdraw` does it, from another process's store.
-    let config = scrip_config::Config {
-        data_dir: s.dir.path().join("data"),
-        database_url: Some(url.clone()),
-        ..scrip_config::Config::default()
-    };
-    let store = scrip_store::open(Some(&url), &config.data_dir.join("scrip.db"))
-        .await
-        .unwrap();
     let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "operator")
         .await
         .unwrap();
