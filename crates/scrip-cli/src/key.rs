@@ -1,4 +1,4 @@
-//! `scrip key`: scrip's own signing keys, for an operator.
+//! `scrip key`: scrip's own keys, for an operator.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -40,6 +40,50 @@ pub fn withdraw(config: Option<&Path>, reason: &str) -> ExitCode {
             }
             out!("signing {}", done.signing);
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `scrip key reseal --reason TEXT`.
+pub fn reseal(config: Option<&Path>, reason: &str) -> ExitCode {
+    let result = (|| {
+        let loaded = scrip_config::Config::load(config).map_err(|e| e.to_string())?;
+        let reason = crate::task::reason(reason)?;
+        runtime()?.block_on(async {
+            let (_, store) = open(config).await?;
+            crate::secret::sign_heads(&loaded, store.as_ref()).await?;
+            scrip_server::keyring::reseal(
+                &loaded,
+                store.as_ref(),
+                &crate::secret::replica(),
+                reason,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        })
+    })();
+    match result {
+        Err(e) => fail(e),
+        Ok(done) => {
+            for kid in &done.keys {
+                out!("resealed key {kid}");
+            }
+            for version in &done.secrets {
+                out!("resealed secret {version}");
+            }
+            out!(
+                "{} values sealed under the current key-encryption key ({} sealed again now)",
+                done.current,
+                done.keys.len() + done.secrets.len()
+            );
+            if done.unopened.is_empty() {
+                return ExitCode::SUCCESS;
+            }
+            fail(format!(
+                "{} values open under neither key and were left as they were: {}",
+                done.unopened.len(),
+                done.unopened.join(", ")
+            ))
         }
     }
 }

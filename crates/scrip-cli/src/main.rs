@@ -106,7 +106,8 @@ enum Command {
     /// terminal reaches it directly and is left to it. The exit code is COMMAND's (128+signal when a
     /// signal killed it), 127 when COMMAND is not found, 126 when it cannot
     /// be run, and 1 when COMMAND succeeded but the task could not be ended.
-    /// COMMAND never inherits SCRIP_IDENTITY or SCRIP_KEY_ENCRYPTION_KEY.
+    /// COMMAND never inherits SCRIP_IDENTITY, SCRIP_KEY_ENCRYPTION_KEY or
+    /// SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY.
     Run(run::RunArgs),
     /// Print an access token of the current task (SCRIP_TASK_TOKEN).
     ///
@@ -211,19 +212,12 @@ enum Command {
         #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Withdraw scrip's signing keys at once, for a key that leaked.
+    /// Replace scrip's own keys after a leak: the signing keys (`withdraw`),
+    /// the key-encryption key (`reseal`).
     ///
-    /// With database_url (a shared key set): a new key signs from now on and
-    /// every other signing key leaves the published set at once, whatever
-    /// it signed, so every task and access token signed before is refused
-    /// (tasks must be started again). Every replica follows at once where
-    /// PostgreSQL's notification arrives, within 5 s otherwise;
-    /// scrip-verifier resource servers drop the old keys when they fetch the
-    /// key set again: on the first token of the new key they see, or at
-    /// their next refresh (jwks_refresh, 5 min by default). Audited (`key.created`, `key.withdrawn`, with
-    /// --reason). Prints the keys withdrawn and the one that signs. On the
-    /// embedded store the key is a file: it says which to move away before
-    /// a restart.
+    /// These write to the configuration's store (PostgreSQL with
+    /// database_url, else the one in data_dir) and work while the server
+    /// runs. See docs/incident-response.md.
     Key {
         /// The configuration file (to find the store and the key-encryption
         /// key).
@@ -278,8 +272,55 @@ enum Command {
 #[derive(Debug, clap::Subcommand)]
 enum KeyCommand {
     /// Withdraw every signing key now; a new one signs.
+    ///
+    /// With database_url (a shared key set): a new key signs from now on and
+    /// every other signing key leaves the published set at once, whatever
+    /// it signed, so every task and access token signed before is refused
+    /// (tasks must be started again). Every replica follows at once where
+    /// PostgreSQL's notification arrives, within 5 s otherwise;
+    /// scrip-verifier resource servers drop the old keys when they fetch the
+    /// key set again: on the first token of the new key they see, or at
+    /// their next refresh (jwks_refresh, 5 min by default). Audited
+    /// (`key.created`, `key.withdrawn`, with --reason). Prints the keys
+    /// withdrawn and the one that signs. On the embedded store the key is a
+    /// file: it says which to move away before a restart.
     Withdraw {
         /// Why, for the audit trail (an incident).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Seal everything the store keeps sealed again under a new
+    /// key-encryption key.
+    ///
+    /// The store keeps the proxy's upstream keys and, with database_url,
+    /// the shared signing and checkpoint keys sealed under the
+    /// key-encryption key. To replace that key (one that leaked, or on a
+    /// schedule):
+    ///
+    /// 1. Make a new key: `(umask 077; head -c 32 /dev/urandom | base64 >
+    ///    new.key)`.
+    ///
+    /// 2. Give every replica (and `scrip proxy`) the new key as
+    ///    key_encryption_key_file (or SCRIP_KEY_ENCRYPTION_KEY) and the old
+    ///    one as previous_key_encryption_key_file (or
+    ///    SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY), and restart each: they open
+    ///    values sealed under either and seal new ones under the new key.
+    ///
+    /// 3. Run `scrip key reseal --reason TEXT` with that configuration: each
+    ///    value only the old key opens is sealed again under the new one, in
+    ///    one commit, audited (`kek.resealed`). It prints what it sealed
+    ///    again; it exits 1 if a value opens under neither key (such a value
+    ///    is unusable either way, and is left as it was).
+    ///
+    /// 4. Remove the old key from every replica's configuration, restart
+    ///    them, and destroy it.
+    ///
+    /// Running it again does nothing once all is sealed under the new key.
+    /// Against someone who also holds a copy of the store taken before,
+    /// follow it with `scrip key withdraw` and `scrip secret rotate`: the
+    /// copy holds the old values.
+    Reseal {
+        /// Why, for the audit trail (an incident, a schedule).
         #[arg(long)]
         reason: String,
     },
@@ -448,10 +489,11 @@ fn init_logging(format: LogFormat, level: &str, queued: bool) -> Option<log::Lin
 
 /// Credentials of scrip's own that a program scrip starts (a `scrip run`
 /// command, a `mint_command`) never inherits: the key-encryption key that
-/// opens every stored secret, and the identity and task tokens of the
-/// process that started scrip.
-const NOT_INHERITED: [&str; 3] = [
+/// opens every stored secret (and the one it replaces), and the identity and
+/// task tokens of the process that started scrip.
+const NOT_INHERITED: [&str; 4] = [
     scrip_server::keys::KEK_ENV,
+    scrip_server::keys::PREVIOUS_KEK_ENV,
     "SCRIP_IDENTITY",
     "SCRIP_TASK_TOKEN",
 ];
@@ -582,6 +624,7 @@ fn command(command: Command) -> ExitCode {
         Command::Migrate { config } => audit::migrate(config.as_deref()),
         Command::Key { config, command } => match command {
             KeyCommand::Withdraw { reason } => key::withdraw(config.as_deref(), &reason),
+            KeyCommand::Reseal { reason } => key::reseal(config.as_deref(), &reason),
         },
         Command::Secret { config, command } => match command {
             SecretCommand::Set { name, action } => secret::set(config.as_deref(), &name, &action),

@@ -126,7 +126,7 @@ max_age = 86400
 [upstreams.secrets.write]
 grace = 600
 # Mints only when it inherited none of scrip's credentials.
-mint_command = ["/bin/sh", "-c", "[ -z \"${{SCRIP_TASK_TOKEN+set}}${{SCRIP_IDENTITY+set}}${{SCRIP_KEY_ENCRYPTION_KEY+set}}\" ] && echo {MINTED_KEY}"]
+mint_command = ["/bin/sh", "-c", "[ -z \"${{SCRIP_TASK_TOKEN+set}}${{SCRIP_IDENTITY+set}}${{SCRIP_KEY_ENCRYPTION_KEY+set}}${{SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY+set}}\" ] && echo {MINTED_KEY}"]
 
 # Mint commands that misbehave: one prints far more than a secret, one
 # leaves a process behind (its pid in a file).
@@ -187,6 +187,7 @@ impl Setup {
             .arg(&self.config)
             .env_remove("SCRIP_CONFIG")
             .env_remove("SCRIP_KEY_ENCRYPTION_KEY")
+            .env_remove("SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY")
             .envs(env.iter().copied())
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -415,6 +416,9 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
             ("SCRIP_TASK_TOKEN", "a-task-token"),
             ("SCRIP_IDENTITY", "an-identity"),
             ("SCRIP_KEY_ENCRYPTION_KEY", own_kek.trim()),
+            // A previous key that opens nothing here: harmless, and not
+            // inherited either.
+            ("SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY", &other_kek),
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -537,6 +541,88 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert!(!key_file.exists(), "a new key-encryption key was made");
     fs::rename(&moved, &key_file).unwrap();
+
+    // The key-encryption key replaced (`scrip key reseal`), given in the
+    // environment, the old one moved away: the server below opens every
+    // secret with the new key alone.
+    let old_kek = fs::read_to_string(&key_file).unwrap();
+    let old_kek = old_kek.trim();
+    let (_, new_kek) = scrip_jose::Kek::generate().unwrap();
+    let reseal = |env: &[(&str, &str)]| {
+        let out = s.scrip_with(
+            &["key", "reseal", "--reason", "KEK rotation INC-9"],
+            None,
+            env,
+        );
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    // Beside the old key's file, the new key is refused.
+    let (code, _, err) = reseal(&[("SCRIP_KEY_ENCRYPTION_KEY", &new_kek)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is not the key in"), "{err}");
+    fs::rename(&key_file, &moved).unwrap();
+    // Without the old key nothing opens; the old key as both is a mistake.
+    let (code, _, err) = reseal(&[("SCRIP_KEY_ENCRYPTION_KEY", &new_kek)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("opens nothing this store holds sealed"),
+        "{err}"
+    );
+    let (code, _, err) = reseal(&[
+        ("SCRIP_KEY_ENCRYPTION_KEY", old_kek),
+        ("SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY", old_kek),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is the key-encryption key itself"), "{err}");
+    let both = [
+        ("SCRIP_KEY_ENCRYPTION_KEY", new_kek.as_str()),
+        ("SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY", old_kek),
+    ];
+    let (code, out, err) = reseal(&both);
+    assert_eq!(code, Some(0), "{err}");
+    let resealed = out
+        .lines()
+        .filter(|l| l.starts_with("resealed secret "))
+        .count();
+    for version in ["legacy/read v1", "legacy/write v1", "legacy/write v2"] {
+        assert!(
+            out.contains(&format!("resealed secret {version}\n")),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains(&format!(
+            "{resealed} values sealed under the current key-encryption key ({resealed} sealed again now)"
+        )),
+        "{out}"
+    );
+    let (code, out, err) = reseal(&both);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with(&format!("{resealed} values")) && out.contains("(0 sealed again now)"),
+        "{out}"
+    );
+    // The old key alone opens nothing now.
+    let out = s.scrip_with(
+        &["secret", "set", "legacy", "--action", "read"],
+        Some(b"x"),
+        &[("SCRIP_KEY_ENCRYPTION_KEY", old_kek)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("opens nothing this store holds sealed"));
+    // The new key in the key file, as the server below reads it.
+    fs::write(&key_file, &new_kek).unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(&moved).unwrap();
+    let out = s.scrip(&["secret", "list"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let records = text(&s.scrip(&["audit", "query", "--json"], None).stdout);
+    let resealed: Vec<&str> = records
+        .lines()
+        .filter(|l| l.contains("\"event\":\"kek.resealed\""))
+        .collect();
+    assert_eq!(resealed.len(), 1, "{records}");
+    assert!(resealed[0].contains("KEK rotation INC-9"), "{records}");
 
     // Each `scrip secret` command signed its audit records.
     let verified = s.scrip(&["audit", "verify"], None);

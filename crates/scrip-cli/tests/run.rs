@@ -299,17 +299,18 @@ fn the_command_inherits_no_key_of_scrips() {
         .scrip()
         .env("SCRIP_IDENTITY", identity.token())
         .env("SCRIP_KEY_ENCRYPTION_KEY", "the-kek")
+        .env("SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY", "the-old-kek")
         .args(["run", "--purpose", "inherit", "--env", "dev", "--grant", "github:read"])
         .args([
             "--",
             "sh",
             "-c",
-            "printf '%s|%s|%s' \"${SCRIP_KEY_ENCRYPTION_KEY-absent}\" \"${SCRIP_IDENTITY-absent}\" \"${SCRIP_TASK_TOKEN:+task}\"",
+            "printf '%s|%s|%s|%s' \"${SCRIP_KEY_ENCRYPTION_KEY-absent}\" \"${SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY-absent}\" \"${SCRIP_IDENTITY-absent}\" \"${SCRIP_TASK_TOKEN:+task}\"",
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "absent|absent|task");
+    assert_eq!(text(&out.stdout), "absent|absent|absent|task");
 }
 
 /// Ending the task retries for a while against a scrip that does not

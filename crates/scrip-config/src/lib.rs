@@ -138,6 +138,11 @@ pub struct Config {
     /// `<data_dir>/keys/key-encryption.key`; `SCRIP_KEY_ENCRYPTION_KEY`
     /// overrides it). Every replica needs the same key.
     pub key_encryption_key_file: Option<PathBuf>,
+    /// While the key-encryption key is replaced: the file holding the key
+    /// it replaces, which opens what the store still holds sealed under it
+    /// (`SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY` overrides it) until `scrip key
+    /// reseal` has sealed all of it again under the new key. No default.
+    pub previous_key_encryption_key_file: Option<PathBuf>,
     /// With `database_url`: seconds a shared signing key signs before the
     /// next one takes over (0: never rotate).
     pub signing_key_rotation: u64,
@@ -185,6 +190,7 @@ impl Default for Config {
             socket_mode: 0o600,
             local_workloads: Vec::new(),
             key_encryption_key_file: None,
+            previous_key_encryption_key_file: None,
             signing_key_rotation: 30 * 24 * 3600,
             signing_key_lead: 60,
             upstreams: Vec::new(),
@@ -460,6 +466,9 @@ impl Config {
         if let Some(kek) = self.key_encryption_key_file.as_mut() {
             join(kek);
         }
+        if let Some(kek) = self.previous_key_encryption_key_file.as_mut() {
+            join(kek);
+        }
         for ti in &mut self.trusted_issuers {
             if let Some(f) = ti.jwks_file.as_mut() {
                 join(f);
@@ -587,6 +596,13 @@ impl Config {
         }
         if self.clock_skew > 300 {
             return invalid("clock_skew must be at most 300 seconds");
+        }
+        if self.previous_key_encryption_key_file.as_deref()
+            == Some(self.key_encryption_key_path().as_path())
+        {
+            return invalid(
+                "previous_key_encryption_key_file names the key-encryption key's own file: give the key it replaces",
+            );
         }
         if self.environments.is_empty() {
             return invalid("environments must name at least one environment");
@@ -1357,6 +1373,28 @@ mod tests {
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.data_dir, dir.path().join("state"));
         assert_eq!(c.policy_dir, dir.path().join("policies"));
+    }
+
+    /// The previous key-encryption key's file follows the configuration
+    /// file, and may not be the current key's own (default or given).
+    #[test]
+    fn the_previous_key_encryption_key_is_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.toml");
+        std::fs::write(&path, "previous_key_encryption_key_file = \"old.key\"\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(
+            c.previous_key_encryption_key_file,
+            Some(dir.path().join("old.key"))
+        );
+        for text in [
+            "previous_key_encryption_key_file = \".scrip/keys/key-encryption.key\"\n",
+            "key_encryption_key_file = \"k\"\nprevious_key_encryption_key_file = \"k\"\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load(Some(&path)).unwrap_err().to_string();
+            assert!(e.contains("names the key-encryption key's own file"), "{e}");
+        }
     }
 
     /// A mint command's program given by a relative path is the one beside

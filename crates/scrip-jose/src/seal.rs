@@ -19,8 +19,13 @@ use crate::JoseError;
 /// The length of a key-encryption key, bytes.
 pub const KEK_LEN: usize = 32;
 
-/// A key-encryption key. Its `Debug` shows nothing of the key.
-pub struct Kek(LessSafeKey);
+/// A key-encryption key, and while it replaces another, the key it
+/// replaces ([`Kek::with_previous`]): values are sealed under the current
+/// key and opened with either. Its `Debug` shows nothing of either key.
+pub struct Kek {
+    current: LessSafeKey,
+    previous: Option<LessSafeKey>,
+}
 
 impl std::fmt::Debug for Kek {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,7 +47,27 @@ impl Kek {
         }
         let key = UnboundKey::new(&AES_256_GCM, bytes)
             .map_err(|_| JoseError::Key("unusable key-encryption key".into()))?;
-        Ok(Self(LessSafeKey::new(key)))
+        Ok(Self {
+            current: LessSafeKey::new(key),
+            previous: None,
+        })
+    }
+
+    /// This key, which seals, with `previous` (its own current key) opening
+    /// too: what was sealed under either opens, and [`Kek::reseal`] moves a
+    /// value from the previous key to this one.
+    #[must_use]
+    pub fn with_previous(self, previous: Self) -> Self {
+        Self {
+            current: self.current,
+            previous: Some(previous.current),
+        }
+    }
+
+    /// Whether a previous key opens too.
+    #[must_use]
+    pub fn has_previous(&self) -> bool {
+        self.previous.is_some()
     }
 
     /// A key from its text form: base64url (or standard base64) of the 32
@@ -85,9 +110,9 @@ impl Kek {
             .map_err(|_| JoseError::Crypto("random generator failed"))?;
         // Room for the tag, so that no copy of the plaintext is left behind
         // by a reallocation.
-        let mut data = Vec::with_capacity(plaintext.len() + self.0.algorithm().tag_len());
+        let mut data = Vec::with_capacity(plaintext.len() + self.current.algorithm().tag_len());
         data.extend_from_slice(plaintext);
-        self.0
+        self.current
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(context),
@@ -99,30 +124,55 @@ impl Kek {
         Ok(out)
     }
 
-    /// Opens what [`Kek::seal`] sealed with the same `context`; the
-    /// plaintext is zeroed when dropped.
+    /// Opens what [`Kek::seal`] sealed with the same `context`, under the
+    /// current key or the previous one; the plaintext is zeroed when
+    /// dropped.
     ///
     /// # Errors
-    /// [`JoseError::Key`] when the value was not sealed under this
-    /// key for this context, or was altered.
+    /// [`JoseError::Key`] when the value was not sealed under either key
+    /// for this context, or was altered.
     pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, JoseError> {
-        let refused = || {
-            JoseError::Key(
-                "sealed value does not open with this key-encryption key (wrong key, or altered)"
-                    .into(),
-            )
-        };
-        let (nonce, data) = sealed.split_at_checked(NONCE_LEN).ok_or_else(refused)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
-        let mut data = Zeroizing::new(data.to_vec());
-        let len = self
-            .0
-            .open_in_place(nonce, Aad::from(context), &mut data)
-            .map_err(|_| refused())?
-            .len();
-        data.truncate(len);
-        Ok(data)
+        open_with(&self.current, context, sealed).or_else(|e| match &self.previous {
+            Some(previous) => open_with(previous, context, sealed),
+            None => Err(e),
+        })
     }
+
+    /// The value sealed again under the current key when it opens only with
+    /// the previous one; `None` when the current key opens it already.
+    ///
+    /// # Errors
+    /// [`JoseError::Key`] when neither key opens it; [`JoseError::Crypto`]
+    /// when sealing fails.
+    pub fn reseal(&self, context: &[u8], sealed: &[u8]) -> Result<Option<Vec<u8>>, JoseError> {
+        if open_with(&self.current, context, sealed).is_ok() {
+            return Ok(None);
+        }
+        let plaintext = self.open(context, sealed)?;
+        self.seal(context, &plaintext).map(Some)
+    }
+}
+
+fn open_with(
+    key: &LessSafeKey,
+    context: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, JoseError> {
+    let refused = || {
+        JoseError::Key(
+            "sealed value does not open with this key-encryption key (wrong key, or altered)"
+                .into(),
+        )
+    };
+    let (nonce, data) = sealed.split_at_checked(NONCE_LEN).ok_or_else(refused)?;
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
+    let mut data = Zeroizing::new(data.to_vec());
+    let len = key
+        .open_in_place(nonce, Aad::from(context), &mut data)
+        .map_err(|_| refused())?
+        .len();
+    data.truncate(len);
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -151,6 +201,51 @@ mod tests {
             sealed,
             "fresh nonce"
         );
+    }
+
+    /// While a key replaces another, both open, only the new one seals, and
+    /// a value is moved to it in its own context; a third key's value
+    /// opens with neither.
+    #[test]
+    fn a_new_key_opens_the_previous_keys_values_and_reseals_them() {
+        let (old, old_text) = Kek::generate().unwrap();
+        let (new, new_text) = Kek::generate().unwrap();
+        let (third, _) = Kek::generate().unwrap();
+        let under_old = old.seal(b"kid-1", b"secret").unwrap();
+        let under_new = new.seal(b"kid-1", b"secret").unwrap();
+        assert!(!new.has_previous());
+        let both = new.with_previous(old);
+        assert!(both.has_previous());
+        assert_eq!(
+            both.open(b"kid-1", &under_old).unwrap().as_slice(),
+            b"secret"
+        );
+        assert_eq!(
+            both.open(b"kid-1", &under_new).unwrap().as_slice(),
+            b"secret"
+        );
+        assert!(both.open(b"kid-2", &under_old).is_err(), "another row");
+        let under_third = third.seal(b"kid-1", b"secret").unwrap();
+        assert!(both.open(b"kid-1", &under_third).is_err(), "a third key");
+        assert!(both.reseal(b"kid-1", &under_third).is_err());
+        assert!(both.reseal(b"kid-2", &under_old).is_err(), "another row");
+
+        assert!(both.reseal(b"kid-1", &under_new).unwrap().is_none());
+        let resealed = both.reseal(b"kid-1", &under_old).unwrap().unwrap();
+        let new_alone = Kek::from_text(&new_text).unwrap();
+        let old_alone = Kek::from_text(&old_text).unwrap();
+        assert_eq!(
+            new_alone.open(b"kid-1", &resealed).unwrap().as_slice(),
+            b"secret"
+        );
+        assert!(old_alone.open(b"kid-1", &resealed).is_err());
+        assert!(new_alone.open(b"kid-2", &resealed).is_err());
+        let sealed = both.seal(b"kid-1", b"more").unwrap();
+        assert!(
+            old_alone.open(b"kid-1", &sealed).is_err(),
+            "sealed under the new key only"
+        );
+        assert_eq!(format!("{both:?}"), "Kek(..)");
     }
 
     #[test]

@@ -124,6 +124,30 @@ pub fn sealed_under(kek: &scrip_jose::Kek, record: &SecretRecord) -> bool {
     .is_ok()
 }
 
+/// `record`'s value sealed again under `kek`'s current key when only its
+/// previous key opens it; `None` when the current key opens it already.
+///
+/// # Errors
+/// [`SecretError::Open`] when neither key opens it; [`SecretError::Crypto`]
+/// when sealing fails.
+pub fn reseal(
+    kek: &scrip_jose::Kek,
+    record: &SecretRecord,
+) -> Result<Option<Vec<u8>>, SecretError> {
+    kek.reseal(
+        &aad(&record.name, &record.action, record.version),
+        &record.sealed,
+    )
+    .map_err(|e| match e {
+        scrip_jose::JoseError::Key(_) => SecretError::Open {
+            name: record.name.clone(),
+            action: record.action.clone(),
+            version: record.version,
+        },
+        _ => SecretError::Crypto,
+    })
+}
+
 fn aad(name: &str, action: &str, version: u32) -> Vec<u8> {
     format!("scrip-secret-v1\0{name}\0{action}\0{version}").into_bytes()
 }

@@ -532,6 +532,141 @@ pub async fn withdraw_signing_keys(
     })
 }
 
+/// Why [`reseal`] could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ResealError {
+    /// The key-encryption keys could not be loaded, or open nothing stored.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The store could not be read or written.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Other writers kept changing what was being sealed again.
+    #[error(
+        "the store's sealed values kept changing while they were sealed again ({0} tries); run it again"
+    )]
+    Busy(usize),
+}
+
+/// What [`reseal`] did.
+#[derive(Debug, Default)]
+pub struct Resealed {
+    /// The keys sealed again under the current key-encryption key, by `kid`.
+    pub keys: Vec<String>,
+    /// The secret versions sealed again, as `name/action vN`.
+    pub secrets: Vec<String>,
+    /// The values the current key opens, at the last read (those sealed
+    /// again included).
+    pub current: usize,
+    /// The values neither key opens, left as they were (unusable either
+    /// way), named as above.
+    pub unopened: Vec<String>,
+}
+
+/// How many times [`reseal`] reads and writes again when another writer
+/// changed a row in between.
+const RESEAL_TRIES: usize = 5;
+
+/// Seals every value the store holds sealed (shared signing and checkpoint
+/// keys, the proxy's secret versions) again under the current
+/// key-encryption key, where only the previous one opens it (see
+/// [`keys::load_kek`]): after it, the previous key may go. One commit,
+/// audited (`kek.resealed`, with `reason`), named after `replica`; a value
+/// changed by another writer since it was read is not overwritten, and the
+/// whole is read and sealed again (up to [`RESEAL_TRIES`] times) until the
+/// read finds nothing left to seal. The caller has the store sign that
+/// commit's head.
+///
+/// # Errors
+/// [`ResealError`].
+pub async fn reseal(
+    config: &Config,
+    store: &dyn Store,
+    replica: &str,
+    reason: &str,
+) -> Result<Resealed, ResealError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let kek = keys::store_kek(config, store).await?;
+    let mut done = Resealed::default();
+    for _ in 0..RESEAL_TRIES {
+        let stored = store.keys(0).await?;
+        let secrets = store.secrets().await?;
+        let mut writes = Vec::new();
+        let mut keys_now = Vec::new();
+        let mut secrets_now = Vec::new();
+        let mut current = 0;
+        let mut unopened = Vec::new();
+        for k in &stored {
+            let resealed = b64
+                .decode(&k.sealed)
+                .ok()
+                .and_then(|sealed| kek.reseal(key_context(k).as_bytes(), &sealed).ok());
+            match resealed {
+                Some(Some(to)) => {
+                    writes.push(Write::ResealKey {
+                        kid: k.kid.clone(),
+                        from: k.sealed.clone(),
+                        to: b64.encode(to),
+                    });
+                    keys_now.push(k.kid.clone());
+                }
+                Some(None) => current += 1,
+                None => unopened.push(format!("key {}", k.kid)),
+            }
+        }
+        for r in &secrets {
+            let name = format!("{}/{} v{}", r.name, r.action, r.version);
+            match scrip_proxy::secrets::reseal(&kek, r) {
+                Ok(Some(to)) => {
+                    writes.push(Write::ResealSecret {
+                        name: r.name.clone(),
+                        action: r.action.clone(),
+                        version: r.version,
+                        from: r.sealed.clone(),
+                        to,
+                    });
+                    secrets_now.push(name);
+                }
+                Ok(None) => current += 1,
+                Err(scrip_proxy::SecretError::Open { .. }) => {
+                    unopened.push(format!("secret {name}"))
+                }
+                Err(e) => {
+                    return Err(ResealError::Key(KeyError::Invalid {
+                        path: config.key_encryption_key_path(),
+                        message: e.to_string(),
+                    }));
+                }
+            }
+        }
+        done.current = current;
+        done.unopened = unopened;
+        if writes.is_empty() {
+            return Ok(done);
+        }
+        let mut record = crate::audit_record(replica, "kek.resealed");
+        record.reason = Some(format!(
+            "{} keys and {} secret versions sealed again under the current key-encryption key: {reason}",
+            keys_now.len(),
+            secrets_now.len()
+        ));
+        writes.push(Write::Audit(Box::new(record)));
+        match store.commit(writes).await {
+            Ok(()) => {
+                done.keys.extend(keys_now);
+                done.secrets.extend(secrets_now);
+            }
+            // Another writer changed a row since the read: read again.
+            Err(StoreError::Conflict(message)) => {
+                tracing::info!(%message, "a sealed value changed while it was sealed again; reading again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ResealError::Busy(RESEAL_TRIES))
+}
+
 /// The store signs this process's chain head with the current checkpoint
 /// key in every commit (see [`Store::sign_heads_with`]).
 impl scrip_store::HeadSigner for Keyring {

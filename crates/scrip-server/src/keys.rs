@@ -509,60 +509,123 @@ fn sync_parent(path: &Path) -> Result<(), KeyError> {
 /// base64 of 32 random bytes); it wins over the file.
 pub const KEK_ENV: &str = "SCRIP_KEY_ENCRYPTION_KEY";
 
+/// The environment variable that may hold the key-encryption key being
+/// replaced; it wins over `previous_key_encryption_key_file`.
+pub const PREVIOUS_KEK_ENV: &str = "SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY";
+
 /// scrip's one key-encryption key, which seals what scrip keeps secret in
 /// its store (the proxy's upstream keys; on a shared store, the signing
 /// keys): from [`KEK_ENV`] when set, else the file
 /// [`Config::key_encryption_key_path`] (mode 0600; one that group or others
-/// can read is refused), created when missing if `create`.
+/// can read is refused), created when missing if `create`. While it
+/// replaces another, the key it replaces opens too (`scrip key reseal`):
+/// from [`PREVIOUS_KEK_ENV`] when set, else
+/// `previous_key_encryption_key_file`, which must then exist.
 ///
 /// # Errors
 /// [`KeyError`] when the variable or file does not hold such a key, the
-/// file is exposed, missing (and not to be created), or cannot be written.
+/// file is exposed, missing (and not to be created), or cannot be written;
+/// when the previous key is the current one.
 pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jose::Kek, KeyError> {
-    let path = config.key_encryption_key_path();
-    let invalid = |path: PathBuf, message: String| KeyError::Invalid { path, message };
-    match std::env::var(KEK_ENV) {
+    let kek = load_current_kek(config, create)?;
+    let Some((previous, from)) = load_previous_kek(config)? else {
+        return Ok(kek);
+    };
+    if same_key(&kek, &previous) {
+        return Err(KeyError::Invalid {
+            path: from,
+            message: "is the key-encryption key itself: give the key it replaces, or none once `scrip key reseal` is done".into(),
+        });
+    }
+    Ok(kek.with_previous(previous))
+}
+
+/// The key being replaced, and where it came from; `None` when none is
+/// given.
+fn load_previous_kek(
+    config: &scrip_config::Config,
+) -> Result<Option<(scrip_jose::Kek, PathBuf)>, KeyError> {
+    let path = config.previous_key_encryption_key_file.clone();
+    if let Some(kek) = kek_from_env(PREVIOUS_KEK_ENV, path.as_deref())? {
+        return Ok(Some((kek, PREVIOUS_KEK_ENV.into())));
+    }
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    match read_private_kek(&path)? {
+        Some(kek) => Ok(Some((kek, path))),
+        None => Err(KeyError::Invalid {
+            path,
+            message: "missing: previous_key_encryption_key_file names the key being replaced, which must be there until `scrip key reseal` is done".into(),
+        }),
+    }
+}
+
+/// The key in the variable `var`, `None` when it is not set; refused when
+/// it is set but is not such a key, or is not the key in `file` when that
+/// file exists.
+fn kek_from_env(var: &str, file: Option<&Path>) -> Result<Option<scrip_jose::Kek>, KeyError> {
+    let invalid = |message: String| KeyError::Invalid {
+        path: var.into(),
+        message,
+    };
+    match std::env::var(var) {
         Ok(text) => {
             let text = zeroize::Zeroizing::new(text);
-            let kek = scrip_jose::Kek::from_text(&text)
-                .map_err(|e| invalid(KEK_ENV.into(), e.to_string()))?;
+            let kek = scrip_jose::Kek::from_text(&text).map_err(|e| invalid(e.to_string()))?;
             // A variable left from another installation beside this one's
             // file would seal what the servers reading the file cannot
             // open. (A file this user cannot read says nothing either way.)
-            if let Ok(Some(file)) = read_kek_file(&path)
+            if let Some(path) = file
+                && let Ok(Some(file)) = read_kek_file(path)
                 && !same_key(&kek, &file)
             {
-                return Err(invalid(
-                    KEK_ENV.into(),
-                    format!(
-                        "is not the key in `{}`: scrip would seal under one what those reading the other cannot open; keep one (unset the variable, or remove the file)",
-                        path.display()
-                    ),
-                ));
+                return Err(invalid(format!(
+                    "is not the key in `{}`: scrip would seal under one what those reading the other cannot open; keep one (unset the variable, or remove the file)",
+                    path.display()
+                )));
             }
-            return Ok(kek);
+            Ok(Some(kek))
         }
         // Set, but not text: never taken for "not set", which would fall
         // back to (or create) the file.
-        Err(std::env::VarError::NotUnicode(_)) => {
-            return Err(invalid(
-                KEK_ENV.into(),
-                "is not text (a key-encryption key is base64)".into(),
-            ));
-        }
-        Err(std::env::VarError::NotPresent) => {}
+        Err(std::env::VarError::NotUnicode(_)) => Err(invalid(
+            "is not text (a key-encryption key is base64)".into(),
+        )),
+        Err(std::env::VarError::NotPresent) => Ok(None),
     }
+}
+
+/// The key in the file at `path`, `None` when there is none; its directory
+/// must be private unless sticky.
+fn read_private_kek(path: &Path) -> Result<Option<scrip_jose::Kek>, KeyError> {
     // A file that cannot be looked at (a directory this user may not
     // search) is not a missing one.
-    if let Some(kek) = read_kek_file(&path)? {
-        // A sticky directory (`/tmp`, or the root of a Kubernetes Secret
-        // volume) lets nobody else remove or replace the file, which
-        // `read_kek_file` found to be scrip's user's or root's.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && !is_sticky(dir)
-        {
-            check_private_dir(dir)?;
-        }
+    let Some(kek) = read_kek_file(path)? else {
+        return Ok(None);
+    };
+    // A sticky directory (`/tmp`, or the root of a Kubernetes Secret
+    // volume) lets nobody else remove or replace the file, which
+    // `read_kek_file` found to be scrip's user's or root's.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !is_sticky(dir)
+    {
+        check_private_dir(dir)?;
+    }
+    Ok(Some(kek))
+}
+
+/// The current key-encryption key alone.
+fn load_current_kek(
+    config: &scrip_config::Config,
+    create: bool,
+) -> Result<scrip_jose::Kek, KeyError> {
+    let path = config.key_encryption_key_path();
+    let invalid = |path: PathBuf, message: String| KeyError::Invalid { path, message };
+    if let Some(kek) = kek_from_env(KEK_ENV, Some(&path))? {
+        return Ok(kek);
+    }
+    if let Some(kek) = read_private_kek(&path)? {
         return Ok(kek);
     }
     if !create {
@@ -581,7 +644,7 @@ pub fn load_kek(config: &scrip_config::Config, create: bool) -> Result<scrip_jos
         scrip_jose::Kek::generate().map_err(|e| invalid(path.clone(), e.to_string()))?;
     if !create_private(&path, zeroize::Zeroizing::new(text).as_bytes())? {
         // Another process created it first: use that one.
-        return load_kek(config, false);
+        return load_current_kek(config, false);
     }
     tracing::warn!(path = %path.display(), "created the key-encryption key; keep it out of the store's backups, and give every replica the same key");
     Ok(kek)
@@ -632,7 +695,42 @@ pub async fn store_kek(
     }
     let kek = load_kek(config, false)?;
     opens_any(config, &kek, &sealed)?;
+    if kek.has_previous() {
+        let left = under_previous(&kek, &sealed);
+        if left > 0 {
+            tracing::warn!(
+                values = left,
+                "values in the store are still sealed under the previous key-encryption key; run `scrip key reseal` once every replica has the new key"
+            );
+        } else {
+            tracing::info!(
+                "the previous key-encryption key opens nothing the store holds any more; remove it from every replica"
+            );
+        }
+    }
     Ok(kek)
+}
+
+/// How many of `sealed` only `kek`'s previous key opens.
+fn under_previous(
+    kek: &scrip_jose::Kek,
+    (keys, secrets): &(Vec<scrip_store::StoredKey>, Vec<scrip_store::SecretRecord>),
+) -> usize {
+    use base64::Engine as _;
+    let keys = keys.iter().filter(|k| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&k.sealed)
+            .is_ok_and(|sealed| {
+                matches!(
+                    kek.reseal(crate::keyring::key_context(k).as_bytes(), &sealed),
+                    Ok(Some(_))
+                )
+            })
+    });
+    let secrets = secrets
+        .iter()
+        .filter(|r| matches!(scrip_proxy::secrets::reseal(kek, r), Ok(Some(_))));
+    keys.count() + secrets.count()
 }
 
 /// Refuses `kek` when the store holds something sealed and it opens none of
@@ -753,6 +851,59 @@ mod tests {
         // the right one.
         store.commit(vec![put(2, 2)]).await.unwrap();
         verify_kek(&config, &key(1), &store).await.unwrap();
+    }
+
+    /// The previous key-encryption key is read as the current one is (a
+    /// private file), must be there once named, and must be another key;
+    /// with it, both keys open and the current one seals.
+    #[test]
+    fn the_previous_key_encryption_key_is_another_private_key() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        ensure_private_dir(&keys).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = keys.join(name);
+            assert!(create_private(&path, text.as_bytes()).unwrap());
+            path
+        };
+        let (old, old_text) = scrip_jose::Kek::generate().unwrap();
+        let (_, new_text) = scrip_jose::Kek::generate().unwrap();
+        let config = |previous: &str| scrip_config::Config {
+            data_dir: dir.path().to_path_buf(),
+            key_encryption_key_file: Some(keys.join("new.key")),
+            previous_key_encryption_key_file: Some(keys.join(previous)),
+            ..scrip_config::Config::default()
+        };
+        write("new.key", &new_text);
+        let e = load_kek(&config("old.key"), false).unwrap_err().to_string();
+        assert!(
+            e.contains("missing: previous_key_encryption_key_file"),
+            "{e}"
+        );
+        let old_file = write("old.key", &old_text);
+        write("same.key", &new_text);
+        let e = load_kek(&config("same.key"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is the key-encryption key itself"), "{e}");
+        let both = load_kek(&config("old.key"), false).unwrap();
+        assert!(both.has_previous());
+        let under_old = old.seal(b"row", b"value").unwrap();
+        assert_eq!(both.open(b"row", &under_old).unwrap().as_slice(), b"value");
+        let new_alone = scrip_jose::Kek::from_text(&new_text).unwrap();
+        let under_new = both.seal(b"row", b"value").unwrap();
+        assert!(new_alone.open(b"row", &under_new).is_ok());
+        assert!(old.open(b"row", &under_new).is_err());
+        fs::set_permissions(&old_file, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_kek(&config("old.key"), false).unwrap_err().to_string();
+        assert!(e.contains("group or others can read it"), "{e}");
+        // None named: the current key alone.
+        let alone = scrip_config::Config {
+            previous_key_encryption_key_file: None,
+            ..config("old.key")
+        };
+        assert!(!load_kek(&alone, false).unwrap().has_previous());
     }
 
     #[test]

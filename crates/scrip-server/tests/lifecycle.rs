@@ -1770,3 +1770,161 @@ async fn keys_whose_record_cannot_be_committed_are_recorded_by_the_next_start() 
     let made = key_records(store.as_ref(), "key.created").await;
     assert_eq!(made.len(), 2, "{made:?}");
 }
+
+/// The key-encryption key of a shared store is replaced without a stop: a
+/// replica given the new key and the old one (as the previous) opens what
+/// the old one sealed, `scrip key reseal` seals it all again under the new
+/// key (the same signing key, so no task is lost), and then a replica with
+/// the new key alone starts and accepts the tasks signed before; the old
+/// key alone opens nothing any more. The trail records it, signed.
+#[tokio::test]
+async fn the_key_encryption_key_is_replaced_while_replicas_serve() {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let db = scrip_testkit::PgDatabase::new();
+    // Replicas: one issuer, wherever each listens.
+    let start = |edit: Box<dyn FnOnce(&mut scrip_config::Config) + Send>| {
+        let url = db.url().to_owned();
+        TestServer::start_with(Options {
+            edit: Some(Box::new(move |c: &mut scrip_config::Config| {
+                c.database_url = Some(url);
+                c.issuer = Some("https://scrip.test".into());
+                edit(c);
+            })),
+            ..Options::default()
+        })
+    };
+    let old = start(Box::new(|_| {})).await;
+    let old_config = scrip_config::Config {
+        data_dir: old.dir.path().join("data"),
+        database_url: Some(db.url().to_owned()),
+        ..scrip_config::Config::default()
+    };
+    let store = scrip_store::open(Some(db.url()), &old_config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let identity = old.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &old.try_start_task(&identity, "github:read", "dev", "before", None)
+            .await,
+    );
+    let kid = decode_parts(&task).0["kid"].as_str().unwrap().to_owned();
+
+    let keys = tempfile::tempdir().unwrap();
+    let private = |name: &str, text: &[u8]| {
+        let path = keys.path().join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(text)
+            .unwrap();
+        path
+    };
+    let (_, new_text) = scrip_jose::Kek::generate().unwrap();
+    let new_file = private("new.key", new_text.as_bytes());
+    // A copy of the old key, which outlives the first server's directory.
+    let old_file = private(
+        "old.key",
+        &std::fs::read(old_config.key_encryption_key_path()).unwrap(),
+    );
+    let old_alone = scrip_config::Config {
+        key_encryption_key_file: Some(old_file.clone()),
+        ..old_config.clone()
+    };
+    let with = |previous: Option<std::path::PathBuf>| {
+        let new_file = new_file.clone();
+        move |c: &mut scrip_config::Config| {
+            c.key_encryption_key_file = Some(new_file.clone());
+            c.previous_key_encryption_key_file = previous.clone();
+        }
+    };
+    // Without the old key the new one opens nothing, and is refused.
+    let mut alone = old_config.clone();
+    with(None)(&mut alone);
+    let e = scrip_server::keys::store_kek(&alone, store.as_ref())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("opens nothing this store holds sealed"),
+        "{e}"
+    );
+
+    scrip_server::keys::store_kek(&old_alone, store.as_ref())
+        .await
+        .expect("the old key opens what it sealed");
+    // A replica with both serves the tasks signed before.
+    let both = start(Box::new(with(Some(old_file.clone())))).await;
+    assert_eq!(both.access_token(&task, "github", None).await.status, 200);
+
+    // `scrip key reseal`, from another process's store.
+    let mut both_config = old_config.clone();
+    with(Some(old_file.clone()))(&mut both_config);
+    let key =
+        scrip_server::keyring::checkpoint_signer(&both_config, store.as_ref(), now(), "operator")
+            .await
+            .unwrap();
+    store.sign_heads_with(std::sync::Arc::new(scrip_server::keyring::HeadKey(key)));
+    let done = scrip_server::keyring::reseal(&both_config, store.as_ref(), "operator", "INC-9")
+        .await
+        .unwrap();
+    assert_eq!(
+        done.keys.len(),
+        2,
+        "the signing and checkpoint keys: {done:?}"
+    );
+    assert!(done.keys.contains(&kid), "{done:?}");
+    assert!(
+        done.secrets.is_empty() && done.unopened.is_empty(),
+        "{done:?}"
+    );
+    assert_eq!(done.current, 2);
+    let again = scrip_server::keyring::reseal(&both_config, store.as_ref(), "operator", "INC-9")
+        .await
+        .unwrap();
+    assert!(again.keys.is_empty() && again.current == 2, "{again:?}");
+    old.stop().await;
+    both.stop().await;
+
+    // The new key alone now: a replica starts, accepts the task, and signs
+    // with the same key; the old key alone opens nothing.
+    let new = start(Box::new(with(None))).await;
+    assert_eq!(new.access_token(&task, "github", None).await.status, 200);
+    // (Each test server trusts an identity provider of its own.)
+    let identity = new.k8s.kubernetes("agents", "coder");
+    let after = token_of(
+        &new.try_start_task(&identity, "github:read", "dev", "after", None)
+            .await,
+    );
+    assert_eq!(decode_parts(&after).0["kid"], kid.as_str());
+    let e = scrip_server::keys::store_kek(&old_alone, store.as_ref())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("opens nothing this store holds sealed"),
+        "{e}"
+    );
+    new.stop().await;
+
+    let audit = store
+        .audit(&scrip_store::AuditFilter::default())
+        .await
+        .unwrap();
+    let resealed: Vec<_> = audit.iter().filter(|a| a.event == "kek.resealed").collect();
+    assert_eq!(resealed.len(), 1, "one record; nothing the second time");
+    assert!(
+        resealed[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("2 keys and 0 secret versions sealed again")
+    );
+    let trusted = scrip_server::keyring::shared_checkpoint_jwks(&alone, store.as_ref(), now())
+        .await
+        .unwrap();
+    strictly_verified(store.as_ref(), &trusted).await;
+}

@@ -380,6 +380,33 @@ pub enum Write {
         /// Seconds since the epoch: retired versions older than this go.
         purge_retired_before: u64,
     },
+    /// A key's private half sealed again (under a new key-encryption key):
+    /// its `sealed` becomes `to`. Fails with [`crate::StoreError::Conflict`]
+    /// (changing nothing) when no key has that `kid` or its `sealed` is not
+    /// `from`, so a value changed since it was read is never overwritten.
+    ResealKey {
+        /// The key.
+        kid: String,
+        /// Its sealed private half as read.
+        from: String,
+        /// The same private half sealed again.
+        to: String,
+    },
+    /// A secret version sealed again, as [`Write::ResealKey`]: fails with
+    /// [`crate::StoreError::Conflict`] when the version is gone (purged) or
+    /// its `sealed` is not `from`.
+    ResealSecret {
+        /// The upstream.
+        name: String,
+        /// The action class.
+        action: String,
+        /// The version.
+        version: u32,
+        /// Its sealed value as read.
+        from: Vec<u8>,
+        /// The same value sealed again.
+        to: Vec<u8>,
+    },
 }
 
 impl Write {

@@ -1310,6 +1310,40 @@ async fn apply_in(
                 )?;
                 keys = true;
             }
+            Write::ResealKey { kid, from, to } => {
+                let changed = sqlx::query(rows::RESEAL_KEY)
+                    .bind(to)
+                    .bind(kid)
+                    .bind(from)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                rows::resealed(
+                    usize::try_from(changed.rows_affected()).unwrap_or(usize::MAX),
+                    &format!("key `{kid}`"),
+                )?;
+            }
+            Write::ResealSecret {
+                name,
+                action,
+                version,
+                from,
+                to,
+            } => {
+                let changed = sqlx::query(rows::RESEAL_SECRET)
+                    .bind(to)
+                    .bind(name)
+                    .bind(action)
+                    .bind(i64::from(*version))
+                    .bind(from)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                rows::resealed(
+                    usize::try_from(changed.rows_affected()).unwrap_or(usize::MAX),
+                    &format!("secret {name}/{action} version {version}"),
+                )?;
+            }
         }
     }
     refuse_any_ended(tx, &open(first_end..writes.len())).await?;

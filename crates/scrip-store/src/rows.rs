@@ -118,6 +118,26 @@ pub(crate) use {approval_columns, key_columns, task_columns};
 pub(crate) const KEYS_OF_PURPOSE: &str = "SELECT kid, active_at FROM signing_keys \
      WHERE purpose = $1 AND (publish_until IS NULL OR publish_until > $2)";
 
+/// A [`crate::Write::ResealKey`] or [`crate::Write::ResealSecret`] that
+/// changed nothing: the row is gone, or its value changed since it was read.
+pub(crate) fn resealed(changed: usize, what: &str) -> Result<(), StoreError> {
+    if changed == 0 {
+        return Err(StoreError::Conflict(format!(
+            "{what} changed or went since it was read; read it again"
+        )));
+    }
+    Ok(())
+}
+
+/// The SQL of [`crate::Write::ResealKey`]: to, kid, from. (In SQLite `$n`
+/// is a name, numbered by its first appearance: they appear in order.)
+pub(crate) const RESEAL_KEY: &str =
+    "UPDATE signing_keys SET sealed = $1 WHERE kid = $2 AND sealed = $3";
+
+/// The SQL of [`crate::Write::ResealSecret`]: to, name, action, version, from.
+pub(crate) const RESEAL_SECRET: &str = "UPDATE secrets SET sealed = $1 \
+     WHERE name = $2 AND action = $3 AND version = $4 AND sealed = $5";
+
 /// A [`crate::Write::WithdrawKey`] that found no key: already purged, or
 /// never there.
 pub(crate) fn withdrawn(changed: usize, kid: &str) -> Result<(), StoreError> {

@@ -800,6 +800,28 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             .map_err(unavailable)?;
             rows::retired_once(retired, kid)?;
         }
+        Write::ResealKey { kid, from, to } => {
+            let changed = run(tx, rows::RESEAL_KEY, params![to, kid, from]).map_err(unavailable)?;
+            rows::resealed(changed, &format!("key `{kid}`"))?;
+        }
+        Write::ResealSecret {
+            name,
+            action,
+            version,
+            from,
+            to,
+        } => {
+            let changed = run(
+                tx,
+                rows::RESEAL_SECRET,
+                params![to, name, action, i64::from(*version), from],
+            )
+            .map_err(unavailable)?;
+            rows::resealed(
+                changed,
+                &format!("secret {name}/{action} version {version}"),
+            )?;
+        }
     }
     Ok(())
 }
