@@ -372,6 +372,23 @@ enum SecretCommand {
         #[arg(long)]
         action: Option<String>,
     },
+    /// Delete every stored version of a secret.
+    ///
+    /// For an upstream taken out of service, or a key revoked at its
+    /// provider that must not be injected again. Without --action, every
+    /// action of NAME goes. The proxy stops injecting it within 2 seconds:
+    /// requests that need it are refused (503) until `scrip secret set`.
+    /// Redaction of a deleted key in upstream answers stops with it, so
+    /// revoke it at the provider first. NAME need not be configured any
+    /// more. Audited (`secret.deleted`); exits 1 when nothing of NAME is
+    /// stored.
+    Delete {
+        /// The upstream.
+        name: String,
+        /// Only this action class.
+        #[arg(long)]
+        action: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -631,6 +648,9 @@ fn command(command: Command) -> ExitCode {
             SecretCommand::List { json } => secret::list(config.as_deref(), json),
             SecretCommand::Rotate { name, action } => {
                 secret::rotate(config.as_deref(), &name, action.as_deref())
+            }
+            SecretCommand::Delete { name, action } => {
+                secret::delete(config.as_deref(), &name, action.as_deref())
             }
         },
         Command::Proxy { config } => proxy::proxy(config.as_deref()),

@@ -1,4 +1,4 @@
-//! `scrip secret set|list|rotate`: the upstreams' static keys, sealed in the
+//! `scrip secret set|list|rotate|delete`: the upstreams' static keys, sealed in the
 //! store. A value is read from standard input (or from the configured mint
 //! command's output), never from the command line, and never printed.
 
@@ -522,6 +522,89 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
 }
 
 /// `scrip secret list [--json]`.
+/// `scrip secret delete NAME [--action A]`.
+pub fn delete(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCode {
+    let result = (|| {
+        runtime()?.block_on(async {
+            // Opens nothing sealed: no key-encryption key is needed.
+            let (config, store) = crate::audit::open(config).await?;
+            let stored = store.secrets().await.map_err(|e| e.to_string())?;
+            let mut actions: Vec<(String, Vec<u32>)> = Vec::new();
+            for r in stored
+                .iter()
+                .filter(|r| r.name == name && action.is_none_or(|a| r.action == a))
+            {
+                match actions.iter_mut().find(|(a, _)| *a == r.action) {
+                    Some((_, versions)) => versions.push(r.version),
+                    None => actions.push((r.action.clone(), vec![r.version])),
+                }
+            }
+            if actions.is_empty() {
+                return Err(match action {
+                    Some(a) => format!(
+                        "no secret `{name}` `{a}` is stored; `scrip secret list` shows what is"
+                    ),
+                    None => format!(
+                        "no secret of `{name}` is stored; `scrip secret list` shows what is"
+                    ),
+                });
+            }
+            sign_heads(&config, store.as_ref()).await?;
+            let at = now();
+            let mut writes = Vec::new();
+            for (a, versions) in &mut actions {
+                versions.sort_unstable();
+                writes.push(Write::DeleteSecret {
+                    name: name.to_owned(),
+                    action: a.clone(),
+                });
+                writes.push(Write::Audit(Box::new(AuditEvent {
+                    at_ms: at * 1000,
+                    event: "secret.deleted".to_owned(),
+                    tool: Some(name.to_owned()),
+                    actions: Some(a.clone()),
+                    reason: Some(format!(
+                        "every version deleted ({})",
+                        versions_text(versions)
+                    )),
+                    replica: replica(),
+                    ..AuditEvent::default()
+                })));
+            }
+            store.commit(writes).await.map_err(|e| match e {
+                StoreError::Conflict(why) => {
+                    format!("{why}; nothing was deleted: run the command again")
+                }
+                e => e.to_string(),
+            })?;
+            Ok::<_, String>((actions, config.upstream(name).is_some()))
+        })
+    })();
+    match result {
+        Err(e) => fail(e),
+        Ok((actions, configured)) => {
+            for (a, versions) in &actions {
+                out!("deleted `{name}` `{a}` ({})", versions_text(versions));
+            }
+            if configured {
+                out!(
+                    "the proxy refuses `{name}` requests that need a deleted secret until `scrip secret set` stores one"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `versions 1, 2` or `version 3`.
+fn versions_text(versions: &[u32]) -> String {
+    let list: Vec<String> = versions.iter().map(u32::to_string).collect();
+    match list.as_slice() {
+        [one] => format!("version {one}"),
+        _ => format!("versions {}", list.join(", ")),
+    }
+}
+
 pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
     let result = (|| {
         runtime()?.block_on(async {

@@ -518,6 +518,36 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     let table = text(&s.scrip(&["secret", "list"], None).stdout);
     assert!(table.starts_with("NAME"), "{table}");
+    // Deleted, one action and then the rest; what is gone is said, once.
+    let delete = |args: &[&str]| {
+        let out = s.scrip(&[&["secret", "delete", "mintly"], args].concat(), None);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, out, err) = delete(&["--action", "read"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("deleted `mintly` `read` (version 1)\n"),
+        "{out}"
+    );
+    let (code, out, err) = delete(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("deleted `mintly` `write` (versions 1, 2)\n"),
+        "{out}"
+    );
+    assert!(out.contains("refuses `mintly` requests"), "{out}");
+    let (code, _, err) = delete(&[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no secret of `mintly` is stored"), "{err}");
+    let (code, _, err) = delete(&["--action", "write"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no secret `mintly` `write` is stored"),
+        "{err}"
+    );
+    let listed = text(&s.scrip(&["secret", "list", "--json"], None).stdout);
+    assert!(!listed.contains("\"mintly\""), "{listed}");
+    assert!(listed.contains("\"legacy\""), "{listed}");
     // A key-encryption key others can read is refused.
     fs::set_permissions(&key_file, fs::Permissions::from_mode(0o644)).unwrap();
     let out = s.scrip(&["secret", "set", "legacy", "--action", "read"], Some(b"x"));
@@ -617,6 +647,16 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     let out = s.scrip(&["secret", "list"], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let records = text(&s.scrip(&["audit", "query", "--json"], None).stdout);
+    let deleted: Vec<&str> = records
+        .lines()
+        .filter(|l| l.contains("\"event\":\"secret.deleted\""))
+        .collect();
+    assert_eq!(deleted.len(), 2, "{records}");
+    assert!(
+        deleted
+            .iter()
+            .any(|l| l.contains("every version deleted (versions 1, 2)"))
+    );
     let resealed: Vec<&str> = records
         .lines()
         .filter(|l| l.contains("\"event\":\"kek.resealed\""))

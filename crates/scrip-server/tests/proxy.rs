@@ -1427,6 +1427,41 @@ async fn a_request_whose_secret_is_not_set_is_refused_and_audited() {
     env.server.stop().await;
 }
 
+/// A secret deleted from the store (`scrip secret delete`) is no longer
+/// injected once the proxy reads the store again: its requests are refused
+/// as those of a secret never set.
+#[tokio::test]
+async fn a_deleted_secret_is_no_longer_injected() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let get = |path: &'static str| env.send(reqwest::Method::GET, path, Some(&read));
+    assert_eq!(get("legacy/before").await.2, "ok read GET /before\n");
+    let store = SqliteStore::open(&env.server.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    store
+        .commit(vec![Write::DeleteSecret {
+            name: "legacy".into(),
+            action: "read".into(),
+        }])
+        .await
+        .unwrap();
+    tokio::time::sleep(scrip_proxy::secrets::CACHE_TTL + Duration::from_millis(200)).await;
+    let (status, _, body) = get("legacy/after").await;
+    assert_eq!(status, 503, "{body}");
+    let r = env
+        .wait_audit(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/after"))
+        .await;
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("no secret is set")),
+        "{r:?}"
+    );
+    env.server.stop().await;
+}
+
 #[tokio::test]
 async fn a_second_content_encoding_line_is_an_encoded_body() {
     let env = setup().await;

@@ -380,6 +380,16 @@ pub enum Write {
         /// Seconds since the epoch: retired versions older than this go.
         purge_retired_before: u64,
     },
+    /// Delete every version of a secret (an upstream decommissioned, or a
+    /// key revoked at its provider): the proxy has none to inject from
+    /// then on. Fails with [`crate::StoreError::Conflict`] (changing
+    /// nothing) when no version of it is stored.
+    DeleteSecret {
+        /// The upstream.
+        name: String,
+        /// The action class.
+        action: String,
+    },
     /// A key's private half sealed again (under a new key-encryption key):
     /// its `sealed` becomes `to`. Fails with [`crate::StoreError::Conflict`]
     /// (changing nothing) when no key has that `kid` or its `sealed` is not

@@ -1310,6 +1310,19 @@ async fn apply_in(
                 )?;
                 keys = true;
             }
+            Write::DeleteSecret { name, action } => {
+                let changed = sqlx::query(rows::DELETE_SECRET)
+                    .bind(name)
+                    .bind(action)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                rows::deleted_secret(
+                    usize::try_from(changed.rows_affected()).unwrap_or(usize::MAX),
+                    name,
+                    action,
+                )?;
+            }
             Write::ResealKey { kid, from, to } => {
                 let changed = sqlx::query(rows::RESEAL_KEY)
                     .bind(to)

@@ -129,6 +129,19 @@ pub(crate) fn resealed(changed: usize, what: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The SQL of [`crate::Write::DeleteSecret`]: name, action.
+pub(crate) const DELETE_SECRET: &str = "DELETE FROM secrets WHERE name = $1 AND action = $2";
+
+/// A [`crate::Write::DeleteSecret`] that deleted nothing.
+pub(crate) fn deleted_secret(changed: usize, name: &str, action: &str) -> Result<(), StoreError> {
+    if changed == 0 {
+        return Err(StoreError::Conflict(format!(
+            "no secret `{name}` `{action}` is stored"
+        )));
+    }
+    Ok(())
+}
+
 /// The SQL of [`crate::Write::ResealKey`]: to, kid, from. (In SQLite `$n`
 /// is a name, numbered by its first appearance: they appear in order.)
 pub(crate) const RESEAL_KEY: &str =

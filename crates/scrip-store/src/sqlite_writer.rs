@@ -800,6 +800,11 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             .map_err(unavailable)?;
             rows::retired_once(retired, kid)?;
         }
+        Write::DeleteSecret { name, action } => {
+            let changed =
+                run(tx, rows::DELETE_SECRET, params![name, action]).map_err(unavailable)?;
+            rows::deleted_secret(changed, name, action)?;
+        }
         Write::ResealKey { kid, from, to } => {
             let changed = run(tx, rows::RESEAL_KEY, params![to, kid, from]).map_err(unavailable)?;
             rows::resealed(changed, &format!("key `{kid}`"))?;

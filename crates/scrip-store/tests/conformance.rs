@@ -2174,6 +2174,65 @@ async fn secrets_keep_their_versions(f: Fixture) {
         ]
     );
     assert!(s.secret_versions("nope", "read").await.unwrap().is_empty());
+
+    // Deleted: every version of that name and action, nothing else; a
+    // second delete is a conflict that commits nothing, its record included.
+    s.commit(vec![Write::PutSecret {
+        secret: Box::new(SecretRecord {
+            name: "legacy".into(),
+            action: "write".into(),
+            version: 1,
+            sealed: vec![1],
+            created_at: 400,
+            retired_at: None,
+        }),
+        purge_retired_before: 0,
+    }])
+    .await
+    .unwrap();
+    let delete = || Write::DeleteSecret {
+        name: "legacy".into(),
+        action: "read".into(),
+    };
+    s.commit(vec![delete()]).await.unwrap();
+    assert!(
+        s.secret_versions("legacy", "read")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let left: Vec<(String, String, u32)> = s
+        .secrets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, r.action, r.version))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("legacy".into(), "write".into(), 1),
+            ("other".into(), "read".into(), 1)
+        ]
+    );
+    let err = s
+        .commit(vec![
+            delete(),
+            Write::Audit(Box::new(AuditEvent {
+                event: "secret.deleted".into(),
+                ..AuditEvent::default()
+            })),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(
+        s.audit(&AuditFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.event != "secret.deleted")
+    );
 }
 
 /// A sealed value is replaced only where it is still what was read: a key
