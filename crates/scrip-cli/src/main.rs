@@ -300,20 +300,25 @@ enum KeyCommand {
     /// 1. Make a new key: `(umask 077; head -c 32 /dev/urandom | base64 >
     ///    new.key)`.
     ///
-    /// 2. Give every replica (and `scrip proxy`) the new key as
-    ///    key_encryption_key_file (or SCRIP_KEY_ENCRYPTION_KEY) and the old
-    ///    one as previous_key_encryption_key_file (or
+    /// 2. Give every replica (and `scrip proxy`, and wherever other scrip
+    ///    commands run) the new key as key_encryption_key_file (or
+    ///    SCRIP_KEY_ENCRYPTION_KEY) and the old one as
+    ///    previous_key_encryption_key_file (or
     ///    SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY), and restart each: they open
     ///    values sealed under either and seal new ones under the new key.
+    ///    Each start logs both keys' fingerprints: check that every replica
+    ///    logs the same new one.
     ///
     /// 3. Run `scrip key reseal --reason TEXT` with that configuration: each
     ///    value only the old key opens is sealed again under the new one, in
     ///    one commit, audited (`kek.resealed`). It prints what it sealed
-    ///    again; it exits 1 if a value opens under neither key (such a value
-    ///    is unusable either way, and is left as it was).
+    ///    again and the new key's fingerprint. If a value opens under neither
+    ///    key (this host may hold another new key than the replicas), it
+    ///    writes nothing and exits 1.
     ///
-    /// 4. Remove the old key from every replica's configuration, restart
-    ///    them, and destroy it.
+    /// 4. Run it again: only once it seals nothing more, remove the old key
+    ///    from every replica's configuration, restart them one at a time,
+    ///    and destroy it.
     ///
     /// Running it again does nothing once all is sealed under the new key.
     /// Against someone who also holds a copy of the store taken before,

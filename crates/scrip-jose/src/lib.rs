@@ -35,7 +35,7 @@ pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
 pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet, publishes_private_key};
 pub use recent::{Recent, TokenDigest, token_digest};
-pub use seal::{KEK_LEN, Kek};
+pub use seal::{KEK_LEN, Kek, Under};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};
 pub use verify::{Expectations, TypRule, Validity, Verified, claims_of_verified, verify};
 

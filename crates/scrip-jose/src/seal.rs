@@ -24,7 +24,8 @@ pub const KEK_LEN: usize = 32;
 /// key and opened with either. Its `Debug` shows nothing of either key.
 pub struct Kek {
     current: LessSafeKey,
-    previous: Option<LessSafeKey>,
+    fingerprint: String,
+    previous: Option<(LessSafeKey, String)>,
 }
 
 impl std::fmt::Debug for Kek {
@@ -47,10 +48,35 @@ impl Kek {
         }
         let key = UnboundKey::new(&AES_256_GCM, bytes)
             .map_err(|_| JoseError::Key("unusable key-encryption key".into()))?;
+        // A one-way digest of the key under a label of its own: operators
+        // compare it across replicas; it opens nothing.
+        let mut labelled = Zeroizing::new(b"scrip-kek-fingerprint\0".to_vec());
+        labelled.extend_from_slice(bytes);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &labelled);
+        let fingerprint = digest
+            .as_ref()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Ok(Self {
             current: LessSafeKey::new(key),
+            fingerprint,
             previous: None,
         })
+    }
+
+    /// A fingerprint of the key that seals (16 hex digits of a labelled
+    /// SHA-256 of it), for comparing keys across hosts without showing them.
+    #[must_use]
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The previous key's fingerprint, when one opens too.
+    #[must_use]
+    pub fn previous_fingerprint(&self) -> Option<&str> {
+        self.previous.as_ref().map(|(_, f)| f.as_str())
     }
 
     /// This key, which seals, with `previous` (its own current key) opening
@@ -60,7 +86,8 @@ impl Kek {
     pub fn with_previous(self, previous: Self) -> Self {
         Self {
             current: self.current,
-            previous: Some(previous.current),
+            fingerprint: self.fingerprint,
+            previous: Some((previous.current, previous.fingerprint)),
         }
     }
 
@@ -133,9 +160,23 @@ impl Kek {
     /// for this context, or was altered.
     pub fn open(&self, context: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, JoseError> {
         open_with(&self.current, context, sealed).or_else(|e| match &self.previous {
-            Some(previous) => open_with(previous, context, sealed),
+            Some((previous, _)) => open_with(previous, context, sealed),
             None => Err(e),
         })
+    }
+
+    /// Which key `sealed` (in `context`) opens under: `None` when neither.
+    #[must_use]
+    pub fn sealed_under(&self, context: &[u8], sealed: &[u8]) -> Option<Under> {
+        if open_with(&self.current, context, sealed).is_ok() {
+            return Some(Under::Current);
+        }
+        match &self.previous {
+            Some((previous, _)) if open_with(previous, context, sealed).is_ok() => {
+                Some(Under::Previous)
+            }
+            _ => None,
+        }
     }
 
     /// The value sealed again under the current key when it opens only with
@@ -151,6 +192,15 @@ impl Kek {
         let plaintext = self.open(context, sealed)?;
         self.seal(context, &plaintext).map(Some)
     }
+}
+
+/// Which key of a [`Kek`] a value is sealed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Under {
+    /// The key that seals.
+    Current,
+    /// The key it replaces.
+    Previous,
 }
 
 fn open_with(
@@ -214,7 +264,14 @@ mod tests {
         let under_old = old.seal(b"kid-1", b"secret").unwrap();
         let under_new = new.seal(b"kid-1", b"secret").unwrap();
         assert!(!new.has_previous());
+        let (old_print, new_print) = (old.fingerprint().to_owned(), new.fingerprint().to_owned());
+        assert_eq!(new_print.len(), 16);
+        assert_ne!(old_print, new_print);
+        assert_eq!(Kek::from_text(&new_text).unwrap().fingerprint(), new_print);
+        assert!(!new_text.contains(&new_print) && new.previous_fingerprint().is_none());
         let both = new.with_previous(old);
+        assert_eq!(both.fingerprint(), new_print);
+        assert_eq!(both.previous_fingerprint(), Some(old_print.as_str()));
         assert!(both.has_previous());
         assert_eq!(
             both.open(b"kid-1", &under_old).unwrap().as_slice(),
@@ -231,6 +288,16 @@ mod tests {
         assert!(both.reseal(b"kid-2", &under_old).is_err(), "another row");
 
         assert!(both.reseal(b"kid-1", &under_new).unwrap().is_none());
+        assert_eq!(
+            both.sealed_under(b"kid-1", &under_new),
+            Some(Under::Current)
+        );
+        assert_eq!(
+            both.sealed_under(b"kid-1", &under_old),
+            Some(Under::Previous)
+        );
+        assert_eq!(both.sealed_under(b"kid-1", &under_third), None);
+        assert_eq!(both.sealed_under(b"kid-2", &under_old), None);
         let resealed = both.reseal(b"kid-1", &under_old).unwrap().unwrap();
         let new_alone = Kek::from_text(&new_text).unwrap();
         let old_alone = Kek::from_text(&old_text).unwrap();

@@ -114,14 +114,13 @@ impl Kek {
     }
 }
 
-/// Whether `record` was sealed under `kek`.
+/// Which of `kek`'s keys `record` was sealed under; `None` when neither.
 #[must_use]
-pub fn sealed_under(kek: &scrip_jose::Kek, record: &SecretRecord) -> bool {
-    kek.open(
+pub fn sealed_under(kek: &scrip_jose::Kek, record: &SecretRecord) -> Option<scrip_jose::Under> {
+    kek.sealed_under(
         &aad(&record.name, &record.action, record.version),
         &record.sealed,
     )
-    .is_ok()
 }
 
 /// `record`'s value sealed again under `kek`'s current key when only its

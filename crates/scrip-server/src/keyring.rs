@@ -546,6 +546,21 @@ pub enum ResealError {
         "the store's sealed values kept changing while they were sealed again ({0} tries); run it again"
     )]
     Busy(usize),
+    /// Values that open under neither key: nothing was sealed again.
+    #[error(
+        "{} stored values open under neither the key-encryption key ({key}) nor {}: {}; nothing was sealed again. Give the key they were sealed under as previous_key_encryption_key_file, or check that this host has the new key every replica has (compare fingerprints)",
+        .unopened.len(),
+        .previous.as_deref().map_or_else(|| "a previous one (none is given)".to_owned(), |p| format!("the previous one ({p})")),
+        keys::some_of(.unopened)
+    )]
+    Unopened {
+        /// The current key's fingerprint.
+        key: String,
+        /// The previous key's.
+        previous: Option<String>,
+        /// The values, named.
+        unopened: Vec<String>,
+    },
 }
 
 /// What [`reseal`] did.
@@ -556,11 +571,12 @@ pub struct Resealed {
     /// The secret versions sealed again, as `name/action vN`.
     pub secrets: Vec<String>,
     /// The values the current key opens, at the last read (those sealed
-    /// again included).
+    /// again included): all the store holds.
     pub current: usize,
-    /// The values neither key opens, left as they were (unusable either
-    /// way), named as above.
-    pub unopened: Vec<String>,
+    /// The current key's fingerprint.
+    pub key: String,
+    /// The previous key's, when one is given.
+    pub previous: Option<String>,
 }
 
 /// How many times [`reseal`] reads and writes again when another writer
@@ -574,8 +590,9 @@ const RESEAL_TRIES: usize = 5;
 /// audited (`kek.resealed`, with `reason`), named after `replica`; a value
 /// changed by another writer since it was read is not overwritten, and the
 /// whole is read and sealed again (up to [`RESEAL_TRIES`] times) until the
-/// read finds nothing left to seal. The caller has the store sign that
-/// commit's head.
+/// read finds nothing left to seal. Nothing is written while any value
+/// opens under neither key (this host may hold another new key than the
+/// replicas). The caller has the store sign that commit's head.
 ///
 /// # Errors
 /// [`ResealError`].
@@ -588,68 +605,67 @@ pub async fn reseal(
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let kek = keys::store_kek(config, store).await?;
-    let mut done = Resealed::default();
+    let sealing = |e: &dyn std::fmt::Display| {
+        ResealError::Key(KeyError::Invalid {
+            path: config.key_encryption_key_path(),
+            message: e.to_string(),
+        })
+    };
+    let mut done = Resealed {
+        key: kek.fingerprint().to_owned(),
+        previous: kek.previous_fingerprint().map(str::to_owned),
+        ..Resealed::default()
+    };
     for _ in 0..RESEAL_TRIES {
-        let stored = store.keys(0).await?;
-        let secrets = store.secrets().await?;
+        let rows = (store.keys(0).await?, store.secrets().await?);
+        let standing = keys::standing(&kek, &rows);
+        if !standing.unopened.is_empty() {
+            return Err(ResealError::Unopened {
+                key: done.key,
+                previous: done.previous,
+                unopened: standing.unopened,
+            });
+        }
+        done.current = standing.current + standing.previous;
         let mut writes = Vec::new();
         let mut keys_now = Vec::new();
         let mut secrets_now = Vec::new();
-        let mut current = 0;
-        let mut unopened = Vec::new();
-        for k in &stored {
-            let resealed = b64
-                .decode(&k.sealed)
-                .ok()
-                .and_then(|sealed| kek.reseal(key_context(k).as_bytes(), &sealed).ok());
-            match resealed {
-                Some(Some(to)) => {
-                    writes.push(Write::ResealKey {
-                        kid: k.kid.clone(),
-                        from: k.sealed.clone(),
-                        to: b64.encode(to),
-                    });
-                    keys_now.push(k.kid.clone());
-                }
-                Some(None) => current += 1,
-                None => unopened.push(format!("key {}", k.kid)),
+        for k in &rows.0 {
+            let sealed = b64.decode(&k.sealed).map_err(|e| sealing(&e))?;
+            if let Some(to) = kek
+                .reseal(key_context(k).as_bytes(), &sealed)
+                .map_err(|e| sealing(&e))?
+            {
+                writes.push(Write::ResealKey {
+                    kid: k.kid.clone(),
+                    from: k.sealed.clone(),
+                    to: b64.encode(to),
+                });
+                keys_now.push(k.kid.clone());
             }
         }
-        for r in &secrets {
-            let name = format!("{}/{} v{}", r.name, r.action, r.version);
-            match scrip_proxy::secrets::reseal(&kek, r) {
-                Ok(Some(to)) => {
-                    writes.push(Write::ResealSecret {
-                        name: r.name.clone(),
-                        action: r.action.clone(),
-                        version: r.version,
-                        from: r.sealed.clone(),
-                        to,
-                    });
-                    secrets_now.push(name);
-                }
-                Ok(None) => current += 1,
-                Err(scrip_proxy::SecretError::Open { .. }) => {
-                    unopened.push(format!("secret {name}"))
-                }
-                Err(e) => {
-                    return Err(ResealError::Key(KeyError::Invalid {
-                        path: config.key_encryption_key_path(),
-                        message: e.to_string(),
-                    }));
-                }
+        for r in &rows.1 {
+            if let Some(to) = scrip_proxy::secrets::reseal(&kek, r).map_err(|e| sealing(&e))? {
+                writes.push(Write::ResealSecret {
+                    name: r.name.clone(),
+                    action: r.action.clone(),
+                    version: r.version,
+                    from: r.sealed.clone(),
+                    to,
+                });
+                secrets_now.push(format!("{}/{} v{}", r.name, r.action, r.version));
             }
         }
-        done.current = current;
-        done.unopened = unopened;
         if writes.is_empty() {
             return Ok(done);
         }
         let mut record = crate::audit_record(replica, "kek.resealed");
         record.reason = Some(format!(
-            "{} keys and {} secret versions sealed again under the current key-encryption key: {reason}",
+            "{} keys and {} secret versions sealed again under the key-encryption key {} (from {}): {reason}",
             keys_now.len(),
-            secrets_now.len()
+            secrets_now.len(),
+            done.key,
+            done.previous.as_deref().unwrap_or("none")
         ));
         writes.push(Write::Audit(Box::new(record)));
         match store.commit(writes).await {

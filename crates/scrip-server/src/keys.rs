@@ -694,16 +694,19 @@ pub async fn store_kek(
         return load_kek(config, true);
     }
     let kek = load_kek(config, false)?;
-    opens_any(config, &kek, &sealed)?;
-    if kek.has_previous() {
-        let left = under_previous(&kek, &sealed);
-        if left > 0 {
+    let standing = check_kek(config, &kek, &sealed)?;
+    if let Some(previous) = kek.previous_fingerprint() {
+        if standing.previous > 0 {
             tracing::warn!(
-                values = left,
-                "values in the store are still sealed under the previous key-encryption key; run `scrip key reseal` once every replica has the new key"
+                values = standing.previous,
+                key = kek.fingerprint(),
+                previous,
+                "values in the store are still sealed under the previous key-encryption key; run `scrip key reseal` once every replica has the new key (each logs its fingerprint)"
             );
         } else {
             tracing::info!(
+                key = kek.fingerprint(),
+                previous,
                 "the previous key-encryption key opens nothing the store holds any more; remove it from every replica"
             );
         }
@@ -711,44 +714,23 @@ pub async fn store_kek(
     Ok(kek)
 }
 
-/// How many of `sealed` only `kek`'s previous key opens.
-fn under_previous(
-    kek: &scrip_jose::Kek,
-    (keys, secrets): &(Vec<scrip_store::StoredKey>, Vec<scrip_store::SecretRecord>),
-) -> usize {
-    use base64::Engine as _;
-    let keys = keys.iter().filter(|k| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&k.sealed)
-            .is_ok_and(|sealed| {
-                matches!(
-                    kek.reseal(crate::keyring::key_context(k).as_bytes(), &sealed),
-                    Ok(Some(_))
-                )
-            })
-    });
-    let secrets = secrets
-        .iter()
-        .filter(|r| matches!(scrip_proxy::secrets::reseal(kek, r), Ok(Some(_))));
-    keys.count() + secrets.count()
-}
-
 /// Refuses `kek` when the store holds something sealed and it opens none of
 /// it: it is another key (a variable left from another installation), what
 /// it sealed no one else could open, and a proxy secret sealed under it
 /// would fail every request of its upstream. One row that opens is enough:
 /// a row a mistake sealed under another key must not stop the right key
-/// from sealing its successor.
+/// from sealing its successor. While a previous key is given, every row
+/// must open under one of the two (see `check_kek`).
 ///
 /// # Errors
-/// [`KeyError::Invalid`] when `kek` opens nothing stored, or the store
-/// cannot be read.
+/// [`KeyError::Invalid`] when `kek` opens nothing stored (or, with a
+/// previous key, not everything), or the store cannot be read.
 pub async fn verify_kek(
     config: &scrip_config::Config,
     kek: &scrip_jose::Kek,
     store: &dyn scrip_store::Store,
 ) -> Result<(), KeyError> {
-    opens_any(config, kek, &sealed_rows(config, store).await?)
+    check_kek(config, kek, &sealed_rows(config, store).await?).map(|_| ())
 }
 
 /// Every sealed row the store keeps: keys (retired ones included) and
@@ -767,34 +749,95 @@ async fn sealed_rows(
     ))
 }
 
-fn opens_any(
-    config: &scrip_config::Config,
+/// Where the sealed values of a store stand against a key-encryption key.
+#[derive(Debug, Default)]
+pub(crate) struct Standing {
+    /// Values the current key opens.
+    pub current: usize,
+    /// Values only the previous key opens.
+    pub previous: usize,
+    /// Values neither opens, named (`key <kid>`, `secret <name>/<action>
+    /// v<version>`).
+    pub unopened: Vec<String>,
+}
+
+/// Where each of `rows` stands against `kek`.
+pub(crate) fn standing(
     kek: &scrip_jose::Kek,
     (keys, secrets): &(Vec<scrip_store::StoredKey>, Vec<scrip_store::SecretRecord>),
-) -> Result<(), KeyError> {
-    if keys.is_empty() && secrets.is_empty() {
-        return Ok(());
-    }
-    let opens_a_key = keys.iter().any(|k| {
-        use base64::Engine as _;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
+) -> Standing {
+    use base64::Engine as _;
+    let mut standing = Standing::default();
+    let mut count = |under: Option<scrip_jose::Under>, name: &dyn Fn() -> String| match under {
+        Some(scrip_jose::Under::Current) => standing.current += 1,
+        Some(scrip_jose::Under::Previous) => standing.previous += 1,
+        None => standing.unopened.push(name()),
+    };
+    for k in keys {
+        let under = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(&k.sealed)
-            .is_ok_and(|sealed| {
-                kek.open(crate::keyring::key_context(k).as_bytes(), &sealed)
-                    .is_ok()
-            })
-    });
-    if opens_a_key
-        || secrets
-            .iter()
-            .any(|r| scrip_proxy::secrets::sealed_under(kek, r))
+            .ok()
+            .and_then(|sealed| {
+                kek.sealed_under(crate::keyring::key_context(k).as_bytes(), &sealed)
+            });
+        count(under, &|| format!("key {}", k.kid));
+    }
+    for r in secrets {
+        count(scrip_proxy::secrets::sealed_under(kek, r), &|| {
+            format!("secret {}/{} v{}", r.name, r.action, r.version)
+        });
+    }
+    standing
+}
+
+/// `names` for a message: the first ten, and how many more.
+pub(crate) fn some_of(names: &[String]) -> String {
+    let mut text = names
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 10 {
+        text.push_str(&format!(" and {} more", names.len() - 10));
+    }
+    text
+}
+
+/// Refuses `kek` when the store holds something sealed and it opens none
+/// of it; and, while a previous key is given (a replacement under way),
+/// when any value opens under neither key: the new key is then not the one
+/// the other replicas were given, and what it sealed they could not open.
+fn check_kek(
+    config: &scrip_config::Config,
+    kek: &scrip_jose::Kek,
+    rows: &(Vec<scrip_store::StoredKey>, Vec<scrip_store::SecretRecord>),
+) -> Result<Standing, KeyError> {
+    let (keys, secrets) = rows;
+    let standing = standing(kek, rows);
+    if keys.is_empty() && secrets.is_empty() {
+        return Ok(standing);
+    }
+    if let Some(previous) = kek.previous_fingerprint()
+        && !standing.unopened.is_empty()
     {
-        return Ok(());
+        return Err(KeyError::Invalid {
+            path: config.key_encryption_key_path(),
+            message: format!(
+                "with the previous key-encryption key ({previous}), {} stored values open under neither it nor this one ({}): {}. This key is likely not the new key the other replicas were given: compare fingerprints (each replica logs its own) and give every replica the same one",
+                standing.unopened.len(),
+                kek.fingerprint(),
+                some_of(&standing.unopened)
+            ),
+        });
+    }
+    if standing.current + standing.previous > 0 {
+        return Ok(standing);
     }
     Err(KeyError::Invalid {
         path: config.key_encryption_key_path(),
         message: format!(
-            "opens nothing this store holds sealed ({} keys, {} secret versions): it is not the key-encryption key they were sealed under (a replica that started at the same time may have made its own); give scrip that key, which every replica shares (this file, or {KEK_ENV})",
+            "opens nothing this store holds sealed ({} keys, {} secret versions): it is not the key-encryption key they were sealed under (a replica that started at the same time may have made its own); give scrip that key, which every replica shares (this file, or {KEK_ENV}); while it replaces another, give that one as previous_key_encryption_key_file",
             keys.len(),
             secrets.len()
         ),
@@ -851,6 +894,34 @@ mod tests {
         // the right one.
         store.commit(vec![put(2, 2)]).await.unwrap();
         verify_kek(&config, &key(1), &store).await.unwrap();
+        // While a key replaces another, every value must open under one of
+        // the two: a key that is not the replicas' new key is refused.
+        verify_kek(&config, &key(2).with_previous(key(1)), &store)
+            .await
+            .unwrap();
+        let err = verify_kek(&config, &key(3).with_previous(key(1)), &store)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 stored values open under neither")
+                && err.contains("secret legacy/read v2"),
+            "{err}"
+        );
+        // Nor does `scrip key reseal` write anything then, though its key
+        // alone opens a value.
+        ensure_private_dir(&dir.path().join("keys")).unwrap();
+        assert!(create_private(&config.key_encryption_key_path(), text(1).as_bytes()).unwrap());
+        let before = store.secrets().await.unwrap();
+        let err = crate::keyring::reseal(&config, &store, "test", "x")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("open under neither") && err.contains("nothing was sealed again"),
+            "{err}"
+        );
+        assert_eq!(store.secrets().await.unwrap(), before);
     }
 
     /// The previous key-encryption key is read as the current one is (a
