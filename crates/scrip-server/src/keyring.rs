@@ -135,23 +135,49 @@ impl Created {
 }
 
 impl Keyring {
-    /// The keys in `<data_dir>/keys`, created on first start.
+    /// The keys in `<data_dir>/keys`, created on first start. The signing
+    /// key files of other algorithms (`signing_algorithm` was changed) are
+    /// published, to verify what they signed, until every token they can
+    /// have signed has expired ([`keys::retired_signing_keys`]).
     ///
     /// # Errors
     /// [`KeyError`] when a key file is unusable.
     pub fn from_files(config: &Config, now: u64) -> Result<(Self, Created), KeyError> {
         let loaded = keys::load_or_create(&config.data_dir, config.signing_algorithm, now)?;
         let checkpoint = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
+        let retired = keys::retired_signing_keys(
+            &config.data_dir,
+            config.signing_algorithm,
+            now,
+            config.longest_token_life(),
+        )?;
         let mut created = Created::default();
         created.add(&loaded, &format!("{} signing key", loaded.key.algorithm()));
         created.add(&checkpoint, "audit checkpoint key");
-        let ring = Ring::new(
-            vec![(0, Arc::new(loaded.key))],
-            vec![Arc::new(checkpoint.key)],
-        )
-        .map_err(|message| KeyError::Invalid {
-            path: config.data_dir.join("keys"),
-            message,
+        // Verification only: the configured key, listed last, is the one
+        // active (the newest `active_at`) whatever the clock says.
+        let mut signing = Vec::new();
+        for r in retired {
+            if !r.recorded {
+                created.keys.push((
+                    r.key.kid().to_owned(),
+                    format!(
+                        "{} signing key retired (signing_algorithm is now {}), published until {}",
+                        r.key.algorithm(),
+                        config.signing_algorithm,
+                        r.publish_until
+                    ),
+                ));
+                created.files.push(r.path);
+            }
+            signing.push((0, Arc::new(r.key)));
+        }
+        signing.push((1, Arc::new(loaded.key)));
+        let ring = Ring::new(signing, vec![Arc::new(checkpoint.key)]).map_err(|message| {
+            KeyError::Invalid {
+                path: config.data_dir.join("keys"),
+                message,
+            }
         })?;
         Ok((
             Self::with_ring(None, ring, config.signing_algorithm),
@@ -416,7 +442,7 @@ impl Keyring {
 pub enum WithdrawError {
     /// The embedded store's signing key is a file.
     #[error(
-        "the embedded store's signing key is a file: stop scrip, move `{0}` away, and start it again (a new key signs, and only it is published)"
+        "the embedded store's signing key is a file: stop scrip, move `{0}` away (and any other `signing-*.json` beside it: a key of another algorithm is published while tokens it signed may live), and start it again (a new key signs)"
     )]
     Embedded(std::path::PathBuf),
     /// The keys could not be read or opened.

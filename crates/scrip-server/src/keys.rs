@@ -95,6 +95,23 @@ struct KeyFile {
     /// were recorded as they were made.
     #[serde(default = "recorded_before", skip_serializing_if = "is_recorded")]
     recorded: bool,
+    /// When a changed `signing_algorithm` stopped this signing key (seconds);
+    /// it stays published until every token it signed has expired
+    /// ([`retired_signing_keys`]). Cleared when it signs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retired_at: Option<u64>,
+    /// `false` from `retired_at` being set until its `key.retired` audit
+    /// record is committed ([`mark_recorded`]).
+    #[serde(default = "recorded_before", skip_serializing_if = "is_recorded")]
+    retirement_recorded: bool,
+}
+
+/// What a key file says besides its key.
+#[derive(Debug, Clone, Copy)]
+struct FileState {
+    recorded: bool,
+    retired_at: Option<u64>,
+    retirement_recorded: bool,
 }
 
 fn recorded_before() -> bool {
@@ -261,11 +278,19 @@ fn load_or_create_named(
     let path = dir.join(format!("{name}.json"));
     remove_stale_temporaries(&path);
     if path.exists() {
-        let (key, recorded) = read_key(&path, alg)?;
+        let (key, state) = read_key(&path, alg)?;
+        if state.retired_at.is_some() {
+            // Signing again (`signing_algorithm` changed back): no longer
+            // retired, so that a later change stamps it afresh.
+            update_key_file(&path, |f| {
+                f.retired_at = None;
+                f.retirement_recorded = true;
+            })?;
+        }
         return Ok(Loaded {
             key,
             created: false,
-            recorded,
+            recorded: state.recorded,
             path,
         });
     }
@@ -279,6 +304,8 @@ fn load_or_create_named(
         created_at: now,
         pkcs8: b64(&pkcs8),
         recorded: false,
+        retired_at: None,
+        retirement_recorded: true,
     };
     let json = serde_json::to_vec_pretty(&file)
         .map(zeroize::Zeroizing::new)
@@ -288,11 +315,11 @@ fn load_or_create_named(
         })?;
     if !create_private(&path, &json)? {
         // Another process created it first: use that one.
-        let (key, recorded) = read_key(&path, alg)?;
+        let (key, state) = read_key(&path, alg)?;
         return Ok(Loaded {
             key,
             created: false,
-            recorded,
+            recorded: state.recorded,
             path,
         });
     }
@@ -316,26 +343,109 @@ fn load_or_create_named(
 /// # Errors
 /// [`KeyError`] when the file cannot be read or replaced.
 pub fn mark_recorded(path: &Path) -> Result<(), KeyError> {
+    update_key_file(path, |f| {
+        f.recorded = true;
+        f.retirement_recorded = true;
+    })
+    .map(|_| ())
+}
+
+/// Rewrites the key file at `path` as `change` leaves it (atomically, with
+/// its mode); `false` when it was left alone: unchanged, or another user's
+/// (a command run as root on scrip's files), which replaced would be that
+/// user's and unreadable to scrip's own.
+fn update_key_file(path: &Path, change: impl FnOnce(&mut KeyFile)) -> Result<bool, KeyError> {
     let owner = fs::metadata(path).map_err(io(path))?.uid();
     if owner != rustix::process::geteuid().as_raw() {
-        return Ok(());
+        return Ok(false);
     }
     let bytes = zeroize::Zeroizing::new(read_private(path)?);
     let mut file: KeyFile = serde_json::from_slice(&bytes).map_err(|_| KeyError::Invalid {
         path: path.to_owned(),
         message: "not a scrip key file".into(),
     })?;
-    if file.recorded {
-        return Ok(());
+    let before = (file.recorded, file.retired_at, file.retirement_recorded);
+    change(&mut file);
+    if (file.recorded, file.retired_at, file.retirement_recorded) == before {
+        return Ok(false);
     }
-    file.recorded = true;
     let json = serde_json::to_vec_pretty(&file)
         .map(zeroize::Zeroizing::new)
         .map_err(|e| KeyError::Invalid {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-    replace_private(path, &json)
+    replace_private(path, &json)?;
+    Ok(true)
+}
+
+/// A signing key file of another algorithm than the configured one (the
+/// embedded store's `signing_algorithm` was changed): it signs no more, and
+/// is published, to verify what it signed, until `publish_until`.
+#[derive(Debug)]
+pub struct Retired {
+    /// The key.
+    pub key: SigningKey,
+    /// Its file.
+    pub path: PathBuf,
+    /// When it leaves the published set (seconds).
+    pub publish_until: u64,
+    /// Whether its `key.retired` audit record was committed; once the
+    /// caller has committed it, it calls [`mark_recorded`].
+    pub recorded: bool,
+}
+
+/// The embedded store's signing key files for algorithms other than `alg`
+/// that are still to be published at `now`: each is stamped retired the
+/// first time a start finds it so, and kept `keep` seconds from then (the
+/// longest a token it signed can live). Older ones are left on disk, not
+/// published, and named in the log so they can be removed.
+///
+/// # Errors
+/// [`KeyError`] when such a file cannot be read or stamped, or is exposed:
+/// a key that verifies scrip's tokens is held as one that signs them.
+pub fn retired_signing_keys(
+    data_dir: &Path,
+    alg: SigningAlgorithm,
+    now: u64,
+    keep: u64,
+) -> Result<Vec<Retired>, KeyError> {
+    let mut retired = Vec::new();
+    for other in SigningAlgorithm::ALL {
+        if other == alg {
+            continue;
+        }
+        let path = signing_key_file(data_dir, other);
+        if !path.try_exists().map_err(io(&path))? {
+            continue;
+        }
+        let (key, state) = read_key(&path, other)?;
+        let (retired_at, recorded) = match state.retired_at {
+            Some(at) => (at, state.retirement_recorded),
+            None => {
+                let stamped = update_key_file(&path, |f| {
+                    f.retired_at = Some(now);
+                    f.retirement_recorded = false;
+                })?;
+                if !stamped {
+                    tracing::warn!(path = %path.display(), "cannot note in this key file, another user's, when it stopped signing: it stays published until then; chown it to scrip's user");
+                }
+                (now, false)
+            }
+        };
+        let publish_until = retired_at.saturating_add(keep);
+        if now >= publish_until {
+            tracing::info!(path = %path.display(), kid = key.kid(), "a signing key of another algorithm is past the life of the tokens it signed: no longer published; the file may be removed");
+            continue;
+        }
+        retired.push(Retired {
+            key,
+            path,
+            publish_until,
+            recorded,
+        });
+    }
+    Ok(retired)
 }
 
 /// Reads a private file, refusing one that group or others can read.
@@ -369,9 +479,8 @@ pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
     Ok(bytes)
 }
 
-/// The key in the file at `path`, and whether its creation is on the
-/// record.
-fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<(SigningKey, bool), KeyError> {
+/// The key in the file at `path`, and what the file says of it.
+fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<(SigningKey, FileState), KeyError> {
     let bytes = zeroize::Zeroizing::new(read_private(path)?);
     let invalid = |message: String| KeyError::Invalid {
         path: path.to_owned(),
@@ -394,7 +503,14 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<(SigningKey, bool), Ke
     if key.kid() != file.kid {
         return Err(invalid("key id does not match the key".into()));
     }
-    Ok((key, file.recorded))
+    Ok((
+        key,
+        FileState {
+            recorded: file.recorded,
+            retired_at: file.retired_at,
+            retirement_recorded: file.retirement_recorded,
+        },
+    ))
 }
 
 /// Removes what a process stopped while [`create_private`] wrote `path`
@@ -1168,6 +1284,56 @@ mod stale_temporaries {
     /// A new key says it is not on the record until marked, and stays so
     /// for every later load; a file written before scrip kept the mark
     /// reads as recorded. Marking keeps the key and the file's mode.
+    /// A signing key file of another algorithm (`signing_algorithm`
+    /// changed) is stamped retired by the first start that finds it so,
+    /// published for the longest token life from then, recorded once, and
+    /// signs again, no longer retired, when the algorithm is changed back.
+    #[test]
+    fn a_key_of_a_former_algorithm_is_published_while_its_tokens_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let es = load_or_create(dir.path(), SigningAlgorithm::ES256, 10).unwrap();
+        mark_recorded(&es.path).unwrap();
+        assert!(
+            retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 20, 100)
+                .unwrap()
+                .is_empty()
+        );
+        // Now EdDSA: the ES256 key is retired at 50, kept until 150.
+        let ed = load_or_create(dir.path(), SigningAlgorithm::EdDSA, 50).unwrap();
+        let first = retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 50, 100).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].key.kid(), es.key.kid());
+        assert_eq!((first[0].publish_until, first[0].recorded), (150, false));
+        // A later start keeps the first stamp; once recorded, it says so.
+        let later = retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 90, 100).unwrap();
+        assert_eq!((later[0].publish_until, later[0].recorded), (150, false));
+        mark_recorded(&later[0].path).unwrap();
+        let marked = retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 91, 100).unwrap();
+        assert!(marked[0].recorded);
+        assert!(
+            retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 150, 100)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(es.path.exists(), "a key file is never removed");
+        let meta = fs::metadata(&es.path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Back to ES256: it signs, no longer retired; EdDSA is retired now.
+        let again = load_or_create(dir.path(), SigningAlgorithm::ES256, 200).unwrap();
+        assert_eq!(again.key.kid(), es.key.kid());
+        assert!(again.recorded);
+        let (_, state) = read_key(&es.path, SigningAlgorithm::ES256).unwrap();
+        assert!(state.retired_at.is_none() && state.retirement_recorded);
+        let back = retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 200, 100).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].key.kid(), ed.key.kid());
+        assert_eq!(back[0].publish_until, 300);
+        // An exposed one is refused, as every key file is.
+        fs::set_permissions(&ed.path, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 201, 100).unwrap_err();
+        assert!(matches!(e, KeyError::Exposed { .. }), "{e}");
+    }
+
     #[test]
     fn a_key_is_unrecorded_until_marked() {
         let dir = tempfile::tempdir().unwrap();
@@ -1191,6 +1357,11 @@ mod stale_temporaries {
         let mut file: KeyFile = serde_json::from_value(old).unwrap();
         file.recorded = false;
         assert!(create_private(&unmarked, &serde_json::to_vec(&file).unwrap()).unwrap());
-        assert!(!read_key(&unmarked, SigningAlgorithm::ES256).unwrap().1);
+        assert!(
+            !read_key(&unmarked, SigningAlgorithm::ES256)
+                .unwrap()
+                .1
+                .recorded
+        );
     }
 }

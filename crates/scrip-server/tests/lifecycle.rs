@@ -1943,3 +1943,97 @@ async fn the_key_encryption_key_is_replaced_while_replicas_serve() {
         .unwrap();
     strictly_verified(store.as_ref(), &trusted).await;
 }
+
+/// On the embedded store, changing `signing_algorithm` does not cut off
+/// what the old key signed: a restart signs with a new key of the new
+/// algorithm, and still publishes and accepts the old one (retired,
+/// recorded once) while its tokens can live.
+#[tokio::test]
+async fn changing_the_embedded_algorithm_keeps_the_old_keys_tokens_valid() {
+    let keep = tempfile::tempdir().unwrap();
+    let data_dir = keep.path().join("data");
+    let start = |algorithm: SigningAlgorithm| {
+        let data_dir = data_dir.clone();
+        TestServer::start_with(Options {
+            algorithm,
+            edit: Some(Box::new(move |c: &mut scrip_config::Config| {
+                c.data_dir = data_dir;
+                // The same issuer across restarts, wherever each listens.
+                c.issuer = Some("https://scrip.test".into());
+            })),
+            ..Options::default()
+        })
+    };
+    let kids = |s: &TestServer| {
+        let s_url = s.url.clone();
+        let http = s.http.clone();
+        async move {
+            let jwks: Value = http
+                .get(format!("{s_url}/jwks"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mut kids: Vec<String> = jwks["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_owned())
+                .collect();
+            kids.sort();
+            kids
+        }
+    };
+    let s = start(SigningAlgorithm::ES256).await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let task = token_of(
+        &s.try_start_task(&identity, "github:read", "dev", "before", None)
+            .await,
+    );
+    let old_kid = decode_parts(&task).0["kid"].as_str().unwrap().to_owned();
+    s.stop().await;
+
+    for restart in 0..2 {
+        let s = start(SigningAlgorithm::EdDSA).await;
+        assert_eq!(
+            s.access_token(&task, "github", None).await.status,
+            200,
+            "restart {restart}: the old key's task"
+        );
+        let identity = s.k8s.kubernetes("agents", "coder");
+        let new_task = token_of(
+            &s.try_start_task(&identity, "github:read", "dev", "after", None)
+                .await,
+        );
+        let (header, _) = decode_parts(&new_task);
+        assert_eq!(header["alg"], "EdDSA");
+        let new_kid = header["kid"].as_str().unwrap().to_owned();
+        let mut both = vec![old_kid.clone(), new_kid];
+        both.sort();
+        assert_eq!(kids(&s).await, both, "restart {restart}");
+        s.stop().await;
+    }
+    let store = scrip_store::SqliteStore::open(&data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    use scrip_store::Store as _;
+    let retired: Vec<_> = store
+        .audit(&scrip_store::AuditFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.event == "key.retired")
+        .collect();
+    assert_eq!(retired.len(), 1, "recorded once: {retired:?}");
+    assert_eq!(retired[0].jti.as_deref(), Some(old_kid.as_str()));
+    assert!(
+        retired[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("signing_algorithm is now EdDSA"),
+        "{retired:?}"
+    );
+}
