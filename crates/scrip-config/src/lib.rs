@@ -851,6 +851,17 @@ impl TrustedIssuer {
                     "{who} required_claims: each entry names a claim and at least one value it may have"
                 ));
             }
+            // A JSON Pointer's `~` escapes only `~0` and `~1` (RFC 6901).
+            if claim.starts_with('/')
+                && claim
+                    .split('~')
+                    .skip(1)
+                    .any(|after| !after.starts_with(['0', '1']))
+            {
+                return invalid(format!(
+                    "{who} required_claims: `{claim}` is not a JSON Pointer: in one, `~` is written `~0` and `/` inside a name `~1`"
+                ));
+            }
         }
         if let Some(domain) = &self.trust_domain {
             if self.kind != Some(IssuerKind::Spiffe) {
@@ -1028,6 +1039,16 @@ mod tests {
         }
         check(
             &issuer("required_claims = { repository_owner_id = [\"123\"], ref = [\"a\", \"b\"] }"),
+            None,
+        );
+        check(
+            &issuer("required_claims = { \"/a~2b\" = [\"x\"] }"),
+            Some("is not a JSON Pointer"),
+        );
+        check(
+            &issuer(
+                "required_claims = { \"/kubernetes.io/namespace\" = [\"x\"], \"/a~1b~0\" = [\"y\"] }",
+            ),
             None,
         );
         check(

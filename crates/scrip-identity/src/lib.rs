@@ -445,13 +445,24 @@ impl IdentityVerifier {
 }
 
 /// Each claim `required` names is in `claims`, with one of its values (a
-/// number or boolean as written).
+/// number or boolean as written). A name that starts with `/` is an RFC
+/// 6901 JSON Pointer into the claims (`/kubernetes.io/namespace`).
 fn check_required(
     required: &std::collections::BTreeMap<String, Vec<String>>,
     claims: &Map<String, Value>,
 ) -> Result<(), IdentityError> {
     for (claim, allowed) in required {
-        let ok = match claims.get(claim) {
+        let found = match claim.strip_prefix('/') {
+            None => claims.get(claim),
+            Some(path) => {
+                // The first token names a claim; the rest points into it.
+                let (first, rest) = path.find('/').map_or((path, ""), |i| path.split_at(i));
+                claims
+                    .get(&first.replace("~1", "/").replace("~0", "~"))
+                    .and_then(|v| v.pointer(rest))
+            }
+        };
+        let ok = match found {
             Some(Value::String(s)) => allowed.iter().any(|a| a == s),
             Some(v @ (Value::Number(_) | Value::Bool(_))) => allowed.contains(&v.to_string()),
             _ => false,
@@ -614,6 +625,41 @@ async fn fetch_uri(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String>
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
     use super::*;
+
+    /// A required claim named by a JSON Pointer is looked up inside the
+    /// claims, with `~1` and `~0` unescaped in every token; a plain name is
+    /// a top-level claim, dots and slashes included.
+    #[test]
+    fn required_claims_may_point_into_nested_claims() {
+        let claims: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "kubernetes.io": { "namespace": "agents", "serviceaccount": { "name": "coder" } },
+            "a/b": { "c~d": 7 },
+            "https://acme.example/team": "core",
+            "groups": ["x", "y"],
+        }))
+        .unwrap();
+        let check = |claim: &str, value: &str| {
+            check_required(
+                &[(claim.to_owned(), vec![value.to_owned()])].into(),
+                &claims,
+            )
+            .is_ok()
+        };
+        assert!(check("/kubernetes.io/namespace", "agents"));
+        assert!(!check("/kubernetes.io/namespace", "ci"));
+        assert!(check("/kubernetes.io/serviceaccount/name", "coder"));
+        assert!(
+            !check("/kubernetes.io/serviceaccount", "coder"),
+            "an object"
+        );
+        assert!(check("/a~1b/c~0d", "7"));
+        assert!(!check("/a/b/c~d", "7"));
+        assert!(check("https://acme.example/team", "core"));
+        assert!(check("/groups/1", "y"));
+        assert!(!check("/groups", "y"), "an array is no value");
+        assert!(!check("/kubernetes.io/nope", "agents"));
+        assert!(!check("kubernetes.io", "agents"));
+    }
     use scrip_jose::{SigningAlgorithm, SigningKey};
 
     /// A refresh that reads the same document keeps the very key set, so

@@ -779,7 +779,8 @@ async fn task_policy_allows_no_grant() {
 /// Any GitHub workflow can obtain a token for scrip's audience: an
 /// issuer's `required_claims` say whose are trusted at all. Another
 /// organisation's token, or one missing a claim, is refused as an
-/// identity, before any policy; a number is compared as written.
+/// identity, before any policy; a number is compared as written. A
+/// nested claim is named by a JSON Pointer (a Kubernetes namespace).
 #[tokio::test]
 async fn an_issuers_required_claims_refuse_other_workloads() {
     let s = TestServer::start_with(Options {
@@ -790,6 +791,13 @@ async fn an_issuers_required_claims_refuse_other_workloads() {
                         ("repository_owner".to_owned(), vec!["acme".to_owned()]),
                         ("run_id".to_owned(), vec!["7312345678".to_owned()]),
                     ]
+                    .into();
+                }
+                if ti.issuer == K8S_ISSUER {
+                    ti.required_claims = [(
+                        "/kubernetes.io/namespace".to_owned(),
+                        vec!["agents".to_owned(), "ci".to_owned()],
+                    )]
                     .into();
                 }
             }
@@ -826,9 +834,41 @@ async fn an_issuers_required_claims_refuse_other_workloads() {
     c["run_id"] = json!(["7312345678"]);
     let r = start(s.github.sign(&c)).await;
     assert_error_says(&r, 400, "invalid_request", "claim `run_id`");
-    // Other issuers are not concerned.
+    // Each issuer's own: a Kubernetes namespace, nested in its claims.
     let r = start(s.k8s.kubernetes("agents", "coder")).await;
     assert_eq!(r.status, 200, "{}", r.text);
+    // `ci` passes as an identity (the second value); policy grants it nothing.
+    let r = start(s.k8s.kubernetes("ci", "coder")).await;
+    assert!(r.text.contains("policy allows none"), "{}", r.text);
+    let r = start(s.k8s.kubernetes("kube-system", "coder")).await;
+    assert_error_says(
+        &r,
+        400,
+        "invalid_request",
+        "claim `/kubernetes.io/namespace`",
+    );
+    // A top-level claim of that name (with the dot) is not the nested one.
+    let mut c: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(
+                s.k8s
+                    .kubernetes("agents", "coder")
+                    .split('.')
+                    .nth(1)
+                    .unwrap(),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    c["kubernetes.io"] = json!({ "namespace": "kube-system" });
+    c["kubernetes.io/namespace"] = json!("agents");
+    let r = start(s.k8s.sign(&c)).await;
+    assert_error_says(
+        &r,
+        400,
+        "invalid_request",
+        "claim `/kubernetes.io/namespace`",
+    );
     s.stop().await;
 }
 
