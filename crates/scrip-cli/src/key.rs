@@ -77,6 +77,11 @@ pub fn reseal(config: Option<&Path>, reason: &str) -> ExitCode {
                 done.key,
                 done.keys.len() + done.secrets.len()
             );
+            for version in &done.skipped {
+                out!(
+                    "left as it was: secret {version} (replaced, and opens under neither key: the proxy passes over it, and the next rotation purges it)"
+                );
+            }
             match done.previous {
                 Some(previous) => out!(
                     "the previous key {previous} opens nothing here any more: once every replica logs key {} and this command seals nothing more, remove the previous key from each and destroy it",

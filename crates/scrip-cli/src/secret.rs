@@ -557,6 +557,7 @@ pub fn delete(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
                 writes.push(Write::DeleteSecret {
                     name: name.to_owned(),
                     action: a.clone(),
+                    through: versions.last().copied().unwrap_or(0),
                 });
                 writes.push(Write::Audit(Box::new(AuditEvent {
                     at_ms: at * 1000,

@@ -35,6 +35,12 @@ pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Ba
 async fn keys_loop(state: AppState) {
     let st = &state.0;
     if !st.keyring.is_shared() {
+        // A file key set changes only as keys of a former algorithm leave.
+        while let Some(at) = st.keyring.next_retired_expiry() {
+            let wait = at.saturating_sub(now());
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            st.keyring.expire_retired(now());
+        }
         return;
     }
     let mut changes = st.store.changes();

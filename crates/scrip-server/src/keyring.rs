@@ -74,6 +74,10 @@ pub struct Keyring {
     /// keys replaced the last: what was verified under an earlier count may
     /// have been verified with a key since withdrawn or retired.
     generation: Arc<std::sync::atomic::AtomicU64>,
+    /// A file key set's keys of a former `signing_algorithm`: when each
+    /// leaves the set (seconds) and its `kid`, soonest first. Dropped from
+    /// the ring as their time comes ([`Keyring::expire_retired`]).
+    retired: std::sync::Mutex<Vec<(u64, String)>>,
 }
 
 fn jwks(keys: &[serde_json::Value]) -> Arc<str> {
@@ -150,6 +154,7 @@ impl Keyring {
             config.signing_algorithm,
             now,
             config.longest_token_life(),
+            loaded.since,
         )?;
         let mut created = Created::default();
         created.add(&loaded, &format!("{} signing key", loaded.key.algorithm()));
@@ -157,7 +162,9 @@ impl Keyring {
         // Verification only: the configured key, listed last, is the one
         // active (the newest `active_at`) whatever the clock says.
         let mut signing = Vec::new();
+        let mut until = Vec::new();
         for r in retired {
+            until.push((r.publish_until, r.key.kid().to_owned()));
             if !r.recorded {
                 created.keys.push((
                     r.key.kid().to_owned(),
@@ -179,10 +186,12 @@ impl Keyring {
                 message,
             }
         })?;
-        Ok((
-            Self::with_ring(None, ring, config.signing_algorithm),
-            created,
-        ))
+        let keyring = Self::with_ring(None, ring, config.signing_algorithm);
+        until.sort();
+        if let Ok(mut retired) = keyring.retired.lock() {
+            *retired = until;
+        }
+        Ok((keyring, created))
     }
 
     /// The shared key set of the store, creating the first keys on an empty
@@ -315,7 +324,63 @@ impl Keyring {
             verify,
             algorithms,
             generation: Arc::default(),
+            retired: std::sync::Mutex::default(),
         }
+    }
+
+    /// When the next key of a former `signing_algorithm` leaves a file key
+    /// set (seconds); `None` when none is left.
+    #[must_use]
+    pub fn next_retired_expiry(&self) -> Option<u64> {
+        self.retired.lock().ok()?.first().map(|(at, _)| *at)
+    }
+
+    /// Drops from a file key set the keys of a former `signing_algorithm`
+    /// whose time is up at `now`: no longer published, and tokens they
+    /// signed no longer verify (verified ones are verified again, under a
+    /// new generation).
+    pub fn expire_retired(&self, now: u64) {
+        let gone: Vec<String> = match self.retired.lock() {
+            Ok(mut retired) => {
+                let due = retired.partition_point(|(at, _)| *at <= now);
+                retired.drain(..due).map(|(_, kid)| kid).collect()
+            }
+            Err(_) => return,
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let ring = self.ring();
+        let signing: Vec<(u64, Arc<SigningKey>)> = ring
+            .signing
+            .iter()
+            .filter(|(_, k)| !gone.iter().any(|g| g == k.kid()))
+            .cloned()
+            .collect();
+        match Ring::new(signing, vec![ring.checkpoint.clone()]) {
+            Ok(next) => {
+                self.install(next);
+                tracing::info!(kids = ?gone, "signing keys of a former algorithm are past the life of their tokens: no longer published");
+            }
+            Err(message) => {
+                tracing::error!(%message, "cannot drop retired signing keys; keeping the keys in use");
+            }
+        }
+    }
+
+    /// The algorithms of the signing keys published now, the one that
+    /// signs first.
+    #[must_use]
+    pub fn published_algorithms(&self) -> Vec<&'static str> {
+        let ring = self.ring();
+        let mut algs: Vec<&'static str> = Vec::new();
+        for (_, k) in ring.signing.iter().rev() {
+            let alg = k.algorithm().as_str();
+            if !algs.contains(&alg) {
+                algs.push(alg);
+            }
+        }
+        algs
     }
 
     fn ring(&self) -> Arc<Ring> {
@@ -603,6 +668,9 @@ pub struct Resealed {
     pub key: String,
     /// The previous key's, when one is given.
     pub previous: Option<String>,
+    /// Replaced secret versions that open under neither key, left as they
+    /// were (the proxy passes over them; the next rotation purges them).
+    pub skipped: Vec<String>,
 }
 
 /// How many times [`reseal`] reads and writes again when another writer
@@ -653,6 +721,7 @@ pub async fn reseal(
             });
         }
         done.current = standing.current + standing.previous;
+        done.skipped = standing.replaced_unopened;
         let mut writes = Vec::new();
         let mut keys_now = Vec::new();
         let mut secrets_now = Vec::new();
@@ -671,6 +740,9 @@ pub async fn reseal(
             }
         }
         for r in &rows.1 {
+            if scrip_proxy::secrets::sealed_under(&kek, r).is_none() {
+                continue; // a replaced version, in `skipped`
+            }
             if let Some(to) = scrip_proxy::secrets::reseal(&kek, r).map_err(|e| sealing(&e))? {
                 writes.push(Write::ResealSecret {
                     name: r.name.clone(),
@@ -1071,6 +1143,45 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    /// A running server drops a former algorithm's key at its time, without
+    /// a restart: no longer published, its algorithm no longer named, and
+    /// what was verified with it verified again.
+    #[test]
+    fn a_former_algorithms_key_leaves_a_running_file_key_set_at_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |alg| Config {
+            data_dir: dir.path().to_path_buf(),
+            signing_algorithm: alg,
+            ..Config::default()
+        };
+        let (es, _) = Keyring::from_files(&config(SigningAlgorithm::ES256), 10).unwrap();
+        assert_eq!(es.next_retired_expiry(), None);
+        let old_kid = es.signer(10).kid().to_owned();
+        let config = config(SigningAlgorithm::EdDSA);
+        let (ring, created) = Keyring::from_files(&config, 50).unwrap();
+        assert!(
+            created
+                .keys
+                .iter()
+                .any(|(kid, what)| *kid == old_kid && what.contains("retired"))
+        );
+        let until = 50 + config.longest_token_life();
+        assert_eq!(ring.next_retired_expiry(), Some(until));
+        assert_eq!(ring.signer(60).algorithm(), SigningAlgorithm::EdDSA);
+        assert_eq!(ring.published_algorithms(), ["EdDSA", "ES256"]);
+        let generation = ring.generation();
+        let before = generation.load(std::sync::atomic::Ordering::SeqCst);
+        ring.expire_retired(until - 1);
+        assert!(ring.jwks_body().contains(&old_kid));
+        ring.expire_retired(until);
+        assert!(!ring.jwks_body().contains(&old_kid), "{}", ring.jwks_body());
+        assert!(!ring.verify_keys().snapshot().contains_kid(&old_kid));
+        assert_eq!(ring.published_algorithms(), ["EdDSA"]);
+        assert_eq!(ring.next_retired_expiry(), None);
+        assert!(generation.load(std::sync::atomic::Ordering::SeqCst) > before);
+        assert_eq!(ring.signer(until).algorithm(), SigningAlgorithm::EdDSA);
+    }
 
     fn shared() -> Shared {
         Shared {

@@ -104,6 +104,10 @@ struct KeyFile {
     /// record is committed ([`mark_recorded`]).
     #[serde(default = "recorded_before", skip_serializing_if = "is_recorded")]
     retirement_recorded: bool,
+    /// When it last began signing, if not at `created_at`: the moment a
+    /// changed-back `signing_algorithm` made it sign again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signing_since: Option<u64>,
 }
 
 /// What a key file says besides its key.
@@ -112,6 +116,8 @@ struct FileState {
     recorded: bool,
     retired_at: Option<u64>,
     retirement_recorded: bool,
+    /// When it last began signing.
+    since: u64,
 }
 
 fn recorded_before() -> bool {
@@ -216,6 +222,9 @@ pub struct Loaded {
     /// recording it. Once the caller has committed the record, it calls
     /// [`mark_recorded`].
     pub recorded: bool,
+    /// When it began signing (this time): its creation, or the start that
+    /// made it sign again.
+    pub since: u64,
     /// Its file.
     pub path: PathBuf,
 }
@@ -279,18 +288,23 @@ fn load_or_create_named(
     remove_stale_temporaries(&path);
     if path.exists() {
         let (key, state) = read_key(&path, alg)?;
+        let mut since = state.since;
         if state.retired_at.is_some() {
             // Signing again (`signing_algorithm` changed back): no longer
-            // retired, so that a later change stamps it afresh.
+            // retired, so that a later change stamps it afresh, and signing
+            // since now (the key that signed meanwhile is retired now).
             update_key_file(&path, |f| {
                 f.retired_at = None;
                 f.retirement_recorded = true;
+                f.signing_since = Some(now);
             })?;
+            since = now;
         }
         return Ok(Loaded {
             key,
             created: false,
             recorded: state.recorded,
+            since,
             path,
         });
     }
@@ -306,6 +320,7 @@ fn load_or_create_named(
         recorded: false,
         retired_at: None,
         retirement_recorded: true,
+        signing_since: None,
     };
     let json = serde_json::to_vec_pretty(&file)
         .map(zeroize::Zeroizing::new)
@@ -320,6 +335,7 @@ fn load_or_create_named(
             key,
             created: false,
             recorded: state.recorded,
+            since: state.since,
             path,
         });
     }
@@ -327,6 +343,7 @@ fn load_or_create_named(
         key,
         created: true,
         recorded: false,
+        since: now,
         path,
     })
 }
@@ -364,9 +381,17 @@ fn update_key_file(path: &Path, change: impl FnOnce(&mut KeyFile)) -> Result<boo
         path: path.to_owned(),
         message: "not a scrip key file".into(),
     })?;
-    let before = (file.recorded, file.retired_at, file.retirement_recorded);
+    let state = |f: &KeyFile| {
+        (
+            f.recorded,
+            f.retired_at,
+            f.retirement_recorded,
+            f.signing_since,
+        )
+    };
+    let before = state(&file);
     change(&mut file);
-    if (file.recorded, file.retired_at, file.retirement_recorded) == before {
+    if state(&file) == before {
         return Ok(false);
     }
     let json = serde_json::to_vec_pretty(&file)
@@ -397,9 +422,12 @@ pub struct Retired {
 
 /// The embedded store's signing key files for algorithms other than `alg`
 /// that are still to be published at `now`: each is stamped retired the
-/// first time a start finds it so, and kept `keep` seconds from then (the
-/// longest a token it signed can live). Older ones are left on disk, not
-/// published, and named in the log so they can be removed.
+/// first time a start finds it so, at `since` (when the key of `alg` began
+/// signing: the other stopped then at the latest), and kept `keep` seconds
+/// from then (the longest a token it signed can live). Older ones are left
+/// on disk, not published, and named in the log so they can be removed; so
+/// is one that cannot be stamped (another user's), which would otherwise
+/// be published afresh by every start.
 ///
 /// # Errors
 /// [`KeyError`] when such a file cannot be read or stamped, or is exposed:
@@ -409,6 +437,7 @@ pub fn retired_signing_keys(
     alg: SigningAlgorithm,
     now: u64,
     keep: u64,
+    since: u64,
 ) -> Result<Vec<Retired>, KeyError> {
     let mut retired = Vec::new();
     for other in SigningAlgorithm::ALL {
@@ -416,21 +445,26 @@ pub fn retired_signing_keys(
             continue;
         }
         let path = signing_key_file(data_dir, other);
+        remove_stale_temporaries(&path);
         if !path.try_exists().map_err(io(&path))? {
             continue;
         }
         let (key, state) = read_key(&path, other)?;
         let (retired_at, recorded) = match state.retired_at {
-            Some(at) => (at, state.retirement_recorded),
+            // A stamp ahead of this clock (a clock that was ahead) counts
+            // from now, never later.
+            Some(at) => (at.min(now), state.retirement_recorded),
             None => {
+                let at = since.min(now);
                 let stamped = update_key_file(&path, |f| {
-                    f.retired_at = Some(now);
+                    f.retired_at = Some(at);
                     f.retirement_recorded = false;
                 })?;
                 if !stamped {
-                    tracing::warn!(path = %path.display(), "cannot note in this key file, another user's, when it stopped signing: it stays published until then; chown it to scrip's user");
+                    tracing::warn!(path = %path.display(), kid = key.kid(), "a signing key of another algorithm, in a file another user owns, cannot be noted as retired: not published (tokens it signed are refused); chown the file to scrip's user, or remove it");
+                    continue;
                 }
-                (now, false)
+                (at, false)
             }
         };
         let publish_until = retired_at.saturating_add(keep);
@@ -509,6 +543,7 @@ fn read_key(path: &Path, alg: SigningAlgorithm) -> Result<(SigningKey, FileState
             recorded: file.recorded,
             retired_at: file.retired_at,
             retirement_recorded: file.retirement_recorded,
+            since: file.signing_since.unwrap_or(file.created_at),
         },
     ))
 }
@@ -872,9 +907,12 @@ pub(crate) struct Standing {
     pub current: usize,
     /// Values only the previous key opens.
     pub previous: usize,
-    /// Values neither opens, named (`key <kid>`, `secret <name>/<action>
-    /// v<version>`).
+    /// Values in use (keys, current secret versions) neither opens, named
+    /// (`key <kid>`, `secret <name>/<action> v<version>`).
     pub unopened: Vec<String>,
+    /// Replaced secret versions neither opens, named: the proxy passes over
+    /// them already (a rotation mends a bad version), so they stop nothing.
+    pub replaced_unopened: Vec<String>,
 }
 
 /// Where each of `rows` stands against `kek`.
@@ -884,11 +922,13 @@ pub(crate) fn standing(
 ) -> Standing {
     use base64::Engine as _;
     let mut standing = Standing::default();
-    let mut count = |under: Option<scrip_jose::Under>, name: &dyn Fn() -> String| match under {
-        Some(scrip_jose::Under::Current) => standing.current += 1,
-        Some(scrip_jose::Under::Previous) => standing.previous += 1,
-        None => standing.unopened.push(name()),
-    };
+    let mut count =
+        |under: Option<scrip_jose::Under>, replaced: bool, name: &dyn Fn() -> String| match under {
+            Some(scrip_jose::Under::Current) => standing.current += 1,
+            Some(scrip_jose::Under::Previous) => standing.previous += 1,
+            None if replaced => standing.replaced_unopened.push(name()),
+            None => standing.unopened.push(name()),
+        };
     for k in keys {
         let under = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(&k.sealed)
@@ -896,12 +936,14 @@ pub(crate) fn standing(
             .and_then(|sealed| {
                 kek.sealed_under(crate::keyring::key_context(k).as_bytes(), &sealed)
             });
-        count(under, &|| format!("key {}", k.kid));
+        count(under, false, &|| format!("key {}", k.kid));
     }
     for r in secrets {
-        count(scrip_proxy::secrets::sealed_under(kek, r), &|| {
-            format!("secret {}/{} v{}", r.name, r.action, r.version)
-        });
+        count(
+            scrip_proxy::secrets::sealed_under(kek, r),
+            r.retired_at.is_some(),
+            &|| format!("secret {}/{} v{}", r.name, r.action, r.version),
+        );
     }
     standing
 }
@@ -922,8 +964,10 @@ pub(crate) fn some_of(names: &[String]) -> String {
 
 /// Refuses `kek` when the store holds something sealed and it opens none
 /// of it; and, while a previous key is given (a replacement under way),
-/// when any value opens under neither key: the new key is then not the one
-/// the other replicas were given, and what it sealed they could not open.
+/// when any value in use (a key, a current secret version) opens under
+/// neither key: the new key is then not the one the other replicas were
+/// given, and what it sealed they could not open. A replaced secret version
+/// that opens under neither stops nothing (the proxy passes over it).
 fn check_kek(
     config: &scrip_config::Config,
     kek: &scrip_jose::Kek,
@@ -1013,6 +1057,11 @@ mod tests {
         // While a key replaces another, every value must open under one of
         // the two: a key that is not the replicas' new key is refused.
         verify_kek(&config, &key(2).with_previous(key(1)), &store)
+            .await
+            .unwrap();
+        // A replaced version (v1 now) that opens under neither stops
+        // nothing: the proxy passes over it.
+        verify_kek(&config, &key(2).with_previous(key(3)), &store)
             .await
             .unwrap();
         let err = verify_kek(&config, &key(3).with_previous(key(1)), &store)
@@ -1293,44 +1342,56 @@ mod stale_temporaries {
         let dir = tempfile::tempdir().unwrap();
         let es = load_or_create(dir.path(), SigningAlgorithm::ES256, 10).unwrap();
         mark_recorded(&es.path).unwrap();
-        assert!(
-            retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 20, 100)
-                .unwrap()
-                .is_empty()
-        );
+        assert_eq!(es.since, 10);
+        let retired =
+            |alg, now, since| retired_signing_keys(dir.path(), alg, now, 100, since).unwrap();
+        assert!(retired(SigningAlgorithm::ES256, 20, 10).is_empty());
         // Now EdDSA: the ES256 key is retired at 50, kept until 150.
         let ed = load_or_create(dir.path(), SigningAlgorithm::EdDSA, 50).unwrap();
-        let first = retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 50, 100).unwrap();
+        assert_eq!(ed.since, 50);
+        let first = retired(SigningAlgorithm::EdDSA, 50, ed.since);
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].key.kid(), es.key.kid());
         assert_eq!((first[0].publish_until, first[0].recorded), (150, false));
         // A later start keeps the first stamp; once recorded, it says so.
-        let later = retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 90, 100).unwrap();
+        let later = retired(SigningAlgorithm::EdDSA, 90, ed.since);
         assert_eq!((later[0].publish_until, later[0].recorded), (150, false));
         mark_recorded(&later[0].path).unwrap();
-        let marked = retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 91, 100).unwrap();
+        let marked = retired(SigningAlgorithm::EdDSA, 91, ed.since);
         assert!(marked[0].recorded);
-        assert!(
-            retired_signing_keys(dir.path(), SigningAlgorithm::EdDSA, 150, 100)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(retired(SigningAlgorithm::EdDSA, 150, ed.since).is_empty());
         assert!(es.path.exists(), "a key file is never removed");
         let meta = fs::metadata(&es.path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        // Back to ES256: it signs, no longer retired; EdDSA is retired now.
+        // Back to ES256: it signs, no longer retired, since 200; EdDSA is
+        // retired at 200.
         let again = load_or_create(dir.path(), SigningAlgorithm::ES256, 200).unwrap();
-        assert_eq!(again.key.kid(), es.key.kid());
+        assert_eq!((again.key.kid(), again.since), (es.key.kid(), 200));
         assert!(again.recorded);
         let (_, state) = read_key(&es.path, SigningAlgorithm::ES256).unwrap();
         assert!(state.retired_at.is_none() && state.retirement_recorded);
-        let back = retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 200, 100).unwrap();
+        let back = retired(SigningAlgorithm::ES256, 200, again.since);
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].key.kid(), ed.key.kid());
         assert_eq!(back[0].publish_until, 300);
+        // A stamp ahead of the clock counts from now.
+        update_key_file(&ed.path, |f| f.retired_at = Some(10_000)).unwrap();
+        assert_eq!(
+            retired(SigningAlgorithm::ES256, 250, again.since)[0].publish_until,
+            350
+        );
+        // A file left unstamped (by a release that did not stamp) stopped
+        // signing when the configured key began: long ago, so not published.
+        update_key_file(&ed.path, |f| f.retired_at = None).unwrap();
+        assert!(retired(SigningAlgorithm::ES256, 500, 200).is_empty());
+        assert!(
+            retired(SigningAlgorithm::ES256, 501, 200).is_empty(),
+            "stamped at 200"
+        );
         // An exposed one is refused, as every key file is.
         fs::set_permissions(&ed.path, fs::Permissions::from_mode(0o644)).unwrap();
-        let e = retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 201, 100).unwrap_err();
+        let e =
+            retired_signing_keys(dir.path(), SigningAlgorithm::ES256, 201, 100, 200).unwrap_err();
         assert!(matches!(e, KeyError::Exposed { .. }), "{e}");
     }
 

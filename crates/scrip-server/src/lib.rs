@@ -127,7 +127,7 @@ pub struct Server {
 /// left out, as RFC 8414 §2 allows): the configured tools, actions and
 /// environments are for trusted workloads only, whom the token endpoint
 /// tells what they may ask.
-fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
+fn metadata(issuer: &str, config: &Config, keyring: &keyring::Keyring) -> serde_json::Value {
     serde_json::json!({
         "issuer": issuer,
         "token_endpoint": format!("{issuer}{}", paths::TOKEN),
@@ -155,7 +155,9 @@ fn metadata(issuer: &str, config: &Config) -> serde_json::Value {
             );
             algs
         } else {
-            vec![config.signing_algorithm.as_str()]
+            // With a former algorithm's key still published (its tokens
+            // still valid), that algorithm too.
+            keyring.published_algorithms()
         },
         // CIBA's token is collected by polling the token endpoint.
         "backchannel_token_delivery_modes_supported": ["poll"],
@@ -236,7 +238,7 @@ impl Server {
             keyring.algorithms().to_vec(),
             &issuer,
         );
-        let metadata_body = metadata(&issuer, &config).to_string();
+        let metadata_body = metadata(&issuer, &config, &keyring).to_string();
 
         let mut a = audit_record(&replica, "policy.loaded");
         a.reason = Some(format!(

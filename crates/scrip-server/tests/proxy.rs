@@ -1444,6 +1444,7 @@ async fn a_deleted_secret_is_no_longer_injected() {
         .commit(vec![Write::DeleteSecret {
             name: "legacy".into(),
             action: "read".into(),
+            through: u32::MAX,
         }])
         .await
         .unwrap();

@@ -383,12 +383,16 @@ pub enum Write {
     /// Delete every version of a secret (an upstream decommissioned, or a
     /// key revoked at its provider): the proxy has none to inject from
     /// then on. Fails with [`crate::StoreError::Conflict`] (changing
-    /// nothing) when no version of it is stored.
+    /// nothing) when no version of it is stored, or one newer than
+    /// `through` (stored since the caller read them: a rotation's new key,
+    /// which the caller has not seen, is not deleted unseen).
     DeleteSecret {
         /// The upstream.
         name: String,
         /// The action class.
         action: String,
+        /// The newest version the caller read.
+        through: u32,
     },
     /// A key's private half sealed again (under a new key-encryption key):
     /// its `sealed` becomes `to`. Fails with [`crate::StoreError::Conflict`]

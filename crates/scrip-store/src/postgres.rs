@@ -1310,15 +1310,32 @@ async fn apply_in(
                 )?;
                 keys = true;
             }
-            Write::DeleteSecret { name, action } => {
-                let changed = sqlx::query(rows::DELETE_SECRET)
+            Write::DeleteSecret {
+                name,
+                action,
+                through,
+            } => {
+                let newer: bool = sqlx::query_scalar(rows::SECRET_NEWER)
                     .bind(name)
                     .bind(action)
-                    .execute(&mut *tx)
+                    .bind(i64::from(*through))
+                    .fetch_one(&mut *tx)
                     .await
                     .map_err(unavailable)?;
+                let changed = if newer {
+                    0
+                } else {
+                    sqlx::query(rows::DELETE_SECRET)
+                        .bind(name)
+                        .bind(action)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?
+                        .rows_affected()
+                };
                 rows::deleted_secret(
-                    usize::try_from(changed.rows_affected()).unwrap_or(usize::MAX),
+                    newer,
+                    usize::try_from(changed).unwrap_or(usize::MAX),
                     name,
                     action,
                 )?;

@@ -129,11 +129,26 @@ pub(crate) fn resealed(changed: usize, what: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The SQL of [`crate::Write::DeleteSecret`]'s check: name, action, through.
+pub(crate) const SECRET_NEWER: &str = "SELECT EXISTS (SELECT 1 FROM secrets \
+     WHERE name = $1 AND action = $2 AND version > $3)";
+
 /// The SQL of [`crate::Write::DeleteSecret`]: name, action.
 pub(crate) const DELETE_SECRET: &str = "DELETE FROM secrets WHERE name = $1 AND action = $2";
 
-/// A [`crate::Write::DeleteSecret`] that deleted nothing.
-pub(crate) fn deleted_secret(changed: usize, name: &str, action: &str) -> Result<(), StoreError> {
+/// A [`crate::Write::DeleteSecret`] that found a newer version, or deleted
+/// nothing.
+pub(crate) fn deleted_secret(
+    newer: bool,
+    changed: usize,
+    name: &str,
+    action: &str,
+) -> Result<(), StoreError> {
+    if newer {
+        return Err(StoreError::Conflict(format!(
+            "secret `{name}` `{action}` has a version newer than those read (a rotation since)"
+        )));
+    }
     if changed == 0 {
         return Err(StoreError::Conflict(format!(
             "no secret `{name}` `{action}` is stored"

@@ -800,10 +800,24 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             .map_err(unavailable)?;
             rows::retired_once(retired, kid)?;
         }
-        Write::DeleteSecret { name, action } => {
-            let changed =
-                run(tx, rows::DELETE_SECRET, params![name, action]).map_err(unavailable)?;
-            rows::deleted_secret(changed, name, action)?;
+        Write::DeleteSecret {
+            name,
+            action,
+            through,
+        } => {
+            let newer: bool = tx
+                .query_row(
+                    rows::SECRET_NEWER,
+                    params![name, action, i64::from(*through)],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            let changed = if newer {
+                0
+            } else {
+                run(tx, rows::DELETE_SECRET, params![name, action]).map_err(unavailable)?
+            };
+            rows::deleted_secret(newer, changed, name, action)?;
         }
         Write::ResealKey { kid, from, to } => {
             let changed = run(tx, rows::RESEAL_KEY, params![to, kid, from]).map_err(unavailable)?;

@@ -2190,11 +2190,16 @@ async fn secrets_keep_their_versions(f: Fixture) {
     }])
     .await
     .unwrap();
-    let delete = || Write::DeleteSecret {
+    let delete = |through| Write::DeleteSecret {
         name: "legacy".into(),
         action: "read".into(),
+        through,
     };
-    s.commit(vec![delete()]).await.unwrap();
+    // Read through version 2, but 3 is stored: a conflict, nothing goes.
+    let err = s.commit(vec![delete(2)]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(s.secret_versions("legacy", "read").await.unwrap().len(), 2);
+    s.commit(vec![delete(3)]).await.unwrap();
     assert!(
         s.secret_versions("legacy", "read")
             .await
@@ -2217,7 +2222,7 @@ async fn secrets_keep_their_versions(f: Fixture) {
     );
     let err = s
         .commit(vec![
-            delete(),
+            delete(3),
             Write::Audit(Box::new(AuditEvent {
                 event: "secret.deleted".into(),
                 ..AuditEvent::default()
