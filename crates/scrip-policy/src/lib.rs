@@ -38,6 +38,15 @@ pub enum PolicyError {
     /// More than one schema file.
     #[error("`{0}` holds more than one *.cedarschema file")]
     SeveralSchemas(PathBuf),
+    /// A policy file or directory someone other than scrip's user could
+    /// change: they would decide every request.
+    #[error("`{path}`: {message}")]
+    Unsafe {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why, and what to do.
+        message: String,
+    },
     /// The schema does not parse.
     #[error("schema `{name}` is invalid: {message}")]
     Schema {

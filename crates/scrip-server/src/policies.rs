@@ -96,10 +96,12 @@ impl Policies {
         // empty policy set: the last good set stays. (At start a missing
         // directory denies everything.)
         let result = if inner.dir.is_dir() {
-            PolicyEngine::load(&inner.dir).and_then(|p| {
-                p.check_tools(&inner.tools)?;
-                Ok(p)
-            })
+            check_writers(&inner.dir)
+                .and_then(|()| PolicyEngine::load(&inner.dir))
+                .and_then(|p| {
+                    p.check_tools(&inner.tools)?;
+                    Ok(p)
+                })
         } else {
             Err(scrip_policy::PolicyError::Io {
                 path: inner.dir.clone(),
@@ -237,7 +239,79 @@ const START_READS: usize = 20;
 pub async fn load_at_start(
     dir: &Path,
 ) -> Result<(DirState, PolicyEngine), scrip_policy::PolicyError> {
-    read_settled(dir, || PolicyEngine::load(dir)).await
+    read_settled(dir, || {
+        check_writers(dir)?;
+        PolicyEngine::load(dir)
+    })
+    .await
+}
+
+/// Refuses a policy directory, a policy or schema file in it, or a
+/// directory a symbolic link there leads into, that others can write or
+/// that belongs to another user than scrip's or root: whoever can change
+/// the policies decides every request (and a reload takes their change
+/// within seconds). One the group can write is logged: on systems whose
+/// users each have a group of their own (umask 002) that is the norm.
+///
+/// # Errors
+/// [`scrip_policy::PolicyError::Unsafe`], or `Io` when one cannot be looked at.
+fn check_writers(dir: &Path) -> Result<(), scrip_policy::PolicyError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !dir.exists() {
+        return Ok(());
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| scrip_policy::PolicyError::Io { path, source }
+    };
+    let check = |path: &Path, what: &str| -> Result<(), scrip_policy::PolicyError> {
+        let meta = std::fs::metadata(path).map_err(io(path))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let unsafe_because = |message: String| scrip_policy::PolicyError::Unsafe {
+            path: path.to_owned(),
+            message,
+        };
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(unsafe_because(format!(
+                "this {what} belongs to uid {}, not to the user scrip runs as (uid {euid}) or root: its owner could change the policies; `chown` it",
+                meta.uid()
+            )));
+        }
+        if mode & 0o002 != 0 {
+            return Err(unsafe_because(format!(
+                "this {what} has mode {mode:o}: anyone on the host can change the policies; fix it with `chmod o-w`"
+            )));
+        }
+        if mode & 0o020 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the group can write this policy {what}: its members can change the policies (fine if the group is yours alone)");
+        }
+        Ok(())
+    };
+    check(dir, "directory")?;
+    let entries = std::fs::read_dir(dir).map_err(io(dir))?;
+    for entry in entries {
+        let path = entry.map_err(io(dir))?.path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("cedar" | "cedarschema")
+        ) {
+            continue;
+        }
+        check(&path, "file")?;
+        // A link's target is changed where it lives.
+        if std::fs::symlink_metadata(&path)
+            .map_err(io(&path))?
+            .file_type()
+            .is_symlink()
+        {
+            let target = std::fs::canonicalize(&path).map_err(io(&path))?;
+            if let Some(parent) = target.parent() {
+                check(parent, "directory (a policy file links into it)")?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn read_settled<T>(
@@ -528,5 +602,69 @@ mod tests {
         let before = DirState::now(dir.path());
         std::fs::write(&target, "three").unwrap();
         assert_ne!(DirState::now(dir.path()), before);
+    }
+
+    /// Policies others could change are refused at start and at a reload
+    /// (which keeps the last good set): a directory or file anyone can
+    /// write, a directory a link leads into that anyone can write, one that
+    /// belongs to another user. The group's write is allowed (logged).
+    #[tokio::test]
+    async fn policies_others_can_change_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("policies");
+        std::fs::create_dir(&dir).unwrap();
+        mode(&dir, 0o755);
+        let file = dir.join("a.cedar");
+        std::fs::write(&file, "permit(principal, action, resource) when { false };").unwrap();
+        mode(&file, 0o644);
+        load_at_start(&dir).await.unwrap();
+        let refused = |why: &str| {
+            let e = check_writers(&dir).unwrap_err();
+            assert!(
+                matches!(e, scrip_policy::PolicyError::Unsafe { .. })
+                    && e.to_string().contains(why),
+                "{e}"
+            );
+        };
+        mode(&dir, 0o777);
+        refused("anyone on the host can change the policies");
+        // Sticky, as /tmp: others still add files.
+        mode(&dir, 0o1777);
+        refused("anyone on the host");
+        mode(&dir, 0o775);
+        check_writers(&dir).unwrap();
+        mode(&file, 0o646);
+        refused("anyone on the host");
+        mode(&file, 0o664);
+        check_writers(&dir).unwrap();
+        // A link into a directory anyone can write.
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::write(open.join("b.cedar"), "").unwrap();
+        std::os::unix::fs::symlink(open.join("b.cedar"), dir.join("b.cedar")).unwrap();
+        mode(&open, 0o777);
+        refused("a policy file links into it");
+        mode(&open, 0o755);
+        check_writers(&dir).unwrap();
+        // Another user's (giving a file away takes root, as CI runs).
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&file, Some(12_345), None).unwrap();
+            refused("belongs to uid 12345");
+            std::os::unix::fs::chown(&file, Some(0), None).unwrap();
+        }
+        let e = load_at_start(&root.path().join("nope")).await;
+        assert!(
+            e.is_ok(),
+            "a missing directory denies everything, as before"
+        );
+        mode(&dir, 0o777);
+        assert!(matches!(
+            load_at_start(&dir).await.unwrap_err(),
+            scrip_policy::PolicyError::Unsafe { .. }
+        ));
     }
 }
