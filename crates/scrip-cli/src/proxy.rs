@@ -38,6 +38,9 @@ async fn start(config: Config) -> Result<Started, String> {
     // What the proxy would refuse of the configuration alone, before
     // anything (the store, a key, a record) is written.
     scrip_proxy::check_routes(&config).map_err(|e| e.to_string())?;
+    for warning in config.cleartext_warnings(true) {
+        tracing::warn!("{warning}");
+    }
     let identity = config.proxy.identity_file.clone().ok_or(
         "[proxy] identity_file is required: the proxy presents that workload identity to scrip's revocation feed",
     )?;

@@ -555,6 +555,47 @@ impl Config {
         self.tools.iter().find(|t| t.resource == resource)
     }
 
+    /// What this configuration sends in clear text off the host, for the
+    /// start to warn about: `scrip serve` (or, with `proxy`, `scrip proxy`)
+    /// listening beyond loopback while the issuer is `http` (tokens cross
+    /// the network unencrypted unless TLS is put in front, which scrip
+    /// cannot see), and a `[proxy] public_url` that is `http` off loopback.
+    #[must_use]
+    pub fn cleartext_warnings(&self, proxy: bool) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let http = |url: &str| {
+            url.get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+        };
+        let issuer = if proxy {
+            self.proxy.issuer.clone().unwrap_or_else(|| self.issuer())
+        } else {
+            self.issuer()
+        };
+        let listen = if proxy {
+            self.proxy.listen
+        } else {
+            self.listen
+        };
+        if http(&issuer) && !listen.ip().is_loopback() {
+            warnings.push(format!(
+                "listening on {listen}, beyond this host, while the issuer{} is http: tokens cross the network in clear text unless TLS is put in front; give an https issuer",
+                shown_url(&issuer)
+            ));
+        }
+        if proxy
+            && let Some(public) = &self.proxy.public_url
+            && http(public)
+            && check_url("", public, true).is_err()
+        {
+            warnings.push(format!(
+                "[proxy] public_url{} is http off loopback: agents' tokens reach the proxy in clear text",
+                shown_url(public)
+            ));
+        }
+        warnings
+    }
+
     /// Checks every value and every relation between values.
     ///
     /// # Errors
@@ -1384,6 +1425,35 @@ mod tests {
         std::fs::write(&path, "socket = \"run/s.sock\"\n").unwrap();
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.socket_path(), dir.path().join("run/s.sock"));
+    }
+
+    /// Clear text off the host is warned about: a wide listen with an http
+    /// issuer (the proxy's issuer for `scrip proxy`), an http public_url
+    /// off loopback; loopback and https are quiet.
+    #[test]
+    fn clear_text_off_the_host_is_warned_about() {
+        let config = |toml: &str| Config::from_toml(toml).unwrap();
+        assert!(config("").cleartext_warnings(false).is_empty());
+        let wide = config("listen = \"0.0.0.0:7070\"\nissuer = \"http://localhost:7070\"\n");
+        let w = wide.cleartext_warnings(false);
+        assert!(w.len() == 1 && w[0].contains("in clear text"), "{w:?}");
+        assert!(
+            config("listen = \"0.0.0.0:7070\"\nissuer = \"https://scrip.example\"\n")
+                .cleartext_warnings(false)
+                .is_empty()
+        );
+        let proxy = config(
+            "issuer = \"https://scrip.example\"\n[proxy]\nlisten = \"[::]:7071\"\nissuer = \"http://127.0.0.1:7070\"\npublic_url = \"http://proxy.example\"\n",
+        );
+        let w = proxy.cleartext_warnings(true);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[1].contains("public_url `http://proxy.example` is http"), "{w:?}");
+        assert!(proxy.cleartext_warnings(false).is_empty());
+        assert!(
+            config("[proxy]\npublic_url = \"http://127.0.0.1:7071\"\n")
+                .cleartext_warnings(true)
+                .is_empty()
+        );
     }
 
     #[test]

@@ -179,6 +179,9 @@ impl Server {
     /// [`StartError`] naming the first problem.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
+        for warning in config.cleartext_warnings(false) {
+            tracing::warn!("{warning}");
+        }
         // What the proxy would refuse of the configuration alone, before
         // anything (a key, a record) is written.
         scrip_proxy::check_routes(&config).map_err(|e| StartError::Proxy(e.to_string()))?;
