@@ -1447,7 +1447,10 @@ mod tests {
         );
         let w = proxy.cleartext_warnings(true);
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[1].contains("public_url `http://proxy.example` is http"), "{w:?}");
+        assert!(
+            w[1].contains("public_url `http://proxy.example` is http"),
+            "{w:?}"
+        );
         assert!(proxy.cleartext_warnings(false).is_empty());
         assert!(
             config("[proxy]\npublic_url = \"http://127.0.0.1:7071\"\n")

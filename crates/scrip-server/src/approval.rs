@@ -24,7 +24,8 @@ use axum::response::{IntoResponse, Response};
 use scrip_config::Approver;
 use scrip_policy::{RequestContext, Stage};
 use scrip_store::{
-    Approval, ApprovalState, AuditEvent, MAX_PENDING_PER_TASK, TaskRecord, TaskState, Write,
+    Approval, ApprovalState, AuditEvent, MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, TaskRecord,
+    TaskState, Write,
 };
 use scrip_token::{
     AccessClaims, ActionName, ActionSet, ApprovalClaim, TaskClaims, TokenKind, WorkloadIdentity,
@@ -94,7 +95,8 @@ impl Polls {
 /// audit records, calls the webhook, and answers `authorization_pending`.
 ///
 /// Asking again for a step that already waits answers that approval's
-/// `auth_req_id`; a task may have [`MAX_PENDING_PER_TASK`] steps waiting.
+/// `auth_req_id`; a task may have [`MAX_PENDING_PER_TASK`] steps waiting,
+/// and an agent's tasks together [`MAX_PENDING_PER_AGENT`].
 /// The store enforces both inside the commit, so concurrent requests (on
 /// any replica) for one step open one approval between them.
 pub(crate) async fn request(
@@ -154,6 +156,19 @@ pub(crate) async fn request(
             if waiting.len() >= MAX_PENDING_PER_TASK {
                 break 'asked Err(OAuthError::invalid_request(format!(
                     "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
+                )));
+            }
+            // Every task of the agent together, sub-agents' included: one
+            // agent cannot crowd the others' steps out of the approvers'
+            // queue by starting task after task.
+            if st
+                .store
+                .agent_pending_approvals(&task.agent.issuer, &task.agent.subject, now)
+                .await?
+                >= MAX_PENDING_PER_AGENT
+            {
+                break 'asked Err(OAuthError::invalid_request(format!(
+                    "{MAX_PENDING_PER_AGENT} steps of this agent's tasks already wait for a person; wait for their decisions first"
                 )));
             }
             let id = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;

@@ -296,6 +296,50 @@ async fn a_task_has_at_most_ten_steps_waiting_for_a_person() {
     s.stop().await;
 }
 
+/// An agent's tasks together hold at most fifty steps waiting for a person:
+/// starting task after task does not crowd other agents' steps out of the
+/// approvers' queue. Another agent is not held back; a decision makes room.
+#[tokio::test]
+async fn an_agent_has_at_most_fifty_steps_waiting_across_its_tasks() {
+    let (s, first) = eleven_dbs(&[]).await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
+    let new_task = |identity: String| {
+        let s = &s;
+        let grants = grants.join(" ");
+        async move {
+            s.start_task(&identity, &grants, "prod", PURPOSE).await["access_token"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let mut tasks = vec![first];
+    for _ in 0..5 {
+        tasks.push(new_task(identity.clone()).await);
+    }
+    let mut ids = Vec::new();
+    for task in &tasks[..5] {
+        for i in 0..10 {
+            ids.push(pending_step(&s, task, &format!("db{i}"), "delete").await);
+        }
+    }
+    let r = s.access_token(&tasks[5], "db0", Some("delete")).await;
+    r.assert_error(400, "invalid_request");
+    assert!(
+        r.text
+            .contains("50 steps of this agent's tasks already wait"),
+        "{}",
+        r.text
+    );
+    let other = new_task(s.k8s.kubernetes("agents", "reviewer")).await;
+    pending_step(&s, &other, "db0", "delete").await;
+    let r = deny(&s, &ids[0], Some(&alice_id(&s)), "no").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    pending_step(&s, &tasks[5], "db0", "delete").await;
+    s.stop().await;
+}
+
 /// Steps a denial answers stop waiting at once: they no longer hold places
 /// among a task's ten waiting steps (their polls still answer
 /// `access_denied`, and nobody may approve them).

@@ -28,9 +28,9 @@ pub use chain::{
     hash, verify,
 };
 pub use model::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_TASK,
-    MAX_SUBTASKS, Revocation, RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState,
-    Write,
+    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_AGENT,
+    MAX_PENDING_PER_TASK, MAX_SUBTASKS, Revocation, RevocationKind, SecretRecord, StoredKey,
+    TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
 pub use schema::Schema;
@@ -154,6 +154,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// then (a step of a task that ended is nobody's to decide), oldest
     /// first.
     async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
+
+    /// How many approvals of the tasks of the agent `issuer`/`subject` wait
+    /// for a person and have not expired at `now`.
+    async fn agent_pending_approvals(
+        &self,
+        issuer: &str,
+        subject: &str,
+        now: u64,
+    ) -> Result<usize, StoreError>;
 
     /// One task's pending approvals that have not expired at `now`, oldest
     /// first.

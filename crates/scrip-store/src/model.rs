@@ -192,6 +192,13 @@ pub struct AuditFilter {
 /// requests. [`Write::InsertApproval`] enforces it.
 pub const MAX_PENDING_PER_TASK: usize = 10;
 
+/// The most approvals of one agent's tasks (its own and its sub-agents',
+/// by the issuer and subject of the workload that started them) that may
+/// wait for a person at once: one agent starting task after task cannot
+/// crowd every other agent's steps out of the approvers' queue.
+/// [`Write::InsertApproval`] enforces it.
+pub const MAX_PENDING_PER_AGENT: usize = 50;
+
 /// The most sub-tasks one task's tree may hold over its life (its
 /// delegations, theirs, and so on): ending a task ends its tree in one
 /// transaction, under the lock every replica writes with, which must stay
@@ -305,7 +312,8 @@ pub enum Write {
     /// A new pending approval. The commit fails with
     /// [`crate::StoreError::Conflict`] (changing nothing) when the same step
     /// (task, tool and actions) already waits for a person, or when
-    /// [`MAX_PENDING_PER_TASK`] steps of the task already wait, counting
+    /// [`MAX_PENDING_PER_TASK`] steps of the task (or
+    /// [`MAX_PENDING_PER_AGENT`] of its agent's tasks) already wait, counting
     /// the approvals unexpired at the new one's `created_at`. The check runs
     /// inside the commit, under the write lock every replica takes, so two
     /// replicas asked at once cannot both open one.

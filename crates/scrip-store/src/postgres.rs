@@ -1128,7 +1128,13 @@ async fn apply_in(
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-                rows::check_pending(a, waiting, same)?;
+                let agent_waiting: i64 = sqlx::query_scalar(rows::AGENT_PENDING_OF_TASK)
+                    .bind(&a.task_id)
+                    .bind(to_i64(a.created_at))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                rows::check_pending(a, waiting, same, agent_waiting)?;
                 sqlx::query(
                     "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at, approvable) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -1616,6 +1622,23 @@ impl Store for PgStore {
         )
         .await?;
         rows.iter().map(rows::approval).collect()
+    }
+
+    async fn agent_pending_approvals(
+        &self,
+        issuer: &str,
+        subject: &str,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let n: i64 = read(
+            sqlx::query_scalar(rows::AGENT_PENDING)
+                .bind(to_i64(now))
+                .bind(issuer)
+                .bind(subject)
+                .fetch_one(&self.reads),
+        )
+        .await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn task_pending_approvals(

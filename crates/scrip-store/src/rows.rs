@@ -29,7 +29,12 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// Refuses a new approval when `same` approvals of its task already wait for
 /// its step, or `waiting` approvals of its task wait in all (see
 /// [`crate::Write::InsertApproval`]).
-pub(crate) fn check_pending(a: &Approval, waiting: i64, same: i64) -> Result<(), StoreError> {
+pub(crate) fn check_pending(
+    a: &Approval,
+    waiting: i64,
+    same: i64,
+    agent_waiting: i64,
+) -> Result<(), StoreError> {
     if a.state != crate::ApprovalState::Pending {
         return Ok(());
     }
@@ -46,8 +51,29 @@ pub(crate) fn check_pending(a: &Approval, waiting: i64, same: i64) -> Result<(),
             a.task_id
         )));
     }
+    if usize::try_from(agent_waiting).unwrap_or(usize::MAX) >= crate::MAX_PENDING_PER_AGENT {
+        return Err(StoreError::Conflict(format!(
+            "{} steps of the tasks of task {}'s agent already wait for a person",
+            crate::MAX_PENDING_PER_AGENT,
+            a.task_id
+        )));
+    }
     Ok(())
 }
+
+/// How many approvals of an agent's tasks wait: now, issuer, subject.
+pub(crate) const AGENT_PENDING: &str = "SELECT COUNT(*) FROM approvals a \
+     JOIN tasks t ON t.id = a.task_id \
+     WHERE a.state = 'pending' AND a.expires_at > $1 AND t.agent_iss = $2 AND t.agent_sub = $3";
+
+/// As [`AGENT_PENDING`], for the agent of a task: task id, now. Both read
+/// the pending approvals (indexed by state) and each one's task by its key,
+/// never the tasks of an agent (unindexed, and possibly millions).
+pub(crate) const AGENT_PENDING_OF_TASK: &str = "SELECT COUNT(*) FROM approvals a \
+     JOIN tasks me ON me.id = $1 \
+     JOIN tasks t ON t.id = a.task_id \
+     WHERE a.state = 'pending' AND a.expires_at > $2 \
+     AND t.agent_iss = me.agent_iss AND t.agent_sub = me.agent_sub";
 
 /// Typed column access, the same for a SQLite and a PostgreSQL row.
 pub(crate) trait Cols {

@@ -357,6 +357,22 @@ impl Store for SqliteStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn agent_pending_approvals(
+        &self,
+        issuer: &str,
+        subject: &str,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar(rows::AGENT_PENDING)
+            .bind(to_i64(now))
+            .bind(issuer)
+            .bind(subject)
+            .fetch_one(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     async fn task_pending_approvals(
         &self,
         task_id: &str,

@@ -94,6 +94,7 @@ conformance!(
     a_step_waits_for_a_person_once,
     a_denial_since_the_read_refuses_the_commit,
     a_task_has_at_most_ten_steps_waiting,
+    an_agent_has_at_most_fifty_steps_waiting,
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
     audit_queries_filter,
@@ -2360,4 +2361,77 @@ async fn a_sealed_value_is_replaced_only_as_read(f: Fixture) {
             .count(),
         1
     );
+}
+
+/// One agent's tasks (its sub-agents' included) may have at most
+/// [`scrip_store::MAX_PENDING_PER_AGENT`] steps waiting at once, whatever
+/// the tasks; the same subject at another issuer, another agent, and
+/// expired steps do not count; a decision makes room.
+async fn an_agent_has_at_most_fifty_steps_waiting(f: Fixture) {
+    let s = &f.store;
+    assert_eq!(scrip_store::MAX_PENDING_PER_AGENT, 50);
+    let mut writes: Vec<Write> = (0..6)
+        .map(|i| Write::InsertTask(Box::new(task(&format!("t{i}"), None, 9_000))))
+        .collect();
+    writes.push(Write::InsertTask(Box::new(task("sub", Some("t0"), 9_000))));
+    let mut other = task("u", None, 9_000);
+    other.agent = identity("agent-2");
+    let mut elsewhere = task("w", None, 9_000);
+    elsewhere.agent.issuer = "https://other.test".into();
+    writes.push(Write::InsertTask(Box::new(other)));
+    writes.push(Write::InsertTask(Box::new(elsewhere)));
+    // Expired by 1,000: it does not count.
+    writes.push(Write::InsertApproval(Box::new(pending(
+        "old", "t5", "old", 300,
+    ))));
+    s.commit(writes).await.unwrap();
+    let put = |id: String, task: &str, step: String| {
+        s.commit(vec![Write::InsertApproval(Box::new(pending(
+            &id, task, &step, 1_000,
+        )))])
+    };
+    // 49 across t0..t4 (ten at most each), the fiftieth on the sub-task.
+    for n in 0..49 {
+        put(format!("a{n}"), &format!("t{}", n / 10), format!("step{n}"))
+            .await
+            .unwrap();
+    }
+    put("a49".into(), "sub", "step49".into()).await.unwrap();
+    assert_eq!(
+        s.agent_pending_approvals("https://idp.test", "agent-1", 1_000)
+            .await
+            .unwrap(),
+        50
+    );
+    let err = put("a50".into(), "t5", "step50".into()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(s.approval("a50").await.unwrap(), None);
+    for (task, id) in [("u", "b0"), ("w", "c0")] {
+        put(id.into(), task, "step0".into()).await.unwrap();
+    }
+    assert_eq!(
+        s.agent_pending_approvals("https://other.test", "agent-1", 1_000)
+            .await
+            .unwrap(),
+        1
+    );
+    // Past their expiry, nothing counts.
+    assert_eq!(
+        s.agent_pending_approvals("https://idp.test", "agent-1", 1_600)
+            .await
+            .unwrap(),
+        0
+    );
+    s.commit(vec![Write::UpdateApproval {
+        id: "a0".into(),
+        from: ApprovalState::Pending,
+        to: ApprovalState::Denied,
+        by: Some("alice".into()),
+        at: 1_001,
+        reason: Some("no".into()),
+        token_jti: None,
+    }])
+    .await
+    .unwrap();
+    put("a50".into(), "t5", "step50".into()).await.unwrap();
 }
