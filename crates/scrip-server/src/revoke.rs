@@ -111,6 +111,10 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 return Ok(());
             }
             let mut a = st.audit("token.revoked");
+            // An access token names its agent's subject only: the issuer
+            // is the task's, without which two issuers' agents of one
+            // subject read alike in the trail.
+            a.agent_iss = st.store.task(&claims.txn).await?.map(|t| t.agent.issuer);
             a.agent_sub = Some(claims.sub.clone());
             a.task_id = Some(claims.txn.clone());
             a.tool = Some(claims.aud.clone());
