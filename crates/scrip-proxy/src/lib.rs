@@ -85,7 +85,50 @@ impl std::fmt::Debug for Parts {
     }
 }
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+type Https = hyper_rustls::HttpsConnector<HttpConnector<PinnedLocalhost>>;
+
+/// The system's resolver, but `localhost` is 127.0.0.1 only, never what the
+/// resolver lists first: most hosts files also map it to `::1`, tried
+/// first, where another local user could answer on the upstream's port
+/// (and receive its key) while the real service listens on 127.0.0.1 only.
+/// The request still names `localhost` (its `Host`, and TLS's server name).
+#[derive(Clone, Debug)]
+struct PinnedLocalhost(hyper_util::client::legacy::connect::dns::GaiResolver);
+
+type Addrs = Box<dyn Iterator<Item = std::net::SocketAddr> + Send>;
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PinnedLocalhost {
+    type Response = Addrs;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Addrs, std::io::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        if is_localhost(name.as_str()) {
+            let only: Addrs = Box::new(std::iter::once(std::net::SocketAddr::from((
+                std::net::Ipv4Addr::LOCALHOST,
+                0,
+            ))));
+            return Box::pin(std::future::ready(Ok(only)));
+        }
+        let lookup = self.0.call(name);
+        Box::pin(async move { lookup.await.map(|a| Box::new(a) as Addrs) })
+    }
+}
+
+/// `localhost`, whatever its case, with or without the root's dot.
+fn is_localhost(host: &str) -> bool {
+    host.strip_suffix('.')
+        .unwrap_or(host)
+        .eq_ignore_ascii_case("localhost")
+}
 
 /// One upstream, ready to forward to.
 struct Upstream {
@@ -407,7 +450,9 @@ impl std::fmt::Debug for Proxy {
 }
 
 fn https_connector(connect_timeout: Duration) -> Result<Https, SetupError> {
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(PinnedLocalhost(
+        hyper_util::client::legacy::connect::dns::GaiResolver::new(),
+    ));
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
@@ -663,6 +708,42 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use std::str::FromStr as _;
+
+    use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+    use tower::Service as _;
+
+    use super::PinnedLocalhost;
+
+    /// `localhost` (any case, with the root's dot) is 127.0.0.1 alone; any
+    /// other name is the system resolver's.
+    #[tokio::test]
+    async fn localhost_is_127_0_0_1_only() {
+        let mut resolver = PinnedLocalhost(GaiResolver::new());
+        for name in ["localhost", "LocalHost", "localhost."] {
+            let addrs: Vec<_> = resolver
+                .call(Name::from_str(name).unwrap())
+                .await
+                .unwrap()
+                .collect();
+            assert_eq!(
+                addrs,
+                [std::net::SocketAddr::from(([127, 0, 0, 1], 0))],
+                "{name}"
+            );
+        }
+        let addrs: Vec<_> = resolver
+            .call(Name::from_str("127.0.0.2").unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert_eq!(addrs, [std::net::SocketAddr::from(([127, 0, 0, 2], 0))]);
+    }
 }
 
 #[cfg(test)]

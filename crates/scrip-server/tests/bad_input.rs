@@ -1423,7 +1423,11 @@ async fn an_access_token_for_a_tool_no_longer_configured_is_revoked() {
         .expect("a token.revoked record");
     assert_eq!(revoked.jti.as_deref(), claims["jti"].as_str());
     assert_eq!(revoked.tool.as_deref(), Some("retired"));
-    assert_eq!(revoked.agent_iss.as_deref(), Some(K8S_ISSUER), "{revoked:?}");
+    assert_eq!(
+        revoked.agent_iss.as_deref(),
+        Some(K8S_ISSUER),
+        "{revoked:?}"
+    );
     s.stop().await;
 }
 
