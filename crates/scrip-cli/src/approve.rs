@@ -91,9 +91,10 @@ async fn call(
     }
 }
 
-/// The most of an answer read: the list of waiting steps is the largest
-/// (at most ten a task), far below this.
-const MAX_ANSWER: usize = 4 << 20;
+/// The most of an answer read. The list of waiting steps is the largest:
+/// up to 1,000 steps, each with a purpose of up to 4 KiB (escaped as the
+/// agent sent it) and the agent's claims, well within this.
+const MAX_ANSWER: usize = 32 << 20;
 
 fn block_on<T>(f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::runtime::Builder::new_current_thread()
