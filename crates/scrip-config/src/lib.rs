@@ -309,6 +309,18 @@ pub struct TrustedIssuer {
 /// GitHub Actions' OIDC issuer.
 pub const GITHUB_ACTIONS_ISSUER: &str = "https://token.actions.githubusercontent.com";
 
+/// Issuers where anyone (any project, pipeline, workspace or account on the
+/// platform) can obtain a token for an audience of their choosing, with
+/// the claim that names whose it is: trusted without `required_claims`,
+/// each lets the whole platform in as trusted workloads.
+pub const MULTI_TENANT_ISSUERS: &[(&str, &str)] = &[
+    (GITHUB_ACTIONS_ISSUER, "repository_owner_id"),
+    ("https://gitlab.com", "namespace_id"),
+    ("https://agent.buildkite.com", "organization_id"),
+    ("https://app.terraform.io", "terraform_organization_id"),
+    ("https://accounts.google.com", "email"),
+];
+
 /// The kinds of federated issuer, as Cedar names their identities' `kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

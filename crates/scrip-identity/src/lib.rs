@@ -250,6 +250,27 @@ impl IdentityVerifier {
                 "any GitHub repository's workflow can obtain a token from this issuer for any audience, so every workflow on GitHub passes as a trusted workload (policy still decides what it gets); set `required_claims` (e.g. `repository_owner_id = [\"<your organisation's id>\"]`) to trust only yours"
             );
         }
+        for ti in trusted.iter().filter(|ti| ti.required_claims.is_empty()) {
+            if let Some((_, claim)) = scrip_config::MULTI_TENANT_ISSUERS
+                .iter()
+                .skip(1)
+                .find(|(issuer, _)| *issuer == ti.issuer)
+            {
+                tracing::warn!(
+                    issuer = %ti.issuer,
+                    "anyone on this platform can obtain a token from this issuer for any audience, so every one of its users passes as a trusted workload (policy still decides what it gets); set `required_claims` (e.g. `{claim} = [\"<yours>\"]`) to trust only yours"
+                );
+            }
+        }
+        for ti in trusted
+            .iter()
+            .filter(|ti| ti.audiences.iter().any(|a| *a == ti.issuer))
+        {
+            tracing::warn!(
+                issuer = %ti.issuer,
+                "an audience is the issuer itself: a Kubernetes API server's default, which every pod's mounted token carries, and which the API server and any service that reviews tokens receive and could replay; give scrip an audience of its own (a projected token with `audience: scrip`)"
+            );
+        }
         if trusted.len() > 1 && !undeclared.is_empty() {
             tracing::warn!(
                 issuers = ?undeclared,
@@ -586,6 +607,33 @@ fn read_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
             "`{shown}` belongs to uid {}, neither scrip's user nor root, who could add a key and sign any identity",
             meta.uid()
         ));
+    }
+    // Nor may anyone else replace it: the directory of the name given (a
+    // link there can be swapped) and of the file it leads to must be
+    // private, or sticky (`/tmp`, a Kubernetes Secret volume's root), where
+    // only a file's owner may replace it.
+    let target = std::fs::canonicalize(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    for dir in [path.parent(), target.parent()].into_iter().flatten() {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        let d = std::fs::metadata(dir)
+            .map_err(|e| format!("cannot look at `{}`: {e}", dir.display()))?;
+        if d.mode() & 0o022 != 0 && d.mode() & 0o1000 == 0 {
+            return Err(format!(
+                "`{}`, which holds `{shown}`, may be written by group or others, who could replace the file with their own keys; `chmod go-w` it",
+                dir.display()
+            ));
+        }
+        if d.uid() != me && d.uid() != 0 {
+            return Err(format!(
+                "`{}`, which holds `{shown}`, belongs to uid {}, neither scrip's user nor root, who could replace the file",
+                dir.display(),
+                d.uid()
+            ));
+        }
     }
     let mut bytes = Vec::new();
     file.take(MAX_JWKS_FILE + 1)

@@ -530,6 +530,33 @@ fn unusable_jwks_file_is_a_setup_error() {
             ),
         }
     }
+    // Nor one in a directory others may write (they could replace it), a
+    // link's or its target's, unless the directory is sticky.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("jwks.json");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let linked = TrustedIssuer {
+        jwks_file: Some(link),
+        ..issuer.clone()
+    };
+    for (dir, mode, ok) in [
+        (dir.path(), 0o755, true),
+        (dir.path(), 0o775, false),
+        (dir.path(), 0o1777, true),
+        (dir.path(), 0o755, true),
+        (links.path(), 0o777, false),
+        (links.path(), 0o1777, true),
+    ] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        match IdentityVerifier::new(std::slice::from_ref(&linked), OWN, 30) {
+            Ok(_) => assert!(ok, "directory mode {mode:o} was accepted"),
+            Err(e) => assert!(
+                !ok && e.to_string().contains("who could replace the file"),
+                "directory mode {mode:o}: {e}"
+            ),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

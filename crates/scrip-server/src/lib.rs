@@ -182,6 +182,12 @@ impl Server {
         for warning in config.cleartext_warnings(false) {
             tracing::warn!("{warning}");
         }
+        if !config.separation_of_duties && config.approvers.len() > 1 {
+            tracing::warn!(
+                approvers = config.approvers.len(),
+                "separation_of_duties is off with several approvers: a person whose identity is also an agent's (or in its delegation chain) may approve that agent's own step; turn it off only where one person runs everything"
+            );
+        }
         // What the proxy would refuse of the configuration alone, before
         // anything (a key, a record) is written.
         scrip_proxy::check_routes(&config).map_err(|e| StartError::Proxy(e.to_string()))?;

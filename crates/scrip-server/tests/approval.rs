@@ -2249,3 +2249,36 @@ async fn the_approved_token_is_bound_to_the_key_of_the_polls_proof() {
     assert_eq!(c["approval"]["single_use"], true);
     s.stop().await;
 }
+
+/// Configurations that start but let more in than they seem to are warned
+/// about: a platform-wide issuer without `required_claims`, an audience
+/// that is the issuer itself, separation of duties off with several
+/// approvers.
+#[tokio::test]
+async fn configurations_that_trust_more_than_they_seem_are_warned_about() {
+    let logs = captured_logs();
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice(), bob()];
+        c.separation_of_duties = false;
+        let mut gitlab = c.trusted_issuers[0].clone();
+        gitlab.issuer = "https://gitlab.com".into();
+        gitlab.kind = Some(scrip_config::IssuerKind::Jwt);
+        c.trusted_issuers.push(gitlab);
+        for ti in &mut c.trusted_issuers {
+            if ti.issuer == K8S_ISSUER {
+                ti.audiences.push(K8S_ISSUER.into());
+            }
+        }
+    }))
+    .await;
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    for warning in [
+        "anyone on this platform can obtain a token from this issuer",
+        "e.g. `namespace_id",
+        "an audience is the issuer itself",
+        "separation_of_duties is off with several approvers",
+    ] {
+        assert!(text.contains(warning), "{warning}: {text}");
+    }
+    s.stop().await;
+}
