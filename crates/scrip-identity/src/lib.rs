@@ -264,7 +264,7 @@ impl IdentityVerifier {
         }
         for ti in trusted
             .iter()
-            .filter(|ti| ti.audiences.iter().any(|a| *a == ti.issuer))
+            .filter(|ti| ti.audiences.contains(&ti.issuer))
         {
             tracing::warn!(
                 issuer = %ti.issuer,
