@@ -568,44 +568,41 @@ impl Config {
     }
 
     /// What this configuration sends in clear text off the host, for the
-    /// start to warn about: `scrip serve` (or, with `proxy`, `scrip proxy`)
-    /// listening beyond loopback while the issuer is `http` (tokens cross
-    /// the network unencrypted unless TLS is put in front, which scrip
-    /// cannot see), and a `[proxy] public_url` that is `http` off loopback.
+    /// start to warn about. `scrip serve` listening beyond loopback while
+    /// the issuer is `http`: tokens cross the network unencrypted unless
+    /// TLS is put in front, which scrip cannot see. With `proxy`, `scrip
+    /// proxy` listening beyond loopback while the URL agents reach it at
+    /// (`[proxy] public_url`) is not `https`, or is not given.
     #[must_use]
     pub fn cleartext_warnings(&self, proxy: bool) -> Vec<String> {
-        let mut warnings = Vec::new();
         let http = |url: &str| {
             url.get(..7)
                 .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
         };
-        let issuer = if proxy {
-            self.proxy.issuer.clone().unwrap_or_else(|| self.issuer())
-        } else {
-            self.issuer()
-        };
-        let listen = if proxy {
-            self.proxy.listen
-        } else {
-            self.listen
-        };
-        if http(&issuer) && !listen.ip().is_loopback() {
-            warnings.push(format!(
-                "listening on {listen}, beyond this host, while the issuer{} is http: tokens cross the network in clear text unless TLS is put in front; give an https issuer",
+        if proxy {
+            let listen = self.proxy.listen;
+            if listen.ip().is_loopback()
+                || self.proxy.public_url.as_deref().is_some_and(|u| !http(u))
+            {
+                return Vec::new();
+            }
+            let said = self.proxy.public_url.as_deref().map_or_else(
+                || " is not given".to_owned(),
+                |u| format!("{} is http", shown_url(u)),
+            );
+            return vec![format!(
+                "[proxy] listening on {listen}, beyond this host, and [proxy] public_url{said}: agents' tokens reach the proxy in clear text unless TLS is put in front; give an https public_url"
+            )];
+        }
+        let issuer = self.issuer();
+        if http(&issuer) && !self.listen.ip().is_loopback() {
+            return vec![format!(
+                "listening on {}, beyond this host, while the issuer{} is http: tokens cross the network in clear text unless TLS is put in front; give an https issuer",
+                self.listen,
                 shown_url(&issuer)
-            ));
+            )];
         }
-        if proxy
-            && let Some(public) = &self.proxy.public_url
-            && http(public)
-            && check_url("", public, true).is_err()
-        {
-            warnings.push(format!(
-                "[proxy] public_url{} is http off loopback: agents' tokens reach the proxy in clear text",
-                shown_url(public)
-            ));
-        }
-        warnings
+        Vec::new()
     }
 
     /// Checks every value and every relation between values.
@@ -1440,8 +1437,8 @@ mod tests {
     }
 
     /// Clear text off the host is warned about: a wide listen with an http
-    /// issuer (the proxy's issuer for `scrip proxy`), an http public_url
-    /// off loopback; loopback and https are quiet.
+    /// issuer, a wide proxy listen whose public_url is http or not given;
+    /// loopback and https are quiet.
     #[test]
     fn clear_text_off_the_host_is_warned_about() {
         let config = |toml: &str| Config::from_toml(toml).unwrap();
@@ -1454,16 +1451,28 @@ mod tests {
                 .cleartext_warnings(false)
                 .is_empty()
         );
-        let proxy = config(
-            "issuer = \"https://scrip.example\"\n[proxy]\nlisten = \"[::]:7071\"\nissuer = \"http://127.0.0.1:7070\"\npublic_url = \"http://proxy.example\"\n",
-        );
-        let w = proxy.cleartext_warnings(true);
-        assert_eq!(w.len(), 2, "{w:?}");
+        let proxy = |public: &str| {
+            config(&format!(
+                "issuer = \"https://scrip.example\"\n[proxy]\nlisten = \"[::]:7071\"\nissuer = \"http://127.0.0.1:7070\"\n{public}"
+            ))
+        };
+        let w = proxy("public_url = \"http://proxy.example\"\n").cleartext_warnings(true);
         assert!(
-            w[1].contains("public_url `http://proxy.example` is http"),
+            w.len() == 1 && w[0].contains("public_url `http://proxy.example` is http"),
             "{w:?}"
         );
-        assert!(proxy.cleartext_warnings(false).is_empty());
+        let w = proxy("").cleartext_warnings(true);
+        assert!(
+            w.len() == 1 && w[0].contains("public_url is not given"),
+            "{w:?}"
+        );
+        // Reached over https, with an http issuer on loopback: quiet.
+        assert!(
+            proxy("public_url = \"https://proxy.example\"\n")
+                .cleartext_warnings(true)
+                .is_empty()
+        );
+        assert!(proxy("").cleartext_warnings(false).is_empty());
         assert!(
             config("[proxy]\npublic_url = \"http://127.0.0.1:7071\"\n")
                 .cleartext_warnings(true)

@@ -240,25 +240,19 @@ impl IdentityVerifier {
             .filter(|ti| ti.kind.is_none())
             .map(|ti| ti.issuer.as_str())
             .collect();
-        for ti in trusted.iter().filter(|ti| {
-            ti.required_claims.is_empty()
-                && (ti.kind == Some(scrip_config::IssuerKind::GithubActions)
-                    || ti.issuer == scrip_config::GITHUB_ACTIONS_ISSUER)
-        }) {
-            tracing::warn!(
-                issuer = %ti.issuer,
-                "any GitHub repository's workflow can obtain a token from this issuer for any audience, so every workflow on GitHub passes as a trusted workload (policy still decides what it gets); set `required_claims` (e.g. `repository_owner_id = [\"<your organisation's id>\"]`) to trust only yours"
-            );
-        }
         for ti in trusted.iter().filter(|ti| ti.required_claims.is_empty()) {
-            if let Some((_, claim)) = scrip_config::MULTI_TENANT_ISSUERS
+            // A GitHub Actions issuer by its kind too (GitHub Enterprise
+            // Server's are named otherwise).
+            let github = ti.kind == Some(scrip_config::IssuerKind::GithubActions);
+            let claim = scrip_config::MULTI_TENANT_ISSUERS
                 .iter()
-                .skip(1)
                 .find(|(issuer, _)| *issuer == ti.issuer)
-            {
+                .map(|(_, claim)| *claim)
+                .or(github.then_some("repository_owner_id"));
+            if let Some(claim) = claim {
                 tracing::warn!(
                     issuer = %ti.issuer,
-                    "anyone on this platform can obtain a token from this issuer for any audience, so every one of its users passes as a trusted workload (policy still decides what it gets); set `required_claims` (e.g. `{claim} = [\"<yours>\"]`) to trust only yours"
+                    "anyone on this platform (on GitHub, any repository's workflow) can obtain a token from this issuer for any audience, so every one of its users passes as a trusted workload (policy still decides what it gets); set `required_claims` (e.g. `{claim} = [\"<yours>\"]`) to trust only yours"
                 );
             }
         }
@@ -582,6 +576,15 @@ fn peek(token: &str) -> Result<(Option<String>, Option<String>, String), Identit
     Ok((text(&header, "typ"), text(&header, "kid"), iss))
 }
 
+/// Whether `path` is on a file system mounted read-only (a Kubernetes
+/// ConfigMap or Secret volume, whose root's mode bits say 0777 or 1777
+/// though nobody can write there): mode bits say nothing of who can write.
+#[must_use]
+pub fn on_read_only_mount(path: &std::path::Path) -> bool {
+    rustix::fs::statvfs(path)
+        .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
 /// The largest `jwks_file` read, as for a fetched key set.
 const MAX_JWKS_FILE: u64 = 256 * 1024;
 
@@ -621,7 +624,7 @@ fn read_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
         };
         let d = std::fs::metadata(dir)
             .map_err(|e| format!("cannot look at `{}`: {e}", dir.display()))?;
-        if d.mode() & 0o022 != 0 && d.mode() & 0o1000 == 0 {
+        if d.mode() & 0o022 != 0 && d.mode() & 0o1000 == 0 && !on_read_only_mount(dir) {
             return Err(format!(
                 "`{}`, which holds `{shown}`, may be written by group or others, who could replace the file with their own keys; `chmod go-w` it",
                 dir.display()

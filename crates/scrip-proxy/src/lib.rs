@@ -111,7 +111,7 @@ impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PinnedLo
     }
 
     fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
-        if is_localhost(name.as_str()) {
+        if scrip_verifier::net::is_localhost(name.as_str()) {
             let only: Addrs = Box::new(std::iter::once(std::net::SocketAddr::from((
                 std::net::Ipv4Addr::LOCALHOST,
                 0,
@@ -121,13 +121,6 @@ impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PinnedLo
         let lookup = self.0.call(name);
         Box::pin(async move { lookup.await.map(|a| Box::new(a) as Addrs) })
     }
-}
-
-/// `localhost`, whatever its case, with or without the root's dot.
-fn is_localhost(host: &str) -> bool {
-    host.strip_suffix('.')
-        .unwrap_or(host)
-        .eq_ignore_ascii_case("localhost")
 }
 
 /// One upstream, ready to forward to.

@@ -182,9 +182,13 @@ impl Server {
         for warning in config.cleartext_warnings(false) {
             tracing::warn!("{warning}");
         }
-        if !config.separation_of_duties && config.approvers.len() > 1 {
+        // People, not entries: one person may be listed by a uid and by
+        // an issuer and subject.
+        let people: std::collections::BTreeSet<&str> =
+            config.approvers.iter().map(|a| a.name.as_str()).collect();
+        if !config.separation_of_duties && people.len() > 1 {
             tracing::warn!(
-                approvers = config.approvers.len(),
+                approvers = people.len(),
                 "separation_of_duties is off with several approvers: a person whose identity is also an agent's (or in its delegation chain) may approve that agent's own step; turn it off only where one person runs everything"
             );
         }

@@ -2273,7 +2273,7 @@ async fn configurations_that_trust_more_than_they_seem_are_warned_about() {
     .await;
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     for warning in [
-        "anyone on this platform can obtain a token from this issuer",
+        "can obtain a token from this issuer for any audience",
         "e.g. `namespace_id",
         "an audience is the issuer itself",
         "separation_of_duties is off with several approvers",

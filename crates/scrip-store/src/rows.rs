@@ -61,10 +61,15 @@ pub(crate) fn check_pending(
     Ok(())
 }
 
-/// How many approvals of an agent's tasks wait: now, issuer, subject.
+/// How many approvals of an agent's tasks wait: now, issuer, subject. A
+/// step of a task that has ended (or reached its deadline) waits for nobody
+/// (nobody may decide it, and `pending_approvals` leaves it out): it does
+/// not count.
 pub(crate) const AGENT_PENDING: &str = "SELECT COUNT(*) FROM approvals a \
      JOIN tasks t ON t.id = a.task_id \
-     WHERE a.state = 'pending' AND a.expires_at > $1 AND t.agent_iss = $2 AND t.agent_sub = $3";
+     WHERE a.state = 'pending' AND a.expires_at > $1 \
+     AND t.ended_at IS NULL AND t.expires_at > $1 \
+     AND t.agent_iss = $2 AND t.agent_sub = $3";
 
 /// As [`AGENT_PENDING`], for the agent of a task: task id, now. Both read
 /// the pending approvals (indexed by state) and each one's task by its key,
@@ -73,6 +78,7 @@ pub(crate) const AGENT_PENDING_OF_TASK: &str = "SELECT COUNT(*) FROM approvals a
      JOIN tasks me ON me.id = $1 \
      JOIN tasks t ON t.id = a.task_id \
      WHERE a.state = 'pending' AND a.expires_at > $2 \
+     AND t.ended_at IS NULL AND t.expires_at > $2 \
      AND t.agent_iss = me.agent_iss AND t.agent_sub = me.agent_sub";
 
 /// Typed column access, the same for a SQLite and a PostgreSQL row.

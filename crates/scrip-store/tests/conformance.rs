@@ -2365,8 +2365,9 @@ async fn a_sealed_value_is_replaced_only_as_read(f: Fixture) {
 
 /// One agent's tasks (its sub-agents' included) may have at most
 /// [`scrip_store::MAX_PENDING_PER_AGENT`] steps waiting at once, whatever
-/// the tasks; the same subject at another issuer, another agent, and
-/// expired steps do not count; a decision makes room.
+/// the tasks; the same subject at another issuer, another agent, expired
+/// steps and steps of an ended task (nobody may decide them) do not count;
+/// a decision makes room.
 async fn an_agent_has_at_most_fifty_steps_waiting(f: Fixture) {
     let s = &f.store;
     assert_eq!(scrip_store::MAX_PENDING_PER_AGENT, 50);
@@ -2434,4 +2435,21 @@ async fn an_agent_has_at_most_fifty_steps_waiting(f: Fixture) {
     .await
     .unwrap();
     put("a50".into(), "t5", "step50".into()).await.unwrap();
+    put("a51".into(), "t5", "step51".into()).await.unwrap_err();
+    // t4's nine steps wait for nobody once it has ended.
+    s.commit(vec![Write::EndTask {
+        id: "t4".into(),
+        at: 1_002,
+        reason: "done".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        s.agent_pending_approvals("https://idp.test", "agent-1", 1_002)
+            .await
+            .unwrap(),
+        41
+    );
+    put("a51".into(), "t5", "step51".into()).await.unwrap();
 }

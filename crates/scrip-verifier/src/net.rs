@@ -10,9 +10,7 @@ fn loopback(uri: &str) -> Option<(Option<String>, u16)> {
     let url = url::Url::parse(uri).ok()?;
     let port = url.port_or_known_default()?;
     match url.host()? {
-        url::Host::Domain(d) if d.eq_ignore_ascii_case("localhost") => {
-            Some((Some(d.to_owned()), port))
-        }
+        url::Host::Domain(d) if is_localhost(d) => Some((Some(d.to_owned()), port)),
         url::Host::Ipv4(ip) if ip.is_loopback() => Some((None, port)),
         url::Host::Ipv6(ip) if ip.is_loopback() => Some((None, port)),
         _ => None,
@@ -44,6 +42,15 @@ pub fn http_client(url: &str, timeout: Duration) -> Result<reqwest::Client, reqw
         }
     }
     builder.build()
+}
+
+/// Whether a host name is `localhost`, whatever its case, with or without
+/// the root's dot: a name scrip connects to at 127.0.0.1 only.
+#[must_use]
+pub fn is_localhost(host: &str) -> bool {
+    host.strip_suffix('.')
+        .unwrap_or(host)
+        .eq_ignore_ascii_case("localhost")
 }
 
 /// Whether `url` is on this machine (`localhost` or a loopback address),
