@@ -6,6 +6,20 @@ use std::process::ExitCode;
 use crate::audit::{now_s, open, runtime};
 use crate::fail;
 
+/// Runs `act` on the configuration's store, with this process's name for
+/// its records, which the store signs as `scrip serve` signs its own.
+fn on_store<T>(
+    config: Option<&Path>,
+    loaded: &scrip_config::Config,
+    act: impl AsyncFnOnce(&dyn scrip_store::Store, &str) -> Result<T, String>,
+) -> Result<T, String> {
+    runtime()?.block_on(async {
+        let (_, store) = open(config).await?;
+        crate::secret::sign_heads(loaded, store.as_ref()).await?;
+        act(store.as_ref(), &crate::secret::replica()).await
+    })
+}
+
 /// `scrip key withdraw --reason TEXT`.
 pub fn withdraw(config: Option<&Path>, reason: &str) -> ExitCode {
     let result = (|| {
@@ -18,18 +32,10 @@ pub fn withdraw(config: Option<&Path>, reason: &str) -> ExitCode {
             )
             .to_string());
         }
-        runtime()?.block_on(async {
-            let (_, store) = open(config).await?;
-            crate::secret::sign_heads(&loaded, store.as_ref()).await?;
-            scrip_server::keyring::withdraw_signing_keys(
-                &loaded,
-                store.as_ref(),
-                now_s(),
-                &crate::secret::replica(),
-                reason,
-            )
-            .await
-            .map_err(|e| e.to_string())
+        on_store(config, &loaded, async |store, replica| {
+            scrip_server::keyring::withdraw_signing_keys(&loaded, store, now_s(), replica, reason)
+                .await
+                .map_err(|e| e.to_string())
         })
     })();
     match result {
@@ -49,17 +55,10 @@ pub fn reseal(config: Option<&Path>, reason: &str) -> ExitCode {
     let result = (|| {
         let loaded = scrip_config::Config::load(config).map_err(|e| e.to_string())?;
         let reason = crate::task::reason(reason)?;
-        runtime()?.block_on(async {
-            let (_, store) = open(config).await?;
-            crate::secret::sign_heads(&loaded, store.as_ref()).await?;
-            scrip_server::keyring::reseal(
-                &loaded,
-                store.as_ref(),
-                &crate::secret::replica(),
-                reason,
-            )
-            .await
-            .map_err(|e| e.to_string())
+        on_store(config, &loaded, async |store, replica| {
+            scrip_server::keyring::reseal(&loaded, store, replica, reason)
+                .await
+                .map_err(|e| e.to_string())
         })
     })();
     match result {
