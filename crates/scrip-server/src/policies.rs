@@ -609,9 +609,9 @@ mod tests {
         assert_ne!(DirState::now(dir.path()), before);
     }
 
-    /// Policies others could change are refused at start and at a reload
-    /// (which keeps the last good set): a directory or file anyone can
-    /// write, a directory a link leads into that anyone can write, one that
+    /// Policies others could change are refused (by the check a start and
+    /// every reload make): a directory or file anyone can write, sticky or
+    /// not, a directory a link leads into that anyone can write, one that
     /// belongs to another user. The group's write is allowed (logged).
     #[tokio::test]
     async fn policies_others_can_change_are_refused() {
