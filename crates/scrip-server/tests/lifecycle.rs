@@ -1226,6 +1226,27 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
     s.stop().await;
 }
 
+/// The `kid`s of the server's published signing keys, sorted.
+async fn published_kids(s: &TestServer) -> Vec<String> {
+    let jwks: Value = s
+        .http
+        .get(format!("{}/jwks", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut kids: Vec<String> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    kids.sort();
+    kids
+}
+
 /// A leaked shared signing key is withdrawn at once (`scrip key withdraw`):
 /// the running server stops accepting what it signed and publishing it,
 /// signs with the new key, and the trail says why; on the embedded store
@@ -1234,23 +1255,6 @@ async fn other_writers_sign_with_the_shared_checkpoint_key() {
 async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
     let db = scrip_testkit::PgDatabase::new();
     let (s, config, store) = beside_a_shared_server(&db).await;
-    let kids = || async {
-        let jwks: Value = s
-            .http
-            .get(format!("{}/jwks", s.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        jwks["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["kid"].as_str().unwrap().to_owned())
-            .collect::<Vec<_>>()
-    };
     let identity = s.k8s.kubernetes("agents", "coder");
     let old_task = token_of(
         &s.try_start_task(&identity, "github:read", "dev", "before", None)
@@ -1261,7 +1265,7 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
         .unwrap()
         .to_owned();
     assert_eq!(s.access_token(&old_task, "github", None).await.status, 200);
-    assert_eq!(kids().await, [old_kid.as_str()]);
+    assert_eq!(published_kids(&s).await, [old_kid.as_str()]);
 
     // As `scrip key withdraw` does it, from another process's store.
     let key = scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "operator")
@@ -1282,11 +1286,11 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
 
     // The server follows (told by PostgreSQL; at worst within 5 s).
     let started = Instant::now();
-    while kids().await != [done.signing.clone()] {
+    while published_kids(&s).await != [done.signing.clone()] {
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "{:?}",
-            kids().await
+            published_kids(&s).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1964,28 +1968,6 @@ async fn changing_the_embedded_algorithm_keeps_the_old_keys_tokens_valid() {
             ..Options::default()
         })
     };
-    let kids = |s: &TestServer| {
-        let s_url = s.url.clone();
-        let http = s.http.clone();
-        async move {
-            let jwks: Value = http
-                .get(format!("{s_url}/jwks"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let mut kids: Vec<String> = jwks["keys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|k| k["kid"].as_str().unwrap().to_owned())
-                .collect();
-            kids.sort();
-            kids
-        }
-    };
     let s = start(SigningAlgorithm::ES256).await;
     let identity = s.k8s.kubernetes("agents", "coder");
     let task = token_of(
@@ -2012,7 +1994,7 @@ async fn changing_the_embedded_algorithm_keeps_the_old_keys_tokens_valid() {
         let new_kid = header["kid"].as_str().unwrap().to_owned();
         let mut both = vec![old_kid.clone(), new_kid];
         both.sort();
-        assert_eq!(kids(&s).await, both, "restart {restart}");
+        assert_eq!(published_kids(&s).await, both, "restart {restart}");
         s.stop().await;
     }
     let store = scrip_store::SqliteStore::open(&data_dir.join("scrip.db"))
