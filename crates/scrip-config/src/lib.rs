@@ -8,6 +8,7 @@
 //! the rest of scrip never re-checks what is checked here (unique tool names,
 //! an asymmetric algorithm allow-list per issuer, ttl ordering, ...).
 
+pub mod trust;
 mod upstream;
 
 use std::collections::{BTreeMap, HashSet};

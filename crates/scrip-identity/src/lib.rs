@@ -576,15 +576,6 @@ fn peek(token: &str) -> Result<(Option<String>, Option<String>, String), Identit
     Ok((text(&header, "typ"), text(&header, "kid"), iss))
 }
 
-/// Whether `path` is on a file system mounted read-only (a Kubernetes
-/// ConfigMap or Secret volume, whose root's mode bits say 0777 or 1777
-/// though nobody can write there): mode bits say nothing of who can write.
-#[must_use]
-pub fn on_read_only_mount(path: &std::path::Path) -> bool {
-    rustix::fs::statvfs(path)
-        .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
-}
-
 /// The largest `jwks_file` read, as for a fetched key set.
 const MAX_JWKS_FILE: u64 = 256 * 1024;
 
@@ -593,51 +584,17 @@ const MAX_JWKS_FILE: u64 = 256 * 1024;
 /// write, or that belongs to a user other than scrip's or root, is refused.
 fn read_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     use std::io::Read as _;
-    use std::os::unix::fs::MetadataExt as _;
     let shown = path.display();
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "`{shown}` may be written by group or others, who could add a key and sign any identity; `chmod go-w` it"
-        ));
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(format!(
-            "`{shown}` belongs to uid {}, neither scrip's user nor root, who could add a key and sign any identity",
-            meta.uid()
-        ));
-    }
-    // Nor may anyone else replace it: the directory of the name given (a
-    // link there can be swapped) and of the file it leads to must be
-    // private, or sticky (`/tmp`, a Kubernetes Secret volume's root), where
-    // only a file's owner may replace it.
-    let target = std::fs::canonicalize(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    for dir in [path.parent(), target.parent()].into_iter().flatten() {
-        let dir = if dir.as_os_str().is_empty() {
-            std::path::Path::new(".")
-        } else {
-            dir
-        };
-        let d = std::fs::metadata(dir)
-            .map_err(|e| format!("cannot look at `{}`: {e}", dir.display()))?;
-        if d.mode() & 0o022 != 0 && d.mode() & 0o1000 == 0 && !on_read_only_mount(dir) {
-            return Err(format!(
-                "`{}`, which holds `{shown}`, may be written by group or others, who could replace the file with their own keys; `chmod go-w` it",
-                dir.display()
-            ));
-        }
-        if d.uid() != me && d.uid() != 0 {
-            return Err(format!(
-                "`{}`, which holds `{shown}`, belongs to uid {}, neither scrip's user nor root, who could replace the file",
-                dir.display(),
-                d.uid()
-            ));
-        }
-    }
+    // Checked as opened; nor may anyone else replace it: every directory
+    // on the way to it, through any link, is checked too.
+    use scrip_config::trust::{GroupWrite, Stake, check_entry, check_way};
+    check_entry(path, &meta, Stake::TrustAnchor, GroupWrite::Refuse)
+        .and_then(|()| check_way(path, Stake::TrustAnchor, GroupWrite::Refuse))
+        .map_err(|e| e.to_string())?;
     let mut bytes = Vec::new();
     file.take(MAX_JWKS_FILE + 1)
         .read_to_end(&mut bytes)

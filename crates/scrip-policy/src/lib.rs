@@ -40,13 +40,8 @@ pub enum PolicyError {
     SeveralSchemas(PathBuf),
     /// A policy file or directory someone other than scrip's user could
     /// change: they would decide every request.
-    #[error("`{path}`: {message}")]
-    Unsafe {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why, and what to do.
-        message: String,
-    },
+    #[error(transparent)]
+    Unsafe(#[from] scrip_config::trust::Untrusted),
     /// The schema does not parse.
     #[error("schema `{name}` is invalid: {message}")]
     Schema {

@@ -72,6 +72,10 @@ pub enum KeyError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A directory on the way to a key file, or to the store, that someone
+    /// other than scrip's user could change.
+    #[error(transparent)]
+    Untrusted(#[from] scrip_config::trust::Untrusted),
     /// The file does not hold a usable key.
     #[error("key file `{path}` is invalid: {message}")]
     Invalid {
@@ -183,7 +187,9 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), KeyError> {
 
 /// Refuses a directory of key files or of the store that group or others
 /// can write, or that another user than scrip's or root owns: they could
-/// remove a file, or put another (or a link to one) in its place.
+/// remove a file, or put another (or a link to one) in its place; nor may
+/// they rename a directory on the way to it and put another there
+/// ([`scrip_config::trust::check_way`]).
 fn check_private_dir(dir: &Path) -> Result<(), KeyError> {
     let meta = fs::metadata(dir).map_err(io(dir))?;
     let mode = meta.permissions().mode() & 0o7777;
@@ -201,13 +207,8 @@ fn check_private_dir(dir: &Path) -> Result<(), KeyError> {
             euid,
         });
     }
-    Ok(())
-}
-
-/// Whether `dir` has the sticky bit: only a file's owner (or root) may
-/// remove or rename it there.
-fn is_sticky(dir: &Path) -> bool {
-    fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o1000 != 0)
+    use scrip_config::trust::{GroupWrite, Stake, check_way};
+    Ok(check_way(dir, Stake::Key, GroupWrite::Warn)?)
 }
 
 /// The outcome of [`load_or_create`].
@@ -747,22 +748,18 @@ fn kek_from_env(var: &str, file: Option<&Path>) -> Result<Option<scrip_jose::Kek
     }
 }
 
-/// The key in the file at `path`, `None` when there is none; its directory
-/// must be private unless sticky.
+/// The key in the file at `path`, `None` when there is none; nobody else
+/// may write the directory that holds it (unless it is sticky, as `/tmp`
+/// or a Kubernetes Secret volume's root, where only a file's owner may
+/// replace it) or any directory on the way to it.
 fn read_private_kek(path: &Path) -> Result<Option<scrip_jose::Kek>, KeyError> {
     // A file that cannot be looked at (a directory this user may not
     // search) is not a missing one.
     let Some(kek) = read_kek_file(path)? else {
         return Ok(None);
     };
-    // A sticky directory (`/tmp`, or the root of a Kubernetes Secret
-    // volume) lets nobody else remove or replace the file, which
-    // `read_kek_file` found to be scrip's user's or root's.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !is_sticky(dir)
-    {
-        check_private_dir(dir)?;
-    }
+    use scrip_config::trust::{GroupWrite, Stake, check_way};
+    check_way(path, Stake::Key, GroupWrite::Refuse)?;
     Ok(Some(kek))
 }
 
@@ -1180,7 +1177,9 @@ mod tests {
         assert!(
             matches!(
                 load_kek(&config, false),
-                Err(KeyError::ExposedDir { mode: 0o775, .. })
+                Err(KeyError::Untrusted(
+                    scrip_config::trust::Untrusted::Writable { mode: 0o775, .. }
+                ))
             ),
             "a KEK in a group-writable directory was read"
         );
@@ -1188,6 +1187,26 @@ mod tests {
         // else can remove or replace the file there.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
         load_kek(&config, false).unwrap();
+        // Nor in one anyone can write further up the way: they could
+        // rename `shared` away and put their own key in its place.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = load_kek(&config, false).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("`{}` has mode 777", root.path().display())),
+            "{e}"
+        );
+        // The same for the store's own directories.
+        let data = root.path().join("data");
+        fs::create_dir(&data).unwrap();
+        assert!(matches!(
+            ensure_private_dir(&data.join("keys")),
+            Err(KeyError::Untrusted(_))
+        ));
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        load_kek(&config, false).unwrap();
+        ensure_private_dir(&data.join("keys")).unwrap();
     }
 
     /// A key file is read only if scrip's user (or root) owns it and nobody

@@ -246,74 +246,37 @@ pub async fn load_at_start(
     .await
 }
 
-/// Refuses a policy directory, a policy or schema file in it, or a
-/// directory a symbolic link there leads into, that others can write or
-/// that belongs to another user than scrip's or root: whoever can change
-/// the policies decides every request (and a reload takes their change
-/// within seconds). One the group can write is logged: on systems whose
-/// users each have a group of their own (umask 002) that is the norm.
+/// Refuses a policy directory, a policy or schema file in it, a directory
+/// on the way to either (through any link), that others can write or that
+/// belongs to another user than scrip's or root: whoever can change the
+/// policies decides every request (and a reload takes their change within
+/// seconds). What the group can write is logged: on systems whose users
+/// each have a group of their own (umask 002) that is the norm.
 ///
 /// # Errors
-/// [`scrip_policy::PolicyError::Unsafe`], or `Io` when one cannot be looked at.
+/// [`scrip_policy::PolicyError::Unsafe`].
 fn check_writers(dir: &Path) -> Result<(), scrip_policy::PolicyError> {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use scrip_config::trust::{GroupWrite, Stake, Untrusted, check_entry, check_way};
     if !dir.exists() {
         return Ok(());
     }
-    let euid = rustix::process::geteuid().as_raw();
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| scrip_policy::PolicyError::Io { path, source }
+        move |source| Untrusted::Io { path, source }
     };
-    let check = |path: &Path, what: &str| -> Result<(), scrip_policy::PolicyError> {
+    let check = |path: &Path| -> Result<(), Untrusted> {
         let meta = std::fs::metadata(path).map_err(io(path))?;
-        let mode = meta.permissions().mode() & 0o7777;
-        let unsafe_because = |message: String| scrip_policy::PolicyError::Unsafe {
-            path: path.to_owned(),
-            message,
-        };
-        if meta.uid() != euid && meta.uid() != 0 {
-            return Err(unsafe_because(format!(
-                "this {what} belongs to uid {}, not to the user scrip runs as (uid {euid}) or root: its owner could change the policies; `chown` it",
-                meta.uid()
-            )));
-        }
-        // A read-only mount (a Kubernetes ConfigMap volume, whose root
-        // says 0777) lets nobody write, whatever the bits.
-        if mode & 0o022 != 0 && scrip_identity::on_read_only_mount(path) {
-            return Ok(());
-        }
-        if mode & 0o002 != 0 {
-            return Err(unsafe_because(format!(
-                "this {what} has mode {mode:o}: anyone on the host can change the policies; fix it with `chmod o-w`"
-            )));
-        }
-        if mode & 0o020 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the group can write this policy {what}: its members can change the policies (fine if the group is yours alone)");
-        }
-        Ok(())
+        check_entry(path, &meta, Stake::Policy, GroupWrite::Warn)?;
+        check_way(path, Stake::Policy, GroupWrite::Warn)
     };
-    check(dir, "directory")?;
-    let entries = std::fs::read_dir(dir).map_err(io(dir))?;
-    for entry in entries {
+    check(dir)?;
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
-        if !matches!(
+        if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("cedar" | "cedarschema")
         ) {
-            continue;
-        }
-        check(&path, "file")?;
-        // A link's target is changed where it lives.
-        if std::fs::symlink_metadata(&path)
-            .map_err(io(&path))?
-            .file_type()
-            .is_symlink()
-        {
-            let target = std::fs::canonicalize(&path).map_err(io(&path))?;
-            if let Some(parent) = target.parent() {
-                check(parent, "directory (a policy file links into it)")?;
-            }
+            check(&path)?;
         }
     }
     Ok(())
@@ -611,8 +574,9 @@ mod tests {
 
     /// Policies others could change are refused (by the check a start and
     /// every reload make): a directory or file anyone can write, sticky or
-    /// not, a directory a link leads into that anyone can write, one that
-    /// belongs to another user. The group's write is allowed (logged).
+    /// not, a directory a link leads into or one further up that anyone
+    /// can write, one that belongs to another user. The group's write is
+    /// allowed (logged).
     #[tokio::test]
     async fn policies_others_can_change_are_refused() {
         use std::os::unix::fs::PermissionsExt as _;
@@ -630,13 +594,12 @@ mod tests {
         let refused = |why: &str| {
             let e = check_writers(&dir).unwrap_err();
             assert!(
-                matches!(e, scrip_policy::PolicyError::Unsafe { .. })
-                    && e.to_string().contains(why),
+                matches!(e, scrip_policy::PolicyError::Unsafe(_)) && e.to_string().contains(why),
                 "{e}"
             );
         };
         mode(&dir, 0o777);
-        refused("anyone on the host can change the policies");
+        refused("anyone on the host could change the policies");
         // Sticky, as /tmp: others still add files.
         mode(&dir, 0o1777);
         refused("anyone on the host");
@@ -652,8 +615,14 @@ mod tests {
         std::fs::write(open.join("b.cedar"), "").unwrap();
         std::os::unix::fs::symlink(open.join("b.cedar"), dir.join("b.cedar")).unwrap();
         mode(&open, 0o777);
-        refused("a policy file links into it");
+        refused(&format!("`{}` has mode 777", open.display()));
         mode(&open, 0o755);
+        check_writers(&dir).unwrap();
+        // A directory further up the way: anyone could rename the policy
+        // directory away and put their own in its place.
+        mode(root.path(), 0o777);
+        refused(&format!("`{}` has mode 777", root.path().display()));
+        mode(root.path(), 0o700);
         check_writers(&dir).unwrap();
         // Another user's (giving a file away takes root, as CI runs).
         if rustix::process::geteuid().is_root() {
@@ -669,7 +638,7 @@ mod tests {
         mode(&dir, 0o777);
         assert!(matches!(
             load_at_start(&dir).await.unwrap_err(),
-            scrip_policy::PolicyError::Unsafe { .. }
+            scrip_policy::PolicyError::Unsafe(_)
         ));
     }
 }

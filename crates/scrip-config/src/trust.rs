@@ -1,0 +1,461 @@
+//! Files scrip trusts (key-encryption keys, signing keys, `jwks_file`
+//! trust anchors, policies) and the directories that lead to them: whoever
+//! can change one, or rename a directory on the way to it and put another
+//! in its place, changes what scrip trusts. One set of rules for all of
+//! them, as `sshd`'s `StrictModes` checks every directory up to the root:
+//!
+//! - a file or directory must belong to scrip's user or root;
+//! - nobody else may write it, unless it is on a read-only mount (a
+//!   Kubernetes ConfigMap or Secret volume, whose root's bits say 0777 or
+//!   1777 though nobody can write there);
+//! - a directory on the way may also be sticky (`/tmp`): there only a
+//!   name's owner may remove or rename it, and the next step on the way is
+//!   checked in turn;
+//! - write by the group is refused for the file and the directory that
+//!   holds it, or only logged ([`GroupWrite::Warn`], for policies), and
+//!   logged for the directories further up: on systems that give each user
+//!   a group of their own (umask 002) the group is its user.
+//!
+//! The way is followed as the kernel follows it, link by link, so a
+//! directory that holds a link on the way is checked as well as the one
+//! the link leads into. With every directory on the way safe, nobody else
+//! can swap the file between these checks and its read.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Component, Path, PathBuf};
+
+/// Why a file, or a directory on the way to it, is not to be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum Untrusted {
+    /// It belongs to another user than scrip's or root.
+    #[error(
+        "`{}` belongs to uid {owner}, neither scrip's user (uid {euid}) nor root: its owner could {change}; `chown` it",
+        path.display(),
+        change = what.change()
+    )]
+    Foreign {
+        /// The file or directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// scrip's user.
+        euid: u32,
+        /// What is at stake.
+        what: Stake,
+    },
+    /// Others than its owner may write it.
+    #[error(
+        "`{}` has mode {mode:o}: {by} could {change}; `chmod {fix}` it",
+        path.display(),
+        by = by.who(),
+        change = what.change(),
+        fix = by.fix()
+    )]
+    Writable {
+        /// The file or directory.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+        /// Who, besides its owner.
+        by: Writers,
+        /// What is at stake.
+        what: Stake,
+    },
+    /// It, or a directory on the way, cannot be looked at.
+    #[error("cannot look at `{}`: {source}", path.display())]
+    Io {
+        /// What could not be looked at.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who besides a file's owner may write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writers {
+    /// Members of its group.
+    Group,
+    /// Anyone on the host.
+    Others,
+}
+
+impl Writers {
+    fn who(self) -> &'static str {
+        match self {
+            Self::Group => "members of its group",
+            Self::Others => "anyone on the host",
+        }
+    }
+    fn fix(self) -> &'static str {
+        match self {
+            Self::Group => "g-w",
+            Self::Others => "o-w",
+        }
+    }
+}
+
+/// What whoever could change a file would change: for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stake {
+    /// A key-encryption key or a signing key.
+    Key,
+    /// A `jwks_file`: a trust anchor for identities.
+    TrustAnchor,
+    /// A policy directory or file.
+    Policy,
+}
+
+impl Stake {
+    fn change(self) -> &'static str {
+        match self {
+            Self::Key => "replace the key",
+            Self::TrustAnchor => "add a key and sign any identity",
+            Self::Policy => "change the policies",
+        }
+    }
+}
+
+/// What is done about write by the group on the file and the directory
+/// that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupWrite {
+    /// It is refused.
+    Refuse,
+    /// It is logged.
+    Warn,
+}
+
+/// The most links followed on the way, as Linux's `ELOOP` limit.
+const MAX_LINKS: usize = 40;
+
+/// Checks every directory on the way to `path` (not `path` itself, which
+/// the caller checks on the file it opened, with [`check_entry`]): each
+/// directory one of its names or one of the links on the way is looked up
+/// in, from the root.
+///
+/// # Errors
+/// [`Untrusted`] for the first directory that fails, or one that cannot be
+/// looked at (a missing `path` is an [`Untrusted::Io`] of kind `NotFound`).
+pub fn check_way(path: &Path, what: Stake, group: GroupWrite) -> Result<(), Untrusted> {
+    for (dir, holds_the_file) in way(path)? {
+        let meta = std::fs::metadata(&dir).map_err(|source| Untrusted::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        // A sticky directory's entries are replaced only by their owners,
+        // and the entry on the way is checked in turn.
+        let group = if holds_the_file {
+            group
+        } else {
+            GroupWrite::Warn
+        };
+        check(&dir, &meta, what, group, sticky)?;
+    }
+    Ok(())
+}
+
+/// Checks a file or directory scrip trusts, by the metadata of what was
+/// opened (so the checks are of what is read): its owner, and who else may
+/// write it.
+///
+/// # Errors
+/// [`Untrusted::Foreign`] or [`Untrusted::Writable`].
+pub fn check_entry(
+    path: &Path,
+    meta: &Metadata,
+    what: Stake,
+    group: GroupWrite,
+) -> Result<(), Untrusted> {
+    check(path, meta, what, group, false)
+}
+
+fn check(
+    path: &Path,
+    meta: &Metadata,
+    what: Stake,
+    group: GroupWrite,
+    sticky_ok: bool,
+) -> Result<(), Untrusted> {
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(Untrusted::Foreign {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            euid,
+            what,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 == 0 || (sticky_ok && mode & 0o1000 != 0) || on_read_only_mount(path) {
+        return Ok(());
+    }
+    if mode & 0o002 != 0 {
+        return Err(Untrusted::Writable {
+            path: path.to_owned(),
+            mode,
+            by: Writers::Others,
+            what,
+        });
+    }
+    match group {
+        GroupWrite::Refuse => Err(Untrusted::Writable {
+            path: path.to_owned(),
+            mode,
+            by: Writers::Group,
+            what,
+        }),
+        GroupWrite::Warn => {
+            // Once a path: the checks run again at every reload.
+            static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+            let mut warned = WARNED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if warned.iter().any(|p| p == path) {
+                return Ok(());
+            }
+            warned.push(path.to_owned());
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "members of this directory's or file's group could {} (fine if the group is scrip's user's alone)",
+                what.change()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Whether `path` is on a file system mounted read-only (a Kubernetes
+/// ConfigMap or Secret volume, whose root's mode bits say 0777 or 1777
+/// though nobody can write there): mode bits say nothing of who can write.
+#[must_use]
+pub fn on_read_only_mount(path: &Path) -> bool {
+    rustix::fs::statvfs(path)
+        .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// The directories the kernel looks names up in on the way to `path`, in
+/// order, each once, with whether the name looked up there was the file's
+/// own (its last name, or a link's last name that leads to it).
+fn way(path: &Path) -> Result<Vec<(PathBuf, bool)>, Untrusted> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Untrusted::Io { path, source }
+    };
+    let absolute = std::path::absolute(path).map_err(io(path))?;
+    let mut todo: VecDeque<OsString> = VecDeque::new();
+    push_front(&mut todo, &absolute);
+    let mut at = PathBuf::from("/");
+    let mut dirs: Vec<(PathBuf, bool)> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        match name.to_str() {
+            Some("/") => {
+                at = PathBuf::from("/");
+                continue;
+            }
+            Some(".") => continue,
+            Some("..") => {
+                at.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let last = todo.is_empty();
+        match dirs.iter_mut().find(|(d, _)| *d == at) {
+            Some((_, holds)) => *holds |= last,
+            None => dirs.push((at.clone(), last)),
+        }
+        let next = at.join(&name);
+        let meta = std::fs::symlink_metadata(&next).map_err(io(&next))?;
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(Untrusted::Io {
+                    path: path.to_owned(),
+                    source: std::io::Error::other(format!(
+                        "more than {MAX_LINKS} links on the way"
+                    )),
+                });
+            }
+            let target = std::fs::read_link(&next).map_err(io(&next))?;
+            push_front(&mut todo, &target);
+        } else {
+            at = next;
+        }
+    }
+    Ok(dirs)
+}
+
+/// Puts `path`'s names before the ones still to look up (`/` first for an
+/// absolute path).
+fn push_front(todo: &mut VecDeque<OsString>, path: &Path) {
+    for c in path.components().rev() {
+        let name = match c {
+            Component::RootDir => OsString::from("/"),
+            Component::CurDir => OsString::from("."),
+            Component::ParentDir => OsString::from(".."),
+            Component::Normal(n) => n.to_owned(),
+            // Not on Unix.
+            Component::Prefix(_) => continue,
+        };
+        todo.push_front(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn mode(p: &Path, m: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    /// The way is followed as the kernel follows it: a link's own
+    /// directory and the directories it leads through are on it, `..`
+    /// steps back from where a link led, and a relative name starts at the
+    /// working directory.
+    #[test]
+    fn the_way_is_every_directory_a_name_is_looked_up_in() {
+        let root = tempfile::tempdir().unwrap();
+        let r = std::fs::canonicalize(root.path()).unwrap();
+        for d in ["a/b", "c/d", "e"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::fs::write(r.join("c/d/f"), "").unwrap();
+        // e/l -> ../c/x/../d (x is a link to d, so `..` leads to c)
+        std::os::unix::fs::symlink(r.join("c/d"), r.join("c/x")).unwrap();
+        std::os::unix::fs::symlink("../c/x/../d/f", r.join("e/l")).unwrap();
+        std::os::unix::fs::symlink(r.join("e/l"), r.join("a/b/link")).unwrap();
+        let found = way(&r.join("a/b/link")).unwrap();
+        let names: Vec<(String, bool)> = found
+            .iter()
+            .filter_map(|(d, last)| {
+                d.strip_prefix(&r)
+                    .ok()
+                    .map(|p| (p.display().to_string(), *last))
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (String::new(), false),
+                ("a".into(), false),
+                ("a/b".into(), true),
+                ("e".into(), true),
+                ("c".into(), false),
+                ("c/d".into(), true),
+            ],
+            "{found:?}"
+        );
+        assert!(found.iter().any(|(d, _)| d == Path::new("/")));
+        // Every directory of the temporary root's own way is on it too.
+        assert!(found.iter().any(|(d, _)| Some(d.as_path()) == r.parent()));
+        // A loop of links ends.
+        std::os::unix::fs::symlink(r.join("loop2"), r.join("loop1")).unwrap();
+        std::os::unix::fs::symlink(r.join("loop1"), r.join("loop2")).unwrap();
+        let e = way(&r.join("loop1")).unwrap_err();
+        assert!(e.to_string().contains("links on the way"), "{e}");
+        // A missing name is an error of kind NotFound.
+        assert!(matches!(
+            way(&r.join("a/none/f")),
+            Err(Untrusted::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
+        ));
+    }
+
+    /// A directory on the way that others can write refuses the file,
+    /// however far up it is and whichever link leads through it, unless it
+    /// is sticky; the group writing one is refused only where it holds the
+    /// file (under [`GroupWrite::Refuse`]); another user's is refused.
+    #[test]
+    fn every_directory_on_the_way_must_be_safe() {
+        let root = tempfile::tempdir().unwrap();
+        let r = std::fs::canonicalize(root.path()).unwrap();
+        std::fs::create_dir_all(r.join("up/keys")).unwrap();
+        std::fs::create_dir_all(r.join("links")).unwrap();
+        let file = r.join("up/keys/k");
+        std::fs::write(&file, "").unwrap();
+        std::os::unix::fs::symlink(r.join("up"), r.join("links/up")).unwrap();
+        let via_link = r.join("links/up/keys/k");
+        for d in ["up", "up/keys", "links"] {
+            mode(&r.join(d), 0o755);
+        }
+        let refused = |path: &Path, group: GroupWrite| {
+            check_way(path, Stake::Key, group)
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(refused(&file, GroupWrite::Refuse), None);
+        assert_eq!(refused(&via_link, GroupWrite::Refuse), None);
+        // Others writing two levels up.
+        mode(&r.join("up"), 0o777);
+        let e = refused(&file, GroupWrite::Refuse).unwrap();
+        assert!(
+            e.contains(&format!("`{}` has mode 777", r.join("up").display()))
+                && e.contains("anyone on the host could replace the key"),
+            "{e}"
+        );
+        mode(&r.join("up"), 0o1777);
+        assert_eq!(refused(&file, GroupWrite::Refuse), None);
+        // The group writing a directory further up is only logged.
+        mode(&r.join("up"), 0o775);
+        assert_eq!(refused(&file, GroupWrite::Refuse), None);
+        mode(&r.join("up"), 0o755);
+        // The group writing the directory that holds the file.
+        mode(&r.join("up/keys"), 0o775);
+        let e = refused(&file, GroupWrite::Refuse).unwrap();
+        assert!(e.contains("members of its group could"), "{e}");
+        assert_eq!(refused(&file, GroupWrite::Warn), None);
+        mode(&r.join("up/keys"), 0o2770);
+        assert!(refused(&file, GroupWrite::Refuse).is_some());
+        mode(&r.join("up/keys"), 0o700);
+        // The directory holding a link on the way.
+        mode(&r.join("links"), 0o757);
+        let e = refused(&via_link, GroupWrite::Refuse).unwrap();
+        assert!(e.contains(&r.join("links").display().to_string()), "{e}");
+        assert_eq!(refused(&file, GroupWrite::Refuse), None);
+        mode(&r.join("links"), 0o755);
+        // Another user's (giving a directory away takes root, as CI runs).
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(r.join("up"), Some(12_345), None).unwrap();
+            let e = refused(&via_link, GroupWrite::Refuse).unwrap();
+            assert!(e.contains("belongs to uid 12345"), "{e}");
+            std::os::unix::fs::chown(r.join("up"), Some(0), None).unwrap();
+        }
+        assert_eq!(refused(&via_link, GroupWrite::Refuse), None);
+    }
+
+    /// A file itself: no sticky exemption (others could add files to a
+    /// sticky directory), group write refused or logged.
+    #[test]
+    fn an_entry_is_checked_without_the_sticky_exemption() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("policies");
+        std::fs::create_dir(&dir).unwrap();
+        let check = |m: u32, group: GroupWrite| {
+            mode(&dir, m);
+            let meta = std::fs::metadata(&dir).unwrap();
+            check_entry(&dir, &meta, Stake::Policy, group).map_err(|e| e.to_string())
+        };
+        assert!(check(0o755, GroupWrite::Refuse).is_ok());
+        assert!(check(0o775, GroupWrite::Warn).is_ok());
+        let e = check(0o775, GroupWrite::Refuse).unwrap_err();
+        assert!(
+            e.contains("members of its group could change the policies"),
+            "{e}"
+        );
+        let e = check(0o1777, GroupWrite::Warn).unwrap_err();
+        assert!(
+            e.contains("anyone on the host could change the policies; `chmod o-w`"),
+            "{e}"
+        );
+    }
+}
