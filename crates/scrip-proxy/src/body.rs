@@ -29,8 +29,8 @@ const RECHECK_EVERY: Duration = Duration::from_millis(500);
 /// began, it must still stand (not revoked, its task not ended, the
 /// revocation set fresh) for each chunk to pass, checked at most every
 /// [`RECHECK_EVERY`]. Revocation ends what a token does, a download or
-/// upload under way included. Its `exp` is not checked again: a request
-/// allowed in time may finish.
+/// upload under way included, and so does the token's `exp` once the
+/// leeway past it has run (`Verifier::recheck`).
 pub struct Standing {
     verifier: scrip_verifier::Verifier,
     token: scrip_verifier::AccessToken,

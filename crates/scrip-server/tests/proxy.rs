@@ -89,6 +89,11 @@ struct Env {
 }
 
 async fn setup() -> Env {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`], with `more` changing the configuration after it.
+async fn setup_with(more: impl Fn(&mut scrip_config::Config) + Send + Sync + 'static) -> Env {
     logs();
     let nginx = nginx::Nginx::start(
         &[
@@ -127,6 +132,7 @@ async fn setup() -> Env {
             c.upstreams
                 .push(upstream("down", &format!("http://{closed}")));
             c.metrics_listen = Some(metrics);
+            more(c);
         })),
         ..Options::default()
     })
@@ -1220,6 +1226,53 @@ async fn a_download_under_way_stops_when_its_task_is_ended() {
     );
     assert!(
         record.bytes_out.is_some_and(|b| b < 1024 * 1024 / 2),
+        "{record:?}"
+    );
+    env.server.stop().await;
+}
+
+/// Nor does a request outlive its token: past `exp` and the leeway (the
+/// time a revocation of it is kept), the next chunk is not passed.
+#[tokio::test]
+async fn a_download_under_way_stops_once_its_token_has_run_out() {
+    let env = setup_with(|c| {
+        c.access_token_ttl = 2;
+        c.clock_skew = 1;
+    })
+    .await;
+    // 1 MiB at 64 KiB/s: 16 s in all.
+    let len = 1024 * 1024;
+    env.nginx.put_file("outlive.bin", &vec![b'x'; len]);
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let mut r = env
+        .http
+        .get(env.url("legacy/trickle/outlive.bin"))
+        .bearer_auth(&read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let started = Instant::now();
+    let mut got = 0;
+    let cut = loop {
+        match tokio::time::timeout(Duration::from_secs(10), r.chunk()).await {
+            Ok(Ok(Some(c))) => got += c.len(),
+            Ok(Ok(None)) => panic!("the whole body came after the token ran out"),
+            Ok(Err(_)) => break started.elapsed(),
+            Err(_) => panic!("stalled"),
+        }
+    };
+    // Some of it passed while the token stood, and the rest did not.
+    assert!(got > 0 && got < len / 2, "{got} bytes, cut after {cut:?}");
+    let record = env
+        .wait_audit(|a| {
+            a.event == "proxy.response" && a.path.as_deref() == Some("/trickle/outlive.bin")
+        })
+        .await;
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("response cut off: token has expired"),
         "{record:?}"
     );
     env.server.stop().await;

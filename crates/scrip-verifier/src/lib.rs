@@ -701,16 +701,23 @@ impl Verifier {
     /// Checks again, while a request it allowed is still going on (a long
     /// upload, a streamed answer), that `token` has not been revoked since,
     /// its task included, and that the revocation set is still fresh: what
-    /// [`Verifier::verify`] would say of it now, but for `exp` (a request
-    /// allowed before the token expired may finish) and single use (spent
-    /// by that request). A single-use token's use is published as a
-    /// revocation of its `jti`, so for one only its task is looked up.
-    /// Cheap: no network call, one read lock.
+    /// [`Verifier::verify`] would say of it now, but for single use (spent
+    /// by that request) and a grace on `exp`: a request allowed before the
+    /// token expired may go on until `exp` plus the leeway, the time the
+    /// revocation set keeps the token's revocation, and not after (so no
+    /// request outlives its task's end, whether revoked or run out). A
+    /// single-use token's use is published as a revocation of its `jti`,
+    /// so for one only its task is looked up. Cheap: no network call, one
+    /// read lock.
     ///
     /// # Errors
-    /// [`VerifyError::Revoked`], or [`VerifyError::RevocationStale`] when
-    /// the revocation set is older than `max_staleness`.
+    /// [`VerifyError::Revoked`]; [`VerifyError::RevocationStale`] when
+    /// the revocation set is older than `max_staleness`; `Token(Expired)`
+    /// past `exp` plus the leeway.
     pub fn recheck(&self, token: &AccessToken) -> Result<(), VerifyError> {
+        if feed::unix_now() > token.claims.exp.saturating_add(self.0.leeway) {
+            return Err(VerifyError::Token(JoseError::Expired));
+        }
         let Some(revocations) = &self.0.revocations else {
             return Ok(());
         };
