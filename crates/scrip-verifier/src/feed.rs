@@ -359,15 +359,8 @@ impl Revocations {
             .state
             .read()
             .map_err(|_| VerifyError::RevocationStale)?;
-        // Fresh by both clocks (a wall clock that went back says nothing).
-        let wall_fresh = state.synced_wall.is_some_and(|at| {
-            std::time::SystemTime::now()
-                .duration_since(at)
-                .map_or(true, |d| d <= self.max_staleness)
-        });
-        match state.synced_at {
-            Some(at) if state.caught_up && wall_fresh && at.elapsed() <= self.max_staleness => {}
-            _ => return Err(VerifyError::RevocationStale),
+        if !self.fresh_in(&state) {
+            return Err(VerifyError::RevocationStale);
         }
         if state.tasks.contains_key(&id_key(txn))
             || jti.is_some_and(|jti| state.tokens.contains_key(&id_key(jti)))
@@ -502,6 +495,27 @@ impl Revocations {
             state.synced_wall = Some(clocks.asked_wall);
         }
         Ok(())
+    }
+
+    /// Whether the set is caught up and fresh: tokens are checked against
+    /// it, not refused as [`VerifyError::RevocationStale`].
+    pub(crate) fn fresh(&self) -> bool {
+        self.state.read().is_ok_and(|s| self.fresh_in(&s))
+    }
+
+    /// Caught up, and fresh by both clocks (a wall clock that went back
+    /// says nothing).
+    fn fresh_in(&self, state: &State) -> bool {
+        let wall_fresh = state.synced_wall.is_some_and(|at| {
+            std::time::SystemTime::now()
+                .duration_since(at)
+                .map_or(true, |d| d <= self.max_staleness)
+        });
+        state.caught_up
+            && wall_fresh
+            && state
+                .synced_at
+                .is_some_and(|at| at.elapsed() <= self.max_staleness)
     }
 
     /// Whether every revocation listed at start has been read.

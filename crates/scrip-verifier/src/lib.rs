@@ -740,10 +740,12 @@ impl Verifier {
 
     /// Whether this verifier can accept tokens: it does not follow
     /// revocations, or it has read every revocation listed when it started
-    /// (see [`Verifier::local`]). Staleness later on is checked per token.
+    /// (see [`Verifier::local`]) and its set is not stale (past
+    /// `max_staleness` every token is refused, so a load balancer should
+    /// send requests elsewhere).
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.0.revocations.as_ref().is_none_or(|r| r.caught_up())
+        self.0.revocations.as_ref().is_none_or(|r| r.fresh())
     }
 
     /// The tool name this verifier accepts tokens for.

@@ -119,6 +119,7 @@ async fn past_the_staleness_every_token_is_refused_until_the_feed_answers() {
         .unwrap();
     let t = fake.token("task-1", "jti-1");
     assert!(v.verify(&t).await.is_ok());
+    assert!(v.is_ready());
     fake.set_feed_down(true);
     assert!(
         eventually(10, || async {
@@ -127,11 +128,14 @@ async fn past_the_staleness_every_token_is_refused_until_the_feed_answers() {
         .await,
         "a verifier without a feed kept accepting tokens"
     );
+    // Nor does it say it is ready (a load balancer sends requests elsewhere).
+    assert!(!v.is_ready());
     fake.set_feed_down(false);
     assert!(
         eventually(10, || async { v.verify(&t).await.is_ok() }).await,
         "the verifier did not recover when the feed came back"
     );
+    assert!(v.is_ready());
 }
 
 #[tokio::test]
