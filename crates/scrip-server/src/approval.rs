@@ -201,24 +201,43 @@ pub(crate) async fn request(
                 since,
                 seen: denied.into_iter().map(|d| d.id).collect(),
             });
-            match st.store.commit(all).await {
-                Ok(()) => {}
-                Err(scrip_store::StoreError::Conflict(_)) => continue,
-                // The store went away after the commit was sent: it may have
-                // taken effect. If so, the approvers are told now, since the
-                // agent's next request finds the step waiting and asks no one.
-                Err(e @ scrip_store::StoreError::Unavailable(_))
-                    if matches!(st.store.approval(&id).await, Ok(Some(_))) =>
-                {
-                    tracing::warn!(error = %e, auth_req_id = %id, "the approval's commit failed but it was stored");
+            // The commit and the call that announces it run on their own:
+            // a request dropped meanwhile (its client gone, the server's
+            // drain over) must not leave a step stored that no approver is
+            // told of, since asking again finds it waiting and asks no one.
+            let announce = {
+                let (store, webhook) = (st.store.clone(), st.webhook.clone());
+                let (id, described) = (id.clone(), describe(&approval, Some(task)));
+                let (task_id, tool, asked) = (task.id.clone(), tool.to_owned(), asked.clone());
+                async move {
+                    match store.commit(all).await {
+                        Ok(()) => {}
+                        Err(e @ scrip_store::StoreError::Conflict(_)) => return Err(e),
+                        // The store went away after the commit was sent: it
+                        // may have taken effect, and then it is announced.
+                        Err(e @ scrip_store::StoreError::Unavailable(_))
+                            if matches!(store.approval(&id).await, Ok(Some(_))) =>
+                        {
+                            tracing::warn!(error = %e, auth_req_id = %id, "the approval's commit failed but it was stored");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    tracing::info!(auth_req_id = %id, task = %task_id, tool, actions = %asked, "approval requested");
+                    if let Some(webhook) = webhook {
+                        webhook.send(described);
+                    }
+                    Ok(())
                 }
-                Err(e) => return Err(e.into()),
+            };
+            match tokio::spawn(announce).await {
+                Ok(Ok(())) => return Ok(pending(st, &id, st.config.approval_ttl)),
+                Ok(Err(scrip_store::StoreError::Conflict(_))) => continue,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::error!(error = %e, auth_req_id = %id, "the approval's commit did not finish");
+                    return Err(OAuthError::server_error());
+                }
             }
-            tracing::info!(auth_req_id = %id, task = %task.id, tool, actions = %asked, "approval requested");
-            if let Some(webhook) = &st.webhook {
-                webhook.send(describe(&approval, Some(task)));
-            }
-            return Ok(pending(st, &id, st.config.approval_ttl));
         }
         // Three conflicts in a row: approvals of this task are being opened and
         // decided faster than this request can read them.

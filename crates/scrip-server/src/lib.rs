@@ -284,11 +284,11 @@ impl Server {
                     let http =
                         scrip_verifier::net::http_client(&url, std::time::Duration::from_secs(5))
                             .map_err(|e| StartError::Serve(std::io::Error::other(e.to_string())))?;
-                    Ok::<_, StartError>(state::Webhook {
+                    Ok::<_, StartError>(Arc::new(state::Webhook {
                         url,
                         http,
                         sending: Arc::new(tokio::sync::watch::Sender::new(0)),
-                    })
+                    }))
                 })
                 .transpose()?,
             metadata_body,

@@ -50,7 +50,7 @@ pub(crate) struct Inner {
     /// DPoP proofs accepted at the token endpoint, each accepted once.
     pub dpop_proofs: scrip_jose::dpop::ReplayCache,
     /// The approval webhook, when one is configured.
-    pub webhook: Option<Webhook>,
+    pub webhook: Option<Arc<Webhook>>,
     pub metadata_body: String,
     pub identities: IdentityVerifier,
     pub policy: crate::policies::Policies,
