@@ -55,6 +55,9 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 /// seconds.
 pub const LOCAL_IDENTITY_TTL: u64 = 300;
 
+/// The longest `approval_ttl` accepted, in seconds: a day.
+pub const MAX_APPROVAL_TTL: u64 = 86_400;
+
 /// The longest `access_token_ttl` accepted, in seconds.
 pub const MAX_ACCESS_TOKEN_TTL: u64 = 3600;
 
@@ -765,6 +768,21 @@ impl Config {
                 "approval_ttl, approval_poll_interval and approved_token_ttl must be positive",
             );
         }
+        // An agent polling at the interval must be able to ask at least
+        // twice within an approval's life, or an approved step could never
+        // be collected; and an approval (and a denial's refusal) lives
+        // within a day.
+        if self.approval_ttl > MAX_APPROVAL_TTL {
+            return invalid(format!(
+                "approval_ttl must be at most {MAX_APPROVAL_TTL} seconds (a day)"
+            ));
+        }
+        if self.approval_poll_interval.saturating_mul(2) > self.approval_ttl {
+            return invalid(format!(
+                "approval_poll_interval ({}) must be at most half of approval_ttl ({}): an agent polling at that pace must be able to collect an approved step before it expires",
+                self.approval_poll_interval, self.approval_ttl
+            ));
+        }
         // Single use only where the use is claimed (a verifier, the proxy,
         // introspection): an offline verifier takes it again until it
         // expires, so it lives seconds (SPEC).
@@ -889,6 +907,17 @@ impl TrustedIssuer {
         {
             return invalid(format!(
                 "{who} jwks_refresh, jwks_min_refetch and jwks_max_stale must be at most 86400 seconds (a day)"
+            ));
+        }
+        // Keys are served until `jwks_refresh + jwks_max_stale` after a
+        // fetch, and no fetch is made within `jwks_min_refetch` of the last
+        // one: past the one before the other, every identity of a healthy
+        // issuer would be refused until the next fetch is allowed.
+        if self.jwks_min_refetch > self.jwks_refresh.saturating_add(self.jwks_max_stale) {
+            return invalid(format!(
+                "{who} jwks_min_refetch ({}) is longer than jwks_refresh plus jwks_max_stale ({}): its keys would be dropped before scrip may fetch them again; shorten jwks_min_refetch",
+                self.jwks_min_refetch,
+                self.jwks_refresh.saturating_add(self.jwks_max_stale)
             ));
         }
         if self.kind == Some(IssuerKind::Spiffe) && self.trust_domain.is_none() {
@@ -1088,6 +1117,15 @@ mod tests {
         for key in ["jwks_refresh", "jwks_min_refetch", "jwks_max_stale"] {
             check(&issuer(&format!("{key} = 86401")), Some("at most 86400"));
         }
+        // Keys dropped before they may be fetched again.
+        check(
+            &issuer("jwks_refresh = 60\njwks_max_stale = 0\njwks_min_refetch = 300"),
+            Some("jwks_min_refetch (300) is longer than jwks_refresh plus jwks_max_stale (60)"),
+        );
+        check(
+            &issuer("jwks_refresh = 60\njwks_max_stale = 240\njwks_min_refetch = 300"),
+            None,
+        );
         check(
             &issuer("required_claims = { repository_owner_id = [\"123\"], ref = [\"a\", \"b\"] }"),
             None,
@@ -1212,6 +1250,13 @@ mod tests {
         check("task_ttl = 0", Some("positive"));
         check("task_ttl = 100000", Some("max_task_ttl"));
         check("access_token_ttl = 3600", None);
+        check("approval_ttl = 86400", None);
+        check("approval_ttl = 86401", Some("at most 86400"));
+        check("approval_ttl = 4\napproval_poll_interval = 2", None);
+        check(
+            "approval_ttl = 3\napproval_poll_interval = 2",
+            Some("at most half of approval_ttl"),
+        );
         check("access_token_ttl = 3601", Some("at most 3600"));
         check("approved_token_ttl = 300", None);
         check("approved_token_ttl = 301", Some("at most 300"));

@@ -1208,15 +1208,16 @@ async fn deciding_an_already_decided_approval_is_a_conflict() {
 async fn an_undecided_approval_expires() {
     let s = TestServer::start_with(edit(|c| {
         c.approvers = vec![alice()];
-        c.approval_ttl = 1;
+        // The shortest life an agent polling at the interval can use.
+        (c.approval_ttl, c.approval_poll_interval) = (2, 1);
     }))
     .await;
     let task = prod_task(&s).await;
     let r = s.access_token(&task, "github", Some("delete")).await;
     r.assert_error(400, "authorization_pending");
-    assert_eq!(r.body["expires_in"], 1, "{}", r.text);
+    assert_eq!(r.body["expires_in"], 2, "{}", r.text);
     let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     poll(&s, &task, &id)
         .await
         .assert_error(400, "expired_token");
@@ -1251,14 +1252,14 @@ async fn an_undecided_approval_expires() {
 async fn approving_an_expired_approval_is_a_conflict() {
     let s = TestServer::start_with(edit(|c| {
         c.approvers = vec![alice()];
-        c.approval_ttl = 1;
+        (c.approval_ttl, c.approval_poll_interval) = (2, 1);
     }))
     .await;
     let alice = alice_id(&s);
     let task = prod_task(&s).await;
     // Expired but maybe not yet swept.
     let id = pending(&s, &task).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = approve(&s, &id, Some(&alice)).await;
     r.assert_error(409, "conflict");
     // "has expired" by its time, or "already expired" once swept: which

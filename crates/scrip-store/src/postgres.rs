@@ -235,6 +235,30 @@ fn check_parameters(url: &str) -> Result<(), String> {
             ));
         }
     }
+    // The driver keeps one of two names for the server, the last: not
+    // libpq's `hostaddr` to connect to beside `host` to check the
+    // certificate against, so either one would be silently dropped.
+    let named_host = u.host_str().is_some_and(|h| !h.is_empty());
+    for (given, beside) in [
+        (
+            seen.contains("host") && named_host,
+            "`host` and a host before the path",
+        ),
+        (
+            seen.contains("hostaddr") && (named_host || seen.contains("host")),
+            "`hostaddr` and a host (before the path, or `host`)",
+        ),
+        (
+            seen.contains("port") && u.port().is_some(),
+            "`port` and a port before the path",
+        ),
+    ] {
+        if given {
+            return Err(format!(
+                "the URL names {beside}: the driver keeps only the last and ignores the other (it does not connect to `hostaddr` and check the certificate against `host`, as libpq does); give one"
+            ));
+        }
+    }
     Ok(())
 }
 

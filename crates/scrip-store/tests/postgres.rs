@@ -264,6 +264,18 @@ async fn a_database_elsewhere_needs_a_link_that_is_checked_or_chosen() {
         };
         assert!(e.contains("names one server"), "{e}");
     }
+    // Two names for one server, of which the driver would keep the last.
+    for url in [
+        "postgres://scrip@db.invalid/scrip?sslmode=verify-full&hostaddr=10.0.0.5",
+        "postgres://scrip@db-a.invalid/scrip?sslmode=verify-full&host=db-b.invalid",
+        "postgres:///scrip?sslmode=verify-full&host=db.invalid&hostaddr=10.0.0.5",
+        "postgres://scrip@127.0.0.1:5432/scrip?port=5433",
+    ] {
+        let Err(StoreError::Open(e)) = PgStore::connect(url).await else {
+            panic!("{url}: not refused");
+        };
+        assert!(e.contains("the driver keeps only the last"), "{url}: {e}");
+    }
     // Chosen modes go on to connect (and fail here only because nothing
     // listens there: port 1 of this host, by an address that is not
     // loopback).
