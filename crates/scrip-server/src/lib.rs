@@ -251,7 +251,6 @@ impl Server {
             keyring.algorithms().to_vec(),
             &issuer,
         );
-        let metadata_body = metadata(&issuer, &config, &keyring).to_string();
 
         let mut a = audit_record(&replica, "policy.loaded");
         a.reason = Some(format!(
@@ -291,7 +290,6 @@ impl Server {
                     }))
                 })
                 .transpose()?,
-            metadata_body,
             identities,
             policy: policies::Policies::new(
                 policy,
@@ -631,35 +629,41 @@ fn keys_max_age(config: &Config) -> u64 {
 
 /// The HTTP application.
 pub fn router(state: AppState) -> Router {
-    let metadata = state.0.metadata_body.clone();
+    // Made for each request (they are few): the algorithms it names follow
+    // the key set, which drops a former algorithm's key once its tokens
+    // have expired.
+    let metadata_body = |st: &AppState| {
+        json_body(
+            metadata(&st.0.issuer, &st.0.config, &st.0.keyring).to_string(),
+            METADATA_MAX_AGE,
+        )
+    };
     // RFC 8414 §3.1: an issuer with a path (`https://host/tenant`) has its
     // metadata at `/.well-known/oauth-authorization-server/tenant`. A front
     // proxy that strips the issuer's path sends the rest to the plain path;
     // one that forwards the well-known path as it is, to this one. The raw
     // path is compared, as a client builds it from the issuer's text.
-    let at_issuer_path = (
-        format!(
-            "{}{}",
-            paths::METADATA,
-            scrip_token::issuer_path(&state.0.issuer)
-        ),
-        metadata.clone(),
+    let at_issuer_path = format!(
+        "{}{}",
+        paths::METADATA,
+        scrip_token::issuer_path(&state.0.issuer)
     );
     Router::new()
         .route(
             paths::METADATA,
-            get(move || async move { json_body(metadata, METADATA_MAX_AGE) }),
+            get(move |State(st): State<AppState>| async move { metadata_body(&st) }),
         )
         .route(
             "/.well-known/oauth-authorization-server/{*path}",
-            get(move |uri: axum::http::Uri| async move {
-                let (path, body) = at_issuer_path;
-                if uri.path() == path {
-                    json_body(body, METADATA_MAX_AGE)
-                } else {
-                    not_found().into_response()
-                }
-            }),
+            get(
+                move |State(st): State<AppState>, uri: axum::http::Uri| async move {
+                    if uri.path() == at_issuer_path {
+                        metadata_body(&st)
+                    } else {
+                        not_found().into_response()
+                    }
+                },
+            ),
         )
         .route(
             paths::JWKS,

@@ -51,7 +51,6 @@ pub(crate) struct Inner {
     pub dpop_proofs: scrip_jose::dpop::ReplayCache,
     /// The approval webhook, when one is configured.
     pub webhook: Option<Arc<Webhook>>,
-    pub metadata_body: String,
     pub identities: IdentityVerifier,
     pub policy: crate::policies::Policies,
     pub store: Arc<dyn Store>,
