@@ -20,6 +20,10 @@ pub struct QueryArgs {
     /// Only this agent (the subject of its workload identity).
     #[arg(long)]
     pub agent: Option<String>,
+    /// Only agents whose identity this issuer vouched for (`iss`, exactly):
+    /// two issuers may each have an agent of the same subject.
+    #[arg(long)]
+    pub issuer: Option<String>,
     /// Only this tool.
     #[arg(long)]
     pub tool: Option<String>,
@@ -399,6 +403,7 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
     let filter = AuditFilter {
         task_id: args.task.clone(),
         agent_sub: args.agent.clone(),
+        agent_iss: args.issuer.clone(),
         tool: args.tool.clone(),
         decision: args.decision.clone(),
         since_ms: args.since,

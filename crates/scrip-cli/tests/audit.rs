@@ -316,6 +316,13 @@ async fn audit_commands_read_what_the_server_recorded() {
     let coder = site.query(&["--agent", CODER]);
     assert!(coder.len() >= 8, "{coder:#?}");
     assert!(coder.iter().all(|r| str_of(r, "agent_sub") == Some(CODER)));
+    // --issuer: the same agent by its issuer, and none by another.
+    let iss = str_of(&coder[0], "agent_iss").unwrap().to_owned();
+    assert_eq!(site.query(&["--agent", CODER, "--issuer", &iss]), coder);
+    assert!(
+        site.query(&["--agent", CODER, "--issuer", "https://other.example"])
+            .is_empty()
+    );
     let proxy_sub = "system:serviceaccount:resource-servers:github-proxy";
     let by_proxy = site.query(&["--agent", proxy_sub]);
     assert_eq!(by_proxy.len(), 1, "{by_proxy:#?}");

@@ -173,6 +173,8 @@ pub struct AuditFilter {
     pub task_id: Option<String>,
     /// Only this agent subject.
     pub agent_sub: Option<String>,
+    /// Only agents of this identity issuer.
+    pub agent_iss: Option<String>,
     /// Only this tool.
     pub tool: Option<String>,
     /// Only this decision (`allow` or `deny`).

@@ -386,6 +386,7 @@ pub(crate) fn audit_query(
     for (column, value) in [
         ("task_id =", &filter.task_id),
         ("agent_sub =", &filter.agent_sub),
+        ("agent_iss =", &filter.agent_iss),
         ("tool =", &filter.tool),
         ("decision =", &filter.decision),
     ] {

@@ -1575,6 +1575,15 @@ async fn audit_queries_filter(f: Fixture) {
             event: "token.issued".into(),
             decision: Some(decision.into()),
             agent_sub: Some(agent.into()),
+            // Two issuers' agents.
+            agent_iss: Some(
+                if agent == "a1" {
+                    "https://idp"
+                } else {
+                    "https://other"
+                }
+                .into(),
+            ),
             task_id: Some(task.into()),
             tool: Some(tool.into()),
             replica: "test".into(),
@@ -1625,6 +1634,23 @@ async fn audit_queries_filter(f: Fixture) {
         })
         .await,
         [1_200]
+    );
+    assert_eq!(
+        ask(AuditFilter {
+            agent_iss: Some("https://idp".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [1_000, 1_100]
+    );
+    assert_eq!(
+        ask(AuditFilter {
+            agent_sub: Some("a2".into()),
+            agent_iss: Some("https://idp".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [0_u64; 0]
     );
     assert_eq!(
         ask(AuditFilter {
