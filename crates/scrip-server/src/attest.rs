@@ -221,9 +221,10 @@ pub struct Serving {
 const DRAIN: Duration = Duration::from_secs(5);
 
 impl Serving {
-    /// Stops accepting, lets the connections still open finish for up to
-    /// [`DRAIN`], stops those left, and removes the socket file; once this
-    /// returns, nothing served here commits again.
+    /// Stops accepting (if the server's stop has not already) and removes
+    /// the socket file, lets the connections still open finish for up to
+    /// [`DRAIN`], and stops those left; once this returns, nothing served
+    /// here commits again.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
@@ -233,6 +234,11 @@ impl Serving {
 /// Serves the socket until [`Serving::stop`].
 pub fn spawn(socket: Socket, state: AppState) -> Serving {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    // A stop begins as the server's does (when it stops taking
+    // connections), not after its drain: a replacement may bind the socket
+    // meanwhile, and this process would otherwise go on issuing
+    // identities for an API that takes no more requests.
+    let mut stopping = state.0.stopping.subscribe();
     let task = scrip_vital::spawn("attestation socket", async move {
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
@@ -243,6 +249,7 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
             let next = tokio::select! {
                 next = socket.listener.accept() => next,
                 _ = &mut stopped => break,
+                _ = stopping.wait_for(|s| *s) => break,
             };
             let stream = match next {
                 Ok((stream, _)) => stream,
@@ -266,16 +273,17 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
                 drop(slot);
             });
         }
-        // Those under way may finish (an identity being committed is
+        // Closed and its file removed at once: a new process may take the
+        // path. Those under way may finish (an identity being committed is
         // answered rather than cut off, and the client need not ask again),
         // for a while; the rest are stopped, and waited for: none of them
         // commits after the caller's final commit.
+        drop(socket);
         let _ = tokio::time::timeout(DRAIN, async {
             while connections.join_next().await.is_some() {}
         })
         .await;
         connections.shutdown().await;
-        drop(socket);
     });
     Serving { stop, task }
 }

@@ -252,6 +252,44 @@ async fn a_stop_lets_an_identity_under_way_finish() {
     stopping.await.unwrap();
 }
 
+/// The socket closes as the server's stop begins, not once the HTTP
+/// requests under way have drained: a replacement may take the path
+/// meanwhile, and nothing is issued for an API that takes no requests.
+#[tokio::test]
+async fn the_socket_closes_as_a_stop_begins() {
+    let server = with_workloads(Vec::new()).await;
+    let path = socket(&server);
+    let identity = server.k8s.kubernetes("agents", "coder");
+    let held = server.hold_writes().await;
+    // A task start waits for the store, and the HTTP drain for it.
+    let caller = server.caller();
+    let starting = tokio::spawn(async move {
+        let details = serde_json::json!({ "purpose": "x", "environment": "dev" }).to_string();
+        caller
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", common::TOKEN_EXCHANGE),
+                    ("subject_token", &identity),
+                    ("subject_token_type", common::JWT),
+                    ("requested_token_type", common::TXN),
+                    ("scope", "github:read"),
+                    ("request_details", &details),
+                ],
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "the drain did not wait for the request");
+    assert!(!path.exists(), "the socket file outlived the stop's start");
+    assert!(tokio::net::UnixStream::connect(&path).await.is_err());
+    release(held).await;
+    assert_eq!(starting.await.unwrap().status, 200);
+    stopping.await.unwrap();
+}
+
 #[tokio::test]
 async fn garbage_on_the_socket_is_refused() {
     let server = TestServer::start().await;
