@@ -282,7 +282,10 @@ async fn the_socket_closes_as_a_stop_begins() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = tokio::spawn(server.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!stopping.is_finished(), "the drain did not wait for the request");
+    assert!(
+        !stopping.is_finished(),
+        "the drain did not wait for the request"
+    );
     assert!(!path.exists(), "the socket file outlived the stop's start");
     assert!(tokio::net::UnixStream::connect(&path).await.is_err());
     release(held).await;
