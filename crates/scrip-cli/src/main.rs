@@ -676,7 +676,12 @@ fn command(command: Command) -> ExitCode {
 pub(crate) fn server_setup(
     config: Option<&Path>,
 ) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
-    let config = Config::load(config).map_err(fail)?;
+    let loaded = Config::load(config).map_err(fail)?;
+    // Whoever can change the file decides whom scrip trusts.
+    if let Some(path) = config {
+        scrip_config::trust::check_configuration(path).map_err(fail)?;
+    }
+    let config = loaded;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1040,6 +1040,44 @@ fn waiting_on_a_silent_database(root: &Path) -> (Server, TcpStream) {
     (server, held)
 }
 
+/// Whoever can change the configuration file decides whom scrip trusts:
+/// `scrip serve` and `scrip proxy` refuse one others could write, or that
+/// sits in a directory others could write, before they write anything.
+#[test]
+fn a_configuration_others_can_change_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write_config(root, "");
+    let config = root.join("scrip.toml");
+    let refused = |why: &str| {
+        for command in ["serve", "proxy"] {
+            let out = scrip()
+                .args([command, "--config"])
+                .arg(&config)
+                .current_dir(root)
+                .output()
+                .unwrap();
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+            assert!(err.contains(why), "{command}: {err}");
+            assert!(
+                err.contains("could change whom scrip trusts"),
+                "{command}: {err}"
+            );
+            assert!(
+                !root.join(".scrip").exists(),
+                "{command} wrote before refusing"
+            );
+        }
+    };
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o666)).unwrap();
+    refused(&format!("`{}` has mode 666", config.display()));
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(root, fs::Permissions::from_mode(0o777)).unwrap();
+    refused(&format!("`{}` has mode 777", root.display()));
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700)).unwrap();
+}
+
 /// A stop signal during start-up waits for start-up to end (the stop is
 /// then graceful); a second one abandons a start-up that hangs, here on a
 /// database that accepts the connection and never answers.

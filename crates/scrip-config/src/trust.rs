@@ -108,6 +108,8 @@ pub enum Stake {
     TrustAnchor,
     /// A policy directory or file.
     Policy,
+    /// The configuration file of `scrip serve` or `scrip proxy`.
+    Configuration,
 }
 
 impl Stake {
@@ -116,6 +118,7 @@ impl Stake {
             Self::Key => "replace the key",
             Self::TrustAnchor => "add a key and sign any identity",
             Self::Policy => "change the policies",
+            Self::Configuration => "change whom scrip trusts (issuers, approvers, upstreams)",
         }
     }
 }
@@ -130,6 +133,22 @@ pub enum GroupWrite {
     Warn,
 }
 
+/// Checks the configuration file of a command that serves (`scrip serve`,
+/// `scrip proxy`) as a policy is checked: whoever can change it decides
+/// which issuers, approvers and upstreams scrip trusts. Write by the group
+/// is logged.
+///
+/// # Errors
+/// [`Untrusted`].
+pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
+    let meta = std::fs::metadata(path).map_err(|source| Untrusted::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    check_entry(path, &meta, Stake::Configuration, GroupWrite::Warn)?;
+    check_way(path, Stake::Configuration, GroupWrite::Warn)
+}
+
 /// The most links followed on the way, as Linux's `ELOOP` limit.
 const MAX_LINKS: usize = 40;
 
@@ -142,7 +161,7 @@ const MAX_LINKS: usize = 40;
 /// [`Untrusted`] for the first directory that fails, or one that cannot be
 /// looked at (a missing `path` is an [`Untrusted::Io`] of kind `NotFound`).
 pub fn check_way(path: &Path, what: Stake, group: GroupWrite) -> Result<(), Untrusted> {
-    for (dir, holds_the_file) in way(path)? {
+    for (dir, holds_the_file) in way(path, what)? {
         let meta = std::fs::metadata(&dir).map_err(|source| Untrusted::Io {
             path: dir.clone(),
             source,
@@ -192,7 +211,7 @@ fn check(
         });
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o022 == 0 || (sticky_ok && mode & 0o1000 != 0) || on_read_only_mount(path) {
+    if mode & 0o022 == 0 || (sticky_ok && mode & 0o1000 != 0) || read_only_mount_root(path, meta) {
         return Ok(());
     }
     if mode & 0o002 != 0 {
@@ -211,15 +230,19 @@ fn check(
             what,
         }),
         GroupWrite::Warn => {
-            // Once a path: the checks run again at every reload.
-            static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+            // Once a path and mode (the checks run again at every reload),
+            // for so many of them at most.
+            static WARNED: std::sync::Mutex<Vec<(PathBuf, u32)>> =
+                std::sync::Mutex::new(Vec::new());
             let mut warned = WARNED
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if warned.iter().any(|p| p == path) {
+            if warned.iter().any(|(p, m)| p == path && *m == mode) {
                 return Ok(());
             }
-            warned.push(path.to_owned());
+            if warned.len() < 256 {
+                warned.push((path.to_owned(), mode));
+            }
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{mode:o}"),
@@ -231,19 +254,30 @@ fn check(
     }
 }
 
-/// Whether `path` is on a file system mounted read-only (a Kubernetes
-/// ConfigMap or Secret volume, whose root's mode bits say 0777 or 1777
-/// though nobody can write there): mode bits say nothing of who can write.
-#[must_use]
-pub fn on_read_only_mount(path: &Path) -> bool {
-    rustix::fs::statvfs(path)
+/// Whether `path` is a directory at the root of a read-only mount (a
+/// Kubernetes ConfigMap or Secret volume, whose root's mode bits say 0777
+/// or 1777 though nobody can write there). Only a mount's root: the files
+/// and directories inside keep the bits they were given, and a read-only
+/// view of a file says nothing of who may write it through another mount
+/// (`docker run -v /srv/x:/etc/x:ro`), so their own bits are checked.
+fn read_only_mount_root(path: &Path, meta: &Metadata) -> bool {
+    if !meta.is_dir() {
+        return false;
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let root = path == Path::new("/")
+        || std::fs::metadata(parent.join(".")).is_ok_and(|p| p.dev() != meta.dev());
+    root && rustix::fs::statvfs(path)
         .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
 
 /// The directories the kernel looks names up in on the way to `path`, in
 /// order, each once, with whether the name looked up there was the file's
-/// own (its last name, or a link's last name that leads to it).
-fn way(path: &Path) -> Result<Vec<(PathBuf, bool)>, Untrusted> {
+/// own (its last name, or a link's last name that leads to it). A link on
+/// the way must be scrip's user's or root's: in a sticky directory anyone
+/// may leave one, and the kernel follows it unless `protected_symlinks`
+/// is set.
+fn way(path: &Path, what: Stake) -> Result<Vec<(PathBuf, bool)>, Untrusted> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Untrusted::Io { path, source }
@@ -275,6 +309,15 @@ fn way(path: &Path) -> Result<Vec<(PathBuf, bool)>, Untrusted> {
         let next = at.join(&name);
         let meta = std::fs::symlink_metadata(&next).map_err(io(&next))?;
         if meta.file_type().is_symlink() {
+            let euid = rustix::process::geteuid().as_raw();
+            if meta.uid() != euid && meta.uid() != 0 {
+                return Err(Untrusted::Foreign {
+                    path: next,
+                    owner: meta.uid(),
+                    euid,
+                    what,
+                });
+            }
             links += 1;
             if links > MAX_LINKS {
                 return Err(Untrusted::Io {
@@ -335,7 +378,7 @@ mod tests {
         std::os::unix::fs::symlink(r.join("c/d"), r.join("c/x")).unwrap();
         std::os::unix::fs::symlink("../c/x/../d/f", r.join("e/l")).unwrap();
         std::os::unix::fs::symlink(r.join("e/l"), r.join("a/b/link")).unwrap();
-        let found = way(&r.join("a/b/link")).unwrap();
+        let found = way(&r.join("a/b/link"), Stake::Key).unwrap();
         let names: Vec<(String, bool)> = found
             .iter()
             .filter_map(|(d, last)| {
@@ -362,11 +405,11 @@ mod tests {
         // A loop of links ends.
         std::os::unix::fs::symlink(r.join("loop2"), r.join("loop1")).unwrap();
         std::os::unix::fs::symlink(r.join("loop1"), r.join("loop2")).unwrap();
-        let e = way(&r.join("loop1")).unwrap_err();
+        let e = way(&r.join("loop1"), Stake::Key).unwrap_err();
         assert!(e.to_string().contains("links on the way"), "{e}");
         // A missing name is an error of kind NotFound.
         assert!(matches!(
-            way(&r.join("a/none/f")),
+            way(&r.join("a/none/f"), Stake::Key),
             Err(Untrusted::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
         ));
     }
@@ -429,6 +472,18 @@ mod tests {
             let e = refused(&via_link, GroupWrite::Refuse).unwrap();
             assert!(e.contains("belongs to uid 12345"), "{e}");
             std::os::unix::fs::chown(r.join("up"), Some(0), None).unwrap();
+            // A link on the way of another user's (left in a sticky
+            // directory, say).
+            std::os::unix::fs::lchown(r.join("links/up"), Some(12_345), None).unwrap();
+            let e = refused(&via_link, GroupWrite::Refuse).unwrap();
+            assert!(
+                e.contains(&format!(
+                    "`{}` belongs to uid 12345",
+                    r.join("links/up").display()
+                )),
+                "{e}"
+            );
+            std::os::unix::fs::lchown(r.join("links/up"), Some(0), None).unwrap();
         }
         assert_eq!(refused(&via_link, GroupWrite::Refuse), None);
     }
