@@ -592,8 +592,9 @@ async fn forward(
     let response = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(_)) if standing.cut().is_some() => {
-            // The agent's body stopped going up when its token was revoked
-            // (or its task ended); the upstream may have acted on part of it.
+            // The agent's body stopped going up when its token no longer
+            // stood (revoked, its task ended, or past its `exp` and the
+            // leeway); the upstream may have acted on part of it.
             let why = standing
                 .cut()
                 .cloned()

@@ -586,12 +586,26 @@ impl Proxy {
         self.0.pending.flush().await;
     }
 
-    /// Whether tokens can be checked: the verifier has read every
-    /// revocation listed when it started. Until then every proxied request
-    /// is refused with 503 and `Retry-After`.
+    /// Whether tokens can be checked now: each verifier has read every
+    /// revocation listed when it started, and its set is not stale. Until
+    /// then every proxied request is refused with 503 and `Retry-After`.
+    /// `scrip proxy`'s readiness.
     #[must_use]
     pub fn is_ready(&self) -> bool {
         self.0.upstreams.values().all(|u| u.verifier.is_ready())
+    }
+
+    /// Whether each verifier has read every revocation listed when it
+    /// started, stale since or not: the readiness of a `scrip serve` that
+    /// mounts the proxy, whose other endpoints (key sets, metadata,
+    /// revocation) serve without it and must stay reachable while its set
+    /// is stale (the store down).
+    #[must_use]
+    pub fn has_caught_up(&self) -> bool {
+        self.0
+            .upstreams
+            .values()
+            .all(|u| u.verifier.has_caught_up())
     }
 
     /// Whether any upstream is configured.

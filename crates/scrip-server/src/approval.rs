@@ -207,6 +207,8 @@ pub(crate) async fn request(
             // told of, since asking again finds it waiting and asks no one.
             let announce = {
                 let (store, webhook) = (st.store.clone(), st.webhook.clone());
+                // Counted from now: a stop waits for the announcement.
+                let counted = webhook.as_ref().map(|w| w.announcing());
                 let (id, described) = (id.clone(), describe(&approval, Some(task)));
                 let (task_id, tool, asked) = (task.id.clone(), tool.to_owned(), asked.clone());
                 async move {
@@ -226,6 +228,7 @@ pub(crate) async fn request(
                     if let Some(webhook) = webhook {
                         webhook.send(described);
                     }
+                    drop(counted);
                     Ok(())
                 }
             };

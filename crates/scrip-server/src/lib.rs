@@ -287,6 +287,7 @@ impl Server {
                         url,
                         http,
                         sending: Arc::new(tokio::sync::watch::Sender::new(0)),
+                        announcing: Arc::new(tokio::sync::watch::Sender::new(0)),
                     }))
                 })
                 .transpose()?,
@@ -409,7 +410,9 @@ impl Server {
         app = app.route(
             "/readyz",
             get(move || {
-                let ready = proxy.as_ref().is_none_or(scrip_proxy::Proxy::is_ready);
+                // Caught up, not fresh: a store down takes the proxied
+                // requests (503) but not this whole replica out of service.
+                let ready = proxy.as_ref().is_none_or(scrip_proxy::Proxy::has_caught_up);
                 async move { readiness(ready) }
             }),
         );

@@ -86,6 +86,8 @@ pub(crate) struct Webhook {
     /// How many calls (with their retries) are under way: a stop waits a
     /// little for them.
     pub sending: Arc<tokio::sync::watch::Sender<usize>>,
+    /// How many approvals are being committed, to be announced then.
+    pub announcing: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 /// The most webhook calls (with their retries, up to about 27 s each)
@@ -99,13 +101,6 @@ impl Webhook {
     /// [`Self::sending`] until done; drops the call when
     /// [`MAX_WEBHOOK_CALLS`] are under way.
     pub fn send(&self, body: serde_json::Value) {
-        /// Uncounts its call when the task ends, however it ends.
-        struct Sent(Arc<tokio::sync::watch::Sender<usize>>);
-        impl Drop for Sent {
-            fn drop(&mut self) {
-                self.0.send_modify(|n| *n = n.saturating_sub(1));
-            }
-        }
         let mut taken = false;
         self.sending.send_if_modified(|n| {
             taken = *n < MAX_WEBHOOK_CALLS;
@@ -127,7 +122,7 @@ impl Webhook {
             }
             return;
         }
-        let sent = Sent(self.sending.clone());
+        let sent = Counted(self.sending.clone());
         let (http, url) = (self.http.clone(), self.url.clone());
         tokio::spawn(async move {
             crate::approval::notify(http, url, body).await;
@@ -135,10 +130,35 @@ impl Webhook {
         });
     }
 
-    /// Waits until no call is under way, or `limit` passed.
+    /// Counts an approval about to be committed and announced, until the
+    /// value returned is dropped: [`Self::finish`] waits for it too, so a
+    /// stop does not end before the call it makes.
+    pub fn announcing(&self) -> Counted {
+        self.announcing.send_modify(|n| *n = n.saturating_add(1));
+        Counted(self.announcing.clone())
+    }
+
+    /// Waits until no approval is being announced and no call is under
+    /// way, or `limit` passed.
     pub async fn finish(&self, limit: std::time::Duration) {
+        let mut announcing = self.announcing.subscribe();
         let mut sending = self.sending.subscribe();
-        let _ = tokio::time::timeout(limit, sending.wait_for(|n| *n == 0)).await;
+        let _ = tokio::time::timeout(limit, async {
+            let _ = announcing.wait_for(|n| *n == 0).await;
+            let _ = sending.wait_for(|n| *n == 0).await;
+        })
+        .await;
+    }
+}
+
+/// One of a count of things under way, uncounted when dropped, however
+/// its task ends.
+#[derive(Debug)]
+pub(crate) struct Counted(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -386,7 +406,19 @@ mod tests {
                 .build()
                 .unwrap(),
             sending: Arc::new(tokio::sync::watch::channel(0).0),
+            announcing: Arc::new(tokio::sync::watch::channel(0).0),
         };
+        // A stop waits for an approval still being committed, before its
+        // call is made.
+        let counted = hook.announcing();
+        let long = std::time::Duration::from_secs(30);
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(100), hook.finish(long)).await;
+        assert!(waited.is_err(), "finish did not wait for the announcement");
+        drop(counted);
+        tokio::time::timeout(std::time::Duration::from_secs(5), hook.finish(long))
+            .await
+            .unwrap();
         for i in 0..MAX_WEBHOOK_CALLS + 50 {
             hook.send(serde_json::json!({ "auth_req_id": i.to_string() }));
         }

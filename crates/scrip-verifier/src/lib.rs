@@ -703,9 +703,9 @@ impl Verifier {
     /// its task included, and that the revocation set is still fresh: what
     /// [`Verifier::verify`] would say of it now, but for single use (spent
     /// by that request) and a grace on `exp`: a request allowed before the
-    /// token expired may go on until `exp` plus the leeway, the time the
-    /// revocation set keeps the token's revocation, and not after (so no
-    /// request outlives its task's end, whether revoked or run out). A
+    /// token expired may go on until `exp` plus the leeway and not after:
+    /// scrip publishes no revocation of a task that ran out, so no request
+    /// outlives its task's end by more than that. A
     /// single-use token's use is published as a revocation of its `jti`,
     /// so for one only its task is looked up. Cheap: no network call, one
     /// read lock.
@@ -746,6 +746,13 @@ impl Verifier {
     #[must_use]
     pub fn is_ready(&self) -> bool {
         self.0.revocations.as_ref().is_none_or(|r| r.fresh())
+    }
+
+    /// Whether this verifier does not follow revocations, or has read every
+    /// revocation listed when it started, fresh now or not.
+    #[must_use]
+    pub fn has_caught_up(&self) -> bool {
+        self.0.revocations.as_ref().is_none_or(|r| r.caught_up())
     }
 
     /// The tool name this verifier accepts tokens for.
