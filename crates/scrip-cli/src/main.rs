@@ -486,7 +486,14 @@ enum PolicyCommand {
 /// thread that logged (the store's writer, on its first failed commit).
 /// Logs to standard error: for a server (`queued`), through a thread of
 /// its own, which the returned [`log::Lines`] waits for at exit.
+/// Set when the log is JSON lines: [`fail`] says why in one too.
+static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn init_logging(format: LogFormat, level: &str, queued: bool) -> Option<log::Lines> {
+    JSON_LOG.store(
+        matches!(format, LogFormat::Json),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCRIP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
@@ -574,6 +581,15 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
     reason = "the binary reports fatal errors on stderr"
 )]
 pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
+    // In a JSON log, the reason a command stopped is a JSON line too, so
+    // that a pipeline reading the log finds it (a pod crash-looping says
+    // why); where the log's filter leaves errors out, as text.
+    if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed)
+        && tracing::enabled!(tracing::Level::ERROR)
+    {
+        tracing::error!(target: "scrip", "{message}");
+        return ExitCode::FAILURE;
+    }
     let line = format!("scrip: {message}\n");
     // A server's goes after its log lines, through their queue: a stalled
     // standard error does not hold up its exit either.

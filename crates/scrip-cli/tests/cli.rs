@@ -1075,6 +1075,28 @@ fn a_configuration_others_can_change_is_refused() {
     fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(root, fs::Permissions::from_mode(0o777)).unwrap();
     refused(&format!("`{}` has mode 777", root.display()));
+    // In a JSON log, the reason is a JSON line too (a log pipeline reading
+    // a pod that will not start finds it).
+    let out = scrip()
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let last: serde_json::Value = err
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("not a JSON line: {err}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("has mode 777")),
+        "{last}"
+    );
     fs::set_permissions(root, fs::Permissions::from_mode(0o700)).unwrap();
 }
 
