@@ -581,16 +581,20 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
     reason = "the binary reports fatal errors on stderr"
 )]
 pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
-    // In a JSON log, the reason a command stopped is a JSON line too, so
-    // that a pipeline reading the log finds it (a pod crash-looping says
-    // why); where the log's filter leaves errors out, as text.
-    if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed)
-        && tracing::enabled!(tracing::Level::ERROR)
-    {
-        tracing::error!(target: "scrip", "{message}");
-        return ExitCode::FAILURE;
-    }
-    let line = format!("scrip: {message}\n");
+    // In a JSON log, the reason a command stopped is a JSON line too, as
+    // the log's own error events are, so that a pipeline reading the log
+    // finds it (a pod crash-looping says why).
+    let line = if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+        let event = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": "ERROR",
+            "fields": { "message": message.to_string() },
+            "target": "scrip",
+        });
+        format!("{event}\n")
+    } else {
+        format!("scrip: {message}\n")
+    };
     // A server's goes after its log lines, through their queue: a stalled
     // standard error does not hold up its exit either.
     if !log::say(&line) {

@@ -1042,7 +1042,8 @@ fn waiting_on_a_silent_database(root: &Path) -> (Server, TcpStream) {
 
 /// Whoever can change the configuration file decides whom scrip trusts:
 /// `scrip serve` and `scrip proxy` refuse one others could write, or that
-/// sits in a directory others could write, before they write anything.
+/// sits in a directory others could write, before they write anything; so
+/// does `scrip secret rotate`, which runs the programs it names.
 #[test]
 fn a_configuration_others_can_change_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1050,28 +1051,49 @@ fn a_configuration_others_can_change_is_refused() {
     write_config(root, "");
     let config = root.join("scrip.toml");
     let refused = |why: &str| {
-        for command in ["serve", "proxy"] {
+        for command in [&["serve"][..], &["proxy"], &["secret", "rotate", "legacy"]] {
             let out = scrip()
-                .args([command, "--config"])
+                .args(command)
+                .arg("--config")
                 .arg(&config)
                 .current_dir(root)
                 .output()
                 .unwrap();
             let err = text(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{command}: {err}");
-            assert!(err.contains(why), "{command}: {err}");
+            assert_eq!(out.status.code(), Some(1), "{command:?}: {err}");
+            assert!(err.contains(why), "{command:?}: {err}");
             assert!(
                 err.contains("could change whom scrip trusts"),
-                "{command}: {err}"
+                "{command:?}: {err}"
             );
             assert!(
                 !root.join(".scrip").exists(),
-                "{command} wrote before refusing"
+                "{command:?} wrote before refusing"
             );
         }
     };
     fs::set_permissions(&config, fs::Permissions::from_mode(0o666)).unwrap();
     refused(&format!("`{}` has mode 666", config.display()));
+    // The group's write too, as for a key or a `jwks_file`.
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o664)).unwrap();
+    refused("members of its group could");
+    // A configuration that is no file on disk (`--config <(...)`, a pipe
+    // the invoking shell fills) has nothing to check.
+    let mut piped = scrip()
+        .args(["secret", "rotate", "legacy", "--config", "/dev/stdin"])
+        .current_dir(root)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = piped.stdin.take().unwrap();
+        stdin.write_all(b"listen = \"127.0.0.1:1\"\n").unwrap();
+    }
+    let out = piped.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(err.contains("no upstream `legacy`"), "{err}");
     fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(root, fs::Permissions::from_mode(0o777)).unwrap();
     refused(&format!("`{}` has mode 777", root.display()));

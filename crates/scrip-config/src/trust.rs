@@ -133,20 +133,48 @@ pub enum GroupWrite {
     Warn,
 }
 
-/// Checks the configuration file of a command that serves (`scrip serve`,
-/// `scrip proxy`) as a policy is checked: whoever can change it decides
-/// which issuers, approvers and upstreams scrip trusts. Write by the group
-/// is logged.
+/// Checks a file or directory by name: [`check_entry`] on what the name
+/// leads to, and [`check_way`].
 ///
 /// # Errors
 /// [`Untrusted`].
-pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
+pub fn check_path(path: &Path, what: Stake, group: GroupWrite) -> Result<(), Untrusted> {
     let meta = std::fs::metadata(path).map_err(|source| Untrusted::Io {
         path: path.to_owned(),
         source,
     })?;
-    check_entry(path, &meta, Stake::Configuration, GroupWrite::Warn)?;
-    check_way(path, Stake::Configuration, GroupWrite::Warn)
+    check_entry(path, &meta, what, group)?;
+    check_way(path, what, group)
+}
+
+/// Checks the configuration file of a command that serves (`scrip serve`,
+/// `scrip proxy`) or runs what it names (`scrip secret`'s `mint_command`)
+/// as a trust anchor is checked: whoever can change it decides which
+/// issuers, approvers and upstreams scrip trusts. One that is no file on
+/// disk (`--config <(...)`, a pipe the invoking shell fills) has nothing
+/// anyone could change later, and is not checked.
+///
+/// # Errors
+/// [`Untrusted`].
+pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Ok(());
+    }
+    check_path(path, Stake::Configuration, GroupWrite::Refuse)
+}
+
+/// `Foreign` unless `uid` is scrip's user's or root's.
+fn foreign(path: &Path, uid: u32, what: Stake) -> Result<(), Untrusted> {
+    let euid = rustix::process::geteuid().as_raw();
+    if uid == euid || uid == 0 {
+        return Ok(());
+    }
+    Err(Untrusted::Foreign {
+        path: path.to_owned(),
+        owner: uid,
+        euid,
+        what,
+    })
 }
 
 /// The most links followed on the way, as Linux's `ELOOP` limit.
@@ -201,15 +229,7 @@ fn check(
     group: GroupWrite,
     sticky_ok: bool,
 ) -> Result<(), Untrusted> {
-    let euid = rustix::process::geteuid().as_raw();
-    if meta.uid() != euid && meta.uid() != 0 {
-        return Err(Untrusted::Foreign {
-            path: path.to_owned(),
-            owner: meta.uid(),
-            euid,
-            what,
-        });
-    }
+    foreign(path, meta.uid(), what)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 == 0 || (sticky_ok && mode & 0o1000 != 0) || read_only_mount_root(path, meta) {
         return Ok(());
@@ -259,14 +279,23 @@ fn check(
 /// or 1777 though nobody can write there). Only a mount's root: the files
 /// and directories inside keep the bits they were given, and a read-only
 /// view of a file says nothing of who may write it through another mount
-/// (`docker run -v /srv/x:/etc/x:ro`), so their own bits are checked.
+/// (`docker run -v /srv/x:/etc/x:ro`), so their own bits are checked. The
+/// root of such a view is taken for a ConfigMap's: nothing here tells them
+/// apart.
 fn read_only_mount_root(path: &Path, meta: &Metadata) -> bool {
+    use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags};
     if !meta.is_dir() {
         return false;
     }
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    let root = path == Path::new("/")
-        || std::fs::metadata(parent.join(".")).is_ok_and(|p| p.dev() != meta.dev());
+    // The kernel says so (Linux 5.8 and later); else a device other than
+    // its parent's (`..` as the kernel resolves it, through a link and
+    // across a mount), which misses a bind mount of the same file system.
+    let root = match rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS) {
+        Ok(s) if s.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
+            s.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+        }
+        _ => std::fs::metadata(path.join("..")).is_ok_and(|p| p.dev() != meta.dev()),
+    };
     root && rustix::fs::statvfs(path)
         .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
@@ -309,15 +338,7 @@ fn way(path: &Path, what: Stake) -> Result<Vec<(PathBuf, bool)>, Untrusted> {
         let next = at.join(&name);
         let meta = std::fs::symlink_metadata(&next).map_err(io(&next))?;
         if meta.file_type().is_symlink() {
-            let euid = rustix::process::geteuid().as_raw();
-            if meta.uid() != euid && meta.uid() != 0 {
-                return Err(Untrusted::Foreign {
-                    path: next,
-                    owner: meta.uid(),
-                    euid,
-                    what,
-                });
-            }
+            foreign(&next, meta.uid(), what)?;
             links += 1;
             if links > MAX_LINKS {
                 return Err(Untrusted::Io {
@@ -486,6 +507,59 @@ mod tests {
             std::os::unix::fs::lchown(r.join("links/up"), Some(0), None).unwrap();
         }
         assert_eq!(refused(&via_link, GroupWrite::Refuse), None);
+    }
+
+    /// The root of a read-only mount passes whatever its bits (a ConfigMap
+    /// volume's says 0777); a directory inside it keeps its own. Mounting
+    /// takes root, as CI runs.
+    #[test]
+    fn only_a_read_only_mounts_root_is_exempt() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        /// Unmounts when dropped, however the test ends.
+        struct Mounted(PathBuf);
+        impl Drop for Mounted {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let mount = |args: &[&str]| {
+            let out = std::process::Command::new("mount")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "mount {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let root = tempfile::tempdir().unwrap();
+        let m = root.path().join("configmap");
+        std::fs::create_dir(&m).unwrap();
+        let at = m.to_str().unwrap();
+        mount(&["-t", "tmpfs", "-o", "mode=0777", "scrip-test", at]);
+        let _mounted = Mounted(m.clone());
+        let inner = m.join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        mode(&inner, 0o777);
+        mount(&["-o", "remount,ro", at]);
+        let check = |p: &Path| {
+            check_entry(
+                p,
+                &std::fs::metadata(p).unwrap(),
+                Stake::Policy,
+                GroupWrite::Warn,
+            )
+            .map_err(|e| e.to_string())
+        };
+        check(&m).unwrap();
+        let e = check(&inner).unwrap_err();
+        assert!(e.contains("has mode 777"), "{e}");
+        // Not read-only: refused.
+        mount(&["-o", "remount,rw", at]);
+        assert!(check(&m).unwrap_err().contains("has mode 777"));
     }
 
     /// A file itself: no sticky exemption (others could add files to a

@@ -256,7 +256,7 @@ pub async fn load_at_start(
 /// # Errors
 /// [`scrip_policy::PolicyError::Unsafe`].
 fn check_writers(dir: &Path) -> Result<(), scrip_policy::PolicyError> {
-    use scrip_config::trust::{GroupWrite, Stake, Untrusted, check_entry, check_way};
+    use scrip_config::trust::{GroupWrite, Stake, Untrusted, check_path};
     if !dir.exists() {
         return Ok(());
     }
@@ -264,11 +264,7 @@ fn check_writers(dir: &Path) -> Result<(), scrip_policy::PolicyError> {
         let path = path.to_owned();
         move |source| Untrusted::Io { path, source }
     };
-    let check = |path: &Path| -> Result<(), Untrusted> {
-        let meta = std::fs::metadata(path).map_err(io(path))?;
-        check_entry(path, &meta, Stake::Policy, GroupWrite::Warn)?;
-        check_way(path, Stake::Policy, GroupWrite::Warn)
-    };
+    let check = |path: &Path| check_path(path, Stake::Policy, GroupWrite::Warn);
     check(dir)?;
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();

@@ -99,7 +99,11 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // As the writer's: a sort or an index build spills into memory,
+            // not a temporary file (a read-only root file system has no
+            // room for one).
+            .pragma("temp_store", "memory");
         let mut conn = options
             .connect()
             .await
