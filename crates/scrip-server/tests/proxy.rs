@@ -1183,56 +1183,82 @@ async fn a_route_path_that_could_never_match_is_refused_at_start() {
     }
 }
 
-#[tokio::test]
-async fn a_download_under_way_stops_when_its_task_is_ended() {
-    let env = setup().await;
-    // 1 MiB, which the upstream sends at 64 KiB/s: 16 s in all.
-    let len = 1024 * 1024;
-    env.nginx.put_file("long.bin", &vec![b'x'; len]);
-    let task = env.task("legacy:read").await;
-    let read = env.token(&task, "legacy", "read").await;
-    let mut r = env
+/// The size of a download [`trickling`] starts: 1 MiB, which the upstream
+/// sends at 64 KiB/s, 16 s in all.
+const TRICKLED: usize = 1024 * 1024;
+
+/// Starts a download of a [`TRICKLED`] file `name` through the proxy with
+/// `token`, answered 200.
+async fn trickling(env: &Env, name: &str, token: &str) -> reqwest::Response {
+    env.nginx.put_file(name, &vec![b'x'; TRICKLED]);
+    let r = env
         .http
-        .get(env.url("legacy/trickle/long.bin"))
-        .bearer_auth(&read)
+        .get(env.url(&format!("legacy/trickle/{name}")))
+        .bearer_auth(token)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    r
+}
+
+/// Reads `r` until the proxy cuts it off (`why`, for the panics): the bytes
+/// read meanwhile and how long it took. Panics if the whole body comes or
+/// nothing comes for 10 s.
+async fn read_until_cut(r: &mut reqwest::Response, why: &str) -> (usize, Duration) {
+    let started = Instant::now();
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), r.chunk()).await {
+            Ok(Ok(Some(c))) => got += c.len(),
+            Ok(Ok(None)) => panic!("the whole body came after {why}"),
+            Ok(Err(_)) => return (got, started.elapsed()),
+            Err(_) => panic!("still streaming, or stalled, 10 s after {why}"),
+        }
+    }
+}
+
+/// The audit record of the download of `name`: cut off, and why.
+async fn cut_record(env: &Env, name: &str, why: &str) -> scrip_store::AuditEvent {
+    let path = format!("/trickle/{name}");
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some(path.as_str()))
+        .await;
+    assert_eq!(
+        record.reason.as_deref(),
+        Some(format!("response cut off: {why}").as_str()),
+        "{record:?}"
+    );
+    assert!(
+        record.bytes_out.is_some_and(|b| b < TRICKLED as u64 / 2),
+        "{record:?}"
+    );
+    record
+}
+
+#[tokio::test]
+async fn a_download_under_way_stops_when_its_task_is_ended() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let mut r = trickling(&env, "long.bin", &read).await;
     let mut got = 0;
     while got < 64 * 1024 {
         got += r.chunk().await.unwrap().unwrap().len();
     }
     assert_eq!(env.server.revoke(&task).await.status, 200);
-    let ended = Instant::now();
-    let cut = loop {
-        match tokio::time::timeout(Duration::from_secs(5), r.chunk()).await {
-            Ok(Ok(Some(c))) => got += c.len(),
-            Ok(Ok(None)) => panic!("the whole body came after the task ended"),
-            Ok(Err(_)) => break ended.elapsed(),
-            Err(_) => panic!("still streaming 5 s after the task ended"),
-        }
-    };
-    assert!(got < len / 2, "{got} bytes, {cut:?} after the end");
-    let record = env
-        .wait_audit(|a| {
-            a.event == "proxy.response" && a.path.as_deref() == Some("/trickle/long.bin")
-        })
-        .await;
-    assert_eq!(
-        record.reason.as_deref(),
-        Some("response cut off: token has been revoked"),
-        "{record:?}"
-    );
+    let (more, cut) = read_until_cut(&mut r, "the task ended").await;
     assert!(
-        record.bytes_out.is_some_and(|b| b < 1024 * 1024 / 2),
-        "{record:?}"
+        got + more < TRICKLED / 2,
+        "{got} + {more} bytes, {cut:?} after the end"
     );
+    cut_record(&env, "long.bin", "token has been revoked").await;
     env.server.stop().await;
 }
 
-/// Nor does a request outlive its token: past `exp` and the leeway (the
-/// time a revocation of it is kept), the next chunk is not passed.
+/// Nor does a request outlive its token: past `exp` and the leeway (scrip
+/// publishes no revocation of a task that ran out), the next chunk is not
+/// passed.
 #[tokio::test]
 async fn a_download_under_way_stops_once_its_token_has_run_out() {
     let env = setup_with(|c| {
@@ -1240,41 +1266,16 @@ async fn a_download_under_way_stops_once_its_token_has_run_out() {
         c.clock_skew = 1;
     })
     .await;
-    // 1 MiB at 64 KiB/s: 16 s in all.
-    let len = 1024 * 1024;
-    env.nginx.put_file("outlive.bin", &vec![b'x'; len]);
     let task = env.task("legacy:read").await;
     let read = env.token(&task, "legacy", "read").await;
-    let mut r = env
-        .http
-        .get(env.url("legacy/trickle/outlive.bin"))
-        .bearer_auth(&read)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let started = Instant::now();
-    let mut got = 0;
-    let cut = loop {
-        match tokio::time::timeout(Duration::from_secs(10), r.chunk()).await {
-            Ok(Ok(Some(c))) => got += c.len(),
-            Ok(Ok(None)) => panic!("the whole body came after the token ran out"),
-            Ok(Err(_)) => break started.elapsed(),
-            Err(_) => panic!("stalled"),
-        }
-    };
+    let mut r = trickling(&env, "outlive.bin", &read).await;
+    let (got, cut) = read_until_cut(&mut r, "the token ran out").await;
     // Some of it passed while the token stood, and the rest did not.
-    assert!(got > 0 && got < len / 2, "{got} bytes, cut after {cut:?}");
-    let record = env
-        .wait_audit(|a| {
-            a.event == "proxy.response" && a.path.as_deref() == Some("/trickle/outlive.bin")
-        })
-        .await;
-    assert_eq!(
-        record.reason.as_deref(),
-        Some("response cut off: token has expired"),
-        "{record:?}"
+    assert!(
+        got > 0 && got < TRICKLED / 2,
+        "{got} bytes, cut after {cut:?}"
     );
+    cut_record(&env, "outlive.bin", "token has expired").await;
     env.server.stop().await;
 }
 
