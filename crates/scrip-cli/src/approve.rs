@@ -135,6 +135,15 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                     show(a);
                 }
             }
+            if body.get("more").and_then(Value::as_bool) == Some(true) {
+                #[expect(clippy::print_stderr, reason = "a note beside the output")]
+                {
+                    eprintln!(
+                        "scrip: more steps wait than the {} listed (the oldest); decide or let some expire to see the rest",
+                        items.len()
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
     }

@@ -738,12 +738,20 @@ async fn authenticate(
     Ok((who, a.clone()))
 }
 
-/// `GET /approvals`: the pending approvals, with everything asked.
+/// The most pending approvals `GET /approvals` lists, the oldest first.
+const LISTED: u32 = 1000;
+
+/// `GET /approvals`: the pending approvals, with everything asked, and
+/// whether more wait than are listed.
 pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let st = &state.0;
     let result = async {
         authenticate(st, &headers).await?;
-        let pending = st.store.pending_approvals(now(), 1000).await?;
+        let mut pending = st.store.pending_approvals(now(), LISTED + 1).await?;
+        // Said, not left out silently: approvers learn that steps wait
+        // beyond the list (the oldest are listed, and expire first).
+        let more = pending.len() > LISTED as usize;
+        pending.truncate(LISTED as usize);
         let mut out = Vec::with_capacity(pending.len());
         for a in &pending {
             // A step a later denial answers is no one's to decide.
@@ -753,7 +761,7 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
             let task = st.store.task(&a.task_id).await?;
             out.push(describe(a, task.as_ref()));
         }
-        Ok::<_, OAuthError>(json!({ "approvals": out }))
+        Ok::<_, OAuthError>(json!({ "approvals": out, "more": more }))
     }
     .await;
     match result {

@@ -1204,6 +1204,52 @@ async fn deciding_an_already_decided_approval_is_a_conflict() {
     s.stop().await;
 }
 
+/// The list holds the oldest 1,000 steps waiting and says when more wait:
+/// approvers are not left to think the queue ends there.
+#[tokio::test]
+async fn the_list_says_when_more_wait_than_it_shows() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    // 1,000 more of the same, through another handle on the store (the
+    // caps scrip keeps would take a hundred tasks and twenty agents).
+    let mut held = s.hold_writes().await;
+    sqlx::query("CREATE TEMP TABLE copy AS SELECT * FROM approvals WHERE id = ?1")
+        .bind(&id)
+        .execute(&mut held)
+        .await
+        .unwrap();
+    for i in 0..1000 {
+        sqlx::query("UPDATE copy SET id = ?1, created_at = created_at + 1")
+            .bind(format!("{id}-{i:04}"))
+            .execute(&mut held)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO approvals SELECT * FROM copy")
+            .execute(&mut held)
+            .await
+            .unwrap();
+    }
+    sqlx::query("COMMIT").execute(&mut held).await.unwrap();
+    let alice = alice_id(&s);
+    let r = list(&s, Some(&alice)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["approvals"].as_array().unwrap().len(), 1000);
+    assert_eq!(r.body["more"], true);
+    // The oldest first: the one scrip opened is there.
+    assert_eq!(r.body["approvals"][0]["auth_req_id"], id.as_str());
+    sqlx::query("DELETE FROM approvals WHERE id = ?1")
+        .bind(format!("{id}-0999"))
+        .execute(&mut held)
+        .await
+        .unwrap();
+    let r = list(&s, Some(&alice)).await;
+    assert_eq!(r.body["approvals"].as_array().unwrap().len(), 1000);
+    assert_eq!(r.body["more"], false, "{}", r.text);
+    drop(held);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn an_undecided_approval_expires() {
     let s = TestServer::start_with(edit(|c| {
