@@ -318,8 +318,35 @@ impl Drop for FeedTask {
 }
 
 /// `jti`s of single-use tokens (issued on a person's approval) already
-/// presented, with their expiry.
-type UsedOnce = std::sync::Mutex<std::collections::HashMap<String, u64>>;
+/// presented, with until when each is kept.
+type UsedOnce = std::sync::Mutex<std::collections::HashMap<String, KeptUntil>>;
+
+/// Until when a spent single-use `jti` is kept: while `verify` would still
+/// accept the token (`exp` plus the leeway) by the wall clock, or by the
+/// monotonic clock from when it was spent. Dropped only once both have
+/// passed it, so a wall clock stepped ahead (and back) forgets no use.
+#[derive(Debug, Clone, Copy)]
+struct KeptUntil {
+    wall: u64,
+    mono: std::time::Instant,
+}
+
+impl KeptUntil {
+    /// For a token of expiry `exp`, spent at `now` (wall clock) and
+    /// `at` (monotonic).
+    fn new(exp: u64, leeway: u64, now: u64, at: std::time::Instant) -> Self {
+        let wall = exp.saturating_add(leeway);
+        let left = std::time::Duration::from_secs(wall.saturating_sub(now));
+        Self {
+            wall,
+            mono: at.checked_add(left).unwrap_or(at),
+        }
+    }
+
+    fn live(&self, now: u64, at: std::time::Instant) -> bool {
+        self.wall >= now || self.mono >= at
+    }
+}
 
 /// Takes a single-use token's `jti` out of [`UsedOnce`] when dropped armed:
 /// its use was marked here but never confirmed by scrip.
@@ -877,18 +904,14 @@ impl Verifier {
                     .used_once
                     .lock()
                     .map_err(|_| VerifyError::AlreadyUsed)?;
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let (now, at) = (feed::unix_now(), std::time::Instant::now());
                 if used.len() > 10_000 {
-                    // Kept while `verify` would still accept the token
-                    // (`exp + leeway >= now`), so it cannot be presented again.
-                    used.retain(|_, exp| exp.saturating_add(inner.leeway) >= now);
+                    // Kept while `verify` would still accept the token, so
+                    // it cannot be presented again.
+                    used.retain(|_, kept| kept.live(now, at));
                 }
-                if used
-                    .insert(accepted.claims.jti.clone(), accepted.claims.exp)
-                    .is_some()
-                {
+                let kept = KeptUntil::new(accepted.claims.exp, inner.leeway, now, at);
+                if used.insert(accepted.claims.jti.clone(), kept).is_some() {
                     return Err(VerifyError::AlreadyUsed);
                 }
             }
@@ -971,5 +994,31 @@ impl Verifier {
             .proofs
             .first_use(&proof, &check)
             .map_err(|e| VerifyError::Proof(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeptUntil;
+    use std::time::{Duration, Instant};
+
+    /// A spent single-use `jti` is kept while either clock says its token
+    /// may still pass: a wall clock stepped ahead does not free it to be
+    /// presented again.
+    #[test]
+    fn a_spent_use_is_kept_by_either_clock() {
+        let at = Instant::now();
+        let secs = Duration::from_secs;
+        // `exp` 1,000 with a 30 s leeway, spent at 900: 130 s to go.
+        let kept = KeptUntil::new(1_000, 30, 900, at);
+        assert!(kept.live(1_000, at));
+        // The wall clock stepped far ahead: kept, by the monotonic clock.
+        assert!(kept.live(u64::MAX, at + secs(129)));
+        // The wall clock stepped back: kept, by the wall clock.
+        assert!(kept.live(1_030, at + secs(1_000)));
+        // Both past it: dropped.
+        assert!(!kept.live(1_031, at + secs(131)));
+        // Spent after it expired (a leeway of its own): kept no time.
+        assert!(!KeptUntil::new(1_000, 0, 2_000, at).live(2_000, at + secs(1)));
     }
 }
