@@ -274,6 +274,30 @@ fn check_parameters(url: &str) -> Result<(), String> {
 /// checking who answers and `disable` encrypts nothing, so each of those is
 /// taken as a deliberate choice (another layer, such as a service mesh,
 /// protects the link) and logged as a warning.
+/// `localhost` dialled at 127.0.0.1 only, where the link is not checked
+/// by TLS for that name: the resolver may list `::1` first, where another
+/// user of the host may listen while PostgreSQL listens on 127.0.0.1 alone,
+/// and take the store's traffic (approvals, revocations, the audit). With
+/// `verify-full` the certificate names the server, and the name stays.
+fn pin_localhost(options: PgConnectOptions) -> PgConnectOptions {
+    let host = options.get_host();
+    let localhost = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .eq_ignore_ascii_case("localhost");
+    if localhost
+        && options.get_socket().is_none()
+        && !matches!(
+            options.get_ssl_mode(),
+            sqlx::postgres::PgSslMode::VerifyFull
+        )
+    {
+        options.host("127.0.0.1")
+    } else {
+        options
+    }
+}
+
 fn check_transport(options: &PgConnectOptions) -> Result<(), String> {
     use sqlx::postgres::PgSslMode;
     let host = options.get_host();
@@ -375,9 +399,11 @@ impl PgStore {
     /// or (`Require`) holds another schema.
     pub async fn connect_as(url: &str, schema: Schema) -> Result<Self, StoreError> {
         check_parameters(url).map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
-            .application_name("scrip");
+        let options = pin_localhost(
+            PgConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
+                .application_name("scrip"),
+        );
         check_transport(&options)
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let mut conn = tokio::time::timeout(TIMEOUT, options.connect())
@@ -1794,6 +1820,38 @@ impl Store for PgStore {
 mod tests {
     use super::*;
     use crate::AuditEvent;
+
+    /// `localhost` is dialled at 127.0.0.1 (the resolver might say `::1`,
+    /// where another user could listen), unless TLS checks that name.
+    #[test]
+    fn localhost_is_127_0_0_1_unless_tls_checks_the_name() {
+        let host = |url: &str| {
+            pin_localhost(PgConnectOptions::from_str(url).unwrap())
+                .get_host()
+                .to_owned()
+        };
+        for url in [
+            "postgres://scrip@localhost/scrip",
+            "postgres://scrip@LocalHost.:5433/scrip?sslmode=require",
+            "postgres:///scrip?host=localhost&sslmode=disable",
+        ] {
+            assert_eq!(host(url), "127.0.0.1", "{url}");
+        }
+        for (url, kept) in [
+            (
+                "postgres://scrip@localhost/scrip?sslmode=verify-full",
+                "localhost",
+            ),
+            ("postgres://scrip@[::1]/scrip", "[::1]"),
+            ("postgres://scrip@db.example/scrip", "db.example"),
+            (
+                "postgres://scrip@localhost.example/scrip",
+                "localhost.example",
+            ),
+        ] {
+            assert_eq!(host(url), kept, "{url}");
+        }
+    }
 
     #[test]
     fn messages_never_show_a_password() {
