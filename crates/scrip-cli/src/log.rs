@@ -88,6 +88,14 @@ impl Lines {
         let _ = QUEUE.set(self.clone());
     }
 
+    /// Waits up to `within` for the lines queued so far by this process
+    /// to be written, when it logs through a queue.
+    pub(crate) fn finish_queued(within: Duration) {
+        if let Some(lines) = QUEUE.get() {
+            lines.finish(within);
+        }
+    }
+
     /// Lines dropped so far, for want of room.
     #[cfg(test)]
     pub(crate) fn dropped(&self) -> u64 {

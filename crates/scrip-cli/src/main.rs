@@ -88,7 +88,8 @@ enum Command {
     /// invalid set is refused and the last good one kept. Log verbosity
     /// follows SCRIP_LOG (for example `SCRIP_LOG=debug`). SIGTERM or SIGINT
     /// stops it: requests at work get up to 35 s to finish (a second signal
-    /// stops waiting for them), and what was committed stays.
+    /// stops waiting for them, a third exits at once, with status 1), and
+    /// what was committed stays.
     Serve {
         /// The configuration file (TOML). See docs/configuration.md.
         #[arg(long, short, env = "SCRIP_CONFIG")]
@@ -858,6 +859,15 @@ impl Stop {
                     }
                 }
             }
+            // A third: the rest of the stop (closing connections, storing
+            // what is queued, announcing steps) is abandoned, as a kill
+            // would; what was committed stays.
+            self.next().await;
+            fail(
+                "a third signal: exiting now, without finishing the stop (what was committed stays)",
+            );
+            log::Lines::finish_queued(log::FINISH);
+            std::process::exit(1);
         });
         let after = move |n: u8| {
             let mut seen = seen.clone();
@@ -875,7 +885,9 @@ impl Stop {
             },
             async move {
                 second.await;
-                tracing::warn!("stopping at once: requests still at work are cut off");
+                tracing::warn!(
+                    "stopping at once: requests still at work are cut off; signal a third time to exit without finishing the stop"
+                );
             },
         )
     }

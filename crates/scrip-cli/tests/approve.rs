@@ -677,3 +677,50 @@ fn the_approver_follows_no_redirect_with_its_identity() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert_eq!(paths, ["/approvals"], "followed a redirect");
 }
+
+/// A stop waits (5 s) for approval webhook calls under way; a third signal
+/// ends that wait and the process at once, as a kill would (exit 1), and
+/// says so.
+#[test]
+fn a_third_signal_ends_a_stop_at_once() {
+    // The webhook: connections are taken by the kernel, never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = silent.local_addr().unwrap();
+    let mut server = Server::configured(
+        &format!("separation_of_duties = false\napproval_webhook = \"http://{hook}/hook\"\n"),
+        "",
+        "",
+    );
+    let task = server.start_task();
+    server.ask_delete(&task);
+    let pid = server.child.id().to_string();
+    let signal = || {
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    signal();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the stop did not wait for the webhook call:\n{}",
+        server.log()
+    );
+    signal();
+    std::thread::sleep(Duration::from_millis(200));
+    signal();
+    let asked = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "a third signal did not end the stop:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", server.log());
+    assert!(server.log().contains("a third signal"), "{}", server.log());
+    drop(silent);
+}
