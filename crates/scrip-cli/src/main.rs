@@ -867,6 +867,10 @@ impl Stop {
                 "a third signal: exiting now, without finishing the stop (what was committed stays)",
             );
             log::Lines::finish_queued(log::FINISH);
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "asked to stop now: nothing more is waited for, as after a kill"
+            )]
             std::process::exit(1);
         });
         let after = move |n: u8| {
