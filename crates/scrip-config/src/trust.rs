@@ -150,14 +150,15 @@ pub fn check_path(path: &Path, what: Stake, group: GroupWrite) -> Result<(), Unt
 /// Checks the configuration file of a command that serves (`scrip serve`,
 /// `scrip proxy`) or runs what it names (`scrip secret`'s `mint_command`)
 /// as a trust anchor is checked: whoever can change it decides which
-/// issuers, approvers and upstreams scrip trusts. One that is no file on
-/// disk (`--config <(...)`, a pipe the invoking shell fills) has nothing
-/// anyone could change later, and is not checked.
+/// issuers, approvers and upstreams scrip trusts. One that is on no file
+/// system (`--config <(...)`: a pipe the invoking shell fills, reached
+/// through `/dev/fd`, whose name leads nowhere on disk) has nothing anyone
+/// could change later, and is not checked; a named pipe on disk is.
 ///
 /// # Errors
 /// [`Untrusted`].
 pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) && std::fs::canonicalize(path).is_err() {
         return Ok(());
     }
     check_path(path, Stake::Configuration, GroupWrite::Refuse)
@@ -560,6 +561,31 @@ mod tests {
         // Not read-only: refused.
         mount(&["-o", "remount,rw", at]);
         assert!(check(&m).unwrap_err().contains("has mode 777"));
+    }
+
+    /// A configuration on no file system (a pipe reached through
+    /// `/dev/fd`) is not checked; a named pipe on disk is, as a file.
+    #[test]
+    fn a_configuration_is_checked_unless_it_is_on_no_file_system() {
+        let root = tempfile::tempdir().unwrap();
+        let fifo = root.path().join("scrip.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        mode(&fifo, 0o666);
+        let e = check_configuration(&fifo).unwrap_err().to_string();
+        assert!(e.contains("has mode 666"), "{e}");
+        mode(&fifo, 0o644);
+        check_configuration(&fifo).unwrap();
+        // An anonymous pipe, as `<(...)` gives.
+        let (reader, _writer) = rustix::pipe::pipe().unwrap();
+        use std::os::fd::AsRawFd as _;
+        let fd = format!("/dev/fd/{}", reader.as_raw_fd());
+        check_configuration(Path::new(&fd)).unwrap();
+        let missing = check_configuration(&root.path().join("none.toml")).unwrap_err();
+        assert!(matches!(missing, Untrusted::Io { .. }), "{missing}");
     }
 
     /// A file itself: no sticky exemption (others could add files to a
