@@ -124,23 +124,23 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
+            let more = body.get("more").and_then(Value::as_bool) == Some(true);
             if json {
                 for a in &items {
                     out!("{a}");
                 }
-            } else if items.is_empty() {
+            } else if items.is_empty() && !more {
                 out!("no pending approvals");
             } else {
                 for a in &items {
                     show(a);
                 }
             }
-            if body.get("more").and_then(Value::as_bool) == Some(true) {
+            if more {
                 #[expect(clippy::print_stderr, reason = "a note beside the output")]
                 {
                     eprintln!(
-                        "scrip: more steps wait than the {} listed (the oldest); decide or let some expire to see the rest",
-                        items.len()
+                        "scrip: more steps wait than scrip reads at once (the oldest 1,000, less those a later denial answers); decide or let some expire to see the rest"
                     );
                 }
             }

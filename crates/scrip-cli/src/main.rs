@@ -692,17 +692,24 @@ fn command(command: Command) -> ExitCode {
     }
 }
 
+/// The configuration at `path` (the defaults without one), for a command
+/// that trusts what it names (`serve`, `proxy`, `secret rotate`): whoever
+/// can change the file decides whom scrip trusts, so it is checked as a
+/// trust anchor is.
+pub(crate) fn load_trusted(path: Option<&Path>) -> Result<Config, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    if let Some(path) = path {
+        scrip_config::trust::check_configuration(path).map_err(|e| e.to_string())?;
+    }
+    Ok(config)
+}
+
 /// The configuration and a multi-threaded runtime, for the commands that
 /// serve until stopped (`serve`, `proxy`).
 pub(crate) fn server_setup(
     config: Option<&Path>,
 ) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
-    let loaded = Config::load(config).map_err(fail)?;
-    // Whoever can change the file decides whom scrip trusts.
-    if let Some(path) = config {
-        scrip_config::trust::check_configuration(path).map_err(fail)?;
-    }
-    let config = loaded;
+    let config = load_trusted(config).map_err(fail)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -849,9 +856,14 @@ impl Stop {
             // no longer followed).
             let mut failure = std::pin::pin!(scrip_vital::failure());
             let mut failed = false;
+            // Signals, not a failure's stop: the third ends the process.
+            let mut received = u8::from(self.pending);
             while *count.borrow() < 2 {
                 tokio::select! {
-                    () = self.next() => count.send_modify(|n| *n = n.saturating_add(1)),
+                    () = self.next() => {
+                        received = received.saturating_add(1);
+                        count.send_modify(|n| *n = n.saturating_add(1));
+                    }
                     task = &mut failure, if !failed => {
                         failed = true;
                         tracing::error!(task, "stopping: a long-lived task failed");
@@ -862,7 +874,10 @@ impl Stop {
             // A third: the rest of the stop (closing connections, storing
             // what is queued, announcing steps) is abandoned, as a kill
             // would; what was committed stays.
-            self.next().await;
+            while received < 3 {
+                self.next().await;
+                received = received.saturating_add(1);
+            }
             fail(
                 "a third signal: exiting now, without finishing the stop (what was committed stays)",
             );

@@ -455,12 +455,8 @@ pub fn set(config: Option<&Path>, name: &str, action: &str) -> ExitCode {
 /// `scrip secret rotate NAME [--action A]`.
 pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCode {
     let result = (|| {
-        let loaded = Config::load(config).map_err(|e| e.to_string())?;
         // It names the programs that mint the new values, run as this user.
-        if let Some(path) = config {
-            scrip_config::trust::check_configuration(path).map_err(|e| e.to_string())?;
-        }
-        let config = loaded;
+        let config = crate::load_trusted(config)?;
         let upstream = config.upstream(name).ok_or_else(|| {
             format!("no upstream `{name}` in the configuration; add an [[upstreams]] entry")
         })?;

@@ -150,15 +150,24 @@ pub fn check_path(path: &Path, what: Stake, group: GroupWrite) -> Result<(), Unt
 /// Checks the configuration file of a command that serves (`scrip serve`,
 /// `scrip proxy`) or runs what it names (`scrip secret`'s `mint_command`)
 /// as a trust anchor is checked: whoever can change it decides which
-/// issuers, approvers and upstreams scrip trusts. One that is on no file
-/// system (`--config <(...)`: a pipe the invoking shell fills, reached
-/// through `/dev/fd`, whose name leads nowhere on disk) has nothing anyone
-/// could change later, and is not checked; a named pipe on disk is.
+/// issuers, approvers and upstreams scrip trusts. A pipe of scrip's own,
+/// named as one of its descriptors (`--config <(...)`, which the shell
+/// gives as `/dev/fd/N`, or `/dev/stdin`), is on no file system and holds
+/// what the invoking shell put there: it is not checked. Any other name is,
+/// a named pipe on disk or a link to another process's descriptor
+/// included.
 ///
 /// # Errors
 /// [`Untrusted`].
 pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) && std::fs::canonicalize(path).is_err() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let own_descriptor = path == Path::new("/dev/stdin")
+        || ["/dev/fd/", "/proc/self/fd/"].iter().any(|dir| {
+            path.to_str()
+                .and_then(|p| p.strip_prefix(dir))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+    if own_descriptor && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
         return Ok(());
     }
     check_path(path, Stake::Configuration, GroupWrite::Refuse)
@@ -288,15 +297,20 @@ fn read_only_mount_root(path: &Path, meta: &Metadata) -> bool {
     if !meta.is_dir() {
         return false;
     }
-    // The kernel says so (Linux 5.8 and later); else a device other than
-    // its parent's (`..` as the kernel resolves it, through a link and
-    // across a mount), which misses a bind mount of the same file system.
-    let root = match rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS) {
+    // A mount's root (the kernel says so, on Linux 5.8 and later) of
+    // another file system than its parent's (`..` as the kernel resolves
+    // it): a bind mount of the same one (`ReadOnlyPaths=` in a systemd
+    // unit) is a read-only view of a directory others may write through
+    // its other name.
+    let kernel_says = match rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
+    {
         Ok(s) if s.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
             s.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
         }
-        _ => std::fs::metadata(path.join("..")).is_ok_and(|p| p.dev() != meta.dev()),
+        _ => true,
     };
+    let root =
+        kernel_says && std::fs::metadata(path.join("..")).is_ok_and(|p| p.dev() != meta.dev());
     root && rustix::fs::statvfs(path)
         .is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
@@ -515,7 +529,16 @@ mod tests {
     /// takes root, as CI runs.
     #[test]
     fn only_a_read_only_mounts_root_is_exempt() {
-        if !rustix::process::geteuid().is_root() {
+        // Root with the right to mount (CAP_SYS_ADMIN, bit 21), as CI runs.
+        let may_mount = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .is_some_and(|caps| caps & (1 << 21) != 0);
+        if !rustix::process::geteuid().is_root() || !may_mount {
             return;
         }
         /// Unmounts when dropped, however the test ends.
@@ -584,6 +607,11 @@ mod tests {
         use std::os::fd::AsRawFd as _;
         let fd = format!("/dev/fd/{}", reader.as_raw_fd());
         check_configuration(Path::new(&fd)).unwrap();
+        // Not by another name: a link to it is followed, and leads
+        // nowhere on disk.
+        let link = root.path().join("linked.toml");
+        std::os::unix::fs::symlink(&fd, &link).unwrap();
+        assert!(check_configuration(&link).is_err());
         let missing = check_configuration(&root.path().join("none.toml")).unwrap_err();
         assert!(matches!(missing, Untrusted::Io { .. }), "{missing}");
     }

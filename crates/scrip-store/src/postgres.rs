@@ -262,18 +262,6 @@ fn check_parameters(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `options` reach the database only over a link nobody else can
-/// read or change, or by an explicit choice. The store carries approvals,
-/// revocations and the audit: whoever can rewrite the link can approve a
-/// step or hide a revocation. A database on this host (loopback, or a Unix
-/// socket) may be reached in any mode. Elsewhere, libpq's default
-/// (`prefer`) and `allow` would carry on without TLS, or with a server
-/// nobody checked, whenever the link says so, so they are refused:
-/// `verify-full` checks the server; `verify-ca` checks only that some CA
-/// vouches for it (the public ones included), `require` encrypts without
-/// checking who answers and `disable` encrypts nothing, so each of those is
-/// taken as a deliberate choice (another layer, such as a service mesh,
-/// protects the link) and logged as a warning.
 /// `localhost` dialled at 127.0.0.1 only, where the link is not checked
 /// by TLS for that name: the resolver may list `::1` first, where another
 /// user of the host may listen while PostgreSQL listens on 127.0.0.1 alone,
@@ -298,6 +286,18 @@ fn pin_localhost(options: PgConnectOptions) -> PgConnectOptions {
     }
 }
 
+/// Whether `options` reach the database only over a link nobody else can
+/// read or change, or by an explicit choice. The store carries approvals,
+/// revocations and the audit: whoever can rewrite the link can approve a
+/// step or hide a revocation. A database on this host (loopback, or a Unix
+/// socket) may be reached in any mode. Elsewhere, libpq's default
+/// (`prefer`) and `allow` would carry on without TLS, or with a server
+/// nobody checked, whenever the link says so, so they are refused:
+/// `verify-full` checks the server; `verify-ca` checks only that some CA
+/// vouches for it (the public ones included), `require` encrypts without
+/// checking who answers and `disable` encrypts nothing, so each of those is
+/// taken as a deliberate choice (another layer, such as a service mesh,
+/// protects the link) and logged as a warning.
 fn check_transport(options: &PgConnectOptions) -> Result<(), String> {
     use sqlx::postgres::PgSslMode;
     let host = options.get_host();

@@ -99,11 +99,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true)
-            // As the writer's: a sort or an index build spills into memory,
-            // not a temporary file (a read-only root file system has no
-            // room for one).
-            .pragma("temp_store", "memory");
+            .foreign_keys(true);
         let mut conn = options
             .connect()
             .await
@@ -121,7 +117,11 @@ impl SqliteStore {
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
-            .connect_with(options.read_only(true))
+            // As the writer's: a read's sort (bounded by its LIMIT) stays in
+            // memory, not a temporary file a read-only root file system
+            // has no room for. Not the migrations': an index build over a
+            // large table may spill, into the temporary directory.
+            .connect_with(options.read_only(true).pragma("temp_store", "memory"))
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
         let writer =
