@@ -4,7 +4,8 @@
 //! Exit codes: 0 success, 1 failure (a refused configuration, a failed policy
 //! test, a server error), 2 a usage error (from clap); `scrip token
 //! --no-wait` exits 75 while a step waits for a person, and `scrip run` with
-//! its command's code (128 + a signal, 126 cannot run, 127 not found).
+//! its command's code (126 cannot run, 127 not found), or dies of the signal
+//! its command died of (SIGINT, SIGTERM, SIGHUP, SIGPIPE; 128 + another).
 
 /// Prints a line on standard output, as `println!` does, but never panics:
 /// once standard output is closed (`| head`) the rest is dropped, and the
@@ -104,9 +105,12 @@ enum Command {
     /// exits, however it exits, the task is ended. SIGINT, SIGTERM, SIGHUP and SIGQUIT
     /// are forwarded to it (one ignored when scrip run started, as under
     /// nohup, stays ignored), and it gets 10 s to exit; a Ctrl-C typed at the
-    /// terminal reaches it directly and is left to it. The exit code is COMMAND's (128+signal when a
-    /// signal killed it), 127 when COMMAND is not found, 126 when it cannot
-    /// be run, and 1 when COMMAND succeeded but the task could not be ended.
+    /// terminal reaches it directly and is left to it. The exit code is COMMAND's; when SIGINT,
+    /// SIGTERM, SIGHUP or SIGPIPE killed it (or stopped scrip run before it
+    /// ran), scrip run dies of the same signal, so a shell script or loop
+    /// stops on a Ctrl-C (128+signal for another signal). 127 when COMMAND is
+    /// not found, 126 when it cannot be run, and 1 when COMMAND succeeded but
+    /// the task could not be ended.
     /// COMMAND never inherits SCRIP_IDENTITY, SCRIP_KEY_ENCRYPTION_KEY or
     /// SCRIP_PREVIOUS_KEY_ENCRYPTION_KEY.
     Run(run::RunArgs),
@@ -645,6 +649,8 @@ fn main() -> ExitCode {
     } else if stdout_gone() && code == ExitCode::SUCCESS {
         ExitCode::from(STDOUT_GONE_EXIT)
     } else {
+        // `scrip run` ends as its command did: by its signal (else `code`).
+        run::end_by_signal();
         code
     }
 }

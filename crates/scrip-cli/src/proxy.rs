@@ -108,6 +108,15 @@ async fn start(config: Config) -> Result<Started, String> {
         .map_err(|e| format!("cannot sign audit checkpoints: {e}"))?;
     // Every commit signs this process's chain head in its transaction.
     store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+    // On the record before the set decides anything, as `scrip serve` does.
+    store
+        .commit(vec![scrip_server::policies::loaded_record(
+            &replica,
+            policy.len(),
+            &config.policy_dir,
+        )])
+        .await
+        .map_err(|e| format!("cannot record the policies loaded: {e}"))?;
     let policies = Policies::new(policy, policy_seen, &config, store.clone(), replica.clone());
     let current = policies.clone();
     let proxy = scrip_proxy::Proxy::new(

@@ -397,8 +397,47 @@ fn ignored_at_start() -> u64 {
         .unwrap_or(0)
 }
 
-/// The exit code of a process ended by `sig`, as shells report it.
+/// The signal `scrip run` ends by, once everything is written (see
+/// [`end_by_signal`]); 0 for none.
+static ENDS_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Notes that `scrip run` should end by `sig`, when that is a signal whose
+/// default action ends a process without a core dump (a SIGQUIT or SIGKILL
+/// is reported as 128+n only).
+fn ends_by(sig: i32) {
+    use rustix::process::Signal as S;
+    if [S::INT, S::TERM, S::HUP, S::PIPE]
+        .iter()
+        .any(|s| s.as_raw() == sig)
+    {
+        ENDS_BY.store(sig, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Ends this process by the signal its command died of, or that stopped
+/// `scrip run` before the command ran, as the command would have ended
+/// without scrip: a shell stops a script or loop for a command that *died*
+/// of SIGINT, not for one that exited 130. Called last, after the runtime
+/// is gone and every line is written; returns when there is no such
+/// signal.
+pub fn end_by_signal() {
+    use std::io::Write as _;
+    let sig = ENDS_BY.load(std::sync::atomic::Ordering::Relaxed);
+    // A namespace's first process (`scrip run` as a container's entry
+    // point) cannot die of a signal it sends itself: the kernel drops it,
+    // and the emulation would end in an abort. It exits 128+n instead.
+    if sig != 0 && rustix::process::getpid() != rustix::process::Pid::INIT {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // Restores the default action, unblocks the signal and raises it.
+        let _ = signal_hook::low_level::emulate_default_handler(sig);
+    }
+}
+
+/// The exit code of a process ended by `sig`, as shells report it; see
+/// [`end_by_signal`].
 fn signal_code(sig: rustix::process::Signal) -> ExitCode {
+    ends_by(sig.as_raw());
     ExitCode::from(u8::try_from(128 + sig.as_raw()).unwrap_or(1))
 }
 
@@ -589,7 +628,10 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
         return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
     }
     match status.signal() {
-        Some(sig) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+        Some(sig) => {
+            ends_by(sig);
+            ExitCode::from(u8::try_from(128 + sig).unwrap_or(1))
+        }
         None => ExitCode::FAILURE,
     }
 }

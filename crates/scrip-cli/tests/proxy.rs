@@ -943,19 +943,27 @@ when { context.stage == "proxy" && context has path && context.path like "/stand
     hangup(_proxy.0.id());
     until("200", "the standalone proxy kept a removed forbid");
     let export = text(&s.scrip(&["audit", "export"], None).stdout);
-    let reloads = export
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| {
-            r["event"] == "policy.reloaded"
-                && r["replica"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("proxy:"))
-        })
-        .count();
+    let of_proxy = |event: &str| {
+        export
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| {
+                r["event"] == event
+                    && r["replica"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("proxy:"))
+            })
+            .count()
+    };
     assert!(
-        reloads >= 2,
+        of_proxy("policy.reloaded") >= 2,
         "the standalone proxy's reloads are not audited"
+    );
+    // Its first set is on the record too, as `scrip serve`'s is.
+    assert_eq!(
+        of_proxy("policy.loaded"),
+        1,
+        "the standalone proxy's start is not audited"
     );
 
     let revoke = curl(&[

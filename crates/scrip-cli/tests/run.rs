@@ -379,6 +379,48 @@ fn exit_codes_pass_through() {
         Some(5)
     );
     assert_eq!(run("kill -KILL $$"), Some(128 + 9));
+    // A command that died of SIGINT, SIGTERM, SIGHUP or SIGPIPE: scrip run
+    // dies of it too (a shell stops a loop for a death by SIGINT, not for
+    // an exit 130).
+    for (name, number) in [("INT", 2), ("TERM", 15), ("HUP", 1), ("PIPE", 13)] {
+        use std::os::unix::process::ExitStatusExt as _;
+        let status = server
+            .run_dev()
+            .args(["sh", "-c", &format!("kill -{name} $$")])
+            .output()
+            .unwrap()
+            .status;
+        assert_eq!(
+            (status.code(), status.signal()),
+            (None, Some(number)),
+            "{name}"
+        );
+    }
+    // As a PID namespace's first process (a container's entry point) it
+    // cannot die of a signal it raises (the kernel drops it): it exits
+    // 128+n, not by an abort. Needs CAP_SYS_ADMIN, which CI has.
+    let can_unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if can_unshare {
+        use std::os::unix::process::ExitStatusExt as _;
+        let cmd = server.run_dev();
+        let mut first = Command::new("unshare");
+        first
+            .args(["--pid", "--fork", "--"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .args(["sh", "-c", "kill -INT $$"]);
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => first.env(key, v),
+                None => first.env_remove(key),
+            };
+        }
+        let status = first.output().unwrap().status;
+        assert_eq!((status.code(), status.signal()), (Some(128 + 2), None));
+    }
     // A command that cannot run: 127, as a shell says.
     let out = server
         .run_dev()

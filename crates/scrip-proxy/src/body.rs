@@ -65,12 +65,35 @@ impl Standing {
 
     /// Whether the token still stands; once it does not, never again.
     fn holds(&self) -> bool {
+        self.check(false)
+    }
+
+    /// Whether the token still stands, checked now whenever it was last.
+    #[must_use]
+    pub fn holds_now(&self) -> bool {
+        self.check(true)
+    }
+
+    /// Whether the token is for a single use (a step a person approved):
+    /// its request reaches the upstream once at most.
+    #[must_use]
+    pub fn single_use(&self) -> bool {
+        self.token
+            .claims()
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.single_use)
+    }
+
+    fn check(&self, now_whenever: bool) -> bool {
         if self.cut.get().is_some() {
             return false;
         }
         let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.checked_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < u64::try_from(RECHECK_EVERY.as_millis()).unwrap_or(0) {
+        if !now_whenever
+            && now.saturating_sub(last) < u64::try_from(RECHECK_EVERY.as_millis()).unwrap_or(0)
+        {
             return true;
         }
         self.checked_ms.store(now, Ordering::Relaxed);

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -78,7 +78,15 @@ impl Proxy {
         response: Response,
         reason: String,
     ) -> Response {
-        let r = self.refusal(draft, upstream, &response, reason);
+        let mut r = self.refusal(draft, upstream, &response, reason);
+        // The access token names no issuer: its task does (usually cached),
+        // so that a query by issuer finds the refusals of a revoked agent.
+        if r.agent_iss.is_none()
+            && let Some(id) = r.task_id.clone()
+            && let Ok(Some(task)) = self.task(&id).await
+        {
+            r.agent_iss = Some(task.agent.issuer.clone());
+        }
         self.0
             .pending
             .commit_limited_refusal(self.0.store.clone(), r)
@@ -97,7 +105,9 @@ impl Proxy {
         r.decision = Some("deny".into());
         r.status = Some(response.status().as_u16());
         r.reason = Some(reason);
-        self.0.metrics.count(upstream, Outcome::Denied);
+        self.0
+            .metrics
+            .count(upstream, Outcome::of_refusal(response.status()));
         r
     }
 
@@ -433,6 +443,17 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 )
                 .await;
         }
+        Err(e @ scrip_store::StoreError::Refused(_)) => {
+            // Not the store's state but this record's: asking again would
+            // not help.
+            tracing::error!(error = %e, "proxy: the store refused the audit record; request not forwarded");
+            proxy.0.metrics.count(name, Outcome::Failed);
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the request could not be recorded; nothing was forwarded",
+            );
+        }
         Err(e) => {
             tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
             return unavailable(&proxy, name);
@@ -523,11 +544,18 @@ async fn forward(
         upstream.base_path,
         query.as_str()
     ));
+    // Set once the request went to the upstream a second time: every record
+    // of its outcome says so.
+    let sent_again = AtomicBool::new(false);
     let failed = |status: StatusCode, code: &str, description: String, draft: &Draft| {
-        proxy.0.metrics.count(name, Outcome::Failed);
+        proxy.0.metrics.count(name, Outcome::of_refusal(status));
         let mut r = draft.finish("proxy.response");
         r.status = Some(status.as_u16());
-        r.reason = Some(description.clone());
+        r.reason = Some(if sent_again.load(Ordering::Relaxed) {
+            format!("{description} ({SENT_AGAIN})")
+        } else {
+            description.clone()
+        });
         proxy.commit_later(r);
         error(status, code, description)
     };
@@ -552,16 +580,19 @@ async fn forward(
         }
     };
     let bytes_in = Arc::new(AtomicU64::new(0));
+    // A request that may be sent again if its connection closes unanswered
+    // (RFC 9110 §9.2.2): idempotent and without a body, so nothing of the
+    // agent's is lost and the upstream may see it twice with the same effect.
+    // Not a single-use token's: a step a person approved goes up once.
+    let again = (idempotent(&parts.method)
+        && http_body::Body::is_end_stream(&body)
+        && !standing.single_use())
+    .then(|| (parts.method.clone(), uri.clone(), headers.clone()));
     let mut out = Request::new(CountingBody::new(body, bytes_in.clone(), standing.clone()));
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
 
-    // `read_timeout` is silence: while the agent's body is still going up,
-    // the wait goes on; once it stops moving, the upstream has that long to
-    // answer (a stall is found within one to two `read_timeout`s).
-    let request = upstream.client.request(out);
-    tokio::pin!(request);
     let unanswered = Unanswered {
         proxy: proxy.clone(),
         upstream: name.to_owned(),
@@ -575,19 +606,27 @@ async fn forward(
         }),
         started: draft.started,
     };
-    let mut sent = bytes_in.load(Ordering::Relaxed);
-    let answer = loop {
-        match tokio::time::timeout(upstream.read_timeout, &mut request).await {
-            Ok(r) => break Ok(r),
-            Err(elapsed) => {
-                let now_sent = bytes_in.load(Ordering::Relaxed);
-                if now_sent == sent {
-                    break Err(elapsed);
-                }
-                sent = now_sent;
-            }
-        }
-    };
+    let mut answer = answer_to(&upstream.client, upstream, out, &bytes_in).await;
+    if let (Ok(Err(e)), Some((method, uri, headers))) = (&answer, again)
+        && closed_unanswered(e)
+        && standing.holds_now()
+    {
+        // An idle connection the upstream closed as it was reused (its
+        // keep-alive ran out while the request went out): once more, on a
+        // new connection, while the token still stands (checked now: the
+        // upstream may have held the first attempt for a while).
+        tracing::debug!(upstream = %name, error = %e, "proxy: connection closed unanswered; sending again");
+        let mut out = Request::new(CountingBody::new(
+            Body::empty(),
+            bytes_in.clone(),
+            standing.clone(),
+        ));
+        *out.method_mut() = method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = headers;
+        sent_again.store(true, Ordering::Relaxed);
+        answer = answer_to(&upstream.fresh, upstream, out, &bytes_in).await;
+    }
     unanswered.disarm();
     let response = match answer {
         Ok(Ok(r)) => r,
@@ -599,7 +638,7 @@ async fn forward(
                 .cut()
                 .cloned()
                 .unwrap_or(scrip_verifier::VerifyError::Revoked);
-            proxy.0.metrics.count(name, Outcome::Failed);
+            proxy.0.metrics.count(name, Outcome::Denied);
             let mut r = draft.finish("proxy.response");
             r.status = Some(StatusCode::UNAUTHORIZED.as_u16());
             r.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
@@ -691,17 +730,22 @@ async fn forward(
 
     let (store, pending) = (proxy.0.store.clone(), proxy.0.pending.clone());
     let cut = standing.clone();
+    let sent_again = sent_again.load(Ordering::Relaxed);
     let on_done = Box::new(move |sent: u64, complete: bool| {
         let mut r = draft.finish("proxy.response");
         r.status = Some(status.as_u16());
         r.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
         r.bytes_out = Some(sent);
-        if !complete {
-            r.reason = Some(match cut.cut() {
-                Some(why) => format!("response cut off: {why}"),
-                None => "response incomplete: the agent or the upstream went away".into(),
-            });
-        }
+        let incomplete = (!complete).then(|| match cut.cut() {
+            Some(why) => format!("response cut off: {why}"),
+            None => "response incomplete: the agent or the upstream went away".into(),
+        });
+        r.reason = match (incomplete, sent_again) {
+            (Some(why), true) => Some(format!("{why} ({SENT_AGAIN})")),
+            (Some(why), false) => Some(why),
+            (None, true) => Some(SENT_AGAIN.into()),
+            (None, false) => None,
+        };
         pending.commit(store, r);
     });
     let body = ResponseBody::new(
@@ -712,6 +756,75 @@ async fn forward(
         on_done,
     );
     Response::from_parts(head, Body::new(body))
+}
+
+/// The reason a `proxy.response` record gives when its request went twice.
+const SENT_AGAIN: &str =
+    "sent a second time on a new connection: the first closed before the upstream answered";
+
+/// Sends `out` and waits for the upstream's answer. `read_timeout` is
+/// silence: while the agent's body is still going up, the wait goes on;
+/// once it stops moving, the upstream has that long to answer (a stall is
+/// found within one to two `read_timeout`s).
+async fn answer_to(
+    client: &hyper_util::client::legacy::Client<crate::Https, CountingBody>,
+    upstream: &Upstream,
+    out: Request<CountingBody>,
+    bytes_in: &AtomicU64,
+) -> Result<
+    Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+> {
+    let request = client.request(out);
+    tokio::pin!(request);
+    let mut sent = bytes_in.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(upstream.read_timeout, &mut request).await {
+            Ok(r) => return Ok(r),
+            Err(elapsed) => {
+                let now_sent = bytes_in.load(Ordering::Relaxed);
+                if now_sent == sent {
+                    return Err(elapsed);
+                }
+                sent = now_sent;
+            }
+        }
+    }
+}
+
+/// The methods RFC 9110 §9.2.2 lets a client send again on its own.
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether `e` is a connection that closed (or was reset) after the request
+/// went out and before any of the answer came back: what an upstream does
+/// when its keep-alive ends as a pooled connection is reused. Not a
+/// refused connection, a timeout, or an answer that broke off.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        } else if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Whether a response body would reach the agent encoded, where it cannot

@@ -137,6 +137,10 @@ struct Upstream {
     read_timeout: Duration,
     verifier: Verifier,
     client: Client<Https, body::CountingBody>,
+    /// A client that keeps no connection: a request sent again after its
+    /// pooled connection closed unanswered goes on a new one, not on
+    /// another idle connection that may be closing too.
+    fresh: Client<Https, body::CountingBody>,
 }
 
 /// Task records are reread at most this often (revocation is the
@@ -539,6 +543,9 @@ impl Proxy {
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(64)
                 .build(https_connector(Duration::from_secs(u.connect_timeout))?);
+            let fresh = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(https_connector(Duration::from_secs(u.connect_timeout))?);
             upstreams.insert(
                 name.clone(),
                 Upstream {
@@ -551,6 +558,7 @@ impl Proxy {
                     read_timeout: Duration::from_secs(u.read_timeout),
                     verifier: parts.verifier.for_audience(name.clone()),
                     client,
+                    fresh,
                     name,
                 },
             );
@@ -685,20 +693,29 @@ impl Proxy {
     }
 }
 
+/// How long a scrape waits for the secrets' state.
+const METRICS_READ: Duration = Duration::from_secs(2);
+
 async fn metrics_endpoint(
     axum::extract::State(proxy): axum::extract::State<Proxy>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let statuses = match proxy.metrics_records().await {
-        Ok(records) => proxy.statuses_of(&records),
-        Err(e) => {
+    // A store that fails, or hangs, takes the secrets' state out of the
+    // scrape, not the request counters: those show the failures it causes.
+    let statuses = match tokio::time::timeout(METRICS_READ, proxy.metrics_records()).await {
+        Ok(Ok(records)) => Some(proxy.statuses_of(&records)),
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "metrics: cannot read secrets");
-            return http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+            None
+        }
+        Err(_) => {
+            tracing::error!("metrics: the store did not answer for the secrets in time");
+            None
         }
     };
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        proxy.0.metrics.render(&statuses),
+        proxy.0.metrics.render(statuses.as_deref()),
     )
         .into_response()
 }

@@ -13,10 +13,24 @@ use crate::secrets::SecretStatus;
 pub enum Outcome {
     /// Forwarded and answered by the upstream.
     Forwarded,
-    /// Refused by scrip (token, scope, policy, path).
+    /// Refused by scrip with a 4xx: the token, its scope, the policy, the
+    /// path, or a request the agent broke off or malformed.
     Denied,
-    /// The upstream failed or timed out, or scrip could not forward.
+    /// A 5xx: the upstream failed or timed out, or scrip could not forward
+    /// (the store unavailable, no secret set).
     Failed,
+}
+
+impl Outcome {
+    /// A request scrip answered itself with `status`: a 5xx is a failure.
+    #[must_use]
+    pub fn of_refusal(status: http::StatusCode) -> Self {
+        if status.is_server_error() {
+            Self::Failed
+        } else {
+            Self::Denied
+        }
+    }
 }
 
 impl Outcome {
@@ -47,9 +61,11 @@ impl Metrics {
         }
     }
 
-    /// The exposition, with the secrets' state.
+    /// The exposition, with the secrets' state when it could be read
+    /// (`None`: the store did not answer; the request counters still are
+    /// shown, and `scrip_secrets_readable` is 0).
     #[must_use]
-    pub fn render(&self, secrets: &[SecretStatus]) -> String {
+    pub fn render(&self, secrets: Option<&[SecretStatus]>) -> String {
         let mut out = String::new();
         out.push_str("# HELP scrip_proxy_requests_total Requests to the proxy, by upstream and outcome.\n# TYPE scrip_proxy_requests_total counter\n");
         if let Ok(m) = self.requests.lock() {
@@ -62,6 +78,15 @@ impl Metrics {
                 );
             }
         }
+        out.push_str("# HELP scrip_secrets_readable Whether the secrets' state could be read from the store for this scrape.\n# TYPE scrip_secrets_readable gauge\n");
+        let _ = writeln!(
+            out,
+            "scrip_secrets_readable {}",
+            u8::from(secrets.is_some())
+        );
+        let Some(secrets) = secrets else {
+            return out;
+        };
         // Each family whole, its HELP and TYPE first, as the text format
         // asks: all the overdue gauges, then all the ages.
         let current = || secrets.iter().filter(|s| s.state == "current");
@@ -122,12 +147,12 @@ mod tests {
             state: "current",
             overdue: false,
         };
-        let text = m.render(&[s, other]);
+        let text = m.render(Some(&[s, other]));
         // Each family's lines together, after its own HELP and TYPE.
         let families: Vec<&str> = text
             .lines()
             .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split('{').next())
+            .filter_map(|l| l.split(['{', ' ']).next())
             .collect();
         let mut grouped = families.clone();
         grouped.dedup();
@@ -135,6 +160,7 @@ mod tests {
             grouped,
             [
                 "scrip_proxy_requests_total",
+                "scrip_secrets_readable",
                 "scrip_secret_overdue",
                 "scrip_secret_age_seconds"
             ],
@@ -143,7 +169,10 @@ mod tests {
         for family in grouped {
             let help = text.find(&format!("# HELP {family} ")).unwrap();
             let kind = text.find(&format!("# TYPE {family} ")).unwrap();
-            let first = text.find(&format!("\n{family}{{")).unwrap();
+            let first = text
+                .find(&format!("\n{family}{{"))
+                .or_else(|| text.find(&format!("\n{family} ")))
+                .unwrap();
             assert!(help < kind && kind < first, "{text}");
         }
         assert!(
@@ -156,5 +185,14 @@ mod tests {
         );
         assert!(text.contains("scrip_secret_overdue{name=\"legacy\",action=\"read\"} 1\n"));
         assert!(text.contains("scrip_secret_age_seconds{name=\"legacy\",action=\"read\"} 99\n"));
+        assert!(text.contains("\nscrip_secrets_readable 1\n"), "{text}");
+        // The store did not answer: the counters still, no secret family.
+        let text = m.render(None);
+        assert!(
+            text.contains("scrip_proxy_requests_total{upstream=\"legacy\",outcome=\"denied\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nscrip_secrets_readable 0\n"), "{text}");
+        assert!(!text.contains("scrip_secret_overdue"), "{text}");
     }
 }

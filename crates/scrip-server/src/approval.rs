@@ -375,9 +375,13 @@ pub(crate) async fn poll(
     if approval.task_id != claims.txn {
         return Err(unknown());
     }
-    if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding) {
-        // A bound task's token without its key is most likely stolen:
-        // refused, and on the record, as at the exchange.
+    // The poller is authenticated: its proof may now be recorded (spent).
+    let cnf = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)
+        .and_then(|()| binding.map(|b| b.spend(st)).transpose());
+    if let Err(e) = cnf {
+        // A bound task's token without its key, or with a proof already
+        // used, is most likely stolen: refused, and on the record, as at
+        // the exchange.
         let mut a = st.audit("token.refused");
         a.decision = Some("deny".into());
         a.agent_iss = Some(claims.tctx.agent_iss.clone());
@@ -398,8 +402,7 @@ pub(crate) async fn poll(
         st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
         return Err(e);
     }
-    // The poller is authenticated: its proof may now be recorded.
-    let cnf = binding.map(|b| b.spend(st)).transpose()?;
+    let cnf = cnf?;
     let now = now();
     match approval.state {
         // CIBA Core §11: past `expires_in` an undecided or approved
@@ -431,7 +434,9 @@ pub(crate) async fn poll(
                 .await?
                 .is_none() =>
         {
-            Err(OAuthError::invalid_grant(TASK_ENDED))
+            let what = format!("the token of auth_req_id {id}");
+            let e = OAuthError::invalid_grant(TASK_ENDED);
+            Err(crate::exchange::refuse_ended(st, &claims, "token.refused", &what, peer, e).await)
         }
         ApprovalState::Pending => {
             if !st
@@ -564,21 +569,53 @@ async fn issue(
     seen: Vec<String>,
 ) -> Result<Option<Response>, OAuthError> {
     let now = now();
-    let task = crate::exchange::active_task(st, claims, now)
-        .await?
-        .ok_or_else(|| OAuthError::invalid_grant(TASK_ENDED))?;
-    let tool = st
-        .config
-        .tool(&approval.tool)
-        .ok_or_else(|| OAuthError::invalid_target("the approved tool is no longer configured"))?;
+    let Some(task) = crate::exchange::active_task(st, claims, now).await? else {
+        let what = format!("the token of auth_req_id {}", approval.id);
+        let e = OAuthError::invalid_grant(TASK_ENDED);
+        return Err(
+            crate::exchange::refuse_ended(st, claims, "token.refused", &what, peer, e).await,
+        );
+    };
+    let mut base = st.audit("approval.used");
+    base.agent_iss = Some(task.agent.issuer.clone());
+    base.agent_sub = Some(task.agent.subject.clone());
+    base.task_id = Some(task.id.clone());
+    base.parent_id.clone_from(&task.parent);
+    base.chain = task
+        .actor
+        .as_ref()
+        .map(scrip_token::Actor::chain)
+        .unwrap_or_default();
+    base.environment = Some(task.environment.clone());
+    base.purpose = Some(task.purpose.clone());
+    base.tool = Some(approval.tool.clone());
+    base.actions = Some(approval.actions.clone());
+    base.client = Some(peer.to_string());
+    // An approved step refused at collection is on the record, with why.
+    let refuse = |e: OAuthError| {
+        let mut a = base.clone();
+        a.decision = Some("deny".into());
+        a.reason = Some(format!("auth_req_id {}: {}", approval.id, e.description));
+        async move {
+            st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
+            Err::<Option<Response>, OAuthError>(e)
+        }
+    };
+    let Some(tool) = st.config.tool(&approval.tool) else {
+        return refuse(OAuthError::invalid_target(
+            "the approved tool is no longer configured",
+        ))
+        .await;
+    };
     let actions = ActionSet::parse(&approval.actions).map_err(|_| OAuthError::server_error())?;
     let approver = approval.decided_by.clone().unwrap_or_default();
     // A person no longer among the approvers (removed, perhaps compromised,
     // since they approved) approves nothing more: the step is asked again.
     if !st.config.approvers.iter().any(|a| a.name == approver) {
-        return Err(OAuthError::access_denied(format!(
+        return refuse(OAuthError::access_denied(format!(
             "`{approver}`, who approved this step, is no longer an approver; ask for the step again"
-        )));
+        )))
+        .await;
     }
     // The policy is asked again, now with the approval: it may have changed.
     let ctx = RequestContext {
@@ -596,20 +633,11 @@ async fn issue(
         method: None,
         path: None,
     };
-    let mut base = st.audit("approval.used");
-    base.agent_iss = Some(task.agent.issuer.clone());
-    base.agent_sub = Some(task.agent.subject.clone());
-    base.task_id = Some(task.id.clone());
-    base.parent_id.clone_from(&task.parent);
-    base.chain.clone_from(&ctx.delegation_chain);
-    base.environment = Some(task.environment.clone());
-    base.purpose = Some(task.purpose.clone());
-    base.tool = Some(tool.name.to_string());
-    base.actions = Some(actions.to_string());
-    base.client = Some(peer.to_string());
     let mut policies = Vec::new();
+    // One policy set decides every action, even across a reload.
+    let policy = st.policy();
     for action in actions.iter() {
-        let d = decide(st, &task.agent, tool, action, &ctx);
+        let d = decide(&policy, &task.agent, tool, action, &ctx);
         if !d.allowed {
             let mut a = base.clone();
             a.event = "token.decision".into();
@@ -730,12 +758,48 @@ async fn authenticate(
 ) -> Result<(WorkloadIdentity, Approver), OAuthError> {
     let who = caller_identity(st, headers).await?;
     let Some(a) = approver(st, &who) else {
-        return Err(OAuthError::forbidden(format!(
-            "`{}` is not an approver; approvers are listed in the configuration's [[approvers]]",
-            who.subject
-        )));
+        return Err(not_an_approver(&who));
     };
     Ok((who, a.clone()))
+}
+
+fn not_an_approver(who: &WorkloadIdentity) -> OAuthError {
+    OAuthError::forbidden(format!(
+        "`{}` is not an approver; approvers are listed in the configuration's [[approvers]]",
+        who.subject
+    ))
+}
+
+/// Records a decision on a waiting step refused to `who` (not an approver,
+/// or the step's own agent under separation of duties): an agent trying to
+/// approve its own step is what a security team must see. Returns `err` to
+/// answer, or the store's error when the record could not be written.
+async fn refuse_decision(
+    st: &Inner,
+    who: &WorkloadIdentity,
+    approval: &Approval,
+    approve: bool,
+    peer: SocketAddr,
+    err: OAuthError,
+) -> OAuthError {
+    let mut a = st.audit("approval.refused");
+    a.decision = Some("deny".into());
+    a.agent_iss = Some(who.issuer.clone());
+    a.agent_sub = Some(who.subject.clone());
+    a.task_id = Some(approval.task_id.clone());
+    a.tool = Some(approval.tool.clone());
+    a.actions = Some(approval.actions.clone());
+    a.client = Some(peer.to_string());
+    a.reason = Some(format!(
+        "{} auth_req_id {}: {}",
+        if approve { "approving" } else { "denying" },
+        approval.id,
+        err.description
+    ));
+    match st.store.commit(vec![Write::Audit(Box::new(a))]).await {
+        Ok(()) => err,
+        Err(e) => e.into(),
+    }
 }
 
 /// The most pending approvals `GET /approvals` lists, the oldest first.
@@ -836,7 +900,18 @@ async fn decide_endpoint(
     approve: bool,
 ) -> Response {
     let result = async {
-        let (who, approver) = authenticate(st, headers).await?;
+        let who = caller_identity(st, headers).await?;
+        let Some(approver) = approver(st, &who).cloned() else {
+            // On the record when it names a step that waits: someone tried
+            // to decide it (any other id is answered alike, unrecorded).
+            let e = not_an_approver(&who);
+            if plausible_id(id)
+                && let Some(approval) = st.store.approval(id).await?
+            {
+                return Err(refuse_decision(st, &who, &approval, approve, peer, e).await);
+            }
+            return Err(e);
+        };
         // What the person was shown, when the client says (`scrip approve`
         // does): approving applies to that step only. Any body is read as
         // that form (a body of another type, or of none, is refused rather
@@ -913,9 +988,10 @@ async fn decide_endpoint(
             .await?
             .ok_or_else(OAuthError::server_error)?;
         if st.config.separation_of_duties && started_by(st, &task, &Person::of(st, &who, &approver)) {
-            return Err(OAuthError::forbidden(
+            let e = OAuthError::forbidden(
                 "separation of duties: you may not approve a step of a task you started or act in (known by uid, you count as every agent that may run as your uid, as any process of a uid attests as that uid: every agent but a local one of another uid; only an approver known by issuer and subject alone, with no uid entry, may approve the others)",
-            ));
+            );
+            return Err(refuse_decision(st, &who, &approval, approve, peer, e).await);
         }
         if task.state(now) != TaskState::Active {
             return Err(OAuthError::conflict("the task has ended"));
@@ -1272,13 +1348,13 @@ fn plausible_id(id: &str) -> bool {
 /// allows them approved. Returns the decision as asked and whether an
 /// approval would allow it.
 pub(crate) fn classify(
-    st: &Inner,
+    policy: &scrip_policy::PolicyEngine,
     agent: &WorkloadIdentity,
     tool: &scrip_config::Tool,
     action: &ActionName,
     ctx: &RequestContext,
 ) -> (scrip_policy::Decision, bool) {
-    let d = decide(st, agent, tool, action, ctx);
+    let d = decide(policy, agent, tool, action, ctx);
     if d.allowed || ctx.approved {
         return (d, false);
     }
@@ -1286,7 +1362,7 @@ pub(crate) fn classify(
         approved: true,
         ..ctx.clone()
     };
-    let with = decide(st, agent, tool, action, &approved);
+    let with = decide(policy, agent, tool, action, &approved);
     (d, with.allowed)
 }
 

@@ -54,9 +54,18 @@ pub(crate) async fn delegate(
         .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?
         .claims;
     let now = now();
-    let parent = active_task(st, &claims, now)
-        .await?
-        .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    let Some(parent) = active_task(st, &claims, now).await? else {
+        let e = OAuthError::invalid_request("subject_token: the task has ended");
+        return Err(crate::exchange::refuse_ended(
+            st,
+            &claims,
+            "task.refused",
+            "a delegation",
+            peer,
+            e,
+        )
+        .await);
+    };
     // An identified task refused (without its DPoP key, or asking for more
     // than it holds) is audited like an access-token request beyond the
     // task (`token.refused`), naming the actor once it is known.
@@ -98,8 +107,11 @@ pub(crate) async fn delegate(
         }
         Err(e) => return Err(OAuthError::invalid_request(format!("actor_token: {e}"))),
     };
-    if let Some(b) = binding {
-        b.spend(st)?;
+    if let Some(b) = binding
+        && let Err(e) = b.spend(st)
+    {
+        // A proof used before: a replayed request, refused on the record.
+        return refuse(e, String::new()).await;
     }
     let Asked {
         depth,

@@ -193,7 +193,9 @@ impl From<StoreError> for OAuthError {
         }
         match e {
             StoreError::Unavailable(_) | StoreError::Open(_) => Self::temporarily_unavailable(),
-            StoreError::Corrupt(_) | StoreError::Conflict(_) => Self::server_error(),
+            StoreError::Corrupt(_) | StoreError::Conflict(_) | StoreError::Refused(_) => {
+                Self::server_error()
+            }
         }
     }
 }

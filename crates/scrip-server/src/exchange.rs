@@ -373,13 +373,13 @@ impl<'a> Issued<'a> {
 }
 
 pub(crate) fn decide(
-    st: &Inner,
+    policy: &scrip_policy::PolicyEngine,
     agent: &WorkloadIdentity,
     tool: &Tool,
     action: &scrip_token::ActionName,
     ctx: &RequestContext,
 ) -> Decision {
-    st.policy().decide(&DecisionRequest {
+    policy.decide(&DecisionRequest {
         agent,
         action,
         tool,
@@ -403,11 +403,14 @@ pub(crate) fn decide_grants(
     let mut writes = Vec::new();
     let mut allowed = Vec::new();
     let mut held = Vec::new();
+    // One policy set decides every grant of the request, even across a
+    // reload.
+    let policy = st.policy();
     for g in grants.iter() {
         let Some(tool) = st.config.tool(g.tool.as_str()) else {
             continue;
         };
-        let (d, approvable) = crate::approval::classify(st, agent, tool, &g.action, ctx);
+        let (d, approvable) = crate::approval::classify(&policy, agent, tool, &g.action, ctx);
         let mut a = base(decision_event(st, "task.grant", &d));
         if approvable {
             a.reason = Some(format!("{}; each use needs a person's approval", d.reason));
@@ -676,6 +679,42 @@ pub(crate) async fn active_task(
     Ok(Some(task))
 }
 
+/// Refuses a verified task token whose task has ended (revoked, expired,
+/// or its token replaced): most likely one kept, or stolen, past the task's
+/// end. Recorded as `event` (`token.refused`, `task.refused`) naming the
+/// token, with `what` was asked and `err`'s description in `reason`;
+/// returns `err` to answer, or the store's error when the record could not
+/// be written.
+pub(crate) async fn refuse_ended(
+    st: &Inner,
+    claims: &TaskClaims,
+    event: &str,
+    what: &str,
+    peer: SocketAddr,
+    err: OAuthError,
+) -> OAuthError {
+    let mut a = st.audit(event);
+    a.decision = Some("deny".into());
+    a.agent_iss = Some(claims.tctx.agent_iss.clone());
+    a.agent_sub = Some(claims.sub.clone());
+    a.task_id = Some(claims.txn.clone());
+    a.parent_id.clone_from(&claims.tctx.parent);
+    a.chain = claims
+        .act
+        .as_ref()
+        .map(scrip_token::Actor::chain)
+        .unwrap_or_default();
+    a.environment = Some(claims.tctx.environment.clone());
+    a.purpose = Some(claims.tctx.purpose.clone());
+    a.jti = Some(claims.jti.clone());
+    a.client = Some(peer.to_string());
+    a.reason = Some(format!("{what}: {}", err.description));
+    match st.store.commit(vec![Write::Audit(Box::new(a))]).await {
+        Ok(()) => err,
+        Err(e) => e.into(),
+    }
+}
+
 async fn access_token(
     st: &Inner,
     form: &Form,
@@ -687,9 +726,16 @@ async fn access_token(
         .verify_task(subject_token)
         .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?;
     let now = now();
-    let task = active_task(st, &claims, now)
-        .await?
-        .ok_or_else(|| OAuthError::invalid_request("subject_token: the task has ended"))?;
+    let Some(task) = active_task(st, &claims, now).await? else {
+        // The tool asked for is named only when it is one: any other text
+        // may be a secret in the wrong place.
+        let what = match form.get("audience").filter(|a| st.config.tool(a).is_some()) {
+            Some(tool) => format!("an access token for `{tool}`"),
+            None => "an access token".to_owned(),
+        };
+        let e = OAuthError::invalid_request("subject_token: the task has ended");
+        return Err(refuse_ended(st, &claims, "token.refused", &what, peer, e).await);
+    };
     let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
     let task_held = held_grants(&task)?;
 
@@ -734,10 +780,13 @@ async fn access_token(
             .filter(|a| st.config.tool(a).is_some())
             .map(str::to_owned)
     };
-    if let Err(e) = check_task_binding(claims.cnf.as_ref(), binding) {
-        return refuse(st, &base, asked_tool(), None, e).await;
-    }
-    let cnf = binding.map(|b| b.spend(st)).transpose()?;
+    // So is one whose proof was used before (a replayed request).
+    let cnf = match check_task_binding(claims.cnf.as_ref(), binding)
+        .and_then(|()| binding.map(|b| b.spend(st)).transpose())
+    {
+        Ok(cnf) => cnf,
+        Err(e) => return refuse(st, &base, asked_tool(), None, e).await,
+    };
     let tool = match target_tool(st, form) {
         Ok(t) => t,
         Err(e) => return refuse(st, &base, asked_tool(), None, e).await,
@@ -800,11 +849,14 @@ async fn access_token(
         method: None,
         path: None,
     };
+    // One policy set decides every action of the request, even across a
+    // reload.
+    let policy = st.policy();
     let decisions: Vec<_> = actions
         .iter()
         .map(|action| {
             let (mut d, approvable) =
-                crate::approval::classify(st, &task.agent, tool, action, &ctx);
+                crate::approval::classify(&policy, &task.agent, tool, action, &ctx);
             // A grant the task holds only with a person's approval: policy
             // allowing it now does not spare the person.
             let grant = || Grant {

@@ -252,13 +252,13 @@ impl Server {
             &issuer,
         );
 
-        let mut a = audit_record(&replica, "policy.loaded");
-        a.reason = Some(format!(
-            "{} policies from `{}`",
-            policy.len(),
-            config.policy_dir.display()
-        ));
-        store.commit(vec![Write::Audit(Box::new(a))]).await?;
+        store
+            .commit(vec![policies::loaded_record(
+                &replica,
+                policy.len(),
+                &config.policy_dir,
+            )])
+            .await?;
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }

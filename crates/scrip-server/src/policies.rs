@@ -21,6 +21,19 @@ use scrip_store::{AuditEvent, Store, Write};
 #[derive(Clone)]
 pub struct Policies(Arc<Inner>);
 
+/// The `policy.loaded` record of a process's first policy set (`count`
+/// policies from `dir`), committed before the set decides anything.
+#[must_use]
+pub fn loaded_record(replica: &str, count: usize, dir: &Path) -> Write {
+    Write::Audit(Box::new(AuditEvent {
+        at_ms: crate::state::now_ms(),
+        event: "policy.loaded".into(),
+        replica: replica.to_owned(),
+        reason: Some(format!("{count} policies from `{}`", dir.display())),
+        ..AuditEvent::default()
+    }))
+}
+
 struct Inner {
     current: RwLock<Arc<PolicyEngine>>,
     /// The directory as it was just before `current` was first read.

@@ -422,6 +422,7 @@ async fn polling_is_pending_then_slow_down_when_too_fast() {
 async fn a_step_approved_by_someone_no_longer_an_approver_is_not_collected() {
     let keep = tempfile::tempdir().unwrap();
     let data_dir = keep.path().join("data");
+    let db = data_dir.join("scrip.db");
     let with = move |approvers: Vec<Approver>| {
         let data_dir = data_dir.clone();
         edit(move |c| {
@@ -450,6 +451,28 @@ async fn a_step_approved_by_someone_no_longer_an_approver_is_not_collected() {
         "{}",
         r.text
     );
+    // The refused collection is on the record, with why.
+    let audit = {
+        use scrip_store::Store as _;
+        let store = scrip_store::SqliteStore::open(&db).await.unwrap();
+        store
+            .audit(&scrip_store::AuditFilter::default())
+            .await
+            .unwrap()
+    };
+    let used = audit
+        .iter()
+        .find(|a| a.event == "approval.used")
+        .expect("the refused collection is not on the record");
+    assert_eq!(used.decision.as_deref(), Some("deny"), "{used:?}");
+    assert!(
+        used.reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with(&format!("auth_req_id {a}: "))
+                && r.contains("is no longer an approver")),
+        "{used:?}"
+    );
+    assert!(used.agent_sub.is_some() && used.tool.is_some(), "{used:?}");
     s.stop().await;
 
     // Still listed: the other step's token is handed out.
@@ -1419,6 +1442,32 @@ async fn approving_needs_an_approver_identity() {
     deny(&s, "no-such-approval", Some(&alice_id(&s)), "no")
         .await
         .assert_error(404, "not_found");
+    // Each attempt by a trusted identity that is not an approver on the
+    // waiting step is on the record, naming who tried.
+    approve(&s, "no-such-approval", Some(&bob))
+        .await
+        .assert_error(403, "access_denied");
+    let audit = s.audit().await;
+    let refused: Vec<_> = audit
+        .iter()
+        .filter(|a| a.event == "approval.refused")
+        .collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    for (a, verb) in refused.iter().zip(["approving", "denying", "approving"]) {
+        assert_eq!(a.decision.as_deref(), Some("deny"));
+        assert!(
+            a.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(&format!("{verb} auth_req_id {id}: "))
+                    && r.contains("is not an approver")),
+            "{a:?}"
+        );
+        assert!(a.task_id.is_some() && a.tool.is_some(), "{a:?}");
+    }
+    assert_eq!(
+        refused[0].agent_sub.as_deref(),
+        Some("system:serviceaccount:people:bob")
+    );
     s.stop().await;
 }
 
@@ -1440,6 +1489,22 @@ async fn separation_of_duties_refuses_the_agent_itself() {
     poll(&s, &task, &id)
         .await
         .assert_error(400, "authorization_pending");
+    // The agent's attempts at its own step are on the record.
+    let audit = s.audit().await;
+    let refused: Vec<_> = audit
+        .iter()
+        .filter(|a| a.event == "approval.refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for a in refused {
+        assert_eq!(a.agent_sub.as_deref(), Some(AGENT), "{a:?}");
+        assert!(
+            a.reason
+                .as_deref()
+                .is_some_and(|r| r.contains(&id) && r.contains("separation of duties")),
+            "{a:?}"
+        );
+    }
     // Someone else may.
     assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
     s.stop().await;

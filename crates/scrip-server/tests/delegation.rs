@@ -593,6 +593,20 @@ async fn a_full_task_tree_refuses_more_sub_tasks() {
     access(&s, &child, "github", None).await;
     assert_eq!(s.revoke(&parent).await.status, 200);
     assert_eq!(s.introspect(&child).await.body["active"], false);
+    // A delegation asked with the ended task's token is refused, on the
+    // record, naming the token.
+    delegate(&s, &parent, &actor1(&s), None, None)
+        .await
+        .assert_error(400, "invalid_request");
+    let jti = decode_parts(&parent).1["jti"].as_str().unwrap().to_owned();
+    let audit = s.audit().await;
+    assert!(
+        audit.iter().any(|a| a.event == "task.refused"
+            && a.decision.as_deref() == Some("deny")
+            && a.jti.as_deref() == Some(jti.as_str())
+            && a.reason.as_deref() == Some("a delegation: subject_token: the task has ended")),
+        "no record of the ended task's delegation"
+    );
     s.stop().await;
 }
 

@@ -294,6 +294,16 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["token_type"], "DPoP");
+    // Nor with a proof used before: a replayed request.
+    let once = key.proof("POST", &token_url, None);
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&once])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&once])
+        .await;
+    refused(&r, "used before");
 
     // A sub-agent's task: the same.
     let helper = s.k8s.kubernetes("agents", "helper");
@@ -307,15 +317,20 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
         &post(&s, &delegate, &[&thiefs]).await,
         "not signed with the key",
     );
-    let r = post(&s, &delegate, &[&key.proof("POST", &token_url, None)]).await;
+    let once = key.proof("POST", &token_url, None);
+    let r = post(&s, &delegate, &[&once]).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    // Each use without the key, most likely a stolen token, is on the record.
+    refused(&post(&s, &delegate, &[&once]).await, "used before");
+    // Each use without the key, or with a proof used before, most likely a
+    // stolen token, is on the record.
     let audit = s.audit().await;
     for (event, why) in [
         ("token.refused", "bound to a DPoP key"),
         ("token.refused", "not signed with the key"),
+        ("token.refused", "used before"),
         ("task.refused", "bound to a DPoP key"),
         ("task.refused", "not signed with the key"),
+        ("task.refused", "used before"),
     ] {
         assert!(
             audit.iter().any(|a| a.event == event
@@ -361,11 +376,18 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
         &post(&s, &poll, &[&thiefs]).await,
         "not signed with the key",
     );
-    let r = post(&s, &poll, &[&key.proof("POST", &token_url, None)]).await;
+    let once = key.proof("POST", &token_url, None);
+    let r = post(&s, &poll, &[&once]).await;
     r.assert_error(400, "authorization_pending");
-    // Both polls without the key are on the record, naming the step.
+    refused(&post(&s, &poll, &[&once]).await, "used before");
+    // The polls without the key or with a used proof are on the record,
+    // naming the step.
     let audit = s.audit().await;
-    for why in ["bound to a DPoP key", "not signed with the key"] {
+    for why in [
+        "bound to a DPoP key",
+        "not signed with the key",
+        "used before",
+    ] {
         assert!(
             audit.iter().any(|a| a.event == "token.refused"
                 && a.decision.as_deref() == Some("deny")

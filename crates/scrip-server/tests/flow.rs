@@ -107,6 +107,32 @@ async fn task_then_access_token() {
     s.access_token(&task_token, "github", Some("read"))
         .await
         .assert_error(400, "invalid_request");
+    // That use of a token kept past its task's end is on the record, naming
+    // the token and the agent.
+    let audit = s.audit().await;
+    let refused = audit
+        .iter()
+        .rev()
+        .find(|a| a.event == "token.refused")
+        .expect("no record of the ended task's token");
+    assert_eq!(refused.decision.as_deref(), Some("deny"));
+    assert_eq!(
+        refused.jti.as_ref(),
+        c["jti"].as_str().map(str::to_owned).as_ref()
+    );
+    assert_eq!(
+        refused.task_id.as_ref(),
+        c["txn"].as_str().map(str::to_owned).as_ref()
+    );
+    assert_eq!(
+        refused.agent_sub.as_ref(),
+        c["sub"].as_str().map(str::to_owned).as_ref()
+    );
+    assert!(refused.agent_iss.is_some(), "{refused:?}");
+    assert_eq!(
+        refused.reason.as_deref(),
+        Some("an access token for `github`: subject_token: the task has ended")
+    );
     s.stop().await;
 }
 

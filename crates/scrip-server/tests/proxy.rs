@@ -799,6 +799,22 @@ async fn a_revoked_task_is_refused() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The refusal names the agent as the allowed request did, issuer and
+    // all (`scrip audit query --agent S --issuer I` finds both).
+    let allowed = env
+        .wait_audit(|a| a.event == "proxy.request" && a.path.as_deref() == Some("/a"))
+        .await;
+    let refused = env
+        .wait_audit(|a| {
+            a.event == "proxy.request" && a.path.as_deref() == Some("/b") && a.status == Some(401)
+        })
+        .await;
+    assert!(allowed.agent_iss.is_some(), "{allowed:?}");
+    assert_eq!(
+        (&refused.agent_sub, &refused.agent_iss),
+        (&allowed.agent_sub, &allowed.agent_iss),
+        "{refused:?}"
+    );
     env.server.stop().await;
 }
 
@@ -1478,6 +1494,24 @@ async fn a_request_whose_secret_is_not_set_is_refused_and_audited() {
             .is_some_and(|x| x.contains("no secret is set")),
         "{r:?}"
     );
+    // Counted as scrip failing to forward (a 5xx), not as a refusal.
+    let metrics = env
+        .http
+        .get(format!("http://{}/metrics", env.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("scrip_proxy_requests_total{upstream=\"down\",outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("upstream=\"down\",outcome=\"denied\""),
+        "{metrics}"
+    );
     env.server.stop().await;
 }
 
@@ -1977,4 +2011,206 @@ async fn the_key_in_an_upstream_reason_phrase_never_reaches_the_agent() {
         "the key reached the agent: {text}"
     );
     server.stop().await;
+}
+
+/// An upstream whose keep-alive runs out just as a pooled connection is
+/// reused: on each connection it answers the first request (with the
+/// connection's number) and closes on reading the second, unanswered (a
+/// second request for `/hold` once `hold` is notified). A request for
+/// `/never` it never answers. Returns its address, the connections it
+/// took, and the requests it read and left unanswered.
+async fn blinking_upstream(
+    hold: Arc<tokio::sync::Notify>,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connections, unanswered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (taken, dropped) = (connections.clone(), unanswered.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let n = taken.fetch_add(1, SeqCst) + 1;
+            let (dropped, hold) = (dropped.clone(), hold.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                for request in 1.. {
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => got.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&got);
+                    if request > 1 || head.contains("/never ") {
+                        if head.contains("/hold ") {
+                            hold.notified().await;
+                        }
+                        dropped.fetch_add(1, SeqCst);
+                        return;
+                    }
+                    let body = format!("{{\"connection\":{n}}}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections, unanswered)
+}
+
+#[tokio::test]
+async fn a_connection_closed_unanswered_as_it_is_reused_is_tried_again_only_for_an_idempotent_request()
+ {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (addr, connections, unanswered) = blinking_upstream(Arc::default()).await;
+    let env = setup_with(move |c| {
+        c.tools.push(tool("blink"));
+        c.upstreams
+            .push(upstream("blink", &format!("http://{addr}")));
+    })
+    .await;
+    set_secret(&env.server, "blink", "read", READ_KEY).await;
+    set_secret(&env.server, "blink", "write", WRITE_KEY).await;
+    let task = env.task("blink:read blink:write").await;
+    let read = env.token(&task, "blink", "read").await;
+    let write = env.token(&task, "blink", "write").await;
+    // The pool takes a connection back once its answer has been read.
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+
+    let (status, _, body) = env.send(reqwest::Method::GET, "blink/a", Some(&read)).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"connection":1}"#));
+    settle().await;
+    // Reuses the first connection, which closes unanswered: a GET goes again
+    // on a second one.
+    let (status, _, body) = env.send(reqwest::Method::GET, "blink/b", Some(&read)).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"connection":2}"#));
+    assert_eq!((connections.load(SeqCst), unanswered.load(SeqCst)), (2, 1));
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/b"))
+        .await;
+    assert_eq!(record.status, Some(200), "{record:?}");
+    assert_eq!(
+        record.reason.as_deref(),
+        Some(
+            "sent a second time on a new connection: the first closed before the upstream answered"
+        ),
+        "{record:?}"
+    );
+    // A new connection for the pool (the second was not kept), which a
+    // GET takes first.
+    let prime = |path: &'static str, n: usize| {
+        let (env, read) = (&env, &read);
+        async move {
+            let (status, _, body) = env.send(reqwest::Method::GET, path, Some(read)).await;
+            assert_eq!((status, body), (200, format!("{{\"connection\":{n}}}")));
+            settle().await;
+        }
+    };
+    prime("blink/c", 3).await;
+    // A POST, even without a body, is not sent twice: the agent gets the
+    // 502.
+    let r = env
+        .http
+        .post(env.url("blink/search"))
+        .bearer_auth(&read)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!((connections.load(SeqCst), unanswered.load(SeqCst)), (3, 2));
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/search"))
+        .await;
+    assert_eq!(record.status, Some(502), "{record:?}");
+    // Nor is a PUT with a body (idempotent, but its body was the agent's
+    // stream).
+    prime("blink/d", 4).await;
+    let r = env
+        .http
+        .put(env.url("blink/e"))
+        .bearer_auth(&write)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!((connections.load(SeqCst), unanswered.load(SeqCst)), (4, 3));
+    // Sent again and failed again: the record says it went twice.
+    prime("blink/f", 5).await;
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, "blink/never", Some(&read))
+        .await;
+    assert_eq!(status, 502);
+    assert_eq!((connections.load(SeqCst), unanswered.load(SeqCst)), (6, 5));
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/never"))
+        .await;
+    assert_eq!(
+        record.reason.as_deref(),
+        Some(
+            "upstream `blink` failed: the connection failed before it answered (sent a second time on a new connection: the first closed before the upstream answered)"
+        ),
+        "{record:?}"
+    );
+    env.server.stop().await;
+}
+
+/// A request whose token no longer stands when its connection closes
+/// unanswered is not sent again.
+#[tokio::test]
+async fn a_request_is_not_sent_again_once_its_token_no_longer_stands() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let hold = Arc::new(tokio::sync::Notify::new());
+    let (addr, connections, unanswered) = blinking_upstream(hold.clone()).await;
+    let env = setup_with(move |c| {
+        c.tools.push(tool("blink"));
+        c.upstreams
+            .push(upstream("blink", &format!("http://{addr}")));
+    })
+    .await;
+    set_secret(&env.server, "blink", "read", READ_KEY).await;
+    let task = env.task("blink:read").await;
+    let read = env.token(&task, "blink", "read").await;
+    let (status, _, _) = env.send(reqwest::Method::GET, "blink/a", Some(&read)).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The upstream holds the second request while the task is revoked.
+    let held = {
+        let (http, url, read) = (env.http.clone(), env.url("blink/hold"), read.clone());
+        tokio::spawn(async move { http.get(url).bearer_auth(read).send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.server.revoke(&task).await.status, 200);
+    let start = Instant::now();
+    while env
+        .send(reqwest::Method::GET, "blink/probe", Some(&read))
+        .await
+        .0
+        != 401
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "not revoked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = connections.load(SeqCst);
+    hold.notify_one();
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Not sent again: no other connection was made.
+    assert_eq!(unanswered.load(SeqCst), 1);
+    assert_eq!(connections.load(SeqCst), before);
+    env.server.stop().await;
 }

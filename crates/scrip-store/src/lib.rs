@@ -88,6 +88,12 @@ pub enum StoreError {
     /// was changed.
     #[error("already exists: {0}")]
     Conflict(String),
+    /// The database refused a value of this commit (a data exception, such
+    /// as a character its encoding cannot hold); nothing was changed. The
+    /// commit's own, not the store's: the commits batched with it are
+    /// applied without it.
+    #[error("the database refused a value: {0}")]
+    Refused(String),
 }
 
 /// The operations scrip needs from persistent state.
@@ -113,7 +119,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         task_id: &str,
     ) -> Result<Option<(TaskRecord, bool)>, StoreError>;
 
-    /// Open tasks whose deadline is at or before `now`, oldest first.
+    /// Open tasks whose deadline is at or before `now`, oldest first; of
+    /// those with one deadline, the deepest first, so that a sweep of
+    /// `limit` reaches a task's sub-tasks (whose deadline is at most its
+    /// own) before it, and each gets its own ending.
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError>;
 
     /// Tasks still running at `now` (not ended, deadline after it), of one

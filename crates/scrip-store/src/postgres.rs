@@ -146,10 +146,50 @@ impl Drop for PgStore {
     }
 }
 
-/// A failed statement: a uniqueness violation is a [`StoreError::Conflict`].
+/// Refuses a database whose encoding is not UTF8: one in another encoding
+/// refuses characters agents send (an emoji or an arrow in a purpose, a
+/// workflow's name), and each such commit would fail. `SQL_ASCII` converts
+/// nothing, so it stores what it is sent: taken, with a warning.
+async fn require_utf8(conn: &mut PgConnection) -> Result<(), String> {
+    let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+        .fetch_one(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if encoding == "UTF8" {
+        Ok(())
+    } else if encoding == "SQL_ASCII" {
+        tracing::warn!(
+            "the database's encoding is SQL_ASCII: it checks nothing it stores; UTF8 is recommended"
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "the database's encoding is {encoding}; scrip needs UTF8, which can hold \
+             whatever an agent sends (create it with `CREATE DATABASE ... ENCODING 'UTF8' \
+             TEMPLATE template0`)"
+        ))
+    }
+}
+
+/// A failed statement: a uniqueness violation is a [`StoreError::Conflict`],
+/// and a value the database refuses is [`refused`]'s.
 fn failed(e: sqlx::Error) -> StoreError {
     match e.as_database_error() {
         Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_owned()),
+        _ => refused(e),
+    }
+}
+
+/// A failed statement of a commit: a data exception (SQLSTATE class 22: a
+/// character the database's encoding lacks, a number out of range) is the
+/// statement's values', a [`StoreError::Refused`], so that the writer
+/// applies the commits batched with it without it; anything else is the
+/// store's.
+fn refused(e: sqlx::Error) -> StoreError {
+    match e.as_database_error() {
+        Some(d) if d.code().is_some_and(|c| c.starts_with("22")) => {
+            StoreError::Refused(d.message().to_owned())
+        }
         _ => unavailable(e),
     }
 }
@@ -409,6 +449,9 @@ impl PgStore {
         let mut conn = tokio::time::timeout(TIMEOUT, options.connect())
             .await
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
+        require_utf8(&mut conn)
+            .await
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         match schema {
             Schema::Migrate => migrate(&mut conn, MIGRATION_LOCK_WAIT).await?,
@@ -810,7 +853,7 @@ impl AuditColumns {
                 .bind(&c.signature),
             None => query,
         };
-        query.execute(&mut *tx).await.map_err(unavailable)?;
+        query.execute(&mut *tx).await.map_err(refused)?;
         Ok(())
     }
 }
@@ -837,7 +880,7 @@ async fn link_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError>
     let rows = sqlx::query(rows::UNLINKED_HEADS)
         .fetch_all(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(refused)?;
     let links = rows
         .iter()
         .map(rows::chain_link)
@@ -858,7 +901,7 @@ async fn link_heads(tx: &mut PgConnection) -> Result<Vec<ChainLink>, StoreError>
         .bind(seqs)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(refused)?;
     }
     Ok(links)
 }
@@ -870,7 +913,7 @@ async fn refuse_if_ended(tx: &mut PgConnection, id: &str, what: &str) -> Result<
         .bind(id)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(refused)?;
     if ended.is_some() {
         return Err(StoreError::Conflict(format!("task {id} has ended: {what}")));
     }
@@ -889,7 +932,7 @@ async fn refuse_any_ended(tx: &mut PgConnection, ids: &[&str]) -> Result<(), Sto
     .bind(ids)
     .fetch_optional(&mut *tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(refused)?;
     match ended {
         Some(id) => Err(StoreError::Conflict(format!(
             "task {id} has ended: nothing is issued under it"
@@ -946,7 +989,7 @@ async fn apply_in(
         .bind(WRITE_LOCK)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(refused)?;
     let mut audit = AuditColumns::default();
     let before = chain.seq;
     if let Some(mut event) = chain.genesis_for(writes) {
@@ -984,7 +1027,7 @@ async fn apply_in(
                     .bind(to_i64(*since))
                     .fetch_all(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(refused)?;
                 rows::refuse_new_denial(task, &denied, seen)?;
             }
             Write::InsertTask(t) => {
@@ -998,7 +1041,7 @@ async fn apply_in(
                         .bind(parent)
                         .fetch_optional(&mut *tx)
                         .await
-                        .map_err(unavailable)?;
+                        .map_err(refused)?;
                     let Some(found) = found else {
                         return Err(StoreError::Conflict(format!(
                             "parent task {parent} has ended"
@@ -1009,7 +1052,7 @@ async fn apply_in(
                         .bind(i64::from(crate::MAX_SUBTASKS))
                         .execute(&mut *tx)
                         .await
-                        .map_err(unavailable)?;
+                        .map_err(refused)?;
                     if counted.rows_affected() == 0 {
                         return Err(rows::too_many_subtasks(&found));
                     }
@@ -1068,7 +1111,7 @@ async fn apply_in(
                 .bind(to_i64(*grace))
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 sqlx::query(
                     "WITH RECURSIVE sub(id) AS (SELECT $1::text UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
                      UPDATE tasks SET ended_at = $2, end_reason = CASE WHEN id = $1 THEN $3 ELSE 'parent ended' END \
@@ -1079,7 +1122,7 @@ async fn apply_in(
                 .bind(reason)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 revoked = true;
             }
             Write::AnnounceEnded { id, at, grace } => {
@@ -1089,7 +1132,7 @@ async fn apply_in(
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 if published {
                     return Err(StoreError::Conflict(format!(
                         "task {id}'s end is published already"
@@ -1107,7 +1150,7 @@ async fn apply_in(
                 .bind(to_i64(*grace))
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 revoked = true;
             }
             Write::RevokeToken {
@@ -1149,7 +1192,7 @@ async fn apply_in(
                         .bind(to_i64(*at))
                         .execute(&mut *tx)
                         .await
-                        .map_err(unavailable)?;
+                        .map_err(refused)?;
                     revoked = true;
                 }
             }
@@ -1163,7 +1206,7 @@ async fn apply_in(
                         .bind(to_i64(*now))
                         .execute(&mut *tx)
                         .await
-                        .map_err(unavailable)?;
+                        .map_err(refused)?;
                 }
             }
             Write::InsertApproval(a) => {
@@ -1177,13 +1220,13 @@ async fn apply_in(
                 .bind(&a.actions)
                 .fetch_one(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 let agent_waiting: i64 = sqlx::query_scalar(rows::AGENT_PENDING_OF_TASK)
                     .bind(&a.task_id)
                     .bind(to_i64(a.created_at))
                     .fetch_one(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(refused)?;
                 rows::check_pending(a, waiting, same, agent_waiting)?;
                 sqlx::query(
                     "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at, approvable) \
@@ -1226,7 +1269,7 @@ async fn apply_in(
                 .bind(from.as_str())
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 if changed.rows_affected() == 0 {
                     return Err(StoreError::Conflict(format!(
                         "approval {id} is not {} any more",
@@ -1249,7 +1292,7 @@ async fn apply_in(
                 .bind(i64::from(secret.version))
                 .fetch_one(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 if taken {
                     return Err(crate::rows::secret_version_taken(secret));
                 }
@@ -1262,7 +1305,7 @@ async fn apply_in(
                 .bind(&secret.action)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 sqlx::query(
                     "DELETE FROM secrets WHERE name = $1 AND action = $2 \
                      AND retired_at IS NOT NULL AND retired_at <= $3",
@@ -1272,7 +1315,7 @@ async fn apply_in(
                 .bind(to_i64(*purge_retired_before))
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 sqlx::query(
                     "INSERT INTO secrets (name, action, version, sealed, created_at) \
                      VALUES ($1, $2, $3, $4, $5)",
@@ -1298,7 +1341,7 @@ async fn apply_in(
                 .bind(&c.signature)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
             }
             Write::InsertKey { key: k, after } => {
                 // Keys no longer published (withdrawn, or past their time
@@ -1308,7 +1351,7 @@ async fn apply_in(
                     .bind(to_i64(k.created_at))
                     .fetch_all(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(refused)?;
                 crate::rows::refuse_unless_newest(&kept, after.as_deref())?;
                 sqlx::query(concat!(
                     "INSERT INTO signing_keys (",
@@ -1338,7 +1381,7 @@ async fn apply_in(
                 .bind(kid)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 rows::withdrawn(
                     usize::try_from(withdrawn.rows_affected()).unwrap_or(usize::MAX),
                     kid,
@@ -1359,7 +1402,7 @@ async fn apply_in(
                 .bind(kid)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
                 rows::retired_once(
                     usize::try_from(retired.rows_affected()).unwrap_or(usize::MAX),
                     kid,
@@ -1377,7 +1420,7 @@ async fn apply_in(
                     .bind(i64::from(*through))
                     .fetch_one(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(refused)?;
                 let changed = if newer {
                     0
                 } else {
@@ -1386,7 +1429,7 @@ async fn apply_in(
                         .bind(action)
                         .execute(&mut *tx)
                         .await
-                        .map_err(unavailable)?
+                        .map_err(refused)?
                         .rows_affected()
                 };
                 rows::deleted_secret(
@@ -1403,7 +1446,7 @@ async fn apply_in(
                     .bind(from)
                     .execute(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(refused)?;
                 rows::resealed(
                     usize::try_from(changed.rows_affected()).unwrap_or(usize::MAX),
                     &format!("key `{kid}`"),
@@ -1424,7 +1467,7 @@ async fn apply_in(
                     .bind(from)
                     .execute(&mut *tx)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(refused)?;
                 rows::resealed(
                     usize::try_from(changed.rows_affected()).unwrap_or(usize::MAX),
                     &format!("secret {name}/{action} version {version}"),
@@ -1443,7 +1486,7 @@ async fn apply_in(
                 .bind(payload)
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(refused)?;
         }
     }
     Ok(())
@@ -1514,7 +1557,7 @@ impl Store for PgStore {
             sqlx::query(concat!(
                 "SELECT ",
                 task_columns!(),
-                " FROM tasks WHERE ended_at IS NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                " FROM tasks WHERE ended_at IS NULL AND expires_at <= $1 ORDER BY expires_at, depth DESC, id LIMIT $2"
             ))
             .bind(to_i64(now))
             .bind(i64::from(limit))
@@ -1876,6 +1919,61 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("127.0.0.1:1"), "{text}");
         assert!(!text.contains("Query7"), "{text}");
+    }
+
+    /// A database in another encoding than UTF8 is refused at start,
+    /// saying why; a value a database refuses is the commit's own.
+    #[tokio::test]
+    async fn only_a_utf8_database_is_taken_and_a_refused_value_is_the_commits() {
+        let latin = scrip_testkit::PgDatabase::with(
+            "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        );
+        let Err(e) = PgStore::connect(latin.url()).await else {
+            panic!("a LATIN1 database was taken");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("encoding is LATIN1; scrip needs UTF8"),
+            "{text}"
+        );
+        // What such a database says of an arrow.
+        let mut conn = PgConnection::connect(latin.url()).await.unwrap();
+        let e = sqlx::query("SELECT $1::text")
+            .bind("fix login \u{2192} ship")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(matches!(failed(e), StoreError::Refused(_)));
+        let e = sqlx::query("SELECT 'x'::int")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(matches!(failed(e), StoreError::Refused(_)));
+        // A uniqueness violation is a conflict; a missing table the store's.
+        for sql in [
+            "CREATE TABLE t (id int PRIMARY KEY)",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+        let e = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(matches!(failed(e), StoreError::Conflict(_)));
+        let e = sqlx::query("SELECT * FROM nowhere")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(matches!(failed(e), StoreError::Unavailable(_)));
+        drop(conn);
+        let utf8 = scrip_testkit::PgDatabase::new();
+        PgStore::connect(utf8.url()).await.unwrap();
+        // SQL_ASCII converts nothing: it stores what it is sent.
+        let ascii = scrip_testkit::PgDatabase::with(
+            "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        );
+        PgStore::connect(ascii.url()).await.unwrap();
     }
 
     fn record() -> Vec<Write> {

@@ -199,7 +199,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(concat!(
             "SELECT ",
             task_columns!(),
-            " FROM tasks WHERE ended_at IS NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+            " FROM tasks WHERE ended_at IS NULL AND expires_at <= ? ORDER BY expires_at, depth DESC, id LIMIT ?"
         ))
         .bind(to_i64(now))
         .bind(i64::from(limit))

@@ -245,7 +245,8 @@ async fn run(
             // (retrying each one would make them wait a timeout apiece), and
             // none is replayed, since whether the batch took effect may be
             // unknown.
-            Err(e @ StoreError::Conflict(_)) if batch.len() > 1 => {
+            // A value the database refused (`Refused`) is one commit's too.
+            Err(e @ (StoreError::Conflict(_) | StoreError::Refused(_))) if batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; isolating the conflict");
                 let results = isolate(&mut backend, &batch, &mut chain, &head, &changes).await;
                 failing = results
@@ -260,7 +261,7 @@ async fn run(
                 backend.after_commit().await;
             }
             Err(e) => {
-                if !matches!(e, StoreError::Conflict(_)) {
+                if !matches!(e, StoreError::Conflict(_) | StoreError::Refused(_)) {
                     tracing::error!(error = %e, size = batch.len(), "store write failed");
                     limit = AFTER_FAILURE;
                     failing = true;
@@ -313,12 +314,12 @@ async fn isolate(
                     done.fill(Some(Ok(())));
                 }
             }
-            Err(StoreError::Conflict(_)) if hi - lo > 1 => {
+            Err(StoreError::Conflict(_) | StoreError::Refused(_)) if hi - lo > 1 => {
                 let mid = lo + (hi - lo) / 2;
                 parts.push((mid, hi));
                 parts.push((lo, mid));
             }
-            Err(e @ StoreError::Conflict(_)) => {
+            Err(e @ (StoreError::Conflict(_) | StoreError::Refused(_))) => {
                 conflicts += 1;
                 if let Some(r) = results.get_mut(lo) {
                     *r = Some(Err(e));
@@ -422,6 +423,12 @@ mod tests {
                 .any(|w| matches!(w, Write::RevokeToken { jti, .. } if jti == "poison"));
             if poisoned {
                 return Err(StoreError::Conflict("poison".into()));
+            }
+            if writes
+                .iter()
+                .any(|w| matches!(w, Write::RevokeToken { jti, .. } if jti == "refused"))
+            {
+                return Err(StoreError::Refused("character not in repertoire".into()));
             }
             let mut committed = self.committed.lock().unwrap();
             for w in writes {
@@ -572,6 +579,19 @@ mod tests {
         assert_eq!(committed, ["first", "a", "b"]);
         // The first batch, the batch of three, `a`, `poison b`, `poison`, `b`.
         assert_eq!(calls, 6);
+    }
+
+    /// A value the database refuses fails its own commit only: the store is
+    /// not taken for failing.
+    #[tokio::test]
+    async fn a_refused_value_is_isolated_to_its_own_commit() {
+        let (results, _, committed) = run_with(None, &["a", "refused", "b"]).await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(
+            matches!(results[1], Err(StoreError::Refused(_))),
+            "{results:?}"
+        );
+        assert_eq!(committed, ["first", "a", "b"]);
     }
 
     /// One conflict in a large batch costs a few transactions, not one per

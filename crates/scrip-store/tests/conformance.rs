@@ -1070,6 +1070,23 @@ async fn due_tasks_come_oldest_first(f: Fixture) {
     assert_eq!(due, ["early", "late"]);
     assert_eq!(s.due_tasks(3_000, 1).await.unwrap()[0].id, "early");
     assert!(s.due_tasks(1_999, 10).await.unwrap().is_empty());
+    // A task's sub-tasks with its deadline come before it, though it was
+    // made first and sorts first by id.
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("a-root", None, 4_000))),
+        Write::InsertTask(Box::new(task("b-child", Some("a-root"), 4_000))),
+        Write::InsertTask(Box::new(task("c-child", Some("a-root"), 4_000))),
+    ])
+    .await
+    .unwrap();
+    let due: Vec<String> = s
+        .due_tasks(4_000, 4)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(due, ["early", "late", "b-child", "c-child"]);
 }
 
 async fn the_first_decision_on_an_approval_wins(f: Fixture) {

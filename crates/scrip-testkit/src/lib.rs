@@ -130,6 +130,16 @@ impl PgDatabase {
     /// When PostgreSQL cannot be started or the database created.
     #[must_use]
     pub fn new() -> Self {
+        Self::with("")
+    }
+
+    /// A new database made with `options` after `CREATE DATABASE <name>`
+    /// (`ENCODING 'LATIN1' ...`).
+    ///
+    /// # Panics
+    /// When PostgreSQL cannot be started or the database created.
+    #[must_use]
+    pub fn with(options: &str) -> Self {
         static COUNT: AtomicU32 = AtomicU32::new(0);
         ensure_running();
         let nanos = std::time::SystemTime::now()
@@ -140,7 +150,7 @@ impl PgDatabase {
             std::process::id(),
             COUNT.fetch_add(1, Ordering::Relaxed)
         );
-        psql("test", &format!("CREATE DATABASE {name}"))
+        psql("test", &format!("CREATE DATABASE {name} {options}"))
             .unwrap_or_else(|e| panic!("cannot create database `{name}`: {e}"));
         let url = format!("{}/{name}", server());
         Self { name, url }
