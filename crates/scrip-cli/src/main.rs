@@ -5,7 +5,8 @@
 //! test, a server error), 2 a usage error (from clap); `scrip token
 //! --no-wait` exits 75 while a step waits for a person, and `scrip run` with
 //! its command's code (126 cannot run, 127 not found), or dies of the signal
-//! its command died of (SIGINT, SIGTERM, SIGHUP, SIGPIPE; 128 + another).
+//! its command died of (SIGINT, SIGTERM, SIGHUP, SIGPIPE; 128 + another, and
+//! 128 + any as a PID namespace's first process).
 
 /// Prints a line on standard output, as `println!` does, but never panics:
 /// once standard output is closed (`| head`) the rest is dropped, and the
@@ -108,7 +109,9 @@ enum Command {
     /// terminal reaches it directly and is left to it. The exit code is COMMAND's; when SIGINT,
     /// SIGTERM, SIGHUP or SIGPIPE killed it (or stopped scrip run before it
     /// ran), scrip run dies of the same signal, so a shell script or loop
-    /// stops on a Ctrl-C (128+signal for another signal). 127 when COMMAND is
+    /// stops on a Ctrl-C (128+signal for another signal, and for any as a
+    /// PID namespace's first process, a container's entry point, which
+    /// cannot die of its own signal). 127 when COMMAND is
     /// not found, 126 when it cannot be run, and 1 when COMMAND succeeded but
     /// the task could not be ended.
     /// COMMAND never inherits SCRIP_IDENTITY, SCRIP_KEY_ENCRYPTION_KEY or

@@ -593,7 +593,7 @@ async fn forward(
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
 
-    let unanswered = Unanswered {
+    let mut unanswered = Unanswered {
         proxy: proxy.clone(),
         upstream: name.to_owned(),
         record: Some({
@@ -607,29 +607,51 @@ async fn forward(
         started: draft.started,
     };
     let mut answer = answer_to(&upstream.client, upstream, out, &bytes_in).await;
+    // Why a request that could have gone again did not: its token no
+    // longer stands.
+    let mut not_again = None;
     if let (Ok(Err(e)), Some((method, uri, headers))) = (&answer, again)
         && closed_unanswered(e)
-        && standing.holds_now()
     {
-        // An idle connection the upstream closed as it was reused (its
-        // keep-alive ran out while the request went out): once more, on a
-        // new connection, while the token still stands (checked now: the
-        // upstream may have held the first attempt for a while).
-        tracing::debug!(upstream = %name, error = %e, "proxy: connection closed unanswered; sending again");
-        let mut out = Request::new(CountingBody::new(
-            Body::empty(),
-            bytes_in.clone(),
-            standing.clone(),
-        ));
-        *out.method_mut() = method;
-        *out.uri_mut() = uri;
-        *out.headers_mut() = headers;
-        sent_again.store(true, Ordering::Relaxed);
-        answer = answer_to(&upstream.fresh, upstream, out, &bytes_in).await;
+        if standing.holds_now() {
+            // An idle connection the upstream closed as it was reused (its
+            // keep-alive ran out while the request went out): once more, on
+            // a new connection, while the token still stands (checked now:
+            // the upstream may have held the first attempt for a while).
+            tracing::debug!(upstream = %name, error = %e, "proxy: connection closed unanswered; sending again");
+            let mut out = Request::new(CountingBody::new(
+                Body::empty(),
+                bytes_in.clone(),
+                standing.clone(),
+            ));
+            *out.method_mut() = method;
+            *out.uri_mut() = uri;
+            *out.headers_mut() = headers;
+            sent_again.store(true, Ordering::Relaxed);
+            // Should the agent go away while the second waits, its record
+            // says the request went twice.
+            if let Some(r) = unanswered.record.as_mut() {
+                r.reason = r.reason.take().map(|why| format!("{why} ({SENT_AGAIN})"));
+            }
+            answer = answer_to(&upstream.fresh, upstream, out, &bytes_in).await;
+        } else {
+            not_again = standing.cut().cloned();
+        }
     }
     unanswered.disarm();
     let response = match answer {
         Ok(Ok(r)) => r,
+        Ok(Err(_)) if not_again.is_some() => {
+            let why = not_again.unwrap_or(scrip_verifier::VerifyError::Revoked);
+            return failed(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!(
+                    "upstream `{name}` failed: the connection failed before it answered; not sent again: {why}"
+                ),
+                &draft,
+            );
+        }
         Ok(Err(_)) if standing.cut().is_some() => {
             // The agent's body stopped going up when its token no longer
             // stood (revoked, its task ended, or past its `exp` and the

@@ -382,19 +382,8 @@ pub(crate) async fn poll(
         // A bound task's token without its key, or with a proof already
         // used, is most likely stolen: refused, and on the record, as at
         // the exchange.
-        let mut a = st.audit("token.refused");
+        let mut a = st.claims_audit("token.refused", &claims);
         a.decision = Some("deny".into());
-        a.agent_iss = Some(claims.tctx.agent_iss.clone());
-        a.agent_sub = Some(claims.sub.clone());
-        a.task_id = Some(claims.txn.clone());
-        a.parent_id.clone_from(&claims.tctx.parent);
-        a.chain = claims
-            .act
-            .as_ref()
-            .map(scrip_token::Actor::chain)
-            .unwrap_or_default();
-        a.environment = Some(claims.tctx.environment.clone());
-        a.purpose = Some(claims.tctx.purpose.clone());
         a.tool = Some(approval.tool.clone());
         a.actions = Some(approval.actions.clone());
         a.client = Some(peer.to_string());
@@ -436,7 +425,12 @@ pub(crate) async fn poll(
         {
             let what = format!("the token of auth_req_id {id}");
             let e = OAuthError::invalid_grant(TASK_ENDED);
-            Err(crate::exchange::refuse_ended(st, &claims, "token.refused", &what, peer, e).await)
+            let asked = crate::exchange::Asked {
+                tool: Some(approval.tool.clone()),
+                actions: Some(approval.actions.clone()),
+                what: &what,
+            };
+            Err(crate::exchange::refuse_ended(st, &claims, "token.refused", asked, peer, e).await)
         }
         ApprovalState::Pending => {
             if !st
@@ -510,13 +504,8 @@ async fn overruled(
         d.id,
         d.reason.as_deref().unwrap_or("no reason given")
     );
-    let mut a = st.audit("approval.denied");
+    let mut a = st.claims_audit("approval.denied", claims);
     a.decision = Some("deny".into());
-    a.agent_iss = Some(claims.tctx.agent_iss.clone());
-    a.agent_sub = Some(claims.sub.clone());
-    a.task_id = Some(claims.txn.clone());
-    a.environment = Some(claims.tctx.environment.clone());
-    a.purpose = Some(claims.tctx.purpose.clone());
     a.tool = Some(approval.tool.clone());
     a.actions = Some(approval.actions.clone());
     a.client = Some(peer.to_string());
@@ -572,22 +561,21 @@ async fn issue(
     let Some(task) = crate::exchange::active_task(st, claims, now).await? else {
         let what = format!("the token of auth_req_id {}", approval.id);
         let e = OAuthError::invalid_grant(TASK_ENDED);
-        return Err(
-            crate::exchange::refuse_ended(st, claims, "token.refused", &what, peer, e).await,
-        );
+        return Err(crate::exchange::refuse_ended(
+            st,
+            claims,
+            "token.refused",
+            crate::exchange::Asked {
+                tool: Some(approval.tool.clone()),
+                actions: Some(approval.actions.clone()),
+                what: &what,
+            },
+            peer,
+            e,
+        )
+        .await);
     };
-    let mut base = st.audit("approval.used");
-    base.agent_iss = Some(task.agent.issuer.clone());
-    base.agent_sub = Some(task.agent.subject.clone());
-    base.task_id = Some(task.id.clone());
-    base.parent_id.clone_from(&task.parent);
-    base.chain = task
-        .actor
-        .as_ref()
-        .map(scrip_token::Actor::chain)
-        .unwrap_or_default();
-    base.environment = Some(task.environment.clone());
-    base.purpose = Some(task.purpose.clone());
+    let mut base = st.task_audit("approval.used", &task);
     base.tool = Some(approval.tool.clone());
     base.actions = Some(approval.actions.clone());
     base.client = Some(peer.to_string());
@@ -907,6 +895,7 @@ async fn decide_endpoint(
             let e = not_an_approver(&who);
             if plausible_id(id)
                 && let Some(approval) = st.store.approval(id).await?
+                && approval.state == ApprovalState::Pending
             {
                 return Err(refuse_decision(st, &who, &approval, approve, peer, e).await);
             }
@@ -1008,15 +997,13 @@ async fn decide_endpoint(
             }
         }
         let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
-        let mut a = st.audit(if approve { "approval.granted" } else { "approval.denied" });
+        let mut a = st.task_audit(
+            if approve { "approval.granted" } else { "approval.denied" },
+            &task,
+        );
         a.decision = Some(if approve { "allow" } else { "deny" }.into());
-        a.agent_iss = Some(task.agent.issuer.clone());
-        a.agent_sub = Some(task.agent.subject.clone());
-        a.task_id = Some(task.id.clone());
         a.tool = Some(approval.tool.clone());
         a.actions = Some(approval.actions.clone());
-        a.environment = Some(task.environment.clone());
-        a.purpose = Some(task.purpose.clone());
         a.reason = Some(format!(
             "{} by {} ({} {}){}",
             if approve { "approved" } else { "denied" },

@@ -60,7 +60,11 @@ pub(crate) async fn delegate(
             st,
             &claims,
             "task.refused",
-            "a delegation",
+            crate::exchange::Asked {
+                tool: None,
+                actions: None,
+                what: "a delegation",
+            },
             peer,
             e,
         )
@@ -73,7 +77,6 @@ pub(crate) async fn delegate(
     let refuse = |e: OAuthError, to: String| async move {
         let mut a = st.task_audit("task.refused", task);
         a.decision = Some("deny".into());
-        a.chain = task.actor.as_ref().map(Actor::chain).unwrap_or_default();
         // Only a scope of configured grants: other text may be a secret.
         a.actions = form
             .get("scope")

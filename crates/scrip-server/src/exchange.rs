@@ -679,36 +679,36 @@ pub(crate) async fn active_task(
     Ok(Some(task))
 }
 
+/// What a request refused by [`refuse_ended`] asked: its tool and actions
+/// when they are known (a configured tool's name, an approved step's), and
+/// in words.
+pub(crate) struct Asked<'a> {
+    pub(crate) tool: Option<String>,
+    pub(crate) actions: Option<String>,
+    pub(crate) what: &'a str,
+}
+
 /// Refuses a verified task token whose task has ended (revoked, expired,
 /// or its token replaced): most likely one kept, or stolen, past the task's
 /// end. Recorded as `event` (`token.refused`, `task.refused`) naming the
-/// token, with `what` was asked and `err`'s description in `reason`;
+/// token and what was `asked`, with `err`'s description in `reason`;
 /// returns `err` to answer, or the store's error when the record could not
 /// be written.
 pub(crate) async fn refuse_ended(
     st: &Inner,
     claims: &TaskClaims,
     event: &str,
-    what: &str,
+    asked: Asked<'_>,
     peer: SocketAddr,
     err: OAuthError,
 ) -> OAuthError {
-    let mut a = st.audit(event);
+    let mut a = st.claims_audit(event, claims);
     a.decision = Some("deny".into());
-    a.agent_iss = Some(claims.tctx.agent_iss.clone());
-    a.agent_sub = Some(claims.sub.clone());
-    a.task_id = Some(claims.txn.clone());
-    a.parent_id.clone_from(&claims.tctx.parent);
-    a.chain = claims
-        .act
-        .as_ref()
-        .map(scrip_token::Actor::chain)
-        .unwrap_or_default();
-    a.environment = Some(claims.tctx.environment.clone());
-    a.purpose = Some(claims.tctx.purpose.clone());
     a.jti = Some(claims.jti.clone());
+    a.tool = asked.tool;
+    a.actions = asked.actions;
     a.client = Some(peer.to_string());
-    a.reason = Some(format!("{what}: {}", err.description));
+    a.reason = Some(format!("{}: {}", asked.what, err.description));
     match st.store.commit(vec![Write::Audit(Box::new(a))]).await {
         Ok(()) => err,
         Err(e) => e.into(),
@@ -729,28 +729,26 @@ async fn access_token(
     let Some(task) = active_task(st, &claims, now).await? else {
         // The tool asked for is named only when it is one: any other text
         // may be a secret in the wrong place.
-        let what = match form.get("audience").filter(|a| st.config.tool(a).is_some()) {
+        let tool = form
+            .get("audience")
+            .filter(|a| st.config.tool(a).is_some())
+            .map(str::to_owned);
+        let what = match &tool {
             Some(tool) => format!("an access token for `{tool}`"),
             None => "an access token".to_owned(),
         };
+        let asked = Asked {
+            tool,
+            actions: None,
+            what: &what,
+        };
         let e = OAuthError::invalid_request("subject_token: the task has ended");
-        return Err(refuse_ended(st, &claims, "token.refused", &what, peer, e).await);
+        return Err(refuse_ended(st, &claims, "token.refused", asked, peer, e).await);
     };
     let task_grants = GrantSet::parse(&task.grants).map_err(|_| OAuthError::server_error())?;
     let task_held = held_grants(&task)?;
 
-    let mut base = st.audit("token.decision");
-    base.agent_iss = Some(task.agent.issuer.clone());
-    base.agent_sub = Some(task.agent.subject.clone());
-    base.task_id = Some(task.id.clone());
-    base.parent_id.clone_from(&task.parent);
-    base.chain = task
-        .actor
-        .as_ref()
-        .map(scrip_token::Actor::chain)
-        .unwrap_or_default();
-    base.environment = Some(task.environment.clone());
-    base.purpose = Some(task.purpose.clone());
+    let mut base = st.task_audit("token.decision", &task);
     base.client = Some(peer.to_string());
 
     let refuse = |st: &Inner,

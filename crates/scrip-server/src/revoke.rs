@@ -167,10 +167,7 @@ async fn announce_ended(
             .is_ok_and(|seen| seen.contains_key(&task.id))
     };
     if at_deadline && now < until && !published() {
-        let mut a = st.audit("task.end_published");
-        a.agent_iss = Some(task.agent.issuer.clone());
-        a.agent_sub = Some(task.agent.subject.clone());
-        a.task_id = Some(task.id.clone());
+        let mut a = st.task_audit("task.end_published", task);
         a.jti = Some(jti.to_owned());
         a.client = Some(peer.to_string());
         a.reason = Some(

@@ -345,8 +345,32 @@ impl Inner {
         a.agent_sub = Some(task.agent.subject.clone());
         a.task_id = Some(task.id.clone());
         a.parent_id.clone_from(&task.parent);
+        a.chain = task
+            .actor
+            .as_ref()
+            .map(scrip_token::Actor::chain)
+            .unwrap_or_default();
         a.environment = Some(task.environment.clone());
         a.purpose = Some(task.purpose.clone());
+        a
+    }
+
+    /// An audit record of `event` naming the agent and task a verified task
+    /// token's claims carry (what its task record would say), for a
+    /// refusal that does not read the task.
+    pub fn claims_audit(&self, event: &str, claims: &scrip_token::TaskClaims) -> AuditEvent {
+        let mut a = self.audit(event);
+        a.agent_iss = Some(claims.tctx.agent_iss.clone());
+        a.agent_sub = Some(claims.sub.clone());
+        a.task_id = Some(claims.txn.clone());
+        a.parent_id.clone_from(&claims.tctx.parent);
+        a.chain = claims
+            .act
+            .as_ref()
+            .map(scrip_token::Actor::chain)
+            .unwrap_or_default();
+        a.environment = Some(claims.tctx.environment.clone());
+        a.purpose = Some(claims.tctx.purpose.clone());
         a
     }
 }

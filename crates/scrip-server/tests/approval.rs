@@ -1468,6 +1468,20 @@ async fn approving_needs_an_approver_identity() {
         refused[0].agent_sub.as_deref(),
         Some("system:serviceaccount:people:bob")
     );
+    // Once decided, the step no longer waits: an attempt on it is answered
+    // alike, unrecorded.
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    approve(&s, &id, Some(&bob))
+        .await
+        .assert_error(403, "access_denied");
+    let after = s.audit().await;
+    assert_eq!(
+        after
+            .iter()
+            .filter(|a| a.event == "approval.refused")
+            .count(),
+        3
+    );
     s.stop().await;
 }
 
@@ -1692,6 +1706,16 @@ async fn separation_of_duties_refuses_an_actor_in_the_chain() {
     let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
     assert_eq!(c["act"]["sub"], ACTOR, "{c}");
     assert_eq!(c["approval"]["approver"], "alice");
+    // The decision's record names the sub-task's parent and chain, as the
+    // sub-task's own records do.
+    let audit = s.audit().await;
+    let txn = decode_parts(&child).1["txn"].as_str().unwrap().to_owned();
+    let granted = audit
+        .iter()
+        .find(|a| a.event == "approval.granted" && a.task_id.as_deref() == Some(txn.as_str()))
+        .expect("no approval.granted");
+    assert_eq!(granted.chain, [ACTOR], "{granted:?}");
+    assert!(granted.parent_id.is_some(), "{granted:?}");
     s.stop().await;
 }
 

@@ -129,6 +129,7 @@ async fn task_then_access_token() {
         c["sub"].as_str().map(str::to_owned).as_ref()
     );
     assert!(refused.agent_iss.is_some(), "{refused:?}");
+    assert_eq!(refused.tool.as_deref(), Some("github"));
     assert_eq!(
         refused.reason.as_deref(),
         Some("an access token for `github`: subject_token: the task has ended")

@@ -2208,9 +2208,20 @@ async fn a_request_is_not_sent_again_once_its_token_no_longer_stands() {
     let before = connections.load(SeqCst);
     hold.notify_one();
     let r = held.await.unwrap();
-    assert_eq!(r.status(), 401);
-    // Not sent again: no other connection was made.
+    assert_eq!(r.status(), 502);
+    // Not sent again: no other connection was made, and the record says
+    // why.
     assert_eq!(unanswered.load(SeqCst), 1);
     assert_eq!(connections.load(SeqCst), before);
+    let record = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/hold"))
+        .await;
+    assert_eq!(record.status, Some(502), "{record:?}");
+    assert!(
+        record.reason.as_deref().is_some_and(|r| r.starts_with(
+            "upstream `blink` failed: the connection failed before it answered; not sent again: "
+        )),
+        "{record:?}"
+    );
     env.server.stop().await;
 }
