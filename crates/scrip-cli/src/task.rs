@@ -442,6 +442,12 @@ async fn end_one(
         agent_sub: Some(task.agent.subject.clone()),
         task_id: Some(task.id.clone()),
         parent_id: task.parent.clone(),
+        // As the server's records of the task name it.
+        chain: task
+            .actor
+            .as_ref()
+            .map(scrip_token::Actor::chain)
+            .unwrap_or_default(),
         environment: Some(task.environment.clone()),
         purpose: Some(task.purpose.clone()),
         // The task's token, as when it is revoked.

@@ -338,7 +338,7 @@ impl Inner {
     }
 
     /// An audit record of `event` about `task`: its agent, id, parent,
-    /// environment and purpose.
+    /// delegation chain, environment and purpose.
     pub fn task_audit(&self, event: &str, task: &scrip_store::TaskRecord) -> AuditEvent {
         let mut a = self.audit(event);
         a.agent_iss = Some(task.agent.issuer.clone());
