@@ -2072,11 +2072,17 @@ async fn blinking_upstream(
     (addr, connections, unanswered)
 }
 
-#[tokio::test]
-async fn a_connection_closed_unanswered_as_it_is_reused_is_tried_again_only_for_an_idempotent_request()
- {
-    use std::sync::atomic::Ordering::SeqCst;
-    let (addr, connections, unanswered) = blinking_upstream(Arc::default()).await;
+/// A server whose upstream `blink` is a [`blinking_upstream`] (holding
+/// `/hold` until `hold` is notified), with its `read` secret set; the
+/// upstream's connections and requests left unanswered.
+async fn with_blinking_upstream(
+    hold: Arc<tokio::sync::Notify>,
+) -> (
+    Env,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (addr, connections, unanswered) = blinking_upstream(hold).await;
     let env = setup_with(move |c| {
         c.tools.push(tool("blink"));
         c.upstreams
@@ -2084,6 +2090,14 @@ async fn a_connection_closed_unanswered_as_it_is_reused_is_tried_again_only_for_
     })
     .await;
     set_secret(&env.server, "blink", "read", READ_KEY).await;
+    (env, connections, unanswered)
+}
+
+#[tokio::test]
+async fn a_connection_closed_unanswered_as_it_is_reused_is_tried_again_only_for_an_idempotent_request()
+ {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (env, connections, unanswered) = with_blinking_upstream(Arc::default()).await;
     set_secret(&env.server, "blink", "write", WRITE_KEY).await;
     let task = env.task("blink:read blink:write").await;
     let read = env.token(&task, "blink", "read").await;
@@ -2175,14 +2189,7 @@ async fn a_connection_closed_unanswered_as_it_is_reused_is_tried_again_only_for_
 async fn a_request_is_not_sent_again_once_its_token_no_longer_stands() {
     use std::sync::atomic::Ordering::SeqCst;
     let hold = Arc::new(tokio::sync::Notify::new());
-    let (addr, connections, unanswered) = blinking_upstream(hold.clone()).await;
-    let env = setup_with(move |c| {
-        c.tools.push(tool("blink"));
-        c.upstreams
-            .push(upstream("blink", &format!("http://{addr}")));
-    })
-    .await;
-    set_secret(&env.server, "blink", "read", READ_KEY).await;
+    let (env, connections, unanswered) = with_blinking_upstream(hold.clone()).await;
     let task = env.task("blink:read").await;
     let read = env.token(&task, "blink", "read").await;
     let (status, _, _) = env.send(reqwest::Method::GET, "blink/a", Some(&read)).await;
