@@ -551,11 +551,10 @@ async fn forward(
         proxy.0.metrics.count(name, Outcome::of_refusal(status));
         let mut r = draft.finish("proxy.response");
         r.status = Some(status.as_u16());
-        r.reason = Some(if sent_again.load(Ordering::Relaxed) {
-            format!("{description} ({SENT_AGAIN})")
-        } else {
-            description.clone()
-        });
+        r.reason = noting(
+            Some(description.clone()),
+            sent_again.load(Ordering::Relaxed),
+        );
         proxy.commit_later(r);
         error(status, code, description)
     };
@@ -607,9 +606,6 @@ async fn forward(
         started: draft.started,
     };
     let mut answer = answer_to(&upstream.client, upstream, out, &bytes_in).await;
-    // Why a request that could have gone again did not: its token no
-    // longer stands.
-    let mut not_again = None;
     if let (Ok(Err(e)), Some((method, uri, headers))) = (&answer, again)
         && closed_unanswered(e)
     {
@@ -631,18 +627,16 @@ async fn forward(
             // Should the agent go away while the second waits, its record
             // says the request went twice.
             if let Some(r) = unanswered.record.as_mut() {
-                r.reason = r.reason.take().map(|why| format!("{why} ({SENT_AGAIN})"));
+                r.reason = noting(r.reason.take(), true);
             }
             answer = answer_to(&upstream.fresh, upstream, out, &bytes_in).await;
         } else {
-            not_again = standing.cut().cloned();
-        }
-    }
-    unanswered.disarm();
-    let response = match answer {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) if not_again.is_some() => {
-            let why = not_again.unwrap_or(scrip_verifier::VerifyError::Revoked);
+            // Not sent again: its token no longer stands.
+            unanswered.disarm();
+            let why = standing
+                .cut()
+                .cloned()
+                .unwrap_or(scrip_verifier::VerifyError::Revoked);
             return failed(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
@@ -652,6 +646,10 @@ async fn forward(
                 &draft,
             );
         }
+    }
+    unanswered.disarm();
+    let response = match answer {
+        Ok(Ok(r)) => r,
         Ok(Err(_)) if standing.cut().is_some() => {
             // The agent's body stopped going up when its token no longer
             // stood (revoked, its task ended, or past its `exp` and the
@@ -762,12 +760,7 @@ async fn forward(
             Some(why) => format!("response cut off: {why}"),
             None => "response incomplete: the agent or the upstream went away".into(),
         });
-        r.reason = match (incomplete, sent_again) {
-            (Some(why), true) => Some(format!("{why} ({SENT_AGAIN})")),
-            (Some(why), false) => Some(why),
-            (None, true) => Some(SENT_AGAIN.into()),
-            (None, false) => None,
-        };
+        r.reason = noting(incomplete, sent_again);
         pending.commit(store, r);
     });
     let body = ResponseBody::new(
@@ -783,6 +776,16 @@ async fn forward(
 /// The reason a `proxy.response` record gives when its request went twice.
 const SENT_AGAIN: &str =
     "sent a second time on a new connection: the first closed before the upstream answered";
+
+/// A `proxy.response` record's `reason`, saying the request went twice when
+/// it did.
+fn noting(reason: Option<String>, sent_again: bool) -> Option<String> {
+    match (reason, sent_again) {
+        (Some(why), true) => Some(format!("{why} ({SENT_AGAIN})")),
+        (None, true) => Some(SENT_AGAIN.into()),
+        (reason, false) => reason,
+    }
+}
 
 /// Sends `out` and waits for the upstream's answer. `read_timeout` is
 /// silence: while the agent's body is still going up, the wait goes on;

@@ -539,13 +539,14 @@ impl Proxy {
             }
             // Idle upstream connections kept at most 64 per host: each is a
             // descriptor the server's connection cap does not count.
+            let connector = https_connector(Duration::from_secs(u.connect_timeout))?;
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
                 .pool_max_idle_per_host(64)
-                .build(https_connector(Duration::from_secs(u.connect_timeout))?);
+                .build(connector.clone());
             let fresh = Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
-                .build(https_connector(Duration::from_secs(u.connect_timeout))?);
+                .build(connector);
             upstreams.insert(
                 name.clone(),
                 Upstream {

@@ -423,13 +423,8 @@ pub(crate) async fn poll(
                 .await?
                 .is_none() =>
         {
-            let what = format!("the token of auth_req_id {id}");
+            let asked = crate::exchange::Asked::step(&approval);
             let e = OAuthError::invalid_grant(TASK_ENDED);
-            let asked = crate::exchange::Asked {
-                tool: Some(approval.tool.clone()),
-                actions: Some(approval.actions.clone()),
-                what: &what,
-            };
             Err(crate::exchange::refuse_ended(st, &claims, "token.refused", asked, peer, e).await)
         }
         ApprovalState::Pending => {
@@ -559,21 +554,11 @@ async fn issue(
 ) -> Result<Option<Response>, OAuthError> {
     let now = now();
     let Some(task) = crate::exchange::active_task(st, claims, now).await? else {
-        let what = format!("the token of auth_req_id {}", approval.id);
+        let asked = crate::exchange::Asked::step(approval);
         let e = OAuthError::invalid_grant(TASK_ENDED);
-        return Err(crate::exchange::refuse_ended(
-            st,
-            claims,
-            "token.refused",
-            crate::exchange::Asked {
-                tool: Some(approval.tool.clone()),
-                actions: Some(approval.actions.clone()),
-                what: &what,
-            },
-            peer,
-            e,
-        )
-        .await);
+        return Err(
+            crate::exchange::refuse_ended(st, claims, "token.refused", asked, peer, e).await,
+        );
     };
     let mut base = st.task_audit("approval.used", &task);
     base.tool = Some(approval.tool.clone());
@@ -784,10 +769,7 @@ async fn refuse_decision(
         approval.id,
         err.description
     ));
-    match st.store.commit(vec![Write::Audit(Box::new(a))]).await {
-        Ok(()) => err,
-        Err(e) => e.into(),
-    }
+    st.refusal_recorded(a, err).await
 }
 
 /// The most pending approvals `GET /approvals` lists, the oldest first.

@@ -63,7 +63,7 @@ pub(crate) async fn delegate(
             crate::exchange::Asked {
                 tool: None,
                 actions: None,
-                what: "a delegation",
+                what: "a delegation".into(),
             },
             peer,
             e,

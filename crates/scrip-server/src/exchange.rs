@@ -682,10 +682,21 @@ pub(crate) async fn active_task(
 /// What a request refused by [`refuse_ended`] asked: its tool and actions
 /// when they are known (a configured tool's name, an approved step's), and
 /// in words.
-pub(crate) struct Asked<'a> {
+pub(crate) struct Asked {
     pub(crate) tool: Option<String>,
     pub(crate) actions: Option<String>,
-    pub(crate) what: &'a str,
+    pub(crate) what: String,
+}
+
+impl Asked {
+    /// The token of an approved step.
+    pub(crate) fn step(approval: &scrip_store::Approval) -> Self {
+        Self {
+            tool: Some(approval.tool.clone()),
+            actions: Some(approval.actions.clone()),
+            what: format!("the token of auth_req_id {}", approval.id),
+        }
+    }
 }
 
 /// Refuses a verified task token whose task has ended (revoked, expired,
@@ -698,7 +709,7 @@ pub(crate) async fn refuse_ended(
     st: &Inner,
     claims: &TaskClaims,
     event: &str,
-    asked: Asked<'_>,
+    asked: Asked,
     peer: SocketAddr,
     err: OAuthError,
 ) -> OAuthError {
@@ -709,10 +720,7 @@ pub(crate) async fn refuse_ended(
     a.actions = asked.actions;
     a.client = Some(peer.to_string());
     a.reason = Some(format!("{}: {}", asked.what, err.description));
-    match st.store.commit(vec![Write::Audit(Box::new(a))]).await {
-        Ok(()) => err,
-        Err(e) => e.into(),
-    }
+    st.refusal_recorded(a, err).await
 }
 
 async fn access_token(
@@ -726,13 +734,15 @@ async fn access_token(
         .verify_task(subject_token)
         .map_err(|e| OAuthError::invalid_request(format!("subject_token: {e}")))?;
     let now = now();
-    let Some(task) = active_task(st, &claims, now).await? else {
-        // The tool asked for is named only when it is one: any other text
-        // may be a secret in the wrong place.
-        let tool = form
-            .get("audience")
+    // The audience asked for is recorded only when it is a tool's name: any
+    // other text may be a secret in the wrong place.
+    let asked_tool = || {
+        form.get("audience")
             .filter(|a| st.config.tool(a).is_some())
-            .map(str::to_owned);
+            .map(str::to_owned)
+    };
+    let Some(task) = active_task(st, &claims, now).await? else {
+        let tool = asked_tool();
         let what = match &tool {
             Some(tool) => format!("an access token for `{tool}`"),
             None => "an access token".to_owned(),
@@ -740,7 +750,7 @@ async fn access_token(
         let asked = Asked {
             tool,
             actions: None,
-            what: &what,
+            what,
         };
         let e = OAuthError::invalid_request("subject_token: the task has ended");
         return Err(refuse_ended(st, &claims, "token.refused", asked, peer, e).await);
@@ -770,15 +780,8 @@ async fn access_token(
     };
 
     // A bound task's token without its key is most likely stolen: refused,
-    // and on the record.
-    // The audience asked for is recorded only when it is a tool's name: any
-    // other text may be a secret in the wrong place.
-    let asked_tool = || {
-        form.get("audience")
-            .filter(|a| st.config.tool(a).is_some())
-            .map(str::to_owned)
-    };
-    // So is one whose proof was used before (a replayed request).
+    // and on the record. So is one whose proof was used before (a replayed
+    // request).
     let cnf = match check_task_binding(claims.cnf.as_ref(), binding)
         .and_then(|()| binding.map(|b| b.spend(st)).transpose())
     {

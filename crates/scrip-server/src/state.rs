@@ -7,11 +7,12 @@ use scrip_config::Config;
 use scrip_identity::IdentityVerifier;
 use scrip_jose::{Expectations, JoseError, TypRule, Verified};
 use scrip_policy::PolicyEngine;
-use scrip_store::{AuditEvent, Store};
+use scrip_store::{AuditEvent, Store, Write};
 use scrip_token::{AccessClaims, TaskClaims, TokenKind};
 use serde::de::DeserializeOwned;
 
 use crate::cache::Kept;
+use crate::error::OAuthError;
 
 /// Seconds since the epoch.
 #[must_use]
@@ -353,6 +354,20 @@ impl Inner {
         a.environment = Some(task.environment.clone());
         a.purpose = Some(task.purpose.clone());
         a
+    }
+
+    /// Commits the `record` of a refusal, then gives `err` to answer, or the
+    /// store's error when the record could not be written (nothing is
+    /// refused off the record).
+    pub async fn refusal_recorded(&self, record: AuditEvent, err: OAuthError) -> OAuthError {
+        match self
+            .store
+            .commit(vec![Write::Audit(Box::new(record))])
+            .await
+        {
+            Ok(()) => err,
+            Err(e) => e.into(),
+        }
     }
 
     /// An audit record of `event` naming the agent and task a verified task
