@@ -443,17 +443,6 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 )
                 .await;
         }
-        Err(e @ scrip_store::StoreError::Refused(_)) => {
-            // Not the store's state but this record's: asking again would
-            // not help.
-            tracing::error!(error = %e, "proxy: the store refused the audit record; request not forwarded");
-            proxy.0.metrics.count(name, Outcome::Failed);
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the request could not be recorded; nothing was forwarded",
-            );
-        }
         Err(e) => {
             tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
             return unavailable(&proxy, name);

@@ -192,10 +192,12 @@ impl From<StoreError> for OAuthError {
             tracing::error!(error = %e, "store failure; refusing to issue");
         }
         match e {
-            StoreError::Unavailable(_) | StoreError::Open(_) => Self::temporarily_unavailable(),
-            StoreError::Corrupt(_) | StoreError::Conflict(_) | StoreError::Refused(_) => {
-                Self::server_error()
+            // A record the store refused is a record not written: SPEC's
+            // fail-closed answer, as for a store that is down.
+            StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Refused(_) => {
+                Self::temporarily_unavailable()
             }
+            StoreError::Corrupt(_) | StoreError::Conflict(_) => Self::server_error(),
         }
     }
 }
