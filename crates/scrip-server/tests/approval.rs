@@ -863,7 +863,6 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
     let store = SqliteStore::open(&s.dir.path().join("data/scrip.db"))
         .await
         .unwrap();
-    let t = now();
     for (denied_after, other_tool) in [(0, false), (1, false), (0, true)] {
         let task = prod_task_with(&s, "github:read github:delete deploy:delete").await;
         let approved = pending(&s, &task).await;
@@ -873,6 +872,11 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
             ("github", "delete read")
         };
         let denied = pending_step(&s, &task, tool, actions).await;
+        // Decided once both were asked: a denial counts against the steps
+        // asked before it (read once for the whole loop, a second could
+        // pass between it and a step's asking, and the denial would
+        // predate the step).
+        let t = now();
         let decide = |id: &str, to, at, reason: Option<&str>| Write::UpdateApproval {
             id: id.to_owned(),
             from: ApprovalState::Pending,
