@@ -990,7 +990,11 @@ impl Task {
         let answer = self.client.token_with(&form, proof.as_deref()).await?;
         answer.expect(TXN_TOKEN, &["N_A"])?;
         let mut child = Task::new(self.client.clone(), answer.access_token, true);
-        child.expires_at = Some(now().saturating_add(answer.expires_in));
+        // `expires_in` counts whole seconds from when scrip answered; read
+        // against this clock a second later it could place the child's end
+        // after this task's, which scrip never allows.
+        let ends = now().saturating_add(answer.expires_in);
+        child.expires_at = Some(self.expires_at.map_or(ends, |parent| ends.min(parent)));
         child.scope = Some(answer.scope);
         Ok(child)
     }

@@ -198,21 +198,6 @@ pub const UNVERIFIED_PER_SECOND: u32 = 100;
 /// token expires.
 pub const PER_TOKEN_PER_SECOND: u32 = 10;
 
-/// This second's refusals (see [`UNVERIFIED_PER_SECOND`] and
-/// [`PER_TOKEN_PER_SECOND`]).
-#[derive(Debug, Default)]
-struct Unverified {
-    /// The second (since the epoch) counted.
-    second: u64,
-    /// Unverified ones recorded one by one in it.
-    recorded: u32,
-    /// Those of each token (by `jti`) recorded one by one in it.
-    tokens: HashMap<String, u32>,
-    /// Counted, per upstream and token (`""`: unverified): how many, and
-    /// the first one's record.
-    counted: std::collections::BTreeMap<(String, String), (u64, scrip_store::AuditEvent)>,
-}
-
 /// Background audit writes still running, so that [`Proxy::flush`] can
 /// wait for them before the process exits.
 #[derive(Debug)]
@@ -225,8 +210,9 @@ pub(crate) struct Pending {
     /// Refusal records not written because the client went away while
     /// its refusal waited for room.
     dropped: std::sync::atomic::AtomicU64,
-    /// Refusals of unverified requests this second.
-    unverified: std::sync::Mutex<Unverified>,
+    /// This second's refusals (see [`UNVERIFIED_PER_SECOND`] and
+    /// [`PER_TOKEN_PER_SECOND`]), and those counted.
+    tally: scrip_store::Tally,
 }
 
 impl Default for Pending {
@@ -236,7 +222,7 @@ impl Default for Pending {
             ended: tokio::sync::Notify::new(),
             refusals: Arc::new(tokio::sync::Semaphore::new(PENDING)),
             dropped: std::sync::atomic::AtomicU64::new(0),
-            unverified: std::sync::Mutex::new(Unverified::default()),
+            tally: scrip_store::Tally::default(),
         }
     }
 }
@@ -326,49 +312,22 @@ impl Pending {
         store: Arc<dyn Store>,
         record: scrip_store::AuditEvent,
     ) {
-        let second = record.at_ms / 1000;
-        let first_counted = {
-            let mut u = match self.unverified.lock() {
-                Ok(u) => u,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if u.second != second {
-                u.second = second;
-                u.recorded = 0;
-                u.tokens.clear();
-            }
-            let room = match &record.jti {
-                None => {
-                    let room = u.recorded < UNVERIFIED_PER_SECOND;
-                    u.recorded += u32::from(room);
-                    room
-                }
-                Some(jti) => {
-                    let n = u.tokens.entry(jti.clone()).or_insert(0);
-                    let room = *n < PER_TOKEN_PER_SECOND;
-                    *n += u32::from(room);
-                    room
-                }
-            };
-            if room {
-                None
-            } else {
-                let first = u.counted.is_empty();
-                let key = (
-                    record.tool.clone().unwrap_or_default(),
-                    record.jti.clone().unwrap_or_default(),
-                );
-                u.counted
-                    .entry(key)
-                    .or_insert_with(|| (0, record.clone()))
-                    .0 += 1;
-                Some(first)
-            }
+        use scrip_store::Admit;
+        // Unverified ones share one budget (a `jti` is never empty);
+        // counted per upstream and token.
+        let budget = match &record.jti {
+            None => ("", UNVERIFIED_PER_SECOND),
+            Some(jti) => (jti.as_str(), PER_TOKEN_PER_SECOND),
         };
-        match first_counted {
-            None => self.commit_refusal(store, record).await,
-            Some(true) => self.record_counted_later(store),
-            Some(false) => {}
+        let count_as = format!(
+            "{}\n{}",
+            record.tool.as_deref().unwrap_or_default(),
+            record.jti.as_deref().unwrap_or_default()
+        );
+        match self.tally.admit(budget, &count_as, &record) {
+            Admit::Record => self.commit_refusal(store, record).await,
+            Admit::Counted { first: true } => self.record_counted_later(store),
+            Admit::Counted { first: false } => {}
         }
     }
 
@@ -385,15 +344,10 @@ impl Pending {
         runtime.spawn(async move {
             let wait = 1000 - now_ms() % 1000;
             tokio::time::sleep(std::time::Duration::from_millis(wait + 10)).await;
-            let counted = {
-                let mut u = match this.unverified.lock() {
-                    Ok(u) => u,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                std::mem::take(&mut u.counted)
-            };
-            let writes = counted
-                .into_values()
+            let writes = this
+                .tally
+                .take()
+                .into_iter()
                 .map(|(n, first)| {
                     let mut r = first;
                     r.event = "proxy.refused".into();

@@ -388,8 +388,7 @@ pub(crate) async fn poll(
         a.actions = Some(approval.actions.clone());
         a.client = Some(peer.to_string());
         a.reason = Some(format!("auth_req_id {id}: {}", e.description));
-        st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
-        return Err(e);
+        return Err(st.refusal_recorded(a, e).await);
     }
     let cnf = cnf?;
     let now = now();

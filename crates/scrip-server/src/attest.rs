@@ -613,19 +613,18 @@ async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why
     if let Some(o) = observed {
         a.agent_sub = Some(format!("local:uid:{}", o.uid));
     }
-    if st
-        .store
-        .commit(vec![scrip_store::Write::Audit(Box::new(a))])
-        .await
-        .is_err()
-    {
+    // Charged to the uid that asked: a process may ask as fast as it can.
+    if st.record_refusal(&format!("uid {uid}"), a).await.is_err() {
         return Answer::error(
             503,
             "temporarily_unavailable",
             "scrip cannot record the decision; try again later",
         );
     }
-    tracing::info!(pid, uid, reason = why, "local attestation refused");
+    static REFUSED: crate::logs::Budget = crate::logs::Budget::new(100);
+    if REFUSED.allow("local attestation refused") {
+        tracing::info!(pid, uid, reason = why, "local attestation refused");
+    }
     Answer::error(403, "access_denied", why)
 }
 

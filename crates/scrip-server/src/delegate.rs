@@ -92,8 +92,7 @@ pub(crate) async fn delegate(
             .map(short);
         a.reason = Some(format!("delegation{to}: {}", e.description));
         a.client = Some(peer.to_string());
-        st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
-        Err::<Response, OAuthError>(e)
+        Err::<Response, OAuthError>(st.refusal_recorded(a, e).await)
     };
     // A bound parent delegates only with a proof by its key: its token
     // without the key is most likely stolen, and is refused on the record

@@ -761,22 +761,14 @@ async fn access_token(
     let mut base = st.task_audit("token.decision", &task);
     base.client = Some(peer.to_string());
 
-    let refuse = |st: &Inner,
-                  base: &AuditEvent,
-                  tool: Option<String>,
-                  actions: Option<String>,
-                  err: OAuthError| {
+    let refuse = |tool: Option<String>, actions: Option<String>, err: OAuthError| {
         let mut a = base.clone();
         a.event = "token.refused".into();
         a.decision = Some("deny".into());
         a.tool = tool;
         a.actions = actions;
         a.reason = Some(err.description.clone());
-        let store = st.store.clone();
-        async move {
-            store.commit(vec![Write::Audit(Box::new(a))]).await?;
-            Err::<Response, OAuthError>(err)
-        }
+        async move { Err::<Response, OAuthError>(st.refusal_recorded(a, err).await) }
     };
 
     // A bound task's token without its key is most likely stolen: refused,
@@ -786,11 +778,11 @@ async fn access_token(
         .and_then(|()| binding.map(|b| b.spend(st)).transpose())
     {
         Ok(cnf) => cnf,
-        Err(e) => return refuse(st, &base, asked_tool(), None, e).await,
+        Err(e) => return refuse(asked_tool(), None, e).await,
     };
     let tool = match target_tool(st, form) {
         Ok(t) => t,
-        Err(e) => return refuse(st, &base, asked_tool(), None, e).await,
+        Err(e) => return refuse(asked_tool(), None, e).await,
     };
     let held = task_grants.actions_at(&tool.name);
     let actions = match form.get("scope") {
@@ -799,7 +791,7 @@ async fn access_token(
                 "the task holds no grant at tool `{}`",
                 tool.name
             ));
-            return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+            return refuse(Some(tool.name.to_string()), None, e).await;
         }
         None => held.clone(),
         Some(s) => match ActionSet::parse(s) {
@@ -807,7 +799,7 @@ async fn access_token(
             Err(e) => {
                 let e = OAuthError::invalid_scope(e.to_string());
                 // Not the text refused: it may be a secret in the wrong place.
-                return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+                return refuse(Some(tool.name.to_string()), None, e).await;
             }
         },
     };
@@ -820,7 +812,7 @@ async fn access_token(
                 "scope names an action tool `{}` does not have",
                 tool.name
             ));
-            return refuse(st, &base, Some(tool.name.to_string()), None, e).await;
+            return refuse(Some(tool.name.to_string()), None, e).await;
         }
         let grant = Grant {
             tool: tool.name.clone(),
@@ -829,14 +821,7 @@ async fn access_token(
         let e = OAuthError::invalid_scope(format!(
             "scope exceeds the task's grants: the task does not hold `{grant}`"
         ));
-        return refuse(
-            st,
-            &base,
-            Some(tool.name.to_string()),
-            Some(actions.to_string()),
-            e,
-        )
-        .await;
+        return refuse(Some(tool.name.to_string()), Some(actions.to_string()), e).await;
     }
 
     let ctx = RequestContext {

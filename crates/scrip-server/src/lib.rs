@@ -28,6 +28,7 @@ pub mod keyring;
 pub mod keys;
 mod logs;
 pub mod policies;
+mod refusals;
 mod revoke;
 mod state;
 
@@ -48,6 +49,7 @@ use scrip_store::Write;
 use scrip_token::{TOKEN_EXCHANGE_GRANT, typ};
 
 pub use error::OAuthError;
+pub use refusals::PER_SECOND as REFUSALS_PER_SECOND;
 pub use state::AppState;
 
 /// Why the server could not start.
@@ -271,6 +273,7 @@ impl Server {
             self_audience: vec![issuer.clone()],
             keyring,
             polls: approval::Polls::default(),
+            refusals: Arc::default(),
             dpop_proofs: scrip_jose::dpop::ReplayCache::new(exchange::DPOP_PROOFS),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
             announced: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -437,6 +440,14 @@ impl Server {
             metrics.abort();
         }
         attest.stop().await;
+        state.0.stopping.send_replace(true);
+        // The refusals counted past their budget (the stop woke their
+        // writers).
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            state.0.refusals.flush(state.0.store.as_ref()),
+        )
+        .await;
         // Store what the proxy writes in the background (each commit signs
         // this process's chain head).
         if let Some(proxy) = &self.proxy {

@@ -7,7 +7,7 @@ use scrip_config::Config;
 use scrip_identity::IdentityVerifier;
 use scrip_jose::{Expectations, JoseError, TypRule, Verified};
 use scrip_policy::PolicyEngine;
-use scrip_store::{AuditEvent, Store, Write};
+use scrip_store::{AuditEvent, Store};
 use scrip_token::{AccessClaims, TaskClaims, TokenKind};
 use serde::de::DeserializeOwned;
 
@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub announced: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Last poll per approval, for `slow_down`.
     pub polls: crate::approval::Polls,
+    /// Refusals recorded this second, and those counted past the budget.
+    pub refusals: Arc<crate::refusals::Refusals>,
     /// DPoP proofs accepted at the token endpoint, each accepted once.
     pub dpop_proofs: scrip_jose::dpop::ReplayCache,
     /// The approval webhook, when one is configured.
@@ -155,7 +157,7 @@ impl Webhook {
 /// One of a count of things under way, uncounted when dropped, however
 /// its task ends.
 #[derive(Debug)]
-pub(crate) struct Counted(Arc<tokio::sync::watch::Sender<usize>>);
+pub(crate) struct Counted(pub(crate) Arc<tokio::sync::watch::Sender<usize>>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -356,18 +358,35 @@ impl Inner {
         a
     }
 
-    /// Commits the `record` of a refusal, then gives `err` to answer, or the
-    /// store's error when the record could not be written (nothing is
-    /// refused off the record).
+    /// Records a refusal (see [`crate::refusals`]), then gives `err` to
+    /// answer, or the store's error when the record could not be written
+    /// (nothing is refused off the record). Charged to the record's task
+    /// and agent (who tried).
     pub async fn refusal_recorded(&self, record: AuditEvent, err: OAuthError) -> OAuthError {
-        match self
-            .store
-            .commit(vec![Write::Audit(Box::new(record))])
-            .await
-        {
+        let key = format!(
+            "task {}\n{}\n{}",
+            record.task_id.as_deref().unwrap_or_default(),
+            record.agent_iss.as_deref().unwrap_or_default(),
+            record.agent_sub.as_deref().unwrap_or_default()
+        );
+        match self.record_refusal(&key, record).await {
             Ok(()) => err,
             Err(e) => e.into(),
         }
+    }
+
+    /// Records a refusal charged to `key` (see [`crate::refusals`]).
+    ///
+    /// # Errors
+    /// The store's, when the record is written now and cannot be.
+    pub async fn record_refusal(
+        &self,
+        key: &str,
+        record: AuditEvent,
+    ) -> Result<(), scrip_store::StoreError> {
+        self.refusals
+            .record(&self.store, &self.stopping, key, record)
+            .await
     }
 
     /// An audit record of `event` naming the agent and task a verified task

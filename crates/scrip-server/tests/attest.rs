@@ -203,7 +203,45 @@ async fn a_process_matching_nothing_is_refused_with_a_clear_message() {
             .any(|a| a.event == "identity.attest" && a.decision.as_deref() == Some("deny")),
         "the refusal is audited"
     );
-    server.stop().await;
+
+    // A process asking over and over: every refusal is on the record, one
+    // by one up to the budget a second for its uid, then counted (the
+    // count first in the reason), the counts recorded once their second
+    // ends, or as the server stops.
+    const MORE: u64 = 40;
+    let asks = (0..MORE).map(|_| async {
+        let answer = attest(&server).await;
+        assert_eq!(answer["error"], "access_denied", "{answer}");
+    });
+    futures_util::future::join_all(asks).await;
+    let refused: Vec<_> = server
+        .stop_then_audit()
+        .await
+        .into_iter()
+        .filter(|a| a.event == "identity.attest" && a.decision.as_deref() == Some("deny"))
+        .collect();
+    let count = |a: &scrip_store::AuditEvent| {
+        a.reason
+            .as_deref()
+            .and_then(|r| r.split_once(" more refused in the second of the first of them"))
+            .map(|(n, _)| n.parse::<u64>().unwrap())
+    };
+    assert_eq!(
+        refused.iter().map(|a| count(a).unwrap_or(1)).sum::<u64>(),
+        MORE + 2,
+        "{refused:#?}"
+    );
+    let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
+    for a in refused.iter().filter(|a| count(a).is_none()) {
+        *per_second.entry(a.at_ms / 1000).or_default() += 1;
+    }
+    assert!(
+        per_second
+            .values()
+            .all(|n| *n <= scrip_server::REFUSALS_PER_SECOND),
+        "{per_second:?}"
+    );
+    assert!(refused.iter().any(|a| count(a).is_some()), "{refused:#?}");
 }
 
 /// A local identity is handed out only with its durable record (SPEC:

@@ -137,6 +137,76 @@ async fn task_then_access_token() {
     s.stop().await;
 }
 
+/// A task token kept (or stolen) past its task's end and used over and
+/// over: every refusal is on the record, one by one up to
+/// `REFUSALS_PER_SECOND` a second, then as a count recorded once the
+/// second ends, so that its holder can neither grow the trail without
+/// bound nor hold up other agents' commits.
+#[tokio::test]
+async fn refusals_past_a_budget_a_second_are_recorded_as_counts() {
+    const TRIES: u64 = 50;
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s.start_task(&identity, "github:read", "dev", "flood").await;
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    let (_, c) = decode_parts(&task);
+    let txn = c["txn"].as_str().unwrap().to_owned();
+    assert_eq!(s.revoke(&task).await.status, 200);
+    for _ in 0..TRIES {
+        s.access_token(&task, "github", Some("read"))
+            .await
+            .assert_error(400, "invalid_request");
+    }
+    // One by one, or counted (the count first in the reason), until the
+    // counts' second ends.
+    let count = |a: &scrip_store::AuditEvent| {
+        a.reason
+            .as_deref()
+            .and_then(|r| {
+                r.strip_suffix("an access token for `github`: subject_token: the task has ended")
+            })
+            .and_then(|r| r.split_once(" more refused in the second of the first of them"))
+            .map(|(n, _)| n.parse::<u64>().unwrap())
+    };
+    let mut refused = Vec::new();
+    for _ in 0..50 {
+        refused = s
+            .audit()
+            .await
+            .into_iter()
+            .filter(|a| a.event == "token.refused" && a.task_id.as_deref() == Some(txn.as_str()))
+            .collect();
+        if refused.iter().map(|a| count(a).unwrap_or(1)).sum::<u64>() >= TRIES {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let counted: Vec<_> = refused.iter().filter_map(count).collect();
+    assert!(!counted.is_empty(), "{refused:#?}");
+    assert_eq!(
+        refused.iter().map(|a| count(a).unwrap_or(1)).sum::<u64>(),
+        TRIES,
+        "{refused:#?}"
+    );
+    // At most the budget one by one in any second.
+    let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
+    for a in refused.iter().filter(|a| count(a).is_none()) {
+        *per_second.entry(a.at_ms / 1000).or_default() += 1;
+    }
+    assert!(
+        per_second
+            .values()
+            .all(|n| *n <= scrip_server::REFUSALS_PER_SECOND),
+        "{per_second:?}"
+    );
+    // A count names the token, as each refusal does.
+    for a in refused.iter().filter(|a| count(a).is_some()) {
+        assert_eq!(a.jti.as_deref(), c["jti"].as_str(), "{a:?}");
+        assert_eq!(a.decision.as_deref(), Some("deny"));
+    }
+    s.stop().await;
+}
+
 /// A task ended by another writer of the store while this server still
 /// holds it as open (its cache not told yet, as a replica's in the
 /// milliseconds before the notification, or while its commit waited in a

@@ -21,6 +21,7 @@ mod schema;
 mod sqlite;
 mod sqlite_reads;
 mod sqlite_writer;
+mod tally;
 mod writer;
 
 pub use chain::{
@@ -35,6 +36,7 @@ pub use model::{
 pub use postgres::PgStore;
 pub use schema::Schema;
 pub use sqlite::SqliteStore;
+pub use tally::{Admit, Tally};
 pub use writer::Changes;
 
 /// Opens the store a configuration names: PostgreSQL when `database_url`

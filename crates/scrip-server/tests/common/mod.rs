@@ -295,6 +295,16 @@ impl TestServer {
     }
 
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops the server, then reads the audit trail it left.
+    pub async fn stop_then_audit(mut self) -> Vec<scrip_store::AuditEvent> {
+        self.halt().await;
+        self.audit().await
+    }
+
+    async fn halt(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

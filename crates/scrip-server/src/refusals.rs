@@ -1,0 +1,196 @@
+//! Refusals a caller can repeat as fast as it can ask: a task token kept or
+//! stolen past its task's end, a bound task's token without its key, a
+//! proof replayed, an identity trying to decide a step it may not, a
+//! process the attestation socket does not serve. Each is recorded before
+//! it is answered, up to [`PER_SECOND`] a second for one task (or one
+//! uid at the attestation socket) in this process; the rest of that
+//! second's are counted, and recorded as one record per task and event
+//! once the second ends (or the server stops). A thief with a revoked token
+//! can then neither grow the trail without bound nor hold up other agents'
+//! commits, and every refusal is still on the record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scrip_store::{Admit, AuditEvent, Store, StoreError, Tally, Write};
+
+use crate::state::{Counted, now_ms};
+
+/// The refusals of one task (or one uid at the attestation socket)
+/// recorded one by one in a second, per process.
+pub const PER_SECOND: u32 = 10;
+
+/// This process's refusals, and the counts waiting to be recorded.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals {
+    tally: Tally,
+    /// Counts waiting for their second to end, or being written.
+    writing: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Refusals {
+    /// Records `record`, a refusal charged to `key`: now, within the
+    /// budget, or else counted and recorded once the second ends (`Ok` at
+    /// once). Counted apart per event.
+    ///
+    /// # Errors
+    /// The store's, when the record is written now and cannot be.
+    pub async fn record(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        stopping: &tokio::sync::watch::Sender<bool>,
+        key: &str,
+        record: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let count_as = format!("{key}\n{}", record.event);
+        match self.tally.admit((key, PER_SECOND), &count_as, &record) {
+            Admit::Record => store.commit(vec![Write::Audit(Box::new(record))]).await,
+            Admit::Counted { first } => {
+                if first {
+                    self.record_later(store.clone(), stopping.subscribe());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Records the counts once this second ends, or at once when the
+    /// server stops.
+    fn record_later(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.writing.send_modify(|n| *n += 1);
+        let counted = Counted(self.writing.clone());
+        let this = self.clone();
+        runtime.spawn(async move {
+            let wait = 1000 - now_ms() % 1000 + 10;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = stopping.wait_for(|stopped| *stopped) => {}
+            }
+            this.write(store.as_ref()).await;
+            drop(counted);
+        });
+    }
+
+    /// Commits the counts taken now: one record per task and event, the
+    /// first counted one's, saying how many.
+    async fn write(&self, store: &dyn Store) {
+        let writes = self
+            .tally
+            .take()
+            .into_iter()
+            .map(|(n, first)| {
+                let mut r = first;
+                r.at_ms = now_ms();
+                r.reason = Some(format!(
+                    "{n} more refused in the second of the first of them, recorded as a count: over {PER_SECOND} a second for one task; the first of them: {}",
+                    r.reason.as_deref().unwrap_or("no reason given")
+                ));
+                Write::Audit(Box::new(r))
+            })
+            .collect::<Vec<_>>();
+        if writes.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            counts = writes.len(),
+            "more than {PER_SECOND} refusals of one task in a second; recording the rest as counts"
+        );
+        if let Err(e) = store.commit(writes).await {
+            tracing::error!(error = %e, "counted refusals could not be recorded");
+        }
+    }
+
+    /// Waits for the counts being written (a stop wakes them), then
+    /// writes any counted since.
+    pub async fn flush(&self, store: &dyn Store) {
+        let _ = self.writing.subscribe().wait_for(|n| *n == 0).await;
+        self.write(store).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use scrip_store::{AuditEvent, AuditFilter, SqliteStore, Store};
+
+    use super::{PER_SECOND, Refusals};
+
+    /// Past the budget a refusal is counted and answered at once; the
+    /// counts are recorded when the server stops (or the second ends),
+    /// each saying how many and what the first was.
+    #[tokio::test]
+    async fn past_the_budget_refusals_are_counted_and_recorded_as_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in(dir.path()).await.unwrap());
+        let refusals = Arc::new(Refusals::default());
+        let stopping = tokio::sync::watch::Sender::new(false);
+        let at_ms = super::now_ms();
+        let record = |event: &str, reason: &str| AuditEvent {
+            at_ms,
+            event: event.into(),
+            task_id: Some("t1".into()),
+            reason: Some(reason.into()),
+            replica: "test".into(),
+            ..AuditEvent::default()
+        };
+        let extra = 7;
+        for i in 0..PER_SECOND + extra {
+            refusals
+                .record(
+                    &store,
+                    &stopping,
+                    "t1",
+                    record("token.refused", &format!("n{i}")),
+                )
+                .await
+                .unwrap();
+        }
+        // The same task's other refusals share its budget, counted apart.
+        refusals
+            .record(&store, &stopping, "t1", record("task.refused", "d"))
+            .await
+            .unwrap();
+        // Another task has a budget of its own.
+        refusals
+            .record(&store, &stopping, "t2", record("token.refused", "other"))
+            .await
+            .unwrap();
+        let written = |store: Arc<dyn Store>| async move {
+            store
+                .audit(&AuditFilter::default())
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|a| a.reason.map(|r| (a.event, r)))
+                .collect::<Vec<_>>()
+        };
+        let before = written(store.clone()).await;
+        assert_eq!(before.len(), usize::try_from(PER_SECOND).unwrap() + 1);
+        stopping.send_replace(true);
+        refusals.flush(store.as_ref()).await;
+        let after = written(store.clone()).await;
+        let counts = &after[before.len()..];
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        let first = format!("n{PER_SECOND}");
+        assert!(
+            counts.iter().any(|(e, r)| e == "token.refused"
+                && r.starts_with(&format!("{extra} more refused"))
+                && r.ends_with(&format!("the first of them: {first}"))),
+            "{counts:?}"
+        );
+        assert!(
+            counts
+                .iter()
+                .any(|(e, r)| e == "task.refused" && r.starts_with("1 more refused")),
+            "{counts:?}"
+        );
+    }
+}
