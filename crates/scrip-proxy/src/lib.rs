@@ -348,7 +348,7 @@ impl Pending {
                 .tally
                 .take()
                 .into_iter()
-                .map(|(n, first)| {
+                .map(|scrip_store::Count { n, first, .. }| {
                     let mut r = first;
                     r.event = "proxy.refused".into();
                     r.at_ms = now_ms();

@@ -50,10 +50,14 @@ pub enum PathError {
     /// An empty segment (`//`), which some servers merge with its neighbour.
     #[error("path must not contain empty segments (`//`)")]
     EmptySegment,
-    /// An encoded `%` before two hex digits (`%2561`): an upstream that
-    /// decodes twice reads a different path (`%2561dmin` as `admin`,
-    /// `%252e%252e` as `..`) from the one the routes and Cedar decided on.
-    #[error("path must not contain double-encoded characters (`%25` before two hex digits)")]
+    /// An encoded `%` before two hex digits (`%2561`), or before `u` and
+    /// four (`%25u002e`, in the `%uXXXX` form some servers decode): an
+    /// upstream that decodes twice reads a different path (`%2561dmin` as
+    /// `admin`, `%252e%252e` as `..`) from the one the routes and Cedar
+    /// decided on.
+    #[error(
+        "path must not contain double-encoded characters (`%25` before two hex digits, or before `u` and four)"
+    )]
     DoubleEncoded,
     /// An escaped control character (`%0A`, `%7F`), escaped bytes that are
     /// not UTF-8 (an overlong `%C0%AE` reads as `.` to a lenient decoder),
@@ -133,7 +137,10 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     let canonical = out.as_bytes();
     let double = canonical.windows(5).any(
         |w| matches!(w, [b'%', b'2', b'5', a, b] if a.is_ascii_hexdigit() && b.is_ascii_hexdigit()),
-    );
+    ) || canonical.windows(8).any(|w| {
+        // `%25u002e`: `%u002e` to a server that decodes IIS's `%uXXXX`.
+        matches!(w, [b'%', b'2', b'5', b'u' | b'U', rest @ ..] if rest.iter().all(u8::is_ascii_hexdigit))
+    });
     if double {
         return Err(PathError::DoubleEncoded);
     }
@@ -456,6 +463,13 @@ mod tests {
         assert_eq!(n("/100%25"), Ok("/100%25".into()));
         assert_eq!(n("/100%25off"), Ok("/100%25off".into()));
         assert_eq!(n("/%25z1"), Ok("/%25z1".into()));
+        // IIS's `%uXXXX`, encoded (its digits too).
+        assert_eq!(
+            n("/p/%25u002e%25u002e/admin"),
+            Err(PathError::DoubleEncoded)
+        );
+        assert_eq!(n("/p/%25U%30%30%32E"), Err(PathError::DoubleEncoded));
+        assert_eq!(n("/100%25up"), Ok("/100%25up".into()));
         assert_eq!(n("/a/b/"), Ok("/a/b/".into()));
         // An encoded dot makes a dot segment; `//` is refused.
         assert_eq!(n("/a/%2E%2e/admin"), Err(PathError::DotSegment));

@@ -628,6 +628,7 @@ async fn issue(
     let access = AccessClaims {
         iss: st.issuer.clone(),
         sub: task.agent.subject.clone(),
+        agent_iss: Some(task.agent.issuer.clone()),
         aud: tool.name.to_string(),
         iat: now,
         exp,

@@ -613,8 +613,17 @@ async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why
     if let Some(o) = observed {
         a.agent_sub = Some(format!("local:uid:{}", o.uid));
     }
-    // Charged to the uid that asked: a process may ask as fast as it can.
-    if st.record_refusal(&format!("uid {uid}"), a).await.is_err() {
+    // Charged to the uid that asked (a process may ask as fast as it
+    // can), counted apart by executable: one process's flood does not
+    // hide another's refusal under the same uid.
+    let exe = observed
+        .and_then(|o| o.exe_sha256.as_deref())
+        .unwrap_or("unknown");
+    if st
+        .record_refusal(&format!("uid {uid}"), exe, a)
+        .await
+        .is_err()
+    {
         return Answer::error(
             503,
             "temporarily_unavailable",

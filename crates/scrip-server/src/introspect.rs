@@ -297,6 +297,9 @@ async fn introspect(
                 "iss": c.iss, "sub": c.sub, "aud": c.aud, "iat": c.iat, "exp": c.exp,
                 "jti": c.jti, "txn": c.txn, "scope": c.scope, "client_id": c.client_id,
             });
+            if let (Some(agent_iss), Some(obj)) = (c.agent_iss.as_ref(), body.as_object_mut()) {
+                obj.insert("agent_iss".into(), json!(agent_iss));
+            }
             // RFC 9449 §6.2: a bound token's key, so the caller can check
             // the proof that came with it.
             if let (Some(cnf), Some(obj)) = (c.cnf.as_ref(), body.as_object_mut()) {

@@ -4,10 +4,13 @@
 //! process the attestation socket does not serve. Each is recorded before
 //! it is answered, up to [`PER_SECOND`] a second for one task (or one
 //! uid at the attestation socket) in this process; the rest of that
-//! second's are counted, and recorded as one record per task and event
-//! once the second ends (or the server stops). A thief with a revoked token
-//! can then neither grow the trail without bound nor hold up other agents'
-//! commits, and every refusal is still on the record.
+//! second's are answered at once, counted, and recorded once the second
+//! ends (or the server stops): one record per task, event, tool, actions
+//! and kind (the error and the client's address; the executable at the
+//! socket), up to [`KINDS`] apart, the rest in one. A thief with a revoked
+//! token can then neither grow the trail without bound nor hold up other
+//! agents' commits, nor hide the task's other refusals among its own, and
+//! every refusal is still on the record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,18 +23,32 @@ use crate::state::{Counted, now_ms};
 /// recorded one by one in a second, per process.
 pub const PER_SECOND: u32 = 10;
 
+/// The counts one task (or uid) keeps apart a second; past it, the rest
+/// of its refusals share one count (a caller varying what it asks gets
+/// `KINDS + 1` count records a second, not one a request).
+pub const KINDS: usize = 8;
+
 /// This process's refusals, and the counts waiting to be recorded.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Refusals {
     tally: Tally,
     /// Counts waiting for their second to end, or being written.
     writing: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            tally: Tally::with_kinds(KINDS),
+            writing: Arc::default(),
+        }
+    }
+}
+
 impl Refusals {
     /// Records `record`, a refusal charged to `key`: now, within the
     /// budget, or else counted and recorded once the second ends (`Ok` at
-    /// once). Counted apart per event.
+    /// once). Counted apart per event, tool, actions and `kind`.
     ///
     /// # Errors
     /// The store's, when the record is written now and cannot be.
@@ -40,9 +57,15 @@ impl Refusals {
         store: &Arc<dyn Store>,
         stopping: &tokio::sync::watch::Sender<bool>,
         key: &str,
+        kind: &str,
         record: AuditEvent,
     ) -> Result<(), StoreError> {
-        let count_as = format!("{key}\n{}", record.event);
+        let count_as = format!(
+            "{key}\n{}\n{}\n{}\n{kind}",
+            record.event,
+            record.tool.as_deref().unwrap_or_default(),
+            record.actions.as_deref().unwrap_or_default()
+        );
         match self.tally.admit((key, PER_SECOND), &count_as, &record) {
             Admit::Record => store.commit(vec![Write::Audit(Box::new(record))]).await,
             Admit::Counted { first } => {
@@ -55,7 +78,8 @@ impl Refusals {
     }
 
     /// Records the counts once this second ends, or at once when the
-    /// server stops.
+    /// server stops; while the store cannot take them, again each second
+    /// with those counted since (and once more by [`Self::flush`]).
     fn record_later(
         self: &Arc<Self>,
         store: Arc<dyn Store>,
@@ -68,50 +92,72 @@ impl Refusals {
         let counted = Counted(self.writing.clone());
         let this = self.clone();
         runtime.spawn(async move {
-            let wait = 1000 - now_ms() % 1000 + 10;
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
-                _ = stopping.wait_for(|stopped| *stopped) => {}
+            loop {
+                let wait = 1000 - now_ms() % 1000 + 10;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = stopping.wait_for(|stopped| *stopped) => {}
+                }
+                if this.write(store.as_ref()).await || *stopping.borrow() {
+                    break;
+                }
             }
-            this.write(store.as_ref()).await;
             drop(counted);
         });
     }
 
-    /// Commits the counts taken now: one record per task and event, the
-    /// first counted one's, saying how many.
-    async fn write(&self, store: &dyn Store) {
-        let writes = self
-            .tally
-            .take()
-            .into_iter()
-            .map(|(n, first)| {
-                let mut r = first;
+    /// Commits the counts taken now: one record per count, the first
+    /// counted refusal's, saying how many. Gives them back when the store
+    /// cannot take them; `true` once nothing is left to write.
+    async fn write(&self, store: &dyn Store) -> bool {
+        let counts = self.tally.take();
+        if counts.is_empty() {
+            return true;
+        }
+        let writes = counts
+            .iter()
+            .map(|c| {
+                let mut r = c.first.clone();
                 r.at_ms = now_ms();
+                let per = if r.event == "identity.attest" {
+                    "uid"
+                } else {
+                    "task"
+                };
+                let mixed = if c.mixed {
+                    format!(", of several kinds (past {KINDS} kept apart for one {per})")
+                } else {
+                    String::new()
+                };
                 r.reason = Some(format!(
-                    "{n} more refused in the second of the first of them, recorded as a count: over {PER_SECOND} a second for one task; the first of them: {}",
-                    r.reason.as_deref().unwrap_or("no reason given")
+                    "{} more refused{mixed}, from {} to {} (ms since the epoch), recorded as a count: over {PER_SECOND} a second for one {per}; the first of them: {}",
+                    c.n,
+                    c.first.at_ms,
+                    c.last_ms,
+                    c.first.reason.as_deref().unwrap_or("no reason given")
                 ));
                 Write::Audit(Box::new(r))
             })
             .collect::<Vec<_>>();
-        if writes.is_empty() {
-            return;
-        }
         tracing::warn!(
             counts = writes.len(),
-            "more than {PER_SECOND} refusals of one task in a second; recording the rest as counts"
+            "more than {PER_SECOND} refusals of one task (or uid) in a second; recording the rest as counts"
         );
-        if let Err(e) = store.commit(writes).await {
-            tracing::error!(error = %e, "counted refusals could not be recorded");
+        match store.commit(writes).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "counted refusals could not be recorded; kept to try again");
+                self.tally.restore(counts);
+                false
+            }
         }
     }
 
     /// Waits for the counts being written (a stop wakes them), then
-    /// writes any counted since.
+    /// writes any counted since, or given back.
     pub async fn flush(&self, store: &dyn Store) {
         let _ = self.writing.subscribe().wait_for(|n| *n == 0).await;
-        self.write(store).await;
+        let _ = self.write(store).await;
     }
 }
 
@@ -148,6 +194,7 @@ mod tests {
                     &store,
                     &stopping,
                     "t1",
+                    "k",
                     record("token.refused", &format!("n{i}")),
                 )
                 .await
@@ -155,12 +202,18 @@ mod tests {
         }
         // The same task's other refusals share its budget, counted apart.
         refusals
-            .record(&store, &stopping, "t1", record("task.refused", "d"))
+            .record(&store, &stopping, "t1", "k", record("task.refused", "d"))
             .await
             .unwrap();
         // Another task has a budget of its own.
         refusals
-            .record(&store, &stopping, "t2", record("token.refused", "other"))
+            .record(
+                &store,
+                &stopping,
+                "t2",
+                "k",
+                record("token.refused", "other"),
+            )
             .await
             .unwrap();
         let written = |store: Arc<dyn Store>| async move {

@@ -361,7 +361,8 @@ impl Inner {
     /// Records a refusal (see [`crate::refusals`]), then gives `err` to
     /// answer, or the store's error when the record could not be written
     /// (nothing is refused off the record). Charged to the record's task
-    /// and agent (who tried).
+    /// and agent (the task's, or at an approval whoever tried to decide
+    /// its step); counted apart by `err`'s code and the client's address.
     pub async fn refusal_recorded(&self, record: AuditEvent, err: OAuthError) -> OAuthError {
         let key = format!(
             "task {}\n{}\n{}",
@@ -369,23 +370,34 @@ impl Inner {
             record.agent_iss.as_deref().unwrap_or_default(),
             record.agent_sub.as_deref().unwrap_or_default()
         );
-        match self.record_refusal(&key, record).await {
+        // The address, not the port: a client's every connection has
+        // another.
+        let client = record
+            .client
+            .as_deref()
+            .and_then(|c| c.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let kind = format!("{}\n{client}", err.code);
+        match self.record_refusal(&key, &kind, record).await {
             Ok(()) => err,
             Err(e) => e.into(),
         }
     }
 
-    /// Records a refusal charged to `key` (see [`crate::refusals`]).
+    /// Records a refusal charged to `key`, counted apart by `kind` (see
+    /// [`crate::refusals`]).
     ///
     /// # Errors
     /// The store's, when the record is written now and cannot be.
     pub async fn record_refusal(
         &self,
         key: &str,
+        kind: &str,
         record: AuditEvent,
     ) -> Result<(), scrip_store::StoreError> {
         self.refusals
-            .record(&self.store, &self.stopping, key, record)
+            .record(&self.store, &self.stopping, key, kind, record)
             .await
     }
 

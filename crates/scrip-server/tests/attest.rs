@@ -223,7 +223,7 @@ async fn a_process_matching_nothing_is_refused_with_a_clear_message() {
     let count = |a: &scrip_store::AuditEvent| {
         a.reason
             .as_deref()
-            .and_then(|r| r.split_once(" more refused in the second of the first of them"))
+            .and_then(|r| r.split_once(" more refused, from "))
             .map(|(n, _)| n.parse::<u64>().unwrap())
     };
     assert_eq!(

@@ -104,6 +104,11 @@ pub struct AccessClaims {
     pub iss: String,
     /// The agent.
     pub sub: String,
+    /// The issuer of the agent's workload identity: `sub` is unique only
+    /// with it (two clusters' service accounts, say, can share a name).
+    /// Absent from tokens of scrip before 2026-12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_iss: Option<String>,
     /// Exactly one tool.
     pub aud: String,
     /// Issued at.

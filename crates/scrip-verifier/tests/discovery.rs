@@ -167,6 +167,7 @@ async fn a_key_set_that_publishes_a_private_key_empties_the_cache() {
     let claims = scrip_token::AccessClaims {
         iss: issuer.clone(),
         sub: "system:serviceaccount:agents:coder".into(),
+        agent_iss: None,
         aud: "github".into(),
         iat: now,
         exp: now + 300,

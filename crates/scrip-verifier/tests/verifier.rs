@@ -46,6 +46,7 @@ async fn accepts_scrip_access_tokens_with_their_claims() {
     assert_eq!(t.claims().aud, "github");
     assert_eq!(t.claims().iss, scrip.url);
     assert_eq!(t.claims().sub, "system:serviceaccount:agents:coder");
+    assert_eq!(t.claims().agent_iss.as_deref(), Some(common::K8S_ISSUER));
     assert_eq!(t.actions().to_string(), "read write");
     assert!(t.allows(&ActionName::parse("write").unwrap()));
     assert_eq!(
