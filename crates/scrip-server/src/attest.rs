@@ -614,13 +614,21 @@ async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why
         a.agent_sub = Some(format!("local:uid:{}", o.uid));
     }
     // Charged to the uid that asked (a process may ask as fast as it
-    // can), counted apart by executable: one process's flood does not
-    // hide another's refusal under the same uid.
-    let exe = observed
-        .and_then(|o| o.exe_sha256.as_deref())
-        .unwrap_or("unknown");
+    // can), counted apart by executable and gid (up to the kinds kept
+    // apart), so that one process's flood does not readily hide another's
+    // refusal under the same uid.
+    let kind = observed.map_or_else(
+        || "not observed".to_owned(),
+        |o| {
+            format!(
+                "{} gid {}",
+                o.exe_sha256.as_deref().unwrap_or("unknown"),
+                o.gid
+            )
+        },
+    );
     if st
-        .record_refusal(&format!("uid {uid}"), exe, a)
+        .record_refusal(&format!("uid {uid}"), &kind, a)
         .await
         .is_err()
     {

@@ -6,16 +6,16 @@
 //! uid at the attestation socket) in this process; the rest of that
 //! second's are answered at once, counted, and recorded once the second
 //! ends (or the server stops): one record per task, event, tool, actions
-//! and kind (the error and the client's address; the executable at the
-//! socket), up to [`KINDS`] apart, the rest in one. A thief with a revoked
-//! token can then neither grow the trail without bound nor hold up other
-//! agents' commits, nor hide the task's other refusals among its own, and
-//! every refusal is still on the record.
+//! and kind (the error and the client's address; the executable and gid at
+//! the socket), up to [`KINDS`] apart for one task and [`TOTAL`] in all,
+//! the rest folded. A thief with a revoked token can then neither grow the
+//! trail without bound nor hold up other agents' commits, and every
+//! refusal is still on the record (docs/audit.md says when one is not).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use scrip_store::{Admit, AuditEvent, Store, StoreError, Tally, Write};
+use scrip_store::{Admit, AuditEvent, Count, Holds, Store, StoreError, Tally, Write};
 
 use crate::state::{Counted, now_ms};
 
@@ -28,6 +28,10 @@ pub const PER_SECOND: u32 = 10;
 /// `KINDS + 1` count records a second, not one a request).
 pub const KINDS: usize = 8;
 
+/// The most counts kept in all (while the store cannot take them, too);
+/// past it, the rest share one count.
+pub const TOTAL: usize = 4096;
+
 /// This process's refusals, and the counts waiting to be recorded.
 #[derive(Debug)]
 pub(crate) struct Refusals {
@@ -39,7 +43,7 @@ pub(crate) struct Refusals {
 impl Default for Refusals {
     fn default() -> Self {
         Self {
-            tally: Tally::with_kinds(KINDS),
+            tally: Tally::with_limits(KINDS, TOTAL),
             writing: Arc::default(),
         }
     }
@@ -94,11 +98,13 @@ impl Refusals {
         runtime.spawn(async move {
             loop {
                 let wait = 1000 - now_ms() % 1000 + 10;
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(wait)) => {}
-                    _ = stopping.wait_for(|stopped| *stopped) => {}
-                }
-                if this.write(store.as_ref()).await || *stopping.borrow() {
+                // Stopping, or no server left to say so: one more try,
+                // then `flush`'s.
+                let stopped = tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(wait)) => false,
+                    _ = stopping.wait_for(|stopped| *stopped) => true,
+                };
+                if this.write(store.as_ref()).await || stopped {
                     break;
                 }
             }
@@ -106,59 +112,97 @@ impl Refusals {
         });
     }
 
-    /// Commits the counts taken now: one record per count, the first
-    /// counted refusal's, saying how many. Gives them back when the store
-    /// cannot take them; `true` once nothing is left to write.
+    /// Commits the counts taken now, [`CHUNK`] records a commit: one
+    /// record per count, the first counted refusal's, saying how many.
+    /// Gives back those the store could not take (a record it refuses
+    /// outright is dropped, and logged); `true` once nothing is left.
     async fn write(&self, store: &dyn Store) -> bool {
         let counts = self.tally.take();
         if counts.is_empty() {
             return true;
         }
-        let writes = counts
-            .iter()
-            .map(|c| {
-                let mut r = c.first.clone();
-                r.at_ms = now_ms();
-                let per = if r.event == "identity.attest" {
-                    "uid"
-                } else {
-                    "task"
-                };
-                let mixed = if c.mixed {
-                    format!(", of several kinds (past {KINDS} kept apart for one {per})")
-                } else {
-                    String::new()
-                };
-                r.reason = Some(format!(
-                    "{} more refused{mixed}, from {} to {} (ms since the epoch), recorded as a count: over {PER_SECOND} a second for one {per}; the first of them: {}",
-                    c.n,
-                    c.first.at_ms,
-                    c.last_ms,
-                    c.first.reason.as_deref().unwrap_or("no reason given")
-                ));
-                Write::Audit(Box::new(r))
-            })
-            .collect::<Vec<_>>();
         tracing::warn!(
-            counts = writes.len(),
+            counts = counts.len(),
             "more than {PER_SECOND} refusals of one task (or uid) in a second; recording the rest as counts"
         );
-        match store.commit(writes).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "counted refusals could not be recorded; kept to try again");
-                self.tally.restore(counts);
-                false
+        let mut left = Vec::new();
+        let mut chunks = counts.chunks(CHUNK);
+        for chunk in chunks.by_ref() {
+            let writes = chunk.iter().map(count_record).collect();
+            match store.commit(writes).await {
+                Ok(()) => {}
+                // One of them the store will never take: each alone.
+                Err(StoreError::Refused(_) | StoreError::Conflict(_)) => {
+                    for c in chunk {
+                        match store.commit(vec![count_record(c)]).await {
+                            Ok(()) => {}
+                            Err(e @ (StoreError::Refused(_) | StoreError::Conflict(_))) => {
+                                tracing::error!(error = %e, refusals = c.n, "a count of refusals the store refuses is not recorded");
+                            }
+                            Err(_) => left.push(c.clone()),
+                        }
+                    }
+                }
+                Err(_) => {
+                    left.extend_from_slice(chunk);
+                    break;
+                }
             }
         }
+        left.extend(chunks.flatten().cloned());
+        if left.is_empty() {
+            return true;
+        }
+        tracing::error!(
+            refusals = left.iter().map(|c| c.n).sum::<u64>(),
+            "counted refusals could not be recorded; kept to try again"
+        );
+        self.tally.restore(left);
+        false
     }
 
     /// Waits for the counts being written (a stop wakes them), then
-    /// writes any counted since, or given back.
+    /// writes any counted since, or given back; logs how many refusals
+    /// go unrecorded when the store cannot take them.
     pub async fn flush(&self, store: &dyn Store) {
         let _ = self.writing.subscribe().wait_for(|n| *n == 0).await;
-        let _ = self.write(store).await;
+        if !self.write(store).await {
+            let lost: u64 = self.tally.take().iter().map(|c| c.n).sum();
+            tracing::error!(
+                refusals = lost,
+                "counted refusals not recorded: the store could not take them as scrip stopped"
+            );
+        }
     }
+}
+
+/// The most count records one commit carries.
+const CHUNK: usize = 256;
+
+/// `c` as the record that says how many it counts.
+fn count_record(c: &Count) -> Write {
+    let mut r = c.first.clone();
+    r.at_ms = now_ms();
+    let per = if r.event == "identity.attest" {
+        "uid"
+    } else {
+        "task"
+    };
+    let holds = match c.holds {
+        Holds::One => String::new(),
+        Holds::Kinds => format!(", of several kinds (past {KINDS} kept apart for one {per})"),
+        Holds::Keys => format!(
+            ", of several {per}s (past {TOTAL} counts kept in all; the first one's {per} is named)"
+        ),
+    };
+    r.reason = Some(format!(
+        "{} more refused{holds}, from {} to {} (ms since the epoch), recorded as a count: over {PER_SECOND} a second for one {per}; the first of them: {}",
+        c.n,
+        c.first.at_ms,
+        c.last_ms,
+        c.first.reason.as_deref().unwrap_or("no reason given")
+    ));
+    Write::Audit(Box::new(r))
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub use model::{
 pub use postgres::PgStore;
 pub use schema::Schema;
 pub use sqlite::SqliteStore;
-pub use tally::{Admit, Count, Tally};
+pub use tally::{Admit, Count, Holds, Tally};
 pub use writer::Changes;
 
 /// Opens the store a configuration names: PostgreSQL when `database_url`

@@ -13,14 +13,16 @@ use crate::AuditEvent;
 #[derive(Debug)]
 pub struct Tally {
     /// The most counts kept apart for one budget key until they are taken;
-    /// past it, a budget key's further kinds share one count.
+    /// past it, a budget key's further kinds share one count per event.
     kinds: usize,
+    /// The most counts kept in all; past it, the rest share one count.
+    total: usize,
     state: Mutex<State>,
 }
 
 impl Default for Tally {
     fn default() -> Self {
-        Self::with_kinds(usize::MAX)
+        Self::with_limits(usize::MAX, usize::MAX)
     }
 }
 
@@ -32,13 +34,15 @@ struct State {
     recorded: HashMap<String, u32>,
     /// Refusals counted since the last [`Tally::take`], per count key.
     counted: BTreeMap<String, Count>,
-    /// How many count keys each budget key has in `counted`.
+    /// How many count keys of their own each budget key has in `counted`.
     kinds: HashMap<String, usize>,
 }
 
 /// Refusals counted under one count key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Count {
+    /// The budget key charged.
+    pub budget: String,
     /// The count key.
     pub key: String,
     /// How many.
@@ -47,10 +51,24 @@ pub struct Count {
     pub first: AuditEvent,
     /// When the last one was refused (milliseconds since the epoch).
     pub last_ms: u64,
-    /// Whether the count holds refusals of several kinds, its budget key's
-    /// kinds past [`Tally::with_kinds`]' limit.
-    pub mixed: bool,
+    /// What the count holds.
+    pub holds: Holds,
 }
+
+/// What a [`Count`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Holds {
+    /// Refusals of one count key.
+    One,
+    /// One event's refusals of one budget key past its kinds kept apart.
+    Kinds,
+    /// Refusals of several budget keys, past the counts kept in all.
+    Keys,
+}
+
+/// The count key of the refusals past the counts kept in all. Starts with a
+/// character no caller's count key does, as the per-budget-key ones do.
+const ALL: &str = "\u{0}\u{0}";
 
 /// What to do with one refusal's record.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,14 +85,15 @@ pub enum Admit {
 }
 
 impl Tally {
-    /// A tally that keeps at most `kinds` counts apart for one budget key
-    /// between two [`Self::take`]s (a caller that varies what a count key
-    /// holds then gets at most `kinds + 1` counts a second, not one per
-    /// request).
+    /// A tally that keeps at most `kinds` counts apart for one budget key,
+    /// and `total` in all (given back ones included): a caller that
+    /// varies what a count key holds gets a bounded number of counts, not
+    /// one per request, and a store down for long holds bounded memory.
     #[must_use]
-    pub fn with_kinds(kinds: usize) -> Self {
+    pub fn with_limits(kinds: usize, total: usize) -> Self {
         Self {
             kinds,
+            total,
             state: Mutex::new(State::default()),
         }
     }
@@ -110,34 +129,52 @@ impl Tally {
             return Admit::Record;
         }
         let first = s.counted.is_empty();
-        let kinds = s.kinds.get(key).copied().unwrap_or(0);
-        let (count_as, mixed) = if s.counted.contains_key(count_as) || kinds < self.kinds {
-            (count_as.to_owned(), false)
-        } else {
-            // Past the kinds kept apart: one count of the rest. Its key
-            // starts with a character no other count key's does.
-            (format!("\u{0}{key}"), true)
-        };
-        match s.counted.get_mut(&count_as) {
-            Some(c) => {
-                c.n += 1;
-                c.last_ms = c.last_ms.max(record.at_ms);
-            }
-            None => {
-                *s.kinds.entry(key.to_owned()).or_insert(0) += 1;
-                s.counted.insert(
-                    count_as.clone(),
-                    Count {
-                        key: count_as,
-                        n: 1,
-                        first: record.clone(),
-                        last_ms: record.at_ms,
-                        mixed,
-                    },
-                );
+        self.place(
+            &mut s,
+            Count {
+                budget: key.to_owned(),
+                key: count_as.to_owned(),
+                n: 1,
+                first: record.clone(),
+                last_ms: record.at_ms,
+                holds: Holds::One,
+            },
+        );
+        Admit::Counted { first }
+    }
+
+    /// Adds `c` to the count of its key, or to the one it falls in past
+    /// the limits.
+    fn place(&self, s: &mut State, mut c: Count) {
+        if !s.counted.contains_key(&c.key) {
+            let kinds = s.kinds.get(&c.budget).copied().unwrap_or(0);
+            let room = s.counted.len() < self.total;
+            if c.holds == Holds::One && kinds < self.kinds && room {
+                *s.kinds.entry(c.budget.clone()).or_insert(0) += 1;
+            } else {
+                let mixed = format!("\u{0}{}\n{}", c.budget, c.first.event);
+                if c.holds <= Holds::Kinds && (room || s.counted.contains_key(&mixed)) {
+                    c.key = mixed;
+                    c.holds = Holds::Kinds;
+                } else {
+                    c.key = ALL.to_owned();
+                    c.holds = Holds::Keys;
+                }
             }
         }
-        Admit::Counted { first }
+        match s.counted.get_mut(&c.key) {
+            Some(now) => {
+                now.n += c.n;
+                if c.first.at_ms < now.first.at_ms {
+                    now.first = c.first;
+                }
+                now.last_ms = now.last_ms.max(c.last_ms);
+                now.holds = now.holds.max(c.holds);
+            }
+            None => {
+                s.counted.insert(c.key.clone(), c);
+            }
+        }
     }
 
     /// The counts since they were last taken, in the order of their count
@@ -149,28 +186,19 @@ impl Tally {
     }
 
     /// Gives back counts taken but not recorded (their commit failed), to
-    /// be taken again with those counted since: a count counted since
-    /// under the same key is added to it.
+    /// be taken again with those counted since, within the same limits: a
+    /// count counted since under the same key is added to it.
     pub fn restore(&self, counts: Vec<Count>) {
         let mut s = self.state();
         for c in counts {
-            match s.counted.get_mut(&c.key) {
-                Some(now) => {
-                    now.n += c.n;
-                    now.first = c.first;
-                    now.mixed |= c.mixed;
-                }
-                None => {
-                    s.counted.insert(c.key.clone(), c);
-                }
-            }
+            self.place(&mut s, c);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Admit, AuditEvent, Tally};
+    use super::{Admit, AuditEvent, Holds, Tally};
 
     fn at(ms: u64, reason: &str) -> AuditEvent {
         AuditEvent {
@@ -201,7 +229,8 @@ mod tests {
         for _ in 0..4 {
             let _ = t.admit(("c", 3), "a", &at(5_400, "c"));
         }
-        // An earlier second's record counts against this second's budget.
+        // An earlier second's record counts against this second's budget
+        // (and, the earliest, is the count's first).
         assert_eq!(
             t.admit(("a", 3), "a", &at(4_999, "late")),
             Admit::Counted { first: false }
@@ -211,7 +240,8 @@ mod tests {
         let counts = t.take();
         assert_eq!(counts.len(), 1);
         assert_eq!(counts[0].n, 4);
-        assert_eq!(counts[0].first.reason.as_deref(), Some("first counted"));
+        assert_eq!(counts[0].holds, Holds::One);
+        assert_eq!(counts[0].first.reason.as_deref(), Some("late"));
         assert_eq!(counts[0].last_ms, 5_400);
         assert!(t.take().is_empty());
         // Once taken, the next one counted is a first again.
@@ -226,41 +256,96 @@ mod tests {
 
     #[test]
     fn kinds_past_the_limit_share_a_count_and_counts_given_back_are_added() {
-        let t = Tally::with_kinds(2);
+        let t = Tally::with_limits(2, usize::MAX);
         let _ = t.admit(("a", 0), "a/1", &at(1_000, "one"));
         let _ = t.admit(("a", 0), "a/2", &at(1_001, "two"));
         let _ = t.admit(("a", 0), "a/1", &at(1_002, "one again"));
-        // Past two kinds, the rest share one count, whatever they are.
+        // Past two kinds, the rest of an event share one count, whatever
+        // they are.
         let _ = t.admit(("a", 0), "a/3", &at(1_003, "three"));
         let _ = t.admit(("a", 0), "a/4", &at(1_004, "four"));
+        let mut other = at(1_004, "other event");
+        other.event = "task.refused".into();
+        let _ = t.admit(("a", 0), "a/5", &other);
         // Another budget key keeps its own kinds.
         let _ = t.admit(("b", 0), "b/1", &at(1_005, "b"));
         let counts = t.take();
         let summary: Vec<_> = counts
             .iter()
-            .map(|c| (c.n, c.first.reason.clone().unwrap(), c.mixed))
+            .map(|c| (c.n, c.first.reason.clone().unwrap(), c.holds))
             .collect();
         assert_eq!(
             summary,
             [
-                (2, "three".to_owned(), true),
-                (2, "one".to_owned(), false),
-                (1, "two".to_owned(), false),
-                (1, "b".to_owned(), false),
+                (1, "other event".to_owned(), Holds::Kinds),
+                (2, "three".to_owned(), Holds::Kinds),
+                (2, "one".to_owned(), Holds::One),
+                (1, "two".to_owned(), Holds::One),
+                (1, "b".to_owned(), Holds::One),
             ]
         );
         // Taken, the kinds start over.
         assert!(matches!(
-            t.admit(("a", 0), "a/5", &at(2_000, "five")),
+            t.admit(("a", 0), "a/6", &at(2_000, "six")),
             Admit::Counted { first: true }
         ));
-        // Given back: added to what was counted since under the same key,
-        // keeping the earlier first.
+        let _ = t.admit(("a", 0), "a/1", &at(2_001, "one, later"));
+        // Given back, within the same limits: "a/1" is added to what was
+        // counted since, keeping the earlier first; "a/2" finds the
+        // kinds taken, and joins the rest.
         t.restore(counts);
-        let again = t.take();
-        assert_eq!(again.len(), 5);
-        let three = again.iter().find(|c| c.mixed).unwrap();
-        assert_eq!((three.n, three.first.reason.as_deref()), (2, Some("three")));
+        let again: Vec<_> = t
+            .take()
+            .into_iter()
+            .map(|c| (c.key.clone(), c.n, c.first.reason.clone().unwrap(), c.holds))
+            .collect();
+        assert_eq!(
+            again,
+            [
+                (
+                    "\u{0}a\ntask.refused".to_owned(),
+                    1,
+                    "other event".to_owned(),
+                    Holds::Kinds
+                ),
+                (
+                    "\u{0}a\ntoken.refused".to_owned(),
+                    3,
+                    "two".to_owned(),
+                    Holds::Kinds
+                ),
+                ("a/1".to_owned(), 3, "one".to_owned(), Holds::One),
+                ("a/6".to_owned(), 1, "six".to_owned(), Holds::One),
+                ("b/1".to_owned(), 1, "b".to_owned(), Holds::One),
+            ]
+        );
         assert!(t.take().is_empty());
+    }
+
+    #[test]
+    fn past_the_counts_kept_in_all_the_rest_share_one() {
+        let t = Tally::with_limits(usize::MAX, 2);
+        for (i, key) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let _ = t.admit((key, 0), key, &at(1_000 + i as u64, key));
+        }
+        let counts = t.take();
+        let summary: Vec<_> = counts
+            .iter()
+            .map(|c| (c.n, c.first.reason.clone().unwrap(), c.holds))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (2, "c".to_owned(), Holds::Keys),
+                (1, "a".to_owned(), Holds::One),
+                (1, "b".to_owned(), Holds::One),
+            ]
+        );
+        // Given back while others were counted: still within the limit.
+        let _ = t.admit(("e", 0), "e", &at(2_000, "e"));
+        let _ = t.admit(("f", 0), "f", &at(2_001, "f"));
+        t.restore(counts);
+        let again: Vec<_> = t.take().into_iter().map(|c| (c.n, c.holds)).collect();
+        assert_eq!(again, [(4, Holds::Keys), (1, Holds::One), (1, Holds::One)]);
     }
 }
