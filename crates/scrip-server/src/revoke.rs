@@ -111,19 +111,26 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                 return Ok(());
             }
             let mut a = st.audit("token.revoked");
-            // An access token names its agent's subject only: the issuer
-            // is the task's, without which two issuers' agents of one
-            // subject read alike in the trail.
-            a.agent_iss = st.store.task(&claims.txn).await?.map(|t| t.agent.issuer);
+            // The agent's issuer, without which two issuers' agents of one
+            // subject read alike in the trail: the token's, or (a token of
+            // an older scrip) its task's.
+            a.agent_iss = match &claims.agent_iss {
+                Some(iss) => Some(iss.clone()),
+                None => st.store.task(&claims.txn).await?.map(|t| t.agent.issuer),
+            };
             a.agent_sub = Some(claims.sub.clone());
             a.task_id = Some(claims.txn.clone());
             a.tool = Some(claims.aud.clone());
             a.actions = Some(claims.scope.clone());
             a.jti = Some(claims.jti.clone());
             a.client = Some(peer.to_string());
-            st.store
+            // Once: of concurrent revocations (on any replica) one commits,
+            // and the record is its; the others change nothing. So does
+            // one after the task ended, which revoked the token already.
+            let revoked = st
+                .store
                 .commit(vec![
-                    Write::RevokeToken {
+                    Write::ClaimToken {
                         jti: claims.jti.clone(),
                         task_id: claims.txn.clone(),
                         expires_at: claims.exp.saturating_add(st.config.clock_skew),
@@ -131,7 +138,12 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
                     },
                     Write::Audit(Box::new(a)),
                 ])
-                .await?;
+                .await;
+            match revoked {
+                Ok(()) => {}
+                Err(scrip_store::StoreError::Conflict(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(jti = %claims.jti, task = %claims.txn, "access token revoked");
         }
     }

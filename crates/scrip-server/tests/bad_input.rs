@@ -1431,6 +1431,34 @@ async fn an_access_token_for_a_tool_no_longer_configured_is_revoked() {
     s.stop().await;
 }
 
+/// Revocations of one access token at once (a client retrying, two
+/// replicas): one revokes it, and only that one is on the record. One of
+/// a token whose task has ended changes nothing, and records nothing.
+#[tokio::test]
+async fn an_access_token_revoked_at_once_by_many_is_recorded_once() {
+    let s = TestServer::start().await;
+    let (task, access) = task_and_access(&s).await;
+    let answers = futures_util::future::join_all((0..16).map(|_| s.revoke(&access))).await;
+    assert!(answers.iter().all(|r| r.status == 200));
+    assert_eq!(s.introspect(&access).await.body, json!({"active": false}));
+    let jti = decode_parts(&access).1["jti"].as_str().unwrap().to_owned();
+    let revoked = |audit: &[scrip_store::AuditEvent]| {
+        audit
+            .iter()
+            .filter(|a| a.event == "token.revoked")
+            .map(|a| a.jti.clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(revoked(&s.audit().await), std::slice::from_ref(&jti));
+
+    let r = s.access_token(&task, "github", Some("read")).await;
+    let other = r.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(s.revoke(&task).await.status, 200);
+    assert_eq!(s.revoke(&other).await.status, 200);
+    assert_eq!(revoked(&s.audit().await), [jti]);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn revoke_garbage_token() {
     let s = TestServer::start().await;

@@ -297,10 +297,12 @@ pub enum Write {
         /// When revoked.
         at: u64,
     },
-    /// Mark a single-use token used: like [`Write::RevokeToken`], but the
-    /// commit fails with [`crate::StoreError::Conflict`] (changing nothing)
-    /// when the token was already used or revoked, so exactly one of
-    /// several concurrent presentations, on any replica, wins.
+    /// Mark a single-use token used, or revoke a token once: like
+    /// [`Write::RevokeToken`], but the commit fails with
+    /// [`crate::StoreError::Conflict`] (changing nothing) when the token was
+    /// already used or revoked, or its task has ended, so exactly one of
+    /// several concurrent presentations (or revocations), on any replica,
+    /// wins.
     ClaimToken {
         /// The token's `jti`.
         jti: String,
