@@ -125,12 +125,13 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             a.jti = Some(claims.jti.clone());
             a.client = Some(peer.to_string());
             // Once: of concurrent revocations (on any replica) one commits,
-            // and the record is its; the others change nothing. So does
-            // one after the task ended, which revoked the token already.
+            // and the record is its; the others change nothing. Whatever
+            // the task's state: one ended at its deadline put nothing in
+            // the feed, and verifiers take its tokens a leeway past `exp`.
             let revoked = st
                 .store
                 .commit(vec![
-                    Write::ClaimToken {
+                    Write::RevokeTokenOnce {
                         jti: claims.jti.clone(),
                         task_id: claims.txn.clone(),
                         expires_at: claims.exp.saturating_add(st.config.clock_skew),

@@ -151,6 +151,56 @@ async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers()
     s.stop().await;
 }
 
+/// The same for an access token: one issued in its task's last minutes
+/// expires with the task, and its revocation just after the deadline (the
+/// task swept, nothing published) still reaches verifiers, once.
+#[tokio::test]
+async fn revoking_an_access_token_just_after_its_tasks_deadline_still_reaches_verifiers() {
+    let s = TestServer::start().await;
+    let caller = s.k8s.kubernetes("resource-servers", "github-api");
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&identity, "github:read", "dev", "triage", Some(1))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let task_token = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, tc) = decode_parts(&task_token);
+    let r = s.access_token(&task_token, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let access = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, ac) = decode_parts(&access);
+    assert_eq!(ac["exp"], tc["exp"]);
+    let (_, body) = feed(&s, "", Some(&caller)).await;
+    let cursor = body["cursor"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .audit()
+        .await
+        .iter()
+        .any(|a| a.event == "task.expired" && a.task_id.as_deref() == tc["txn"].as_str())
+    {
+        assert!(Instant::now() < deadline, "the task was not swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(s.revoke(&access).await.status, 200);
+    }
+    let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
+    assert_eq!(
+        body["events"],
+        json!([{"type": "token", "txn": tc["txn"], "jti": ac["jti"], "exp": ac["exp"].as_u64().unwrap() + 30}]),
+        "{body}"
+    );
+    let recorded = s
+        .audit()
+        .await
+        .iter()
+        .filter(|a| a.event == "token.revoked" && a.jti.as_deref() == ac["jti"].as_str())
+        .count();
+    assert_eq!(recorded, 1);
+    s.stop().await;
+}
+
 /// A revocation stays in the feed a while past its `exp` (a minute at
 /// least, as it stays in the store): a resource server that starts reading
 /// the feed then, whose clock is behind scrip's, still accepts the token

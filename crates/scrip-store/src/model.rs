@@ -297,11 +297,26 @@ pub enum Write {
         /// When revoked.
         at: u64,
     },
-    /// Mark a single-use token used, or revoke a token once: like
-    /// [`Write::RevokeToken`], but the commit fails with
-    /// [`crate::StoreError::Conflict`] (changing nothing) when the token was
-    /// already used or revoked, or its task has ended, so exactly one of
-    /// several concurrent presentations (or revocations), on any replica,
+    /// Revoke one token once: like [`Write::RevokeToken`], but the commit
+    /// fails with [`crate::StoreError::Conflict`] (changing nothing) when
+    /// the token was already revoked (or used), so that of concurrent
+    /// revocations, on any replica, exactly one commits (and its record).
+    /// Unlike [`Write::ClaimToken`], whatever its task's state: a token of
+    /// a task ended at its deadline is still in the feed only so.
+    RevokeTokenOnce {
+        /// The token's `jti`.
+        jti: String,
+        /// Its task.
+        task_id: String,
+        /// Its expiry (the entry is dropped after).
+        expires_at: u64,
+        /// When revoked.
+        at: u64,
+    },
+    /// Mark a single-use token used: like [`Write::RevokeToken`], but the
+    /// commit fails with [`crate::StoreError::Conflict`] (changing nothing)
+    /// when the token was already used or revoked, or its task has ended,
+    /// so exactly one of several concurrent presentations, on any replica,
     /// wins.
     ClaimToken {
         /// The token's `jti`.
@@ -445,6 +460,7 @@ impl Write {
                 | Self::EndOpenTask { .. }
                 | Self::AnnounceEnded { .. }
                 | Self::RevokeToken { .. }
+                | Self::RevokeTokenOnce { .. }
                 | Self::ClaimToken { .. }
         )
     }

@@ -1159,14 +1159,20 @@ async fn apply_in(
                 expires_at,
                 at,
             }
+            | Write::RevokeTokenOnce {
+                jti,
+                task_id,
+                expires_at,
+                at,
+            }
             | Write::ClaimToken {
                 jti,
                 task_id,
                 expires_at,
                 at,
             } => {
-                let once = matches!(write, Write::ClaimToken { .. });
-                if once {
+                let once = !matches!(write, Write::RevokeToken { .. });
+                if matches!(write, Write::ClaimToken { .. }) {
                     // As in SQLite: a use claimed after the task ended is no
                     // use.
                     refuse_if_ended(&mut *tx, task_id, "its token's use is not claimed").await?;

@@ -589,14 +589,20 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             expires_at,
             at,
         }
+        | Write::RevokeTokenOnce {
+            jti,
+            task_id,
+            expires_at,
+            at,
+        }
         | Write::ClaimToken {
             jti,
             task_id,
             expires_at,
             at,
         } => {
-            let once = matches!(write, Write::ClaimToken { .. });
-            if once {
+            let once = !matches!(write, Write::RevokeToken { .. });
+            if matches!(write, Write::ClaimToken { .. }) {
                 // A use claimed after the task ended (a revocation committed
                 // between the caller's read and this commit) is no use.
                 refuse_if_ended(tx, task_id, "its token's use is not claimed")?;

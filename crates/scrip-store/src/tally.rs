@@ -62,13 +62,10 @@ pub enum Holds {
     One,
     /// One event's refusals of one budget key past its kinds kept apart.
     Kinds,
-    /// Refusals of several budget keys, past the counts kept in all.
+    /// One event's refusals of several budget keys, past the counts kept in
+    /// all.
     Keys,
 }
-
-/// The count key of the refusals past the counts kept in all. Starts with a
-/// character no caller's count key does, as the per-budget-key ones do.
-const ALL: &str = "\u{0}\u{0}";
 
 /// What to do with one refusal's record.
 #[derive(Debug, PartialEq, Eq)]
@@ -152,12 +149,14 @@ impl Tally {
             if c.holds == Holds::One && kinds < self.kinds && room {
                 *s.kinds.entry(c.budget.clone()).or_insert(0) += 1;
             } else {
+                // Keys no caller's count key is: they start with NUL.
                 let mixed = format!("\u{0}{}\n{}", c.budget, c.first.event);
                 if c.holds <= Holds::Kinds && (room || s.counted.contains_key(&mixed)) {
                     c.key = mixed;
                     c.holds = Holds::Kinds;
                 } else {
-                    c.key = ALL.to_owned();
+                    // One per event, past the counts kept in all.
+                    c.key = format!("\u{0}\u{0}{}", c.first.event);
                     c.holds = Holds::Keys;
                 }
             }
@@ -328,6 +327,10 @@ mod tests {
         for (i, key) in ["a", "b", "c", "d"].into_iter().enumerate() {
             let _ = t.admit((key, 0), key, &at(1_000 + i as u64, key));
         }
+        // Another event's have a count of their own.
+        let mut other = at(1_010, "x");
+        other.event = "identity.attest".into();
+        let _ = t.admit(("x", 0), "x", &other);
         let counts = t.take();
         let summary: Vec<_> = counts
             .iter()
@@ -336,6 +339,7 @@ mod tests {
         assert_eq!(
             summary,
             [
+                (1, "x".to_owned(), Holds::Keys),
                 (2, "c".to_owned(), Holds::Keys),
                 (1, "a".to_owned(), Holds::One),
                 (1, "b".to_owned(), Holds::One),
@@ -346,6 +350,14 @@ mod tests {
         let _ = t.admit(("f", 0), "f", &at(2_001, "f"));
         t.restore(counts);
         let again: Vec<_> = t.take().into_iter().map(|c| (c.n, c.holds)).collect();
-        assert_eq!(again, [(4, Holds::Keys), (1, Holds::One), (1, Holds::One)]);
+        assert_eq!(
+            again,
+            [
+                (1, Holds::Keys),
+                (4, Holds::Keys),
+                (1, Holds::One),
+                (1, Holds::One)
+            ]
+        );
     }
 }

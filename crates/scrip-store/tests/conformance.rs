@@ -784,6 +784,39 @@ async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
     assert_eq!(feed[0].kind, RevocationKind::Token);
     assert_eq!(feed[0].jti.as_deref(), Some("j1"));
     assert_eq!((feed[0].txn.as_str(), feed[0].exp), ("t1", 3_000));
+    // Once: a second conflicts, changing nothing, as does one of a token
+    // revoked already; a token of an ended task is still revoked so.
+    let once = |jti: &str, task_id: &str| Write::RevokeTokenOnce {
+        jti: jti.into(),
+        task_id: task_id.into(),
+        expires_at: 3_000,
+        at: 1_100,
+    };
+    s.commit(vec![once("j2", "t1")]).await.unwrap();
+    for jti in ["j1", "j2"] {
+        let err = s.commit(vec![once(jti, "t1")]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t-ended", None, 5_000))),
+        Write::EndTask {
+            id: "t-ended".into(),
+            at: 1_000,
+            reason: "done".into(),
+            grace: 0,
+        },
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![once("j3", "t-ended")]).await.unwrap();
+    let jtis: Vec<_> = s
+        .revocations(0, 1_000, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.jti)
+        .collect();
+    assert_eq!(jtis, ["j1", "j2", "j3"]);
 }
 
 async fn a_token_reads_with_its_task_and_its_revocation(f: Fixture) {
