@@ -441,13 +441,13 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
         // On the record, with its uid: a process of another container or
         // of the host reaching a shared socket.
         let why = "the connecting process has no pid visible to scrip (another pid namespace?)";
-        return refuse(st, None, uid, 0, why).await;
+        return refuse(st, None, (uid, gid), 0, why).await;
     };
     // Refused before its executable is read or hashed (up to 512 MiB) when
     // no entry could match its uid and gid: a user scrip does not serve
     // cannot make it hash files over and over.
     if let Err(why) = could_match(&st.config.local_workloads, uid, gid, own_uid()) {
-        return refuse(st, None, uid, pid, &why).await;
+        return refuse(st, None, (uid, gid), pid, &why).await;
     }
     let Some(observing) = Observing::start() else {
         tracing::warn!(
@@ -466,7 +466,7 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
     let observed = match observed {
         Ok(Ok(Ok(o))) => o,
         Ok(Ok(Err(why))) => {
-            return refuse(st, None, uid, pid, &why).await;
+            return refuse(st, None, (uid, gid), pid, &why).await;
         }
         Ok(Err(_)) => return Answer::error(503, "temporarily_unavailable", "try again"),
         Err(_) => {
@@ -474,7 +474,7 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
                 "its executable could not be read within {} s (a file system that does not answer?)",
                 OBSERVE_TIMEOUT.as_secs()
             );
-            return refuse(st, None, uid, pid, &why).await;
+            return refuse(st, None, (uid, gid), pid, &why).await;
         }
     };
     let workload = match select(
@@ -484,7 +484,7 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
         &configured_files(&st.config.local_workloads),
     ) {
         Ok(w) => w,
-        Err(why) => return refuse(st, Some(&observed), uid, pid, &why).await,
+        Err(why) => return refuse(st, Some(&observed), (uid, gid), pid, &why).await,
     };
     issue(st, &observed, workload).await
 }
@@ -604,7 +604,13 @@ fn exe_said(o: &Observed) -> String {
     }
 }
 
-async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why: &str) -> Answer {
+async fn refuse(
+    st: &Inner,
+    observed: Option<&Observed>,
+    (uid, gid): (u32, u32),
+    pid: i32,
+    why: &str,
+) -> Answer {
     let mut a = st.audit("identity.attest");
     a.decision = Some("deny".into());
     a.agent_iss = Some(local_issuer(st));
@@ -614,19 +620,11 @@ async fn refuse(st: &Inner, observed: Option<&Observed>, uid: u32, pid: i32, why
         a.agent_sub = Some(format!("local:uid:{}", o.uid));
     }
     // Charged to the uid that asked (a process may ask as fast as it
-    // can), counted apart by executable and gid (up to the kinds kept
+    // can), counted apart by gid and executable (up to the kinds kept
     // apart), so that one process's flood does not readily hide another's
     // refusal under the same uid.
-    let kind = observed.map_or_else(
-        || "not observed".to_owned(),
-        |o| {
-            format!(
-                "{} gid {}",
-                o.exe_sha256.as_deref().unwrap_or("unknown"),
-                o.gid
-            )
-        },
-    );
+    let exe = observed.and_then(|o| o.exe_sha256.as_deref());
+    let kind = format!("gid {gid} {}", exe.unwrap_or("not read"));
     if st
         .record_refusal(&format!("uid {uid}"), &kind, a)
         .await

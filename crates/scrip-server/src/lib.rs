@@ -443,11 +443,15 @@ impl Server {
         state.0.stopping.send_replace(true);
         // The refusals counted past their budget (the stop woke their
         // writers).
-        let _ = tokio::time::timeout(
+        if tokio::time::timeout(
             std::time::Duration::from_secs(5),
             state.0.refusals.flush(state.0.store.as_ref()),
         )
-        .await;
+        .await
+        .is_err()
+        {
+            state.0.refusals.abandon();
+        }
         // Store what the proxy writes in the background (each commit signs
         // this process's chain head).
         if let Some(proxy) = &self.proxy {

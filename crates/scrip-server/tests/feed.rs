@@ -159,8 +159,10 @@ async fn revoking_an_access_token_just_after_its_tasks_deadline_still_reaches_ve
     let s = TestServer::start().await;
     let caller = s.k8s.kubernetes("resource-servers", "github-api");
     let identity = s.k8s.kubernetes("agents", "coder");
+    // Two seconds: a task of one lives only to the end of the second it
+    // started in, which its access token's request may not come within.
     let r = s
-        .try_start_task(&identity, "github:read", "dev", "triage", Some(1))
+        .try_start_task(&identity, "github:read", "dev", "triage", Some(2))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let task_token = r.body["access_token"].as_str().unwrap().to_owned();

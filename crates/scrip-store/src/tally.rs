@@ -111,9 +111,10 @@ impl Tally {
         let (key, per_second) = budget;
         let second = record.at_ms / 1000;
         let mut s = self.state();
-        // A record of an earlier second (read before another that was
-        // admitted first) counts against this one's budget.
-        if second > s.second {
+        // A record of the second before (read before another that was
+        // admitted first) counts against this one's budget; a clock set
+        // back further starts over.
+        if second > s.second || second.saturating_add(1) < s.second {
             s.second = second;
             s.recorded.clear();
         }
@@ -234,6 +235,8 @@ mod tests {
             t.admit(("a", 3), "a", &at(4_999, "late")),
             Admit::Counted { first: false }
         );
+        // A clock set back has a new budget too.
+        assert_eq!(t.admit(("b", 3), "b", &at(3_000, "back")), Admit::Record);
         // A new second has a new budget; the counts stay until taken.
         assert_eq!(t.admit(("a", 3), "a", &at(6_000, "z")), Admit::Record);
         let counts = t.take();
