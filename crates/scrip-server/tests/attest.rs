@@ -16,7 +16,7 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Options, TestServer, decode_parts, release};
+use common::{Options, TestServer, assert_counted_past_the_budget, decode_parts, release};
 use scrip_config::LocalWorkload;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -231,28 +231,7 @@ async fn a_flood_of_refused_attestations_is_recorded_as_counts() {
         .into_iter()
         .filter(|a| a.event == "identity.attest" && a.decision.as_deref() == Some("deny"))
         .collect();
-    let count = |a: &scrip_store::AuditEvent| {
-        a.reason
-            .as_deref()
-            .and_then(|r| r.split_once(" more refused, from "))
-            .map(|(n, _)| n.parse::<u64>().unwrap())
-    };
-    assert_eq!(
-        refused.iter().map(|a| count(a).unwrap_or(1)).sum::<u64>(),
-        MORE,
-        "{refused:#?}"
-    );
-    let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
-    for a in refused.iter().filter(|a| count(a).is_none()) {
-        *per_second.entry(a.at_ms / 1000).or_default() += 1;
-    }
-    assert!(
-        per_second
-            .values()
-            .all(|n| *n <= scrip_server::REFUSALS_PER_SECOND),
-        "{per_second:?}"
-    );
-    assert!(refused.iter().any(|a| count(a).is_some()), "{refused:#?}");
+    assert_counted_past_the_budget(&refused, MORE);
 }
 
 /// A local identity is handed out only with its durable record (SPEC:

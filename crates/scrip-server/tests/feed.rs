@@ -103,16 +103,7 @@ async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers()
     let (_, body) = feed(&s, "", Some(&caller)).await;
     let cursor = body["cursor"].as_i64().unwrap();
     // The sweep ends it at its deadline, and publishes nothing.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s
-        .audit()
-        .await
-        .iter()
-        .any(|a| a.event == "task.expired" && a.task_id.as_deref() == tc["txn"].as_str())
-    {
-        assert!(Instant::now() < deadline, "the task was not swept");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    swept(&s, tc["txn"].as_str().unwrap()).await;
     let (_, body) = feed(&s, &format!("?after={cursor}"), Some(&caller)).await;
     assert_eq!(body["events"], json!([]));
     assert_eq!(s.revoke(&task_token).await.status, 200);
@@ -151,6 +142,20 @@ async fn revoking_a_task_token_just_after_its_deadline_still_reaches_verifiers()
     s.stop().await;
 }
 
+/// Waits (up to 10 s) for the sweep to end task `txn` at its deadline.
+async fn swept(s: &TestServer, txn: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .audit()
+        .await
+        .iter()
+        .any(|a| a.event == "task.expired" && a.task_id.as_deref() == Some(txn))
+    {
+        assert!(Instant::now() < deadline, "the task was not swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The same for an access token: one issued in its task's last minutes
 /// expires with the task, and its revocation just after the deadline (the
 /// task swept, nothing published) still reaches verifiers, once.
@@ -174,16 +179,7 @@ async fn revoking_an_access_token_just_after_its_tasks_deadline_still_reaches_ve
     assert_eq!(ac["exp"], tc["exp"]);
     let (_, body) = feed(&s, "", Some(&caller)).await;
     let cursor = body["cursor"].as_i64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s
-        .audit()
-        .await
-        .iter()
-        .any(|a| a.event == "task.expired" && a.task_id.as_deref() == tc["txn"].as_str())
-    {
-        assert!(Instant::now() < deadline, "the task was not swept");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    swept(&s, tc["txn"].as_str().unwrap()).await;
     for _ in 0..2 {
         assert_eq!(s.revoke(&access).await.status, 200);
     }

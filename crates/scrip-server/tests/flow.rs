@@ -171,26 +171,9 @@ async fn refusals_past_a_budget_a_second_are_recorded_as_counts() {
     // One by one, or counted (the count first in the reason), until the
     // counts' second ends.
     let refused = refusals_once_counted(&s, &txn, TRIES).await;
-    let counted: Vec<_> = refused.iter().filter_map(count).collect();
-    assert!(!counted.is_empty(), "{refused:#?}");
-    assert_eq!(
-        refused.iter().map(|a| count(a).unwrap_or(1)).sum::<u64>(),
-        TRIES,
-        "{refused:#?}"
-    );
-    // At most the budget one by one in any second.
-    let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
-    for a in refused.iter().filter(|a| count(a).is_none()) {
-        *per_second.entry(a.at_ms / 1000).or_default() += 1;
-    }
-    assert!(
-        per_second
-            .values()
-            .all(|n| *n <= scrip_server::REFUSALS_PER_SECOND),
-        "{per_second:?}"
-    );
+    assert_counted_past_the_budget(&refused, TRIES);
     // A count names the token, as each refusal does, and its tool.
-    for a in refused.iter().filter(|a| count(a).is_some()) {
+    for a in refused.iter().filter(|a| count_of(a).is_some()) {
         assert_eq!(a.jti.as_deref(), c["jti"].as_str(), "{a:?}");
         assert_eq!(a.decision.as_deref(), Some("deny"));
     }
@@ -198,24 +181,12 @@ async fn refusals_past_a_budget_a_second_are_recorded_as_counts() {
         refused
             .iter()
             .filter(|a| a.tool.as_deref() == Some("jira"))
-            .map(|a| count(a).unwrap_or(1))
+            .map(|a| count_of(a).unwrap_or(1))
             .sum::<u64>(),
         3,
         "{refused:#?}"
     );
     s.stop().await;
-}
-
-/// How many refusals a count record holds (its reason starts with how
-/// many, and ends with the first one's reason); `None` for a record of one.
-fn count(a: &scrip_store::AuditEvent) -> Option<u64> {
-    let r = a.reason.as_deref()?;
-    let (n, rest) = r.split_once(" more refused, from ")?;
-    assert!(
-        rest.contains(" (ms since the epoch), recorded as a count: over 10 a second for one task; the first of them: "),
-        "{r}"
-    );
-    Some(n.parse().unwrap())
 }
 
 /// The `token.refused` records of task `txn`, once they account for
@@ -234,7 +205,12 @@ async fn refusals_once_counted(
             .into_iter()
             .filter(|a| a.event == "token.refused" && a.task_id.as_deref() == Some(txn))
             .collect();
-        if refused.iter().map(|a| count(a).unwrap_or(1)).sum::<u64>() >= tries {
+        if refused
+            .iter()
+            .map(|a| count_of(a).unwrap_or(1))
+            .sum::<u64>()
+            >= tries
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -271,9 +247,12 @@ async fn counted_refusals_the_store_cannot_take_are_recorded_once_it_can() {
     tokio::time::sleep(std::time::Duration::from_secs(6)).await;
     release(held).await;
     let records = refusals_once_counted(&s, &txn, refused as u64).await;
-    assert!(records.iter().all(|a| count(a).is_some()), "{records:#?}");
+    assert!(
+        records.iter().all(|a| count_of(a).is_some()),
+        "{records:#?}"
+    );
     assert_eq!(
-        records.iter().filter_map(count).sum::<u64>(),
+        records.iter().filter_map(count_of).sum::<u64>(),
         refused as u64,
         "{records:#?}"
     );

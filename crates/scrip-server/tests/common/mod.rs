@@ -630,3 +630,43 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+/// How many refusals a count record holds (its reason starts with how
+/// many, and ends with the first one's reason); `None` for a record of one.
+pub fn count_of(a: &scrip_store::AuditEvent) -> Option<u64> {
+    let r = a.reason.as_deref()?;
+    let (n, rest) = r.split_once(" more refused, from ")?;
+    assert!(
+        rest.contains(" (ms since the epoch), recorded as a count: over 10 a second for one "),
+        "{r}"
+    );
+    Some(n.parse().unwrap())
+}
+
+/// Asserts that `refused`, records of one by one and counts, account for
+/// `tries` refusals, at most the budget a second of them one by one, and
+/// some counted.
+pub fn assert_counted_past_the_budget(refused: &[scrip_store::AuditEvent], tries: u64) {
+    assert_eq!(
+        refused
+            .iter()
+            .map(|a| count_of(a).unwrap_or(1))
+            .sum::<u64>(),
+        tries,
+        "{refused:#?}"
+    );
+    let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
+    for a in refused.iter().filter(|a| count_of(a).is_none()) {
+        *per_second.entry(a.at_ms / 1000).or_default() += 1;
+    }
+    assert!(
+        per_second
+            .values()
+            .all(|n| *n <= scrip_server::REFUSALS_PER_SECOND),
+        "{per_second:?}"
+    );
+    assert!(
+        refused.iter().any(|a| count_of(a).is_some()),
+        "{refused:#?}"
+    );
+}
