@@ -162,13 +162,13 @@ impl Refusals {
     }
 
     /// Logs how many refusals counted, or given back, go unrecorded: a
-    /// stop that could not wait for their writing.
+    /// stop whose store did not take them (in time).
     pub fn abandon(&self) {
         let lost: u64 = self.tally.take().iter().map(|c| c.n).sum();
         if lost > 0 {
             tracing::error!(
                 refusals = lost,
-                "counted refusals not recorded: the store did not take them in time as scrip stopped"
+                "counted refusals not recorded: the store did not take them as scrip stopped"
             );
         }
     }
@@ -179,11 +179,7 @@ impl Refusals {
     pub async fn flush(&self, store: &dyn Store) {
         let _ = self.writing.subscribe().wait_for(|n| *n == 0).await;
         if !self.write(store).await {
-            let lost: u64 = self.tally.take().iter().map(|c| c.n).sum();
-            tracing::error!(
-                refusals = lost,
-                "counted refusals not recorded: the store could not take them as scrip stopped"
-            );
+            self.abandon();
         }
     }
 }
