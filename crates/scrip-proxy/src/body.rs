@@ -113,13 +113,16 @@ impl Standing {
         self.cut.get()
     }
 
+    /// Why the token no longer stands (revoked, when no reason was kept).
+    pub fn why_cut(&self) -> scrip_verifier::VerifyError {
+        self.cut()
+            .cloned()
+            .unwrap_or(scrip_verifier::VerifyError::Revoked)
+    }
+
     /// The error a body ends with once the request is cut off.
     fn cut_off(&self) -> BoxError {
-        let why = self
-            .cut()
-            .cloned()
-            .unwrap_or(scrip_verifier::VerifyError::Revoked);
-        Box::new(Cut(why))
+        Box::new(Cut(self.why_cut()))
     }
 }
 

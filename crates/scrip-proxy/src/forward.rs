@@ -622,10 +622,7 @@ async fn forward(
         } else {
             // Not sent again: its token no longer stands.
             unanswered.disarm();
-            let why = standing
-                .cut()
-                .cloned()
-                .unwrap_or(scrip_verifier::VerifyError::Revoked);
+            let why = standing.why_cut();
             return failed(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
@@ -643,10 +640,7 @@ async fn forward(
             // The agent's body stopped going up when its token no longer
             // stood (revoked, its task ended, or past its `exp` and the
             // leeway); the upstream may have acted on part of it.
-            let why = standing
-                .cut()
-                .cloned()
-                .unwrap_or(scrip_verifier::VerifyError::Revoked);
+            let why = standing.why_cut();
             proxy.0.metrics.count(name, Outcome::Denied);
             let mut r = draft.finish("proxy.response");
             r.status = Some(StatusCode::UNAUTHORIZED.as_u16());

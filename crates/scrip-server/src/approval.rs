@@ -568,10 +568,7 @@ async fn issue(
         let mut a = base.clone();
         a.decision = Some("deny".into());
         a.reason = Some(format!("auth_req_id {}: {}", approval.id, e.description));
-        async move {
-            st.store.commit(vec![Write::Audit(Box::new(a))]).await?;
-            Err::<Option<Response>, OAuthError>(e)
-        }
+        async move { Err::<Option<Response>, OAuthError>(st.refusal_recorded(a, e).await) }
     };
     let Some(tool) = st.config.tool(&approval.tool) else {
         return refuse(OAuthError::invalid_target(

@@ -25,13 +25,9 @@ pub struct Policies(Arc<Inner>);
 /// policies from `dir`), committed before the set decides anything.
 #[must_use]
 pub fn loaded_record(replica: &str, count: usize, dir: &Path) -> Write {
-    Write::Audit(Box::new(AuditEvent {
-        at_ms: crate::state::now_ms(),
-        event: "policy.loaded".into(),
-        replica: replica.to_owned(),
-        reason: Some(format!("{count} policies from `{}`", dir.display())),
-        ..AuditEvent::default()
-    }))
+    let mut a = crate::audit_record(replica, "policy.loaded");
+    a.reason = Some(format!("{count} policies from `{}`", dir.display()));
+    Write::Audit(Box::new(a))
 }
 
 struct Inner {

@@ -1,7 +1,8 @@
 //! Refusals a caller can repeat as fast as it can ask: a task token kept or
 //! stolen past its task's end, a bound task's token without its key, a
-//! proof replayed, an identity trying to decide a step it may not, a
-//! process the attestation socket does not serve. Each is recorded before
+//! proof replayed, an identity trying to decide a step it may not, an
+//! approved step's collection refused, a process the attestation socket
+//! does not serve. Each is recorded before
 //! it is answered, up to [`PER_SECOND`] a second for one task (or one
 //! uid at the attestation socket) in this process; the rest of that
 //! second's are answered at once, counted, and recorded once the second
