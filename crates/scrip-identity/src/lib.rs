@@ -147,7 +147,7 @@ pub const LOCAL_IDENTITY_TYP: &str = "wit+jwt";
 
 /// Verifies workload identities against the trusted issuers.
 pub struct IdentityVerifier {
-    issuers: HashMap<String, Issuer>,
+    issuers: HashMap<String, Arc<Issuer>>,
     local: Option<LocalIssuer>,
     own_issuer: String,
     leeway: u64,
@@ -233,7 +233,7 @@ impl IdentityVerifier {
                 let keys = issuer.source.keys(&document).map_err(jwks)?;
                 issuer.store(keys, document, Stamp::now());
             }
-            issuers.insert(ti.issuer.clone(), issuer);
+            issuers.insert(ti.issuer.clone(), Arc::new(issuer));
         }
         let undeclared: Vec<&str> = trusted
             .iter()
@@ -386,12 +386,30 @@ impl IdentityVerifier {
         Ok(identity)
     }
 
-    async fn keys(&self, issuer: &Issuer, kid: Option<&str>) -> Result<Arc<KeySet>, IdentityError> {
+    async fn keys(
+        &self,
+        issuer: &Arc<Issuer>,
+        kid: Option<&str>,
+    ) -> Result<Arc<KeySet>, IdentityError> {
         if issuer.needs_fetch(kid) {
-            let _guard = issuer.fetching.lock().await;
-            // Another request may have fetched while this one waited.
-            if issuer.needs_fetch(kid) {
-                self.fetch(issuer).await;
+            // The fetch runs on a task of its own, which this request only
+            // waits for. A request dropped while it waits (its client went
+            // away) must not cancel the fetch: the attempt it recorded would
+            // hold off every other fetch for `min_refetch` with nothing
+            // fetched, and a client that did that every `min_refetch` would
+            // keep the keys from ever being refreshed.
+            let fetching = Arc::clone(issuer);
+            let kid = kid.map(str::to_owned);
+            let fetch = tokio::spawn(async move {
+                let _guard = fetching.fetching.lock().await;
+                // Another request may have fetched while this one waited.
+                if fetching.needs_fetch(kid.as_deref()) {
+                    fetching.fetch().await;
+                }
+            });
+            // A fetch that panicked leaves the keys as they were.
+            if let Err(e) = fetch.await {
+                tracing::error!(issuer = %issuer.issuer, error = %e, "trusted issuer keys fetch failed");
             }
         } else if issuer.lacks(kid) {
             // Not to be fetched again so soon, but a fetch may be under way
@@ -408,53 +426,6 @@ impl IdentityVerifier {
                 Ok(keys.clone())
             }
             _ => Err(IdentityError::KeysUnavailable),
-        }
-    }
-
-    async fn fetch(&self, issuer: &Issuer) {
-        if let Ok(mut cache) = issuer.cache.write() {
-            cache.attempted_at = Some(Stamp::now());
-        }
-        let result = match &issuer.source {
-            Source::Uri(uri, http) => fetch_uri(http, uri).await,
-            Source::File(path) => read_file(path),
-        };
-        match result {
-            Ok(document) if issuer.refreshed_unchanged(&document, Stamp::now()) => {
-                tracing::debug!(issuer = %issuer.issuer, "trusted issuer keys unchanged");
-            }
-            Ok(document) => match issuer.source.keys(&document) {
-                Ok(keys) => {
-                    tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "trusted issuer keys refreshed");
-                    issuer.store(keys, document, Stamp::now());
-                }
-                Err(message) if scrip_jose::publishes_private_key(&document) => {
-                    // The issuer's key is exposed: the keys held from before
-                    // are no more to be trusted than the new ones.
-                    tracing::error!(issuer = %issuer.issuer, error = %message, "trusted issuer published a private key; its tokens are refused");
-                    issuer.forget_keys();
-                }
-                Err(message) => {
-                    // The issuer answered with a JWKS this verifier cannot
-                    // use: a key it no longer lists (withdrawn, perhaps
-                    // exposed) is not trusted on from before.
-                    let withdrawn = issuer.cache.read().is_ok_and(|cache| {
-                        cache
-                            .keys
-                            .as_ref()
-                            .is_some_and(|k| k.still_listed_in(&document) == Some(false))
-                    });
-                    if withdrawn {
-                        tracing::error!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed, and the issuer no longer lists keys held from before; its tokens are refused until it publishes a usable JWKS");
-                        issuer.forget_keys();
-                    } else {
-                        tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
-                    }
-                }
-            },
-            Err(message) => {
-                tracing::warn!(issuer = %issuer.issuer, error = %message, "trusted issuer keys could not be refreshed");
-            }
         }
     }
 }
@@ -490,6 +461,54 @@ fn check_required(
 }
 
 impl Issuer {
+    /// Fetches (or reads) the issuer's JWKS and keeps what can be trusted.
+    async fn fetch(&self) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.attempted_at = Some(Stamp::now());
+        }
+        let result = match &self.source {
+            Source::Uri(uri, http) => fetch_uri(http, uri).await,
+            Source::File(path) => read_file(path),
+        };
+        match result {
+            Ok(document) if self.refreshed_unchanged(&document, Stamp::now()) => {
+                tracing::debug!(issuer = %self.issuer, "trusted issuer keys unchanged");
+            }
+            Ok(document) => match self.source.keys(&document) {
+                Ok(keys) => {
+                    tracing::info!(issuer = %self.issuer, keys = keys.len(), "trusted issuer keys refreshed");
+                    self.store(keys, document, Stamp::now());
+                }
+                Err(message) if scrip_jose::publishes_private_key(&document) => {
+                    // The issuer's key is exposed: the keys held from before
+                    // are no more to be trusted than the new ones.
+                    tracing::error!(issuer = %self.issuer, error = %message, "trusted issuer published a private key; its tokens are refused");
+                    self.forget_keys();
+                }
+                Err(message) => {
+                    // The issuer answered with a JWKS this verifier cannot
+                    // use: a key it no longer lists (withdrawn, perhaps
+                    // exposed) is not trusted on from before.
+                    let withdrawn = self.cache.read().is_ok_and(|cache| {
+                        cache
+                            .keys
+                            .as_ref()
+                            .is_some_and(|k| k.still_listed_in(&document) == Some(false))
+                    });
+                    if withdrawn {
+                        tracing::error!(issuer = %self.issuer, error = %message, "trusted issuer keys could not be refreshed, and the issuer no longer lists keys held from before; its tokens are refused until it publishes a usable JWKS");
+                        self.forget_keys();
+                    } else {
+                        tracing::warn!(issuer = %self.issuer, error = %message, "trusted issuer keys could not be refreshed");
+                    }
+                }
+            },
+            Err(message) => {
+                tracing::warn!(issuer = %self.issuer, error = %message, "trusted issuer keys could not be refreshed");
+            }
+        }
+    }
+
     fn store(&self, keys: KeySet, document: Vec<u8>, at: Stamp) {
         if let Ok(mut cache) = self.cache.write() {
             cache.keys = Some(Arc::new(keys));
@@ -706,10 +725,10 @@ mod tests {
         let v = IdentityVerifier::new(&[trusted], "https://scrip.example", 30).unwrap();
         let issuer = v.issuers.get("https://idp.example").unwrap();
         let first = v.keys(issuer, None).await.unwrap();
-        v.fetch(issuer).await;
+        issuer.fetch().await;
         assert!(Arc::ptr_eq(&first, &v.keys(issuer, None).await.unwrap()));
         write(&[&key, &added]);
-        v.fetch(issuer).await;
+        issuer.fetch().await;
         let changed = v.keys(issuer, None).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(changed.len(), 2);
@@ -723,13 +742,13 @@ mod tests {
             serde_json::to_vec(&serde_json::json!({"keys": [leaked]})).unwrap(),
         )
         .unwrap();
-        v.fetch(issuer).await;
+        issuer.fetch().await;
         assert!(matches!(
             v.keys(issuer, None).await,
             Err(IdentityError::KeysUnavailable)
         ));
         write(&[&key, &added]);
-        v.fetch(issuer).await;
+        issuer.fetch().await;
         assert_eq!(v.keys(issuer, None).await.unwrap().len(), 2);
 
         // Keys fetched before the host slept for two hours are as old as

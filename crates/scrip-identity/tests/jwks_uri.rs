@@ -424,6 +424,28 @@ async fn tokens_arriving_during_a_fetch_wait_for_it() {
     assert_eq!(idp.fetches(), 2, "one fetch for all of them");
 }
 
+/// A request dropped while its fetch is under way (its client went away)
+/// does not cancel the fetch: the keys it brings are kept, so a client
+/// that kept dropping such requests could not hold off every refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_outlives_the_request_that_started_it() {
+    let old = es256();
+    let new = es256();
+    let idp = Idp::start(&[&old]).await;
+    // min_refetch 60 s: only the dropped request's fetch can bring the key.
+    let v = verifier(&[trusted(&idp.jwks_uri, 60, 60, 60)]);
+    idp.rotate(&[&old, &new]);
+    idp.state.delay_ms.store(500, Ordering::SeqCst);
+    let dropped = tokio::time::timeout(Duration::from_millis(100), v.verify(&token(&new))).await;
+    assert!(dropped.is_err(), "the request is dropped during its fetch");
+    assert_eq!(idp.fetches(), 1, "the dropped request started the fetch");
+    sleep_ms(1_000).await;
+    idp.state.delay_ms.store(0, Ordering::SeqCst);
+    let id = v.verify(&token(&new)).await.unwrap();
+    assert_eq!(id.subject, "agent");
+    assert_eq!(idp.fetches(), 1, "the keys came from that one fetch");
+}
+
 // ------------------------------------------------ what a token may not steer
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

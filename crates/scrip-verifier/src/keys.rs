@@ -35,7 +35,7 @@ struct State {
 #[derive(Debug)]
 pub(crate) enum Keys {
     /// Fetched from scrip's `jwks_uri` and cached.
-    Fetched(Box<JwksCache>),
+    Fetched(Arc<JwksCache>),
     /// Inside scrip itself, which holds its own public keys (replaced as
     /// they rotate).
     Local(scrip_jose::SharedKeySet),
@@ -128,7 +128,7 @@ impl JwksCache {
     }
 
     /// The keys to verify with, refreshed first when due.
-    pub(crate) async fn current(&self) -> Result<Arc<KeySet>, VerifyError> {
+    pub(crate) async fn current(self: &Arc<Self>) -> Result<Arc<KeySet>, VerifyError> {
         let (keys, fetched_at, attempted_at) = self.snapshot();
         if fetched_at.elapsed() < self.refresh || attempted_at.elapsed() < self.min_refetch {
             return self.within_age(keys, fetched_at);
@@ -148,7 +148,26 @@ impl JwksCache {
     /// Called when `seen` lacks a token's `kid`: fetches again unless another
     /// caller already did or the last attempt was too recent. Returns newer
     /// keys, or `None` when there are none to try.
-    pub(crate) async fn refetch(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
+    ///
+    /// The fetch runs on a task of its own, which the caller only waits for:
+    /// a request dropped while it waits (its client went away) must not
+    /// cancel it, or the attempt it recorded would hold off every other
+    /// fetch for `min_refetch` with nothing fetched, and a client that did
+    /// that every `min_refetch` would keep withdrawn keys trusted.
+    pub(crate) async fn refetch(self: &Arc<Self>, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
+        let cache = Arc::clone(self);
+        let seen = Arc::clone(seen);
+        match tokio::spawn(async move { cache.refetch_now(&seen).await }).await {
+            Ok(newer) => newer,
+            Err(e) => {
+                // A fetch that panicked leaves the keys as they were.
+                tracing::error!(uri = %self.uri, error = %e, "scrip keys fetch failed");
+                None
+            }
+        }
+    }
+
+    async fn refetch_now(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
         let _guard = self.fetching.lock().await;
         let (keys, _, attempted_at) = self.snapshot();
         if !Arc::ptr_eq(&keys, seen) {

@@ -539,7 +539,7 @@ impl Verifier {
         };
         Self::assemble(
             config,
-            keys::Keys::Fetched(Box::new(keys)),
+            keys::Keys::Fetched(Arc::new(keys)),
             source,
             FirstRead::Before,
         )

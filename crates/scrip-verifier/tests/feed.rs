@@ -197,6 +197,42 @@ async fn follows_a_key_rotation_at_a_bounded_rate() {
     assert_eq!(fake2.state.lock().unwrap().jwks_fetches, before);
 }
 
+/// A verification dropped while its refetch is under way (a resource
+/// server's client went away) does not cancel the fetch: the keys it brings
+/// are kept, so a client that kept dropping such requests could not keep a
+/// withdrawn key trusted, or a new one refused.
+#[tokio::test]
+async fn a_key_refetch_outlives_the_verification_that_started_it() {
+    let fake = Fake::start().await;
+    let mut c = config(&fake, FEED_IDENTITY, Duration::from_secs(30));
+    c.jwks_min_refetch = scrip_verifier::MIN_JWKS_REFETCH;
+    let v = Verifier::discover(c).await.unwrap();
+    tokio::time::sleep(scrip_verifier::MIN_JWKS_REFETCH + Duration::from_millis(100)).await;
+    let (next, _) = SigningKey::generate(SigningAlgorithm::EdDSA).unwrap();
+    {
+        let mut s = fake.state.lock().unwrap();
+        s.jwks.push(next.public_jwk());
+        s.jwks_delay_ms = 300;
+    }
+    let t = fake.token_with(&next, "github", "task-1", "jti-1");
+    let dropped = tokio::time::timeout(Duration::from_millis(100), v.verify(&t)).await;
+    assert!(
+        dropped.is_err(),
+        "the verification is dropped during its fetch"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    fake.state.lock().unwrap().jwks_delay_ms = 0;
+    // Within `jwks_min_refetch` of that attempt: only its fetch can have
+    // brought the key.
+    let verified = v.verify(&t).await.unwrap();
+    assert_eq!(verified.kid(), Some(next.kid()));
+    assert_eq!(
+        fake.state.lock().unwrap().jwks_fetches,
+        2,
+        "discovery's fetch and the dropped verification's"
+    );
+}
+
 /// Keys whose JWKS cannot be fetched again are trusted for `jwks_max_age`
 /// only: past it every token is refused, as the verifier's fault (503),
 /// until a fetch succeeds. A key scrip withdrew does not verify for as long

@@ -352,6 +352,8 @@ pub struct FakeState {
     pub jwks_fetches: usize,
     /// While set, /jwks answers 500.
     pub jwks_down: bool,
+    /// How long /jwks holds back its answer, in ms.
+    pub jwks_delay_ms: u64,
     /// Every `after` asked of /revocations.
     pub afters: Vec<u64>,
     /// How many /revocations calls were refused for a bad identity.
@@ -444,8 +446,13 @@ impl Fake {
             .route(
                 "/jwks",
                 axum::routing::get(|State(ctx): State<FakeCtx>| async move {
-                    let mut s = ctx.state.lock().unwrap();
-                    s.jwks_fetches += 1;
+                    let delay = {
+                        let mut s = ctx.state.lock().unwrap();
+                        s.jwks_fetches += 1;
+                        s.jwks_delay_ms
+                    };
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let s = ctx.state.lock().unwrap();
                     if s.jwks_down {
                         return Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
                     }
