@@ -83,6 +83,13 @@ pub(crate) async fn claim_once(
             return Ok(false);
         }
     }
+    // Until the store answers, the mark is only this request's: dropped
+    // before then (its caller went away while the commit waited), it is
+    // taken back, and the store decides the next presentation.
+    let mut mark = Unmark {
+        st,
+        jti: Some(&c.jti),
+    };
     let mut a = st.audit("token.used");
     a.task_id = Some(c.txn.clone());
     a.jti = Some(c.jti.clone());
@@ -101,14 +108,34 @@ pub(crate) async fn claim_once(
     ];
     writes.extend(also);
     match st.store.commit(writes).await {
-        Ok(()) => Ok(true),
-        Err(scrip_store::StoreError::Conflict(_)) => Ok(false),
-        Err(e) => {
-            // Not claimed: the token may be presented again.
-            if let Ok(mut used) = st.used_once.lock() {
-                used.remove(&c.jti);
-            }
-            Err(e.into())
+        Ok(()) => {
+            mark.jti = None;
+            Ok(true)
+        }
+        Err(scrip_store::StoreError::Conflict(_)) => {
+            mark.jti = None;
+            Ok(false)
+        }
+        // Not claimed: the token may be presented again (`mark` is taken
+        // back).
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Takes a single use's mark out of `used_once` when dropped while armed.
+/// Taking it back after a claim the store did commit is harmless: the
+/// store refuses the next claim.
+struct Unmark<'a> {
+    st: &'a Inner,
+    jti: Option<&'a str>,
+}
+
+impl Drop for Unmark<'_> {
+    fn drop(&mut self) {
+        if let Some(jti) = self.jti.take()
+            && let Ok(mut used) = self.st.used_once.lock()
+        {
+            used.remove(jti);
         }
     }
 }

@@ -670,6 +670,28 @@ async fn the_approved_token_introspects_active_once() {
     s.stop().await;
 }
 
+/// A resource server that gives up on its introspection while the claim
+/// of the single use waits on the store, whose commit then fails, spends
+/// no use: once the store is back, the token introspects active, once.
+#[tokio::test]
+async fn an_introspection_dropped_before_its_claim_is_written_spends_no_use() {
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let r = approved_token(&s, &task, &id).await;
+    let token = r.body["access_token"].as_str().unwrap();
+    let held = s.hold_writes().await;
+    let dropped = tokio::time::timeout(Duration::from_millis(500), s.introspect(token)).await;
+    assert!(dropped.is_err(), "answered while the store was held");
+    // The claim's commit waits out the store's busy time (5 s) and fails.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    release(held).await;
+    let r = s.introspect(token).await;
+    assert_eq!(r.body["active"], true, "{}", r.text);
+    assert_eq!(s.introspect(token).await.body, json!({"active": false}));
+    s.stop().await;
+}
+
 /// The `jti` of a token (its claims read, not verified).
 fn r_jti(token: &str) -> String {
     use base64::Engine as _;
