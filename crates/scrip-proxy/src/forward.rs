@@ -425,7 +425,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         writes.push(Write::Audit(Box::new(used)));
     }
     writes.push(Write::Audit(Box::new(allow)));
-    match proxy.0.store.commit(writes).await {
+    match commit_allow(&proxy, name, &draft, writes).await {
         Ok(()) => {}
         Err(scrip_store::StoreError::Conflict(_)) => {
             let r = scrip_verifier::Rejection::for_token(
@@ -454,6 +454,44 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         &proxy, upstream, &action, parts, body, &secret, &others, draft, standing,
     )
     .await
+}
+
+/// Commits a request's `allow` (with the claim of a single use) on a task
+/// of its own, which the request only waits for. Should the agent go away
+/// meanwhile (the request dropped), the commit still ends, and when it
+/// commits, the trail gets the request's `proxy.response`: nothing was
+/// forwarded (a spent single use included).
+async fn commit_allow(
+    proxy: &Proxy,
+    name: &str,
+    draft: &Draft,
+    writes: Vec<Write>,
+) -> Result<(), scrip_store::StoreError> {
+    let mut gone = draft.finish("proxy.response");
+    gone.reason = Some(
+        "the agent went away before the request was forwarded; nothing reached the upstream".into(),
+    );
+    let started = draft.started;
+    let committing = proxy.clone();
+    let upstream = name.to_owned();
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let held = proxy.0.pending.hold();
+    tokio::spawn(async move {
+        let _held = held;
+        let result = committing.0.store.commit(writes).await;
+        if let Err(Ok(())) = answer.send(result) {
+            gone.at_ms = now_ms();
+            gone.latency_us =
+                Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            committing.0.metrics.count(&upstream, Outcome::Failed);
+            committing.commit_later(gone);
+        }
+    });
+    answered.await.unwrap_or_else(|_| {
+        Err(scrip_store::StoreError::Unavailable(
+            "the commit of the request's decision ended unanswered".into(),
+        ))
+    })
 }
 
 fn unavailable(proxy: &Proxy, name: &str) -> Response {

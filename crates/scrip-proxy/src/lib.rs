@@ -227,6 +227,18 @@ impl Default for Pending {
     }
 }
 
+/// See [`Pending::hold`].
+pub(crate) struct Held(Arc<Pending>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.ended.notify_waiters();
+    }
+}
+
 /// Counts a refusal record given up while it waited for room, unless
 /// disarmed; logs the count at each power of two (a flood logs a few
 /// lines, not one a request).
@@ -259,12 +271,10 @@ impl Pending {
         record: scrip_store::AuditEvent,
         room: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
-        use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        self.count.fetch_add(1, Ordering::SeqCst);
-        let this = self.clone();
+        let held = self.hold();
         runtime.spawn(async move {
             if let Err(e) = store
                 .commit(vec![scrip_store::Write::Audit(Box::new(record))])
@@ -273,9 +283,15 @@ impl Pending {
                 tracing::error!(error = %e, "proxy audit record could not be written");
             }
             drop(room);
-            this.count.fetch_sub(1, Ordering::SeqCst);
-            this.ended.notify_waiters();
+            drop(held);
         });
+    }
+
+    /// Counts work in the background that writes records until the guard
+    /// is dropped: a stop waits for it as for a record being written.
+    pub(crate) fn hold(self: &Arc<Self>) -> Held {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Held(self.clone())
     }
 
     /// Commits a refusal's `record` in the background once there is room:
@@ -335,13 +351,13 @@ impl Pending {
     /// `proxy.refused` record per upstream and token, with how many.
     /// Counted until written, so that [`Self::flush`] waits for it.
     fn record_counted_later(self: &Arc<Self>, store: Arc<dyn Store>) {
-        use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        self.count.fetch_add(1, Ordering::SeqCst);
+        let held = self.hold();
         let this = self.clone();
         runtime.spawn(async move {
+            let _held = held;
             let wait = 1000 - now_ms() % 1000;
             tokio::time::sleep(std::time::Duration::from_millis(wait + 10)).await;
             let writes = this
@@ -371,8 +387,6 @@ impl Pending {
             if let Err(e) = store.commit(writes).await {
                 tracing::error!(error = %e, "proxy audit record could not be written");
             }
-            this.count.fetch_sub(1, Ordering::SeqCst);
-            this.ended.notify_waiters();
         });
     }
 

@@ -1430,6 +1430,54 @@ async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
     env.server.stop().await;
 }
 
+/// An agent that hangs up while its request's `allow` waits on the store:
+/// the allow is still written, and so is the request's `proxy.response`,
+/// saying that nothing was forwarded; the upstream sees nothing.
+#[tokio::test]
+async fn an_agent_that_hangs_up_before_its_request_is_forwarded_is_audited() {
+    use tokio::io::AsyncWriteExt as _;
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+    let held = env.server.hold_writes().await;
+    let host = env.server.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /proxy/legacy/early HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {read}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The request's checks take milliseconds; then its allow waits on the
+    // store, and the agent hangs up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(held).await;
+    let r = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/early"))
+        .await;
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("nothing reached the upstream")),
+        "{r:?}"
+    );
+    let (status, _, body) = env
+        .send(reqwest::Method::GET, "legacy/after", Some(&read))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    env.wait_seen("/after").await;
+    assert!(env.seen("/early").is_empty(), "{:?}", env.nginx.log());
+    let audit = env.server.audit().await;
+    assert!(audit.iter().any(|a| a.event == "proxy.request"
+        && a.decision.as_deref() == Some("allow")
+        && a.path.as_deref() == Some("/early")));
+    env.server.stop().await;
+}
+
 /// The key is injected and the request forwarded only once its `allow`
 /// record is durable (SPEC: fail closed): while the store cannot take it,
 /// 503 and the upstream sees nothing; once it can, the request goes
