@@ -151,7 +151,9 @@ enum Command {
     /// (--identity-file or SCRIP_IDENTITY, or local attestation on scrip's
     /// host); any identity from a trusted issuer may ask, but a tool that
     /// lists `introspectors` has its access tokens shown active to those
-    /// alone (to anyone else, `{"active":false}` whatever their state).
+    /// alone, and a task token is shown active to its agent and the
+    /// sub-agents in its chain alone (to anyone else, `{"active":false}`
+    /// whatever their state).
     ///
     /// A single-use token (an approved step's) is spent by its first
     /// introspection, as by its first use: introspecting it yourself leaves

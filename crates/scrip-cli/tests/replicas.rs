@@ -246,10 +246,12 @@ async fn a_task_is_used_delegated_and_ended_across_replicas() {
     );
 
     // Every replica holds the task as active: its task token introspects so
-    // (from the task records it keeps, which a revocation's notification
-    // drops).
+    // to its agent (from the task records it keeps, which a revocation's
+    // notification drops), and inactive to a resource server.
     for (i, replica) in r.iter().enumerate() {
-        let seen = replica.introspect(&task, &caller).await;
+        let other = replica.introspect(&task, &caller).await;
+        assert_eq!(other, json!({"active": false}), "replica {i}");
+        let seen = replica.introspect(&task, &identity).await;
         assert_eq!(seen["active"], json!(true), "replica {i}: {seen}");
     }
 
@@ -327,7 +329,7 @@ async fn a_task_is_used_delegated_and_ended_across_replicas() {
     for (i, replica) in r.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let seen = replica.introspect(&task, &caller).await;
+            let seen = replica.introspect(&task, &identity).await;
             if seen == json!({"active": false}) {
                 break;
             }

@@ -186,6 +186,21 @@ impl Asked<'_> {
     }
 }
 
+/// Whether `caller` is the task's agent, or a sub-agent in its chain.
+fn acts_for(task: &scrip_store::TaskRecord, caller: &scrip_token::WorkloadIdentity) -> bool {
+    if task.agent.issuer == caller.issuer && task.agent.subject == caller.subject {
+        return true;
+    }
+    let mut actor = task.actor.as_ref();
+    while let Some(a) = actor {
+        if a.sub == caller.subject && a.iss.as_deref() == Some(caller.issuer.as_str()) {
+            return true;
+        }
+        actor = a.act.as_deref();
+    }
+    false
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -240,14 +255,27 @@ async fn introspect(
     let now = now();
     match own {
         OwnToken::Task(c) => {
-            if active_task(st, &c, now).await?.is_none() {
-                let known = Known {
-                    txn: &c.txn,
-                    jti: &c.jti,
-                    tool: None,
-                };
+            let known = Known {
+                txn: &c.txn,
+                jti: &c.jti,
+                tool: None,
+            };
+            let Some(task) = active_task(st, &c, now).await? else {
                 return known
                     .inactive(st, asked, "inactive: the task has ended")
+                    .await;
+            };
+            // RFC 7662 §4: a token is active only to a resource server it
+            // can be used at. A task token is used at none (only at this
+            // token endpoint, by whoever acts for the task): it is active
+            // to the task's agent and the sub-agents in its chain alone.
+            if !acts_for(&task, asked.caller) {
+                return known
+                    .inactive(
+                        st,
+                        asked,
+                        "inactive: a task token is active only to its agent and the sub-agents acting for it",
+                    )
                     .await;
             }
             // The current actor, as in the task's access tokens.

@@ -557,15 +557,8 @@ async fn a_second_poll_after_the_token_is_invalid_grant() {
 
 /// Introspects `token` as the workload `namespace`/`name`.
 async fn introspect_as(s: &TestServer, token: &str, namespace: &str, name: &str) -> Reply {
-    let caller = s.k8s.kubernetes(namespace, name);
-    let body = format!("token={}", urlencode(token));
-    s.post_raw(
-        "/introspect",
-        "application/x-www-form-urlencoded",
-        body.into_bytes(),
-        Some(&caller),
-    )
-    .await
+    s.introspect_as(&s.k8s.kubernetes(namespace, name), token)
+        .await
 }
 
 /// RFC 7662 §4: where a tool names its resource servers, its tokens are

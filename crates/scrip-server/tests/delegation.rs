@@ -214,6 +214,25 @@ async fn child_and_grandchild_tokens_carry_the_act_chain() {
     let r = s.introspect(&rat).await;
     assert_eq!(r.body["active"], true, "{}", r.text);
     assert!(r.body.get("act").is_none(), "{}", r.text);
+
+    // A task token is active only to its agent and the sub-agents in its
+    // chain (RFC 7662 §4: it is used at no resource server), each known by
+    // issuer and subject.
+    let active = |r: Reply| {
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body["active"] == json!(true)
+    };
+    assert!(active(s.introspect_as(&actor1(&s), &child).await));
+    assert!(active(s.introspect_as(&actor1(&s), &grandchild).await));
+    assert!(active(s.introspect_as(&actor2(&s), &grandchild).await));
+    assert!(!active(s.introspect_as(&actor2(&s), &child).await));
+    assert!(!active(s.introspect_as(&actor1(&s), &parent).await));
+    let resource_server = s.k8s.kubernetes("resource-servers", "github-proxy");
+    assert!(!active(s.introspect_as(&resource_server, &child).await));
+    let agent_elsewhere = s.github.sign(&s.github.claims(AGENT));
+    assert!(!active(s.introspect_as(&agent_elsewhere, &parent).await));
+    let actor_elsewhere = s.k8s.sign(&s.k8s.claims(ACTOR1));
+    assert!(!active(s.introspect_as(&actor_elsewhere, &child).await));
     s.stop().await;
 }
 

@@ -215,6 +215,30 @@ async fn introspection_shows_active_tokens_and_nothing_about_others() {
     assert_eq!(r.body["tctx"]["purpose"], "triage the backlog");
     assert_eq!(r.body["tctx"]["environment"], "dev");
     assert_eq!(r.body["tctx"]["depth"], 0);
+    // To anyone but its agent (and sub-agents) a task token is inactive: a
+    // resource server, another agent. The question is recorded, with why.
+    for (namespace, name) in [("resource-servers", "github-proxy"), ("agents", "other")] {
+        let r = s
+            .introspect_as(&s.k8s.kubernetes(namespace, name), &task)
+            .await;
+        assert_eq!(
+            (r.status, &r.body),
+            (200, &inactive()),
+            "{namespace}/{name}"
+        );
+    }
+    let refused = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|a| {
+            a.event == "token.introspected"
+                && a.jti.as_ref() == tc["jti"].as_str().map(str::to_owned).as_ref()
+                && a.reason.as_deref()
+                    == Some("inactive: a task token is active only to its agent and the sub-agents acting for it")
+        })
+        .count();
+    assert_eq!(refused, 2);
 
     // Garbage of several kinds.
     for garbage in [

@@ -411,14 +411,33 @@ impl TestServer {
     }
 
     /// Introspects `token`, authenticated as a Kubernetes workload.
+    /// Introspects `token`: a task token as its agent (with the sub-agents
+    /// in its chain, the one caller it is active to), any other token as
+    /// github's resource server.
     pub async fn introspect(&self, token: &str) -> Reply {
-        let caller = self.k8s.kubernetes("resource-servers", "github-proxy");
+        let caller = match task_agent(token) {
+            Some(sub) => {
+                let (namespace, name) = sub
+                    .strip_prefix("system:serviceaccount:")
+                    .and_then(|rest| rest.split_once(':'))
+                    .unwrap_or_else(|| {
+                        panic!("a task token of agent {sub}: introspect it with introspect_as")
+                    });
+                self.k8s.kubernetes(namespace, name)
+            }
+            None => self.k8s.kubernetes("resource-servers", "github-proxy"),
+        };
+        self.introspect_as(&caller, token).await
+    }
+
+    /// Introspects `token` as the workload whose identity is `caller`.
+    pub async fn introspect_as(&self, caller: &str, token: &str) -> Reply {
         let body = format!("token={}", urlencode(token));
         self.post_raw(
             "/introspect",
             "application/x-www-form-urlencoded",
             body.into_bytes(),
-            Some(&caller),
+            Some(caller),
         )
         .await
     }
@@ -564,6 +583,23 @@ impl Reply {
 }
 
 /// Decodes a JWT's header and claims without verifying (for assertions).
+/// The `sub` of what looks like a task token (its `typ`; nothing is
+/// verified), or `None`.
+fn task_agent(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let mut part = || -> Option<Value> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts.next()?)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let (header, claims) = (part()?, part()?);
+    (header["typ"] == "txntoken+jwt")
+        .then(|| claims["sub"].as_str().map(str::to_owned))
+        .flatten()
+}
+
 pub fn decode_parts(token: &str) -> (Value, Value) {
     use base64::Engine as _;
     let mut parts = token.split('.');
