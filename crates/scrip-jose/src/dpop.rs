@@ -26,7 +26,7 @@ use jsonwebtoken::Algorithm;
 use jsonwebtoken::jwk::Jwk;
 use serde_json::{Map, Value};
 
-use crate::verify::{decode_part, sanitise};
+use crate::verify::{decode_part, normalise_typ, sanitise};
 use crate::{JoseError, b64};
 
 /// The `typ` of a DPoP proof.
@@ -169,7 +169,9 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofE
         .map_err(|_| refuse("header is not a JSON object"))?;
 
     match header.get("typ").and_then(Value::as_str) {
-        Some(t) if t.eq_ignore_ascii_case(DPOP_TYP) => {}
+        // As every `typ`: in any case, with or without `application/` (RFC
+        // 7515 §4.1.9).
+        Some(t) if normalise_typ(t) == DPOP_TYP => {}
         Some(t) => {
             return Err(refuse(format!(
                 "has `typ` `{}`; expected `{DPOP_TYP}`",
@@ -863,6 +865,19 @@ mod tests {
             &check(),
             "no `typ`",
         );
+        refused(
+            &sign(json!({"typ": "application/jwt", "alg": "ES256", "jwk": jwk})),
+            &check(),
+            "`typ` `application/jwt`",
+        );
+        // The same media type written in full, or in capitals.
+        for typ in ["application/dpop+jwt", "Application/DPoP+JWT", "DPOP+JWT"] {
+            verify_proof(
+                &sign(json!({"typ": typ, "alg": "ES256", "jwk": jwk})),
+                &check(),
+            )
+            .unwrap();
+        }
         for alg in ["none", "HS256", "ES512"] {
             refused(
                 &sign(json!({"typ": "dpop+jwt", "alg": alg, "jwk": jwk})),

@@ -71,7 +71,7 @@ impl TypRule {
 }
 
 /// A `typ` value as compared: lowercase, without `application/`.
-fn normalise_typ(typ: &str) -> String {
+pub(crate) fn normalise_typ(typ: &str) -> String {
     let t = typ.to_ascii_lowercase();
     match t.strip_prefix("application/") {
         Some(rest) => rest.to_owned(),
