@@ -565,10 +565,18 @@ impl Config {
         self.upstreams.iter().find(|u| u.name.as_str() == name)
     }
 
-    /// The tool with this resource URI.
+    /// The tool with this resource URI: the one whose `resource` is this
+    /// very string or, failing that, one whose `resource` is the same URI
+    /// spelt otherwise (see [`resource_key`]).
     #[must_use]
     pub fn tool_by_resource(&self, resource: &str) -> Option<&Tool> {
-        self.tools.iter().find(|t| t.resource == resource)
+        if let Some(tool) = self.tools.iter().find(|t| t.resource == resource) {
+            return Some(tool);
+        }
+        let key = resource_key(resource)?;
+        self.tools
+            .iter()
+            .find(|t| resource_key(&t.resource).as_deref() == Some(key.as_str()))
     }
 
     /// What this configuration sends in clear text off the host, for the
@@ -805,8 +813,13 @@ impl Config {
             if !names.insert(tool.name.as_str()) {
                 return invalid(format!("tool `{}` is listed twice", tool.name));
             }
-            if !resources.insert(tool.resource.as_str()) {
-                return invalid(format!("tool resource `{}` is listed twice", tool.resource));
+            if !resources
+                .insert(resource_key(&tool.resource).unwrap_or_else(|| tool.resource.clone()))
+            {
+                return invalid(format!(
+                    "tool resource `{}` is listed twice (perhaps spelt otherwise: URIs are compared with their scheme and host in lower case, without a default port, and with `/` for an empty path)",
+                    tool.resource
+                ));
             }
             if tool.actions.is_empty() {
                 return invalid(format!("tool `{}` has no actions", tool.name));
@@ -982,6 +995,29 @@ fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<()
     check_url_as(what, s, &shown_url(s), false, require_https_off_loopback)
 }
 
+/// A resource URI as two spellings of the same URI share it, after the
+/// normalisation RFC 3986 §6.2.2 and §6.2.3 describe: the scheme and host in
+/// lower case, no port where it is the scheme's default, `/` for an empty
+/// path (`HTTPS://API.GitHub.com:443` and `https://api.github.com/` are one
+/// URI), dot segments removed. Anything else, a trailing `/` after a path
+/// included, tells URIs apart. `None` for what is not plainly an absolute
+/// URI: non-ASCII, spaces, controls or a backslash, or a host not written
+/// after `//`, which a lenient parser would read more into than RFC 3986
+/// does. (User information and a fragment are kept, so a URI with either
+/// names no tool: a tool's `resource` has neither.)
+#[must_use]
+pub fn resource_key(s: &str) -> Option<String> {
+    if !s.bytes().all(|b| b.is_ascii_graphic()) || s.contains('\\') {
+        return None;
+    }
+    let url = url::Url::parse(s).ok()?;
+    let after_scheme = s.get(url.scheme().len()..)?;
+    if url.has_host() && !after_scheme.starts_with("://") {
+        return None;
+    }
+    Some(url.into())
+}
+
 /// A URL as an error message may show it. Credentials (`user:key@`) and a
 /// query (`?api_key=...`) are refused in most URLs here, and are exactly
 /// what a mistake puts there: the URL is then shown by scheme and host only,
@@ -1084,6 +1120,65 @@ mod tests {
             (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} does not contain {want:?}"),
             (got, want) => panic!("for {toml:?}: got {got:?}, want error {want:?}"),
         }
+    }
+
+    /// RFC 8707 `resource`: the tool whose URI is the one asked for, spelt
+    /// as configured or otherwise (RFC 3986 §6.2.2-6.2.3); no other.
+    #[test]
+    fn a_resource_names_its_tool_however_its_uri_is_spelt() {
+        let c = Config::from_toml(
+            "[[tools]]\nname = \"gh\"\nresource = \"https://api.github.com\"\nactions = [\"read\"]\n\
+             [[tools]]\nname = \"mcp\"\nresource = \"https://mcp.example.com/mcp\"\nactions = [\"read\"]\n\
+             [[tools]]\nname = \"urn\"\nresource = \"urn:example:tool\"\nactions = [\"read\"]",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let named = |r: &str| c.tool_by_resource(r).map(|t| t.name.as_str().to_owned());
+        for same in [
+            "https://api.github.com",
+            "https://api.github.com/",
+            "HTTPS://API.GitHub.com",
+            "https://api.github.com:443/",
+            "https://api.github.com/./",
+        ] {
+            assert_eq!(named(same).as_deref(), Some("gh"), "{same}");
+        }
+        for same in [
+            "https://mcp.example.com/mcp",
+            "https://MCP.example.com:443/mcp",
+        ] {
+            assert_eq!(named(same).as_deref(), Some("mcp"), "{same}");
+        }
+        assert_eq!(named("urn:example:tool").as_deref(), Some("urn"));
+        for other in [
+            "https://api.github.com/repos",
+            "https://api.github.com:8443",
+            "http://api.github.com",
+            "https://api.github.com.evil.example",
+            "https://mcp.example.com/mcp/",
+            "https://mcp.example.com/MCP",
+            "https://mcp.example.com",
+            "https://api.github.com/#x",
+            "https://user@api.github.com",
+            "https:api.github.com",
+            "https:\\\\api.github.com",
+            "https://api.github.com\\",
+            " https://api.github.com",
+            "https://api.github.com\t",
+            "https://api.gith\u{fc}b.com",
+            "https://аpi.github.com",
+            "URN:example:TOOL",
+            "api.github.com",
+            "",
+        ] {
+            assert_eq!(named(other), None, "{other:?}");
+        }
+        // Two tools whose URIs are one, spelt two ways, are refused.
+        check(
+            "[[tools]]\nname = \"a\"\nresource = \"https://x.example\"\nactions = [\"read\"]\n\
+             [[tools]]\nname = \"b\"\nresource = \"HTTPS://X.example:443/\"\nactions = [\"read\"]",
+            Some("listed twice (perhaps spelt otherwise"),
+        );
     }
 
     /// A loaded file's invalid value names the file, as a parse error does.

@@ -1197,7 +1197,13 @@ async fn access_unknown_audience() {
 async fn access_unknown_resource() {
     let s = TestServer::start().await;
     let task = task_token(&s).await;
-    for resource in ["https://evil.example", "github"] {
+    for resource in [
+        "https://evil.example",
+        "github",
+        "https://api.github.com/repos",
+        "https://api.github.com:8443",
+        "http://api.github.com",
+    ] {
         let r = s
             .post_form(
                 "/token",
@@ -1211,6 +1217,33 @@ async fn access_unknown_resource() {
             )
             .await;
         assert_error_says(&r, 400, "invalid_target", "no tool has resource");
+    }
+    s.stop().await;
+}
+
+/// RFC 8707 names a tool by its URI, however it is spelt (RFC 3986
+/// §6.2.2-6.2.3): scheme and host case, a default port, an empty path.
+#[tokio::test]
+async fn access_resource_spelt_otherwise() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    for resource in ["HTTPS://API.GitHub.com:443/", "https://api.github.com/"] {
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", &task),
+                    ("subject_token_type", TXN),
+                    ("resource", resource),
+                    ("audience", "github"),
+                    ("scope", "read"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{resource}: {}", r.text);
+        let token = r.body["access_token"].as_str().unwrap();
+        assert_eq!(decode_parts(token).1["aud"], "github");
     }
     s.stop().await;
 }
