@@ -701,16 +701,52 @@ pub fn router(state: AppState) -> Router {
                 )
             }),
         )
-        .route(paths::TOKEN, post(exchange::token_endpoint))
-        .route(paths::REVOKE, post(revoke::revoke_endpoint))
+        .route(
+            paths::TOKEN,
+            post(exchange::token_endpoint).layer(axum::middleware::from_fn(to_the_end)),
+        )
+        .route(
+            paths::REVOKE,
+            post(revoke::revoke_endpoint).layer(axum::middleware::from_fn(to_the_end)),
+        )
         .route(paths::REVOCATIONS, get(feed::feed_endpoint))
         .route(paths::APPROVALS, get(approval::list_endpoint))
         .route("/approvals/{id}", get(approval::show_endpoint))
-        .route("/approvals/{id}/approve", post(approval::approve_endpoint))
-        .route("/approvals/{id}/deny", post(approval::deny_endpoint))
-        .route(paths::INTROSPECT, post(introspect::introspect_endpoint))
+        .route(
+            "/approvals/{id}/approve",
+            post(approval::approve_endpoint).layer(axum::middleware::from_fn(to_the_end)),
+        )
+        .route(
+            "/approvals/{id}/deny",
+            post(approval::deny_endpoint).layer(axum::middleware::from_fn(to_the_end)),
+        )
+        .route(
+            paths::INTROSPECT,
+            post(introspect::introspect_endpoint).layer(axum::middleware::from_fn(to_the_end)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
+}
+
+/// A layer that runs an endpoint's handler on a task of its own, which the
+/// connection only waits for. A client that goes away mid-request makes
+/// hyper drop what answers it; the handler is not cut off with it, between
+/// a decision and its record, or between a commit and what follows it
+/// (the recorded refusal after a commit that found the task ended, the
+/// decisions of an approval after its reads). Every decision an endpoint
+/// makes is thus recorded whether or not anyone reads the answer. A
+/// handler's panic (a bug) answers `server_error`.
+async fn to_the_end(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "request handler failed");
+            error::OAuthError::server_error().into_response()
+        }
+    }
 }
 
 /// The answers for a wrong method and for a path that is no endpoint, for

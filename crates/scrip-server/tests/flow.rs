@@ -259,6 +259,63 @@ async fn counted_refusals_the_store_cannot_take_are_recorded_once_it_can() {
     s.stop().await;
 }
 
+/// As below, but the agent hangs up while the exchange's commit waits:
+/// the commit finds the task ended, and the refusal is still recorded (the
+/// endpoint's handler runs to its end without anyone to answer).
+#[tokio::test]
+async fn an_exchange_whose_agent_hangs_up_as_it_races_its_tasks_end_is_recorded() {
+    use tokio::io::AsyncWriteExt as _;
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .start_task(&identity, "github:read", "dev", "race JIRA-1")
+        .await;
+    let task = r["access_token"].as_str().unwrap().to_owned();
+    let txn = decode_parts(&task).1["txn"].as_str().unwrap().to_owned();
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.end_elsewhere(&txn).await;
+    let held = s.hold_writes().await;
+    let body = format!(
+        "grant_type={}&subject_token={}&subject_token_type={}&audience=github&scope=read",
+        urlencode(TOKEN_EXCHANGE),
+        urlencode(&task),
+        urlencode(TXN)
+    );
+    let host = s.url.trim_start_matches("http://").to_owned();
+    let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The exchange's checks take milliseconds; then its commit waits on the
+    // store, and the agent hangs up.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    release(held).await;
+    let refused = |audit: &[scrip_store::AuditEvent]| {
+        audit
+            .iter()
+            .filter(|a| a.event == "token.refused" && a.task_id.as_deref() == Some(txn.as_str()))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refused(&s.audit().await) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal was never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+}
+
 /// A task ended by another writer of the store while this server still
 /// holds it as open (its cache not told yet, as a replica's in the
 /// milliseconds before the notification, or while its commit waited in a
