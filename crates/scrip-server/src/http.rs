@@ -116,11 +116,58 @@ impl Limits {
     }
 }
 
+/// Request handlers that run on tasks of their own (see
+/// [`Handlers::run`]), so that a client that goes away does not cut them
+/// off; [`serve_until`] gives each request its server's, and waits for
+/// them, or stops them, as it does for connections. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Handlers(Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>);
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handlers").finish_non_exhaustive()
+    }
+}
+
+impl Handlers {
+    /// Runs `work` on a task of its own and waits for it: dropped, this
+    /// future leaves `work` running, until the server stops it. `None` when
+    /// `work` did not end (a panic, or the server stopped it).
+    pub async fn run<F>(&self, work: F) -> Option<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let Ok(mut running) = self.0.lock() else {
+                return None;
+            };
+            // Those that ended leave the set as new ones come.
+            while running.try_join_next().is_some() {}
+            running.spawn(async move {
+                let _ = tx.send(work.await);
+            });
+        }
+        rx.await.ok()
+    }
+
+    /// The handlers running now; those started later are not in it.
+    fn take(&self) -> tokio::task::JoinSet<()> {
+        self.0
+            .lock()
+            .map(|mut running| std::mem::take(&mut *running))
+            .unwrap_or_default()
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then lets open
-/// connections finish for at most [`Limits::drain`]; those still open then
-/// are stopped, and have stopped when this returns, so nothing they do
-/// reaches the store after the caller's final commit. Each
-/// request carries the peer's address as [`ConnectInfo`].
+/// connections, and the handlers of requests whose clients went away (see
+/// [`Handlers`]), finish for at most [`Limits::drain`]; those still at
+/// work then are stopped, and have stopped when this returns, so nothing
+/// they do reaches the store after the caller's final commit. Each
+/// request carries the peer's address as [`ConnectInfo`], and the
+/// server's [`Handlers`].
 ///
 /// # Errors
 /// Never on a failed accept (logged and retried); the result is for the
@@ -160,6 +207,7 @@ pub async fn serve_until(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut at_cap = Throttle::new(WARN_EVERY);
     let mut connections = tokio::task::JoinSet::new();
+    let handlers = Handlers::default();
     loop {
         // Finished connections leave the set as new ones come.
         while connections.try_join_next().is_some() {}
@@ -186,10 +234,12 @@ pub async fn serve_until(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let each = handlers.clone();
         let service = app
             .clone()
             .map_request(move |mut request: axum::extract::Request| {
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(each.clone());
                 request
             });
         let service = TowerToHyperService::new(service.map_request(
@@ -205,9 +255,11 @@ pub async fn serve_until(
         });
     }
     drop(listener);
+    let deadline = tokio::time::Instant::now() + limits.drain;
+    let mut hurry = std::pin::pin!(hurry);
     let drained = tokio::select! {
-        r = tokio::time::timeout(limits.drain, graceful.shutdown()) => r.is_ok(),
-        () = hurry => false,
+        r = tokio::time::timeout_at(deadline, graceful.shutdown()) => r.is_ok(),
+        () = &mut hurry => false,
     };
     if !drained {
         while connections.try_join_next().is_some() {}
@@ -220,6 +272,23 @@ pub async fn serve_until(
     // Stopped, not left to run on: a request still at work could otherwise
     // commit after the final commit, or be cut off mid-answer by the exit.
     connections.shutdown().await;
+    // So are the handlers whose clients went away, once what is left of
+    // the drain is up (no connection is left to start another).
+    let mut running = handlers.take();
+    let finished = drained
+        && tokio::select! {
+            r = tokio::time::timeout_at(deadline, async {
+                while running.join_next().await.is_some() {}
+            }) => r.is_ok(),
+            () = &mut hurry => false,
+        };
+    if !finished && !running.is_empty() {
+        tracing::warn!(
+            running = running.len(),
+            "requests whose clients went away still at work after shutdown began; stopping them"
+        );
+    }
+    running.shutdown().await;
     Ok(())
 }
 

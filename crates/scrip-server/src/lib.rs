@@ -740,13 +740,15 @@ async fn to_the_end(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    match tokio::spawn(next.run(request)).await {
-        Ok(response) => response,
-        Err(e) => {
-            tracing::error!(error = %e, "request handler failed");
-            error::OAuthError::server_error().into_response()
-        }
-    }
+    let handlers = request.extensions().get::<http::Handlers>().cloned();
+    let response = match handlers {
+        Some(handlers) => handlers.run(next.run(request)).await,
+        // Not served by `http::serve`: on a task of the runtime's own.
+        None => tokio::spawn(next.run(request)).await.ok(),
+    };
+    // A handler that did not end: a panic (a bug, logged by the panic
+    // hook), or a stop that could not wait for it.
+    response.unwrap_or_else(|| error::OAuthError::server_error().into_response())
 }
 
 /// The answers for a wrong method and for a path that is no endpoint, for

@@ -259,13 +259,14 @@ async fn counted_refusals_the_store_cannot_take_are_recorded_once_it_can() {
     s.stop().await;
 }
 
-/// As below, but the agent hangs up while the exchange's commit waits:
-/// the commit finds the task ended, and the refusal is still recorded (the
-/// endpoint's handler runs to its end without anyone to answer).
-#[tokio::test]
-async fn an_exchange_whose_agent_hangs_up_as_it_races_its_tasks_end_is_recorded() {
+/// A task the server holds as open, ended meanwhile by another writer of
+/// the store; the store held; and an exchange of its token whose agent
+/// hangs up while the exchange's commit waits. Returns the task id and
+/// the held store.
+async fn exchange_then_hang_up_as_its_task_ends(
+    s: &TestServer,
+) -> (String, sqlx::SqliteConnection) {
     use tokio::io::AsyncWriteExt as _;
-    let s = TestServer::start().await;
     let identity = s.k8s.kubernetes("agents", "coder");
     let r = s
         .start_task(&identity, "github:read", "dev", "race JIRA-1")
@@ -298,15 +299,27 @@ async fn an_exchange_whose_agent_hangs_up_as_it_races_its_tasks_end_is_recorded(
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     drop(c);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    (txn, held)
+}
+
+/// The `token.refused` records of task `txn`.
+fn refusals_of(audit: &[scrip_store::AuditEvent], txn: &str) -> usize {
+    audit
+        .iter()
+        .filter(|a| a.event == "token.refused" && a.task_id.as_deref() == Some(txn))
+        .count()
+}
+
+/// An exchange whose agent hangs up as it races its task's end: the
+/// commit finds the task ended, and the refusal is still recorded (the
+/// endpoint's handler runs to its end without anyone to answer).
+#[tokio::test]
+async fn an_exchange_whose_agent_hangs_up_as_it_races_its_tasks_end_is_recorded() {
+    let s = TestServer::start().await;
+    let (txn, held) = exchange_then_hang_up_as_its_task_ends(&s).await;
     release(held).await;
-    let refused = |audit: &[scrip_store::AuditEvent]| {
-        audit
-            .iter()
-            .filter(|a| a.event == "token.refused" && a.task_id.as_deref() == Some(txn.as_str()))
-            .count()
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while refused(&s.audit().await) == 0 {
+    while refusals_of(&s.audit().await, &txn) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the refusal was never recorded"
@@ -314,6 +327,19 @@ async fn an_exchange_whose_agent_hangs_up_as_it_races_its_tasks_end_is_recorded(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     s.stop().await;
+}
+
+/// A stop waits for such a handler too (within its drain time), so its
+/// record lands before the server's last commit.
+#[tokio::test]
+async fn a_stop_waits_for_the_handler_of_an_agent_that_hung_up() {
+    let s = TestServer::start().await;
+    let (txn, held) = exchange_then_hang_up_as_its_task_ends(&s).await;
+    let (audit, ()) = tokio::join!(s.stop_then_audit(), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        release(held).await;
+    });
+    assert_eq!(refusals_of(&audit, &txn), 1);
 }
 
 /// A task ended by another writer of the store while this server still
