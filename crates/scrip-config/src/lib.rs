@@ -995,24 +995,37 @@ fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<()
     check_url_as(what, s, &shown_url(s), false, require_https_off_loopback)
 }
 
-/// A resource URI as two spellings of the same URI share it, after the
-/// normalisation RFC 3986 §6.2.2 and §6.2.3 describe: the scheme and host in
-/// lower case, no port where it is the scheme's default, `/` for an empty
-/// path (`HTTPS://API.GitHub.com:443` and `https://api.github.com/` are one
-/// URI), dot segments removed. Anything else, a trailing `/` after a path
-/// included, tells URIs apart. `None` for what is not plainly an absolute
-/// URI: non-ASCII, spaces, controls or a backslash, or a host not written
-/// after `//`, which a lenient parser would read more into than RFC 3986
-/// does. (User information and a fragment are kept, so a URI with either
-/// names no tool: a tool's `resource` has neither.)
+/// An `http` or `https` resource URI as two spellings of the same URI
+/// share it, after the normalisation RFC 3986 §6.2.2 and §6.2.3 describe:
+/// the scheme and host in lower case, no port where it is the scheme's
+/// default, `/` for an empty path (`HTTPS://API.GitHub.com:443` and
+/// `https://api.github.com/` are one URI), dot segments removed. Anything
+/// else, a trailing `/` after a path included, tells URIs apart (a
+/// fragment is kept, so a URI with one names no tool). `None` for another
+/// scheme, and for what is not plainly such a URI, which a lenient parser
+/// would read more into than RFC 3986 does: non-ASCII, spaces, controls or
+/// a backslash, an authority not written after `//` or with user
+/// information, or a host the parser would rewrite (`0x7f.1` for
+/// `127.0.0.1`, an escaped or international name).
 #[must_use]
 pub fn resource_key(s: &str) -> Option<String> {
     if !s.bytes().all(|b| b.is_ascii_graphic()) || s.contains('\\') {
         return None;
     }
     let url = url::Url::parse(s).ok()?;
-    let after_scheme = s.get(url.scheme().len()..)?;
-    if url.has_host() && !after_scheme.starts_with("://") {
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    let rest = s.get(url.scheme().len()..)?.strip_prefix("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    // The host as written, without a port (an IPv6 literal keeps its
+    // brackets, as `host_str` gives it): the parser's must be the same but
+    // for case (user information, or none, makes it differ too).
+    let host = match authority.rfind(':') {
+        Some(i) if !authority.ends_with(']') => authority.get(..i)?,
+        _ => authority,
+    };
+    if url.host_str() != Some(host.to_ascii_lowercase().as_str()) {
         return None;
     }
     Some(url.into())
@@ -1129,7 +1142,9 @@ mod tests {
         let c = Config::from_toml(
             "[[tools]]\nname = \"gh\"\nresource = \"https://api.github.com\"\nactions = [\"read\"]\n\
              [[tools]]\nname = \"mcp\"\nresource = \"https://mcp.example.com/mcp\"\nactions = [\"read\"]\n\
-             [[tools]]\nname = \"urn\"\nresource = \"urn:example:tool\"\nactions = [\"read\"]",
+             [[tools]]\nname = \"urn\"\nresource = \"urn:example:tool\"\nactions = [\"read\"]\n\
+             [[tools]]\nname = \"local\"\nresource = \"https://127.0.0.1:8443\"\nactions = [\"read\"]\n\
+             [[tools]]\nname = \"v6\"\nresource = \"https://[::1]:8443\"\nactions = [\"read\"]",
         )
         .unwrap();
         c.validate().unwrap();
@@ -1150,6 +1165,9 @@ mod tests {
             assert_eq!(named(same).as_deref(), Some("mcp"), "{same}");
         }
         assert_eq!(named("urn:example:tool").as_deref(), Some("urn"));
+        assert_eq!(named("https://127.0.0.1:8443/").as_deref(), Some("local"));
+        assert_eq!(named("https://[::1]:8443").as_deref(), Some("v6"));
+        assert_eq!(named("https://[::1]:8443/").as_deref(), Some("v6"));
         for other in [
             "https://api.github.com/repos",
             "https://api.github.com:8443",
@@ -1160,6 +1178,13 @@ mod tests {
             "https://mcp.example.com",
             "https://api.github.com/#x",
             "https://user@api.github.com",
+            "https://@api.github.com",
+            "https://:@api.github.com",
+            "https:///api.github.com",
+            "https:////api.github.com",
+            "https://api%2Egithub.com",
+            "https://0x7f.0.0.1:8443",
+            "https://2130706433:8443",
             "https:api.github.com",
             "https:\\\\api.github.com",
             "https://api.github.com\\",

@@ -475,11 +475,19 @@ async fn commit_allow(
     let committing = proxy.clone();
     let upstream = name.to_owned();
     let (answer, answered) = tokio::sync::oneshot::channel();
+    // Taken by the request once it has the answer: a request dropped after
+    // the answer was sent, before it read it, is gone too.
+    let (taken, took) = tokio::sync::oneshot::channel::<()>();
     let held = proxy.0.pending.hold();
     tokio::spawn(async move {
         let _held = held;
         let result = committing.0.store.commit(writes).await;
-        if let Err(Ok(())) = answer.send(result) {
+        let committed = result.is_ok();
+        let gone_before_forwarding = match answer.send(result) {
+            Ok(()) => took.await.is_err(),
+            Err(_) => true,
+        };
+        if committed && gone_before_forwarding {
             gone.at_ms = now_ms();
             gone.latency_us =
                 Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
@@ -487,11 +495,13 @@ async fn commit_allow(
             committing.commit_later(gone);
         }
     });
-    answered.await.unwrap_or_else(|_| {
+    let result = answered.await.unwrap_or_else(|_| {
         Err(scrip_store::StoreError::Unavailable(
             "the commit of the request's decision ended unanswered".into(),
         ))
-    })
+    });
+    let _ = taken.send(());
+    result
 }
 
 fn unavailable(proxy: &Proxy, name: &str) -> Response {

@@ -119,9 +119,15 @@ impl Limits {
 /// Request handlers that run on tasks of their own (see
 /// [`Handlers::run`]), so that a client that goes away does not cut them
 /// off; [`serve_until`] gives each request its server's, and waits for
-/// them, or stops them, as it does for connections. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct Handlers(Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>);
+/// them, or stops them, as it does for connections. At most as many run
+/// so as connections may be open: a client that hangs up at once, again
+/// and again, while the store is slow must not pile them up without bound.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Handlers {
+    running: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    room: Arc<tokio::sync::Semaphore>,
+}
 
 impl std::fmt::Debug for Handlers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,23 +136,38 @@ impl std::fmt::Debug for Handlers {
 }
 
 impl Handlers {
+    /// Room for `max` handlers at once.
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        Self {
+            running: Arc::default(),
+            room: Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+
     /// Runs `work` on a task of its own and waits for it: dropped, this
-    /// future leaves `work` running, until the server stops it. `None` when
-    /// `work` did not end (a panic, or the server stopped it).
+    /// future leaves `work` running, until the server stops it. Without
+    /// room for another, `work` runs here, and is dropped with this future
+    /// (as every handler was before). `None` when `work` did not end (a
+    /// panic, or the server stopped it).
     pub async fn run<F>(&self, work: F) -> Option<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let Ok(room) = self.room.clone().try_acquire_owned() else {
+            return Some(work.await);
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
-            let Ok(mut running) = self.0.lock() else {
+            let Ok(mut running) = self.running.lock() else {
                 return None;
             };
             // Those that ended leave the set as new ones come.
             while running.try_join_next().is_some() {}
             running.spawn(async move {
                 let _ = tx.send(work.await);
+                drop(room);
             });
         }
         rx.await.ok()
@@ -154,7 +175,7 @@ impl Handlers {
 
     /// The handlers running now; those started later are not in it.
     fn take(&self) -> tokio::task::JoinSet<()> {
-        self.0
+        self.running
             .lock()
             .map(|mut running| std::mem::take(&mut *running))
             .unwrap_or_default()
@@ -207,7 +228,7 @@ pub async fn serve_until(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut at_cap = Throttle::new(WARN_EVERY);
     let mut connections = tokio::task::JoinSet::new();
-    let handlers = Handlers::default();
+    let handlers = Handlers::new(limits.max_connections);
     loop {
         // Finished connections leave the set as new ones come.
         while connections.try_join_next().is_some() {}
@@ -442,6 +463,50 @@ async fn accept_failed(e: &std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handler whose caller is dropped runs on; past the room for them, a
+    /// handler runs in its caller and is dropped with it. On a paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn handlers_run_on_without_their_callers_up_to_their_room() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let handlers = Handlers::new(1);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let first_done = Arc::new(AtomicBool::new(false));
+        let done = first_done.clone();
+        let first = handlers.run(async move {
+            let _ = wait.await;
+            done.store(true, Ordering::SeqCst);
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), first)
+                .await
+                .is_err()
+        );
+        let second_done = Arc::new(AtomicBool::new(false));
+        let done = second_done.clone();
+        let second = handlers.run(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            done.store(true, Ordering::SeqCst);
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), second)
+                .await
+                .is_err()
+        );
+        go.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            first_done.load(Ordering::SeqCst),
+            "the first ran on without its caller"
+        );
+        assert!(
+            !second_done.load(Ordering::SeqCst),
+            "the second had no room, and was dropped"
+        );
+        // The first has ended: room again.
+        assert_eq!(handlers.room.available_permits(), 1);
+        assert_eq!(handlers.run(async { 7 }).await, Some(7));
+    }
 
     /// Writes that make no progress fail once `limit` has passed; a reader
     /// that keeps reading, however slowly, keeps the connection. On a
