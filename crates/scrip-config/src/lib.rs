@@ -1004,9 +1004,9 @@ fn check_url(what: &str, s: &str, require_https_off_loopback: bool) -> Result<()
 /// fragment is kept, so a URI with one names no tool). `None` for another
 /// scheme, and for what is not plainly such a URI, which a lenient parser
 /// would read more into than RFC 3986 does: non-ASCII, spaces, controls or
-/// a backslash, an authority not written after `//` or with user
-/// information, or a host the parser would rewrite (`0x7f.1` for
-/// `127.0.0.1`, an escaped or international name).
+/// a backslash, an authority not written after `//`, or a host the parser
+/// would rewrite (`0x7f.1` for `127.0.0.1`, an escaped or international
+/// name). User information is kept, so a URI with any names no tool.
 #[must_use]
 pub fn resource_key(s: &str) -> Option<String> {
     if !s.bytes().all(|b| b.is_ascii_graphic()) || s.contains('\\') {
@@ -1020,7 +1020,8 @@ pub fn resource_key(s: &str) -> Option<String> {
     let authority = rest.split(['/', '?', '#']).next()?;
     // The host as written, without a port (an IPv6 literal keeps its
     // brackets, as `host_str` gives it): the parser's must be the same but
-    // for case (user information, or none, makes it differ too).
+    // for case. (User information is kept in the key, so a URI with it,
+    // even empty, names no tool: a tool's `resource` has none.)
     let host = match authority.rfind(':') {
         Some(i) if !authority.ends_with(']') => authority.get(..i)?,
         _ => authority,

@@ -460,7 +460,8 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
 /// of its own, which the request only waits for. Should the agent go away
 /// meanwhile (the request dropped), the commit still ends, and when it
 /// commits, the trail gets the request's `proxy.response`: nothing was
-/// forwarded (a spent single use included).
+/// forwarded (a spent single use included). So it does when the commit's
+/// outcome is unknown (the store unavailable), agent or not.
 async fn commit_allow(
     proxy: &Proxy,
     name: &str,
@@ -483,15 +484,28 @@ async fn commit_allow(
         let _held = held;
         let result = committing.0.store.commit(writes).await;
         let committed = result.is_ok();
+        // An unavailable store may have taken the commit all the same (a
+        // connection lost as it committed): its allow, and a spent single
+        // use, may be on the record, and nothing is forwarded either way.
+        let unknown = matches!(result, Err(scrip_store::StoreError::Unavailable(_)));
         let gone_before_forwarding = match answer.send(result) {
             Ok(()) => took.await.is_err(),
             Err(_) => true,
         };
-        if committed && gone_before_forwarding {
+        if unknown {
+            gone.reason = Some(
+                "the request's allow could not be confirmed written (it may be on the record); nothing reached the upstream"
+                    .into(),
+            );
+        }
+        if unknown || (committed && gone_before_forwarding) {
             gone.at_ms = now_ms();
             gone.latency_us =
                 Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-            committing.0.metrics.count(&upstream, Outcome::Failed);
+            if gone_before_forwarding {
+                // Else the request answers 503, and counts itself.
+                committing.0.metrics.count(&upstream, Outcome::Failed);
+            }
             committing.commit_later(gone);
         }
     });

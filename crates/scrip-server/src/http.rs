@@ -303,6 +303,7 @@ pub async fn serve_until(
             }) => r.is_ok(),
             () = &mut hurry => false,
         };
+    while running.try_join_next().is_some() {}
     if !finished && !running.is_empty() {
         tracing::warn!(
             running = running.len(),

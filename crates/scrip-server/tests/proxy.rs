@@ -1512,6 +1512,17 @@ async fn nothing_is_forwarded_while_the_store_cannot_record_it() {
         .collect::<Vec<_>>();
     assert_eq!(allowed.len(), 1);
     assert_eq!(allowed[0].path.as_deref(), Some("/after"));
+    // The refused request's answer is on the record: its allow could not be
+    // confirmed written, and nothing was forwarded.
+    let r = env
+        .wait_audit(|a| a.event == "proxy.response" && a.path.as_deref() == Some("/held"))
+        .await;
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("could not be confirmed written")),
+        "{r:?}"
+    );
     env.server.stop().await;
 }
 
