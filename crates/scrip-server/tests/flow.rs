@@ -259,14 +259,10 @@ async fn counted_refusals_the_store_cannot_take_are_recorded_once_it_can() {
     s.stop().await;
 }
 
-/// A task the server holds as open, ended meanwhile by another writer of
-/// the store; the store held; and an exchange of its token whose agent
-/// hangs up while the exchange's commit waits. Returns the task id and
-/// the held store.
-async fn exchange_then_hang_up_as_its_task_ends(
-    s: &TestServer,
-) -> (String, sqlx::SqliteConnection) {
-    use tokio::io::AsyncWriteExt as _;
+/// A task the server holds as open (exchanged once), then ended by another
+/// writer of the store, as another process would, which no signal tells
+/// the server of. Returns its task token and id.
+async fn a_task_held_open_then_ended_elsewhere(s: &TestServer) -> (String, String) {
     let identity = s.k8s.kubernetes("agents", "coder");
     let r = s
         .start_task(&identity, "github:read", "dev", "race JIRA-1")
@@ -276,6 +272,17 @@ async fn exchange_then_hang_up_as_its_task_ends(
     let r = s.access_token(&task, "github", Some("read")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     s.end_elsewhere(&txn).await;
+    (task, txn)
+}
+
+/// [`a_task_held_open_then_ended_elsewhere`]; the store held; and an
+/// exchange of its token whose agent hangs up while the exchange's commit
+/// waits. Returns the task id and the held store.
+async fn exchange_then_hang_up_as_its_task_ends(
+    s: &TestServer,
+) -> (String, sqlx::SqliteConnection) {
+    use tokio::io::AsyncWriteExt as _;
+    let (task, txn) = a_task_held_open_then_ended_elsewhere(s).await;
     let held = s.hold_writes().await;
     let body = format!(
         "grant_type={}&subject_token={}&subject_token_type={}&audience=github&scope=read",
@@ -350,16 +357,7 @@ async fn a_stop_waits_for_the_handler_of_an_agent_that_hung_up() {
 #[tokio::test]
 async fn an_exchange_racing_its_tasks_end_issues_nothing() {
     let s = TestServer::start().await;
-    let identity = s.k8s.kubernetes("agents", "coder");
-    let r = s
-        .start_task(&identity, "github:read", "dev", "race JIRA-1")
-        .await;
-    let task = r["access_token"].as_str().unwrap().to_owned();
-    let txn = decode_parts(&task).1["txn"].as_str().unwrap().to_owned();
-    // Once, so the server holds the task as open.
-    let r = s.access_token(&task, "github", Some("read")).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    s.end_elsewhere(&txn).await;
+    let (task, txn) = a_task_held_open_then_ended_elsewhere(&s).await;
     let r = s.access_token(&task, "github", Some("read")).await;
     r.assert_error(400, "invalid_request");
     assert!(r.text.contains("the task has ended"), "{}", r.text);

@@ -1387,24 +1387,31 @@ async fn an_upstream_silent_past_the_read_timeout_is_a_504() {
     env.server.stop().await;
 }
 
-#[tokio::test]
-async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
+/// Sends `GET /proxy/<path>` with `token` on a socket of its own, which
+/// the caller may drop (the agent hangs up).
+async fn get_on_a_socket(env: &Env, path: &str, token: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt as _;
-    let env = setup().await;
-    let task = env.task("mute:read").await;
-    let read = env.token(&task, "mute", "read").await;
-    // The request reaches the upstream (which never answers); the agent
-    // hangs up long before the proxy's 1 s read timeout.
     let host = env.server.url.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
     s.write_all(
         format!(
-            "GET /proxy/mute/gone HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {read}\r\n\r\n"
+            "GET /proxy/{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n"
         )
         .as_bytes(),
     )
     .await
     .unwrap();
+    s
+}
+
+#[tokio::test]
+async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
+    let env = setup().await;
+    let task = env.task("mute:read").await;
+    let read = env.token(&task, "mute", "read").await;
+    // The request reaches the upstream (which never answers); the agent
+    // hangs up long before the proxy's 1 s read timeout.
+    let s = get_on_a_socket(&env, "mute/gone", &read).await;
     // Hang up once the proxy has connected to the upstream, and so is
     // waiting for its answer, however long checking the request took.
     let mute = env.mute.try_clone().unwrap();
@@ -1435,21 +1442,11 @@ async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
 /// saying that nothing was forwarded; the upstream sees nothing.
 #[tokio::test]
 async fn an_agent_that_hangs_up_before_its_request_is_forwarded_is_audited() {
-    use tokio::io::AsyncWriteExt as _;
     let env = setup().await;
     let task = env.task("legacy:read").await;
     let read = env.token(&task, "legacy", "read").await;
     let held = env.server.hold_writes().await;
-    let host = env.server.url.trim_start_matches("http://").to_owned();
-    let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
-    s.write_all(
-        format!(
-            "GET /proxy/legacy/early HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {read}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let s = get_on_a_socket(&env, "legacy/early", &read).await;
     // The request's checks take milliseconds; then its allow waits on the
     // store, and the agent hangs up.
     tokio::time::sleep(Duration::from_secs(1)).await;
