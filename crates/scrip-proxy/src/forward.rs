@@ -101,7 +101,18 @@ impl Proxy {
         response: &Response,
         reason: String,
     ) -> AuditEvent {
-        let mut r = draft.finish("proxy.request");
+        self.refused(draft.finish("proxy.request"), upstream, response, reason)
+    }
+
+    /// `r` (a request's record) as the record of its refusal.
+    fn refused(
+        &self,
+        mut r: AuditEvent,
+        upstream: &str,
+        response: &Response,
+        reason: String,
+    ) -> AuditEvent {
+        r.event = "proxy.request".into();
         r.decision = Some("deny".into());
         r.status = Some(response.status().as_u16());
         r.reason = Some(reason);
@@ -434,14 +445,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 &scrip_verifier::VerifyError::AlreadyUsed,
             )
             .into_response::<Body>();
-            return proxy
-                .deny(
-                    &draft,
-                    name,
-                    r,
-                    "single-use token was already presented, or its task ended meanwhile".into(),
-                )
-                .await;
+            return proxy.deny(&draft, name, r, SPENT.into()).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
@@ -456,12 +460,18 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     .await
 }
 
+/// Why a request whose `allow` found its single use spent, or its task
+/// ended, in the commit is refused.
+const SPENT: &str = "single-use token was already presented, or its task ended meanwhile";
+
 /// Commits a request's `allow` (with the claim of a single use) on a task
 /// of its own, which the request only waits for. Should the agent go away
 /// meanwhile (the request dropped), the commit still ends, and when it
 /// commits, the trail gets the request's `proxy.response`: nothing was
 /// forwarded (a spent single use included). So it does when the commit's
-/// outcome is unknown (the store unavailable), agent or not.
+/// outcome is unknown (the store unavailable), agent or not. A commit
+/// that found the single use spent or the task ended, whose agent went
+/// away, is recorded as the refusal the agent would have been answered.
 async fn commit_allow(
     proxy: &Proxy,
     name: &str,
@@ -484,6 +494,7 @@ async fn commit_allow(
         let _held = held;
         let result = committing.0.store.commit(writes).await;
         let committed = result.is_ok();
+        let conflict = matches!(result, Err(scrip_store::StoreError::Conflict(_)));
         // An unavailable store may have taken the commit all the same (a
         // connection lost as it committed): its allow, and a spent single
         // use, may be on the record, and nothing is forwarded either way.
@@ -498,10 +509,22 @@ async fn commit_allow(
                     .into(),
             );
         }
-        if unknown || (committed && gone_before_forwarding) {
-            gone.at_ms = now_ms();
-            gone.latency_us =
-                Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        gone.at_ms = now_ms();
+        gone.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if conflict && gone_before_forwarding {
+            let rejection = scrip_verifier::Rejection::from_error(
+                &upstream,
+                &scrip_verifier::VerifyError::AlreadyUsed,
+            )
+            .into_response::<Body>();
+            let reason = format!("{SPENT} (the agent went away before the answer)");
+            let refused = committing.refused(gone, &upstream, &rejection, reason);
+            committing
+                .0
+                .pending
+                .commit_limited_refusal(committing.0.store.clone(), refused)
+                .await;
+        } else if unknown || (committed && gone_before_forwarding) {
             if gone_before_forwarding {
                 // Else the request answers 503, and counts itself.
                 committing.0.metrics.count(&upstream, Outcome::Failed);

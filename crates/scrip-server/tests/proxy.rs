@@ -1387,17 +1387,21 @@ async fn an_upstream_silent_past_the_read_timeout_is_a_504() {
     env.server.stop().await;
 }
 
-/// Sends `GET /proxy/<path>` with `token` on a socket of its own, which
-/// the caller may drop (the agent hangs up).
-async fn get_on_a_socket(env: &Env, path: &str, token: &str) -> tokio::net::TcpStream {
+/// Sends `<method> /proxy/<path>` (without a body) with `token` to
+/// `server` on a socket of its own, which the caller may drop (the agent
+/// hangs up).
+async fn on_a_socket(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt as _;
-    let host = env.server.url.trim_start_matches("http://").to_owned();
+    let host = server.url.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
     s.write_all(
-        format!(
-            "GET /proxy/{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n"
-        )
-        .as_bytes(),
+        format!("{method} /proxy/{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
@@ -1411,7 +1415,7 @@ async fn an_agent_that_hangs_up_while_the_upstream_works_is_audited() {
     let read = env.token(&task, "mute", "read").await;
     // The request reaches the upstream (which never answers); the agent
     // hangs up long before the proxy's 1 s read timeout.
-    let s = get_on_a_socket(&env, "mute/gone", &read).await;
+    let s = on_a_socket(&env.server, "GET", "mute/gone", &read).await;
     // Hang up once the proxy has connected to the upstream, and so is
     // waiting for its answer, however long checking the request took.
     let mute = env.mute.try_clone().unwrap();
@@ -1446,7 +1450,7 @@ async fn an_agent_that_hangs_up_before_its_request_is_forwarded_is_audited() {
     let task = env.task("legacy:read").await;
     let read = env.token(&task, "legacy", "read").await;
     let held = env.server.hold_writes().await;
-    let s = get_on_a_socket(&env, "legacy/early", &read).await;
+    let s = on_a_socket(&env.server, "GET", "legacy/early", &read).await;
     // The request's checks take milliseconds; then its allow waits on the
     // store, and the agent hangs up.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1880,8 +1884,10 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
     env.server.stop().await;
 }
 
-#[tokio::test]
-async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
+/// A server whose `legacy` upstream (nginx) takes a `write` only with a
+/// person's approval, and a task of `legacy:write` whose step alice
+/// approved: the task token and the step's single-use token.
+async fn an_approved_legacy_write() -> (nginx::Nginx, TestServer, String, String) {
     logs();
     let nginx = nginx::Nginx::start(&[("write", WRITE_KEY)], READ_KEY);
     let url = nginx.url();
@@ -1940,7 +1946,12 @@ async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     let token = r.body["access_token"].as_str().unwrap().to_owned();
+    (nginx, server, task, token)
+}
 
+#[tokio::test]
+async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
+    let (nginx, server, _task, token) = an_approved_legacy_write().await;
     let http = reqwest::Client::new();
     let send = || {
         http.post(format!("{}/proxy/legacy/items", server.url))
@@ -1993,6 +2004,57 @@ async fn an_approved_single_use_token_is_used_once_across_every_verifier() {
         "the use is audited"
     );
     assert_eq!(send().await.unwrap().status(), 401);
+    server.stop().await;
+}
+
+/// An agent that hangs up while its approved step's `allow` is being
+/// written, whose commit then finds the single use spent (by another
+/// writer of the store, as another replica would) and spends nothing: the
+/// refusal it would have been answered is on the record.
+#[tokio::test]
+async fn an_agent_that_hangs_up_as_its_step_is_spent_elsewhere_is_refused_on_the_record() {
+    use sqlx::Connection as _;
+    let (_nginx, server, _task, token) = an_approved_legacy_write().await;
+    let claims = decode_parts(&token).1;
+    let mut held = server.hold_writes().await;
+    let s = on_a_socket(&server, "POST", "legacy/items", &token).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Spent elsewhere first: the claim as the store writes it, in the
+    // transaction that held the store, and which commits first.
+    sqlx::query(
+        "INSERT INTO revoked_tokens (jti, task_id, expires_at, revoked_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(claims["jti"].as_str().unwrap())
+    .bind(claims["txn"].as_str().unwrap())
+    .bind(claims["exp"].as_i64().unwrap())
+    .bind(claims["iat"].as_i64().unwrap())
+    .execute(&mut held)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut held).await.unwrap();
+    held.close().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let found = server.audit().await.into_iter().find(|a| {
+            a.event == "proxy.request"
+                && a.decision.as_deref() == Some("deny")
+                && a.path.as_deref() == Some("/items")
+        });
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refusal recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        refused.reason.as_deref(),
+        Some(
+            "single-use token was already presented, or its task ended meanwhile (the agent went away before the answer)"
+        )
+    );
+    assert_eq!(refused.status, Some(401));
     server.stop().await;
 }
 
