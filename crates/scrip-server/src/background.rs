@@ -91,6 +91,7 @@ async fn keys_loop(state: AppState) {
 async fn sweep_loop(state: AppState) {
     let st = &state.0;
     let mut ticks: u64 = 0;
+    let mut purge_failing = false;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ticks += 1;
@@ -110,17 +111,35 @@ async fn sweep_loop(state: AppState) {
         // another replica, or `scrip proxy`, whose clock is behind this
         // one's still accepts the tokens, and a single use claimed must
         // not be forgotten before it stops doing so.
+        // A chunk a tick: a backlog (after an outage, or at thousands of
+        // ends a second) goes a chunk at a time, each a short commit, rather
+        // than in one that would hold the write lock, and the requests
+        // batched beside it, for seconds. With nothing to drop, a commit that
+        // changes nothing.
         let purged_before = now.saturating_sub(kept_past(st));
-        if ticks.is_multiple_of(60)
-            && let Err(e) = st
-                .store
-                .commit(vec![Write::PurgeRevocations { now: purged_before }])
-                .await
-        {
-            tracing::warn!(error = %e, "could not purge expired revocations");
+        let purged = st
+            .store
+            .commit(vec![Write::PurgeRevocations {
+                now: purged_before,
+                limit: PURGE_CHUNK,
+            }])
+            .await;
+        match purged {
+            Ok(()) => purge_failing = false,
+            // Said when purges start failing, then once a minute.
+            Err(e) => {
+                if !purge_failing || ticks.is_multiple_of(60) {
+                    tracing::warn!(error = %e, "could not purge expired revocations");
+                }
+                purge_failing = true;
+            }
         }
     }
 }
+
+/// Expired revocations (and feed events) dropped a tick at most, of each:
+/// more than thousands of task ends a second leave.
+const PURGE_CHUNK: u32 = 10_000;
 
 /// Tasks ended per sweep commit, and sweeps per tick at most (a backlog of
 /// thousands ends over a few seconds).

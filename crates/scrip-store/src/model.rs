@@ -357,10 +357,15 @@ pub enum Write {
         /// The token issued (for `Used`).
         token_jti: Option<String>,
     },
-    /// Drop revocation entries of tokens that expired at or before `now`.
+    /// Drop revocation entries of tokens that expired at or before `now`:
+    /// at most `limit` of the revoked tokens and `limit` of the feed's
+    /// events, the oldest first, so that one purge of a backlog does not
+    /// hold the write lock (and every commit batched beside it) for long.
     PurgeRevocations {
         /// Seconds since the epoch.
         now: u64,
+        /// The most rows of each table dropped.
+        limit: u32,
     },
     /// An audit record; the store chains it.
     Audit(Box<AuditEvent>),

@@ -1202,14 +1202,18 @@ async fn apply_in(
                     revoked = true;
                 }
             }
-            Write::PurgeRevocations { now } => {
+            Write::PurgeRevocations { now, limit } => {
                 for sql in [
-                    "DELETE FROM revoked_tokens WHERE expires_at <= $1",
-                    "DELETE FROM revocations WHERE exp <= $1",
-                    "DELETE FROM signing_keys WHERE publish_until <= $1",
+                    "DELETE FROM revoked_tokens WHERE jti IN \
+                     (SELECT jti FROM revoked_tokens WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
+                    "DELETE FROM revocations WHERE seq IN \
+                     (SELECT seq FROM revocations WHERE exp <= $1 ORDER BY exp LIMIT $2)",
+                    // A few rows at most: every key ever published.
+                    "DELETE FROM signing_keys WHERE publish_until <= $1 AND $2 > 0",
                 ] {
                     sqlx::query(sql)
                         .bind(to_i64(*now))
+                        .bind(i64::from(*limit))
                         .execute(&mut *tx)
                         .await
                         .map_err(refused)?;

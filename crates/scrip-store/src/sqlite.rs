@@ -637,7 +637,7 @@ mod tests {
         };
         let store = SqliteStore::open(&path).await.unwrap();
         store
-            .commit(vec![crate::Write::PurgeRevocations { now: 1 }])
+            .commit(vec![crate::Write::PurgeRevocations { now: 1, limit: 1 }])
             .await
             .unwrap();
         for suffix in ["", "-wal", "-shm"] {

@@ -627,14 +627,17 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                 .map_err(unavailable)?;
             }
         }
-        Write::PurgeRevocations { now } => {
-            let now = to_i64(*now);
+        Write::PurgeRevocations { now, limit } => {
+            let (now, limit) = (to_i64(*now), i64::from(*limit));
             for sql in [
-                "DELETE FROM revoked_tokens WHERE expires_at <= ?",
-                "DELETE FROM revocations WHERE exp <= ?",
-                "DELETE FROM signing_keys WHERE publish_until <= ?",
+                "DELETE FROM revoked_tokens WHERE jti IN \
+                 (SELECT jti FROM revoked_tokens WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
+                "DELETE FROM revocations WHERE seq IN \
+                 (SELECT seq FROM revocations WHERE exp <= ?1 ORDER BY exp LIMIT ?2)",
+                // A few rows at most: every key ever published.
+                "DELETE FROM signing_keys WHERE publish_until <= ?1 AND ?2 > 0",
             ] {
-                run(tx, sql, [now]).map_err(unavailable)?;
+                run(tx, sql, params![now, limit]).map_err(unavailable)?;
             }
         }
         Write::InsertApproval(a) => {

@@ -87,6 +87,7 @@ conformance!(
     a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
     expired_revocations_leave_the_feed_and_are_purged,
+    a_purge_drops_a_backlog_a_chunk_at_a_time,
     a_long_feed_reads_back_in_order,
     due_tasks_come_oldest_first,
     open_tasks_list_what_still_runs,
@@ -958,12 +959,46 @@ async fn expired_revocations_leave_the_feed_and_are_purged(f: Fixture) {
         &all[1..]
     );
     assert_eq!(s.revocations(0, 1_000, 1).await.unwrap(), &all[..1]);
-    s.commit(vec![Write::PurgeRevocations { now: 2_000 }])
-        .await
-        .unwrap();
+    s.commit(vec![Write::PurgeRevocations {
+        now: 2_000,
+        limit: 100,
+    }])
+    .await
+    .unwrap();
     assert!(!s.token_revoked("a").await.unwrap());
     assert!(s.token_revoked("b").await.unwrap());
     assert_eq!(s.revocations(0, 0, 100).await.unwrap().len(), 1);
+}
+
+/// A purge drops at most `limit` rows of each table, the earliest expired
+/// first: a backlog goes in several commits.
+async fn a_purge_drops_a_backlog_a_chunk_at_a_time(f: Fixture) {
+    let s = &f.store;
+    let writes = (0..25_u64)
+        .map(|i| Write::RevokeToken {
+            jti: format!("p{i}"),
+            task_id: "t".into(),
+            // Written in the reverse order of their expiry.
+            expires_at: 1_024 - i,
+            at: 900,
+        })
+        .collect();
+    s.commit(writes).await.unwrap();
+    let purge = Write::PurgeRevocations {
+        now: 2_000,
+        limit: 10,
+    };
+    for left in [15, 5, 0] {
+        s.commit(vec![purge.clone()]).await.unwrap();
+        assert_eq!(s.revocations(0, 0, 100).await.unwrap().len(), left);
+        let mut kept = Vec::new();
+        for i in 0..25 {
+            kept.push(s.token_revoked(&format!("p{i}")).await.unwrap());
+        }
+        // The earliest to expire went first.
+        let expected: Vec<bool> = (0..25).map(|i| i < left).collect();
+        assert_eq!(kept, expected);
+    }
 }
 
 async fn a_long_feed_reads_back_in_order(f: Fixture) {
@@ -2024,9 +2059,12 @@ async fn keys_are_published_until_their_time(f: Fixture) {
         .map(|k| k.kid)
         .collect();
     assert_eq!(now, ["k2"]);
-    s.commit(vec![Write::PurgeRevocations { now: 500 }])
-        .await
-        .unwrap();
+    s.commit(vec![Write::PurgeRevocations {
+        now: 500,
+        limit: 10_000,
+    }])
+    .await
+    .unwrap();
     assert_eq!(s.keys(0).await.unwrap().len(), 1);
 
     // Withdrawn (a key that leaked): unpublished at once, whatever the
