@@ -227,18 +227,14 @@ async fn introspection_shows_active_tokens_and_nothing_about_others() {
             "{namespace}/{name}"
         );
     }
-    let refused = s
-        .audit()
-        .await
-        .into_iter()
-        .filter(|a| {
-            a.event == "token.introspected"
-                && a.jti.as_ref() == tc["jti"].as_str().map(str::to_owned).as_ref()
-                && a.reason.as_deref()
-                    == Some("inactive: a task token is active only to its agent and the sub-agents acting for it")
-        })
-        .count();
-    assert_eq!(refused, 2);
+    assert_eq!(
+        introspections_of(
+            &s.audit().await,
+            &task,
+            "inactive: a task token is active only to its agent and the sub-agents acting for it"
+        ),
+        2
+    );
 
     // Garbage of several kinds.
     for garbage in [

@@ -600,6 +600,21 @@ fn task_agent(token: &str) -> Option<String> {
         .flatten()
 }
 
+/// How many `token.introspected` records name `token` with a reason that
+/// holds `why`.
+#[allow(dead_code, reason = "not every test binary introspects")]
+pub fn introspections_of(audit: &[scrip_store::AuditEvent], token: &str, why: &str) -> usize {
+    let jti = decode_parts(token).1["jti"].as_str().map(str::to_owned);
+    audit
+        .iter()
+        .filter(|a| {
+            a.event == "token.introspected"
+                && a.jti == jti
+                && a.reason.as_deref().is_some_and(|r| r.contains(why))
+        })
+        .count()
+}
+
 pub fn decode_parts(token: &str) -> (Value, Value) {
     use base64::Engine as _;
     let mut parts = token.split('.');
