@@ -32,7 +32,10 @@ pub struct QueryArgs {
     pub decision: Option<String>,
     /// Only records at or after this time: RFC 3339 with its zone
     /// (`2026-11-24T10:00:00Z`, `2026-11-24T11:00:00+01:00`) or a duration
-    /// ago (`15m`, `2h`, `3days`).
+    /// ago (`15m`, `2h`, `3days`). The trail is read from the last record
+    /// stamped an hour before it, not from its oldest: a record written
+    /// before that one (by a replica whose clock ran hours ahead) is not
+    /// found.
     #[arg(long, value_parser = parse_time)]
     pub since: Option<u64>,
     /// Only records before this time (same forms as --since).
@@ -287,10 +290,17 @@ fn verify_report(
             // clear the screen and print an "ok" over the report.
             .map(|p| format!("TAMPERED {}", printable(&p.to_string())))
             .collect();
+        if report.more_problems > 0 {
+            lines.push(format!(
+                "TAMPERED and {} more problems, not listed (only the first {} are)",
+                report.more_problems,
+                scrip_store::MAX_PROBLEMS
+            ));
+        }
         lines.push(trusted);
         lines.push(format!(
             "{} problems in {} records ({} chains)",
-            report.problems.len(),
+            report.problems_found(),
             report.records,
             report.chains
         ));
@@ -692,6 +702,32 @@ mod tests {
         for line in &lines {
             assert!(!line.chars().any(char::is_control), "{line:?}");
         }
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[2], "1 problems in 3 records (1 chains)");
+    }
+
+    /// Problems past those listed are said to be there, and counted.
+    #[test]
+    fn a_report_says_how_many_problems_it_does_not_list() {
+        let report = scrip_store::Report {
+            records: 30_000,
+            chains: 1,
+            problems: vec![scrip_store::Problem {
+                seq: Some(1),
+                chain_id: "c1".into(),
+                chain_seq: 1,
+                what: "content does not match its hash: edited".into(),
+            }],
+            more_problems: 20_000,
+            ..scrip_store::Report::default()
+        };
+        let (lines, passed) = verify_report(&report, &[], false);
+        assert!(!passed);
+        assert_eq!(
+            lines[1],
+            "TAMPERED and 20000 more problems, not listed (only the first 10000 are)"
+        );
+        assert_eq!(lines[3], "20001 problems in 30000 records (1 chains)");
     }
 
     #[test]

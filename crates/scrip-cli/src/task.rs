@@ -89,7 +89,9 @@ pub struct RevokeArgs {
     ids: Vec<String>,
     /// End every open task of this agent: the subject of the workload
     /// identity that started it (sub-tasks delegated from them end with
-    /// them).
+    /// them). Each id ended is printed, the soonest deadline first; they
+    /// are ended 250 at a time, pausing between, so that on the embedded
+    /// store the running scrip goes on writing.
     #[arg(long, value_name = "SUBJECT", conflicts_with = "ids")]
     agent: Option<String>,
     /// With --agent: only its tasks started with an identity of this
@@ -348,9 +350,10 @@ fn revoke(args: &RevokeArgs) -> ExitCode {
                         match store.task(id).await.map_err(|e| e.to_string())? {
                             None => return Err(format!("no task `{id}`; nothing more was ended")),
                             Some(task) => {
-                                ended += usize::from(
-                                    end_one(&config, store.as_ref(), &task, reason).await?,
-                                );
+                                if end_one(&config, store.as_ref(), &task, reason).await? {
+                                    out!("{id}");
+                                    ended += 1;
+                                }
                             }
                         }
                     }
@@ -383,10 +386,27 @@ pub(crate) fn reason(text: &str) -> Result<&str, String> {
     Ok(text)
 }
 
+/// Tasks `scrip task revoke --agent` ends at once. Their endings are
+/// committed together: the store folds commits made at the same time into
+/// one transaction (and isolates one that conflicts), so ending thousands
+/// of tasks takes a few dozen transactions rather than one each.
+const END_AT_ONCE: usize = 250;
+
+/// The shortest and longest pause after ending [`END_AT_ONCE`] tasks. On
+/// the embedded store a running scrip writes to the same file, and SQLite
+/// hands its write lock to whoever asks first once it is free: commits made
+/// back to back would keep it from the server for as long as the command
+/// runs (its batches failing with 503 after 5 s). Pausing as long as the
+/// last endings took leaves the server at least half the time.
+const PAUSE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(1);
+
 /// Ends every open task of `agent` (of `issuer`, if given): how many.
 /// Its tasks are read a page at a time, the soonest to end first, and the
-/// roots among them ended: a sub-task (which names its root's agent) ends
-/// with its root.
+/// roots among them ended, [`END_AT_ONCE`] at a time: a sub-task (which
+/// names its root's agent) ends with its root. Each task ended is printed,
+/// in that order. After a failure the endings already under way are
+/// finished (and printed) and the first failure is returned.
 async fn revoke_agent(
     config: &scrip_config::Config,
     store: &dyn scrip_store::Store,
@@ -397,6 +417,8 @@ async fn revoke_agent(
     let now = crate::audit::now_s();
     let mut ended = 0;
     let mut after: Option<(u64, String)> = None;
+    // How long the last endings took, to pause as long before the next.
+    let mut took: Option<std::time::Duration> = None;
     loop {
         let page = store
             .open_tasks(
@@ -411,11 +433,39 @@ async fn revoke_agent(
             return Ok(ended);
         };
         after = Some((last.expires_at, last.id.clone()));
-        for task in page
+        let roots: Vec<_> = page
             .iter()
             .filter(|t| t.parent.is_none() && issuer.is_none_or(|i| t.agent.issuer == i))
-        {
-            ended += usize::from(end_one(config, store, task, reason).await?);
+            .collect();
+        for together in roots.chunks(END_AT_ONCE) {
+            if let Some(last) = took.take() {
+                let (least, most) = (*PAUSE.start(), *PAUSE.end());
+                tokio::time::sleep(last.clamp(least, most)).await;
+            }
+            let began = std::time::Instant::now();
+            let results = futures_util::future::join_all(
+                together
+                    .iter()
+                    .map(|task| end_one(config, store, task, reason)),
+            )
+            .await;
+            let mut failed = None;
+            for (task, result) in together.iter().zip(results) {
+                match result {
+                    Ok(true) => {
+                        out!("{}", task.id);
+                        ended += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(format!("{e}; {ended} tasks were ended before it"));
+            }
+            took = Some(began.elapsed());
         }
     }
 }
@@ -472,10 +522,7 @@ async fn end_one(
         ])
         .await;
     match ended {
-        Ok(()) => {
-            out!("{}", task.id);
-            Ok(true)
-        }
+        Ok(()) => Ok(true),
         // Ended meanwhile (by its agent, its parent, its deadline), which
         // is read again to be sure: a conflict means nothing else.
         Err(scrip_store::StoreError::Conflict(why)) => {

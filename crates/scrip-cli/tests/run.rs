@@ -940,6 +940,173 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// An operator ends an agent with more open tasks than a page
+/// (`revoke_agent` reads 1,000 at a time and ends 250 at once), some with
+/// sub-tasks and some already ended, beside the running scrip, which goes
+/// on exchanging another agent's task token: each root of the agent's
+/// issuer is ended and printed once, soonest deadline first; its sub-tasks
+/// end with it; another issuer's task of the same subject stays open; and
+/// none of the server's commits fails meanwhile.
+#[test]
+fn an_operator_ends_an_agent_with_thousands_of_tasks() {
+    use scrip_store::{Store as _, TaskRecord, Write};
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let out = server
+        .scrip()
+        .args(["task", "start", "--env", "dev", "--grant", "github:read"])
+        .args(["--purpose", "another agent's work"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let other = text(&out.stdout).trim().to_owned();
+    assert_eq!(server.exchange(&other).0, 200);
+
+    let (bulk, issuer) = ("system:serviceaccount:ci:bulk", "https://k8s.test");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let task = |id: String, iss: &str, parent: Option<&str>, expires_at: u64| TaskRecord {
+        id: id.clone(),
+        parent: parent.map(Into::into),
+        agent: scrip_token::WorkloadIdentity {
+            issuer: iss.into(),
+            subject: bulk.into(),
+            kind: scrip_token::IdentityKind::Kubernetes,
+            attributes: std::collections::BTreeMap::new(),
+            claims: std::collections::BTreeMap::new(),
+        },
+        actor: parent.map(|_| scrip_token::Actor {
+            sub: "helper".into(),
+            iss: Some(iss.into()),
+            act: None,
+        }),
+        may_act: Vec::new(),
+        grants: "github:read".into(),
+        held: String::new(),
+        purpose: "bulk".into(),
+        environment: "dev".into(),
+        depth: u32::from(parent.is_some()),
+        token_jti: format!("jti-{id}"),
+        created_at: now,
+        expires_at,
+        ended_at: None,
+        end_reason: None,
+    };
+    // 1,100 roots, pairs of them sharing a deadline (ordered then by id),
+    // written in no particular order; sub-tasks of two; one root already
+    // ended; the same subject's task at another issuer.
+    let mut roots: Vec<(u64, String)> = (0..1_100u64)
+        .map(|i| {
+            (
+                now + 3_600 + i / 2,
+                format!("bulk-{:04}", (i * 7_919) % 10_000),
+            )
+        })
+        .collect();
+    let mut writes: Vec<Write> = roots
+        .iter()
+        .rev()
+        .map(|(at, id)| Write::InsertTask(Box::new(task(id.clone(), issuer, None, *at))))
+        .collect();
+    for (n, parent) in [&roots[0].1, &roots[1_099].1].into_iter().enumerate() {
+        let child = task(format!("bulk-child-{n}"), issuer, Some(parent), now + 600);
+        writes.push(Write::InsertTask(Box::new(child)));
+    }
+    writes.push(Write::InsertTask(Box::new(task(
+        "bulk-elsewhere".into(),
+        "https://elsewhere.test",
+        None,
+        now + 600,
+    ))));
+    let ended_before = roots.remove(500).1;
+    writes.push(Write::EndOpenTask {
+        id: ended_before.clone(),
+        at: now,
+        reason: "completed".into(),
+        grace: 60,
+    });
+    roots.sort();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt
+        .block_on(scrip_store::SqliteStore::open_in(
+            &server.dir.path().join("data"),
+        ))
+        .unwrap();
+    rt.block_on(store.commit(writes)).unwrap();
+
+    let end_bulk = || {
+        server
+            .scrip()
+            .args(["task", "revoke", "--config"])
+            .arg(&config)
+            .args(["--agent", bulk, "--issuer", issuer, "--reason", "INC-9"])
+            .output()
+            .unwrap()
+    };
+    // The server's writes go on while the command ends them.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (out, exchanges) = std::thread::scope(|s| {
+        let exchanges = s.spawn(|| {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                statuses.push(server.exchange(&other).0);
+            }
+            statuses
+        });
+        let out = end_bulk();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, exchanges.join().unwrap())
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    let expected: Vec<String> = roots.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(printed.len(), 1_099);
+    assert!(printed == expected, "not each root once, soonest first");
+    assert!(!exchanges.is_empty());
+    assert!(
+        exchanges.iter().all(|s| *s == 200),
+        "the server failed while the command ran: {:?}",
+        exchanges.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+
+    let state = |id: &str| {
+        let t = rt.block_on(store.task(id)).unwrap().unwrap();
+        t.end_reason
+    };
+    for (_, id) in &roots {
+        assert_eq!(state(id).as_deref(), Some("revoked"), "{id}");
+    }
+    for child in ["bulk-child-0", "bulk-child-1"] {
+        assert_eq!(state(child).as_deref(), Some("parent ended"), "{child}");
+    }
+    assert_eq!(state(&ended_before).as_deref(), Some("completed"));
+    assert_eq!(state("bulk-elsewhere"), None);
+    let records = rt
+        .block_on(store.audit(&scrip_store::AuditFilter {
+            agent_sub: Some(bulk.into()),
+            limit: Some(100_000),
+            ..scrip_store::AuditFilter::default()
+        }))
+        .unwrap();
+    let ended: std::collections::BTreeSet<_> = records
+        .iter()
+        .filter(|r| r.event == "task.ended")
+        .filter_map(|r| r.task_id.clone())
+        .collect();
+    assert_eq!(ended, expected.into_iter().collect());
+
+    // Again: nothing is left to end.
+    let out = end_bulk();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(text(&out.stderr).contains("no open task"));
+}
+
 /// The default purpose is the command line with what is plainly a secret
 /// masked: the trail, the task token and approvers never see it.
 #[test]

@@ -152,12 +152,23 @@ impl AgentBody {
     }
 }
 
-/// The agent's request body, counting the bytes that pass.
+/// The agent's request body, counting the bytes that pass. A body that
+/// stops moving for longer than the upstream's read timeout fails (as the
+/// agent's doing): once the upstream has answered nothing else watches it,
+/// and an agent that sent part of its body and then nothing would hold its
+/// connection and an upstream connection for as long as the upstream waits.
 pub struct CountingBody {
     inner: axum::body::Body,
     count: Arc<AtomicU64>,
     standing: Arc<Standing>,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The agent's body stopped moving for longer than the read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("nothing more came for {0:?}")]
+pub struct Stalled(Duration);
 
 impl std::fmt::Debug for CountingBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,13 +177,21 @@ impl std::fmt::Debug for CountingBody {
 }
 
 impl CountingBody {
-    /// Wraps `inner`, adding to `count`, while `standing` holds.
+    /// Wraps `inner`, adding to `count`, while `standing` holds and the
+    /// body moves at least every `idle`.
     #[must_use]
-    pub fn new(inner: axum::body::Body, count: Arc<AtomicU64>, standing: Arc<Standing>) -> Self {
+    pub fn new(
+        inner: axum::body::Body,
+        count: Arc<AtomicU64>,
+        standing: Arc<Standing>,
+        idle: Duration,
+    ) -> Self {
         Self {
             inner,
             count,
             standing,
+            idle,
+            timer: None,
         }
     }
 }
@@ -185,7 +204,20 @@ impl Body for CountingBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() {
+            let idle = self.idle;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+            if timer.as_mut().poll(cx).is_ready() {
+                self.timer = None;
+                return Poll::Ready(Some(Err(Box::new(AgentBody(Box::new(Stalled(idle)))))));
+            }
+            return Poll::Pending;
+        }
+        self.timer = None;
+        match ready!(polled) {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     if !self.standing.holds() {

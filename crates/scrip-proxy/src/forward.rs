@@ -661,7 +661,12 @@ async fn forward(
         && http_body::Body::is_end_stream(&body)
         && !standing.single_use())
     .then(|| (parts.method.clone(), uri.clone(), headers.clone()));
-    let mut out = Request::new(CountingBody::new(body, bytes_in.clone(), standing.clone()));
+    let mut out = Request::new(CountingBody::new(
+        body,
+        bytes_in.clone(),
+        standing.clone(),
+        upstream.read_timeout,
+    ));
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
@@ -693,6 +698,7 @@ async fn forward(
                 Body::empty(),
                 bytes_in.clone(),
                 standing.clone(),
+                upstream.read_timeout,
             ));
             *out.method_mut() = method;
             *out.uri_mut() = uri;

@@ -1152,6 +1152,70 @@ async fn an_upload_slower_than_the_read_timeout_is_not_cut_off() {
     env.server.stop().await;
 }
 
+/// An agent that sends part of its body and then nothing, to an upstream
+/// that answers at once and then waits for the rest as long as it takes,
+/// is answered and then cut off once its body has not moved for the read
+/// timeout (1 s): it holds neither its connection nor the upstream's.
+/// (Nothing else watched the body once the answer was in: both stayed open
+/// until the upstream gave up, here never.)
+#[tokio::test]
+async fn an_upload_that_stops_after_the_answer_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = setup().await;
+    set_secret(&env.server, "mute", "write", WRITE_KEY).await;
+    let task = env.task("mute:write").await;
+    let write = env.token(&task, "mute", "write").await;
+    // The upstream: answers once the head is in, then reads whatever
+    // comes, for a minute, and says whether the proxy closed the
+    // connection.
+    let listener = tokio::net::TcpListener::from_std({
+        let l = env.mute.try_clone().unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    })
+    .unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(60), async {
+            while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        closed.is_ok()
+    });
+    let mut s = put_head(
+        &env.server.url,
+        "/proxy/mute/items/stalled",
+        &write,
+        10 * 1024,
+    )
+    .await;
+    s.write_all(&[b'x'; 1024]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok(),
+        "the agent's connection still open after 20 s: {answer}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+    assert!(
+        upstream.await.unwrap(),
+        "the upstream's connection still open after a minute"
+    );
+    env.server.stop().await;
+}
+
 /// Requests are normalised before they are matched, so a route written in
 /// another form would never match: scrip refuses to start with it, before
 /// it writes anything (a key, the store).

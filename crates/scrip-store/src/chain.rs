@@ -358,8 +358,33 @@ pub struct Report {
     /// started, not that scrip wrote them: someone who can write the store
     /// could have put them there.
     pub vouched: Vec<(String, u64, u64)>,
-    /// Problems, in the order found.
+    /// Problems, in the order found: the first [`MAX_PROBLEMS`].
     pub problems: Vec<Problem>,
+    /// Problems found past those, counted only: a trail tampered with on
+    /// every row would otherwise be held in memory a problem a row.
+    pub more_problems: u64,
+}
+
+/// The most problems a [`Report`] lists; the rest are counted.
+pub const MAX_PROBLEMS: usize = 10_000;
+
+impl Report {
+    /// Notes a problem found.
+    fn add(&mut self, problem: Problem) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(problem);
+        } else {
+            self.more_problems = self.more_problems.saturating_add(1);
+        }
+    }
+
+    /// How many problems were found, listed or not.
+    #[must_use]
+    pub fn problems_found(&self) -> u64 {
+        u64::try_from(self.problems.len())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.more_problems)
+    }
 }
 
 /// Where a chain stands during verification.
@@ -468,14 +493,14 @@ impl Verifier {
         };
         let expected = cursor.pos + 1;
         if r.chain_seq < expected {
-            self.report.problems.push(problem(format!(
+            self.report.add(problem(format!(
                 "chain position {} repeats or goes back: inserted or reordered",
                 r.chain_seq
             )));
             return;
         }
         if r.chain_seq > expected {
-            self.report.problems.push(problem(format!(
+            self.report.add(problem(format!(
                 "expected chain position {expected}: record(s) before it were deleted"
             )));
             // Resynchronise so that one deletion is reported once.
@@ -483,31 +508,30 @@ impl Verifier {
         }
         if hash(r.record.as_bytes()) != r.hash {
             self.report
-                .problems
-                .push(problem("content does not match its hash: edited".into()));
+                .add(problem("content does not match its hash: edited".into()));
         }
         match serde_json::from_str::<AuditEvent>(&r.record) {
             Ok(e) => {
                 if e.chain_id.as_deref() != Some(r.chain_id.as_str()) || e.chain_seq != r.chain_seq
                 {
-                    self.report.problems.push(problem(
+                    self.report.add(problem(
                         "chain position in the record differs from the row: moved".into(),
                     ));
                 }
                 let differing = IndexedColumns::of(&e).differing(&r.columns);
                 if !differing.is_empty() {
-                    self.report.problems.push(problem(format!(
+                    self.report.add(problem(format!(
                         "column(s) {} differ from the record: edited",
                         differing.join(", ")
                     )));
                 }
                 if r.chain_seq == 1 && e.event != "chain.started" {
-                    self.report.problems.push(problem(
+                    self.report.add(problem(
                         "a chain that does not begin with `chain.started`: forged".into(),
                     ));
                 }
                 if r.chain_seq == expected && e.prev_hash.as_deref() != Some(cursor.hash.as_str()) {
-                    self.report.problems.push(problem(
+                    self.report.add(problem(
                         "does not link to the record before it: inserted, reordered or edited"
                             .into(),
                     ));
@@ -517,11 +541,10 @@ impl Verifier {
             }
             Err(_) => self
                 .report
-                .problems
-                .push(problem("content is not a valid record: edited".into())),
+                .add(problem("content is not a valid record: edited".into())),
         }
         if cursor.seq.is_some_and(|p| p >= r.seq) {
-            self.report.problems.push(problem(
+            self.report.add(problem(
                 "out of order with the record before it: reordered".into(),
             ));
         }
@@ -566,7 +589,7 @@ impl Verifier {
                         self.start_span(&l.chain_id, l.chain_seq);
                         self.wanted.insert(key);
                     } else {
-                        self.report.problems.push(Problem {
+                        self.report.add(Problem {
                             seq: Some(r.seq),
                             chain_id: r.chain_id.clone(),
                             chain_seq: r.chain_seq,
@@ -593,7 +616,7 @@ impl Verifier {
         self.report.chains = self.chains.len();
         for (seq, chain_id, chain_seq, l) in std::mem::take(&mut self.links) {
             if self.found.get(&(l.chain_id.clone(), l.chain_seq)) != Some(&l.hash) {
-                self.report.problems.push(Problem {
+                self.report.add(Problem {
                     seq: Some(seq),
                     chain_id,
                     chain_seq,
@@ -614,9 +637,7 @@ impl Verifier {
                 what: what.to_owned(),
             };
             if !signature_ok(c) {
-                self.report
-                    .problems
-                    .push(problem("checkpoint signature is invalid"));
+                self.report.add(problem("checkpoint signature is invalid"));
                 continue;
             }
             match self.found.get(&(c.chain_id.clone(), c.chain_seq)) {
@@ -625,13 +646,12 @@ impl Verifier {
                     let covered = signed.entry(c.chain_id.clone()).or_insert(0);
                     *covered = (*covered).max(c.chain_seq);
                 }
-                Some(_) => self.report.problems.push(problem(
+                Some(_) => self.report.add(problem(
                     "checkpointed record differs from the checkpoint: edited",
                 )),
                 None => self
                     .report
-                    .problems
-                    .push(problem("checkpointed record is missing: truncated")),
+                    .add(problem("checkpointed record is missing: truncated")),
             }
         }
         if let Some((now, grace)) = self.signed {
@@ -715,7 +735,7 @@ impl Verifier {
                 // claimed to come must not make the others recent.
                 let (earliest, latest) = self.times(id, by_itself..covered);
                 if latest > now.saturating_add(grace) {
-                    self.report.problems.push(Problem {
+                    self.report.add(Problem {
                         seq: None,
                         chain_id: id.clone(),
                         chain_seq: by_itself + 1,
@@ -741,7 +761,7 @@ impl Verifier {
             let old = earliest < now.saturating_sub(grace);
             let future = latest > now.saturating_add(grace);
             if old || future {
-                self.report.problems.push(Problem {
+                self.report.add(Problem {
                     seq: None,
                     chain_id: id.clone(),
                     chain_seq: covered + 1,

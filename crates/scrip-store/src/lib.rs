@@ -25,8 +25,8 @@ mod tally;
 mod writer;
 
 pub use chain::{
-    ChainLink, Checkpoint, HeadSigner, IndexedColumns, Problem, Report, StoredRecord, Verifier,
-    hash, verify,
+    ChainLink, Checkpoint, HeadSigner, IndexedColumns, MAX_PROBLEMS, Problem, Report, StoredRecord,
+    Verifier, hash, verify,
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_AGENT,

@@ -45,6 +45,11 @@ const WRITE_LOCK: i64 = 7_070_001;
 /// The longest a connection attempt, a read or a commit may take before the
 /// store counts as unavailable.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest an audit query may take ([`Store::audit`]): only an
+/// operator's `scrip audit query` makes one, and on a trail of millions of
+/// records a filter no index serves (`--issuer` alone, `--until` before the
+/// oldest record) reads it all, for longer than a request's read may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(600);
 /// The least time left before a batch's deadline for trying it again on a
 /// new connection: the `lock_timeout` of [`LIMITS`] and room to connect.
 const RETRY_LEFT: Duration = Duration::from_millis(4500);
@@ -391,6 +396,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// held it) or a table's. Past it the start fails and says why, rather
 /// than wait as long as that session lives.
 const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(60);
+/// The longest the migrations may take in all: each lock waited for within
+/// [`MIGRATION_LOCK_WAIT`], and room for a migration that rebuilds an index
+/// of a large store.
+const MIGRATION_TIME: Duration = Duration::from_secs(30 * 60);
 
 /// Applies the migrations on `conn`, waiting at most `wait` for any lock.
 async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreError> {
@@ -450,14 +459,34 @@ impl PgStore {
             .await
             .map_err(|_| StoreError::Open(format!("`{}`: connection timed out", redacted(url))))?
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
-        require_utf8(&mut conn)
+        // Each step within its time, as the connection's: a server (or a
+        // pooler in front of it) that took the connection and then answers
+        // nothing fails the start and says so, rather than hold it.
+        let late = |what: &str| {
+            StoreError::Open(format!(
+                "`{}`: the database took the connection but did not answer {what} in time",
+                redacted(url)
+            ))
+        };
+        tokio::time::timeout(TIMEOUT, require_utf8(&mut conn))
             .await
+            .map_err(|_| late("its first query"))?
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         match schema {
-            Schema::Migrate => migrate(&mut conn, MIGRATION_LOCK_WAIT).await?,
-            Schema::Require => crate::schema::require(&mut conn, &MIGRATOR).await?,
+            Schema::Migrate => {
+                tokio::time::timeout(MIGRATION_TIME, migrate(&mut conn, MIGRATION_LOCK_WAIT))
+                    .await
+                    .map_err(|_| late("the migrations"))??
+            }
+            Schema::Require => {
+                tokio::time::timeout(TIMEOUT, crate::schema::require(&mut conn, &MIGRATOR))
+                    .await
+                    .map_err(|_| late("which migrations it has"))??;
+            }
         }
-        let limits = write_limits(&mut conn).await;
+        let limits = tokio::time::timeout(TIMEOUT, write_limits(&mut conn))
+            .await
+            .map_err(|_| late("a transaction"))?;
         let reads = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -1502,14 +1531,36 @@ async fn apply_in(
     Ok(())
 }
 
-/// Bounds a read by [`TIMEOUT`].
-async fn read<T>(
-    query: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(TIMEOUT, query)
-        .await
-        .map_err(|_| unavailable("the database did not answer in time"))?
-        .map_err(unavailable)
+/// Runs a read, `$query` on a connection of `$pool` named `$conn`, within
+/// `$limit` from its start, connection included. A read that runs out of
+/// time leaves its connection out of the pool and closed: handed back, the
+/// pool would first check it with a round trip of its own, which waits for
+/// the read's answer (or, from a database gone silent, for TCP to give up,
+/// many minutes), holding its place in the pool all that time, so that a
+/// few such reads would fail every later one long after the database came
+/// back.
+macro_rules! read {
+    ($pool:expr, $limit:expr, |$conn:ident| $query:expr $(,)?) => {
+        async {
+            let deadline = tokio::time::Instant::now() + $limit;
+            let late = || unavailable("the database did not answer in time");
+            let mut held = tokio::time::timeout_at(deadline, $pool.acquire())
+                .await
+                .map_err(|_| late())?
+                .map_err(unavailable)?;
+            let answer = {
+                let $conn = &mut *held;
+                tokio::time::timeout_at(deadline, $query).await
+            };
+            match answer {
+                Ok(result) => result.map_err(unavailable),
+                Err(_) => {
+                    drop(held.detach());
+                    Err(late())
+                }
+            }
+        }
+    };
 }
 
 #[async_trait::async_trait]
@@ -1519,15 +1570,13 @@ impl Store for PgStore {
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let row = read(
-            sqlx::query(concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE id = $1"
-            ))
-            .bind(id)
-            .fetch_optional(&self.reads),
-        )
+        let row = read!(self.reads, TIMEOUT, |c| sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(c))
         .await?;
         row.as_ref().map(rows::task).transpose()
     }
@@ -1537,7 +1586,7 @@ impl Store for PgStore {
         jti: &str,
         task_id: &str,
     ) -> Result<Option<(TaskRecord, bool)>, StoreError> {
-        let row = read(
+        let row = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(
                 "SELECT ",
                 task_columns!(),
@@ -1546,24 +1595,24 @@ impl Store for PgStore {
             ))
             .bind(jti)
             .bind(task_id)
-            .fetch_optional(&self.reads),
+            .fetch_optional(c)
         )
         .await?;
         row.as_ref().map(rows::token_task).transpose()
     }
 
     async fn token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
-        let row = read(
-            sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = $1")
-                .bind(jti)
-                .fetch_optional(&self.reads),
+        let row = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            "SELECT 1 FROM revoked_tokens WHERE jti = $1"
         )
+        .bind(jti)
+        .fetch_optional(c))
         .await?;
         Ok(row.is_some())
     }
 
     async fn due_tasks(&self, now: u64, limit: u32) -> Result<Vec<TaskRecord>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(
                 "SELECT ",
                 task_columns!(),
@@ -1571,7 +1620,7 @@ impl Store for PgStore {
             ))
             .bind(to_i64(now))
             .bind(i64::from(limit))
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::task).collect()
@@ -1584,38 +1633,26 @@ impl Store for PgStore {
         after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let rows = read(
-            sqlx::query(concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE ended_at IS NULL AND expires_at > $1 \
-                 AND ($2::text IS NULL OR agent_sub = $2) \
-                 AND ($4::bigint IS NULL OR expires_at > $4 OR (expires_at = $4 AND id > $5::text)) \
-                 ORDER BY expires_at, id LIMIT $3"
-            ))
-            .bind(to_i64(now))
-            .bind(agent_sub)
-            .bind(i64::from(limit))
-            .bind(after.map(|(at, _)| to_i64(at)))
-            .bind(after.map(|(_, id)| id))
-            .fetch_all(&self.reads),
+        let (sql, args) = rows::open_tasks_query(now, agent_sub, after, limit, |n| format!("${n}"));
+        let rows = read!(self.reads, TIMEOUT, |c| rows::bind_all(
+            sqlx::query(sqlx::AssertSqlSafe(sql)),
+            args
         )
+        .fetch_all(c))
         .await?;
         rows.iter().map(rows::task).collect()
     }
 
     async fn tree_size(&self, id: &str) -> Result<Option<u32>, StoreError> {
-        let size: Option<i64> = read(
-            sqlx::query_scalar(rows::TREE_SIZE)
-                .bind(id)
-                .fetch_optional(&self.reads),
-        )
+        let size: Option<i64> = read!(self.reads, TIMEOUT, |c| sqlx::query_scalar(rows::TREE_SIZE)
+            .bind(id)
+            .fetch_optional(c))
         .await?;
         Ok(size.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
     }
 
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(
                 "WITH RECURSIVE sub(id) AS (SELECT id FROM tasks WHERE parent_id = $1 \
                  UNION SELECT t.id FROM tasks t JOIN sub ON t.parent_id = sub.id) \
@@ -1623,22 +1660,31 @@ impl Store for PgStore {
                  ORDER BY tasks.id",
             )
             .bind(id)
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(|r| rows::Cols::text(r, "id")).collect()
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let (sql, args) = rows::audit_query(filter, |n| format!("${n}"));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for arg in args {
-            query = match arg {
-                rows::Arg::Text(t) => query.bind(t),
-                rows::Arg::Int(i) => query.bind(i),
-            };
-        }
-        let rows = read(query.fetch_all(&self.reads)).await?;
+        let floor = match rows::before_since(filter) {
+            Some(at) => {
+                read!(self.reads, TIMEOUT, |c| sqlx::query_scalar(
+                    rows::BEFORE_SINCE
+                )
+                .bind(at)
+                .fetch_optional(c))
+                .await?
+            }
+            None => None,
+        };
+        let (sql, args) = rows::audit_query(filter, floor, |n| format!("${n}"));
+        let rows = read!(self.reads, QUERY_TIMEOUT, |c| rows::bind_all(
+            sqlx::query(sqlx::AssertSqlSafe(sql)),
+            args
+        )
+        .fetch_all(c))
+        .await?;
         rows.iter().map(rows::audit_event).collect()
     }
 
@@ -1647,13 +1693,13 @@ impl Store for PgStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(
                 "SELECT seq, at_ms, event, decision, agent_iss, agent_sub, task_id, parent_id, tool, jti, replica, chain_id, chain_seq, hash, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
             )
             .bind(after_seq)
             .bind(i64::from(limit))
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::stored_record).collect()
@@ -1665,53 +1711,51 @@ impl Store for PgStore {
         now: u64,
         limit: u32,
     ) -> Result<Vec<Revocation>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(
                 "SELECT seq, kind, txn, jti, exp FROM revocations WHERE seq > $1 AND exp > $2 ORDER BY seq LIMIT $3",
             )
             .bind(after)
             .bind(to_i64(now))
             .bind(i64::from(limit))
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::revocation).collect()
     }
 
     async fn latest_audit_seq(&self) -> Result<i64, StoreError> {
-        let row = read(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0)::bigint AS m FROM audit")
-                .fetch_one(&self.reads),
+        let row = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0)::bigint AS m FROM audit"
         )
+        .fetch_one(c))
         .await?;
         rows::Cols::int(&row, "m")
     }
 
     async fn latest_revocation(&self) -> Result<i64, StoreError> {
-        let row = read(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0)::bigint AS m FROM revocations")
-                .fetch_one(&self.reads),
+        let row = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0)::bigint AS m FROM revocations"
         )
+        .fetch_one(c))
         .await?;
         rows::Cols::int(&row, "m")
     }
 
     async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
-        let row = read(
-            sqlx::query(concat!(
-                "SELECT ",
-                approval_columns!(),
-                " FROM approvals WHERE id = $1",
-            ))
-            .bind(id)
-            .fetch_optional(&self.reads),
-        )
+        let row = read!(self.reads, TIMEOUT, |c| sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE id = $1",
+        ))
+        .bind(id)
+        .fetch_optional(c))
         .await?;
         row.as_ref().map(rows::approval).transpose()
     }
 
     async fn pending_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(
                 "SELECT ",
                 approval_columns!(),
@@ -1721,7 +1765,7 @@ impl Store for PgStore {
             ))
             .bind(to_i64(now))
             .bind(i64::from(limit))
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::approval).collect()
@@ -1733,13 +1777,13 @@ impl Store for PgStore {
         subject: &str,
         now: u64,
     ) -> Result<usize, StoreError> {
-        let n: i64 = read(
-            sqlx::query_scalar(rows::AGENT_PENDING)
-                .bind(to_i64(now))
-                .bind(issuer)
-                .bind(subject)
-                .fetch_one(&self.reads),
+        let n: i64 = read!(self.reads, TIMEOUT, |c| sqlx::query_scalar(
+            rows::AGENT_PENDING
         )
+        .bind(to_i64(now))
+        .bind(issuer)
+        .bind(subject)
+        .fetch_one(c))
         .await?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
@@ -1749,7 +1793,7 @@ impl Store for PgStore {
         task_id: &str,
         now: u64,
     ) -> Result<Vec<Approval>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(
                 "SELECT ",
                 approval_columns!(),
@@ -1757,14 +1801,14 @@ impl Store for PgStore {
             ))
             .bind(to_i64(now))
             .bind(task_id)
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::approval).collect()
     }
 
     async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(
                 "SELECT ",
                 approval_columns!(),
@@ -1772,14 +1816,14 @@ impl Store for PgStore {
             ))
             .bind(task_id)
             .bind(to_i64(since))
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::approval).collect()
     }
 
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
-        let rows = read(
+        let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(
                 "SELECT ",
                 approval_columns!(),
@@ -1787,17 +1831,17 @@ impl Store for PgStore {
             ))
             .bind(to_i64(now))
             .bind(i64::from(limit))
-            .fetch_all(&self.reads),
+            .fetch_all(c)
         )
         .await?;
         rows.iter().map(rows::approval).collect()
     }
 
     async fn chain_links(&self) -> Result<Vec<ChainLink>, StoreError> {
-        let rows = read(
-            sqlx::query("SELECT record FROM audit WHERE event = 'chain.started' ORDER BY seq")
-                .fetch_all(&self.reads),
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            "SELECT record FROM audit WHERE event = 'chain.started' ORDER BY seq"
         )
+        .fetch_all(c))
         .await?;
         let mut links = Vec::new();
         for r in &rows {
@@ -1807,33 +1851,33 @@ impl Store for PgStore {
     }
 
     async fn latest_checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
-        let rows = read(sqlx::query(rows::LATEST_CHECKPOINTS).fetch_all(&self.reads)).await?;
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            rows::LATEST_CHECKPOINTS
+        )
+        .fetch_all(c))
+        .await?;
         rows.iter().map(rows::checkpoint).collect()
     }
 
     async fn keys(&self, now: u64) -> Result<Vec<StoredKey>, StoreError> {
-        let rows = read(
-            sqlx::query(concat!(
-                "SELECT ",
-                key_columns!(),
-                " FROM signing_keys WHERE publish_until IS NULL OR publish_until > $1 \
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM signing_keys WHERE publish_until IS NULL OR publish_until > $1 \
                  ORDER BY created_at, kid"
-            ))
-            .bind(to_i64(now))
-            .fetch_all(&self.reads),
-        )
+        ))
+        .bind(to_i64(now))
+        .fetch_all(c))
         .await?;
         rows.iter().map(rows::key).collect()
     }
 
     async fn secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
-        let rows = read(
-            sqlx::query(
-                "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
                  ORDER BY name, action, version DESC",
-            )
-            .fetch_all(&self.reads),
         )
+        .fetch_all(c))
         .await?;
         rows.iter().map(rows::secret).collect()
     }
@@ -1843,15 +1887,13 @@ impl Store for PgStore {
         name: &str,
         action: &str,
     ) -> Result<Vec<SecretRecord>, StoreError> {
-        let rows = read(
-            sqlx::query(
-                "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(
+            "SELECT name, action, version, sealed, created_at, retired_at FROM secrets \
                  WHERE name = $1 AND action = $2 ORDER BY version DESC",
-            )
-            .bind(name)
-            .bind(action)
-            .fetch_all(&self.reads),
         )
+        .bind(name)
+        .bind(action)
+        .fetch_all(c))
         .await?;
         rows.iter().map(rows::secret).collect()
     }

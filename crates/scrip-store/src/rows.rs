@@ -363,6 +363,87 @@ pub(crate) enum Arg {
     Int(i64),
 }
 
+/// `query` with `args` bound in their order.
+pub(crate) fn bind_all<DB: sqlx::Database>(
+    query: sqlx::query::Query<'_, DB, <DB as sqlx::Database>::Arguments>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'_, DB, <DB as sqlx::Database>::Arguments>
+where
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    args.into_iter().fold(query, |query, arg| match arg {
+        Arg::Text(t) => query.bind(t),
+        Arg::Int(i) => query.bind(i),
+    })
+}
+
+/// How long before a query's `since_ms` its records are looked for: a
+/// record is stamped (`at_ms`) when it is made and gets its `seq` when it
+/// is committed, seconds later at most, and replicas' clocks agree within
+/// their leeway (a minute), so a record committed before another is never
+/// stamped this much later than it.
+pub(crate) const SINCE_MARGIN_MS: u64 = 3_600_000;
+
+/// The record stamped last before `$1` (`since_ms` less
+/// [`SINCE_MARGIN_MS`]), through the `audit_time` index: every record
+/// committed before it (a lower `seq`) was stamped before `since_ms`, so a
+/// query with `since_ms` starts after it rather than reading the trail from
+/// its first record (the `seq` order it is read in leaves `audit_time`
+/// unused).
+pub(crate) const BEFORE_SINCE: &str =
+    "SELECT seq FROM audit WHERE at_ms < $1 ORDER BY at_ms DESC LIMIT 1";
+
+/// The bound [`BEFORE_SINCE`] is run with for `filter`, when it has one.
+pub(crate) fn before_since(filter: &crate::AuditFilter) -> Option<i64> {
+    filter
+        .since_ms
+        .map(|since| to_i64(since.saturating_sub(SINCE_MARGIN_MS)))
+}
+
+/// The query of [`crate::Store::open_tasks`], with only the conditions it
+/// is given, as [`audit_query`] and for the same reason: with the agent's
+/// subject a constant of the SQL's shape, rather than `(? IS NULL OR
+/// agent_sub = ?)`, both backends seek the `tasks_agent_open` index (open
+/// tasks by subject and deadline) to the next page instead of reading every
+/// open task or every task the agent ever started.
+pub(crate) fn open_tasks_query(
+    now: u64,
+    agent_sub: Option<&str>,
+    after: Option<(u64, &str)>,
+    limit: u32,
+    param: impl Fn(usize) -> String,
+) -> (String, Vec<Arg>) {
+    let mut args = vec![Arg::Int(to_i64(now))];
+    let mut sql = format!(
+        concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE ended_at IS NULL AND expires_at > {}"
+        ),
+        param(1)
+    );
+    if let Some(agent) = agent_sub {
+        args.push(Arg::Text(agent.to_owned()));
+        sql.push_str(&format!(" AND agent_sub = {}", param(args.len())));
+    }
+    if let Some((at, id)) = after {
+        args.push(Arg::Int(to_i64(at)));
+        let at = param(args.len());
+        args.push(Arg::Text(id.to_owned()));
+        let id = param(args.len());
+        sql.push_str(&format!(
+            " AND (expires_at > {at} OR (expires_at = {at} AND id > {id}))"
+        ));
+    }
+    args.push(Arg::Int(i64::from(limit)));
+    sql.push_str(&format!(
+        " ORDER BY expires_at, id LIMIT {}",
+        param(args.len())
+    ));
+    (sql, args)
+}
+
 /// The audit query for `filter`, with only the conditions it sets, so that
 /// each can use its index (`audit_task`, `audit_agent` and `audit_tool` are
 /// `(column, seq)`): a condition written `(? IS NULL OR task_id = ?)` is
@@ -370,11 +451,16 @@ pub(crate) enum Arg {
 /// all of it when matches are rare. `param(n)` writes the n-th placeholder
 /// (`?n`, `$n`); the values come back in their order. Nothing of the filter
 /// goes into the SQL itself.
+///
+/// `floor` is what [`BEFORE_SINCE`] found for a filter with `since_ms`:
+/// only records after it are read.
 pub(crate) fn audit_query(
     filter: &crate::AuditFilter,
+    floor: Option<i64>,
     param: impl Fn(usize) -> String,
 ) -> (String, Vec<Arg>) {
-    let mut args = vec![Arg::Int(filter.after_seq.unwrap_or(0))];
+    let after = filter.after_seq.unwrap_or(0).max(floor.unwrap_or(0));
+    let mut args = vec![Arg::Int(after)];
     let mut sql = format!(
         "SELECT seq, hash, record FROM audit WHERE seq > {}",
         param(1)

@@ -216,21 +216,11 @@ impl Store for SqliteStore {
         after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE ended_at IS NULL AND expires_at > ?1 AND (?2 IS NULL OR agent_sub = ?2) \
-             AND (?4 IS NULL OR expires_at > ?4 OR (expires_at = ?4 AND id > ?5)) \
-             ORDER BY expires_at, id LIMIT ?3"
-        ))
-        .bind(to_i64(now))
-        .bind(agent_sub)
-        .bind(i64::from(limit))
-        .bind(after.map(|(at, _)| to_i64(at)))
-        .bind(after.map(|(_, id)| id))
-        .fetch_all(&self.reads)
-        .await
-        .map_err(unavailable)?;
+        let (sql, args) = rows::open_tasks_query(now, agent_sub, after, limit, |n| format!("?{n}"));
+        let rows = rows::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), args)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(unavailable)?;
         rows.iter().map(rows::task).collect()
     }
 
@@ -258,15 +248,19 @@ impl Store for SqliteStore {
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let (sql, args) = rows::audit_query(filter, |n| format!("?{n}"));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for arg in args {
-            query = match arg {
-                rows::Arg::Text(t) => query.bind(t),
-                rows::Arg::Int(i) => query.bind(i),
-            };
-        }
-        let rows = query.fetch_all(&self.reads).await.map_err(unavailable)?;
+        let floor = match rows::before_since(filter) {
+            Some(at) => sqlx::query_scalar(rows::BEFORE_SINCE)
+                .bind(at)
+                .fetch_optional(&self.reads)
+                .await
+                .map_err(unavailable)?,
+            None => None,
+        };
+        let (sql, args) = rows::audit_query(filter, floor, |n| format!("?{n}"));
+        let rows = rows::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), args)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(unavailable)?;
         rows.iter().map(rows::audit_event).collect()
     }
 
@@ -736,6 +730,54 @@ mod tests {
         open.await.unwrap();
     }
 
+    /// How SQLite plans `sql`, its steps joined.
+    async fn explain(reads: &SqlitePool, sql: String, args: Vec<rows::Arg>) -> String {
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+        let rows = rows::bind_all(query, args).fetch_all(reads).await.unwrap();
+        rows.iter()
+            .map(|r| rows::Cols::text(r, "detail").unwrap())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// An agent's open tasks are read a page at a time through the index of
+    /// open tasks by agent, sought to the page, in order: not every open
+    /// task, nor every task the agent ever started. Without an agent,
+    /// through the index of open tasks by deadline. A query with `since_ms`
+    /// finds where to start through `audit_time`.
+    #[tokio::test]
+    async fn open_tasks_and_the_start_of_a_time_range_are_sought_by_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("scrip.db"))
+            .await
+            .unwrap();
+        for (agent, after, index) in [
+            (
+                Some("a"),
+                None,
+                "tasks_agent_open (agent_sub=? AND expires_at>?)",
+            ),
+            (
+                Some("a"),
+                Some((5, "t")),
+                "tasks_agent_open (agent_sub=? AND expires_at>?)",
+            ),
+            (None, Some((5, "t")), "tasks_open_expiry (expires_at>?)"),
+        ] {
+            let (sql, args) = rows::open_tasks_query(1, agent, after, 10, |n| format!("?{n}"));
+            let plan = explain(&store.reads, sql, args).await;
+            assert!(plan.contains(index), "{plan}");
+            assert!(agent.is_none() || !plan.contains("TEMP B-TREE"), "{plan}");
+        }
+        let plan = explain(
+            &store.reads,
+            rows::BEFORE_SINCE.into(),
+            vec![rows::Arg::Int(1)],
+        )
+        .await;
+        assert!(plan.contains("audit_time (at_ms<?)"), "{plan}");
+    }
+
     /// Each filter of `scrip audit query` reads through its own index, not
     /// the whole table in `seq` order.
     #[tokio::test]
@@ -747,20 +789,8 @@ mod tests {
         let plan = |filter: AuditFilter| {
             let reads = store.reads.clone();
             async move {
-                let (sql, args) = rows::audit_query(&filter, |n| format!("?{n}"));
-                let mut query =
-                    sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
-                for arg in args {
-                    query = match arg {
-                        rows::Arg::Text(t) => query.bind(t),
-                        rows::Arg::Int(i) => query.bind(i),
-                    };
-                }
-                let rows = query.fetch_all(&reads).await.unwrap();
-                rows.iter()
-                    .map(|r| rows::Cols::text(r, "detail").unwrap())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                let (sql, args) = rows::audit_query(&filter, None, |n| format!("?{n}"));
+                explain(&reads, sql, args).await
             }
         };
         for (filter, index) in [

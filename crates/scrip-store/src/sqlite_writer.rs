@@ -30,12 +30,39 @@ const CATCH_UP_FRAMES: i64 = 4096;
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// How long a write waits for a lock another process holds.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a write waiting for that lock tries again.
+const BUSY_POLL: Duration = Duration::from_millis(1);
 
 thread_local! {
     /// Frames in the WAL after the last commit on this thread, as SQLite
     /// reports them to [`wal_size`]. The write connection is used only on
     /// the writer's thread, which reads this right after its commits.
     static WAL_FRAMES: Cell<i64> = const { Cell::new(0) };
+    /// When this thread's write began to wait for the lock it waits for.
+    static WAITING_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The write connections' busy handler, called by SQLite on the thread
+/// whose write found the lock taken (`tries` is 0 at the first call of
+/// each wait): tries again every [`BUSY_POLL`], for [`BUSY_TIMEOUT`] in
+/// all. SQLite's own handler (`busy_timeout`) sleeps ever longer between
+/// tries, 100 ms once it has waited a quarter of a second: behind another
+/// process committing one transaction after another (a `scrip` command
+/// beside the server, on the same file), whose lock is free only between
+/// its commits, it may miss every such moment until the timeout fails the
+/// server's whole batch.
+fn wait_for_lock(tries: i32) -> bool {
+    let now = Instant::now();
+    let since = match WAITING_SINCE.get() {
+        Some(since) if tries > 0 => since,
+        _ => now,
+    };
+    WAITING_SINCE.set(Some(since));
+    if now.duration_since(since) >= BUSY_TIMEOUT {
+        return false;
+    }
+    std::thread::sleep(BUSY_POLL);
+    true
 }
 
 /// The write connection's WAL hook: SQLite calls it after each commit with
@@ -64,7 +91,7 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_handler(Some(wait_for_lock))?;
     // `synchronous=FULL`: a commit returns once the WAL is fsync'd.
     // `wal_autocheckpoint=0`: see `after_commit`.
     // `temp_store=MEMORY`: a multi-row `INSERT` keeps a statement journal
@@ -926,6 +953,53 @@ mod tests {
         );
     }
 
+    /// Another process committing one transaction after another (a
+    /// `scrip` command beside the server) frees the write lock only for
+    /// moments between them: the writer still gets it, well within its
+    /// busy timeout, rather than failing its batch. (Behind SQLite's own
+    /// busy handler, which by then tries every 100 ms, it missed moments
+    /// this short in most runs.)
+    #[tokio::test]
+    async fn a_write_gets_the_lock_between_another_processs_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scrip.db");
+        drop(SqliteStore::open(&path).await.unwrap()); // migrations
+        let writer = crate::writer::Writer::spawn(SqliteWriter::open(&path).unwrap(), "w".into());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let holder = std::thread::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            move || {
+                let conn = Connection::open(&path).unwrap();
+                let mut free = 0;
+                // Held 100 ms at a time, free for about 0.2 ms between, for
+                // up to twice the writer's busy timeout.
+                let until = Instant::now() + 2 * BUSY_TIMEOUT;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                    conn.execute_batch("COMMIT").unwrap();
+                    free += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                free
+            }
+        });
+        // Once the holder has the lock.
+        std::thread::sleep(Duration::from_millis(20));
+        let result = writer
+            .commit(vec![Write::Audit(Box::new(AuditEvent {
+                event: "test.record".into(),
+                ..AuditEvent::default()
+            }))])
+            .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let freed = holder.join().unwrap();
+        assert!(
+            result.is_ok(),
+            "the writer never got the lock in {freed} moments it was free: {result:?}"
+        );
+    }
+
     /// Under a steady stream of commits the WAL is copied into the database
     /// beside the writer and still starts over, so it stays short.
     #[tokio::test]
@@ -951,6 +1025,7 @@ mod tests {
         let mut writer = SqliteWriter::open(&path).unwrap();
         writer.wake_every = wake_every;
         writer.catch_up_frames = 128;
+        writer.catch_up_at = 128;
         let mut chain = ChainState::new(
             crate::chain::new_chain_id().unwrap(),
             crate::chain::Signer::default(),
@@ -1014,6 +1089,7 @@ mod tests {
         let mut writer = SqliteWriter::open(&path).unwrap();
         writer.wake_every = Duration::from_secs(3600);
         writer.catch_up_frames = 128;
+        writer.catch_up_at = 128;
         let mut chain = ChainState::new(
             crate::chain::new_chain_id().unwrap(),
             crate::chain::Signer::default(),

@@ -920,3 +920,33 @@ async fn unsigned_records_from_the_future_are_reported() {
         report.problems
     );
 }
+
+/// A trail tampered with on every row is not held in memory a problem a
+/// row: the first `MAX_PROBLEMS` are listed, the rest counted.
+#[test]
+fn a_report_lists_so_many_problems_and_counts_the_rest() {
+    let rows = scrip_store::MAX_PROBLEMS + 50;
+    let records: Vec<StoredRecord> = (1..=rows)
+        .map(|n| StoredRecord {
+            seq: i64::try_from(n).unwrap(),
+            chain_id: "c1".into(),
+            chain_seq: u64::try_from(n).unwrap(),
+            hash: "0".repeat(64),
+            // Neither its hash nor a record: two problems a row.
+            record: format!("garbage {n}"),
+            columns: scrip_store::IndexedColumns::default(),
+        })
+        .collect();
+    let report = scrip_store::verify(&records, &[], |_| true);
+    assert_eq!(report.records, rows);
+    assert_eq!(report.problems.len(), scrip_store::MAX_PROBLEMS);
+    assert_eq!(
+        report.problems_found(),
+        u64::try_from(2 * rows).unwrap(),
+        "{} more counted",
+        report.more_problems
+    );
+    // The first ones found are those listed.
+    assert_eq!(report.problems[0].seq, Some(1));
+    assert_eq!(report.problems[1].seq, Some(1));
+}

@@ -99,6 +99,7 @@ conformance!(
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
     audit_queries_filter,
+    a_query_since_a_time_reads_from_an_hour_before_it,
     checkpoints_and_chain_links_read_back,
     every_commit_signs_its_head_once_a_signer_is_set,
     keys_are_published_until_their_time,
@@ -1644,6 +1645,99 @@ async fn two_writers_chain_and_verify(f: Fixture) {
     assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
 }
 
+/// When the `token.issued` records `filter` finds were stamped, in order.
+async fn issued_at(s: &Arc<dyn Store>, filter: AuditFilter) -> Vec<u64> {
+    s.audit(&filter)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event == "token.issued")
+        .map(|e| e.at_ms)
+        .collect()
+}
+
+/// `since_ms` starts the read after the last record stamped more than an
+/// hour (`SINCE_MARGIN_MS`) before it, not at the oldest: a record stamped
+/// after the time is found though a record committed after it was stamped
+/// before, within the hour; one stamped more than an hour after a record
+/// committed later (a clock hours ahead) is out of the range. At the
+/// bound, the time is inclusive.
+async fn a_query_since_a_time_reads_from_an_hour_before_it(f: Fixture) {
+    const HOUR: u64 = 3_600_000;
+    let since = 100 * HOUR;
+    let s = &f.store;
+    // In commit order.
+    let stamps = [
+        since - 3 * HOUR,
+        since + 2 * HOUR, // hours ahead of what is committed next
+        since - 2 * HOUR, // the last stamped before `since` less an hour
+        since + 60_000,
+        since - 50 * 60_000, // within the hour of the one before
+        since,
+        since - HOUR, // not before `since` less an hour
+    ];
+    for at_ms in stamps {
+        s.commit(vec![Write::Audit(Box::new(AuditEvent {
+            at_ms,
+            event: "token.issued".into(),
+            replica: "test".into(),
+            ..AuditEvent::default()
+        }))])
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        issued_at(
+            s,
+            AuditFilter {
+                since_ms: Some(since),
+                ..AuditFilter::default()
+            }
+        )
+        .await,
+        [since + 60_000, since]
+    );
+    // With a cursor, after the later of the cursor and the bound.
+    let all = s.audit(&AuditFilter::default()).await.unwrap();
+    let seq_of = |at_ms: u64| all.iter().find(|e| e.at_ms == at_ms).unwrap().seq;
+    assert_eq!(
+        issued_at(
+            s,
+            AuditFilter {
+                since_ms: Some(since),
+                after_seq: Some(seq_of(since + 60_000)),
+                ..AuditFilter::default()
+            }
+        )
+        .await,
+        [since]
+    );
+    assert_eq!(
+        issued_at(
+            s,
+            AuditFilter {
+                since_ms: Some(since),
+                after_seq: Some(seq_of(since - 3 * HOUR)),
+                ..AuditFilter::default()
+            }
+        )
+        .await,
+        [since + 60_000, since]
+    );
+    // With no record stamped that long before, from the oldest.
+    assert_eq!(
+        issued_at(
+            s,
+            AuditFilter {
+                since_ms: Some(since - 3 * HOUR),
+                ..AuditFilter::default()
+            }
+        )
+        .await,
+        stamps
+    );
+}
+
 async fn audit_queries_filter(f: Fixture) {
     let s = &f.store;
     let mut writes = Vec::new();
@@ -1676,73 +1770,82 @@ async fn audit_queries_filter(f: Fixture) {
         })));
     }
     s.commit(writes).await.unwrap();
-    let ask = |filter: AuditFilter| {
-        let s = s.clone();
-        async move {
-            s.audit(&filter)
-                .await
-                .unwrap()
-                .into_iter()
-                .filter(|e| e.event != "chain.started")
-                .map(|e| e.at_ms)
-                .collect::<Vec<_>>()
-        }
-    };
     assert_eq!(
-        ask(AuditFilter {
-            task_id: Some("t1".into()),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                task_id: Some("t1".into()),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [1_000, 1_100]
     );
     assert_eq!(
-        ask(AuditFilter {
-            tool: Some("github".into()),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                tool: Some("github".into()),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [1_000, 1_200]
     );
     assert_eq!(
-        ask(AuditFilter {
-            decision: Some("deny".into()),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                decision: Some("deny".into()),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [1_100]
     );
     assert_eq!(
-        ask(AuditFilter {
-            agent_sub: Some("a2".into()),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                agent_sub: Some("a2".into()),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [1_200]
     );
     assert_eq!(
-        ask(AuditFilter {
-            agent_iss: Some("https://idp".into()),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                agent_iss: Some("https://idp".into()),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [1_000, 1_100]
     );
     assert_eq!(
-        ask(AuditFilter {
-            agent_sub: Some("a2".into()),
-            agent_iss: Some("https://idp".into()),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                agent_sub: Some("a2".into()),
+                agent_iss: Some("https://idp".into()),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [0_u64; 0]
     );
     assert_eq!(
-        ask(AuditFilter {
-            since_ms: Some(1_100),
-            until_ms: Some(1_200),
-            ..AuditFilter::default()
-        })
+        issued_at(
+            s,
+            AuditFilter {
+                since_ms: Some(1_100),
+                until_ms: Some(1_200),
+                ..AuditFilter::default()
+            }
+        )
         .await,
         [1_100]
     );

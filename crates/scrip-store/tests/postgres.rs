@@ -192,6 +192,77 @@ async fn a_feed_cursor_skips_nothing_with_several_writers() {
     assert_eq!(seen.len(), total, "the cursor skipped revocations");
 }
 
+/// Reads that run out of time (here held by a lock, as a database gone
+/// silent holds them) give their connections up: a read of something else
+/// goes on at once on a new connection, though more reads timed out than
+/// the pool holds connections. (Handed back to the pool, each waited there
+/// for its answer, and every later read failed meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_that_time_out_do_not_hold_the_pool() {
+    use sqlx::Connection as _;
+    let db = PgDatabase::new();
+    let store = Arc::new(PgStore::connect(db.url()).await.unwrap());
+    store.commit(vec![revoke("before")]).await.unwrap();
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // More than the pool's 8 connections.
+    let reads: Vec<_> = (0..10)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.token_revoked("before").await })
+        })
+        .collect();
+    for read in reads {
+        let err = read.await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+    let read = store.task("t").await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(None)),
+        "the timed-out reads held the pool: {read:?}"
+    );
+    assert!(store.token_revoked("before").await.unwrap());
+}
+
+/// A command that only reads the store, started while the database holds
+/// its migrations table (here a lock, as a stalled server or pooler holds
+/// every query), fails within its time and says why, rather than wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_database_does_not_answer_fails_in_time() {
+    use sqlx::Connection as _;
+    let db = PgDatabase::new();
+    drop(PgStore::connect(db.url()).await.unwrap());
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let opened = tokio::time::timeout(
+        Duration::from_secs(60),
+        PgStore::connect_as(db.url(), scrip_store::Schema::Require),
+    )
+    .await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let Ok(Err(StoreError::Open(e))) = opened else {
+        panic!("waited {:?} and did not fail", started.elapsed());
+    };
+    assert!(
+        e.contains("did not answer which migrations it has in time"),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_fails_closed_and_recovers_by_itself() {
     let db = PgDatabase::new();
