@@ -1027,29 +1027,18 @@ async fn apply_in(
     }
     let mut revoked = false;
     let mut keys = false;
-    // The tasks that must still be open, checked in one statement for
-    // many (not a round trip for each exchange), in the batch's order:
-    // those before any end in the batch now, under the lock; those after
-    // one once the batch's other writes are applied.
-    let first_end = writes
-        .iter()
-        .position(|w| matches!(w, Write::EndTask { .. } | Write::EndOpenTask { .. }))
-        .unwrap_or(writes.len());
-    let open = |range: std::ops::Range<usize>| -> Vec<&str> {
-        writes
-            .get(range)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|w| match w {
-                Write::TaskOpen { id } => Some(id.as_str()),
-                _ => None,
-            })
-            .collect()
-    };
-    refuse_any_ended(tx, &open(0..first_end)).await?;
+    // The tasks that must still be open where they stand in the batch,
+    // checked in one statement for many (not a round trip for each
+    // exchange): those since the last ending, just before the next one
+    // (only an ending ends a task) and after the last write.
+    let mut must_be_open: Vec<&str> = Vec::new();
     for write in writes {
+        if matches!(write, Write::EndTask { .. } | Write::EndOpenTask { .. }) {
+            refuse_any_ended(tx, &must_be_open).await?;
+            must_be_open.clear();
+        }
         match write {
-            Write::TaskOpen { .. } => {}
+            Write::TaskOpen { id } => must_be_open.push(id),
             Write::NoNewDenial { task, since, seen } => {
                 let denied: Vec<String> = sqlx::query_scalar(rows::TASK_DENIED_SINCE)
                     .bind(task)
@@ -1514,7 +1503,7 @@ async fn apply_in(
             }
         }
     }
-    refuse_any_ended(tx, &open(first_end..writes.len())).await?;
+    refuse_any_ended(tx, &must_be_open).await?;
     let head = chain.signed_head(before)?;
     audit.insert(tx, head.as_ref()).await?;
     // Delivered to the other replicas when (and only if) this commits.

@@ -291,6 +291,30 @@ async fn nothing_is_recorded_under_an_ended_task(f: Fixture) {
         issued.iter().all(|seq| *seq < ended[0]),
         "{issued:?} {ended:?}"
     );
+    // Within one commit, a task must be open where its `TaskOpen` stands:
+    // another task's ending before it, and its own after it, do not refuse
+    // it; its own before it does.
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t3", None, 9_000))),
+        Write::InsertTask(Box::new(task("t4", None, 9_000))),
+        Write::InsertTask(Box::new(task("t5", None, 9_000))),
+    ])
+    .await
+    .unwrap();
+    let end = |id: &str| Write::EndTask {
+        id: id.into(),
+        at: 2_200,
+        reason: "revoked".into(),
+        grace: 0,
+    };
+    let mut writes = vec![end("t3")];
+    writes.extend(issue("t4"));
+    writes.push(end("t4"));
+    s.commit(writes).await.unwrap();
+    let mut writes = vec![end("t5")];
+    writes.extend(issue("t5"));
+    let err = s.commit(writes).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert!(verify(s.as_ref()).await.problems.is_empty());
 }
 
