@@ -32,10 +32,9 @@ pub struct QueryArgs {
     pub decision: Option<String>,
     /// Only records at or after this time: RFC 3339 with its zone
     /// (`2026-11-24T10:00:00Z`, `2026-11-24T11:00:00+01:00`) or a duration
-    /// ago (`15m`, `2h`, `3days`). The trail is read from the last record
-    /// stamped an hour before it, not from its oldest: a record written
-    /// before that one (by a replica whose clock ran hours ahead) is not
-    /// found.
+    /// ago (`15m`, `2h`, `3days`). The trail is read from the first record
+    /// stamped at or after it, found through the index on time, not from
+    /// its oldest.
     #[arg(long, value_parser = parse_time)]
     pub since: Option<u64>,
     /// Only records before this time (same forms as --since).

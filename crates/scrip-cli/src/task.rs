@@ -90,8 +90,8 @@ pub struct RevokeArgs {
     /// End every open task of this agent: the subject of the workload
     /// identity that started it (sub-tasks delegated from them end with
     /// them). Each id ended is printed, the soonest deadline first; they
-    /// are ended 250 at a time, pausing between, so that on the embedded
-    /// store the running scrip goes on writing.
+    /// are ended up to 250 at a time, pausing between, so that on the
+    /// embedded store the running scrip goes on writing.
     #[arg(long, value_name = "SUBJECT", conflicts_with = "ids")]
     agent: Option<String>,
     /// With --agent: only its tasks started with an identity of this
@@ -350,7 +350,10 @@ fn revoke(args: &RevokeArgs) -> ExitCode {
                         match store.task(id).await.map_err(|e| e.to_string())? {
                             None => return Err(format!("no task `{id}`; nothing more was ended")),
                             Some(task) => {
-                                if end_one(&config, store.as_ref(), &task, reason).await? {
+                                if end_one(&config, store.as_ref(), &task, reason)
+                                    .await
+                                    .map_err(String::from)?
+                                {
                                     out!("{id}");
                                     ended += 1;
                                 }
@@ -386,18 +389,25 @@ pub(crate) fn reason(text: &str) -> Result<&str, String> {
     Ok(text)
 }
 
-/// Tasks `scrip task revoke --agent` ends at once. Their endings are
-/// committed together: the store folds commits made at the same time into
-/// one transaction (and isolates one that conflicts), so ending thousands
-/// of tasks takes a few dozen transactions rather than one each.
-const END_AT_ONCE: usize = 250;
+/// How many tasks `scrip task revoke --agent` ends at once: at first, and
+/// at most. Their endings are committed together: the store folds commits
+/// made at the same time into one transaction (and isolates one that
+/// conflicts), so ending thousands of tasks takes a few dozen transactions
+/// rather than one each. The number doubles after endings that took less
+/// than [`QUICK`], up to the most, and halves after endings the store could
+/// not take (a transaction too long for its deadline: roots with large
+/// trees of sub-tasks, or a distant database), which are then tried again.
+const END_AT_ONCE: (usize, usize) = (16, 250);
+
+/// Endings that took less than this may be joined by more next time.
+const QUICK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The shortest and longest pause after ending [`END_AT_ONCE`] tasks. On
 /// the embedded store a running scrip writes to the same file, and SQLite
 /// hands its write lock to whoever asks first once it is free: commits made
 /// back to back would keep it from the server for as long as the command
 /// runs (its batches failing with 503 after 5 s). Pausing as long as the
-/// last endings took leaves the server at least half the time.
+/// last endings took leaves the server about half the time.
 const PAUSE: std::ops::RangeInclusive<std::time::Duration> =
     std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(1);
 
@@ -405,8 +415,12 @@ const PAUSE: std::ops::RangeInclusive<std::time::Duration> =
 /// Its tasks are read a page at a time, the soonest to end first, and the
 /// roots among them ended, [`END_AT_ONCE`] at a time: a sub-task (which
 /// names its root's agent) ends with its root. Each task ended is printed,
-/// in that order. After a failure the endings already under way are
-/// finished (and printed) and the first failure is returned.
+/// in that order (those tried again, after the others of their page).
+/// After a failure the endings already under way are
+/// finished (and printed) and the first failure is returned. (An ending
+/// tried again after the store could not confirm it may find the task
+/// ended by its first try, and then does not print it: the audit trail
+/// has its `task.ended`.)
 async fn revoke_agent(
     config: &scrip_config::Config,
     store: &dyn scrip_store::Store,
@@ -419,6 +433,7 @@ async fn revoke_agent(
     let mut after: Option<(u64, String)> = None;
     // How long the last endings took, to pause as long before the next.
     let mut took: Option<std::time::Duration> = None;
+    let mut at_once = END_AT_ONCE.0;
     loop {
         let page = store
             .open_tasks(
@@ -433,15 +448,16 @@ async fn revoke_agent(
             return Ok(ended);
         };
         after = Some((last.expires_at, last.id.clone()));
-        let roots: Vec<_> = page
+        let mut roots: std::collections::VecDeque<_> = page
             .iter()
             .filter(|t| t.parent.is_none() && issuer.is_none_or(|i| t.agent.issuer == i))
             .collect();
-        for together in roots.chunks(END_AT_ONCE) {
+        while !roots.is_empty() {
             if let Some(last) = took.take() {
                 let (least, most) = (*PAUSE.start(), *PAUSE.end());
                 tokio::time::sleep(last.clamp(least, most)).await;
             }
+            let together: Vec<_> = roots.drain(..at_once.min(roots.len())).collect();
             let began = std::time::Instant::now();
             let results = futures_util::future::join_all(
                 together
@@ -449,7 +465,9 @@ async fn revoke_agent(
                     .map(|task| end_one(config, store, task, reason)),
             )
             .await;
-            let mut failed = None;
+            took = Some(began.elapsed());
+            let (mut fatal, mut failed) = (None, None);
+            let mut again = Vec::new();
             for (task, result) in together.iter().zip(results) {
                 match result {
                     Ok(true) => {
@@ -457,15 +475,49 @@ async fn revoke_agent(
                         ended += 1;
                     }
                     Ok(false) => {}
-                    Err(e) => {
+                    Err(Unended::Unavailable(e)) if at_once > 1 => {
+                        again.push(*task);
                         failed.get_or_insert(e);
+                    }
+                    Err(Unended::Unavailable(e) | Unended::Failed(e)) => {
+                        fatal.get_or_insert(e);
                     }
                 }
             }
-            if let Some(e) = failed {
-                return Err(format!("{e}; {ended} tasks were ended before it"));
+            if let Some(e) = fatal {
+                return Err(format!("{e}; {ended} tasks were ended (listed above)"));
             }
-            took = Some(began.elapsed());
+            if again.is_empty() {
+                if took.is_some_and(|t| t < QUICK) {
+                    at_once = (at_once * 2).min(END_AT_ONCE.1);
+                }
+            } else {
+                // Smaller, and these first again.
+                at_once = (at_once / 2).max(1);
+                if let Some(e) = failed {
+                    tracing::warn!(error = %e, tasks = again.len(), at_once, "could not end tasks; trying again fewer at a time");
+                }
+                for task in again.into_iter().rev() {
+                    roots.push_front(task);
+                }
+            }
+        }
+    }
+}
+
+/// Why a task was not ended.
+enum Unended {
+    /// The store could not say (it did not answer in time): worth trying
+    /// again, fewer at a time.
+    Unavailable(String),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<Unended> for String {
+    fn from(e: Unended) -> Self {
+        match e {
+            Unended::Unavailable(e) | Unended::Failed(e) => e,
         }
     }
 }
@@ -476,7 +528,7 @@ async fn end_one(
     store: &dyn scrip_store::Store,
     task: &scrip_store::TaskRecord,
     reason: &str,
-) -> Result<bool, String> {
+) -> Result<bool, Unended> {
     let now = crate::audit::now_s();
     if task.state(now) == scrip_store::TaskState::Ended {
         return Ok(false);
@@ -526,13 +578,27 @@ async fn end_one(
         // Ended meanwhile (by its agent, its parent, its deadline), which
         // is read again to be sure: a conflict means nothing else.
         Err(scrip_store::StoreError::Conflict(why)) => {
-            match store.task(&task.id).await.map_err(|e| e.to_string())? {
+            match store
+                .task(&task.id)
+                .await
+                .map_err(|e| Unended::Failed(e.to_string()))?
+            {
                 Some(t) if t.state(crate::audit::now_s()) == scrip_store::TaskState::Ended => {
                     Ok(false)
                 }
-                _ => Err(format!("cannot end task `{}`: {why}", task.id)),
+                _ => Err(Unended::Failed(format!(
+                    "cannot end task `{}`: {why}",
+                    task.id
+                ))),
             }
         }
-        Err(e) => Err(format!("cannot end task `{}`: {e}", task.id)),
+        Err(e @ scrip_store::StoreError::Unavailable(_)) => Err(Unended::Unavailable(format!(
+            "cannot end task `{}`: {e}",
+            task.id
+        ))),
+        Err(e) => Err(Unended::Failed(format!(
+            "cannot end task `{}`: {e}",
+            task.id
+        ))),
     }
 }

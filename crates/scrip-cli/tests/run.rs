@@ -940,6 +940,67 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// The agent the bulk tests end, and its issuer.
+const BULK: &str = "system:serviceaccount:ci:bulk";
+const BULK_ISSUER: &str = "https://k8s.test";
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An open task of [`BULK`] at `issuer`, written straight to the store.
+fn bulk_task(
+    id: &str,
+    issuer: &str,
+    parent: Option<&str>,
+    expires_at: u64,
+) -> scrip_store::TaskRecord {
+    scrip_store::TaskRecord {
+        id: id.into(),
+        parent: parent.map(Into::into),
+        agent: scrip_token::WorkloadIdentity {
+            issuer: issuer.into(),
+            subject: BULK.into(),
+            kind: scrip_token::IdentityKind::Kubernetes,
+            attributes: std::collections::BTreeMap::new(),
+            claims: std::collections::BTreeMap::new(),
+        },
+        actor: parent.map(|_| scrip_token::Actor {
+            sub: "helper".into(),
+            iss: Some(issuer.into()),
+            act: None,
+        }),
+        may_act: Vec::new(),
+        grants: "github:read".into(),
+        held: String::new(),
+        purpose: "bulk".into(),
+        environment: "dev".into(),
+        depth: u32::from(parent.is_some()),
+        token_jti: format!("jti-{id}"),
+        created_at: now_s(),
+        expires_at,
+        ended_at: None,
+        end_reason: None,
+    }
+}
+
+/// `server`'s store, opened beside it, and a runtime to use it on.
+fn store_of(server: &Server) -> (tokio::runtime::Runtime, scrip_store::SqliteStore) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt
+        .block_on(scrip_store::SqliteStore::open_in(
+            &server.dir.path().join("data"),
+        ))
+        .unwrap();
+    (rt, store)
+}
+
 /// An operator ends an agent with more open tasks than a page
 /// (`revoke_agent` reads 1,000 at a time and ends 250 at once), some with
 /// sub-tasks and some already ended, beside the running scrip, which goes
@@ -949,7 +1010,7 @@ fn an_operator_revokes_tasks_while_scrip_runs() {
 /// none of the server's commits fails meanwhile.
 #[test]
 fn an_operator_ends_an_agent_with_thousands_of_tasks() {
-    use scrip_store::{Store as _, TaskRecord, Write};
+    use scrip_store::{Store as _, Write};
     let server = Server::start();
     let config = server.dir.path().join("scrip.toml");
     let out = server
@@ -962,37 +1023,10 @@ fn an_operator_ends_an_agent_with_thousands_of_tasks() {
     let other = text(&out.stdout).trim().to_owned();
     assert_eq!(server.exchange(&other).0, 200);
 
-    let (bulk, issuer) = ("system:serviceaccount:ci:bulk", "https://k8s.test");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let task = |id: String, iss: &str, parent: Option<&str>, expires_at: u64| TaskRecord {
-        id: id.clone(),
-        parent: parent.map(Into::into),
-        agent: scrip_token::WorkloadIdentity {
-            issuer: iss.into(),
-            subject: bulk.into(),
-            kind: scrip_token::IdentityKind::Kubernetes,
-            attributes: std::collections::BTreeMap::new(),
-            claims: std::collections::BTreeMap::new(),
-        },
-        actor: parent.map(|_| scrip_token::Actor {
-            sub: "helper".into(),
-            iss: Some(iss.into()),
-            act: None,
-        }),
-        may_act: Vec::new(),
-        grants: "github:read".into(),
-        held: String::new(),
-        purpose: "bulk".into(),
-        environment: "dev".into(),
-        depth: u32::from(parent.is_some()),
-        token_jti: format!("jti-{id}"),
-        created_at: now,
-        expires_at,
-        ended_at: None,
-        end_reason: None,
+    let (bulk, issuer) = (BULK, BULK_ISSUER);
+    let now = now_s();
+    let task = |id: String, iss: &str, parent: Option<&str>, expires_at: u64| {
+        bulk_task(&id, iss, parent, expires_at)
     };
     // 1,100 roots, pairs of them sharing a deadline (ordered then by id),
     // written in no particular order; sub-tasks of two; one root already
@@ -1028,15 +1062,7 @@ fn an_operator_ends_an_agent_with_thousands_of_tasks() {
         grace: 60,
     });
     roots.sort();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let store = rt
-        .block_on(scrip_store::SqliteStore::open_in(
-            &server.dir.path().join("data"),
-        ))
-        .unwrap();
+    let (rt, store) = store_of(&server);
     rt.block_on(store.commit(writes)).unwrap();
 
     let end_bulk = || {
@@ -1105,6 +1131,79 @@ fn an_operator_ends_an_agent_with_thousands_of_tasks() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "");
     assert!(text(&out.stderr).contains("no open task"));
+}
+
+/// Endings the store cannot take in time (here another process holds the
+/// embedded store's write lock past the busy wait) are tried again, fewer
+/// at a time, rather than failing the command: once the lock is free, every
+/// task is ended and printed once.
+#[test]
+fn an_operator_ends_an_agent_while_the_store_is_held() {
+    use scrip_store::{Store as _, Write};
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let deadline = now_s() + 3_600;
+    let ids: Vec<String> = (0..40).map(|i| format!("held-{i:02}")).collect();
+    let (rt, store) = store_of(&server);
+    rt.block_on(
+        store.commit(
+            ids.iter()
+                .map(|id| Write::InsertTask(Box::new(bulk_task(id, BULK_ISSUER, None, deadline))))
+                .collect(),
+        ),
+    )
+    .unwrap();
+    // Held for 7 s from before the command starts: the first endings wait
+    // 5 s for it and fail.
+    let (held, taken) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn({
+        let path = server.dir.path().join("data/scrip.db");
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::{ConnectOptions as _, Connection as _};
+                let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                held.send(()).unwrap();
+                tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            });
+        }
+    });
+    taken.recv().unwrap();
+    let out = server
+        .scrip()
+        .args(["task", "revoke", "--config"])
+        .arg(&config)
+        .args(["--agent", BULK, "--reason", "INC-9"])
+        .output()
+        .unwrap();
+    holder.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("trying again fewer at a time"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Each once; those tried again after the others.
+    let mut printed: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    printed.sort();
+    assert_eq!(printed, ids);
+    for id in &ids {
+        let task = rt.block_on(store.task(id)).unwrap().unwrap();
+        assert_eq!(task.end_reason.as_deref(), Some("revoked"), "{id}");
+    }
 }
 
 /// The default purpose is the command line with what is plainly a secret

@@ -1520,33 +1520,82 @@ async fn apply_in(
     Ok(())
 }
 
+/// How long a connection whose read was cut short (out of time, or its
+/// caller gone) may take to answer before it is closed rather than handed
+/// back to the pool ([`Reading`]).
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// A pooled connection while a read runs on it. Cut short, the read leaves
+/// its answer on the way: the pool, handed the connection back, would check
+/// it with a round trip of its own that waits for that answer without a
+/// bound, and from a database gone silent (a host failed over, a link cut
+/// without a reset) waits for TCP to give up, many minutes, holding its
+/// place all the while, so that a few such reads would fail every later one
+/// long after the database came back. So a read cut short hands its
+/// connection back only once it answers within [`SETTLE`], and closes it
+/// otherwise. It is not closed at once: a read held by a lock (a migration,
+/// a `VACUUM FULL`) goes on waiting in the database after its connection
+/// closes, and a pool that opened another for every read timed out would
+/// pile such sessions up to the database's connection limit; held for
+/// [`SETTLE`], a pool opens at most its size of them in that time.
+struct Reading(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl Reading {
+    /// The connection to read on.
+    fn conn(&mut self) -> Result<&mut PgConnection, StoreError> {
+        self.0
+            .as_deref_mut()
+            .ok_or_else(|| unavailable("the read's connection was handed back"))
+    }
+
+    /// The read is done: its connection goes back to the pool.
+    fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(settle(conn));
+        }
+    }
+}
+
+/// Hands `conn`, whose read was cut short, back to the pool once it
+/// answers within [`SETTLE`]; closes it otherwise.
+async fn settle(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+    if !matches!(tokio::time::timeout(SETTLE, conn.ping()).await, Ok(Ok(()))) {
+        drop(conn.detach());
+    }
+}
+
 /// Runs a read, `$query` on a connection of `$pool` named `$conn`, within
-/// `$limit` from its start, connection included. A read that runs out of
-/// time leaves its connection out of the pool and closed: handed back, the
-/// pool would first check it with a round trip of its own, which waits for
-/// the read's answer (or, from a database gone silent, for TCP to give up,
-/// many minutes), holding its place in the pool all that time, so that a
-/// few such reads would fail every later one long after the database came
-/// back.
+/// `$limit` from its start, connection included; a read cut short leaves
+/// its connection to [`Reading`].
 macro_rules! read {
     ($pool:expr, $limit:expr, |$conn:ident| $query:expr $(,)?) => {
         async {
             let deadline = tokio::time::Instant::now() + $limit;
             let late = || unavailable("the database did not answer in time");
-            let mut held = tokio::time::timeout_at(deadline, $pool.acquire())
-                .await
-                .map_err(|_| late())?
-                .map_err(unavailable)?;
+            let mut reading = Reading(Some(
+                tokio::time::timeout_at(deadline, $pool.acquire())
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(unavailable)?,
+            ));
             let answer = {
-                let $conn = &mut *held;
+                let $conn = reading.conn()?;
                 tokio::time::timeout_at(deadline, $query).await
             };
             match answer {
-                Ok(result) => result.map_err(unavailable),
-                Err(_) => {
-                    drop(held.detach());
-                    Err(late())
+                Ok(result) => {
+                    reading.done();
+                    result.map_err(unavailable)
                 }
+                Err(_) => Err(late()),
             }
         }
     };
@@ -1656,15 +1705,17 @@ impl Store for PgStore {
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let floor = match rows::before_since(filter) {
-            Some(at) => {
-                read!(self.reads, TIMEOUT, |c| sqlx::query_scalar(
-                    rows::BEFORE_SINCE
+        // Both within the audit query's time: the first reads the index
+        // entries of every record since `since_ms`.
+        let floor = match filter.since_ms {
+            Some(since) => Some(rows::since_floor(
+                read!(self.reads, QUERY_TIMEOUT, |c| sqlx::query_scalar(
+                    rows::FIRST_SINCE
                 )
-                .bind(at)
-                .fetch_optional(c))
-                .await?
-            }
+                .bind(to_i64(since))
+                .fetch_one(c))
+                .await?,
+            )),
             None => None,
         };
         let (sql, args) = rows::audit_query(filter, floor, |n| format!("${n}"));

@@ -378,27 +378,20 @@ where
     })
 }
 
-/// How long before a query's `since_ms` its records are looked for: a
-/// record is stamped (`at_ms`) when it is made and gets its `seq` when it
-/// is committed, seconds later at most, and replicas' clocks agree within
-/// their leeway (a minute), so a record committed before another is never
-/// stamped this much later than it.
-pub(crate) const SINCE_MARGIN_MS: u64 = 3_600_000;
+/// The first record (lowest `seq`) stamped at or after `$1`, a query's
+/// `since_ms`, read through the `audit_time` index: a query with `since_ms`
+/// starts there rather than reading the trail from its first record (the
+/// `seq` order it is read in leaves `audit_time` unused). Exact whatever
+/// the writers' clocks: no record before it is stamped that late. (`seq +
+/// 0`: PostgreSQL would otherwise find the least `seq` by reading the key
+/// from its start until a record matches, the whole trail before `$1`.)
+pub(crate) const FIRST_SINCE: &str = "SELECT MIN(seq + 0) FROM audit WHERE at_ms >= $1";
 
-/// The record stamped last before `$1` (`since_ms` less
-/// [`SINCE_MARGIN_MS`]), through the `audit_time` index: every record
-/// committed before it (a lower `seq`) was stamped before `since_ms`, so a
-/// query with `since_ms` starts after it rather than reading the trail from
-/// its first record (the `seq` order it is read in leaves `audit_time`
-/// unused).
-pub(crate) const BEFORE_SINCE: &str =
-    "SELECT seq FROM audit WHERE at_ms < $1 ORDER BY at_ms DESC LIMIT 1";
-
-/// The bound [`BEFORE_SINCE`] is run with for `filter`, when it has one.
-pub(crate) fn before_since(filter: &crate::AuditFilter) -> Option<i64> {
-    filter
-        .since_ms
-        .map(|since| to_i64(since.saturating_sub(SINCE_MARGIN_MS)))
+/// Where a query of `filter` starts: after the record before the first one
+/// [`FIRST_SINCE`] found (`first`) or, with none found, after every record
+/// (no record is stamped that late).
+pub(crate) fn since_floor(first: Option<i64>) -> i64 {
+    first.map_or(i64::MAX, |seq| seq.saturating_sub(1))
 }
 
 /// The query of [`crate::Store::open_tasks`], with only the conditions it
@@ -452,8 +445,8 @@ pub(crate) fn open_tasks_query(
 /// (`?n`, `$n`); the values come back in their order. Nothing of the filter
 /// goes into the SQL itself.
 ///
-/// `floor` is what [`BEFORE_SINCE`] found for a filter with `since_ms`:
-/// only records after it are read.
+/// `floor` is [`since_floor`] for a filter with `since_ms`: only records
+/// after it are read.
 pub(crate) fn audit_query(
     filter: &crate::AuditFilter,
     floor: Option<i64>,

@@ -248,12 +248,14 @@ impl Store for SqliteStore {
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        let floor = match rows::before_since(filter) {
-            Some(at) => sqlx::query_scalar(rows::BEFORE_SINCE)
-                .bind(at)
-                .fetch_optional(&self.reads)
-                .await
-                .map_err(unavailable)?,
+        let floor = match filter.since_ms {
+            Some(since) => Some(rows::since_floor(
+                sqlx::query_scalar(rows::FIRST_SINCE)
+                    .bind(to_i64(since))
+                    .fetch_one(&self.reads)
+                    .await
+                    .map_err(unavailable)?,
+            )),
             None => None,
         };
         let (sql, args) = rows::audit_query(filter, floor, |n| format!("?{n}"));
@@ -771,11 +773,11 @@ mod tests {
         }
         let plan = explain(
             &store.reads,
-            rows::BEFORE_SINCE.into(),
+            rows::FIRST_SINCE.into(),
             vec![rows::Arg::Int(1)],
         )
         .await;
-        assert!(plan.contains("audit_time (at_ms<?)"), "{plan}");
+        assert!(plan.contains("audit_time (at_ms>?)"), "{plan}");
     }
 
     /// Each filter of `scrip audit query` reads through its own index, not

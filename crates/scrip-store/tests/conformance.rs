@@ -99,7 +99,7 @@ conformance!(
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
     audit_queries_filter,
-    a_query_since_a_time_reads_from_an_hour_before_it,
+    a_query_since_a_time_reads_from_its_first_record,
     checkpoints_and_chain_links_read_back,
     every_commit_signs_its_head_once_a_signer_is_set,
     keys_are_published_until_their_time,
@@ -1680,25 +1680,23 @@ async fn issued_at(s: &Arc<dyn Store>, filter: AuditFilter) -> Vec<u64> {
         .collect()
 }
 
-/// `since_ms` starts the read after the last record stamped more than an
-/// hour (`SINCE_MARGIN_MS`) before it, not at the oldest: a record stamped
-/// after the time is found though a record committed after it was stamped
-/// before, within the hour; one stamped more than an hour after a record
-/// committed later (a clock hours ahead) is out of the range. At the
-/// bound, the time is inclusive.
-async fn a_query_since_a_time_reads_from_an_hour_before_it(f: Fixture) {
+/// `since_ms` finds every record stamped at or after it, in `seq` order,
+/// whatever order they were committed in: the read starts just before the
+/// first of them (not at the oldest record), so none is missed however far
+/// a writer's clock ran ahead or behind.
+async fn a_query_since_a_time_reads_from_its_first_record(f: Fixture) {
     const HOUR: u64 = 3_600_000;
     let since = 100 * HOUR;
     let s = &f.store;
     // In commit order.
     let stamps = [
         since - 3 * HOUR,
-        since + 2 * HOUR, // hours ahead of what is committed next
-        since - 2 * HOUR, // the last stamped before `since` less an hour
+        since + 2 * HOUR, // a clock hours ahead: the first at or after it
+        since - 2 * HOUR, // a clock hours behind, committed after
         since + 60_000,
-        since - 50 * 60_000, // within the hour of the one before
+        since - 50 * 60_000,
         since,
-        since - HOUR, // not before `since` less an hour
+        since - HOUR,
     ];
     for at_ms in stamps {
         s.commit(vec![Write::Audit(Box::new(AuditEvent {
@@ -1710,55 +1708,34 @@ async fn a_query_since_a_time_reads_from_an_hour_before_it(f: Fixture) {
         .await
         .unwrap();
     }
+    let since_then = |since_ms: u64, after_seq: Option<i64>| AuditFilter {
+        since_ms: Some(since_ms),
+        after_seq,
+        ..AuditFilter::default()
+    };
     assert_eq!(
-        issued_at(
-            s,
-            AuditFilter {
-                since_ms: Some(since),
-                ..AuditFilter::default()
-            }
-        )
-        .await,
-        [since + 60_000, since]
+        issued_at(s, since_then(since, None)).await,
+        [since + 2 * HOUR, since + 60_000, since]
     );
-    // With a cursor, after the later of the cursor and the bound.
+    // With a cursor, after the later of the cursor and the start.
     let all = s.audit(&AuditFilter::default()).await.unwrap();
     let seq_of = |at_ms: u64| all.iter().find(|e| e.at_ms == at_ms).unwrap().seq;
     assert_eq!(
-        issued_at(
-            s,
-            AuditFilter {
-                since_ms: Some(since),
-                after_seq: Some(seq_of(since + 60_000)),
-                ..AuditFilter::default()
-            }
-        )
-        .await,
+        issued_at(s, since_then(since, Some(seq_of(since + 60_000)))).await,
         [since]
     );
     assert_eq!(
-        issued_at(
-            s,
-            AuditFilter {
-                since_ms: Some(since),
-                after_seq: Some(seq_of(since - 3 * HOUR)),
-                ..AuditFilter::default()
-            }
-        )
-        .await,
-        [since + 60_000, since]
+        issued_at(s, since_then(since, Some(seq_of(since - 3 * HOUR)))).await,
+        [since + 2 * HOUR, since + 60_000, since]
     );
-    // With no record stamped that long before, from the oldest.
+    // From the oldest, and after the latest.
     assert_eq!(
-        issued_at(
-            s,
-            AuditFilter {
-                since_ms: Some(since - 3 * HOUR),
-                ..AuditFilter::default()
-            }
-        )
-        .await,
+        issued_at(s, since_then(since - 3 * HOUR, None)).await,
         stamps
+    );
+    assert_eq!(
+        issued_at(s, since_then(since + 3 * HOUR, None)).await,
+        [0_u64; 0]
     );
 }
 

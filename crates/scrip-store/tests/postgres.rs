@@ -192,43 +192,102 @@ async fn a_feed_cursor_skips_nothing_with_several_writers() {
     assert_eq!(seen.len(), total, "the cursor skipped revocations");
 }
 
-/// Reads that run out of time (here held by a lock, as a database gone
-/// silent holds them) give their connections up: a read of something else
-/// goes on at once on a new connection, though more reads timed out than
-/// the pool holds connections. (Handed back to the pool, each waited there
-/// for its answer, and every later read failed meanwhile.)
+/// Reads held by a lock (a migration, a `VACUUM FULL`) time out, and keep
+/// their connections until they answer: the pool does not open another
+/// session for each read that timed out, each left waiting in the database
+/// (they would pile up to its connection limit); once the lock is gone the
+/// connections answer and reads go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_that_time_out_do_not_hold_the_pool() {
+async fn reads_held_by_a_lock_do_not_pile_up_sessions() {
     use sqlx::Connection as _;
     let db = PgDatabase::new();
     let store = Arc::new(PgStore::connect(db.url()).await.unwrap());
     store.commit(vec![revoke("before")]).await.unwrap();
     let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(db.url()).await.unwrap();
     sqlx::raw_sql("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
         .execute(&mut holder)
         .await
         .unwrap();
-    // More than the pool's 8 connections.
-    let reads: Vec<_> = (0..10)
+    // Two rounds of more reads than the pool's 8 connections.
+    for _ in 0..2 {
+        let reads: Vec<_> = (0..10)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.token_revoked("before").await })
+            })
+            .collect();
+        for read in reads {
+            let err = read.await.unwrap().unwrap_err();
+            assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        }
+    }
+    let sessions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // The pool's 8, the writer, the listener, the holder and this one.
+    assert!(sessions <= 12, "{sessions} sessions");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.token_revoked("before").await.is_err() {
+        assert!(Instant::now() < deadline, "reads did not go on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads cut off by a database gone silent (their connections stalled: a
+/// host failed over, a link cut without a reset) give their connections
+/// up once they have not answered for a while (`SETTLE`, 30 s): the pool
+/// opens new ones and reads go on, though more reads timed out than it
+/// holds connections. (Handed back, each waited for TCP to give up, many
+/// minutes, and every read failed meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_cut_off_by_a_silent_database_give_their_connections_up() {
+    use sqlx::Connection as _;
+    let db = PgDatabase::new();
+    let gate = Gate::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db.url().replace("127.0.0.1:5432", &gate.addr().to_string());
+    let store = Arc::new(PgStore::connect(&url).await.unwrap());
+    store.commit(vec![revoke("before")]).await.unwrap();
+    // Every connection of the pool busy with a read held by a lock, when
+    // the link goes silent.
+    let mut holder = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let reads: Vec<_> = (0..8)
         .map(|_| {
             let store = store.clone();
             tokio::spawn(async move { store.token_revoked("before").await })
         })
         .collect();
-    for read in reads {
-        let err = read.await.unwrap().unwrap_err();
-        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
-    }
-    let read = store.task("t").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.stall();
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut holder)
         .await
         .unwrap();
-    assert!(
-        matches!(read, Ok(None)),
-        "the timed-out reads held the pool: {read:?}"
-    );
-    assert!(store.token_revoked("before").await.unwrap());
+    let cut_off = Instant::now();
+    for read in reads {
+        let err = read.await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.token_revoked("before").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no read went on in {:?}",
+            cut_off.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A command that only reads the store, started while the database holds
