@@ -415,12 +415,14 @@ const PAUSE: std::ops::RangeInclusive<std::time::Duration> =
 /// Its tasks are read a page at a time, the soonest to end first, and the
 /// roots among them ended, [`END_AT_ONCE`] at a time: a sub-task (which
 /// names its root's agent) ends with its root. Each task ended is printed,
-/// in that order (those tried again, after the others of their page).
-/// After a failure the endings already under way are
-/// finished (and printed) and the first failure is returned. (An ending
-/// tried again after the store could not confirm it may find the task
-/// ended by its first try, and then does not print it: the audit trail
-/// has its `task.ended`.)
+/// in that order (those tried again, after the rest of the endings they
+/// were tried with). One tried again after the store could not confirm its
+/// ending, and found ended then, counts as ended by this command when it
+/// ended as revoked after the command began (an agent revoking its own
+/// task token at that moment looks the same; the audit trail tells them
+/// apart). Tasks that cannot be ended are named at the end, after every
+/// other was tried; the command stops early when [`GIVE_UP`] in a row fail
+/// because the store does not answer.
 async fn revoke_agent(
     config: &scrip_config::Config,
     store: &dyn scrip_store::Store,
@@ -434,18 +436,24 @@ async fn revoke_agent(
     // How long the last endings took, to pause as long before the next.
     let mut took: Option<std::time::Duration> = None;
     let mut at_once = END_AT_ONCE.0;
+    // Tasks tried again, the store unable to say whether the first try
+    // ended them; tasks that could not be ended, and why; how many in a row
+    // failed alone because the store did not answer.
+    let mut retried: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut unended: Vec<(String, String)> = Vec::new();
+    let mut in_a_row = 0;
     loop {
         let page = store
             .open_tasks(
                 now,
                 Some(agent),
                 after.as_ref().map(|(at, id)| (*at, id.as_str())),
-                1000,
+                u32::try_from(PAGE).unwrap_or(u32::MAX),
             )
             .await
             .map_err(|e| e.to_string())?;
         let Some(last) = page.last() else {
-            return Ok(ended);
+            break;
         };
         after = Some((last.expires_at, last.id.clone()));
         let mut roots: std::collections::VecDeque<_> = page
@@ -466,43 +474,88 @@ async fn revoke_agent(
             )
             .await;
             took = Some(began.elapsed());
-            let (mut fatal, mut failed) = (None, None);
             let mut again = Vec::new();
+            let mut failed = None;
             for (task, result) in together.iter().zip(results) {
                 match result {
                     Ok(true) => {
                         out!("{}", task.id);
                         ended += 1;
+                        in_a_row = 0;
+                    }
+                    // Tried again after the store could not confirm the
+                    // first try: ended by that try, as far as one can tell.
+                    Ok(false) if retried.contains(task.id.as_str()) => {
+                        let ours = store.task(&task.id).await.is_ok_and(|t| {
+                            t.is_some_and(|t| {
+                                t.end_reason.as_deref() == Some("revoked")
+                                    && t.ended_at.is_some_and(|at| at >= now)
+                            })
+                        });
+                        if ours {
+                            out!("{}", task.id);
+                            ended += 1;
+                        }
                     }
                     Ok(false) => {}
-                    Err(Unended::Unavailable(e)) if at_once > 1 => {
+                    Err(Unended::Unavailable(e)) if together.len() > 1 => {
                         again.push(*task);
                         failed.get_or_insert(e);
                     }
-                    Err(Unended::Unavailable(e) | Unended::Failed(e)) => {
-                        fatal.get_or_insert(e);
+                    Err(Unended::Unavailable(e)) => {
+                        in_a_row += 1;
+                        unended.push((task.id.clone(), e));
                     }
+                    Err(Unended::Failed(e)) => unended.push((task.id.clone(), e)),
                 }
             }
-            if let Some(e) = fatal {
-                return Err(format!("{e}; {ended} tasks were ended (listed above)"));
+            if in_a_row >= GIVE_UP {
+                return Err(not_all(
+                    ended,
+                    &unended,
+                    "the store does not answer; stopped",
+                ));
             }
             if again.is_empty() {
                 if took.is_some_and(|t| t < QUICK) {
                     at_once = (at_once * 2).min(END_AT_ONCE.1);
                 }
             } else {
-                // Smaller, and these first again.
-                at_once = (at_once / 2).max(1);
+                // Fewer than were tried, and these first again.
+                at_once = (together.len() / 2).max(1);
                 if let Some(e) = failed {
                     tracing::warn!(error = %e, tasks = again.len(), at_once, "could not end tasks; trying again fewer at a time");
                 }
                 for task in again.into_iter().rev() {
+                    retried.insert(task.id.clone());
                     roots.push_front(task);
                 }
             }
         }
     }
+    if unended.is_empty() {
+        Ok(ended)
+    } else {
+        Err(not_all(ended, &unended, "the others were ended"))
+    }
+}
+
+/// The most tasks that may fail in a row, each alone, because the store
+/// did not answer, before `revoke --agent` stops trying the rest.
+const GIVE_UP: usize = 3;
+
+/// A page of an agent's open tasks.
+const PAGE: usize = 1000;
+
+/// What `revoke --agent` says when it could not end every task.
+fn not_all(ended: usize, unended: &[(String, String)], then: &str) -> String {
+    let ids: Vec<&str> = unended.iter().map(|(id, _)| id.as_str()).collect();
+    let first = unended.first().map_or("", |(_, e)| e.as_str());
+    format!(
+        "could not end {} tasks ({}): {first}; {then}; {ended} tasks were ended (listed above); run the command again to end what is left",
+        ids.len(),
+        ids.join(", ")
+    )
 }
 
 /// Why a task was not ended.
@@ -578,11 +631,11 @@ async fn end_one(
         // Ended meanwhile (by its agent, its parent, its deadline), which
         // is read again to be sure: a conflict means nothing else.
         Err(scrip_store::StoreError::Conflict(why)) => {
-            match store
-                .task(&task.id)
-                .await
-                .map_err(|e| Unended::Failed(e.to_string()))?
-            {
+            let read = store.task(&task.id).await.map_err(|e| match e {
+                scrip_store::StoreError::Unavailable(_) => Unended::Unavailable(e.to_string()),
+                e => Unended::Failed(e.to_string()),
+            })?;
+            match read {
                 Some(t) if t.state(crate::audit::now_s()) == scrip_store::TaskState::Ended => {
                     Ok(false)
                 }

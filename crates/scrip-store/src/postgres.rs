@@ -491,6 +491,7 @@ impl PgStore {
             .max_connections(8)
             .min_connections(1)
             .acquire_timeout(TIMEOUT)
+            .after_connect(|conn, _| Box::pin(check_client(conn)))
             .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
@@ -1516,6 +1517,23 @@ async fn apply_in(
                 .await
                 .map_err(refused)?;
         }
+    }
+    Ok(())
+}
+
+/// Has the database end what a read connection runs once its client has
+/// gone (checked every second), where it can (PostgreSQL 14 and later on
+/// Linux; elsewhere the setting is refused, and left unset): a read
+/// [`Reading`] closes goes on waiting in the database otherwise, for as
+/// long as whatever holds it (a lock) lasts. Set for the session: through a
+/// pooler in transaction mode it may reach other clients' transactions on
+/// the same server connection, to which it does only the same.
+async fn check_client(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    if let Err(e) = sqlx::query("SET client_connection_check_interval = '1s'")
+        .execute(conn)
+        .await
+    {
+        tracing::debug!(error = %e, "the database cannot check for a reader gone mid-statement");
     }
     Ok(())
 }

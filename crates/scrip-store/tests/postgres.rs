@@ -192,11 +192,12 @@ async fn a_feed_cursor_skips_nothing_with_several_writers() {
     assert_eq!(seen.len(), total, "the cursor skipped revocations");
 }
 
-/// Reads held by a lock (a migration, a `VACUUM FULL`) time out, and keep
-/// their connections until they answer: the pool does not open another
-/// session for each read that timed out, each left waiting in the database
-/// (they would pile up to its connection limit); once the lock is gone the
-/// connections answer and reads go on.
+/// Reads held by a lock (a migration, a `VACUUM FULL`) time out and keep
+/// their connections for a while (`SETTLE`, 30 s), then close them, and
+/// the database ends what each closed one was waiting for (it checks every
+/// second for a client gone): reads timing out the whole time a lock lasts
+/// do not pile sessions up to the database's connection limit; once the
+/// lock is gone reads go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_held_by_a_lock_do_not_pile_up_sessions() {
     use sqlx::Connection as _;
@@ -209,25 +210,34 @@ async fn reads_held_by_a_lock_do_not_pile_up_sessions() {
         .execute(&mut holder)
         .await
         .unwrap();
-    // Two rounds of more reads than the pool's 8 connections.
-    for _ in 0..2 {
-        let reads: Vec<_> = (0..10)
+    // More reads than the pool's 8 connections.
+    let reads = || -> Vec<_> {
+        (0..10)
             .map(|_| {
                 let store = store.clone();
                 tokio::spawn(async move { store.token_revoked("before").await })
             })
-            .collect();
+            .collect()
+    };
+    let timed_out = |reads: Vec<tokio::task::JoinHandle<Result<bool, StoreError>>>| async move {
         for read in reads {
             let err = read.await.unwrap().unwrap_err();
             assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         }
-    }
+    };
+    timed_out(reads()).await;
+    // Past the time their connections are kept: closed, and new ones
+    // opened for the next reads, while the closed ones' waits end.
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    let more = reads();
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let sessions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()",
     )
     .fetch_one(&mut admin)
     .await
     .unwrap();
+    timed_out(more).await;
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut holder)
         .await
