@@ -91,7 +91,8 @@ pub struct RevokeArgs {
     /// identity that started it (sub-tasks delegated from them end with
     /// them). Each id ended is printed, the soonest deadline first; they
     /// are ended up to 250 at a time, pausing between, so that on the
-    /// embedded store the running scrip goes on writing.
+    /// embedded store the running scrip goes on writing. Tasks that could
+    /// not be ended are named at the end (exit status 1): run it again.
     #[arg(long, value_name = "SUBJECT", conflicts_with = "ids")]
     agent: Option<String>,
     /// With --agent: only its tasks started with an identity of this
@@ -418,11 +419,12 @@ const PAUSE: std::ops::RangeInclusive<std::time::Duration> =
 /// in that order (those tried again, after the rest of the endings they
 /// were tried with). One tried again after the store could not confirm its
 /// ending, and found ended then, counts as ended by this command when it
-/// ended as revoked after the command began (an agent revoking its own
-/// task token at that moment looks the same; the audit trail tells them
-/// apart). Tasks that cannot be ended are named at the end, after every
-/// other was tried; the command stops early when [`GIVE_UP`] in a row fail
-/// because the store does not answer.
+/// ended as revoked in the second the command began or after (another
+/// revocation at that moment, its agent's or another operator's, looks the
+/// same; the audit trail tells them apart). Tasks that cannot be ended are
+/// named at the end, after every other was tried, and the command fails;
+/// it stops early when [`GIVE_UP`] in a row fail because the store does
+/// not answer.
 async fn revoke_agent(
     config: &scrip_config::Config,
     store: &dyn scrip_store::Store,
@@ -451,7 +453,17 @@ async fn revoke_agent(
                 u32::try_from(PAGE).unwrap_or(u32::MAX),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                if unended.is_empty() {
+                    e.to_string()
+                } else {
+                    not_all(
+                        ended,
+                        &unended,
+                        &format!("reading the next page failed ({e}); stopped"),
+                    )
+                }
+            })?;
         let Some(last) = page.last() else {
             break;
         };
@@ -486,18 +498,23 @@ async fn revoke_agent(
                     // Tried again after the store could not confirm the
                     // first try: ended by that try, as far as one can tell.
                     Ok(false) if retried.contains(task.id.as_str()) => {
-                        let ours = store.task(&task.id).await.is_ok_and(|t| {
-                            t.is_some_and(|t| {
-                                t.end_reason.as_deref() == Some("revoked")
-                                    && t.ended_at.is_some_and(|at| at >= now)
-                            })
-                        });
-                        if ours {
-                            out!("{}", task.id);
-                            ended += 1;
+                        in_a_row = 0;
+                        match store.task(&task.id).await {
+                            Ok(Some(t))
+                                if t.end_reason.as_deref() == Some("revoked")
+                                    && t.ended_at.is_some_and(|at| at >= now) =>
+                            {
+                                out!("{}", task.id);
+                                ended += 1;
+                            }
+                            Ok(_) => {}
+                            Err(e) => unended.push((
+                                task.id.clone(),
+                                format!("whether task `{}` was ended is not known: {e}", task.id),
+                            )),
                         }
                     }
-                    Ok(false) => {}
+                    Ok(false) => in_a_row = 0,
                     Err(Unended::Unavailable(e)) if together.len() > 1 => {
                         again.push(*task);
                         failed.get_or_insert(e);
@@ -506,7 +523,10 @@ async fn revoke_agent(
                         in_a_row += 1;
                         unended.push((task.id.clone(), e));
                     }
-                    Err(Unended::Failed(e)) => unended.push((task.id.clone(), e)),
+                    Err(Unended::Failed(e)) => {
+                        in_a_row = 0;
+                        unended.push((task.id.clone(), e));
+                    }
                 }
             }
             if in_a_row >= GIVE_UP {

@@ -111,7 +111,7 @@ async fn write_limits(conn: &mut PgConnection) -> &'static str {
     .is_some();
     if !taken {
         tracing::info!(
-            "the database cannot check for a client gone mid-statement (client_connection_check_interval): a statement begun late in a slow commit may run up to 5 s past it"
+            "the database cannot check for a client gone mid-statement (client_connection_check_interval): a statement begun late in a slow commit may run up to 5 s past it, and a read given up on while a lock holds it waits in the database as long as the lock"
         );
     }
     if taken { LIMITS_CHECKING } else { LIMITS }
@@ -487,11 +487,16 @@ impl PgStore {
         let limits = tokio::time::timeout(TIMEOUT, write_limits(&mut conn))
             .await
             .map_err(|_| late("a transaction"))?;
-        let reads = PgPoolOptions::new()
+        let mut reads = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
-            .acquire_timeout(TIMEOUT)
-            .after_connect(|conn, _| Box::pin(check_client(conn)))
+            .acquire_timeout(TIMEOUT);
+        // Where the server can check for a client gone (the writer's probe
+        // said so), for reads too.
+        if limits == LIMITS_CHECKING {
+            reads = reads.after_connect(|conn, _| Box::pin(check_client(conn)));
+        }
+        let reads = reads
             .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
@@ -1522,18 +1527,17 @@ async fn apply_in(
 }
 
 /// Has the database end what a read connection runs once its client has
-/// gone (checked every second), where it can (PostgreSQL 14 and later on
-/// Linux; elsewhere the setting is refused, and left unset): a read
-/// [`Reading`] closes goes on waiting in the database otherwise, for as
-/// long as whatever holds it (a lock) lasts. Set for the session: through a
-/// pooler in transaction mode it may reach other clients' transactions on
-/// the same server connection, to which it does only the same.
+/// gone (checked every second), on a server that takes the setting (see
+/// [`LIMITS_CHECKING`]; it is set only where the writer's probe found it
+/// taken): a read [`Reading`] closes goes on waiting in the database
+/// otherwise, for as long as whatever holds it (a lock) lasts. Set for the
+/// session.
 async fn check_client(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     if let Err(e) = sqlx::query("SET client_connection_check_interval = '1s'")
         .execute(conn)
         .await
     {
-        tracing::debug!(error = %e, "the database cannot check for a reader gone mid-statement");
+        tracing::warn!(error = %e, "a read connection cannot have the database check for it gone mid-statement");
     }
     Ok(())
 }

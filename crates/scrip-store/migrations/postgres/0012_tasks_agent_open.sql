@@ -3,10 +3,11 @@
 -- agent ever started, by start time, had each page read them all and sort
 -- the open ones. Only open tasks are indexed, so a task start still
 -- updates one index for its agent, and an ending drops the task from it.
--- In one transaction, as every migration (one that failed part-way would
--- leave a store no later start could migrate): the new index is built
--- first, under a lock that lets replicas still running read tasks (only
--- their task starts and endings wait for the build), and the old one is
--- dropped last, its lock held for a moment.
+-- Built in a transaction of its own (one that failed part-way would leave
+-- a store no later start could migrate), under a lock that lets replicas
+-- still running read tasks; their writes to tasks wait for it, and every
+-- commit waits behind those. The old index is dropped by the next
+-- migration, in a transaction of its own: dropped here, its lock, asked
+-- for while this one's is held, would deadlock with a replica's ending
+-- that read tasks and waits to write them.
 CREATE INDEX tasks_agent_open ON tasks(agent_sub, expires_at, id) WHERE ended_at IS NULL;
-DROP INDEX tasks_agent;
