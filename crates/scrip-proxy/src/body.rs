@@ -165,6 +165,21 @@ pub struct CountingBody {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// Whether a body that just had nothing to give has had nothing for
+/// `limit`: `timer`, started at the first such poll (and cleared by the
+/// caller when the body moves), has run out; otherwise it wakes `cx` then.
+fn silent_for(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    timer
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
+}
+
 /// The agent's body stopped moving for longer than the read timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("nothing more came for {0:?}")]
@@ -207,10 +222,7 @@ impl Body for CountingBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if polled.is_pending() {
             let idle = self.idle;
-            let timer = self
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-            if timer.as_mut().poll(cx).is_ready() {
+            if silent_for(&mut self.timer, idle, cx) {
                 self.timer = None;
                 return Poll::Ready(Some(Err(Box::new(AgentBody(Box::new(Stalled(idle)))))));
             }
@@ -331,11 +343,7 @@ impl Body for ResponseBody {
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
-                    let timeout = this.read_timeout;
-                    let timer = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                    if timer.as_mut().poll(cx).is_ready() {
+                    if silent_for(&mut this.timer, this.read_timeout, cx) {
                         this.finished = true;
                         this.done(false);
                         return Poll::Ready(Some(Err(Box::new(ReadTimeout))));
