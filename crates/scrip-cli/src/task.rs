@@ -403,14 +403,16 @@ const END_AT_ONCE: (usize, usize) = (16, 250);
 /// Endings that took less than this may be joined by more next time.
 const QUICK: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// The shortest and longest pause after ending [`END_AT_ONCE`] tasks. On
+/// The shortest and longest pause between endings of [`END_AT_ONCE`] tasks. On
 /// the embedded store a running scrip writes to the same file, and SQLite
 /// hands its write lock to whoever asks first once it is free: commits made
 /// back to back would keep it from the server for as long as the command
 /// runs (its batches failing with 503 after 5 s). Pausing as long as the
 /// last endings took leaves the server about half the time.
-const PAUSE: std::ops::RangeInclusive<std::time::Duration> =
-    std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(1);
+const PAUSE: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(10),
+    std::time::Duration::from_secs(1),
+);
 
 /// Ends every open task of `agent` (of `issuer`, if given): how many.
 /// Its tasks are read a page at a time, the soonest to end first, and the
@@ -474,8 +476,7 @@ async fn revoke_agent(
             .collect();
         while !roots.is_empty() {
             if let Some(last) = took.take() {
-                let (least, most) = (*PAUSE.start(), *PAUSE.end());
-                tokio::time::sleep(last.clamp(least, most)).await;
+                tokio::time::sleep(last.clamp(PAUSE.0, PAUSE.1)).await;
             }
             let together: Vec<_> = roots.drain(..at_once.min(roots.len())).collect();
             let began = std::time::Instant::now();
@@ -499,19 +500,13 @@ async fn revoke_agent(
                     // first try: ended by that try, as far as one can tell.
                     Ok(false) if retried.contains(task.id.as_str()) => {
                         in_a_row = 0;
-                        match store.task(&task.id).await {
-                            Ok(Some(t))
-                                if t.end_reason.as_deref() == Some("revoked")
-                                    && t.ended_at.is_some_and(|at| at >= now) =>
-                            {
+                        match ended_since(store, &task.id, now).await {
+                            Ok(true) => {
                                 out!("{}", task.id);
                                 ended += 1;
                             }
-                            Ok(_) => {}
-                            Err(e) => unended.push((
-                                task.id.clone(),
-                                format!("whether task `{}` was ended is not known: {e}", task.id),
-                            )),
+                            Ok(false) => {}
+                            Err(e) => unended.push((task.id.clone(), e)),
                         }
                     }
                     Ok(false) => in_a_row = 0,
@@ -558,6 +553,17 @@ async fn revoke_agent(
     } else {
         Err(not_all(ended, &unended, "the others were ended"))
     }
+}
+
+/// Whether task `id` ended as revoked at `since` (seconds) or later.
+async fn ended_since(store: &dyn scrip_store::Store, id: &str, since: u64) -> Result<bool, String> {
+    let task = store
+        .task(id)
+        .await
+        .map_err(|e| format!("whether task `{id}` was ended is not known: {e}"))?;
+    Ok(task.is_some_and(|t| {
+        t.end_reason.as_deref() == Some("revoked") && t.ended_at.is_some_and(|at| at >= since)
+    }))
 }
 
 /// The most tasks that may fail in a row, each alone, because the store
