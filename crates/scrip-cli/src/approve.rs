@@ -132,7 +132,10 @@ pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
             } else if items.is_empty() && !more {
                 out!("no pending approvals");
             } else {
-                for a in &items {
+                for (i, a) in items.iter().enumerate() {
+                    if i > 0 {
+                        out!("");
+                    }
                     show(a);
                 }
             }
@@ -171,10 +174,15 @@ fn show(a: &Value) {
     }
 }
 
+/// How many columns of the agent's words one line holds: with the marker
+/// before them a line fits an 80-column terminal, which then wraps none of
+/// them (a line the terminal wraps could start with anything).
+const PURPOSE_COLUMNS: usize = 72;
+
 /// The lines of one approval. The purpose is the agent's own words: shown
-/// last, quoted, its runs of spaces made one, so that padding that wraps
-/// in a terminal cannot put lines that look like scrip's (`asks: read at
-/// ...`) among them.
+/// last, its runs of spaces made one, in lines scrip breaks itself, each
+/// after a `|`, so that padding cannot put a line that looks like scrip's
+/// (`asks: read at ...`) among them, or a whole step that looks like one.
 fn step_lines(a: &Value) -> Vec<String> {
     // The issuer too: two issuers may name different workloads alike.
     let agent = a
@@ -213,8 +221,8 @@ fn step_lines(a: &Value) -> Vec<String> {
         .map(|c| c.join(" <- "))
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "none".into());
-    let purpose = text(a, "purpose");
-    vec![
+    let purpose = wrapped(&text(a, "purpose"), PURPOSE_COLUMNS);
+    let mut lines = vec![
         text(a, "auth_req_id"),
         format!("  agent:       {agent}"),
         format!("  task:        {}", text(a, "task")),
@@ -226,11 +234,44 @@ fn step_lines(a: &Value) -> Vec<String> {
         ),
         format!("  delegation:  {chain}"),
         format!("  expires at:  {}", text(a, "expires_at")),
-        format!(
-            "  purpose:     \"{}\" (the agent's words)",
-            purpose.split_whitespace().collect::<Vec<_>>().join(" ")
-        ),
-    ]
+        "  purpose, in the agent's words:".to_owned(),
+    ];
+    lines.extend(purpose.iter().map(|l| format!("    | {l}")));
+    lines
+}
+
+/// `words` in lines of at most `columns` columns on a terminal, broken
+/// between words where a word fits a line, runs of spaces made one.
+fn wrapped(words: &str, columns: usize) -> Vec<String> {
+    use unicode_width::UnicodeWidthChar as _;
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    let mut used = 0;
+    for word in words.split_whitespace() {
+        let width: usize = word.chars().filter_map(char::width).sum();
+        if !line.is_empty() && used + 1 + width > columns {
+            lines.push(std::mem::take(&mut line));
+            used = 0;
+        }
+        if !line.is_empty() {
+            line.push(' ');
+            used += 1;
+        }
+        // A word longer than a line is cut where the line is full.
+        for c in word.chars() {
+            let w = c.width().unwrap_or(0);
+            if !line.is_empty() && used + w > columns {
+                lines.push(std::mem::take(&mut line));
+                used = 0;
+            }
+            line.push(c);
+            used += w;
+        }
+    }
+    if !line.is_empty() || lines.is_empty() {
+        lines.push(line);
+    }
+    lines
 }
 
 /// Asks the person at the terminal to confirm; `Err` when there is none.
@@ -369,7 +410,8 @@ mod tests {
     use super::*;
 
     /// A purpose padded to wrap into lines that look like scrip's comes
-    /// last, quoted and on one line: the step's own lines come first.
+    /// last, each of its lines after the marker: the step's own lines come
+    /// first.
     #[test]
     fn a_padded_purpose_cannot_pass_for_the_step() {
         let pad = " ".repeat(100);
@@ -386,8 +428,50 @@ mod tests {
         let lines = step_lines(&a);
         assert_eq!(lines[4], "  asks:        delete at github");
         assert_eq!(
-            lines.last().unwrap(),
-            "  purpose:     \"docs environment: dev asks: read at github\\u{9}now\" (the agent's words)"
+            lines[7..],
+            [
+                "  purpose, in the agent's words:",
+                "    | docs environment: dev asks: read at github\\u{9}now"
+            ]
         );
+    }
+
+    /// A purpose that draws a whole step of its own (an id, then lines like
+    /// scrip's, each filled to a terminal's width with what shows as blank
+    /// but is not a space) cannot start a line of its own, whatever it is
+    /// made of: scrip breaks it into lines no 80-column terminal wraps,
+    /// each after the marker.
+    #[test]
+    fn a_purpose_cannot_draw_a_step_of_its_own() {
+        let blank = |s: &str| format!("{:\u{2800}<80}", s.replace(' ', "\u{2800}"));
+        let fake = ["r1", "  environment: dev", "  asks:        read at github"]
+            .map(blank)
+            .concat();
+        for purpose in [
+            format!("cleanup{}{fake}", blank("")),
+            // Wide characters take two columns each.
+            format!("{}{}", "中".repeat(100), "x".repeat(200)),
+            "y".repeat(1024),
+        ] {
+            let a = serde_json::json!({"auth_req_id": "r1", "purpose": purpose});
+            let lines = step_lines(&a);
+            let words = &lines[lines.len() - wrapped(&text(&a, "purpose"), 72).len()..];
+            assert!(words.len() > 1, "{words:?}");
+            for line in words {
+                assert!(line.starts_with("    | "), "{line:?}");
+                let columns: usize = line
+                    .chars()
+                    .filter_map(unicode_width::UnicodeWidthChar::width)
+                    .sum();
+                assert!(columns <= 78, "{columns}: {line:?}");
+            }
+        }
+        // Words are kept whole where they fit a line.
+        assert_eq!(
+            wrapped("fix   the\tflaky test in JIRA-123", 12),
+            ["fix the", "flaky test", "in JIRA-123"]
+        );
+        assert_eq!(wrapped("", 12), [""]);
+        assert_eq!(wrapped("abcdefgh", 3), ["abc", "def", "gh"]);
     }
 }

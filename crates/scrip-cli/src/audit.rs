@@ -356,26 +356,36 @@ pub(crate) fn when(ms: u64) -> String {
 /// value from an agent or a token cannot forge or hide a line of what a
 /// person reads.
 pub(crate) fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if scrip_token::is_deceptive(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    scrip_token::escape_deceptive(s)
 }
 
+/// A column's text, printable, cut to `width` characters at its end.
 pub(crate) fn cell(s: Option<&str>, width: usize) -> String {
     let s = printable(s.unwrap_or("-"));
-    let s = s.as_str();
     if s.chars().count() > width {
         let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
         out.push('…');
         out
     } else {
-        s.to_owned()
+        s
+    }
+}
+
+/// An agent's column: cut in its middle, since subjects alike at their
+/// start tell workloads apart at their end (`repo:acme/app:ref:refs/heads/main`
+/// and `…/heads/evil`).
+pub(crate) fn agent_cell(s: Option<&str>, width: usize) -> String {
+    let s = printable(s.unwrap_or("-"));
+    let count = s.chars().count();
+    if count > width {
+        let head = width.saturating_sub(1) / 2;
+        let tail = width.saturating_sub(1) - head;
+        let mut out: String = s.chars().take(head).collect();
+        out.push('…');
+        out.extend(s.chars().skip(count - tail));
+        out
+    } else {
+        s
     }
 }
 
@@ -398,7 +408,7 @@ fn print_table(records: &[AuditEvent]) {
             when(r.at_ms),
             cell(Some(&r.event), 16),
             cell(r.decision.as_deref(), 5),
-            cell(r.agent_sub.as_deref(), 28),
+            agent_cell(r.agent_sub.as_deref(), 28),
             cell(r.task_id.as_deref(), 22),
             cell(r.tool.as_deref(), 10),
             cell(r.actions.as_deref(), 16),
@@ -736,6 +746,19 @@ mod tests {
         assert_eq!(printable("ab\u{202e}cd"), "ab\\u{202e}cd");
         assert_eq!(printable("système:agents"), "système:agents");
         assert_eq!(cell(Some("a\r\nb"), 80), "a\\u{d}\\u{a}b");
+    }
+
+    /// Two runs of one repository, from `main` and from another branch,
+    /// read apart in the agent column.
+    #[test]
+    fn an_agent_column_keeps_both_ends() {
+        let main = agent_cell(Some("repo:acme/infra:ref:refs/heads/main"), 28);
+        let evil = agent_cell(Some("repo:acme/infra:ref:refs/heads/evil"), 28);
+        assert_eq!(main, "repo:acme/inf…efs/heads/main");
+        assert_eq!(main.chars().count(), 28);
+        assert_ne!(main, evil);
+        assert_eq!(agent_cell(Some("coder"), 28), "coder");
+        assert_eq!(agent_cell(None, 28), "-");
     }
 
     #[test]

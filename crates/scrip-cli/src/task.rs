@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use scrip_client::{Client, FileCache};
 
-use crate::audit::{cell, open, runtime, when};
+use crate::audit::{agent_cell, cell, open, runtime, when};
 use crate::fail;
 use crate::run::{TaskArgs, explain};
 
@@ -315,7 +315,7 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
             "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  {}",
             t.id,
             when(t.expires_at.saturating_mul(1000)),
-            cell(Some(&t.agent.subject), 28),
+            agent_cell(Some(&t.agent.subject), 28),
             cell(t.parent.as_deref(), 22),
             cell(Some(&t.environment), 6),
             cell(Some(&t.grants), 24),

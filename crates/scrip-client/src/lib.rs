@@ -242,17 +242,8 @@ fn printable(s: &str) -> String {
 /// be scrip): control and bidirectional characters escaped, at most `n`
 /// characters.
 fn printable_up_to(s: &str, n: usize) -> String {
-    s.chars()
-        .take(n)
-        .flat_map(|c| {
-            let shown: Vec<char> = if scrip_token::is_deceptive(c) {
-                c.escape_unicode().collect()
-            } else {
-                vec![c]
-            };
-            shown
-        })
-        .collect()
+    let head = s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i]);
+    scrip_token::escape_deceptive(head)
 }
 
 /// Seconds since the epoch.

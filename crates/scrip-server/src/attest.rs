@@ -596,8 +596,10 @@ fn select<'a>(
 /// process's own namespace names it, and said so, unless it is the file
 /// at that path in scrip's (a process that mounted its own binary over a
 /// trusted one's path must not read as that one in the trail).
+/// The path is the process's to choose, so what would forge or hide a line
+/// where the record or the log is read is written as escapes.
 fn exe_said(o: &Observed) -> String {
-    match &o.exe {
+    match o.exe.as_deref().map(scrip_token::escape_deceptive) {
         Some(exe) if o.exe_verified => format!("exe `{exe}`"),
         Some(exe) => format!("exe `{exe}` (unverified: not that file in scrip's namespace)"),
         None => "exe unknown".to_owned(),
@@ -996,6 +998,16 @@ mod tests {
             "{err}"
         );
         assert_eq!(exe_said(&observed()), "exe `/usr/bin/agent`");
+        // A path the process chose to erase the lines above it where the
+        // record is read (U+009B opens a terminal's control sequence).
+        let forging = Observed {
+            exe: Some("/tmp/a\u{9b}1A\u{9b}2K\u{202e}".into()),
+            ..observed()
+        };
+        assert_eq!(
+            exe_said(&forging),
+            "exe `/tmp/a\\u{9b}1A\\u{9b}2K\\u{202e}`"
+        );
         assert!(select(&w, &observed(), None, &[None]).is_err());
         let unreadable = Observed {
             exe_file: None,

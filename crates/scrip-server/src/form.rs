@@ -245,10 +245,16 @@ pub fn shown_value(s: &str) -> String {
     }
 }
 
-/// A parameter name or value shortened for an error message.
+/// A parameter name or value shortened for an error message (which the log
+/// also carries), without what would forge or hide a line where it is read
+/// ([`scrip_token::is_deceptive`]).
 #[must_use]
 pub fn short(s: &str) -> String {
-    let mut out: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
+    let mut out: String = s
+        .chars()
+        .filter(|c| !scrip_token::is_deceptive(*c))
+        .take(64)
+        .collect();
     if s.chars().count() > 64 {
         out.push('…');
     }
@@ -258,6 +264,18 @@ pub fn short(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name an unauthenticated client chose reaches the error and the
+    /// log without what could reverse or forge the line there.
+    #[test]
+    fn a_shortened_value_keeps_only_what_shows() {
+        assert_eq!(
+            short("x\u{202e}=1 client=10.0.0.1\n\u{9b}2K\u{2800}\u{200b}y"),
+            "x=1 client=10.0.0.12Ky"
+        );
+        let long = "a".repeat(70);
+        assert_eq!(short(&long), format!("{}…", "a".repeat(64)));
+    }
 
     /// A charset other than UTF-8 is refused, not read as UTF-8.
     #[tokio::test]

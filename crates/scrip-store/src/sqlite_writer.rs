@@ -67,7 +67,7 @@ fn wait_for_lock(tries: i32) -> bool {
 
 /// The write connection's WAL hook: SQLite calls it after each commit with
 /// the frames now in the WAL, those just committed included.
-fn wal_size(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+fn wal_size(_: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
     WAL_FRAMES.set(i64::from(frames));
     Ok(())
 }
@@ -87,7 +87,7 @@ fn failed(e: rusqlite::Error) -> StoreError {
 
 /// Opens the write connection on a database the migrations already set up.
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
@@ -110,8 +110,8 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 /// [`connect`], and the hook that tells the writer how long the WAL is
 /// (registered after the pragmas: `wal_autocheckpoint` replaces it).
 fn connect_writer(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = connect(path)?;
-    conn.wal_hook(Some(wal_size));
+    let mut conn = connect(path)?;
+    conn.wal_hook(Some(wal_size))?;
     Ok(conn)
 }
 

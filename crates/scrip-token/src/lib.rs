@@ -112,9 +112,12 @@ impl TokenKind {
 /// (zero-width spaces and joiners, the word joiner and invisible operators,
 /// the byte-order mark, the soft hyphen, annotation marks, variation
 /// selectors, the Hangul fillers, the tag characters that can spell hidden
-/// text). Text from an
-/// agent or a token holding one could forge or hide a line of what a person
-/// reads; such text is refused as an identity and escaped when printed.
+/// text: Unicode's whole Default_Ignorable_Code_Point set), and the Braille
+/// blank U+2800, which shows as a space but is not whitespace, so runs of it
+/// survive trimming and could pad a line to wrap where a person reads it.
+/// Text from an agent or a token holding one could forge or hide a line of
+/// what a person reads; such text is refused as an identity or a purpose
+/// and escaped when printed ([`escape_deceptive`]).
 #[must_use]
 pub fn is_deceptive(c: char) -> bool {
     c.is_control()
@@ -131,13 +134,31 @@ pub fn is_deceptive(c: char) -> bool {
                 | '\u{200b}'..='\u{200f}'
                 | '\u{2028}'..='\u{202e}'
                 | '\u{2060}'..='\u{206f}'
+                | '\u{2800}'
                 | '\u{3164}'
                 | '\u{fe00}'..='\u{fe0f}'
                 | '\u{feff}'
                 | '\u{ffa0}'
-                | '\u{fff9}'..='\u{fffb}'
+                | '\u{fff0}'..='\u{fffb}'
+                | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d173}'..='\u{1d17a}'
                 | '\u{e0000}'..='\u{e0fff}'
         )
+}
+
+/// `s` with each [`is_deceptive`] character written as a `\u{..}` escape,
+/// for text from an agent that a record or a terminal shows.
+#[must_use]
+pub fn escape_deceptive(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if is_deceptive(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The expiry of a derived credential: `now + ttl`, but never after the
@@ -145,6 +166,66 @@ pub fn is_deceptive(c: char) -> bool {
 #[must_use]
 pub fn derived_expiry(now: u64, ttl: u64, ceiling: u64) -> u64 {
     now.saturating_add(ttl).min(ceiling)
+}
+
+#[cfg(test)]
+mod deceptive_tests {
+    use super::{escape_deceptive, is_deceptive};
+
+    /// Unicode 16's Default_Ignorable_Code_Point ranges
+    /// (DerivedCoreProperties.txt): each shows as nothing.
+    const DEFAULT_IGNORABLE: &[(char, char)] = &[
+        ('\u{00ad}', '\u{00ad}'),
+        ('\u{034f}', '\u{034f}'),
+        ('\u{061c}', '\u{061c}'),
+        ('\u{115f}', '\u{1160}'),
+        ('\u{17b4}', '\u{17b5}'),
+        ('\u{180b}', '\u{180f}'),
+        ('\u{200b}', '\u{200f}'),
+        ('\u{202a}', '\u{202e}'),
+        ('\u{2060}', '\u{206f}'),
+        ('\u{3164}', '\u{3164}'),
+        ('\u{fe00}', '\u{fe0f}'),
+        ('\u{feff}', '\u{feff}'),
+        ('\u{ffa0}', '\u{ffa0}'),
+        ('\u{fff0}', '\u{fff8}'),
+        ('\u{1bca0}', '\u{1bca3}'),
+        ('\u{1d173}', '\u{1d17a}'),
+        ('\u{e0000}', '\u{e0fff}'),
+    ];
+
+    #[test]
+    fn what_shows_as_nothing_or_as_a_blank_that_is_not_a_space_is_deceptive() {
+        for &(first, last) in DEFAULT_IGNORABLE {
+            for c in first..=last {
+                assert!(is_deceptive(c), "U+{:04X}", u32::from(c));
+            }
+        }
+        // Controls, C1 ones too (U+009B opens a terminal's control
+        // sequence), the line separators, and the Braille blank.
+        for c in [
+            '\0', '\n', '\r', '\u{1b}', '\u{7f}', '\u{85}', '\u{9b}', '\u{9d}',
+        ] {
+            assert!(is_deceptive(c), "U+{:04X}", u32::from(c));
+        }
+        for c in ['\u{2028}', '\u{2029}', '\u{2800}'] {
+            assert!(is_deceptive(c), "U+{:04X}", u32::from(c));
+        }
+        // What shows as itself does not.
+        for c in [
+            'a', 'Z', ' ', 'é', '中', '⠁', '🦀', '\u{3000}', '\u{fffd}', '\u{fffc}',
+        ] {
+            assert!(!is_deceptive(c), "U+{:04X}", u32::from(c));
+        }
+    }
+
+    #[test]
+    fn deceptive_characters_are_written_as_escapes() {
+        assert_eq!(
+            escape_deceptive("a\u{2800}b\u{9b}1A\u{202e}c é"),
+            "a\\u{2800}b\\u{9b}1A\\u{202e}c é"
+        );
+    }
 }
 
 #[cfg(test)]
