@@ -179,15 +179,27 @@ fn show(a: &Value) {
 /// them (a line the terminal wraps could start with anything).
 const PURPOSE_COLUMNS: usize = 72;
 
-/// The lines of one approval. The purpose is the agent's own words: shown
-/// last, its runs of spaces made one, in lines scrip breaks itself, each
-/// after a `|`, so that padding cannot put a line that looks like scrip's
-/// (`asks: read at ...`) among them, or a whole step that looks like one.
+/// How many columns of a field's value one line holds, after its label.
+const VALUE_COLUMNS: usize = 63;
+
+/// The lines of one approval. What an agent chose (its purpose, and in
+/// part its identity: a branch name in a CI token's subject) is broken
+/// into lines by scrip, none of which a terminal 80 columns wide wraps
+/// and none of which starts where scrip's own lines do: so that padding
+/// cannot put a line that looks like scrip's (`asks: read at ...`) among
+/// them, or a whole step that looks like one. The purpose is shown last,
+/// its runs of spaces made one, each of its lines after a `|`.
 fn step_lines(a: &Value) -> Vec<String> {
     // The issuer too: two issuers may name different workloads alike.
     let agent = a
         .get("agent")
-        .map(|g| format!("{} (from {})", text(g, "subject"), text(g, "issuer")))
+        .map(|g| {
+            format!(
+                "{} (from {})",
+                blanks_escaped(&text(g, "subject")),
+                blanks_escaped(&text(g, "issuer"))
+            )
+        })
         .unwrap_or_default();
     // Each sub-agent with its issuer too, for the same reason (an older
     // scrip sends the subjects only).
@@ -196,13 +208,13 @@ fn step_lines(a: &Value) -> Vec<String> {
         .and_then(Value::as_array)
         .map(|c| {
             c.iter()
-                .map(|g| match g.get("issuer").and_then(Value::as_str) {
-                    Some(iss) => format!(
+                .map(|g| match g.get("issuer") {
+                    Some(Value::String(_)) => format!(
                         "{} (from {})",
-                        crate::audit::printable(&text(g, "subject")),
-                        crate::audit::printable(iss)
+                        blanks_escaped(&text(g, "subject")),
+                        blanks_escaped(&text(g, "issuer"))
                     ),
-                    None => crate::audit::printable(&text(g, "subject")),
+                    _ => blanks_escaped(&text(g, "subject")),
                 })
                 .collect::<Vec<_>>()
         });
@@ -212,7 +224,7 @@ fn step_lines(a: &Value) -> Vec<String> {
             .map(|c| {
                 c.iter()
                     .filter_map(Value::as_str)
-                    .map(crate::audit::printable)
+                    .map(|s| blanks_escaped(&crate::audit::printable(s)))
                     .collect::<Vec<_>>()
             })
     };
@@ -221,34 +233,68 @@ fn step_lines(a: &Value) -> Vec<String> {
         .map(|c| c.join(" <- "))
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "none".into());
+    let asks = format!("{} at {}", text(a, "actions"), text(a, "tool"));
+    let mut lines = vec![text(a, "auth_req_id")];
+    for (label, value) in [
+        ("agent", agent),
+        ("task", text(a, "task")),
+        ("environment", text(a, "environment")),
+        ("asks", asks),
+        ("delegation", chain),
+        ("expires at", text(a, "expires_at")),
+    ] {
+        for (i, line) in wrapped(&value, VALUE_COLUMNS).into_iter().enumerate() {
+            let label = if i == 0 {
+                format!("{label}:")
+            } else {
+                String::new()
+            };
+            lines.push(format!("  {label:<13}{line}"));
+        }
+    }
+    lines.push("  purpose, in the agent's words:".to_owned());
     let purpose = wrapped(&text(a, "purpose"), PURPOSE_COLUMNS);
-    let mut lines = vec![
-        text(a, "auth_req_id"),
-        format!("  agent:       {agent}"),
-        format!("  task:        {}", text(a, "task")),
-        format!("  environment: {}", text(a, "environment")),
-        format!(
-            "  asks:        {} at {}",
-            text(a, "actions"),
-            text(a, "tool")
-        ),
-        format!("  delegation:  {chain}"),
-        format!("  expires at:  {}", text(a, "expires_at")),
-        "  purpose, in the agent's words:".to_owned(),
-    ];
     lines.extend(purpose.iter().map(|l| format!("    | {l}")));
     lines
 }
 
-/// `words` in lines of at most `columns` columns on a terminal, broken
-/// between words where a word fits a line, runs of spaces made one.
+/// An identity as a step shows it (already printable): every blank but a
+/// lone space written as an escape, so that neither a run of blanks nor
+/// one that is not a space (U+00A0, U+3000) can pad it, and two subjects
+/// that differ only in their blanks read apart.
+fn blanks_escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut after_space = false;
+    for c in s.chars() {
+        if c.is_whitespace() && (c != ' ' || after_space) {
+            out.extend(c.escape_unicode());
+            after_space = false;
+        } else {
+            out.push(c);
+            after_space = c == ' ';
+        }
+    }
+    out
+}
+
+/// How many columns `c` may take on a terminal, counted high: any but
+/// ASCII as two, as wide characters take, and as those of ambiguous width
+/// (Cyrillic, Greek, box drawing) do where a terminal is set up for East
+/// Asian text, which no table tells. A line counted high is only shorter
+/// than it might have been.
+fn columns_of(c: char) -> usize {
+    if c.is_ascii() { 1 } else { 2 }
+}
+
+/// `words` in lines of at most `columns` columns on a terminal (as
+/// [`columns_of`] counts them), broken between words where a word fits a
+/// line, runs of spaces made one.
 fn wrapped(words: &str, columns: usize) -> Vec<String> {
-    use unicode_width::UnicodeWidthChar as _;
     let mut lines = Vec::new();
     let mut line = String::new();
     let mut used = 0;
     for word in words.split_whitespace() {
-        let width: usize = word.chars().filter_map(char::width).sum();
+        let width: usize = word.chars().map(columns_of).sum();
         if !line.is_empty() && used + 1 + width > columns {
             lines.push(std::mem::take(&mut line));
             used = 0;
@@ -259,7 +305,7 @@ fn wrapped(words: &str, columns: usize) -> Vec<String> {
         }
         // A word longer than a line is cut where the line is full.
         for c in word.chars() {
-            let w = c.width().unwrap_or(0);
+            let w = columns_of(c);
             if !line.is_empty() && used + w > columns {
                 lines.push(std::mem::take(&mut line));
                 used = 0;
@@ -409,6 +455,22 @@ pub fn introspect(args: &ApproverArgs) -> ExitCode {
 mod tests {
     use super::*;
 
+    /// How many columns `line` takes at most on a terminal set up for
+    /// East Asian text, where characters of ambiguous width take two
+    /// (Cyrillic and Greek among them, which `width_cjk` counts as one).
+    fn on_a_cjk_terminal(line: &str) -> usize {
+        line.chars()
+            .map(|c| {
+                let table = unicode_width::UnicodeWidthChar::width_cjk(c).unwrap_or(0);
+                if ('\u{370}'..='\u{4ff}').contains(&c) {
+                    2
+                } else {
+                    table
+                }
+            })
+            .sum()
+    }
+
     /// A purpose padded to wrap into lines that look like scrip's comes
     /// last, each of its lines after the marker: the step's own lines come
     /// first.
@@ -449,8 +511,12 @@ mod tests {
             .concat();
         for purpose in [
             format!("cleanup{}{fake}", blank("")),
-            // Wide characters take two columns each.
+            // Wide characters take two columns each; those of ambiguous
+            // width (Cyrillic, Greek) two on a terminal set up for East
+            // Asian text.
             format!("{}{}", "中".repeat(100), "x".repeat(200)),
+            format!("{}{}", "я".repeat(100), "ω".repeat(100)),
+            format!("{}{}", "○".repeat(100), "─".repeat(100)),
             "y".repeat(1024),
         ] {
             let a = serde_json::json!({"auth_req_id": "r1", "purpose": purpose});
@@ -459,10 +525,7 @@ mod tests {
             assert!(words.len() > 1, "{words:?}");
             for line in words {
                 assert!(line.starts_with("    | "), "{line:?}");
-                let columns: usize = line
-                    .chars()
-                    .filter_map(unicode_width::UnicodeWidthChar::width)
-                    .sum();
+                let columns = on_a_cjk_terminal(line);
                 assert!(columns <= 78, "{columns}: {line:?}");
             }
         }
@@ -473,5 +536,48 @@ mod tests {
         );
         assert_eq!(wrapped("", 12), [""]);
         assert_eq!(wrapped("abcdefgh", 3), ["abc", "def", "gh"]);
+    }
+
+    /// A subject padded with blanks (a branch name in a CI token may hold
+    /// no-break spaces) cannot wrap into lines of its own either: its
+    /// blanks but lone spaces are escapes, and its lines start under the
+    /// field's value.
+    #[test]
+    fn an_identity_cannot_draw_lines_of_its_own() {
+        let padded = |blank: char| {
+            format!(
+                "repo:acme/app:ref:refs/heads/x{}r2{}  asks:        read at github",
+                blank.to_string().repeat(60),
+                blank.to_string().repeat(60)
+            )
+        };
+        for blank in ['\u{a0}', '\u{3000}', ' '] {
+            let a = serde_json::json!({
+                "auth_req_id": "r1",
+                "agent": {"issuer": "https://github", "subject": padded(blank)},
+                "delegation_actors": [{"issuer": "https://k8s", "subject": padded(blank)}],
+            });
+            let lines = step_lines(&a);
+            assert_eq!(lines[0], "r1");
+            assert!(lines[1].starts_with("  agent:       repo:acme/app:ref:refs/heads/x"));
+            for line in &lines[1..] {
+                assert!(line.starts_with("  "), "{line:?}");
+                assert!(
+                    !line.trim_start().starts_with("asks:        read"),
+                    "{line:?}"
+                );
+                let columns = on_a_cjk_terminal(line);
+                assert!(columns <= 78, "{columns}: {line:?}");
+            }
+            assert_eq!(
+                lines.iter().filter(|l| l.starts_with("  asks:")).count(),
+                1,
+                "{lines:#?}"
+            );
+        }
+        // Two subjects that differ only in their blanks read apart.
+        assert_ne!(blanks_escaped("a  b"), blanks_escaped("a b"));
+        assert_eq!(blanks_escaped("a  b"), "a \\u{20}b");
+        assert_eq!(blanks_escaped("a\u{a0}b c"), "a\\u{a0}b c");
     }
 }

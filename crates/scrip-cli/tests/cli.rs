@@ -1025,6 +1025,42 @@ max_age = 86400
     );
 }
 
+/// `PGHOSTADDR` in scrip's environment would take the store's link to
+/// another address than the URL's host, by which scrip judges the link (a
+/// database on this host may go without TLS): refused, by the server and
+/// the commands that open the store, before anything connects.
+#[test]
+fn a_store_address_from_the_environment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let db = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    db.set_nonblocking(true).unwrap();
+    write_config(
+        root,
+        &format!(
+            "database_url = \"postgres://scrip@{}/scrip\"\n",
+            db.local_addr().unwrap()
+        ),
+    );
+    for command in [&["serve"][..], &["audit", "verify"], &["task", "list"]] {
+        let out = scrip()
+            .args(command)
+            .arg("--config")
+            .arg(root.join("scrip.toml"))
+            .env("PGHOSTADDR", "203.0.113.5")
+            .current_dir(root)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {err}");
+        assert!(
+            err.contains("PGHOSTADDR is set in scrip's environment"),
+            "{command:?}: {err}"
+        );
+    }
+    assert!(db.accept().is_err(), "something connected");
+}
+
 /// `scrip serve` started on a database that accepts the connection and
 /// never answers, once it has connected: it waits there, in start-up. The
 /// connection, to keep open.

@@ -242,7 +242,11 @@ fn printable(s: &str) -> String {
 /// be scrip): control and bidirectional characters escaped, at most `n`
 /// characters.
 fn printable_up_to(s: &str, n: usize) -> String {
-    let head = s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i]);
+    let head = s
+        .char_indices()
+        .nth(n)
+        .and_then(|(i, _)| s.get(..i))
+        .unwrap_or(s);
     scrip_token::escape_deceptive(head)
 }
 

@@ -858,6 +858,66 @@ async fn a_denial_answers_a_step_stamped_by_a_clock_ahead() {
     s.stop().await;
 }
 
+/// A step is answered only by the denials its own lifetime weighed: one
+/// asked where `approval_ttl` was shorter, once an older denial's lock-out
+/// had passed there, is not answered by that denial on a replica (or after
+/// a restart) with a longer setting.
+#[tokio::test]
+async fn a_denial_older_than_a_steps_own_lifetime_does_not_answer_it() {
+    let s = TestServer::start_with(edit(|c| {
+        c.approvers = vec![alice(), bob()];
+        c.approval_ttl = 900;
+    }))
+    .await;
+    let task = prod_task_with(&s, "github:read github:delete").await;
+    let denied = pending_step(&s, &task, "github", "delete").await;
+    assert_eq!(
+        deny(&s, &denied, Some(&alice_id(&s)), "not now")
+            .await
+            .status,
+        200
+    );
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        s.dir.path().join("data/scrip.db").display()
+    ))
+    .await
+    .unwrap();
+    let set = |sql: &'static str, id: String| {
+        let db = &db;
+        async move {
+            let changed = sqlx::query(sql).bind(id).execute(db).await.unwrap();
+            assert_eq!(changed.rows_affected(), 1, "{sql}");
+        }
+    };
+    // Past the lock-out (1,000 s ago), the step is asked again.
+    set(
+        "UPDATE approvals SET decided_at = decided_at - 1000 WHERE id = ?",
+        denied.clone(),
+    )
+    .await;
+    let again = pending_step(&s, &task, "github", "delete").await;
+    // As if asked where `approval_ttl` was 300, the denial then 400 s old.
+    set(
+        "UPDATE approvals SET decided_at = decided_at + 600 WHERE id = ?",
+        denied,
+    )
+    .await;
+    set(
+        "UPDATE approvals SET expires_at = created_at + 300 WHERE id = ?",
+        again.clone(),
+    )
+    .await;
+    db.close().await;
+    poll(&s, &task, &again)
+        .await
+        .assert_error(400, "authorization_pending");
+    let bob = s.k8s.kubernetes("people", "bob");
+    assert_eq!(approve(&s, &again, Some(&bob)).await.status, 200);
+    assert_eq!(poll(&s, &task, &again).await.status, 200);
+    s.stop().await;
+}
+
 /// A denial answers only the waiting steps that need approval for one of
 /// its actions: one that shares with it only an action policy allows
 /// outright goes on waiting, and can be approved.

@@ -143,11 +143,39 @@ pub struct PgStore {
     reads: PgPool,
     writer: Writer,
     listener: tokio::task::JoinHandle<()>,
+    /// Gives the reads' pool [`fresh`] options every [`TLS_FILES_READ`].
+    refresher: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.listener.abort();
+        self.refresher.abort();
+    }
+}
+
+/// `options` for a connection that reads its TLS files (`sslrootcert`,
+/// `sslcert`, `sslkey`) again. The driver reads them once for the options
+/// and every copy of them, and keeps what it read: a client certificate a
+/// rotation (cert-manager, Vault) rewrote in place would otherwise expire
+/// under a running replica, and every connection it opens after that fail,
+/// until a restart. Setting the mode, even to itself, drops what was read.
+fn fresh(options: &PgConnectOptions) -> PgConnectOptions {
+    options.clone().ssl_mode(options.get_ssl_mode())
+}
+
+/// How often the reads' pool gets options that read the TLS files again,
+/// so its new connections follow a rotated certificate within this.
+const TLS_FILES_READ: Duration = Duration::from_secs(10);
+
+/// Gives `reads` [`fresh`] options every [`TLS_FILES_READ`] (a pool cannot
+/// have them read the files for each connection it opens).
+async fn refresh_tls(reads: PgPool, options: PgConnectOptions) {
+    let mut every = tokio::time::interval(TLS_FILES_READ);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        reads.set_connect_options(fresh(&options));
     }
 }
 
@@ -244,7 +272,6 @@ const KNOWN_PARAMETERS: &[&str] = &[
     "ssl-key",
     "statement-cache-capacity",
     "host",
-    "hostaddr",
     "port",
     "dbname",
     "user",
@@ -254,7 +281,13 @@ const KNOWN_PARAMETERS: &[&str] = &[
 
 /// Parameters of which the driver keeps only the last: given twice (several
 /// hosts, as libpq takes them), all but one would be ignored.
-const SINGLE_PARAMETERS: &[&str] = &["host", "hostaddr", "port"];
+const SINGLE_PARAMETERS: &[&str] = &["host", "port"];
+
+/// Why `hostaddr` (and `PGHOSTADDR`) are refused: the driver dials that
+/// address whatever the host says, while scrip judges the link (on this
+/// host or not, so which `sslmode` it needs; `localhost` pinned to
+/// 127.0.0.1) by the host.
+const HOSTADDR: &str = "the driver would connect to that address while scrip judges the link by the host; name the server's address as the host instead (`postgres://user@10.0.0.5/db`)";
 
 /// Refuses a URL parameter the driver would ignore, naming it (never its
 /// value).
@@ -264,6 +297,9 @@ fn check_parameters(url: &str) -> Result<(), String> {
     };
     let mut seen = std::collections::HashSet::new();
     for (key, value) in u.query_pairs() {
+        if key == "hostaddr" {
+            return Err(format!("scrip does not take `hostaddr`: {HOSTADDR}"));
+        }
         let known = KNOWN_PARAMETERS.contains(&key.as_ref())
             || (key.starts_with("options[") && key.ends_with(']'));
         if !known {
@@ -280,18 +316,13 @@ fn check_parameters(url: &str) -> Result<(), String> {
             ));
         }
     }
-    // The driver keeps one of two names for the server, the last: not
-    // libpq's `hostaddr` to connect to beside `host` to check the
-    // certificate against, so either one would be silently dropped.
+    // The driver keeps one of two names for the server, the last, so
+    // either one would be silently dropped.
     let named_host = u.host_str().is_some_and(|h| !h.is_empty());
     for (given, beside) in [
         (
             seen.contains("host") && named_host,
             "`host` and a host before the path",
-        ),
-        (
-            seen.contains("hostaddr") && (named_host || seen.contains("host")),
-            "`hostaddr` and a host (before the path, or `host`)",
         ),
         (
             seen.contains("port") && u.port().is_some(),
@@ -300,9 +331,20 @@ fn check_parameters(url: &str) -> Result<(), String> {
     ] {
         if given {
             return Err(format!(
-                "the URL names {beside}: the driver keeps only the last and ignores the other (it does not connect to `hostaddr` and check the certificate against `host`, as libpq does); give one"
+                "the URL names {beside}: the driver keeps only the last and ignores the other; give one"
             ));
         }
+    }
+    Ok(())
+}
+
+/// Refuses `PGHOSTADDR` in scrip's environment: the driver reads it
+/// whatever host the URL names ([`HOSTADDR`]).
+fn check_environment() -> Result<(), String> {
+    if std::env::var_os("PGHOSTADDR").is_some_and(|v| !v.is_empty()) {
+        return Err(format!(
+            "PGHOSTADDR is set in scrip's environment: {HOSTADDR}, and unset it"
+        ));
     }
     Ok(())
 }
@@ -447,7 +489,9 @@ impl PgStore {
     /// [`StoreError::Open`] when the database cannot be reached, migrated,
     /// or (`Require`) holds another schema.
     pub async fn connect_as(url: &str, schema: Schema) -> Result<Self, StoreError> {
-        check_parameters(url).map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
+        check_parameters(url)
+            .and_then(|()| check_environment())
+            .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let options = pin_localhost(
             PgConnectOptions::from_str(url)
                 .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?
@@ -510,6 +554,10 @@ impl PgStore {
             },
             crate::chain::new_chain_id()?,
         );
+        let refresher = scrip_vital::spawn(
+            "PostgreSQL TLS files",
+            refresh_tls(reads.clone(), options.clone()),
+        );
         let listener = scrip_vital::spawn(
             "PostgreSQL listener",
             listen(options, writer.changes().clone()),
@@ -518,6 +566,7 @@ impl PgStore {
             reads,
             writer,
             listener,
+            refresher,
         })
     }
 }
@@ -607,7 +656,7 @@ async fn listen(options: PgConnectOptions, changes: watch::Sender<Changes>) {
             .max_connections(1)
             .min_connections(0)
             .acquire_timeout(TIMEOUT)
-            .connect_lazy_with(options.clone());
+            .connect_lazy_with(fresh(&options));
         // While no connection listens, the caches are dropped every second.
         let connect = PgListener::connect_with(&pool);
         tokio::pin!(connect);
@@ -767,7 +816,7 @@ impl PgWriter {
         deadline: tokio::time::Instant,
     ) -> Result<(), StoreError> {
         if self.conn.is_none() {
-            let conn = tokio::time::timeout_at(deadline, self.options.connect())
+            let conn = tokio::time::timeout_at(deadline, fresh(&self.options).connect())
                 .await
                 .map_err(|_| unavailable("connecting to the database timed out"))?
                 .map_err(unavailable)?;

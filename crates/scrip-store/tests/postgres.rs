@@ -404,11 +404,23 @@ async fn a_database_elsewhere_needs_a_link_that_is_checked_or_chosen() {
         };
         assert!(e.contains("names one server"), "{e}");
     }
+    // The address the driver would dial whatever the host says, while
+    // scrip judges the link by the host: alone (the host then `localhost`,
+    // taken as this host) or beside one.
+    for url in [
+        "postgres:///scrip?hostaddr=203.0.113.5",
+        "postgres://scrip@127.0.0.1/scrip?hostaddr=203.0.113.5",
+        "postgres://scrip@db.invalid/scrip?sslmode=verify-full&hostaddr=10.0.0.5",
+        "postgres:///scrip?sslmode=verify-full&host=db.invalid&hostaddr=10.0.0.5",
+    ] {
+        let Err(StoreError::Open(e)) = PgStore::connect(url).await else {
+            panic!("{url}: not refused");
+        };
+        assert!(e.contains("scrip does not take `hostaddr`"), "{url}: {e}");
+    }
     // Two names for one server, of which the driver would keep the last.
     for url in [
-        "postgres://scrip@db.invalid/scrip?sslmode=verify-full&hostaddr=10.0.0.5",
         "postgres://scrip@db-a.invalid/scrip?sslmode=verify-full&host=db-b.invalid",
-        "postgres:///scrip?sslmode=verify-full&host=db.invalid&hostaddr=10.0.0.5",
         "postgres://scrip@127.0.0.1:5432/scrip?port=5433",
     ] {
         let Err(StoreError::Open(e)) = PgStore::connect(url).await else {
@@ -465,6 +477,68 @@ async fn the_shared_store_checks_the_servers_certificate() {
     let (all, encrypted) = links.split_once('|').unwrap();
     assert!(all.parse::<u32>().unwrap() >= 2, "{links}");
     assert_eq!(all, encrypted, "connections without TLS: {links}");
+}
+
+/// A TLS file rewritten in place (a rotated client certificate, a CA) is
+/// read again: by the writer's next connection and, within 10 s, by the
+/// reads' (the driver alone keeps what it first read until a restart, and
+/// a rotated client certificate would expire under a running replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_file_rewritten_in_place_is_read_again() {
+    let db = PgDatabase::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("db-ca.pem");
+    let server_cert = std::fs::read(db.execute("SHOW ssl_cert_file")).unwrap();
+    std::fs::write(&root, &server_cert).unwrap();
+    let store = PgStore::connect(&format!(
+        "{}?sslmode=verify-ca&sslrootcert={}",
+        db.url(),
+        root.display()
+    ))
+    .await
+    .unwrap();
+    store.commit(vec![revoke("before")]).await.unwrap();
+    let name = db.url().rsplit('/').next().unwrap().to_owned();
+    // Every connection of the store's cut, so that the next ones are new.
+    let cut = || {
+        db.execute(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{name}' AND application_name = 'scrip'"
+        ))
+    };
+    // Until both a write and a read answer `ok` (or both not), within 30 s.
+    let settles_to = |ok: bool| {
+        let (store, cut) = (&store, &cut);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut n = 0;
+            loop {
+                cut();
+                n += 1;
+                let wrote = store.commit(vec![revoke(&format!("w{ok}{n}"))]).await;
+                let read = store.token_revoked("before").await;
+                if wrote.is_ok() == ok && read.is_ok() == ok {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "after 30 s: write {wrote:?}, read {read:?} (wanted ok: {ok})"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    // Rotated to CAs that do not vouch for this server: refused.
+    std::fs::write(
+        &root,
+        std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap(),
+    )
+    .unwrap();
+    settles_to(false).await;
+    // Back: the store answers again, on new connections.
+    std::fs::write(&root, &server_cert).unwrap();
+    settles_to(true).await;
+    assert!(store.token_revoked("before").await.unwrap());
 }
 
 /// The server closes the store's connections (a restart, a failover, an
