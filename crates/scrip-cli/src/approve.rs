@@ -191,16 +191,9 @@ const VALUE_COLUMNS: usize = 63;
 /// its runs of spaces made one, each of its lines after a `|`.
 fn step_lines(a: &Value) -> Vec<String> {
     // The issuer too: two issuers may name different workloads alike.
-    let agent = a
-        .get("agent")
-        .map(|g| {
-            format!(
-                "{} (from {})",
-                blanks_escaped(&text(g, "subject")),
-                blanks_escaped(&text(g, "issuer"))
-            )
-        })
-        .unwrap_or_default();
+    let (agent, issuer) = a.get("agent").map_or_else(Default::default, |g| {
+        (identity_of(g, "subject"), identity_of(g, "issuer"))
+    });
     // Each sub-agent with its issuer too, for the same reason (an older
     // scrip sends the subjects only).
     let actors = a
@@ -211,10 +204,10 @@ fn step_lines(a: &Value) -> Vec<String> {
                 .map(|g| match g.get("issuer") {
                     Some(Value::String(_)) => format!(
                         "{} (from {})",
-                        blanks_escaped(&text(g, "subject")),
-                        blanks_escaped(&text(g, "issuer"))
+                        identity_of(g, "subject"),
+                        identity_of(g, "issuer")
                     ),
-                    _ => blanks_escaped(&text(g, "subject")),
+                    _ => identity_of(g, "subject"),
                 })
                 .collect::<Vec<_>>()
         });
@@ -224,7 +217,7 @@ fn step_lines(a: &Value) -> Vec<String> {
             .map(|c| {
                 c.iter()
                     .filter_map(Value::as_str)
-                    .map(|s| blanks_escaped(&crate::audit::printable(s)))
+                    .map(escaped_identity)
                     .collect::<Vec<_>>()
             })
     };
@@ -237,6 +230,7 @@ fn step_lines(a: &Value) -> Vec<String> {
     let mut lines = vec![text(a, "auth_req_id")];
     for (label, value) in [
         ("agent", agent),
+        ("issuer", issuer),
         ("task", text(a, "task")),
         ("environment", text(a, "environment")),
         ("asks", asks),
@@ -258,23 +252,29 @@ fn step_lines(a: &Value) -> Vec<String> {
     lines
 }
 
-/// An identity as a step shows it (already printable): every blank but a
-/// lone space written as an escape, so that neither a run of blanks nor
-/// one that is not a space (U+00A0, U+3000) can pad it, and two subjects
-/// that differ only in their blanks read apart.
-fn blanks_escaped(s: &str) -> String {
+/// An identity (a subject, an issuer) as a step shows it: what is
+/// deceptive, every blank (a space, U+00A0, U+3000) and the backslash
+/// written as escapes. It then holds no blank to pad it or to break a line
+/// at (its lines break only between the parts scrip joins, or where a line
+/// is full), and two that differ in any character read apart.
+fn escaped_identity(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    let mut after_space = false;
     for c in s.chars() {
-        if c.is_whitespace() && (c != ' ' || after_space) {
+        if scrip_token::is_deceptive(c) || c.is_whitespace() || c == '\\' {
             out.extend(c.escape_unicode());
-            after_space = false;
         } else {
             out.push(c);
-            after_space = c == ' ';
         }
     }
     out
+}
+
+/// The identity at `k` of `v`, as [`escaped_identity`] shows it.
+fn identity_of(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => escaped_identity(s),
+        _ => text(v, k),
+    }
 }
 
 /// How many columns `c` may take on a terminal, counted high: any but
@@ -488,9 +488,9 @@ mod tests {
             "expires_at": 1,
         });
         let lines = step_lines(&a);
-        assert_eq!(lines[4], "  asks:        delete at github");
+        assert_eq!(lines[5], "  asks:        delete at github");
         assert_eq!(
-            lines[7..],
+            lines[8..],
             [
                 "  purpose, in the agent's words:",
                 "    | docs environment: dev asks: read at github\\u{9}now"
@@ -540,8 +540,7 @@ mod tests {
 
     /// A subject padded with blanks (a branch name in a CI token may hold
     /// no-break spaces) cannot wrap into lines of its own either: its
-    /// blanks but lone spaces are escapes, and its lines start under the
-    /// field's value.
+    /// blanks are escapes, and its lines start under the field's value.
     #[test]
     fn an_identity_cannot_draw_lines_of_its_own() {
         let padded = |blank: char| {
@@ -575,9 +574,22 @@ mod tests {
                 "{lines:#?}"
             );
         }
-        // Two subjects that differ only in their blanks read apart.
-        assert_ne!(blanks_escaped("a  b"), blanks_escaped("a b"));
-        assert_eq!(blanks_escaped("a  b"), "a \\u{20}b");
-        assert_eq!(blanks_escaped("a\u{a0}b c"), "a\\u{a0}b c");
+        // Two subjects that differ in their blanks, or in a backslash,
+        // read apart, on the step's lines.
+        let agent = |subject: &str| {
+            let a = serde_json::json!({"agent": {"issuer": "https://idp", "subject": subject}});
+            step_lines(&a)[1].clone()
+        };
+        for (one, other) in [
+            ("alice", " alice"),
+            ("alice", "alice "),
+            ("a b", "a  b"),
+            ("a\u{a0}b", "a\\u{a0}b"),
+            ("a\u{a0}b", "a b"),
+        ] {
+            assert_ne!(agent(one), agent(other), "{one:?} {other:?}");
+        }
+        assert_eq!(agent("a b\\"), "  agent:       a\\u{20}b\\u{5c}");
+        assert_eq!(escaped_identity("a\u{a0}b\u{202e}"), "a\\u{a0}b\\u{202e}");
     }
 }

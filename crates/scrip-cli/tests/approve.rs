@@ -361,10 +361,10 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     let out = server.scrip(&["approvals"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    let from = format!("{AGENT} (from {K8S_ISSUER})");
+    let agent = format!("\n  agent:       {AGENT}\n  issuer:      {K8S_ISSUER}\n");
     for needle in [
         id.as_str(),
-        from.as_str(),
+        agent.as_str(),
         "cleanup JIRA-9",
         "environment: prod",
         "delete at github",

@@ -1027,10 +1027,11 @@ max_age = 86400
 
 /// `PGHOSTADDR` in scrip's environment would take the store's link to
 /// another address than the URL's host, by which scrip judges the link (a
-/// database on this host may go without TLS): refused, by the server and
-/// the commands that open the store, before anything connects.
+/// database on this host may go without TLS), and a URL without a user a
+/// login as the operating-system user: refused, by the server and the
+/// commands that open the store, before anything connects.
 #[test]
-fn a_store_address_from_the_environment_is_refused() {
+fn a_store_address_or_user_nobody_named_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let db = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1058,6 +1059,25 @@ fn a_store_address_from_the_environment_is_refused() {
             "{command:?}: {err}"
         );
     }
+    // A URL that names no user, nor PGUSER: the driver would log in as the
+    // operating-system user.
+    write_config(
+        root,
+        &format!(
+            "database_url = \"postgres://{}/scrip\"\n",
+            db.local_addr().unwrap()
+        ),
+    );
+    let out = scrip()
+        .args(["audit", "verify", "--config"])
+        .arg(root.join("scrip.toml"))
+        .env_remove("PGUSER")
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("names no database user"), "{err}");
     assert!(db.accept().is_err(), "something connected");
 }
 

@@ -339,12 +339,27 @@ fn check_parameters(url: &str) -> Result<(), String> {
 }
 
 /// Refuses `PGHOSTADDR` in scrip's environment: the driver reads it
-/// whatever host the URL names ([`HOSTADDR`]).
-fn check_environment() -> Result<(), String> {
-    if std::env::var_os("PGHOSTADDR").is_some_and(|v| !v.is_empty()) {
+/// whatever host the URL names ([`HOSTADDR`]). Refuses a URL that names
+/// no user where `PGUSER` names none either: the driver would log in as
+/// the operating-system user scrip runs as (`root` in many containers,
+/// `postgres` on a database host, which peer or trust authentication lets
+/// in as that role), a role nobody chose.
+fn check_environment(url: &str) -> Result<(), String> {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if set("PGHOSTADDR") {
         return Err(format!(
             "PGHOSTADDR is set in scrip's environment: {HOSTADDR}, and unset it"
         ));
+    }
+    let Ok(u) = url::Url::parse(url) else {
+        return Ok(()); // The driver says what is wrong with the URL itself.
+    };
+    let user =
+        !u.username().is_empty() || u.query_pairs().any(|(k, v)| k == "user" && !v.is_empty());
+    if !user && !set("PGUSER") {
+        return Err(
+            "the URL names no database user (`postgres://USER@host/db`), nor does PGUSER: the driver would log in as the operating-system user scrip runs as".into(),
+        );
     }
     Ok(())
 }
@@ -490,7 +505,7 @@ impl PgStore {
     /// or (`Require`) holds another schema.
     pub async fn connect_as(url: &str, schema: Schema) -> Result<Self, StoreError> {
         check_parameters(url)
-            .and_then(|()| check_environment())
+            .and_then(|()| check_environment(url))
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let options = pin_localhost(
             PgConnectOptions::from_str(url)
