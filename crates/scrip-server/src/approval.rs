@@ -464,7 +464,7 @@ async fn collect(
     for _ in 0..3 {
         let denials = st
             .store
-            .task_denials(&approval.task_id, answers_from(approval))
+            .task_denials(&approval.task_id, answers_from(st, approval))
             .await?;
         if let Some(d) = answering(approval, &denials) {
             return Err(overruled(st, claims, approval, d, peer).await?);
@@ -671,7 +671,7 @@ async fn issue(
             },
             Write::NoNewDenial {
                 task: task.id.clone(),
-                since: answers_from(approval),
+                since: answers_from(st, approval),
                 seen,
             },
         ])
@@ -1045,7 +1045,7 @@ async fn expire_answered(st: &Inner, task_id: &str, denial: &Approval, now: u64)
     };
     let decided = denial.decided_at.unwrap_or(now);
     for w in waiting.iter().filter(|w| {
-        answers_from(w) <= decided && answering(w, std::slice::from_ref(denial)).is_some()
+        answers_from(st, w) <= decided && answering(w, std::slice::from_ref(denial)).is_some()
     }) {
         let mut a = st.audit("approval.expired");
         a.task_id = Some(task_id.to_owned());
@@ -1100,7 +1100,7 @@ fn overlap(a: &str, b: &str) -> bool {
 async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval>, OAuthError> {
     let denials = st
         .store
-        .task_denials(&approval.task_id, answers_from(approval))
+        .task_denials(&approval.task_id, answers_from(st, approval))
         .await?;
     Ok(answering(approval, &denials).cloned())
 }
@@ -1113,13 +1113,18 @@ async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval
 /// refused. Any denial that answers the step and committed in that time
 /// before the step did would have refused it ([`request`] reads them, and
 /// its commit's `NoNewDenial` fails on one committed meanwhile): what the
-/// earlier start adds is only such denials, whatever the clocks say. The
-/// step's own lifetime (`expires_at - created_at`, never changed), not
-/// this replica's setting: asked where `approval_ttl` was shorter, an
-/// older denial was rightly past for it.
-fn answers_from(approval: &Approval) -> u64 {
+/// earlier start adds is only such denials, while the clocks are apart by
+/// less than it. The step's own lifetime (`expires_at - created_at`, never
+/// changed), not this replica's setting: asked where `approval_ttl` was
+/// shorter, an older denial was rightly past for it. But at least
+/// `clock_skew`, how far apart the clocks are allowed to be: with an
+/// `approval_ttl` shorter than that, a denial up to `clock_skew` older
+/// than a step answers it too (which refuses, never grants).
+fn answers_from(st: &Inner, approval: &Approval) -> u64 {
     let ttl = approval.expires_at.saturating_sub(approval.created_at);
-    approval.created_at.saturating_sub(ttl)
+    approval
+        .created_at
+        .saturating_sub(ttl.max(st.config.clock_skew))
 }
 
 /// The answer to a step the denial `d` answers.

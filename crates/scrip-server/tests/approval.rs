@@ -818,44 +818,51 @@ async fn a_denial_answers_the_overlapping_steps_asked_before_it() {
 /// person denies through is still answered by the denial: its `created_at`
 /// reads later than the denial's `decided_at`, but the denial came after
 /// it (one before it would have refused it), so another person cannot
-/// grant what was just refused.
+/// grant what was just refused. So too where `approval_ttl` is shorter
+/// than the replicas' clocks may be apart (`clock_skew`).
 #[tokio::test]
 async fn a_denial_answers_a_step_stamped_by_a_clock_ahead() {
-    let s = TestServer::start_with(edit(|c| {
-        c.approvers = vec![alice(), bob()];
-    }))
-    .await;
-    let task = prod_task_with(&s, "github:read github:delete").await;
-    let denied = pending_step(&s, &task, "github", "read delete").await;
-    let ahead = pending_step(&s, &task, "github", "delete").await;
-    // Asked by a replica 20 s ahead (within the default `clock_skew`).
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        s.dir.path().join("data/scrip.db").display()
-    ))
-    .await
-    .unwrap();
-    let moved = sqlx::query("UPDATE approvals SET created_at = created_at + 20 WHERE id = ?")
+    for approval_ttl in [600, 10] {
+        let s = TestServer::start_with(edit(move |c| {
+            c.approvers = vec![alice(), bob()];
+            c.approval_ttl = approval_ttl;
+        }))
+        .await;
+        let task = prod_task_with(&s, "github:read github:delete").await;
+        let denied = pending_step(&s, &task, "github", "read delete").await;
+        let ahead = pending_step(&s, &task, "github", "delete").await;
+        // Asked by a replica 20 s ahead (within the default `clock_skew`).
+        let db = sqlx::SqlitePool::connect(&format!(
+            "sqlite://{}",
+            s.dir.path().join("data/scrip.db").display()
+        ))
+        .await
+        .unwrap();
+        let moved = sqlx::query(
+            "UPDATE approvals SET created_at = created_at + 20, expires_at = expires_at + 20 \
+             WHERE id = ?",
+        )
         .bind(&ahead)
         .execute(&db)
         .await
         .unwrap();
-    assert_eq!(moved.rows_affected(), 1);
-    db.close().await;
-    assert_eq!(
-        deny(&s, &denied, Some(&alice_id(&s)), "no deletes")
-            .await
-            .status,
-        200
-    );
-    let bob = s.k8s.kubernetes("people", "bob");
-    assert!(!list(&s, Some(&bob)).await.text.contains(&ahead));
-    let r = approve(&s, &ahead, Some(&bob)).await;
-    r.assert_error(409, "conflict");
-    let r = poll(&s, &task, &ahead).await;
-    r.assert_error(400, "access_denied");
-    assert!(r.text.contains("no deletes"), "{}", r.text);
-    s.stop().await;
+        assert_eq!(moved.rows_affected(), 1);
+        db.close().await;
+        assert_eq!(
+            deny(&s, &denied, Some(&alice_id(&s)), "no deletes")
+                .await
+                .status,
+            200
+        );
+        let bob = s.k8s.kubernetes("people", "bob");
+        assert!(!list(&s, Some(&bob)).await.text.contains(&ahead));
+        let r = approve(&s, &ahead, Some(&bob)).await;
+        r.assert_error(409, "conflict");
+        let r = poll(&s, &task, &ahead).await;
+        r.assert_error(400, "access_denied");
+        assert!(r.text.contains("no deletes"), "{approval_ttl}: {}", r.text);
+        s.stop().await;
+    }
 }
 
 /// A step is answered only by the denials its own lifetime weighed: one

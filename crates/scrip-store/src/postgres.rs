@@ -356,7 +356,8 @@ fn check_environment(url: &str) -> Result<(), String> {
     };
     let user =
         !u.username().is_empty() || u.query_pairs().any(|(k, v)| k == "user" && !v.is_empty());
-    if !user && !set("PGUSER") {
+    // As the driver reads it: a value that is not UTF-8 is none.
+    if !user && !std::env::var("PGUSER").is_ok_and(|v| !v.is_empty()) {
         return Err(
             "the URL names no database user (`postgres://USER@host/db`), nor does PGUSER: the driver would log in as the operating-system user scrip runs as".into(),
         );

@@ -113,8 +113,10 @@ impl TokenKind {
 /// the byte-order mark, the soft hyphen, annotation marks, variation
 /// selectors, the Hangul fillers, the tag characters that can spell hidden
 /// text: Unicode's whole Default_Ignorable_Code_Point set), and the Braille
-/// blank U+2800, which shows as a space but is not whitespace, so runs of it
-/// survive trimming and could pad a line to wrap where a person reads it.
+/// blank U+2800 and the musical null notehead U+1D159, which show as a
+/// blank but are not whitespace: runs of them survive trimming and could
+/// pad a line to wrap where a person reads it, and one at the end of a
+/// branch name in a subject would pass for nothing.
 /// Text from an agent or a token holding one could forge or hide a line of
 /// what a person reads; such text is refused as an identity or a purpose
 /// and escaped when printed ([`escape_deceptive`]).
@@ -141,6 +143,7 @@ pub fn is_deceptive(c: char) -> bool {
                 | '\u{ffa0}'
                 | '\u{fff0}'..='\u{fffb}'
                 | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d159}'
                 | '\u{1d173}'..='\u{1d17a}'
                 | '\u{e0000}'..='\u{e0fff}'
         )
@@ -208,7 +211,7 @@ mod deceptive_tests {
         ] {
             assert!(is_deceptive(c), "U+{:04X}", u32::from(c));
         }
-        for c in ['\u{2028}', '\u{2029}', '\u{2800}'] {
+        for c in ['\u{2028}', '\u{2029}', '\u{2800}', '\u{1d159}'] {
             assert!(is_deceptive(c), "U+{:04X}", u32::from(c));
         }
         // What shows as itself does not.
