@@ -20,7 +20,42 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// [`Error::Socket`] when the socket cannot be used;
 /// [`Error::AttestationRefused`] when scrip does not identify this process.
 pub async fn attest(socket: &Path) -> Result<Identity, Error> {
-    let io = |e: std::io::Error| socket_error(socket, &e);
+    // Asked again while scrip says it is busy (too many connections open,
+    // executables being read), or closed the connection before it read the
+    // request, within the one time limit.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match tokio::time::timeout_at(deadline, attest_once(socket)).await {
+            Ok(Err(Error::AttestationRefused { error, .. }))
+                if error == "temporarily_unavailable"
+                    && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Ok(answer) => return answer,
+            Err(_) => {
+                return Err(Error::Socket {
+                    path: socket.to_owned(),
+                    message: "no answer in time".into(),
+                });
+            }
+        }
+    }
+}
+
+/// One attestation: connect, ask, read the answer.
+async fn attest_once(socket: &Path) -> Result<Identity, Error> {
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+            Error::AttestationRefused {
+                error: "temporarily_unavailable".into(),
+                description: "scrip closed the connection before it answered (too busy?)".into(),
+            }
+        }
+        _ => socket_error(socket, &e),
+    };
     let exchange = async {
         let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(io)?;
         stream.write_all(b"ATTEST\n").await.map_err(io)?;
@@ -33,12 +68,7 @@ pub async fn attest(socket: &Path) -> Result<Identity, Error> {
             .map_err(io)?;
         Ok::<_, Error>(answer)
     };
-    let answer = tokio::time::timeout(TIMEOUT, exchange)
-        .await
-        .map_err(|_| Error::Socket {
-            path: socket.to_owned(),
-            message: "no answer in time".into(),
-        })??;
+    let answer = exchange.await?;
     let value: serde_json::Value = serde_json::from_slice(&answer).map_err(|_| Error::Socket {
         path: socket.to_owned(),
         message: "the answer is not JSON; is this a scrip attestation socket?".into(),

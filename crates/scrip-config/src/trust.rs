@@ -110,6 +110,8 @@ pub enum Stake {
     Policy,
     /// The configuration file of `scrip serve` or `scrip proxy`.
     Configuration,
+    /// The local attestation socket.
+    Socket,
 }
 
 impl Stake {
@@ -119,6 +121,9 @@ impl Stake {
             Self::TrustAnchor => "add a key and sign any identity",
             Self::Policy => "change the policies",
             Self::Configuration => "change whom scrip trusts (issuers, approvers, upstreams)",
+            Self::Socket => {
+                "put a socket of their own in the attestation socket's place and answer scrip's clients"
+            }
         }
     }
 }

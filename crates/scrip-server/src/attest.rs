@@ -55,6 +55,58 @@ const CONCURRENCY: usize = 8;
 /// past this a new one is closed at once, so idle connections cannot use up
 /// scrip's file descriptors.
 const MAX_OPEN: usize = 256;
+/// Connections one uid that an entry could serve may have open at once: one
+/// that connects and says nothing holds at most these, not every place of
+/// [`MAX_OPEN`], and the others' attestations go on.
+const MAX_OPEN_PER_UID: usize = 64;
+/// Connections one uid that no entry serves may have open at once (each
+/// is only refused).
+const MAX_OPEN_UNSERVED: usize = 4;
+
+/// The connections open by uid (see [`MAX_OPEN_PER_UID`]).
+#[derive(Default)]
+struct OpenByUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One connection of a uid, counted while it is held.
+struct UidSlot {
+    open: Arc<OpenByUid>,
+    uid: u32,
+}
+
+impl OpenByUid {
+    /// A place for one more connection of `uid`, unless it has `most` open.
+    fn take(self: &Arc<Self>, uid: u32, most: usize) -> Option<UidSlot> {
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(uid).or_insert(0);
+        if *n >= most {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            open: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
 /// How long reading and hashing a process's executable may take: a file
 /// system that does not answer (a FUSE mount whose daemon stalls) would
 /// otherwise hold a turn for ever.
@@ -136,6 +188,14 @@ impl Socket {
             )));
         }
         match std::fs::symlink_metadata(&path) {
+            Ok(m)
+                if m.file_type().is_socket() && m.uid() != rustix::process::geteuid().as_raw() =>
+            {
+                return Err(fail(format!(
+                    "a socket of uid {}, not scrip's user, is in the way: someone else may be answering scrip's clients there; remove it, and give `socket` a directory only scrip's user can write",
+                    m.uid()
+                )));
+            }
             Ok(m) if m.file_type().is_socket() => {
                 if std::os::unix::net::UnixStream::connect(&path).is_ok() {
                     return Err(fail(
@@ -155,7 +215,12 @@ impl Socket {
         // Bound and given its mode inside a new directory only scrip may
         // enter, then renamed into place: nobody connects before the mode is
         // set (whatever the umask), and nobody can swap the file for a
-        // symlink that the chmod would follow.
+        // symlink that the chmod would follow. The directory is reached
+        // through its descriptor, not its name, which someone who may
+        // write where it is could swap for one of their own; and nobody
+        // but scrip's user (or root) may write there (a sticky directory
+        // aside, where nobody renames another's entries), or they could
+        // take the socket's name for a socket of their own.
         let mut staging_name = std::ffi::OsString::from(".");
         staging_name.push(name);
         staging_name.push(format!(
@@ -167,17 +232,25 @@ impl Socket {
             .mode(0o700)
             .create(&staging)
             .map_err(|e| fail(format!("cannot create `{}`: {e}", staging.display())))?;
-        let tmp = staging.join("scrip.sock");
-        // Bound through the directory's descriptor: the staging path is
+        use scrip_config::trust::{GroupWrite, Stake, check_way};
+        let staged = check_way(&staging, Stake::Socket, GroupWrite::Refuse)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                std::fs::File::open(&staging)
+                    .map_err(|e| format!("cannot open `{}`: {e}", staging.display()))
+            });
+        let staged = match staged {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&staging);
+                return Err(fail(e));
+            }
+        };
+        // Through the directory's descriptor (the staging path is also
         // longer than the socket's own, and may not fit in a socket
-        // address where the final path does.
-        let bound = std::fs::File::open(&staging).and_then(|d| {
-            std::os::unix::net::UnixListener::bind(format!(
-                "/proc/self/fd/{}/scrip.sock",
-                d.as_raw_fd()
-            ))
-        });
-        let prepared = bound.and_then(|listener| {
+        // address where the final path does).
+        let tmp = PathBuf::from(format!("/proc/self/fd/{}/scrip.sock", staged.as_raw_fd()));
+        let prepared = std::os::unix::net::UnixListener::bind(&tmp).and_then(|listener| {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))?;
             listener.set_nonblocking(true)?;
             std::fs::rename(&tmp, &path)?;
@@ -186,6 +259,7 @@ impl Socket {
         if prepared.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
+        drop(staged);
         let _ = std::fs::remove_dir(&staging);
         let std_listener = prepared.map_err(|e| fail(e.to_string()))?;
         let ino = std::fs::symlink_metadata(&path)
@@ -242,6 +316,7 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
     let task = scrip_vital::spawn("attestation socket", async move {
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
+        let by_uid = Arc::new(OpenByUid::default());
         let mut connections = tokio::task::JoinSet::new();
         tracing::info!(socket = %socket.path.display(), "local attestation listening");
         loop {
@@ -262,15 +337,48 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
             // The moment of acceptance bounds the start time of the process
             // that connected (see `observe`).
             let accepted = uptime_ticks();
+            // Anyone the socket's mode lets connect can cause these lines.
+            static FULL: crate::logs::Budget = crate::logs::Budget::new(1);
+            static UID_FULL: crate::logs::Budget = crate::logs::Budget::new(1);
+            // Without credentials (none here), counted as one unserved
+            // uid together.
+            let (uid, most) = match stream.peer_cred() {
+                Ok(c) => {
+                    let served =
+                        could_match(&state.0.config.local_workloads, c.uid(), c.gid(), own_uid());
+                    let most = if served.is_ok() {
+                        MAX_OPEN_PER_UID
+                    } else {
+                        MAX_OPEN_UNSERVED
+                    };
+                    (c.uid(), most)
+                }
+                Err(_) => (u32::MAX, MAX_OPEN_UNSERVED),
+            };
+            let Some(uid_slot) = by_uid.take(uid, most) else {
+                if UID_FULL.allow("local attestation: a uid's connections") {
+                    tracing::warn!(
+                        uid,
+                        "local attestation: this uid has {most} connections open; closing a new one"
+                    );
+                }
+                busy(&stream);
+                continue;
+            };
             let Ok(slot) = open.clone().try_acquire_owned() else {
-                tracing::warn!("local attestation: too many open connections; closing a new one");
+                if FULL.allow("local attestation: too many open connections") {
+                    tracing::warn!(
+                        "local attestation: too many open connections; closing a new one"
+                    );
+                }
+                busy(&stream);
                 continue;
             };
             let state = state.clone();
             let limit = limit.clone();
             connections.spawn(async move {
                 connection(&state.0, stream, accepted, &limit).await;
-                drop(slot);
+                drop((slot, uid_slot));
             });
         }
         // Closed and its file removed at once: a new process may take the
@@ -286,6 +394,25 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
         connections.shutdown().await;
     });
     Serving { stop, task }
+}
+
+/// Tells a connection there is no place for it now, in the line form
+/// scrip's clients speak, without waiting (a fresh connection's buffer
+/// takes it), and reads what its request has sent so far, so that closing
+/// it does not reset it before the answer is read; its client asks again.
+fn busy(stream: &UnixStream) {
+    let answer = Answer::error(
+        503,
+        "temporarily_unavailable",
+        "too many connections open; try again",
+    );
+    let _ = stream.try_write(format!("{}\n", answer.body).as_bytes());
+    let mut sent = [0u8; 1024];
+    for _ in 0..MAX_REQUEST / sent.len() {
+        if !matches!(stream.try_read(&mut sent), Ok(n) if n > 0) {
+            break;
+        }
+    }
 }
 
 /// How the client spoke.
@@ -873,6 +1000,22 @@ mod tests {
             exe: exe.map(PathBuf::from),
             exe_sha256: sha.map(str::to_owned),
         }
+    }
+
+    /// A uid past its connections is refused a place; another uid is not,
+    /// and a place given back is taken again.
+    #[test]
+    fn a_uid_past_its_connections_leaves_the_others_theirs() {
+        let open = Arc::new(OpenByUid::default());
+        let held: Vec<_> = (0..MAX_OPEN_UNSERVED)
+            .map(|_| open.take(1000, MAX_OPEN_UNSERVED).unwrap())
+            .collect();
+        assert!(open.take(1000, MAX_OPEN_UNSERVED).is_none());
+        let other = open.take(1001, MAX_OPEN_UNSERVED).unwrap();
+        drop(held);
+        assert!(open.take(1000, MAX_OPEN_UNSERVED).is_some());
+        drop(other);
+        assert!(open.0.lock().unwrap().is_empty());
     }
 
     fn observed() -> Observed {

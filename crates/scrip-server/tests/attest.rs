@@ -220,11 +220,17 @@ async fn a_flood_of_refused_attestations_is_recorded_as_counts() {
         ..workload("another-user")
     }])
     .await;
+    // Four at once: as many connections as a uid no entry serves may have
+    // open (a fifth is answered 503 at once).
     let asks = (0..MORE).map(|_| async {
         let answer = attest(&server).await;
         assert_eq!(answer["error"], "access_denied", "{answer}");
     });
-    futures_util::future::join_all(asks).await;
+    futures_util::StreamExt::collect::<Vec<()>>(futures_util::StreamExt::buffer_unordered(
+        futures_util::stream::iter(asks),
+        4,
+    ))
+    .await;
     let refused: Vec<_> = server
         .stop_then_audit()
         .await
@@ -357,10 +363,11 @@ async fn idle_connections_do_not_hold_up_an_attestation() {
     // shows the point. Waiting behind them fails every try.
     let mut tries = Vec::new();
     for _ in 0..3 {
-        // More silent clients than attestations run at once (8): each
-        // holds only its connection while scrip waits 5 s for its request.
+        // More silent clients than attestations run at once (8), fewer
+        // than one uid may have open (16): each holds only its connection
+        // while scrip waits 5 s for its request.
         let mut idle = Vec::new();
-        for _ in 0..16 {
+        for _ in 0..12 {
             idle.push(
                 tokio::net::UnixStream::connect(socket(&server))
                     .await
@@ -386,6 +393,51 @@ async fn idle_connections_do_not_hold_up_an_attestation() {
         tries.push("answered only after an idle connection was closed");
     }
     panic!("an attestation waited behind idle connections: {tries:?}");
+}
+
+/// A uid holds at most so many connections (64 where an entry could serve
+/// it, 4 where none does): past them a new one is answered 503 at once
+/// (so a user who connects and says nothing cannot take every place, which
+/// other users' attestations need); once its connections close, it is
+/// served again, and scrip's client asks again meanwhile.
+#[tokio::test]
+async fn a_uid_holds_at_most_so_many_connections() {
+    let server = TestServer::start().await;
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(
+            tokio::net::UnixStream::connect(socket(&server))
+                .await
+                .unwrap(),
+        );
+    }
+    // Answered at once, well before the 5 s a request is waited for (a
+    // connection that sent nothing: one that did may find it reset).
+    let answer = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut stream = tokio::net::UnixStream::connect(socket(&server))
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    })
+    .await
+    .expect("a 65th connection was kept");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["error"], "temporarily_unavailable", "{answer}");
+    // scrip's client asks again until there is a place.
+    let asked = tokio::spawn({
+        let socket = socket(&server);
+        async move { scrip_client::attest(&socket).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(idle);
+    let identity = tokio::time::timeout(Duration::from_secs(20), asked)
+        .await
+        .expect("the client gave no answer")
+        .unwrap();
+    assert!(identity.is_ok(), "{identity:?}");
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -560,6 +612,72 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(config.data_dir.join("scrip.sock")).unwrap());
     let second = scrip_server::Server::bind(config).await.unwrap();
     drop(second);
+}
+
+/// The socket's directory is one nobody but scrip's user (or root) may
+/// write, or a sticky one (`/tmp`): whoever may rename its entries could
+/// put a socket of their own at its name, and scrip's clients would take
+/// their identities from them. A socket of another user in the way is
+/// refused too, not removed or connected to.
+#[tokio::test]
+async fn a_socket_where_others_could_take_its_place_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sockets = dir.path().join("sockets");
+    std::fs::create_dir_all(&sockets).unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir,
+        policy_dir: common::repo_policies(),
+        socket: Some(sockets.join("scrip.sock")),
+        socket_mode: 0o660,
+        ..scrip_config::Config::default()
+    };
+    for (mode, by) in [
+        (0o777, "anyone on the host"),
+        (0o775, "members of its group"),
+    ] {
+        std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = scrip_server::Server::bind(config.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "has mode {mode:o}: {by} could put a socket of their own"
+            )),
+            "{err}"
+        );
+        // Nothing left behind: no socket, no staging directory.
+        assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
+    }
+    // Sticky: served.
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let server = scrip_server::Server::bind(config.clone()).await.unwrap();
+    let meta = std::fs::symlink_metadata(config.socket_path()).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    std::os::unix::net::UnixStream::connect(config.socket_path()).unwrap();
+    drop(server);
+    // Another user's socket in the way (here by chown, as root; another
+    // user could bind one in a sticky directory).
+    if rustix::process::geteuid().is_root() {
+        drop(std::os::unix::net::UnixListener::bind(config.socket_path()).unwrap());
+        std::os::unix::fs::chown(config.socket_path(), Some(65534), None).unwrap();
+        let err = scrip_server::Server::bind(config.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a socket of uid 65534, not scrip's user, is in the way"),
+            "{err}"
+        );
+        assert!(
+            config.socket_path().exists(),
+            "another's socket was removed"
+        );
+    }
 }
 
 /// A socket path that fits in a socket address is served however long its
