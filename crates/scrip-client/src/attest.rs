@@ -32,7 +32,9 @@ pub async fn attest(socket: &Path) -> Result<Identity, Error> {
                     && tokio::time::Instant::now() + pause < deadline =>
             {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+                // At most every 4 s: each try of a store that cannot record
+                // the identity has the executable read and hashed again.
+                pause = (pause * 2).min(Duration::from_secs(4));
             }
             Ok(answer) => return answer,
             Err(_) => {
@@ -48,12 +50,13 @@ pub async fn attest(socket: &Path) -> Result<Identity, Error> {
 /// One attestation: connect, ask, read the answer.
 async fn attest_once(socket: &Path) -> Result<Identity, Error> {
     let io = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-            Error::AttestationRefused {
-                error: "temporarily_unavailable".into(),
-                description: "scrip closed the connection before it answered (too busy?)".into(),
-            }
-        }
+        // Closed before it answered, or the listen queue full.
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::WouldBlock => Error::AttestationRefused {
+            error: "temporarily_unavailable".into(),
+            description: "scrip closed the connection before it answered (too busy?)".into(),
+        },
         _ => socket_error(socket, &e),
     };
     let exchange = async {

@@ -62,48 +62,77 @@ const MAX_OPEN_PER_UID: usize = 64;
 /// Connections one uid that no entry serves may have open at once (each
 /// is only refused).
 const MAX_OPEN_UNSERVED: usize = 4;
+/// Connections of uids that no entry serves, all of them together: one
+/// user with many uids (subordinate ones, in a user namespace) holds no
+/// more.
+const MAX_OPEN_UNSERVED_ALL: usize = 16;
 
-/// The connections open by uid (see [`MAX_OPEN_PER_UID`]).
+/// The connections open by uid, and those of unserved uids together (see
+/// [`MAX_OPEN_PER_UID`], [`MAX_OPEN_UNSERVED`],
+/// [`MAX_OPEN_UNSERVED_ALL`]).
 #[derive(Default)]
-struct OpenByUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+struct OpenByUid(std::sync::Mutex<(std::collections::HashMap<u32, usize>, usize)>);
 
 /// One connection of a uid, counted while it is held.
 struct UidSlot {
     open: Arc<OpenByUid>,
     uid: u32,
+    served: bool,
 }
 
 impl OpenByUid {
-    /// A place for one more connection of `uid`, unless it has `most` open.
-    fn take(self: &Arc<Self>, uid: u32, most: usize) -> Option<UidSlot> {
-        let mut open = self
+    /// A place for one more connection of `uid` (one an entry could serve,
+    /// or not), unless it or the unserved together have all theirs.
+    fn take(self: &Arc<Self>, uid: u32, served: bool) -> Option<UidSlot> {
+        let mut guard = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = open.entry(uid).or_insert(0);
-        if *n >= most {
+        let (by_uid, unserved) = &mut *guard;
+        if !served && *unserved >= MAX_OPEN_UNSERVED_ALL {
+            return None;
+        }
+        let n = by_uid.entry(uid).or_insert(0);
+        if *n >= most_open(served) {
             return None;
         }
         *n += 1;
+        if !served {
+            *unserved += 1;
+        }
         Some(UidSlot {
             open: self.clone(),
             uid,
+            served,
         })
+    }
+}
+
+/// The connections one uid may have open (see [`OpenByUid`]).
+fn most_open(served: bool) -> usize {
+    if served {
+        MAX_OPEN_PER_UID
+    } else {
+        MAX_OPEN_UNSERVED
     }
 }
 
 impl Drop for UidSlot {
     fn drop(&mut self) {
-        let mut open = self
+        let mut guard = self
             .open
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = open.get_mut(&self.uid) {
+        let (by_uid, unserved) = &mut *guard;
+        if let Some(n) = by_uid.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&self.uid);
+                by_uid.remove(&self.uid);
             }
+        }
+        if !self.served {
+            *unserved = unserved.saturating_sub(1);
         }
     }
 }
@@ -218,9 +247,8 @@ impl Socket {
         // symlink that the chmod would follow. The directory is reached
         // through its descriptor, not its name, which someone who may
         // write where it is could swap for one of their own; and nobody
-        // but scrip's user (or root) may write there (a sticky directory
-        // aside, where nobody renames another's entries), or they could
-        // take the socket's name for a socket of their own.
+        // but scrip's user (or root) may write there, or they could take
+        // the socket's name for a socket of their own.
         let mut staging_name = std::ffi::OsString::from(".");
         staging_name.push(name);
         staging_name.push(format!(
@@ -232,8 +260,25 @@ impl Socket {
             .mode(0o700)
             .create(&staging)
             .map_err(|e| fail(format!("cannot create `{}`: {e}", staging.display())))?;
-        use scrip_config::trust::{GroupWrite, Stake, check_way};
+        use scrip_config::trust::{GroupWrite, Stake, check_entry, check_way};
+        // The socket's own directory not even sticky: there, another user
+        // could take the socket's name while scrip is stopped (it removes
+        // the socket as it stops), and answer its clients meanwhile.
+        let holder = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         let staged = check_way(&staging, Stake::Socket, GroupWrite::Refuse)
+            .and_then(|()| {
+                let meta = std::fs::metadata(holder).map_err(|source| {
+                    scrip_config::trust::Untrusted::Io {
+                        path: holder.to_owned(),
+                        source,
+                    }
+                })?;
+                check_entry(holder, &meta, Stake::Socket, GroupWrite::Refuse)
+            })
             .map_err(|e| e.to_string())
             .and_then(|()| {
                 std::fs::File::open(&staging)
@@ -342,24 +387,20 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
             static UID_FULL: crate::logs::Budget = crate::logs::Budget::new(1);
             // Without credentials (none here), counted as one unserved
             // uid together.
-            let (uid, most) = match stream.peer_cred() {
+            let (uid, served) = match stream.peer_cred() {
                 Ok(c) => {
                     let served =
                         could_match(&state.0.config.local_workloads, c.uid(), c.gid(), own_uid());
-                    let most = if served.is_ok() {
-                        MAX_OPEN_PER_UID
-                    } else {
-                        MAX_OPEN_UNSERVED
-                    };
-                    (c.uid(), most)
+                    (c.uid(), served.is_ok())
                 }
-                Err(_) => (u32::MAX, MAX_OPEN_UNSERVED),
+                Err(_) => (u32::MAX, false),
             };
-            let Some(uid_slot) = by_uid.take(uid, most) else {
+            let Some(uid_slot) = by_uid.take(uid, served) else {
                 if UID_FULL.allow("local attestation: a uid's connections") {
                     tracing::warn!(
                         uid,
-                        "local attestation: this uid has {most} connections open; closing a new one"
+                        served,
+                        "local attestation: this uid (or the uids no entry serves, together) has all its connections open; answering a new one 503"
                     );
                 }
                 busy(&stream);
@@ -396,23 +437,36 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
     Serving { stop, task }
 }
 
-/// Tells a connection there is no place for it now, in the line form
-/// scrip's clients speak, without waiting (a fresh connection's buffer
-/// takes it), and reads what its request has sent so far, so that closing
-/// it does not reset it before the answer is read; its client asks again.
+/// Tells a connection there is no place for it now, without waiting (a
+/// fresh connection's buffer takes the answer): it reads what the request
+/// has sent so far, so that closing it does not reset it before the answer
+/// is read, and answers in HTTP if that began as HTTP, else in the line
+/// form scrip's clients speak; its client asks again.
 fn busy(stream: &UnixStream) {
-    let answer = Answer::error(
+    let mut sent = [0u8; 1024];
+    let mut http = false;
+    for i in 0..MAX_REQUEST / sent.len() {
+        match stream.try_read(&mut sent) {
+            Ok(n) if n > 0 => http |= i == 0 && sent.starts_with(b"POST "),
+            _ => break,
+        }
+    }
+    let body = Answer::error(
         503,
         "temporarily_unavailable",
         "too many connections open; try again",
-    );
-    let _ = stream.try_write(format!("{}\n", answer.body).as_bytes());
-    let mut sent = [0u8; 1024];
-    for _ in 0..MAX_REQUEST / sent.len() {
-        if !matches!(stream.try_read(&mut sent), Ok(n) if n > 0) {
-            break;
-        }
-    }
+    )
+    .body
+    .to_string();
+    let answer = if http {
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        format!("{body}\n")
+    };
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// How the client spoke.
@@ -1008,14 +1062,26 @@ mod tests {
     fn a_uid_past_its_connections_leaves_the_others_theirs() {
         let open = Arc::new(OpenByUid::default());
         let held: Vec<_> = (0..MAX_OPEN_UNSERVED)
-            .map(|_| open.take(1000, MAX_OPEN_UNSERVED).unwrap())
+            .map(|_| open.take(1000, false).unwrap())
             .collect();
-        assert!(open.take(1000, MAX_OPEN_UNSERVED).is_none());
-        let other = open.take(1001, MAX_OPEN_UNSERVED).unwrap();
+        assert!(open.take(1000, false).is_none());
+        let other = open.take(1001, false).unwrap();
         drop(held);
-        assert!(open.take(1000, MAX_OPEN_UNSERVED).is_some());
+        assert!(open.take(1000, false).is_some());
         drop(other);
-        assert!(open.0.lock().unwrap().is_empty());
+        // Many unserved uids hold no more than so many together; a served
+        // uid is not held up by them.
+        let many: Vec<_> = (0..MAX_OPEN_UNSERVED_ALL)
+            .map(|i| open.take(2000 + u32::try_from(i).unwrap(), false).unwrap())
+            .collect();
+        assert!(open.take(3000, false).is_none());
+        let served: Vec<_> = (0..MAX_OPEN_PER_UID)
+            .map(|_| open.take(1000, true).unwrap())
+            .collect();
+        assert!(open.take(1000, true).is_none());
+        drop((many, served));
+        let guard = open.0.lock().unwrap();
+        assert!(guard.0.is_empty() && guard.1 == 0);
     }
 
     fn observed() -> Observed {

@@ -364,7 +364,7 @@ async fn idle_connections_do_not_hold_up_an_attestation() {
     let mut tries = Vec::new();
     for _ in 0..3 {
         // More silent clients than attestations run at once (8), fewer
-        // than one uid may have open (16): each holds only its connection
+        // than one uid may have open (64): each holds only its connection
         // while scrip waits 5 s for its request.
         let mut idle = Vec::new();
         for _ in 0..12 {
@@ -615,10 +615,11 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
 }
 
 /// The socket's directory is one nobody but scrip's user (or root) may
-/// write, or a sticky one (`/tmp`): whoever may rename its entries could
-/// put a socket of their own at its name, and scrip's clients would take
-/// their identities from them. A socket of another user in the way is
-/// refused too, not removed or connected to.
+/// write, not even a sticky one (`/tmp`): whoever may rename its entries,
+/// or make one while scrip is stopped, could put a socket of their own at
+/// its name, and scrip's clients would take their identities from them.
+/// The directories on the way may be sticky. A socket of another user in
+/// the way is refused too, not removed or connected to.
 #[tokio::test]
 async fn a_socket_where_others_could_take_its_place_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -638,6 +639,7 @@ async fn a_socket_where_others_could_take_its_place_is_refused() {
     for (mode, by) in [
         (0o777, "anyone on the host"),
         (0o775, "members of its group"),
+        (0o1777, "anyone on the host"),
     ] {
         std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(mode)).unwrap();
         let err = scrip_server::Server::bind(config.clone())
@@ -653,15 +655,16 @@ async fn a_socket_where_others_could_take_its_place_is_refused() {
         // Nothing left behind: no socket, no staging directory.
         assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
     }
-    // Sticky: served.
-    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // Only scrip's user's, under a sticky directory: served.
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
     let server = scrip_server::Server::bind(config.clone()).await.unwrap();
     let meta = std::fs::symlink_metadata(config.socket_path()).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o660);
     std::os::unix::net::UnixStream::connect(config.socket_path()).unwrap();
     drop(server);
     // Another user's socket in the way (here by chown, as root; another
-    // user could bind one in a sticky directory).
+    // user could have bound one before the directory was made scrip's).
     if rustix::process::geteuid().is_root() {
         drop(std::os::unix::net::UnixListener::bind(config.socket_path()).unwrap());
         std::os::unix::fs::chown(config.socket_path(), Some(65534), None).unwrap();
