@@ -832,12 +832,7 @@ async fn a_denial_answers_a_step_stamped_by_a_clock_ahead() {
         let denied = pending_step(&s, &task, "github", "read delete").await;
         let ahead = pending_step(&s, &task, "github", "delete").await;
         // Asked by a replica 20 s ahead (within the default `clock_skew`).
-        let db = sqlx::SqlitePool::connect(&format!(
-            "sqlite://{}",
-            s.dir.path().join("data/scrip.db").display()
-        ))
-        .await
-        .unwrap();
+        let db = store_db(&s).await;
         let moved = sqlx::query(
             "UPDATE approvals SET created_at = created_at + 20, expires_at = expires_at + 20 \
              WHERE id = ?",
@@ -884,12 +879,7 @@ async fn a_denial_older_than_a_steps_own_lifetime_does_not_answer_it() {
             .status,
         200
     );
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        s.dir.path().join("data/scrip.db").display()
-    ))
-    .await
-    .unwrap();
+    let db = store_db(&s).await;
     let set = |sql: &'static str, id: String| {
         let db = &db;
         async move {
@@ -1056,15 +1046,20 @@ async fn an_approval_that_raced_a_denial_is_not_redeemed() {
     s.stop().await;
 }
 
+/// A pool on the server's embedded store, to change it behind its back.
+async fn store_db(s: &TestServer) -> sqlx::SqlitePool {
+    let path = s.dir.path().join("data/scrip.db");
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
+
 /// A trigger `deny_meanwhile` that, `when` (its event and condition), denies
 /// the waiting step `other` (bob: "raced") in the same transaction: a
 /// denial committed just before the check of whatever fired it. The pool
 /// it was made on, to drop it with.
 async fn deny_meanwhile(s: &TestServer, when: &str, other: &str) -> sqlx::SqlitePool {
-    let path = s.dir.path().join("data/scrip.db");
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
+    let db = store_db(s).await;
     // The ids are scrip's own random ones: nothing to escape.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE TRIGGER deny_meanwhile {when} BEGIN \
