@@ -55,7 +55,7 @@ async fn attest_once(socket: &Path) -> Result<Identity, Error> {
         | std::io::ErrorKind::BrokenPipe
         | std::io::ErrorKind::WouldBlock => Error::AttestationRefused {
             error: "temporarily_unavailable".into(),
-            description: "scrip closed the connection before it answered (too busy?)".into(),
+            description: "scrip did not take or answer the connection (too busy?)".into(),
         },
         _ => socket_error(socket, &e),
     };

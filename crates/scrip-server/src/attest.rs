@@ -185,6 +185,26 @@ pub enum SocketError {
 /// The longest path a Unix socket may have (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Refuses a socket directory where others could put a socket of their own
+/// at the socket's name (see [`Socket::bind`]): the directories on the way
+/// to `staging` (the socket's own among them) as trust anchors' are, and
+/// the socket's own directory, `holder`, not even sticky.
+fn check_socket_dir(staging: &Path, holder: &Path) -> Result<(), String> {
+    use scrip_config::trust::{GroupWrite, Stake, Untrusted, check_entry, check_way};
+    check_way(staging, Stake::Socket, GroupWrite::Refuse).map_err(|e| e.to_string())?;
+    let meta = std::fs::metadata(holder)
+        .map_err(|e| format!("cannot look at `{}`: {e}", holder.display()))?;
+    match check_entry(holder, &meta, Stake::Socket, GroupWrite::Refuse) {
+        Ok(()) => Ok(()),
+        Err(Untrusted::Writable { .. }) => Err(format!(
+            "the socket's directory `{}` has mode {:o}: others may make or rename entries there (sticky or not) and put a socket of their own at its name; put the socket in a directory only scrip's user may write (as the default, `<data_dir>/scrip.sock`)",
+            holder.display(),
+            meta.mode() & 0o7777
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The bound attestation socket. Dropping it removes the socket file.
 #[derive(Debug)]
 pub struct Socket {
@@ -260,7 +280,6 @@ impl Socket {
             .mode(0o700)
             .create(&staging)
             .map_err(|e| fail(format!("cannot create `{}`: {e}", staging.display())))?;
-        use scrip_config::trust::{GroupWrite, Stake, check_entry, check_way};
         // The socket's own directory not even sticky: there, another user
         // could take the socket's name while scrip is stopped (it removes
         // the socket as it stops), and answer its clients meanwhile.
@@ -269,21 +288,10 @@ impl Socket {
         } else {
             dir
         };
-        let staged = check_way(&staging, Stake::Socket, GroupWrite::Refuse)
-            .and_then(|()| {
-                let meta = std::fs::metadata(holder).map_err(|source| {
-                    scrip_config::trust::Untrusted::Io {
-                        path: holder.to_owned(),
-                        source,
-                    }
-                })?;
-                check_entry(holder, &meta, Stake::Socket, GroupWrite::Refuse)
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                std::fs::File::open(&staging)
-                    .map_err(|e| format!("cannot open `{}`: {e}", staging.display()))
-            });
+        let staged = check_socket_dir(&staging, holder).and_then(|()| {
+            std::fs::File::open(&staging)
+                .map_err(|e| format!("cannot open `{}`: {e}", staging.display()))
+        });
         let staged = match staged {
             Ok(d) => d,
             Err(e) => {
@@ -418,7 +426,8 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
             let state = state.clone();
             let limit = limit.clone();
             connections.spawn(async move {
-                connection(&state.0, stream, accepted, &limit).await;
+                let turns = served.then_some(&*limit);
+                connection(&state.0, stream, accepted, turns).await;
                 drop((slot, uid_slot));
             });
         }
@@ -491,18 +500,25 @@ impl Answer {
     }
 }
 
+/// Answers one connection, in a turn of `turns` when it has one: a uid no
+/// entry serves has none (it is refused before anything is read or hashed,
+/// and at most so many are open: [`MAX_OPEN_UNSERVED_ALL`]), so that served
+/// ones never wait behind its refusals' records.
 async fn connection(
     st: &Inner,
     mut stream: UnixStream,
     accepted: Option<u64>,
-    limit: &tokio::sync::Semaphore,
+    turns: Option<&tokio::sync::Semaphore>,
 ) {
     // The request is read before a turn is taken: a client that connects and
     // says nothing holds no turn, only its own connection, until the timeout.
     let (dialect, answer) = match read_request(&mut stream).await {
-        Ok(dialect) => match limit.acquire().await {
-            Ok(_turn) => (dialect, attest(st, &stream, accepted).await),
-            Err(_) => return,
+        Ok(dialect) => match turns.map(tokio::sync::Semaphore::acquire) {
+            Some(turn) => match turn.await {
+                Ok(_turn) => (dialect, attest(st, &stream, accepted).await),
+                Err(_) => return,
+            },
+            None => (dialect, attest(st, &stream, accepted).await),
         },
         Err(refused) => refused,
     };

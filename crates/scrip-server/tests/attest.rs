@@ -636,22 +636,26 @@ async fn a_socket_where_others_could_take_its_place_is_refused() {
         socket_mode: 0o660,
         ..scrip_config::Config::default()
     };
-    for (mode, by) in [
-        (0o777, "anyone on the host"),
-        (0o775, "members of its group"),
-        (0o1777, "anyone on the host"),
+    for (mode, says) in [
+        (
+            0o777,
+            "has mode 777: anyone on the host could put a socket of their own",
+        ),
+        (
+            0o775,
+            "has mode 775: members of its group could put a socket of their own",
+        ),
+        (
+            0o1777,
+            "has mode 1777: others may make or rename entries there (sticky or not)",
+        ),
     ] {
         std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(mode)).unwrap();
         let err = scrip_server::Server::bind(config.clone())
             .await
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains(&format!(
-                "has mode {mode:o}: {by} could put a socket of their own"
-            )),
-            "{err}"
-        );
+        assert!(err.contains(says), "{err}");
         // Nothing left behind: no socket, no staging directory.
         assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
     }
