@@ -136,6 +136,7 @@ impl Drop for UidSlot {
         }
     }
 }
+
 /// How long reading and hashing a process's executable may take: a file
 /// system that does not answer (a FUSE mount whose daemon stalls) would
 /// otherwise hold a turn for ever.
