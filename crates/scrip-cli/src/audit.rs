@@ -472,6 +472,7 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
             let (_, store) = open(config).await?;
             let mut cursor = after;
             let mut unreadable = 0_u64;
+            past_the_newest(store.as_ref(), cursor).await?;
             loop {
                 let page = store
                     .audit_rows(cursor, 5000)
@@ -501,6 +502,7 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
                         return Ok(unreadable);
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    past_the_newest(store.as_ref(), cursor).await?;
                 }
             }
         })
@@ -512,6 +514,22 @@ pub fn export(config: Option<&Path>, after: i64, follow: bool) -> ExitCode {
             "{n} records are not JSON objects as scrip writes them and were exported as strings under `unreadable_record`; run `scrip audit verify`"
         )),
     }
+}
+
+/// Refuses a cursor past the store's newest record: the store was restored
+/// from a backup (or it is another store), and the numbers after its newest
+/// will be given to other records than those exported under them.
+async fn past_the_newest(store: &dyn scrip_store::Store, cursor: i64) -> Result<(), String> {
+    if cursor <= 0 {
+        return Ok(());
+    }
+    let newest = store.latest_audit_seq().await.map_err(|e| e.to_string())?;
+    if cursor > newest {
+        return Err(format!(
+            "--after {cursor} is past this store's newest record ({newest}): it was restored from a backup, or it is another store, and its next records will be numbered as ones already exported; start a new export from --after {newest} and keep the earlier one apart (see docs/backups.md)"
+        ));
+    }
+    Ok(())
 }
 
 /// One line of `audit export` and whether the record was a JSON object:

@@ -409,6 +409,18 @@ async fn audit_commands_read_what_the_server_recorded() {
     let rest = site.export(&["--after", &cursor.to_string()]);
     assert_eq!(seqs(&rest)[..all.len() - 5], all_seqs[5..]);
     assert!(seqs(&rest).iter().all(|s| *s > cursor));
+    // At the newest record, nothing more; past it (a store restored from a
+    // backup), refused, naming where to start again.
+    let newest = *all_seqs.iter().max().unwrap();
+    let export = site.audit(&["export", "--after", &newest.to_string()]);
+    assert_eq!(export.status.code(), Some(0), "{export:?}");
+    let past = (newest + 1_000).to_string();
+    let out = site.audit(&["export", "--after", &past]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let said = text(&out.stderr);
+    assert!(said.contains("past this store's newest record"), "{said}");
+    assert!(said.contains("--after "), "{said}");
 
     // Usage errors.
     let out = site.audit(&["query", "--decision", "maybe"]);

@@ -924,9 +924,10 @@ max_age = 86400
     let checkpoint_key = root.join("data/keys/audit-checkpoint.json");
     let good_key = fs::read(&checkpoint_key).unwrap();
     fs::write(&checkpoint_key, "{}").unwrap();
-    let set_piped = || {
+    let set_piped_at = |config: &Path| {
         let mut child = scrip()
-            .args(args)
+            .args(&args[..args.len() - 1])
+            .arg(config)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -940,6 +941,7 @@ max_age = 86400
             .unwrap();
         child.wait_with_output().unwrap()
     };
+    let set_piped = || set_piped_at(&config);
     let versions = || {
         let out = run(&[
             "secret",
@@ -967,12 +969,40 @@ max_age = 86400
     );
     assert_eq!(versions(), [1]);
 
-    // A checkpoint key made by the command whose record cannot be committed
-    // (the store held by another writer past the 5 s a commit waits) stays,
-    // saying it is not on the record (the next command or start records
-    // it), and nothing more is written: the command stops.
+    // The key gone from beside a store that holds records (a store put
+    // back without its `keys/`): refused, and no key made in its place,
+    // under which every earlier chain would read as tampered with.
     fs::remove_file(&checkpoint_key).unwrap();
-    let db = root.join("data/scrip.db");
+    let out = set_piped();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("put back `keys/`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!checkpoint_key.exists(), "a checkpoint key was made");
+    assert_eq!(versions(), [1]);
+
+    // A checkpoint key made by the command whose record cannot be committed
+    // (a new store, held by another writer past the 5 s a commit waits)
+    // stays, saying it is not on the record (the next command or start
+    // records it), and nothing more is written: the command stops.
+    let fresh = root.join("fresh");
+    fs::create_dir(&fresh).unwrap();
+    let fresh_config = fresh.join("scrip.toml");
+    fs::write(
+        &fresh_config,
+        fs::read_to_string(&config).unwrap().replace(
+            &root.join("data").display().to_string(),
+            &fresh.join("data").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = run(&["migrate", "--config", fresh_config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let fresh_key = fresh.join("data/keys/audit-checkpoint.json");
+    assert!(!fresh_key.exists());
+    let db = fresh.join("data/scrip.db");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -988,7 +1018,7 @@ max_age = 86400
             .unwrap();
         holder
     });
-    let out = set_piped();
+    let out = set_piped_at(&fresh_config);
     rt.block_on(sqlx::query("ROLLBACK").execute(&mut holder))
         .unwrap();
     drop(holder);
@@ -998,9 +1028,14 @@ max_age = 86400
         "{}",
         text(&out.stderr)
     );
-    let made = fs::read_to_string(&checkpoint_key).unwrap();
+    let made = fs::read_to_string(&fresh_key).unwrap();
     assert!(made.contains("\"recorded\": false"), "{made}");
-    assert_eq!(versions(), [1]);
+    // The next command records it, and its own change, both signed.
+    let out = set_piped_at(&fresh_config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let made = fs::read_to_string(&fresh_key).unwrap();
+    assert!(!made.contains("\"recorded\": false"), "{made}");
+    assert_verifies_strictly(&fresh_config);
 
     // With the key back, the change is made and its record signed.
     fs::write(&checkpoint_key, good_key).unwrap();
@@ -1009,6 +1044,11 @@ max_age = 86400
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
     assert_eq!(versions(), [2, 1]);
+    assert_verifies_strictly(&config);
+}
+
+/// `scrip audit verify --strict` passes on the store `config` names.
+fn assert_verifies_strictly(config: &Path) {
     let out = run(&[
         "audit",
         "verify",

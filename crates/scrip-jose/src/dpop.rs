@@ -165,8 +165,12 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofE
         .collect::<Vec<_>>()
         .try_into()
         .map_err(|_| refuse("is not a compact JWS"))?;
-    let header: Map<String, Value> = serde_json::from_slice(&decode_part(header_part)?)
-        .map_err(|_| refuse("header is not a JSON object"))?;
+    let header = decode_part(header_part)?;
+    if !crate::plain::plain(&header) {
+        return Err(refuse("header names a reserved member"));
+    }
+    let header: Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|_| refuse("header is not a JSON object"))?;
 
     match header.get("typ").and_then(Value::as_str) {
         // As every `typ`: in any case, with or without `application/` (RFC
@@ -269,6 +273,9 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<Proof, ProofE
         .map_err(|_| refuse("signature is invalid"))?;
 
     let payload = decode_part(payload_part)?;
+    if !crate::plain::plain(&payload) {
+        return Err(refuse("claims name a reserved member"));
+    }
     let claims: Map<String, Value> =
         serde_json::from_slice(&payload).map_err(|_| refuse("claims are not a JSON object"))?;
     let text = |name: &str| {

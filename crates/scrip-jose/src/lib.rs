@@ -25,6 +25,7 @@ mod clock;
 pub mod dpop;
 mod error;
 mod keyset;
+mod plain;
 mod recent;
 mod seal;
 mod sign;

@@ -301,7 +301,11 @@ pub fn verify<T: DeserializeOwned>(
         [_, _, _, _, _] => return Err(JoseError::Encrypted),
         _ => return Err(JoseError::Malformed("not a compact JWS")),
     };
-    let header: Map<String, Value> = serde_json::from_slice(&decode_part(header_part)?)
+    let header = decode_part(header_part)?;
+    if !crate::plain::plain(&header) {
+        return Err(JoseError::Malformed("header names a reserved member"));
+    }
+    let header: Map<String, Value> = serde_json::from_slice(&header)
         .map_err(|_| JoseError::Malformed("header is not a JSON object"))?;
     let (alg, kid) = check_header(&header, exp)?;
     let key = keys.find(kid.as_deref(), alg, exp.algorithms)?;
@@ -319,6 +323,9 @@ pub fn verify<T: DeserializeOwned>(
     // A struct also deserializes from a JSON array: insist on an object.
     if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(JoseError::Malformed("claims are not a JSON object"));
+    }
+    if !crate::plain::plain(&payload) {
+        return Err(JoseError::Malformed("claims name a reserved member"));
     }
     let registered: Registered = serde_json::from_slice(&payload)
         .map_err(|_| JoseError::Malformed("claims are not a JSON object"))?;

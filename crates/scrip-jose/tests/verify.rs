@@ -719,6 +719,31 @@ fn refused_tokens() {
             ec(&json!(["iss", ISS])),
             Want::RefuseLike(E::Malformed("")),
         ),
+        // A member serde_json's Value would read as the JSON text it holds
+        // (a number here, an object to every other library).
+        case(
+            "exp as serde_json's raw value",
+            ec(&with(
+                claims(),
+                "exp",
+                json!({"$serde_json::private::RawValue": "99999999999"}),
+            )),
+            Want::Refuse(E::Malformed("claims name a reserved member")),
+        ),
+        case(
+            "a nested claim as serde_json's raw value",
+            ec(&with(
+                claims(),
+                "kubernetes.io",
+                json!({"$serde_json::private::RawValue": "{\"namespace\":\"prod\"}"}),
+            )),
+            Want::Refuse(E::Malformed("claims name a reserved member")),
+        ),
+        case(
+            "a header member as serde_json's raw value",
+            es256_with_header(&json!({"x": [{"$serde_json::private::RawValue": "1"}]})),
+            Want::Refuse(E::Malformed("header names a reserved member")),
+        ),
         case(
             "no exp",
             ec(&without(claims(), "exp")),

@@ -206,23 +206,6 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     let Some((name, path)) = split(parts.uri.path()) else {
         return error(StatusCode::NOT_FOUND, "not_found", "no such upstream");
     };
-    let Some(upstream) = proxy.0.upstreams.get(name) else {
-        // Answered as an upstream that is here answers a token issued for
-        // another (or none, or a bad one): a caller without a token for an
-        // upstream cannot tell whether it exists.
-        tracing::debug!(upstream = ?cut(name, MAX_NAME_LEN), "proxy: a request for no upstream");
-        return proxy
-            .0
-            .no_upstream
-            .refuse_as(
-                cut(name, MAX_NAME_LEN),
-                &parts.method,
-                &parts.uri,
-                &parts.headers,
-            )
-            .await
-            .into_response();
-    };
     let client = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -231,7 +214,6 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         record: AuditEvent {
             event: "proxy.request".into(),
             replica: proxy.0.replica.clone(),
-            tool: Some(upstream.name.clone()),
             // What anyone may send is kept short, or not at all, until a
             // token scrip issued stands behind the request: the method's
             // first 16 bytes, no path.
@@ -243,6 +225,36 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         started,
         path: String::new(),
     };
+    let Some(upstream) = proxy.0.upstreams.get(name) else {
+        // Answered as an upstream that is here answers a token issued for
+        // another (or none, or a bad one): a caller without a token for an
+        // upstream cannot tell whether it exists.
+        let name = cut(name, MAX_NAME_LEN);
+        tracing::debug!(upstream = ?name, "proxy: a request for no upstream");
+        let response = proxy
+            .0
+            .no_upstream
+            .refuse_as(name, &parts.method, &parts.uri, &parts.headers)
+            .await
+            .into_response();
+        // On the record as other refusals before a token is verified are
+        // (limited together), naming no tool (and counted under none: the
+        // name is anyone's), so that one probing for upstreams is seen.
+        let mut r = draft.finish("proxy.request");
+        r.decision = Some("deny".into());
+        r.status = Some(response.status().as_u16());
+        r.reason = Some(format!(
+            "no upstream is named `{}`",
+            shortened(name, UNVERIFIED_TEXT)
+        ));
+        proxy
+            .0
+            .pending
+            .commit_limited_refusal(proxy.0.store.clone(), r)
+            .await;
+        return response;
+    };
+    draft.record.tool = Some(upstream.name.clone());
     // The token first, before anything is done with the path: what else is
     // wrong with a request (its path, its method, its scope) is said only
     // to a caller holding a token for this upstream, and takes only such a

@@ -201,6 +201,13 @@ pub(crate) async fn request(
                 since,
                 seen: denied.into_iter().map(|d| d.id).collect(),
             });
+            // Nor for a task whose end was committed meanwhile (on any
+            // replica, the exchange having read it from a cache a
+            // notification behind): no one is asked about a step that
+            // could never be taken.
+            all.push(Write::TaskOpen {
+                id: task.id.clone(),
+            });
             // The commit and the call that announces it run on their own:
             // a request dropped meanwhile (its client gone, the server's
             // drain over) must not leave a step stored that no approver is
@@ -234,7 +241,14 @@ pub(crate) async fn request(
             };
             match tokio::spawn(announce).await {
                 Ok(Ok(())) => return Ok(pending(st, &id, st.config.approval_ttl)),
-                Ok(Err(scrip_store::StoreError::Conflict(_))) => continue,
+                Ok(Err(scrip_store::StoreError::Conflict(_))) => {
+                    if !still_open(st, &task.id).await? {
+                        break 'asked Err(OAuthError::invalid_request(
+                            "subject_token: the task has ended",
+                        ));
+                    }
+                    continue;
+                }
                 Ok(Err(e)) => return Err(e.into()),
                 Err(e) => {
                     tracing::error!(error = %e, auth_req_id = %id, "the approval's commit did not finish");
@@ -250,6 +264,15 @@ pub(crate) async fn request(
         st.store.commit(writes).await?;
     }
     answer
+}
+
+/// Whether task `id` is still open, as the store has it now.
+async fn still_open(st: &Inner, id: &str) -> Result<bool, OAuthError> {
+    Ok(st
+        .store
+        .task(id)
+        .await?
+        .is_some_and(|t| t.state(now()) == TaskState::Active))
 }
 
 /// `authorization_pending` for the approval `id`, which waits `expires_in`
@@ -1006,8 +1029,17 @@ async fn decide_endpoint(
                     token_jti: None,
                 },
                 Write::Audit(Box::new(a)),
+                // Not on a task whose end was committed since it was read.
+                Write::TaskOpen {
+                    id: task.id.clone(),
+                },
             ])
             .await;
+        if matches!(committed, Err(scrip_store::StoreError::Conflict(_)))
+            && !still_open(st, &task.id).await?
+        {
+            return Err(OAuthError::conflict("the task has ended"));
+        }
         let after = match committed {
             Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {
                 st.store.approval(id).await?.ok_or_else(OAuthError::server_error)?

@@ -51,6 +51,9 @@ const MAX_REQUEST: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attestations hashed at once (each reads an executable).
 const CONCURRENCY: usize = 8;
+/// Of those, the most one uid takes: another uid's attestations always
+/// have turns, whatever files one uid has scrip hash.
+const TURNS_PER_UID: usize = CONCURRENCY / 2;
 /// Connections open at once (reading their request or waiting their turn);
 /// past this a new one is closed at once, so idle connections cannot use up
 /// scrip's file descriptors.
@@ -70,14 +73,22 @@ const MAX_OPEN_UNSERVED_ALL: usize = 16;
 /// The connections open by uid, and those of unserved uids together (see
 /// [`MAX_OPEN_PER_UID`], [`MAX_OPEN_UNSERVED`],
 /// [`MAX_OPEN_UNSERVED_ALL`]).
+/// Each uid's entry holds its count and its turns ([`TURNS_PER_UID`]),
+/// dropped with its last connection.
 #[derive(Default)]
-struct OpenByUid(std::sync::Mutex<(std::collections::HashMap<u32, usize>, usize)>);
+struct OpenByUid(std::sync::Mutex<(std::collections::HashMap<u32, UidEntry>, usize)>);
+
+/// A uid's connections open and its turns.
+type UidEntry = (usize, Arc<tokio::sync::Semaphore>);
 
 /// One connection of a uid, counted while it is held.
 struct UidSlot {
     open: Arc<OpenByUid>,
     uid: u32,
     served: bool,
+    /// The uid's own turns, of which the connection takes one before one
+    /// of all the turns.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl OpenByUid {
@@ -92,7 +103,9 @@ impl OpenByUid {
         if !served && *unserved >= MAX_OPEN_UNSERVED_ALL {
             return None;
         }
-        let n = by_uid.entry(uid).or_insert(0);
+        let (n, turns) = by_uid
+            .entry(uid)
+            .or_insert_with(|| (0, Arc::new(tokio::sync::Semaphore::new(TURNS_PER_UID))));
         if *n >= most_open(served) {
             return None;
         }
@@ -104,6 +117,7 @@ impl OpenByUid {
             open: self.clone(),
             uid,
             served,
+            turns: turns.clone(),
         })
     }
 }
@@ -125,7 +139,7 @@ impl Drop for UidSlot {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (by_uid, unserved) = &mut *guard;
-        if let Some(n) = by_uid.get_mut(&self.uid) {
+        if let Some((n, _)) = by_uid.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 by_uid.remove(&self.uid);
@@ -427,7 +441,7 @@ pub fn spawn(socket: Socket, state: AppState) -> Serving {
             let state = state.clone();
             let limit = limit.clone();
             connections.spawn(async move {
-                let turns = served.then_some(&*limit);
+                let turns = served.then_some([&*uid_slot.turns, &*limit]);
                 connection(&state.0, stream, accepted, turns).await;
                 drop((slot, uid_slot));
             });
@@ -501,24 +515,27 @@ impl Answer {
     }
 }
 
-/// Answers one connection, in a turn of `turns` when it has one: a uid no
-/// entry serves has none (it is refused before anything is read or hashed,
-/// and at most so many are open: [`MAX_OPEN_UNSERVED_ALL`]), so that served
-/// ones never wait behind its refusals' records.
+/// Answers one connection, in a turn when it has turns to take (its uid's,
+/// then one of all: [`TURNS_PER_UID`]): a uid no entry serves has none (it
+/// is refused before anything is read or hashed, and at most so many are
+/// open: [`MAX_OPEN_UNSERVED_ALL`]), so that served ones never wait behind
+/// its refusals' records.
 async fn connection(
     st: &Inner,
     mut stream: UnixStream,
     accepted: Option<u64>,
-    turns: Option<&tokio::sync::Semaphore>,
+    turns: Option<[&tokio::sync::Semaphore; 2]>,
 ) {
     // The request is read before a turn is taken: a client that connects and
     // says nothing holds no turn, only its own connection, until the timeout.
     let (dialect, answer) = match read_request(&mut stream).await {
-        Ok(dialect) => match turns.map(tokio::sync::Semaphore::acquire) {
-            Some(turn) => match turn.await {
-                Ok(_turn) => (dialect, attest(st, &stream, accepted).await),
-                Err(_) => return,
-            },
+        Ok(dialect) => match turns {
+            Some([own, all]) => {
+                let (Ok(_own), Ok(_all)) = (own.acquire().await, all.acquire().await) else {
+                    return;
+                };
+                (dialect, attest(st, &stream, accepted).await)
+            }
             None => (dialect, attest(st, &stream, accepted).await),
         },
         Err(refused) => refused,
@@ -657,7 +674,7 @@ async fn attest(st: &Inner, stream: &UnixStream, accepted: Option<u64>) -> Answe
         OBSERVE_TIMEOUT,
         tokio::task::spawn_blocking(move || {
             let _observing = observing;
-            observe(uid, gid, pid, accepted)
+            observe(uid, gid, pid, accepted, &HASHES)
         }),
     )
     .await;
@@ -923,7 +940,13 @@ async fn issue(st: &Inner, o: &Observed, workload: Option<&LocalWorkload>) -> An
 }
 
 /// Reads what the process is, pinned to the process that connected.
-fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observed, String> {
+fn observe(
+    uid: u32,
+    gid: u32,
+    pid: i32,
+    accepted: Option<u64>,
+    hashes: &Hashes,
+) -> Result<Observed, String> {
     let gone = "the connecting process is gone";
     // A descriptor on the process's /proc directory: every later read goes
     // through it, so a pid reused from here on is not read by mistake.
@@ -949,7 +972,7 @@ fn observe(uid: u32, gid: u32, pid: i32, accepted: Option<u64>) -> Result<Observ
         .as_ref()
         .and_then(|f| f.metadata().ok())
         .map(|m| (m.dev(), m.ino()));
-    let exe_sha256 = file.and_then(|f| sha256_hex(f, MAX_HASHED));
+    let exe_sha256 = file.and_then(|f| hashes.sha256(&f, MAX_HASHED));
     let exe_after = std::fs::read_link(base.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
@@ -1011,9 +1034,123 @@ fn parse_uptime(text: &str) -> Option<u64> {
 /// `exe_sha256`, so no `exe_sha256` selector matches it.
 const MAX_HASHED: u64 = 512 * 1024 * 1024;
 
+/// Executables' hashes kept, by the file and its state ([`FileState`]).
+const HASHES_KEPT: usize = 256;
+/// How long a file must have been left alone before its hash is kept: a
+/// write within the same tick of the file system's clock as the last one
+/// would leave its times as they were (git treats its index's "racy"
+/// entries so).
+const SETTLED: Duration = Duration::from_secs(2);
+
+/// A hash kept, with the use count when it was last used.
+type Kept = (String, u64);
+
+/// The hashes of executables read by attestations.
+static HASHES: std::sync::LazyLock<Hashes> =
+    std::sync::LazyLock::new(|| Hashes::new(SETTLED, HASHES_KEPT));
+
+/// A file and what says whether it changed: device, inode, size, and the
+/// times of its last write and last change to the nanosecond. Anything
+/// that writes to the file sets the change time to the present, which no
+/// one but the clock's owner can set back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileState {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    modified: i128,
+    changed: i128,
+}
+
+impl FileState {
+    fn of(m: &std::fs::Metadata) -> Self {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            modified: ns(m.mtime(), m.mtime_nsec()),
+            changed: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file was last written or changed at least `settled`
+    /// before `now` (nanoseconds since 1970).
+    fn settled_by(&self, now: i128, settled: Duration) -> bool {
+        self.modified.max(self.changed) + i128::try_from(settled.as_nanos()).unwrap_or(i128::MAX)
+            <= now
+    }
+}
+
+/// Executables' hashes by [`FileState`], so that attesting the same
+/// unchanged binary again costs a `stat` rather than a read of it (an agent
+/// started often, or one uid asking over and over). A hash is kept only
+/// for a file left alone for [`SETTLED`] before it was read and unchanged
+/// while it was; the oldest used is dropped past `kept`.
+struct Hashes {
+    settled: Duration,
+    kept: usize,
+    /// The hashes, each with when it was last used, and the use count.
+    table: std::sync::Mutex<(std::collections::HashMap<FileState, Kept>, u64)>,
+}
+
+impl Hashes {
+    fn new(settled: Duration, kept: usize) -> Self {
+        Self {
+            settled,
+            kept,
+            table: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The SHA-256 of `file` (see [`sha256_hex`]), from the table when its
+    /// state is there; `None` as well when the file changed while it was
+    /// read (the hash would be of neither version).
+    fn sha256(&self, file: &File, limit: u64) -> Option<String> {
+        let before = FileState::of(&file.metadata().ok()?);
+        {
+            let mut table = self
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (hashes, uses) = &mut *table;
+            *uses += 1;
+            if let Some((hash, used)) = hashes.get_mut(&before) {
+                *used = *uses;
+                return Some(hash.clone());
+            }
+        }
+        let began = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i128::try_from(d.as_nanos()).ok());
+        let hash = sha256_hex(file, limit)?;
+        if FileState::of(&file.metadata().ok()?) != before {
+            return None;
+        }
+        if began.is_some_and(|now| before.settled_by(now, self.settled)) {
+            let mut table = self
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (hashes, uses) = &mut *table;
+            if hashes.len() >= self.kept
+                && let Some(oldest) = hashes
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| *k)
+            {
+                hashes.remove(&oldest);
+            }
+            hashes.insert(before, (hash.clone(), *uses));
+        }
+        Some(hash)
+    }
+}
+
 /// The SHA-256 of `file`, or `None` if it cannot be read or holds more than
 /// `limit` bytes.
-fn sha256_hex(file: File, limit: u64) -> Option<String> {
+fn sha256_hex(file: &File, limit: u64) -> Option<String> {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     let mut file = file.take(limit.saturating_add(1));
@@ -1258,7 +1395,8 @@ mod tests {
     #[test]
     fn observes_itself() {
         let me = i32::try_from(std::process::id()).unwrap();
-        let o = observe(0, 0, me, uptime_ticks()).unwrap();
+        let hashes = Hashes::new(SETTLED, HASHES_KEPT);
+        let o = observe(0, 0, me, uptime_ticks(), &hashes).unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(o.exe.as_deref(), exe.to_str());
         let bytes = std::fs::read(&exe).unwrap();
@@ -1274,9 +1412,9 @@ mod tests {
         let got = select(&w, &o, None, &configured_files(&w));
         assert!(got.is_ok_and(|w| w.is_some()));
         // A connection accepted before this process started cannot be its.
-        assert!(observe(0, 0, me, Some(0)).is_err_and(|e| e.contains("reused")));
+        assert!(observe(0, 0, me, Some(0), &hashes).is_err_and(|e| e.contains("reused")));
         // Without the time of acceptance, that cannot be ruled out.
-        assert!(observe(0, 0, me, None).is_err_and(|e| e.contains("/proc/uptime")));
+        assert!(observe(0, 0, me, None, &hashes).is_err_and(|e| e.contains("/proc/uptime")));
     }
 
     #[test]
@@ -1287,8 +1425,8 @@ mod tests {
         let open = || File::open(&path).unwrap();
         // sha256("0123456789")
         let want = "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882";
-        assert_eq!(sha256_hex(open(), 10).as_deref(), Some(want));
-        assert_eq!(sha256_hex(open(), 9), None);
+        assert_eq!(sha256_hex(&open(), 10).as_deref(), Some(want));
+        assert_eq!(sha256_hex(&open(), 9), None);
         // A sparse file far past the limit is refused after reading only
         // the limit's worth.
         std::fs::OpenOptions::new()
@@ -1297,6 +1435,83 @@ mod tests {
             .unwrap()
             .set_len(1 << 40)
             .unwrap();
-        assert_eq!(sha256_hex(open(), 1 << 20), None);
+        assert_eq!(sha256_hex(&open(), 1 << 20), None);
+    }
+
+    fn sha256_of(bytes: &[u8]) -> String {
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A file's hash is kept while the file is as it was, and only then: a
+    /// write (of the same length) is hashed anew, a file written too
+    /// recently is not kept at all, and the table holds so many.
+    #[test]
+    fn a_hash_is_kept_only_for_a_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exe");
+        std::fs::write(&path, b"first").unwrap();
+        let open = || File::open(&path).unwrap();
+        let state = || FileState::of(&open().metadata().unwrap());
+        let table_of = |h: &Hashes| h.table.lock().unwrap().0.clone();
+
+        let hashes = Hashes::new(Duration::ZERO, 2);
+        assert_eq!(hashes.sha256(&open(), 1 << 20), Some(sha256_of(b"first")));
+        assert_eq!(
+            table_of(&hashes).keys().copied().collect::<Vec<_>>(),
+            [state()]
+        );
+        // What is kept is what is answered while the file is unchanged
+        // (a planted value shows the file is not read again)...
+        hashes.table.lock().unwrap().0.get_mut(&state()).unwrap().0 = "kept".into();
+        assert_eq!(hashes.sha256(&open(), 1 << 20).as_deref(), Some("kept"));
+        // ...and not once it is written, even to the same length, past a
+        // tick of the file system's clock.
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::write(&path, b"other").unwrap();
+        assert_eq!(hashes.sha256(&open(), 1 << 20), Some(sha256_of(b"other")));
+
+        // The oldest used is dropped past the bound.
+        let other = dir.path().join("exe2");
+        std::fs::write(&other, b"third").unwrap();
+        let third = FileState::of(&std::fs::metadata(&other).unwrap());
+        assert_eq!(hashes.sha256(&open(), 1 << 20), Some(sha256_of(b"other")));
+        assert_eq!(
+            hashes.sha256(&File::open(&other).unwrap(), 1 << 20),
+            Some(sha256_of(b"third"))
+        );
+        let kept = table_of(&hashes);
+        assert_eq!(kept.len(), 2);
+        assert!(kept.contains_key(&state()) && kept.contains_key(&third));
+
+        // A file written within the settling time is read every time.
+        let racy = Hashes::new(Duration::from_secs(3600), 2);
+        assert_eq!(racy.sha256(&open(), 1 << 20), Some(sha256_of(b"other")));
+        assert!(table_of(&racy).is_empty());
+    }
+
+    /// Each uid has turns of its own, fewer than all of them: one uid's
+    /// attestations leave turns to the others'.
+    #[test]
+    fn a_uid_takes_at_most_its_share_of_the_turns() {
+        const { assert!(TURNS_PER_UID < CONCURRENCY) };
+        let open = Arc::new(OpenByUid::default());
+        let (a1, a2) = (
+            open.take(1000, true).unwrap(),
+            open.take(1000, true).unwrap(),
+        );
+        let b = open.take(1001, true).unwrap();
+        assert!(Arc::ptr_eq(&a1.turns, &a2.turns));
+        assert!(!Arc::ptr_eq(&a1.turns, &b.turns));
+        let held = a1
+            .turns
+            .clone()
+            .try_acquire_many_owned(TURNS_PER_UID.try_into().unwrap());
+        assert!(held.is_ok());
+        assert!(a2.turns.try_acquire().is_err());
+        assert!(b.turns.try_acquire().is_ok());
     }
 }

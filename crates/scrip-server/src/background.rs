@@ -24,9 +24,10 @@ impl Background {
 /// Starts the background tasks.
 pub fn spawn(state: AppState, hangup: Option<tokio::signal::unix::Signal>) -> Background {
     let reload = state.0.policy.spawn_reloader(hangup);
-    let sweep = scrip_vital::spawn("expiry sweep", sweep_loop(state.clone()));
+    let upkeep = scrip_vital::spawn("upkeep", upkeep_loop(state.clone()));
+    let sweep = scrip_vital::spawn("expiry sweep", expiry_loop(state.clone()));
     let keys = scrip_vital::spawn("key ring", keys_loop(state));
-    Background(vec![reload, sweep, keys])
+    Background(vec![reload, upkeep, sweep, keys])
 }
 
 /// Follows the shared key set: re-reads it when the store signals a key
@@ -88,7 +89,9 @@ async fn keys_loop(state: AppState) {
     }
 }
 
-async fn sweep_loop(state: AppState) {
+/// Every second: approval steps past their time expired, and revocations
+/// past theirs purged.
+async fn upkeep_loop(state: AppState) {
     let st = &state.0;
     let mut ticks: u64 = 0;
     let mut purge_failing = false;
@@ -97,16 +100,6 @@ async fn sweep_loop(state: AppState) {
         ticks += 1;
         let now = now();
         crate::approval::expire(st, now).await;
-        // Small commits, a few a tick: on PostgreSQL each task ended is
-        // three round trips under the lock every replica's writes take, and
-        // a sweep shares its commit's fate with the requests batched beside
-        // it, so one sweep of hundreds of tasks would hold every replica up
-        // and could outrun the commit's time limit.
-        for _ in 0..SWEEPS_PER_TICK {
-            if !sweep_due(st, now).await {
-                break;
-            }
-        }
         // Kept a while past their time (`clock_skew`, at least a minute):
         // another replica, or `scrip proxy`, whose clock is behind this
         // one's still accepts the tokens, and a single use claimed must
@@ -141,10 +134,42 @@ async fn sweep_loop(state: AppState) {
 /// more than thousands of task ends a second leave.
 const PURGE_CHUNK: u32 = 10_000;
 
-/// Tasks ended per sweep commit, and sweeps per tick at most (a backlog of
-/// thousands ends over a few seconds).
+/// Tasks ended per sweep commit.
 const SWEEP: u32 = 50;
-const SWEEPS_PER_TICK: usize = 20;
+/// The longest pass of the sweep: the tasks due at its start are ended
+/// with that time, so a longer backlog is left to the next pass.
+const SWEEP_PASS: Duration = Duration::from_secs(30);
+
+/// Ends the tasks past their deadline, every second, each pass as many as
+/// were due when it began, in small commits: on PostgreSQL each task ended
+/// is three round trips under the lock every replica's writes take, and a
+/// sweep shares its commit's fate with the requests batched beside it, so
+/// one sweep of hundreds of tasks would hold every replica up and could
+/// outrun the commit's time limit. After each commit the pass waits as long
+/// as the commit took: a backlog (after an outage, or with thousands of
+/// tasks a second reaching their deadline) takes at most about half of the
+/// writer's time, however large it is, rather than a fixed number a second
+/// that tasks could outrun. Its own task: a long pass holds up neither
+/// approvals' expiry nor the purge.
+async fn expiry_loop(state: AppState) {
+    let st = &state.0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = now();
+        let pass = tokio::time::Instant::now();
+        loop {
+            let began = tokio::time::Instant::now();
+            if !sweep_due(st, now).await {
+                break;
+            }
+            let took = began.elapsed();
+            if pass.elapsed() + took >= SWEEP_PASS {
+                break;
+            }
+            tokio::time::sleep(took).await;
+        }
+    }
+}
 
 /// Ends up to [`SWEEP`] tasks past their deadline in one commit; whether a
 /// full sweep was committed, so that more may be due.

@@ -865,6 +865,7 @@ pub async fn checkpoint_signer(
     replica: &str,
 ) -> Result<Arc<SigningKey>, KeyError> {
     if config.database_url.is_none() {
+        checkpoint_key_kept(config, store).await?;
         let loaded = keys::load_or_create_checkpoint_key(&config.data_dir, now)?;
         let mut created = Created::default();
         created.add(&loaded, "audit checkpoint key");
@@ -890,6 +891,38 @@ pub async fn checkpoint_signer(
             message: "the store holds no audit checkpoint key yet; start `scrip serve` on it first"
                 .into(),
         })
+}
+
+/// Refuses to make the embedded store's checkpoint key anew beside a store
+/// that holds audit records: its file is gone (the store restored or moved
+/// without `data_dir/keys`), and a new key would have every chain it signed
+/// reported as tampered with, for ever, by `scrip audit verify`.
+///
+/// # Errors
+/// [`KeyError::Invalid`] when the key file is missing and the store holds
+/// records, or the store cannot say.
+pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(), KeyError> {
+    let path = keys::checkpoint_key_file(&config.data_dir);
+    let exists = path.try_exists().map_err(|source| KeyError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    if exists {
+        return Ok(());
+    }
+    let records = store
+        .latest_audit_seq()
+        .await
+        .map_err(|e| store_error(config, &e))?;
+    if records > 0 {
+        return Err(KeyError::Invalid {
+            path,
+            message: format!(
+                "missing, yet the store beside it holds {records} audit records signed with it: put back `keys/` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn store_error(config: &Config, e: &StoreError) -> KeyError {

@@ -270,11 +270,14 @@ pub fn load_or_create_checkpoint_key(data_dir: &Path, now: u64) -> Result<Loaded
 /// # Errors
 /// As [`load_or_create`]; a missing file is [`KeyError::Io`].
 pub fn read_checkpoint_key(data_dir: &Path) -> Result<SigningKey, KeyError> {
-    read_key(
-        &data_dir.join("keys/audit-checkpoint.json"),
-        SigningAlgorithm::EdDSA,
-    )
-    .map(|(key, _)| key)
+    read_key(&checkpoint_key_file(data_dir), SigningAlgorithm::EdDSA).map(|(key, _)| key)
+}
+
+/// The embedded store's audit checkpoint key file,
+/// `<data_dir>/keys/audit-checkpoint.json`.
+#[must_use]
+pub fn checkpoint_key_file(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("keys/audit-checkpoint.json")
 }
 
 fn load_or_create_named(

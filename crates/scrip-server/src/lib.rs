@@ -226,6 +226,18 @@ impl Server {
         let identities =
             IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
         let attest = attest::Socket::bind(&config)?;
+        // The proxy's key-encryption key (refused when it opens none of
+        // the store's secrets) and its metrics listener (refused when the
+        // address is taken).
+        let proxy_kek = if config.upstreams.is_empty() {
+            None
+        } else {
+            Some(keys::store_kek(&config, store.as_ref()).await?)
+        };
+        let metrics_listener = match (&proxy_kek, config.metrics_listen) {
+            (Some(_), Some(addr)) => Some(bind_metrics(addr).await?),
+            _ => None,
+        };
         // Every commit from here on signs this process's chain head in the
         // same transaction (the shared keys' own commit too: the key set
         // that signs is made ready to before it).
@@ -235,6 +247,7 @@ impl Server {
                 .await?
                 .0
         } else {
+            keyring::checkpoint_key_kept(&config, store.as_ref()).await?;
             let (keyring, created) = keyring::Keyring::from_files(&config, state::now())?;
             let keyring = std::sync::Arc::new(keyring);
             store.sign_heads_with(keyring.clone());
@@ -311,13 +324,12 @@ impl Server {
             config,
         };
         let state = AppState(Arc::new(inner));
-        let proxy = if state.0.config.upstreams.is_empty() {
-            None
-        } else {
-            Some(mount_proxy(&state).await?)
+        let proxy = match proxy_kek {
+            Some(kek) => Some(mount_proxy(&state, kek).await?),
+            None => None,
         };
         let metrics = match (&proxy, state.0.config.metrics_listen) {
-            (Some(_), Some(addr)) => Some(bind_metrics(addr).await?),
+            (Some(_), Some(_)) => metrics_listener,
             (None, Some(_)) => {
                 tracing::warn!(
                     "metrics_listen is set, but no [[upstreams]] are: there are no metrics to serve"
@@ -516,10 +528,13 @@ const WEBHOOK_FINISH: std::time::Duration = std::time::Duration::from_secs(5);
 /// The proxy of `[[upstreams]]`, verifying tokens with scrip's own keys and
 /// following revocations straight from the store (the verifier's code path,
 /// without HTTP to itself).
-async fn mount_proxy(state: &AppState) -> Result<scrip_proxy::Proxy, StartError> {
+async fn mount_proxy(
+    state: &AppState,
+    kek: scrip_jose::Kek,
+) -> Result<scrip_proxy::Proxy, StartError> {
     let st = &state.0;
     let config = &st.config;
-    let kek = scrip_proxy::Kek::new(keys::store_kek(config, st.store.as_ref()).await?);
+    let kek = scrip_proxy::Kek::new(kek);
     let first = config
         .upstreams
         .first()

@@ -2537,3 +2537,34 @@ async fn configurations_that_trust_more_than_they_seem_are_warned_about() {
     }
     s.stop().await;
 }
+
+/// A task ended by another process (another replica, `scrip task revoke`)
+/// while this one still has it cached as open: a step of it is not put to
+/// the approvers, since it could never be taken.
+#[tokio::test]
+async fn no_one_is_asked_about_a_step_of_a_task_ended_meanwhile() {
+    let s = server().await;
+    let task = prod_task_with(&s, "github:read github:delete").await;
+    // Cached as open by an exchange.
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, claims) = decode_parts(&task);
+    let txn = claims["txn"].as_str().unwrap().to_owned();
+    let store = scrip_store::open(None, &s.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    store
+        .commit(vec![scrip_store::Write::EndOpenTask {
+            id: txn,
+            at: now(),
+            reason: "revoked".into(),
+            grace: 0,
+        }])
+        .await
+        .unwrap();
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_ne!(r.body["error"], "authorization_pending", "{}", r.text);
+    assert_eq!(requested(&s).await, 0);
+    s.stop().await;
+}

@@ -1680,6 +1680,100 @@ async fn replicas_rotating_together_add_one_key() {
     assert!(!retired.is_empty(), "no key was retired");
 }
 
+/// An embedded store put back without its checkpoint key is refused rather
+/// than signed on with a new key, which would have every earlier chain
+/// read as tampered with; put back with it, it starts.
+#[tokio::test]
+async fn a_store_without_its_checkpoint_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        policy_dir: policies,
+        ..scrip_config::Config::default()
+    };
+    drop(scrip_server::Server::bind(config.clone()).await.unwrap());
+    let key = scrip_server::keys::checkpoint_key_file(&config.data_dir);
+    let kept = dir.path().join("kept.json");
+    std::fs::rename(&key, &kept).unwrap();
+    let refused_making_none = |refused: String| {
+        assert!(refused.contains("put back `keys/`"), "{refused}");
+        assert!(!key.exists(), "a new checkpoint key was made");
+    };
+    let refused = scrip_server::Server::bind(config.clone()).await.err();
+    refused_making_none(refused.unwrap().to_string());
+    // The commands that sign their records refuse as well.
+    let store = scrip_store::open(None, &config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let refused =
+        scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "test").await;
+    refused_making_none(refused.err().unwrap().to_string());
+    drop(store);
+    std::fs::rename(&kept, &key).unwrap();
+    drop(scrip_server::Server::bind(config).await.unwrap());
+}
+
+/// A start refused for its metrics address (taken) makes no signing keys:
+/// the proxy's key-encryption key and metrics listener come before them.
+#[tokio::test]
+async fn a_start_refused_for_its_metrics_address_makes_no_signing_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tool = scrip_token::ToolName::parse("github").unwrap();
+    let read = scrip_token::ActionName::parse("read").unwrap();
+    let mut config = scrip_config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        policy_dir: repo_policies(),
+        tools: tools(),
+        metrics_listen: Some(taken.local_addr().unwrap()),
+        ..scrip_config::Config::default()
+    };
+    config.upstreams.push(scrip_config::Upstream {
+        name: tool,
+        url: "http://127.0.0.1:9".into(),
+        inject: scrip_config::Inject::default(),
+        routes: vec![scrip_config::Route {
+            method: "GET".into(),
+            path: "/*".into(),
+            action: read.clone(),
+        }],
+        secrets: [(
+            read,
+            scrip_config::SecretSpec {
+                max_age: 3600,
+                grace: 3600,
+                mint_command: Vec::new(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        connect_timeout: 1,
+        read_timeout: 5,
+    });
+    let refused = scrip_server::Server::bind(config.clone()).await.err();
+    assert!(
+        matches!(refused, Some(scrip_server::StartError::Bind { addr, .. }) if Some(addr) == config.metrics_listen),
+        "{refused:?}"
+    );
+    let keys = config.data_dir.join("keys");
+    let made: Vec<String> = std::fs::read_dir(&keys)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name != "key-encryption.key")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(made.is_empty(), "a refused start made keys: {made:?}");
+    drop(taken);
+    drop(scrip_server::Server::bind(config.clone()).await.unwrap());
+    let made = std::fs::read_dir(&keys).unwrap().count();
+    assert!(made > 1, "the start that did made no keys");
+}
+
 /// A start refused for its configuration (a policy that does not parse)
 /// makes no keys: a key made by a start that then failed would stay, and
 /// the next start, finding it made, would not record it. The start that
@@ -2038,4 +2132,80 @@ async fn changing_the_embedded_algorithm_keeps_the_old_keys_tokens_valid() {
             .contains("signing_algorithm is now EdDSA"),
         "{retired:?}"
     );
+}
+
+/// A backlog of tasks past their deadline, more than the sweep once ended
+/// in a second, is ended in one pass: each of them at the pass's time, as
+/// `expired`, with its record.
+#[tokio::test]
+async fn a_backlog_of_due_tasks_ends_in_one_pass() {
+    let s = TestServer::start().await;
+    let store = scrip_store::open(None, &s.dir.path().join("data/scrip.db"))
+        .await
+        .unwrap();
+    let due = now() - 10;
+    let ids: Vec<String> = (0..1_500).map(|i| format!("backlog-{i:04}")).collect();
+    let writes = ids
+        .iter()
+        .map(|id| {
+            scrip_store::Write::InsertTask(Box::new(scrip_store::TaskRecord {
+                id: id.clone(),
+                parent: None,
+                agent: scrip_token::WorkloadIdentity {
+                    issuer: K8S_ISSUER.into(),
+                    subject: "system:serviceaccount:agents:backlog".into(),
+                    kind: scrip_token::IdentityKind::Kubernetes,
+                    attributes: std::collections::BTreeMap::new(),
+                    claims: std::collections::BTreeMap::new(),
+                },
+                actor: None,
+                may_act: Vec::new(),
+                grants: "github:read".into(),
+                held: String::new(),
+                purpose: "backlog".into(),
+                environment: "dev".into(),
+                depth: 0,
+                token_jti: format!("jti-{id}"),
+                created_at: due - 60,
+                expires_at: due,
+                ended_at: None,
+                end_reason: None,
+            }))
+        })
+        .collect();
+    store.commit(writes).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let mut ended = Vec::new();
+        for id in &ids {
+            let task = store.task(id).await.unwrap().unwrap();
+            if let Some(at) = task.ended_at {
+                assert_eq!(task.end_reason.as_deref(), Some("expired"), "{id}");
+                ended.push(at);
+            }
+        }
+        if ended.len() == ids.len() {
+            break ended;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} ended",
+            ended.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let passes: std::collections::BTreeSet<u64> = ended.into_iter().collect();
+    assert_eq!(passes.len(), 1, "ended at {passes:?}");
+    let audit = s.stop_then_audit().await;
+    let recorded = audit
+        .iter()
+        .filter(|a| {
+            a.event == "task.expired"
+                && a.task_id
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("backlog-"))
+        })
+        .count();
+    assert_eq!(recorded, ids.len());
 }

@@ -565,6 +565,30 @@ async fn bad_missing_and_foreign_tokens_get_rfc6750_errors() {
     env.wait_seen("/x").await;
     assert_eq!(env.seen("/x").len(), 1, "{:?}", env.nginx.log());
 
+    // A request for no upstream is on the record as a refusal naming no
+    // tool, with the name asked for cut short.
+    let probe = format!("probing-{}", "p".repeat(40));
+    let (status, _, _) = env
+        .send(reqwest::Method::GET, &format!("{probe}/x"), Some(&good))
+        .await;
+    assert_eq!(status, 401);
+    let refused = env
+        .wait_audit(|a| a.reason.as_deref().is_some_and(|r| r.contains("probing-p")))
+        .await;
+    assert_eq!(
+        (
+            refused.event.as_str(),
+            refused.decision.as_deref(),
+            refused.status
+        ),
+        ("proxy.request", Some("deny"), Some(401))
+    );
+    assert_eq!((refused.tool, refused.path), (None, None));
+    assert_eq!(
+        refused.reason.as_deref(),
+        Some("no upstream is named `probing-pppppppp… (48 bytes)`")
+    );
+
     // Before a token verified, a refusal's record keeps 16 bytes of the
     // method, and nothing of the path.
     let method = reqwest::Method::from_bytes("M".repeat(100).as_bytes()).unwrap();
