@@ -537,6 +537,19 @@ const NOT_INHERITED: [&str; 4] = [
     "SCRIP_TASK_TOKEN",
 ];
 
+/// Keeps this process's memory (keys, secrets, tokens) out of core dumps
+/// and away from other processes of its uid, a program it started among
+/// them (`ptrace`, `/proc/<pid>/mem`, `/proc/<pid>/environ`, which hold
+/// what [`NOT_INHERITED`] keeps from the program's own environment):
+/// `PR_SET_DUMPABLE` 0. A program it starts is dumpable again (`execve`
+/// resets it).
+pub(crate) fn not_dumpable() {
+    use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "cannot keep this process out of core dumps (PR_SET_DUMPABLE)");
+    }
+}
+
 /// A command for `program` with the rest of scrip's environment but
 /// [`NOT_INHERITED`].
 pub(crate) fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
@@ -617,6 +630,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let serves = matches!(cli.command, Command::Serve { .. } | Command::Proxy { .. });
     let lines = init_logging(cli.log_format, if serves { "info" } else { "warn" }, serves);
+    // The commands that hold keys, the key-encryption key, proxy secrets or
+    // the store's credentials. (Those that attest themselves at scrip's
+    // socket must stay readable until they have: `scrip run` turns this on
+    // before it starts its command.)
+    if serves
+        || matches!(
+            cli.command,
+            Command::Secret { .. }
+                | Command::Key { .. }
+                | Command::Migrate { .. }
+                | Command::Audit { .. }
+        )
+    {
+        not_dumpable();
+    }
     if serves {
         // A panic (a bug) is logged as the rest is, in the log's format,
         // naming its thread, with a backtrace when `RUST_BACKTRACE` asks

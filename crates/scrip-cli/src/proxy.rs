@@ -63,7 +63,7 @@ async fn start(config: Config) -> Result<Started, String> {
     vc.dpop_leeway = config.clock_skew;
     vc.public_url.clone_from(&config.proxy.public_url);
     // The proxy claims a single use itself, with its `allow` record.
-    vc.claim_single_use = false;
+    vc.danger_caller_claims_single_use = true;
     let verifier = Verifier::discover(vc)
         .await
         .map_err(|e| format!("cannot trust `{issuer}`: {e}"))?;

@@ -508,6 +508,10 @@ async fn run_async(args: RunArgs) -> ExitCode {
         end_task_unless_interrupted(&client, task, cache.as_ref(), &mut signals).await;
         return fail("no command given after `--`");
     };
+    // Attested and its task started: from here on nothing needs to read
+    // this process, and its command must not (its parent's environment
+    // holds what it is not given).
+    crate::not_dumpable();
     let mut child = match crate::child_command(program)
         .args(program_args)
         .env("SCRIP_URL", client.url())

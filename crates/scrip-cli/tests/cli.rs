@@ -1030,9 +1030,11 @@ max_age = 86400
     );
     let made = fs::read_to_string(&fresh_key).unwrap();
     assert!(made.contains("\"recorded\": false"), "{made}");
-    // The next command records it, and its own change, both signed.
+    // The next command records it, and its own change, both signed: the
+    // first version, since the blocked one stored nothing.
     let out = set_piped_at(&fresh_config);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "set `legacy` `read` version 1\n");
     let made = fs::read_to_string(&fresh_key).unwrap();
     assert!(!made.contains("\"recorded\": false"), "{made}");
     assert_verifies_strictly(&fresh_config);
@@ -1473,4 +1475,58 @@ fn a_full_disk_under_standard_error_stops_nothing() {
     let status =
         wait_exit(&mut server.child, Duration::from_secs(20)).expect("scrip serve ignored SIGTERM");
     assert_eq!(status.code(), Some(0));
+}
+
+/// `scrip serve` keeps its memory (keys, sealed secrets once opened) out of
+/// core dumps and away from other processes of its uid: it is not
+/// dumpable, so its `/proc/<pid>/environ` and `mem` belong to root. Seen
+/// with the server run as another user (the tests run as root, whose own
+/// processes' `/proc` entries are root's either way).
+#[test]
+fn the_server_is_kept_out_of_core_dumps() {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::process::CommandExt as _;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs scrip as another user, which takes root"
+    );
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fs::create_dir(root.join("policies")).unwrap();
+    let addr = write_config(
+        root,
+        &format!(
+            "data_dir = \"{}\"\npolicy_dir = \"{}\"\n",
+            root.join("data").display(),
+            root.join("policies").display()
+        ),
+    );
+    for path in [root, &root.join("policies"), &root.join("scrip.toml")] {
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let log = root.join("serve.log");
+    let child = scrip()
+        .args([
+            "serve",
+            "--config",
+            root.join("scrip.toml").to_str().unwrap(),
+        ])
+        .current_dir(root)
+        .env("HOME", root)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut server = Server { child, addr, log };
+    server.wait_ready();
+    for entry in ["environ", "mem"] {
+        let owner = fs::metadata(format!("/proc/{}/{entry}", server.pid()))
+            .unwrap()
+            .uid();
+        assert_eq!(owner, 0, "scrip serve (uid {NOBODY}) is dumpable: {entry}");
+    }
+    assert_eq!(server.terminate().code(), Some(0), "{}", server.log());
 }

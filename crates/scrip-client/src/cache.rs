@@ -41,8 +41,11 @@ fn is_digest(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// This process's effective uid, from the kernel (not the owner of
+/// `/proc/self`, which is root once a process is not dumpable, as `scrip
+/// run` makes itself before it starts its command).
 fn own_uid() -> Option<u32> {
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+    Some(rustix::process::geteuid().as_raw())
 }
 
 /// A private directory: created `0700` if missing, refused when another

@@ -265,7 +265,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         .authenticate(&parts.method, &parts.uri, &parts.headers)
         .await
     {
-        Ok(t) => t,
+        // The proxy claims a single use itself, in the commit of its
+        // `allow` record.
+        Ok(t) => t.danger_caller_claims_use(),
         Err(rejection) => {
             let why = rejection
                 .www_authenticate

@@ -104,7 +104,7 @@ pub(crate) async fn request(
     task: &TaskRecord,
     tool: &str,
     (actions, approvable): (&ActionSet, &ActionSet),
-    writes: Vec<Write>,
+    mut writes: Vec<Write>,
     base: &AuditEvent,
 ) -> Result<Response, OAuthError> {
     let asked = actions.to_string();
@@ -241,14 +241,25 @@ pub(crate) async fn request(
             };
             match tokio::spawn(announce).await {
                 Ok(Ok(())) => return Ok(pending(st, &id, st.config.approval_ttl)),
-                Ok(Err(scrip_store::StoreError::Conflict(_))) => {
-                    if !still_open(st, &task.id).await? {
-                        break 'asked Err(OAuthError::invalid_request(
-                            "subject_token: the task has ended",
-                        ));
+                Ok(Err(scrip_store::StoreError::Conflict(_))) => match still_open(st, &task.id)
+                    .await
+                {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        // Refused as the exchange refuses a task it knows
+                        // has ended, on the record with the decisions.
+                        let e = OAuthError::invalid_request("subject_token: the task has ended");
+                        let mut a = base.clone();
+                        a.event = "token.refused".into();
+                        a.decision = Some("deny".into());
+                        a.tool = Some(tool.to_owned());
+                        a.actions = Some(asked.clone());
+                        a.reason = Some(e.description.clone());
+                        writes.push(Write::Audit(Box::new(a)));
+                        break 'asked Err(e);
                     }
-                    continue;
-                }
+                    Err(e) => break 'asked Err(e),
+                },
                 Ok(Err(e)) => return Err(e.into()),
                 Err(e) => {
                     tracing::error!(error = %e, auth_req_id = %id, "the approval's commit did not finish");

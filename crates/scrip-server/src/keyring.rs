@@ -902,19 +902,20 @@ pub async fn checkpoint_signer(
 /// [`KeyError::Invalid`] when the key file is missing and the store holds
 /// records, or the store cannot say.
 pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(), KeyError> {
+    // The records first: one counted was signed under a key whose file
+    // existed before it, so a file missing after the count is missing
+    // indeed (another first start making both between a look at the file
+    // and the count is not taken for that).
+    let records = store
+        .latest_audit_seq()
+        .await
+        .map_err(|e| store_error(config, &e))?;
     let path = keys::checkpoint_key_file(&config.data_dir);
     let exists = path.try_exists().map_err(|source| KeyError::Io {
         path: path.clone(),
         source,
     })?;
-    if exists {
-        return Ok(());
-    }
-    let records = store
-        .latest_audit_seq()
-        .await
-        .map_err(|e| store_error(config, &e))?;
-    if records > 0 {
+    if !exists && records > 0 {
         return Err(KeyError::Invalid {
             path,
             message: format!(

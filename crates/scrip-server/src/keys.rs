@@ -776,6 +776,8 @@ fn load_current_kek(
     if let Some(kek) = kek_from_env(KEK_ENV, Some(&path))? {
         return Ok(kek);
     }
+    // A second name for the key a crash left while creating it.
+    remove_stale_temporaries(&path);
     if let Some(kek) = read_private_kek(&path)? {
         return Ok(kek);
     }
@@ -790,7 +792,6 @@ fn load_current_kek(
     if let Some(dir) = path.parent() {
         ensure_private_dir(dir)?;
     }
-    remove_stale_temporaries(&path);
     let (kek, text) =
         scrip_jose::Kek::generate().map_err(|e| invalid(path.clone(), e.to_string()))?;
     if !create_private(&path, zeroize::Zeroizing::new(text).as_bytes())? {

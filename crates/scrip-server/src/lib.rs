@@ -553,7 +553,7 @@ async fn mount_proxy(
     // A DPoP proof comes from the agent's clock.
     vc.dpop_leeway = config.clock_skew;
     // The proxy claims a single use itself, with its `allow` record.
-    vc.claim_single_use = false;
+    vc.danger_caller_claims_single_use = true;
     let verifier = scrip_verifier::Verifier::local(
         vc,
         st.keyring.verify_keys().clone(),

@@ -2566,5 +2566,14 @@ async fn no_one_is_asked_about_a_step_of_a_task_ended_meanwhile() {
     assert_eq!(r.status, 400, "{}", r.text);
     assert_ne!(r.body["error"], "authorization_pending", "{}", r.text);
     assert_eq!(requested(&s).await, 0);
-    s.stop().await;
+    // Refused on the record, whichever read found the task ended.
+    let audit = s.stop_then_audit().await;
+    assert!(
+        audit.iter().any(|a| a.event == "token.refused"
+            && a.actions.as_deref() == Some("delete")
+            && a.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("the task has ended"))),
+        "{audit:?}"
+    );
 }

@@ -31,7 +31,10 @@
 //! that passed every check above at the time it was built; it has no public
 //! constructor. For a token verified before, the one kept then is returned
 //! only after its time, key set, revocation, scope and single use are
-//! checked again.
+//! checked again. The exceptions say so in their names:
+//! [`Unspent::danger_caller_claims_use`] and
+//! [`VerifierConfig::danger_caller_claims_single_use`], for a caller that
+//! claims a single use in scrip's store itself.
 
 mod error;
 mod feed;
@@ -121,12 +124,14 @@ pub struct VerifierConfig {
     /// from the client's clock, so this stays when `leeway` is 0 for tokens
     /// of the verifier's own process.
     pub dpop_leeway: u64,
-    /// Whether the verifier claims a single-use token's one use itself
-    /// (the default). Turn it off only in a caller that claims it after its
-    /// own later checks, atomically with what it records (scrip's proxy
-    /// claims it in the commit of its `allow` record, so a request its
-    /// policy refuses does not spend a person's approval).
-    pub claim_single_use: bool,
+    /// Off (the default), the verifier claims a single-use token's one use
+    /// itself. On, it claims none, and every single-use token passes as
+    /// often as it is presented: only for a caller that claims the use
+    /// itself, after its own later checks and atomically with what it
+    /// records, in scrip's store (scrip's proxy claims it in the commit of
+    /// its `allow` record, so a request its policy refuses does not spend a
+    /// person's approval). A resource server has no way to do that.
+    pub danger_caller_claims_single_use: bool,
 }
 
 impl VerifierConfig {
@@ -171,7 +176,7 @@ impl VerifierConfig {
             revocation,
             public_url: None,
             dpop_leeway: 30,
-            claim_single_use: true,
+            danger_caller_claims_single_use: false,
         }
     }
 
@@ -242,6 +247,40 @@ impl VerifierConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A request's token verified by [`Verifier::authenticate`], whose single
+/// use, if it has one, is not spent: whose the request is, but not leave to
+/// serve it (that would let a single-use token be presented many times).
+#[derive(Debug, Clone)]
+pub struct Unspent(AccessToken);
+
+impl Unspent {
+    /// The verified claims.
+    #[must_use]
+    pub fn claims(&self) -> &AccessClaims {
+        self.0.claims()
+    }
+
+    /// The actions the token grants at this tool.
+    #[must_use]
+    pub fn actions(&self) -> &ActionSet {
+        self.0.actions()
+    }
+
+    /// The task the token belongs to (`txn`).
+    #[must_use]
+    pub fn task(&self) -> &str {
+        self.0.task()
+    }
+
+    /// The token as an [`AccessToken`], for a caller that claims a
+    /// single-use token's use itself, in scrip's store, before it serves
+    /// the request (see [`VerifierConfig::danger_caller_claims_single_use`]).
+    #[must_use]
+    pub fn danger_caller_claims_use(self) -> AccessToken {
+        self.0
     }
 }
 
@@ -623,7 +662,7 @@ impl Verifier {
             recent: scrip_jose::Recent::new(RECENT),
             public_url: config.public_url,
             dpop_leeway: config.dpop_leeway,
-            claim_single_use: config.claim_single_use,
+            claim_single_use: !config.danger_caller_claims_single_use,
             proofs: Arc::new(ReplayCache::new(PROOFS)),
         })))
     }
@@ -676,7 +715,8 @@ impl Verifier {
     /// refused for another reason (a method no action maps to), or before
     /// the caller spends a single-use token itself, as the proxy does. It
     /// must not be what admits a request to a resource server: that would
-    /// let a single-use token be presented many times.
+    /// let a single-use token be presented many times. So it answers an
+    /// [`Unspent`], not an [`AccessToken`].
     ///
     /// # Errors
     /// The RFC 6750 (or RFC 9449 §7.1) [`Rejection`] to answer.
@@ -685,7 +725,7 @@ impl Verifier {
         method: &http::Method,
         uri: &http::Uri,
         headers: &http::HeaderMap,
-    ) -> Result<AccessToken, Rejection> {
+    ) -> Result<Unspent, Rejection> {
         layer::authorize(
             self,
             self.audience(),
@@ -695,6 +735,7 @@ impl Verifier {
             headers,
         )
         .await
+        .map(Unspent)
     }
 
     /// A verifier of this scrip's tokens for no tool: every token fails
