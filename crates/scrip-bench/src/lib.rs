@@ -8,7 +8,8 @@
 //! scenario prints one summary line: requests/s, latency p50/p90/p99/max,
 //! errors, and the server's peak RSS during that scenario's run (`VmHWM`,
 //! reset before it, for a server it started; a `*` after the figure: it
-//! could not be reset, and is the peak since the start).
+//! could not be reset, and is the peak since the start: `scrip serve` is
+//! not dumpable, so only root may reset it).
 //!
 //! Scenarios:
 //! - `task-start`: identities minted before the run, each starting a task

@@ -188,12 +188,11 @@ async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, 
     // Its own process group, so that what it started goes with it.
     let mut child = crate::child_command(program)
         .args(args)
-        // The shared store's credentials, which the driver reads from the
-        // environment: with them a mint command could rewrite approvals,
-        // revocations and the audit trail.
+        // The shared store's password, which the driver reads from the
+        // environment, is not handed over. (The command runs as scrip's
+        // user, and can read what that user can: it is trusted as scrip
+        // is.)
         .env_remove("PGPASSWORD")
-        .env_remove("PGPASSFILE")
-        .env_remove("PGSSLKEY")
         .env("SCRIP_SECRET_NAME", name)
         .env("SCRIP_SECRET_ACTION", action)
         .stdin(std::process::Stdio::null())
