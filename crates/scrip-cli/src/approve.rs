@@ -114,6 +114,15 @@ fn text(v: &Value, k: &str) -> String {
     }
 }
 
+/// When the step expires, in RFC 3339 as the other commands print times
+/// (as it came when it is not a number of seconds).
+fn expires_at(a: &Value) -> String {
+    match a.get("expires_at").and_then(Value::as_u64) {
+        Some(s) => crate::audit::when(s.saturating_mul(1000)),
+        None => text(a, "expires_at"),
+    }
+}
+
 /// `scrip approvals`: what waits for a decision.
 pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
     match block_on(call(args, reqwest::Method::GET, "/approvals", None)) {
@@ -235,7 +244,7 @@ fn step_lines(a: &Value) -> Vec<String> {
         ("environment", text(a, "environment")),
         ("asks", asks),
         ("delegation", chain),
-        ("expires at", text(a, "expires_at")),
+        ("expires at", expires_at(a)),
     ] {
         for (i, line) in wrapped(&value, VALUE_COLUMNS).into_iter().enumerate() {
             let label = if i == 0 {
@@ -489,6 +498,8 @@ mod tests {
         });
         let lines = step_lines(&a);
         assert_eq!(lines[5], "  asks:        delete at github");
+        // A time as the other commands print one.
+        assert_eq!(lines[7], "  expires at:  1970-01-01T00:00:01.000Z");
         assert_eq!(
             lines[8..],
             [

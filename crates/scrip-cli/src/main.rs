@@ -506,8 +506,13 @@ fn init_logging(format: LogFormat, level: &str, queued: bool) -> Option<log::Lin
     );
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCRIP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only for a person at a terminal, and not when `NO_COLOR` asks
+    // for none: a log file or collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .log_internal_errors(false);
     // Without its thread (it could not start), a server logs as the
     // other commands do.

@@ -497,6 +497,7 @@ async fn run_async(args: RunArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(format!("cannot start the task: {}", explain(&e))),
     };
+    say_left_out(&request, &task);
     let cache = FileCache::default_location();
     // On every way out, a signal stops the retries of ending the task.
     if let Some(s) = signals.pending().await {
@@ -701,6 +702,41 @@ async fn end_task(client: &Client, task: Task, cache: Option<&FileCache>) -> boo
     true
 }
 
+/// The grants asked for that the task does not hold, as they would be in
+/// its scope: none when the server named no scope, or a grant does not
+/// parse (the server took it, so it is not one the CLI can judge).
+fn left_out(asked: &[String], scope: Option<&str>) -> Vec<String> {
+    let (Some(scope), Ok(asked)) = (scope, scrip_token::GrantSet::parse(&asked.join(" "))) else {
+        return Vec::new();
+    };
+    let Ok(held) = scrip_token::GrantSet::parse(scope) else {
+        return Vec::new();
+    };
+    asked
+        .iter()
+        .filter(|g| !held.contains(g))
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Says on standard error which grants asked for the task does not hold:
+/// a task starts with those policy permits, and the rest are left out
+/// without an error (the audit trail's `task.grant` records say why).
+pub(crate) fn say_left_out(request: &scrip_client::TaskRequest, task: &scrip_client::Task) {
+    let left = left_out(&request.grants, task.scope());
+    if !left.is_empty() {
+        #[expect(clippy::print_stderr, reason = "a note beside the output")]
+        {
+            eprintln!(
+                "scrip: the task does not hold {}: no policy permits {} for this identity and environment (it holds {})",
+                left.join(" "),
+                if left.len() == 1 { "it" } else { "them" },
+                task.scope().unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// An identity from `file`, else from `SCRIP_IDENTITY`, else from local
 /// attestation on `socket`: how every command that acts as someone finds out
 /// who.
@@ -887,5 +923,31 @@ mod purpose_tests {
         ] {
             assert_eq!(shown(args), expected, "{args:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod left_out_tests {
+    use super::left_out;
+
+    #[test]
+    fn the_grants_asked_for_and_not_held_are_named_once() {
+        let asked = |g: &[&str]| g.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            left_out(
+                &asked(&["github:read github:write", "jira:write"]),
+                Some("github:read")
+            ),
+            ["github:write", "jira:write"]
+        );
+        assert!(left_out(&asked(&["github:read"]), Some("github:read")).is_empty());
+        assert_eq!(
+            left_out(&asked(&["github:write", "github:write"]), Some("jira:read")),
+            ["github:write"]
+        );
+        // Without a scope, or with what the CLI cannot parse, it says
+        // nothing rather than something wrong.
+        assert!(left_out(&asked(&["github:write"]), None).is_empty());
+        assert!(left_out(&asked(&["not a grant"]), Some("github:read")).is_empty());
     }
 }

@@ -148,6 +148,7 @@ fn start(args: &StartArgs) -> ExitCode {
     match result {
         Err(e) => fail(e),
         Ok(task) => {
+            crate::run::say_left_out(&request, &task);
             let (scope, expires_at) = (task.scope().map(str::to_owned), task.expires_at());
             // Printed, not ended: the task outlives this command.
             let token = task.into_token();

@@ -134,7 +134,12 @@ pub fn token(args: &TokenArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e @ Error::ApprovalPending { .. }) => {
-            eprintln!("scrip: {e}; collect the token with --approval once approved");
+            let Error::ApprovalPending { auth_req_id, .. } = &e else {
+                return ExitCode::from(PENDING);
+            };
+            eprintln!(
+                "scrip: {e}; once approved, collect the token with `scrip token --approval {auth_req_id}`"
+            );
             ExitCode::from(PENDING)
         }
         Err(e) => {
@@ -143,6 +148,8 @@ pub fn token(args: &TokenArgs) -> ExitCode {
                 Some("invalid_scope") => "; ask only for actions the task was granted",
                 // Too many steps already wait for a person: the server says so.
                 Some("invalid_request") if e.to_string().contains("wait for a person") => "",
+                // The server said so.
+                Some("invalid_request") if e.to_string().contains("has ended") => "",
                 Some("invalid_request") => "; the task may have ended: start a new one",
                 Some("expired_token") => "; nobody decided in time: ask again",
                 Some("authorization_pending" | "slow_down") => {

@@ -482,7 +482,7 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
     assert!(
         stderr.contains(&first)
             && stderr.contains("scrip approve")
-            && stderr.contains("--approval"),
+            && stderr.contains(&format!("`scrip token --approval {first}`")),
         "{stderr}"
     );
 

@@ -663,6 +663,18 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     assert_refused(&out, 1, &["no action `admin`", "--grant"]);
     let out = run(&["--grant", "github:read", "--env", "prod"], &[]);
     assert_refused(&out, 1, &["access_denied"]);
+    // A grant policy refuses beside one it permits: the task starts with
+    // the one, and says what it left out.
+    let out = run(&["--grant", "github:write", "--grant", "github:read"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("the task does not hold github:write: no policy permits it")
+            && said.contains("(it holds github:read)"),
+        "{said}"
+    );
+    assert!(marker.exists());
+    fs::remove_file(&marker).unwrap();
 
     let free = SocketAddr::from(([127, 0, 0, 1], scrip_testkit::free_port()));
     let out = run(

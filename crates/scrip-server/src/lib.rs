@@ -277,6 +277,11 @@ impl Server {
         if policy.is_empty() {
             tracing::warn!(dir = %config.policy_dir.display(), "no policies loaded: every request will be denied");
         }
+        if config.tools.is_empty() {
+            tracing::warn!(
+                "no [[tools]] configured: every task asking for a grant is refused (unknown tool); see docs/configuration.md, or examples/quickstart.toml"
+            );
+        }
         tracing::info!(issuer = %issuer, kid = %keyring.signer(state::now()).kid(), store = if keyring.is_shared() { "postgres" } else { "sqlite" }, policies = policy.len(), tools = config.tools.len(), "scrip ready");
 
         let generation = keyring.generation();
