@@ -721,19 +721,20 @@ fn left_out(asked: &[String], scope: Option<&str>) -> Vec<String> {
 
 /// Says on standard error which grants asked for the task does not hold:
 /// a task starts with those policy permits, and the rest are left out
-/// without an error (the audit trail's `task.grant` records say why).
+/// without an error (the audit trail's `task.grant` records say why). A
+/// standard error that cannot be written to is no reason to stop: the
+/// task has started.
 pub(crate) fn say_left_out(request: &scrip_client::TaskRequest, task: &scrip_client::Task) {
+    use std::io::Write as _;
     let left = left_out(&request.grants, task.scope());
     if !left.is_empty() {
-        #[expect(clippy::print_stderr, reason = "a note beside the output")]
-        {
-            eprintln!(
-                "scrip: the task does not hold {}: no policy permits {} for this identity and environment (it holds {})",
-                left.join(" "),
-                if left.len() == 1 { "it" } else { "them" },
-                task.scope().unwrap_or_default()
-            );
-        }
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "scrip: the task does not hold {}: policy refused {} for this task (its `task.grant` audit records say which policy, and why); it holds {}",
+            left.join(" "),
+            if left.len() == 1 { "it" } else { "them" },
+            task.scope().unwrap_or_default()
+        );
     }
 }
 

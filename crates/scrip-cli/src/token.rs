@@ -143,13 +143,14 @@ pub fn token(args: &TokenArgs) -> ExitCode {
             ExitCode::from(PENDING)
         }
         Err(e) => {
+            let said = e.to_string();
             let hint = match e.oauth_code() {
+                // The server said what happened, and what to do.
+                _ if said.contains("has ended") || said.contains("ask again") => "",
                 Some("invalid_target") => "; --tool must name a tool in scrip's configuration",
                 Some("invalid_scope") => "; ask only for actions the task was granted",
                 // Too many steps already wait for a person: the server says so.
-                Some("invalid_request") if e.to_string().contains("wait for a person") => "",
-                // The server said so.
-                Some("invalid_request") if e.to_string().contains("has ended") => "",
+                Some("invalid_request") if said.contains("wait for a person") => "",
                 Some("invalid_request") => "; the task may have ended: start a new one",
                 Some("expired_token") => "; nobody decided in time: ask again",
                 Some("authorization_pending" | "slow_down") => {

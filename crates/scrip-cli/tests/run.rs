@@ -669,8 +669,8 @@ fn bad_input_gets_one_line_saying_what_to_do_and_starts_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let said = text(&out.stderr);
     assert!(
-        said.contains("the task does not hold github:write: no policy permits it")
-            && said.contains("(it holds github:read)"),
+        said.contains("the task does not hold github:write: policy refused it")
+            && said.contains("it holds github:read"),
         "{said}"
     );
     assert!(marker.exists());

@@ -353,14 +353,34 @@ fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
     v
 }
 
-/// POSTs the pending approval to the webhook, retrying with backoff.
+/// POSTs the pending approval to the webhook, retrying with backoff what
+/// may succeed later (no answer, 408, 429, a 5xx): at least once, so each
+/// call carries the step's `auth_req_id` as its `Idempotency-Key`, by which
+/// a receiver tells a second delivery of a step from a new step.
 pub(crate) async fn notify(http: reqwest::Client, url: String, body: Value) {
     // A webhook that fails fails every call: its lines within a budget.
     static FAILED: crate::logs::Budget = crate::logs::Budget::new(10);
+    let key = body
+        .get("auth_req_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=4 {
-        match http.post(&url).json(&body).send().await {
+        match http
+            .post(&url)
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await
+        {
             Ok(r) if r.status().is_success() => return,
+            Ok(r) if !retried(r.status()) => {
+                if FAILED.allow("approval webhook") {
+                    tracing::warn!(status = %r.status(), "approval webhook refused the step; not sent again");
+                }
+                return;
+            }
             Ok(r) if FAILED.allow("approval webhook") => {
                 tracing::warn!(attempt, status = %r.status(), "approval webhook refused");
             }
@@ -377,6 +397,15 @@ pub(crate) async fn notify(http: reqwest::Client, url: String, body: Value) {
     if FAILED.allow("approval webhook") {
         tracing::error!("approval webhook gave up after 4 attempts");
     }
+}
+
+/// Whether a webhook's answer may be different later: a timeout, too many
+/// requests, or the receiver's own failure. Any other refusal (a 404, a
+/// 401) would be the same each time.
+fn retried(status: reqwest::StatusCode) -> bool {
+    status.is_server_error()
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
 }
 
 /// Said of a step, pending or approved, whose task has ended.
@@ -728,7 +757,20 @@ async fn issue(
                 )),
             };
         }
-        Err(e) => return Err(e.into()),
+        // The store went away after the commit was sent: if it took effect,
+        // the token is the agent's (asked again, the step would say it was
+        // used, and a person be asked again).
+        Err(e) => {
+            let collected = matches!(e, scrip_store::StoreError::Unavailable(_))
+                && matches!(
+                    st.store.approval(&approval.id).await,
+                    Ok(Some(a)) if a.state == ApprovalState::Used && a.token_jti.as_deref() == Some(jti.as_str())
+                );
+            if !collected {
+                return Err(e.into());
+            }
+            tracing::warn!(auth_req_id = %approval.id, error = %e, "the collection's commit failed, but it was stored");
+        }
     }
     tracing::info!(auth_req_id = %approval.id, jti = %jti, approver = %approver, "approved step issued");
     Ok(Some(Issued::access_token(
@@ -978,6 +1020,14 @@ async fn decide_endpoint(
                 approval.state.as_str()
             ))
         };
+        // The same person making the same decision again (its answer was
+        // lost, and `scrip approve` asked again): answered as it stands,
+        // with no second record.
+        let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
+        if approval.state == to && approval.decided_by.as_deref() == Some(approver.name.as_str()) {
+            let task = st.store.task(&approval.task_id).await?;
+            return Ok(describe(&approval, task.as_ref()));
+        }
         if approval.state != ApprovalState::Pending && !answered {
             return Err(already());
         }
@@ -1009,7 +1059,6 @@ async fn decide_endpoint(
                 return Err(already());
             }
         }
-        let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
         let mut a = st.task_audit(
             if approve { "approval.granted" } else { "approval.denied" },
             &task,

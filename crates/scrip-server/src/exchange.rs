@@ -612,7 +612,11 @@ async fn start_task(
         end_reason: None,
     })));
     writes.push(Write::Audit(Box::new(started)));
-    st.store.commit(writes).await?;
+    if let Err(e) = st.store.commit(writes).await
+        && !st.task_stored_despite(&e, &task_id, &jti).await
+    {
+        return Err(e.into());
+    }
     tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
     Ok(Issued::task_token(
         &token,

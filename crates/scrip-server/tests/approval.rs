@@ -1316,6 +1316,9 @@ async fn a_denial_needs_a_reason() {
     s.stop().await;
 }
 
+/// A decided step is not decided again; the same person's same decision
+/// again (an answer lost, and asked again) is answered as it stands, with
+/// no second record.
 #[tokio::test]
 async fn deciding_an_already_decided_approval_is_a_conflict() {
     let s = server().await;
@@ -1323,9 +1326,9 @@ async fn deciding_an_already_decided_approval_is_a_conflict() {
     let task = prod_task(&s).await;
     let id = pending(&s, &task).await;
     assert_eq!(approve(&s, &id, Some(&alice)).await.status, 200);
-    approve(&s, &id, Some(&alice))
-        .await
-        .assert_error(409, "conflict");
+    let again = approve(&s, &id, Some(&alice)).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.body["state"], "approved", "{}", again.text);
     deny(&s, &id, Some(&alice), "changed my mind")
         .await
         .assert_error(409, "conflict");
@@ -1340,10 +1343,15 @@ async fn deciding_an_already_decided_approval_is_a_conflict() {
     approve(&s, &id, Some(&alice))
         .await
         .assert_error(409, "conflict");
-    deny(&s, &id, Some(&alice), "no again")
-        .await
-        .assert_error(409, "conflict");
-    s.stop().await;
+    let again = deny(&s, &id, Some(&alice), "no again").await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.body["state"], "denied", "{}", again.text);
+    let audit = s.stop_then_audit().await;
+    let decided = |event: &str| audit.iter().filter(|a| a.event == event).count();
+    assert_eq!(
+        (decided("approval.granted"), decided("approval.denied")),
+        (1, 1)
+    );
 }
 
 /// The list holds the oldest 1,000 steps waiting and says when more wait:
@@ -1965,19 +1973,38 @@ async fn requests_decisions_and_uses_are_audited_with_the_approver() {
     s.stop().await;
 }
 
-#[derive(Clone, Default)]
+/// A webhook receiver: what it was sent (bodies and `Idempotency-Key`s),
+/// and `first` as its first answer, 200 after.
+#[derive(Clone)]
 struct Hook {
     bodies: Arc<Mutex<Vec<Value>>>,
+    keys: Arc<Mutex<Vec<String>>>,
+    first: axum::http::StatusCode,
+}
+
+impl Default for Hook {
+    fn default() -> Self {
+        Self {
+            bodies: Arc::default(),
+            keys: Arc::default(),
+            first: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
 }
 
 async fn hook(
     axum::extract::State(h): axum::extract::State<Hook>,
+    headers: axum::http::HeaderMap,
     axum::Json(body): axum::Json<Value>,
 ) -> axum::http::StatusCode {
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap().to_owned());
+    h.keys.lock().unwrap().push(key.unwrap_or_default());
     let mut bodies = h.bodies.lock().unwrap();
     bodies.push(body);
     if bodies.len() == 1 {
-        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        h.first
     } else {
         axum::http::StatusCode::OK
     }
@@ -2013,7 +2040,11 @@ async fn a_failing_webhook_is_logged_without_its_url() {
 /// A webhook receiver (failing its first call) and a server where alice
 /// approves that calls it.
 async fn with_hook() -> (Hook, tokio::task::JoinHandle<()>, TestServer) {
-    let h = Hook::default();
+    with_hook_answering(Hook::default()).await
+}
+
+/// [`with_hook`] with the receiver `h`.
+async fn with_hook_answering(h: Hook) -> (Hook, tokio::task::JoinHandle<()>, TestServer) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new()
@@ -2047,6 +2078,8 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
     let bodies = h.bodies.lock().unwrap().clone();
     assert_eq!(bodies.len(), 2, "{bodies:#?}");
     assert_eq!(bodies[0], bodies[1]);
+    // Each delivery names the step, so the receiver can tell a second one.
+    assert_eq!(*h.keys.lock().unwrap(), [id.clone(), id.clone()]);
     let b = &bodies[1];
     let (_, tc) = decode_parts(&task);
     assert_eq!(b["auth_req_id"], id.as_str(), "{b}");
@@ -2058,6 +2091,26 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
     assert_eq!(b["tool"], "github");
     assert_eq!(b["actions"], "delete");
     assert_eq!(b["delegation_chain"], json!([]));
+    s.stop().await;
+    server.abort();
+}
+
+/// A refusal that would be the same each time (a 404: the receiver is
+/// gone) is not sent again.
+#[tokio::test]
+async fn a_webhook_refusing_for_good_is_not_called_again() {
+    let (h, server, s) = with_hook_answering(Hook {
+        first: axum::http::StatusCode::NOT_FOUND,
+        ..Hook::default()
+    })
+    .await;
+    let task = prod_task(&s).await;
+    pending(&s, &task).await;
+    let count = || h.bodies.lock().unwrap().len();
+    assert!(eventually(10, || async { count() >= 1 }).await);
+    // Past the first retry's delay (500 ms), twice over.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(), 1, "a 404 was retried");
     s.stop().await;
     server.abort();
 }
