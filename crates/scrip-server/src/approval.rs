@@ -757,20 +757,7 @@ async fn issue(
                 )),
             };
         }
-        // The store went away after the commit was sent: if it took effect,
-        // the token is the agent's (asked again, the step would say it was
-        // used, and a person be asked again).
-        Err(e) => {
-            let collected = matches!(e, scrip_store::StoreError::Unavailable(_))
-                && matches!(
-                    st.store.approval(&approval.id).await,
-                    Ok(Some(a)) if a.state == ApprovalState::Used && a.token_jti.as_deref() == Some(jti.as_str())
-                );
-            if !collected {
-                return Err(e.into());
-            }
-            tracing::warn!(auth_req_id = %approval.id, error = %e, "the collection's commit failed, but it was stored");
-        }
+        Err(e) => return Err(e.into()),
     }
     tracing::info!(auth_req_id = %approval.id, jti = %jti, approver = %approver, "approved step issued");
     Ok(Some(Issued::access_token(
@@ -1014,20 +1001,19 @@ async fn decide_endpoint(
         let answered = approval.state == ApprovalState::Expired
             && approval.decided_by.is_none()
             && now < approval.expires_at;
+        // Saying by whom: a person whose decision's answer was lost, and
+        // who asks again, learns that theirs was taken.
         let already = || {
             OAuthError::conflict(format!(
-                "this approval is already {}",
-                approval.state.as_str()
+                "this approval is already {}{}",
+                approval.state.as_str(),
+                approval
+                    .decided_by
+                    .as_deref()
+                    .map(|by| format!(" (by {by})"))
+                    .unwrap_or_default()
             ))
         };
-        // The same person making the same decision again (its answer was
-        // lost, and `scrip approve` asked again): answered as it stands,
-        // with no second record.
-        let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
-        if approval.state == to && approval.decided_by.as_deref() == Some(approver.name.as_str()) {
-            let task = st.store.task(&approval.task_id).await?;
-            return Ok(describe(&approval, task.as_ref()));
-        }
         if approval.state != ApprovalState::Pending && !answered {
             return Err(already());
         }
@@ -1059,6 +1045,7 @@ async fn decide_endpoint(
                 return Err(already());
             }
         }
+        let to = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
         let mut a = st.task_audit(
             if approve { "approval.granted" } else { "approval.denied" },
             &task,

@@ -284,11 +284,7 @@ pub(crate) async fn delegate(
             st.store.commit(record).await?;
             return Err(e);
         }
-        Err(e) => {
-            if !st.task_stored_despite(&e, &task_id, &jti).await {
-                return Err(e.into());
-            }
-        }
+        Err(e) => return Err(e.into()),
     }
     tracing::info!(task = %task_id, parent = %parent.id, jti = %jti, actor = %actor.subject, depth, "task delegated");
     Ok(Issued::task_token(

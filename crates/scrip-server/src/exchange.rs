@@ -612,11 +612,7 @@ async fn start_task(
         end_reason: None,
     })));
     writes.push(Write::Audit(Box::new(started)));
-    if let Err(e) = st.store.commit(writes).await
-        && !st.task_stored_despite(&e, &task_id, &jti).await
-    {
-        return Err(e.into());
-    }
+    st.store.commit(writes).await?;
     tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
     Ok(Issued::task_token(
         &token,

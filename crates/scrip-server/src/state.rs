@@ -175,25 +175,6 @@ pub enum OwnToken {
 }
 
 impl Inner {
-    /// Whether a commit that failed with `e` stored task `id` with the
-    /// token `jti` all the same: the store went away after the commit was
-    /// sent, and it took effect. Then the token is the caller's to have
-    /// (asked again, it would start a second task, which nobody holds and
-    /// so nobody could end).
-    pub(crate) async fn task_stored_despite(
-        &self,
-        e: &scrip_store::StoreError,
-        id: &str,
-        jti: &str,
-    ) -> bool {
-        let stored = matches!(e, scrip_store::StoreError::Unavailable(_))
-            && matches!(self.store.task(id).await, Ok(Some(t)) if t.token_jti == jti);
-        if stored {
-            tracing::warn!(task = %id, error = %e, "the task's commit failed, but it was stored");
-        }
-        stored
-    }
-
     /// The current policy set.
     pub fn policy(&self) -> Arc<PolicyEngine> {
         self.policy.current()
