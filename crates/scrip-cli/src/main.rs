@@ -646,6 +646,9 @@ fn main() -> ExitCode {
                 | Command::Key { .. }
                 | Command::Migrate { .. }
                 | Command::Audit { .. }
+                | Command::Task {
+                    command: task::TaskCommand::Revoke(_) | task::TaskCommand::List { .. },
+                }
         )
     {
         not_dumpable();
