@@ -744,10 +744,7 @@ async fn issue(
         Err(scrip_store::StoreError::Conflict(_)) => {
             // Collected or overruled by another poll meanwhile, the task
             // ended, or a person denied a step since the denials were read.
-            if !matches!(
-                st.store.task(&task.id).await?.map(|t| t.state(now)),
-                Some(TaskState::Active)
-            ) {
+            if !still_open(st, &task.id).await? {
                 return Err(OAuthError::invalid_grant(TASK_ENDED));
             }
             return match st.store.approval(&approval.id).await? {
