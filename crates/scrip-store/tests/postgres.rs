@@ -126,6 +126,11 @@ async fn a_notification_connection_gone_silent_is_noticed_and_replaced() {
         }
     };
     listening(&mut changes, "at first").await;
+    // A notification counted while the listener still waits for its own
+    // check (at most 2 s) is followed by that check's drop of every cache:
+    // once the check is surely over, B is shown listening again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    listening(&mut changes, "settled").await;
 
     // The connection B listens on goes silent, as behind a NAT that forgot
     // it: no reset, nothing arrives. A's revocations no longer reach B, so
