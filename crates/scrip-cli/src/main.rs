@@ -910,6 +910,13 @@ impl Stop {
                     () = self.next() => {
                         received = received.saturating_add(1);
                         count.send_modify(|n| *n = n.saturating_add(1));
+                        // Said here, not where the wait for requests ends:
+                        // a stop past that wait says it too.
+                        if *count.borrow() >= 2 {
+                            tracing::warn!(
+                                "stopping at once: requests still at work are cut off; signal a third time to exit without finishing the stop"
+                            );
+                        }
                     }
                     task = &mut failure, if !failed => {
                         failed = true;
@@ -949,12 +956,7 @@ impl Stop {
                 first.await;
                 tracing::info!("shutting down; signal again to stop waiting for requests at work");
             },
-            async move {
-                second.await;
-                tracing::warn!(
-                    "stopping at once: requests still at work are cut off; signal a third time to exit without finishing the stop"
-                );
-            },
+            second,
         )
     }
 }

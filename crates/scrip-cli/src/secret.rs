@@ -171,6 +171,22 @@ fn read_typed(stdin: &std::io::Stdin, prompt: &str) -> Result<Zeroizing<Vec<u8>>
     Ok(buf)
 }
 
+/// Refuses a mint command's program, named by a path, that another user
+/// could change (its file, or a directory on the way to it), as the
+/// configuration that names it is refused: it runs as scrip's user, which
+/// reads the key-encryption key. A bare name is looked up in `PATH`, as the
+/// shell would, and trusted as `PATH` is.
+fn check_program(argv: &[String]) -> Result<(), String> {
+    use scrip_config::trust::{GroupWrite, Stake, check_path};
+    match argv.first() {
+        Some(program) if program.contains('/') => {
+            check_path(Path::new(program), Stake::Program, GroupWrite::Refuse)
+                .map_err(|e| format!("mint_command: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs the mint command and reads the new value from its standard output.
 async fn mint(argv: &[String], name: &str, action: &str) -> Result<SecretValue, String> {
     let (program, args) = argv
@@ -489,6 +505,12 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
                         Source::Mint(spec.mint_command.clone()),
                     ));
                 }
+            }
+        }
+        // Every program is checked before anything runs or changes.
+        for (_, _, source) in &plan {
+            if let Source::Mint(argv) = source {
+                check_program(argv)?;
             }
         }
         // Stdin is read before anything changes.

@@ -698,7 +698,26 @@ fn a_third_signal_ends_a_stop_at_once() {
         let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(status.success());
     };
+    // Each signal is sent once the last one was taken (signals sent before
+    // the process reads them would count as one): the first stops the
+    // server taking connections, the second is said in the log.
+    let taken = |server: &Server, done: &dyn Fn(&Server) -> bool, what: &str| {
+        let since = Instant::now();
+        while !done(server) {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "{what} was not taken:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     signal();
+    taken(
+        &server,
+        &|s| TcpStream::connect(s.addr).is_err(),
+        "the first signal",
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         server.child.try_wait().unwrap().is_none(),
@@ -706,7 +725,11 @@ fn a_third_signal_ends_a_stop_at_once() {
         server.log()
     );
     signal();
-    std::thread::sleep(Duration::from_millis(200));
+    taken(
+        &server,
+        &|s| s.log().contains("stopping at once"),
+        "the second signal",
+    );
     signal();
     let asked = Instant::now();
     let status = loop {

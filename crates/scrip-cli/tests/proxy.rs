@@ -138,7 +138,7 @@ url = "{upstream}"
 mint_command = ["/bin/sh", "-c", "yes wk-too-long | head -c 100000"]
 
 [upstreams.secrets.write]
-mint_command = ["/bin/sh", "-c", "sleep 300 & echo $! > {leftover}; echo wk-minted-with-a-leftover"]
+mint_command = ["./mint-leftover.sh"]
 
 # A mint command that takes its time (its pid in a file).
 [[upstreams]]
@@ -159,11 +159,24 @@ metrics_listen = "{metrics_addr}"
         policies = policies.display(),
         jwks = root.join("k8s-jwks.json").display(),
         upstream = nginx.url(),
-        leftover = root.join("leftover.pid").display(),
         slow = root.join("slow.pid").display(),
     );
     let path = root.join("scrip.toml");
     fs::write(&path, config).unwrap();
+    // A program named by a path relative to the configuration's directory.
+    let mint = root.join("mint-leftover.sh");
+    fs::write(
+        &mint,
+        format!(
+            "#!/bin/sh\nsleep 300 & echo $! > {}\necho wk-minted-with-a-leftover\n",
+            root.join("leftover.pid").display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&mint, fs::Permissions::from_mode(0o755)).unwrap();
+    }
     Setup {
         dir,
         config: path,
@@ -440,6 +453,27 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
         "{}",
         text(&out.stderr)
     );
+    // A program anyone could change is not run: it would run as scrip's
+    // user, who reads the key-encryption key.
+    let program = s.dir.path().join("mint-leftover.sh");
+    let mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&program, fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(0o757);
+    let out = s.scrip(&["secret", "rotate", "mintly", "--action", "write"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("mint_command:")
+            && text(&out.stderr).contains("anyone on the host could change what scrip runs"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !s.dir.path().join("leftover.pid").exists(),
+        "the program ran"
+    );
+    mode(0o755);
     let out = s.scrip(&["secret", "rotate", "mintly", "--action", "write"], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let leftover = fs::read_to_string(s.dir.path().join("leftover.pid")).unwrap();

@@ -112,6 +112,8 @@ pub enum Stake {
     Configuration,
     /// The local attestation socket.
     Socket,
+    /// A program scrip runs as its own user (a `mint_command`).
+    Program,
 }
 
 impl Stake {
@@ -123,6 +125,9 @@ impl Stake {
             Self::Configuration => "change whom scrip trusts (issuers, approvers, upstreams)",
             Self::Socket => {
                 "put a socket of their own in the attestation socket's place and answer scrip's clients"
+            }
+            Self::Program => {
+                "change what scrip runs as its own user, which can read the key-encryption key and every proxied secret"
             }
         }
     }

@@ -291,6 +291,18 @@ impl PolicyEngine {
         if !dir.exists() {
             return Self::from_sources(None, &[]);
         }
+        Self::load_dir(dir)
+    }
+
+    /// Loads and validates `dir`, which must be there: a caller that
+    /// decided whether it is (and checked who can write it) is not handed
+    /// an empty set for a directory gone since, or another's directory put
+    /// in its place when it was missing.
+    ///
+    /// # Errors
+    /// [`PolicyError`] on a missing directory, or any unreadable,
+    /// unparsable or invalid file.
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyError> {
         let (policies, schema) = read_dir_files(dir)?;
         let schema = schema.as_ref().map(|(n, t)| (n.as_str(), t.as_str()));
         Self::from_sources(schema, &policies)

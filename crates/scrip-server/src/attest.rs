@@ -321,7 +321,7 @@ impl Socket {
         let prepared = std::os::unix::net::UnixListener::bind(&tmp).and_then(|listener| {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))?;
             listener.set_nonblocking(true)?;
-            std::fs::rename(&tmp, &path)?;
+            put_in_place(&tmp, &path)?;
             Ok(listener)
         });
         if prepared.is_err() {
@@ -340,6 +340,27 @@ impl Socket {
             ino,
         })
     }
+}
+
+/// Gives the staged socket `tmp` its name `path`, unless something took
+/// that name since it was looked at (another scrip starting at the same
+/// time): a rename would put this one in its place, and leave the other
+/// serving a socket nobody reaches, without a word.
+fn put_in_place(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::hard_link(tmp, path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            std::io::Error::new(
+                e.kind(),
+                "another scrip started serving it meanwhile; stop it or set `socket`",
+            )
+        } else {
+            e
+        }
+    })?;
+    // Should this fail, the staging directory is left behind; the socket
+    // serves all the same.
+    let _ = std::fs::remove_file(tmp);
+    Ok(())
 }
 
 impl Drop for Socket {
@@ -1178,6 +1199,28 @@ fn sha256_hex(file: &File, limit: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket put in the name's place meanwhile (another scrip starting
+    /// at the same time) is not replaced.
+    #[test]
+    fn a_name_taken_meanwhile_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, path) = (dir.path().join("staged"), dir.path().join("scrip.sock"));
+        let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let _ours = std::os::unix::net::UnixListener::bind(&tmp).unwrap();
+        let theirs = std::fs::symlink_metadata(&path).unwrap().ino();
+        let e = put_in_place(&tmp, &path).unwrap_err();
+        assert!(
+            e.to_string().contains("another scrip started serving it"),
+            "{e}"
+        );
+        assert_eq!(std::fs::symlink_metadata(&path).unwrap().ino(), theirs);
+        // Free, it is taken, and the staged name is gone.
+        std::fs::remove_file(&path).unwrap();
+        put_in_place(&tmp, &path).unwrap();
+        assert!(!tmp.exists());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+    }
 
     /// Readings of executables still running, stalled ones included, are
     /// bounded: past the bound an attestation is answered 503 at once

@@ -104,22 +104,17 @@ impl Policies {
         // A directory that is gone (moved, an unmounted volume) is not an
         // empty policy set: the last good set stays. (At start a missing
         // directory denies everything.)
-        let result = if inner.dir.is_dir() {
-            check_writers(&inner.dir)
-                .and_then(|()| PolicyEngine::load(&inner.dir))
-                .and_then(|p| {
-                    p.check_tools(&inner.tools)?;
-                    Ok(p)
-                })
-        } else {
-            Err(scrip_policy::PolicyError::Io {
+        let result = load_checked(&inner.dir).and_then(|p| {
+            let p = p.ok_or_else(|| scrip_policy::PolicyError::Io {
                 path: inner.dir.clone(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "the policy directory is gone (to deny everything, leave it empty of policies)",
                 ),
-            })
-        };
+            })?;
+            p.check_tools(&inner.tools)?;
+            Ok(p)
+        });
         if seen.is_some_and(|seen| DirState::now(&inner.dir) != *seen) {
             tracing::info!(
                 cause,
@@ -248,11 +243,25 @@ const START_READS: usize = 20;
 pub async fn load_at_start(
     dir: &Path,
 ) -> Result<(DirState, PolicyEngine), scrip_policy::PolicyError> {
-    read_settled(dir, || {
-        check_writers(dir)?;
-        PolicyEngine::load(dir)
+    read_settled(dir, || match load_checked(dir)? {
+        Some(engine) => Ok(engine),
+        // Denies everything.
+        None => PolicyEngine::from_sources(None, &[]),
     })
     .await
+}
+
+/// Checks who can write `dir` and its files ([`check_writers`]) and loads
+/// them; `None` when there is no directory. Whether there is one is decided
+/// once, by the check: a directory missing when looked at and there when
+/// read (another user's, made in a parent they can write) is never read
+/// unchecked, and one there when checked and gone when read fails the read.
+fn load_checked(dir: &Path) -> Result<Option<PolicyEngine>, scrip_policy::PolicyError> {
+    if check_writers(dir)? {
+        PolicyEngine::load_dir(dir).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// Refuses a policy directory, a policy or schema file in it, a directory
@@ -260,14 +269,15 @@ pub async fn load_at_start(
 /// belongs to another user than scrip's or root: whoever can change the
 /// policies decides every request (and a reload takes their change within
 /// seconds). What the group can write is logged: on systems whose users
-/// each have a group of their own (umask 002) that is the norm.
+/// each have a group of their own (umask 002) that is the norm. `false`
+/// when there is no directory (nothing to check).
 ///
 /// # Errors
 /// [`scrip_policy::PolicyError::Unsafe`].
-fn check_writers(dir: &Path) -> Result<(), scrip_policy::PolicyError> {
+fn check_writers(dir: &Path) -> Result<bool, scrip_policy::PolicyError> {
     use scrip_config::trust::{GroupWrite, Stake, Untrusted, check_path};
     if !dir.exists() {
-        return Ok(());
+        return Ok(false);
     }
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -284,7 +294,7 @@ fn check_writers(dir: &Path) -> Result<(), scrip_policy::PolicyError> {
             check(&path)?;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 async fn read_settled<T>(
@@ -609,11 +619,11 @@ mod tests {
         mode(&dir, 0o1777);
         refused("anyone on the host");
         mode(&dir, 0o775);
-        check_writers(&dir).unwrap();
+        assert!(check_writers(&dir).unwrap());
         mode(&file, 0o646);
         refused("anyone on the host");
         mode(&file, 0o664);
-        check_writers(&dir).unwrap();
+        assert!(check_writers(&dir).unwrap());
         // A link into a directory anyone can write.
         let open = root.path().join("open");
         std::fs::create_dir(&open).unwrap();
@@ -622,13 +632,13 @@ mod tests {
         mode(&open, 0o777);
         refused(&format!("`{}` has mode 777", open.display()));
         mode(&open, 0o755);
-        check_writers(&dir).unwrap();
+        assert!(check_writers(&dir).unwrap());
         // A directory further up the way: anyone could rename the policy
         // directory away and put their own in its place.
         mode(root.path(), 0o777);
         refused(&format!("`{}` has mode 777", root.path().display()));
         mode(root.path(), 0o700);
-        check_writers(&dir).unwrap();
+        assert!(check_writers(&dir).unwrap());
         // Another user's (giving a file away takes root, as CI runs).
         if rustix::process::geteuid().is_root() {
             std::os::unix::fs::chown(&file, Some(12_345), None).unwrap();
@@ -640,6 +650,10 @@ mod tests {
             e.is_ok(),
             "a missing directory denies everything, as before"
         );
+        // Decided once: missing is no engine to read, and a directory gone
+        // by the time it is read is an error, not an empty set.
+        assert!(load_checked(&root.path().join("nope")).unwrap().is_none());
+        assert!(PolicyEngine::load_dir(&root.path().join("nope")).is_err());
         mode(&dir, 0o777);
         assert!(matches!(
             load_at_start(&dir).await.unwrap_err(),

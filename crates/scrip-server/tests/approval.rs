@@ -669,9 +669,11 @@ async fn an_introspection_dropped_before_its_claim_is_written_spends_no_use() {
     let held = s.hold_writes().await;
     let dropped = tokio::time::timeout(Duration::from_millis(500), s.introspect(token)).await;
     assert!(dropped.is_err(), "answered while the store was held");
-    // The claim's commit waits out the store's busy time (5 s, by SQLite's
-    // own count of its sleeps, which a loaded machine stretches) and fails.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The claim's commit waits out the store's busy time (5 s) and fails.
+    // The upkeep's purge of the second (it commits every second) may have
+    // reached the writer first, as a batch of its own that waits out its
+    // own 5 s: the claim's fails by 10 s.
+    tokio::time::sleep(Duration::from_secs(13)).await;
     release(held).await;
     let r = s.introspect(token).await;
     assert_eq!(r.body["active"], true, "{}", r.text);

@@ -76,20 +76,64 @@ async fn another_replicas_revocation_reaches_this_one_by_notification() {
     let a = PgStore::connect(db.url()).await.unwrap();
     let b = PgStore::connect(db.url()).await.unwrap();
     let mut changes = b.changes();
-    // Let the listener settle (its first connection bumps the counters).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    changes.borrow_and_update();
+    until_listening(&a, &mut changes, "at first").await;
     // Usually milliseconds; 3 s allows for a loaded machine and is still
     // shorter than the listener's heartbeat (5 s quiet, then a 2 s check)
-    // would take to notice a lost connection and bump the caches.
+    // would take to notice a lost connection and bump the caches. Each is
+    // a notification: the revocation counter alone moves (a refresh, as
+    // while not listening, moves every counter).
     for i in 0..5 {
+        let before = *changes.borrow_and_update();
         a.commit(vec![revoke(&format!("j{i}"))]).await.unwrap();
         tokio::time::timeout(Duration::from_secs(3), changes.changed())
             .await
             .expect("no notification within 3 s")
             .unwrap();
-        changes.borrow_and_update();
+        let now = *changes.borrow_and_update();
+        assert!(
+            now.keys == before.keys && now.revocations > before.revocations,
+            "not a notification: {before:?} then {now:?}"
+        );
         assert!(b.token_revoked(&format!("j{i}")).await.unwrap());
+    }
+}
+
+/// Returns once `changes` (B's) hears `a`'s revocations by notification:
+/// `a` commits until the revocation counter alone moves (while B's listener
+/// connects, or when it has lost its connection, every counter moves at
+/// once). A notification counted while the listener still waits for its
+/// own first check (at most 2 s) is followed by that check's refresh of
+/// every counter: once the check is surely over, B is shown listening
+/// again.
+async fn until_listening(
+    a: &PgStore,
+    changes: &mut tokio::sync::watch::Receiver<scrip_store::Changes>,
+    what: &str,
+) {
+    for round in ["", " (settled)"] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for i in 0.. {
+            assert!(
+                Instant::now() < deadline,
+                "B is not listening {what}{round}"
+            );
+            let before = *changes.borrow_and_update();
+            a.commit(vec![revoke(&format!("{what}{round}-{i}"))])
+                .await
+                .unwrap();
+            if tokio::time::timeout(Duration::from_secs(1), changes.changed())
+                .await
+                .is_ok()
+            {
+                let now = *changes.borrow_and_update();
+                if now.keys == before.keys && now.revocations > before.revocations {
+                    break;
+                }
+            }
+        }
+        if round.is_empty() {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
     }
 }
 
@@ -102,35 +146,7 @@ async fn a_notification_connection_gone_silent_is_noticed_and_replaced() {
         .await
         .unwrap();
     let mut changes = b.changes();
-    // B hears A's revocations: A commits until B sees the revocation
-    // counter alone move (a notification; while B's listener connects, or
-    // when it has lost its connection, every counter moves at once).
-    let listening = async |changes: &mut tokio::sync::watch::Receiver<scrip_store::Changes>,
-                           what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for i in 0.. {
-            assert!(Instant::now() < deadline, "B is not listening {what}");
-            let before = *changes.borrow_and_update();
-            a.commit(vec![revoke(&format!("{what}-{i}"))])
-                .await
-                .unwrap();
-            if tokio::time::timeout(Duration::from_secs(1), changes.changed())
-                .await
-                .is_ok()
-            {
-                let now = *changes.borrow_and_update();
-                if now.keys == before.keys && now.revocations > before.revocations {
-                    return;
-                }
-            }
-        }
-    };
-    listening(&mut changes, "at first").await;
-    // A notification counted while the listener still waits for its own
-    // check (at most 2 s) is followed by that check's drop of every cache:
-    // once the check is surely over, B is shown listening again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    listening(&mut changes, "settled").await;
+    until_listening(&a, &mut changes, "at first").await;
 
     // The connection B listens on goes silent, as behind a NAT that forgot
     // it: no reset, nothing arrives. A's revocations no longer reach B, so
@@ -160,7 +176,7 @@ async fn a_notification_connection_gone_silent_is_noticed_and_replaced() {
         started.elapsed()
     );
     // And B listens again, on a new connection.
-    listening(&mut changes, "again").await;
+    until_listening(&a, &mut changes, "again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,8 @@ async fn catches_up_from_its_cursor_after_the_feed_fails() {
         json!({"type": "task", "txn": "t1", "exp": now() + 300}),
         json!({"type": "token", "jti": "j2", "txn": "t2", "exp": now() + 300}),
     ]);
+    // Down until the follower was refused at least once.
+    assert!(eventually(5, || async { fake.state.lock().unwrap().feed_refused > 0 }).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     fake.set_feed_down(false);
     let t1 = fake.token("t1", "j1");
@@ -101,7 +103,14 @@ async fn catches_up_from_its_cursor_after_the_feed_fails() {
     assert!(eventually(5, || async { v.verify(&t1).await.is_err() }).await);
     assert_eq!(v.verify(&t1).await.unwrap_err(), VerifyError::Revoked);
     assert_eq!(v.verify(&t2).await.unwrap_err(), VerifyError::Revoked);
-    // It resumed from its cursor (1), not from the start.
+    // It resumed from its cursor (1), not from the start. (Its question
+    // after the page it applied may still be on its way.)
+    assert!(
+        eventually(5, || async {
+            fake.state.lock().unwrap().afters.contains(&3)
+        })
+        .await
+    );
     let afters = fake.state.lock().unwrap().afters.clone();
     assert_eq!(afters.first(), Some(&0));
     assert!(afters.iter().skip(1).all(|a| *a >= 1), "afters: {afters:?}");

@@ -348,6 +348,8 @@ pub struct FakeState {
     pub events: Vec<Value>,
     /// While set, /revocations answers 500.
     pub feed_down: bool,
+    /// How many /revocations calls were answered 500.
+    pub feed_refused: usize,
     /// How many times /jwks was fetched.
     pub jwks_fetches: usize,
     /// While set, /jwks answers 500.
@@ -404,8 +406,9 @@ async fn revocations(
     loop {
         let notified = ctx.notify.notified();
         {
-            let s = ctx.state.lock().unwrap();
+            let mut s = ctx.state.lock().unwrap();
             if s.feed_down {
+                s.feed_refused += 1;
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
             if s.events.len() as u64 > after || tokio::time::Instant::now() >= deadline {
