@@ -549,7 +549,6 @@ pub fn rotate(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCo
     }
 }
 
-/// `scrip secret list [--json]`.
 /// `scrip secret delete NAME [--action A]`.
 pub fn delete(config: Option<&Path>, name: &str, action: Option<&str>) -> ExitCode {
     let result = (|| {
@@ -634,6 +633,7 @@ fn versions_text(versions: &[u32]) -> String {
     }
 }
 
+/// `scrip secret list [--json]`.
 pub fn list(config: Option<&Path>, json: bool) -> ExitCode {
     let result = (|| {
         runtime()?.block_on(async {
