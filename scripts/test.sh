@@ -145,6 +145,9 @@ open_loop=$(target/debug/scrip-bench --smoke --scrip target/debug/scrip \
 echo "$open_loop"
 # Open loop reports each request's round trip beside its latency from due.
 [ "$(grep -c ' offered=2000/s rtt_p50=' <<<"$open_loop")" -eq 2 ]
+echo "== prefilled-store smoke (tasks and records in the store before scrip serves it)" >&2
+target/debug/scrip-bench --smoke --scrip target/debug/scrip \
+  --prefill-tasks 2000 --prefill-records 10000 --scenario task-start,exchange --no-restart
 smoke_db="scrip_smoke_$$"
 psql -qX postgres://postgres@127.0.0.1:5432/test -c "CREATE DATABASE $smoke_db"
 trap 'psql -qX postgres://postgres@127.0.0.1:5432/test -c "DROP DATABASE IF EXISTS $smoke_db WITH (FORCE)" >/dev/null 2>&1 || true' EXIT

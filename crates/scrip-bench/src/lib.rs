@@ -572,6 +572,10 @@ async fn run(args: &Args) -> Result<bool> {
         upstream = Some(legacy);
         let target = Target::loopback(setup.port)?;
         let scrip = args.scrip.clone().unwrap_or_else(default_scrip);
+        // First: it makes the store and its keys, the audit checkpoint key
+        // among them, which scrip refuses to make beside a store that
+        // already holds records (a store restored without its key).
+        server::set_secret(&scrip, &setup, &key)?;
         if args.prefill_tasks > 0 {
             let data = setup.dir.path().join("data");
             std::fs::DirBuilder::new()
@@ -606,7 +610,6 @@ async fn run(args: &Args) -> Result<bool> {
                 ));
             }
         }
-        server::set_secret(&scrip, &setup, &key)?;
         let running = server::start(&scrip, &setup, &target).await?;
         let mut targets = vec![target];
         let mut others = Vec::new();
@@ -627,11 +630,16 @@ async fn run(args: &Args) -> Result<bool> {
         }
         let mem = server::memory(running.pid);
         say(&format!(
-            "# scrip {} pid {} | {} Cedar policies | signs {} | store: new {} | ready after {:.1} ms | idle rss {}",
+            "# scrip {} pid {} | {} Cedar policies | signs {} | store: {} {} | ready after {:.1} ms | idle rss {}",
             scrip.display(),
             running.pid,
             setup.policies,
             args.signing_algorithm.unwrap_or_default(),
+            if args.prefill_tasks > 0 {
+                "prefilled"
+            } else {
+                "new"
+            },
             if args.database_url.is_some() {
                 format!("PostgreSQL, {} replicas", targets.len())
             } else {

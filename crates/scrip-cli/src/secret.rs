@@ -328,9 +328,12 @@ async fn rotate_each(
     values: Vec<(String, u64, Source, Option<SecretValue>)>,
     done: &mut Vec<(String, u32, u64)>,
 ) -> Result<(), String> {
-    for (a, grace, source, value) in values {
+    // Every action is looked at before any mint command runs: one not set
+    // yet would otherwise stop the rotation after the others had minted
+    // (and a run again once it is set would mint them again).
+    for (a, ..) in &values {
         if store
-            .secret_versions(name, &a)
+            .secret_versions(name, a)
             .await
             .map_err(|e| e.to_string())?
             .is_empty()
@@ -339,6 +342,8 @@ async fn rotate_each(
                 "secret `{name}` `{a}` is not set yet; use `scrip secret set`"
             ));
         }
+    }
+    for (a, grace, source, value) in values {
         let value = match (value, &source) {
             (Some(v), _) => v,
             (None, Source::Mint(argv)) => mint(argv, name, &a).await?,

@@ -82,10 +82,14 @@ pub fn token(args: &TokenArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
+    // The step waited for, once a wait began: an answer lost after it (scrip
+    // restarting, a gateway's 502) leaves the step to collect.
+    let mut waited: Option<String> = None;
     let result = runtime.block_on(async {
         let client = Client::new(&args.server)?;
         let mut task = client.task_from_token(&task_token);
         if let Some(id) = &args.approval {
+            waited = Some(id.clone());
             return match task.poll_approval(id).await {
                 Err(e) if matches!(e.oauth_code(), Some("authorization_pending" | "slow_down")) => {
                     eprintln!("scrip: nobody has decided yet; waiting (auth_req_id {id})");
@@ -111,6 +115,7 @@ pub fn token(args: &TokenArgs) -> ExitCode {
                 eprintln!(
                     "scrip: a person must approve this step; waiting up to {expires_in} s (auth_req_id {auth_req_id}: an approver runs `scrip approve {auth_req_id}`)"
                 );
+                waited = Some(auth_req_id.clone());
                 task.wait_for_approval(&auth_req_id, interval, Duration::from_secs(expires_in))
                     .await
             }
@@ -159,7 +164,24 @@ pub fn token(args: &TokenArgs) -> ExitCode {
                 Some("invalid_grant") => "; no step of this task waits under that auth_req_id",
                 _ => "",
             };
-            fail(format!("{e}{hint}"))
+            // Unless the step itself was answered (denied, expired, spent,
+            // its task ended), it may still be approved, or approved
+            // already: asking again would put a new step to the approvers.
+            match waited {
+                Some(id)
+                    if !matches!(
+                        e.oauth_code(),
+                        Some(
+                            "access_denied" | "expired_token" | "invalid_grant" | "invalid_request"
+                        )
+                    ) =>
+                {
+                    fail(format!(
+                        "{e}; the step may be decided meanwhile: collect its token with `scrip token --approval {id}`"
+                    ))
+                }
+                _ => fail(format!("{e}{hint}")),
+            }
         }
     }
 }

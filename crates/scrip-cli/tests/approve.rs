@@ -135,23 +135,54 @@ uid = {uid}
             jwks = root.join("k8s-jwks.json").display(),
         );
         fs::write(root.join("scrip.toml"), config).unwrap();
-        let log = root.join("serve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_scrip"))
+        let child = Self::spawn(root);
+        let server = Self {
+            child,
+            dir,
+            addr,
+            idp,
+        };
+        server.ready()
+    }
+
+    /// `scrip serve` on the configuration in `root`, its log appended to
+    /// `serve.log`.
+    fn spawn(root: &Path) -> Child {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("serve.log"))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_scrip"))
             .args(["serve", "--config"])
             .arg(root.join("scrip.toml"))
             .env_remove("SCRIP_CONFIG")
             .env("SCRIP_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(fs::File::create(&log).unwrap()))
+            .stderr(Stdio::from(log))
             .spawn()
+            .unwrap()
+    }
+
+    /// Stops the server (SIGTERM, its stop completed) and leaves it
+    /// stopped for `down`, then starts it again on its store.
+    fn restart(mut self, down: Duration) -> Self {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
             .unwrap();
-        let mut server = Self {
-            child,
-            dir,
-            addr,
-            idp,
-        };
+        assert!(status.success());
+        let stopped = self.child.wait().unwrap();
+        assert!(stopped.success(), "{stopped}: {}", self.log());
+        std::thread::sleep(down);
+        self.child = Self::spawn(self.dir.path());
+        self.ready()
+    }
+
+    /// Once it answers on its port and its socket.
+    fn ready(self) -> Self {
+        let (addr, mut server) = (self.addr, self);
         let start = Instant::now();
         while !(server.socket().exists() && TcpStream::connect(addr).is_ok()) {
             if let Some(status) = server.child.try_wait().unwrap() {
@@ -460,6 +491,82 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     );
     let out = server.scrip(&["approve", &second]);
     assert_fails(&out, 1, &["409", "already denied"]);
+}
+
+/// A wait for a person outlives a restart of scrip (a rolling update): the
+/// polls it sends while scrip is down are asked again, and the step
+/// approved after the restart is collected, not asked for anew.
+#[test]
+fn a_wait_for_a_person_outlives_a_restart_of_scrip() {
+    let server = Server::configured(
+        "separation_of_duties = false\napproval_poll_interval = 1\n",
+        "",
+        "",
+    );
+    let task = server.start_task();
+    let mut waiting = server
+        .agent(&task, &["token", "--tool", "github", "--action", "delete"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(waiting.stderr.as_mut().unwrap()),
+        &mut said,
+    )
+    .unwrap();
+    assert!(said.contains("waiting"), "{said}");
+    // Down for three poll intervals.
+    let server = server.restart(Duration::from_secs(3));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the wait ended while scrip was down"
+    );
+    let ids = server.pending_ids();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let out = server.scrip(&["approve", &ids[0], "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let claims = payload(text(&out.stdout).trim());
+    assert_eq!(claims["approval"]["id"], ids[0].as_str(), "{claims}");
+}
+
+/// A wait that ends with scrip still down names the step to collect: a
+/// person may have approved it, and asking anew would ask them again.
+#[test]
+fn a_wait_ended_by_a_scrip_down_names_the_step_to_collect() {
+    let server = Server::configured(
+        "separation_of_duties = false\napproval_poll_interval = 1\napproval_ttl = 3\n",
+        "",
+        "",
+    );
+    let task = server.start_task();
+    let mut waiting = server
+        .agent(&task, &["token", "--tool", "github", "--action", "delete"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    let mut stderr = std::io::BufReader::new(waiting.stderr.take().unwrap());
+    std::io::BufRead::read_line(&mut stderr, &mut said).unwrap();
+    let id = server.pending_ids().pop().unwrap();
+    assert!(said.contains(&id), "{said}");
+    // Down past the step's 3 s.
+    let _server = server.restart(Duration::from_secs(5));
+    let status = waiting.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(1), "{rest}");
+    assert!(
+        rest.contains("cannot reach scrip")
+            && rest.contains(&format!(
+                "collect its token with `scrip token --approval {id}`"
+            )),
+        "{rest}"
+    );
 }
 
 #[test]

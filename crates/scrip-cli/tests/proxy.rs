@@ -436,15 +436,28 @@ fn secrets_come_from_stdin_and_100_mb_stream_through_in_bounded_memory() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("rotated `legacy` `write` to version 2"));
+    // Every action is looked at before any mint command runs: with `write`
+    // not set yet, `read`'s command (which would fail for what it prints)
+    // does not run.
+    let out = s.scrip(
+        &["secret", "set", "mintly", "--action", "read"],
+        Some(b"first-value\n"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = s.scrip(&["secret", "rotate", "mintly"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("secret `mintly` `write` is not set yet"),
+        "{}",
+        text(&out.stderr)
+    );
     // A mint command's output is read no further than a secret can be,
     // and what it leaves running is killed with it.
-    for action in ["read", "write"] {
-        let out = s.scrip(
-            &["secret", "set", "mintly", "--action", action],
-            Some(b"first-value\n"),
-        );
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    }
+    let out = s.scrip(
+        &["secret", "set", "mintly", "--action", "write"],
+        Some(b"first-value\n"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = s.scrip(&["secret", "rotate", "mintly", "--action", "read"], None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(

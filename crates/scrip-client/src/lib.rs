@@ -600,6 +600,12 @@ impl Client {
                 error: printable_up_to(&e.error, 80),
                 description: printable_up_to(&e.error_description, 1000),
             }),
+            // A gateway's own answer (a load balancer with no scrip behind
+            // it for now, as during a rolling restart).
+            Err(_) if matches!(status, 502..=504) => Err(Error::Unreachable {
+                url: self.url.clone(),
+                message: format!("HTTP {status} from a gateway in front of it"),
+            }),
             Err(_) => Err(Error::Protocol(format!(
                 "HTTP {status} from `{}/token`; is SCRIP_URL a scrip server?",
                 self.url
@@ -1125,8 +1131,11 @@ impl Task {
     ///
     /// # Errors
     /// As [`Task::poll_approval`], except that `authorization_pending` and
-    /// `slow_down` are waited out until `timeout` has passed; after it, the
-    /// last of them is the answer.
+    /// `slow_down` are waited out until `timeout` has passed, and so is a
+    /// scrip that does not answer for a while ([`Error::Unreachable`], or
+    /// `temporarily_unavailable`: a restart, a store that went away), whose
+    /// step a person may approve meanwhile; after it, the last of them is
+    /// the answer.
     pub async fn wait_for_approval(
         &self,
         auth_req_id: &str,
@@ -1145,7 +1154,10 @@ impl Task {
             .await;
             match self.poll_approval(auth_req_id).await {
                 Err(e)
-                    if matches!(e.oauth_code(), Some("authorization_pending" | "slow_down"))
+                    if (matches!(
+                        e.oauth_code(),
+                        Some("authorization_pending" | "slow_down" | "temporarily_unavailable")
+                    ) || matches!(e, Error::Unreachable { .. }))
                         && tokio::time::Instant::now() < deadline =>
                 {
                     if e.oauth_code() == Some("slow_down") {

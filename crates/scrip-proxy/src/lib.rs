@@ -360,9 +360,9 @@ impl Pending {
             let _held = held;
             let wait = 1000 - now_ms() % 1000;
             tokio::time::sleep(std::time::Duration::from_millis(wait + 10)).await;
-            let writes = this
-                .tally
-                .take()
+            let counts = this.tally.take();
+            let refusals: u64 = counts.iter().map(|c| c.n).sum();
+            let writes = counts
                 .into_iter()
                 .map(|scrip_store::Count { n, first, .. }| {
                     let mut r = first;
@@ -385,7 +385,9 @@ impl Pending {
                 "proxy: more than {UNVERIFIED_PER_SECOND} unverified requests, or {PER_TOKEN_PER_SECOND} of one token, refused in a second; recording the rest as counts"
             );
             if let Err(e) = store.commit(writes).await {
-                tracing::error!(error = %e, "proxy audit record could not be written");
+                // As a refusal's own record that cannot be written, it is
+                // not tried again; how many it held is said.
+                tracing::error!(error = %e, refusals, "proxy: counted refusals could not be recorded");
             }
         });
     }

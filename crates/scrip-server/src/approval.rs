@@ -94,7 +94,8 @@ impl Polls {
 /// allows `approvable` only with a person's approval: commits it with its
 /// audit records, calls the webhook, and answers `authorization_pending`.
 ///
-/// Asking again for a step that already waits answers that approval's
+/// Asking again for a step that already waits, or that a person approved
+/// and whose token nobody collected yet, answers that approval's
 /// `auth_req_id`; a task may have [`MAX_PENDING_PER_TASK`] steps waiting,
 /// and an agent's tasks together [`MAX_PENDING_PER_AGENT`].
 /// The store enforces both inside the commit, so concurrent requests (on
@@ -147,10 +148,26 @@ pub(crate) async fn request(
                 // A later denial answers it (its answer, not its id, for a
                 // step nobody may approve now).
                 if let Some(d) = denied_since(st, same).await? {
+                    expire_answered(st, &task.id, &d, now).await;
                     break 'asked Err(answered_by(&d));
                 }
                 // The same step already waits for a person: asking again is the
                 // same request, not another one for the approvers and the webhook.
+                break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
+            }
+            // The same step approved and not collected (its asker lost the
+            // answer to a poll, or stopped waiting): handed back to be
+            // collected, not put to a person a second time.
+            if let Some(same) = st
+                .store
+                .task_approved_approvals(&task.id, now)
+                .await?
+                .iter()
+                .find(|a| a.tool == tool && a.actions == asked)
+            {
+                if let Some(d) = denied_since(st, same).await? {
+                    break 'asked Err(answered_by(&d));
+                }
                 break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
             }
             if waiting.len() >= MAX_PENDING_PER_TASK {
@@ -497,7 +514,13 @@ pub(crate) async fn poll(
                 return Err(OAuthError::slow_down());
             }
             match denied_since(st, &approval).await? {
-                Some(d) => Err(answered_by(&d)),
+                Some(d) => {
+                    // Still waiting though answered: the denial's own
+                    // tidying did not reach it (its commit failed, or its
+                    // answer was lost and the person asked again).
+                    expire_answered(st, &approval.task_id, &d, now).await;
+                    Err(answered_by(&d))
+                }
                 None => Err(OAuthError::authorization_pending()),
             }
         }
@@ -1114,10 +1137,15 @@ async fn decide_endpoint(
 /// places among the [`scrip_store::MAX_PENDING_PER_TASK`] until they
 /// expire; their polls answer `access_denied` until then, as before. Best
 /// effort, after the denial committed: a step decided meanwhile is left as
-/// it is, and one left waiting still answers `access_denied`.
+/// it is, and one left waiting still answers `access_denied`, and is taken
+/// out when it is polled or asked for again.
 async fn expire_answered(st: &Inner, task_id: &str, denial: &Approval, now: u64) {
-    let Ok(waiting) = st.store.task_pending_approvals(task_id, now).await else {
-        return;
+    let waiting = match st.store.task_pending_approvals(task_id, now).await {
+        Ok(waiting) => waiting,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the steps a denial answers; they wait until they expire, or until they are asked or polled for again");
+            return;
+        }
     };
     let decided = denial.decided_at.unwrap_or(now);
     for w in waiting.iter().filter(|w| {

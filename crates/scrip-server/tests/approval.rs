@@ -237,8 +237,13 @@ async fn a_step_needing_approval_answers_authorization_pending() {
         .filter(|e| e.event == "approval.requested")
         .count();
     assert_eq!(requested, 1);
-    // Once it is decided, the next ask is a new request.
+    // Approved and not collected (its asker lost a poll's answer, or
+    // stopped waiting), it is handed back, not put to a person again; once
+    // collected, the next ask is a new request.
     let r = approve(&s, id, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(pending(&s, &task).await, id);
+    let r = poll(&s, &task, id).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let other = pending(&s, &task).await;
     assert_ne!(other, id);
@@ -2440,6 +2445,8 @@ async fn an_approval_applies_only_to_the_step_the_person_was_shown() {
     assert_eq!(r.status, 200, "{}", r.text);
     let (_, decided) = get(Some(alice.clone()), id.clone()).await;
     assert_eq!(decided["state"], "approved", "{decided}");
+    let r = poll(&s, &task, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
 
     // A body of another type is refused, not ignored: it may hold a step
     // the person was shown, which must not go unchecked.

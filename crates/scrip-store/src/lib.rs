@@ -183,6 +183,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: u64,
     ) -> Result<Vec<Approval>, StoreError>;
 
+    /// One task's approvals a person approved whose token is not collected
+    /// yet and that have not expired at `now`, oldest first.
+    async fn task_approved_approvals(
+        &self,
+        task_id: &str,
+        now: u64,
+    ) -> Result<Vec<Approval>, StoreError>;
+
     /// One task's approvals a person denied at or after `since`, the latest
     /// decision first.
     async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError>;

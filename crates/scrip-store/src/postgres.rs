@@ -1934,6 +1934,25 @@ impl Store for PgStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn task_approved_approvals(
+        &self,
+        task_id: &str,
+        now: u64,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = read!(self.reads, TIMEOUT, |c|
+            sqlx::query(concat!(
+                "SELECT ",
+                approval_columns!(),
+                " FROM approvals WHERE state = 'approved' AND expires_at > $1 AND task_id = $2 ORDER BY created_at, id",
+            ))
+            .bind(to_i64(now))
+            .bind(task_id)
+            .fetch_all(c)
+        )
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError> {
         let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(

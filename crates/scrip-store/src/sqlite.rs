@@ -391,6 +391,24 @@ impl Store for SqliteStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn task_approved_approvals(
+        &self,
+        task_id: &str,
+        now: u64,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE state = 'approved' AND expires_at > ? AND task_id = ? ORDER BY created_at, id",
+        ))
+        .bind(to_i64(now))
+        .bind(task_id)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",

@@ -1237,6 +1237,18 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
     assert_eq!(a1.decided_by.as_deref(), Some("alice"));
     assert_eq!(a1.decided_at, Some(1_200));
     assert_eq!(a1.reason.as_deref(), Some("by alice"));
+    // Approved and not collected: the task's, until it expires.
+    let approved = |task: &'static str, at: u64| async move {
+        s.task_approved_approvals(task, at)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(approved("t1", 1_250).await, ["a1"]);
+    assert!(approved("t1", 2_000).await.is_empty());
+    assert!(approved("t2", 1_250).await.is_empty());
     // Collecting the token keeps who decided and records the jti.
     s.commit(vec![Write::UpdateApproval {
         id: "a1".into(),
@@ -1256,6 +1268,7 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         (Some("alice"), Some(1_200))
     );
     assert_eq!(a1.token_jti.as_deref(), Some("jti-x"));
+    assert!(approved("t1", 1_300).await.is_empty(), "collected");
     // A second collection conflicts: one token per approval.
     let err = s
         .commit(vec![Write::UpdateApproval {
