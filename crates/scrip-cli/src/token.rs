@@ -89,10 +89,10 @@ pub fn token(args: &TokenArgs) -> ExitCode {
         let client = Client::new(&args.server)?;
         let mut task = client.task_from_token(&task_token);
         if let Some(id) = &args.approval {
-            waited = Some(id.clone());
             return match task.poll_approval(id).await {
                 Err(e) if matches!(e.oauth_code(), Some("authorization_pending" | "slow_down")) => {
                     eprintln!("scrip: nobody has decided yet; waiting (auth_req_id {id})");
+                    waited = Some(id.clone());
                     task.wait_for_approval(id, DEFAULT_INTERVAL, APPROVAL_WAIT)
                         .await
                 }

@@ -906,6 +906,11 @@ const DEFAULT_POLL_INTERVAL: u64 = 2;
 /// The longest wait for a person the client takes from scrip's answer.
 const MAX_APPROVAL_WAIT: u64 = 7 * 24 * 3600;
 
+/// How long [`Task::wait_for_approval`] waits out a scrip that does not
+/// answer, without a break: a restart or a failover takes less; a scrip
+/// gone for good is said rather than waited for all the step's life.
+pub const DOWN_WAIT: Duration = Duration::from_secs(300);
+
 /// How long before expiry a cached token stops being reused: a quarter of
 /// its lifetime, at most 30 seconds.
 fn refresh_at(issued: u64, expires_in: u64) -> u64 {
@@ -1134,8 +1139,8 @@ impl Task {
     /// `slow_down` are waited out until `timeout` has passed, and so is a
     /// scrip that does not answer for a while ([`Error::Unreachable`], or
     /// `temporarily_unavailable`: a restart, a store that went away), whose
-    /// step a person may approve meanwhile; after it, the last of them is
-    /// the answer.
+    /// step a person may approve meanwhile, for up to [`DOWN_WAIT`] in a
+    /// row; after either, the last of them is the answer.
     pub async fn wait_for_approval(
         &self,
         auth_req_id: &str,
@@ -1147,18 +1152,31 @@ impl Task {
             .checked_add(timeout)
             .unwrap_or_else(|| start + Duration::from_secs(MAX_APPROVAL_WAIT));
         let mut interval = interval.clamp(1, 300);
+        // Since when scrip has not answered, without a break.
+        let mut down_since = None;
         loop {
             tokio::time::sleep_until(
                 (tokio::time::Instant::now() + Duration::from_secs(interval)).min(deadline),
             )
             .await;
-            match self.poll_approval(auth_req_id).await {
+            let answer = self.poll_approval(auth_req_id).await;
+            let now = tokio::time::Instant::now();
+            let down = matches!(&answer, Err(Error::Unreachable { .. }))
+                || matches!(&answer, Err(e) if e.oauth_code() == Some("temporarily_unavailable"));
+            down_since = if down {
+                Some(down_since.unwrap_or(now))
+            } else {
+                None
+            };
+            match answer {
                 Err(e)
-                    if (matches!(
-                        e.oauth_code(),
-                        Some("authorization_pending" | "slow_down" | "temporarily_unavailable")
-                    ) || matches!(e, Error::Unreachable { .. }))
-                        && tokio::time::Instant::now() < deadline =>
+                    if (down
+                        || matches!(
+                            e.oauth_code(),
+                            Some("authorization_pending" | "slow_down")
+                        ))
+                        && now < deadline
+                        && down_since.is_none_or(|since| now.duration_since(since) < DOWN_WAIT) =>
                 {
                     if e.oauth_code() == Some("slow_down") {
                         interval = (interval + 5).min(300);

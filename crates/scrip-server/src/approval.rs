@@ -157,18 +157,24 @@ pub(crate) async fn request(
             }
             // The same step approved and not collected (its asker lost the
             // answer to a poll, or stopped waiting): handed back to be
-            // collected, not put to a person a second time.
+            // collected, not put to a person a second time. Not one whose
+            // approver is no longer among the approvers: its collection is
+            // refused, and the step is asked again.
             if let Some(same) = st
                 .store
                 .task_approved_approvals(&task.id, now)
                 .await?
                 .iter()
-                .find(|a| a.tool == tool && a.actions == asked)
+                .find(|a| a.tool == tool && a.actions == asked && approved_by_an_approver(st, a))
             {
                 if let Some(d) = denied_since(st, same).await? {
                     break 'asked Err(answered_by(&d));
                 }
-                break 'asked Ok(pending(st, &same.id, same.expires_at.saturating_sub(now)));
+                break 'asked Ok(collectable(
+                    st,
+                    &same.id,
+                    same.expires_at.saturating_sub(now),
+                ));
             }
             if waiting.len() >= MAX_PENDING_PER_TASK {
                 break 'asked Err(OAuthError::invalid_request(format!(
@@ -306,11 +312,31 @@ async fn still_open(st: &Inner, id: &str) -> Result<bool, OAuthError> {
 /// `authorization_pending` for the approval `id`, which waits `expires_in`
 /// more seconds.
 fn pending(st: &Inner, id: &str, expires_in: u64) -> Response {
+    pending_saying(
+        st,
+        id,
+        expires_in,
+        "this step needs a person's approval; poll with the auth_req_id",
+    )
+}
+
+/// [`pending`] for a step a person approved whose token is not collected:
+/// polling collects it.
+fn collectable(st: &Inner, id: &str, expires_in: u64) -> Response {
+    pending_saying(
+        st,
+        id,
+        expires_in,
+        "a person approved this step; poll with the auth_req_id to collect its token",
+    )
+}
+
+fn pending_saying(st: &Inner, id: &str, expires_in: u64, description: &str) -> Response {
     let mut response = (
         StatusCode::BAD_REQUEST,
         Json(json!({
             "error": "authorization_pending",
-            "error_description": "this step needs a person's approval; poll with the auth_req_id",
+            "error_description": description,
             "auth_req_id": id,
             "interval": st.config.approval_poll_interval,
             "expires_in": expires_in,
@@ -666,7 +692,7 @@ async fn issue(
     let approver = approval.decided_by.clone().unwrap_or_default();
     // A person no longer among the approvers (removed, perhaps compromised,
     // since they approved) approves nothing more: the step is asked again.
-    if !st.config.approvers.iter().any(|a| a.name == approver) {
+    if !approved_by_an_approver(st, approval) {
         return refuse(OAuthError::access_denied(format!(
             "`{approver}`, who approved this step, is no longer an approver; ask for the step again"
         )))
@@ -1201,6 +1227,15 @@ fn overlap(a: &str, b: &str) -> bool {
 /// cannot grant what was just refused, and the agent's polls for them
 /// answer `access_denied`. Sharing only an action policy allowed outright
 /// answers nothing.
+/// Whether the person who approved `approval` is still among the
+/// approvers: one removed since approves nothing more.
+fn approved_by_an_approver(st: &Inner, approval: &Approval) -> bool {
+    approval
+        .decided_by
+        .as_deref()
+        .is_some_and(|name| st.config.approvers.iter().any(|a| a.name == name))
+}
+
 async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval>, OAuthError> {
     let denials = st
         .store

@@ -347,7 +347,8 @@ impl Socket {
 /// time): a rename would put this one in its place, and leave the other
 /// serving a socket nobody reaches, without a word.
 fn put_in_place(tmp: &Path, path: &Path) -> std::io::Result<()> {
-    std::fs::hard_link(tmp, path).map_err(|e| {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    let taken = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             std::io::Error::new(
                 e.kind(),
@@ -356,11 +357,19 @@ fn put_in_place(tmp: &Path, path: &Path) -> std::io::Result<()> {
         } else {
             e
         }
-    })?;
-    // Should this fail, the staging directory is left behind; the socket
-    // serves all the same.
-    let _ = std::fs::remove_file(tmp);
-    Ok(())
+    };
+    match renameat_with(CWD, tmp, CWD, path, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        // A file system without the flag: a second name, then the first
+        // one gone (should that fail, the staging directory is left
+        // behind; the socket serves all the same).
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            std::fs::hard_link(tmp, path).map_err(taken)?;
+            let _ = std::fs::remove_file(tmp);
+            Ok(())
+        }
+        Err(e) => Err(taken(e.into())),
+    }
 }
 
 impl Drop for Socket {

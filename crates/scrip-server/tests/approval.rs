@@ -478,6 +478,10 @@ async fn a_step_approved_by_someone_no_longer_an_approver_is_not_collected() {
         "{used:?}"
     );
     assert!(used.agent_sub.is_some() && used.tool.is_some(), "{used:?}");
+    // Asked again, as the refusal says: a new step for the approvers, not
+    // alice's handed back.
+    let again = pending(&s, &one).await;
+    assert_ne!(again, a);
     s.stop().await;
 
     // Still listed: the other step's token is handed out.
