@@ -107,10 +107,32 @@ pub fn token(args: &TokenArgs) -> ExitCode {
         let actions: Vec<&str> = args.actions.iter().map(String::as_str).collect();
         let tool = args.tool.as_deref().unwrap_or_default();
         match task.access_token(tool, &actions).await {
+            // Approved already (asked again before its token was
+            // collected): collected now, --no-wait or not.
             Err(Error::ApprovalPending {
                 auth_req_id,
                 interval,
                 expires_in,
+                approved: true,
+            }) => {
+                eprintln!(
+                    "scrip: a person approved this step already; collecting its token (auth_req_id {auth_req_id})"
+                );
+                waited = Some(auth_req_id.clone());
+                match task.poll_approval(&auth_req_id).await {
+                    // Polled a moment ago: once more after the interval.
+                    Err(e) if matches!(e.oauth_code(), Some("authorization_pending" | "slow_down")) => {
+                        task.wait_for_approval(&auth_req_id, interval, Duration::from_secs(expires_in))
+                            .await
+                    }
+                    other => other,
+                }
+            }
+            Err(Error::ApprovalPending {
+                auth_req_id,
+                interval,
+                expires_in,
+                ..
             }) if !args.no_wait => {
                 eprintln!(
                     "scrip: a person must approve this step; waiting up to {expires_in} s (auth_req_id {auth_req_id}: an approver runs `scrip approve {auth_req_id}`)"

@@ -643,6 +643,29 @@ fn scrip_token_waits_for_a_person_and_prints_the_approved_token() {
     let claims = payload(text(&out.stdout).trim());
     assert_eq!(claims["approval"]["id"], second.as_str(), "{claims}");
 
+    // Asking again for a step approved meanwhile collects it at once,
+    // --no-wait or not: nobody is asked twice.
+    let out = server
+        .agent(&task, &[&delete[..], &["--no-wait"]].concat())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    let approved = server.pending_ids().pop().unwrap();
+    let out = server.scrip(&["approve", &approved, "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = server
+        .agent(&task, &[&delete[..], &["--no-wait"]].concat())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("a person approved this step already"),
+        "{}",
+        text(&out.stderr)
+    );
+    let claims = payload(text(&out.stdout).trim());
+    assert_eq!(claims["approval"]["id"], approved.as_str(), "{claims}");
+
     // Denied: the person's reason reaches the agent.
     let out = server
         .agent(&task, &[&delete[..], &["--no-wait"]].concat())

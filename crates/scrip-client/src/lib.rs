@@ -142,9 +142,7 @@ pub enum Error {
     },
     /// The step needs a person's approval (SPEC §5): nothing was issued.
     /// Poll with `auth_req_id` ([`Task::wait_for_approval`]).
-    #[error(
-        "a person must approve this step: auth_req_id {auth_req_id}, for an approver's `scrip approve {auth_req_id}`; it waits {expires_in} s"
-    )]
+    #[error("{}", pending_message(auth_req_id, *expires_in, *approved))]
     ApprovalPending {
         /// The id to poll with and to approve.
         auth_req_id: String,
@@ -152,6 +150,9 @@ pub enum Error {
         interval: u64,
         /// Seconds the request waits for a decision.
         expires_in: u64,
+        /// A person approved the step already (asked for again before its
+        /// token was collected): a poll collects it now.
+        approved: bool,
     },
     /// A token given to end a task is not a task token.
     #[error(
@@ -183,6 +184,18 @@ pub enum Error {
     /// scrip answered something unexpected.
     #[error("unexpected answer from scrip: {0}")]
     Protocol(String),
+}
+
+fn pending_message(auth_req_id: &str, expires_in: u64, approved: bool) -> String {
+    if approved {
+        format!(
+            "a person approved this step: auth_req_id {auth_req_id}; poll with it to collect its token within {expires_in} s"
+        )
+    } else {
+        format!(
+            "a person must approve this step: auth_req_id {auth_req_id}, for an approver's `scrip approve {auth_req_id}`; it waits {expires_in} s"
+        )
+    }
 }
 
 impl Error {
@@ -404,6 +417,9 @@ struct ErrorResponse {
     auth_req_id: Option<String>,
     interval: Option<u64>,
     expires_in: Option<u64>,
+    /// With `authorization_pending` for a step a person approved already.
+    #[serde(default)]
+    approved: bool,
 }
 
 /// An answer's body, or `None` when it is larger than `max` bytes (what
@@ -581,6 +597,7 @@ impl Client {
                 auth_req_id: Some(auth_req_id),
                 interval,
                 expires_in,
+                approved,
                 ..
             }) if error == "authorization_pending"
                 && (1..=64).contains(&auth_req_id.len())
@@ -593,6 +610,7 @@ impl Client {
                     // Bounded, whatever the server says: they become durations.
                     interval: interval.unwrap_or(DEFAULT_POLL_INTERVAL).clamp(1, 300),
                     expires_in: expires_in.unwrap_or(0).min(MAX_APPROVAL_WAIT),
+                    approved,
                 })
             }
             Ok(e) => Err(Error::OAuth {

@@ -240,10 +240,11 @@ async fn a_step_that_waits_for_a_person_says_how_to_poll() {
             auth_req_id,
             interval,
             expires_in,
+            approved,
         } => {
             assert_eq!(
-                (auth_req_id.as_str(), *interval, *expires_in),
-                ("req-1", 3, 600)
+                (auth_req_id.as_str(), *interval, *expires_in, *approved),
+                ("req-1", 3, 600, false)
             );
         }
         other => panic!("{other:?}"),
@@ -257,6 +258,59 @@ async fn a_step_that_waits_for_a_person_says_how_to_poll() {
 fn a_url_that_is_not_one_is_refused_at_once() {
     let e = Client::new("127.0.0.1:7070").unwrap_err();
     assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+}
+
+/// A step asked for again after a person approved it says so: a poll
+/// collects it now, nobody is to approve it.
+#[tokio::test]
+async fn a_step_approved_already_says_so() {
+    let url = answering(json_response(
+        "400 Bad Request",
+        &json!({
+            "error": "authorization_pending",
+            "auth_req_id": "req-1",
+            "interval": 2,
+            "expires_in": 300,
+            "approved": true,
+        }),
+    ));
+    let client = Client::new(&url).unwrap();
+    let task = client.task_from_token("t");
+    let e = task.access_token("github", &["delete"]).await.unwrap_err();
+    assert!(
+        matches!(e, Error::ApprovalPending { approved: true, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("a person approved this step"), "{e}");
+    assert!(!e.to_string().contains("scrip approve"), "{e}");
+    let _ = task.into_token();
+}
+
+/// A wait for a person outlives a scrip that does not answer for a while,
+/// but not for all the step's life: after [`DOWN_WAIT`] of it in a row,
+/// the wait ends with it.
+#[tokio::test(start_paused = true)]
+async fn a_wait_gives_up_on_a_scrip_down_for_minutes() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = Client::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let task = client.task_from_token("t");
+    let started = tokio::time::Instant::now();
+    let e = task
+        .wait_for_approval("req-1", 2, std::time::Duration::from_secs(3600))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= scrip_client::DOWN_WAIT && waited < std::time::Duration::from_secs(3600),
+        "{waited:?}"
+    );
+    let _ = task.into_token();
 }
 
 #[tokio::test]

@@ -317,6 +317,7 @@ fn pending(st: &Inner, id: &str, expires_in: u64) -> Response {
         id,
         expires_in,
         "this step needs a person's approval; poll with the auth_req_id",
+        false,
     )
 }
 
@@ -328,21 +329,28 @@ fn collectable(st: &Inner, id: &str, expires_in: u64) -> Response {
         id,
         expires_in,
         "a person approved this step; poll with the auth_req_id to collect its token",
+        true,
     )
 }
 
-fn pending_saying(st: &Inner, id: &str, expires_in: u64, description: &str) -> Response {
-    let mut response = (
-        StatusCode::BAD_REQUEST,
-        Json(json!({
-            "error": "authorization_pending",
-            "error_description": description,
-            "auth_req_id": id,
-            "interval": st.config.approval_poll_interval,
-            "expires_in": expires_in,
-        })),
-    )
-        .into_response();
+fn pending_saying(
+    st: &Inner,
+    id: &str,
+    expires_in: u64,
+    description: &str,
+    approved: bool,
+) -> Response {
+    let mut body = json!({
+        "error": "authorization_pending",
+        "error_description": description,
+        "auth_req_id": id,
+        "interval": st.config.approval_poll_interval,
+        "expires_in": expires_in,
+    });
+    if approved && let Some(body) = body.as_object_mut() {
+        body.insert("approved".into(), json!(true));
+    }
+    let mut response = (StatusCode::BAD_REQUEST, Json(body)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         axum::http::header::CACHE_CONTROL,
@@ -1220,13 +1228,6 @@ fn overlap(a: &str, b: &str) -> bool {
     }
 }
 
-/// A denial of a step of `approval`'s task at its tool, decided after it
-/// was asked, whose actions hold one that `approval` needs a person's
-/// approval for (as `request` refuses a step asked after a denial). A
-/// person's no answers the steps asked before it too: another person
-/// cannot grant what was just refused, and the agent's polls for them
-/// answer `access_denied`. Sharing only an action policy allowed outright
-/// answers nothing.
 /// Whether the person who approved `approval` is still among the
 /// approvers: one removed since approves nothing more.
 fn approved_by_an_approver(st: &Inner, approval: &Approval) -> bool {
@@ -1236,6 +1237,13 @@ fn approved_by_an_approver(st: &Inner, approval: &Approval) -> bool {
         .is_some_and(|name| st.config.approvers.iter().any(|a| a.name == name))
 }
 
+/// A denial of a step of `approval`'s task at its tool, decided after it
+/// was asked, whose actions hold one that `approval` needs a person's
+/// approval for (as `request` refuses a step asked after a denial). A
+/// person's no answers the steps asked before it too: another person
+/// cannot grant what was just refused, and the agent's polls for them
+/// answer `access_denied`. Sharing only an action policy allowed outright
+/// answers nothing.
 async fn denied_since(st: &Inner, approval: &Approval) -> Result<Option<Approval>, OAuthError> {
     let denials = st
         .store

@@ -240,9 +240,13 @@ async fn a_step_needing_approval_answers_authorization_pending() {
     // Approved and not collected (its asker lost a poll's answer, or
     // stopped waiting), it is handed back, not put to a person again; once
     // collected, the next ask is a new request.
+    assert_eq!(again.body.get("approved"), None, "{}", again.text);
     let r = approve(&s, id, Some(&alice_id(&s))).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(pending(&s, &task).await, id);
+    let handed = s.access_token(&task, "github", Some("delete")).await;
+    handed.assert_error(400, "authorization_pending");
+    assert_eq!(handed.body["auth_req_id"], id);
+    assert_eq!(handed.body["approved"], true, "{}", handed.text);
     let r = poll(&s, &task, id).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let other = pending(&s, &task).await;
