@@ -493,6 +493,25 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     assert_fails(&out, 1, &["409", "already denied"]);
 }
 
+/// `scrip token --tool github --action delete` as the agent of `task`,
+/// waiting for a person: the process, its standard error (kept open: it
+/// says more), and the first line it said.
+fn waiting_for_delete(
+    server: &Server,
+    task: &str,
+) -> (Child, std::io::BufReader<std::process::ChildStderr>, String) {
+    let mut waiting = server
+        .agent(task, &["token", "--tool", "github", "--action", "delete"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(waiting.stderr.take().unwrap());
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut said).unwrap();
+    (waiting, stderr, said)
+}
+
 /// A wait for a person outlives a restart of scrip (a rolling update): the
 /// polls it sends while scrip is down are asked again, and the step
 /// approved after the restart is collected, not asked for anew.
@@ -504,18 +523,7 @@ fn a_wait_for_a_person_outlives_a_restart_of_scrip() {
         "",
     );
     let task = server.start_task();
-    let mut waiting = server
-        .agent(&task, &["token", "--tool", "github", "--action", "delete"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(waiting.stderr.as_mut().unwrap()),
-        &mut said,
-    )
-    .unwrap();
+    let (mut waiting, _stderr, said) = waiting_for_delete(&server, &task);
     assert!(said.contains("waiting"), "{said}");
     // Down for three poll intervals.
     let server = server.restart(Duration::from_secs(3));
@@ -543,15 +551,7 @@ fn a_wait_ended_by_a_scrip_down_names_the_step_to_collect() {
         "",
     );
     let task = server.start_task();
-    let mut waiting = server
-        .agent(&task, &["token", "--tool", "github", "--action", "delete"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    let mut stderr = std::io::BufReader::new(waiting.stderr.take().unwrap());
-    std::io::BufRead::read_line(&mut stderr, &mut said).unwrap();
+    let (mut waiting, mut stderr, said) = waiting_for_delete(&server, &task);
     let id = server.pending_ids().pop().unwrap();
     assert!(said.contains(&id), "{said}");
     // Down past the step's 3 s.
