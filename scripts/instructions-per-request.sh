@@ -13,16 +13,24 @@
 # ECDSA counts more than it runs natively.
 set -euo pipefail
 if [ $# -ne 3 ]; then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,13p' "$0" >&2
   exit 2
 fi
 scrip=$(realpath "$1") bench=$2 scenario=$3
-command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
+command -v valgrind >/dev/null || {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Only `scrip serve` is counted: scrip-bench also runs `scrip secret set`
+# before it, which must not write the same counts file.
 cat >"$work/scrip" <<WRAP
 #!/usr/bin/env bash
-exec valgrind --tool=callgrind --callgrind-out-file="\$CALLGRIND_OUT" "$scrip" "\$@"
+if [ "\$1" = serve ]; then
+  exec valgrind --tool=callgrind --callgrind-out-file="\$CALLGRIND_OUT" "$scrip" "\$@"
+fi
+exec "$scrip" "\$@"
 WRAP
 chmod +x "$work/scrip"
 declare -A requests instructions

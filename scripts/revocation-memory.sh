@@ -13,22 +13,28 @@
 # 1 s later. The revocations expire with their access tokens, minutes
 # after the bench issued them, so the starts follow at once.
 set -euo pipefail
+# scrip refuses a configuration or data directory its group may write.
+umask 022
 if [ $# -lt 3 ]; then
   sed -n '2,14p' "$0" >&2
   exit 2
 fi
 bench=$1 revocations=$2
 shift 2
+# Where scrip-bench makes its directory (tempfile follows TMPDIR).
+tmp=${TMPDIR:-/tmp}
+tmp=${tmp%/}
 work=$(mktemp -d)
 trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-before=$(ls -d /tmp/scrip-bench-* 2>/dev/null || true)
+before=$(ls -d "$tmp"/scrip-bench-* 2>/dev/null || true)
 "$bench" --scrip "$1" --scenario revoke --revoke-tokens "$revocations" --duration 120s \
   >"$work/bench.txt" 2>&1 &
 bench_pid=$!
 dir=
 until [ -n "$dir" ] && [ -f "$dir/scrip.toml" ]; do
+  kill -0 "$bench_pid" 2>/dev/null || { cat "$work/bench.txt" >&2; exit 1; }
   sleep 0.1
-  dir=$(comm -13 <(echo "$before") <(ls -d /tmp/scrip-bench-* 2>/dev/null) | head -1)
+  dir=$(comm -13 <(echo "$before") <(ls -d "$tmp"/scrip-bench-* 2>/dev/null || true) | head -1)
 done
 until grep -q '^revoke' "$work/bench.txt"; do
   kill -0 "$bench_pid" 2>/dev/null || { cat "$work/bench.txt" >&2; exit 1; }
@@ -59,10 +65,10 @@ for round in 1 2 3; do
     done
     ready=$((($(date +%s%N) - start) / 1000000))
     sleep 1
-    rss=$(awk '/^VmRSS/ {print $2}' "/proc/$server/status")
-    anon=$(awk '/^RssAnon/ {print $2}' "/proc/$server/status")
-    printf '%s round %d: ready after %d ms, rss %.1f MiB, anonymous %.1f MiB\n' \
-      "$scrip" "$round" "$ready" "$(echo "$rss / 1024" | bc -l)" "$(echo "$anon / 1024" | bc -l)"
+    rss=$(awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$server/status")
+    anon=$(awk '/^RssAnon/ {printf "%.1f", $2 / 1024}' "/proc/$server/status")
+    printf '%s round %d: ready after %d ms, rss %s MiB, anonymous %s MiB\n' \
+      "$scrip" "$round" "$ready" "$rss" "$anon"
     kill "$server"
     wait "$server" 2>/dev/null || true
   done

@@ -146,8 +146,11 @@ echo "$open_loop"
 # Open loop reports each request's round trip beside its latency from due.
 [ "$(grep -c ' offered=2000/s rtt_p50=' <<<"$open_loop")" -eq 2 ]
 echo "== prefilled-store smoke (tasks and records in the store before scrip serves it)" >&2
-target/debug/scrip-bench --smoke --scrip target/debug/scrip \
-  --prefill-tasks 2000 --prefill-records 10000 --scenario task-start,exchange --no-restart
+# Under umask 002 (many desktops): the files scrip-bench writes for scrip
+# are not its group's to change whatever the caller's umask, or scrip
+# would refuse them.
+(umask 002 && target/debug/scrip-bench --smoke --scrip target/debug/scrip \
+  --prefill-tasks 2000 --prefill-records 10000 --scenario task-start,exchange --no-restart)
 smoke_db="scrip_smoke_$$"
 psql -qX postgres://postgres@127.0.0.1:5432/test -c "CREATE DATABASE $smoke_db"
 trap 'psql -qX postgres://postgres@127.0.0.1:5432/test -c "DROP DATABASE IF EXISTS $smoke_db WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
@@ -158,4 +161,4 @@ target/debug/scrip-bench --smoke --scrip target/debug/scrip \
 # BENCHMARKS.md's cross-check runs it: fails on request errors, never on
 # timings.
 echo "== load smoke with wrk" >&2
-bash scripts/wrk-crosscheck.sh target/debug/scrip target/debug/scrip-bench 8 2 1
+(umask 002 && bash scripts/wrk-crosscheck.sh target/debug/scrip target/debug/scrip-bench 8 2 1)

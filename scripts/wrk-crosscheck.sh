@@ -21,6 +21,8 @@
 # so TMPDIR=/dev/shm puts it in memory, where fdatasync costs nothing
 # (BENCHMARKS.md, "Twelfth pass").
 set -euo pipefail
+# scrip refuses a configuration or trust anchor its group may write.
+umask 022
 if [ $# -lt 2 ] || [ $# -gt 5 ]; then
   sed -n '2,22p' "$0" >&2
   exit 2
@@ -40,6 +42,10 @@ install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null ||
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
 }
+if ! command -v npm >/dev/null; then
+  echo "the identity is minted with the interop packages, which need Node.js 20 or later with npm" >&2
+  exit 1
+fi
 command -v wrk >/dev/null || install wrk
 [ -x /usr/bin/time ] || install time
 bash "$root/interop/setup.sh"
@@ -138,9 +144,15 @@ run() {
   echo "== $name, $connections connections, ${secs} s"
   local before wrk_out after
   before=$(ticks "$pid")
-  wrk_out=$( { /usr/bin/time -f 'wrk_cpu_s=%U+%S' wrk -t1 -c"$connections" -d"${secs}s" --timeout 30s --latency "$@"; } 2>&1)
+  # (Shown whatever wrk did: under `set -e` a failed capture or a grep that
+  # finds nothing would end the script with the lines that say why unseen.)
+  if ! wrk_out=$( { /usr/bin/time -f 'wrk_cpu_s=%U+%S' wrk -t1 -c"$connections" -d"${secs}s" --timeout 30s --latency "$@"; } 2>&1); then
+    echo "$wrk_out"
+    failed=1
+    return
+  fi
   after=$(ticks "$pid")
-  grep -E 'Latency |50%|90%|99%|Requests/sec|Non-2xx|Socket errors|^errors=' <<<"$wrk_out"
+  grep -E 'Latency |50%|90%|99%|Requests/sec|Non-2xx|Socket errors|^errors=' <<<"$wrk_out" || echo "$wrk_out"
   grep -qx 'errors=0' <<<"$wrk_out" || failed=1
   local wcpu
   wcpu=$(sed -nE 's/.*wrk_cpu_s=([0-9.]+)\+([0-9.]+).*/\1 \2/p' <<<"$wrk_out")

@@ -599,6 +599,12 @@ async fn run(args: &Args) -> Result<bool> {
                 size as f64 / (1024.0 * 1024.0)
             ));
             if args.database_url.is_none() {
+                let waited =
+                    prefill::until_closed(&data.join("scrip.db"), Duration::from_secs(60)).await?;
+                say(&format!(
+                    "# the prefill's connections closed {:.1} ms after its last commit",
+                    waited.as_secs_f64() * 1000.0
+                ));
                 // The commits are durable, but the kernel may still be writing
                 // the checkpointed pages back: flush them now, so the timed
                 // runs do not share the disk with that.

@@ -162,3 +162,49 @@ fn batch(range: std::ops::Range<u64>, per_task: u64, now: u64, total: u64) -> Re
     }
     Ok(writes)
 }
+
+/// Waits until this process holds no descriptor of the SQLite store at
+/// `path` (its database, WAL and shared-memory files): the prefill's
+/// connections close on threads of their own once its store is dropped.
+/// Until they have, neither may another descriptor of the database be
+/// opened and closed here (closing any descriptor of a file drops every
+/// POSIX lock the process holds on it, the connections' included), nor
+/// may the server open the store (a connection closing unlocked would
+/// take the WAL from under it). Returns how long it waited.
+///
+/// # Errors
+/// When descriptors are still open after `patience`.
+pub async fn until_closed(
+    path: &Path,
+    patience: std::time::Duration,
+) -> Result<std::time::Duration> {
+    let real = std::fs::canonicalize(path)?;
+    let started = Instant::now();
+    loop {
+        let mut open = 0;
+        for entry in std::fs::read_dir("/proc/self/fd")? {
+            let Ok(target) = std::fs::read_link(entry?.path()) else {
+                continue;
+            };
+            if target
+                .as_os_str()
+                .as_encoded_bytes()
+                .starts_with(real.as_os_str().as_encoded_bytes())
+            {
+                open += 1;
+            }
+        }
+        if open == 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= patience {
+            return Err(format!(
+                "the prefill still holds {open} descriptors of `{}` after {} s",
+                real.display(),
+                patience.as_secs()
+            )
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

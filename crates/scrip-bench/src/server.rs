@@ -4,6 +4,7 @@
 //! policies plus filler policies up to a total, and an embedded store.
 
 use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -98,7 +99,11 @@ pub fn prepare(
             policies += count_policies(&std::fs::read_to_string(&path)?);
         }
         if ext == "cedar" || ext == "cedarschema" {
-            std::fs::copy(&path, policy_dir.join(name))?;
+            // `copy` keeps the source's mode: that of a checkout made under
+            // umask 002 lets the group write (which scrip warns about).
+            let copy = policy_dir.join(name);
+            std::fs::copy(&path, &copy)?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))?;
         }
     }
     let mut fillers = String::new();
