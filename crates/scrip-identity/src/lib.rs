@@ -584,6 +584,12 @@ fn peek(token: &str) -> Result<(Option<String>, Option<String>, String), Identit
         let bytes = URL_SAFE_NO_PAD
             .decode(s)
             .map_err(|_| JoseError::Malformed("a part is not base64url"))?;
+        if !scrip_jose::plain_json(&bytes) {
+            return Err(JoseError::Malformed(
+                "a part is not plain JSON (malformed, or naming a reserved member)",
+            )
+            .into());
+        }
         serde_json::from_slice(&bytes)
             .map_err(|_| JoseError::Malformed("a part is not a JSON object").into())
     };
@@ -686,6 +692,59 @@ mod tests {
         assert!(!check("/groups", "y"), "an array is no value");
         assert!(!check("/kubernetes.io/nope", "agents"));
         assert!(!check("kubernetes.io", "agents"));
+    }
+
+    /// JSON nested `rounds` times past serde_json's nesting limit (128
+    /// levels) by way of the member name it reserves: at each round the
+    /// inner text is held as that member's string, which `Value` reads
+    /// again with a fresh limit.
+    fn nested_past_the_limit(rounds: usize) -> String {
+        let mut text = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        for _ in 0..rounds {
+            text = format!(
+                "{}{{\"$serde_json::private::RawValue\":{}}}{}",
+                "[".repeat(126),
+                serde_json::to_string(&text).unwrap(),
+                "]".repeat(126)
+            );
+        }
+        text
+    }
+
+    /// A token is looked at before it is verified (its issuer, `typ` and
+    /// `kid` choose the keys): a part naming a member that serde_json
+    /// reserves is refused there too, however deep it nests behind it,
+    /// rather than read into a stack it could exhaust.
+    #[test]
+    fn a_peek_at_a_token_refuses_a_reserved_member() {
+        let b64 = |s: &str| URL_SAFE_NO_PAD.encode(s);
+        let header = b64(r#"{"alg":"ES256","typ":"JWT"}"#);
+        let plain = format!("{header}.{}.c2ln", b64(r#"{"iss":"https://idp"}"#));
+        assert_eq!(peek(&plain).unwrap().2, "https://idp");
+        for payload in [
+            r#"{"iss":{"$serde_json::private::RawValue":"\"https://idp\""}}"#.to_owned(),
+            format!(
+                r#"{{"iss":"https://idp","x":{}}}"#,
+                nested_past_the_limit(18)
+            ),
+        ] {
+            let token = format!("{header}.{}.c2ln", b64(&payload));
+            assert!(
+                matches!(
+                    peek(&token),
+                    Err(IdentityError::Token(JoseError::Malformed(_)))
+                ),
+                "{}",
+                payload.get(..80).unwrap_or(&payload)
+            );
+        }
+        let nested_header = format!(r#"{{"alg":"ES256","x":{}}}"#, nested_past_the_limit(18));
+        let token = format!(
+            "{}.{}.c2ln",
+            b64(&nested_header),
+            b64(r#"{"iss":"https://idp"}"#)
+        );
+        assert!(peek(&token).is_err());
     }
     use scrip_jose::{SigningAlgorithm, SigningKey};
 

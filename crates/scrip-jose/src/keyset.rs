@@ -256,11 +256,19 @@ fn private_member(keys: &[serde_json::Value]) -> Option<&'static str> {
 /// Whether `bytes`, a JWKS document, publishes an asymmetric private key:
 /// whoever read it can sign as its issuer, so the keys a cache holds from
 /// an earlier document of that issuer are no longer to be trusted either.
+/// A JSON document naming a member serde_json reserves (see
+/// [`crate::plain_json`]) cannot be read as other parsers read it, so
+/// whether it publishes one cannot be told: it is taken to (fail closed);
+/// text that is no JSON at all publishes nothing.
 #[must_use]
 pub fn publishes_private_key(bytes: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Doc {
         keys: Vec<serde_json::Value>,
+    }
+    if !crate::plain::plain(bytes) {
+        // Read without `Value`, which is what reads a reserved member apart.
+        return serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
     }
     serde_json::from_slice::<Doc>(bytes).is_ok_and(|doc| private_member(&doc.keys).is_some())
 }
@@ -278,6 +286,11 @@ impl KeySet {
         #[derive(serde::Deserialize)]
         struct Doc {
             keys: Vec<serde_json::Value>,
+        }
+        if !crate::plain::plain(bytes) {
+            return Err(JoseError::Key(
+                "document is not a JWKS as other parsers read it (malformed, or naming a member serde_json reserves)".into(),
+            ));
         }
         let doc: Doc = serde_json::from_slice(bytes)
             .map_err(|_| JoseError::Key("document is not a JWKS (`{\"keys\":[...]}`)".into()))?;
@@ -369,6 +382,9 @@ impl KeySet {
         }
         fn kid(k: &serde_json::Value) -> Option<&str> {
             k.get("kid").and_then(serde_json::Value::as_str)
+        }
+        if !crate::plain::plain(document) {
+            return None;
         }
         let doc: Doc = serde_json::from_slice(document).ok()?;
         let listed: std::collections::HashSet<&str> = doc.keys.iter().filter_map(kid).collect();

@@ -35,6 +35,7 @@ pub use clock::Stamp;
 pub use error::JoseError;
 pub use jsonwebtoken::Algorithm;
 pub use keyset::{KeySet, MAX_KEYS as MAX_JWKS_KEYS, SharedKeySet, publishes_private_key};
+pub use plain::plain as plain_json;
 pub use recent::{Recent, TokenDigest, token_digest};
 pub use seal::{KEK_LEN, Kek, Under};
 pub use sign::{SigningAlgorithm, SigningKey, verify_detached};

@@ -25,7 +25,14 @@ const RESERVED: [&str; 2] = [
 /// documentation). Cheap (a `memchr` for each of two bytes) when the text
 /// holds neither a `$` nor a backslash, which spelling either name needs,
 /// as nearly every token does.
-pub(crate) fn plain(json: &[u8]) -> bool {
+///
+/// Every parse into [`serde_json::Value`] (or a map of them) of JSON that
+/// a client sends, or an issuer's key set, asks this first, also one that
+/// only peeks at a token before it is verified: besides the confusion, the re-read of a reserved member's
+/// string starts serde_json's nesting limit afresh, so a few kilobytes
+/// could nest deeper than the limit allows and exhaust the stack.
+#[must_use]
+pub fn plain(json: &[u8]) -> bool {
     if !json.contains(&b'$') && !json.contains(&b'\\') {
         return true;
     }

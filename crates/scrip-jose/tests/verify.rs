@@ -1052,6 +1052,28 @@ fn a_key_set_publishing_a_private_key_is_refused() {
     KeySet::from_jwks_json(&jwks_bytes(&[k.ed.public_jwk(), ec.public_jwk()])).unwrap();
 }
 
+/// A key set naming a member that serde_json reserves (its `Value` would
+/// read the member's string as JSON, with a fresh nesting limit) is read no
+/// further: not loaded, not taken as withdrawing keys; and since whether it
+/// publishes a private key cannot be told, it is taken to.
+#[test]
+fn a_key_set_naming_a_reserved_member_is_not_read() {
+    let k = keys();
+    let mut odd = k.ec.public_jwk();
+    odd["x5t"] = json!({"$serde_json::private::RawValue": "\"x\""});
+    let doc = jwks_bytes(&[k.ed.public_jwk(), odd]);
+    let e = KeySet::from_jwks_json(&doc).unwrap_err();
+    assert!(e.to_string().contains("reserves"), "{e}");
+    let held = KeySet::from_jwks_json(&jwks_bytes(&[k.ec.public_jwk()])).unwrap();
+    assert_eq!(held.still_listed_in(&doc), None);
+    assert!(scrip_jose::publishes_private_key(&doc));
+    // Text that is no JSON publishes nothing, a backslash in it or not.
+    assert!(!scrip_jose::publishes_private_key(br#"{"keys":[{"d":"\"#));
+    assert!(!scrip_jose::publishes_private_key(&jwks_bytes(&[k
+        .ec
+        .public_jwk()])));
+}
+
 /// An Ed25519 key of small order verifies signatures anyone can make (for
 /// the identity, `[S]B` with any `S` signs every message): it is skipped,
 /// whichever sign bit its encoding carries.

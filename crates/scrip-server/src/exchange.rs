@@ -235,6 +235,13 @@ pub(crate) struct RequestDetails {
 fn details_error(raw: &str, e: &serde_json::Error) -> OAuthError {
     use serde_json::error::Category;
     let object = match e.classify() {
+        // Read as a map only when no member is named as serde_json
+        // reserves (see `scrip_jose::plain_json`).
+        Category::Data if !scrip_jose::plain_json(raw.as_bytes()) => {
+            return OAuthError::invalid_request(
+                "request_details: a member's name is reserved; the members are `purpose`, `environment`, `ttl` and `may_act`",
+            );
+        }
         Category::Data => {
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw).ok()
         }

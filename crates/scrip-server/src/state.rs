@@ -432,6 +432,9 @@ fn peek_aud(token: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
+    if !scrip_jose::plain_json(&bytes) {
+        return None;
+    }
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.get("aud")?.as_str().map(str::to_owned)
 }
@@ -447,6 +450,9 @@ fn peek_typ(token: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header)
         .ok()?;
+    if !scrip_jose::plain_json(&bytes) {
+        return None;
+    }
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let typ = value.get("typ")?.as_str()?.to_ascii_lowercase();
     Some(typ.strip_prefix("application/").unwrap_or(&typ).to_owned())
@@ -455,6 +461,32 @@ fn peek_typ(token: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What is looked at in a token before it is verified (its `typ`, its
+    /// `aud`, to choose how to verify it) is read as every other parser
+    /// reads it: a member named as serde_json reserves is not read as the
+    /// text its string holds, and nothing is looked at in such a part.
+    #[test]
+    fn a_peek_at_a_token_reads_no_reserved_member() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = |header: &str, payload: &str| format!("{}.{}.c2ln", b64(header), b64(payload));
+        let plain = token(r#"{"typ":"at+jwt"}"#, r#"{"aud":"github"}"#);
+        assert_eq!(peek_typ(&plain).as_deref(), Some("at+jwt"));
+        assert_eq!(peek_aud(&plain).as_deref(), Some("github"));
+        let reserved = token(
+            r#"{"typ":{"$serde_json::private::RawValue":"\"at+jwt\""}}"#,
+            r#"{"aud":{"$serde_json::private::RawValue":"\"github\""}}"#,
+        );
+        assert_eq!(peek_typ(&reserved), None);
+        assert_eq!(peek_aud(&reserved), None);
+        let elsewhere = token(
+            r#"{"typ":"at+jwt","x":{"$serde_json::private::RawValue":"[]"}}"#,
+            r#"{"aud":"github","x":{"$serde_json::private::RawValue":"[]"}}"#,
+        );
+        assert_eq!(peek_typ(&elsewhere), None);
+        assert_eq!(peek_aud(&elsewhere), None);
+    }
 
     /// At most [`MAX_WEBHOOK_CALLS`] calls are under way at once, against
     /// a webhook that never answers: the rest are dropped, not queued.

@@ -611,6 +611,26 @@ async fn task_request_details_not_json() {
     s.stop().await;
 }
 
+/// A member named as serde_json reserves, which its `Value` would read as
+/// the JSON text its string holds, is refused as such in `request_details`,
+/// wherever it is.
+#[tokio::test]
+async fn task_request_details_with_a_reserved_member() {
+    let s = TestServer::start().await;
+    let identity = s.k8s.kubernetes("agents", "coder");
+    for details in [
+        r#"{"purpose": {"$serde_json::private::RawValue": "\"fix JIRA-1\""}, "environment": "dev"}"#,
+        r#"{"purpose": "fix JIRA-1", "environment": "dev", "ttl": {"$serde_json::private::RawValue": "60"}}"#,
+        r#"{"purpose": "fix JIRA-1", "environment": "dev", "may_act": [{"sub": "x", "\u0024serde_json::private::RawValue": 1}]}"#,
+    ] {
+        let r = s
+            .post_form("/token", &task_form(&identity, "github:read", details))
+            .await;
+        assert_error_says(&r, 400, "invalid_request", "a member's name is reserved");
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn task_request_details_unknown_field() {
     let s = TestServer::start().await;
