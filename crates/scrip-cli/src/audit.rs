@@ -27,6 +27,13 @@ pub struct QueryArgs {
     /// Only this tool.
     #[arg(long)]
     pub tool: Option<String>,
+    /// Only records with this subject in their delegation chain: what it
+    /// did as a sub-agent (recorded under the agent that started the
+    /// task's tree, which --agent names), and what was done in the tasks
+    /// delegated on from its own. Each record is read for it (no index
+    /// holds it): give --since, or another filter, on a large trail.
+    #[arg(long, value_name = "SUBJECT")]
+    pub actor: Option<String>,
     /// Only this decision.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub decision: Option<String>,
@@ -424,6 +431,7 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
         agent_sub: args.agent.clone(),
         agent_iss: args.issuer.clone(),
         tool: args.tool.clone(),
+        actor: args.actor.clone(),
         decision: args.decision.clone(),
         since_ms: args.since,
         until_ms: args.until,

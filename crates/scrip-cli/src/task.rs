@@ -87,16 +87,19 @@ pub struct RevokeArgs {
     /// show it); may be given more than once.
     #[arg(long = "id", value_name = "TASK", required_unless_present = "agent")]
     ids: Vec<String>,
-    /// End every open task of this agent: the subject of the workload
-    /// identity that started it (sub-tasks delegated from them end with
+    /// End every open task of this agent (the subject of a workload
+    /// identity): the tasks it started (sub-tasks delegated from them end
+    /// with them), then the sub-tasks it holds as a sub-agent, another
+    /// agent's tasks delegated to it (what it delegated in turn ends with
     /// them). Each id ended is printed, the soonest deadline first; they
     /// are ended up to 250 at a time, pausing between, so that on the
     /// embedded store the running scrip goes on writing. Tasks that could
     /// not be ended are named at the end (exit status 1): run it again.
+    /// Finding the sub-tasks it holds reads every open task.
     #[arg(long, value_name = "SUBJECT", conflicts_with = "ids")]
     agent: Option<String>,
-    /// With --agent: only its tasks started with an identity of this
-    /// issuer.
+    /// With --agent: only the tasks it started, and the sub-tasks it
+    /// holds, with an identity of this issuer.
     #[arg(long, value_name = "ISSUER", requires = "agent")]
     issuer: Option<String>,
     /// Why, for the audit trail (a ticket, an incident).
@@ -290,6 +293,7 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
                 "parent": t.parent,
                 "agent": {"iss": t.agent.issuer, "sub": t.agent.subject},
                 "actor": t.actor.as_ref().map(|a| a.sub.clone()),
+                "actor_iss": t.actor.as_ref().and_then(|a| a.iss.clone()),
                 "grants": t.grants,
                 "purpose": t.purpose,
                 "environment": t.environment,
@@ -418,7 +422,9 @@ const PAUSE: (std::time::Duration, std::time::Duration) = (
 /// Ends every open task of `agent` (of `issuer`, if given): how many.
 /// Its tasks are read a page at a time, the soonest to end first, and the
 /// roots among them ended, [`END_AT_ONCE`] at a time: a sub-task (which
-/// names its root's agent) ends with its root. Each task ended is printed,
+/// names its root's agent) ends with its root. Then, likewise, the
+/// sub-tasks whose current actor it is ([`Held::ActedIn`]): a compromised
+/// sub-agent holds those, whatever agent started their tree. Each task ended is printed,
 /// in that order (those tried again, after the rest of the endings they
 /// were tried with). One tried again after the store could not confirm its
 /// ending, and found ended then, counts as ended by this command when it
@@ -437,7 +443,6 @@ async fn revoke_agent(
 ) -> Result<usize, String> {
     let now = crate::audit::now_s();
     let mut ended = 0;
-    let mut after: Option<(u64, String)> = None;
     // How long the last endings took, to pause as long before the next.
     let mut took: Option<std::time::Duration> = None;
     let mut at_once = END_AT_ONCE.0;
@@ -447,16 +452,18 @@ async fn revoke_agent(
     let mut retried: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut unended: Vec<(String, String)> = Vec::new();
     let mut in_a_row = 0;
-    loop {
-        let page = store
-            .open_tasks(
-                now,
-                Some(agent),
-                after.as_ref().map(|(at, id)| (*at, id.as_str())),
-                u32::try_from(PAGE).unwrap_or(u32::MAX),
-            )
-            .await
-            .map_err(|e| {
+    // First the tasks it started, then the sub-tasks it holds as a
+    // sub-agent (another agent's, or its own delegated to itself).
+    for held in [Held::Started, Held::ActedIn] {
+        let mut after: Option<(u64, String)> = None;
+        loop {
+            let next = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            let limit = u32::try_from(PAGE).unwrap_or(u32::MAX);
+            let page = match held {
+                Held::Started => store.open_tasks(now, Some(agent), next, limit).await,
+                Held::ActedIn => store.open_tasks_acted_by(now, agent, next, limit).await,
+            };
+            let page = page.map_err(|e| {
                 if unended.is_empty() {
                     e.to_string()
                 } else {
@@ -467,84 +474,93 @@ async fn revoke_agent(
                     )
                 }
             })?;
-        let Some(last) = page.last() else {
-            break;
-        };
-        after = Some((last.expires_at, last.id.clone()));
-        let mut roots: std::collections::VecDeque<_> = page
-            .iter()
-            .filter(|t| t.parent.is_none() && issuer.is_none_or(|i| t.agent.issuer == i))
-            .collect();
-        while !roots.is_empty() {
-            if let Some(last) = took.take() {
-                tokio::time::sleep(last.clamp(PAUSE.0, PAUSE.1)).await;
-            }
-            let together: Vec<_> = roots.drain(..at_once.min(roots.len())).collect();
-            let began = std::time::Instant::now();
-            let results = futures_util::future::join_all(
-                together
-                    .iter()
-                    .map(|task| end_one(config, store, task, reason)),
-            )
-            .await;
-            took = Some(began.elapsed());
-            let mut again = Vec::new();
-            let mut failed = None;
-            for (task, result) in together.iter().zip(results) {
-                match result {
-                    Ok(true) => {
-                        out!("{}", task.id);
-                        ended += 1;
-                        in_a_row = 0;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some((last.expires_at, last.id.clone()));
+            let mut roots: std::collections::VecDeque<_> = page
+                .iter()
+                .filter(|t| match held {
+                    Held::Started => {
+                        t.parent.is_none() && issuer.is_none_or(|i| t.agent.issuer == i)
                     }
-                    // Tried again after the store could not confirm the
-                    // first try: ended by that try, as far as one can tell.
-                    Ok(false) if retried.contains(task.id.as_str()) => {
-                        in_a_row = 0;
-                        match ended_since(store, &task.id, now).await {
-                            Ok(true) => {
-                                out!("{}", task.id);
-                                ended += 1;
+                    Held::ActedIn => t
+                        .actor
+                        .as_ref()
+                        .is_some_and(|a| issuer.is_none_or(|i| a.iss.as_deref() == Some(i))),
+                })
+                .collect();
+            while !roots.is_empty() {
+                if let Some(last) = took.take() {
+                    tokio::time::sleep(last.clamp(PAUSE.0, PAUSE.1)).await;
+                }
+                let together: Vec<_> = roots.drain(..at_once.min(roots.len())).collect();
+                let began = std::time::Instant::now();
+                let results = futures_util::future::join_all(
+                    together
+                        .iter()
+                        .map(|task| end_one(config, store, task, reason)),
+                )
+                .await;
+                took = Some(began.elapsed());
+                let mut again = Vec::new();
+                let mut failed = None;
+                for (task, result) in together.iter().zip(results) {
+                    match result {
+                        Ok(true) => {
+                            out!("{}", task.id);
+                            ended += 1;
+                            in_a_row = 0;
+                        }
+                        // Tried again after the store could not confirm the
+                        // first try: ended by that try, as far as one can tell.
+                        Ok(false) if retried.contains(task.id.as_str()) => {
+                            in_a_row = 0;
+                            match ended_since(store, &task.id, now).await {
+                                Ok(true) => {
+                                    out!("{}", task.id);
+                                    ended += 1;
+                                }
+                                Ok(false) => {}
+                                Err(e) => unended.push((task.id.clone(), e)),
                             }
-                            Ok(false) => {}
-                            Err(e) => unended.push((task.id.clone(), e)),
+                        }
+                        Ok(false) => in_a_row = 0,
+                        Err(Unended::Unavailable(e)) if together.len() > 1 => {
+                            again.push(*task);
+                            failed.get_or_insert(e);
+                        }
+                        Err(Unended::Unavailable(e)) => {
+                            in_a_row += 1;
+                            unended.push((task.id.clone(), e));
+                        }
+                        Err(Unended::Failed(e)) => {
+                            in_a_row = 0;
+                            unended.push((task.id.clone(), e));
                         }
                     }
-                    Ok(false) => in_a_row = 0,
-                    Err(Unended::Unavailable(e)) if together.len() > 1 => {
-                        again.push(*task);
-                        failed.get_or_insert(e);
-                    }
-                    Err(Unended::Unavailable(e)) => {
-                        in_a_row += 1;
-                        unended.push((task.id.clone(), e));
-                    }
-                    Err(Unended::Failed(e)) => {
-                        in_a_row = 0;
-                        unended.push((task.id.clone(), e));
-                    }
                 }
-            }
-            if in_a_row >= GIVE_UP {
-                return Err(not_all(
-                    ended,
-                    &unended,
-                    "the store does not answer; stopped",
-                ));
-            }
-            if again.is_empty() {
-                if took.is_some_and(|t| t < QUICK) {
-                    at_once = (at_once * 2).min(END_AT_ONCE.1);
+                if in_a_row >= GIVE_UP {
+                    return Err(not_all(
+                        ended,
+                        &unended,
+                        "the store does not answer; stopped",
+                    ));
                 }
-            } else {
-                // Fewer than were tried, and these first again.
-                at_once = (together.len() / 2).max(1);
-                if let Some(e) = failed {
-                    tracing::warn!(error = %e, tasks = again.len(), at_once, "could not end tasks; trying again fewer at a time");
-                }
-                for task in again.into_iter().rev() {
-                    retried.insert(task.id.clone());
-                    roots.push_front(task);
+                if again.is_empty() {
+                    if took.is_some_and(|t| t < QUICK) {
+                        at_once = (at_once * 2).min(END_AT_ONCE.1);
+                    }
+                } else {
+                    // Fewer than were tried, and these first again.
+                    at_once = (together.len() / 2).max(1);
+                    if let Some(e) = failed {
+                        tracing::warn!(error = %e, tasks = again.len(), at_once, "could not end tasks; trying again fewer at a time");
+                    }
+                    for task in again.into_iter().rev() {
+                        retried.insert(task.id.clone());
+                        roots.push_front(task);
+                    }
                 }
             }
         }
@@ -554,6 +570,15 @@ async fn revoke_agent(
     } else {
         Err(not_all(ended, &unended, "the others were ended"))
     }
+}
+
+/// Which of an agent's tasks `revoke --agent` is ending.
+#[derive(Clone, Copy)]
+enum Held {
+    /// The tasks it started (the roots: sub-tasks end with them).
+    Started,
+    /// The sub-tasks it is the current actor of, as a sub-agent.
+    ActedIn,
 }
 
 /// Whether task `id` ended as revoked at `since` (seconds) or later.

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{
-    Client, Idp, K8S_ISSUER, Received, Server, claims, copy_policies, free_port, jti, load, scrip,
-    str_of, text,
+    Client, Idp, JWT, K8S_ISSUER, Received, Server, TOKEN_EXCHANGE, TXN, claims, copy_policies,
+    free_port, jti, load, scrip, str_of, text,
 };
 use scrip_jose::{SigningAlgorithm, SigningKey};
 use serde_json::{Value, json};
@@ -222,6 +222,30 @@ async fn audit_commands_read_what_the_server_recorded() {
         .unwrap();
     assert_eq!(r.status, 400, "{r:?}");
 
+    // A sub-agent: the coder's second task delegated to it, and an access
+    // token taken from its sub-task.
+    let helper = site.idp.kubernetes("agents", "helper");
+    received.push(helper.clone());
+    let r = client
+        .post(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &tasks[1].0),
+                ("subject_token_type", TXN),
+                ("actor_token", &helper),
+                ("actor_token_type", JWT),
+                ("scope", "github:read"),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    let child = r.token().unwrap_or_else(|| panic!("{r:?}"));
+    received.push(child.clone());
+    let r = client.access_token(&child, "github", "read").await.unwrap();
+    received.push(r.token().unwrap_or_else(|| panic!("{r:?}")));
+
     // A revocation and an introspection by a resource server.
     let r = client
         .post("/revoke", &[("token", &access_a)], None)
@@ -323,6 +347,23 @@ async fn audit_commands_read_what_the_server_recorded() {
         site.query(&["--agent", CODER, "--issuer", "https://other.example"])
             .is_empty()
     );
+    // --actor: what the sub-agent did, recorded under the coder's name.
+    let helper_sub = "system:serviceaccount:agents:helper";
+    let acted = site.query(&["--actor", helper_sub]);
+    let events: BTreeSet<&str> = acted.iter().filter_map(|r| str_of(r, "event")).collect();
+    assert_eq!(
+        events,
+        BTreeSet::from(["task.delegated", "task.grant", "token.issued"]),
+        "{acted:#?}"
+    );
+    assert!(acted.iter().all(|r| {
+        str_of(r, "agent_sub") == Some(CODER)
+            && r["chain"]
+                .as_array()
+                .is_some_and(|c| c.contains(&json!(helper_sub)))
+    }));
+    assert!(site.query(&["--agent", helper_sub]).is_empty());
+    assert!(site.query(&["--actor", CODER]).is_empty());
     let proxy_sub = "system:serviceaccount:resource-servers:github-proxy";
     let by_proxy = site.query(&["--agent", proxy_sub]);
     assert_eq!(by_proxy.len(), 1, "{by_proxy:#?}");

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const LOCAL_POLICY: &str = r#"
 @id("local-dev")
@@ -997,6 +997,107 @@ fn bulk_task(
         ended_at: None,
         end_reason: None,
     }
+}
+
+/// A compromised sub-agent holds sub-tasks of other agents' trees: `task
+/// revoke --agent` with its subject ends those (and what it delegated in
+/// turn), not the tasks of the agents that delegated to it; with --issuer,
+/// only where it acts with an identity of that issuer.
+#[test]
+fn an_operator_ends_what_a_compromised_sub_agent_holds() {
+    use scrip_store::{Store as _, Write};
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let now = now_s();
+    let elsewhere = "https://elsewhere.test";
+    let mut passed_on = bulk_task("passed-1", BULK_ISSUER, Some("held-1"), now + 500);
+    passed_on.actor = Some(scrip_token::Actor {
+        sub: "deeper".into(),
+        iss: Some(BULK_ISSUER.into()),
+        act: Some(Box::new(scrip_token::Actor {
+            sub: "helper".into(),
+            iss: Some(BULK_ISSUER.into()),
+            act: None,
+        })),
+    });
+    passed_on.depth = 2;
+    let writes = vec![
+        Write::InsertTask(Box::new(bulk_task("r-1", BULK_ISSUER, None, now + 3_600))),
+        Write::InsertTask(Box::new(bulk_task(
+            "held-1",
+            BULK_ISSUER,
+            Some("r-1"),
+            now + 600,
+        ))),
+        Write::InsertTask(Box::new(passed_on)),
+        Write::InsertTask(Box::new(bulk_task("r-2", elsewhere, None, now + 3_600))),
+        Write::InsertTask(Box::new(bulk_task(
+            "held-2",
+            elsewhere,
+            Some("r-2"),
+            now + 700,
+        ))),
+    ];
+    let (rt, store) = store_of(&server);
+    rt.block_on(store.commit(writes)).unwrap();
+    let revoke = |args: &[&str]| {
+        server
+            .scrip()
+            .args(["task", "revoke", "--config"])
+            .arg(&config)
+            .args(args)
+            .args(["--reason", "INC-7"])
+            .output()
+            .unwrap()
+    };
+    let state = |id: &str| rt.block_on(store.task(id)).unwrap().unwrap().end_reason;
+
+    // `task list --json` names a sub-task's current actor with its issuer.
+    let list = server
+        .scrip()
+        .args(["task", "list", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(list.status.success(), "{}", text(&list.stderr));
+    let listed: Vec<Value> = text(&list.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let held = listed.iter().find(|t| t["id"] == "held-2").unwrap();
+    assert_eq!(
+        (&held["actor"], &held["actor_iss"]),
+        (&json!("helper"), &json!(elsewhere))
+    );
+    let root = listed.iter().find(|t| t["id"] == "r-2").unwrap();
+    assert_eq!(
+        (&root["actor"], &root["actor_iss"]),
+        (&Value::Null, &Value::Null)
+    );
+
+    let out = revoke(&["--agent", "helper", "--issuer", elsewhere]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "held-2\n");
+    assert_eq!(state("held-2").as_deref(), Some("revoked"));
+    assert_eq!(state("held-1"), None);
+
+    let out = revoke(&["--agent", "helper"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "held-1\n");
+    assert_eq!(state("held-1").as_deref(), Some("revoked"));
+    assert_eq!(state("passed-1").as_deref(), Some("parent ended"));
+    // The agents that delegated to it go on.
+    assert_eq!(state("r-1"), None);
+    assert_eq!(state("r-2"), None);
+
+    let out = revoke(&["--agent", "deeper"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("no open task"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// `server`'s store, opened beside it, and a runtime to use it on.

@@ -148,7 +148,8 @@ pub(crate) async fn request(
                 // A later denial answers it (its answer, not its id, for a
                 // step nobody may approve now).
                 if let Some(d) = denied_since(st, same).await? {
-                    expire_answered(st, &task.id, &d, now).await;
+                    let about = st.task_audit("approval.expired", task);
+                    expire_answered(st, &about, &d, now).await;
                     break 'asked Err(answered_by(&d));
                 }
                 // The same step already waits for a person: asking again is the
@@ -552,7 +553,8 @@ pub(crate) async fn poll(
                     // Still waiting though answered: the denial's own
                     // tidying did not reach it (its commit failed, or its
                     // answer was lost and the person asked again).
-                    expire_answered(st, &approval.task_id, &d, now).await;
+                    let about = st.claims_audit("approval.expired", &claims);
+                    expire_answered(st, &about, &d, now).await;
                     Err(answered_by(&d))
                 }
                 None => Err(OAuthError::authorization_pending()),
@@ -649,7 +651,8 @@ async fn overruled(
                 reason: Some(reason.clone()),
                 ..approval.clone()
             };
-            expire_answered(st, &approval.task_id, &denied, now()).await;
+            let about = st.claims_audit("approval.expired", claims);
+            expire_answered(st, &about, &denied, now()).await;
             Ok(OAuthError::access_denied(format!(
                 "a person denied this step: {reason}"
             )))
@@ -1154,7 +1157,8 @@ async fn decide_endpoint(
             )));
         }
         if !approve {
-            expire_answered(st, &task.id, &after, now).await;
+            let about = st.task_audit("approval.expired", &task);
+            expire_answered(st, &about, &after, now).await;
         }
         tracing::info!(auth_req_id = %id, approver = %approver.name, approved = approve, "approval decided");
         Ok(describe(&after, Some(&task)))
@@ -1173,7 +1177,12 @@ async fn decide_endpoint(
 /// effort, after the denial committed: a step decided meanwhile is left as
 /// it is, and one left waiting still answers `access_denied`, and is taken
 /// out when it is polled or asked for again.
-async fn expire_answered(st: &Inner, task_id: &str, denial: &Approval, now: u64) {
+/// `about` is a record of the task (its agent, id and chain), which each
+/// step's `approval.expired` record starts from.
+async fn expire_answered(st: &Inner, about: &AuditEvent, denial: &Approval, now: u64) {
+    let Some(task_id) = about.task_id.as_deref() else {
+        return;
+    };
     let waiting = match st.store.task_pending_approvals(task_id, now).await {
         Ok(waiting) => waiting,
         Err(e) => {
@@ -1185,8 +1194,9 @@ async fn expire_answered(st: &Inner, task_id: &str, denial: &Approval, now: u64)
     for w in waiting.iter().filter(|w| {
         answers_from(st, w) <= decided && answering(w, std::slice::from_ref(denial)).is_some()
     }) {
-        let mut a = st.audit("approval.expired");
-        a.task_id = Some(task_id.to_owned());
+        let mut a = about.clone();
+        a.event = "approval.expired".into();
+        a.at_ms = crate::state::now_ms();
         a.tool = Some(w.tool.clone());
         a.actions = Some(w.actions.clone());
         a.reason = Some(format!(
@@ -1422,7 +1432,27 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
         return;
     }
     let mut pairs = Vec::with_capacity(due.len());
+    // Each record names the task's agent and chain, as those of the task's
+    // own requests do, for `scrip audit query --agent`: each task read
+    // once (one that cannot be read leaves its records without them). After
+    // a read that fails no more are tried this round: each could wait as
+    // long for a store that does not answer, and the upkeep waits with it.
+    let mut about: std::collections::HashMap<&str, Option<AuditEvent>> =
+        std::collections::HashMap::new();
+    let mut readable = true;
     for ap in &due {
+        if readable && !about.contains_key(ap.task_id.as_str()) {
+            let task = match st.store.task(&ap.task_id).await {
+                Ok(task) => task,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the tasks of expired approvals; their records name the task only");
+                    readable = false;
+                    None
+                }
+            };
+            let record = task.map(|t| st.task_audit("approval.expired", &t));
+            about.insert(&ap.task_id, record);
+        }
         let mut writes = Vec::with_capacity(2);
         writes.push(Write::UpdateApproval {
             id: ap.id.clone(),
@@ -1433,7 +1463,12 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
             reason: None,
             token_jti: None,
         });
-        let mut a = st.audit("approval.expired");
+        let mut a = about
+            .get(ap.task_id.as_str())
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| st.audit("approval.expired"));
+        a.at_ms = crate::state::now_ms();
         a.task_id = Some(ap.task_id.clone());
         a.tool = Some(ap.tool.clone());
         a.actions = Some(ap.actions.clone());

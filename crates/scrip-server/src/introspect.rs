@@ -91,6 +91,13 @@ pub(crate) async fn claim_once(
         jti: Some(&c.jti),
     };
     let mut a = st.audit("token.used");
+    a.agent_iss.clone_from(&c.agent_iss);
+    a.agent_sub = Some(c.sub.clone());
+    a.chain = c
+        .act
+        .as_ref()
+        .map(scrip_token::Actor::chain)
+        .unwrap_or_default();
     a.task_id = Some(c.txn.clone());
     a.jti = Some(c.jti.clone());
     a.tool = Some(c.aud.clone());

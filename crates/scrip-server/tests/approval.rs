@@ -383,8 +383,11 @@ async fn steps_a_denial_answers_make_room_at_once() {
     let r = approve(&s, &answered, Some(&alice_id(&s))).await;
     r.assert_error(409, "conflict");
     assert!(r.text.contains("a person denied `delete`"), "{}", r.text);
+    let (_, tc) = decode_parts(&task);
     let recorded = s.audit().await.into_iter().any(|a| {
         a.event == "approval.expired"
+            && a.agent_sub.as_deref() == tc["sub"].as_str()
+            && a.agent_sub.is_some()
             && a.reason.as_deref().is_some_and(|r| {
                 r.starts_with(&format!(
                     "auth_req_id {answered} was answered by the denial"
@@ -656,6 +659,17 @@ async fn the_approved_token_introspects_active_once() {
             ("token.introspected".to_owned(), Some("deny".to_owned())),
         ]
     );
+    // The record of the spent use names the agent, as `scrip audit query
+    // --agent` looks for it.
+    let (_, claims) = decode_parts(token);
+    let audit = s.audit().await;
+    let used = audit
+        .iter()
+        .find(|a| a.event == "token.used" && a.jti.as_deref() == Some(jti.as_str()))
+        .unwrap();
+    assert_eq!(used.agent_sub.as_deref(), claims["sub"].as_str());
+    assert_eq!(used.agent_iss.as_deref(), claims["agent_iss"].as_str());
+    assert!(used.agent_iss.is_some());
     assert!(
         s.audit()
             .await
@@ -1451,6 +1465,10 @@ async fn an_undecided_approval_expires() {
         .unwrap();
     let (_, tc) = decode_parts(&task);
     assert_eq!(e.task_id.as_deref(), tc["txn"].as_str());
+    // With the task's agent, as `scrip audit query --agent` looks for it.
+    assert_eq!(e.agent_sub.as_deref(), tc["sub"].as_str());
+    assert_eq!(e.agent_iss.as_deref(), tc["tctx"]["agent_iss"].as_str());
+    assert!(e.agent_iss.is_some());
     assert_eq!(e.tool.as_deref(), Some("github"));
     assert_eq!(e.actions.as_deref(), Some("delete"));
     // Marked expired: still expired_token, and not listed.

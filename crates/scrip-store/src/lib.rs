@@ -139,6 +139,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError>;
 
+    /// Sub-tasks still running at `now` whose current actor (the outermost
+    /// `act`: the sub-agent that holds the task token) has subject
+    /// `actor_sub`, ordered and paged as [`Store::open_tasks`]. Every open
+    /// task is looked at (no index holds actors): for the operator ending
+    /// what a compromised sub-agent holds, not for a request's path.
+    async fn open_tasks_acted_by(
+        &self,
+        now: u64,
+        actor_sub: &str,
+        after: Option<(u64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
+
     /// Ids of the open descendants of a task (children, grandchildren, ...).
     async fn open_descendants(&self, id: &str) -> Result<Vec<String>, StoreError>;
 

@@ -177,6 +177,11 @@ pub struct AuditFilter {
     pub agent_iss: Option<String>,
     /// Only this tool.
     pub tool: Option<String>,
+    /// Only records naming this subject in their delegation chain: what a
+    /// sub-agent did, and what was done in the tasks delegated from its
+    /// own. Read from each record (no index holds it): bound the records
+    /// read with another condition, a time above all.
+    pub actor: Option<String>,
     /// Only this decision (`allow` or `deny`).
     pub decision: Option<String>,
     /// Only records at or after this time (ms since the epoch).

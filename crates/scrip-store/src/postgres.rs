@@ -1758,7 +1758,27 @@ impl Store for PgStore {
         after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let (sql, args) = rows::open_tasks_query(now, agent_sub, after, limit, |n| format!("${n}"));
+        let (sql, args) =
+            rows::open_tasks_query(now, agent_sub, None, after, limit, |n| format!("${n}"));
+        let rows = read!(self.reads, TIMEOUT, |c| rows::bind_all(
+            sqlx::query(sqlx::AssertSqlSafe(sql)),
+            args
+        )
+        .fetch_all(c))
+        .await?;
+        rows.iter().map(rows::task).collect()
+    }
+
+    async fn open_tasks_acted_by(
+        &self,
+        now: u64,
+        actor_sub: &str,
+        after: Option<(u64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let actor = Some((actor_sub, "(actor::jsonb ->> 'sub')"));
+        let (sql, args) =
+            rows::open_tasks_query(now, None, actor, after, limit, |n| format!("${n}"));
         let rows = read!(self.reads, TIMEOUT, |c| rows::bind_all(
             sqlx::query(sqlx::AssertSqlSafe(sql)),
             args
@@ -1805,7 +1825,8 @@ impl Store for PgStore {
             )),
             None => None,
         };
-        let (sql, args) = rows::audit_query(filter, floor, |n| format!("${n}"));
+        let (sql, args) =
+            rows::audit_query(filter, floor, |n| format!("${n}"), rows::postgres_in_chain);
         let rows = read!(self.reads, QUERY_TIMEOUT, |c| rows::bind_all(
             sqlx::query(sqlx::AssertSqlSafe(sql)),
             args

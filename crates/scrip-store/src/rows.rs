@@ -400,9 +400,15 @@ pub(crate) fn since_floor(first: Option<i64>) -> i64 {
 /// agent_sub = ?)`, both backends seek the `tasks_agent_open` index (open
 /// tasks by subject and deadline) to the next page instead of reading every
 /// open task or every task the agent ever started.
+///
+/// With `actor`, a subject and the backend's SQL for the subject of a
+/// task's current actor (the outermost `act` of its stored JSON), only the
+/// sub-tasks that actor acts in: every open task is looked at then (no
+/// index holds actors), which only the operator's `task revoke` asks.
 pub(crate) fn open_tasks_query(
     now: u64,
     agent_sub: Option<&str>,
+    actor: Option<(&str, &str)>,
     after: Option<(u64, &str)>,
     limit: u32,
     param: impl Fn(usize) -> String,
@@ -419,6 +425,13 @@ pub(crate) fn open_tasks_query(
     if let Some(agent) = agent_sub {
         args.push(Arg::Text(agent.to_owned()));
         sql.push_str(&format!(" AND agent_sub = {}", param(args.len())));
+    }
+    if let Some((sub, current_actor)) = actor {
+        args.push(Arg::Text(sub.to_owned()));
+        sql.push_str(&format!(
+            " AND parent_id IS NOT NULL AND actor IS NOT NULL AND {current_actor} = {}",
+            param(args.len())
+        ));
     }
     if let Some((at, id)) = after {
         args.push(Arg::Int(to_i64(at)));
@@ -437,6 +450,16 @@ pub(crate) fn open_tasks_query(
     (sql, args)
 }
 
+/// [`audit_query`]'s `in_chain` for SQLite.
+pub(crate) fn sqlite_in_chain(p: &str) -> String {
+    format!("EXISTS (SELECT 1 FROM json_each(record, '$.chain') WHERE value = {p})")
+}
+
+/// [`audit_query`]'s `in_chain` for PostgreSQL.
+pub(crate) fn postgres_in_chain(p: &str) -> String {
+    format!("((record::jsonb) -> 'chain') @> jsonb_build_array({p}::text)")
+}
+
 /// The audit query for `filter`, with only the conditions it sets, so that
 /// each can use its index (`audit_task`, `audit_agent` and `audit_tool` are
 /// `(column, seq)`): a condition written `(? IS NULL OR task_id = ?)` is
@@ -446,11 +469,14 @@ pub(crate) fn open_tasks_query(
 /// goes into the SQL itself.
 ///
 /// `floor` is [`since_floor`] for a filter with `since_ms`: only records
-/// after it are read.
+/// after it are read. `in_chain(p)` is the backend's condition that the
+/// record's `chain` (a JSON array in its `record`) holds placeholder `p`'s
+/// value.
 pub(crate) fn audit_query(
     filter: &crate::AuditFilter,
     floor: Option<i64>,
     param: impl Fn(usize) -> String,
+    in_chain: impl Fn(&str) -> String,
 ) -> (String, Vec<Arg>) {
     let after = filter.after_seq.unwrap_or(0).max(floor.unwrap_or(0));
     let mut args = vec![Arg::Int(after)];
@@ -478,6 +504,10 @@ pub(crate) fn audit_query(
     }
     if let Some(until) = filter.until_ms {
         and("at_ms <", Arg::Int(to_i64(until)));
+    }
+    if let Some(actor) = &filter.actor {
+        args.push(Arg::Text(actor.clone()));
+        sql.push_str(&format!(" AND {}", in_chain(&param(args.len()))));
     }
     args.push(Arg::Int(i64::from(filter.limit.unwrap_or(10_000))));
     sql.push_str(&format!(" ORDER BY seq LIMIT {}", param(args.len())));

@@ -216,7 +216,25 @@ impl Store for SqliteStore {
         after: Option<(u64, &str)>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let (sql, args) = rows::open_tasks_query(now, agent_sub, after, limit, |n| format!("?{n}"));
+        let (sql, args) =
+            rows::open_tasks_query(now, agent_sub, None, after, limit, |n| format!("?{n}"));
+        let rows = rows::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), args)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(rows::task).collect()
+    }
+
+    async fn open_tasks_acted_by(
+        &self,
+        now: u64,
+        actor_sub: &str,
+        after: Option<(u64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let actor = Some((actor_sub, "json_extract(actor, '$.sub')"));
+        let (sql, args) =
+            rows::open_tasks_query(now, None, actor, after, limit, |n| format!("?{n}"));
         let rows = rows::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), args)
             .fetch_all(&self.reads)
             .await
@@ -258,7 +276,8 @@ impl Store for SqliteStore {
             )),
             None => None,
         };
-        let (sql, args) = rows::audit_query(filter, floor, |n| format!("?{n}"));
+        let (sql, args) =
+            rows::audit_query(filter, floor, |n| format!("?{n}"), rows::sqlite_in_chain);
         let rows = rows::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), args)
             .fetch_all(&self.reads)
             .await
@@ -784,7 +803,8 @@ mod tests {
             ),
             (None, Some((5, "t")), "tasks_open_expiry (expires_at>?)"),
         ] {
-            let (sql, args) = rows::open_tasks_query(1, agent, after, 10, |n| format!("?{n}"));
+            let (sql, args) =
+                rows::open_tasks_query(1, agent, None, after, 10, |n| format!("?{n}"));
             let plan = explain(&store.reads, sql, args).await;
             assert!(plan.contains(index), "{plan}");
             assert!(agent.is_none() || !plan.contains("TEMP B-TREE"), "{plan}");
@@ -809,7 +829,8 @@ mod tests {
         let plan = |filter: AuditFilter| {
             let reads = store.reads.clone();
             async move {
-                let (sql, args) = rows::audit_query(&filter, None, |n| format!("?{n}"));
+                let (sql, args) =
+                    rows::audit_query(&filter, None, |n| format!("?{n}"), rows::sqlite_in_chain);
                 explain(&reads, sql, args).await
             }
         };

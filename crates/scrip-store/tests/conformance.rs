@@ -91,6 +91,7 @@ conformance!(
     a_long_feed_reads_back_in_order,
     due_tasks_come_oldest_first,
     open_tasks_list_what_still_runs,
+    open_tasks_acted_by_list_what_a_sub_agent_holds,
     the_first_decision_on_an_approval_wins,
     a_step_waits_for_a_person_once,
     a_denial_since_the_read_refuses_the_commit,
@@ -1135,6 +1136,102 @@ async fn open_tasks_list_what_still_runs(f: Fixture) {
     assert_eq!(late, [s.task("late").await.unwrap().unwrap()]);
 }
 
+async fn open_tasks_acted_by_list_what_a_sub_agent_holds(f: Fixture) {
+    let s = &f.store;
+    // A sub-task whose current actor is `sub`, after `prior` if given.
+    let acted = |id: &str, parent: &str, expires_at: u64, sub: &str, prior: Option<&str>| {
+        let mut t = task(id, Some(parent), expires_at);
+        t.actor = Some(Actor {
+            sub: sub.into(),
+            iss: Some("https://idp.test".into()),
+            act: prior.map(|p| {
+                Box::new(Actor {
+                    sub: p.into(),
+                    iss: None,
+                    act: None,
+                })
+            }),
+        });
+        Write::InsertTask(Box::new(t))
+    };
+    // A subject JSON escapes, as a CI subject may hold.
+    let odd = "repo:acme/\"app\":ref:\\main é";
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("root", None, 5_000))),
+        acted("held", "root", 4_000, "sub-a", None),
+        acted("held-b", "root", 4_000, "sub-a", None),
+        acted("passed-on", "held", 3_500, "sub-b", Some("sub-a")),
+        acted("ended", "root", 3_000, "sub-a", None),
+        acted("past", "root", 1_500, "sub-a", None),
+        acted("odd", "root", 4_500, odd, None),
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![Write::EndTask {
+        id: "ended".into(),
+        at: 1_200,
+        reason: "revoked".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    let ids = |tasks: Vec<TaskRecord>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    // Where it is the current actor, not where it acted before.
+    assert_eq!(
+        ids(s
+            .open_tasks_acted_by(2_000, "sub-a", None, 10)
+            .await
+            .unwrap()),
+        ["held", "held-b"]
+    );
+    assert_eq!(
+        ids(s
+            .open_tasks_acted_by(2_000, "sub-b", None, 10)
+            .await
+            .unwrap()),
+        ["passed-on"]
+    );
+    assert_eq!(
+        ids(s.open_tasks_acted_by(2_000, odd, None, 10).await.unwrap()),
+        ["odd"]
+    );
+    // The agent that started the tree acts in none of it.
+    assert!(
+        s.open_tasks_acted_by(2_000, "agent-1", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.open_tasks_acted_by(2_000, "sub", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Page by page.
+    assert_eq!(
+        ids(s
+            .open_tasks_acted_by(2_000, "sub-a", None, 1)
+            .await
+            .unwrap()),
+        ["held"]
+    );
+    assert_eq!(
+        ids(s
+            .open_tasks_acted_by(2_000, "sub-a", Some((4_000, "held")), 10)
+            .await
+            .unwrap()),
+        ["held-b"]
+    );
+    // At the deadline a task no longer runs.
+    assert!(
+        s.open_tasks_acted_by(4_000, "sub-a", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn due_tasks_come_oldest_first(f: Fixture) {
     let s = &f.store;
     s.commit(vec![
@@ -1779,11 +1876,37 @@ async fn audit_queries_filter(f: Fixture) {
             ),
             task_id: Some(task.into()),
             tool: Some(tool.into()),
+            // Sub-agents, the current one first.
+            chain: match i {
+                1 => vec!["s1".into(), "s\"2 é".into()],
+                2 => vec!["s1".into()],
+                _ => Vec::new(),
+            },
             replica: "test".into(),
             ..AuditEvent::default()
         })));
     }
     s.commit(writes).await.unwrap();
+    let acted_by = |actor: &str| AuditFilter {
+        actor: Some(actor.into()),
+        ..AuditFilter::default()
+    };
+    assert_eq!(issued_at(s, acted_by("s1")).await, [1_100, 1_200]);
+    assert_eq!(issued_at(s, acted_by("s\"2 é")).await, [1_100]);
+    for nobody in ["s", "a1", "", "[]", "s1\"", "%"] {
+        assert_eq!(issued_at(s, acted_by(nobody)).await, [0_u64; 0], "{nobody}");
+    }
+    assert_eq!(
+        issued_at(
+            s,
+            AuditFilter {
+                agent_sub: Some("a2".into()),
+                ..acted_by("s1")
+            }
+        )
+        .await,
+        [1_200]
+    );
     assert_eq!(
         issued_at(
             s,
