@@ -30,9 +30,12 @@ pub struct QueryArgs {
     /// Only records with this subject in their delegation chain: what it
     /// did as a sub-agent (recorded under the agent that started the
     /// task's tree, which --agent names), and what was done in the tasks
-    /// delegated on from its own. Each record is read for it (no index
-    /// holds it): give --since, or another filter, on a large trail.
-    #[arg(long, value_name = "SUBJECT")]
+    /// delegated on from its own. The chain records subjects only, so the
+    /// subject matches at any issuer; --issuer, which names the issuer of
+    /// the agent that started the tree, is refused beside it. Each record
+    /// is read for it (no index holds it): give --since, or another
+    /// filter, on a large trail.
+    #[arg(long, value_name = "SUBJECT", conflicts_with = "issuer")]
     pub actor: Option<String>,
     /// Only this decision.
     #[arg(long, value_parser = ["allow", "deny"])]

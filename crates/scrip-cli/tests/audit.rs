@@ -364,6 +364,10 @@ async fn audit_commands_read_what_the_server_recorded() {
     }));
     assert!(site.query(&["--agent", helper_sub]).is_empty());
     assert!(site.query(&["--actor", CODER]).is_empty());
+    // The chain names no issuers: --issuer, the tree's agent's, is refused
+    // beside it rather than read as the sub-agent's.
+    let out = site.audit(&["query", "--actor", helper_sub, "--issuer", &iss]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     let proxy_sub = "system:serviceaccount:resource-servers:github-proxy";
     let by_proxy = site.query(&["--agent", proxy_sub]);
     assert_eq!(by_proxy.len(), 1, "{by_proxy:#?}");

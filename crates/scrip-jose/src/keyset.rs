@@ -259,7 +259,8 @@ fn private_member(keys: &[serde_json::Value]) -> Option<&'static str> {
 /// A JSON document naming a member serde_json reserves (see
 /// [`crate::plain_json`]) cannot be read as other parsers read it, so
 /// whether it publishes one cannot be told: it is taken to (fail closed);
-/// text that is no JSON at all publishes nothing.
+/// text that is no JSON (or that nests deeper than serde_json reads)
+/// publishes nothing, as before it could be read at all.
 #[must_use]
 pub fn publishes_private_key(bytes: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
@@ -267,8 +268,7 @@ pub fn publishes_private_key(bytes: &[u8]) -> bool {
         keys: Vec<serde_json::Value>,
     }
     if !crate::plain::plain(bytes) {
-        // Read without `Value`, which is what reads a reserved member apart.
-        return serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+        return crate::plain::names_reserved(bytes);
     }
     serde_json::from_slice::<Doc>(bytes).is_ok_and(|doc| private_member(&doc.keys).is_some())
 }

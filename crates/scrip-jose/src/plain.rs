@@ -40,6 +40,17 @@ pub fn plain(json: &[u8]) -> bool {
     de.deserialize_any(Walk).is_ok()
 }
 
+/// Whether `json` names a member as serde_json reserves (as far as it is
+/// JSON): of the texts [`plain`] refuses, those it refuses for that, told
+/// apart from text that is no JSON, or nests deeper than serde_json reads.
+pub(crate) fn names_reserved(json: &[u8]) -> bool {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    // [`Walk`]'s own error is the only one of serde_json's data errors it
+    // can meet; the others are syntax, the end of the text, or I/O.
+    de.deserialize_any(Walk)
+        .is_err_and(|e| e.classify() == serde_json::error::Category::Data)
+}
+
 /// Walks a JSON value, failing on a reserved member name.
 struct Walk;
 

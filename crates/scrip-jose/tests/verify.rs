@@ -1067,8 +1067,22 @@ fn a_key_set_naming_a_reserved_member_is_not_read() {
     let held = KeySet::from_jwks_json(&jwks_bytes(&[k.ec.public_jwk()])).unwrap();
     assert_eq!(held.still_listed_in(&doc), None);
     assert!(scrip_jose::publishes_private_key(&doc));
-    // Text that is no JSON publishes nothing, a backslash in it or not.
+    // Text that is no JSON publishes nothing, a backslash in it or not, nor
+    // does JSON serde_json does not read (too deep, a lone surrogate, a
+    // number out of range) beside a `$`.
     assert!(!scrip_jose::publishes_private_key(br#"{"keys":[{"d":"\"#));
+    let deep = format!(
+        r#"{{"keys":[],"$x":{}{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    for unread in [
+        deep.as_bytes(),
+        br#"{"keys":[{"d":"\ud800"}],"$x":1}"#,
+        br#"{"keys":[{"d":"x"}],"$x":1e400}"#,
+    ] {
+        assert!(!scrip_jose::publishes_private_key(unread));
+    }
     assert!(!scrip_jose::publishes_private_key(&jwks_bytes(&[k
         .ec
         .public_jwk()])));

@@ -1422,6 +1422,10 @@ const UNDECIDED: &str = "the approval request expired before anyone decided; ask
 /// told.
 const UNCOLLECTED: &str = "the step was approved, but its token was not collected before the approval request expired; ask again";
 
+/// How long a round of [`expire`] reads the tasks of the approvals it
+/// expires, so that their records name the agent.
+const ABOUT_READS: Duration = Duration::from_secs(5);
+
 /// Marks expired approvals, pending or approved and never collected, and
 /// audits them (run by the sweeper).
 pub(crate) async fn expire(st: &Inner, now: u64) {
@@ -1434,22 +1438,24 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
     let mut pairs = Vec::with_capacity(due.len());
     // Each record names the task's agent and chain, as those of the task's
     // own requests do, for `scrip audit query --agent`: each task read
-    // once (one that cannot be read leaves its records without them). After
-    // a read that fails no more are tried this round: each could wait as
-    // long for a store that does not answer, and the upkeep waits with it.
+    // once (one that cannot be read leaves its records without them). The
+    // reads stop at a store that does not answer, and after
+    // [`ABOUT_READS`] in all: the upkeep waits for this round.
     let mut about: std::collections::HashMap<&str, Option<AuditEvent>> =
         std::collections::HashMap::new();
+    let reads_until = tokio::time::Instant::now() + ABOUT_READS;
     let mut readable = true;
     for ap in &due {
         if readable && !about.contains_key(ap.task_id.as_str()) {
             let task = match st.store.task(&ap.task_id).await {
                 Ok(task) => task,
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not read the tasks of expired approvals; their records name the task only");
-                    readable = false;
+                    tracing::warn!(error = %e, task = %ap.task_id, "could not read the task of an expired approval; its record names the task only");
+                    readable = !matches!(e, scrip_store::StoreError::Unavailable(_));
                     None
                 }
             };
+            readable = readable && tokio::time::Instant::now() < reads_until;
             let record = task.map(|t| st.task_audit("approval.expired", &t));
             about.insert(&ap.task_id, record);
         }

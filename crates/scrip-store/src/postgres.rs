@@ -1779,7 +1779,9 @@ impl Store for PgStore {
         let actor = Some((actor_sub, "(actor::jsonb ->> 'sub')"));
         let (sql, args) =
             rows::open_tasks_query(now, None, actor, after, limit, |n| format!("${n}"));
-        let rows = read!(self.reads, TIMEOUT, |c| rows::bind_all(
+        // It reads every open task, as the audit's queries may read much
+        // of the trail: the same time to answer.
+        let rows = read!(self.reads, QUERY_TIMEOUT, |c| rows::bind_all(
             sqlx::query(sqlx::AssertSqlSafe(sql)),
             args
         )

@@ -450,14 +450,24 @@ pub(crate) fn open_tasks_query(
     (sql, args)
 }
 
-/// [`audit_query`]'s `in_chain` for SQLite.
+/// [`audit_query`]'s `in_chain` for SQLite. A stored record that is not
+/// JSON (only an edit of the database makes one) matches nothing rather
+/// than failing the query: `audit verify` is what reports it.
 pub(crate) fn sqlite_in_chain(p: &str) -> String {
-    format!("EXISTS (SELECT 1 FROM json_each(record, '$.chain') WHERE value = {p})")
+    format!(
+        "EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid(record) THEN record END, '$.chain') \
+         WHERE value = {p})"
+    )
 }
 
-/// [`audit_query`]'s `in_chain` for PostgreSQL.
+/// [`audit_query`]'s `in_chain` for PostgreSQL: read as `json`, which
+/// keeps the text as it is (`jsonb` refuses a `\u0000` that serde_json may
+/// write).
 pub(crate) fn postgres_in_chain(p: &str) -> String {
-    format!("((record::jsonb) -> 'chain') @> jsonb_build_array({p}::text)")
+    format!(
+        "EXISTS (SELECT 1 FROM json_array_elements_text(CASE WHEN json_typeof(record::json -> 'chain') = 'array' \
+         THEN record::json -> 'chain' END) AS c(v) WHERE c.v = {p})"
+    )
 }
 
 /// The audit query for `filter`, with only the conditions it sets, so that

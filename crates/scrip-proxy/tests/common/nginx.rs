@@ -34,8 +34,19 @@ pub fn ensure_nginx() -> PathBuf {
     if path.exists() {
         return path;
     }
-    let lock = fs::File::create(std::env::temp_dir().join("scrip-test-nginx-install.lock"))
-        .expect("install lock file");
+    // Never truncated, and never through a symbolic link: another user may
+    // have made the name in the shared directory (the tests may run as
+    // root).
+    let lock = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).expect("a flag"))
+            .open(std::env::temp_dir().join("scrip-test-nginx-install.lock"))
+            .expect("install lock file")
+    };
     lock.lock().expect("install lock");
     if path.exists() {
         return path;
