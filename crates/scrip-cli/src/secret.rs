@@ -408,7 +408,12 @@ async fn put(
         .secret_versions(name, action)
         .await
         .map_err(|e| e.to_string())?;
-    let version = versions.first().map_or(1, |r| r.version + 1);
+    let version = match versions.first() {
+        None => 1,
+        Some(r) => r.version.checked_add(1).ok_or_else(|| {
+            format!("`{name}` ({action}) has used up its version numbers; `scrip secret delete` it and set it again")
+        })?,
+    };
     let sealed = kek
         .seal(name, action, version, value)
         .map_err(|e| e.to_string())?;

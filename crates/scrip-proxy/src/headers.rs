@@ -485,7 +485,11 @@ fn escape(raw: &[u8], table: &[(u8, &[u8])]) -> Vec<u8> {
 /// `s`'s length that is never grown (`str::replace` grows its result, and
 /// would free buffers holding part of a secret, unzeroed).
 fn shorter(s: &str, from: &str, to: &str) -> String {
-    debug_assert!(to.len() <= from.len());
+    // Checked in every build: a longer `to` would grow the buffer.
+    assert!(
+        to.len() <= from.len(),
+        "`shorter` replaces with a shorter form"
+    );
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(at) = rest.find(from) {

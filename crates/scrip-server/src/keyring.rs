@@ -1062,7 +1062,7 @@ impl Shared {
             Some(n)
                 if self.rotation > 0
                     && n.active_at <= now
-                    && now >= n.active_at + self.rotation =>
+                    && now >= n.active_at.saturating_add(self.rotation) =>
             {
                 // `now` is whole seconds: one more makes the lead at least
                 // `lead` seconds of real time.

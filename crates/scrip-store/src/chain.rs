@@ -115,7 +115,7 @@ impl ChainState {
         e.seq = 0;
         e.hash = None;
         e.chain_id = Some(self.id.clone());
-        e.chain_seq = self.seq + 1;
+        e.chain_seq = self.seq.saturating_add(1);
         e.prev_hash = Some(self.head.clone());
         let json = serde_json::to_string(&e)?;
         let h = hash(json.as_bytes());
@@ -491,7 +491,7 @@ impl Verifier {
             chain_seq: r.chain_seq,
             what,
         };
-        let expected = cursor.pos + 1;
+        let expected = cursor.pos.saturating_add(1);
         if r.chain_seq < expected {
             self.report.add(problem(format!(
                 "chain position {} repeats or goes back: inserted or reordered",
@@ -738,15 +738,17 @@ impl Verifier {
                     self.report.add(Problem {
                         seq: None,
                         chain_id: id.clone(),
-                        chain_seq: by_itself + 1,
+                        chain_seq: by_itself.saturating_add(1),
                         what: format!(
                             "records #{} to #{} were never signed by the process that wrote them and claim a time to come: written by someone else",
-                            by_itself + 1,
+                            by_itself.saturating_add(1),
                             last
                         ),
                     });
                 } else if earliest < now.saturating_sub(grace) {
-                    self.report.vouched.push((id.clone(), by_itself + 1, last));
+                    self.report
+                        .vouched
+                        .push((id.clone(), by_itself.saturating_add(1), last));
                 } else {
                     // Recent: a replica that started since linked a writer
                     // that is still running, and will sign them.
@@ -764,16 +766,16 @@ impl Verifier {
                 self.report.add(Problem {
                     seq: None,
                     chain_id: id.clone(),
-                    chain_seq: covered + 1,
+                    chain_seq: covered.saturating_add(1),
                     what: format!(
                         "records #{} to #{} are covered by no signed checkpoint{}: rewritten with its checkpoints deleted, or written by a process that stopped before it signed them",
-                        covered + 1,
+                        covered.saturating_add(1),
                         cursor.pos,
                         if future { " and claim a time to come" } else { "" }
                     ),
                 });
             } else {
-                self.report.unsigned += cursor.pos - covered;
+                self.report.unsigned += cursor.pos.saturating_sub(covered);
             }
         }
     }
