@@ -63,7 +63,12 @@ impl FileCache {
     /// The cache in `dir`, or `None` when `dir` is not private to this user.
     #[must_use]
     pub fn new(dir: PathBuf) -> Option<Self> {
-        private_dir(&dir)?;
+        if private_dir(&dir).is_none() {
+            // Said, not only skipped: in a shared temporary directory
+            // another user may have taken the name first.
+            tracing::warn!(dir = %dir.display(), "the token cache's directory is not this user's alone (another owner, open to others, or not a directory): tokens are not cached");
+            return None;
+        }
         Some(Self { dir })
     }
 
