@@ -66,7 +66,7 @@ impl FileCache {
         if private_dir(&dir).is_none() {
             // Said, not only skipped: in a shared temporary directory
             // another user may have taken the name first.
-            tracing::warn!(dir = %dir.display(), "the token cache's directory is not this user's alone (another owner, open to others, or not a directory): tokens are not cached");
+            tracing::warn!(dir = %dir.display(), "the token cache's directory could not be made, or is not this user's alone (another owner, open to others, not a directory): tokens are not cached");
             return None;
         }
         Some(Self { dir })

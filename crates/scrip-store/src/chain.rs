@@ -752,7 +752,10 @@ impl Verifier {
                 } else {
                     // Recent: a replica that started since linked a writer
                     // that is still running, and will sign them.
-                    self.report.unsigned += last.saturating_sub(by_itself);
+                    self.report.unsigned = self
+                        .report
+                        .unsigned
+                        .saturating_add(last.saturating_sub(by_itself));
                 }
             }
             if cursor.pos <= covered {
@@ -775,7 +778,10 @@ impl Verifier {
                     ),
                 });
             } else {
-                self.report.unsigned += cursor.pos.saturating_sub(covered);
+                self.report.unsigned = self
+                    .report
+                    .unsigned
+                    .saturating_add(cursor.pos.saturating_sub(covered));
             }
         }
     }
