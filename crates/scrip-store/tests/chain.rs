@@ -420,6 +420,48 @@ async fn a_forged_chain_without_a_start_is_named() {
     );
 }
 
+/// Records claiming positions near the end of the integers, on chains of
+/// their own, recent and covered by no checkpoint: the report names each,
+/// and none of its position arithmetic overflows (release builds check it,
+/// as the tests do).
+#[tokio::test]
+async fn records_at_the_last_positions_are_reported_not_overflowed() {
+    let db = one_chain().await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let now_ms = u64::try_from(now_ms).unwrap();
+    let mut conn = db.sql().await;
+    for i in 0..3_i64 {
+        let chain = format!("far-{i}");
+        let mut e = event(90, "far");
+        e.at_ms = now_ms;
+        e.chain_id = Some(chain.clone());
+        e.chain_seq = u64::try_from(i64::MAX).unwrap();
+        e.prev_hash = Some(String::new());
+        let record = serde_json::to_string(&e).unwrap();
+        sqlx::query(
+            "INSERT INTO audit (seq, at_ms, event, replica, jti, chain_id, chain_seq, hash, record) \
+             VALUES (?, ?, 'token.issued', 'far', 'jti-far-90', ?, ?, ?, ?)",
+        )
+        .bind(200 + i)
+        .bind(i64::try_from(now_ms).unwrap())
+        .bind(&chain)
+        .bind(i64::MAX)
+        .bind(hash(record.as_bytes()))
+        .bind(&record)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    conn.close().await.unwrap();
+    let report = db.verify().await;
+    for seq in 200..203 {
+        assert!(!naming(&report, seq).is_empty(), "{seq}: {report:#?}");
+    }
+}
+
 #[tokio::test]
 async fn swapped_records_are_named() {
     let db = one_chain().await;
