@@ -650,7 +650,8 @@ impl Client {
     /// proofs by it, so a stolen task token cannot be exchanged for anything
     /// without the key. The task's access tokens are bound to the key too,
     /// as with [`Task::with_dpop`], and its delegations carry a proof by it
-    /// (the sub-agent's task itself is a bearer task).
+    /// and bind each sub-task to its sub-agent's key
+    /// ([`Task::delegate_bound_to`]): scrip keeps a bound task's tree bound.
     ///
     /// # Errors
     /// As [`Client::start_task`]; [`Error::OAuth`] `invalid_dpop_proof` when
@@ -982,11 +983,64 @@ impl Task {
     /// no later than this one, and names `actor` in its `act` claim. The
     /// returned task is ended when dropped; ending this one ends it too.
     ///
+    /// A task bound to a DPoP key delegates only with
+    /// [`Task::delegate_bound_to`]: scrip keeps a bound task's tree bound.
+    ///
     /// # Errors
     /// [`Error::OAuth`] when scrip refuses (`invalid_scope` beyond this
-    /// task's grants, `invalid_request` for a delegation too deep or an
-    /// actor the task's `may_act` excludes, `access_denied` by policy).
+    /// task's grants, `invalid_request` for a delegation too deep, an
+    /// actor the task's `may_act` excludes, or a bound task,
+    /// `access_denied` by policy).
     pub async fn delegate(&self, actor: &Identity, grants: &[&str]) -> Result<Task, Error> {
+        self.delegate_with(actor, grants, None).await
+    }
+
+    /// As [`Task::delegate`], with the child task bound to the DPoP key
+    /// whose RFC 7638 thumbprint is `jkt` (RFC 9449; scrip's `dpop_jkt`):
+    /// the sub-agent's, which it made and holds ([`DpopKey::thumbprint`]).
+    /// The child's token is then no use without that key, for its own
+    /// exchanges and any further delegation. Hand the sub-agent the child's
+    /// token ([`Task::token`]); it works with it as
+    /// `client.task_from_token(token).with_dpop(its_key)`. The returned task
+    /// holds no key: it can end the child (and does, when dropped), not use
+    /// it.
+    ///
+    /// # Errors
+    /// As [`Task::delegate`]; [`Error::Protocol`] when the child token
+    /// scrip gave is not bound to `jkt` (it is revoked).
+    pub async fn delegate_bound_to(
+        &self,
+        actor: &Identity,
+        grants: &[&str],
+        jkt: &str,
+    ) -> Result<Task, Error> {
+        self.delegate_with(actor, grants, Some(jkt)).await
+    }
+
+    /// [`Task::delegate_bound_to`] a key this process holds (a sub-agent
+    /// running in it): the returned task uses `key`, as with
+    /// [`Task::with_dpop`].
+    ///
+    /// # Errors
+    /// As [`Task::delegate_bound_to`].
+    pub async fn delegate_bound(
+        &self,
+        actor: &Identity,
+        grants: &[&str],
+        key: std::sync::Arc<DpopKey>,
+    ) -> Result<Task, Error> {
+        let child = self
+            .delegate_with(actor, grants, Some(key.thumbprint()))
+            .await?;
+        Ok(child.with_dpop(key))
+    }
+
+    async fn delegate_with(
+        &self,
+        actor: &Identity,
+        grants: &[&str],
+        jkt: Option<&str>,
+    ) -> Result<Task, Error> {
         if let Some(exp) = actor.expires_at
             && exp <= now()
         {
@@ -1006,6 +1060,10 @@ impl Task {
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
+        let details = jkt.map(|jkt| serde_json::json!({ "dpop_jkt": jkt }).to_string());
+        if let Some(details) = &details {
+            form.push(("request_details", details));
+        }
         // A task bound to its key delegates only with a proof by it.
         let proof = match &self.dpop {
             Some(key) => Some(key.proof("POST", self.client.token_endpoint().await?, None)?),
@@ -1013,6 +1071,19 @@ impl Task {
         };
         let answer = self.client.token_with(&form, proof.as_deref()).await?;
         answer.expect(TXN_TOKEN, &["N_A"])?;
+        // As a bound start: a child asked for bound that is not would work
+        // for whoever stole it. It is revoked, not just dropped.
+        if let Some(jkt) = jkt {
+            let bound_to = unverified_claims(&answer.access_token)
+                .and_then(|c| c.get("cnf")?.get("jkt")?.as_str().map(str::to_owned));
+            if bound_to.as_deref() != Some(jkt) {
+                let _ = self.client.revoke(&answer.access_token).await;
+                return Err(Error::Protocol(
+                    "asked for a sub-task bound to a DPoP key, got a task token that is not bound to it"
+                        .into(),
+                ));
+            }
+        }
         let mut child = Task::new(self.client.clone(), answer.access_token, true);
         // `expires_in` counts whole seconds from when scrip answered; read
         // against this clock a second later it could place the child's end

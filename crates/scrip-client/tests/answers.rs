@@ -25,9 +25,19 @@ fn answering(response: Vec<u8>) -> String {
 
 /// As [`answering`], with the response made from the server's URL.
 fn answering_made(make: impl FnOnce(&str) -> Vec<u8>) -> String {
+    answering_recorded(make).0
+}
+
+/// [`answering_made`], with the first line of each request it was sent
+/// (`POST /revoke HTTP/1.1`), as sent so far.
+fn answering_recorded(
+    make: impl FnOnce(&str) -> Vec<u8>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let response = make(&url);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
@@ -45,6 +55,12 @@ fn answering_made(make: impl FnOnce(&str) -> Vec<u8>) -> String {
                 }
             };
             let Some(body_at) = body_at else { continue };
+            let first = String::from_utf8_lossy(&got[..body_at])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            record.lock().unwrap().push(first);
             let head = String::from_utf8_lossy(&got[..body_at]).to_ascii_lowercase();
             let length: usize = head
                 .lines()
@@ -60,7 +76,7 @@ fn answering_made(make: impl FnOnce(&str) -> Vec<u8>) -> String {
             let _ = s.write_all(&response);
         }
     });
-    url
+    (url, seen)
 }
 
 fn json_response(status: &str, body: &serde_json::Value) -> Vec<u8> {
@@ -97,39 +113,52 @@ fn protocol(e: &Error) -> &str {
     }
 }
 
+/// The `cnf` a task token may come back with, and whether a client that
+/// asked for it bound to `jkt` takes it.
+fn bindings(jkt: &str) -> [(Option<serde_json::Value>, bool); 3] {
+    [
+        (None, false),
+        (Some(json!({"jkt": "some-other-key"})), false),
+        (Some(json!({"jkt": jkt})), true),
+    ]
+}
+
+/// A server that answers every request (the metadata, the exchange, a
+/// revocation) with a task token carrying `cnf`, and what it was sent.
+fn answering_task_token(
+    cnf: Option<serde_json::Value>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let mut claims = json!({"sub": "agent", "txn": "t1"});
+    if let Some(cnf) = cnf {
+        claims["cnf"] = cnf;
+    }
+    let token = format!("{}.{}.sig", b64(&json!({"alg": "ES256"})), b64(&claims));
+    answering_recorded(|url| {
+        json_response(
+            "200 OK",
+            &json!({
+                "token_endpoint": format!("{url}/token"),
+                "access_token": token,
+                "issued_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+                "token_type": "N_A",
+                "expires_in": 300,
+                "scope": "github:read",
+            }),
+        )
+    })
+}
+
 /// A task asked for bound to a DPoP key whose token is not bound to it
 /// (something on the way dropped the `DPoP` header) is refused; one bound
 /// to the key is taken.
 #[tokio::test]
 async fn a_bound_task_must_come_back_bound_to_its_key() {
     let key = std::sync::Arc::new(scrip_client::DpopKey::generate().unwrap());
-    let b64 = |v: &serde_json::Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-    };
-    for (cnf, ok) in [
-        (None, false),
-        (Some(json!({"jkt": "some-other-key"})), false),
-        (Some(json!({"jkt": key.thumbprint()})), true),
-    ] {
-        let mut claims = json!({"sub": "agent", "txn": "t1"});
-        if let Some(cnf) = cnf {
-            claims["cnf"] = cnf;
-        }
-        let token = format!("{}.{}.sig", b64(&json!({"alg": "ES256"})), b64(&claims));
-        // One answer for every request: the metadata and the token.
-        let url = answering_made(|url| {
-            json_response(
-                "200 OK",
-                &json!({
-                    "token_endpoint": format!("{url}/token"),
-                    "access_token": token,
-                    "issued_token_type": "urn:ietf:params:oauth:token-type:txn_token",
-                    "token_type": "N_A",
-                    "expires_in": 300,
-                    "scope": "github:read",
-                }),
-            )
-        });
+    for (cnf, ok) in bindings(key.thumbprint()) {
+        let (url, seen) = answering_task_token(cnf);
         let client = Client::new(&url).unwrap();
         let started = client
             .start_bound_task(
@@ -148,6 +177,43 @@ async fn a_bound_task_must_come_back_bound_to_its_key() {
                 assert!(protocol(&e).contains("not bound"), "{e}");
             }
         }
+        assert_eq!(revoked(&seen), usize::from(!ok));
+    }
+}
+
+/// How many revocations a server [`answering_recorded`] was sent.
+fn revoked(seen: &std::sync::Mutex<Vec<String>>) -> usize {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("POST /revoke "))
+        .count()
+}
+
+/// The same for a sub-task asked for bound to a sub-agent's key.
+#[tokio::test]
+async fn a_bound_sub_task_must_come_back_bound_to_its_key() {
+    let key = scrip_client::DpopKey::generate().unwrap();
+    for (cnf, ok) in bindings(key.thumbprint()) {
+        let (url, seen) = answering_task_token(cnf);
+        let parent = Client::new(&url).unwrap().task_from_token("a.parent.token");
+        let child = parent
+            .delegate_bound_to(&identity(), &["github:read"], key.thumbprint())
+            .await;
+        match child {
+            Ok(task) => {
+                assert!(ok, "an unbound sub-task token was taken");
+                let _ = task.into_token();
+            }
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert!(protocol(&e).contains("not bound"), "{e}");
+            }
+        }
+        // A sub-task token that is not bound as asked is revoked, not
+        // just dropped: it would work for whoever stole it.
+        assert_eq!(revoked(&seen), usize::from(!ok));
+        let _ = parent.into_token();
     }
 }
 

@@ -368,10 +368,44 @@ async fn a_bound_task_is_no_use_without_its_key() {
         .unwrap();
     let token = task.access_token("github", &["read"]).await.unwrap();
     assert_eq!(token.token_type, "DPoP");
-    // Its sub-agents are delegated with a proof by the key.
+    // Its sub-agents are delegated with a proof by the key, to a task
+    // bound to the sub-agent's key: a bound task's tree stays bound.
     let sub_agent = attest(&server.socket).await.unwrap();
-    let child = task.delegate(&sub_agent, &["github:read"]).await.unwrap();
+    let err = task
+        .delegate(&sub_agent, &["github:read"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.oauth_code(), Some("invalid_request"), "{err}");
+    assert!(err.to_string().contains("dpop_jkt"), "{err}");
+    let sub_key = Arc::new(scrip_client::DpopKey::generate().unwrap());
+    let child = task
+        .delegate_bound(&sub_agent, &["github:read"], sub_key.clone())
+        .await
+        .unwrap();
     assert_eq!(child.scope(), Some("github:read"));
+    let token = child.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(token.token_type, "DPoP");
+    let err = client
+        .task_from_token(child.token())
+        .with_dpop(key.clone())
+        .access_token("github", &["read"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.oauth_code(), Some("invalid_dpop_proof"), "{err}");
+    // A sub-agent in another process names its key by its thumbprint; the
+    // parent's handle of the child holds no key, the sub-agent's does.
+    let theirs = Arc::new(scrip_client::DpopKey::generate().unwrap());
+    let handed = task
+        .delegate_bound_to(&sub_agent, &["github:read"], theirs.thumbprint())
+        .await
+        .unwrap();
+    let err = handed.access_token("github", &["read"]).await.unwrap_err();
+    assert_eq!(err.oauth_code(), Some("invalid_dpop_proof"), "{err}");
+    let received = client.task_from_token(handed.token()).with_dpop(theirs);
+    let token = received.access_token("github", &["read"]).await.unwrap();
+    assert_eq!(token.token_type, "DPoP");
+    let _ = received.into_token();
+    handed.end().await.unwrap();
     // The task token alone, as a thief would hold it, gets nothing.
     let stolen = client.task_from_token(task.token());
     let err = stolen.access_token("github", &["read"]).await.unwrap_err();

@@ -112,6 +112,15 @@ impl From<JoseError> for ProofError {
     }
 }
 
+/// Whether `jkt` is written as an RFC 7638 SHA-256 thumbprint is (the
+/// `cnf.jkt` of RFC 9449 §6.1): 32 bytes in unpadded base64url, 43
+/// characters, in the one spelling that encodes them (no stray low bits in
+/// the last character), so that two spellings cannot name one key.
+#[must_use]
+pub fn is_thumbprint(jkt: &str) -> bool {
+    jkt.len() == 43 && decode_part(jkt).is_ok_and(|bytes| bytes.len() == 32)
+}
+
 /// The RFC 7638 thumbprint of a public JWK: SHA-256 over its required
 /// members in lexicographic order, base64url.
 ///
@@ -690,6 +699,25 @@ mod tests {
     fn refused(proof: &str, check: &ProofCheck<'_>, why: &str) {
         let e = verify_proof(proof, check).expect_err(why);
         assert!(e.to_string().contains(why), "{e} (expected: {why})");
+    }
+
+    #[test]
+    fn a_thumbprint_has_one_spelling() {
+        assert!(is_thumbprint("NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"));
+        for not in [
+            "",
+            // Padded; standard base64; one character short or long.
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs=",
+            "NzbLsXh8uDCcd+6MNwXF4W/7noWXFZAfHkxZsRGC9Xs",
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9X",
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xss",
+            // The same 32 bytes with stray low bits in the last character.
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xt",
+            // Not base64 at all, of the right length.
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9X!",
+        ] {
+            assert!(!is_thumbprint(not), "{not}");
+        }
     }
 
     #[test]

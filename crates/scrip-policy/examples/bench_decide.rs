@@ -140,6 +140,7 @@ fn main() {
         approved: false,
         method: None,
         path: None,
+        dpop_jkt: None,
     };
     let (dev, prod) = (context("dev"), context("prod"));
     let allow = DecisionRequest {

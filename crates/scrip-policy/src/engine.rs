@@ -60,6 +60,11 @@ pub struct RequestContext {
     /// A proxied request's path below the upstream, without the query
     /// (`context.path`).
     pub path: Option<String>,
+    /// The RFC 7638 thumbprint of the DPoP key the token being issued is
+    /// bound to (a task token, a sub-task's, an access token), or at the
+    /// proxy the presented token's (`context.dpop_jkt`); `None` for a
+    /// bearer token. Given to policies only when the schema declares it.
+    pub dpop_jkt: Option<String>,
 }
 
 /// One authorization question.
@@ -124,6 +129,11 @@ struct SchemaAction {
     /// Bit [`ContextShape::bit`] is set once a request of this action with
     /// a context of that shape passed the schema check.
     checked: AtomicU32,
+    /// Whether the action's context declares `dpop_jkt`: a custom schema
+    /// written before it existed goes on deciding as it did, rather than
+    /// denying every request of a bound token as carrying an attribute it
+    /// does not declare.
+    fills_dpop: bool,
 }
 
 /// What the schema check of a request's context depends on: which optional
@@ -143,15 +153,17 @@ struct ContextShape {
     method: bool,
     path: bool,
     chain: bool,
+    dpop: bool,
 }
 
 impl ContextShape {
-    fn of(c: &RequestContext, ticket: bool) -> Self {
+    fn of(c: &RequestContext, ticket: bool, dpop: bool) -> Self {
         Self {
             ticket,
             method: c.method.is_some(),
             path: c.path.is_some(),
             chain: !c.delegation_chain.is_empty(),
+            dpop,
         }
     }
 
@@ -159,7 +171,8 @@ impl ContextShape {
         1 << (u32::from(self.ticket)
             | u32::from(self.method) << 1
             | u32::from(self.path) << 2
-            | u32::from(self.chain) << 3)
+            | u32::from(self.chain) << 3
+            | u32::from(self.dpop) << 4)
     }
 }
 
@@ -357,6 +370,7 @@ impl PolicyEngine {
                 });
             }
         }
+        let declared = declared_in(schema_text).unwrap_or_default();
         if schema_text != DEFAULT_SCHEMA
             && let Some(extra) = unfilled_attribute(schema_text)
         {
@@ -421,11 +435,14 @@ impl PolicyEngine {
         let actions = schema
             .actions()
             .map(|a| {
+                let id = a.id().unescaped().to_owned();
                 let action = SchemaAction {
                     uid: a.clone(),
                     checked: AtomicU32::new(0),
+                    fills_dpop: declared
+                        .contains(&(format!("{ACTION_PLACE}{id}"), "dpop_jkt".to_owned())),
                 };
-                (a.id().unescaped().to_owned(), action)
+                (id, action)
             })
             .collect();
         let guards = Guards::new(&set);
@@ -566,13 +583,18 @@ impl PolicyEngine {
             (None, None) => &self.policies,
         };
         let ticket = find_ticket(&req.context.purpose);
-        let shape = ContextShape::of(req.context, ticket.is_some()).bit();
+        let dpop = req
+            .context
+            .dpop_jkt
+            .as_deref()
+            .filter(|_| action.fills_dpop);
+        let shape = ContextShape::of(req.context, ticket.is_some(), dpop.is_some()).bit();
         let checked = action.checked.load(Ordering::Relaxed) & shape != 0;
         let request = Request::new(
             prepared.principal.clone(),
             action.uid.clone(),
             prepared.resource.clone(),
-            context(req.context, ticket)?,
+            context(req.context, ticket, dpop)?,
             // Checked against the schema the first time this shape comes
             // up; a shape that failed is checked (and denied) every time.
             (!checked).then_some(&self.schema),
@@ -671,7 +693,11 @@ fn tool_entity(uid: EntityUid, tool: &Tool) -> Result<Entity, String> {
     Entity::new_with_tags(uid, attrs, [], tags).map_err(|e| e.to_string())
 }
 
-fn context(c: &RequestContext, ticket: Option<&str>) -> Result<Context, String> {
+fn context(
+    c: &RequestContext,
+    ticket: Option<&str>,
+    dpop_jkt: Option<&str>,
+) -> Result<Context, String> {
     let mut pairs = vec![
         ("stage".to_owned(), text(c.stage.as_str())),
         ("purpose".to_owned(), text(&c.purpose)),
@@ -701,6 +727,9 @@ fn context(c: &RequestContext, ticket: Option<&str>) -> Result<Context, String> 
     }
     if let Some(path) = &c.path {
         pairs.push(("path".to_owned(), text(path)));
+    }
+    if let Some(jkt) = dpop_jkt {
+        pairs.push(("dpop_jkt".to_owned(), text(jkt)));
     }
     Context::from_pairs(pairs).map_err(|e| e.to_string())
 }
@@ -757,15 +786,10 @@ pub fn tickets(text: &str) -> impl Iterator<Item = &str> {
 /// policy on such an attribute would validate and then never see it: `has`
 /// always false, so a `forbid` guarded by it would silently never apply.
 fn unfilled_attribute(schema_text: &str) -> Option<String> {
-    let declared = |text: &str| {
-        cedar_policy::SchemaFragment::from_cedarschema_str(text)
-            .ok()
-            .and_then(|(f, _)| f.to_json_value().ok())
-            .map(|json| declared_attributes(&json))
-    };
-    let filled = declared(DEFAULT_SCHEMA)?;
-    declared(schema_text)?
+    let filled = declared_in(DEFAULT_SCHEMA)?;
+    declared_in(schema_text)?
         .into_iter()
+        .filter(|(place, _)| !place.starts_with(ACTION_PLACE))
         .find(|(place, name)| !filled.contains(&(place.clone(), name.clone())))
         .map(|(place, name)| {
             format!(
@@ -774,10 +798,27 @@ fn unfilled_attribute(schema_text: &str) -> Option<String> {
         })
 }
 
+/// [`declared_attributes`] of a schema's text; `None` when it does not
+/// parse.
+fn declared_in(schema_text: &str) -> Option<std::collections::BTreeSet<(String, String)>> {
+    cedar_policy::SchemaFragment::from_cedarschema_str(schema_text)
+        .ok()
+        .and_then(|(f, _)| f.to_json_value().ok())
+        .map(|json| declared_attributes(&json))
+}
+
+/// [`declared_attributes`]' place of the attributes of actions' contexts.
+const CONTEXT_PLACE: &str = "the context of actions";
+
+/// [`declared_attributes`]' place of the attributes of one action's
+/// context, before the action's id.
+const ACTION_PLACE: &str = "the context of action ";
+
 /// `(place, attribute)` for each top-level attribute of the `Agent` and
 /// `Tool` entity types (of the empty namespace, the ones scrip builds) and
 /// of every action's context, in a schema's JSON form. `place` names the
-/// entity type, or "the context of actions" for every action alike.
+/// entity type, or [`CONTEXT_PLACE`] for every action alike; each
+/// action's are also under [`ACTION_PLACE`] and its id.
 fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(String, String)> {
     use serde_json::Value;
     let mut out = std::collections::BTreeSet::new();
@@ -830,10 +871,11 @@ fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(
             }
         }
         let actions = body.get("actions").and_then(Value::as_object);
-        for action in actions.into_iter().flat_map(|a| a.values()) {
+        for (id, action) in actions.into_iter().flatten() {
             if let Some(context) = action.pointer("/appliesTo/context") {
                 for name in attributes(context, ns) {
-                    out.insert(("the context of actions".to_owned(), name));
+                    out.insert((format!("{ACTION_PLACE}{id}"), name.clone()));
+                    out.insert((CONTEXT_PLACE.to_owned(), name));
                 }
             }
         }

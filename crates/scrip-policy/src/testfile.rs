@@ -94,6 +94,8 @@ struct Case {
     method: Option<String>,
     #[serde(default)]
     path: Option<String>,
+    #[serde(default)]
+    dpop_jkt: Option<String>,
     expect: Expect,
 }
 
@@ -197,6 +199,7 @@ pub fn run_test_file(
             approved: case.approved,
             method: case.method,
             path: case.path,
+            dpop_jkt: case.dpop_jkt,
         };
         let decision = engine.decide(&DecisionRequest {
             agent: &agent,
@@ -218,4 +221,52 @@ fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_test_file;
+    use crate::PolicyEngine;
+
+    /// A case's `dpop_jkt` is `context.dpop_jkt`, as a bound token's.
+    #[test]
+    fn a_case_may_stand_for_a_bound_token() {
+        let policies = r#"
+@id("all")
+permit (principal, action, resource);
+@id("bound-only")
+forbid (principal, action, resource) unless { context has dpop_jkt };
+"#;
+        let engine = PolicyEngine::from_sources(None, &[("p.cedar".into(), policies.into())])
+            .expect("the policies load");
+        let file = r#"
+[[tools]]
+name = "github"
+resource = "https://api.github.com"
+actions = ["read"]
+
+[[case]]
+name = "bound"
+agent = { issuer = "https://k8s.example", subject = "a" }
+tool = "github"
+action = "read"
+environment = "dev"
+dpop_jkt = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+expect = "allow"
+
+[[case]]
+name = "bearer"
+agent = { issuer = "https://k8s.example", subject = "a" }
+tool = "github"
+action = "read"
+environment = "dev"
+expect = "deny"
+"#;
+        let results = run_test_file(&engine, file, &[]).expect("the file runs");
+        let seen: Vec<(&str, bool, bool)> = results
+            .iter()
+            .map(|r| (r.name.as_str(), r.allowed, r.passed))
+            .collect();
+        assert_eq!(seen, [("bound", true, true), ("bearer", false, true)]);
+    }
 }

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 
 use scrip_config::Tool;
-use scrip_policy::{DEFAULT_SCHEMA, DecisionRequest, PolicyEngine, RequestContext, Stage};
+use scrip_policy::{
+    DEFAULT_SCHEMA, Decision, DecisionRequest, PolicyEngine, RequestContext, Stage,
+};
 use scrip_token::{ActionName, ToolName, WorkloadIdentity};
 
 const ALLOW_ALL: &str = r#"
@@ -62,6 +64,8 @@ enum Shape {
     Ticket,
     Chain,
     Proxy,
+    /// A DPoP-bound token's request.
+    Bound,
 }
 
 fn context(shape: Shape) -> RequestContext {
@@ -87,12 +91,35 @@ fn context(shape: Shape) -> RequestContext {
         approved: false,
         method: matches!(shape, Shape::Proxy).then(|| "GET".into()),
         path: matches!(shape, Shape::Proxy).then(|| "/repos".into()),
+        dpop_jkt: matches!(shape, Shape::Bound)
+            .then(|| "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs".into()),
     }
 }
 
 /// Decides `shapes` in order, each with and without the selection, and
-/// returns whether each was allowed.
+/// returns whether each was allowed; a denial must be the schema's (the
+/// policies allow everything).
 fn decide(engine: &PolicyEngine, action: &str, shapes: &[Shape]) -> Vec<bool> {
+    decisions(engine, action, shapes)
+        .into_iter()
+        .zip(shapes)
+        .map(|(d, shape)| {
+            if !d.allowed {
+                assert!(
+                    d.reason
+                        .starts_with("policy request could not be evaluated"),
+                    "{shape:?}: {}",
+                    d.reason
+                );
+            }
+            d.allowed
+        })
+        .collect()
+}
+
+/// The decisions on `shapes`, in order, each with and without the
+/// selection (which must agree).
+fn decisions(engine: &PolicyEngine, action: &str, shapes: &[Shape]) -> Vec<Decision> {
     let (agent, tool) = (agent(), tool());
     let action = ActionName::parse(action).unwrap();
     shapes
@@ -107,15 +134,7 @@ fn decide(engine: &PolicyEngine, action: &str, shapes: &[Shape]) -> Vec<bool> {
             };
             let d = engine.decide(&req);
             assert_eq!(d, engine.decide_evaluating_all(&req), "{shape:?}");
-            if !d.allowed {
-                assert!(
-                    d.reason
-                        .starts_with("policy request could not be evaluated"),
-                    "{shape:?}: {}",
-                    d.reason
-                );
-            }
-            d.allowed
+            d
         })
         .collect()
 }
@@ -135,13 +154,87 @@ fn check(schema: &str, action: &str, shapes: &[Shape], expected: &[bool]) {
 
 #[test]
 fn every_shape_passes_the_default_schema() {
-    use Shape::{Chain, Plain, Proxy, Ticket};
+    use Shape::{Bound, Chain, Plain, Proxy, Ticket};
     check(
         DEFAULT_SCHEMA,
         "read",
-        &[Plain, Ticket, Chain, Proxy, Plain, Ticket, Chain, Proxy],
-        &[true; 8],
+        &[
+            Plain, Ticket, Chain, Proxy, Bound, Plain, Ticket, Chain, Proxy, Bound,
+        ],
+        &[true; 10],
     );
+}
+
+const DPOP_LINE: &str = "  dpop_jkt?: String,          // the DPoP key (RFC 7638 thumbprint) of a bound token: the one issued (stages \"task\", \"token\") or presented (stage \"proxy\"); absent for a bearer token\n";
+
+/// `context.dpop_jkt` is given only to a schema that declares it: one
+/// written before it existed decides a bound token's requests as it did
+/// (rather than deny them all as carrying an attribute it lacks), and one
+/// that declares it gets it, checked against its type like the others.
+#[test]
+fn dpop_jkt_is_given_only_to_a_schema_that_declares_it() {
+    use Shape::{Bound, Plain};
+    check(
+        &schema_with(DPOP_LINE, ""),
+        "read",
+        &[Plain, Bound, Bound, Plain],
+        &[true; 4],
+    );
+    check(
+        &schema_with(DPOP_LINE, "  dpop_jkt?: Long,\n"),
+        "read",
+        &[Plain, Bound, Bound, Plain, Bound],
+        &[true, false, false, true, false],
+    );
+}
+
+/// Each action by its own context: one whose context type (written before
+/// `dpop_jkt` existed) lacks it decides bound requests as it did, beside
+/// actions whose context declares it.
+#[test]
+fn dpop_jkt_is_given_to_each_action_whose_context_declares_it() {
+    use Shape::{Bound, Plain};
+    let schema = format!(
+        "{DEFAULT_SCHEMA}\ntype Old = {{ stage: String, purpose: String, ticket?: String, environment: String, delegation_depth: Long, delegation_chain: Set<String>, now: Long, approved: Bool, method?: String, path?: String }};\naction scan appliesTo {{ principal: [Agent], resource: [Tool], context: Old }};\n"
+    );
+    check(&schema, "scan", &[Plain, Bound, Bound, Plain], &[true; 4]);
+    check(&schema, "read", &[Plain, Bound, Bound, Plain], &[true; 4]);
+}
+
+/// A policy can require a bound token: `context has dpop_jkt` holds for a
+/// bound token's request only.
+#[test]
+fn a_policy_can_require_a_bound_token() {
+    use Shape::{Bound, Plain, Proxy};
+    let policies = r#"
+@id("anything")
+permit (principal, action, resource);
+@id("bound-only")
+forbid (principal, action, resource) unless { context has dpop_jkt };
+"#;
+    let engine = PolicyEngine::from_sources(None, &[("p.cedar".into(), policies.into())]).unwrap();
+    assert_eq!(
+        decide_plainly(&engine, &[Plain, Bound, Proxy, Bound]),
+        [false, true, false, true]
+    );
+    // With a schema that does not declare it, the attribute is never
+    // there: such a rule denies bound tokens too (it fails closed).
+    let schema = schema_with(DPOP_LINE, "");
+    let old = PolicyEngine::from_sources(
+        Some(("old.cedarschema", &schema)),
+        &[("p.cedar".into(), policies.into())],
+    )
+    .unwrap();
+    assert_eq!(decide_plainly(&old, &[Plain, Bound]), [false, false]);
+}
+
+/// Whether each shape is allowed, for an engine whose denials may come
+/// from a policy.
+fn decide_plainly(engine: &PolicyEngine, shapes: &[Shape]) -> Vec<bool> {
+    decisions(engine, "read", shapes)
+        .iter()
+        .map(|d| d.allowed)
+        .collect()
 }
 
 #[test]

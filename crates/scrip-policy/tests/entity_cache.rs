@@ -59,6 +59,7 @@ fn allowed(engine: &PolicyEngine, agent: &WorkloadIdentity, tool: &Tool, action:
         approved: false,
         method: None,
         path: None,
+        dpop_jkt: None,
     };
     let action = ActionName::parse(action).unwrap();
     let req = DecisionRequest {

@@ -189,6 +189,7 @@ fn selection_agrees_with_evaluating_every_policy() {
                             approved,
                             method: None,
                             path: None,
+                            dpop_jkt: None,
                         };
                         let req = DecisionRequest {
                             agent,

@@ -594,6 +594,7 @@ fn decide(
         approved: token.claims().approval.is_some(),
         method: Some(method.as_str().to_owned()),
         path: Some(path.to_owned()),
+        dpop_jkt: token.claims().cnf.as_ref().map(|c| c.jkt.clone()),
     };
     (proxy.0.policy)().decide(&DecisionRequest {
         agent: &task.agent,

@@ -24,8 +24,8 @@ use axum::response::{IntoResponse, Response};
 use scrip_config::Approver;
 use scrip_policy::{RequestContext, Stage};
 use scrip_store::{
-    Approval, ApprovalState, AuditEvent, MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, TaskRecord,
-    TaskState, Write,
+    Approval, ApprovalState, AuditEvent, MAX_PENDING_PER_ACTOR, MAX_PENDING_PER_AGENT,
+    MAX_PENDING_PER_TASK, TaskRecord, TaskState, Write,
 };
 use scrip_token::{
     AccessClaims, ActionName, ActionSet, ApprovalClaim, TaskClaims, TokenKind, WorkloadIdentity,
@@ -97,8 +97,10 @@ impl Polls {
 /// Asking again for a step that already waits, or that a person approved
 /// and whose token nobody collected yet, answers that approval's
 /// `auth_req_id`; a task may have [`MAX_PENDING_PER_TASK`] steps waiting,
-/// and an agent's tasks together [`MAX_PENDING_PER_AGENT`].
-/// The store enforces both inside the commit, so concurrent requests (on
+/// the tasks one sub-agent acts in, in one tree, together
+/// [`MAX_PENDING_PER_ACTOR`], and an agent's tasks together
+/// [`MAX_PENDING_PER_AGENT`].
+/// The store enforces each inside the commit, so concurrent requests (on
 /// any replica) for one step open one approval between them.
 pub(crate) async fn request(
     st: &Inner,
@@ -180,6 +182,16 @@ pub(crate) async fn request(
             if waiting.len() >= MAX_PENDING_PER_TASK {
                 break 'asked Err(OAuthError::invalid_request(format!(
                     "{MAX_PENDING_PER_TASK} steps of this task already wait for a person; wait for their decisions first"
+                )));
+            }
+            // A sub-agent's tasks in this tree together (it may delegate
+            // to itself, task after task): it cannot take all of the
+            // agent's places below.
+            if task.actor.is_some()
+                && st.store.actor_pending_approvals(&task.id, now).await? >= MAX_PENDING_PER_ACTOR
+            {
+                break 'asked Err(OAuthError::invalid_request(format!(
+                    "{MAX_PENDING_PER_ACTOR} steps of this sub-agent's tasks in this task's tree already wait for a person; wait for their decisions first"
                 )));
             }
             // Every task of the agent together, sub-agents' included: one
@@ -724,6 +736,7 @@ async fn issue(
         approved: true,
         method: None,
         path: None,
+        dpop_jkt: cnf.as_ref().map(|c| c.jkt.clone()),
     };
     let mut policies = Vec::new();
     // One policy set decides every action, even across a reload.

@@ -4,8 +4,9 @@
 //! Attenuation is enforced here, whatever the policy says: the child's grants
 //! are a subset of the parent's, its deadline is not later, its depth is at
 //! most `max_delegation_depth`, the actor must be one the parent allows
-//! (`may_act`, which binds the parent's whole subtree), and a refusal is
-//! audited (`task.refused`). `sub` stays the original agent; `act` names the sub-agent,
+//! (`may_act`, which binds the parent's whole subtree), a task bound to a
+//! DPoP key delegates only to a sub-task bound to one (`dpop_jkt`, the
+//! sub-agent's), and a refusal is audited (`task.refused`). `sub` stays the original agent; `act` names the sub-agent,
 //! nested per RFC 8693 §4.1 with the parent's chain inside, so the chain is
 //! never dropped or rewritten. Ending the parent ends the child (the store
 //! ends descendants); ending the child leaves the parent.
@@ -96,9 +97,10 @@ pub(crate) async fn delegate(
     };
     // A bound parent delegates only with a proof by its key: its token
     // without the key is most likely stolen, and is refused on the record
-    // before anything else the request holds is looked at. The child's
-    // token is not bound (the sub-agent's key is not known here), but the
-    // proof is spent: a proof is accepted once, whatever the grant.
+    // before anything else the request holds is looked at. The proof is
+    // the parent's, and is spent: a proof is accepted once, whatever the
+    // grant. The child is bound to the key `dpop_jkt` names, the
+    // sub-agent's.
     if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding) {
         return refuse(e, String::new()).await;
     }
@@ -121,6 +123,7 @@ pub(crate) async fn delegate(
         purpose,
         ttl,
         may_act,
+        dpop_jkt,
     } = match attenuate(st, form, &parent, &actor) {
         Ok(asked) => asked,
         Err(e) if e.status.is_server_error() => return Err(e),
@@ -129,6 +132,15 @@ pub(crate) async fn delegate(
             return refuse(e, to).await;
         }
     };
+    // A bound task's tree stays bound: a sub-task that could be used
+    // without a key would be the way around the parent's binding.
+    if claims.cnf.is_some() && dpop_jkt.is_none() {
+        let to = format!(" to {} ({})", short(&actor.subject), short(&actor.issuer));
+        let e = OAuthError::invalid_request(
+            "request_details: `dpop_jkt` is required: the tree of a DPoP-bound task stays bound, so name the sub-agent's key by its RFC 7638 thumbprint",
+        );
+        return refuse(e, to).await;
+    }
     // A full tree is refused before anything is decided or signed (a
     // commit the store refuses would cost every request batched with it
     // its group commit); the store checks again, for delegations racing.
@@ -159,6 +171,7 @@ pub(crate) async fn delegate(
         approved: false,
         method: None,
         path: None,
+        dpop_jkt: dpop_jkt.clone(),
     };
     let base = |mut a: scrip_store::AuditEvent| {
         a.agent_iss = Some(parent.agent.issuer.clone());
@@ -208,7 +221,7 @@ pub(crate) async fn delegate(
             parent: Some(parent.id.clone()),
         },
         act: Some(act.clone()),
-        cnf: None,
+        cnf: dpop_jkt.map(|jkt| scrip_token::Confirmation { jkt }),
     };
     let token = st.sign(TokenKind::Task, &child)?;
     // Every token below carries the whole `act` chain: one that verifiers
@@ -233,6 +246,10 @@ pub(crate) async fn delegate(
     started.decision = Some("allow".into());
     started.actions = Some(child.scope.clone());
     started.jti = Some(jti.clone());
+    started.reason = child
+        .cnf
+        .as_ref()
+        .map(|c| format!("bound to DPoP key {}", c.jkt));
     writes.push(Write::InsertTask(Box::new(TaskRecord {
         id: task_id.clone(),
         parent: Some(parent.id.clone()),
@@ -314,6 +331,8 @@ struct Asked {
     purpose: String,
     ttl: Option<u64>,
     may_act: Vec<MayAct>,
+    /// The sub-agent's DPoP key, which the child is bound to.
+    dpop_jkt: Option<String>,
 }
 
 /// Attenuation, whatever the policy says: depth, `may_act`, grants and
@@ -360,7 +379,7 @@ fn attenuate(
         }));
     }
     let details = parse_details(form)?;
-    let (purpose, ttl, may_act) = match details {
+    let (purpose, ttl, may_act, dpop_jkt) = match details {
         Some(d) => {
             if d.environment
                 .as_ref()
@@ -374,9 +393,10 @@ fn attenuate(
                 d.purpose.unwrap_or_else(|| parent.purpose.clone()),
                 d.ttl,
                 d.may_act,
+                d.dpop_jkt,
             )
         }
-        None => (parent.purpose.clone(), None, Vec::new()),
+        None => (parent.purpose.clone(), None, Vec::new(), None),
     };
     // The tickets a purpose names are what policies trust it for: a
     // sub-agent may drop its parent's, never name one the parent did not.
@@ -406,6 +426,7 @@ fn attenuate(
         purpose,
         ttl,
         may_act,
+        dpop_jkt,
     })
 }
 

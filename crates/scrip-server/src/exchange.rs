@@ -214,7 +214,11 @@ async fn exchange(
 const MAX_MAY_ACT: usize = 16;
 
 /// The members of `request_details`.
-const DETAILS_MEMBERS: [&str; 4] = ["purpose", "environment", "ttl", "may_act"];
+const DETAILS_MEMBERS: [&str; 5] = ["purpose", "environment", "ttl", "may_act", "dpop_jkt"];
+
+/// [`DETAILS_MEMBERS`] as an error message lists them.
+const MEMBERS_SAID: &str =
+    "the members are `purpose`, `environment`, `ttl`, `may_act` and `dpop_jkt`";
 
 /// `request_details` of a task start or a delegation.
 #[derive(Debug, Deserialize)]
@@ -228,6 +232,10 @@ pub(crate) struct RequestDetails {
     pub ttl: Option<u64>,
     #[serde(default)]
     pub may_act: Vec<scrip_token::MayAct>,
+    /// A delegation's: the RFC 7638 thumbprint of the sub-agent's DPoP
+    /// key, which its task is bound to.
+    #[serde(default)]
+    pub dpop_jkt: Option<String>,
 }
 
 /// What is wrong with `request_details` that did not parse as
@@ -238,9 +246,9 @@ fn details_error(raw: &str, e: &serde_json::Error) -> OAuthError {
         // Read as a map only when no member is named as serde_json
         // reserves (see `scrip_jose::plain_json`).
         Category::Data if !scrip_jose::plain_json(raw.as_bytes()) => {
-            return OAuthError::invalid_request(
-                "request_details: a member's name is reserved; the members are `purpose`, `environment`, `ttl` and `may_act`",
-            );
+            return OAuthError::invalid_request(format!(
+                "request_details: a member's name is reserved; {MEMBERS_SAID}"
+            ));
         }
         Category::Data => {
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw).ok()
@@ -262,7 +270,7 @@ fn details_error(raw: &str, e: &serde_json::Error) -> OAuthError {
         let named =
             unknown.len() <= 24 && unknown.chars().all(|c| c.is_ascii_lowercase() || c == '_');
         return OAuthError::invalid_request(format!(
-            "request_details: unknown member{}; the members are `purpose`, `environment`, `ttl` and `may_act`",
+            "request_details: unknown member{}; {MEMBERS_SAID}",
             if named {
                 format!(" `{unknown}`")
             } else {
@@ -271,7 +279,7 @@ fn details_error(raw: &str, e: &serde_json::Error) -> OAuthError {
         ));
     }
     OAuthError::invalid_request(
-        "request_details: a member is repeated or has the wrong type (`purpose` and `environment` are strings, `ttl` a whole number of seconds, `may_act` a list of objects with `sub` and optional `iss`)",
+        "request_details: a member is repeated or has the wrong type (`purpose`, `environment` and `dpop_jkt` are strings, `ttl` a whole number of seconds, `may_act` a list of objects with `sub` and optional `iss`)",
     )
 }
 
@@ -326,6 +334,15 @@ pub(crate) fn parse_details(form: &Form) -> Result<Option<RequestDetails>, OAuth
         return Err(OAuthError::invalid_request(format!(
             "request_details: `may_act` must list at most {MAX_MAY_ACT} actors, each with a non-empty `sub`"
         )));
+    }
+    if details
+        .dpop_jkt
+        .as_deref()
+        .is_some_and(|jkt| !scrip_jose::dpop::is_thumbprint(jkt))
+    {
+        return Err(OAuthError::invalid_request(
+            "request_details: `dpop_jkt` must be a key's RFC 7638 SHA-256 thumbprint, 43 characters of unpadded base64url",
+        ));
     }
     Ok(Some(details))
 }
@@ -519,6 +536,11 @@ async fn start_task(
             "parameter `request_details` is required: a JSON object with `purpose` and `environment`",
         )
     })?;
+    if details.dpop_jkt.is_some() {
+        return Err(OAuthError::invalid_request(
+            "request_details: `dpop_jkt` names a sub-agent's key in a delegation; a task is bound to its agent's key by starting it with a DPoP proof",
+        ));
+    }
     let (Some(purpose), Some(environment)) = (details.purpose.clone(), details.environment.clone())
     else {
         return Err(OAuthError::invalid_request(
@@ -548,6 +570,7 @@ async fn start_task(
         approved: false,
         method: None,
         path: None,
+        dpop_jkt: cnf.as_ref().map(|c| c.jkt.clone()),
     };
     let task_id = scrip_jose::time_ordered_id().map_err(|_| OAuthError::server_error())?;
     let client = peer.to_string();
@@ -841,6 +864,7 @@ async fn access_token(
         approved: false,
         method: None,
         path: None,
+        dpop_jkt: cnf.as_ref().map(|c| c.jkt.clone()),
     };
     // One policy set decides every action of the request, even across a
     // reload.

@@ -258,9 +258,15 @@ async fn a_step_needing_approval_answers_authorization_pending() {
 /// (action `delete`), and a task of `coder` in prod holding `db*:delete`
 /// and `extra`.
 async fn eleven_dbs(extra: &[&str]) -> (TestServer, String) {
+    eleven_dbs_with(extra, Vec::new()).await
+}
+
+/// [`eleven_dbs`] with these policy files beside (or over) the
+/// repository's.
+async fn eleven_dbs_with(extra: &[&str], policies: Vec<(String, String)>) -> (TestServer, String) {
     use scrip_config::Tool;
     use scrip_token::{ActionName, ToolName};
-    let s = TestServer::start_with(edit(|c| {
+    let mut options = edit(|c| {
         c.approvers = vec![alice()];
         for i in 0..11 {
             c.tools.push(Tool {
@@ -271,8 +277,9 @@ async fn eleven_dbs(extra: &[&str]) -> (TestServer, String) {
                 introspectors: Vec::new(),
             });
         }
-    }))
-    .await;
+    });
+    options.extra_policies = policies;
+    let s = TestServer::start_with(options).await;
     let identity = s.k8s.kubernetes("agents", "coder");
     let mut grants: Vec<String> = (0..11).map(|i| format!("db{i}:delete")).collect();
     grants.extend(extra.iter().map(|g| (*g).to_owned()));
@@ -346,6 +353,85 @@ async fn an_agent_has_at_most_fifty_steps_waiting_across_its_tasks() {
     let r = deny(&s, &ids[0], Some(&alice_id(&s)), "no").await;
     assert_eq!(r.status, 200, "{}", r.text);
     pending_step(&s, &tasks[5], "db0", "delete").await;
+    s.stop().await;
+}
+
+/// A sub-agent's tasks in one tree together hold at most ten steps
+/// waiting for a person: delegating to itself, task after task, it cannot
+/// take the agent's fifty places from the agent's other work. The agent,
+/// its other sub-agents and the same sub-agent in another tree are not
+/// held back; a decision makes room.
+#[tokio::test]
+async fn a_sub_agent_has_at_most_ten_steps_waiting_for_an_agent() {
+    // Sub-agents may delete here, with a person's approval.
+    let approved_deletes = (
+        "delegated-read-only.cedar".to_owned(),
+        "@id(\"delegated-read-only\")\nforbid (principal, action, resource) when { context.delegation_depth > 0 } unless { action == Action::\"read\" || context.approved };\n"
+            .to_owned(),
+    );
+    let (s, root) = eleven_dbs_with(&[], vec![approved_deletes]).await;
+    let delegate = |from: String, actor: &str| {
+        let s = &s;
+        let actor = s.k8s.kubernetes("agents", actor);
+        async move {
+            let r = s
+                .post_form(
+                    "/token",
+                    &[
+                        (
+                            "grant_type",
+                            "urn:ietf:params:oauth:grant-type:token-exchange",
+                        ),
+                        ("subject_token", from.as_str()),
+                        (
+                            "subject_token_type",
+                            "urn:ietf:params:oauth:token-type:txn_token",
+                        ),
+                        ("actor_token", actor.as_str()),
+                        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                    ],
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            r.body["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let helper = delegate(root.clone(), "helper").await;
+    // The helper delegates to itself.
+    let again = delegate(helper.clone(), "helper").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(pending_step(&s, &helper, &format!("db{i}"), "delete").await);
+    }
+    for i in 0..4 {
+        ids.push(pending_step(&s, &again, &format!("db{i}"), "delete").await);
+    }
+    // Its own task has room (six of ten), but the helper has no more.
+    for task in [&helper, &again] {
+        let r = s.access_token(task, "db9", Some("delete")).await;
+        r.assert_error(400, "invalid_request");
+        assert!(
+            r.text
+                .contains("10 steps of this sub-agent's tasks in this task's tree already wait"),
+            "{}",
+            r.text
+        );
+    }
+    // The agent's own task, another sub-agent, and the same sub-agent in
+    // another of the agent's trees are not held back.
+    pending_step(&s, &root, "db9", "delete").await;
+    let reviewer = delegate(root.clone(), "reviewer").await;
+    pending_step(&s, &reviewer, "db9", "delete").await;
+    let coder = s.k8s.kubernetes("agents", "coder");
+    let other_root = s.start_task(&coder, "db9:delete", "prod", PURPOSE).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let elsewhere = delegate(other_root, "helper").await;
+    pending_step(&s, &elsewhere, "db9", "delete").await;
+    let r = deny(&s, &ids[0], Some(&alice_id(&s)), "no").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    pending_step(&s, &again, "db9", "delete").await;
     s.stop().await;
 }
 

@@ -182,7 +182,9 @@ async fn a_bad_proof_gets_no_token() {
     // `key`'s proofs).
     let parent = r.body["access_token"].as_str().unwrap().to_owned();
     let helper = s.k8s.kubernetes("agents", "helper");
-    let delegate = delegate_form(&parent, &helper);
+    let helpers = json!({ "dpop_jkt": DpopKey::new().jkt() }).to_string();
+    let mut delegate = delegate_form(&parent, &helper);
+    delegate.push(("request_details", &helpers));
     let proof = key.proof("POST", &token_url, None);
     let r = post(&s, &delegate, &[&proof]).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -223,8 +225,8 @@ fn start_form<'a>(identity: &'a str, scope: &'a str, details: &'a str) -> [(&'a 
 }
 
 /// The form of a delegation of `parent`'s task to `actor`, for `github:read`.
-fn delegate_form<'a>(parent: &'a str, actor: &'a str) -> [(&'a str, &'a str); 6] {
-    [
+fn delegate_form<'a>(parent: &'a str, actor: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
         (
             "grant_type",
             "urn:ietf:params:oauth:grant-type:token-exchange",
@@ -307,7 +309,9 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
 
     // A sub-agent's task: the same.
     let helper = s.k8s.kubernetes("agents", "helper");
-    let delegate = delegate_form(&task, &helper);
+    let helpers = json!({ "dpop_jkt": DpopKey::new().jkt() }).to_string();
+    let mut delegate = delegate_form(&task, &helper);
+    delegate.push(("request_details", &helpers));
     refused(&post(&s, &delegate, &[]).await, "bound to a DPoP key");
     // Whatever else the request holds: the binding is checked first.
     let garbage = delegate_form(&task, "not-an-identity");
@@ -405,5 +409,274 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     assert_eq!(r.status, 200, "{}", r.text);
     let (_, claims) = decode_parts(r.body["access_token"].as_str().unwrap());
     assert!(claims.get("cnf").is_none(), "{claims}");
+    s.stop().await;
+}
+
+/// A sub-agent's task is bound to the key its delegation names
+/// (`dpop_jkt`, the sub-agent's), and a bound task's tree stays bound: a
+/// bearer sub-task would be the way around the parent's binding.
+#[tokio::test]
+async fn a_sub_task_is_bound_to_the_key_its_delegation_names() {
+    let s = TestServer::start().await;
+    let token_url = format!("{}/token", s.url);
+    let (key, helpers, thief) = (DpopKey::new(), DpopKey::new(), DpopKey::new());
+    let details = json!({ "purpose": "bound", "environment": "prod" }).to_string();
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let start = start_form(&identity, "github:read", &details);
+    let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let task = r.body["access_token"].as_str().unwrap().to_owned();
+    let helper = s.k8s.kubernetes("agents", "helper");
+    let with = |jkt: &str| json!({ "dpop_jkt": jkt }).to_string();
+    let delegation = |details: Option<&str>| {
+        let mut form = delegate_form(&task, &helper);
+        if let Some(d) = details {
+            form.push(("request_details", d));
+        }
+        form.into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let send = |form: Vec<(String, String)>, proof: String| {
+        let s = &s;
+        async move {
+            let form: Vec<(&str, &str)> =
+                form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            post(s, &form, &[&proof]).await
+        }
+    };
+
+    // Without a key for the sub-task: refused, on the record, with the
+    // parent's own proof (the binding checked before is the parent's).
+    let r = send(delegation(None), key.proof("POST", &token_url, None)).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("`dpop_jkt` is required"), "{}", r.text);
+    assert!(r.body.get("access_token").is_none(), "{}", r.text);
+    let refused = s.audit().await;
+    assert!(
+        refused.iter().any(|a| a.event == "task.refused"
+            && a.decision.as_deref() == Some("deny")
+            && a.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("`dpop_jkt` is required") && r.contains("helper"))),
+        "no task.refused record of the bearer sub-task"
+    );
+    // A value that is not a thumbprint: refused, without quoting it.
+    let jkt = helpers.jkt();
+    for bad in [
+        format!("{jkt}="),
+        // Standard base64's alphabet.
+        format!("+{}", &jkt[1..]),
+        jkt[..42].to_owned(),
+        "sk-live-a-secret-in-the-wrong-place".to_owned(),
+    ] {
+        let r = send(
+            delegation(Some(&with(&bad))),
+            key.proof("POST", &token_url, None),
+        )
+        .await;
+        r.assert_error(400, "invalid_request");
+        assert!(r.text.contains("RFC 7638 SHA-256 thumbprint"), "{}", r.text);
+        assert!(!r.text.contains("sk-live"), "{}", r.text);
+    }
+    let r = send(
+        delegation(Some(&json!({ "dpop_jkt": 7 }).to_string())),
+        key.proof("POST", &token_url, None),
+    )
+    .await;
+    r.assert_error(400, "invalid_request");
+
+    // Naming the sub-agent's key: its task is bound to it.
+    let r = send(
+        delegation(Some(&with(&jkt))),
+        key.proof("POST", &token_url, None),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "N_A");
+    let child = r.body["access_token"].as_str().unwrap().to_owned();
+    let (_, claims) = decode_parts(&child);
+    assert_eq!(claims["cnf"], json!({ "jkt": jkt }));
+    assert_eq!(claims["act"]["sub"], "system:serviceaccount:agents:helper");
+    let i = s.introspect(&child).await;
+    assert_eq!(i.body["cnf"], json!({ "jkt": jkt }), "{}", i.text);
+    let audit = s.audit().await;
+    let delegated = audit.iter().find(|a| a.event == "task.delegated").unwrap();
+    assert_eq!(
+        delegated.reason.as_deref(),
+        Some(format!("bound to DPoP key {jkt}").as_str())
+    );
+
+    // The child's token, stolen: nothing without the sub-agent's key, the
+    // parent's included.
+    let r = s.access_token(&child, "github", Some("read")).await;
+    r.assert_error(400, "invalid_dpop_proof");
+    for other in [&key, &thief] {
+        let r = s
+            .access_token_dpop(
+                &child,
+                "github",
+                Some("read"),
+                &[&other.proof("POST", &token_url, None)],
+            )
+            .await;
+        r.assert_error(400, "invalid_dpop_proof");
+        assert!(r.text.contains("not signed with the key"), "{}", r.text);
+    }
+    let r = s
+        .access_token_dpop(
+            &child,
+            "github",
+            Some("read"),
+            &[&helpers.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "DPoP");
+    let (_, access) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(access["cnf"], json!({ "jkt": jkt }));
+
+    // Its own delegations: with its key's proof, and bound again.
+    let grandhelper = s.k8s.kubernetes("agents", "reviewer");
+    let mut deeper = delegate_form(&child, &grandhelper);
+    let r = post(&s, &deeper, &[&helpers.proof("POST", &token_url, None)]).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("`dpop_jkt` is required"), "{}", r.text);
+    let last = with(&thief.jkt());
+    deeper.push(("request_details", &last));
+    let r = post(&s, &deeper, &[&key.proof("POST", &token_url, None)]).await;
+    r.assert_error(400, "invalid_dpop_proof");
+    let r = post(&s, &deeper, &[&helpers.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, claims) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(claims["cnf"], json!({ "jkt": thief.jkt() }));
+
+    // A bearer task may delegate to a bound sub-task, never start as one.
+    let bearer = task_token(&s).await;
+    let mut form = delegate_form(&bearer, &helper);
+    let named = with(&jkt);
+    form.push(("request_details", &named));
+    let r = post(&s, &form, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, claims) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(claims["cnf"], json!({ "jkt": jkt }));
+    let asked = json!({ "purpose": "p", "environment": "dev", "dpop_jkt": jkt }).to_string();
+    let r = post(&s, &start_form(&identity, "github:read", &asked), &[]).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("in a delegation"), "{}", r.text);
+    s.stop().await;
+}
+
+/// `context.dpop_jkt` names the key of the token being issued: a policy can
+/// keep production to tasks and tokens a thief could not use, and
+/// delegated tasks to sub-agents that hold a key.
+#[tokio::test]
+async fn a_policy_can_require_bound_tokens() {
+    let s = TestServer::start_with(Options {
+        extra_policies: vec![(
+            "bound.cedar".into(),
+            r#"@id("prod-is-bound")
+forbid (principal, action, resource) when { context.environment == "prod" } unless { context has dpop_jkt };
+@id("sub-agents-are-bound")
+forbid (principal, action, resource) when { context.delegation_depth > 0 } unless { context has dpop_jkt };
+"#
+            .into(),
+        )],
+        edit: Some(Box::new(|c| {
+            c.approvers = vec![scrip_config::Approver {
+                name: "alice".into(),
+                issuer: Some(K8S_ISSUER.into()),
+                subject: Some("system:serviceaccount:people:alice".into()),
+                uid: None,
+            }];
+        })),
+        ..Options::default()
+    })
+    .await;
+    let token_url = format!("{}/token", s.url);
+    let key = DpopKey::new();
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let prod = json!({ "purpose": "bound", "environment": "prod" }).to_string();
+    let start = start_form(&identity, "github:read github:delete", &prod);
+    // A bearer task in prod: denied, by the policy that says so.
+    let r = post(&s, &start, &[]).await;
+    r.assert_error(400, "access_denied");
+    let audit = s.audit().await;
+    assert!(
+        audit.iter().any(|a| a.event == "task.grant"
+            && a.decision.as_deref() == Some("deny")
+            && a.policies == ["prod-is-bound"]),
+        "no denial by prod-is-bound"
+    );
+    // Bound: allowed, and so are its access tokens (each request of a
+    // bound task carries a proof, which binds what it gets).
+    let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let task = r.body["access_token"].as_str().unwrap().to_owned();
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "DPoP");
+    // A step a person approves is decided again when its token is
+    // collected, with the key of that token.
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("delete"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    r.assert_error(400, "authorization_pending");
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    let alice = s.k8s.kubernetes("people", "alice");
+    let r = s
+        .post_raw(
+            &format!("/approvals/{id}/approve"),
+            "application/x-www-form-urlencoded",
+            Vec::new(),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let poll = [
+        ("grant_type", "urn:openid:params:grant-type:ciba"),
+        ("auth_req_id", id.as_str()),
+        ("subject_token", task.as_str()),
+    ];
+    let r = post(&s, &poll, &[&key.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["token_type"], "DPoP");
+
+    // In dev, a bearer task may start and get bearer tokens, but its
+    // sub-agents only bound tasks.
+    let bearer = task_token(&s).await;
+    let r = s.access_token(&bearer, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let helper = s.k8s.kubernetes("agents", "helper");
+    let r = post(&s, &delegate_form(&bearer, &helper), &[]).await;
+    r.assert_error(400, "access_denied");
+    let helpers = DpopKey::new();
+    let named = json!({ "dpop_jkt": helpers.jkt() }).to_string();
+    let mut form = delegate_form(&bearer, &helper);
+    form.push(("request_details", &named));
+    let r = post(&s, &form, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let child = r.body["access_token"].as_str().unwrap().to_owned();
+    let r = s
+        .access_token_dpop(
+            &child,
+            "github",
+            Some("read"),
+            &[&helpers.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
     s.stop().await;
 }

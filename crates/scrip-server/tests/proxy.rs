@@ -77,6 +77,13 @@ forbid (principal, action, resource)
 when { context.stage == "proxy" && context has path && context.path like "/admin*" };
 "#;
 
+/// Below `/public/bound`, only a DPoP-bound token goes through.
+const BOUND_ONLY: &str = r#"@id("proxy-bound-only")
+forbid (principal, action, resource)
+when { context.stage == "proxy" && context has path && context.path like "/public/bound*" }
+unless { context has dpop_jkt };
+"#;
+
 struct Env {
     server: TestServer,
     nginx: nginx::Nginx,
@@ -113,7 +120,10 @@ async fn setup_with(more: impl Fn(&mut scrip_config::Config) + Send + Sync + 'st
     let mute_addr = mute.local_addr().unwrap();
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], scrip_testkit::free_port()));
     let server = TestServer::start_with(Options {
-        extra_policies: vec![("proxy-no-admin.cedar".into(), NO_ADMIN.into())],
+        extra_policies: vec![
+            ("proxy-no-admin.cedar".into(), NO_ADMIN.into()),
+            ("proxy-bound-only.cedar".into(), BOUND_ONLY.into()),
+        ],
         edit: Some(Box::new(move |c| {
             c.tools.push(tool("legacy"));
             c.tools.push(tool("down"));
@@ -1889,6 +1899,21 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_for_the_very_request() {
     }));
     let (status, c) = get(format!("DPoP {bound}"), vec![ahead], "legacy/public/ahead").await;
     assert_eq!(status, 200, "{c}");
+    // A policy sees the presented token's key (`context.dpop_jkt`): where
+    // it requires one, a bearer token is refused and a bound one is not.
+    let (status, c) = get(format!("Bearer {plain}"), vec![], "legacy/public/bound").await;
+    assert_eq!(status, 403, "{c}");
+    let proof = key.proof("GET", &env.url("legacy/public/bound"), Some(&bound));
+    let (status, c) = get(format!("DPoP {bound}"), vec![proof], "legacy/public/bound").await;
+    assert_eq!(status, 200, "{c}");
+    let denied = env
+        .wait_audit(|a| {
+            a.event == "proxy.request"
+                && a.decision.as_deref() == Some("deny")
+                && a.path.as_deref() == Some("/public/bound")
+        })
+        .await;
+    assert_eq!(denied.policies, ["proxy-bound-only"]);
 
     let other = DpopKey::new();
     for (proofs, why) in [

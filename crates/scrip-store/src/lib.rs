@@ -29,9 +29,9 @@ pub use chain::{
     Verifier, hash, verify,
 };
 pub use model::{
-    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_AGENT,
-    MAX_PENDING_PER_TASK, MAX_SUBTASKS, Revocation, RevocationKind, SecretRecord, StoredKey,
-    TaskRecord, TaskState, Write,
+    Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_ACTOR,
+    MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, MAX_SUBTASKS, Revocation, RevocationKind,
+    SecretRecord, StoredKey, TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
 pub use schema::Schema;
@@ -187,6 +187,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         subject: &str,
         now: u64,
     ) -> Result<usize, StoreError>;
+
+    /// How many approvals wait for a person, unexpired at `now`, among the
+    /// open tasks of `task_id`'s tree whose current actor is `task_id`'s
+    /// (the same sub-agent's, by issuer and subject); 0 for a task no
+    /// sub-agent acts in, or one that is not stored.
+    async fn actor_pending_approvals(&self, task_id: &str, now: u64) -> Result<usize, StoreError>;
 
     /// One task's pending approvals that have not expired at `now`, oldest
     /// first.

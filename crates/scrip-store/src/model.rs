@@ -206,6 +206,14 @@ pub const MAX_PENDING_PER_TASK: usize = 10;
 /// [`Write::InsertApproval`] enforces it.
 pub const MAX_PENDING_PER_AGENT: usize = 50;
 
+/// The most approvals that may wait at once among the tasks of one tree
+/// in which one sub-agent is the current actor (by its issuer and
+/// subject): a sub-agent delegating to itself, task after task (all in
+/// the tree it was given), cannot take the whole of its agent's
+/// [`MAX_PENDING_PER_AGENT`] from the agent's other work.
+/// [`Write::InsertApproval`] enforces it.
+pub const MAX_PENDING_PER_ACTOR: usize = 10;
+
 /// The most sub-tasks one task's tree may hold over its life (its
 /// delegations, theirs, and so on): ending a task ends its tree in one
 /// transaction, under the lock every replica writes with, which must stay
@@ -337,7 +345,9 @@ pub enum Write {
     /// [`crate::StoreError::Conflict`] (changing nothing) when the same step
     /// (task, tool and actions) already waits for a person, or when
     /// [`MAX_PENDING_PER_TASK`] steps of the task (or
-    /// [`MAX_PENDING_PER_AGENT`] of its agent's tasks) already wait, counting
+    /// [`MAX_PENDING_PER_ACTOR`] of the tasks its current actor acts in, in
+    /// its tree, or [`MAX_PENDING_PER_AGENT`] of its agent's tasks) already
+    /// wait, counting
     /// the approvals unexpired at the new one's `created_at`. The check runs
     /// inside the commit, under the write lock every replica takes, so two
     /// replicas asked at once cannot both open one.

@@ -1320,13 +1320,14 @@ async fn apply_in(
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(refused)?;
-                let agent_waiting: i64 = sqlx::query_scalar(rows::AGENT_PENDING_OF_TASK)
-                    .bind(&a.task_id)
-                    .bind(to_i64(a.created_at))
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(refused)?;
-                rows::check_pending(a, waiting, same, agent_waiting)?;
+                let (agent_waiting, actor_waiting): (i64, i64) =
+                    sqlx::query_as(rows::PENDING_NEAR_TASK_POSTGRES)
+                        .bind(&a.task_id)
+                        .bind(to_i64(a.created_at))
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(refused)?;
+                rows::check_pending(a, waiting, same, agent_waiting, actor_waiting)?;
                 sqlx::query(
                     "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at, approvable) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -1933,6 +1934,17 @@ impl Store for PgStore {
         .bind(to_i64(now))
         .bind(issuer)
         .bind(subject)
+        .fetch_one(c))
+        .await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    async fn actor_pending_approvals(&self, task_id: &str, now: u64) -> Result<usize, StoreError> {
+        let (_, n): (i64, i64) = read!(self.reads, TIMEOUT, |c| sqlx::query_as(
+            rows::PENDING_NEAR_TASK_POSTGRES
+        )
+        .bind(task_id)
+        .bind(to_i64(now))
         .fetch_one(c))
         .await?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))

@@ -34,6 +34,7 @@ pub(crate) fn check_pending(
     waiting: i64,
     same: i64,
     agent_waiting: i64,
+    actor_waiting: i64,
 ) -> Result<(), StoreError> {
     if a.state != crate::ApprovalState::Pending {
         return Ok(());
@@ -48,6 +49,13 @@ pub(crate) fn check_pending(
         return Err(StoreError::Conflict(format!(
             "{} steps of task {} already wait for a person",
             crate::MAX_PENDING_PER_TASK,
+            a.task_id
+        )));
+    }
+    if usize::try_from(actor_waiting).unwrap_or(usize::MAX) >= crate::MAX_PENDING_PER_ACTOR {
+        return Err(StoreError::Conflict(format!(
+            "{} steps of the tasks task {}'s sub-agent acts in in its tree already wait for a person",
+            crate::MAX_PENDING_PER_ACTOR,
             a.task_id
         )));
     }
@@ -71,10 +79,32 @@ pub(crate) const AGENT_PENDING: &str = "SELECT COUNT(*) FROM approvals a \
      AND t.ended_at IS NULL AND t.expires_at > $1 \
      AND t.agent_iss = $2 AND t.agent_sub = $3";
 
-/// As [`AGENT_PENDING`], for the agent of a task: task id, now. Both read
-/// the pending approvals (indexed by state) and each one's task by its key,
-/// never the tasks of an agent (unindexed, and possibly millions).
-pub(crate) const AGENT_PENDING_OF_TASK: &str = "SELECT COUNT(*) FROM approvals a \
+/// As [`AGENT_PENDING`], for the agent of a task (task id, now), and of
+/// those how many are in the task's tree with its current actor (the
+/// outermost `act`'s `sub` and `iss`; none for a task without an actor):
+/// two counts, in SQLite's JSON functions. Both read the pending approvals
+/// (indexed by state) and each one's task by its key, never the tasks of
+/// an agent (unindexed, and possibly millions).
+pub(crate) const PENDING_NEAR_TASK_SQLITE: &str = "SELECT COUNT(*), \
+     COALESCE(SUM(CASE WHEN COALESCE(t.root_id, t.id) = COALESCE(me.root_id, me.id) \
+     AND json_valid(me.actor) AND json_valid(t.actor) \
+     AND json_extract(t.actor, '$.sub') = json_extract(me.actor, '$.sub') \
+     AND json_extract(t.actor, '$.iss') IS json_extract(me.actor, '$.iss') \
+     THEN 1 ELSE 0 END), 0) \
+     FROM approvals a \
+     JOIN tasks me ON me.id = $1 \
+     JOIN tasks t ON t.id = a.task_id \
+     WHERE a.state = 'pending' AND a.expires_at > $2 \
+     AND t.ended_at IS NULL AND t.expires_at > $2 \
+     AND t.agent_iss = me.agent_iss AND t.agent_sub = me.agent_sub";
+
+/// [`PENDING_NEAR_TASK_SQLITE`] in PostgreSQL's.
+pub(crate) const PENDING_NEAR_TASK_POSTGRES: &str = "SELECT COUNT(*), \
+     COUNT(*) FILTER (WHERE COALESCE(t.root_id, t.id) = COALESCE(me.root_id, me.id) \
+     AND me.actor IS NOT NULL AND t.actor IS NOT NULL \
+     AND (t.actor::jsonb ->> 'sub') = (me.actor::jsonb ->> 'sub') \
+     AND (t.actor::jsonb ->> 'iss') IS NOT DISTINCT FROM (me.actor::jsonb ->> 'iss')) \
+     FROM approvals a \
      JOIN tasks me ON me.id = $1 \
      JOIN tasks t ON t.id = a.task_id \
      WHERE a.state = 'pending' AND a.expires_at > $2 \

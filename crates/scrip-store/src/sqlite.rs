@@ -392,6 +392,16 @@ impl Store for SqliteStore {
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
+    async fn actor_pending_approvals(&self, task_id: &str, now: u64) -> Result<usize, StoreError> {
+        let (_, n): (i64, i64) = sqlx::query_as(rows::PENDING_NEAR_TASK_SQLITE)
+            .bind(task_id)
+            .bind(to_i64(now))
+            .fetch_one(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     async fn task_pending_approvals(
         &self,
         task_id: &str,

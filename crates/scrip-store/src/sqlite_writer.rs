@@ -677,13 +677,15 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                     )
                 })
                 .map_err(unavailable)?;
-            let agent_waiting: i64 = tx
-                .prepare_cached(rows::AGENT_PENDING_OF_TASK)
+            let (agent_waiting, actor_waiting): (i64, i64) = tx
+                .prepare_cached(rows::PENDING_NEAR_TASK_SQLITE)
                 .and_then(|mut q| {
-                    q.query_row(params![a.task_id, to_i64(a.created_at)], |r| r.get(0))
+                    q.query_row(params![a.task_id, to_i64(a.created_at)], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                 })
                 .map_err(unavailable)?;
-            rows::check_pending(a, waiting, same, agent_waiting)?;
+            rows::check_pending(a, waiting, same, agent_waiting, actor_waiting)?;
             run(
                 tx,
                 "INSERT INTO approvals (id, task_id, tool, actions, state, created_at, expires_at, approvable) \

@@ -97,6 +97,7 @@ conformance!(
     a_denial_since_the_read_refuses_the_commit,
     a_task_has_at_most_ten_steps_waiting,
     an_agent_has_at_most_fifty_steps_waiting,
+    a_sub_agent_has_at_most_ten_steps_waiting_for_an_agent,
     concurrent_commits_chain_and_verify,
     two_writers_chain_and_verify,
     audit_queries_filter,
@@ -2806,4 +2807,129 @@ async fn an_agent_has_at_most_fifty_steps_waiting(f: Fixture) {
         41
     );
     put("a51".into(), "t5", "step51".into()).await.unwrap();
+}
+
+/// The tasks of one tree that one sub-agent acts in may have at most
+/// [`scrip_store::MAX_PENDING_PER_ACTOR`] steps waiting at once, however
+/// many such tasks it holds (delegating to itself); the agent's own tasks,
+/// another sub-agent (one it delegated to included), the same subject at
+/// another issuer, the same sub-agent in another tree or for another
+/// agent, expired steps and an ended task's do not count against it.
+async fn a_sub_agent_has_at_most_ten_steps_waiting_for_an_agent(f: Fixture) {
+    let s = &f.store;
+    assert_eq!(scrip_store::MAX_PENDING_PER_ACTOR, 10);
+    let acting = |id: &str, sub: &str, iss: &str| {
+        let mut t = task(id, Some("r"), 9_000);
+        t.actor = Some(Actor {
+            sub: sub.into(),
+            iss: Some(iss.into()),
+            act: None,
+        });
+        t
+    };
+    let mut writes = vec![Write::InsertTask(Box::new(task("r", None, 9_000)))];
+    for id in ["s1", "s2", "s3"] {
+        writes.push(Write::InsertTask(Box::new(acting(
+            id,
+            "helper",
+            "https://idp.test",
+        ))));
+    }
+    writes.push(Write::InsertTask(Box::new(acting(
+        "elsewhere",
+        "helper",
+        "https://other.test",
+    ))));
+    writes.push(Write::InsertTask(Box::new(acting(
+        "another",
+        "reviewer",
+        "https://idp.test",
+    ))));
+    // The helper delegated to the reviewer: the helper is in its chain, not
+    // its current actor.
+    let mut nested = acting("nested", "reviewer", "https://idp.test");
+    nested.parent = Some("s1".into());
+    if let Some(a) = nested.actor.as_mut() {
+        a.act = Some(Box::new(Actor {
+            sub: "helper".into(),
+            iss: Some("https://idp.test".into()),
+            act: None,
+        }));
+    }
+    writes.push(Write::InsertTask(Box::new(nested)));
+    // The same helper in another tree of the agent.
+    writes.push(Write::InsertTask(Box::new(task("q", None, 9_000))));
+    let mut other_tree = acting("q-helper", "helper", "https://idp.test");
+    other_tree.parent = Some("q".into());
+    writes.push(Write::InsertTask(Box::new(other_tree)));
+    let mut root2 = task("r2", None, 9_000);
+    root2.agent = identity("agent-2");
+    let mut for_agent2 = acting("s-agent2", "helper", "https://idp.test");
+    for_agent2.parent = Some("r2".into());
+    for_agent2.agent = identity("agent-2");
+    writes.push(Write::InsertTask(Box::new(root2)));
+    writes.push(Write::InsertTask(Box::new(for_agent2)));
+    // Expired by 1,000: it does not count.
+    writes.push(Write::InsertApproval(Box::new(pending(
+        "old", "s1", "old", 300,
+    ))));
+    s.commit(writes).await.unwrap();
+    let put = |id: String, task: &str, step: String| {
+        s.commit(vec![Write::InsertApproval(Box::new(pending(
+            &id, task, &step, 1_000,
+        )))])
+    };
+    // Ten across s1..s3.
+    for n in 0..10 {
+        let t = ["s1", "s2", "s3"][n % 3];
+        put(format!("a{n}"), t, format!("step{n}")).await.unwrap();
+    }
+    for t in ["s1", "s2", "s3"] {
+        assert_eq!(
+            s.actor_pending_approvals(t, 1_000).await.unwrap(),
+            10,
+            "{t}"
+        );
+    }
+    // An eleventh on any of them is refused, and nothing is stored.
+    let err = put("a10".into(), "s3", "step10".into()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(s.approval("a10").await.unwrap(), None);
+    // The others are not held back.
+    for (i, t) in ["r", "elsewhere", "another", "s-agent2"]
+        .into_iter()
+        .enumerate()
+    {
+        put(format!("b{i}"), t, "other".into()).await.unwrap();
+        assert_eq!(
+            s.actor_pending_approvals(t, 1_000).await.unwrap(),
+            usize::from(t != "r"),
+            "{t}"
+        );
+    }
+    assert_eq!(
+        s.actor_pending_approvals("unknown", 1_000).await.unwrap(),
+        0
+    );
+    put("n0".into(), "nested", "other".into()).await.unwrap();
+    assert_eq!(s.actor_pending_approvals("nested", 1_000).await.unwrap(), 2);
+    put("q0".into(), "q-helper", "other".into()).await.unwrap();
+    assert_eq!(
+        s.actor_pending_approvals("q-helper", 1_000).await.unwrap(),
+        1
+    );
+    assert_eq!(s.actor_pending_approvals("s1", 1_000).await.unwrap(), 10);
+    // Past their expiry, nothing counts.
+    assert_eq!(s.actor_pending_approvals("s1", 1_600).await.unwrap(), 0);
+    // s1's four steps wait for nobody once it has ended.
+    s.commit(vec![Write::EndTask {
+        id: "s1".into(),
+        at: 1_002,
+        reason: "done".into(),
+        grace: 0,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.actor_pending_approvals("s2", 1_002).await.unwrap(), 6);
+    put("a10".into(), "s3", "step10".into()).await.unwrap();
 }

@@ -205,17 +205,10 @@ async fn openid_client_binds_tokens_with_its_own_dpop_and_the_layer_checks_its_p
     // openid-client's proofs were accepted; the key the layer saw is the
     // one scrip bound the token to.
     assert_eq!(v["with_proof"], 200, "{out}");
-    let jkt = {
-        use base64::Engine as _;
-        let token = v["access"]["access_token"].as_str().unwrap();
-        let claims: Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(token.split('.').nth(1).unwrap())
-                .unwrap(),
-        )
-        .unwrap();
-        claims["cnf"]["jkt"].as_str().unwrap().to_owned()
-    };
+    let jkt = decode_part(v["access"]["access_token"].as_str().unwrap(), 1)["cnf"]["jkt"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(
         v["body"],
         format!("system:serviceaccount:agents:coder read {jkt}"),
@@ -232,6 +225,48 @@ async fn openid_client_binds_tokens_with_its_own_dpop_and_the_layer_checks_its_p
         "{out}"
     );
     server.abort();
+    scrip.stop().await;
+}
+
+/// `openid-client` delegates from a task bound to its key to a sub-task
+/// bound to a sub-agent's key named by the thumbprint `jose` computes
+/// (`dpop_jkt`): scrip binds the sub-task to that key, takes the
+/// sub-agent's proofs for it and refuses the parent's, and refuses the
+/// delegation that names no key.
+#[tokio::test]
+async fn openid_client_binds_a_sub_task_to_the_key_jose_names() {
+    setup();
+    let scrip = Scrip::start().await;
+    let identity = scrip.k8s.kubernetes("agents", "coder");
+    let actor = scrip.k8s.kubernetes("agents", "helper");
+    let (ok, out, err) = run(
+        "node",
+        "openid-dpop-delegate.mjs",
+        &[&scrip.url, &identity, &actor, "github:read", "github"],
+    )
+    .await;
+    assert!(
+        ok,
+        "openid-client's bound delegation failed against scrip: {err}"
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let jkt = v["jkt"].as_str().unwrap();
+    assert_eq!(jkt.len(), 43, "{out}");
+    let child = decode_part(v["child"]["access_token"].as_str().unwrap(), 1);
+    assert_eq!(child["cnf"]["jkt"], jkt, "{out}");
+    assert_eq!(child["act"]["sub"], "system:serviceaccount:agents:helper");
+    let access = decode_part(v["access"]["access_token"].as_str().unwrap(), 1);
+    assert_eq!(access["cnf"]["jkt"], jkt, "{out}");
+    assert_eq!(
+        v["access"]["token_type"]
+            .as_str()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("dpop"),
+        "{out}"
+    );
+    assert_eq!(v["unnamed"], "invalid_request", "{out}");
+    assert_eq!(v["parent_key"], "invalid_dpop_proof", "{out}");
     scrip.stop().await;
 }
 
