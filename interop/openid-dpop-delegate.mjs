@@ -7,8 +7,8 @@
 // usage: node openid-dpop-delegate.mjs <issuer> <identity-jwt> <actor-jwt> <grants> <tool>
 // Prints {"jkt": <B's thumbprint>, "child": <the sub-task's answer>,
 //         "access": <the sub-agent's access-token answer>,
-//         "unnamed": <the error of the delegation without dpop_jkt>,
-//         "parent_key": <the error of the sub-task's exchange with A>}
+//         "unnamed": <"error: description" of the delegation without dpop_jkt>,
+//         "parent_key": <"error: description" of the sub-task's exchange with A>}
 import * as client from 'openid-client';
 import * as jose from 'jose';
 
@@ -17,13 +17,14 @@ const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 const TXN = 'urn:ietf:params:oauth:token-type:txn_token';
 const JWT = 'urn:ietf:params:oauth:token-type:jwt';
 
-/// The OAuth error code of a refused request, or '' when it was not refused.
+// The OAuth error code and description of a refused request, or '' when
+// it was not refused.
 async function refusal(request) {
   try {
     await request;
     return '';
   } catch (e) {
-    return e.error ?? e.code ?? String(e.message);
+    return `${e.error ?? e.code ?? ''}: ${e.error_description ?? e.message}`;
   }
 }
 

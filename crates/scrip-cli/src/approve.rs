@@ -255,6 +255,41 @@ fn step_lines(a: &Value) -> Vec<String> {
             lines.push(format!("  {label:<13}{line}"));
         }
     }
+    // What a person denied the same agent at this tool lately, in any of
+    // its tasks: a step asked again elsewhere after a no reads as such.
+    let denials = a
+        .get("recent_denials")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    for d in denials {
+        let when = match d.get("decided_at").and_then(Value::as_u64) {
+            Some(s) => crate::audit::when(s.saturating_mul(1000)),
+            None => text(d, "decided_at"),
+        };
+        // A sub-agent acting for the agent was the one refused: named,
+        // escaped as every identity a step shows.
+        let by = match d.get("actor") {
+            Some(actor @ Value::Object(_)) => format!(
+                ", asked by {} (from {})",
+                identity_of(actor, "subject"),
+                identity_of(actor, "issuer")
+            ),
+            _ => String::new(),
+        };
+        let value = format!(
+            "{} at {} by {} at {} (task {}{by}): {}",
+            text(d, "actions"),
+            text(a, "tool"),
+            text(d, "decided_by"),
+            when,
+            text(d, "task"),
+            text(d, "reason")
+        );
+        for (i, line) in wrapped(&value, VALUE_COLUMNS).into_iter().enumerate() {
+            let label = if i == 0 { "denied:" } else { "" };
+            lines.push(format!("  {label:<13}{line}"));
+        }
+    }
     lines.push("  purpose, in the agent's words:".to_owned());
     let purpose = wrapped(&text(a, "purpose"), PURPOSE_COLUMNS);
     lines.extend(purpose.iter().map(|l| format!("    | {l}")));
@@ -505,6 +540,53 @@ mod tests {
             [
                 "  purpose, in the agent's words:",
                 "    | docs environment: dev asks: read at github\\u{9}now"
+            ]
+        );
+    }
+
+    /// The same agent's recent denials at the tool come after the step's
+    /// fields, each on lines of its own (the approver's reason wrapped
+    /// under its label), before the agent's words.
+    #[test]
+    fn recent_denials_are_shown_before_the_purpose() {
+        let a = serde_json::json!({
+            "auth_req_id": "r2",
+            "agent": {"issuer": "https://k8s", "subject": "coder"},
+            "task": "t2",
+            "purpose": "cleanup",
+            "environment": "prod",
+            "actions": "delete",
+            "tool": "db",
+            "expires_at": 1,
+            "recent_denials": [{
+                "auth_req_id": "r1",
+                "task": "t1",
+                "actor": null,
+                "actions": "delete",
+                "decided_by": "alice",
+                "decided_at": 2,
+                "reason": format!("not in prod{}\u{1b}[2J", " wait".repeat(12)),
+            }, {
+                "auth_req_id": "r0",
+                "task": "t0",
+                "actor": {"issuer": "https://k8s", "subject": "helper two"},
+                "actions": "delete",
+                "decided_by": "bob",
+                "decided_at": 1,
+                "reason": "no",
+            }],
+        });
+        let lines = step_lines(&a);
+        assert_eq!(
+            lines[8..],
+            [
+                "  denied:      delete at db by alice at 1970-01-01T00:00:02.000Z (task t1):",
+                "               not in prod wait wait wait wait wait wait wait wait wait wait",
+                "               wait wait\\u{1b}[2J",
+                "  denied:      delete at db by bob at 1970-01-01T00:00:01.000Z (task t0, asked",
+                "               by helper\\u{20}two (from https://k8s)): no",
+                "  purpose, in the agent's words:",
+                "    | cleanup",
             ]
         );
     }

@@ -491,6 +491,17 @@ fn a_person_approves_and_denies_an_agents_delete_in_prod() {
     );
     let out = server.scrip(&["approve", &second]);
     assert_fails(&out, 1, &["409", "already denied"]);
+
+    // Asked again from another task: the person sees the no beside it.
+    let other = server.start_task();
+    let third = server.ask_delete(&other);
+    let out = server.scrip(&["approvals"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains(&third), "{stdout}");
+    let denied = "  denied:      delete at github by root-operator at ";
+    assert!(stdout.contains(denied), "{stdout}");
+    assert!(stdout.contains("not today"), "{stdout}");
 }
 
 /// `scrip token --tool github --action delete` as the agent of `task`,

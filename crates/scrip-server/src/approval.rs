@@ -244,6 +244,23 @@ pub(crate) async fn request(
             all.push(Write::TaskOpen {
                 id: task.id.clone(),
             });
+            // Read before the commit, and only for a webhook: the
+            // announcement must not wait on it, and a step is not refused
+            // for what only the webhook's receiver would have read.
+            let described = match &st.webhook {
+                None => Value::Null,
+                Some(_) => match described_for_person(st, &approval, Some(task)).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e.description, auth_req_id = %id, "could not read the agent's recent denials for the webhook; announced without them");
+                        let mut v = describe(&approval, Some(task));
+                        if let Some(obj) = v.as_object_mut() {
+                            obj.insert("recent_denials".into(), Value::Null);
+                        }
+                        v
+                    }
+                },
+            };
             // The commit and the call that announces it run on their own:
             // a request dropped meanwhile (its client gone, the server's
             // drain over) must not leave a step stored that no approver is
@@ -252,7 +269,7 @@ pub(crate) async fn request(
                 let (store, webhook) = (st.store.clone(), st.webhook.clone());
                 // Counted from now: a stop waits for the announcement.
                 let counted = webhook.as_ref().map(|w| w.announcing());
-                let (id, described) = (id.clone(), describe(&approval, Some(task)));
+                let (id, described) = (id.clone(), described);
                 let (task_id, tool, asked) = (task.id.clone(), tool.to_owned(), asked.clone());
                 async move {
                     match store.commit(all).await {
@@ -374,6 +391,75 @@ fn pending_saying(
         axum::http::HeaderValue::from_static("no-cache"),
     );
     response
+}
+
+/// The most of an agent's recent denials at a tool shown beside its step.
+const SHOWN_DENIALS: u32 = 5;
+
+/// What a person sees about an approval waiting for them: [`describe`],
+/// and beside it `recent_denials`, the latest denials of the same agent at
+/// the same tool, in any of its tasks, within `approval_ttl`. A denial
+/// binds the task it was asked in; asking again from another task (or a
+/// sub-task) until someone gives in is a known way to get a yes, and the
+/// person deciding sees that it was asked, and refused, before.
+async fn described_for_person(
+    st: &Inner,
+    a: &Approval,
+    task: Option<&TaskRecord>,
+) -> Result<Value, OAuthError> {
+    let mut v = describe(a, task);
+    if let (Some(t), Some(obj)) = (task, v.as_object_mut()) {
+        obj.insert(
+            "recent_denials".into(),
+            recent_denials(st, &t.agent, &a.tool, &a.id).await?,
+        );
+    }
+    Ok(v)
+}
+
+/// [`described_for_person`]'s `recent_denials`, other than `except`.
+async fn recent_denials(
+    st: &Inner,
+    agent: &WorkloadIdentity,
+    tool: &str,
+    except: &str,
+) -> Result<Value, OAuthError> {
+    let since = now().saturating_sub(st.config.approval_ttl);
+    let denials = st
+        .store
+        .agent_denials(
+            &agent.issuer,
+            &agent.subject,
+            tool,
+            since,
+            SHOWN_DENIALS.saturating_add(1),
+        )
+        .await?;
+    let mut shown = Vec::new();
+    for d in denials
+        .iter()
+        .filter(|d| d.id != except)
+        .take(SHOWN_DENIALS as usize)
+    {
+        // Who was refused: the agent itself, or a sub-agent acting for it
+        // (its issuer too, as everywhere a person reads an identity).
+        let acting = st
+            .store
+            .task(&d.task_id)
+            .await?
+            .and_then(|t| t.actor)
+            .map(|a| json!({"issuer": a.iss, "subject": a.sub}));
+        shown.push(json!({
+            "auth_req_id": d.id,
+            "task": d.task_id,
+            "actor": acting,
+            "actions": d.actions,
+            "decided_by": d.decided_by,
+            "decided_at": d.decided_at,
+            "reason": d.reason,
+        }));
+    }
+    Ok(Value::Array(shown))
 }
 
 /// What a person sees about an approval.
@@ -917,13 +1003,33 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
         let more = pending.len() > LISTED as usize;
         pending.truncate(LISTED as usize);
         let mut out = Vec::with_capacity(pending.len());
+        // One read of an agent's denials at a tool for all its steps there.
+        let mut denials: HashMap<(String, String, String), Value> = HashMap::new();
         for a in &pending {
             // A step a later denial answers is no one's to decide.
             if denied_since(st, a).await?.is_some() {
                 continue;
             }
             let task = st.store.task(&a.task_id).await?;
-            out.push(describe(a, task.as_ref()));
+            let mut v = describe(a, task.as_ref());
+            if let (Some(t), Some(obj)) = (&task, v.as_object_mut()) {
+                let key = (
+                    t.agent.issuer.clone(),
+                    t.agent.subject.clone(),
+                    a.tool.clone(),
+                );
+                let recent = match denials.get(&key) {
+                    Some(recent) => recent.clone(),
+                    None => {
+                        // A waiting step is never a denial: none to leave out.
+                        let recent = recent_denials(st, &t.agent, &a.tool, "").await?;
+                        denials.insert(key, recent.clone());
+                        recent
+                    }
+                };
+                obj.insert("recent_denials".into(), recent);
+            }
+            out.push(v);
         }
         Ok::<_, OAuthError>(json!({ "approvals": out, "more": more }))
     }
@@ -951,7 +1057,7 @@ pub async fn show_endpoint(
         }
         let approval = st.store.approval(&id).await?.ok_or_else(not_found)?;
         let task = st.store.task(&approval.task_id).await?;
-        Ok::<_, OAuthError>(describe(&approval, task.as_ref()))
+        described_for_person(st, &approval, task.as_ref()).await
     }
     .await;
     match result {

@@ -356,6 +356,119 @@ async fn an_agent_has_at_most_fifty_steps_waiting_across_its_tasks() {
     s.stop().await;
 }
 
+/// A denial binds the task it was asked in, so the agent may ask again
+/// from another: the person deciding then sees the same agent's recent
+/// denials at that tool, in any of its tasks (not another agent's, not
+/// another tool's, and not a step's own).
+#[tokio::test]
+async fn an_approver_sees_the_agents_recent_denials_at_the_tool() {
+    let (s, first) = eleven_dbs_with(&[], vec![approved_deletes()]).await;
+    let denied = pending_step(&s, &first, "db0", "delete").await;
+    let r = deny(&s, &denied, Some(&alice_id(&s)), "no deletes today").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A sub-agent acting for the agent, refused at another tool.
+    let helper = delegate_to(&s, first.clone(), "helper").await;
+    let helpers = pending_step(&s, &helper, "db1", "delete").await;
+    let r = deny(&s, &helpers, Some(&alice_id(&s)), "not the helper").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Asked again, from a new task.
+    let new_task = |agent: &str| {
+        let s = &s;
+        let identity = s.k8s.kubernetes("agents", agent);
+        async move {
+            s.start_task(&identity, "db0:delete db1:delete", "prod", PURPOSE)
+                .await["access_token"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let second = new_task("coder").await;
+    let again = pending_step(&s, &second, "db0", "delete").await;
+    let elsewhere = pending_step(&s, &second, "db1", "delete").await;
+    let theirs = new_task("reviewer").await;
+    let other_agent = pending_step(&s, &theirs, "db0", "delete").await;
+
+    let (_, first_claims) = decode_parts(&first);
+    let listed = list(&s, Some(&alice_id(&s))).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let step = |id: &str| {
+        listed.body["approvals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["auth_req_id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let recent = step(&again)["recent_denials"].clone();
+    assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
+    let d = &recent[0];
+    assert_eq!(d["auth_req_id"], denied.as_str());
+    assert_eq!(d["task"], first_claims["txn"]);
+    assert_eq!(d["actions"], "delete");
+    assert_eq!(d["decided_by"], "alice");
+    assert_eq!(d["reason"], "no deletes today");
+    assert_eq!(d["actor"], Value::Null, "the agent's own: {d}");
+    assert!(d["decided_at"].as_u64().is_some(), "{d}");
+    // At the other tool, the sub-agent's denial, naming it.
+    let at_db1 = step(&elsewhere)["recent_denials"].clone();
+    assert_eq!(at_db1.as_array().map(Vec::len), Some(1), "{at_db1}");
+    assert_eq!(at_db1[0]["auth_req_id"], helpers.as_str());
+    assert_eq!(
+        at_db1[0]["actor"],
+        json!({"issuer": K8S_ISSUER, "subject": "system:serviceaccount:agents:helper"})
+    );
+    assert_eq!(step(&other_agent)["recent_denials"], json!([]));
+    // One step alone: the same; the denied step does not list itself.
+    let get = |id: &str| {
+        let req = s.http.get(format!("{}/approvals/{id}", s.url));
+        let req = req.bearer_auth(alice_id(&s));
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(get(&again).await["recent_denials"], recent);
+    let shown = get(&denied).await;
+    assert_eq!(shown["state"], "denied");
+    assert_eq!(shown["recent_denials"], json!([]));
+    s.stop().await;
+}
+
+/// A policy file by which sub-agents may delete, with a person's approval
+/// (over the repository's `delegated-read-only`).
+fn approved_deletes() -> (String, String) {
+    (
+        "delegated-read-only.cedar".to_owned(),
+        "@id(\"delegated-read-only\")\nforbid (principal, action, resource) when { context.delegation_depth > 0 } unless { action == Action::\"read\" || context.approved };\n"
+            .to_owned(),
+    )
+}
+
+/// Delegates the task of `from` to the sub-agent `actor` (namespace
+/// `agents`); the sub-task's token.
+async fn delegate_to(s: &TestServer, from: String, actor: &str) -> String {
+    let actor = s.k8s.kubernetes("agents", actor);
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", from.as_str()),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:txn_token",
+                ),
+                ("actor_token", actor.as_str()),
+                ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["access_token"].as_str().unwrap().to_owned()
+}
+
 /// A sub-agent's tasks in one tree together hold at most ten steps
 /// waiting for a person: delegating to itself, task after task, it cannot
 /// take the agent's fifty places from the agent's other work. The agent,
@@ -363,39 +476,8 @@ async fn an_agent_has_at_most_fifty_steps_waiting_across_its_tasks() {
 /// held back; a decision makes room.
 #[tokio::test]
 async fn a_sub_agent_has_at_most_ten_steps_waiting_for_an_agent() {
-    // Sub-agents may delete here, with a person's approval.
-    let approved_deletes = (
-        "delegated-read-only.cedar".to_owned(),
-        "@id(\"delegated-read-only\")\nforbid (principal, action, resource) when { context.delegation_depth > 0 } unless { action == Action::\"read\" || context.approved };\n"
-            .to_owned(),
-    );
-    let (s, root) = eleven_dbs_with(&[], vec![approved_deletes]).await;
-    let delegate = |from: String, actor: &str| {
-        let s = &s;
-        let actor = s.k8s.kubernetes("agents", actor);
-        async move {
-            let r = s
-                .post_form(
-                    "/token",
-                    &[
-                        (
-                            "grant_type",
-                            "urn:ietf:params:oauth:grant-type:token-exchange",
-                        ),
-                        ("subject_token", from.as_str()),
-                        (
-                            "subject_token_type",
-                            "urn:ietf:params:oauth:token-type:txn_token",
-                        ),
-                        ("actor_token", actor.as_str()),
-                        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                    ],
-                )
-                .await;
-            assert_eq!(r.status, 200, "{}", r.text);
-            r.body["access_token"].as_str().unwrap().to_owned()
-        }
-    };
+    let (s, root) = eleven_dbs_with(&[], vec![approved_deletes()]).await;
+    let delegate = |from: String, actor: &'static str| delegate_to(&s, from, actor);
     let helper = delegate(root.clone(), "helper").await;
     // The helper delegates to itself.
     let again = delegate(helper.clone(), "helper").await;
@@ -2214,6 +2296,7 @@ async fn the_webhook_hears_of_a_pending_approval_with_retries() {
     assert_eq!(b["tool"], "github");
     assert_eq!(b["actions"], "delete");
     assert_eq!(b["delegation_chain"], json!([]));
+    assert_eq!(b["recent_denials"], json!([]));
     s.stop().await;
     server.abort();
 }

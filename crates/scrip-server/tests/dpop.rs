@@ -662,6 +662,12 @@ forbid (principal, action, resource) when { context.delegation_depth > 0 } unles
     let helper = s.k8s.kubernetes("agents", "helper");
     let r = post(&s, &delegate_form(&bearer, &helper), &[]).await;
     r.assert_error(400, "access_denied");
+    assert!(
+        s.audit().await.iter().any(|a| a.event == "task.grant"
+            && a.decision.as_deref() == Some("deny")
+            && a.policies == ["sub-agents-are-bound"]),
+        "no denial by sub-agents-are-bound"
+    );
     let helpers = DpopKey::new();
     let named = json!({ "dpop_jkt": helpers.jkt() }).to_string();
     let mut form = delegate_form(&bearer, &helper);

@@ -214,6 +214,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// decision first.
     async fn task_denials(&self, task_id: &str, since: u64) -> Result<Vec<Approval>, StoreError>;
 
+    /// The approvals at `tool` a person denied at or after `since` in any
+    /// task of the agent `issuer`/`subject`, the latest decision first, at
+    /// most `limit`: what an approver is shown beside a step of that agent
+    /// at that tool.
+    async fn agent_denials(
+        &self,
+        issuer: &str,
+        subject: &str,
+        tool: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<Approval>, StoreError>;
+
     /// Approvals that expired at or before `now` still pending, or approved
     /// and never collected.
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;

@@ -2003,6 +2003,25 @@ impl Store for PgStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn agent_denials(
+        &self,
+        issuer: &str,
+        subject: &str,
+        tool: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(rows::AGENT_DENIALS)
+            .bind(to_i64(since))
+            .bind(tool)
+            .bind(issuer)
+            .bind(subject)
+            .bind(i64::from(limit))
+            .fetch_all(c))
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = read!(self.reads, TIMEOUT, |c|
             sqlx::query(concat!(

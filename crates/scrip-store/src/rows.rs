@@ -167,6 +167,22 @@ macro_rules! approval_columns {
     };
 }
 
+/// [`crate::Store::agent_denials`]: since, tool, issuer, subject, limit. A
+/// person decides a step before it expires, and an approved step is
+/// overruled by a denial when it is collected, before it expires too,
+/// give or take the collection's few seconds: so one denied since `$1`
+/// expires after `$1` less 300 s. The bound lets the read take the
+/// approvals index by state and expiry over its recent range only, and
+/// each one's task by its key.
+pub(crate) const AGENT_DENIALS: &str = concat!(
+    "SELECT ",
+    approval_columns!(),
+    " FROM approvals WHERE state = 'denied' AND expires_at >= $1 - 300 AND decided_at >= $1 \
+     AND tool = $2 AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = approvals.task_id \
+     AND t.agent_iss = $3 AND t.agent_sub = $4) \
+     ORDER BY decided_at DESC, id LIMIT $5"
+);
+
 /// The columns [`key`] reads.
 macro_rules! key_columns {
     () => {

@@ -452,6 +452,26 @@ impl Store for SqliteStore {
         rows.iter().map(rows::approval).collect()
     }
 
+    async fn agent_denials(
+        &self,
+        issuer: &str,
+        subject: &str,
+        tool: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(rows::AGENT_DENIALS)
+            .bind(to_i64(since))
+            .bind(tool)
+            .bind(issuer)
+            .bind(subject)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(rows::approval).collect()
+    }
+
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",

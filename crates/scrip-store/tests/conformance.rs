@@ -96,6 +96,7 @@ conformance!(
     a_step_waits_for_a_person_once,
     a_denial_since_the_read_refuses_the_commit,
     a_task_has_at_most_ten_steps_waiting,
+    agent_denials_are_an_agents_latest_at_a_tool,
     an_agent_has_at_most_fifty_steps_waiting,
     a_sub_agent_has_at_most_ten_steps_waiting_for_an_agent,
     concurrent_commits_chain_and_verify,
@@ -1654,6 +1655,104 @@ async fn a_step_waits_for_a_person_once(f: Fixture) {
     assert_eq!(opened, 1);
     let waiting = s.task_pending_approvals("t2", 1_300).await.unwrap();
     assert_eq!(waiting.iter().filter(|a| a.actions == "admin").count(), 1);
+}
+
+/// An agent's denials at a tool, in any of its tasks, the latest first:
+/// not another agent's (the same subject at another issuer included), not
+/// another tool's, not those decided before `since`, nor a step still
+/// waiting or approved; at most `limit`.
+async fn agent_denials_are_an_agents_latest_at_a_tool(f: Fixture) {
+    let s = &f.store;
+    let mut elsewhere = task("w", None, 9_000);
+    elsewhere.agent.issuer = "https://other.test".into();
+    let mut other = task("u", None, 9_000);
+    other.agent = identity("agent-2");
+    let mut writes = vec![
+        Write::InsertTask(Box::new(task("t1", None, 9_000))),
+        Write::InsertTask(Box::new(task("t2", None, 9_000))),
+        Write::InsertTask(Box::new(elsewhere)),
+        Write::InsertTask(Box::new(other)),
+    ];
+    let mut at_jira = pending("j", "t1", "delete", 1_000);
+    at_jira.tool = "jira".into();
+    writes.push(Write::InsertApproval(Box::new(at_jira)));
+    for (id, t) in [
+        ("d1", "t1"),
+        ("d2", "t2"),
+        ("d3", "t2"),
+        ("early", "t1"),
+        ("w1", "w"),
+        ("u1", "u"),
+        ("waiting", "t1"),
+        ("approved", "t2"),
+    ] {
+        writes.push(Write::InsertApproval(Box::new(pending(id, t, id, 1_000))));
+    }
+    s.commit(writes).await.unwrap();
+    let decide = |id: &str, to: ApprovalState, at: u64| Write::UpdateApproval {
+        id: id.into(),
+        from: ApprovalState::Pending,
+        to,
+        by: Some("alice".into()),
+        at,
+        reason: Some(format!("no to {id}")),
+        token_jti: None,
+    };
+    s.commit(vec![
+        decide("early", ApprovalState::Denied, 1_001),
+        decide("d1", ApprovalState::Denied, 1_010),
+        decide("d2", ApprovalState::Denied, 1_030),
+        decide("d3", ApprovalState::Denied, 1_020),
+        decide("w1", ApprovalState::Denied, 1_040),
+        decide("u1", ApprovalState::Denied, 1_040),
+        decide("j", ApprovalState::Denied, 1_040),
+        decide("approved", ApprovalState::Approved, 1_040),
+    ])
+    .await
+    .unwrap();
+    let ids = |list: Vec<Approval>| list.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let denials = s
+        .agent_denials("https://idp.test", "agent-1", "github", 1_005, 10)
+        .await
+        .unwrap();
+    assert_eq!(denials[0].reason.as_deref(), Some("no to d2"));
+    assert_eq!(denials[0].decided_by.as_deref(), Some("alice"));
+    assert_eq!(ids(denials), ["d2", "d3", "d1"]);
+    assert_eq!(
+        ids(s
+            .agent_denials("https://idp.test", "agent-1", "github", 1_005, 2)
+            .await
+            .unwrap()),
+        ["d2", "d3"]
+    );
+    assert_eq!(
+        ids(s
+            .agent_denials("https://idp.test", "agent-1", "github", 0, 10)
+            .await
+            .unwrap()),
+        ["d2", "d3", "d1", "early"]
+    );
+    assert_eq!(
+        ids(s
+            .agent_denials("https://other.test", "agent-1", "github", 0, 10)
+            .await
+            .unwrap()),
+        ["w1"]
+    );
+    assert_eq!(
+        ids(s
+            .agent_denials("https://idp.test", "agent-1", "jira", 0, 10)
+            .await
+            .unwrap()),
+        ["j"]
+    );
+    // Denials whose steps expired long ago are not read.
+    assert!(
+        s.agent_denials("https://idp.test", "agent-1", "github", 1_700, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn a_task_has_at_most_ten_steps_waiting(f: Fixture) {
