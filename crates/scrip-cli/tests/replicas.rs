@@ -15,6 +15,8 @@
 )]
 
 mod common;
+#[path = "../../scrip-proxy/tests/common/nginx.rs"]
+mod nginx;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Client, Idp, JWT, K8S_ISSUER, Received, Server, TOKEN_EXCHANGE, TXN, claims, copy_policies,
-    free_port, load, scrip, str_of, text,
+    form, free_port, load, scrip, str_of, text,
 };
 use scrip_testkit::{Gate, PgDatabase};
 use serde_json::{Value, json};
@@ -165,6 +167,346 @@ impl Replica {
             .output()
             .unwrap()
     }
+}
+
+/// Sends `pairs` to `client`'s token endpoint with the DPoP proof `proof`.
+async fn post_with_proof(
+    client: Client,
+    proof: String,
+    pairs: Vec<(&'static str, String)>,
+) -> (u16, Value) {
+    let r = client
+        .http
+        .post(format!("{}/token", client.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("dpop", proof)
+        .body(form(
+            &pairs
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+/// The refusals (`decision` deny) of the trail `scrip audit query --json`
+/// printed, by event, whose reason holds `reason`.
+fn refusals(trail: &str, event: &str, reason: &str) -> usize {
+    trail
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| {
+            e["decision"] == "deny"
+                && e["event"] == event
+                && e["reason"].as_str().unwrap_or("").contains(reason)
+        })
+        .count()
+}
+
+/// A step that waits for a person, asked, polled and collected with DPoP
+/// proofs on one replica: each request replayed on the other is refused
+/// there, and the approved step's token is not handed to the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_for_a_step_is_taken_once_across_replicas() {
+    let cluster = Cluster::new();
+    let alice = "system:serviceaccount:people:alice";
+    let approvers = format!(
+        "[[approvers]]\nname = \"alice\"\nissuer = \"{K8S_ISSUER}\"\nsubject = \"{alice}\"\n"
+    );
+    let r: Vec<Replica> = ["a", "b"]
+        .iter()
+        .map(|n| cluster.start(n, &approvers))
+        .collect();
+    let key = scrip_client::DpopKey::generate().unwrap();
+    let token_url = format!("{ISSUER}/token");
+    let post = |i: usize, proof: String, pairs: Vec<(&'static str, String)>| {
+        post_with_proof(r[i].client.clone(), proof, pairs)
+    };
+    let details = json!({"purpose": "clean up JIRA-4", "environment": "prod"}).to_string();
+    let start = vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", cluster.identity()),
+        ("subject_token_type", JWT.to_owned()),
+        ("requested_token_type", TXN.to_owned()),
+        ("scope", "github:read github:delete".to_owned()),
+        ("request_details", details),
+    ];
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, started) = post(0, proof, start).await;
+    assert_eq!(status, 200, "{started}");
+    let task = started["access_token"].as_str().unwrap().to_owned();
+
+    // The step asked on a; the same request on b is refused, and asks no
+    // one again.
+    let ask = vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", task.clone()),
+        ("subject_token_type", TXN.to_owned()),
+        ("audience", "github".to_owned()),
+        ("scope", "delete".to_owned()),
+    ];
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, asked) = post(0, proof.clone(), ask).await;
+    assert_eq!(status, 400, "{asked}");
+    assert_eq!(asked["error"], "authorization_pending", "{asked}");
+    let id = asked["auth_req_id"].as_str().unwrap().to_owned();
+    let ask_again = vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", task.clone()),
+        ("subject_token_type", TXN.to_owned()),
+        ("audience", "github".to_owned()),
+        ("scope", "delete".to_owned()),
+    ];
+    let (status, replayed) = post(1, proof, ask_again).await;
+    assert_eq!(status, 400, "{replayed}");
+    assert_eq!(
+        replayed["error_description"], "the DPoP proof was used before",
+        "{replayed}"
+    );
+
+    // A poll while it waits, on a, replayed on b.
+    let poll = vec![
+        ("grant_type", "urn:openid:params:grant-type:ciba".to_owned()),
+        ("auth_req_id", id.clone()),
+        ("subject_token", task.clone()),
+    ];
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, waiting) = post(0, proof.clone(), poll.clone()).await;
+    assert_eq!(
+        waiting["error"], "authorization_pending",
+        "{status} {waiting}"
+    );
+
+    // Alice approves; the waiting poll's proof, replayed on b now, does
+    // not collect the token.
+    let approved = r[0]
+        .client
+        .post(
+            &format!("/approvals/{id}/approve"),
+            &[],
+            Some(&cluster.idp.kubernetes("people", "alice")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let (status, replayed) = post(1, proof, poll.clone()).await;
+    assert_eq!(status, 400, "{replayed}");
+    assert_eq!(
+        replayed["error_description"], "the DPoP proof was used before",
+        "{replayed}"
+    );
+
+    // Collected on b; that poll replayed on a gets nothing.
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, collected) = post(1, proof.clone(), poll.clone()).await;
+    assert_eq!(status, 200, "{collected}");
+    assert_eq!(collected["token_type"], "DPoP", "{collected}");
+    let (status, replayed) = post(0, proof, poll).await;
+    assert_eq!(status, 400, "{replayed}");
+    assert_eq!(
+        replayed["error_description"], "the DPoP proof was used before",
+        "{replayed}"
+    );
+
+    let out = r[0].audit(&["query", "--json"]);
+    let trail = text(&out.stdout);
+    assert_eq!(
+        refusals(&trail, "token.refused", "the DPoP proof was used before"),
+        3,
+        "{trail}"
+    );
+    // The step's decision, asked and replayed: both on the record.
+    let decided = trail
+        .lines()
+        .filter(|l| l.contains("\"token.decision\""))
+        .count();
+    assert_eq!(decided, 2, "{trail}");
+    assert_eq!(
+        trail
+            .lines()
+            .filter(|l| l.contains("\"approval.requested\""))
+            .count(),
+        1,
+        "{trail}"
+    );
+}
+
+/// A DPoP-bound request sent to one replica and then, unchanged (its very
+/// proof), to another: the second is refused, as the first replica would
+/// refuse it itself, at the token endpoint and at the proxy, and nothing
+/// reaches the upstream twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_is_taken_once_across_replicas() {
+    const KEY: &str = "rk-Replayed-Bv4Qz8";
+    let upstream = nginx::Nginx::start(&[("read", KEY)], KEY);
+    let cluster = Cluster::new();
+    let proxied = format!(
+        "[[upstreams]]\nname = \"github\"\nurl = \"{}\"\n[upstreams.secrets.read]\n",
+        upstream.url()
+    );
+    let r: Vec<Replica> = ["a", "b"]
+        .iter()
+        .map(|n| cluster.start(n, &proxied))
+        .collect();
+    let mut set = scrip()
+        .args(["secret", "set", "github", "--action", "read", "--config"])
+        .arg(&r[0].config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = set.stdin.take().unwrap();
+        writeln!(stdin, "{KEY}").unwrap();
+    }
+    let out = set.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let key = scrip_client::DpopKey::generate().unwrap();
+    let token_url = format!("{ISSUER}/token");
+    // Sends `form` to replica `i`'s token endpoint with `proof`.
+    let post = |i: usize, proof: String, pairs: Vec<(&'static str, String)>| {
+        post_with_proof(r[i].client.clone(), proof, pairs)
+    };
+    let details = json!({"purpose": "fix JIRA-9", "environment": "dev"}).to_string();
+    let start = vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", cluster.identity()),
+        ("subject_token_type", JWT.to_owned()),
+        ("requested_token_type", TXN.to_owned()),
+        ("scope", "github:read".to_owned()),
+        ("request_details", details),
+    ];
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, started) = post(0, proof.clone(), start.clone()).await;
+    assert_eq!(status, 200, "{started}");
+    let task = started["access_token"].as_str().unwrap().to_owned();
+    // The start, replayed at the other replica: refused.
+    let (status, replayed) = post(1, proof, start).await;
+    assert_eq!(status, 400, "{replayed}");
+    assert_eq!(replayed["error"], "invalid_dpop_proof", "{replayed}");
+    assert_eq!(
+        replayed["error_description"], "the DPoP proof was used before",
+        "{replayed}"
+    );
+
+    // An access token: its request taken on b, replayed on a and on b.
+    let exchange = vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", task.clone()),
+        ("subject_token_type", TXN.to_owned()),
+        ("audience", "github".to_owned()),
+        ("scope", "read".to_owned()),
+    ];
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, issued) = post(1, proof.clone(), exchange.clone()).await;
+    assert_eq!(status, 200, "{issued}");
+    let access = issued["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(issued["token_type"], "DPoP", "{issued}");
+    for i in [0, 1] {
+        let (status, replayed) = post(i, proof.clone(), exchange.clone()).await;
+        assert_eq!(status, 400, "replica {i}: {replayed}");
+        assert_eq!(
+            replayed["error_description"], "the DPoP proof was used before",
+            "replica {i}: {replayed}"
+        );
+    }
+
+    // A sub-task bound to a sub-agent's key: delegated on a, replayed on b.
+    let sub_agent = scrip_client::DpopKey::generate().unwrap();
+    let delegation = vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", task.clone()),
+        ("subject_token_type", TXN.to_owned()),
+        ("actor_token", cluster.idp.kubernetes("agents", "reviewer")),
+        ("actor_token_type", JWT.to_owned()),
+        ("requested_token_type", TXN.to_owned()),
+        ("scope", "github:read".to_owned()),
+        (
+            "request_details",
+            json!({"dpop_jkt": sub_agent.thumbprint()}).to_string(),
+        ),
+    ];
+    let proof = key.proof("POST", &token_url, None).unwrap();
+    let (status, child) = post(0, proof.clone(), delegation.clone()).await;
+    assert_eq!(status, 200, "{child}");
+    let (status, replayed) = post(1, proof, delegation).await;
+    assert_eq!(status, 400, "{replayed}");
+    assert_eq!(
+        replayed["error_description"], "the DPoP proof was used before",
+        "{replayed}"
+    );
+
+    // A proxied request: forwarded once, through a; the same request at b
+    // is refused and never reaches the upstream.
+    let path = "/proxy/github/repos/once";
+    let proof = key
+        .proof("GET", &format!("{ISSUER}{path}"), Some(&access))
+        .unwrap();
+    let send = |i: usize| {
+        let client = r[i].client.clone();
+        let (proof, access) = (proof.clone(), access.clone());
+        async move {
+            let r = client
+                .http
+                .get(format!("{}{path}", client.url))
+                .header("authorization", format!("DPoP {access}"))
+                .header("dpop", proof)
+                .send()
+                .await
+                .unwrap();
+            let challenge = r
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), challenge, r.text().await.unwrap())
+        }
+    };
+    let (status, _, body) = send(0).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "ok read GET /repos/once\n");
+    let (status, challenge, body) = send(1).await;
+    assert_eq!(status, 401, "{body}");
+    let challenge = challenge.unwrap();
+    assert!(
+        challenge.contains("error=\"invalid_dpop_proof\"") && challenge.contains("used before"),
+        "{challenge}"
+    );
+    let reached = upstream
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("GET /repos/once "))
+        .count();
+    assert_eq!(reached, 1, "{:?}", upstream.log());
+
+    // On the record, each refusal with its reason; the replayed start and
+    // delegation with the policy's decisions on them.
+    let out = r[0].audit(&["query", "--json"]);
+    let trail = text(&out.stdout);
+    let used = "the DPoP proof was used before";
+    assert_eq!(refusals(&trail, "token.refused", used), 2, "{trail}");
+    let start = format!("task start: {used}");
+    assert_eq!(refusals(&trail, "task.refused", &start), 1, "{trail}");
+    let delegation = "delegation to system:serviceaccount:agents:reviewer (";
+    assert_eq!(refusals(&trail, "task.refused", delegation), 1, "{trail}");
+    assert_eq!(refusals(&trail, "task.refused", used), 2, "{trail}");
+    assert_eq!(
+        refusals(&trail, "proxy.request", "DPoP proof was used before"),
+        1,
+        "{trail}"
+    );
+    // The start and the delegation, each decided twice.
+    let grants = trail
+        .lines()
+        .filter(|l| l.contains("\"task.grant\""))
+        .count();
+    assert_eq!(grants, 4, "{trail}");
 }
 
 fn kid(token: &str) -> String {

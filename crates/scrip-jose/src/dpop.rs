@@ -96,6 +96,34 @@ pub struct Proof {
     pub iat: u64,
 }
 
+impl Proof {
+    /// What names this proof among those used: SHA-256 of the key's
+    /// thumbprint, a zero byte, and the `jti`. Keyed by the key, so that
+    /// one client cannot spend another's proof by choosing its `jti`; a
+    /// digest, so that no text a client chose is kept.
+    #[must_use]
+    pub fn replay_id(&self) -> [u8; 32] {
+        let mut input = Vec::with_capacity(self.jkt.len() + 1 + self.jti.len());
+        input.extend_from_slice(self.jkt.as_bytes());
+        input.push(0);
+        input.extend_from_slice(self.jti.as_bytes());
+        // SHA-256 is 32 bytes: the default is never taken.
+        <[u8; 32]>::try_from(digest(&SHA256, &input).as_ref()).unwrap_or_default()
+    }
+
+    /// Until when (a Unix time) a proof verified with `check` must be
+    /// remembered: past it, no verifier whose clock is within `leeway` of
+    /// `check`'s can accept it any more (its `iat` plus the largest age,
+    /// plus the leeway on both clocks, plus one second of rounding).
+    #[must_use]
+    pub fn kept_until(&self, check: &ProofCheck<'_>) -> u64 {
+        self.iat
+            .saturating_add(check.max_age)
+            .saturating_add(check.leeway.saturating_mul(2))
+            .saturating_add(1)
+    }
+}
+
 /// Why a proof was refused. Messages name the failed check and never hold
 /// the proof.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -544,13 +572,9 @@ impl ReplayCache {
             mono,
         };
         let key = {
-            let mut input = Vec::with_capacity(proof.jkt.len() + 1 + proof.jti.len());
-            input.extend_from_slice(proof.jkt.as_bytes());
-            input.push(0);
-            input.extend_from_slice(proof.jti.as_bytes());
-            let d = digest(&SHA256, &input);
+            let id = proof.replay_id();
             let mut first = [0u8; 16];
-            first.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0; 16]));
+            first.copy_from_slice(id.get(..16).unwrap_or(&[0; 16]));
             u128::from_be_bytes(first)
         };
         let owner = {
@@ -559,11 +583,7 @@ impl ReplayCache {
             first.copy_from_slice(d.as_ref().get(..8).unwrap_or(&[0; 8]));
             u64::from_be_bytes(first)
         };
-        let until = proof
-            .iat
-            .saturating_add(check.max_age)
-            .saturating_add(check.leeway.saturating_mul(2))
-            .saturating_add(1);
+        let until = proof.kept_until(check);
         let kept = Kept {
             wall: until,
             mono: mono.saturating_add(until.saturating_sub(check.now)),

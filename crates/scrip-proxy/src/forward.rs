@@ -22,6 +22,7 @@ use http::{Method, Request, StatusCode};
 use scrip_policy::{DecisionRequest, RequestContext, Stage};
 use scrip_store::{AuditEvent, TaskState, Write};
 use scrip_token::{ActionName, MAX_NAME_LEN};
+use scrip_verifier::VerifyError;
 use serde_json::json;
 
 use crate::body::{CountingBody, ResponseBody, Standing};
@@ -435,7 +436,18 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     allow.decision = Some("allow".into());
     allow.reason = Some(decision.reason);
     allow.latency_us = None;
-    let mut writes = Vec::with_capacity(2);
+    let mut writes = Vec::with_capacity(4);
+    // A DPoP proof is taken once by every replica and process on the store
+    // (each verifier took it once in its own memory already): a request
+    // replayed at another replica within the proof's minute is not
+    // forwarded again.
+    if let Some(proof) = token.proof() {
+        writes.push(Write::SpendProof {
+            id: proof.id,
+            iat: proof.iat,
+            until: proof.until,
+        });
+    }
     let claims = token.claims();
     if claims.approval.as_ref().is_some_and(|a| a.single_use) {
         writes.push(Write::ClaimToken {
@@ -450,21 +462,14 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         writes.push(Write::Audit(Box::new(used)));
     }
     writes.push(Write::Audit(Box::new(allow)));
-    match commit_allow(&proxy, name, &draft, writes).await {
-        Ok(()) => {}
-        Err(scrip_store::StoreError::Conflict(_)) => {
-            let r = scrip_verifier::Rejection::for_token(
-                name,
-                &token,
-                &scrip_verifier::VerifyError::AlreadyUsed,
-            )
-            .into_response::<Body>();
-            return proxy.deny(&draft, name, r, SPENT.into()).await;
+    if let Err(e) = commit_allow(&proxy, name, &draft, writes).await {
+        if let Some((why, reason)) = refusal(&e) {
+            let r =
+                scrip_verifier::Rejection::for_token(name, &token, &why).into_response::<Body>();
+            return proxy.deny(&draft, name, r, reason.into()).await;
         }
-        Err(e) => {
-            tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
-            return unavailable(&proxy, name);
-        }
+        tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
+        return unavailable(&proxy, name);
     }
 
     let standing = Arc::new(Standing::new(upstream.verifier.clone(), token));
@@ -477,6 +482,25 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
 /// Why a request whose `allow` found its single use spent, or its task
 /// ended, in the commit is refused.
 const SPENT: &str = "single-use token was already presented, or its task ended meanwhile";
+
+/// The reason recorded for a request whose DPoP proof another process on
+/// the store (another replica) took first.
+const REPLAYED: &str = "DPoP proof was used before (a replayed request)";
+
+/// What the agent is answered, and the reason recorded, when the commit of
+/// a request's `allow` was refused: its single use spent or its task ended
+/// meanwhile (a conflict), or its DPoP proof taken before; `None` for a
+/// failure of the store.
+fn refusal(e: &scrip_store::StoreError) -> Option<(VerifyError, &'static str)> {
+    match e {
+        scrip_store::StoreError::Conflict(_) => Some((VerifyError::AlreadyUsed, SPENT)),
+        scrip_store::StoreError::ProofUsed => Some((
+            VerifyError::Proof(scrip_store::StoreError::ProofUsed.to_string()),
+            REPLAYED,
+        )),
+        _ => None,
+    }
+}
 
 /// Commits a request's `allow` (with the claim of a single use) on a task
 /// of its own, which the request only waits for. Should the agent go away
@@ -508,7 +532,7 @@ async fn commit_allow(
         let _held = held;
         let result = committing.0.store.commit(writes).await;
         let committed = result.is_ok();
-        let conflict = matches!(result, Err(scrip_store::StoreError::Conflict(_)));
+        let refused = result.as_ref().err().and_then(refusal);
         // An unavailable store may have taken the commit all the same (a
         // connection lost as it committed): its allow, and a spent single
         // use, may be on the record, and nothing is forwarded either way.
@@ -525,13 +549,10 @@ async fn commit_allow(
         }
         gone.at_ms = now_ms();
         gone.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        if conflict && gone_before_forwarding {
-            let rejection = scrip_verifier::Rejection::from_error(
-                &upstream,
-                &scrip_verifier::VerifyError::AlreadyUsed,
-            )
-            .into_response::<Body>();
-            let reason = format!("{SPENT} (the agent went away before the answer)");
+        if let Some((why, reason)) = refused.filter(|_| gone_before_forwarding) {
+            let rejection =
+                scrip_verifier::Rejection::from_error(&upstream, &why).into_response::<Body>();
+            let reason = format!("{reason} (the agent went away before the answer)");
             let refused = committing.refused(gone, &upstream, &rejection, reason);
             committing
                 .0

@@ -604,6 +604,23 @@ pub(crate) async fn poll(
         return Err(st.refusal_recorded(a, e).await);
     }
     let cnf = cnf?;
+    if let Some(b) = binding {
+        // Recorded for every replica before the step is looked at: a poll
+        // replayed elsewhere must not collect the approved step's token, nor
+        // learn of the step.
+        match st.store.commit(vec![b.spent()]).await {
+            Ok(()) => {}
+            Err(scrip_store::StoreError::ProofUsed) => {
+                let mut a = st.claims_audit("token.refused", &claims);
+                a.tool = Some(approval.tool.clone());
+                a.actions = Some(approval.actions.clone());
+                a.client = Some(peer.to_string());
+                let about = format!("auth_req_id {id}: ");
+                return Err(crate::exchange::refuse_replayed(st, Vec::new(), a, &about).await);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let now = now();
     match approval.state {
         // CIBA Core §11: past `expires_in` an undecided or approved

@@ -131,7 +131,9 @@ async fn upkeep_loop(state: AppState) {
 }
 
 /// Expired revocations (and feed events) dropped a tick at most, of each:
-/// more than thousands of task ends a second leave.
+/// more than thousands of task ends a second leave. DPoP proofs used go
+/// [`scrip_store::PROOFS_PER_PURGE`] times as fast (40,000 a tick), above
+/// the 15,000 DPoP exchanges a second the fastest run measured.
 const PURGE_CHUNK: u32 = 10_000;
 
 /// Tasks ended per sweep commit.

@@ -268,8 +268,23 @@ pub(crate) async fn delegate(
         end_reason: None,
     })));
     writes.push(Write::Audit(Box::new(started)));
+    if let Some(b) = binding {
+        writes.push(b.spent());
+    }
     match st.store.commit(writes).await {
         Ok(()) => {}
+        // Another replica took the proof first: a replayed delegation,
+        // refused on the record with the decisions on it.
+        Err(scrip_store::StoreError::ProofUsed) => {
+            let mut a = base(st.audit("task.refused"));
+            a.actions = Some(allowed.to_string());
+            let about = format!(
+                "delegation to {} ({}): ",
+                short(&actor.subject),
+                short(&actor.issuer)
+            );
+            return Err(crate::exchange::refuse_replayed(st, decisions, a, &about).await);
+        }
         // The parent ended after it was read, or its tree is full: the
         // store refuses the child (and its records), so ending a task
         // always ends its children, in a transaction of bounded size. The

@@ -187,6 +187,11 @@ impl OAuthError {
 
 impl From<StoreError> for OAuthError {
     fn from(e: StoreError) -> Self {
+        if matches!(e, StoreError::ProofUsed) {
+            // Not the store's failure: another replica took the request's
+            // DPoP proof first (a replayed request).
+            return Self::invalid_dpop_proof(format!("the {e}"));
+        }
         static FAILED: crate::logs::Budget = crate::logs::Budget::new(10);
         if FAILED.allow("store failure; refusing to issue") {
             tracing::error!(error = %e, "store failure; refusing to issue");
@@ -197,7 +202,9 @@ impl From<StoreError> for OAuthError {
             StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Refused(_) => {
                 Self::temporarily_unavailable()
             }
-            StoreError::Corrupt(_) | StoreError::Conflict(_) => Self::server_error(),
+            StoreError::Corrupt(_) | StoreError::Conflict(_) | StoreError::ProofUsed => {
+                Self::server_error()
+            }
         }
     }
 }

@@ -72,7 +72,9 @@ pub async fn token_endpoint(
 ///
 /// The proof is checked before anything else, but recorded as used
 /// ([`Binding::spend`]) only once the request's subject token is verified,
-/// so that strangers cannot fill the replay memory with proofs of their own.
+/// so that strangers cannot fill the replay memory with proofs of their own;
+/// and recorded in the store ([`Binding::spent`]) in the commit of what it
+/// was presented for, so that no other replica takes it again.
 pub(crate) struct Binding {
     proof: dpop::Proof,
     url: String,
@@ -106,6 +108,39 @@ impl Binding {
         Ok(Confirmation {
             jkt: self.proof.jkt.clone(),
         })
+    }
+
+    /// The proof's use, for the commit of what it was presented for:
+    /// [`Binding::spend`] took it once in this process's memory; the store
+    /// takes it once for every replica (the commit fails with
+    /// [`scrip_store::StoreError::ProofUsed`] when another took it first).
+    pub(crate) fn spent(&self) -> Write {
+        Write::SpendProof {
+            id: self.proof.replay_id(),
+            iat: self.proof.iat,
+            until: self.proof.kept_until(&self.check()),
+        }
+    }
+}
+
+/// The answer to a request whose DPoP proof another replica took first (a
+/// replayed request, found at the commit): `refusal` goes on the record,
+/// its reason `about` followed by why, with the policy's decisions on the
+/// request (`decided`), as when the task's end is found at the commit.
+pub(crate) async fn refuse_replayed(
+    st: &Inner,
+    decided: Vec<Write>,
+    mut refusal: AuditEvent,
+    about: &str,
+) -> OAuthError {
+    let e = OAuthError::from(scrip_store::StoreError::ProofUsed);
+    refusal.decision = Some("deny".into());
+    refusal.reason = Some(format!("{about}{}", e.description));
+    let mut records = decided;
+    records.push(Write::Audit(Box::new(refusal)));
+    match st.store.commit(records).await {
+        Ok(()) => e,
+        Err(failed) => failed.into(),
     }
 }
 
@@ -584,6 +619,12 @@ async fn start_task(
         a
     };
     let (mut writes, allowed, held) = decide_grants(st, &agent, &grants, &ctx, &base);
+    // Kept for the record should another replica have taken the proof.
+    let decided = if binding.is_some() {
+        writes.clone()
+    } else {
+        Vec::new()
+    };
     if allowed.is_empty() {
         st.store.commit(writes).await?;
         return Err(OAuthError::access_denied(
@@ -642,7 +683,20 @@ async fn start_task(
         end_reason: None,
     })));
     writes.push(Write::Audit(Box::new(started)));
-    st.store.commit(writes).await?;
+    if let Some(b) = binding {
+        writes.push(b.spent());
+    }
+    match st.store.commit(writes).await {
+        Ok(()) => {}
+        // Another replica took the proof first: a replayed start, refused
+        // on the record with the decisions on it.
+        Err(scrip_store::StoreError::ProofUsed) => {
+            let mut a = base(st.audit("task.refused"));
+            a.actions = Some(claims.scope.clone());
+            return Err(refuse_replayed(st, decided, a, "task start: ").await);
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
     Ok(Issued::task_token(
         &token,
@@ -925,6 +979,22 @@ async fn access_token(
         // is left out of it.
         let step: ActionSet = allowed.into_iter().collect();
         let approvable: ActionSet = needs_approval.into_iter().collect();
+        if let Some(b) = binding {
+            // Asking may commit nothing of its own (the step may wait
+            // already): the proof is recorded first, on its own, so that
+            // no other replica asks again with it.
+            match st.store.commit(vec![b.spent()]).await {
+                Ok(()) => {}
+                Err(scrip_store::StoreError::ProofUsed) => {
+                    let mut a = base.clone();
+                    a.event = "token.refused".into();
+                    a.tool = Some(tool.name.to_string());
+                    a.actions = Some(step.to_string());
+                    return Err(refuse_replayed(st, writes, a, "").await);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         return crate::approval::request(
             st,
             &task,
@@ -994,8 +1064,20 @@ async fn access_token(
     writes.push(Write::TaskOpen {
         id: task.id.clone(),
     });
+    if let Some(b) = binding {
+        writes.push(b.spent());
+    }
     match st.store.commit(writes).await {
         Ok(()) => {}
+        // Another replica took the proof first: a replayed request, refused
+        // on the record as this replica refuses one it saw.
+        Err(scrip_store::StoreError::ProofUsed) => {
+            let mut a = base.clone();
+            a.event = "token.refused".into();
+            a.tool = Some(tool.name.to_string());
+            a.actions = Some(access.scope.clone());
+            return Err(refuse_replayed(st, decided, a, "").await);
+        }
         Err(scrip_store::StoreError::Conflict(_)) => {
             let e = OAuthError::invalid_request("subject_token: the task has ended");
             let mut a = base.clone();

@@ -30,8 +30,8 @@ pub use chain::{
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_ACTOR,
-    MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, MAX_SUBTASKS, Revocation, RevocationKind,
-    SecretRecord, StoredKey, TaskRecord, TaskState, Write,
+    MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, MAX_SUBTASKS, PROOFS_PER_PURGE, Revocation,
+    RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
 pub use schema::Schema;
@@ -96,6 +96,22 @@ pub enum StoreError {
     /// applied without it.
     #[error("the database refused a value: {0}")]
     Refused(String),
+    /// A [`Write::SpendProof`]'s proof was recorded before and is still
+    /// kept: the request was presented before (a replay, on this replica or
+    /// another); nothing was changed. One commit's, as a
+    /// [`StoreError::Conflict`] is.
+    #[error("DPoP proof was used before")]
+    ProofUsed,
+}
+
+impl StoreError {
+    /// Whether the failure is one commit's own (a conflict, a refused
+    /// value, a proof used before), not the store's: the commits batched
+    /// with it are applied without it.
+    #[must_use]
+    pub fn is_one_commits(&self) -> bool {
+        matches!(self, Self::Conflict(_) | Self::Refused(_) | Self::ProofUsed)
+    }
 }
 
 /// The operations scrip needs from persistent state.

@@ -1041,6 +1041,48 @@ async fn refuse_any_ended(tx: &mut PgConnection, ids: &[&str]) -> Result<(), Sto
     }
 }
 
+/// Records the DPoP proofs `proofs` (`iat`, id, `until`) as used, in one
+/// statement; [`StoreError::ProofUsed`] (the transaction then rolls back)
+/// when one was recorded already, by any replica (one inserting the same
+/// proof at once holds its row until it commits, and is waited for), or
+/// appears twice among them (the second conflicts with the first, and
+/// fewer rows are inserted than given).
+async fn spend_proofs(
+    tx: &mut PgConnection,
+    mut proofs: Vec<(i64, Vec<u8>, i64)>,
+) -> Result<(), StoreError> {
+    if proofs.is_empty() {
+        return Ok(());
+    }
+    let given = proofs.len();
+    // In the order of the key: rows go in near the index's end together.
+    proofs.sort_unstable();
+    let (mut iats, mut ids, mut untils) = (
+        Vec::with_capacity(given),
+        Vec::with_capacity(given),
+        Vec::with_capacity(given),
+    );
+    for (iat, id, until) in proofs {
+        iats.push(iat);
+        ids.push(id);
+        untils.push(until);
+    }
+    let recorded = sqlx::query(
+        "INSERT INTO dpop_proofs (iat, id, until) \
+         SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::int8[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(iats)
+    .bind(ids)
+    .bind(untils)
+    .execute(&mut *tx)
+    .await
+    .map_err(refused)?;
+    if usize::try_from(recorded.rows_affected()).unwrap_or(0) < given {
+        return Err(StoreError::ProofUsed);
+    }
+    Ok(())
+}
+
 /// How far a batch's transaction got.
 struct Progress<'a> {
     /// Set once it began.
@@ -1103,6 +1145,9 @@ async fn apply_in(
     // exchange): those since the last ending, just before the next one
     // (only an ending ends a task) and after the last write.
     let mut must_be_open: Vec<&str> = Vec::new();
+    // The DPoP proofs of the batch: recorded in one statement (not a round
+    // trip for each request, under the lock every replica takes).
+    let mut proofs: Vec<(i64, Vec<u8>, i64)> = Vec::new();
     for write in writes {
         if matches!(write, Write::EndTask { .. } | Write::EndOpenTask { .. }) {
             refuse_any_ended(tx, &must_be_open).await?;
@@ -1291,7 +1336,20 @@ async fn apply_in(
                     revoked = true;
                 }
             }
+            // Recorded after the loop, all in one statement.
+            Write::SpendProof { id, iat, until } => {
+                proofs.push((to_i64(*iat), id.to_vec(), to_i64(*until)));
+            }
             Write::PurgeRevocations { now, limit } => {
+                sqlx::query(
+                    "DELETE FROM dpop_proofs WHERE (iat, id) IN \
+                     (SELECT iat, id FROM dpop_proofs WHERE until <= $1 ORDER BY until LIMIT $2)",
+                )
+                .bind(to_i64(*now))
+                .bind(i64::from(*limit).saturating_mul(i64::from(crate::PROOFS_PER_PURGE)))
+                .execute(&mut *tx)
+                .await
+                .map_err(refused)?;
                 for sql in [
                     "DELETE FROM revoked_tokens WHERE jti IN \
                      (SELECT jti FROM revoked_tokens WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
@@ -1576,6 +1634,7 @@ async fn apply_in(
         }
     }
     refuse_any_ended(tx, &must_be_open).await?;
+    spend_proofs(tx, proofs).await?;
     let head = chain.signed_head(before)?;
     audit.insert(tx, head.as_ref()).await?;
     // Delivered to the other replicas when (and only if) this commits.

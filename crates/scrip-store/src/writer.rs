@@ -245,8 +245,9 @@ async fn run(
             // (retrying each one would make them wait a timeout apiece), and
             // none is replayed, since whether the batch took effect may be
             // unknown.
-            // A value the database refused (`Refused`) is one commit's too.
-            Err(e @ (StoreError::Conflict(_) | StoreError::Refused(_))) if batch.len() > 1 => {
+            // A value the database refused (`Refused`), or a DPoP proof
+            // used before (`ProofUsed`), is one commit's too.
+            Err(e) if e.is_one_commits() && batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; isolating the conflict");
                 let results = isolate(&mut backend, &batch, &mut chain, &head, &changes).await;
                 failing = results
@@ -261,7 +262,7 @@ async fn run(
                 backend.after_commit().await;
             }
             Err(e) => {
-                if !matches!(e, StoreError::Conflict(_) | StoreError::Refused(_)) {
+                if !e.is_one_commits() {
                     tracing::error!(error = %e, size = batch.len(), "store write failed");
                     limit = AFTER_FAILURE;
                     failing = true;
@@ -314,12 +315,12 @@ async fn isolate(
                     done.fill(Some(Ok(())));
                 }
             }
-            Err(StoreError::Conflict(_) | StoreError::Refused(_)) if hi - lo > 1 => {
+            Err(e) if e.is_one_commits() && hi - lo > 1 => {
                 let mid = lo + (hi - lo) / 2;
                 parts.push((mid, hi));
                 parts.push((lo, mid));
             }
-            Err(e @ (StoreError::Conflict(_) | StoreError::Refused(_))) => {
+            Err(e) if e.is_one_commits() => {
                 conflicts += 1;
                 if let Some(r) = results.get_mut(lo) {
                     *r = Some(Err(e));

@@ -86,6 +86,8 @@ conformance!(
     revoking_a_token_twice_feeds_it_once,
     a_token_reads_with_its_task_and_its_revocation,
     a_single_use_token_is_claimed_exactly_once,
+    a_dpop_proof_is_spent_once_across_writers,
+    used_dpop_proofs_are_purged_past_their_time,
     expired_revocations_leave_the_feed_and_are_purged,
     a_purge_drops_a_backlog_a_chunk_at_a_time,
     a_long_feed_reads_back_in_order,
@@ -963,6 +965,133 @@ async fn a_single_use_token_is_claimed_exactly_once(f: Fixture) {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert!(!f.store.token_revoked("of-ended").await.unwrap());
+}
+
+/// A proof's use, by its number (made at 1_000).
+fn proof(n: u8, until: u64) -> Write {
+    Write::SpendProof {
+        id: [n; 32],
+        iat: 1_000,
+        until,
+    }
+}
+
+/// A write that can be seen after (a revoked token).
+fn revoke(jti: &str) -> Write {
+    Write::RevokeToken {
+        jti: jti.into(),
+        task_id: "t".into(),
+        expires_at: 3_000,
+        at: 1_000,
+    }
+}
+
+/// A DPoP proof presented at two replicas at once is taken by exactly one
+/// commit; the commits batched beside the others go on; a proof is kept
+/// until the purge drops it.
+async fn a_dpop_proof_is_spent_once_across_writers(f: Fixture) {
+    let other = f.replica().await;
+    let mut handles = Vec::new();
+    for i in 0..24_u8 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            other.clone()
+        };
+        // Two in three present the same proof; the others a proof each,
+        // with a record that must be written whatever its neighbours did.
+        let writes = if i % 3 == 0 {
+            vec![proof(100 + i, 2_000), revoke(&format!("beside-{i}"))]
+        } else {
+            vec![proof(1, 2_000), revoke(&format!("replay-{i}"))]
+        };
+        handles.push(tokio::spawn(async move { store.commit(writes).await }));
+    }
+    let mut won = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.await.unwrap() {
+            Ok(()) => won.push(i),
+            Err(StoreError::ProofUsed) => assert!(i % 3 != 0, "commit {i} refused"),
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won.iter().filter(|i| *i % 3 != 0).count(), 1, "{won:?}");
+    assert_eq!(won.iter().filter(|i| *i % 3 == 0).count(), 8, "{won:?}");
+    // A refused commit changed nothing: only the winner's record is there.
+    let mut replays = 0;
+    for i in (0..24).filter(|i| i % 3 != 0) {
+        if f.store.token_revoked(&format!("replay-{i}")).await.unwrap() {
+            replays += 1;
+        }
+    }
+    assert_eq!(replays, 1);
+    for i in (0..24).filter(|i| i % 3 == 0) {
+        assert!(f.store.token_revoked(&format!("beside-{i}")).await.unwrap());
+    }
+    // Twice in one commit: the second is a replay of the first.
+    let err = f
+        .store
+        .commit(vec![proof(50, 2_000), revoke("twice"), proof(50, 2_000)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::ProofUsed), "{err:?}");
+    assert!(!f.store.token_revoked("twice").await.unwrap());
+    other
+        .commit(vec![proof(51, 2_000), proof(52, 2_000)])
+        .await
+        .unwrap();
+    let err = f.store.commit(vec![proof(52, 2_000)]).await.unwrap_err();
+    assert!(matches!(err, StoreError::ProofUsed), "{err:?}");
+    // Kept however it is presented again, on either writer, whatever time
+    // it says: only the purge forgets it (below).
+    for (store, until) in [(&f.store, 2_000), (&other, 1), (&other, 9_000)] {
+        let err = store.commit(vec![proof(1, until)]).await.unwrap_err();
+        assert!(matches!(err, StoreError::ProofUsed), "{err:?}");
+    }
+}
+
+/// Used proofs are dropped with the revocations past their time (at or
+/// before the purge's `now`), the earliest first, at most `limit` a purge;
+/// a proof still in its time is kept.
+async fn used_dpop_proofs_are_purged_past_their_time(f: Fixture) {
+    let s = &f.store;
+    // Proof `i` is kept until 1_100 - i: written in the reverse order of
+    // their time.
+    let until = |i: u8| 1_100 - u64::from(i);
+    s.commit((0..25_u8).map(|i| proof(i, until(i))).collect())
+        .await
+        .unwrap();
+    // Which proofs are kept, presented again: one taken again was dropped,
+    // and is kept again after.
+    let kept = || async {
+        let mut kept = Vec::new();
+        for i in 0..25_u8 {
+            match s.commit(vec![proof(i, until(i))]).await {
+                Ok(()) => kept.push(false),
+                Err(StoreError::ProofUsed) => kept.push(true),
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        kept
+    };
+    // At most `PROOFS_PER_PURGE` times `limit`, the earliest to end first
+    // (proofs 17 to 24).
+    assert_eq!(scrip_store::PROOFS_PER_PURGE, 4);
+    s.commit(vec![Write::PurgeRevocations {
+        now: 2_000,
+        limit: 2,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(kept().await, (0..25).map(|i| i < 17).collect::<Vec<_>>());
+    // Those at or before `now` (1_090: proofs 10 to 24), however many.
+    s.commit(vec![Write::PurgeRevocations {
+        now: 1_090,
+        limit: 100,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(kept().await, (0..25).map(|i| i < 10).collect::<Vec<_>>());
 }
 
 async fn expired_revocations_leave_the_feed_and_are_purged(f: Fixture) {

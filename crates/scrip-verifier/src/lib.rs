@@ -291,6 +291,24 @@ pub struct AccessToken {
     actions: ActionSet,
     kid: Option<String>,
     alg: Algorithm,
+    proof: Option<ProofUse>,
+}
+
+/// The DPoP proof a bound token was presented with, which this verifier
+/// took as its first use in this process: a caller whose replicas share a
+/// store records it there too, in the commit of what the request does, so
+/// that no other replica takes it again (as the proxy does,
+/// `scrip_store::Write::SpendProof`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProofUse {
+    /// [`scrip_jose::dpop::Proof::replay_id`]: its key's and `jti`'s digest.
+    pub id: [u8; 32],
+    /// Its `iat`: with `id`, what names it (the same proof has the same
+    /// `iat` wherever it is presented).
+    pub iat: u64,
+    /// Until when (a Unix time) it could pass the `iat` check anywhere
+    /// ([`scrip_jose::dpop::Proof::kept_until`]).
+    pub until: u64,
 }
 
 impl AccessToken {
@@ -310,6 +328,13 @@ impl AccessToken {
     #[must_use]
     pub fn task(&self) -> &str {
         &self.claims.txn
+    }
+
+    /// The DPoP proof it was presented with, for a bound token; `None` for
+    /// a bearer token.
+    #[must_use]
+    pub fn proof(&self) -> Option<ProofUse> {
+        self.proof
     }
 
     /// The `kid` of the key that verified it.
@@ -875,7 +900,7 @@ impl Verifier {
         };
         let keys = inner.keys.current().await?;
         let digest = scrip_jose::token_digest(token);
-        let accepted = match inner.recent.get(&digest, &keys, inner.leeway) {
+        let mut accepted = match inner.recent.get(&digest, &keys, inner.leeway) {
             Some(kept) => kept,
             None => {
                 let (verified, keys) =
@@ -896,6 +921,7 @@ impl Verifier {
                     actions,
                     kid: verified.kid,
                     alg: verified.alg,
+                    proof: None,
                 };
                 inner
                     .recent
@@ -913,7 +939,7 @@ impl Verifier {
         // Then the proof of its key: one who cannot prove it learns
         // nothing more of the token, not even that it was revoked or what
         // it may not do (RFC 9449 §7.1).
-        self.check_binding(token, &accepted, dpop)?;
+        accepted.proof = self.check_binding(token, &accepted, dpop)?;
         if let Some(revocations) = &inner.revocations {
             revocations.check(&accepted.claims.txn, &accepted.claims.jti)?;
         }
@@ -995,18 +1021,19 @@ impl Verifier {
         self.check(token, layer::Need::Action(action), None).await
     }
 
-    /// A DPoP-bound token's proof: by its key, for this request, once.
-    /// That a bound token came with a proof and an unbound one without was
-    /// checked already, in [`Verifier::check`].
+    /// A DPoP-bound token's proof: by its key, for this request, once (in
+    /// this process; the proof's use is given back to be recorded where
+    /// other processes see it). That a bound token came with a proof and an
+    /// unbound one without was checked already, in [`Verifier::check`].
     fn check_binding(
         &self,
         token: &str,
         accepted: &AccessToken,
         dpop: Option<(&str, &str, &str)>,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<Option<ProofUse>, VerifyError> {
         let inner = &self.0;
         let (Some(cnf), Some((proof, method, url))) = (&accepted.claims.cnf, dpop) else {
-            return Ok(());
+            return Ok(None);
         };
         if !dpop::plain_target(url) {
             return Err(VerifyError::Proof(
@@ -1034,7 +1061,12 @@ impl Verifier {
         inner
             .proofs
             .first_use(&proof, &check)
-            .map_err(|e| VerifyError::Proof(e.to_string()))
+            .map_err(|e| VerifyError::Proof(e.to_string()))?;
+        Ok(Some(ProofUse {
+            id: proof.replay_id(),
+            iat: proof.iat,
+            until: proof.kept_until(&check),
+        }))
     }
 }
 
