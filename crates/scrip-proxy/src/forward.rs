@@ -437,17 +437,6 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     allow.reason = Some(decision.reason);
     allow.latency_us = None;
     let mut writes = Vec::with_capacity(4);
-    // A DPoP proof is taken once by every replica and process on the store
-    // (each verifier took it once in its own memory already): a request
-    // replayed at another replica within the proof's minute is not
-    // forwarded again.
-    if let Some(proof) = token.proof() {
-        writes.push(Write::SpendProof {
-            id: proof.id,
-            iat: proof.iat,
-            until: proof.until,
-        });
-    }
     let claims = token.claims();
     if claims.approval.as_ref().is_some_and(|a| a.single_use) {
         writes.push(Write::ClaimToken {
@@ -462,6 +451,18 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         writes.push(Write::Audit(Box::new(used)));
     }
     writes.push(Write::Audit(Box::new(allow)));
+    // A DPoP proof is taken once by every replica and process on the store
+    // (each verifier took it once in its own memory already): a request
+    // replayed at another replica within the proof's minute is not
+    // forwarded again. After the single use, which both stores then find
+    // spent first: a replayed single-use request is answered alike.
+    if let Some(proof) = token.proof() {
+        writes.push(Write::SpendProof {
+            id: proof.id,
+            iat: proof.iat,
+            until: proof.until,
+        });
+    }
     if let Err(e) = commit_allow(&proxy, name, &draft, writes).await {
         if let Some((why, reason)) = refusal(&e) {
             let r =
