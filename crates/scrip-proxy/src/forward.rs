@@ -460,7 +460,6 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
         writes.push(Write::SpendProof {
             id: proof.id,
             iat: proof.iat,
-            until: proof.until,
         });
     }
     if let Err(e) = commit_allow(&proxy, name, &draft, writes).await {

@@ -118,7 +118,6 @@ impl Binding {
         Write::SpendProof {
             id: self.proof.replay_id(),
             iat: self.proof.iat,
-            until: self.proof.kept_until(&self.check()),
         }
     }
 }

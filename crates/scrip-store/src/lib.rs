@@ -30,8 +30,8 @@ pub use chain::{
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_ACTOR,
-    MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, MAX_SUBTASKS, PROOFS_PER_PURGE, Revocation,
-    RevocationKind, SecretRecord, StoredKey, TaskRecord, TaskState, Write,
+    MAX_PENDING_PER_AGENT, MAX_PENDING_PER_TASK, MAX_SUBTASKS, Revocation, RevocationKind,
+    SecretRecord, StoredKey, TaskRecord, TaskState, Write,
 };
 pub use postgres::PgStore;
 pub use schema::Schema;

@@ -220,12 +220,6 @@ pub const MAX_PENDING_PER_ACTOR: usize = 10;
 /// well within a commit's time. [`Write::InsertTask`] enforces it.
 pub const MAX_SUBTASKS: u32 = 10_000;
 
-/// How many DPoP proofs a [`Write::PurgeRevocations`] drops for each of
-/// its `limit`: a proof is stored for each DPoP request, more than tokens
-/// are revoked or tasks end, and a purge that drops fewer a second than
-/// come would let the table grow for as long as the load lasts.
-pub const PROOFS_PER_PURGE: u32 = 4;
-
 /// One change, applied inside a [`crate::Store::commit`].
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -350,9 +344,9 @@ pub enum Write {
     /// Record a DPoP proof as used (RFC 9449 §11.1), for every replica and
     /// process on the store: the commit fails with
     /// [`crate::StoreError::ProofUsed`] (changing nothing) when the same
-    /// proof is recorded already, however near its time is: only the purge
-    /// forgets a proof ([`Write::PurgeRevocations`], a while past `until`),
-    /// so no process's clock or leeway decides when it may be taken again.
+    /// proof is recorded already, however old it is: only the purge forgets
+    /// a proof ([`Write::PurgeProofs`], once no verifier can accept it), so
+    /// no process's clock decides when it may be taken again.
     /// Put in the commit of what the proof was presented for (the
     /// credential issued, the proxied request's `allow`), so that of several
     /// presentations, on any replica, exactly one takes effect.
@@ -364,13 +358,9 @@ pub enum Write {
         id: [u8; 32],
         /// The proof's `iat`, signed with it: the same wherever it is
         /// presented. Proofs are stored in the order of their time, so
-        /// that recording and purging them touch the end of the table
-        /// rather than a random page each.
+        /// that recording and purging them touch the end of the one index
+        /// they have rather than a random page each.
         iat: u64,
-        /// Until when it is kept: a Unix time past which the proof cannot
-        /// pass the `iat` check on any replica whose clock is within the
-        /// leeway (dropped with the revocations past their time).
-        until: u64,
     },
     /// A new pending approval. The commit fails with
     /// [`crate::StoreError::Conflict`] (changing nothing) when the same step
@@ -403,16 +393,25 @@ pub enum Write {
         /// The token issued (for `Used`).
         token_jti: Option<String>,
     },
-    /// Drop revocation entries of tokens that expired at or before `now`,
-    /// and the DPoP proofs kept until then ([`Write::SpendProof`]): at most
-    /// `limit` of the revoked tokens, `limit` of the feed's events and
-    /// [`PROOFS_PER_PURGE`] times `limit` of the proofs (one a DPoP
-    /// request: the most frequent rows), the oldest first, so that one purge of a backlog does not
+    /// Drop revocation entries of tokens that expired at or before `now`:
+    /// at most `limit` of the revoked tokens and `limit` of the feed's
+    /// events, the oldest first, so that one purge of a backlog does not
     /// hold the write lock (and every commit batched beside it) for long.
     PurgeRevocations {
         /// Seconds since the epoch.
         now: u64,
         /// The most rows of each table dropped.
+        limit: u32,
+    },
+    /// Drop the DPoP proofs recorded by [`Write::SpendProof`] that were made
+    /// (`iat`) at or before `made_before`: at most `limit`, the oldest
+    /// first. The caller says when no verifier can accept a proof any more
+    /// (its age and the clock leeway, past which the proof is refused
+    /// anyway).
+    PurgeProofs {
+        /// Seconds since the epoch.
+        made_before: u64,
+        /// The most rows dropped.
         limit: u32,
     },
     /// An audit record; the store chains it.

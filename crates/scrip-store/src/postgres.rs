@@ -1041,7 +1041,7 @@ async fn refuse_any_ended(tx: &mut PgConnection, ids: &[&str]) -> Result<(), Sto
     }
 }
 
-/// Records the DPoP proofs `proofs` (`iat`, id, `until`) as used, in one
+/// Records the DPoP proofs `proofs` (`iat`, id) as used, in one
 /// statement; [`StoreError::ProofUsed`] (the transaction then rolls back)
 /// when one was recorded already, by any replica (one inserting the same
 /// proof at once holds its row until it commits, and is waited for), or
@@ -1049,7 +1049,7 @@ async fn refuse_any_ended(tx: &mut PgConnection, ids: &[&str]) -> Result<(), Sto
 /// fewer rows are inserted than given).
 async fn spend_proofs(
     tx: &mut PgConnection,
-    mut proofs: Vec<(i64, Vec<u8>, i64)>,
+    mut proofs: Vec<(i64, Vec<u8>)>,
 ) -> Result<(), StoreError> {
     if proofs.is_empty() {
         return Ok(());
@@ -1057,23 +1057,13 @@ async fn spend_proofs(
     let given = proofs.len();
     // In the order of the key: rows go in near the index's end together.
     proofs.sort_unstable();
-    let (mut iats, mut ids, mut untils) = (
-        Vec::with_capacity(given),
-        Vec::with_capacity(given),
-        Vec::with_capacity(given),
-    );
-    for (iat, id, until) in proofs {
-        iats.push(iat);
-        ids.push(id);
-        untils.push(until);
-    }
+    let (iats, ids): (Vec<i64>, Vec<Vec<u8>>) = proofs.into_iter().unzip();
     let recorded = sqlx::query(
-        "INSERT INTO dpop_proofs (iat, id, until) \
-         SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::int8[]) ON CONFLICT DO NOTHING",
+        "INSERT INTO dpop_proofs (iat, id) \
+         SELECT * FROM UNNEST($1::int8[], $2::bytea[]) ON CONFLICT DO NOTHING",
     )
     .bind(iats)
     .bind(ids)
-    .bind(untils)
     .execute(&mut *tx)
     .await
     .map_err(refused)?;
@@ -1147,7 +1137,7 @@ async fn apply_in(
     let mut must_be_open: Vec<&str> = Vec::new();
     // The DPoP proofs of the batch: recorded in one statement (not a round
     // trip for each request, under the lock every replica takes).
-    let mut proofs: Vec<(i64, Vec<u8>, i64)> = Vec::new();
+    let mut proofs: Vec<(i64, Vec<u8>)> = Vec::new();
     for write in writes {
         if matches!(write, Write::EndTask { .. } | Write::EndOpenTask { .. }) {
             refuse_any_ended(tx, &must_be_open).await?;
@@ -1337,33 +1327,47 @@ async fn apply_in(
                 }
             }
             // Recorded after the loop, all in one statement.
-            Write::SpendProof { id, iat, until } => {
-                proofs.push((to_i64(*iat), id.to_vec(), to_i64(*until)));
+            Write::SpendProof { id, iat } => {
+                proofs.push((to_i64(*iat), id.to_vec()));
             }
-            Write::PurgeRevocations { now, limit } => {
-                // By the rows' places (the write lock holds them still): a
-                // join on the key would read the whole table, a busy one
-                // of millions of rows, every second.
+            Write::PurgeProofs { made_before, limit } => {
+                // By the rows' places, as the revocations (below).
                 sqlx::query(
                     "DELETE FROM dpop_proofs WHERE ctid = ANY(ARRAY( \
-                     SELECT ctid FROM dpop_proofs WHERE until <= $1 ORDER BY until LIMIT $2))",
+                     SELECT ctid FROM dpop_proofs WHERE iat <= $1 ORDER BY iat LIMIT $2))",
                 )
-                .bind(to_i64(*now))
-                .bind(i64::from(*limit).saturating_mul(i64::from(crate::PROOFS_PER_PURGE)))
+                .bind(to_i64(*made_before))
+                .bind(i64::from(*limit))
                 .execute(&mut *tx)
                 .await
                 .map_err(refused)?;
-                for sql in [
-                    "DELETE FROM revoked_tokens WHERE jti IN \
-                     (SELECT jti FROM revoked_tokens WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
-                    "DELETE FROM revocations WHERE seq IN \
-                     (SELECT seq FROM revocations WHERE exp <= $1 ORDER BY exp LIMIT $2)",
+            }
+            Write::PurgeRevocations { now, limit } => {
+                // Each by its rows' places (the write lock holds them
+                // still), found through the index on their time: a join on
+                // the key would read the whole table, a busy one of
+                // millions of rows, every second (with 1.5 million revoked
+                // tokens, 289 ms a purge that way, 5 ms this way).
+                for (sql, limit) in [
+                    (
+                        "DELETE FROM revoked_tokens WHERE ctid = ANY(ARRAY( \
+                         SELECT ctid FROM revoked_tokens WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2))",
+                        i64::from(*limit),
+                    ),
+                    (
+                        "DELETE FROM revocations WHERE ctid = ANY(ARRAY( \
+                         SELECT ctid FROM revocations WHERE exp <= $1 ORDER BY exp LIMIT $2))",
+                        i64::from(*limit),
+                    ),
                     // A few rows at most: every key ever published.
-                    "DELETE FROM signing_keys WHERE publish_until <= $1 AND $2 > 0",
+                    (
+                        "DELETE FROM signing_keys WHERE publish_until <= $1 AND $2 > 0",
+                        i64::from(*limit),
+                    ),
                 ] {
                     sqlx::query(sql)
                         .bind(to_i64(*now))
-                        .bind(i64::from(*limit))
+                        .bind(limit)
                         .execute(&mut *tx)
                         .await
                         .map_err(refused)?;

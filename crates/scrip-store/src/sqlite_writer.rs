@@ -19,7 +19,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 use crate::chain::ChainState;
 use crate::rows::{self, key_columns, to_i64, unavailable};
 use crate::writer::Apply;
-use crate::{AuditEvent, ChainLink, PROOFS_PER_PURGE, StoreError, Write};
+use crate::{AuditEvent, ChainLink, StoreError, Write};
 
 /// How often, at most, the writer wakes the checkpointer.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -654,13 +654,13 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
                 .map_err(unavailable)?;
             }
         }
-        Write::SpendProof { id, iat, until } => {
+        Write::SpendProof { id, iat } => {
             // Recorded; one recorded already changes nothing, and the
             // commit fails.
             let recorded = run(
                 tx,
-                "INSERT INTO dpop_proofs (iat, id, until) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                params![to_i64(*iat), id.as_slice(), to_i64(*until)],
+                "INSERT INTO dpop_proofs (iat, id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![to_i64(*iat), id.as_slice()],
             )
             .map_err(unavailable)?;
             if recorded == 0 {
@@ -669,13 +669,6 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
         }
         Write::PurgeRevocations { now, limit } => {
             let (now, limit) = (to_i64(*now), i64::from(*limit));
-            run(
-                tx,
-                "DELETE FROM dpop_proofs WHERE (iat, id) IN \
-                 (SELECT iat, id FROM dpop_proofs WHERE until <= ?1 ORDER BY until LIMIT ?2)",
-                params![now, limit.saturating_mul(i64::from(PROOFS_PER_PURGE))],
-            )
-            .map_err(unavailable)?;
             for sql in [
                 "DELETE FROM revoked_tokens WHERE jti IN \
                  (SELECT jti FROM revoked_tokens WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
@@ -686,6 +679,15 @@ fn apply_one(tx: &Transaction<'_>, write: &Write) -> Result<(), StoreError> {
             ] {
                 run(tx, sql, params![now, limit]).map_err(unavailable)?;
             }
+        }
+        Write::PurgeProofs { made_before, limit } => {
+            run(
+                tx,
+                "DELETE FROM dpop_proofs WHERE (iat, id) IN \
+                 (SELECT iat, id FROM dpop_proofs WHERE iat <= ?1 ORDER BY iat LIMIT ?2)",
+                params![to_i64(*made_before), i64::from(*limit)],
+            )
+            .map_err(unavailable)?;
         }
         Write::InsertApproval(a) => {
             let (waiting, same): (i64, i64) = tx

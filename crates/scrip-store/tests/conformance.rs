@@ -967,13 +967,9 @@ async fn a_single_use_token_is_claimed_exactly_once(f: Fixture) {
     assert!(!f.store.token_revoked("of-ended").await.unwrap());
 }
 
-/// A proof's use, by its number (made at 1_000).
-fn proof(n: u8, until: u64) -> Write {
-    Write::SpendProof {
-        id: [n; 32],
-        iat: 1_000,
-        until,
-    }
+/// A proof's use, by its number, made at `iat`.
+fn proof(n: u8, iat: u64) -> Write {
+    Write::SpendProof { id: [n; 32], iat }
 }
 
 /// A write that can be seen after (a revoked token).
@@ -1042,23 +1038,25 @@ async fn a_dpop_proof_is_spent_once_across_writers(f: Fixture) {
         .unwrap();
     let err = f.store.commit(vec![proof(52, 2_000)]).await.unwrap_err();
     assert!(matches!(err, StoreError::ProofUsed), "{err:?}");
-    // Kept however it is presented again, on either writer, whatever time
-    // it says: only the purge forgets it (below).
-    for (store, until) in [(&f.store, 2_000), (&other, 1), (&other, 9_000)] {
-        let err = store.commit(vec![proof(1, until)]).await.unwrap_err();
+    // Kept however often it is presented again, on either writer: only the
+    // purge forgets it (below).
+    for store in [&f.store, &other, &other] {
+        let err = store.commit(vec![proof(1, 2_000)]).await.unwrap_err();
         assert!(matches!(err, StoreError::ProofUsed), "{err:?}");
     }
+    // The same key and `jti` signed at another time is another proof (which
+    // only the key's holder can make).
+    f.store.commit(vec![proof(1, 2_001)]).await.unwrap();
 }
 
-/// Used proofs are dropped with the revocations past their time (at or
-/// before the purge's `now`), the earliest first, at most `limit` a purge;
-/// a proof still in its time is kept.
+/// Used proofs are dropped once made at or before the purge's time, at
+/// most `limit`, the earliest made first; a proof made later is kept.
 async fn used_dpop_proofs_are_purged_past_their_time(f: Fixture) {
     let s = &f.store;
-    // Proof `i` is kept until 1_100 - i: written in the reverse order of
+    // Proof `i` is made at 1_100 - i: written in the reverse order of
     // their time.
-    let until = |i: u8| 1_100 - u64::from(i);
-    s.commit((0..25_u8).map(|i| proof(i, until(i))).collect())
+    let iat = |i: u8| 1_100 - u64::from(i);
+    s.commit((0..25_u8).map(|i| proof(i, iat(i))).collect())
         .await
         .unwrap();
     // Which proofs are kept, presented again: one taken again was dropped,
@@ -1066,7 +1064,7 @@ async fn used_dpop_proofs_are_purged_past_their_time(f: Fixture) {
     let kept = || async {
         let mut kept = Vec::new();
         for i in 0..25_u8 {
-            match s.commit(vec![proof(i, until(i))]).await {
+            match s.commit(vec![proof(i, iat(i))]).await {
                 Ok(()) => kept.push(false),
                 Err(StoreError::ProofUsed) => kept.push(true),
                 Err(e) => panic!("unexpected {e:?}"),
@@ -1074,24 +1072,32 @@ async fn used_dpop_proofs_are_purged_past_their_time(f: Fixture) {
         }
         kept
     };
-    // At most `PROOFS_PER_PURGE` times `limit`, the earliest to end first
-    // (proofs 17 to 24).
-    assert_eq!(scrip_store::PROOFS_PER_PURGE, 4);
-    s.commit(vec![Write::PurgeRevocations {
-        now: 2_000,
-        limit: 2,
+    // At most `limit`, the earliest made first (proofs 17 to 24).
+    s.commit(vec![Write::PurgeProofs {
+        made_before: 2_000,
+        limit: 8,
     }])
     .await
     .unwrap();
     assert_eq!(kept().await, (0..25).map(|i| i < 17).collect::<Vec<_>>());
-    // Those at or before `now` (1_090: proofs 10 to 24), however many.
-    s.commit(vec![Write::PurgeRevocations {
-        now: 1_090,
+    // Those made at or before `made_before` (1_090: proofs 10 to 24),
+    // however many.
+    s.commit(vec![Write::PurgeProofs {
+        made_before: 1_090,
         limit: 100,
     }])
     .await
     .unwrap();
     assert_eq!(kept().await, (0..25).map(|i| i < 10).collect::<Vec<_>>());
+    // The revocations' purge leaves them all (those taken again above
+    // included).
+    s.commit(vec![Write::PurgeRevocations {
+        now: 9_000,
+        limit: 100,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(kept().await, vec![true; 25]);
 }
 
 async fn expired_revocations_leave_the_feed_and_are_purged(f: Fixture) {

@@ -3,14 +3,11 @@
 -- second presentation's commit, on any replica, fails. `id` is SHA-256 of
 -- the key's thumbprint, a zero byte and the proof's `jti`; `iat` the
 -- proof's signed time, which leads the key so that rows go in (and, purged,
--- leave) at the end of the index, as time goes, rather than on a random
--- page each; `until` a Unix time past which the proof cannot pass the `iat`
--- check. Dropped with the revocations past their time, the oldest first
--- (the index on `until`).
+-- leave) at the end of the table's one index as time goes, rather than on a
+-- random page each. Dropped, the oldest first, once no verifier can accept
+-- them.
 CREATE TABLE dpop_proofs (
     iat BIGINT NOT NULL,
     id BYTEA NOT NULL,
-    until BIGINT NOT NULL,
     PRIMARY KEY (iat, id)
 );
-CREATE INDEX dpop_proofs_until ON dpop_proofs(until);
