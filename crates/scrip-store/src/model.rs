@@ -346,7 +346,9 @@ pub enum Write {
     /// [`crate::StoreError::ProofUsed`] (changing nothing) when the same
     /// proof is recorded already, however old it is: only the purge forgets
     /// a proof ([`Write::PurgeProofs`], once no verifier can accept it), so
-    /// no process's clock decides when it may be taken again.
+    /// the clock of the process that presents it again does not decide
+    /// whether it may be taken (the purging replica's does, within its
+    /// margin).
     /// Put in the commit of what the proof was presented for (the
     /// credential issued, the proxied request's `allow`), so that of several
     /// presentations, on any replica, exactly one takes effect.

@@ -306,8 +306,12 @@ pub struct ProofUse {
     /// Its `iat`: with `id`, what names it (the same proof has the same
     /// `iat` wherever it is presented).
     pub iat: u64,
-    /// Until when (a Unix time) it could pass the `iat` check anywhere
-    /// ([`scrip_jose::dpop::Proof::kept_until`]).
+    /// Until when (a Unix time) it could pass the `iat` check at a
+    /// verifier with this one's `dpop_leeway` whose clock is within that
+    /// leeway of this one's ([`scrip_jose::dpop::Proof::kept_until`]).
+    /// `until - iat` is the same for every proof this verifier takes: a
+    /// store keyed by `iat` can drop the proofs made more than that (and a
+    /// margin) ago.
     pub until: u64,
 }
 
