@@ -193,6 +193,35 @@ async fn post_with_proof(
     (status, r.json::<Value>().await.unwrap_or(Value::Null))
 }
 
+/// A task start's form: `identity` asks for `scope` in `environment`.
+fn start_form(
+    identity: String,
+    scope: &str,
+    purpose: &str,
+    environment: &str,
+) -> Vec<(&'static str, String)> {
+    let details = json!({"purpose": purpose, "environment": environment}).to_string();
+    vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", identity),
+        ("subject_token_type", JWT.to_owned()),
+        ("requested_token_type", TXN.to_owned()),
+        ("scope", scope.to_owned()),
+        ("request_details", details),
+    ]
+}
+
+/// An access-token request's form: `task` asks for `scope` at `github`.
+fn access_form(task: &str, scope: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("subject_token", task.to_owned()),
+        ("subject_token_type", TXN.to_owned()),
+        ("audience", "github".to_owned()),
+        ("scope", scope.to_owned()),
+    ]
+}
+
 /// The refusals (`decision` deny) of the trail `scrip audit query --json`
 /// printed, by event, whose reason holds `reason`.
 fn refusals(trail: &str, event: &str, reason: &str) -> usize {
@@ -226,15 +255,12 @@ async fn a_dpop_proof_for_a_step_is_taken_once_across_replicas() {
     let post = |i: usize, proof: String, pairs: Vec<(&'static str, String)>| {
         post_with_proof(r[i].client.clone(), proof, pairs)
     };
-    let details = json!({"purpose": "clean up JIRA-4", "environment": "prod"}).to_string();
-    let start = vec![
-        ("grant_type", TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", cluster.identity()),
-        ("subject_token_type", JWT.to_owned()),
-        ("requested_token_type", TXN.to_owned()),
-        ("scope", "github:read github:delete".to_owned()),
-        ("request_details", details),
-    ];
+    let start = start_form(
+        cluster.identity(),
+        "github:read github:delete",
+        "clean up JIRA-4",
+        "prod",
+    );
     let proof = key.proof("POST", &token_url, None).unwrap();
     let (status, started) = post(0, proof, start).await;
     assert_eq!(status, 200, "{started}");
@@ -242,26 +268,13 @@ async fn a_dpop_proof_for_a_step_is_taken_once_across_replicas() {
 
     // The step asked on a; the same request on b is refused, and asks no
     // one again.
-    let ask = vec![
-        ("grant_type", TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", task.clone()),
-        ("subject_token_type", TXN.to_owned()),
-        ("audience", "github".to_owned()),
-        ("scope", "delete".to_owned()),
-    ];
+    let ask = access_form(&task, "delete");
     let proof = key.proof("POST", &token_url, None).unwrap();
     let (status, asked) = post(0, proof.clone(), ask).await;
     assert_eq!(status, 400, "{asked}");
     assert_eq!(asked["error"], "authorization_pending", "{asked}");
     let id = asked["auth_req_id"].as_str().unwrap().to_owned();
-    let ask_again = vec![
-        ("grant_type", TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", task.clone()),
-        ("subject_token_type", TXN.to_owned()),
-        ("audience", "github".to_owned()),
-        ("scope", "delete".to_owned()),
-    ];
-    let (status, replayed) = post(1, proof, ask_again).await;
+    let (status, replayed) = post(1, proof, access_form(&task, "delete")).await;
     assert_eq!(status, 400, "{replayed}");
     assert_eq!(
         replayed["error_description"], "the DPoP proof was used before",
@@ -374,15 +387,7 @@ async fn a_dpop_proof_is_taken_once_across_replicas() {
     let post = |i: usize, proof: String, pairs: Vec<(&'static str, String)>| {
         post_with_proof(r[i].client.clone(), proof, pairs)
     };
-    let details = json!({"purpose": "fix JIRA-9", "environment": "dev"}).to_string();
-    let start = vec![
-        ("grant_type", TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", cluster.identity()),
-        ("subject_token_type", JWT.to_owned()),
-        ("requested_token_type", TXN.to_owned()),
-        ("scope", "github:read".to_owned()),
-        ("request_details", details),
-    ];
+    let start = start_form(cluster.identity(), "github:read", "fix JIRA-9", "dev");
     let proof = key.proof("POST", &token_url, None).unwrap();
     let (status, started) = post(0, proof.clone(), start.clone()).await;
     assert_eq!(status, 200, "{started}");
@@ -397,13 +402,7 @@ async fn a_dpop_proof_is_taken_once_across_replicas() {
     );
 
     // An access token: its request taken on b, replayed on a and on b.
-    let exchange = vec![
-        ("grant_type", TOKEN_EXCHANGE.to_owned()),
-        ("subject_token", task.clone()),
-        ("subject_token_type", TXN.to_owned()),
-        ("audience", "github".to_owned()),
-        ("scope", "read".to_owned()),
-    ];
+    let exchange = access_form(&task, "read");
     let proof = key.proof("POST", &token_url, None).unwrap();
     let (status, issued) = post(1, proof.clone(), exchange.clone()).await;
     assert_eq!(status, 200, "{issued}");
