@@ -85,6 +85,20 @@ pub struct ProofCheck<'a> {
     pub leeway: u64,
 }
 
+/// The latest `iat` of a proof that no verifier takes any more at `now`:
+/// one whose `max_age` is [`MAX_PROOF_AGE`] and whose leeway is `leeway`,
+/// with a clock within `leeway` of this one's (behind it by that much, it
+/// still takes a proof made `MAX_PROOF_AGE` plus twice the leeway ago).
+/// The use of a proof made at or before it may be forgotten.
+#[must_use]
+pub fn forgettable_before(now: u64, leeway: u64) -> u64 {
+    now.saturating_sub(
+        MAX_PROOF_AGE
+            .saturating_add(leeway.saturating_mul(2))
+            .saturating_add(1),
+    )
+}
+
 /// A verified proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Proof {
@@ -714,6 +728,33 @@ mod tests {
             max_age: 60,
             leeway: 5,
         }
+    }
+
+    /// A proof made at [`forgettable_before`] is refused by a verifier
+    /// whose clock runs behind by the whole leeway, the last to take it;
+    /// one made a second later is still taken there: the bound is tight,
+    /// so forgetting at it loses no proof that could pass.
+    #[test]
+    fn a_proof_is_forgotten_only_once_no_verifier_takes_it() {
+        let key = Key::es256();
+        for leeway in [0, 5, 30, 300] {
+            let forget = forgettable_before(NOW, leeway);
+            let behind = ProofCheck {
+                now: NOW - leeway,
+                max_age: MAX_PROOF_AGE,
+                leeway,
+                ..check()
+            };
+            let mut c = claims();
+            c["iat"] = json!(forget);
+            refused(&key.proof(&c), &behind, "too old");
+            c["iat"] = json!(forget + 1);
+            assert!(
+                verify_proof(&key.proof(&c), &behind).is_ok(),
+                "leeway {leeway}"
+            );
+        }
+        assert_eq!(forgettable_before(10, 30), 0);
     }
 
     fn refused(proof: &str, check: &ProofCheck<'_>, why: &str) {

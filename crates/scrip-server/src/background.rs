@@ -113,11 +113,8 @@ async fn upkeep_loop(state: AppState) {
         // A DPoP proof is refused past its age plus the leeway, by every
         // verifier whose clock is within the leeway of this one: its use
         // need not be kept after that (and `kept_past` more).
-        let proofs_before = purged_before.saturating_sub(
-            scrip_jose::dpop::MAX_PROOF_AGE
-                .saturating_add(st.config.clock_skew.saturating_mul(2))
-                .saturating_add(1),
-        );
+        let proofs_before =
+            scrip_jose::dpop::forgettable_before(purged_before, st.config.clock_skew);
         let purged = st
             .store
             .commit(vec![
