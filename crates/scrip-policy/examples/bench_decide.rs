@@ -136,6 +136,7 @@ fn main() {
         environment: environment.into(),
         delegation_depth: 0,
         delegation_chain: Vec::new(),
+        delegation_issuers: Vec::new(),
         now: 1_800_000_000,
         approved: false,
         method: None,

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cedar_policy::{
@@ -51,6 +51,11 @@ pub struct RequestContext {
     pub delegation_depth: u32,
     /// Subjects of the actors, current first.
     pub delegation_chain: Vec<String>,
+    /// Issuers of the actors' identities, current first
+    /// (`context.delegation_issuers`): what a policy names to refuse every
+    /// sub-agent of one issuer, the principal being the task's root agent.
+    /// Given to policies only when the schema declares it.
+    pub delegation_issuers: Vec<String>,
     /// Seconds since the epoch.
     pub now: u64,
     /// Whether a person approved this step.
@@ -128,18 +133,22 @@ struct SchemaAction {
     uid: EntityUid,
     /// Bit [`ContextShape::bit`] is set once a request of this action with
     /// a context of that shape passed the schema check.
-    checked: AtomicU32,
+    checked: AtomicU64,
     /// Whether the action's context declares `dpop_jkt`: a custom schema
     /// written before it existed goes on deciding as it did, rather than
     /// denying every request of a bound token as carrying an attribute it
     /// does not declare.
     fills_dpop: bool,
+    /// Whether the action's context declares `delegation_issuers`, as
+    /// `fills_dpop` for `dpop_jkt`.
+    fills_issuers: bool,
 }
 
 /// What the schema check of a request's context depends on: which optional
-/// attributes it has, and whether its one set is empty (an empty set
+/// attributes it has, and whether each of its sets is empty (an empty set
 /// conforms to a set of any element type; a set of strings only to
-/// `Set<String>`). Every other attribute is always present with the same
+/// `Set<String>`); whether it has `delegation_issuers` at all is the
+/// action's ([`SchemaAction::fills_issuers`]). Every other attribute is always present with the same
 /// Cedar type, and string, long and boolean values conform by type alone.
 /// The principal and resource are always an `Agent` and a `Tool`; their ids
 /// would matter only if the schema enumerated them, and an enumerated type
@@ -154,25 +163,29 @@ struct ContextShape {
     path: bool,
     chain: bool,
     dpop: bool,
+    issuers: bool,
 }
 
 impl ContextShape {
-    fn of(c: &RequestContext, ticket: bool, dpop: bool) -> Self {
+    fn of(c: &RequestContext, ticket: bool, dpop: bool, issuers: Option<&[String]>) -> Self {
         Self {
             ticket,
             method: c.method.is_some(),
             path: c.path.is_some(),
             chain: !c.delegation_chain.is_empty(),
             dpop,
+            issuers: issuers.is_some_and(|i| !i.is_empty()),
         }
     }
 
-    fn bit(self) -> u32 {
+    /// One bit of 64 (`SchemaAction::checked`).
+    fn bit(self) -> u64 {
         1 << (u32::from(self.ticket)
             | u32::from(self.method) << 1
             | u32::from(self.path) << 2
             | u32::from(self.chain) << 3
-            | u32::from(self.dpop) << 4)
+            | u32::from(self.dpop) << 4
+            | u32::from(self.issuers) << 5)
     }
 }
 
@@ -438,9 +451,13 @@ impl PolicyEngine {
                 let id = a.id().unescaped().to_owned();
                 let action = SchemaAction {
                     uid: a.clone(),
-                    checked: AtomicU32::new(0),
+                    checked: AtomicU64::new(0),
                     fills_dpop: declared
                         .contains(&(format!("{ACTION_PLACE}{id}"), "dpop_jkt".to_owned())),
+                    fills_issuers: declared.contains(&(
+                        format!("{ACTION_PLACE}{id}"),
+                        "delegation_issuers".to_owned(),
+                    )),
                 };
                 (id, action)
             })
@@ -588,13 +605,16 @@ impl PolicyEngine {
             .dpop_jkt
             .as_deref()
             .filter(|_| action.fills_dpop);
-        let shape = ContextShape::of(req.context, ticket.is_some(), dpop.is_some()).bit();
+        let issuers = action
+            .fills_issuers
+            .then_some(req.context.delegation_issuers.as_slice());
+        let shape = ContextShape::of(req.context, ticket.is_some(), dpop.is_some(), issuers).bit();
         let checked = action.checked.load(Ordering::Relaxed) & shape != 0;
         let request = Request::new(
             prepared.principal.clone(),
             action.uid.clone(),
             prepared.resource.clone(),
-            context(req.context, ticket, dpop)?,
+            context(req.context, ticket, dpop, issuers)?,
             // Checked against the schema the first time this shape comes
             // up; a shape that failed is checked (and denied) every time.
             (!checked).then_some(&self.schema),
@@ -697,6 +717,7 @@ fn context(
     c: &RequestContext,
     ticket: Option<&str>,
     dpop_jkt: Option<&str>,
+    issuers: Option<&[String]>,
 ) -> Result<Context, String> {
     let mut pairs = vec![
         ("stage".to_owned(), text(c.stage.as_str())),
@@ -730,6 +751,12 @@ fn context(
     }
     if let Some(jkt) = dpop_jkt {
         pairs.push(("dpop_jkt".to_owned(), text(jkt)));
+    }
+    if let Some(issuers) = issuers {
+        pairs.push((
+            "delegation_issuers".to_owned(),
+            RestrictedExpression::new_set(issuers.iter().map(|s| text(s))),
+        ));
     }
     Context::from_pairs(pairs).map_err(|e| e.to_string())
 }

@@ -87,6 +87,8 @@ struct Case {
     #[serde(default)]
     chain: Vec<String>,
     #[serde(default)]
+    chain_issuers: Vec<String>,
+    #[serde(default)]
     approved: bool,
     #[serde(default)]
     now: Option<u64>,
@@ -195,6 +197,7 @@ pub fn run_test_file(
             environment: case.environment,
             delegation_depth: case.depth,
             delegation_chain: case.chain,
+            delegation_issuers: case.chain_issuers,
             now: case.now.unwrap_or_else(now),
             approved: case.approved,
             method: case.method,
@@ -268,5 +271,51 @@ expect = "deny"
             .map(|r| (r.name.as_str(), r.allowed, r.passed))
             .collect();
         assert_eq!(seen, [("bound", true, true), ("bearer", false, true)]);
+    }
+
+    /// A case's `chain_issuers` is `context.delegation_issuers`, the
+    /// issuers of the sub-agents in `chain`.
+    #[test]
+    fn a_case_may_name_its_sub_agents_issuers() {
+        let policies = r#"
+@id("all")
+permit (principal, action, resource);
+@id("issuer-compromised")
+forbid (principal, action, resource)
+  when { context.delegation_issuers.contains("https://bad.example") };
+"#;
+        let engine = PolicyEngine::from_sources(None, &[("p.cedar".into(), policies.into())])
+            .expect("the policies load");
+        let file = r#"
+[[tools]]
+name = "github"
+resource = "https://api.github.com"
+actions = ["read"]
+
+[[case]]
+name = "sub-agent of the compromised issuer"
+agent = { issuer = "https://k8s.example", subject = "a" }
+tool = "github"
+action = "read"
+environment = "dev"
+depth = 1
+chain = ["b"]
+chain_issuers = ["https://bad.example"]
+expect = "deny"
+
+[[case]]
+name = "the same subject elsewhere"
+agent = { issuer = "https://k8s.example", subject = "a" }
+tool = "github"
+action = "read"
+environment = "dev"
+depth = 1
+chain = ["b"]
+chain_issuers = ["https://k8s.example"]
+expect = "allow"
+"#;
+        let results = run_test_file(&engine, file, &[]).expect("the file runs");
+        let seen: Vec<(bool, bool)> = results.iter().map(|r| (r.allowed, r.passed)).collect();
+        assert_eq!(seen, [(false, true), (true, true)]);
     }
 }

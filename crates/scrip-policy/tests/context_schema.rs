@@ -62,11 +62,18 @@ fn tool() -> Tool {
 enum Shape {
     Plain,
     Ticket,
+    /// A delegated task's request: its actor's subject and issuer.
     Chain,
+    /// A delegated task's whose actor was recorded without its issuer
+    /// (before scrip kept it): a chain, no issuers.
+    ChainOfOld,
     Proxy,
     /// A DPoP-bound token's request.
     Bound,
 }
+
+/// The issuer of [`Shape::Chain`]'s actor.
+const ACTOR_ISSUER: &str = "https://token.actions.githubusercontent.com";
 
 fn context(shape: Shape) -> RequestContext {
     RequestContext {
@@ -81,9 +88,14 @@ fn context(shape: Shape) -> RequestContext {
             "refactor".into()
         },
         environment: "dev".into(),
-        delegation_depth: u32::from(matches!(shape, Shape::Chain)),
-        delegation_chain: if matches!(shape, Shape::Chain) {
+        delegation_depth: u32::from(matches!(shape, Shape::Chain | Shape::ChainOfOld)),
+        delegation_chain: if matches!(shape, Shape::Chain | Shape::ChainOfOld) {
             vec!["sub-agent".into()]
+        } else {
+            Vec::new()
+        },
+        delegation_issuers: if matches!(shape, Shape::Chain) {
+            vec![ACTOR_ISSUER.into()]
         } else {
             Vec::new()
         },
@@ -154,15 +166,80 @@ fn check(schema: &str, action: &str, shapes: &[Shape], expected: &[bool]) {
 
 #[test]
 fn every_shape_passes_the_default_schema() {
-    use Shape::{Bound, Chain, Plain, Proxy, Ticket};
+    use Shape::{Bound, Chain, ChainOfOld, Plain, Proxy, Ticket};
     check(
         DEFAULT_SCHEMA,
         "read",
         &[
-            Plain, Ticket, Chain, Proxy, Bound, Plain, Ticket, Chain, Proxy, Bound,
+            Plain, Ticket, Chain, ChainOfOld, Proxy, Bound, Plain, Ticket, Chain, ChainOfOld,
+            Proxy, Bound,
         ],
-        &[true; 10],
+        &[true; 12],
     );
+}
+
+const ISSUERS_LINE: &str =
+    "  delegation_issuers: Set<String>, // issuers of the actors' identities\n";
+
+/// `context.delegation_issuers` is given only to an action whose context
+/// declares it: one written before it existed decides a delegated task's
+/// requests as it did, and one that declares it gets it, checked against
+/// its type once it has elements (an actor recorded without its issuer
+/// gives an empty set, a shape of its own).
+#[test]
+fn delegation_issuers_is_given_only_where_the_schema_declares_it() {
+    use Shape::{Chain, ChainOfOld, Plain};
+    check(
+        &schema_with(ISSUERS_LINE, ""),
+        "read",
+        &[Plain, Chain, ChainOfOld, Chain, Plain],
+        &[true; 5],
+    );
+    check(
+        &schema_with(ISSUERS_LINE, "  delegation_issuers: Set<Long>,\n"),
+        "read",
+        &[Plain, ChainOfOld, Chain, ChainOfOld, Chain, Plain],
+        &[true, true, false, true, false, true],
+    );
+    let schema = format!(
+        "{DEFAULT_SCHEMA}\ntype Old = {{ stage: String, purpose: String, ticket?: String, environment: String, delegation_depth: Long, delegation_chain: Set<String>, now: Long, approved: Bool, method?: String, path?: String, dpop_jkt?: String }};\naction scan appliesTo {{ principal: [Agent], resource: [Tool], context: Old }};\n"
+    );
+    check(
+        &schema,
+        "scan",
+        &[Plain, Chain, ChainOfOld, Chain],
+        &[true; 4],
+    );
+    check(
+        &schema,
+        "read",
+        &[Plain, Chain, ChainOfOld, Chain],
+        &[true; 4],
+    );
+}
+
+/// A policy can refuse every sub-agent whose identity comes from one
+/// issuer, whoever the task's agent (the principal) is: what an operator
+/// does when that issuer is compromised.
+#[test]
+fn a_policy_can_refuse_the_sub_agents_of_an_issuer() {
+    use Shape::{Chain, ChainOfOld, Plain, Proxy};
+    let policies = format!(
+        r#"
+@id("anything")
+permit (principal, action, resource);
+@id("issuer-compromised")
+forbid (principal, action, resource)
+  when {{ context.delegation_issuers.contains("{ACTOR_ISSUER}") }};
+"#
+    );
+    let engine = PolicyEngine::from_sources(None, &[("p.cedar".into(), policies)]).unwrap();
+    assert_eq!(
+        decide_plainly(&engine, &[Plain, Chain, ChainOfOld, Proxy, Chain]),
+        [true, false, true, true, false]
+    );
+    let d = &decisions(&engine, "read", &[Chain])[0];
+    assert_eq!(d.policies, ["issuer-compromised"], "{d:?}");
 }
 
 const DPOP_LINE: &str = "  dpop_jkt?: String,          // the DPoP key (RFC 7638 thumbprint) of a bound token: the one issued (stages \"task\", \"token\") or presented (stage \"proxy\"); absent for a bearer token\n";

@@ -55,6 +55,7 @@ fn allowed(engine: &PolicyEngine, agent: &WorkloadIdentity, tool: &Tool, action:
         environment: "dev".into(),
         delegation_depth: 0,
         delegation_chain: Vec::new(),
+        delegation_issuers: Vec::new(),
         now: 1_800_000_000,
         approved: false,
         method: None,

@@ -185,6 +185,7 @@ fn selection_agrees_with_evaluating_every_policy() {
                             environment: format!("env{env}"),
                             delegation_depth: 0,
                             delegation_chain: Vec::new(),
+                            delegation_issuers: Vec::new(),
                             now: 1_800_000_000,
                             approved,
                             method: None,

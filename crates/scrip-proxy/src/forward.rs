@@ -599,18 +599,16 @@ fn decide(
     method: &Method,
     path: &str,
 ) -> scrip_policy::Decision {
-    let chain = token
-        .claims()
-        .act
-        .as_ref()
-        .map(|a| a.chain())
-        .unwrap_or_default();
+    let act = token.claims().act.as_ref();
+    let chain = act.map(scrip_token::Actor::chain).unwrap_or_default();
+    let issuers = act.map(scrip_token::Actor::issuers).unwrap_or_default();
     let context = RequestContext {
         stage: Stage::Proxy,
         purpose: task.purpose.clone(),
         environment: task.environment.clone(),
         delegation_depth: task.depth,
         delegation_chain: chain,
+        delegation_issuers: issuers,
         now: now(),
         approved: token.claims().approval.is_some(),
         method: Some(method.as_str().to_owned()),

@@ -835,6 +835,11 @@ async fn issue(
             .as_ref()
             .map(scrip_token::Actor::chain)
             .unwrap_or_default(),
+        delegation_issuers: task
+            .actor
+            .as_ref()
+            .map(scrip_token::Actor::issuers)
+            .unwrap_or_default(),
         now,
         approved: true,
         method: None,

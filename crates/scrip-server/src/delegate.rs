@@ -167,6 +167,7 @@ pub(crate) async fn delegate(
         environment: parent.environment.clone(),
         delegation_depth: depth,
         delegation_chain: chain.clone(),
+        delegation_issuers: act.issuers(),
         now,
         approved: false,
         method: None,

@@ -600,6 +600,7 @@ async fn start_task(
         environment,
         delegation_depth: 0,
         delegation_chain: Vec::new(),
+        delegation_issuers: Vec::new(),
         now,
         approved: false,
         method: None,
@@ -913,6 +914,11 @@ async fn access_token(
         environment: task.environment.clone(),
         delegation_depth: task.depth,
         delegation_chain: base.chain.clone(),
+        delegation_issuers: task
+            .actor
+            .as_ref()
+            .map(scrip_token::Actor::issuers)
+            .unwrap_or_default(),
         now,
         approved: false,
         method: None,

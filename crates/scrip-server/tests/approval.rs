@@ -1996,6 +1996,48 @@ unless { context.approved };
     s.stop().await;
 }
 
+/// The policy asked again when an approved step is collected sees the
+/// issuers of the sub-agents acting (`context.delegation_issuers`): a rule
+/// loaded while the step waited, that shuts out an issuer's sub-agents,
+/// refuses the collection, and only for them.
+#[tokio::test]
+async fn an_approved_steps_collection_sees_the_sub_agents_issuers() {
+    let s = TestServer::start_with(delegation_allowed(|c| c.approvers = vec![alice()])).await;
+    let child = child_task(&s).await;
+    let id = pending(&s, &child).await;
+    let task = prod_task(&s).await;
+    let own = pending(&s, &task).await;
+    std::fs::write(
+        s.dir.path().join("policies/zz-no-spiffe-sub-agents.cedar"),
+        format!(
+            r#"@id("no-spiffe-sub-agents")
+forbid (principal, action, resource)
+when {{ context.delegation_issuers.contains("{SPIFFE_ISSUER}") }};
+"#
+        ),
+    )
+    .unwrap();
+    let reloaded = eventually(20, || async {
+        s.audit().await.iter().any(|a| a.event == "policy.reloaded")
+    })
+    .await;
+    assert!(reloaded, "the policy was not reloaded");
+    let r = approve(&s, &id, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "approve: {}", r.text);
+    let r = poll(&s, &child, &id).await;
+    r.assert_error(400, "access_denied");
+    let decision = s
+        .audit()
+        .await
+        .into_iter()
+        .find(|a| a.policies == ["no-spiffe-sub-agents"])
+        .unwrap();
+    assert_eq!(decision.decision.as_deref(), Some("deny"), "{decision:?}");
+    // The agent's own step, approved, is collected.
+    approved_token(&s, &task, &own).await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn separation_of_duties_refuses_an_actor_in_the_chain() {
     let s = TestServer::start_with(delegation_allowed(|c| {

@@ -732,6 +732,85 @@ async fn may_act_restricts_who_acts_for_the_task() {
     s.stop().await;
 }
 
+/// A policy sees the issuers of the sub-agents acting
+/// (`context.delegation_issuers`): one that shuts out an issuer's
+/// sub-agents at the token stage refuses their access tokens in another
+/// issuer's task (the principal is the task's agent), deeper in the chain
+/// too, and nobody else's.
+#[tokio::test]
+async fn a_policy_shuts_out_the_sub_agents_of_one_issuer() {
+    let policy = format!(
+        r#"@id("no-github-sub-agents")
+forbid (principal, action, resource)
+when {{ context.stage == "token" && context.delegation_issuers.contains("{GITHUB_ISSUER}") }};
+"#
+    );
+    let s = TestServer::start_with(Options {
+        extra_policies: vec![("no-github-sub-agents.cedar".into(), policy)],
+        ..Options::default()
+    })
+    .await;
+    let parent = root(&s, "github:read", None).await;
+    let by_github = child_of(&s, &parent, &actor2(&s), None).await;
+    let through_github = child_of(&s, &by_github, &actor1(&s), None).await;
+    let by_spiffe = child_of(&s, &parent, &actor1(&s), None).await;
+    for (task, allowed) in [
+        (&parent, true),
+        (&by_spiffe, true),
+        (&by_github, false),
+        (&through_github, false),
+    ] {
+        let r = s.access_token(task, "github", Some("read")).await;
+        if allowed {
+            assert_eq!(r.status, 200, "{}", r.text);
+        } else {
+            r.assert_error(400, "access_denied");
+        }
+    }
+    let audit = s.audit().await;
+    let refused: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event == "token.decision" && e.policies == ["no-github-sub-agents"])
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    s.stop().await;
+}
+
+/// A delegation's policy request sees the issuers of the sub-agents its
+/// chain would hold, the new one's included: a rule that lets no GitHub
+/// workload act refuses a delegation to one, from the agent's task or a
+/// sub-agent's, and no other.
+#[tokio::test]
+async fn a_delegation_to_one_issuer_can_be_refused() {
+    let policy = format!(
+        r#"@id("no-github-acting")
+forbid (principal, action, resource)
+when {{ context.stage == "task" && context.delegation_issuers.contains("{GITHUB_ISSUER}") }};
+"#
+    );
+    let s = TestServer::start_with(Options {
+        extra_policies: vec![("no-github-acting.cedar".into(), policy)],
+        ..Options::default()
+    })
+    .await;
+    let parent = root(&s, "github:read", None).await;
+    delegate(&s, &parent, &actor2(&s), None, None)
+        .await
+        .assert_error(400, "access_denied");
+    let by_spiffe = child_of(&s, &parent, &actor1(&s), None).await;
+    delegate(&s, &by_spiffe, &actor2(&s), None, None)
+        .await
+        .assert_error(400, "access_denied");
+    let refused = s
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.policies == ["no-github-acting"])
+        .count();
+    assert_eq!(refused, 2);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn may_act_checks_the_actors_issuer() {
     let s = TestServer::start().await;

@@ -37,6 +37,13 @@ impl Actor {
         std::iter::successors(Some(self), |a| a.act.as_deref())
     }
 
+    /// The issuers of the actors' identities, current first (an actor
+    /// recorded without its issuer, before scrip kept it, gives none).
+    #[must_use]
+    pub fn issuers(&self) -> Vec<String> {
+        self.actors().filter_map(|a| a.iss.clone()).collect()
+    }
+
     /// The actors' subjects, current first.
     #[must_use]
     pub fn chain(&self) -> Vec<String> {
