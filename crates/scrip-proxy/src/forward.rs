@@ -316,6 +316,18 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
     };
     draft.record.path = Some(for_audit(&path));
     draft.path.clone_from(&path);
+    // WebDAV's `COPY` and `MOVE` name a second path in `Destination`, which
+    // routes and Cedar would never see (a write allowed under `/public`
+    // landing under `/private`): such a request is not forwarded.
+    if parts
+        .headers
+        .keys()
+        .any(|k| k.as_str().replace('_', "-") == "destination")
+    {
+        let why = "a `Destination` header names a second path that routes and policies do not see; the proxy does not forward it".to_owned();
+        let r = error(StatusCode::BAD_REQUEST, "invalid_request", why.clone());
+        return proxy.deny(&draft, name, r, why).await;
+    }
     // Routes and Cedar see escapes the upstream decodes before routing
     // decoded (`%3A` is the `:` of a `:verb`); the upstream gets `path`.
     let matched = route::match_form(&path);

@@ -2,16 +2,18 @@
 //!
 //! Toward the upstream: the agent's credentials (`Authorization`,
 //! `Proxy-Authorization`, `Cookie`), forwarding headers a client could forge
-//! (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`), the header the secret goes
+//! (`Forwarded`, `X-Forwarded-*`, `X-Real-IP` and the other client-address
+//! names, `X-Envoy-*`; see [`STRIPPED_UP`]), the header the secret goes
 //! into, `Host` (set from the upstream URL), `Expect`, and hop-by-hop headers
 //! (RFC 9110 §7.6.1: `Connection` and every header it names, `Keep-Alive`,
 //! `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`) are dropped;
 //! `Accept-Encoding` becomes `identity` so the response can be checked for
 //! the secret. Then the secret is injected.
 //!
-//! Toward the agent: hop-by-hop headers and `Set-Cookie` (an upstream
-//! session would be a credential the agent holds) are dropped, and any value
-//! holding the secret is redacted.
+//! Toward the agent: hop-by-hop headers, `Set-Cookie` (an upstream session
+//! would be a credential the agent holds), and orders to a server or cache
+//! in front of scrip ([`STRIPPED_DOWN`]) are dropped, `Cache-Control` is
+//! made `private`, and any value holding the secret is redacted.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -59,9 +61,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The agent's headers that never go up, besides hop-by-hop ones,
-/// `x-forwarded-*` and the injection header.
-const STRIPPED_UP: [&str; 17] = [
+/// The agent's headers that never go up, besides hop-by-hop ones, those
+/// of [`STRIPPED_UP_PREFIXES`] and the injection header.
+const STRIPPED_UP: [&str; 33] = [
     "authorization",
     "proxy-authorization",
     "cookie",
@@ -73,7 +75,26 @@ const STRIPPED_UP: [&str; 17] = [
     // fetched one range at a time would spell the key out.
     "range",
     "if-range",
+    // The client's address as proxies and CDNs name it: an upstream that
+    // trusts its private peers (Rails' `remote_ip` reads `Client-IP`) would
+    // take the agent's word for where it calls from.
     "x-real-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "proxy-client-ip",
+    "wl-proxy-client-ip",
+    "do-connecting-ip",
+    "x-appengine-user-ip",
+    "cf-pseudo-ipv4",
+    "client-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "x-originating-ip",
+    "x-remote-ip",
     // The agent's proof of possession is for scrip, not the upstream.
     "dpop",
     // The action is what the request does, never what it claims: no
@@ -89,6 +110,12 @@ const STRIPPED_UP: [&str; 17] = [
     // spell the secret in bytes redaction does not look for.
     "accept-charset",
 ];
+
+/// Prefixes of the agent's headers that never go up: `x-forwarded-*` (a
+/// client could forge them; scrip sets none), and `x-envoy-*`, which an
+/// Envoy in front of the upstream obeys from a peer it deems internal
+/// (retry policy, timeouts, the original path).
+const STRIPPED_UP_PREFIXES: [&str; 2] = ["x-forwarded-", "x-envoy-"];
 
 /// The request headers as the upstream gets them, with the secret injected
 /// (header and basic injection; query injection is in the URI).
@@ -113,7 +140,7 @@ pub fn to_upstream(
         .filter(|k| {
             let name = k.as_str().replace('_', "-");
             STRIPPED_UP.contains(&name.as_str())
-                || name.starts_with("x-forwarded-")
+                || STRIPPED_UP_PREFIXES.iter().any(|p| name.starts_with(p))
                 || injected.as_deref() == Some(name.as_str())
         })
         .cloned()
@@ -187,15 +214,21 @@ pub fn query_encode(bytes: &[u8]) -> String {
 }
 
 /// Query parameters that make some frameworks run another method than the
-/// request's (Rails, Laravel and Symfony read `_method`): dropped, as the
+/// request's, in the form [`is_method_override`] compares: Rails, Laravel and
+/// Symfony read `_method`; ASP.NET MVC reads `X-HTTP-Method-Override` from
+/// the query as well as from the headers, in any case. Dropped, as the
 /// method-override headers are, so the upstream runs the method the action
 /// was decided on.
-const METHOD_OVERRIDES: [&str; 1] = ["_method"];
+const METHOD_OVERRIDES: [&str; 4] = [
+    "_method",
+    "x_http_method_override",
+    "x_http_method",
+    "x_method_override",
+];
 
-/// Whether the query pair `pair` names one of `names`, compared decoded as
-/// the upstream reads it: `api%5Fkey` is `api_key`, and so is `api%255Fkey`
-/// for an upstream that decodes twice.
-fn names_one_of(pair: &str, names: &[&str]) -> bool {
+/// A query parameter's name, decoded as the upstream reads it: `api%5Fkey`
+/// is `api_key`, and so is `api%255Fkey` for an upstream that decodes twice.
+fn decoded_names(pair: &str) -> [Option<String>; 2] {
     let key = pair.split_once('=').map_or(pair, |(k, _)| k);
     let decoded = |k: &str| {
         form_urlencoded::parse(k.as_bytes())
@@ -208,14 +241,37 @@ fn names_one_of(pair: &str, names: &[&str]) -> bool {
         .filter(|k| k.contains('%'))
         .and_then(decoded);
     [once, twice]
+}
+
+/// Whether the query pair `pair` names one of `names`, as the upstream
+/// reads it ([`decoded_names`], or [`php_name`]).
+fn names_one_of(pair: &str, names: &[&str]) -> bool {
+    decoded_names(pair)
         .iter()
         .flatten()
         .any(|k| names.contains(&k.as_str()) || names.contains(&php_name(k).as_str()))
 }
 
-/// A parameter name as PHP reads it: leading spaces dropped, and `.`, ` `
-/// and `[` (one without its `]`) made `_`, so `.method` is `_method` there.
+/// Whether the query pair `pair` is a method override, in any form an
+/// upstream reads as one: decoded ([`decoded_names`]), as PHP reads it
+/// ([`php_name`]), in any case and with `-` read as `_` (ASP.NET compares
+/// without case; `X-HTTP-Method-Override` and `x_http_method_override` are
+/// one name to CGI-style servers).
+fn is_method_override(pair: &str) -> bool {
+    decoded_names(pair).iter().flatten().any(|k| {
+        [k.clone(), php_name(k)].iter().any(|n| {
+            let n = n.to_ascii_lowercase().replace('-', "_");
+            METHOD_OVERRIDES.contains(&n.as_str())
+        })
+    })
+}
+
+/// A parameter name as PHP reads it: cut at a NUL (PHP registers a name
+/// with C's `strlen`, so `_method%00x` is `_method`), leading spaces
+/// dropped, and `.`, ` ` and `[` (one without its `]`) made `_`, so
+/// `.method` is `_method` there.
 fn php_name(name: &str) -> String {
+    let name = name.split('\0').next().unwrap_or_default();
     let name = name.trim_start_matches(' ');
     let closed = name.find('[').is_some_and(|i| name[i..].contains(']'));
     name.chars()
@@ -228,20 +284,20 @@ fn php_name(name: &str) -> String {
 }
 
 /// The agent's query as the upstream gets it: without method overrides
-/// (`_method`), and for query injection without `param` and with the secret
-/// appended as `param`; otherwise unchanged.
+/// ([`is_method_override`]), and for query injection without `param` and
+/// with the secret appended as `param`; otherwise unchanged.
 #[must_use]
 pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &SecretValue) -> String {
     let Injection::Query { param } = injection else {
         let Some(q) = query else {
             return String::new();
         };
-        if !q.split('&').any(|p| names_one_of(p, &METHOD_OVERRIDES)) {
+        if !q.split('&').any(is_method_override) {
             return format!("?{q}");
         }
         let kept: Vec<&str> = q
             .split('&')
-            .filter(|p| !p.is_empty() && !names_one_of(p, &METHOD_OVERRIDES))
+            .filter(|p| !p.is_empty() && !is_method_override(p))
             .collect();
         return if kept.is_empty() {
             String::new()
@@ -250,11 +306,10 @@ pub fn upstream_query(query: Option<&str>, injection: &Injection, secret: &Secre
         };
     };
     let encoded_param = query_encode(param.as_bytes());
-    let dropped = [param.as_str(), METHOD_OVERRIDES[0]];
     let mut out = String::from("?");
     for pair in query.unwrap_or_default().split('&') {
         // The injected parameter replaces every form of the agent's.
-        if pair.is_empty() || names_one_of(pair, &dropped) {
+        if pair.is_empty() || names_one_of(pair, &[param.as_str()]) || is_method_override(pair) {
             continue;
         }
         out.push_str(pair);
@@ -519,11 +574,99 @@ fn lowercase_escapes(encoded: &str) -> String {
     out
 }
 
+/// Response headers the agent never gets, besides hop-by-hop ones: an
+/// upstream session would be a credential in the agent's hands; the
+/// sendfile headers are orders to a web server in front of scrip (nginx's
+/// `X-Accel-*` is matched as a prefix), which would serve a file or an
+/// internal location the upstream names to whoever asked; and the cache
+/// headers that a CDN or Varnish obeys in place of `Cache-Control`
+/// (RFC 9213's `CDN-Cache-Control` and its `*-CDN-Cache-Control`, matched
+/// as a suffix) would let it keep the answer for other clients, whatever
+/// [`private_cache_control`] says.
+const STRIPPED_DOWN: [&str; 8] = [
+    "set-cookie",
+    "x-sendfile",
+    "x-sendfile2",
+    "x-sendfile-temporary",
+    "x-lighttpd-send-file",
+    "surrogate-control",
+    "cdn-cache-control",
+    "edge-control",
+];
+
+/// The upstream's `Cache-Control` with `private` in it: every proxied
+/// response answers a request scrip authorised for one token, and a shared
+/// cache in front of scrip (the TLS terminator) may otherwise keep one the
+/// upstream marked `public`, `s-maxage` or `must-revalidate` and hand it to
+/// other clients, with another token or none (RFC 9111 §3.5). `public` and
+/// `s-maxage` go (they would contradict it); `private` comes first, so that
+/// no malformed directive before it can hide it; the other directives stay.
+fn private_cache_control(headers: &mut HeaderMap) {
+    let mut kept = vec!["private"];
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for directive in directives(value) {
+            let name = directive
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            if !matches!(name.as_str(), "" | "public" | "s-maxage" | "private") {
+                kept.push(directive);
+            }
+        }
+    }
+    let value = HeaderValue::from_str(&kept.join(", "))
+        .unwrap_or_else(|_| HeaderValue::from_static("private, no-store"));
+    headers.insert(header::CACHE_CONTROL, value);
+}
+
+/// The directives of a `Cache-Control` value, trimmed: split at commas
+/// outside quoted strings (`no-cache="a, b"` is one directive). A quoted
+/// string left open runs to the end of the value, and that last directive
+/// is dropped: a cache could read what follows it as the string's.
+fn directives(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(value[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !quoted {
+        out.push(value[start..].trim());
+    }
+    out
+}
+
 /// The response headers as the agent gets them.
 #[must_use]
 pub fn to_agent(mut headers: HeaderMap, patterns: &Patterns) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    headers.remove(header::SET_COOKIE);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let name = k.as_str().replace('_', "-");
+            STRIPPED_DOWN.contains(&name.as_str())
+                || name.starts_with("x-accel-")
+                || name.ends_with("-cdn-cache-control")
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+    private_cache_control(&mut headers);
     let names: Vec<header::HeaderName> = headers.keys().cloned().collect();
     for name in names {
         let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
@@ -591,6 +734,24 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-host", "evil"),
             ("x-real-ip", "1.2.3.4"),
+            ("x-forwarded", "for=1.2.3.4"),
+            ("forwarded-for", "1.2.3.4"),
+            ("proxy-client-ip", "1.2.3.4"),
+            ("wl-proxy-client-ip", "1.2.3.4"),
+            ("do-connecting-ip", "1.2.3.4"),
+            ("x-appengine-user-ip", "1.2.3.4"),
+            ("cf-pseudo-ipv4", "1.2.3.4"),
+            ("client-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
+            ("x-client-ip", "1.2.3.4"),
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("fastly-client-ip", "1.2.3.4"),
+            ("x-cluster-client-ip", "1.2.3.4"),
+            ("x-original-forwarded-for", "1.2.3.4"),
+            ("x-originating-ip", "1.2.3.4"),
+            ("x-remote-ip", "1.2.3.4"),
+            ("x-envoy-retry-on", "5xx"),
+            ("x-envoy-original-path", "/admin"),
             ("accept-encoding", "gzip"),
             ("content-type", "application/json"),
             ("x-api-key", "agent-chosen"),
@@ -605,6 +766,8 @@ mod tests {
             ("x-http-method_override", "DELETE"),
             ("x_original_url", "/admin"),
             ("x-forwarded_host", "evil"),
+            ("client_ip", "1.2.3.4"),
+            ("x_envoy_upstream_rq_timeout_ms", "1"),
             ("proxy_authorization", "Basic x"),
             ("x_api_key", "agent-chosen"),
             ("accept_encoding", "gzip"),
@@ -671,6 +834,29 @@ mod tests {
         check(Some("%20_method=PUT&b"), &h, "?b");
         check(Some("[method=DELETE"), &h, "");
         check(Some("x[method]=1"), &h, "?x[method]=1");
+        // PHP cuts a name at a NUL: `_method%00` and `_method%00x` are
+        // `_method` there.
+        check(Some("_method%00=DELETE&a=1"), &h, "?a=1");
+        check(Some("a&_method%00x=PUT"), &h, "?a");
+        check(Some("%255Fmethod%2500=PUT"), &h, "");
+        // ASP.NET MVC reads `X-HTTP-Method-Override` from the query too, in
+        // any case; CGI-style servers read `_` as `-`.
+        check(Some("X-HTTP-Method-Override=DELETE&b=2"), &h, "?b=2");
+        check(Some("x-http-method-override=DELETE"), &h, "");
+        check(Some("X_HTTP_METHOD_OVERRIDE=DELETE"), &h, "");
+        check(Some("x-http-method=PUT&x-method-override=PUT"), &h, "");
+        check(Some("X%2DHTTP%2DMethod%2DOverride=DELETE"), &h, "");
+        check(Some("_METHOD=DELETE"), &h, "");
+        check(
+            Some("x-http-method-overrides=1"),
+            &h,
+            "?x-http-method-overrides=1",
+        );
+        check(
+            Some("X-HTTP-Method-Override=DELETE&api_key=mine"),
+            &q,
+            "?api_key=k3y%2F%2B%3D",
+        );
         check(
             Some("_method=DELETE&api_key=mine"),
             &q,
@@ -762,13 +948,28 @@ mod tests {
                 ("content-length", "4"),
                 ("transfer-encoding", "chunked"),
                 ("set-cookie", "session=abc"),
+                ("set_cookie", "session=abc"),
+                ("x-accel-redirect", "/internal/keys"),
+                ("x-accel-buffering", "no"),
+                ("x-sendfile", "/etc/scrip/keys"),
+                ("x-lighttpd-send-file", "/etc/scrip/keys"),
+                ("x-sendfile2", "/etc/scrip/keys 0-"),
+                ("x-sendfile-temporary", "/etc/scrip/keys"),
+                ("surrogate-control", "max-age=600"),
+                ("cdn-cache-control", "public, max-age=600"),
+                ("cloudflare-cdn-cache-control", "max-age=600"),
+                ("edge-control", "cache-maxage=600"),
                 ("x-echo", "got k3y/+= from you"),
                 ("x-echo-basic", "Basic c3ZjOmszeS8rPQ=="),
                 ("content-type", "text/plain"),
             ]),
             &p,
         );
-        assert_eq!(names(&out), ["content-type", "x-echo", "x-echo-basic"]);
+        assert_eq!(
+            names(&out),
+            ["cache-control", "content-type", "x-echo", "x-echo-basic"]
+        );
+        assert_eq!(out["cache-control"], "private");
         assert_eq!(out["x-echo"], "got [redacted] from you");
         assert_eq!(out["x-echo-basic"], "Basic [redacted]");
 
@@ -819,6 +1020,45 @@ mod tests {
         );
         assert_eq!(out["location"], "/next?api_key=[redacted]");
         assert_eq!(out["x-upper"], "[redacted]");
+    }
+
+    /// No proxied response may be kept by a shared cache in front of scrip
+    /// for other clients: each is made `private`, and the upstream's other
+    /// directives stay.
+    #[test]
+    fn responses_are_private_to_the_agent() {
+        let p = Patterns::default();
+        let cc = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            }
+            let out = to_agent(h, &p);
+            assert_eq!(out.get_all(header::CACHE_CONTROL).iter().count(), 1);
+            out[header::CACHE_CONTROL].to_str().unwrap().to_owned()
+        };
+        assert_eq!(cc(&[]), "private");
+        assert_eq!(cc(&["public, max-age=300"]), "private, max-age=300");
+        assert_eq!(
+            cc(&["Public", "S-MaxAge=600, must-revalidate"]),
+            "private, must-revalidate"
+        );
+        assert_eq!(cc(&["no-store"]), "private, no-store");
+        assert_eq!(cc(&["private=\"x-a\", max-age=5"]), "private, max-age=5");
+        // A comma in a quoted string does not end a directive.
+        assert_eq!(
+            cc(&["no-cache=\"set-cookie, x-b\", public"]),
+            "private, no-cache=\"set-cookie, x-b\""
+        );
+        assert_eq!(
+            cc(&["no-cache=\"a\\\", public\", max-age=1"]),
+            "private, no-cache=\"a\\\", public\", max-age=1"
+        );
+        // A quoted string left open: what it would swallow is dropped.
+        assert_eq!(
+            cc(&["max-age=600, must-revalidate, no-cache=\"x"]),
+            "private, max-age=600, must-revalidate"
+        );
     }
 
     /// A key echoed the way upstreams escape text (JSON, HTML, a URL), and

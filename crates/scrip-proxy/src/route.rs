@@ -3,8 +3,8 @@
 //! injected follow from what the request does, not from what it claims.
 //!
 //! Overrides (`[[upstreams.routes]]`) are tried in order; the first whose
-//! method (or `*`) and path (exact, or a prefix when it ends with `*`) match
-//! wins. Otherwise GET and HEAD are `read`, POST, PUT and PATCH `write`,
+//! method (or `*`; for a HEAD, also GET) and path (exact, or a prefix when
+//! it ends with `*`) match wins. Otherwise GET and HEAD are `read`, POST, PUT and PATCH `write`,
 //! DELETE `delete`; any other method (OPTIONS, TRACE, CONNECT, ...) maps to
 //! nothing and is refused.
 //!
@@ -276,26 +276,16 @@ impl ActionMap {
             }
         };
         // HEAD is GET without the body (RFC 9110 §9.3.2), and servers run
-        // the GET handler for it: a rule naming HEAD decides it, and
-        // otherwise it is mapped as the GET it stands for.
-        let method = if *method == Method::HEAD {
-            let named = self
-                .rules
-                .iter()
-                .filter(at)
-                .find(|r| r.method.as_ref() == Some(&Method::HEAD));
-            if let Some(rule) = named {
-                return Some(&rule.action);
-            }
-            &Method::GET
-        } else {
-            method
-        };
-        let matched = self
-            .rules
-            .iter()
-            .filter(at)
-            .find(|r| r.method.as_ref().is_none_or(|m| m == method));
+        // the GET handler for it: it takes the first rule, as every request
+        // does, of those for any method, for HEAD or for the GET it stands
+        // for. So a HEAD is never mapped as a GET would not be unless a
+        // rule naming HEAD comes first, and no later rule overrides an
+        // earlier one.
+        let matched = self.rules.iter().filter(at).find(|r| match &r.method {
+            None => true,
+            Some(m) if *method == Method::HEAD => *m == Method::HEAD || *m == Method::GET,
+            Some(m) => m == method,
+        });
         if let Some(rule) = matched {
             return Some(&rule.action);
         }
@@ -378,9 +368,10 @@ mod tests {
         check(&[], "PURGE", "/items/1", None);
     }
 
-    /// A HEAD runs the upstream's GET handler: a rule naming HEAD decides
-    /// it, and otherwise it maps as a GET, so a read token cannot set off
-    /// what a GET rule makes a `delete`.
+    /// A HEAD runs the upstream's GET handler: it takes the first rule for
+    /// any method, HEAD or GET, so a read token cannot set off what a GET
+    /// rule makes a `delete`, and a later rule naming HEAD does not
+    /// override an earlier one for every method.
     #[test]
     fn a_get_rule_decides_head() {
         let routes = [
@@ -395,9 +386,21 @@ mod tests {
         check(&routes, "HEAD", "/status", Some("write"));
         check(&routes, "GET", "/status", Some("read"));
         check(&routes, "HEAD", "/other", Some("read"));
-        // A rule naming HEAD is not shadowed by a broader GET rule before it.
-        check(&routes, "HEAD", "/secret/x", Some("delete"));
+        // First match wins: a broader GET rule before a rule naming HEAD
+        // decides the HEAD as it decides the GET.
+        check(&routes, "HEAD", "/secret/x", Some("read"));
         check(&routes, "GET", "/secret/x", Some("read"));
+        // A rule for every method before a rule naming HEAD decides it.
+        let routes = [route("*", "/admin*", "delete"), route("HEAD", "/*", "read")];
+        check(&routes, "HEAD", "/admin/purge", Some("delete"));
+        check(&routes, "HEAD", "/other", Some("read"));
+        check(&routes, "GET", "/other", Some("read"));
+        // A rule naming HEAD decides it where it comes first.
+        let routes = [
+            route("HEAD", "/secret*", "delete"),
+            route("GET", "/*", "read"),
+        ];
+        check(&routes, "HEAD", "/secret/x", Some("delete"));
         // With no rule for HEAD or GET there, one for any method applies.
         check(
             &[route("*", "/any*", "write")],

@@ -84,6 +84,17 @@ when { context.stage == "proxy" && context has path && context.path like "/publi
 unless { context has dpop_jkt };
 "#;
 
+/// At the proxy, no sub-agent whose identity GitHub Actions issued (the
+/// task's agent, the principal, is a Kubernetes workload's).
+fn no_github_sub_agents() -> String {
+    format!(
+        r#"@id("proxy-no-github-sub-agents")
+forbid (principal, action, resource)
+when {{ context.stage == "proxy" && context.delegation_issuers.contains("{GITHUB_ISSUER}") }};
+"#
+    )
+}
+
 struct Env {
     server: TestServer,
     nginx: nginx::Nginx,
@@ -123,6 +134,10 @@ async fn setup_with(more: impl Fn(&mut scrip_config::Config) + Send + Sync + 'st
         extra_policies: vec![
             ("proxy-no-admin.cedar".into(), NO_ADMIN.into()),
             ("proxy-bound-only.cedar".into(), BOUND_ONLY.into()),
+            (
+                "proxy-no-github-sub-agents.cedar".into(),
+                no_github_sub_agents(),
+            ),
         ],
         edit: Some(Box::new(move |c| {
             c.tools.push(tool("legacy"));
@@ -202,6 +217,26 @@ impl Env {
             .start_task(&identity, scope, "dev", "fix JIRA-7 in the legacy system")
             .await;
         t["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// A sub-task of `parent` for the sub-agent whose identity is `actor`.
+    async fn delegate(&self, parent: &str, actor: &str) -> String {
+        let r = self
+            .server
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", parent),
+                    ("subject_token_type", TXN),
+                    ("actor_token", actor),
+                    ("actor_token_type", JWT),
+                    ("requested_token_type", TXN),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body["access_token"].as_str().unwrap().to_owned()
     }
 
     async fn token(&self, task: &str, tool: &str, scope: &str) -> String {
@@ -1143,6 +1178,9 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
         .header("proxy-authorization", "Basic eDp5")
         .header("accept-encoding", "gzip")
         .header("accept-charset", "utf-16")
+        .header("client-ip", "6.6.6.6")
+        .header("true-client-ip", "6.6.6.6")
+        .header("x-envoy-retry-on", "5xx")
         .send()
         .await
         .unwrap();
@@ -1150,8 +1188,96 @@ async fn hop_by_hop_credentials_and_forged_forwarding_headers_stay_behind() {
     let body = r.text().await.unwrap();
     assert_eq!(
         body,
-        "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity] accept-charset=[]\n"
+        "connection=[] x-private=[] te=[] upgrade=[] xff=[] xfh=[] forwarded=[] cookie=[] proxy-authorization=[] accept-encoding=[identity] accept-charset=[] client-ip=[] true-client-ip=[] envoy=[]\n"
     );
+    env.server.stop().await;
+}
+
+/// A policy at the proxy sees the issuers of the sub-agents acting
+/// (`context.delegation_issuers`), the principal being the task's agent:
+/// one that shuts out an issuer's sub-agents refuses their requests, and
+/// only theirs.
+#[tokio::test]
+async fn a_policy_sees_the_issuers_of_the_sub_agents_at_the_proxy() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let github = env.server.github.github("acme/helper");
+    let spiffe = env.server.spiffe.spiffe("acme.example", "/reviewer");
+    let by_github = env.delegate(&task, &github).await;
+    // A chain two deep: a SPIFFE workload acting for the GitHub one.
+    let through_github = env.delegate(&by_github, &spiffe).await;
+    let by_spiffe = env.delegate(&task, &spiffe).await;
+    for (task, allowed) in [
+        (&task, true),
+        (&by_spiffe, true),
+        (&by_github, false),
+        (&through_github, false),
+    ] {
+        let read = env.token(task, "legacy", "read").await;
+        let (status, _, body) = env
+            .send(reqwest::Method::GET, "legacy/items/1", Some(&read))
+            .await;
+        assert_eq!(status, if allowed { 200 } else { 403 }, "{body}");
+    }
+    let denied = env
+        .wait_audit(|a| {
+            a.event == "proxy.request"
+                && a.decision.as_deref() == Some("deny")
+                && a.policies == ["proxy-no-github-sub-agents"]
+        })
+        .await;
+    assert_eq!(denied.chain, ["repo:acme/helper:ref:refs/heads/main"]);
+    env.server.stop().await;
+}
+
+/// What an agent with a read token may not get the upstream, or a cache in
+/// front of scrip, to do: run another method through a query parameter
+/// (ASP.NET MVC reads `X-HTTP-Method-Override` there; PHP cuts
+/// `_method%00` to `_method`), act on a second path (WebDAV's
+/// `Destination`), or have a shared cache keep the answer for others.
+#[tokio::test]
+async fn no_query_override_second_path_or_shared_cache_passes_the_proxy() {
+    let env = setup().await;
+    let task = env.task("legacy:read").await;
+    let read = env.token(&task, "legacy", "read").await;
+
+    let (status, headers, _) = env
+        .send(
+            reqwest::Method::GET,
+            "legacy/echo-header?a=1&X-HTTP-Method-Override=DELETE&_method%00=DELETE&b=2",
+            Some(&read),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-echo-query"], "a=1&b=2");
+
+    let r = env
+        .http
+        .get(env.url("legacy/files/public.txt"))
+        .bearer_auth(&read)
+        .header("destination", "http://upstream/files/private.txt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("`Destination` header"), "{body}");
+    let refused = env
+        .wait_audit(|a| {
+            a.event == "proxy.request" && a.path.as_deref() == Some("/files/public.txt")
+        })
+        .await;
+    assert_eq!(refused.decision.as_deref(), Some("deny"), "{refused:?}");
+
+    let (status, headers, body) = env
+        .send(reqwest::Method::GET, "legacy/cacheable", Some(&read))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "for everyone, says the upstream\n");
+    assert_eq!(headers["cache-control"], "private, max-age=300");
+    for name in ["x-accel-redirect", "cdn-cache-control", "surrogate-control"] {
+        assert!(headers.get(name).is_none(), "{name}: {headers:?}");
+    }
     env.server.stop().await;
 }
 

@@ -143,7 +143,15 @@ http {{
         }}
         location = /headers {{
             if ($key = none) {{ return 401; }}
-            return 200 "connection=[$http_connection] x-private=[$http_x_private] te=[$http_te] upgrade=[$http_upgrade] xff=[$http_x_forwarded_for] xfh=[$http_x_forwarded_host] forwarded=[$http_forwarded] cookie=[$http_cookie] proxy-authorization=[$http_proxy_authorization] accept-encoding=[$http_accept_encoding] accept-charset=[$http_accept_charset]\n";
+            return 200 "connection=[$http_connection] x-private=[$http_x_private] te=[$http_te] upgrade=[$http_upgrade] xff=[$http_x_forwarded_for] xfh=[$http_x_forwarded_host] forwarded=[$http_forwarded] cookie=[$http_cookie] proxy-authorization=[$http_proxy_authorization] accept-encoding=[$http_accept_encoding] accept-charset=[$http_accept_charset] client-ip=[$http_client_ip] true-client-ip=[$http_true_client_ip] envoy=[$http_x_envoy_retry_on]\n";
+        }}
+        location = /cacheable {{
+            if ($key = none) {{ return 401; }}
+            add_header Cache-Control "public, max-age=300";
+            add_header X-Accel-Redirect /internal/keys;
+            add_header CDN-Cache-Control "public, max-age=600";
+            add_header Surrogate-Control "max-age=600";
+            return 200 "for everyone, says the upstream\n";
         }}
         location /files/ {{
             if ($key = none) {{ return 401; }}
