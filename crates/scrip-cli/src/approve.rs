@@ -33,13 +33,16 @@ async fn identity(args: &ApproverArgs) -> Result<Identity, String> {
     crate::run::load_identity(args.identity_file.as_deref(), &args.socket).await
 }
 
-/// Sends one request as the approver; returns the JSON answer or the
-/// server's error description.
+/// Sends one request as the approver; returns the JSON answer, which must
+/// be an object with the member `carries` (anything else, a web page say,
+/// is not scrip's answer and is no answer: a list read as empty, or a step
+/// decided unseen, would mislead), or the server's error description.
 async fn call(
     args: &ApproverArgs,
     method: reqwest::Method,
     path: &str,
     form: Option<&[(&str, &str)]>,
+    carries: &str,
 ) -> Result<Value, String> {
     let who = identity(args).await?;
     // As scrip-client's: a bounded wait, no redirect (which could take the
@@ -78,6 +81,12 @@ async fn call(
         })?;
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if status.is_success() {
+        if body.get(carries).is_none_or(Value::is_null) {
+            return Err(format!(
+                "{path} answered {status} without `{carries}`, which is not scrip's answer; is {} a scrip server?",
+                args.server
+            ));
+        }
         Ok(body)
     } else {
         let description = body
@@ -125,7 +134,13 @@ fn expires_at(a: &Value) -> String {
 
 /// `scrip approvals`: what waits for a decision.
 pub fn list(args: &ApproverArgs, json: bool) -> ExitCode {
-    match block_on(call(args, reqwest::Method::GET, "/approvals", None)) {
+    match block_on(call(
+        args,
+        reqwest::Method::GET,
+        "/approvals",
+        None,
+        "approvals",
+    )) {
         Err(e) => fail(e),
         Ok(body) => {
             let items = body
@@ -396,6 +411,7 @@ pub fn approve(args: &ApproverArgs, id: &str, yes: bool) -> ExitCode {
         reqwest::Method::GET,
         &format!("/approvals/{id}"),
         None,
+        "state",
     )) {
         Ok(step) => step,
         Err(e) => return fail(e),
@@ -432,6 +448,7 @@ pub fn approve(args: &ApproverArgs, id: &str, yes: bool) -> ExitCode {
             reqwest::Method::POST,
             &format!("/approvals/{id}/approve"),
             Some(&form),
+            "state",
         )),
     )
 }
@@ -448,6 +465,7 @@ pub fn deny(args: &ApproverArgs, id: &str, reason: &str) -> ExitCode {
             reqwest::Method::POST,
             &format!("/approvals/{id}/deny"),
             Some(&[("reason", reason)]),
+            "state",
         )),
     )
 }
@@ -486,6 +504,7 @@ pub fn introspect(args: &ApproverArgs) -> ExitCode {
         reqwest::Method::POST,
         "/introspect",
         Some(&[("token", token)]),
+        "active",
     )) {
         Err(e) => fail(e),
         Ok(body) => {

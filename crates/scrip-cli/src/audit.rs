@@ -17,7 +17,11 @@ pub struct QueryArgs {
     /// Only this task id.
     #[arg(long)]
     pub task: Option<String>,
-    /// Only this agent (the subject of its workload identity).
+    /// Only this agent: the subject of the workload identity that started
+    /// the task's tree (records of a sub-task are under it), exactly, at
+    /// any issuer. Two trusted issuers may each have an agent of one
+    /// subject (two clusters' `system:serviceaccount:ci:builder`): the
+    /// table's issuer column tells their records apart; --issuer keeps one.
     #[arg(long)]
     pub agent: Option<String>,
     /// Only agents whose identity this issuer vouched for (`iss`, exactly):
@@ -399,26 +403,57 @@ pub(crate) fn agent_cell(s: Option<&str>, width: usize) -> String {
     }
 }
 
+/// The widest an issuer column is made when the issuers it shows need no
+/// more to read apart: a GitHub Actions issuer fits whole.
+const ISSUER_WIDTH: usize = 44;
+
+/// The width of a column of `issuers`: the longest (at least the heading
+/// `issuer`), up to [`ISSUER_WIDTH`], beyond which they are cut in their
+/// middle as agents are ([`agent_cell`]: a cloud's cluster issuers differ
+/// at their end); but never so narrow that two issuers shown read the
+/// same, which would pin one cluster's workload's doings on another's.
+pub(crate) fn issuer_width<'a>(issuers: impl IntoIterator<Item = &'a str>) -> usize {
+    let issuers: std::collections::BTreeSet<&str> = issuers.into_iter().collect();
+    let longest = issuers
+        .iter()
+        .map(|i| printable(i).chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut width = longest.min(ISSUER_WIDTH).max("issuer".len());
+    while width < longest {
+        let cut: std::collections::BTreeSet<String> =
+            issuers.iter().map(|i| agent_cell(Some(i), width)).collect();
+        if cut.len() == issuers.len() {
+            break;
+        }
+        width += 1;
+    }
+    width
+}
+
 fn print_table(records: &[AuditEvent]) {
+    let iss = issuer_width(records.iter().filter_map(|r| r.agent_iss.as_deref()));
     out!(
-        "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<22}  {:<10}  {:<16}  reason",
+        "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<iss$}  {:<22}  {:<10}  {:<16}  reason",
         "seq",
         "time",
         "event",
         "dec",
         "agent",
+        "issuer",
         "task",
         "tool",
         "actions"
     );
     for r in records {
         out!(
-            "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<22}  {:<10}  {:<16}  {}",
+            "{:>8}  {:<24}  {:<16}  {:<5}  {:<28}  {:<iss$}  {:<22}  {:<10}  {:<16}  {}",
             r.seq,
             when(r.at_ms),
             cell(Some(&r.event), 16),
             cell(r.decision.as_deref(), 5),
             agent_cell(r.agent_sub.as_deref(), 28),
+            agent_cell(r.agent_iss.as_deref(), iss),
             cell(r.task_id.as_deref(), 22),
             cell(r.tool.as_deref(), 10),
             cell(r.actions.as_deref(), 16),
@@ -788,6 +823,39 @@ mod tests {
         assert_ne!(main, evil);
         assert_eq!(agent_cell(Some("coder"), 28), "coder");
         assert_eq!(agent_cell(None, 28), "-");
+    }
+
+    /// An issuer column fits what it shows up to a width, beyond which
+    /// issuers are cut in their middle; but it widens as far as two
+    /// issuers shown need to read apart.
+    #[test]
+    fn an_issuer_column_never_shows_two_issuers_alike() {
+        assert_eq!(issuer_width([]), "issuer".len());
+        assert_eq!(issuer_width(["https://a.test"]), 14);
+        let github = "https://token.actions.githubusercontent.com";
+        assert_eq!(issuer_width([github, "https://a.test"]), github.len());
+        let eks = "https://oidc.eks.us-east-1.amazonaws.com/id/EXAMPLED539D4633E53DE1B71EXAMPLE";
+        assert_eq!(issuer_width([eks, eks]), ISSUER_WIDTH);
+        // Alike at both ends, apart only in their middle.
+        let (x, y) = (
+            format!(
+                "https://idp.example/{}-x-{}",
+                "a".repeat(30),
+                "b".repeat(30)
+            ),
+            format!(
+                "https://idp.example/{}-y-{}",
+                "a".repeat(30),
+                "b".repeat(30)
+            ),
+        );
+        let width = issuer_width([x.as_str(), y.as_str(), github]);
+        assert!(width > ISSUER_WIDTH && width < x.len(), "{width}");
+        assert_ne!(agent_cell(Some(&x), width), agent_cell(Some(&y), width));
+        assert_eq!(
+            agent_cell(Some(&x), width - 1),
+            agent_cell(Some(&y), width - 1)
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ enum Command {
     /// SCRIP_TASK_TOKEN set (so `scrip token` works inside it). When COMMAND
     /// exits, however it exits, the task is ended. SIGINT, SIGTERM, SIGHUP and SIGQUIT
     /// are forwarded to it (one ignored when scrip run started, as under
-    /// nohup, stays ignored), and it gets 10 s to exit; a Ctrl-C typed at the
+    /// nohup, stays ignored), and it gets 5 s (--grace) to exit; a Ctrl-C typed at the
     /// terminal reaches it directly and is left to it. The exit code is COMMAND's; when SIGINT,
     /// SIGTERM, SIGHUP or SIGPIPE killed it (or stopped scrip run before it
     /// ran), scrip run dies of the same signal, so a shell script or loop

@@ -3,8 +3,8 @@
 //! Order matters here: signal handlers are installed first, so an
 //! interrupt at any point still ends whatever was started; the task is
 //! ended (revoked) after the child exits, however it exits; SIGINT, SIGTERM,
-//! SIGHUP and SIGQUIT are forwarded to the child, which gets [`GRACE`] to
-//! exit before it is killed (a Ctrl-C at the terminal reached the child
+//! SIGHUP and SIGQUIT are forwarded to the child, which gets `--grace`
+//! seconds to exit before it is killed (a Ctrl-C at the terminal reached the child
 //! already, and is the child's to handle). Only the child itself is
 //! signalled and killed: processes it started and left running are its to
 //! stop (their task token dies with the task all the same).
@@ -19,8 +19,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::fail;
 
-/// How long an interrupted child has to exit before it is killed.
-const GRACE: Duration = Duration::from_secs(10);
+/// How long an interrupted child has to exit before it is killed, unless
+/// `--grace` says: well under the 10 s that `docker stop` and Podman give
+/// a container before they kill it, so that the task is ended first.
+const GRACE: u64 = 5;
 /// Attempts at ending the task.
 const END_ATTEMPTS: u32 = 3;
 
@@ -75,7 +77,9 @@ impl TaskArgs {
     }
 }
 
-/// Headers whose value is a credential.
+/// Headers whose value is a credential, whatever their name says; a
+/// header named for a secret (`X-Vault-Token`, `apikey`, `X-Goog-Api-Key`)
+/// is one too (see [`header_value_start`]).
 const SECRET_HEADERS: [&str; 6] = [
     "authorization",
     "proxy-authorization",
@@ -92,49 +96,86 @@ const SCHEMES: [&str; 6] = ["bearer", "basic", "token", "digest", "negotiate", "
 /// Programs whose `-pVALUE` (no space) is a password.
 const P_IS_PASSWORD: [&str; 5] = ["mysql", "mariadb", "mysqldump", "mysqladmin", "mysqlimport"];
 
+/// The program whose `-p VALUE` (and `-pVALUE`) is a password, once.
+const SSHPASS: &str = "sshpass";
+
+/// The program whose `-b VALUE` (and `-bVALUE`) is a cookie (or the file
+/// it is read from).
+const CURL: &str = "curl";
+
+/// Options whose value is `user:password`: the password is masked. Told
+/// apart by case (`pip install -U` is no user).
+const USER_OPTIONS: [&str; 3] = ["-u", "--user", "--proxy-user"];
+
 /// The command line as the default purpose shows it, with common forms of
 /// secrets masked (`***`), since the purpose is in the audit trail, the
-/// task token, and what an approver reads: the value of an option named
-/// for a password, secret or token (`--password X`, `-token X`,
-/// `--api-key=X`), `NAME=value` where a part of NAME says password, secret,
-/// token or credential, or its last part key (`DB_PASSWORD=x`, `API_KEY=x`,
-/// `password=x` in a connection string), a `user:password` (`curl -u`), a
-/// URL's user information and query, `mysql -pX`, `sshpass -p X`, and the
-/// credentials of an `Authorization`, `Cookie`, `X-Api-Key` or like header,
-/// in any argument, word by word (`sh -c "..."` included). Anything else
+/// task token, and what an approver reads:
+/// - the value of an option, of `NAME=value` and of a JSON `"NAME":
+///   value` named for a secret (see [`secret_name`]: a part of the name is
+///   or ends in password, passwd, passphrase, secret, token, credential(s)
+///   or creds, or is pass, pwd, auth, bearer, apikey or pat, or its last
+///   part is or ends in key, jwt or cookie): `--password X`, `-token X`,
+///   `--api-key=X`, `--creds X`, `--cookie X`, `DB_PASSWORD=x`,
+///   `PGPASSWORD=x`, `GITHUB_PAT=x`, `password=x` in a connection string,
+///   `{"password":"x"}`, also where an option's value assigns it
+///   (`--from-literal=password=x`, `--env=GITHUB_TOKEN=x`);
+/// - a `user:password` (`curl -u`, `-uUSER:PW`, `--user=`,
+///   `--proxy-user`), a URL's user information and query, OpenSSL's
+///   `pass:X`;
+/// - `-pX` after mysql or one of its tools, `-p X` (or `-pX`) once after
+///   sshpass, `-b X` (or `-bX`) after curl, wherever the program is named
+///   (`sudo sshpass`, `docker exec db mysql`, `sh -c "cd /x; mysql"`) and
+///   up to the `;`, `&&`, `||`, `|` or `&` that ends its command in a
+///   script;
+/// - the credentials of an `Authorization`, `Cookie`, `X-Api-Key` or like
+///   header, or of one named for a secret (`X-Vault-Token`, `apikey`),
+///   wherever its name starts (`-H`, `--header=`,
+///   `http.extraheader=Authorization: ...`);
+///
+/// in any argument, word by word (`sh -c "..."` included, where a secret
+/// quoted in a word runs on to its closing quote, and one that ends in an
+/// escaped space, `correct\ horse`, on to the next word). Anything else
 /// shows as it is: a purpose given with --purpose is taken as it is.
 pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
-    let program = args
-        .first()
-        .map(|a| {
-            a.to_string_lossy()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .unwrap_or_default();
     let mut shown = Vec::with_capacity(args.len());
-    // The next word is a secret; or the whole next argument, when the
-    // option ended its own.
-    let mut mask_next = false;
+    // The program last named (`sudo sshpass`, `docker exec db mysql`),
+    // whose own options say where a secret is. The arguments are one
+    // command line: a program named in one reads the ones after it.
+    let mut program = None;
+    // The next argument is a secret, or a `user:password`: the option
+    // ended its own.
     let mut mask_arg = false;
-    let mut user_next = false;
+    let mut user_arg = false;
+    let mut script_next = false;
     for arg in args {
         let arg = arg.to_string_lossy();
+        let script = std::mem::replace(&mut script_next, runs_a_script(&arg));
         if std::mem::take(&mut mask_arg) {
             shown.push("***".to_owned());
             continue;
         }
+        // The next word is a secret, or a `user:password`. What an option
+        // left for a next word its argument did not have (`"-u "`, `curl
+        // -u "" h`) is no secret in the next argument.
+        let mut mask_next = false;
+        let mut user_next = std::mem::take(&mut user_arg);
         let mut words = Vec::new();
-        let mut header = false;
+        // After a credential header's name, or a secret that starts the
+        // argument: the rest of the argument is masked.
+        let mut mask_rest = false;
         let mut scheme_allowed = false;
+        // The quote a masked secret opened: the words up to the one that
+        // closes it are the secret's too. Quotes end with the argument.
+        let mut quote = None;
+        // The quote open after each word, whatever it holds: a `;` inside
+        // one ends no command.
+        let mut open = None;
         let count = arg.split(' ').count();
         for (i, word) in arg.split(' ').enumerate() {
             let last = i + 1 == count;
-            if header {
-                // After a credential header's name: its scheme, then the
-                // rest of the argument, masked.
+            open = open_quote(open, word);
+            if mask_rest {
+                // A header's scheme may show.
                 if word.is_empty() {
                     words.push(String::new());
                 } else if std::mem::take(&mut scheme_allowed)
@@ -150,62 +191,114 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
                 words.push(String::new());
                 continue;
             }
+            if quote.is_some() {
+                // The quote holds what a `"password":` left for the next
+                // word, too.
+                mask_next = false;
+                words.push("***".to_owned());
+                quote = open_quote(quote, word);
+                continue;
+            }
             if std::mem::take(&mut mask_next) {
                 words.push("***".to_owned());
+                quote = open_quote(None, word);
                 continue;
             }
-            if std::mem::take(&mut user_next) {
+            let option = bare(word);
+            let lower = option.to_ascii_lowercase();
+            let url_shown = shown_url(word);
+            let header_at = header_value_start(&url_shown);
+            let value_at = secret_value_start(&url_shown);
+            // Whether the word shows a secret of its own, masked.
+            let secret = if std::mem::take(&mut user_next) {
                 // `-u alice:pw`: the password; `sudo -u root` stays.
                 words.push(shown_user(word));
-                continue;
-            }
-            let lower = bare(word).to_ascii_lowercase();
-            // `-H 'Authorization: ...'`, `--header=Authorization: ...`.
-            let name = lower
-                .strip_prefix("--header=")
-                .or_else(|| lower.strip_prefix("-h"))
-                .unwrap_or(&lower);
-            if let Some(h) = name.strip_suffix(':')
-                && SECRET_HEADERS.contains(&h)
-            {
-                words.push(word.to_owned());
-                header = true;
-                scheme_allowed = true;
-            } else if let Some((h, value)) = name.split_once(':')
-                && SECRET_HEADERS.contains(&h)
-                && !value.is_empty()
-            {
-                // `Authorization:Bearer` written without a space.
-                let keep = word.len().saturating_sub(value.len());
-                words.push(format!("{}***", word.get(..keep).unwrap_or_default()));
-                header = true;
-            } else if let Some((name, value)) = word.split_once('=') {
-                if secret_name(bare(name)) {
-                    words.push(format!("{name}=***"));
-                } else if matches!(bare(name), "--user" | "-u") {
-                    words.push(format!("{name}={}", shown_user(value)));
-                } else {
-                    words.push(shown_url(word));
+                word.contains(':')
+            } else if let Some(at) = pass_value_start(&url_shown) {
+                // `-passin pass:x`.
+                words.push(format!("{}***", url_shown.get(..at).unwrap_or_default()));
+                true
+            } else if let Some(at) = value_at.filter(|&v| header_at.is_none_or(|h| v < h)) {
+                // `NAME=value`; a header in the value (`GIT_AUTH=Authorization:
+                // Bearer x`) has its credentials in the next words.
+                words.push(format!("{}***", url_shown.get(..at).unwrap_or_default()));
+                mask_rest = header_at.is_some();
+                // `"password": "x"`: the value is the next word.
+                if at == url_shown.len() && url_shown.ends_with(':') {
+                    mask_next = !last;
                 }
-            } else if matches!(lower.as_str(), "-u" | "--user") {
-                user_next = true;
-                words.push(word.to_owned());
-            } else if lower == "-p" && program == "sshpass" {
-                mask_next = !last;
-                mask_arg = last;
-                words.push(word.to_owned());
-            } else if lower.len() > 2
-                && lower.starts_with("-p")
-                && !lower.starts_with("--")
-                && P_IS_PASSWORD.contains(&program.as_str())
+                true
+            } else if let Some(at) = header_at {
+                mask_rest = true;
+                if at == url_shown.len() {
+                    // `Authorization: Bearer x`: the scheme may show.
+                    words.push(url_shown);
+                    scheme_allowed = true;
+                } else {
+                    // `Authorization:Bearer` written without a space.
+                    words.push(format!("{}***", url_shown.get(..at).unwrap_or_default()));
+                }
+                false
+            } else if let Some((name, value)) = word.split_once('=')
+                && USER_OPTIONS.contains(&bare(name))
             {
-                words.push("-p***".to_owned());
+                words.push(format!("{name}={}", shown_user(value)));
+                value.contains(':')
+            } else if USER_OPTIONS.contains(&option) {
+                user_next = !last;
+                user_arg = last;
+                words.push(word.to_owned());
+                false
+            } else if let Some(value) = word.strip_prefix("-u")
+                && value
+                    .split_once(':')
+                    .is_some_and(|(user, _)| !user.contains('='))
+            {
+                // `curl -ualice:pw`, the user glued to the option; not a
+                // Go-style `-url=http://h:80`.
+                words.push(format!("-u{}", shown_user(value)));
+                true
+            } else if let Some(short) = secret_short_option(program, option) {
+                // sshpass has one password: an `ssh -p 22` after it is a
+                // port.
+                if program == Some(SSHPASS) {
+                    program = None;
+                }
+                if short.len() == option.len() {
+                    mask_next = !last;
+                    mask_arg = last;
+                    words.push(word.to_owned());
+                    false
+                } else {
+                    // After the quotes that open the word (`'-pcorrect horse'`).
+                    let at = word.len() - word.trim_start_matches(['\'', '"']).len();
+                    let head = word.get(..at + short.len()).unwrap_or_default();
+                    words.push(format!("{head}***"));
+                    true
+                }
             } else if lower.starts_with('-') && secret_name(lower.trim_start_matches('-')) {
                 mask_next = !last;
                 mask_arg = last;
                 words.push(word.to_owned());
+                false
             } else {
-                words.push(shown_url(word));
+                words.push(url_shown);
+                false
+            };
+            if secret {
+                quote = open_quote(None, word);
+                // An argument that starts with a secret is that secret
+                // whole (`env "PASSWORD=correct horse"`, `curl -u "alice:pw
+                // x"`), unless it is a shell script, read word by word.
+                mask_rest |= i == 0 && !script;
+            }
+            if let Some(named) = program_named(word) {
+                program = Some(named);
+            }
+            // Only a shell reads `;` as the end of a command: in other
+            // arguments (`mysql -e "select 1; select 2" -pX`) it is text.
+            if script && open.is_none() && ends_a_command(word) {
+                program = None;
             }
         }
         shown.push(words.join(" "));
@@ -213,9 +306,78 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
     shown.join(" ")
 }
 
+/// The program `word` names, of those whose options [`shown_command`]
+/// reads: the last command in it (`cd /x;mysql`, `$(mysql`), by its file
+/// name (`/usr/bin/mysql`), quotes aside.
+fn program_named(word: &str) -> Option<&'static str> {
+    let command = word
+        .rsplit([';', '&', '|', '(', '`'])
+        .next()
+        .unwrap_or_default();
+    let name = bare(command).rsplit('/').next().unwrap_or_default();
+    P_IS_PASSWORD
+        .iter()
+        .copied()
+        .chain([SSHPASS, CURL])
+        .find(|&p| p == name)
+}
+
+/// Whether `word` ends a command in a shell script: it is, or ends in,
+/// `;`, `&&`, `||`, `|` or `&`.
+fn ends_a_command(word: &str) -> bool {
+    word.ends_with([';', '&', '|'])
+}
+
+/// The short option `option` starts with whose value is a secret for
+/// `program`: `-p` for mysql and its tools only with the value glued to it
+/// (`-p` alone asks; `-P3306` is a port), `-p` for sshpass and `-b` for
+/// curl either way.
+fn secret_short_option(program: Option<&str>, option: &str) -> Option<&'static str> {
+    let short = match program? {
+        SSHPASS => "-p",
+        CURL => "-b",
+        p if P_IS_PASSWORD.contains(&p) && option.len() > 2 => "-p",
+        _ => return None,
+    };
+    option.starts_with(short).then_some(short)
+}
+
+/// Whether `arg` is a shell's option whose value is a script (`-c`,
+/// `bash -lc`, `sh -ec`): the next argument is a command line, whose
+/// words are masked one by one, not a value that may hold spaces.
+fn runs_a_script(arg: &str) -> bool {
+    arg.strip_prefix('-')
+        .is_some_and(|f| f.ends_with('c') && f.bytes().all(|b| b.is_ascii_alphabetic()))
+}
+
 /// `word` without the quotes a shell script around it leaves.
 fn bare(word: &str) -> &str {
     word.trim_matches(|c| c == '\'' || c == '"')
+}
+
+/// The quote still open after `word`, given the one open before it: a
+/// shell word goes on past a space inside quotes (`--password='correct
+/// horse'`, `-u"alice:pw x"`), and so does a secret in it. A backslash
+/// escapes the next character (`"a\" b"` is one word), but inside single
+/// quotes; one that ends the word escapes the space after it
+/// (`correct\ horse` is one word), which this says as an open `\`.
+fn open_quote(open: Option<char>, word: &str) -> Option<char> {
+    let mut open = open.filter(|&q| q != '\\');
+    let mut chars = word.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' && open != Some('\'') {
+            if chars.next().is_none() {
+                return open.or(Some('\\'));
+            }
+            continue;
+        }
+        match open {
+            Some(q) if c == q => open = None,
+            None if matches!(c, '\'' | '"') => open = Some(c),
+            _ => {}
+        }
+    }
+    open
 }
 
 /// `user:password` with the password masked; a plain user as it is.
@@ -226,11 +388,113 @@ fn shown_user(value: &str) -> String {
     }
 }
 
-/// Whether a name (`DB_PASSWORD`, `api-key`, `apiKey`, `password` in a
-/// connection string) names a secret: a part of it (split at `_`, `-`, `.`)
-/// says password, secret, token, credential(s), auth or bearer, or its last
-/// part is key (or apikey); not one that names where a secret is (`-file`,
-/// `-id`, `-name`), nor a flag that turns one off (`--no-password`).
+/// The name that ends at byte `end` of `word`: the longest run of the
+/// characters `is_name` takes before it. A name is found wherever it
+/// starts: after an option's `=`, a quote, a `,`.
+fn name_before(word: &str, end: usize, is_name: fn(u8) -> bool) -> &str {
+    let head = word.get(..end).unwrap_or_default();
+    let len = head.bytes().rev().take_while(|&b| is_name(b)).count();
+    head.get(head.len() - len..).unwrap_or_default()
+}
+
+/// Where in `word` the value of the first `NAME=`, or JSON `"NAME":`,
+/// that names a secret starts (just past its `=` or `:`): at the start
+/// (`DB_PASSWORD=x`) or inside an option's value
+/// (`--from-literal=password=x`, `--env=GITHUB_TOKEN=x`,
+/// `--set=replicas=2,db.password=x`, `-d {"user":"a","password":"x"}`),
+/// where the option's own name says nothing.
+fn secret_value_start(word: &str) -> Option<usize> {
+    let bytes = word.as_bytes();
+    word.char_indices()
+        .filter_map(|(i, c)| match c {
+            '=' => Some((i, i)),
+            // The name ends at its closing quote, escaped in a script's
+            // double quotes (`"{\"password\":\"x\"}"`).
+            ':' if i.checked_sub(1).and_then(|j| bytes.get(j)) == Some(&b'"') => {
+                let end = i - 1;
+                match end.checked_sub(1).and_then(|j| bytes.get(j)) {
+                    Some(b'\\') => Some((end - 1, i)),
+                    _ => Some((end, i)),
+                }
+            }
+            _ => None,
+        })
+        .find(|&(end, _)| {
+            secret_name(name_before(word, end, |b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+            }))
+        })
+        .map(|(_, i)| i + 1)
+}
+
+/// Where in `word` the password of OpenSSL's `pass:PASSWORD` starts
+/// (`-passin pass:x`, `-passout 'pass:x'`); its other forms (`env:VAR`,
+/// `file:PATH`) say where the password is, and show.
+fn pass_value_start(word: &str) -> Option<usize> {
+    let quotes = word.len() - word.trim_start_matches(['\'', '"']).len();
+    word.get(quotes..)?
+        .starts_with("pass:")
+        .then_some(quotes + "pass:".len())
+}
+
+/// Where in `word` the credentials of the first credential header start
+/// (just past the colon after its name), wherever its name starts: the
+/// word's start, `-H`, `--header=`, `http.extraheader=`, a quote. A
+/// header named for a secret (`X-Vault-Token`, `apikey`, `X-Goog-Api-Key`,
+/// not `X-Request-Id`) counts only there, not after another colon: the
+/// `secret` in an ARN (`arn:aws:secretsmanager:...:secret:prod/db`) names
+/// no header.
+fn header_value_start(word: &str) -> Option<usize> {
+    word.match_indices(':')
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let name = name_before(word, i, |b| b.is_ascii_alphanumeric() || b == b'-');
+            let glued = name.strip_prefix("-H").or_else(|| name.strip_prefix("-h"));
+            let known = |h: &str| SECRET_HEADERS.contains(&h.to_ascii_lowercase().as_str());
+            let starts_a_name = matches!(
+                word.get(..i - name.len()).and_then(|h| h.bytes().last()),
+                None | Some(b'=' | b'\'' | b'"')
+            );
+            known(name)
+                || glued.is_some_and(known)
+                || starts_a_name && (secret_name(name) || glued.is_some_and(secret_name))
+        })
+        .map(|i| i + 1)
+}
+
+/// Parts of a name that name a secret only whole: short words that end
+/// harmless ones (`BYPASS`, `OAUTH`, `OLDPWD`, `PATH`). `SSHPASS` is the
+/// password `sshpass -e` reads, `PAT` a personal access token
+/// (`GITHUB_PAT`).
+const SECRET_PARTS: [&str; 7] = ["PASS", "PWD", "AUTH", "BEARER", "APIKEY", "SSHPASS", "PAT"];
+
+/// Words a part of a name names a secret by ending in: alone
+/// (`DB_PASSWORD`) or glued to what says whose (`PGPASSWORD`,
+/// `accessToken`, `clientSecret`, `--src-creds`). Not a part that only
+/// starts with one (`tokenizer`, `max-tokens`, `passwordless`).
+const SECRET_ENDINGS: [&str; 8] = [
+    "PASSWORD",
+    "PASSWD",
+    "PASSPHRASE",
+    "SECRET",
+    "TOKEN",
+    "CREDENTIAL",
+    "CREDENTIALS",
+    "CREDS",
+];
+
+/// Words the last part of a name names a secret by ending in (`API_KEY`,
+/// `--jwt`, `--cookie`, `sessionCookie`): in another part they say what a
+/// setting is about (`KEY_ID`, `--jwt-issuer`, `--cookie-jar`).
+const LAST_SECRET_ENDINGS: [&str; 3] = ["KEY", "JWT", "COOKIE"];
+
+/// Whether a name (`DB_PASSWORD`, `PGPASSWORD`, `api-key`, `apiKey`,
+/// `password` in a connection string) names a secret: a part of it (split
+/// at `_`, `-`, `.`) is or ends in password, passwd, passphrase, secret,
+/// token, credential(s) or creds, or is pass, pwd, auth, bearer, apikey
+/// or pat, or its last part is or ends in key, jwt or cookie; not one that
+/// names where a secret is (`-file`, `-id`, `-name`), nor a flag that
+/// turns one off (`--no-password`).
 fn secret_name(name: &str) -> bool {
     let name = name.trim_start_matches('-');
     if name.is_empty()
@@ -242,22 +506,12 @@ fn secret_name(name: &str) -> bool {
     }
     let upper = name.to_ascii_uppercase();
     let parts: Vec<&str> = upper.split(['_', '-', '.']).collect();
-    let secret = parts.iter().any(|p| {
-        matches!(
-            *p,
-            "PASSWORD"
-                | "PASSWD"
-                | "PWD"
-                | "PASS"
-                | "SECRET"
-                | "TOKEN"
-                | "CREDENTIAL"
-                | "CREDENTIALS"
-                | "AUTH"
-                | "BEARER"
-                | "APIKEY"
-        )
-    }) || parts.last().is_some_and(|p| matches!(*p, "KEY" | "APIKEY"));
+    let secret = parts
+        .iter()
+        .any(|p| SECRET_PARTS.contains(p) || SECRET_ENDINGS.iter().any(|e| p.ends_with(e)))
+        || parts
+            .last()
+            .is_some_and(|p| LAST_SECRET_ENDINGS.iter().any(|e| p.ends_with(e)));
     let names_a_place = parts.last().is_some_and(|p| {
         matches!(
             *p,
@@ -308,13 +562,27 @@ pub struct RunArgs {
     #[command(flatten)]
     task: TaskArgs,
     /// Why the task runs (default: the command line, which the audit
-    /// records and approvers see, with common forms of secrets masked: the
-    /// values of options named for a password, secret or token, a URL's
-    /// user information and query, the credentials of an Authorization or
-    /// Cookie header, `DB_PASSWORD=...`; give --purpose whenever the
+    /// records and approvers see, with common forms of secrets masked,
+    /// word by word in any argument, `sh -c "..."` too: the values of
+    /// options, of `NAME=...` and of JSON `"NAME":` named for a password,
+    /// secret, token, key, cookie or credentials (`--api-key X`,
+    /// `DB_PASSWORD=...`, `--env=GITHUB_TOKEN=...`), a URL's user
+    /// information and query, a `user:password` (`-u`, `--user`), `mysql
+    /// -p...`, `sshpass -p`, `curl -b`, OpenSSL's `pass:...`, and the
+    /// credentials of an Authorization, Cookie or like header, or of one
+    /// named for a secret (`-H "X-Vault-Token: ..."`,
+    /// `http.extraheader=Authorization: ...`); give --purpose whenever the
     /// arguments hold a secret: masking cannot know every program's).
     #[arg(long)]
     purpose: Option<String>,
+    /// Seconds COMMAND has to exit after a forwarded signal before it is
+    /// killed; the task is ended after. Keep it a few seconds under what
+    /// stops scrip run gives it before SIGKILL (`docker stop`: 10 s,
+    /// Kubernetes: terminationGracePeriodSeconds, 30 s), or the task
+    /// outlives the kill, live until its deadline.
+    #[arg(long, value_name = "SECONDS", default_value_t = GRACE,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    grace: u64,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -532,7 +800,7 @@ async fn run_async(args: RunArgs) -> ExitCode {
         }
     };
 
-    let status = supervise(&mut child, &mut signals).await;
+    let status = supervise(&mut child, &mut signals, Duration::from_secs(args.grace)).await;
     let ended = end_task_unless_interrupted(&client, task, cache.as_ref(), &mut signals).await;
     let code = match status {
         Ok(status) => exit_code(status),
@@ -549,13 +817,14 @@ async fn run_async(args: RunArgs) -> ExitCode {
 }
 
 /// Waits for the child, forwarding signals; after the first forwarded one,
-/// the child has [`GRACE`] to exit before it is killed. A Ctrl-C (or
+/// the child has `grace` to exit before it is killed. A Ctrl-C (or
 /// Ctrl-\\) at the terminal reached the child already, from the terminal:
 /// it is neither forwarded nor timed, since an interactive command (a shell,
 /// a REPL) may take it as "stop this step", not "exit".
 async fn supervise(
     child: &mut tokio::process::Child,
     signals: &mut Signals,
+    grace: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {
     let pid = child
         .id()
@@ -580,7 +849,7 @@ async fn supervise(
                 if let Some(pid) = pid {
                     let _ = rustix::process::kill_process(pid, sig);
                 }
-                deadline.get_or_insert_with(|| tokio::time::Instant::now() + GRACE);
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + grace);
             }
             () = kill_at => {
                 let _ = child.start_kill();
@@ -924,6 +1193,526 @@ mod purpose_tests {
         ] {
             assert_eq!(shown(args), expected, "{args:?}");
         }
+    }
+
+    fn assert_shown(cases: &[(&[&str], &str)]) {
+        for (args, expected) in cases {
+            assert_eq!(shown(args), *expected, "{args:?}");
+        }
+    }
+
+    /// `--opt=NAME=value`: the option's own name says nothing, the name
+    /// its value assigns does.
+    #[test]
+    fn a_secret_assigned_inside_an_options_value_is_masked() {
+        assert_shown(&[
+            (
+                &[
+                    "kubectl",
+                    "create",
+                    "secret",
+                    "generic",
+                    "x",
+                    "--from-literal=password=hunter2",
+                ],
+                "kubectl create secret generic x --from-literal=password=***",
+            ),
+            (
+                &["docker", "run", "--env=GITHUB_TOKEN=ghp_x", "img"],
+                "docker run --env=GITHUB_TOKEN=*** img",
+            ),
+            (
+                &["helm", "install", "--set=replicas=2,db.password=pw", "c"],
+                "helm install --set=replicas=2,db.password=*** c",
+            ),
+            // What it assigns to a harmless name shows.
+            (
+                &["docker", "run", "--env=PATH=/usr/bin", "img"],
+                "docker run --env=PATH=/usr/bin img",
+            ),
+            (
+                &["kubectl", "--from-literal=user=alice"],
+                "kubectl --from-literal=user=alice",
+            ),
+        ]);
+    }
+
+    /// A credential header is found wherever its name ends, not only at the
+    /// start of a word: after `NAME=` (`git -c http.extraheader=...`) or
+    /// after a quote inside a shell word.
+    #[test]
+    fn a_secret_header_after_a_name_or_a_quote_is_masked() {
+        assert_shown(&[
+            (
+                &[
+                    "git",
+                    "-c",
+                    "http.extraheader=Authorization: Bearer ghp_x",
+                    "fetch",
+                ],
+                "git -c http.extraheader=Authorization: Bearer *** fetch",
+            ),
+            (
+                &["sh", "-c", "wget --header=\"Authorization: Bearer x\" u"],
+                "sh -c wget --header=\"Authorization: Bearer *** ***",
+            ),
+            (
+                &["sh", "-c", "curl -H'Cookie: sid=1' h"],
+                "sh -c curl -H'Cookie: *** ***",
+            ),
+            // A header that is not a credential shows.
+            (
+                &["git", "-c", "http.extraheader=Accept: text/plain", "fetch"],
+                "git -c http.extraheader=Accept: text/plain fetch",
+            ),
+        ]);
+    }
+
+    /// A secret quoted in a shell word (`--password='correct horse'`) is
+    /// masked up to its closing quote, not only up to the first space; so
+    /// is a credential header whose value comes in the same word as a
+    /// secret name.
+    #[test]
+    fn a_quoted_secret_is_masked_to_its_closing_quote() {
+        assert_shown(&[
+            (
+                &["sh", "-c", "mysql --password='correct horse' db"],
+                "sh -c mysql --password=*** *** db",
+            ),
+            (
+                &["sh", "-c", "tool --token \"a b c\" --verbose"],
+                "sh -c tool --token *** *** *** --verbose",
+            ),
+            (
+                &["sh", "-c", "GIT_AUTH=Authorization: Bearer x git fetch"],
+                "sh -c GIT_AUTH=*** *** *** *** ***",
+            ),
+            (
+                &["sh", "-c", "tool --password=\"a\\\" b\" -v"],
+                "sh -c tool --password=*** *** -v",
+            ),
+            // A quoted harmless value, and a closed quoted secret, leave
+            // the next words as they are.
+            (
+                &["sh", "-c", "tool --token 'ab' --name 'a b'"],
+                "sh -c tool --token *** --name 'a b'",
+            ),
+        ]);
+    }
+
+    /// An argument that starts with a secret is that secret whole, spaces
+    /// and all, unless it is a shell's script (`sh -c`, `bash -lc`), whose
+    /// words are masked one by one so that the command still shows.
+    #[test]
+    fn an_argument_that_starts_with_a_secret_is_masked_whole() {
+        assert_shown(&[
+            (
+                &["env", "PASSWORD=correct horse", "x"],
+                "env PASSWORD=*** *** x",
+            ),
+            (
+                &["tool", "--password=correct horse", "-v"],
+                "tool --password=*** *** -v",
+            ),
+            (
+                &["curl", "-u", "alice:correct horse", "h"],
+                "curl -u alice:*** *** h",
+            ),
+            (&["mysql", "-pcorrect horse", "db"], "mysql -p*** *** db"),
+            // A script's command shows, a user without a password too.
+            (
+                &["bash", "-lc", "PGPASSWORD=x psql -h db"],
+                "bash -lc PGPASSWORD=*** psql -h db",
+            ),
+            (&["sudo", "-u", "Eve Smith", "ls"], "sudo -u Eve Smith ls"),
+        ]);
+    }
+
+    /// A name whose last word is glued to what comes before it
+    /// (`PGPASSWORD`, `accessToken`, `--authkey`) names a secret.
+    #[test]
+    fn names_that_end_in_a_secret_word_are_secret() {
+        assert_shown(&[
+            (
+                &["env", "PGPASSWORD=s3cret", "psql"],
+                "env PGPASSWORD=*** psql",
+            ),
+            (
+                &[
+                    "env",
+                    "SSHPASS=pw",
+                    "accessToken=t",
+                    "clientSecret=c",
+                    "VAULT_ROOTTOKEN=r",
+                    "sshpass",
+                ],
+                "env SSHPASS=*** accessToken=*** clientSecret=*** VAULT_ROOTTOKEN=*** sshpass",
+            ),
+            (
+                &["tailscale", "up", "--authkey=tskey-x"],
+                "tailscale up --authkey=***",
+            ),
+            (
+                &["gpg", "--passphrase", "pw", "-d", "f"],
+                "gpg --passphrase *** -d f",
+            ),
+            (&["tool", "--apikey", "k"], "tool --apikey ***"),
+        ]);
+    }
+
+    /// Names that only look like secrets show: a word that merely starts
+    /// with a secret one (`tokenizer`, `tokens`, `password-less`), a name
+    /// for where a secret is kept (`PASSWORD_FILE`, `PGPASSFILE`,
+    /// `--keyfile`), and short words (`pass`, `auth`) glued into longer
+    /// ones (`BYPASS`, `OAUTH2`).
+    #[test]
+    fn names_that_only_look_like_secrets_show() {
+        assert_shown(&[
+            (
+                &["train", "--tokenizer=bert", "--tokenizer", "gpt2"],
+                "train --tokenizer=bert --tokenizer gpt2",
+            ),
+            (
+                &[
+                    "env",
+                    "PASSWORD_FILE=/run/pw",
+                    "PGPASSFILE=/run/pgpass",
+                    "x",
+                ],
+                "env PASSWORD_FILE=/run/pw PGPASSFILE=/run/pgpass x",
+            ),
+            (
+                &["tool", "--keyfile=/k", "--passwordless=true", "--tokens=5"],
+                "tool --keyfile=/k --passwordless=true --tokens=5",
+            ),
+            (
+                &[
+                    "env",
+                    "BYPASS_CACHE=1",
+                    "COMPASS=n",
+                    "OAUTH2_FLOW=code",
+                    "x",
+                ],
+                "env BYPASS_CACHE=1 COMPASS=n OAUTH2_FLOW=code x",
+            ),
+        ]);
+    }
+
+    /// `-uUSER:PASSWORD` with no space (curl), and curl's proxy user.
+    #[test]
+    fn a_password_attached_to_its_user_option_is_masked() {
+        assert_shown(&[
+            (
+                &["curl", "-ualice:pw", "https://h"],
+                "curl -ualice:*** https://h",
+            ),
+            (
+                &["curl", "--proxy-user=bob:pw", "--proxy-user", "eve:pw"],
+                "curl --proxy-user=bob:*** --proxy-user eve:***",
+            ),
+            (
+                &["sh", "-c", "curl -u'alice:correct horse' h"],
+                "sh -c curl -u'alice:*** *** h",
+            ),
+            // A user alone shows, and so does a Go-style `-url=` option.
+            (&["sudo", "-uroot", "ls"], "sudo -uroot ls"),
+            (
+                &["probe", "-url=http://h:8080/x", "-upstream=h:80"],
+                "probe -url=http://h:8080/x -upstream=h:80",
+            ),
+        ]);
+    }
+
+    /// `mysql -pX` and `sshpass -p X` are read after the program wherever
+    /// it is named: first, after another program (`sudo`, `docker exec`,
+    /// `kubectl exec --`), or in a script; and only up to the end of its
+    /// command there.
+    #[test]
+    fn a_programs_password_option_is_masked_wherever_the_program_is_named() {
+        assert_shown(&[
+            (
+                &["sh", "-c", "mysql -uroot -phunter2 db"],
+                "sh -c mysql -uroot -p*** db",
+            ),
+            (
+                &[
+                    "docker",
+                    "exec",
+                    "db",
+                    "mysql",
+                    "-uroot",
+                    "-phunter2",
+                    "app",
+                ],
+                "docker exec db mysql -uroot -p*** app",
+            ),
+            (
+                &["kubectl", "exec", "pod", "--", "mysqldump", "-phunter2"],
+                "kubectl exec pod -- mysqldump -p***",
+            ),
+            (
+                &["sudo", "sshpass", "-p", "hunter2", "ssh", "h"],
+                "sudo sshpass -p *** ssh h",
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "cd /x;/usr/bin/mysql -phunter2 && echo $(mariadb '-phunter 2')",
+                ],
+                "sh -c cd /x;/usr/bin/mysql -p*** && echo $(mariadb '-p*** ***",
+            ),
+            (
+                &["env", "sshpass", "-phunter2", "ssh", "-p", "22", "h"],
+                "env sshpass -p*** ssh -p 22 h",
+            ),
+            // `-c` is mysqldump's --complete-insert, no script; a `;` in
+            // SQL ends no command.
+            (
+                &["mysqldump", "-c", "-phunter2", "db"],
+                "mysqldump -c -p*** db",
+            ),
+            (
+                &["mysql", "-e", "select 1; select 2", "-phunter2"],
+                "mysql -e select 1; select 2 -p***",
+            ),
+            (
+                &["sh", "-c", "mysql -e 'select 1; select 2' -phunter2"],
+                "sh -c mysql -e 'select 1; select 2' -p***",
+            ),
+            // A port (`-P`), and `-p` after the command ends, show.
+            (
+                &["mysql", "-h", "db", "-P3306", "-p", "app"],
+                "mysql -h db -P3306 -p app",
+            ),
+            (
+                &["sh", "-c", "mysql -e 'x' db; docker run -p8080:80 img"],
+                "sh -c mysql -e 'x' db; docker run -p8080:80 img",
+            ),
+            (
+                &["sh", "-c", "sshpass -f /run/pw ssh h | ssh -p 22 h"],
+                "sh -c sshpass -f /run/pw ssh h | ssh -p 22 h",
+            ),
+            (
+                &["docker", "run", "-p", "3306:3306", "mysql"],
+                "docker run -p 3306:3306 mysql",
+            ),
+        ]);
+    }
+
+    /// A header named for a secret (`X-Vault-Token`, `apikey`) is a
+    /// credential header too; one that names something else shows.
+    #[test]
+    fn a_header_named_for_a_secret_is_masked() {
+        assert_shown(&[
+            (
+                &["curl", "-H", "X-Vault-Token: hvs.abc", "h"],
+                "curl -H X-Vault-Token: *** h",
+            ),
+            (&["curl", "-H", "apikey: k1", "h"], "curl -H apikey: *** h"),
+            (
+                &["curl", "--header=X-Goog-Api-Key: k1", "h"],
+                "curl --header=X-Goog-Api-Key: *** h",
+            ),
+            (
+                &["http", "GET", "h", "X-API-Token:abc"],
+                "http GET h X-API-Token:***",
+            ),
+            (
+                &["curl", "-HX-Vault-Token:abc", "-HAuth: x"],
+                "curl -HX-Vault-Token:*** -HAuth: ***",
+            ),
+            (
+                &["sh", "-c", "curl -H 'X-Vault-Token: hvs.abc' h"],
+                "sh -c curl -H 'X-Vault-Token: *** ***",
+            ),
+            (
+                &[
+                    "curl",
+                    "-H",
+                    "X-Request-Id: 42",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-H",
+                    "Accept: */*",
+                    "-H",
+                    "X-Api-Key-Id: k7",
+                ],
+                "curl -H X-Request-Id: 42 -H Content-Type: application/json \
+                 -H Accept: */* -H X-Api-Key-Id: k7",
+            ),
+            // `secret` in an ARN, after a colon, names no header.
+            (
+                &[
+                    "aws",
+                    "--secret-id",
+                    "arn:aws:secretsmanager:us-east-1:1:secret:prod/db",
+                ],
+                "aws --secret-id arn:aws:secretsmanager:us-east-1:1:secret:prod/db",
+            ),
+        ]);
+    }
+
+    /// Cookies (`curl -b`, `--cookie`), registry credentials (`--creds`),
+    /// OpenSSL's `pass:`, a personal access token, a JWT, and a password
+    /// in a JSON body.
+    #[test]
+    fn cookies_creds_pass_phrases_and_json_passwords_are_masked() {
+        assert_shown(&[
+            (
+                &["curl", "-b", "sessionid=abc", "-bsid=abc", "h"],
+                "curl -b *** -b*** h",
+            ),
+            (
+                &["curl", "--cookie", "sid=abc", "--cookie=sid=abc", "h"],
+                "curl --cookie *** --cookie=*** h",
+            ),
+            (
+                &["sh", "-c", "curl -b 'a=1; b=2' h && git checkout -b main"],
+                "sh -c curl -b *** *** h && git checkout -b main",
+            ),
+            (
+                &[
+                    "skopeo",
+                    "copy",
+                    "--creds",
+                    "alice:pw",
+                    "--src-creds",
+                    "bob:pw",
+                    "a",
+                ],
+                "skopeo copy --creds *** --src-creds *** a",
+            ),
+            (
+                &["podman", "login", "--creds=alice:pw", "r"],
+                "podman login --creds=*** r",
+            ),
+            (
+                &[
+                    "openssl",
+                    "pkcs12",
+                    "-passin",
+                    "pass:hunter2",
+                    "-passout",
+                    "pass:x",
+                ],
+                "openssl pkcs12 -passin pass:*** -passout pass:***",
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "openssl rsa -passin 'pass:correct horse' -out k",
+                ],
+                "sh -c openssl rsa -passin 'pass:*** *** -out k",
+            ),
+            (
+                &["env", "GITHUB_PAT=ghp_x", "tool", "--jwt", "eyJx"],
+                "env GITHUB_PAT=*** tool --jwt ***",
+            ),
+            (
+                &[
+                    "curl",
+                    "-d",
+                    r#"{"username":"a","password":"hunter2"}"#,
+                    "h",
+                ],
+                r#"curl -d {"username":"a","password":*** h"#,
+            ),
+            (
+                &[
+                    "curl",
+                    "-d",
+                    r#"{"user": "a", "password": "correct horse"}"#,
+                ],
+                r#"curl -d {"user": "a", "password":*** *** ***"#,
+            ),
+            (
+                &["sh", "-c", r#"curl -d '{"password": "correct horse"}' h"#],
+                r#"sh -c curl -d '{"password":*** *** *** h"#,
+            ),
+            (
+                &["sh", "-c", r#"curl -d "{\"token\":\"t1\"}" h"#],
+                r#"sh -c curl -d "{\"token\":*** h"#,
+            ),
+            // Where a secret is kept, what a name is about, and SQL show.
+            (
+                &[
+                    "curl",
+                    "--cookie-jar",
+                    "/tmp/j",
+                    "-c",
+                    "/tmp/j",
+                    "--jwt-issuer",
+                    "https://i",
+                ],
+                "curl --cookie-jar /tmp/j -c /tmp/j --jwt-issuer https://i",
+            ),
+            (
+                &[
+                    "openssl",
+                    "rsa",
+                    "-passin",
+                    "env:PW",
+                    "-passout",
+                    "file:/run/pw",
+                ],
+                "openssl rsa -passin env:PW -passout file:/run/pw",
+            ),
+            (
+                &["env", "PATH=/bin", "PAT_FILE=/run/pat", "x"],
+                "env PATH=/bin PAT_FILE=/run/pat x",
+            ),
+            (
+                &["psql", "-c", "select password from users; select 1"],
+                "psql -c select password from users; select 1",
+            ),
+        ]);
+    }
+
+    /// A secret whose space is escaped with a backslash (`correct\ horse`)
+    /// is masked on into the next word; an escaped backslash, or one in
+    /// single quotes, escapes no space.
+    #[test]
+    fn a_secret_with_an_escaped_space_is_masked_on() {
+        assert_shown(&[
+            (
+                &["sh", "-c", r"mysql --password=correct\ horse db"],
+                r"sh -c mysql --password=*** *** db",
+            ),
+            (
+                &["sh", "-c", r"tool --token a\ b\ c -v"],
+                r"sh -c tool --token *** *** *** -v",
+            ),
+            (
+                &["sh", "-c", r"mysql -pcorrect\ horse db"],
+                r"sh -c mysql -p*** *** db",
+            ),
+            (
+                &["sh", "-c", r"tool --password=pw\\ -v"],
+                r"sh -c tool --password=*** -v",
+            ),
+            (
+                &["sh", "-c", r"tool --password='pw\' -v"],
+                r"sh -c tool --password=*** -v",
+            ),
+        ]);
+    }
+
+    /// A `-u` whose argument has no word (`curl -u "" h`) reaches no
+    /// further than that argument; `-U` is no user option.
+    #[test]
+    fn a_user_option_reaches_only_its_own_value() {
+        assert_shown(&[
+            (&["curl", "-u", "", "https://h"], "curl -u  https://h"),
+            (&["curl", "-u ", "https://h"], "curl -u  https://h"),
+            (&["curl", "--token ", "x"], "curl --token  x"),
+            (
+                &["pip", "install", "-U", "git+https://u:tok@github.com/o/r"],
+                "pip install -U git+https://u:***@github.com/o/r",
+            ),
+            (&["tool", "-U", "alice:x"], "tool -U alice:x"),
+        ]);
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use scrip_client::{Client, FileCache};
 
-use crate::audit::{agent_cell, cell, open, runtime, when};
+use crate::audit::{agent_cell, cell, issuer_width, open, printable, runtime, when};
 use crate::fail;
 use crate::run::{TaskArgs, explain};
 
@@ -59,14 +59,27 @@ pub enum TaskCommand {
     ///
     /// Reads the store of the configuration (database_url, else the embedded
     /// store in data_dir), like `scrip audit`, and works while the server
-    /// runs.
+    /// runs. The table names each task's agent (the subject that started
+    /// its tree) beside the issuer of that agent's identity, cut in their
+    /// middle when long; --json gives both whole, and a sub-task's current
+    /// actor with its issuer.
     List {
         /// The configuration file (to find the store).
         #[arg(long, short, env = "SCRIP_CONFIG")]
         config: Option<PathBuf>,
-        /// Only this agent (the subject of its workload identity).
-        #[arg(long)]
+        /// Only the tasks this agent started, with their sub-tasks: the
+        /// subject of the workload identity that started the task's tree,
+        /// exactly, at any issuer (two trusted issuers may each have an
+        /// agent of one subject: two clusters'
+        /// `system:serviceaccount:ci:builder`; --issuer keeps one).
+        #[arg(long, value_name = "SUBJECT")]
         agent: Option<String>,
+        /// With --agent: only the tasks it started with an identity of this
+        /// issuer (`iss`, exactly). Only beside --agent: the store finds
+        /// open tasks by subject, not by issuer (to find an issuer's agents,
+        /// list every task: the table and --json show each one's issuer).
+        #[arg(long, value_name = "ISSUER", requires = "agent")]
+        issuer: Option<String>,
         /// At most this many tasks, those that end soonest (a note on
         /// standard error says when more may be open).
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -88,18 +101,29 @@ pub struct RevokeArgs {
     #[arg(long = "id", value_name = "TASK", required_unless_present = "agent")]
     ids: Vec<String>,
     /// End every open task of this agent (the subject of a workload
-    /// identity): the tasks it started (sub-tasks delegated from them end
-    /// with them), then the sub-tasks it holds as a sub-agent, another
-    /// agent's tasks delegated to it (what it delegated in turn ends with
-    /// them). Each id ended is printed, the soonest deadline first; they
-    /// are ended up to 250 at a time, pausing between, so that on the
-    /// embedded store the running scrip goes on writing. Tasks that could
-    /// not be ended are named at the end (exit status 1): run it again.
-    /// Finding the sub-tasks it holds reads every open task.
+    /// identity, exactly): the tasks it started (sub-tasks delegated from
+    /// them end with them), then the sub-tasks it holds as a sub-agent,
+    /// another agent's tasks delegated to it (what it delegated in turn
+    /// ends with them). Each id ended is printed, the soonest deadline
+    /// first; they are ended up to 250 at a time, pausing between, so that
+    /// on the embedded store the running scrip goes on writing. Tasks that
+    /// could not be ended are named at the end (exit status 1): run it
+    /// again. Finding the sub-tasks it holds reads every open task.
+    ///
+    /// Two trusted issuers may each have a workload of one subject (two
+    /// clusters' `system:serviceaccount:ci:builder`). Without --issuer,
+    /// its open tasks are read first: when they are of identities of more
+    /// than one issuer, nothing is ended and the command fails (exit 1),
+    /// naming each issuer and how many tasks it has, for --issuer. Ending
+    /// another cluster's sound workload with the compromised one cannot be
+    /// undone; naming the issuer costs one more command. When they are of
+    /// one issuer, only that issuer's are ended, even those started
+    /// meanwhile.
     #[arg(long, value_name = "SUBJECT", conflicts_with = "ids")]
     agent: Option<String>,
     /// With --agent: only the tasks it started, and the sub-tasks it
-    /// holds, with an identity of this issuer.
+    /// holds, with an identity of this issuer (`iss`, exactly). To end a
+    /// subject's tasks at several issuers, run once for each.
     #[arg(long, value_name = "ISSUER", requires = "agent")]
     issuer: Option<String>,
     /// Why, for the audit trail (a ticket, an incident).
@@ -130,9 +154,16 @@ pub fn task(command: TaskCommand) -> ExitCode {
         TaskCommand::List {
             config,
             agent,
+            issuer,
             limit,
             json,
-        } => list(config.as_deref(), agent.as_deref(), limit, json),
+        } => list(
+            config.as_deref(),
+            agent.as_deref(),
+            issuer.as_deref(),
+            limit,
+            json,
+        ),
     }
 }
 
@@ -259,15 +290,20 @@ fn end(server: &str) -> ExitCode {
     }
 }
 
-fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> ExitCode {
+fn list(
+    config: Option<&Path>,
+    agent: Option<&str>,
+    issuer: Option<&str>,
+    limit: u32,
+    json: bool,
+) -> ExitCode {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let (_, store) = open(config).await?;
-            store
-                .open_tasks(now, agent, None, limit)
+            open_of(store.as_ref(), now, agent, issuer, limit)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -306,21 +342,24 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
         }
         return ExitCode::SUCCESS;
     }
+    let iss = issuer_width(tasks.iter().map(|t| t.agent.issuer.as_str()));
     out!(
-        "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  purpose",
+        "{:<22}  {:<24}  {:<28}  {:<iss$}  {:<22}  {:<6}  {:<24}  purpose",
         "task",
         "ends",
         "agent",
+        "issuer",
         "parent",
         "env",
         "grants"
     );
     for t in &tasks {
         out!(
-            "{:<22}  {:<24}  {:<28}  {:<22}  {:<6}  {:<24}  {}",
+            "{:<22}  {:<24}  {:<28}  {:<iss$}  {:<22}  {:<6}  {:<24}  {}",
             t.id,
             when(t.expires_at.saturating_mul(1000)),
             agent_cell(Some(&t.agent.subject), 28),
+            agent_cell(Some(&t.agent.issuer), iss),
             cell(t.parent.as_deref(), 22),
             cell(Some(&t.environment), 6),
             cell(Some(&t.grants), 24),
@@ -328,6 +367,41 @@ fn list(config: Option<&Path>, agent: Option<&str>, limit: u32, json: bool) -> E
         );
     }
     ExitCode::SUCCESS
+}
+
+/// At most `limit` open tasks, the soonest to end first, of `agent` if
+/// given, and then of `issuer` if given. The store finds an agent's open
+/// tasks by subject (through its index of them), not by issuer: those of
+/// the subject at other issuers are read and passed over, a page at a
+/// time, until `limit` are found or none is left.
+async fn open_of(
+    store: &dyn scrip_store::Store,
+    now: u64,
+    agent: Option<&str>,
+    issuer: Option<&str>,
+    limit: u32,
+) -> Result<Vec<scrip_store::TaskRecord>, scrip_store::StoreError> {
+    let Some(issuer) = issuer else {
+        return store.open_tasks(now, agent, None, limit).await;
+    };
+    let want = usize::try_from(limit).unwrap_or(usize::MAX);
+    // Pages of at least `PAGE`: a small `--limit` behind many tasks of
+    // the subject at other issuers is not a query a task.
+    let page_size = limit.max(u32::try_from(PAGE).unwrap_or(u32::MAX));
+    let read = usize::try_from(page_size).unwrap_or(usize::MAX);
+    let mut found = Vec::new();
+    let mut after: Option<(u64, String)> = None;
+    loop {
+        let next = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+        let page = store.open_tasks(now, agent, next, page_size).await?;
+        let more = page.len() >= read;
+        after = page.last().map(|t| (t.expires_at, t.id.clone()));
+        found.extend(page.into_iter().filter(|t| t.agent.issuer == issuer));
+        if found.len() >= want || !more {
+            found.truncate(want);
+            return Ok(found);
+        }
+    }
 }
 
 /// `scrip task revoke`.
@@ -338,17 +412,20 @@ fn revoke(args: &RevokeArgs) -> ExitCode {
         let reason = reason(&args.reason)?;
         runtime()?.block_on(async {
             let (_, store) = open(args.config.as_deref()).await?;
+            // Which issuer's tasks of the agent to end, decided before
+            // anything is written.
+            let issuer = match (&args.agent, &args.issuer) {
+                (Some(agent), None) => match the_one_issuer(store.as_ref(), agent).await? {
+                    // Nothing open to end.
+                    None => return Ok(0),
+                    Some(issuer) => issuer,
+                },
+                (_, issuer) => issuer.clone(),
+            };
             crate::secret::sign_heads(&config, store.as_ref()).await?;
             let ended = match &args.agent {
                 Some(agent) => {
-                    revoke_agent(
-                        &config,
-                        store.as_ref(),
-                        agent,
-                        args.issuer.as_deref(),
-                        reason,
-                    )
-                    .await?
+                    revoke_agent(&config, store.as_ref(), agent, issuer.as_deref(), reason).await?
                 }
                 None => {
                     let mut ended = 0;
@@ -419,7 +496,67 @@ const PAUSE: (std::time::Duration, std::time::Duration) = (
     std::time::Duration::from_secs(1),
 );
 
-/// Ends every open task of `agent` (of `issuer`, if given): how many.
+/// The one issuer of the identities with which `agent` holds open tasks,
+/// for `revoke --agent` without `--issuer`: the issuer of those it started
+/// (the roots: a sub-task names its root's agent), and of its own identity
+/// in the sub-tasks it is the current actor of (`None` for one whose actor
+/// records no issuer, which only a row not written by scrip lacks).
+/// `Ok(None)` when it holds none; an error naming each issuer, and how many
+/// tasks it has, when it holds them at more than one, so that a workload of
+/// one subject at another issuer (another cluster's) is not ended with it.
+/// Reads its open tasks as [`revoke_agent`] does, without ending any.
+async fn the_one_issuer(
+    store: &dyn scrip_store::Store,
+    agent: &str,
+) -> Result<Option<Option<String>>, String> {
+    let now = crate::audit::now_s();
+    let mut issuers: std::collections::BTreeMap<Option<String>, usize> =
+        std::collections::BTreeMap::new();
+    for held in [Held::Started, Held::ActedIn] {
+        let mut after: Option<(u64, String)> = None;
+        loop {
+            let next = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            let page = held
+                .page(store, now, agent, next)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some((last.expires_at, last.id.clone()));
+            for t in &page {
+                let issuer = match held {
+                    Held::Started if t.parent.is_none() => Some(t.agent.issuer.clone()),
+                    Held::Started => continue,
+                    Held::ActedIn => match &t.actor {
+                        Some(a) => a.iss.clone(),
+                        None => continue,
+                    },
+                };
+                *issuers.entry(issuer).or_default() += 1;
+            }
+        }
+    }
+    if issuers.len() <= 1 {
+        return Ok(issuers.into_keys().next());
+    }
+    let each: Vec<String> = issuers
+        .iter()
+        .map(|(issuer, n)| match issuer {
+            Some(i) => format!("`{}` ({n} tasks)", printable(i)),
+            None => format!("no issuer recorded ({n} tasks, reached only by --id)"),
+        })
+        .collect();
+    let agent = printable(agent);
+    Err(format!(
+        "`{agent}` holds open tasks with identities of {} issuers, each a workload of its own: {}; nothing was ended. Run again with --issuer naming the compromised workload's issuer (once for each issuer, to end them all; `scrip task list --json` names each task's agent and actor with their issuers)",
+        issuers.len(),
+        each.join(", ")
+    ))
+}
+
+/// Ends every open task of `agent` whose identity is of `issuer` (`None`:
+/// sub-tasks whose actor records no issuer): how many.
 /// Its tasks are read a page at a time, the soonest to end first, and the
 /// roots among them ended, [`END_AT_ONCE`] at a time: a sub-task (which
 /// names its root's agent) ends with its root. Then, likewise, the
@@ -458,11 +595,7 @@ async fn revoke_agent(
         let mut after: Option<(u64, String)> = None;
         loop {
             let next = after.as_ref().map(|(at, id)| (*at, id.as_str()));
-            let limit = u32::try_from(PAGE).unwrap_or(u32::MAX);
-            let page = match held {
-                Held::Started => store.open_tasks(now, Some(agent), next, limit).await,
-                Held::ActedIn => store.open_tasks_acted_by(now, agent, next, limit).await,
-            };
+            let page = held.page(store, now, agent, next).await;
             let page = page.map_err(|e| {
                 if unended.is_empty() {
                     e.to_string()
@@ -481,13 +614,8 @@ async fn revoke_agent(
             let mut roots: std::collections::VecDeque<_> = page
                 .iter()
                 .filter(|t| match held {
-                    Held::Started => {
-                        t.parent.is_none() && issuer.is_none_or(|i| t.agent.issuer == i)
-                    }
-                    Held::ActedIn => t
-                        .actor
-                        .as_ref()
-                        .is_some_and(|a| issuer.is_none_or(|i| a.iss.as_deref() == Some(i))),
+                    Held::Started => t.parent.is_none() && Some(t.agent.issuer.as_str()) == issuer,
+                    Held::ActedIn => t.actor.as_ref().is_some_and(|a| a.iss.as_deref() == issuer),
                 })
                 .collect();
             while !roots.is_empty() {
@@ -579,6 +707,24 @@ enum Held {
     Started,
     /// The sub-tasks it is the current actor of, as a sub-agent.
     ActedIn,
+}
+
+impl Held {
+    /// A page ([`PAGE`]) of the open tasks `agent` holds so, the soonest
+    /// to end first, after `after`.
+    async fn page(
+        self,
+        store: &dyn scrip_store::Store,
+        now: u64,
+        agent: &str,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<scrip_store::TaskRecord>, scrip_store::StoreError> {
+        let limit = u32::try_from(PAGE).unwrap_or(u32::MAX);
+        match self {
+            Held::Started => store.open_tasks(now, Some(agent), after, limit).await,
+            Held::ActedIn => store.open_tasks_acted_by(now, agent, after, limit).await,
+        }
+    }
 }
 
 /// Whether task `id` ended as revoked at `since` (seconds) or later.

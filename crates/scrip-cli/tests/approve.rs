@@ -769,10 +769,9 @@ fn a_person_known_by_uid_may_not_approve_an_agent_that_may_run_as_that_uid() {
     assert_eq!(body["error"], "authorization_pending", "{body}");
 }
 
-#[test]
-fn the_approver_follows_no_redirect_with_its_identity() {
-    // A server that answers every request with a redirect and records the
-    // paths asked: the approver's identity token must not be sent on.
+/// A server that answers every request with `reply` and, once the
+/// returned closure is called, stops and gives the requests' paths.
+fn answering(reply: &'static [u8]) -> (std::net::SocketAddr, impl FnOnce() -> Vec<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -795,28 +794,96 @@ fn the_approver_follows_no_redirect_with_its_identity() {
                 }
                 let head = text(&head);
                 paths.push(head.split(' ').nth(1).unwrap_or("").to_owned());
-                let _ = s.write_all(
-                    b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                );
+                let _ = s.write_all(reply);
             }
             paths
         })
     };
+    (addr, move || {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        server.join().unwrap()
+    })
+}
+
+/// `scrip ARGS` as an approver (an identity scrip never checks: the
+/// servers here are not scrip), its standard input `input`.
+fn as_approver(addr: std::net::SocketAddr, args: &[&str], input: &str) -> Output {
     let claims = json!({"iss": K8S_ISSUER, "sub": "people:alice", "exp": now() + 600});
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let identity = format!("{}.{}.c2ln", b64(&json!({"alg": "ES256"})), b64(&claims));
-    let out = Command::new(env!("CARGO_BIN_EXE_scrip"))
-        .arg("approvals")
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scrip"))
+        .args(args)
         .env("SCRIP_URL", format!("http://{addr}"))
         .env("SCRIP_IDENTITY", &identity)
         .env_remove("SCRIP_CONFIG")
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let paths = server.join().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_approver_follows_no_redirect_with_its_identity() {
+    // Every request is answered with a redirect: the approver's identity
+    // token must not be sent on.
+    let (addr, stop) = answering(
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    let out = as_approver(addr, &["approvals"], "");
+    let paths = stop();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert_eq!(paths, ["/approvals"], "followed a redirect");
+}
+
+/// `--server` pointing at another web service (one whose every path
+/// answers 200 with a page, as a single-page app's fallback does): no
+/// command takes the page for scrip's answer. The list is not read as
+/// empty, a step is not decided unseen, a token is not called anything.
+#[test]
+fn an_approver_command_takes_no_web_page_for_scrips_answer() {
+    let (addr, stop) = answering(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 15\r\nconnection: close\r\n\r\n<html>hi</html>",
+    );
+    let approvals = as_approver(addr, &["approvals"], "");
+    let approve = as_approver(addr, &["approve", "abc-123", "--yes"], "");
+    let deny = as_approver(addr, &["deny", "abc-123", "--reason", "no"], "");
+    let introspect = as_approver(addr, &["introspect"], "a.b.c\n");
+    let paths = stop();
+    for (out, path, member) in [
+        (&approvals, "/approvals", "approvals"),
+        (&approve, "/approvals/abc-123", "state"),
+        (&deny, "/approvals/abc-123/deny", "state"),
+        (&introspect, "/introspect", "active"),
+    ] {
+        assert_fails(
+            out,
+            1,
+            &[
+                &format!("{path} answered 200 OK without `{member}`"),
+                "is http://127.0.0.1:",
+                "a scrip server?",
+            ],
+        );
+        assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    }
+    // The step was not decided: its page was asked for, and nothing more.
+    assert_eq!(
+        paths,
+        [
+            "/approvals",
+            "/approvals/abc-123",
+            "/approvals/abc-123/deny",
+            "/introspect"
+        ]
+    );
 }
 
 /// A stop waits (5 s) for approval webhook calls under way; a third signal

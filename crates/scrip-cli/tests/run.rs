@@ -480,6 +480,42 @@ fn a_signal_ignored_at_start_stays_ignored() {
     assert!(done.exists(), "the command was stopped");
 }
 
+/// A command that ignores the forwarded signal has `--grace` seconds to
+/// exit by itself; then it is killed, and the task ended.
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
+    let server = Server::start();
+    for (grace, finished) in [("1", false), ("30", true)] {
+        let marker = server.dir.path().join(format!("task-token-{grace}"));
+        let done = server.dir.path().join(format!("done-{grace}"));
+        // Works on for 4 s after it starts, whatever SIGTERM says.
+        let script = format!(
+            "trap '' TERM; echo \"$SCRIP_TASK_TOKEN\" > {m}.tmp; mv {m}.tmp {m}; i=0; while [ $i -lt 80 ]; do sleep 0.05; i=$((i+1)); done; touch {d}",
+            m = marker.display(),
+            d = done.display()
+        );
+        let mut cmd = server.scrip();
+        cmd.args(["run", "--env", "dev", "--grant", "github:read"])
+            .args(["--grace", grace, "--", "sh", "-c", &script]);
+        let mut child = spawn_until(cmd, &marker);
+        let task_token = fs::read_to_string(&marker).unwrap().trim().to_owned();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = wait_exit(&mut child, Duration::from_secs(40));
+        assert_eq!(done.exists(), finished, "--grace {grace}");
+        assert_eq!(
+            status.code(),
+            Some(if finished { 0 } else { 128 + 9 }),
+            "--grace {grace}: {status:?}"
+        );
+        let (status, body) = server.exchange(&task_token);
+        assert_eq!(status, 400, "--grace {grace}: the task ended: {body}");
+    }
+}
+
 fn a_signal_to_scrip_run_is_forwarded_and_ends_the_task(signal: &str, code: i32) {
     let server = Server::start();
     let marker = server.dir.path().join("task-token");
@@ -595,7 +631,7 @@ sys.stdout.write("\nexit=%d\n" % os.waitstatus_to_exitcode(status))
 #[test]
 fn ctrl_c_at_the_terminal_is_the_commands_to_handle() {
     let server = Server::start();
-    // The command traps SIGINT, then works on for 12 s: past the 10 s a
+    // The command traps SIGINT, then works on for 12 s: past the 5 s a
     // forwarded signal would give it.
     let script = "trap 'echo caught' INT; echo started; i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done; echo finished";
     let shown = run_in_a_terminal(&server, &["sh", "-c", script]);
@@ -1075,6 +1111,16 @@ fn an_operator_ends_what_a_compromised_sub_agent_holds() {
         (&Value::Null, &Value::Null)
     );
 
+    // It holds sub-tasks as two issuers' workloads: without --issuer,
+    // neither is ended.
+    let out = revoke(&["--agent", "helper"]);
+    assert_refused(
+        &out,
+        1,
+        &["`helper`", BULK_ISSUER, elsewhere, "nothing was ended"],
+    );
+    assert_eq!((state("held-1"), state("held-2")), (None, None));
+
     let out = revoke(&["--agent", "helper", "--issuer", elsewhere]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "held-2\n");
@@ -1317,6 +1363,163 @@ fn an_operator_ends_an_agent_while_the_store_is_held() {
         let task = rt.block_on(store.task(id)).unwrap().unwrap();
         assert_eq!(task.end_reason.as_deref(), Some("revoked"), "{id}");
     }
+}
+
+/// Two clusters each run a workload of one subject (their issuers differ):
+/// to the operator they are two agents. `task list --issuer` lists one
+/// cluster's; the tables of `task list` and `audit query` name each row's
+/// issuer; and `task revoke --agent` without --issuer ends neither, naming
+/// both issuers, until --issuer says which (once only one issuer's tasks
+/// are left, it ends those).
+#[test]
+fn one_subject_at_two_issuers_is_two_agents() {
+    use scrip_store::{Store as _, Write};
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let (a, b) = (
+        "https://k8s.cluster-a.example",
+        "https://k8s.cluster-b.example",
+    );
+    let now = now_s();
+    // Cluster A's end first, so that B's are found past a page of A's.
+    let tasks = [
+        ("a-1", a, 100),
+        ("a-2", a, 200),
+        ("b-1", b, 300),
+        ("b-2", b, 400),
+    ];
+    let (rt, store) = store_of(&server);
+    rt.block_on(
+        store.commit(
+            tasks
+                .iter()
+                .map(|(id, iss, ttl)| {
+                    Write::InsertTask(Box::new(bulk_task(id, iss, None, now + ttl)))
+                })
+                .collect(),
+        ),
+    )
+    .unwrap();
+    let scrip = |args: &[&str]| {
+        let mut cmd = server.scrip();
+        cmd.args(args).arg("--config").arg(&config);
+        cmd.output().unwrap()
+    };
+    let open = |id: &str| {
+        rt.block_on(store.task(id))
+            .unwrap()
+            .unwrap()
+            .end_reason
+            .is_none()
+    };
+
+    // Listed by subject, then by issuer exactly.
+    let listed = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["task", "list", "--json", "--agent", BULK];
+        all.extend_from_slice(args);
+        let out = scrip(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|l| {
+                let t: Value = serde_json::from_str(l).unwrap();
+                let iss = tasks.iter().find(|(id, ..)| t["id"] == *id).unwrap().1;
+                assert_eq!(t["agent"], json!({"iss": iss, "sub": BULK}), "{l}");
+                t["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(listed(&[]), ["a-1", "a-2", "b-1", "b-2"]);
+    assert_eq!(listed(&["--issuer", a]), ["a-1", "a-2"]);
+    assert_eq!(listed(&["--issuer", b]), ["b-1", "b-2"]);
+    assert!(listed(&["--issuer", "https://k8s.cluster-a.example/"]).is_empty());
+    // --limit counts the issuer's tasks, read past the other's.
+    assert_eq!(listed(&["--issuer", b, "--limit", "1"]), ["b-1"]);
+    let out = scrip(&[
+        "task", "list", "--agent", BULK, "--issuer", b, "--limit", "1",
+    ]);
+    assert!(
+        text(&out.stderr).contains("more may be open"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = scrip(&[
+        "task", "list", "--agent", BULK, "--issuer", b, "--limit", "3",
+    ]);
+    assert_eq!(text(&out.stderr), "", "no note below the limit");
+    // The store finds open tasks by subject: --issuer goes with --agent.
+    let out = scrip(&["task", "list", "--issuer", a]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--agent"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The table names each task's issuer beside its subject.
+    let out = scrip(&["task", "list", "--agent", BULK]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.contains("agent") && header.contains("issuer"),
+        "{header}"
+    );
+    assert!(header.find("agent") < header.find("issuer"), "{header}");
+    for (id, iss, _) in tasks {
+        let other = if iss == a { b } else { a };
+        let row = table.lines().find(|l| l.starts_with(id)).expect(&table);
+        assert!(row.contains(iss) && !row.contains(other), "{table}");
+    }
+
+    // Without --issuer, nothing is ended: both issuers are named.
+    let revoke = |args: &[&str]| {
+        let mut all = vec!["task", "revoke", "--agent", BULK, "--reason", "INC-5"];
+        all.extend_from_slice(args);
+        scrip(&all)
+    };
+    let out = revoke(&[]);
+    assert_refused(
+        &out,
+        1,
+        &[BULK, a, b, "(2 tasks)", "nothing was ended", "--issuer"],
+    );
+    assert_eq!(text(&out.stdout), "");
+    assert!(tasks.iter().all(|(id, ..)| open(id)), "nothing ended");
+
+    // With it, that cluster's only.
+    let out = revoke(&["--issuer", a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "a-1\na-2\n");
+    assert!(!open("a-1") && !open("a-2") && open("b-1") && open("b-2"));
+    // Only one issuer's are left: without --issuer, those are ended.
+    let out = revoke(&[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "b-1\nb-2\n");
+    assert!(!open("b-1") && !open("b-2"));
+
+    // The audit table names the issuer of each ending's agent too (and
+    // its JSON lines carry it).
+    let out = scrip(&["audit", "query", "--agent", BULK]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let header = table.lines().next().unwrap();
+    assert!(header.find("agent") < header.find("issuer"), "{header}");
+    for (id, iss, _) in tasks {
+        let other = if iss == a { b } else { a };
+        let row = table
+            .lines()
+            .find(|l| l.contains("task.ended") && l.contains(&format!("  {id}  ")))
+            .expect(&table);
+        assert!(row.contains(iss) && !row.contains(other), "{table}");
+    }
+    let out = scrip(&["audit", "query", "--json", "--agent", BULK, "--issuer", b]);
+    let records: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records.iter().all(|r| r["agent_iss"] == b), "{records:?}");
 }
 
 /// The default purpose is the command line with what is plainly a secret
