@@ -93,18 +93,56 @@ const SECRET_HEADERS: [&str; 6] = [
 /// credentials.
 const SCHEMES: [&str; 6] = ["bearer", "basic", "token", "digest", "negotiate", "dpop"];
 
-/// Programs whose `-pVALUE` (no space) is a password.
-const P_IS_PASSWORD: [&str; 5] = ["mysql", "mariadb", "mysqldump", "mysqladmin", "mysqlimport"];
+/// The tools of MySQL and MariaDB whose `-pVALUE` (no space) is a
+/// password, by what follows `mysql` (`mysqldump`, `mysql_upgrade`) or
+/// `mariadb-` (`mariadb-dump`) in their names; `mysql` and `mariadb`
+/// themselves too. MySQL Shell's `mysqlsh -pX` is the same password.
+const MYSQL_TOOLS: [&str; 14] = [
+    "admin",
+    "backup",
+    "binlog",
+    "check",
+    "dump",
+    "hotcopy",
+    "import",
+    "pump",
+    "secure-installation",
+    "sh",
+    "show",
+    "slap",
+    "test",
+    "upgrade",
+];
 
-/// The program whose `-p VALUE` (and `-pVALUE`) is a password, once.
-const SSHPASS: &str = "sshpass";
+/// curl's short options that take a value: in a cluster (`-sXPOST`,
+/// `-su alice:pw`), the rest of the word, or else the next word, is that
+/// value.
+const CURL_VALUE_OPTIONS: &str = "AbcCdDeEFHKmoPQrtTuUwxXyYz";
 
-/// The program whose `-b VALUE` (and `-bVALUE`) is a cookie (or the file
-/// it is read from).
-const CURL: &str = "curl";
+/// Programs whose own short options say where a secret is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Program {
+    /// mysql, mariadb or one of their tools: `-pVALUE` is a password.
+    Mysql,
+    /// sshpass: `-p VALUE` (and `-pVALUE`) is a password, once.
+    Sshpass,
+    /// curl: `-b VALUE` (and `-bVALUE`) is a cookie (or the file it is
+    /// read from), `-U VALUE` the proxy's `user:password`.
+    Curl,
+}
+
+/// What the value of a program's short option is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Value {
+    /// A secret, masked whole.
+    Secret,
+    /// A `user:password`, whose password is masked.
+    User,
+}
 
 /// Options whose value is `user:password`: the password is masked. Told
-/// apart by case (`pip install -U` is no user).
+/// apart by case (`pip install -U` is no user; curl's `-U` is, see
+/// [`secret_short_option`]).
 const USER_OPTIONS: [&str; 3] = ["-u", "--user", "--proxy-user"];
 
 /// The command line as the default purpose shows it, with common forms of
@@ -114,28 +152,39 @@ const USER_OPTIONS: [&str; 3] = ["-u", "--user", "--proxy-user"];
 ///   value` named for a secret (see [`secret_name`]: a part of the name is
 ///   or ends in password, passwd, passphrase, secret, token, credential(s)
 ///   or creds, or is pass, pwd, auth, bearer, apikey or pat, or its last
-///   part is or ends in key, jwt or cookie): `--password X`, `-token X`,
-///   `--api-key=X`, `--creds X`, `--cookie X`, `DB_PASSWORD=x`,
-///   `PGPASSWORD=x`, `GITHUB_PAT=x`, `password=x` in a connection string,
-///   `{"password":"x"}`, also where an option's value assigns it
+///   part is or ends in key, jwt, cookie or authorization): `--password
+///   X`, `-token X`, `--api-key=X`, `--creds X`, `--cookie X`,
+///   `--authorization X`, `DB_PASSWORD=x`, `PGPASSWORD=x`, `GITHUB_PAT=x`,
+///   `password=x` in a connection string, `{"password":"x"}`,
+///   `{"Authorization": "x"}`, also where an option's value assigns it
 ///   (`--from-literal=password=x`, `--env=GITHUB_TOKEN=x`);
 /// - a `user:password` (`curl -u`, `-uUSER:PW`, `--user=`,
-///   `--proxy-user`), a URL's user information and query, OpenSSL's
-///   `pass:X`;
-/// - `-pX` after mysql or one of its tools, `-p X` (or `-pX`) once after
-///   sshpass, `-b X` (or `-bX`) after curl, wherever the program is named
-///   (`sudo sshpass`, `docker exec db mysql`, `sh -c "cd /x; mysql"`) and
-///   up to the `;`, `&&`, `||`, `|` or `&` that ends its command in a
-///   script;
+///   `--proxy-user`, curl's `-U`), a URL's user information (a password
+///   with `#` or `?` in it too) and query, OpenSSL's `pass:X`;
+/// - `-pX` after mysql, mariadb or one of their tools (`mysqldump`,
+///   `mariadb-dump`, `mysqlsh`), `-p X` (or `-pX`) once after sshpass,
+///   `-b X` (or `-bX`) and `-U X` after curl, in a cluster too (`-sb X`),
+///   wherever the program is named (`sudo sshpass`, `docker exec db
+///   mysql`, `sh -c "cd /x; mysql"`) and up to the `;`, `&&`, `||`, `|`,
+///   `&` or newline that ends its command in a script;
 /// - the credentials of an `Authorization`, `Cookie`, `X-Api-Key` or like
 ///   header, or of one named for a secret (`X-Vault-Token`, `apikey`),
 ///   wherever its name starts (`-H`, `--header=`,
-///   `http.extraheader=Authorization: ...`);
+///   `http.extraheader=Authorization: ...`, a quote; not after a colon,
+///   `session:cookie:42`): to the end of the argument; in a script, to the
+///   close of the quote open at its name (`-H 'Authorization: Bearer x' &&
+///   next` shows `next`), or, unquoted, over its word or the word after
+///   its scheme (`Authorization: Bearer x`), unless it starts the script's
+///   argument, then one value (`git -c http.extraheader=...`);
 ///
-/// in any argument, word by word (`sh -c "..."` included, where a secret
-/// quoted in a word runs on to its closing quote, and one that ends in an
-/// escaped space, `correct\ horse`, on to the next word). Anything else
-/// shows as it is: a purpose given with --purpose is taken as it is.
+/// in any argument, word by word, words being split at spaces, tabs and
+/// newlines (`sh -c "..."` included, where a secret quoted in its word
+/// runs on to its closing quote, one that ends in an escaped space,
+/// `correct\ horse`, on to the next word, and one inside a quote an
+/// earlier word opened, `"host=db password=x"`, to the end of its word or
+/// of that quote, unless it quotes itself in it, `"... password='a b'"`).
+/// Anything else shows as it is: a purpose given with --purpose is taken
+/// as it is.
 pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
     let mut shown = Vec::with_capacity(args.len());
     // The program last named (`sudo sshpass`, `docker exec db mysql`),
@@ -151,6 +200,10 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
         let arg = arg.to_string_lossy();
         let script = std::mem::replace(&mut script_next, runs_a_script(&arg));
         if std::mem::take(&mut mask_arg) {
+            // Masked, it still names a program, as a masked word does.
+            if let Some(named) = program_named(&arg) {
+                program = Some(named);
+            }
             shown.push("***".to_owned());
             continue;
         }
@@ -159,187 +212,325 @@ pub(crate) fn shown_command(args: &[std::ffi::OsString]) -> String {
         // -u "" h`) is no secret in the next argument.
         let mut mask_next = false;
         let mut user_next = std::mem::take(&mut user_arg);
-        let mut words = Vec::new();
-        // After a credential header's name, or a secret that starts the
-        // argument: the rest of the argument is masked.
+        // The rest of the argument is masked: it is one value, which a
+        // secret starts or a credential header is in.
         let mut mask_rest = false;
+        // A header's scheme may show before its credentials.
         let mut scheme_allowed = false;
-        // The quote a masked secret opened: the words up to the one that
-        // closes it are the secret's too. Quotes end with the argument.
-        let mut quote = None;
+        // A masked secret, or a header's credentials, whose quote is open:
+        // the words up to the one that closes it are its too. Quotes end
+        // with the argument.
+        let mut held: Option<Held> = None;
         // The quote open after each word, whatever it holds: a `;` inside
         // one ends no command.
         let mut open = None;
-        let count = arg.split(' ').count();
-        for (i, word) in arg.split(' ').enumerate() {
+        let words = words(&arg);
+        let count = words.len();
+        let mut line = String::with_capacity(arg.len());
+        for (i, &(word, sep)) in words.iter().enumerate() {
             let last = i + 1 == count;
+            let before = open;
             open = open_quote(open, word);
-            if mask_rest {
-                // A header's scheme may show.
-                if word.is_empty() {
-                    words.push(String::new());
-                } else if std::mem::take(&mut scheme_allowed)
-                    && SCHEMES.contains(&bare(word).to_ascii_lowercase().as_str())
+            // Only a shell reads `;` as the end of a command: in other
+            // arguments (`mysql -e "select 1; select 2" -pX`) it is text,
+            // and so it is in a script's argument that is one value.
+            let one_value = mask_rest;
+            let operator = if script && !one_value {
+                last_operator(before, word)
+            } else {
+                None
+            };
+            let shown_word = if word.is_empty() {
+                held = held.and_then(|h| h.after(word));
+                String::new()
+            } else if operator
+                .as_ref()
+                .is_some_and(|r| r.start == 0 && r.end == word.len())
+            {
+                // `&&`, `;`: no secret's, and the end of a command (below).
+                word.to_owned()
+            } else if mask_rest || mask_next || held.is_some() {
+                if std::mem::take(&mut scheme_allowed) && is_scheme(word) {
+                    // `Authorization: Bearer x`: the credentials come next.
+                    held = held.and_then(|h| h.after(word));
+                    word.to_owned()
+                } else {
+                    held = match held {
+                        Some(h) => h.after(word),
+                        None if mask_next => Held::start(before).after(word),
+                        None => None,
+                    };
+                    mask_next = false;
+                    "***".to_owned()
+                }
+            } else {
+                let option = bare(word);
+                let lower = option.to_ascii_lowercase();
+                let url_shown = shown_url(word);
+                let header_at = header_value_start(&url_shown);
+                let value_at = secret_value_start(&url_shown);
+                // The word masked from byte `at` on.
+                let masked_from =
+                    |at: usize| format!("{}***", url_shown.get(..at).unwrap_or_default());
+                // Where the credentials of a header in the word start.
+                let mut header = None;
+                // The word shown, and whether it holds a secret of its
+                // own, masked.
+                let (shown_word, secret) = if std::mem::take(&mut user_next) {
+                    // `-u alice:pw`: the password; `sudo -u root` stays.
+                    (shown_user(word), word.contains(':'))
+                } else if let Some(at) = pass_value_start(&url_shown) {
+                    // `-passin pass:x`.
+                    (masked_from(at), true)
+                } else if let Some(at) = value_at.filter(|&v| header_at.is_none_or(|h| v < h)) {
+                    // `NAME=value`; a header in the value (`GIT_AUTH=Authorization:
+                    // Bearer x`) has its credentials in the next words.
+                    header = header_at;
+                    // `"password": "x"`: the value is the next word.
+                    if at == url_shown.len() && url_shown.ends_with(':') {
+                        mask_next = !last;
+                    }
+                    (masked_from(at), true)
+                } else if let Some(at) = header_at {
+                    header = Some(at);
+                    if at == url_shown.len() {
+                        // `Authorization: Bearer x`: the scheme may show.
+                        (url_shown.clone(), false)
+                    } else {
+                        // `Authorization:Bearer` written without a space.
+                        (masked_from(at), false)
+                    }
+                } else if let Some((name, value)) = word.split_once('=')
+                    && USER_OPTIONS.contains(&bare(name))
                 {
-                    words.push(word.to_owned());
-                } else {
-                    words.push("***".to_owned());
-                }
-                continue;
-            }
-            if word.is_empty() {
-                words.push(String::new());
-                continue;
-            }
-            if quote.is_some() {
-                // The quote holds what a `"password":` left for the next
-                // word, too.
-                mask_next = false;
-                words.push("***".to_owned());
-                quote = open_quote(quote, word);
-                continue;
-            }
-            if std::mem::take(&mut mask_next) {
-                words.push("***".to_owned());
-                quote = open_quote(None, word);
-                continue;
-            }
-            let option = bare(word);
-            let lower = option.to_ascii_lowercase();
-            let url_shown = shown_url(word);
-            let header_at = header_value_start(&url_shown);
-            let value_at = secret_value_start(&url_shown);
-            // Whether the word shows a secret of its own, masked.
-            let secret = if std::mem::take(&mut user_next) {
-                // `-u alice:pw`: the password; `sudo -u root` stays.
-                words.push(shown_user(word));
-                word.contains(':')
-            } else if let Some(at) = pass_value_start(&url_shown) {
-                // `-passin pass:x`.
-                words.push(format!("{}***", url_shown.get(..at).unwrap_or_default()));
-                true
-            } else if let Some(at) = value_at.filter(|&v| header_at.is_none_or(|h| v < h)) {
-                // `NAME=value`; a header in the value (`GIT_AUTH=Authorization:
-                // Bearer x`) has its credentials in the next words.
-                words.push(format!("{}***", url_shown.get(..at).unwrap_or_default()));
-                mask_rest = header_at.is_some();
-                // `"password": "x"`: the value is the next word.
-                if at == url_shown.len() && url_shown.ends_with(':') {
-                    mask_next = !last;
-                }
-                true
-            } else if let Some(at) = header_at {
-                mask_rest = true;
-                if at == url_shown.len() {
-                    // `Authorization: Bearer x`: the scheme may show.
-                    words.push(url_shown);
-                    scheme_allowed = true;
-                } else {
-                    // `Authorization:Bearer` written without a space.
-                    words.push(format!("{}***", url_shown.get(..at).unwrap_or_default()));
-                }
-                false
-            } else if let Some((name, value)) = word.split_once('=')
-                && USER_OPTIONS.contains(&bare(name))
-            {
-                words.push(format!("{name}={}", shown_user(value)));
-                value.contains(':')
-            } else if USER_OPTIONS.contains(&option) {
-                user_next = !last;
-                user_arg = last;
-                words.push(word.to_owned());
-                false
-            } else if let Some(value) = word.strip_prefix("-u")
-                && value
-                    .split_once(':')
-                    .is_some_and(|(user, _)| !user.contains('='))
-            {
-                // `curl -ualice:pw`, the user glued to the option; not a
-                // Go-style `-url=http://h:80`.
-                words.push(format!("-u{}", shown_user(value)));
-                true
-            } else if let Some(short) = secret_short_option(program, option) {
-                // sshpass has one password: an `ssh -p 22` after it is a
-                // port.
-                if program == Some(SSHPASS) {
-                    program = None;
-                }
-                if short.len() == option.len() {
+                    (format!("{name}={}", shown_user(value)), value.contains(':'))
+                } else if USER_OPTIONS.contains(&option) {
+                    user_next = !last;
+                    user_arg = last;
+                    (word.to_owned(), false)
+                } else if let Some(value) = word.strip_prefix("-u")
+                    && value
+                        .split_once(':')
+                        .is_some_and(|(user, _)| !user.contains('='))
+                {
+                    // `curl -ualice:pw`, the user glued to the option; not a
+                    // Go-style `-url=http://h:80`.
+                    (format!("-u{}", shown_user(value)), true)
+                } else if let Some((len, kind)) = secret_short_option(program, option) {
+                    // sshpass has one password: an `ssh -p 22` after it is a
+                    // port.
+                    if program == Some(Program::Sshpass) {
+                        program = None;
+                    }
+                    if len == option.len() {
+                        match kind {
+                            Value::Secret => (mask_next, mask_arg) = (!last, last),
+                            Value::User => (user_next, user_arg) = (!last, last),
+                        }
+                        (word.to_owned(), false)
+                    } else {
+                        // After the quotes that open the word (`'-pcorrect horse'`).
+                        let at = word.len() - word.trim_start_matches(['\'', '"']).len() + len;
+                        let head = word.get(..at).unwrap_or_default();
+                        match kind {
+                            Value::Secret => (format!("{head}***"), true),
+                            Value::User => {
+                                let value = word.get(at..).unwrap_or_default();
+                                (format!("{head}{}", shown_user(value)), value.contains(':'))
+                            }
+                        }
+                    }
+                } else if lower.starts_with('-') && secret_name(lower.trim_start_matches('-')) {
                     mask_next = !last;
                     mask_arg = last;
-                    words.push(word.to_owned());
-                    false
+                    (word.to_owned(), false)
                 } else {
-                    // After the quotes that open the word (`'-pcorrect horse'`).
-                    let at = word.len() - word.trim_start_matches(['\'', '"']).len();
-                    let head = word.get(..at + short.len()).unwrap_or_default();
-                    words.push(format!("{head}***"));
-                    true
+                    (url_shown.clone(), false)
+                };
+                if let Some(at) = header {
+                    // A plain argument is the header: its credentials run
+                    // to its end (`-H "Cookie: a=1; b=2"`), and so they do
+                    // in a script's argument that starts with one (`git -c
+                    // http.extraheader=...`), one value. In a script, they
+                    // run to the close of the quote open at the header's
+                    // name (`-H 'Authorization: Bearer x' && next`), or,
+                    // unquoted, over the word after it, past a scheme
+                    // (`Authorization: Bearer x`).
+                    let value = url_shown.get(at..).unwrap_or_default();
+                    scheme_allowed = value.is_empty();
+                    let quoted = Held::start(before).after(word);
+                    if !script || (i == 0 && quoted.is_none()) {
+                        mask_rest = true;
+                    } else if quoted.is_some() {
+                        held = quoted;
+                    } else if value.is_empty() || is_scheme(value) {
+                        mask_next = true;
+                    }
+                } else if secret {
+                    // A quote the secret's name opened holds its value
+                    // (`'{"password": "a b", ...}'`); else the value's
+                    // own word says (`"{... \"password\": \"a b\"}"`).
+                    held = Held::start(before).after(word);
                 }
-            } else if lower.starts_with('-') && secret_name(lower.trim_start_matches('-')) {
-                mask_next = !last;
-                mask_arg = last;
-                words.push(word.to_owned());
-                false
-            } else {
-                words.push(url_shown);
-                false
-            };
-            if secret {
-                quote = open_quote(None, word);
                 // An argument that starts with a secret is that secret
                 // whole (`env "PASSWORD=correct horse"`, `curl -u "alice:pw
                 // x"`), unless it is a shell script, read word by word.
-                mask_rest |= i == 0 && !script;
-            }
-            if let Some(named) = program_named(word) {
+                mask_rest |= secret && i == 0 && !script;
+                shown_word
+            };
+            line.push_str(&shown_word);
+            // Masked words too: a command starts in one (`--token "a
+            // b";mysql -pX`), or ends.
+            if !one_value && let Some(named) = program_named(word) {
                 program = Some(named);
             }
-            // Only a shell reads `;` as the end of a command: in other
-            // arguments (`mysql -e "select 1; select 2" -pX`) it is text.
-            if script && open.is_none() && ends_a_command(word) {
+            let ends = operator.as_ref().is_some_and(|r| r.end == word.len());
+            if let Some(r) = &operator
+                && ends
+                && r.start > 0
+                && shown_word != word
+            {
+                // `--password=x;` shows where its command ends.
+                line.push_str(word.get(r.start..).unwrap_or_default());
+            }
+            line.push_str(sep);
+            // An unquoted newline ends a command as `;` does; an escaped
+            // one (a `\` that ends the line) goes on with it.
+            if ends || (script && !one_value && sep == "\n" && open.is_none()) {
                 program = None;
+                mask_next = false;
+                user_next = false;
+                scheme_allowed = false;
+                held = None;
             }
         }
-        shown.push(words.join(" "));
+        shown.push(line);
     }
     shown.join(" ")
+}
+
+/// The words of `arg` split at ASCII whitespace (a space, a tab, a
+/// newline), each with the character after it (none after the last):
+/// quoted and escaped whitespace too, where a quoted secret runs on into
+/// the next word (see [`Held`]).
+fn words(arg: &str) -> Vec<(&str, &str)> {
+    let mut words = Vec::new();
+    let mut rest = arg;
+    while let Some(at) = rest.find(|c: char| c.is_ascii_whitespace()) {
+        let (word, tail) = rest.split_at(at);
+        // An ASCII character: one byte.
+        let (sep, tail) = tail.split_at(1);
+        words.push((word, sep));
+        rest = tail;
+    }
+    words.push((rest, ""));
+    words
 }
 
 /// The program `word` names, of those whose options [`shown_command`]
 /// reads: the last command in it (`cd /x;mysql`, `$(mysql`), by its file
 /// name (`/usr/bin/mysql`), quotes aside.
-fn program_named(word: &str) -> Option<&'static str> {
+fn program_named(word: &str) -> Option<Program> {
     let command = word
         .rsplit([';', '&', '|', '(', '`'])
         .next()
         .unwrap_or_default();
-    let name = bare(command).rsplit('/').next().unwrap_or_default();
-    P_IS_PASSWORD
-        .iter()
-        .copied()
-        .chain([SSHPASS, CURL])
-        .find(|&p| p == name)
+    match bare(command).rsplit('/').next().unwrap_or_default() {
+        "sshpass" => Some(Program::Sshpass),
+        "curl" => Some(Program::Curl),
+        name => is_mysql_tool(name).then_some(Program::Mysql),
+    }
 }
 
-/// Whether `word` ends a command in a shell script: it is, or ends in,
-/// `;`, `&&`, `||`, `|` or `&`.
-fn ends_a_command(word: &str) -> bool {
-    word.ends_with([';', '&', '|'])
+/// Whether `name` is mysql, mariadb or one of their tools whose `-pVALUE`
+/// is a password (see [`MYSQL_TOOLS`]): not the server (`mysqld`), nor a
+/// container or an image named after one (`mysql-data`, `mysql:8`).
+fn is_mysql_tool(name: &str) -> bool {
+    let tool = match name {
+        "mysql" | "mariadb" | "mariabackup" => return true,
+        _ => name
+            .strip_prefix("mysql")
+            .map(|t| t.strip_prefix('_').unwrap_or(t))
+            .or_else(|| name.strip_prefix("mariadb-")),
+    };
+    tool.is_some_and(|t| {
+        MYSQL_TOOLS.iter().any(|k| {
+            t.len() == k.len()
+                && t.bytes()
+                    .zip(k.bytes())
+                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+        })
+    })
+}
+
+/// The byte range of the last run of `;`, `&` and `|` in `word` that ends
+/// a command in a shell script (`;`, `&&`, `||`, `|`, `&`), given the
+/// quote open before the word: not quoted, escaped (`find ... \;`) or part
+/// of a redirection (`2>&1`, `&>/dev/null`, `>|f`).
+fn last_operator(open: Option<char>, word: &str) -> Option<std::ops::Range<usize>> {
+    let mut open = open.filter(|&q| q != '\\');
+    let mut found: Option<std::ops::Range<usize>> = None;
+    let mut escaped = false;
+    let mut prev = None;
+    let mut chars = word.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let before = prev.replace(c);
+        if std::mem::take(&mut escaped) {
+            continue;
+        }
+        match open {
+            Some('\'') if c == '\'' => open = None,
+            Some('\'') => {}
+            Some(_) if c == '\\' => escaped = true,
+            Some(q) if c == q => open = None,
+            Some(_) => {}
+            None => match c {
+                '\\' => escaped = true,
+                '\'' | '"' => open = Some(c),
+                ';' | '&' | '|' => {
+                    let redirect = matches!(before, Some('>' | '<'))
+                        || c == '&' && chars.peek().is_some_and(|&(_, n)| n == '>');
+                    if !redirect {
+                        found = match found {
+                            Some(r) if r.end == i => Some(r.start..i + 1),
+                            _ => Some(i..i + 1),
+                        };
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+    found
 }
 
 /// The short option `option` starts with whose value is a secret for
-/// `program`: `-p` for mysql and its tools only with the value glued to it
-/// (`-p` alone asks; `-P3306` is a port), `-p` for sshpass and `-b` for
-/// curl either way.
-fn secret_short_option(program: Option<&str>, option: &str) -> Option<&'static str> {
-    let short = match program? {
-        SSHPASS => "-p",
-        CURL => "-b",
-        p if P_IS_PASSWORD.contains(&p) && option.len() > 2 => "-p",
-        _ => return None,
-    };
-    option.starts_with(short).then_some(short)
+/// `program`, as its length and what its value is: `-p` for mysql and its
+/// tools only with the value glued to it (`-p` alone asks; `-P3306` is a
+/// port), `-p` for sshpass, and curl's `-b` (a cookie) and `-U` (the
+/// proxy's `user:password`, as `-u`) either way, also at the end of a
+/// cluster of short options (`-sb`, `-sSU`, not `-XPOST`'s value).
+fn secret_short_option(program: Option<Program>, option: &str) -> Option<(usize, Value)> {
+    match program? {
+        Program::Sshpass => option.starts_with("-p").then_some((2, Value::Secret)),
+        Program::Mysql => {
+            (option.starts_with("-p") && option.len() > 2).then_some((2, Value::Secret))
+        }
+        Program::Curl => {
+            let letters = option.strip_prefix('-').filter(|l| !l.starts_with('-'))?;
+            for (i, c) in letters.char_indices() {
+                match c {
+                    'u' | 'U' => return Some((i + 2, Value::User)),
+                    'b' => return Some((i + 2, Value::Secret)),
+                    // Another option's value follows.
+                    c if CURL_VALUE_OPTIONS.contains(c) => return None,
+                    c if c.is_ascii_alphanumeric() || matches!(c, '#' | ':') => {}
+                    _ => return None,
+                }
+            }
+            None
+        }
+    }
 }
 
 /// Whether `arg` is a shell's option whose value is a script (`-c`,
@@ -353,6 +544,11 @@ fn runs_a_script(arg: &str) -> bool {
 /// `word` without the quotes a shell script around it leaves.
 fn bare(word: &str) -> &str {
     word.trim_matches(|c| c == '\'' || c == '"')
+}
+
+/// Whether `word` is an `Authorization` scheme (`Bearer`), quotes aside.
+fn is_scheme(word: &str) -> bool {
+    SCHEMES.contains(&bare(word).to_ascii_lowercase().as_str())
 }
 
 /// The quote still open after `word`, given the one open before it: a
@@ -378,6 +574,94 @@ fn open_quote(open: Option<char>, word: &str) -> Option<char> {
         }
     }
     open
+}
+
+/// How far a masked secret (or a header's credentials) that runs past its
+/// word goes. One that starts outside quotes runs to the close of a quote
+/// it opens (`--password='correct horse'`), as the shell's word does. One
+/// that starts inside a quote an earlier word opened (`psql "host=db
+/// password=x" && next`) ends with its word, or where that quote closes,
+/// unless it opens a quote of its own inside it: a `'` or a `\"` in double
+/// quotes (`"... password='a b'"`, `"{\"password\": \"a b\"}"`), a `"` in
+/// single ones. A backslash that ends the word escapes the space after it
+/// (`correct\ horse`), for the shell or for one inside the quote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    /// The shell's quote the secret started inside, while it is open.
+    within: Option<char>,
+    /// The quote the secret opened (inside `within`, if any), or `\` for
+    /// a backslash that escapes the space after the word.
+    open: Option<char>,
+}
+
+impl Held {
+    /// A secret starting in a word after which the shell's quote `open`
+    /// was open.
+    fn start(open: Option<char>) -> Self {
+        Held {
+            within: open.filter(|&q| q != '\\'),
+            open: None,
+        }
+    }
+
+    /// Where the secret is after `word`: `None` once it has ended.
+    fn after(mut self, word: &str) -> Option<Self> {
+        // A backslash that ended the last word escaped the space after it.
+        self.open = self.open.filter(|&q| q != '\\');
+        let mut chars = word.chars().peekable();
+        while let Some(c) = chars.next() {
+            let Some(within) = self.within else {
+                // The shell's own quotes, as `open_quote` reads them.
+                if c == '\\' && self.open != Some('\'') {
+                    if chars.next().is_none() {
+                        self.open = self.open.or(Some('\\'));
+                    }
+                    continue;
+                }
+                match self.open {
+                    Some(q) if c == q => self.open = None,
+                    None if matches!(c, '\'' | '"') => self.open = Some(c),
+                    _ => {}
+                }
+                continue;
+            };
+            let inner = match c {
+                '\\' => match chars.peek() {
+                    None => {
+                        self.open = self.open.or(Some('\\'));
+                        continue;
+                    }
+                    // A single quote ends at the next one, backslash or
+                    // not.
+                    Some(&'\'') if within == '\'' => continue,
+                    Some(&n) => {
+                        chars.next();
+                        // `\"` in double quotes is a quote inside them.
+                        if within == '"' && n == '"' {
+                            '"'
+                        } else {
+                            continue;
+                        }
+                    }
+                },
+                // The quote the secret started in closes: the secret ends
+                // with it, unless the word opens another.
+                c if c == within => {
+                    self.within = None;
+                    self.open = None;
+                    continue;
+                }
+                '\'' | '"' => c,
+                _ => continue,
+            };
+            match self.open {
+                Some(q) if q == inner => self.open = None,
+                None => self.open = Some(inner),
+                Some(_) => {}
+            }
+        }
+        self.open.is_some().then_some(self)
+    }
 }
 
 /// `user:password` with the password masked; a plain user as it is.
@@ -438,12 +722,12 @@ fn pass_value_start(word: &str) -> Option<usize> {
 }
 
 /// Where in `word` the credentials of the first credential header start
-/// (just past the colon after its name), wherever its name starts: the
-/// word's start, `-H`, `--header=`, `http.extraheader=`, a quote. A
-/// header named for a secret (`X-Vault-Token`, `apikey`, `X-Goog-Api-Key`,
-/// not `X-Request-Id`) counts only there, not after another colon: the
-/// `secret` in an ARN (`arn:aws:secretsmanager:...:secret:prod/db`) names
-/// no header.
+/// (just past the colon after its name), where a name starts: the word's
+/// start, `-H`, `--header=`, `http.extraheader=`, a quote; not after
+/// another colon, where `cookie` (`session:cookie:42`) or `secret` (an
+/// ARN's `...:secret:prod/db`) names no header. A header named for a
+/// secret (`X-Vault-Token`, `apikey`, `X-Goog-Api-Key`, not
+/// `X-Request-Id`) is one too.
 fn header_value_start(word: &str) -> Option<usize> {
     word.match_indices(':')
         .map(|(i, _)| i)
@@ -455,9 +739,11 @@ fn header_value_start(word: &str) -> Option<usize> {
                 word.get(..i - name.len()).and_then(|h| h.bytes().last()),
                 None | Some(b'=' | b'\'' | b'"')
             );
-            known(name)
-                || glued.is_some_and(known)
-                || starts_a_name && (secret_name(name) || glued.is_some_and(secret_name))
+            starts_a_name
+                && (known(name)
+                    || glued.is_some_and(known)
+                    || secret_name(name)
+                    || glued.is_some_and(secret_name))
         })
         .map(|i| i + 1)
 }
@@ -484,16 +770,18 @@ const SECRET_ENDINGS: [&str; 8] = [
 ];
 
 /// Words the last part of a name names a secret by ending in (`API_KEY`,
-/// `--jwt`, `--cookie`, `sessionCookie`): in another part they say what a
-/// setting is about (`KEY_ID`, `--jwt-issuer`, `--cookie-jar`).
-const LAST_SECRET_ENDINGS: [&str; 3] = ["KEY", "JWT", "COOKIE"];
+/// `--jwt`, `--cookie`, `sessionCookie`, `AUTHORIZATION`,
+/// `Proxy-Authorization`): in another part they say what a setting is
+/// about (`KEY_ID`, `--jwt-issuer`, `--cookie-jar`, kube-apiserver's
+/// `--authorization-mode`).
+const LAST_SECRET_ENDINGS: [&str; 4] = ["KEY", "JWT", "COOKIE", "AUTHORIZATION"];
 
 /// Whether a name (`DB_PASSWORD`, `PGPASSWORD`, `api-key`, `apiKey`,
 /// `password` in a connection string) names a secret: a part of it (split
 /// at `_`, `-`, `.`) is or ends in password, passwd, passphrase, secret,
 /// token, credential(s) or creds, or is pass, pwd, auth, bearer, apikey
-/// or pat, or its last part is or ends in key, jwt or cookie; not one that
-/// names where a secret is (`-file`, `-id`, `-name`), nor a flag that
+/// or pat, or its last part is or ends in key, jwt, cookie or
+/// authorization; not one that names where a secret is (`-file`, `-id`, `-name`), nor a flag that
 /// turns one off (`--no-password`).
 fn secret_name(name: &str) -> bool {
     let name = name.trim_start_matches('-');
@@ -533,13 +821,28 @@ fn secret_name(name: &str) -> bool {
 }
 
 /// `s` with a URL's password (`user:***@`) and query (`?***`) masked, if
-/// it holds one.
+/// it holds one. A password may hold a `#` or `?`
+/// (`postgres://app:Xy#9z@db/app`, as libpq reads it): where the
+/// authority would end at one, after a `:`, and an `@` comes later but
+/// before the first `/`, the authority runs to the last such `@`. An `@`
+/// in the path (`/package/@scope/x`), or in the query of a URL with no
+/// user (`https://h?to=a@b`), is no user's.
 fn shown_url(s: &str) -> String {
     let Some(scheme_end) = s.find("://") else {
         return s.to_owned();
     };
     let (head, rest) = s.split_at(scheme_end + 3);
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let mut authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let first_slash = rest.find('/').unwrap_or(rest.len());
+    if let Some(at) = rest.get(..first_slash).and_then(|r| r.rfind('@'))
+        && at > authority_end
+        && rest
+            .get(..authority_end)
+            .is_some_and(|a| a.contains(':') && !a.contains('@') && !a.starts_with('['))
+    {
+        let host_len = rest.get(at..).and_then(|r| r.find(['/', '?', '#']));
+        authority_end = host_len.map_or(rest.len(), |len| at + len);
+    }
     let (authority, tail) = rest.split_at(authority_end);
     // A user and password, or a token alone (`https://ghp_x@github.com`).
     let authority = match authority.rsplit_once('@') {
@@ -565,10 +868,11 @@ pub struct RunArgs {
     /// records and approvers see, with common forms of secrets masked,
     /// word by word in any argument, `sh -c "..."` too: the values of
     /// options, of `NAME=...` and of JSON `"NAME":` named for a password,
-    /// secret, token, key, cookie or credentials (`--api-key X`,
-    /// `DB_PASSWORD=...`, `--env=GITHUB_TOKEN=...`), a URL's user
-    /// information and query, a `user:password` (`-u`, `--user`), `mysql
-    /// -p...`, `sshpass -p`, `curl -b`, OpenSSL's `pass:...`, and the
+    /// secret, token, key, cookie, authorization or credentials (`--api-key
+    /// X`, `DB_PASSWORD=...`, `--env=GITHUB_TOKEN=...`), a URL's user
+    /// information and query, a `user:password` (`-u`, `--user`, `curl
+    /// -U`), `mysql -p...` (and its tools', MariaDB's), `sshpass -p`, `curl
+    /// -b`, OpenSSL's `pass:...`, and the
     /// credentials of an Authorization, Cookie or like header, or of one
     /// named for a secret (`-H "X-Vault-Token: ..."`,
     /// `http.extraheader=Authorization: ...`); give --purpose whenever the
@@ -1122,7 +1426,7 @@ mod purpose_tests {
             ),
             (
                 &["sh", "-c", "curl -H 'Authorization: Bearer x' h"][..],
-                "sh -c curl -H 'Authorization: Bearer *** ***",
+                "sh -c curl -H 'Authorization: Bearer *** h",
             ),
             (
                 &[
@@ -1254,11 +1558,11 @@ mod purpose_tests {
             ),
             (
                 &["sh", "-c", "wget --header=\"Authorization: Bearer x\" u"],
-                "sh -c wget --header=\"Authorization: Bearer *** ***",
+                "sh -c wget --header=\"Authorization: Bearer *** u",
             ),
             (
                 &["sh", "-c", "curl -H'Cookie: sid=1' h"],
-                "sh -c curl -H'Cookie: *** ***",
+                "sh -c curl -H'Cookie: *** h",
             ),
             // A header that is not a credential shows.
             (
@@ -1285,7 +1589,7 @@ mod purpose_tests {
             ),
             (
                 &["sh", "-c", "GIT_AUTH=Authorization: Bearer x git fetch"],
-                "sh -c GIT_AUTH=*** *** *** *** ***",
+                "sh -c GIT_AUTH=*** Bearer *** *** ***",
             ),
             (
                 &["sh", "-c", "tool --password=\"a\\\" b\" -v"],
@@ -1524,7 +1828,7 @@ mod purpose_tests {
             ),
             (
                 &["sh", "-c", "curl -H 'X-Vault-Token: hvs.abc' h"],
-                "sh -c curl -H 'X-Vault-Token: *** ***",
+                "sh -c curl -H 'X-Vault-Token: *** h",
             ),
             (
                 &[
@@ -1700,7 +2004,7 @@ mod purpose_tests {
     }
 
     /// A `-u` whose argument has no word (`curl -u "" h`) reaches no
-    /// further than that argument; `-U` is no user option.
+    /// further than that argument; `-U` is a user option only curl's.
     #[test]
     fn a_user_option_reaches_only_its_own_value() {
         assert_shown(&[
@@ -1713,6 +2017,466 @@ mod purpose_tests {
             ),
             (&["tool", "-U", "alice:x"], "tool -U alice:x"),
         ]);
+    }
+
+    /// Words are split at tabs and newlines as at spaces, and in a script
+    /// an unquoted newline ends a command as `;` does: a quoted one, an
+    /// escaped one (`\` at the end of a line), and one in an argument that
+    /// is no script end none. Nor does an escaped `;` (`find -exec ...
+    /// \;`) or a redirection (`2>&1`).
+    #[test]
+    fn words_split_at_tabs_and_newlines_which_end_a_command() {
+        assert_shown(&[
+            (
+                &["bash", "-c", "cd /app\nmysql -uroot -phunter2 app"],
+                "bash -c cd /app\nmysql -uroot -p*** app",
+            ),
+            (
+                &["bash", "-c", "set -e\nsshpass -p hunter2 ssh h"],
+                "bash -c set -e\nsshpass -p *** ssh h",
+            ),
+            (
+                &[
+                    "bash",
+                    "-c",
+                    "if true; then\n\tmysql -uroot -phunter2 db\nfi",
+                ],
+                "bash -c if true; then\n\tmysql -uroot -p*** db\nfi",
+            ),
+            (
+                &["bash", "-c", "curl -s \\\n-u alice:pw https://h"],
+                "bash -c curl -s \\\n-u alice:*** https://h",
+            ),
+            (
+                &["bash", "-c", "tool\t--token\tabc"],
+                "bash -c tool\t--token\t***",
+            ),
+            (
+                &["tool", "--password\tabc", "-v"],
+                "tool --password\t*** -v",
+            ),
+            // The command a newline ended no longer reads `-p`.
+            (
+                &["bash", "-c", "mysql -e 'x' db\ndocker run -p8080:80 img"],
+                "bash -c mysql -e 'x' db\ndocker run -p8080:80 img",
+            ),
+            (
+                &["bash", "-c", "sshpass -f /run/pw ssh h\nssh -p 22 h"],
+                "bash -c sshpass -f /run/pw ssh h\nssh -p 22 h",
+            ),
+            // A quoted or escaped newline, or one in SQL, ends nothing.
+            (
+                &["bash", "-c", "mysql -e 'select 1;\nselect 2' -phunter2"],
+                "bash -c mysql -e 'select 1;\nselect 2' -p***",
+            ),
+            (
+                &["bash", "-c", "mysql -uroot \\\n  -phunter2 db"],
+                "bash -c mysql -uroot \\\n  -p*** db",
+            ),
+            (
+                &["mysql", "-e", "select 1;\nselect 2", "-phunter2"],
+                "mysql -e select 1;\nselect 2 -p***",
+            ),
+            (
+                &["sh", "-c", r"mysql -e select\ 1\; -phunter2"],
+                r"sh -c mysql -e select\ 1\; -p***",
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "mysql -phunter2 2>&1 | tee log; docker run -p8080:80 img",
+                ],
+                "sh -c mysql -p*** 2>&1 | tee log; docker run -p8080:80 img",
+            ),
+        ]);
+    }
+
+    /// `Authorization` names a secret as a JSON member, `NAME=` or an
+    /// option, as the header does; kube-apiserver's `--authorization-mode`
+    /// and the like say how authorization works, and show.
+    #[test]
+    fn authorization_names_a_secret() {
+        assert_shown(&[
+            (
+                &[
+                    "mcp-remote",
+                    "https://h/sse",
+                    "--headers",
+                    r#"{"Authorization": "Bearer sk-1"}"#,
+                ],
+                r#"mcp-remote https://h/sse --headers {"Authorization":*** *** ***"#,
+            ),
+            (
+                &["env", "AUTHORIZATION=Bearer sk-1", "tool"],
+                "env AUTHORIZATION=*** *** tool",
+            ),
+            (
+                &["tool", "--authorization", "Bearer sk-1"],
+                "tool --authorization ***",
+            ),
+            (
+                &["tool", "--proxy-authorization=Basic YTpi", "-v"],
+                "tool --proxy-authorization=*** *** -v",
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"tool --headers '{"Authorization": "Bearer sk-1"}' -v"#,
+                ],
+                r#"sh -c tool --headers '{"Authorization":*** *** *** -v"#,
+            ),
+            (
+                &[
+                    "kube-apiserver",
+                    "--authorization-mode=Node,RBAC",
+                    "--authorization-webhook-config-file",
+                    "/etc/w.yaml",
+                    "--authorization-mode",
+                    "RBAC",
+                ],
+                "kube-apiserver --authorization-mode=Node,RBAC \
+                 --authorization-webhook-config-file /etc/w.yaml --authorization-mode RBAC",
+            ),
+            (
+                &["env", "AUTHORIZATION_MODE=rbac", "x"],
+                "env AUTHORIZATION_MODE=rbac x",
+            ),
+        ]);
+    }
+
+    /// In a script, a credential header's value ends with the quote open
+    /// at its name, or, unquoted, with its word or the one after its
+    /// scheme, and at the end of its command: what comes after shows. A
+    /// header name counts only where a name starts, not after a colon. A
+    /// plain argument, or a script's argument that starts with a header
+    /// (`git -c http.extraheader=...`), is one value, masked to its end.
+    #[test]
+    fn a_headers_credentials_end_with_their_quote_or_word() {
+        assert_shown(&[
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "curl -fsS -H 'Authorization: Bearer $TOKEN' https://api/deploy \
+                     && kubectl delete namespace prod",
+                ],
+                "sh -c curl -fsS -H 'Authorization: Bearer *** https://api/deploy \
+                 && kubectl delete namespace prod",
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "redis-cli GET session:cookie:42 && ./migrate.sh prod",
+                ],
+                "sh -c redis-cli GET session:cookie:42 && ./migrate.sh prod",
+            ),
+            (
+                &["sh", "-c", "redis-cli GET cookie:42 && ./migrate.sh prod"],
+                "sh -c redis-cli GET cookie:*** && ./migrate.sh prod",
+            ),
+            (
+                &["sh", "-c", "curl -H \"Authorization: Bearer a b\" h"],
+                "sh -c curl -H \"Authorization: Bearer *** *** h",
+            ),
+            (
+                &["sh", "-c", "curl -H Authorization: Bearer tok h"],
+                "sh -c curl -H Authorization: Bearer *** h",
+            ),
+            (
+                &["sh", "-c", "http h Authorization:Bearer tok x=1"],
+                "sh -c http h Authorization:*** *** x=1",
+            ),
+            (
+                &["sh", "-c", r"http h Authorization:\ Bearer\ tok x=1"],
+                r"sh -c http h Authorization:*** *** *** x=1",
+            ),
+            (
+                &["sh", "-c", "http POST h X-Api-Key:k1 x=1; ./next"],
+                "sh -c http POST h X-Api-Key:*** x=1; ./next",
+            ),
+            (
+                &["sh", "-c", "http h Authorization: && ./next"],
+                "sh -c http h Authorization: && ./next",
+            ),
+            (
+                &["sh", "-c", "curl -H Cookie:\n./next"],
+                "sh -c curl -H Cookie:\n./next",
+            ),
+            (
+                &[
+                    "bash",
+                    "-c",
+                    r#"ssh h 'curl -H "Authorization: Bearer x" h2; rm -rf /tmp/y'"#,
+                ],
+                r#"bash -c ssh h 'curl -H "Authorization: Bearer *** h2; rm -rf /tmp/y'"#,
+            ),
+            (
+                &["git", "-c", "http.extraheader=Cookie: a=1; b=2", "fetch"],
+                "git -c http.extraheader=Cookie: *** *** fetch",
+            ),
+        ]);
+    }
+
+    /// A secret inside a quote an earlier word opened ends with its word,
+    /// or where that quote closes, unless it quotes itself inside it
+    /// (`'a b'`, `\"a b\"`); and the words it masks still name programs
+    /// and end commands.
+    #[test]
+    fn a_secret_inside_a_quote_ends_with_its_word_or_that_quote() {
+        assert_shown(&[
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"psql "host=db password=pw" && ./deploy.sh prod --force"#,
+                ],
+                r#"sh -c psql "host=db password=*** && ./deploy.sh prod --force"#,
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"psql "host=db password=pw" && mysql -e "select 1" -pX"#,
+                ],
+                r#"sh -c psql "host=db password=*** && mysql -e "select 1" -p***"#,
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"curl -d "{\"user\": \"a\", \"password\": \"correct horse\"}" h"#,
+                ],
+                r#"sh -c curl -d "{\"user\": \"a\", \"password\":*** *** *** h"#,
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"curl -d "{\"user\": \"a\", \"password\": \"a b\", \"team\": 7}" h"#,
+                ],
+                r#"sh -c curl -d "{\"user\": \"a\", \"password\":*** *** *** \"team\": 7}" h"#,
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"psql "host=db password='correct horse' dbname=app""#,
+                ],
+                r#"sh -c psql "host=db password=*** *** dbname=app""#,
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"psql "host=db password=pw dbname=app" -c "select 1""#,
+                ],
+                r#"sh -c psql "host=db password=*** dbname=app" -c "select 1""#,
+            ),
+            (
+                &["sh", "-c", "ssh h 'mysql -pX db && rm -rf /tmp/x'"],
+                "sh -c ssh h 'mysql -p*** db && rm -rf /tmp/x'",
+            ),
+            // Masked words name a program, and end a command.
+            (
+                &["sh", "-c", r#"tool --token "a b";mysql -pX db"#],
+                "sh -c tool --token *** *** -p*** db",
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    r#"mysql --password="a b"; docker run -p8080:80 img"#,
+                ],
+                "sh -c mysql --password=*** ***; docker run -p8080:80 img",
+            ),
+        ]);
+    }
+
+    /// `-pX` is a password for every MySQL and MariaDB client tool; a
+    /// server, a container or an image named after one reads no `-p`.
+    #[test]
+    fn the_password_option_of_every_mysql_and_mariadb_tool_is_masked() {
+        for tool in [
+            "mariadb-dump",
+            "mariadb-admin",
+            "mariadb-import",
+            "mariadb-check",
+            "mariadb-backup",
+            "mysqlcheck",
+            "mysqlshow",
+            "mysqlslap",
+            "mysqlbinlog",
+            "mysqlpump",
+            "mysqlsh",
+            "mysql_upgrade",
+            "mysql_secure_installation",
+        ] {
+            assert_eq!(
+                shown(&[tool, "-uroot", "-phunter2", "db"]),
+                format!("{tool} -uroot -p*** db")
+            );
+        }
+        assert_shown(&[
+            (
+                &[
+                    "docker",
+                    "exec",
+                    "db",
+                    "mariadb-dump",
+                    "-uroot",
+                    "-phunter2",
+                    "app",
+                ],
+                "docker exec db mariadb-dump -uroot -p*** app",
+            ),
+            (
+                &["mysqlcheck", "-uroot", "-phunter2", "--all-databases"],
+                "mysqlcheck -uroot -p*** --all-databases",
+            ),
+            (
+                &[
+                    "docker",
+                    "run",
+                    "--name",
+                    "mysql-test",
+                    "-p3307:3306",
+                    "mysql:8",
+                ],
+                "docker run --name mysql-test -p3307:3306 mysql:8",
+            ),
+            (
+                &["docker", "run", "--name", "mysqld", "-p3306:3306", "img"],
+                "docker run --name mysqld -p3306:3306 img",
+            ),
+        ]);
+    }
+
+    /// A URL password with `#` or `?` in it is masked whole; an `@` in a
+    /// path, or in the query of a URL with no password, is no user's.
+    #[test]
+    fn a_url_password_with_a_hash_or_question_mark_is_masked() {
+        assert_shown(&[
+            (
+                &["psql", "postgres://app:Xy#9z@db/app"],
+                "psql postgres://app:***@db/app",
+            ),
+            (
+                &["psql", "postgres://app:Xy?9z@db/app"],
+                "psql postgres://app:***@db/app",
+            ),
+            (
+                &["psql", "postgres://app:Xy#9z@db?sslmode=require"],
+                "psql postgres://app:***@db?***",
+            ),
+            (&["curl", "https://h?to=a@b.com"], "curl https://h?***"),
+            (&["curl", "https://h/a?to=a@b.com"], "curl https://h/a?***"),
+            (
+                &["curl", "https://u:pw@h?to=a@b"],
+                "curl https://u:***@h?***",
+            ),
+            (
+                &["curl", "https://registry.npmjs.org/@scope/pkg"],
+                "curl https://registry.npmjs.org/@scope/pkg",
+            ),
+            (&["curl", "https://h/a#x@y"], "curl https://h/a#x@y"),
+        ]);
+    }
+
+    /// curl's `-U` is its proxy's `user:password`, and `-u`, `-U` and `-b`
+    /// end a cluster of its short options too (`-su`, `-sb`); after its
+    /// command, they are another program's.
+    #[test]
+    fn curls_proxy_user_and_clustered_options_are_masked() {
+        assert_shown(&[
+            (
+                &["curl", "-U", "bob:pw", "-x", "http://proxy", "https://h"],
+                "curl -U bob:*** -x http://proxy https://h",
+            ),
+            (
+                &["curl", "-su", "alice:pw", "https://h"],
+                "curl -su alice:*** https://h",
+            ),
+            (
+                &["curl", "-sb", "sid=abc", "https://h"],
+                "curl -sb *** https://h",
+            ),
+            (
+                &["curl", "-sSUbob:pw", "-sbsid=1", "h"],
+                "curl -sSUbob:*** -sb*** h",
+            ),
+            (
+                &["sh", "-c", "curl -sU bob:pw h"],
+                "sh -c curl -sU bob:*** h",
+            ),
+            (
+                &["curl", "-sSLo", "out.json", "-XPOST", "-d", "user=bob", "h"],
+                "curl -sSLo out.json -XPOST -d user=bob h",
+            ),
+            (
+                &["sh", "-c", "curl -s h; tool -su alice:x -U bob:y"],
+                "sh -c curl -s h; tool -su alice:x -U bob:y",
+            ),
+        ]);
+    }
+
+    /// No input makes masking panic: quotes and backslashes left open,
+    /// characters of several bytes next to what it looks for.
+    #[test]
+    fn masking_never_panics() {
+        const PIECES: [&str; 34] = [
+            " ",
+            "\t",
+            "\n",
+            "\\",
+            "'",
+            "\"",
+            ":",
+            "=",
+            "@",
+            "/",
+            "?",
+            "#",
+            ";",
+            "&",
+            "|",
+            ">",
+            "-",
+            "-p",
+            "-u",
+            "-H",
+            "é",
+            "ß",
+            "\u{1F600}",
+            "://",
+            "pass:",
+            "password",
+            "Authorization",
+            "Bearer",
+            "mysql",
+            "curl",
+            "sshpass",
+            "{\"token\":",
+            "x",
+            "-sb",
+        ];
+        let mut state = 0x2545_f491_u32;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize % n
+        };
+        for _ in 0..20_000 {
+            let arg: String = (0..next(12)).map(|_| PIECES[next(PIECES.len())]).collect();
+            let other: String = (0..next(4)).map(|_| PIECES[next(PIECES.len())]).collect();
+            let (arg, other) = (arg.as_str(), other.as_str());
+            for args in [["sh", "-c", arg, other], ["curl", arg, "-u", other]] {
+                let _ = shown(&args);
+            }
+        }
     }
 }
 
