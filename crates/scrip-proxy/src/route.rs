@@ -4,9 +4,9 @@
 //!
 //! Overrides (`[[upstreams.routes]]`) are tried in order; the first whose
 //! method (or `*`; for a HEAD, also GET) and path (exact, or a prefix when
-//! it ends with `*`) match wins. Otherwise GET and HEAD are `read`, POST, PUT and PATCH `write`,
-//! DELETE `delete`; any other method (OPTIONS, TRACE, CONNECT, ...) maps to
-//! nothing and is refused.
+//! it ends with `*`) match wins. Otherwise GET and HEAD are `read`, POST,
+//! PUT and PATCH `write`, DELETE `delete`; any other method (OPTIONS,
+//! TRACE, CONNECT, ...) maps to nothing and is refused.
 //!
 //! Paths are normalised and checked before mapping ([`normalize`]): a
 //! percent-encoded letter is the same URI as the letter (RFC 3986
