@@ -170,6 +170,15 @@ pub fn prepare(
          [[upstreams]]\nname = \"{UPSTREAM}\"\nurl = \"http://127.0.0.1:{upstream_port}\"\n\
          inject = {{ header = \"X-Api-Key\" }}\n\n[upstreams.secrets.read]\nmax_age = 86400\n"
     )?;
+    // The generator is one identity asking for every access token of a
+    // run (and a thousand starting its tasks): each limit at its most, so
+    // that what is measured is the service, the limits' own cost included
+    // (scrip_config's MAX_PER_MINUTE and MAX_BURST).
+    writeln!(
+        toml,
+        "[limits]\ntasks_per_minute = 60000000\ntask_burst = 1000000\n\
+         access_tokens_per_minute = 60000000\naccess_token_burst = 1000000\n"
+    )?;
     let config = dir.path().join("scrip.toml");
     std::fs::write(
         &config,

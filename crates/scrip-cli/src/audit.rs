@@ -44,6 +44,18 @@ pub struct QueryArgs {
     /// Only this decision.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub decision: Option<String>,
+    /// Only this event, exactly (`approval.granted`, `token.issued`; the
+    /// events are listed in docs/audit.md). Read from each record (no
+    /// index): give --since, or another filter, on a large trail.
+    #[arg(long, value_name = "EVENT")]
+    pub event: Option<String>,
+    /// Only records naming this token id (`jti`): an access token's issue,
+    /// its uses at the proxy and by introspection, its revocation (a task
+    /// token's `jti` names its start; its task's records are --task). Read
+    /// from each record (no index): give --since, or another filter, on a
+    /// large trail.
+    #[arg(long, value_name = "JTI")]
+    pub jti: Option<String>,
     /// Only records at or after this time: RFC 3339 with its zone
     /// (`2026-11-24T10:00:00Z`, `2026-11-24T11:00:00+01:00`) or a duration
     /// ago (`15m`, `2h`, `3days`). The trail is read from the first record
@@ -471,6 +483,8 @@ pub fn query(config: Option<&Path>, args: &QueryArgs) -> ExitCode {
         tool: args.tool.clone(),
         actor: args.actor.clone(),
         decision: args.decision.clone(),
+        event: args.event.clone(),
+        jti: args.jti.clone(),
         since_ms: args.since,
         until_ms: args.until,
         after_seq: None,

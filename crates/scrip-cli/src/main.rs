@@ -436,7 +436,7 @@ enum AuditCommand {
         strict: bool,
     },
     /// Show audit records, filtered, as a table or JSON lines.
-    Query(audit::QueryArgs),
+    Query(Box<audit::QueryArgs>),
     /// Stream audit records as JSON lines from a cursor, for a SIEM.
     ///
     /// Each line has a `seq`; pass the last one seen as --after to resume.

@@ -373,6 +373,30 @@ async fn audit_commands_read_what_the_server_recorded() {
     assert_eq!(by_proxy.len(), 1, "{by_proxy:#?}");
     assert_eq!(str_of(&by_proxy[0], "event"), Some("token.introspected"));
 
+    // --event and --jti: one kind of record; what names one token (its
+    // issue and its introspection by the resource server).
+    let issued = site.query(&["--event", "token.issued"]);
+    assert!(issued.len() >= 2, "{issued:#?}");
+    assert!(
+        issued
+            .iter()
+            .all(|r| str_of(r, "event") == Some("token.issued"))
+    );
+    let introspected = str_of(&by_proxy[0], "jti").unwrap().to_owned();
+    let named = site.query(&["--jti", &introspected]);
+    let events: BTreeSet<&str> = named.iter().filter_map(|r| str_of(r, "event")).collect();
+    assert_eq!(
+        events,
+        BTreeSet::from(["token.introspected", "token.issued"]),
+        "{named:#?}"
+    );
+    assert!(
+        named
+            .iter()
+            .all(|r| str_of(r, "jti") == Some(introspected.as_str()))
+    );
+    assert!(site.query(&["--jti", "no-such-jti"]).is_empty());
+
     // --tool.
     let github = site.query(&["--tool", "github"]);
     assert!(github.len() >= 4, "{github:#?}");

@@ -162,6 +162,68 @@ pub struct Config {
     /// of its own, kept off the API, since it names the tools behind the
     /// proxy and the age of each of their keys. Unset: no `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// How much one workload identity may ask of one replica (`[limits]`).
+    pub limits: Limits,
+}
+
+/// The most a `[limits]` rate may be, a minute: a million a second.
+pub const MAX_PER_MINUTE: u64 = 60_000_000;
+
+/// The most a `[limits]` burst may be.
+pub const MAX_BURST: u64 = 1_000_000;
+
+/// `[limits]`: how fast one workload identity may ask one replica for tasks
+/// and access tokens, so that one agent (a runaway loop, a stolen identity,
+/// any workflow of an issuer trusted too widely) cannot take the token
+/// service, its store and its audit trail from the rest. Each is a rate
+/// with a burst: `burst` requests at once, then one every minute's
+/// `per_minute`th part (the generic cell rate algorithm, as a token bucket
+/// of `burst` refilled at the rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Task starts and delegations a minute, charged to the identity that
+    /// asks: the agent for a task start, the parent task's holder (its
+    /// current sub-agent, else its agent) for a delegation.
+    pub tasks_per_minute: u64,
+    /// Task starts and delegations at once.
+    pub task_burst: u64,
+    /// Access tokens (token exchanges of a task token) a minute, charged to
+    /// the task token's holder: its current sub-agent, else its agent.
+    pub access_tokens_per_minute: u64,
+    /// Access tokens at once.
+    pub access_token_burst: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tasks_per_minute: 600,
+            task_burst: 100,
+            access_tokens_per_minute: 30_000,
+            access_token_burst: 1_000,
+        }
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value, most) in [
+            ("tasks_per_minute", self.tasks_per_minute, MAX_PER_MINUTE),
+            ("task_burst", self.task_burst, MAX_BURST),
+            (
+                "access_tokens_per_minute",
+                self.access_tokens_per_minute,
+                MAX_PER_MINUTE,
+            ),
+            ("access_token_burst", self.access_token_burst, MAX_BURST),
+        ] {
+            if !(1..=most).contains(&value) {
+                return invalid(format!("limits.{name} must be 1 to {most}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -200,6 +262,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             proxy: ProxySettings::default(),
             metrics_listen: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -870,7 +933,7 @@ impl Config {
             }
         }
         upstream::validate(&self.upstreams, &self.proxy, &self.tools)?;
-        Ok(())
+        self.limits.validate()
     }
 }
 
@@ -1208,6 +1271,51 @@ mod tests {
     }
 
     /// A loaded file's invalid value names the file, as a parse error does.
+    /// `[limits]`: every key from 1 to its most, defaults when left out,
+    /// no unknown key.
+    #[test]
+    fn limits_are_rates_and_bursts_within_range() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!((c.limits.tasks_per_minute, c.limits.task_burst), (600, 100));
+        let c =
+            Config::from_toml("[limits]\ntask_burst = 5\naccess_tokens_per_minute = 60").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                task_burst: 5,
+                access_tokens_per_minute: 60,
+                ..Limits::default()
+            }
+        );
+        for key in [
+            "tasks_per_minute",
+            "task_burst",
+            "access_tokens_per_minute",
+            "access_token_burst",
+        ] {
+            check(
+                &format!("[limits]\n{key} = 0"),
+                Some(&format!("limits.{key} must be 1 to")),
+            );
+        }
+        check(
+            "[limits]\ntasks_per_minute = 60000000\naccess_token_burst = 1000000",
+            None,
+        );
+        check(
+            "[limits]\ntasks_per_minute = 60000001",
+            Some("limits.tasks_per_minute must be 1 to 60000000"),
+        );
+        check(
+            "[limits]\naccess_token_burst = 1000001",
+            Some("limits.access_token_burst must be 1 to 1000000"),
+        );
+        check("[limits]\ntasks_per_second = 5", Some("unknown field"));
+        check("[limits]\ntask_burst = -1", Some("invalid value"));
+    }
+
     #[test]
     fn an_invalid_file_is_named() {
         let dir = tempfile::tempdir().unwrap();

@@ -556,6 +556,14 @@ pub enum Replay {
     Full,
 }
 
+/// A proof's place in a [`ReplayCache`]: the first half of its replay id.
+fn replay_key(proof: &Proof) -> u128 {
+    let id = proof.replay_id();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(id.get(..16).unwrap_or(&[0; 16]));
+    u128::from_be_bytes(first)
+}
+
 impl ReplayCache {
     /// A cache of at most `capacity` proofs.
     #[must_use]
@@ -585,12 +593,7 @@ impl ReplayCache {
             wall: check.now,
             mono,
         };
-        let key = {
-            let id = proof.replay_id();
-            let mut first = [0u8; 16];
-            first.copy_from_slice(id.get(..16).unwrap_or(&[0; 16]));
-            u128::from_be_bytes(first)
-        };
+        let key = replay_key(proof);
         let owner = {
             let d = digest(&SHA256, proof.jkt.as_bytes());
             let mut first = [0u8; 8];
@@ -626,6 +629,24 @@ impl ReplayCache {
         }
         *seen.per_key.entry(owner).or_default() += 1;
         Ok(())
+    }
+
+    /// Whether `proof` was taken before and is still remembered, changing
+    /// nothing: for a caller that must know before it charges the
+    /// request to anyone (a replayed request is no one's).
+    #[must_use]
+    pub fn seen(&self, proof: &Proof, check: &ProofCheck<'_>) -> bool {
+        let now = Now {
+            wall: check.now,
+            mono: self.started.elapsed().as_secs(),
+        };
+        let seen = match self.seen.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        seen.until
+            .get(&replay_key(proof))
+            .is_some_and(|k| k.live(now))
     }
 
     /// How many proofs are held.

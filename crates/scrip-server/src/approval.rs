@@ -589,6 +589,13 @@ pub(crate) async fn poll(
         return Err(unknown());
     }
     // The poller is authenticated: its proof may now be recorded (spent).
+    // An unbound task's proof matters only to the token an approved step's
+    // collection binds to its key: spent only then, so that polls which
+    // collect nothing write nothing (a proof by a fresh key at each poll
+    // would otherwise cost a commit, and a place in the replay memory,
+    // a request). A bound task's is spent at every poll (below).
+    let binding =
+        binding.filter(|_| claims.cnf.is_some() || approval.state == ApprovalState::Approved);
     let cnf = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)
         .and_then(|()| binding.map(|b| b.spend(st)).transpose());
     if let Err(e) = cnf {
@@ -631,6 +638,18 @@ pub(crate) async fn poll(
         }
         ApprovalState::Pending if now >= approval.expires_at => {
             Err(OAuthError::expired_token(UNDECIDED))
+        }
+        // Expired before its time because its task ended: said so, as
+        // while it waited.
+        ApprovalState::Expired
+            if now < approval.expires_at
+                && crate::exchange::active_task(st, &claims, now)
+                    .await?
+                    .is_none() =>
+        {
+            let asked = crate::exchange::Asked::step(&approval);
+            let e = OAuthError::invalid_grant(TASK_ENDED);
+            Err(crate::exchange::refuse_ended(st, &claims, "token.refused", asked, peer, e).await)
         }
         // Taken out of the waiting steps early by a denial that answers it
         // (`expire_answered`): until its time it answers as a waiting step
@@ -893,7 +912,15 @@ async fn issue(
     a.decision = Some("allow".into());
     a.policies = policies;
     a.jti = Some(jti.clone());
-    a.reason = Some(format!("approved by {approver}"));
+    a.reason = Some(format!(
+        "auth_req_id {} approved by {approver}{}",
+        approval.id,
+        access
+            .cnf
+            .as_ref()
+            .map(|c| format!(", bound to DPoP key {}", c.jkt))
+            .unwrap_or_default()
+    ));
     // Two polls racing for one approval: only the one whose update applies
     // commits (its audit record with it) and hands out the token; nothing
     // once the task's end is committed.
@@ -1252,7 +1279,8 @@ async fn decide_endpoint(
         a.tool = Some(approval.tool.clone());
         a.actions = Some(approval.actions.clone());
         a.reason = Some(format!(
-            "{} by {} ({} {}){}",
+            "auth_req_id {} {} by {} ({} {}){}",
+            approval.id,
             if approve { "approved" } else { "denied" },
             approver.name,
             who.issuer,
@@ -1570,9 +1598,26 @@ const ABOUT_READS: Duration = Duration::from_secs(5);
 /// Marks expired approvals, pending or approved and never collected, and
 /// audits them (run by the sweeper).
 pub(crate) async fn expire(st: &Inner, now: u64) {
-    let Ok(due) = st.store.expired_approvals(now, 500).await else {
-        return;
-    };
+    if let Ok(due) = st.store.expired_approvals(now, 500).await {
+        expire_these(st, now, due, false).await;
+    }
+}
+
+/// Marks expired, before their time, the approvals whose task has ended:
+/// nobody may decide or collect them (run by the sweeper every
+/// [`ORPHANS_EVERY`] seconds: the read walks every live step).
+pub(crate) async fn expire_orphans(st: &Inner, now: u64) {
+    if let Ok(due) = st.store.orphaned_approvals(now, 500).await {
+        expire_these(st, now, due, true).await;
+    }
+}
+
+/// How often, in seconds, the steps of ended tasks are expired.
+pub(crate) const ORPHANS_EVERY: u64 = 5;
+
+/// Marks `due` expired and audits each, `orphaned` when their tasks ended
+/// before their time.
+async fn expire_these(st: &Inner, now: u64, due: Vec<Approval>, orphaned: bool) {
     if due.is_empty() {
         return;
     }
@@ -1619,13 +1664,18 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
         a.task_id = Some(ap.task_id.clone());
         a.tool = Some(ap.tool.clone());
         a.actions = Some(ap.actions.clone());
+        let why = if orphaned {
+            "before its task ended"
+        } else {
+            "in time"
+        };
         a.reason = Some(if ap.state == ApprovalState::Approved {
             format!(
-                "auth_req_id {} was approved, but its token was not collected in time",
+                "auth_req_id {} was approved, but its token was not collected {why}",
                 ap.id
             )
         } else {
-            format!("auth_req_id {} was not decided in time", ap.id)
+            format!("auth_req_id {} was not decided {why}", ap.id)
         });
         writes.push(Write::Audit(Box::new(a)));
         pairs.push(writes);

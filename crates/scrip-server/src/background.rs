@@ -100,6 +100,9 @@ async fn upkeep_loop(state: AppState) {
         ticks += 1;
         let now = now();
         crate::approval::expire(st, now).await;
+        if ticks.is_multiple_of(crate::approval::ORPHANS_EVERY) {
+            crate::approval::expire_orphans(st, now).await;
+        }
         // Kept a while past their time (`clock_skew`, at least a minute):
         // another replica, or `scrip proxy`, whose clock is behind this
         // one's still accepts the tokens, and a single use claimed must

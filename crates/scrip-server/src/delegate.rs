@@ -79,18 +79,7 @@ pub(crate) async fn delegate(
         let mut a = st.task_audit("task.refused", task);
         a.decision = Some("deny".into());
         // Only a scope of configured grants: other text may be a secret.
-        a.actions = form
-            .get("scope")
-            .filter(|s| {
-                GrantSet::parse(s).is_ok_and(|grants| {
-                    grants.iter().all(|g| {
-                        st.config
-                            .tool(g.tool.as_str())
-                            .is_some_and(|t| t.actions.contains(&g.action))
-                    })
-                })
-            })
-            .map(short);
+        a.actions = crate::exchange::configured_grants(st, form);
         a.reason = Some(format!("delegation{to}: {}", e.description));
         a.client = Some(peer.to_string());
         Err::<Response, OAuthError>(st.refusal_recorded(a, e).await)
@@ -101,8 +90,21 @@ pub(crate) async fn delegate(
     // the parent's, and is spent: a proof is accepted once, whatever the
     // grant. The child is bound to the key `dpop_jkt` names, the
     // sub-agent's.
-    if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding) {
+    if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)
+        .and_then(|()| binding.map_or(Ok(()), |b| b.unspent(st)))
+    {
         return refuse(e, String::new()).await;
+    }
+    // The pace of the parent's holder (who asks), before the actor's
+    // identity is verified; not for a replayed request (refused above).
+    let holder = crate::limits::holder(task);
+    if let Err(r) = st.limits.tasks.take(holder.0, holder.1) {
+        let mut a = st.task_audit("task.refused", task);
+        a.actions = crate::exchange::configured_grants(st, form);
+        a.client = Some(peer.to_string());
+        a.reason = Some("delegation: ".into());
+        let e = r.error("tasks", "tasks_per_minute");
+        return Err(st.refusal_over_pace(holder, a, e).await);
     }
     let actor = match st.identities.verify(actor_token).await {
         Ok(a) => a,

@@ -20,6 +20,8 @@ pub struct OAuthError {
     /// Whether a 401's `WWW-Authenticate` challenge names the error: not
     /// when the request carried no credentials (RFC 6750 §3.1).
     pub challenge_names_error: bool,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 fn lowercase_first(s: String) -> String {
@@ -62,6 +64,16 @@ impl OAuthError {
             code,
             description: printable(&lowercase_first(description.into())),
             challenge_names_error: true,
+            retry_after: None,
+        }
+    }
+
+    /// `temporarily_unavailable` (429) with `Retry-After`: the caller asked
+    /// faster than `[limits]` allows; nothing was issued.
+    pub fn too_many(d: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", d)
         }
     }
 
@@ -219,6 +231,9 @@ impl IntoResponse for OAuthError {
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if let Some(after) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             let value = if self.challenge_names_error {
                 format!("Bearer realm=\"scrip\", error=\"{}\"", self.code)

@@ -99,6 +99,19 @@ impl Binding {
         token_check(&self.url, self.now, self.leeway)
     }
 
+    /// Refuses a proof this process took before, changing nothing: checked
+    /// before a request is charged to an identity's `[limits]`, so that a
+    /// captured request replayed spends nobody's pace.
+    pub(crate) fn unspent(&self, st: &Inner) -> Result<(), OAuthError> {
+        if st.dpop_proofs.seen(&self.proof, &self.check()) {
+            return Err(OAuthError::invalid_dpop_proof(format!(
+                "the {}",
+                dpop::Replay::Used
+            )));
+        }
+        Ok(())
+    }
+
     /// Records the proof as used, refusing one seen before, and gives the
     /// confirmation claim of the token it binds.
     pub(crate) fn spend(&self, st: &Inner) -> Result<Confirmation, OAuthError> {
@@ -547,6 +560,22 @@ async fn start_task(
         .verify(subject_token)
         .await
         .map_err(identity_error)?;
+    // One identity's pace, before anything of the request is weighed (but
+    // a replayed request, which is nobody's).
+    if let Some(b) = binding {
+        b.unspent(st)?;
+    }
+    if let Err(r) = st.limits.tasks.take(&agent.issuer, &agent.subject) {
+        let mut a = st.audit("task.refused");
+        a.agent_iss = Some(agent.issuer.clone());
+        a.agent_sub = Some(agent.subject.clone());
+        a.client = Some(peer.to_string());
+        a.actions = configured_grants(st, form);
+        a.reason = Some("task start: ".into());
+        let who = (agent.issuer.as_str(), agent.subject.as_str());
+        let e = r.error("tasks", "tasks_per_minute");
+        return Err(st.refusal_over_pace(who, a, e).await);
+    }
     let scope = form.get("scope").ok_or_else(|| {
         OAuthError::invalid_scope(
             "parameter `scope` is required: the grants the task asks for, as `tool:action`",
@@ -705,6 +734,23 @@ async fn start_task(
     ))
 }
 
+/// The request's `scope`, shortened, when it names only configured grants
+/// (`tool:action`), for a record: any other text may be a secret in the
+/// wrong place.
+pub(crate) fn configured_grants(st: &Inner, form: &Form) -> Option<String> {
+    form.get("scope")
+        .filter(|s| {
+            GrantSet::parse(s).is_ok_and(|grants| {
+                grants.iter().all(|g| {
+                    st.config
+                        .tool(g.tool.as_str())
+                        .is_some_and(|t| t.actions.contains(&g.action))
+                })
+            })
+        })
+        .map(crate::form::short)
+}
+
 fn target_tool<'a>(st: &'a Inner, form: &Form) -> Result<&'a Tool, OAuthError> {
     if let Some(which) = form.repeated_target() {
         return Err(OAuthError::invalid_target(format!(
@@ -858,9 +904,22 @@ async fn access_token(
     // A bound task's token without its key is most likely stolen: refused,
     // and on the record. So is one whose proof was used before (a replayed
     // request).
-    let cnf = match check_task_binding(claims.cnf.as_ref(), binding)
-        .and_then(|()| binding.map(|b| b.spend(st)).transpose())
+    if let Err(e) = check_task_binding(claims.cnf.as_ref(), binding)
+        .and_then(|()| binding.map_or(Ok(()), |b| b.unspent(st)))
     {
+        return refuse(asked_tool(), None, e).await;
+    }
+    // The holder's pace: a thief without a bound task's key, or replaying
+    // a request, is refused above, and spends none of it.
+    let holder = crate::limits::holder(&task);
+    if let Err(r) = st.limits.access_tokens.take(holder.0, holder.1) {
+        let mut a = base.clone();
+        a.event = "token.refused".into();
+        a.tool = asked_tool();
+        let e = r.error("access tokens", "access_tokens_per_minute");
+        return Err(st.refusal_over_pace(holder, a, e).await);
+    }
+    let cnf = match binding.map(|b| b.spend(st)).transpose() {
         Ok(cnf) => cnf,
         Err(e) => return refuse(asked_tool(), None, e).await,
     };
@@ -1060,6 +1119,15 @@ async fn access_token(
                 .map(|(action, d, _)| format!("{action}: {}", d.reason))
                 .collect::<Vec<_>>()
                 .join("; "),
+        });
+    }
+    // Whether the token is any use without its key, for whoever finds it.
+    if let Some(c) = access.cnf.as_ref() {
+        let decided = issued.reason.take().unwrap_or_default();
+        issued.reason = Some(if decided.is_empty() {
+            format!("bound to DPoP key {}", c.jkt)
+        } else {
+            format!("{decided}; bound to DPoP key {}", c.jkt)
         });
     }
     // The decisions' own records, kept should the task have ended.

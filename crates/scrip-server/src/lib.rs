@@ -26,6 +26,7 @@ pub mod http;
 mod introspect;
 pub mod keyring;
 pub mod keys;
+mod limits;
 mod logs;
 pub mod policies;
 mod refusals;
@@ -292,6 +293,7 @@ impl Server {
             keyring,
             polls: approval::Polls::default(),
             refusals: Arc::default(),
+            limits: limits::Limits::new(&config.limits),
             dpop_proofs: scrip_jose::dpop::ReplayCache::new(exchange::DPOP_PROOFS),
             used_once: std::sync::Mutex::new(std::collections::HashMap::new()),
             announced: std::sync::Mutex::new(std::collections::HashMap::new()),

@@ -4,7 +4,8 @@
 //! approved step's collection refused, a process the attestation socket
 //! does not serve. Each is recorded before
 //! it is answered, up to [`PER_SECOND`] a second for one task (or one
-//! uid at the attestation socket) in this process; the rest of that
+//! uid at the attestation socket, or one identity past its `[limits]`) in
+//! this process; the rest of that
 //! second's are answered at once, counted, and recorded once the second
 //! ends (or the server stops): one record per task, event, tool, actions
 //! and kind (the error and the client's address; the executable and gid at
@@ -194,6 +195,9 @@ fn count_record(c: &Count) -> Write {
     r.at_ms = now_ms();
     let per = if r.event == "identity.attest" {
         "uid"
+    } else if c.budget.starts_with("identity ") {
+        // Past `[limits]`: charged to the identity (`refusal_over_pace`).
+        "identity"
     } else {
         "task"
     };

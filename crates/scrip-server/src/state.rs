@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     pub polls: crate::approval::Polls,
     /// Refusals recorded this second, and those counted past the budget.
     pub refusals: Arc<crate::refusals::Refusals>,
+    /// How fast one identity may ask for tasks and access tokens.
+    pub limits: crate::limits::Limits,
     /// DPoP proofs accepted at the token endpoint, each accepted once.
     pub dpop_proofs: scrip_jose::dpop::ReplayCache,
     /// The approval webhook, when one is configured.
@@ -370,6 +372,34 @@ impl Inner {
             record.agent_iss.as_deref().unwrap_or_default(),
             record.agent_sub.as_deref().unwrap_or_default()
         );
+        self.refusal_charged(&key, record, err).await
+    }
+
+    /// Records `record`, a request refused by `[limits]`, charged to the
+    /// identity limited (`issuer`, `subject`) rather than to its task: one
+    /// identity holding a thousand tasks records no more refusals a second
+    /// than one holding one. The reason names that identity (shortened).
+    pub async fn refusal_over_pace(
+        &self,
+        (issuer, subject): (&str, &str),
+        mut record: AuditEvent,
+        err: OAuthError,
+    ) -> OAuthError {
+        let key = format!("identity {issuer}\n{subject}");
+        record.decision = Some("deny".into());
+        record.reason = Some(format!(
+            "{}charged to {} ({}): {}",
+            record.reason.take().unwrap_or_default(),
+            crate::form::short(subject),
+            crate::form::short(issuer),
+            err.description
+        ));
+        self.refusal_charged(&key, record, err).await
+    }
+
+    /// Records `record`, a refusal charged to `key`, counted apart by the
+    /// error and the client's address.
+    async fn refusal_charged(&self, key: &str, record: AuditEvent, err: OAuthError) -> OAuthError {
         // The address, not the port: a client's every connection has
         // another.
         let client = record
@@ -379,7 +409,7 @@ impl Inner {
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
         let kind = format!("{}\n{client}", err.code);
-        match self.record_refusal(&key, &kind, record).await {
+        match self.record_refusal(key, &kind, record).await {
             Ok(()) => err,
             Err(e) => e.into(),
         }

@@ -2752,6 +2752,62 @@ async fn approving_a_step_of_an_ended_task_is_a_conflict() {
     s.stop().await;
 }
 
+/// A step, waiting or approved, expires soon after its task ends (within
+/// the upkeep's five seconds), not at its own time: nobody may decide or collect
+/// it, and left waiting it would count in every approval's reads. The
+/// record says why; the agent polling still hears that its task ended.
+#[tokio::test]
+async fn a_step_of_an_ended_task_expires_at_once_and_says_why() {
+    let s = server().await;
+    let task = prod_task_with(&s, "github:read github:delete").await;
+    let waiting = pending(&s, &task).await;
+    let approved = pending_step(&s, &task, "github", "delete read").await;
+    assert_eq!(
+        approve(&s, &approved, Some(&alice_id(&s))).await.status,
+        200
+    );
+    assert_eq!(s.revoke(&task).await.status, 200);
+    let expired = |audit: &[scrip_store::AuditEvent], id: &str| {
+        audit
+            .iter()
+            .filter(|a| {
+                a.event == "approval.expired" && a.reason.as_deref().is_some_and(|r| r.contains(id))
+            })
+            .filter_map(|a| a.reason.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut audit = Vec::new();
+    for _ in 0..300 {
+        audit = s.audit().await;
+        if !expired(&audit, &waiting).is_empty() && !expired(&audit, &approved).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        expired(&audit, &waiting),
+        [format!(
+            "auth_req_id {waiting} was not decided before its task ended"
+        )]
+    );
+    assert_eq!(
+        expired(&audit, &approved),
+        [format!(
+            "auth_req_id {approved} was approved, but its token was not collected before its task ended"
+        )]
+    );
+    for id in [&waiting, &approved] {
+        let r = poll(&s, &task, id).await;
+        r.assert_error(400, "invalid_grant");
+        assert!(
+            r.text.contains("the task that asked has ended"),
+            "{}",
+            r.text
+        );
+    }
+    s.stop().await;
+}
+
 /// A step approved before its task ended is not issued, and the poll says
 /// so as for a pending one.
 #[tokio::test]
@@ -2806,6 +2862,83 @@ async fn the_approved_token_is_bound_to_the_key_of_the_polls_proof() {
     assert_eq!(c["cnf"]["jkt"], key.jkt());
     assert_eq!(c["approval"]["single_use"], true);
     s.stop().await;
+}
+
+/// An unbound task's polls spend their DPoP proofs only when they collect:
+/// a proof by a fresh key at each poll of a waiting step writes nothing
+/// (no commit, no place in the replay memory), and the collection binds
+/// the token to its proof's key, spent once.
+#[tokio::test]
+async fn an_unbound_tasks_polls_spend_no_proof_until_they_collect() {
+    use scrip_testkit::dpop::DpopKey;
+    let s = server().await;
+    let task = prod_task(&s).await;
+    let id = pending(&s, &task).await;
+    let form = [
+        ("grant_type", CIBA),
+        ("auth_req_id", id.as_str()),
+        ("subject_token", task.as_str()),
+    ];
+    let url = format!("{}/token", s.url);
+    let proofs = || async {
+        let db = store_db(&s).await;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dpop_proofs")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        n
+    };
+    for _ in 0..3 {
+        let key = DpopKey::new();
+        let r = s
+            .caller()
+            .post_form_with("/token", &form, &[("DPoP", &key.proof("POST", &url, None))])
+            .await;
+        assert!(
+            matches!(
+                r.body["error"].as_str(),
+                Some("authorization_pending" | "slow_down")
+            ),
+            "{}",
+            r.text
+        );
+    }
+    assert_eq!(proofs().await, 0);
+    assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    let key = DpopKey::new();
+    let proof = key.proof("POST", &url, None);
+    let r = s
+        .caller()
+        .post_form_with("/token", &form, &[("DPoP", &proof)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
+    assert_eq!(c["cnf"]["jkt"], key.jkt());
+    assert_eq!(proofs().await, 1);
+    // The records follow the step by its id to the token's `jti`, bound.
+    let audit = s.stop_then_audit().await;
+    let of = |event: &str| {
+        audit
+            .iter()
+            .find(|a| a.event == event && a.decision.is_some())
+            .unwrap_or_else(|| panic!("no {event}: {audit:#?}"))
+    };
+    assert_eq!(
+        of("approval.granted").reason.as_deref(),
+        Some(format!("auth_req_id {id} approved by alice ({K8S_ISSUER} system:serviceaccount:people:alice)").as_str())
+    );
+    let used = of("approval.used");
+    assert_eq!(
+        used.reason.as_deref(),
+        Some(
+            format!(
+                "auth_req_id {id} approved by alice, bound to DPoP key {}",
+                key.jkt()
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(used.jti.as_deref(), c["jti"].as_str());
 }
 
 /// Configurations that start but let more in than they seem to are warned

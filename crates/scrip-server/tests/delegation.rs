@@ -1295,7 +1295,13 @@ async fn ending_a_child_leaves_the_parent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delegation_racing_the_parents_end_leaves_no_live_child() {
-    let s = TestServer::start().await;
+    // 248 tasks from one agent at once: past the default burst of
+    // `[limits]`, which is not what this tests.
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(|c| c.limits.task_burst = 1_000)),
+        ..Options::default()
+    })
+    .await;
     for round in 0..8 {
         let parent = root(&s, "github:read", None).await;
         let actor = actor1(&s);
@@ -1356,4 +1362,147 @@ async fn a_delegation_racing_the_parents_end_leaves_no_live_child() {
         }
     }
     s.stop().await;
+}
+
+/// `[limits]`: each workload identity asks for tasks and for access tokens
+/// at its own pace, charged to whoever asks (a task start to its agent, a
+/// delegation or an access token to the task's current sub-agent, else its
+/// agent), per issuer and subject. Past it: 429 `temporarily_unavailable`
+/// with `Retry-After`, nothing issued, and the refusal on the record.
+#[tokio::test]
+async fn each_identity_asks_for_tasks_and_tokens_at_its_own_pace() {
+    let edit: ConfigEdit = Box::new(|c| {
+        c.limits = scrip_config::Limits {
+            tasks_per_minute: 1,
+            task_burst: 3,
+            access_tokens_per_minute: 1,
+            access_token_burst: 2,
+        };
+    });
+    let s = TestServer::start_with(permissive(Some(edit))).await;
+    let throttled = |r: &Reply, key: &str| {
+        r.assert_error(429, "temporarily_unavailable");
+        let d = r.body["error_description"].as_str().unwrap();
+        assert!(d.contains(&format!("`[limits] {key}`")), "{d}");
+        let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((50..=60).contains(&after), "{after}");
+        assert!(r.body.get("access_token").is_none(), "{}", r.text);
+    };
+    // The agent's three: two tasks and a delegation.
+    let root1 = root(&s, "github:read", None).await;
+    root(&s, "github:read", None).await;
+    let child = child_of(&s, &root1, &actor1(&s), None).await;
+    let coder = s.k8s.kubernetes("agents", "coder");
+    let r = s
+        .try_start_task(&coder, "github:read", "dev", "one too many", None)
+        .await;
+    throttled(&r, "tasks_per_minute");
+    throttled(
+        &delegate(&s, &root1, &actor2(&s), None, None).await,
+        "tasks_per_minute",
+    );
+    // Another agent, and the agent's subject at another issuer, are
+    // other identities.
+    s.start_task(
+        &s.k8s.kubernetes("agents", "other"),
+        "github:read",
+        "dev",
+        "its own pace",
+    )
+    .await;
+    let twin = s.github.sign(&s.github.claims(AGENT));
+    s.start_task(&twin, "github:read", "dev", "same name, other issuer")
+        .await;
+    // The sub-agent delegates on its own pace, though its agent's is spent.
+    child_of(&s, &child, &actor2(&s), None).await;
+    // Access tokens: the sub-agent's two, then its agent's own two.
+    for _ in 0..2 {
+        access(&s, &child, "github", None).await;
+    }
+    throttled(
+        &s.access_token(&child, "github", None).await,
+        "access_tokens_per_minute",
+    );
+    for _ in 0..2 {
+        access(&s, &root1, "github", None).await;
+    }
+    throttled(
+        &s.access_token(&root1, "github", None).await,
+        "access_tokens_per_minute",
+    );
+    let audit = s.stop_then_audit().await;
+    let refused = |event: &str, key: &str| {
+        audit
+            .iter()
+            .filter(|a| {
+                a.event == event
+                    && a.decision.as_deref() == Some("deny")
+                    && a.reason.as_deref().is_some_and(|r| r.contains(key))
+            })
+            .map(|a| a.agent_sub.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        refused("task.refused", "tasks_per_minute"),
+        [AGENT, AGENT],
+        "{audit:#?}"
+    );
+    assert_eq!(
+        refused("token.refused", "access_tokens_per_minute").len(),
+        2,
+        "{audit:#?}"
+    );
+    assert_eq!(
+        audit.iter().filter(|a| a.event == "token.issued").count(),
+        4
+    );
+}
+
+/// Refusals past `[limits]` are recorded within one budget for the
+/// identity, however many tasks it holds: up to ten a second one by one,
+/// the rest counted (a budget per task would record ten a second for each).
+#[tokio::test]
+async fn an_identitys_refusals_past_its_pace_share_one_budget() {
+    let edit: ConfigEdit = Box::new(|c| {
+        c.limits.access_tokens_per_minute = 1;
+        c.limits.access_token_burst = 3;
+    });
+    let s = TestServer::start_with(permissive(Some(edit))).await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(root(&s, "github:read", None).await);
+    }
+    for t in &tasks {
+        access(&s, t, "github", None).await;
+    }
+    let mut tries = 0;
+    for _ in 0..20 {
+        for t in &tasks {
+            s.access_token(t, "github", None)
+                .await
+                .assert_error(429, "temporarily_unavailable");
+            tries += 1;
+        }
+    }
+    let audit = s.stop_then_audit().await;
+    let refused: Vec<_> = audit
+        .into_iter()
+        .filter(|a| a.event == "token.refused")
+        .collect();
+    assert!(
+        refused.iter().all(|a| a
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("charged to {AGENT} ({K8S_ISSUER}): ")))),
+        "{refused:#?}"
+    );
+    assert!(
+        refused.iter().filter_map(count_of).count() > 0
+            && refused
+                .iter()
+                .filter_map(|a| a.reason.as_deref())
+                .any(|r| r.contains("a second for one identity")),
+        "{refused:#?}"
+    );
+    assert_counted_past_the_budget(&refused, tries);
 }

@@ -42,6 +42,15 @@ async fn a_proof_binds_the_access_token_to_its_key() {
     let token = r.body["access_token"].as_str().unwrap().to_owned();
     let (_, claims) = decode_parts(&token);
     assert_eq!(claims["cnf"], json!({ "jkt": key.jkt() }));
+    // Its record says it is no use without that key.
+    let issued = s.audit().await;
+    let issued = issued.iter().find(|a| a.event == "token.issued").unwrap();
+    let reason = issued.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.ends_with(&format!("; bound to DPoP key {}", key.jkt()))
+            && reason.starts_with("permitted by "),
+        "{reason}"
+    );
 
     // Introspection names the key (RFC 9449 §6.2).
     let i = s.introspect(&token).await;
@@ -684,5 +693,84 @@ forbid (principal, action, resource) when { context.delegation_depth > 0 } unles
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
+/// A captured request replayed spends nobody's `[limits]` pace: the proof
+/// is refused as used before the request is charged, for an access token
+/// and for a task start; a thief without a bound task's key spends none of
+/// it either.
+#[tokio::test]
+async fn a_replayed_request_spends_nobodys_pace() {
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(|c| {
+            c.limits = scrip_config::Limits {
+                tasks_per_minute: 1,
+                task_burst: 2,
+                access_tokens_per_minute: 1,
+                access_token_burst: 2,
+            };
+        })),
+        ..Options::default()
+    })
+    .await;
+    let token_url = format!("{}/token", s.url);
+    let (key, thief) = (DpopKey::new(), DpopKey::new());
+    let details = json!({ "purpose": "bound", "environment": "dev" }).to_string();
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let start = start_form(&identity, "github:read", &details);
+    let captured = key.proof("POST", &token_url, None);
+    let r = post(&s, &start, &[&captured]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let task = r.body["access_token"].as_str().unwrap().to_owned();
+    for _ in 0..5 {
+        let r = post(&s, &start, &[&captured]).await;
+        r.assert_error(400, "invalid_dpop_proof");
+        assert!(r.text.contains("used before"), "{}", r.text);
+    }
+    // The agent's second task start is still within its burst of two.
+    let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let captured = key.proof("POST", &token_url, None);
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&captured])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for _ in 0..5 {
+        let r = s
+            .access_token_dpop(&task, "github", Some("read"), &[&captured])
+            .await;
+        r.assert_error(400, "invalid_dpop_proof");
+        let r = s
+            .access_token_dpop(
+                &task,
+                "github",
+                Some("read"),
+                &[&thief.proof("POST", &token_url, None)],
+            )
+            .await;
+        r.assert_error(400, "invalid_dpop_proof");
+    }
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Then the pace, for the agent's own requests.
+    let r = s
+        .access_token_dpop(
+            &task,
+            "github",
+            Some("read"),
+            &[&key.proof("POST", &token_url, None)],
+        )
+        .await;
+    r.assert_error(429, "temporarily_unavailable");
+    let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
+    r.assert_error(429, "temporarily_unavailable");
     s.stop().await;
 }

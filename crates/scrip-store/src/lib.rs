@@ -247,6 +247,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// and never collected.
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
 
+    /// Approvals still pending, or approved and never collected, not yet at
+    /// their expiry, whose task has ended (or reached its deadline): nobody
+    /// may decide or collect them, and left until their own expiry they
+    /// would pile up behind an agent that asks and ends task after task,
+    /// for every approval's count to read. Reads every such live step (no
+    /// index holds its task's end): call it every few seconds, not at
+    /// every tick.
+    async fn orphaned_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError>;
+
     /// Revocations after `after` that have not expired at `now`, in order.
     async fn revocations(
         &self,

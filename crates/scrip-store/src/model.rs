@@ -184,6 +184,13 @@ pub struct AuditFilter {
     pub actor: Option<String>,
     /// Only this decision (`allow` or `deny`).
     pub decision: Option<String>,
+    /// Only this event (`token.issued`). No index holds it: bound the
+    /// records read with another condition, a time above all.
+    pub event: Option<String>,
+    /// Only records naming this `jti` (a token's: its issue, uses,
+    /// introspections, revocation; a key's id for key records). No index
+    /// holds it either.
+    pub jti: Option<String>,
     /// Only records at or after this time (ms since the epoch).
     pub since_ms: Option<u64>,
     /// Only records before this time (ms since the epoch).

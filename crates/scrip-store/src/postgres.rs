@@ -30,7 +30,9 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::watch;
 
 use crate::chain::ChainState;
-use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
+use crate::rows::{
+    self, approval_columns, key_columns, orphaned_where, task_columns, to_i64, unavailable,
+};
 use crate::schema::Schema;
 use crate::writer::{Apply, Changes, Writer};
 use crate::{
@@ -2089,16 +2091,29 @@ impl Store for PgStore {
     }
 
     async fn expired_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
-        let rows = read!(self.reads, TIMEOUT, |c|
-            sqlx::query(concat!(
-                "SELECT ",
-                approval_columns!(),
-                " FROM approvals WHERE state IN ('pending', 'approved') AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2",
-            ))
-            .bind(to_i64(now))
-            .bind(i64::from(limit))
-            .fetch_all(c)
-        )
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE state IN ('pending', 'approved') AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2",
+        ))
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(c))
+        .await?;
+        rows.iter().map(rows::approval).collect()
+    }
+
+    async fn orphaned_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
+        let rows = read!(self.reads, TIMEOUT, |c| sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE ",
+            orphaned_where!("$1"),
+            " ORDER BY expires_at, id LIMIT $2",
+        ))
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(c))
         .await?;
         rows.iter().map(rows::approval).collect()
     }

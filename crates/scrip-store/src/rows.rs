@@ -167,6 +167,25 @@ macro_rules! approval_columns {
     };
 }
 
+/// The condition of [`crate::Store::orphaned_approvals`], `now` written
+/// as the placeholder given: a step still pending, or approved and not
+/// collected, not yet at its expiry, whose task has ended or reached its
+/// deadline. The steps are read by state through the approvals index, and
+/// each one's task by its key; those past their expiry are
+/// [`crate::Store::expired_approvals`]'.
+macro_rules! orphaned_where {
+    ($now:literal) => {
+        concat!(
+            "state IN ('pending', 'approved') AND expires_at > ",
+            $now,
+            " AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = approvals.task_id \
+             AND (t.ended_at IS NOT NULL OR t.expires_at <= ",
+            $now,
+            "))"
+        )
+    };
+}
+
 /// [`crate::Store::agent_denials`]: since, tool, issuer, subject, limit. A
 /// person decides a step before it expires, and an approved step is
 /// overruled by a denial when it is collected, before it expires too,
@@ -189,7 +208,7 @@ macro_rules! key_columns {
         "kid, purpose, alg, public_jwk, sealed, created_at, active_at, retired_at, publish_until"
     };
 }
-pub(crate) use {approval_columns, key_columns, task_columns};
+pub(crate) use {approval_columns, key_columns, orphaned_where, task_columns};
 
 /// The `(kid, active_at)` of every key of one purpose, for
 /// [`refuse_unless_newest`].
@@ -550,6 +569,8 @@ pub(crate) fn audit_query(
         ("agent_iss =", &filter.agent_iss),
         ("tool =", &filter.tool),
         ("decision =", &filter.decision),
+        ("event =", &filter.event),
+        ("jti =", &filter.jti),
     ] {
         if let Some(v) = value {
             and(column, Arg::Text(v.clone()));

@@ -19,7 +19,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions as _, Connection as _};
 
-use crate::rows::{self, approval_columns, key_columns, task_columns, to_i64, unavailable};
+use crate::rows::{
+    self, approval_columns, key_columns, orphaned_where, task_columns, to_i64, unavailable,
+};
 use crate::schema::Schema;
 use crate::sqlite_reads::PointReads;
 use crate::sqlite_writer::SqliteWriter;
@@ -477,6 +479,22 @@ impl Store for SqliteStore {
             "SELECT ",
             approval_columns!(),
             " FROM approvals WHERE state IN ('pending', 'approved') AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+        ))
+        .bind(to_i64(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(rows::approval).collect()
+    }
+
+    async fn orphaned_approvals(&self, now: u64, limit: u32) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            approval_columns!(),
+            " FROM approvals WHERE ",
+            orphaned_where!("?1"),
+            " ORDER BY expires_at, id LIMIT ?2",
         ))
         .bind(to_i64(now))
         .bind(i64::from(limit))

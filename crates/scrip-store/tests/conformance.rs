@@ -1588,6 +1588,29 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         .map(|a| a.id)
         .collect();
     assert_eq!(expired, ["old"]);
+    // Steps before their time whose task has ended, or reached its
+    // deadline unended: nobody may decide them.
+    s.commit(vec![
+        Write::InsertTask(Box::new(task("t4", None, 1_500))),
+        Write::InsertApproval(Box::new(Approval {
+            task_id: "t4".into(),
+            ..approval("c1", 1_010, 3_000)
+        })),
+    ])
+    .await
+    .unwrap();
+    let orphaned = |at: u64| async move {
+        s.orphaned_approvals(at, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(orphaned(1_062).await, ["b1"]);
+    assert_eq!(orphaned(1_500).await, ["b1", "c1"]);
+    // Past its own time, a step is the other read's.
+    assert_eq!(orphaned(2_000).await, ["c1"]);
     assert_eq!(s.approval("nope").await.unwrap(), None);
     // A task's denials since a time, the latest first.
     s.commit(vec![Write::UpdateApproval {
@@ -1629,7 +1652,7 @@ async fn the_first_decision_on_an_approval_wins(f: Fixture) {
         .into_iter()
         .map(|a| a.id)
         .collect();
-    assert_eq!(expired, ["old", "b1"]);
+    assert_eq!(expired, ["old", "b1", "c1"]);
 }
 
 fn pending(id: &str, task_id: &str, actions: &str, created_at: u64) -> Approval {
@@ -2111,6 +2134,7 @@ async fn audit_queries_filter(f: Fixture) {
             ),
             task_id: Some(task.into()),
             tool: Some(tool.into()),
+            jti: Some(format!("jti-{i}")),
             // Sub-agents, the current one first.
             chain: match i {
                 1 => vec!["s1".into(), "s\"2 é".into()],
@@ -2121,7 +2145,59 @@ async fn audit_queries_filter(f: Fixture) {
             ..AuditEvent::default()
         })));
     }
+    // Another event, naming the first record's token.
+    writes.push(Write::Audit(Box::new(AuditEvent {
+        at_ms: 1_300,
+        event: "token.revoked".into(),
+        jti: Some("jti-0".into()),
+        replica: "test".into(),
+        ..AuditEvent::default()
+    })));
     s.commit(writes).await.unwrap();
+    let at = |filter: AuditFilter| async move {
+        s.audit(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.event, e.at_ms))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        at(AuditFilter {
+            jti: Some("jti-0".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [
+            ("token.issued".into(), 1_000),
+            ("token.revoked".into(), 1_300)
+        ]
+    );
+    assert_eq!(
+        at(AuditFilter {
+            event: Some("token.revoked".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [("token.revoked".into(), 1_300)]
+    );
+    assert_eq!(
+        at(AuditFilter {
+            event: Some("token.issued".into()),
+            jti: Some("jti-2".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        [("token.issued".into(), 1_200)]
+    );
+    assert!(
+        at(AuditFilter {
+            jti: Some("jti".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .is_empty()
+    );
     let acted_by = |actor: &str| AuditFilter {
         actor: Some(actor.into()),
         ..AuditFilter::default()
@@ -2222,7 +2298,7 @@ async fn audit_queries_filter(f: Fixture) {
         [1_100]
     );
     let all = s.audit(&AuditFilter::default()).await.unwrap();
-    assert_eq!(all.len(), 4);
+    assert_eq!(all.len(), 5);
     assert!(all.iter().all(|e| e.hash.is_some() && e.seq > 0));
     let after = s
         .audit(&AuditFilter {
