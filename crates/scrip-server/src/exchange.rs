@@ -58,9 +58,19 @@ pub async fn token_endpoint(
     match result {
         Ok(r) => r,
         Err(e) => {
+            // Requests past `[limits]` have a budget of their own: one
+            // runaway agent's flood of them does not crowd other refusals
+            // out of the log (the audit trail has each, within the
+            // refusal budget).
             static REFUSED: crate::logs::Budget = crate::logs::Budget::new(100);
-            if REFUSED.allow("token request refused") {
-                tracing::info!(error = e.code, description = %e.description, client = %peer, "token request refused");
+            static OVER_PACE: crate::logs::Budget = crate::logs::Budget::new(10);
+            let (budget, what) = if e.status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+                (&OVER_PACE, "token request past [limits]")
+            } else {
+                (&REFUSED, "token request refused")
+            };
+            if budget.allow(what) {
+                tracing::info!(error = e.code, description = %e.description, client = %peer, "{what}");
             }
             e.into_response()
         }

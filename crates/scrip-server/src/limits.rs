@@ -256,6 +256,9 @@ mod tests {
         assert_eq!(l.due.lock().unwrap().walk_after, SECOND + WALK_EVERY);
         // Those kept are refused for their own pace, then taken.
         assert!(!l.take_at(0, SECOND + 1).unwrap_err().full);
+        // A walk that frees nothing (all still owe) leaves the map to be
+        // walked again once it is full, not only at twice its bound.
+        assert!(l.take_at(n, SECOND + SECOND / 5).unwrap_err().full);
         // A second on, all have caught up: the map is walked and emptied,
         // and the new identity is taken.
         assert_eq!(l.take_at(n, 2 * SECOND), Ok(()));
