@@ -1270,7 +1270,6 @@ mod tests {
         );
     }
 
-    /// A loaded file's invalid value names the file, as a parse error does.
     /// `[limits]`: every key from 1 to its most, defaults when left out,
     /// no unknown key.
     #[test]
@@ -1316,6 +1315,7 @@ mod tests {
         check("[limits]\ntask_burst = -1", Some("invalid value"));
     }
 
+    /// A loaded file's invalid value names the file, as a parse error does.
     #[test]
     fn an_invalid_file_is_named() {
         let dir = tempfile::tempdir().unwrap();

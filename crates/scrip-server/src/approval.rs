@@ -1605,12 +1605,22 @@ pub(crate) async fn expire(st: &Inner, now: u64) {
 
 /// Marks expired, before their time, the approvals whose task has ended:
 /// nobody may decide or collect them (run by the sweeper every
-/// [`ORPHANS_EVERY`] seconds: the read walks every live step).
-pub(crate) async fn expire_orphans(st: &Inner, now: u64) {
-    if let Ok(due) = st.store.orphaned_approvals(now, 500).await {
-        expire_these(st, now, due, true).await;
+/// [`ORPHANS_EVERY`] seconds, the read walking every live step, and each
+/// second after a round that found [`ORPHANS_A_ROUND`]). Whether it found
+/// that many: more may be left.
+pub(crate) async fn expire_orphans(st: &Inner, now: u64) -> bool {
+    match st.store.orphaned_approvals(now, ORPHANS_A_ROUND).await {
+        Ok(due) => {
+            let full = due.len() >= ORPHANS_A_ROUND as usize;
+            expire_these(st, now, due, true).await;
+            full
+        }
+        Err(_) => false,
     }
 }
+
+/// The most steps of ended tasks one round expires.
+const ORPHANS_A_ROUND: u32 = 500;
 
 /// How often, in seconds, the steps of ended tasks are expired.
 pub(crate) const ORPHANS_EVERY: u64 = 5;

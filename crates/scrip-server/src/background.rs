@@ -90,18 +90,22 @@ async fn keys_loop(state: AppState) {
 }
 
 /// Every second: approval steps past their time expired, and revocations
-/// (and used DPoP proofs) past theirs purged.
+/// (and used DPoP proofs) past theirs purged; every five, the steps of
+/// tasks that ended expired (each second while a round finds its most).
 async fn upkeep_loop(state: AppState) {
     let st = &state.0;
     let mut ticks: u64 = 0;
     let mut purge_failing = false;
+    // A round of ended tasks' steps found as many as it takes: the next
+    // tick looks again.
+    let mut orphans_left = false;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ticks += 1;
         let now = now();
         crate::approval::expire(st, now).await;
-        if ticks.is_multiple_of(crate::approval::ORPHANS_EVERY) {
-            crate::approval::expire_orphans(st, now).await;
+        if orphans_left || ticks.is_multiple_of(crate::approval::ORPHANS_EVERY) {
+            orphans_left = crate::approval::expire_orphans(st, now).await;
         }
         // Kept a while past their time (`clock_skew`, at least a minute):
         // another replica, or `scrip proxy`, whose clock is behind this

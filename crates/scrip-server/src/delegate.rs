@@ -103,8 +103,9 @@ pub(crate) async fn delegate(
         a.actions = crate::exchange::configured_grants(st, form);
         a.client = Some(peer.to_string());
         a.reason = Some("delegation: ".into());
-        let e = r.error("tasks", "tasks_per_minute");
-        return Err(st.refusal_over_pace(holder, a, e).await);
+        return Err(st
+            .refusal_over_pace(holder, a, r, ("tasks", "tasks_per_minute"))
+            .await);
     }
     let actor = match st.identities.verify(actor_token).await {
         Ok(a) => a,

@@ -583,8 +583,9 @@ async fn start_task(
         a.actions = configured_grants(st, form);
         a.reason = Some("task start: ".into());
         let who = (agent.issuer.as_str(), agent.subject.as_str());
-        let e = r.error("tasks", "tasks_per_minute");
-        return Err(st.refusal_over_pace(who, a, e).await);
+        return Err(st
+            .refusal_over_pace(who, a, r, ("tasks", "tasks_per_minute"))
+            .await);
     }
     let scope = form.get("scope").ok_or_else(|| {
         OAuthError::invalid_scope(
@@ -926,8 +927,9 @@ async fn access_token(
         let mut a = base.clone();
         a.event = "token.refused".into();
         a.tool = asked_tool();
-        let e = r.error("access tokens", "access_tokens_per_minute");
-        return Err(st.refusal_over_pace(holder, a, e).await);
+        return Err(st
+            .refusal_over_pace(holder, a, r, ("access tokens", "access_tokens_per_minute"))
+            .await);
     }
     let cnf = match binding.map(|b| b.spend(st)).transpose() {
         Ok(cnf) => cnf,

@@ -171,7 +171,7 @@ impl Refused {
     pub(crate) fn error(self, what: &str, key: &str) -> crate::error::OAuthError {
         let description = if self.full {
             format!(
-                "this server counts as many workload identities' requests for {what} as it can (`[limits]`), and none has room yet; retry after {} s",
+                "this replica already paces as many workload identities for {what} as it keeps ({MAX_IDENTITIES}, `[limits]`), and a new one waits until some catch up; retry after {} s",
                 self.retry_after
             )
         } else {

@@ -379,17 +379,26 @@ impl Inner {
     /// identity limited (`issuer`, `subject`) rather than to its task: one
     /// identity holding a thousand tasks records no more refusals a second
     /// than one holding one. The reason names that identity (shortened).
-    pub async fn refusal_over_pace(
+    pub(crate) async fn refusal_over_pace(
         &self,
         (issuer, subject): (&str, &str),
         mut record: AuditEvent,
-        err: OAuthError,
+        refused: crate::limits::Refused,
+        (what, limit): (&str, &str),
     ) -> OAuthError {
+        let err = refused.error(what, limit);
         let key = format!("identity {issuer}\n{subject}");
         record.decision = Some("deny".into());
         record.reason = Some(format!(
-            "{}charged to {} ({}): {}",
+            "{}{} {} ({}): {}",
             record.reason.take().unwrap_or_default(),
+            // Refused before it was counted: the replica paces as many
+            // identities as it keeps.
+            if refused.full {
+                "not counted for"
+            } else {
+                "charged to"
+            },
             crate::form::short(subject),
             crate::form::short(issuer),
             err.description

@@ -2872,14 +2872,20 @@ async fn the_approved_token_is_bound_to_the_key_of_the_polls_proof() {
 async fn an_unbound_tasks_polls_spend_no_proof_until_they_collect() {
     use scrip_testkit::dpop::DpopKey;
     let s = server().await;
-    let task = prod_task(&s).await;
+    let task = prod_task_with(&s, "github:read github:delete").await;
     let id = pending(&s, &task).await;
+    let url = format!("{}/token", s.url);
+    // A proof spent on an access token of the task: no collection takes it.
+    let used = DpopKey::new().proof("POST", &url, None);
+    let r = s
+        .access_token_dpop(&task, "github", Some("read"), &[&used])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
     let form = [
         ("grant_type", CIBA),
         ("auth_req_id", id.as_str()),
         ("subject_token", task.as_str()),
     ];
-    let url = format!("{}/token", s.url);
     let proofs = || async {
         let db = store_db(&s).await;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dpop_proofs")
@@ -2903,8 +2909,14 @@ async fn an_unbound_tasks_polls_spend_no_proof_until_they_collect() {
             r.text
         );
     }
-    assert_eq!(proofs().await, 0);
+    assert_eq!(proofs().await, 1);
     assert_eq!(approve(&s, &id, Some(&alice_id(&s))).await.status, 200);
+    let r = s
+        .caller()
+        .post_form_with("/token", &form, &[("DPoP", &used)])
+        .await;
+    r.assert_error(400, "invalid_dpop_proof");
+    assert!(r.text.contains("used before"), "{}", r.text);
     let key = DpopKey::new();
     let proof = key.proof("POST", &url, None);
     let r = s
@@ -2914,7 +2926,7 @@ async fn an_unbound_tasks_polls_spend_no_proof_until_they_collect() {
     assert_eq!(r.status, 200, "{}", r.text);
     let (_, c) = decode_parts(r.body["access_token"].as_str().unwrap());
     assert_eq!(c["cnf"]["jkt"], key.jkt());
-    assert_eq!(proofs().await, 1);
+    assert_eq!(proofs().await, 2);
     // The records follow the step by its id to the token's `jti`, bound.
     let audit = s.stop_then_audit().await;
     let of = |event: &str| {
