@@ -10,9 +10,10 @@
 //! a key of this process's (two identities would share a budget only when
 //! 64-bit hashes collide, which a client cannot steer). An identity whose
 //! due time has passed has its whole burst again, as one never seen: such
-//! entries are dropped once the map has doubled since it was last walked.
-//! At [`MAX_IDENTITIES`] owing identities, a new one is refused until some
-//! have caught up: the limit fails closed.
+//! entries are dropped by a walk of the map, when a new identity finds it
+//! at half its bound or more and doubled since the last walk (or full),
+//! at most every [`WALK_EVERY`]. At [`MAX_IDENTITIES`] owing identities, a
+//! new one is refused until some have caught up: the limit fails closed.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
