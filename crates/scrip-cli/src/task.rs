@@ -97,7 +97,9 @@ pub struct RevokeArgs {
     #[arg(long, short, env = "SCRIP_CONFIG")]
     config: Option<PathBuf>,
     /// A task to end, by id (as `scrip task list` and `scrip audit query`
-    /// show it); may be given more than once.
+    /// show it); may be given more than once. One that reached its
+    /// deadline less than `clock_skew` ago has its end published to the
+    /// revocation feed (verifiers take its tokens that long past `exp`).
     #[arg(long = "id", value_name = "TASK", required_unless_present = "agent")]
     ids: Vec<String>,
     /// End every open task of this agent (the subject of a workload
@@ -781,16 +783,13 @@ async fn end_one(
     reason: &str,
 ) -> Result<bool, Unended> {
     let now = crate::audit::now_s();
-    if task.state(now) == scrip_store::TaskState::Ended {
-        return Ok(false);
-    }
     let user = rustix::process::geteuid().as_raw();
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let record = scrip_store::AuditEvent {
+    let record = |event: &str, done: &str, why: &str| scrip_store::AuditEvent {
         at_ms,
-        event: "task.ended".into(),
+        event: event.into(),
         agent_iss: Some(task.agent.issuer.clone()),
         agent_sub: Some(task.agent.subject.clone()),
         task_id: Some(task.id.clone()),
@@ -806,11 +805,52 @@ async fn end_one(
         // The task's token, as when it is revoked.
         jti: Some(task.token_jti.clone()),
         reason: Some(format!(
-            "ended by the operator (scrip task revoke, uid {user}): {reason}; every open sub-task ended with it"
+            "{done} by the operator (scrip task revoke, uid {user}): {reason}; {why}"
         )),
         replica: crate::secret::replica(),
         ..scrip_store::AuditEvent::default()
     };
+    if task.state(now) == scrip_store::TaskState::Ended {
+        // One that reached its deadline less than `clock_skew` ago ended
+        // without a feed event, while verifiers still take its tokens up to
+        // their leeway past `exp`: its end is published, as a revocation of
+        // its token would.
+        let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
+        if at_deadline && now < task.expires_at.saturating_add(config.clock_skew) {
+            let published = store
+                .commit(vec![
+                    scrip_store::Write::AnnounceEnded {
+                        id: task.id.clone(),
+                        at: now,
+                        grace: config.clock_skew,
+                    },
+                    scrip_store::Write::Audit(Box::new(record(
+                        "task.end_published",
+                        "published",
+                        "it had just reached its deadline; its end and its sub-tasks' are published to the revocation feed",
+                    ))),
+                ])
+                .await;
+            match published {
+                // Published, now or before.
+                Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
+                Err(e @ scrip_store::StoreError::Unavailable(_)) => {
+                    return Err(Unended::Unavailable(format!(
+                        "cannot publish the end of task `{}`: {e}",
+                        task.id
+                    )));
+                }
+                Err(e) => {
+                    return Err(Unended::Failed(format!(
+                        "cannot publish the end of task `{}`: {e}",
+                        task.id
+                    )));
+                }
+            }
+        }
+        return Ok(false);
+    }
+    let record = record("task.ended", "ended", "every open sub-task ended with it");
     let ended = store
         .commit(vec![
             scrip_store::Write::EndOpenTask {

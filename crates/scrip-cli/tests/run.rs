@@ -1365,6 +1365,84 @@ fn an_operator_ends_an_agent_while_the_store_is_held() {
     }
 }
 
+/// A task that reached its deadline less than `clock_skew` ago ended with
+/// no feed event, while verifiers still take its tokens a leeway past
+/// `exp`: `task revoke --id` publishes its end (once, on the record), as
+/// revoking its token would. One that ended longer ago, or before its
+/// deadline (it has its event), gets none.
+#[test]
+fn revoking_a_task_just_past_its_deadline_publishes_its_end() {
+    use scrip_store::{AuditFilter, RevocationKind, Store as _, Write};
+    let server = Server::start();
+    let config = server.dir.path().join("scrip.toml");
+    let now = now_s();
+    // Ended as the sweep ends them (no event), or early (with its event).
+    let (rt, store) = store_of(&server);
+    for (id, expires_at, ended_at) in [
+        ("just-past", now - 5, now - 5),
+        ("long-past", now - 100, now - 100),
+        ("ended-early", now + 100, now - 5),
+    ] {
+        rt.block_on(store.commit(vec![
+            Write::InsertTask(Box::new(bulk_task(id, BULK_ISSUER, None, expires_at))),
+            Write::EndTask {
+                id: id.into(),
+                at: ended_at,
+                reason: "expired".into(),
+                grace: 0,
+            },
+        ]))
+        .unwrap();
+    }
+    for _ in 0..2 {
+        let out = server
+            .scrip()
+            .args(["task", "revoke", "--config"])
+            .arg(&config)
+            .args([
+                "--id",
+                "just-past",
+                "--id",
+                "long-past",
+                "--id",
+                "ended-early",
+            ])
+            .args(["--reason", "INC-11"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // None was open, so none is said to be ended.
+        assert_eq!(text(&out.stdout), "");
+    }
+    let feed = rt.block_on(store.revocations(0, now, 100)).unwrap();
+    let tasks: Vec<_> = feed
+        .iter()
+        .filter(|r| r.kind == RevocationKind::Task)
+        .map(|r| (r.txn.as_str(), r.exp))
+        .collect();
+    // The early end's own event, then the one published.
+    assert_eq!(
+        tasks,
+        [("ended-early", now + 100), ("just-past", now - 5 + 30)],
+        "{feed:?}"
+    );
+    let published = rt
+        .block_on(store.audit(&AuditFilter {
+            event: Some("task.end_published".into()),
+            ..AuditFilter::default()
+        }))
+        .unwrap();
+    assert_eq!(published.len(), 1, "{published:#?}");
+    assert_eq!(published[0].task_id.as_deref(), Some("just-past"));
+    assert_eq!(published[0].jti.as_deref(), Some("jti-just-past"));
+    let reason = published[0].reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("published by the operator (scrip task revoke, uid ")
+            && reason.contains("INC-11; it had just reached its deadline"),
+        "{reason}"
+    );
+}
+
 /// Two clusters each run a workload of one subject (their issuers differ):
 /// to the operator they are two agents. `task list --issuer` lists one
 /// cluster's; the tables of `task list` and `audit query` name each row's

@@ -99,6 +99,7 @@ async fn upkeep_loop(state: AppState) {
     // A round of ended tasks' steps found as many as it takes: the next
     // tick looks again.
     let mut orphans_left = false;
+    let mut purge_clock = PurgeClock::new(now(), std::time::Instant::now());
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ticks += 1;
@@ -116,7 +117,16 @@ async fn upkeep_loop(state: AppState) {
         // than in one that would hold the write lock, and the requests
         // batched beside it, for seconds. With nothing to drop, a commit that
         // changes nothing.
-        let purged_before = now.saturating_sub(kept_past(st));
+        // What the purge deletes is what stops a revoked token, a spent
+        // single use or a used proof from passing again, for every replica:
+        // a wall clock stepped ahead is believed only once it has stayed
+        // so for as long as rows are kept past their time.
+        let purge_now = purge_clock.at(
+            now,
+            std::time::Instant::now(),
+            Duration::from_secs(kept_past(st)),
+        );
+        let purged_before = purge_now.saturating_sub(kept_past(st));
         // A DPoP proof is refused past its age plus the leeway, by every
         // verifier whose clock is within the leeway of this one: its use
         // need not be kept after that (and `kept_past` more).
@@ -144,6 +154,56 @@ async fn upkeep_loop(state: AppState) {
                 }
                 purge_failing = true;
             }
+        }
+    }
+}
+
+/// The time the purges go by: the wall clock, but not ahead of where the
+/// monotonic clock puts it (by more than a second) until it has stayed
+/// ahead for a while. A wall clock stepped ahead (a bad NTP answer, `date
+/// -s`) and back would otherwise have one tick delete, for every replica,
+/// revocations, single-use claims and DPoP proofs still needed, which
+/// nothing brings back; one that stays ahead (a correction, a resumed
+/// machine) is followed once it has lasted. Stepped back, it is followed
+/// at once: the purges wait the longer.
+struct PurgeClock {
+    /// A wall-clock reading (seconds) believed, and when it was read.
+    wall: u64,
+    read: std::time::Instant,
+    /// Since when the wall clock has been ahead of the monotonic one.
+    ahead_since: Option<std::time::Instant>,
+}
+
+impl PurgeClock {
+    fn new(wall: u64, read: std::time::Instant) -> Self {
+        Self {
+            wall,
+            read,
+            ahead_since: None,
+        }
+    }
+
+    /// The time to purge by at `wall`, read at `mono`: `wall`, unless it
+    /// is ahead of the last reading believed plus the monotonic time since
+    /// (and a second, for rounding) and has not been so for `believe_after`.
+    fn at(&mut self, wall: u64, mono: std::time::Instant, believe_after: Duration) -> u64 {
+        let kept = self
+            .wall
+            .saturating_add(mono.saturating_duration_since(self.read).as_secs());
+        if wall <= kept.saturating_add(1) {
+            self.ahead_since = None;
+            // Stepped back: follow it from here.
+            if wall < kept {
+                *self = Self::new(wall, mono);
+            }
+            return wall;
+        }
+        let since = *self.ahead_since.get_or_insert(mono);
+        if mono.saturating_duration_since(since) >= believe_after {
+            *self = Self::new(wall, mono);
+            wall
+        } else {
+            kept
         }
     }
 }
@@ -246,4 +306,39 @@ async fn sweep_due(st: &crate::state::Inner, now: u64) -> bool {
 /// token, and one that starts reading the feed then must still learn of it.
 pub(crate) fn kept_past(st: &crate::state::Inner) -> u64 {
     st.config.clock_skew.max(60)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::PurgeClock;
+
+    /// A wall clock stepped ahead purges nothing early until it has stayed
+    /// ahead a minute; stepped back, it is followed at once.
+    #[test]
+    fn the_purges_follow_a_clock_stepped_ahead_only_once_it_stays() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let minute = secs(60);
+        let mut clock = PurgeClock::new(1_000, t0);
+        // In step (a second of rounding either way is the wall clock's).
+        assert_eq!(clock.at(1_010, t0 + secs(10), minute), 1_010);
+        assert_eq!(clock.at(1_011, t0 + secs(10), minute), 1_011);
+        // Stepped 200 s ahead for a few seconds, then back: the purges
+        // went by the monotonic clock all along.
+        assert_eq!(clock.at(1_220, t0 + secs(20), minute), 1_020);
+        assert_eq!(clock.at(1_250, t0 + secs(50), minute), 1_050);
+        assert_eq!(clock.at(1_051, t0 + secs(51), minute), 1_051);
+        // Ahead again: the wait starts afresh, and is over after a minute
+        // ahead, from which the wall clock is followed.
+        assert_eq!(clock.at(1_400, t0 + secs(60), minute), 1_060);
+        assert_eq!(clock.at(1_459, t0 + secs(119), minute), 1_119);
+        assert_eq!(clock.at(1_460, t0 + secs(120), minute), 1_460);
+        assert_eq!(clock.at(1_461, t0 + secs(121), minute), 1_461);
+        // Stepped back: followed at once, and from there.
+        assert_eq!(clock.at(900, t0 + secs(122), minute), 900);
+        assert_eq!(clock.at(905, t0 + secs(127), minute), 905);
+        assert_eq!(clock.at(1_000, t0 + secs(128), minute), 906);
+    }
 }

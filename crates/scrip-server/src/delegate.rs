@@ -75,14 +75,20 @@ pub(crate) async fn delegate(
     // than it holds) is audited like an access-token request beyond the
     // task (`token.refused`), naming the actor once it is known.
     let task: &TaskRecord = &parent;
-    let refuse = |e: OAuthError, to: String| async move {
+    // Once the actor is verified, the record names it, and its identity
+    // (its token's `jti` and run).
+    let refuse = |e: OAuthError, to: Option<&WorkloadIdentity>| {
         let mut a = st.task_audit("task.refused", task);
         a.decision = Some("deny".into());
         // Only a scope of configured grants: other text may be a secret.
         a.actions = crate::exchange::configured_grants(st, form);
+        let to = to.map_or_else(String::new, |actor| {
+            a.identity = actor.provenance();
+            format!(" to {} ({})", short(&actor.subject), short(&actor.issuer))
+        });
         a.reason = Some(format!("delegation{to}: {}", e.description));
         a.client = Some(peer.to_string());
-        Err::<Response, OAuthError>(st.refusal_recorded(a, e).await)
+        async move { Err::<Response, OAuthError>(st.refusal_recorded(a, e).await) }
     };
     // A bound parent delegates only with a proof by its key: its token
     // without the key is most likely stolen, and is refused on the record
@@ -93,7 +99,7 @@ pub(crate) async fn delegate(
     if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)
         .and_then(|()| binding.map_or(Ok(()), |b| b.unspent(st)))
     {
-        return refuse(e, String::new()).await;
+        return refuse(e, None).await;
     }
     // The pace of the parent's holder (who asks), before the actor's
     // identity is verified; not for a replayed request (refused above).
@@ -118,7 +124,7 @@ pub(crate) async fn delegate(
         && let Err(e) = b.spend(st)
     {
         // A proof used before: a replayed request, refused on the record.
-        return refuse(e, String::new()).await;
+        return refuse(e, None).await;
     }
     let Asked {
         depth,
@@ -130,19 +136,15 @@ pub(crate) async fn delegate(
     } = match attenuate(st, form, &parent, &actor) {
         Ok(asked) => asked,
         Err(e) if e.status.is_server_error() => return Err(e),
-        Err(e) => {
-            let to = format!(" to {} ({})", short(&actor.subject), short(&actor.issuer));
-            return refuse(e, to).await;
-        }
+        Err(e) => return refuse(e, Some(&actor)).await,
     };
     // A bound task's tree stays bound: a sub-task that could be used
     // without a key would be the way around the parent's binding.
     if claims.cnf.is_some() && dpop_jkt.is_none() {
-        let to = format!(" to {} ({})", short(&actor.subject), short(&actor.issuer));
         let e = OAuthError::invalid_request(
             "request_details: `dpop_jkt` is required: the tree of a DPoP-bound task stays bound, so name the sub-agent's key by its RFC 7638 thumbprint",
         );
-        return refuse(e, to).await;
+        return refuse(e, Some(&actor)).await;
     }
     // A full tree is refused before anything is decided or signed (a
     // commit the store refuses would cost every request batched with it
@@ -153,8 +155,7 @@ pub(crate) async fn delegate(
         .await?
         .is_some_and(|n| n >= scrip_store::MAX_SUBTASKS)
     {
-        let to = format!(" to {} ({})", short(&actor.subject), short(&actor.issuer));
-        return refuse(OAuthError::invalid_request(full_tree()), to).await;
+        return refuse(OAuthError::invalid_request(full_tree()), Some(&actor)).await;
     }
 
     let act = Actor {
@@ -240,6 +241,7 @@ pub(crate) async fn delegate(
         let mut refused = base(st.audit("task.refused"));
         refused.decision = Some("deny".into());
         refused.actions = Some(allowed.to_string());
+        refused.identity = actor.provenance();
         refused.reason = Some(why.clone());
         let mut record = decisions;
         record.push(Write::Audit(Box::new(refused)));
@@ -250,6 +252,7 @@ pub(crate) async fn delegate(
     started.decision = Some("allow".into());
     started.actions = Some(child.scope.clone());
     started.jti = Some(jti.clone());
+    started.identity = actor.provenance();
     started.reason = child
         .cnf
         .as_ref()
@@ -282,6 +285,7 @@ pub(crate) async fn delegate(
         Err(scrip_store::StoreError::ProofUsed) => {
             let mut a = base(st.audit("task.refused"));
             a.actions = Some(allowed.to_string());
+            a.identity = actor.provenance();
             let about = format!(
                 "delegation to {} ({}): ",
                 short(&actor.subject),
@@ -310,6 +314,7 @@ pub(crate) async fn delegate(
             let mut refused = base(st.audit("task.refused"));
             refused.decision = Some("deny".into());
             refused.actions = Some(allowed.to_string());
+            refused.identity = actor.provenance();
             refused.reason = Some(format!(
                 "delegation to {} ({}): {why}",
                 short(&actor.subject),

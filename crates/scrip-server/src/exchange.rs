@@ -570,23 +570,182 @@ async fn start_task(
         .verify(subject_token)
         .await
         .map_err(identity_error)?;
-    // One identity's pace, before anything of the request is weighed (but
-    // a replayed request, which is nobody's).
-    if let Some(b) = binding {
-        b.unspent(st)?;
-    }
-    if let Err(r) = st.limits.tasks.take(&agent.issuer, &agent.subject) {
+    // An identified agent's start refused is on the record, naming the
+    // identity (its token's `jti` and run), within the refusal budget of
+    // the agent: it can ask again as fast as it likes.
+    let refused = || {
         let mut a = st.audit("task.refused");
         a.agent_iss = Some(agent.issuer.clone());
         a.agent_sub = Some(agent.subject.clone());
+        a.identity = agent.provenance();
         a.client = Some(peer.to_string());
         a.actions = configured_grants(st, form);
+        a
+    };
+    let refuse = |e: OAuthError| async {
+        let mut a = refused();
+        a.decision = Some("deny".into());
+        a.reason = Some(format!("task start: {}", e.description));
+        st.refusal_recorded(a, e).await
+    };
+    // One identity's pace, before anything of the request is weighed (but
+    // a replayed request, which is nobody's).
+    if let Some(b) = binding
+        && let Err(e) = b.unspent(st)
+    {
+        return Err(refuse(e).await);
+    }
+    if let Err(r) = st.limits.tasks.take(&agent.issuer, &agent.subject) {
+        let mut a = refused();
         a.reason = Some("task start: ".into());
         let who = (agent.issuer.as_str(), agent.subject.as_str());
         return Err(st
             .refusal_over_pace(who, a, r, ("tasks", "tasks_per_minute"))
             .await);
     }
+    let asked = match task_request(st, form) {
+        Ok(asked) => asked,
+        Err(e) => return Err(refuse(e).await),
+    };
+    // A task started with a proof is bound to its key (RFC 9449 §5, as a
+    // refresh token is): a stolen task token is no use without the key.
+    let cnf = match binding.map(|b| b.spend(st)).transpose() {
+        Ok(cnf) => cnf,
+        Err(e) => return Err(refuse(e).await),
+    };
+    let TaskRequest {
+        grants,
+        purpose,
+        environment,
+        ttl,
+        may_act,
+    } = asked;
+
+    let now = now();
+    let ctx = RequestContext {
+        stage: Stage::Task,
+        purpose,
+        environment,
+        delegation_depth: 0,
+        delegation_chain: Vec::new(),
+        delegation_issuers: Vec::new(),
+        now,
+        approved: false,
+        method: None,
+        path: None,
+        dpop_jkt: cnf.as_ref().map(|c| c.jkt.clone()),
+    };
+    let task_id = scrip_jose::time_ordered_id().map_err(|_| OAuthError::server_error())?;
+    let client = peer.to_string();
+    let base = |mut a: AuditEvent| {
+        a.agent_iss = Some(agent.issuer.clone());
+        a.agent_sub = Some(agent.subject.clone());
+        a.task_id = Some(task_id.clone());
+        a.environment = Some(ctx.environment.clone());
+        a.purpose = Some(ctx.purpose.clone());
+        a.client = Some(client.clone());
+        a
+    };
+    let (mut writes, allowed, held) = decide_grants(st, &agent, &grants, &ctx, &base);
+    // Kept for the record should another replica have taken the proof.
+    let decided = if binding.is_some() {
+        writes.clone()
+    } else {
+        Vec::new()
+    };
+    if allowed.is_empty() {
+        st.store.commit(writes).await?;
+        return Err(OAuthError::access_denied(
+            "policy allows none of the requested grants",
+        ));
+    }
+    let ttl = ttl
+        .unwrap_or(st.config.task_ttl)
+        .min(st.config.max_task_ttl);
+    let exp = now.saturating_add(ttl);
+    let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
+    let claims = TaskClaims {
+        iss: st.issuer.clone(),
+        sub: agent.subject.clone(),
+        aud: st.issuer.clone(),
+        iat: now,
+        exp,
+        jti: jti.clone(),
+        txn: task_id.clone(),
+        scope: allowed.to_string(),
+        tctx: TaskContext {
+            purpose: ctx.purpose.clone(),
+            environment: ctx.environment.clone(),
+            depth: 0,
+            agent_iss: agent.issuer.clone(),
+            parent: None,
+        },
+        act: None,
+        cnf,
+    };
+    let token = st.sign(TokenKind::Task, &claims)?;
+    let mut started = base(st.audit("task.started"));
+    started.decision = Some("allow".into());
+    started.actions = Some(claims.scope.clone());
+    started.jti = Some(jti.clone());
+    started.identity = agent.provenance();
+    started.reason = claims
+        .cnf
+        .as_ref()
+        .map(|c| format!("bound to DPoP key {}", c.jkt));
+    writes.push(Write::InsertTask(Box::new(TaskRecord {
+        id: task_id.clone(),
+        parent: None,
+        agent: agent.clone(),
+        actor: None,
+        may_act,
+        grants: claims.scope.clone(),
+        held: held.to_string(),
+        purpose: ctx.purpose.clone(),
+        environment: ctx.environment.clone(),
+        depth: 0,
+        token_jti: jti.clone(),
+        created_at: now,
+        expires_at: exp,
+        ended_at: None,
+        end_reason: None,
+    })));
+    writes.push(Write::Audit(Box::new(started)));
+    if let Some(b) = binding {
+        writes.push(b.spent());
+    }
+    match st.store.commit(writes).await {
+        Ok(()) => {}
+        // Another replica took the proof first: a replayed start, refused
+        // on the record with the decisions on it.
+        Err(scrip_store::StoreError::ProofUsed) => {
+            let mut a = base(st.audit("task.refused"));
+            a.actions = Some(claims.scope.clone());
+            a.identity = agent.provenance();
+            return Err(refuse_replayed(st, decided, a, "task start: ").await);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
+    Ok(Issued::task_token(
+        &token,
+        exp.saturating_sub(now),
+        &claims.scope,
+    ))
+}
+
+/// What a task start asks for, read and checked against the configuration.
+struct TaskRequest {
+    grants: GrantSet,
+    purpose: String,
+    environment: String,
+    ttl: Option<u64>,
+    may_act: Vec<scrip_token::MayAct>,
+}
+
+/// Reads a task start's `scope` and `request_details`: every grant a
+/// configured tool's action, and the environment a configured one.
+fn task_request(st: &Inner, form: &Form) -> Result<TaskRequest, OAuthError> {
     let scope = form.get("scope").ok_or_else(|| {
         OAuthError::invalid_scope(
             "parameter `scope` is required: the grants the task asks for, as `tool:action`",
@@ -629,120 +788,13 @@ async fn start_task(
             st.config.environments.join(", ")
         )));
     }
-    // A task started with a proof is bound to its key (RFC 9449 §5, as a
-    // refresh token is): a stolen task token is no use without the key.
-    let cnf = binding.map(|b| b.spend(st)).transpose()?;
-
-    let now = now();
-    let ctx = RequestContext {
-        stage: Stage::Task,
+    Ok(TaskRequest {
+        grants,
         purpose,
         environment,
-        delegation_depth: 0,
-        delegation_chain: Vec::new(),
-        delegation_issuers: Vec::new(),
-        now,
-        approved: false,
-        method: None,
-        path: None,
-        dpop_jkt: cnf.as_ref().map(|c| c.jkt.clone()),
-    };
-    let task_id = scrip_jose::time_ordered_id().map_err(|_| OAuthError::server_error())?;
-    let client = peer.to_string();
-    let base = |mut a: AuditEvent| {
-        a.agent_iss = Some(agent.issuer.clone());
-        a.agent_sub = Some(agent.subject.clone());
-        a.task_id = Some(task_id.clone());
-        a.environment = Some(ctx.environment.clone());
-        a.purpose = Some(ctx.purpose.clone());
-        a.client = Some(client.clone());
-        a
-    };
-    let (mut writes, allowed, held) = decide_grants(st, &agent, &grants, &ctx, &base);
-    // Kept for the record should another replica have taken the proof.
-    let decided = if binding.is_some() {
-        writes.clone()
-    } else {
-        Vec::new()
-    };
-    if allowed.is_empty() {
-        st.store.commit(writes).await?;
-        return Err(OAuthError::access_denied(
-            "policy allows none of the requested grants",
-        ));
-    }
-    let ttl = details
-        .ttl
-        .unwrap_or(st.config.task_ttl)
-        .min(st.config.max_task_ttl);
-    let exp = now.saturating_add(ttl);
-    let jti = scrip_jose::random_id().map_err(|_| OAuthError::server_error())?;
-    let claims = TaskClaims {
-        iss: st.issuer.clone(),
-        sub: agent.subject.clone(),
-        aud: st.issuer.clone(),
-        iat: now,
-        exp,
-        jti: jti.clone(),
-        txn: task_id.clone(),
-        scope: allowed.to_string(),
-        tctx: TaskContext {
-            purpose: ctx.purpose.clone(),
-            environment: ctx.environment.clone(),
-            depth: 0,
-            agent_iss: agent.issuer.clone(),
-            parent: None,
-        },
-        act: None,
-        cnf,
-    };
-    let token = st.sign(TokenKind::Task, &claims)?;
-    let mut started = base(st.audit("task.started"));
-    started.decision = Some("allow".into());
-    started.actions = Some(claims.scope.clone());
-    started.jti = Some(jti.clone());
-    started.reason = claims
-        .cnf
-        .as_ref()
-        .map(|c| format!("bound to DPoP key {}", c.jkt));
-    writes.push(Write::InsertTask(Box::new(TaskRecord {
-        id: task_id.clone(),
-        parent: None,
-        agent: agent.clone(),
-        actor: None,
-        may_act: details.may_act.clone(),
-        grants: claims.scope.clone(),
-        held: held.to_string(),
-        purpose: ctx.purpose.clone(),
-        environment: ctx.environment.clone(),
-        depth: 0,
-        token_jti: jti.clone(),
-        created_at: now,
-        expires_at: exp,
-        ended_at: None,
-        end_reason: None,
-    })));
-    writes.push(Write::Audit(Box::new(started)));
-    if let Some(b) = binding {
-        writes.push(b.spent());
-    }
-    match st.store.commit(writes).await {
-        Ok(()) => {}
-        // Another replica took the proof first: a replayed start, refused
-        // on the record with the decisions on it.
-        Err(scrip_store::StoreError::ProofUsed) => {
-            let mut a = base(st.audit("task.refused"));
-            a.actions = Some(claims.scope.clone());
-            return Err(refuse_replayed(st, decided, a, "task start: ").await);
-        }
-        Err(e) => return Err(e.into()),
-    }
-    tracing::info!(task = %task_id, jti = %jti, agent = %agent.subject, scope = %claims.scope, "task started");
-    Ok(Issued::task_token(
-        &token,
-        exp.saturating_sub(now),
-        &claims.scope,
-    ))
+        ttl: details.ttl,
+        may_act: details.may_act,
+    })
 }
 
 /// The request's `scope`, shortened, when it names only configured grants

@@ -120,6 +120,11 @@ pub(crate) async fn revoke(st: &Inner, token: &str, peer: SocketAddr) -> Result<
             };
             a.agent_sub = Some(claims.sub.clone());
             a.task_id = Some(claims.txn.clone());
+            a.chain = claims
+                .act
+                .as_ref()
+                .map(scrip_token::Actor::chain)
+                .unwrap_or_default();
             a.tool = Some(claims.aud.clone());
             a.actions = Some(claims.scope.clone());
             a.jti = Some(claims.jti.clone());

@@ -233,6 +233,30 @@ async fn child_and_grandchild_tokens_carry_the_act_chain() {
     assert!(!active(s.introspect_as(&agent_elsewhere, &parent).await));
     let actor_elsewhere = s.k8s.sign(&s.k8s.claims(ACTOR1));
     assert!(!active(s.introspect_as(&actor_elsewhere, &child).await));
+
+    // Each delegation's record names the sub-agent's identity, and a
+    // revoked access token its chain.
+    assert_eq!(s.revoke(&gat).await.status, 200);
+    let audit = s.audit().await;
+    let of = |event: &str, txn: &Value| {
+        audit
+            .iter()
+            .find(|a| a.event == event && a.task_id.as_deref() == txn.as_str())
+            .unwrap_or_else(|| panic!("no {event} of {txn}"))
+    };
+    let delegated = of("task.delegated", &cc["txn"]);
+    assert_eq!(delegated.identity["kind"], "spiffe", "{delegated:?}");
+    assert_eq!(delegated.identity["trust_domain"], "acme.example");
+    let delegated = of("task.delegated", &gc["txn"]);
+    assert_eq!(
+        delegated.identity["kind"], "github_actions",
+        "{delegated:?}"
+    );
+    assert_eq!(delegated.identity["repository"], "acme/helper");
+    assert_eq!(delegated.identity["run_id"], "7312345678");
+    let revoked = of("token.revoked", &gc["txn"]);
+    assert_eq!(revoked.jti.as_deref(), gac["jti"].as_str());
+    assert_eq!(revoked.chain, [ACTOR2, ACTOR1], "{revoked:?}");
     s.stop().await;
 }
 
@@ -878,6 +902,8 @@ async fn a_parents_may_act_binds_its_whole_subtree() {
     assert_eq!(refused[0].decision.as_deref(), Some("deny"));
     assert_eq!(refused[0].task_id.as_deref(), Some(child_id.as_str()));
     assert_eq!(refused[0].chain, vec![ACTOR1.to_owned()]);
+    // The actor refused is named by its identity too.
+    assert_eq!(refused[0].identity["repository"], "acme/helper");
     let reason = refused[0].reason.as_deref().unwrap();
     assert!(
         reason.contains(ACTOR2) && reason.contains("may_act"),

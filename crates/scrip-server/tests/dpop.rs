@@ -772,5 +772,25 @@ async fn a_replayed_request_spends_nobodys_pace() {
     r.assert_error(429, "temporarily_unavailable");
     let r = post(&s, &start, &[&key.proof("POST", &token_url, None)]).await;
     r.assert_error(429, "temporarily_unavailable");
+    // The replayed starts are on the record, each naming the identity.
+    let audit = s.audit().await;
+    let replayed: Vec<_> = audit
+        .iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason.as_deref() == Some("task start: the DPoP proof was used before")
+        })
+        .collect();
+    assert_eq!(replayed.len(), 5, "{audit:#?}");
+    for a in replayed {
+        assert_eq!(a.decision.as_deref(), Some("deny"));
+        assert_eq!(
+            a.agent_sub.as_deref(),
+            Some("system:serviceaccount:agents:coder")
+        );
+        assert_eq!(a.identity["kind"], "kubernetes", "{a:?}");
+        assert_eq!(a.actions.as_deref(), Some("github:read"));
+        assert!(a.task_id.is_none(), "{a:?}");
+    }
     s.stop().await;
 }

@@ -903,6 +903,71 @@ async fn the_signing_key_is_private_and_kept() {
     );
 }
 
+/// A task start refused once its agent is identified is on the record,
+/// naming the identity and why; one refused before (an identity that does
+/// not verify) is answered only.
+#[tokio::test]
+async fn an_identified_agents_refused_task_starts_are_recorded() {
+    let s = TestServer::start().await;
+    let mut claims = s.github.claims("repo:acme/web:ref:refs/heads/main");
+    for (k, v) in [
+        ("repository", "acme/web"),
+        ("workflow", "agent"),
+        ("run_id", "991"),
+        ("run_attempt", "3"),
+        ("jti", "gh-jti-1"),
+    ] {
+        claims[k] = json!(v);
+    }
+    let identity = s.github.sign(&claims);
+    let refusals = [
+        ("nope:read", "dev", "task start: unknown tool `nope`"),
+        (
+            "github:fly",
+            "dev",
+            "task start: tool `github` has no action `fly`",
+        ),
+        (
+            "github:read",
+            "production",
+            "task start: request_details: `environment` is not one of dev, staging, prod (the configured `environments`)",
+        ),
+    ];
+    for (scope, env, _) in refusals {
+        let r = s.try_start_task(&identity, scope, env, "p", None).await;
+        assert_eq!(r.status, 400, "{}", r.text);
+    }
+    // An identity that does not verify (signed by a key the issuer does
+    // not publish) is nobody's to record.
+    let forged = Idp::new(GITHUB_ISSUER).sign(&claims);
+    let r = s
+        .try_start_task(&forged, "nope:read", "dev", "p", None)
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+
+    let audit = s.audit().await;
+    let refused: Vec<_> = audit.iter().filter(|a| a.event == "task.refused").collect();
+    assert_eq!(refused.len(), refusals.len(), "{refused:#?}");
+    for (a, (scope, _, reason)) in refused.iter().zip(refusals) {
+        assert_eq!(a.reason.as_deref(), Some(reason));
+        assert_eq!(a.decision.as_deref(), Some("deny"));
+        assert_eq!(a.agent_iss.as_deref(), Some(GITHUB_ISSUER));
+        assert_eq!(
+            a.agent_sub.as_deref(),
+            Some("repo:acme/web:ref:refs/heads/main")
+        );
+        assert!(a.client.is_some(), "{a:?}");
+        // The scope asked, where it names configured grants only.
+        let configured = scope == "github:read";
+        assert_eq!(a.actions.as_deref(), configured.then_some(scope), "{a:?}");
+        assert_eq!(a.identity["jti"], "gh-jti-1");
+        assert_eq!(a.identity["run_id"], "991");
+        assert_eq!(a.identity["run_attempt"], "3");
+        assert_eq!(a.identity["repository"], "acme/web");
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn the_audit_trail_records_decisions_and_no_tokens() {
     let s = TestServer::start().await;
@@ -938,6 +1003,27 @@ async fn the_audit_trail_records_decisions_and_no_tokens() {
     let started = find("task.started");
     assert_eq!(started.agent_sub.as_deref(), Some(agent));
     assert_eq!(started.decision.as_deref(), Some("allow"));
+    // Which run of the workload: its token's `jti`, its pod.
+    let (_, identity_claims) = decode_parts(&identity);
+    assert_eq!(
+        Some(started.identity["jti"].as_str()),
+        identity_claims["jti"].as_str()
+    );
+    assert_eq!(started.identity["kind"], "kubernetes");
+    assert_eq!(started.identity["namespace"], "agents");
+    assert_eq!(started.identity["pod"], "coder-7d9f8");
+    assert_eq!(
+        started.identity["pod_uid"],
+        "4f1e6c52-0000-4000-8000-000000000002"
+    );
+    // Nowhere else: a grant's decision does not repeat it.
+    assert!(
+        of_task
+            .iter()
+            .filter(|a| a.event != "task.started")
+            .all(|a| a.identity.is_empty()),
+        "{of_task:#?}"
+    );
 
     let grants: Vec<_> = of_task.iter().filter(|a| a.event == "task.grant").collect();
     assert_eq!(grants.len(), 2, "one task.grant per grant: {grants:#?}");

@@ -1,5 +1,7 @@
 //! What the store holds.
 
+use std::collections::BTreeMap;
+
 use scrip_token::{Actor, MayAct, WorkloadIdentity};
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +105,13 @@ pub struct AuditEvent {
     /// The agent's subject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_sub: Option<String>,
+    /// The workload identity the request was identified by, where its
+    /// record is of that identification (a task started or refused, a
+    /// sub-agent's delegation): its kind, its token's `jti`, its well-known
+    /// attributes and the claims that name its run
+    /// (`scrip_token::WorkloadIdentity::provenance`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identity: BTreeMap<String, String>,
     /// The task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,

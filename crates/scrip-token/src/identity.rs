@@ -186,7 +186,55 @@ impl WorkloadIdentity {
             claims: flat,
         })
     }
+
+    /// What tells this identity's token and run apart from others of its
+    /// subject, for the audit trail: its `kind`, the token's `jti`, the
+    /// well-known attributes, and the claims that name the run (`run_id`,
+    /// `run_attempt` and `sha` of GitHub Actions; the pod's `uid` of
+    /// Kubernetes, as `pod_uid`; the process of a local identity, as
+    /// `pid`). Each value is the issuer's, its deceptive characters
+    /// escaped ([`crate::escape_deceptive`]) and cut at
+    /// [`PROVENANCE_CHARS`] characters (then ending `…`), so a record
+    /// stays small and shows what it holds.
+    #[must_use]
+    pub fn provenance(&self) -> BTreeMap<String, String> {
+        let run: &[(&str, &str)] = match self.kind {
+            IdentityKind::GithubActions => &[
+                ("run_id", "run_id"),
+                ("run_attempt", "run_attempt"),
+                ("sha", "sha"),
+            ],
+            IdentityKind::Kubernetes => &[("pod_uid", "kubernetes.io.pod.uid")],
+            IdentityKind::Local => &[("pid", "scrip_attestation.pid")],
+            IdentityKind::Spiffe | IdentityKind::Generic => &[],
+        };
+        let shown = |v: &str| {
+            let v = crate::escape_deceptive(v);
+            if v.chars().count() > PROVENANCE_CHARS {
+                let mut cut: String = v.chars().take(PROVENANCE_CHARS).collect();
+                cut.push('…');
+                cut
+            } else {
+                v
+            }
+        };
+        let mut out: BTreeMap<String, String> = self
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), shown(v)))
+            .collect();
+        for (to, from) in run.iter().chain(&[("jti", "jti")]) {
+            if let Some(v) = self.claims.get(*from) {
+                out.insert((*to).to_owned(), shown(v));
+            }
+        }
+        out.insert("kind".into(), self.kind.as_str().into());
+        out
+    }
 }
+
+/// The most characters of one value [`WorkloadIdentity::provenance`] keeps.
+pub const PROVENANCE_CHARS: usize = 256;
 
 /// The claim of a local identity that holds what attestation observed.
 const ATTESTATION_CLAIM: &str = "scrip_attestation";
@@ -365,6 +413,45 @@ mod tests {
         assert_eq!(id.kind, IdentityKind::GithubActions);
         assert_eq!(id.attributes["repository"], "acme/web");
         assert_eq!(id.claims["run_id"], "42");
+    }
+
+    /// The record of an identity tells its token and its run apart from
+    /// others of its subject, each value shown as it can be read and
+    /// bounded; another kind's run claims are not drawn.
+    #[test]
+    fn provenance_names_the_token_and_the_run() {
+        let github = identity(json!({
+            "sub": "repo:acme/web:ref:refs/heads/main", "repository": "acme/web",
+            "workflow": "ci", "ref": "refs/heads/\u{202e}niam", "run_id": 42,
+            "run_attempt": "2", "sha": "5f3a", "jti": "j-1", "pod": "nope"
+        }));
+        let p = github.provenance();
+        assert_eq!(p["kind"], "github_actions");
+        assert_eq!(p["jti"], "j-1");
+        assert_eq!(p["run_id"], "42");
+        assert_eq!(p["run_attempt"], "2");
+        assert_eq!(p["sha"], "5f3a");
+        assert_eq!(p["repository"], "acme/web");
+        assert_eq!(p["ref"], "refs/heads/\\u{202e}niam");
+        assert!(!p.contains_key("pod"), "{p:?}");
+
+        let kube = identity(json!({
+            "sub": "system:serviceaccount:agents:coder", "run_id": "7",
+            "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "coder"},
+                              "pod": {"name": "coder-7d9", "uid": "p1"}}
+        }));
+        let p = kube.provenance();
+        assert_eq!(p["kind"], "kubernetes");
+        assert_eq!(p["pod"], "coder-7d9");
+        assert_eq!(p["pod_uid"], "p1");
+        assert!(!p.contains_key("run_id") && !p.contains_key("jti"), "{p:?}");
+
+        let long = "x".repeat(PROVENANCE_CHARS + 1);
+        let generic = identity(json!({"sub": "svc", "jti": long, "run_id": "7"}));
+        let p = generic.provenance();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p["kind"], "jwt");
+        assert_eq!(p["jti"], format!("{}…", &long[..PROVENANCE_CHARS]));
     }
 
     #[test]

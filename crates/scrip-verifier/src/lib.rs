@@ -812,7 +812,7 @@ impl Verifier {
     /// the revocation set is older than `max_staleness`; `Token(Expired)`
     /// past `exp` plus the leeway.
     pub fn recheck(&self, token: &AccessToken) -> Result<(), VerifyError> {
-        if feed::unix_now() > token.claims.exp.saturating_add(self.0.leeway) {
+        if past_leeway(token.claims.exp, self.0.leeway, feed::unix_now()) {
             return Err(VerifyError::Token(JoseError::Expired));
         }
         let Some(revocations) = &self.0.revocations else {
@@ -1074,9 +1074,26 @@ impl Verifier {
     }
 }
 
+/// Whether a token of `exp` is past it and the `leeway` at `now` (whole
+/// seconds, rounded down), as [`scrip_jose::verify`] judges it: at
+/// `now == exp + leeway` the true time is already past.
+fn past_leeway(exp: u64, leeway: u64, now: u64) -> bool {
+    now >= exp.saturating_add(leeway)
+}
+
 #[cfg(test)]
 mod tests {
     use super::KeptUntil;
+
+    /// A stream is cut off in the second verification would refuse its
+    /// token, not one later.
+    #[test]
+    fn a_recheck_ends_where_verification_does() {
+        assert!(!super::past_leeway(1_000, 30, 1_029));
+        assert!(super::past_leeway(1_000, 30, 1_030));
+        assert!(super::past_leeway(1_000, 0, 1_000));
+        assert!(!super::past_leeway(u64::MAX, 30, u64::MAX - 1));
+    }
     use std::time::{Duration, Instant};
 
     /// A spent single-use `jti` is kept while either clock says its token

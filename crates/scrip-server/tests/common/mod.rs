@@ -80,9 +80,13 @@ impl Idp {
         jsonwebtoken::encode(header, claims, &key).unwrap()
     }
 
-    /// A Kubernetes service-account token for `namespace`/`name`.
+    /// A Kubernetes service-account token for `namespace`/`name`, with a
+    /// `jti` of its own as Kubernetes 1.29 and later give.
     pub fn kubernetes(&self, namespace: &str, name: &str) -> String {
+        static ISSUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut c = self.claims(&format!("system:serviceaccount:{namespace}:{name}"));
+        let n = ISSUED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c["jti"] = json!(format!("k8s-{}-{n}", std::process::id()));
         c["kubernetes.io"] = json!({
             "namespace": namespace,
             "serviceaccount": { "name": name, "uid": "4f1e6c52-0000-4000-8000-000000000001" },
