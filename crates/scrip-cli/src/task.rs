@@ -775,6 +775,54 @@ impl From<Unended> for String {
     }
 }
 
+/// Publishes the end of `task`, which has ended, to the revocation feed
+/// with `record` when it ended at its deadline less than `clock_skew` ago:
+/// it ended without a feed event then (its tokens expire with it), while
+/// verifiers still take its tokens up to their leeway past `exp`. As a
+/// revocation of its token would; once (another publication, here or by
+/// the server, leaves nothing to do).
+async fn publish_if_just_past(
+    config: &scrip_config::Config,
+    store: &dyn scrip_store::Store,
+    task: &scrip_store::TaskRecord,
+    record: scrip_store::AuditEvent,
+    now: u64,
+) -> Result<(), Unended> {
+    let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
+    if !at_deadline || now >= task.expires_at.saturating_add(config.clock_skew) {
+        return Ok(());
+    }
+    let published = store
+        .commit(vec![
+            scrip_store::Write::AnnounceEnded {
+                id: task.id.clone(),
+                at: now,
+                grace: config.clock_skew,
+            },
+            scrip_store::Write::Audit(Box::new(record)),
+        ])
+        .await;
+    let failed =
+        |e: scrip_store::StoreError| format!("cannot publish the end of task `{}`: {e}", task.id);
+    match published {
+        Ok(()) => {
+            #[expect(clippy::print_stderr, reason = "what was done")]
+            {
+                eprintln!(
+                    "scrip: task `{}` had reached its deadline {} s before; its end is published to the revocation feed",
+                    task.id,
+                    now.saturating_sub(task.expires_at)
+                );
+            }
+            Ok(())
+        }
+        // Published before.
+        Err(scrip_store::StoreError::Conflict(_)) => Ok(()),
+        Err(e @ scrip_store::StoreError::Unavailable(_)) => Err(Unended::Unavailable(failed(e))),
+        Err(e) => Err(Unended::Failed(failed(e))),
+    }
+}
+
 /// Ends `task` and its open sub-tasks, recording why: whether it was open.
 async fn end_one(
     config: &scrip_config::Config,
@@ -810,44 +858,15 @@ async fn end_one(
         replica: crate::secret::replica(),
         ..scrip_store::AuditEvent::default()
     };
+    let published = || {
+        record(
+            "task.end_published",
+            "published",
+            "it had just reached its deadline; its end and its sub-tasks' are published to the revocation feed",
+        )
+    };
     if task.state(now) == scrip_store::TaskState::Ended {
-        // One that reached its deadline less than `clock_skew` ago ended
-        // without a feed event, while verifiers still take its tokens up to
-        // their leeway past `exp`: its end is published, as a revocation of
-        // its token would.
-        let at_deadline = task.ended_at.is_some_and(|e| e >= task.expires_at);
-        if at_deadline && now < task.expires_at.saturating_add(config.clock_skew) {
-            let published = store
-                .commit(vec![
-                    scrip_store::Write::AnnounceEnded {
-                        id: task.id.clone(),
-                        at: now,
-                        grace: config.clock_skew,
-                    },
-                    scrip_store::Write::Audit(Box::new(record(
-                        "task.end_published",
-                        "published",
-                        "it had just reached its deadline; its end and its sub-tasks' are published to the revocation feed",
-                    ))),
-                ])
-                .await;
-            match published {
-                // Published, now or before.
-                Ok(()) | Err(scrip_store::StoreError::Conflict(_)) => {}
-                Err(e @ scrip_store::StoreError::Unavailable(_)) => {
-                    return Err(Unended::Unavailable(format!(
-                        "cannot publish the end of task `{}`: {e}",
-                        task.id
-                    )));
-                }
-                Err(e) => {
-                    return Err(Unended::Failed(format!(
-                        "cannot publish the end of task `{}`: {e}",
-                        task.id
-                    )));
-                }
-            }
-        }
+        publish_if_just_past(config, store, task, published(), now).await?;
         return Ok(false);
     }
     let record = record("task.ended", "ended", "every open sub-task ended with it");
@@ -873,8 +892,11 @@ async fn end_one(
                 scrip_store::StoreError::Unavailable(_) => Unended::Unavailable(e.to_string()),
                 e => Unended::Failed(e.to_string()),
             })?;
+            let now = crate::audit::now_s();
             match read {
-                Some(t) if t.state(crate::audit::now_s()) == scrip_store::TaskState::Ended => {
+                // At its deadline, perhaps, by the sweep meanwhile.
+                Some(t) if t.state(now) == scrip_store::TaskState::Ended => {
+                    publish_if_just_past(config, store, &t, published(), now).await?;
                     Ok(false)
                 }
                 _ => Err(Unended::Failed(format!(

@@ -1394,7 +1394,7 @@ fn revoking_a_task_just_past_its_deadline_publishes_its_end() {
         ]))
         .unwrap();
     }
-    for _ in 0..2 {
+    for first in [true, false] {
         let out = server
             .scrip()
             .args(["task", "revoke", "--config"])
@@ -1410,9 +1410,21 @@ fn revoking_a_task_just_past_its_deadline_publishes_its_end() {
             .args(["--reason", "INC-11"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        // None was open, so none is said to be ended.
+        let said = text(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        // None was open, so none is said to be ended; the publication is
+        // said, the first time.
         assert_eq!(text(&out.stdout), "");
+        assert_eq!(
+            said.contains("task `just-past` had reached its deadline")
+                && said.contains("its end is published to the revocation feed"),
+            first,
+            "{said}"
+        );
+        assert!(
+            !said.contains("long-past") && !said.contains("ended-early"),
+            "{said}"
+        );
     }
     let feed = rt.block_on(store.revocations(0, now, 100)).unwrap();
     let tasks: Vec<_> = feed

@@ -103,7 +103,7 @@ async fn upkeep_loop(state: AppState) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ticks += 1;
-        let now = now();
+        let (now, mono) = (now(), std::time::Instant::now());
         crate::approval::expire(st, now).await;
         if orphans_left || ticks.is_multiple_of(crate::approval::ORPHANS_EVERY) {
             orphans_left = crate::approval::expire_orphans(st, now).await;
@@ -121,11 +121,7 @@ async fn upkeep_loop(state: AppState) {
         // single use or a used proof from passing again, for every replica:
         // a wall clock stepped ahead is believed only once it has stayed
         // so for as long as rows are kept past their time.
-        let purge_now = purge_clock.at(
-            now,
-            std::time::Instant::now(),
-            Duration::from_secs(kept_past(st)),
-        );
+        let purge_now = purge_clock.at(now, mono, Duration::from_secs(kept_past(st)));
         let purged_before = purge_now.saturating_sub(kept_past(st));
         // A DPoP proof is refused past its age plus the leeway, by every
         // verifier whose clock is within the leeway of this one: its use

@@ -124,7 +124,7 @@ pub(crate) async fn delegate(
         && let Err(e) = b.spend(st)
     {
         // A proof used before: a replayed request, refused on the record.
-        return refuse(e, None).await;
+        return refuse(e, Some(&actor)).await;
     }
     let Asked {
         depth,

@@ -198,6 +198,9 @@ fn count_record(c: &Count) -> Write {
     } else if c.budget.starts_with("identity ") {
         // Past `[limits]`: charged to the identity (`refusal_over_pace`).
         "identity"
+    } else if c.budget.starts_with("agent ") {
+        // A task start's, before there is a task.
+        "agent"
     } else {
         "task"
     };

@@ -364,14 +364,17 @@ impl Inner {
     /// answer, or the store's error when the record could not be written
     /// (nothing is refused off the record). Charged to the record's task
     /// and agent (the task's, or at an approval whoever tried to decide
-    /// its step); counted apart by `err`'s code and the client's address.
+    /// its step), or to the agent alone before it has a task (a task
+    /// start); counted apart by `err`'s code and the client's address.
     pub async fn refusal_recorded(&self, record: AuditEvent, err: OAuthError) -> OAuthError {
-        let key = format!(
-            "task {}\n{}\n{}",
-            record.task_id.as_deref().unwrap_or_default(),
+        let (iss, sub) = (
             record.agent_iss.as_deref().unwrap_or_default(),
-            record.agent_sub.as_deref().unwrap_or_default()
+            record.agent_sub.as_deref().unwrap_or_default(),
         );
+        let key = match record.task_id.as_deref() {
+            Some(task) => format!("task {task}\n{iss}\n{sub}"),
+            None => format!("agent {iss}\n{sub}"),
+        };
         self.refusal_charged(&key, record, err).await
     }
 

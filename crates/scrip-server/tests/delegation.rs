@@ -1473,6 +1473,23 @@ async fn each_identity_asks_for_tasks_and_tokens_at_its_own_pace() {
         [AGENT, AGENT],
         "{audit:#?}"
     );
+    // The task start's names the agent's identity; the delegation's,
+    // refused before its actor is read, none.
+    let mut identities: Vec<_> = audit
+        .iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("tasks_per_minute"))
+        })
+        .map(|a| (a.task_id.is_some(), a.identity.get("kind").cloned()))
+        .collect();
+    identities.sort();
+    assert_eq!(
+        identities,
+        [(false, Some("kubernetes".to_owned())), (true, None)]
+    );
     assert_eq!(
         refused("token.refused", "access_tokens_per_minute").len(),
         2,

@@ -256,7 +256,13 @@ fn delegate_form<'a>(parent: &'a str, actor: &'a str) -> Vec<(&'a str, &'a str)>
 /// an access token, a sub-agent's task, or an approved step.
 #[tokio::test]
 async fn a_task_started_with_a_proof_is_bound_to_its_key() {
-    let s = TestServer::start().await;
+    // Polls a minute apart, so that one sent at once is told to slow down
+    // however slow the machine.
+    let s = TestServer::start_with(Options {
+        edit: Some(Box::new(|c| c.approval_poll_interval = 60)),
+        ..Options::default()
+    })
+    .await;
     let token_url = format!("{}/token", s.url);
     let (key, thief) = (DpopKey::new(), DpopKey::new());
     let details = json!({ "purpose": "bound", "environment": "prod" }).to_string();
@@ -393,6 +399,23 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     let r = post(&s, &poll, &[&once]).await;
     r.assert_error(400, "authorization_pending");
     refused(&post(&s, &poll, &[&once]).await, "used before");
+    // Polled again at once: told to slow down before its proof is spent,
+    // so a poll too soon writes nothing.
+    let proofs = || async {
+        let db = format!("sqlite://{}", s.dir.path().join("data/scrip.db").display());
+        let db = sqlx::SqlitePool::connect(&db).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dpop_proofs")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        n
+    };
+    let spent = proofs().await;
+    for _ in 0..3 {
+        let r = post(&s, &poll, &[&key.proof("POST", &token_url, None)]).await;
+        r.assert_error(400, "slow_down");
+    }
+    assert_eq!(proofs().await, spent);
     // The polls without the key or with a used proof are on the record,
     // naming the step.
     let audit = s.audit().await;

@@ -965,7 +965,30 @@ async fn an_identified_agents_refused_task_starts_are_recorded() {
         assert_eq!(a.identity["run_attempt"], "3");
         assert_eq!(a.identity["repository"], "acme/web");
     }
-    s.stop().await;
+    // Asked again and again: within the agent's budget of records, the
+    // rest counted for it.
+    let tries = 60;
+    for _ in 0..tries {
+        let r = s
+            .try_start_task(&identity, "nope:read", "dev", "p", None)
+            .await;
+        assert_eq!(r.status, 400, "{}", r.text);
+    }
+    let audit = s.stop_then_audit().await;
+    let unknown: Vec<_> = audit
+        .into_iter()
+        .filter(|a| {
+            a.event == "task.refused"
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("unknown tool"))
+        })
+        .collect();
+    assert_counted_past_the_budget(&unknown, tries + 1);
+    for a in unknown.iter().filter(|a| count_of(a).is_some()) {
+        let reason = a.reason.as_deref().unwrap();
+        assert!(reason.contains("for one agent;"), "{reason}");
+    }
 }
 
 #[tokio::test]

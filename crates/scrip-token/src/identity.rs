@@ -192,10 +192,10 @@ impl WorkloadIdentity {
     /// well-known attributes, and the claims that name the run (`run_id`,
     /// `run_attempt` and `sha` of GitHub Actions; the pod's `uid` of
     /// Kubernetes, as `pod_uid`; the process of a local identity, as
-    /// `pid`). Each value is the issuer's, its deceptive characters
-    /// escaped ([`crate::escape_deceptive`]) and cut at
-    /// [`PROVENANCE_CHARS`] characters (then ending `…`), so a record
-    /// stays small and shows what it holds.
+    /// `pid`). Each value is the issuer's, cut at [`PROVENANCE_CHARS`]
+    /// characters (then ending `…`) and its deceptive characters escaped
+    /// ([`crate::escape_deceptive`]), so a record stays small and shows
+    /// what it holds.
     #[must_use]
     pub fn provenance(&self) -> BTreeMap<String, String> {
         let run: &[(&str, &str)] = match self.kind {
@@ -209,14 +209,12 @@ impl WorkloadIdentity {
             IdentityKind::Spiffe | IdentityKind::Generic => &[],
         };
         let shown = |v: &str| {
-            let v = crate::escape_deceptive(v);
-            if v.chars().count() > PROVENANCE_CHARS {
-                let mut cut: String = v.chars().take(PROVENANCE_CHARS).collect();
-                cut.push('…');
-                cut
-            } else {
-                v
+            let cut: String = v.chars().take(PROVENANCE_CHARS).collect();
+            let mut shown = crate::escape_deceptive(&cut);
+            if cut.len() < v.len() {
+                shown.push('…');
             }
+            shown
         };
         let mut out: BTreeMap<String, String> = self
             .attributes
@@ -446,6 +444,13 @@ mod tests {
         assert_eq!(p["pod_uid"], "p1");
         assert!(!p.contains_key("run_id") && !p.contains_key("jti"), "{p:?}");
 
+        // Cut, then escaped: an escape is never cut in two.
+        let edge = format!("{}\u{202e}b", "a".repeat(PROVENANCE_CHARS - 1));
+        let p = identity(json!({"sub": "svc", "jti": edge})).provenance();
+        assert_eq!(
+            p["jti"],
+            format!("{}\\u{{202e}}…", "a".repeat(PROVENANCE_CHARS - 1))
+        );
         let long = "x".repeat(PROVENANCE_CHARS + 1);
         let generic = identity(json!({"sub": "svc", "jti": long, "run_id": "7"}));
         let p = generic.provenance();
