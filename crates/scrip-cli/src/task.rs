@@ -809,7 +809,7 @@ async fn publish_if_just_past(
             #[expect(clippy::print_stderr, reason = "what was done")]
             {
                 eprintln!(
-                    "scrip: task `{}` had reached its deadline {} s before; its end is published to the revocation feed",
+                    "scrip: task `{}` was not open: it reached its deadline {} s ago, and its end is published to the revocation feed",
                     task.id,
                     now.saturating_sub(task.expires_at)
                 );

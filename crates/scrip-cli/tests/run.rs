@@ -1416,7 +1416,7 @@ fn revoking_a_task_just_past_its_deadline_publishes_its_end() {
         // said, the first time.
         assert_eq!(text(&out.stdout), "");
         assert_eq!(
-            said.contains("task `just-past` had reached its deadline")
+            said.contains("task `just-past` was not open: it reached its deadline")
                 && said.contains("its end is published to the revocation feed"),
             first,
             "{said}"

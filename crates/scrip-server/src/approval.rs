@@ -596,39 +596,21 @@ pub(crate) async fn poll(
     // a request). A bound task's is spent at every poll (below).
     let binding =
         binding.filter(|_| claims.cnf.is_some() || approval.state == ApprovalState::Approved);
-    // A bound task's token without its key, or with a proof already used,
-    // is most likely stolen: refused, and on the record, as at the
-    // exchange.
-    let refuse = |e: OAuthError| {
+    let cnf = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)
+        .and_then(|()| binding.map(|b| b.spend(st)).transpose());
+    if let Err(e) = cnf {
+        // A bound task's token without its key, or with a proof already
+        // used, is most likely stolen: refused, and on the record, as at
+        // the exchange.
         let mut a = st.claims_audit("token.refused", &claims);
         a.decision = Some("deny".into());
         a.tool = Some(approval.tool.clone());
         a.actions = Some(approval.actions.clone());
         a.client = Some(peer.to_string());
         a.reason = Some(format!("auth_req_id {id}: {}", e.description));
-        st.refusal_recorded(a, e)
-    };
-    if let Err(e) = crate::exchange::check_task_binding(claims.cnf.as_ref(), binding)
-        .and_then(|()| binding.map_or(Ok(()), |b| b.unspent(st)))
-    {
-        return Err(refuse(e).await);
+        return Err(st.refusal_recorded(a, e).await);
     }
-    let now = now();
-    // A waiting step polled sooner than the interval is told so before
-    // anything is written: a bound task's poll would otherwise spend and
-    // commit its proof each time. Only the key's holder gets this far.
-    if approval.state == ApprovalState::Pending
-        && now < approval.expires_at
-        && !st
-            .polls
-            .allow(id, Duration::from_secs(st.config.approval_poll_interval))
-    {
-        return Err(OAuthError::slow_down());
-    }
-    let cnf = match binding.map(|b| b.spend(st)).transpose() {
-        Ok(cnf) => cnf,
-        Err(e) => return Err(refuse(e).await),
-    };
+    let cnf = cnf?;
     if let Some(b) = binding {
         // Recorded for every replica before the step is looked at: a poll
         // replayed elsewhere must not collect the approved step's token, nor
@@ -646,6 +628,7 @@ pub(crate) async fn poll(
             Err(e) => return Err(e.into()),
         }
     }
+    let now = now();
     match approval.state {
         // CIBA Core §11: past `expires_in` an undecided or approved
         // request is gone: an approval is redeemed within it or not at all.
@@ -692,8 +675,13 @@ pub(crate) async fn poll(
             let e = OAuthError::invalid_grant(TASK_ENDED);
             Err(crate::exchange::refuse_ended(st, &claims, "token.refused", asked, peer, e).await)
         }
-        // Not polled too soon: said above.
         ApprovalState::Pending => {
+            if !st
+                .polls
+                .allow(id, Duration::from_secs(st.config.approval_poll_interval))
+            {
+                return Err(OAuthError::slow_down());
+            }
             match denied_since(st, &approval).await? {
                 Some(d) => {
                     // Still waiting though answered: the denial's own

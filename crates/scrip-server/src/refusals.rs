@@ -4,7 +4,8 @@
 //! approved step's collection refused, a process the attestation socket
 //! does not serve. Each is recorded before
 //! it is answered, up to [`PER_SECOND`] a second for one task (or one
-//! uid at the attestation socket, or one identity past its `[limits]`) in
+//! uid at the attestation socket, one identity past its `[limits]`, or
+//! one agent's task starts before it has a task) in
 //! this process; the rest of that
 //! second's are answered at once, counted, and recorded once the second
 //! ends (or the server stops): one record per task, event, tool, actions
