@@ -976,7 +976,7 @@ max_age = 86400
     let out = set_piped();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("put back `keys/`"),
+        text(&out.stderr).contains("put back `keys/audit-checkpoint.json`"),
         "{}",
         text(&out.stderr)
     );

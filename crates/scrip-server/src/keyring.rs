@@ -919,7 +919,7 @@ pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(
         return Err(KeyError::Invalid {
             path,
             message: format!(
-                "missing, yet the store beside it holds {records} audit records signed with it: put back `keys/` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)"
+                "missing, yet the store beside it holds {records} audit records signed with it: put back `keys/audit-checkpoint.json` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)"
             ),
         });
     }

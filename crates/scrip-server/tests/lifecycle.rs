@@ -1808,7 +1808,10 @@ async fn a_store_without_its_checkpoint_key_is_refused() {
     let kept = dir.path().join("kept.json");
     std::fs::rename(&key, &kept).unwrap();
     let refused_making_none = |refused: String| {
-        assert!(refused.contains("put back `keys/`"), "{refused}");
+        assert!(
+            refused.contains("put back `keys/audit-checkpoint.json`"),
+            "{refused}"
+        );
         assert!(!key.exists(), "a new checkpoint key was made");
     };
     let refused = scrip_server::Server::bind(config.clone()).await.err();
