@@ -318,23 +318,33 @@ mod tests {
         let secs = Duration::from_secs;
         let minute = secs(60);
         let mut clock = PurgeClock::new(1_000, t0);
-        // In step (a second of rounding either way is the wall clock's).
-        assert_eq!(clock.at(1_010, t0 + secs(10), minute), 1_010);
-        assert_eq!(clock.at(1_011, t0 + secs(10), minute), 1_011);
-        // Stepped 200 s ahead for a few seconds, then back: the purges
-        // went by the monotonic clock all along.
-        assert_eq!(clock.at(1_220, t0 + secs(20), minute), 1_020);
-        assert_eq!(clock.at(1_250, t0 + secs(50), minute), 1_050);
-        assert_eq!(clock.at(1_051, t0 + secs(51), minute), 1_051);
-        // Ahead again: the wait starts afresh, and is over after a minute
-        // ahead, from which the wall clock is followed.
-        assert_eq!(clock.at(1_400, t0 + secs(60), minute), 1_060);
-        assert_eq!(clock.at(1_459, t0 + secs(119), minute), 1_119);
-        assert_eq!(clock.at(1_460, t0 + secs(120), minute), 1_460);
-        assert_eq!(clock.at(1_461, t0 + secs(121), minute), 1_461);
-        // Stepped back: followed at once, and from there.
-        assert_eq!(clock.at(900, t0 + secs(122), minute), 900);
-        assert_eq!(clock.at(905, t0 + secs(127), minute), 905);
-        assert_eq!(clock.at(1_000, t0 + secs(128), minute), 906);
+        // (wall clock, monotonic seconds since t0, the time purged by)
+        let readings = [
+            // In step (a second of rounding either way is the wall clock's).
+            (1_010, 10, 1_010),
+            (1_011, 10, 1_011),
+            // Stepped 200 s ahead for a few seconds, then back: the purges
+            // went by the monotonic clock all along.
+            (1_220, 20, 1_020),
+            (1_250, 50, 1_050),
+            (1_051, 51, 1_051),
+            // Ahead again: the wait starts afresh, and is over after a
+            // minute ahead, from which the wall clock is followed.
+            (1_400, 60, 1_060),
+            (1_459, 119, 1_119),
+            (1_460, 120, 1_460),
+            (1_461, 121, 1_461),
+            // Stepped back: followed at once, and from there.
+            (900, 122, 900),
+            (905, 127, 905),
+            (1_000, 128, 906),
+        ];
+        for (wall, mono, purged_by) in readings {
+            assert_eq!(
+                clock.at(wall, t0 + secs(mono), minute),
+                purged_by,
+                "at {wall}, {mono} s in"
+            );
+        }
     }
 }

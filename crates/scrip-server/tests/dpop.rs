@@ -219,6 +219,16 @@ async fn post(s: &TestServer, form: &[(&str, &str)], proofs: &[&str]) -> Reply {
     s.caller().post_form_with("/token", form, &headers).await
 }
 
+/// The one approver, alice, a Kubernetes service account.
+fn alice() -> Vec<scrip_config::Approver> {
+    vec![scrip_config::Approver {
+        name: "alice".into(),
+        issuer: Some(K8S_ISSUER.into()),
+        subject: Some("system:serviceaccount:people:alice".into()),
+        uid: None,
+    }]
+}
+
 /// The form of a task start with `identity`, asking `scope`.
 fn start_form<'a>(identity: &'a str, scope: &'a str, details: &'a str) -> [(&'a str, &'a str); 5] {
     [
@@ -261,12 +271,7 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
     let s = TestServer::start_with(Options {
         edit: Some(Box::new(|c| {
             c.approval_poll_interval = 60;
-            c.approvers = vec![scrip_config::Approver {
-                name: "alice".into(),
-                issuer: Some(K8S_ISSUER.into()),
-                subject: Some("system:serviceaccount:people:alice".into()),
-                uid: None,
-            }];
+            c.approvers = alice();
         })),
         ..Options::default()
     })
@@ -626,14 +631,7 @@ forbid (principal, action, resource) when { context.delegation_depth > 0 } unles
 "#
             .into(),
         )],
-        edit: Some(Box::new(|c| {
-            c.approvers = vec![scrip_config::Approver {
-                name: "alice".into(),
-                issuer: Some(K8S_ISSUER.into()),
-                subject: Some("system:serviceaccount:people:alice".into()),
-                uid: None,
-            }];
-        })),
+        edit: Some(Box::new(|c| c.approvers = alice())),
         ..Options::default()
     })
     .await;
