@@ -35,7 +35,7 @@ use std::sync::{Arc, RwLock};
 
 use scrip_config::Config;
 use scrip_jose::{Algorithm, Kek, KeySet, SharedKeySet, SigningAlgorithm, SigningKey};
-use scrip_store::{KeyPurpose, Store, StoreError, StoredKey, Write};
+use scrip_store::{Checkpoint, KeyPurpose, Store, StoreError, StoredKey, Write};
 
 use crate::keys::{self, KeyError};
 
@@ -896,11 +896,14 @@ pub async fn checkpoint_signer(
 /// Refuses to make the embedded store's checkpoint key anew beside a store
 /// that holds audit records: its file is gone (the store restored or moved
 /// without `data_dir/keys`), and a new key would have every chain it signed
-/// reported as tampered with, for ever, by `scrip audit verify`.
+/// reported as tampered with, for ever, by `scrip audit verify`. Refuses,
+/// as much, a key file that signed none of the store's chain heads (a store
+/// put back beside another store's key).
 ///
 /// # Errors
 /// [`KeyError::Invalid`] when the key file is missing and the store holds
-/// records, or the store cannot say.
+/// records, when it signed none of the heads it holds, or the store cannot
+/// say.
 pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(), KeyError> {
     // The records first: one counted was signed under a key whose file
     // existed before it, so a file missing after the count is missing
@@ -915,13 +918,34 @@ pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(
         path: path.clone(),
         source,
     })?;
+    let put_back = "put back `keys/audit-checkpoint.json` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)";
     if !exists && records > 0 {
         return Err(KeyError::Invalid {
             path,
             message: format!(
-                "missing, yet the store beside it holds {records} audit records signed with it: put back `keys/audit-checkpoint.json` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)"
+                "missing, yet the store beside it holds {records} audit records signed with it: {put_back}"
             ),
         });
+    }
+    if exists && records > 0 {
+        let jwk = keys::read_checkpoint_key(&config.data_dir)?.public_jwk();
+        let heads = store
+            .latest_checkpoints()
+            .await
+            .map_err(|e| store_error(config, &e))?;
+        let signed = heads.iter().any(|c| {
+            let message = Checkpoint::message(&c.chain_id, c.chain_seq, &c.hash, c.at_ms);
+            scrip_jose::verify_detached(&jwk, &message, &c.signature)
+        });
+        if !heads.is_empty() && !signed {
+            return Err(KeyError::Invalid {
+                path,
+                message: format!(
+                    "signed none of the {} chain heads of the store beside it: it is another store's key, and records signed with it would have `scrip audit verify` report every earlier chain as tampered with: {put_back}",
+                    heads.len()
+                ),
+            });
+        }
     }
     Ok(())
 }

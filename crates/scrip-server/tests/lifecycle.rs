@@ -1824,6 +1824,27 @@ async fn a_store_without_its_checkpoint_key_is_refused() {
         scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "test").await;
     refused_making_none(refused.err().unwrap().to_string());
     drop(store);
+    // Another store's key in its place (the store put back beside newer
+    // keys): refused as much, the key file left as it is.
+    let other = scrip_config::Config {
+        data_dir: dir.path().join("other"),
+        ..config.clone()
+    };
+    drop(scrip_server::Server::bind(other.clone()).await.unwrap());
+    let others = scrip_server::keys::checkpoint_key_file(&other.data_dir);
+    std::fs::copy(&others, &key).unwrap();
+    let before = std::fs::read(&key).unwrap();
+    let refused = scrip_server::Server::bind(config.clone())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        refused.contains("signed none of the 1 chain heads of the store beside it")
+            && refused.contains("put back `keys/audit-checkpoint.json`"),
+        "{refused}"
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), before);
     std::fs::rename(&kept, &key).unwrap();
     drop(scrip_server::Server::bind(config).await.unwrap());
 }
