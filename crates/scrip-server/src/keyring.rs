@@ -918,7 +918,7 @@ pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(
         path: path.clone(),
         source,
     })?;
-    let put_back = "put back `keys/audit-checkpoint.json` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)";
+    let put_back = "put back `keys/audit-checkpoint.json` from the backup `scrip.db` came from (the two go together); if the key is lost for good, move `scrip.db` and its `-wal` and `-shm` files aside, and `keys/signing-*.json` too (the new store would not know what the old one revoked; docs/backups.md, step 4), and start on a new store (`scrip audit verify --public-key` with the old key's public JWK still checks the old one)";
     if !exists && records > 0 {
         return Err(KeyError::Invalid {
             path,
@@ -941,7 +941,7 @@ pub async fn checkpoint_key_kept(config: &Config, store: &dyn Store) -> Result<(
             return Err(KeyError::Invalid {
                 path,
                 message: format!(
-                    "signed none of the {} chain heads of the store beside it: it is another store's key, and records signed with it would have `scrip audit verify` report every earlier chain as tampered with: {put_back}",
+                    "signed none of the chain heads of the store beside it ({} signatures): it is another store's key, or the store's signatures were changed (`scrip audit verify --public-key` with the public JWK you kept tells which), and records signed with it would have `scrip audit verify` report every earlier chain as tampered with: {put_back}",
                     heads.len()
                 ),
             });

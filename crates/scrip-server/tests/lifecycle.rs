@@ -1834,16 +1834,31 @@ async fn a_store_without_its_checkpoint_key_is_refused() {
     let others = scrip_server::keys::checkpoint_key_file(&other.data_dir);
     std::fs::copy(&others, &key).unwrap();
     let before = std::fs::read(&key).unwrap();
-    let refused = scrip_server::Server::bind(config.clone())
+    let store = scrip_store::open(None, &config.data_dir.join("scrip.db"))
         .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        refused.contains("signed none of the 1 chain heads of the store beside it")
-            && refused.contains("put back `keys/audit-checkpoint.json`"),
-        "{refused}"
+        .unwrap();
+    let records = store.latest_audit_seq().await.unwrap();
+    let another = |refused: String| {
+        assert!(
+            refused
+                .contains("signed none of the chain heads of the store beside it (1 signatures)")
+                && refused.contains("put back `keys/audit-checkpoint.json`"),
+            "{refused}"
+        );
+    };
+    another(
+        scrip_server::Server::bind(config.clone())
+            .await
+            .err()
+            .unwrap()
+            .to_string(),
     );
+    let refused =
+        scrip_server::keyring::checkpoint_signer(&config, store.as_ref(), now(), "test").await;
+    another(refused.err().unwrap().to_string());
+    // Nothing written, the key file as it was.
+    assert_eq!(store.latest_audit_seq().await.unwrap(), records);
+    drop(store);
     assert_eq!(std::fs::read(&key).unwrap(), before);
     std::fs::rename(&kept, &key).unwrap();
     drop(scrip_server::Server::bind(config).await.unwrap());
