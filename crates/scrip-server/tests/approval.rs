@@ -112,13 +112,7 @@ async fn poll(s: &TestServer, task: &str, id: &str) -> Reply {
 }
 
 async fn approve(s: &TestServer, id: &str, bearer: Option<&str>) -> Reply {
-    s.post_raw(
-        &format!("/approvals/{id}/approve"),
-        "application/x-www-form-urlencoded",
-        Vec::new(),
-        bearer,
-    )
-    .await
+    s.approve(id, bearer).await
 }
 
 async fn deny(s: &TestServer, id: &str, bearer: Option<&str>, reason: &str) -> Reply {

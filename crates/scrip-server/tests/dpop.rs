@@ -439,14 +439,7 @@ async fn a_task_started_with_a_proof_is_bound_to_its_key() {
         .await
         .assert_error(400, "slow_down");
     let alice = s.k8s.kubernetes("people", "alice");
-    let r = s
-        .post_raw(
-            &format!("/approvals/{id}/approve"),
-            "application/x-www-form-urlencoded",
-            Vec::new(),
-            Some(&alice),
-        )
-        .await;
+    let r = s.approve(&id, Some(&alice)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     refused(&post(&s, &poll, &[&soon]).await, "used before");
     let r = post(&s, &poll, &[&key.proof("POST", &token_url, None)]).await;
@@ -678,14 +671,7 @@ forbid (principal, action, resource) when { context.delegation_depth > 0 } unles
     r.assert_error(400, "authorization_pending");
     let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
     let alice = s.k8s.kubernetes("people", "alice");
-    let r = s
-        .post_raw(
-            &format!("/approvals/{id}/approve"),
-            "application/x-www-form-urlencoded",
-            Vec::new(),
-            Some(&alice),
-        )
-        .await;
+    let r = s.approve(&id, Some(&alice)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let poll = [
         ("grant_type", "urn:openid:params:grant-type:ciba"),

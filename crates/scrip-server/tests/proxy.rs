@@ -2164,14 +2164,7 @@ async fn an_approved_legacy_write() -> (nginx::Nginx, TestServer, String, String
     r.assert_error(400, "authorization_pending");
     let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
     let alice_id = server.k8s.kubernetes("people", "alice");
-    let r = server
-        .post_raw(
-            &format!("/approvals/{id}/approve"),
-            "application/x-www-form-urlencoded",
-            Vec::new(),
-            Some(&alice_id),
-        )
-        .await;
+    let r = server.approve(&id, Some(&alice_id)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let r = server
         .post_form(

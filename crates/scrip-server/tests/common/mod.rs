@@ -385,6 +385,18 @@ impl TestServer {
         .await
     }
 
+    /// Approves the waiting step `id`, signed in with `bearer` (an
+    /// identity token).
+    pub async fn approve(&self, id: &str, bearer: Option<&str>) -> Reply {
+        self.post_raw(
+            &format!("/approvals/{id}/approve"),
+            "application/x-www-form-urlencoded",
+            Vec::new(),
+            bearer,
+        )
+        .await
+    }
+
     /// Exchanges a task token for an access token at `tool`.
     pub async fn access_token(&self, task_token: &str, tool: &str, scope: Option<&str>) -> Reply {
         self.access_token_dpop(task_token, tool, scope, &[]).await
