@@ -344,8 +344,33 @@ fn verify_report(
             report.unsigned
         ));
     }
+    let mut passed = true;
+    if !report.lost.is_empty() {
+        passed = !strict;
+        let records: u64 = report
+            .lost
+            .iter()
+            .map(|(_, _, l)| l.to.saturating_add(1).saturating_sub(l.from))
+            .sum();
+        lines.push(format!(
+            "{}: the store was rolled back under a running scrip {} time(s) (a failover to a standby that had not received every commit, or a backup restored in place): {records} records their writers had committed are gone, with whatever was committed with them (revocations, ended tasks, withdrawn keys); what remains verifies; --strict fails on this:",
+            if strict { "FAILED" } else { "note" },
+            report.lost.len()
+        ));
+        for (chain, at_ms, l) in &report.lost {
+            lines.push(format!(
+                "  chain {} #{} to #{} (its last record's hash {}), found at {} by chain {}",
+                printable(&l.chain_id),
+                l.from,
+                l.to,
+                printable(&l.hash),
+                when(*at_ms),
+                printable(chain)
+            ));
+        }
+    }
     if report.vouched.is_empty() {
-        return (lines, true);
+        return (lines, passed);
     }
     let records: u64 = report
         .vouched
@@ -359,7 +384,7 @@ fn verify_report(
     for (chain, from, to) in &report.vouched {
         lines.push(format!("  chain {} #{from} to #{to}", printable(chain)));
     }
-    (lines, !strict)
+    (lines, passed && !strict)
 }
 
 /// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
@@ -768,6 +793,36 @@ mod tests {
         let (lines, passed) = verify_report(&report, &kids, true);
         assert!(!passed);
         assert!(lines[3].starts_with("FAILED: 4 records"), "{lines:?}");
+
+        // A rollback: a note, which --strict fails on, whatever else.
+        report.vouched.clear();
+        report.lost = vec![(
+            "c3".into(),
+            1_700_000_000_000,
+            scrip_store::Lost {
+                chain_id: "c1\u{1b}[2J".into(),
+                from: 9,
+                to: 12,
+                hash: "h12".into(),
+            },
+        )];
+        let (lines, passed) = verify_report(&report, &kids, false);
+        assert!(passed);
+        assert!(
+            lines[3].starts_with("note: the store was rolled back under a running scrip 1 time(s)")
+                && lines[3].contains(": 4 records their writers had committed are gone"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[4],
+            "  chain c1\\u{1b}[2J #9 to #12 (its last record's hash h12), found at 2023-11-14T22:13:20.000Z by chain c3"
+        );
+        let (lines, passed) = verify_report(&report, &kids, true);
+        assert!(!passed);
+        assert!(
+            lines[3].starts_with("FAILED: the store was rolled back"),
+            "{lines:?}"
+        );
     }
 
     #[test]

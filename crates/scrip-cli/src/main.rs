@@ -981,9 +981,10 @@ fn policy(command: PolicyCommand) -> ExitCode {
                 return fail(e);
             }
             out!(
-                "ok: {} policies in `{}` validate",
+                "ok: {} policies in `{}` validate (set {}, as `policy.loaded` and `policy.reloaded` records name it)",
                 engine.len(),
-                dir.display()
+                dir.display(),
+                engine.digest()
             );
             ExitCode::SUCCESS
         }

@@ -112,7 +112,7 @@ async fn start(config: Config) -> Result<Started, String> {
     store
         .commit(vec![scrip_server::policies::loaded_record(
             &replica,
-            policy.len(),
+            &policy,
             &config.policy_dir,
         )])
         .await

@@ -125,6 +125,8 @@ pub struct PolicyEngine {
     actions: HashMap<String, SchemaAction>,
     count: usize,
     entities: EntityCache,
+    /// [`PolicyEngine::digest`].
+    digest: String,
 }
 
 /// An action of the schema, and the context shapes already checked
@@ -307,6 +309,27 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyErr
     Ok((policies, schema))
 }
 
+/// [`PolicyEngine::digest`] of a schema and policy files: each name and
+/// text with its length before it, so no two sets run together alike.
+fn set_digest(schema: (&str, &str), files: &[(String, String)]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for (name, text) in
+        std::iter::once(schema).chain(files.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+    {
+        for part in [name, text] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
+        }
+    }
+    let hex: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
 impl PolicyEngine {
     /// Loads and validates `dir`. A missing directory yields the built-in
     /// schema and no policies, which denies everything.
@@ -344,6 +367,7 @@ impl PolicyEngine {
         files: &[(String, String)],
     ) -> Result<Self, PolicyError> {
         let (schema_name, schema_text) = schema.unwrap_or(("built-in schema", DEFAULT_SCHEMA));
+        let digest = set_digest((schema_name, schema_text), files);
         let (schema, _warnings) =
             Schema::from_cedarschema_str(schema_text).map_err(|e| PolicyError::Schema {
                 name: schema_name.to_owned(),
@@ -473,6 +497,7 @@ impl PolicyEngine {
             actions,
             count,
             entities: EntityCache::default(),
+            digest,
         })
     }
 
@@ -480,6 +505,15 @@ impl PolicyEngine {
     #[must_use]
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// `sha256:<hex>` of the set's files as read (the schema's name and
+    /// text, then each policy file's, in name order): the same on every
+    /// replica that loaded the same files, so the records and logs that
+    /// name it say which set decided.
+    #[must_use]
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// Whether there are no policies (everything is denied).
@@ -912,7 +946,37 @@ fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(
 
 #[cfg(test)]
 mod tests {
-    use super::{PolicyEngine, WARNINGS_PER_SECOND, find_ticket, warn_now};
+    use super::{PolicyEngine, WARNINGS_PER_SECOND, find_ticket, set_digest, warn_now};
+
+    /// A set's digest is its files' names and texts: the same files, the
+    /// same digest; any byte, name or boundary moved, another.
+    #[test]
+    fn a_sets_digest_names_its_files() {
+        let files = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+                .collect()
+        };
+        let schema = ("s", "schema");
+        let one = set_digest(schema, &files(&[("a.cedar", "permit"), ("b.cedar", "x")]));
+        assert!(one.starts_with("sha256:") && one.len() == 7 + 64, "{one}");
+        assert_eq!(
+            one,
+            set_digest(schema, &files(&[("a.cedar", "permit"), ("b.cedar", "x")]))
+        );
+        for other in [
+            set_digest(schema, &files(&[("a.cedar", "permit"), ("b.cedar", "y")])),
+            set_digest(schema, &files(&[("a.cedar", "permit"), ("c.cedar", "x")])),
+            set_digest(schema, &files(&[("a.cedar", "permi"), ("b.cedar", "tx")])),
+            set_digest(
+                ("s", "schema2"),
+                &files(&[("a.cedar", "permit"), ("b.cedar", "x")]),
+            ),
+            set_digest(schema, &files(&[("a.cedar", "permit")])),
+        ] {
+            assert_ne!(one, other);
+        }
+    }
 
     /// A flood of requests that cannot be evaluated warns a few times a
     /// second, not once each.

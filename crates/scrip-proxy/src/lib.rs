@@ -186,8 +186,12 @@ const PENDING: usize = 1024;
 /// one in a second, per process; the rest of that second's are counted,
 /// and recorded as one `proxy.refused` record per upstream. Anyone can
 /// send such a request: one by one, a flood of them would grow the trail
-/// without bound and hold up the store's commits of tokens.
-pub const UNVERIFIED_PER_SECOND: u32 = 100;
+/// without bound and hold up the store's commits of tokens. As few as the
+/// other budgets a second: a client with no token at all gets the rows it
+/// writes into the trail (which no one can prune without breaking its
+/// chain) held to about a million a day per process, with one count record
+/// a second per upstream beside them.
+pub const UNVERIFIED_PER_SECOND: u32 = 10;
 
 /// The refusals of one token that verified (revoked, used, out of scope,
 /// refused by policy, or sent with a bad path or a method no action maps

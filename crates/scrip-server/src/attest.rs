@@ -851,6 +851,23 @@ fn exe_said(o: &Observed) -> String {
     }
 }
 
+/// The refusal budget every uid no entry serves shares.
+pub(crate) const UNSERVED_UIDS: &str = "uids no entry serves";
+
+/// The budget a refused attestation is charged to, and the kind it is
+/// counted under past it (see [`refuse`]).
+fn refusal_key(served: bool, uid: u32, gid: u32, exe: Option<&str>) -> (String, String) {
+    let exe = exe.unwrap_or("not read");
+    if served {
+        (format!("uid {uid}"), format!("gid {gid} {exe}"))
+    } else {
+        (
+            UNSERVED_UIDS.to_owned(),
+            format!("uid {uid} gid {gid} {exe}"),
+        )
+    }
+}
+
 async fn refuse(
     st: &Inner,
     observed: Option<&Observed>,
@@ -869,14 +886,13 @@ async fn refuse(
     // Charged to the uid that asked (a process may ask as fast as it
     // can), counted apart by gid and executable (up to the kinds kept
     // apart), so that one process's flood does not readily hide another's
-    // refusal under the same uid.
+    // refusal under the same uid. Uids no entry serves share one budget,
+    // as they share their connections: one user with many uids (its
+    // subordinate ones, in a user namespace) writes no more records.
     let exe = observed.and_then(|o| o.exe_sha256.as_deref());
-    let kind = format!("gid {gid} {}", exe.unwrap_or("not read"));
-    if st
-        .record_refusal(&format!("uid {uid}"), &kind, a)
-        .await
-        .is_err()
-    {
+    let served = could_match(&st.config.local_workloads, uid, gid, own_uid()).is_ok();
+    let (key, kind) = refusal_key(served, uid, gid, exe);
+    if st.record_refusal(&key, &kind, a).await.is_err() {
         return Answer::error(
             503,
             "temporarily_unavailable",
@@ -1208,6 +1224,19 @@ fn sha256_hex(file: &File, limit: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Uids no entry serves share one refusal budget, each counted apart;
+    /// a served uid has its own.
+    #[test]
+    fn unserved_uids_share_a_refusal_budget() {
+        let (a, kind_a) = refusal_key(false, 1001, 1001, None);
+        let (b, kind_b) = refusal_key(false, 1002, 1001, None);
+        assert_eq!(a, b);
+        assert_ne!(kind_a, kind_b);
+        let (served, _) = refusal_key(true, 1001, 1001, Some("abc"));
+        assert_eq!(served, "uid 1001");
+        assert_ne!(served, a);
+    }
 
     /// A socket put in the name's place meanwhile (another scrip starting
     /// at the same time) is not replaced.

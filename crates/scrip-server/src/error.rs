@@ -211,9 +211,10 @@ impl From<StoreError> for OAuthError {
         match e {
             // A record the store refused is a record not written: SPEC's
             // fail-closed answer, as for a store that is down.
-            StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Refused(_) => {
-                Self::temporarily_unavailable()
-            }
+            StoreError::Unavailable(_)
+            | StoreError::Open(_)
+            | StoreError::Refused(_)
+            | StoreError::RolledBack(_) => Self::temporarily_unavailable(),
             StoreError::Corrupt(_) | StoreError::Conflict(_) | StoreError::ProofUsed => {
                 Self::server_error()
             }

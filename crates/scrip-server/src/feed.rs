@@ -9,7 +9,8 @@
 //! ([`Head`]): at once when the store signals a revocation (this replica's
 //! commits and, on a shared store, the other replicas' through its
 //! notifications), and by reading it every [`POLL`] in any case. So many
-//! waiting requests cost the store no more reads than one.
+//! waiting requests cost the store no more reads than one while they wait;
+//! when a revocation comes, each reads its page.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,8 +184,12 @@ async fn page(
     // (restored from a backup, a new data directory), or the newest ones
     // were purged. Start the follower over from the first event rather than
     // let it wait for numbers it has already passed. Checked once a page:
-    // later events only move the newest number up.
-    let after = if after > 0 && st.store.latest_revocation().await? < after {
+    // later events only move the newest number up. Not read again where
+    // the number the process follows ([`Head`]) already reaches the
+    // cursor: a follower caught up, polling again after each event, costs
+    // one read a page, not two.
+    let known = *newest.borrow();
+    let after = if after > known && st.store.latest_revocation().await? < after {
         0
     } else {
         after

@@ -213,20 +213,24 @@ impl Server {
             .issuer
             .clone()
             .unwrap_or_else(|| format!("http://{local}"));
+        // What can refuse the start comes before the keys are made: keys
+        // made by a start that fails stay, and their records with them, in
+        // commits no later commit of that process signs. What needs no
+        // store comes before the store is opened, which migrates it: a
+        // start refused for its policies, its issuers or a socket another
+        // scrip serves leaves the schema as it was, so the version it
+        // replaces can still start.
+        let (policy_seen, policy) = policies::load_at_start(&config.policy_dir).await?;
+        policy.check_tools(&config.tools)?;
+        let identities =
+            IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
+        let attest = attest::Socket::bind(&config)?;
         let store = scrip_store::open(
             config.database_url.as_deref(),
             &config.data_dir.join("scrip.db"),
         )
         .await?;
         let replica = replica_name(local);
-        // What can refuse the start comes before the keys are made: keys
-        // made by a start that fails stay, and their records with them, in
-        // commits no later commit of that process signs.
-        let (policy_seen, policy) = policies::load_at_start(&config.policy_dir).await?;
-        policy.check_tools(&config.tools)?;
-        let identities =
-            IdentityVerifier::new(&config.trusted_issuers, &issuer, config.clock_skew)?;
-        let attest = attest::Socket::bind(&config)?;
         // The proxy's key-encryption key (refused when it opens none of
         // the store's secrets) and its metrics listener (refused when the
         // address is taken).
@@ -271,7 +275,7 @@ impl Server {
         store
             .commit(vec![policies::loaded_record(
                 &replica,
-                policy.len(),
+                &policy,
                 &config.policy_dir,
             )])
             .await?;
@@ -283,7 +287,7 @@ impl Server {
                 "no [[tools]] configured: every task asking for a grant is refused (unknown tool); see docs/configuration.md, or examples/quickstart.toml"
             );
         }
-        tracing::info!(issuer = %issuer, kid = %keyring.signer(state::now()).kid(), store = if keyring.is_shared() { "postgres" } else { "sqlite" }, policies = policy.len(), tools = config.tools.len(), "scrip ready");
+        tracing::info!(issuer = %issuer, kid = %keyring.signer(state::now()).kid(), store = if keyring.is_shared() { "postgres" } else { "sqlite" }, policies = policy.len(), policy_set = %policy.digest(), tools = config.tools.len(), "scrip ready");
 
         let generation = keyring.generation();
         let inner = state::Inner {

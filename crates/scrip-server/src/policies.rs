@@ -21,12 +21,19 @@ use scrip_store::{AuditEvent, Store, Write};
 #[derive(Clone)]
 pub struct Policies(Arc<Inner>);
 
-/// The `policy.loaded` record of a process's first policy set (`count`
-/// policies from `dir`), committed before the set decides anything.
+/// The `policy.loaded` record of a process's first policy set (`policy`,
+/// from `dir`), committed before the set decides anything: how many
+/// policies, and the set's digest ([`PolicyEngine::digest`]), which tells
+/// replicas deciding by different files apart.
 #[must_use]
-pub fn loaded_record(replica: &str, count: usize, dir: &Path) -> Write {
+pub fn loaded_record(replica: &str, policy: &PolicyEngine, dir: &Path) -> Write {
     let mut a = crate::audit_record(replica, "policy.loaded");
-    a.reason = Some(format!("{count} policies from `{}`", dir.display()));
+    a.reason = Some(format!(
+        "{} policies from `{}`, set {}",
+        policy.len(),
+        dir.display(),
+        policy.digest()
+    ));
     Write::Audit(Box::new(a))
 }
 
@@ -39,6 +46,26 @@ struct Inner {
     poll_interval: u64,
     store: Arc<dyn Store>,
     replica: String,
+    /// Why the last reload was rejected, while the set on disk is not in
+    /// force: a rejection retried for the same reason is not recorded or
+    /// logged as an error again.
+    rejected: std::sync::Mutex<Option<String>>,
+}
+
+/// How a reload went ([`Policies::reload_as_seen`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reload {
+    /// The new set is in force.
+    Installed,
+    /// Refused for what the files say: kept refused until they change.
+    Rejected,
+    /// Refused for where they are (a file that cannot be read, a link to
+    /// nothing, a directory others can write): read again at each poll,
+    /// since fixing that may change none of the files.
+    RejectedForNow,
+    /// Not read to the end (a file changed meanwhile, the store could not
+    /// record it): read again once the files settle.
+    Again,
 }
 
 impl std::fmt::Debug for Policies {
@@ -71,6 +98,7 @@ impl Policies {
             poll_interval: config.policy_poll_interval,
             store,
             replica: replica.into(),
+            rejected: std::sync::Mutex::new(None),
         }))
     }
 
@@ -85,21 +113,22 @@ impl Policies {
 
     /// Reloads the policies now. Returns whether the new set was accepted.
     pub async fn reload(&self, cause: &str) -> bool {
-        self.reload_as_seen(cause, None).await.unwrap_or(false)
+        self.reload_as_seen(cause, None).await == Reload::Installed
     }
 
     /// [`Self::reload`]; with `seen`, the directory as it was looked at
     /// before: if it is not so once the files have been read, a file
     /// changed while it was read (one caught half-written can parse, a cut
     /// between two policies dropping the `forbid` rules after it), so what
-    /// was read is dropped, nothing is installed or audited, and `None` says
-    /// to read again once the files settle.
+    /// was read is dropped, nothing is installed or audited, and
+    /// [`Reload::Again`] says to read again once the files settle.
     ///
     /// A new set is put in force only once its `policy.reloaded` record is
     /// committed: the decisions it makes name its policies, and the trail
     /// must say where they came from. When the store cannot take the
-    /// record, the last good set stays and `None` says to read again.
-    async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>) -> Option<bool> {
+    /// record, the last good set stays and [`Reload::Again`] says to read
+    /// again.
+    async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>) -> Reload {
         let inner = &self.0;
         // A directory that is gone (moved, an unmounted volume) is not an
         // empty policy set: the last good set stays. (At start a missing
@@ -120,7 +149,7 @@ impl Policies {
                 cause,
                 "policy files changed while they were read; reading them again once they settle"
             );
-            return None;
+            return Reload::Again;
         }
         let record = |event: &str, reason: String| {
             vec![Write::Audit(Box::new(AuditEvent {
@@ -134,31 +163,59 @@ impl Policies {
         match result {
             Ok(engine) => {
                 let n = engine.len();
-                let reloaded = record("policy.reloaded", format!("{n} policies ({cause})"));
+                let reloaded = record(
+                    "policy.reloaded",
+                    format!("{n} policies, set {} ({cause})", engine.digest()),
+                );
                 if let Err(e) = inner.store.commit(reloaded).await {
                     tracing::error!(error = %e, cause, "could not record the policy reload; keeping the last good policies until it can be");
-                    return None;
+                    return Reload::Again;
                 }
                 match inner.current.write() {
                     Ok(mut slot) => *slot = Arc::new(engine),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
                 }
-                tracing::info!(policies = n, cause, "policies reloaded");
-                Some(true)
+                *self.rejected() = None;
+                tracing::info!(policies = n, set = %self.current().digest(), cause, "policies reloaded");
+                Reload::Installed
             }
             Err(e) => {
+                let why = e.to_string();
+                let outcome = if matches!(
+                    e,
+                    scrip_policy::PolicyError::Io { .. } | scrip_policy::PolicyError::Unsafe(_)
+                ) {
+                    Reload::RejectedForNow
+                } else {
+                    Reload::Rejected
+                };
+                if self.rejected().as_deref() == Some(why.as_str()) {
+                    tracing::debug!(error = %e, cause, "policy reload rejected again for the same reason");
+                    return outcome;
+                }
                 tracing::error!(error = %e, cause, "policy reload rejected; keeping the last good policies");
-                let rejected = record("policy.rejected", format!("{e} ({cause})"));
+                let rejected = record("policy.rejected", format!("{why} ({cause})"));
                 if let Err(e) = inner.store.commit(rejected).await {
                     tracing::error!(error = %e, "could not record the rejected policy reload");
+                    return outcome;
                 }
-                Some(false)
+                *self.rejected() = Some(why);
+                outcome
             }
         }
     }
 
+    fn rejected(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0
+            .rejected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Reloads on every `hangup` signal and whenever the directory's files
-    /// change, until the task is aborted.
+    /// change, until the task is aborted; a reload rejected for where the
+    /// files are rather than what they say ([`Reload::RejectedForNow`]) is
+    /// tried again at each poll.
     pub fn spawn_reloader(
         &self,
         hangup: Option<tokio::signal::unix::Signal>,
@@ -195,11 +252,11 @@ impl Policies {
                 // the cut) is dropped and read again once two looks at the
                 // directory, `SETTLE` apart, agree.
                 let mut current = DirState::now(&self.0.dir);
-                while self
-                    .reload_as_seen("SIGHUP", Some(&current))
-                    .await
-                    .is_none()
-                {
+                let outcome = loop {
+                    let outcome = self.reload_as_seen("SIGHUP", Some(&current)).await;
+                    if outcome != Reload::Again {
+                        break outcome;
+                    }
                     loop {
                         tokio::time::sleep(SETTLE).await;
                         let again = DirState::now(&self.0.dir);
@@ -208,16 +265,19 @@ impl Policies {
                         }
                         current = again;
                     }
-                }
+                };
                 watch.loaded(current);
+                if outcome == Reload::RejectedForNow {
+                    watch.unread();
+                }
                 continue;
             }
             let current = DirState::now(&self.0.dir);
             if watch.observe(current.clone())
-                && self
-                    .reload_as_seen("file change", Some(&current))
-                    .await
-                    .is_none()
+                && matches!(
+                    self.reload_as_seen("file change", Some(&current)).await,
+                    Reload::Again | Reload::RejectedForNow
+                )
             {
                 watch.unread();
             }
@@ -297,12 +357,32 @@ fn check_writers(dir: &Path) -> Result<bool, scrip_policy::PolicyError> {
     Ok(true)
 }
 
+/// Reads with `read` once the files held still while they were read, and
+/// for [`SETTLE`] before: files changed less than that before the read (a
+/// deploy that pauses between two writes of one file, a start racing it)
+/// are waited for first, once for each state of the directory, as a reload
+/// waits for two looks that agree.
 async fn read_settled<T>(
     dir: &Path,
     mut read: impl FnMut() -> Result<T, scrip_policy::PolicyError>,
 ) -> Result<(DirState, T), scrip_policy::PolicyError> {
+    let mut waited: Option<DirState> = None;
     for _ in 0..START_READS {
-        let seen = DirState::now(dir);
+        let mut seen = DirState::now(dir);
+        if waited.as_ref() != Some(&seen)
+            && let Some(wait) = seen.settling(std::time::SystemTime::now())
+        {
+            tracing::info!(
+                dir = %dir.display(),
+                "policy files changed just now; reading them once they settle"
+            );
+            tokio::time::sleep(wait).await;
+            waited = Some(seen);
+            seen = DirState::now(dir);
+            if waited.as_ref() != Some(&seen) {
+                continue;
+            }
+        }
         let read = read();
         if DirState::now(dir) == seen {
             return read.map(|r| (seen, r));
@@ -405,20 +485,43 @@ impl DirState {
                     Some("cedar" | "cedarschema")
                 )
             })
-            .filter_map(|e| {
-                let meta = std::fs::metadata(e.path()).ok()?;
-                Some((
-                    e.file_name().to_string_lossy().into_owned(),
-                    meta.len(),
-                    meta.modified().ok(),
-                    meta.ctime(),
-                    meta.ctime_nsec(),
-                    meta.ino(),
-                ))
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // A link to nothing (or a file that cannot be looked at) is
+                // there too, as the link itself: a load fails on it, and
+                // its removal must be a change that is read.
+                match std::fs::metadata(e.path()).or_else(|_| std::fs::symlink_metadata(e.path())) {
+                    Ok(meta) => (
+                        name,
+                        meta.len(),
+                        meta.modified().ok(),
+                        meta.ctime(),
+                        meta.ctime_nsec(),
+                        meta.ino(),
+                    ),
+                    Err(_) => (name, 0, None, 0, 0, 0),
+                }
             })
             .collect();
         out.sort();
         Self(out)
+    }
+
+    /// How long until [`SETTLE`] has passed since the latest change of its
+    /// files (their change time), if it has not yet; a change time to come
+    /// (a clock stepped back) counts as now.
+    fn settling(&self, now: std::time::SystemTime) -> Option<Duration> {
+        let latest = self
+            .0
+            .iter()
+            .filter_map(|(_, _, _, secs, nsecs, _)| {
+                let secs = u64::try_from(*secs).ok()?;
+                let nsecs = u32::try_from(*nsecs).ok()?;
+                std::time::UNIX_EPOCH.checked_add(Duration::new(secs, nsecs))
+            })
+            .max()?;
+        let age = now.duration_since(latest).unwrap_or(Duration::ZERO);
+        SETTLE.checked_sub(age).filter(|d| !d.is_zero())
     }
 }
 
@@ -512,6 +615,42 @@ mod tests {
         assert!(e.to_string().contains("kept changing"), "{e}");
     }
 
+    /// Files changed just before the start are read only once they held
+    /// still for [`SETTLE`]: a deploy that pauses between two writes of a
+    /// file, for less than that, is not read half-way; files older than
+    /// that are read at once.
+    #[tokio::test]
+    async fn a_start_up_read_waits_for_files_changed_just_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.cedar");
+        let before = std::time::Instant::now();
+        std::fs::write(&file, "half").unwrap();
+        let mut read_at = None;
+        let (seen, ()) = read_settled(dir.path(), || {
+            read_at = Some(before.elapsed());
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen, DirState::now(dir.path()));
+        // Change times are coarse (a clock tick): a margin below SETTLE.
+        let read_at = read_at.unwrap();
+        assert!(
+            read_at + Duration::from_millis(50) >= SETTLE,
+            "read {read_at:?} after the write"
+        );
+        // Once settled, nothing to wait for.
+        assert_eq!(
+            DirState::now(dir.path()).settling(std::time::SystemTime::now()),
+            None
+        );
+        // A change time to come counts as now.
+        let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let state = DirState::now(dir.path());
+        assert_eq!(state.settling(std::time::UNIX_EPOCH), Some(SETTLE));
+        assert_eq!(state.settling(ahead), None);
+    }
+
     /// What was read is installed only if the directory is still as it was
     /// seen before the read.
     #[tokio::test]
@@ -544,12 +683,15 @@ mod tests {
         )
         .unwrap();
         // Seen before `b.cedar` came: dropped.
-        assert_eq!(p.reload_as_seen("file change", Some(&seen)).await, None);
+        assert_eq!(
+            p.reload_as_seen("file change", Some(&seen)).await,
+            Reload::Again
+        );
         assert_eq!(p.current().len(), 1);
         let now = DirState::now(&policies);
         assert_eq!(
             p.reload_as_seen("file change", Some(&now)).await,
-            Some(true)
+            Reload::Installed
         );
         assert_eq!(p.current().len(), 2);
     }

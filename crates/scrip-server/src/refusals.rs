@@ -205,15 +205,20 @@ fn count_record(c: &Count) -> Write {
     } else {
         "task"
     };
+    let one = if c.budget == crate::attest::UNSERVED_UIDS {
+        "the uids no entry serves, together".to_owned()
+    } else {
+        format!("one {per}")
+    };
     let holds = match c.holds {
         Holds::One => String::new(),
-        Holds::Kinds => format!(", of several kinds (past {KINDS} kept apart for one {per})"),
+        Holds::Kinds => format!(", of several kinds (past {KINDS} kept apart for {one})"),
         Holds::Keys => format!(
             ", of several {per}s (past {TOTAL} counts kept in all; the first one's {per} is named)"
         ),
     };
     r.reason = Some(format!(
-        "{} more refused{holds}, from {} to {} (ms since the epoch), recorded as a count: over {PER_SECOND} a second for one {per}; the first of them: {}",
+        "{} more refused{holds}, from {} to {} (ms since the epoch), recorded as a count: over {PER_SECOND} a second for {one}; the first of them: {}",
         c.n,
         c.first.at_ms,
         c.last_ms,

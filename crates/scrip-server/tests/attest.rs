@@ -238,6 +238,17 @@ async fn a_flood_of_refused_attestations_is_recorded_as_counts() {
         .filter(|a| a.event == "identity.attest" && a.decision.as_deref() == Some("deny"))
         .collect();
     assert_counted_past_the_budget(&refused, MORE);
+    // A uid no entry serves shares its budget with every other such uid:
+    // one user with many uids writes no more records.
+    let me = format!(",uid={}", uid());
+    assert!(
+        refused.iter().any(|a| a
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("a second for the uids no entry serves, together"))
+            && a.client.as_deref().is_some_and(|c| c.ends_with(&me))),
+        "{refused:#?}"
+    );
 }
 
 /// A local identity is handed out only with its durable record (SPEC:

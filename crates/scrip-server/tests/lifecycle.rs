@@ -1258,6 +1258,17 @@ when { principal has namespace && principal.namespace == "other" };
             .any(|a| a.event == "policy.reloaded" && a.seq > rejected_seq),
         "no policy.reloaded audit record after the rejection"
     );
+    // It names the set as `scrip policy check` does.
+    let set = scrip_policy::PolicyEngine::load(&s.dir.path().join("policies")).unwrap();
+    let reloaded = audit
+        .iter()
+        .rfind(|a| a.event == "policy.reloaded")
+        .and_then(|a| a.reason.clone())
+        .unwrap();
+    assert!(
+        reloaded.contains(&format!(", set {} (", set.digest())),
+        "{reloaded}"
+    );
     let r = try_other().await;
     assert_eq!(r.body["scope"], "github:read", "{}", r.text);
 
@@ -1289,6 +1300,62 @@ when { principal has namespace && principal.namespace == "other" };
     );
     let r = try_other().await;
     assert_eq!(r.status, 200, "{}", r.text);
+
+    // Back, with a `forbid` added, in a directory others can write:
+    // refused for where the files are. Fixing that changes none of them,
+    // and is read at the next poll; the refusal, repeated at each poll
+    // meanwhile, is recorded once.
+    let rejections = || async {
+        s.audit()
+            .await
+            .iter()
+            .filter(|a| a.event == "policy.rejected")
+            .count()
+    };
+    let dir = s.dir.path().join("policies");
+    std::fs::rename(s.dir.path().join("policies-moved"), &dir).unwrap();
+    let mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(0o777);
+    let before = rejections().await;
+    std::fs::write(
+        dir.join("zz-forbid.cedar"),
+        "@id(\"no-other\")\nforbid (principal, action, resource)\nwhen { principal has namespace && principal.namespace == \"other\" };\n",
+    )
+    .unwrap();
+    let refused = eventually(Duration::from_secs(5), || async {
+        rejections().await > before
+    })
+    .await;
+    assert!(refused, "a directory others can write was read");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rejections().await, before + 1, "recorded again");
+    assert_eq!(try_other().await.status, 200, "the last good set decides");
+    mode(0o755);
+    let denied = eventually(Duration::from_secs(5), || async {
+        try_other().await.status == 400
+    })
+    .await;
+    assert!(denied, "the directory fixed was not read again");
+
+    // A link to nothing: refused; removing it is a change, read.
+    let link = dir.join("zz-gone.cedar");
+    std::os::unix::fs::symlink(dir.join("nowhere.cedar"), &link).unwrap();
+    let before = rejections().await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        rejections().await > before
+    })
+    .await;
+    assert!(refused, "a link to nothing was not refused");
+    std::fs::remove_file(dir.join("zz-forbid.cedar")).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    let allowed = eventually(Duration::from_secs(5), || async {
+        try_other().await.status == 200
+    })
+    .await;
+    assert!(allowed, "the link's removal was not read");
     s.stop().await;
 }
 
@@ -1942,6 +2009,10 @@ async fn a_refused_start_makes_no_keys_and_the_start_that_does_records_them() {
     let keys = config.data_dir.join("keys");
     let made = std::fs::read_dir(&keys).map_or(0, |d| d.count());
     assert_eq!(made, 0, "a refused start made keys in {}", keys.display());
+    // Nor did it open the store, which would have migrated it: the version
+    // it was to replace can still start.
+    let db = config.data_dir.join("scrip.db");
+    assert!(!db.exists(), "a refused start opened {}", db.display());
     std::fs::remove_file(policies.join("broken.cedar")).unwrap();
     drop(scrip_server::Server::bind(config.clone()).await.unwrap());
     let store = scrip_store::open(None, &config.data_dir.join("scrip.db"))

@@ -82,6 +82,42 @@ pub(crate) struct ChainState {
     replaces: bool,
     /// Signs the head in each commit that moves it, once set.
     signer: Signer,
+    /// The head of the chain this one replaces as this writer last saw it
+    /// committed: the new chain's start checks that the store still holds
+    /// it ([`Lost`]).
+    predecessor: Option<ChainLink>,
+    /// The signed head this chain's row in `audit_heads` holds since its
+    /// last commit: the next commit replaces that row only if it still holds
+    /// it, so a store rolled back under this writer is noticed
+    /// ([`crate::StoreError::RolledBack`]).
+    stored: Option<ChainLink>,
+}
+
+/// Records a writer had committed that its store no longer holds, as the
+/// `lost` of the `chain.started` record of the chain that replaced it: the
+/// store was rolled back under the running writer (a failover to a standby
+/// that had not received them, a backup restored in place). Signed with that
+/// chain, so it is evidence of what was committed, not only of what is left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    /// The chain they belonged to.
+    pub chain_id: String,
+    /// The first position the store no longer holds.
+    pub from: u64,
+    /// The last position the writer had committed.
+    pub to: u64,
+    /// That last record's hash.
+    pub hash: String,
+}
+
+/// A signed head to store in a commit ([`ChainState::signed_head`]).
+#[derive(Debug, Clone)]
+pub(crate) struct HeadWrite {
+    /// The head.
+    pub checkpoint: Checkpoint,
+    /// The head the chain's row must hold for the commit to replace it;
+    /// `None`: the chain has no row yet, and the commit inserts it.
+    pub over: Option<ChainLink>,
 }
 
 impl ChainState {
@@ -93,6 +129,8 @@ impl ChainState {
             replica: String::new(),
             replaces: false,
             signer,
+            predecessor: None,
+            stored: None,
         }
     }
 
@@ -102,8 +140,42 @@ impl ChainState {
         Self {
             replica: self.replica.clone(),
             replaces: true,
+            // A replacement that never wrote passes its predecessor on.
+            predecessor: self.link().or_else(|| self.predecessor.clone()),
             ..Self::new(id, self.signer.clone())
         }
+    }
+
+    /// The head of the chain this one replaces, as this writer last saw it
+    /// committed, while this chain has not started.
+    pub fn predecessor(&self) -> Option<&ChainLink> {
+        self.predecessor.as_ref().filter(|_| self.seq == 0)
+    }
+
+    /// Fills in `start` (this chain's `chain.started`) with what the store
+    /// lost of the predecessor, given `held`, the last position of the
+    /// predecessor's chain the store holds (0: none), and says so in the
+    /// log: the store was rolled back under this writer.
+    pub fn note_loss(&self, start: &mut AuditEvent, held: u64) {
+        let Some(p) = self.predecessor() else {
+            return;
+        };
+        if held >= p.chain_seq {
+            return;
+        }
+        let lost = Lost {
+            chain_id: p.chain_id.clone(),
+            from: held.saturating_add(1),
+            to: p.chain_seq,
+            hash: p.hash.clone(),
+        };
+        tracing::error!(
+            chain = %lost.chain_id,
+            from = lost.from,
+            to = lost.to,
+            "the store was rolled back: it no longer holds audit records this replica committed, nor anything committed with them (revocations, ended tasks, withdrawn keys, approvals); a failover to a standby that had not received them, or a backup restored under a running server. Re-apply what was done since (docs/backups.md); `scrip audit verify` lists the loss"
+        );
+        start.lost = Some(lost);
     }
 
     /// Places `event` next in the chain; returns its JSON and hash.
@@ -161,10 +233,15 @@ impl ChainState {
     /// once a signer is set: the backend writes it in the same transaction,
     /// so every committed record is signed by its writer.
     ///
+    /// The backend inserts the chain's row when [`HeadWrite::over`] is
+    /// `None`, and otherwise replaces it only where it still holds that
+    /// head, failing the commit with [`crate::StoreError::RolledBack`] when
+    /// it does not.
+    ///
     /// # Errors
     /// [`crate::StoreError::Unavailable`] when the signer fails: the commit
     /// must fail, rather than store records its writer did not sign.
-    pub fn signed_head(&self, before: u64) -> Result<Option<Checkpoint>, crate::StoreError> {
+    pub fn signed_head(&mut self, before: u64) -> Result<Option<HeadWrite>, crate::StoreError> {
         let Some(signer) = self.signer.get() else {
             return Ok(None);
         };
@@ -177,13 +254,17 @@ impl ChainState {
             .map_err(|e| {
                 crate::StoreError::Unavailable(format!("cannot sign the audit chain head: {e}"))
             })?;
-        Ok(Some(Checkpoint {
+        let checkpoint = Checkpoint {
             chain_id: self.id.clone(),
             chain_seq: self.seq,
             hash: self.head.clone(),
             at_ms,
             signature,
-        }))
+        };
+        // Applied to a copy that is kept only if the commit succeeds.
+        let now = self.link();
+        let over = std::mem::replace(&mut self.stored, now);
+        Ok(Some(HeadWrite { checkpoint, over }))
     }
 
     /// The head as a link, if the chain has a record.
@@ -358,6 +439,12 @@ pub struct Report {
     /// started, not that scrip wrote them: someone who can write the store
     /// could have put them there.
     pub vouched: Vec<(String, u64, u64)>,
+    /// Records the store lost to a rollback under their running writer, as
+    /// the chain that replaced theirs recorded it at its start: (that
+    /// chain, its start's time in ms, what was lost). The trail verifies
+    /// without them; they were committed, and are gone with whatever was
+    /// committed with them.
+    pub lost: Vec<(String, u64, Lost)>,
     /// Problems, in the order found: the first [`MAX_PROBLEMS`].
     pub problems: Vec<Problem>,
     /// Problems found past those, counted only: a trail tampered with on
@@ -538,6 +625,11 @@ impl Verifier {
                 }
                 at_ms = Some(e.at_ms);
                 links = e.links;
+                if r.chain_seq == 1
+                    && let Some(lost) = e.lost
+                {
+                    self.report.lost.push((r.chain_id.clone(), e.at_ms, lost));
+                }
             }
             Err(_) => self
                 .report

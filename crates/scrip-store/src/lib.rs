@@ -25,8 +25,8 @@ mod tally;
 mod writer;
 
 pub use chain::{
-    ChainLink, Checkpoint, HeadSigner, IndexedColumns, MAX_PROBLEMS, Problem, Report, StoredRecord,
-    Verifier, hash, verify,
+    ChainLink, Checkpoint, HeadSigner, IndexedColumns, Lost, MAX_PROBLEMS, Problem, Report,
+    StoredRecord, Verifier, hash, verify,
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_ACTOR,
@@ -102,6 +102,13 @@ pub enum StoreError {
     /// [`StoreError::Conflict`] is.
     #[error("DPoP proof was used before")]
     ProofUsed,
+    /// The store no longer holds what this writer last committed: it was
+    /// rolled back under the running process (a failover to a standby that
+    /// had not received every commit, a backup restored in place). Nothing
+    /// was changed; the writer's next commit starts a new audit chain whose
+    /// first record names what was lost ([`Lost`]). Callers answer 503.
+    #[error("the store was rolled back under this process: {0}")]
+    RolledBack(String),
 }
 
 impl StoreError {

@@ -461,14 +461,39 @@ const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(60);
 /// of a large store.
 const MIGRATION_TIME: Duration = Duration::from_secs(30 * 60);
 
-/// Applies the migrations on `conn`, waiting at most `wait` for any lock.
+/// The longest one try at the migrations waits for a lock: a migration's
+/// statement waiting for a table's lock (behind a `pg_dump`, which holds a
+/// shared one on every table for as long as it runs) holds up every other
+/// session that asks for that table after it, so a try gives up soon,
+/// lets them through, and tries again a moment later, up to
+/// [`MIGRATION_LOCK_WAIT`] in all. Each migration is a transaction of its
+/// own: one given up leaves nothing done.
+const MIGRATION_LOCK_TRY: Duration = Duration::from_secs(1);
+
+/// Applies the migrations on `conn`, waiting at most `wait` in all for the
+/// locks they need, [`MIGRATION_LOCK_TRY`] at a time.
 async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreError> {
-    sqlx::query("SELECT set_config('lock_timeout', $1, false)")
-        .bind(format!("{}ms", wait.as_millis()))
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
-    let migrated = MIGRATOR.run(&mut *conn).await.map_err(|e| {
+    let deadline = tokio::time::Instant::now() + wait;
+    let migrated = loop {
+        sqlx::query("SELECT set_config('lock_timeout', $1, false)")
+            .bind(format!("{}ms", MIGRATION_LOCK_TRY.min(wait).as_millis()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        match MIGRATOR.run(&mut *conn).await {
+            Err(e)
+                if e.to_string().contains("lock timeout")
+                    && tokio::time::Instant::now() + 2 * MIGRATION_LOCK_TRY < deadline =>
+            {
+                tracing::info!(
+                    "a migration waits for a lock another session holds (a replica migrating, a pg_dump); trying again"
+                );
+                tokio::time::sleep(MIGRATION_LOCK_TRY).await;
+            }
+            result => break result,
+        }
+    };
+    let migrated = migrated.map_err(|e| {
         let text = e.to_string();
         StoreError::Open(if text.contains("lock timeout") {
             format!(
@@ -909,27 +934,34 @@ impl AuditColumns {
 
     /// Inserts the rows and, when `head` is given, the chain's signed head
     /// in the same statement (no round trip of its own while the write
-    /// lock is held).
+    /// lock is held): a new row, or the chain's row replaced only where it
+    /// still holds the head this writer stored last
+    /// ([`StoreError::RolledBack`] otherwise).
     async fn insert(
         self,
         tx: &mut PgConnection,
-        head: Option<&crate::Checkpoint>,
+        head: Option<&crate::chain::HeadWrite>,
     ) -> Result<(), StoreError> {
         // A head moves only when a record is appended: no rows, no head.
         if self.record.is_empty() {
             return Ok(());
         }
-        let query = sqlx::query(if head.is_some() {
-            concat!(
+        let query = sqlx::query(match head {
+            None => audit_insert!(),
+            Some(h) if h.over.is_none() => concat!(
                 "WITH rows AS (",
                 audit_insert!(),
                 ") INSERT INTO audit_heads (chain_id, chain_seq, hash, at_ms, signature) \
                  VALUES ($15, $16, $17, $18, $19) \
                  ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq, \
                  hash = excluded.hash, at_ms = excluded.at_ms, signature = excluded.signature"
-            )
-        } else {
-            audit_insert!()
+            ),
+            Some(_) => concat!(
+                "WITH rows AS (",
+                audit_insert!(),
+                ") UPDATE audit_heads SET chain_seq = $16, hash = $17, at_ms = $18, \
+                 signature = $19 WHERE chain_id = $15 AND chain_seq = $20 AND hash = $21"
+            ),
         });
         let query = query
             .bind(self.at_ms)
@@ -947,16 +979,30 @@ impl AuditColumns {
             .bind(self.hash)
             .bind(self.record);
         let query = match head {
-            Some(c) => query
-                .bind(&c.chain_id)
-                .bind(to_i64(c.chain_seq))
-                .bind(&c.hash)
-                .bind(to_i64(c.at_ms))
-                .bind(&c.signature),
+            Some(h) => {
+                let c = &h.checkpoint;
+                let query = query
+                    .bind(&c.chain_id)
+                    .bind(to_i64(c.chain_seq))
+                    .bind(&c.hash)
+                    .bind(to_i64(c.at_ms))
+                    .bind(&c.signature);
+                match &h.over {
+                    Some(over) => query.bind(to_i64(over.chain_seq)).bind(&over.hash),
+                    None => query,
+                }
+            }
             None => query,
         };
-        query.execute(&mut *tx).await.map_err(refused)?;
-        Ok(())
+        let changed = query
+            .execute(&mut *tx)
+            .await
+            .map_err(refused)?
+            .rows_affected();
+        match head.and_then(|h| h.over.as_ref()) {
+            Some(over) => rows::head_replaced(changed, over),
+            None => Ok(()),
+        }
     }
 }
 
@@ -1128,6 +1174,15 @@ async fn apply_in(
     let before = chain.seq;
     if let Some(mut event) = chain.genesis_for(writes) {
         event.links = link_heads(tx).await?;
+        if let Some(p) = chain.predecessor() {
+            let held: i64 = sqlx::query_scalar(rows::HELD_UP_TO)
+                .bind(&p.chain_id)
+                .bind(to_i64(p.chain_seq))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(refused)?;
+            chain.note_loss(&mut event, u64::try_from(held).unwrap_or(0));
+        }
         audit.push(&event, chain)?;
     }
     let mut revoked = false;
@@ -2380,6 +2435,67 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(timeout, "0", "left set on the connection");
+    }
+
+    /// A migration that needs a table's lock while a `pg_dump` holds a
+    /// shared one does not hold up the sessions that ask for the table
+    /// after it for longer than a try ([`MIGRATION_LOCK_TRY`]); it is
+    /// applied once the dump ends.
+    #[tokio::test]
+    async fn a_migration_behind_a_dump_lets_the_others_through() {
+        let db = scrip_testkit::PgDatabase::new();
+        drop(PgStore::connect(db.url()).await.unwrap());
+        // The store as it was before migration 13 (which drops an index of
+        // `tasks`, and so needs the table to itself).
+        db.execute(
+            "CREATE INDEX tasks_agent ON tasks(agent_sub, created_at); DROP TABLE dpop_proofs; \
+             DELETE FROM _sqlx_migrations WHERE version >= 13",
+        );
+        let options = PgConnectOptions::from_str(db.url()).unwrap();
+        let mut dump = options.connect().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut dump).await.unwrap();
+        sqlx::query("LOCK TABLE tasks IN ACCESS SHARE MODE")
+            .execute(&mut dump)
+            .await
+            .unwrap();
+        let mut conn = options.connect().await.unwrap();
+        let mut reader = options.connect().await.unwrap();
+        let migrating = migrate(&mut conn, Duration::from_secs(60));
+        // Once the migration waits for the table, a reader that would wait
+        // no more than 5 s for it gets it.
+        let others = async {
+            for _ in 0..100 {
+                let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'tasks'::regclass",
+            )
+            .fetch_one(&mut reader)
+            .await
+            .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sqlx::query("SET lock_timeout = '5s'")
+                .execute(&mut reader)
+                .await
+                .unwrap();
+            for _ in 0..3 {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+                    .fetch_one(&mut reader)
+                    .await
+                    .unwrap();
+                assert_eq!(n, 0);
+            }
+            sqlx::query("ROLLBACK").execute(&mut dump).await.unwrap();
+        };
+        let (migrated, ()) = tokio::join!(migrating, others);
+        migrated.unwrap();
+        let index: Option<String> = sqlx::query_scalar("SELECT to_regclass('tasks_agent')::text")
+            .fetch_one(&mut reader)
+            .await
+            .unwrap();
+        assert_eq!(index, None, "migration 13 applied");
     }
 
     /// A store upgraded with many chains (its `chain_links` empty): the

@@ -408,13 +408,22 @@ pub(crate) fn genesis_links(row: &impl Cols) -> Result<Vec<ChainLink>, StoreErro
         .unwrap_or_default())
 }
 
+/// A revocation as stored. A kind this version does not know (a newer
+/// scrip's, in a rolling upgrade) is [`StoreError::Corrupt`]: served as a
+/// token's, it would pass a follower's check of unknown event types.
 pub(crate) fn revocation(row: &impl Cols) -> Result<Revocation, StoreError> {
+    let kind = row.text("kind")?;
     Ok(Revocation {
         seq: row.int("seq")?,
-        kind: if row.text("kind")? == "task" {
-            RevocationKind::Task
-        } else {
-            RevocationKind::Token
+        kind: match kind.as_str() {
+            "task" => RevocationKind::Task,
+            "token" => RevocationKind::Token,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "a revocation of a kind this scrip does not know (`{}`): a newer scrip's?",
+                    other.escape_debug()
+                )));
+            }
         },
         txn: row.text("txn")?,
         jti: row.opt_text("jti")?,
@@ -673,6 +682,30 @@ pub(crate) const SIGNED_HEAD: &str = "INSERT INTO audit_heads (chain_id, chain_s
      VALUES ($1, $2, $3, $4, $5) \
      ON CONFLICT (chain_id) DO UPDATE SET chain_seq = excluded.chain_seq, hash = excluded.hash, \
      at_ms = excluded.at_ms, signature = excluded.signature";
+
+/// Replaces a writer's signed chain head (`$1`..`$5` as in
+/// [`SIGNED_HEAD`]) only where the row still holds the head its last commit
+/// stored (`$6`, `$7`: position and hash): one row changed, or the store was
+/// rolled back under the writer. The parameters appear in order (SQLite
+/// numbers `$N` parameters as they first appear).
+pub(crate) const SIGNED_HEAD_OVER: &str = "UPDATE audit_heads SET chain_id = $1, chain_seq = $2, \
+     hash = $3, at_ms = $4, signature = $5 WHERE chain_id = $1 AND chain_seq = $6 AND hash = $7";
+
+/// The last position of chain `$1` the store holds, up to `$2` (0: none).
+pub(crate) const HELD_UP_TO: &str =
+    "SELECT COALESCE(MAX(chain_seq), 0) FROM audit WHERE chain_id = $1 AND chain_seq <= $2";
+
+/// [`StoreError::RolledBack`] unless the guarded head update
+/// ([`SIGNED_HEAD_OVER`]) changed `changed == 1` row.
+pub(crate) fn head_replaced(changed: u64, over: &crate::ChainLink) -> Result<(), StoreError> {
+    if changed == 1 {
+        return Ok(());
+    }
+    Err(StoreError::RolledBack(format!(
+        "it no longer holds record #{} of audit chain {}, which this process committed",
+        over.chain_seq, over.chain_id
+    )))
+}
 
 /// The newest checkpoint of each chain, the same SQL for both backends: a
 /// skip scan over the `(chain_id, chain_seq)` index, one probe a chain;

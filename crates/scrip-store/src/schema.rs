@@ -27,6 +27,9 @@ pub(crate) fn migration_failed(e: &MigrateError) -> String {
         MigrateError::VersionMissing(v) => format!(
             "a newer scrip migrated the store (migration {v}, which this one does not know): use that version; a replica of this one cannot start on it (during a rolling upgrade, replicas still running go on)"
         ),
+        MigrateError::VersionMismatch(v) => format!(
+            "the store's migration {v} differs from this scrip's: a development build applied an earlier draft of it; such a store cannot be upgraded (start on a new one, or use that build)"
+        ),
         e => format!("migration failed: {e}"),
     }
 }
@@ -65,7 +68,7 @@ pub(crate) async fn require(
             }
             Some(m) if m.checksum != a.checksum => {
                 return Err(StoreError::Open(format!(
-                    "the store's migration {} is not this scrip's",
+                    "the store's migration {} is not this scrip's (a development build applied an earlier draft of it)",
                     a.version
                 )));
             }

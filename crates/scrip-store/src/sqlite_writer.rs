@@ -446,6 +446,15 @@ fn apply_on(
     if let Some(event) = chain.genesis_for(writes) {
         let mut event = event;
         event.links = link_heads(&tx)?;
+        if let Some(p) = chain.predecessor() {
+            let held: i64 = tx
+                .prepare_cached(rows::HELD_UP_TO)
+                .and_then(|mut s| {
+                    s.query_row(params![p.chain_id, to_i64(p.chain_seq)], |r| r.get(0))
+                })
+                .map_err(unavailable)?;
+            chain.note_loss(&mut event, u64::try_from(held).unwrap_or(0));
+        }
         audit.push(audit_row(&event, chain)?);
     }
     for write in writes {
@@ -455,8 +464,28 @@ fn apply_on(
         }
     }
     insert_audit(&tx, &audit)?;
-    if let Some(c) = chain.signed_head(before)? {
-        put_checkpoint(&tx, crate::rows::SIGNED_HEAD, &c)?;
+    if let Some(head) = chain.signed_head(before)? {
+        let c = &head.checkpoint;
+        match &head.over {
+            None => put_checkpoint(&tx, rows::SIGNED_HEAD, c)?,
+            Some(over) => {
+                let changed = run(
+                    &tx,
+                    rows::SIGNED_HEAD_OVER,
+                    params![
+                        c.chain_id,
+                        to_i64(c.chain_seq),
+                        c.hash,
+                        to_i64(c.at_ms),
+                        c.signature,
+                        to_i64(over.chain_seq),
+                        over.hash
+                    ],
+                )
+                .map_err(unavailable)?;
+                rows::head_replaced(u64::try_from(changed).unwrap_or(0), over)?;
+            }
+        }
     }
     *commit_sent = true;
     tx.commit().map_err(unavailable)

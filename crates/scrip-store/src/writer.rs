@@ -347,7 +347,10 @@ async fn isolate(
 /// the commit did not take effect (the connection may have broken after the
 /// database committed), this writer goes on with a fresh chain that starts
 /// at its next commit of any kind: its first record links to the chain
-/// heads then stored, whichever way it went. A
+/// heads then stored, whichever way it went, and names what the store no
+/// longer holds of the old chain's committed records ([`crate::Lost`]: a
+/// failover lost them). So does a store found rolled back
+/// ([`StoreError::RolledBack`]). A
 /// failure known to have changed nothing (a lock wait that timed out before
 /// the commit was sent) leaves the chain where it was.
 async fn apply(
@@ -362,10 +365,14 @@ async fn apply(
             Ok(())
         }
         Err(e) => {
-            if matches!(e, StoreError::Unavailable(_))
-                && backend.may_have_committed()
-                && let Ok(id) = crate::chain::new_chain_id()
-            {
+            // A store rolled back under this writer: its chain goes on in a
+            // new one, whose start names what the store lost.
+            let replace = match &e {
+                StoreError::Unavailable(_) => backend.may_have_committed(),
+                StoreError::RolledBack(_) => true,
+                _ => false,
+            };
+            if replace && let Ok(id) = crate::chain::new_chain_id() {
                 *chain = chain.replaced_by(id);
             }
             Err(e)

@@ -51,6 +51,29 @@ impl Fixture {
         }
     }
 
+    /// Runs `statement` on the database behind the store's back, as a
+    /// restore or a failover would change it.
+    async fn exec(&self, statement: &str) {
+        use sqlx::{ConnectOptions as _, Connection as _};
+        let statement = sqlx::AssertSqlSafe(statement.to_owned());
+        match &self.place {
+            Place::Sqlite(dir) => {
+                let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(dir.path().join("scrip.db"))
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::query(statement).execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            Place::Postgres(db) => {
+                let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+                sqlx::query(statement).execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+
     /// A second writer on the same database, as another replica would be.
     async fn replica(&self) -> Arc<dyn Store> {
         match &self.place {
@@ -107,6 +130,7 @@ conformance!(
     a_query_since_a_time_reads_from_its_first_record,
     checkpoints_and_chain_links_read_back,
     every_commit_signs_its_head_once_a_signer_is_set,
+    a_store_rolled_back_under_its_writer_is_noticed_and_recorded,
     keys_are_published_until_their_time,
     a_key_is_added_only_after_the_newest_its_writer_saw,
     commits_signal_what_changed,
@@ -848,6 +872,14 @@ async fn revoking_a_token_twice_feeds_it_once(f: Fixture) {
         .filter_map(|r| r.jti)
         .collect();
     assert_eq!(jtis, ["j1", "j2", "j3"]);
+    // A kind a newer scrip might add is not served as a token's.
+    f.exec("UPDATE revocations SET kind = 'grant' WHERE jti = 'j2'")
+        .await;
+    let err = s.revocations(0, 1_000, 100).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if m.contains("`grant`")),
+        "{err:?}"
+    );
 }
 
 async fn a_token_reads_with_its_task_and_its_revocation(f: Fixture) {
@@ -2357,6 +2389,144 @@ async fn verify_signed(store: &dyn Store) -> scrip_store::Report {
                 c.at_ms,
             ))
     })
+}
+
+/// A store rolled back under a running writer (a failover to a standby that
+/// had not received its last commits, a backup restored in place): the
+/// writer's next commit is refused and changes nothing, and the one after
+/// starts a new chain whose signed start names the records lost; the trail
+/// then verifies, listing the loss.
+async fn a_store_rolled_back_under_its_writer_is_noticed_and_recorded(f: Fixture) {
+    let s = &f.store;
+    assert!(s.sign_heads_with(Arc::new(TestSigner { fail: false })));
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let kept = s.chain_head().unwrap();
+    assert_eq!(kept.chain_seq, 2, "its start and one record");
+    let [kept_head] = &s.latest_checkpoints().await.unwrap()[..] else {
+        panic!("one signed head")
+    };
+    for _ in 0..2 {
+        s.commit(vec![
+            audit("token.issued", None),
+            audit("token.issued", None),
+        ])
+        .await
+        .unwrap();
+    }
+    let lost = s.chain_head().unwrap();
+    assert_eq!(lost.chain_seq, 6);
+
+    // Rolled back to where the chain stood at #2, its signed head with it.
+    let rollback = |chain: &str, to: &scrip_store::Checkpoint| {
+        format!(
+            "DELETE FROM audit WHERE chain_id = '{chain}' AND chain_seq > {}; \
+             UPDATE audit_heads SET chain_seq = {}, hash = '{}', at_ms = {}, signature = '{}' \
+             WHERE chain_id = '{chain}'",
+            to.chain_seq, to.chain_seq, to.hash, to.at_ms, to.signature
+        )
+    };
+    for statement in rollback(&kept.chain_id, kept_head).split("; ") {
+        f.exec(statement).await;
+    }
+    assert!(verify_signed(s.as_ref()).await.problems.is_empty());
+    let err = s
+        .commit(vec![
+            audit("token.issued", None),
+            Write::InsertTask(Box::new(task("t-after", None, 5_000))),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::RolledBack(m) if m.contains(&format!("record #6 of audit chain {}", kept.chain_id))),
+        "{err:?}"
+    );
+    assert!(
+        s.task("t-after").await.unwrap().is_none(),
+        "nothing changed"
+    );
+
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let now = s.chain_head().unwrap();
+    assert_ne!(now.chain_id, kept.chain_id, "a new chain");
+    let rows = s.audit_rows(0, u32::MAX).await.unwrap();
+    let start = |chain: &str| -> AuditEvent {
+        let row = rows
+            .iter()
+            .find(|r| r.chain_id == chain && r.chain_seq == 1)
+            .unwrap();
+        serde_json::from_str(&row.record).unwrap()
+    };
+    let expected = scrip_store::Lost {
+        chain_id: kept.chain_id.clone(),
+        from: 3,
+        to: 6,
+        hash: lost.hash.clone(),
+    };
+    assert_eq!(start(&now.chain_id).lost.as_ref(), Some(&expected));
+    assert!(start(&kept.chain_id).lost.is_none());
+    let report = verify_signed(s.as_ref()).await;
+    assert!(report.problems.is_empty(), "{report:?}");
+    assert_eq!(report.lost.len(), 1, "{report:?}");
+    assert_eq!(report.lost[0].0, now.chain_id);
+    assert_eq!(report.lost[0].2, expected);
+
+    // Rolled back past the new chain's start: its head row is gone, and
+    // the whole chain is named lost.
+    f.exec(&format!(
+        "DELETE FROM audit WHERE chain_id = '{}'",
+        now.chain_id
+    ))
+    .await;
+    f.exec(&format!(
+        "DELETE FROM audit_heads WHERE chain_id = '{}'",
+        now.chain_id
+    ))
+    .await;
+    let err = s
+        .commit(vec![audit("token.issued", None)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::RolledBack(_)), "{err:?}");
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    let third = s.chain_head().unwrap();
+    let rows = s.audit_rows(0, u32::MAX).await.unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r.chain_id == third.chain_id && r.chain_seq == 1)
+        .unwrap();
+    let start: AuditEvent = serde_json::from_str(&row.record).unwrap();
+    assert_eq!(
+        start.lost,
+        Some(scrip_store::Lost {
+            chain_id: now.chain_id.clone(),
+            from: 1,
+            to: 2,
+            hash: now.hash.clone(),
+        })
+    );
+
+    // A writer whose commit failed for its own reason goes on in its chain,
+    // and one that lost nothing names nothing.
+    s.commit(vec![Write::InsertTask(Box::new(task(
+        "t-dup", None, 5_000,
+    )))])
+    .await
+    .unwrap();
+    s.commit(vec![
+        audit("token.issued", None),
+        Write::InsertTask(Box::new(task("t-dup", None, 5_000))),
+    ])
+    .await
+    .unwrap_err();
+    s.commit(vec![audit("token.issued", None)]).await.unwrap();
+    assert_eq!(s.chain_head().unwrap().chain_id, third.chain_id);
+    let report = verify_signed(s.as_ref()).await;
+    assert!(report.problems.is_empty(), "{report:?}");
+    assert_eq!(
+        report.lost.len(),
+        1,
+        "the deleted chain's start went with it"
+    );
 }
 
 /// With a signer, each commit that appends audit records stores its

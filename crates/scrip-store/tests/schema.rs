@@ -136,3 +136,152 @@ async fn a_shared_store_of_another_schema_is_refused_and_left_as_it_is() {
         "a newer scrip migrated the store (migration 99999, which this one does not know): use that version; a replica of this one cannot start on it",
     );
 }
+
+/// Every migration that has landed, and the SHA-256 of its text. A landed
+/// migration is never edited (ARCHITECTURE.md): a store it was applied to
+/// would refuse every later scrip ("migration N was previously applied but
+/// has been modified"). A new migration is added here as it lands.
+const LANDED: &[(&str, &str)] = &[
+    (
+        "migrations/postgres/0001_init.sql",
+        "8QdU-6Vde4QNoAs8onSZiJA_vCOq73Sxw80iHPqRTdM",
+    ),
+    (
+        "migrations/postgres/0002_secrets.sql",
+        "EHLhyCO2164XFFZQkvP7mBydXc9NVrOM4x_3R4P3NDQ",
+    ),
+    (
+        "migrations/postgres/0003_audit_indexes.sql",
+        "TL_RJjVEd5GQvO-Au85deRdavdbMJTf-6nsbscLSQZk",
+    ),
+    (
+        "migrations/postgres/0004_approvals_task.sql",
+        "40SnRHLRdGsDrnONUYO5zkAAnchK0t3Rnxv0ONgu6dE",
+    ),
+    (
+        "migrations/postgres/0005_chain_links.sql",
+        "z1pMuLj3aNjBvxoByrHM_zBeL0cEnKNrX_yx8tXRb8w",
+    ),
+    (
+        "migrations/postgres/0006_approvals_denied.sql",
+        "1txc6kkV1AE3DCmAI-afvtfy45E9XiSLoLN75El4LtA",
+    ),
+    (
+        "migrations/postgres/0007_audit_heads.sql",
+        "rH5IKcoKDSAwf9cQjPhx9BfgjKCHgm3wXF0vHCvYenk",
+    ),
+    (
+        "migrations/postgres/0008_revocations_task.sql",
+        "cXkPLueLlr_vbSkrrnFMpeK64Cu0KBYDK4eUoNnfv3c",
+    ),
+    (
+        "migrations/postgres/0009_approvals_approvable.sql",
+        "z07yUPuTujr0-nKy-Cz6LLHaw4PJXk5RDDBwcyoYxfg",
+    ),
+    (
+        "migrations/postgres/0010_tasks_held.sql",
+        "fIGbaxZS7sv7xHd04Dpr6ZZHtyxRdrc-xWg-yxEj7zw",
+    ),
+    (
+        "migrations/postgres/0011_tasks_subtasks.sql",
+        "zVa-SPyAe6lpraqdtvY8Pp1pxpMB7cN6w5EjXitBJ8Y",
+    ),
+    (
+        "migrations/postgres/0012_tasks_agent_open.sql",
+        "BOp1MT3d8fy7TX9QTtz1O_AF1nV7ftJPkw_WLplo0Zc",
+    ),
+    (
+        "migrations/postgres/0013_tasks_agent_dropped.sql",
+        "4kdC4FtPtlcDuX5g1_PmLA8hgw2U7VO-_QrrVShKzhU",
+    ),
+    (
+        "migrations/postgres/0014_dpop_proofs.sql",
+        "i2rq-E5EfC-no3zPIK_3clxRBmoIRUjIn4CQGbbOoDI",
+    ),
+    (
+        "migrations/sqlite/0001_init.sql",
+        "DRqcob0tJyV6tZqxcEBkc4Pk4P8903k8hnRx1FhT9P8",
+    ),
+    (
+        "migrations/sqlite/0002_secrets.sql",
+        "4QPQum09j4SKI9FXYlYeCR7JWJdwOJ3dDNvpOfFmdiU",
+    ),
+    (
+        "migrations/sqlite/0003_keys.sql",
+        "B6fboEa1PgHy2HAWbx-pu2Z6wEnmP35HZz4G7kyc-Us",
+    ),
+    (
+        "migrations/sqlite/0004_audit_indexes.sql",
+        "TL_RJjVEd5GQvO-Au85deRdavdbMJTf-6nsbscLSQZk",
+    ),
+    (
+        "migrations/sqlite/0005_approvals_task.sql",
+        "40SnRHLRdGsDrnONUYO5zkAAnchK0t3Rnxv0ONgu6dE",
+    ),
+    (
+        "migrations/sqlite/0006_chain_links.sql",
+        "Q5U9AKV2lM16L8Ea_iMAujRHRZ_v21xSQsFZhHpbuqM",
+    ),
+    (
+        "migrations/sqlite/0007_approvals_denied.sql",
+        "1txc6kkV1AE3DCmAI-afvtfy45E9XiSLoLN75El4LtA",
+    ),
+    (
+        "migrations/sqlite/0008_audit_heads.sql",
+        "KaKdDUUpfctWyZSkyiRFv4zTyiHJ_Hkthbl9_K4_YmA",
+    ),
+    (
+        "migrations/sqlite/0009_revocations_task.sql",
+        "cXkPLueLlr_vbSkrrnFMpeK64Cu0KBYDK4eUoNnfv3c",
+    ),
+    (
+        "migrations/sqlite/0010_audit_denied.sql",
+        "NMi2tLpntxhw6CnM1cCXBF_Eq4MfuKHEuyokfMqgd1s",
+    ),
+    (
+        "migrations/sqlite/0011_approvals_approvable.sql",
+        "z07yUPuTujr0-nKy-Cz6LLHaw4PJXk5RDDBwcyoYxfg",
+    ),
+    (
+        "migrations/sqlite/0012_tasks_held.sql",
+        "fIGbaxZS7sv7xHd04Dpr6ZZHtyxRdrc-xWg-yxEj7zw",
+    ),
+    (
+        "migrations/sqlite/0013_tasks_subtasks.sql",
+        "c8gGvzXbqGAS0bf4XbdoS8W33UYgf9Jn4DGDhsBrjDU",
+    ),
+    (
+        "migrations/sqlite/0014_tasks_agent_open.sql",
+        "FqW6IjgoLZO3QmA5axHIchwCTS5yS4CrcR-SVzBJMPQ",
+    ),
+    (
+        "migrations/sqlite/0015_dpop_proofs.sql",
+        "rT55XyQb_clixNAMq65Fb7M3AHg-Fe84F92Npm8ozm8",
+    ),
+];
+
+#[test]
+fn landed_migrations_are_never_edited_or_removed() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, pinned) in LANDED {
+        let text = std::fs::read(root.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e} (a landed migration is never removed)"));
+        assert_eq!(
+            scrip_store::hash(&text),
+            *pinned,
+            "{file} was edited after it landed: add a new migration instead"
+        );
+    }
+    for backend in ["postgres", "sqlite"] {
+        for entry in std::fs::read_dir(root.join("migrations").join(backend)).unwrap() {
+            let name = format!(
+                "migrations/{backend}/{}",
+                entry.unwrap().file_name().to_string_lossy()
+            );
+            assert!(
+                LANDED.iter().any(|(file, _)| *file == name),
+                "{name} is not in LANDED: pin it as it lands"
+            );
+        }
+    }
+}

@@ -704,7 +704,10 @@ pub fn count_of(a: &scrip_store::AuditEvent) -> Option<u64> {
     let r = a.reason.as_deref()?;
     let (n, rest) = r.split_once(" more refused, from ")?;
     assert!(
-        rest.contains(" (ms since the epoch), recorded as a count: over 10 a second for one "),
+        rest.contains(" (ms since the epoch), recorded as a count: over 10 a second for one ")
+            || rest.contains(
+                " (ms since the epoch), recorded as a count: over 10 a second for the uids no entry serves, together;"
+            ),
         "{r}"
     );
     Some(n.parse().unwrap())
