@@ -195,6 +195,11 @@ pub fn prepare(
         replicas.push((file, p));
     }
     let log = dir.path().join("scrip.log");
+    // A scrip starting reads policy files changed less than half a second
+    // before only once that half second has passed (a start racing a
+    // deploy): the files just written are let age first, so that "ready
+    // after" measures the start, not that wait.
+    std::thread::sleep(std::time::Duration::from_millis(600));
     Ok(Setup {
         dir,
         config,

@@ -237,8 +237,17 @@ fn checkpoint_keys(v: serde_json::Value) -> Result<Vec<serde_json::Value>, Strin
     Ok(keys)
 }
 
+/// What `scrip audit verify` fails on besides tampering.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Demands {
+    /// Records their own writer never signed.
+    pub strict: bool,
+    /// Not records lost to a rollback of the store (listed either way).
+    pub allow_rolled_back: bool,
+}
+
 /// `scrip audit verify`.
-pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool) -> ExitCode {
+pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, demands: Demands) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let (config, store) = open(config).await?;
@@ -275,7 +284,7 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool)
     match result {
         Err(e) => fail(e),
         Ok((report, kids)) => {
-            let (lines, passed) = verify_report(&report, &kids, strict);
+            let (lines, passed) = verify_report(&report, &kids, demands);
             for line in lines {
                 out!("{line}");
             }
@@ -299,12 +308,46 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, strict: bool)
     }
 }
 
+/// The lines naming what a rollback of the store lost (none when nothing
+/// was), the first saying `verdict`.
+fn lost_lines(report: &scrip_store::Report, verdict: &str) -> Vec<String> {
+    if report.lost.is_empty() {
+        return Vec::new();
+    }
+    // Counts from the store: saturating, as whoever wrote it chose them.
+    let records = report
+        .lost
+        .iter()
+        .map(|(_, _, l)| l.to.saturating_add(1).saturating_sub(l.from))
+        .fold(0u64, u64::saturating_add);
+    let mut lines = vec![format!(
+        "{verdict}: records a running scrip had committed are gone from the store ({records} in {} chain(s)), with whatever was committed with them (revocations, ended tasks, withdrawn keys): it was rolled back under it (a failover to a standby that had not received them, a backup restored in place) or someone deleted them; the next chain it started names them; --allow-rolled-back passes once you know which:",
+        report.lost.len()
+    )];
+    for (chain, at_ms, l) in &report.lost {
+        lines.push(format!(
+            "  chain {} #{} to #{} (its last record's hash {}), found at {} by chain {}",
+            printable(&l.chain_id),
+            l.from,
+            l.to,
+            printable(&l.hash),
+            when(*at_ms),
+            printable(chain)
+        ));
+    }
+    lines
+}
+
 /// What `scrip audit verify` prints of `report`, and whether it passed.
 fn verify_report(
     report: &scrip_store::Report,
     kids: &[String],
-    strict: bool,
+    demands: Demands,
 ) -> (Vec<String>, bool) {
+    let Demands {
+        strict,
+        allow_rolled_back,
+    } = demands;
     let trusted = format!("checkpoint keys trusted: {}", kids.join(", "));
     if !report.problems.is_empty() {
         let mut lines: Vec<String> = report
@@ -322,6 +365,7 @@ fn verify_report(
                 scrip_store::MAX_PROBLEMS
             ));
         }
+        lines.extend(lost_lines(report, "also"));
         lines.push(trusted);
         lines.push(format!(
             "{} problems in {} records ({} chains)",
@@ -344,39 +388,19 @@ fn verify_report(
             report.unsigned
         ));
     }
-    let mut passed = true;
-    if !report.lost.is_empty() {
-        passed = !strict;
-        let records: u64 = report
-            .lost
-            .iter()
-            .map(|(_, _, l)| l.to.saturating_add(1).saturating_sub(l.from))
-            .sum();
-        lines.push(format!(
-            "{}: the store was rolled back under a running scrip {} time(s) (a failover to a standby that had not received every commit, or a backup restored in place): {records} records their writers had committed are gone, with whatever was committed with them (revocations, ended tasks, withdrawn keys); what remains verifies; --strict fails on this:",
-            if strict { "FAILED" } else { "note" },
-            report.lost.len()
-        ));
-        for (chain, at_ms, l) in &report.lost {
-            lines.push(format!(
-                "  chain {} #{} to #{} (its last record's hash {}), found at {} by chain {}",
-                printable(&l.chain_id),
-                l.from,
-                l.to,
-                printable(&l.hash),
-                when(*at_ms),
-                printable(chain)
-            ));
-        }
-    }
+    let passed = report.lost.is_empty() || allow_rolled_back;
+    lines.extend(lost_lines(
+        report,
+        if allow_rolled_back { "note" } else { "FAILED" },
+    ));
     if report.vouched.is_empty() {
         return (lines, passed);
     }
-    let records: u64 = report
+    let records = report
         .vouched
         .iter()
         .map(|(_, a, b)| b.saturating_add(1).saturating_sub(*a))
-        .sum();
+        .fold(0u64, u64::saturating_add);
     lines.push(format!(
         "{}: {records} records carry no signature of the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, or a `scrip secret` command that warned it could not sign, wrote these; or someone else did, or deleted their signatures); a later process's signed start proves they existed then, not who wrote them; --strict fails on them:",
         if strict { "FAILED" } else { "note" }
@@ -759,6 +783,11 @@ mod tests {
         }
     }
 
+    const STRICT: Demands = Demands {
+        strict: true,
+        allow_rolled_back: false,
+    };
+
     /// Records only a later start vouches for are listed apart, and fail
     /// the check with --strict only; the trusted keys are named either way.
     #[test]
@@ -771,7 +800,7 @@ mod tests {
             unsigned: 4,
             ..scrip_store::Report::default()
         };
-        let (lines, passed) = verify_report(&report, &kids, true);
+        let (lines, passed) = verify_report(&report, &kids, STRICT);
         assert!(passed);
         assert_eq!(
             lines,
@@ -782,7 +811,7 @@ mod tests {
             ]
         );
         report.vouched = vec![("c1".into(), 5, 7), ("c2".into(), 1, 1)];
-        let (lines, passed) = verify_report(&report, &kids, false);
+        let (lines, passed) = verify_report(&report, &kids, Demands::default());
         assert!(passed);
         assert!(
             lines[3]
@@ -790,11 +819,11 @@ mod tests {
             "{lines:?}"
         );
         assert_eq!(lines[4..], ["  chain c1 #5 to #7", "  chain c2 #1 to #1"]);
-        let (lines, passed) = verify_report(&report, &kids, true);
+        let (lines, passed) = verify_report(&report, &kids, STRICT);
         assert!(!passed);
         assert!(lines[3].starts_with("FAILED: 4 records"), "{lines:?}");
 
-        // A rollback: a note, which --strict fails on, whatever else.
+        // A rollback: a failure, whatever --strict says, unless allowed.
         report.vouched.clear();
         report.lost = vec![(
             "c3".into(),
@@ -806,21 +835,54 @@ mod tests {
                 hash: "h12".into(),
             },
         )];
-        let (lines, passed) = verify_report(&report, &kids, false);
-        assert!(passed);
+        let (lines, passed) = verify_report(&report, &kids, Demands::default());
+        assert!(!passed);
         assert!(
-            lines[3].starts_with("note: the store was rolled back under a running scrip 1 time(s)")
-                && lines[3].contains(": 4 records their writers had committed are gone"),
+            lines[3].starts_with(
+                "FAILED: records a running scrip had committed are gone from the store (4 in 1 chain(s))"
+            ),
             "{lines:?}"
         );
         assert_eq!(
             lines[4],
             "  chain c1\\u{1b}[2J #9 to #12 (its last record's hash h12), found at 2023-11-14T22:13:20.000Z by chain c3"
         );
-        let (lines, passed) = verify_report(&report, &kids, true);
+        let allowed = Demands {
+            allow_rolled_back: true,
+            ..Demands::default()
+        };
+        let (lines, passed) = verify_report(&report, &kids, allowed);
+        assert!(passed);
+        assert!(
+            lines[3].starts_with("note: records a running scrip"),
+            "{lines:?}"
+        );
+        // Listed beside tampering too, and counted without overflowing
+        // whatever the store says.
+        report.lost.push((
+            "c4".into(),
+            0,
+            scrip_store::Lost {
+                chain_id: "c5".into(),
+                from: 0,
+                to: u64::MAX,
+                hash: "h".into(),
+            },
+        ));
+        report.lost.push(report.lost[1].clone());
+        report.problems.push(scrip_store::Problem {
+            seq: Some(1),
+            chain_id: "c1".into(),
+            chain_seq: 1,
+            what: "edited".into(),
+        });
+        let (lines, passed) = verify_report(&report, &kids, allowed);
         assert!(!passed);
         assert!(
-            lines[3].starts_with("FAILED: the store was rolled back"),
+            lines.iter().any(|l| l.starts_with(&format!(
+                "also: records a running scrip had committed are gone from the store ({} in 3 chain(s))",
+                u64::MAX
+            ))),
             "{lines:?}"
         );
     }
@@ -838,7 +900,7 @@ mod tests {
             }],
             ..scrip_store::Report::default()
         };
-        let (lines, passed) = verify_report(&report, &[], false);
+        let (lines, passed) = verify_report(&report, &[], Demands::default());
         assert!(!passed);
         assert!(lines[0].starts_with("TAMPERED "), "{lines:?}");
         for line in &lines {
@@ -863,7 +925,7 @@ mod tests {
             more_problems: 20_000,
             ..scrip_store::Report::default()
         };
-        let (lines, passed) = verify_report(&report, &[], false);
+        let (lines, passed) = verify_report(&report, &[], Demands::default());
         assert!(!passed);
         assert_eq!(
             lines[1],

@@ -422,7 +422,12 @@ enum AuditCommand {
     /// records after them someone deleted) but that a later process's
     /// signed start links are vouched for only by that start, which proves
     /// they existed then, not who wrote them: they are listed, and fail the
-    /// check with --strict. The report names the checkpoint keys it
+    /// check with --strict. Records a running scrip had committed and the
+    /// store no longer holds (it was rolled back under it: a failover to a
+    /// standby that had not received them, a backup restored in place, or
+    /// someone deleting a live chain's tail) are named by the next chain
+    /// that scrip started, and fail the check unless
+    /// --allow-rolled-back. The report names the checkpoint keys it
     /// trusted; compare them with a copy of /audit/keys kept elsewhere, or
     /// pass that copy as --public-key.
     Verify {
@@ -434,6 +439,12 @@ enum AuditCommand {
         /// Also fail (exit 1) on records their own writer never signed.
         #[arg(long)]
         strict: bool,
+        /// Pass although the store was rolled back under a running scrip
+        /// and lost records it had committed (listed either way): once you
+        /// know it was a failover or a restore, and re-applied what was
+        /// lost with them.
+        #[arg(long)]
+        allow_rolled_back: bool,
     },
     /// Show audit records, filtered, as a table or JSON lines.
     Query(Box<audit::QueryArgs>),
@@ -728,9 +739,18 @@ fn command(command: Command) -> ExitCode {
         },
         Command::Proxy { config } => proxy::proxy(config.as_deref()),
         Command::Audit { config, command } => match command {
-            AuditCommand::Verify { public_key, strict } => {
-                audit::verify(config.as_deref(), public_key.as_ref(), strict)
-            }
+            AuditCommand::Verify {
+                public_key,
+                strict,
+                allow_rolled_back,
+            } => audit::verify(
+                config.as_deref(),
+                public_key.as_ref(),
+                audit::Demands {
+                    strict,
+                    allow_rolled_back,
+                },
+            ),
             AuditCommand::Query(args) => audit::query(config.as_deref(), &args),
             AuditCommand::Export { after, follow } => {
                 audit::export(config.as_deref(), after, follow)

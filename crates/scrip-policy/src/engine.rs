@@ -973,6 +973,8 @@ mod tests {
                 &files(&[("a.cedar", "permit"), ("b.cedar", "x")]),
             ),
             set_digest(schema, &files(&[("a.cedar", "permit")])),
+            // The same bytes, framed otherwise.
+            set_digest(schema, &files(&[("a.cedar", "permitb.cedarx")])),
         ] {
             assert_ne!(one, other);
         }

@@ -7,7 +7,9 @@
 //! A reload validates the new set (including that every tool action is
 //! declared) before swapping it in; an invalid set is rejected, audited and
 //! the last good one stays. Every reload, accepted or not, is audited
-//! (`policy.reloaded`, `policy.rejected`).
+//! (`policy.reloaded`, `policy.rejected`), but for a reload refused for
+//! where the files are, retried at each poll with nothing changed, and
+//! refused again for the same reason.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -113,7 +115,7 @@ impl Policies {
 
     /// Reloads the policies now. Returns whether the new set was accepted.
     pub async fn reload(&self, cause: &str) -> bool {
-        self.reload_as_seen(cause, None).await == Reload::Installed
+        self.reload_as_seen(cause, None, false).await == Reload::Installed
     }
 
     /// [`Self::reload`]; with `seen`, the directory as it was looked at
@@ -128,7 +130,12 @@ impl Policies {
     /// must say where they came from. When the store cannot take the
     /// record, the last good set stays and [`Reload::Again`] says to read
     /// again.
-    async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>) -> Reload {
+    ///
+    /// `retry`: a retry of a reload refused for where the files are
+    /// ([`Reload::RejectedForNow`]) with the directory as it was then; a
+    /// refusal for the same reason again is not recorded or logged as an
+    /// error (it would be at every poll).
+    async fn reload_as_seen(&self, cause: &str, seen: Option<&DirState>, retry: bool) -> Reload {
         let inner = &self.0;
         // A directory that is gone (moved, an unmounted volume) is not an
         // empty policy set: the last good set stays. (At start a missing
@@ -189,7 +196,7 @@ impl Policies {
                 } else {
                     Reload::Rejected
                 };
-                if self.rejected().as_deref() == Some(why.as_str()) {
+                if retry && self.rejected().as_deref() == Some(why.as_str()) {
                     tracing::debug!(error = %e, cause, "policy reload rejected again for the same reason");
                     return outcome;
                 }
@@ -225,6 +232,9 @@ impl Policies {
 
     async fn reload_loop(self, mut hup: Option<tokio::signal::unix::Signal>) {
         let mut watch = Watch::new(self.0.first_seen.clone());
+        // The directory as it was when a reload was refused for where the
+        // files are (retried at each poll while it stays so).
+        let mut refused: Option<DirState> = None;
         let interval = self.0.poll_interval;
         loop {
             let wait = if watch.settling() {
@@ -253,7 +263,7 @@ impl Policies {
                 // directory, `SETTLE` apart, agree.
                 let mut current = DirState::now(&self.0.dir);
                 let outcome = loop {
-                    let outcome = self.reload_as_seen("SIGHUP", Some(&current)).await;
+                    let outcome = self.reload_as_seen("SIGHUP", Some(&current), false).await;
                     if outcome != Reload::Again {
                         break outcome;
                     }
@@ -266,19 +276,25 @@ impl Policies {
                         current = again;
                     }
                 };
+                refused = (outcome == Reload::RejectedForNow).then(|| current.clone());
                 watch.loaded(current);
-                if outcome == Reload::RejectedForNow {
+                if refused.is_some() {
                     watch.unread();
                 }
                 continue;
             }
             let current = DirState::now(&self.0.dir);
-            if watch.observe(current.clone())
-                && matches!(
-                    self.reload_as_seen("file change", Some(&current)).await,
-                    Reload::Again | Reload::RejectedForNow
-                )
-            {
+            if !watch.observe(current.clone()) {
+                continue;
+            }
+            let retry = refused.as_ref() == Some(&current);
+            let outcome = self
+                .reload_as_seen("file change", Some(&current), retry)
+                .await;
+            if outcome != Reload::Again {
+                refused = (outcome == Reload::RejectedForNow).then(|| current.clone());
+            }
+            if matches!(outcome, Reload::Again | Reload::RejectedForNow) {
                 watch.unread();
             }
         }
@@ -684,13 +700,13 @@ mod tests {
         .unwrap();
         // Seen before `b.cedar` came: dropped.
         assert_eq!(
-            p.reload_as_seen("file change", Some(&seen)).await,
+            p.reload_as_seen("file change", Some(&seen), false).await,
             Reload::Again
         );
         assert_eq!(p.current().len(), 1);
         let now = DirState::now(&policies);
         assert_eq!(
-            p.reload_as_seen("file change", Some(&now)).await,
+            p.reload_as_seen("file change", Some(&now), false).await,
             Reload::Installed
         );
         assert_eq!(p.current().len(), 2);

@@ -1213,6 +1213,19 @@ async fn policies_reload_on_file_change_and_keep_the_last_good_set() {
     let agents = s.k8s.kubernetes("agents", "coder");
     let try_other = || s.try_start_task(&other, "github:read", "dev", "reload", None);
     try_other().await.assert_error(400, "access_denied");
+    // The set the start loaded is named as `scrip policy check` names it.
+    let set = scrip_policy::PolicyEngine::load(&s.dir.path().join("policies")).unwrap();
+    let loaded = s
+        .audit()
+        .await
+        .into_iter()
+        .find(|a| a.event == "policy.loaded")
+        .and_then(|a| a.reason)
+        .unwrap();
+    assert!(
+        loaded.ends_with(&format!(", set {}", set.digest())),
+        "{loaded}"
+    );
 
     let file = s.dir.path().join("policies/zz-other.cedar");
     std::fs::write(

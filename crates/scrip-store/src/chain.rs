@@ -82,10 +82,11 @@ pub(crate) struct ChainState {
     replaces: bool,
     /// Signs the head in each commit that moves it, once set.
     signer: Signer,
-    /// The head of the chain this one replaces as this writer last saw it
-    /// committed: the new chain's start checks that the store still holds
-    /// it ([`Lost`]).
-    predecessor: Option<ChainLink>,
+    /// The heads of the chains this writer wrote before this one (the
+    /// [`MAX_PREDECESSORS`] latest), as it last saw them committed: the new
+    /// chain's start checks that the store still holds each ([`Lost`]), so
+    /// that a rollback past an earlier replacement names every chain it cut.
+    predecessors: Vec<ChainLink>,
     /// The signed head this chain's row in `audit_heads` holds since its
     /// last commit: the next commit replaces that row only if it still holds
     /// it, so a store rolled back under this writer is noticed
@@ -110,6 +111,11 @@ pub struct Lost {
     pub hash: String,
 }
 
+/// The most earlier chains of a writer a new chain's start checks
+/// ([`ChainState::predecessors`]): one is added each time a commit's outcome
+/// is unknown or the store is found rolled back.
+const MAX_PREDECESSORS: usize = 16;
+
 /// A signed head to store in a commit ([`ChainState::signed_head`]).
 #[derive(Debug, Clone)]
 pub(crate) struct HeadWrite {
@@ -129,7 +135,7 @@ impl ChainState {
             replica: String::new(),
             replaces: false,
             signer,
-            predecessor: None,
+            predecessors: Vec::new(),
             stored: None,
         }
     }
@@ -137,29 +143,34 @@ impl ChainState {
     /// A new chain `id` replacing this one after a commit whose outcome is
     /// unknown.
     pub fn replaced_by(&self, id: String) -> Self {
+        // A replacement that never wrote passes its predecessors on.
+        let mut predecessors = self.predecessors.clone();
+        predecessors.extend(self.link());
+        let extra = predecessors.len().saturating_sub(MAX_PREDECESSORS);
+        predecessors.drain(..extra);
         Self {
             replica: self.replica.clone(),
             replaces: true,
-            // A replacement that never wrote passes its predecessor on.
-            predecessor: self.link().or_else(|| self.predecessor.clone()),
+            predecessors,
             ..Self::new(id, self.signer.clone())
         }
     }
 
-    /// The head of the chain this one replaces, as this writer last saw it
-    /// committed, while this chain has not started.
-    pub fn predecessor(&self) -> Option<&ChainLink> {
-        self.predecessor.as_ref().filter(|_| self.seq == 0)
+    /// The heads of the chains this writer wrote before this one, as it
+    /// last saw them committed, while this chain has not started.
+    pub fn predecessors(&self) -> &[ChainLink] {
+        if self.seq == 0 {
+            &self.predecessors
+        } else {
+            &[]
+        }
     }
 
-    /// Fills in `start` (this chain's `chain.started`) with what the store
-    /// lost of the predecessor, given `held`, the last position of the
-    /// predecessor's chain the store holds (0: none), and says so in the
-    /// log: the store was rolled back under this writer.
-    pub fn note_loss(&self, start: &mut AuditEvent, held: u64) {
-        let Some(p) = self.predecessor() else {
-            return;
-        };
+    /// Adds to `start` (a replacing chain's `chain.started`) what the store
+    /// lost of `p`, one of its [`Self::predecessors`], given `held`, the
+    /// last position of that chain the store holds (0: none), and says so
+    /// in the log: the store was rolled back under this writer.
+    pub fn note_loss(start: &mut AuditEvent, p: &ChainLink, held: u64) {
         if held >= p.chain_seq {
             return;
         }
@@ -175,7 +186,7 @@ impl ChainState {
             to = lost.to,
             "the store was rolled back: it no longer holds audit records this replica committed, nor anything committed with them (revocations, ended tasks, withdrawn keys, approvals); a failover to a standby that had not received them, or a backup restored under a running server. Re-apply what was done since (docs/backups.md); `scrip audit verify` lists the loss"
         );
-        start.lost = Some(lost);
+        start.lost.push(lost);
     }
 
     /// Places `event` next in the chain; returns its JSON and hash.
@@ -625,10 +636,14 @@ impl Verifier {
                 }
                 at_ms = Some(e.at_ms);
                 links = e.links;
-                if r.chain_seq == 1
-                    && let Some(lost) = e.lost
-                {
-                    self.report.lost.push((r.chain_id.clone(), e.at_ms, lost));
+                if r.chain_seq == 1 {
+                    for lost in e.lost {
+                        // Named again by a later start (one whose commit's
+                        // outcome was unknown, then replaced): once.
+                        if !self.report.lost.iter().any(|(_, _, l)| *l == lost) {
+                            self.report.lost.push((r.chain_id.clone(), e.at_ms, lost));
+                        }
+                    }
                 }
             }
             Err(_) => self
@@ -896,4 +911,63 @@ pub fn verify(
         v.push(r);
     }
     v.finish(checkpoints, signature_ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain that replaces another names a loss only where the store
+    /// holds less of the old chain than its writer had committed: not
+    /// where it holds all of it, nor more (the commit whose outcome was
+    /// unknown landed).
+    #[test]
+    fn a_replacing_chain_names_only_what_the_store_lost() {
+        let mut old = ChainState::new("old".into(), Signer::default());
+        for _ in 0..3 {
+            old.append(&AuditEvent::default()).unwrap();
+        }
+        let new = old.replaced_by("new".into());
+        let [p] = new.predecessors() else {
+            panic!("{:?}", new.predecessors())
+        };
+        assert_eq!(Some(p), old.link().as_ref());
+        let lost = |held: u64| {
+            let mut start = AuditEvent::default();
+            ChainState::note_loss(&mut start, p, held);
+            start.lost
+        };
+        assert_eq!(lost(3), []);
+        assert_eq!(lost(4), [], "the uncertain commit landed");
+        assert_eq!(
+            lost(1),
+            [Lost {
+                chain_id: "old".into(),
+                from: 2,
+                to: 3,
+                hash: old.head.clone(),
+            }]
+        );
+        assert_eq!(lost(0)[0].from, 1);
+        // A replacement that never wrote passes its predecessors on; one
+        // that wrote adds itself; a chain that started has none to check.
+        let again = new.replaced_by("again".into());
+        assert_eq!(again.predecessors(), new.predecessors());
+        let mut started = again.clone();
+        started.append(&AuditEvent::default()).unwrap();
+        assert_eq!(started.predecessors(), []);
+        let third = started.replaced_by("third".into());
+        assert_eq!(
+            third.predecessors(),
+            [old.link().unwrap(), started.link().unwrap()]
+        );
+        // Only the latest are kept.
+        let mut chain = third;
+        for n in 0..20 {
+            chain.append(&AuditEvent::default()).unwrap();
+            chain = chain.replaced_by(format!("c{n}"));
+        }
+        assert_eq!(chain.predecessors().len(), MAX_PREDECESSORS);
+        assert_eq!(chain.predecessors()[MAX_PREDECESSORS - 1].chain_id, "c18");
+    }
 }

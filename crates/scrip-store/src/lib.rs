@@ -105,8 +105,9 @@ pub enum StoreError {
     /// The store no longer holds what this writer last committed: it was
     /// rolled back under the running process (a failover to a standby that
     /// had not received every commit, a backup restored in place). Nothing
-    /// was changed; the writer's next commit starts a new audit chain whose
-    /// first record names what was lost ([`Lost`]). Callers answer 503.
+    /// was changed; the writer applies the batch again on a new audit
+    /// chain, whose first record names what was lost ([`Lost`]), so a
+    /// caller sees this only when that fails too. Callers answer 503.
     #[error("the store was rolled back under this process: {0}")]
     RolledBack(String),
 }

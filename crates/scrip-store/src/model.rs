@@ -93,9 +93,9 @@ pub struct AuditEvent {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<crate::ChainLink>,
     /// For a chain's first record: what the store no longer held of the
-    /// chain it replaces, when it was rolled back under its writer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lost: Option<crate::Lost>,
+    /// chains its writer wrote before, when it was rolled back under it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<crate::Lost>,
     /// Milliseconds since the epoch.
     pub at_ms: u64,
     /// What happened (`task.started`, `token.issued`, `exchange.denied`, ...).

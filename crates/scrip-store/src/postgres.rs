@@ -470,6 +470,19 @@ const MIGRATION_TIME: Duration = Duration::from_secs(30 * 60);
 /// own: one given up leaves nothing done.
 const MIGRATION_LOCK_TRY: Duration = Duration::from_secs(1);
 
+/// Whether a migration failed for `lock_timeout` (SQLSTATE 55P03: the
+/// message is in the server's language).
+fn lock_timed_out(e: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    match e {
+        MigrateError::Execute(sqlx::Error::Database(d))
+        | MigrateError::ExecuteMigration(sqlx::Error::Database(d), _) => {
+            d.code().as_deref() == Some("55P03")
+        }
+        _ => false,
+    }
+}
+
 /// Applies the migrations on `conn`, waiting at most `wait` in all for the
 /// locks they need, [`MIGRATION_LOCK_TRY`] at a time.
 async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreError> {
@@ -480,9 +493,20 @@ async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreErr
             .execute(&mut *conn)
             .await
             .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
-        match MIGRATOR.run(&mut *conn).await {
+        let result = MIGRATOR.run(&mut *conn).await;
+        if result.is_err() {
+            // sqlx takes its migration lock for the session and lets it go
+            // only when every migration applied: a try given up would
+            // leave it held by this connection (which goes on to write),
+            // and every later start would wait for it in vain.
+            sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+        }
+        match result {
             Err(e)
-                if e.to_string().contains("lock timeout")
+                if lock_timed_out(&e)
                     && tokio::time::Instant::now() + 2 * MIGRATION_LOCK_TRY < deadline =>
             {
                 tracing::info!(
@@ -495,7 +519,7 @@ async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreErr
     };
     let migrated = migrated.map_err(|e| {
         let text = e.to_string();
-        StoreError::Open(if text.contains("lock timeout") {
+        StoreError::Open(if lock_timed_out(&e) {
             format!(
                 "migration failed: waited {} s for a lock another session holds (a replica migrating, or one frozen while it held the migration lock); try again, or find the session in pg_stat_activity: {text}",
                 wait.as_secs()
@@ -1174,14 +1198,14 @@ async fn apply_in(
     let before = chain.seq;
     if let Some(mut event) = chain.genesis_for(writes) {
         event.links = link_heads(tx).await?;
-        if let Some(p) = chain.predecessor() {
+        for p in chain.predecessors() {
             let held: i64 = sqlx::query_scalar(rows::HELD_UP_TO)
                 .bind(&p.chain_id)
                 .bind(to_i64(p.chain_seq))
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(refused)?;
-            chain.note_loss(&mut event, u64::try_from(held).unwrap_or(0));
+            ChainState::note_loss(&mut event, p, u64::try_from(held).unwrap_or(0));
         }
         audit.push(&event, chain)?;
     }
@@ -2437,6 +2461,14 @@ mod tests {
         assert_eq!(timeout, "0", "left set on the connection");
     }
 
+    /// Every migration runs in a transaction of its own: a try given up
+    /// for a lock (see [`migrate`]) leaves nothing half done to be run
+    /// again from its start.
+    #[test]
+    fn every_migration_is_one_transaction() {
+        assert!(MIGRATOR.iter().all(|m| !m.no_tx));
+    }
+
     /// A migration that needs a table's lock while a `pg_dump` holds a
     /// shared one does not hold up the sessions that ask for the table
     /// after it for longer than a try ([`MIGRATION_LOCK_TRY`]); it is
@@ -2491,6 +2523,19 @@ mod tests {
         };
         let (migrated, ()) = tokio::join!(migrating, others);
         migrated.unwrap();
+        // Nor does the migration lock stay with the connection that
+        // migrated (it goes on to write): another start migrates at once.
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+        )
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+        assert_eq!(held, 0, "the migration lock is still held");
+        let mut other = options.connect().await.unwrap();
+        migrate(&mut other, Duration::from_millis(500))
+            .await
+            .unwrap();
         let index: Option<String> = sqlx::query_scalar("SELECT to_regclass('tasks_agent')::text")
             .fetch_one(&mut reader)
             .await

@@ -446,14 +446,14 @@ fn apply_on(
     if let Some(event) = chain.genesis_for(writes) {
         let mut event = event;
         event.links = link_heads(&tx)?;
-        if let Some(p) = chain.predecessor() {
+        for p in chain.predecessors() {
             let held: i64 = tx
                 .prepare_cached(rows::HELD_UP_TO)
                 .and_then(|mut s| {
                     s.query_row(params![p.chain_id, to_i64(p.chain_seq)], |r| r.get(0))
                 })
                 .map_err(unavailable)?;
-            chain.note_loss(&mut event, u64::try_from(held).unwrap_or(0));
+            ChainState::note_loss(&mut event, p, u64::try_from(held).unwrap_or(0));
         }
         audit.push(audit_row(&event, chain)?);
     }

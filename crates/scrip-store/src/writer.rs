@@ -350,7 +350,8 @@ async fn isolate(
 /// heads then stored, whichever way it went, and names what the store no
 /// longer holds of the old chain's committed records ([`crate::Lost`]: a
 /// failover lost them). So does a store found rolled back
-/// ([`StoreError::RolledBack`]). A
+/// ([`StoreError::RolledBack`]), and the batch is then applied again on the
+/// new chain. A
 /// failure known to have changed nothing (a lock wait that timed out before
 /// the commit was sent) leaves the chain where it was.
 async fn apply(
@@ -358,24 +359,35 @@ async fn apply(
     writes: &[&Write],
     chain: &mut ChainState,
 ) -> Result<(), StoreError> {
-    let mut working = chain.clone();
-    match backend.apply(writes, &mut working).await {
-        Ok(()) => {
-            *chain = working;
-            Ok(())
-        }
-        Err(e) => {
-            // A store rolled back under this writer: its chain goes on in a
-            // new one, whose start names what the store lost.
-            let replace = match &e {
-                StoreError::Unavailable(_) => backend.may_have_committed(),
-                StoreError::RolledBack(_) => true,
-                _ => false,
-            };
-            if replace && let Ok(id) = crate::chain::new_chain_id() {
-                *chain = chain.replaced_by(id);
+    // A store rolled back under this writer: nothing was applied, and its
+    // chain goes on in a new one, whose start names what the store lost;
+    // the batch is applied again at once on that chain (its first commit
+    // stores a new head row, which nothing guards), so its callers see
+    // nothing of it.
+    let mut rolled_back = false;
+    loop {
+        let mut working = chain.clone();
+        match backend.apply(writes, &mut working).await {
+            Ok(()) => {
+                *chain = working;
+                return Ok(());
             }
-            Err(e)
+            Err(e) => {
+                let replace = match &e {
+                    StoreError::Unavailable(_) => backend.may_have_committed(),
+                    StoreError::RolledBack(_) => true,
+                    _ => false,
+                };
+                let replaced = replace
+                    && crate::chain::new_chain_id()
+                        .map(|id| *chain = chain.replaced_by(id))
+                        .is_ok();
+                if replaced && matches!(e, StoreError::RolledBack(_)) && !rolled_back {
+                    rolled_back = true;
+                    continue;
+                }
+                return Err(e);
+            }
         }
     }
 }
