@@ -76,7 +76,7 @@ pub struct QueryArgs {
 }
 
 /// A time as milliseconds since the epoch.
-fn parse_time(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
     let at = match humantime::parse_duration(s) {
         Ok(ago) => SystemTime::now()
             .checked_sub(ago)
@@ -242,8 +242,9 @@ fn checkpoint_keys(v: serde_json::Value) -> Result<Vec<serde_json::Value>, Strin
 pub struct Demands {
     /// Records their own writer never signed.
     pub strict: bool,
-    /// Not records lost to a rollback of the store (listed either way).
-    pub allow_rolled_back: bool,
+    /// Not records lost to a rollback of the store that a chain found
+    /// before this time (ms since the epoch; listed either way).
+    pub allow_rolled_back_before: Option<u64>,
 }
 
 /// `scrip audit verify`.
@@ -321,7 +322,7 @@ fn lost_lines(report: &scrip_store::Report, verdict: &str) -> Vec<String> {
         .map(|(_, _, l)| l.to.saturating_add(1).saturating_sub(l.from))
         .fold(0u64, u64::saturating_add);
     let mut lines = vec![format!(
-        "{verdict}: records a running scrip had committed are gone from the store ({records} in {} chain(s)), with whatever was committed with them (revocations, ended tasks, withdrawn keys): it was rolled back under it (a failover to a standby that had not received them, a backup restored in place) or someone deleted them; the next chain it started names them; --allow-rolled-back passes once you know which:",
+        "{verdict}: records a running scrip had committed are gone from the store ({records} in {} chain(s)), with whatever was committed with them (revocations, ended tasks, withdrawn keys): it was rolled back under it (a failover to a standby that had not received them, a backup restored in place) or someone deleted them; the next chain it started names them, found at the time given; --allow-rolled-back-before TIME passes those found before TIME once you know why:",
         report.lost.len()
     )];
     for (chain, at_ms, l) in &report.lost {
@@ -335,6 +336,13 @@ fn lost_lines(report: &scrip_store::Report, verdict: &str) -> Vec<String> {
             printable(chain)
         ));
     }
+    if report.more_lost > 0 {
+        lines.push(format!(
+            "  and {} more, not listed (only the first {} are; a start naming so many was not written by scrip)",
+            report.more_lost,
+            scrip_store::MAX_LOST
+        ));
+    }
     lines
 }
 
@@ -346,8 +354,12 @@ fn verify_report(
 ) -> (Vec<String>, bool) {
     let Demands {
         strict,
-        allow_rolled_back,
+        allow_rolled_back_before,
     } = demands;
+    // A loss passes only where the operator said it was known: one found
+    // since (the tail of a live chain deleted, an older signed head put
+    // back, looks the same) still fails.
+    let allowed = |at_ms: u64| allow_rolled_back_before.is_some_and(|t| at_ms < t);
     let trusted = format!("checkpoint keys trusted: {}", kids.join(", "));
     if !report.problems.is_empty() {
         let mut lines: Vec<String> = report
@@ -388,11 +400,8 @@ fn verify_report(
             report.unsigned
         ));
     }
-    let passed = report.lost.is_empty() || allow_rolled_back;
-    lines.extend(lost_lines(
-        report,
-        if allow_rolled_back { "note" } else { "FAILED" },
-    ));
+    let passed = report.lost.iter().all(|(_, at_ms, _)| allowed(*at_ms)) && report.more_lost == 0;
+    lines.extend(lost_lines(report, if passed { "note" } else { "FAILED" }));
     if report.vouched.is_empty() {
         return (lines, passed);
     }
@@ -785,7 +794,7 @@ mod tests {
 
     const STRICT: Demands = Demands {
         strict: true,
-        allow_rolled_back: false,
+        allow_rolled_back_before: None,
     };
 
     /// Records only a later start vouches for are listed apart, and fail
@@ -848,7 +857,7 @@ mod tests {
             "  chain c1\\u{1b}[2J #9 to #12 (its last record's hash h12), found at 2023-11-14T22:13:20.000Z by chain c3"
         );
         let allowed = Demands {
-            allow_rolled_back: true,
+            allow_rolled_back_before: Some(1_700_000_000_001),
             ..Demands::default()
         };
         let (lines, passed) = verify_report(&report, &kids, allowed);
@@ -857,11 +866,26 @@ mod tests {
             lines[3].starts_with("note: records a running scrip"),
             "{lines:?}"
         );
+        // Only those found before the time given.
+        let before = Demands {
+            allow_rolled_back_before: Some(1_700_000_000_000),
+            ..Demands::default()
+        };
+        assert!(!verify_report(&report, &kids, before).1);
+        // A start naming more than are listed: counted, and failed.
+        report.more_lost = 2;
+        let (lines, passed) = verify_report(&report, &kids, allowed);
+        assert!(!passed);
+        assert!(
+            lines[5].starts_with("  and 2 more, not listed"),
+            "{lines:?}"
+        );
+        report.more_lost = 0;
         // Listed beside tampering too, and counted without overflowing
         // whatever the store says.
         report.lost.push((
             "c4".into(),
-            0,
+            1,
             scrip_store::Lost {
                 chain_id: "c5".into(),
                 from: 0,

@@ -426,8 +426,8 @@ enum AuditCommand {
     /// store no longer holds (it was rolled back under it: a failover to a
     /// standby that had not received them, a backup restored in place, or
     /// someone deleting a live chain's tail) are named by the next chain
-    /// that scrip started, and fail the check unless
-    /// --allow-rolled-back. The report names the checkpoint keys it
+    /// that scrip started, and fail the check unless that chain found them
+    /// before --allow-rolled-back-before. The report names the checkpoint keys it
     /// trusted; compare them with a copy of /audit/keys kept elsewhere, or
     /// pass that copy as --public-key.
     Verify {
@@ -440,11 +440,13 @@ enum AuditCommand {
         #[arg(long)]
         strict: bool,
         /// Pass although the store was rolled back under a running scrip
-        /// and lost records it had committed (listed either way): once you
-        /// know it was a failover or a restore, and re-applied what was
-        /// lost with them.
-        #[arg(long)]
-        allow_rolled_back: bool,
+        /// and lost records it had committed, for the losses found before
+        /// this time (RFC 3339 with its zone, or a duration ago like `2h`;
+        /// every loss is listed either way): once you know those were a
+        /// failover or a restore, and re-applied what was lost with them.
+        /// A loss found since still fails.
+        #[arg(long, value_parser = audit::parse_time, value_name = "TIME")]
+        allow_rolled_back_before: Option<u64>,
     },
     /// Show audit records, filtered, as a table or JSON lines.
     Query(Box<audit::QueryArgs>),
@@ -742,13 +744,13 @@ fn command(command: Command) -> ExitCode {
             AuditCommand::Verify {
                 public_key,
                 strict,
-                allow_rolled_back,
+                allow_rolled_back_before,
             } => audit::verify(
                 config.as_deref(),
                 public_key.as_ref(),
                 audit::Demands {
                     strict,
-                    allow_rolled_back,
+                    allow_rolled_back_before,
                 },
             ),
             AuditCommand::Query(args) => audit::query(config.as_deref(), &args),

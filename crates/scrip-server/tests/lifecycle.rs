@@ -1659,6 +1659,7 @@ async fn strictly_verified(store: &dyn scrip_store::Store, jwks: &[Value]) -> sc
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.unsigned, 0, "{report:?}");
     assert!(report.vouched.is_empty(), "{report:?}");
+    assert!(report.lost.is_empty(), "{report:?}");
     assert!(report.checkpoints > 0, "{report:?}");
     report
 }

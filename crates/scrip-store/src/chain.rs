@@ -87,6 +87,10 @@ pub(crate) struct ChainState {
     /// chain's start checks that the store still holds each ([`Lost`]), so
     /// that a rollback past an earlier replacement names every chain it cut.
     predecessors: Vec<ChainLink>,
+    /// The losses a start of this writer's chains has committed already:
+    /// named again by a later start (the store still lacks them), but not
+    /// logged as a new rollback.
+    recorded: Vec<Lost>,
     /// The signed head this chain's row in `audit_heads` holds since its
     /// last commit: the next commit replaces that row only if it still holds
     /// it, so a store rolled back under this writer is noticed
@@ -99,7 +103,7 @@ pub(crate) struct ChainState {
 /// store was rolled back under the running writer (a failover to a standby
 /// that had not received them, a backup restored in place). Signed with that
 /// chain, so it is evidence of what was committed, not only of what is left.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lost {
     /// The chain they belonged to.
     pub chain_id: String,
@@ -136,6 +140,7 @@ impl ChainState {
             replaces: false,
             signer,
             predecessors: Vec::new(),
+            recorded: Vec::new(),
             stored: None,
         }
     }
@@ -152,6 +157,7 @@ impl ChainState {
             replica: self.replica.clone(),
             replaces: true,
             predecessors,
+            recorded: self.recorded.clone(),
             ..Self::new(id, self.signer.clone())
         }
     }
@@ -169,8 +175,9 @@ impl ChainState {
     /// Adds to `start` (a replacing chain's `chain.started`) what the store
     /// lost of `p`, one of its [`Self::predecessors`], given `held`, the
     /// last position of that chain the store holds (0: none), and says so
-    /// in the log: the store was rolled back under this writer.
-    pub fn note_loss(start: &mut AuditEvent, p: &ChainLink, held: u64) {
+    /// in the log, as an error the first time: the store was rolled back
+    /// under this writer.
+    pub fn note_loss(&self, start: &mut AuditEvent, p: &ChainLink, held: u64) {
         if held >= p.chain_seq {
             return;
         }
@@ -180,12 +187,21 @@ impl ChainState {
             to: p.chain_seq,
             hash: p.hash.clone(),
         };
-        tracing::error!(
-            chain = %lost.chain_id,
-            from = lost.from,
-            to = lost.to,
-            "the store was rolled back: it no longer holds audit records this replica committed, nor anything committed with them (revocations, ended tasks, withdrawn keys, approvals); a failover to a standby that had not received them, or a backup restored under a running server. Re-apply what was done since (docs/backups.md); `scrip audit verify` lists the loss"
-        );
+        if self.recorded.contains(&lost) {
+            tracing::info!(
+                chain = %lost.chain_id,
+                from = lost.from,
+                to = lost.to,
+                "audit records this replica committed are still missing from the store (recorded already when it was found rolled back)"
+            );
+        } else {
+            tracing::error!(
+                chain = %lost.chain_id,
+                from = lost.from,
+                to = lost.to,
+                "the store was rolled back: it no longer holds audit records this replica committed, nor anything committed with them (revocations, ended tasks, withdrawn keys, approvals); a failover to a standby that had not received them, or a backup restored under a running server. Re-apply what was done since (docs/backups.md); `scrip audit verify` lists the loss"
+            );
+        }
         start.lost.push(lost);
     }
 
@@ -202,6 +218,13 @@ impl ChainState {
         e.prev_hash = Some(self.head.clone());
         let json = serde_json::to_string(&e)?;
         let h = hash(json.as_bytes());
+        for lost in &e.lost {
+            if !self.recorded.contains(lost) {
+                self.recorded.push(lost.clone());
+            }
+        }
+        let extra = self.recorded.len().saturating_sub(MAX_PREDECESSORS);
+        self.recorded.drain(..extra);
         self.seq += 1;
         self.head.clone_from(&h);
         self.replica.clone_from(&e.replica);
@@ -456,6 +479,9 @@ pub struct Report {
     /// without them; they were committed, and are gone with whatever was
     /// committed with them.
     pub lost: Vec<(String, u64, Lost)>,
+    /// Losses named past the first [`MAX_LOST`], counted only (a loss
+    /// named again among them counts again).
+    pub more_lost: u64,
     /// Problems, in the order found: the first [`MAX_PROBLEMS`].
     pub problems: Vec<Problem>,
     /// Problems found past those, counted only: a trail tampered with on
@@ -465,6 +491,12 @@ pub struct Report {
 
 /// The most problems a [`Report`] lists; the rest are counted.
 pub const MAX_PROBLEMS: usize = 10_000;
+
+/// The most losses a [`Report`] lists ([`Report::lost`]); the rest are
+/// counted. A real one is one a chain of each replica a rollback cut: a
+/// chain start holding many more was written by someone else (it parses,
+/// whoever wrote it).
+pub const MAX_LOST: usize = 1_000;
 
 impl Report {
     /// Notes a problem found.
@@ -524,6 +556,8 @@ pub struct Verifier {
     /// Records must be covered by a signature once older than this (ms):
     /// `(now, grace)`.
     signed: Option<(u64, u64)>,
+    /// Every loss named so far ([`Report::lost`]).
+    lost: HashSet<Lost>,
     report: Report,
 }
 
@@ -547,6 +581,7 @@ impl Verifier {
             all_links: Vec::new(),
             spans: HashMap::new(),
             signed: None,
+            lost: HashSet::new(),
             report: Report::default(),
         }
     }
@@ -640,7 +675,11 @@ impl Verifier {
                     for lost in e.lost {
                         // Named again by a later start (one whose commit's
                         // outcome was unknown, then replaced): once.
-                        if !self.report.lost.iter().any(|(_, _, l)| *l == lost) {
+                        // Past the most listed, counted (memory stays
+                        // bounded whatever a start holds).
+                        if self.report.lost.len() >= MAX_LOST {
+                            self.report.more_lost = self.report.more_lost.saturating_add(1);
+                        } else if self.lost.insert(lost.clone()) {
                             self.report.lost.push((r.chain_id.clone(), e.at_ms, lost));
                         }
                     }
@@ -934,7 +973,7 @@ mod tests {
         assert_eq!(Some(p), old.link().as_ref());
         let lost = |held: u64| {
             let mut start = AuditEvent::default();
-            ChainState::note_loss(&mut start, p, held);
+            new.note_loss(&mut start, p, held);
             start.lost
         };
         assert_eq!(lost(3), []);
@@ -969,5 +1008,57 @@ mod tests {
         }
         assert_eq!(chain.predecessors().len(), MAX_PREDECESSORS);
         assert_eq!(chain.predecessors()[MAX_PREDECESSORS - 1].chain_id, "c18");
+    }
+
+    /// A loss named by several chain starts (a start whose commit's outcome
+    /// was unknown, replaced, names it again) is listed once, and a start
+    /// naming more than [`MAX_LOST`] has the rest counted; a writer knows
+    /// the losses its committed starts recorded.
+    #[test]
+    fn a_loss_named_twice_is_listed_once() {
+        let lost = |n: u64| Lost {
+            chain_id: "a".into(),
+            from: n,
+            to: n,
+            hash: format!("h{n}"),
+        };
+        let mut rows = Vec::new();
+        let mut writers = Vec::new();
+        for (seq, (id, losses)) in [
+            ("b", vec![lost(1)]),
+            ("c", vec![lost(1)]),
+            ("d", (2..=MAX_LOST as u64 + 6).map(lost).collect()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut chain = ChainState::new(id.into(), Signer::default());
+            let start = AuditEvent {
+                event: "chain.started".into(),
+                lost: losses,
+                ..AuditEvent::default()
+            };
+            let (e, record, hash) = chain.append(&start).unwrap();
+            rows.push(StoredRecord {
+                seq: i64::try_from(seq).unwrap() + 1,
+                chain_id: id.into(),
+                chain_seq: 1,
+                hash,
+                record,
+                columns: IndexedColumns::of(&e),
+            });
+            writers.push(chain);
+        }
+        let mut v = Verifier::new(&[], std::iter::empty());
+        for r in &rows {
+            v.push(r);
+        }
+        let report = v.finish(&[], |_| true);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.lost.len(), MAX_LOST);
+        assert_eq!(report.lost[0], ("b".to_owned(), 0, lost(1)));
+        assert_eq!(report.more_lost, 6);
+        assert_eq!(writers[0].recorded, [lost(1)]);
+        assert_eq!(writers[0].replaced_by("e".into()).recorded, [lost(1)]);
     }
 }

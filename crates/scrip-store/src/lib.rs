@@ -25,8 +25,8 @@ mod tally;
 mod writer;
 
 pub use chain::{
-    ChainLink, Checkpoint, HeadSigner, IndexedColumns, Lost, MAX_PROBLEMS, Problem, Report,
-    StoredRecord, Verifier, hash, verify,
+    ChainLink, Checkpoint, HeadSigner, IndexedColumns, Lost, MAX_LOST, MAX_PROBLEMS, Problem,
+    Report, StoredRecord, Verifier, hash, verify,
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_ACTOR,
@@ -106,8 +106,9 @@ pub enum StoreError {
     /// rolled back under the running process (a failover to a standby that
     /// had not received every commit, a backup restored in place). Nothing
     /// was changed; the writer applies the batch again on a new audit
-    /// chain, whose first record names what was lost ([`Lost`]), so a
-    /// caller sees this only when that fails too. Callers answer 503.
+    /// chain, whose first record names what was lost ([`Lost`]): a caller
+    /// sees that try's outcome, and this error only when no new chain id
+    /// could be drawn. Callers answer 503.
     #[error("the store was rolled back under this process: {0}")]
     RolledBack(String),
 }

@@ -453,7 +453,7 @@ fn apply_on(
                     s.query_row(params![p.chain_id, to_i64(p.chain_seq)], |r| r.get(0))
                 })
                 .map_err(unavailable)?;
-            ChainState::note_loss(&mut event, p, u64::try_from(held).unwrap_or(0));
+            chain.note_loss(&mut event, p, u64::try_from(held).unwrap_or(0));
         }
         audit.push(audit_row(&event, chain)?);
     }
