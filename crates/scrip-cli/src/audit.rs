@@ -76,7 +76,7 @@ pub struct QueryArgs {
 }
 
 /// A time as milliseconds since the epoch.
-pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
+fn parse_time(s: &str) -> Result<u64, String> {
     let at = match humantime::parse_duration(s) {
         Ok(ago) => SystemTime::now()
             .checked_sub(ago)
@@ -84,6 +84,16 @@ pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
         Err(_) => zoned_time(s)?,
     };
     let ms = at
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| "time before the epoch")?
+        .as_millis();
+    u64::try_from(ms).map_err(|_| "time too far ahead".to_owned())
+}
+
+/// An RFC 3339 time with its zone as milliseconds since the epoch; no
+/// duration ago (for a bound that must not move on with each run).
+pub(crate) fn parse_instant(s: &str) -> Result<u64, String> {
+    let ms = zoned_time(s)?
         .duration_since(UNIX_EPOCH)
         .map_err(|_| "time before the epoch")?
         .as_millis();
@@ -242,7 +252,7 @@ fn checkpoint_keys(v: serde_json::Value) -> Result<Vec<serde_json::Value>, Strin
 pub struct Demands {
     /// Records their own writer never signed.
     pub strict: bool,
-    /// Not records lost to a rollback of the store that a chain found
+    /// Not records lost to a rollback of the store that a chain found at or
     /// before this time (ms since the epoch; listed either way).
     pub allow_rolled_back_before: Option<u64>,
 }
@@ -310,11 +320,17 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, demands: Dema
 }
 
 /// The lines naming what a rollback of the store lost (none when nothing
-/// was), the first saying `verdict`.
-fn lost_lines(report: &scrip_store::Report, verdict: &str) -> Vec<String> {
-    if report.lost.is_empty() {
+/// was), the first saying `verdict`; with `allowed`, each loss found after
+/// it says so.
+fn lost_lines(report: &scrip_store::Report, verdict: &str, allowed: Option<u64>) -> Vec<String> {
+    if report.lost.is_empty() && report.more_lost == 0 {
         return Vec::new();
     }
+    let chains: std::collections::BTreeSet<&str> = report
+        .lost
+        .iter()
+        .map(|(_, _, l)| l.chain_id.as_str())
+        .collect();
     // Counts from the store: saturating, as whoever wrote it chose them.
     let records = report
         .lost
@@ -322,12 +338,17 @@ fn lost_lines(report: &scrip_store::Report, verdict: &str) -> Vec<String> {
         .map(|(_, _, l)| l.to.saturating_add(1).saturating_sub(l.from))
         .fold(0u64, u64::saturating_add);
     let mut lines = vec![format!(
-        "{verdict}: records a running scrip had committed are gone from the store ({records} in {} chain(s)), with whatever was committed with them (revocations, ended tasks, withdrawn keys): it was rolled back under it (a failover to a standby that had not received them, a backup restored in place) or someone deleted them; the next chain it started names them, found at the time given; --allow-rolled-back-before TIME passes those found before TIME once you know why:",
-        report.lost.len()
+        "{verdict}: records a running scrip had committed are gone from the store ({records} of {} chain(s)), with whatever was committed with them (revocations, ended tasks, withdrawn keys): it was rolled back under it (a failover to a standby that had not received them, a backup restored in place) or someone deleted them; the next chain it started names them, found at the time given; --allow-rolled-back-before TIME passes those found at or before TIME once you know why:",
+        chains.len()
     )];
     for (chain, at_ms, l) in &report.lost {
+        let after = if allowed.is_some_and(|t| *at_ms > t) {
+            " (found after the time given)"
+        } else {
+            ""
+        };
         lines.push(format!(
-            "  chain {} #{} to #{} (its last record's hash {}), found at {} by chain {}",
+            "  chain {} #{} to #{} (its last record's hash {}), found at {} by chain {}{after}",
             printable(&l.chain_id),
             l.from,
             l.to,
@@ -338,7 +359,7 @@ fn lost_lines(report: &scrip_store::Report, verdict: &str) -> Vec<String> {
     }
     if report.more_lost > 0 {
         lines.push(format!(
-            "  and {} more, not listed (only the first {} are; a start naming so many was not written by scrip)",
+            "  and {} more, not listed (only the first {} are), which no time passes",
             report.more_lost,
             scrip_store::MAX_LOST
         ));
@@ -359,7 +380,7 @@ fn verify_report(
     // A loss passes only where the operator said it was known: one found
     // since (the tail of a live chain deleted, an older signed head put
     // back, looks the same) still fails.
-    let allowed = |at_ms: u64| allow_rolled_back_before.is_some_and(|t| at_ms < t);
+    let allowed = |at_ms: u64| allow_rolled_back_before.is_some_and(|t| at_ms <= t);
     let trusted = format!("checkpoint keys trusted: {}", kids.join(", "));
     if !report.problems.is_empty() {
         let mut lines: Vec<String> = report
@@ -377,7 +398,7 @@ fn verify_report(
                 scrip_store::MAX_PROBLEMS
             ));
         }
-        lines.extend(lost_lines(report, "also"));
+        lines.extend(lost_lines(report, "also", None));
         lines.push(trusted);
         lines.push(format!(
             "{} problems in {} records ({} chains)",
@@ -401,7 +422,11 @@ fn verify_report(
         ));
     }
     let passed = report.lost.iter().all(|(_, at_ms, _)| allowed(*at_ms)) && report.more_lost == 0;
-    lines.extend(lost_lines(report, if passed { "note" } else { "FAILED" }));
+    lines.extend(lost_lines(
+        report,
+        if passed { "note" } else { "FAILED" },
+        allow_rolled_back_before,
+    ));
     if report.vouched.is_empty() {
         return (lines, passed);
     }
@@ -792,6 +817,19 @@ mod tests {
         }
     }
 
+    /// The bound of `--allow-rolled-back-before` is a time, never a
+    /// duration ago, which would move on with each run and pass every
+    /// loss in time; the `found at` a report prints is taken as is.
+    #[test]
+    fn a_rollback_bound_is_a_fixed_time() {
+        assert!(parse_instant("2h").is_err());
+        assert!(parse_instant("2023-11-14T22:13:20").is_err(), "no zone");
+        assert_eq!(
+            parse_instant(&when(1_700_000_000_000)),
+            Ok(1_700_000_000_000)
+        );
+    }
+
     const STRICT: Demands = Demands {
         strict: true,
         allow_rolled_back_before: None,
@@ -848,7 +886,7 @@ mod tests {
         assert!(!passed);
         assert!(
             lines[3].starts_with(
-                "FAILED: records a running scrip had committed are gone from the store (4 in 1 chain(s))"
+                "FAILED: records a running scrip had committed are gone from the store (4 of 1 chain(s))"
             ),
             "{lines:?}"
         );
@@ -857,7 +895,7 @@ mod tests {
             "  chain c1\\u{1b}[2J #9 to #12 (its last record's hash h12), found at 2023-11-14T22:13:20.000Z by chain c3"
         );
         let allowed = Demands {
-            allow_rolled_back_before: Some(1_700_000_000_001),
+            allow_rolled_back_before: Some(1_700_000_000_000),
             ..Demands::default()
         };
         let (lines, passed) = verify_report(&report, &kids, allowed);
@@ -866,12 +904,18 @@ mod tests {
             lines[3].starts_with("note: records a running scrip"),
             "{lines:?}"
         );
-        // Only those found before the time given.
+        // Only those found at or before the time given; one found after
+        // says so.
         let before = Demands {
-            allow_rolled_back_before: Some(1_700_000_000_000),
+            allow_rolled_back_before: Some(1_699_999_999_999),
             ..Demands::default()
         };
-        assert!(!verify_report(&report, &kids, before).1);
+        let (lines, passed) = verify_report(&report, &kids, before);
+        assert!(!passed);
+        assert!(
+            lines[4].ends_with("by chain c3 (found after the time given)"),
+            "{lines:?}"
+        );
         // A start naming more than are listed: counted, and failed.
         report.more_lost = 2;
         let (lines, passed) = verify_report(&report, &kids, allowed);
@@ -904,7 +948,7 @@ mod tests {
         assert!(!passed);
         assert!(
             lines.iter().any(|l| l.starts_with(&format!(
-                "also: records a running scrip had committed are gone from the store ({} in 3 chain(s))",
+                "also: records a running scrip had committed are gone from the store ({} of 2 chain(s))",
                 u64::MAX
             ))),
             "{lines:?}"

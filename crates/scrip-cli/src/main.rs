@@ -427,7 +427,7 @@ enum AuditCommand {
     /// standby that had not received them, a backup restored in place, or
     /// someone deleting a live chain's tail) are named by the next chain
     /// that scrip started, and fail the check unless that chain found them
-    /// before --allow-rolled-back-before. The report names the checkpoint keys it
+    /// at or before --allow-rolled-back-before. The report names the checkpoint keys it
     /// trusted; compare them with a copy of /audit/keys kept elsewhere, or
     /// pass that copy as --public-key.
     Verify {
@@ -440,12 +440,14 @@ enum AuditCommand {
         #[arg(long)]
         strict: bool,
         /// Pass although the store was rolled back under a running scrip
-        /// and lost records it had committed, for the losses found before
-        /// this time (RFC 3339 with its zone, or a duration ago like `2h`;
-        /// every loss is listed either way): once you know those were a
-        /// failover or a restore, and re-applied what was lost with them.
-        /// A loss found since still fails.
-        #[arg(long, value_parser = audit::parse_time, value_name = "TIME")]
+        /// and lost records it had committed, for the losses found at or
+        /// before this time (RFC 3339 with its zone, e.g. the latest `found
+        /// at` the report printed for the losses you know; not a duration,
+        /// which would move on with each run; every loss is listed either
+        /// way): once you know those were a failover or a restore, and
+        /// re-applied what was lost with them. A loss found since still
+        /// fails.
+        #[arg(long, value_parser = audit::parse_instant, value_name = "TIME")]
         allow_rolled_back_before: Option<u64>,
     },
     /// Show audit records, filtered, as a table or JSON lines.

@@ -175,8 +175,8 @@ impl ChainState {
     /// Adds to `start` (a replacing chain's `chain.started`) what the store
     /// lost of `p`, one of its [`Self::predecessors`], given `held`, the
     /// last position of that chain the store holds (0: none), and says so
-    /// in the log, as an error the first time: the store was rolled back
-    /// under this writer.
+    /// in the log: as an error until a start recording it has committed
+    /// (each try of that start's commit logs it), then at `info`.
     pub fn note_loss(&self, start: &mut AuditEvent, p: &ChainLink, held: u64) {
         if held >= p.chain_seq {
             return;
@@ -492,11 +492,9 @@ pub struct Report {
 /// The most problems a [`Report`] lists; the rest are counted.
 pub const MAX_PROBLEMS: usize = 10_000;
 
-/// The most losses a [`Report`] lists ([`Report::lost`]); the rest are
-/// counted. A real one is one a chain of each replica a rollback cut: a
-/// chain start holding many more was written by someone else (it parses,
-/// whoever wrote it).
-pub const MAX_LOST: usize = 1_000;
+/// The most losses a [`Report`] lists ([`Report::lost`]), over the whole
+/// trail; the rest are counted. Each is about a hundred bytes.
+pub const MAX_LOST: usize = 10_000;
 
 impl Report {
     /// Notes a problem found.
@@ -671,6 +669,14 @@ impl Verifier {
                 }
                 at_ms = Some(e.at_ms);
                 links = e.links;
+                // scrip's own starts name at most one loss for each of the
+                // chains they check.
+                if e.lost.len() > MAX_PREDECESSORS {
+                    self.report.add(problem(format!(
+                        "a chain start naming {} losses (scrip's name at most {MAX_PREDECESSORS}): forged",
+                        e.lost.len()
+                    )));
+                }
                 if r.chain_seq == 1 {
                     for lost in e.lost {
                         // Named again by a later start (one whose commit's
@@ -1011,9 +1017,10 @@ mod tests {
     }
 
     /// A loss named by several chain starts (a start whose commit's outcome
-    /// was unknown, replaced, names it again) is listed once, and a start
-    /// naming more than [`MAX_LOST`] has the rest counted; a writer knows
-    /// the losses its committed starts recorded.
+    /// was unknown, replaced, names it again) is listed once; past
+    /// [`MAX_LOST`] the rest are counted, and a start naming more than a
+    /// writer checks is a problem; a writer knows the losses its committed
+    /// starts recorded.
     #[test]
     fn a_loss_named_twice_is_listed_once() {
         let lost = |n: u64| Lost {
@@ -1054,11 +1061,21 @@ mod tests {
             v.push(r);
         }
         let report = v.finish(&[], |_| true);
-        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        // No start of scrip's names so many: the one that does is forged.
+        let [forged] = &report.problems[..] else {
+            panic!("{:?}", report.problems)
+        };
+        assert_eq!(forged.chain_id, "d");
+        assert!(forged.what.ends_with(": forged"), "{forged}");
         assert_eq!(report.lost.len(), MAX_LOST);
         assert_eq!(report.lost[0], ("b".to_owned(), 0, lost(1)));
         assert_eq!(report.more_lost, 6);
         assert_eq!(writers[0].recorded, [lost(1)]);
+        assert_eq!(
+            writers[2].recorded.len(),
+            MAX_PREDECESSORS,
+            "the latest kept"
+        );
         assert_eq!(writers[0].replaced_by("e".into()).recorded, [lost(1)]);
     }
 }

@@ -494,23 +494,26 @@ async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreErr
             .await
             .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
         let result = MIGRATOR.run(&mut *conn).await;
-        if result.is_err() {
-            // sqlx takes its migration lock for the session and lets it go
-            // only when every migration applied: a try given up would
-            // leave it held by this connection (which goes on to write),
-            // and every later start would wait for it in vain.
-            // A connection that broke lets its locks go with it: the
-            // migration's own error is the one to report.
-            if let Err(e) = sqlx::query("SELECT pg_advisory_unlock_all()")
+        // sqlx takes its migration lock for the session and lets it go
+        // only when every migration applied: a try given up would leave it
+        // held by this connection (which goes on to write), and every later
+        // start would wait for it in vain. A connection that broke lets its
+        // locks go with it; one that cannot let it go is not tried again
+        // (a second try would take the lock twice), and the migration's own
+        // error is the one to report either way.
+        let mut unlocked = true;
+        if result.is_err()
+            && let Err(e) = sqlx::query("SELECT pg_advisory_unlock_all()")
                 .execute(&mut *conn)
                 .await
-            {
-                tracing::debug!(error = %e, "cannot let the migration lock go");
-            }
+        {
+            tracing::warn!(error = %e, "cannot let the migration lock go");
+            unlocked = false;
         }
         match result {
             Err(e)
-                if lock_timed_out(&e)
+                if unlocked
+                    && lock_timed_out(&e)
                     && tokio::time::Instant::now() + 2 * MIGRATION_LOCK_TRY < deadline =>
             {
                 tracing::info!(
@@ -533,12 +536,12 @@ async fn migrate(conn: &mut PgConnection, wait: Duration) -> Result<(), StoreErr
         })
     });
     // The connection goes on to write: its own lock waits are set per
-    // transaction.
-    sqlx::query("RESET lock_timeout")
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
-    migrated
+    // transaction. (After a failed migration it is dropped: its error is
+    // the one to report.)
+    let reset = sqlx::query("RESET lock_timeout").execute(&mut *conn).await;
+    migrated?;
+    reset.map_err(|e| StoreError::Open(format!("migration failed: {e}")))?;
+    Ok(())
 }
 
 impl PgStore {
