@@ -93,7 +93,15 @@ fn parse_time(s: &str) -> Result<u64, String> {
 /// An RFC 3339 time with its zone as milliseconds since the epoch; no
 /// duration ago (for a bound that must not move on with each run).
 pub(crate) fn parse_instant(s: &str) -> Result<u64, String> {
-    let ms = zoned_time(s)?
+    if humantime::parse_duration(s).is_ok() {
+        return Err(format!(
+            "`{s}` is a duration, which would move on with each run: give the RFC 3339 time, with its zone, up to which the losses are known (the latest `found at` the report printed for them)"
+        ));
+    }
+    let ms = zoned_time(s)
+        .map_err(|_| {
+            format!("`{s}` is not an RFC 3339 time with its zone, like `2026-11-24T10:00:00Z`")
+        })?
         .duration_since(UNIX_EPOCH)
         .map_err(|_| "time before the epoch")?
         .as_millis();
@@ -822,8 +830,10 @@ mod tests {
     /// loss in time; the `found at` a report prints is taken as is.
     #[test]
     fn a_rollback_bound_is_a_fixed_time() {
-        assert!(parse_instant("2h").is_err());
-        assert!(parse_instant("2023-11-14T22:13:20").is_err(), "no zone");
+        let e = parse_instant("2h").unwrap_err();
+        assert!(e.contains("is a duration"), "{e}");
+        let e = parse_instant("2023-11-14T22:13:20").unwrap_err();
+        assert!(e.contains("not an RFC 3339 time with its zone"), "{e}");
         assert_eq!(
             parse_instant(&when(1_700_000_000_000)),
             Ok(1_700_000_000_000)
