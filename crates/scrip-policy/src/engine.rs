@@ -271,6 +271,50 @@ impl std::fmt::Debug for PolicyEngine {
 /// A file's name and text.
 type Source = (String, String);
 
+/// How many directories down [`nested_files`] looks.
+const NESTED_DEPTH: usize = 4;
+
+/// Whether a path names a policy or schema file by its name.
+fn is_policy_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("cedar" | "cedarschema")
+    )
+}
+
+/// The policy and schema files (`*.cedar`, `*.cedarschema`) below the
+/// subdirectories of `dir`, to four levels down (links followed), sorted.
+/// scrip reads only `dir`'s own files, so a set with any of these is
+/// refused rather than run without them: a `forbid` kept in `dir/team/`
+/// would never apply. Directories whose names start with `.` are passed
+/// over: a Kubernetes ConfigMap volume keeps its files in `..data` (and
+/// links to them beside it), a checkout its history in `.git`. So is a
+/// directory that cannot be listed (`lost+found` at a volume's root): scrip
+/// could not read a file there either.
+#[must_use]
+pub fn nested_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if depth > 0 && is_policy_file(&path) {
+                found.push(path);
+            } else if depth < NESTED_DEPTH && path.is_dir() {
+                walk(&path, depth + 1, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, 0, &mut found);
+    found.sort();
+    found
+}
+
 fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -284,6 +328,9 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyErr
         .collect::<Result<_, _>>()
         .map_err(io(dir))?;
     entries.sort();
+    if let Some(nested) = nested_files(dir).into_iter().next() {
+        return Err(PolicyError::Nested(nested));
+    }
     let mut policies = Vec::new();
     let mut schema = None;
     for path in entries {

@@ -15,7 +15,8 @@ mod selection;
 mod testfile;
 
 pub use engine::{
-    Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket, tickets,
+    Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket, nested_files,
+    tickets,
 };
 pub use testfile::{CaseResult, TestError, run_test_file};
 
@@ -38,6 +39,13 @@ pub enum PolicyError {
     /// More than one schema file.
     #[error("`{0}` holds more than one *.cedarschema file")]
     SeveralSchemas(PathBuf),
+    /// A policy or schema file below a subdirectory of the policy
+    /// directory, which scrip does not read: a `forbid` kept there would
+    /// never apply.
+    #[error(
+        "`{0}` is a policy file in a subdirectory, which scrip does not read (only the policy directory's own files are, and directories whose names start with `.` are passed over): move it into the policy directory, or rename it so that it does not end in .cedar or .cedarschema"
+    )]
+    Nested(PathBuf),
     /// A policy file or directory someone other than scrip's user could
     /// change: they would decide every request.
     #[error(transparent)]

@@ -366,7 +366,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 .await;
         }
         Err(e) => {
-            tracing::error!(error = %e, "proxy: cannot read the task");
+            if crate::STORE_LINES.allow("proxy: store failures") {
+                tracing::error!(error = %e, "proxy: cannot read the task");
+            }
             return unavailable(&proxy, name);
         }
     };
@@ -407,7 +409,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             retiring,
         }) => (s, retiring),
         Ok(_) => {
-            tracing::error!(upstream = %name, %action, "proxy: no secret is set; set one with `scrip secret set`");
+            if crate::STORE_LINES.allow("proxy: store failures") {
+                tracing::error!(upstream = %name, %action, "proxy: no secret is set; set one with `scrip secret set`");
+            }
             let why = format!("no secret is set for `{name}` `{action}`");
             let r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -417,7 +421,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             return proxy.deny(&draft, name, r, why).await;
         }
         Err(e) => {
-            tracing::error!(error = %e, "proxy: cannot read the secret");
+            if crate::STORE_LINES.allow("proxy: store failures") {
+                tracing::error!(error = %e, "proxy: cannot read the secret");
+            }
             return unavailable(&proxy, name);
         }
     };
@@ -434,7 +440,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 others.extend(accepted.retiring);
             }
             Err(e) => {
-                tracing::error!(error = %e, "proxy: cannot read the secret");
+                if crate::STORE_LINES.allow("proxy: store failures") {
+                    tracing::error!(error = %e, "proxy: cannot read the secret");
+                }
                 return unavailable(&proxy, name);
             }
         }
@@ -480,7 +488,9 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
                 scrip_verifier::Rejection::for_token(name, &token, &why).into_response::<Body>();
             return proxy.deny(&draft, name, r, reason.into()).await;
         }
-        tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
+        if crate::STORE_LINES.allow("proxy: store failures") {
+            tracing::error!(error = %e, "proxy: audit record not durable; request not forwarded");
+        }
         return unavailable(&proxy, name);
     }
 

@@ -38,6 +38,11 @@ use scrip_store::{Store, TaskRecord};
 use scrip_token::ActionName;
 use scrip_verifier::Verifier;
 
+/// Store failures (and a secret not set) that each request meets: logged
+/// at most 10 a second, the rest counted (the audit trail, not the log, is
+/// the record).
+pub(crate) static STORE_LINES: scrip_vital::LogBudget = scrip_vital::LogBudget::new(10);
+
 pub use secrets::{Kek, SecretCache, SecretError, SecretStatus, SecretValue};
 
 /// The path every proxied request starts with.
@@ -283,6 +288,7 @@ impl Pending {
             if let Err(e) = store
                 .commit(vec![scrip_store::Write::Audit(Box::new(record))])
                 .await
+                && STORE_LINES.allow("proxy: store failures")
             {
                 tracing::error!(error = %e, "proxy audit record could not be written");
             }

@@ -271,16 +271,28 @@ pub(crate) async fn request(
                 let counted = webhook.as_ref().map(|w| w.announcing());
                 let (id, described) = (id.clone(), described);
                 let (task_id, tool, asked) = (task.id.clone(), tool.to_owned(), asked.clone());
+                let ttl = Duration::from_secs(st.config.approval_ttl);
                 async move {
                     match store.commit(all).await {
                         Ok(()) => {}
                         Err(e @ scrip_store::StoreError::Conflict(_)) => return Err(e),
                         // The store went away after the commit was sent: it
                         // may have taken effect, and then it is announced.
-                        Err(e @ scrip_store::StoreError::Unavailable(_))
-                            if matches!(store.approval(&id).await, Ok(Some(_))) =>
-                        {
-                            tracing::warn!(error = %e, auth_req_id = %id, "the approval's commit failed but it was stored");
+                        Err(e @ scrip_store::StoreError::Unavailable(_)) => {
+                            if let Ok(Some(_)) = store.approval(&id).await {
+                                tracing::warn!(error = %e, auth_req_id = %id, "the approval's commit failed but it was stored");
+                            } else {
+                                // Not known yet (the store still away, or
+                                // the commit not seen yet): the agent hears
+                                // the failure, and the step is announced if
+                                // it turns out stored.
+                                if let Some(webhook) = webhook {
+                                    tokio::spawn(announce_once_seen(
+                                        store, webhook, id, described, ttl,
+                                    ));
+                                }
+                                return Err(e);
+                            }
                         }
                         Err(e) => return Err(e),
                     }
@@ -501,6 +513,45 @@ fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
         obj.insert("delegation_actors".into(), Value::Array(actors));
     }
     v
+}
+
+/// How often [`announce_once_seen`] looks for its approval.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+
+/// After a commit of unknown outcome whose approval could not be read back
+/// at once: looks for it every [`LOOK_AGAIN`] for up to `ttl` (its life),
+/// and announces it if it turns out stored, since an agent asking again
+/// would find it waiting and ask no one. Three answers in a row that it is
+/// not there end the wait (the commit did not take effect). Whether it was
+/// announced.
+async fn announce_once_seen(
+    store: std::sync::Arc<dyn scrip_store::Store>,
+    webhook: std::sync::Arc<crate::state::Webhook>,
+    id: String,
+    described: Value,
+    ttl: Duration,
+) -> bool {
+    let until = tokio::time::Instant::now() + ttl;
+    let mut absent = 0;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(LOOK_AGAIN).await;
+        match store.approval(&id).await {
+            Ok(Some(_)) => {
+                tracing::warn!(auth_req_id = %id, "an approval whose commit failed was stored after all; announcing it");
+                webhook.send(described);
+                return true;
+            }
+            Ok(None) => {
+                absent += 1;
+                if absent == 3 {
+                    return false;
+                }
+            }
+            Err(_) => absent = 0,
+        }
+    }
+    tracing::warn!(auth_req_id = %id, "an approval whose commit failed could not be read back before it expired, and was not announced; `scrip approvals` lists it if it was stored");
+    false
 }
 
 /// POSTs the pending approval to the webhook, retrying with backoff what
@@ -974,7 +1025,7 @@ async fn issue(
 }
 
 /// Which approver, if any, this identity is.
-fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
+pub(crate) fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
     let local_issuer = crate::attest::local_issuer(st);
     st.config.approvers.iter().find(|a| {
         let by_identity = a.issuer.as_deref() == Some(who.issuer.as_str())
@@ -1745,6 +1796,114 @@ pub(crate) fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step whose commit failed with its outcome unknown, and that could
+    /// not be read back at once, is announced when it turns out stored; one
+    /// the store says three times it does not hold is not.
+    #[tokio::test]
+    async fn an_approval_whose_commit_failed_is_announced_once_it_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = scrip_store::open(None, &dir.path().join("scrip.db"))
+            .await
+            .unwrap();
+        let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |Json(v): Json<Value>| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(v);
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let webhook = std::sync::Arc::new(crate::state::Webhook {
+            url,
+            http: reqwest::Client::new(),
+            sending: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            announcing: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+        });
+        let ttl = Duration::from_secs(30);
+        let started = Instant::now();
+        assert!(
+            !announce_once_seen(
+                store.clone(),
+                webhook.clone(),
+                "never".into(),
+                json!({"auth_req_id": "never"}),
+                ttl,
+            )
+            .await
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "waited on");
+
+        let looking = tokio::spawn(announce_once_seen(
+            store.clone(),
+            webhook.clone(),
+            "step".into(),
+            json!({"auth_req_id": "step"}),
+            ttl,
+        ));
+        // Not there at the first look: stored only after it.
+        tokio::time::sleep(LOOK_AGAIN + LOOK_AGAIN / 2).await;
+        let agent = WorkloadIdentity {
+            issuer: "https://idp.test".into(),
+            subject: "agent".into(),
+            kind: scrip_token::IdentityKind::Generic,
+            attributes: std::collections::BTreeMap::new(),
+            claims: std::collections::BTreeMap::new(),
+        };
+        let task = TaskRecord {
+            id: "task".into(),
+            parent: None,
+            agent,
+            actor: None,
+            may_act: Vec::new(),
+            grants: "github:delete".into(),
+            held: String::new(),
+            purpose: "p".into(),
+            environment: "prod".into(),
+            depth: 0,
+            token_jti: "jti".into(),
+            created_at: now(),
+            expires_at: now() + 3600,
+            ended_at: None,
+            end_reason: None,
+        };
+        let approval = Approval {
+            id: "step".into(),
+            task_id: "task".into(),
+            tool: "github".into(),
+            actions: "delete".into(),
+            approvable: None,
+            state: ApprovalState::Pending,
+            created_at: now(),
+            expires_at: now() + 30,
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+            token_jti: None,
+        };
+        store
+            .commit(vec![
+                Write::InsertTask(Box::new(task)),
+                Write::InsertApproval(Box::new(approval)),
+            ])
+            .await
+            .unwrap();
+        assert!(looking.await.unwrap(), "not announced");
+        let body = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(body["auth_req_id"], "step");
+        assert!(
+            heard.try_recv().is_err(),
+            "the step never stored was announced"
+        );
+    }
 
     /// Polls older than the interval are dropped once the map is large,
     /// and the map is not walked again until it has grown past what the

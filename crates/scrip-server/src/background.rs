@@ -46,20 +46,29 @@ async fn keys_loop(state: AppState) {
     }
     let mut changes = st.store.changes();
     let mut seen = changes.borrow_and_update().keys;
+    // When the key set could last not be read, and when that was last
+    // said: while it cannot, it is read every `POLL` (not at each signal,
+    // nor at each 200 ms of a rotation that is due), and said once a minute.
+    let mut failing: Option<(std::time::Instant, std::time::Instant)> = None;
     loop {
         let at = now();
+        let soonest = if failing.is_some() {
+            crate::keyring::POLL
+        } else {
+            Duration::from_millis(200)
+        };
         let wait = st
             .keyring
             .next_due(at)
             .map_or(crate::keyring::POLL, |due| {
                 Duration::from_secs(due.saturating_sub(at))
             })
-            .clamp(Duration::from_millis(200), crate::keyring::POLL);
+            .clamp(soonest, crate::keyring::POLL);
         // One deadline for this wait: the store signals every revocation
         // too, and restarting the timer at each would, under steady load,
         // put off the re-read and any rotation for as long as it lasts.
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
+        while failing.is_none() {
             tokio::select! {
                 r = changes.changed() => {
                     if r.is_err() {
@@ -75,15 +84,33 @@ async fn keys_loop(state: AppState) {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
+        if failing.is_some() {
+            tokio::time::sleep_until(deadline).await;
+        }
         // Audited in the commit that changes the keys.
         match st.keyring.sync(st.store.as_ref(), now(), &st.replica).await {
             Ok(created) => {
+                if let Some((since, _)) = failing.take() {
+                    tracing::info!(
+                        after_s = since.elapsed().as_secs(),
+                        "the shared keys are read again"
+                    );
+                }
                 for (kid, what) in &created.keys {
                     tracing::info!(%kid, %what, "shared key set changed");
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the shared keys; keeping the keys in use")
+                let t = std::time::Instant::now();
+                let (since, said) = failing.get_or_insert((t, t));
+                if *said == t || said.elapsed() >= Duration::from_secs(60) {
+                    tracing::warn!(
+                        error = %e,
+                        failing_s = since.elapsed().as_secs(),
+                        "cannot read the shared keys; keeping the keys in use"
+                    );
+                    *said = t;
+                }
             }
         }
     }

@@ -384,6 +384,15 @@ fn attenuate(
             "actor_token: this actor is not one the task allows to act for it (may_act)",
         ));
     }
+    // With separation of duties, a person who approves steps is never a
+    // sub-agent: whoever delegates holds the actor's identity token, which
+    // signs in to the approvals too, and could approve its own steps with
+    // it. (Without it, anyone may approve their own steps already.)
+    if st.config.separation_of_duties && crate::approval::approver(st, actor).is_some() {
+        return Err(OAuthError::invalid_request(
+            "actor_token: this identity signs in as one of the approvers; with separation_of_duties, an approver cannot act as a sub-agent (whoever delegates holds the actor's token, and could approve its own steps with it)",
+        ));
+    }
     let parent_grants = GrantSet::parse(&parent.grants).map_err(|_| OAuthError::server_error())?;
     let grants = match form.get("scope") {
         None => parent_grants.clone(),

@@ -68,6 +68,18 @@ impl OAuthError {
         }
     }
 
+    /// `temporarily_unavailable` (503) with `Retry-After`, saying why.
+    pub fn unavailable_for(d: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                d,
+            )
+        }
+    }
+
     /// `temporarily_unavailable` (429) with `Retry-After`: the caller asked
     /// faster than `[limits]` allows; nothing was issued.
     pub fn too_many(d: impl Into<String>, retry_after: u64) -> Self {

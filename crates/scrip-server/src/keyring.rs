@@ -42,6 +42,11 @@ use crate::keys::{self, KeyError};
 /// How often a replica re-reads the shared key set without being told.
 pub const POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a replica serves the shared key set it last read: past it (the
+/// store out of its reach), `/jwks` answers 503 rather than a set that may
+/// still list keys withdrawn since, and lack the key that signs now.
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The keys at one moment.
 #[derive(Debug)]
 struct Ring {
@@ -78,6 +83,8 @@ pub struct Keyring {
     /// leaves the set (seconds) and its `kid`, soonest first. Dropped from
     /// the ring as their time comes ([`Keyring::expire_retired`]).
     retired: std::sync::Mutex<Vec<(u64, String)>>,
+    /// When a shared key set was last read and put in use.
+    read_at: std::sync::Mutex<std::time::Instant>,
 }
 
 fn jwks(keys: &[serde_json::Value]) -> Arc<str> {
@@ -325,7 +332,35 @@ impl Keyring {
             algorithms,
             generation: Arc::default(),
             retired: std::sync::Mutex::default(),
+            read_at: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    /// How long ago a shared key set was last read, when that is more than
+    /// [`STALE_AFTER`]: the replica cannot tell whether a key it publishes
+    /// was withdrawn since. `None` for a file key set, which only this
+    /// process changes.
+    #[must_use]
+    pub fn stale_for(&self) -> Option<std::time::Duration> {
+        self.stale_at(std::time::Instant::now())
+    }
+
+    /// [`Keyring::stale_for`], at `now`.
+    #[must_use]
+    pub fn stale_at(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        self.shared.as_ref()?;
+        let read_at = *self
+            .read_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(now.saturating_duration_since(read_at)).filter(|d| *d > STALE_AFTER)
+    }
+
+    fn mark_read(&self, at: std::time::Instant) {
+        *self
+            .read_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = at;
     }
 
     /// When the next key of a former `signing_algorithm` leaves a file key
@@ -493,7 +528,10 @@ impl Keyring {
             store.keys(now).await?
         };
         match shared.ring(&stored) {
-            Ok(ring) => self.install(ring),
+            Ok(ring) => {
+                self.install(ring);
+                self.mark_read(std::time::Instant::now());
+            }
             Err(message) => {
                 tracing::error!(%message, "shared keys unusable; keeping the keys in use")
             }

@@ -162,8 +162,9 @@ fn metadata(issuer: &str, config: &Config, keyring: &keyring::Keyring) -> serde_
             // still valid), that algorithm too.
             keyring.published_algorithms()
         },
-        // CIBA's token is collected by polling the token endpoint.
-        "backchannel_token_delivery_modes_supported": ["poll"],
+        // Only CIBA's poll grant is borrowed (a step is asked through the
+        // token exchange): no CIBA delivery modes, which a CIBA client would
+        // read as a provider with a backchannel authentication endpoint.
         "dpop_signing_alg_values_supported": scrip_jose::dpop::DPOP_ALGORITHMS
             .iter()
             .map(|a| format!("{a:?}"))
@@ -712,6 +713,24 @@ pub fn router(state: AppState) -> Router {
         .route(
             paths::JWKS,
             get(|State(st): State<AppState>| async move {
+                // A shared key set not read for a while (the store out of
+                // this replica's reach) may still list keys withdrawn since:
+                // a resource server is sent elsewhere, or keeps its own.
+                if let Some(stale) = st.0.keyring.stale_for() {
+                    static STALE: logs::Budget = logs::Budget::new(1);
+                    if STALE.allow("key set stale") {
+                        tracing::warn!(
+                            stale_s = stale.as_secs(),
+                            "the shared key set has not been read for {} s: /jwks answers 503 until it is",
+                            stale.as_secs()
+                        );
+                    }
+                    return error::OAuthError::unavailable_for(
+                        "this replica has not read the key set for a while, and cannot vouch for it; try again shortly (or another replica)",
+                        5,
+                    )
+                    .into_response();
+                }
                 json_body(
                     st.0.keyring.jwks_body().to_string(),
                     keys_max_age(&st.0.config),

@@ -262,11 +262,13 @@ impl Policies {
                 // the cut) is dropped and read again once two looks at the
                 // directory, `SETTLE` apart, agree.
                 let mut current = DirState::now(&self.0.dir);
+                let mut unrecorded = SETTLE;
                 let outcome = loop {
                     let outcome = self.reload_as_seen("SIGHUP", Some(&current), false).await;
                     if outcome != Reload::Again {
                         break outcome;
                     }
+                    let read = current.clone();
                     loop {
                         tokio::time::sleep(SETTLE).await;
                         let again = DirState::now(&self.0.dir);
@@ -274,6 +276,14 @@ impl Policies {
                             break;
                         }
                         current = again;
+                    }
+                    // The files held still: the store could not take the
+                    // reload's record. Tried again less often while it
+                    // cannot (each try reads and compiles the set, and
+                    // logs).
+                    if current == read {
+                        tokio::time::sleep(unrecorded).await;
+                        unrecorded = (unrecorded * 2).min(UNRECORDED_WAIT);
                     }
                 };
                 refused = (outcome == Reload::RejectedForNow).then(|| current.clone());
@@ -300,6 +310,10 @@ impl Policies {
         }
     }
 }
+
+/// The longest wait between tries of a reload asked for by SIGHUP whose
+/// record the store cannot take.
+const UNRECORDED_WAIT: Duration = Duration::from_secs(30);
 
 /// How many times the policies are read at start while their files keep
 /// changing, [`SETTLE`] apart, before start-up gives up.
@@ -477,7 +491,9 @@ impl Watch {
 
 /// What the policy directory holds, as far as a change to it shows: the
 /// name of each file the loader reads (`*.cedar`, `*.cedarschema`; a log or
-/// an editor's swap file beside them that keeps changing is no change), and
+/// an editor's swap file beside them that keeps changing is no change) or
+/// refuses ([`scrip_policy::nested_files`]: one put in a subdirectory, or
+/// taken out of it, is a change), and
 /// of what it names (symbolic links followed, as the loader follows them) its
 /// size, modification and change times and inode. A copy that keeps the
 /// modification time (`cp -p`, `rsync -a`) still changes the change time or
@@ -495,18 +511,24 @@ impl DirState {
         };
         let mut out: Vec<_> = entries
             .filter_map(Result::ok)
-            .filter(|e| {
+            .map(|e| e.path())
+            .filter(|path| {
                 matches!(
-                    e.path().extension().and_then(|x| x.to_str()),
+                    path.extension().and_then(|x| x.to_str()),
                     Some("cedar" | "cedarschema")
                 )
             })
-            .map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
+            .chain(scrip_policy::nested_files(dir))
+            .map(|path| {
+                let name = path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned();
                 // A link to nothing (or a file that cannot be looked at) is
                 // there too, as the link itself: a load fails on it, and
                 // its removal must be a change that is read.
-                match std::fs::metadata(e.path()).or_else(|_| std::fs::symlink_metadata(e.path())) {
+                match std::fs::metadata(&path).or_else(|_| std::fs::symlink_metadata(&path)) {
                     Ok(meta) => (
                         name,
                         meta.len(),

@@ -2032,14 +2032,79 @@ when {{ context.delegation_issuers.contains("{SPIFFE_ISSUER}") }};
     s.stop().await;
 }
 
+/// The agent that delegates holds its actor's identity token, which signs
+/// in to the approvals too: an approver is never made a sub-agent, or the
+/// agent could approve its own steps with the token it was handed.
 #[tokio::test]
-async fn separation_of_duties_refuses_an_actor_in_the_chain() {
+async fn an_approver_is_never_made_a_sub_agent() {
     let s = TestServer::start_with(delegation_allowed(|c| {
         c.approvers = vec![alice(), approver("reviewer", SPIFFE_ISSUER, ACTOR)];
     }))
     .await;
+    let parent = prod_task(&s).await;
+    let reviewer = s.spiffe.spiffe("acme.example", "/reviewer");
+    let r = s
+        .post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", &parent),
+                ("subject_token_type", TXN),
+                ("actor_token", &reviewer),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", "github:delete"),
+            ],
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("approvers"), "{}", r.text);
+    // On the record, naming the actor refused.
+    let refused = s
+        .audit()
+        .await
+        .into_iter()
+        .rfind(|a| a.event == "task.refused")
+        .expect("no task.refused");
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("approvers")),
+        "{refused:?}"
+    );
+    // The step the agent would have approved with it waits for alice: the
+    // reviewer's token approves it, and that is why it cannot be handed on.
+    let own = pending(&s, &parent).await;
+    let r = approve(&s, &own, Some(&reviewer)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+
+    // Without separation of duties anyone may approve their own steps, and
+    // an approver may act as a sub-agent.
+    let s = TestServer::start_with(delegation_allowed(|c| {
+        c.approvers = vec![alice(), approver("reviewer", SPIFFE_ISSUER, ACTOR)];
+        c.separation_of_duties = false;
+    }))
+    .await;
+    child_task(&s).await;
+    s.stop().await;
+}
+
+/// An actor who became an approver since (a restart with another
+/// `[[approvers]]`) is still refused the steps of the tasks it acts in.
+#[tokio::test]
+async fn separation_of_duties_refuses_an_actor_in_the_chain() {
+    let mut s = TestServer::start_with(delegation_allowed(|c| {
+        c.approvers = vec![alice()];
+    }))
+    .await;
     let child = child_task(&s).await;
     let id = pending(&s, &child).await;
+    s.restart_with(|c| {
+        c.approvers = vec![alice(), approver("reviewer", SPIFFE_ISSUER, ACTOR)];
+    })
+    .await;
     let reviewer = s.spiffe.spiffe("acme.example", "/reviewer");
     let r = approve(&s, &id, Some(&reviewer)).await;
     r.assert_error(403, "access_denied");

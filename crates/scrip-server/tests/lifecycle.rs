@@ -614,10 +614,15 @@ async fn metadata_names_every_endpoint_under_the_issuer() {
         m["access_token_signing_alg_values_supported"],
         json!(["ES256"])
     );
-    assert_eq!(
-        m["backchannel_token_delivery_modes_supported"],
-        json!(["poll"])
-    );
+    // Only CIBA's poll is borrowed, not its backchannel authentication
+    // endpoint, which a CIBA provider's metadata must name: none of CIBA's
+    // own members is advertised.
+    for member in [
+        "backchannel_token_delivery_modes_supported",
+        "backchannel_authentication_endpoint",
+    ] {
+        assert!(m.get(member).is_none(), "{member}: {m}");
+    }
     // The advertised JWKS is reachable, and caches may keep it no longer
     // than a new key is published before it signs (`signing_key_lead`).
     let jwks = s
@@ -1369,6 +1374,43 @@ when { principal has namespace && principal.namespace == "other" };
     })
     .await;
     assert!(allowed, "the link's removal was not read");
+
+    // A `forbid` put in a subdirectory, which scrip does not read: the set
+    // is refused rather than run without it; moved up, it is read.
+    let before = rejections().await;
+    std::fs::create_dir(dir.join("team")).unwrap();
+    std::fs::write(
+        dir.join("team/zz-forbid.cedar"),
+        "@id(\"no-other\")\nforbid (principal, action, resource)\nwhen { principal has namespace && principal.namespace == \"other\" };\n",
+    )
+    .unwrap();
+    let refused = eventually(Duration::from_secs(5), || async {
+        rejections().await > before
+    })
+    .await;
+    assert!(refused, "a policy file in a subdirectory was not refused");
+    let reason = s
+        .audit()
+        .await
+        .into_iter()
+        .rfind(|a| a.event == "policy.rejected")
+        .and_then(|a| a.reason)
+        .unwrap();
+    assert!(
+        reason.contains("team/zz-forbid.cedar") && reason.contains("subdirectory"),
+        "{reason}"
+    );
+    assert_eq!(try_other().await.status, 200, "the last good set decides");
+    std::fs::rename(
+        dir.join("team/zz-forbid.cedar"),
+        dir.join("zz-forbid.cedar"),
+    )
+    .unwrap();
+    let denied = eventually(Duration::from_secs(5), || async {
+        try_other().await.status == 400
+    })
+    .await;
+    assert!(denied, "the policy moved up was not read");
     s.stop().await;
 }
 
@@ -1549,6 +1591,47 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
 /// A replica that reads a withdrawal puts the new key set in use, signs
 /// with the new key, and counts a new generation of keys (what it verified
 /// before is verified again), whatever its clock within `clock_skew`.
+/// A shared key set a replica has not read for a minute is one it cannot
+/// vouch for (a key may have been withdrawn since): it says so until the
+/// next read. A file key set only this process changes never is.
+#[tokio::test]
+async fn a_shared_key_set_not_read_for_a_minute_is_stale() {
+    use scrip_server::keyring::{Keyring, STALE_AFTER};
+    let db = scrip_testkit::PgDatabase::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = scrip_config::Config {
+        data_dir: dir.path().join("a"),
+        database_url: Some(db.url().to_owned()),
+        key_encryption_key_file: Some(dir.path().join("kek")),
+        ..scrip_config::Config::default()
+    };
+    scrip_server::keys::load_kek(&config, true).unwrap();
+    let store = scrip_store::open(db.url().into(), &config.data_dir.join("scrip.db"))
+        .await
+        .unwrap();
+    let (keyring, _) = Keyring::shared(&config, store.as_ref(), now(), "a")
+        .await
+        .unwrap();
+    assert_eq!(keyring.stale_for(), None, "read just now");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = std::time::Instant::now();
+    let later = t + STALE_AFTER - Duration::from_secs(1);
+    assert!(
+        keyring.stale_at(later).is_some(),
+        "not read for over a minute then"
+    );
+    keyring.sync(store.as_ref(), now(), "a").await.unwrap();
+    assert_eq!(keyring.stale_at(later), None, "the read was not counted");
+    // Files: never stale.
+    let files = scrip_config::Config {
+        data_dir: dir.path().join("b"),
+        ..scrip_config::Config::default()
+    };
+    std::fs::create_dir_all(&files.data_dir).unwrap();
+    let (file_ring, _) = Keyring::from_files(&files, now()).unwrap();
+    assert_eq!(file_ring.stale_at(later + STALE_AFTER), None);
+}
+
 #[tokio::test]
 async fn a_replica_follows_a_withdrawal_whatever_its_clock() {
     use scrip_server::keyring::Keyring;

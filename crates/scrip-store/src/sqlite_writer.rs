@@ -232,7 +232,13 @@ impl Apply for SqliteWriter {
                 self.catch_up_at = frames.saturating_add(self.catch_up_frames);
             }
             Ok(_) => self.catch_up_at = self.catch_up_frames,
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
+            // Tried again once as many more have been committed, as above,
+            // not after every commit (the disk full, each try would copy
+            // pages until it fails, and say so).
+            Err(e) => {
+                self.catch_up_at = frames.saturating_add(self.catch_up_frames);
+                tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+            }
         }
     }
 }

@@ -116,6 +116,22 @@ impl Rejection {
         }
     }
 
+    /// The answer to a request without credentials, to a resource server
+    /// that accepts DPoP-bound tokens too (it has a public URL to check
+    /// proofs against): both schemes are challenged (RFC 9449 §7.1), so a
+    /// client learns that DPoP is taken, and with which algorithms.
+    #[must_use]
+    pub fn missing_either(realm: &str) -> Self {
+        let realm = quoted(realm);
+        Self {
+            www_authenticate: Some(format!(
+                "Bearer realm=\"{realm}\", DPoP realm=\"{realm}\", algs=\"{}\"",
+                dpop_algs()
+            )),
+            ..Self::missing(&realm)
+        }
+    }
+
     /// The answer to a malformed `Authorization` header.
     #[must_use]
     pub fn invalid_request(realm: &str, description: &str) -> Self {
@@ -345,6 +361,9 @@ pub(crate) async fn authorize(
 ) -> Result<AccessToken, Rejection> {
     let (scheme, token) = match credentials(headers) {
         Ok(Some(found)) => found,
+        Ok(None) if verifier.request_url("").is_some() => {
+            return Err(Rejection::missing_either(realm));
+        }
         Ok(None) => return Err(Rejection::missing(realm)),
         Err((scheme, why)) => return Err(Rejection::invalid_request_as(realm, why, scheme)),
     };
@@ -548,5 +567,13 @@ mod tests {
             Rejection::missing("github").www_authenticate.as_deref(),
             Some(r#"Bearer realm="github""#)
         );
+        assert_eq!(
+            Rejection::missing_either("github").www_authenticate,
+            Some(format!(
+                r#"Bearer realm="github", DPoP realm="github", algs="{}""#,
+                dpop_algs()
+            ))
+        );
+        assert_eq!(Rejection::missing_either("github").status, 401);
     }
 }

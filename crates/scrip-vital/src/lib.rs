@@ -15,6 +15,13 @@
 //! fails that request only.
 //!
 //! The invariant: a long-lived task that panics is never silently gone.
+//!
+//! Beside them, [`LogBudget`]: the per-second limit on log lines anyone can
+//! cause, which every scrip process applies alike.
+
+mod budget;
+
+pub use budget::LogBudget;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -172,6 +172,8 @@ pub struct TestServer {
     pub k8s: Idp,
     pub github: Idp,
     pub spiffe: Idp,
+    /// Its configuration, listening where it does.
+    config: Config,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
@@ -264,40 +266,68 @@ impl TestServer {
         if let Some(edit) = opts.edit {
             edit(&mut config);
         }
-        let server = scrip_server::Server::bind(config).await.unwrap();
-        // Where it listens: the issuer too, unless a test configured
-        // another one.
-        let url = format!("http://{}", server.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            server
-                .run(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        let http = reqwest::Client::new();
-        // A mounted proxy refuses requests until its revocation set is read.
-        let ready = format!("{url}/readyz");
-        for _ in 0..500 {
-            match http.get(&ready).send().await {
-                Ok(r) if r.status() == 200 => break,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+        let (url, shutdown, handle) = launch(&mut config).await;
         Self {
             url,
-            http,
+            http: reqwest::Client::new(),
             dir,
             k8s,
             github,
             spiffe,
-            shutdown: Some(tx),
+            config,
+            shutdown: Some(shutdown),
             handle: Some(handle),
         }
     }
 
+    /// Stops the server and starts it again on the same store, address and
+    /// issuer, with `edit` made to its configuration.
+    pub async fn restart_with(&mut self, edit: impl FnOnce(&mut Config)) {
+        self.halt().await;
+        edit(&mut self.config);
+        let (url, shutdown, handle) = launch(&mut self.config).await;
+        assert_eq!(url, self.url, "restarted elsewhere");
+        self.shutdown = Some(shutdown);
+        self.handle = Some(handle);
+    }
+}
+
+/// Starts a server on `config` and waits until it is ready; `config` then
+/// listens where it does.
+async fn launch(
+    config: &mut Config,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let server = scrip_server::Server::bind(config.clone()).await.unwrap();
+    config.listen = server.local_addr().unwrap();
+    // Where it listens: the issuer too, unless a test configured
+    // another one.
+    let url = format!("http://{}", server.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let http = reqwest::Client::new();
+    // A mounted proxy refuses requests until its revocation set is read.
+    let ready = format!("{url}/readyz");
+    for _ in 0..500 {
+        match http.get(&ready).send().await {
+            Ok(r) if r.status() == 200 => break,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    (url, tx, handle)
+}
+
+impl TestServer {
     pub async fn stop(mut self) {
         self.halt().await;
     }
