@@ -191,8 +191,9 @@ impl ContextShape {
     }
 }
 
-/// The most agent-and-tool entity sets an engine keeps (it forgets them
-/// all when full; an engine is replaced, and its cache with it, on reload).
+/// The most agent-and-tool entity sets an engine keeps, in two generations
+/// of half as many (an engine is replaced, and its cache with it, on
+/// reload).
 const ENTITY_CACHE: usize = 4096;
 
 /// A decision's principal and resource with their schema-checked entities.
@@ -219,44 +220,106 @@ struct ToolKey {
 /// One tool's kept entities, by agent identity.
 type ByAgent = HashMap<WorkloadIdentity, Arc<Prepared>>;
 
+/// A generation of kept entities: by tool name, the tool entity's inputs
+/// and its agents'; and how many it holds.
 #[derive(Default)]
-struct EntityCache {
-    /// By tool name: the tool entity's inputs and its agents.
-    by_tool: Mutex<HashMap<String, (ToolKey, ByAgent)>>,
+struct Generation {
+    by_tool: HashMap<String, (ToolKey, ByAgent)>,
+    len: usize,
 }
 
-impl EntityCache {
+impl Generation {
     fn get(&self, agent: &WorkloadIdentity, tool: &Tool) -> Option<Arc<Prepared>> {
-        let by_tool = self.by_tool.lock().ok()?;
-        let (key, agents) = by_tool.get(tool.name.as_str())?;
+        let (key, agents) = self.by_tool.get(tool.name.as_str())?;
         if key.resource != tool.resource || key.labels != tool.labels {
             return None;
         }
         agents.get(agent).cloned()
     }
 
-    fn put(&self, agent: &WorkloadIdentity, tool: &Tool, prepared: Arc<Prepared>) {
-        let Ok(mut by_tool) = self.by_tool.lock() else {
-            return;
-        };
-        if by_tool.values().map(|(_, a)| a.len()).sum::<usize>() >= ENTITY_CACHE {
-            by_tool.clear();
+    fn take(&mut self, agent: &WorkloadIdentity, tool: &Tool) -> Option<Arc<Prepared>> {
+        let (key, agents) = self.by_tool.get_mut(tool.name.as_str())?;
+        if key.resource != tool.resource || key.labels != tool.labels {
+            return None;
         }
+        let taken = agents.remove(agent)?;
+        self.len = self.len.saturating_sub(1);
+        Some(taken)
+    }
+
+    fn insert(&mut self, agent: &WorkloadIdentity, tool: &Tool, prepared: Arc<Prepared>) {
         let key = ToolKey {
             resource: tool.resource.clone(),
             labels: tool.labels.clone(),
         };
-        match by_tool.get_mut(tool.name.as_str()) {
+        match self.by_tool.get_mut(tool.name.as_str()) {
             Some((k, agents)) if *k == key => {
-                agents.insert(agent.clone(), prepared);
+                if agents.insert(agent.clone(), prepared).is_none() {
+                    self.len += 1;
+                }
             }
             _ => {
-                by_tool.insert(
+                // A tool entity changed under the same name: its agents'
+                // entities are of the old one.
+                if let Some((_, gone)) = self.by_tool.insert(
                     tool.name.to_string(),
                     (key, HashMap::from([(agent.clone(), prepared)])),
-                );
+                ) {
+                    self.len = self.len.saturating_sub(gone.len());
+                }
+                self.len += 1;
             }
         }
+    }
+}
+
+/// The kept entities: new ones go in `new`; once it holds half of
+/// [`ENTITY_CACHE`] it becomes `old`, and the `old` before it is dropped.
+/// One found in `old` moves to `new`. So the agents in use stay kept
+/// however many others pass (none is built again while fewer than half
+/// the cache's are in use), and the cache never holds more than
+/// [`ENTITY_CACHE`], with no moment where every entry is forgotten at once.
+#[derive(Default)]
+struct EntityCache {
+    generations: Mutex<(Generation, Generation)>,
+}
+
+impl EntityCache {
+    fn get(&self, agent: &WorkloadIdentity, tool: &Tool) -> Option<Arc<Prepared>> {
+        let mut g = self.generations.lock().ok()?;
+        let (new, old) = &mut *g;
+        if let Some(p) = new.get(agent, tool) {
+            return Some(p);
+        }
+        let p = old.take(agent, tool)?;
+        Self::keep(&mut g, agent, tool, p.clone());
+        Some(p)
+    }
+
+    fn put(&self, agent: &WorkloadIdentity, tool: &Tool, prepared: Arc<Prepared>) {
+        if let Ok(mut g) = self.generations.lock() {
+            Self::keep(&mut g, agent, tool, prepared);
+        }
+    }
+
+    fn keep(
+        g: &mut (Generation, Generation),
+        agent: &WorkloadIdentity,
+        tool: &Tool,
+        prepared: Arc<Prepared>,
+    ) {
+        if g.0.len >= ENTITY_CACHE / 2 {
+            g.1 = std::mem::take(&mut g.0);
+        }
+        g.0.insert(agent, tool, prepared);
+    }
+
+    /// How many entries each generation holds (new, old).
+    #[cfg(test)]
+    fn lens(&self) -> (usize, usize) {
+        self.generations
+            .lock()
+            .map_or((0, 0), |g| (g.0.len, g.1.len))
     }
 }
 
@@ -274,6 +337,9 @@ type Source = (String, String);
 /// How many directories down [`nested_files`] looks.
 const NESTED_DEPTH: usize = 4;
 
+/// The most entries [`nested_files`] lists (it runs at every poll).
+const NESTED_ENTRIES: usize = 10_000;
+
 /// Whether a path names a policy or schema file by its name.
 fn is_policy_file(path: &Path) -> bool {
     matches!(
@@ -283,7 +349,9 @@ fn is_policy_file(path: &Path) -> bool {
 }
 
 /// The policy and schema files (`*.cedar`, `*.cedarschema`) below the
-/// subdirectories of `dir`, to four levels down (links followed), sorted.
+/// subdirectories of `dir`, to four levels down, sorted: a link in `dir`
+/// to a directory is followed, links below it are not, no directory is
+/// listed twice, and the walk stops after 10,000 entries.
 /// scrip reads only `dir`'s own files, so a set with any of these is
 /// refused rather than run without them: a `forbid` kept in `dir/team/`
 /// would never apply. Directories whose names start with `.` are passed
@@ -293,26 +361,55 @@ fn is_policy_file(path: &Path) -> bool {
 /// could not read a file there either.
 #[must_use]
 pub fn nested_files(dir: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
+    use std::os::unix::fs::MetadataExt as _;
+    struct Walk {
+        found: Vec<PathBuf>,
+        seen: std::collections::HashSet<(u64, u64)>,
+        entries: usize,
+    }
+    fn walk(dir: &Path, depth: usize, w: &mut Walk) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for entry in entries.filter_map(Result::ok) {
+            w.entries += 1;
+            if w.entries > NESTED_ENTRIES {
+                return;
+            }
             let path = entry.path();
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
             if depth > 0 && is_policy_file(&path) {
-                found.push(path);
-            } else if depth < NESTED_DEPTH && path.is_dir() {
-                walk(&path, depth + 1, found);
+                w.found.push(path);
+                continue;
+            }
+            // A link is followed only from `dir` itself.
+            let meta = if depth == 0 {
+                std::fs::metadata(&path)
+            } else {
+                std::fs::symlink_metadata(&path)
+            };
+            if depth < NESTED_DEPTH
+                && let Ok(meta) = meta
+                && meta.is_dir()
+                && w.seen.insert((meta.dev(), meta.ino()))
+            {
+                walk(&path, depth + 1, w);
             }
         }
     }
-    let mut found = Vec::new();
-    walk(dir, 0, &mut found);
-    found.sort();
-    found
+    let mut w = Walk {
+        found: Vec::new(),
+        seen: std::collections::HashSet::new(),
+        entries: 0,
+    };
+    if let Ok(meta) = std::fs::metadata(dir) {
+        w.seen.insert((meta.dev(), meta.ino()));
+    }
+    walk(dir, 0, &mut w);
+    w.found.sort();
+    w.found
 }
 
 fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyError> {
@@ -993,7 +1090,10 @@ fn declared_attributes(json: &serde_json::Value) -> std::collections::BTreeSet<(
 
 #[cfg(test)]
 mod tests {
-    use super::{PolicyEngine, WARNINGS_PER_SECOND, find_ticket, set_digest, warn_now};
+    use super::{
+        ENTITY_CACHE, PolicyEngine, WARNINGS_PER_SECOND, find_ticket, set_digest, warn_now,
+    };
+    use std::sync::Arc;
 
     /// A set's digest is its files' names and texts: the same files, the
     /// same digest; any byte, name or boundary moved, another.
@@ -1071,6 +1171,55 @@ mod tests {
             ["any", "jira-read-delete"]
         );
         assert_eq!(selected(&engine, "execute", "jira"), ["any"]);
+    }
+
+    /// The agents in use stay kept however many others pass, the cache
+    /// never holds more than [`ENTITY_CACHE`], and one not used for two
+    /// generations is built again.
+    #[test]
+    fn the_entities_in_use_stay_kept_while_many_others_pass() {
+        let engine = PolicyEngine::from_sources(
+            None,
+            &[(
+                "t.cedar".into(),
+                "permit (principal, action, resource);".into(),
+            )],
+        )
+        .expect("valid policies");
+        let tool = scrip_config::Tool {
+            name: scrip_token::ToolName::parse("github").expect("tool name"),
+            resource: "https://api.github.com".into(),
+            actions: vec![scrip_token::ActionName::parse("read").expect("action")],
+            labels: std::collections::BTreeMap::new(),
+            introspectors: Vec::new(),
+        };
+        let agent = |sub: &str| {
+            let claims = serde_json::json!({ "sub": sub });
+            let claims = claims.as_object().cloned().unwrap_or_default();
+            scrip_token::WorkloadIdentity::from_claims("https://idp", &claims).expect("identity")
+        };
+        let hot = agent("hot");
+        let cold = agent("cold");
+        let first = engine.prepared(&hot, &tool).expect("entities");
+        let cold_first = engine.prepared(&cold, &tool).expect("entities");
+        for i in 0..3 * ENTITY_CACHE {
+            engine
+                .prepared(&agent(&format!("passing-{i}")), &tool)
+                .expect("entities");
+            if i % 100 == 0 {
+                let again = engine.prepared(&hot, &tool).expect("entities");
+                assert!(Arc::ptr_eq(&first, &again), "built again after {i} others");
+            }
+            let (new, old) = engine.entities.lens();
+            assert!(
+                new <= ENTITY_CACHE / 2 && old <= ENTITY_CACHE / 2,
+                "{new} + {old}"
+            );
+        }
+        let (new, old) = engine.entities.lens();
+        assert!(new + old > ENTITY_CACHE / 2, "kept too few: {new} + {old}");
+        let cold_again = engine.prepared(&cold, &tool).expect("entities");
+        assert!(!Arc::ptr_eq(&cold_first, &cold_again), "never forgotten");
     }
 
     #[test]

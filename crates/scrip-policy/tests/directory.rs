@@ -62,14 +62,22 @@ fn a_policy_file_below_a_subdirectory_refuses_the_set() {
     assert_eq!(PolicyEngine::load(d).unwrap().len(), 2);
 }
 
+/// A link in the directory to another directory is followed (its files
+/// would not be read either); one back to the directory itself, or links
+/// below, are not: the walk ends, and lists nothing twice.
 #[test]
-fn a_loop_of_links_below_the_directory_ends() {
+fn links_to_directories_are_followed_from_the_directory_only() {
     let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
     let d = dir.path();
     write(d, "all.cedar", PERMIT);
+    std::os::unix::fs::symlink(d, d.join("back")).unwrap();
     std::fs::create_dir(d.join("loop")).unwrap();
     std::os::unix::fs::symlink(d, d.join("loop/back")).unwrap();
-    // The link leads back to the directory, whose own file is then found
-    // below a subdirectory: refused, and the walk ends.
-    assert_eq!(refused_for(d), d.join("loop/back/all.cedar"));
+    std::os::unix::fs::symlink(elsewhere.path(), d.join("loop/out")).unwrap();
+    write(elsewhere.path(), "none.cedar", FORBID);
+    assert!(nested_files(d).is_empty(), "{:?}", nested_files(d));
+    assert_eq!(PolicyEngine::load(d).unwrap().len(), 1);
+    std::os::unix::fs::symlink(elsewhere.path(), d.join("team")).unwrap();
+    assert_eq!(refused_for(d), d.join("team/none.cedar"));
 }

@@ -409,7 +409,7 @@ pub(crate) async fn handle(State(proxy): State<Proxy>, request: Request<Body>) -
             retiring,
         }) => (s, retiring),
         Ok(_) => {
-            if crate::STORE_LINES.allow("proxy: store failures") {
+            if crate::SECRET_LINES.allow("proxy: secrets not set or unusable") {
                 tracing::error!(upstream = %name, %action, "proxy: no secret is set; set one with `scrip secret set`");
             }
             let why = format!("no secret is set for `{name}` `{action}`");
@@ -699,7 +699,9 @@ async fn forward(
     let headers = match headers::to_upstream(parts.headers, &upstream.injection, secret) {
         Ok(h) => h,
         Err(e) => {
-            tracing::error!(upstream = %name, error = %e, "proxy: secret unusable");
+            if crate::SECRET_LINES.allow("proxy: secrets not set or unusable") {
+                tracing::error!(upstream = %name, error = %e, "proxy: secret unusable");
+            }
             return failed(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
@@ -813,7 +815,9 @@ async fn forward(
             } else {
                 "the connection failed before it answered"
             };
-            tracing::warn!(upstream = %name, error = %e, "proxy: upstream failed");
+            if crate::UPSTREAM_LINES.allow("proxy: upstream failures") {
+                tracing::warn!(upstream = %name, error = %e, "proxy: upstream failed");
+            }
             return failed(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",

@@ -38,10 +38,16 @@ use scrip_store::{Store, TaskRecord};
 use scrip_token::ActionName;
 use scrip_verifier::Verifier;
 
-/// Store failures (and a secret not set) that each request meets: logged
-/// at most 10 a second, the rest counted (the audit trail, not the log, is
-/// the record).
+/// Store failures each request meets: logged at most 10 a second, the rest
+/// counted (the audit trail, not the log, is the record).
 pub(crate) static STORE_LINES: scrip_vital::LogBudget = scrip_vital::LogBudget::new(10);
+
+/// A secret not set, or unusable, which each request for its upstream
+/// meets: as many.
+pub(crate) static SECRET_LINES: scrip_vital::LogBudget = scrip_vital::LogBudget::new(10);
+
+/// An upstream that fails, which each request to it meets: as many.
+pub(crate) static UPSTREAM_LINES: scrip_vital::LogBudget = scrip_vital::LogBudget::new(10);
 
 pub use secrets::{Kek, SecretCache, SecretError, SecretStatus, SecretValue};
 

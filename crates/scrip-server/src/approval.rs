@@ -288,7 +288,11 @@ pub(crate) async fn request(
                                 // it turns out stored.
                                 if let Some(webhook) = webhook {
                                     tokio::spawn(announce_once_seen(
-                                        store, webhook, id, described, ttl,
+                                        store,
+                                        webhook,
+                                        (id, described),
+                                        ttl,
+                                        LOOK_FOR,
                                     ));
                                 }
                                 return Err(e);
@@ -515,39 +519,72 @@ fn describe(a: &Approval, task: Option<&TaskRecord>) -> Value {
     v
 }
 
-/// How often [`announce_once_seen`] looks for its approval.
+/// How often [`announce_once_seen`] looks for its approval at first; it
+/// looks half as often after each read the store fails, down to once every
+/// [`LOOK_AT_MOST`].
 const LOOK_AGAIN: Duration = Duration::from_secs(1);
 
+/// The longest wait between two looks of [`announce_once_seen`].
+const LOOK_AT_MOST: Duration = Duration::from_secs(30);
+
+/// How long [`announce_once_seen`] goes on looking for an approval the
+/// store says it does not hold: longer than a commit sent can take to land
+/// (a database's statement and lock timeouts, 5 s each, past the writer's
+/// own 5 s).
+const LOOK_FOR: Duration = Duration::from_secs(30);
+
+/// The most approvals looked for at once: past it, one is not looked for
+/// (and a warning says so).
+const LOOKING_AT_MOST: usize = 256;
+
+/// How many approvals [`announce_once_seen`] is looking for.
+static LOOKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// After a commit of unknown outcome whose approval could not be read back
-/// at once: looks for it every [`LOOK_AGAIN`] for up to `ttl` (its life),
-/// and announces it if it turns out stored, since an agent asking again
-/// would find it waiting and ask no one. Three answers in a row that it is
-/// not there end the wait (the commit did not take effect). Whether it was
-/// announced.
+/// at once: looks for it until it expires (`ttl`), and announces it if it
+/// turns out stored and still waits for a person, since an agent asking
+/// again would find it waiting and ask no one. The store saying it does not
+/// hold it for `look_for` ([`LOOK_FOR`]) ends the wait (the commit did not
+/// take effect). Whether it was announced.
 async fn announce_once_seen(
     store: std::sync::Arc<dyn scrip_store::Store>,
     webhook: std::sync::Arc<crate::state::Webhook>,
-    id: String,
-    described: Value,
+    (id, described): (String, Value),
     ttl: Duration,
+    look_for: Duration,
 ) -> bool {
-    let until = tokio::time::Instant::now() + ttl;
-    let mut absent = 0;
+    use std::sync::atomic::Ordering;
+    struct Looking;
+    impl Drop for Looking {
+        fn drop(&mut self) {
+            LOOKING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    if LOOKING.fetch_add(1, Ordering::SeqCst) >= LOOKING_AT_MOST {
+        LOOKING.fetch_sub(1, Ordering::SeqCst);
+        static BUSY: crate::logs::Budget = crate::logs::Budget::new(1);
+        if BUSY.allow("approvals not looked for") {
+            tracing::warn!(auth_req_id = %id, "{LOOKING_AT_MOST} approvals whose commits failed are being looked for already: this one is not announced if it was stored (`scrip approvals` lists it)");
+        }
+        return false;
+    }
+    let _looking = Looking;
+    let start = tokio::time::Instant::now();
+    let until = start + ttl;
+    let mut wait = LOOK_AGAIN;
     while tokio::time::Instant::now() < until {
-        tokio::time::sleep(LOOK_AGAIN).await;
+        tokio::time::sleep(wait).await;
         match store.approval(&id).await {
-            Ok(Some(_)) => {
+            Ok(Some(a)) if a.state == ApprovalState::Pending && a.expires_at > now() => {
                 tracing::warn!(auth_req_id = %id, "an approval whose commit failed was stored after all; announcing it");
                 webhook.send(described);
                 return true;
             }
-            Ok(None) => {
-                absent += 1;
-                if absent == 3 {
-                    return false;
-                }
-            }
-            Err(_) => absent = 0,
+            // Decided or expired meanwhile: nobody is to be asked.
+            Ok(Some(_)) => return false,
+            Ok(None) if start.elapsed() >= look_for => return false,
+            Ok(None) => wait = LOOK_AGAIN,
+            Err(_) => wait = (wait * 2).min(LOOK_AT_MOST),
         }
     }
     tracing::warn!(auth_req_id = %id, "an approval whose commit failed could not be read back before it expired, and was not announced; `scrip approvals` lists it if it was stored");
@@ -1024,8 +1061,16 @@ async fn issue(
     )))
 }
 
+/// Whether `actor` signs in as an approver who, under separation of duties,
+/// could approve steps of `parent`'s tree: one the tree does not count as
+/// its own starter already (as it counts a person known by uid for the
+/// agents of that uid).
+pub(crate) fn approver_outside(st: &Inner, parent: &TaskRecord, actor: &WorkloadIdentity) -> bool {
+    approver(st, actor).is_some_and(|a| !started_by(st, parent, &Person::of(st, actor, a)))
+}
+
 /// Which approver, if any, this identity is.
-pub(crate) fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
+fn approver<'a>(st: &'a Inner, who: &WorkloadIdentity) -> Option<&'a Approver> {
     let local_issuer = crate::attest::local_issuer(st);
     st.config.approvers.iter().find(|a| {
         let by_identity = a.issuer.as_deref() == Some(who.issuer.as_str())
@@ -1826,25 +1871,30 @@ mod tests {
             announcing: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
         });
         let ttl = Duration::from_secs(30);
+        let look_for = Duration::from_secs(3);
         let started = Instant::now();
         assert!(
             !announce_once_seen(
                 store.clone(),
                 webhook.clone(),
-                "never".into(),
-                json!({"auth_req_id": "never"}),
+                ("never".into(), json!({"auth_req_id": "never"})),
                 ttl,
+                look_for,
             )
             .await
         );
-        assert!(started.elapsed() < Duration::from_secs(10), "waited on");
+        let took = started.elapsed();
+        assert!(
+            took >= look_for && took < Duration::from_secs(10),
+            "{took:?}"
+        );
 
         let looking = tokio::spawn(announce_once_seen(
             store.clone(),
             webhook.clone(),
-            "step".into(),
-            json!({"auth_req_id": "step"}),
+            ("step".into(), json!({"auth_req_id": "step"})),
             ttl,
+            look_for,
         ));
         // Not there at the first look: stored only after it.
         tokio::time::sleep(LOOK_AGAIN + LOOK_AGAIN / 2).await;
@@ -1872,8 +1922,8 @@ mod tests {
             ended_at: None,
             end_reason: None,
         };
-        let approval = Approval {
-            id: "step".into(),
+        let approval_of = |id: &str| Approval {
+            id: id.into(),
             task_id: "task".into(),
             tool: "github".into(),
             actions: "delete".into(),
@@ -1889,7 +1939,7 @@ mod tests {
         store
             .commit(vec![
                 Write::InsertTask(Box::new(task)),
-                Write::InsertApproval(Box::new(approval)),
+                Write::InsertApproval(Box::new(approval_of("step"))),
             ])
             .await
             .unwrap();
@@ -1903,6 +1953,26 @@ mod tests {
             heard.try_recv().is_err(),
             "the step never stored was announced"
         );
+        assert_eq!(LOOKING.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // One decided before it is seen is not put to anyone.
+        let mut denied = approval_of("denied");
+        denied.state = ApprovalState::Denied;
+        store
+            .commit(vec![Write::InsertApproval(Box::new(denied))])
+            .await
+            .unwrap();
+        assert!(
+            !announce_once_seen(
+                store.clone(),
+                webhook.clone(),
+                ("denied".into(), json!({"auth_req_id": "denied"})),
+                ttl,
+                look_for,
+            )
+            .await
+        );
+        assert!(heard.try_recv().is_err(), "a decided step was announced");
     }
 
     /// Polls older than the interval are dropped once the map is large,

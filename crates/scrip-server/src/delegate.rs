@@ -384,13 +384,18 @@ fn attenuate(
             "actor_token: this actor is not one the task allows to act for it (may_act)",
         ));
     }
-    // With separation of duties, a person who approves steps is never a
+    // With separation of duties, a person who approves steps is not made a
     // sub-agent: whoever delegates holds the actor's identity token, which
-    // signs in to the approvals too, and could approve its own steps with
-    // it. (Without it, anyone may approve their own steps already.)
-    if st.config.separation_of_duties && crate::approval::approver(st, actor).is_some() {
+    // signs in to the approvals too. scrip cannot tell who holds a token, so
+    // this only keeps any set-up from needing an approver's token in an
+    // agent's hands (and puts one that does on the record); the token
+    // itself still approves. Not one the tree counts as its starter already
+    // (a person known by the uid its agents run as), which approves none of
+    // its steps. (Without separation of duties, anyone may approve their
+    // own steps already.)
+    if st.config.separation_of_duties && crate::approval::approver_outside(st, parent, actor) {
         return Err(OAuthError::invalid_request(
-            "actor_token: this identity signs in as one of the approvers; with separation_of_duties, an approver cannot act as a sub-agent (whoever delegates holds the actor's token, and could approve its own steps with it)",
+            "actor_token: this identity signs in as one of the approvers; with separation_of_duties, an approver is not made a sub-agent: an approver's identity token must never be in an agent's hands, since whoever holds it can approve steps",
         ));
     }
     let parent_grants = GrantSet::parse(&parent.grants).map_err(|_| OAuthError::server_error())?;

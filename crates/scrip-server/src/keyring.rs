@@ -532,8 +532,12 @@ impl Keyring {
                 self.install(ring);
                 self.mark_read(std::time::Instant::now());
             }
+            // Read, but not put in use: as a read that failed, for the
+            // keys loop's pacing, and the set served goes stale.
             Err(message) => {
-                tracing::error!(%message, "shared keys unusable; keeping the keys in use")
+                return Err(StoreError::Corrupt(format!(
+                    "the shared keys are unusable: {message}"
+                )));
             }
         }
         Ok(created)

@@ -2033,8 +2033,9 @@ when {{ context.delegation_issuers.contains("{SPIFFE_ISSUER}") }};
 }
 
 /// The agent that delegates holds its actor's identity token, which signs
-/// in to the approvals too: an approver is never made a sub-agent, or the
-/// agent could approve its own steps with the token it was handed.
+/// in to the approvals too: an approver is not made a sub-agent, so that no
+/// set-up needs an approver's token in an agent's hands (scrip cannot tell
+/// who holds a token: the token itself still approves).
 #[tokio::test]
 async fn an_approver_is_never_made_a_sub_agent() {
     let s = TestServer::start_with(delegation_allowed(|c| {
@@ -2073,8 +2074,8 @@ async fn an_approver_is_never_made_a_sub_agent() {
             .is_some_and(|r| r.contains("approvers")),
         "{refused:?}"
     );
-    // The step the agent would have approved with it waits for alice: the
-    // reviewer's token approves it, and that is why it cannot be handed on.
+    // Why: the reviewer's token approves the agent's own step, whoever
+    // presents it.
     let own = pending(&s, &parent).await;
     let r = approve(&s, &own, Some(&reviewer)).await;
     assert_eq!(r.status, 200, "{}", r.text);

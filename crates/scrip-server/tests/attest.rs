@@ -732,3 +732,79 @@ async fn a_long_socket_path_is_served_and_one_too_long_refused() {
         "{err}"
     );
 }
+
+/// With separation of duties, an approver is not made a sub-agent, except
+/// in a tree that already counts them as its starter, whose steps they
+/// approve none of: a person known by uid counts as the local agents of
+/// that uid, and as every agent with a federated identity (a process of
+/// their uid may hold its token). (An approver outside the tree is refused:
+/// `an_approver_is_never_made_a_sub_agent`.)
+#[tokio::test]
+async fn a_sub_agent_of_an_approvers_uid_is_made_one_in_trees_they_count_as_starting() {
+    use common::{JWT, TOKEN_EXCHANGE, TXN};
+    let server = TestServer::start_with(Options {
+        extra_policies: vec![("local.cedar".into(), LOCAL_POLICY.into())],
+        edit: Some(Box::new(move |c| {
+            c.local_workloads = vec![LocalWorkload {
+                uid: Some(uid()),
+                ..workload("tests")
+            }];
+            c.approvers = vec![
+                scrip_config::Approver {
+                    name: "bob".into(),
+                    issuer: None,
+                    subject: None,
+                    uid: Some(uid()),
+                },
+                scrip_config::Approver {
+                    name: "alice".into(),
+                    issuer: Some(common::K8S_ISSUER.into()),
+                    subject: Some("alice".into()),
+                    uid: None,
+                },
+            ];
+        })),
+        ..Options::default()
+    })
+    .await;
+    let local = || async {
+        attest(&server).await["identity_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let delegate = |parent: String, actor: String| {
+        let server = &server;
+        async move {
+            server
+                .post_form(
+                    "/token",
+                    &[
+                        ("grant_type", TOKEN_EXCHANGE),
+                        ("subject_token", &parent),
+                        ("subject_token_type", TXN),
+                        ("actor_token", &actor),
+                        ("actor_token_type", JWT),
+                        ("requested_token_type", TXN),
+                        ("scope", "github:read"),
+                    ],
+                )
+                .await
+        }
+    };
+    let own = server
+        .start_task(&local().await, "github:read", "dev", "local run")
+        .await;
+    let own = own["access_token"].as_str().unwrap().to_owned();
+    let r = delegate(own, local().await).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let coder = server.k8s.kubernetes("agents", "coder");
+    let other = server
+        .start_task(&coder, "github:read", "dev", "another tree")
+        .await;
+    let other = other["access_token"].as_str().unwrap().to_owned();
+    let r = delegate(other, local().await).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    server.stop().await;
+}

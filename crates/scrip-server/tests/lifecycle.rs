@@ -1588,9 +1588,6 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
     assert!(e.to_string().contains("keys/signing-es256.json"), "{e}");
 }
 
-/// A replica that reads a withdrawal puts the new key set in use, signs
-/// with the new key, and counts a new generation of keys (what it verified
-/// before is verified again), whatever its clock within `clock_skew`.
 /// A shared key set a replica has not read for a minute is one it cannot
 /// vouch for (a key may have been withdrawn since): it says so until the
 /// next read. A file key set only this process changes never is.
@@ -1632,6 +1629,9 @@ async fn a_shared_key_set_not_read_for_a_minute_is_stale() {
     assert_eq!(file_ring.stale_at(later + STALE_AFTER), None);
 }
 
+/// A replica that reads a withdrawal puts the new key set in use, signs
+/// with the new key, and counts a new generation of keys (what it verified
+/// before is verified again), whatever its clock within `clock_skew`.
 #[tokio::test]
 async fn a_replica_follows_a_withdrawal_whatever_its_clock() {
     use scrip_server::keyring::Keyring;

@@ -10,7 +10,7 @@
 //!
 //! | case | status | `WWW-Authenticate` |
 //! |---|---|---|
-//! | no credentials | 401 | `Bearer realm="<tool>"` |
+//! | no credentials | 401 | `Bearer realm="<tool>"`; with `public_url` (DPoP taken), `Bearer realm="<tool>", DPoP realm="<tool>", algs="..."` |
 //! | a malformed `Authorization` header | 400 | `error="invalid_request"` |
 //! | a refused token | 401 | `error="invalid_token"` |
 //! | a refused DPoP proof | 401 | `DPoP ... error="invalid_dpop_proof"` |
@@ -18,7 +18,8 @@
 //! | revocation state stale, or keys older than `jwks_max_age` | 503 | none; `Retry-After` |
 //!
 //! The challenge's scheme is `DPoP` (with `algs`) when the request used
-//! DPoP or the token needs it, else `Bearer`.
+//! DPoP or the token needs it, else `Bearer`; a request without credentials
+//! is challenged with both where DPoP-bound tokens are taken.
 
 use std::future::Future;
 use std::pin::Pin;
