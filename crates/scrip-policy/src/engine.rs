@@ -349,9 +349,8 @@ fn is_policy_file(path: &Path) -> bool {
 }
 
 /// The policy and schema files (`*.cedar`, `*.cedarschema`) below the
-/// subdirectories of `dir`, to four levels down, sorted: a link in `dir`
-/// to a directory is followed, links below it are not, no directory is
-/// listed twice, and the walk stops after 10,000 entries.
+/// subdirectories of `dir`, to four levels down, sorted: links followed,
+/// no directory listed twice.
 /// scrip reads only `dir`'s own files, so a set with any of these is
 /// refused rather than run without them: a `forbid` kept in `dir/team/`
 /// would never apply. Directories whose names start with `.` are passed
@@ -359,8 +358,11 @@ fn is_policy_file(path: &Path) -> bool {
 /// links to them beside it), a checkout its history in `.git`. So is a
 /// directory that cannot be listed (`lost+found` at a volume's root): scrip
 /// could not read a file there either.
-#[must_use]
-pub fn nested_files(dir: &Path) -> Vec<PathBuf> {
+///
+/// # Errors
+/// [`PolicyError::Crowded`] past 10,000 entries: what was not looked
+/// through could hide a policy file.
+pub fn nested_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     use std::os::unix::fs::MetadataExt as _;
     struct Walk {
         found: Vec<PathBuf>,
@@ -384,14 +386,8 @@ pub fn nested_files(dir: &Path) -> Vec<PathBuf> {
                 w.found.push(path);
                 continue;
             }
-            // A link is followed only from `dir` itself.
-            let meta = if depth == 0 {
-                std::fs::metadata(&path)
-            } else {
-                std::fs::symlink_metadata(&path)
-            };
             if depth < NESTED_DEPTH
-                && let Ok(meta) = meta
+                && let Ok(meta) = std::fs::metadata(&path)
                 && meta.is_dir()
                 && w.seen.insert((meta.dev(), meta.ino()))
             {
@@ -408,8 +404,11 @@ pub fn nested_files(dir: &Path) -> Vec<PathBuf> {
         w.seen.insert((meta.dev(), meta.ino()));
     }
     walk(dir, 0, &mut w);
+    if w.entries > NESTED_ENTRIES {
+        return Err(PolicyError::Crowded(dir.to_owned()));
+    }
     w.found.sort();
-    w.found
+    Ok(w.found)
 }
 
 fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyError> {
@@ -425,7 +424,7 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyErr
         .collect::<Result<_, _>>()
         .map_err(io(dir))?;
     entries.sort();
-    if let Some(nested) = nested_files(dir).into_iter().next() {
+    if let Some(nested) = nested_files(dir)?.into_iter().next() {
         return Err(PolicyError::Nested(nested));
     }
     let mut policies = Vec::new();

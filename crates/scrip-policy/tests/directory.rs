@@ -42,7 +42,11 @@ fn a_policy_file_below_a_subdirectory_refuses_the_set() {
     write(d, "team/all.test.toml", "");
     write(d, "..data/all.cedar", FORBID);
     write(d, ".git/objects/x.cedar", FORBID);
-    assert!(nested_files(d).is_empty(), "{:?}", nested_files(d));
+    assert!(
+        nested_files(d).unwrap().is_empty(),
+        "{:?}",
+        nested_files(d).unwrap()
+    );
     assert_eq!(PolicyEngine::load(d).unwrap().len(), 1);
 
     write(d, "team/none.cedar", FORBID);
@@ -55,18 +59,21 @@ fn a_policy_file_below_a_subdirectory_refuses_the_set() {
     std::fs::remove_file(d.join("team/none.cedar")).unwrap();
     write(d, "a/b/c/d/schema.cedarschema", "");
     assert_eq!(refused_for(d), d.join("a/b/c/d/schema.cedarschema"));
-    assert_eq!(nested_files(d), vec![d.join("a/b/c/d/schema.cedarschema")]);
+    assert_eq!(
+        nested_files(d).unwrap(),
+        vec![d.join("a/b/c/d/schema.cedarschema")]
+    );
     // Moved up, it is read.
     std::fs::remove_dir_all(d.join("a")).unwrap();
     write(d, "none.cedar", FORBID);
     assert_eq!(PolicyEngine::load(d).unwrap().len(), 2);
 }
 
-/// A link in the directory to another directory is followed (its files
-/// would not be read either); one back to the directory itself, or links
-/// below, are not: the walk ends, and lists nothing twice.
+/// Links to directories are followed (their files would not be read
+/// either), a directory listed once: a link back to the directory itself
+/// finds nothing, and a loop ends.
 #[test]
-fn links_to_directories_are_followed_from_the_directory_only() {
+fn links_to_directories_are_followed_and_each_listed_once() {
     let dir = tempfile::tempdir().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -74,10 +81,37 @@ fn links_to_directories_are_followed_from_the_directory_only() {
     std::os::unix::fs::symlink(d, d.join("back")).unwrap();
     std::fs::create_dir(d.join("loop")).unwrap();
     std::os::unix::fs::symlink(d, d.join("loop/back")).unwrap();
-    std::os::unix::fs::symlink(elsewhere.path(), d.join("loop/out")).unwrap();
-    write(elsewhere.path(), "none.cedar", FORBID);
-    assert!(nested_files(d).is_empty(), "{:?}", nested_files(d));
+    std::os::unix::fs::symlink(d.join("loop"), d.join("loop/again")).unwrap();
+    assert!(
+        nested_files(d).unwrap().is_empty(),
+        "{:?}",
+        nested_files(d).unwrap()
+    );
     assert_eq!(PolicyEngine::load(d).unwrap().len(), 1);
-    std::os::unix::fs::symlink(elsewhere.path(), d.join("team")).unwrap();
-    assert_eq!(refused_for(d), d.join("team/none.cedar"));
+    // A ConfigMap item under a path of its own: a link below the top.
+    std::os::unix::fs::symlink(elsewhere.path(), d.join("loop/sub")).unwrap();
+    write(elsewhere.path(), "none.cedar", FORBID);
+    assert_eq!(refused_for(d), d.join("loop/sub/none.cedar"));
+}
+
+/// Past 10,000 entries below the subdirectories, what was not looked
+/// through could hide a policy file: the set is refused.
+#[test]
+fn a_crowded_directory_refuses_the_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "all.cedar", PERMIT);
+    std::fs::create_dir(d.join("vendor")).unwrap();
+    for i in 0..9_998 {
+        std::fs::write(d.join(format!("vendor/{i}")), "").unwrap();
+    }
+    // With the directory's own two entries, 10,000: still looked through.
+    assert_eq!(PolicyEngine::load(d).unwrap().len(), 1);
+    std::fs::write(d.join("vendor/one-more"), "").unwrap();
+    match PolicyEngine::load(d) {
+        Err(e @ PolicyError::Crowded(_)) => {
+            assert!(e.to_string().contains("more than 10,000 entries"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -97,7 +97,7 @@ fn kept_entities_never_decide_for_another_agent_or_tool() {
 }
 
 #[test]
-fn a_full_cache_starts_again_and_still_decides_right() {
+fn a_full_cache_still_decides_right() {
     let engine = PolicyEngine::from_sources(None, &[("p.cedar".into(), POLICIES.into())]).unwrap();
     let prod = tool("prod");
     // More distinct identities than the engine keeps.

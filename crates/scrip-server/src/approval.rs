@@ -587,7 +587,7 @@ async fn announce_once_seen(
             Err(_) => wait = (wait * 2).min(LOOK_AT_MOST),
         }
     }
-    tracing::warn!(auth_req_id = %id, "an approval whose commit failed could not be read back before it expired, and was not announced; `scrip approvals` lists it if it was stored");
+    tracing::warn!(auth_req_id = %id, "an approval whose commit failed was not seen stored before it expired, and was not announced; `scrip approvals` lists it if it was stored");
     false
 }
 
@@ -1061,12 +1061,25 @@ async fn issue(
     )))
 }
 
-/// Whether `actor` signs in as an approver who, under separation of duties,
-/// could approve steps of `parent`'s tree: one the tree does not count as
-/// its own starter already (as it counts a person known by uid for the
-/// agents of that uid).
+/// Whether `actor` signs in as an approver whose token the tree's agent
+/// could not sign in with already: every approver, but one the tree's
+/// (root) agent is, by one of the identities their name has, or by the uid
+/// scrip's own attestation gave that agent. (Not [`started_by`], which
+/// leans to counting someone as a task's starter, the safe side when it
+/// refuses an approval but not when it lets a token be handed over.)
 pub(crate) fn approver_outside(st: &Inner, parent: &TaskRecord, actor: &WorkloadIdentity) -> bool {
-    approver(st, actor).is_some_and(|a| !started_by(st, parent, &Person::of(st, actor, a)))
+    let Some(a) = approver(st, actor) else {
+        return false;
+    };
+    let person = Person::of(st, actor, a);
+    let agent = &parent.agent;
+    let by_uid = agent.kind == scrip_token::IdentityKind::Local
+        && agent.issuer == crate::attest::local_issuer(st)
+        && agent
+            .claims
+            .get(LOCAL_UID)
+            .is_some_and(|uid| person.uids.contains(uid));
+    !(person.is(&agent.issuer, &agent.subject) || by_uid)
 }
 
 /// Which approver, if any, this identity is.

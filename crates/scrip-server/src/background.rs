@@ -107,7 +107,7 @@ async fn keys_loop(state: AppState) {
                     tracing::warn!(
                         error = %e,
                         failing_s = since.elapsed().as_secs(),
-                        "cannot read the shared keys; keeping the keys in use"
+                        "cannot read or use the shared keys; keeping the keys in use"
                     );
                     *said = t;
                 }

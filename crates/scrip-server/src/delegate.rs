@@ -389,10 +389,9 @@ fn attenuate(
     // signs in to the approvals too. scrip cannot tell who holds a token, so
     // this only keeps any set-up from needing an approver's token in an
     // agent's hands (and puts one that does on the record); the token
-    // itself still approves. Not one the tree counts as its starter already
-    // (a person known by the uid its agents run as), which approves none of
-    // its steps. (Without separation of duties, anyone may approve their
-    // own steps already.)
+    // itself still approves. Not one the tree's agent could sign in as
+    // already (a local agent of the uid the person is known by). (Without
+    // separation of duties, anyone may approve their own steps already.)
     if st.config.separation_of_duties && crate::approval::approver_outside(st, parent, actor) {
         return Err(OAuthError::invalid_request(
             "actor_token: this identity signs in as one of the approvers; with separation_of_duties, an approver is not made a sub-agent: an approver's identity token must never be in an agent's hands, since whoever holds it can approve steps",

@@ -496,8 +496,10 @@ impl Keyring {
     /// `replica`); returns that, for the log. A file key set never changes.
     ///
     /// # Errors
-    /// [`StoreError`] when the store cannot be read or written; the keys in
-    /// use stay as they were.
+    /// [`StoreError`] when the store cannot be read or written, or
+    /// [`StoreError::Corrupt`] when what it holds cannot be put in use (what
+    /// this call created is logged first); the keys in use stay as they
+    /// were.
     pub async fn sync(
         &self,
         store: &dyn Store,
@@ -535,6 +537,9 @@ impl Keyring {
             // Read, but not put in use: as a read that failed, for the
             // keys loop's pacing, and the set served goes stale.
             Err(message) => {
+                for (kid, what) in &created.keys {
+                    tracing::info!(%kid, %what, "shared key set changed");
+                }
                 return Err(StoreError::Corrupt(format!(
                     "the shared keys are unusable: {message}"
                 )));

@@ -518,7 +518,11 @@ impl DirState {
                     Some("cedar" | "cedarschema")
                 )
             })
-            .chain(scrip_policy::nested_files(dir))
+            .chain(scrip_policy::nested_files(dir).unwrap_or_else(|_| {
+                // Too many entries to look through: the set is refused, and
+                // this stands for them until they are fewer.
+                vec![dir.join("..more than scrip looks through")]
+            }))
             .map(|path| {
                 let name = path
                     .strip_prefix(dir)

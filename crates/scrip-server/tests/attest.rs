@@ -734,13 +734,13 @@ async fn a_long_socket_path_is_served_and_one_too_long_refused() {
 }
 
 /// With separation of duties, an approver is not made a sub-agent, except
-/// in a tree that already counts them as its starter, whose steps they
-/// approve none of: a person known by uid counts as the local agents of
-/// that uid, and as every agent with a federated identity (a process of
-/// their uid may hold its token). (An approver outside the tree is refused:
-/// `an_approver_is_never_made_a_sub_agent`.)
+/// in a tree whose agent could sign in as them already: a local agent of
+/// the uid a person is known by. Not in a federated agent's tree, though
+/// separation of duties counts a person known by uid as every federated
+/// agent (a process of the uid may hold its token): that leans to refusing
+/// approvals, and must not let a token be handed over.
 #[tokio::test]
-async fn a_sub_agent_of_an_approvers_uid_is_made_one_in_trees_they_count_as_starting() {
+async fn a_sub_agent_of_an_approvers_uid_is_made_one_only_in_that_uids_trees() {
     use common::{JWT, TOKEN_EXCHANGE, TXN};
     let server = TestServer::start_with(Options {
         extra_policies: vec![("local.cedar".into(), LOCAL_POLICY.into())],
@@ -805,6 +805,19 @@ async fn a_sub_agent_of_an_approvers_uid_is_made_one_in_trees_they_count_as_star
         .await;
     let other = other["access_token"].as_str().unwrap().to_owned();
     let r = delegate(other, local().await).await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("approvers"), "{}", r.text);
+    // Below a federated sub-agent of a local tree of that uid: made one
+    // (the tree's agent signs in as them), whatever the chain holds.
+    let spiffe = server.spiffe.spiffe("acme.example", "/reviewer");
+    let own = server
+        .start_task(&local().await, "github:read", "dev", "local run")
+        .await;
+    let own = own["access_token"].as_str().unwrap().to_owned();
+    let r = delegate(own, spiffe).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let child = r.body["access_token"].as_str().unwrap().to_owned();
+    let r = delegate(child, local().await).await;
     assert_eq!(r.status, 200, "{}", r.text);
     server.stop().await;
 }
