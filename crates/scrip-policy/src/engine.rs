@@ -364,51 +364,43 @@ fn is_policy_file(path: &Path) -> bool {
 /// through could hide a policy file.
 pub fn nested_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     use std::os::unix::fs::MetadataExt as _;
-    struct Walk {
-        found: Vec<PathBuf>,
-        seen: std::collections::HashSet<(u64, u64)>,
-        entries: usize,
+    // Breadth first, each directory marked when it is queued: one reached
+    // through a link deeper down is still walked from where it is nearest.
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = 0_usize;
+    let mut queue = std::collections::VecDeque::from([(dir.to_owned(), 0_usize)]);
+    if let Ok(meta) = std::fs::metadata(dir) {
+        seen.insert((meta.dev(), meta.ino()));
     }
-    fn walk(dir: &Path, depth: usize, w: &mut Walk) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
+    while let Some((at, depth)) = queue.pop_front() {
+        let Ok(listed) = std::fs::read_dir(&at) else {
+            continue;
         };
-        for entry in entries.filter_map(Result::ok) {
-            w.entries += 1;
-            if w.entries > NESTED_ENTRIES {
-                return;
+        for entry in listed.filter_map(Result::ok) {
+            entries += 1;
+            if entries > NESTED_ENTRIES {
+                return Err(PolicyError::Crowded(at));
             }
             let path = entry.path();
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
             if depth > 0 && is_policy_file(&path) {
-                w.found.push(path);
+                found.push(path);
                 continue;
             }
             if depth < NESTED_DEPTH
                 && let Ok(meta) = std::fs::metadata(&path)
                 && meta.is_dir()
-                && w.seen.insert((meta.dev(), meta.ino()))
+                && seen.insert((meta.dev(), meta.ino()))
             {
-                walk(&path, depth + 1, w);
+                queue.push_back((path, depth + 1));
             }
         }
     }
-    let mut w = Walk {
-        found: Vec::new(),
-        seen: std::collections::HashSet::new(),
-        entries: 0,
-    };
-    if let Ok(meta) = std::fs::metadata(dir) {
-        w.seen.insert((meta.dev(), meta.ino()));
-    }
-    walk(dir, 0, &mut w);
-    if w.entries > NESTED_ENTRIES {
-        return Err(PolicyError::Crowded(dir.to_owned()));
-    }
-    w.found.sort();
-    Ok(w.found)
+    found.sort();
+    Ok(found)
 }
 
 fn read_dir_files(dir: &Path) -> Result<(Vec<Source>, Option<Source>), PolicyError> {

@@ -46,10 +46,11 @@ pub enum PolicyError {
         "`{0}` is a policy file in a subdirectory, which scrip does not read (only the policy directory's own files are, and directories whose names start with `.` are passed over): move it into the policy directory, or rename it so that it does not end in .cedar or .cedarschema"
     )]
     Nested(PathBuf),
-    /// More entries below the policy directory's subdirectories than are
-    /// looked through for policy files in them.
+    /// More entries in and below the policy directory than are looked
+    /// through for policy files in its subdirectories (the directory listed
+    /// when the count ran over).
     #[error(
-        "more than 10,000 entries below the subdirectories of `{0}`: scrip cannot tell whether a policy file it would not read is among them; keep the policy directory to policies (directories whose names start with `.` are passed over)"
+        "more than 10,000 entries in the policy directory and below it, the last in `{0}`: scrip cannot tell whether a policy file it would not read is among them; keep the policy directory to policies (directories whose names start with `.` are passed over)"
     )]
     Crowded(PathBuf),
     /// A policy file or directory someone other than scrip's user could

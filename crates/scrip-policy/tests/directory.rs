@@ -88,7 +88,7 @@ fn links_to_directories_are_followed_and_each_listed_once() {
         nested_files(d).unwrap()
     );
     assert_eq!(PolicyEngine::load(d).unwrap().len(), 1);
-    // A ConfigMap item under a path of its own: a link below the top.
+    // A link below the top, to a directory of its own.
     std::os::unix::fs::symlink(elsewhere.path(), d.join("loop/sub")).unwrap();
     write(elsewhere.path(), "none.cedar", FORBID);
     assert_eq!(refused_for(d), d.join("loop/sub/none.cedar"));
@@ -114,4 +114,23 @@ fn a_crowded_directory_refuses_the_set() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A directory reached both as a subdirectory and, deeper, through a link
+/// is walked from where it is nearest: what lies below it within four
+/// levels of the directory is found, whichever is listed first.
+#[test]
+fn a_directory_linked_from_deeper_down_is_walked_from_where_it_is_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "all.cedar", PERMIT);
+    write(d, "team/sub/none.cedar", FORBID);
+    for top in ["aa", "zz"] {
+        std::fs::create_dir_all(d.join(format!("{top}/a/b"))).unwrap();
+        std::os::unix::fs::symlink(d.join("team"), d.join(format!("{top}/a/b/cur"))).unwrap();
+    }
+    assert_eq!(
+        nested_files(d).unwrap(),
+        vec![d.join("team/sub/none.cedar")]
+    );
 }

@@ -1061,25 +1061,15 @@ async fn issue(
     )))
 }
 
-/// Whether `actor` signs in as an approver whose token the tree's agent
-/// could not sign in with already: every approver, but one the tree's
-/// (root) agent is, by one of the identities their name has, or by the uid
-/// scrip's own attestation gave that agent. (Not [`started_by`], which
-/// leans to counting someone as a task's starter, the safe side when it
-/// refuses an approval but not when it lets a token be handed over.)
+/// Whether `actor` signs in as an approver whom the tree's (root) agent
+/// does not sign in as already: every approver, but the one the agent's
+/// own identity signs in as (by one of their identities, or by the uid
+/// scrip's attestation gave it). (Not [`started_by`], which leans to
+/// counting someone as a task's starter: the safe side when it refuses an
+/// approval, not when it lets a token be handed over.)
 pub(crate) fn approver_outside(st: &Inner, parent: &TaskRecord, actor: &WorkloadIdentity) -> bool {
-    let Some(a) = approver(st, actor) else {
-        return false;
-    };
-    let person = Person::of(st, actor, a);
-    let agent = &parent.agent;
-    let by_uid = agent.kind == scrip_token::IdentityKind::Local
-        && agent.issuer == crate::attest::local_issuer(st)
-        && agent
-            .claims
-            .get(LOCAL_UID)
-            .is_some_and(|uid| person.uids.contains(uid));
-    !(person.is(&agent.issuer, &agent.subject) || by_uid)
+    approver(st, actor)
+        .is_some_and(|a| approver(st, &parent.agent).is_none_or(|own| own.name != a.name))
 }
 
 /// Which approver, if any, this identity is.
