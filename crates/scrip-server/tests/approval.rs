@@ -2032,6 +2032,10 @@ when {{ context.delegation_issuers.contains("{SPIFFE_ISSUER}") }};
     s.stop().await;
 }
 
+fn reviewer_token(s: &TestServer) -> String {
+    s.spiffe.spiffe("acme.example", "/reviewer")
+}
+
 /// The agent that delegates holds its actor's identity token, which signs
 /// in to the approvals too: an approver is not made a sub-agent, so that no
 /// set-up needs an approver's token in an agent's hands (scrip cannot tell
@@ -2080,6 +2084,42 @@ async fn an_approver_is_never_made_a_sub_agent() {
     let r = approve(&s, &own, Some(&reviewer)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     s.stop().await;
+
+    // The tree's agent an approver itself (another): refused all the same.
+    // One who signs in as the same approver (a name with both identities)
+    // holds nothing it could not sign in with already: made one.
+    const CODER: &str = "system:serviceaccount:agents:coder";
+    for (same, status) in [(false, 400), (true, 200)] {
+        let s = TestServer::start_with(delegation_allowed(move |c| {
+            c.approvers = vec![
+                alice(),
+                approver("carol", K8S_ISSUER, CODER),
+                approver(
+                    if same { "carol" } else { "reviewer" },
+                    SPIFFE_ISSUER,
+                    ACTOR,
+                ),
+            ];
+        }))
+        .await;
+        let parent = prod_task(&s).await;
+        let r = s
+            .post_form(
+                "/token",
+                &[
+                    ("grant_type", TOKEN_EXCHANGE),
+                    ("subject_token", &parent),
+                    ("subject_token_type", TXN),
+                    ("actor_token", &reviewer_token(&s)),
+                    ("actor_token_type", JWT),
+                    ("requested_token_type", TXN),
+                    ("scope", "github:delete"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, status, "same approver: {same}: {}", r.text);
+        s.stop().await;
+    }
 
     // Without separation of duties anyone may approve their own steps, and
     // an approver may act as a sub-agent.
