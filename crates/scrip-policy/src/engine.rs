@@ -191,9 +191,8 @@ impl ContextShape {
     }
 }
 
-/// The most agent-and-tool entity sets an engine keeps, in two generations
-/// of half as many (an engine is replaced, and its cache with it, on
-/// reload).
+/// The most agent-and-tool entity sets each of an engine's two generations
+/// keeps (an engine is replaced, and its cache with it, on reload).
 const ENTITY_CACHE: usize = 4096;
 
 /// A decision's principal and resource with their schema-checked entities.
@@ -273,12 +272,13 @@ impl Generation {
     }
 }
 
-/// The kept entities: new ones go in `new`; once it holds half of
+/// The kept entities: new ones go in `new`; once it holds
 /// [`ENTITY_CACHE`] it becomes `old`, and the `old` before it is dropped.
 /// One found in `old` moves to `new`. So the agents in use stay kept
-/// however many others pass (none is built again while fewer than half
-/// the cache's are in use), and the cache never holds more than
-/// [`ENTITY_CACHE`], with no moment where every entry is forgotten at once.
+/// however many others pass (none is built again while no more than
+/// [`ENTITY_CACHE`] are in use, as when one map of that many was emptied
+/// once full), the cache never holds more than twice that, and no moment
+/// forgets every entry at once.
 #[derive(Default)]
 struct EntityCache {
     generations: Mutex<(Generation, Generation)>,
@@ -308,7 +308,7 @@ impl EntityCache {
         tool: &Tool,
         prepared: Arc<Prepared>,
     ) {
-        if g.0.len >= ENTITY_CACHE / 2 {
+        if g.0.len >= ENTITY_CACHE {
             g.1 = std::mem::take(&mut g.0);
         }
         g.0.insert(agent, tool, prepared);
@@ -1164,8 +1164,8 @@ mod tests {
         assert_eq!(selected(&engine, "execute", "jira"), ["any"]);
     }
 
-    /// The agents in use stay kept however many others pass, the cache
-    /// never holds more than [`ENTITY_CACHE`], and one not used for two
+    /// The agents in use stay kept however many others pass, no generation
+    /// holds more than [`ENTITY_CACHE`], and one not used for two
     /// generations is built again.
     #[test]
     fn the_entities_in_use_stay_kept_while_many_others_pass() {
@@ -1202,13 +1202,10 @@ mod tests {
                 assert!(Arc::ptr_eq(&first, &again), "built again after {i} others");
             }
             let (new, old) = engine.entities.lens();
-            assert!(
-                new <= ENTITY_CACHE / 2 && old <= ENTITY_CACHE / 2,
-                "{new} + {old}"
-            );
+            assert!(new <= ENTITY_CACHE && old <= ENTITY_CACHE, "{new} + {old}");
         }
         let (new, old) = engine.entities.lens();
-        assert!(new + old > ENTITY_CACHE / 2, "kept too few: {new} + {old}");
+        assert!(new + old > ENTITY_CACHE, "kept too few: {new} + {old}");
         let cold_again = engine.prepared(&cold, &tool).expect("entities");
         assert!(!Arc::ptr_eq(&cold_first, &cold_again), "never forgotten");
     }
