@@ -1913,21 +1913,7 @@ async fn child_task(s: &TestServer) -> String {
 
 /// A child of `parent` holding `scope`, acted by the SPIFFE reviewer.
 async fn delegate_to_reviewer(s: &TestServer, parent: &str, scope: &str) -> String {
-    let actor = s.spiffe.spiffe("acme.example", "/reviewer");
-    let r = s
-        .post_form(
-            "/token",
-            &[
-                ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", parent),
-                ("subject_token_type", TXN),
-                ("actor_token", &actor),
-                ("actor_token_type", JWT),
-                ("requested_token_type", TXN),
-                ("scope", scope),
-            ],
-        )
-        .await;
+    let r = s.try_delegate(parent, &reviewer_token(s), scope).await;
     assert_eq!(r.status, 200, "delegate: {}", r.text);
     r.body["access_token"].as_str().unwrap().to_owned()
 }
@@ -2047,21 +2033,8 @@ async fn an_approver_is_never_made_a_sub_agent() {
     }))
     .await;
     let parent = prod_task(&s).await;
-    let reviewer = s.spiffe.spiffe("acme.example", "/reviewer");
-    let r = s
-        .post_form(
-            "/token",
-            &[
-                ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", &parent),
-                ("subject_token_type", TXN),
-                ("actor_token", &reviewer),
-                ("actor_token_type", JWT),
-                ("requested_token_type", TXN),
-                ("scope", "github:delete"),
-            ],
-        )
-        .await;
+    let reviewer = reviewer_token(&s);
+    let r = s.try_delegate(&parent, &reviewer, "github:delete").await;
     r.assert_error(400, "invalid_request");
     assert!(r.text.contains("approvers"), "{}", r.text);
     // On the record, naming the actor refused.
@@ -2104,18 +2077,7 @@ async fn an_approver_is_never_made_a_sub_agent() {
         .await;
         let parent = prod_task(&s).await;
         let r = s
-            .post_form(
-                "/token",
-                &[
-                    ("grant_type", TOKEN_EXCHANGE),
-                    ("subject_token", &parent),
-                    ("subject_token_type", TXN),
-                    ("actor_token", &reviewer_token(&s)),
-                    ("actor_token_type", JWT),
-                    ("requested_token_type", TXN),
-                    ("scope", "github:delete"),
-                ],
-            )
+            .try_delegate(&parent, &reviewer_token(&s), "github:delete")
             .await;
         assert_eq!(r.status, status, "same approver: {same}: {}", r.text);
         s.stop().await;

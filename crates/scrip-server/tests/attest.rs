@@ -741,7 +741,6 @@ async fn a_long_socket_path_is_served_and_one_too_long_refused() {
 /// approvals, and must not let a token be handed over.
 #[tokio::test]
 async fn a_sub_agent_of_an_approvers_uid_is_made_one_only_in_that_uids_trees() {
-    use common::{JWT, TOKEN_EXCHANGE, TXN};
     let server = TestServer::start_with(Options {
         extra_policies: vec![("local.cedar".into(), LOCAL_POLICY.into())],
         edit: Some(Box::new(move |c| {
@@ -775,22 +774,7 @@ async fn a_sub_agent_of_an_approvers_uid_is_made_one_only_in_that_uids_trees() {
     };
     let delegate = |parent: String, actor: String| {
         let server = &server;
-        async move {
-            server
-                .post_form(
-                    "/token",
-                    &[
-                        ("grant_type", TOKEN_EXCHANGE),
-                        ("subject_token", &parent),
-                        ("subject_token_type", TXN),
-                        ("actor_token", &actor),
-                        ("actor_token_type", JWT),
-                        ("requested_token_type", TXN),
-                        ("scope", "github:read"),
-                    ],
-                )
-                .await
-        }
+        async move { server.try_delegate(&parent, &actor, "github:read").await }
     };
     let own = server
         .start_task(&local().await, "github:read", "dev", "local run")

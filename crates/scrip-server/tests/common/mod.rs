@@ -415,6 +415,24 @@ impl TestServer {
         .await
     }
 
+    /// Asks to delegate the task of `parent` (its task token) to the
+    /// sub-agent whose identity token is `actor`, holding `scope`.
+    pub async fn try_delegate(&self, parent: &str, actor: &str, scope: &str) -> Reply {
+        self.post_form(
+            "/token",
+            &[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", parent),
+                ("subject_token_type", TXN),
+                ("actor_token", actor),
+                ("actor_token_type", JWT),
+                ("requested_token_type", TXN),
+                ("scope", scope),
+            ],
+        )
+        .await
+    }
+
     /// Approves the waiting step `id`, signed in with `bearer` (an
     /// identity token).
     pub async fn approve(&self, id: &str, bearer: Option<&str>) -> Reply {
