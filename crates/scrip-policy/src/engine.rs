@@ -1164,6 +1164,17 @@ mod tests {
         assert_eq!(selected(&engine, "execute", "jira"), ["any"]);
     }
 
+    /// `github`, with `read` only.
+    fn github_read() -> scrip_config::Tool {
+        scrip_config::Tool {
+            name: scrip_token::ToolName::parse("github").expect("tool name"),
+            resource: "https://api.github.com".into(),
+            actions: vec![scrip_token::ActionName::parse("read").expect("action")],
+            labels: std::collections::BTreeMap::new(),
+            introspectors: Vec::new(),
+        }
+    }
+
     /// The agents in use stay kept however many others pass, no generation
     /// holds more than [`ENTITY_CACHE`], and one not used for two
     /// generations is built again.
@@ -1177,13 +1188,7 @@ mod tests {
             )],
         )
         .expect("valid policies");
-        let tool = scrip_config::Tool {
-            name: scrip_token::ToolName::parse("github").expect("tool name"),
-            resource: "https://api.github.com".into(),
-            actions: vec![scrip_token::ActionName::parse("read").expect("action")],
-            labels: std::collections::BTreeMap::new(),
-            introspectors: Vec::new(),
-        };
+        let tool = github_read();
         let agent = |sub: &str| {
             let claims = serde_json::json!({ "sub": sub });
             let claims = claims.as_object().cloned().unwrap_or_default();
@@ -1219,13 +1224,7 @@ mod tests {
         "#;
         let engine = PolicyEngine::from_sources(None, &[("t.cedar".into(), text.into())])
             .expect("valid policies");
-        let tool = scrip_config::Tool {
-            name: scrip_token::ToolName::parse("github").expect("tool name"),
-            resource: "https://api.github.com".into(),
-            actions: vec![scrip_token::ActionName::parse("read").expect("action")],
-            labels: std::collections::BTreeMap::new(),
-            introspectors: Vec::new(),
-        };
+        let tool = github_read();
         let agent = |claims: serde_json::Value| {
             let claims = claims.as_object().cloned().unwrap_or_default();
             scrip_token::WorkloadIdentity::from_claims("https://idp", &claims).expect("identity")

@@ -1913,7 +1913,9 @@ async fn child_task(s: &TestServer) -> String {
 
 /// A child of `parent` holding `scope`, acted by the SPIFFE reviewer.
 async fn delegate_to_reviewer(s: &TestServer, parent: &str, scope: &str) -> String {
-    let r = s.try_delegate(parent, &reviewer_token(s), scope).await;
+    let r = s
+        .try_delegate(parent, &reviewer_token(s), Some(scope), None)
+        .await;
     assert_eq!(r.status, 200, "delegate: {}", r.text);
     r.body["access_token"].as_str().unwrap().to_owned()
 }
@@ -2034,7 +2036,9 @@ async fn an_approver_is_never_made_a_sub_agent() {
     .await;
     let parent = prod_task(&s).await;
     let reviewer = reviewer_token(&s);
-    let r = s.try_delegate(&parent, &reviewer, "github:delete").await;
+    let r = s
+        .try_delegate(&parent, &reviewer, Some("github:delete"), None)
+        .await;
     r.assert_error(400, "invalid_request");
     assert!(r.text.contains("approvers"), "{}", r.text);
     // On the record, naming the actor refused.
@@ -2077,7 +2081,7 @@ async fn an_approver_is_never_made_a_sub_agent() {
         .await;
         let parent = prod_task(&s).await;
         let r = s
-            .try_delegate(&parent, &reviewer_token(&s), "github:delete")
+            .try_delegate(&parent, &reviewer_token(&s), Some("github:delete"), None)
             .await;
         assert_eq!(r.status, status, "same approver: {same}: {}", r.text);
         s.stop().await;

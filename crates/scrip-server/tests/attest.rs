@@ -774,7 +774,11 @@ async fn a_sub_agent_of_an_approvers_uid_is_made_one_only_in_that_uids_trees() {
     };
     let delegate = |parent: String, actor: String| {
         let server = &server;
-        async move { server.try_delegate(&parent, &actor, "github:read").await }
+        async move {
+            server
+                .try_delegate(&parent, &actor, Some("github:read"), None)
+                .await
+        }
     };
     let own = server
         .start_task(&local().await, "github:read", "dev", "local run")

@@ -67,22 +67,7 @@ async fn delegate(
     scope: Option<&str>,
     details: Option<&Value>,
 ) -> Reply {
-    let details = details.map(Value::to_string);
-    let mut form = vec![
-        ("grant_type", TOKEN_EXCHANGE),
-        ("subject_token", parent),
-        ("subject_token_type", TXN),
-        ("actor_token", actor),
-        ("actor_token_type", JWT),
-        ("requested_token_type", TXN),
-    ];
-    if let Some(scope) = scope {
-        form.push(("scope", scope));
-    }
-    if let Some(d) = details.as_deref() {
-        form.push(("request_details", d));
-    }
-    s.post_form("/token", &form).await
+    s.try_delegate(parent, actor, scope, details).await
 }
 
 /// Delegates; panics unless it succeeds; returns the child task token.

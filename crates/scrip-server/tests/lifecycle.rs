@@ -1588,12 +1588,13 @@ async fn a_withdrawn_signing_key_is_refused_and_unpublished_at_once() {
     assert!(e.to_string().contains("keys/signing-es256.json"), "{e}");
 }
 
-/// A shared key set a replica has not read for a minute is one it cannot
-/// vouch for (a key may have been withdrawn since): it says so until the
-/// next read. A file key set only this process changes never is.
-#[tokio::test]
-async fn a_shared_key_set_not_read_for_a_minute_is_stale() {
-    use scrip_server::keyring::{Keyring, STALE_AFTER};
+/// A database of its own, a directory, and a replica's configuration on
+/// them, with its key-encryption key made.
+fn shared_keys_config() -> (
+    scrip_testkit::PgDatabase,
+    tempfile::TempDir,
+    scrip_config::Config,
+) {
     let db = scrip_testkit::PgDatabase::new();
     let dir = tempfile::tempdir().unwrap();
     let config = scrip_config::Config {
@@ -1603,6 +1604,16 @@ async fn a_shared_key_set_not_read_for_a_minute_is_stale() {
         ..scrip_config::Config::default()
     };
     scrip_server::keys::load_kek(&config, true).unwrap();
+    (db, dir, config)
+}
+
+/// A shared key set a replica has not read for a minute is one it cannot
+/// vouch for (a key may have been withdrawn since): it says so until the
+/// next read. A file key set only this process changes never is.
+#[tokio::test]
+async fn a_shared_key_set_not_read_for_a_minute_is_stale() {
+    use scrip_server::keyring::{Keyring, STALE_AFTER};
+    let (db, dir, config) = shared_keys_config();
     let store = scrip_store::open(db.url().into(), &config.data_dir.join("scrip.db"))
         .await
         .unwrap();
@@ -1635,15 +1646,7 @@ async fn a_shared_key_set_not_read_for_a_minute_is_stale() {
 #[tokio::test]
 async fn a_replica_follows_a_withdrawal_whatever_its_clock() {
     use scrip_server::keyring::Keyring;
-    let db = scrip_testkit::PgDatabase::new();
-    let dir = tempfile::tempdir().unwrap();
-    let config = scrip_config::Config {
-        data_dir: dir.path().join("a"),
-        database_url: Some(db.url().to_owned()),
-        key_encryption_key_file: Some(dir.path().join("kek")),
-        ..scrip_config::Config::default()
-    };
-    scrip_server::keys::load_kek(&config, true).unwrap();
+    let (db, _dir, config) = shared_keys_config();
     let at = now();
     let store = scrip_store::open(db.url().into(), &config.data_dir.join("scrip.db"))
         .await

@@ -221,20 +221,7 @@ impl Env {
 
     /// A sub-task of `parent` for the sub-agent whose identity is `actor`.
     async fn delegate(&self, parent: &str, actor: &str) -> String {
-        let r = self
-            .server
-            .post_form(
-                "/token",
-                &[
-                    ("grant_type", TOKEN_EXCHANGE),
-                    ("subject_token", parent),
-                    ("subject_token_type", TXN),
-                    ("actor_token", actor),
-                    ("actor_token_type", JWT),
-                    ("requested_token_type", TXN),
-                ],
-            )
-            .await;
+        let r = self.server.try_delegate(parent, actor, None, None).await;
         assert_eq!(r.status, 200, "{}", r.text);
         r.body["access_token"].as_str().unwrap().to_owned()
     }

@@ -416,21 +416,31 @@ impl TestServer {
     }
 
     /// Asks to delegate the task of `parent` (its task token) to the
-    /// sub-agent whose identity token is `actor`, holding `scope`.
-    pub async fn try_delegate(&self, parent: &str, actor: &str, scope: &str) -> Reply {
-        self.post_form(
-            "/token",
-            &[
-                ("grant_type", TOKEN_EXCHANGE),
-                ("subject_token", parent),
-                ("subject_token_type", TXN),
-                ("actor_token", actor),
-                ("actor_token_type", JWT),
-                ("requested_token_type", TXN),
-                ("scope", scope),
-            ],
-        )
-        .await
+    /// sub-agent whose identity token is `actor`, with `scope` and
+    /// `request_details` when given.
+    pub async fn try_delegate(
+        &self,
+        parent: &str,
+        actor: &str,
+        scope: Option<&str>,
+        details: Option<&Value>,
+    ) -> Reply {
+        let details = details.map(Value::to_string);
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", parent),
+            ("subject_token_type", TXN),
+            ("actor_token", actor),
+            ("actor_token_type", JWT),
+            ("requested_token_type", TXN),
+        ];
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        if let Some(d) = details.as_deref() {
+            form.push(("request_details", d));
+        }
+        self.post_form("/token", &form).await
     }
 
     /// Approves the waiting step `id`, signed in with `bearer` (an
