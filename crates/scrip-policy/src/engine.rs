@@ -340,8 +340,10 @@ const NESTED_DEPTH: usize = 4;
 /// The most entries [`nested_files`] lists (it runs at every poll).
 const NESTED_ENTRIES: usize = 10_000;
 
-/// Whether a path names a policy or schema file by its name.
-fn is_policy_file(path: &Path) -> bool {
+/// Whether a path names a policy or schema file (`*.cedar`,
+/// `*.cedarschema`) by its name.
+#[must_use]
+pub fn is_policy_file(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("cedar" | "cedarschema")

@@ -15,8 +15,8 @@ mod selection;
 mod testfile;
 
 pub use engine::{
-    Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket, nested_files,
-    tickets,
+    Decision, DecisionRequest, PolicyEngine, RequestContext, Stage, find_ticket, is_policy_file,
+    nested_files, tickets,
 };
 pub use testfile::{CaseResult, TestError, run_test_file};
 

@@ -1847,7 +1847,8 @@ mod tests {
 
     /// A step whose commit failed with its outcome unknown, and that could
     /// not be read back at once, is announced when it turns out stored; one
-    /// the store says three times it does not hold is not.
+    /// the store does not hold for the whole window is not, nor one decided
+    /// meanwhile.
     #[tokio::test]
     async fn an_approval_whose_commit_failed_is_announced_once_it_is_seen() {
         let dir = tempfile::tempdir().unwrap();

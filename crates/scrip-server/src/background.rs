@@ -68,6 +68,9 @@ async fn keys_loop(state: AppState) {
         // too, and restarting the timer at each would, under steady load,
         // put off the re-read and any rotation for as long as it lasts.
         let deadline = tokio::time::Instant::now() + wait;
+        if failing.is_some() {
+            tokio::time::sleep_until(deadline).await;
+        }
         while failing.is_none() {
             tokio::select! {
                 r = changes.changed() => {
@@ -84,32 +87,26 @@ async fn keys_loop(state: AppState) {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if failing.is_some() {
-            tokio::time::sleep_until(deadline).await;
-        }
-        // Audited in the commit that changes the keys.
+        // Audited in the commit that changes the keys, and logged by it.
         match st.keyring.sync(st.store.as_ref(), now(), &st.replica).await {
-            Ok(created) => {
+            Ok(_) => {
                 if let Some((since, _)) = failing.take() {
                     tracing::info!(
                         after_s = since.elapsed().as_secs(),
                         "the shared keys are read again"
                     );
                 }
-                for (kid, what) in &created.keys {
-                    tracing::info!(%kid, %what, "shared key set changed");
-                }
             }
             Err(e) => {
                 let t = std::time::Instant::now();
-                let (since, said) = failing.get_or_insert((t, t));
-                if *said == t || said.elapsed() >= Duration::from_secs(60) {
+                if failing.is_none_or(|(_, said)| said.elapsed() >= Duration::from_secs(60)) {
+                    let since = failing.map_or(t, |(since, _)| since);
                     tracing::warn!(
                         error = %e,
                         failing_s = since.elapsed().as_secs(),
                         "cannot read or use the shared keys; keeping the keys in use"
                     );
-                    *said = t;
+                    failing = Some((since, t));
                 }
             }
         }

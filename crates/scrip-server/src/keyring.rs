@@ -497,9 +497,9 @@ impl Keyring {
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be read or written, or
-    /// [`StoreError::Corrupt`] when what it holds cannot be put in use (what
-    /// this call created is logged first); the keys in use stay as they
-    /// were.
+    /// [`StoreError::Corrupt`] when what it holds cannot be put in use;
+    /// the keys in use stay as they were. What it created is logged once
+    /// committed, either way.
     pub async fn sync(
         &self,
         store: &dyn Store,
@@ -518,7 +518,13 @@ impl Keyring {
         } else {
             writes.extend(crate::key_audit(replica, &created));
             match store.commit(writes).await {
-                Ok(()) => {}
+                // Logged once committed, whatever comes of reading the
+                // keys again.
+                Ok(()) => {
+                    for (kid, what) in &created.keys {
+                        tracing::info!(%kid, %what, "shared key set changed");
+                    }
+                }
                 // Another replica rotated or retired first: its keys are
                 // read next.
                 Err(StoreError::Conflict(message)) => {
@@ -537,9 +543,6 @@ impl Keyring {
             // Read, but not put in use: as a read that failed, for the
             // keys loop's pacing, and the set served goes stale.
             Err(message) => {
-                for (kid, what) in &created.keys {
-                    tracing::info!(%kid, %what, "shared key set changed");
-                }
                 return Err(StoreError::Corrupt(format!(
                     "the shared keys are unusable: {message}"
                 )));

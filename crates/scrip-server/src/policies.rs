@@ -377,10 +377,7 @@ fn check_writers(dir: &Path) -> Result<bool, scrip_policy::PolicyError> {
     check(dir)?;
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
-        if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("cedar" | "cedarschema")
-        ) {
+        if scrip_policy::is_policy_file(&path) {
             check(&path)?;
         }
     }
@@ -512,12 +509,7 @@ impl DirState {
         let mut out: Vec<_> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|path| {
-                matches!(
-                    path.extension().and_then(|x| x.to_str()),
-                    Some("cedar" | "cedarschema")
-                )
-            })
+            .filter(|path| scrip_policy::is_policy_file(path))
             .chain(scrip_policy::nested_files(dir).unwrap_or_else(|_| {
                 // Too many entries to look through: the set is refused, and
                 // this stands for them until they are fewer.

@@ -1213,6 +1213,7 @@ when { principal has namespace && principal.namespace == "other" };
 
 #[tokio::test]
 async fn policies_reload_on_file_change_and_keep_the_last_good_set() {
+    const FORBID_OTHER: &str = "@id(\"no-other\")\nforbid (principal, action, resource)\nwhen { principal has namespace && principal.namespace == \"other\" };\n";
     let s = TestServer::start().await;
     let other = s.k8s.kubernetes("other", "coder");
     let agents = s.k8s.kubernetes("agents", "coder");
@@ -1338,11 +1339,7 @@ when { principal has namespace && principal.namespace == "other" };
     };
     mode(0o777);
     let before = rejections().await;
-    std::fs::write(
-        dir.join("zz-forbid.cedar"),
-        "@id(\"no-other\")\nforbid (principal, action, resource)\nwhen { principal has namespace && principal.namespace == \"other\" };\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("zz-forbid.cedar"), FORBID_OTHER).unwrap();
     let refused = eventually(Duration::from_secs(5), || async {
         rejections().await > before
     })
@@ -1379,11 +1376,7 @@ when { principal has namespace && principal.namespace == "other" };
     // is refused rather than run without it; moved up, it is read.
     let before = rejections().await;
     std::fs::create_dir(dir.join("team")).unwrap();
-    std::fs::write(
-        dir.join("team/zz-forbid.cedar"),
-        "@id(\"no-other\")\nforbid (principal, action, resource)\nwhen { principal has namespace && principal.namespace == \"other\" };\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("team/zz-forbid.cedar"), FORBID_OTHER).unwrap();
     let refused = eventually(Duration::from_secs(5), || async {
         rejections().await > before
     })
