@@ -305,6 +305,26 @@ fn step_lines(a: &Value) -> Vec<String> {
             lines.push(format!("  {label:<13}{line}"));
         }
     }
+    // A delegated step's own purpose is the delegating agent's words: what
+    // the root task's agent said, and each delegation since, come first.
+    let ancestors = a
+        .get("delegated_from")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    for (i, t) in ancestors.iter().enumerate() {
+        let task = text(t, "task");
+        if t.get("purpose").is_some_and(Value::is_string) {
+            // The first is the root, unless the store lost a task above it.
+            let whose = if i == 0 { "the root task" } else { "task" };
+            lines.push(format!("  purpose of {whose} {task}:"));
+            let purpose = wrapped(&text(t, "purpose"), PURPOSE_COLUMNS);
+            lines.extend(purpose.iter().map(|l| format!("    | {l}")));
+        } else {
+            lines.push(format!(
+                "  purpose of task {task}: not known (no such task)"
+            ));
+        }
+    }
     lines.push("  purpose, in the agent's words:".to_owned());
     let purpose = wrapped(&text(a, "purpose"), PURPOSE_COLUMNS);
     lines.extend(purpose.iter().map(|l| format!("    | {l}")));
@@ -606,6 +626,53 @@ mod tests {
                 "               by helper\\u{20}two (from https://k8s)): no",
                 "  purpose, in the agent's words:",
                 "    | cleanup",
+            ]
+        );
+    }
+
+    /// A delegated step shows what the root task's agent said the work is
+    /// for, and each delegation since, before the step's own purpose, each
+    /// after the marker as the agent's words are.
+    #[test]
+    fn a_delegated_step_shows_the_purposes_it_came_from() {
+        let a = serde_json::json!({
+            "auth_req_id": "r3",
+            "purpose": "approve the release",
+            "delegated_from": [
+                {"task": "t0", "purpose": "fix the flaky test"},
+                {"task": "t1", "purpose": "check the build"},
+            ],
+        });
+        let lines = step_lines(&a);
+        assert_eq!(
+            lines[lines.len() - 6..],
+            [
+                "  purpose of the root task t0:",
+                "    | fix the flaky test",
+                "  purpose of task t1:",
+                "    | check the build",
+                "  purpose, in the agent's words:",
+                "    | approve the release",
+            ]
+        );
+        // A task the store lost above the others: none is called the root.
+        let a = serde_json::json!({
+            "auth_req_id": "r4",
+            "purpose": "approve",
+            "delegated_from": [
+                {"task": "t0", "purpose": null},
+                {"task": "t1", "purpose": "fix"},
+            ],
+        });
+        let lines = step_lines(&a);
+        assert_eq!(
+            lines[lines.len() - 5..],
+            [
+                "  purpose of task t0: not known (no such task)",
+                "  purpose of task t1:",
+                "    | fix",
+                "  purpose, in the agent's words:",
+                "    | approve",
             ]
         );
     }

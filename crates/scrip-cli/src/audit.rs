@@ -294,9 +294,14 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, demands: Dema
                 .iter()
                 .map(|k| printable(k.get("kid").and_then(|v| v.as_str()).unwrap_or("(no kid)")))
                 .collect();
-            let report = scrip_server::audit::verify(store.as_ref(), &jwks, now_ms(), grace)
-                .await
-                .map_err(|e| e.to_string())?;
+            // Strict: recent records unsigned at a first reading must be
+            // signed at a second.
+            let report = if demands.strict {
+                scrip_server::audit::verify_twice(store.as_ref(), &jwks, now_ms, grace).await
+            } else {
+                scrip_server::audit::verify(store.as_ref(), &jwks, now_ms(), grace).await
+            }
+            .map_err(|e| e.to_string())?;
             Ok::<_, String>((report, kids))
         })
     });

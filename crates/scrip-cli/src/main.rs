@@ -436,7 +436,10 @@ enum AuditCommand {
         /// keys in the store, else derived from the key in data_dir.
         #[arg(long)]
         public_key: Option<PathBuf>,
-        /// Also fail (exit 1) on records their own writer never signed.
+        /// Also fail (exit 1) on records their own writer never signed,
+        /// reading the trail twice when the first reading finds recent
+        /// records unsigned: scrip signs as it writes, so each must be
+        /// signed by the second.
         #[arg(long)]
         strict: bool,
         /// Pass although the store was rolled back under a running scrip
@@ -771,6 +774,8 @@ pub(crate) fn load_trusted(path: Option<&Path>) -> Result<Config, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     if let Some(path) = path {
         scrip_config::trust::check_configuration(path).map_err(|e| e.to_string())?;
+        scrip_config::trust::check_configuration_readers(path, &config)
+            .map_err(|e| e.to_string())?;
     }
     Ok(config)
 }

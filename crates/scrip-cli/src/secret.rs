@@ -363,14 +363,21 @@ async fn rotate_each(
 }
 
 /// Has the store sign the audit records this command writes (its own
-/// chain) in the commits that write them, as `scrip serve` does. Without
-/// the checkpoint key on a shared store (one no `scrip serve` has started
-/// on yet) the change is still made, its record unsigned, and a warning
-/// says so: `scrip audit verify` reports such records.
+/// chain) in the commits that write them, as `scrip serve` does. On a
+/// shared store, where this host was given no key-encryption key (which
+/// opens the checkpoint key), or the store holds no checkpoint key and no
+/// signed chain head (no `scrip serve` has started on it yet), the change
+/// is still made, its record unsigned, and a warning says so: `scrip audit
+/// verify` reports such records. Any other failure to get the key refuses
+/// the change: a key row someone made unreadable, or took away beside the
+/// heads it signed, must not buy them an unsigned record to rewrite.
 ///
 /// # Errors
-/// On the embedded store, when the key file cannot be read or made, or the
-/// record of a key just made cannot be committed: no secret is changed then.
+/// When the key cannot be had (but for the cases above): on the embedded
+/// store, when the key file cannot be read or made, or the record of a key
+/// just made cannot be committed; on a shared store, when a stored
+/// checkpoint key does not open or is missing beside signed heads, or the
+/// store cannot be read. Nothing is changed then.
 /// (The store may already sign with that key, whose file is removed again,
 /// so nothing more may be written in this run.)
 #[expect(
@@ -378,21 +385,48 @@ async fn rotate_each(
     reason = "a warning for the person running the command"
 )]
 pub(crate) async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
-    match scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await {
-        Ok(key) => {
-            store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
-            Ok(())
+    use scrip_server::keys::KeyError;
+    let failed =
+        match scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await {
+            Ok(key) => {
+                store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+    let unsigned = match &failed {
+        KeyError::MissingKek { .. } => config.database_url.is_some(),
+        KeyError::NoCheckpointKey => {
+            let heads = store.latest_checkpoints().await.map_err(|e| {
+                format!("cannot sign the audit record of this change: {e}; nothing was changed")
+            })?;
+            if !heads.is_empty() {
+                // The first `scrip serve` may have stored its key and its
+                // first head between the two reads: the key is read again.
+                if let Ok(key) =
+                    scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await
+                {
+                    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+                    return Ok(());
+                }
+                return Err(
+                    "cannot sign the audit record of this change: the store holds signed audit chain heads but no checkpoint key to sign with (someone removed or hid it; `scrip audit verify` reports what it can); nothing was changed"
+                        .to_owned(),
+                );
+            }
+            true
         }
-        Err(e) if config.database_url.is_none() => Err(format!(
-            "cannot sign the audit record of this change: {e}; nothing was changed"
-        )),
-        Err(e) => {
-            eprintln!(
-                "scrip: warning: the audit record of this change cannot be signed ({e}); `scrip audit verify` will report it"
-            );
-            Ok(())
-        }
+        _ => false,
+    };
+    if !unsigned {
+        return Err(format!(
+            "cannot sign the audit record of this change: {failed}; nothing was changed"
+        ));
     }
+    eprintln!(
+        "scrip: warning: the audit record of this change cannot be signed ({failed}); `scrip audit verify` will report it"
+    );
+    Ok(())
 }
 
 async fn put(

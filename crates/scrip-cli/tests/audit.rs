@@ -638,6 +638,114 @@ async fn a_tampered_record_fails_verification_naming_it() {
     );
 }
 
+/// A chain someone added whose records claim to be written now passes a
+/// plain verification as recent, but not `--strict`: scrip signs as it
+/// writes, so what the first reading saw unsigned must be signed at a
+/// second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_verification_fails_on_records_added_with_a_recent_time() {
+    let site = Site::new();
+    let server = site.start("serve.log");
+    let client = Client::new(site.url());
+    let identity = site.idp.kubernetes("agents", "coder");
+    let r = client
+        .start_task(&identity, "github:read", "fix JIRA-1")
+        .await
+        .unwrap();
+    assert!(r.token().is_some(), "{r:?}");
+    // Under load, a strict verification passes: each record it reads was
+    // signed in the commit that wrote it, however many land meanwhile.
+    let stop = Arc::new(AtomicBool::new(false));
+    let got = Arc::new(Received::default());
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(load(
+                Client::new(site.url()),
+                identity.clone(),
+                stop.clone(),
+                got.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let config = site.config();
+        let out = tokio::task::spawn_blocking(move || {
+            scrip()
+                .args(["audit", "verify", "--strict", "--config", &config])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let received = tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("clients stop")
+            .unwrap();
+        assert!(received > 0, "the load received nothing");
+    }
+    server.stop();
+    site.assert_verifies(&["--strict"]);
+    // A chain of two records, every hash right, claiming this moment.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(site.db())
+        .connect()
+        .await
+        .unwrap();
+    let mut prev = String::new();
+    for (n, event) in ["chain.started", "approval.granted"]
+        .into_iter()
+        .enumerate()
+    {
+        let e = scrip_store::AuditEvent {
+            event: event.into(),
+            at_ms: u64::try_from(now).unwrap(),
+            chain_id: Some("forged".into()),
+            chain_seq: u64::try_from(n).unwrap() + 1,
+            prev_hash: Some(prev.clone()),
+            replica: "r9".into(),
+            ..scrip_store::AuditEvent::default()
+        };
+        let record = serde_json::to_string(&e).unwrap();
+        let hash = scrip_store::hash(record.as_bytes());
+        sqlx::query(
+            "INSERT INTO audit (at_ms, event, replica, chain_id, chain_seq, hash, record) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(i64::try_from(e.at_ms).unwrap())
+        .bind(&e.event)
+        .bind(&e.replica)
+        .bind("forged")
+        .bind(i64::try_from(e.chain_seq).unwrap())
+        .bind(&hash)
+        .bind(&record)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        prev = hash;
+    }
+    conn.close().await.unwrap();
+    let plain = site.assert_verifies(&[]);
+    assert!(plain.contains("2 recent records wait"), "{plain}");
+    let out = site.audit(&["verify", "--strict"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "(chain forged #1): records #1 to #2 are covered by no signature at a second reading"
+        ),
+        "{stdout}"
+    );
+}
+
 /// The audit commands only read: a store an older scrip left is refused,
 /// not migrated under the replicas still running that scrip, until
 /// `scrip migrate` is run.

@@ -380,6 +380,35 @@ async fn a_dpop_proof_is_taken_once_across_replicas() {
     }
     let out = set.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A stored checkpoint key that does not open (a row someone put there)
+    // refuses the next change, rather than buying its writer an unsigned
+    // record.
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(cluster.db.url()).await.unwrap();
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, purpose, alg, public_jwk, sealed, created_at, active_at) \
+             VALUES ('junk', 'checkpoint', 'ES256', '{}', 'not sealed', 1, 1)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let out = scrip()
+            .args(["secret", "delete", "github", "--action", "read", "--config"])
+            .arg(&r[0].config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("cannot sign the audit record of this change"),
+            "{}",
+            text(&out.stderr)
+        );
+        sqlx::query("DELETE FROM signing_keys WHERE kid = 'junk'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
 
     let key = scrip_client::DpopKey::generate().unwrap();
     let token_url = format!("{ISSUER}/token");
@@ -506,6 +535,54 @@ async fn a_dpop_proof_is_taken_once_across_replicas() {
         .filter(|l| l.contains("\"task.grant\""))
         .count();
     assert_eq!(grants, 4, "{trail}");
+
+    // The store's checkpoint key taken out of sight beside the heads it
+    // signed: refused, not written unsigned.
+    let delete = |config: &std::path::Path| {
+        scrip()
+            .args(["secret", "delete", "github", "--action", "read", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(cluster.db.url()).await.unwrap();
+        for hide in [
+            "CREATE TEMP TABLE hidden AS SELECT * FROM signing_keys WHERE purpose = 'checkpoint'",
+            "DELETE FROM signing_keys WHERE purpose = 'checkpoint'",
+        ] {
+            sqlx::query(hide).execute(&mut conn).await.unwrap();
+        }
+        let out = delete(&r[0].config);
+        assert!(!out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("signed audit chain heads but no checkpoint key"),
+            "{}",
+            text(&out.stderr)
+        );
+        let show = "INSERT INTO signing_keys SELECT * FROM hidden";
+        sqlx::query(show).execute(&mut conn).await.unwrap();
+    }
+    // Run where no key-encryption key was given (which opens the
+    // checkpoint key; deleting opens nothing else): done, its record
+    // unsigned, and said so.
+    let elsewhere = cluster.dir.path().join("no-kek.toml");
+    let kek = cluster.dir.path().join("kek").display().to_string();
+    let text_of = fs::read_to_string(&r[0].config).unwrap();
+    assert!(text_of.contains(&kek));
+    fs::write(
+        &elsewhere,
+        text_of.replace(&kek, &cluster.dir.path().join("none").display().to_string()),
+    )
+    .unwrap();
+    let out = delete(&elsewhere);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot be signed"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 fn kid(token: &str) -> String {

@@ -616,6 +616,35 @@ impl Config {
         format!("{}/local", self.issuer())
     }
 
+    /// Whether `database_url` holds a password (in its user info, or a
+    /// `password` parameter).
+    #[must_use]
+    pub fn holds_database_password(&self) -> bool {
+        self.database_url
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok())
+            .is_some_and(|u| {
+                u.password().is_some()
+                    || u.query_pairs()
+                        .any(|(k, v)| k.eq_ignore_ascii_case("password") && !v.is_empty())
+            })
+    }
+
+    /// Whether `approval_webhook` may carry its receiver's secret: a URL
+    /// with user info, a path other than `/`, or a query.
+    #[must_use]
+    pub fn webhook_may_hold_secret(&self) -> bool {
+        self.approval_webhook
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok())
+            .is_some_and(|u| {
+                !u.username().is_empty()
+                    || u.password().is_some()
+                    || u.path() != "/"
+                    || u.query().is_some()
+            })
+    }
+
     /// The tool with this name.
     #[must_use]
     pub fn tool(&self, name: &str) -> Option<&Tool> {

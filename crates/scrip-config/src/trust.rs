@@ -64,6 +64,22 @@ pub enum Untrusted {
         /// What is at stake.
         what: Stake,
     },
+    /// Others than its owner and group may read it, and it holds a secret
+    /// that can be given another way.
+    #[error(
+        "`{}` has mode {mode:o} and holds {what}: anyone on this host could read it; `chmod o-r` it, or {instead}",
+        path.display()
+    )]
+    Readable {
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+        /// What secret it holds.
+        what: &'static str,
+        /// How else to give the secret.
+        instead: &'static str,
+    },
     /// It, or a directory on the way, cannot be looked at.
     #[error("cannot look at `{}`: {source}", path.display())]
     Io {
@@ -170,6 +186,14 @@ pub fn check_path(path: &Path, what: Stake, group: GroupWrite) -> Result<(), Unt
 /// # Errors
 /// [`Untrusted`].
 pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
+    if own_pipe(path) {
+        return Ok(());
+    }
+    check_path(path, Stake::Configuration, GroupWrite::Refuse)
+}
+
+/// Whether `path` names a pipe of scrip's own (see [`check_configuration`]).
+fn own_pipe(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt as _;
     let own_descriptor = path == Path::new("/dev/stdin")
         || ["/dev/fd/", "/proc/self/fd/"].iter().any(|dir| {
@@ -177,10 +201,74 @@ pub fn check_configuration(path: &Path) -> Result<(), Untrusted> {
                 .and_then(|p| p.strip_prefix(dir))
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         });
-    if own_descriptor && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+    own_descriptor && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// Checks who may read the configuration file of a command that serves,
+/// for the secrets `config` holds. A database password (in
+/// `database_url`) others than the file's owner and group may read is
+/// refused: the driver takes it from `PGPASSWORD` or a password file as
+/// well. A group that may read it is logged (fine if the group is scrip's
+/// user's alone), and so is an `approval_webhook` URL that others may
+/// read when it may carry its receiver's secret (in its user info, path or
+/// query), which has no other way in. A pipe of scrip's own is not
+/// checked.
+///
+/// # Errors
+/// [`Untrusted::Readable`], or [`Untrusted::Io`] when the file cannot be
+/// looked at.
+pub fn check_configuration_readers(path: &Path, config: &crate::Config) -> Result<(), Untrusted> {
+    let password = config.holds_database_password();
+    let webhook = config.webhook_may_hold_secret();
+    if !(password || webhook) || own_pipe(path) {
         return Ok(());
     }
-    check_path(path, Stake::Configuration, GroupWrite::Refuse)
+    let meta = std::fs::metadata(path).map_err(|source| Untrusted::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    // Others read it only where they can reach it: a directory on the way
+    // they may not pass through (`/etc/scrip` 0750) keeps them out.
+    let others = mode & 0o004 != 0 && others_pass_to(path);
+    const PASSWORD: &str = "a database password (in `database_url`)";
+    if password && others {
+        return Err(Untrusted::Readable {
+            path: path.to_owned(),
+            mode,
+            what: PASSWORD,
+            instead: "give the password in `PGPASSWORD` or a password file (`PGPASSFILE`, mode 0600) instead, and leave it out of the URL",
+        });
+    }
+    for (held, what) in [
+        (password, PASSWORD),
+        (
+            webhook,
+            "the approval webhook's URL, whose user info, path or query may carry its receiver's secret",
+        ),
+    ] {
+        if !held {
+            continue;
+        }
+        if others {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "anyone on this host could read {what}; `chmod o-r` the configuration if it does");
+        } else if mode & 0o040 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "members of the configuration's group could read {what} (fine if the group is scrip's user's alone)");
+        }
+    }
+    Ok(())
+}
+
+/// Whether others (neither owner nor group) may pass through every
+/// directory on the way to `path`, as the kernel resolves it; `true` when
+/// that cannot be told.
+fn others_pass_to(path: &Path) -> bool {
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return true;
+    };
+    real.ancestors()
+        .skip(1)
+        .all(|dir| std::fs::metadata(dir).map_or(true, |m| m.mode() & 0o001 != 0))
 }
 
 /// `Foreign` unless `uid` is scrip's user's or root's.
@@ -624,6 +712,75 @@ mod tests {
         assert!(check_configuration(&link).is_err());
         let missing = check_configuration(&root.path().join("none.toml")).unwrap_err();
         assert!(matches!(missing, Untrusted::Io { .. }), "{missing}");
+    }
+
+    /// A configuration holding a database password others may read is
+    /// refused (the driver takes it from the environment or a password
+    /// file too); one that holds none, or only a webhook's URL, is not.
+    #[test]
+    fn a_database_password_others_can_read_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        // Others may pass through to it (a temporary directory is 0700).
+        mode(root.path(), 0o755);
+        let file = root.path().join("scrip.toml");
+        std::fs::write(&file, "").unwrap();
+        let with = |url: Option<&str>, webhook: Option<&str>| crate::Config {
+            database_url: url.map(str::to_owned),
+            approval_webhook: webhook.map(str::to_owned),
+            ..crate::Config::default()
+        };
+        for url in [
+            "postgres://scrip:hunter2@db.example/scrip?sslmode=verify-full",
+            "postgres://scrip@db.example/scrip?sslmode=verify-full&password=hunter2",
+            "postgres://scrip@db.example/scrip?PASSWORD=hunter2",
+        ] {
+            let config = with(Some(url), None);
+            for m in [0o644, 0o604, 0o444] {
+                mode(&file, m);
+                let e = check_configuration_readers(&file, &config).unwrap_err();
+                assert!(matches!(e, Untrusted::Readable { .. }), "{url}: {e}");
+                let e = e.to_string();
+                assert!(e.contains("a database password"), "{e}");
+                assert!(e.contains("PGPASSWORD"), "{e}");
+                assert!(!e.contains("hunter2"), "{e}");
+            }
+            // Its owner and group alone: taken (the group logged).
+            for m in [0o600, 0o640, 0o400] {
+                mode(&file, m);
+                check_configuration_readers(&file, &config).unwrap();
+            }
+        }
+        // Others cannot pass through the directory that holds it: taken.
+        let private = root.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        let inside = private.join("scrip.toml");
+        std::fs::write(&inside, "").unwrap();
+        mode(&inside, 0o644);
+        let config = with(Some("postgres://scrip:hunter2@db.example/scrip"), None);
+        mode(&private, 0o750);
+        check_configuration_readers(&inside, &config).unwrap();
+        mode(&private, 0o751);
+        assert!(check_configuration_readers(&inside, &config).is_err());
+        mode(&file, 0o644);
+        for config in [
+            with(
+                Some("postgres://scrip@db.example/scrip?sslmode=verify-full"),
+                None,
+            ),
+            with(Some("postgres://scrip:@db.example/scrip"), None),
+            with(None, Some("https://hooks.example/T0/B0/secret")),
+            with(None, None),
+        ] {
+            check_configuration_readers(&file, &config).unwrap();
+        }
+        assert!(!with(None, Some("https://hooks.example/")).webhook_may_hold_secret());
+        for hook in [
+            "https://hooks.example/T0/B0/secret",
+            "https://hooks.example/?token=secret",
+            "https://user:secret@hooks.example/",
+        ] {
+            assert!(with(None, Some(hook)).webhook_may_hold_secret(), "{hook}");
+        }
     }
 
     /// A file itself: no sticky exemption (others could add files to a

@@ -453,6 +453,20 @@ mod tests {
         assert!(kek.open(&record("legacy", "read", 1, vec![1, 2])).is_err());
         // A fresh nonce each time.
         assert_ne!(kek.seal("legacy", "read", 1, &value).unwrap(), sealed);
+        // Rows whose fields run together alike are told apart.
+        for ((n, a, v), (other_n, other_a, other_v)) in [
+            (("legacy", "read1", 1), ("legacy", "read", 11)),
+            (("legacy", "read", 11), ("legacy", "read1", 1)),
+            (("legacy", "read", 1), ("legac", "yread", 1)),
+        ] {
+            let sealed = kek.seal(n, a, v, &value).unwrap();
+            assert!(kek.open(&record(n, a, v, sealed.clone())).is_ok());
+            assert!(
+                kek.open(&record(other_n, other_a, other_v, sealed))
+                    .is_err(),
+                "{n} {a} {v} opened as {other_n} {other_a} {other_v}"
+            );
+        }
     }
 
     #[test]

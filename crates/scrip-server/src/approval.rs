@@ -115,6 +115,15 @@ pub(crate) async fn request(
     // after the read below: read again, and find it or the cap. Every way
     // out but opening one ends here, with the decisions' records written.
     let answer = 'asked: {
+        // Nobody can decide it until a restart names someone: it waits as
+        // SPEC §5 says a step needing approval does (and can be decided
+        // then), and the operator and the agent are told why nobody does.
+        if st.config.approvers.is_empty() {
+            static UNDECIDABLE: crate::logs::Budget = crate::logs::Budget::new(1);
+            if UNDECIDABLE.allow("steps nobody can decide") {
+                tracing::warn!(tool, actions = %asked, "a step waits for a person's approval, and no approvers are configured: nobody can decide it until `[[approvers]]` names someone");
+            }
+        }
         for _ in 0..3 {
             let now = now();
             // A step a person denied is not put to the approvers again for
@@ -256,6 +265,7 @@ pub(crate) async fn request(
                         let mut v = describe(&approval, Some(task));
                         if let Some(obj) = v.as_object_mut() {
                             obj.insert("recent_denials".into(), Value::Null);
+                            obj.insert("delegated_from".into(), Value::Null);
                         }
                         v
                     }
@@ -362,7 +372,11 @@ fn pending(st: &Inner, id: &str, expires_in: u64) -> Response {
         st,
         id,
         expires_in,
-        "this step needs a person's approval; poll with the auth_req_id",
+        if st.config.approvers.is_empty() {
+            "this step needs a person's approval, and no approvers are configured: nobody can decide it until `[[approvers]]` names someone; poll with the auth_req_id"
+        } else {
+            "this step needs a person's approval; poll with the auth_req_id"
+        },
         false,
     )
 }
@@ -429,8 +443,51 @@ async fn described_for_person(
             "recent_denials".into(),
             recent_denials(st, &t.agent, &a.tool, &a.id).await?,
         );
+        obj.insert(
+            "delegated_from".into(),
+            delegated_from(st, t, &mut HashMap::new()).await?,
+        );
     }
     Ok(v)
+}
+
+/// What [`delegated_from`] keeps of a task it read: its purpose and its
+/// parent (`None` for a task the store does not hold).
+type Ancestor = Option<(String, Option<String>)>;
+
+/// The tasks a delegated step's task came from, root first, each with the
+/// purpose it was started or delegated with (`[]` for a root task's step).
+/// The purpose a step's own task shows is the last delegating agent's
+/// words, and may say anything; what the root's agent said the work is
+/// for, and each delegation since, is shown beside it. A task the store
+/// does not hold is shown with a `null` purpose, and ends the walk, which
+/// goes no further up than the task's depth. `known` keeps what was read
+/// for the other steps of one listing.
+async fn delegated_from(
+    st: &Inner,
+    task: &TaskRecord,
+    known: &mut HashMap<String, Ancestor>,
+) -> Result<Value, OAuthError> {
+    let mut out = Vec::new();
+    let mut next = task.parent.clone();
+    for _ in 0..task.depth.min(scrip_config::MAX_DELEGATION_DEPTH) {
+        let Some(id) = next.take() else { break };
+        let ancestor = match known.get(&id) {
+            Some(a) => a.clone(),
+            None => {
+                let read = st.store.task(&id).await?.map(|t| (t.purpose, t.parent));
+                known.insert(id.clone(), read.clone());
+                read
+            }
+        };
+        let purpose = ancestor.map(|(purpose, parent)| {
+            next = parent;
+            purpose
+        });
+        out.push(json!({"task": id, "purpose": purpose}));
+    }
+    out.reverse();
+    Ok(Value::Array(out))
 }
 
 /// [`described_for_person`]'s `recent_denials`, other than `except`.
@@ -1151,8 +1208,10 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
         let more = pending.len() > LISTED as usize;
         pending.truncate(LISTED as usize);
         let mut out = Vec::with_capacity(pending.len());
-        // One read of an agent's denials at a tool for all its steps there.
+        // One read of an agent's denials at a tool for all its steps there,
+        // and of each task the steps' tasks were delegated from.
         let mut denials: HashMap<(String, String, String), Value> = HashMap::new();
+        let mut ancestors = HashMap::new();
         for a in &pending {
             // A step a later denial answers is no one's to decide.
             if denied_since(st, a).await?.is_some() {
@@ -1176,6 +1235,10 @@ pub async fn list_endpoint(State(state): State<AppState>, headers: HeaderMap) ->
                     }
                 };
                 obj.insert("recent_denials".into(), recent);
+                obj.insert(
+                    "delegated_from".into(),
+                    delegated_from(st, t, &mut ancestors).await?,
+                );
             }
             out.push(v);
         }
@@ -1976,6 +2039,8 @@ mod tests {
             )
             .await
         );
+        // Any call it made has been answered once the webhook is done.
+        webhook.finish(Duration::from_secs(5)).await;
         assert!(heard.try_recv().is_err(), "a decided step was announced");
     }
 

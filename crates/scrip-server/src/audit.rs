@@ -1,7 +1,7 @@
 //! Reading the audit trail: verification of its hash chains and signed
 //! checkpoints, and the queries behind `scrip audit`.
 
-use scrip_store::{Checkpoint, Report, Store, StoreError, Verifier};
+use scrip_store::{Checkpoint, Problem, Report, Store, StoreError};
 
 /// Records read per page when streaming the trail.
 const PAGE: u32 = 10_000;
@@ -25,7 +25,7 @@ pub fn signature_grace_ms(config: &scrip_config::Config) -> u64 {
 /// on the embedded store; every replica's on a shared one): a checkpoint
 /// counts when one of them verifies its signature. Every record written
 /// more than `grace_ms` before `now_ms` must be covered by one (see
-/// [`Verifier::require_signed`]).
+/// [`scrip_store::Verifier::require_signed`]).
 ///
 /// # Errors
 /// [`StoreError`] when the store cannot be read.
@@ -35,31 +35,58 @@ pub async fn verify(
     now_ms: u64,
     grace_ms: u64,
 ) -> Result<Report, StoreError> {
-    let checkpoints = store.latest_checkpoints().await?;
-    let links = store.chain_links().await?;
-    // The trail as it stood just after the signatures were read: records
-    // committed while this runs (however long it takes on a large store) are
-    // left to the next verification, rather than read unsigned, or past
-    // `now_ms` and its grace. (Read after the signatures, so that none names
-    // a record past it; those committed in between count as recent.)
-    let until = store.latest_audit_seq().await?;
-    let mut verifier = Verifier::new(&checkpoints, &links);
-    verifier.require_signed(now_ms, grace_ms);
-    let mut after = 0;
-    while after < until {
-        let rows = store.audit_rows(after, PAGE).await?;
-        let Some(last) = rows.last() else {
-            break;
-        };
-        after = last.seq;
-        for r in rows.iter().filter(|r| r.seq <= until) {
-            verifier.push(r);
-        }
-    }
-    Ok(verifier.finish(&checkpoints, |c: &Checkpoint| {
+    scrip_store::verify_store(store, Some((now_ms, grace_ms)), PAGE, |c: &Checkpoint| {
         let message = Checkpoint::message(&c.chain_id, c.chain_seq, &c.hash, c.at_ms);
         checkpoint_jwks
             .iter()
             .any(|jwk| scrip_jose::verify_detached(jwk, &message, &c.signature))
-    }))
+    })
+    .await
+}
+
+/// [`verify`], and where it found recent records no signature covers,
+/// [`verify`] again, for `scrip audit verify --strict`. This scrip signs
+/// its chain's head in the very commit that writes the records, and both
+/// stores commit in the order of the records' sequence numbers, so every
+/// record at or below the newest number the first reading read was
+/// committed, its signed head with it, before the second reading read the
+/// signatures: the second reading finds it covered. One it does not was
+/// written by someone who could not sign it (a time claimed within the
+/// grace does not make it recent; nor does putting it there between the
+/// two readings), by a scrip older than this one, which signed from time
+/// to time, or by a command that warned it could not sign: a problem
+/// whichever. Records committed since the first reading count as recent,
+/// as ever. The report is the second reading's; `now_ms` gives the time
+/// of each.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be read.
+pub async fn verify_twice(
+    store: &dyn Store,
+    checkpoint_jwks: &[serde_json::Value],
+    now_ms: impl Fn() -> u64,
+    grace_ms: u64,
+) -> Result<Report, StoreError> {
+    let first = verify(store, checkpoint_jwks, now_ms(), grace_ms).await?;
+    if first.recent.is_empty() {
+        return Ok(first);
+    }
+    let mut second = verify(store, checkpoint_jwks, now_ms(), grace_ms).await?;
+    for run in second.recent.clone() {
+        // The run's records come in sequence order: its first is the
+        // earliest committed.
+        if run.first_seq.is_none_or(|seq| seq > first.read_to) {
+            continue;
+        }
+        second.add(Problem {
+            seq: run.first_seq,
+            chain_id: run.chain_id,
+            chain_seq: run.from,
+            what: format!(
+                "records #{} to #{} are covered by no signature at a second reading, though committed before the first ended, and their writer signs as it commits: written by someone else (or by a scrip older than this one, which signed from time to time, or by a command that warned it could not sign)",
+                run.from, run.to
+            ),
+        });
+    }
+    Ok(second)
 }

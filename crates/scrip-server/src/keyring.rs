@@ -936,11 +936,7 @@ pub async fn checkpoint_signer(
         .await?
         .pop()
         .map(Arc::new)
-        .ok_or_else(|| KeyError::Invalid {
-            path: "database_url".into(),
-            message: "the store holds no audit checkpoint key yet; start `scrip serve` on it first"
-                .into(),
-        })
+        .ok_or(KeyError::NoCheckpointKey)
 }
 
 /// Refuses to make the embedded store's checkpoint key anew beside a store

@@ -76,6 +76,22 @@ pub enum KeyError {
     /// other than scrip's user could change.
     #[error(transparent)]
     Untrusted(#[from] scrip_config::trust::Untrusted),
+    /// A shared store that holds no audit checkpoint key yet (no `scrip
+    /// serve` has started on it).
+    #[error(
+        "`database_url`: the store holds no audit checkpoint key yet; start `scrip serve` on it first"
+    )]
+    NoCheckpointKey,
+    /// No key-encryption key was given (neither its file nor the
+    /// environment holds one), and none is to be made.
+    #[error(
+        "key file `{}` is invalid: missing: this store's secrets are sealed under a key-encryption key; give scrip the same key (this file, or {KEK_ENV})",
+        path.display()
+    )]
+    MissingKek {
+        /// The file it was looked for in.
+        path: PathBuf,
+    },
     /// The file does not hold a usable key.
     #[error("key file `{path}` is invalid: {message}")]
     Invalid {
@@ -782,12 +798,7 @@ fn load_current_kek(
         return Ok(kek);
     }
     if !create {
-        return Err(invalid(
-            path,
-            format!(
-                "missing: this store's secrets are sealed under a key-encryption key; give scrip the same key (this file, or {KEK_ENV})"
-            ),
-        ));
+        return Err(KeyError::MissingKek { path });
     }
     if let Some(dir) = path.parent() {
         ensure_private_dir(dir)?;

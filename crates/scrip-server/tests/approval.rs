@@ -153,6 +153,24 @@ async fn approved_token(s: &TestServer, task: &str, id: &str) -> Reply {
     r
 }
 
+/// The step `id` in a `GET /approvals` answer.
+fn listed(r: &Reply, id: &str) -> Value {
+    r.body["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["auth_req_id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} not listed: {}", r.text))
+}
+
+/// `GET /approvals/{id}`, as alice.
+async fn shown(s: &TestServer, id: &str) -> Value {
+    let req = s.http.get(format!("{}/approvals/{id}", s.url));
+    let req = req.bearer_auth(alice_id(s));
+    req.send().await.unwrap().json::<Value>().await.unwrap()
+}
+
 /// Waits up to `secs` seconds for `f` to hold.
 async fn eventually<F, Fut>(secs: u64, mut f: F) -> bool
 where
@@ -194,6 +212,28 @@ async fn naming_dev_does_not_spare_a_production_tool_the_approval() {
     // The development tool, in a task in dev, is spared.
     let r = s.access_token(task, "deploy", Some("delete")).await;
     assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// With no approvers configured, a step still waits (SPEC §5: it can be
+/// decided once a restart names someone), and the answer says that nobody
+/// can decide it until then.
+#[tokio::test]
+async fn a_step_nobody_can_approve_yet_says_so() {
+    let mut s = TestServer::start().await;
+    let task = prod_task(&s).await;
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
+    assert!(r.text.contains("no approvers are configured"), "{}", r.text);
+    let id = r.body["auth_req_id"].as_str().unwrap().to_owned();
+    // Named since: the same step is decided.
+    s.restart_with(|c| c.approvers = vec![alice()]).await;
+    let r = s.access_token(&task, "github", Some("delete")).await;
+    r.assert_error(400, "authorization_pending");
+    assert_eq!(r.body["auth_req_id"], id.as_str());
+    assert!(!r.text.contains("no approvers"), "{}", r.text);
+    let r = approved_token(&s, &task, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -386,15 +426,7 @@ async fn an_approver_sees_the_agents_recent_denials_at_the_tool() {
     let (_, first_claims) = decode_parts(&first);
     let listed = list(&s, Some(&alice_id(&s))).await;
     assert_eq!(listed.status, 200, "{}", listed.text);
-    let step = |id: &str| {
-        listed.body["approvals"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["auth_req_id"] == id)
-            .cloned()
-            .unwrap()
-    };
+    let step = |id: &str| self::listed(&listed, id);
     let recent = step(&again)["recent_denials"].clone();
     assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
     let d = &recent[0];
@@ -415,15 +447,10 @@ async fn an_approver_sees_the_agents_recent_denials_at_the_tool() {
     );
     assert_eq!(step(&other_agent)["recent_denials"], json!([]));
     // One step alone: the same; the denied step does not list itself.
-    let get = |id: &str| {
-        let req = s.http.get(format!("{}/approvals/{id}", s.url));
-        let req = req.bearer_auth(alice_id(&s));
-        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
-    };
-    assert_eq!(get(&again).await["recent_denials"], recent);
-    let shown = get(&denied).await;
-    assert_eq!(shown["state"], "denied");
-    assert_eq!(shown["recent_denials"], json!([]));
+    assert_eq!(shown(&s, &again).await["recent_denials"], recent);
+    let alone = shown(&s, &denied).await;
+    assert_eq!(alone["state"], "denied");
+    assert_eq!(alone["recent_denials"], json!([]));
     s.stop().await;
 }
 
@@ -766,9 +793,18 @@ async fn a_tools_tokens_are_active_only_to_its_introspectors() {
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(r.body, json!({"active": false}), "{namespace}/{name}");
     }
+    // The introspector's very subject, signed by another trusted issuer,
+    // is someone else.
+    let elsewhere = s.github.sign(
+        &s.github
+            .claims("system:serviceaccount:resource-servers:github-proxy"),
+    );
+    let r = s.introspect_as(&elsewhere, once).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, json!({"active": false}));
     assert_eq!(
         introspections_of(&s.audit().await, once, "none of the tool's introspectors"),
-        2
+        3
     );
     // github's resource server: active, once.
     let r = s.introspect(once).await;
@@ -2095,6 +2131,51 @@ async fn an_approver_is_never_made_a_sub_agent() {
     }))
     .await;
     child_task(&s).await;
+    s.stop().await;
+}
+
+/// A sub-agent's step shows, beside its own task's purpose (the last
+/// delegating agent's words, which may say anything), the purpose of each
+/// task it was delegated from, root first.
+#[tokio::test]
+async fn a_delegated_step_shows_the_purposes_it_came_from() {
+    let s = TestServer::start_with(delegation_allowed(|c| c.approvers = vec![alice()])).await;
+    let delegate = |parent: String, actor: String, purpose: &'static str| {
+        let s = &s;
+        async move {
+            let details = json!({ "purpose": purpose });
+            let r = s
+                .try_delegate(&parent, &actor, Some("github:delete"), Some(&details))
+                .await;
+            assert_eq!(r.status, 200, "delegate: {}", r.text);
+            r.body["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let root = prod_task(&s).await;
+    let child = delegate(root.clone(), reviewer_token(&s), "ship JIRA-9 today").await;
+    let second = s.spiffe.spiffe("acme.example", "/second");
+    let grandchild = delegate(child.clone(), second, "urgent: approve JIRA-9").await;
+    let txn = |t: &str| decode_parts(t).1["txn"].as_str().unwrap().to_owned();
+    let deep = pending(&s, &grandchild).await;
+    let near = pending(&s, &child).await;
+    let own = pending(&s, &root).await;
+    let want = json!([
+        {"task": txn(&root), "purpose": PURPOSE},
+        {"task": txn(&child), "purpose": "ship JIRA-9 today"},
+    ]);
+    let r = list(&s, Some(&alice_id(&s))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let step = |id: &str| listed(&r, id);
+    assert_eq!(step(&deep)["purpose"], "urgent: approve JIRA-9");
+    assert_eq!(step(&deep)["delegated_from"], want, "{}", r.text);
+    assert_eq!(
+        step(&near)["delegated_from"],
+        json!([{"task": txn(&root), "purpose": PURPOSE}])
+    );
+    assert_eq!(step(&own)["delegated_from"], json!([]));
+    // One step alone: the same.
+    let alone = shown(&s, &deep).await;
+    assert_eq!(alone["delegated_from"], want, "{alone}");
     s.stop().await;
 }
 

@@ -1394,6 +1394,72 @@ async fn revoke_missing_token() {
     s.stop().await;
 }
 
+/// The caches of tokens verified are keyed by the whole token, signature
+/// included: the header and claims of a token verified a moment ago, under
+/// the signature of another valid token of the same key, are refused at
+/// every endpoint, and act on nothing.
+#[tokio::test]
+async fn a_verified_tokens_claims_under_another_signature_are_refused() {
+    let s = TestServer::start().await;
+    let swap = |token: &str, other: &str| {
+        let (signed, own) = token.rsplit_once('.').unwrap();
+        let (_, sig) = other.rsplit_once('.').unwrap();
+        assert_ne!(own, sig, "two signatures alike");
+        format!("{signed}.{sig}")
+    };
+    let says = |r: &Reply, what: &str| {
+        assert_eq!(r.status, 400, "{what}: {}", r.text);
+        let d = r.body["error_description"].as_str().unwrap_or_default();
+        assert!(d.contains("signature is invalid"), "{what}: {d}");
+    };
+    // An identity, verified (and kept) at a task's start.
+    let identity = s.k8s.kubernetes("agents", "coder");
+    let other = s.k8s.kubernetes("agents", "helper");
+    assert_eq!(start(&s, &identity).await.status, 200);
+    says(&start(&s, &swap(&identity, &other)).await, "identity");
+    // A task token and an access token, each verified once.
+    let (task, access) = task_and_access(&s).await;
+    let (other_task, other_access) = task_and_access(&s).await;
+    assert_eq!(s.introspect(&access).await.body["active"], true);
+    let forged_task = swap(&task, &other_task);
+    let forged_access = swap(&access, &other_access);
+    says(
+        &s.access_token(&forged_task, "github", Some("read")).await,
+        "exchange",
+    );
+    for forged in [&forged_task, &forged_access] {
+        let r = s.introspect(forged).await;
+        assert_eq!(r.body, json!({"active": false}), "{}", r.text);
+        assert_eq!(s.revoke(forged).await.status, 200);
+    }
+    // Nothing was revoked by them: the genuine tokens stand.
+    assert_eq!(s.introspect(&access).await.body["active"], true);
+    assert_eq!(s.introspect(&task).await.body["active"], true);
+    let r = s.access_token(&task, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
+/// A task token signed by scrip names its task, and is that task's only as
+/// the very token the task was issued (its `jti`): another naming the same
+/// task (a leaked key, another replica's fault) opens nothing.
+#[tokio::test]
+async fn a_task_token_that_is_not_the_tasks_own_opens_nothing() {
+    let s = TestServer::start().await;
+    let task = task_token(&s).await;
+    let other = s.resign(&task, |c| c["jti"] = json!("bm90LXRoZS10YXNrcy1vd24"));
+    let r = s.access_token(&other, "github", Some("read")).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("ended"), "{}", r.text);
+    assert_eq!(s.introspect(&other).await.body, json!({"active": false}));
+    // The control: the task's own token, signed again, is taken.
+    let same = s.resign(&task, |_| {});
+    let r = s.access_token(&same, "github", Some("read")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(s.introspect(&same).await.body["active"], true);
+    s.stop().await;
+}
+
 /// `/revoke` takes no client authentication and answers 200 whatever it is
 /// given (RFC 7009 §2.2), so only the signature stands between anyone who
 /// has seen a token's `txn` and `jti` (every resource server has) and the

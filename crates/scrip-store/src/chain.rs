@@ -419,6 +419,20 @@ impl Checkpoint {
     }
 }
 
+/// A run of a chain's records no signature covers yet, all recent
+/// ([`Report::recent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentRun {
+    /// The chain.
+    pub chain_id: String,
+    /// The first position of the run.
+    pub from: u64,
+    /// The last.
+    pub to: u64,
+    /// The sequence number of its first record: the others come after it.
+    pub first_seq: Option<i64>,
+}
+
 /// One problem `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -463,6 +477,11 @@ pub struct Report {
     /// [`Verifier::require_signed`]: the heads their writers have not
     /// signed yet. Older ones are problems.
     pub unsigned: u64,
+    /// The runs of records counted in [`Report::unsigned`]: at most two a
+    /// chain.
+    pub recent: Vec<RecentRun>,
+    /// The newest sequence number read ([`verify_store`]).
+    pub read_to: i64,
     /// Runs of records (`chain`, first and last position) that no
     /// checkpoint of their own chain covers, only a link from a later
     /// chain's signed start, and written longer than the grace ago: their
@@ -498,7 +517,7 @@ pub const MAX_LOST: usize = 10_000;
 
 impl Report {
     /// Notes a problem found.
-    fn add(&mut self, problem: Problem) {
+    pub fn add(&mut self, problem: Problem) {
         if self.problems.len() < MAX_PROBLEMS {
             self.problems.push(problem);
         } else {
@@ -529,6 +548,43 @@ struct Cursor {
 struct Span {
     earliest: u64,
     latest: u64,
+    /// The sequence number of its first record.
+    first_seq: Option<i64>,
+}
+
+/// The chain starts that named one loss: (chain, time claimed).
+#[derive(Debug)]
+struct Finders {
+    /// When the loss was first named, among the others.
+    order: usize,
+    /// Those of chains some checkpoint names, in the order met: the one
+    /// whose start its chain's signature covers found it.
+    signable: Vec<(String, u64)>,
+    /// The one claiming the latest time, for a loss no signed start names.
+    latest: (String, u64),
+}
+
+impl Finders {
+    fn new(order: usize, finder: (String, u64), signable: bool) -> Self {
+        Self {
+            order,
+            signable: if signable {
+                vec![finder.clone()]
+            } else {
+                Vec::new()
+            },
+            latest: finder,
+        }
+    }
+
+    fn add(&mut self, finder: (String, u64), signable: bool) {
+        if finder.1 > self.latest.1 {
+            self.latest = finder.clone();
+        }
+        if signable {
+            self.signable.push(finder);
+        }
+    }
 }
 
 /// Streaming verification of the audit chains: memory grows with the number
@@ -554,8 +610,14 @@ pub struct Verifier {
     /// Records must be covered by a signature once older than this (ms):
     /// `(now, grace)`.
     signed: Option<(u64, u64)>,
-    /// Every loss named so far ([`Report::lost`]).
-    lost: HashSet<Lost>,
+    /// The losses chain starts named (each start's first
+    /// [`MAX_PREDECESSORS`]), the first [`MAX_LOST`] alike told apart, in
+    /// the order first named, with the starts that may have found them;
+    /// made [`Report::lost`] once the signatures are known.
+    named: HashMap<Lost, Finders>,
+    /// The chains some checkpoint names: only their starts can be
+    /// covered by their own chain's signature.
+    checkpointed: HashSet<String>,
     report: Report,
 }
 
@@ -579,7 +641,8 @@ impl Verifier {
             all_links: Vec::new(),
             spans: HashMap::new(),
             signed: None,
-            lost: HashSet::new(),
+            named: HashMap::new(),
+            checkpointed: checkpoints.iter().map(|c| c.chain_id.clone()).collect(),
             report: Report::default(),
         }
     }
@@ -607,6 +670,7 @@ impl Verifier {
             .or_insert(Span {
                 earliest: u64::MAX,
                 latest: 0,
+                first_seq: None,
             });
     }
 
@@ -622,6 +686,12 @@ impl Verifier {
             chain_seq: r.chain_seq,
             what,
         };
+        if r.seq <= 0 {
+            self.report.add(problem(format!(
+                "held at sequence number {}, which no writer gives (they count from 1): moved out of the trail's reads",
+                r.seq
+            )));
+        }
         let expected = cursor.pos.saturating_add(1);
         if r.chain_seq < expected {
             self.report.add(problem(format!(
@@ -678,15 +748,21 @@ impl Verifier {
                     )));
                 }
                 if r.chain_seq == 1 {
-                    for lost in e.lost {
-                        // Named again by a later start (one whose commit's
-                        // outcome was unknown, then replaced): once.
-                        // Past the most listed, counted (memory stays
-                        // bounded whatever a start holds).
-                        if self.report.lost.len() >= MAX_LOST {
-                            self.report.more_lost = self.report.more_lost.saturating_add(1);
-                        } else if self.lost.insert(lost.clone()) {
-                            self.report.lost.push((r.chain_id.clone(), e.at_ms, lost));
+                    // As many as scrip's starts name (more is reported
+                    // above): memory stays bounded by the chains.
+                    for lost in e.lost.into_iter().take(MAX_PREDECESSORS) {
+                        let signable = self.checkpointed.contains(&r.chain_id);
+                        let finder = (r.chain_id.clone(), e.at_ms);
+                        let order = self.named.len();
+                        match self.named.get_mut(&lost) {
+                            Some(f) => f.add(finder, signable),
+                            None if order < MAX_LOST => {
+                                self.named
+                                    .insert(lost, Finders::new(order, finder, signable));
+                            }
+                            None => {
+                                self.report.more_lost = self.report.more_lost.saturating_add(1);
+                            }
                         }
                     }
                 }
@@ -716,7 +792,9 @@ impl Verifier {
         let span = spans.entry(start).or_insert(Span {
             earliest: at,
             latest: at,
+            first_seq: None,
         });
+        span.first_seq.get_or_insert(r.seq);
         span.earliest = span.earliest.min(at);
         span.latest = span.latest.max(at);
         let key = (r.chain_id.clone(), r.chain_seq);
@@ -806,10 +884,33 @@ impl Verifier {
                     .add(problem("checkpointed record is missing: truncated")),
             }
         }
+        self.take_losses(&signed);
         if let Some((now, grace)) = self.signed {
             self.check_coverage(signed, now, grace);
         }
         self.report
+    }
+
+    /// Makes [`Report::lost`] of the losses chain starts named, each once
+    /// (a later start names a loss again while the store lacks it, and a
+    /// start whose commit's outcome was unknown is replaced by one naming
+    /// the same): found by the first start its own chain's signature
+    /// covers (`own`: how far each chain's signed head reaches). A loss
+    /// that only starts no such signature covers name is taken as found at
+    /// the latest time any of them claims, so that a start someone added,
+    /// claiming an earlier time, cannot make a loss pass as found before
+    /// `--allow-rolled-back-before`.
+    fn take_losses(&mut self, own: &HashMap<String, u64>) {
+        let mut named: Vec<(Lost, Finders)> = std::mem::take(&mut self.named).into_iter().collect();
+        named.sort_by_key(|(_, f)| f.order);
+        for (lost, finders) in named {
+            let (chain, at_ms) = finders
+                .signable
+                .into_iter()
+                .find(|(chain, _)| own.get(chain).is_some_and(|covered| *covered >= 1))
+                .unwrap_or(finders.latest);
+            self.report.lost.push((chain, at_ms, lost));
+        }
     }
 
     /// The earliest and latest time claimed by the records of chain `id` in
@@ -827,6 +928,21 @@ impl Verifier {
                     })
             })
             .unwrap_or((0, 0))
+    }
+
+    /// The run of chain `id` after position `after` (a position a
+    /// checkpoint or link covers, or 0, where a span starts) to `to`.
+    fn recent_run(&self, id: &str, after: u64, to: u64) -> RecentRun {
+        RecentRun {
+            chain_id: id.to_owned(),
+            from: after.saturating_add(1),
+            to,
+            first_seq: self
+                .spans
+                .get(id)
+                .and_then(|spans| spans.get(&after))
+                .and_then(|span| span.first_seq),
+        }
     }
 
     /// Extends `signed` (how far each chain is covered) through the links
@@ -908,6 +1024,8 @@ impl Verifier {
                         .report
                         .unsigned
                         .saturating_add(last.saturating_sub(by_itself));
+                    let run = self.recent_run(id, by_itself, last);
+                    self.report.recent.push(run);
                 }
             }
             if cursor.pos <= covered {
@@ -934,9 +1052,56 @@ impl Verifier {
                     .report
                     .unsigned
                     .saturating_add(cursor.pos.saturating_sub(covered));
+                let run = self.recent_run(id, covered, cursor.pos);
+                self.report.recent.push(run);
             }
         }
     }
+}
+
+/// Verifies the trail `store` holds, streaming its records `page` at a
+/// time: every chain, link and checkpoint, and with `signed` (`(now,
+/// grace)` in ms), every record's signature ([`Verifier::require_signed`]).
+/// `signature_ok` verifies a checkpoint's signature.
+///
+/// The trail is read as it stood just after the signatures were read:
+/// records committed while this runs (however long it takes on a large
+/// store) are left to the next verification, rather than read unsigned.
+/// (Read after the signatures, so that none names a record past it; those
+/// committed in between count as recent.) Every row is read from the
+/// lowest number a row can hold: no writer gives one of 0 or below, and a
+/// row moved there, out of a read that starts at 1, is reported rather
+/// than passed over.
+///
+/// # Errors
+/// [`crate::StoreError`] when the store cannot be read.
+pub async fn verify_store(
+    store: &dyn crate::Store,
+    signed: Option<(u64, u64)>,
+    page: u32,
+    signature_ok: impl Fn(&Checkpoint) -> bool,
+) -> Result<Report, crate::StoreError> {
+    let checkpoints = store.latest_checkpoints().await?;
+    let links = store.chain_links().await?;
+    let until = store.latest_audit_seq().await?;
+    let mut verifier = Verifier::new(&checkpoints, &links);
+    if let Some((now, grace)) = signed {
+        verifier.require_signed(now, grace);
+    }
+    let mut after = i64::MIN;
+    while after < until {
+        let rows = store.audit_rows(after, page).await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.seq;
+        for r in rows.iter().filter(|r| r.seq <= until) {
+            verifier.push(r);
+        }
+    }
+    let mut report = verifier.finish(&checkpoints, signature_ok);
+    report.read_to = until;
+    Ok(report)
 }
 
 /// Verifies `records` (in global order) in memory: both passes at once.
@@ -1019,7 +1184,8 @@ mod tests {
     /// A loss named by several chain starts (a start whose commit's outcome
     /// was unknown, replaced, names it again) is listed once; past
     /// [`MAX_LOST`] the rest are counted, and a start naming more than a
-    /// writer checks is a problem; a writer knows the losses its committed
+    /// writer checks is a problem, of whose losses the first
+    /// [`MAX_PREDECESSORS`] count; a writer knows the losses its committed
     /// starts recorded.
     #[test]
     fn a_loss_named_twice_is_listed_once() {
@@ -1031,14 +1197,23 @@ mod tests {
         };
         let mut rows = Vec::new();
         let mut writers = Vec::new();
-        for (seq, (id, losses)) in [
-            ("b", vec![lost(1)]),
-            ("c", vec![lost(1)]),
-            ("d", (2..=MAX_LOST as u64 + 6).map(lost).collect()),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        let many = MAX_PREDECESSORS as u64;
+        // Enough starts of scrip's own size to pass the most listed.
+        let others = MAX_LOST as u64 / many + 2;
+        let mut starts = vec![
+            ("b".to_owned(), vec![lost(1)]),
+            ("c".to_owned(), vec![lost(1)]),
+            (
+                "d".to_owned(),
+                (2..=MAX_LOST as u64 + 6).map(lost).collect(),
+            ),
+        ];
+        for i in 0..others {
+            let first = 1_000_000 + i * many;
+            starts.push((format!("e{i}"), (first..first + many).map(lost).collect()));
+        }
+        for (seq, (id, losses)) in starts.iter().cloned().enumerate() {
+            let id = id.as_str();
             let mut chain = ChainState::new(id.into(), Signer::default());
             let start = AuditEvent {
                 event: "chain.started".into(),
@@ -1069,7 +1244,12 @@ mod tests {
         assert!(forged.what.ends_with(": forged"), "{forged}");
         assert_eq!(report.lost.len(), MAX_LOST);
         assert_eq!(report.lost[0], ("b".to_owned(), 0, lost(1)));
-        assert_eq!(report.more_lost, 6);
+        // d's first MAX_PREDECESSORS, then the others'.
+        assert_eq!(report.lost[1].2, lost(2));
+        assert_eq!(report.lost[many as usize].2, lost(many + 1));
+        assert_eq!(report.lost[many as usize + 1].2, lost(1_000_000));
+        let named = 1 + many + others * many;
+        assert_eq!(report.more_lost, named - MAX_LOST as u64);
         assert_eq!(writers[0].recorded, [lost(1)]);
         assert_eq!(
             writers[2].recorded.len(),
@@ -1077,5 +1257,73 @@ mod tests {
             "the latest kept"
         );
         assert_eq!(writers[0].replaced_by("e".into()).recorded, [lost(1)]);
+    }
+
+    /// A loss is taken as found by the first start its own chain's
+    /// signature covers: a start someone added naming the same loss at an
+    /// earlier time (and earlier in the trail) does not move it; named by
+    /// unsigned starts only, it is found at the latest time any claims.
+    #[test]
+    fn a_loss_is_found_when_a_signed_start_found_it() {
+        let lost = Lost {
+            chain_id: "a".into(),
+            from: 2,
+            to: 3,
+            hash: "h".into(),
+        };
+        let start = |id: &str, at_ms: u64| {
+            let mut chain = ChainState::new(id.into(), Signer::default());
+            let start = AuditEvent {
+                event: "chain.started".into(),
+                at_ms,
+                lost: vec![lost.clone()],
+                ..AuditEvent::default()
+            };
+            let (e, record, hash) = chain.append(&start).unwrap();
+            (record, hash, e)
+        };
+        let rows: Vec<StoredRecord> = [("forged", 1), ("b", 5_000), ("c", 9_000)]
+            .into_iter()
+            .enumerate()
+            .map(|(seq, (id, at_ms))| {
+                let (record, hash, e) = start(id, at_ms);
+                StoredRecord {
+                    seq: i64::try_from(seq).unwrap() + 1,
+                    chain_id: id.into(),
+                    chain_seq: 1,
+                    hash,
+                    record,
+                    columns: IndexedColumns::of(&e),
+                }
+            })
+            .collect();
+        let signed_start = |id: &str| {
+            let r = rows.iter().find(|r| r.chain_id == id).unwrap();
+            Checkpoint {
+                chain_id: id.into(),
+                chain_seq: 1,
+                hash: r.hash.clone(),
+                at_ms: 0,
+                signature: String::new(),
+            }
+        };
+        let found = |checkpoints: &[Checkpoint]| {
+            let mut v = Verifier::new(checkpoints, std::iter::empty());
+            for r in &rows {
+                v.push(r);
+            }
+            v.finish(checkpoints, |_| true).lost
+        };
+        // b's start is signed: found by b, whatever the forged one says.
+        assert_eq!(
+            found(&[signed_start("b"), signed_start("c")]),
+            [("b".to_owned(), 5_000, lost.clone())]
+        );
+        assert_eq!(
+            found(&[signed_start("c")]),
+            [("c".to_owned(), 9_000, lost.clone())]
+        );
+        // None signed: the latest time claimed.
+        assert_eq!(found(&[]), [("c".to_owned(), 9_000, lost.clone())]);
     }
 }

@@ -26,7 +26,7 @@ mod writer;
 
 pub use chain::{
     ChainLink, Checkpoint, HeadSigner, IndexedColumns, Lost, MAX_LOST, MAX_PROBLEMS, Problem,
-    Report, StoredRecord, Verifier, hash, verify,
+    RecentRun, Report, StoredRecord, Verifier, hash, verify, verify_store,
 };
 pub use model::{
     Approval, ApprovalState, AuditEvent, AuditFilter, KeyPurpose, MAX_PENDING_PER_ACTOR,

@@ -367,6 +367,67 @@ fn check_environment(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses the client's private key file when others may read it, by
+/// libpq's rule, which the driver does not apply: a key owned by root may
+/// be read by its group too (mode 0640 or less, as a Kubernetes Secret
+/// volume with `fsGroup` and `defaultMode: 0440` gives it), any other by
+/// its owner alone (0600 or less). The key is the last `sslkey` (or
+/// `ssl-key`) of the URL, which the driver always reads as a file, or else
+/// `PGSSLKEY`, unless that holds the key itself (PEM, as the driver tells
+/// it); it is looked at only where the driver would read it: with a client
+/// certificate (`sslcert`, `ssl-cert` or `PGSSLCERT`), without which it
+/// sends no key.
+fn check_client_key(url: &str) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let parsed = url::Url::parse(url).ok();
+    let last = |names: [&str; 2]| {
+        parsed.as_ref().and_then(|u| {
+            u.query_pairs()
+                .filter(|(k, _)| names.contains(&k.as_ref()))
+                .map(|(_, v)| v.into_owned())
+                .last()
+        })
+    };
+    let certificate = last(["sslcert", "ssl-cert"]).or_else(|| std::env::var("PGSSLCERT").ok());
+    let sslmode = last(["sslmode", "ssl-mode"]).or_else(|| std::env::var("PGSSLMODE").ok());
+    if certificate.is_none() || sslmode.is_some_and(|m| m.eq_ignore_ascii_case("disable")) {
+        return Ok(());
+    }
+    // Named in messages as given in the URL; from the environment, by the
+    // variable's name, as its value may be the key itself in a form the
+    // driver does not take for one.
+    let (key, named) = match last(["sslkey", "ssl-key"]) {
+        Some(key) => {
+            let named = format!("`{key}`");
+            (key, named)
+        }
+        None => match std::env::var("PGSSLKEY") {
+            Ok(key) => {
+                let trimmed = key.trim();
+                if trimmed.starts_with("-----BEGIN") && trimmed.ends_with("-----") {
+                    return Ok(());
+                }
+                (key, "that `PGSSLKEY` names".to_owned())
+            }
+            Err(_) => return Ok(()),
+        },
+    };
+    let meta = std::fs::metadata(&key)
+        .map_err(|e| format!("the client key {named} cannot be read: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    let exposed = if meta.uid() == 0 {
+        mode & 0o037
+    } else {
+        mode & 0o077
+    };
+    if exposed != 0 {
+        return Err(format!(
+            "the client key {named} has mode {mode:04o}, which lets others read or change it: it must be 0600 or less, or 0640 or less when root owns it, as libpq requires"
+        ));
+    }
+    Ok(())
+}
+
 /// `localhost` dialled at 127.0.0.1 only, where the link is not checked
 /// by TLS for that name: the resolver may list `::1` first, where another
 /// user of the host may listen while PostgreSQL listens on 127.0.0.1 alone,
@@ -565,6 +626,7 @@ impl PgStore {
     pub async fn connect_as(url: &str, schema: Schema) -> Result<Self, StoreError> {
         check_parameters(url)
             .and_then(|()| check_environment(url))
+            .and_then(|()| check_client_key(url))
             .map_err(|e| StoreError::Open(format!("`{}`: {e}", redacted(url))))?;
         let options = pin_localhost(
             PgConnectOptions::from_str(url)

@@ -691,9 +691,11 @@ pub(crate) const SIGNED_HEAD: &str = "INSERT INTO audit_heads (chain_id, chain_s
 pub(crate) const SIGNED_HEAD_OVER: &str = "UPDATE audit_heads SET chain_id = $1, chain_seq = $2, \
      hash = $3, at_ms = $4, signature = $5 WHERE chain_id = $1 AND chain_seq = $6 AND hash = $7";
 
-/// The last position of chain `$1` the store holds, up to `$2` (0: none).
-pub(crate) const HELD_UP_TO: &str =
-    "SELECT COALESCE(MAX(chain_seq), 0) FROM audit WHERE chain_id = $1 AND chain_seq <= $2";
+/// The last position of chain `$1` the store holds, up to `$2` (0: none),
+/// among the records verification reads: a row moved to a sequence number
+/// of 0 or below (which no writer gives) is not held.
+pub(crate) const HELD_UP_TO: &str = "SELECT COALESCE(MAX(chain_seq), 0) FROM audit \
+     WHERE chain_id = $1 AND chain_seq <= $2 AND seq > 0";
 
 /// [`StoreError::RolledBack`] unless the guarded head update
 /// ([`SIGNED_HEAD_OVER`]) changed `changed == 1` row.

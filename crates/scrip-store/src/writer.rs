@@ -383,6 +383,9 @@ async fn apply(
                         .map(|id| *chain = chain.replaced_by(id))
                         .is_ok();
                 if replaced && matches!(e, StoreError::RolledBack(_)) && !rolled_back {
+                    // Said whether or not records are gone: a head row put
+                    // back with every record still there is an edit.
+                    tracing::error!(error = %e, "the store no longer holds the audit chain head this process signed last: it was rolled back under it, or its `audit_heads` row was changed; the chain goes on in a new one, whose start names any record lost");
                     rolled_back = true;
                     continue;
                 }

@@ -462,6 +462,94 @@ async fn a_database_elsewhere_needs_a_link_that_is_checked_or_chosen() {
     }
 }
 
+/// The client's private key is refused when others may read it, by
+/// libpq's rule (the driver reads it without a look at its mode): its owner
+/// alone, or for a key root owns its group too.
+#[tokio::test]
+async fn a_client_key_others_can_read_is_refused() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("client.key");
+    std::fs::write(&key, "not read here").unwrap();
+    let url = |name: &str, cert: bool| {
+        let cert = if cert {
+            "&sslcert=/nonexistent/client.crt"
+        } else {
+            ""
+        };
+        format!(
+            "postgres://scrip@0.0.0.0:1/scrip?sslmode=verify-full{cert}&{name}={}",
+            key.display()
+        )
+    };
+    // Taken, and then fails here only because nothing listens there.
+    let taken = |mode: u32| {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let url = url("sslkey", true);
+        async move {
+            let Err(StoreError::Open(e)) = PgStore::connect(&url).await else {
+                panic!("connected");
+            };
+            assert!(!e.contains("client key"), "{mode:o}: {e}");
+        }
+    };
+    let refused = |mode: u32, name: &'static str| {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let url = url(name, true);
+        async move {
+            let Err(StoreError::Open(e)) = PgStore::connect(&url).await else {
+                panic!("{mode:o}: connected");
+            };
+            assert!(
+                e.contains("which lets others read or change it"),
+                "{mode:o}: {e}"
+            );
+        }
+    };
+    // Whoever owns it: not for all to read, nor for its group to change.
+    for mode in [0o644, 0o604, 0o660, 0o620] {
+        refused(mode, "sslkey").await;
+        refused(mode, "ssl-key").await;
+    }
+    taken(0o600).await;
+    taken(0o400).await;
+    let owner = std::fs::metadata(&key).unwrap().uid();
+    let root_owned = |mode| async move {
+        if owner == 0 {
+            taken(mode).await
+        } else {
+            refused(mode, "sslkey").await
+        }
+    };
+    // Read by the group: only a key root owns.
+    root_owned(0o640).await;
+    root_owned(0o440).await;
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+        refused(0o640, "sslkey").await;
+        taken(0o600).await;
+        std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+    }
+    // Without a client certificate, or without TLS, the driver sends no
+    // key: not looked at.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for url in [
+        url("sslkey", false),
+        url("sslkey", true).replace("sslmode=verify-full", "sslmode=disable"),
+    ] {
+        let Err(StoreError::Open(e)) = PgStore::connect(&url).await else {
+            panic!("connected");
+        };
+        assert!(!e.contains("client key"), "{url}: {e}");
+    }
+    // One that is not there is named, not left to the first connection.
+    std::fs::remove_file(&key).unwrap();
+    let Err(StoreError::Open(e)) = PgStore::connect(&url("sslkey", true)).await else {
+        panic!("connected");
+    };
+    assert!(e.contains("cannot be read"), "{e}");
+}
+
 /// scrip speaks TLS to PostgreSQL and checks the server's certificate:
 /// with the server's own certificate as the trusted root, every one of the
 /// store's connections is encrypted; without it (the public roots only),

@@ -382,6 +382,22 @@ async fn the_verifier_checks_rfc9068_and_rfc8725() {
         v.verify(&none).await.unwrap_err(),
         VerifyError::Token(JoseError::AlgorithmNotAllowed("none".into()))
     );
+    // A token verified (and kept) a moment ago: its header and claims under
+    // another valid token's signature, of scrip's own key, are not it.
+    let token = fake.key.sign_jwt("at+jwt", &good).unwrap();
+    let other = fake
+        .key
+        .sign_jwt("at+jwt", &with("jti", json!("k")))
+        .unwrap();
+    assert!(v.verify(&token).await.is_ok());
+    let (signed, own) = token.rsplit_once('.').unwrap();
+    let (_, sig) = other.rsplit_once('.').unwrap();
+    assert_ne!(own, sig);
+    assert_eq!(
+        v.verify(&format!("{signed}.{sig}")).await.unwrap_err(),
+        VerifyError::Token(JoseError::BadSignature)
+    );
+    assert!(v.verify(&token).await.is_ok());
 }
 
 /// A feed whose pages are released one at a time by the test.
