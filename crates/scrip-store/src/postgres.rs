@@ -1271,6 +1271,7 @@ async fn apply_in(
             let held: i64 = sqlx::query_scalar(rows::HELD_UP_TO)
                 .bind(&p.chain_id)
                 .bind(to_i64(p.chain_seq))
+                .bind(&p.hash)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(refused)?;

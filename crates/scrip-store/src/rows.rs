@@ -692,10 +692,13 @@ pub(crate) const SIGNED_HEAD_OVER: &str = "UPDATE audit_heads SET chain_id = $1,
      hash = $3, at_ms = $4, signature = $5 WHERE chain_id = $1 AND chain_seq = $6 AND hash = $7";
 
 /// The last position of chain `$1` the store holds, up to `$2` (0: none),
-/// among the records verification reads: a row moved to a sequence number
-/// of 0 or below (which no writer gives) is not held.
+/// where `$2` itself counts only with the hash `$3` its writer committed:
+/// a record rewritten in place is not held. Among the records verification
+/// reads: a row moved to a sequence number of 0 or below (which no writer
+/// gives) is not held either. (SQLite numbers `$N` parameters as they
+/// first appear, so they appear in order.)
 pub(crate) const HELD_UP_TO: &str = "SELECT COALESCE(MAX(chain_seq), 0) FROM audit \
-     WHERE chain_id = $1 AND chain_seq <= $2 AND seq > 0";
+     WHERE chain_id = $1 AND chain_seq <= $2 AND seq > 0 AND (chain_seq < $2 OR hash = $3)";
 
 /// [`StoreError::RolledBack`] unless the guarded head update
 /// ([`SIGNED_HEAD_OVER`]) changed `changed == 1` row.

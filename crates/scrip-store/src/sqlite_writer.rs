@@ -456,7 +456,9 @@ fn apply_on(
             let held: i64 = tx
                 .prepare_cached(rows::HELD_UP_TO)
                 .and_then(|mut s| {
-                    s.query_row(params![p.chain_id, to_i64(p.chain_seq)], |r| r.get(0))
+                    s.query_row(params![p.chain_id, to_i64(p.chain_seq), p.hash], |r| {
+                        r.get(0)
+                    })
                 })
                 .map_err(unavailable)?;
             chain.note_loss(&mut event, p, u64::try_from(held).unwrap_or(0));
