@@ -449,7 +449,7 @@ fn verify_report(
         .map(|(_, a, b)| b.saturating_add(1).saturating_sub(*a))
         .fold(0u64, u64::saturating_add);
     lines.push(format!(
-        "{}: {records} records carry no signature of the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, or a `scrip secret` command that warned it could not sign, wrote these; or someone else did, or deleted their signatures); a later process's signed start proves they existed then, not who wrote them; --strict fails on them:",
+        "{}: {records} records carry no signature of the process that wrote them (scrip signs each commit's records as it writes them: an older scrip that crashed first, or a `scrip secret`, `scrip key` or `scrip task revoke` command that warned it could not sign, wrote these; or someone else did, or deleted their signatures); a later process's signed start proves they existed then, not who wrote them; --strict fails on them:",
         if strict { "FAILED" } else { "note" }
     ));
     for (chain, from, to) in &report.vouched {

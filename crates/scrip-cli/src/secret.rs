@@ -403,16 +403,26 @@ pub(crate) async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(),
             if !heads.is_empty() {
                 // The first `scrip serve` may have stored its key and its
                 // first head between the two reads: the key is read again.
-                if let Ok(key) =
-                    scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await
+                return match scrip_server::keyring::checkpoint_signer(
+                    config,
+                    store,
+                    now(),
+                    &replica(),
+                )
+                .await
                 {
-                    store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
-                    return Ok(());
-                }
-                return Err(
-                    "cannot sign the audit record of this change: the store holds signed audit chain heads but no checkpoint key to sign with (someone removed or hid it; `scrip audit verify` reports what it can); nothing was changed"
-                        .to_owned(),
-                );
+                    Ok(key) => {
+                        store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
+                        Ok(())
+                    }
+                    Err(KeyError::NoCheckpointKey) => Err(
+                        "cannot sign the audit record of this change: the store holds signed audit chain heads but no checkpoint key to sign with (someone removed or hid it; `scrip audit verify` reports what it can); nothing was changed"
+                            .to_owned(),
+                    ),
+                    Err(e) => Err(format!(
+                        "cannot sign the audit record of this change: {e}; nothing was changed"
+                    )),
+                };
             }
             true
         }

@@ -52,8 +52,8 @@ pub async fn verify(
 /// committed, its signed head with it, before the second reading read the
 /// signatures: the second reading finds it covered. One it does not was
 /// written by someone who could not sign it (a time claimed within the
-/// grace does not make it recent; nor does putting it there between the
-/// two readings), by a scrip older than this one, which signed from time
+/// grace does not make it recent; nor does putting it there, at such a
+/// number, between the two readings), by a scrip older than this one, which signed from time
 /// to time, or by a command that warned it could not sign: a problem
 /// whichever. Records committed since the first reading count as recent,
 /// as ever. The report is the second reading's; `now_ms` gives the time
