@@ -72,10 +72,19 @@ pub async fn verify_twice(
         return Ok(first);
     }
     let mut second = verify(store, checkpoint_jwks, now_ms(), grace_ms).await?;
+    unsigned_at_second_reading(first.read_to, &mut second);
+    Ok(second)
+}
+
+/// Adds to `second` a problem for each of its recent runs that begins at
+/// or below `read_to`, the newest sequence number a first reading read:
+/// committed before that reading ended, each record of it had its signed
+/// head stored with it ([`verify_twice`]).
+fn unsigned_at_second_reading(read_to: i64, second: &mut Report) {
     for run in second.recent.clone() {
         // The run's records come in sequence order: its first is the
         // earliest committed.
-        if run.first_seq.is_none_or(|seq| seq > first.read_to) {
+        if run.first_seq.is_none_or(|seq| seq > read_to) {
             continue;
         }
         second.add(Problem {
@@ -88,5 +97,46 @@ pub async fn verify_twice(
             ),
         });
     }
-    Ok(second)
+}
+
+#[cfg(test)]
+mod tests {
+    use scrip_store::RecentRun;
+
+    use super::*;
+
+    /// A run whose first record the first reading could have read is a
+    /// problem at the second; one appended since is recent, as ever.
+    #[test]
+    fn only_runs_begun_before_the_first_reading_ended_are_problems() {
+        let run = |chain: &str, from: u64, first_seq: Option<i64>| RecentRun {
+            chain_id: chain.into(),
+            from,
+            to: from + 1,
+            first_seq,
+        };
+        let mut second = Report {
+            recent: vec![
+                run("old", 3, Some(9)),
+                run("edge", 1, Some(10)),
+                run("new", 7, Some(11)),
+                run("unknown", 1, None),
+            ],
+            ..Report::default()
+        };
+        unsigned_at_second_reading(10, &mut second);
+        let named: Vec<(&str, u64, Option<i64>)> = second
+            .problems
+            .iter()
+            .map(|p| (p.chain_id.as_str(), p.chain_seq, p.seq))
+            .collect();
+        assert_eq!(named, [("old", 3, Some(9)), ("edge", 1, Some(10))]);
+        assert!(
+            second.problems[0]
+                .what
+                .starts_with("records #3 to #4 are covered by no signature at a second reading"),
+            "{}",
+            second.problems[0].what
+        );
+    }
 }
