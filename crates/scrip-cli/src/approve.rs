@@ -24,7 +24,9 @@ pub struct ApproverArgs {
     /// default: SCRIP_IDENTITY, else local attestation on the socket.
     #[arg(long, value_name = "FILE")]
     identity_file: Option<PathBuf>,
-    /// scrip's local attestation socket.
+    /// scrip's local attestation socket. The default is relative to the
+    /// working directory: give the server's `socket` (by default
+    /// <data_dir>/scrip.sock) as an absolute path when running elsewhere.
     #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
     socket: PathBuf,
 }
@@ -511,6 +513,13 @@ fn decided(id: &str, answer: Result<Value, String>) -> ExitCode {
 /// `scrip introspect TOKEN`: asks scrip whether a token is active,
 /// authenticated as you (RFC 7662).
 pub fn introspect(args: &ApproverArgs) -> ExitCode {
+    // Not a silent wait at a terminal.
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return fail(
+            "no token: standard input is a terminal; pipe one in (`scrip introspect < token.txt`)"
+                .to_owned(),
+        );
+    }
     let mut from_stdin = String::new();
     if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut from_stdin) {
         return fail(format!("cannot read the token from standard input: {e}"));

@@ -281,7 +281,14 @@ pub fn verify(config: Option<&Path>, public_key: Option<&PathBuf>, demands: Dema
                 None if config.database_url.is_some() => {
                     scrip_server::keyring::shared_checkpoint_jwks(&config, store.as_ref(), now_s())
                         .await
-                        .map_err(|e| e.to_string())?
+                        .map_err(|e| match e {
+                            // Verifying needs the public keys only: an
+                            // auditor is not to be given this one.
+                            scrip_server::keys::KeyError::MissingKek { .. } => format!(
+                                "{e}; or, to verify without it, pass a copy of the server's /audit/keys as --public-key"
+                            ),
+                            e => e.to_string(),
+                        })?
                 }
                 None => vec![
                     scrip_server::keys::read_checkpoint_key(&config.data_dir)

@@ -213,7 +213,9 @@ enum Command {
     },
     /// Apply the store's schema migrations and exit.
     ///
-    /// `scrip serve` applies them too at start; run this first when
+    /// `scrip serve`, `scrip proxy`, `scrip secret set` and `rotate` apply
+    /// them too at start (a newer scrip running one of those beside an
+    /// older server upgrades the schema under it); run this first when
     /// replicas on a shared PostgreSQL store (database_url) should start on
     /// a schema that is already current. On the embedded store it creates
     /// or upgrades `<data_dir>/scrip.db`.
@@ -293,7 +295,8 @@ enum KeyCommand {
     /// their next refresh (jwks_refresh, 5 min by default). Audited
     /// (`key.created`, `key.withdrawn`, with --reason). Prints the keys
     /// withdrawn and the one that signs. On the embedded store the key is a
-    /// file: it says which to move away before a restart.
+    /// file: the command refuses (exit 1), naming the file to move away
+    /// with scrip stopped.
     Withdraw {
         /// Why, for the audit trail (an incident).
         #[arg(long)]
@@ -322,9 +325,11 @@ enum KeyCommand {
     /// 3. Run `scrip key reseal --reason TEXT` with that configuration: each
     ///    value only the old key opens is sealed again under the new one, in
     ///    one commit, audited (`kek.resealed`). It prints what it sealed
-    ///    again and the new key's fingerprint. If a value opens under neither
-    ///    key (this host may hold another new key than the replicas), it
-    ///    writes nothing and exits 1.
+    ///    again and the new key's fingerprint. If a key or a secret's
+    ///    current version opens under neither key (this host may hold
+    ///    another new key than the replicas), it writes nothing and exits 1;
+    ///    a replaced version that opens under neither is left as it was,
+    ///    and said so.
     ///
     /// 4. Run it again: only once it seals nothing more, remove the old key
     ///    from every replica's configuration, restart them one at a time,
@@ -417,8 +422,9 @@ enum AuditCommand {
     ///
     /// scrip signs each commit's records as it writes them. Records that
     /// carry no signature of their writer (an older scrip that crashed
-    /// before signing, a `scrip secret` command that warned it could not
-    /// sign, records someone else added, or whose signatures and the
+    /// before signing, a `scrip secret`, `scrip key` or `scrip task revoke`
+    /// command that warned it could not sign, records someone else added,
+    /// or whose signatures and the
     /// records after them someone deleted) but that a later process's
     /// signed start links are vouched for only by that start, which proves
     /// they existed then, not who wrote them: they are listed, and fail the
@@ -433,7 +439,10 @@ enum AuditCommand {
     Verify {
         /// The checkpoint public key (a JWK or JWKS, as served at
         /// /audit/keys); default: with database_url, the shared checkpoint
-        /// keys in the store, else derived from the key in data_dir.
+        /// keys in the store, which takes the key-encryption key to open,
+        /// else derived from the private key file in data_dir. An auditor
+        /// without either passes a copy of /audit/keys here (never the
+        /// key-encryption key, which opens every secret).
         #[arg(long)]
         public_key: Option<PathBuf>,
         /// Also fail (exit 1) on records their own writer never signed,

@@ -39,7 +39,8 @@ pub struct TaskArgs {
     /// before a delete anywhere but dev), so none is assumed.
     #[arg(long = "env", value_name = "ENV", required = true)]
     environment: String,
-    /// The task's lifetime in seconds (default: the server's task_ttl).
+    /// The task's lifetime in seconds (default: the server's task_ttl; at
+    /// most its max_task_ttl, to which a longer one is cut).
     #[arg(long, value_name = "SECONDS")]
     ttl: Option<u64>,
     /// A federated workload identity (a JWT) to use instead of local
@@ -49,7 +50,9 @@ pub struct TaskArgs {
     /// scrip's address.
     #[arg(long, value_name = "URL", env = "SCRIP_URL", default_value = scrip_client::DEFAULT_URL)]
     pub(crate) server: String,
-    /// scrip's local attestation socket.
+    /// scrip's local attestation socket. The default is relative to the
+    /// working directory: give the server's `socket` (by default
+    /// <data_dir>/scrip.sock) as an absolute path when running elsewhere.
     #[arg(long, value_name = "PATH", env = "SCRIP_SOCKET", default_value = scrip_client::DEFAULT_SOCKET)]
     socket: PathBuf,
 }

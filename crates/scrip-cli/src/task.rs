@@ -244,6 +244,13 @@ fn end(server: &str) -> ExitCode {
             (t, "SCRIP_TASK_TOKEN")
         }
         _ => {
+            // A person at a terminal would wait on a read they were not
+            // told of: said, not waited for.
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                return fail(
+                    "no task token: SCRIP_TASK_TOKEN is unset and standard input is a terminal; pipe the token in (`scrip task end < token.txt`)",
+                );
+            }
             let mut text = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut text) {
                 return fail(format!(

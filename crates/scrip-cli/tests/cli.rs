@@ -704,6 +704,30 @@ fn serve_refuses_an_unknown_config_key() {
 
 // --- a secret typed on a terminal ------------------------------------------
 
+/// A command that reads a token from standard input does not wait in
+/// silence at a terminal, where nobody was told to type one: it says to
+/// pipe one in.
+#[test]
+fn a_token_is_not_waited_for_at_a_terminal() {
+    for (args, says) in [
+        (
+            &["task", "end"][..],
+            "standard input is a terminal; pipe the token in",
+        ),
+        (
+            &["introspect"][..],
+            "standard input is a terminal; pipe one in",
+        ),
+    ] {
+        let pty = Pty::open();
+        let mut child = pty.spawn(args);
+        let status = wait_exit(&mut child.0, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{args:?} waited at the terminal"));
+        assert_eq!(status.code(), Some(1), "{}", pty.screen());
+        pty.wait_for(says);
+    }
+}
+
 /// A pseudo-terminal: the master side the test types on and reads from, and
 /// the path of the slave side the command gets as its terminal.
 struct Pty {

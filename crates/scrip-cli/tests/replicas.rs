@@ -583,6 +583,19 @@ async fn a_dpop_proof_is_taken_once_across_replicas() {
         "{}",
         text(&out.stderr)
     );
+    // Verifying there takes the published keys, not the key-encryption
+    // key: the refusal says how.
+    let out = scrip()
+        .args(["audit", "verify", "--config"])
+        .arg(&elsewhere)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("pass a copy of the server's /audit/keys as --public-key"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 fn kid(token: &str) -> String {
