@@ -386,57 +386,55 @@ async fn rotate_each(
 )]
 pub(crate) async fn sign_heads(config: &Config, store: &dyn Store) -> Result<(), String> {
     use scrip_server::keys::KeyError;
-    let failed =
-        match scrip_server::keyring::checkpoint_signer(config, store, now(), &replica()).await {
+    let refused = |why: &dyn std::fmt::Display| {
+        format!("cannot sign the audit record of this change: {why}; nothing was changed")
+    };
+    // Heads seen beside no key: the first `scrip serve` may have stored
+    // both between the two reads, so the key is read once more.
+    let mut heads_seen = false;
+    loop {
+        let failed = match scrip_server::keyring::checkpoint_signer(
+            config,
+            store,
+            now(),
+            &replica(),
+        )
+        .await
+        {
             Ok(key) => {
                 store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
                 return Ok(());
             }
             Err(e) => e,
         };
-    let unsigned = match &failed {
-        KeyError::MissingKek { .. } => config.database_url.is_some(),
-        KeyError::NoCheckpointKey => {
-            let heads = store.latest_checkpoints().await.map_err(|e| {
-                format!("cannot sign the audit record of this change: {e}; nothing was changed")
-            })?;
-            if !heads.is_empty() {
-                // The first `scrip serve` may have stored its key and its
-                // first head between the two reads: the key is read again.
-                return match scrip_server::keyring::checkpoint_signer(
-                    config,
-                    store,
-                    now(),
-                    &replica(),
-                )
-                .await
-                {
-                    Ok(key) => {
-                        store.sign_heads_with(Arc::new(scrip_server::keyring::HeadKey(key)));
-                        Ok(())
-                    }
-                    Err(KeyError::NoCheckpointKey) => Err(
-                        "cannot sign the audit record of this change: the store holds signed audit chain heads but no checkpoint key to sign with (someone removed or hid it; `scrip audit verify` reports what it can); nothing was changed"
-                            .to_owned(),
-                    ),
-                    Err(e) => Err(format!(
-                        "cannot sign the audit record of this change: {e}; nothing was changed"
-                    )),
-                };
+        let unsigned = match &failed {
+            KeyError::MissingKek { .. } => config.database_url.is_some(),
+            KeyError::NoCheckpointKey if heads_seen => {
+                return Err(refused(
+                    &"the store holds signed audit chain heads but no checkpoint key to sign with (someone removed or hid it; `scrip audit verify` reports what it can)",
+                ));
             }
-            true
+            KeyError::NoCheckpointKey => {
+                heads_seen = !store
+                    .latest_checkpoints()
+                    .await
+                    .map_err(|e| refused(&e))?
+                    .is_empty();
+                if heads_seen {
+                    continue;
+                }
+                true
+            }
+            _ => false,
+        };
+        if !unsigned {
+            return Err(refused(&failed));
         }
-        _ => false,
-    };
-    if !unsigned {
-        return Err(format!(
-            "cannot sign the audit record of this change: {failed}; nothing was changed"
-        ));
+        eprintln!(
+            "scrip: warning: the audit record of this change cannot be signed ({failed}); `scrip audit verify` will report it"
+        );
+        return Ok(());
     }
-    eprintln!(
-        "scrip: warning: the audit record of this change cannot be signed ({failed}); `scrip audit verify` will report it"
-    );
-    Ok(())
 }
 
 async fn put(

@@ -135,6 +135,20 @@ actions = ["read", "write"]
         stdout
     }
 
+    /// `scrip serve` on this site, a client of it, and a task of
+    /// `agents/coder` holding `github:read`, started through it.
+    async fn start_with_a_task(&self, log_name: &str) -> (Server, Client, String) {
+        let server = self.start(log_name);
+        let client = Client::new(self.url());
+        let identity = self.idp.kubernetes("agents", "coder");
+        let r = client
+            .start_task(&identity, "github:read", "fix JIRA-1")
+            .await
+            .unwrap();
+        let task = r.token().unwrap_or_else(|| panic!("{r:?}"));
+        (server, client, task)
+    }
+
     fn start(&self, log_name: &str) -> Server {
         Server::spawn(
             &self.dir.path().join("scrip.toml"),
@@ -142,6 +156,45 @@ actions = ["read", "write"]
             self.dir.path().join(log_name),
             &self.url(),
         )
+    }
+}
+
+/// Clients putting load on a site's server (task starts and exchanges of
+/// one identity) until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<usize>>,
+}
+
+impl Load {
+    fn start(site: &Site, identity: &str, clients: usize, got: &Arc<Received>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                tokio::spawn(load(
+                    Client::new(site.url()),
+                    identity.to_owned(),
+                    stop.clone(),
+                    got.clone(),
+                ))
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Stops the clients: the tokens each received.
+    async fn stop(self) -> Vec<usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut received = Vec::new();
+        for c in self.clients {
+            received.push(
+                tokio::time::timeout(Duration::from_secs(30), c)
+                    .await
+                    .expect("clients stop")
+                    .unwrap(),
+            );
+        }
+        received
     }
 }
 
@@ -536,14 +589,7 @@ async fn audit_commands_read_what_the_server_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_record_fails_verification_naming_it() {
     let site = Site::new();
-    let server = site.start("serve.log");
-    let client = Client::new(site.url());
-    let identity = site.idp.kubernetes("agents", "coder");
-    let r = client
-        .start_task(&identity, "github:read", "fix JIRA-1")
-        .await
-        .unwrap();
-    let task = r.token().unwrap_or_else(|| panic!("{r:?}"));
+    let (server, client, task) = site.start_with_a_task("serve.log").await;
     let r = client.access_token(&task, "github", "read").await.unwrap();
     let access = r.token().unwrap_or_else(|| panic!("{r:?}"));
     server.stop();
@@ -645,28 +691,11 @@ async fn a_tampered_record_fails_verification_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_verification_fails_on_records_added_with_a_recent_time() {
     let site = Site::new();
-    let server = site.start("serve.log");
-    let client = Client::new(site.url());
-    let identity = site.idp.kubernetes("agents", "coder");
-    let r = client
-        .start_task(&identity, "github:read", "fix JIRA-1")
-        .await
-        .unwrap();
-    assert!(r.token().is_some(), "{r:?}");
+    let (server, _, _) = site.start_with_a_task("serve.log").await;
     // Under load, a strict verification passes: each record it reads was
     // signed in the commit that wrote it, however many land meanwhile.
-    let stop = Arc::new(AtomicBool::new(false));
-    let got = Arc::new(Received::default());
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(load(
-                Client::new(site.url()),
-                identity.clone(),
-                stop.clone(),
-                got.clone(),
-            ))
-        })
-        .collect();
+    let identity = site.idp.kubernetes("agents", "coder");
+    let load = Load::start(&site, &identity, 4, &Arc::new(Received::default()));
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..3 {
         let config = site.config();
@@ -680,12 +709,7 @@ async fn strict_verification_fails_on_records_added_with_a_recent_time() {
         .unwrap();
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        let received = tokio::time::timeout(Duration::from_secs(30), c)
-            .await
-            .expect("clients stop")
-            .unwrap();
+    for received in load.stop().await {
         assert!(received > 0, "the load received nothing");
     }
     server.stop();
@@ -829,28 +853,11 @@ async fn a_server_killed_under_load_loses_no_issued_token() {
     let got = Arc::new(Received::default());
     for round in 0..3 {
         let mut server = site.start(&format!("serve{round}.log"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients: Vec<_> = (0..8)
-            .map(|_| {
-                tokio::spawn(load(
-                    Client::new(site.url()),
-                    identity.clone(),
-                    stop.clone(),
-                    got.clone(),
-                ))
-            })
-            .collect();
+        let load = Load::start(&site, &identity, 8, &got);
         tokio::time::sleep(Duration::from_millis(1_000 + 300 * round)).await;
         let status = server.signal("KILL");
         assert_eq!(status.code(), None, "killed by a signal");
-        stop.store(true, Ordering::Relaxed);
-        let mut received = 0;
-        for c in clients {
-            received += tokio::time::timeout(Duration::from_secs(30), c)
-                .await
-                .expect("clients stop")
-                .unwrap();
-        }
+        let received: usize = load.stop().await.into_iter().sum();
         // Enough that the kill lands among requests in flight.
         assert!(
             received >= 16,

@@ -750,8 +750,8 @@ impl Verifier {
                 if r.chain_seq == 1 {
                     // As many as scrip's starts name (more is reported
                     // above): memory stays bounded by the chains.
+                    let signable = self.checkpointed.contains(&r.chain_id);
                     for lost in e.lost.into_iter().take(MAX_PREDECESSORS) {
-                        let signable = self.checkpointed.contains(&r.chain_id);
                         let finder = (r.chain_id.clone(), e.at_ms);
                         let order = self.named.len();
                         match self.named.get_mut(&lost) {
@@ -1181,6 +1181,28 @@ mod tests {
         assert_eq!(chain.predecessors()[MAX_PREDECESSORS - 1].chain_id, "c18");
     }
 
+    /// Chain `id`'s `chain.started` at `at_ms` naming `lost`, as the row
+    /// at sequence number `seq + 1`, and the chain after it.
+    fn start_row(seq: usize, id: &str, at_ms: u64, lost: Vec<Lost>) -> (ChainState, StoredRecord) {
+        let mut chain = ChainState::new(id.into(), Signer::default());
+        let start = AuditEvent {
+            event: "chain.started".into(),
+            at_ms,
+            lost,
+            ..AuditEvent::default()
+        };
+        let (e, record, hash) = chain.append(&start).unwrap();
+        let row = StoredRecord {
+            seq: i64::try_from(seq).unwrap() + 1,
+            chain_id: id.into(),
+            chain_seq: 1,
+            hash,
+            record,
+            columns: IndexedColumns::of(&e),
+        };
+        (chain, row)
+    }
+
     /// A loss named by several chain starts (a start whose commit's outcome
     /// was unknown, replaced, names it again) is listed once; past
     /// [`MAX_LOST`] the rest are counted, and a start naming more than a
@@ -1213,22 +1235,8 @@ mod tests {
             starts.push((format!("e{i}"), (first..first + many).map(lost).collect()));
         }
         for (seq, (id, losses)) in starts.iter().cloned().enumerate() {
-            let id = id.as_str();
-            let mut chain = ChainState::new(id.into(), Signer::default());
-            let start = AuditEvent {
-                event: "chain.started".into(),
-                lost: losses,
-                ..AuditEvent::default()
-            };
-            let (e, record, hash) = chain.append(&start).unwrap();
-            rows.push(StoredRecord {
-                seq: i64::try_from(seq).unwrap() + 1,
-                chain_id: id.into(),
-                chain_seq: 1,
-                hash,
-                record,
-                columns: IndexedColumns::of(&e),
-            });
+            let (chain, row) = start_row(seq, &id, 0, losses);
+            rows.push(row);
             writers.push(chain);
         }
         let mut v = Verifier::new(&[], std::iter::empty());
@@ -1271,31 +1279,10 @@ mod tests {
             to: 3,
             hash: "h".into(),
         };
-        let start = |id: &str, at_ms: u64| {
-            let mut chain = ChainState::new(id.into(), Signer::default());
-            let start = AuditEvent {
-                event: "chain.started".into(),
-                at_ms,
-                lost: vec![lost.clone()],
-                ..AuditEvent::default()
-            };
-            let (e, record, hash) = chain.append(&start).unwrap();
-            (record, hash, e)
-        };
         let rows: Vec<StoredRecord> = [("forged", 1), ("b", 5_000), ("c", 9_000)]
             .into_iter()
             .enumerate()
-            .map(|(seq, (id, at_ms))| {
-                let (record, hash, e) = start(id, at_ms);
-                StoredRecord {
-                    seq: i64::try_from(seq).unwrap() + 1,
-                    chain_id: id.into(),
-                    chain_seq: 1,
-                    hash,
-                    record,
-                    columns: IndexedColumns::of(&e),
-                }
-            })
+            .map(|(seq, (id, at_ms))| start_row(seq, id, at_ms, vec![lost.clone()]).1)
             .collect();
         let signed_start = |id: &str| {
             let r = rows.iter().find(|r| r.chain_id == id).unwrap();

@@ -2368,6 +2368,16 @@ impl scrip_store::HeadSigner for TestSigner {
 
 /// Verifies everything `store` holds, requiring every record to be signed
 /// (no grace) with [`TestSigner`]'s key.
+/// The `chain.started` record of `chain`, wherever its row is numbered.
+async fn chain_start(store: &dyn Store, chain: &str) -> AuditEvent {
+    let rows = store.audit_rows(i64::MIN, u32::MAX).await.unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r.chain_id == chain && r.chain_seq == 1)
+        .unwrap();
+    serde_json::from_str(&row.record).unwrap()
+}
+
 async fn verify_signed(store: &dyn Store) -> scrip_store::Report {
     let rows = store.audit_rows(0, u32::MAX).await.unwrap();
     let checkpoints = store.latest_checkpoints().await.unwrap();
@@ -2435,13 +2445,7 @@ async fn a_live_tail_rewritten_or_hidden_is_named_lost(f: Fixture) {
         s.commit(vec![audit("token.issued", None)]).await.unwrap();
         let next = s.chain_head().unwrap();
         assert_ne!(&next.chain_id, chain, "a new chain");
-        let rows = s.audit_rows(i64::MIN, u32::MAX).await.unwrap();
-        let row = rows
-            .iter()
-            .find(|r| r.chain_id == next.chain_id && r.chain_seq == 1)
-            .unwrap();
-        let start: AuditEvent = serde_json::from_str(&row.record).unwrap();
-        (start.lost, head)
+        (chain_start(s.as_ref(), &next.chain_id).await.lost, head)
     };
     // The last record rewritten: its hash is not the one committed.
     let (lost, head) = run(
@@ -2525,22 +2529,22 @@ async fn a_store_rolled_back_under_its_writer_is_noticed_and_recorded(f: Fixture
     let now = s.chain_head().unwrap();
     assert_ne!(now.chain_id, kept.chain_id, "a new chain");
     assert_eq!(now.chain_seq, 2, "its start, then the commit's record");
-    let rows = s.audit_rows(0, u32::MAX).await.unwrap();
-    let start = |chain: &str| -> AuditEvent {
-        let row = rows
-            .iter()
-            .find(|r| r.chain_id == chain && r.chain_seq == 1)
-            .unwrap();
-        serde_json::from_str(&row.record).unwrap()
-    };
     let expected = scrip_store::Lost {
         chain_id: kept.chain_id.clone(),
         from: 3,
         to: 6,
         hash: lost.hash.clone(),
     };
-    assert_eq!(start(&now.chain_id).lost, std::slice::from_ref(&expected));
-    assert!(start(&kept.chain_id).lost.is_empty());
+    assert_eq!(
+        chain_start(s.as_ref(), &now.chain_id).await.lost,
+        std::slice::from_ref(&expected)
+    );
+    assert!(
+        chain_start(s.as_ref(), &kept.chain_id)
+            .await
+            .lost
+            .is_empty()
+    );
     let report = verify_signed(s.as_ref()).await;
     assert!(report.problems.is_empty(), "{report:?}");
     assert_eq!(report.lost.len(), 1, "{report:?}");
@@ -2561,12 +2565,7 @@ async fn a_store_rolled_back_under_its_writer_is_noticed_and_recorded(f: Fixture
     .await;
     s.commit(vec![audit("token.issued", None)]).await.unwrap();
     let third = s.chain_head().unwrap();
-    let rows = s.audit_rows(0, u32::MAX).await.unwrap();
-    let row = rows
-        .iter()
-        .find(|r| r.chain_id == third.chain_id && r.chain_seq == 1)
-        .unwrap();
-    let start: AuditEvent = serde_json::from_str(&row.record).unwrap();
+    let start = chain_start(s.as_ref(), &third.chain_id).await;
     // The first loss again (the record naming it went with the chain),
     // and the chain that named it.
     assert_eq!(
